@@ -1,0 +1,23 @@
+"""Import an engine for a test, or skip with a reason; in CI a missing engine is a failure, not a skip.
+
+CI sets THAW_REQUIRE_ENGINES=1 so that an engine which failed to install cannot turn its tests into
+silent skips.
+"""
+
+import importlib
+import os
+
+import pytest
+
+
+def require(module: str, why: str = ""):
+    """Return the imported module, or skip (fail under THAW_REQUIRE_ENGINES=1) naming what is missing."""
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # an engine can fail at import for reasons other than absence
+        reason = f"{module} is not importable here ({type(exc).__name__}: {exc})"
+        if why:
+            reason += f"; {why}"
+        if os.environ.get("THAW_REQUIRE_ENGINES") == "1":
+            pytest.fail(f"THAW_REQUIRE_ENGINES=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
