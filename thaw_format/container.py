@@ -1,0 +1,248 @@
+"""The binary container: preamble, region table, JSON document, aligned data regions, checksum trailer.
+
+spec/SPEC.md is normative; this module is its executable form. Layout (all integers little-endian):
+
+    [0, 32)             preamble: magic, major, minor, required and optional feature bits, region count, JSON length
+    [32, 32 + 24 R)     region table: per region offset u64, length u64, chunk_size u32, flags u32
+    then J bytes        JSON document (UTF-8) giving every region its meaning
+    then 4 bytes        header CRC32C over every byte before it
+    zero padding        up to the first 4096-aligned offset
+    regions             region i starts at the first 4096-aligned offset at or after the end of region i-1
+    trailer             at the first 4096-aligned offset after the last region: one CRC32C per chunk of every
+                        region in order, a CRC32C of those CRCs, and the end magic.
+
+Chunk checksums sit in a trailer rather than the header so a writer can stream in one pass: the header only
+needs lengths, which are known before the data is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from array import array
+from dataclasses import dataclass
+from typing import Sequence
+
+from . import mover
+from .errors import CorruptSnapshotError, UnsupportedVersionError
+
+MAGIC = b"\x89THAW\r\n\x1a"  # non-ASCII first byte and CR LF catch text-mode transfers, as in PNG
+END_MAGIC = b"THAW-END"
+MAJOR = 1
+MINOR = 0  # history: 1.0 (first release)
+ALIGNMENT = 4096
+DEFAULT_CHUNK_SIZE = 1 << 20
+MIN_CHUNK_SIZE = 4096
+
+PREAMBLE = struct.Struct("<8sHHIIIQ")
+REGION = struct.Struct("<QQII")
+CRC = struct.Struct("<I")
+TRAILER_TAIL = struct.Struct("<I8s")
+
+# Feature bits. A reader refuses a file with a required bit it does not know and ignores unknown optional bits.
+REQUIRED_FEATURES = {1 << 0: "weights_ref"}
+OPTIONAL_FEATURES = {1 << 0: "native_hashes"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps a reader enforces before allocating anything; raise them deliberately for unusual snapshots."""
+
+    max_json_bytes: int = 64 << 20
+    max_regions: int = 1 << 20
+    max_dims: int = 16
+    max_chunk_size: int = 1 << 30
+    max_json_depth: int = 64
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def align(offset: int) -> int:
+    return -(-offset // ALIGNMENT) * ALIGNMENT
+
+
+def num_chunks(length: int, chunk_size: int) -> int:
+    return -(-length // chunk_size)
+
+
+@dataclass(frozen=True)
+class Region:
+    offset: int
+    length: int
+    chunk_size: int
+    first_chunk: int  # index of this region's first CRC in the trailer (derived, not stored)
+
+    @property
+    def num_chunks(self) -> int:
+        return num_chunks(self.length, self.chunk_size)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    def chunk_range(self, chunk: int) -> tuple[int, int]:
+        """File byte range [start, end) of one of this region's chunks."""
+        start = self.offset + chunk * self.chunk_size
+        return start, min(start + self.chunk_size, self.end)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything sits in a file, from the region lengths alone."""
+
+    header_length: int  # preamble + table + JSON + header CRC
+    regions: tuple[Region, ...]
+    trailer_offset: int
+    total_chunks: int
+
+    @property
+    def data_start(self) -> int:
+        return align(self.header_length)
+
+    @property
+    def file_length(self) -> int:
+        return self.trailer_offset + CRC.size * self.total_chunks + TRAILER_TAIL.size
+
+
+def plan_layout(json_length: int, lengths: Sequence[int], chunk_sizes: Sequence[int]) -> Layout:
+    header_length = PREAMBLE.size + REGION.size * len(lengths) + json_length + CRC.size
+    offset = align(header_length)
+    first_chunk = 0
+    regions = []
+    for length, chunk_size in zip(lengths, chunk_sizes):
+        regions.append(Region(offset, length, chunk_size, first_chunk))
+        first_chunk += num_chunks(length, chunk_size)
+        offset = align(offset + length)
+    return Layout(header_length, tuple(regions), offset, first_chunk)
+
+
+def encode_header(json_bytes: bytes, layout: Layout, required: int, optional: int) -> bytes:
+    """Preamble, table, JSON and header CRC, padded with zeros to the data start."""
+    parts = [PREAMBLE.pack(MAGIC, MAJOR, MINOR, required, optional, len(layout.regions), len(json_bytes))]
+    parts += [REGION.pack(r.offset, r.length, r.chunk_size, 0) for r in layout.regions]
+    parts.append(json_bytes)
+    body = b"".join(parts)
+    padding = layout.data_start - layout.header_length
+    return body + CRC.pack(mover.crc32c(body)) + bytes(padding)
+
+
+def encode_trailer(crcs: array) -> bytes:
+    crc_bytes = crcs.tobytes() if isinstance(crcs, array) else array("I", crcs).tobytes()
+    return crc_bytes + TRAILER_TAIL.pack(mover.crc32c(crc_bytes), END_MAGIC)
+
+
+@dataclass(frozen=True)
+class Preamble:
+    major: int
+    minor: int
+    required: int
+    optional: int
+    region_count: int
+    json_length: int
+
+    @property
+    def header_length(self) -> int:
+        return PREAMBLE.size + REGION.size * self.region_count + self.json_length + CRC.size
+
+
+def decode_preamble(data: bytes, file_length: int, limits: Limits) -> Preamble:
+    """Check the first 32 bytes against the version, features, limits and the file's size."""
+    if len(data) < PREAMBLE.size:
+        raise CorruptSnapshotError(
+            f"file is {file_length} bytes, shorter than the {PREAMBLE.size}-byte preamble: truncated or not a snapshot"
+        )
+    magic, major, minor, required, optional, region_count, json_length = PREAMBLE.unpack_from(data)
+    if magic != MAGIC:
+        raise CorruptSnapshotError(f"not a thaw snapshot: bytes [0, 8) are {magic!r}, expected {MAGIC!r}")
+    if major != MAJOR:
+        raise UnsupportedVersionError(
+            f"snapshot format version {major}.{minor}; this reader reads major version {MAJOR} (any minor)"
+        )
+    unknown = required & ~sum(REQUIRED_FEATURES)
+    if unknown:
+        raise UnsupportedVersionError(
+            f"snapshot (version {major}.{minor}) requires unknown features 0x{unknown:08x}; "
+            f"this reader knows {sorted(REQUIRED_FEATURES.values())}"
+        )
+    if region_count > limits.max_regions:
+        raise CorruptSnapshotError(
+            f"preamble: region count {region_count} exceeds the limit {limits.max_regions} (Limits.max_regions)"
+        )
+    if json_length > limits.max_json_bytes:
+        raise CorruptSnapshotError(
+            f"preamble: JSON length {json_length} exceeds the limit {limits.max_json_bytes} (Limits.max_json_bytes)"
+        )
+    preamble = Preamble(major, minor, required, optional, region_count, json_length)
+    if preamble.header_length > file_length:
+        raise CorruptSnapshotError(
+            f"header declares {preamble.header_length} bytes ({region_count} regions, {json_length}-byte JSON) "
+            f"but the file has {file_length}: truncated"
+        )
+    return preamble
+
+
+def decode_header(header: bytes, preamble: Preamble, file_length: int, limits: Limits) -> tuple[Layout, bytes]:
+    """Check the header CRC and the region table; return the layout and the JSON bytes."""
+    body_length = preamble.header_length - CRC.size
+    (stored,) = CRC.unpack_from(header, body_length)
+    computed = mover.crc32c(memoryview(header)[:body_length])
+    if stored != computed:
+        raise CorruptSnapshotError(
+            f"header checksum mismatch over bytes [0, {body_length}): stored 0x{stored:08x}, computed 0x{computed:08x}"
+        )
+    table_start = PREAMBLE.size
+    lengths, chunk_sizes = [], []
+    for i in range(preamble.region_count):
+        offset, length, chunk_size, flags = REGION.unpack_from(header, table_start + i * REGION.size)
+        where = f"region table entry {i} (bytes [{table_start + i * REGION.size}, {table_start + (i + 1) * REGION.size}))"
+        if flags != 0:
+            raise CorruptSnapshotError(f"{where}: flags 0x{flags:08x} are reserved and must be zero in version 1")
+        if chunk_size < MIN_CHUNK_SIZE or chunk_size > limits.max_chunk_size or chunk_size & (chunk_size - 1):
+            raise CorruptSnapshotError(
+                f"{where}: chunk size {chunk_size} is not a power of two in [{MIN_CHUNK_SIZE}, {limits.max_chunk_size}]"
+            )
+        expected_offset = align(preamble.header_length) if i == 0 else align(lengths_end)
+        if offset != expected_offset:
+            raise CorruptSnapshotError(
+                f"{where}: offset {offset} must be {expected_offset} (regions are packed in order at {ALIGNMENT}-byte alignment)"
+            )
+        if offset + length > file_length:
+            raise CorruptSnapshotError(
+                f"{where}: bytes [{offset}, {offset + length}) run past the end of the {file_length}-byte file"
+            )
+        lengths_end = offset + length
+        lengths.append(length)
+        chunk_sizes.append(chunk_size)
+    json_start = table_start + preamble.region_count * REGION.size
+    layout = plan_layout(preamble.json_length, lengths, chunk_sizes)
+    if layout.file_length != file_length:
+        state = "truncated" if file_length < layout.file_length else "has trailing bytes"
+        raise CorruptSnapshotError(
+            f"file is {file_length} bytes but its header describes {layout.file_length}: {state}"
+        )
+    return layout, bytes(header[json_start:body_length])
+
+
+def decode_trailer(trailer: bytes, layout: Layout) -> array:
+    """Check the trailer's CRC and end magic; return the chunk CRCs."""
+    crc_bytes = layout.total_chunks * CRC.size
+    stored, end_magic = TRAILER_TAIL.unpack_from(trailer, crc_bytes)
+    where = f"trailer (bytes [{layout.trailer_offset}, {layout.file_length}))"
+    if end_magic != END_MAGIC:
+        raise CorruptSnapshotError(f"{where}: end magic is {end_magic!r}, expected {END_MAGIC!r}")
+    computed = mover.crc32c(memoryview(trailer)[:crc_bytes])
+    if stored != computed:
+        raise CorruptSnapshotError(
+            f"{where}: checksum of the chunk table mismatch: stored 0x{stored:08x}, computed 0x{computed:08x}"
+        )
+    crcs = array("I")
+    crcs.frombytes(bytes(trailer[:crc_bytes]))
+    return crcs
+
+
+def content_id(header: bytes, trailer: bytes) -> str:
+    """The snapshot id: SHA-256 over the header (meaning) and trailer (per-chunk checksums of all data)."""
+    digest = hashlib.sha256(header)
+    digest.update(trailer)
+    return "sha256:" + digest.hexdigest()

@@ -1,0 +1,442 @@
+"""The JSON document: turns a Snapshot into (document, named tensors) and back, checking every rule.
+
+A tensor belongs to a section by its name: `weights/<native name>`, `kv/<layer>/<role>`, `prefix/<field>`,
+`scheduler/<request index>/rng_state`. The document's `tensors` list describes region i at index i.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from array import array
+from dataclasses import asdict
+from typing import Any, Callable, Mapping, Optional
+
+from .dtypes import itemsize
+from .errors import CorruptSnapshotError
+from .snapshot import (
+    PAGED_KINDS,
+    REQUEST_STATUSES,
+    SEQUENCE_KINDS,
+    EngineInfo,
+    KVCache,
+    KVLayer,
+    Lineage,
+    ModelInfo,
+    NativeHash,
+    PrefixTree,
+    Request,
+    SamplingParams,
+    SchedulerState,
+    Snapshot,
+    Weights,
+    WeightsRef,
+)
+from .tensor import Tensor, as_tensor
+
+Fail = Callable[[str], Exception]
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one JSON encoding the writer emits: sorted keys, no spaces, UTF-8, no NaN."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+
+
+def encode(snapshot: Snapshot) -> tuple[dict, list[tuple[str, Tensor]]]:
+    """The document and the tensors (in region order) that represent `snapshot`."""
+    doc: dict[str, Any] = {}
+    tensors: list[tuple[str, Tensor]] = []
+    if snapshot.model is not None:
+        doc["model"] = asdict(snapshot.model)
+    if snapshot.weights is not None:
+        w = snapshot.weights
+        tensors += [(f"weights/{name}", as_tensor(t)) for name, t in w.tensors.items()]
+        doc["weights"] = {
+            "checkpoint_names": dict(w.checkpoint_names),
+            "ref": asdict(w.ref) if w.ref is not None else None,
+        }
+    if snapshot.kv is not None:
+        doc["kv"] = _encode_kv(snapshot.kv, tensors)
+    if snapshot.prefix is not None:
+        doc["prefix"] = _encode_prefix(snapshot.prefix, tensors)
+    if snapshot.scheduler is not None:
+        doc["scheduler"] = _encode_scheduler(snapshot.scheduler, tensors)
+    if snapshot.engine is not None:
+        doc["engine"] = asdict(snapshot.engine)
+    if snapshot.lineage is not None:
+        doc["lineage"] = asdict(snapshot.lineage)
+    if snapshot.metadata:
+        doc["metadata"] = dict(snapshot.metadata)
+    doc["tensors"] = [{"name": n, "dtype": t.dtype, "shape": list(t.shape)} for n, t in tensors]
+    return doc, tensors
+
+
+def _encode_kv(kv: KVCache, tensors: list) -> dict:
+    layers = []
+    for i, layer in enumerate(kv.layers):
+        roles = list(layer.tensors)
+        tensors += [(f"kv/{i}/{role}", as_tensor(layer.tensors[role])) for role in roles]
+        layers.append(
+            {
+                "kind": layer.kind,
+                "num_kv_heads": layer.num_kv_heads,
+                "head_dim": layer.head_dim,
+                "params": dict(layer.params),
+                "tensors": roles,
+            }
+        )
+    return {"page_size": kv.page_size, "dtype": kv.dtype, "layers": layers}
+
+
+def _int_tensor(dtype: str, values: list[int]) -> Tensor:
+    code = {"int32": "i", "int64": "q"}[dtype]
+    try:
+        return Tensor(dtype, (len(values),), array(code, values))
+    except OverflowError as exc:
+        raise ValueError(f"value out of {dtype} range: {exc}") from None
+
+
+def _encode_prefix(prefix: PrefixTree, tensors: list) -> dict:
+    tensors.append(("prefix/parents", _int_tensor("int64", prefix.parents)))
+    tensors.append(("prefix/num_tokens", _int_tensor("int32", [len(t) for t in prefix.tokens])))
+    tensors.append(("prefix/token_ids", _int_tensor("int32", [t for page in prefix.tokens for t in page])))
+    return {"num_pages": prefix.num_pages, "hash": asdict(prefix.hash) if prefix.hash is not None else None}
+
+
+def _encode_scheduler(scheduler: SchedulerState, tensors: list) -> dict:
+    requests = []
+    for i, req in enumerate(scheduler.requests):
+        entry = asdict(req)
+        entry["rng_state"] = req.rng_state is not None
+        if req.rng_state is not None:
+            tensors.append((f"scheduler/{i}/rng_state", as_tensor(req.rng_state)))
+        requests.append(entry)
+    return {"requests": requests}
+
+
+def features(snapshot: Snapshot) -> tuple[int, int]:
+    """(required, optional) feature bits the content uses; see container.REQUIRED_FEATURES."""
+    required = 1 if snapshot.weights is not None and snapshot.weights.ref is not None else 0
+    optional = 1 if snapshot.prefix is not None and snapshot.prefix.hash is not None else 0
+    return required, optional
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+
+
+def parse_json(data: bytes, max_depth: int) -> dict:
+    """Parse the document, refusing duplicate keys, non-UTF-8, and nesting deeper than `max_depth`."""
+
+    def no_duplicates(pairs):
+        obj = {}
+        for key, value in pairs:
+            if key in obj:
+                raise CorruptSnapshotError(f"JSON document: duplicate key {key!r}")
+            obj[key] = value
+        return obj
+
+    try:
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except UnicodeDecodeError as exc:
+        raise CorruptSnapshotError(f"JSON document is not UTF-8: {exc}") from None
+    except RecursionError:
+        raise CorruptSnapshotError("JSON document is nested too deeply to parse") from None
+    except ValueError as exc:
+        raise CorruptSnapshotError(f"JSON document does not parse: {exc}") from None
+    if not isinstance(doc, dict):
+        raise CorruptSnapshotError(f"JSON document must be an object, got {type(doc).__name__}")
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            raise CorruptSnapshotError(f"JSON document nests deeper than {max_depth} levels (Limits.max_json_depth)")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return doc
+
+
+class _Fields:
+    """Typed access to one JSON object, with errors that name the path."""
+
+    def __init__(self, obj: Any, where: str) -> None:
+        if not isinstance(obj, dict):
+            raise CorruptSnapshotError(f"{where} must be an object, got {type(obj).__name__}")
+        self.obj, self.where = obj, where
+
+    def get(self, key: str, kind: str, *, optional: bool = False, default: Any = None) -> Any:
+        where = f"{self.where}.{key}"
+        if key not in self.obj or (optional and self.obj[key] is None):
+            if optional:
+                return default
+            raise CorruptSnapshotError(f"{where} is missing")
+        value = self.obj[key]
+        if not _is(value, kind):
+            raise CorruptSnapshotError(f"{where} must be {kind}, got {json.dumps(value)[:80]}")
+        return value
+
+    def sub(self, key: str) -> Optional["_Fields"]:
+        value = self.obj.get(key)
+        return None if value is None else _Fields(value, f"{self.where}.{key}")
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "count":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "ints":
+        return isinstance(value, list) and all(_is(v, "int") for v in value)
+    return isinstance(value, {"str": str, "bool": bool, "list": list, "object": dict}[kind])
+
+
+def describe_tensors(doc: dict, region_lengths: list[int], max_dims: int) -> list[tuple[str, str, tuple]]:
+    """Check the `tensors` list against the region table: (name, dtype, shape) per region."""
+    entries = doc.get("tensors")
+    if not isinstance(entries, list):
+        raise CorruptSnapshotError("JSON document: `tensors` must be a list")
+    if len(entries) != len(region_lengths):
+        raise CorruptSnapshotError(
+            f"JSON document lists {len(entries)} tensors but the region table has {len(region_lengths)} regions"
+        )
+    seen = set()
+    result = []
+    for i, entry in enumerate(entries):
+        f = _Fields(entry, f"tensors[{i}]")
+        name = f.get("name", "str")
+        where = f"tensor {name!r} (region {i})"
+        if not name or name in seen:
+            raise CorruptSnapshotError(f"{where}: tensor names must be non-empty and unique")
+        seen.add(name)
+        dtype = f.get("dtype", "str")
+        size = itemsize(dtype, where)
+        shape = f.get("shape", "list")
+        if len(shape) > max_dims or not all(_is(d, "count") for d in shape):
+            raise CorruptSnapshotError(
+                f"{where}: shape {json.dumps(shape)[:80]} must be at most {max_dims} non-negative integers"
+            )
+        need = math.prod(shape) * size
+        if need != region_lengths[i]:
+            raise CorruptSnapshotError(
+                f"{where}: {dtype}{shape} needs {need} bytes but its region holds {region_lengths[i]}"
+            )
+        result.append((name, dtype, tuple(shape)))
+    return result
+
+
+def decode(doc: dict, tensor: Callable[[str], Tensor], names: list[str]) -> Snapshot:
+    """Build the Snapshot; `names` are the tensor names in region order, `tensor(name)` supplies each one."""
+    root = _Fields(doc, "document")
+    snap = Snapshot()
+    if (f := root.sub("model")) is not None:
+        snap.model = ModelInfo(
+            architecture=f.get("architecture", "str"),
+            config_digest=f.get("config_digest", "str"),
+            dtype=f.get("dtype", "str"),
+            weights_digest=f.get("weights_digest", "str", optional=True),
+            config=f.get("config", "object", optional=True),
+        )
+    if (f := root.sub("weights")) is not None:
+        ref = f.sub("ref")
+        snap.weights = Weights(
+            tensors={n[len("weights/") :]: tensor(n) for n in names if n.startswith("weights/")},
+            checkpoint_names=f.get("checkpoint_names", "object", optional=True, default={}),
+            ref=None
+            if ref is None
+            else WeightsRef(ref.get("weights_digest", "str"), ref.get("snapshot_id", "str", optional=True)),
+        )
+    if (f := root.sub("kv")) is not None:
+        snap.kv = _decode_kv(f, tensor)
+    if (f := root.sub("prefix")) is not None:
+        snap.prefix = _decode_prefix(f, tensor)
+    if (f := root.sub("scheduler")) is not None:
+        snap.scheduler = _decode_scheduler(f, tensor)
+    if (f := root.sub("engine")) is not None:
+        snap.engine = EngineInfo(
+            name=f.get("name", "str"),
+            version=f.get("version", "str"),
+            attention_backend=f.get("attention_backend", "str", optional=True),
+            native_kv_layout=f.get("native_kv_layout", "str", optional=True),
+            tp_rank=f.get("tp_rank", "count", optional=True, default=0),
+            tp_size=f.get("tp_size", "count", optional=True, default=1),
+            extra=f.get("extra", "object", optional=True, default={}),
+        )
+    if (f := root.sub("lineage")) is not None:
+        snap.lineage = Lineage(
+            parent=f.get("parent", "str", optional=True),
+            label=f.get("label", "str", optional=True),
+            created=f.get("created", "str", optional=True),
+        )
+    snap.metadata = root.get("metadata", "object", optional=True, default={})
+    validate(snap, CorruptSnapshotError)
+    return snap
+
+
+def _need(tensor: Callable[[str], Tensor], name: str, where: str) -> Tensor:
+    try:
+        return tensor(name)
+    except KeyError:
+        raise CorruptSnapshotError(f"{where} refers to tensor {name!r}, which the document does not list") from None
+
+
+def _decode_kv(f: _Fields, tensor) -> KVCache:
+    layers = []
+    for i, entry in enumerate(f.get("layers", "list")):
+        lf = _Fields(entry, f"kv.layers[{i}]")
+        roles = lf.get("tensors", "list")
+        if not all(isinstance(r, str) for r in roles) or len(set(roles)) != len(roles):
+            raise CorruptSnapshotError(f"kv.layers[{i}].tensors must be distinct role names")
+        layers.append(
+            KVLayer(
+                kind=lf.get("kind", "str"),
+                tensors={r: _need(tensor, f"kv/{i}/{r}", f"kv.layers[{i}]") for r in roles},
+                num_kv_heads=lf.get("num_kv_heads", "count", optional=True),
+                head_dim=lf.get("head_dim", "count", optional=True),
+                params=lf.get("params", "object", optional=True, default={}),
+            )
+        )
+    return KVCache(page_size=f.get("page_size", "count"), dtype=f.get("dtype", "str"), layers=layers)
+
+
+def _int_list(t: Tensor, dtype: str, where: str) -> list[int]:
+    if t.dtype != dtype or len(t.shape) != 1:
+        raise CorruptSnapshotError(f"{where} must be a 1-D {dtype} tensor, got {t.dtype}{list(t.shape)}")
+    values = array({"int32": "i", "int64": "q"}[dtype])
+    values.frombytes(t.data)
+    return values.tolist()
+
+
+def _decode_prefix(f: _Fields, tensor) -> PrefixTree:
+    parents = _int_list(_need(tensor, "prefix/parents", "prefix"), "int64", "tensor 'prefix/parents'")
+    counts = _int_list(_need(tensor, "prefix/num_tokens", "prefix"), "int32", "tensor 'prefix/num_tokens'")
+    flat = _int_list(_need(tensor, "prefix/token_ids", "prefix"), "int32", "tensor 'prefix/token_ids'")
+    num_pages = f.get("num_pages", "count")
+    if not (len(parents) == len(counts) == num_pages) or any(c < 0 for c in counts) or sum(counts) != len(flat):
+        raise CorruptSnapshotError(
+            f"prefix: {num_pages} pages, but parents has {len(parents)}, num_tokens has {len(counts)} "
+            f"(sum {sum(counts)}) and token_ids has {len(flat)}"
+        )
+    tokens, start = [], 0
+    for c in counts:
+        tokens.append(flat[start : start + c])
+        start += c
+    hash_ = None
+    if (h := f.sub("hash")) is not None:
+        hash_ = NativeHash(
+            algorithm=h.get("algorithm", "str"),
+            tokens_per_hash=h.get("tokens_per_hash", "count"),
+            hashes=h.get("hashes", "list"),
+            seed=h.get("seed", "str", optional=True),
+            params=h.get("params", "object", optional=True, default={}),
+        )
+    return PrefixTree(parents=parents, tokens=tokens, hash=hash_)
+
+
+def _decode_scheduler(f: _Fields, tensor) -> SchedulerState:
+    requests = []
+    for i, entry in enumerate(f.get("requests", "list")):
+        rf = _Fields(entry, f"scheduler.requests[{i}]")
+        sf = rf.sub("sampling") or _Fields({}, f"scheduler.requests[{i}].sampling")
+        defaults = SamplingParams()
+        sampling = SamplingParams(
+            **{
+                name: sf.get(name, kind, optional=True, default=getattr(defaults, name))
+                for name, kind in _SAMPLING_FIELDS.items()
+            }
+        )
+        requests.append(
+            Request(
+                id=rf.get("id", "str"),
+                status=rf.get("status", "str"),
+                prompt_token_ids=rf.get("prompt_token_ids", "ints"),
+                output_token_ids=rf.get("output_token_ids", "ints"),
+                sampling=sampling,
+                num_computed_tokens=rf.get("num_computed_tokens", "count", optional=True, default=0),
+                pages=rf.get("pages", "ints", optional=True, default=[]),
+                rng_state=_need(tensor, f"scheduler/{i}/rng_state", f"scheduler.requests[{i}]")
+                if rf.get("rng_state", "bool", optional=True, default=False)
+                else None,
+                extra=rf.get("extra", "object", optional=True, default={}),
+            )
+        )
+    return SchedulerState(requests=requests)
+
+
+_SAMPLING_FIELDS = {
+    "temperature": "number",
+    "top_p": "number",
+    "top_k": "int",
+    "min_p": "number",
+    "seed": "int",
+    "max_tokens": "count",
+    "stop_token_ids": "ints",
+    "ignore_eos": "bool",
+    "repetition_penalty": "number",
+    "presence_penalty": "number",
+    "frequency_penalty": "number",
+    "logprobs": "count",
+    "extra": "object",
+}
+
+
+# ---------------------------------------------------------------------------------------------------- rules
+
+
+def validate(snap: Snapshot, fail: Fail) -> None:
+    """The cross-section rules of spec/SPEC.md section 5; `fail` makes the exception (a reader's or a writer's)."""
+    kv, prefix = snap.kv, snap.prefix
+    num_pages = prefix.num_pages if prefix is not None else None
+    if kv is not None:
+        if kv.page_size < 1:
+            raise fail(f"kv.page_size must be positive, got {kv.page_size}")
+        for i, layer in enumerate(kv.layers):
+            _validate_layer(i, layer, kv.page_size, num_pages, fail)
+    if prefix is not None:
+        page_size = kv.page_size if kv is not None else None
+        continued = set()
+        for i, (parent, tokens) in enumerate(zip(prefix.parents, prefix.tokens)):
+            if not -1 <= parent < i:
+                raise fail(f"prefix page {i}: parent {parent} must be -1 or an earlier page")
+            if parent >= 0:
+                continued.add(parent)
+            if not tokens or (page_size is not None and len(tokens) > page_size):
+                raise fail(f"prefix page {i}: holds {len(tokens)} tokens, must be 1..page_size ({page_size})")
+        for p in continued:
+            if page_size is not None and len(prefix.tokens[p]) != page_size:
+                raise fail(f"prefix page {p}: continued by another page, so it must be full ({page_size} tokens)")
+        if prefix.hash is not None and len(prefix.hash.hashes) != prefix.num_pages:
+            raise fail(f"prefix.hash: {len(prefix.hash.hashes)} hashes for {prefix.num_pages} pages")
+    if snap.scheduler is not None:
+        for i, req in enumerate(snap.scheduler.requests):
+            if req.status not in REQUEST_STATUSES:
+                raise fail(f"scheduler.requests[{i}].status {req.status!r} is not one of {REQUEST_STATUSES}")
+            bad = [p for p in req.pages if num_pages is None or not 0 <= p < num_pages]
+            if bad:
+                raise fail(f"scheduler.requests[{i}].pages: {bad[:5]} are not pages of the prefix tree")
+
+
+def _validate_layer(i: int, layer: KVLayer, page_size: int, num_pages: Optional[int], fail: Fail) -> None:
+    where = f"kv.layers[{i}] ({layer.kind})"
+    if layer.kind in PAGED_KINDS:
+        for role, t in layer.tensors.items():
+            if len(t.shape) < 2 or t.shape[1] != page_size or (num_pages is not None and t.shape[0] != num_pages):
+                raise fail(
+                    f"{where} tensor {role!r} has shape {list(t.shape)}; paged tensors are "
+                    f"[num_pages={num_pages}, page_size={page_size}, ...]"
+                )
+        if layer.kind in ("attention", "sliding_window"):
+            want = ["k", "v"]
+            if sorted(layer.tensors) != want:
+                raise fail(f"{where} must hold tensors {want}, has {sorted(layer.tensors)}")
+            for role, t in layer.tensors.items():
+                if t.shape[2:] != (layer.num_kv_heads, layer.head_dim):
+                    raise fail(
+                        f"{where} tensor {role!r} has shape {list(t.shape)}, expected "
+                        f"[pages, {page_size}, num_kv_heads={layer.num_kv_heads}, head_dim={layer.head_dim}]"
+                    )
+    elif layer.kind not in SEQUENCE_KINDS:
+        raise fail(f"{where}: unknown layer kind; known: {PAGED_KINDS + SEQUENCE_KINDS}")

@@ -1,0 +1,17 @@
+"""Exceptions. Every message names what is wrong and where: section, tensor, byte range."""
+
+
+class SnapshotError(Exception):
+    """Base class: anything wrong with a snapshot or with how it is used."""
+
+
+class CorruptSnapshotError(SnapshotError):
+    """The bytes are not a valid snapshot: damaged, truncated, hostile, or breaking a structural rule."""
+
+
+class UnsupportedVersionError(SnapshotError):
+    """A valid-looking snapshot this reader cannot read: another major version or an unknown required feature."""
+
+
+class IncompatibleSnapshotError(SnapshotError):
+    """A valid snapshot that does not fit the target: another model, dtype, or KV layout."""

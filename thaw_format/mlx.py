@@ -1,0 +1,53 @@
+"""MLX binding: mx.array <-> Tensor. Needs only mlx and numpy (never torch).
+
+bfloat16 travels as its uint16 bit pattern, since neither the buffer protocol nor numpy knows bfloat16.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from .tensor import Tensor
+
+# format dtype name -> (MLX dtype, numpy dtype of the same bytes)
+_TYPES = {
+    "float64": (mx.float64, np.float64),
+    "float32": (mx.float32, np.float32),
+    "float16": (mx.float16, np.float16),
+    "bfloat16": (mx.bfloat16, np.uint16),
+    "complex64": (mx.complex64, np.complex64),
+    "int64": (mx.int64, np.int64),
+    "int32": (mx.int32, np.int32),
+    "int16": (mx.int16, np.int16),
+    "int8": (mx.int8, np.int8),
+    "uint64": (mx.uint64, np.uint64),
+    "uint32": (mx.uint32, np.uint32),
+    "uint16": (mx.uint16, np.uint16),
+    "uint8": (mx.uint8, np.uint8),
+    "bool": (mx.bool_, np.bool_),
+}
+_NAMES = {mlx_type: name for name, (mlx_type, _) in _TYPES.items()}
+
+
+def from_mlx(array: mx.array) -> Tensor:
+    """The array's bytes as a read-only Tensor, sharing MLX's memory (MLX arrays are immutable)."""
+    name = _NAMES.get(array.dtype)
+    if name is None:
+        raise TypeError(f"no format dtype for MLX {array.dtype}")
+    # A transposed or sliced array exports its strides; the format wants row-major bytes.
+    array = mx.contiguous(array)
+    if name == "bfloat16":
+        array = array.view(mx.uint16)
+    mx.eval(array)
+    return Tensor(name, array.shape, memoryview(array).toreadonly())
+
+
+def to_mlx(tensor: Tensor) -> mx.array:
+    """A new MLX array holding a copy of the tensor's bytes."""
+    try:
+        mlx_type, np_type = _TYPES[tensor.dtype]
+    except KeyError:
+        raise TypeError(f"MLX has no dtype for {tensor.dtype}") from None
+    array = mx.array(np.frombuffer(tensor.data, dtype=np_type).reshape(tensor.shape))
+    return array.view(mlx_type) if tensor.dtype == "bfloat16" else array

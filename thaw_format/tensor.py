@@ -1,0 +1,77 @@
+"""The framework-neutral tensor: a dtype name, a shape, and the C-contiguous little-endian bytes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .dtypes import itemsize
+
+
+class Tensor:
+    """Bytes with a dtype and a shape. `data` is a flat unsigned-byte memoryview of exactly `nbytes`.
+
+    Equality is byte equality (with dtype and shape), which is what "bit-identical" means here.
+    """
+
+    __slots__ = ("dtype", "shape", "data")
+
+    def __init__(self, dtype: str, shape, data) -> None:
+        self.dtype = dtype
+        self.shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in self.shape):
+            raise ValueError(f"negative dimension in shape {self.shape}")
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        need = math.prod(self.shape) * itemsize(dtype)
+        if len(view) != need:
+            raise ValueError(f"{dtype}{list(self.shape)} needs {need} bytes, got {len(view)}")
+        self.data = view
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    @property
+    def readonly(self) -> bool:
+        return self.data.readonly
+
+    def tobytes(self) -> bytes:
+        return self.data.tobytes()
+
+    def copy(self) -> "Tensor":
+        return Tensor(self.dtype, self.shape, bytearray(self.data))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Tensor):
+            return NotImplemented
+        return self.dtype == other.dtype and self.shape == other.shape and self.data == other.data
+
+    __hash__ = None  # mutable bytes: not hashable
+
+    def __repr__(self) -> str:
+        return f"Tensor({self.dtype}, {list(self.shape)}, {self.nbytes} bytes)"
+
+
+def as_tensor(value: Any) -> Tensor:
+    """Turn a Tensor, torch tensor, numpy array or mlx array into a Tensor.
+
+    Dispatches on the value's module so that only the framework the caller already uses gets imported.
+    """
+    if isinstance(value, Tensor):
+        return value
+    module = type(value).__module__.split(".")[0]
+    if module == "torch":
+        from .torch import from_torch
+
+        return from_torch(value)
+    if module == "numpy":
+        from .numpy import from_numpy
+
+        return from_numpy(value)
+    if module == "mlx":
+        from .mlx import from_mlx
+
+        return from_mlx(value)
+    raise TypeError(f"cannot store a {type(value).__qualname__} as a tensor (expected torch, numpy or mlx)")

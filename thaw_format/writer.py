@@ -1,0 +1,132 @@
+"""Writing: one plan, three sinks — a path (atomic), a stream (one pass, no seeking), a memory buffer.
+
+The writer is deterministic: the same Snapshot always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from array import array
+from typing import Callable, Optional
+
+from . import mover
+from .container import DEFAULT_CHUNK_SIZE, encode_header, encode_trailer, plan_layout, content_id
+from .document import canonical_json, encode, features, validate
+from .snapshot import Snapshot
+
+Progress = Optional[Callable[[int], None]]
+
+
+class EncodedSnapshot:
+    """A snapshot laid out for writing: header bytes and region plan computed once, data not yet touched."""
+
+    def __init__(self, snapshot: Snapshot, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        if chunk_size < 4096 or chunk_size & (chunk_size - 1):
+            raise ValueError(f"chunk_size must be a power of two >= 4096, got {chunk_size}")
+        validate(snapshot, ValueError)
+        doc, self.tensors = encode(snapshot)
+        json_bytes = canonical_json(doc)
+        self.layout = plan_layout(len(json_bytes), [t.nbytes for _, t in self.tensors], [chunk_size] * len(self.tensors))
+        self.header = encode_header(json_bytes, self.layout, *features(snapshot))
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.file_length
+
+    def _finish(self, crcs: array) -> tuple[bytes, str]:
+        trailer = encode_trailer(crcs)
+        return trailer, content_id(self.header[: self.layout.header_length], trailer)
+
+    def write_into(self, buffer) -> str:
+        """Write the snapshot into the first `nbytes` of a writable buffer (bytearray, mmap, shared memory)."""
+        view = memoryview(buffer).cast("B")
+        if len(view) < self.nbytes:
+            raise ValueError(f"buffer holds {len(view)} bytes, the snapshot needs {self.nbytes}")
+        view[: len(self.header)] = self.header
+        position, crcs = len(self.header), array("I")
+        for (_, tensor), region in zip(self.tensors, self.layout.regions):
+            view[position : region.offset] = bytes(region.offset - position)
+            view[region.offset : region.end] = tensor.data
+            crcs.extend(mover.chunk_crcs(view[region.offset : region.end], region.chunk_size))
+            position = region.end
+        view[position : self.layout.trailer_offset] = bytes(self.layout.trailer_offset - position)
+        trailer, snapshot_id = self._finish(crcs)
+        view[self.layout.trailer_offset : self.nbytes] = trailer
+        return snapshot_id
+
+    def write_to(self, stream, progress: Progress = None) -> str:
+        """Write in one sequential pass to anything with `write` (a pipe, a socket file, an upload stream)."""
+        _write_all(stream, self.header)
+        position, crcs = len(self.header), array("I")
+        for (_, tensor), region in zip(self.tensors, self.layout.regions):
+            _write_all(stream, bytes(region.offset - position))
+            crcs.extend(mover.chunk_crcs(tensor.data, region.chunk_size))
+            _write_all(stream, tensor.data)
+            position = region.end
+            if progress:
+                progress(region.length)
+        _write_all(stream, bytes(self.layout.trailer_offset - position))
+        trailer, snapshot_id = self._finish(crcs)
+        _write_all(stream, trailer)
+        return snapshot_id
+
+    def save(self, path, progress: Progress = None) -> str:
+        """Write atomically: a temporary file beside `path`, fsync, rename over `path`, fsync the directory.
+
+        A crash at any point leaves either the old file or the new one at `path`, never a mix.
+        """
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".thaw-tmp", dir=directory)
+        try:
+            os.fchmod(fd, 0o644)
+            os.pwrite(fd, self.header, 0)
+            regions = [(r.offset, t.data, r.chunk_size) for (_, t), r in zip(self.tensors, self.layout.regions)]
+            crcs = array("I")
+            for region_crcs in mover.write_regions(fd, regions, progress):
+                crcs.extend(region_crcs)
+            trailer, snapshot_id = self._finish(crcs)
+            os.pwrite(fd, trailer, self.layout.trailer_offset)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return snapshot_id
+
+
+def _write_all(stream, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = stream.write(view)
+        if written is None:  # a non-blocking raw stream that could not take anything yet
+            continue
+        view = view[written:]
+
+
+def save(snapshot: Snapshot, path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress = None) -> str:
+    """Write `snapshot` to `path` atomically; returns the snapshot id and sets `snapshot.id`."""
+    snapshot.id = EncodedSnapshot(snapshot, chunk_size=chunk_size).save(path, progress)
+    return snapshot.id
+
+
+def write(snapshot: Snapshot, stream, *, chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress = None) -> str:
+    """Stream `snapshot` to `stream` in one pass; returns the snapshot id and sets `snapshot.id`."""
+    snapshot.id = EncodedSnapshot(snapshot, chunk_size=chunk_size).write_to(stream, progress)
+    return snapshot.id
+
+
+def dumps(snapshot: Snapshot, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> bytes:
+    """The snapshot's bytes, identical to what `save` writes to disk."""
+    encoded = EncodedSnapshot(snapshot, chunk_size=chunk_size)
+    buffer = bytearray(encoded.nbytes)
+    snapshot.id = encoded.write_into(buffer)
+    return bytes(buffer)
