@@ -1,0 +1,1 @@
+"""thaw conformance suite: shared test models (``zoo``) and cross-engine checks."""
