@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from array import array
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any, Callable, Mapping, Optional
 
 from .dtypes import itemsize
@@ -109,7 +109,8 @@ def _encode_prefix(prefix: PrefixTree, tensors: list) -> dict:
 def _encode_scheduler(scheduler: SchedulerState, tensors: list) -> dict:
     requests = []
     for i, req in enumerate(scheduler.requests):
-        entry = asdict(req)
+        entry = {f.name: getattr(req, f.name) for f in fields(req)}  # asdict would deep-copy the tensor
+        entry["sampling"] = asdict(req.sampling)
         entry["rng_state"] = req.rng_state is not None
         if req.rng_state is not None:
             tensors.append((f"scheduler/{i}/rng_state", as_tensor(req.rng_state)))

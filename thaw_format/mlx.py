@@ -30,11 +30,17 @@ _TYPES = {
 _NAMES = {mlx_type: name for name, (mlx_type, _) in _TYPES.items()}
 
 
+def dtype_name(dtype: mx.Dtype) -> str:
+    """The format's name for an MLX dtype."""
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise TypeError(f"no format dtype for MLX {dtype}") from None
+
+
 def from_mlx(array: mx.array) -> Tensor:
     """The array's bytes as a read-only Tensor, sharing MLX's memory (MLX arrays are immutable)."""
-    name = _NAMES.get(array.dtype)
-    if name is None:
-        raise TypeError(f"no format dtype for MLX {array.dtype}")
+    name = dtype_name(array.dtype)
     # A transposed or sliced array exports its strides; the format wants row-major bytes.
     array = mx.contiguous(array)
     if name == "bfloat16":

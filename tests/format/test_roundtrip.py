@@ -1,0 +1,164 @@
+"""Every dtype and shape round-trips bit-exactly, through every sink and source."""
+
+import io
+import mmap
+import os
+from multiprocessing import shared_memory
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import thaw_format as tf
+from thaw_format.dtypes import ITEMSIZE
+from thaw_format.torch import from_torch, to_torch
+
+TORCH_DTYPES = [getattr(torch, name) for name in ITEMSIZE]
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+
+
+@st.composite
+def torch_tensors(draw):
+    dtype = draw(st.sampled_from(TORCH_DTYPES))
+    shape = draw(st.lists(st.integers(0, 5), max_size=4))
+    n = 1
+    for d in shape:
+        n *= d
+    raw = draw(st.binary(min_size=n * ITEMSIZE[str(dtype)[6:]], max_size=n * ITEMSIZE[str(dtype)[6:]]))
+    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape) if n else torch.empty(shape, dtype=dtype)
+    if len(shape) >= 2 and draw(st.booleans()):
+        t = t.transpose(0, 1)  # a non-contiguous input
+    return t
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=12), torch_tensors(), max_size=6))
+def test_random_tensor_sets_round_trip(tmp_path_factory, tensors):
+    path = tmp_path_factory.mktemp("rt") / "w.thaw"
+    tf.save_file(tensors, path)
+    back = tf.load_file(path)
+    assert list(back) == list(tensors)
+    for name, t in tensors.items():
+        assert same_bytes(t, back[name]), name
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+def test_every_torch_dtype(tmp_path, dtype):
+    t = torch.arange(96, dtype=torch.uint8).view(dtype).reshape(2, -1)  # 96 bytes suit every item size
+    tensors = {"t": t, "scalar": t.reshape(-1)[0].clone(), "empty": t[:0]}
+    tf.save_file(tensors, tmp_path / "d.thaw")
+    back = tf.load_file(tmp_path / "d.thaw")
+    for name in tensors:
+        assert same_bytes(tensors[name], back[name]), name
+
+
+def test_all_sinks_give_the_same_bytes(tmp_path, full_snapshot):
+    path = tmp_path / "s.thaw"
+    file_id = tf.save(full_snapshot, path)
+    on_disk = path.read_bytes()
+    assert tf.dumps(full_snapshot) == on_disk
+    stream = io.BytesIO()
+    assert tf.write(full_snapshot, stream) == file_id
+    assert stream.getvalue() == on_disk
+    assert file_id == tf.load(path).id == tf.loads(on_disk).id
+
+
+def test_stream_to_a_pipe(full_snapshot):
+    expected = tf.dumps(full_snapshot)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child streams into the pipe; the parent reads it all
+        os.close(read_fd)
+        with os.fdopen(write_fd, "wb") as out:
+            tf.write(full_snapshot, out)
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as src:
+        got = src.read()
+    os.waitpid(pid, 0)
+    assert got == expected
+
+
+def test_full_snapshot_round_trips_every_section(tmp_path, full_snapshot):
+    tf.save(full_snapshot, tmp_path / "s.thaw")
+    for back in (tf.load(tmp_path / "s.thaw"), tf.load(tmp_path / "s.thaw", mmap=True),
+                 tf.loads(tf.dumps(full_snapshot)), tf.loads(tf.dumps(full_snapshot), copy=False)):
+        assert back == full_snapshot
+
+
+def test_loads_from_shared_memory_and_mmap(tmp_path, full_snapshot):
+    encoded = tf.EncodedSnapshot(full_snapshot)
+    shm = shared_memory.SharedMemory(create=True, size=encoded.nbytes)
+    try:
+        snapshot_id = encoded.write_into(shm.buf)
+        back = tf.loads(shm.buf[: encoded.nbytes])
+        assert back == full_snapshot and back.id == snapshot_id
+        del back
+    finally:
+        shm.close()
+        shm.unlink()
+    path = tmp_path / "s.thaw"
+    tf.save(full_snapshot, path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert tf.loads(m) == full_snapshot
+
+
+def test_open_reads_one_tensor_lazily(tmp_path, full_snapshot):
+    tf.save(full_snapshot, tmp_path / "s.thaw")
+    with tf.open(tmp_path / "s.thaw") as f:
+        assert "weights/embed.weight" in f.names()
+        t = f.tensor("weights/norm.weight")
+        assert t == full_snapshot.weights.tensors["norm.weight"]
+        view = f.tensor("weights/embed.weight", copy=False)
+        assert view == full_snapshot.weights.tensors["embed.weight"]
+        del view
+
+
+def test_mmap_views_are_zero_copy_and_never_write_back(tmp_path):
+    path = tmp_path / "w.thaw"
+    tf.save_file({"x": torch.ones(1024)}, path)
+    before = path.read_bytes()
+    snap = tf.load(path, mmap=True)
+    x = to_torch(snap.weights.tensors["x"])
+    x.add_(1)  # copy-on-write: the process sees its change, the file does not
+    assert float(x[0]) == 2.0
+    assert path.read_bytes() == before
+
+
+def test_torch_binding_round_trip_is_zero_copy_for_writable_data():
+    t = torch.randn(3, 5)
+    thawed = from_torch(t)
+    back = to_torch(thawed)
+    back[0, 0] = 123.0
+    assert float(t[0, 0]) == 123.0  # same memory
+
+
+def test_numpy_binding():
+    np = pytest.importorskip("numpy")
+    from thaw_format.numpy import from_numpy, to_numpy
+
+    a = np.arange(12, dtype=np.int16).reshape(3, 4).T
+    t = from_numpy(a)
+    assert t.dtype == "int16" and t.shape == (4, 3)
+    assert (to_numpy(t) == a).all()
+    big_endian = np.arange(4, dtype=">u4")
+    assert to_numpy(from_numpy(big_endian)).tolist() == [0, 1, 2, 3]
+
+
+def test_save_is_atomic_and_leaves_no_temporary(tmp_path, full_snapshot):
+    path = tmp_path / "s.thaw"
+    tf.save(full_snapshot, path)
+    old = path.read_bytes()
+    full_snapshot.metadata["generation"] = "2"
+    tf.save(full_snapshot, path)
+    assert path.read_bytes() != old
+    assert sorted(os.listdir(tmp_path)) == ["s.thaw"]
+
+
+def test_writer_is_deterministic(full_snapshot):
+    assert tf.dumps(full_snapshot) == tf.dumps(tf.loads(tf.dumps(full_snapshot)))
