@@ -1,0 +1,58 @@
+"""Everything thaw_mlx knows about mlx-lm beyond its documented API, in one place, pinned to the tested version.
+
+mlx-lm documents its caches only through `save_prompt_cache` / `load_prompt_cache`; what they hold (the order of
+each cache class's `state` tuple, the ring buffer's write index, the growth step) and how a model class is found
+from a config are internals. A newer mlx-lm must be tested and added here before thaw_mlx accepts it.
+"""
+
+from __future__ import annotations
+
+import mlx_lm
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.utils import _get_classes
+
+TESTED_MLX_LM = ("0.32.",)
+if not mlx_lm.__version__.startswith(TESTED_MLX_LM):
+    raise ImportError(
+        f"thaw_mlx is tested with mlx-lm {' or '.join(v + 'x' for v in TESTED_MLX_LM)}; "
+        f"this is mlx-lm {mlx_lm.__version__}"
+    )
+
+MLX_LM_VERSION = mlx_lm.__version__
+# KVCache and QuantizedKVCache allocate their buffers in steps of this many tokens.
+CACHE_STEP = KVCache.step
+
+
+def kv_state(cache: KVCache):
+    """(keys, values, offset): keys and values are [batch, kv_heads, capacity, head_dim], valid up to offset."""
+    keys, values, offset = cache.state
+    return keys, values, offset
+
+
+def make_kv(keys, values, offset: int) -> KVCache:
+    return KVCache.from_state((keys, values, offset))
+
+
+def quantized_state(cache: QuantizedKVCache):
+    """(keys, values, offset, group_size, bits): keys and values are (packed uint32, scales, biases) triples."""
+    keys, values, offset, group_size, bits = cache.state
+    return keys, values, offset, group_size, bits
+
+
+def make_quantized(keys, values, offset: int, group_size: int, bits: int) -> QuantizedKVCache:
+    return QuantizedKVCache.from_state((tuple(keys), tuple(values), offset, group_size, bits))
+
+
+def ring_state(cache: RotatingKVCache):
+    """(keys, values, offset, keep, max_size, write_index) with keys and values in physical (ring) order."""
+    keys, values, offset, keep, max_size, write_index = cache.state
+    return keys, values, offset, keep, max_size, write_index
+
+
+def make_ring(keys, values, offset: int, keep: int, max_size: int, write_index: int) -> RotatingKVCache:
+    return RotatingKVCache.from_state((keys, values, offset, keep, max_size, write_index))
+
+
+def model_classes(config: dict):
+    """(Model, ModelArgs) for an mlx-lm config dict, as mlx-lm's own loader finds them."""
+    return _get_classes(config)

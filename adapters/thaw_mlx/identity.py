@@ -1,0 +1,66 @@
+"""Which model a snapshot belongs to: the config and weights of an mlx-lm model, and a model rebuilt from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from thaw_format import IncompatibleSnapshotError, ModelInfo, Snapshot, Tensor, check_model, config_digest
+from thaw_format import weights_digest as digest_of
+from thaw_format.mlx import dtype_name, from_mlx, to_mlx
+
+from . import _internals
+
+
+def model_config(model: nn.Module) -> dict:
+    """The model's ModelArgs as plain JSON: every field the model was built with, defaults included."""
+    return json.loads(json.dumps(dataclasses.asdict(model.args)))
+
+
+def model_weights(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter under its mlx-lm name, sharing the model's memory."""
+    return {name: from_mlx(array) for name, array in tree_flatten(model.parameters())}
+
+
+def model_dtype(model: nn.Module) -> str:
+    """The dtype of the first floating-point parameter: what the model computes in."""
+    for _, array in tree_flatten(model.parameters()):
+        if mx.issubdtype(array.dtype, mx.floating):
+            return dtype_name(array.dtype)
+    raise ValueError("the model has no floating-point parameters")
+
+
+def model_info(model: nn.Module, *, weights_digest: bool = True) -> ModelInfo:
+    """The model's identity; the weights digest reads every parameter once (CRC32C), so it can be skipped."""
+    config = model_config(model)
+    return ModelInfo(
+        architecture=config["model_type"],
+        config_digest=config_digest(config),
+        dtype=model_dtype(model),
+        weights_digest=digest_of(model_weights(model)) if weights_digest else None,
+        config=config,
+    )
+
+
+def check_snapshot_model(model: nn.Module, snapshot: Snapshot, *, check_weights: bool = True) -> None:
+    """Refuse a snapshot of another model (architecture, config, dtype, and weights when both sides know them)."""
+    want_digest = check_weights and snapshot.model is not None and snapshot.model.weights_digest is not None
+    check_model(snapshot, model_info(model, weights_digest=want_digest), check_weights=check_weights)
+
+
+def load_model(snapshot: Snapshot) -> nn.Module:
+    """A new mlx-lm model built from the snapshot's config and carrying the snapshot's weights."""
+    info, weights = snapshot.model, snapshot.weights
+    if info is None or info.config is None:
+        raise IncompatibleSnapshotError("the snapshot has no model config to build a model from")
+    if weights is None or not weights.tensors:
+        raise IncompatibleSnapshotError("the snapshot holds no weights (only a reference, or none)")
+    model_class, args_class = _internals.model_classes(info.config)
+    model = model_class(args_class.from_dict(info.config))
+    model.load_weights([(name, to_mlx(t)) for name, t in weights.tensors.items()], strict=True)
+    mx.eval(model.parameters())
+    return model

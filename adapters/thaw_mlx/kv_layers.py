@@ -1,0 +1,134 @@
+"""mlx-lm cache objects <-> the format's KV layers.
+
+mlx-lm keeps one sequence per cache as [batch=1, kv_heads, tokens, head_dim]. The format keeps token-major
+pages [num_pages, page_size, kv_heads, head_dim] (so MLX and vLLM snapshots of one prompt hold comparable KV):
+    KVCache           -> "attention": tokens 0..offset-1 in pages, the last page zero-padded
+    QuantizedKVCache  -> "quantized": the packed values, scales and biases paged the same way
+    RotatingKVCache   -> "ring": the buffer in physical order, [1, capacity, kv_heads, head_dim], with the
+                         write index and offset needed to carry on writing exactly where it stood
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+
+from thaw_format import IncompatibleSnapshotError, KVLayer
+from thaw_format.mlx import from_mlx, to_mlx
+
+from . import _internals
+
+QUANTIZED_PARTS = ("", "_scales", "_biases")
+
+
+def encode_layer(cache, page_size: int) -> KVLayer:
+    """One layer's cache as a KVLayer; refuses caches thaw does not know and batches of more than one."""
+    if not isinstance(cache, (KVCache, QuantizedKVCache, RotatingKVCache)):
+        raise TypeError(f"thaw_mlx cannot capture a {type(cache).__name__} (supported: KVCache, QuantizedKVCache, "
+                        "RotatingKVCache)")
+    if cache.empty():
+        raise ValueError("a layer's cache is empty: nothing to capture")
+    if isinstance(cache, KVCache):
+        keys, values, offset = _internals.kv_state(cache)
+        _check_single(keys)
+        return KVLayer(
+            "attention",
+            {"k": _to_pages(keys, offset, page_size), "v": _to_pages(values, offset, page_size)},
+            num_kv_heads=keys.shape[1],
+            head_dim=keys.shape[3],
+        )
+    if isinstance(cache, QuantizedKVCache):
+        keys, values, offset, group_size, bits = _internals.quantized_state(cache)
+        _check_single(keys[0])
+        tensors = {}
+        for role, parts in (("k", keys), ("v", values)):
+            for suffix, part in zip(QUANTIZED_PARTS, parts):
+                tensors[role + suffix] = _to_pages(part, offset, page_size)
+        return KVLayer(
+            "quantized",
+            tensors,
+            num_kv_heads=keys[0].shape[1],
+            head_dim=keys[1].shape[3] * group_size,
+            params={"bits": bits, "group_size": group_size},
+        )
+    keys, values, offset, keep, max_size, write_index = _internals.ring_state(cache)
+    _check_single(keys)
+    return KVLayer(
+        "ring",
+        {"k": from_mlx(keys.transpose(0, 2, 1, 3)), "v": from_mlx(values.transpose(0, 2, 1, 3))},
+        num_kv_heads=keys.shape[1],
+        head_dim=keys.shape[3],
+        params={"window": max_size, "keep": keep, "write_index": [write_index], "offset": [offset]},
+    )
+
+
+def decode_layer(layer: KVLayer, num_tokens: int):
+    """A new cache object for one layer; `num_tokens` is how many tokens the paged layers hold."""
+    if layer.kind == "attention":
+        keys, values = (_from_pages(layer.tensors[r], num_tokens) for r in ("k", "v"))
+        return _internals.make_kv(keys, values, num_tokens)
+    if layer.kind == "quantized":
+        keys, values = (
+            tuple(_from_pages(layer.tensors[role + suffix], num_tokens) for suffix in QUANTIZED_PARTS)
+            for role in ("k", "v")
+        )
+        return _internals.make_quantized(keys, values, num_tokens, layer.params["group_size"], layer.params["bits"])
+    if layer.kind == "ring":
+        p = layer.params
+        keys, values = (mx.contiguous(to_mlx(layer.tensors[r]).transpose(0, 2, 1, 3)) for r in ("k", "v"))
+        return _internals.make_ring(keys, values, p["offset"][0], p["keep"], p["window"], p["write_index"][0])
+    raise IncompatibleSnapshotError(f"thaw_mlx cannot restore a KV layer of kind {layer.kind!r}")
+
+
+def check_layer(i: int, layer: KVLayer, num_tokens: int, page_size: int) -> None:
+    """Refuse a layer decode_layer could not turn into a cache of num_tokens tokens, before any is built."""
+    where = f"kv.layers[{i}] ({layer.kind})"
+    if layer.kind in ("attention", "quantized"):
+        num_pages = layer.tensors["k"].shape[0]
+        if not (num_pages - 1) * page_size < num_tokens <= num_pages * page_size:
+            raise IncompatibleSnapshotError(f"{where}: {num_pages} pages of {page_size} cannot hold exactly "
+                                            f"{num_tokens} computed tokens")
+    if layer.kind == "quantized":
+        if not {"bits", "group_size"} <= layer.params.keys():
+            raise IncompatibleSnapshotError(f"{where}: params must name bits and group_size")
+    elif layer.kind == "ring":
+        p = layer.params
+        if not {"window", "keep", "write_index", "offset"} <= p.keys():
+            raise IncompatibleSnapshotError(f"{where}: params must name window, keep, write_index and offset")
+        if len(p["write_index"]) != 1 or layer.tensors["k"].shape[0] != 1:
+            raise IncompatibleSnapshotError(f"{where}: MLX caches hold one sequence, this layer holds "
+                                            f"{layer.tensors['k'].shape[0]}")
+        if p["offset"] != [num_tokens]:
+            raise IncompatibleSnapshotError(f"{where}: offset {p['offset']} but the session computed {num_tokens}")
+    elif layer.kind != "attention":
+        raise IncompatibleSnapshotError(f"{where}: thaw_mlx restores attention, quantized and ring layers only")
+
+
+def layer_dtype(layer: KVLayer) -> str:
+    """The activation dtype the layer was written in (for quantized layers, that of its scales)."""
+    return layer.tensors["k_scales" if layer.kind == "quantized" else "k"].dtype
+
+
+def _check_single(keys: mx.array) -> None:
+    if keys.shape[0] != 1:
+        raise ValueError(f"thaw_mlx captures one sequence per cache; this cache holds a batch of {keys.shape[0]}")
+
+
+def _to_pages(x: mx.array, num_tokens: int, page_size: int):
+    """[1, heads, capacity, d] valid up to num_tokens -> Tensor [pages, page_size, heads, d], zero-padded."""
+    x = x[0, :, :num_tokens, :].transpose(1, 0, 2)
+    num_pages = -(-num_tokens // page_size)
+    pad = num_pages * page_size - num_tokens
+    if pad:
+        x = mx.concatenate([x, mx.zeros((pad, *x.shape[1:]), dtype=x.dtype)])
+    return from_mlx(x.reshape(num_pages, page_size, *x.shape[1:]))
+
+
+def _from_pages(pages, num_tokens: int) -> mx.array:
+    """Tensor [pages, page_size, heads, d] -> [1, heads, capacity, d], capacity rounded up as mlx-lm grows it."""
+    x = to_mlx(pages)
+    x = x.reshape(-1, *x.shape[2:])[:num_tokens].transpose(1, 0, 2)
+    capacity = -(-num_tokens // _internals.CACHE_STEP) * _internals.CACHE_STEP
+    if capacity > num_tokens:
+        x = mx.concatenate([x, mx.zeros((x.shape[0], capacity - num_tokens, x.shape[2]), dtype=x.dtype)], axis=1)
+    return mx.contiguous(x[None])

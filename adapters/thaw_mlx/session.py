@@ -1,0 +1,148 @@
+"""Capture an mlx-lm session (model + prompt cache + tokens) into a Snapshot, and restore or fork it.
+
+A session is one sequence: `tokens` are its ids so far, and the prompt cache holds the KV of the first
+`offset` of them. thaw_mlx.generate keeps offset == len(tokens) - 1 (the last token is fed by the next step);
+mlx-lm's generate_step runs one ahead and leaves offset == len(tokens). Both are captured as they stand.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+from thaw_format import (
+    EngineInfo,
+    IncompatibleSnapshotError,
+    KVCache,
+    Lineage,
+    PrefixTree,
+    Request,
+    SamplingParams,
+    SchedulerState,
+    Snapshot,
+    Weights,
+    check_kv_layout,
+)
+
+from . import _internals
+from .identity import check_snapshot_model, model_info, model_weights
+from .kv_layers import check_layer, decode_layer, encode_layer, layer_dtype
+
+REQUEST_ID = "mlx-0"
+DEFAULT_PAGE_SIZE = 32  # vLLM's CPU block size, so that MLX and vLLM snapshots of one prompt page alike
+
+
+def capture(
+    model: nn.Module,
+    prompt_cache: list,
+    tokens: Sequence[int],
+    *,
+    num_prompt_tokens: Optional[int] = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    include_weights: bool = True,
+    sampling: Optional[SamplingParams] = None,
+    label: Optional[str] = None,
+    parent: Optional[str] = None,
+) -> Snapshot:
+    """Snapshot the session. The tensors share MLX's memory until the snapshot is written.
+
+    `num_prompt_tokens` splits `tokens` into prompt and output (default: all prompt); `sampling` records how the
+    session samples (default greedy); `parent` is the id of the snapshot this session was restored from.
+    """
+    tokens = [int(t) for t in tokens]
+    if len(prompt_cache) != len(model.layers):
+        raise ValueError(f"the prompt cache has {len(prompt_cache)} layers, the model {len(model.layers)}")
+    offsets = {c.offset for c in prompt_cache}
+    if len(offsets) != 1:
+        raise ValueError(f"the cache layers disagree on how many tokens they hold: {sorted(offsets)}")
+    offset = offsets.pop()
+    if not 0 < offset <= len(tokens):
+        raise ValueError(f"the cache holds {offset} tokens, but {len(tokens)} token ids were given")
+    num_prompt_tokens = len(tokens) if num_prompt_tokens is None else num_prompt_tokens
+    mx.eval([c.state for c in prompt_cache])
+
+    layers = [encode_layer(c, page_size) for c in prompt_cache]
+    computed = tokens[:offset]
+    pages = [computed[i : i + page_size] for i in range(0, offset, page_size)]
+    info = model_info(model)
+    return Snapshot(
+        model=info,
+        weights=Weights(model_weights(model)) if include_weights else None,
+        kv=KVCache(page_size=page_size, dtype=layer_dtype(layers[0]), layers=layers),
+        prefix=PrefixTree(parents=list(range(-1, len(pages) - 1)), tokens=pages),
+        scheduler=SchedulerState([
+            Request(
+                id=REQUEST_ID,
+                status="running",
+                prompt_token_ids=tokens[:num_prompt_tokens],
+                output_token_ids=tokens[num_prompt_tokens:],
+                sampling=sampling or SamplingParams(temperature=0.0),
+                num_computed_tokens=offset,
+                pages=list(range(len(pages))),
+            )
+        ]),
+        engine=EngineInfo(
+            name="mlx-lm",
+            version=_internals.MLX_LM_VERSION,
+            native_kv_layout="[batch, kv_heads, tokens, head_dim] per layer",
+            extra={"mlx": mx.__version__, "cache_classes": [type(c).__name__ for c in prompt_cache]},
+        ),
+        lineage=Lineage(parent=parent, label=label, created=datetime.now(timezone.utc).isoformat()),
+    )
+
+
+def restore(model: nn.Module, snapshot: Snapshot, *, check_weights: bool = True) -> list:
+    """A new prompt cache holding the snapshot's KV, after checking that it belongs to this model."""
+    return fork(model, snapshot, 1, check_weights=check_weights)[0]
+
+
+def fork(model: nn.Module, snapshot: Snapshot, n: int, *, check_weights: bool = True) -> list[list]:
+    """n independent prompt caches from one snapshot. They share the restored buffers: MLX copies on write."""
+    check_snapshot_model(model, snapshot, check_weights=check_weights)
+    check_cache_layout(model, snapshot)
+    num_tokens = snapshot_num_computed(snapshot)
+    parent = [decode_layer(layer, num_tokens) for layer in snapshot.kv.layers]
+    mx.eval([c.state for c in parent])
+    return [parent] + [[_share(c) for c in parent] for _ in range(n - 1)]
+
+
+def _share(cache):
+    """The same cache with its own array objects over the same buffers: MLX copies a buffer when one writes."""
+    return type(cache).from_state(tree_map(lambda a: a[...] if isinstance(a, mx.array) else a, cache.state))
+
+
+def check_cache_layout(model: nn.Module, snapshot: Snapshot) -> None:
+    """Refuse KV of another shape than the model's: layers, heads, head size, dtype, token counts, layer kinds."""
+    args = model.args
+    num_kv_heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    kv = snapshot.kv
+    dtype = model_info(model, weights_digest=False).dtype
+    check_kv_layout(snapshot, num_layers=len(model.layers), dtype=dtype, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    num_tokens = snapshot_num_computed(snapshot)
+    for i, layer in enumerate(kv.layers):
+        check_layer(i, layer, num_tokens, kv.page_size)
+        if layer_dtype(layer) != kv.dtype:
+            raise IncompatibleSnapshotError(f"kv.layers[{i}] is {layer_dtype(layer)}, the KV cache {kv.dtype}")
+
+
+def snapshot_num_computed(snapshot: Snapshot) -> int:
+    """How many tokens the snapshot's KV holds."""
+    return _session_request(snapshot).num_computed_tokens
+
+
+def snapshot_tokens(snapshot: Snapshot) -> list[int]:
+    """The session's token ids: prompt then output."""
+    request = _session_request(snapshot)
+    return request.prompt_token_ids + request.output_token_ids
+
+
+def _session_request(snapshot: Snapshot) -> Request:
+    requests = snapshot.scheduler.requests if snapshot.scheduler is not None else []
+    if len(requests) != 1:
+        raise IncompatibleSnapshotError(f"an MLX session is one sequence; the snapshot holds {len(requests)} requests")
+    return requests[0]
