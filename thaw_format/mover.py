@@ -1,36 +1,111 @@
 """The one place that decides how bulk bytes move: checksums, file I/O, gather and scatter.
 
-Everything here works on buffers (bytes, bytearray, memoryview, mmap, anything with the buffer protocol) and
-never loops over bytes in Python. This module holds the portable path: CRC32C from the `crc32c` package and
-copies done by memoryview slice assignment (a C memcpy).
+Two paths give the same bytes and results. The native one is libthaw (C, `thaw_format._libthaw`, built by
+`pip install`): hardware CRC32C chosen once per process, parallel region I/O on a persistent thread pool
+that verifies every chunk in a private staging buffer before copying it out, and multi-threaded
+gather/scatter, all with the GIL released. The portable one uses the `crc32c` package and memoryview copies
+(C memcpy). The choice is made once, at import; `backend()` says which path is active and, for the portable
+one, why libthaw is not.
+
+Everything works on buffers (bytes, bytearray, memoryview, mmap, numpy arrays, anything C-contiguous with
+the buffer protocol) and never loops over bytes in Python.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from array import array
 from typing import Callable, Optional, Sequence, Tuple
 
 import crc32c as _crc32c
 
-Progress = Optional[Callable[[int], None]]
+try:
+    from ._libthaw import ffi as _ffi, lib as _lib
 
-# Reads are staged through a bounded buffer so a bad chunk never reaches the caller's target.
+    _UNAVAILABLE = None
+except ImportError as exc:  # not built: no compiler at install time, or an unsupported platform
+    _ffi = _lib = None
+    _UNAVAILABLE = f"thaw_format._libthaw is not built ({exc})"
+
+Progress = Optional[Callable[[int], None]]
+WriteRegion = Tuple[int, object, int]  # (file offset, buffer, chunk size)
+ReadRegion = Tuple[int, object, int, Sequence[int]]  # (file offset, writable buffer, chunk size, expected CRCs)
+VerifyRegion = Tuple[int, int, int, Sequence[int]]  # (file offset, length, chunk size, expected CRCs)
+
+# With a progress callback, regions go to C in batches of about this many bytes, reported after each.
+_PROGRESS_BYTES = 64 << 20
+# The portable path stages reads through a bounded buffer so a bad chunk never reaches the caller's target.
 _STAGE_BYTES = 8 << 20
 
 
 def backend() -> str:
-    """Say which implementation moves the bytes."""
-    return "python (crc32c package)"
+    """Say which implementation moves the bytes, e.g. "libthaw 0.1 (crc32c: avx2-vpclmulqdq, 2 threads)"."""
+    if _lib is None:
+        return f"python (crc32c package); libthaw unavailable: {_UNAVAILABLE}"
+    impl = _ffi.string(_lib.thaw_crc32c_impl()).decode()
+    return f"libthaw 0.1 (crc32c: {impl}, {_lib.thaw_threads()} threads)"
 
 
-def crc32c(data, value: int = 0) -> int:
+def _bytes_view(data) -> memoryview:
+    return memoryview(data).cast("B")
+
+
+def _num_chunks(length: int, chunk_size: int) -> int:
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return -(-length // chunk_size)
+
+
+def _expected_crcs(expected, length: int, chunk_size: int, index: int):
+    """The expected CRCs as an array('I') of exactly one entry per chunk (C reads that many)."""
+    crcs = expected if isinstance(expected, array) and expected.typecode == "I" else array("I", expected)
+    if len(crcs) != _num_chunks(length, chunk_size):
+        raise ValueError(
+            f"region {index}: {len(crcs)} expected CRCs for {_num_chunks(length, chunk_size)} chunks "
+            f"of {chunk_size} bytes in {length} bytes"
+        )
+    return crcs
+
+
+def _check_slabs(src_len: int, out_len: int, offsets, length: int, slabs_in_src: bool) -> None:
+    """Refuse a gather/scatter whose slabs leave their buffer, before any byte moves."""
+    dense, sparse = (out_len, src_len) if slabs_in_src else (src_len, out_len)
+    if len(offsets) * length > dense:
+        raise ValueError(f"{len(offsets)} slabs of {length} bytes need {len(offsets) * length} bytes, buffer has {dense}")
+    if length < 0:
+        raise ValueError(f"slab length must be >= 0, got {length}")
+    for i, off in enumerate(offsets):
+        if off < 0 or off + length > sparse:
+            raise ValueError(f"slab {i} [{off}, {off + length}) is outside a buffer of {sparse} bytes")
+
+
+def _batches(sizes: Sequence[int], progress: Progress):
+    """Index ranges of consecutive regions of about _PROGRESS_BYTES each (one range without progress)."""
+    if progress is None:
+        yield 0, len(sizes)
+        return
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        total += size
+        if total >= _PROGRESS_BYTES:
+            yield start, i + 1
+            start, total = i + 1, 0
+    if start < len(sizes):
+        yield start, len(sizes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The portable path
+
+
+def _py_crc32c(data, value: int = 0) -> int:
     return _crc32c.crc32c(data, value)
 
 
-def chunk_crcs(data, chunk_size: int) -> array:
-    """CRC32C of each `chunk_size` piece of `data`; the last piece may be short."""
-    view = memoryview(data).cast("B")
+def _py_chunk_crcs(data, chunk_size: int) -> array:
+    view = _bytes_view(data)
+    _num_chunks(len(view), chunk_size)
     return array("I", (_crc32c.crc32c(view[i : i + chunk_size]) for i in range(0, len(view), chunk_size)))
 
 
@@ -50,70 +125,164 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
         got += more
 
 
-def write_regions(fd: int, regions: Sequence[Tuple[int, object, int]], progress: Progress = None) -> list:
-    """pwrite each (offset, buffer, chunk_size) region and return its chunk CRCs."""
+def _py_write_regions(fd: int, regions: Sequence[WriteRegion], progress: Progress = None) -> list:
     crcs = []
     for offset, data, chunk_size in regions:
-        view = memoryview(data).cast("B")
-        crcs.append(chunk_crcs(view, chunk_size))
+        view = _bytes_view(data)
+        crcs.append(_py_chunk_crcs(view, chunk_size))
         _pwrite_all(fd, view, offset)
         if progress:
             progress(len(view))
     return crcs
 
 
-def read_regions(fd: int, regions: Sequence[Tuple[int, object, int, Sequence[int]]], progress: Progress = None):
-    """Fill each (offset, out, chunk_size, expected_crcs) region, verifying each chunk before it lands in `out`.
-
-    Returns (region_index, chunk_index) of the first bad chunk, or None.
-    """
-    for region_index, (offset, out, chunk_size, expected) in enumerate(regions):
-        target = memoryview(out).cast("B")
-        stage_size = max(chunk_size, (_STAGE_BYTES // chunk_size) * chunk_size)
-        stage = memoryview(bytearray(min(stage_size, len(target))))
-        for start in range(0, len(target), stage_size):
-            piece = stage[: min(stage_size, len(target) - start)]
-            _pread_into(fd, piece, offset + start)
-            got = chunk_crcs(piece, chunk_size)
-            first = start // chunk_size
-            for k, crc in enumerate(got):
-                if crc != expected[first + k]:
-                    return region_index, first + k
-            target[start : start + len(piece)] = piece
-            if progress:
-                progress(len(piece))
-    return None
-
-
-def verify_regions(fd: int, regions: Sequence[Tuple[int, int, int, Sequence[int]]], progress: Progress = None):
-    """Check each (offset, length, chunk_size, expected_crcs) region with bounded memory.
-
-    Returns (region_index, chunk_index) of the first bad chunk, or None.
-    """
-    for region_index, (offset, length, chunk_size, expected) in enumerate(regions):
+def _py_check_regions(fd: int, regions, progress: Progress, copy_out: bool):
+    """Read each region through a bounded stage, check its chunks, and copy them out only if asked."""
+    for region_index, (offset, target, chunk_size, expected) in enumerate(regions):
+        length = len(target) if copy_out else target
+        expected = _expected_crcs(expected, length, chunk_size, region_index)
         stage_size = max(chunk_size, (_STAGE_BYTES // chunk_size) * chunk_size)
         stage = memoryview(bytearray(min(stage_size, length)))
         for start in range(0, length, stage_size):
             piece = stage[: min(stage_size, length - start)]
             _pread_into(fd, piece, offset + start)
             first = start // chunk_size
-            for k, crc in enumerate(chunk_crcs(piece, chunk_size)):
+            for k, crc in enumerate(_py_chunk_crcs(piece, chunk_size)):
                 if crc != expected[first + k]:
                     return region_index, first + k
+            if copy_out:
+                target[start : start + len(piece)] = piece
             if progress:
                 progress(len(piece))
     return None
 
 
-def gather(src, offsets: Sequence[int], length: int, out) -> None:
-    """Copy the slabs src[offsets[i] : offsets[i] + length] into out[i * length : (i + 1) * length]."""
-    s, o = memoryview(src).cast("B"), memoryview(out).cast("B")
+def _py_read_regions(fd: int, regions: Sequence[ReadRegion], progress: Progress = None, *, direct: bool = False):
+    targets = [(offset, _bytes_view(out), chunk_size, expected) for offset, out, chunk_size, expected in regions]
+    return _py_check_regions(fd, targets, progress, copy_out=True)
+
+
+def _py_verify_regions(fd: int, regions: Sequence[VerifyRegion], progress: Progress = None, *, direct: bool = False):
+    return _py_check_regions(fd, regions, progress, copy_out=False)
+
+
+def _py_gather(src, offsets: Sequence[int], length: int, out) -> None:
+    s, o = _bytes_view(src), _bytes_view(out)
+    _check_slabs(len(s), len(o), offsets, length, slabs_in_src=True)
     for i, off in enumerate(offsets):
         o[i * length : (i + 1) * length] = s[off : off + length]
 
 
-def scatter(src, out, offsets: Sequence[int], length: int) -> None:
-    """Copy src[i * length : (i + 1) * length] into the slabs out[offsets[i] : offsets[i] + length]."""
-    s, o = memoryview(src).cast("B"), memoryview(out).cast("B")
+def _py_scatter(src, out, offsets: Sequence[int], length: int) -> None:
+    s, o = _bytes_view(src), _bytes_view(out)
+    _check_slabs(len(s), len(o), offsets, length, slabs_in_src=False)
     for i, off in enumerate(offsets):
         o[off : off + length] = s[i * length : (i + 1) * length]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The native path (libthaw); every _lib call releases the GIL.
+
+
+def _c_buffer(data, writable: bool = False):
+    return _ffi.from_buffer("char[]", data, require_writable=writable)
+
+
+def _c_crc32c(data, value: int = 0) -> int:
+    buf = _c_buffer(data)
+    return _lib.thaw_crc32c_parallel(value, buf, len(buf))
+
+
+def _c_chunk_crcs(data, chunk_size: int) -> array:
+    buf = _c_buffer(data)
+    out = array("I", bytes(4 * _num_chunks(len(buf), chunk_size)))
+    _lib.thaw_chunk_crcs(buf, len(buf), chunk_size, _ffi.from_buffer("uint32_t[]", out, require_writable=True))
+    return out
+
+
+def _raise_io(status) -> None:
+    if status.error == _lib.THAW_EOF:
+        raise EOFError("file ends before the last region")
+    raise OSError(status.error, os.strerror(status.error))
+
+
+def _c_run(call, fd: int, specs: list, progress: Progress, *flags):
+    """Hand (offset, buffer cdata or NULL, length, chunk_size, crcs array) specs to C in progress batches;
+    return the first bad (region, chunk) or None."""
+    status = _ffi.new("thaw_io_status *")
+    for start, stop in _batches([spec[2] for spec in specs], progress):
+        batch = specs[start:stop]
+        regions = _ffi.new(
+            "thaw_region[]",
+            [(off, buf, length, chunk, _ffi.from_buffer("uint32_t[]", crcs)) for off, buf, length, chunk, crcs in batch],
+        )
+        code = call(fd, regions, len(batch), *flags, status)
+        if code == _lib.THAW_IO_ERROR:
+            _raise_io(status)
+        if code == _lib.THAW_BAD_CHUNK:
+            return start + status.bad_region, status.bad_chunk
+        if progress:
+            progress(sum(spec[2] for spec in batch))
+    return None
+
+
+def _c_write_regions(fd: int, regions: Sequence[WriteRegion], progress: Progress = None) -> list:
+    specs, crcs = [], []
+    for offset, data, chunk_size in regions:
+        buf = _c_buffer(data)
+        crcs.append(array("I", bytes(4 * _num_chunks(len(buf), chunk_size))))
+        specs.append((offset, buf, len(buf), chunk_size, crcs[-1]))
+    _c_run(_lib.thaw_write_regions, fd, specs, progress)
+    return crcs
+
+
+def _c_read_regions(fd: int, regions: Sequence[ReadRegion], progress: Progress = None, *, direct: bool = False):
+    specs = []
+    for index, (offset, out, chunk_size, expected) in enumerate(regions):
+        buf = _c_buffer(out, writable=True)
+        specs.append((offset, buf, len(buf), chunk_size, _expected_crcs(expected, len(buf), chunk_size, index)))
+    return _c_run(_lib.thaw_read_regions, fd, specs, progress, _lib.THAW_DIRECT if direct else 0)
+
+
+def _c_verify_regions(fd: int, regions: Sequence[VerifyRegion], progress: Progress = None, *, direct: bool = False):
+    specs = [
+        (offset, _ffi.NULL, length, chunk_size, _expected_crcs(expected, length, chunk_size, index))
+        for index, (offset, length, chunk_size, expected) in enumerate(regions)
+    ]
+    return _c_run(_lib.thaw_verify_regions, fd, specs, progress, _lib.THAW_DIRECT if direct else 0)
+
+
+def _c_offsets(offsets):
+    """Offsets as int64 cdata: zero-copy for a contiguous int64 buffer (numpy int64, array('q')), else copied."""
+    try:
+        view = memoryview(offsets)
+        if view.c_contiguous and view.itemsize == 8 and view.format.lstrip("<=@") in ("q", "l"):
+            return _ffi.from_buffer("int64_t[]", offsets)
+    except TypeError:
+        pass
+    return _ffi.from_buffer("int64_t[]", array("q", offsets))
+
+
+def _c_gather(src, offsets: Sequence[int], length: int, out) -> None:
+    s, o, offs = _c_buffer(src), _c_buffer(out, writable=True), _c_offsets(offsets)
+    if length < 0 or _lib.thaw_gather(s, len(s), offs, len(offs), length, o, len(o)):
+        _check_slabs(len(s), len(o), offsets, length, slabs_in_src=True)  # raises, naming the bad slab
+
+
+def _c_scatter(src, out, offsets: Sequence[int], length: int) -> None:
+    s, o, offs = _c_buffer(src), _c_buffer(out, writable=True), _c_offsets(offsets)
+    if length < 0 or _lib.thaw_scatter(s, len(s), o, len(o), offs, len(offs), length):
+        _check_slabs(len(s), len(o), offsets, length, slabs_in_src=False)  # raises, naming the bad slab
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The public functions: bound once to the active path.
+
+if _lib is not None:
+    crc32c, chunk_crcs = _c_crc32c, _c_chunk_crcs
+    write_regions, read_regions, verify_regions = _c_write_regions, _c_read_regions, _c_verify_regions
+    gather, scatter = _c_gather, _c_scatter
+else:
+    crc32c, chunk_crcs = _py_crc32c, _py_chunk_crcs
+    write_regions, read_regions, verify_regions = _py_write_regions, _py_read_regions, _py_verify_regions
+    gather, scatter = _py_gather, _py_scatter

@@ -1,0 +1,97 @@
+"""cffi (API mode) build of libthaw as the extension module thaw_format._libthaw.
+
+The portable sources are compiled with the extension's flags (-O3). Each CPU-specific kernel is compiled on
+its own with the -m flags of its instruction set (setup.py calls `compile_isa_objects`), so only the
+dispatcher in crc32c.c decides, at run time, which kernel this CPU may execute.
+"""
+
+import platform
+from pathlib import Path
+
+from cffi import FFI
+
+MODULE = "thaw_format._libthaw"
+ROOT = Path(__file__).resolve().parent
+SRC = ROOT / "src"
+INCLUDE = ROOT / "include"
+
+PORTABLE_SOURCES = ["crc32c.c", "crc32c_sw.c", "pool.c", "io.c", "gather.c"]
+
+_X86_64 = {
+    "cpu_x86.c": [],
+    "crc32c_sse42.c": ["-msse4.2", "-mpclmul"],
+    "crc32c_avx2.c": ["-mavx2", "-mvpclmulqdq", "-mpclmul", "-msse4.2"],
+    "crc32c_avx512.c": ["-mavx512f", "-mavx512vl", "-mvpclmulqdq", "-mpclmul", "-msse4.2"],
+}
+_ARM64 = {"cpu_arm64.c": [], "crc32c_armv8.c": ["-march=armv8-a+crc"]}
+ISA_SOURCES = {"x86_64": _X86_64, "amd64": _X86_64, "aarch64": _ARM64, "arm64": _ARM64}
+
+CFLAGS = ["-O3", "-Wall", "-fvisibility=hidden"]
+
+CDEF = """
+uint32_t thaw_crc32c(uint32_t crc, const void *data, size_t len);
+uint32_t thaw_crc32c_parallel(uint32_t crc, const void *data, size_t len);
+uint32_t thaw_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
+void thaw_chunk_crcs(const void *data, size_t len, size_t chunk_size, uint32_t *out);
+const char *thaw_crc32c_impl(void);
+const char *thaw_crc32c_available(void);
+int thaw_crc32c_select(const char *name);
+int thaw_threads(void);
+
+typedef struct {
+    uint64_t offset;
+    void *buf;
+    uint64_t len;
+    uint64_t chunk_size;
+    uint32_t *crcs;
+} thaw_region;
+
+typedef struct {
+    int error;
+    int64_t bad_region;
+    int64_t bad_chunk;
+    int direct;
+} thaw_io_status;
+
+#define THAW_DIRECT 1
+#define THAW_EOF -1
+#define THAW_OK 0
+#define THAW_BAD_CHUNK 1
+#define THAW_IO_ERROR 2
+
+int thaw_write_regions(int fd, const thaw_region *regions, size_t n, thaw_io_status *status);
+int thaw_read_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
+int thaw_verify_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
+
+int64_t thaw_gather(const void *src, size_t src_len, const int64_t *offsets, size_t n, size_t length,
+                    void *out, size_t out_len);
+int64_t thaw_scatter(const void *src, size_t src_len, void *out, size_t out_len, const int64_t *offsets,
+                     size_t n, size_t length);
+"""
+
+
+def isa_sources(machine: str = "") -> dict:
+    """The CPU-specific sources for this machine and their compiler flags ({} where there are none)."""
+    return ISA_SOURCES.get((machine or platform.machine()).lower(), {})
+
+
+def compile_isa_objects(compiler, build_temp: str) -> list:
+    """Compile each CPU-specific source with its own flags; return the object files."""
+    objects = []
+    for name, flags in isa_sources().items():
+        objects += compiler.compile(
+            [str(SRC / name)], output_dir=build_temp, include_dirs=[str(INCLUDE)], extra_postargs=CFLAGS + flags
+        )
+    return objects
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    MODULE,
+    '#include "thaw.h"',
+    sources=[str((SRC / name).relative_to(ROOT.parent)) for name in PORTABLE_SOURCES],
+    include_dirs=[str(INCLUDE.relative_to(ROOT.parent))],
+    extra_compile_args=CFLAGS,
+    libraries=["pthread"],
+)

@@ -1,0 +1,85 @@
+/* libthaw: the byte mover under thaw_format.
+ *
+ * CRC32C (Castagnoli) with a hardware path chosen once per process, chunked checksums, parallel region
+ * I/O that verifies every chunk before it reaches the caller's memory, and gather/scatter of slabs.
+ * Every call is thread-safe; the parallel ones share one persistent thread pool. No function here takes
+ * the GIL or calls back into Python.
+ */
+#ifndef THAW_H
+#define THAW_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define THAW_VERSION "0.1"
+
+/* ---- CRC32C ---------------------------------------------------------------------------------------- */
+
+/* CRC32C of data, continuing from crc (0 to start). Same values as the crc32c and google-crc32c packages. */
+uint32_t thaw_crc32c(uint32_t crc, const void *data, size_t len);
+/* The same, split across the thread pool for large inputs. */
+uint32_t thaw_crc32c_parallel(uint32_t crc, const void *data, size_t len);
+/* CRC32C of A||B from crc_a = CRC32C(A), crc_b = CRC32C(B) and len_b = len(B). */
+uint32_t thaw_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
+/* CRC32C of each chunk_size piece of data (the last may be short) into out[ceil(len / chunk_size)]. */
+void thaw_chunk_crcs(const void *data, size_t len, size_t chunk_size, uint32_t *out);
+
+/* Name of the active implementation: "avx512-vpclmulqdq", "avx2-vpclmulqdq", "sse42", "armv8-crc",
+ * "software". */
+const char *thaw_crc32c_impl(void);
+/* Implementations this CPU can run, best first, comma separated. */
+const char *thaw_crc32c_available(void);
+/* Make `name` the active implementation (for tests and benchmarks). 0 on success, -1 if unavailable. */
+int thaw_crc32c_select(const char *name);
+
+/* ---- thread pool ----------------------------------------------------------------------------------- */
+
+/* Threads that parallel calls use (the caller counts as one): the CPU count, capped. */
+int thaw_threads(void);
+
+/* ---- region I/O ------------------------------------------------------------------------------------ */
+
+/* One contiguous byte range of a file, cut into chunk_size chunks with one CRC32C each. */
+typedef struct {
+    uint64_t offset;     /* file offset of the first byte */
+    void *buf;           /* memory side: source for writes, target for reads, NULL for verify */
+    uint64_t len;        /* bytes */
+    uint64_t chunk_size; /* > 0 */
+    uint32_t *crcs;      /* ceil(len / chunk_size) CRCs: filled by writes, expected by reads and verifies */
+} thaw_region;
+
+#define THAW_DIRECT 1 /* try O_DIRECT for reads; falls back to buffered I/O where the filesystem refuses */
+
+typedef struct {
+    int error;            /* errno of a failed read or write; THAW_EOF when the file is too short */
+    int64_t bad_region;   /* index of the region holding the first bad chunk */
+    int64_t bad_chunk;    /* index of that chunk within its region */
+    int direct;           /* 1 if O_DIRECT was used for the whole call */
+} thaw_io_status;
+
+#define THAW_EOF (-1)
+
+/* Return codes of the region functions. */
+#define THAW_OK 0
+#define THAW_BAD_CHUNK 1 /* status.bad_region / bad_chunk name the first bad chunk in file order */
+#define THAW_IO_ERROR 2  /* status.error says why */
+
+/* pwrite every region, computing its chunk CRCs from the same bytes while they are in cache. */
+int thaw_write_regions(int fd, const thaw_region *regions, size_t n, thaw_io_status *status);
+/* Fill every region's buf from the file. Each chunk is read into a private staging buffer, checked, and
+ * only then copied out, so buf never holds a byte of a chunk that failed its check. */
+int thaw_read_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
+/* Check every region against the file with bounded memory (buf is ignored). */
+int thaw_verify_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
+
+/* ---- gather / scatter ------------------------------------------------------------------------------ */
+
+/* out[i*length : (i+1)*length] = src[offsets[i] : offsets[i]+length] for i < n.
+ * Returns -1 when out_len < n*length, i+1 when offsets[i] is out of range (nothing copied), else 0. */
+int64_t thaw_gather(const void *src, size_t src_len, const int64_t *offsets, size_t n, size_t length,
+                    void *out, size_t out_len);
+/* out[offsets[i] : offsets[i]+length] = src[i*length : (i+1)*length]; slabs in out must not overlap. */
+int64_t thaw_scatter(const void *src, size_t src_len, void *out, size_t out_len, const int64_t *offsets,
+                     size_t n, size_t length);
+
+#endif

@@ -1,0 +1,277 @@
+/* Region I/O on the thread pool. The regions are cut into pieces of a few hundred KiB (whole chunks; small
+ * regions are batched), and the workers take pieces in file order, so at any moment one worker reads while
+ * another checks or copies: each worker's staging buffer is one slot of the pipeline's ring.
+ *
+ * Writes checksum a piece and pwrite it straight after, while it is still in cache. Reads pread a piece
+ * into the worker's private staging buffer, check every chunk there, and copy it out only when all pass;
+ * a failed piece never touches the caller's memory. */
+#define _GNU_SOURCE /* O_DIRECT */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "../include/thaw.h"
+#include "pool.h"
+
+enum { PIECE_BYTES = 256 << 10, DIRECT_ALIGN = 4096, MAX_WORKERS = 64, MAX_IOV = 256 };
+
+/* Whole chunks [start, start + len) of regions[first], or regions [first, first + count) whole. */
+typedef struct {
+    size_t first, count;
+    uint64_t start, len;
+} piece;
+
+typedef struct {
+    const thaw_region *regions;
+    piece *pieces;
+    size_t n_pieces;
+    int fd, direct_fd;
+    size_t stage_bytes;
+    uint8_t *stage[MAX_WORKERS];
+    atomic_size_t first_failure; /* lowest failed piece index, or n_pieces */
+    atomic_int direct_refused;
+    pthread_mutex_t lock; /* guards the failure details below */
+    int error;            /* errno of the first failed piece, 0 for a bad chunk */
+    int64_t bad_region, bad_chunk;
+} job;
+
+static uint64_t span_of(const thaw_region *r, const piece *p) {
+    if (p->count == 0) return p->len;
+    const thaw_region *last = &r[p->first + p->count - 1];
+    return last->offset + last->len - r[p->first].offset;
+}
+
+/* Cut regions into pieces. Reads batch small regions only where their file ranges follow each other in
+ * order with small gaps, so one pread covers the batch. Returns the largest piece span, or 0 on OOM. */
+static uint64_t make_pieces(const thaw_region *r, size_t n, int for_read, piece **out, size_t *n_out) {
+    size_t cap = 16, count = 0;
+    uint64_t widest = 0;
+    piece *ps = malloc(cap * sizeof *ps);
+    if (!ps) return 0;
+    for (size_t i = 0; i < n;) {
+        piece p = {i, 0, 0, 0};
+        if (r[i].len >= PIECE_BYTES / 2) {
+            uint64_t step = r[i].chunk_size >= PIECE_BYTES ? r[i].chunk_size : PIECE_BYTES / r[i].chunk_size * r[i].chunk_size;
+            for (uint64_t start = 0; start < r[i].len; start += step) {
+                if (count == cap && !(ps = realloc(ps, (cap *= 2) * sizeof *ps))) return 0;
+                p.start = start;
+                p.len = r[i].len - start < step ? r[i].len - start : step;
+                ps[count++] = p;
+                if (p.len > widest) widest = p.len;
+            }
+            i++;
+            continue;
+        }
+        uint64_t end = r[i].offset + r[i].len, bytes = r[i].len;
+        for (p.count = 1; i + p.count < n && p.count < MAX_IOV; p.count++) {
+            const thaw_region *next = &r[i + p.count];
+            if (next->len >= PIECE_BYTES / 2) break;
+            if (for_read && (next->offset < end || next->offset - end > DIRECT_ALIGN)) break;
+            uint64_t more = for_read ? next->offset + next->len - end : next->len;
+            if (bytes + more > PIECE_BYTES) break;
+            bytes += more;
+            end = next->offset + next->len;
+        }
+        if (count == cap && !(ps = realloc(ps, (cap *= 2) * sizeof *ps))) return 0;
+        ps[count++] = p;
+        if (span_of(r, &p) > widest) widest = span_of(r, &p);
+        i += p.count;
+    }
+    *out = ps;
+    *n_out = count;
+    return widest ? widest : 1;
+}
+
+static void fail(job *j, size_t index, int error, int64_t region, int64_t chunk) {
+    /* Keep the failure with the lowest piece index; pieces after it are skipped. */
+    pthread_mutex_lock(&j->lock);
+    if (index < atomic_load(&j->first_failure)) {
+        atomic_store(&j->first_failure, index);
+        j->error = error;
+        j->bad_region = region;
+        j->bad_chunk = chunk;
+    }
+    pthread_mutex_unlock(&j->lock);
+}
+
+static int skip(job *j, size_t index) { return index > atomic_load(&j->first_failure); }
+
+/* ---- writes ---- */
+
+static int pwrite_all(int fd, const uint8_t *p, uint64_t n, uint64_t offset) {
+    while (n) {
+        ssize_t w = pwrite(fd, p, n > (1u << 30) ? (1u << 30) : n, (off_t)offset);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return w < 0 ? errno : EIO;
+        p += w, n -= (uint64_t)w, offset += (uint64_t)w;
+    }
+    return 0;
+}
+
+/* Regions [first, first + count) are contiguous in the file: one pwritev, finished piecewise if short. */
+static int pwritev_run(int fd, const thaw_region *r, size_t count) {
+    struct iovec iov[MAX_IOV];
+    uint64_t total = 0;
+    for (size_t k = 0; k < count; k++) {
+        iov[k] = (struct iovec){r[k].buf, r[k].len};
+        total += r[k].len;
+    }
+    ssize_t w;
+    do w = pwritev(fd, iov, (int)count, (off_t)r[0].offset);
+    while (w < 0 && errno == EINTR);
+    if (w < 0) return errno;
+    if ((uint64_t)w == total) return 0;
+    for (size_t k = 0; k < count; k++) { /* short write: finish region by region */
+        uint64_t done = (uint64_t)w > r[k].len ? r[k].len : (uint64_t)w;
+        w -= (ssize_t)done;
+        int err = pwrite_all(fd, (const uint8_t *)r[k].buf + done, r[k].len - done, r[k].offset + done);
+        if (err) return err;
+    }
+    return 0;
+}
+
+static void write_task(void *ctx, size_t index, int worker) {
+    (void)worker;
+    job *j = ctx;
+    const piece *p = &j->pieces[index];
+    const thaw_region *r = &j->regions[p->first];
+    if (p->count == 0) {
+        thaw_chunk_crcs((const uint8_t *)r->buf + p->start, p->len, r->chunk_size, r->crcs + p->start / r->chunk_size);
+        int err = pwrite_all(j->fd, (const uint8_t *)r->buf + p->start, p->len, r->offset + p->start);
+        if (err) fail(j, index, err, (int64_t)p->first, -1);
+        return;
+    }
+    for (size_t k = 0; k < p->count; k++) thaw_chunk_crcs(r[k].buf, r[k].len, r[k].chunk_size, r[k].crcs);
+    for (size_t k = 0, run; k < p->count; k += run) {
+        for (run = 1; k + run < p->count && r[k + run].offset == r[k + run - 1].offset + r[k + run - 1].len; run++) {
+        }
+        int err = pwritev_run(j->fd, &r[k], run);
+        if (err) return fail(j, index, err, (int64_t)(p->first + k), -1);
+    }
+}
+
+/* ---- reads and verifies ---- */
+
+/* Read [offset, offset + n) of the file into dst, where dst has room for the O_DIRECT rounding; returns a
+ * pointer to the first requested byte, or NULL with *err set. */
+static const uint8_t *read_span(job *j, uint8_t *dst, uint64_t offset, uint64_t n, int *err) {
+    int fd = j->fd;
+    uint64_t lead = 0, want = n;
+    if (j->direct_fd >= 0 && !atomic_load(&j->direct_refused)) {
+        fd = j->direct_fd;
+        lead = offset % DIRECT_ALIGN;
+        want = (lead + n + DIRECT_ALIGN - 1) / DIRECT_ALIGN * DIRECT_ALIGN;
+        offset -= lead;
+    }
+    uint64_t got = 0;
+    while (got < lead + n) {
+        ssize_t r = pread(fd, dst + got, want - got, (off_t)(offset + got));
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0 && errno == EINVAL && fd == j->direct_fd) { /* this filesystem refuses O_DIRECT here */
+            atomic_store(&j->direct_refused, 1);
+            return read_span(j, dst, offset + lead, n, err);
+        }
+        if (r < 0) return (*err = errno), NULL;
+        if (r == 0) return (*err = THAW_EOF), NULL;
+        got += (uint64_t)r;
+        if (fd == j->direct_fd && got % DIRECT_ALIGN) break; /* end of file inside the last block */
+    }
+    if (got < lead + n) return (*err = THAW_EOF), NULL;
+    return dst + lead;
+}
+
+static uint8_t *stage_of(job *j, int worker) {
+    if (!j->stage[worker]) {
+        void *mem = NULL;
+        if (posix_memalign(&mem, DIRECT_ALIGN, j->stage_bytes) == 0) j->stage[worker] = mem;
+    }
+    return j->stage[worker];
+}
+
+/* Check the chunk CRCs of `len` bytes at data, covering chunks from index `first_chunk` of r; returns the
+ * index of the first bad chunk, or -1. */
+static int64_t check(const thaw_region *r, const uint8_t *data, uint64_t len, uint64_t first_chunk) {
+    for (uint64_t c = 0; c * r->chunk_size < len; c++) {
+        uint64_t n = len - c * r->chunk_size < r->chunk_size ? len - c * r->chunk_size : r->chunk_size;
+        if (thaw_crc32c(0, data + c * r->chunk_size, n) != r->crcs[first_chunk + c]) return (int64_t)(first_chunk + c);
+    }
+    return -1;
+}
+
+static void read_task_with(job *j, size_t index, int worker, int copy_out) {
+    if (skip(j, index)) return;
+    const piece *p = &j->pieces[index];
+    const thaw_region *r = &j->regions[p->first];
+    uint8_t *stage = stage_of(j, worker);
+    if (!stage) return fail(j, index, ENOMEM, (int64_t)p->first, -1);
+    int err = 0;
+    if (p->count == 0) {
+        const uint8_t *data = read_span(j, stage, r->offset + p->start, p->len, &err);
+        if (!data) return fail(j, index, err, (int64_t)p->first, -1);
+        int64_t bad = check(r, data, p->len, p->start / r->chunk_size);
+        if (bad >= 0) return fail(j, index, 0, (int64_t)p->first, bad);
+        if (copy_out) memcpy((uint8_t *)r->buf + p->start, data, p->len);
+        return;
+    }
+    const uint8_t *data = read_span(j, stage, r->offset, span_of(j->regions, p), &err);
+    if (!data) return fail(j, index, err, (int64_t)p->first, -1);
+    for (size_t k = 0; k < p->count; k++) {
+        int64_t bad = check(&r[k], data + (r[k].offset - r->offset), r[k].len, 0);
+        if (bad >= 0) return fail(j, index, 0, (int64_t)(p->first + k), bad);
+    }
+    if (copy_out)
+        for (size_t k = 0; k < p->count; k++) memcpy(r[k].buf, data + (r[k].offset - r->offset), r[k].len);
+}
+
+static void read_task(void *ctx, size_t index, int worker) { read_task_with(ctx, index, worker, 1); }
+static void verify_task(void *ctx, size_t index, int worker) { read_task_with(ctx, index, worker, 0); }
+
+/* ---- the three calls ---- */
+
+static int run(int fd, const thaw_region *regions, size_t n, int for_read, int flags, pool_task task,
+               thaw_io_status *status) {
+    *status = (thaw_io_status){0, -1, -1, 0};
+    for (size_t i = 0; i < n; i++)
+        if (regions[i].chunk_size == 0) return (status->error = EINVAL), THAW_IO_ERROR;
+    job j = {.regions = regions, .fd = fd, .direct_fd = -1};
+    uint64_t widest = make_pieces(regions, n, for_read, &j.pieces, &j.n_pieces);
+    if (!widest) return (status->error = ENOMEM), THAW_IO_ERROR;
+    atomic_init(&j.first_failure, j.n_pieces);
+    atomic_init(&j.direct_refused, 0);
+    pthread_mutex_init(&j.lock, NULL);
+    j.stage_bytes = (widest + 3 * DIRECT_ALIGN - 1) / DIRECT_ALIGN * DIRECT_ALIGN; /* room for rounding */
+    if (for_read && (flags & THAW_DIRECT)) {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        j.direct_fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC); /* -1 where O_DIRECT is refused */
+    }
+    pool_run(j.n_pieces, task, &j);
+    status->direct = j.direct_fd >= 0 && !atomic_load(&j.direct_refused);
+    if (j.direct_fd >= 0) close(j.direct_fd);
+    for (int w = 0; w < MAX_WORKERS; w++) free(j.stage[w]);
+    free(j.pieces);
+    pthread_mutex_destroy(&j.lock);
+    if (atomic_load(&j.first_failure) == j.n_pieces) return THAW_OK;
+    status->error = j.error;
+    status->bad_region = j.bad_region;
+    status->bad_chunk = j.bad_chunk;
+    return j.error ? THAW_IO_ERROR : THAW_BAD_CHUNK;
+}
+
+int thaw_write_regions(int fd, const thaw_region *regions, size_t n, thaw_io_status *status) {
+    return run(fd, regions, n, 0, 0, write_task, status);
+}
+
+int thaw_read_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status) {
+    return run(fd, regions, n, 1, flags, read_task, status);
+}
+
+int thaw_verify_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status) {
+    return run(fd, regions, n, 1, flags, verify_task, status);
+}

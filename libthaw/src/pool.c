@@ -1,0 +1,132 @@
+/* A fixed set of worker threads, started on first use and kept for the life of the process. A job is a
+ * parallel for-loop: workers take the next index from a shared counter until none is left. A child made by
+ * fork() has no workers, so it forgets the pool and starts its own on first use. */
+#define _GNU_SOURCE /* sched_getaffinity */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "../include/thaw.h"
+#include "pool.h"
+
+enum { MAX_THREADS = 16 };
+
+typedef struct {
+    pthread_mutex_t busy; /* held by the one caller that owns the pool for a job */
+    pthread_mutex_t lock; /* guards the fields below */
+    pthread_cond_t wake, done;
+    unsigned long generation; /* bumped for each job */
+    int threads, running;     /* running: workers still inside the current job */
+    pool_task task;
+    void *ctx;
+    size_t n;
+    atomic_size_t next;
+} pool;
+
+static pool *the_pool;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+static void work(pool *p, int worker) {
+    for (size_t i; (i = atomic_fetch_add(&p->next, 1)) < p->n;) p->task(p->ctx, i, worker);
+}
+
+typedef struct {
+    pool *p;
+    int worker;
+} worker_arg;
+
+static void *worker_main(void *arg) {
+    worker_arg a = *(worker_arg *)arg;
+    free(arg);
+    pool *p = a.p;
+    unsigned long seen = 0;
+    for (;;) {
+        pthread_mutex_lock(&p->lock);
+        while (p->generation == seen) pthread_cond_wait(&p->wake, &p->lock);
+        seen = p->generation;
+        pthread_mutex_unlock(&p->lock);
+        work(p, a.worker);
+        pthread_mutex_lock(&p->lock);
+        if (--p->running == 0) pthread_cond_signal(&p->done);
+        pthread_mutex_unlock(&p->lock);
+    }
+    return NULL;
+}
+
+static int cpu_count(void) {
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+#endif
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+static void forget_pool_in_child(void) {
+    the_pool = NULL; /* its threads do not exist here; its memory is left alone */
+    once = (pthread_once_t)PTHREAD_ONCE_INIT;
+}
+
+static void start_pool(void) {
+    static int atfork_registered;
+    if (!atfork_registered) atfork_registered = pthread_atfork(NULL, NULL, forget_pool_in_child) == 0;
+    pool *p = calloc(1, sizeof *p);
+    if (!p) return;
+    pthread_mutex_init(&p->busy, NULL);
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->wake, NULL);
+    pthread_cond_init(&p->done, NULL);
+    int want = cpu_count();
+    if (want > MAX_THREADS) want = MAX_THREADS;
+    p->threads = 1;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    for (int w = 1; w < want; w++) {
+        pthread_t t;
+        worker_arg *a = malloc(sizeof *a);
+        if (!a) break;
+        *a = (worker_arg){p, w};
+        if (pthread_create(&t, &attr, worker_main, a) != 0) {
+            free(a);
+            break;
+        }
+        p->threads++;
+    }
+    pthread_attr_destroy(&attr);
+    the_pool = p;
+}
+
+static pool *get_pool(void) {
+    pthread_once(&once, start_pool);
+    return the_pool;
+}
+
+int thaw_threads(void) {
+    pool *p = get_pool();
+    return p ? p->threads : 1;
+}
+
+void pool_run(size_t n, pool_task task, void *ctx) {
+    pool *p = get_pool();
+    if (!p || p->threads == 1 || n <= 1 || pthread_mutex_trylock(&p->busy) != 0) {
+        for (size_t i = 0; i < n; i++) task(ctx, i, 0);
+        return;
+    }
+    pthread_mutex_lock(&p->lock);
+    p->task = task;
+    p->ctx = ctx;
+    p->n = n;
+    atomic_store(&p->next, 0);
+    p->running = p->threads - 1;
+    p->generation++;
+    pthread_cond_broadcast(&p->wake);
+    pthread_mutex_unlock(&p->lock);
+    work(p, 0);
+    pthread_mutex_lock(&p->lock);
+    while (p->running) pthread_cond_wait(&p->done, &p->lock);
+    pthread_mutex_unlock(&p->lock);
+    pthread_mutex_unlock(&p->busy);
+}
