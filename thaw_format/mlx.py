@@ -46,7 +46,8 @@ def from_mlx(array: mx.array) -> Tensor:
     if name == "bfloat16":
         array = array.view(mx.uint16)
     mx.eval(array)
-    return Tensor(name, array.shape, memoryview(array).toreadonly())
+    # memoryview cannot recast an empty view to bytes
+    return Tensor(name, array.shape, memoryview(array).toreadonly() if array.size else b"")
 
 
 def to_mlx(tensor: Tensor) -> mx.array:
@@ -55,5 +56,7 @@ def to_mlx(tensor: Tensor) -> mx.array:
         mlx_type, np_type = _TYPES[tensor.dtype]
     except KeyError:
         raise TypeError(f"MLX has no dtype for {tensor.dtype}") from None
-    array = mx.array(np.frombuffer(tensor.data, dtype=np_type).reshape(tensor.shape))
-    return array.view(mlx_type) if tensor.dtype == "bfloat16" else array
+    if tensor.dtype == "bfloat16":
+        return mx.array(np.frombuffer(tensor.data, dtype=np_type).reshape(tensor.shape)).view(mlx_type)
+    # An explicit dtype: MLX would otherwise narrow float64 to float32.
+    return mx.array(np.frombuffer(tensor.data, dtype=np_type).reshape(tensor.shape), dtype=mlx_type)

@@ -1,0 +1,72 @@
+"""Test sessions: a tiny model, a cache of one kind, and the tokens it has seen; shared by tests and the worker."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
+
+import thaw_mlx
+from zoo import PROMPT, make_model
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+WINDOW = 16  # shorter than PROMPT, so a rotating cache runs past its window
+FIRST_TOKENS = 8  # generated before the capture
+
+
+def make_cache(model, kind: str) -> list:
+    if kind == "kv":  # whatever the model makes itself: KVCache, or KVCache + RotatingKVCache for sliding layers
+        return make_prompt_cache(model)
+    if kind == "rotating":
+        return make_prompt_cache(model, max_kv_size=WINDOW)
+    if kind == "quantized":
+        return [QuantizedKVCache(group_size=32, bits=8) for _ in model.layers]
+    raise ValueError(kind)
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: str
+    cache: str
+    dtype: str = "float32"
+    overrides: dict = field(default_factory=dict)
+
+    def model(self):
+        return make_model(self.arch, DTYPES[self.dtype], **self.overrides)
+
+
+HEAD_DIM_32 = {"num_attention_heads": 2, "num_key_value_heads": 1}  # quantization groups are 32 wide
+CASES = {
+    "llama-kv": Case("llama", "kv"),
+    "qwen2-kv": Case("qwen2", "kv"),
+    "qwen3-kv": Case("qwen3", "kv"),
+    "gemma2-kv": Case("gemma2", "kv"),
+    "llama-kv-fp16": Case("llama", "kv", "float16"),
+    "llama-kv-bf16": Case("llama", "kv", "bfloat16"),
+    "llama-rotating": Case("llama", "rotating"),
+    "qwen3-rotating-bf16": Case("qwen3", "rotating", "bfloat16"),
+    "llama-sliding-mixed": Case("llama", "kv", overrides={"layer_types": ["sliding_attention", "full_attention"],
+                                                        "sliding_window": WINDOW}),
+    "llama-quantized": Case("llama", "quantized", overrides=HEAD_DIM_32),
+    "qwen2-quantized-fp16": Case("qwen2", "quantized", "float16", overrides=HEAD_DIM_32),
+}
+
+
+def start(case: Case, model=None):
+    """(model, cache, tokens): the prompt prefilled and FIRST_TOKENS generated with thaw_mlx.generate."""
+    model = model or case.model()
+    cache = make_cache(model, case.cache)
+    tokens = list(PROMPT)
+    tokens += thaw_mlx.generate(model, cache, tokens, FIRST_TOKENS)
+    return model, cache, tokens
+
+
+def kv_digest(model, cache, tokens) -> str:
+    """SHA-256 over the bytes of the session's KV as the format stores it (pages, ring buffers)."""
+    h = hashlib.sha256()
+    for layer in thaw_mlx.capture(model, cache, tokens, include_weights=False).kv.layers:
+        for role in sorted(layer.tensors):
+            h.update(layer.tensors[role].data)
+    return h.hexdigest()

@@ -1,0 +1,61 @@
+"""thaw_format.mlx: arrays to Tensors and back, byte for byte, for every MLX dtype."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from thaw_format import Tensor
+from thaw_format.mlx import dtype_name, from_mlx, to_mlx
+
+DTYPES = ["float64", "float32", "float16", "bfloat16", "complex64", "int64", "int32", "int16", "int8", "uint64",
+          "uint32", "uint16", "uint8", "bool"]
+
+
+def random_bytes(n: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("name", DTYPES)
+def test_round_trip_is_byte_identical(name):
+    mlx_type = getattr(mx, "bool_" if name == "bool" else name)
+    size = mx.zeros((1,), dtype=mlx_type).itemsize
+    raw = random_bytes(3 * 5 * size)
+    if name == "bool":
+        raw = bytes(b & 1 for b in raw)  # bool bytes other than 0 and 1 are not valid values
+    tensor = Tensor(name, (3, 5), raw)
+    array = to_mlx(tensor)
+    assert array.dtype == mlx_type and array.shape == (3, 5)
+    back = from_mlx(array)
+    assert back == tensor and back.readonly
+
+
+def test_views_are_stored_row_major():
+    base = mx.arange(24, dtype=mx.float32).reshape(2, 3, 4)
+    for view in (base.transpose(2, 0, 1), base[:, 1:, ::2]):
+        expected = np.ascontiguousarray(np.array(view)).tobytes()
+        assert from_mlx(view).tobytes() == expected
+
+
+def test_bfloat16_bits_pass_unchanged():
+    bits = mx.array([0x3F80, 0x7FC1, 0xFF80, 0x0001], dtype=mx.uint16)  # 1.0, a NaN payload, -inf, a subnormal
+    tensor = from_mlx(bits.view(mx.bfloat16))
+    assert tensor.dtype == "bfloat16" and tensor.tobytes() == np.array(bits).tobytes()
+    assert np.array_equal(np.array(to_mlx(tensor).view(mx.uint16)), np.array(bits))
+
+
+def test_to_mlx_copies():
+    raw = bytearray(np.arange(4, dtype=np.float32).tobytes())
+    array = to_mlx(Tensor("float32", (4,), raw))
+    raw[:4] = b"\xff" * 4
+    assert np.array(array).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_scalar_and_empty():
+    assert from_mlx(mx.array(2.5)).shape == () and to_mlx(from_mlx(mx.array(2.5))).item() == 2.5
+    assert to_mlx(from_mlx(mx.zeros((0, 3)))).shape == (0, 3)
+
+
+def test_unknown_dtypes_are_refused():
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        to_mlx(Tensor("float8_e4m3fn", (2,), b"\0\0"))
+    assert dtype_name(mx.bfloat16) == "bfloat16"
