@@ -149,13 +149,14 @@ def parse_json(data: bytes, max_depth: int) -> dict:
         raise CorruptSnapshotError(f"JSON document does not parse: {exc}") from None
     if not isinstance(doc, dict):
         raise CorruptSnapshotError(f"JSON document must be an object, got {type(doc).__name__}")
-    stack = [(doc, 1)]
-    while stack:
-        value, depth = stack.pop()
+    # Level by level, holding only the containers of one level: a document of millions of tiny containers
+    # costs one list slot each here, not a tuple and a generator step each.
+    level, depth = [doc], 1
+    while level:
         if depth > max_depth:
             raise CorruptSnapshotError(f"JSON document nests deeper than {max_depth} levels (Limits.max_json_depth)")
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (dict, list))]
+        depth += 1
     return doc
 
 
