@@ -1,0 +1,59 @@
+"""The thread pool: created once and never grown by calls, safe under concurrent callers (the GIL is
+released, so Python threads really overlap), and usable again in a child made by fork()."""
+
+import multiprocessing
+import os
+import threading
+
+import crc32c as crc32c_package
+
+from thaw_format import mover
+
+DATA = os.urandom(16 << 20)
+
+
+def thread_count():
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_pool_is_persistent_and_capped(native):
+    _, lib = native
+    assert 1 <= lib.thaw_threads() <= min(16, len(os.sched_getaffinity(0)))
+    mover.crc32c(DATA)  # starts the pool if nothing has yet
+    before = thread_count()
+    for _ in range(20):
+        mover.crc32c(DATA)
+        mover.chunk_crcs(DATA, 1 << 20)
+    assert thread_count() == before
+
+
+def test_concurrent_callers_get_correct_results(native):
+    expected = crc32c_package.crc32c(DATA)
+    expected_chunks = mover._py_chunk_crcs(DATA, 1 << 20)
+    results = []
+
+    def worker():
+        for _ in range(5):
+            results.append(mover.crc32c(DATA) == expected and mover.chunk_crcs(DATA, 1 << 20) == expected_chunks)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 20
+
+
+def child_crc(queue):
+    queue.put(mover.crc32c(DATA))
+
+
+def test_pool_works_in_a_forked_child(native):
+    mover.crc32c(DATA)  # the parent's pool exists before the fork
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=child_crc, args=(queue,))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert got == crc32c_package.crc32c(DATA) and child.exitcode == 0
