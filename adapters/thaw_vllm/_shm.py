@@ -1,0 +1,64 @@
+"""Snapshots through POSIX shared memory: one writer, any number of readers, no file and no pickle."""
+
+from __future__ import annotations
+
+from multiprocessing import resource_tracker, shared_memory
+
+import thaw_format
+
+SHM_PREFIX = "shm://"
+
+
+def _untracked(shm: shared_memory.SharedMemory) -> shared_memory.SharedMemory:
+    # The creator or the last reader unlinks explicitly; Python 3.11's tracker would otherwise unlink a
+    # segment when whichever process first touched it exits, and warn about "leaks" in the others.
+    resource_tracker.unregister(shm._name, "shared_memory")
+    return shm
+
+
+def _unlink(shm: shared_memory.SharedMemory) -> None:
+    resource_tracker.register(shm._name, "shared_memory")  # unlink() unregisters it again
+    shm.unlink()
+
+
+class SharedSnapshot:
+    """A snapshot written once into a shared-memory segment; `source` names it for other processes."""
+
+    def __init__(self, snapshot: thaw_format.Snapshot) -> None:
+        encoded = thaw_format.EncodedSnapshot(snapshot)
+        self._shm = _untracked(shared_memory.SharedMemory(create=True, size=max(encoded.nbytes, 1)))
+        self.id = encoded.write_into(self._shm.buf)
+        self.nbytes = encoded.nbytes
+        self.source = SHM_PREFIX + self._shm.name
+
+    def detach(self) -> None:
+        """Unmap here but leave the segment for a reader, who unlinks it (read(..., unlink=True))."""
+        self._shm.close()
+        self._shm = None
+
+    def close(self) -> None:
+        """Unlink the segment; readers that still have it mapped keep their mapping."""
+        if self._shm is not None:
+            self._shm.close()
+            _unlink(self._shm)
+            self._shm = None
+
+    def __enter__(self) -> "SharedSnapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read(source: str, *, unlink: bool = False) -> thaw_format.Snapshot:
+    """Load (checksums verified) a snapshot from a path or an "shm://name" source, copying its tensors out."""
+    if not source.startswith(SHM_PREFIX):
+        return thaw_format.load(source)
+    shm = _untracked(shared_memory.SharedMemory(name=source[len(SHM_PREFIX):]))
+    try:
+        return thaw_format.loads(shm.buf, copy=True)
+    finally:
+        shm.close()
+        if unlink:
+            _unlink(shm)
+

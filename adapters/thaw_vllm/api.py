@@ -1,0 +1,110 @@
+"""capture / restore / finish: thaw's operations on a running vLLM engine, from the process that owns it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import thaw_format
+from thaw_format import IncompatibleSnapshotError
+
+from . import _shm, sampling
+from .engine_restore import resumable
+
+WORKER_EXTENSION = "thaw_vllm.worker.ThawWorkerExtension"
+
+
+def engine_args(**kwargs) -> dict:
+    """vllm.LLM / EngineArgs keyword arguments with thaw's worker extension and KV connector added."""
+    from vllm.config import KVTransferConfig
+
+    kwargs.setdefault("enable_prefix_caching", True)
+    kwargs["worker_extension_cls"] = WORKER_EXTENSION
+    kwargs["kv_transfer_config"] = KVTransferConfig(
+        kv_connector="ThawConnector", kv_connector_module_path="thaw_vllm.connector", kv_role="kv_both"
+    )
+    return kwargs
+
+
+def _rpc(llm, method: str, *args):
+    return llm.collective_rpc(method, args=args)[0]
+
+
+def describe(llm) -> dict:
+    """The engine's model identity and KV layout, as plain data."""
+    return _rpc(llm, "thaw_describe")
+
+
+def capture(llm, *, include_weights: bool = True, chains: Optional[Sequence[Sequence[int]]] = None) -> thaw_format.Snapshot:
+    """Snapshot the engine: prefix-cache pages (all, or those of the named token chains) with their token ids,
+    live requests (waiting or mid-generation) and, unless told otherwise, the weights."""
+    chains = None if chains is None else [list(map(int, c)) for c in chains]
+    out = _rpc(llm, "thaw_capture", include_weights, chains)
+    return _shm.read(out["source"], unlink=True)
+
+
+def check_compatible(llm, snapshot: thaw_format.Snapshot) -> None:
+    """Raise IncompatibleSnapshotError, naming the field and both values, if the engine cannot hold the snapshot."""
+    engine = describe(llm)
+    thaw_format.check_model(snapshot, thaw_format.ModelInfo(**engine["model"]))
+    if snapshot.kv is None:
+        return
+    thaw_format.check_kv_layout(snapshot, **engine["kv"])
+    kinds = {layer.kind for layer in snapshot.kv.layers} - {"attention"}
+    if kinds:
+        raise IncompatibleSnapshotError(f"kv.layers kind: the snapshot has {sorted(kinds)}, vLLM's CPU engine holds 'attention' only")
+    pages = 0 if snapshot.prefix is None else snapshot.prefix.num_pages
+    if pages != snapshot.kv.num_pages:
+        raise IncompatibleSnapshotError(f"prefix: the snapshot has {pages} prefix pages for {snapshot.kv.num_pages} KV pages")
+
+
+@dataclass
+class Resumed:
+    """A request a restore continues: its id, and what it had produced before the snapshot."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    previous_output_token_ids: list[int] = field(default_factory=list)
+
+
+def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
+    """Restore a snapshot into a fresh or used (idle) engine; unfinished requests are resubmitted and continue
+    exactly (their last partial page and sampling-generator state come from the snapshot).
+
+    Identity, layout and dtype are checked first, and the snapshot's checksums by the reader: a mismatch is
+    refused before the engine is touched.
+    """
+    check_compatible(llm, snapshot)
+    with _shm.SharedSnapshot(snapshot) as shared:
+        _rpc(llm, "thaw_restore", shared.source)
+    from vllm.inputs import TokensPrompt
+
+    resumed = []
+    for request in resumable(snapshot):
+        remaining = None if request.sampling.max_tokens is None else request.sampling.max_tokens - len(request.output_token_ids)
+        prompt = request.prompt_token_ids + request.output_token_ids
+        llm.llm_engine.add_request(request.id, TokensPrompt(prompt_token_ids=prompt),
+                                   sampling.to_vllm(request.sampling, max_tokens=remaining))
+        resumed.append(Resumed(request.id, request.prompt_token_ids, request.output_token_ids))
+    return resumed
+
+
+@dataclass
+class Finished:
+    request_id: str
+    output_token_ids: list[int]  # the whole output, before and after the snapshot
+    num_cached_tokens: int  # reported by vLLM for the resumed request
+
+
+def finish(llm, resumed: Sequence[Resumed]) -> dict[str, Finished]:
+    """Run the engine until the resumed requests are done."""
+    wanted = {r.request_id: r for r in resumed}
+    done: dict[str, Finished] = {}
+    engine = llm.llm_engine
+    while len(done) < len(wanted) and engine.has_unfinished_requests():
+        for out in engine.step():
+            r = wanted.get(out.request_id)
+            if r is not None and out.finished:
+                done[r.request_id] = Finished(r.request_id, r.previous_output_token_ids + list(out.outputs[0].token_ids),
+                                              out.num_cached_tokens or 0)
+    return done
