@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
+from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache, make_prompt_cache
 
 import thaw_mlx
 from zoo import PROMPT, make_model
@@ -19,8 +19,8 @@ FIRST_TOKENS = 8  # generated before the capture
 def make_cache(model, kind: str) -> list:
     if kind == "kv":  # whatever the model makes itself: KVCache, or KVCache + RotatingKVCache for sliding layers
         return make_prompt_cache(model)
-    if kind == "rotating":
-        return make_prompt_cache(model, max_kv_size=WINDOW)
+    if kind == "rotating":  # (make_prompt_cache's max_kv_size is ignored by models with their own make_cache)
+        return [RotatingKVCache(max_size=WINDOW, keep=4) for _ in model.layers]
     if kind == "quantized":
         return [QuantizedKVCache(group_size=32, bits=8) for _ in model.layers]
     raise ValueError(kind)
@@ -32,6 +32,7 @@ class Case:
     cache: str
     dtype: str = "float32"
     overrides: dict = field(default_factory=dict)
+    kinds: tuple = ()  # the snapshot's KV layer kinds, when not all those of `cache`
 
     def model(self):
         return make_model(self.arch, DTYPES[self.dtype], **self.overrides)
@@ -48,10 +49,13 @@ CASES = {
     "llama-rotating": Case("llama", "rotating"),
     "qwen3-rotating-bf16": Case("qwen3", "rotating", "bfloat16"),
     "llama-sliding-mixed": Case("llama", "kv", overrides={"layer_types": ["sliding_attention", "full_attention"],
-                                                        "sliding_window": WINDOW}),
+                                                        "sliding_window": WINDOW}, kinds=("ring", "attention")),
     "llama-quantized": Case("llama", "quantized", overrides=HEAD_DIM_32),
     "qwen2-quantized-fp16": Case("qwen2", "quantized", "float16", overrides=HEAD_DIM_32),
 }
+
+
+LAYER_KINDS = {"kv": "attention", "rotating": "ring", "quantized": "quantized"}
 
 
 def start(case: Case, model=None):

@@ -10,7 +10,7 @@ from mlx_lm.generate import generate_step
 
 import thaw_format
 import thaw_mlx
-from sessions import CASES, FIRST_TOKENS, kv_digest, make_cache
+from sessions import CASES, FIRST_TOKENS, LAYER_KINDS, kv_digest, make_cache
 from thaw_format import Tensor
 from thaw_format.mlx import from_mlx
 from zoo import PROMPT
@@ -32,6 +32,8 @@ def test_restore_is_byte_identical_and_continues_exactly(name, session, saved):
     model, cache, tokens = session(name)
     snapshot = thaw_format.load(saved(thaw_mlx.capture(model, cache, tokens, num_prompt_tokens=len(PROMPT))))
     restored = thaw_mlx.restore(model, snapshot)
+    case = CASES[name]
+    assert tuple(layer.kind for layer in snapshot.kv.layers) == (case.kinds or (LAYER_KINDS[case.cache],) * 2)
     assert [type(c) for c in restored] == [type(c) for c in cache]
     assert [c.offset for c in restored] == [c.offset for c in cache] == [len(tokens) - 1] * len(cache)
     assert valid_state(restored) == valid_state(cache)
@@ -100,3 +102,14 @@ def test_corrupted_kv_under_the_same_tokens_changes_the_output(name, session):
                 rng.standard_normal(t.nbytes // 4).astype(np.float32).view(np.uint8)
             layer.tensors[role] = Tensor(t.dtype, t.shape, noise.tobytes())
     assert list(thaw_mlx.generate(model, thaw_mlx.restore(model, snapshot), tokens, 12)) != expected
+
+
+def test_generate_step_past_the_window_cannot_be_resumed_exactly(model_of):
+    """One ahead past its window, a ring has already overwritten what a re-computation would need: refused."""
+    model = model_of("llama-rotating")
+    cache = make_cache(model, "rotating")
+    steps = generate_step(mx.array(PROMPT), model, prompt_cache=cache, max_tokens=18)
+    tokens = PROMPT + [token for token, _ in itertools.islice(steps, FIRST_TOKENS)]
+    restored = thaw_mlx.restore(model, thaw_mlx.capture(model, cache, tokens))
+    with pytest.raises(ValueError, match="cannot drop it"):
+        next(thaw_mlx.generate(model, restored, tokens, 1))

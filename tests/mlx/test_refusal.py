@@ -1,0 +1,86 @@
+"""A snapshot of another model or layout is refused with IncompatibleSnapshotError naming the field, before
+anything is built or changed; captures thaw cannot represent are refused too."""
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import ConcatenateKVCache, KVCache
+
+import thaw_mlx
+from thaw_format import IncompatibleSnapshotError, KVLayer, SchedulerState
+from zoo import make_model
+
+
+@pytest.fixture
+def llama_snapshot(session):
+    """A fresh capture per test, so that a test may edit it."""
+    model, cache, tokens = session("llama-kv")
+    return thaw_mlx.capture(model, cache, tokens)
+
+
+def refused(model, snapshot, match: str, **kw):
+    before = thaw_mlx.model_info(model)
+    with pytest.raises(IncompatibleSnapshotError, match=match):
+        thaw_mlx.restore(model, snapshot, **kw)
+    assert thaw_mlx.model_info(model) == before  # the model is untouched
+
+
+def test_another_architecture(model_of, llama_snapshot):
+    refused(model_of("qwen2-kv"), llama_snapshot, "model.architecture: the snapshot has 'llama'")
+
+
+def test_another_config(llama_snapshot):
+    refused(make_model("llama", num_hidden_layers=3), llama_snapshot, "model.config_digest")
+
+
+def test_another_dtype(model_of, llama_snapshot):
+    refused(model_of("llama-kv-fp16"), llama_snapshot, "model.dtype: the snapshot has 'float32'")
+
+
+def test_other_weights_unless_told_not_to_check(llama_snapshot):
+    model = make_model("llama")
+    model.update({"lm_head": {"weight": model.lm_head.weight + 1}})
+    refused(model, llama_snapshot, "model.weights_digest")
+    assert len(thaw_mlx.restore(model, llama_snapshot, check_weights=False)) == 2
+
+
+LAYOUT_EDITS = {
+    "kv.layers \\(count\\)": lambda s: s.kv.layers.pop(),
+    "kv.layers\\[1\\].num_kv_heads": lambda s: setattr(s.kv.layers[1], "num_kv_heads", 4),
+    "kv.layers\\[0\\].head_dim": lambda s: setattr(s.kv.layers[0], "head_dim", 8),
+    "kv.dtype": lambda s: setattr(s.kv, "dtype", "bfloat16"),
+    "\\(mla\\): thaw_mlx restores attention, quantized and ring": lambda s: s.kv.layers.__setitem__(0, KVLayer("mla", {}, 2, 16)),
+    "2 pages of 32 cannot hold exactly 80": lambda s: setattr(s.scheduler.requests[0], "num_computed_tokens", 80),
+    "one sequence; the snapshot holds 2 requests": lambda s: s.scheduler.requests.append(s.scheduler.requests[0]),
+    "holds 0 requests": lambda s: setattr(s, "scheduler", SchedulerState([])),
+}
+
+
+@pytest.mark.parametrize("match", list(LAYOUT_EDITS))
+def test_layouts_the_model_cannot_hold(match, model_of, llama_snapshot):
+    LAYOUT_EDITS[match](llama_snapshot)
+    refused(model_of("llama-kv"), llama_snapshot, match)
+
+
+def test_a_ring_of_several_sequences(session):
+    model, cache, tokens = session("llama-rotating")
+    snapshot = thaw_mlx.capture(model, cache, tokens)
+    snapshot.kv.layers[0].params["write_index"] = [1, 2]
+    refused(model, snapshot, "MLX caches hold one sequence")
+
+
+def test_captures_thaw_cannot_represent(model_of):
+    model = model_of("llama-kv")
+    concatenating = [ConcatenateKVCache() for _ in model.layers]
+    model(mx.array([[1, 2]]), cache=concatenating)
+    with pytest.raises(TypeError, match="ConcatenateKVCache"):
+        thaw_mlx.capture(model, concatenating, [1, 2])
+    batch = [KVCache() for _ in model.layers]
+    model(mx.array([[1, 2, 3], [4, 5, 6]]), cache=batch)
+    with pytest.raises(ValueError, match="batch of 2"):
+        thaw_mlx.capture(model, batch, [1, 2, 3])
+    single = [KVCache() for _ in model.layers]
+    model(mx.array([[1, 2, 3]]), cache=single)
+    with pytest.raises(ValueError, match="holds 3 tokens, but 2 token ids"):
+        thaw_mlx.capture(model, single, [1, 2])
+    with pytest.raises(ValueError, match="holds 0 tokens"):
+        thaw_mlx.capture(model, [KVCache() for _ in model.layers], [1])
