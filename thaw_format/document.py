@@ -139,8 +139,20 @@ def parse_json(data: bytes, max_depth: int) -> dict:
             obj[key] = value
         return obj
 
+    # Python's parser accepts NaN and Infinity and turns 1e999 into inf; RFC 8259 and the writer allow neither.
+    def not_json(constant):
+        raise CorruptSnapshotError(f"JSON document: {constant} is not a JSON number")
+
+    def finite(text):
+        value = float(text)
+        if not math.isfinite(value):
+            raise CorruptSnapshotError(f"JSON document: number {text[:40]} overflows a double")
+        return value
+
     try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
+        doc = json.loads(
+            data.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=not_json, parse_float=finite
+        )
     except UnicodeDecodeError as exc:
         raise CorruptSnapshotError(f"JSON document is not UTF-8: {exc}") from None
     except RecursionError:
