@@ -20,7 +20,7 @@ from .container import (
     decode_preamble,
     decode_trailer,
 )
-from .document import decode, describe_tensors, parse_json
+from .document import check_features, decode, describe_tensors, parse_json
 from .errors import CorruptSnapshotError
 from .snapshot import Snapshot
 from .tensor import Tensor
@@ -59,6 +59,7 @@ class SnapshotFile:
         self.version = (preamble.major, preamble.minor)
         self.features = (preamble.required, preamble.optional)
         self.document = parse_json(json_bytes, limits.max_json_depth)
+        check_features(self.document, preamble.required, preamble.optional)
         described = describe_tensors(self.document, [r.length for r in self.layout.regions], limits.max_dims)
         self._entries = {name: (i, dtype, shape) for i, (name, dtype, shape) in enumerate(described)}
 
@@ -79,6 +80,13 @@ class SnapshotFile:
             # Copy-on-write: views are writable for frameworks, and writes never reach the file.
             self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
         return memoryview(self._map)
+
+    def _mover_io(self, call, regions: list, progress: Progress):
+        # The mover reports a file cut short under an open reader (truncated in place) as EOFError.
+        try:
+            return call(self._fd, regions, progress)
+        except EOFError as exc:
+            raise CorruptSnapshotError(f"file shrank while being read: {exc}") from None
 
     def _expected(self, region: Region) -> array:
         return self._crcs[region.first_chunk : region.first_chunk + region.num_chunks]
@@ -133,7 +141,7 @@ class SnapshotFile:
         elif verify:
             regions = [(self.layout.regions[i].offset, out[n], self.layout.regions[i].chunk_size,
                         self._expected(self.layout.regions[i])) for n, i in zip(names, indices)]
-            bad = mover.read_regions(self._fd, regions, progress)
+            bad = self._mover_io(mover.read_regions, regions, progress)
             if bad is not None:
                 raise self._bad_chunk(indices[bad[0]], bad[1])
         else:
@@ -167,8 +175,8 @@ class SnapshotFile:
                 if progress:
                     progress(region.length)
         else:
-            bad = mover.verify_regions(
-                self._fd, [(r.offset, r.length, r.chunk_size, self._expected(r)) for r in regions], progress
+            bad = self._mover_io(
+                mover.verify_regions, [(r.offset, r.length, r.chunk_size, self._expected(r)) for r in regions], progress
             )
             if bad is not None:
                 raise self._bad_chunk(*bad)
