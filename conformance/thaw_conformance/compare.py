@@ -1,0 +1,80 @@
+"""Byte comparisons of weights, KV and logprobs. Each returns None when identical, else what differs first."""
+
+from __future__ import annotations
+
+import struct
+from typing import Mapping, Optional
+
+from thaw_format import Snapshot, Tensor
+from thaw_format.snapshot import PAGED_KINDS
+
+
+def weights_diff(expected: Mapping[str, Tensor], got: Mapping[str, Tensor]) -> Optional[str]:
+    if set(expected) != set(got):
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        return f"tensor names differ: missing {missing[:3]}, unexpected {extra[:3]}"
+    for name in sorted(expected):
+        diff = tensor_diff(expected[name], got[name])
+        if diff:
+            return f"{name}: {diff}"
+    return None
+
+
+def tensor_diff(expected: Tensor, got: Tensor) -> Optional[str]:
+    if (expected.dtype, expected.shape) != (got.dtype, got.shape):
+        return f"{expected.dtype}{list(expected.shape)} vs {got.dtype}{list(got.shape)}"
+    if expected.data != got.data:
+        first = next(i for i, (a, b) in enumerate(zip(expected.data, got.data)) if a != b)
+        return f"bytes differ from byte {first} of {expected.nbytes}"
+    return None
+
+
+def pages_by_prefix(snapshot: Snapshot) -> dict[tuple, list[tuple[str, Tensor]]]:
+    """Each KV page keyed by every token id from its root to its end, so that two snapshots can be compared
+    whatever order their engines listed the pages in. The value: (layer.role, that page's bytes) pairs."""
+    kv, tree = snapshot.kv, snapshot.prefix
+    if kv is None or tree is None:
+        return {}
+    pages = {}
+    for page in range(tree.num_pages):
+        parts = []
+        for i, layer in enumerate(kv.layers):
+            for role in sorted(layer.tensors) if layer.kind in PAGED_KINDS else ():
+                t = layer.tensors[role]
+                stride = t.nbytes // t.shape[0]
+                parts.append((f"{i}.{role}", Tensor(t.dtype, t.shape[1:], t.data[page * stride : (page + 1) * stride])))
+        pages[tuple(tree.chain_tokens(page))] = parts
+    return pages
+
+
+def kv_diff(expected: Snapshot, got: Snapshot) -> Optional[str]:
+    """Every page of `expected` must be in `got` with the same tokens, dtype, shape and bytes."""
+    if expected.kv is None:
+        return "the expected snapshot has no KV"
+    if got.kv is None:
+        return "the engine reports no KV"
+    if (expected.kv.page_size, expected.kv.dtype) != (got.kv.page_size, got.kv.dtype):
+        return f"page size/dtype {expected.kv.page_size}/{expected.kv.dtype} vs {got.kv.page_size}/{got.kv.dtype}"
+    if len(expected.kv.layers) != len(got.kv.layers):
+        return f"{len(expected.kv.layers)} KV layers vs {len(got.kv.layers)}"
+    for i, (a, b) in enumerate(zip(expected.kv.layers, got.kv.layers)):
+        if a.kind != b.kind or a.params != b.params:
+            return f"layer {i}: {a.kind} {a.params} vs {b.kind} {b.params}"
+        if a.kind not in PAGED_KINDS:  # per-sequence state (ring buffers, recurrent): compared whole
+            diff = weights_diff(a.tensors, b.tensors)
+            if diff:
+                return f"layer {i} ({a.kind}): {diff}"
+    want, have = pages_by_prefix(expected), pages_by_prefix(got)
+    for prefix, parts in want.items():
+        if prefix not in have:
+            return f"the page ending at token {len(prefix)} (of {len(want)} pages) is missing"
+        for (role, a), (_, b) in zip(parts, have[prefix]):
+            diff = tensor_diff(a, b)
+            if diff:
+                return f"page ending at token {len(prefix)}, layer.role {role}: {diff}"
+    return None
+
+
+def float_bits(values: Optional[list[float]]) -> Optional[list[str]]:
+    """Floats as the hex of their IEEE-754 double bits: JSON-safe and compared exactly."""
+    return None if values is None else [struct.pack("<d", v).hex() for v in values]

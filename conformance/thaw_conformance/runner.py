@@ -1,0 +1,256 @@
+"""The checks of one engine and architecture, in two processes.
+
+The parent phase serves the workload, captures a snapshot and records what the parent itself does next
+(its continuations, its in-flight requests finishing). The child phase runs in a fresh process: it restores
+the snapshot and must do exactly what the parent did, byte for byte and token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import thaw_format
+from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError
+
+from . import variants
+from .compare import float_bits, kv_diff, weights_diff
+from .results import CheckFailed, Recorder
+from .sdk import GREEDY, Driver, Engine, Generation, Unsupported, Workload, seeded
+
+PARENT_RECORD = "parent.json"
+
+
+def _generation(g: Generation) -> dict:
+    return {"tokens": list(g.token_ids), "cached": g.cached_tokens, "logprobs": float_bits(g.logprobs)}
+
+
+def _try(fn):
+    """fn()'s result, or the Unsupported reason as a string (a check reports it later)."""
+    try:
+        return fn()
+    except Unsupported as exc:
+        return f"unsupported: {exc}"
+
+
+def parent_phase(driver: Driver, arch: str, workdir: Path, workload: Workload) -> dict:
+    """Serve, capture, and record the parent's own next steps; writes workdir/parent.json and returns it."""
+    w, features = workload, driver.features
+    record: dict = {"arch": arch, "timings": {}}
+    started = time.perf_counter()
+    engine = driver.start(arch, workdir)
+    record["timings"]["start_s"] = time.perf_counter() - started
+    try:
+        first = engine.generate(w.prompt, w.first_tokens, GREEDY)
+        record["first"] = first.token_ids
+        snapshot = workdir / "snapshot.thaw"
+        started = time.perf_counter()
+        engine.capture(snapshot)
+        record["timings"]["capture_s"] = time.perf_counter() - started
+        record["timings"]["snapshot_bytes"] = snapshot.stat().st_size
+        stored = thaw_format.load(snapshot)
+        record["weights_parent"] = _try(lambda: weights_diff(stored.weights.tensors, engine.weights())
+                                        if stored.weights else "the snapshot holds no weights")
+        record["kv_parent"] = _try(lambda: kv_diff(stored, engine.kv()))
+        prompt = w.prompt + first.token_ids
+        record["continuations"] = {"greedy": _generation(engine.generate(prompt, w.continue_tokens, GREEDY))}
+        if "seeded" in features:
+            record["continuations"]["seeded"] = _generation(engine.generate(prompt, w.continue_tokens, seeded(w.seed)))
+        if "fork" in features:
+            record["fork"] = [engine.generate(prompt, w.continue_tokens, seeded(w.seed + 1 + i)).token_ids
+                              for i in range(w.fork_n)]
+        record["mid_stream_after"] = w.mid_stream_after
+        try:
+            record["mid_stream"] = _mid_stream(engine, features, w, workdir / "mid_stream.thaw")
+        except Unsupported as exc:
+            record["mid_stream"] = {"unsupported": str(exc)}
+    finally:
+        engine.close()
+    record["damaged"] = {k: str(p) for k, p in variants.damaged(snapshot, workdir).items()}
+    record["other_models"] = {k: str(p) for k, p in variants.other_models(snapshot, workdir).items()}
+    record["noise_kv"] = str(variants.noise_kv(snapshot, workdir / "noise_kv.thaw"))
+    record["snapshot"] = str(snapshot)
+    (workdir / PARENT_RECORD).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _mid_stream(engine: Engine, features, w: Workload, path: Path) -> dict:
+    """Requests submitted, stepped part-way, captured in flight, then finished by the parent."""
+    kinds = {"greedy": GREEDY, "seeded": seeded(w.seed)}
+    wanted = [k for k, f in (("greedy", "mid_stream"), ("seeded", "mid_stream_seeded")) if f in features]
+    ids = {k: engine.submit(w.prompt[::-1][: 40 + 3 * i], w.mid_stream_tokens, kinds[k]) for i, k in enumerate(wanted)}
+    if not ids:
+        return {}
+    for _ in range(w.mid_stream_after):
+        engine.step()
+    engine.capture(path)
+    finished = engine.drain()
+    return {"path": str(path), "requests": {k: {"id": rid, "tokens": finished[rid]} for k, rid in ids.items()}}
+
+
+def child_phase(driver: Driver, arch: str, workdir: Path, workload: Workload, recorder: Recorder) -> dict:
+    """Restore in this fresh process and compare everything with the parent's record; returns timings."""
+    record = json.loads((workdir / PARENT_RECORD).read_text())
+    timings = {}
+    started = time.perf_counter()
+    engine = driver.start(arch, workdir)
+    timings["start_s"] = time.perf_counter() - started
+    try:
+        with recorder.check("corrupt_refused") as note:
+            for label, path in record["damaged"].items():
+                note(_expect_refusal(engine, path, CorruptSnapshotError, label))
+            note(_untouched(engine))
+        with recorder.check("wrong_model_refused") as note:
+            for label, path in record["other_models"].items():
+                note(_expect_refusal(engine, path, IncompatibleSnapshotError, label))
+        started = time.perf_counter()
+        try:
+            engine.restore(Path(record["snapshot"]))
+        except Exception as exc:
+            recorder.missing("error", f"restoring the snapshot failed: {type(exc).__name__}: {exc}")
+            return timings
+        timings["restore_s"] = time.perf_counter() - started
+        for stage, checks in _STAGES:
+            try:
+                stage(engine, driver, record, workload, recorder)
+            except Exception as exc:  # a crash between checks: its group's remaining checks are errors
+                recorder.missing("error", f"{stage.__name__} crashed: {type(exc).__name__}: {exc}", checks)
+    finally:
+        engine.close()
+    _compare_fork(driver, arch, workdir, record, workload, recorder)
+    return timings
+
+
+def _expect_refusal(engine: Engine, path: str, error: type, label: str) -> str:
+    try:
+        engine.restore(Path(path))
+    except error as exc:
+        return f"{label}: {type(exc).__name__}"
+    except Exception as exc:
+        raise CheckFailed(f"{label}: raised {type(exc).__name__} ({exc}), not {error.__name__}") from exc
+    raise CheckFailed(f"{label}: restored without an error")
+
+
+def _untouched(engine: Engine) -> str:
+    try:
+        state = engine.kv()
+    except Unsupported:
+        return "engine state after refusal not readable (kv() unsupported)"
+    pages = state.prefix.num_pages if state.prefix is not None else 0
+    if pages:
+        raise CheckFailed(f"after the refused restores the fresh engine holds {pages} cached pages")
+    return "engine still holds no pages"
+
+
+def _verdict(diff_child, diff_parent, what: str) -> str:
+    for side, diff in (("parent's live state vs snapshot", diff_parent), ("restored vs snapshot", diff_child)):
+        if isinstance(diff, str) and diff.startswith("unsupported: "):
+            raise Unsupported(f"{what}: {diff[len('unsupported: '):]}")
+        if diff:
+            raise CheckFailed(f"{side}: {diff}")
+    return f"{what}: parent, file and restored engine byte-identical"
+
+
+def _compare_state(engine: Engine, driver: Driver, record: dict, w: Workload, recorder: Recorder) -> None:
+    stored = thaw_format.load(record["snapshot"])
+    with recorder.check("weights_identical") as note:
+        if stored.weights is None or not stored.weights.tensors:
+            raise Unsupported("the adapter's snapshot holds no weights")
+        note(_verdict(weights_diff(stored.weights.tensors, engine.weights()), record["weights_parent"],
+                      f"{len(stored.weights.tensors)} tensors, {sum(t.nbytes for t in stored.weights.tensors.values())} bytes"))
+    with recorder.check("kv_identical") as note:
+        note(_verdict(_try(lambda: kv_diff(stored, engine.kv())), record["kv_parent"],
+                      f"{stored.kv.num_pages} pages x {len(stored.kv.layers)} layers"))
+
+
+def _same(got: Generation, want: dict, what: str) -> None:
+    if got.token_ids != want["tokens"]:
+        raise CheckFailed(f"{what}: restored gave {got.token_ids}, the parent {want['tokens']}")
+
+
+def _compare_continuations(engine: Engine, driver: Driver, record: dict, w: Workload, recorder: Recorder) -> None:
+    prompt = w.prompt + record["first"]
+    want = record["continuations"]
+    got = {"greedy": engine.generate(prompt, w.continue_tokens, GREEDY)}
+    with recorder.check("prefix_hit_fresh_process") as note:
+        cached, parent = got["greedy"].cached_tokens, want["greedy"]["cached"]
+        if cached != parent or cached <= 0:
+            raise CheckFailed(f"the restored engine reports {cached} cached tokens, the parent {parent}")
+        note(f"{cached} of {len(prompt)} prompt tokens cached, as in the parent")
+    with recorder.check("continuation_greedy") as note:
+        _same(got["greedy"], want["greedy"], "greedy")
+        note(f"{len(want['greedy']['tokens'])} tokens identical")
+    with recorder.check("continuation_seeded") as note:
+        if "seeded" not in driver.features:
+            raise Unsupported("seeded sampling")
+        got["seeded"] = engine.generate(prompt, w.continue_tokens, seeded(w.seed))
+        _same(got["seeded"], want["seeded"], "seeded")
+        note(f"{len(want['seeded']['tokens'])} tokens identical (seed {w.seed})")
+    with recorder.check("logprobs_identical") as note:
+        if "logprobs" not in driver.features:
+            raise Unsupported("the engine exposes no logprobs through the adapter")
+        for kind, generation in got.items():
+            if float_bits(generation.logprobs) != want[kind]["logprobs"]:
+                raise CheckFailed(f"{kind}: logprobs differ in their bits from the parent's")
+        note(f"{', '.join(got)}: every logprob bit-identical")
+
+
+def _compare_mid_stream(engine: Engine, driver: Driver, record: dict, w: Workload, recorder: Recorder) -> None:
+    mid = record["mid_stream"]
+    finished, failure = {}, None
+    if mid.get("requests"):
+        try:
+            engine.restore(Path(mid["path"]))
+            finished = engine.drain()
+        except Exception as exc:  # reported by both checks below
+            failure = exc
+    for kind, check in (("greedy", "mid_stream_resume"), ("seeded", "mid_stream_resume_seeded")):
+        with recorder.check(check) as note:
+            if kind not in mid.get("requests", {}):
+                raise Unsupported(mid.get("unsupported", f"capturing a {kind} request in flight"))
+            if failure is not None:
+                raise failure
+            want = mid["requests"][kind]
+            got = finished.get(want["id"])
+            if got != want["tokens"]:
+                raise CheckFailed(f"request {want['id']} finished as {got}, in the parent as {want['tokens']}")
+            note(f"{len(got)} tokens identical, {len(got) - record['mid_stream_after']} of them after the restore")
+
+
+def _control(engine: Engine, driver: Driver, record: dict, w: Workload, recorder: Recorder) -> None:
+    with recorder.check("kv_control") as note:
+        engine.restore(Path(record["noise_kv"]))
+        got = engine.generate(w.prompt + record["first"], w.continue_tokens, GREEDY)
+        want = record["continuations"]["greedy"]
+        if got.cached_tokens != want["cached"]:
+            raise CheckFailed(f"noise KV: {got.cached_tokens} cached tokens, expected {want['cached']}: not hit")
+        if got.token_ids == want["tokens"]:
+            raise CheckFailed("noise KV under the same hashes gave the same output: the restored bytes are not read")
+        note(f"noise KV hit ({got.cached_tokens} tokens) and changed the output")
+
+
+def _compare_fork(driver: Driver, arch: str, workdir: Path, record: dict, w: Workload, recorder: Recorder) -> None:
+    with recorder.check("fork_n") as note:
+        if "fork" not in driver.features:
+            raise Unsupported("fork")
+        children = driver.fork(Path(record["snapshot"]), w.fork_n, arch, workdir)
+        try:
+            prompt = w.prompt + record["first"]
+            for i, (child, want) in enumerate(zip(children, record["fork"])):
+                got = child.generate(prompt, w.continue_tokens, seeded(w.seed + 1 + i)).token_ids
+                if got != want:
+                    raise CheckFailed(f"child {i} gave {got}, the parent with its seed {want}")
+        finally:
+            for child in children:
+                child.close()
+        note(f"{len(children)} children, each identical to the parent under its own seed")
+
+
+_STAGES = (
+    (_compare_state, ("weights_identical", "kv_identical")),
+    (_compare_continuations, ("prefix_hit_fresh_process", "continuation_greedy", "continuation_seeded",
+                              "logprobs_identical")),
+    (_compare_mid_stream, ("mid_stream_resume", "mid_stream_resume_seeded")),
+    (_control, ("kv_control",)),
+)
