@@ -21,6 +21,12 @@ def model_config(model: nn.Module) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(model.args)))
 
 
+def checkpoint_config(config: dict) -> dict:
+    """What model_config gives for a model built from this config.json dict, without building it."""
+    _, args_class = _internals.model_classes(config)
+    return json.loads(json.dumps(dataclasses.asdict(args_class.from_dict(config))))
+
+
 def model_weights(model: nn.Module) -> dict[str, Tensor]:
     """Every parameter under its mlx-lm name, sharing the model's memory."""
     return {name: from_mlx(array) for name, array in tree_flatten(model.parameters())}

@@ -19,6 +19,7 @@ from thaw_format import (
     IncompatibleSnapshotError,
     KVCache,
     Lineage,
+    ModelInfo,
     PrefixTree,
     Request,
     SamplingParams,
@@ -53,9 +54,33 @@ def capture(
     `num_prompt_tokens` splits `tokens` into prompt and output (default: all prompt); `sampling` records how the
     session samples (default greedy); `parent` is the id of the snapshot this session was restored from.
     """
-    tokens = [int(t) for t in tokens]
     if len(prompt_cache) != len(model.layers):
         raise ValueError(f"the prompt cache has {len(prompt_cache)} layers, the model {len(model.layers)}")
+    return snapshot_of_cache(
+        prompt_cache,
+        tokens,
+        model=model_info(model),
+        weights=Weights(model_weights(model)) if include_weights else None,
+        num_prompt_tokens=num_prompt_tokens,
+        page_size=page_size,
+        sampling=sampling,
+        lineage=Lineage(parent=parent, label=label, created=datetime.now(timezone.utc).isoformat()),
+    )
+
+
+def snapshot_of_cache(
+    prompt_cache: list,
+    tokens: Sequence[int],
+    *,
+    model: Optional[ModelInfo],
+    weights: Optional[Weights] = None,
+    num_prompt_tokens: Optional[int] = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    sampling: Optional[SamplingParams] = None,
+    lineage: Optional[Lineage] = None,
+) -> Snapshot:
+    """The snapshot of a prompt cache whose model is described rather than at hand (capture, file import)."""
+    tokens = [int(t) for t in tokens]
     offsets = {c.offset for c in prompt_cache}
     if len(offsets) != 1:
         raise ValueError(f"the cache layers disagree on how many tokens they hold: {sorted(offsets)}")
@@ -68,10 +93,9 @@ def capture(
     layers = [encode_layer(c, page_size) for c in prompt_cache]
     computed = tokens[:offset]
     pages = [computed[i : i + page_size] for i in range(0, offset, page_size)]
-    info = model_info(model)
     return Snapshot(
-        model=info,
-        weights=Weights(model_weights(model)) if include_weights else None,
+        model=model,
+        weights=weights,
         kv=KVCache(page_size=page_size, dtype=layer_dtype(layers[0]), layers=layers),
         prefix=PrefixTree(parents=list(range(-1, len(pages) - 1)), tokens=pages),
         scheduler=SchedulerState([
@@ -91,7 +115,7 @@ def capture(
             native_kv_layout="[batch, kv_heads, tokens, head_dim] per layer",
             extra={"mlx": mx.__version__, "cache_classes": [type(c).__name__ for c in prompt_cache]},
         ),
-        lineage=Lineage(parent=parent, label=label, created=datetime.now(timezone.utc).isoformat()),
+        lineage=lineage,
     )
 
 
@@ -104,10 +128,16 @@ def fork(model: nn.Module, snapshot: Snapshot, n: int, *, check_weights: bool = 
     """n independent prompt caches from one snapshot. They share the restored buffers: MLX copies on write."""
     check_snapshot_model(model, snapshot, check_weights=check_weights)
     check_cache_layout(model, snapshot)
-    num_tokens = snapshot_num_computed(snapshot)
-    parent = [decode_layer(layer, num_tokens) for layer in snapshot.kv.layers]
-    mx.eval([c.state for c in parent])
+    parent = cache_of_snapshot(snapshot)
     return [parent] + [[_share(c) for c in parent] for _ in range(n - 1)]
+
+
+def cache_of_snapshot(snapshot: Snapshot) -> list:
+    """The snapshot's prompt cache, unchecked against any model (restore and fork check first)."""
+    num_tokens = snapshot_num_computed(snapshot)
+    cache = [decode_layer(layer, num_tokens) for layer in snapshot.kv.layers]
+    mx.eval([c.state for c in cache])
+    return cache
 
 
 def _share(cache):

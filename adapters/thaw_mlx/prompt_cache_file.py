@@ -1,0 +1,69 @@
+"""mlx-lm prompt-cache files (`save_prompt_cache`: the caches' state in safetensors, string metadata) <-> snapshots.
+
+mlx-lm's files name neither the model nor the token ids, and a snapshot needs both. Exporting writes them into
+the file's metadata under "thaw_*" keys, so a file exported by thaw converts back whole; a file made by mlx-lm
+itself needs them from the caller: the model's config.json and the token ids the cache was built from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+from thaw_format import IncompatibleSnapshotError, ModelInfo, Snapshot, config_digest
+
+from .identity import checkpoint_config
+from .session import DEFAULT_PAGE_SIZE, cache_of_snapshot, snapshot_of_cache, snapshot_tokens
+
+# mlx-lm nests metadata keys at dots, so these have none
+MODEL_KEY, TOKENS_KEY, PROMPT_KEY, SNAPSHOT_KEY = "thaw_model", "thaw_tokens", "thaw_num_prompt_tokens", "thaw_snapshot"
+
+
+def export_prompt_cache(snapshot: Snapshot, path: str | os.PathLike) -> None:
+    """Write the snapshot's KV as an mlx-lm prompt-cache file (atomically), with its model and tokens."""
+    tokens = snapshot_tokens(snapshot)
+    metadata = {TOKENS_KEY: json.dumps(tokens), PROMPT_KEY: str(len(snapshot.scheduler.requests[0].prompt_token_ids))}
+    cache = cache_of_snapshot(snapshot)
+    if snapshot.model is not None:
+        metadata[MODEL_KEY] = json.dumps(dataclasses.asdict(snapshot.model))
+    if snapshot.id is not None:
+        metadata[SNAPSHOT_KEY] = snapshot.id
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial.safetensors")  # mlx appends .safetensors to other names
+    try:
+        save_prompt_cache(str(partial), cache, metadata)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def import_prompt_cache(
+    path: str | os.PathLike,
+    *,
+    config: Optional[dict] = None,
+    tokens: Optional[Sequence[int]] = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+) -> Snapshot:
+    """A snapshot of an mlx-lm prompt-cache file. `config` (the model's config.json) and `tokens` are needed
+    when the file was not exported by thaw; given, they take precedence over what the file says."""
+    cache, metadata = load_prompt_cache(str(path), return_metadata=True)
+    num_prompt_tokens = None
+    if tokens is None:
+        if TOKENS_KEY not in metadata:
+            raise IncompatibleSnapshotError(f"{path} does not record its token ids (not written by thaw): give them")
+        tokens = json.loads(metadata[TOKENS_KEY])
+        num_prompt_tokens = int(metadata[PROMPT_KEY])
+    if config is None and MODEL_KEY not in metadata:
+        raise IncompatibleSnapshotError(f"{path} does not say which model it belongs to: give the model's config")
+    snapshot = snapshot_of_cache(cache, tokens, model=None, num_prompt_tokens=num_prompt_tokens, page_size=page_size)
+    if config is not None:
+        canonical = checkpoint_config(config)
+        snapshot.model = ModelInfo(canonical["model_type"], config_digest(canonical), snapshot.kv.dtype, config=canonical)
+    else:
+        snapshot.model = ModelInfo(**json.loads(metadata[MODEL_KEY]))
+    return snapshot

@@ -1,0 +1,82 @@
+"""`thaw convert`: mlx-lm prompt-cache files <-> snapshots, through the CLI, both ways and back again."""
+
+import json
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+import thaw_format
+import thaw_mlx
+from thaw_mlx.cli import main
+from sessions import CASES
+from zoo import CONFIGS
+
+MORE_TOKENS = 12
+
+
+def continuation(model, cache, tokens):
+    return list(thaw_mlx.generate(model, cache, tokens, MORE_TOKENS))
+
+
+@pytest.mark.parametrize("name", ["llama-kv", "llama-rotating", "llama-quantized"])
+def test_snapshot_to_mlx_lm_file_and_back(name, session, saved, tmp_path):
+    model, cache, tokens = session(name)
+    path = saved(thaw_mlx.capture(model, cache, tokens, num_prompt_tokens=30))
+    original = thaw_format.load(path)
+    expected = continuation(model, cache, tokens)
+
+    exported = tmp_path / "cache.safetensors"
+    assert main(["convert", path, str(exported)]) == 0
+    loaded, metadata = load_prompt_cache(str(exported), return_metadata=True)
+    assert [type(c) for c in loaded] == [type(c) for c in cache] and json.loads(metadata["thaw_tokens"]) == tokens
+    assert continuation(model, loaded, tokens) == expected
+
+    back = tmp_path / "back.thaw"
+    assert main(["convert", str(exported), str(back)]) == 0
+    again = thaw_format.load(str(back))
+    assert again.model == original.model and again.prefix == original.prefix
+    assert again.scheduler == original.scheduler
+    assert [layer.tensors for layer in again.kv.layers] == [layer.tensors for layer in original.kv.layers]
+    assert continuation(model, thaw_mlx.restore(model, again), tokens) == expected
+
+
+def test_mlx_lm_file_to_snapshot_needs_model_and_tokens(model_of, tmp_path, capsys):
+    """A file written by mlx-lm itself (its generate_step, one token ahead) converts given config and tokens."""
+    model = model_of("llama-kv")
+    assert thaw_mlx.model_config(model) == thaw_mlx.identity.checkpoint_config(CONFIGS["llama"])
+    prompt = list(range(3, 90, 2))
+    cache = [type(c)() for c in model.make_cache()]
+    steps = generate_step(mx.array(prompt), model, prompt_cache=cache, max_tokens=MORE_TOKENS + 6)
+    produced = [token for token, _ in steps]
+    cache = model.make_cache()
+    steps = generate_step(mx.array(prompt), model, prompt_cache=cache, max_tokens=6)
+    tokens = prompt + [token for token, _ in steps]
+    mlx_file = tmp_path / "prompt.safetensors"
+    save_prompt_cache(str(mlx_file), cache, {"model": "tiny-llama"})
+
+    snap = tmp_path / "imported.thaw"
+    assert main(["convert", str(mlx_file), str(snap)]) == 1
+    assert "does not record its token ids" in capsys.readouterr().err
+    (tmp_path / "tokens.json").write_text(json.dumps(tokens))
+    assert main(["convert", str(mlx_file), str(snap), "--tokens", str(tmp_path / "tokens.json")]) == 1
+    assert "does not say which model" in capsys.readouterr().err
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(CONFIGS["llama"]))
+    assert main(["convert", str(mlx_file), str(snap), "--tokens", str(tmp_path / "tokens.json"),
+                 "--model", str(tmp_path / "model")]) == 0
+    snapshot = thaw_format.load(str(snap))
+    assert snapshot.model.weights_digest is None and snapshot.model.dtype == "float32"
+    restored = thaw_mlx.restore(model, snapshot)
+    assert tokens[len(prompt):] + list(thaw_mlx.generate(model, restored, tokens, MORE_TOKENS)) == produced
+
+
+def test_import_refuses_another_model(model_of, session, saved, tmp_path):
+    model, cache, tokens = session("llama-kv")
+    exported = tmp_path / "cache.safetensors"
+    assert main(["convert", saved(thaw_mlx.capture(model, cache, tokens)), str(exported)]) == 0
+    assert main(["convert", str(exported), str(tmp_path / "back.thaw")]) == 0
+    with pytest.raises(thaw_format.IncompatibleSnapshotError, match="model.architecture"):
+        thaw_mlx.restore(model_of("qwen2-kv"), thaw_format.load(str(tmp_path / "back.thaw")))
