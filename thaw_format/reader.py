@@ -146,9 +146,12 @@ class SnapshotFile:
                 raise self._bad_chunk(indices[bad[0]], bad[1])
         else:
             for name, index in zip(names, indices):
-                region = self.layout.regions[index]
-                if os.preadv(self._fd, [out[name]], region.offset) != region.length:
-                    raise CorruptSnapshotError(f"file shrank while reading tensor {name!r}")
+                region, view, done = self.layout.regions[index], memoryview(out[name]), 0
+                while done < region.length:  # one read returns at most ~2 GiB on Linux
+                    got = os.preadv(self._fd, [view[done:]], region.offset + done)
+                    if got == 0:
+                        raise CorruptSnapshotError(f"file shrank while reading tensor {name!r}")
+                    done += got
         return {name: Tensor(self._entries[name][1], self._entries[name][2], out[name]) for name in names}
 
     # ------------------------------------------------------------------------------------------------ whole file
