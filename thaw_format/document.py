@@ -125,6 +125,24 @@ def features(snapshot: Snapshot) -> tuple[int, int]:
     return required, optional
 
 
+def check_features(doc: dict, required: int, optional: int) -> None:
+    """The known feature bits must agree with the content (spec section 8, rule 10)."""
+    present = {
+        "weights_ref (required bit 0)": (bool(required & 1), _member(doc, "weights", "ref")),
+        "native_hashes (optional bit 0)": (bool(optional & 1), _member(doc, "prefix", "hash")),
+    }
+    for feature, (bit, member) in present.items():
+        if bit != member:
+            raise CorruptSnapshotError(
+                f"feature {feature} is {'set' if bit else 'clear'} but the document {'lacks' if bit else 'has'} it"
+            )
+
+
+def _member(doc: dict, section: str, key: str) -> bool:
+    value = doc.get(section)
+    return isinstance(value, dict) and value.get(key) is not None
+
+
 # ---------------------------------------------------------------------------------------------------- decoding
 
 
@@ -403,12 +421,14 @@ _SAMPLING_FIELDS = {
 def validate(snap: Snapshot, fail: Fail) -> None:
     """The cross-section rules of spec/SPEC.md section 5; `fail` makes the exception (a reader's or a writer's)."""
     kv, prefix = snap.kv, snap.prefix
-    num_pages = prefix.num_pages if prefix is not None else None
+    if prefix is not None and kv is None:
+        raise fail("a prefix section requires a kv section (its page size is kv.page_size)")
+    num_pages = prefix.num_pages if prefix is not None else kv.num_pages if kv is not None else None
     if kv is not None:
         if kv.page_size < 1:
             raise fail(f"kv.page_size must be positive, got {kv.page_size}")
         for i, layer in enumerate(kv.layers):
-            _validate_layer(i, layer, kv.page_size, num_pages, fail)
+            _validate_layer(i, layer, kv, num_pages, fail)
     if prefix is not None:
         page_size = kv.page_size if kv is not None else None
         continued = set()
@@ -428,20 +448,25 @@ def validate(snap: Snapshot, fail: Fail) -> None:
         for i, req in enumerate(snap.scheduler.requests):
             if req.status not in REQUEST_STATUSES:
                 raise fail(f"scheduler.requests[{i}].status {req.status!r} is not one of {REQUEST_STATUSES}")
+            if req.rng_state is not None and req.rng_state.dtype != "uint8":
+                raise fail(f"scheduler.requests[{i}].rng_state must be uint8, got {req.rng_state.dtype}")
             bad = [p for p in req.pages if num_pages is None or not 0 <= p < num_pages]
             if bad:
                 raise fail(f"scheduler.requests[{i}].pages: {bad[:5]} are not pages of the prefix tree")
 
 
-def _validate_layer(i: int, layer: KVLayer, page_size: int, num_pages: Optional[int], fail: Fail) -> None:
+def _validate_layer(i: int, layer: KVLayer, kv: KVCache, num_pages: Optional[int], fail: Fail) -> None:
     where = f"kv.layers[{i}] ({layer.kind})"
+    page_size = kv.page_size
     if layer.kind in PAGED_KINDS:
         for role, t in layer.tensors.items():
-            if len(t.shape) < 2 or t.shape[1] != page_size or (num_pages is not None and t.shape[0] != num_pages):
+            if len(t.shape) < 2 or t.shape[1] != page_size or t.shape[0] != num_pages:
                 raise fail(
                     f"{where} tensor {role!r} has shape {list(t.shape)}; paged tensors are "
                     f"[num_pages={num_pages}, page_size={page_size}, ...]"
                 )
+            if layer.kind != "quantized" and t.dtype != kv.dtype:
+                raise fail(f"{where} tensor {role!r} has dtype {t.dtype}, the cache's dtype is {kv.dtype}")
         if layer.kind in ("attention", "sliding_window"):
             want = ["k", "v"]
             if sorted(layer.tensors) != want:

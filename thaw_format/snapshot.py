@@ -71,7 +71,8 @@ class KVCache:
     def num_pages(self) -> int:
         for layer in self.layers:
             if layer.kind in PAGED_KINDS and layer.tensors:
-                return next(iter(layer.tensors.values())).shape[0]
+                shape = next(iter(layer.tensors.values())).shape
+                return shape[0] if shape else 0
         return 0
 
 

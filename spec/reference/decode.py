@@ -201,17 +201,20 @@ def _check_sections(doc, required, optional, tensors):
     if kv is not None and kv["page_size"] < 1:                                            # §5.3
         _fail("§5.3: kv.page_size < 1")
     if kv is not None:
+        kv_pages = [prefix["num_pages"]] if prefix else None  # every paged tensor has the same page count
         for i, layer in enumerate(kv["layers"]):
             _check(layer, "layer", f"kv.layers[{i}]")
             roles = layer["tensors"]
             if not all(isinstance(r, str) for r in roles) or len(set(roles)) != len(roles):
                 _fail(f"§5.3: kv.layers[{i}].tensors is not an array of distinct role names")
             for role in roles:
-                _, shape, _ = need(f"kv/{i}/{role}", where=f"kv.layers[{i}]")
-                pages = [prefix["num_pages"]] if prefix else shape[:1]
-                if layer["kind"] in ("attention", "sliding_window", "mla", "quantized") and \
-                        shape[:2] != pages + [kv["page_size"]]:
-                    _fail(f"§5.3: paged tensor kv/{i}/{role} {shape} is not [num_pages, page_size, ...]")
+                dtype, shape, _ = need(f"kv/{i}/{role}", where=f"kv.layers[{i}]")
+                if layer["kind"] in ("attention", "sliding_window", "mla", "quantized"):
+                    kv_pages = kv_pages if kv_pages is not None else shape[:1]
+                    if shape[:2] != kv_pages + [kv["page_size"]]:
+                        _fail(f"§5.3: paged tensor kv/{i}/{role} {shape} is not [num_pages, page_size, ...]")
+                if layer["kind"] in ("attention", "sliding_window", "mla") and dtype != kv["dtype"]:
+                    _fail(f"§5.3: kv/{i}/{role} is {dtype}, the cache's dtype is {kv['dtype']}")
                 heads = [layer.get("num_kv_heads"), layer.get("head_dim")]
                 if layer["kind"] in ("attention", "sliding_window") and None not in heads and shape[2:] != heads:
                     _fail(f"§5.3: kv/{i}/{role} {shape} is not [pages, page_size, num_kv_heads, head_dim]")
