@@ -136,8 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every checksum and structural rule; non-zero exit on any problem")
     p.add_argument("path")
     p.set_defaults(run=verify)
+    unavailable = []
     for ep in entry_points(group="thaw.cli"):
-        ep.load()(sub)
+        try:
+            ep.load()(sub)
+        except ImportError as exc:  # a plugin whose engine is not installed must not break inspect/verify
+            unavailable.append(f"{ep.name} ({exc})")
+    if unavailable:
+        parser.epilog = "unavailable here: " + "; ".join(unavailable)
     return parser
 
 
