@@ -1,0 +1,127 @@
+"""`thaw-conformance`: run the suite against engines, each in its own virtualenv, and write a receipt.
+
+    thaw-conformance --engine vllm|sglang|mlx|template|all --arch all --out receipt.json
+
+One worker process per engine runs with that engine's Python (default: the repository's venv for it;
+`--python-for vllm=PATH` overrides), writes per-check JSON, and this process merges everything, adds the
+format conformance of spec/vectors and the cross-engine checks, and writes receipt.json + receipt.md.
+Exit status: 0 when nothing failed or errored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import cross, receipt
+from .drivers import BUILTIN, VENVS
+from .machine import REPO
+from .results import Recorder
+from .vectors import check_vectors, default_dir
+
+ALL_ENGINES = ("template", "mlx", "vllm", "sglang")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    engines = ALL_ENGINES if args.engine == ["all"] else tuple(args.engine)
+    pythons = dict(_pair(p, "--python-for") for p in args.python_for)
+    drivers = {**{e: e for e in BUILTIN}, **dict(_pair(d, "--driver") for d in args.driver)}
+    workdir = args.workdir or REPO / ".cache" / "conformance" / time.strftime("%Y%m%d-%H%M%S")
+    env = _worker_env()
+    engine_info, results, timings = {}, [], {}
+    for engine in engines:
+        python = Path(pythons.get(engine) or REPO / VENVS.get(engine, ".venv") / "bin" / "python")
+        info, engine_results, engine_timings = _run_engine(engine, drivers.get(engine, engine), python, args, workdir, env)
+        engine_info[engine], timings[engine] = info, engine_timings
+        results += engine_results
+        print(f"{engine}: {info['status']}", file=sys.stderr)
+    cross_results = []
+    if args.cross:
+        cross_results = cross.run_all(engine_info, pythons, args.arch, workdir, env, args.timeout)
+    if not args.no_vectors:
+        results += [r.to_json() for r in check_vectors(args.vectors)]
+    command = "thaw-conformance " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    made = receipt.build(command, engine_info, results, timings, cross_results)
+    md = receipt.write(made, args.out)
+    print(md.read_text())
+    print(f"receipt: {args.out} and {md}", file=sys.stderr)
+    return 0 if receipt.passed(made) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thaw-conformance", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", nargs="+", default=["all"], help=f"{', '.join(ALL_ENGINES)} or all")
+    parser.add_argument("--arch", default="all", help="comma-separated zoo architectures, or all")
+    parser.add_argument("--out", type=Path, default=Path("receipt.json"))
+    parser.add_argument("--python-for", action="append", default=[], metavar="ENGINE=PYTHON",
+                        help="the Python (of a virtualenv with the engine and thaw installed) to run ENGINE with")
+    parser.add_argument("--driver", action="append", default=[], metavar="ENGINE=MODULE:FACTORY",
+                        help="a driver outside thaw, run as engine ENGINE")
+    parser.add_argument("--workdir", type=Path, help="scratch space for models and snapshots")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per engine")
+    parser.add_argument("--vectors", type=Path, default=default_dir(), help="golden vectors directory")
+    parser.add_argument("--no-vectors", action="store_true", help="skip the format conformance of the vectors")
+    parser.add_argument("--no-cross", dest="cross", action="store_false", help="skip the cross-engine checks")
+    return parser
+
+
+def _pair(text: str, option: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"{option} takes ENGINE=VALUE, got {text!r}")
+    return key, value
+
+
+def _worker_env() -> dict:
+    """The environment edge: offline hubs and caches inside the checkout unless the caller set them."""
+    env = dict(os.environ)
+    cache = REPO / ".cache"
+    defaults = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": cache / "hf",
+                "XDG_CACHE_HOME": cache / "xdg", "VLLM_CACHE_ROOT": cache / "vllm",
+                "TORCHINDUCTOR_CACHE_DIR": cache / "inductor", "TRITON_CACHE_DIR": cache / "triton"}
+    for key, value in defaults.items():
+        env.setdefault(key, str(value))
+    paths = [str(REPO), str(REPO / "adapters"), str(REPO / "conformance")]
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def _run_engine(engine: str, spec: str, python: Path, args, workdir: Path, env: dict) -> tuple[dict, list, dict]:
+    """Run one engine's worker; an engine that is not installed or crashes gives a receipt line, not an abort."""
+    if not python.exists():
+        return _absent(engine, f"not installed here (no {python}; scripts/setup-{engine}.sh makes it)", "skipped")
+    out, log = workdir / f"{engine}.json", workdir / f"{engine}.log"
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = [str(python), "-m", "thaw_conformance.worker", "--driver", spec, "--arch", args.arch,
+               "--workdir", str(workdir), "--out", str(out)]
+    started = time.perf_counter()
+    try:
+        with open(log, "w") as stream:
+            done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return _absent(engine, f"timed out after {args.timeout} s (log: {log})", "error")
+    if done.returncode != 0 or not out.exists():
+        tail = " | ".join(log.read_text().strip().splitlines()[-4:])
+        return _absent(engine, f"the worker exited {done.returncode}: {tail}", "error")
+    data = json.loads(out.read_text())
+    info = {"status": f"ran in {time.perf_counter() - started:.0f} s", "versions": data["versions"],
+            "python": data["python"], "executable": data["executable"], "driver": spec}
+    return info, data["results"], data["timings"]
+
+
+def _absent(engine: str, why: str, status: str) -> tuple[dict, list, dict]:
+    recorder = Recorder(engine, "-")
+    recorder.missing(status, why)
+    return {"status": why}, [r.to_json() for r in recorder.results], {}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Deliberately wrong adapters (the toy template with one fault each): the suite must catch every fault."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+import thaw_format
+from thaw_conformance.sdk import Unsupported
+from thaw_conformance.template import adapter
+from thaw_conformance.template.driver import ToyDriver, ToyDriverEngine
+
+
+class _Engine(ToyDriverEngine):
+    def restore(self, path):
+        self.restore_snapshot(thaw_format.load(path))
+
+    def restore_snapshot(self, snapshot):
+        adapter.restore(self.engine, snapshot)
+
+
+class ZeroKV(_Engine):
+    """Rebuilds the prefix table but leaves the KV pages zero."""
+
+    def restore_snapshot(self, snapshot):
+        adapter.restore(self.engine, snapshot)
+        for k, v in zip(self.engine.k, self.engine.v):
+            k[:] = 0
+            v[:] = 0
+
+
+class Recomputes(_Engine):
+    """Ignores the stored KV and recomputes every page from its tokens: the KV control must notice."""
+
+    def restore_snapshot(self, snapshot):
+        adapter.check(self.engine, snapshot)
+        self.engine.reset()
+        for leaf in snapshot.prefix.leaves():
+            self.engine.generate(snapshot.prefix.chain_tokens(leaf), 1)
+
+
+class DropsRNG(_Engine):
+    """Resumes seeded requests with a fresh generator instead of the captured state."""
+
+    def restore_snapshot(self, snapshot):
+        adapter.restore(self.engine, snapshot)
+        for request in self.engine.running.values():
+            if request.rng is not None:
+                request.rng = np.random.default_rng(0)
+
+
+class NoModelCheck(_Engine):
+    """Restores into whatever engine it is given, as long as the KV shapes fit."""
+
+    def restore_snapshot(self, snapshot):
+        model = dataclasses.replace(snapshot.model, **dataclasses.asdict(adapter.model_info(self.engine)))
+        adapter.restore(self.engine, dataclasses.replace(snapshot, model=model))
+
+
+class NoKVReadback(ToyDriverEngine):
+    """An adapter that cannot read its KV back: kv_identical must say so, not pass."""
+
+    def kv(self):
+        raise Unsupported("reading KV back")
+
+
+def _factory(engine_class, features=None):
+    class Driver(ToyDriver):
+        name = f"broken-{engine_class.__name__}"
+
+        def start(self, arch, workdir):
+            return engine_class(super().start(arch, workdir).engine)
+
+    if features is not None:
+        Driver.features = frozenset(features)
+    return Driver
+
+
+def zero_kv():
+    return _factory(ZeroKV)()
+
+
+def recomputes():
+    return _factory(Recomputes)()
+
+
+def drops_rng():
+    return _factory(DropsRNG)()
+
+
+def no_model_check():
+    return _factory(NoModelCheck)()
+
+
+def no_kv_readback():
+    return _factory(NoKVReadback, features={"seeded"})()

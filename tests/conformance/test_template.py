@@ -1,0 +1,46 @@
+"""The template adapter passes the whole suite through the CLI and the pytest plugin, with a full receipt."""
+
+import subprocess
+import sys
+
+from conftest import REPO, _env
+from thaw_conformance.results import CHECKS
+
+
+def test_template_passes_every_check_and_the_vectors(run_cli):
+    status, receipt, markdown = run_cli("--engine", "template", "--arch", "all", "--no-cross")
+    assert status == 0
+    rows = [r for r in receipt["results"] if r["engine"] == "template"]
+    assert {(r["arch"], r["check"]) for r in rows} == {(a, c) for a in ("toy", "toy-seed1") for c in CHECKS}
+    assert all(r["status"] == "passed" for r in rows), [r for r in rows if r["status"] != "passed"]
+    vectors = [r for r in receipt["results"] if r["engine"] == "format"]
+    assert len(vectors) == 8 and all(r["status"] == "passed" for r in vectors)
+    assert "| template | toy | pass |" in markdown
+
+
+def test_receipt_describes_machine_and_versions(run_cli):
+    _, receipt, _ = run_cli("--engine", "template", "--arch", "toy", "--no-vectors", "--no-cross")
+    machine = receipt["machine"]
+    assert machine["cpu"]["model"] and machine["cpu"]["cores"] >= 1 and isinstance(machine["cpu"]["flags"], list)
+    assert machine["python"] and machine["os"]["platform"] and "gpus" in machine
+    assert machine["thaw"]["version"] and len(machine["thaw"]["git_commit"]) == 40
+    assert receipt["engines"]["template"]["versions"]["numpy"]
+    assert receipt["timings"]["template"]["toy"]["child"]["restore_s"] >= 0
+    assert all(r["seconds"] >= 0 for r in receipt["results"])
+
+
+def test_unknown_arch_and_missing_engine_are_reported_not_passed(run_cli):
+    status, receipt, markdown = run_cli("--engine", "template", "--arch", "toy,nonexistent", "--no-vectors",
+                                        "--no-cross", "--python-for", "template=/nonexistent/python")
+    assert status == 0  # nothing failed: the engine is absent, which the receipt says
+    assert {r["status"] for r in receipt["results"]} == {"skipped"}
+    assert "not installed" in receipt["engines"]["template"]["status"]
+
+
+def test_pytest_plugin_runs_the_suite():
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                           "thaw_conformance.pytest_plugin", "--pyargs", "thaw_conformance.suite", "--thaw-driver",
+                           "template", "--thaw-arch", "toy"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(CHECKS)} passed" in done.stdout
