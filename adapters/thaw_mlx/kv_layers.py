@@ -19,6 +19,8 @@ from thaw_format.mlx import from_mlx, to_mlx
 from . import _internals
 
 QUANTIZED_PARTS = ("", "_scales", "_biases")
+QUANTIZED_BITS = (2, 3, 4, 5, 6, 8)
+QUANTIZED_GROUPS = (32, 64, 128)
 
 
 def encode_layer(cache, page_size: int) -> KVLayer:
@@ -62,46 +64,63 @@ def encode_layer(cache, page_size: int) -> KVLayer:
     )
 
 
-def decode_layer(layer: KVLayer, num_tokens: int):
-    """A new cache object for one layer; `num_tokens` is how many tokens the paged layers hold."""
+def decode_layer(layer: KVLayer, pages: list[int], num_tokens: int):
+    """A new cache object for one layer: paged layers take `pages` (in order), which hold num_tokens tokens."""
     if layer.kind == "attention":
-        keys, values = (_from_pages(layer.tensors[r], num_tokens) for r in ("k", "v"))
+        keys, values = (_from_pages(layer.tensors[r], pages, num_tokens) for r in ("k", "v"))
         return _internals.make_kv(keys, values, num_tokens)
     if layer.kind == "quantized":
         keys, values = (
-            tuple(_from_pages(layer.tensors[role + suffix], num_tokens) for suffix in QUANTIZED_PARTS)
+            tuple(_from_pages(layer.tensors[role + suffix], pages, num_tokens) for suffix in QUANTIZED_PARTS)
             for role in ("k", "v")
         )
         return _internals.make_quantized(keys, values, num_tokens, layer.params["group_size"], layer.params["bits"])
-    if layer.kind == "ring":
-        p = layer.params
-        keys, values = (mx.contiguous(to_mlx(layer.tensors[r]).transpose(0, 2, 1, 3)) for r in ("k", "v"))
-        return _internals.make_ring(keys, values, p["offset"][0], p["keep"], p["window"], p["write_index"][0])
-    raise IncompatibleSnapshotError(f"thaw_mlx cannot restore a KV layer of kind {layer.kind!r}")
+    p = layer.params
+    keys, values = (mx.contiguous(to_mlx(layer.tensors[r]).transpose(0, 2, 1, 3)) for r in ("k", "v"))
+    return _internals.make_ring(keys, values, p["offset"][0], p["keep"], p["window"], p["write_index"][0])
 
 
-def check_layer(i: int, layer: KVLayer, num_tokens: int, page_size: int) -> None:
-    """Refuse a layer decode_layer could not turn into a cache of num_tokens tokens, before any is built."""
+def check_layer(i: int, layer: KVLayer, pages: list[int], num_tokens: int, page_size: int) -> None:
+    """Refuse a layer decode_layer could not turn into a working cache, before any cache is built."""
     where = f"kv.layers[{i}] ({layer.kind})"
+
+    def refuse(why: str):
+        return IncompatibleSnapshotError(f"{where}: {why}")
+
+    roles = {"attention": ["k", "v"], "ring": ["k", "v"],
+             "quantized": sorted(r + s for r in ("k", "v") for s in QUANTIZED_PARTS)}.get(layer.kind)
+    if roles is None:
+        raise refuse("thaw_mlx restores attention, quantized and ring layers only")
+    if sorted(layer.tensors) != roles:
+        raise refuse(f"must hold tensors {roles}, has {sorted(layer.tensors)}")
     if layer.kind in ("attention", "quantized"):
         num_pages = layer.tensors["k"].shape[0]
-        if not (num_pages - 1) * page_size < num_tokens <= num_pages * page_size:
-            raise IncompatibleSnapshotError(f"{where}: {num_pages} pages of {page_size} cannot hold exactly "
-                                            f"{num_tokens} computed tokens")
+        if not (len(pages) - 1) * page_size < num_tokens <= len(pages) * page_size:
+            raise refuse(f"{len(pages)} pages of {page_size} cannot hold exactly {num_tokens} computed tokens")
+        if any(not 0 <= page < num_pages for page in pages):
+            raise refuse(f"the session's pages {pages} are not all among its {num_pages} pages")
     if layer.kind == "quantized":
-        if not {"bits", "group_size"} <= layer.params.keys():
-            raise IncompatibleSnapshotError(f"{where}: params must name bits and group_size")
-    elif layer.kind == "ring":
+        bits, group_size = layer.params.get("bits"), layer.params.get("group_size")
+        if bits not in QUANTIZED_BITS or group_size not in QUANTIZED_GROUPS:
+            raise refuse(f"bits {bits!r} / group_size {group_size!r} are not ones MLX quantizes with")
+        packed, scales = layer.tensors["k"], layer.tensors["k_scales"]
+        if packed.dtype != "uint32" or packed.shape[3] * 32 != layer.head_dim * bits or \
+                scales.shape[3] * group_size != layer.head_dim:
+            raise refuse(f"packed {packed.dtype}{list(packed.shape)} and scales {list(scales.shape)} do not "
+                         f"quantize head_dim {layer.head_dim} at {bits} bits in groups of {group_size}")
+    if layer.kind == "ring":
         p = layer.params
-        if not {"window", "keep", "write_index", "offset"} <= p.keys():
-            raise IncompatibleSnapshotError(f"{where}: params must name window, keep, write_index and offset")
-        if len(p["write_index"]) != 1 or layer.tensors["k"].shape[0] != 1:
-            raise IncompatibleSnapshotError(f"{where}: MLX caches hold one sequence, this layer holds "
-                                            f"{layer.tensors['k'].shape[0]}")
+        capacity = layer.tensors["k"].shape[1]
+        if not all(isinstance(p.get(k), list) and all(isinstance(x, int) for x in p[k])
+                   for k in ("write_index", "offset")) or not all(isinstance(p.get(k), int) for k in ("window", "keep")):
+            raise refuse("params must hold integers window and keep, and lists write_index and offset")
+        if len(p["write_index"]) != 1 or len(p["offset"]) != 1 or layer.tensors["k"].shape[0] != 1:
+            raise refuse(f"MLX caches hold one sequence, this layer holds {layer.tensors['k'].shape[0]}")
         if p["offset"] != [num_tokens]:
-            raise IncompatibleSnapshotError(f"{where}: offset {p['offset']} but the session computed {num_tokens}")
-    elif layer.kind != "attention":
-        raise IncompatibleSnapshotError(f"{where}: thaw_mlx restores attention, quantized and ring layers only")
+            raise refuse(f"offset {p['offset']} but the session computed {num_tokens} tokens")
+        if not (0 <= p["keep"] <= p["window"] and 0 <= p["write_index"][0] <= capacity):
+            raise refuse(f"keep {p['keep']}, window {p['window']}, write index {p['write_index']} do not fit a "
+                         f"buffer of {capacity}")
 
 
 def layer_dtype(layer: KVLayer) -> str:
@@ -124,9 +143,11 @@ def _to_pages(x: mx.array, num_tokens: int, page_size: int):
     return from_mlx(x.reshape(num_pages, page_size, *x.shape[1:]))
 
 
-def _from_pages(pages, num_tokens: int) -> mx.array:
+def _from_pages(tensor, pages: list[int], num_tokens: int) -> mx.array:
     """Tensor [pages, page_size, heads, d] -> [1, heads, capacity, d], capacity rounded up as mlx-lm grows it."""
-    x = to_mlx(pages)
+    x = to_mlx(tensor)
+    if pages != list(range(x.shape[0])):
+        x = x[mx.array(pages, dtype=mx.int32)]
     x = x.reshape(-1, *x.shape[2:])[:num_tokens].transpose(1, 0, 2)
     capacity = -(-num_tokens // _internals.CACHE_STEP) * _internals.CACHE_STEP
     if capacity > num_tokens:

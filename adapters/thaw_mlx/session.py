@@ -126,6 +126,8 @@ def restore(model: nn.Module, snapshot: Snapshot, *, check_weights: bool = True)
 
 def fork(model: nn.Module, snapshot: Snapshot, n: int, *, check_weights: bool = True) -> list[list]:
     """n independent prompt caches from one snapshot. They share the restored buffers: MLX copies on write."""
+    if n < 1:
+        raise ValueError(f"fork needs n >= 1, got {n}")
     check_snapshot_model(model, snapshot, check_weights=check_weights)
     check_cache_layout(model, snapshot)
     parent = cache_of_snapshot(snapshot)
@@ -134,8 +136,8 @@ def fork(model: nn.Module, snapshot: Snapshot, n: int, *, check_weights: bool = 
 
 def cache_of_snapshot(snapshot: Snapshot) -> list:
     """The snapshot's prompt cache, unchecked against any model (restore and fork check first)."""
-    num_tokens = snapshot_num_computed(snapshot)
-    cache = [decode_layer(layer, num_tokens) for layer in snapshot.kv.layers]
+    request = _session_request(snapshot)
+    cache = [decode_layer(layer, request.pages, request.num_computed_tokens) for layer in snapshot.kv.layers]
     mx.eval([c.state for c in cache])
     return cache
 
@@ -147,15 +149,22 @@ def _share(cache):
 
 def check_cache_layout(model: nn.Module, snapshot: Snapshot) -> None:
     """Refuse KV of another shape than the model's: layers, heads, head size, dtype, token counts, layer kinds."""
+    # Most mlx-lm ModelArgs name these as HF configs do; where one does not, that check is left to the tensors.
     args = model.args
-    num_kv_heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
-    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    num_heads = getattr(args, "num_attention_heads", None)
+    num_kv_heads = getattr(args, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(args, "head_dim", None) or (args.hidden_size // num_heads if num_heads else None)
     kv = snapshot.kv
     dtype = model_info(model, weights_digest=False).dtype
     check_kv_layout(snapshot, num_layers=len(model.layers), dtype=dtype, num_kv_heads=num_kv_heads, head_dim=head_dim)
-    num_tokens = snapshot_num_computed(snapshot)
+    request = _session_request(snapshot)
+    if snapshot.prefix is not None and request.pages:
+        if snapshot.prefix.chain(request.pages[-1]) != request.pages:
+            raise IncompatibleSnapshotError(f"the session's pages {request.pages} are not one chain of the prefix tree")
+        if snapshot.prefix.chain_tokens(request.pages[-1]) != snapshot_tokens(snapshot)[: request.num_computed_tokens]:
+            raise IncompatibleSnapshotError("the prefix tree's tokens are not the session's computed tokens")
     for i, layer in enumerate(kv.layers):
-        check_layer(i, layer, num_tokens, kv.page_size)
+        check_layer(i, layer, request.pages, request.num_computed_tokens, kv.page_size)
         if layer_dtype(layer) != kv.dtype:
             raise IncompatibleSnapshotError(f"kv.layers[{i}] is {layer_dtype(layer)}, the KV cache {kv.dtype}")
 

@@ -113,3 +113,22 @@ def test_generate_step_past_the_window_cannot_be_resumed_exactly(model_of):
     restored = thaw_mlx.restore(model, thaw_mlx.capture(model, cache, tokens))
     with pytest.raises(ValueError, match="cannot drop it"):
         next(thaw_mlx.generate(model, restored, tokens, 1))
+
+
+def test_the_session_pages_are_gathered_from_a_larger_tree(session):
+    """A snapshot whose tree holds other branches (as an engine with many requests writes): the session's own
+    pages are found through its page list, not by position."""
+    model, cache, tokens = session("llama-kv")
+    snapshot = thaw_mlx.capture(model, cache, tokens)
+    expected = list(thaw_mlx.generate(model, thaw_mlx.restore(model, snapshot), tokens, 12))
+    for layer in snapshot.kv.layers:
+        for role, t in layer.tensors.items():  # a foreign page of ones first: the session's pages become 1 and 2
+            page = t.nbytes // t.shape[0]
+            layer.tensors[role] = Tensor(t.dtype, (t.shape[0] + 1, *t.shape[1:]),
+                                         np.ones(page // 4, np.float32).tobytes() + t.tobytes())
+    snapshot.prefix.parents = [-1, -1, 1]
+    snapshot.prefix.tokens = [[9] * 32] + snapshot.prefix.tokens
+    snapshot.scheduler.requests[0].pages = [1, 2]
+    restored = thaw_mlx.restore(model, snapshot)
+    assert valid_state(restored) == valid_state(cache)
+    assert list(thaw_mlx.generate(model, restored, tokens, 12)) == expected

@@ -49,10 +49,19 @@ LAYOUT_EDITS = {
     "kv.layers\\[0\\].head_dim": lambda s: setattr(s.kv.layers[0], "head_dim", 8),
     "kv.dtype": lambda s: setattr(s.kv, "dtype", "bfloat16"),
     "\\(mla\\): thaw_mlx restores attention, quantized and ring": lambda s: s.kv.layers.__setitem__(0, KVLayer("mla", {}, 2, 16)),
-    "2 pages of 32 cannot hold exactly 80": lambda s: setattr(s.scheduler.requests[0], "num_computed_tokens", 80),
+    "prefix tree's tokens are not the session's": lambda s: setattr(s.scheduler.requests[0], "num_computed_tokens", 80),
+    "2 pages of 32 cannot hold exactly 80": lambda s: (setattr(s, "prefix", None),
+                                                       setattr(s.scheduler.requests[0], "num_computed_tokens", 80)),
+    "pages \\[1\\] are not one chain": lambda s: setattr(s.scheduler.requests[0], "pages", [1]),
+    "must hold tensors \\['k', 'v'\\]": lambda s: s.kv.layers[1].tensors.pop("v"),
     "one sequence; the snapshot holds 2 requests": lambda s: s.scheduler.requests.append(s.scheduler.requests[0]),
     "holds 0 requests": lambda s: setattr(s, "scheduler", SchedulerState([])),
 }
+
+
+def test_fork_needs_a_child(model_of, llama_snapshot):
+    with pytest.raises(ValueError, match="n >= 1"):
+        thaw_mlx.fork(model_of("llama-kv"), llama_snapshot, 0)
 
 
 @pytest.mark.parametrize("match", list(LAYOUT_EDITS))
@@ -61,11 +70,27 @@ def test_layouts_the_model_cannot_hold(match, model_of, llama_snapshot):
     refused(model_of("llama-kv"), llama_snapshot, match)
 
 
-def test_a_ring_of_several_sequences(session):
+RING_EDITS = {
+    "MLX caches hold one sequence": {"write_index": [1, 2]},
+    "do not fit a buffer": {"keep": 40},
+    "must hold integers": {"window": "16"},
+}
+
+
+@pytest.mark.parametrize("match", list(RING_EDITS))
+def test_rings_mlx_cannot_hold(match, session):
     model, cache, tokens = session("llama-rotating")
     snapshot = thaw_mlx.capture(model, cache, tokens)
-    snapshot.kv.layers[0].params["write_index"] = [1, 2]
-    refused(model, snapshot, "MLX caches hold one sequence")
+    snapshot.kv.layers[0].params.update(RING_EDITS[match])
+    refused(model, snapshot, match)
+
+
+@pytest.mark.parametrize("params", [{"bits": 7}, {"group_size": 16}, {"bits": 4}])
+def test_quantization_mlx_cannot_use(params, session):
+    model, cache, tokens = session("llama-quantized")
+    snapshot = thaw_mlx.capture(model, cache, tokens)
+    snapshot.kv.layers[1].params.update(params)
+    refused(model, snapshot, "kv.layers\\[1\\] \\(quantized\\)")
 
 
 def test_captures_thaw_cannot_represent(model_of):
