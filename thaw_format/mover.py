@@ -8,12 +8,27 @@ gather/scatter, all with the GIL released. The portable one uses the `crc32c` pa
 one, why libthaw is not.
 
 Everything works on buffers (bytes, bytearray, memoryview, mmap, numpy arrays, anything C-contiguous with
-the buffer protocol) and never loops over bytes in Python.
+the buffer protocol) and never loops over bytes in Python. The functions, on either path:
+
+    crc32c(data, value=0) -> int              CRC32C of data, continuing from value
+    chunk_crcs(data, chunk_size) -> array('I')  CRC32C of each chunk_size piece (the last may be short)
+    write_regions(fd, [(offset, buffer, chunk_size)], progress=None) -> [array('I')]
+        pwrite each buffer at its offset and return its chunk CRCs, computed while the bytes are hot. A gap
+        of less than 4 KiB between one region's end and the next one's start is written as zeros (padding).
+    read_regions(fd, [(offset, out, chunk_size, expected_crcs)], progress=None, *, direct=False)
+        fill each writable `out` from the file; every chunk is checked in a staging buffer before it is
+        copied out, so `out` never receives a bad chunk's bytes. Returns the first bad (region, chunk) in
+        file order, or None. direct=True tries O_DIRECT (native path) and falls back where refused.
+    verify_regions(fd, [(offset, length, chunk_size, expected_crcs)], progress=None, *, direct=False)
+        the same check with bounded memory and no target.
+    gather(src, offsets, length, out) / scatter(src, out, offsets, length)
+        copy slab i between src[offsets[i]:+length] and out[i*length:+length] (and back); a slab outside
+        its buffer raises ValueError before any byte moves.
+Reads raise EOFError when the file is shorter than a region, OSError on an I/O error.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 from array import array
 from typing import Callable, Optional, Sequence, Tuple
@@ -35,6 +50,8 @@ VerifyRegion = Tuple[int, int, int, Sequence[int]]  # (file offset, length, chun
 
 # With a progress callback, regions go to C in batches of about this many bytes, reported after each.
 _PROGRESS_BYTES = 64 << 20
+# Gaps this small between consecutive written regions are padding and written as zeros.
+_PADDING_LIMIT = 4096
 # The portable path stages reads through a bounded buffer so a bad chunk never reaches the caller's target.
 _STAGE_BYTES = 8 << 20
 
@@ -127,10 +144,13 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
 
 def _py_write_regions(fd: int, regions: Sequence[WriteRegion], progress: Progress = None) -> list:
     crcs = []
-    for offset, data, chunk_size in regions:
+    for index, (offset, data, chunk_size) in enumerate(regions):
         view = _bytes_view(data)
         crcs.append(_py_chunk_crcs(view, chunk_size))
         _pwrite_all(fd, view, offset)
+        gap = regions[index + 1][0] - (offset + len(view)) if index + 1 < len(regions) else 0
+        if 0 < gap < _PADDING_LIMIT:  # padding, as the native path writes it
+            _pwrite_all(fd, memoryview(bytes(gap)), offset + len(view))
         if progress:
             progress(len(view))
     return crcs
@@ -184,19 +204,25 @@ def _py_scatter(src, out, offsets: Sequence[int], length: int) -> None:
 # The native path (libthaw); every _lib call releases the GIL.
 
 
+if _ffi is not None:  # resolved once: from_buffer is several times faster with a ctype than with a string
+    _CHARS, _UINT32S, _INT64S = _ffi.typeof("char[]"), _ffi.typeof("uint32_t[]"), _ffi.typeof("int64_t[]")
+
+
 def _c_buffer(data, writable: bool = False):
-    return _ffi.from_buffer("char[]", data, require_writable=writable)
+    return _ffi.from_buffer(_CHARS, data, writable)
 
 
 def _c_crc32c(data, value: int = 0) -> int:
-    buf = _c_buffer(data)
+    if type(data) is bytes:  # cffi passes bytes as a pointer without a buffer object
+        return _lib.thaw_crc32c_parallel(value, data, len(data))
+    buf = _ffi.from_buffer(_CHARS, data)
     return _lib.thaw_crc32c_parallel(value, buf, len(buf))
 
 
 def _c_chunk_crcs(data, chunk_size: int) -> array:
     buf = _c_buffer(data)
     out = array("I", bytes(4 * _num_chunks(len(buf), chunk_size)))
-    _lib.thaw_chunk_crcs(buf, len(buf), chunk_size, _ffi.from_buffer("uint32_t[]", out, require_writable=True))
+    _lib.thaw_chunk_crcs(buf, len(buf), chunk_size, _ffi.from_buffer(_UINT32S, out, True))
     return out
 
 
@@ -207,46 +233,48 @@ def _raise_io(status) -> None:
 
 
 def _c_run(call, fd: int, specs: list, progress: Progress, *flags):
-    """Hand (offset, buffer cdata or NULL, length, chunk_size, crcs array) specs to C in progress batches;
+    """Hand (offset, buffer cdata or NULL, length, chunk_size, crcs cdata) specs to C in progress batches;
     return the first bad (region, chunk) or None."""
     status = _ffi.new("thaw_io_status *")
     for start, stop in _batches([spec[2] for spec in specs], progress):
-        batch = specs[start:stop]
-        regions = _ffi.new(
-            "thaw_region[]",
-            [(off, buf, length, chunk, _ffi.from_buffer("uint32_t[]", crcs)) for off, buf, length, chunk, crcs in batch],
-        )
-        code = call(fd, regions, len(batch), *flags, status)
+        regions = _ffi.new("thaw_region[]", specs[start:stop])
+        code = call(fd, regions, stop - start, *flags, status)
         if code == _lib.THAW_IO_ERROR:
             _raise_io(status)
         if code == _lib.THAW_BAD_CHUNK:
             return start + status.bad_region, status.bad_chunk
         if progress:
-            progress(sum(spec[2] for spec in batch))
+            progress(sum(spec[2] for spec in specs[start:stop]))
     return None
 
 
 def _c_write_regions(fd: int, regions: Sequence[WriteRegion], progress: Progress = None) -> list:
-    specs, crcs = [], []
-    for offset, data, chunk_size in regions:
-        buf = _c_buffer(data)
-        crcs.append(array("I", bytes(4 * _num_chunks(len(buf), chunk_size))))
-        specs.append((offset, buf, len(buf), chunk_size, crcs[-1]))
+    bufs = [_ffi.from_buffer(_CHARS, data) for _, data, _ in regions]
+    counts = [_num_chunks(len(buf), chunk_size) for buf, (_, _, chunk_size) in zip(bufs, regions)]
+    flat = array("I", bytes(4 * sum(counts)))  # one array for every region's CRCs, split after
+    base = _ffi.from_buffer(_UINT32S, flat, True)
+    specs, firsts, first = [], [], 0
+    for (offset, _, chunk_size), buf, count in zip(regions, bufs, counts):
+        specs.append((offset, buf, len(buf), chunk_size, base + first))
+        firsts.append(first)
+        first += count
     _c_run(_lib.thaw_write_regions, fd, specs, progress)
-    return crcs
+    return [flat[f : f + count] for f, count in zip(firsts, counts)]
 
 
 def _c_read_regions(fd: int, regions: Sequence[ReadRegion], progress: Progress = None, *, direct: bool = False):
     specs = []
     for index, (offset, out, chunk_size, expected) in enumerate(regions):
         buf = _c_buffer(out, writable=True)
-        specs.append((offset, buf, len(buf), chunk_size, _expected_crcs(expected, len(buf), chunk_size, index)))
+        crcs = _expected_crcs(expected, len(buf), chunk_size, index)
+        specs.append((offset, buf, len(buf), chunk_size, _ffi.from_buffer(_UINT32S, crcs)))
     return _c_run(_lib.thaw_read_regions, fd, specs, progress, _lib.THAW_DIRECT if direct else 0)
 
 
 def _c_verify_regions(fd: int, regions: Sequence[VerifyRegion], progress: Progress = None, *, direct: bool = False):
     specs = [
-        (offset, _ffi.NULL, length, chunk_size, _expected_crcs(expected, length, chunk_size, index))
+        (offset, _ffi.NULL, length, chunk_size,
+         _ffi.from_buffer(_UINT32S, _expected_crcs(expected, length, chunk_size, index)))
         for index, (offset, length, chunk_size, expected) in enumerate(regions)
     ]
     return _c_run(_lib.thaw_verify_regions, fd, specs, progress, _lib.THAW_DIRECT if direct else 0)
@@ -257,10 +285,10 @@ def _c_offsets(offsets):
     try:
         view = memoryview(offsets)
         if view.c_contiguous and view.itemsize == 8 and view.format.lstrip("<=@") in ("q", "l"):
-            return _ffi.from_buffer("int64_t[]", offsets)
+            return _ffi.from_buffer(_INT64S, offsets)
     except TypeError:
         pass
-    return _ffi.from_buffer("int64_t[]", array("q", offsets))
+    return _ffi.from_buffer(_INT64S, array("q", offsets))
 
 
 def _c_gather(src, offsets: Sequence[int], length: int, out) -> None:

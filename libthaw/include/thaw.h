@@ -64,7 +64,9 @@ typedef struct {
 #define THAW_BAD_CHUNK 1 /* status.bad_region / bad_chunk name the first bad chunk in file order */
 #define THAW_IO_ERROR 2  /* status.error says why */
 
-/* pwrite every region, computing its chunk CRCs from the same bytes while they are in cache. */
+/* pwrite every region, computing its chunk CRCs from the same bytes while they are in cache. A gap of less
+ * than 4 KiB between one region's end and the next region's start is written as zeros (it is padding), so
+ * runs of small regions go out in one pwritev. */
 int thaw_write_regions(int fd, const thaw_region *regions, size_t n, thaw_io_status *status);
 /* Fill every region's buf from the file. Each chunk is read into a private staging buffer, checked, and
  * only then copied out, so buf never holds a byte of a chunk that failed its check. */
@@ -78,7 +80,8 @@ int thaw_verify_regions(int fd, const thaw_region *regions, size_t n, int flags,
  * Returns -1 when out_len < n*length, i+1 when offsets[i] is out of range (nothing copied), else 0. */
 int64_t thaw_gather(const void *src, size_t src_len, const int64_t *offsets, size_t n, size_t length,
                     void *out, size_t out_len);
-/* out[offsets[i] : offsets[i]+length] = src[i*length : (i+1)*length]; slabs in out must not overlap. */
+/* out[offsets[i] : offsets[i]+length] = src[i*length : (i+1)*length]; slabs in out must not overlap.
+ * Returns -1 when src_len < n*length, i+1 when offsets[i] is out of range (nothing copied), else 0. */
 int64_t thaw_scatter(const void *src, size_t src_len, void *out, size_t out_len, const int64_t *offsets,
                      size_t n, size_t length);
 

@@ -114,26 +114,46 @@ static int pwrite_all(int fd, const uint8_t *p, uint64_t n, uint64_t offset) {
     return 0;
 }
 
-/* Regions [first, first + count) are contiguous in the file: one pwritev, finished piecewise if short. */
+/* Padding between regions that a batched write fills with zeros, so it needs no system call of its own. */
+static const uint8_t zeros[DIRECT_ALIGN];
+
+/* Regions [first, first + count) follow each other in the file with gaps under 4 KiB: one pwritev, the gaps
+ * written as zeros, finished by plain pwrites if the kernel takes less than all of it. */
 static int pwritev_run(int fd, const thaw_region *r, size_t count) {
-    struct iovec iov[MAX_IOV];
+    struct iovec iov[2 * MAX_IOV];
+    int n_iov = 0;
     uint64_t total = 0;
     for (size_t k = 0; k < count; k++) {
-        iov[k] = (struct iovec){r[k].buf, r[k].len};
+        if (k && r[k].offset > r[k - 1].offset + r[k - 1].len) {
+            uint64_t gap = r[k].offset - (r[k - 1].offset + r[k - 1].len);
+            iov[n_iov++] = (struct iovec){(void *)zeros, gap};
+            total += gap;
+        }
+        iov[n_iov++] = (struct iovec){r[k].buf, r[k].len};
         total += r[k].len;
     }
     ssize_t w;
-    do w = pwritev(fd, iov, (int)count, (off_t)r[0].offset);
+    do w = pwritev(fd, iov, n_iov, (off_t)r[0].offset);
     while (w < 0 && errno == EINTR);
     if (w < 0) return errno;
     if ((uint64_t)w == total) return 0;
-    for (size_t k = 0; k < count; k++) { /* short write: finish region by region */
-        uint64_t done = (uint64_t)w > r[k].len ? r[k].len : (uint64_t)w;
-        w -= (ssize_t)done;
-        int err = pwrite_all(fd, (const uint8_t *)r[k].buf + done, r[k].len - done, r[k].offset + done);
+    uint64_t done_to = r[0].offset + (uint64_t)w; /* short write: go on from the first unwritten byte */
+    for (size_t k = 0; k < count; k++) {
+        int err = 0;
+        if (r[k].offset > done_to) err = pwrite_all(fd, zeros, r[k].offset - done_to, done_to);
+        if (r[k].offset > done_to) done_to = r[k].offset;
+        uint64_t end = r[k].offset + r[k].len;
+        if (!err && end > done_to) err = pwrite_all(fd, (const uint8_t *)r[k].buf + (done_to - r[k].offset), end - done_to, done_to);
         if (err) return err;
+        if (end > done_to) done_to = end;
     }
     return 0;
+}
+
+/* Whether region b can join a batched write right after region a. */
+static int follows(const thaw_region *a, const thaw_region *b) {
+    uint64_t end = a->offset + a->len;
+    return b->offset >= end && b->offset - end < DIRECT_ALIGN;
 }
 
 static void write_task(void *ctx, size_t index, int worker) {
@@ -149,7 +169,7 @@ static void write_task(void *ctx, size_t index, int worker) {
     }
     for (size_t k = 0; k < p->count; k++) thaw_chunk_crcs(r[k].buf, r[k].len, r[k].chunk_size, r[k].crcs);
     for (size_t k = 0, run; k < p->count; k += run) {
-        for (run = 1; k + run < p->count && r[k + run].offset == r[k + run - 1].offset + r[k + run - 1].len; run++) {
+        for (run = 1; k + run < p->count && follows(&r[k + run - 1], &r[k + run]); run++) {
         }
         int err = pwritev_run(j->fd, &r[k], run);
         if (err) return fail(j, index, err, (int64_t)(p->first + k), -1);

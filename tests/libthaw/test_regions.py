@@ -211,3 +211,19 @@ def test_direct_falls_back_where_the_filesystem_refuses(native, ramfs):
     code, direct, targets = direct_status(native, ramfs / "f", regions)
     assert code == 0 and direct == 0
     assert all(bytes(t) == d for t, (_, d, _) in zip(targets, regions))
+
+
+def test_small_gaps_are_written_as_zeros_and_larger_ones_left_alone(native, tmp_path):
+    regions = [(100, b"a" * 50, 4096), (150, b"b" * 10, 4096), (1000, b"c" * 30, 4096), (9000, b"d" * 5, 4096)]
+    files = {}
+    for name, (write, _, _) in PATHS.items():
+        (tmp_path / name).write_bytes(b"\xff" * 10_000)
+        fd = os.open(tmp_path / name, os.O_RDWR)
+        try:
+            write(fd, regions)
+        finally:
+            os.close(fd)
+        files[name] = (tmp_path / name).read_bytes()
+    assert files["native"] == files["portable"]
+    data = files["native"]
+    assert data[:100] == b"\xff" * 100 and data[160:1000] == bytes(840) and data[1030:9000] == b"\xff" * 7970
