@@ -1,0 +1,13 @@
+"""thaw for SGLang: capture, restore and fork a live SGLang engine (tested with SGLang 0.5.23 on CPU).
+
+    parent = ThawEngine(model_path=..., **sglang_engine_arguments)
+    parent.generate(input_ids=..., sampling_params=...)
+    children = parent.fork(n=4)          # four new engines, each holding the parent's prefix cache
+    snapshot = capture(parent)           # a thaw_format.Snapshot; restore(engine, snapshot) loads one
+
+The scheduler-side work lives in `capture.py` / `restore.py`; every private SGLang internal in `_internals.py`.
+"""
+
+from .engine import ThawEngine, capture, restore
+
+__all__ = ["ThawEngine", "capture", "restore"]

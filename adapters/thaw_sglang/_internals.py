@@ -1,0 +1,205 @@
+"""Every private SGLang internal thaw_sglang touches, in one place, pinned to the tested SGLang version.
+
+The rest of the adapter reaches SGLang's scheduler state only through these functions, so an SGLang upgrade
+means re-checking this file alone. Importing it with another SGLang version fails at once.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+import sglang
+import torch
+
+TESTED_SGLANG_VERSION = "0.5.23"
+if sglang.__version__ != TESTED_SGLANG_VERSION:
+    raise ImportError(
+        f"thaw_sglang reaches into SGLang {TESTED_SGLANG_VERSION}'s scheduler internals; "
+        f"this is SGLang {sglang.__version__}: re-check thaw_sglang/_internals.py before using it"
+    )
+
+from sglang.srt import environ as _environ  # noqa: E402
+from sglang.srt.managers import scheduler as _scheduler_module  # noqa: E402
+from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
+from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
+from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore  # noqa: E402
+from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache  # noqa: E402
+
+SCHEDULER_CLASS_PATH = "sglang.srt.managers.scheduler.Scheduler"
+run_scheduler_process = _scheduler_module.run_scheduler_process
+
+
+def use_walkable_tree_core() -> None:
+    """Select SGLang's Python radix-tree core in this process: the default Rust core cannot be walked."""
+    _environ.envs.SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND.set("python")
+
+
+@dataclass(frozen=True)
+class RadixPath:
+    """One root-to-leaf path of the radix tree: its token ids and the KV slot of each token."""
+
+    tokens: list[int]
+    slots: torch.Tensor  # int64 [len(tokens)]
+
+
+def _tree(scheduler) -> UnifiedTreeCore:
+    cache = scheduler.tree_cache
+    if not isinstance(cache, UnifiedRadixCache):
+        raise NotImplementedError(f"thaw_sglang supports SGLang's UnifiedRadixCache, not {type(cache).__name__}")
+    core = cache.tree_core
+    if not isinstance(core, UnifiedTreeCore):
+        raise NotImplementedError(
+            f"the radix tree core is {type(core).__name__}; thaw_sglang needs the walkable Python core "
+            "(start the engine through thaw_sglang.ThawEngine)"
+        )
+    return core
+
+
+def radix_paths(scheduler) -> list[RadixPath]:
+    """Every root-to-leaf path of the device-resident radix tree, depth first in child-key order."""
+    core = _tree(scheduler)
+    full = core.root_node.component_types[0]
+    paths: list[RadixPath] = []
+    stack = [(core.root_node, [], [])]
+    while stack:
+        node, tokens, slots = stack.pop()
+        children = [child for _, child in sorted(node.children.items(), key=lambda item: repr(item[0]))]
+        live = [c for c in children if c.component(full).value is not None]
+        if not live and tokens:
+            paths.append(RadixPath(tokens, torch.cat(slots).to(torch.int64)))
+        for child in reversed(live):
+            stack.append((child, tokens + list(child.key.token_ids), slots + [child.component(full).value]))
+    return paths
+
+
+def kv_pool(scheduler) -> MHATokenToKVPool:
+    pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
+    if type(pool) is not MHATokenToKVPool:
+        raise NotImplementedError(f"thaw_sglang supports SGLang's MHATokenToKVPool, not {type(pool).__name__}")
+    return pool
+
+
+def kv_buffers(scheduler) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer K and V buffers, each [slots + padding, kv_heads, head_dim]; slot 0 is padding."""
+    pool = kv_pool(scheduler)
+    return pool.k_buffer, pool.v_buffer
+
+
+def engine_page_size(scheduler) -> int:
+    return scheduler.page_size
+
+
+def free_slots(scheduler) -> int:
+    return scheduler.token_to_kv_pool_allocator.available_size()
+
+
+def is_idle(scheduler) -> bool:
+    return scheduler.is_fully_idle()
+
+
+def flush(scheduler) -> bool:
+    """SGLang's own cache flush: empties the tree and frees every slot (refused while requests run)."""
+    return scheduler.flush_cache()
+
+
+def _key(tokens: list[int]) -> RadixKey:
+    return RadixKey(array("q", tokens))  # the tree compares keys of one type: SGLang's own are arrays
+
+
+def match(scheduler, tokens: list[int]) -> torch.Tensor:
+    """The slots of the longest cached prefix of `tokens`."""
+    cache = scheduler.tree_cache
+    result = cache.match_prefix(MatchPrefixParams(key=_key(tokens)))
+    if result.device_prefix_len == 0:
+        return torch.empty(0, dtype=torch.int64)
+    path = cache.path_device_indices(result.last_device_node)
+    return path[: result.device_prefix_len].to(torch.int64)
+
+
+def allocate(scheduler, count: int) -> torch.Tensor:
+    slots = scheduler.token_to_kv_pool_allocator.alloc(count)
+    if slots is None:
+        raise MemoryError(f"SGLang's KV pool has no {count} free slots")
+    return slots.to(torch.int64)
+
+
+def insert(scheduler, tokens: list[int], slots: torch.Tensor, owned_prefix: int) -> None:
+    """Add a path to the tree; its first `owned_prefix` slots are the tree's own (from `match`), the rest new."""
+    scheduler.tree_cache.insert(
+        InsertParams(key=_key(tokens), value=slots, prev_prefix_len=owned_prefix)
+    )
+
+
+def model(scheduler) -> torch.nn.Module:
+    return scheduler.tp_worker.model_runner.model
+
+
+def load_weights(scheduler, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """SGLang's runner-side weight update, by engine-native parameter name ("direct")."""
+    ok, message = scheduler.tp_worker.model_runner.weight_updater.update_weights_from_tensor(
+        named_tensors=named_tensors, load_format="direct"
+    )
+    if not ok:
+        raise RuntimeError(f"SGLang refused the weight update: {message}")
+
+
+def model_path(scheduler) -> Path:
+    return Path(scheduler.server_args.model_path)
+
+
+def hf_config(scheduler) -> dict:
+    """The model's config.json as written, the same in every engine that loads this checkpoint."""
+    with open(model_path(scheduler) / "config.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def model_dtype(scheduler) -> str:
+    return str(scheduler.model_config.dtype).removeprefix("torch.")
+
+
+def attention_backend(scheduler) -> str:
+    return str(scheduler.server_args.attention_backend)
+
+
+@dataclass(frozen=True)
+class LiveRequest:
+    """A waiting or running request as the scheduler holds it; `slots` are its committed KV, if any."""
+
+    rid: str
+    status: str
+    prompt: list[int]
+    output: list[int]
+    sampling: object  # sglang SamplingParams
+    slots: torch.Tensor  # int64 [committed tokens]
+
+
+def live_requests(scheduler) -> list[LiveRequest]:
+    pool = scheduler.req_to_token_pool.req_to_token
+    found = []
+    for status, reqs in (("running", scheduler.running_batch.reqs), ("waiting", scheduler.waiting_queue)):
+        for req in reqs:
+            committed = req.kv.kv_committed_len if req.kv.req_pool_idx is not None else 0
+            slots = pool[req.kv.req_pool_idx, :committed] if committed else torch.empty(0)
+            found.append(
+                LiveRequest(
+                    rid=req.rid,
+                    status=status,
+                    prompt=list(req.origin_input_ids),
+                    output=list(req.output_ids),
+                    sampling=req.sampling_params,
+                    slots=slots.to(torch.int64),
+                )
+            )
+    return found
+
+
+def pool_capacity(scheduler) -> int:
+    """Slots the KV pool has in all, free or not."""
+    return scheduler.token_to_kv_pool_allocator.size
+
+
+Scheduler = _scheduler_module.Scheduler

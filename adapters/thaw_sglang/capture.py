@@ -1,0 +1,38 @@
+"""Scheduler-side capture: the radix tree as pages, K/V gathered by slot, weights, requests, model and engine."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from thaw_format import Lineage, Snapshot, Weights, WeightsRef, weights_digest
+
+from . import _internals
+from .kv import gather_pages
+from .model_info import engine_info, model_info
+from .pages import paginate
+from .requests import capture_requests
+from .weights import capture_weights
+
+
+def capture_state(scheduler, *, page_size: int, include_weights: bool, label: str | None = None) -> Snapshot:
+    """The scheduler's state between two batches. Without weights, the snapshot names them by digest."""
+    engine_page = _internals.engine_page_size(scheduler)
+    if page_size % engine_page:
+        raise ValueError(f"page_size {page_size} is not a multiple of the engine's page size {engine_page}")
+    weights = capture_weights(scheduler)
+    digest = weights_digest(weights.tensors)
+    if not include_weights:
+        weights = Weights(ref=WeightsRef(weights_digest=digest))
+    requests = capture_requests(scheduler)
+    pages = paginate(_internals.radix_paths(scheduler) + requests.paths, page_size)
+    requests.assign_pages(pages.tree)
+    k_buffers, v_buffers = _internals.kv_buffers(scheduler)
+    return Snapshot(
+        model=model_info(scheduler, digest),
+        weights=weights,
+        kv=gather_pages(k_buffers, v_buffers, pages.slots),
+        prefix=pages.tree,
+        scheduler=requests.state,
+        engine=engine_info(scheduler),
+        lineage=Lineage(label=label, created=datetime.now(timezone.utc).isoformat(timespec="seconds")),
+    )

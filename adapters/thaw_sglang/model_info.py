@@ -1,0 +1,42 @@
+"""What a snapshot must match in an SGLang engine: the model, and the KV layout."""
+
+from __future__ import annotations
+
+import sglang
+from thaw_format import EngineInfo, ModelInfo, check_kv_layout, config_digest
+
+from . import _internals
+
+
+def model_info(scheduler, weights_digest: str | None = None) -> ModelInfo:
+    config = _internals.hf_config(scheduler)
+    return ModelInfo(
+        architecture=(config.get("architectures") or ["unknown"])[0],
+        config_digest=config_digest(config),
+        dtype=_internals.model_dtype(scheduler),
+        weights_digest=weights_digest,
+        config=config,
+    )
+
+
+def engine_info(scheduler) -> EngineInfo:
+    return EngineInfo(
+        name="sglang",
+        version=sglang.__version__,
+        attention_backend=_internals.attention_backend(scheduler),
+        native_kv_layout="per-layer token slots [slot, kv_heads, head_dim]",
+        extra={"page_size": _internals.engine_page_size(scheduler)},
+    )
+
+
+def check_kv(scheduler, snapshot) -> None:
+    """Refuse KV this engine's pool cannot hold: layer count, dtype, heads and head size."""
+    k_buffers, _ = _internals.kv_buffers(scheduler)
+    _, heads, head_dim = k_buffers[0].shape
+    check_kv_layout(
+        snapshot,
+        num_layers=len(k_buffers),
+        dtype=str(k_buffers[0].dtype).removeprefix("torch."),
+        num_kv_heads=heads,
+        head_dim=head_dim,
+    )

@@ -1,0 +1,87 @@
+"""Radix paths <-> the spec's pages: SGLang keeps a radix tree of token slots, a snapshot keeps pages.
+
+Each root-to-leaf radix path is cut into pages of `page_size` tokens from its start; pages with the same
+parent and the same tokens are one page, so shared prefixes stay shared. Where two paths part in the middle
+of a page, each gets its own page holding the common tokens (the spec allows a short page only at a chain's
+end, so a branch point cannot end a page). The reverse direction gives each leaf chain back as one token
+sequence, which SGLang's own insert folds into a tree again.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from thaw_format import PrefixTree
+
+from ._internals import RadixPath
+
+PADDING = -1  # slot-table entry past the end of a short page
+
+
+@dataclass(frozen=True)
+class Pages:
+    tree: PrefixTree
+    slots: torch.Tensor  # int64 [num_pages, page_size]: the KV slot of each token, PADDING past a page's end
+
+
+def paginate(paths: list[RadixPath], page_size: int) -> Pages:
+    if page_size < 1:
+        raise ValueError(f"page_size must be at least 1, not {page_size}")
+    page_of: dict[tuple[int, tuple[int, ...]], int] = {}
+    parents: list[int] = []
+    tokens: list[list[int]] = []
+    rows: list[torch.Tensor] = []
+    for path in paths:
+        parent = -1
+        for start in range(0, len(path.tokens), page_size):
+            chunk = tuple(path.tokens[start : start + page_size])
+            page = page_of.get((parent, chunk))
+            if page is None:
+                page = page_of[(parent, chunk)] = len(parents)
+                parents.append(parent)
+                tokens.append(list(chunk))
+                row = torch.full((page_size,), PADDING, dtype=torch.int64)
+                row[: len(chunk)] = path.slots[start : start + len(chunk)]
+                rows.append(row)
+            parent = page
+    slots = torch.stack(rows) if rows else torch.empty((0, page_size), dtype=torch.int64)
+    return Pages(PrefixTree(parents=parents, tokens=tokens), slots)
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """A leaf chain as one token sequence, with the row of each token in the flattened page tensors."""
+
+    tokens: list[int]
+    rows: torch.Tensor  # int64 [len(tokens)]: page * page_size + offset
+
+
+def leaf_sequences(tree: PrefixTree, page_size: int) -> list[Sequence]:
+    sequences = []
+    for leaf in tree.leaves():
+        chain = tree.chain(leaf)
+        rows = torch.cat(
+            [torch.arange(len(tree.tokens[p]), dtype=torch.int64) + p * page_size for p in chain]
+        )
+        sequences.append(Sequence(tree.chain_tokens(leaf), rows))
+    return sequences
+
+
+def distinct_token_count(tree: PrefixTree) -> int:
+    """How many KV slots the tree needs once sibling pages share their common leading tokens."""
+    siblings: dict[int, list[list[int]]] = defaultdict(list)
+    for page, parent in enumerate(tree.parents):
+        siblings[parent].append(tree.tokens[page])
+    count = 0
+    for pages in siblings.values():
+        trie: dict = {}
+        for page_tokens in pages:
+            node = trie
+            for token in page_tokens:
+                if token not in node:
+                    node[token] = {}
+                    count += 1
+                node = node[token]
+    return count

@@ -1,0 +1,79 @@
+"""Waiting and running requests: their tokens, sampling settings, and the pages of their computed KV.
+
+A running request's KV is not yet all in the radix tree (SGLang inserts decoded tokens when a request
+finishes), so its committed tokens are captured as one more chain of pages, named in `Request.pages`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from thaw_format import PrefixTree, Request, SamplingParams, SchedulerState
+
+from . import _internals
+from ._internals import RadixPath
+
+
+def _sampling(params) -> SamplingParams:
+    return SamplingParams(
+        temperature=float(params.temperature),
+        top_p=float(params.top_p),
+        top_k=max(int(params.top_k), 0),
+        min_p=float(params.min_p),
+        seed=params.sampling_seed,
+        max_tokens=params.max_new_tokens,
+        stop_token_ids=sorted(params.stop_token_ids or []),
+        ignore_eos=bool(params.ignore_eos),
+        repetition_penalty=float(params.repetition_penalty),
+        presence_penalty=float(params.presence_penalty),
+        frequency_penalty=float(params.frequency_penalty),
+    )
+
+
+@dataclass
+class CapturedRequests:
+    state: SchedulerState
+    paths: list[RadixPath]  # one per request with committed KV, in `state.requests` order
+
+    def assign_pages(self, tree: PrefixTree) -> None:
+        """Name in each request the chain of pages holding its committed tokens."""
+        leaf_of = {tuple(tree.chain_tokens(leaf)): leaf for leaf in tree.leaves()}
+        with_kv = iter(self.paths)
+        for request in self.state.requests:
+            if request.num_computed_tokens:
+                path = next(with_kv)
+                request.pages = tree.chain(_page_ending(tree, leaf_of, path.tokens))
+
+
+def _page_ending(tree: PrefixTree, leaf_of: dict, tokens: list[int]) -> int:
+    """The page whose chain holds exactly `tokens` (a leaf, or an inner page when another path extends it)."""
+    exact = leaf_of.get(tuple(tokens))
+    if exact is not None:
+        return exact
+    for leaf in leaf_of.values():
+        chain = tree.chain(leaf)
+        length = 0
+        for page in chain:
+            length += len(tree.tokens[page])
+            if length == len(tokens) and tree.chain_tokens(page) == tokens:
+                return page
+    raise AssertionError("a captured request's tokens do not end on a page boundary of the prefix tree")
+
+
+def capture_requests(scheduler) -> CapturedRequests:
+    requests, paths = [], []
+    for live in _internals.live_requests(scheduler):
+        computed = len(live.slots)
+        requests.append(
+            Request(
+                id=live.rid,
+                status=live.status,
+                prompt_token_ids=live.prompt,
+                output_token_ids=live.output,
+                sampling=_sampling(live.sampling),
+                num_computed_tokens=computed,
+            )
+        )
+        if computed:
+            paths.append(RadixPath((live.prompt + live.output)[:computed], live.slots))
+    return CapturedRequests(SchedulerState(requests), paths)

@@ -1,0 +1,62 @@
+"""Scheduler-side restore: every check first, then weights, then the tree rebuilt with its KV written in."""
+
+from __future__ import annotations
+
+import torch
+from thaw_format import IncompatibleSnapshotError, Snapshot, check_model, weights_digest
+
+from . import _internals
+from .kv import scatter_rows
+from .model_info import check_kv, model_info
+from .pages import distinct_token_count, leaf_sequences
+from .weights import capture_weights, check_weights, restore_weights
+
+
+class EngineBusyError(RuntimeError):
+    """A restore needs an idle engine: it replaces the whole prefix cache."""
+
+
+def check_restorable(scheduler, snapshot: Snapshot) -> None:
+    """Raise IncompatibleSnapshotError, naming the field, for anything this engine cannot take as it is."""
+    carries_weights = snapshot.weights is not None and bool(snapshot.weights.tensors)
+    if carries_weights:
+        check_model(snapshot, model_info(scheduler), check_weights=False)
+        check_weights(scheduler, snapshot.weights)
+    else:
+        check_model(snapshot, model_info(scheduler, weights_digest(capture_weights(scheduler).tensors)))
+    if snapshot.kv is None:
+        return
+    check_kv(scheduler, snapshot)
+    if snapshot.prefix is None or snapshot.prefix.num_pages != snapshot.kv.num_pages:
+        pages = None if snapshot.prefix is None else snapshot.prefix.num_pages
+        raise IncompatibleSnapshotError(f"prefix: {pages} pages for {snapshot.kv.num_pages} KV pages")
+    needed, capacity = distinct_token_count(snapshot.prefix), _internals.pool_capacity(scheduler)
+    if needed > capacity:
+        raise IncompatibleSnapshotError(f"kv: the snapshot needs {needed} KV slots, the engine's pool has {capacity}")
+
+
+def restore_state(scheduler, snapshot: Snapshot) -> None:
+    """Make the engine hold exactly the snapshot's weights (if carried) and prefix cache."""
+    if not _internals.is_idle(scheduler):
+        raise EngineBusyError("the engine has requests in flight; restore into an idle engine")
+    check_restorable(scheduler, snapshot)
+    if snapshot.weights is not None and snapshot.weights.tensors:
+        restore_weights(scheduler, snapshot.weights)
+    if not _internals.flush(scheduler):
+        raise EngineBusyError("SGLang refused to flush its cache")
+    if snapshot.kv is not None:
+        _rebuild_tree(scheduler, snapshot)
+
+
+def _rebuild_tree(scheduler, snapshot: Snapshot) -> None:
+    """Insert every leaf chain through SGLang's own tree insert, then write all new slots' KV at once."""
+    rows, slots = [], []
+    for sequence in leaf_sequences(snapshot.prefix, snapshot.kv.page_size):
+        owned = _internals.match(scheduler, sequence.tokens)
+        fresh = _internals.allocate(scheduler, len(sequence.tokens) - len(owned))
+        _internals.insert(scheduler, sequence.tokens, torch.cat([owned, fresh]), owned_prefix=len(owned))
+        rows.append(sequence.rows[len(owned) :])
+        slots.append(fresh)
+    if slots:
+        k_buffers, v_buffers = _internals.kv_buffers(scheduler)
+        scatter_rows(snapshot.kv, k_buffers, v_buffers, torch.cat(rows), torch.cat(slots))

@@ -1,0 +1,35 @@
+"""The scheduler process of a ThawEngine: SGLang's own scheduler with thaw's capture and restore methods.
+
+ThawEngine names `run_scheduler_process` below as SGLang's scheduler-process entry point. It selects the
+walkable radix-tree core and replaces the Scheduler class through SGLang's plugin hook registry, only in
+that process, before SGLang builds its scheduler. `Engine.collective_rpc("thaw_capture", ...)` then reaches
+the methods here between two batches.
+"""
+
+from __future__ import annotations
+
+import thaw_format
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from . import _internals, rpc
+from .capture import capture_state
+from .restore import restore_state
+
+
+class ThawScheduler(_internals.Scheduler):
+    def thaw_capture(self, result_path: str, path: str, page_size: int, weights: bool, label: str = "") -> None:
+        def work():
+            snapshot = capture_state(self, page_size=page_size, include_weights=weights, label=label or None)
+            thaw_format.save(snapshot, path)
+
+        rpc.report(result_path, work)
+
+    def thaw_restore(self, result_path: str, path: str) -> None:
+        rpc.report(result_path, lambda: restore_state(self, thaw_format.load(path)))
+
+
+def run_scheduler_process(*args, **kwargs):
+    _internals.use_walkable_tree_core()
+    HookRegistry.register(_internals.SCHEDULER_CLASS_PATH, ThawScheduler, HookType.REPLACE)
+    HookRegistry.apply_hooks()
+    return _internals.run_scheduler_process(*args, **kwargs)

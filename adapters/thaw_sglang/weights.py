@@ -1,0 +1,51 @@
+"""Model weights: captured by engine-native parameter name, restored through SGLang's weight-update API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import safe_open
+from thaw_format import IncompatibleSnapshotError, Weights
+from thaw_format.torch import from_torch, to_torch
+
+from . import _internals
+
+
+def _checkpoint_keys(model_dir: Path) -> set[str]:
+    keys: set[str] = set()
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            keys.update(f.keys())
+    return keys
+
+
+def capture_weights(scheduler) -> Weights:
+    """Every parameter under SGLang's name; `checkpoint_names` maps those the checkpoint holds unchanged.
+
+    Fused parameters (qkv_proj, gate_up_proj) have no single checkpoint name and are left out of the map.
+    """
+    tensors = {name: from_torch(p) for name, p in _internals.model(scheduler).named_parameters()}
+    in_checkpoint = _checkpoint_keys(_internals.model_path(scheduler))
+    return Weights(tensors=tensors, checkpoint_names={n: n for n in tensors if n in in_checkpoint})
+
+
+def check_weights(scheduler, weights: Weights) -> None:
+    """Refuse weights that do not cover this model's parameters exactly, by name, shape and dtype."""
+    params = dict(_internals.model(scheduler).named_parameters())
+    missing = sorted(set(params) - set(weights.tensors))
+    unknown = sorted(set(weights.tensors) - set(params))
+    if missing or unknown:
+        raise IncompatibleSnapshotError(
+            f"weights: the snapshot lacks parameters {missing[:5]} and has unknown ones {unknown[:5]}"
+        )
+    for name, tensor in weights.tensors.items():
+        param = params[name]
+        engine = (str(param.dtype).removeprefix("torch."), tuple(param.shape))
+        if (tensor.dtype, tuple(tensor.shape)) != engine:
+            raise IncompatibleSnapshotError(
+                f"weights[{name!r}]: the snapshot has {(tensor.dtype, tuple(tensor.shape))}, the engine has {engine}"
+            )
+
+
+def restore_weights(scheduler, weights: Weights) -> None:
+    _internals.load_weights(scheduler, [(name, to_torch(t)) for name, t in weights.tensors.items()])
