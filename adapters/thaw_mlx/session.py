@@ -45,14 +45,15 @@ def capture(
     num_prompt_tokens: Optional[int] = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     include_weights: bool = True,
-    sampling: Optional[SamplingParams] = None,
+    sampler=None,
     label: Optional[str] = None,
     parent: Optional[str] = None,
 ) -> Snapshot:
     """Snapshot the session. The tensors share MLX's memory until the snapshot is written.
 
-    `num_prompt_tokens` splits `tokens` into prompt and output (default: all prompt); `sampling` records how the
-    session samples (default greedy); `parent` is the id of the snapshot this session was restored from.
+    `num_prompt_tokens` splits `tokens` into prompt and output (default: all prompt); `sampler`, a
+    thaw_mlx.Sampler, records how the session samples and its PRNG key (default greedy); `parent` is the id of
+    the snapshot this session was restored from.
     """
     if len(prompt_cache) != len(model.layers):
         raise ValueError(f"the prompt cache has {len(prompt_cache)} layers, the model {len(model.layers)}")
@@ -63,7 +64,7 @@ def capture(
         weights=Weights(model_weights(model)) if include_weights else None,
         num_prompt_tokens=num_prompt_tokens,
         page_size=page_size,
-        sampling=sampling,
+        sampler=sampler,
         lineage=Lineage(parent=parent, label=label, created=datetime.now(timezone.utc).isoformat()),
     )
 
@@ -76,7 +77,7 @@ def snapshot_of_cache(
     weights: Optional[Weights] = None,
     num_prompt_tokens: Optional[int] = None,
     page_size: int = DEFAULT_PAGE_SIZE,
-    sampling: Optional[SamplingParams] = None,
+    sampler=None,
     lineage: Optional[Lineage] = None,
 ) -> Snapshot:
     """The snapshot of a prompt cache whose model is described rather than at hand (capture, file import)."""
@@ -88,6 +89,7 @@ def snapshot_of_cache(
     if not 0 < offset <= len(tokens):
         raise ValueError(f"the cache holds {offset} tokens, but {len(tokens)} token ids were given")
     num_prompt_tokens = len(tokens) if num_prompt_tokens is None else num_prompt_tokens
+    sampling, rng_state = sampler.state() if sampler is not None else (SamplingParams(temperature=0.0), None)
     mx.eval([c.state for c in prompt_cache])
 
     layers = [encode_layer(c, page_size) for c in prompt_cache]
@@ -104,9 +106,10 @@ def snapshot_of_cache(
                 status="running",
                 prompt_token_ids=tokens[:num_prompt_tokens],
                 output_token_ids=tokens[num_prompt_tokens:],
-                sampling=sampling or SamplingParams(temperature=0.0),
+                sampling=sampling,
                 num_computed_tokens=offset,
                 pages=list(range(len(pages))),
+                rng_state=rng_state,
             )
         ]),
         engine=EngineInfo(
@@ -136,7 +139,7 @@ def fork(model: nn.Module, snapshot: Snapshot, n: int, *, check_weights: bool = 
 
 def cache_of_snapshot(snapshot: Snapshot) -> list:
     """The snapshot's prompt cache, unchecked against any model (restore and fork check first)."""
-    request = _session_request(snapshot)
+    request = session_request(snapshot)
     cache = [decode_layer(layer, request.pages, request.num_computed_tokens) for layer in snapshot.kv.layers]
     mx.eval([c.state for c in cache])
     return cache
@@ -157,7 +160,7 @@ def check_cache_layout(model: nn.Module, snapshot: Snapshot) -> None:
     kv = snapshot.kv
     dtype = model_info(model, weights_digest=False).dtype
     check_kv_layout(snapshot, num_layers=len(model.layers), dtype=dtype, num_kv_heads=num_kv_heads, head_dim=head_dim)
-    request = _session_request(snapshot)
+    request = session_request(snapshot)
     if snapshot.prefix is not None and request.pages:
         if snapshot.prefix.chain(request.pages[-1]) != request.pages:
             raise IncompatibleSnapshotError(f"the session's pages {request.pages} are not one chain of the prefix tree")
@@ -171,16 +174,17 @@ def check_cache_layout(model: nn.Module, snapshot: Snapshot) -> None:
 
 def snapshot_num_computed(snapshot: Snapshot) -> int:
     """How many tokens the snapshot's KV holds."""
-    return _session_request(snapshot).num_computed_tokens
+    return session_request(snapshot).num_computed_tokens
 
 
 def snapshot_tokens(snapshot: Snapshot) -> list[int]:
     """The session's token ids: prompt then output."""
-    request = _session_request(snapshot)
+    request = session_request(snapshot)
     return request.prompt_token_ids + request.output_token_ids
 
 
-def _session_request(snapshot: Snapshot) -> Request:
+def session_request(snapshot: Snapshot) -> Request:
+    """The snapshot's one request: an MLX session is one sequence."""
     requests = snapshot.scheduler.requests if snapshot.scheduler is not None else []
     if len(requests) != 1:
         raise IncompatibleSnapshotError(f"an MLX session is one sequence; the snapshot holds {len(requests)} requests")

@@ -23,7 +23,7 @@ def resume(job: dict) -> dict:
     model = thaw_mlx.load_model(snapshot)
     cache = thaw_mlx.restore(model, snapshot)
     tokens = thaw_mlx.snapshot_tokens(snapshot) + job["suffix"]
-    out = list(thaw_mlx.generate(model, cache, tokens, job["max_tokens"]))
+    out = list(thaw_mlx.generate(model, cache, tokens, job["max_tokens"], sampler=thaw_mlx.sampler_of(snapshot)))
     return {"tokens": out, "kv_digest": kv_digest(model, cache, tokens + out)}
 
 
