@@ -1,13 +1,11 @@
 """`thaw convert SRC DST`: an mlx-lm prompt-cache file to a snapshot, or a snapshot to one (direction by content).
 
-Registered with the `thaw` command through the `thaw.cli` entry-point group; `python -m thaw_mlx.cli` runs it alone.
+Registered with the `thaw` command through the `thaw.cli` entry-point group (pyproject.toml).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import thaw_format
@@ -43,18 +41,3 @@ def convert(args) -> int:
     thaw_format.save(snapshot, args.dst)
     print(f"wrote snapshot {args.dst}")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m thaw_mlx.cli")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except thaw_format.SnapshotError as exc:
-        print(f"convert: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 import thaw_format
 import thaw_mlx
-from thaw_mlx.cli import main
+from thaw_format.cli import main  # the `thaw` command, which finds `convert` through its entry point
 from sessions import CASES
 from zoo import CONFIGS
 
