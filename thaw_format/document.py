@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from array import array
 from dataclasses import asdict, fields
 from typing import Any, Callable, Mapping, Optional
@@ -187,7 +188,16 @@ def parse_json(data: bytes, max_depth: int) -> dict:
             raise CorruptSnapshotError(f"JSON document nests deeper than {max_depth} levels (Limits.max_json_depth)")
         level = [c for v in level for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (dict, list))]
         depth += 1
+    # A \uD800-\uDFFF escape can smuggle a lone surrogate past UTF-8 decoding; such text cannot be written back.
+    if _SURROGATE_ESCAPE.search(data):
+        try:
+            canonical_json(doc)
+        except UnicodeEncodeError:
+            raise CorruptSnapshotError("JSON document: a \\u escape encodes a lone surrogate, which is not text") from None
     return doc
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class _Fields:
