@@ -54,8 +54,8 @@ def external_request_id(request_id: str) -> str:
 
 # --- scheduler side: block pool, prefix-cache table, requests ----------------------------------------------
 
-def block_pool(kv_cache_manager):
-    return kv_cache_manager.block_pool
+def kv_cache_manager(core):
+    return core.scheduler.kv_cache_manager
 
 
 def cached_blocks(kv_cache_manager) -> Iterator[tuple[BlockHash, int, Any]]:
@@ -136,3 +136,37 @@ def chain_hashes(hash_fn: Callable[[Any], bytes], pages: Sequence[Sequence[int]]
         parent = bytes(kv_cache_utils.hash_block_tokens(hash_fn, parent, tokens, None))
         out.append(parent)
     return out
+
+
+# --- the engine core: thaw's one method on it, and how a client reaches it ----------------------------------
+
+def install_engine_core_method(name: str, fn: Callable) -> None:
+    """Give vLLM's EngineCore a method the client can call by name as a utility call (plain-data arguments).
+
+    Loaded in every vLLM process through thaw's general plugin. The scheduler (block pool, prefix table,
+    requests) lives in the engine-core process, which no official hook lets a client call into.
+    """
+    from vllm.v1.engine.core import EngineCore
+
+    setattr(EngineCore, name, fn)
+
+
+def call_engine_core(llm, name: str, *args):
+    client = llm.llm_engine.engine_core
+    core = getattr(client, "engine_core", None)  # InprocClient (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    if core is not None:
+        if not hasattr(core, name):
+            raise RuntimeError(f"vLLM's engine core has no {name}: thaw's vllm.general_plugins entry point is not installed")
+        return getattr(core, name)(*args)
+    return client.call_utility(name, *args)
+
+
+def unfinished_requests(core) -> list:
+    return [r for r in core.scheduler.requests.values() if not RequestStatus.is_finished(r.status)]
+
+
+def worker_connector():
+    """The worker-side KV connector vLLM built in this process."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    return get_kv_transfer_group()

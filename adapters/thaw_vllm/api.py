@@ -8,8 +8,7 @@ from typing import Optional, Sequence
 import thaw_format
 from thaw_format import IncompatibleSnapshotError
 
-from . import _shm, sampling
-from .engine_restore import resumable
+from . import _internals, _shm, sampling
 
 WORKER_EXTENSION = "thaw_vllm.worker.ThawWorkerExtension"
 
@@ -39,7 +38,7 @@ def capture(llm, *, include_weights: bool = True, chains: Optional[Sequence[Sequ
     """Snapshot the engine: prefix-cache pages (all, or those of the named token chains) with their token ids,
     live requests (waiting or mid-generation) and, unless told otherwise, the weights."""
     chains = None if chains is None else [list(map(int, c)) for c in chains]
-    out = _rpc(llm, "thaw_capture", include_weights, chains)
+    out = _internals.call_engine_core(llm, "thaw_call", "capture", {"include_weights": include_weights, "chains": chains})
     return _shm.read(out["source"], unlink=True)
 
 
@@ -76,7 +75,7 @@ def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
     """
     check_compatible(llm, snapshot)
     with _shm.SharedSnapshot(snapshot) as shared:
-        _rpc(llm, "thaw_restore", shared.source)
+        _internals.call_engine_core(llm, "thaw_call", "restore", {"source": shared.source, **_restore_plan(snapshot)})
     from vllm.inputs import TokensPrompt
 
     resumed = []
@@ -87,6 +86,26 @@ def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
                                    sampling.to_vllm(request.sampling, max_tokens=remaining))
         resumed.append(Resumed(request.id, request.prompt_token_ids, request.output_token_ids))
     return resumed
+
+
+def resumable(snapshot: thaw_format.Snapshot) -> list[thaw_format.Request]:
+    """Requests a restore continues: every unfinished one."""
+    return [] if snapshot.scheduler is None else [r for r in snapshot.scheduler.requests if r.status != "finished"]
+
+
+def _restore_plan(snapshot: thaw_format.Snapshot) -> dict:
+    """What the engine core needs, as plain data: the prefix tree, the native hashes, resumed requests' tails."""
+    tree = snapshot.prefix or thaw_format.PrefixTree(parents=[], tokens=[])
+    native = None if tree.hash is None else {"algorithm": tree.hash.algorithm, "seed": tree.hash.seed,
+                                             "tokens_per_hash": tree.hash.tokens_per_hash, "hashes": tree.hash.hashes}
+    tails, rng_keys = {}, []
+    for request in resumable(snapshot):
+        last = request.pages[-1] if request.pages else None
+        if last is not None and len(tree.tokens[last]) < snapshot.kv.page_size:
+            tails[request.id] = last
+        if request.rng_state is not None:
+            rng_keys.append(request.id)
+    return {"parents": tree.parents, "tokens": tree.tokens, "native": native, "tails": tails, "rng_keys": rng_keys}
 
 
 @dataclass

@@ -1,0 +1,178 @@
+"""thaw's work inside vLLM's engine-core process, where the scheduler, block pool and prefix table live.
+
+`thaw_call(core, op, args)` is installed on EngineCore by the plugin and reached from the client as a utility
+call; KV bytes are read and written by the worker (`worker.py`), which may be another process, through
+`collective_rpc` by method name. Everything crossing a process boundary is plain data or a shared-memory name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+from . import _internals, sampling
+from .connector import ThawConnector
+
+
+def thaw_call(core, op: str, args: dict) -> dict:
+    if op == "capture":
+        return _capture(core, **args)
+    if op == "restore":
+        return _restore(core, **args)
+    raise ValueError(f"unknown thaw engine-core operation {op!r}")
+
+
+def _connector(core) -> ThawConnector:
+    connector = core.scheduler.get_kv_connector()
+    if not isinstance(connector, ThawConnector):
+        raise RuntimeError("this engine runs without thaw's KV connector: start it with thaw_vllm.LLM, or pass "
+                           "**thaw_vllm.engine_args(...) to vllm.LLM")
+    return connector
+
+
+# --- capture ------------------------------------------------------------------------------------------------
+
+def _select(connector: ThawConnector, cached: dict, chains: Optional[Sequence[Sequence[int]]], hash_fn) -> list[bytes]:
+    """Cached block hashes to capture, parents first: every page whose whole chain is still cached, or only
+    the pages of the named token chains."""
+    ledger, bs = connector.ledger, connector.block_size
+    if chains is None:
+        wanted = set(cached) & set(ledger)
+    else:
+        wanted = set()
+        for tokens in chains:
+            full = [tokens[i : i + bs] for i in range(0, len(tokens) - len(tokens) % bs, bs)]
+            for block_hash in _internals.chain_hashes(hash_fn, full):
+                if block_hash not in cached or block_hash not in ledger:
+                    break
+                wanted.add(block_hash)
+    depth: dict[bytes, int] = {}
+
+    def depth_of(block_hash: bytes) -> int:  # -1: an ancestor is missing, so the page can never be hit
+        if block_hash not in depth:
+            parent = ledger[block_hash][0]
+            if parent is None:
+                depth[block_hash] = 0
+            elif parent in wanted and depth_of(parent) >= 0:
+                depth[block_hash] = depth[parent] + 1
+            else:
+                depth[block_hash] = -1
+        return depth[block_hash]
+
+    return sorted((h for h in wanted if depth_of(h) >= 0), key=lambda h: (depth[h], h))
+
+
+def _capture(core, include_weights: bool, chains) -> dict:
+    connector, kcm = _connector(core), _internals.kv_cache_manager(core)
+    bs = connector.block_size
+    algorithm, hash_fn = _internals.hash_function(core.vllm_config)
+    live = [_internals.request_fields(r) for r in _internals.unfinished_requests(core)]
+    for r in live:
+        connector.learn(r["block_hashes"], r["prompt_token_ids"] + r["output_token_ids"], r["num_computed_tokens"] // bs)
+    cached = {}
+    for block_hash, group, block in _internals.cached_blocks(kcm):
+        if group == 0:
+            cached.setdefault(block_hash, block)
+    connector.ledger = {h: e for h, e in connector.ledger.items() if h in cached}  # forget evicted blocks
+
+    hashes = _select(connector, cached, chains, hash_fn)
+    page_of = {h: i for i, h in enumerate(hashes)}
+    plan = {
+        "parents": [page_of.get(connector.ledger[h][0], -1) for h in hashes],
+        "tokens": [list(connector.ledger[h][1]) for h in hashes],
+        "block_ids": [cached[h].block_id for h in hashes],
+        "hashes": [h.hex() for h in hashes],
+        "algorithm": algorithm, "seed": _internals.hash_seed(), "block_size": bs, "requests": [],
+    }
+    for r in live:
+        full = r["num_computed_tokens"] // bs
+        chain = [page_of[h] for h in r["block_hashes"][:full] if h in page_of]
+        if len(chain) != full:
+            continue  # its pages were not asked for
+        all_tokens = r["prompt_token_ids"] + r["output_token_ids"]
+        if r["num_computed_tokens"] % bs:  # the partly filled last page, never in the prefix table
+            plan["parents"].append(chain[-1] if chain else -1)
+            plan["tokens"].append(all_tokens[full * bs : r["num_computed_tokens"]])
+            plan["block_ids"].append(_internals.request_block_ids(kcm, r["request_id"])[full])
+            plan["hashes"].append(None)
+            chain.append(len(plan["parents"]) - 1)
+        plan["requests"].append({
+            "vllm_id": r["request_id"], "id": _internals.external_request_id(r["request_id"]),
+            "status": _internals.status_name(r["status"]), "prompt_token_ids": r["prompt_token_ids"],
+            "output_token_ids": r["output_token_ids"], "num_computed_tokens": r["num_computed_tokens"],
+            "pages": chain, "sampling": dataclasses.asdict(sampling.to_thaw(r["sampling_params"])),
+        })
+    return core.collective_rpc("thaw_capture", args=(plan, include_weights))[0]
+
+
+# --- restore ------------------------------------------------------------------------------------------------
+
+def _page_hashes(parents: list[int], tokens: list[list[int]], full: list[int], hash_fn) -> dict[int, bytes]:
+    hashes: dict[int, bytes] = {}
+
+    def hash_of(page: int) -> bytes:
+        if page not in hashes:
+            parent = parents[page]
+            hashes[page] = _internals.chain_hashes(hash_fn, [tokens[page]], None if parent == -1 else hash_of(parent))[0]
+        return hashes[page]
+
+    for page in full:
+        hash_of(page)
+    return hashes
+
+
+def _check_native(native: Optional[dict], hashes: dict[int, bytes], algorithm: str, bs: int) -> None:
+    """Where the snapshot's engine hashed exactly as this one does, the rebuilt table must agree with it."""
+    if native is None or (native["algorithm"], native["tokens_per_hash"], native["seed"]) != (algorithm, bs, _internals.hash_seed()):
+        return
+    for page, block_hash in hashes.items():
+        recorded = native["hashes"][page]
+        if recorded is not None and recorded != block_hash.hex():
+            raise ValueError(f"prefix page {page}: its token ids hash to {block_hash.hex()[:16]}..., the snapshot "
+                             f"records {recorded[:16]}... under the same algorithm and seed (corrupt snapshot)")
+
+
+def _restore(core, source: str, parents: list[int], tokens: list[list[int]], native: Optional[dict],
+             tails: dict[str, int], rng_keys: list[str]) -> dict:
+    """Rebuild the prefix table from token ids with this engine's hash function and seed, and have the worker
+    write the KV into freshly allocated blocks. Refusals happen before the first change."""
+    connector, kcm = _connector(core), _internals.kv_cache_manager(core)
+    bs = connector.block_size
+    busy = _internals.unfinished_requests(core)
+    if busy:
+        raise RuntimeError(f"the engine has {len(busy)} unfinished requests; restore needs an idle engine")
+    algorithm, hash_fn = _internals.hash_function(core.vllm_config)
+    full = [p for p in range(len(parents)) if len(tokens[p]) == bs]
+    hashes = _page_hashes(parents, tokens, full, hash_fn)
+    _check_native(native, hashes, algorithm, bs)
+    if len(full) > _internals.num_free_blocks(kcm):
+        raise RuntimeError(f"the snapshot has {len(full)} full pages, the engine {_internals.num_free_blocks(kcm)} free blocks")
+    core.collective_rpc("thaw_stage", args=(source,))  # the worker reads and verifies every checksum
+
+    if not _internals.reset_prefix_cache(kcm):
+        raise RuntimeError("vLLM refused to reset its prefix cache (blocks still held)")
+    blocks = _internals.take_blocks(kcm, len(full))
+    connector.ledger.clear()
+    try:
+        core.collective_rpc("thaw_write", args=(full, [b.block_id for b in blocks], tails, rng_keys))
+    except BaseException:
+        _internals.release_blocks(kcm, blocks)  # unpublished: nothing can hit the half-written blocks
+        raise
+    for page, block in zip(full, blocks):
+        _internals.publish_block(kcm, block, hashes[page], 0, bs)
+        parent = parents[page]
+        connector.ledger[hashes[page]] = (None if parent == -1 else hashes[parent], tuple(tokens[page]))
+    order = sorted(zip(full, blocks), key=lambda pb: -len(_chain(parents, pb[0])))  # leaves evicted first
+    _internals.release_blocks(kcm, [b for _, b in order])
+    for key, page in tails.items():
+        connector.tails[key] = (len(_chain(parents, page)) * bs - bs, len(tokens[page]))
+    connector.rng_keys.update(rng_keys)
+    return {"restored_pages": len(full)}
+
+
+def _chain(parents: list[int], page: int) -> list[int]:
+    out = []
+    while page != -1:
+        out.append(page)
+        page = parents[page]
+    return out

@@ -1,0 +1,124 @@
+"""Capture and restore on a real vLLM engine: bytes, cached-token counts, new processes, refusals."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import ENGINE_KWARGS, generate, make_engine, run_helper, trunk_tokens
+
+import thaw_format
+from thaw_format.torch import from_torch, to_torch
+
+
+def kv_bytes(snapshot):
+    return [(bytes(layer.tensors["k"].data), bytes(layer.tensors["v"].data)) for layer in snapshot.kv.layers]
+
+
+def test_restore_writes_the_captured_bytes_into_a_used_engine(engine, greedy):
+    import thaw_vllm
+
+    trunk = trunk_tokens(100, seed=1)
+    generate(engine, trunk, greedy)
+    before = thaw_vllm.capture(engine, include_weights=False, chains=[trunk])
+    assert before.prefix.num_pages == 3 and all(len(t) == 32 for t in before.prefix.tokens)
+    assert before.prefix.chain_tokens(2) == trunk[:96]
+
+    generate(engine, trunk_tokens(200, seed=2), greedy)  # the engine moves on: other blocks, other KV
+    thaw_vllm.restore(engine, before)
+    after = thaw_vllm.capture(engine, include_weights=False)
+    assert after.prefix.tokens == before.prefix.tokens and after.prefix.parents == before.prefix.parents
+    assert kv_bytes(after) == kv_bytes(before)  # the stale pages of the second prompt were cleared
+    assert after.prefix.hash.hashes == before.prefix.hash.hashes
+
+    tokens, cached = generate(engine, trunk, greedy)
+    assert cached == 96
+
+
+def test_weights_in_a_snapshot_are_the_checkpoint_bytes(engine):
+    import thaw_vllm
+    from safetensors.torch import load_file
+
+    snapshot = thaw_vllm.capture(engine, include_weights=True)
+    checkpoint = load_file(str(engine.thaw_model + "/model.safetensors"))
+    assert set(snapshot.weights.tensors) == set(checkpoint)
+    for name, tensor in checkpoint.items():
+        assert bytes(snapshot.weights.tensors[name].data) == tensor.view(torch.uint8).numpy().tobytes(), name
+    assert snapshot.model.weights_digest == thaw_format.weights_digest(snapshot.weights.tensors)
+
+
+def corrupted(snapshot):
+    """The same prefix tree and hashes, with random KV bytes of the same dtype."""
+    gen = torch.Generator().manual_seed(0)
+    layers = []
+    for layer in snapshot.kv.layers:
+        noisy = {}
+        for role, t in layer.tensors.items():
+            ref = to_torch(t)
+            noisy[role] = from_torch(torch.randn(ref.shape, generator=gen).to(ref.dtype) * 3)
+        layers.append(dataclasses.replace(layer, tensors=noisy))
+    return dataclasses.replace(snapshot, kv=dataclasses.replace(snapshot.kv, layers=layers), weights=None)
+
+
+def test_new_process_restore_hits_the_cache_and_continues_identically(engine, greedy, tmp_path):
+    """Weights (load_format="thaw") and KV both come from the snapshot file in a fresh process; the
+    control restores random KV under the same hashes and must change the output."""
+    import thaw_vllm
+
+    trunk = trunk_tokens(150, seed=3)
+    suffixes = [trunk_tokens(7, seed=10 + i) for i in range(2)]
+    generate(engine, trunk, greedy)
+    snapshot = thaw_vllm.capture(engine, include_weights=True, chains=[trunk])
+    expected = [generate(engine, trunk + s, greedy)[0] for s in suffixes]
+    path, bad = tmp_path / "trunk.thaw", tmp_path / "corrupt.thaw"
+    thaw_format.save(snapshot, path)
+    thaw_format.save(corrupted(snapshot), bad)
+    params = {"max_tokens": greedy.max_tokens, "temperature": 0.0, "ignore_eos": True}
+    prompts = [trunk + s for s in suffixes]
+    result = run_helper("restore_helper.py", {
+        "model": engine.thaw_model, "dtype": snapshot.model.dtype, "engine_kwargs": ENGINE_KWARGS,
+        "weights_from": str(path), "recapture": str(tmp_path / "again.thaw"),
+        "steps": [{"snapshot": str(path), "prompts": prompts[:1], "params": params},
+                  {"snapshot": str(bad), "prompts": prompts[:1], "params": params},
+                  {"snapshot": str(path), "prompts": prompts, "params": params}],
+    })
+    cached_tokens = 4 * 32  # the trunk's full pages
+    good, control, again = result
+    assert good[0] == {"token_ids": expected[0], "num_cached_tokens": cached_tokens}
+    assert control[0]["num_cached_tokens"] == cached_tokens and control[0]["token_ids"] != expected[0]
+    assert [o["token_ids"] for o in again] == expected
+    assert again[0]["num_cached_tokens"] == cached_tokens  # the first prompt; the second also hits its sibling's pages
+
+    recaptured = thaw_format.load(tmp_path / "again.thaw")  # KV and weights as the new process holds them
+    assert recaptured.model.weights_digest == snapshot.model.weights_digest
+    pages = {tuple(t): i for i, t in enumerate(recaptured.prefix.tokens)}
+    for i, tokens in enumerate(snapshot.prefix.tokens):
+        j = pages[tuple(tokens)]
+        for old, new in zip(snapshot.kv.layers, recaptured.kv.layers):
+            for role in ("k", "v"):
+                assert to_torch(old.tensors[role])[i].view(torch.uint8).equal(to_torch(new.tensors[role])[j].view(torch.uint8))
+
+
+@pytest.fixture(scope="module")
+def other_engines(vllm, zoo):
+    return {"model": make_engine(zoo, "qwen3", "float32"), "dtype": make_engine(zoo, "llama", "bfloat16")}
+
+
+@pytest.mark.parametrize("other", ["model", "dtype", "block_size"])
+def test_mismatched_snapshot_is_refused_and_the_engine_still_serves(vllm, zoo, other_engines, greedy, other):
+    import thaw_vllm
+
+    target = make_engine(zoo, "llama", "float32")
+    trunk = trunk_tokens(70, seed=4)
+    reference = generate(target, trunk, greedy)[0]
+    if other == "block_size":
+        own = thaw_vllm.capture(target, include_weights=False)
+        snapshot = dataclasses.replace(own, kv=dataclasses.replace(own.kv, page_size=64))
+        field = "kv.page_size"
+    else:
+        source = other_engines[other]
+        generate(source, trunk, greedy)
+        snapshot = thaw_vllm.capture(source, include_weights=False)
+        field = "model.architecture" if other == "model" else "model.dtype"
+    with pytest.raises(thaw_format.IncompatibleSnapshotError, match=field):
+        thaw_vllm.restore(target, snapshot)
+    assert generate(target, trunk, greedy)[0] == reference
