@@ -321,6 +321,11 @@ def _():
     return with_json(b'{"tensors": [], "metadata": {"x": ' + b"9" * 5000 + b"}}")
 
 
+@corrupt("json_lone_surrogate", "lone surrogate", "a \\udfff escape: valid JSON syntax, not Unicode text")
+def _():
+    return with_json(b'{"tensors": [], "lineage": {"label": "\\udfff"}}')
+
+
 # ------------------------------------------------------------------------------------------------ tensors list
 
 

@@ -70,10 +70,15 @@ def where(buf) -> Where:
     return Where(count, json_length, regions, len(buf))
 
 
+def header_length(buf) -> int:
+    """The header length (with its CRC) that the preamble alone declares."""
+    _, _, _, _, _, count, json_length = PREAMBLE.unpack_from(buf)
+    return PREAMBLE.size + REGION.size * count + json_length + 4
+
+
 def reseal(buf: bytearray) -> bytearray:
     """Recompute the header CRC after an edit, at the position the (possibly edited) preamble declares."""
-    w = where(buf)
-    body_end = w.header_length - 4
+    body_end = header_length(buf) - 4
     struct.pack_into("<I", buf, body_end, crc(buf[:body_end]))
     return buf
 
