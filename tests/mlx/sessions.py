@@ -21,8 +21,9 @@ def make_cache(model, kind: str) -> list:
         return make_prompt_cache(model)
     if kind == "rotating":  # (make_prompt_cache's max_kv_size is ignored by models with their own make_cache)
         return [RotatingKVCache(max_size=WINDOW, keep=4) for _ in model.layers]
-    if kind == "quantized":
-        return [QuantizedKVCache(group_size=32, bits=8) for _ in model.layers]
+    if kind.startswith("quantized"):  # "quantized" (8 bits) or "quantized-4"
+        bits = int(kind.partition("-")[2] or 8)
+        return [QuantizedKVCache(group_size=32, bits=bits) for _ in model.layers]
     raise ValueError(kind)
 
 
@@ -33,6 +34,7 @@ class Case:
     dtype: str = "float32"
     overrides: dict = field(default_factory=dict)
     kinds: tuple = ()  # the snapshot's KV layer kinds, when not all those of `cache`
+    prompt: tuple = tuple(PROMPT)
 
     def model(self):
         return make_model(self.arch, DTYPES[self.dtype], **self.overrides)
@@ -52,17 +54,20 @@ CASES = {
                                                         "sliding_window": WINDOW}, kinds=("ring", "attention")),
     "llama-quantized": Case("llama", "quantized", overrides=HEAD_DIM_32),
     "qwen2-quantized-fp16": Case("qwen2", "quantized", "float16", overrides=HEAD_DIM_32),
+    "qwen3-quantized-4bit": Case("qwen3", "quantized-4", overrides={"head_dim": 32}),
+    # longer than mlx-lm's 256-token allocation step: the restored buffers span two steps
+    "llama-kv-long": Case("llama", "kv", prompt=tuple((7 * i) % 251 for i in range(300))),
 }
 
 
-LAYER_KINDS = {"kv": "attention", "rotating": "ring", "quantized": "quantized"}
+LAYER_KINDS = {"kv": "attention", "rotating": "ring", "quantized": "quantized", "quantized-4": "quantized"}
 
 
 def start(case: Case, model=None):
     """(model, cache, tokens): the prompt prefilled and FIRST_TOKENS generated with thaw_mlx.generate."""
     model = model or case.model()
     cache = make_cache(model, case.cache)
-    tokens = list(PROMPT)
+    tokens = list(case.prompt)
     tokens += thaw_mlx.generate(model, cache, tokens, FIRST_TOKENS)
     return model, cache, tokens
 

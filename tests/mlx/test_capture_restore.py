@@ -30,15 +30,15 @@ def valid_state(cache) -> list[bytes]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_restore_is_byte_identical_and_continues_exactly(name, session, saved):
     model, cache, tokens = session(name)
-    snapshot = thaw_format.load(saved(thaw_mlx.capture(model, cache, tokens, num_prompt_tokens=len(PROMPT))))
-    restored = thaw_mlx.restore(model, snapshot)
     case = CASES[name]
+    snapshot = thaw_format.load(saved(thaw_mlx.capture(model, cache, tokens, num_prompt_tokens=len(case.prompt))))
+    restored = thaw_mlx.restore(model, snapshot)
     assert tuple(layer.kind for layer in snapshot.kv.layers) == (case.kinds or (LAYER_KINDS[case.cache],) * 2)
     assert [type(c) for c in restored] == [type(c) for c in cache]
     assert [c.offset for c in restored] == [c.offset for c in cache] == [len(tokens) - 1] * len(cache)
     assert valid_state(restored) == valid_state(cache)
     assert thaw_mlx.snapshot_tokens(snapshot) == tokens
-    assert snapshot.scheduler.requests[0].output_token_ids == tokens[len(PROMPT):]
+    assert snapshot.scheduler.requests[0].output_token_ids == tokens[len(case.prompt):]
 
     expected = list(thaw_mlx.generate(model, cache, tokens, 12))
     assert list(thaw_mlx.generate(model, restored, tokens, 12)) == expected
