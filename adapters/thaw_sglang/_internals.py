@@ -29,21 +29,16 @@ from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
 from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore  # noqa: E402
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache  # noqa: E402
 
+from .pages import RadixPath  # noqa: E402
+
 SCHEDULER_CLASS_PATH = "sglang.srt.managers.scheduler.Scheduler"
+Scheduler = _scheduler_module.Scheduler
 run_scheduler_process = _scheduler_module.run_scheduler_process
 
 
 def use_walkable_tree_core() -> None:
     """Select SGLang's Python radix-tree core in this process: the default Rust core cannot be walked."""
     _environ.envs.SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND.set("python")
-
-
-@dataclass(frozen=True)
-class RadixPath:
-    """One root-to-leaf path of the radix tree: its token ids and the KV slot of each token."""
-
-    tokens: list[int]
-    slots: torch.Tensor  # int64 [len(tokens)]
 
 
 def _tree(scheduler) -> UnifiedTreeCore:
@@ -202,4 +197,8 @@ def pool_capacity(scheduler) -> int:
     return scheduler.token_to_kv_pool_allocator.size
 
 
-Scheduler = _scheduler_module.Scheduler
+def leak_warnings(scheduler) -> int:
+    """How many times SGLang's own pool-leak check has fired; it runs by itself whenever the scheduler idles."""
+    checker = scheduler.invariant_checker
+    return checker.count_memory_leak_warnings + checker.count_req_pool_leak_warnings
+

@@ -31,6 +31,10 @@ class ThawEngine(Engine):
     def restore(self, snapshot) -> None:
         restore(self, snapshot)
 
+    def leak_warnings(self) -> int:
+        """How many times SGLang's idle pool-leak check has reported a leak in this engine (0 when sound)."""
+        return rpc.call(self, "thaw_leak_warnings")
+
     def fork(self, n: int, *, weights: bool = True, **engine_overrides) -> list["ThawEngine"]:
         """Start `n` new engines with this engine's arguments, each holding this engine's state.
 

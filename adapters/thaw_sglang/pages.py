@@ -15,9 +15,15 @@ from dataclasses import dataclass
 import torch
 from thaw_format import PrefixTree
 
-from ._internals import RadixPath
-
 PADDING = -1  # slot-table entry past the end of a short page
+
+
+@dataclass(frozen=True)
+class RadixPath:
+    """One root-to-leaf path of a radix tree: its token ids and the KV slot of each token."""
+
+    tokens: list[int]
+    slots: torch.Tensor  # int64 [len(tokens)]
 
 
 @dataclass(frozen=True)

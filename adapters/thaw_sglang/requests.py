@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from thaw_format import PrefixTree, Request, SamplingParams, SchedulerState
 
 from . import _internals
-from ._internals import RadixPath
+from .pages import RadixPath
 
 
 def _sampling(params) -> SamplingParams:

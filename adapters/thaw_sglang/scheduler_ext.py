@@ -27,6 +27,9 @@ class ThawScheduler(_internals.Scheduler):
     def thaw_restore(self, result_path: str, path: str) -> None:
         rpc.report(result_path, lambda: restore_state(self, thaw_format.load(path)))
 
+    def thaw_leak_warnings(self, result_path: str) -> None:
+        rpc.report(result_path, lambda: _internals.leak_warnings(self))
+
 
 def run_scheduler_process(*args, **kwargs):
     _internals.use_walkable_tree_core()

@@ -1,0 +1,36 @@
+"""Radix paths <-> pages, without an engine."""
+
+import pytest
+import torch
+
+pages = pytest.importorskip("thaw_sglang.pages", reason="thaw_sglang needs SGLang: scripts/setup-sglang.sh")
+
+
+def _path(tokens, first_slot):
+    return pages.RadixPath(list(tokens), torch.arange(first_slot, first_slot + len(tokens), dtype=torch.int64))
+
+
+def test_paths_that_part_inside_a_page_share_full_pages_and_copy_the_common_tokens():
+    shared = list(range(10))
+    a = _path(shared + [50, 51], 100)
+    b = pages.RadixPath(shared + [60], torch.cat([a.slots[:10], torch.tensor([200])]))
+    cut = pages.paginate([a, b], page_size=4)
+    assert cut.tree.parents == [-1, 0, 1, 1]
+    assert cut.tree.tokens == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 50, 51], [8, 9, 60]]
+    assert cut.slots.tolist() == [[100, 101, 102, 103], [104, 105, 106, 107], [108, 109, 110, 111], [108, 109, 200, -1]]
+    assert pages.distinct_token_count(cut.tree) == 13
+
+
+def test_leaf_sequences_give_back_each_path_and_its_rows():
+    a, b = _path(range(9), 0), _path(list(range(4)) + [70, 71], 20)
+    cut = pages.paginate([a, b], page_size=4)
+    sequences = pages.leaf_sequences(cut.tree, page_size=4)
+    assert [s.tokens for s in sequences] == [a.tokens, b.tokens]
+    flat = cut.slots.reshape(-1)
+    assert flat[sequences[0].rows].tolist() == a.slots.tolist()
+    assert flat[sequences[1].rows].tolist() == [0, 1, 2, 3, 24, 25]
+
+
+def test_a_path_ending_on_a_page_boundary_is_an_inner_page_of_a_longer_one():
+    cut = pages.paginate([_path(range(8), 0), _path(range(4), 0)], page_size=4)
+    assert cut.tree.parents == [-1, 0] and cut.tree.leaves() == [1]
