@@ -61,10 +61,7 @@ def parent_phase(driver: Driver, arch: str, workdir: Path, workload: Workload) -
             record["fork"] = [engine.generate(prompt, w.continue_tokens, seeded(w.seed + 1 + i)).token_ids
                               for i in range(w.fork_n)]
         record["mid_stream_after"] = w.mid_stream_after
-        try:
-            record["mid_stream"] = _mid_stream(engine, features, w, workdir / "mid_stream.thaw")
-        except Unsupported as exc:
-            record["mid_stream"] = {"unsupported": str(exc)}
+        record["mid_stream"] = _mid_stream(engine, features, w, workdir)
     finally:
         engine.close()
     record["damaged"] = {k: str(p) for k, p in variants.damaged(snapshot, workdir).items()}
@@ -75,18 +72,25 @@ def parent_phase(driver: Driver, arch: str, workdir: Path, workload: Workload) -
     return record
 
 
-def _mid_stream(engine: Engine, features, w: Workload, path: Path) -> dict:
-    """Requests submitted, stepped part-way, captured in flight, then finished by the parent."""
-    kinds = {"greedy": GREEDY, "seeded": seeded(w.seed)}
-    wanted = [k for k, f in (("greedy", "mid_stream"), ("seeded", "mid_stream_seeded")) if f in features]
-    ids = {k: engine.submit(w.prompt[::-1][: 40 + 3 * i], w.mid_stream_tokens, kinds[k]) for i, k in enumerate(wanted)}
-    if not ids:
-        return {}
-    for _ in range(w.mid_stream_after):
-        engine.step()
-    engine.capture(path)
-    finished = engine.drain()
-    return {"path": str(path), "requests": {k: {"id": rid, "tokens": finished[rid]} for k, rid in ids.items()}}
+def _mid_stream(engine: Engine, features, w: Workload, workdir: Path) -> dict:
+    """Per kind, a request submitted, stepped part-way, captured in flight, then finished by the parent."""
+    record: dict = {"requests": {}, "unsupported": {}}
+    for i, (kind, feature, sampling) in enumerate((("greedy", "mid_stream", GREEDY),
+                                                   ("seeded", "mid_stream_seeded", seeded(w.seed)))):
+        if feature not in features:
+            record["unsupported"][kind] = f"capturing a {kind} request in flight"
+            continue
+        try:
+            rid = engine.submit(w.prompt[::-1][: 40 + 3 * i], w.mid_stream_tokens, sampling)
+        except Unsupported as exc:
+            record["unsupported"][kind] = str(exc)
+            continue
+        for _ in range(w.mid_stream_after):
+            engine.step()
+        path = workdir / f"mid_stream_{kind}.thaw"
+        engine.capture(path)
+        record["requests"][kind] = {"id": rid, "tokens": engine.drain()[rid], "path": str(path)}
+    return record
 
 
 def child_phase(driver: Driver, arch: str, workdir: Path, workload: Workload, recorder: Recorder) -> dict:
@@ -181,6 +185,8 @@ def _compare_continuations(engine: Engine, driver: Driver, record: dict, w: Work
     with recorder.check("continuation_greedy") as note:
         _same(got["greedy"], want["greedy"], "greedy")
         note(f"{len(want['greedy']['tokens'])} tokens identical")
+        if len(set(want["greedy"]["tokens"])) == 1:
+            note("weak evidence: this model's greedy output repeats one token (the seeded check is the strong one)")
     with recorder.check("continuation_seeded") as note:
         if "seeded" not in driver.features:
             raise Unsupported("seeded sampling")
@@ -198,21 +204,13 @@ def _compare_continuations(engine: Engine, driver: Driver, record: dict, w: Work
 
 def _compare_mid_stream(engine: Engine, driver: Driver, record: dict, w: Workload, recorder: Recorder) -> None:
     mid = record["mid_stream"]
-    finished, failure = {}, None
-    if mid.get("requests"):
-        try:
-            engine.restore(Path(mid["path"]))
-            finished = engine.drain()
-        except Exception as exc:  # reported by both checks below
-            failure = exc
     for kind, check in (("greedy", "mid_stream_resume"), ("seeded", "mid_stream_resume_seeded")):
         with recorder.check(check) as note:
-            if kind not in mid.get("requests", {}):
-                raise Unsupported(mid.get("unsupported", f"capturing a {kind} request in flight"))
-            if failure is not None:
-                raise failure
+            if kind not in mid["requests"]:
+                raise Unsupported(mid["unsupported"][kind])
             want = mid["requests"][kind]
-            got = finished.get(want["id"])
+            engine.restore(Path(want["path"]))
+            got = engine.drain().get(want["id"])
             if got != want["tokens"]:
                 raise CheckFailed(f"request {want['id']} finished as {got}, in the parent as {want['tokens']}")
             note(f"{len(got)} tokens identical, {len(got) - record['mid_stream_after']} of them after the restore")
@@ -225,9 +223,13 @@ def _control(engine: Engine, driver: Driver, record: dict, w: Workload, recorder
         want = record["continuations"]["greedy"]
         if got.cached_tokens != want["cached"]:
             raise CheckFailed(f"noise KV: {got.cached_tokens} cached tokens, expected {want['cached']}: not hit")
-        if got.token_ids == want["tokens"]:
+        if got.token_ids != want["tokens"]:
+            note(f"noise KV hit ({got.cached_tokens} tokens) and changed the output tokens")
+        elif got.logprobs is not None and float_bits(got.logprobs) != want["logprobs"]:
+            note(f"noise KV hit ({got.cached_tokens} tokens) and changed the logprobs (the tokens stayed: "
+                 "the model's greedy output is insensitive)")
+        else:
             raise CheckFailed("noise KV under the same hashes gave the same output: the restored bytes are not read")
-        note(f"noise KV hit ({got.cached_tokens} tokens) and changed the output")
 
 
 def _compare_fork(driver: Driver, arch: str, workdir: Path, record: dict, w: Workload, recorder: Recorder) -> None:

@@ -52,6 +52,18 @@ _RECIPES: dict[str, tuple[str, dict]] = {
         "qwen3_moe",
         {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "decoder_sparse_step": 1},
     ),
+    # Multi-head latent attention (MLA): a compressed KV latent of 32 + a shared 16-wide RoPE key per token;
+    # layer 0 dense, layer 1 a mixture of experts.
+    "deepseek_v2": (
+        "deepseek_v2",
+        {"head_dim": None, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
+         "v_head_dim": 32, "num_key_value_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+         "n_shared_experts": 1, "moe_intermediate_size": 64, "first_k_dense_replace": 1, "topk_method": "greedy",
+         # YaRN at factor 1 (no scaling): the RoPE every engine's DeepSeek-V2 implements.
+         "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 1.0,
+                             "original_max_position_embeddings": 16384, "beta_fast": 32, "beta_slow": 1,
+                             "mscale": 1.0, "mscale_all_dim": 0.0}},
+    ),
     # The Qwen2.5-0.5B shape (494M parameters) with random weights, for benchmarks of realistic size.
     "qwen2.5-0.5b": (
         "qwen2",
