@@ -138,8 +138,20 @@ def fork(model: nn.Module, snapshot: Snapshot, n: int, *, check_weights: bool = 
 
 
 def cache_of_snapshot(snapshot: Snapshot) -> list:
-    """The snapshot's prompt cache, unchecked against any model (restore and fork check first)."""
+    """The snapshot's prompt cache, once it is clear MLX can hold it (which model it fits is restore's check)."""
     request = session_request(snapshot)
+    kv = snapshot.kv
+    if kv is None:
+        raise IncompatibleSnapshotError("the snapshot has no kv section")
+    if snapshot.prefix is not None and request.pages:
+        if snapshot.prefix.chain(request.pages[-1]) != request.pages:
+            raise IncompatibleSnapshotError(f"the session's pages {request.pages} are not one chain of the prefix tree")
+        if snapshot.prefix.chain_tokens(request.pages[-1]) != snapshot_tokens(snapshot)[: request.num_computed_tokens]:
+            raise IncompatibleSnapshotError("the prefix tree's tokens are not the session's computed tokens")
+    for i, layer in enumerate(kv.layers):
+        check_layer(i, layer, request.pages, request.num_computed_tokens, kv.page_size)
+        if layer_dtype(layer) != kv.dtype:
+            raise IncompatibleSnapshotError(f"kv.layers[{i}] is {layer_dtype(layer)}, the KV cache {kv.dtype}")
     cache = [decode_layer(layer, request.pages, request.num_computed_tokens) for layer in snapshot.kv.layers]
     mx.eval([c.state for c in cache])
     return cache
@@ -151,25 +163,14 @@ def _share(cache):
 
 
 def check_cache_layout(model: nn.Module, snapshot: Snapshot) -> None:
-    """Refuse KV of another shape than the model's: layers, heads, head size, dtype, token counts, layer kinds."""
+    """Refuse KV of another shape than the model's: layers, heads, head size, dtype."""
     # Most mlx-lm ModelArgs name these as HF configs do; where one does not, that check is left to the tensors.
     args = model.args
     num_heads = getattr(args, "num_attention_heads", None)
     num_kv_heads = getattr(args, "num_key_value_heads", None) or num_heads
     head_dim = getattr(args, "head_dim", None) or (args.hidden_size // num_heads if num_heads else None)
-    kv = snapshot.kv
     dtype = model_info(model, weights_digest=False).dtype
     check_kv_layout(snapshot, num_layers=len(model.layers), dtype=dtype, num_kv_heads=num_kv_heads, head_dim=head_dim)
-    request = session_request(snapshot)
-    if snapshot.prefix is not None and request.pages:
-        if snapshot.prefix.chain(request.pages[-1]) != request.pages:
-            raise IncompatibleSnapshotError(f"the session's pages {request.pages} are not one chain of the prefix tree")
-        if snapshot.prefix.chain_tokens(request.pages[-1]) != snapshot_tokens(snapshot)[: request.num_computed_tokens]:
-            raise IncompatibleSnapshotError("the prefix tree's tokens are not the session's computed tokens")
-    for i, layer in enumerate(kv.layers):
-        check_layer(i, layer, request.pages, request.num_computed_tokens, kv.page_size)
-        if layer_dtype(layer) != kv.dtype:
-            raise IncompatibleSnapshotError(f"kv.layers[{i}] is {layer_dtype(layer)}, the KV cache {kv.dtype}")
 
 
 def snapshot_num_computed(snapshot: Snapshot) -> int:

@@ -80,3 +80,12 @@ def test_import_refuses_another_model(model_of, session, saved, tmp_path):
     assert main(["convert", str(exported), str(tmp_path / "back.thaw")]) == 0
     with pytest.raises(thaw_format.IncompatibleSnapshotError, match="model.architecture"):
         thaw_mlx.restore(model_of("qwen2-kv"), thaw_format.load(str(tmp_path / "back.thaw")))
+
+
+def test_export_checks_the_snapshot_first(session, saved, tmp_path, capsys):
+    model, cache, tokens = session("llama-rotating")
+    snapshot = thaw_mlx.capture(model, cache, tokens)
+    snapshot.kv.layers[1].params["keep"] = 99
+    assert main(["convert", saved(snapshot), str(tmp_path / "cache.safetensors")]) == 1
+    assert "kv.layers[1] (ring): keep 99" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.safetensors"))
