@@ -137,7 +137,7 @@ class SnapshotFile:
                 view = self._view[region.offset : region.end]
                 if verify:
                     self._check_view(index, view)
-                out[name][:] = view
+                memoryview(out[name])[:] = view  # bytearray slice assignment would copy `view` first
         elif verify:
             regions = [(self.layout.regions[i].offset, out[n], self.layout.regions[i].chunk_size,
                         self._expected(self.layout.regions[i])) for n, i in zip(names, indices)]
