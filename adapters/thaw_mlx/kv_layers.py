@@ -111,8 +111,9 @@ def check_layer(i: int, layer: KVLayer, pages: list[int], num_tokens: int, page_
     if layer.kind == "ring":
         p = layer.params
         capacity = layer.tensors["k"].shape[1]
-        if not all(isinstance(p.get(k), list) and all(isinstance(x, int) for x in p[k])
-                   for k in ("write_index", "offset")) or not all(isinstance(p.get(k), int) for k in ("window", "keep")):
+        int_lists = all(isinstance(p.get(k), list) and all(isinstance(x, int) for x in p[k])
+                        for k in ("write_index", "offset"))
+        if not int_lists or not all(isinstance(p.get(k), int) for k in ("window", "keep")):
             raise refuse("params must hold integers window and keep, and lists write_index and offset")
         if len(p["write_index"]) != 1 or len(p["offset"]) != 1 or layer.tensors["k"].shape[0] != 1:
             raise refuse(f"MLX caches hold one sequence, this layer holds {layer.tensors['k'].shape[0]}")

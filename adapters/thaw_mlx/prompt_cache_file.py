@@ -63,7 +63,8 @@ def import_prompt_cache(
     snapshot = snapshot_of_cache(cache, tokens, model=None, num_prompt_tokens=num_prompt_tokens, page_size=page_size)
     if config is not None:
         canonical = checkpoint_config(config)
-        snapshot.model = ModelInfo(canonical["model_type"], config_digest(canonical), snapshot.kv.dtype, config=canonical)
+        snapshot.model = ModelInfo(canonical["model_type"], config_digest(canonical), snapshot.kv.dtype,
+                                   config=canonical)
     else:
         snapshot.model = ModelInfo(**json.loads(metadata[MODEL_KEY]))
     return snapshot

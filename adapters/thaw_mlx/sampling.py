@@ -43,7 +43,7 @@ class Sampler:
         return mx.random.categorical(logprobs * (1 / p.temperature), key=draw)
 
     def state(self):
-        """(SamplingParams, the key's bytes as a uint8 Tensor, the format's opaque RNG state): what a snapshot records."""
+        """(SamplingParams, the key's bytes as uint8, the format's opaque RNG state): what a snapshot records."""
         return self.params, from_mlx(self.key.view(mx.uint8))
 
 

@@ -48,7 +48,8 @@ LAYOUT_EDITS = {
     "kv.layers\\[1\\].num_kv_heads": lambda s: setattr(s.kv.layers[1], "num_kv_heads", 4),
     "kv.layers\\[0\\].head_dim": lambda s: setattr(s.kv.layers[0], "head_dim", 8),
     "kv.dtype": lambda s: setattr(s.kv, "dtype", "bfloat16"),
-    "\\(mla\\): thaw_mlx restores attention, quantized and ring": lambda s: s.kv.layers.__setitem__(0, KVLayer("mla", {}, 2, 16)),
+    "\\(mla\\): thaw_mlx restores attention, quantized and ring":
+        lambda s: s.kv.layers.__setitem__(0, KVLayer("mla", {}, 2, 16)),
     "prefix tree's tokens are not the session's": lambda s: setattr(s.scheduler.requests[0], "num_computed_tokens", 80),
     "2 pages of 32 cannot hold exactly 80": lambda s: (setattr(s, "prefix", None),
                                                        setattr(s.scheduler.requests[0], "num_computed_tokens", 80)),
