@@ -67,6 +67,21 @@ def load_model(snapshot: Snapshot) -> nn.Module:
         raise IncompatibleSnapshotError("the snapshot holds no weights (only a reference, or none)")
     model_class, args_class = _internals.model_classes(info.config)
     model = model_class(args_class.from_dict(info.config))
+    _quantize_like(model, weights.tensors)
     model.load_weights([(name, to_mlx(t)) for name, t in weights.tensors.items()], strict=True)
     mx.eval(model.parameters())
     return model
+
+
+def _quantize_like(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Quantize the layers whose weights come quantized (with scales), at the bits and group size their shapes
+    imply: an (affine) quantized checkpoint describes itself, so its config need not."""
+
+    def quantization(path: str, module: nn.Module):
+        scales = tensors.get(f"{path}.scales")
+        if scales is None or not hasattr(module, "to_quantized"):
+            return False
+        in_dims = module.weight.shape[-1]
+        return {"bits": tensors[f"{path}.weight"].shape[-1] * 32 // in_dims, "group_size": in_dims // scales.shape[-1]}
+
+    nn.quantize(model, class_predicate=quantization)

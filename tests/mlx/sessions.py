@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache, make_prompt_cache
 
 import thaw_mlx
@@ -35,9 +36,14 @@ class Case:
     overrides: dict = field(default_factory=dict)
     kinds: tuple = ()  # the snapshot's KV layer kinds, when not all those of `cache`
     prompt: tuple = tuple(PROMPT)
+    weight_bits: int = 0  # quantize the model's weights (4 or 8 bits, groups of 32)
 
     def model(self):
-        return make_model(self.arch, DTYPES[self.dtype], **self.overrides)
+        model = make_model(self.arch, DTYPES[self.dtype], **self.overrides)
+        if self.weight_bits:
+            nn.quantize(model, group_size=32, bits=self.weight_bits)
+            mx.eval(model.parameters())
+        return model
 
 
 HEAD_DIM_32 = {"num_attention_heads": 2, "num_key_value_heads": 1}  # quantization groups are 32 wide
@@ -56,6 +62,7 @@ CASES = {
     "qwen2-quantized-fp16": Case("qwen2", "quantized", "float16", overrides=HEAD_DIM_32),
     "qwen3-quantized-4bit": Case("qwen3", "quantized-4", overrides={"head_dim": 32}),
     # longer than mlx-lm's 256-token allocation step: the restored buffers span two steps
+    "qwen2-4bit-weights": Case("qwen2", "kv", weight_bits=4),
     "llama-kv-long": Case("llama", "kv", prompt=tuple((7 * i) % 251 for i in range(300))),
 }
 
