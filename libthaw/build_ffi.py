@@ -6,6 +6,8 @@ dispatcher in crc32c.c decides, at run time, which kernel this CPU may execute.
 """
 
 import platform
+import shutil
+import subprocess
 from pathlib import Path
 
 from cffi import FFI
@@ -68,6 +70,21 @@ int64_t thaw_gather(const void *src, size_t src_len, const int64_t *offsets, siz
 int64_t thaw_scatter(const void *src, size_t src_len, void *out, size_t out_len, const int64_t *offsets,
                      size_t n, size_t length);
 """
+
+
+CUDA_LIBRARY = "libthaw_cuda.so"  # beside the extension module, in thaw_format/
+CUDA_SOURCE = ROOT / "cuda" / "thaw_cuda.cu"
+# SASS for Ampere and Hopper, and PTX that newer GPUs compile at load time.
+NVCC_FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-cudart", "static",
+              "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=[sm_90,compute_90]"]
+
+
+def build_cuda(output: str, nvcc: str = "") -> None:
+    """Compile libthaw/cuda into the shared object `output` with nvcc (raises if nvcc is absent or fails)."""
+    nvcc = nvcc or shutil.which("nvcc") or ""
+    if not nvcc:
+        raise FileNotFoundError("nvcc not found")
+    subprocess.run([nvcc, *NVCC_FLAGS, "-o", output, str(CUDA_SOURCE)], check=True, capture_output=True)
 
 
 def isa_sources(machine: str = "") -> dict:

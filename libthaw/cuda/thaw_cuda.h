@@ -1,0 +1,61 @@
+/* libthaw's CUDA mover: a separate shared object (libthaw_cuda.so, cudart linked statically), opened with
+ * dlopen only where a GPU is present, so the CPU package never links libcudart.
+ *
+ * Every function returns 0 on success, THAW_CUDA_BAD_CHUNK after a checksum mismatch (bad_region and
+ * bad_chunk say where), or THAW_CUDA_ERROR (thaw_cuda_last_error() says why). Streams are cudaStream_t
+ * passed as void *, NULL for the default stream. */
+#ifndef THAW_CUDA_H
+#define THAW_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The library is built with hidden visibility; only these functions are exported. */
+#define THAW_CUDA_API __attribute__((visibility("default")))
+
+#define THAW_CUDA_OK 0
+#define THAW_CUDA_BAD_CHUNK 1
+#define THAW_CUDA_ERROR 2
+
+/* CRC32C continuing from crc; the caller passes libthaw's thaw_crc32c_parallel. */
+typedef uint32_t (*thaw_crc_fn)(uint32_t crc, const void *data, size_t len);
+
+/* A byte range of a file and the device memory it comes from (writes) or goes to (reads). */
+typedef struct {
+    uint64_t offset;
+    void *device;
+    uint64_t len;
+    uint64_t chunk_size;
+    uint32_t *crcs; /* ceil(len / chunk_size): filled by writes, expected by reads */
+} thaw_cuda_region;
+
+THAW_CUDA_API int thaw_cuda_device_count(void);
+THAW_CUDA_API const char *thaw_cuda_last_error(void);
+
+/* Copy n slabs of `length` bytes from device_src + offsets[i] (offsets in host memory) into host_out
+ * (n * length bytes): a kernel gathers them into one device buffer, then one device-to-host copy. */
+THAW_CUDA_API int thaw_cuda_gather_to_host(const void *device_src, const int64_t *offsets, size_t n, size_t length,
+                             void *host_out, void *stream);
+/* The reverse: one host-to-device copy of host_src (n * length bytes), then a kernel scatters the slabs to
+ * device_out + offsets[i]. */
+THAW_CUDA_API int thaw_cuda_scatter_from_host(const void *host_src, void *device_out, const int64_t *offsets, size_t n,
+                                size_t length, void *stream);
+
+/* Device memory to file through a ring of `slots` pinned buffers of slot_bytes: the device-to-host copy
+ * of one piece overlaps the checksum and pwrite of the previous one. */
+THAW_CUDA_API int thaw_cuda_write_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
+                            thaw_crc_fn crc, void *stream);
+/* File to device memory through the pinned ring: each piece is read into a slot and checked there, and only
+ * then copied to the device, while the next piece is read. Device memory never receives a bad chunk. */
+THAW_CUDA_API int thaw_cuda_read_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
+                           thaw_crc_fn crc, void *stream, int64_t *bad_region, int64_t *bad_chunk);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,124 @@
+"""libthaw's CUDA mover (libthaw/cuda), opened only where a GPU is present.
+
+The shared object thaw_format/libthaw_cuda.so is built by `pip install` where nvcc exists and links the CUDA
+runtime statically; it is opened with dlopen (cffi ABI mode) on first use, and only when an NVIDIA device
+node exists, so CPU-only machines never load it. Device memory is passed as integer addresses (for a torch
+tensor: `t.data_ptr()`), streams as integer handles (0 for the default stream).
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import cffi
+
+from . import mover
+
+LIBRARY = Path(__file__).resolve().parent / "libthaw_cuda.so"
+
+_CDEF = """
+typedef uint32_t (*thaw_crc_fn)(uint32_t crc, const void *data, size_t len);
+typedef struct { uint64_t offset; void *device; uint64_t len; uint64_t chunk_size; uint32_t *crcs; } thaw_cuda_region;
+int thaw_cuda_device_count(void);
+const char *thaw_cuda_last_error(void);
+int thaw_cuda_gather_to_host(const void *device_src, const int64_t *offsets, size_t n, size_t length,
+                             void *host_out, void *stream);
+int thaw_cuda_scatter_from_host(const void *host_src, void *device_out, const int64_t *offsets, size_t n,
+                                size_t length, void *stream);
+int thaw_cuda_write_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
+                            thaw_crc_fn crc, void *stream);
+int thaw_cuda_read_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
+                           thaw_crc_fn crc, void *stream, int64_t *bad_region, int64_t *bad_chunk);
+"""
+
+SLOT_BYTES = 16 << 20
+SLOTS = 4
+
+_ffi = cffi.FFI()
+_ffi.cdef(_CDEF)
+_opened: Optional[Tuple[object, object]] = None
+
+
+def unavailable_reason(library: Path = LIBRARY) -> Optional[str]:
+    """Why the CUDA mover cannot be used here, or None when it can."""
+    if mover._lib is None:
+        return "libthaw (the CPU library it checksums with) is not built"
+    if not os.path.exists("/dev/nvidiactl"):
+        return "no NVIDIA GPU here (/dev/nvidiactl is absent)"
+    if not library.exists():
+        return f"{library.name} was not built (no nvcc at install time)"
+    return None
+
+
+def open_library(library: Path = LIBRARY):
+    """(lib, crc function pointer) for the CUDA mover; raises RuntimeError naming why it is unavailable."""
+    global _opened
+    if _opened is None:
+        reason = unavailable_reason(library)
+        if reason:
+            raise RuntimeError(f"libthaw CUDA mover unavailable: {reason}")
+        lib = _ffi.dlopen(str(library))
+        if lib.thaw_cuda_device_count() < 1:
+            raise RuntimeError("libthaw CUDA mover unavailable: the CUDA runtime sees no device")
+        address = int(mover._ffi.cast("uintptr_t", mover._ffi.addressof(mover._lib, "thaw_crc32c_parallel")))
+        _opened = (lib, _ffi.cast("thaw_crc_fn", address))
+    return _opened
+
+
+def _check(lib, code: int) -> int:
+    if code == 2:
+        raise RuntimeError(f"libthaw CUDA mover: {_ffi.string(lib.thaw_cuda_last_error()).decode()}")
+    return code
+
+
+def _offsets(offsets):
+    return _ffi.from_buffer("int64_t[]", array("q", offsets))
+
+
+def gather_to_host(device_src: int, offsets: Sequence[int], length: int, out, stream: int = 0) -> None:
+    """Copy slabs device_src + offsets[i] (length bytes each) into the host buffer `out`, in order."""
+    lib, _ = open_library()
+    host = _ffi.from_buffer(out, require_writable=True)
+    if len(host) < len(offsets) * length:
+        raise ValueError(f"out holds {len(host)} bytes, {len(offsets)} slabs need {len(offsets) * length}")
+    _check(lib, lib.thaw_cuda_gather_to_host(_ffi.cast("void *", device_src), _offsets(offsets), len(offsets),
+                                             length, host, _ffi.cast("void *", stream)))
+
+
+def scatter_from_host(src, device_out: int, offsets: Sequence[int], length: int, stream: int = 0) -> None:
+    """Copy slab i of the host buffer `src` to device_out + offsets[i]."""
+    lib, _ = open_library()
+    host = _ffi.from_buffer(src)
+    if len(host) < len(offsets) * length:
+        raise ValueError(f"src holds {len(host)} bytes, {len(offsets)} slabs need {len(offsets) * length}")
+    _check(lib, lib.thaw_cuda_scatter_from_host(host, _ffi.cast("void *", device_out), _offsets(offsets),
+                                                len(offsets), length, _ffi.cast("void *", stream)))
+
+
+def _regions(regions, crcs):
+    return _ffi.new("thaw_cuda_region[]", [
+        (offset, _ffi.cast("void *", device), length, chunk_size, _ffi.from_buffer("uint32_t[]", k))
+        for (offset, device, length, chunk_size, *_), k in zip(regions, crcs)])
+
+
+def write_regions(fd: int, regions: Sequence[Tuple[int, int, int, int]], stream: int = 0) -> list:
+    """Write (file offset, device address, length, chunk size) regions; returns each region's chunk CRCs."""
+    lib, crc = open_library()
+    crcs = [array("I", bytes(4 * -(-length // chunk))) for _, _, length, chunk in regions]
+    _check(lib, lib.thaw_cuda_write_regions(fd, _regions(regions, crcs), len(regions), SLOT_BYTES, SLOTS, crc,
+                                            _ffi.cast("void *", stream)))
+    return crcs
+
+
+def read_regions(fd: int, regions: Sequence[Tuple[int, int, int, int, Sequence[int]]], stream: int = 0):
+    """Fill (file offset, device address, length, chunk size, expected CRCs) regions, every chunk checked on
+    the host before its copy to the device; returns the first bad (region, chunk) or None."""
+    lib, crc = open_library()
+    crcs = [mover._expected_crcs(r[4], r[2], r[3], i) for i, r in enumerate(regions)]
+    bad = _ffi.new("int64_t[2]")
+    code = _check(lib, lib.thaw_cuda_read_regions(fd, _regions(regions, crcs), len(regions), SLOT_BYTES, SLOTS, crc,
+                                                  _ffi.cast("void *", stream), bad, bad + 1))
+    return (bad[0], bad[1]) if code == 1 else None
