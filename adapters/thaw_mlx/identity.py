@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -52,10 +53,17 @@ def model_info(model: nn.Module, *, weights_digest: bool = True) -> ModelInfo:
     )
 
 
-def check_snapshot_model(model: nn.Module, snapshot: Snapshot, *, check_weights: bool = True) -> None:
-    """Refuse a snapshot of another model (architecture, config, dtype, and weights when both sides know them)."""
-    want_digest = check_weights and snapshot.model is not None and snapshot.model.weights_digest is not None
-    check_model(snapshot, model_info(model, weights_digest=want_digest), check_weights=check_weights)
+def check_snapshot_model(
+    model: nn.Module, snapshot: Snapshot, *, check_weights: bool = True, info: Optional[ModelInfo] = None
+) -> None:
+    """Refuse a snapshot of another model (architecture, config, dtype, and weights when both sides know them).
+
+    `info` is the model's identity when already known (model_info reads every weight to digest them).
+    """
+    if info is None:
+        want_digest = check_weights and snapshot.model is not None and snapshot.model.weights_digest is not None
+        info = model_info(model, weights_digest=want_digest)
+    check_model(snapshot, info, check_weights=check_weights)
 
 
 def load_model(snapshot: Snapshot) -> nn.Module:

@@ -48,19 +48,21 @@ def capture(
     sampler=None,
     label: Optional[str] = None,
     parent: Optional[str] = None,
+    info: Optional[ModelInfo] = None,
 ) -> Snapshot:
     """Snapshot the session. The tensors share MLX's memory until the snapshot is written.
 
     `num_prompt_tokens` splits `tokens` into prompt and output (default: all prompt); `sampler`, a
     thaw_mlx.Sampler, records how the session samples and its PRNG key (default greedy); `parent` is the id of
-    the snapshot this session was restored from.
+    the snapshot this session was restored from; `info` is thaw_mlx.model_info(model) if already computed, to
+    save reading every weight for its digest again.
     """
     if len(prompt_cache) != len(model.layers):
         raise ValueError(f"the prompt cache has {len(prompt_cache)} layers, the model {len(model.layers)}")
     return snapshot_of_cache(
         prompt_cache,
         tokens,
-        model=model_info(model),
+        model=info or model_info(model),
         weights=Weights(model_weights(model)) if include_weights else None,
         num_prompt_tokens=num_prompt_tokens,
         page_size=page_size,
@@ -122,16 +124,23 @@ def snapshot_of_cache(
     )
 
 
-def restore(model: nn.Module, snapshot: Snapshot, *, check_weights: bool = True) -> list:
-    """A new prompt cache holding the snapshot's KV, after checking that it belongs to this model."""
-    return fork(model, snapshot, 1, check_weights=check_weights)[0]
+def restore(
+    model: nn.Module, snapshot: Snapshot, *, check_weights: bool = True, info: Optional[ModelInfo] = None
+) -> list:
+    """A new prompt cache holding the snapshot's KV, after checking that it belongs to this model.
+
+    `info` is thaw_mlx.model_info(model) if already computed; `check_weights=False` skips the weights digest.
+    """
+    return fork(model, snapshot, 1, check_weights=check_weights, info=info)[0]
 
 
-def fork(model: nn.Module, snapshot: Snapshot, n: int, *, check_weights: bool = True) -> list[list]:
+def fork(
+    model: nn.Module, snapshot: Snapshot, n: int, *, check_weights: bool = True, info: Optional[ModelInfo] = None
+) -> list[list]:
     """n independent prompt caches from one snapshot. They share the restored buffers: MLX copies on write."""
     if n < 1:
         raise ValueError(f"fork needs n >= 1, got {n}")
-    check_snapshot_model(model, snapshot, check_weights=check_weights)
+    check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
     check_cache_layout(model, snapshot)
     parent = cache_of_snapshot(snapshot)
     return [parent] + [[_share(c) for c in parent] for _ in range(n - 1)]

@@ -110,3 +110,15 @@ def test_captures_thaw_cannot_represent(model_of):
         thaw_mlx.capture(model, single, [1, 2])
     with pytest.raises(ValueError, match="holds 0 tokens"):
         thaw_mlx.capture(model, [KVCache() for _ in model.layers], [1])
+
+
+def test_a_known_identity_is_used_as_given(model_of, llama_snapshot):
+    """restore(info=...) trusts the caller's model_info instead of digesting the weights again."""
+    model = model_of("llama-kv")
+    info = thaw_mlx.model_info(model)
+    assert len(thaw_mlx.restore(model, llama_snapshot, info=info)) == 2
+    info.weights_digest = "sha256:" + "0" * 64
+    with pytest.raises(IncompatibleSnapshotError, match="model.weights_digest"):
+        thaw_mlx.restore(model, llama_snapshot, info=info)
+    assert thaw_mlx.capture(model, thaw_mlx.restore(model, llama_snapshot), thaw_mlx.snapshot_tokens(llama_snapshot),
+                            info=info).model.weights_digest == info.weights_digest
