@@ -143,6 +143,27 @@ def rebuild(buf, edit) -> bytearray:
     return container(doc, payloads, chunk_size=regions[0][2] if regions else ALIGN)
 
 
+def repair(buf) -> bytes:
+    """Make every checksum of an arbitrary (mutated) file match its bytes, wherever its table allows it.
+
+    Re-seals the header CRC when the declared header fits, and when every declared region also fits with a
+    valid chunk size, rewrites the trailer to match the data. What stays wrong is then structure, not a
+    checksum, which is what a fuzzer should spend its time on.
+    """
+    buf = bytearray(buf)
+    if len(buf) < PREAMBLE.size or header_length(buf) > len(buf):
+        return bytes(buf)
+    w = where(buf)
+    regions_fit = all(
+        offset + length <= len(buf) and ALIGN <= chunk_size <= 1 << 30 and not chunk_size & (chunk_size - 1)
+        for offset, length, chunk_size, _ in w.regions
+    )
+    if regions_fit and w.trailer_offset <= len(buf):
+        crcs = [c for offset, length, size, _ in w.regions for c in chunk_crcs(buf[offset : offset + length], size)]
+        buf = buf[: w.trailer_offset] + trailer(crcs)
+    return bytes(reseal(buf))
+
+
 # ------------------------------------------------------------------------------------------------ valid inputs
 
 
