@@ -1,4 +1,4 @@
-"""The atheris harness's check runs in the suite too, without atheris: over every committed hostile file and
+"""The atheris harnesses' checks run in the suite too, without atheris: over every committed hostile file and
 golden vector, and over a fixed set of random mutations of them (a short, uninstrumented fuzz run)."""
 
 import importlib.util
@@ -14,12 +14,16 @@ SEEDS = sorted((ROOT / "tests/hostile/corpus").glob("*.thaw")) + sorted((ROOT / 
 MUTATIONS = 2000
 
 
-@pytest.fixture(scope="module")
-def harness():
-    spec = importlib.util.spec_from_file_location("fuzz_reader", ROOT / "fuzz/fuzz_reader.py")
+def load_harness(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"fuzz/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def harness():
+    return load_harness("fuzz_reader")
 
 
 def test_harness_accepts_every_seed(harness):
@@ -59,3 +63,13 @@ def test_repair_reaches_past_the_checksums():
     repaired = craft.repair(data)
     assert repaired != bytes(data) and craft.header_length(repaired) == craft.header_length(data)
     assert craft.repair(repaired) == repaired
+
+
+def test_document_harness_over_its_seeds_and_mutations(tmp_path):
+    harness = load_harness("fuzz_document")
+    harness.write_seeds(tmp_path)
+    seeds = [p.read_bytes() for p in sorted(tmp_path.iterdir())]
+    assert len(seeds) > 60
+    rng = random.Random(8)
+    for data in seeds + [mutate(rng.choice(seeds), rng) for _ in range(MUTATIONS)]:
+        harness.check(data)
