@@ -487,6 +487,58 @@ def _():
     return edit_sections(lambda doc, payloads: doc["scheduler"]["requests"][0].update(rng_state=True))
 
 
+@corrupt("feature_bit_without_content", "weights_ref (required bit 0) is set but the document lacks it",
+         "the weights_ref bit set on a file that carries its weights")
+def _():
+    return craft.set_preamble(two_tensors(), required=1)
+
+
+@corrupt("content_without_feature_bit", "native_hashes (optional bit 0) is clear but the document has it",
+         "prefix.hash present, its feature bit clear")
+def _():
+    def add_hash(doc, payloads):
+        doc["prefix"]["hash"] = {"algorithm": "sha256", "tokens_per_hash": 2, "hashes": ["ab", None]}
+
+    return edit_sections(add_hash)
+
+
+@corrupt("prefix_without_kv", "a prefix section requires a kv section", "the kv section and its tensors removed")
+def _():
+    def drop_kv(doc, payloads):
+        del doc["kv"], doc["tensors"][:2], payloads[:2]
+
+    return edit_sections(drop_kv)
+
+
+@corrupt("kv_dtype_mismatch", "has dtype float32, the cache's dtype is bfloat16", "kv.dtype disagrees with the pages")
+def _():
+    return edit_sections(lambda doc, payloads: doc["kv"].update(dtype="bfloat16"))
+
+
+@corrupt("kv_page_count_mismatch", "paged tensors are [num_pages=2", "k holds 1 page of 2 heads, the tree has 2 pages")
+def _():
+    return edit_sections(lambda doc, payloads: doc["tensors"][0].update(shape=[1, 2, 2, 2]))
+
+
+@corrupt("prefix_partial_parent", "continued by another page, so it must be full", "page 0 holds 1 of 2 tokens")
+def _():
+    return edit_sections(lambda doc, payloads: payloads.__setitem__(3, struct.pack("<2i", 1, 2)))
+
+
+@corrupt("integer_member_is_bool", "kv.page_size must be count, got true", "page_size true: a bool is not an int")
+def _():
+    return edit_sections(lambda doc, payloads: doc["kv"].update(page_size=True))
+
+
+@case("unknown_members_ignored", None, "", "members a reader does not know, at any level, are ignored (spec 5)")
+def _():
+    def add_unknown(doc, payloads):
+        doc["future_section"] = {"x": [1, 2]}
+        doc["kv"]["future_member"] = "y"
+
+    return edit_sections(add_unknown)
+
+
 # ------------------------------------------------------------------------------------------------ writing
 
 
