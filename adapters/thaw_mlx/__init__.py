@@ -9,10 +9,11 @@
 from . import _internals  # noqa: F401  (refuses an untested mlx-lm at import)
 from .generate import generate, greedy
 from .identity import load_model, model_config, model_info, model_weights
+from .kv_layers import num_cached_tokens
 from .sampling import Sampler, sampler_of
 from .session import capture, fork, restore, snapshot_num_computed, snapshot_tokens
 
 __all__ = [
     "Sampler", "capture", "fork", "generate", "greedy", "load_model", "model_config", "model_info", "model_weights",
-    "restore", "sampler_of", "snapshot_num_computed", "snapshot_tokens",
+    "num_cached_tokens", "restore", "sampler_of", "snapshot_num_computed", "snapshot_tokens",
 ]

@@ -8,7 +8,7 @@ from a config are internals. A newer mlx-lm must be tested and added here before
 from __future__ import annotations
 
 import mlx_lm
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, RotatingKVCache
 from mlx_lm.utils import _get_classes
 
 TESTED_MLX_LM = ("0.32.",)
@@ -51,6 +51,17 @@ def ring_state(cache: RotatingKVCache):
 
 def make_ring(keys, values, offset: int, keep: int, max_size: int, write_index: int) -> RotatingKVCache:
     return RotatingKVCache.from_state((keys, values, offset, keep, max_size, write_index))
+
+
+def arrays_state(cache: ArraysCache):
+    """(states, left_padding, lengths): a recurrent layer's state arrays, [batch, ...] each; padding and lengths
+    are set only while mlx-lm batches sequences of different lengths."""
+    states, left_padding, lengths = cache.state
+    return states, left_padding, lengths
+
+
+def make_arrays(states: list) -> ArraysCache:
+    return ArraysCache.from_state((list(states), None, None))
 
 
 def model_classes(config: dict):

@@ -8,6 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
+from .kv_layers import num_cached_tokens
+
 PREFILL_STEP = 2048  # mlx-lm generate_step's default prefill chunk: the same chunks give the same bytes
 
 
@@ -31,7 +33,7 @@ def generate(
     yielded token the cache holds every token but that one, so the session can be captured at any point.
     """
     sampler = sampler or greedy
-    offset = prompt_cache[0].offset
+    offset = num_cached_tokens(prompt_cache)
     if offset == len(tokens):
         # mlx-lm's generate_step runs one ahead: drop the last token's KV and compute it again, identically.
         if not can_trim_prompt_cache(prompt_cache):

@@ -6,12 +6,13 @@ pages [num_pages, page_size, kv_heads, head_dim] (so MLX and vLLM snapshots of o
     QuantizedKVCache  -> "quantized": the packed values, scales and biases paged the same way
     RotatingKVCache   -> "ring": the buffer in physical order, [1, capacity, kv_heads, head_dim], with the
                          write index and offset needed to carry on writing exactly where it stood
+    ArraysCache       -> "recurrent": the state arrays (convolution, SSM) of hybrid models, "state.0", ...
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, RotatingKVCache
 
 from thaw_format import IncompatibleSnapshotError, KVLayer
 from thaw_format.mlx import from_mlx, to_mlx
@@ -21,15 +22,32 @@ from . import _internals
 QUANTIZED_PARTS = ("", "_scales", "_biases")
 QUANTIZED_BITS = (2, 3, 4, 5, 6, 8)
 QUANTIZED_GROUPS = (32, 64, 128)
+SUPPORTED = (KVCache, QuantizedKVCache, RotatingKVCache, ArraysCache)
+
+
+def num_cached_tokens(prompt_cache: list) -> int:
+    """How many tokens the cache holds, as its attention layers count them (recurrent layers do not)."""
+    offsets = {c.offset for c in prompt_cache if not isinstance(c, ArraysCache)}
+    if not offsets:
+        raise ValueError("no layer of the cache says how many tokens it holds (thaw_mlx needs an attention layer)")
+    if len(offsets) != 1:
+        raise ValueError(f"the cache layers disagree on how many tokens they hold: {sorted(offsets)}")
+    return offsets.pop()
 
 
 def encode_layer(cache, page_size: int) -> KVLayer:
     """One layer's cache as a KVLayer; refuses caches thaw does not know and batches of more than one."""
-    if not isinstance(cache, (KVCache, QuantizedKVCache, RotatingKVCache)):
-        raise TypeError(f"thaw_mlx cannot capture a {type(cache).__name__} (supported: KVCache, QuantizedKVCache, "
-                        "RotatingKVCache)")
+    if not isinstance(cache, SUPPORTED):
+        raise TypeError(f"thaw_mlx cannot capture a {type(cache).__name__} (supported: "
+                        f"{', '.join(c.__name__ for c in SUPPORTED)})")
     if cache.empty():
         raise ValueError("a layer's cache is empty: nothing to capture")
+    if isinstance(cache, ArraysCache):
+        states, left_padding, lengths = _internals.arrays_state(cache)
+        if left_padding is not None or lengths is not None or any(s is None for s in states):
+            raise ValueError("a recurrent layer's cache is mid-batch (padding or lengths set) or partly empty")
+        _check_single(states[0])
+        return KVLayer("recurrent", {f"state.{i}": from_mlx(state) for i, state in enumerate(states)})
     if isinstance(cache, KVCache):
         keys, values, offset = _internals.kv_state(cache)
         _check_single(keys)
@@ -75,6 +93,8 @@ def decode_layer(layer: KVLayer, pages: list[int], num_tokens: int):
             for role in ("k", "v")
         )
         return _internals.make_quantized(keys, values, num_tokens, layer.params["group_size"], layer.params["bits"])
+    if layer.kind == "recurrent":
+        return _internals.make_arrays([to_mlx(layer.tensors[f"state.{i}"]) for i in range(len(layer.tensors))])
     p = layer.params
     keys, values = (mx.contiguous(to_mlx(layer.tensors[r]).transpose(0, 2, 1, 3)) for r in ("k", "v"))
     return _internals.make_ring(keys, values, p["offset"][0], p["keep"], p["window"], p["write_index"][0])
@@ -88,9 +108,10 @@ def check_layer(i: int, layer: KVLayer, pages: list[int], num_tokens: int, page_
         return IncompatibleSnapshotError(f"{where}: {why}")
 
     roles = {"attention": ["k", "v"], "ring": ["k", "v"],
-             "quantized": sorted(r + s for r in ("k", "v") for s in QUANTIZED_PARTS)}.get(layer.kind)
+             "quantized": sorted(r + s for r in ("k", "v") for s in QUANTIZED_PARTS),
+             "recurrent": sorted(f"state.{i}" for i in range(len(layer.tensors)))}.get(layer.kind)
     if roles is None:
-        raise refuse("thaw_mlx restores attention, quantized and ring layers only")
+        raise refuse("thaw_mlx restores attention, quantized, ring and recurrent layers only")
     if sorted(layer.tensors) != roles:
         raise refuse(f"must hold tensors {roles}, has {sorted(layer.tensors)}")
     if layer.kind in ("attention", "quantized"):
@@ -108,6 +129,9 @@ def check_layer(i: int, layer: KVLayer, pages: list[int], num_tokens: int, page_
                 scales.shape[3] * group_size != layer.head_dim:
             raise refuse(f"packed {packed.dtype}{list(packed.shape)} and scales {list(scales.shape)} do not "
                          f"quantize head_dim {layer.head_dim} at {bits} bits in groups of {group_size}")
+    if layer.kind == "recurrent" and (not layer.tensors or any(not t.shape or t.shape[0] != 1
+                                                               for t in layer.tensors.values())):
+        raise refuse("MLX caches hold one sequence: every state must be [1, ...]")
     if layer.kind == "ring":
         p = layer.params
         capacity = layer.tensors["k"].shape[1]
@@ -126,7 +150,8 @@ def check_layer(i: int, layer: KVLayer, pages: list[int], num_tokens: int, page_
 
 def layer_dtype(layer: KVLayer) -> str:
     """The activation dtype the layer was written in (for quantized layers, that of its scales)."""
-    return layer.tensors["k_scales" if layer.kind == "quantized" else "k"].dtype
+    role = {"quantized": "k_scales", "recurrent": "state.0"}.get(layer.kind, "k")
+    return layer.tensors[role].dtype
 
 
 def _check_single(keys: mx.array) -> None:

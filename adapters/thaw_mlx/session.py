@@ -31,7 +31,7 @@ from thaw_format import (
 
 from . import _internals
 from .identity import check_snapshot_model, model_info, model_weights
-from .kv_layers import check_layer, decode_layer, encode_layer, layer_dtype
+from .kv_layers import check_layer, decode_layer, encode_layer, layer_dtype, num_cached_tokens
 
 REQUEST_ID = "mlx-0"
 DEFAULT_PAGE_SIZE = 32  # vLLM's CPU block size, so that MLX and vLLM snapshots of one prompt page alike
@@ -84,10 +84,7 @@ def snapshot_of_cache(
 ) -> Snapshot:
     """The snapshot of a prompt cache whose model is described rather than at hand (capture, file import)."""
     tokens = [int(t) for t in tokens]
-    offsets = {c.offset for c in prompt_cache}
-    if len(offsets) != 1:
-        raise ValueError(f"the cache layers disagree on how many tokens they hold: {sorted(offsets)}")
-    offset = offsets.pop()
+    offset = num_cached_tokens(prompt_cache)
     if not 0 < offset <= len(tokens):
         raise ValueError(f"the cache holds {offset} tokens, but {len(tokens)} token ids were given")
     num_prompt_tokens = len(tokens) if num_prompt_tokens is None else num_prompt_tokens
@@ -179,7 +176,15 @@ def check_cache_layout(model: nn.Module, snapshot: Snapshot) -> None:
     num_kv_heads = getattr(args, "num_key_value_heads", None) or num_heads
     head_dim = getattr(args, "head_dim", None) or (args.hidden_size // num_heads if num_heads else None)
     dtype = model_info(model, weights_digest=False).dtype
-    check_kv_layout(snapshot, num_layers=len(model.layers), dtype=dtype, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    check_kv_layout(snapshot, num_layers=len(model.layers), dtype=dtype)
+    for i, layer in enumerate(snapshot.kv.layers):
+        if layer.kind == "recurrent":  # states have model-specific shapes: the config digest vouches for them
+            continue
+        for field, want in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if want is not None and getattr(layer, field) != want:
+                raise IncompatibleSnapshotError(
+                    f"kv.layers[{i}].{field}: the snapshot has {getattr(layer, field)!r}, the engine has {want!r}"
+                )
 
 
 def snapshot_num_computed(snapshot: Snapshot) -> int:

@@ -6,7 +6,7 @@ import pytest
 from mlx_lm.models.cache import ConcatenateKVCache, KVCache
 
 import thaw_mlx
-from thaw_format import IncompatibleSnapshotError, KVLayer, SchedulerState
+from thaw_format import IncompatibleSnapshotError, KVLayer, SchedulerState, Tensor
 from zoo import make_model
 
 
@@ -48,7 +48,7 @@ LAYOUT_EDITS = {
     "kv.layers\\[1\\].num_kv_heads": lambda s: setattr(s.kv.layers[1], "num_kv_heads", 4),
     "kv.layers\\[0\\].head_dim": lambda s: setattr(s.kv.layers[0], "head_dim", 8),
     "kv.dtype": lambda s: setattr(s.kv, "dtype", "bfloat16"),
-    "\\(mla\\): thaw_mlx restores attention, quantized and ring":
+    "\\(mla\\): thaw_mlx restores attention, quantized, ring and recurrent":
         lambda s: s.kv.layers.__setitem__(0, KVLayer("mla", {}, 2, 16)),
     "prefix tree's tokens are not the session's": lambda s: setattr(s.scheduler.requests[0], "num_computed_tokens", 80),
     "2 pages of 32 cannot hold exactly 80": lambda s: (setattr(s, "prefix", None),
@@ -122,3 +122,13 @@ def test_a_known_identity_is_used_as_given(model_of, llama_snapshot):
         thaw_mlx.restore(model, llama_snapshot, info=info)
     assert thaw_mlx.capture(model, thaw_mlx.restore(model, llama_snapshot), thaw_mlx.snapshot_tokens(llama_snapshot),
                             info=info).model.weights_digest == info.weights_digest
+
+
+def test_recurrent_states_mlx_cannot_hold(session):
+    model, cache, tokens = session("lfm2-hybrid")
+    with pytest.raises(ValueError, match="needs an attention layer"):
+        thaw_mlx.num_cached_tokens([cache[0], cache[2]])  # recurrent layers alone do not count tokens
+    snapshot = thaw_mlx.capture(model, cache, tokens)
+    state = snapshot.kv.layers[0].tensors["state.0"]
+    snapshot.kv.layers[0].tensors["state.0"] = Tensor(state.dtype, (2, *state.shape[1:]), state.tobytes() * 2)
+    refused(model, snapshot, "every state must be \\[1, ...\\]")
