@@ -18,7 +18,10 @@ def parent_continuation(session, name: str, suffix: list[int]) -> dict:
     return {"tokens": out, "kv_digest": kv_digest(model, cache, tokens + suffix + out)}
 
 
-@pytest.mark.parametrize("name", ["llama-kv", "llama-rotating", "llama-quantized", "llama-sliding-mixed", "lfm2-hybrid"])
+FORKED = ["llama-kv", "llama-rotating", "llama-quantized", "llama-sliding-mixed", "lfm2-hybrid"]
+
+
+@pytest.mark.parametrize("name", FORKED)
 def test_children_with_different_suffixes_continue_as_the_parent(name, session):
     model, cache, tokens = session(name)
     children = thaw_mlx.fork(model, thaw_mlx.capture(model, cache, tokens), len(SUFFIXES))
