@@ -38,14 +38,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = _worker_env()
     engine_info, results, timings = {}, [], {}
     for engine in engines:
-        python = Path(pythons.get(engine) or REPO / VENVS.get(engine, ".venv") / "bin" / "python")
+        python = _python(engine, pythons)
         info, engine_results, engine_timings = _run_engine(engine, drivers.get(engine, engine), python, args, workdir, env)
         engine_info[engine], timings[engine] = info, engine_timings
         results += engine_results
         print(f"{engine}: {info['status']}", file=sys.stderr)
     cross_results = []
     if args.cross:
-        cross_results = cross.run_all(engine_info, pythons, args.arch, workdir, env, args.timeout)
+        engine_pythons = {e: _python(e, pythons) for e in engines}
+        cross_results = cross.run_all(engine_info, engine_pythons, args.cross_arch.split(","), workdir, env, args.timeout)
     if not args.no_vectors:
         results += [r.to_json() for r in check_vectors(args.vectors)]
     command = "thaw-conformance " + shlex.join(sys.argv[1:] if argv is None else list(argv))
@@ -69,8 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per engine")
     parser.add_argument("--vectors", type=Path, default=default_dir(), help="golden vectors directory")
     parser.add_argument("--no-vectors", action="store_true", help="skip the format conformance of the vectors")
+    parser.add_argument("--cross-arch", default="llama,qwen2", help="architectures for the cross-engine checks")
     parser.add_argument("--no-cross", dest="cross", action="store_false", help="skip the cross-engine checks")
     return parser
+
+
+def _python(engine: str, pythons: dict) -> Path:
+    return Path(pythons.get(engine) or REPO / VENVS.get(engine, ".venv") / "bin" / "python")
 
 
 def _pair(text: str, option: str) -> tuple[str, str]:
@@ -112,6 +118,8 @@ def _run_engine(engine: str, spec: str, python: Path, args, workdir: Path, env: 
         tail = " | ".join(log.read_text().strip().splitlines()[-4:])
         return _absent(engine, f"the worker exited {done.returncode}: {tail}", "error")
     data = json.loads(out.read_text())
+    if "unavailable" in data:
+        return {"status": f"not available here: {data['unavailable']}"}, data["results"], {}
     info = {"status": f"ran in {time.perf_counter() - started:.0f} s", "versions": data["versions"],
             "python": data["python"], "executable": data["executable"], "driver": spec}
     return info, data["results"], data["timings"]

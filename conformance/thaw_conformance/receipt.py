@@ -8,11 +8,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import machine
+from .cross import CROSS_CHECKS
 from .results import CHECKS, STATUSES
 from .vectors import VECTOR_CHECKS
 
 RECEIPT_VERSION = 1
-CELL = {"passed": "pass", "failed": "**FAIL**", "unsupported": "n/s", "skipped": "skip", "error": "**ERR**"}
+CELL = {"passed": "pass", "failed": "**FAIL**", "unsupported": "n/s", "skipped": "skip", "error": "**ERR**",
+        "differs": "differs"}
 SHORT = {
     "weights_identical": "weights", "kv_identical": "KV", "prefix_hit_fresh_process": "prefix hit",
     "continuation_greedy": "greedy", "continuation_seeded": "seeded", "logprobs_identical": "logprobs",
@@ -29,7 +31,7 @@ def build(command: str, engines: dict, results: list[dict], timings: dict, cross
         "command": command,
         "machine": machine.describe(),
         "engines": engines,
-        "checks": {**CHECKS, **VECTOR_CHECKS},
+        "checks": {**CHECKS, **VECTOR_CHECKS, **CROSS_CHECKS},
         "results": list(results),
         "cross_engine": list(cross),
         "timings": timings,
@@ -81,12 +83,14 @@ def markdown(receipt: dict) -> str:
         lines += ["| from | to | arch | check | result | detail |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['engine'].split('->')[0]} | {r['engine'].split('->')[1]} | {r['arch']} | {r['check']} | "
                   f"{CELL[r['status']]} | {_cell_text(r['detail'])} |" for r in receipt["cross_engine"]]
-    notable = [r for r in receipt["results"] if r["status"] in ("failed", "error", "unsupported", "skipped")]
+    notable = [r for r in receipt["results"] + receipt["cross_engine"]
+               if r["status"] in ("failed", "error", "unsupported", "skipped")]
     if notable:
         lines += ["", "Not passed:", ""]
         lines += [f"- {r['engine']}/{r['arch']} {r['check']}: {r['status']}: {r['detail']}" for r in notable]
     lines += ["", "pass: byte/token identical as the check states; n/s: not supported by the adapter (never counted "
-              "as passed); skip: not run here; FAIL/ERR: wrong result / crashed. Checks: "
+              "as passed); skip: not run here; FAIL/ERR: wrong result / crashed; differs: a reported cross-engine "
+              "comparison. Checks: "
               + "; ".join(f"{SHORT[k]}: {v}" for k, v in CHECKS.items()) + "."]
     return "\n".join(lines) + "\n"
 

@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass
 from .sdk import Unsupported
 
 # "unsupported": the adapter lacks what the check needs (never counted as passed);
-# "error": the check could not run to a verdict (an exception, or a step it depends on failed).
-STATUSES = ("passed", "failed", "unsupported", "skipped", "error")
+# "error": the check could not run to a verdict (an exception, or a step it depends on failed);
+# "differs": a reported comparison (cross-engine numerics) that is not a pass/fail property of thaw.
+STATUSES = ("passed", "failed", "unsupported", "skipped", "error", "differs")
 
 # The per-engine checks, in receipt order, with what each proves.
 CHECKS = {

@@ -19,7 +19,7 @@ from .compare import float_bits, kv_diff, weights_diff
 from .results import CheckFailed, Recorder
 from .sdk import GREEDY, Driver, Engine, Generation, Unsupported, Workload, seeded
 
-PARENT_RECORD = "parent.json"
+PARENT_RECORD = "parent.json"  # the parent phase's record, read by the child phase
 
 
 def _generation(g: Generation) -> dict:
@@ -122,7 +122,6 @@ def child_phase(driver: Driver, arch: str, workdir: Path, workload: Workload, re
                 recorder.missing("error", f"{stage.__name__} crashed: {type(exc).__name__}: {exc}", checks)
     finally:
         engine.close()
-    _compare_fork(driver, arch, workdir, record, workload, recorder)
     return timings
 
 
@@ -232,13 +231,14 @@ def _control(engine: Engine, driver: Driver, record: dict, w: Workload, recorder
             raise CheckFailed("noise KV under the same hashes gave the same output: the restored bytes are not read")
 
 
-def _compare_fork(driver: Driver, arch: str, workdir: Path, record: dict, w: Workload, recorder: Recorder) -> None:
+def _compare_fork(engine: Engine, driver: Driver, record: dict, w: Workload, recorder: Recorder) -> None:
+    """Fork the freshly restored engine; each child must continue as the parent did under the child's seed."""
     with recorder.check("fork_n") as note:
         if "fork" not in driver.features:
             raise Unsupported("fork")
-        children = driver.fork(Path(record["snapshot"]), w.fork_n, arch, workdir)
+        prompt = w.prompt + record["first"]
+        children = engine.fork(w.fork_n, prompt)
         try:
-            prompt = w.prompt + record["first"]
             for i, (child, want) in enumerate(zip(children, record["fork"])):
                 got = child.generate(prompt, w.continue_tokens, seeded(w.seed + 1 + i)).token_ids
                 if got != want:
@@ -251,6 +251,7 @@ def _compare_fork(driver: Driver, arch: str, workdir: Path, record: dict, w: Wor
 
 _STAGES = (
     (_compare_state, ("weights_identical", "kv_identical")),
+    (_compare_fork, ("fork_n",)),
     (_compare_continuations, ("prefix_hit_fresh_process", "continuation_greedy", "continuation_seeded",
                               "logprobs_identical")),
     (_compare_mid_stream, ("mid_stream_resume", "mid_stream_resume_seeded")),

@@ -8,7 +8,7 @@ A driver wraps one engine and its thaw adapter (never private engine internals d
     engine.restore(path)                          # replace the engine's cache/requests with a snapshot's
     engine.weights() / engine.kv()                # the live state, as thaw_format Tensors / a Snapshot
     engine.submit(...) / step() / drain()         # in-flight requests (feature "mid_stream")
-    driver.fork(path, n)                          # n engines restored from one snapshot (feature "fork")
+    engine.fork(n, context)                       # n engines holding this one's cached context (feature "fork")
     engine.close()
 
 Rules every driver keeps, because the checks rely on them:
@@ -90,6 +90,10 @@ class Engine(Protocol):
     def drain(self) -> dict[str, list[int]]:
         """Run every in-flight request (submitted or restored) to completion: request id -> all output token ids."""
 
+    def fork(self, n: int, context: Sequence[int]) -> list["Engine"]:
+        """n engines (the adapter's fork: processes, shared buffers...) holding this engine's cached KV of
+        `context`; the suite only calls generate (with prompts that extend the context) and close on them."""
+
     def close(self) -> None:
         """Free the engine; the driver may start another one afterwards."""
 
@@ -107,9 +111,6 @@ class Driver(Protocol):
 
     def start(self, arch: str, workdir: Path) -> Engine:
         """A fresh engine serving the tiny seeded model of `arch`; workdir is for model files and scratch."""
-
-    def fork(self, path: Path, n: int, arch: str, workdir: Path) -> list[Engine]:
-        """n engines, each holding the snapshot at path (feature "fork"); the suite closes them."""
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
     python -m thaw_conformance.worker --driver vllm --arch llama,qwen2 --workdir DIR --out results.json
 
-For each architecture the parent phase runs here, then a fresh process of the same Python
-(`--phase child`) restores what the parent captured and compares. thaw-conformance launches this.
+For each architecture a process of the same Python runs the parent phase (`--phase parent`), then a fresh
+one restores what the parent captured and compares (`--phase child`); this process starts no engine, so
+every engine gets a clean process. thaw-conformance launches this.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .cross import cross_phase
 from .drivers import load_driver
 from .results import CheckResult, Recorder
 from .runner import child_phase, parent_phase
 from .sdk import Workload
 
-CHILD_TIMEOUT_S = 900
+PHASE_TIMEOUT_S = 900
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -31,10 +33,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--arch", default="all", help="comma-separated architectures, or all")
     parser.add_argument("--workdir", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--phase", choices=("all", "child"), default="all")
+    parser.add_argument("--phase", choices=("all", "parent", "child", "cross"), default="all",
+                        help="cross: restore the snapshot another engine captured in --workdir")
     args = parser.parse_args(argv)
-    driver = load_driver(args.driver)
+    try:
+        driver = load_driver(args.driver)
+    except ImportError as exc:  # the engine or its adapter is not installed in this environment
+        recorder = Recorder(args.driver, "-")
+        recorder.missing("skipped", f"the {args.driver} driver cannot be imported here: {exc}")
+        _write(args.out, {"engine": args.driver, "versions": {}, "unavailable": str(exc), "python": platform.python_version(),
+                          "executable": sys.executable, "results": [r.to_json() for r in recorder.results], "timings": {}})
+        return 0
     workload = Workload()
+    if args.phase == "cross":
+        recorder = Recorder(driver.name, args.arch)
+        cross_phase(driver, args.arch, args.workdir, workload, recorder)
+        _write(args.out, {"results": [r.to_json() for r in recorder.results]})
+        return 0
+    if args.phase == "parent":
+        parent_phase(driver, args.arch, args.workdir, workload)
+        return 0
     if args.phase == "child":
         recorder = Recorder(driver.name, args.arch)
         timings = child_phase(driver, args.arch, args.workdir, workload, recorder)
@@ -48,33 +66,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if arch not in known:
             recorder.missing("skipped", f"the {driver.name} driver has no {arch} model (it has: {', '.join(known)})")
         else:
-            timings[arch] = _run_arch(args.driver, driver, arch, args.workdir / driver.name / arch, workload, recorder)
+            timings[arch] = _run_arch(args.driver, arch, args.workdir / driver.name / arch, recorder)
         results += [r.to_json() for r in recorder.results]
     _write(args.out, {"engine": driver.name, "versions": driver.versions(), "python": platform.python_version(),
                       "executable": sys.executable, "results": results, "timings": timings})
     return 0
 
 
-def _run_arch(spec: str, driver, arch: str, workdir: Path, workload: Workload, recorder: Recorder) -> dict:
+def _run_arch(spec: str, arch: str, workdir: Path, recorder: Recorder) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        parent = parent_phase(driver, arch, workdir, workload)
-    except Exception as exc:
-        recorder.missing("error", f"the parent phase failed: {type(exc).__name__}: {exc}")
-        return {}
-    out = workdir / "child.json"
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "thaw_conformance.worker", "--phase", "child", "--driver", spec,
-                           "--arch", arch, "--workdir", str(workdir), "--out", str(out)],
-                          capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
-    if done.returncode != 0 or not out.exists():
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        recorder.missing("error", f"the fresh-process child exited {done.returncode}: {' | '.join(tail)}")
-        return {"parent": parent["timings"]}
-    child = json.loads(out.read_text())
-    recorder.results.extend(CheckResult(**r) for r in child["results"])
-    child["timings"]["process_s"] = time.perf_counter() - started
-    return {"parent": parent["timings"], "child": child["timings"]}
+    timings = {}
+    for phase in ("parent", "child"):
+        out = workdir / f"{phase}.json"
+        started = time.perf_counter()
+        try:
+            done = subprocess.run([sys.executable, "-m", "thaw_conformance.worker", "--phase", phase, "--driver", spec,
+                                   "--arch", arch, "--workdir", str(workdir), "--out", str(out)],
+                                  capture_output=True, text=True, timeout=PHASE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            recorder.missing("error", f"the {phase} phase timed out after {PHASE_TIMEOUT_S} s")
+            return timings
+        (workdir / f"{phase}.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0 or not out.exists():
+            tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            recorder.missing("error", f"the {phase} phase exited {done.returncode}: {tail}")
+            return timings
+        result = json.loads(out.read_text())
+        timings[phase] = dict(result["timings"], process_s=time.perf_counter() - started)
+    recorder.results.extend(CheckResult(**r) for r in result["results"])
+    return timings
 
 
 def _write(path: Path, data: dict) -> None:

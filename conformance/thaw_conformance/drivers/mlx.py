@@ -154,6 +154,19 @@ class MLXEngine:
         session = current[0]
         return thaw_mlx.capture(self.model, session.cache, session.tokens, include_weights=False)
 
+    def fork(self, n: int, context: Sequence[int]) -> list["MLXEngine"]:
+        """n engines over the buffers of the session that begins `context`, shared (MLX copies a buffer when a
+        session writes)."""
+        session = max((s for s in self.sessions if s.tokens == list(context[: len(s.tokens)])),
+                      key=lambda s: len(s.tokens))
+        snapshot = thaw_mlx.capture(self.model, session.cache, session.tokens, include_weights=False)
+        engines = []
+        for cache in thaw_mlx.fork(self.model, snapshot, n, check_weights=False):
+            engine = MLXEngine(self.model)
+            engine.sessions = [_Session(list(session.tokens), cache)]
+            engines.append(engine)
+        return engines
+
     def close(self) -> None:
         self.sessions, self.inflight = [], None
 
@@ -168,25 +181,11 @@ class MLXDriver:
     def architectures(self) -> list[str]:
         return list(ARCHS)
 
-    def _model(self, arch: str):
+    def start(self, arch: str, workdir: Path) -> MLXEngine:
         path = checkpoint(arch)
         hf_config = json.loads((path / "config.json").read_text())
         model, _ = load_model(path, model_config=_mlx_config(hf_config))
-        return model
-
-    def start(self, arch: str, workdir: Path) -> MLXEngine:
-        return MLXEngine(self._model(arch))
-
-    def fork(self, path: Path, n: int, arch: str, workdir: Path) -> list[MLXEngine]:
-        """One model, n sessions over the same restored buffers (MLX copies a buffer when a session writes)."""
-        model, snapshot = self._model(arch), thaw_format.load(path)
-        tokens = thaw_mlx.snapshot_tokens(snapshot)
-        engines = []
-        for cache in thaw_mlx.fork(model, snapshot, n):
-            engine = MLXEngine(model)
-            engine.sessions = [_Session(list(tokens), cache)]
-            engines.append(engine)
-        return engines
+        return MLXEngine(model)
 
 
 def driver() -> MLXDriver:

@@ -53,6 +53,13 @@ class ToyDriverEngine:
             done.update({request.id: request.output for request in self.engine.step()})
         return done
 
+    def fork(self, n: int, context: Sequence[int]) -> list["ToyDriverEngine"]:
+        snapshot = adapter.capture(self.engine)
+        children = [ToyEngine(self.engine.config, self.engine.weights) for _ in range(n)]
+        for child in children:
+            adapter.restore(child, snapshot)
+        return [type(self)(child) for child in children]
+
     def close(self) -> None:
         self.engine = None
 
@@ -70,12 +77,6 @@ class ToyDriver:
     def start(self, arch: str, workdir: Path) -> ToyDriverEngine:
         config = ARCHITECTURES[arch]
         return ToyDriverEngine(ToyEngine(config, make_weights(config)))
-
-    def fork(self, path: Path, n: int, arch: str, workdir: Path) -> list[ToyDriverEngine]:
-        children = [self.start(arch, workdir) for _ in range(n)]
-        for child in children:
-            child.restore(path)
-        return children
 
 
 def driver() -> ToyDriver:
