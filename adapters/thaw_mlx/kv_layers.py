@@ -103,49 +103,76 @@ def decode_layer(layer: KVLayer, pages: list[int], num_tokens: int):
 def check_layer(i: int, layer: KVLayer, pages: list[int], num_tokens: int, page_size: int) -> None:
     """Refuse a layer decode_layer could not turn into a working cache, before any cache is built."""
     where = f"kv.layers[{i}] ({layer.kind})"
-
-    def refuse(why: str):
-        return IncompatibleSnapshotError(f"{where}: {why}")
-
     roles = {"attention": ["k", "v"], "ring": ["k", "v"],
              "quantized": sorted(r + s for r in ("k", "v") for s in QUANTIZED_PARTS),
              "recurrent": sorted(f"state.{i}" for i in range(len(layer.tensors)))}.get(layer.kind)
     if roles is None:
-        raise refuse("thaw_mlx restores attention, quantized, ring and recurrent layers only")
+        raise IncompatibleSnapshotError(f"{where}: thaw_mlx restores attention, quantized, ring and recurrent "
+                                        "layers only")
     if sorted(layer.tensors) != roles:
-        raise refuse(f"must hold tensors {roles}, has {sorted(layer.tensors)}")
-    if layer.kind in ("attention", "quantized"):
-        num_pages = layer.tensors["k"].shape[0]
-        if not (len(pages) - 1) * page_size < num_tokens <= len(pages) * page_size:
-            raise refuse(f"{len(pages)} pages of {page_size} cannot hold exactly {num_tokens} computed tokens")
-        if any(not 0 <= page < num_pages for page in pages):
-            raise refuse(f"the session's pages {pages} are not all among its {num_pages} pages")
-    if layer.kind == "quantized":
-        bits, group_size = layer.params.get("bits"), layer.params.get("group_size")
-        if bits not in QUANTIZED_BITS or group_size not in QUANTIZED_GROUPS:
-            raise refuse(f"bits {bits!r} / group_size {group_size!r} are not ones MLX quantizes with")
-        packed, scales = layer.tensors["k"], layer.tensors["k_scales"]
+        raise IncompatibleSnapshotError(f"{where}: must hold tensors {roles}, has {sorted(layer.tensors)}")
+    why = {"attention": _paged_problem, "quantized": _quantized_problem, "ring": _ring_problem,
+           "recurrent": _recurrent_problem}[layer.kind](layer, pages, num_tokens, page_size)
+    if why:
+        raise IncompatibleSnapshotError(f"{where}: {why}")
+
+
+def _same_leading_dims(layer: KVLayer) -> bool:
+    """Every tensor is [pages or sequences, tokens, heads, d] with the same first three dimensions."""
+    shapes = [t.shape for t in layer.tensors.values()]
+    return all(len(s) == 4 and s[:3] == shapes[0][:3] for s in shapes) and shapes[0][2] == layer.num_kv_heads
+
+
+def _paged_problem(layer: KVLayer, pages: list[int], num_tokens: int, page_size: int):
+    num_pages = layer.tensors["k"].shape[0]
+    if not _same_leading_dims(layer):
+        return f"tensors must be [pages, page_size, num_kv_heads={layer.num_kv_heads}, d] alike"
+    if not (len(pages) - 1) * page_size < num_tokens <= len(pages) * page_size:
+        return f"{len(pages)} pages of {page_size} cannot hold exactly {num_tokens} computed tokens"
+    if any(not 0 <= page < num_pages for page in pages):
+        return f"the session's pages {pages} are not all among its {num_pages} pages"
+    return None
+
+
+def _quantized_problem(layer: KVLayer, pages: list[int], num_tokens: int, page_size: int):
+    bits, group_size = layer.params.get("bits"), layer.params.get("group_size")
+    if bits not in QUANTIZED_BITS or group_size not in QUANTIZED_GROUPS or not isinstance(layer.head_dim, int):
+        return f"bits {bits!r}, group_size {group_size!r}, head_dim {layer.head_dim!r} are not what MLX quantizes"
+    paged = _paged_problem(layer, pages, num_tokens, page_size)
+    if paged:
+        return paged
+    for role in ("k", "v"):
+        packed, scales = layer.tensors[role], layer.tensors[role + "_scales"]
         if packed.dtype != "uint32" or packed.shape[3] * 32 != layer.head_dim * bits or \
                 scales.shape[3] * group_size != layer.head_dim:
-            raise refuse(f"packed {packed.dtype}{list(packed.shape)} and scales {list(scales.shape)} do not "
-                         f"quantize head_dim {layer.head_dim} at {bits} bits in groups of {group_size}")
-    if layer.kind == "recurrent" and (not layer.tensors or any(not t.shape or t.shape[0] != 1
-                                                               for t in layer.tensors.values())):
-        raise refuse("MLX caches hold one sequence: every state must be [1, ...]")
-    if layer.kind == "ring":
-        p = layer.params
-        capacity = layer.tensors["k"].shape[1]
-        int_lists = all(isinstance(p.get(k), list) and all(isinstance(x, int) for x in p[k])
-                        for k in ("write_index", "offset"))
-        if not int_lists or not all(isinstance(p.get(k), int) for k in ("window", "keep")):
-            raise refuse("params must hold integers window and keep, and lists write_index and offset")
-        if len(p["write_index"]) != 1 or len(p["offset"]) != 1 or layer.tensors["k"].shape[0] != 1:
-            raise refuse(f"MLX caches hold one sequence, this layer holds {layer.tensors['k'].shape[0]}")
-        if p["offset"] != [num_tokens]:
-            raise refuse(f"offset {p['offset']} but the session computed {num_tokens} tokens")
-        if not (0 <= p["keep"] <= p["window"] and 0 <= p["write_index"][0] <= capacity):
-            raise refuse(f"keep {p['keep']}, window {p['window']}, write index {p['write_index']} do not fit a "
-                         f"buffer of {capacity}")
+            return (f"{role} packed {packed.dtype}{list(packed.shape)} and scales {list(scales.shape)} do not "
+                    f"quantize head_dim {layer.head_dim} at {bits} bits in groups of {group_size}")
+    return None
+
+
+def _ring_problem(layer: KVLayer, pages: list[int], num_tokens: int, page_size: int):
+    p = layer.params
+    int_lists = all(isinstance(p.get(k), list) and all(isinstance(x, int) for x in p[k])
+                    for k in ("write_index", "offset"))
+    if not int_lists or not all(isinstance(p.get(k), int) for k in ("window", "keep")):
+        return "params must hold integers window and keep, and lists write_index and offset"
+    if not _same_leading_dims(layer) or layer.tensors["k"].shape != layer.tensors["v"].shape:
+        return f"k and v must both be [sequences, capacity, num_kv_heads={layer.num_kv_heads}, head_dim]"
+    sequences, capacity = layer.tensors["k"].shape[:2]
+    if len(p["write_index"]) != 1 or len(p["offset"]) != 1 or sequences != 1:
+        return f"MLX caches hold one sequence, this layer holds {sequences}"
+    if p["offset"] != [num_tokens]:
+        return f"offset {p['offset']} but the session computed {num_tokens} tokens"
+    if not (0 <= p["keep"] <= p["window"] and 0 <= p["write_index"][0] <= capacity):
+        return (f"keep {p['keep']}, window {p['window']}, write index {p['write_index']} do not fit a buffer of "
+                f"{capacity}")
+    return None
+
+
+def _recurrent_problem(layer: KVLayer, pages: list[int], num_tokens: int, page_size: int):
+    if not layer.tensors or any(not t.shape or t.shape[0] != 1 for t in layer.tensors.values()):
+        return "MLX caches hold one sequence: every state must be [1, ...]"
+    return None
 
 
 def layer_dtype(layer: KVLayer) -> str:

@@ -1,6 +1,8 @@
 """A snapshot of another model or layout is refused with IncompatibleSnapshotError naming the field, before
 anything is built or changed; captures thaw cannot represent are refused too."""
 
+import math
+
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import ConcatenateKVCache, KVCache
@@ -132,3 +134,16 @@ def test_recurrent_states_mlx_cannot_hold(session):
     state = snapshot.kv.layers[0].tensors["state.0"]
     snapshot.kv.layers[0].tensors["state.0"] = Tensor(state.dtype, (2, *state.shape[1:]), state.tobytes() * 2)
     refused(model, snapshot, "every state must be \\[1, ...\\]")
+
+
+@pytest.mark.parametrize("name, role", [("llama-rotating", "k"), ("llama-quantized", "v_scales"),
+                                        ("llama-quantized", "k")])
+def test_tensors_of_the_wrong_rank_or_size(name, role, session):
+    model, cache, tokens = session(name)
+    snapshot = thaw_mlx.capture(model, cache, tokens)
+    layer = snapshot.kv.layers[0]
+    t = layer.tensors[role]
+    itemsize = t.nbytes // math.prod(t.shape)
+    for shape in (t.shape[:2] + (t.shape[2] * t.shape[3],), t.shape[:3] + (t.shape[3] // 2,)):  # rank 3; half size
+        layer.tensors[role] = Tensor(t.dtype, shape, bytes(math.prod(shape) * itemsize))
+        refused(model, snapshot, "kv.layers\\[0\\]")
