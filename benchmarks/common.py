@@ -28,6 +28,7 @@ def machine() -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "thaw_backend": backend(),
+        "load_average": [round(x, 1) for x in os.getloadavg()],  # the machine is shared: say how busy it was
     }
 
 
@@ -52,7 +53,8 @@ def write_results(name: str, title: str, command: str, data: dict, table: list[l
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {info['cpu']}, {info['cpus']} CPUs, "
              f"{info['memory_gib']} GiB, Linux {info['kernel']}, Python {info['python']}  ",
-             f"Backend: {info['thaw_backend']}", ""]
+             f"Backend: {info['thaw_backend']}  ",
+             f"Load average when written (1/5/15 min, shared machine): {info['load_average']}", ""]
     lines.append("| " + " | ".join(table[0]) + " |")
     lines.append("|" + "|".join("---" for _ in table[0]) + "|")
     lines += ["| " + " | ".join(row) + " |" for row in table[1:]]

@@ -57,6 +57,14 @@ def load_thaw(path):
     return thaw_format.load_file(path)
 
 
+def load_thaw_mmap(path):
+    import thaw_format
+    from thaw_format.torch import to_torch
+
+    snapshot = thaw_format.load(path, mmap=True)
+    return {name: to_torch(t) for name, t in snapshot.weights.tensors.items()}
+
+
 def save_safetensors(tensors, path):
     from safetensors.torch import save_file
 
@@ -69,6 +77,16 @@ def load_safetensors(path):
     return load_file(path)
 
 
+def load_safetensors_touched(path):
+    """safetensors maps the file and reads nothing until used; this touches one byte of every page, the
+    least any use of the tensors costs."""
+    tensors = load_safetensors(path)
+    for t in tensors.values():
+        if t.numel():
+            t.reshape(-1).view(torch.uint8)[::4096].sum()
+    return tensors
+
+
 def save_torch(tensors, path):
     torch.save(tensors, path)
 
@@ -77,10 +95,14 @@ def load_torch(path):
     return torch.load(path, weights_only=True)
 
 
-COMPETITORS = {
-    "thaw_format (checksummed, verified)": (save_thaw, load_thaw),
-    "safetensors": (save_safetensors, load_safetensors),
-    "torch.save / torch.load": (save_torch, load_torch),
+SAVERS = {"thaw_format": save_thaw, "safetensors": save_safetensors, "torch": save_torch}
+# loader name: (the saver whose file it reads, function)
+LOADERS = {
+    "thaw_format load_file (copy, verified)": ("thaw_format", load_thaw),
+    "thaw_format load mmap=True (verified)": ("thaw_format", load_thaw_mmap),
+    "safetensors load_file (lazy mmap, unverified)": ("safetensors", load_safetensors),
+    "safetensors load_file + touch every page": ("safetensors", load_safetensors_touched),
+    "torch.load (copy, unverified)": ("torch", load_torch),
 }
 
 
@@ -100,55 +122,56 @@ def same(a: dict, b: dict) -> bool:
 
 
 def time_case(case: str, scale: float, directory: Path, rounds: int) -> dict:
-    """{competitor: {"save": s, "load": s}} best of `rounds`, plus the memory copy."""
+    """Best seconds of each saver and loader over `rounds` interleaved rounds, plus the memory copy."""
     tensors = make_tensors(case, scale)
     copies = {name: torch.empty_like(t) for name, t in tensors.items()}
-    best = {name: {"save": float("inf"), "load": float("inf")} for name in COMPETITORS}
-    best["memory copy"] = {"save": float("inf"), "load": float("inf")}
+    save_s = {name: float("inf") for name in SAVERS}
+    load_s = {name: float("inf") for name in LOADERS}
+    copy_s = float("inf")
     for _ in range(rounds):
-        for name, (save, load) in COMPETITORS.items():
+        for saver, save in SAVERS.items():  # one file at a time keeps memory modest
             path = directory / f"bench-{case}"
-            best[name]["save"] = min(best[name]["save"], timed(save, tensors, path))
-            start = time.perf_counter()
-            loaded = load(path)
-            best[name]["load"] = min(best[name]["load"], time.perf_counter() - start)
-            assert same(loaded, tensors), f"{name} did not round-trip"
-            del loaded
+            save_s[saver] = min(save_s[saver], timed(save, tensors, path))
+            for name, (source, load) in LOADERS.items():
+                if source != saver:
+                    continue
+                start = time.perf_counter()
+                loaded = load(path)
+                load_s[name] = min(load_s[name], time.perf_counter() - start)
+                assert same(loaded, tensors), f"{name} did not round-trip"
+                del loaded
             path.unlink()
-        t = timed(memory_copy, tensors, copies)
-        best["memory copy"] = {"save": min(best["memory copy"]["save"], t), "load": min(best["memory copy"]["load"], t)}
-    return {"bytes": nbytes(tensors), "tensors": len(tensors), "seconds": best}
+        copy_s = min(copy_s, timed(memory_copy, tensors, copies))
+    return {"bytes": nbytes(tensors), "tensors": len(tensors), "save": save_s, "load": load_s, "memory_copy": copy_s}
 
 
-def rss_child(case: str, scale: float, competitor: str, op: str, path: str) -> None:
-    """Run one save or load in this fresh process and print its peak RSS as JSON."""
-    save, load = COMPETITORS[competitor]
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def rss_child(case: str, scale: float, op: str, name: str, path: str) -> None:
+    """Run one save or load in this fresh process and print its peak RSS (bytes) as JSON."""
     if op == "save":
         tensors = make_tensors(case, scale)
-        data = nbytes(tensors)
-        save(tensors, path)
+        SAVERS[name](tensors, path)
     else:
-        data = os.path.getsize(path)
-        loaded = load(path)
-        data = nbytes(loaded)
+        tensors = LOADERS[name][1](path)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak": peak, "imports": base, "data": data}))
+    print(json.dumps({"peak": peak, "data": nbytes(tensors)}))
+
+
+def _child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "rss", *args], capture_output=True,
+                          text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def measure_rss(case: str, scale: float, directory: Path) -> dict:
-    """{competitor: {"save": {...}, "load": {...}}}, each op in its own subprocess."""
-    out = {}
-    me = str(Path(__file__).resolve())
-    for competitor, (save, _) in COMPETITORS.items():
-        path = directory / f"rss-{case}"
-        runs = {}
-        for op in ("save", "load"):
-            proc = subprocess.run([sys.executable, me, "rss", case, str(scale), competitor, op, str(path)],
-                                  capture_output=True, text=True, check=True)
-            runs[op] = json.loads(proc.stdout.strip().splitlines()[-1])
-        path.unlink()
-        out[competitor] = runs
+    """Peak RSS of each saver and loader, each in its own fresh process: {"save": {...}, "load": {...}}."""
+    out = {"save": {}, "load": {}}
+    for saver in SAVERS:
+        path = str(directory / f"rss-{case}")
+        out["save"][saver] = _child([case, str(scale), "save", saver, path])
+        for name, (source, _) in LOADERS.items():
+            if source == saver:
+                out["load"][name] = _child([case, str(scale), "load", name, path])
+        os.unlink(path)
     return out
 
 
@@ -157,9 +180,8 @@ if __name__ == "__main__":
     parser.add_argument("mode", choices=["rss"])
     parser.add_argument("case", choices=CASES)
     parser.add_argument("scale", type=float)
-    parser.add_argument("competitor", choices=list(COMPETITORS))
     parser.add_argument("op", choices=["save", "load"])
+    parser.add_argument("name", choices=list(SAVERS) + list(LOADERS))
     parser.add_argument("path")
     a = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    rss_child(a.case, a.scale, a.competitor, a.op, a.path)
+    rss_child(a.case, a.scale, a.op, a.name, a.path)
