@@ -63,32 +63,25 @@ class Child:
             self._process.wait(timeout=60)
 
 
-def _longest_chain(snapshot) -> list[int]:
-    tree = snapshot.prefix
-    if tree is None or tree.num_pages == 0:
-        raise ValueError("the parent has no cached context to fork from; pass context=token ids")
-    return max((tree.chain_tokens(p) for p in tree.leaves()), key=len)
-
-
 def fork(llm, n: int, *, context: Optional[Sequence[int]] = None, processes: bool = False,
          model: Optional[str] = None, engine_kwargs: Optional[dict] = None) -> list[Child]:
-    """n children continuing `context` (default: the parent's longest cached chain).
+    """n children continuing `context` (default: the prompt of a thaw_vllm.LLM's last single-prompt generate).
 
     processes=True starts n engines in worker processes; they need the model directory and the plain
     construction arguments (taken from a thaw_vllm.LLM, or passed as model= and engine_kwargs=).
     """
-    chains = None if context is None else [list(context)]
+    context = context if context is not None else getattr(llm, "thaw_context", None)
+    if context is None:
+        raise ValueError("fork needs the context to continue: pass context=token ids")
+    context = list(context)
     if not processes:
-        if context is None:
-            context = _longest_chain(api.capture(llm, include_weights=False))
-        return [Child(list(context), llm=llm) for _ in range(n)]
+        return [Child(context, llm=llm) for _ in range(n)]
 
     model = model or getattr(llm, "thaw_model", None)
     engine_kwargs = dict(engine_kwargs if engine_kwargs is not None else getattr(llm, "thaw_engine_kwargs", {}))
     if model is None:
         raise ValueError("processes=True needs model= and engine_kwargs= for a plain vllm.LLM")
-    snapshot = api.capture(llm, include_weights=True, chains=chains)
-    context = list(context) if context is not None else _longest_chain(snapshot)
+    snapshot = api.capture(llm, include_weights=True, chains=[context])
     with _shm.SharedSnapshot(snapshot) as shared:
         config = json.dumps({"model": model, "engine_kwargs": engine_kwargs, "source": shared.source})
         procs = [subprocess.Popen([sys.executable, "-m", "thaw_vllm.child", config], stdin=subprocess.PIPE,

@@ -12,7 +12,15 @@ class LLM(vllm.LLM):
         # Plain construction arguments, so that fork() can start identical engines in other processes.
         self.thaw_engine_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
         self.thaw_model = str(model)
+        self.thaw_context = None
         super().__init__(model=str(model), **api.engine_args(**kwargs))
+
+    def generate(self, prompts, *args, **kwargs):
+        """vllm.LLM.generate; a single token-id prompt becomes the context fork() continues by default."""
+        single = prompts[0] if isinstance(prompts, (list, tuple)) and len(prompts) == 1 else prompts
+        if isinstance(single, dict) and "prompt_token_ids" in single:
+            self.thaw_context = list(single["prompt_token_ids"])
+        return super().generate(prompts, *args, **kwargs)
 
     def snapshot(self, **kwargs):
         return api.capture(self, **kwargs)
