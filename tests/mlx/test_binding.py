@@ -3,8 +3,10 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from thaw_format import Tensor
+from thaw_format import Tensor, as_tensor
 from thaw_format.mlx import dtype_name, from_mlx, to_mlx
 
 DTYPES = ["float64", "float32", "float16", "bfloat16", "complex64", "int64", "int32", "int16", "int8", "uint64",
@@ -59,3 +61,20 @@ def test_unknown_dtypes_are_refused():
     with pytest.raises(TypeError, match="float8_e4m3fn"):
         to_mlx(Tensor("float8_e4m3fn", (2,), b"\0\0"))
     assert dtype_name(mx.bfloat16) == "bfloat16"
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(DTYPES), shape=st.lists(st.integers(0, 5), max_size=4), seed=st.integers(0, 2**16),
+       transpose=st.booleans())
+def test_any_array_round_trips(name, shape, seed, transpose):
+    """Arrays of any rank (0-d and empty included), contiguous or transposed, survive mx -> Tensor -> mx."""
+    mlx_type = getattr(mx, "bool_" if name == "bool" else name)
+    raw = np.frombuffer(random_bytes(int(np.prod(shape)) * mx.zeros((1,), dtype=mlx_type).itemsize, seed), np.uint8)
+    if name == "bool":
+        raw = raw & 1
+    array = to_mlx(Tensor(name, shape, raw.tobytes()))
+    if transpose:
+        array = array.T
+    tensor = from_mlx(array)
+    assert tensor == as_tensor(array) and tensor.shape == tuple(array.shape)
+    assert from_mlx(to_mlx(tensor)) == tensor
