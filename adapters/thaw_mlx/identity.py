@@ -16,6 +16,10 @@ from thaw_format.mlx import dtype_name, from_mlx, to_mlx
 
 from . import _internals
 
+# Fields of a config.json that describe the file rather than the model (dtype is compared on its own): the rule
+# of thaw_vllm.identity, which thaw_mlx cannot import (it needs torch).
+CHECKPOINT_FILE_FIELDS = ("dtype", "torch_dtype", "transformers_version", "_name_or_path")
+
 
 def model_config(model: nn.Module) -> dict:
     """The model's ModelArgs as plain JSON: every field the model was built with, defaults included."""
@@ -41,11 +45,22 @@ def model_dtype(model: nn.Module) -> str:
     raise ValueError("the model has no floating-point parameters")
 
 
-def model_info(model: nn.Module, *, weights_digest: bool = True) -> ModelInfo:
-    """The model's identity; the weights digest reads every parameter once (CRC32C), so it can be skipped."""
-    config = model_config(model)
+def model_info(model: nn.Module, *, config: Optional[dict] = None, weights_digest: bool = True) -> ModelInfo:
+    """The model's identity; the weights digest reads every parameter once (CRC32C), so it can be skipped.
+
+    Without `config` the identity is the model's ModelArgs (architecture: its model_type). With `config`, the
+    config.json of the checkpoint the model was loaded from, it is the identity the vLLM and SGLang adapters
+    derive from that checkpoint (architecture: architectures[0]; digest: config.json less its file fields),
+    so that snapshots of one checkpoint can cross engines.
+    """
+    if config is None:
+        config = model_config(model)
+        architecture = config["model_type"]
+    else:
+        config = {k: v for k, v in config.items() if k not in CHECKPOINT_FILE_FIELDS}
+        architecture = (config.get("architectures") or [config["model_type"]])[0]
     return ModelInfo(
-        architecture=config["model_type"],
+        architecture=architecture,
         config_digest=config_digest(config),
         dtype=model_dtype(model),
         weights_digest=digest_of(model_weights(model)) if weights_digest else None,
@@ -67,7 +82,11 @@ def check_snapshot_model(
 
 
 def load_model(snapshot: Snapshot) -> nn.Module:
-    """A new mlx-lm model built from the snapshot's config and carrying the snapshot's weights."""
+    """A new mlx-lm model built from the snapshot's config and carrying the snapshot's weights.
+
+    A snapshot identified by its checkpoint (model_info(config=...)) is restored into it with
+    info=model_info(model, config=snapshot.model.config).
+    """
     info, weights = snapshot.model, snapshot.weights
     if info is None or info.config is None:
         raise IncompatibleSnapshotError("the snapshot has no model config to build a model from")

@@ -8,8 +8,8 @@ import pytest
 from mlx_lm.models.cache import ConcatenateKVCache, KVCache
 
 import thaw_mlx
-from thaw_format import IncompatibleSnapshotError, KVLayer, SchedulerState, Tensor
-from zoo import make_model
+from thaw_format import IncompatibleSnapshotError, KVLayer, SchedulerState, Tensor, config_digest
+from zoo import CONFIGS, make_model
 
 
 @pytest.fixture
@@ -147,3 +147,17 @@ def test_tensors_of_the_wrong_rank_or_size(name, role, session):
     for shape in (t.shape[:2] + (t.shape[2] * t.shape[3],), t.shape[:3] + (t.shape[3] // 2,)):  # rank 3; half size
         layer.tensors[role] = Tensor(t.dtype, shape, bytes(math.prod(shape) * itemsize))
         refused(model, snapshot, "kv.layers\\[0\\]")
+
+
+def test_a_checkpoint_identity_crosses_engines(model_of, session):
+    """With the checkpoint's config.json the identity is the one the vLLM and SGLang adapters derive from it."""
+    model, cache, tokens = session("llama-kv")
+    config_json = dict(CONFIGS["llama"], architectures=["LlamaForCausalLM"], torch_dtype="float32",
+                       transformers_version="5.19.0")
+    info = thaw_mlx.model_info(model, config=config_json)
+    assert info.architecture == "LlamaForCausalLM"
+    assert info.config_digest == config_digest({k: v for k, v in config_json.items()
+                                                if k not in ("torch_dtype", "transformers_version")})
+    snapshot = thaw_mlx.capture(model, cache, tokens, info=info)
+    assert len(thaw_mlx.restore(model, snapshot, info=info)) == 2
+    refused(model, snapshot, "model.architecture: the snapshot has 'LlamaForCausalLM', the engine has 'llama'")
