@@ -88,6 +88,10 @@ def snapshot_of_cache(
     if not 0 < offset <= len(tokens):
         raise ValueError(f"the cache holds {offset} tokens, but {len(tokens)} token ids were given")
     num_prompt_tokens = len(tokens) if num_prompt_tokens is None else num_prompt_tokens
+    if not 0 <= num_prompt_tokens <= len(tokens):
+        raise ValueError(f"num_prompt_tokens {num_prompt_tokens} is not within the {len(tokens)} tokens")
+    if page_size < 1:
+        raise ValueError(f"page_size must be positive, got {page_size}")
     sampling, rng_state = sampler.state() if sampler is not None else (SamplingParams(temperature=0.0), None)
     mx.eval([c.state for c in prompt_cache])
 

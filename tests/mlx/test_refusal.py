@@ -161,3 +161,11 @@ def test_a_checkpoint_identity_crosses_engines(model_of, session):
     snapshot = thaw_mlx.capture(model, cache, tokens, info=info)
     assert len(thaw_mlx.restore(model, snapshot, info=info)) == 2
     refused(model, snapshot, "model.architecture: the snapshot has 'LlamaForCausalLM', the engine has 'llama'")
+
+
+def test_capture_arguments_out_of_range(session):
+    model, cache, tokens = session("llama-kv")
+    with pytest.raises(ValueError, match="num_prompt_tokens 99"):
+        thaw_mlx.capture(model, cache, tokens, num_prompt_tokens=99)
+    with pytest.raises(ValueError, match="page_size must be positive"):
+        thaw_mlx.capture(model, cache, tokens, page_size=0)
