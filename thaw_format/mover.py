@@ -87,11 +87,11 @@ def _expected_crcs(expected, length: int, chunk_size: int, index: int):
 
 def _check_slabs(src_len: int, out_len: int, offsets, length: int, slabs_in_src: bool) -> None:
     """Refuse a gather/scatter whose slabs leave their buffer, before any byte moves."""
+    if length < 0:
+        raise ValueError(f"slab length must be >= 0, got {length}")
     dense, sparse = (out_len, src_len) if slabs_in_src else (src_len, out_len)
     if len(offsets) * length > dense:
         raise ValueError(f"{len(offsets)} slabs of {length} bytes need {len(offsets) * length} bytes, buffer has {dense}")
-    if length < 0:
-        raise ValueError(f"slab length must be >= 0, got {length}")
     for i, off in enumerate(offsets):
         if off < 0 or off + length > sparse:
             raise ValueError(f"slab {i} [{off}, {off + length}) is outside a buffer of {sparse} bytes")
