@@ -135,3 +135,13 @@ def test_the_session_pages_are_gathered_from_a_larger_tree(session):
     restored = thaw_mlx.restore(model, snapshot)
     assert valid_state(restored) == valid_state(cache)
     assert list(thaw_mlx.generate(model, restored, tokens, 12)) == expected
+
+
+@pytest.mark.parametrize("page_size", [1, 7, 64])
+def test_any_page_size(page_size, session):
+    model, cache, tokens = session("llama-quantized")
+    snapshot = thaw_format.loads(thaw_format.dumps(thaw_mlx.capture(model, cache, tokens, page_size=page_size)))
+    assert snapshot.kv.num_pages == -(-(len(tokens) - 1) // page_size)
+    restored = thaw_mlx.restore(model, snapshot)
+    assert valid_state(restored) == valid_state(cache)
+    assert list(thaw_mlx.generate(model, restored, tokens, 8)) == list(thaw_mlx.generate(model, cache, tokens, 8))
