@@ -38,7 +38,8 @@ def generate(
         # mlx-lm's generate_step runs one ahead: drop the last token's KV and compute it again, identically.
         if not can_trim_prompt_cache(prompt_cache):
             raise ValueError(
-                "the cache already holds the last token and cannot drop it (a rotating cache past its window); "
+                "the cache already holds the last token and cannot drop it (a rotating cache past its window, or "
+                "a recurrent state); "
                 "sessions that are to be resumed should be advanced with thaw_mlx.generate"
             )
         trim_prompt_cache(prompt_cache, 1)
