@@ -4,6 +4,7 @@ released, so Python threads really overlap), and usable again in a child made by
 import multiprocessing
 import os
 import threading
+import time
 
 import crc32c as crc32c_package
 
@@ -57,3 +58,23 @@ def test_pool_works_in_a_forked_child(native):
     got = queue.get(timeout=60)
     child.join(timeout=60)
     assert got == crc32c_package.crc32c(DATA) and child.exitcode == 0
+
+
+def test_the_gil_is_released_during_a_long_call(native, select_kernel):
+    """While one thread checksums with the slow software kernel, Python code in another keeps running: the
+    longest pause it sees is far shorter than the call (with the GIL held it would be the whole call)."""
+    _, lib = native
+    select_kernel("software")
+    data = DATA * 8  # 128 MiB: a few hundred milliseconds at software speed
+    start = time.perf_counter()
+    lib.thaw_crc32c(0, data, len(data))
+    call = time.perf_counter() - start
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (lib.thaw_crc32c(0, data, len(data)), done.set()))
+    stamps = [time.perf_counter()]
+    worker.start()
+    while not done.is_set():
+        stamps.append(time.perf_counter())
+    worker.join()
+    longest_pause = max(b - a for a, b in zip(stamps, stamps[1:]))
+    assert longest_pause < call / 2, (longest_pause, call)
