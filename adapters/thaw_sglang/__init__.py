@@ -4,10 +4,11 @@
     parent.generate(input_ids=..., sampling_params=...)
     children = parent.fork(n=4)          # four new engines, each holding the parent's prefix cache
     snapshot = capture(parent)           # a thaw_format.Snapshot; restore(engine, snapshot) loads one
+    resume(engine, snapshot)             # continue the requests that were waiting or running
 
 The scheduler-side work lives in `capture.py` / `restore.py`; every private SGLang internal in `_internals.py`.
 """
 
-from .engine import ThawEngine, capture, restore
+from .engine import ThawEngine, capture, restore, resume
 
-__all__ = ["ThawEngine", "capture", "restore"]
+__all__ = ["ThawEngine", "capture", "restore", "resume"]

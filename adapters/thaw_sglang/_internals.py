@@ -26,8 +26,11 @@ from sglang.srt.managers import scheduler as _scheduler_module  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
+from sglang.srt.mem_cache.unified_cache.component_type import ComponentType  # noqa: E402
 from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore  # noqa: E402
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache  # noqa: E402
+from sglang.srt.sampling import sampling_params as _sampling_params_module  # noqa: E402
+from sglang.srt.utils.common import kill_process_tree  # noqa: E402
 
 from .pages import RadixPath  # noqa: E402
 
@@ -57,7 +60,7 @@ def _tree(scheduler) -> UnifiedTreeCore:
 def radix_paths(scheduler) -> list[RadixPath]:
     """Every root-to-leaf path of the device-resident radix tree, depth first in child-key order."""
     core = _tree(scheduler)
-    full = core.root_node.component_types[0]
+    full = ComponentType.FULL
     paths: list[RadixPath] = []
     stack = [(core.root_node, [], [])]
     while stack:
@@ -202,3 +205,24 @@ def leak_warnings(scheduler) -> int:
     checker = scheduler.invariant_checker
     return checker.count_memory_leak_warnings + checker.count_req_pool_leak_warnings
 
+
+
+TOP_K_ALL = _sampling_params_module.TOP_K_ALL  # SGLang's "no top-k" (the format says 0)
+
+
+def stop_engine_processes(engine) -> None:
+    """End the subprocesses of one Engine, and only those.
+
+    SGLang's own Engine.shutdown kills every subprocess of the calling process, so with several engines in
+    one process (a fork's parent and children) it would take the others along, and their subprocess
+    watchdogs would then SIGQUIT the whole process.
+    """
+    manager = engine.tokenizer_manager
+    if manager is not None and manager._subprocess_watchdog is not None:
+        manager._subprocess_watchdog.stop()  # this engine's subprocesses are about to exit on purpose
+    if getattr(engine, "send_to_rpc", None) is not None:
+        engine.send_to_rpc.close(linger=0)
+        engine.send_to_rpc = None
+    launched = getattr(engine, "_scheduler_init_result", None)
+    for pid in launched.all_child_pids if launched is not None else []:
+        kill_process_tree(pid, include_parent=True, wait_timeout=60)

@@ -11,7 +11,8 @@ from sglang.srt.entrypoints.engine import Engine
 import thaw_format
 from thaw_format import Snapshot
 
-from . import rpc, scheduler_ext
+from . import _internals, rpc, scheduler_ext
+from .requests import resume_arguments
 
 DEFAULT_PAGE_SIZE = 32  # tokens per snapshot page; vLLM's CPU backend needs blocks of a multiple of 32
 
@@ -25,11 +26,18 @@ class ThawEngine(Engine):
         self.engine_kwargs = dict(kwargs)
         super().__init__(**kwargs)
 
+    def shutdown(self) -> None:
+        """Shut down this engine alone, leaving the other engines of this process (a fork's family) running."""
+        _internals.stop_engine_processes(self)
+
     def capture(self, path=None, **options) -> Snapshot:
         return capture(self, path, **options)
 
     def restore(self, snapshot) -> None:
         restore(self, snapshot)
+
+    def resume(self, snapshot: Snapshot) -> list[dict]:
+        return resume(self, snapshot)
 
     def leak_warnings(self) -> int:
         """How many times SGLang's idle pool-leak check has reported a leak in this engine (0 when sound)."""
@@ -84,3 +92,15 @@ def restore(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> None:
         path = Path(workdir) / "snapshot.thaw"
         thaw_format.save(snapshot, path)
         restore(engine, path)
+
+
+def resume(engine: ThawEngine, snapshot: Snapshot) -> list[dict]:
+    """Continue the snapshot's unfinished requests in an engine holding its state; SGLang's outputs, in order.
+
+    Each output's `output_ids` are the tokens after the request's captured `output_token_ids`.
+    """
+    pending = [r for r in (snapshot.scheduler.requests if snapshot.scheduler else []) if r.status != "finished"]
+    if not pending:
+        return []
+    inputs, params = zip(*(resume_arguments(r) for r in pending))
+    return engine.generate(input_ids=list(inputs), sampling_params=list(params))

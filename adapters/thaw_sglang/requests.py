@@ -15,10 +15,12 @@ from .pages import RadixPath
 
 
 def _sampling(params) -> SamplingParams:
+    """SGLang's normalised settings (greedy reads temperature 1, top_k 1) in the format's terms."""
+    top_k = int(params.top_k)
     return SamplingParams(
         temperature=float(params.temperature),
         top_p=float(params.top_p),
-        top_k=max(int(params.top_k), 0),
+        top_k=0 if top_k < 0 or top_k >= _internals.TOP_K_ALL else top_k,
         min_p=float(params.min_p),
         seed=params.sampling_seed,
         max_tokens=params.max_new_tokens,
@@ -77,3 +79,29 @@ def capture_requests(scheduler) -> CapturedRequests:
         if computed:
             paths.append(RadixPath((live.prompt + live.output)[:computed], live.slots))
     return CapturedRequests(SchedulerState(requests), paths)
+
+
+def resume_arguments(request: Request) -> tuple[list[int], dict]:
+    """The input ids and SGLang sampling settings that continue `request` where the snapshot left it.
+
+    The tokens generated so far become part of the input, so the restored KV is a prefix-cache hit and only
+    the last token is computed again. Frequency and presence penalties then count them as prompt tokens.
+    """
+    s = request.sampling
+    params = {
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k or -1,
+        "min_p": s.min_p,
+        "ignore_eos": s.ignore_eos,
+        "repetition_penalty": s.repetition_penalty,
+        "presence_penalty": s.presence_penalty,
+        "frequency_penalty": s.frequency_penalty,
+    }
+    if s.max_tokens is not None:
+        params["max_new_tokens"] = s.max_tokens - len(request.output_token_ids)
+    if s.stop_token_ids:
+        params["stop_token_ids"] = list(s.stop_token_ids)
+    if s.seed is not None:
+        params["sampling_seed"] = s.seed
+    return request.prompt_token_ids + request.output_token_ids, params

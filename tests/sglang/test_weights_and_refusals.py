@@ -1,0 +1,116 @@
+"""Weights travel with a snapshot; a snapshot the engine cannot take is refused before anything changes."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import SUFFIXES, generate
+from thaw_format import IncompatibleSnapshotError, Tensor, weights_digest
+from thaw_format.torch import from_torch, to_torch
+
+
+def _state(thaw_sglang, engine):
+    snapshot = thaw_sglang.capture(engine)
+    return snapshot.prefix, [bytes(t.data) for layer in snapshot.kv.layers for t in layer.tensors.values()], {
+        name: bytes(t.data) for name, t in snapshot.weights.tensors.items()
+    }
+
+
+def _other_weights(snapshot, seed):
+    """The same model with other random weights: every tensor replaced, names, shapes and dtypes kept."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        name: from_torch(torch.randn(t.shape, generator=generator).mul(0.1).to(getattr(torch, t.dtype)))
+        for name, t in snapshot.weights.tensors.items()
+    }
+    return dataclasses.replace(
+        snapshot,
+        model=dataclasses.replace(snapshot.model, weights_digest=weights_digest(tensors)),
+        weights=dataclasses.replace(snapshot.weights, tensors=tensors),
+    )
+
+
+def test_weights_travel_with_the_snapshot(thaw_sglang, family):
+    """Other weights loaded through the restore change the continuation; the parent's bring it back."""
+    child, prompt = family.children[1], family.continued_prefix + SUFFIXES[1]
+    kv_only = thaw_sglang.capture(child, weights=False)
+    assert not kv_only.weights.tensors and kv_only.weights.ref.weights_digest == family.snapshot.model.weights_digest
+
+    other = _other_weights(family.snapshot, seed=1)
+    thaw_sglang.restore(child, other)
+    _, _, weights = _state(thaw_sglang, child)
+    assert weights == {name: bytes(t.data) for name, t in other.weights.tensors.items()}
+    output, cached = generate(child, prompt)
+    assert cached == family.restored_prefix_len and output != family.references[1]
+
+    before = _state(thaw_sglang, child)
+    with pytest.raises(IncompatibleSnapshotError, match="model.weights_digest"):
+        thaw_sglang.restore(child, kv_only)  # KV computed with weights this engine no longer has
+    assert _state(thaw_sglang, child) == before
+
+    thaw_sglang.restore(child, family.snapshot)
+    _, _, weights = _state(thaw_sglang, child)
+    assert weights == {name: bytes(t.data) for name, t in family.snapshot.weights.tensors.items()}
+    assert generate(child, prompt) == (family.references[1], family.restored_prefix_len)
+    assert child.leak_warnings() == 0
+
+
+def _model(snapshot, **changes):
+    return dataclasses.replace(snapshot, model=dataclasses.replace(snapshot.model, **changes))
+
+
+def _kv_layers(snapshot, layers, **kv_changes):
+    return dataclasses.replace(snapshot, kv=dataclasses.replace(snapshot.kv, layers=layers, **kv_changes))
+
+
+def _reshaped_kv(snapshot, convert, *, dtype=None, **layer_changes):
+    """Every K/V tensor passed through `convert`, the cache and layer descriptions changed to match."""
+    layers = [
+        dataclasses.replace(
+            layer,
+            tensors={role: from_torch(convert(to_torch(t))) for role, t in layer.tensors.items()},
+            **layer_changes,
+        )
+        for layer in snapshot.kv.layers
+    ]
+    return _kv_layers(snapshot, layers, dtype=dtype or snapshot.kv.dtype)
+
+
+def _resized_weight(snapshot, name):
+    tensor = snapshot.weights.tensors[name]
+    half = Tensor(tensor.dtype, (tensor.shape[0] // 2, *tensor.shape[1:]), tensor.data[: tensor.nbytes // 2])
+    tensors = {**snapshot.weights.tensors, name: half}
+    return dataclasses.replace(
+        snapshot,
+        model=dataclasses.replace(snapshot.model, weights_digest=weights_digest(tensors)),
+        weights=dataclasses.replace(snapshot.weights, tensors=tensors),
+    )
+
+
+MISMATCHES = {
+    "model.architecture": lambda s: _model(s, architecture="Qwen2ForCausalLM"),
+    "model.config_digest": lambda s: _model(s, config_digest="sha256:" + "0" * 64),
+    "model.dtype": lambda s: _model(s, dtype="bfloat16"),
+    r"kv.layers \(count\)": lambda s: _kv_layers(s, s.kv.layers[:1]),
+    "kv.dtype": lambda s: _reshaped_kv(s, lambda t: t.to(torch.bfloat16), dtype="bfloat16"),
+    r"kv.layers\[0\].num_kv_heads": lambda s: _reshaped_kv(s, lambda t: torch.cat([t, t], dim=2), num_kv_heads=4),
+    r"kv.layers\[0\].head_dim": lambda s: _reshaped_kv(s, lambda t: torch.cat([t, t], dim=3), head_dim=64),
+    r"weights\['lm_head.weight'\]": lambda s: _resized_weight(s, "lm_head.weight"),
+}
+
+
+def test_mismatches_are_refused_before_anything_changes(thaw_sglang, family):
+    engine = family.children[3]
+    before = _state(thaw_sglang, engine)
+    for field, mismatch in MISMATCHES.items():
+        with pytest.raises(IncompatibleSnapshotError, match=field):
+            thaw_sglang.restore(engine, mismatch(family.snapshot))
+    assert _state(thaw_sglang, engine) == before
+    assert engine.leak_warnings() == 0
+
+
+def test_shutting_down_one_fork_leaves_the_others_running(family):
+    family.children[3].shutdown()
+    for engine in (family.parent, family.children[0]):
+        assert generate(engine, family.continued_prefix + SUFFIXES[0])[0] == family.references[0]
+        assert engine.leak_warnings() == 0
