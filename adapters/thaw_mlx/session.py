@@ -203,8 +203,18 @@ def snapshot_tokens(snapshot: Snapshot) -> list[int]:
 
 
 def session_request(snapshot: Snapshot) -> Request:
-    """The snapshot's one request: an MLX session is one sequence."""
+    """The snapshot's one sequence: its one request or, for a snapshot of an idle engine's prefix cache (no
+    requests, as vLLM and SGLang write), the one chain of its prefix tree, every token of it computed."""
     requests = snapshot.scheduler.requests if snapshot.scheduler is not None else []
-    if len(requests) != 1:
-        raise IncompatibleSnapshotError(f"an MLX session is one sequence; the snapshot holds {len(requests)} requests")
-    return requests[0]
+    if len(requests) == 1:
+        return requests[0]
+    leaves = snapshot.prefix.leaves() if snapshot.prefix is not None and not requests else []
+    if len(leaves) == 1:
+        tokens = snapshot.prefix.chain_tokens(leaves[0])
+        return Request(id=REQUEST_ID, status="finished", prompt_token_ids=tokens, output_token_ids=[],
+                       sampling=SamplingParams(temperature=0.0), num_computed_tokens=len(tokens),
+                       pages=snapshot.prefix.chain(leaves[0]))
+    raise IncompatibleSnapshotError(
+        f"an MLX session is one sequence; the snapshot holds {len(requests)} requests"
+        + (f" and a prefix tree of {len(leaves)} branches" if not requests else "")
+    )

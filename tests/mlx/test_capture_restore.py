@@ -11,7 +11,7 @@ from mlx_lm.generate import generate_step
 import thaw_format
 import thaw_mlx
 from sessions import CASES, FIRST_TOKENS, LAYER_KINDS, kv_digest, make_cache
-from thaw_format import Tensor
+from thaw_format import IncompatibleSnapshotError, SchedulerState, Tensor
 from thaw_format.mlx import from_mlx
 from zoo import PROMPT
 
@@ -145,3 +145,20 @@ def test_any_page_size(page_size, session):
     restored = thaw_mlx.restore(model, snapshot)
     assert valid_state(restored) == valid_state(cache)
     assert list(thaw_mlx.generate(model, restored, tokens, 8)) == list(thaw_mlx.generate(model, cache, tokens, 8))
+
+
+def test_a_prefix_cache_without_requests_restores_as_its_one_chain(session):
+    """As vLLM and SGLang write an idle engine: no requests, a prefix tree of computed tokens."""
+    model, cache, tokens = session("llama-kv")
+    snapshot = thaw_mlx.capture(model, cache, tokens)
+    expected = list(thaw_mlx.generate(model, thaw_mlx.restore(model, snapshot), tokens, 12))
+    snapshot.scheduler = SchedulerState([])
+    restored = thaw_mlx.restore(model, snapshot)
+    assert thaw_mlx.snapshot_tokens(snapshot) == tokens[:-1] == snapshot.prefix.chain_tokens(1)
+    assert thaw_mlx.num_cached_tokens(restored) == len(tokens) - 1
+    assert list(thaw_mlx.generate(model, restored, tokens, 12)) == expected
+
+    snapshot.prefix.parents.append(0)  # a second branch: which one is the session is not for thaw_mlx to guess
+    snapshot.prefix.tokens.append([1, 2, 3])
+    with pytest.raises(IncompatibleSnapshotError, match="prefix tree of 2 branches"):
+        thaw_mlx.restore(model, snapshot)

@@ -58,7 +58,8 @@ LAYOUT_EDITS = {
     "pages \\[1\\] are not one chain": lambda s: setattr(s.scheduler.requests[0], "pages", [1]),
     "must hold tensors \\['k', 'v'\\]": lambda s: s.kv.layers[1].tensors.pop("v"),
     "one sequence; the snapshot holds 2 requests": lambda s: s.scheduler.requests.append(s.scheduler.requests[0]),
-    "holds 0 requests": lambda s: setattr(s, "scheduler", SchedulerState([])),
+    "holds 0 requests and a prefix tree of 0 branches": lambda s: (setattr(s, "scheduler", SchedulerState([])),
+                                                                    setattr(s, "prefix", None)),
 }
 
 
