@@ -46,7 +46,10 @@ def weights_doc(entries: list) -> dict:
 
 def two_tensors() -> bytearray:
     """A valid weights-only file: a float32 [2, 2] and a uint8 [8]."""
-    entries = [{"name": "weights/a", "dtype": "float32", "shape": [2, 2]}, {"name": "weights/b", "dtype": "uint8", "shape": [8]}]
+    entries = [
+        {"name": "weights/a", "dtype": "float32", "shape": [2, 2]},
+        {"name": "weights/b", "dtype": "uint8", "shape": [8]},
+    ]
     return craft.container(weights_doc(entries), [bytes(range(16)), bytes(range(100, 108))])
 
 
@@ -218,7 +221,7 @@ def _():
     return data[: w.trailer_offset] + craft.trailer(crcs)
 
 
-# ------------------------------------------------------------------------------------------------ file length, trailer, data
+# ------------------------------------------------------------------------------------------- file length, trailer, data
 
 
 @corrupt("trailing_bytes", "has trailing bytes", "one zero byte appended")

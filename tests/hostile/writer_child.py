@@ -20,7 +20,9 @@ TENSOR_BYTES = 1 << 20
 def crash_snapshot(label: str) -> tf.Snapshot:
     """8 MiB of weights in 8 tensors, deterministic per label, so the parent can rebuild it to compare."""
     rng = random.Random(label)
-    tensors = {f"layer{i}.weight": tf.Tensor("uint8", (TENSOR_BYTES,), rng.randbytes(TENSOR_BYTES)) for i in range(TENSORS)}
+    tensors = {
+        f"layer{i}.weight": tf.Tensor("uint8", (TENSOR_BYTES,), rng.randbytes(TENSOR_BYTES)) for i in range(TENSORS)
+    }
     return tf.Snapshot(weights=tf.Weights(tensors), lineage=tf.Lineage(label=label))
 
 
