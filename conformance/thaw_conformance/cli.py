@@ -31,6 +31,7 @@ ALL_ENGINES = ("template", "mlx", "vllm", "sglang")
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    args.engine_arch = dict(_pair(p, "--engine-arch") for p in args.engine_arch)
     engines = ALL_ENGINES if args.engine == ["all"] else tuple(args.engine)
     pythons = dict(_pair(p, "--python-for") for p in args.python_for)
     drivers = {**{e: e for e in BUILTIN}, **dict(_pair(d, "--driver") for d in args.driver)}
@@ -46,7 +47,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cross_results = []
     if args.cross:
         engine_pythons = {e: _python(e, pythons) for e in engines}
-        cross_results = cross.run_all(engine_info, engine_pythons, args.cross_arch.split(","), workdir, env, args.timeout)
+        cross_results = cross.run_all(engine_info, engine_pythons, args.cross_arch.split(","), workdir, env,
+                                      args.timeout)
     if not args.no_vectors:
         results += [r.to_json() for r in check_vectors(args.vectors)]
     command = "thaw-conformance " + shlex.join(sys.argv[1:] if argv is None else list(argv))
@@ -61,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thaw-conformance", description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", nargs="+", default=["all"], help=f"{', '.join(ALL_ENGINES)} or all")
     parser.add_argument("--arch", default="all", help="comma-separated zoo architectures, or all")
+    parser.add_argument("--engine-arch", action="append", default=[], metavar="ENGINE=ARCHS",
+                        help="architectures for one engine, overriding --arch (engine starts are slow)")
+    parser.add_argument("--fork-arch", default="all", help="architectures to run the fork check on, or all")
     parser.add_argument("--out", type=Path, default=Path("receipt.json"))
     parser.add_argument("--python-for", action="append", default=[], metavar="ENGINE=PYTHON",
                         help="the Python (of a virtualenv with the engine and thaw installed) to run ENGINE with")
@@ -106,23 +111,33 @@ def _run_engine(engine: str, spec: str, python: Path, args, workdir: Path, env: 
         return _absent(engine, f"not installed here (no {python}; scripts/setup-{engine}.sh makes it)", "skipped")
     out, log = workdir / f"{engine}.json", workdir / f"{engine}.log"
     workdir.mkdir(parents=True, exist_ok=True)
-    command = [str(python), "-m", "thaw_conformance.worker", "--driver", spec, "--arch", args.arch,
-               "--workdir", str(workdir), "--out", str(out)]
+    archs = args.engine_arch.get(engine, args.arch)
+    command = [str(python), "-m", "thaw_conformance.worker", "--driver", spec, "--arch", archs, "--fork-arch",
+               args.fork_arch, "--workdir", str(workdir), "--out", str(out)]
     started = time.perf_counter()
+    status = None
     try:
         with open(log, "w") as stream:
             done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
+        if done.returncode != 0:
+            status = f"the worker exited {done.returncode}: " + " | ".join(log.read_text().strip().splitlines()[-4:])
     except subprocess.TimeoutExpired:
-        return _absent(engine, f"timed out after {args.timeout} s (log: {log})", "error")
-    if done.returncode != 0 or not out.exists():
-        tail = " | ".join(log.read_text().strip().splitlines()[-4:])
-        return _absent(engine, f"the worker exited {done.returncode}: {tail}", "error")
+        status = f"timed out after {args.timeout} s (log: {log})"
+    if not out.exists():
+        return _absent(engine, status or "the worker wrote no results", "error")
     data = json.loads(out.read_text())
     if "unavailable" in data:
         return {"status": f"not available here: {data['unavailable']}"}, data["results"], {}
-    info = {"status": f"ran in {time.perf_counter() - started:.0f} s", "versions": data["versions"],
+    results = data["results"]
+    if status:  # architectures the worker never reached: errors, with the reason
+        for arch in archs.split(",") if archs != "all" else []:
+            if arch not in data["done"]:
+                recorder = Recorder(engine, arch)
+                recorder.missing("error", status)
+                results += [r.to_json() for r in recorder.results]
+    info = {"status": status or f"ran in {time.perf_counter() - started:.0f} s", "versions": data["versions"],
             "python": data["python"], "executable": data["executable"], "driver": spec}
-    return info, data["results"], data["timings"]
+    return info, results, data["timings"]
 
 
 def _absent(engine: str, why: str, status: str) -> tuple[dict, list, dict]:

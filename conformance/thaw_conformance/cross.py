@@ -67,7 +67,7 @@ def cross_phase(driver: Driver, arch: str, source_dir: Path, workload: Workload,
 
 def run_all(engines: dict, pythons: dict, archs: list[str], workdir: Path, env: dict, timeout: int) -> list[dict]:
     """Every ordered pair of checkpoint engines that ran, for each architecture both captured."""
-    ran = [e for e in CHECKPOINT_ENGINES if e in engines and engines[e]["status"].startswith("ran")]
+    ran = [e for e in CHECKPOINT_ENGINES if "versions" in engines.get(e, {})]  # its worker reported results
     results = []
     for source, target in itertools.permutations(ran, 2):
         for arch in archs:

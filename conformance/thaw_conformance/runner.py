@@ -17,7 +17,7 @@ from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError
 from . import variants
 from .compare import float_bits, kv_diff, weights_diff
 from .results import CheckFailed, Recorder
-from .sdk import GREEDY, Driver, Engine, Generation, Unsupported, Workload, seeded
+from .sdk import GREEDY, Driver, Engine, Generation, Sampling, Unsupported, Workload, seeded
 
 PARENT_RECORD = "parent.json"  # the parent phase's record, read by the child phase
 
@@ -58,7 +58,7 @@ def parent_phase(driver: Driver, arch: str, workdir: Path, workload: Workload) -
         if "seeded" in features:
             record["continuations"]["seeded"] = _generation(engine.generate(prompt, w.continue_tokens, seeded(w.seed)))
         if "fork" in features:
-            record["fork"] = [engine.generate(prompt, w.continue_tokens, seeded(w.seed + 1 + i)).token_ids
+            record["fork"] = [engine.generate(prompt, w.continue_tokens, _fork_sampling(features, w, i)).token_ids
                               for i in range(w.fork_n)]
         record["mid_stream_after"] = w.mid_stream_after
         record["mid_stream"] = _mid_stream(engine, features, w, workdir)
@@ -70,6 +70,12 @@ def parent_phase(driver: Driver, arch: str, workdir: Path, workload: Workload) -
     record["snapshot"] = str(snapshot)
     (workdir / PARENT_RECORD).write_text(json.dumps(record, indent=1))
     return record
+
+
+def _fork_sampling(features, w: Workload, child: int) -> Sampling:
+    """Each fork child samples with its own seed, so that independent children must differ (greedy if the
+    engine cannot sample with a seed)."""
+    return seeded(w.seed + 1 + child) if "seeded" in features else GREEDY
 
 
 def _mid_stream(engine: Engine, features, w: Workload, workdir: Path) -> dict:
@@ -233,6 +239,9 @@ def _control(engine: Engine, driver: Driver, record: dict, w: Workload, recorder
 
 def _compare_fork(engine: Engine, driver: Driver, record: dict, w: Workload, recorder: Recorder) -> None:
     """Fork the freshly restored engine; each child must continue as the parent did under the child's seed."""
+    if w.fork_archs is not None and record["arch"] not in w.fork_archs:
+        recorder.add("fork_n", "skipped", f"the fork check ran on {', '.join(w.fork_archs)} only (--fork-arch)")
+        return
     with recorder.check("fork_n") as note:
         if "fork" not in driver.features:
             raise Unsupported("fork")
@@ -240,13 +249,15 @@ def _compare_fork(engine: Engine, driver: Driver, record: dict, w: Workload, rec
         children = engine.fork(w.fork_n, prompt)
         try:
             for i, (child, want) in enumerate(zip(children, record["fork"])):
-                got = child.generate(prompt, w.continue_tokens, seeded(w.seed + 1 + i)).token_ids
+                sampling = _fork_sampling(driver.features, w, i)
+                got = child.generate(prompt, w.continue_tokens, sampling).token_ids
                 if got != want:
-                    raise CheckFailed(f"child {i} gave {got}, the parent with its seed {want}")
+                    raise CheckFailed(f"child {i} gave {got}, the parent under {sampling.name} {want}")
         finally:
             for child in children:
                 child.close()
-        note(f"{len(children)} children, each identical to the parent under its own seed")
+        note(f"{len(children)} children, each identical to the parent under "
+             + ("its own seed" if "seeded" in driver.features else "greedy decoding"))
 
 
 _STAGES = (

@@ -123,4 +123,5 @@ class Workload:
     mid_stream_tokens: int = 12  # total length of the in-flight request
     mid_stream_after: int = 5  # steps taken before the in-flight capture
     fork_n: int = 2
+    fork_archs: Optional[tuple] = None  # architectures the fork check runs on (None: all); forks cost engine starts
     seed: int = 1234

@@ -35,6 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--phase", choices=("all", "parent", "child", "cross"), default="all",
                         help="cross: restore the snapshot another engine captured in --workdir")
+    parser.add_argument("--fork-arch", default="all", help="architectures to run the fork check on, or all")
     args = parser.parse_args(argv)
     try:
         driver = load_driver(args.driver)
@@ -44,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _write(args.out, {"engine": args.driver, "versions": {}, "unavailable": str(exc), "python": platform.python_version(),
                           "executable": sys.executable, "results": [r.to_json() for r in recorder.results], "timings": {}})
         return 0
-    workload = Workload()
+    workload = Workload(fork_archs=None if args.fork_arch == "all" else tuple(args.fork_arch.split(",")))
     if args.phase == "cross":
         recorder = Recorder(driver.name, args.arch)
         cross_phase(driver, args.arch, args.workdir, workload, recorder)
@@ -60,20 +61,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     known = driver.architectures()
     archs = known if args.arch == "all" else args.arch.split(",")
-    results, timings = [], {}
-    for arch in archs:
+    report = {"engine": driver.name, "versions": driver.versions(), "python": platform.python_version(),
+              "executable": sys.executable, "results": [], "timings": {}, "done": []}
+    for arch in archs:  # the report is rewritten after each architecture: a timeout keeps what was done
         recorder = Recorder(driver.name, arch)
         if arch not in known:
             recorder.missing("skipped", f"the {driver.name} driver has no {arch} model (it has: {', '.join(known)})")
         else:
-            timings[arch] = _run_arch(args.driver, arch, args.workdir / driver.name / arch, recorder)
-        results += [r.to_json() for r in recorder.results]
-    _write(args.out, {"engine": driver.name, "versions": driver.versions(), "python": platform.python_version(),
-                      "executable": sys.executable, "results": results, "timings": timings})
+            report["timings"][arch] = _run_arch(args.driver, arch, args.workdir / driver.name / arch, args.fork_arch,
+                                                 recorder)
+        report["results"] += [r.to_json() for r in recorder.results]
+        report["done"].append(arch)
+        _write(args.out, report)
     return 0
 
 
-def _run_arch(spec: str, arch: str, workdir: Path, recorder: Recorder) -> dict:
+def _run_arch(spec: str, arch: str, workdir: Path, fork_arch: str, recorder: Recorder) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     timings = {}
     for phase in ("parent", "child"):
@@ -81,7 +84,8 @@ def _run_arch(spec: str, arch: str, workdir: Path, recorder: Recorder) -> dict:
         started = time.perf_counter()
         try:
             done = subprocess.run([sys.executable, "-m", "thaw_conformance.worker", "--phase", phase, "--driver", spec,
-                                   "--arch", arch, "--workdir", str(workdir), "--out", str(out)],
+                                   "--arch", arch, "--workdir", str(workdir), "--out", str(out),
+                                   "--fork-arch", fork_arch],
                                   capture_output=True, text=True, timeout=PHASE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             recorder.missing("error", f"the {phase} phase timed out after {PHASE_TIMEOUT_S} s")

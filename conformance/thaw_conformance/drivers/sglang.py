@@ -1,8 +1,9 @@
 """The SGLang driver: thaw_sglang.ThawEngine engines on CPU, serving the zoo's checkpoints.
 
 Requests go through SGLang's own Engine.generate, snapshots through thaw_sglang's public API (capture,
-restore, ThawEngine.fork). SGLang samples with a seed only under deterministic inference, where a token's
-draw depends on (seed, position) alone, so a seeded continuation needs no RNG state.
+restore, ThawEngine.fork). SGLang honours a sampling seed only under deterministic inference, which it allows
+with GPU attention backends only: on CPU seeded sampling is not reproducible, so this driver declares no
+"seeded" feature. thaw_sglang captures between batches, so no request is in flight (no "mid_stream").
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from ..models import ARCHS, checkpoint  # noqa: E402
 from ..sdk import Generation, Sampling, Unsupported  # noqa: E402
 
 ENGINE_ARGS = dict(device="cpu", load_format="safetensors", skip_tokenizer_init=True, attention_backend="torch_native",
-                   dtype="float32", max_total_tokens=4096, random_seed=0, disable_cuda_graph=True,
-                   enable_deterministic_inference=True)
+                   dtype="float32", max_total_tokens=4096, random_seed=0, disable_cuda_graph=True)
 
 
 class SGLangEngine:
@@ -31,9 +31,9 @@ class SGLangEngine:
         self.engine = engine
 
     def generate(self, prompt: Sequence[int], max_tokens: int, sampling: Sampling) -> Generation:
-        params = {"max_new_tokens": max_tokens, "temperature": sampling.temperature, "ignore_eos": True}
-        if sampling.seed is not None:
-            params["sampling_seed"] = sampling.seed
+        if sampling.temperature != 0:
+            raise Unsupported("seeded sampling (SGLang needs deterministic inference, GPU backends only)")
+        params = {"max_new_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
         out = self.engine.generate(input_ids=list(prompt), sampling_params=params, return_logprob=True)
         meta = out["meta_info"]
         logprobs = [entry[0] for entry in meta["output_token_logprobs"]]
@@ -69,7 +69,7 @@ class SGLangEngine:
 
 class SGLangDriver:
     name = "sglang"
-    features = frozenset({"logprobs", "seeded", "fork"})
+    features = frozenset({"logprobs", "fork"})
 
     def versions(self) -> dict[str, str]:
         return {"sglang": sglang.__version__, "torch": torch.__version__}
