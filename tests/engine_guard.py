@@ -20,4 +20,4 @@ def require(module: str, why: str = ""):
             reason += f"; {why}"
         if os.environ.get("THAW_REQUIRE_ENGINES") == "1":
             pytest.fail(f"THAW_REQUIRE_ENGINES=1 but {reason}", pytrace=False)
-        pytest.skip(reason)
+        pytest.skip(reason, allow_module_level=True)

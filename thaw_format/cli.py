@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 from .errors import SnapshotError
 from .reader import SnapshotFile
+from .snapshot import PAGED_KINDS
 
 
 class Progress:
@@ -67,7 +68,9 @@ def _sections(f: SnapshotFile) -> list[tuple[str, str]]:
             kinds[layer["kind"]] = kinds.get(layer["kind"], 0) + 1
         names = [n for n in f.names() if n.startswith("kv/")]
         total = sum(f.info(n)[2].length for n in names)
-        pages = f.info(names[0])[1][0] if names else 0
+        paged = [f"kv/{i}/{layer['tensors'][0]}" for i, layer in enumerate(kv["layers"])
+                 if layer["kind"] in PAGED_KINDS and layer["tensors"]]
+        pages = f.info(paged[0])[1][0] if paged else 0
         rows.append(("kv", f"{len(kv['layers'])} layers ({', '.join(f'{k} x{c}' for k, c in kinds.items())}), "
                            f"dtype {kv['dtype']}, page size {kv['page_size']}, {pages} pages, {_size(total)}"))
     if (p := doc.get("prefix")) is not None:

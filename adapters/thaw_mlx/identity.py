@@ -10,16 +10,19 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from thaw_format import IncompatibleSnapshotError, ModelInfo, Snapshot, Tensor, check_model, config_digest
+from thaw_format import (
+    IncompatibleSnapshotError,
+    ModelInfo,
+    Snapshot,
+    Tensor,
+    check_model,
+    checkpoint_model_info,
+    config_digest,
+)
 from thaw_format import weights_digest as digest_of
 from thaw_format.mlx import dtype_name, from_mlx, to_mlx
 
 from . import _internals
-
-# Fields of a config.json that describe the file rather than the model (dtype is compared on its own): the rule
-# of thaw_vllm.identity, which thaw_mlx cannot import (it needs torch).
-CHECKPOINT_FILE_FIELDS = ("dtype", "torch_dtype", "transformers_version", "_name_or_path")
-
 
 def model_config(model: nn.Module) -> dict:
     """The model's ModelArgs as plain JSON: every field the model was built with, defaults included."""
@@ -53,19 +56,11 @@ def model_info(model: nn.Module, *, config: Optional[dict] = None, weights_diges
     derive from that checkpoint (architecture: architectures[0]; digest: config.json less its file fields),
     so that snapshots of one checkpoint can cross engines.
     """
-    if config is None:
-        config = model_config(model)
-        architecture = config["model_type"]
-    else:
-        config = {k: v for k, v in config.items() if k not in CHECKPOINT_FILE_FIELDS}
-        architecture = (config.get("architectures") or [config["model_type"]])[0]
-    return ModelInfo(
-        architecture=architecture,
-        config_digest=config_digest(config),
-        dtype=model_dtype(model),
-        weights_digest=digest_of(model_weights(model)) if weights_digest else None,
-        config=config,
-    )
+    digest = digest_of(model_weights(model)) if weights_digest else None
+    if config is not None:
+        return checkpoint_model_info(config, model_dtype(model), digest)
+    config = model_config(model)
+    return ModelInfo(config["model_type"], config_digest(config), model_dtype(model), digest, config)
 
 
 def check_snapshot_model(
