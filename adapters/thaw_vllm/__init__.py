@@ -4,8 +4,8 @@
 """
 
 from .api import Finished, Resumed, capture, check_compatible, describe, engine_args, finish, restore
-from .fork import Child, Completion, fork
+from .fork import Child, Completion, fork, generate_all
 from .llm import LLM
 
 __all__ = ["LLM", "Child", "Completion", "Finished", "Resumed", "capture", "check_compatible", "describe",
-           "engine_args", "finish", "fork", "restore"]
+           "engine_args", "finish", "fork", "generate_all", "restore"]

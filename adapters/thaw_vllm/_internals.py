@@ -170,3 +170,9 @@ def worker_connector():
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     return get_kv_transfer_group()
+
+
+def engine_in_this_process(llm) -> bool:
+    """True when the engine core and its worker both run in the caller's process."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    return core is not None and type(core.model_executor).__name__ == "UniProcExecutor"

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import thaw_format
 from thaw_format import IncompatibleSnapshotError
 
-from . import _internals, _shm, sampling
+from . import _internals, sampling, transport
 
 WORKER_EXTENSION = "thaw_vllm.worker.ThawWorkerExtension"
 
@@ -38,8 +38,9 @@ def capture(llm, *, include_weights: bool = True, chains: Optional[Sequence[Sequ
     """Snapshot the engine: prefix-cache pages (all, or those of the named token chains) with their token ids,
     live requests (waiting or mid-generation) and, unless told otherwise, the weights."""
     chains = None if chains is None else [list(map(int, c)) for c in chains]
-    out = _internals.call_engine_core(llm, "thaw_call", "capture", {"include_weights": include_weights, "chains": chains})
-    return _shm.read(out["source"], unlink=True)
+    args = {"include_weights": include_weights, "chains": chains, "local": _internals.engine_in_this_process(llm)}
+    out = _internals.call_engine_core(llm, "thaw_call", "capture", args)
+    return transport.read(out["source"], unlink=True)
 
 
 def check_compatible(llm, snapshot: thaw_format.Snapshot) -> None:
@@ -74,7 +75,7 @@ def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
     refused before the engine is touched.
     """
     check_compatible(llm, snapshot)
-    with _shm.SharedSnapshot(snapshot) as shared:
+    with transport.publish(snapshot, local=_internals.engine_in_this_process(llm)) as shared:
         _internals.call_engine_core(llm, "thaw_call", "restore", {"source": shared.source, **_restore_plan(snapshot)})
     from vllm.inputs import TokensPrompt
 

@@ -19,13 +19,13 @@ def main(argv: list[str]) -> int:
 
     from vllm import SamplingParams
 
-    from . import _shm, api
+    from . import api, transport
     from .identity import SNAPSHOT_KEY
     from .llm import LLM
 
     kwargs = dict(config["engine_kwargs"], load_format="thaw", model_loader_extra_config={SNAPSHOT_KEY: config["source"]})
     llm = LLM(config["model"], **kwargs)
-    api.restore(llm, _shm.read(config["source"]))
+    api.restore(llm, transport.read(config["source"]))
     from .fork import Child
 
     child = Child([], llm=llm)

@@ -62,7 +62,7 @@ def _select(connector: ThawConnector, cached: dict, chains: Optional[Sequence[Se
     return sorted((h for h in wanted if depth_of(h) >= 0), key=lambda h: (depth[h], h))
 
 
-def _capture(core, include_weights: bool, chains) -> dict:
+def _capture(core, include_weights: bool, chains, local: bool) -> dict:
     connector, kcm = _connector(core), _internals.kv_cache_manager(core)
     bs = connector.block_size
     algorithm, hash_fn = _internals.hash_function(core.vllm_config)
@@ -102,7 +102,7 @@ def _capture(core, include_weights: bool, chains) -> dict:
             "output_token_ids": r["output_token_ids"], "num_computed_tokens": r["num_computed_tokens"],
             "pages": chain, "sampling": dataclasses.asdict(sampling.to_thaw(r["sampling_params"])),
         })
-    return core.collective_rpc("thaw_capture", args=(plan, include_weights))[0]
+    return core.collective_rpc("thaw_capture", args=(plan, include_weights, local))[0]
 
 
 # --- restore ------------------------------------------------------------------------------------------------

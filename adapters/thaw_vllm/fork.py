@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from . import _shm, api
+from . import api, transport
 
 
 @dataclass
@@ -47,8 +47,14 @@ class Child:
         return Completion(reply["token_ids"], reply["num_cached_tokens"])
 
     def _call(self, message: dict) -> dict:
+        self._send(message)
+        return self._receive()
+
+    def _send(self, message: dict) -> None:
         self._process.stdin.write(json.dumps(message) + "\n")
         self._process.stdin.flush()
+
+    def _receive(self) -> dict:
         line = self._process.stdout.readline()
         if not line:
             raise RuntimeError(f"fork child {self._process.pid} exited with {self._process.wait()}")
@@ -61,6 +67,29 @@ class Child:
         if self._process is not None and self._process.poll() is None:
             self._process.stdin.close()
             self._process.wait(timeout=60)
+
+
+def generate_all(children: Sequence[Child], suffixes: Sequence[Sequence[int]], params) -> list[Completion]:
+    """Every child continues with its suffix at once: in-process children of one engine run as one batch,
+    process children in parallel."""
+    from vllm.inputs import TokensPrompt
+
+    results: list[Optional[Completion]] = [None] * len(children)
+    batches: dict[int, list[int]] = {}
+    for i, (child, suffix) in enumerate(zip(children, suffixes)):
+        if child._llm is not None:
+            batches.setdefault(id(child._llm), []).append(i)
+        else:
+            child._send({"prompt": child.context + list(suffix), "params": _params_dict(params)})
+    for indices in batches.values():
+        prompts = [TokensPrompt(prompt_token_ids=children[i].context + list(suffixes[i])) for i in indices]
+        for i, out in zip(indices, children[indices[0]]._llm.generate(prompts, params, use_tqdm=False)):
+            results[i] = Completion(list(out.outputs[0].token_ids), out.num_cached_tokens or 0)
+    for i, child in enumerate(children):
+        if child._llm is None:
+            reply = child._receive()
+            results[i] = Completion(reply["token_ids"], reply["num_cached_tokens"])
+    return results
 
 
 def fork(llm, n: int, *, context: Optional[Sequence[int]] = None, processes: bool = False,
@@ -82,7 +111,7 @@ def fork(llm, n: int, *, context: Optional[Sequence[int]] = None, processes: boo
     if model is None:
         raise ValueError("processes=True needs model= and engine_kwargs= for a plain vllm.LLM")
     snapshot = api.capture(llm, include_weights=True, chains=[context])
-    with _shm.SharedSnapshot(snapshot) as shared:
+    with transport.SharedSnapshot(snapshot) as shared:
         config = json.dumps({"model": model, "engine_kwargs": engine_kwargs, "source": shared.source})
         procs = [subprocess.Popen([sys.executable, "-m", "thaw_vllm.child", config], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, env=dict(os.environ)) for _ in range(n)]

@@ -53,7 +53,7 @@ def checkpoint_weights(vllm_config) -> dict[str, thaw_format.Tensor]:
     """
     source = snapshot_source(vllm_config.load_config)
     if source is not None:
-        from ._shm import read
+        from .transport import read
 
         weights = read(source).weights
         if weights is None or not weights.tensors:

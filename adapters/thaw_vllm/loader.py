@@ -12,7 +12,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from thaw_format.torch import to_torch
 
-from . import _shm
+from . import transport
 from .identity import snapshot_source
 
 
@@ -22,7 +22,7 @@ class ThawModelLoader(BaseModelLoader):
 
     def load_weights(self, model, model_config) -> None:
         source = snapshot_source(self.load_config)
-        snapshot = _shm.read(source)
+        snapshot = transport.read(source)
         if snapshot.weights is None or not snapshot.weights.tensors:
             raise ValueError(f"snapshot {source} holds no weights (captured with include_weights=False?)")
         model.load_weights((name, to_torch(t)) for name, t in snapshot.weights.tensors.items())

@@ -1,4 +1,9 @@
-"""Snapshots through POSIX shared memory: one writer, any number of readers, no file and no pickle."""
+"""How a snapshot travels between the client and the engine's processes, named by a `source` string.
+
+"shm://name": POSIX shared memory, written once with checksums and verified by each reader; no file, no
+pickle. "local://n": the same process (an in-process engine with its worker in-process too): the Snapshot
+object itself is handed over, with no copy and no encoding. A path is a snapshot file.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from multiprocessing import resource_tracker, shared_memory
 import thaw_format
 
 SHM_PREFIX = "shm://"
+LOCAL_PREFIX = "local://"
+_LOCAL: dict[str, thaw_format.Snapshot] = {}
 
 
 def _untracked(shm: shared_memory.SharedMemory) -> shared_memory.SharedMemory:
@@ -50,8 +57,36 @@ class SharedSnapshot:
         self.close()
 
 
+class LocalSnapshot:
+    """A snapshot handed to code in this same process."""
+
+    def __init__(self, snapshot: thaw_format.Snapshot) -> None:
+        self.source = f"{LOCAL_PREFIX}{id(snapshot)}"
+        _LOCAL[self.source] = snapshot
+
+    def detach(self) -> None:
+        return
+
+    def close(self) -> None:
+        _LOCAL.pop(self.source, None)
+
+    def __enter__(self) -> "LocalSnapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def publish(snapshot: thaw_format.Snapshot, *, local: bool):
+    """A handle whose `source` names the snapshot for the reader; `close()` releases it."""
+    return LocalSnapshot(snapshot) if local else SharedSnapshot(snapshot)
+
+
 def read(source: str, *, unlink: bool = False) -> thaw_format.Snapshot:
-    """Load (checksums verified) a snapshot from a path or an "shm://name" source, copying its tensors out."""
+    """The snapshot a source names: checksums verified and tensors copied out unless it is local.
+    `unlink` releases the source (the reader is its last user)."""
+    if source.startswith(LOCAL_PREFIX):
+        return _LOCAL.pop(source) if unlink else _LOCAL[source]
     if not source.startswith(SHM_PREFIX):
         return thaw_format.load(source)
     shm = _untracked(shared_memory.SharedMemory(name=source[len(SHM_PREFIX):]))

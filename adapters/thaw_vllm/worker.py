@@ -9,7 +9,7 @@ import torch
 import vllm
 from thaw_format.torch import from_torch, to_torch
 
-from . import _internals, _shm, identity
+from . import _internals, identity, transport
 from .layout import NATIVE_LAYOUT, blocks_to_pages, pages_to_blocks
 
 
@@ -24,17 +24,16 @@ class ThawWorkerExtension:
                    "head_dim": caches[0].shape[-1] // 2, "page_size": self.vllm_config.cache_config.block_size},
         }
 
-    def thaw_capture(self, plan: dict, include_weights: bool) -> dict:
-        """Assemble the snapshot the engine core planned (pages, block ids, requests) into a new shared-memory
-        segment, which the client reads and unlinks."""
-        snapshot = _build_snapshot(self, plan, include_weights)
-        shared = _shm.SharedSnapshot(snapshot)
+    def thaw_capture(self, plan: dict, include_weights: bool, local: bool) -> dict:
+        """Assemble the snapshot the engine core planned (pages, block ids, requests) and publish it (shared
+        memory, or in-process when the client is here too); the client reads and releases it."""
+        shared = transport.publish(_build_snapshot(self, plan, include_weights), local=local)
         shared.detach()
-        return {"source": shared.source, "nbytes": shared.nbytes}
+        return {"source": shared.source}
 
     def thaw_stage(self, source: str) -> None:
         """Read and verify a snapshot before the engine core changes anything."""
-        self._thaw_staged = _shm.read(source)
+        self._thaw_staged = transport.read(source)
 
     def thaw_write(self, pages: list[int], block_ids: list[int], tails: dict[str, int], rng_keys: list[str]) -> None:
         """Write the staged snapshot's pages into the given blocks; stage resumed requests' tails and RNG."""
