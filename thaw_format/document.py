@@ -454,6 +454,8 @@ def validate(snap: Snapshot, fail: Fail) -> None:
                 raise fail(f"prefix page {p}: continued by another page, so it must be full ({page_size} tokens)")
         if prefix.hash is not None and len(prefix.hash.hashes) != prefix.num_pages:
             raise fail(f"prefix.hash: {len(prefix.hash.hashes)} hashes for {prefix.num_pages} pages")
+        if prefix.hash is not None and not all(h is None or isinstance(h, str) for h in prefix.hash.hashes):
+            raise fail("prefix.hash.hashes: every entry must be a hex string or null")
     if snap.scheduler is not None:
         for i, req in enumerate(snap.scheduler.requests):
             if req.status not in REQUEST_STATUSES:
