@@ -15,8 +15,11 @@ run_area() {
   [ ${#paths[@]} -gt 0 ] || return 0
   echo "=== setting up $venv ($setup)"
   if ! bash "$setup"; then echo "=== set-up failed: $setup"; status=1; return; fi
-  echo "=== testing ${paths[*]} in $venv"
-  "$venv/bin/python" -m pytest "${paths[@]}" || status=1
+  # One pytest per directory: each directory's conftest is imported as the module `conftest`.
+  for p in "${paths[@]}"; do
+    echo "=== testing $p in $venv"
+    "$venv/bin/python" -m pytest "$p" || status=1
+  done
 }
 
 core_paths=()
@@ -27,7 +30,7 @@ run_area .venv scripts/setup-core.sh "${core_paths[@]}"
 run_area .venv-vllm scripts/setup-vllm.sh tests/vllm
 run_area .venv-sglang scripts/setup-sglang.sh tests/sglang
 if [ -e tests/conformance ]; then
-  echo "=== conformance"
+  echo "=== testing tests/conformance in .venv (drives every engine environment)"
   .venv/bin/python -m pytest tests/conformance || status=1
 fi
 exit $status
