@@ -465,6 +465,14 @@ def _():
     return edit_sections(lambda doc, payloads: payloads.__setitem__(3, struct.pack("<2i", 4, -1)))
 
 
+@corrupt("prefix_hash_entry_not_string", "every entry must be a hex string or null", "a native hash given as {}")
+def _():
+    def add_hash(doc, payloads):
+        doc["prefix"]["hash"] = {"algorithm": "sha256", "tokens_per_hash": 2, "hashes": ["ab", {}]}
+
+    return craft.set_preamble(edit_sections(add_hash), optional=1)
+
+
 @corrupt("prefix_wrong_dtype", "must be a 1-D int64 tensor, got float64[2]", "parents stored as float64")
 def _():
     return edit_sections(lambda doc, payloads: doc["tensors"][2].update(dtype="float64"))

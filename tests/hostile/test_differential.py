@@ -6,9 +6,13 @@ import importlib.util
 import random
 from pathlib import Path
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 import thaw_format as tf
 from hostile import craft
 from hostile.test_fuzz_harness import SEEDS, mutate
+from hostile.test_properties import DELETE, DOCUMENT, DOCUMENT_PATHS, PAYLOADS, json_values, replaced
 
 ROOT = Path(__file__).resolve().parents[2]
 MUTATIONS = 1500
@@ -24,6 +28,9 @@ def reference_decoder():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+REFERENCE = reference_decoder()
 
 
 def verdicts(data: bytes, reference) -> tuple:
@@ -42,7 +49,7 @@ def verdicts(data: bytes, reference) -> tuple:
 
 
 def test_readers_agree():
-    reference = reference_decoder()
+    reference = REFERENCE
     rng = random.Random(17)
     seeds = [s.read_bytes() for s in SEEDS]
     inputs = list(seeds)
@@ -58,3 +65,13 @@ def test_readers_agree():
             continue
         disagreements.append((ours, theirs))
     assert not disagreements, disagreements[:5]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(DOCUMENT_PATHS), new=json_values | st.just(DELETE) | st.integers(-3, 2**64))
+def test_thaw_format_never_accepts_what_the_reference_refuses(path, new):
+    """Section rules, one way: the reference decoder checks fewer member types (sampling parameters, KV layer
+    roles) than thaw_format, so only "thaw_format is never laxer" is asserted over edited documents."""
+    data = bytes(craft.container(replaced(DOCUMENT, path, new), PAYLOADS, optional=1))
+    ours, theirs = verdicts(data, REFERENCE)
+    assert not (ours is None and theirs), f"thaw_format accepts what the reference refuses: {theirs}"
