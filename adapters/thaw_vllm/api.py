@@ -56,6 +56,23 @@ def check_compatible(llm, snapshot: thaw_format.Snapshot) -> None:
     pages = 0 if snapshot.prefix is None else snapshot.prefix.num_pages
     if pages != snapshot.kv.num_pages:
         raise IncompatibleSnapshotError(f"prefix: the snapshot has {pages} prefix pages for {snapshot.kv.num_pages} KV pages")
+    for request in resumable(snapshot):
+        _check_request(snapshot, request)
+
+
+def _check_request(snapshot: thaw_format.Snapshot, request: thaw_format.Request) -> None:
+    """A resumed request's pages must be one chain holding exactly its computed tokens."""
+    tree, chain = snapshot.prefix, request.pages
+    if any(not 0 <= p < tree.num_pages for p in chain) or (chain and tree.chain(chain[-1]) != chain):
+        raise IncompatibleSnapshotError(f"request {request.id!r}: pages {chain} are not one chain of the prefix tree")
+    tokens = request.prompt_token_ids + request.output_token_ids
+    held = [t for p in chain for t in tree.tokens[p]]
+    if len(held) != request.num_computed_tokens or held != tokens[: len(held)] or len(held) >= len(tokens):
+        raise IncompatibleSnapshotError(
+            f"request {request.id!r}: its pages hold {len(held)} tokens, it has {request.num_computed_tokens} computed "
+            f"of {len(tokens)}, and they must agree")
+    if request.rng_state is not None and request.rng_state.dtype != "uint8":
+        raise IncompatibleSnapshotError(f"request {request.id!r}: rng_state is {request.rng_state.dtype}, torch's generator state is uint8")
 
 
 @dataclass
@@ -102,7 +119,7 @@ def _restore_plan(snapshot: thaw_format.Snapshot) -> dict:
     tails, rng_keys = {}, []
     for request in resumable(snapshot):
         last = request.pages[-1] if request.pages else None
-        if last is not None and len(tree.tokens[last]) < snapshot.kv.page_size:
+        if last is not None and snapshot.kv is not None and len(tree.tokens[last]) < snapshot.kv.page_size:
             tails[request.id] = last
         if request.rng_state is not None:
             rng_keys.append(request.id)

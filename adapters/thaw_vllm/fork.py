@@ -116,6 +116,11 @@ def fork(llm, n: int, *, context: Optional[Sequence[int]] = None, processes: boo
         procs = [subprocess.Popen([sys.executable, "-m", "thaw_vllm.child", config], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, env=dict(os.environ)) for _ in range(n)]
         children = [Child(context, process=p) for p in procs]
-        for child in children:  # each child has copied the snapshot out once it reports ready
-            child._call({"ready": True})
+        try:
+            for child in children:  # each child has copied the snapshot out once it reports ready
+                child._call({"ready": True})
+        except BaseException:
+            for p in procs:
+                p.kill()
+            raise
     return children

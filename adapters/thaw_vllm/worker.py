@@ -17,12 +17,19 @@ class ThawWorkerExtension:
     def thaw_describe(self) -> dict:
         """The identity and KV layout a snapshot must match."""
         caches = _internals.kv_cache_tensors(self)
-        info = identity.model_info(self.vllm_config)
+        info = identity.model_info(self.vllm_config, self.thaw_weights_digest())
         return {
-            "model": {"architecture": info.architecture, "config_digest": info.config_digest, "dtype": info.dtype},
+            "model": {"architecture": info.architecture, "config_digest": info.config_digest, "dtype": info.dtype,
+                      "weights_digest": info.weights_digest},
             "kv": {"num_layers": len(caches), "dtype": identity.kv_dtype(self), "num_kv_heads": caches[0].shape[1],
                    "head_dim": caches[0].shape[-1] // 2, "page_size": self.vllm_config.cache_config.block_size},
         }
+
+    def thaw_weights_digest(self, tensors=None) -> str:
+        """The digest of the weights the engine loaded, computed once (from `tensors` if the caller has them)."""
+        if getattr(self, "_thaw_digest", None) is None:
+            self._thaw_digest = thaw_format.weights_digest(tensors or identity.checkpoint_weights(self.vllm_config))
+        return self._thaw_digest
 
     def thaw_capture(self, plan: dict, include_weights: bool, local: bool) -> dict:
         """Assemble the snapshot the engine core planned (pages, block ids, requests) and publish it (shared
@@ -68,11 +75,11 @@ def _build_snapshot(worker, plan: dict, include_weights: bool) -> thaw_format.Sn
             num_computed_tokens=r["num_computed_tokens"], pages=r["pages"],
             rng_state=None if generator is None else from_torch(generator.get_state()),
         ))
-    weights = digest = None
+    weights = None
     if include_weights:
         tensors = identity.checkpoint_weights(config)
-        digest = thaw_format.weights_digest(tensors)
         weights = thaw_format.Weights(tensors=tensors, checkpoint_names={n: n for n in tensors})
+    digest = worker.thaw_weights_digest(weights.tensors if weights else None)
     bs = plan["block_size"]
     return thaw_format.Snapshot(
         model=identity.model_info(config, digest),

@@ -1,6 +1,5 @@
 """fork(llm, n): children continue the parent's context without prefill, in-process and in worker processes."""
 
-import pytest
 from conftest import generate, make_engine, trunk_tokens
 
 SUFFIXES = [trunk_tokens(5 + i, seed=30 + i) for i in range(4)]

@@ -103,17 +103,25 @@ def other_engines(vllm, zoo):
     return {"model": make_engine(zoo, "qwen3", "float32"), "dtype": make_engine(zoo, "llama", "bfloat16")}
 
 
-@pytest.mark.parametrize("other", ["model", "dtype", "block_size"])
+@pytest.mark.parametrize("other", ["model", "dtype", "block_size", "weights", "request"])
 def test_mismatched_snapshot_is_refused_and_the_engine_still_serves(vllm, zoo, other_engines, greedy, other):
     import thaw_vllm
 
     target = make_engine(zoo, "llama", "float32")
     trunk = trunk_tokens(70, seed=4)
     reference = generate(target, trunk, greedy)[0]
+    own = thaw_vllm.capture(target, include_weights=False)
     if other == "block_size":
-        own = thaw_vllm.capture(target, include_weights=False)
         snapshot = dataclasses.replace(own, kv=dataclasses.replace(own.kv, page_size=64))
         field = "kv.page_size"
+    elif other == "weights":  # same config, other weights (as a differently seeded checkpoint would have)
+        snapshot = dataclasses.replace(own, model=dataclasses.replace(own.model, weights_digest="sha256:" + "0" * 64))
+        field = "model.weights_digest"
+    elif other == "request":  # a resumed request whose pages do not hold its computed tokens
+        bad = thaw_format.Request(id="r", status="running", prompt_token_ids=trunk, output_token_ids=[5],
+                                  num_computed_tokens=70, pages=[0])
+        snapshot = dataclasses.replace(own, scheduler=thaw_format.SchedulerState([bad]))
+        field = "request 'r'"
     else:
         source = other_engines[other]
         generate(source, trunk, greedy)
