@@ -41,20 +41,23 @@ def report_saveload(case: str, scale: float, directory: Path, rounds: int, rss: 
     size = timing["bytes"]
     memory = saveload_bench.measure_rss(case, scale, directory) if rss else {"save": {}, "load": {}}
     save_ref, load_ref, copy = timing["save"]["safetensors"], timing["load"][REFERENCE_LOAD], timing["memory_copy"]
-    table = [["operation", "GB/s", "vs safetensors", "vs memory copy", "peak RSS / data"]]
+    table = [["operation", "GB/s", "vs safetensors", "vs memory copy", "peak RSS / data",
+              "(peak RSS - imports) / data"]]
     for op, seconds, ref in (("save", timing["save"], save_ref), ("load", timing["load"], load_ref)):
         for name, s in seconds.items():
             peak = memory[op].get(name)
             table.append([f"{op}: {name}", f"{size / s / 1e9:.2f}", f"{ref / s:.2f}x", f"{copy / s:.2f}x",
-                          f"{peak['peak'] / size:.2f}" if peak else "-"])
-    table.append(["memory copy (same bytes, preallocated)", f"{size / copy / 1e9:.2f}", "", "1.00x", "-"])
+                          f"{peak['peak'] / size:.2f}" if peak else "-",
+                          f"{(peak['peak'] - peak['baseline']) / size:.2f}" if peak else "-"])
+    table.append(["memory copy (same bytes, preallocated)", f"{size / copy / 1e9:.2f}", "", "1.00x", "-", "-"])
     notes = [f"Files in {directory} (page cache hot; fsync is free there). Best of {rounds} interleaved rounds; "
              f"ratios above 1 mean faster. Loads are compared with `{REFERENCE_LOAD}`.",
              "thaw_format computes CRC32C of every 1 MiB chunk while saving and checks every chunk before a loaded "
              "tensor sees it; safetensors and torch check nothing. safetensors load_file maps the file and reads "
              "no byte until used, so it is also shown touching every page once.",
-             "Peak RSS: ru_maxrss of a fresh process doing only that save or load (interpreter and torch included, "
-             "about 0.3 GB), over the data size." if rss else "Peak RSS not measured (--no-rss)."]
+             "Peak RSS: VmHWM of a fresh process doing only that save or load, over the data size; the last column "
+             "leaves out what the process held after its imports (interpreter, torch, about 0.3 GB)."
+             if rss else "Peak RSS not measured (--no-rss)."]
     name = f"saveload-{case}" + ("" if scale == 1.0 else f"-x{scale:g}")
     label = f"{timing['tensors']} tensors, {size / 1e9:.2f} GB"
     write_results(name, f"Save and load: {label}", command_line(),

@@ -2,8 +2,8 @@
 torch.save/torch.load (no checksums), and a plain memory copy of the same bytes as the limit.
 
 Timing runs every competitor side by side in one process on the same tensors, in interleaved rounds (one
-file on disk at a time, to keep memory modest). Peak RSS is measured in a fresh subprocess per competitor
-and operation (`python saveload_bench.py rss ...`), since a process's peak cannot be reset.
+file at a time, to keep memory modest). Peak RSS is measured in a fresh subprocess per competitor and
+operation (`python saveload_bench.py rss ...`), since a process's peak cannot be reset.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -146,14 +145,25 @@ def time_case(case: str, scale: float, directory: Path, rounds: int) -> dict:
 
 
 def rss_child(case: str, scale: float, op: str, name: str, path: str) -> None:
-    """Run one save or load in this fresh process and print its peak RSS (bytes) as JSON."""
+    """Run one save or load in this fresh process and print its peak RSS (bytes) as JSON, with the RSS it had
+    before (interpreter, torch, thaw_format and safetensors imported)."""
+    import safetensors.torch  # noqa: F401  (imported up front so every competitor's baseline is the same)
+    import thaw_format  # noqa: F401
+
+    baseline = peak_rss()
     if op == "save":
         tensors = make_tensors(case, scale)
         SAVERS[name](tensors, path)
     else:
         tensors = LOADERS[name][1](path)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak": peak, "data": nbytes(tensors)}))
+    print(json.dumps({"peak": peak_rss(), "baseline": baseline, "data": nbytes(tensors)}))
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes. VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork
+    and exec, so a child would report its parent's size."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
 def _child(args: list[str]) -> dict:
