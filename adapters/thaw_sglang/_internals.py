@@ -180,14 +180,19 @@ def live_requests(scheduler) -> list[LiveRequest]:
     found = []
     for status, reqs in (("running", scheduler.running_batch.reqs), ("waiting", scheduler.waiting_queue)):
         for req in reqs:
-            committed = req.kv.kv_committed_len if req.kv.req_pool_idx is not None else 0
+            prompt, output = list(req.origin_input_ids), list(req.output_ids)
+            # SGLang counts a slot as committed when it allocates it, before the forward that writes it
+            # (with overlap scheduling the next step may be under way): only tokens before the last sampled
+            # one are sure to hold KV.
+            written = max(len(prompt) + len(output) - 1, 0)
+            committed = min(req.kv.kv_committed_len, written) if req.kv.req_pool_idx is not None else 0
             slots = pool[req.kv.req_pool_idx, :committed] if committed else torch.empty(0)
             found.append(
                 LiveRequest(
                     rid=req.rid,
                     status=status,
-                    prompt=list(req.origin_input_ids),
-                    output=list(req.output_ids),
+                    prompt=prompt,
+                    output=output,
                     sampling=req.sampling_params,
                     slots=slots.to(torch.int64),
                 )

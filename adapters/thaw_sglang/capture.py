@@ -11,17 +11,24 @@ from .kv import gather_pages
 from .model_info import engine_info, model_info
 from .pages import paginate
 from .requests import capture_requests
-from .weights import capture_weights
+from .weights import capture_weights, engine_weights_digest
 
 
-def capture_state(scheduler, *, page_size: int, include_weights: bool, label: str | None = None) -> Snapshot:
-    """The scheduler's state between two batches. Without weights, the snapshot names them by digest."""
+def capture_state(
+    scheduler, *, page_size: int, include_weights: bool, label: str | None = None, parent: str | None = None
+) -> Snapshot:
+    """The scheduler's state between two batches. Without weights, the snapshot names them by digest.
+
+    `parent` is the id of the snapshot this engine was restored from, if any.
+    """
     engine_page = _internals.engine_page_size(scheduler)
     if page_size % engine_page:
         raise ValueError(f"page_size {page_size} is not a multiple of the engine's page size {engine_page}")
-    weights = capture_weights(scheduler)
-    digest = weights_digest(weights.tensors)
-    if not include_weights:
+    if include_weights:
+        weights = capture_weights(scheduler)
+        digest = weights_digest(weights.tensors)
+    else:
+        digest = engine_weights_digest(scheduler)
         weights = Weights(ref=WeightsRef(weights_digest=digest))
     requests = capture_requests(scheduler)
     pages = paginate(_internals.radix_paths(scheduler) + requests.paths, page_size)
@@ -34,5 +41,5 @@ def capture_state(scheduler, *, page_size: int, include_weights: bool, label: st
         prefix=pages.tree,
         scheduler=requests.state,
         engine=engine_info(scheduler),
-        lineage=Lineage(label=label, created=datetime.now(timezone.utc).isoformat(timespec="seconds")),
+        lineage=Lineage(parent=parent, label=label, created=datetime.now(timezone.utc).isoformat(timespec="seconds")),
     )

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from thaw_format import IncompatibleSnapshotError, Snapshot, check_model, weights_digest
+from thaw_format import IncompatibleSnapshotError, Snapshot, check_model
 
 from . import _internals
 from .kv import scatter_rows
 from .model_info import check_kv, model_info
 from .pages import distinct_token_count, leaf_sequences
-from .weights import capture_weights, check_weights, restore_weights
+from .weights import check_weights, engine_weights_digest, restore_weights
 
 
 class EngineBusyError(RuntimeError):
@@ -23,7 +23,7 @@ def check_restorable(scheduler, snapshot: Snapshot) -> None:
         check_model(snapshot, model_info(scheduler), check_weights=False)
         check_weights(scheduler, snapshot.weights)
     else:
-        check_model(snapshot, model_info(scheduler, weights_digest(capture_weights(scheduler).tensors)))
+        check_model(snapshot, model_info(scheduler, engine_weights_digest(scheduler)))
     if snapshot.kv is None:
         return
     check_kv(scheduler, snapshot)

@@ -17,15 +17,25 @@ from .restore import restore_state
 
 
 class ThawScheduler(_internals.Scheduler):
+    # The id of the snapshot this engine was last restored from: the lineage parent of its captures.
+    thaw_restored_from: str | None = None
+
     def thaw_capture(self, result_path: str, path: str, page_size: int, weights: bool, label: str = "") -> None:
         def work():
-            snapshot = capture_state(self, page_size=page_size, include_weights=weights, label=label or None)
+            snapshot = capture_state(
+                self, page_size=page_size, include_weights=weights, label=label or None, parent=self.thaw_restored_from
+            )
             thaw_format.save(snapshot, path)
 
         rpc.report(result_path, work)
 
     def thaw_restore(self, result_path: str, path: str) -> None:
-        rpc.report(result_path, lambda: restore_state(self, thaw_format.load(path)))
+        def work():
+            snapshot = thaw_format.load(path)
+            restore_state(self, snapshot)
+            self.thaw_restored_from = snapshot.id
+
+        rpc.report(result_path, work)
 
     def thaw_leak_warnings(self, result_path: str) -> None:
         rpc.report(result_path, lambda: _internals.leak_warnings(self))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from safetensors import safe_open
-from thaw_format import IncompatibleSnapshotError, Weights
+from thaw_format import IncompatibleSnapshotError, Weights, weights_digest
 from thaw_format.torch import from_torch, to_torch
 
 from . import _internals
@@ -27,6 +27,10 @@ def capture_weights(scheduler) -> Weights:
     tensors = {name: from_torch(p) for name, p in _internals.model(scheduler).named_parameters()}
     in_checkpoint = _checkpoint_keys(_internals.model_path(scheduler))
     return Weights(tensors=tensors, checkpoint_names={n: n for n in tensors if n in in_checkpoint})
+
+
+def engine_weights_digest(scheduler) -> str:
+    return weights_digest({name: from_torch(p) for name, p in _internals.model(scheduler).named_parameters()})
 
 
 def check_weights(scheduler, weights: Weights) -> None:

@@ -27,6 +27,7 @@ def test_child_holds_the_parents_kv_tree_and_weights_byte_for_byte(family):
     for name, tensor in parent.weights.tensors.items():
         assert _as_bytes(child.weights.tensors[name]) == _as_bytes(tensor), name
     assert child.model == parent.model
+    assert child.lineage.parent.startswith("sha256:")  # the snapshot the fork restored from
 
 
 def test_snapshot_pages_hold_the_radix_paths(family):
@@ -64,6 +65,7 @@ def test_restored_bytes_are_what_the_engine_reads(thaw_sglang, family):
     assert cached == family.restored_prefix_len
     assert output != family.references[0]
     thaw_sglang.restore(child, family.snapshot)
+    assert thaw_sglang.capture(child, weights=False).lineage.parent == family.snapshot.id
     assert generate(child, prompt) == (family.references[0], family.restored_prefix_len)
 
 

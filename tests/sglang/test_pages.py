@@ -3,16 +3,21 @@
 import pytest
 import torch
 
-pages = pytest.importorskip("thaw_sglang.pages", reason="thaw_sglang needs SGLang: scripts/setup-sglang.sh")
+import engine_guard
 
 
-def _path(tokens, first_slot):
+@pytest.fixture(scope="module")
+def pages():
+    return engine_guard.require("thaw_sglang.pages", "install it with scripts/setup-sglang.sh")
+
+
+def _path(pages, tokens, first_slot):
     return pages.RadixPath(list(tokens), torch.arange(first_slot, first_slot + len(tokens), dtype=torch.int64))
 
 
-def test_paths_that_part_inside_a_page_share_full_pages_and_copy_the_common_tokens():
+def test_paths_that_part_inside_a_page_share_full_pages_and_copy_the_common_tokens(pages):
     shared = list(range(10))
-    a = _path(shared + [50, 51], 100)
+    a = _path(pages, shared + [50, 51], 100)
     b = pages.RadixPath(shared + [60], torch.cat([a.slots[:10], torch.tensor([200])]))
     cut = pages.paginate([a, b], page_size=4)
     assert cut.tree.parents == [-1, 0, 1, 1]
@@ -21,8 +26,8 @@ def test_paths_that_part_inside_a_page_share_full_pages_and_copy_the_common_toke
     assert pages.distinct_token_count(cut.tree) == 13
 
 
-def test_leaf_sequences_give_back_each_path_and_its_rows():
-    a, b = _path(range(9), 0), _path(list(range(4)) + [70, 71], 20)
+def test_leaf_sequences_give_back_each_path_and_its_rows(pages):
+    a, b = _path(pages, range(9), 0), _path(pages, list(range(4)) + [70, 71], 20)
     cut = pages.paginate([a, b], page_size=4)
     sequences = pages.leaf_sequences(cut.tree, page_size=4)
     assert [s.tokens for s in sequences] == [a.tokens, b.tokens]
@@ -31,6 +36,6 @@ def test_leaf_sequences_give_back_each_path_and_its_rows():
     assert flat[sequences[1].rows].tolist() == [0, 1, 2, 3, 24, 25]
 
 
-def test_a_path_ending_on_a_page_boundary_is_an_inner_page_of_a_longer_one():
-    cut = pages.paginate([_path(range(8), 0), _path(range(4), 0)], page_size=4)
+def test_a_path_ending_on_a_page_boundary_is_an_inner_page_of_a_longer_one(pages):
+    cut = pages.paginate([_path(pages, range(8), 0), _path(pages, range(4), 0)], page_size=4)
     assert cut.tree.parents == [-1, 0] and cut.tree.leaves() == [1]
