@@ -41,7 +41,10 @@ def cross_phase(driver: Driver, arch: str, source_dir: Path, workload: Workload,
     try:
         own = engine.generate(prompt, workload.continue_tokens, GREEDY)
         with recorder.check("cross_restore") as note:
-            engine.restore(snapshot_path)
+            try:
+                engine.restore(snapshot_path)
+            except thaw_format.SnapshotError as exc:  # a clean refusal: the engines disagree on the model
+                raise CheckFailed(f"refused: {type(exc).__name__}: {exc}") from exc
             note(f"restored {snapshot_path.name} of {thaw_format.load(snapshot_path).engine.name}")
         if recorder.results[-1].status != "passed":
             recorder.missing("skipped", "the target did not restore the source's snapshot", CROSS_CHECKS)

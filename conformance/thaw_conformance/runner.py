@@ -57,7 +57,7 @@ def parent_phase(driver: Driver, arch: str, workdir: Path, workload: Workload) -
         record["continuations"] = {"greedy": _generation(engine.generate(prompt, w.continue_tokens, GREEDY))}
         if "seeded" in features:
             record["continuations"]["seeded"] = _generation(engine.generate(prompt, w.continue_tokens, seeded(w.seed)))
-        if "fork" in features:
+        if "fork" in features and (w.fork_archs is None or arch in w.fork_archs):
             record["fork"] = [engine.generate(prompt, w.continue_tokens, _fork_sampling(features, w, i)).token_ids
                               for i in range(w.fork_n)]
         record["mid_stream_after"] = w.mid_stream_after
