@@ -58,6 +58,7 @@ def main() -> None:
 
     llm.reset_prefix_cache()
     generate(trunk)  # the parent's state: its trunk in the prefix cache
+    thaw_vllm.describe(llm)  # the engine's identity (weights digest) is computed once per engine, not per fork
     start = time.perf_counter()
     snapshot = thaw_vllm.capture(llm, include_weights=False, chains=[trunk])
     captured = time.perf_counter()
