@@ -8,7 +8,7 @@ if sys.byteorder != "little":  # every stored integer and tensor is little-endia
 from .mover import backend
 from .compat import check_kv_layout, check_model
 from .container import MAJOR, MINOR, Limits
-from .digest import checkpoint_model_info, config_digest, weights_digest
+from .digest import checkpoint_model_info, checkpoint_weights_digest, config_digest, weights_digest
 from .errors import CorruptSnapshotError, IncompatibleSnapshotError, SnapshotError, UnsupportedVersionError
 from .files import load_file, save_file
 from .reader import SnapshotFile, load, loads, open, verify
@@ -37,7 +37,7 @@ __all__ = [
     "CorruptSnapshotError", "EncodedSnapshot", "EngineInfo", "FORMAT_VERSION", "IncompatibleSnapshotError",
     "KVCache", "KVLayer", "Limits", "Lineage", "ModelInfo", "NativeHash", "PrefixTree", "Request",
     "SamplingParams", "SchedulerState", "Snapshot", "SnapshotError", "SnapshotFile", "Tensor",
-    "UnsupportedVersionError", "Weights", "WeightsRef", "as_tensor", "backend", "check_kv_layout", "check_model", "checkpoint_model_info",
-    "config_digest", "dumps", "load", "load_file", "loads", "open", "save", "save_file", "verify",
-    "weights_digest", "write",
+    "UnsupportedVersionError", "Weights", "WeightsRef", "as_tensor", "backend", "check_kv_layout",
+    "check_model", "checkpoint_model_info", "checkpoint_weights_digest", "config_digest", "dumps", "load",
+    "load_file", "loads", "open", "save", "save_file", "verify", "weights_digest", "write",
 ]

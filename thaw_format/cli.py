@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from .errors import SnapshotError
 from .reader import SnapshotFile
-from .snapshot import PAGED_KINDS
+from .snapshot import PAGED_KINDS, Snapshot
 
 
 class Progress:
@@ -50,46 +50,41 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _sections(f: SnapshotFile) -> list[tuple[str, str]]:
-    doc = f.document
+def _sections(snap: Snapshot) -> list[tuple[str, str]]:
+    """One line per section, from the decoded (so already section-checked) snapshot; tensors are lazy views."""
     rows = []
-    if (m := doc.get("model")) is not None:
-        rows.append(("model", f"{m['architecture']}  dtype {m['dtype']}  config {m['config_digest']}"
-                              f"  weights {m.get('weights_digest') or '-'}"))
-    if (w := doc.get("weights")) is not None:
-        names = [n for n in f.names() if n.startswith("weights/")]
-        total = sum(f.info(n)[2].length for n in names)
-        ref = w.get("ref")
-        rows.append(("weights", f"{len(names)} tensors, {_size(total)}"
-                                + (f"; refers to weights {ref['weights_digest']}" if ref else "")))
-    if (kv := doc.get("kv")) is not None:
+    if (m := snap.model) is not None:
+        rows.append(("model", f"{m.architecture}  dtype {m.dtype}  config {m.config_digest}"
+                              f"  weights {m.weights_digest or '-'}"))
+    if (w := snap.weights) is not None:
+        total = sum(t.nbytes for t in w.tensors.values())
+        rows.append(("weights", f"{len(w.tensors)} tensors, {_size(total)}"
+                                + (f"; refers to weights {w.ref.weights_digest}" if w.ref else "")))
+    if (kv := snap.kv) is not None:
         kinds: dict[str, int] = {}
-        for layer in kv["layers"]:
-            kinds[layer["kind"]] = kinds.get(layer["kind"], 0) + 1
-        names = [n for n in f.names() if n.startswith("kv/")]
-        total = sum(f.info(n)[2].length for n in names)
-        paged = [f"kv/{i}/{layer['tensors'][0]}" for i, layer in enumerate(kv["layers"])
-                 if layer["kind"] in PAGED_KINDS and layer["tensors"]]
-        pages = f.info(paged[0])[1][0] if paged else 0
-        rows.append(("kv", f"{len(kv['layers'])} layers ({', '.join(f'{k} x{c}' for k, c in kinds.items())}), "
-                           f"dtype {kv['dtype']}, page size {kv['page_size']}, {pages} pages, {_size(total)}"))
-    if (p := doc.get("prefix")) is not None:
-        tokens = f.info("prefix/token_ids")[1][0] if "prefix/token_ids" in f.names() else 0
-        h = p.get("hash")
-        rows.append(("prefix", f"{p['num_pages']} pages, {tokens} tokens"
-                               + (f"; native hash {h['algorithm']} ({h['tokens_per_hash']} tokens/hash)" if h else "")))
-    if (s := doc.get("scheduler")) is not None:
-        reqs = s["requests"]
-        detail = ", ".join(f"{r['id']} {r['status']} ({len(r['prompt_token_ids'])}+{len(r['output_token_ids'])} tokens)"
+        for layer in kv.layers:
+            kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
+        total = sum(t.nbytes for layer in kv.layers for t in layer.tensors.values())
+        paged = [layer for layer in kv.layers if layer.kind in PAGED_KINDS and layer.tensors]
+        pages = next(iter(paged[0].tensors.values())).shape[0] if paged else 0
+        rows.append(("kv", f"{len(kv.layers)} layers ({', '.join(f'{k} x{c}' for k, c in kinds.items())}), "
+                           f"dtype {kv.dtype}, page size {kv.page_size}, {pages} pages, {_size(total)}"))
+    if (p := snap.prefix) is not None:
+        h = p.hash
+        rows.append(("prefix", f"{len(p.parents)} pages, {sum(map(len, p.tokens))} tokens"
+                               + (f"; native hash {h.algorithm} ({h.tokens_per_hash} tokens/hash)" if h else "")))
+    if (s := snap.scheduler) is not None:
+        reqs = s.requests
+        detail = ", ".join(f"{r.id} {r.status} ({len(r.prompt_token_ids)}+{len(r.output_token_ids)} tokens)"
                            for r in reqs[:4])
         rows.append(("scheduler", f"{len(reqs)} requests" + (f": {detail}" if reqs else "") + (" ..." if len(reqs) > 4 else "")))
-    if (e := doc.get("engine")) is not None:
-        rows.append(("engine", f"{e['name']} {e['version']}  attention {e.get('attention_backend') or '-'}  "
-                               f"layout {e.get('native_kv_layout') or '-'}  tp {e.get('tp_rank', 0)}/{e.get('tp_size', 1)}"))
-    if (g := doc.get("lineage")) is not None:
-        rows.append(("lineage", f"parent {g.get('parent') or '-'}  label {g.get('label') or '-'}  created {g.get('created') or '-'}"))
-    if doc.get("metadata"):
-        rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in sorted(doc["metadata"].items()))))
+    if (e := snap.engine) is not None:
+        rows.append(("engine", f"{e.name} {e.version}  attention {e.attention_backend or '-'}  "
+                               f"layout {e.native_kv_layout or '-'}  tp {e.tp_rank}/{e.tp_size}"))
+    if (g := snap.lineage) is not None:
+        rows.append(("lineage", f"parent {g.parent or '-'}  label {g.label or '-'}  created {g.created or '-'}"))
+    if snap.metadata:
+        rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in sorted(snap.metadata.items()))))
     return rows
 
 
@@ -101,7 +96,7 @@ def inspect(args) -> int:
         print(f"format    {f.version[0]}.{f.version[1]}  features required 0x{required:x} optional 0x{optional:x}")
         print(f"size      {_size(f.layout.file_length)} in {len(f.layout.regions)} regions, "
               f"{f.layout.total_chunks} checksummed chunks")
-        for name, text in _sections(f):
+        for name, text in _sections(f.snapshot(verify=False, copy=False)):
             print(f"{name:<9} {text}")
         names = f.names()
         if names and not args.brief:

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import sglang
-from thaw_format import EngineInfo, ModelInfo, check_kv_layout, config_digest
+from thaw_format import EngineInfo, ModelInfo, check_kv_layout, checkpoint_model_info
 
 from . import _internals
 
 
 def model_info(scheduler, weights_digest: str | None = None) -> ModelInfo:
-    config = _internals.hf_config(scheduler)
-    return ModelInfo(
-        architecture=(config.get("architectures") or ["unknown"])[0],
-        config_digest=config_digest(config),
-        dtype=_internals.model_dtype(scheduler),
-        weights_digest=weights_digest,
-        config=config,
-    )
+    """The checkpoint identity every adapter computes alike (thaw_format.checkpoint_model_info)."""
+    return checkpoint_model_info(_internals.hf_config(scheduler), _internals.model_dtype(scheduler), weights_digest)
 
 
 def engine_info(scheduler) -> EngineInfo:

@@ -9,15 +9,7 @@ from typing import Optional
 import thaw_format
 from thaw_format.torch import from_torch
 
-# Fields of config.json that describe the file rather than the model; dtype is compared on its own.
-_NOT_MODEL_FIELDS = ("dtype", "torch_dtype", "transformers_version", "_name_or_path")
 SNAPSHOT_KEY = "thaw_snapshot"  # model_loader_extra_config key naming a snapshot (path or shm://name)
-
-
-def model_config_dict(vllm_config) -> dict:
-    path = Path(vllm_config.model_config.model) / "config.json"
-    config = json.loads(path.read_text())
-    return {k: v for k, v in config.items() if k not in _NOT_MODEL_FIELDS}
 
 
 def dtype_name(vllm_config) -> str:
@@ -25,14 +17,9 @@ def dtype_name(vllm_config) -> str:
 
 
 def model_info(vllm_config, weights_digest: Optional[str] = None) -> thaw_format.ModelInfo:
-    config = model_config_dict(vllm_config)
-    return thaw_format.ModelInfo(
-        architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
-        config_digest=thaw_format.config_digest(config),
-        dtype=dtype_name(vllm_config),
-        weights_digest=weights_digest,
-        config=config,
-    )
+    """The checkpoint identity every adapter computes alike (thaw_format.checkpoint_model_info)."""
+    config = json.loads((Path(vllm_config.model_config.model) / "config.json").read_text())
+    return thaw_format.checkpoint_model_info(config, dtype_name(vllm_config), weights_digest)
 
 
 def snapshot_source(load) -> Optional[str]:

@@ -14,9 +14,6 @@ from thaw_format.cli import main
 
 CORPUS = Path(__file__).with_name("corpus")
 ENTRIES = json.loads((CORPUS / "index.json").read_text())["cases"]
-# `thaw inspect` prints sections from the raw document before any section rule is checked (thaw_format/cli.py,
-# _sections), so a section of the wrong type ends in KeyError/TypeError/AttributeError. Reported to the lead.
-INSPECT_TRACEBACK = "thaw inspect reads the raw document unchecked (cli._sections): traceback on wrong section types"
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["file"] for e in ENTRIES])
@@ -28,16 +25,11 @@ def test_verify_exits_with_the_readers_message(entry, capsys):
         assert f"thaw verify: {entry['error']}: " in err and entry["match"] in err
 
 
-@pytest.mark.parametrize("entry", [
-    pytest.param(e, marks=pytest.mark.xfail(strict=True, reason=INSPECT_TRACEBACK))
-    if e["file"] == "section_wrong_type.thaw" else e
-    for e in ENTRIES
-], ids=[e["file"] for e in ENTRIES])
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e["file"] for e in ENTRIES])
 def test_inspect_exits_without_a_traceback(entry, capsys):
     assert main(["inspect", str(CORPUS / entry["file"])]) in (0, 1)
 
 
-@pytest.mark.xfail(strict=True, reason=INSPECT_TRACEBACK)
 @settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from(DOCUMENT_PATHS), new=json_values | st.just(DELETE))
