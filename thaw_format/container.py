@@ -29,7 +29,7 @@ from .errors import CorruptSnapshotError, UnsupportedVersionError
 MAGIC = b"\x89THAW\r\n\x1a"  # non-ASCII first byte and CR LF catch text-mode transfers, as in PNG
 END_MAGIC = b"THAW-END"
 MAJOR = 1
-MINOR = 0  # history: 1.0 (first release)
+MINOR = 1  # history: 1.0 (first release), 1.1 (required feature kv_v_head_dim)
 ALIGNMENT = 4096
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 4096
@@ -40,8 +40,14 @@ CRC = struct.Struct("<I")
 TRAILER_TAIL = struct.Struct("<I8s")
 
 # Feature bits. A reader refuses a file with a required bit it does not know and ignores unknown optional bits.
-REQUIRED_FEATURES = {1 << 0: "weights_ref"}
+REQUIRED_FEATURES = {1 << 0: "weights_ref", 1 << 1: "kv_v_head_dim"}
 OPTIONAL_FEATURES = {1 << 0: "native_hashes"}
+# The minor version that introduced each required bit: a writer emits the lowest version its bits need.
+REQUIRED_FEATURE_MINOR = {1 << 0: 0, 1 << 1: 1}
+
+
+def minor_version(required: int) -> int:
+    return max([minor for bit, minor in REQUIRED_FEATURE_MINOR.items() if required & bit], default=0)
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,7 @@ def plan_layout(json_length: int, lengths: Sequence[int], chunk_sizes: Sequence[
 
 def encode_header(json_bytes: bytes, layout: Layout, required: int, optional: int) -> bytes:
     """Preamble, table, JSON and header CRC, padded with zeros to the data start."""
-    parts = [PREAMBLE.pack(MAGIC, MAJOR, MINOR, required, optional, len(layout.regions), len(json_bytes))]
+    parts = [PREAMBLE.pack(MAGIC, MAJOR, minor_version(required), required, optional, len(layout.regions), len(json_bytes))]
     parts += [REGION.pack(r.offset, r.length, r.chunk_size, 0) for r in layout.regions]
     parts.append(json_bytes)
     body = b"".join(parts)

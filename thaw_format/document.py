@@ -122,6 +122,8 @@ def _encode_scheduler(scheduler: SchedulerState, tensors: list) -> dict:
 def features(snapshot: Snapshot) -> tuple[int, int]:
     """(required, optional) feature bits the content uses; see container.REQUIRED_FEATURES."""
     required = 1 if snapshot.weights is not None and snapshot.weights.ref is not None else 0
+    if snapshot.kv is not None and any("v_head_dim" in layer.params for layer in snapshot.kv.layers):
+        required |= 2
     optional = 1 if snapshot.prefix is not None and snapshot.prefix.hash is not None else 0
     return required, optional
 
@@ -130,6 +132,7 @@ def check_features(doc: dict, required: int, optional: int) -> None:
     """The known feature bits must agree with the content (spec section 8, rule 10)."""
     present = {
         "weights_ref (required bit 0)": (bool(required & 1), _member(doc, "weights", "ref")),
+        "kv_v_head_dim (required bit 1)": (bool(required & 2), _has_v_head_dim(doc)),
         "native_hashes (optional bit 0)": (bool(optional & 1), _member(doc, "prefix", "hash")),
     }
     for feature, (bit, member) in present.items():
@@ -137,6 +140,15 @@ def check_features(doc: dict, required: int, optional: int) -> None:
             raise CorruptSnapshotError(
                 f"feature {feature} is {'set' if bit else 'clear'} but the document {'lacks' if bit else 'has'} it"
             )
+
+
+def _has_v_head_dim(doc: dict) -> bool:
+    kv = doc.get("kv")
+    layers = kv.get("layers") if isinstance(kv, dict) else None
+    return isinstance(layers, list) and any(
+        isinstance(layer, dict) and isinstance(layer.get("params"), dict) and "v_head_dim" in layer["params"]
+        for layer in layers
+    )
 
 
 def _member(doc: dict, section: str, key: str) -> bool:
@@ -483,11 +495,16 @@ def _validate_layer(i: int, layer: KVLayer, kv: KVCache, num_pages: Optional[int
             want = ["k", "v"]
             if sorted(layer.tensors) != want:
                 raise fail(f"{where} must hold tensors {want}, has {sorted(layer.tensors)}")
+            v_head_dim = layer.params.get("v_head_dim", layer.head_dim)
+            if "v_head_dim" in layer.params and (type(v_head_dim) is not int or v_head_dim < 1):
+                raise fail(f"{where} params.v_head_dim must be a positive integer, got {v_head_dim!r}")
             for role, t in layer.tensors.items():
-                if t.shape[2:] != (layer.num_kv_heads, layer.head_dim):
+                dim = layer.head_dim if role == "k" else v_head_dim
+                if t.shape[2:] != (layer.num_kv_heads, dim):
+                    name = "head_dim" if role == "k" else "v_head_dim"
                     raise fail(
                         f"{where} tensor {role!r} has shape {list(t.shape)}, expected "
-                        f"[pages, {page_size}, num_kv_heads={layer.num_kv_heads}, head_dim={layer.head_dim}]"
+                        f"[pages, {page_size}, num_kv_heads={layer.num_kv_heads}, {name}={dim}]"
                     )
     elif layer.kind not in SEQUENCE_KINDS:
         raise fail(f"{where}: unknown layer kind; known: {PAGED_KINDS + SEQUENCE_KINDS}")

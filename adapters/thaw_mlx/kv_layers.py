@@ -56,6 +56,8 @@ def encode_layer(cache, page_size: int) -> KVLayer:
             {"k": _to_pages(keys, offset, page_size), "v": _to_pages(values, offset, page_size)},
             num_kv_heads=keys.shape[1],
             head_dim=keys.shape[3],
+            # DeepSeek's MLA runs in mlx-lm as plain attention with a V head smaller than K's
+            params={} if values.shape[3] == keys.shape[3] else {"v_head_dim": values.shape[3]},
         )
     if isinstance(cache, QuantizedKVCache):
         keys, values, offset, group_size, bits = _internals.quantized_state(cache)

@@ -54,8 +54,9 @@ def capture(
 
     `num_prompt_tokens` splits `tokens` into prompt and output (default: all prompt); `sampler`, a
     thaw_mlx.Sampler, records how the session samples and its PRNG key (default greedy); `parent` is the id of
-    the snapshot this session was restored from; `info` is thaw_mlx.model_info(model) if already computed, to
-    save reading every weight for its digest again.
+    the snapshot this session was restored from; `info` is the model's identity, thaw_mlx.model_info(model),
+    computed once: pass it to save digesting every weight again, and always for a model loaded from a
+    checkpoint (model_info(model, checkpoint=...)), whose identity the model alone does not know.
     """
     if len(prompt_cache) != len(model.layers):
         raise ValueError(f"the prompt cache has {len(prompt_cache)} layers, the model {len(model.layers)}")
@@ -130,7 +131,8 @@ def restore(
 ) -> list:
     """A new prompt cache holding the snapshot's KV, after checking that it belongs to this model.
 
-    `info` is thaw_mlx.model_info(model) if already computed; `check_weights=False` skips the weights digest.
+    `info` is the model's identity as for capture (the one the snapshot was captured with: a checkpoint's, or
+    the model's own); `check_weights=False` skips the weights digest.
     """
     return fork(model, snapshot, 1, check_weights=check_weights, info=info)[0]
 
@@ -179,16 +181,19 @@ def check_cache_layout(model: nn.Module, snapshot: Snapshot) -> None:
     num_heads = getattr(args, "num_attention_heads", None)
     num_kv_heads = getattr(args, "num_key_value_heads", None) or num_heads
     head_dim = getattr(args, "head_dim", None) or (args.hidden_size // num_heads if num_heads else None)
+    v_head_dim = head_dim
+    if getattr(args, "qk_rope_head_dim", None):  # DeepSeek MLA: per-head K of nope + rope parts, its own V size
+        num_kv_heads, head_dim, v_head_dim = num_heads, args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
     dtype = model_info(model, weights_digest=False).dtype
     check_kv_layout(snapshot, num_layers=len(model.layers), dtype=dtype)
     for i, layer in enumerate(snapshot.kv.layers):
         if layer.kind == "recurrent":  # states have model-specific shapes: the config digest vouches for them
             continue
-        for field, want in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            if want is not None and getattr(layer, field) != want:
-                raise IncompatibleSnapshotError(
-                    f"kv.layers[{i}].{field}: the snapshot has {getattr(layer, field)!r}, the engine has {want!r}"
-                )
+        fields = (("num_kv_heads", layer.num_kv_heads, num_kv_heads), ("head_dim", layer.head_dim, head_dim),
+                  ("params.v_head_dim", layer.params.get("v_head_dim", layer.head_dim), v_head_dim))
+        for field, have, want in fields:
+            if want is not None and have != want:
+                raise IncompatibleSnapshotError(f"kv.layers[{i}].{field}: the snapshot has {have!r}, the engine has {want!r}")
 
 
 def snapshot_num_computed(snapshot: Snapshot) -> int:

@@ -11,7 +11,7 @@ import struct
 import sys
 
 MAGIC, END_MAGIC, ALIGN = b"\x89THAW\r\n\x1a", b"THAW-END", 4096          # §3.1, §3.5
-MAJOR, KNOWN_REQUIRED = 1, 0b1                                             # §6: bit 0 = weights_ref
+MAJOR, KNOWN_REQUIRED = 1, 0b11                              # §6: bit 0 = weights_ref, bit 1 = kv_v_head_dim
 LIMITS = {"json": 64 << 20, "regions": 1 << 20, "dims": 16, "depth": 64}   # §9 defaults
 ITEMSIZE = {  # §4
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "complex128": 16, "complex64": 8, "complex32": 4,
@@ -215,9 +215,15 @@ def _check_sections(doc, required, optional, tensors):
                         _fail(f"§5.3: paged tensor kv/{i}/{role} {shape} is not [num_pages, page_size, ...]")
                 if layer["kind"] in ("attention", "sliding_window", "mla") and dtype != kv["dtype"]:
                     _fail(f"§5.3: kv/{i}/{role} is {dtype}, the cache's dtype is {kv['dtype']}")
-                heads = [layer.get("num_kv_heads"), layer.get("head_dim")]
+                params = layer.get("params") or {}
+                dim = params.get("v_head_dim", layer.get("head_dim")) if role == "v" else layer.get("head_dim")
+                heads = [layer.get("num_kv_heads"), dim]
                 if layer["kind"] in ("attention", "sliding_window") and None not in heads and shape[2:] != heads:
-                    _fail(f"§5.3: kv/{i}/{role} {shape} is not [pages, page_size, num_kv_heads, head_dim]")
+                    _fail(f"§5.3: kv/{i}/{role} {shape} is not [pages, page_size, num_kv_heads, head_dim]"
+                          " (v: v_head_dim when given)")
+    v_head_dim = kv is not None and any("v_head_dim" in (layer.get("params") or {}) for layer in kv["layers"])
+    if v_head_dim != bool(required & 2):                                                  # §5.3, §6
+        _fail("§5.3: required feature bit 1 (kv_v_head_dim) must be set exactly when a KV layer has v_head_dim")
     requests = (doc.get("scheduler") or {}).get("requests") or []
     for i, req in enumerate(requests):                                                    # §5.5
         _check(req, "request", f"scheduler.requests[{i}]")

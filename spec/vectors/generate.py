@@ -94,7 +94,18 @@ def kv_only_weights_ref() -> tf.Snapshot:
                        lineage=tf.Lineage(label="kv-only", created="2026-11-23T00:00:03Z"))
 
 
-VECTORS = {f.__name__: f for f in (weights_only, kv_prefix_tree, scheduler_in_flight, kv_only_weights_ref)}
+def kv_v_head_dim() -> tf.Snapshot:
+    # Version 1.1: V's head size (2) differs from K's (4), as in DeepSeek's MLA run as plain attention.
+    shape = (1, PAGE, 2, 4)
+    layer = tf.KVLayer("attention", {"k": ramp("float32", shape), "v": ramp("float32", (1, PAGE, 2, 2), -0.5)},
+                       num_kv_heads=2, head_dim=4, params={"v_head_dim": 2})
+    prefix = tf.PrefixTree(parents=[-1], tokens=[[1, 2, 3]])
+    return tf.Snapshot(model=MODEL, kv=tf.KVCache(PAGE, "float32", [layer]), prefix=prefix, engine=ENGINE,
+                       lineage=tf.Lineage(label="v-head-dim", created="2026-11-30T00:00:00Z"))
+
+
+VECTORS = {f.__name__: f for f in (weights_only, kv_prefix_tree, scheduler_in_flight, kv_only_weights_ref,
+                                   kv_v_head_dim)}
 
 
 def describe(data: bytes) -> dict:

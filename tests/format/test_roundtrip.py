@@ -5,6 +5,7 @@ import mmap
 import os
 from multiprocessing import shared_memory
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -162,3 +163,29 @@ def test_save_is_atomic_and_leaves_no_temporary(tmp_path, full_snapshot):
 
 def test_writer_is_deterministic(full_snapshot):
     assert tf.dumps(full_snapshot) == tf.dumps(tf.loads(tf.dumps(full_snapshot)))
+
+
+def _kv_snapshot(v_head_dim, params=None):
+    k = np.zeros((1, 4, 2, 8), np.float32)
+    v = np.ones((1, 4, 2, v_head_dim), np.float32)
+    layer = tf.KVLayer("attention", {"k": k, "v": v}, num_kv_heads=2, head_dim=8, params=params or {})
+    return tf.Snapshot(kv=tf.KVCache(4, "float32", [layer]), prefix=tf.PrefixTree(parents=[-1], tokens=[[1, 2]]))
+
+
+def test_v_head_dim_sets_required_bit_1_and_version_1_1():
+    data = tf.dumps(_kv_snapshot(4, {"v_head_dim": 4}))
+    f = tf.SnapshotFile(data)
+    assert (f.version, f.features) == ((1, 1), (2, 0))
+    assert tf.loads(data).kv.layers[0].tensors["v"].shape == (1, 4, 2, 4)
+    plain = tf.SnapshotFile(tf.dumps(_kv_snapshot(8)))
+    assert (plain.version, plain.features) == ((1, 0), (0, 0))  # the lowest version that represents the file
+
+
+@pytest.mark.parametrize("v_head_dim, params, match", [
+    (4, {}, r"tensor 'v' has shape \[1, 4, 2, 4\], expected \[pages, 4, num_kv_heads=2, v_head_dim=8\]"),
+    (4, {"v_head_dim": 6}, r"v_head_dim=6"),
+    (4, {"v_head_dim": 0}, r"params.v_head_dim must be a positive integer"),
+])
+def test_v_head_dim_must_match_v(v_head_dim, params, match):
+    with pytest.raises(ValueError, match=match):
+        tf.dumps(_kv_snapshot(v_head_dim, params))

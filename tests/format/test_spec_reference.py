@@ -58,6 +58,7 @@ def rebuild(name, mutate_doc=None, **kw):
         mutate_doc(doc)
     kw.setdefault("required", desc["features"]["required"])
     kw.setdefault("optional", desc["features"]["optional"])
+    kw.setdefault("minor", desc["version"][1])
     return build(doc, [bytes.fromhex(t["hex"]) for t in desc["tensors"]], **kw)
 
 
@@ -71,8 +72,8 @@ def test_crc32c_known_answer():  # §2
     assert ref.crc32c_py(b"") == 0
 
 
-def test_the_four_v1_vectors_exist():
-    assert NAMES == ["kv_only_weights_ref", "kv_prefix_tree", "scheduler_in_flight", "weights_only"]
+def test_every_released_vector_exists():
+    assert NAMES == ["kv_only_weights_ref", "kv_prefix_tree", "kv_v_head_dim", "scheduler_in_flight", "weights_only"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -162,10 +163,12 @@ def test_padding_must_be_zero():  # §3.4, §8.12
 
 def test_version_and_feature_rules():  # §6, §8.2
     rejects(rebuild("weights_only", major=2), "major version 2", ref.UnsupportedVersionError)
-    rejects(rebuild("weights_only", required=0b10), "unknown required", ref.UnsupportedVersionError)
+    rejects(rebuild("weights_only", required=0b100), "unknown required", ref.UnsupportedVersionError)
     assert ref.decode(rebuild("weights_only", minor=7))["version"] == [1, 7]          # every minor of 1 is read
     assert ref.decode(rebuild("weights_only", optional=0b100))["features"]["optional"] == 0b100  # unknown: ignored
     rejects(rebuild("kv_only_weights_ref", required=0), "weights_ref")                 # §5.2 sets bit 0
+    rejects(rebuild("kv_v_head_dim", required=0), "kv_v_head_dim")                     # §5.3 sets bit 1
+    rejects(rebuild("kv_prefix_tree", required=0b10), "kv_v_head_dim")
 
 
 def test_region_table_rules():  # §3.2, §8.5

@@ -11,8 +11,8 @@ VECTORS = Path(__file__).resolve().parents[2] / "spec" / "vectors"
 NAMES = sorted(p.stem for p in VECTORS.glob("*.thaw"))
 
 
-def test_the_four_v1_vectors_exist():
-    assert NAMES == ["kv_only_weights_ref", "kv_prefix_tree", "scheduler_in_flight", "weights_only"]
+def test_every_released_vector_exists():
+    assert NAMES == ["kv_only_weights_ref", "kv_prefix_tree", "kv_v_head_dim", "scheduler_in_flight", "weights_only"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -54,4 +54,8 @@ def test_vector_semantics():
     assert ref.weights.tensors == {}
     assert ref.weights.ref.weights_digest == tf.weights_digest(weights.weights.tensors) == ref.model.weights_digest
     with tf.open(VECTORS / "kv_only_weights_ref.thaw") as f:
-        assert f.features == (1, 0)
+        assert f.features == (1, 0) and f.version == (1, 0)
+    with tf.open(VECTORS / "kv_v_head_dim.thaw") as f:  # the only 1.1 feature: the only 1.1 file
+        assert f.features == (2, 0) and f.version == (1, 1)
+    (layer,) = tf.load(VECTORS / "kv_v_head_dim.thaw").kv.layers
+    assert (layer.tensors["k"].shape, layer.tensors["v"].shape) == ((1, 4, 2, 4), (1, 4, 2, 2))

@@ -63,6 +63,7 @@ CASES = {
     "qwen3-quantized-4bit": Case("qwen3", "quantized-4", overrides={"head_dim": 32}),
     # longer than mlx-lm's 256-token allocation step: the restored buffers span two steps
     "lfm2-hybrid": Case("lfm2", "kv", kinds=("recurrent", "attention", "recurrent")),
+    "deepseek_v2-mla-kv": Case("deepseek_v2", "kv"),
     "qwen2-4bit-weights": Case("qwen2", "kv", weight_bits=4),
     "llama-kv-long": Case("llama", "kv", prompt=tuple((7 * i) % 251 for i in range(300))),
 }

@@ -23,9 +23,15 @@ CONFIGS = {
     "lfm2": dict(_COMMON, model_type="lfm2", num_hidden_layers=3, max_position_embeddings=4096, norm_eps=1e-5,
                  conv_bias=False, conv_L_cache=3, block_dim=64, block_multiple_of=32, block_ffn_dim_multiplier=1.0,
                  block_auto_adjust_ff_dim=False, layer_types=["conv", "full_attention", "conv"]),
+    # MLA run as plain attention: K heads of 16 + 8 (RoPE) wide, V heads 16 wide (format 1.1, v_head_dim)
+    "deepseek_v2": dict(_COMMON, model_type="deepseek_v2", kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16,
+                        qk_rope_head_dim=8, v_head_dim=16, num_key_value_heads=4, n_routed_experts=None,
+                        max_position_embeddings=4096, rope_theta=10000.0,
+                        rope_scaling={"type": "yarn", "factor": 1.0, "original_max_position_embeddings": 4096}),
 }
 # (scale of non-norm weights, scale of the embedding)
-_SCALES = {"llama": (4.0, 4.0), "qwen2": (4.0, 4.0), "qwen3": (4.0, 4.0), "gemma2": (4.0, 0.25), "lfm2": (2.0, 2.0)}
+_SCALES = {"llama": (4.0, 4.0), "qwen2": (4.0, 4.0), "qwen3": (4.0, 4.0), "gemma2": (4.0, 0.25), "lfm2": (2.0, 2.0),
+           "deepseek_v2": (4.0, 4.0)}
 PROMPT = [5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35, 38, 41, 44, 47, 50, 53, 56, 59, 62, 65, 68, 71, 74, 77, 80,
           83, 86, 89, 92, 95, 98, 101, 104, 107, 110, 113]  # 37 tokens: one full page of 32 and a partial one
 
