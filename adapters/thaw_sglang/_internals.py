@@ -23,6 +23,7 @@ if sglang.__version__ != TESTED_SGLANG_VERSION:
 
 from sglang.srt import environ as _environ  # noqa: E402
 from sglang.srt.managers import scheduler as _scheduler_module  # noqa: E402
+from sglang.srt.managers.io_struct import ContinueGenerationReqInput, PauseGenerationReqInput  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
@@ -97,6 +98,14 @@ def free_slots(scheduler) -> int:
 
 def is_idle(scheduler) -> bool:
     return scheduler.is_fully_idle()
+
+
+def set_paused(scheduler, paused: bool) -> None:
+    """SGLang's in-place pause: no batch runs until it is lifted; requests keep their place and their KV."""
+    if paused:
+        scheduler.pause_generation(PauseGenerationReqInput(mode="in_place"))
+    else:
+        scheduler.continue_generation(ContinueGenerationReqInput(torch_empty_cache=False))  # no CUDA here
 
 
 def flush(scheduler) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from thaw_format import Lineage, Snapshot, Weights, WeightsRef, weights_digest
+from thaw_format import Lineage, Snapshot, Weights, WeightsRef
 
 from . import _internals
 from .kv import gather_pages
@@ -24,12 +24,9 @@ def capture_state(
     engine_page = _internals.engine_page_size(scheduler)
     if page_size % engine_page:
         raise ValueError(f"page_size {page_size} is not a multiple of the engine's page size {engine_page}")
-    if include_weights:
-        weights = capture_weights(scheduler)
-        digest = weights_digest(weights.tensors)
-    else:
-        digest = engine_weights_digest(scheduler)
-        weights = Weights(ref=WeightsRef(weights_digest=digest))
+    # The weights' identity is their checkpoint's, carried or not (spec 5.1); carried ones keep SGLang's names.
+    digest = engine_weights_digest(scheduler)
+    weights = capture_weights(scheduler) if include_weights else Weights(ref=WeightsRef(weights_digest=digest))
     requests = capture_requests(scheduler)
     pages = paginate(_internals.radix_paths(scheduler) + requests.paths, page_size)
     requests.assign_pages(pages.tree)

@@ -39,6 +39,17 @@ class ThawEngine(Engine):
     def resume(self, snapshot: Snapshot) -> list[dict]:
         return resume(self, snapshot)
 
+    def pause(self) -> None:
+        """Run no more batches until `unpause`; running requests stay in place with their KV.
+
+        A capture of a paused engine holds each running request exactly where generation stopped, and the
+        engine adds nothing after it: to move a request, pause, capture, restore and resume it elsewhere.
+        """
+        rpc.call(self, "thaw_pause", paused=True)
+
+    def unpause(self) -> None:
+        rpc.call(self, "thaw_pause", paused=False)
+
     def leak_warnings(self) -> int:
         """How many times SGLang's idle pool-leak check has reported a leak in this engine (0 when sound)."""
         return rpc.call(self, "thaw_leak_warnings")

@@ -1,4 +1,5 @@
-"""Scheduler-side restore: every check first, then weights, then the tree rebuilt with its KV written in."""
+"""Scheduler-side restore: every check first, then weights (unless the engine holds them already), then the
+tree rebuilt with its KV written in."""
 
 from __future__ import annotations
 
@@ -16,10 +17,21 @@ class EngineBusyError(RuntimeError):
     """A restore needs an idle engine: it replaces the whole prefix cache."""
 
 
+def _loads_weights(scheduler, snapshot: Snapshot) -> bool:
+    """Whether the restore loads the snapshot's weights: it carries some the engine does not already hold.
+
+    Weights of the same digest are the engine's own (another engine's snapshot of the same checkpoint carries
+    them under that engine's names): only the KV needs to move.
+    """
+    if snapshot.weights is None or not snapshot.weights.tensors:
+        return False
+    digest = snapshot.model.weights_digest if snapshot.model is not None else None
+    return digest is None or digest != engine_weights_digest(scheduler)
+
+
 def check_restorable(scheduler, snapshot: Snapshot) -> None:
     """Raise IncompatibleSnapshotError, naming the field, for anything this engine cannot take as it is."""
-    carries_weights = snapshot.weights is not None and bool(snapshot.weights.tensors)
-    if carries_weights:
+    if _loads_weights(scheduler, snapshot):
         check_model(snapshot, model_info(scheduler), check_weights=False)
         check_weights(scheduler, snapshot.weights)
     else:
@@ -40,8 +52,8 @@ def restore_state(scheduler, snapshot: Snapshot) -> None:
     if not _internals.is_idle(scheduler):
         raise EngineBusyError("the engine has requests in flight; restore into an idle engine")
     check_restorable(scheduler, snapshot)
-    if snapshot.weights is not None and snapshot.weights.tensors:
-        restore_weights(scheduler, snapshot.weights)
+    if _loads_weights(scheduler, snapshot):
+        restore_weights(scheduler, snapshot)
     if not _internals.flush(scheduler):
         raise EngineBusyError("SGLang refused to flush its cache")
     if snapshot.kv is not None:

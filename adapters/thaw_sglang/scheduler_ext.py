@@ -19,6 +19,8 @@ from .restore import restore_state
 class ThawScheduler(_internals.Scheduler):
     # The id of the snapshot this engine was last restored from: the lineage parent of its captures.
     thaw_restored_from: str | None = None
+    # The digest of the weights it holds (weights.engine_weights_digest): computed on first use, then kept.
+    thaw_weights_digest: str | None = None
 
     def thaw_capture(self, result_path: str, path: str, page_size: int, weights: bool, label: str = "") -> None:
         def work():
@@ -36,6 +38,9 @@ class ThawScheduler(_internals.Scheduler):
             self.thaw_restored_from = snapshot.id
 
         rpc.report(result_path, work)
+
+    def thaw_pause(self, result_path: str, paused: bool) -> None:
+        rpc.report(result_path, lambda: _internals.set_paused(self, paused))
 
     def thaw_leak_warnings(self, result_path: str) -> None:
         rpc.report(result_path, lambda: _internals.leak_warnings(self))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from safetensors import safe_open
-from thaw_format import IncompatibleSnapshotError, Weights, weights_digest
+from thaw_format import IncompatibleSnapshotError, Snapshot, Weights, checkpoint_weights_digest, weights_digest
 from thaw_format.torch import from_torch, to_torch
 
 from . import _internals
@@ -30,7 +30,14 @@ def capture_weights(scheduler) -> Weights:
 
 
 def engine_weights_digest(scheduler) -> str:
-    return weights_digest({name: from_torch(p) for name, p in _internals.model(scheduler).named_parameters()})
+    """The identity of the weights the engine holds (spec 5.1), the same in every engine serving them.
+
+    The checkpoint's digest (SGLang fuses and renames parameters; the checkpoint files are what engines share),
+    computed on first use; after a restore that loaded a snapshot's weights, that snapshot's digest.
+    """
+    if scheduler.thaw_weights_digest is None:
+        scheduler.thaw_weights_digest = checkpoint_weights_digest(_internals.model_path(scheduler))
+    return scheduler.thaw_weights_digest
 
 
 def check_weights(scheduler, weights: Weights) -> None:
@@ -51,5 +58,9 @@ def check_weights(scheduler, weights: Weights) -> None:
             )
 
 
-def restore_weights(scheduler, weights: Weights) -> None:
-    _internals.load_weights(scheduler, [(name, to_torch(t)) for name, t in weights.tensors.items()])
+def restore_weights(scheduler, snapshot: Snapshot) -> None:
+    """Load the snapshot's weights; the engine's weights identity becomes the snapshot's (or, if it names
+    none, the digest of the loaded tensors)."""
+    tensors = snapshot.weights.tensors
+    _internals.load_weights(scheduler, [(name, to_torch(t)) for name, t in tensors.items()])
+    scheduler.thaw_weights_digest = snapshot.model.weights_digest or weights_digest(tensors)

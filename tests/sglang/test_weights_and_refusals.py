@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import SUFFIXES, generate
-from thaw_format import IncompatibleSnapshotError, Tensor, weights_digest
+from thaw_format import IncompatibleSnapshotError, Tensor, checkpoint_weights_digest, weights_digest
 from thaw_format.torch import from_torch, to_torch
 
 
@@ -30,11 +30,19 @@ def _other_weights(snapshot, seed):
     )
 
 
+def test_weights_are_named_by_their_checkpoint(thaw_sglang, zoo, family):
+    """Carried or not, the weights' identity is the checkpoint's digest, which every engine computes alike."""
+    kv_only = thaw_sglang.capture(family.children[1], weights=False)
+    assert not kv_only.weights.tensors
+    checkpoint = checkpoint_weights_digest(zoo.make_model("llama"))
+    assert family.snapshot.model.weights_digest == checkpoint and family.snapshot.weights.tensors
+    assert kv_only.model.weights_digest == kv_only.weights.ref.weights_digest == checkpoint
+
+
 def test_weights_travel_with_the_snapshot(thaw_sglang, family):
     """Other weights loaded through the restore change the continuation; the parent's bring it back."""
     child, prompt = family.children[1], family.continued_prefix + SUFFIXES[1]
     kv_only = thaw_sglang.capture(child, weights=False)
-    assert not kv_only.weights.tensors and kv_only.weights.ref.weights_digest == family.snapshot.model.weights_digest
 
     other = _other_weights(family.snapshot, seed=1)
     thaw_sglang.restore(child, other)
@@ -42,6 +50,8 @@ def test_weights_travel_with_the_snapshot(thaw_sglang, family):
     assert weights == {name: bytes(t.data) for name, t in other.weights.tensors.items()}
     output, cached = generate(child, prompt)
     assert cached == family.restored_prefix_len and output != family.references[1]
+    # The engine's weights are now the snapshot's, and so is their identity.
+    assert thaw_sglang.capture(child, weights=False).model.weights_digest == other.model.weights_digest
 
     before = _state(thaw_sglang, child)
     with pytest.raises(IncompatibleSnapshotError, match="model.weights_digest"):
@@ -52,6 +62,21 @@ def test_weights_travel_with_the_snapshot(thaw_sglang, family):
     _, _, weights = _state(thaw_sglang, child)
     assert weights == {name: bytes(t.data) for name, t in family.snapshot.weights.tensors.items()}
     assert generate(child, prompt) == (family.references[1], family.restored_prefix_len)
+    thaw_sglang.restore(child, kv_only)  # the checkpoint's weights are back: KV computed with them fits again
+    assert child.leak_warnings() == 0
+
+
+def test_weights_the_engine_holds_are_not_loaded_again(thaw_sglang, family):
+    """Another engine's snapshot of the same checkpoint carries the weights under that engine's names: under
+    this engine's weights digest only the KV moves; under another digest the unknown names are refused."""
+    child, prompt = family.children[1], family.continued_prefix + SUFFIXES[1]
+    renamed = {f"other_engine.{name}": t for name, t in family.snapshot.weights.tensors.items()}
+    foreign = dataclasses.replace(family.snapshot, weights=dataclasses.replace(
+        family.snapshot.weights, tensors=renamed, checkpoint_names={}))
+    thaw_sglang.restore(child, foreign)
+    assert generate(child, prompt) == (family.references[1], family.restored_prefix_len)
+    with pytest.raises(IncompatibleSnapshotError, match="weights: the snapshot lacks parameters"):
+        thaw_sglang.restore(child, _model(foreign, weights_digest="sha256:" + "1" * 64))
     assert child.leak_warnings() == 0
 
 
