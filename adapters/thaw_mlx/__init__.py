@@ -4,6 +4,10 @@
     cache = thaw_mlx.restore(model, snap)                     # refuses another model or layout, changes nothing
     tokens, sampler = thaw_mlx.snapshot_tokens(snap), thaw_mlx.sampler_of(snap)
     for token in thaw_mlx.generate(model, cache, tokens, 16, sampler=sampler): ...
+
+A model loaded from a Hugging Face checkpoint is identified by that checkpoint, as vLLM and SGLang identify it,
+so that snapshots cross engines: `info = thaw_mlx.model_info(model, checkpoint=path)` once, then
+`capture(..., info=info)` and `restore(..., info=info)`.
 """
 
 from . import _internals  # noqa: F401  (refuses an untested mlx-lm at import)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
@@ -17,12 +19,14 @@ from thaw_format import (
     Tensor,
     check_model,
     checkpoint_model_info,
+    checkpoint_weights_digest,
     config_digest,
 )
 from thaw_format import weights_digest as digest_of
 from thaw_format.mlx import dtype_name, from_mlx, to_mlx
 
 from . import _internals
+
 
 def model_config(model: nn.Module) -> dict:
     """The model's ModelArgs as plain JSON: every field the model was built with, defaults included."""
@@ -48,19 +52,27 @@ def model_dtype(model: nn.Module) -> str:
     raise ValueError("the model has no floating-point parameters")
 
 
-def model_info(model: nn.Module, *, config: Optional[dict] = None, weights_digest: bool = True) -> ModelInfo:
-    """The model's identity; the weights digest reads every parameter once (CRC32C), so it can be skipped.
+def model_info(
+    model: nn.Module, *, checkpoint: str | os.PathLike | None = None, weights_digest: bool = True
+) -> ModelInfo:
+    """The model's identity; the weights digest reads every weight once (CRC32C), so it can be skipped.
 
-    Without `config` the identity is the model's ModelArgs (architecture: its model_type). With `config`, the
-    config.json of the checkpoint the model was loaded from, it is the identity the vLLM and SGLang adapters
-    derive from that checkpoint (architecture: architectures[0]; digest: config.json less its file fields),
-    so that snapshots of one checkpoint can cross engines.
+    `checkpoint`: the Hugging Face checkpoint directory the model was loaded from (mlx_lm.load's path). The
+    identity is then the checkpoint's (spec 5.1), the one the vLLM and SGLang adapters derive from the same
+    files: architecture architectures[0], config.json less its file fields, and the digest of the checkpoint's
+    *.safetensors tensors (what every engine shares; MLX renames, fuses or quantizes them). Without it, for a
+    model built in memory, the identity is the model's ModelArgs (architecture: its model_type) and the digest
+    is of MLX's own weights. The two never match each other, so a snapshot is checked against the identity
+    it was captured with (compute this once and pass it as `info=` to capture, restore and fork).
     """
-    digest = digest_of(model_weights(model)) if weights_digest else None
-    if config is not None:
-        return checkpoint_model_info(config, model_dtype(model), digest)
+    dtype = model_dtype(model)
+    if checkpoint is not None:
+        config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+        digest = checkpoint_weights_digest(checkpoint) if weights_digest else None
+        return checkpoint_model_info(config, dtype, digest)
     config = model_config(model)
-    return ModelInfo(config["model_type"], config_digest(config), model_dtype(model), digest, config)
+    digest = digest_of(model_weights(model)) if weights_digest else None
+    return ModelInfo(config["model_type"], config_digest(config), dtype, digest, config)
 
 
 def check_snapshot_model(
@@ -70,17 +82,33 @@ def check_snapshot_model(
 
     `info` is the model's identity when already known (model_info reads every weight to digest them).
     """
-    if info is None:
-        want_digest = check_weights and snapshot.model is not None and snapshot.model.weights_digest is not None
-        info = model_info(model, weights_digest=want_digest)
-    check_model(snapshot, info, check_weights=check_weights)
+    if info is not None:
+        check_model(snapshot, info, check_weights=check_weights)
+        return
+    want_digest = check_weights and snapshot.model is not None and snapshot.model.weights_digest is not None
+    try:
+        check_model(snapshot, model_info(model, weights_digest=want_digest), check_weights=check_weights)
+    except IncompatibleSnapshotError as exc:
+        if _names_a_checkpoint(snapshot):
+            raise IncompatibleSnapshotError(
+                f"{exc} (the snapshot names its model by a Hugging Face checkpoint; for a model loaded from one, "
+                "pass info=thaw_mlx.model_info(model, checkpoint=<its directory>))"
+            ) from None
+        raise
+
+
+def _names_a_checkpoint(snapshot: Snapshot) -> bool:
+    """Whether the snapshot's identity is a checkpoint's (spec 5.1): its config is a config.json, not ModelArgs."""
+    model = snapshot.model
+    return model is not None and bool((model.config or {}).get("architectures")) and \
+        model.architecture == model.config["architectures"][0]
 
 
 def load_model(snapshot: Snapshot) -> nn.Module:
     """A new mlx-lm model built from the snapshot's config and carrying the snapshot's weights.
 
-    A snapshot identified by its checkpoint (model_info(config=...)) is restored into it with
-    info=model_info(model, config=snapshot.model.config).
+    The model holds exactly the snapshot's weights, so the snapshot's identity is its identity: restore into
+    it with info=snapshot.model (needed when the snapshot names a checkpoint, model_info(checkpoint=...)).
     """
     info, weights = snapshot.model, snapshot.weights
     if info is None or info.config is None:

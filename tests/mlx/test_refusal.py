@@ -1,14 +1,19 @@
 """A snapshot of another model or layout is refused with IncompatibleSnapshotError naming the field, before
 anything is built or changed; captures thaw cannot represent are refused too."""
 
+import json
 import math
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import ConcatenateKVCache, KVCache
+from mlx_lm.utils import load_model
 
 import thaw_mlx
-from thaw_format import IncompatibleSnapshotError, KVLayer, SchedulerState, Tensor, config_digest
+from sessions import CASES, start
+from thaw_format import (IncompatibleSnapshotError, KVLayer, SchedulerState, Tensor, checkpoint_model_info,
+                         checkpoint_weights_digest, weights_digest)
 from zoo import CONFIGS, make_model
 
 
@@ -150,18 +155,46 @@ def test_tensors_of_the_wrong_rank_or_size(name, role, session):
         refused(model, snapshot, "kv.layers\\[0\\]")
 
 
-def test_a_checkpoint_identity_crosses_engines(model_of, session):
-    """With the checkpoint's config.json the identity is the one the vLLM and SGLang adapters derive from it."""
-    model, cache, tokens = session("llama-kv")
-    config_json = dict(CONFIGS["llama"], architectures=["LlamaForCausalLM"], torch_dtype="float32",
-                       transformers_version="5.19.0")
-    info = thaw_mlx.model_info(model, config=config_json)
-    assert info.architecture == "LlamaForCausalLM"
-    assert info.config_digest == config_digest({k: v for k, v in config_json.items()
-                                                if k not in ("torch_dtype", "transformers_version")})
+def _checkpoint(weights: dict, directory):
+    """A Hugging Face-style llama checkpoint: config.json (file fields included) and model.safetensors."""
+    directory.mkdir()
+    config = dict(CONFIGS["llama"], architectures=["LlamaForCausalLM"], torch_dtype="float32",
+                  transformers_version="5.19.0")
+    (directory / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(directory / "model.safetensors"), weights)
+    return directory, config
+
+
+def test_a_model_loaded_from_a_checkpoint_is_identified_by_it(model_of, tmp_path):
+    """model_info(checkpoint=...) is the identity the vLLM and SGLang adapters derive from the same files."""
+    weights = dict(tree_flatten(model_of("llama-kv").parameters()))
+    directory, config = _checkpoint(weights, tmp_path / "llama")
+    model, _ = load_model(directory)
+    info = thaw_mlx.model_info(model, checkpoint=directory)
+    assert info == checkpoint_model_info(config, "float32", checkpoint_weights_digest(directory))
+    assert info.architecture == "LlamaForCausalLM" and "torch_dtype" not in info.config
+    assert thaw_mlx.model_info(model, checkpoint=directory, weights_digest=False).weights_digest is None
+
+    model, cache, tokens = start(CASES["llama-kv"], model)
     snapshot = thaw_mlx.capture(model, cache, tokens, info=info)
+    assert snapshot.model == info
     assert len(thaw_mlx.restore(model, snapshot, info=info)) == 2
-    refused(model, snapshot, "model.architecture: the snapshot has 'LlamaForCausalLM', the engine has 'llama'")
+    # Without the checkpoint the model's identity is its own (ModelArgs, MLX weights): the refusal says so.
+    refused(model, snapshot, "model.architecture: the snapshot has 'LlamaForCausalLM', the engine has 'llama' "
+            r".*info=thaw_mlx.model_info\(model, checkpoint=")
+
+    # The same architecture and config with other weights: another checkpoint digest, refused.
+    other_dir, _ = _checkpoint(dict(weights, **{"lm_head.weight": -weights["lm_head.weight"]}), tmp_path / "other")
+    other = thaw_mlx.model_info(load_model(other_dir)[0], checkpoint=other_dir)
+    assert (other.config_digest, other.architecture) == (info.config_digest, info.architecture)
+    with pytest.raises(IncompatibleSnapshotError, match="model.weights_digest"):
+        thaw_mlx.restore(model, snapshot, info=other)
+
+
+def test_a_model_built_in_memory_keeps_the_digest_of_its_mlx_weights(model_of):
+    model = model_of("llama-kv")
+    info = thaw_mlx.model_info(model)
+    assert info.architecture == "llama" and info.weights_digest == weights_digest(thaw_mlx.model_weights(model))
 
 
 def test_capture_arguments_out_of_range(session):
