@@ -13,7 +13,7 @@ from array import array
 from dataclasses import asdict, fields
 from typing import Any, Callable, Mapping, Optional
 
-from .dtypes import itemsize
+from .dtypes import ITEMSIZE, itemsize
 from .errors import CorruptSnapshotError
 from .snapshot import (
     PAGED_KINDS,
@@ -163,11 +163,13 @@ def parse_json(data: bytes, max_depth: int) -> dict:
     """Parse the document, refusing duplicate keys, non-UTF-8, and nesting deeper than `max_depth`."""
 
     def no_duplicates(pairs):
-        obj = {}
-        for key, value in pairs:
-            if key in obj:
-                raise CorruptSnapshotError(f"JSON document: duplicate key {key!r}")
-            obj[key] = value
+        obj = dict(pairs)  # in C: a document lists one object per tensor, and there may be 10^5 tensors
+        if len(obj) != len(pairs):
+            seen = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise CorruptSnapshotError(f"JSON document: duplicate key {key!r}")
+                seen.add(key)
         return obj
 
     # Python's parser accepts NaN and Infinity and turns 1e999 into inf; RFC 8259 and the writer allow neither.
@@ -260,26 +262,39 @@ def describe_tensors(doc: dict, region_lengths: list[int], max_dims: int) -> lis
     seen = set()
     result = []
     for i, entry in enumerate(entries):
-        f = _Fields(entry, f"tensors[{i}]")
-        name = f.get("name", "str")
-        where = f"tensor {name!r} (region {i})"
-        if not name or name in seen:
-            raise CorruptSnapshotError(f"{where}: tensor names must be non-empty and unique")
+        # The common case in a few type tests; anything else takes the checks below, which name the fault.
+        name = dtype = shape = None
+        if type(entry) is dict:
+            name, dtype, shape = entry.get("name"), entry.get("dtype"), entry.get("shape")
+        if not (type(name) is str and name and name not in seen and type(dtype) is str and dtype in ITEMSIZE
+                and type(shape) is list and len(shape) <= max_dims and all(type(d) is int and d >= 0 for d in shape)):
+            name, dtype, shape = _tensor_entry(entry, i, seen, max_dims)
         seen.add(name)
-        dtype = f.get("dtype", "str")
-        size = itemsize(dtype, where)
-        shape = f.get("shape", "list")
-        if len(shape) > max_dims or not all(_is(d, "count") for d in shape):
-            raise CorruptSnapshotError(
-                f"{where}: shape {json.dumps(shape)[:80]} must be at most {max_dims} non-negative integers"
-            )
-        need = math.prod(shape) * size
+        need = math.prod(shape) * ITEMSIZE[dtype]
         if need != region_lengths[i]:
             raise CorruptSnapshotError(
-                f"{where}: {dtype}{shape} needs {need} bytes but its region holds {region_lengths[i]}"
+                f"tensor {name!r} (region {i}): {dtype}{shape} needs {need} bytes "
+                f"but its region holds {region_lengths[i]}"
             )
         result.append((name, dtype, tuple(shape)))
     return result
+
+
+def _tensor_entry(entry: Any, i: int, seen: set, max_dims: int) -> tuple[str, str, list]:
+    """Check one `tensors` entry field by field, raising an error that names what is wrong."""
+    f = _Fields(entry, f"tensors[{i}]")
+    name = f.get("name", "str")
+    where = f"tensor {name!r} (region {i})"
+    if not name or name in seen:
+        raise CorruptSnapshotError(f"{where}: tensor names must be non-empty and unique")
+    dtype = f.get("dtype", "str")
+    itemsize(dtype, where)
+    shape = f.get("shape", "list")
+    if len(shape) > max_dims or not all(_is(d, "count") for d in shape):
+        raise CorruptSnapshotError(
+            f"{where}: shape {json.dumps(shape)[:80]} must be at most {max_dims} non-negative integers"
+        )
+    return name, dtype, shape
 
 
 def decode(doc: dict, tensor: Callable[[str], Tensor], names: list[str]) -> Snapshot:

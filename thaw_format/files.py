@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from .gcpause import gc_paused
 from .reader import load
 from .snapshot import Snapshot, Weights
 from .tensor import as_tensor
 from .writer import save
 
 
+@gc_paused
 def save_file(tensors: Mapping[str, Any], path, metadata: Optional[Mapping[str, Any]] = None) -> str:
     """Save torch tensors or numpy arrays by name as a weights-only snapshot; returns the snapshot id."""
     weights = Weights(tensors={name: as_tensor(value) for name, value in tensors.items()})
     return save(Snapshot(weights=weights, metadata=dict(metadata or {})), path)
 
 
+@gc_paused
 def load_file(path) -> dict:
     """Load a snapshot's weights as torch tensors, verified."""
     from .torch import to_torch

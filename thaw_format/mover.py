@@ -24,6 +24,7 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
     gather(src, offsets, length, out) / scatter(src, out, offsets, length)
         copy slab i between src[offsets[i]:+length] and out[i*length:+length] (and back); a slab outside
         its buffer raises ValueError before any byte moves.
+    empty(nbytes) -> memoryview                 an uninitialised writable buffer, the target of a load
 Reads raise EOFError when the file is shorter than a region, OSError on an I/O error.
 """
 
@@ -75,14 +76,25 @@ def _num_chunks(length: int, chunk_size: int) -> int:
 
 
 def _expected_crcs(expected, length: int, chunk_size: int, index: int):
-    """The expected CRCs as an array('I') of exactly one entry per chunk (C reads that many)."""
-    crcs = expected if isinstance(expected, array) and expected.typecode == "I" else array("I", expected)
+    """The expected CRCs as a uint32 buffer of exactly one entry per chunk (C reads that many): an array('I')
+    or a memoryview of one (a reader's slice of its trailer) as it is, anything else copied."""
+    kind = expected.typecode if isinstance(expected, array) else getattr(expected, "format", None)
+    crcs = expected if kind == "I" and isinstance(expected, (array, memoryview)) else array("I", expected)
     if len(crcs) != _num_chunks(length, chunk_size):
         raise ValueError(
             f"region {index}: {len(crcs)} expected CRCs for {_num_chunks(length, chunk_size)} chunks "
             f"of {chunk_size} bytes in {length} bytes"
         )
     return crcs
+
+
+def empty(nbytes: int) -> memoryview:
+    """A writable byte buffer of nbytes, left uninitialised for a caller that fills every byte it exposes (a
+    load): zeroing it first would touch every page once more. numpy allocates it, so tracemalloc counts it
+    and large buffers get transparent huge pages; imported here, so that `import thaw_format` stays light."""
+    import numpy
+
+    return memoryview(numpy.empty(nbytes, numpy.uint8))
 
 
 def _check_slabs(src_len: int, out_len: int, offsets, length: int, slabs_in_src: bool) -> None:

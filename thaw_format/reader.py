@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 from . import mover
 from .container import (
+    ALIGNMENT,
     DEFAULT_LIMITS,
     PREAMBLE,
     Limits,
@@ -22,10 +23,13 @@ from .container import (
 )
 from .document import check_features, decode, describe_tensors, parse_json
 from .errors import CorruptSnapshotError
+from .gcpause import gc_paused
 from .snapshot import Snapshot
 from .tensor import Tensor
 
 Progress = Optional[Callable[[int], None]]
+
+_ZEROS = bytes(ALIGNMENT)  # padding is shorter than the alignment
 
 
 class SnapshotFile:
@@ -49,6 +53,7 @@ class SnapshotFile:
             self.close()
             raise
 
+    @gc_paused
     def _parse(self, limits: Limits) -> None:
         preamble = decode_preamble(self._read(0, min(PREAMBLE.size, self._size)), self._size, limits)
         header = self._read(0, preamble.header_length)
@@ -79,7 +84,8 @@ class SnapshotFile:
         if self._map is None:
             # Copy-on-write: views are writable for frameworks, and writes never reach the file.
             self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
-        return memoryview(self._map)
+            self._map_view = memoryview(self._map)  # one view to slice, not one per tensor
+        return self._map_view
 
     def _mover_io(self, call, regions: list, progress: Progress):
         # The mover reports a file cut short under an open reader (truncated in place) as EOFError.
@@ -90,6 +96,11 @@ class SnapshotFile:
 
     def _expected(self, region: Region) -> array:
         return self._crcs[region.first_chunk : region.first_chunk + region.num_chunks]
+
+    def _expected_views(self, regions) -> list[memoryview]:
+        """Each region's expected CRCs as a slice of the trailer's, not a copy."""
+        crcs = memoryview(self._crcs)
+        return [crcs[r.first_chunk : r.first_chunk + r.num_chunks] for r in regions]
 
     def _bad_chunk(self, index: int, chunk: int) -> CorruptSnapshotError:
         region = self.layout.regions[index]
@@ -125,37 +136,49 @@ class SnapshotFile:
         view = self._mapped()[region.offset : region.end]
         if verify:
             self._check_view(index, view)
-        return Tensor(dtype, shape, view)
+        return Tensor._of(dtype, shape, view)  # checked against the region by describe_tensors
 
     def _read_tensors(self, names: list[str], verify: bool, progress: Progress = None) -> dict[str, Tensor]:
-        """Copy tensors out in one batch, each chunk verified before it reaches its destination."""
-        out = {name: bytearray(self.layout.regions[self._entries[name][0]].length) for name in names}
-        indices = [self._entries[name][0] for name in names]
+        """Copy tensors out in one batch, each chunk verified before it reaches its destination.
+
+        Every tensor lands in one arena, at a 64-byte aligned offset, rather than in an allocation of its own:
+        with thousands of small tensors the allocations cost more than the bytes. A tensor's view keeps the
+        arena alive, and no two views overlap, so each tensor stays valid and writable on its own.
+        """
+        entries = [self._entries[name] for name in names]
+        regions = [self.layout.regions[index] for index, _, _ in entries]
+        starts, end = [], 0
+        for region in regions:
+            starts.append(end)
+            end = (end + region.length + 63) & ~63
+        arena = mover.empty(end)
+        views = [arena[start : start + region.length] for start, region in zip(starts, regions)]
         if self._fd is None:
-            for name, index in zip(names, indices):
-                region = self.layout.regions[index]
-                view = self._view[region.offset : region.end]
+            for (index, _, _), region, view in zip(entries, regions, views):
+                source = self._view[region.offset : region.end]
                 if verify:
-                    self._check_view(index, view)
-                memoryview(out[name])[:] = view  # bytearray slice assignment would copy `view` first
+                    self._check_view(index, source)
+                view[:] = source
         elif verify:
-            regions = [(self.layout.regions[i].offset, out[n], self.layout.regions[i].chunk_size,
-                        self._expected(self.layout.regions[i])) for n, i in zip(names, indices)]
-            bad = self._mover_io(mover.read_regions, regions, progress)
+            specs = [(r.offset, view, r.chunk_size, crcs)
+                     for r, view, crcs in zip(regions, views, self._expected_views(regions))]
+            bad = self._mover_io(mover.read_regions, specs, progress)
             if bad is not None:
-                raise self._bad_chunk(indices[bad[0]], bad[1])
+                raise self._bad_chunk(entries[bad[0]][0], bad[1])
         else:
-            for name, index in zip(names, indices):
-                region, view, done = self.layout.regions[index], memoryview(out[name]), 0
+            for name, region, view in zip(names, regions, views):
+                done = 0
                 while done < region.length:  # one read returns at most ~2 GiB on Linux
                     got = os.preadv(self._fd, [view[done:]], region.offset + done)
                     if got == 0:
                         raise CorruptSnapshotError(f"file shrank while reading tensor {name!r}")
                     done += got
-        return {name: Tensor(self._entries[name][1], self._entries[name][2], out[name]) for name in names}
+        # describe_tensors checked each dtype, shape and region length, so the views need no second check.
+        return {name: Tensor._of(dtype, shape, view) for name, (_, dtype, shape), view in zip(names, entries, views)}
 
     # ------------------------------------------------------------------------------------------------ whole file
 
+    @gc_paused
     def snapshot(self, *, verify: bool = True, copy: bool = True, progress: Progress = None) -> Snapshot:
         """The whole snapshot. `copy=False` keeps tensors as copy-on-write views over the file (zero-copy)."""
         names = self.names()
@@ -164,13 +187,18 @@ class SnapshotFile:
             snap = decode(self.document, tensors.__getitem__, names)
         else:
             if verify:
-                self.verify(progress)
+                self._verify_bytes(progress)
             snap = decode(self.document, lambda n: self.tensor(n, verify=False, copy=False), names)
         snap.id = self.id
         return snap
 
+    @gc_paused
     def verify(self, progress: Progress = None) -> None:
         """Check every chunk checksum, that all padding is zero, and every section rule."""
+        self._verify_bytes(progress)
+        decode(self.document, lambda n: self.tensor(n, verify=False, copy=False), self.names())
+
+    def _verify_bytes(self, progress: Progress) -> None:
         regions = self.layout.regions
         if self._fd is None:
             for index, region in enumerate(regions):
@@ -178,13 +206,11 @@ class SnapshotFile:
                 if progress:
                     progress(region.length)
         else:
-            bad = self._mover_io(
-                mover.verify_regions, [(r.offset, r.length, r.chunk_size, self._expected(r)) for r in regions], progress
-            )
+            specs = [(r.offset, r.length, r.chunk_size, crcs) for r, crcs in zip(regions, self._expected_views(regions))]
+            bad = self._mover_io(mover.verify_regions, specs, progress)
             if bad is not None:
                 raise self._bad_chunk(*bad)
         self._check_padding()
-        decode(self.document, lambda n: self.tensor(n, verify=False, copy=False), self.names())
 
     def _check_padding(self) -> None:
         gaps = []
@@ -194,11 +220,13 @@ class SnapshotFile:
             position = region.end
         gaps.append((position, self.layout.trailer_offset))
         for start, end in gaps:
-            if end > start and self._read(start, end - start).count(0) != end - start:
+            # Each gap is shorter than the alignment; startswith compares with memcmp, count(0) byte by byte.
+            if end > start and not _ZEROS.startswith(self._read(start, end - start)):
                 raise CorruptSnapshotError(f"padding bytes [{start}, {end}) must be zero")
 
     def close(self) -> None:
         if self._map is not None:
+            self._map_view = None  # drop this reader's own view, so only the tensors' views can hold the map
             try:
                 self._map.close()
             except BufferError:

@@ -18,16 +18,25 @@ class Tensor:
 
     def __init__(self, dtype: str, shape, data) -> None:
         self.dtype = dtype
-        self.shape = tuple(int(d) for d in shape)
-        if any(d < 0 for d in self.shape):
+        self.shape = tuple(map(int, shape))
+        if self.shape and min(self.shape) < 0:
             raise ValueError(f"negative dimension in shape {self.shape}")
-        view = data if isinstance(data, memoryview) else memoryview(data)
+        view = data if type(data) is memoryview else memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         need = math.prod(self.shape) * itemsize(dtype)
         if len(view) != need:
             raise ValueError(f"{dtype}{list(self.shape)} needs {need} bytes, got {len(view)}")
         self.data = view
+
+    @classmethod
+    def _of(cls, dtype: str, shape: tuple, data: memoryview) -> "Tensor":
+        """A Tensor without the checks, for callers that built `data` as a flat byte view of exactly the size
+        of a known dtype and shape (a reader after its header checks, a binding from a framework tensor).
+        Loading thousands of small tensors spends most of its time in such per-tensor Python work."""
+        tensor = object.__new__(cls)
+        tensor.dtype, tensor.shape, tensor.data = dtype, shape, data
+        return tensor
 
     @property
     def nbytes(self) -> int:

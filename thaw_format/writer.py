@@ -13,6 +13,7 @@ from typing import Callable, Optional
 from . import mover
 from .container import DEFAULT_CHUNK_SIZE, encode_header, encode_trailer, plan_layout, content_id
 from .document import canonical_json, encode, features, validate
+from .gcpause import gc_paused
 from .snapshot import Snapshot
 
 Progress = Optional[Callable[[int], None]]
@@ -21,6 +22,7 @@ Progress = Optional[Callable[[int], None]]
 class EncodedSnapshot:
     """A snapshot laid out for writing: header bytes and region plan computed once, data not yet touched."""
 
+    @gc_paused
     def __init__(self, snapshot: Snapshot, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         if chunk_size < 4096 or chunk_size & (chunk_size - 1):
             raise ValueError(f"chunk_size must be a power of two >= 4096, got {chunk_size}")
@@ -38,6 +40,7 @@ class EncodedSnapshot:
         trailer = encode_trailer(crcs)
         return trailer, content_id(self.header[: self.layout.header_length], trailer)
 
+    @gc_paused
     def write_into(self, buffer) -> str:
         """Write the snapshot into the first `nbytes` of a writable buffer (bytearray, mmap, shared memory)."""
         view = memoryview(buffer).cast("B")
@@ -71,6 +74,7 @@ class EncodedSnapshot:
         _write_all(stream, trailer)
         return snapshot_id
 
+    @gc_paused
     def save(self, path, progress: Progress = None) -> str:
         """Write atomically: a temporary file beside `path`, fsync, rename over `path`, fsync the directory.
 
