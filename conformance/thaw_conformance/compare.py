@@ -1,11 +1,15 @@
-"""Byte comparisons of weights, KV and logprobs. Each returns None when identical, else what differs first."""
+"""Comparisons of weights, KV and logprobs: byte comparisons (None when identical, else what differs first), and
+the numeric closeness of two engines' KV of one text."""
 
 from __future__ import annotations
 
 import struct
 from typing import Mapping, Optional
 
+import numpy as np
+
 from thaw_format import Snapshot, Tensor
+from thaw_format.numpy import to_numpy
 from thaw_format.snapshot import PAGED_KINDS
 
 
@@ -73,6 +77,33 @@ def kv_diff(expected: Snapshot, got: Snapshot) -> Optional[str]:
             if diff:
                 return f"page ending at token {len(prefix)}, layer.role {role}: {diff}"
     return None
+
+
+def token_rows(snapshot: Snapshot) -> dict[tuple, list[np.ndarray]]:
+    """The K/V of every token the snapshot's attention layers hold, keyed by the token ids up to and including
+    it (so that two engines' snapshots of one text line up whatever their page order or last page's length).
+    The value: one float64 row per (layer, role), in layer and role order."""
+    kv, tree = snapshot.kv, snapshot.prefix
+    if kv is None or tree is None:
+        return {}
+    rows: dict[tuple, list[np.ndarray]] = {}
+    layers = [(layer, sorted(layer.tensors)) for layer in kv.layers if layer.kind in ("attention", "sliding_window")]
+    arrays = [[to_numpy(layer.tensors[role]) for role in roles] for layer, roles in layers]
+    for page in range(tree.num_pages):
+        chain = tree.chain_tokens(page)
+        start = len(chain) - len(tree.tokens[page])
+        for r in range(len(tree.tokens[page])):
+            rows[tuple(chain[: start + r + 1])] = [a[page, r].astype(np.float64) for per_layer in arrays for a in per_layer]
+    return rows
+
+
+def kv_closeness(expected: Snapshot, got: Snapshot) -> tuple[int, float, float]:
+    """(tokens compared, max |expected - got|, max |expected|) over the tokens both snapshots hold K/V for."""
+    want, have = token_rows(expected), token_rows(got)
+    shared = [key for key in want if key in have]
+    diff = max((float(np.max(np.abs(a - b))) for key in shared for a, b in zip(want[key], have[key])), default=0.0)
+    scale = max((float(np.max(np.abs(a))) for key in shared for a in want[key]), default=0.0)
+    return len(shared), diff, scale
 
 
 def float_bits(values: Optional[list[float]]) -> Optional[list[str]]:

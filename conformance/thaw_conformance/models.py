@@ -19,3 +19,8 @@ ARCHS: dict[str, dict] = {
 
 def checkpoint(arch: str, dtype: str = "float32") -> Path:
     return zoo.make_model(arch, dtype=dtype, **ARCHS[arch])
+
+
+def uses_mla(arch: str) -> bool:
+    """Whether the architecture's attention is DeepSeek's multi-head latent attention (a compressed KV latent)."""
+    return "kv_lora_rank" in zoo.model_config(arch, **ARCHS[arch])[1]

@@ -26,7 +26,7 @@ CHECKS = {
     "mid_stream_resume": "a greedy request captured in flight finishes in a fresh process as it did in the parent",
     "mid_stream_resume_seeded": "the same for a seeded request (sampling RNG state restored)",
     "corrupt_refused": "a flipped data byte and a truncated file raise CorruptSnapshotError, engine untouched",
-    "wrong_model_refused": "another model's snapshot (config, weights) raises IncompatibleSnapshotError",
+    "wrong_model_refused": "another config's snapshot, and KV of other weights, raise IncompatibleSnapshotError",
     "kv_control": "noise KV under the same prefix hashes is hit and changes the output (restored bytes are read)",
 }
 

@@ -19,7 +19,7 @@ Rules every driver keeps, because the checks rely on them:
   IncompatibleSnapshotError on bad input; after such an error the engine is unchanged.
 - `restore` may be called on an engine that has served requests, as long as none is in flight.
 - A feature the adapter cannot do raises `Unsupported(reason)`: the receipt marks the check "not supported by
-  the adapter", never passed.
+  the adapter", never passed. `start` raising it marks every check of that architecture so.
 """
 
 from __future__ import annotations

@@ -7,13 +7,14 @@ output comes from the restored bytes (it must change the output) and not from re
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
 import thaw_format
-from thaw_format import Tensor, config_digest, weights_digest
+from thaw_format import Tensor, Weights, WeightsRef, config_digest
 from thaw_format.dtypes import itemsize
 
 
@@ -31,20 +32,23 @@ def damaged(path: Path, out_dir: Path) -> dict[str, Path]:
 
 
 def other_models(path: Path, out_dir: Path) -> dict[str, Path]:
-    """Valid snapshots of another model: another config (and so config digest), and other weights."""
+    """Valid snapshots of another model: another config (and so config digest), and KV of other weights.
+
+    The second is KV-only, naming weights by a digest the engine's are not: restoring it would put KV computed
+    by other weights beside this engine's weights. (A snapshot that carries weights may legitimately replace
+    the engine's, so it would test nothing.)
+    """
     snapshot = thaw_format.load(path)
     model = snapshot.model
     config = dict(model.config or {}, thaw_conformance_other_model=True)
-    other_config = dataclasses.replace(snapshot, model=dataclasses.replace(
-        model, config=config, config_digest=config_digest(config)))
-    variants = {"another config": other_config}
-    if snapshot.weights is not None and snapshot.weights.tensors:
-        tensors = dict(snapshot.weights.tensors)
-        name = sorted(tensors)[0]
-        tensors[name] = _noise(tensors[name], seed=1)
-        variants["other weights"] = dataclasses.replace(
-            snapshot, weights=dataclasses.replace(snapshot.weights, tensors=tensors),
-            model=dataclasses.replace(model, weights_digest=weights_digest(tensors)))
+    other_digest = "sha256:" + hashlib.sha256(f"other weights than {model.weights_digest}".encode()).hexdigest()
+    variants = {
+        "another config": dataclasses.replace(snapshot, model=dataclasses.replace(
+            model, config=config, config_digest=config_digest(config))),
+        "KV of other weights": dataclasses.replace(
+            snapshot, weights=Weights(ref=WeightsRef(weights_digest=other_digest)),
+            model=dataclasses.replace(model, weights_digest=other_digest)),
+    }
     paths = {}
     for i, (label, variant) in enumerate(variants.items()):
         paths[label] = out_dir / f"other_model_{i}.thaw"

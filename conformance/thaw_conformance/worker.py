@@ -22,7 +22,7 @@ from .cross import cross_phase
 from .drivers import load_driver
 from .results import CheckResult, Recorder
 from .runner import child_phase, parent_phase
-from .sdk import Workload
+from .sdk import Unsupported, Workload
 
 PHASE_TIMEOUT_S = 900
 
@@ -52,7 +52,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _write(args.out, {"results": [r.to_json() for r in recorder.results]})
         return 0
     if args.phase == "parent":
-        parent_phase(driver, args.arch, args.workdir, workload)
+        try:
+            parent_phase(driver, args.arch, args.workdir, workload)
+        except Unsupported as exc:  # the driver cannot serve this architecture at all: every check says why
+            _write(args.out, {"unsupported": str(exc)})
         return 0
     if args.phase == "child":
         recorder = Recorder(driver.name, args.arch)
@@ -96,6 +99,9 @@ def _run_arch(spec: str, arch: str, workdir: Path, fork_arch: str, recorder: Rec
             recorder.missing("error", f"the {phase} phase exited {done.returncode}: {tail}")
             return timings
         result = json.loads(out.read_text())
+        if "unsupported" in result:
+            recorder.missing("unsupported", f"not supported by the adapter: {result['unsupported']}")
+            return timings
         timings[phase] = dict(result["timings"], process_s=time.perf_counter() - started)
     recorder.results.extend(CheckResult(**r) for r in result["results"])
     return timings

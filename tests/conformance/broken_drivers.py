@@ -95,3 +95,14 @@ def no_model_check():
 
 def no_kv_readback():
     return _factory(NoKVReadback, features={"seeded"})()
+
+
+def cannot_start():
+    """A driver whose adapter cannot serve the architecture at all: start raises Unsupported."""
+    class Driver(ToyDriver):
+        name = "broken-cannot-start"
+
+        def start(self, arch, workdir):
+            raise Unsupported(f"no {arch} here: the adapter lacks this model's cache layout")
+
+    return Driver()

@@ -41,6 +41,13 @@ def test_unsupported_features_are_never_passed(run_worker):
     assert set(got) == set(CHECKS)
 
 
+def test_an_architecture_the_adapter_cannot_start_is_unsupported_in_every_check(run_worker):
+    results = run_worker("broken_drivers:cannot_start")
+    assert set(statuses(results)) == set(CHECKS) and set(statuses(results).values()) == {"unsupported"}
+    assert all(r["detail"] == "not supported by the adapter: no toy here: the adapter lacks this model's cache "
+               "layout" for r in results.values())
+
+
 @pytest.mark.parametrize("arch", ["nonexistent"])
 def test_unknown_arch_is_skipped(run_worker, arch):
     got = statuses(run_worker("template", arch))

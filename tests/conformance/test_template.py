@@ -5,6 +5,7 @@ import sys
 
 from conftest import REPO, _env
 from thaw_conformance.results import CHECKS
+from thaw_conformance.vectors import default_dir
 
 
 def test_template_passes_every_check_and_the_vectors(run_cli):
@@ -14,7 +15,9 @@ def test_template_passes_every_check_and_the_vectors(run_cli):
     assert {(r["arch"], r["check"]) for r in rows} == {(a, c) for a in ("toy", "toy-seed1") for c in CHECKS}
     assert all(r["status"] == "passed" for r in rows), [r for r in rows if r["status"] != "passed"]
     vectors = [r for r in receipt["results"] if r["engine"] == "format"]
-    assert len(vectors) == 8 and all(r["status"] == "passed" for r in vectors)
+    golden = sorted(path.stem for path in default_dir().glob("*.thaw"))
+    assert golden and sorted({r["arch"] for r in vectors}) == golden and len(vectors) == 2 * len(golden)
+    assert all(r["status"] == "passed" for r in vectors)
     assert "| template | toy | pass |" in markdown
 
 

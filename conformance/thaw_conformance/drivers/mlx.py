@@ -4,6 +4,8 @@ mlx-lm has no server and no prefix cache: an engine here is a model plus the ses
 cache) it has served. A request continues the longest session whose tokens begin its prompt, as a prefix
 cache would, and its cached-token count is that session's cache offset. One session is in flight at a time
 (thaw_mlx snapshots one sequence). Sampling goes through thaw_mlx.Sampler, whose PRNG key a snapshot keeps.
+The model is identified by its checkpoint (thaw_mlx.model_info(model, checkpoint=...)), as vLLM and SGLang
+identify theirs, so that snapshots cross engines.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from mlx_lm.utils import load_model
 
 import thaw_format
 import thaw_mlx
-from thaw_format import SamplingParams, Snapshot
+from thaw_format import ModelInfo, SamplingParams, Snapshot
 
 from ..models import ARCHS, checkpoint
 from ..sdk import Generation, Sampling, Unsupported
@@ -38,6 +40,12 @@ def _mlx_config(hf_config: dict) -> dict:
     if "num_local_experts" in hf_config:
         config["num_experts"] = hf_config["num_local_experts"]
     return config
+
+
+def _in_flight(request) -> bool:
+    """Whether a snapshot's request was captured before it produced all its tokens."""
+    max_tokens = request.sampling.max_tokens
+    return max_tokens is not None and len(request.output_token_ids) < max_tokens
 
 
 class _Session:
@@ -59,8 +67,8 @@ class _InFlight:
 
 
 class MLXEngine:
-    def __init__(self, model) -> None:
-        self.model = model
+    def __init__(self, model, info: ModelInfo) -> None:
+        self.model, self.info = model, info  # info: the checkpoint identity, digested once
         self.sessions: list[_Session] = []
         self.inflight: Optional[_InFlight] = None
 
@@ -72,8 +80,8 @@ class MLXEngine:
                    default=None)
         if best is None:
             return make_prompt_cache(self.model), 0
-        snapshot = thaw_mlx.capture(self.model, best.cache, best.tokens, include_weights=False)
-        cache = thaw_mlx.restore(self.model, snapshot, check_weights=False)
+        snapshot = thaw_mlx.capture(self.model, best.cache, best.tokens, include_weights=False, info=self.info)
+        cache = thaw_mlx.restore(self.model, snapshot, info=self.info)
         return cache, min(cache[0].offset, len(prompt) - 1)
 
     def generate(self, prompt: Sequence[int], max_tokens: int, sampling: Sampling) -> Generation:
@@ -127,21 +135,21 @@ class MLXEngine:
             raise Unsupported("nothing to capture: no session yet")
         session, sampler, num_prompt = current
         snapshot = thaw_mlx.capture(self.model, session.cache, session.tokens, num_prompt_tokens=num_prompt,
-                                    sampler=sampler)
+                                    sampler=sampler, info=self.info)
         thaw_format.save(snapshot, path)
 
     def restore(self, path: Path) -> None:
         self.restore_snapshot(thaw_format.load(path))
 
     def restore_snapshot(self, snapshot: Snapshot) -> None:
-        cache = thaw_mlx.restore(self.model, snapshot)
+        cache = thaw_mlx.restore(self.model, snapshot, info=self.info)
         tokens = thaw_mlx.snapshot_tokens(snapshot)
-        request = snapshot.scheduler.requests[0]
         self.sessions, self.inflight = [_Session(tokens, cache)], None
-        max_tokens = request.sampling.max_tokens
-        if max_tokens is not None and len(request.output_token_ids) < max_tokens:  # it was captured in flight
+        # Another engine's snapshot of its idle prefix cache has no requests: thaw_mlx reads its one chain.
+        requests = snapshot.scheduler.requests if snapshot.scheduler is not None else []
+        if len(requests) == 1 and _in_flight(requests[0]):
             self.sessions = []
-            self.inflight = _InFlight(self.model, _Session(tokens, cache), len(request.prompt_token_ids),
+            self.inflight = _InFlight(self.model, _Session(tokens, cache), len(requests[0].prompt_token_ids),
                                       thaw_mlx.sampler_of(snapshot))
 
     def weights(self):
@@ -152,17 +160,17 @@ class MLXEngine:
         if current is None:
             return Snapshot()
         session = current[0]
-        return thaw_mlx.capture(self.model, session.cache, session.tokens, include_weights=False)
+        return thaw_mlx.capture(self.model, session.cache, session.tokens, include_weights=False, info=self.info)
 
     def fork(self, n: int, context: Sequence[int]) -> list["MLXEngine"]:
         """n engines over the buffers of the session that begins `context`, shared (MLX copies a buffer when a
         session writes)."""
         session = max((s for s in self.sessions if s.tokens == list(context[: len(s.tokens)])),
                       key=lambda s: len(s.tokens))
-        snapshot = thaw_mlx.capture(self.model, session.cache, session.tokens, include_weights=False)
+        snapshot = thaw_mlx.capture(self.model, session.cache, session.tokens, include_weights=False, info=self.info)
         engines = []
-        for cache in thaw_mlx.fork(self.model, snapshot, n, check_weights=False):
-            engine = MLXEngine(self.model)
+        for cache in thaw_mlx.fork(self.model, snapshot, n, info=self.info):
+            engine = MLXEngine(self.model, self.info)
             engine.sessions = [_Session(list(session.tokens), cache)]
             engines.append(engine)
         return engines
@@ -185,7 +193,7 @@ class MLXDriver:
         path = checkpoint(arch)
         hf_config = json.loads((path / "config.json").read_text())
         model, _ = load_model(path, model_config=_mlx_config(hf_config))
-        return MLXEngine(model)
+        return MLXEngine(model, thaw_mlx.model_info(model, checkpoint=path))
 
 
 def driver() -> MLXDriver:

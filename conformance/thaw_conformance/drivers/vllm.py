@@ -22,9 +22,12 @@ from vllm.inputs import TokensPrompt  # noqa: E402
 import thaw_format  # noqa: E402
 import thaw_vllm  # noqa: E402
 
-from ..models import ARCHS, checkpoint  # noqa: E402
+from ..models import ARCHS, checkpoint, uses_mla  # noqa: E402
 from ..sdk import Generation, Sampling, Unsupported  # noqa: E402
 
+MLA_UNSUPPORTED = ("DeepSeek MLA: thaw_vllm knows vLLM's CPU attention KV layout only, not the MLA latent cache "
+                   "(and vLLM's CPU MLA backend takes latent sizes kv_lora_rank + qk_rope_head_dim of 320, 512 or "
+                   "576 only; the zoo's tiny DeepSeek-V2 has 48)")
 ENGINE_KWARGS = dict(dtype="float32", block_size=32, enforce_eager=True, skip_tokenizer_init=True,
                      max_model_len=4096, kv_cache_memory_bytes=64 << 20, enable_prefix_caching=True)
 
@@ -120,6 +123,8 @@ class VLLMDriver:
         return list(ARCHS)
 
     def start(self, arch: str, workdir: Path) -> VLLMEngine:
+        if uses_mla(arch):
+            raise Unsupported(MLA_UNSUPPORTED)
         return VLLMEngine(thaw_vllm.LLM(str(checkpoint(arch)), **ENGINE_KWARGS))
 
 
