@@ -5,6 +5,10 @@
     children = parent.fork(n=4)          # four new engines, each holding the parent's prefix cache
     snapshot = capture(parent)           # a thaw_format.Snapshot; restore(engine, snapshot) loads one
     resume(engine, snapshot)             # continue the requests that were waiting or running
+    parent.pause(); capture(parent)      # running requests held where they stopped (parent.unpause() goes on)
+
+A snapshot names its weights by the checkpoint's digest (spec 5.1), as every adapter does, so the KV of one
+engine restores into another serving the same checkpoint.
 
 The scheduler-side work lives in `capture.py` / `restore.py`; every private SGLang internal in `_internals.py`.
 """
