@@ -81,12 +81,14 @@ def _continuation(recorder: Recorder, own_kv, landed, own: list, restored: list,
     """Fails when the restored KV is not numerically the target's own KV of the same tokens (a layout fault:
     pages, heads or positions out of place); otherwise the continuations are compared and reported."""
     tokens, diff, scale = kv_closeness(own_kv, landed)
-    detail = (f"restored KV vs the target's own prefill: max |diff| {diff:.3g} over {tokens} tokens (|KV| up to "
-              f"{scale:.3g}); continuation restored {restored} vs own prefill {own}; the source continued {source}")
+    detail = (f"restored KV vs the target's own prefill: max abs diff {diff:.3g} over {tokens} tokens (KV values "
+              f"up to {scale:.3g} in magnitude); continuation restored {restored} vs own prefill {own}; the source "
+              f"continued {source}")
     if tokens == 0:
         recorder.add("cross_continuation", "failed", f"no token's KV in common with the target's own prefill; {detail}")
     elif diff > KV_TOLERANCE * scale:
-        recorder.add("cross_continuation", "failed", f"restored KV differs beyond {KV_TOLERANCE:g} x |KV|: {detail}")
+        recorder.add("cross_continuation", "failed",
+                     f"restored KV differs beyond {KV_TOLERANCE:g} x the largest KV value: {detail}")
     else:
         recorder.add("cross_continuation", "passed" if restored == own else "differs", detail)
 

@@ -60,4 +60,4 @@ def test_the_continuation_check_fails_kv_out_of_place_and_reports_other_tokens()
     _continuation(recorder, own, swapped, [1, 2], [1, 2], [1, 2])
     _continuation(recorder, own, _snapshot(k, v, tokens=list(range(50, 60))), [1], [1], [1])
     assert [r.status for r in recorder.results] == ["passed", "differs", "failed", "failed"]
-    assert "max |diff|" in recorder.results[0].detail and "no token's KV in common" in recorder.results[3].detail
+    assert "max abs diff" in recorder.results[0].detail and "no token's KV in common" in recorder.results[3].detail
