@@ -93,7 +93,8 @@ def token_rows(snapshot: Snapshot) -> dict[tuple, list[np.ndarray]]:
         chain = tree.chain_tokens(page)
         start = len(chain) - len(tree.tokens[page])
         for r in range(len(tree.tokens[page])):
-            rows[tuple(chain[: start + r + 1])] = [a[page, r].astype(np.float64) for per_layer in arrays for a in per_layer]
+            key = tuple(chain[: start + r + 1])
+            rows[key] = [a[page, r].astype(np.float64) for per_layer in arrays for a in per_layer]
     return rows
 
 

@@ -46,7 +46,8 @@ def test_same_tokens_line_up_whatever_the_page_order_and_last_page_length():
 def test_kv_out_of_place_is_far_beyond_the_tolerance():
     k, v = _kv(1)
     own = _snapshot(k, v)
-    for wrong in (_snapshot(k[:, ::-1], v), _snapshot(v, k), _snapshot(np.roll(k, 1, axis=0), v)):  # heads, K/V, positions
+    # heads swapped, K and V swapped, positions shifted by one
+    for wrong in (_snapshot(k[:, ::-1], v), _snapshot(v, k), _snapshot(np.roll(k, 1, axis=0), v)):
         tokens, diff, scale = kv_closeness(own, wrong)
         assert tokens == 10 and diff > 100 * KV_TOLERANCE * scale
 
