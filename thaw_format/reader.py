@@ -187,7 +187,7 @@ class SnapshotFile:
             snap = decode(self.document, tensors.__getitem__, names)
         else:
             if verify:
-                self._verify_bytes(progress)
+                self._verify_bytes(progress, mapped=True)
             snap = decode(self.document, lambda n: self.tensor(n, verify=False, copy=False), names)
         snap.id = self.id
         return snap
@@ -198,11 +198,14 @@ class SnapshotFile:
         self._verify_bytes(progress)
         decode(self.document, lambda n: self.tensor(n, verify=False, copy=False), self.names())
 
-    def _verify_bytes(self, progress: Progress) -> None:
+    def _verify_bytes(self, progress: Progress, mapped: bool = False) -> None:
+        """Chunk checksums and padding. `mapped` checks them through the file's mapping, for the zero-copy
+        load whose tensors view it: its pages are then mapped once, by the check, and no read copies them."""
         regions = self.layout.regions
-        if self._fd is None:
+        if self._fd is None or mapped:
+            view = self._mapped()
             for index, region in enumerate(regions):
-                self._check_view(index, self._view[region.offset : region.end])
+                self._check_view(index, view[region.offset : region.end])
                 if progress:
                     progress(region.length)
         else:
@@ -210,9 +213,10 @@ class SnapshotFile:
             bad = self._mover_io(mover.verify_regions, specs, progress)
             if bad is not None:
                 raise self._bad_chunk(*bad)
-        self._check_padding()
+        self._check_padding(self._mapped() if self._fd is None or mapped else None)
 
-    def _check_padding(self) -> None:
+    def _check_padding(self, view: Optional[memoryview]) -> None:
+        """Every gap is zero; gaps are read from `view` when given (no copy), else from the file."""
         gaps = []
         position = self.layout.header_length
         for region in self.layout.regions:
@@ -221,7 +225,8 @@ class SnapshotFile:
         gaps.append((position, self.layout.trailer_offset))
         for start, end in gaps:
             # Each gap is shorter than the alignment; startswith compares with memcmp, count(0) byte by byte.
-            if end > start and not _ZEROS.startswith(self._read(start, end - start)):
+            gap = view[start:end] if view is not None else self._read(start, end - start)
+            if end > start and not _ZEROS.startswith(gap):
                 raise CorruptSnapshotError(f"padding bytes [{start}, {end}) must be zero")
 
     def close(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 from .dtypes import itemsize
 
@@ -70,17 +70,30 @@ def as_tensor(value: Any) -> Tensor:
     """
     if isinstance(value, Tensor):
         return value
-    module = type(value).__module__.split(".")[0]
+    kind = type(value)
+    convert = _CONVERTERS.get(kind)
+    if convert is None:
+        convert = _CONVERTERS[kind] = _converter(kind)
+    return convert(value)
+
+
+# type -> its binding's converter, found once per type: an import statement per call costs more than the
+# conversion of a small tensor.
+_CONVERTERS: dict[type, Callable[[Any], Tensor]] = {}
+
+
+def _converter(kind: type) -> Callable[[Any], Tensor]:
+    module = kind.__module__.split(".")[0]
     if module == "torch":
         from .torch import from_torch
 
-        return from_torch(value)
+        return from_torch
     if module == "numpy":
         from .numpy import from_numpy
 
-        return from_numpy(value)
+        return from_numpy
     if module == "mlx":
         from .mlx import from_mlx
 
-        return from_mlx(value)
-    raise TypeError(f"cannot store a {type(value).__qualname__} as a tensor (expected torch, numpy or mlx)")
+        return from_mlx
+    raise TypeError(f"cannot store a {kind.__qualname__} as a tensor (expected torch, numpy or mlx)")
