@@ -30,6 +30,7 @@ from .tensor import Tensor
 Progress = Optional[Callable[[int], None]]
 
 _ZEROS = bytes(ALIGNMENT)  # padding is shorter than the alignment
+_ARENA_BYTES = 16 << 20
 
 
 class SnapshotFile:
@@ -139,20 +140,10 @@ class SnapshotFile:
         return Tensor._of(dtype, shape, view)  # checked against the region by describe_tensors
 
     def _read_tensors(self, names: list[str], verify: bool, progress: Progress = None) -> dict[str, Tensor]:
-        """Copy tensors out in one batch, each chunk verified before it reaches its destination.
-
-        Every tensor lands in one arena, at a 64-byte aligned offset, rather than in an allocation of its own:
-        with thousands of small tensors the allocations cost more than the bytes. A tensor's view keeps the
-        arena alive, and no two views overlap, so each tensor stays valid and writable on its own.
-        """
+        """Copy tensors out in one batch, each chunk verified before it reaches its destination."""
         entries = [self._entries[name] for name in names]
         regions = [self.layout.regions[index] for index, _, _ in entries]
-        starts, end = [], 0
-        for region in regions:
-            starts.append(end)
-            end = (end + region.length + 63) & ~63
-        arena = mover.empty(end)
-        views = [arena[start : start + region.length] for start, region in zip(starts, regions)]
+        views = _arena_views([region.length for region in regions])
         if self._fd is None:
             for (index, _, _), region, view in zip(entries, regions, views):
                 source = self._view[region.offset : region.end]
@@ -246,6 +237,34 @@ class SnapshotFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _arena_views(lengths: list[int]) -> list[memoryview]:
+    """Writable, non-overlapping views of the given lengths, each at a 64-byte aligned offset of an arena.
+
+    With thousands of small tensors, allocations cost more than the bytes: consecutive tensors share arenas
+    of up to _ARENA_BYTES (a larger tensor gets one of its own). A view keeps its arena alive, so a tensor
+    stays valid on its own, and one kept small tensor holds at most _ARENA_BYTES, not the whole snapshot.
+    """
+    views: list[memoryview] = []
+    group: list[int] = []
+    size = 0
+    for length in lengths:
+        padded = (length + 63) & ~63
+        if group and size + padded > _ARENA_BYTES:
+            views += _carve(group, size)
+            group, size = [], 0
+        group.append(length)
+        size += padded
+    return views + _carve(group, size) if group else views
+
+
+def _carve(lengths: list[int], size: int) -> list[memoryview]:
+    arena, start, views = mover.empty(size), 0, []
+    for length in lengths:
+        views.append(arena[start : start + length])
+        start += (length + 63) & ~63
+    return views
 
 
 def open(path, *, limits: Limits = DEFAULT_LIMITS) -> SnapshotFile:  # noqa: A001 - mirrors builtins.open

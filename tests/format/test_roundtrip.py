@@ -131,6 +131,32 @@ def test_mmap_views_are_zero_copy_and_never_write_back(tmp_path):
     assert path.read_bytes() == before
 
 
+@pytest.mark.parametrize("source", ["path", "buffer"])
+def test_loaded_tensors_are_writable_and_independent_though_they_share_arenas(tmp_path, source):
+    from thaw_format import reader
+
+    half = (reader._ARENA_BYTES >> 1) + 1
+    sizes = [0, 7, 4096, 1, half, 5, half, 9, 2, reader._ARENA_BYTES + 1]  # three arenas, the last its own
+    tensors = {f"t{i}": torch.full((n,), i, dtype=torch.uint8) for i, n in enumerate(sizes)}
+    path = tmp_path / "many.thaw"
+    tf.save_file(tensors, path)
+    loaded = tf.load(path) if source == "path" else tf.loads(path.read_bytes())
+    views = [loaded.weights.tensors[name].data for name in tensors]
+    assert all(not v.readonly for v in views)
+    arenas = {}
+    for view in views:
+        arenas.setdefault(id(view.obj), []).append(view)
+    assert len(arenas) == 3
+    assert all(len(shared[0].obj) <= reader._ARENA_BYTES for shared in arenas.values() if len(shared) > 1)
+    for i, view in enumerate(views):
+        view[:] = bytes([100 + i]) * len(view)  # writing one tensor touches no other
+    for i, (name, view) in enumerate(zip(tensors, views)):
+        assert view.tobytes() == bytes([100 + i]) * sizes[i], name
+    kept = loaded.weights.tensors["t1"]
+    del loaded, views
+    assert kept.tobytes() == bytes([101]) * 7  # valid on its own: its view keeps its arena alive
+
+
 def test_torch_binding_round_trip_is_zero_copy_for_writable_data():
     t = torch.randn(3, 5)
     thawed = from_torch(t)
