@@ -29,16 +29,50 @@ BlockHash = bytes
 # --- worker side: KV tensors, model, per-request sampling generators ---------------------------------------
 
 def kv_cache_tensors(worker) -> list[torch.Tensor]:
-    """The per-layer KV tensors of vLLM's CPU attention: [num_blocks, num_kv_heads, block_size, 2 * head_dim]
-    (K in the first head_dim of the last axis, V in the second). Other layouts are refused, not guessed."""
+    """The per-layer KV tensors of vLLM's CPU attention, in layer order, each allocated as
+    [num_blocks, num_kv_heads, block_size, 2 * head_dim]. That shape is an allocation, not the layout: the
+    attention backend reinterprets each block (see `cpu_attn_write` and layout.py). Others are refused."""
     caches = list(worker.model_runner.kv_caches)
     for i, cache in enumerate(caches):
         if cache.dim() != 4 or not cache.is_contiguous():
             raise NotImplementedError(
                 f"KV layer {i} has shape {tuple(cache.shape)} (contiguous={cache.is_contiguous()}); thaw_vllm knows "
-                "only the CPU attention layout [blocks, kv_heads, block_size, 2*head_dim]"
+                "only the CPU attention allocation [blocks, kv_heads, block_size, 2*head_dim]"
             )
     return caches
+
+
+def attention_backends(worker) -> list[tuple[str, str | None, str]]:
+    """(attention backend name, ISA, KV-cache dtype) of the layer bound to each tensor of kv_cache_tensors.
+
+    The ISA is the one vLLM's CPU attention picked for the layer's KV-cache group (`vec`, `vec16`, `amx`, ...):
+    its metadata builder stores it on every layer as `layer.isa`, and the block layout depends on it.
+    """
+    layers = {}
+    for layer in worker.vllm_config.compilation_config.static_forward_context.values():
+        cache = getattr(layer, "kv_cache", None)
+        if isinstance(cache, torch.Tensor) and cache.numel():
+            layers.setdefault((cache.data_ptr(), cache.shape), layer)
+    out = []
+    for cache in worker.model_runner.kv_caches:
+        layer = layers.get((cache.data_ptr(), cache.shape))  # the same blocks, seen with the same shape
+        if layer is None:
+            out.append(("unknown", None, "unknown"))
+        else:
+            out.append((layer.get_attn_backend().get_name(), getattr(layer, "isa", None), str(layer.kv_cache_dtype)))
+    return out
+
+
+def cpu_attn_write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, isa: str) -> None:
+    """Write K and V [tokens, kv_heads, head_dim] into `slots` (block * block_size + offset) of a CPU attention
+    cache with vLLM's own writer, exactly as CPUAttentionBackendImpl.do_kv_cache_update calls it: the block is
+    viewed as [kv_heads, 2 * block_size, head_dim] and split into a K half and a V half, and the C++ op stores
+    each half in the order the ISA's attention kernel reads."""
+    from vllm import _custom_ops as ops
+
+    num_blocks, heads, block_size, _ = cache.shape
+    key_cache, value_cache = cache.view(num_blocks, heads, 2 * block_size, -1).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
 
 
 def sampling_generator(worker, request_id: str) -> torch.Generator | None:

@@ -49,6 +49,8 @@ def check_compatible(llm, snapshot: thaw_format.Snapshot) -> None:
     thaw_format.check_model(snapshot, thaw_format.ModelInfo(**engine["model"]))
     if snapshot.kv is None:
         return
+    if "layout_error" in engine:
+        raise IncompatibleSnapshotError(f"engine.native_kv_layout: this engine's KV layout is not mapped ({engine['layout_error']})")
     thaw_format.check_kv_layout(snapshot, **engine["kv"])
     kinds = {layer.kind for layer in snapshot.kv.layers} - {"attention"}
     if kinds:

@@ -1,0 +1,93 @@
+"""Captured pages are token-major in the spec's sense (section 5.3), checked against an independent computation:
+layer 0's K and V of every token, recomputed in plain torch from the checkpoint's safetensors, never read back
+through vLLM or thaw's own layout code."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import trunk_tokens
+from safetensors.torch import load_file
+
+from thaw_format.torch import to_torch
+
+
+def layer0_kv(model_dir: str, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama layer 0's K (after RoPE) and V of tokens at positions 0..n-1, in float32: [n, kv_heads, head_dim].
+
+    Layer 0's attention input is RMSNorm(embedding) (no residual yet); V has no RoPE; K has rotate-half RoPE.
+    """
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    w = {k: v.float() for k, v in load_file(str(Path(model_dir) / "model.safetensors")).items()}
+    heads, dim = config["num_key_value_heads"], config["head_dim"]
+    theta = config.get("rope_theta") or config["rope_parameters"]["rope_theta"]
+
+    x = w["model.embed_tokens.weight"][torch.tensor(token_ids)]
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config["rms_norm_eps"])
+    x = x * w["model.layers.0.input_layernorm.weight"]
+    k = (x @ w["model.layers.0.self_attn.k_proj.weight"].T).view(len(token_ids), heads, dim)
+    v = (x @ w["model.layers.0.self_attn.v_proj.weight"].T).view(len(token_ids), heads, dim)
+
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = torch.arange(len(token_ids), dtype=torch.float64)[:, None] * inv_freq[None, :]
+    cos = torch.cat([angles.cos(), angles.cos()], -1).float()[:, None, :]
+    sin = torch.cat([angles.sin(), angles.sin()], -1).float()[:, None, :]
+    rotated = torch.cat([-k[..., dim // 2 :], k[..., : dim // 2]], -1)
+    return k * cos + rotated * sin, v
+
+
+def test_pages_hold_each_tokens_kv_at_its_position(engine, vllm):
+    """A running request of 84 computed tokens: pages of 32, 32 and a partial 20 (prefill and decode writes)."""
+    import thaw_vllm
+    from vllm.inputs import TokensPrompt
+
+    prompt = trunk_tokens(80, seed=40)
+    core = engine.llm_engine
+    core.add_request("layout", TokensPrompt(prompt_token_ids=prompt),
+                     vllm.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    for _ in range(5):  # one prefill step, four decode steps
+        core.step()
+    snapshot = thaw_vllm.capture(engine, include_weights=False, chains=[prompt])
+    while core.has_unfinished_requests():
+        core.step()
+
+    assert snapshot.engine.native_kv_layout.startswith("CPU_ATTN isa=")
+    (request,) = snapshot.scheduler.requests
+    assert request.num_computed_tokens == 84
+    tree = snapshot.prefix
+    assert [len(tree.tokens[p]) for p in request.pages] == [32, 32, 20]
+    tokens = [t for p in request.pages for t in tree.tokens[p]]
+    assert tokens == (request.prompt_token_ids + request.output_token_ids)[:84]
+
+    want_k, want_v = layer0_kv(engine.thaw_model, tokens)
+    layer = snapshot.kv.layers[0]
+    pages = torch.tensor(request.pages)
+    got = {role: to_torch(layer.tensors[role])[pages].float().flatten(0, 1)[:84] for role in ("k", "v")}
+    # float32: the engine's arithmetic differs from this one only in rounding; bfloat16: in bfloat16 rounding
+    tol = dict(rtol=1e-4, atol=1e-4) if snapshot.kv.dtype == "float32" else dict(rtol=2e-2, atol=3e-2)
+    for role, want in (("k", want_k), ("v", want_v)):
+        for position in range(84):
+            assert torch.allclose(got[role][position], want[position], **tol), (
+                f"{role} of token {position}: max error {(got[role][position] - want[position]).abs().max():.3g}")
+
+
+@pytest.mark.parametrize("isa", ["vec", "vec16", "amx"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_block_layout_is_the_one_vllms_writer_uses(vllm, isa, dtype):
+    """For every ISA vLLM's CPU attention can pick (amx is only picked on AMX hardware, but its writer runs
+    anywhere), the probed layout reads back exactly what the writer stored, partial blocks included, and
+    writes blocks byte-identical to the writer's."""
+    from thaw_vllm import _internals, layout
+
+    block_size, heads, head_dim = 32, 2, 64
+    native = layout.native_layout(isa, dtype, block_size, heads, head_dim)
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2 * block_size - 5, heads, head_dim, generator=gen).to(dtype) for _ in range(2))
+    cache = torch.zeros(4, heads, block_size, 2 * head_dim, dtype=dtype)
+    _internals.cpu_attn_write(cache, k, v, torch.arange(block_size, 3 * block_size - 5), isa)  # blocks 1, 2
+
+    got_k, got_v = layout.blocks_to_pages(cache, [1, 2], native)
+    assert got_k.flatten(0, 1)[: len(k)].view(torch.uint8).equal(k.view(torch.uint8))
+    assert got_v.flatten(0, 1)[: len(v)].view(torch.uint8).equal(v.view(torch.uint8))
+    assert layout.pages_to_blocks(got_k, got_v, native).view(torch.uint8).equal(cache[1:3].view(torch.uint8))
