@@ -10,6 +10,7 @@ import thaw_format
 from thaw_format.torch import from_torch
 
 SNAPSHOT_KEY = "thaw_snapshot"  # model_loader_extra_config key naming a snapshot (path or shm://name)
+_LOADED_DIGESTS: dict[str, Optional[str]] = {}  # snapshot source -> its weights digest, once loaded here
 
 
 def dtype_name(vllm_config) -> str:
@@ -30,6 +31,24 @@ def snapshot_source(load) -> Optional[str]:
     if SNAPSHOT_KEY not in extra:
         raise ValueError(f'load_format="thaw" needs model_loader_extra_config={{"{SNAPSHOT_KEY}": path or shm://name}}')
     return extra[SNAPSHOT_KEY]
+
+
+def weights_digest(vllm_config) -> Optional[str]:
+    """The engine's weights identity (spec 5.1): the checkpoint's own (thaw_format.checkpoint_weights_digest, from
+    its safetensors files without loading them), so that every engine serving the checkpoint reports the same;
+    for load_format="thaw", the weights digest its snapshot records (None if it records none)."""
+    source = snapshot_source(vllm_config.load_config)
+    if source is None:
+        return thaw_format.checkpoint_weights_digest(vllm_config.model_config.model)
+    if source not in _LOADED_DIGESTS:
+        raise RuntimeError(f"the weights of snapshot {source} were not loaded in this process")
+    return _LOADED_DIGESTS[source]
+
+
+def record_loaded(source: str, snapshot: thaw_format.Snapshot) -> None:
+    """Called by the thaw model loader: the snapshot's weights identity, kept for `weights_digest` (the
+    snapshot itself may be gone by then: a shared-memory source is unlinked once its readers are done)."""
+    _LOADED_DIGESTS[source] = snapshot.model.weights_digest
 
 
 def checkpoint_weights(vllm_config) -> dict[str, thaw_format.Tensor]:
@@ -54,9 +73,3 @@ def checkpoint_weights(vllm_config) -> dict[str, thaw_format.Tensor]:
     if not tensors:
         raise FileNotFoundError(f"no *.safetensors weights in {vllm_config.model_config.model}")
     return tensors
-
-
-def kv_dtype(worker) -> str:
-    from ._internals import kv_cache_tensors
-
-    return str(kv_cache_tensors(worker)[0].dtype).removeprefix("torch.")

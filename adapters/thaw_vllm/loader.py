@@ -13,7 +13,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from thaw_format.torch import to_torch
 
 from . import transport
-from .identity import snapshot_source
+from .identity import record_loaded, snapshot_source
 
 
 class ThawModelLoader(BaseModelLoader):
@@ -26,4 +26,5 @@ class ThawModelLoader(BaseModelLoader):
         if snapshot.weights is None or not snapshot.weights.tensors:
             raise ValueError(f"snapshot {source} holds no weights (captured with include_weights=False?)")
         model.load_weights((name, to_torch(t)) for name, t in snapshot.weights.tensors.items())
+        record_loaded(source, snapshot)
 

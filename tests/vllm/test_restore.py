@@ -43,7 +43,10 @@ def test_weights_in_a_snapshot_are_the_checkpoint_bytes(engine):
     assert set(snapshot.weights.tensors) == set(checkpoint)
     for name, tensor in checkpoint.items():
         assert bytes(snapshot.weights.tensors[name].data) == tensor.view(torch.uint8).numpy().tobytes(), name
+    # the engine's identity is the checkpoint's (spec 5.1), the one every engine computes from the files
     assert snapshot.model.weights_digest == thaw_format.weights_digest(snapshot.weights.tensors)
+    assert snapshot.model.weights_digest == thaw_format.checkpoint_weights_digest(engine.thaw_model)
+    assert thaw_vllm.describe(engine)["model"]["weights_digest"] == snapshot.model.weights_digest
 
 
 def corrupted(snapshot):
@@ -89,7 +92,8 @@ def test_new_process_restore_hits_the_cache_and_continues_identically(engine, gr
     assert again[0]["num_cached_tokens"] == cached_tokens  # the first prompt; the second also hits its sibling's pages
 
     recaptured = thaw_format.load(tmp_path / "again.thaw")  # KV and weights as the new process holds them
-    assert recaptured.model.weights_digest == snapshot.model.weights_digest
+    assert recaptured.model.weights_digest == snapshot.model.weights_digest  # load_format="thaw" keeps the identity
+    assert recaptured.engine.native_kv_layout == snapshot.engine.native_kv_layout
     pages = {tuple(t): i for i, t in enumerate(recaptured.prefix.tokens)}
     for i, tokens in enumerate(snapshot.prefix.tokens):
         j = pages[tuple(tokens)]
