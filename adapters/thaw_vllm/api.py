@@ -50,7 +50,8 @@ def check_compatible(llm, snapshot: thaw_format.Snapshot) -> None:
     if snapshot.kv is None:
         return
     if "layout_error" in engine:
-        raise IncompatibleSnapshotError(f"engine.native_kv_layout: this engine's KV layout is not mapped ({engine['layout_error']})")
+        raise IncompatibleSnapshotError(f"engine.native_kv_layout: this engine's KV layout is not mapped: "
+                                        f"{engine['layout_error']}")
     thaw_format.check_kv_layout(snapshot, **engine["kv"])
     kinds = {layer.kind for layer in snapshot.kv.layers} - {"attention"}
     if kinds:

@@ -9,10 +9,10 @@ stores each half in the order its ISA's kernel reads. On the `vec` and `vec16` I
 
 Rather than transcribe those orders, `native_layout` asks vLLM's writer where each element goes, once per
 (ISA, dtype, block size, KV heads, head size): it writes one block of K and V whose values encode their
-coordinates and reads where each landed. The result is a permutation of one block's elements, applied by a
-gather in each direction, so the mapping is vLLM's own by construction. It is refused unless the writer puts
-every element exactly once inside its own block and KV head region (a quantizing or padded cache is not a
-permutation), and for a backend other than CPU attention or a quantized KV cache.
+coordinates and reads where each landed. The result is the native position of every element of a page's K and
+V, read by a gather (capture) and written by a scatter (restore), so the mapping is vLLM's own by construction.
+It is refused unless the writer puts every element exactly once inside its own block and KV head region (a
+quantizing or padded cache is not a permutation), and for another attention backend or a quantized KV cache.
 """
 
 from __future__ import annotations
@@ -33,15 +33,14 @@ _NAMED_ORDERS = ("[block_size, head_dim]", "[head_dim, block_size]")
 
 @dataclass(frozen=True)
 class NativeLayout:
-    """One block's element order. A block's elements, flattened, are `native`; the token-major pair
-    [2 (K, V), block_size, num_kv_heads, head_dim], flattened, is `pages`."""
+    """One block's element order: where, in a block's flattened elements, each element of the flattened K page
+    and V page ([block_size, num_kv_heads, head_dim] each) lives."""
 
     description: str  # engine.native_kv_layout of a snapshot
     block_shape: tuple[int, int, int]  # the allocation: (num_kv_heads, block_size, 2 * head_dim)
     page_shape: tuple[int, int, int]  # one role of a page: (block_size, num_kv_heads, head_dim)
-    k_from_native: torch.Tensor  # pages[:half] = native[k_from_native]
-    v_from_native: torch.Tensor  # pages[half:] = native[v_from_native]
-    native_from_pages: torch.Tensor  # native = pages[native_from_pages]
+    k_positions: torch.Tensor  # int64 [block_size * num_kv_heads * head_dim]
+    v_positions: torch.Tensor
 
 
 def engine_layout(worker) -> tuple[list[torch.Tensor], NativeLayout]:
@@ -91,15 +90,14 @@ def native_layout(isa: str, dtype: torch.dtype, block_size: int, num_kv_heads: i
     ):
         raise NotImplementedError(f"vLLM's cpu_attn_reshape_and_cache (ISA {isa}, {dtype}, block {shape}) does not "
                                   "store one block as K then V of each KV head: thaw_vllm will not guess its layout")
-    from_native = src.argsort()
+    positions = src.argsort()  # the inverse permutation: pages element i lives at native position positions[i]
     half = src.numel() // 2
     return NativeLayout(
         description=_describe(isa, src, block_size, num_kv_heads, head_dim),
         block_shape=(num_kv_heads, block_size, 2 * head_dim),
         page_shape=(block_size, num_kv_heads, head_dim),
-        k_from_native=from_native[:half],
-        v_from_native=from_native[half:],
-        native_from_pages=src,
+        k_positions=positions[:half],
+        v_positions=positions[half:],
     )
 
 
@@ -142,10 +140,13 @@ def blocks_to_pages(cache: torch.Tensor, block_ids: list[int], layout: NativeLay
     """K and V of the given blocks as contiguous [num_pages, block_size, num_kv_heads, head_dim]."""
     blocks = cache.view(cache.shape[0], -1)[torch.tensor(block_ids, dtype=torch.long)]
     shape = (len(block_ids), *layout.page_shape)
-    return blocks.index_select(1, layout.k_from_native).view(shape), blocks.index_select(1, layout.v_from_native).view(shape)
+    return blocks.index_select(1, layout.k_positions).view(shape), blocks.index_select(1, layout.v_positions).view(shape)
 
 
 def pages_to_blocks(k: torch.Tensor, v: torch.Tensor, layout: NativeLayout) -> torch.Tensor:
     """Inverse of blocks_to_pages: [num_pages, *layout.block_shape], ready to assign into the cache."""
-    pages = torch.cat([k.reshape(len(k), -1), v.reshape(len(v), -1)], dim=1)
-    return pages.index_select(1, layout.native_from_pages).view(len(k), *layout.block_shape)
+    n = len(k)
+    blocks = k.new_empty(n, 2 * layout.k_positions.numel())
+    blocks.index_copy_(1, layout.k_positions, k.reshape(n, -1))
+    blocks.index_copy_(1, layout.v_positions, v.reshape(n, -1))
+    return blocks.view(n, *layout.block_shape)

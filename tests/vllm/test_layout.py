@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import trunk_tokens
+from conftest import generate, make_engine, trunk_tokens
 from safetensors.torch import load_file
 
 from thaw_format.torch import to_torch
@@ -91,3 +91,20 @@ def test_block_layout_is_the_one_vllms_writer_uses(vllm, isa, dtype):
     assert got_k.flatten(0, 1)[: len(k)].view(torch.uint8).equal(k.view(torch.uint8))
     assert got_v.flatten(0, 1)[: len(v)].view(torch.uint8).equal(v.view(torch.uint8))
     assert layout.pages_to_blocks(got_k, got_v, native).view(torch.uint8).equal(cache[1:3].view(torch.uint8))
+
+
+def test_an_unmapped_layout_is_refused_before_anything_is_touched(vllm, zoo, greedy):
+    """An fp8 KV cache is not a permutation of K and V: capture says so, and restore refuses a snapshot."""
+    import thaw_format
+    import thaw_vllm
+
+    source, fp8 = make_engine(zoo, "llama", "float32"), make_engine(zoo, "llama", "float32", kv_cache_dtype="fp8")
+    trunk = trunk_tokens(70, seed=41)
+    generate(source, trunk, greedy)
+    snapshot = thaw_vllm.capture(source, include_weights=False, chains=[trunk])
+    reference = generate(fp8, trunk, greedy)
+    with pytest.raises(NotImplementedError, match="kv_cache_dtype='fp8'"):
+        thaw_vllm.capture(fp8, include_weights=False)
+    with pytest.raises(thaw_format.IncompatibleSnapshotError, match="engine.native_kv_layout"):
+        thaw_vllm.restore(fp8, snapshot)
+    assert generate(fp8, trunk, greedy) == (reference[0], 64)  # still serving from its own cache
