@@ -89,7 +89,13 @@ def read(source: str, *, unlink: bool = False) -> thaw_format.Snapshot:
         return _LOCAL.pop(source) if unlink else _LOCAL[source]
     if not source.startswith(SHM_PREFIX):
         return thaw_format.load(source)
-    shm = _untracked(shared_memory.SharedMemory(name=source[len(SHM_PREFIX):]))
+    try:
+        shm = _untracked(shared_memory.SharedMemory(name=source[len(SHM_PREFIX):]))
+    except FileNotFoundError:
+        # A fork child's weights came through shared memory that its parent has released since.
+        raise FileNotFoundError(f"snapshot {source} is gone: shared memory lives only while its writer holds it "
+                                "(capture a fork child with include_weights=False: a KV-only snapshot that "
+                                "names the weights by digest)") from None
     try:
         return thaw_format.loads(shm.buf, copy=True)
     finally:
