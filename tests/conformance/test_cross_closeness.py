@@ -1,8 +1,9 @@
-"""The cross-engine KV closeness check: rounding passes, KV out of place fails, pages line up by their tokens."""
+"""Cross-engine KV checks: rounding passes, KV out of place fails, pages line up by their tokens, and a target
+that caches whole pages only may leave out the partial last page."""
 
 import numpy as np
 
-from thaw_conformance.compare import kv_closeness
+from thaw_conformance.compare import kv_closeness, kv_diff
 from thaw_conformance.cross import KV_TOLERANCE, _continuation
 from thaw_conformance.results import Recorder
 from thaw_format import KVCache, KVLayer, PrefixTree, Snapshot
@@ -62,3 +63,12 @@ def test_the_continuation_check_fails_kv_out_of_place_and_reports_other_tokens()
     _continuation(recorder, own, _snapshot(k, v, tokens=list(range(50, 60))), [1], [1], [1])
     assert [r.status for r in recorder.results] == ["passed", "differs", "failed", "failed"]
     assert "max abs diff" in recorder.results[0].detail and "no token's KV in common" in recorder.results[3].detail
+
+
+def test_a_target_caching_whole_pages_only_may_leave_out_the_partial_page_alone():
+    k, v = _kv(3)
+    source, whole_pages = _snapshot(k, v), _snapshot(k[:8], v[:8], tokens=TOKENS[:8])
+    assert kv_diff(source, whole_pages) == "the page ending at token 10 (of 3 pages) is missing"
+    assert kv_diff(source, whole_pages, full_pages_only=True) is None
+    one_page = _snapshot(k[:4], v[:4], tokens=TOKENS[:4])
+    assert kv_diff(source, one_page, full_pages_only=True) == "the page ending at token 8 (of 3 pages) is missing"

@@ -45,7 +45,7 @@ def _mlx_config(hf_config: dict) -> dict:
 def _in_flight(request) -> bool:
     """Whether a snapshot's request was captured before it produced all its tokens."""
     max_tokens = request.sampling.max_tokens
-    return max_tokens is not None and len(request.output_token_ids) < max_tokens
+    return request.status != "finished" and max_tokens is not None and len(request.output_token_ids) < max_tokens
 
 
 class _Session:
@@ -136,6 +136,8 @@ class MLXEngine:
         session, sampler, num_prompt = current
         snapshot = thaw_mlx.capture(self.model, session.cache, session.tokens, num_prompt_tokens=num_prompt,
                                     sampler=sampler, info=self.info)
+        if self.inflight is None:  # a served session: its KV is cache, and no request is left for a restore to run
+            snapshot.scheduler.requests[0].status = "finished"
         thaw_format.save(snapshot, path)
 
     def restore(self, path: Path) -> None:
