@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 CASES = ("large", "small")
@@ -111,21 +110,6 @@ def memory_copy(tensors, copies):
         copies[name].copy_(t)
 
 
-def fresh_copy_seconds(tensors) -> float:
-    """A copy into one newly allocated buffer, the least a load that returns memory of its own does: new
-    memory has to be mapped and zeroed by the kernel (and, in a VM, backed by the host) at its first write."""
-    flat = [t.reshape(-1).view(torch.uint8) for t in tensors.values()]
-    start = time.perf_counter()
-    out = torch.from_numpy(np.empty(sum(t.numel() for t in flat), np.uint8))  # huge pages, as numpy advises
-    at = 0
-    for t in flat:
-        out[at : at + t.numel()].copy_(t)
-        at += t.numel()
-    seconds = time.perf_counter() - start
-    del out
-    return seconds
-
-
 def raw_write_seconds(tensors, path: Path) -> float:
     """The tensors' bytes written to a new file one after another, no format and no checksums: the floor of
     any save to that filesystem."""
@@ -157,9 +141,8 @@ def time_case(case: str, scale: float, directory: Path, rounds: int) -> dict:
     del copies  # before any file exists, to keep the peak at three times the data
     save_s = {name: float("inf") for name in SAVERS}
     load_s = {name: float("inf") for name in LOADERS}
-    fresh_copy_s = raw_write_s = float("inf")
+    raw_write_s = float("inf")
     for _ in range(rounds):
-        fresh_copy_s = min(fresh_copy_s, fresh_copy_seconds(tensors))  # in the rounds: new memory costs vary
         raw_write_s = min(raw_write_s, raw_write_seconds(tensors, directory / f"raw-{case}"))
         for saver, save in SAVERS.items():  # one file at a time keeps memory modest
             path = directory / f"bench-{case}"
@@ -174,7 +157,7 @@ def time_case(case: str, scale: float, directory: Path, rounds: int) -> dict:
                 del loaded
             path.unlink()
     return {"bytes": nbytes(tensors), "tensors": len(tensors), "save": save_s, "load": load_s, "memory_copy": copy_s,
-            "fresh_copy": fresh_copy_s, "raw_write": raw_write_s}
+            "raw_write": raw_write_s}
 
 
 def rss_child(case: str, scale: float, op: str, name: str, path: str) -> None:
