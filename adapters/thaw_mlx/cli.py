@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--model", metavar="DIR", help="importing: the model directory (its config.json) the cache is of")
+    p.add_argument("--model", metavar="DIR", help="importing: the model directory the cache is of (its config.json; "
+                   "with *.safetensors weights, the checkpoint's identity)")
     p.add_argument("--tokens", metavar="JSON", help="importing: a file holding the JSON list of the cache's token ids")
     p.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="importing: tokens per KV page")
     p.set_defaults(run=convert)
@@ -38,6 +39,10 @@ def convert(args) -> int:
     config = json.loads((Path(args.model) / "config.json").read_text()) if args.model else None
     tokens = json.loads(Path(args.tokens).read_text()) if args.tokens else None
     snapshot = import_prompt_cache(args.src, config=config, tokens=tokens, page_size=args.page_size)
+    if args.model and any(Path(args.model).glob("*.safetensors")):
+        # a checkpoint: named as every engine names it (spec 5.1), as thaw_mlx.model_info(model, checkpoint=) does
+        snapshot.model = thaw_format.checkpoint_model_info(
+            config, snapshot.model.dtype, thaw_format.checkpoint_weights_digest(args.model))
     thaw_format.save(snapshot, args.dst)
     print(f"wrote snapshot {args.dst}")
     return 0

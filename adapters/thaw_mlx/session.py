@@ -49,6 +49,7 @@ def capture(
     label: Optional[str] = None,
     parent: Optional[str] = None,
     info: Optional[ModelInfo] = None,
+    finished: bool = False,
 ) -> Snapshot:
     """Snapshot the session. The tensors share MLX's memory until the snapshot is written.
 
@@ -56,7 +57,9 @@ def capture(
     thaw_mlx.Sampler, records how the session samples and its PRNG key (default greedy); `parent` is the id of
     the snapshot this session was restored from; `info` is the model's identity, thaw_mlx.model_info(model),
     computed once: pass it to save digesting every weight again, and always for a model loaded from a
-    checkpoint (model_info(model, checkpoint=...)), whose identity the model alone does not know.
+    checkpoint (model_info(model, checkpoint=...)), whose identity the model alone does not know;
+    `finished=True` records a session served to the end: engines that run requests (vLLM, SGLang) then take
+    its KV as prefix cache instead of resuming it as a request in flight.
     """
     if len(prompt_cache) != len(model.layers):
         raise ValueError(f"the prompt cache has {len(prompt_cache)} layers, the model {len(model.layers)}")
@@ -69,6 +72,7 @@ def capture(
         page_size=page_size,
         sampler=sampler,
         lineage=Lineage(parent=parent, label=label, created=datetime.now(timezone.utc).isoformat()),
+        finished=finished,
     )
 
 
@@ -82,6 +86,7 @@ def snapshot_of_cache(
     page_size: int = DEFAULT_PAGE_SIZE,
     sampler=None,
     lineage: Optional[Lineage] = None,
+    finished: bool = False,
 ) -> Snapshot:
     """The snapshot of a prompt cache whose model is described rather than at hand (capture, file import)."""
     tokens = [int(t) for t in tokens]
@@ -107,7 +112,7 @@ def snapshot_of_cache(
         scheduler=SchedulerState([
             Request(
                 id=REQUEST_ID,
-                status="running",
+                status="finished" if finished else "running",
                 prompt_token_ids=tokens[:num_prompt_tokens],
                 output_token_ids=tokens[num_prompt_tokens:],
                 sampling=sampling,

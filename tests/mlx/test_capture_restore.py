@@ -162,3 +162,13 @@ def test_a_prefix_cache_without_requests_restores_as_its_one_chain(session):
     snapshot.prefix.tokens.append([1, 2, 3])
     with pytest.raises(IncompatibleSnapshotError, match="prefix tree of 2 branches"):
         thaw_mlx.restore(model, snapshot)
+
+
+def test_a_finished_session_is_recorded_as_finished_and_still_restores(session):
+    model, cache, tokens = session("llama-kv")
+    snapshot = thaw_mlx.capture(model, cache, tokens, include_weights=False, finished=True)
+    (request,) = snapshot.scheduler.requests
+    assert request.status == "finished" and request.num_computed_tokens == len(tokens) - 1
+    restored = thaw_mlx.restore(model, snapshot)
+    assert valid_state(restored) == valid_state(cache)
+    assert thaw_mlx.capture(model, cache, tokens, include_weights=False).scheduler.requests[0].status == "running"

@@ -89,3 +89,21 @@ def test_export_checks_the_snapshot_first(session, saved, tmp_path, capsys):
     assert main(["convert", saved(snapshot), str(tmp_path / "cache.safetensors")]) == 1
     assert "kv.layers[1] (ring): keep 99" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_import_with_a_checkpoint_takes_the_checkpoints_identity(session, tmp_path):
+    model, cache, tokens = session("llama-kv")
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(dict(CONFIGS["llama"], architectures=["LlamaForCausalLM"])))
+    model.save_weights(str(checkpoint / "model.safetensors"))
+    exported = tmp_path / "cache.safetensors"
+    save_prompt_cache(str(exported), cache, {})
+    (tmp_path / "tokens.json").write_text(json.dumps(tokens))
+    assert main(["convert", str(exported), str(tmp_path / "imported.thaw"), "--tokens", str(tmp_path / "tokens.json"),
+                 "--model", str(checkpoint)]) == 0
+    snapshot = thaw_format.load(str(tmp_path / "imported.thaw"))
+    info = thaw_mlx.model_info(model, checkpoint=checkpoint)
+    assert snapshot.model == info and info.architecture == "LlamaForCausalLM" and info.weights_digest
+    restored = thaw_mlx.restore(model, snapshot, info=info)
+    assert thaw_mlx.num_cached_tokens(restored) == thaw_mlx.num_cached_tokens(cache)

@@ -134,10 +134,9 @@ class MLXEngine:
         if current is None:
             raise Unsupported("nothing to capture: no session yet")
         session, sampler, num_prompt = current
+        # a served session: its KV is cache, and no request is left for a restore to run
         snapshot = thaw_mlx.capture(self.model, session.cache, session.tokens, num_prompt_tokens=num_prompt,
-                                    sampler=sampler, info=self.info)
-        if self.inflight is None:  # a served session: its KV is cache, and no request is left for a restore to run
-            snapshot.scheduler.requests[0].status = "finished"
+                                    sampler=sampler, info=self.info, finished=self.inflight is None)
         thaw_format.save(snapshot, path)
 
     def restore(self, path: Path) -> None:
