@@ -34,10 +34,12 @@ CROSS_CHECKS = {
 # How far the restored KV may be from the target's own KV of the same tokens, relative to the largest |KV| value.
 # Two engines' fp32 kernels (matmul blocking, RoPE, norms) differ in rounding only: on the zoo's llama and qwen2
 # the pairs of MLX, vLLM and SGLang measured max |diff| 3.5e-6 to 6.6e-6 with |KV| up to 4.5-4.9, at most 1.5e-6
-# of it. A layout fault (a page, head or position out of place, K and V swapped) puts unrelated values side by
-# side: differences of the order of |KV| itself. 1e-3 lies about three decades from each. (It is a tolerance for
-# the zoo's fp32 checkpoints: bf16 KV rounds at 4e-3 of a value, and would need one scaled to its precision.)
-KV_TOLERANCE = 1e-3
+# of it. On gemma2, SGLang's own arithmetic is further from MLX's and vLLM's (which agree within 8e-6): 9.6e-3
+# with |KV| up to 4.7, 2.0e-3 of it, in both directions and in its own prefill alike. A layout fault (a page,
+# head or position out of place, K and V swapped) puts unrelated values side by side: differences of the order
+# of |KV| itself. 1e-2 lies five times above the largest arithmetic difference seen and decades below a fault.
+# (A tolerance for the zoo's fp32 checkpoints: bf16 KV rounds at 4e-3 of a value and needs one of its own.)
+KV_TOLERANCE = 1e-2
 # Engines whose snapshots can meet: they serve the zoo's HF checkpoints (the template has its own toy model).
 CHECKPOINT_ENGINES = ("mlx", "vllm", "sglang")
 

@@ -44,7 +44,8 @@ _RECIPES: dict[str, tuple[str, dict]] = {
     "mistral": ("mistral", {"sliding_window": None}),
     "qwen2": ("qwen2", {"use_sliding_window": False}),
     "qwen3": ("qwen3", {}),
-    "gemma2": ("gemma2", {"query_pre_attn_scalar": 32, "sliding_window": 4096, "hidden_activation": "gelu_pytorch_tanh"}),
+    "gemma2": ("gemma2", {"query_pre_attn_scalar": 32, "sliding_window": 4096, "hidden_activation": "gelu_pytorch_tanh",
+               "hidden_act": "gelu_pytorch_tanh"}),  # SGLang reads both (and requires them equal)
     "phi3": ("phi3", {"head_dim": None}),
     "granite": ("granite", {}),
     "olmo2": ("olmo2", {"head_dim": None}),
