@@ -11,6 +11,7 @@ from pathlib import Path
 import thaw_format
 from thaw_format.container import MAGIC
 
+from .identity import checkpoint_info
 from .prompt_cache_file import export_prompt_cache, import_prompt_cache
 from .session import DEFAULT_PAGE_SIZE
 
@@ -41,8 +42,7 @@ def convert(args) -> int:
     snapshot = import_prompt_cache(args.src, config=config, tokens=tokens, page_size=args.page_size)
     if args.model and any(Path(args.model).glob("*.safetensors")):
         # a checkpoint: named as every engine names it (spec 5.1), as thaw_mlx.model_info(model, checkpoint=) does
-        snapshot.model = thaw_format.checkpoint_model_info(
-            config, snapshot.model.dtype, thaw_format.checkpoint_weights_digest(args.model))
+        snapshot.model = checkpoint_info(args.model, snapshot.model.dtype)
     thaw_format.save(snapshot, args.dst)
     print(f"wrote snapshot {args.dst}")
     return 0

@@ -67,12 +67,16 @@ def model_info(
     """
     dtype = model_dtype(model)
     if checkpoint is not None:
-        config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
-        digest = checkpoint_weights_digest(checkpoint) if weights_digest else None
-        return checkpoint_model_info(config, dtype, digest)
+        return checkpoint_info(checkpoint, dtype, weights_digest=weights_digest)
     config = model_config(model)
     digest = digest_of(model_weights(model)) if weights_digest else None
     return ModelInfo(config["model_type"], config_digest(config), dtype, digest, config)
+
+
+def checkpoint_info(checkpoint: str | os.PathLike, dtype: str, *, weights_digest: bool = True) -> ModelInfo:
+    """The identity of the Hugging Face checkpoint in directory `checkpoint`, run at `dtype` (spec 5.1)."""
+    config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    return checkpoint_model_info(config, dtype, checkpoint_weights_digest(checkpoint) if weights_digest else None)
 
 
 def check_snapshot_model(
