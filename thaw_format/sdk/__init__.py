@@ -1,0 +1,23 @@
+"""The adapter SDK: the one contract every engine adapter implements (`contract`), and what is written once on
+top of it for every engine. Nothing here imports an engine; thaw_format's core modules import nothing from here.
+"""
+
+from .contract import (
+    CAPABILITIES,
+    DEFAULT_PAGE_SIZE,
+    Engine,
+    Finished,
+    Generation,
+    Resumed,
+    Unsupported,
+    greedy,
+    lineage_now,
+    pending_requests,
+    require,
+    seeded,
+)
+
+__all__ = [
+    "CAPABILITIES", "DEFAULT_PAGE_SIZE", "Engine", "Finished", "Generation", "Resumed", "Unsupported", "greedy",
+    "lineage_now", "pending_requests", "require", "seeded",
+]

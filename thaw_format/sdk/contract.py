@@ -1,0 +1,155 @@
+"""The adapter contract: what a thaw adapter makes of one live engine. An engine author implements this.
+
+Read top to bottom, this module is the whole contract. An adapter wraps one running engine (in this process,
+or driving its own engine processes) in a class with these names, options and return types, and everything
+thaw builds for users — fork, the fork pool, LangGraph, sleep/wake, the conformance suite — is written once
+against it and works on every engine.
+
+    engine = SomeAdapterEngine(...)                 # the adapter's constructor: it starts or wraps the engine
+    out = engine.generate(prompt_ids, params)       # -> Generation(token_ids, cached_tokens, logprobs)
+    snap = engine.capture(include_weights=False)    # -> thaw_format.Snapshot
+    engine.check(snap)                              # raises IncompatibleSnapshotError; touches nothing
+    resumed = engine.restore(snap)                  # -> list[Resumed]: the snapshot's unfinished requests
+    done = engine.finish(resumed)                   # -> {request id: Finished}, each run to completion
+    children = engine.fork(2, context=prompt_ids)   # -> engines continuing `context` without its prefill
+    engine.close()
+
+Sampling is the format's own `thaw_format.SamplingParams` (the set every snapshot records requests in), so a
+request moves between engines and snapshots without a translation table per pair. Its default temperature is
+1.0 as in the spec: use `greedy(n)` or `seeded(seed, n)` for the two modes every engine must get exactly.
+
+Rules the callers rely on (the conformance suite checks each one):
+- `generate` runs one request to completion and is deterministic for a given engine state: greedy, or seeded
+  sampling. `Generation.cached_tokens` is the engine's own count of prompt tokens it did not recompute (its
+  prefix-cache hit), never a number the adapter derives from what it expects.
+- `capture` never changes what the engine will generate. `chains` (lists of token ids) limits the KV pages to
+  those holding these prompts' prefixes; `include_weights=False` names the weights by digest only.
+- `check` and `restore` refuse a snapshot that does not fit (model identity, KV layout, dtype, page size,
+  requests) with thaw_format's IncompatibleSnapshotError naming the field, and a damaged one with
+  CorruptSnapshotError, before any engine state changes: after such an error the engine serves as before.
+- `restore` needs an idle engine (no request in flight); it may have served requests before.
+- `fork(n, context=...)` returns n engines (children) holding the KV of `context`; a child's `generate` takes
+  prompts that extend `context`. In-process children share the parent's cached pages (no KV bytes move).
+- What an adapter cannot do raises `Unsupported(reason)`; its `capabilities()` says so beforehand, so callers
+  choose a path instead of catching the error after the fact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import ClassVar, Optional, Protocol, Sequence, runtime_checkable
+
+from ..snapshot import ModelInfo, Request, SamplingParams, Snapshot
+
+# What an engine may be able to do beyond the core (generate, capture, check, restore, close). An adapter
+# lists its own in `capabilities()`; a caller needing one that is missing gets `Unsupported` from `require`.
+CAPABILITIES = (
+    "logprobs",  # Generation.logprobs is filled
+    "seeded",  # seeded sampling is reproducible run to run and across processes
+    "fork",  # fork(n, context=...) in this process (children share the parent's cache)
+    "fork_processes",  # fork(..., processes=True): children are engines in other processes
+    "mid_stream",  # submit / step / capture of requests in flight, restored and finished exactly
+    "mid_stream_seeded",  # the same for seeded sampling (the generator state travels)
+    "weights",  # capture(include_weights=True) holds the engine's live weights, and restore loads them
+)
+
+DEFAULT_PAGE_SIZE = 32  # tokens per snapshot page; vLLM's CPU backend needs blocks of a multiple of 32
+
+
+class Unsupported(Exception):
+    """The adapter cannot do this; the message says what is missing and why."""
+
+
+def require(engine: "Engine", capability: str) -> None:
+    """Raise Unsupported, naming the engine and the capability, unless the engine declares it."""
+    if capability not in CAPABILITIES:
+        raise ValueError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
+    if capability not in type(engine).capabilities():
+        raise Unsupported(f"{type(engine).name}: the adapter does not support {capability!r}")
+
+
+def greedy(max_tokens: int, **fields) -> SamplingParams:
+    """Greedy decoding of exactly `max_tokens` tokens (no stop on EOS)."""
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **fields)
+
+
+def seeded(seed: int, max_tokens: int, *, temperature: float = 1.0, **fields) -> SamplingParams:
+    """Seeded sampling over the full distribution, exactly `max_tokens` tokens (no stop on EOS)."""
+    return SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens, ignore_eos=True, **fields)
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    cached_tokens: int  # prompt tokens served from the engine's cache, as the engine itself reports
+    logprobs: Optional[list[float]] = None  # log-probability of each sampled token ("logprobs" capability)
+
+
+@dataclass
+class Resumed:
+    """A request a restore continues: its id, its prompt, and what it had produced before the snapshot."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    previous_output_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Finished:
+    request_id: str
+    output_token_ids: list[int]  # the whole output: before the snapshot and after it
+    cached_tokens: int  # the engine's own count for the resumed request
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: ClassVar[str]  # the engine's name in receipts and errors: "vllm", "sglang", "mlx", ...
+
+    @classmethod
+    def capabilities(cls) -> frozenset:
+        """The subset of CAPABILITIES this adapter supports, readable without an instance."""
+
+    def model_info(self) -> ModelInfo:
+        """The identity of the model served (spec 5.1): what a snapshot must name to be restored here."""
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
+        """Run one request to completion and return its tokens and the engine's own cached-token count."""
+
+    def capture(self, *, include_weights: bool = True,
+                chains: Optional[Sequence[Sequence[int]]] = None) -> Snapshot:
+        """Snapshot the engine: cached KV pages with their token ids, requests in flight, and the weights."""
+
+    def check(self, snapshot: Snapshot) -> None:
+        """Raise IncompatibleSnapshotError, naming the field and both values, if the engine cannot hold it."""
+
+    def restore(self, snapshot: Snapshot) -> list[Resumed]:
+        """Check, then make the idle engine hold the snapshot's KV, prefix table (and weights, if it has them);
+        its unfinished requests are resubmitted and returned."""
+
+    def finish(self, requests: Optional[Sequence[Resumed]] = None) -> dict[str, Finished]:
+        """Run the given resumed requests (default: every request in flight) to completion."""
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams) -> str:
+        """Start a request without finishing it; returns its id ("mid_stream")."""
+
+    def step(self) -> dict[str, list[int]]:
+        """Advance every request in flight by one engine step; returns those that finished: id -> output ids."""
+
+    def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list["Engine"]:
+        """n children holding the KV of `context` ("fork", "fork_processes")."""
+
+    def close(self) -> None:
+        """Free the engine (and its processes)."""
+
+
+def pending_requests(snapshot: Snapshot) -> list[Request]:
+    """The requests a restore continues: every one not finished, in the snapshot's order."""
+    if snapshot.scheduler is None:
+        return []
+    return [r for r in snapshot.scheduler.requests if r.status != "finished"]
+
+
+def lineage_now() -> str:
+    """The one timestamp format of `lineage.created`: UTC, seconds precision, with a 'Z' suffix (RFC 3339)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
