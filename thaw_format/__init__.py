@@ -9,7 +9,13 @@ from .mover import backend
 from .compat import check_kv_layout, check_model
 from .container import MAJOR, MINOR, Limits
 from .digest import checkpoint_model_info, checkpoint_weights_digest, config_digest, weights_digest
-from .errors import CorruptSnapshotError, IncompatibleSnapshotError, SnapshotError, UnsupportedVersionError
+from .errors import (
+    CorruptSnapshotError,
+    IncompatibleSnapshotError,
+    MissingTensorError,
+    SnapshotError,
+    UnsupportedVersionError,
+)
 from .files import load_file, save_file
 from .reader import SnapshotFile, load, loads, open, verify
 from .snapshot import (
@@ -35,7 +41,7 @@ FORMAT_VERSION = (MAJOR, MINOR)
 
 __all__ = [
     "CorruptSnapshotError", "EncodedSnapshot", "EngineInfo", "FORMAT_VERSION", "IncompatibleSnapshotError",
-    "KVCache", "KVLayer", "Limits", "Lineage", "ModelInfo", "NativeHash", "PrefixTree", "Request",
+    "KVCache", "KVLayer", "Limits", "Lineage", "MissingTensorError", "ModelInfo", "NativeHash", "PrefixTree", "Request",
     "SamplingParams", "SchedulerState", "Snapshot", "SnapshotError", "SnapshotFile", "Tensor",
     "UnsupportedVersionError", "Weights", "WeightsRef", "as_tensor", "backend", "check_kv_layout",
     "check_model", "checkpoint_model_info", "checkpoint_weights_digest", "config_digest", "dumps", "load",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from array import array
 from dataclasses import asdict, fields
 from typing import Any, Callable, Mapping, Optional
@@ -33,7 +34,7 @@ from .snapshot import (
     Weights,
     WeightsRef,
 )
-from .tensor import Tensor, as_tensor
+from .tensor import MAX_DIM, Tensor, as_tensor
 
 Fail = Callable[[str], Exception]
 
@@ -238,16 +239,27 @@ class _Fields:
         return None if value is None else _Fields(value, f"{self.where}.{key}")
 
 
+# Integer members fit 64 bits: int64 or, for values such as seeds, uint64. Counts and dimensions are int64.
+INT_MIN, INT_MAX, COUNT_MAX = -(1 << 63), (1 << 64) - 1, MAX_DIM
+
+
 def _is(value: Any, kind: str) -> bool:
     if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
+        return type(value) is int and INT_MIN <= value <= INT_MAX
     if kind == "count":
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    if kind == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return type(value) is int and 0 <= value <= COUNT_MAX
+    if kind == "number":  # a finite binary64: an integer literal past ~1.8e308 is not one
+        if type(value) is float:
+            return math.isfinite(value)
+        return type(value) is int and abs(value) <= _FLOAT_MAX
     if kind == "ints":
-        return isinstance(value, list) and all(_is(v, "int") for v in value)
+        return isinstance(value, list) and all(type(v) is int and INT_MIN <= v <= INT_MAX for v in value)
+    if kind == "counts":
+        return isinstance(value, list) and all(type(v) is int and 0 <= v <= COUNT_MAX for v in value)
     return isinstance(value, {"str": str, "bool": bool, "list": list, "object": dict}[kind])
+
+
+_FLOAT_MAX = int(sys.float_info.max)
 
 
 def describe_tensors(doc: dict, region_lengths: list[int], max_dims: int) -> list[tuple[str, str, tuple]]:
@@ -267,7 +279,8 @@ def describe_tensors(doc: dict, region_lengths: list[int], max_dims: int) -> lis
         if type(entry) is dict:
             name, dtype, shape = entry.get("name"), entry.get("dtype"), entry.get("shape")
         if not (type(name) is str and name and name not in seen and type(dtype) is str and dtype in ITEMSIZE
-                and type(shape) is list and len(shape) <= max_dims and all(type(d) is int and d >= 0 for d in shape)):
+                and type(shape) is list and len(shape) <= max_dims
+                and all(type(d) is int and 0 <= d <= COUNT_MAX for d in shape)):
             name, dtype, shape = _tensor_entry(entry, i, seen, max_dims)
         seen.add(name)
         need = math.prod(shape) * ITEMSIZE[dtype]
@@ -292,13 +305,26 @@ def _tensor_entry(entry: Any, i: int, seen: set, max_dims: int) -> tuple[str, st
     shape = f.get("shape", "list")
     if len(shape) > max_dims or not all(_is(d, "count") for d in shape):
         raise CorruptSnapshotError(
-            f"{where}: shape {json.dumps(shape)[:80]} must be at most {max_dims} non-negative integers"
+            f"{where}: shape {json.dumps(shape)[:80]} must be at most {max_dims} non-negative integers below 2**63"
         )
     return name, dtype, shape
 
 
+# First name segments of the sections this version defines: a tensor there that its section does not refer to
+# would be dropped by a load and a save, so it is refused. Later minors add tensors under new segments only.
+RESERVED_NAMESPACES = ("weights", "kv", "prefix", "scheduler")
+
+
 def decode(doc: dict, tensor: Callable[[str], Tensor], names: list[str]) -> Snapshot:
     """Build the Snapshot; `names` are the tensor names in region order, `tensor(name)` supplies each one."""
+    used: set[str] = set()
+    lookup = tensor
+
+    def tensor(name: str) -> Tensor:
+        found = lookup(name)
+        used.add(name)
+        return found
+
     root = _Fields(doc, "document")
     snap = Snapshot()
     if (f := root.sub("model")) is not None:
@@ -341,6 +367,14 @@ def decode(doc: dict, tensor: Callable[[str], Tensor], names: list[str]) -> Snap
             created=f.get("created", "str", optional=True),
         )
     snap.metadata = root.get("metadata", "object", optional=True, default={})
+    stray = [n for n in names if n not in used and n.split("/", 1)[0] in RESERVED_NAMESPACES]
+    if stray:
+        section = stray[0].split("/", 1)[0]
+        raise CorruptSnapshotError(
+            f"tensor {stray[0]!r} is under {section}/ but the {section} section does not refer to it"
+            + (" (the document has no weights section)" if section == "weights" and snap.weights is None else "")
+            + (f", nor to {len(stray) - 1} more" if len(stray) > 1 else "")
+        )
     validate(snap, CorruptSnapshotError)
     return snap
 
@@ -461,65 +495,145 @@ def validate(snap: Snapshot, fail: Fail) -> None:
     if prefix is not None and kv is None:
         raise fail("a prefix section requires a kv section (its page size is kv.page_size)")
     num_pages = prefix.num_pages if prefix is not None else kv.num_pages if kv is not None else None
+    if snap.weights is not None:
+        names = snap.weights.checkpoint_names
+        if not isinstance(names, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
+            raise fail("weights.checkpoint_names must map engine-native names (str) to checkpoint names (str)")
     if kv is not None:
         if kv.page_size < 1:
             raise fail(f"kv.page_size must be positive, got {kv.page_size}")
         for i, layer in enumerate(kv.layers):
             _validate_layer(i, layer, kv, num_pages, fail)
     if prefix is not None:
-        page_size = kv.page_size if kv is not None else None
-        continued = set()
-        for i, (parent, tokens) in enumerate(zip(prefix.parents, prefix.tokens)):
-            if not -1 <= parent < i:
-                raise fail(f"prefix page {i}: parent {parent} must be -1 or an earlier page")
-            if parent >= 0:
-                continued.add(parent)
-            if not tokens or (page_size is not None and len(tokens) > page_size):
-                raise fail(f"prefix page {i}: holds {len(tokens)} tokens, must be 1..page_size ({page_size})")
-        for p in continued:
-            if page_size is not None and len(prefix.tokens[p]) != page_size:
-                raise fail(f"prefix page {p}: continued by another page, so it must be full ({page_size} tokens)")
-        if prefix.hash is not None and len(prefix.hash.hashes) != prefix.num_pages:
-            raise fail(f"prefix.hash: {len(prefix.hash.hashes)} hashes for {prefix.num_pages} pages")
-        if prefix.hash is not None and not all(h is None or isinstance(h, str) for h in prefix.hash.hashes):
-            raise fail("prefix.hash.hashes: every entry must be a hex string or null")
+        _validate_prefix(prefix, kv.page_size, fail)
     if snap.scheduler is not None:
         for i, req in enumerate(snap.scheduler.requests):
-            if req.status not in REQUEST_STATUSES:
-                raise fail(f"scheduler.requests[{i}].status {req.status!r} is not one of {REQUEST_STATUSES}")
-            if req.rng_state is not None and req.rng_state.dtype != "uint8":
-                raise fail(f"scheduler.requests[{i}].rng_state must be uint8, got {req.rng_state.dtype}")
-            bad = [p for p in req.pages if num_pages is None or not 0 <= p < num_pages]
-            if bad:
-                raise fail(f"scheduler.requests[{i}].pages: {bad[:5]} are not pages of the prefix tree")
+            _validate_request(i, req, prefix, fail)
+    engine = snap.engine
+    if engine is not None and not (type(engine.tp_size) is int and type(engine.tp_rank) is int
+                                   and 0 <= engine.tp_rank < engine.tp_size):
+        raise fail(f"engine: tp_rank {engine.tp_rank!r} must be in [0, tp_size) and tp_size {engine.tp_size!r} >= 1")
+
+
+def _validate_prefix(prefix: PrefixTree, page_size: int, fail: Fail) -> None:
+    continued = set()
+    for i, (parent, tokens) in enumerate(zip(prefix.parents, prefix.tokens)):
+        if not -1 <= parent < i:
+            raise fail(f"prefix page {i}: parent {parent} must be -1 or an earlier page")
+        if parent >= 0:
+            continued.add(parent)
+        if not 1 <= len(tokens) <= page_size:
+            raise fail(f"prefix page {i}: holds {len(tokens)} tokens, must be 1..page_size ({page_size})")
+    for p in continued:
+        if len(prefix.tokens[p]) != page_size:
+            raise fail(f"prefix page {p}: continued by another page, so it must be full ({page_size} tokens)")
+    if prefix.hash is not None:
+        hashes = prefix.hash.hashes
+        if len(hashes) != prefix.num_pages:
+            raise fail(f"prefix.hash: {len(hashes)} hashes for {prefix.num_pages} pages")
+        bad = next((h for h in hashes if not (h is None or isinstance(h, str) and _HEX.fullmatch(h))), 0)
+        if bad != 0:
+            raise fail(f"prefix.hash.hashes: every entry must be lowercase hex of whole bytes or null, got {bad!r:.80}")
+
+
+_HEX = re.compile(r"(?:[0-9a-f]{2})+")
+
+
+def _validate_request(i: int, req: Request, prefix: Optional[PrefixTree], fail: Fail) -> None:
+    where = f"scheduler.requests[{i}]"
+    if req.status not in REQUEST_STATUSES:
+        raise fail(f"{where}.status {req.status!r} is not one of {REQUEST_STATUSES}")
+    if req.rng_state is not None and (req.rng_state.dtype != "uint8" or len(req.rng_state.shape) != 1):
+        raise fail(f"{where}.rng_state must be a 1-D uint8 tensor, got {req.rng_state.dtype}{list(req.rng_state.shape)}")
+    tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
+    if not 0 <= req.num_computed_tokens <= tokens:
+        raise fail(f"{where}.num_computed_tokens {req.num_computed_tokens} is not in [0, {tokens}] (its token count)")
+    num_pages = prefix.num_pages if prefix is not None else 0
+    bad = [p for p in req.pages if not 0 <= p < num_pages]
+    if bad:
+        raise fail(f"{where}.pages: {bad[:5]} are not pages of the prefix tree ({num_pages} pages)")
+
+
+# Per known kind: its tensor roles, and the params it requires (non-negative integers; "keep" may be 0).
+_ROLES = {
+    "attention": ("k", "v"),
+    "sliding_window": ("k", "v"),
+    "mla": ("latent",),
+    "quantized": ("k", "k_biases", "k_scales", "v", "v_biases", "v_scales"),
+    "ring": ("k", "v"),
+}
+_PARAMS = {"sliding_window": ("window",), "mla": ("latent_dim", "rope_dim"), "quantized": ("bits", "group_size"),
+           "ring": ("window", "keep")}
+_PACKED_DTYPES = ("uint8", "uint16", "uint32", "uint64")
 
 
 def _validate_layer(i: int, layer: KVLayer, kv: KVCache, num_pages: Optional[int], fail: Fail) -> None:
-    where = f"kv.layers[{i}] ({layer.kind})"
+    """A known kind's roles, params and shapes. A kind this version does not define (added by a later minor)
+    is kept as it is: only the generic rules apply (distinct roles, tensors that exist)."""
+    kind = layer.kind
+    if kind not in PAGED_KINDS + SEQUENCE_KINDS:
+        return
+    where = f"kv.layers[{i}] ({kind})"
+    roles = tuple(sorted(layer.tensors))
+    want = _ROLES.get(kind) or tuple(sorted(f"state.{n}" for n in range(max(1, len(roles)))))
+    if roles != want:
+        raise fail(f"{where} must hold tensors {list(want)}, has {list(roles)}")
+    for key in _PARAMS.get(kind, ()):
+        value = layer.params.get(key)
+        if not _is(value, "count") or (value < 1 and key != "keep"):
+            raise fail(f"{where} params.{key} must be a {'non-negative' if key == 'keep' else 'positive'} integer, "
+                       f"got {value!r:.80}")
     page_size = kv.page_size
-    if layer.kind in PAGED_KINDS:
+    if kind in PAGED_KINDS:
         for role, t in layer.tensors.items():
             if len(t.shape) < 2 or t.shape[1] != page_size or t.shape[0] != num_pages:
                 raise fail(
                     f"{where} tensor {role!r} has shape {list(t.shape)}; paged tensors are "
                     f"[num_pages={num_pages}, page_size={page_size}, ...]"
                 )
-            if layer.kind != "quantized" and t.dtype != kv.dtype:
+            packed = kind == "quantized" and role in ("k", "v")
+            if packed and t.dtype not in _PACKED_DTYPES:
+                raise fail(f"{where} tensor {role!r} has dtype {t.dtype}; packed values are one of {_PACKED_DTYPES}")
+            if not packed and t.dtype != kv.dtype:
                 raise fail(f"{where} tensor {role!r} has dtype {t.dtype}, the cache's dtype is {kv.dtype}")
-        if layer.kind in ("attention", "sliding_window"):
-            want = ["k", "v"]
-            if sorted(layer.tensors) != want:
-                raise fail(f"{where} must hold tensors {want}, has {sorted(layer.tensors)}")
-            v_head_dim = layer.params.get("v_head_dim", layer.head_dim)
-            if "v_head_dim" in layer.params and (type(v_head_dim) is not int or v_head_dim < 1):
-                raise fail(f"{where} params.v_head_dim must be a positive integer, got {v_head_dim!r}")
-            for role, t in layer.tensors.items():
-                dim = layer.head_dim if role == "k" else v_head_dim
-                if t.shape[2:] != (layer.num_kv_heads, dim):
-                    name = "head_dim" if role == "k" else "v_head_dim"
-                    raise fail(
-                        f"{where} tensor {role!r} has shape {list(t.shape)}, expected "
-                        f"[pages, {page_size}, num_kv_heads={layer.num_kv_heads}, {name}={dim}]"
-                    )
-    elif layer.kind not in SEQUENCE_KINDS:
-        raise fail(f"{where}: unknown layer kind; known: {PAGED_KINDS + SEQUENCE_KINDS}")
+    if kind in ("attention", "sliding_window"):
+        _validate_heads(where, layer, page_size, fail)
+    elif kind == "mla":
+        latent, rope = layer.params["latent_dim"], layer.params["rope_dim"]
+        shape = layer.tensors["latent"].shape
+        if len(shape) != 3 or shape[2] != latent or rope > latent:
+            raise fail(f"{where} tensor 'latent' has shape {list(shape)}, expected [pages, {page_size}, "
+                       f"latent_dim={latent}] with rope_dim ({rope}) <= latent_dim")
+    elif kind == "ring":
+        k, v = layer.tensors["k"].shape, layer.tensors["v"].shape
+        p = layer.params
+        if len(k) != 4 or len(v) != 4 or k[:2] != v[:2]:
+            raise fail(f"{where} tensors 'k' {list(k)} and 'v' {list(v)} must be [sequences, capacity, heads, dim]")
+        for key in ("write_index", "offset"):
+            if not _is(p.get(key), "counts") or len(p[key]) != k[0]:
+                raise fail(f"{where} params.{key} must be {k[0]} non-negative integers (one per sequence)")
+        if p["keep"] > p["window"] or any(w > k[1] for w in p["write_index"]):
+            raise fail(f"{where}: keep {p['keep']} must be <= window {p['window']}, and each write_index <= "
+                       f"the capacity {k[1]}")
+    elif kind == "recurrent":
+        firsts = {t.shape[:1] for t in layer.tensors.values()}
+        if len(firsts) != 1 or () in firsts:
+            raise fail(f"{where} tensors must all be [sequences, ...] with one sequence count")
+
+
+def _validate_heads(where: str, layer: KVLayer, page_size: int, fail: Fail) -> None:
+    """attention and sliding_window: num_kv_heads and head_dim are required, and fix both tensors' shapes."""
+    heads, head_dim = layer.num_kv_heads, layer.head_dim
+    if not (_is(heads, "count") and heads >= 1 and _is(head_dim, "count") and head_dim >= 1):
+        raise fail(f"{where} needs num_kv_heads and head_dim (positive integers), got {heads!r} and {head_dim!r}")
+    v_head_dim = layer.params.get("v_head_dim", head_dim)
+    if "v_head_dim" in layer.params and not (_is(v_head_dim, "count") and v_head_dim >= 1):
+        raise fail(f"{where} params.v_head_dim must be a positive integer, got {v_head_dim!r}")
+    for role, t in layer.tensors.items():
+        dim = head_dim if role == "k" else v_head_dim
+        if t.shape[2:] != (heads, dim):
+            name = "head_dim" if role == "k" else "v_head_dim"
+            raise fail(
+                f"{where} tensor {role!r} has shape {list(t.shape)}, expected "
+                f"[pages, {page_size}, num_kv_heads={heads}, {name}={dim}]"
+            )

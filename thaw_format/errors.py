@@ -15,3 +15,10 @@ class UnsupportedVersionError(SnapshotError):
 
 class IncompatibleSnapshotError(SnapshotError):
     """A valid snapshot that does not fit the target: another model, dtype, or KV layout."""
+
+
+class MissingTensorError(KeyError, SnapshotError):
+    """A tensor name the snapshot does not hold; the message lists the closest names it does hold."""
+
+    def __str__(self) -> str:  # KeyError's own str() would print the message as a quoted repr
+        return str(self.args[0]) if self.args else ""

@@ -23,7 +23,11 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         the same check with bounded memory and no target.
     gather(src, offsets, length, out) / scatter(src, out, offsets, length)
         copy slab i between src[offsets[i]:+length] and out[i*length:+length] (and back); a slab outside
-        its buffer raises ValueError before any byte moves.
+        its buffer raises ValueError before any byte moves. `offsets` is copied first, so it may alias `out`.
+Staging memory is bounded whatever a file declares: chunks up to _STAGED_CHUNK_BYTES are staged whole (per
+thread on the native path); a larger chunk is read in _STAGE_BYTES pieces on one thread with a running
+CRC, copied out piece by piece, and its bytes in `out` are zeroed again if its CRC fails, so on return `out`
+still holds no byte of a bad chunk.
     empty(nbytes) -> memoryview                 an uninitialised writable buffer, the target of a load
 Reads raise EOFError when the file is shorter than a region, OSError on an I/O error.
 """
@@ -53,8 +57,11 @@ VerifyRegion = Tuple[int, int, int, Sequence[int]]  # (file offset, length, chun
 _PROGRESS_BYTES = 64 << 20
 # Gaps this small between consecutive written regions are padding and written as zeros.
 _PADDING_LIMIT = 4096
-# The portable path stages reads through a bounded buffer so a bad chunk never reaches the caller's target.
+# Reads are staged through a bounded buffer so a bad chunk never reaches the caller's target.
 _STAGE_BYTES = 8 << 20
+# Chunks larger than this are not staged whole (a file may declare 1 GiB chunks, and the native path stages
+# one chunk per thread): they take the bounded path, _check_regions.
+_STAGED_CHUNK_BYTES = 8 << 20
 
 
 def backend() -> str:
@@ -95,6 +102,20 @@ def empty(nbytes: int) -> memoryview:
     import numpy
 
     return memoryview(numpy.empty(nbytes, numpy.uint8))
+
+
+def _own_offsets(offsets) -> array:
+    """A private int64 copy of the offsets: one memcpy for a contiguous int64 buffer (numpy int64,
+    array('q')), else converted element by element."""
+    try:
+        view = memoryview(offsets)
+        if view.c_contiguous and view.itemsize == 8 and view.format.lstrip("<=@") in ("q", "l"):
+            owned = array("q")
+            owned.frombytes(view.cast("B"))
+            return owned
+    except TypeError:
+        pass
+    return array("q", offsets)
 
 
 def _check_slabs(src_len: int, out_len: int, offsets, length: int, slabs_in_src: bool) -> None:
@@ -168,45 +189,95 @@ def _py_write_regions(fd: int, regions: Sequence[WriteRegion], progress: Progres
     return crcs
 
 
-def _py_check_regions(fd: int, regions, progress: Progress, copy_out: bool):
-    """Read each region through a bounded stage, check its chunks, and copy them out only if asked."""
+def _check_regions(fd: int, regions, progress: Progress, copy_out: bool):
+    """Read each region through a stage of at most _STAGE_BYTES, check its chunks, and copy them out if asked.
+
+    Chunks that fit the stage are staged whole and checked before they are copied. A larger chunk is read in
+    stage-sized pieces with a running CRC and copied as it goes; if its CRC then fails, its bytes in the
+    target are zeroed before returning, so the caller never holds a bad chunk's bytes."""
+    stage = None
     for region_index, (offset, target, chunk_size, expected) in enumerate(regions):
         length = len(target) if copy_out else target
         expected = _expected_crcs(expected, length, chunk_size, region_index)
-        stage_size = max(chunk_size, (_STAGE_BYTES // chunk_size) * chunk_size)
-        stage = memoryview(bytearray(min(stage_size, length)))
-        for start in range(0, length, stage_size):
-            piece = stage[: min(stage_size, length - start)]
-            _pread_into(fd, piece, offset + start)
-            first = start // chunk_size
-            for k, crc in enumerate(_py_chunk_crcs(piece, chunk_size)):
-                if crc != expected[first + k]:
-                    return region_index, first + k
-            if copy_out:
-                target[start : start + len(piece)] = piece
-            if progress:
-                progress(len(piece))
+        if stage is None or len(stage) < min(_STAGE_BYTES, length):  # grown as needed, never past the bound
+            stage = memoryview(bytearray(min(_STAGE_BYTES, length)))
+        if chunk_size <= _STAGE_BYTES:
+            step = (_STAGE_BYTES // chunk_size) * chunk_size
+            for start in range(0, length, step):
+                piece = stage[: min(step, length - start)]
+                _pread_into(fd, piece, offset + start)
+                first = start // chunk_size
+                for k, crc in enumerate(chunk_crcs(piece, chunk_size)):
+                    if crc != expected[first + k]:
+                        return region_index, first + k
+                if copy_out:
+                    target[start : start + len(piece)] = piece
+                if progress:
+                    progress(len(piece))
+            continue
+        for chunk, chunk_start in enumerate(range(0, length, chunk_size)):
+            chunk_end, value = min(chunk_start + chunk_size, length), 0
+            for start in range(chunk_start, chunk_end, _STAGE_BYTES):
+                piece = stage[: min(_STAGE_BYTES, chunk_end - start)]
+                _pread_into(fd, piece, offset + start)
+                value = crc32c(piece, value)
+                if copy_out:
+                    target[start : start + len(piece)] = piece
+                if progress:
+                    progress(len(piece))
+            if value != expected[chunk]:
+                if copy_out:
+                    _zero(target[chunk_start:chunk_end], stage)
+                return region_index, chunk
+    return None
+
+
+def _zero(target: memoryview, stage: memoryview) -> None:
+    stage[:] = bytes(len(stage))
+    for start in range(0, len(target), len(stage)):
+        target[start : start + len(stage)] = stage[: min(len(stage), len(target) - start)]
+
+
+def _split_by_chunk_size(fd: int, regions: Sequence, progress: Progress, native, copy_out: bool):
+    """Runs of consecutive regions: those with chunks up to _STAGED_CHUNK_BYTES go to `native(fd, run,
+    progress)` (C, parallel, one staged chunk per thread), the others to the bounded _check_regions.
+    Returns the first bad (region, chunk) in file order, or None."""
+    start = 0
+    while start < len(regions):
+        big = regions[start][2] > _STAGED_CHUNK_BYTES
+        stop = start + 1
+        while stop < len(regions) and (regions[stop][2] > _STAGED_CHUNK_BYTES) == big:
+            stop += 1
+        run = regions[start:stop]
+        if big:
+            targets = [(o, _bytes_view(t), c, e) for o, t, c, e in run] if copy_out else run
+            bad = _check_regions(fd, targets, progress, copy_out)
+        else:
+            bad = native(fd, run, progress)
+        if bad is not None:
+            return start + bad[0], bad[1]
+        start = stop
     return None
 
 
 def _py_read_regions(fd: int, regions: Sequence[ReadRegion], progress: Progress = None, *, direct: bool = False):
     targets = [(offset, _bytes_view(out), chunk_size, expected) for offset, out, chunk_size, expected in regions]
-    return _py_check_regions(fd, targets, progress, copy_out=True)
+    return _check_regions(fd, targets, progress, copy_out=True)
 
 
 def _py_verify_regions(fd: int, regions: Sequence[VerifyRegion], progress: Progress = None, *, direct: bool = False):
-    return _py_check_regions(fd, regions, progress, copy_out=False)
+    return _check_regions(fd, regions, progress, copy_out=False)
 
 
 def _py_gather(src, offsets: Sequence[int], length: int, out) -> None:
-    s, o = _bytes_view(src), _bytes_view(out)
+    s, o, offsets = _bytes_view(src), _bytes_view(out), _own_offsets(offsets)
     _check_slabs(len(s), len(o), offsets, length, slabs_in_src=True)
     for i, off in enumerate(offsets):
         o[i * length : (i + 1) * length] = s[off : off + length]
 
 
 def _py_scatter(src, out, offsets: Sequence[int], length: int) -> None:
-    s, o = _bytes_view(src), _bytes_view(out)
+    s, o, offsets = _bytes_view(src), _bytes_view(out), _own_offsets(offsets)
     _check_slabs(len(s), len(o), offsets, length, slabs_in_src=False)
     for i, off in enumerate(offsets):
         o[off : off + length] = s[i * length : (i + 1) * length]
@@ -275,6 +346,14 @@ def _c_write_regions(fd: int, regions: Sequence[WriteRegion], progress: Progress
 
 
 def _c_read_regions(fd: int, regions: Sequence[ReadRegion], progress: Progress = None, *, direct: bool = False):
+    return _split_by_chunk_size(fd, regions, progress, lambda fd, run, p: _c_read_staged(fd, run, p, direct), True)
+
+
+def _c_verify_regions(fd: int, regions: Sequence[VerifyRegion], progress: Progress = None, *, direct: bool = False):
+    return _split_by_chunk_size(fd, regions, progress, lambda fd, run, p: _c_verify_staged(fd, run, p, direct), False)
+
+
+def _c_read_staged(fd: int, regions: Sequence[ReadRegion], progress: Progress, direct: bool):
     specs = []
     for index, (offset, out, chunk_size, expected) in enumerate(regions):
         buf = _c_buffer(out, writable=True)
@@ -283,7 +362,7 @@ def _c_read_regions(fd: int, regions: Sequence[ReadRegion], progress: Progress =
     return _c_run(_lib.thaw_read_regions, fd, specs, progress, _lib.THAW_DIRECT if direct else 0)
 
 
-def _c_verify_regions(fd: int, regions: Sequence[VerifyRegion], progress: Progress = None, *, direct: bool = False):
+def _c_verify_staged(fd: int, regions: Sequence[VerifyRegion], progress: Progress, direct: bool):
     specs = [
         (offset, _ffi.NULL, length, chunk_size,
          _ffi.from_buffer(_UINT32S, _expected_crcs(expected, length, chunk_size, index)))
@@ -292,25 +371,16 @@ def _c_verify_regions(fd: int, regions: Sequence[VerifyRegion], progress: Progre
     return _c_run(_lib.thaw_verify_regions, fd, specs, progress, _lib.THAW_DIRECT if direct else 0)
 
 
-def _c_offsets(offsets):
-    """Offsets as int64 cdata: zero-copy for a contiguous int64 buffer (numpy int64, array('q')), else copied."""
-    try:
-        view = memoryview(offsets)
-        if view.c_contiguous and view.itemsize == 8 and view.format.lstrip("<=@") in ("q", "l"):
-            return _ffi.from_buffer(_INT64S, offsets)
-    except TypeError:
-        pass
-    return _ffi.from_buffer(_INT64S, array("q", offsets))
-
-
 def _c_gather(src, offsets: Sequence[int], length: int, out) -> None:
-    s, o, offs = _c_buffer(src), _c_buffer(out, writable=True), _c_offsets(offsets)
+    offsets = _own_offsets(offsets)
+    s, o, offs = _c_buffer(src), _c_buffer(out, writable=True), _ffi.from_buffer(_INT64S, offsets)
     if length < 0 or _lib.thaw_gather(s, len(s), offs, len(offs), length, o, len(o)):
         _check_slabs(len(s), len(o), offsets, length, slabs_in_src=True)  # raises, naming the bad slab
 
 
 def _c_scatter(src, out, offsets: Sequence[int], length: int) -> None:
-    s, o, offs = _c_buffer(src), _c_buffer(out, writable=True), _c_offsets(offsets)
+    offsets = _own_offsets(offsets)
+    s, o, offs = _c_buffer(src), _c_buffer(out, writable=True), _ffi.from_buffer(_INT64S, offsets)
     if length < 0 or _lib.thaw_scatter(s, len(s), o, len(o), offs, len(offs), length):
         _check_slabs(len(s), len(o), offsets, length, slabs_in_src=False)  # raises, naming the bad slab
 

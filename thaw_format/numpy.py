@@ -22,13 +22,14 @@ def _numpy_dtype(name: str) -> np.dtype:
 
 
 def from_numpy(value: np.ndarray) -> Tensor:
+    shape = np.shape(value)  # ascontiguousarray returns at least 1-D: a 0-d array (a scalar) would get [1]
     a = np.ascontiguousarray(value)
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
     name = a.dtype.name
     if name not in ITEMSIZE:
         raise TypeError(f"numpy dtype {a.dtype} has no thaw dtype name")
-    return Tensor(name, a.shape, memoryview(a.reshape(-1).view(np.uint8)))
+    return Tensor(name, shape, memoryview(a.reshape(-1).view(np.uint8)))
 
 
 def to_numpy(tensor: Tensor) -> np.ndarray:

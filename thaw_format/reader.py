@@ -4,8 +4,10 @@ beyond what the header declares (itself capped by `Limits` and by the file's rea
 
 from __future__ import annotations
 
+import difflib
 import mmap
 import os
+import stat
 from array import array
 from typing import Callable, Optional
 
@@ -22,7 +24,7 @@ from .container import (
     decode_trailer,
 )
 from .document import check_features, decode, describe_tensors, parse_json
-from .errors import CorruptSnapshotError
+from .errors import CorruptSnapshotError, MissingTensorError
 from .gcpause import gc_paused
 from .snapshot import Snapshot
 from .tensor import Tensor
@@ -36,14 +38,16 @@ _ARENA_BYTES = 16 << 20
 class SnapshotFile:
     """An open snapshot: header, table and trailer checked; tensors read on demand.
 
-    `source` is a path, or any buffer holding the snapshot's bytes (bytes, mmap, shared memory).
+    `source` is a path (str or os.PathLike), or any buffer holding the snapshot's bytes (bytes, mmap, shared
+    memory). A file opened by path is checked again after each read of its data: if another program rewrote
+    it in place meanwhile, the read raises CorruptSnapshotError rather than return a mix of two snapshots.
     """
 
     def __init__(self, source, *, limits: Limits = DEFAULT_LIMITS) -> None:
         self._fd: Optional[int] = None
         self._map: Optional[mmap.mmap] = None
         if isinstance(source, (str, os.PathLike)):
-            self._fd = os.open(os.fspath(source), os.O_RDONLY)
+            self._fd = _open_regular(os.fspath(source))
             self._size = os.fstat(self._fd).st_size
         else:
             self._view = memoryview(source).cast("B")
@@ -61,6 +65,8 @@ class SnapshotFile:
         self.layout, json_bytes = decode_header(header, preamble, self._size, limits)
         trailer = self._read(self.layout.trailer_offset, self.layout.file_length - self.layout.trailer_offset)
         self._crcs = decode_trailer(trailer, self.layout)
+        self._header, self._trailer = header, trailer
+        self._check_unchanged()  # the header and the trailer were read at two moments: of one file?
         self.id = content_id(header, trailer)
         self.version = (preamble.major, preamble.minor)
         self.features = (preamble.required, preamble.optional)
@@ -78,6 +84,17 @@ class SnapshotFile:
         if len(data) != length:
             raise CorruptSnapshotError(f"file shrank while being read: bytes [{offset}, {offset + length}) are missing")
         return data
+
+    def _check_unchanged(self) -> None:
+        """Refuse a file rewritten in place since it was opened: its header and trailer (which holds every
+        chunk's CRC) must still be the bytes this reader checked. Data read in between was verified against
+        that trailer, so a verified read returns one snapshot's bytes, never a mix of two."""
+        if self._fd is None:
+            return
+        size = os.fstat(self._fd).st_size
+        if (size != self._size or self._read(0, len(self._header)) != self._header
+                or self._read(self.layout.trailer_offset, len(self._trailer)) != self._trailer):
+            raise CorruptSnapshotError("the file changed while being read (rewritten in place by another program)")
 
     def _mapped(self) -> memoryview:
         if self._fd is None:
@@ -124,24 +141,40 @@ class SnapshotFile:
         """Tensor names in region order."""
         return list(self._entries)
 
+    def _entry(self, name: str) -> tuple[int, str, tuple]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            close = difflib.get_close_matches(str(name), self._entries, n=5, cutoff=0.5)
+            names = close or list(self._entries)[:10]
+            more = "" if close or len(self._entries) <= 10 else f" and {len(self._entries) - 10} more"
+            raise MissingTensorError(
+                f"no tensor {name!r} in this snapshot; {'closest' if close else 'it has'}: "
+                f"{', '.join(map(repr, names)) or 'none'}{more}"
+            ) from None
+
     def info(self, name: str) -> tuple[str, tuple, Region]:
-        index, dtype, shape = self._entries[name]
+        index, dtype, shape = self._entry(name)
         return dtype, shape, self.layout.regions[index]
 
     def tensor(self, name: str, *, verify: bool = True, copy: bool = True) -> Tensor:
-        """One tensor, reading only its bytes. `copy=False` gives a copy-on-write view over the mapped file."""
-        index, dtype, shape = self._entries[name]
+        """One tensor, reading only its bytes. `copy=False` gives a copy-on-write view over the mapped file.
+
+        A name the snapshot does not hold raises MissingTensorError (a KeyError) listing the closest names;
+        weights are named `weights/<name>` (what `save_file` writes)."""
+        index, dtype, shape = self._entry(name)
         if copy:
             return self._read_tensors([name], verify)[name]
         region = self.layout.regions[index]
         view = self._mapped()[region.offset : region.end]
         if verify:
             self._check_view(index, view)
+            self._check_unchanged()
         return Tensor._of(dtype, shape, view)  # checked against the region by describe_tensors
 
     def _read_tensors(self, names: list[str], verify: bool, progress: Progress = None) -> dict[str, Tensor]:
         """Copy tensors out in one batch, each chunk verified before it reaches its destination."""
-        entries = [self._entries[name] for name in names]
+        entries = [self._entry(name) for name in names]
         regions = [self.layout.regions[index] for index, _, _ in entries]
         views = _arena_views([region.length for region in regions])
         if self._fd is None:
@@ -164,6 +197,7 @@ class SnapshotFile:
                     if got == 0:
                         raise CorruptSnapshotError(f"file shrank while reading tensor {name!r}")
                     done += got
+        self._check_unchanged()
         # describe_tensors checked each dtype, shape and region length, so the views need no second check.
         return {name: Tensor._of(dtype, shape, view) for name, (_, dtype, shape), view in zip(names, entries, views)}
 
@@ -179,6 +213,7 @@ class SnapshotFile:
         else:
             if verify:
                 self._verify_bytes(progress, mapped=True)
+            self._check_unchanged()
             snap = decode(self.document, lambda n: self.tensor(n, verify=False, copy=False), names)
         snap.id = self.id
         return snap
@@ -205,6 +240,7 @@ class SnapshotFile:
             if bad is not None:
                 raise self._bad_chunk(*bad)
         self._check_padding(self._mapped() if self._fd is None or mapped else None)
+        self._check_unchanged()
 
     def _check_padding(self, view: Optional[memoryview]) -> None:
         """Every gap is zero; gaps are read from `view` when given (no copy), else from the file."""
@@ -267,25 +303,58 @@ def _carve(lengths: list[int], size: int) -> list[memoryview]:
     return views
 
 
+def _open_regular(path: str) -> int:
+    """A read-only descriptor of a regular file. O_NONBLOCK makes opening a FIFO return at once (a blocking
+    open waits for a writer forever); anything but a regular file is then refused before a byte is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) \
+                else "not a regular file"
+            raise CorruptSnapshotError(f"{path!r} is {kind}; a snapshot is read from a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _path(path) -> str:
+    """A path argument: str, bytes (a file system path, as in `os.open`) or os.PathLike."""
+    if isinstance(path, (str, bytes, os.PathLike)):
+        return os.fsdecode(path)
+    raise TypeError(f"expected a path (str, bytes or os.PathLike), got {type(path).__name__}; "
+                    "use loads() for a snapshot's bytes in memory")
+
+
 def open(path, *, limits: Limits = DEFAULT_LIMITS) -> SnapshotFile:  # noqa: A001 - mirrors builtins.open
     """Open a snapshot for lazy access: one tensor can be read without reading the rest."""
-    return SnapshotFile(path, limits=limits)
+    return SnapshotFile(_path(path), limits=limits)
 
 
 def load(path, *, verify: bool = True, mmap: bool = False, limits: Limits = DEFAULT_LIMITS,
          progress: Progress = None) -> Snapshot:
-    """Read a whole snapshot. `mmap=True` gives zero-copy copy-on-write tensors backed by the file."""
-    with SnapshotFile(path, limits=limits) as f:
+    """Read a whole snapshot. `mmap=True` gives zero-copy copy-on-write tensors backed by the file.
+
+    The mapped tensors are checked when loaded, and the file is checked unchanged then; a later in-place
+    change to the file (truncation or a rewrite by another program) can still reach pages of the views not
+    yet copied, or raise SIGBUS. `save` never changes a file in place: it renames a new file over the path,
+    so views keep the snapshot they mapped. See RELIABILITY.md."""
+    with SnapshotFile(_path(path), limits=limits) as f:
         return f.snapshot(verify=verify, copy=not mmap, progress=progress)
 
 
 def loads(buffer, *, verify: bool = True, copy: bool = True, limits: Limits = DEFAULT_LIMITS) -> Snapshot:
     """Read a snapshot from memory. `copy=False` keeps tensors as views into `buffer`."""
+    if isinstance(buffer, (str, os.PathLike)):
+        raise TypeError(f"loads() reads a snapshot's bytes, not a path ({type(buffer).__name__}); use load(path)")
     return SnapshotFile(buffer, limits=limits).snapshot(verify=verify, copy=copy)
 
 
 def verify(path, *, limits: Limits = DEFAULT_LIMITS, progress: Progress = None) -> str:
     """Check every checksum and structural rule; return the snapshot id or raise a SnapshotError."""
-    with SnapshotFile(path, limits=limits) as f:
+    with SnapshotFile(_path(path), limits=limits) as f:
         f.verify(progress)
         return f.id

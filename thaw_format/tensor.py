@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 from .dtypes import itemsize
 
+MAX_DIM = (1 << 63) - 1  # every dimension fits an int64, as frameworks index them (spec section 4)
+
 
 class Tensor:
     """Bytes with a dtype and a shape. `data` is a flat unsigned-byte memoryview of exactly `nbytes`.
@@ -19,8 +21,8 @@ class Tensor:
     def __init__(self, dtype: str, shape, data) -> None:
         self.dtype = dtype
         self.shape = tuple(map(int, shape))
-        if self.shape and min(self.shape) < 0:
-            raise ValueError(f"negative dimension in shape {self.shape}")
+        if self.shape and not (0 <= min(self.shape) and max(self.shape) <= MAX_DIM):
+            raise ValueError(f"shape {list(self.shape)}: every dimension must be in [0, 2**63 - 1]")
         view = data if type(data) is memoryview else memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")

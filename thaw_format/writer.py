@@ -6,13 +6,15 @@ The writer is deterministic: the same Snapshot always gives the same bytes.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from array import array
 from typing import Callable, Optional
 
 from . import mover
 from .container import DEFAULT_CHUNK_SIZE, encode_header, encode_trailer, plan_layout, content_id
-from .document import canonical_json, encode, features, validate
+from .document import canonical_json, decode, encode, features, validate
+from .errors import CorruptSnapshotError
 from .gcpause import gc_paused
 from .snapshot import Snapshot
 
@@ -28,6 +30,7 @@ class EncodedSnapshot:
             raise ValueError(f"chunk_size must be a power of two >= 4096, got {chunk_size}")
         validate(snapshot, ValueError)
         doc, self.tensors = encode(snapshot)
+        _check_readable(doc, self.tensors)
         json_bytes = canonical_json(doc)
         self.layout = plan_layout(len(json_bytes), [t.nbytes for _, t in self.tensors], [chunk_size] * len(self.tensors))
         self.header = encode_header(json_bytes, self.layout, *features(snapshot))
@@ -78,13 +81,15 @@ class EncodedSnapshot:
     def save(self, path, progress: Progress = None) -> str:
         """Write atomically: a temporary file beside `path`, fsync, rename over `path`, fsync the directory.
 
-        A crash at any point leaves either the old file or the new one at `path`, never a mix.
+        A crash at any point leaves either the old file or the new one at `path`, never a mix. The file is
+        never changed in place, so readers and mappings of the old file keep reading the old snapshot. A new
+        file's mode follows the umask (0666 & ~umask); a file replaced keeps its mode. A symlink at `path` is
+        replaced by the new file (the rename replaces the link, not its target, which is left untouched).
         """
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".thaw-tmp", dir=directory)
+        fd, tmp = _create_beside(path, directory)
         try:
-            os.fchmod(fd, 0o644)
             os.pwrite(fd, self.header, 0)
             regions = [(r.offset, t.data, r.chunk_size) for (_, t), r in zip(self.tensors, self.layout.regions)]
             crcs = array("I")
@@ -93,18 +98,56 @@ class EncodedSnapshot:
             trailer, snapshot_id = self._finish(crcs)
             os.pwrite(fd, trailer, self.layout.trailer_offset)
             os.fsync(fd)
-        except BaseException:
             os.close(fd)
+            fd = -1
+            os.replace(tmp, path)  # inside the cleanup: a rename refused (path is a directory) leaves nothing
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
             os.unlink(tmp)
             raise
-        os.close(fd)
-        os.replace(tmp, path)
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
         return snapshot_id
+
+
+def _create_beside(path: str, directory: str) -> tuple[int, str]:
+    """A new temporary file in `directory`, with the mode the snapshot at `path` will have: that of the
+    regular file it replaces, else 0666 less the umask (applied by the kernel at creation, as for `open`)."""
+    try:
+        existing = os.lstat(path)
+        keep = stat.S_IMODE(existing.st_mode) if stat.S_ISREG(existing.st_mode) else None
+    except FileNotFoundError:
+        keep = None
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.thaw-tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        if keep is not None:
+            try:
+                os.fchmod(fd, keep)
+            except BaseException:
+                os.close(fd)
+                os.unlink(tmp)
+                raise
+        return fd, tmp
+    raise FileExistsError(f"no free temporary name beside {path!r}")
+
+
+def _check_readable(doc: dict, tensors: list) -> None:
+    """Run the reader's document checks on what is about to be written (member types and ranges, e.g. a
+    number past binary64 or checkpoint names that are not strings), so a writer never emits a file its
+    reader refuses."""
+    by_name = dict(tensors)
+    try:
+        decode(doc, by_name.__getitem__, list(by_name))
+    except CorruptSnapshotError as exc:
+        raise ValueError(f"snapshot cannot be written: {exc}") from None
 
 
 def _write_all(stream, data) -> None:
@@ -117,7 +160,11 @@ def _write_all(stream, data) -> None:
 
 
 def save(snapshot: Snapshot, path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress = None) -> str:
-    """Write `snapshot` to `path` atomically; returns the snapshot id and sets `snapshot.id`."""
+    """Write `snapshot` to `path` atomically; returns the snapshot id and sets `snapshot.id`.
+
+    The new file is renamed over `path`: a crash leaves the old snapshot or the new one. Its mode is that of
+    the regular file it replaces, else 0666 less the umask. A symlink at `path` is replaced by the new file;
+    the link's target is not written (pass `os.path.realpath(path)` to write through the link)."""
     snapshot.id = EncodedSnapshot(snapshot, chunk_size=chunk_size).save(path, progress)
     return snapshot.id
 

@@ -1,4 +1,4 @@
-"""Independent reader for the thaw snapshot format v1.0, written from spec/SPEC.md alone.
+"""Independent reader for the thaw snapshot format 1.2 (reads every 1.x), written from spec/SPEC.md alone.
 
 Standard library only (the `crc32c` package is used when installed, else a table-driven CRC32C).
 decode(data) verifies the whole file and returns the description that spec/vectors/NAME.json holds:
@@ -7,6 +7,7 @@ Usage: python decode.py FILE.thaw   (prints that description as JSON)
 """
 import hashlib
 import json
+import re
 import struct
 import sys
 
@@ -57,28 +58,56 @@ def _fail(msg, cls=CorruptSnapshotError):
     raise cls(msg)
 
 
-def _is_int(x):  # JSON true/false are not integers
-    return isinstance(x, int) and not isinstance(x, bool)
+def _is_int(x):  # §5: JSON true/false are not integers; every integer fits int64 or uint64
+    return isinstance(x, int) and not isinstance(x, bool) and -(1 << 63) <= x < 1 << 64
+
+
+def _is_count(x):  # §5: a non-negative integer that fits int64
+    return _is_int(x) and 0 <= x < 1 << 63
+
+
+def _is_number(x):  # §5: a finite binary64 value (an integer literal too)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return abs(float(x)) != float("inf")
+    except OverflowError:
+        return False
+
+
+CHECKS = {"int": _is_int, "count": _is_count, "number": _is_number,
+          "ints": lambda x: isinstance(x, list) and all(map(_is_int, x)),
+          "counts": lambda x: isinstance(x, list) and all(map(_is_count, x))}
 
 
 # §5 member types, "name:type"; "?" marks a member that MAY be absent or null. Unknown members are ignored (§5).
 SCHEMA = {
     "model": "architecture:str config_digest:str dtype:str weights_digest?:str config?:object",          # §5.1
     "weights": "checkpoint_names?:object ref?:object",                                                   # §5.2
-    "kv": "page_size:int dtype:str layers:array",                                                        # §5.3
-    "prefix": "num_pages:int hash?:object",                                                              # §5.4
+    "kv": "page_size:count dtype:str layers:array",                                                      # §5.3
+    "prefix": "num_pages:count hash?:object",                                                            # §5.4
     "scheduler": "requests:array",                                                                       # §5.5
-    "engine": "name:str version:str attention_backend?:str native_kv_layout?:str tp_rank?:int tp_size?:int "
-              "extra?:object",                                                                           # §5.6
+    "engine": "name:str version:str attention_backend?:str native_kv_layout?:str tp_rank?:count "
+              "tp_size?:count extra?:object",                                                            # §5.6
     "lineage": "parent?:str label?:str created?:str",                                                    # §5.7
     "metadata": "",                                                                                      # §5.8
     "weights.ref": "weights_digest:str snapshot_id?:str",                                                # §5.2
-    "layer": "kind:str num_kv_heads?:int head_dim?:int params?:object tensors:array",                    # §5.3
-    "prefix.hash": "algorithm:str tokens_per_hash:int hashes:array seed?:str params?:object",            # §5.4
-    "request": "id:str status:str prompt_token_ids:array output_token_ids:array sampling?:object "
-               "num_computed_tokens?:int pages?:array rng_state?:bool extra?:object",                    # §5.5
+    "layer": "kind:str num_kv_heads?:count head_dim?:count params?:object tensors:array",                # §5.3
+    "prefix.hash": "algorithm:str tokens_per_hash:count hashes:array seed?:str params?:object",          # §5.4
+    "request": "id:str status:str prompt_token_ids:ints output_token_ids:ints sampling?:object "
+               "num_computed_tokens?:count pages?:ints rng_state?:bool extra?:object",                   # §5.5
+    "sampling": "temperature?:number top_p?:number top_k?:int min_p?:number seed?:int max_tokens?:count "
+                "stop_token_ids?:ints ignore_eos?:bool repetition_penalty?:number presence_penalty?:number "
+                "frequency_penalty?:number logprobs?:count extra?:object",                               # §5.5.1
 }
 TYPES = {"str": str, "object": dict, "array": list, "bool": bool}
+# §5.3: per known kind, its roles and the params it requires (non-negative integers; all but `keep` >= 1)
+KIND_ROLES = {"attention": ["k", "v"], "sliding_window": ["k", "v"], "mla": ["latent"],
+              "quantized": ["k", "k_biases", "k_scales", "v", "v_biases", "v_scales"], "ring": ["k", "v"]}
+KIND_PARAMS = {"sliding_window": ["window"], "mla": ["latent_dim", "rope_dim"], "quantized": ["bits", "group_size"],
+               "ring": ["window", "keep"]}
+PAGED = ("attention", "sliding_window", "mla", "quantized")
+RESERVED = ("weights", "kv", "prefix", "scheduler")                   # §4: namespaces of this version's sections
 
 
 def _check(obj, kind, where):
@@ -91,7 +120,7 @@ def _check(obj, kind, where):
         value = obj.get(key)
         if value is None and not optional:
             _fail(f"§8.10: {where}.{key} is missing")
-        if value is not None and not (_is_int(value) if typ == "int" else isinstance(value, TYPES[typ])):
+        if value is not None and not (CHECKS[typ](value) if typ in CHECKS else isinstance(value, TYPES[typ])):
             _fail(f"§8.10: {where}.{key} is not {typ}")
 
 
@@ -129,6 +158,10 @@ def _parse_json(raw):
         _fail(f"§8.8: JSON document nests deeper than {LIMITS['depth']} levels")
     if not isinstance(doc, dict):
         _fail("§8.8: JSON document is not an object")
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        _fail("§8.8: a \\u escape in the JSON document encodes a lone surrogate, which is not text")
     return doc
 
 
@@ -148,7 +181,7 @@ def _check_tensors(doc, regions):
         if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             _fail(f"§8.9: tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or len(shape) > LIMITS["dims"] or \
-                not all(_is_int(d) and d >= 0 for d in shape):
+                not all(map(_is_count, shape)):
             _fail(f"§8.9: tensor {name!r} shape {shape!r} is not <= {LIMITS['dims']} non-negative integers")
         size = ITEMSIZE[dtype]
         for d in shape:
@@ -163,15 +196,23 @@ def _check_sections(doc, required, optional, tensors):
     for section in ("model", "weights", "kv", "prefix", "scheduler", "engine", "lineage", "metadata"):
         if doc.get(section) is not None:
             _check(doc[section], section, section)
+    used = set()
 
     def need(name, dtype=None, shape=None, where=""):
         if name not in tensors:
             _fail(f"§8.10: {where} refers to tensor {name!r}, which does not exist")
+        used.add(name)
         t_dtype, t_shape, _ = tensors[name]
         if (dtype and t_dtype != dtype) or (shape is not None and t_shape != shape):
             _fail(f"§8.10: tensor {name!r} is {t_dtype} {t_shape}, {where} needs {dtype or t_dtype} {shape}")
         return tensors[name]
-    ref = (doc.get("weights") or {}).get("ref")
+    weights = doc.get("weights")
+    if weights is not None:                                                               # §5.2
+        used.update(n for n in tensors if n.startswith("weights/"))
+        names = weights.get("checkpoint_names") or {}
+        if not all(isinstance(v, str) for v in names.values()):
+            _fail("§5.2: weights.checkpoint_names values are not strings")
+    ref = (weights or {}).get("ref")
     if ref is not None:
         _check(ref, "weights.ref", "weights.ref")
     if (ref is not None) != bool(required & 1):                                           # §5.2, §6
@@ -179,13 +220,14 @@ def _check_sections(doc, required, optional, tensors):
     kv, prefix = doc.get("kv"), doc.get("prefix")
     if prefix is not None:                                                                # §5.4
         n = prefix["num_pages"]
-        if n < 0 or kv is None:
-            _fail("§5.4: prefix.num_pages < 0, or a prefix tree without kv (its rules need kv.page_size)")
+        if kv is None:
+            _fail("§5.4: a prefix tree without kv (its rules need kv.page_size)")
         if prefix.get("hash") is not None:
             _check(prefix["hash"], "prefix.hash", "prefix.hash")
             hashes = prefix["hash"]["hashes"]
-            if len(hashes) != n or not all(h is None or isinstance(h, str) for h in hashes):
-                _fail("§5.4: prefix.hash.hashes is not num_pages hex strings or nulls")
+            if len(hashes) != n or not all(h is None or isinstance(h, str) and re.fullmatch(r"([0-9a-f]{2})+", h)
+                                           for h in hashes):
+                _fail("§5.4: prefix.hash.hashes is not num_pages lowercase hex strings (whole bytes) or nulls")
         if (prefix.get("hash") is not None) != bool(optional & 1):
             _fail("§5.4: optional feature bit 0 (native_hashes) must be set exactly when prefix.hash is present")
         parents = struct.unpack(f"<{n}q", need("prefix/parents", "int64", [n], "prefix")[2])
@@ -204,38 +246,82 @@ def _check_sections(doc, required, optional, tensors):
         kv_pages = [prefix["num_pages"]] if prefix else None  # every paged tensor has the same page count
         for i, layer in enumerate(kv["layers"]):
             _check(layer, "layer", f"kv.layers[{i}]")
-            roles = layer["tensors"]
+            roles, kind, params = layer["tensors"], layer["kind"], layer.get("params") or {}
             if not all(isinstance(r, str) for r in roles) or len(set(roles)) != len(roles):
                 _fail(f"§5.3: kv.layers[{i}].tensors is not an array of distinct role names")
-            for role in roles:
-                dtype, shape, _ = need(f"kv/{i}/{role}", where=f"kv.layers[{i}]")
-                if layer["kind"] in ("attention", "sliding_window", "mla", "quantized"):
+            shapes = {role: need(f"kv/{i}/{role}", where=f"kv.layers[{i}]")[:2] for role in roles}
+            if kind not in KIND_ROLES and kind != "recurrent":
+                continue  # §5.3: a kind of a later minor version is kept, checked only as above
+            want = KIND_ROLES.get(kind) or [f"state.{k}" for k in range(max(1, len(roles)))]
+            if sorted(roles) != sorted(want):
+                _fail(f"§5.3: kv.layers[{i}] ({kind}) has roles {sorted(roles)}, its kind has {sorted(want)}")
+            for key in KIND_PARAMS.get(kind, []):
+                if not _is_count(params.get(key)) or (key != "keep" and params[key] < 1):
+                    _fail(f"§5.3: kv.layers[{i}] ({kind}) params.{key} is not a valid integer")
+            for role, (dtype, shape) in shapes.items():
+                if kind in PAGED:
                     kv_pages = kv_pages if kv_pages is not None else shape[:1]
                     if shape[:2] != kv_pages + [kv["page_size"]]:
                         _fail(f"§5.3: paged tensor kv/{i}/{role} {shape} is not [num_pages, page_size, ...]")
-                if layer["kind"] in ("attention", "sliding_window", "mla") and dtype != kv["dtype"]:
-                    _fail(f"§5.3: kv/{i}/{role} is {dtype}, the cache's dtype is {kv['dtype']}")
-                params = layer.get("params") or {}
-                dim = params.get("v_head_dim", layer.get("head_dim")) if role == "v" else layer.get("head_dim")
-                heads = [layer.get("num_kv_heads"), dim]
-                if layer["kind"] in ("attention", "sliding_window") and None not in heads and shape[2:] != heads:
-                    _fail(f"§5.3: kv/{i}/{role} {shape} is not [pages, page_size, num_kv_heads, head_dim]"
-                          " (v: v_head_dim when given)")
+                    packed = kind == "quantized" and role in ("k", "v")
+                    if packed and dtype not in ("uint8", "uint16", "uint32", "uint64"):
+                        _fail(f"§5.3: kv/{i}/{role} holds packed values as {dtype}, not an unsigned integer type")
+                    if not packed and dtype != kv["dtype"]:
+                        _fail(f"§5.3: kv/{i}/{role} is {dtype}, the cache's dtype is {kv['dtype']}")
+            if kind in ("attention", "sliding_window"):
+                heads, dim = layer.get("num_kv_heads"), layer.get("head_dim")
+                v_dim = params.get("v_head_dim", dim)
+                if not all(_is_count(x) and x >= 1 for x in (heads, dim, v_dim)):
+                    _fail(f"§5.3: kv.layers[{i}] needs positive num_kv_heads, head_dim (and v_head_dim if given)")
+                for role, (_, shape) in shapes.items():
+                    if shape[2:] != [heads, v_dim if role == "v" else dim]:
+                        _fail(f"§5.3: kv/{i}/{role} {shape} is not [pages, page_size, num_kv_heads, head_dim]"
+                              " (v: v_head_dim when given)")
+            if kind == "mla":
+                shape = shapes["latent"][1]
+                if len(shape) != 3 or shape[2] != params["latent_dim"] or params["rope_dim"] > params["latent_dim"]:
+                    _fail(f"§5.3: kv/{i}/latent {shape} is not [pages, page_size, latent_dim], or rope_dim > latent_dim")
+            if kind == "ring":
+                k, v = shapes["k"][1], shapes["v"][1]
+                if len(k) != 4 or len(v) != 4 or k[:2] != v[:2]:
+                    _fail(f"§5.3: ring kv/{i} k {k} and v {v} are not [sequences, capacity, heads, dim]")
+                for key in ("write_index", "offset"):
+                    if not CHECKS["counts"](params.get(key)) or len(params[key]) != k[0]:
+                        _fail(f"§5.3: ring layer {i} params.{key} is not one non-negative integer per sequence")
+                if params["keep"] > params["window"] or any(w > k[1] for w in params["write_index"]):
+                    _fail(f"§5.3: ring layer {i}: keep > window, or a write_index past the capacity")
+            firsts = {tuple(shape[:1]) for _, shape in shapes.values()}
+            if kind == "recurrent" and (len(firsts) != 1 or () in firsts):
+                _fail(f"§5.3: recurrent layer {i}: tensors are not [sequences, ...] with one sequence count")
     v_head_dim = kv is not None and any("v_head_dim" in (layer.get("params") or {}) for layer in kv["layers"])
     if v_head_dim != bool(required & 2):                                                  # §5.3, §6
         _fail("§5.3: required feature bit 1 (kv_v_head_dim) must be set exactly when a KV layer has v_head_dim")
     requests = (doc.get("scheduler") or {}).get("requests") or []
     for i, req in enumerate(requests):                                                    # §5.5
         _check(req, "request", f"scheduler.requests[{i}]")
+        if req.get("sampling") is not None:
+            _check(req["sampling"], "sampling", f"scheduler.requests[{i}].sampling")
         if req["status"] not in ("waiting", "running", "preempted", "finished"):
             _fail(f"§5.5: scheduler.requests[{i}].status {req['status']!r} is unknown")
-        if not all(_is_int(x) for x in req["prompt_token_ids"] + req["output_token_ids"] + (req.get("pages") or [])):
-            _fail(f"§8.10: scheduler.requests[{i}] token ids or pages are not arrays of int")
+        if (req.get("num_computed_tokens") or 0) > len(req["prompt_token_ids"]) + len(req["output_token_ids"]):
+            _fail(f"§5.5: scheduler.requests[{i}].num_computed_tokens exceeds its token count")
         n = prefix["num_pages"] if prefix else 0
         if any(not 0 <= p < n for p in req.get("pages") or []):
             _fail(f"§5.5: scheduler.requests[{i}].pages refers to a page outside the prefix tree")
         if req.get("rng_state"):
-            need(f"scheduler/{i}/rng_state", "uint8", where=f"scheduler.requests[{i}].rng_state")
+            shape = need(f"scheduler/{i}/rng_state", "uint8", where=f"scheduler.requests[{i}].rng_state")[1]
+            if len(shape) != 1:
+                _fail(f"§5.5: scheduler/{i}/rng_state is not a 1-D uint8 tensor")
+    engine = doc.get("engine")
+    if engine is not None:                                                                # §5.6
+        rank = engine.get("tp_rank")
+        size = engine.get("tp_size")
+        rank, size = 0 if rank is None else rank, 1 if size is None else size
+        if not rank < size:
+            _fail("§5.6: engine.tp_rank is not below engine.tp_size")
+    stray = [n for n in tensors if n.split("/", 1)[0] in RESERVED and n not in used]     # §4
+    if stray:
+        _fail(f"§4: tensor {stray[0]!r} is under a section's namespace that does not refer to it")
 
 
 def decode(data):

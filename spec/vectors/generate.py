@@ -104,8 +104,31 @@ def kv_v_head_dim() -> tf.Snapshot:
                        lineage=tf.Lineage(label="v-head-dim", created="2026-11-30T00:00:00Z"))
 
 
+def kv_layer_kinds() -> tf.Snapshot:
+    # Spec 1.2 rules for every other layer kind (roles, params, shapes), and a kind no version defines yet,
+    # which a reader keeps as it is (section 5.3). Still version 1.0: no feature bit is needed.
+    paged = (1, PAGE, 1, 2)
+    layers = [
+        tf.KVLayer("sliding_window", {"k": ramp("float32", paged), "v": ramp("float32", paged, -1)},
+                   num_kv_heads=1, head_dim=2, params={"window": 8}),
+        tf.KVLayer("mla", {"latent": ramp("float32", (1, PAGE, 6))}, params={"latent_dim": 6, "rope_dim": 2}),
+        tf.KVLayer("quantized", {
+            "k": Tensor("uint32", (1, PAGE, 1, 1), bytes(range(16))), "v": Tensor("uint32", (1, PAGE, 1, 1), bytes(16)),
+            "k_scales": ramp("float32", paged), "k_biases": ramp("float32", paged, 0.5),
+            "v_scales": ramp("float32", paged, 0.25), "v_biases": ramp("float32", paged, -0.5)},
+            num_kv_heads=1, head_dim=4, params={"bits": 8, "group_size": 2}),
+        tf.KVLayer("ring", {"k": ramp("float32", (1, 4, 1, 2)), "v": ramp("float32", (1, 4, 1, 2), 2)},
+                   num_kv_heads=1, head_dim=2, params={"window": 4, "keep": 0, "write_index": [2], "offset": [6]}),
+        tf.KVLayer("recurrent", {"state.0": ramp("float32", (1, 3)), "state.1": ramp("float32", (1, 2, 2))}),
+        tf.KVLayer("future_kind", {"x": Tensor("uint8", (2,), b"\x01\x02")}, params={"added_in": "a later minor"}),
+    ]
+    prefix = tf.PrefixTree(parents=[-1], tokens=[[1, 2, 3, 4]])
+    return tf.Snapshot(model=MODEL, kv=tf.KVCache(PAGE, "float32", layers), prefix=prefix, engine=ENGINE,
+                       lineage=tf.Lineage(label="layer-kinds", created="2026-12-02T00:00:00Z"))
+
+
 VECTORS = {f.__name__: f for f in (weights_only, kv_prefix_tree, scheduler_in_flight, kv_only_weights_ref,
-                                   kv_v_head_dim)}
+                                   kv_v_head_dim, kv_layer_kinds)}
 
 
 def describe(data: bytes) -> dict:

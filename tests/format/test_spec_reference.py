@@ -73,7 +73,8 @@ def test_crc32c_known_answer():  # §2
 
 
 def test_every_released_vector_exists():
-    assert NAMES == ["kv_only_weights_ref", "kv_prefix_tree", "kv_v_head_dim", "scheduler_in_flight", "weights_only"]
+    assert NAMES == ["kv_layer_kinds", "kv_only_weights_ref", "kv_prefix_tree", "kv_v_head_dim", "scheduler_in_flight",
+                     "weights_only"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -194,7 +195,7 @@ def test_json_rules():  # §3.3, §8.8, §8.9
 
 
 def test_section_rules():  # §5, §8.10
-    rejects(rebuild("kv_prefix_tree", lambda d: d["kv"].update(page_size="4")), r"kv\.page_size is not int")
+    rejects(rebuild("kv_prefix_tree", lambda d: d["kv"].update(page_size="4")), r"kv\.page_size is not count")
     rejects(rebuild("kv_prefix_tree", lambda d: d["kv"]["layers"][1]["tensors"].append("z")), "'kv/1/z'")
     rejects(rebuild("kv_prefix_tree", lambda d: d["prefix"].update(num_pages=2)), "hashes")
     rejects(rebuild("scheduler_in_flight", lambda d: d["prefix"].update(num_pages=3)), "prefix/parents")

@@ -12,7 +12,8 @@ NAMES = sorted(p.stem for p in VECTORS.glob("*.thaw"))
 
 
 def test_every_released_vector_exists():
-    assert NAMES == ["kv_only_weights_ref", "kv_prefix_tree", "kv_v_head_dim", "scheduler_in_flight", "weights_only"]
+    assert NAMES == ["kv_layer_kinds", "kv_only_weights_ref", "kv_prefix_tree", "kv_v_head_dim", "scheduler_in_flight",
+                     "weights_only"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -429,7 +429,7 @@ def _():
     return with_json(b'{"tensors": [], "model": "llama"}')
 
 
-@corrupt("kv_unknown_kind", "unknown layer kind", "a KV layer of kind 'paged_attention'")
+@case("kv_unknown_kind", None, "", "a KV layer of kind 'paged_attention', which a later minor may define: kept (spec 5.3)")
 def _():
     return edit_sections(lambda doc, payloads: doc["kv"]["layers"][0].update(kind="paged_attention"))
 
@@ -465,7 +465,8 @@ def _():
     return edit_sections(lambda doc, payloads: payloads.__setitem__(3, struct.pack("<2i", 4, -1)))
 
 
-@corrupt("prefix_hash_entry_not_string", "every entry must be a hex string or null", "a native hash given as {}")
+@corrupt("prefix_hash_entry_not_string", "every entry must be lowercase hex of whole bytes or null",
+         "a native hash given as {}")
 def _():
     def add_hash(doc, payloads):
         doc["prefix"]["hash"] = {"algorithm": "sha256", "tokens_per_hash": 2, "hashes": ["ab", {}]}
@@ -539,6 +540,105 @@ def _():
 @corrupt("integer_member_is_bool", "kv.page_size must be count, got true", "page_size true: a bool is not an int")
 def _():
     return edit_sections(lambda doc, payloads: doc["kv"].update(page_size=True))
+
+
+def sampling(**members) -> Callable[[dict, list], None]:
+    return lambda doc, payloads: doc["scheduler"]["requests"][0].update(sampling=members)
+
+
+@corrupt("sampling_number_huge_int", "temperature must be number", "temperature 10**400: an integer past binary64")
+def _():
+    return edit_sections(sampling(temperature=10**400))
+
+
+@corrupt("sampling_int_past_64_bits", "top_k must be int", "top_k 2**64: past every 64-bit integer")
+def _():
+    return edit_sections(sampling(top_k=1 << 64))
+
+
+@corrupt("sampling_number_is_string", "top_p must be number", "top_p given as a string")
+def _():
+    return edit_sections(sampling(top_p="0.9"))
+
+
+@corrupt("shape_dim_past_int64", "non-negative integers below 2**63", "shape [2**64, 0]: zero elements, no int64 dims")
+def _():
+    def add(doc, payloads):
+        doc["tensors"].append({"name": "weights/c", "dtype": "uint8", "shape": [1 << 64, 0]})
+        payloads.append(b"")
+
+    return craft.rebuild(two_tensors(), add)
+
+
+@corrupt("weights_without_section", "the document has no weights section", "weights/ tensors and no weights section")
+def _():
+    return with_document(lambda doc: doc.pop("weights"))
+
+
+@corrupt("kv_tensor_not_listed", "the kv section does not refer to it", "a kv/0/extra tensor no layer lists")
+def _():
+    def add(doc, payloads):
+        doc["tensors"].append({"name": "kv/0/extra", "dtype": "uint8", "shape": [1]})
+        payloads.append(b"x")
+
+    return edit_sections(add)
+
+
+@corrupt("kv_extra_role", "must hold tensors ['k', 'v']", "an attention layer with a third role")
+def _():
+    def add(doc, payloads):
+        doc["kv"]["layers"][0]["tensors"].append("extra")
+        doc["tensors"].append({"name": "kv/0/extra", "dtype": "float32", "shape": [2, 2, 1, 2]})
+        payloads.append(bytes(32))
+
+    return edit_sections(add)
+
+
+@corrupt("kv_attention_without_heads", "needs num_kv_heads and head_dim", "an attention layer without num_kv_heads")
+def _():
+    return edit_sections(lambda doc, payloads: doc["kv"]["layers"][0].update(num_kv_heads=None))
+
+
+@corrupt("prefix_hash_uppercase", "lowercase hex of whole bytes", "a native hash written in upper case")
+def _():
+    def add_hash(doc, payloads):
+        doc["prefix"]["hash"] = {"algorithm": "sha256", "tokens_per_hash": 2, "hashes": ["AB", None]}
+
+    return craft.set_preamble(edit_sections(add_hash), optional=1)
+
+
+@corrupt("engine_tp_rank_past_size", "tp_rank 2 must be in [0, tp_size)", "tp_rank 2 of tp_size 2")
+def _():
+    return edit_sections(lambda doc, payloads: doc.update(engine={"name": "e", "version": "1", "tp_rank": 2, "tp_size": 2}))
+
+
+@corrupt("scheduler_computed_past_tokens", "num_computed_tokens 9 is not in [0, 4]", "9 computed of 4 tokens")
+def _():
+    return edit_sections(lambda doc, payloads: doc["scheduler"]["requests"][0].update(num_computed_tokens=9))
+
+
+@corrupt("scheduler_pages_without_prefix", "are not pages of the prefix tree (0 pages)",
+         "a request on pages while the file has kv but no prefix tree")
+def _():
+    def drop_prefix(doc, payloads):
+        del doc["prefix"], doc["tensors"][2:], payloads[2:]
+
+    return edit_sections(drop_prefix)
+
+
+@corrupt("rng_state_not_1d", "must be a 1-D uint8 tensor, got uint8[2, 2]", "an RNG state of shape [2, 2]")
+def _():
+    def add(doc, payloads):
+        doc["scheduler"]["requests"][0]["rng_state"] = True
+        doc["tensors"].append({"name": "scheduler/0/rng_state", "dtype": "uint8", "shape": [2, 2]})
+        payloads.append(bytes(4))
+
+    return edit_sections(add)
+
+
+@corrupt("checkpoint_name_not_string", "checkpoint_names must map", "a checkpoint name given as a number")
+def _():
+    return with_document(lambda doc: doc["weights"].update(checkpoint_names={"a": 7}))
 
 
 @case("unknown_members_ignored", None, "", "members a reader does not know, at any level, are ignored (spec 5)")
