@@ -145,7 +145,9 @@ class SnapshotFile:
         try:
             return self._entries[name]
         except KeyError:
-            close = difflib.get_close_matches(str(name), self._entries, n=5, cutoff=0.5)
+            # "w" for "weights/w": the same name in a section, then names that merely look alike
+            close = [n for n in self._entries if n.rsplit("/", 1)[-1] == name][:5] or \
+                difflib.get_close_matches(str(name), self._entries, n=5, cutoff=0.6)
             names = close or list(self._entries)[:10]
             more = "" if close or len(self._entries) <= 10 else f" and {len(self._entries) - 10} more"
             raise MissingTensorError(

@@ -1,0 +1,116 @@
+"""Paths: what the reader opens (regular files only), what it does when a file changes under it, and the
+mode, cleanup and symlink behaviour of the atomic save."""
+
+import os
+import stat
+import threading
+
+import pytest
+
+import thaw_format as tf
+from thaw_format.tensor import Tensor
+
+
+def labelled(label: str) -> tf.Snapshot:
+    """Same tensors and sizes for every label of one length: two such files differ only in their header."""
+    weights = tf.Weights({"w": Tensor("uint8", (3 << 20,), bytes(range(256)) * (3 << 12))})
+    return tf.Snapshot(weights=weights, lineage=tf.Lineage(label=label))
+
+
+def rewrite_in_place(path, snapshot: tf.Snapshot) -> None:
+    data = tf.dumps(snapshot)
+    with open(path, "r+b") as f:  # in place: same inode, no rename
+        f.write(data)
+        f.truncate()
+
+
+def finishes(call) -> BaseException:
+    """Run `call` in a thread; it must end (not block) within 10 s. Returns what it raised."""
+    raised = []
+
+    def run():
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "blocked"
+    return raised[0] if raised else None
+
+
+@pytest.mark.parametrize("entry", ["load", "load_mmap", "open", "verify", "load_file"])
+def test_non_regular_files_are_refused_without_blocking(tmp_path, entry):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    call = {"load": tf.load, "load_mmap": lambda p: tf.load(p, mmap=True), "open": tf.open, "verify": tf.verify,
+            "load_file": tf.load_file}[entry]
+    for path, kind in ((fifo, "a FIFO"), (tmp_path, "a directory")):
+        exc = finishes(lambda: call(path))
+        assert isinstance(exc, tf.CorruptSnapshotError) and kind in str(exc), exc
+
+
+def test_a_file_rewritten_in_place_during_a_copying_load_is_refused(tmp_path):
+    path = tmp_path / "s.thaw"
+    tf.save(labelled("AAAA"), path)
+    other = labelled("BBBB")  # same data and trailer, another header: only a header check can tell
+    with tf.open(path) as f:
+        rewrite_in_place(path, other)
+        with pytest.raises(tf.CorruptSnapshotError, match="changed while being read"):
+            f.snapshot()
+    with tf.open(path) as f:
+        rewrite_in_place(path, labelled("CCCC"))
+        for call in (lambda: f.snapshot(copy=False), lambda: f.tensor("weights/w"), f.verify):
+            with pytest.raises(tf.CorruptSnapshotError, match="changed while being read"):
+                call()
+
+
+def test_a_rewrite_during_the_data_read_is_refused(tmp_path):
+    path = tmp_path / "s.thaw"
+    tf.save(labelled("AAAA"), path)
+    once = []
+
+    def progress(_):
+        if not once:
+            once.append(1)
+            rewrite_in_place(path, labelled("BBBB"))
+
+    with pytest.raises(tf.CorruptSnapshotError, match="changed while being read"):
+        tf.load(path, progress=progress)
+    assert tf.load(path).lineage.label == "BBBB"
+
+
+def test_save_into_an_existing_directory_leaves_no_temporary(tmp_path):
+    (tmp_path / "target").mkdir()
+    with pytest.raises(IsADirectoryError):
+        tf.save(labelled("A"), tmp_path / "target")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+def test_save_follows_the_umask_and_keeps_an_existing_mode(tmp_path):
+    path = tmp_path / "s.thaw"
+    old = os.umask(0o077)
+    try:
+        tf.save(labelled("A"), path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        os.umask(0o022)
+        tf.save(labelled("B"), path)  # replacing: the file keeps its 0600
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        path.chmod(0o640)
+        tf.save(labelled("C"), path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        tf.save(labelled("D"), tmp_path / "new.thaw")
+        assert stat.S_IMODE((tmp_path / "new.thaw").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_save_replaces_a_symlink_and_leaves_its_target(tmp_path):
+    target, link = tmp_path / "target.thaw", tmp_path / "link.thaw"
+    tf.save(labelled("A"), target)
+    link.symlink_to(target)
+    tf.save(labelled("B"), link)
+    assert not link.is_symlink() and tf.load(link).lineage.label == "B"
+    assert tf.load(target).lineage.label == "A"
