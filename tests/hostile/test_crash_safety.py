@@ -1,11 +1,10 @@
-"""Crash safety: a writer process SIGKILLed at random points, and readers racing a writer that replaces the file.
+"""Crash safety: a writer process SIGKILLed at each step of a save, and readers racing a writer that replaces the file.
 
 Invariants: the path always reads as a complete snapshot (the previous one or a new one, byte for byte); a
 partial file never reads as valid; readers see the old snapshot or the new one, never a mix. SIGKILL stops the
 process, not the machine: what a power cut does to unsynced pages is the fsyncs' job and is not tested here.
 """
 
-import random
 import subprocess
 import sys
 import time
@@ -15,10 +14,9 @@ from pathlib import Path
 import pytest
 
 import thaw_format as tf
-from hostile.writer_child import crash_snapshot
+from hostile.writer_child import SAVE_POINTS, STREAM_POINTS, crash_snapshot
 
 CHILD = Path(__file__).with_name("writer_child.py")
-KILLS = 8
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +30,9 @@ def known():
     return out
 
 
-def start_writer(path: Path, mode: str) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, str(CHILD), str(path), mode], stdout=subprocess.PIPE, text=True)
+def start_writer(path: Path, mode: str, point: str = "") -> subprocess.Popen:
+    child = subprocess.Popen([sys.executable, str(CHILD), str(path), mode] + ([point] if point else []),
+                             stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
     return child
 
@@ -55,38 +54,48 @@ def identify(path: Path, known: dict) -> str:
     return label
 
 
-def kill_at_random_points(path: Path, mode: str, known: dict, seed: int):
-    """Start the writer KILLS times, SIGKILL it after a random delay, and identify what it left."""
-    rng = random.Random(seed)
-    at_path, left_over = Counter(), Counter()
-    for _ in range(KILLS):
-        child = start_writer(path, mode)
-        try:
-            time.sleep(rng.uniform(0.0, 0.2))  # an 8 MiB save takes ~0.05 s here: kills land in every phase
-        finally:
-            stop(child)
-        at_path[identify(path, known)] += 1
-        for temporary in path.parent.glob(f".{path.name}.*.thaw-tmp"):
-            left_over[identify(temporary, known)] += 1
-            temporary.unlink()
-    return at_path, left_over
+def kill_at(path: Path, mode: str, point: str, known: dict) -> tuple[str, list[str]]:
+    """Start the writer, SIGKILL it once it reports it stopped at `point`; what is at the path, and what each
+    leftover temporary reads as."""
+    child = start_writer(path, mode, point)
+    try:
+        assert child.stdout.readline().strip() == f"at {point}"
+    finally:
+        stop(child)
+    temporaries = sorted(path.parent.glob(f".{path.name}.*.thaw-tmp"))
+    left_over = [identify(t, known) for t in temporaries]
+    for temporary in temporaries:
+        temporary.unlink()
+    return identify(path, known) if path.exists() else "absent", left_over
 
 
-def test_sigkilled_atomic_save_leaves_the_old_or_a_new_snapshot(tmp_path, known):
+# Killed at each step of tf.save(A) over the previous snapshot P: what the path holds, and the temporary left.
+SAVE_OUTCOMES = {
+    "created": ("P", ["partial"]),
+    "header": ("P", ["partial"]),
+    "half_data": ("P", ["partial"]),
+    "data": ("P", ["partial"]),
+    "trailer": ("P", ["A"]),  # complete but not renamed: a valid snapshot, never the one at the path
+    "synced": ("P", ["A"]),
+    "renamed": ("A", []),
+}
+
+
+@pytest.mark.parametrize("point", SAVE_POINTS)
+def test_sigkilled_atomic_save_leaves_the_old_or_the_new_snapshot(tmp_path, known, point):
     path = tmp_path / "engine.thaw"
     tf.save(next(s for label, s in known.values() if label == "P"), path)
-    at_path, left_over = kill_at_random_points(path, "save", known, seed=1)
-    assert "partial" not in at_path, at_path  # the path itself is never damaged
-    assert set(at_path) <= {"P", "A", "B"}
-    # Killed mid-save, the temporary file is partial (refused) or complete (a valid new snapshot, not renamed).
-    assert set(left_over) <= {"partial", "A", "B"} and sum(left_over.values()) >= KILLS // 2, left_over
+    before = path.read_bytes()
+    at_path, left_over = kill_at(path, "save", point, known)
+    assert (at_path, left_over) == SAVE_OUTCOMES[point]
+    if at_path == "P":
+        assert path.read_bytes() == before  # the target is never touched before the rename
 
 
-def test_sigkilled_streaming_write_never_leaves_a_partial_file_that_reads(tmp_path, known):
+@pytest.mark.parametrize("point", STREAM_POINTS)
+def test_sigkilled_streaming_write_leaves_a_partial_file_that_never_reads(tmp_path, known, point):
     path = tmp_path / "stream.thaw"
-    at_path, _ = kill_at_random_points(path, "stream", known, seed=2)
-    assert set(at_path) <= {"partial", "A", "B"}
-    assert at_path["partial"] >= 1, at_path  # the kills did land mid-write
+    assert kill_at(path, "stream", point, known) == ("partial", [])
 
 
 def test_readers_racing_a_replacing_writer_see_whole_snapshots(tmp_path, known):
