@@ -29,7 +29,9 @@ from .errors import CorruptSnapshotError, UnsupportedVersionError
 MAGIC = b"\x89THAW\r\n\x1a"  # non-ASCII first byte and CR LF catch text-mode transfers, as in PNG
 END_MAGIC = b"THAW-END"
 MAJOR = 1
-MINOR = 1  # history: 1.0 (first release), 1.1 (required feature kv_v_head_dim)
+# history: 1.0 (first release), 1.1 (required feature kv_v_head_dim), 1.2 (rules written down, no new bit or
+# layout: writers still emit 1.0, or 1.1 for kv_v_head_dim). Bump: see spec section 6.
+MINOR = 2
 ALIGNMENT = 4096
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 4096
