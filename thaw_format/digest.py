@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from . import mover
 from .document import canonical_json
+from .paths import open_regular
 from .snapshot import ModelInfo
 from .tensor import as_tensor
 
@@ -59,7 +61,8 @@ def checkpoint_weights_digest(model_dir) -> str:
         raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
     entries = []
     for path in files:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        with os.fdopen(open_regular(str(path), ValueError), "rb") as f, \
+                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             view = memoryview(m)
             try:
                 header_len = int.from_bytes(view[:8], "little")

@@ -7,15 +7,16 @@ from __future__ import annotations
 import difflib
 import mmap
 import os
-import stat
 from array import array
 from typing import Callable, Optional
 
 from . import mover
 from .container import (
     ALIGNMENT,
+    CRC,
     DEFAULT_LIMITS,
     PREAMBLE,
+    TRAILER_TAIL,
     Limits,
     Region,
     content_id,
@@ -26,6 +27,7 @@ from .container import (
 from .document import check_features, decode, describe_tensors, parse_json
 from .errors import CorruptSnapshotError, MissingTensorError
 from .gcpause import gc_paused
+from .paths import open_regular
 from .snapshot import Snapshot
 from .tensor import Tensor
 
@@ -47,7 +49,7 @@ class SnapshotFile:
         self._fd: Optional[int] = None
         self._map: Optional[mmap.mmap] = None
         if isinstance(source, (str, os.PathLike)):
-            self._fd = _open_regular(os.fspath(source))
+            self._fd = open_regular(os.fspath(source), CorruptSnapshotError)
             self._size = os.fstat(self._fd).st_size
         else:
             self._view = memoryview(source).cast("B")
@@ -65,8 +67,10 @@ class SnapshotFile:
         self.layout, json_bytes = decode_header(header, preamble, self._size, limits)
         trailer = self._read(self.layout.trailer_offset, self.layout.file_length - self.layout.trailer_offset)
         self._crcs = decode_trailer(trailer, self.layout)
-        self._header, self._trailer = header, trailer
-        self._check_unchanged()  # the header and the trailer were read at two moments: of one file?
+        # The header and the trailer were read at two moments: are they of one file?
+        length = self.layout.header_length
+        self._sealed = [header[: PREAMBLE.size], header[length - CRC.size : length], trailer[-TRAILER_TAIL.size :]]
+        self._check_unchanged()
         self.id = content_id(header, trailer)
         self.version = (preamble.major, preamble.minor)
         self.features = (preamble.required, preamble.optional)
@@ -85,15 +89,20 @@ class SnapshotFile:
             raise CorruptSnapshotError(f"file shrank while being read: bytes [{offset}, {offset + length}) are missing")
         return data
 
+    def _seals(self) -> list[tuple[int, int]]:
+        """(offset, length) of the bytes that seal the file: the preamble, the header CRC (over the whole
+        header) and the trailer's CRC (over every chunk's CRC) with the end magic."""
+        return [(0, PREAMBLE.size), (self.layout.header_length - CRC.size, CRC.size),
+                (self.layout.file_length - TRAILER_TAIL.size, TRAILER_TAIL.size)]
+
     def _check_unchanged(self) -> None:
-        """Refuse a file rewritten in place since it was opened: its header and trailer (which holds every
-        chunk's CRC) must still be the bytes this reader checked. Data read in between was verified against
-        that trailer, so a verified read returns one snapshot's bytes, never a mix of two."""
+        """Refuse a file rewritten in place since it was opened: its seals (the preamble and the header's and
+        trailer's CRCs) must still be the bytes this reader checked, read in three small reads. Data read in
+        between was verified against this trailer, so a verified read returns one snapshot's bytes, never a
+        mix of two (short of a CRC32C collision in a seal)."""
         if self._fd is None:
             return
-        size = os.fstat(self._fd).st_size
-        if (size != self._size or self._read(0, len(self._header)) != self._header
-                or self._read(self.layout.trailer_offset, len(self._trailer)) != self._trailer):
+        if os.fstat(self._fd).st_size != self._size or [self._read(*seal) for seal in self._seals()] != self._sealed:
             raise CorruptSnapshotError("the file changed while being read (rewritten in place by another program)")
 
     def _mapped(self) -> memoryview:
@@ -303,24 +312,6 @@ def _carve(lengths: list[int], size: int) -> list[memoryview]:
         views.append(arena[start : start + length])
         start += (length + 63) & ~63
     return views
-
-
-def _open_regular(path: str) -> int:
-    """A read-only descriptor of a regular file. O_NONBLOCK makes opening a FIFO return at once (a blocking
-    open waits for a writer forever); anything but a regular file is then refused before a byte is read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
-                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) \
-                else "not a regular file"
-            raise CorruptSnapshotError(f"{path!r} is {kind}; a snapshot is read from a regular file")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _path(path) -> str:

@@ -49,7 +49,7 @@ def test_non_regular_files_are_refused_without_blocking(tmp_path, entry):
             "load_file": tf.load_file}[entry]
     for path, kind in ((fifo, "a FIFO"), (tmp_path, "a directory")):
         exc = finishes(lambda: call(path))
-        assert isinstance(exc, tf.CorruptSnapshotError) and kind in str(exc), exc
+        assert isinstance(exc, tf.CorruptSnapshotError) and f"is {kind}, not a regular file" in str(exc), exc
 
 
 def test_a_file_rewritten_in_place_during_a_copying_load_is_refused(tmp_path):
@@ -114,3 +114,9 @@ def test_save_replaces_a_symlink_and_leaves_its_target(tmp_path):
     tf.save(labelled("B"), link)
     assert not link.is_symlink() and tf.load(link).lineage.label == "B"
     assert tf.load(target).lineage.label == "A"
+
+
+def test_a_checkpoint_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "model.safetensors")
+    exc = finishes(lambda: tf.checkpoint_weights_digest(tmp_path))
+    assert isinstance(exc, ValueError) and "a FIFO, not a regular file" in str(exc), exc
