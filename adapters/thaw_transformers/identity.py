@@ -1,4 +1,5 @@
-"""Which model the engine serves: a Hugging Face checkpoint loaded with transformers, its identity and weights.
+"""Which model the engine serves: a Hugging Face checkpoint loaded with transformers, its identity, its weights
+and the layout of its cache.
 
 The identity is the checkpoint's (spec 5.1: thaw_format.checkpoint_model_info over config.json and
 checkpoint_weights_digest over its *.safetensors), the same values vLLM, SGLang and MLX write for the same
@@ -9,36 +10,39 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from thaw_format import IncompatibleSnapshotError, ModelInfo, Tensor, checkpoint_model_info, checkpoint_weights_digest
+from thaw_format import (
+    IncompatibleSnapshotError,
+    ModelInfo,
+    Tensor,
+    checkpoint_model_info,
+    checkpoint_weights_digest,
+    weights_digest,
+)
 from thaw_format.torch import from_torch, to_torch
 
 from . import _internals
 from .pages import LayerLayout
 
 
-@dataclass
-class LoadedModel:
-    """A model on its device, with what every engine serving it shares: identity and per-layer cache layout."""
-
-    model: torch.nn.Module
-    info: ModelInfo
-    layouts: list[LayerLayout]
-    device: torch.device
+def load(checkpoint: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
+    """The checkpoint's model with transformers, in `dtype` on `device`, ready for inference."""
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).to(device).eval()
 
 
-def load(model_path: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
-    torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
-    info = checkpoint_model_info(config, dtype, checkpoint_weights_digest(model_path))
-    return LoadedModel(model, info, layouts_of(model), torch.device(device))
+def model_info(model: torch.nn.Module, checkpoint: str | os.PathLike | None = None) -> ModelInfo:
+    """The identity of the checkpoint directory the model was loaded from (spec 5.1); without one (a model built
+    in memory), of its own config and parameters, which no other engine shares."""
+    dtype = str(model.dtype).removeprefix("torch.")
+    if checkpoint is not None:
+        config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+        return checkpoint_model_info(config, dtype, checkpoint_weights_digest(checkpoint))
+    return checkpoint_model_info(model.config.to_dict(), dtype, weights_digest(model_weights(model)))
 
 
 def layouts_of(model: torch.nn.Module) -> list[LayerLayout]:

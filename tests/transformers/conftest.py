@@ -11,7 +11,6 @@ import thaw_format  # noqa: E402
 from thaw_conformance import zoo  # noqa: E402
 from thaw_conformance.models import checkpoint  # noqa: E402
 from thaw_transformers import TransformersEngine  # noqa: E402
-from thaw_transformers.identity import load  # noqa: E402
 
 # The conformance workload's prompt: 70 tokens, two full pages of 32 and a partial one.
 PROMPT = [(7 * i + 3) % 200 + 3 for i in range(70)]
@@ -26,20 +25,26 @@ def model_dir(arch: str, small_window: bool = False):
 
 @functools.cache
 def _loaded(arch: str, small_window: bool):
-    return load(model_dir(arch, small_window))
+    """The model and its identity, loaded and digested once per session and architecture."""
+    engine = TransformersEngine.start(str(model_dir(arch, small_window)))
+    return engine.model, engine.info
+
+
+def shared_engine(arch: str = "llama", small_window: bool = False) -> TransformersEngine:
+    model, info = _loaded(arch, small_window)
+    return TransformersEngine(model, checkpoint=model_dir(arch, small_window), info=info)
 
 
 @pytest.fixture
 def engine():
-    """A fresh engine (its own prefix cache) over a model loaded once per session and architecture.
-
-    Engines of one architecture share the model object; tests that load weights use fresh_engine instead."""
-    return lambda arch="llama", small_window=False: TransformersEngine(_loaded(arch, small_window))
+    """A fresh engine (its own prefix cache) over a model shared by the session's engines of that architecture;
+    tests that load weights use fresh_engine instead."""
+    return shared_engine
 
 
 @pytest.fixture
 def fresh_engine():
-    return lambda arch="llama", small_window=False: TransformersEngine(model_dir(arch, small_window))
+    return lambda arch="llama", small_window=False: TransformersEngine.start(str(model_dir(arch, small_window)))
 
 
 @pytest.fixture

@@ -79,7 +79,7 @@ def test_weights_are_loaded(fresh_engine, saved):
     path = saved(parent.capture())
     child = fresh_engine("llama")
     with torch.no_grad():
-        next(child.loaded.model.parameters()).zero_()  # drifted weights, which the restore must overwrite
+        next(child.model.parameters()).zero_()  # drifted weights, which the restore must overwrite
     child.restore(thaw_format.load(path))
     stored = thaw_format.load(path).weights.tensors
     live = child.capture().weights.tensors
@@ -101,7 +101,9 @@ def test_chains_limit_the_pages(engine):
     computed = other + parent.generate(other, greedy(2)).token_ids[:1]  # the last token's KV is never computed
     snap = parent.capture(include_weights=False, chains=[computed + [5, 6]])
     assert [t for page in snap.prefix.tokens for t in page] == computed  # the second prompt's 32 + 9 tokens only
-    assert parent.capture(include_weights=False, chains=[other]).prefix.tokens == [other[:32]]  # whole pages only
+    # a page holding a chain's first tokens is kept whole (a prompt's partial hit), one holding none of them is not
+    assert parent.capture(include_weights=False, chains=[other[:33]]).prefix.tokens == [other[:32], computed[32:]]
+    assert parent.capture(include_weights=False, chains=[other[:32] + [5]]).prefix.tokens == [other[:32]]
 
 
 def test_capture_changes_nothing(engine):

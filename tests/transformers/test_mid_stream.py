@@ -4,7 +4,7 @@ in-process fork children share the parent's pages and continue as the parent doe
 import pytest
 
 import thaw_format
-from thaw_format.sdk import Unsupported, greedy, seeded
+from thaw_format.sdk import greedy, seeded
 from conftest import PROMPT
 
 
@@ -41,8 +41,23 @@ def test_fork_children_share_pages_and_continue(engine):
     got = [child.generate(context, seeded(100 + i, 8)) for i, child in enumerate(children)]
     assert [g.token_ids for g in got] == want and want[0] != want[1]
     assert all(g.cached_tokens == len(context) - 1 for g in got)
-    with pytest.raises(Unsupported, match="other processes"):
-        parent.fork(2, context=context, processes=True)
+
+
+def test_fork_into_processes(fresh_engine):
+    """Children in other processes (thaw_format.sdk.fork from this engine's launch_spec) restore the context's
+    pages and continue as the parent does, with the parent's cache hit."""
+    parent = fresh_engine("llama")
+    first = parent.generate(PROMPT, greedy(6))
+    context = PROMPT + first.token_ids
+    want = [parent.generate(context, seeded(100 + i, 8)) for i in range(2)]
+    children = parent.fork(2, context=context, processes=True)
+    try:
+        got = [child.generate(context, seeded(100 + i, 8)) for i, child in enumerate(children)]
+    finally:
+        for child in children:
+            child.close()
+    assert [(g.token_ids, g.cached_tokens, g.logprobs) for g in got] == \
+        [(w.token_ids, w.cached_tokens, w.logprobs) for w in want]
 
 
 def test_fork_computes_a_missing_context(engine):

@@ -12,9 +12,8 @@ from conftest import PROMPT, page_bytes
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A llama snapshot with a seeded request in flight, and its file."""
-    from conftest import _loaded
-    from thaw_transformers import TransformersEngine
-    parent = TransformersEngine(_loaded("llama", False))
+    from conftest import shared_engine
+    parent = shared_engine("llama")
     parent.generate(PROMPT, greedy(6))
     parent.submit(PROMPT[::-1][:40], seeded(7, 12))
     for _ in range(3):

@@ -10,14 +10,14 @@ from conftest import PROMPT, page_bytes
 
 
 def test_layers_slide(engine):
-    layouts = engine("gemma2", small_window=True).loaded.layouts
+    layouts = engine("gemma2", small_window=True).layouts
     assert [layout.window for layout in layouts] == [8, None]  # gemma2 alternates sliding and full layers
 
 
 def test_same_tokens_and_logits_as_transformers_generate(engine):
     e = engine("gemma2", small_window=True)
     ours = e.generate(PROMPT, greedy(10))
-    model = e.loaded.model
+    model = e.model
     with torch.inference_mode():
         theirs = model.generate(torch.tensor([PROMPT]), max_new_tokens=10, do_sample=False, output_scores=True,
                                 return_dict_in_generate=True, eos_token_id=None)

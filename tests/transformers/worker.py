@@ -18,7 +18,7 @@ def run(job: dict) -> dict:
     from thaw_conformance.compare import pages_by_prefix
     from thaw_transformers import TransformersEngine
 
-    engine = TransformersEngine(job["model"])
+    engine = TransformersEngine.start(job["model"])
     engine.restore(thaw_format.load(job["snapshot"]))
     pages = {",".join(map(str, prefix)): hashlib.sha256(b"".join(bytes(t.data) for _, t in parts)).hexdigest()
              for prefix, parts in pages_by_prefix(engine.capture(include_weights=False)).items()}
