@@ -41,7 +41,7 @@ CROSS_CHECKS = {
 # (A tolerance for the zoo's fp32 checkpoints: bf16 KV rounds at 4e-3 of a value and needs one of its own.)
 KV_TOLERANCE = 1e-2
 # Engines whose snapshots can meet: they serve the zoo's HF checkpoints (the template has its own toy model).
-CHECKPOINT_ENGINES = ("mlx", "vllm", "sglang")
+CHECKPOINT_ENGINES = ("mlx", "vllm", "sglang", "transformers")
 
 
 def cross_phase(driver: Driver, arch: str, source_dir: Path, workload: Workload, recorder: Recorder) -> None:
