@@ -108,8 +108,10 @@ class Running:
 
 
 def resume_state(request: Request) -> Optional[torch.Tensor]:
-    """The generator state a resumed request continues with (None: start from its seed)."""
-    return to_torch(request.rng_state).clone() if request.rng_state is not None else None
+    """The generator state a resumed request continues with (None: start from its seed; greedy draws nothing)."""
+    if request.rng_state is None or request.sampling.temperature == 0:
+        return None
+    return to_torch(request.rng_state).clone()
 
 
 def check_pending(snapshot: Snapshot, engine_name: str) -> None:
