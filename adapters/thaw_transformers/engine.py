@@ -93,9 +93,7 @@ class TransformersEngine:
 
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
         run = self._start(self._new_id(), list(prompt), [], params)
-        while not self._done(run):
-            self._advance(run)
-        self._retire(run)
+        self._run_to_end(run)
         return Generation(run.output, run.cached_tokens, run.logprobs)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> str:
@@ -108,7 +106,7 @@ class TransformersEngine:
         for run in list(self.requests.values()):
             self._advance(run)
             if self._done(run):
-                self._retire(self.requests.pop(run.id))
+                self._page(self.cache, self.requests.pop(run.id))
                 finished[run.id] = run.output
         return finished
 
@@ -119,10 +117,8 @@ class TransformersEngine:
             raise KeyError(f"no request in flight with id {unknown}")
         done = {}
         for rid in ids:
-            run = self.requests[rid]
-            while not self._done(run):
-                self._advance(run)
-            self._retire(self.requests.pop(rid))
+            run = self.requests.pop(rid)
+            self._run_to_end(run)
             done[rid] = Finished(rid, run.output, run.cached_tokens)
         return done
 
@@ -156,17 +152,22 @@ class TransformersEngine:
     def _done(self, run: Running) -> bool:
         return run.done(self._eos, self.model.config.max_position_embeddings - len(run.prompt))
 
-    def _retire(self, run: Running) -> None:
-        """Page a finished request's KV into the prefix cache."""
-        self.cache.insert(run.tokens[: run.num_computed], _token_major(run.cache, len(self.layouts)))
+    def _run_to_end(self, run: Running) -> None:
+        """Generate until the request is done, then page its KV into the prefix cache."""
+        while not self._done(run):
+            self._advance(run)
+        self._page(self.cache, run)
+
+    def _page(self, table: PrefixCache, run: Running) -> list[int]:
+        """Page the KV of the request's computed tokens into `table`; the chain of pages holding them."""
+        return table.insert(run.tokens[: run.num_computed], _token_major(run.cache, len(self.layouts)))
 
     # --- snapshots ---
 
     def capture(self, *, include_weights: bool = True,
                 chains: Optional[Sequence[Sequence[int]]] = None) -> Snapshot:
         table = self.cache.copy()  # in-flight requests' KV is paged into a copy: the engine itself is unchanged
-        request_pages = {rid: table.insert(run.tokens[: run.num_computed], _token_major(run.cache, len(self.layouts)))
-                         for rid, run in self.requests.items()}
+        request_pages = {rid: self._page(table, run) for rid, run in self.requests.items()}
         keep = set(range(len(table.pages))) if chains is None else {
             p for p in range(len(table.pages)) if _begins_some(table, p, chains)}
         keep |= {p for chain in request_pages.values() for p in chain}
@@ -243,7 +244,8 @@ class TransformersEngine:
         run = self._start("fork-context", tokens, [], SamplingParams(temperature=0.0), computed=hit)
         with torch.inference_mode():
             _internals.forward(self.model, torch.tensor([run.pending], device=self.model.device), run.cache)
-        self.cache.insert(tokens, _token_major(run.cache, len(self.layouts)))
+        run.pending = []  # every token's KV is computed (the logits are not needed)
+        self._page(self.cache, run)
 
     def close(self) -> None:
         self.requests.clear()

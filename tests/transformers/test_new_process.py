@@ -1,15 +1,12 @@
 """A snapshot restored in a fresh process: pages byte-identical, in-flight requests finish as in the parent,
 and the continuation (greedy and seeded) and the cache hit are the parent's."""
 
-import hashlib
-
 import pytest
 
 import thaw_format
 from thaw_format.sdk import greedy, seeded
 from conftest import PROMPT, model_dir
-from thaw_conformance.compare import pages_by_prefix
-from worker import run_in_new_process
+from worker import page_digests, run_in_new_process
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
@@ -21,8 +18,7 @@ def test_new_process_continues_exactly(arch, engine, saved):
         parent.step()
     snap = parent.capture()
     path = saved(snap)
-    pages = {",".join(map(str, prefix)): hashlib.sha256(b"".join(bytes(t.data) for _, t in parts)).hexdigest()
-             for prefix, parts in pages_by_prefix(thaw_format.load(path)).items()}
+    pages = page_digests(thaw_format.load(path))
     finished = parent.finish()[rid].output_token_ids
     prompt = PROMPT + first.token_ids
     want = parent.generate(prompt, greedy(8))

@@ -12,16 +12,21 @@ import sys
 from pathlib import Path
 
 
+def page_digests(snapshot) -> dict:
+    """SHA-256 of every page's bytes (all layers and roles), keyed by the page's token ids from its root."""
+    from thaw_conformance.compare import pages_by_prefix
+    return {",".join(map(str, prefix)): hashlib.sha256(b"".join(bytes(t.data) for _, t in parts)).hexdigest()
+            for prefix, parts in pages_by_prefix(snapshot).items()}
+
+
 def run(job: dict) -> dict:
     import thaw_format
     from thaw_format.sdk import greedy, seeded
-    from thaw_conformance.compare import pages_by_prefix
     from thaw_transformers import TransformersEngine
 
     engine = TransformersEngine.start(job["model"])
     engine.restore(thaw_format.load(job["snapshot"]))
-    pages = {",".join(map(str, prefix)): hashlib.sha256(b"".join(bytes(t.data) for _, t in parts)).hexdigest()
-             for prefix, parts in pages_by_prefix(engine.capture(include_weights=False)).items()}
+    pages = page_digests(engine.capture(include_weights=False))
     finished = {rid: f.output_token_ids for rid, f in engine.finish().items()}
     out = engine.generate(job["prompt"], greedy(8))
     return {"pages": pages, "greedy": out.token_ids, "cached": out.cached_tokens, "finished": finished,
