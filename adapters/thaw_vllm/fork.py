@@ -106,10 +106,9 @@ def fork(llm, n: int, *, context: Optional[Sequence[int]] = None, processes: boo
     if not processes:
         return [Child(context, llm=llm) for _ in range(n)]
 
-    model = model or getattr(llm, "thaw_model", None)
-    engine_kwargs = dict(engine_kwargs if engine_kwargs is not None else getattr(llm, "thaw_engine_kwargs", {}))
-    if model is None:
-        raise ValueError("processes=True needs model= and engine_kwargs= for a plain vllm.LLM")
+    if model is None or engine_kwargs is None:
+        known_model, known_kwargs = api.launch_arguments(llm)
+        model, engine_kwargs = model or known_model, dict(known_kwargs if engine_kwargs is None else engine_kwargs)
     snapshot = api.capture(llm, include_weights=True, chains=[context])
     with transport.SharedSnapshot(snapshot) as shared:
         config = json.dumps({"model": model, "engine_kwargs": engine_kwargs, "source": shared.source})
