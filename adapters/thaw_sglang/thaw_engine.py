@@ -26,9 +26,12 @@ class ThawEngine(Engine):
     run_scheduler_process_func = staticmethod(scheduler_ext.run_scheduler_process)
 
     def __init__(self, *args, **kwargs):
-        if args and isinstance(args[0], type):
-            if args[0] is not Engine:
-                raise TypeError(f"ThawEngine({args[0].__name__}, ...): thaw extends sglang.Engine only")
+        if args and not isinstance(args[0], (str, os.PathLike)):  # the engine class named first
+            import sglang
+
+            if args[0] is not Engine and args[0] is not sglang.Engine:  # sglang.Engine: SGLang's lazy import of it
+                raise TypeError(f"ThawEngine({getattr(args[0], '__name__', args[0])!r}, ...): thaw extends "
+                                "sglang.Engine only")
             args = args[1:]
         if len(args) > 1 or (args and "model_path" in kwargs):
             raise TypeError("ThawEngine takes the model path as its one positional argument (or model_path=)")

@@ -9,6 +9,7 @@ from . import api
 
 class LLM(vllm.LLM):
     def __init__(self, model: str, **kwargs) -> None:
+        self.thaw_model = str(model)  # the model directory, as given
         self.thaw_context = None
         super().__init__(model=str(model), **api.engine_args(**kwargs))
 
