@@ -17,7 +17,7 @@ from . import _internals  # noqa: F401  (refuses an untested mlx-lm at import)
 from .engine import MLXEngine
 from .generate import generate, greedy
 from .identity import load_model, model_config, model_info, model_weights
-from .kv_layers import num_cached_tokens
+from .pages import num_cached_tokens
 from .sampling import Sampler, sampler_of
 from .session import capture, fork, restore, snapshot_num_computed, snapshot_tokens
 

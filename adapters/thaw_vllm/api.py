@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Optional, Sequence
 
 import thaw_format
@@ -15,15 +16,45 @@ WORKER_EXTENSION = "thaw_vllm.worker.ThawWorkerExtension"
 
 
 def engine_args(**kwargs) -> dict:
-    """vllm.LLM / EngineArgs keyword arguments with thaw's worker extension and KV connector added."""
+    """vllm.LLM / EngineArgs keyword arguments with thaw's worker extension and KV connector added.
+
+    The plain (JSON-able) arguments ride along in the connector's extra config, so that `launch_arguments`
+    can start an equal engine in another process (fork) from any LLM made with them: pass every argument
+    that engine needs (dtype, block_size, ...) through here, not beside it.
+    """
     from vllm.config import KVTransferConfig
 
     kwargs.setdefault("enable_prefix_caching", True)
+    plain = {k: v for k, v in kwargs.items() if _json_able(v)}
     kwargs["worker_extension_cls"] = WORKER_EXTENSION
     kwargs["kv_transfer_config"] = KVTransferConfig(
-        kv_connector="ThawConnector", kv_connector_module_path="thaw_vllm.connector", kv_role="kv_both"
+        kv_connector="ThawConnector", kv_connector_module_path="thaw_vllm.connector", kv_role="kv_both",
+        kv_connector_extra_config={LAUNCH_KEY: plain},
     )
     return kwargs
+
+
+LAUNCH_KEY = "thaw_engine_kwargs"
+NOT_ENABLED = ("this vLLM engine runs without thaw's KV connector and worker extension. vLLM lets no plugin turn "
+               "a KV connector on, so add one argument where the engine is made: vllm.LLM(model, ..., "
+               "**thaw_vllm.engine_args()) (or use thaw_vllm.LLM)")
+
+
+def _json_able(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def launch_arguments(llm) -> tuple[str, dict]:
+    """The model and plain construction arguments of an LLM made with `engine_args`: what starts an equal one."""
+    config = llm.llm_engine.vllm_config
+    transfer = config.kv_transfer_config
+    if transfer is None or LAUNCH_KEY not in (transfer.kv_connector_extra_config or {}):
+        raise RuntimeError(NOT_ENABLED)
+    return config.model_config.model, dict(transfer.kv_connector_extra_config[LAUNCH_KEY])
 
 
 def _rpc(llm, method: str, *args):

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import thaw_format
 from thaw_format import ModelInfo, SamplingParams
-from thaw_format.sdk import Finished, Generation, LaunchSpec, Resumed, Unsupported, fork
+from thaw_format.sdk import Finished, Generation, LaunchSpec, Resumed, fork
 
 from . import api, sampling
 from .requests import run_to_completion
@@ -93,11 +93,8 @@ class VLLMEngine:
         return fork(self, n, context=context, processes=processes)
 
     def launch_spec(self) -> LaunchSpec:
-        model = getattr(self.llm, "thaw_model", None)
-        if model is None:
-            raise Unsupported("starting an equal engine needs its construction arguments: make the LLM with "
-                              "thaw_vllm.LLM (or VLLMEngine.start) instead of vllm.LLM")
-        return LaunchSpec(f"{__name__}:VLLMEngine.start", {"model": model, **self.llm.thaw_engine_kwargs})
+        model, kwargs = api.launch_arguments(self.llm)
+        return LaunchSpec(f"{__name__}:VLLMEngine.start", {"model": model, **kwargs})
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()

@@ -26,7 +26,8 @@ def resubmit(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
     return resumed
 
 
-def run_to_completion(llm, previous: dict[str, list[int]], wanted: Optional[Sequence[str]] = None) -> dict[str, Finished]:
+def run_to_completion(llm, previous: dict[str, list[int]],
+                      wanted: Optional[Sequence[str]] = None) -> dict[str, Finished]:
     """Step the engine until the `wanted` requests (default: every one in flight) are done; `previous` holds
     the output a resumed request had before the snapshot."""
     wanted = None if wanted is None else set(wanted)

@@ -52,7 +52,8 @@ def cross_phase(driver: Driver, arch: str, source_dir: Path, workload: Workload,
     engine = driver.start(arch, source_dir)
     try:
         own = engine.generate(prompt, greedy(workload.continue_tokens))
-        own_kv = engine.capture(include_weights=False)  # the target's own KV of the text: what the restored pages are measured against
+        # the target's own KV of the text: what the restored pages are measured against
+        own_kv = engine.capture(include_weights=False)
         with recorder.check("cross_restore") as note:
             try:
                 engine.restore(thaw_format.load(snapshot_path))

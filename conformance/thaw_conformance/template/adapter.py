@@ -153,9 +153,8 @@ def restore(engine: ToyEngine, snapshot: Snapshot) -> None:
         parent_key = keys[parent] if parent >= 0 else None
         full = len(tree.tokens[page]) == engine.page_size and (parent < 0 or parent_key is not None)
         keys.append(engine.cache_page(block, parent_key, tree.tokens[page]) if full else None)
-    for request in snapshot.scheduler.requests if snapshot.scheduler else []:
-        if request.status in ("running", "waiting", "preempted"):
-            _resume(engine, request, [blocks[p] for p in request.pages], [k for k in map(keys.__getitem__, request.pages) if k])
+    for request in pending_requests(snapshot):
+        _resume(engine, request, [blocks[p] for p in request.pages], [k for k in map(keys.__getitem__, request.pages) if k])
     for block in blocks:  # cached pages stay in the table, evictable; requests hold their own
         engine.release(block)
 
