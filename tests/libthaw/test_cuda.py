@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "libthaw"))
 import build_ffi  # noqa: E402
 
 EXPORTS = ["thaw_cuda_device_count", "thaw_cuda_last_error", "thaw_cuda_gather_to_host",
-           "thaw_cuda_scatter_from_host", "thaw_cuda_write_regions", "thaw_cuda_read_regions"]
+           "thaw_cuda_scatter_from_host", "thaw_cuda_write_regions", "thaw_cuda_read_regions",
+           "thaw_cuda_write_host", "thaw_cuda_read_host"]
 
 
 def test_cuda_sources_compile_with_nvcc(tmp_path):
@@ -82,3 +83,27 @@ def test_device_file_round_trip_and_corruption(cuda_torch, tmp_path):
         assert int(targets[0][5 * chunk : 6 * chunk].count_nonzero()) == 0
     finally:
         os.close(fd)
+
+
+def test_device_host_memory_round_trip_and_corruption(cuda_torch):
+    torch = cuda_torch
+    chunk = 1 << 20
+    tensors = [torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda") for n in (33 << 20, 777, 2 << 20)]
+    regions, offset = [], 64
+    for t in tensors:
+        regions.append((offset, t.data_ptr(), t.numel(), chunk))
+        offset += t.numel() + 64
+    host = bytearray(offset)
+    crcs = _libthaw_cuda.write_regions(host, regions)
+    for (o, _, n, _), t, k in zip(regions, tensors, crcs):
+        assert host[o:o + n] == t.cpu().numpy().tobytes()
+        assert k == mover.chunk_crcs(t.cpu().numpy(), chunk)
+    targets = [torch.zeros_like(t) for t in tensors]
+    specs = [(o, d.data_ptr(), n, c, k) for (o, _, n, c), d, k in zip(regions, targets, crcs)]
+    assert _libthaw_cuda.read_regions(bytes(host), specs) is None
+    assert all(torch.equal(a, b) for a, b in zip(targets, tensors))
+    host[regions[0][0] + 7 * chunk + 3] ^= 0xFF  # corrupt chunk 7 of region 0
+    targets = [torch.zeros_like(t) for t in tensors]
+    specs = [(o, d.data_ptr(), n, c, k) for (o, _, n, c), d, k in zip(regions, targets, crcs)]
+    assert _libthaw_cuda.read_regions(bytes(host), specs) == (0, 7)
+    assert int(targets[0][7 * chunk:].count_nonzero()) == 0  # nothing from the bad chunk on reached the GPU
