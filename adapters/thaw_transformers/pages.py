@@ -22,6 +22,8 @@ import torch
 from thaw_format import IncompatibleSnapshotError, KVCache, KVLayer, PrefixTree, Snapshot
 from thaw_format.torch import from_torch, to_torch
 
+from .transfer import to_device, to_host
+
 
 @dataclass(frozen=True)
 class LayerLayout:
@@ -144,9 +146,9 @@ def to_snapshot(cache: PrefixCache, layouts: Sequence[LayerLayout], dtype: str) 
     for i, layout in enumerate(layouts):
         keys, values = (_stack([page.kv[i][role] for page in cache.pages], size) for role in (0, 1))
         if layout.kind == "mla":  # one head: [pages, page_size, 1, d] -> the latent [pages, page_size, d_k + d_v]
-            tensors = {"latent": from_torch(torch.cat([keys[:, :, 0], values[:, :, 0]], dim=-1))}
+            tensors = {"latent": from_torch(to_host(torch.cat([keys[:, :, 0], values[:, :, 0]], dim=-1)))}
         else:
-            tensors = {"k": from_torch(keys), "v": from_torch(values)}
+            tensors = {"k": from_torch(to_host(keys)), "v": from_torch(to_host(values))}
         layers.append(layout.descriptor(tensors))
     tree = PrefixTree(parents=[p.parent for p in cache.pages], tokens=[list(p.tokens) for p in cache.pages])
     return KVCache(page_size=size, dtype=dtype, layers=layers), tree
@@ -166,10 +168,10 @@ def from_snapshot(snapshot: Snapshot, layouts: Sequence[LayerLayout], device) ->
     per_layer = []
     for layout, layer in zip(layouts, kv.layers):
         if layout.kind == "mla":
-            latent = to_torch(layer.tensors["latent"]).to(device, copy=True)
+            latent = to_device(to_torch(layer.tensors["latent"]), device)
             keys, values = latent[:, :, None, : layout.head_dim], latent[:, :, None, layout.head_dim :]  # one head
         else:
-            keys, values = (to_torch(layer.tensors[r]).to(device, copy=True) for r in ("k", "v"))
+            keys, values = (to_device(to_torch(layer.tensors[r]), device) for r in ("k", "v"))
         per_layer.append((keys, values))
     for p, (parent, tokens) in enumerate(zip(tree.parents, tree.tokens)):
         n = len(tokens)
