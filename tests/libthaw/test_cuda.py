@@ -36,14 +36,21 @@ def test_unavailable_reason_names_what_is_missing():
     assert any(word in reason for word in ("GPU", "not built", "libthaw"))
 
 
+def skip_without_gpu(reason: str):
+    """Skip naming why; scripts/gpu-check.sh sets THAW_REQUIRE_GPU=1, where a missing GPU path is a failure."""
+    if os.environ.get("THAW_REQUIRE_GPU") == "1":
+        pytest.fail(f"THAW_REQUIRE_GPU=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def cuda_torch():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU visible to torch here")
+        skip_without_gpu("no CUDA GPU visible to torch here")
     reason = _libthaw_cuda.unavailable_reason()
     if reason:
-        pytest.skip(f"libthaw CUDA mover unavailable: {reason}")
+        skip_without_gpu(f"libthaw CUDA mover unavailable: {reason}")
     return torch
 
 

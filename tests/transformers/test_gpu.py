@@ -2,6 +2,8 @@
 of the same engine's pages; a restore into a fresh GPU engine lands them byte for byte, hits the prefix cache
 and continues token-identically. On a CPU, the choice falls back to torch and says why."""
 
+import os
+
 import pytest
 import torch
 
@@ -20,11 +22,12 @@ def test_cpu_tensors_move_through_torch_and_say_why():
 
 @pytest.fixture(scope="module")
 def gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU visible to torch here (scripts/gpu-check.sh runs this on the GPU machine)")
-    reason = transfer.cuda_mover_unavailable(torch.device("cuda"))
+    reason = "no CUDA GPU visible to torch here (scripts/gpu-check.sh runs this on the GPU machine)" \
+        if not torch.cuda.is_available() else transfer.cuda_mover_unavailable(torch.device("cuda"))
+    if reason and os.environ.get("THAW_REQUIRE_GPU") == "1":
+        pytest.fail(f"THAW_REQUIRE_GPU=1 but {reason}", pytrace=False)
     if reason:
-        pytest.skip(f"libthaw CUDA mover unavailable: {reason}")
+        pytest.skip(reason)
 
 
 @pytest.mark.parametrize("arch", ["llama", "deepseek_v2"])
