@@ -67,7 +67,35 @@ def test_device_gather_and_scatter(cuda_torch):
     assert torch.equal(restored[blocks], kv[blocks])
 
 
-def test_device_file_round_trip_and_corruption(cuda_torch, tmp_path):
+class FileEndpoint:
+    def __init__(self, tmp_path, size):
+        self.fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+        self.target = self.source = self.fd
+
+    def corrupt(self, offset):
+        os.pwrite(self.fd, bytes([os.pread(self.fd, 1, offset)[0] ^ 0xFF]), offset)
+
+    def close(self):
+        os.close(self.fd)
+
+
+class HostEndpoint:
+    def __init__(self, tmp_path, size):
+        self.target = bytearray(size)
+
+    @property
+    def source(self):
+        return bytes(self.target)  # read-only host memory
+
+    def corrupt(self, offset):
+        self.target[offset] ^= 0xFF
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("endpoint", [FileEndpoint, HostEndpoint])
+def test_device_round_trip_and_corruption(cuda_torch, tmp_path, endpoint):
     torch = cuda_torch
     chunk = 1 << 20
     tensors = [torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda") for n in (40 << 20, 12345, 3 << 20)]
@@ -75,42 +103,18 @@ def test_device_file_round_trip_and_corruption(cuda_torch, tmp_path):
     for t in tensors:
         regions.append((offset, t.data_ptr(), t.numel(), chunk))
         offset = -(-(offset + t.numel()) // 4096) * 4096
-    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    end = endpoint(tmp_path, offset)
     try:
-        crcs = _libthaw_cuda.write_regions(fd, regions)
+        crcs = _libthaw_cuda.write_regions(end.target, regions)
         assert crcs == [mover.chunk_crcs(t.cpu().numpy(), chunk) for t in tensors]
         targets = [torch.zeros_like(t) for t in tensors]
         specs = [(o, d.data_ptr(), n, c, k) for (o, _, n, c), d, k in zip(regions, targets, crcs)]
-        assert _libthaw_cuda.read_regions(fd, specs) is None
+        assert _libthaw_cuda.read_regions(end.source, specs) is None
         assert all(torch.equal(a, b) for a, b in zip(targets, tensors))
-        os.pwrite(fd, b"\xff\x00", regions[0][0] + 5 * chunk + 17)  # corrupt chunk 5 of region 0
+        end.corrupt(regions[0][0] + 5 * chunk + 17)  # chunk 5 of region 0
         targets = [torch.zeros_like(t) for t in tensors]
         specs = [(o, d.data_ptr(), n, c, k) for (o, _, n, c), d, k in zip(regions, targets, crcs)]
-        assert _libthaw_cuda.read_regions(fd, specs) == (0, 5)
-        assert int(targets[0][5 * chunk : 6 * chunk].count_nonzero()) == 0
+        assert _libthaw_cuda.read_regions(end.source, specs) == (0, 5)
+        assert int(targets[0][5 * chunk:].count_nonzero()) == 0  # nothing from the bad piece on reached the GPU
     finally:
-        os.close(fd)
-
-
-def test_device_host_memory_round_trip_and_corruption(cuda_torch):
-    torch = cuda_torch
-    chunk = 1 << 20
-    tensors = [torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda") for n in (33 << 20, 777, 2 << 20)]
-    regions, offset = [], 64
-    for t in tensors:
-        regions.append((offset, t.data_ptr(), t.numel(), chunk))
-        offset += t.numel() + 64
-    host = bytearray(offset)
-    crcs = _libthaw_cuda.write_regions(host, regions)
-    for (o, _, n, _), t, k in zip(regions, tensors, crcs):
-        assert host[o:o + n] == t.cpu().numpy().tobytes()
-        assert k == mover.chunk_crcs(t.cpu().numpy(), chunk)
-    targets = [torch.zeros_like(t) for t in tensors]
-    specs = [(o, d.data_ptr(), n, c, k) for (o, _, n, c), d, k in zip(regions, targets, crcs)]
-    assert _libthaw_cuda.read_regions(bytes(host), specs) is None
-    assert all(torch.equal(a, b) for a, b in zip(targets, tensors))
-    host[regions[0][0] + 7 * chunk + 3] ^= 0xFF  # corrupt chunk 7 of region 0
-    targets = [torch.zeros_like(t) for t in tensors]
-    specs = [(o, d.data_ptr(), n, c, k) for (o, _, n, c), d, k in zip(regions, targets, crcs)]
-    assert _libthaw_cuda.read_regions(bytes(host), specs) == (0, 7)
-    assert int(targets[0][7 * chunk:].count_nonzero()) == 0  # nothing from the bad chunk on reached the GPU
+        end.close()
