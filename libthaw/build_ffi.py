@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent
 SRC = ROOT / "src"
 INCLUDE = ROOT / "include"
 
-PORTABLE_SOURCES = ["crc32c.c", "crc32c_sw.c", "pool.c", "io.c", "gather.c"]
+PORTABLE_SOURCES = ["crc32c.c", "crc32c_sw.c", "pool.c", "io.c", "gather.c", "stage_plan.c"]
 
 _X86_64 = {
     "cpu_x86.c": [],
@@ -69,11 +69,17 @@ int64_t thaw_gather(const void *src, size_t src_len, const int64_t *offsets, siz
                     void *out, size_t out_len);
 int64_t thaw_scatter(const void *src, size_t src_len, void *out, size_t out_len, const int64_t *offsets,
                      size_t n, size_t length);
+
+typedef struct { uint64_t region; uint64_t start; uint64_t len; int32_t slot; } thaw_stage_piece;
+int thaw_stage_slots(int slots);
+uint64_t thaw_stage_slot_bytes(const uint64_t *lens, const uint64_t *chunk_sizes, size_t n, uint64_t slot_bytes);
+int64_t thaw_stage_plan(const uint64_t *lens, const uint64_t *chunk_sizes, size_t n, uint64_t slot_bytes, int slots,
+                        thaw_stage_piece *out, size_t cap);
 """
 
 
 CUDA_LIBRARY = "libthaw_cuda.so"  # beside the extension module, in thaw_format/
-CUDA_SOURCE = ROOT / "cuda" / "thaw_cuda.cu"
+CUDA_SOURCES = [ROOT / "cuda" / "thaw_cuda.cu", SRC / "stage_plan.c"]  # the ring executes the shared plan
 # SASS for Ampere and Hopper, and PTX that newer GPUs compile at load time.
 NVCC_FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-cudart", "static",
               "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=[sm_90,compute_90]"]
@@ -84,7 +90,8 @@ def build_cuda(output: str, nvcc: str = "") -> None:
     nvcc = nvcc or shutil.which("nvcc") or ""
     if not nvcc:
         raise FileNotFoundError("nvcc not found")
-    subprocess.run([nvcc, *NVCC_FLAGS, "-o", output, str(CUDA_SOURCE)], check=True, capture_output=True)
+    subprocess.run([nvcc, *NVCC_FLAGS, "-I", str(INCLUDE), "-o", output, *map(str, CUDA_SOURCES)], check=True,
+                   capture_output=True)
 
 
 def isa_sources(machine: str = "") -> dict:

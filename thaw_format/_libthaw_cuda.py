@@ -32,6 +32,10 @@ int thaw_cuda_write_regions(int fd, const thaw_cuda_region *regions, size_t n, s
                             thaw_crc_fn crc, void *stream);
 int thaw_cuda_read_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
                            thaw_crc_fn crc, void *stream, int64_t *bad_region, int64_t *bad_chunk);
+int thaw_cuda_write_host(void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
+                         thaw_crc_fn crc, void *stream);
+int thaw_cuda_read_host(const void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
+                        thaw_crc_fn crc, void *stream, int64_t *bad_region, int64_t *bad_chunk);
 """
 
 SLOT_BYTES = 16 << 20
@@ -104,21 +108,49 @@ def _regions(regions, crcs):
         for (offset, device, length, chunk_size, *_), k in zip(regions, crcs)])
 
 
-def write_regions(fd: int, regions: Sequence[Tuple[int, int, int, int]], stream: int = 0) -> list:
-    """Write (file offset, device address, length, chunk size) regions; returns each region's chunk CRCs."""
+def stage_plan(lengths: Sequence[int], chunk_sizes: Sequence[int], slot_bytes: int = SLOT_BYTES,
+               slots: int = SLOTS) -> list:
+    """The ring's plan (libthaw's thaw_stage_plan, in the CPU library): [(region, start, length, slot)] in the
+    order the pieces move. Needs no GPU."""
+    if mover._lib is None:
+        raise RuntimeError("libthaw is not built: the staging plan lives in it")
+    ffi, lib = mover._ffi, mover._lib
+    lens, chunks = ffi.new("uint64_t[]", list(lengths)), ffi.new("uint64_t[]", list(chunk_sizes))
+    count = lib.thaw_stage_plan(lens, chunks, len(lengths), slot_bytes, slots, ffi.NULL, 0)
+    if count < 0:
+        raise ValueError("a chunk size or slot_bytes is 0")
+    out = ffi.new("thaw_stage_piece[]", max(count, 1))
+    lib.thaw_stage_plan(lens, chunks, len(lengths), slot_bytes, slots, out, count)
+    return [(p.region, p.start, p.len, p.slot) for p in out[0:count]]
+
+
+def _endpoint(target, writable: bool):
+    """(function suffix, first argument) for a file descriptor or a host buffer."""
+    if isinstance(target, int):
+        return "regions", target
+    return "host", _ffi.from_buffer(target, require_writable=writable)
+
+
+def write_regions(target, regions: Sequence[Tuple[int, int, int, int]], stream: int = 0) -> list:
+    """Write (offset, device address, length, chunk size) regions to `target`, a file descriptor or a writable
+    host buffer (offsets index into it); returns each region's chunk CRCs."""
     lib, crc = open_library()
+    kind, first = _endpoint(target, True)
     crcs = [array("I", bytes(4 * -(-length // chunk))) for _, _, length, chunk in regions]
-    _check(lib, lib.thaw_cuda_write_regions(fd, _regions(regions, crcs), len(regions), SLOT_BYTES, SLOTS, crc,
-                                            _ffi.cast("void *", stream)))
+    _check(lib, getattr(lib, f"thaw_cuda_write_{kind}")(first, _regions(regions, crcs), len(regions), SLOT_BYTES,
+                                                          SLOTS, crc, _ffi.cast("void *", stream)))
     return crcs
 
 
-def read_regions(fd: int, regions: Sequence[Tuple[int, int, int, int, Sequence[int]]], stream: int = 0):
-    """Fill (file offset, device address, length, chunk size, expected CRCs) regions, every chunk checked on
-    the host before its copy to the device; returns the first bad (region, chunk) or None."""
+def read_regions(source, regions: Sequence[Tuple[int, int, int, int, Sequence[int]]], stream: int = 0):
+    """Fill (offset, device address, length, chunk size, expected CRCs) regions from `source`, a file
+    descriptor or a host buffer, every chunk checked on the host before its copy to the device; returns the
+    first bad (region, chunk) or None."""
     lib, crc = open_library()
+    kind, first = _endpoint(source, False)
     crcs = [mover._expected_crcs(r[4], r[2], r[3], i) for i, r in enumerate(regions)]
     bad = _ffi.new("int64_t[2]")
-    code = _check(lib, lib.thaw_cuda_read_regions(fd, _regions(regions, crcs), len(regions), SLOT_BYTES, SLOTS, crc,
-                                                  _ffi.cast("void *", stream), bad, bad + 1))
+    code = _check(lib, getattr(lib, f"thaw_cuda_read_{kind}")(first, _regions(regions, crcs), len(regions),
+                                                                SLOT_BYTES, SLOTS, crc, _ffi.cast("void *", stream),
+                                                                bad, bad + 1))
     return (bad[0], bad[1]) if code == 1 else None

@@ -26,7 +26,7 @@ from .machine import REPO
 from .results import Recorder
 from .vectors import check_vectors, default_dir
 
-ALL_ENGINES = ("template", "mlx", "vllm", "sglang")
+ALL_ENGINES = ("template", "mlx", "vllm", "sglang", "transformers")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "thaw_cuda.h"
+#include "thaw_stage.h"
 
 static __thread char last_error[256];
 
@@ -89,49 +90,59 @@ extern "C" int thaw_cuda_scatter_from_host(const void *host_src, void *device_ou
 
 // ---- the pinned ring ----
 
+// Where a ring's bytes come from (reads) or go to (writes): a file descriptor, or host memory when `host` is
+// set (region offsets are then offsets into it).
+struct endpoint {
+    int fd;
+    uint8_t *host;
+};
+
 struct slot {
     uint8_t *host = nullptr;
     cudaEvent_t done = nullptr;  // recorded after the copy that uses this slot
-    size_t region = 0;
-    uint64_t start = 0, len = 0;
+    const thaw_stage_piece *piece = nullptr;  // the piece whose device-to-host copy is pending (writes)
 };
 
+// The pinned slots and the plan they execute (thaw_stage.h).
 struct ring {
     slot slots[8];
     int count = 0;
+    thaw_stage_piece *plan = nullptr;
+    int64_t pieces = 0;
     ~ring() {
         for (int i = 0; i < count; i++) {
             cudaFreeHost(slots[i].host);
             cudaEventDestroy(slots[i].done);
         }
+        delete[] plan;
     }
 };
 
-static int make_ring(ring &r, int slots, size_t slot_bytes) {
-    if (slots < 2) slots = 2;
-    if (slots > 8) slots = 8;
-    for (; r.count < slots; r.count++) {
-        CHECK(cudaMallocHost(&r.slots[r.count].host, slot_bytes));
+static int make_ring(ring &r, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots) {
+    uint64_t *lens = new uint64_t[n ? 2 * n : 1], *chunks = lens + n;
+    for (size_t i = 0; i < n; i++) lens[i] = regions[i].len, chunks[i] = regions[i].chunk_size;
+    uint64_t bytes = thaw_stage_slot_bytes(lens, chunks, n, slot_bytes);
+    r.pieces = thaw_stage_plan(lens, chunks, n, slot_bytes, slots, nullptr, 0);
+    if (r.pieces >= 0) {
+        r.plan = new thaw_stage_piece[r.pieces ? r.pieces : 1];
+        thaw_stage_plan(lens, chunks, n, slot_bytes, slots, r.plan, (size_t)r.pieces);
+    }
+    delete[] lens;
+    if (r.pieces < 0) {
+        snprintf(last_error, sizeof last_error, "a region has chunk size 0, or slot_bytes is 0");
+        return THAW_CUDA_ERROR;
+    }
+    for (int want = thaw_stage_slots(slots); r.count < want; r.count++) {
+        CHECK(cudaMallocHost(&r.slots[r.count].host, bytes));
         CHECK(cudaEventCreateWithFlags(&r.slots[r.count].done, cudaEventDisableTiming));
     }
     return THAW_CUDA_OK;
 }
 
-// Whole chunks of one region that fit a slot: the step between piece starts.
-static uint64_t piece_step(const thaw_cuda_region *r, size_t slot_bytes) {
-    return r->chunk_size >= slot_bytes ? r->chunk_size : slot_bytes / r->chunk_size * r->chunk_size;
-}
-
-static size_t widest_step(const thaw_cuda_region *regions, size_t n, size_t slot_bytes) {
-    size_t widest = slot_bytes;
-    for (size_t i = 0; i < n; i++)
-        if (piece_step(&regions[i], slot_bytes) > widest) widest = piece_step(&regions[i], slot_bytes);
-    return widest;
-}
-
-static int pwrite_all(int fd, const uint8_t *p, uint64_t n, uint64_t offset) {
+static int put(endpoint to, const uint8_t *p, uint64_t n, uint64_t offset) {
+    if (to.host) return memcpy(to.host + offset, p, n), THAW_CUDA_OK;
     while (n) {
-        ssize_t w = pwrite(fd, p, n, (off_t)offset);
+        ssize_t w = pwrite(to.fd, p, n, (off_t)offset);
         if (w < 0 && errno == EINTR) continue;
         if (w <= 0) return fail("pwrite", cudaSuccess);
         p += w, n -= (uint64_t)w, offset += (uint64_t)w;
@@ -139,9 +150,10 @@ static int pwrite_all(int fd, const uint8_t *p, uint64_t n, uint64_t offset) {
     return THAW_CUDA_OK;
 }
 
-static int pread_all(int fd, uint8_t *p, uint64_t n, uint64_t offset) {
+static int get(endpoint from, uint8_t *p, uint64_t n, uint64_t offset) {
+    if (from.host) return memcpy(p, from.host + offset, n), THAW_CUDA_OK;
     while (n) {
-        ssize_t got = pread(fd, p, n, (off_t)offset);
+        ssize_t got = pread(from.fd, p, n, (off_t)offset);
         if (got < 0 && errno == EINTR) continue;
         if (got == 0) errno = ENODATA;
         if (got <= 0) return fail("pread", cudaSuccess);
@@ -151,70 +163,81 @@ static int pread_all(int fd, uint8_t *p, uint64_t n, uint64_t offset) {
 }
 
 // Checksum and write out a slot whose device-to-host copy was issued earlier.
-static int drain(int fd, slot &s, const thaw_cuda_region *regions, thaw_crc_fn crc) {
-    if (s.len == 0) return THAW_CUDA_OK;
+static int drain(endpoint to, slot &s, const thaw_cuda_region *regions, thaw_crc_fn crc) {
+    if (!s.piece) return THAW_CUDA_OK;
     CHECK(cudaEventSynchronize(s.done));
-    const thaw_cuda_region *r = &regions[s.region];
-    for (uint64_t c = 0; c * r->chunk_size < s.len; c++) {
-        uint64_t n = s.len - c * r->chunk_size < r->chunk_size ? s.len - c * r->chunk_size : r->chunk_size;
-        r->crcs[s.start / r->chunk_size + c] = crc(0, s.host + c * r->chunk_size, n);
+    const thaw_stage_piece *p = s.piece;
+    const thaw_cuda_region *r = &regions[p->region];
+    for (uint64_t c = 0; c * r->chunk_size < p->len; c++) {
+        uint64_t n = p->len - c * r->chunk_size < r->chunk_size ? p->len - c * r->chunk_size : r->chunk_size;
+        r->crcs[p->start / r->chunk_size + c] = crc(0, s.host + c * r->chunk_size, n);
     }
-    int err = pwrite_all(fd, s.host, s.len, r->offset + s.start);
-    s.len = 0;
-    return err;
+    s.piece = nullptr;
+    return put(to, s.host, p->len, r->offset + p->start);
 }
 
-extern "C" int thaw_cuda_write_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,
-                                       int slots, thaw_crc_fn crc, void *stream_ptr) {
-    cudaStream_t stream = (cudaStream_t)stream_ptr;
+static int write_ring(endpoint to, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
+                      thaw_crc_fn crc, cudaStream_t stream) {
     ring ring_;
-    if (make_ring(ring_, slots, widest_step(regions, n, slot_bytes))) return THAW_CUDA_ERROR;
-    int next = 0;
-    for (size_t i = 0; i < n; i++) {
-        uint64_t step = piece_step(&regions[i], slot_bytes);
-        for (uint64_t start = 0; start < regions[i].len; start += step) {
-            slot &s = ring_.slots[next];
-            if (drain(fd, s, regions, crc)) return THAW_CUDA_ERROR;  // the slot's previous piece goes out first
-            s.region = i, s.start = start;
-            s.len = regions[i].len - start < step ? regions[i].len - start : step;
-            CHECK(cudaMemcpyAsync(s.host, (const uint8_t *)regions[i].device + start, s.len, cudaMemcpyDeviceToHost, stream));
-            CHECK(cudaEventRecord(s.done, stream));
-            next = (next + 1) % ring_.count;
-        }
+    if (make_ring(ring_, regions, n, slot_bytes, slots)) return THAW_CUDA_ERROR;
+    for (int64_t k = 0; k < ring_.pieces; k++) {
+        const thaw_stage_piece *p = &ring_.plan[k];
+        slot &s = ring_.slots[p->slot];
+        if (drain(to, s, regions, crc)) return THAW_CUDA_ERROR;  // the slot's previous piece goes out first
+        CHECK(cudaMemcpyAsync(s.host, (const uint8_t *)regions[p->region].device + p->start, p->len,
+                              cudaMemcpyDeviceToHost, stream));
+        CHECK(cudaEventRecord(s.done, stream));
+        s.piece = p;
     }
-    for (int k = 0; k < ring_.count; k++)  // oldest first, so the file is written in order
-        if (drain(fd, ring_.slots[(next + k) % ring_.count], regions, crc)) return THAW_CUDA_ERROR;
+    for (int64_t k = ring_.pieces - ring_.count; k < ring_.pieces; k++)  // oldest first, so output is in order
+        if (k >= 0 && drain(to, ring_.slots[ring_.plan[k].slot], regions, crc)) return THAW_CUDA_ERROR;
     return THAW_CUDA_OK;
 }
 
-extern "C" int thaw_cuda_read_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
-                                      thaw_crc_fn crc, void *stream_ptr, int64_t *bad_region, int64_t *bad_chunk) {
-    cudaStream_t stream = (cudaStream_t)stream_ptr;
+static int read_ring(endpoint from, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
+                     thaw_crc_fn crc, cudaStream_t stream, int64_t *bad_region, int64_t *bad_chunk) {
     ring ring_;
-    if (make_ring(ring_, slots, widest_step(regions, n, slot_bytes))) return THAW_CUDA_ERROR;
-    int next = 0;
-    for (size_t i = 0; i < n; i++) {
-        const thaw_cuda_region *r = &regions[i];
-        uint64_t step = piece_step(r, slot_bytes);
-        for (uint64_t start = 0; start < r->len; start += step) {
-            slot &s = ring_.slots[next];
-            CHECK(cudaEventSynchronize(s.done));  // its previous host-to-device copy has finished
-            uint64_t len = r->len - start < step ? r->len - start : step;
-            if (pread_all(fd, s.host, len, r->offset + start)) return THAW_CUDA_ERROR;
-            for (uint64_t c = 0; c * r->chunk_size < len; c++) {
-                uint64_t cn = len - c * r->chunk_size < r->chunk_size ? len - c * r->chunk_size : r->chunk_size;
-                if (crc(0, s.host + c * r->chunk_size, cn) != r->crcs[start / r->chunk_size + c]) {
-                    *bad_region = (int64_t)i;
-                    *bad_chunk = (int64_t)(start / r->chunk_size + c);
-                    CHECK(cudaStreamSynchronize(stream));
-                    return THAW_CUDA_BAD_CHUNK;
-                }
+    if (make_ring(ring_, regions, n, slot_bytes, slots)) return THAW_CUDA_ERROR;
+    for (int64_t k = 0; k < ring_.pieces; k++) {
+        const thaw_stage_piece *p = &ring_.plan[k];
+        const thaw_cuda_region *r = &regions[p->region];
+        slot &s = ring_.slots[p->slot];
+        CHECK(cudaEventSynchronize(s.done));  // its previous host-to-device copy has finished
+        if (get(from, s.host, p->len, r->offset + p->start)) return THAW_CUDA_ERROR;
+        for (uint64_t c = 0; c * r->chunk_size < p->len; c++) {
+            uint64_t cn = p->len - c * r->chunk_size < r->chunk_size ? p->len - c * r->chunk_size : r->chunk_size;
+            if (crc(0, s.host + c * r->chunk_size, cn) != r->crcs[p->start / r->chunk_size + c]) {
+                *bad_region = (int64_t)p->region;
+                *bad_chunk = (int64_t)(p->start / r->chunk_size + c);
+                CHECK(cudaStreamSynchronize(stream));
+                return THAW_CUDA_BAD_CHUNK;
             }
-            CHECK(cudaMemcpyAsync((uint8_t *)r->device + start, s.host, len, cudaMemcpyHostToDevice, stream));
-            CHECK(cudaEventRecord(s.done, stream));
-            next = (next + 1) % ring_.count;
         }
+        CHECK(cudaMemcpyAsync((uint8_t *)r->device + p->start, s.host, p->len, cudaMemcpyHostToDevice, stream));
+        CHECK(cudaEventRecord(s.done, stream));
     }
     CHECK(cudaStreamSynchronize(stream));
     return THAW_CUDA_OK;
+}
+
+extern "C" int thaw_cuda_write_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,
+                                       int slots, thaw_crc_fn crc, void *stream) {
+    return write_ring(endpoint{fd, nullptr}, regions, n, slot_bytes, slots, crc, (cudaStream_t)stream);
+}
+
+extern "C" int thaw_cuda_write_host(void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,
+                                    int slots, thaw_crc_fn crc, void *stream) {
+    return write_ring(endpoint{-1, (uint8_t *)host}, regions, n, slot_bytes, slots, crc, (cudaStream_t)stream);
+}
+
+extern "C" int thaw_cuda_read_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
+                                      thaw_crc_fn crc, void *stream, int64_t *bad_region, int64_t *bad_chunk) {
+    return read_ring(endpoint{fd, nullptr}, regions, n, slot_bytes, slots, crc, (cudaStream_t)stream, bad_region,
+                     bad_chunk);
+}
+
+extern "C" int thaw_cuda_read_host(const void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,
+                                   int slots, thaw_crc_fn crc, void *stream, int64_t *bad_region, int64_t *bad_chunk) {
+    return read_ring(endpoint{-1, (uint8_t *)host}, regions, n, slot_bytes, slots, crc, (cudaStream_t)stream,
+                     bad_region, bad_chunk);
 }

@@ -46,13 +46,21 @@ THAW_CUDA_API int thaw_cuda_scatter_from_host(const void *host_src, void *device
                                 size_t length, void *stream);
 
 /* Device memory to file through a ring of `slots` pinned buffers of slot_bytes: the device-to-host copy
- * of one piece overlaps the checksum and pwrite of the previous one. */
+ * of one piece overlaps the checksum and pwrite of the previous one. The pieces and their slots are
+ * thaw_stage_plan's (thaw_stage.h). */
 THAW_CUDA_API int thaw_cuda_write_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
                             thaw_crc_fn crc, void *stream);
 /* File to device memory through the pinned ring: each piece is read into a slot and checked there, and only
  * then copied to the device, while the next piece is read. Device memory never receives a bad chunk. */
 THAW_CUDA_API int thaw_cuda_read_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
                            thaw_crc_fn crc, void *stream, int64_t *bad_region, int64_t *bad_chunk);
+
+/* The same two with host memory in place of the file: region offsets are offsets into `host`, which need
+ * not be pinned (the ring's slots are). */
+THAW_CUDA_API int thaw_cuda_write_host(void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,
+                                       int slots, thaw_crc_fn crc, void *stream);
+THAW_CUDA_API int thaw_cuda_read_host(const void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,
+                                      int slots, thaw_crc_fn crc, void *stream, int64_t *bad_region, int64_t *bad_chunk);
 
 #ifdef __cplusplus
 }

@@ -11,6 +11,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "thaw_stage.h"
+
 #define THAW_VERSION "0.1"
 
 /* ---- CRC32C ---------------------------------------------------------------------------------------- */

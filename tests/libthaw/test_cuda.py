@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "libthaw"))
 import build_ffi  # noqa: E402
 
 EXPORTS = ["thaw_cuda_device_count", "thaw_cuda_last_error", "thaw_cuda_gather_to_host",
-           "thaw_cuda_scatter_from_host", "thaw_cuda_write_regions", "thaw_cuda_read_regions"]
+           "thaw_cuda_scatter_from_host", "thaw_cuda_write_regions", "thaw_cuda_read_regions",
+           "thaw_cuda_write_host", "thaw_cuda_read_host"]
 
 
 def test_cuda_sources_compile_with_nvcc(tmp_path):
@@ -35,14 +36,21 @@ def test_unavailable_reason_names_what_is_missing():
     assert any(word in reason for word in ("GPU", "not built", "libthaw"))
 
 
+def skip_without_gpu(reason: str):
+    """Skip naming why; scripts/gpu-check.sh sets THAW_REQUIRE_GPU=1, where a missing GPU path is a failure."""
+    if os.environ.get("THAW_REQUIRE_GPU") == "1":
+        pytest.fail(f"THAW_REQUIRE_GPU=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def cuda_torch():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU visible to torch here")
+        skip_without_gpu("no CUDA GPU visible to torch here")
     reason = _libthaw_cuda.unavailable_reason()
     if reason:
-        pytest.skip(f"libthaw CUDA mover unavailable: {reason}")
+        skip_without_gpu(f"libthaw CUDA mover unavailable: {reason}")
     return torch
 
 
@@ -59,7 +67,35 @@ def test_device_gather_and_scatter(cuda_torch):
     assert torch.equal(restored[blocks], kv[blocks])
 
 
-def test_device_file_round_trip_and_corruption(cuda_torch, tmp_path):
+class FileEndpoint:
+    def __init__(self, tmp_path, size):
+        self.fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+        self.target = self.source = self.fd
+
+    def corrupt(self, offset):
+        os.pwrite(self.fd, bytes([os.pread(self.fd, 1, offset)[0] ^ 0xFF]), offset)
+
+    def close(self):
+        os.close(self.fd)
+
+
+class HostEndpoint:
+    def __init__(self, tmp_path, size):
+        self.target = bytearray(size)
+
+    @property
+    def source(self):
+        return bytes(self.target)  # read-only host memory
+
+    def corrupt(self, offset):
+        self.target[offset] ^= 0xFF
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("endpoint", [FileEndpoint, HostEndpoint])
+def test_device_round_trip_and_corruption(cuda_torch, tmp_path, endpoint):
     torch = cuda_torch
     chunk = 1 << 20
     tensors = [torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda") for n in (40 << 20, 12345, 3 << 20)]
@@ -67,18 +103,18 @@ def test_device_file_round_trip_and_corruption(cuda_torch, tmp_path):
     for t in tensors:
         regions.append((offset, t.data_ptr(), t.numel(), chunk))
         offset = -(-(offset + t.numel()) // 4096) * 4096
-    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    end = endpoint(tmp_path, offset)
     try:
-        crcs = _libthaw_cuda.write_regions(fd, regions)
+        crcs = _libthaw_cuda.write_regions(end.target, regions)
         assert crcs == [mover.chunk_crcs(t.cpu().numpy(), chunk) for t in tensors]
         targets = [torch.zeros_like(t) for t in tensors]
         specs = [(o, d.data_ptr(), n, c, k) for (o, _, n, c), d, k in zip(regions, targets, crcs)]
-        assert _libthaw_cuda.read_regions(fd, specs) is None
+        assert _libthaw_cuda.read_regions(end.source, specs) is None
         assert all(torch.equal(a, b) for a, b in zip(targets, tensors))
-        os.pwrite(fd, b"\xff\x00", regions[0][0] + 5 * chunk + 17)  # corrupt chunk 5 of region 0
+        end.corrupt(regions[0][0] + 5 * chunk + 17)  # chunk 5 of region 0
         targets = [torch.zeros_like(t) for t in tensors]
         specs = [(o, d.data_ptr(), n, c, k) for (o, _, n, c), d, k in zip(regions, targets, crcs)]
-        assert _libthaw_cuda.read_regions(fd, specs) == (0, 5)
-        assert int(targets[0][5 * chunk : 6 * chunk].count_nonzero()) == 0
+        assert _libthaw_cuda.read_regions(end.source, specs) == (0, 5)
+        assert int(targets[0][5 * chunk:].count_nonzero()) == 0  # nothing from the bad piece on reached the GPU
     finally:
-        os.close(fd)
+        end.close()

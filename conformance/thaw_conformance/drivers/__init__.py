@@ -11,9 +11,10 @@ BUILTIN = {
     "mlx": "thaw_conformance.drivers.mlx:driver",
     "vllm": "thaw_conformance.drivers.vllm:driver",
     "sglang": "thaw_conformance.drivers.sglang:driver",
+    "transformers": "thaw_conformance.drivers.transformers:driver",
 }
 # The repository virtualenv each built-in driver runs in (scripts/setup-*.sh make them).
-VENVS = {"template": ".venv", "mlx": ".venv", "vllm": ".venv-vllm", "sglang": ".venv-sglang"}
+VENVS = {"template": ".venv", "mlx": ".venv", "vllm": ".venv-vllm", "sglang": ".venv-sglang", "transformers": ".venv"}
 
 
 def load_driver(spec: str) -> Driver:

@@ -1,0 +1,54 @@
+"""Everything thaw_transformers relies on beyond transformers' documented API, in one place, pinned to the tested
+version.
+
+transformers documents `DynamicCache(config=...)`, `Cache.update` and the model forward; what a cache layer
+holds (`keys`/`values` of [batch, kv_heads, tokens, head_dim]), which layers slide (`is_sliding`,
+`sliding_window`), how a sliding layer is kept from dropping tokens (`activate_past_recording`) and the
+forward's cache argument name (`cache`, `past_key_values` before 5.x) are internals. A newer transformers must be
+tested and added here before thaw_transformers accepts it.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from transformers.cache_utils import DynamicCache
+
+TESTED_TRANSFORMERS = ("5.24.",)
+if not transformers.__version__.startswith(TESTED_TRANSFORMERS):
+    raise ImportError(
+        f"thaw_transformers is tested with transformers {' or '.join(v + 'x' for v in TESTED_TRANSFORMERS)}; "
+        f"this is transformers {transformers.__version__}"
+    )
+
+TRANSFORMERS_VERSION = transformers.__version__
+
+
+def new_cache(config) -> DynamicCache:
+    """An empty cache laid out for the model (sliding layers where it slides) that keeps every token's KV.
+
+    A sliding layer normally drops tokens that left its window; recording its past keeps them (what the model
+    attends to is unchanged: the layer still hands attention only the window), so every token's KV can be paged
+    into the prefix cache.
+    """
+    cache = DynamicCache(config=config)
+    for layer in cache.layers:
+        if layer.is_sliding:
+            layer.activate_past_recording()
+    return cache
+
+
+def layer_kv(cache: DynamicCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) of one layer: [1, kv_heads, tokens, head_dim] each."""
+    return cache.layers[layer].keys, cache.layers[layer].values
+
+
+def sliding_window(cache: DynamicCache, layer: int):
+    """The layer's attention window in tokens, or None for full attention."""
+    entry = cache.layers[layer]
+    return entry.sliding_window if entry.is_sliding else None
+
+
+def forward(model, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """Run the model over input_ids [1, n] after the cache's tokens; the logits of the last position, [vocab]."""
+    return model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]

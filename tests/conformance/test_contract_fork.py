@@ -1,0 +1,50 @@
+"""thaw_format.sdk.fork on the template's contract engine: in-process children share the parent's cache, process
+children are equal engines started from launch_spec(), and what does not fit is refused by name."""
+
+import pytest
+
+from thaw_conformance.template.driver import driver
+from thaw_format.sdk import Unsupported, fork, greedy, seeded
+
+CONTEXT = list(range(3, 40))
+PROMPT = CONTEXT + [41, 42, 43]
+
+
+@pytest.fixture
+def parent(tmp_path):
+    engine = driver().start("toy", tmp_path)
+    engine.generate(CONTEXT, greedy(1))
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_children_continue_the_context_as_the_parent_does(parent, processes):
+    want = [parent.generate(PROMPT, seeded(7 + i, 6)) for i in range(2)]
+    children = fork(parent, 2, context=CONTEXT, processes=processes)
+    try:
+        for i, child in enumerate(children):
+            got = child.generate(PROMPT, seeded(7 + i, 6))
+            assert got.token_ids == want[i].token_ids and got.logprobs == want[i].logprobs
+            assert got.cached_tokens == want[i].cached_tokens > 0  # the context's pages, from cache
+    finally:
+        for child in children:
+            child.close()
+
+
+def test_a_prompt_that_does_not_extend_the_context_is_refused(parent):
+    [child] = fork(parent, 1, context=CONTEXT)
+    with pytest.raises(ValueError, match="does not extend"):
+        child.generate(PROMPT[1:], greedy(2))
+
+
+def test_a_missing_capability_is_unsupported_before_anything_starts(parent):
+    class NoProcesses(type(parent)):
+        @classmethod
+        def capabilities(cls):
+            return frozenset({"fork"})
+
+    with pytest.raises(Unsupported, match="fork_processes"):
+        fork(NoProcesses(parent.engine), 2, context=CONTEXT, processes=True)
+    with pytest.raises(ValueError, match="n >= 1"):
+        fork(parent, 0, context=CONTEXT)

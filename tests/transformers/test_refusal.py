@@ -1,0 +1,94 @@
+"""Snapshots this engine cannot hold are refused with a precise error before anything changes: the engine then
+serves exactly as before (same pages, same output)."""
+
+import pytest
+
+import thaw_format
+from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, KVLayer, SamplingParams
+from thaw_format.sdk import greedy, seeded
+from conftest import PROMPT, page_bytes
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A llama snapshot with a seeded request in flight, and its file."""
+    from conftest import shared_engine
+    parent = shared_engine("llama")
+    parent.generate(PROMPT, greedy(6))
+    parent.submit(PROMPT[::-1][:40], seeded(7, 12))
+    for _ in range(3):
+        parent.step()
+    path = tmp_path_factory.mktemp("refusal") / "snapshot.thaw"
+    thaw_format.save(parent.capture(), path)
+    return path
+
+
+def _edit(snap, field, value):
+    """The snapshot with one attribute path (dotted) set to value."""
+    *parents, last = field.split(".")
+    target = snap
+    for name in parents:
+        target = target[int(name)] if name.isdigit() else getattr(target, name)
+    setattr(target, last, value)
+    return snap
+
+
+EDITS = {
+    "architecture": ("model.architecture", "MistralForCausalLM", "model.architecture"),
+    "config": ("model.config_digest", "sha256:" + "0" * 64, "model.config_digest"),
+    "dtype": ("model.dtype", "bfloat16", "model.dtype"),
+    "weights digest": ("model.weights_digest", "sha256:" + "1" * 64, "model.weights_digest"),
+    "page size": ("kv.page_size", 16, "kv.page_size"),
+    "heads": ("kv.layers.0.num_kv_heads", 4, "kv.layers[0]"),
+    "kind": ("kv.layers.1.kind", "sliding_window", "kv.layers[1]"),
+    "penalty": ("scheduler.requests.0.sampling.repetition_penalty", 1.3, "repetition_penalty"),
+    "foreign generator": ("engine.name", "vllm", "generator state of vllm"),
+    "no generator": ("scheduler.requests.0.rng_state", None, "no generator state"),
+    "pages": ("scheduler.requests.0.pages", [0, 1], "do not hold its computed tokens"),
+}
+
+
+@pytest.mark.parametrize("label", list(EDITS))
+def test_refused_and_untouched(label, served, engine):
+    field, value, named = EDITS[label]
+    e = engine("llama")
+    first = e.generate(PROMPT, greedy(6))
+    before = page_bytes(e.capture(include_weights=False))
+    bad = _edit(thaw_format.load(served), field, value)
+    for attempt in (e.check, e.restore):
+        with pytest.raises(IncompatibleSnapshotError, match=named.replace("[", r"\[").replace("]", r"\]")):
+            attempt(bad)
+    assert page_bytes(e.capture(include_weights=False)) == before and not e.requests
+    assert e.generate(PROMPT + first.token_ids, greedy(4)).cached_tokens == 75
+
+
+def test_other_architecture_refused(served, engine):
+    e = engine("qwen3")
+    with pytest.raises(IncompatibleSnapshotError, match="model.architecture"):
+        e.restore(thaw_format.load(served))
+    assert e.capture(include_weights=False).kv is None
+
+
+def test_missing_layer_tensor_refused(served, engine):
+    snap = thaw_format.load(served)
+    snap.kv.layers[0] = KVLayer("attention", {"k": snap.kv.layers[0].tensors["k"]}, 2, 32)
+    with pytest.raises(IncompatibleSnapshotError, match=r"kv.layers\[0\] must hold"):
+        engine("llama").restore(snap)
+
+
+def test_unsupported_sampling_in_generate(engine):
+    from thaw_format.sdk import Unsupported
+    with pytest.raises(Unsupported, match="frequency_penalty"):
+        engine("llama").generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=2, frequency_penalty=0.5))
+
+
+def test_damaged_file_refused(served, tmp_path):
+    """The format refuses a flipped byte and a truncated file before any engine sees them."""
+    data = bytearray(served.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    flipped, cut = tmp_path / "flipped.thaw", tmp_path / "cut.thaw"
+    flipped.write_bytes(bytes(data))
+    cut.write_bytes(served.read_bytes()[:-100])
+    for path in (flipped, cut):
+        with pytest.raises(CorruptSnapshotError):
+            thaw_format.load(path)
