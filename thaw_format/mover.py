@@ -30,6 +30,8 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         computed in the same pass when chunk_size > 0. scatter_pages(pages, blocks, block_offsets, layout)
         writes them back. Bad ranges, shared memory between the two sides and (scatter) two pages for one
         block raise ValueError before any byte moves.
+    copy_with_crcs(src, out, chunk_size) -> array('I')
+        out[:len(src)] = src and the CRC32C of each chunk of it, in one multi-threaded pass (native path)
     empty(nbytes) -> memoryview                 an uninitialised writable buffer, the target of a load
 Reads raise EOFError when the file is shorter than a region, OSError on an I/O error.
 """
@@ -314,6 +316,13 @@ def _page_byte_index(offsets, layout: PageLayout):
     return (offsets[:, None, None] + elements[None, :, None] + item).ravel()
 
 
+def _py_copy_with_crcs(src, out, chunk_size: int) -> array:
+    s = _bytes_view(src)
+    target = _bytes_view(out)[: len(s)]
+    target[:] = s
+    return _py_chunk_crcs(target, chunk_size)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The native path (libthaw); every _lib call releases the GIL.
 
@@ -453,6 +462,17 @@ def _page_failure(code: int, blocks_len: int, pages_len: int, offsets, layout: P
     raise ValueError(f"libthaw refused the page move (code {code})")
 
 
+def _c_copy_with_crcs(src, out, chunk_size: int) -> array:
+    """A copy is a gather of one page of one row."""
+    import numpy
+
+    n = len(_bytes_view(src))
+    if n == 0:
+        _num_chunks(0, chunk_size)
+        return array("I")
+    return _c_gather_pages(src, [0], PageLayout(1, numpy.zeros(1, numpy.int64), n, 1), out, chunk_size)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The public functions: bound once to the active path.
 
@@ -460,9 +480,9 @@ if _lib is not None:
     crc32c, chunk_crcs = _c_crc32c, _c_chunk_crcs
     write_regions, read_regions, verify_regions = _c_write_regions, _c_read_regions, _c_verify_regions
     gather, scatter = _c_gather, _c_scatter
-    gather_pages, scatter_pages = _c_gather_pages, _c_scatter_pages
+    gather_pages, scatter_pages, copy_with_crcs = _c_gather_pages, _c_scatter_pages, _c_copy_with_crcs
 else:
     crc32c, chunk_crcs = _py_crc32c, _py_chunk_crcs
     write_regions, read_regions, verify_regions = _py_write_regions, _py_read_regions, _py_verify_regions
     gather, scatter = _py_gather, _py_scatter
-    gather_pages, scatter_pages = _py_gather_pages, _py_scatter_pages
+    gather_pages, scatter_pages, copy_with_crcs = _py_gather_pages, _py_scatter_pages, _py_copy_with_crcs

@@ -1,13 +1,16 @@
 """How a snapshot travels between the client and the engine's processes, named by a `source` string.
 
-"shm://name": POSIX shared memory, written once with checksums and verified by each reader; no file, no
-pickle. "local://n": the same process (an in-process engine with its worker in-process too): the Snapshot
-object itself is handed over, with no copy and no encoding. A path is a snapshot file.
+"shm://name": POSIX shared memory, written once with checksums (the KV pages gathered straight into it by
+libthaw) and verified by each reader, who then reads the tensors in place through a private mapping: no
+copy out, no file, no pickle. "local://n": the same process (an in-process engine with its worker in-process
+too): the Snapshot object itself is handed over, with no copy and no encoding. A path is a snapshot file.
 """
 
 from __future__ import annotations
 
+import mmap
 from multiprocessing import resource_tracker, shared_memory
+from typing import Optional
 
 import thaw_format
 
@@ -31,10 +34,11 @@ def _unlink(shm: shared_memory.SharedMemory) -> None:
 class SharedSnapshot:
     """A snapshot written once into a shared-memory segment; `source` names it for other processes."""
 
-    def __init__(self, snapshot: thaw_format.Snapshot) -> None:
+    def __init__(self, snapshot: thaw_format.Snapshot, fill: Optional[dict] = None) -> None:
+        """`fill` writes deferred tensors in place (thaw_format.EncodedSnapshot.write_into)."""
         encoded = thaw_format.EncodedSnapshot(snapshot)
         self._shm = _untracked(shared_memory.SharedMemory(create=True, size=max(encoded.nbytes, 1)))
-        self.id = encoded.write_into(self._shm.buf)
+        self.id = encoded.write_into(self._shm.buf, fill)
         self.nbytes = encoded.nbytes
         self.source = SHM_PREFIX + self._shm.name
 
@@ -83,8 +87,9 @@ def publish(snapshot: thaw_format.Snapshot, *, local: bool):
 
 
 def read(source: str, *, unlink: bool = False) -> thaw_format.Snapshot:
-    """The snapshot a source names: checksums verified and tensors copied out unless it is local.
-    `unlink` releases the source (the reader is its last user)."""
+    """The snapshot a source names, checksums verified: a shared-memory snapshot's tensors view the segment
+    through a private copy-on-write mapping (kept while they live), a file's are read. `unlink` releases the
+    source (the reader is its last user); the mapping outlives the name."""
     if source.startswith(LOCAL_PREFIX):
         return _LOCAL.pop(source) if unlink else _LOCAL[source]
     if not source.startswith(SHM_PREFIX):
@@ -97,9 +102,10 @@ def read(source: str, *, unlink: bool = False) -> thaw_format.Snapshot:
                                 "(capture a fork child with include_weights=False: a KV-only snapshot that "
                                 "names the weights by digest)") from None
     try:
-        return thaw_format.loads(shm.buf, copy=True)
+        mapping = mmap.mmap(shm._fd, shm.size, access=mmap.ACCESS_COPY)
     finally:
         shm.close()
         if unlink:
             _unlink(shm)
+    return thaw_format.loads(mapping, copy=False)
 
