@@ -150,6 +150,18 @@ def page_layout(positions, itemsize: int) -> PageLayout:
     return PageLayout(itemsize, positions, 1, 1)
 
 
+def consecutive_runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first page, count, index in `pages`) of each run of consecutive page numbers: the slices of a page
+    buffer that one gather_pages / scatter_pages call each can take."""
+    runs: list[list[int]] = []
+    for at, page in enumerate(pages):
+        if runs and page == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([page, 1, at])
+    return [(first, count, at) for first, count, at in runs]
+
+
 def _page_positions(layout: PageLayout):
     """Every page element's block element, in page order (the portable path's index)."""
     import numpy
