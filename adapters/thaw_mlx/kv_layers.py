@@ -218,7 +218,8 @@ def _to_pages(x: mx.array, num_tokens: int, page_size: int) -> Tensor:
     itemsize = source.nbytes // x.size
     num_pages = -(-num_tokens // page_size)
     page_bytes = page_size * heads * dim * itemsize
-    out = np.zeros(num_pages * page_bytes, np.uint8)  # a short last page's padding stays zero
+    out = np.frombuffer(mover.empty(num_pages * page_bytes), np.uint8)
+    out[num_tokens * heads * dim * itemsize :] = 0  # a short last page's padding (token-major: its tail)
     page = 0
     for layout, count in _page_moves(num_tokens, page_size, heads, capacity, dim, itemsize):
         offsets = (np.arange(count, dtype=np.int64) + page) * page_size * dim * itemsize  # token p*page_size
@@ -233,7 +234,8 @@ def _from_pages(tensor: Tensor, pages: list[int], num_tokens: int) -> mx.array:
     _, page_size, heads, dim = tensor.shape
     itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1)
     capacity = -(-num_tokens // _internals.CACHE_STEP) * _internals.CACHE_STEP
-    out = np.zeros(heads * capacity * dim * itemsize, np.uint8)
+    out = np.frombuffer(mover.empty(heads * capacity * dim * itemsize), np.uint8)
+    out.reshape(heads, capacity, -1)[:, num_tokens:] = 0  # the capacity past the last token
     page_bytes = page_size * heads * dim * itemsize
     at = 0  # index into `pages` of the next page to write
     for layout, count in _page_moves(num_tokens, page_size, heads, capacity, dim, itemsize):
