@@ -8,6 +8,7 @@ import functools
 
 import thaw_format
 import vllm
+from thaw_format import mover
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import deferred_tensor
 
@@ -36,22 +37,25 @@ class ThawWorkerExtension:
         return self._thaw_digest
 
     def thaw_capture(self, plan: dict, include_weights: bool, local: bool) -> dict:
-        """Assemble the snapshot the engine core planned (pages, block ids, requests) and publish it: in shared
-        memory, the KV pages gathered by libthaw straight into the segment with their checksums; in-process
-        (the client is here too), gathered into the snapshot's own buffers. The client reads and releases it."""
+        """Assemble the snapshot the engine core planned (pages, block ids, requests) and publish it: in this
+        worker's reused shared-memory segment, the KV pages gathered by libthaw straight into it with their
+        checksums (the client copies it out, verified, before the next capture); in-process (the client is
+        here too), gathered into the snapshot's own buffers."""
         if local:
             shared = transport.publish(_build_snapshot(self, plan, include_weights, gathered=True), local=True)
         else:
             caches, layout = engine_layout(self)
             fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
                     for i, cache in enumerate(caches) for role in ("k", "v")}
-            shared = transport.SharedSnapshot(_build_snapshot(self, plan, include_weights, gathered=False), fill)
+            snapshot = _build_snapshot(self, plan, include_weights, gathered=False)
+            return {"source": transport.engine_segment(self).publish(snapshot, fill)}
         shared.detach()
         return {"source": shared.source}
 
     def thaw_stage(self, source: str) -> None:
         """Read and verify a snapshot, and check its KV fits this engine's, before the engine core changes
         anything."""
+        self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
         snapshot = transport.read(source)
         caches, layout = engine_layout(self)
         _check_kv(snapshot.kv, caches, layout)
@@ -63,7 +67,7 @@ class ThawWorkerExtension:
         caches, layout = engine_layout(self)
         page_bytes = layout.pages["k"].page_bytes
         layers = [(layer.tensors["k"].data, layer.tensors["v"].data) for layer in snapshot.kv.layers]
-        for first, count, at in _runs(pages):  # consecutive pages are one slice of the snapshot's tensors
+        for first, count, at in mover.consecutive_runs(pages):  # consecutive pages are one slice of the snapshot's tensors
             span = slice(first * page_bytes, (first + count) * page_bytes)
             for cache, (k, v) in zip(caches, layers):
                 scatter_pages(cache, block_ids[at : at + count], k[span], v[span], layout)
@@ -91,17 +95,6 @@ def _check_kv(kv, caches, layout) -> None:
             if t is None or t.dtype != dtype or tuple(t.shape[1:]) != layout.page_shape:
                 raise ValueError(f"kv.layers[{i}] {role!r}: {t!r}, the engine holds {dtype} pages of "
                                  f"{list(layout.page_shape)}")
-
-
-def _runs(pages: list[int]) -> list[tuple[int, int, int]]:
-    """(first page, count, index in `pages`) of each run of consecutive page numbers."""
-    runs = []
-    for at, page in enumerate(pages):
-        if runs and page == runs[-1][0] + runs[-1][1]:
-            runs[-1][1] += 1
-        else:
-            runs.append([page, 1, at])
-    return [tuple(r) for r in runs]
 
 
 def _build_snapshot(worker, plan: dict, include_weights: bool, gathered: bool) -> thaw_format.Snapshot:

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 from ..snapshot import SamplingParams
 from .contract import Engine, Generation, LaunchSpec
-from .shared import SharedSnapshot
+from .shared import Segment
 
 
 class PoolWorkerDied(RuntimeError):
@@ -106,6 +106,7 @@ class ForkPool:
         spec = spec if isinstance(spec, LaunchSpec) else spec.launch_spec()
         self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
         self._env = {**os.environ, **(env or {})}
+        self._segment = Segment()  # each round's KV snapshot, over the previous round's (warm pages)
         self._workers = [_Worker(str(i), self._config, self._env) for i in range(workers)]
         try:
             for worker in self._workers:
@@ -132,26 +133,26 @@ class ForkPool:
             worker.ensure_ready()
         snapshot = parent.capture(include_weights=False, chains=[context])
         captured = time.perf_counter()
-        with SharedSnapshot(snapshot) as shared:
-            del snapshot
-            published = time.perf_counter()
-            round_ = ForkRound([], shared.nbytes, captured - started, published - captured)
-            params_dict = dataclasses.asdict(params)
-            sent = [worker.send({"source": shared.source, "prompt": context + [int(t) for t in suffix],
-                                 "params": params_dict}) for worker, suffix in zip(workers, suffixes)]
-            replies, failures = [], []
-            for index, (worker, ok) in enumerate(zip(workers, sent)):
-                try:  # every live worker answers before the round ends, so none is left mid-message
-                    reply = worker.receive() if ok else None
-                    if reply is None:
-                        raise PoolWorkerDied(f"{worker.describe()} exited with {_exit_status(worker.process.wait())}")
-                except PoolWorkerDied as exc:
-                    failures.append(exc)
-                    self._workers[index] = _Worker(worker.name, self._config, self._env)  # replacement
-                    continue
-                if "error" in reply:
-                    failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
-                replies.append(reply)
+        source = self._segment.publish(snapshot)  # every worker answers before the next round overwrites it
+        del snapshot
+        published = time.perf_counter()
+        round_ = ForkRound([], int(source.rpartition("#")[2]), captured - started, published - captured)
+        params_dict = dataclasses.asdict(params)
+        sent = [worker.send({"source": source, "prompt": context + [int(t) for t in suffix],
+                             "params": params_dict}) for worker, suffix in zip(workers, suffixes)]
+        replies, failures = [], []
+        for index, (worker, ok) in enumerate(zip(workers, sent)):
+            try:  # every live worker answers before the round ends, so none is left mid-message
+                reply = worker.receive() if ok else None
+                if reply is None:
+                    raise PoolWorkerDied(f"{worker.describe()} exited with {_exit_status(worker.process.wait())}")
+            except PoolWorkerDied as exc:
+                failures.append(exc)
+                self._workers[index] = _Worker(worker.name, self._config, self._env)  # replacement
+                continue
+            if "error" in reply:
+                failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
+            replies.append(reply)
         if failures:
             died = [f for f in failures if isinstance(f, PoolWorkerDied)]
             kind = PoolWorkerDied if died else RuntimeError
@@ -167,6 +168,7 @@ class ForkPool:
     def close(self) -> None:
         for worker in self._workers:
             worker.stop()
+        self._segment.close()
 
     def __enter__(self) -> "ForkPool":
         return self
