@@ -21,8 +21,8 @@ import random
 import time
 
 import numpy as np
-from bench_kv_move import KV_HEAVY, best
-from common import command_line, write_results
+from bench_kv_move import KV_HEAVY
+from common import best_of, command_line, write_results
 
 
 def main() -> None:
@@ -86,7 +86,7 @@ def main() -> None:
             raise SystemExit("cold fork children differ from the re-prefills")
 
     src, dst = np.ones(steady.kv_bytes, np.uint8), np.zeros(steady.kv_bytes, np.uint8)
-    memcpy_s = best(lambda: np.copyto(dst, src))
+    memcpy_s = best_of(lambda: np.copyto(dst, src))
     kv_out = steady.capture_s + steady.publish_s
     kv_in = max(steady.restore_s)
     generate_s = max(steady.generate_s)

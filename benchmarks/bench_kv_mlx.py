@@ -18,24 +18,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import command_line, write_results
+from common import best_of, command_line, write_results
 
 CONFIG = {"model_type": "llama", "hidden_size": 128, "num_hidden_layers": 8, "intermediate_size": 256,
           "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-5,
           "vocab_size": 1024, "rope_theta": 10000.0, "tie_word_embeddings": False}
-
-
-def best(fn, repeats: int = 3) -> float:
-    import gc
-    import time
-
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -75,17 +62,17 @@ def main() -> None:
         n = args.tokens
         assert bytes(memoryview(mx.contiguous(a.keys[..., :n, :]))) == bytes(memoryview(mx.contiguous(b.keys[..., :n, :])))
     src, dst = np.ones(kv_bytes, np.uint8), np.zeros(kv_bytes, np.uint8)
-    memcpy = best(lambda: np.copyto(dst, src))
+    memcpy = best_of(lambda: np.copyto(dst, src))
     del src, dst
-    capture_s = best(capture)
-    restore_s = best(lambda: restore(snapshot))
+    capture_s = best_of(capture)
+    restore_s = best_of(lambda: restore(snapshot))
 
     with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parents[1] / ".cache") as tmp:
         ours, theirs = Path(tmp) / "cache.thaw", Path(tmp) / "cache.safetensors"
-        save_ours = best(lambda: thaw_format.save(capture(), ours))
-        save_theirs = best(lambda: mlx_cache.save_prompt_cache(str(theirs), prompt_cache))
-        load_ours = best(lambda: restore(thaw_format.load(ours)))
-        load_theirs = best(lambda: mx.eval([c.state for c in mlx_cache.load_prompt_cache(str(theirs))]))
+        save_ours = best_of(lambda: thaw_format.save(capture(), ours))
+        save_theirs = best_of(lambda: mlx_cache.save_prompt_cache(str(theirs), prompt_cache))
+        load_ours = best_of(lambda: restore(thaw_format.load(ours)))
+        load_theirs = best_of(lambda: mx.eval([c.state for c in mlx_cache.load_prompt_cache(str(theirs))]))
 
     data = {"tokens": args.tokens, "kv_bytes": kv_bytes, "memcpy_s": memcpy, "capture_s": capture_s,
             "restore_s": restore_s, "capture_vs_memcpy": memcpy / capture_s, "restore_vs_memcpy": memcpy / restore_s,

@@ -23,7 +23,7 @@ import random
 import time
 
 import numpy as np
-from common import command_line, write_results
+from common import best_of, command_line, write_results
 
 KV_HEAVY = dict(num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, head_dim=128, hidden_size=128)
 
@@ -56,16 +56,6 @@ def peak_rss_rise(fn) -> int:
     return sum(max(0, _status(pid, "VmHWM") - before[pid]) for pid in pids)
 
 
-def best(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def measure(mode: str, model: str, tokens: int) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if mode == "inproc" else "1"
     from vllm import SamplingParams
@@ -88,10 +78,10 @@ def measure(mode: str, model: str, tokens: int) -> dict:
     snapshot = capture()
     kv_bytes = sum(t.nbytes for layer in snapshot.kv.layers for t in layer.tensors.values())
     src, dst = np.ones(kv_bytes, np.uint8), np.zeros(kv_bytes, np.uint8)
-    memcpy = best(lambda: np.copyto(dst, src))
+    memcpy = best_of(lambda: np.copyto(dst, src))
     del src, dst
-    capture_s = best(capture)
-    restore_s = best(lambda: thaw_vllm.restore(llm, snapshot))
+    capture_s = best_of(capture)
+    restore_s = best_of(lambda: thaw_vllm.restore(llm, snapshot))
     out = llm.generate([TokensPrompt(prompt_token_ids=trunk + [5])], one, use_tqdm=False)[0]
     if out.num_cached_tokens != tokens // 32 * 32:
         raise SystemExit(f"{mode}: after restore vLLM reports {out.num_cached_tokens} cached tokens")

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 
 from ..snapshot import SamplingParams
-from .child import resolve
+from .child import protocol_replies, resolve
 from .shared import read_shared
 
 
@@ -31,12 +30,7 @@ def run_round(engine, message: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     config = json.loads(argv[1])
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-
-    def reply(message: dict) -> None:
-        protocol.write(json.dumps(message) + "\n")
-
+    reply = protocol_replies()
     try:
         engine = resolve(config["factory"])(**config["kwargs"])
     except Exception as exc:
