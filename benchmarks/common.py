@@ -45,6 +45,19 @@ def best_seconds(fn, min_time: float = 0.1) -> tuple[float, int]:
         calls = max(calls * 2, int(calls * min_time / max(elapsed, 1e-9)) + 1)
 
 
+def best_of(fn, repeats: int = 3) -> float:
+    """The fastest of `repeats` calls of fn, in seconds (garbage collected before each)."""
+    import gc
+
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def write_results(name: str, title: str, command: str, data: dict, table: list[list[str]], notes: list[str]) -> None:
     """benchmarks/results/<name>.json and <name>.md (a markdown table naming the command and machine)."""
     RESULTS.mkdir(exist_ok=True)

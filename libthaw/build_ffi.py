@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent
 SRC = ROOT / "src"
 INCLUDE = ROOT / "include"
 
-PORTABLE_SOURCES = ["crc32c.c", "crc32c_sw.c", "pool.c", "io.c", "gather.c", "stage_plan.c"]
+PORTABLE_SOURCES = ["crc32c.c", "crc32c_sw.c", "pool.c", "io.c", "gather.c", "pages.c", "stage_plan.c"]
 
 _X86_64 = {
     "cpu_x86.c": [],
@@ -75,6 +75,27 @@ int thaw_stage_slots(int slots);
 uint64_t thaw_stage_slot_bytes(const uint64_t *lens, const uint64_t *chunk_sizes, size_t n, uint64_t slot_bytes);
 int64_t thaw_stage_plan(const uint64_t *lens, const uint64_t *chunk_sizes, size_t n, uint64_t slot_bytes, int slots,
                         thaw_stage_piece *out, size_t cap);
+
+typedef struct {
+    size_t itemsize;
+    size_t rows;
+    size_t row_elems;
+    int64_t col_stride;
+    const int64_t *row_start;
+} thaw_page_layout;
+
+#define THAW_PAGES_SHORT_BUFFER -1
+#define THAW_PAGES_BAD_LAYOUT -2
+#define THAW_PAGES_OVERLAP -3
+#define THAW_PAGES_BAD_CHUNK -4
+#define THAW_PAGES_REPEATED -5
+#define THAW_PAGES_NO_MEMORY -6
+
+int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *block_offsets, size_t n,
+                          const thaw_page_layout *layout, void *out, size_t out_len, size_t chunk_size,
+                          uint32_t *crcs);
+int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
+                           const int64_t *block_offsets, size_t n, const thaw_page_layout *layout);
 """
 
 

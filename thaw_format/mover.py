@@ -24,19 +24,27 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
     gather(src, offsets, length, out) / scatter(src, out, offsets, length)
         copy slab i between src[offsets[i]:+length] and out[i*length:+length] (and back); a slab outside
         its buffer raises ValueError before any byte moves. `offsets` is copied first, so it may alias `out`.
+    gather_pages(blocks, block_offsets, layout, out, chunk_size=0) -> array('I') or None
+        page i of `out` = the engine block at byte block_offsets[i] of `blocks`, read through a PageLayout
+        (the engine's element order, e.g. a transposed K), with the CRC32C of each chunk_size chunk of `out`
+        computed in the same pass when chunk_size > 0. scatter_pages(pages, blocks, block_offsets, layout)
+        writes them back. Bad ranges, shared memory between the two sides and (scatter) two pages for one
+        block raise ValueError before any byte moves.
+    copy_with_crcs(src, out, chunk_size) -> array('I')
+        out[:len(src)] = src and the CRC32C of each chunk of it, in one multi-threaded pass (native path)
+    empty(nbytes) -> memoryview                 an uninitialised writable buffer, the target of a load
+Reads raise EOFError when the file is shorter than a region, OSError on an I/O error.
 Staging memory is bounded whatever a file declares: chunks up to _STAGED_CHUNK_BYTES are staged whole (per
 thread on the native path); a larger chunk is read in _STAGE_BYTES pieces on one thread with a running
 CRC, copied out piece by piece, and its bytes in `out` are zeroed again if its CRC fails, so on return `out`
 still holds no byte of a bad chunk.
-    empty(nbytes) -> memoryview                 an uninitialised writable buffer, the target of a load
-Reads raise EOFError when the file is shorter than a region, OSError on an I/O error.
 """
 
 from __future__ import annotations
 
 import os
 from array import array
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import crc32c as _crc32c
 
@@ -128,6 +136,84 @@ def _check_slabs(src_len: int, out_len: int, offsets, length: int, slabs_in_src:
     for i, off in enumerate(offsets):
         if off < 0 or off + length > sparse:
             raise ValueError(f"slab {i} [{off}, {off + length}) is outside a buffer of {sparse} bytes")
+
+
+class PageLayout(NamedTuple):
+    """Where a token-major page's elements sit in an engine block: `rows` rows of `row_elems` elements of
+    `itemsize` bytes; row r starts at element row_start[r] of the block, its elements col_stride apart."""
+
+    itemsize: int
+    row_start: object  # int64 numpy array, one entry per row
+    row_elems: int
+    col_stride: int
+
+    @property
+    def page_bytes(self) -> int:
+        return len(self.row_start) * self.row_elems * self.itemsize
+
+
+def page_layout(positions, itemsize: int) -> PageLayout:
+    """The PageLayout of a page whose element j (page order) sits at block element positions[j]: rows as long
+    as the positions keep one stride (a head_dim row, transposed or not), else one element per row."""
+    import numpy
+
+    positions = numpy.ascontiguousarray(positions, dtype=numpy.int64).ravel()
+    n = len(positions)
+    if n > 1:
+        steps = numpy.diff(positions)
+        stride = int(steps[0])
+        breaks = numpy.flatnonzero(steps != stride)
+        width = int(breaks[0]) + 1 if len(breaks) else n
+        if n % width == 0:
+            rows = positions.reshape(-1, width)
+            if numpy.array_equal(rows, rows[:, :1] + numpy.arange(width, dtype=numpy.int64) * stride):
+                return PageLayout(itemsize, numpy.ascontiguousarray(rows[:, 0]), width, stride)
+    return PageLayout(itemsize, positions, 1, 1)
+
+
+def consecutive_runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first page, count, index in `pages`) of each run of consecutive page numbers: the slices of a page
+    buffer that one gather_pages / scatter_pages call each can take."""
+    runs: list[list[int]] = []
+    for at, page in enumerate(pages):
+        if runs and page == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([page, 1, at])
+    return [(first, count, at) for first, count, at in runs]
+
+
+def _page_positions(layout: PageLayout):
+    """Every page element's block element, in page order (the portable path's index)."""
+    import numpy
+
+    cols = numpy.arange(layout.row_elems, dtype=numpy.int64) * layout.col_stride
+    return (numpy.asarray(layout.row_start, dtype=numpy.int64)[:, None] + cols).ravel()
+
+
+def _check_pages(blocks_len: int, pages_len: int, offsets, layout: PageLayout, scatter: bool, shared: bool) -> None:
+    """Refuse a page move whose ranges are wrong, before any byte moves, naming what is wrong."""
+    import numpy
+
+    if layout.itemsize not in (1, 2, 4, 8) or len(layout.row_start) == 0 or layout.row_elems < 1:
+        raise ValueError(f"page layout: itemsize {layout.itemsize} (must be 1, 2, 4 or 8), "
+                         f"{len(layout.row_start)} rows of {layout.row_elems} elements (must be >= 1)")
+    need = len(offsets) * layout.page_bytes
+    if need > pages_len:
+        raise ValueError(f"{len(offsets)} pages of {layout.page_bytes} bytes need {need} bytes, buffer has {pages_len}")
+    if shared:
+        raise ValueError("the pages buffer and the engine buffer share memory")
+    positions = _page_positions(layout)
+    lo, hi = int(positions.min()) * layout.itemsize, (int(positions.max()) + 1) * layout.itemsize
+    for i, off in enumerate(map(int, offsets)):  # Python ints: no wrap-around
+        if off + lo < 0 or off + hi > blocks_len:
+            raise ValueError(f"page {i}: its block at byte {off} spans [{off + lo}, {off + hi}), outside an engine "
+                             f"buffer of {blocks_len} bytes")
+    if scatter:
+        values, counts = numpy.unique(numpy.asarray(offsets, dtype=numpy.int64), return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"pages name block offset {int(values[counts > 1][0])} more than once: a scatter "
+                             "writes each block once")
 
 
 def _batches(sizes: Sequence[int], progress: Progress):
@@ -283,6 +369,43 @@ def _py_scatter(src, out, offsets: Sequence[int], length: int) -> None:
         o[off : off + length] = s[i * length : (i + 1) * length]
 
 
+def _py_gather_pages(blocks, block_offsets, layout: PageLayout, out, chunk_size: int = 0):
+    import numpy
+
+    b, o = numpy.frombuffer(_bytes_view(blocks), numpy.uint8), numpy.frombuffer(_bytes_view(out), numpy.uint8)
+    offsets = numpy.asarray(block_offsets, dtype=numpy.int64)
+    _check_pages(len(b), len(o), offsets, layout, False, numpy.shares_memory(b, o))
+    index = _page_byte_index(offsets, layout)
+    o[: index.size] = b[index]
+    return _py_chunk_crcs(o[: index.size], chunk_size) if chunk_size else None
+
+
+def _py_scatter_pages(pages, blocks, block_offsets, layout: PageLayout) -> None:
+    import numpy
+
+    p, b = numpy.frombuffer(_bytes_view(pages), numpy.uint8), numpy.frombuffer(_bytes_view(blocks), numpy.uint8)
+    offsets = numpy.asarray(block_offsets, dtype=numpy.int64)
+    _check_pages(len(b), len(p), offsets, layout, True, numpy.shares_memory(b, p))
+    index = _page_byte_index(offsets, layout)
+    b[index] = p[: index.size]
+
+
+def _page_byte_index(offsets, layout: PageLayout):
+    """The engine byte of every page byte, pages in order: one vectorised index for numpy."""
+    import numpy
+
+    elements = _page_positions(layout) * layout.itemsize
+    item = numpy.arange(layout.itemsize, dtype=numpy.int64)
+    return (offsets[:, None, None] + elements[None, :, None] + item).ravel()
+
+
+def _py_copy_with_crcs(src, out, chunk_size: int) -> array:
+    s = _bytes_view(src)
+    target = _bytes_view(out)[: len(s)]
+    target[:] = s
+    return _py_chunk_crcs(target, chunk_size)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The native path (libthaw); every _lib call releases the GIL.
 
@@ -385,6 +508,53 @@ def _c_scatter(src, out, offsets: Sequence[int], length: int) -> None:
         _check_slabs(len(s), len(o), offsets, length, slabs_in_src=False)  # raises, naming the bad slab
 
 
+def _c_page_layout(layout: PageLayout):
+    """The C struct and the buffer its row_start points into (kept alive by the caller)."""
+    rows = _c_offsets(layout.row_start)
+    return _ffi.new("thaw_page_layout *", (layout.itemsize, len(rows), layout.row_elems, layout.col_stride, rows)), rows
+
+
+def _c_gather_pages(blocks, block_offsets, layout: PageLayout, out, chunk_size: int = 0):
+    b, o, offs = _c_buffer(blocks), _c_buffer(out, writable=True), _c_offsets(block_offsets)
+    c_layout, _rows = _c_page_layout(layout)
+    crcs = array("I", bytes(4 * _num_chunks(len(offs) * layout.page_bytes, chunk_size))) if chunk_size else None
+    c_crcs = _ffi.from_buffer(_UINT32S, crcs, True) if crcs is not None else _ffi.NULL
+    code = _lib.thaw_gather_pages(b, len(b), offs, len(offs), c_layout, o, len(o), max(chunk_size, 0), c_crcs)
+    if code:
+        _page_failure(code, len(b), len(o), block_offsets, layout, False, blocks, out)
+    return crcs
+
+
+def _c_scatter_pages(pages, blocks, block_offsets, layout: PageLayout) -> None:
+    p, b, offs = _c_buffer(pages), _c_buffer(blocks, writable=True), _c_offsets(block_offsets)
+    c_layout, _rows = _c_page_layout(layout)
+    code = _lib.thaw_scatter_pages(p, len(p), b, len(b), offs, len(offs), c_layout)
+    if code:
+        _page_failure(code, len(b), len(p), block_offsets, layout, True, blocks, pages)
+
+
+def _page_failure(code: int, blocks_len: int, pages_len: int, offsets, layout: PageLayout, scatter: bool,
+                  blocks, pages) -> None:
+    """Turn a refusal from C into the ValueError that names what is wrong."""
+    if code == _lib.THAW_PAGES_NO_MEMORY:
+        raise MemoryError("libthaw could not allocate the scatter's offset check")
+    if code == _lib.THAW_PAGES_BAD_CHUNK:
+        raise ValueError(f"chunk_size must be a positive multiple of the item size {layout.itemsize}")
+    _check_pages(blocks_len, pages_len, list(offsets), layout, scatter, code == _lib.THAW_PAGES_OVERLAP)
+    raise ValueError(f"libthaw refused the page move (code {code})")
+
+
+def _c_copy_with_crcs(src, out, chunk_size: int) -> array:
+    """A copy is a gather of one page of one row."""
+    import numpy
+
+    n = len(_bytes_view(src))
+    if n == 0:
+        _num_chunks(0, chunk_size)
+        return array("I")
+    return _c_gather_pages(src, [0], PageLayout(1, numpy.zeros(1, numpy.int64), n, 1), out, chunk_size)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The public functions: bound once to the active path.
 
@@ -392,7 +562,9 @@ if _lib is not None:
     crc32c, chunk_crcs = _c_crc32c, _c_chunk_crcs
     write_regions, read_regions, verify_regions = _c_write_regions, _c_read_regions, _c_verify_regions
     gather, scatter = _c_gather, _c_scatter
+    gather_pages, scatter_pages, copy_with_crcs = _c_gather_pages, _c_scatter_pages, _c_copy_with_crcs
 else:
     crc32c, chunk_crcs = _py_crc32c, _py_chunk_crcs
     write_regions, read_regions, verify_regions = _py_write_regions, _py_read_regions, _py_verify_regions
     gather, scatter = _py_gather, _py_scatter
+    gather_pages, scatter_pages, copy_with_crcs = _py_gather_pages, _py_scatter_pages, _py_copy_with_crcs

@@ -1,10 +1,14 @@
 """Writing: one plan, three sinks — a path (atomic), a stream (one pass, no seeking), a memory buffer.
 
-The writer is deterministic: the same Snapshot always gives the same bytes.
+The writer is deterministic: the same Snapshot always gives the same bytes. A memory buffer can also take
+tensors whose bytes do not exist yet (`deferred_tensor`): a `fill` function writes each one straight into its
+region and returns the region's chunk CRCs, so an engine's KV pages reach shared memory in one pass.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import secrets
 import stat
@@ -14,11 +18,23 @@ from typing import Callable, Optional
 from . import mover
 from .container import DEFAULT_CHUNK_SIZE, encode_header, encode_trailer, plan_layout, content_id
 from .document import canonical_json, decode, encode, features, validate
+from .dtypes import itemsize
 from .errors import CorruptSnapshotError
 from .gcpause import gc_paused
 from .snapshot import Snapshot
+from .tensor import Tensor
 
 Progress = Optional[Callable[[int], None]]
+# Writes one tensor's bytes into the view it is given (its region) and returns the CRC32C of each chunk of
+# the given size, computed while writing.
+Fill = Callable[[memoryview, int], array]
+
+
+def deferred_tensor(dtype: str, shape) -> Tensor:
+    """A tensor of this dtype and shape whose bytes a `fill` function will write (see write_into). It is backed
+    by anonymous memory that is never touched, so it costs address space, not RAM; reading it gives zeros."""
+    nbytes = math.prod(shape) * itemsize(dtype)
+    return Tensor(dtype, shape, mmap.mmap(-1, nbytes) if nbytes else b"")
 
 
 class EncodedSnapshot:
@@ -44,17 +60,28 @@ class EncodedSnapshot:
         return trailer, content_id(self.header[: self.layout.header_length], trailer)
 
     @gc_paused
-    def write_into(self, buffer) -> str:
-        """Write the snapshot into the first `nbytes` of a writable buffer (bytearray, mmap, shared memory)."""
+    def write_into(self, buffer, fill: Optional[dict[str, Fill]] = None) -> str:
+        """Write the snapshot into the first `nbytes` of a writable buffer (bytearray, mmap, shared memory).
+        `fill` maps tensor names ("kv/0/k") to functions that write those tensors' bytes themselves."""
         view = memoryview(buffer).cast("B")
         if len(view) < self.nbytes:
             raise ValueError(f"buffer holds {len(view)} bytes, the snapshot needs {self.nbytes}")
+        fill = fill or {}
+        unknown = set(fill) - {name for name, _ in self.tensors}
+        if unknown:
+            raise ValueError(f"fill names tensors the snapshot does not have: {sorted(unknown)}")
         view[: len(self.header)] = self.header
         position, crcs = len(self.header), array("I")
-        for (_, tensor), region in zip(self.tensors, self.layout.regions):
+        for (name, tensor), region in zip(self.tensors, self.layout.regions):
             view[position : region.offset] = bytes(region.offset - position)
-            view[region.offset : region.end] = tensor.data
-            crcs.extend(mover.chunk_crcs(view[region.offset : region.end], region.chunk_size))
+            target = view[region.offset : region.end]
+            if name in fill:
+                filled = fill[name](target, region.chunk_size)
+                if len(filled) != region.num_chunks:
+                    raise ValueError(f"fill of {name!r} returned {len(filled)} CRCs for {region.num_chunks} chunks")
+                crcs.extend(filled)
+            else:
+                crcs.extend(mover.copy_with_crcs(tensor.data, target, region.chunk_size))
             position = region.end
         view[position : self.layout.trailer_offset] = bytes(self.layout.trailer_offset - position)
         trailer, snapshot_id = self._finish(crcs)

@@ -7,14 +7,20 @@ pages [num_pages, page_size, kv_heads, head_dim] (so MLX and vLLM snapshots of o
     RotatingKVCache   -> "ring": the buffer in physical order, [1, capacity, kv_heads, head_dim], with the
                          write index and offset needed to carry on writing exactly where it stood
     ArraysCache       -> "recurrent": the state arrays (convolution, SSM) of hybrid models, "state.0", ...
+Paged layers move in libthaw (thaw_format.mover.gather_pages / scatter_pages): one multi-threaded pass per
+array between MLX's head-major memory and the token-major pages, no intermediate MLX arrays.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, RotatingKVCache
 
-from thaw_format import IncompatibleSnapshotError, KVLayer
+from thaw_format import IncompatibleSnapshotError, KVLayer, Tensor, mover
 from thaw_format.mlx import from_mlx, to_mlx
 
 from . import _internals
@@ -188,23 +194,54 @@ def _check_single(keys: mx.array) -> None:
         raise ValueError(f"thaw_mlx captures one sequence per cache; this cache holds a batch of {keys.shape[0]}")
 
 
-def _to_pages(x: mx.array, num_tokens: int, page_size: int):
-    """[1, heads, capacity, d] valid up to num_tokens -> Tensor [pages, page_size, heads, d], zero-padded."""
-    x = x[0, :, :num_tokens, :].transpose(1, 0, 2)
+@functools.lru_cache(maxsize=64)
+def _sequence_layout(tokens: int, heads: int, capacity: int, dim: int, itemsize: int) -> mover.PageLayout:
+    """A page of `tokens` tokens read token-major out of [heads, capacity, dim]: a row of dim per token and head."""
+    t, h, d = np.meshgrid(np.arange(tokens), np.arange(heads), np.arange(dim), indexing="ij")
+    return mover.page_layout((h * capacity + t) * dim + d, itemsize)
+
+
+def _page_moves(num_tokens: int, page_size: int, heads: int, capacity: int, dim: int, itemsize: int):
+    """(layout, number of tokens) of the full pages and of a short last page, if any."""
+    full, rest = divmod(num_tokens, page_size)
+    moves = [(_sequence_layout(page_size, heads, capacity, dim, itemsize), full)]
+    if rest:
+        moves.append((_sequence_layout(rest, heads, capacity, dim, itemsize), 1))
+    return moves
+
+
+def _to_pages(x: mx.array, num_tokens: int, page_size: int) -> Tensor:
+    """[1, heads, capacity, d] valid up to num_tokens -> Tensor [pages, page_size, heads, d], zero-padded: one
+    libthaw gather from MLX's memory into the page buffer (a row of d per token and head)."""
+    source = from_mlx(x)  # the array's bytes, shared with MLX
+    _, heads, capacity, dim = x.shape
+    itemsize = source.nbytes // x.size
     num_pages = -(-num_tokens // page_size)
-    pad = num_pages * page_size - num_tokens
-    if pad:
-        x = mx.concatenate([x, mx.zeros((pad, *x.shape[1:]), dtype=x.dtype)])
-    return from_mlx(x.reshape(num_pages, page_size, *x.shape[1:]))
+    page_bytes = page_size * heads * dim * itemsize
+    out = np.frombuffer(mover.empty(num_pages * page_bytes), np.uint8)
+    out[num_tokens * heads * dim * itemsize :] = 0  # a short last page's padding (token-major: its tail)
+    page = 0
+    for layout, count in _page_moves(num_tokens, page_size, heads, capacity, dim, itemsize):
+        offsets = (np.arange(count, dtype=np.int64) + page) * page_size * dim * itemsize  # token p*page_size
+        mover.gather_pages(source.data, offsets, layout, out[page * page_bytes :])
+        page += count
+    return Tensor(source.dtype, (num_pages, page_size, heads, dim), out)
 
 
-def _from_pages(tensor, pages: list[int], num_tokens: int) -> mx.array:
-    """Tensor [pages, page_size, heads, d] -> [1, heads, capacity, d], capacity rounded up as mlx-lm grows it."""
-    x = to_mlx(tensor)
-    if pages != list(range(x.shape[0])):
-        x = x[mx.array(pages, dtype=mx.int32)]
-    x = x.reshape(-1, *x.shape[2:])[:num_tokens].transpose(1, 0, 2)
+def _from_pages(tensor: Tensor, pages: list[int], num_tokens: int) -> mx.array:
+    """Tensor [pages, page_size, heads, d] -> [1, heads, capacity, d], capacity rounded up as mlx-lm grows it:
+    the given pages scattered by libthaw into a zeroed sequence buffer, which MLX then copies."""
+    _, page_size, heads, dim = tensor.shape
+    itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1)
     capacity = -(-num_tokens // _internals.CACHE_STEP) * _internals.CACHE_STEP
-    if capacity > num_tokens:
-        x = mx.concatenate([x, mx.zeros((x.shape[0], capacity - num_tokens, x.shape[2]), dtype=x.dtype)], axis=1)
-    return mx.contiguous(x[None])
+    out = np.frombuffer(mover.empty(heads * capacity * dim * itemsize), np.uint8)
+    out.reshape(heads, capacity, -1)[:, num_tokens:] = 0  # the capacity past the last token
+    page_bytes = page_size * heads * dim * itemsize
+    at = 0  # index into `pages` of the next page to write
+    for layout, count in _page_moves(num_tokens, page_size, heads, capacity, dim, itemsize):
+        for first, run, start in mover.consecutive_runs(pages[at : at + count]):  # one slice of the tensor each
+            offsets = (np.arange(run, dtype=np.int64) + at + start) * page_size * dim * itemsize
+            mover.scatter_pages(tensor.data[first * page_bytes : (first + run) * page_bytes], out, offsets, layout)
+        at += count
+    return to_mlx(Tensor(tensor.dtype, (1, heads, capacity, dim), out))
+

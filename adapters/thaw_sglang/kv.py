@@ -1,12 +1,27 @@
-"""KV bytes between SGLang's per-layer slot buffers and the spec's token-major pages."""
+"""KV bytes between SGLang's per-layer slot buffers and the spec's token-major pages.
+
+A slot holds one token's [kv_heads, head_dim], so a page is page_size slots gathered in order: on CPU each
+layer's K and V move in one libthaw pass (thaw_format.mover.gather_pages with one row per token), with no
+intermediate torch index; buffers on another device go through torch's own indexing.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from thaw_format import KVCache, KVLayer
+from thaw_format import KVCache, KVLayer, mover
 from thaw_format.torch import from_torch, to_torch
 
 from .pages import PADDING
+
+
+def _token_layout(buffer: torch.Tensor) -> mover.PageLayout:
+    """One token's slot as a page of one row (buffer is [slots, kv_heads, head_dim])."""
+    return mover.PageLayout(buffer.element_size(), np.zeros(1, np.int64), buffer[0].numel(), 1)
+
+
+def _bytes(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.view(torch.uint8).numpy()
 
 
 def gather_pages(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: torch.Tensor) -> KVCache:
@@ -23,7 +38,12 @@ def gather_pages(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], s
         _, heads, head_dim = k_buffer.shape
         tensors = {}
         for role, buffer in (("k", k_buffer), ("v", v_buffer)):
-            pages = buffer.index_select(0, index)
+            if buffer.device.type == "cpu":
+                pages = buffer.new_empty(len(index), heads, head_dim)
+                offsets = index.numpy().astype(np.int64) * (buffer[0].numel() * buffer.element_size())
+                mover.gather_pages(_bytes(buffer), offsets, _token_layout(buffer), _bytes(pages))
+            else:
+                pages = buffer.index_select(0, index.to(buffer.device)).cpu()
             pages[padding] = 0
             tensors[role] = from_torch(pages.reshape(num_pages, page_size, heads, head_dim))
         layers.append(KVLayer(kind="attention", tensors=tensors, num_kv_heads=heads, head_dim=head_dim))
@@ -38,8 +58,17 @@ def scatter_rows(
     rows: torch.Tensor,
     slots: torch.Tensor,
 ) -> None:
-    """Write flattened page rows `rows` of every layer into buffer slots `slots`, one call per buffer."""
+    """Write flattened page rows `rows` of every layer into buffer slots `slots`: on CPU one libthaw scatter per
+    run of consecutive rows (a page or more each)."""
+    runs = mover.consecutive_runs(rows.tolist())
     for layer, k_buffer, v_buffer in zip(kv.layers, k_buffers, v_buffers):
         for role, buffer in (("k", k_buffer), ("v", v_buffer)):
-            pages = to_torch(layer.tensors[role])
-            buffer[slots] = pages.reshape(-1, *pages.shape[2:]).index_select(0, rows).to(buffer.device)
+            if buffer.device.type != "cpu":
+                pages = to_torch(layer.tensors[role])
+                buffer[slots] = pages.reshape(-1, *pages.shape[2:]).index_select(0, rows).to(buffer.device)
+                continue
+            token_bytes = buffer[0].numel() * buffer.element_size()
+            data, targets = layer.tensors[role].data, slots.cpu().numpy().astype(np.int64) * token_bytes
+            for first, count, at in runs:
+                mover.scatter_pages(data[first * token_bytes : (first + count) * token_bytes], _bytes(buffer),
+                                    targets[at : at + count], _token_layout(buffer))

@@ -72,7 +72,7 @@ def capture(llm, *, include_weights: bool = True, chains: Optional[Sequence[Sequ
     chains = None if chains is None else [list(map(int, c)) for c in chains]
     args = {"include_weights": include_weights, "chains": chains, "local": _internals.engine_in_this_process(llm)}
     out = _internals.call_engine_core(llm, "thaw_call", "capture", args)
-    return transport.read(out["source"], unlink=True)
+    return transport.read(out["source"], unlink=True, keep=True)
 
 
 def check_compatible(llm, snapshot: thaw_format.Snapshot) -> None:
@@ -118,7 +118,7 @@ def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
     refused before the engine is touched.
     """
     check_compatible(llm, snapshot)
-    with transport.publish(snapshot, local=_internals.engine_in_this_process(llm)) as shared:
+    with transport.publish(snapshot, local=_internals.engine_in_this_process(llm), engine=llm) as shared:
         _internals.call_engine_core(llm, "thaw_call", "restore", {"source": shared.source, **_restore_plan(snapshot)})
     return resubmit(llm, snapshot)
 

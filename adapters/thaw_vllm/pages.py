@@ -13,6 +13,11 @@ coordinates and reads where each landed. The result is the native position of ev
 V, read by a gather (capture) and written by a scatter (restore), so the mapping is vLLM's own by construction.
 It is refused unless the writer puts every element exactly once inside its own block and KV head region (a
 quantizing or padded cache is not a permutation), and for another attention backend or a quantized KV cache.
+
+The bytes move in libthaw (`thaw_format.mover.gather_pages` / `scatter_pages`): the positions become a row
+description (a head_dim row per token and head, transposed for K on vec/vec16), and one multi-threaded C pass
+per layer and role reads the blocks and writes token-major pages straight into their destination, with the
+destination's chunk checksums computed in the same pass.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy
 import torch
+from thaw_format import mover
 
 from . import _internals
 
@@ -41,6 +48,11 @@ class NativeLayout:
     page_shape: tuple[int, int, int]  # one role of a page: (block_size, num_kv_heads, head_dim)
     k_positions: torch.Tensor  # int64 [block_size * num_kv_heads * head_dim]
     v_positions: torch.Tensor
+    pages: dict  # role ("k", "v") -> mover.PageLayout of the same positions, for libthaw
+
+    @property
+    def block_bytes(self) -> int:
+        return 2 * self.pages["k"].page_bytes
 
 
 def engine_layout(worker) -> tuple[list[torch.Tensor], NativeLayout]:
@@ -92,12 +104,15 @@ def native_layout(isa: str, dtype: torch.dtype, block_size: int, num_kv_heads: i
                                   "store one block as K then V of each KV head: thaw_vllm will not guess its layout")
     positions = src.argsort()  # the inverse permutation: pages element i lives at native position positions[i]
     half = src.numel() // 2
+    itemsize = torch.empty((), dtype=dtype).element_size()
     return NativeLayout(
         description=_describe(isa, src, block_size, num_kv_heads, head_dim),
         block_shape=(num_kv_heads, block_size, 2 * head_dim),
         page_shape=(block_size, num_kv_heads, head_dim),
         k_positions=positions[:half],
         v_positions=positions[half:],
+        pages={"k": mover.page_layout(positions[:half].numpy(), itemsize),
+               "v": mover.page_layout(positions[half:].numpy(), itemsize)},
     )
 
 
@@ -136,17 +151,40 @@ def _describe(isa: str, src: torch.Tensor, block_size: int, heads: int, head_dim
             f"{names[0]} then {names[1]} (allocated as [num_blocks, num_kv_heads, block_size, 2*head_dim])")
 
 
+def _bytes(tensor: torch.Tensor) -> numpy.ndarray:
+    """A tensor's bytes as a numpy view (no copy), for libthaw."""
+    return tensor.view(torch.uint8).numpy()
+
+
+def _offsets(block_ids, layout: NativeLayout) -> numpy.ndarray:
+    return numpy.asarray(block_ids, dtype=numpy.int64) * layout.block_bytes
+
+
+def gather_role(cache: torch.Tensor, block_ids, layout: NativeLayout, role: str, out, chunk_size: int = 0):
+    """Write the given blocks' `role` ("k" or "v") into `out` as token-major pages [n, block_size, heads, dim];
+    with chunk_size > 0, return the CRC32C of each chunk_size chunk of `out`, computed in the same pass."""
+    return mover.gather_pages(_bytes(cache), _offsets(block_ids, layout), layout.pages[role], out, chunk_size)
+
+
+def scatter_pages(cache: torch.Tensor, block_ids, k, v, layout: NativeLayout) -> None:
+    """Write token-major K and V pages (buffers of len(block_ids) pages each) into the given blocks."""
+    offsets = _offsets(block_ids, layout)
+    mover.scatter_pages(k, _bytes(cache), offsets, layout.pages["k"])
+    mover.scatter_pages(v, _bytes(cache), offsets, layout.pages["v"])
+
+
 def blocks_to_pages(cache: torch.Tensor, block_ids: list[int], layout: NativeLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of the given blocks as contiguous [num_pages, block_size, num_kv_heads, head_dim]."""
-    blocks = cache.view(cache.shape[0], -1)[torch.tensor(block_ids, dtype=torch.long)]
-    shape = (len(block_ids), *layout.page_shape)
-    return blocks.index_select(1, layout.k_positions).view(shape), blocks.index_select(1, layout.v_positions).view(shape)
+    k, v = (cache.new_empty(len(block_ids), *layout.page_shape) for _ in range(2))
+    gather_role(cache, block_ids, layout, "k", _bytes(k))
+    gather_role(cache, block_ids, layout, "v", _bytes(v))
+    return k, v
 
 
-def pages_to_blocks(k: torch.Tensor, v: torch.Tensor, layout: NativeLayout) -> torch.Tensor:
-    """Inverse of blocks_to_pages: [num_pages, *layout.block_shape], ready to assign into the cache."""
-    n = len(k)
-    blocks = k.new_empty(n, 2 * layout.k_positions.numel())
-    blocks.index_copy_(1, layout.k_positions, k.reshape(n, -1))
-    blocks.index_copy_(1, layout.v_positions, v.reshape(n, -1))
-    return blocks.view(n, *layout.block_shape)
+def pages_to_blocks(k, v, layout: NativeLayout, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of blocks_to_pages for K and V page buffers: [num_pages, *layout.block_shape], ready to assign
+    into the cache."""
+    n = len(memoryview(k).cast("B")) // layout.pages["k"].page_bytes
+    blocks = torch.zeros(n, *layout.block_shape, dtype=dtype)
+    scatter_pages(blocks, range(n), k, v, layout)
+    return blocks

@@ -1,60 +1,22 @@
 """How a snapshot travels between the client and the engine's processes, named by a `source` string.
 
-"shm://name": POSIX shared memory, written once with checksums and verified by each reader; no file, no
-pickle. "local://n": the same process (an in-process engine with its worker in-process too): the Snapshot
-object itself is handed over, with no copy and no encoding. A path is a snapshot file.
+"shm://name" and "shm://name#nbytes": POSIX shared memory (thaw_format.sdk.shared), written with checksums
+(the KV pages gathered straight into it by libthaw) and verified by each reader, who reads the tensors in
+place through a private mapping, or copies them out of a segment its writer reuses: no file, no pickle.
+Each engine's worker reuses one segment for its captures and each client one per engine for its restores,
+so steady use touches warm pages. "local://n": the same process (an in-process engine with its worker in-process
+too): the Snapshot object itself is handed over, with no copy and no encoding. A path is a snapshot file.
 """
 
 from __future__ import annotations
 
-from multiprocessing import resource_tracker, shared_memory
-
 import thaw_format
+import weakref
 
-SHM_PREFIX = "shm://"
+from thaw_format.sdk.shared import SHM_PREFIX, Segment, SharedSnapshot, read_shared
+
 LOCAL_PREFIX = "local://"
 _LOCAL: dict[str, thaw_format.Snapshot] = {}
-
-
-def _untracked(shm: shared_memory.SharedMemory) -> shared_memory.SharedMemory:
-    # The creator or the last reader unlinks explicitly; Python 3.11's tracker would otherwise unlink a
-    # segment when whichever process first touched it exits, and warn about "leaks" in the others.
-    resource_tracker.unregister(shm._name, "shared_memory")
-    return shm
-
-
-def _unlink(shm: shared_memory.SharedMemory) -> None:
-    resource_tracker.register(shm._name, "shared_memory")  # unlink() unregisters it again
-    shm.unlink()
-
-
-class SharedSnapshot:
-    """A snapshot written once into a shared-memory segment; `source` names it for other processes."""
-
-    def __init__(self, snapshot: thaw_format.Snapshot) -> None:
-        encoded = thaw_format.EncodedSnapshot(snapshot)
-        self._shm = _untracked(shared_memory.SharedMemory(create=True, size=max(encoded.nbytes, 1)))
-        self.id = encoded.write_into(self._shm.buf)
-        self.nbytes = encoded.nbytes
-        self.source = SHM_PREFIX + self._shm.name
-
-    def detach(self) -> None:
-        """Unmap here but leave the segment for a reader, who unlinks it (read(..., unlink=True))."""
-        self._shm.close()
-        self._shm = None
-
-    def close(self) -> None:
-        """Unlink the segment; readers that still have it mapped keep their mapping."""
-        if self._shm is not None:
-            self._shm.close()
-            _unlink(self._shm)
-            self._shm = None
-
-    def __enter__(self) -> "SharedSnapshot":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class LocalSnapshot:
@@ -77,29 +39,46 @@ class LocalSnapshot:
         self.close()
 
 
-def publish(snapshot: thaw_format.Snapshot, *, local: bool):
-    """A handle whose `source` names the snapshot for the reader; `close()` releases it."""
-    return LocalSnapshot(snapshot) if local else SharedSnapshot(snapshot)
+class _Published:
+    """A snapshot written into its engine's reused segment: released by the next one."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def close(self) -> None:
+        return
+
+    def __enter__(self) -> "_Published":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return
 
 
-def read(source: str, *, unlink: bool = False) -> thaw_format.Snapshot:
-    """The snapshot a source names: checksums verified and tensors copied out unless it is local.
-    `unlink` releases the source (the reader is its last user)."""
+def engine_segment(owner) -> Segment:
+    """The segment reused for snapshots sent to one engine (or captured by one worker), unlinked with it."""
+    segment = getattr(owner, "_thaw_segment", None)
+    if segment is None:
+        segment = owner._thaw_segment = Segment()
+        weakref.finalize(owner, segment.close)
+    return segment
+
+
+def publish(snapshot: thaw_format.Snapshot, *, local: bool, engine=None):
+    """A handle whose `source` names the snapshot for the reader; `close()` releases it. With `engine`, the
+    snapshot goes into that engine's reused segment (the reader must be done with it before the next)."""
+    if local:
+        return LocalSnapshot(snapshot)
+    return _Published(engine_segment(engine).publish(snapshot)) if engine is not None else SharedSnapshot(snapshot)
+
+
+def read(source: str, *, unlink: bool = False, keep: bool = False) -> thaw_format.Snapshot:
+    """The snapshot a source names, checksums verified: a shared-memory snapshot's tensors view the segment
+    (thaw_format.sdk.shared), a file's are read. `unlink` releases a snapshot's own source (the reader is its
+    last user); `keep` copies out of a reused segment, for a snapshot that outlives its writer's next one."""
     if source.startswith(LOCAL_PREFIX):
         return _LOCAL.pop(source) if unlink else _LOCAL[source]
-    if not source.startswith(SHM_PREFIX):
-        return thaw_format.load(source)
-    try:
-        shm = _untracked(shared_memory.SharedMemory(name=source[len(SHM_PREFIX):]))
-    except FileNotFoundError:
-        # A fork child's weights came through shared memory that its parent has released since.
-        raise FileNotFoundError(f"snapshot {source} is gone: shared memory lives only while its writer holds it "
-                                "(capture a fork child with include_weights=False: a KV-only snapshot that "
-                                "names the weights by digest)") from None
-    try:
-        return thaw_format.loads(shm.buf, copy=True)
-    finally:
-        shm.close()
-        if unlink:
-            _unlink(shm)
-
+    if source.startswith(SHM_PREFIX):
+        reused = "#" in source
+        return read_shared(source, unlink=unlink and not reused, copy=keep and reused)
+    return thaw_format.load(source)

@@ -4,14 +4,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import thaw_format
-import torch
 import vllm
+from thaw_format import mover
 from thaw_format.sdk import lineage_now
 from thaw_format.torch import from_torch, to_torch
+from thaw_format.writer import deferred_tensor
 
 from . import _internals, identity, transport
-from .pages import blocks_to_pages, engine_layout, pages_to_blocks
+from .pages import blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
 
 
 class ThawWorkerExtension:
@@ -35,42 +38,79 @@ class ThawWorkerExtension:
         return self._thaw_digest
 
     def thaw_capture(self, plan: dict, include_weights: bool, local: bool) -> dict:
-        """Assemble the snapshot the engine core planned (pages, block ids, requests) and publish it (shared
-        memory, or in-process when the client is here too); the client reads and releases it."""
-        shared = transport.publish(_build_snapshot(self, plan, include_weights), local=local)
+        """Assemble the snapshot the engine core planned (pages, block ids, requests) and publish it: in this
+        worker's reused shared-memory segment, the KV pages gathered by libthaw straight into it with their
+        checksums (the client copies it out, verified, before the next capture); in-process (the client is
+        here too), gathered into the snapshot's own buffers."""
+        if local:
+            shared = transport.publish(_build_snapshot(self, plan, include_weights, gathered=True), local=True)
+        else:
+            caches, layout = engine_layout(self)
+            fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
+                    for i, cache in enumerate(caches) for role in ("k", "v")}
+            snapshot = _build_snapshot(self, plan, include_weights, gathered=False)
+            return {"source": transport.engine_segment(self).publish(snapshot, fill)}
         shared.detach()
         return {"source": shared.source}
 
     def thaw_stage(self, source: str) -> None:
-        """Read and verify a snapshot before the engine core changes anything."""
-        self._thaw_staged = transport.read(source)
+        """Read and verify a snapshot, and check its KV fits this engine's, before the engine core changes
+        anything."""
+        self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
+        snapshot = transport.read(source)
+        caches, layout = engine_layout(self)
+        _check_kv(snapshot.kv, caches, layout)
+        self._thaw_staged = snapshot
 
     def thaw_write(self, pages: list[int], block_ids: list[int], tails: dict[str, int], rng_keys: list[str]) -> None:
         """Write the staged snapshot's pages into the given blocks; stage resumed requests' tails and RNG."""
         snapshot, self._thaw_staged = self._thaw_staged, None
         caches, layout = engine_layout(self)
-        layers = [(to_torch(layer.tensors["k"]), to_torch(layer.tensors["v"])) for layer in snapshot.kv.layers]
-        index = torch.tensor(pages, dtype=torch.long)
-        for cache, (k, v) in zip(caches, layers):
-            cache[block_ids] = pages_to_blocks(k[index], v[index], layout)
+        page_bytes = layout.pages["k"].page_bytes
+        layers = [(layer.tensors["k"].data, layer.tensors["v"].data) for layer in snapshot.kv.layers]
+        for first, count, at in mover.consecutive_runs(pages):  # consecutive pages are one slice of the snapshot's tensors
+            span = slice(first * page_bytes, (first + count) * page_bytes)
+            for cache, (k, v) in zip(caches, layers):
+                scatter_pages(cache, block_ids[at : at + count], k[span], v[span], layout)
         connector = _internals.worker_connector()
         for key, page in tails.items():
-            connector.staged_tails[key] = (caches, [pages_to_blocks(k[page : page + 1], v[page : page + 1], layout)[0]
-                                                    for k, v in layers])
+            span = slice(page * page_bytes, (page + 1) * page_bytes)
+            connector.staged_tails[key] = (caches, [pages_to_blocks(k[span], v[span], layout, cache.dtype)[0]
+                                                    for cache, (k, v) in zip(caches, layers)])
         requests = {r.id: r for r in snapshot.scheduler.requests} if snapshot.scheduler else {}
         for key in rng_keys:
             connector.staged_rng[key] = (self, to_torch(requests[key].rng_state).clone())
 
 
-def _build_snapshot(worker, plan: dict, include_weights: bool) -> thaw_format.Snapshot:
+def _check_kv(kv, caches, layout) -> None:
+    """The snapshot's KV must be this engine's layers, dtype and page shape (the client checked the same against
+    describe(); this guards the bytes the scatter will read)."""
+    if kv is None:
+        return
+    dtype = _dtype_name(caches)
+    if len(kv.layers) != len(caches):
+        raise ValueError(f"kv.layers: the snapshot has {len(kv.layers)}, the engine {len(caches)}")
+    for i, layer in enumerate(kv.layers):
+        for role in ("k", "v"):
+            t = layer.tensors.get(role)
+            if t is None or t.dtype != dtype or tuple(t.shape[1:]) != layout.page_shape:
+                raise ValueError(f"kv.layers[{i}] {role!r}: {t!r}, the engine holds {dtype} pages of "
+                                 f"{list(layout.page_shape)}")
+
+
+def _build_snapshot(worker, plan: dict, include_weights: bool, gathered: bool) -> thaw_format.Snapshot:
+    """The snapshot the plan describes. gathered=False leaves the KV tensors deferred, for a fill to write."""
     config = worker.vllm_config
     caches, layout = engine_layout(worker)
     _, heads, head_dim = layout.page_shape
+    shape = (len(plan["block_ids"]), *layout.page_shape)
     layers = []
     for cache in caches:
-        k, v = blocks_to_pages(cache, plan["block_ids"], layout)
-        layers.append(thaw_format.KVLayer("attention", {"k": from_torch(k), "v": from_torch(v)},
-                                          num_kv_heads=heads, head_dim=head_dim))
+        if gathered:
+            k, v = (from_torch(t) for t in blocks_to_pages(cache, plan["block_ids"], layout))
+        else:
+            k, v = (deferred_tensor(_dtype_name(caches), shape) for _ in range(2))
+        layers.append(thaw_format.KVLayer("attention", {"k": k, "v": v}, num_kv_heads=heads, head_dim=head_dim))
     requests = []
     for r in plan["requests"]:
         generator = _internals.sampling_generator(worker, r["vllm_id"])

@@ -1,7 +1,8 @@
 /* libthaw: the byte mover under thaw_format.
  *
  * CRC32C (Castagnoli) with a hardware path chosen once per process, chunked checksums, parallel region
- * I/O that verifies every chunk before it reaches the caller's memory, and gather/scatter of slabs.
+ * I/O that verifies every chunk before it reaches the caller's memory, gather/scatter of slabs, and of KV pages
+ * through an engine's element order.
  * Every call is thread-safe; the parallel ones share one persistent thread pool. No function here takes
  * the GIL or calls back into Python.
  */
@@ -86,5 +87,36 @@ int64_t thaw_gather(const void *src, size_t src_len, const int64_t *offsets, siz
  * Returns -1 when src_len < n*length, i+1 when offsets[i] is out of range (nothing copied), else 0. */
 int64_t thaw_scatter(const void *src, size_t src_len, void *out, size_t out_len, const int64_t *offsets,
                      size_t n, size_t length);
+
+/* ---- KV pages ------------------------------------------------------------------------------------------- */
+
+/* Where a token-major page's elements live in an engine block: the page is `rows` rows of `row_elems`
+ * elements of `itemsize` bytes (1, 2, 4 or 8); row r starts at element row_start[r] of the block and its
+ * elements are col_stride elements apart (negative allowed). One row of stride 1 is a plain slab. */
+typedef struct {
+    size_t itemsize;
+    size_t rows;
+    size_t row_elems;
+    int64_t col_stride;
+    const int64_t *row_start; /* rows entries, in elements from the block's first byte */
+} thaw_page_layout;
+
+/* Return codes of the page functions besides 0 (done) and i+1 (page i's block leaves the engine buffer). */
+#define THAW_PAGES_SHORT_BUFFER (-1) /* the contiguous side holds fewer than n pages */
+#define THAW_PAGES_BAD_LAYOUT (-2)   /* NULL or empty rows, or an itemsize other than 1, 2, 4, 8 */
+#define THAW_PAGES_OVERLAP (-3)      /* the two buffers share memory */
+#define THAW_PAGES_BAD_CHUNK (-4)    /* chunk_size is 0 or not a multiple of itemsize */
+#define THAW_PAGES_REPEATED (-5)     /* scatter: two pages name the same block */
+#define THAW_PAGES_NO_MEMORY (-6)
+
+/* Page i of out (n pages, contiguous) = the block at blocks + block_offsets[i], read through layout. With
+ * crcs != NULL, crcs[c] = CRC32C of out's chunk c (chunk_size bytes, the last may be short), computed in the
+ * same pass. Nothing is written unless every check passes. */
+int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *block_offsets, size_t n,
+                          const thaw_page_layout *layout, void *out, size_t out_len, size_t chunk_size,
+                          uint32_t *crcs);
+/* The inverse: write the n contiguous pages of `pages` into their blocks. */
+int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
+                           const int64_t *block_offsets, size_t n, const thaw_page_layout *layout);
 
 #endif

@@ -90,7 +90,42 @@ def test_block_layout_is_the_one_vllms_writer_uses(vllm, isa, dtype):
     got_k, got_v = layout.blocks_to_pages(cache, [1, 2], native)
     assert got_k.flatten(0, 1)[: len(k)].view(torch.uint8).equal(k.view(torch.uint8))
     assert got_v.flatten(0, 1)[: len(v)].view(torch.uint8).equal(v.view(torch.uint8))
-    assert layout.pages_to_blocks(got_k, got_v, native).view(torch.uint8).equal(cache[1:3].view(torch.uint8))
+    as_bytes = [t.view(torch.uint8).numpy() for t in (got_k, got_v)]
+    assert layout.pages_to_blocks(*as_bytes, native, dtype).view(torch.uint8).equal(cache[1:3].view(torch.uint8))
+
+
+@pytest.mark.parametrize("isa", ["vec", "vec16", "amx"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_libthaw_pages_equal_the_torch_index_path(vllm, isa, dtype):
+    """The fused path (libthaw through the probed positions, checksums in the same pass) gives byte for byte
+    the pages and blocks of the previous torch path (index_select / index_copy_ over the same positions)."""
+    from thaw_format import mover
+    from thaw_vllm import layout
+
+    block_size, heads, head_dim = 32, 4, 64
+    native = layout.native_layout(isa, dtype, block_size, heads, head_dim)
+    cache = torch.randn(12, heads, block_size, 2 * head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ids = [7, 0, 11, 3, 4]
+    flat = cache.view(cache.shape[0], -1)[torch.tensor(ids)]
+    shape = (len(ids), *native.page_shape)
+    torch_k = flat.index_select(1, native.k_positions).view(shape)
+    torch_v = flat.index_select(1, native.v_positions).view(shape)
+
+    k = torch.empty(shape, dtype=dtype)
+    crcs = layout.gather_role(cache, ids, native, "k", k.view(torch.uint8).numpy(), 4096)
+    assert k.view(torch.uint8).equal(torch_k.view(torch.uint8))
+    assert crcs == mover.chunk_crcs(k.view(torch.uint8).numpy(), 4096)
+    _, v = layout.blocks_to_pages(cache, ids, native)
+    assert v.view(torch.uint8).equal(torch_v.view(torch.uint8))
+
+    torch_blocks = k.new_empty(len(ids), 2 * native.k_positions.numel())
+    torch_blocks.index_copy_(1, native.k_positions, torch_k.reshape(len(ids), -1))
+    torch_blocks.index_copy_(1, native.v_positions, torch_v.reshape(len(ids), -1))
+    target = torch.zeros_like(cache)
+    layout.scatter_pages(target, ids, *(t.view(torch.uint8).numpy() for t in (torch_k, torch_v)), native)
+    assert target[ids].view(torch.uint8).equal(torch_blocks.view(len(ids), *native.block_shape).view(torch.uint8))
+    untouched = [i for i in range(12) if i not in ids]
+    assert not target[untouched].view(torch.uint8).any()
 
 
 def test_an_unmapped_layout_is_refused_before_anything_is_touched(vllm, zoo, greedy):

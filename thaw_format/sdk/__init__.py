@@ -18,8 +18,9 @@ from .contract import (
     seeded,
 )
 from .fork import fork
+from .pool import ForkPool, ForkRound, PoolWorkerDied
 
 __all__ = [
-    "CAPABILITIES", "DEFAULT_PAGE_SIZE", "Engine", "Finished", "Generation", "LaunchSpec", "Resumed", "Unsupported",
-    "fork", "greedy", "lineage_now", "pending_requests", "require", "seeded",
+    "CAPABILITIES", "DEFAULT_PAGE_SIZE", "Engine", "Finished", "ForkPool", "ForkRound", "Generation", "LaunchSpec",
+    "PoolWorkerDied", "Resumed", "Unsupported", "fork", "greedy", "lineage_now", "pending_requests", "require", "seeded",
 ]

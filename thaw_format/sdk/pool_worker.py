@@ -1,0 +1,52 @@
+"""A fork-pool worker: `python -m thaw_format.sdk.pool_worker '<json config>'`, started by ForkPool.
+
+Like a fork child (thaw_format.sdk.child) it starts one engine from a factory and its JSON arguments and
+answers JSON lines on stdout (the engine's own printing goes to stderr). It stays warm across rounds: each
+request {"source": "shm://...", "prompt": [...], "params": {...}} restores that KV snapshot, then generates
+the prompt, and is answered with {"generation": {...}, "restore_s": ..., "generate_s": ...} or
+{"error": "..."}. End of input closes the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+
+from ..snapshot import SamplingParams
+from .child import protocol_replies, resolve
+from .shared import read_shared
+
+
+def run_round(engine, message: dict) -> dict:
+    start = time.perf_counter()
+    engine.restore(read_shared(message["source"]))
+    restored = time.perf_counter()
+    generation = engine.generate(message["prompt"], SamplingParams(**message["params"]))
+    return {"generation": dataclasses.asdict(generation), "restore_s": restored - start,
+            "generate_s": time.perf_counter() - restored}
+
+
+def main(argv: list[str]) -> int:
+    config = json.loads(argv[1])
+    reply = protocol_replies()
+    try:
+        engine = resolve(config["factory"])(**config["kwargs"])
+    except Exception as exc:
+        reply({"error": f"starting the pool engine: {type(exc).__name__}: {exc}"})
+        return 1
+    reply({"ready": True})
+    try:
+        for line in sys.stdin:
+            try:
+                reply(run_round(engine, json.loads(line)))
+            except Exception as exc:  # reported to the pool, which raises it
+                reply({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

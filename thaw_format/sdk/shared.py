@@ -1,0 +1,134 @@
+"""Snapshots in POSIX shared memory, named "shm://<name>": written once with their checksums, read in place.
+
+A writer encodes the snapshot straight into a segment (tensors it defers are written by `fill` functions,
+e.g. an engine's KV pages gathered by libthaw). A reader maps the segment privately (copy-on-write),
+verifies every chunk and gets tensors that view the mapping (or copies of them): no file, no pickle.
+
+Two kinds of segment. `SharedSnapshot` is one snapshot's own segment ("shm://name"); its mapping outlives
+the name, so the last reader may unlink it at once. `Segment` is a buffer its owner reuses for one snapshot
+after another ("shm://name#nbytes"): fresh shared memory costs a page fault and zeroing per 4 KiB page and an
+unlink that frees them all, several times the cost of the copy itself, so a steady stream of snapshots
+(restores, fork rounds) keeps its pages warm. A reader of a reused segment must be done with its view before
+the owner writes the next snapshot (a restore is), or copy (`copy=True`, a capture handed to a caller).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from multiprocessing import resource_tracker, shared_memory
+from typing import Optional
+
+from ..reader import loads
+from ..snapshot import Snapshot
+from ..writer import EncodedSnapshot
+
+SHM_PREFIX = "shm://"
+
+
+def _untracked(shm: shared_memory.SharedMemory) -> shared_memory.SharedMemory:
+    # The creator or the last reader unlinks explicitly; Python 3.11's tracker would otherwise unlink a
+    # segment when whichever process first touched it exits, and warn about "leaks" in the others.
+    resource_tracker.unregister(shm._name, "shared_memory")
+    return shm
+
+
+def _unlink(shm: shared_memory.SharedMemory) -> None:
+    resource_tracker.register(shm._name, "shared_memory")  # unlink() unregisters it again
+    shm.unlink()
+
+
+class SharedSnapshot:
+    """A snapshot written once into a shared-memory segment; `source` names it for other processes."""
+
+    def __init__(self, snapshot: Snapshot, fill: Optional[dict] = None) -> None:
+        """`fill` writes deferred tensors in place (thaw_format.EncodedSnapshot.write_into)."""
+        encoded = EncodedSnapshot(snapshot)
+        self._shm = _untracked(shared_memory.SharedMemory(create=True, size=max(encoded.nbytes, 1)))
+        self.id = encoded.write_into(self._shm.buf, fill)
+        self.nbytes = encoded.nbytes
+        self.source = SHM_PREFIX + self._shm.name
+
+    def detach(self) -> None:
+        """Unmap here but leave the segment for a reader, who unlinks it (read_shared(..., unlink=True))."""
+        self._shm.close()
+        self._shm = None
+
+    def close(self) -> None:
+        """Unlink the segment; readers that still have it mapped keep their mapping."""
+        if self._shm is not None:
+            self._shm.close()
+            _unlink(self._shm)
+            self._shm = None
+
+    def __enter__(self) -> "SharedSnapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Segment:
+    """A shared-memory buffer reused for one snapshot after another; grown (replaced) when one does not fit.
+    The segment stays registered with multiprocessing's resource tracker, which unlinks it if this process
+    dies; close() unlinks it otherwise."""
+
+    def __init__(self) -> None:
+        self._shm: Optional[shared_memory.SharedMemory] = None
+
+    def publish(self, snapshot: Snapshot, fill: Optional[dict] = None) -> str:
+        """Write `snapshot` over the previous one; return its source, "shm://name#nbytes"."""
+        encoded = EncodedSnapshot(snapshot)
+        if self._shm is None or self._shm.size < encoded.nbytes:
+            self.close()
+            self._shm = shared_memory.SharedMemory(create=True, size=max(encoded.nbytes, 1))
+        encoded.write_into(self._shm.buf, fill)
+        return f"{SHM_PREFIX}{self._shm.name}#{encoded.nbytes}"
+
+    def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm.unlink()
+            self._shm = None
+
+
+def _open_segment(name: str) -> int:
+    """A read-only descriptor of the named segment, without registering it with this process's resource
+    tracker (which is the writer's to keep or drop)."""
+    from _posixshmem import shm_open
+
+    return shm_open("/" + name, os.O_RDONLY, mode=0)
+
+
+def read_shared(source: str, *, unlink: bool = False, copy: bool = False, verify: bool = True) -> Snapshot:
+    """The snapshot in the segment `source` names, its checksums verified. Its tensors view a private mapping
+    of the segment, kept while they live, or (copy=True) are copied out. `unlink` releases a snapshot's own
+    segment (its last reader); a reused segment ("#nbytes") is its owner's to release."""
+    if not source.startswith(SHM_PREFIX):
+        raise ValueError(f"not a shared-memory source: {source!r} (expected {SHM_PREFIX}<name>)")
+    name, _, nbytes = source[len(SHM_PREFIX):].partition("#")
+    if nbytes:
+        if unlink:
+            raise ValueError(f"{source} is a reused segment: its owner releases it, not a reader")
+        try:
+            fd = _open_segment(name)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"snapshot {source} is gone: its owner closed the segment") from None
+        try:
+            mapping = mmap.mmap(fd, int(nbytes), access=mmap.ACCESS_COPY)
+        finally:
+            os.close(fd)
+        return loads(mapping, copy=copy, verify=verify)
+    try:
+        shm = _untracked(shared_memory.SharedMemory(name=name))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"snapshot {source} is gone: shared memory lives only while its writer holds it "
+                                "(capture a fork child with include_weights=False: a KV-only snapshot that "
+                                "names the weights by digest)") from None
+    try:
+        mapping = mmap.mmap(shm._fd, shm.size, access=mmap.ACCESS_COPY)
+    finally:
+        shm.close()
+        if unlink:
+            _unlink(shm)
+    return loads(mapping, copy=copy, verify=verify)
