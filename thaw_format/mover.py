@@ -494,6 +494,12 @@ def _c_verify_staged(fd: int, regions: Sequence[VerifyRegion], progress: Progres
     return _c_run(_lib.thaw_verify_regions, fd, specs, progress, _lib.THAW_DIRECT if direct else 0)
 
 
+def _c_offsets(offsets):
+    """Offsets as int64 cdata over a private copy, so a caller's offsets that alias a buffer being written
+    cannot change under the copy loop."""
+    return _ffi.from_buffer(_INT64S, _own_offsets(offsets))
+
+
 def _c_gather(src, offsets: Sequence[int], length: int, out) -> None:
     offsets = _own_offsets(offsets)
     s, o, offs = _c_buffer(src), _c_buffer(out, writable=True), _ffi.from_buffer(_INT64S, offsets)
