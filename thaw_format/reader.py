@@ -189,11 +189,11 @@ class SnapshotFile:
         regions = [self.layout.regions[index] for index, _, _ in entries]
         views = _arena_views([region.length for region in regions])
         if self._fd is None:
-            for (index, _, _), region, view in zip(entries, regions, views):
-                source = self._view[region.offset : region.end]
-                if verify:
-                    self._check_view(index, source)
-                view[:] = source
+            bad = mover.check_buffer(self._view, regions, self._crcs) if verify else None
+            if bad is not None:
+                raise self._bad_chunk(entries[bad[0]][0], bad[1])
+            for region, view in zip(regions, views):
+                view[:] = self._view[region.offset : region.end]
         elif verify:
             specs = [(r.offset, view, r.chunk_size, crcs)
                      for r, view, crcs in zip(regions, views, self._expected_views(regions))]
@@ -240,11 +240,9 @@ class SnapshotFile:
         load whose tensors view it: its pages are then mapped once, by the check, and no read copies them."""
         regions = self.layout.regions
         if self._fd is None or mapped:
-            view = self._mapped()
-            for index, region in enumerate(regions):
-                self._check_view(index, view[region.offset : region.end])
-                if progress:
-                    progress(region.length)
+            bad = mover.check_buffer(self._mapped(), regions, self._crcs, progress)
+            if bad is not None:
+                raise self._bad_chunk(*bad)
         else:
             specs = [(r.offset, r.length, r.chunk_size, crcs) for r, crcs in zip(regions, self._expected_views(regions))]
             bad = self._mover_io(mover.verify_regions, specs, progress)
