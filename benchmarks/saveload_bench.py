@@ -18,13 +18,17 @@ from pathlib import Path
 
 import torch
 
-CASES = ("large", "small")
+CASES = ("large", "gib", "small")
 
 
 def make_tensors(case: str, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """large: 2 GB (times scale) in 300 tensors of mixed sizes and dtypes; small: 20,000 tensors of 1-16 KiB."""
+    """large: 2 GB (times scale) in 300 tensors of mixed sizes and dtypes; gib: 1 GiB in 256 tensors of 4 MiB
+    (fp32, bf16, fp16 in turn; issue 18's case); small: 20,000 tensors of 1-16 KiB."""
     gen = torch.Generator().manual_seed(0)
-    if case == "large":
+    if case == "gib":
+        dtypes = [torch.float32, torch.bfloat16, torch.float16]
+        specs = [(f"layer.{i}.weight", dtypes[i % 3], (4 << 20) // dtypes[i % 3].itemsize) for i in range(256)]
+    elif case == "large":
         weights = torch.rand(300, generator=gen) + 0.05
         sizes = (weights / weights.sum() * 2e9 * scale).long().tolist()
         dtypes = [torch.float32, torch.bfloat16, torch.float16]

@@ -21,6 +21,10 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         file order, or None. direct=True tries O_DIRECT (native path) and falls back where refused.
     verify_regions(fd, [(offset, length, chunk_size, expected_crcs)], progress=None, *, direct=False)
         the same check with bounded memory and no target.
+    check_buffer(buffer, [(offset, length, chunk_size, first_crc)], crcs, progress=None)
+        the same check for regions of a buffer already in memory (a mapped file): each chunk against
+        crcs[first_crc + k], the bytes read once where they lie (in parallel on the native path). A region
+        outside the buffer, or past the end of crcs, raises ValueError before any byte is read.
     gather(src, offsets, length, out) / scatter(src, out, offsets, length)
         copy slab i between src[offsets[i]:+length] and out[i*length:+length] (and back); a slab outside
         its buffer raises ValueError before any byte moves. `offsets` is copied first, so it may alias `out`.
@@ -60,6 +64,7 @@ Progress = Optional[Callable[[int], None]]
 WriteRegion = Tuple[int, object, int]  # (file offset, buffer, chunk size)
 ReadRegion = Tuple[int, object, int, Sequence[int]]  # (file offset, writable buffer, chunk size, expected CRCs)
 VerifyRegion = Tuple[int, int, int, Sequence[int]]  # (file offset, length, chunk size, expected CRCs)
+BufferRegion = Tuple[int, int, int, int]  # (offset in the buffer, length, chunk size, index of its first CRC)
 
 # With a progress callback, regions go to C in batches of about this many bytes, reported after each.
 _PROGRESS_BYTES = 64 << 20
@@ -355,6 +360,40 @@ def _py_verify_regions(fd: int, regions: Sequence[VerifyRegion], progress: Progr
     return _check_regions(fd, regions, progress, copy_out=False)
 
 
+def _region_table(size: int, regions: Sequence[BufferRegion], n_crcs: int):
+    """The regions as an int64 numpy table (offset, length, chunk_size, first_crc), each checked to lie
+    inside a buffer of `size` bytes and its CRCs inside `n_crcs`: one vectorised check, not one per region."""
+    import numpy
+
+    try:
+        table = numpy.array(regions, dtype=numpy.int64).reshape(-1, 4)
+    except OverflowError:
+        raise ValueError("a region's offset, length, chunk size or first CRC is out of range") from None
+    offset, length, chunk, first = table.T
+    bad = (offset < 0) | (length < 0) | (chunk <= 0) | (first < 0) | (offset > size) | (length > size - offset)
+    safe_chunk = numpy.maximum(chunk, 1)
+    bad |= first > n_crcs - (length // safe_chunk + (length % safe_chunk != 0))  # no overflow
+    if bad.any():
+        i = int(bad.argmax())
+        raise ValueError(f"region {i} {tuple(int(v) for v in table[i])} is outside a buffer of {size} bytes "
+                         f"with {n_crcs} CRCs (or has a chunk size <= 0)")
+    return table
+
+
+def _py_check_buffer(buffer, regions: Sequence[BufferRegion], crcs, progress: Progress = None):
+    view = _bytes_view(buffer)
+    crcs = crcs if isinstance(crcs, array) and crcs.typecode == "I" else array("I", crcs)
+    table = _region_table(len(view), regions, len(crcs))
+    for index, (offset, length, chunk_size, first) in enumerate(table.tolist()):
+        got = _py_chunk_crcs(view[offset : offset + length], chunk_size)
+        bad = next((c for c, crc in enumerate(got) if crc != crcs[first + c]), None)
+        if bad is not None:
+            return index, bad
+        if progress:
+            progress(length)
+    return None
+
+
 def _py_gather(src, offsets: Sequence[int], length: int, out) -> None:
     s, o, offsets = _bytes_view(src), _bytes_view(out), _own_offsets(offsets)
     _check_slabs(len(s), len(o), offsets, length, slabs_in_src=True)
@@ -412,6 +451,8 @@ def _py_copy_with_crcs(src, out, chunk_size: int) -> array:
 
 if _ffi is not None:  # resolved once: from_buffer is several times faster with a ctype than with a string
     _CHARS, _UINT32S, _INT64S = _ffi.typeof("char[]"), _ffi.typeof("uint32_t[]"), _ffi.typeof("int64_t[]")
+    _REGIONS = _ffi.typeof("thaw_region[]")
+    assert _ffi.sizeof("thaw_region") == 40  # five 8-byte fields: _c_check_buffer fills them as uint64 rows
 
 
 def _c_buffer(data, writable: bool = False):
@@ -494,6 +535,30 @@ def _c_verify_staged(fd: int, regions: Sequence[VerifyRegion], progress: Progres
     return _c_run(_lib.thaw_verify_regions, fd, specs, progress, _lib.THAW_DIRECT if direct else 0)
 
 
+def _c_check_buffer(buffer, regions: Sequence[BufferRegion], crcs, progress: Progress = None):
+    import numpy
+
+    data = _c_buffer(buffer)
+    crcs = crcs if isinstance(crcs, array) and crcs.typecode == "I" else array("I", crcs)
+    table = _region_table(len(data), regions, len(crcs))
+    expected = _ffi.from_buffer(_UINT32S, crcs)
+    # thaw_region[] built in one vectorised pass: (file offset, buf, len, chunk_size, crcs) per row
+    rows = numpy.empty((len(table), 5), numpy.uint64)
+    rows[:, 0], rows[:, 2], rows[:, 3] = table[:, 0], table[:, 1], table[:, 2]
+    rows[:, 1] = table[:, 0].astype(numpy.uint64) + numpy.uint64(int(_ffi.cast("uintptr_t", data)))
+    rows[:, 4] = table[:, 3].astype(numpy.uint64) * numpy.uint64(4) + numpy.uint64(int(_ffi.cast("uintptr_t", expected)))
+    status = _ffi.new("thaw_io_status *")
+    for start, stop in _batches(table[:, 1], progress):
+        code = _lib.thaw_check_mapped(_ffi.from_buffer(_REGIONS, rows[start:stop]), stop - start, status)
+        if code == _lib.THAW_BAD_CHUNK:
+            return start + status.bad_region, status.bad_chunk
+        if code != _lib.THAW_OK:
+            _raise_io(status)
+        if progress:
+            progress(int(table[start:stop, 1].sum()))
+    return None
+
+
 def _c_offsets(offsets):
     """Offsets as int64 cdata over a private copy, so a caller's offsets that alias a buffer being written
     cannot change under the copy loop."""
@@ -567,10 +632,12 @@ def _c_copy_with_crcs(src, out, chunk_size: int) -> array:
 if _lib is not None:
     crc32c, chunk_crcs = _c_crc32c, _c_chunk_crcs
     write_regions, read_regions, verify_regions = _c_write_regions, _c_read_regions, _c_verify_regions
+    check_buffer = _c_check_buffer
     gather, scatter = _c_gather, _c_scatter
     gather_pages, scatter_pages, copy_with_crcs = _c_gather_pages, _c_scatter_pages, _c_copy_with_crcs
 else:
     crc32c, chunk_crcs = _py_crc32c, _py_chunk_crcs
     write_regions, read_regions, verify_regions = _py_write_regions, _py_read_regions, _py_verify_regions
+    check_buffer = _py_check_buffer
     gather, scatter = _py_gather, _py_scatter
     gather_pages, scatter_pages, copy_with_crcs = _py_gather_pages, _py_scatter_pages, _py_copy_with_crcs

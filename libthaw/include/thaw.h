@@ -76,6 +76,9 @@ int thaw_write_regions(int fd, const thaw_region *regions, size_t n, thaw_io_sta
 int thaw_read_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
 /* Check every region against the file with bounded memory (buf is ignored). */
 int thaw_verify_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
+/* Check every region's chunks in memory at its buf (a mapping of the file, or a buffer holding it), in
+ * parallel, reading each byte once; offsets only order the work. */
+int thaw_check_mapped(const thaw_region *regions, size_t n, thaw_io_status *status);
 
 /* ---- gather / scatter ------------------------------------------------------------------------------ */
 

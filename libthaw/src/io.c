@@ -279,6 +279,25 @@ static void read_task_with(job *j, size_t index, int worker, int copy_out) {
         for (size_t k = 0; k < p->count; k++) memcpy(r[k].buf, data + (r[k].offset - r->offset), r[k].len);
 }
 
+/* A region's bytes already in memory at buf (a mapping of the file, or a buffer holding it): checked where
+ * they lie, each piece by the worker that takes it, so the pages are read once, by the CRC. */
+static void mapped_task(void *ctx, size_t index, int worker) {
+    (void)worker;
+    job *j = ctx;
+    if (skip(j, index)) return;
+    const piece *p = &j->pieces[index];
+    const thaw_region *r = &j->regions[p->first];
+    if (p->count == 0) {
+        int64_t bad = check(r, (const uint8_t *)r->buf + p->start, p->len, p->start / r->chunk_size);
+        if (bad >= 0) fail(j, index, 0, (int64_t)p->first, bad);
+        return;
+    }
+    for (size_t k = 0; k < p->count; k++) {
+        int64_t bad = check(&r[k], r[k].buf, r[k].len, 0);
+        if (bad >= 0) return fail(j, index, 0, (int64_t)(p->first + k), bad);
+    }
+}
+
 static void read_task(void *ctx, size_t index, int worker) { read_task_with(ctx, index, worker, 1); }
 static void verify_task(void *ctx, size_t index, int worker) { read_task_with(ctx, index, worker, 0); }
 
@@ -325,4 +344,8 @@ int thaw_read_regions(int fd, const thaw_region *regions, size_t n, int flags, t
 
 int thaw_verify_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status) {
     return run(fd, regions, n, 1, flags, verify_task, status);
+}
+
+int thaw_check_mapped(const thaw_region *regions, size_t n, thaw_io_status *status) {
+    return run(-1, regions, n, 1, 0, mapped_task, status);
 }
