@@ -1,0 +1,16 @@
+"""thaw_langgraph: LangChain / LangGraph on a thaw engine.
+
+    from thaw_langgraph import ChatThaw, fork_fanout, ThreadStore
+    llm = ChatThaw(engine=engine, tokenizer=model_dir, thread_store="s3://bucket/threads")
+
+`ChatThaw` is a LangChain chat model (invoke, ainvoke, batch, stream, astream) whose concurrent calls are
+served in one engine batch, a shared prefix computed once; `fork_fanout` runs branches of one conversation
+from one prefill; `thread_store=` keeps each LangGraph thread's KV across evictions and process restarts.
+Written against the adapter contract (thaw_format.sdk.contract), so any adapter's engine can serve it.
+"""
+
+from .chat_model import ChatThaw
+from .fanout import fork_fanout
+from .thread_store import ThreadStore
+
+__all__ = ["ChatThaw", "ThreadStore", "fork_fanout"]
