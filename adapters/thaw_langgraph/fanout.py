@@ -30,4 +30,5 @@ def fork_fanout(llm: ChatThaw, messages: Sequence[BaseMessage], suffixes: Sequen
     if prefix:
         llm.prefill(prefix)
     bound = llm.bind(**options) if options else llm
-    return bound.batch(branches, config, max_concurrency=len(branches))
+    # every branch in flight at once, so the engine loop serves them in one batch
+    return bound.batch(branches, {**(config or {}), "max_concurrency": len(branches)})

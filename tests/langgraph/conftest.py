@@ -53,3 +53,22 @@ def run_script(script: str, *args: str, timeout: int = 600) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def plain(llm, model_dir):
+    """A plain vllm.LLM on the same model, prefix caching off and no thaw: the reference every prompt is
+    checked against, one prompt at a time. Returns generate(prompt ids, max_tokens) -> output ids."""
+    import vllm
+    from vllm.inputs import TokensPrompt
+
+    engine = vllm.LLM(str(model_dir), enable_prefix_caching=False, **ENGINE_KWARGS)
+    stop = [2, 4]  # </s>, <|im_end|>: what ChatThaw stops at with this tokenizer
+
+    def generate(prompt, max_tokens):
+        params = vllm.SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=stop)
+        out = engine.generate([TokensPrompt(prompt_token_ids=list(prompt))], params, use_tqdm=False)[0]
+        return list(out.outputs[0].token_ids)
+
+    yield generate
+    engine.llm_engine.engine_core.shutdown()
