@@ -29,7 +29,7 @@ import thaw_format
 from thaw_format.sdk.contract import greedy
 
 from . import durable
-from .chat_tokens import ChatTokens
+from .chat_tokens import ChatTokens, Prompt
 from .engine_loop import EngineLoop, loop_for
 from .progress import Progress
 from .thread_store import ThreadStore
@@ -37,7 +37,7 @@ from .thread_store import ThreadStore
 
 @dataclass
 class _Turn:
-    prompt: list[int]
+    prompt: Prompt
     params: thaw_format.SamplingParams
     thread_id: Optional[str]
     thread_kv: Optional[str]  # what resuming the thread did: resident, restored, stale; None if no thread
@@ -82,7 +82,7 @@ class ChatThaw(BaseChatModel):
 
     def prompt_ids(self, messages: Sequence[BaseMessage]) -> list[int]:
         """The token ids a call with `messages` feeds the engine."""
-        return self._tokens.encode(messages)
+        return self._tokens.encode(messages).ids
 
     def prefill(self, prompt: Sequence[int]) -> Progress:
         """Compute `prompt`'s KV into the engine's cache (one token is generated and dropped)."""
@@ -99,7 +99,7 @@ class ChatThaw(BaseChatModel):
     def _stream(self, messages, stop=None, run_manager=None, **kwargs) -> Iterator[ChatGenerationChunk]:
         turn = self._begin(messages, stop, run_manager, kwargs)
         updates: queue.SimpleQueue = queue.SimpleQueue()
-        self._loop.submit(turn.prompt, turn.params, updates.put, updates.put)
+        self._loop.submit(turn.prompt.ids, turn.params, updates.put, updates.put)
         text = _Text(self._tokens)
         while True:
             update = updates.get()
@@ -122,7 +122,7 @@ class ChatThaw(BaseChatModel):
         def deliver(item) -> None:  # called on the engine loop's thread
             loop.call_soon_threadsafe(updates.put_nowait, item)
 
-        self._loop.submit(turn.prompt, turn.params, deliver, deliver)
+        self._loop.submit(turn.prompt.ids, turn.params, deliver, deliver)
         text = _Text(self._tokens)
         while True:
             update = await updates.get()
@@ -150,13 +150,12 @@ class ChatThaw(BaseChatModel):
         saved = durable.load(self._loop, self._store, thread_id)
         if saved is None:
             return _Turn(self._tokens.encode(messages), params, thread_id, None)
-        self._tokens.remember(saved.token_ids)  # the exact ids the saved KV belongs to
+        self._tokens.learn(saved.history)  # the exact ids the saved KV belongs to
         prompt = self._tokens.encode(messages)
-        return _Turn(prompt, params, thread_id, durable.resume(self._loop, saved, thread_id, prompt))
+        return _Turn(prompt, params, thread_id, durable.resume(self._loop, saved, thread_id, prompt.ids))
 
     def _end(self, turn: _Turn, last: Progress) -> None:
-        history = turn.prompt + last.token_ids
-        self._tokens.remember(history)
+        history = self._tokens.remember(turn.prompt, last.token_ids)
         if self._store is not None and turn.thread_id is not None:
             durable.save(self._loop, self._store, turn.thread_id, history)
 
@@ -176,11 +175,12 @@ class ChatThaw(BaseChatModel):
         metadata = {
             "model_name": self.model_name,
             "finish_reason": "stop" if ids and ids[-1] in self._tokens.stop_token_ids else "length",
-            "token_ids": list(ids), "prompt_token_ids": list(turn.prompt), "cached_tokens": update.cached_tokens,
+            "token_ids": list(ids), "prompt_token_ids": list(turn.prompt.ids), "cached_tokens": update.cached_tokens,
         }
         if turn.thread_id is not None:
             metadata["thread_id"], metadata["thread_kv"] = turn.thread_id, turn.thread_kv
-        usage = {"input_tokens": len(turn.prompt), "output_tokens": len(ids), "total_tokens": len(turn.prompt) + len(ids),
+        n = len(turn.prompt.ids)
+        usage = {"input_tokens": n, "output_tokens": len(ids), "total_tokens": n + len(ids),
                  "input_token_details": {"cache_read": update.cached_tokens}}
         return ChatGenerationChunk(message=AIMessageChunk(content=delta, response_metadata=metadata,
                                                           usage_metadata=usage, chunk_position="last"))

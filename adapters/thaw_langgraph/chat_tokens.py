@@ -1,19 +1,27 @@
 """Chat messages -> prompt token ids through the model's own chat template, and token ids -> text.
 
 An engine's prefix cache is keyed by token ids, but a chat history comes back as text: re-encoding a reply
-rarely gives the ids the model produced (BPE merges across the boundary differ), and then the next turn
-misses the cache from that reply on. So the ids of earlier prompts and replies are remembered, and a new
-prompt whose rendered text starts with a remembered sequence's text is encoded as those ids plus the
-encoding of the rest: exactly the ids whose KV the engine holds.
+rarely gives the ids the model produced (BPE merges across the boundary differ, and a reply's bytes need not
+even be valid UTF-8), and then the next turn misses the cache from that reply on. So each prompt's rendered
+text and ids, followed by its reply's text and ids, are remembered, and a new prompt whose rendered text
+starts with a remembered text is encoded as its ids plus the encoding of the rest: exactly the ids whose KV
+the engine holds.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Sequence
 
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
+
+
+@dataclass
+class Prompt:
+    text: str  # as the chat template renders it
+    ids: list[int]  # what the engine is fed: remembered ids of earlier turns, then the encoding of the rest
 
 
 class ChatTokens:
@@ -21,7 +29,7 @@ class ChatTokens:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template")
         self.tokenizer = tokenizer
-        self._known: OrderedDict[tuple, str] = OrderedDict()  # ids -> their text, most recent last
+        self._known: OrderedDict[str, tuple] = OrderedDict()  # text -> its ids, most recent last
         self._limit = remembered
         self._lock = threading.Lock()
 
@@ -46,26 +54,35 @@ class ChatTokens:
                  for m in convert_to_openai_messages(list(messages))]
         return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
-    def encode(self, messages: Sequence[BaseMessage]) -> list[int]:
+    def encode(self, messages: Sequence[BaseMessage]) -> Prompt:
         text = self.render(messages)
         with self._lock:
-            best = max((ids for ids, known in self._known.items() if text.startswith(known)), key=len, default=())
+            best = max((known for known in self._known if text.startswith(known)), key=len, default="")
+            ids = list(self._known[best]) if best else []
             if best:
                 self._known.move_to_end(best)
-            rest = text[len(self._known[best]):] if best else text
-        return list(best) + self.tokenizer.encode(rest, add_special_tokens=False)
+        return Prompt(text, ids + self.tokenizer.encode(text[len(best):], add_special_tokens=False))
 
-    def remember(self, token_ids: Sequence[int]) -> None:
-        """Make `token_ids` (a prompt with its reply) the encoding of their text in later prompts."""
-        key = tuple(token_ids)
-        text = self.decode(key, special=True)
-        if "\ufffd" in text[-1:]:
-            return  # ends inside a character: its text prefixes nothing a template renders
+    def remember(self, prompt: Prompt, reply: Sequence[int]) -> Prompt:
+        """Learn the prompt followed by the reply, as a later prompt renders it (the reply's text up to its
+        first special token, which a reply's text drops), and return that."""
+        kept = self.kept(reply)
+        history = Prompt(prompt.text + self.decode(kept), prompt.ids + kept)
+        self.learn(history)
+        return history
+
+    def learn(self, prompt: Prompt) -> None:
+        """Encode text starting with `prompt.text` as `prompt.ids` followed by the rest's encoding."""
         with self._lock:
-            self._known[key] = text
-            self._known.move_to_end(key)
+            self._known[prompt.text] = tuple(prompt.ids)
+            self._known.move_to_end(prompt.text)
             while len(self._known) > self._limit:
                 self._known.popitem(last=False)
+
+    def kept(self, reply: Sequence[int]) -> list[int]:
+        """The reply's ids up to its first special token: the part a later prompt holds as the same ids."""
+        special = set(self.tokenizer.all_special_ids)
+        return list(next((reply[:i] for i, t in enumerate(reply) if t in special), reply))
 
     def decode(self, token_ids: Sequence[int], *, special: bool = False) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=not special, clean_up_tokenization_spaces=False)

@@ -17,17 +17,18 @@ import thaw_format
 from thaw_format import IncompatibleSnapshotError, SnapshotError
 from thaw_format.sdk.contract import lineage_now
 
+from .chat_tokens import Prompt
 from .engine_loop import EngineLoop, shared_prefix
 from .thread_store import ThreadStore
 
 log = logging.getLogger(__name__)
-KEY = "thaw_langgraph"  # snapshot.metadata[KEY] = {"thread_id": ..., "token_ids": [...]}
+KEY = "thaw_langgraph"  # snapshot.metadata[KEY] = {"thread_id": ..., "text": ..., "token_ids": [...]}
 
 
 @dataclass
 class SavedThread:
     snapshot: thaw_format.Snapshot
-    token_ids: list[int]  # the prompt and reply of the turn it was saved after
+    history: Prompt  # the prompt and reply of the turn it was saved after
 
 
 def load(loop: EngineLoop, store: ThreadStore, thread_id: str) -> Optional[SavedThread]:
@@ -47,14 +48,14 @@ def load(loop: EngineLoop, store: ThreadStore, thread_id: str) -> Optional[Saved
         loop.call(lambda engine: engine.check(snapshot))
     except IncompatibleSnapshotError as exc:
         return _refused(thread_id, f"incompatible with this engine: {exc}")
-    return SavedThread(snapshot, list(recorded["token_ids"]))
+    return SavedThread(snapshot, Prompt(recorded["text"], list(recorded["token_ids"])))
 
 
 def resume(loop: EngineLoop, saved: SavedThread, thread_id: str, prompt: Sequence[int]) -> str:
     """Make the engine hold the saved pages that begin `prompt`: "resident" if it already does, else
     "restored" (a restore needs an idle engine: it waits for requests in flight), or "stale"."""
     page = saved.snapshot.kv.page_size
-    pages = len(shared_prefix([saved.token_ids, list(prompt)])) // page
+    pages = len(shared_prefix([saved.history.ids, list(prompt)])) // page
     if pages == 0:
         _refused(thread_id, "stale: the thread's prompt no longer begins with the saved tokens")
         return "stale"
@@ -72,10 +73,10 @@ def resume(loop: EngineLoop, saved: SavedThread, thread_id: str, prompt: Sequenc
     return status
 
 
-def save(loop: EngineLoop, store: ThreadStore, thread_id: str, token_ids: Sequence[int]) -> None:
-    """Save the engine's cached pages of `token_ids` (a turn's prompt and reply) as the thread's snapshot."""
-    snapshot = loop.call(lambda engine: engine.capture(include_weights=False, chains=[list(token_ids)]))
-    snapshot.metadata[KEY] = {"thread_id": thread_id, "token_ids": list(token_ids)}
+def save(loop: EngineLoop, store: ThreadStore, thread_id: str, history: Prompt) -> None:
+    """Save the engine's cached pages of `history` (a turn's prompt and reply) as the thread's snapshot."""
+    snapshot = loop.call(lambda engine: engine.capture(include_weights=False, chains=[history.ids]))
+    snapshot.metadata[KEY] = {"thread_id": thread_id, "text": history.text, "token_ids": history.ids}
     snapshot.lineage = thaw_format.Lineage(label=f"thread {thread_id}", created=lineage_now())
     store.save(thread_id, snapshot)
 
