@@ -8,16 +8,20 @@
 A model loaded from a Hugging Face checkpoint is identified by that checkpoint, as vLLM and SGLang identify it,
 so that snapshots cross engines: `info = thaw_mlx.model_info(model, checkpoint=path)` once, then
 `capture(..., info=info)` and `restore(..., info=info)`.
+
+`thaw_mlx.MLXEngine` is the adapter contract (thaw_format.sdk.contract) over a model and its sessions:
+`MLXEngine.start(checkpoint=path)`, then generate / capture / restore / finish / fork as on every engine.
 """
 
 from . import _internals  # noqa: F401  (refuses an untested mlx-lm at import)
+from .engine import MLXEngine
 from .generate import generate, greedy
 from .identity import load_model, model_config, model_info, model_weights
-from .kv_layers import num_cached_tokens
+from .pages import num_cached_tokens
 from .sampling import Sampler, sampler_of
 from .session import capture, fork, restore, snapshot_num_computed, snapshot_tokens
 
 __all__ = [
-    "Sampler", "capture", "fork", "generate", "greedy", "load_model", "model_config", "model_info", "model_weights",
+    "MLXEngine", "Sampler", "capture", "fork", "generate", "greedy", "load_model", "model_config", "model_info", "model_weights",
     "num_cached_tokens", "restore", "sampler_of", "snapshot_num_computed", "snapshot_tokens",
 ]

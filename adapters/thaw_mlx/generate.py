@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from .kv_layers import num_cached_tokens
+from .pages import num_cached_tokens
 
 PREFILL_STEP = 2048  # mlx-lm generate_step's default prefill chunk: the same chunks give the same bytes
 

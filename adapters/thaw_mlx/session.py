@@ -7,7 +7,6 @@ mlx-lm's generate_step runs one ahead and leaves offset == len(tokens). Both are
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Optional, Sequence
 
 import mlx.core as mx
@@ -28,13 +27,13 @@ from thaw_format import (
     Weights,
     check_kv_layout,
 )
+from thaw_format.sdk import DEFAULT_PAGE_SIZE, lineage_now
 
 from . import _internals
 from .identity import check_snapshot_model, model_info, model_weights
-from .kv_layers import check_layer, decode_layer, encode_layer, layer_dtype, num_cached_tokens
+from .pages import check_layer, decode_layer, encode_layer, layer_dtype, num_cached_tokens
 
 REQUEST_ID = "mlx-0"
-DEFAULT_PAGE_SIZE = 32  # vLLM's CPU block size, so that MLX and vLLM snapshots of one prompt page alike
 
 
 def capture(
@@ -71,7 +70,7 @@ def capture(
         num_prompt_tokens=num_prompt_tokens,
         page_size=page_size,
         sampler=sampler,
-        lineage=Lineage(parent=parent, label=label, created=datetime.now(timezone.utc).isoformat()),
+        lineage=Lineage(parent=parent, label=label, created=lineage_now()),
         finished=finished,
     )
 

@@ -1,6 +1,7 @@
 """thaw for SGLang: capture, restore and fork a live SGLang engine (tested with SGLang 0.5.23 on CPU).
 
-    parent = ThawEngine(model_path=..., **sglang_engine_arguments)
+    engine = SGLangEngine.start(model_path=..., **sglang_engine_arguments)   # the adapter contract
+    parent = ThawEngine(model_path=..., **sglang_engine_arguments)          # or ThawEngine(sglang.Engine, path, ...)
     parent.generate(input_ids=..., sampling_params=...)
     children = parent.fork(n=4)          # four new engines, each holding the parent's prefix cache
     snapshot = capture(parent)           # a thaw_format.Snapshot; restore(engine, snapshot) loads one
@@ -10,9 +11,11 @@
 A snapshot names its weights by the checkpoint's digest (spec 5.1), as every adapter does, so the KV of one
 engine restores into another serving the same checkpoint.
 
-The scheduler-side work lives in `capture.py` / `restore.py`; every private SGLang internal in `_internals.py`.
+The contract class is in `engine.py`, the sglang.Engine subclass in `thaw_engine.py`; the scheduler-side work
+lives in `capture.py` / `restore.py`; every private SGLang internal in `_internals.py`.
 """
 
-from .engine import ThawEngine, capture, restore, resume
+from .engine import SGLangEngine
+from .thaw_engine import ThawEngine, capture, restore, resume
 
-__all__ = ["ThawEngine", "capture", "restore", "resume"]
+__all__ = ["SGLangEngine", "ThawEngine", "capture", "restore", "resume"]

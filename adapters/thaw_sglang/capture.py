@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 from thaw_format import Lineage, Snapshot, Weights, WeightsRef
+from thaw_format.sdk import lineage_now
 
 from . import _internals
 from .kv import gather_pages
-from .model_info import engine_info, model_info
+from .identity import engine_info, model_info
 from .pages import paginate
 from .requests import capture_requests
 from .weights import capture_weights, engine_weights_digest
@@ -38,5 +37,5 @@ def capture_state(
         prefix=pages.tree,
         scheduler=requests.state,
         engine=engine_info(scheduler),
-        lineage=Lineage(parent=parent, label=label, created=datetime.now(timezone.utc).isoformat(timespec="seconds")),
+        lineage=Lineage(parent=parent, label=label, created=lineage_now()),
     )

@@ -1,117 +1,126 @@
-"""ThawEngine: an SGLang Engine that can be captured, restored and forked."""
+"""SGLangEngine: the adapter contract (thaw_format.sdk.contract) over one ThawEngine (an sglang.Engine).
+
+    engine = SGLangEngine.start(model_path=..., **sglang_engine_arguments)
+    engine = SGLangEngine(thaw_engine)                   # or wrap a running ThawEngine
+
+Requests go through SGLang's own Engine.generate. SGLang honours a sampling seed only under deterministic
+inference (otherwise its sampler draws from torch's global generator), which it allows with GPU attention
+backends only: on CPU seeded sampling is not reproducible, so "seeded" is not among the capabilities.
+
+Requests in flight: `submit` streams a request and pauses the engine at its first token; each `step` lets it
+run until the next token arrives and pauses it again, so a capture always finds it running, never finished.
+A restore's unfinished requests are submitted again by `finish` (SGLang runs them from their tokens so far,
+a prefix-cache hit on the restored KV).
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
+import itertools
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
 
-from sglang.srt.entrypoints.engine import Engine
 import thaw_format
-from thaw_format import Snapshot
+from thaw_format import ModelInfo, SamplingParams, Snapshot
+from thaw_format.sdk import Finished, Generation, LaunchSpec, Resumed, Unsupported, fork, pending_requests
 
-from . import _internals, rpc, scheduler_ext
-from .requests import resume_arguments
-
-DEFAULT_PAGE_SIZE = 32  # tokens per snapshot page; vLLM's CPU backend needs blocks of a multiple of 32
-
-
-class ThawEngine(Engine):
-    """`sglang.Engine` with the same arguments, whose scheduler process carries thaw's methods."""
-
-    run_scheduler_process_func = staticmethod(scheduler_ext.run_scheduler_process)
-
-    def __init__(self, **kwargs):
-        self.engine_kwargs = dict(kwargs)
-        super().__init__(**kwargs)
-
-    def shutdown(self) -> None:
-        """Shut down this engine alone, leaving the other engines of this process (a fork's family) running."""
-        _internals.stop_engine_processes(self)
-
-    def capture(self, path=None, **options) -> Snapshot:
-        return capture(self, path, **options)
-
-    def restore(self, snapshot) -> None:
-        restore(self, snapshot)
-
-    def resume(self, snapshot: Snapshot) -> list[dict]:
-        return resume(self, snapshot)
-
-    def pause(self) -> None:
-        """Run no more batches until `unpause`; running requests stay in place with their KV.
-
-        A capture of a paused engine holds each running request exactly where generation stopped, and the
-        engine adds nothing after it: to move a request, pause, capture, restore and resume it elsewhere.
-        """
-        rpc.call(self, "thaw_pause", paused=True)
-
-    def unpause(self) -> None:
-        rpc.call(self, "thaw_pause", paused=False)
-
-    def leak_warnings(self) -> int:
-        """How many times SGLang's idle pool-leak check has reported a leak in this engine (0 when sound)."""
-        return rpc.call(self, "thaw_leak_warnings")
-
-    def fork(self, n: int, *, weights: bool = True, **engine_overrides) -> list["ThawEngine"]:
-        """Start `n` new engines with this engine's arguments, each holding this engine's state.
-
-        The state is captured once; the children are started one after another and shut down again if any
-        of them cannot be started or restored.
-        """
-        workdir = tempfile.mkdtemp(prefix="thaw-sglang-fork-")
-        children: list[ThawEngine] = []
-        try:
-            path = Path(workdir) / "parent.thaw"
-            self.capture(path, weights=weights)
-            for _ in range(n):
-                children.append(ThawEngine(**{**self.engine_kwargs, **engine_overrides}))
-                children[-1].restore(path)
-        except BaseException:
-            for child in children:
-                child.shutdown()
-            raise
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        return children
+from .requests import resume_arguments, sglang_params
+from .thaw_engine import ThawEngine, capture, check, restore
 
 
-def capture(
-    engine: ThawEngine,
-    path: str | os.PathLike | None = None,
-    *,
-    weights: bool = True,
-    page_size: int = DEFAULT_PAGE_SIZE,
-    label: str | None = None,
-) -> Snapshot:
-    """Snapshot the engine between two batches: written to `path` if given, and returned (read back)."""
-    if path is not None:
-        target = Path(path)
-        rpc.call(engine, "thaw_capture", path=str(target), page_size=page_size, weights=weights, label=label or "")
-        return thaw_format.load(target)
-    with tempfile.TemporaryDirectory(prefix="thaw-sglang-") as workdir:
-        return capture(engine, Path(workdir) / "snapshot.thaw", weights=weights, page_size=page_size, label=label)
+@dataclass
+class _Streaming:
+    rid: str
+    chunks: Iterator[dict]  # SGLang's output stream
+    latest: dict  # the last chunk read
 
 
-def restore(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> None:
-    """Make an idle engine hold the snapshot's state; an incompatible snapshot is refused before any change."""
-    if not isinstance(snapshot, Snapshot):
-        rpc.call(engine, "thaw_restore", path=str(Path(snapshot)))
-        return
-    with tempfile.TemporaryDirectory(prefix="thaw-sglang-") as workdir:
-        path = Path(workdir) / "snapshot.thaw"
-        thaw_format.save(snapshot, path)
-        restore(engine, path)
+class SGLangEngine:
+    name = "sglang"
 
+    def __init__(self, engine: ThawEngine) -> None:
+        self.engine = engine
+        self.streaming: Optional[_Streaming] = None  # the submitted request
+        self.pending: list[thaw_format.Request] = []  # the last restore's unfinished requests, for finish
+        self._ids = itertools.count()
 
-def resume(engine: ThawEngine, snapshot: Snapshot) -> list[dict]:
-    """Continue the snapshot's unfinished requests in an engine holding its state; SGLang's outputs, in order.
+    @classmethod
+    def start(cls, **engine_kwargs) -> "SGLangEngine":
+        return cls(ThawEngine(**engine_kwargs))
 
-    Each output's `output_ids` are the tokens after the request's captured `output_token_ids`.
-    """
-    pending = [r for r in (snapshot.scheduler.requests if snapshot.scheduler else []) if r.status != "finished"]
-    if not pending:
-        return []
-    inputs, params = zip(*(resume_arguments(r) for r in pending))
-    return engine.generate(input_ids=list(inputs), sampling_params=list(params))
+    @classmethod
+    def capabilities(cls) -> frozenset:
+        return frozenset({"logprobs", "fork", "fork_processes", "mid_stream", "weights"})
+
+    def model_info(self) -> ModelInfo:
+        return capture(self.engine, include_weights=False).model
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
+        out = self.engine.generate(input_ids=[int(t) for t in prompt], sampling_params=sglang_params(params),
+                                   return_logprob=True)
+        meta = out["meta_info"]
+        logprobs = [entry[0] for entry in meta["output_token_logprobs"]]
+        return Generation(list(out["output_ids"]), meta["cached_tokens"], logprobs)
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams) -> str:
+        if self.streaming is not None:
+            raise Unsupported("thaw_sglang steps one submitted request at a time")
+        rid = f"thaw-{next(self._ids)}"
+        stream = self.engine.generate(input_ids=[int(t) for t in prompt], sampling_params=sglang_params(params),
+                                      stream=True, rid=rid)
+        self.streaming = _Streaming(rid, stream, next(stream))  # sends the request; returns at its first token
+        self.engine.pause()
+        return rid
+
+    def step(self) -> dict[str, list[int]]:
+        """Let the paused engine run until the next token arrives (it may take one more before the pause lands)."""
+        if self.streaming is None:
+            return {}
+        self.engine.unpause()
+        chunk = next(self.streaming.chunks, None)
+        self.engine.pause()
+        if chunk is not None:
+            self.streaming.latest = chunk
+            return {}
+        streaming, self.streaming = self.streaming, None
+        return {streaming.rid: list(streaming.latest["output_ids"])}
+
+    def finish(self, requests: Optional[Sequence[Resumed]] = None) -> dict[str, Finished]:
+        """Finish the submitted request (unpausing the engine) and the last restore's unfinished requests."""
+        wanted = None if requests is None else {r.request_id for r in requests}
+        done = {}
+        if self.streaming is not None and (wanted is None or self.streaming.rid in wanted):
+            streaming, self.streaming = self.streaming, None
+            self.engine.unpause()
+            for chunk in streaming.chunks:
+                streaming.latest = chunk
+            meta = streaming.latest["meta_info"]  # a chunk holds every output token so far
+            done[streaming.rid] = Finished(streaming.rid, list(streaming.latest["output_ids"]), meta["cached_tokens"])
+        run = [r for r in self.pending if wanted is None or r.id in wanted]
+        self.pending = [r for r in self.pending if r not in run]
+        if run:
+            inputs, params = zip(*(resume_arguments(r) for r in run))
+            outs = self.engine.generate(input_ids=list(inputs), sampling_params=list(params))
+            for request, out in zip(run, outs):
+                done[request.id] = Finished(request.id, request.output_token_ids + list(out["output_ids"]),
+                                            out["meta_info"]["cached_tokens"])
+        return done
+
+    def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:
+        return capture(self.engine, include_weights=include_weights)  # every cached page: a superset of chains
+
+    def check(self, snapshot: Snapshot) -> None:
+        check(self.engine, snapshot)
+
+    def restore(self, snapshot: Snapshot) -> list[Resumed]:
+        resumed = restore(self.engine, snapshot)
+        self.pending = pending_requests(snapshot)
+        return resumed
+
+    def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list:
+        return fork(self, n, context=context, processes=processes)
+
+    def launch_spec(self) -> LaunchSpec:
+        return LaunchSpec(f"{__name__}:SGLangEngine.start", dict(self.engine.engine_kwargs))
+
+    def close(self) -> None:
+        self.engine.shutdown()

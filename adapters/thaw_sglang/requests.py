@@ -87,7 +87,12 @@ def resume_arguments(request: Request) -> tuple[list[int], dict]:
     The tokens generated so far become part of the input, so the restored KV is a prefix-cache hit and only
     the last token is computed again. Frequency and presence penalties then count them as prompt tokens.
     """
-    s = request.sampling
+    return request.prompt_token_ids + request.output_token_ids, sglang_params(request.sampling,
+                                                                               len(request.output_token_ids))
+
+
+def sglang_params(s: SamplingParams, produced: int = 0) -> dict:
+    """SGLang's sampling_params for the format's settings, with `produced` tokens of max_tokens already made."""
     params = {
         "temperature": s.temperature,
         "top_p": s.top_p,
@@ -99,9 +104,9 @@ def resume_arguments(request: Request) -> tuple[list[int], dict]:
         "frequency_penalty": s.frequency_penalty,
     }
     if s.max_tokens is not None:
-        params["max_new_tokens"] = s.max_tokens - len(request.output_token_ids)
+        params["max_new_tokens"] = s.max_tokens - produced
     if s.stop_token_ids:
         params["stop_token_ids"] = list(s.stop_token_ids)
     if s.seed is not None:
         params["sampling_seed"] = s.seed
-    return request.prompt_token_ids + request.output_token_ids, params
+    return params

@@ -8,7 +8,7 @@ from thaw_format import IncompatibleSnapshotError, Snapshot, check_model
 
 from . import _internals
 from .kv import scatter_rows
-from .model_info import check_kv, model_info
+from .identity import check_kv, model_info
 from .pages import distinct_token_count, leaf_sequences
 from .weights import check_weights, engine_weights_digest, restore_weights
 

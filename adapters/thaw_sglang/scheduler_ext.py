@@ -13,7 +13,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from . import _internals, rpc
 from .capture import capture_state
-from .restore import restore_state
+from .restore import check_restorable, restore_state
 
 
 class ThawScheduler(_internals.Scheduler):
@@ -38,6 +38,9 @@ class ThawScheduler(_internals.Scheduler):
             self.thaw_restored_from = snapshot.id
 
         rpc.report(result_path, work)
+
+    def thaw_check(self, result_path: str, path: str) -> None:
+        rpc.report(result_path, lambda: check_restorable(self, thaw_format.load(path)))
 
     def thaw_pause(self, result_path: str, paused: bool) -> None:
         rpc.report(result_path, lambda: _internals.set_paused(self, paused))

@@ -31,7 +31,7 @@ BlockHash = bytes
 def kv_cache_tensors(worker) -> list[torch.Tensor]:
     """The per-layer KV tensors of vLLM's CPU attention, in layer order, each allocated as
     [num_blocks, num_kv_heads, block_size, 2 * head_dim]. That shape is an allocation, not the layout: the
-    attention backend reinterprets each block (see `cpu_attn_write` and layout.py). Others are refused."""
+    attention backend reinterprets each block (see `cpu_attn_write` and pages.py). Others are refused."""
     caches = list(worker.model_runner.kv_caches)
     for i, cache in enumerate(caches):
         if cache.dim() != 4 or not cache.is_contiguous():

@@ -2,27 +2,59 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
 from typing import Optional, Sequence
 
 import thaw_format
 from thaw_format import IncompatibleSnapshotError
+from thaw_format.sdk import Finished, Resumed, pending_requests
 
-from . import _internals, sampling, transport
+from . import _internals, transport
+from .requests import resubmit, run_to_completion
 
 WORKER_EXTENSION = "thaw_vllm.worker.ThawWorkerExtension"
 
 
 def engine_args(**kwargs) -> dict:
-    """vllm.LLM / EngineArgs keyword arguments with thaw's worker extension and KV connector added."""
+    """vllm.LLM / EngineArgs keyword arguments with thaw's worker extension and KV connector added.
+
+    The plain (JSON-able) arguments ride along in the connector's extra config, so that `launch_arguments`
+    can start an equal engine in another process (fork) from any LLM made with them: pass every argument
+    that engine needs (dtype, block_size, ...) through here, not beside it.
+    """
     from vllm.config import KVTransferConfig
 
     kwargs.setdefault("enable_prefix_caching", True)
+    plain = {k: v for k, v in kwargs.items() if _json_able(v)}
     kwargs["worker_extension_cls"] = WORKER_EXTENSION
     kwargs["kv_transfer_config"] = KVTransferConfig(
-        kv_connector="ThawConnector", kv_connector_module_path="thaw_vllm.connector", kv_role="kv_both"
+        kv_connector="ThawConnector", kv_connector_module_path="thaw_vllm.connector", kv_role="kv_both",
+        kv_connector_extra_config={LAUNCH_KEY: plain},
     )
     return kwargs
+
+
+LAUNCH_KEY = "thaw_engine_kwargs"
+NOT_ENABLED = ("this vLLM engine runs without thaw's KV connector and worker extension. vLLM lets no plugin turn "
+               "a KV connector on, so add one argument where the engine is made: vllm.LLM(model, ..., "
+               "**thaw_vllm.engine_args()) (or use thaw_vllm.LLM)")
+
+
+def _json_able(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def launch_arguments(llm) -> tuple[str, dict]:
+    """The model and plain construction arguments of an LLM made with `engine_args`: what starts an equal one."""
+    config = llm.llm_engine.vllm_config
+    transfer = config.kv_transfer_config
+    if transfer is None or LAUNCH_KEY not in (transfer.kv_connector_extra_config or {}):
+        raise RuntimeError(NOT_ENABLED)
+    return config.model_config.model, dict(transfer.kv_connector_extra_config[LAUNCH_KEY])
 
 
 def _rpc(llm, method: str, *args):
@@ -59,7 +91,7 @@ def check_compatible(llm, snapshot: thaw_format.Snapshot) -> None:
     pages = 0 if snapshot.prefix is None else snapshot.prefix.num_pages
     if pages != snapshot.kv.num_pages:
         raise IncompatibleSnapshotError(f"prefix: the snapshot has {pages} prefix pages for {snapshot.kv.num_pages} KV pages")
-    for request in resumable(snapshot):
+    for request in pending_requests(snapshot):
         _check_request(snapshot, request)
 
 
@@ -78,15 +110,6 @@ def _check_request(snapshot: thaw_format.Snapshot, request: thaw_format.Request)
         raise IncompatibleSnapshotError(f"request {request.id!r}: rng_state is {request.rng_state.dtype}, torch's generator state is uint8")
 
 
-@dataclass
-class Resumed:
-    """A request a restore continues: its id, and what it had produced before the snapshot."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    previous_output_token_ids: list[int] = field(default_factory=list)
-
-
 def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
     """Restore a snapshot into a fresh or used (idle) engine; unfinished requests are resubmitted and continue
     exactly (their last partial page and sampling-generator state come from the snapshot).
@@ -97,21 +120,7 @@ def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
     check_compatible(llm, snapshot)
     with transport.publish(snapshot, local=_internals.engine_in_this_process(llm)) as shared:
         _internals.call_engine_core(llm, "thaw_call", "restore", {"source": shared.source, **_restore_plan(snapshot)})
-    from vllm.inputs import TokensPrompt
-
-    resumed = []
-    for request in resumable(snapshot):
-        remaining = None if request.sampling.max_tokens is None else request.sampling.max_tokens - len(request.output_token_ids)
-        prompt = request.prompt_token_ids + request.output_token_ids
-        llm.llm_engine.add_request(request.id, TokensPrompt(prompt_token_ids=prompt),
-                                   sampling.to_vllm(request.sampling, max_tokens=remaining))
-        resumed.append(Resumed(request.id, request.prompt_token_ids, request.output_token_ids))
-    return resumed
-
-
-def resumable(snapshot: thaw_format.Snapshot) -> list[thaw_format.Request]:
-    """Requests a restore continues: every unfinished one."""
-    return [] if snapshot.scheduler is None else [r for r in snapshot.scheduler.requests if r.status != "finished"]
+    return resubmit(llm, snapshot)
 
 
 def _restore_plan(snapshot: thaw_format.Snapshot) -> dict:
@@ -120,7 +129,7 @@ def _restore_plan(snapshot: thaw_format.Snapshot) -> dict:
     native = None if tree.hash is None else {"algorithm": tree.hash.algorithm, "seed": tree.hash.seed,
                                              "tokens_per_hash": tree.hash.tokens_per_hash, "hashes": tree.hash.hashes}
     tails, rng_keys = {}, []
-    for request in resumable(snapshot):
+    for request in pending_requests(snapshot):
         last = request.pages[-1] if request.pages else None
         if last is not None and snapshot.kv is not None and len(tree.tokens[last]) < snapshot.kv.page_size:
             tails[request.id] = last
@@ -129,22 +138,7 @@ def _restore_plan(snapshot: thaw_format.Snapshot) -> dict:
     return {"parents": tree.parents, "tokens": tree.tokens, "native": native, "tails": tails, "rng_keys": rng_keys}
 
 
-@dataclass
-class Finished:
-    request_id: str
-    output_token_ids: list[int]  # the whole output, before and after the snapshot
-    num_cached_tokens: int  # reported by vLLM for the resumed request
-
-
 def finish(llm, resumed: Sequence[Resumed]) -> dict[str, Finished]:
-    """Run the engine until the resumed requests are done."""
-    wanted = {r.request_id: r for r in resumed}
-    done: dict[str, Finished] = {}
-    engine = llm.llm_engine
-    while len(done) < len(wanted) and engine.has_unfinished_requests():
-        for out in engine.step():
-            r = wanted.get(out.request_id)
-            if r is not None and out.finished:
-                done[r.request_id] = Finished(r.request_id, r.previous_output_token_ids + list(out.outputs[0].token_ids),
-                                              out.num_cached_tokens or 0)
-    return done
+    """Run the engine until the resumed requests are done (VLLMEngine.finish, for a plain LLM)."""
+    return run_to_completion(llm, {r.request_id: r.previous_output_token_ids for r in resumed},
+                             [r.request_id for r in resumed])

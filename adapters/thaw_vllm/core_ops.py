@@ -11,6 +11,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 from . import _internals, sampling
+from .api import NOT_ENABLED
 from .connector import ThawConnector
 
 
@@ -25,8 +26,7 @@ def thaw_call(core, op: str, args: dict) -> dict:
 def _connector(core) -> ThawConnector:
     connector = core.scheduler.get_kv_connector()
     if not isinstance(connector, ThawConnector):
-        raise RuntimeError("this engine runs without thaw's KV connector: start it with thaw_vllm.LLM, or pass "
-                           "**thaw_vllm.engine_args(...) to vllm.LLM")
+        raise RuntimeError(NOT_ENABLED)
     return connector
 
 

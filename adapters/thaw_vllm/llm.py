@@ -9,9 +9,7 @@ from . import api
 
 class LLM(vllm.LLM):
     def __init__(self, model: str, **kwargs) -> None:
-        # Plain construction arguments, so that fork() can start identical engines in other processes.
-        self.thaw_engine_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
-        self.thaw_model = str(model)
+        self.thaw_model = str(model)  # the model directory, as given
         self.thaw_context = None
         super().__init__(model=str(model), **api.engine_args(**kwargs))
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import thaw_format
 import torch
 import vllm
+from thaw_format.sdk import lineage_now
 from thaw_format.torch import from_torch, to_torch
 
 from . import _internals, identity, transport
-from .layout import blocks_to_pages, engine_layout, pages_to_blocks
+from .pages import blocks_to_pages, engine_layout, pages_to_blocks
 
 
 class ThawWorkerExtension:
@@ -93,15 +94,9 @@ def _build_snapshot(worker, plan: dict, include_weights: bool) -> thaw_format.Sn
         scheduler=thaw_format.SchedulerState(requests=requests),
         engine=thaw_format.EngineInfo(name="vllm", version=vllm.__version__, attention_backend="CPU_ATTN",
                                       native_kv_layout=layout.description, extra={"block_size": bs}),
-        lineage=thaw_format.Lineage(created=_now()),
+        lineage=thaw_format.Lineage(created=lineage_now()),
     )
 
 
 def _dtype_name(caches) -> str:
     return str(caches[0].dtype).removeprefix("torch.")
-
-
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -21,7 +21,7 @@ import thaw_format
 from .compare import kv_closeness, kv_diff, pages_by_prefix
 from .results import CheckFailed, Recorder
 from .runner import PARENT_RECORD
-from .sdk import GREEDY, Driver, Workload
+from .sdk import Driver, Workload, greedy
 
 CROSS_CHECKS = {
     "cross_restore": "the target accepts the source's snapshot (same checkpoint) or names why not",
@@ -51,18 +51,18 @@ def cross_phase(driver: Driver, arch: str, source_dir: Path, workload: Workload,
     prompt = workload.prompt + record["first"]
     engine = driver.start(arch, source_dir)
     try:
-        own = engine.generate(prompt, workload.continue_tokens, GREEDY)
-        own_kv = engine.kv()  # the target's own KV of the text: what the restored pages are measured against
+        own = engine.generate(prompt, greedy(workload.continue_tokens))
+        own_kv = engine.capture(include_weights=False)  # the target's own KV of the text: what the restored pages are measured against
         with recorder.check("cross_restore") as note:
             try:
-                engine.restore(snapshot_path)
+                engine.restore(thaw_format.load(snapshot_path))
             except thaw_format.SnapshotError as exc:  # a clean refusal: the engines disagree on the model
                 raise CheckFailed(f"refused: {type(exc).__name__}: {exc}") from exc
             note(f"restored {snapshot_path.name} of {thaw_format.load(snapshot_path).engine.name}")
         if recorder.results[-1].status != "passed":
             recorder.missing("skipped", "the target did not restore the source's snapshot", CROSS_CHECKS)
             return
-        landed = engine.kv()
+        landed = engine.capture(include_weights=False)
         with recorder.check("cross_kv_lands") as note:
             source = thaw_format.load(snapshot_path)
             diff = kv_diff(source, landed, full_pages_only=True)
@@ -73,7 +73,7 @@ def cross_phase(driver: Driver, arch: str, source_dir: Path, workload: Workload,
             if held < source.kv.num_pages:
                 note("the partial last page is not held: the target caches whole pages only, and computes those "
                      "tokens again")
-        restored = engine.generate(prompt, workload.continue_tokens, GREEDY)
+        restored = engine.generate(prompt, greedy(workload.continue_tokens))
         with recorder.check("cross_prefix_hit") as note:
             if restored.cached_tokens <= 0:
                 raise CheckFailed("the target reports no cached tokens after the restore")

@@ -17,13 +17,35 @@ from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError
 from . import variants
 from .compare import float_bits, kv_diff, weights_diff
 from .results import CheckFailed, Recorder
-from .sdk import GREEDY, Driver, Engine, Generation, Sampling, Unsupported, Workload, seeded
+from .sdk import Driver, Engine, Generation, Unsupported, Workload, greedy, seeded
 
 PARENT_RECORD = "parent.json"  # the parent phase's record, read by the child phase
 
 
 def _generation(g: Generation) -> dict:
     return {"tokens": list(g.token_ids), "cached": g.cached_tokens, "logprobs": float_bits(g.logprobs)}
+
+
+def _features(engine: Engine) -> frozenset:
+    return type(engine).capabilities()
+
+
+def _save(snapshot, path: Path) -> Path:
+    thaw_format.save(snapshot, path)
+    return path
+
+
+def _restore(engine: Engine, path) -> list:
+    """Load the file (the reader verifies its checksums) and restore it: a damaged file is refused either way."""
+    return engine.restore(thaw_format.load(path))
+
+
+def _live_weights(engine: Engine):
+    return engine.capture(include_weights=True).weights.tensors
+
+
+def _live_kv(engine: Engine):
+    return engine.capture(include_weights=False)
 
 
 def _try(fn):
@@ -36,29 +58,30 @@ def _try(fn):
 
 def parent_phase(driver: Driver, arch: str, workdir: Path, workload: Workload) -> dict:
     """Serve, capture, and record the parent's own next steps; writes workdir/parent.json and returns it."""
-    w, features = workload, driver.features
+    w = workload
     record: dict = {"arch": arch, "timings": {}}
     started = time.perf_counter()
     engine = driver.start(arch, workdir)
+    features = _features(engine)
     record["timings"]["start_s"] = time.perf_counter() - started
     try:
-        first = engine.generate(w.prompt, w.first_tokens, GREEDY)
+        first = engine.generate(w.prompt, greedy(w.first_tokens))
         record["first"] = first.token_ids
         snapshot = workdir / "snapshot.thaw"
         started = time.perf_counter()
-        engine.capture(snapshot)
+        _save(engine.capture(), snapshot)
         record["timings"]["capture_s"] = time.perf_counter() - started
         record["timings"]["snapshot_bytes"] = snapshot.stat().st_size
         stored = thaw_format.load(snapshot)
-        record["weights_parent"] = _try(lambda: weights_diff(stored.weights.tensors, engine.weights())
+        record["weights_parent"] = _try(lambda: weights_diff(stored.weights.tensors, _live_weights(engine))
                                         if stored.weights else "the snapshot holds no weights")
-        record["kv_parent"] = _try(lambda: kv_diff(stored, engine.kv()))
+        record["kv_parent"] = _try(lambda: kv_diff(stored, _live_kv(engine)))
         prompt = w.prompt + first.token_ids
-        record["continuations"] = {"greedy": _generation(engine.generate(prompt, w.continue_tokens, GREEDY))}
+        record["continuations"] = {"greedy": _generation(engine.generate(prompt, greedy(w.continue_tokens)))}
         if "seeded" in features:
-            record["continuations"]["seeded"] = _generation(engine.generate(prompt, w.continue_tokens, seeded(w.seed)))
-        if "fork" in features and (w.fork_archs is None or arch in w.fork_archs):
-            record["fork"] = [engine.generate(prompt, w.continue_tokens, _fork_sampling(features, w, i)).token_ids
+            record["continuations"]["seeded"] = _generation(engine.generate(prompt, seeded(w.seed, w.continue_tokens)))
+        if "fork_processes" in features and (w.fork_archs is None or arch in w.fork_archs):
+            record["fork"] = [engine.generate(prompt, _fork_sampling(features, w, i)).token_ids
                               for i in range(w.fork_n)]
         record["mid_stream_after"] = w.mid_stream_after
         record["mid_stream"] = _mid_stream(engine, features, w, workdir)
@@ -72,30 +95,31 @@ def parent_phase(driver: Driver, arch: str, workdir: Path, workload: Workload) -
     return record
 
 
-def _fork_sampling(features, w: Workload, child: int) -> Sampling:
+def _fork_sampling(features, w: Workload, child: int) -> thaw_format.SamplingParams:
     """Each fork child samples with its own seed, so that independent children must differ (greedy if the
     engine cannot sample with a seed)."""
-    return seeded(w.seed + 1 + child) if "seeded" in features else GREEDY
+    return seeded(w.seed + 1 + child, w.continue_tokens) if "seeded" in features else greedy(w.continue_tokens)
 
 
 def _mid_stream(engine: Engine, features, w: Workload, workdir: Path) -> dict:
     """Per kind, a request submitted, stepped part-way, captured in flight, then finished by the parent."""
     record: dict = {"requests": {}, "unsupported": {}}
-    for i, (kind, feature, sampling) in enumerate((("greedy", "mid_stream", GREEDY),
-                                                   ("seeded", "mid_stream_seeded", seeded(w.seed)))):
+    for i, (kind, feature, sampling) in enumerate((("greedy", "mid_stream", greedy(w.mid_stream_tokens)),
+                                                   ("seeded", "mid_stream_seeded",
+                                                    seeded(w.seed, w.mid_stream_tokens)))):
         if feature not in features:
             record["unsupported"][kind] = f"capturing a {kind} request in flight"
             continue
         try:
-            rid = engine.submit(w.prompt[::-1][: 40 + 3 * i], w.mid_stream_tokens, sampling)
+            rid = engine.submit(w.prompt[::-1][: 40 + 3 * i], sampling)
         except Unsupported as exc:
             record["unsupported"][kind] = str(exc)
             continue
         for _ in range(w.mid_stream_after):
             engine.step()
         path = workdir / f"mid_stream_{kind}.thaw"
-        engine.capture(path)
-        record["requests"][kind] = {"id": rid, "tokens": engine.drain()[rid], "path": str(path)}
+        _save(engine.capture(), path)
+        record["requests"][kind] = {"id": rid, "tokens": engine.finish()[rid].output_token_ids, "path": str(path)}
     return record
 
 
@@ -116,7 +140,7 @@ def child_phase(driver: Driver, arch: str, workdir: Path, workload: Workload, re
                 note(_expect_refusal(engine, path, IncompatibleSnapshotError, label))
         started = time.perf_counter()
         try:
-            engine.restore(Path(record["snapshot"]))
+            _restore(engine, record["snapshot"])
         except Exception as exc:
             recorder.missing("error", f"restoring the snapshot failed: {type(exc).__name__}: {exc}")
             return timings
@@ -133,7 +157,7 @@ def child_phase(driver: Driver, arch: str, workdir: Path, workload: Workload, re
 
 def _expect_refusal(engine: Engine, path: str, error: type, label: str) -> str:
     try:
-        engine.restore(Path(path))
+        _restore(engine, path)
     except error as exc:
         return f"{label}: {type(exc).__name__}"
     except Exception as exc:
@@ -143,9 +167,9 @@ def _expect_refusal(engine: Engine, path: str, error: type, label: str) -> str:
 
 def _untouched(engine: Engine) -> str:
     try:
-        state = engine.kv()
+        state = _live_kv(engine)
     except Unsupported:
-        return "engine state after refusal not readable (kv() unsupported)"
+        return "engine state after refusal not readable (capture without weights unsupported)"
     pages = state.prefix.num_pages if state.prefix is not None else 0
     if pages:
         raise CheckFailed(f"after the refused restores the fresh engine holds {pages} cached pages")
@@ -166,10 +190,10 @@ def _compare_state(engine: Engine, driver: Driver, record: dict, w: Workload, re
     with recorder.check("weights_identical") as note:
         if stored.weights is None or not stored.weights.tensors:
             raise Unsupported("the adapter's snapshot holds no weights")
-        note(_verdict(weights_diff(stored.weights.tensors, engine.weights()), record["weights_parent"],
+        note(_verdict(weights_diff(stored.weights.tensors, _live_weights(engine)), record["weights_parent"],
                       f"{len(stored.weights.tensors)} tensors, {sum(t.nbytes for t in stored.weights.tensors.values())} bytes"))
     with recorder.check("kv_identical") as note:
-        note(_verdict(_try(lambda: kv_diff(stored, engine.kv())), record["kv_parent"],
+        note(_verdict(_try(lambda: kv_diff(stored, _live_kv(engine))), record["kv_parent"],
                       f"{stored.kv.num_pages} pages x {len(stored.kv.layers)} layers"))
 
 
@@ -181,7 +205,8 @@ def _same(got: Generation, want: dict, what: str) -> None:
 def _compare_continuations(engine: Engine, driver: Driver, record: dict, w: Workload, recorder: Recorder) -> None:
     prompt = w.prompt + record["first"]
     want = record["continuations"]
-    got = {"greedy": engine.generate(prompt, w.continue_tokens, GREEDY)}
+    features = _features(engine)
+    got = {"greedy": engine.generate(prompt, greedy(w.continue_tokens))}
     with recorder.check("prefix_hit_fresh_process") as note:
         cached, parent = got["greedy"].cached_tokens, want["greedy"]["cached"]
         if cached != parent or cached <= 0:
@@ -193,13 +218,13 @@ def _compare_continuations(engine: Engine, driver: Driver, record: dict, w: Work
         if len(set(want["greedy"]["tokens"])) == 1:
             note("weak evidence: this model's greedy output repeats one token (the seeded check is the strong one)")
     with recorder.check("continuation_seeded") as note:
-        if "seeded" not in driver.features:
+        if "seeded" not in features:
             raise Unsupported("seeded sampling")
-        got["seeded"] = engine.generate(prompt, w.continue_tokens, seeded(w.seed))
+        got["seeded"] = engine.generate(prompt, seeded(w.seed, w.continue_tokens))
         _same(got["seeded"], want["seeded"], "seeded")
         note(f"{len(want['seeded']['tokens'])} tokens identical (seed {w.seed})")
     with recorder.check("logprobs_identical") as note:
-        if "logprobs" not in driver.features:
+        if "logprobs" not in features:
             raise Unsupported("the engine exposes no logprobs through the adapter")
         for kind, generation in got.items():
             if float_bits(generation.logprobs) != want[kind]["logprobs"]:
@@ -214,8 +239,9 @@ def _compare_mid_stream(engine: Engine, driver: Driver, record: dict, w: Workloa
             if kind not in mid["requests"]:
                 raise Unsupported(mid["unsupported"][kind])
             want = mid["requests"][kind]
-            engine.restore(Path(want["path"]))
-            got = engine.drain().get(want["id"])
+            _restore(engine, want["path"])
+            done = engine.finish().get(want["id"])
+            got = None if done is None else done.output_token_ids
             if got != want["tokens"]:
                 raise CheckFailed(f"request {want['id']} finished as {got}, in the parent as {want['tokens']}")
             note(f"{len(got)} tokens identical, {len(got) - record['mid_stream_after']} of them after the restore")
@@ -223,8 +249,8 @@ def _compare_mid_stream(engine: Engine, driver: Driver, record: dict, w: Workloa
 
 def _control(engine: Engine, driver: Driver, record: dict, w: Workload, recorder: Recorder) -> None:
     with recorder.check("kv_control") as note:
-        engine.restore(Path(record["noise_kv"]))
-        got = engine.generate(w.prompt + record["first"], w.continue_tokens, GREEDY)
+        _restore(engine, record["noise_kv"])
+        got = engine.generate(w.prompt + record["first"], greedy(w.continue_tokens))
         want = record["continuations"]["greedy"]
         if got.cached_tokens != want["cached"]:
             raise CheckFailed(f"noise KV: {got.cached_tokens} cached tokens, expected {want['cached']}: not hit")
@@ -243,21 +269,23 @@ def _compare_fork(engine: Engine, driver: Driver, record: dict, w: Workload, rec
         recorder.add("fork_n", "skipped", f"the fork check ran on {', '.join(w.fork_archs)} only (--fork-arch)")
         return
     with recorder.check("fork_n") as note:
-        if "fork" not in driver.features:
-            raise Unsupported("fork")
+        features = _features(engine)
+        if "fork_processes" not in features:
+            raise Unsupported("fork into other processes")
         prompt = w.prompt + record["first"]
-        children = engine.fork(w.fork_n, prompt)
+        children = engine.fork(w.fork_n, context=prompt, processes=True)
         try:
             for i, (child, want) in enumerate(zip(children, record["fork"])):
-                sampling = _fork_sampling(driver.features, w, i)
-                got = child.generate(prompt, w.continue_tokens, sampling).token_ids
+                sampling = _fork_sampling(features, w, i)
+                got = child.generate(prompt, sampling).token_ids
                 if got != want:
-                    raise CheckFailed(f"child {i} gave {got}, the parent under {sampling.name} {want}")
+                    how = "greedy" if sampling.temperature == 0 else f"seed {sampling.seed}"
+                    raise CheckFailed(f"child {i} gave {got}, the parent under {how} {want}")
         finally:
             for child in children:
                 child.close()
         note(f"{len(children)} children, each identical to the parent under "
-             + ("its own seed" if "seeded" in driver.features else "greedy decoding"))
+             + ("its own seed" if "seeded" in features else "greedy decoding"))
 
 
 _STAGES = (

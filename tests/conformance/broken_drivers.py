@@ -6,74 +6,72 @@ import dataclasses
 
 import numpy as np
 
-import thaw_format
 from thaw_conformance.sdk import Unsupported
 from thaw_conformance.template import adapter
-from thaw_conformance.template.driver import ToyDriver, ToyDriverEngine
+from thaw_conformance.template.adapter import ToyThawEngine
+from thaw_conformance.template.driver import ToyDriver
 
 
-class _Engine(ToyDriverEngine):
-    def restore(self, path):
-        self.restore_snapshot(thaw_format.load(path))
-
-    def restore_snapshot(self, snapshot):
-        adapter.restore(self.engine, snapshot)
-
-
-class ZeroKV(_Engine):
+class ZeroKV(ToyThawEngine):
     """Rebuilds the prefix table but leaves the KV pages zero."""
 
-    def restore_snapshot(self, snapshot):
-        adapter.restore(self.engine, snapshot)
+    def restore(self, snapshot):
+        resumed = super().restore(snapshot)
         for k, v in zip(self.engine.k, self.engine.v):
             k[:] = 0
             v[:] = 0
+        return resumed
 
 
-class Recomputes(_Engine):
+class Recomputes(ToyThawEngine):
     """Ignores the stored KV and recomputes every page from its tokens: the KV control must notice."""
 
-    def restore_snapshot(self, snapshot):
+    def restore(self, snapshot):
         adapter.check(self.engine, snapshot)
         self.engine.reset()
         for leaf in snapshot.prefix.leaves():
             self.engine.generate(snapshot.prefix.chain_tokens(leaf), 1)
+        return []
 
 
-class DropsRNG(_Engine):
+class DropsRNG(ToyThawEngine):
     """Resumes seeded requests with a fresh generator instead of the captured state."""
 
-    def restore_snapshot(self, snapshot):
-        adapter.restore(self.engine, snapshot)
+    def restore(self, snapshot):
+        resumed = super().restore(snapshot)
         for request in self.engine.running.values():
             if request.rng is not None:
                 request.rng = np.random.default_rng(0)
+        return resumed
 
 
-class NoModelCheck(_Engine):
+class NoModelCheck(ToyThawEngine):
     """Restores into whatever engine it is given, as long as the KV shapes fit."""
 
-    def restore_snapshot(self, snapshot):
+    def restore(self, snapshot):
         model = dataclasses.replace(snapshot.model, **dataclasses.asdict(adapter.model_info(self.engine)))
-        adapter.restore(self.engine, dataclasses.replace(snapshot, model=model))
+        return super().restore(dataclasses.replace(snapshot, model=model))
 
 
-class NoKVReadback(ToyDriverEngine):
+class NoKVReadback(ToyThawEngine):
     """An adapter that cannot read its KV back: kv_identical must say so, not pass."""
 
-    def kv(self):
-        raise Unsupported("reading KV back")
+    def capture(self, *, include_weights=True, chains=None):
+        if not include_weights:
+            raise Unsupported("reading KV back")
+        return super().capture(include_weights=include_weights, chains=chains)
 
 
-def _factory(engine_class, features=None):
+def _factory(engine_class, capabilities=None):
+    if capabilities is not None:
+        engine_class.capabilities = classmethod(lambda cls: frozenset(capabilities))
+
     class Driver(ToyDriver):
         name = f"broken-{engine_class.__name__}"
 
         def start(self, arch, workdir):
             return engine_class(super().start(arch, workdir).engine)
 
-    if features is not None:
-        Driver.features = frozenset(features)
     return Driver
 
 
@@ -94,7 +92,7 @@ def no_model_check():
 
 
 def no_kv_readback():
-    return _factory(NoKVReadback, features={"seeded"})()
+    return _factory(NoKVReadback, capabilities={"seeded"})()
 
 
 def cannot_start():

@@ -65,7 +65,7 @@ def test_restored_bytes_are_what_the_engine_reads(thaw_sglang, family):
     assert cached == family.restored_prefix_len
     assert output != family.references[0]
     thaw_sglang.restore(child, family.snapshot)
-    assert thaw_sglang.capture(child, weights=False).lineage.parent == family.snapshot.id
+    assert thaw_sglang.capture(child, include_weights=False).lineage.parent == family.snapshot.id
     assert generate(child, prompt) == (family.references[0], family.restored_prefix_len)
 
 

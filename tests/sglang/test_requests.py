@@ -15,7 +15,7 @@ def _capture_while_running(thaw_sglang, engine, prompt, params):
     snapshot = None
     try:
         while snapshot is None and worker.is_alive():
-            candidate = thaw_sglang.capture(engine, weights=False)
+            candidate = thaw_sglang.capture(engine, include_weights=False)
             if any(r.status == "running" and r.output_token_ids for r in candidate.scheduler.requests):
                 snapshot = candidate
     finally:
@@ -50,9 +50,9 @@ def test_a_paused_engine_is_captured_where_its_request_stopped(thaw_sglang, fami
     next(stream)  # the request runs: its first token is out
     engine.pause()
     try:
-        snapshot = thaw_sglang.capture(engine, weights=False)
+        snapshot = thaw_sglang.capture(engine, include_weights=False)
         time.sleep(0.5)
-        assert thaw_sglang.capture(engine, weights=False).scheduler == snapshot.scheduler  # nothing ran meanwhile
+        assert thaw_sglang.capture(engine, include_weights=False).scheduler == snapshot.scheduler  # nothing ran meanwhile
     finally:
         engine.unpause()
     *_, last = stream  # each chunk holds every output token so far

@@ -32,7 +32,7 @@ def _other_weights(snapshot, seed):
 
 def test_weights_are_named_by_their_checkpoint(thaw_sglang, zoo, family):
     """Carried or not, the weights' identity is the checkpoint's digest, which every engine computes alike."""
-    kv_only = thaw_sglang.capture(family.children[1], weights=False)
+    kv_only = thaw_sglang.capture(family.children[1], include_weights=False)
     assert not kv_only.weights.tensors
     checkpoint = checkpoint_weights_digest(zoo.make_model("llama"))
     assert family.snapshot.model.weights_digest == checkpoint and family.snapshot.weights.tensors
@@ -42,7 +42,7 @@ def test_weights_are_named_by_their_checkpoint(thaw_sglang, zoo, family):
 def test_weights_travel_with_the_snapshot(thaw_sglang, family):
     """Other weights loaded through the restore change the continuation; the parent's bring it back."""
     child, prompt = family.children[1], family.continued_prefix + SUFFIXES[1]
-    kv_only = thaw_sglang.capture(child, weights=False)
+    kv_only = thaw_sglang.capture(child, include_weights=False)
 
     other = _other_weights(family.snapshot, seed=1)
     thaw_sglang.restore(child, other)
@@ -51,7 +51,7 @@ def test_weights_travel_with_the_snapshot(thaw_sglang, family):
     output, cached = generate(child, prompt)
     assert cached == family.restored_prefix_len and output != family.references[1]
     # The engine's weights are now the snapshot's, and so is their identity.
-    assert thaw_sglang.capture(child, weights=False).model.weights_digest == other.model.weights_digest
+    assert thaw_sglang.capture(child, include_weights=False).model.weights_digest == other.model.weights_digest
 
     before = _state(thaw_sglang, child)
     with pytest.raises(IncompatibleSnapshotError, match="model.weights_digest"):

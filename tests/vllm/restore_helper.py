@@ -25,7 +25,7 @@ def main() -> None:
         resumed = thaw_vllm.restore(llm, thaw_format.load(step["snapshot"]))
         if step.get("resume"):
             done = thaw_vllm.finish(llm, resumed)
-            results.append({r: {"token_ids": f.output_token_ids, "num_cached_tokens": f.num_cached_tokens}
+            results.append({r: {"token_ids": f.output_token_ids, "num_cached_tokens": f.cached_tokens}
                             for r, f in done.items()})
             continue
         params = SamplingParams(**step["params"])

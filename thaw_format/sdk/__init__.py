@@ -8,6 +8,7 @@ from .contract import (
     Engine,
     Finished,
     Generation,
+    LaunchSpec,
     Resumed,
     Unsupported,
     greedy,
@@ -16,8 +17,9 @@ from .contract import (
     require,
     seeded,
 )
+from .fork import fork
 
 __all__ = [
-    "CAPABILITIES", "DEFAULT_PAGE_SIZE", "Engine", "Finished", "Generation", "Resumed", "Unsupported", "greedy",
-    "lineage_now", "pending_requests", "require", "seeded",
+    "CAPABILITIES", "DEFAULT_PAGE_SIZE", "Engine", "Finished", "Generation", "LaunchSpec", "Resumed", "Unsupported",
+    "fork", "greedy", "lineage_now", "pending_requests", "require", "seeded",
 ]

@@ -14,6 +14,10 @@ against it and works on every engine.
     children = engine.fork(2, context=prompt_ids)   # -> engines continuing `context` without its prefill
     engine.close()
 
+An adapter class is constructed around a native engine it is given (`SomeAdapterEngine(native)`) and has a
+classmethod `start(**kwargs)` that starts one; `launch_spec()` names that factory with JSON-able arguments, so
+that `thaw_format.sdk.fork` can start an equal engine in another process without knowing the engine.
+
 Sampling is the format's own `thaw_format.SamplingParams` (the set every snapshot records requests in), so a
 request moves between engines and snapshots without a translation table per pair. Its default temperature is
 1.0 as in the spec: use `greedy(n)` or `seeded(seed, n)` for the two modes every engine must get exactly.
@@ -30,6 +34,7 @@ Rules the callers rely on (the conformance suite checks each one):
 - `restore` needs an idle engine (no request in flight); it may have served requests before.
 - `fork(n, context=...)` returns n engines (children) holding the KV of `context`; a child's `generate` takes
   prompts that extend `context`. In-process children share the parent's cached pages (no KV bytes move).
+- `fork` is `thaw_format.sdk.fork.fork(self, ...)` unless the engine has a better way of its own.
 - What an adapter cannot do raises `Unsupported(reason)`; its `capabilities()` says so beforehand, so callers
   choose a path instead of catching the error after the fact.
 """
@@ -102,6 +107,15 @@ class Finished:
     cached_tokens: int  # the engine's own count for the resumed request
 
 
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How to start an engine equal to this one in another process: `factory` ("module:attribute", dotted
+    attributes allowed) called with `kwargs` (JSON-able) returns a contract engine serving the same model."""
+
+    factory: str
+    kwargs: dict
+
+
 @runtime_checkable
 class Engine(Protocol):
     name: ClassVar[str]  # the engine's name in receipts and errors: "vllm", "sglang", "mlx", ...
@@ -138,6 +152,9 @@ class Engine(Protocol):
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list["Engine"]:
         """n children holding the KV of `context` ("fork", "fork_processes")."""
+
+    def launch_spec(self) -> LaunchSpec:
+        """How another process starts an engine equal to this one ("fork_processes")."""
 
     def close(self) -> None:
         """Free the engine (and its processes)."""

@@ -33,6 +33,7 @@ from thaw_format import (
     weights_digest,
 )
 from thaw_format.numpy import from_numpy, to_numpy
+from thaw_format.sdk import Finished, Generation, LaunchSpec, Resumed, fork, pending_requests
 
 from .engine import ToyEngine, ToyRequest, page_hash
 
@@ -185,3 +186,67 @@ def _rng_state(raw: bytes) -> dict:
     return {"bit_generator": "PCG64",
             "state": {"state": int.from_bytes(raw[:16], "little"), "inc": int.from_bytes(raw[16:32], "little")},
             "has_uint32": int.from_bytes(raw[32:36], "little"), "uinteger": int.from_bytes(raw[36:40], "little")}
+
+
+class ToyThawEngine:
+    """The contract (thaw_format.sdk.contract) over one toy engine: what thaw and the conformance suite call.
+
+    Every method is a few lines over the engine's own API and the functions above; a real adapter's class
+    has the same shape (vLLM's thaw_vllm.VLLMEngine, SGLang's thaw_sglang.SGLangEngine, thaw_mlx.MLXEngine).
+    """
+
+    name = "template"
+
+    def __init__(self, engine: ToyEngine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def start(cls, **config) -> "ToyThawEngine":
+        """A fresh toy engine of this config (the weights are a function of it)."""
+        from .engine import ToyModelConfig, make_weights
+
+        model = ToyModelConfig(**config)
+        return cls(ToyEngine(model, make_weights(model)))
+
+    @classmethod
+    def capabilities(cls) -> frozenset:
+        return frozenset({"logprobs", "seeded", "fork", "fork_processes", "mid_stream", "mid_stream_seeded"})
+
+    def model_info(self) -> ModelInfo:
+        return model_info(self.engine)
+
+    def generate(self, prompt, params: SamplingParams) -> Generation:
+        request = self.engine.generate(prompt, params.max_tokens, params.temperature, params.seed)
+        return Generation(request.output, request.cached_tokens, request.logprobs)
+
+    def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:
+        return capture(self.engine, include_weights=include_weights)  # every page: a superset of any chains
+
+    def check(self, snapshot: Snapshot) -> None:
+        check(self.engine, snapshot)
+
+    def restore(self, snapshot: Snapshot) -> list[Resumed]:
+        restore(self.engine, snapshot)
+        return [Resumed(r.id, r.prompt_token_ids, r.output_token_ids) for r in pending_requests(snapshot)]
+
+    def submit(self, prompt, params: SamplingParams) -> str:
+        return self.engine.submit(prompt, params.max_tokens, params.temperature, params.seed).id
+
+    def step(self) -> dict[str, list[int]]:
+        return {request.id: request.output for request in self.engine.step()}
+
+    def finish(self, requests=None) -> dict[str, Finished]:
+        wanted = None if requests is None else {r.request_id for r in requests}
+        done = {}
+        while self.engine.running and (wanted is None or not wanted <= done.keys()):
+            done.update({r.id: Finished(r.id, r.output, r.cached_tokens) for r in self.engine.step()})
+        return done if wanted is None else {k: v for k, v in done.items() if k in wanted}
+
+    def fork(self, n: int, *, context, processes: bool = False) -> list:
+        return fork(self, n, context=context, processes=processes)
+
+    def launch_spec(self) -> LaunchSpec:
+        return LaunchSpec(f"{__name__}:ToyThawEngine.start", dataclasses.asdict(self.engine.config))
+
+    def close(self) -> None:
+        self.engine = None

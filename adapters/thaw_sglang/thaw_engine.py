@@ -1,0 +1,162 @@
+"""ThawEngine: an SGLang Engine that can be captured, restored and forked, and the functions over it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from sglang.srt.entrypoints.engine import Engine
+import thaw_format
+from thaw_format import Snapshot
+from thaw_format.sdk import DEFAULT_PAGE_SIZE, Resumed, pending_requests
+
+from . import _internals, rpc, scheduler_ext
+from .requests import resume_arguments
+
+class ThawEngine(Engine):
+    """`sglang.Engine` with the same arguments, whose scheduler process carries thaw's methods.
+
+    `ThawEngine(model_path=..., **kwargs)`, or as SGLang's engine class is named beside it,
+    `ThawEngine(sglang.Engine, model_path, **kwargs)`.
+    """
+
+    run_scheduler_process_func = staticmethod(scheduler_ext.run_scheduler_process)
+
+    def __init__(self, *args, **kwargs):
+        if args and not isinstance(args[0], (str, os.PathLike)):  # the engine class named first
+            import sglang
+
+            if args[0] is not Engine and args[0] is not sglang.Engine:  # sglang.Engine: SGLang's lazy import of it
+                raise TypeError(f"ThawEngine({getattr(args[0], '__name__', args[0])!r}, ...): thaw extends "
+                                "sglang.Engine only")
+            args = args[1:]
+        if len(args) > 1 or (args and "model_path" in kwargs):
+            raise TypeError("ThawEngine takes the model path as its one positional argument (or model_path=)")
+        if args:
+            kwargs["model_path"] = str(args[0])
+        self.engine_kwargs = dict(kwargs)
+        super().__init__(**kwargs)
+
+    def shutdown(self) -> None:
+        """Shut down this engine alone, leaving the other engines of this process (a fork's family) running."""
+        _internals.stop_engine_processes(self)
+
+    def capture(self, path=None, **options) -> Snapshot:
+        return capture(self, path, **options)
+
+    def restore(self, snapshot) -> list[Resumed]:
+        return restore(self, snapshot)
+
+    def resume(self, snapshot: Snapshot) -> list[dict]:
+        return resume(self, snapshot)
+
+    def pause(self) -> None:
+        """Run no more batches until `unpause`; running requests stay in place with their KV.
+
+        A capture of a paused engine holds each running request exactly where generation stopped, and the
+        engine adds nothing after it: to move a request, pause, capture, restore and resume it elsewhere.
+        """
+        rpc.call(self, "thaw_pause", paused=True)
+
+    def unpause(self) -> None:
+        rpc.call(self, "thaw_pause", paused=False)
+
+    def leak_warnings(self) -> int:
+        """How many times SGLang's idle pool-leak check has reported a leak in this engine (0 when sound)."""
+        return rpc.call(self, "thaw_leak_warnings")
+
+    def fork(self, n: int, *, include_weights: bool = True, weights: bool | None = None,
+             **engine_overrides) -> list["ThawEngine"]:
+        """Start `n` new engines with this engine's arguments, each holding this engine's state.
+
+        The state is captured once; the children are started one after another and shut down again if any
+        of them cannot be started or restored. (`weights=` is the former name of `include_weights=`.)
+        """
+        include_weights = _include_weights(include_weights, weights)
+        workdir = tempfile.mkdtemp(prefix="thaw-sglang-fork-")
+        children: list[ThawEngine] = []
+        try:
+            path = Path(workdir) / "parent.thaw"
+            self.capture(path, include_weights=include_weights)
+            for _ in range(n):
+                children.append(ThawEngine(**{**self.engine_kwargs, **engine_overrides}))
+                children[-1].restore(path)
+        except BaseException:
+            for child in children:
+                child.shutdown()
+            raise
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return children
+
+
+def _include_weights(include_weights: bool, weights: bool | None) -> bool:
+    if weights is None:
+        return include_weights
+    warnings.warn("thaw_sglang: weights= is now include_weights=, as on every engine", DeprecationWarning, stacklevel=3)
+    return weights
+
+
+def capture(
+    engine: ThawEngine,
+    path: str | os.PathLike | None = None,
+    *,
+    include_weights: bool = True,
+    weights: bool | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    label: str | None = None,
+) -> Snapshot:
+    """Snapshot the engine between two batches: written to `path` if given, and returned (read back).
+    (`weights=` is the former name of `include_weights=`.)"""
+    include_weights = _include_weights(include_weights, weights)
+    if path is not None:
+        target = Path(path)
+        rpc.call(engine, "thaw_capture", path=str(target), page_size=page_size, weights=include_weights,
+                 label=label or "")
+        return thaw_format.load(target)
+    with tempfile.TemporaryDirectory(prefix="thaw-sglang-") as workdir:
+        return capture(engine, Path(workdir) / "snapshot.thaw", include_weights=include_weights, page_size=page_size,
+                       label=label)
+
+
+def _with_file(engine: ThawEngine, method: str, snapshot: Snapshot | str | os.PathLike) -> Snapshot:
+    """Call a scheduler method on the snapshot's file (written for it if it is in memory); returns the snapshot."""
+    if not isinstance(snapshot, Snapshot):
+        rpc.call(engine, method, path=str(Path(snapshot)))
+        return thaw_format.load(snapshot, mmap=True)
+    with tempfile.TemporaryDirectory(prefix="thaw-sglang-") as workdir:
+        path = Path(workdir) / "snapshot.thaw"
+        thaw_format.save(snapshot, path)
+        rpc.call(engine, method, path=str(path))
+    return snapshot
+
+
+def check(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> None:
+    """Raise IncompatibleSnapshotError, naming the field, if the engine cannot hold the snapshot; changes nothing."""
+    _with_file(engine, "thaw_check", snapshot)
+
+
+def restore(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> list[Resumed]:
+    """Make an idle engine hold the snapshot's state; an incompatible snapshot is refused before any change.
+    Returns the snapshot's unfinished requests, which `resume` (or SGLangEngine.finish) runs."""
+    return _resumed(_with_file(engine, "thaw_restore", snapshot))
+
+
+def _resumed(snapshot: Snapshot) -> list[Resumed]:
+    return [Resumed(r.id, r.prompt_token_ids, r.output_token_ids) for r in pending_requests(snapshot)]
+
+
+def resume(engine: ThawEngine, snapshot: Snapshot) -> list[dict]:
+    """Continue the snapshot's unfinished requests in an engine holding its state; SGLang's outputs, in order.
+
+    Each output's `output_ids` are the tokens after the request's captured `output_token_ids`.
+    (SGLangEngine.finish is the adapter contract's name for this.)
+    """
+    pending = pending_requests(snapshot)
+    if not pending:
+        return []
+    inputs, params = zip(*(resume_arguments(r) for r in pending))
+    return engine.generate(input_ids=list(inputs), sampling_params=list(params))

@@ -1,0 +1,102 @@
+"""VLLMEngine: the adapter contract (thaw_format.sdk.contract) over one vLLM LLM in this process.
+
+    engine = VLLMEngine.start(model_dir, dtype="float32", ...)   # a thaw_vllm.LLM: vllm.LLM's arguments
+    engine = VLLMEngine(llm)                                     # or wrap an LLM made with thaw's extensions
+
+Requests go through vLLM's own LLM / LLMEngine API (generate, add_request, step); snapshots through this
+package's capture / restore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import itertools
+from typing import Optional, Sequence
+
+import thaw_format
+from thaw_format import ModelInfo, SamplingParams
+from thaw_format.sdk import Finished, Generation, LaunchSpec, Resumed, fork
+
+from . import api, sampling
+from .requests import run_to_completion
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, llm) -> None:
+        self.llm = llm
+        self._previous: dict[str, list[int]] = {}  # resumed requests' output before their snapshot
+        self._ids = itertools.count()
+
+    @classmethod
+    def start(cls, model: str, **engine_kwargs) -> "VLLMEngine":
+        """A thaw_vllm.LLM of vllm.LLM's arguments, wrapped."""
+        from .llm import LLM
+
+        return cls(LLM(model, **engine_kwargs))
+
+    @classmethod
+    def capabilities(cls) -> frozenset:
+        return frozenset({"logprobs", "seeded", "fork", "fork_processes", "mid_stream", "mid_stream_seeded"})
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(**api.describe(self.llm)["model"])
+
+    def _params(self, params: SamplingParams):
+        # logprobs=0: vLLM returns the sampled token's log-probability, which Generation carries
+        return sampling.to_vllm(params if params.logprobs is not None else dataclasses.replace(params, logprobs=0))
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
+        from vllm.inputs import TokensPrompt
+
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in prompt])], self._params(params),
+                                use_tqdm=False)[0]
+        completion = out.outputs[0]
+        logprobs = [step[token].logprob for step, token in zip(completion.logprobs or [], completion.token_ids)]
+        return Generation(list(completion.token_ids), out.num_cached_tokens or 0, logprobs or None)
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams) -> str:
+        from vllm.inputs import TokensPrompt
+
+        request_id = f"thaw-{next(self._ids)}"
+        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=[int(t) for t in prompt]),
+                                        self._params(params))
+        return request_id
+
+    def step(self) -> dict[str, list[int]]:
+        return {out.request_id: self._previous.pop(out.request_id, []) + list(out.outputs[0].token_ids)
+                for out in self.llm.llm_engine.step() if out.finished}
+
+    def finish(self, requests: Optional[Sequence[Resumed]] = None) -> dict[str, Finished]:
+        if requests is not None:
+            self._previous.update({r.request_id: r.previous_output_token_ids for r in requests})
+        done = run_to_completion(self.llm, self._previous,
+                                 None if requests is None else [r.request_id for r in requests])
+        for rid in done:
+            self._previous.pop(rid, None)
+        return done
+
+    def capture(self, *, include_weights: bool = True, chains=None) -> thaw_format.Snapshot:
+        return api.capture(self.llm, include_weights=include_weights, chains=chains)
+
+    def check(self, snapshot: thaw_format.Snapshot) -> None:
+        api.check_compatible(self.llm, snapshot)
+
+    def restore(self, snapshot: thaw_format.Snapshot) -> list[Resumed]:
+        resumed = api.restore(self.llm, snapshot)
+        self._previous.update({r.request_id: r.previous_output_token_ids for r in resumed})
+        return resumed
+
+    def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list:
+        return fork(self, n, context=context, processes=processes)
+
+    def launch_spec(self) -> LaunchSpec:
+        model, kwargs = api.launch_arguments(self.llm)
+        return LaunchSpec(f"{__name__}:VLLMEngine.start", {"model": model, **kwargs})
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        gc.collect()

@@ -1,0 +1,63 @@
+"""A fork child: `python -m thaw_format.sdk.child '<json config>'`, started by thaw_format.sdk.fork.
+
+The config names an engine factory ("module:attribute"), its JSON arguments, and a snapshot file. The child
+starts the engine, restores the snapshot, answers {"ready": true}, then serves one JSON line per request
+({"prompt": [...], "params": {SamplingParams fields}}) with {"generation": {...}} or {"error": "..."}. The
+engine's own printing goes to stderr, off the protocol stream. End of input closes the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import sys
+
+from ..reader import load
+from ..snapshot import SamplingParams
+
+
+def resolve(factory: str):
+    """The callable a "module:attribute.attribute" path names."""
+    module, _, attributes = factory.partition(":")
+    target = importlib.import_module(module)
+    for name in attributes.split("."):
+        target = getattr(target, name)
+    return target
+
+
+def serve(engine, lines, reply) -> None:
+    for line in lines:
+        message = json.loads(line)
+        try:
+            generation = engine.generate(message["prompt"], SamplingParams(**message["params"]))
+            reply({"generation": dataclasses.asdict(generation)})
+        except Exception as exc:  # reported to the parent, which raises it
+            reply({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def main(argv: list[str]) -> int:
+    config = json.loads(argv[1])
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+
+    def reply(message: dict) -> None:
+        protocol.write(json.dumps(message) + "\n")
+
+    try:
+        engine = resolve(config["factory"])(**config["kwargs"])
+        engine.restore(load(config["snapshot"]))
+    except Exception as exc:
+        reply({"error": f"starting the child engine: {type(exc).__name__}: {exc}"})
+        return 1
+    reply({"ready": True})
+    try:
+        serve(engine, sys.stdin, reply)
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,103 @@
+"""fork(engine, n, context=...): n children continuing `context` without its prefill, on any contract engine.
+
+In-process children are views of the parent: each `generate` is the parent's, so they share its cached pages
+and no KV bytes move. Process children are equal engines started in worker processes (`thaw_format.sdk.child`)
+from the parent's `launch_spec()`, each restoring one KV snapshot of `context` written once for all of them.
+Children offer `generate` and `close` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from ..writer import save
+from ..snapshot import SamplingParams
+from .contract import Engine, Generation, require
+
+
+def fork(engine: Engine, n: int, *, context: Sequence[int], processes: bool = False) -> list:
+    """n children of `engine` holding the KV of `context`; their prompts must extend `context`."""
+    if n < 1:
+        raise ValueError(f"fork needs n >= 1, got {n}")
+    context = [int(t) for t in context]
+    if not processes:
+        require(engine, "fork")
+        return [SharedChild(engine, context) for _ in range(n)]
+    require(engine, "fork_processes")
+    spec = engine.launch_spec()
+    snapshot = engine.capture(include_weights=False, chains=[context])
+    with tempfile.TemporaryDirectory(prefix="thaw-fork-") as workdir:
+        path = Path(workdir) / "context.thaw"
+        save(snapshot, path)
+        config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs, "snapshot": str(path)})
+        children = [ProcessChild(context, config) for _ in range(n)]  # they start side by side
+        try:
+            for child in children:  # a child has restored the snapshot (and read the file) once it is ready
+                child.wait_ready()
+        except BaseException:
+            for child in children:
+                child.kill()
+            raise
+    return children
+
+
+def _extends(context: list[int], prompt: Sequence[int]) -> list[int]:
+    prompt = [int(t) for t in prompt]
+    if prompt[: len(context)] != context:
+        raise ValueError(f"a fork child continues its context of {len(context)} tokens; this prompt does not extend it")
+    return prompt
+
+
+class SharedChild:
+    """A child in the parent's process: the parent's engine, serving prompts that extend the context."""
+
+    def __init__(self, parent: Engine, context: list[int]) -> None:
+        self.parent, self.context = parent, context
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
+        return self.parent.generate(_extends(self.context, prompt), params)
+
+    def close(self) -> None:
+        self.parent = None
+
+
+class ProcessChild:
+    """A child engine in its own process, spoken to in JSON lines (thaw_format.sdk.child)."""
+
+    def __init__(self, context: list[int], config: str) -> None:
+        self.context = context
+        self.process = subprocess.Popen([sys.executable, "-m", "thaw_format.sdk.child", config],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def wait_ready(self) -> None:
+        self._receive()
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
+        message = {"prompt": _extends(self.context, prompt), "params": dataclasses.asdict(params)}
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+        return Generation(**self._receive())
+
+    def _receive(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"fork child {self.process.pid} exited with {self.process.wait()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"fork child {self.process.pid}: {reply['error']}")
+        return reply["generation"] if "generation" in reply else reply
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()  # the child closes its engine and exits at the end of its input
+            self.process.wait(timeout=120)
