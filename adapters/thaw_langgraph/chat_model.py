@@ -1,4 +1,4 @@
-"""ChatThaw: a LangChain chat model over a thaw engine (any adapter implementing thaw_format.sdk.contract).
+"""ChatThaw: a LangChain chat model over a thaw engine (an adapter's contract engine, thaw_format.sdk).
 
     llm = ChatThaw(engine=engine, tokenizer=model_dir, max_tokens=128)
     llm.invoke([HumanMessage("...")])          # invoke / ainvoke / batch / stream / astream
@@ -26,7 +26,7 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, PrivateAttr
 
 import thaw_format
-from thaw_format.sdk.contract import greedy
+from thaw_format.sdk import Unsupported, greedy
 
 from . import durable
 from .chat_tokens import ChatTokens, Prompt
@@ -47,7 +47,7 @@ class ChatThaw(BaseChatModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     engine: Any
-    """A contract engine (thaw_format.sdk.contract.Engine), or a thaw_vllm.LLM."""
+    """A contract engine (thaw_format.sdk.Engine) with progress(), a thaw_vllm.VLLMEngine or a vllm.LLM."""
     tokenizer: Any
     """A Hugging Face tokenizer with a chat template, or the directory holding one."""
     max_tokens: int = 256
@@ -212,13 +212,18 @@ class _Text:
 
 
 def _contract_engine(engine):
-    """The engine as a contract engine: a thaw_vllm.LLM is wrapped, anything else is taken as one."""
+    """The engine ChatThaw drives: a contract engine with `progress()` (token streaming and the engine's
+    cached-token count per step). A vllm.LLM or a thaw_vllm.VLLMEngine gets thaw_vllm's contract engine with it."""
+    if hasattr(engine, "progress"):
+        return engine
     try:
         import vllm
+        from thaw_vllm import VLLMEngine
     except ImportError:
-        return engine
-    if isinstance(engine, vllm.LLM):
-        from ._vllm_shim import contract_engine
+        vllm = VLLMEngine = None
+    if vllm is not None and isinstance(engine, (vllm.LLM, VLLMEngine)):
+        from .vllm_streaming import streaming_engine
 
-        return contract_engine(engine)
-    return engine
+        return streaming_engine(engine.llm if isinstance(engine, VLLMEngine) else engine)
+    raise Unsupported(f"ChatThaw needs an engine whose steps report progress (tokens so far and the engine's "
+                      f"cached-token count); {type(engine).__name__} has no progress()")

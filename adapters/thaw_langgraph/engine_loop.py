@@ -116,6 +116,11 @@ class EngineLoop:
                 while not (self._closed or self._new or self._calls or self._active or self._held):
                     self._cond.wait()
                 if self._closed and not (self._active or self._held):
+                    closed = RuntimeError("the engine loop is closed")
+                    for call in self._calls:
+                        call.future.set_exception(closed)
+                    for job in self._new:
+                        job.failed(closed)
                     return
                 busy = bool(self._active or self._held)
                 calls = [c for c in self._calls if not c.idle or not busy]

@@ -29,21 +29,21 @@ def model_dir():
 
 
 @pytest.fixture(scope="session")
-def llm(model_dir):
-    """The session's engine: a thaw_vllm.LLM in multiprocessing mode."""
+def engine(model_dir):
+    """The session's engine: thaw_vllm's contract engine, vLLM in multiprocessing mode."""
     import thaw_vllm
 
     os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # vLLM's default: separate processes
-    engine = thaw_vllm.LLM(model_dir, **ENGINE_KWARGS)
+    engine = thaw_vllm.VLLMEngine.start(str(model_dir), **ENGINE_KWARGS)
     yield engine
-    engine.llm_engine.engine_core.shutdown()
+    engine.close()
 
 
 @pytest.fixture(scope="session")
-def chat(llm, model_dir):
+def chat(engine, model_dir):
     from thaw_langgraph import ChatThaw
 
-    return ChatThaw(engine=llm, tokenizer=model_dir, max_tokens=16)
+    return ChatThaw(engine=engine, tokenizer=model_dir, max_tokens=16)
 
 
 def run_script(script: str, *args: str, timeout: int = 600) -> str:
@@ -56,7 +56,7 @@ def run_script(script: str, *args: str, timeout: int = 600) -> str:
 
 
 @pytest.fixture(scope="session")
-def plain(llm, model_dir):
+def plain(engine, model_dir):
     """A plain vllm.LLM on the same model, prefix caching off and no thaw: the reference every prompt is
     checked against, one prompt at a time. Returns generate(prompt ids, max_tokens) -> output ids."""
     import vllm

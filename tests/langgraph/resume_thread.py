@@ -17,10 +17,10 @@ if __name__ == "__main__":  # vLLM's multiprocessing mode spawns processes that 
 
     logging.basicConfig(level=logging.INFO)
     model_dir, store, thread_id, messages_file = sys.argv[1:5]
-    llm = thaw_vllm.LLM(model_dir, **ENGINE_KWARGS)
-    chat = ChatThaw(engine=llm, tokenizer=model_dir, max_tokens=16, thread_store=store)
+    engine = thaw_vllm.VLLMEngine.start(model_dir, **ENGINE_KWARGS)
+    chat = ChatThaw(engine=engine, tokenizer=model_dir, max_tokens=16, thread_store=store)
     with open(messages_file) as f:
         messages = messages_from_dict(json.load(f))
     reply = chat.invoke(messages, thread_id=thread_id)
     print("THAW_RESULT " + json.dumps(reply.response_metadata), flush=True)
-    llm.llm_engine.engine_core.shutdown()
+    engine.close()

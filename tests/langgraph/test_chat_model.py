@@ -21,10 +21,10 @@ def test_tokenizer_fits_the_model_and_has_a_chat_template(chat, model_dir):
     assert max(ids) < vocab and chat.chat_tokens.decode(ids, special=True).startswith("<|im_start|>system\n")
 
 
-def test_invoke_reports_the_engines_own_counts(chat, llm):
+def test_invoke_reports_the_engines_own_counts(chat, engine):
     from thaw_vllm._internals import engine_in_this_process
 
-    assert not engine_in_this_process(llm)  # vLLM's default multiprocessing mode
+    assert not engine_in_this_process(engine.llm)  # vLLM's default multiprocessing mode
     messages = conversation("thread")
     first = chat.invoke(messages)
     again = chat.invoke(messages)

@@ -20,14 +20,14 @@ def store(tmp_path):
 
 
 @pytest.fixture
-def agent(llm, model_dir, store):
+def agent(engine, model_dir, store):
     """A one-node LangGraph chat agent with a checkpointer, over a ChatThaw keeping threads' KV in `store`."""
     from langgraph.checkpoint.memory import InMemorySaver
     from langgraph.graph import START, MessagesState, StateGraph
 
     from thaw_langgraph import ChatThaw
 
-    chat = ChatThaw(engine=llm, tokenizer=model_dir, max_tokens=16, thread_store=str(store))
+    chat = ChatThaw(engine=engine, tokenizer=model_dir, max_tokens=16, thread_store=str(store))
     graph = StateGraph(MessagesState)
     graph.add_node("agent", lambda state: {"messages": [chat.invoke(state["messages"])]})
     graph.add_edge(START, "agent")
