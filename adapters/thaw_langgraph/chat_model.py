@@ -58,6 +58,8 @@ class ChatThaw(BaseChatModel):
     thread_store: Any = None
     """A ThreadStore, a directory or an fsspec URL: where threads' KV is kept (durable threads)."""
     model_name: str = "thaw"
+    coalesce: bool = True
+    """Concurrent calls sharing a prefix compute it once (engine_loop.py); False: each computes its own."""
 
     _loop: EngineLoop = PrivateAttr()
     _tokens: ChatTokens = PrivateAttr()
@@ -65,7 +67,7 @@ class ChatThaw(BaseChatModel):
 
     def model_post_init(self, context: Any) -> None:
         self.engine = _contract_engine(self.engine)
-        self._loop = loop_for(self.engine)
+        self._loop = loop_for(self.engine, coalesce=self.coalesce)
         self._tokens = self.tokenizer if isinstance(self.tokenizer, ChatTokens) else (
             ChatTokens.from_pretrained(self.tokenizer) if isinstance(self.tokenizer, (str, bytes)) or hasattr(self.tokenizer, "__fspath__")
             else ChatTokens(self.tokenizer))

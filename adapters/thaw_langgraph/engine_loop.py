@@ -182,10 +182,12 @@ _LOOPS: dict[int, EngineLoop] = {}
 _LOOPS_LOCK = threading.Lock()
 
 
-def loop_for(engine) -> EngineLoop:
+def loop_for(engine, *, coalesce: bool = True) -> EngineLoop:
     """The one loop serving `engine` in this process (every ChatThaw over the engine shares it)."""
     with _LOOPS_LOCK:
         loop = _LOOPS.get(id(engine))
         if loop is None or loop.engine is not engine:
-            loop = _LOOPS[id(engine)] = EngineLoop(engine)
+            loop = _LOOPS[id(engine)] = EngineLoop(engine, coalesce=coalesce)
+        if loop.coalesce != coalesce:
+            raise ValueError(f"this engine's loop already runs with coalesce={loop.coalesce}")
         return loop

@@ -1,5 +1,5 @@
 """One real vLLM engine for the LangGraph tests, in vLLM's default multiprocessing mode (engine core and
-worker in their own processes), over a tiny zoo model with a tokenizer trained here (chat_tokenizer.py)."""
+worker in their own processes), over a tiny zoo model with a tokenizer trained here (thaw_conformance.chat_tokenizer)."""
 
 import os
 import subprocess
@@ -21,7 +21,7 @@ def model_dir():
     engine_guard.require("vllm", "install it with scripts/setup-vllm.sh")
     engine_guard.require("langgraph", "install the [langgraph] extra (scripts/setup-vllm.sh does)")
     zoo = engine_guard.require("thaw_conformance.zoo", "the repository must be installed (pip install -e .)")
-    from chat_tokenizer import add_chat_tokenizer
+    from thaw_conformance.chat_tokenizer import add_chat_tokenizer
 
     # Its own root: the tokenizer files are not part of the zoo's recipe.
     model = zoo.make_model("llama", root=zoo.default_root().parent / "zoo-chat")

@@ -1,4 +1,4 @@
-"""A real tokenizer with a chat template for a tiny zoo model, trained here on text made here (no downloads).
+"""A real tokenizer with a chat template for a tiny zoo model, trained locally on generated text (no downloads).
 
 `add_chat_tokenizer(model_dir)` trains a byte-level BPE with the `tokenizers` package on a seeded generated
 corpus, with the zoo's special ids (<pad> 0, <s> 1, </s> 2) and ChatML turn markers, and writes
