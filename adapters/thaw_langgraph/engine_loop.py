@@ -149,10 +149,12 @@ class EngineLoop:
         groups = coalesce([j.prompt for j in jobs], self.min_shared) if self.coalesce else [(None, range(len(jobs)))]
         for prefix, indices in groups:
             if prefix is None:
-                for i in indices:
-                    self._active[self.engine.submit(jobs[i].prompt, jobs[i].params)] = jobs[i]
+                self._admit_alone([jobs[i] for i in indices])
             else:
-                self._held[self.engine.submit(prefix, greedy(1))] = [jobs[i] for i in indices]
+                try:
+                    self._held[self.engine.submit(prefix, greedy(1))] = [jobs[i] for i in indices]
+                except Exception:  # the shared prefix is refused: each member is then served or refused alone
+                    self._admit_alone([jobs[i] for i in indices])
 
     def _step(self) -> None:
         self.engine.step()
@@ -175,7 +177,10 @@ class EngineLoop:
 
     def _admit_alone(self, jobs: list[_Job]) -> None:
         for job in jobs:
-            self._active[self.engine.submit(job.prompt, job.params)] = job
+            try:
+                self._active[self.engine.submit(job.prompt, job.params)] = job
+            except Exception as exc:  # a request the engine refuses (too long, bad parameters) fails alone
+                job.failed(exc)
 
 
 _LOOPS: dict[int, EngineLoop] = {}

@@ -76,3 +76,15 @@ def test_a_reply_fed_back_keeps_its_token_ids(chat):
     assert ids[: len(history)] == history
     second = chat.invoke(turn2)
     assert second.response_metadata["cached_tokens"] >= (len(history) - 1) // PAGE * PAGE
+
+
+def test_a_refused_request_fails_alone(chat):
+    """A prompt the engine refuses raises in its caller; calls beside it are served."""
+    import pytest
+
+    too_long = [HumanMessage("token " * 5000)]
+    replies = chat.batch([too_long, conversation("beside")], return_exceptions=True)
+    assert isinstance(replies[0], Exception) and "4096" in str(replies[0])
+    assert replies[1].response_metadata["token_ids"]
+    with pytest.raises(ValueError, match="stop strings"):
+        chat.invoke(conversation("stop"), stop=["."])
