@@ -68,11 +68,10 @@ class ChatThaw(BaseChatModel):
     def model_post_init(self, context: Any) -> None:
         self.engine = _contract_engine(self.engine)
         self._loop = loop_for(self.engine, coalesce=self.coalesce)
-        self._tokens = self.tokenizer if isinstance(self.tokenizer, ChatTokens) else (
-            ChatTokens.from_pretrained(self.tokenizer) if isinstance(self.tokenizer, (str, bytes)) or hasattr(self.tokenizer, "__fspath__")
-            else ChatTokens(self.tokenizer))
+        self._tokens = _chat_tokens(self.tokenizer)
         if self.thread_store is not None:
-            self._store = self.thread_store if isinstance(self.thread_store, ThreadStore) else ThreadStore(self.thread_store)
+            store = self.thread_store
+            self._store = store if isinstance(store, ThreadStore) else ThreadStore(store)
 
     @property
     def _llm_type(self) -> str:
@@ -211,6 +210,15 @@ class _Text:
             raise RuntimeError("the tokenizer's decoding of a longer reply changed text already streamed")
         delta, self._sent = text[len(self._sent):], text
         return delta
+
+
+def _chat_tokens(tokenizer) -> ChatTokens:
+    """A ChatTokens from one, from a directory holding a tokenizer, or from a tokenizer object."""
+    if isinstance(tokenizer, ChatTokens):
+        return tokenizer
+    if isinstance(tokenizer, str) or hasattr(tokenizer, "__fspath__"):
+        return ChatTokens.from_pretrained(tokenizer)
+    return ChatTokens(tokenizer)
 
 
 def _contract_engine(engine):

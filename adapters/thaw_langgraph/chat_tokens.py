@@ -85,7 +85,8 @@ class ChatTokens:
         return list(next((reply[:i] for i, t in enumerate(reply) if t in special), reply))
 
     def decode(self, token_ids: Sequence[int], *, special: bool = False) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=not special, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=not special,
+                                     clean_up_tokenization_spaces=False)
 
 
 def _text(content: list) -> str:
