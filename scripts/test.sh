@@ -24,10 +24,10 @@ run_area() {
 
 core_paths=()
 for p in tests/*/; do
-  case "$p" in tests/vllm/|tests/sglang/|tests/conformance/) ;; *) core_paths+=("${p%/}") ;; esac
+  case "$p" in tests/vllm/|tests/langgraph/|tests/sglang/|tests/conformance/) ;; *) core_paths+=("${p%/}") ;; esac
 done
 run_area .venv scripts/setup-core.sh "${core_paths[@]}"
-run_area .venv-vllm scripts/setup-vllm.sh tests/vllm
+run_area .venv-vllm scripts/setup-vllm.sh tests/vllm tests/langgraph
 run_area .venv-sglang scripts/setup-sglang.sh tests/sglang
 if [ -e tests/conformance ]; then
   echo "=== testing tests/conformance in .venv (drives every engine environment)"

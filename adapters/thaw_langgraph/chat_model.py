@@ -1,0 +1,239 @@
+"""ChatThaw: a LangChain chat model over a thaw engine (an adapter's contract engine, thaw_format.sdk).
+
+    llm = ChatThaw(engine=engine, tokenizer=model_dir, max_tokens=128)
+    llm.invoke([HumanMessage("...")])          # invoke / ainvoke / batch / stream / astream
+
+The prompt is rendered with the tokenizer's chat template and fed to the engine as token ids; replies stop
+at the tokenizer's end-of-turn ids. `response_metadata` carries the prompt and reply token ids and the
+engine's own cached-token count; `usage_metadata` is LangChain's (cache_read: that count).
+
+Durable threads: with `thread_store=` (a directory or fsspec URL) every turn of a thread (`thread_id` from the
+LangGraph config, or passed as a keyword) saves the thread's KV afterwards and restores it first where the
+engine no longer holds it (see durable.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterator, Optional, Sequence
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
+from langchain_core.messages import AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from pydantic import ConfigDict, PrivateAttr
+
+import thaw_format
+from thaw_format.sdk import Unsupported, greedy
+
+from . import durable
+from .chat_tokens import ChatTokens, Prompt
+from .engine_loop import EngineLoop, loop_for
+from .progress import Progress
+from .thread_store import ThreadStore
+
+
+@dataclass
+class _Turn:
+    prompt: Prompt
+    params: thaw_format.SamplingParams
+    thread_id: Optional[str]
+    thread_kv: Optional[str]  # what resuming the thread did: resident, restored, stale; None if no thread
+
+
+class ChatThaw(BaseChatModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    engine: Any
+    """A contract engine (thaw_format.sdk.Engine) with progress(), a thaw_vllm.VLLMEngine or a vllm.LLM."""
+    tokenizer: Any
+    """A Hugging Face tokenizer with a chat template, or the directory holding one."""
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    thread_store: Any = None
+    """A ThreadStore, a directory or an fsspec URL: where threads' KV is kept (durable threads)."""
+    model_name: str = "thaw"
+    coalesce: bool = True
+    """Concurrent calls sharing a prefix compute it once (engine_loop.py); False: each computes its own."""
+
+    _loop: EngineLoop = PrivateAttr()
+    _tokens: ChatTokens = PrivateAttr()
+    _store: Optional[ThreadStore] = PrivateAttr(default=None)
+
+    def model_post_init(self, context: Any) -> None:
+        self.engine = _contract_engine(self.engine)
+        self._loop = loop_for(self.engine, coalesce=self.coalesce)
+        self._tokens = _chat_tokens(self.tokenizer)
+        if self.thread_store is not None:
+            store = self.thread_store
+            self._store = store if isinstance(store, ThreadStore) else ThreadStore(store)
+
+    @property
+    def _llm_type(self) -> str:
+        return "thaw"
+
+    @property
+    def chat_tokens(self) -> ChatTokens:
+        return self._tokens
+
+    def prompt_ids(self, messages: Sequence[BaseMessage]) -> list[int]:
+        """The token ids a call with `messages` feeds the engine."""
+        return self._tokens.encode(messages).ids
+
+    def prefill(self, prompt: Sequence[int]) -> Progress:
+        """Compute `prompt`'s KV into the engine's cache (one token is generated and dropped)."""
+        return self._run(list(prompt), greedy(1))
+
+    # --- LangChain's entry points ---------------------------------------------------------------------------
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
+        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+
+    async def _agenerate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
+        return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+
+    def _stream(self, messages, stop=None, run_manager=None, **kwargs) -> Iterator[ChatGenerationChunk]:
+        turn = self._begin(messages, stop, run_manager, kwargs)
+        updates: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop.submit(turn.prompt.ids, turn.params, updates.put, updates.put)
+        text = _Text(self._tokens)
+        while True:
+            update = updates.get()
+            if isinstance(update, BaseException):
+                raise update
+            chunk = self._chunk(turn, update, text)
+            if chunk is not None:
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+            if update.finished:
+                break
+        self._end(turn, update)
+
+    async def _astream(self, messages, stop=None, run_manager=None, **kwargs) -> AsyncIterator[ChatGenerationChunk]:
+        turn = await asyncio.to_thread(self._begin, messages, stop, run_manager, kwargs)
+        updates: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def deliver(item) -> None:  # called on the engine loop's thread
+            loop.call_soon_threadsafe(updates.put_nowait, item)
+
+        self._loop.submit(turn.prompt.ids, turn.params, deliver, deliver)
+        text = _Text(self._tokens)
+        while True:
+            update = await updates.get()
+            if isinstance(update, BaseException):
+                raise update
+            chunk = self._chunk(turn, update, text)
+            if chunk is not None:
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+            if update.finished:
+                break
+        await asyncio.to_thread(self._end, turn, update)
+
+    # --- one turn -----------------------------------------------------------------------------------------
+
+    def _begin(self, messages, stop, run_manager, kwargs: dict) -> _Turn:
+        if stop:
+            raise ValueError("ChatThaw stops at the tokenizer's end-of-turn token ids; stop strings are not supported")
+        thread_id = kwargs.pop("thread_id", None) or (run_manager.metadata.get("thread_id") if run_manager else None)
+        params = self._params(**kwargs)
+        if self._store is None or thread_id is None:
+            return _Turn(self._tokens.encode(messages), params, None, None)
+        thread_id = str(thread_id)
+        saved = durable.load(self._loop, self._store, thread_id)
+        if saved is None:
+            return _Turn(self._tokens.encode(messages), params, thread_id, None)
+        self._tokens.learn(saved.history)  # the exact ids the saved KV belongs to
+        prompt = self._tokens.encode(messages)
+        return _Turn(prompt, params, thread_id, durable.resume(self._loop, saved, thread_id, prompt.ids))
+
+    def _end(self, turn: _Turn, last: Progress) -> None:
+        history = self._tokens.remember(turn.prompt, last.token_ids)
+        if self._store is not None and turn.thread_id is not None:
+            durable.save(self._loop, self._store, turn.thread_id, history)
+
+    def _params(self, **overrides) -> thaw_format.SamplingParams:
+        unknown = set(overrides) - {"max_tokens", "temperature", "top_p", "top_k", "seed"}
+        if unknown:
+            raise TypeError(f"ChatThaw: unknown generation options {sorted(unknown)}")
+        fields = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                  "top_k": self.top_k, "seed": self.seed, **overrides}
+        return thaw_format.SamplingParams(**fields, stop_token_ids=self._tokens.stop_token_ids)
+
+    def _chunk(self, turn: _Turn, update: Progress, text: "_Text") -> Optional[ChatGenerationChunk]:
+        delta = text.advance(update.token_ids, update.finished)
+        if not update.finished:
+            return ChatGenerationChunk(message=AIMessageChunk(content=delta)) if delta else None
+        ids = update.token_ids
+        metadata = {
+            "model_name": self.model_name,
+            "finish_reason": "stop" if ids and ids[-1] in self._tokens.stop_token_ids else "length",
+            "token_ids": list(ids), "prompt_token_ids": list(turn.prompt.ids), "cached_tokens": update.cached_tokens,
+        }
+        if turn.thread_id is not None:
+            metadata["thread_id"], metadata["thread_kv"] = turn.thread_id, turn.thread_kv
+        n = len(turn.prompt.ids)
+        usage = {"input_tokens": n, "output_tokens": len(ids), "total_tokens": n + len(ids),
+                 "input_token_details": {"cache_read": update.cached_tokens}}
+        return ChatGenerationChunk(message=AIMessageChunk(content=delta, response_metadata=metadata,
+                                                          usage_metadata=usage, chunk_position="last"))
+
+    def _run(self, prompt: list[int], params: thaw_format.SamplingParams) -> Progress:
+        updates: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop.submit(prompt, params, lambda p: p.finished and updates.put(p), updates.put)
+        result = updates.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+
+class _Text:
+    """The reply's text so far, handed out as deltas that join to the final text (a delta never ends inside
+    a character whose bytes have not all arrived)."""
+
+    def __init__(self, tokens: ChatTokens) -> None:
+        self._tokens, self._sent = tokens, ""
+
+    def advance(self, token_ids: list[int], finished: bool) -> str:
+        text = self._tokens.decode(token_ids)
+        if not finished and text.endswith("\ufffd"):
+            return ""
+        if not text.startswith(self._sent):
+            raise RuntimeError("the tokenizer's decoding of a longer reply changed text already streamed")
+        delta, self._sent = text[len(self._sent):], text
+        return delta
+
+
+def _chat_tokens(tokenizer) -> ChatTokens:
+    """A ChatTokens from one, from a directory holding a tokenizer, or from a tokenizer object."""
+    if isinstance(tokenizer, ChatTokens):
+        return tokenizer
+    if isinstance(tokenizer, str) or hasattr(tokenizer, "__fspath__"):
+        return ChatTokens.from_pretrained(tokenizer)
+    return ChatTokens(tokenizer)
+
+
+def _contract_engine(engine):
+    """The engine ChatThaw drives: a contract engine with `progress()` (token streaming and the engine's
+    cached-token count per step). A vllm.LLM or a thaw_vllm.VLLMEngine gets thaw_vllm's contract engine with it."""
+    if hasattr(engine, "progress"):
+        return engine
+    try:
+        import vllm
+        from thaw_vllm import VLLMEngine
+    except ImportError:
+        vllm = VLLMEngine = None
+    if vllm is not None and isinstance(engine, (vllm.LLM, VLLMEngine)):
+        from .vllm_streaming import streaming_engine
+
+        return streaming_engine(engine.llm if isinstance(engine, VLLMEngine) else engine)
+    raise Unsupported(f"ChatThaw needs an engine whose steps report progress (tokens so far and the engine's "
+                      f"cached-token count); {type(engine).__name__} has no progress()")

@@ -1,0 +1,46 @@
+"""KV-only snapshots of agent threads, one file per thread id, in a directory or under any fsspec URL."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Optional
+from urllib.parse import quote
+
+import thaw_format
+
+
+class ThreadStore:
+    """`ThreadStore("/var/lib/agent-kv")` or `ThreadStore("s3://bucket/kv")`: save(thread_id, snapshot),
+    load(thread_id). A save is atomic: the bytes go to a temporary name that is then moved over the old file."""
+
+    def __init__(self, url: str | os.PathLike) -> None:
+        import fsspec
+
+        self.url = str(url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def path(self, thread_id: str) -> str:
+        if not thread_id:
+            raise ValueError("a thread id must not be empty")
+        return f"{self.root.rstrip('/')}/{quote(thread_id, safe='')}.thaw"
+
+    def save(self, thread_id: str, snapshot: thaw_format.Snapshot) -> str:
+        target = self.path(thread_id)
+        staging = f"{target}.{uuid.uuid4().hex}.tmp"
+        self.fs.pipe_file(staging, thaw_format.dumps(snapshot))
+        try:
+            self.fs.mv(staging, target)
+        except BaseException:
+            self.fs.rm(staging)
+            raise
+        return target
+
+    def load(self, thread_id: str) -> Optional[thaw_format.Snapshot]:
+        """The thread's snapshot, checksums verified; None if there is none."""
+        try:
+            data = self.fs.cat_file(self.path(thread_id))
+        except FileNotFoundError:
+            return None
+        return thaw_format.loads(data)

@@ -1,0 +1,26 @@
+"""A new process resumes a durable thread: `python resume_thread.py MODEL_DIR STORE THREAD_ID MESSAGES_JSON`.
+
+Starts its own vLLM engine (nothing cached), runs one turn of the thread with ChatThaw over the same thread
+store, and prints the reply's response_metadata as one JSON line "THAW_RESULT {...}".
+"""
+
+import json
+import logging
+import sys
+
+if __name__ == "__main__":  # vLLM's multiprocessing mode spawns processes that import this module
+    from langchain_core.messages import messages_from_dict
+
+    import thaw_vllm
+    from conftest import ENGINE_KWARGS
+    from thaw_langgraph import ChatThaw
+
+    logging.basicConfig(level=logging.INFO)
+    model_dir, store, thread_id, messages_file = sys.argv[1:5]
+    engine = thaw_vllm.VLLMEngine.start(model_dir, **ENGINE_KWARGS)
+    chat = ChatThaw(engine=engine, tokenizer=model_dir, max_tokens=16, thread_store=store)
+    with open(messages_file) as f:
+        messages = messages_from_dict(json.load(f))
+    reply = chat.invoke(messages, thread_id=thread_id)
+    print("THAW_RESULT " + json.dumps(reply.response_metadata), flush=True)
+    engine.close()

@@ -1,0 +1,76 @@
+"""fork_fanout and the engine loop's coalescing: one prefill of the shared prefix, and the same tokens as a
+plain engine serving every prompt alone, round after round."""
+
+import queue
+
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+from conftest import PAGE
+
+ASPECTS = ["security", "style", "performance", "correctness"]
+TRUNK = [SystemMessage("You review code. " + "Be precise and cite the line. " * 8),
+         HumanMessage("diff: fix the cache prefix bug in the engine snapshot restore function.")]
+
+
+def test_coalescing_groups_by_shared_prefix():
+    from thaw_langgraph.engine_loop import coalesce, shared_prefix
+
+    a, b = list(range(40)), list(range(40)) + [7]
+    c = list(range(1, 41))
+    assert shared_prefix([a, b]) == a
+    assert coalesce([a, b, c, [5]], min_shared=32) == [(a, [0, 1]), (None, [2]), (None, [3])]
+    assert coalesce([a[:35], a[:33] + [99, 98]], min_shared=32) == [(a[:33], [0, 1])]
+
+
+def test_fork_fanout_prefills_the_trunk_once_and_keeps_order(chat):
+    from thaw_langgraph import fork_fanout
+
+    suffixes = [HumanMessage(f"review the {a} of this change.") for a in ASPECTS]
+    replies = fork_fanout(chat, TRUNK, suffixes)
+    alone = [chat.invoke(TRUNK + [s]) for s in suffixes]
+    shared = len(chat.prompt_ids(TRUNK))
+    for reply, single, suffix in zip(replies, alone, suffixes):
+        meta = reply.response_metadata
+        assert meta["prompt_token_ids"] == chat.prompt_ids(TRUNK + [suffix])  # in the order of the suffixes
+        assert meta["token_ids"] == single.response_metadata["token_ids"]
+        assert meta["cached_tokens"] >= shared // PAGE * PAGE > 0  # the trunk came from the cache
+
+
+def test_concurrent_calls_admitted_together_are_coalesced(chat, plain):
+    """Requests that reach the engine loop in one admission: the shared prefix runs first, then every member
+    reads it from the cache (the engine's count), and each gets the plain engine's tokens."""
+    from thaw_langgraph.engine_loop import loop_for, shared_prefix
+
+    loop = loop_for(chat.engine)
+    prompts = [chat.prompt_ids(TRUNK + [HumanMessage(f"round zero, reviewer {i}.")]) for i in range(4)]
+    params = chat._params(max_tokens=12)
+    done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def submit_all(engine):  # on the loop's thread, between steps: all four are admitted in the next one
+        assert engine.llm.reset_prefix_cache()  # nothing of the prompts is cached before
+        for i, prompt in enumerate(prompts):
+            loop.submit(prompt, params, lambda p, i=i: p.finished and done.put((i, p)), done.put)
+
+    loop.call(submit_all, idle=True)
+    results = dict(done.get(timeout=300) for _ in prompts)
+    shared = len(shared_prefix(prompts))
+    for i, prompt in enumerate(prompts):
+        assert results[i].cached_tokens == shared // PAGE * PAGE > 0
+        assert results[i].token_ids == plain(prompt, 12)
+
+
+def test_five_rounds_of_fanout_match_a_plain_engine(chat, plain):
+    """An agent loop: each round fans four reviewers out over the conversation so far, and the next round
+    continues from one reviewer's reply. Every branch, every round, has the plain engine's tokens."""
+    from thaw_langgraph import fork_fanout
+
+    conversation = list(TRUNK)
+    for round_ in range(5):
+        suffixes = [HumanMessage(f"round {round_}: review the {a}.") for a in ASPECTS]
+        replies = fork_fanout(chat, conversation, suffixes)
+        shared = len(chat.prompt_ids(conversation))
+        for reply in replies:
+            meta = reply.response_metadata
+            assert meta["token_ids"] == plain(meta["prompt_token_ids"], chat.max_tokens), f"round {round_}"
+            assert meta["cached_tokens"] >= shared // PAGE * PAGE > 0
+        conversation += [suffixes[round_ % 4], AIMessage(replies[round_ % 4].content)]

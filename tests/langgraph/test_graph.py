@@ -1,0 +1,22 @@
+"""A real LangGraph graph (examples/langgraph_reviewers.py): a plan node, then a `Send` map-reduce fan-out of
+four reviewers over the plan's conversation, reduced by a summary node. Every reviewer reads the trunk from
+vLLM's cache, by vLLM's own count."""
+
+import sys
+from pathlib import Path
+
+from conftest import PAGE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+
+def test_send_fan_out_branches_share_one_trunk(chat):
+    from langgraph_reviewers import ASPECTS, build_graph, make_diff, review
+
+    out = review(build_graph(chat), make_diff(12))
+    assert sorted(r["aspect"] for r in out["reviews"]) == sorted(ASPECTS) and out["summary"] is not None
+    trunk = out["trunk_ids"]  # the plan node's prompt and reply
+    for r in out["reviews"]:
+        assert r["prompt_token_ids"][: len(trunk)] == trunk  # one trunk, token for token
+        # vLLM's own count: the trunk was not prefilled again (all of it but the page of its last token).
+        assert r["cached_tokens"] >= (len(trunk) - 1) // PAGE * PAGE > 0, r["aspect"]
