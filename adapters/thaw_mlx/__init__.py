@@ -10,6 +10,10 @@ so that snapshots cross engines: `info = thaw_mlx.model_info(model, checkpoint=p
 `capture(..., info=info)` and `restore(..., info=info)`.
 """
 
+from thaw_format.extras import require
+
+require("mlx_lm", "mlx", "thaw_mlx")  # before the modules that import it, so the error names the extra
+
 from . import _internals  # noqa: F401  (refuses an untested mlx-lm at import)
 from .generate import generate, greedy
 from .identity import load_model, model_config, model_info, model_weights

@@ -13,6 +13,10 @@ engine restores into another serving the same checkpoint.
 The scheduler-side work lives in `capture.py` / `restore.py`; every private SGLang internal in `_internals.py`.
 """
 
+from thaw_format.extras import require
+
+require("sglang", "sglang", "thaw_sglang")  # before the modules that import it, so the error names the extra
+
 from .engine import ThawEngine, capture, restore, resume
 
 __all__ = ["ThawEngine", "capture", "restore", "resume"]

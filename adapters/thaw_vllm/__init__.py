@@ -3,6 +3,10 @@
     from thaw_vllm import LLM, fork, capture, restore
 """
 
+from thaw_format.extras import require
+
+require("vllm", "vllm", "thaw_vllm")  # before the modules that import it, so the error names the extra
+
 from .api import Finished, Resumed, capture, check_compatible, describe, engine_args, finish, restore
 from .fork import Child, Completion, fork, generate_all
 from .llm import LLM
