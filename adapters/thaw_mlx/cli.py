@@ -21,10 +21,8 @@ from .session import DEFAULT_PAGE_SIZE
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "convert",
-        help="mlx-lm prompt-cache file (.safetensors) <-> thaw snapshot; the direction follows SRC's content",
-    )
+    what = "mlx-lm prompt-cache file (.safetensors) <-> thaw snapshot; the direction follows SRC's content"
+    p = subparsers.add_parser("convert", help=what, description=what)
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--model", metavar="DIR", help="importing: the model directory the cache is of (its config.json; "
