@@ -112,7 +112,7 @@ def verify(args) -> int:
             status = max(status, code)
             result = {"path": path, "ok": False, "error": type(exc).__name__, "message": _message(exc)}
             if not args.json:
-                say(f"FAIL {path}: {type(exc).__name__}: {_message(exc)}", err=True)
+                say(f"thaw verify: {type(exc).__name__}: {_message(exc)} (in {path})", err=True)
         results.append(result)
     if args.json:
         say_json(results)

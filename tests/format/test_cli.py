@@ -67,7 +67,7 @@ def test_verify_several_files_reports_each_and_exits_with_the_worst(tmp_path, ca
     assert main(["verify", str(good), str(bad), str(VECTORS / "kv_prefix_tree.thaw")]) == 1
     out, err = capsys.readouterr()
     assert out.count("OK sha256:") == 2 and "good.thaw" in out and "kv_prefix_tree.thaw" in out
-    assert "FAIL" in err and "bad.thaw" in err and "'weights/embed.weight'" in err
+    assert "thaw verify: CorruptSnapshotError: " in err and "(in " + str(bad) + ")" in err and "'weights/embed.weight'" in err
     assert main(["verify", str(good), str(tmp_path / "missing.thaw")]) == 2  # unreadable beats corrupt
 
 
