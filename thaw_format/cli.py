@@ -50,7 +50,7 @@ def _total(f: SnapshotFile) -> int:
 
 
 def _verify(f: SnapshotFile, label: str) -> None:
-    with progress_bar(label, _total(f)) as bar:
+    with progress_bar(printable(label), _total(f)) as bar:
         f.verify(bar)
 
 

@@ -1,11 +1,15 @@
 """The `thaw` command: inspect, verify (several files, --json), log, diff; closed pipes and hostile names."""
 
+import fcntl
 import importlib
 import json
 import os
+import pty
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -190,3 +194,27 @@ def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "thaw_format.torch", raising=False)
     with pytest.raises(ImportError, match=r"thaw_format\.torch needs torch.*pip install 'thaw\[torch\]'"):
         importlib.import_module("thaw_format.torch")
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path):
+    """verify draws a bar on stderr when stdout is a terminal (a pty of 100 columns here), never into a pipe."""
+    pytest.importorskip("tqdm", reason="the progress bar comes with the cli extra (tqdm), not installed here")
+    thaw, path = Path(sys.executable).with_name("thaw"), str(VECTORS / "kv_prefix_tree.thaw")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    with subprocess.Popen([str(thaw), "verify", path], stdout=slave, stderr=slave) as process:
+        os.close(slave)
+        screen = b""
+        while chunk := _read_or_empty(master):
+            screen += chunk
+    os.close(master)
+    assert process.returncode == 0 and b"verifying kv_prefix_tree.thaw:" in screen and b"OK sha256:" in screen
+    piped = subprocess.run([str(thaw), "verify", path], capture_output=True, text=True)
+    assert piped.returncode == 0 and piped.stderr == "" and piped.stdout.startswith("OK sha256:")
+
+
+def _read_or_empty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # EIO: the other side of the pty has closed
+        return b""
