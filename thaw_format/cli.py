@@ -257,15 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(run=diff)
-    unavailable = []
     for ep in entry_points(group="thaw.cli"):
         try:
             ep.load()(sub)
         except ImportError as exc:  # a plugin whose engine is not installed must not break inspect/verify
-            unavailable.append(f"{ep.name} ({exc})")
-    if unavailable:
-        parser.epilog = "unavailable here: " + "; ".join(unavailable)
+            p = sub.add_parser(ep.name, help=f"unavailable here: {exc}", add_help=False)
+            p.add_argument("arguments", nargs=argparse.REMAINDER)
+            p.set_defaults(run=lambda args, why=str(exc): _unavailable(why))
     return parser
+
+
+def _unavailable(why: str) -> int:
+    """A subcommand whose plugin could not be imported: say what to install, rather than 'invalid choice'."""
+    say(f"thaw: this command is unavailable here: {why}", err=True)
+    return 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -83,6 +83,8 @@ def test_core_install_has_the_command_and_names_the_missing_extras(tmp_path, ven
         result = subprocess.run([bin_dir / "python", "-c", f"import {module}"], capture_output=True, text=True,
                                 env=clean_env())
         assert result.returncode == 1 and f"pip install 'thaw[{extra}]'" in result.stderr, (module, result.stderr)
+    convert = subprocess.run([bin_dir / "thaw", "convert", "a", "b"], capture_output=True, text=True, env=clean_env())
+    assert convert.returncode == 2 and "pip install 'thaw[mlx]'" in convert.stderr, convert.stderr
 
 
 def test_torch_extra_runs_the_readme_use_block_as_written(tmp_path, venvs):
