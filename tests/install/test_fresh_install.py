@@ -3,9 +3,9 @@ site-packages, pip's normal index) with each extra that installs here, then the 
 `thaw` commands run as written (taken from README.md, so the README cannot drift from what works).
 
 Cost: each virtualenv is new, so this is the price of `pip install` itself (the torch wheel dominates) plus one
-libthaw build: 54 s of CPU, 5 minutes of wall time on this project's shared 2-core machine at load average
-23 (other sessions' engine tests), with pip's cache warm (`.cache/xdg/pip` under scripts/env.sh, which the
-set-up scripts fill first). Marked `install`; CI runs it (scripts/test.sh runs tests/install in .venv).
+libthaw build: 54 s of CPU; on this project's shared 2-core machine, 5 minutes of wall time at load average 23
+and 10 minutes at 25-30 (other sessions' engine tests and a vLLM install beside it), with pip's cache warm
+(`.cache/xdg/pip` under scripts/env.sh, which the set-up scripts fill first). Not measured on an idle machine. Marked `install`; CI runs it (scripts/test.sh runs tests/install in .venv).
 """
 
 from __future__ import annotations
