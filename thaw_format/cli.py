@@ -1,159 +1,296 @@
-"""The `thaw` command: `thaw inspect PATH`, `thaw verify PATH`, plus subcommands from the `thaw.cli` entry points."""
+"""The `thaw` command: inspect, verify, log, diff, plus subcommands from the `thaw.cli` entry points.
+
+Every line printed passes through `printable`: names and metadata come from files, and a file must not be
+able to move the cursor, recolour the terminal or forge a line of output. `--json` output is escaped by json.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import sys
-import time
 from importlib.metadata import entry_points
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
+from .diff import diff as diff_files
 from .errors import SnapshotError
+from .progress import progress_bar
 from .reader import SnapshotFile
-from .snapshot import PAGED_KINDS, Snapshot
+from .summary import section_lines, size, summarize
+
+# C0 and C1 controls, DEL, lone surrogates, and the invisible marks that reorder or hide text (bidi, zero width)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
 
 
-class Progress:
-    """A one-line progress meter on stderr, redrawn at most ten times a second, silent when not a terminal."""
-
-    def __init__(self, label: str, total: int, stream=sys.stderr) -> None:
-        self.label, self.total, self.done, self.stream = label, total, 0, stream
-        self.enabled = stream.isatty() and total > 0
-        self.started = self.last = time.monotonic()
-
-    def __call__(self, nbytes: int) -> None:
-        self.done += nbytes
-        now = time.monotonic()
-        if self.enabled and (now - self.last > 0.1 or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.started, 1e-9) / 1e9
-            self.stream.write(f"\r{self.label} {100 * self.done / self.total:5.1f}%  {_size(self.done)}  {rate:.2f} GB/s")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
+def printable(text: Any) -> str:
+    """`text` with every control or invisible character written as its Python escape (\\x1b, \\n, \\u202e)."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"),
+                            str(text))
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
+def say(text: Any = "", *, err: bool = False) -> None:
+    print(printable(text), file=sys.stderr if err else sys.stdout)
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+def say_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))  # ensure_ascii (the default) escapes every control character
 
 
-def _sections(snap: Snapshot) -> list[tuple[str, str]]:
-    """One line per section, from the decoded (so already section-checked) snapshot; tensors are lazy views."""
-    rows = []
-    if (m := snap.model) is not None:
-        rows.append(("model", f"{m.architecture}  dtype {m.dtype}  config {m.config_digest}"
-                              f"  weights {m.weights_digest or '-'}"))
-    if (w := snap.weights) is not None:
-        total = sum(t.nbytes for t in w.tensors.values())
-        rows.append(("weights", f"{len(w.tensors)} tensors, {_size(total)}"
-                                + (f"; refers to weights {w.ref.weights_digest}" if w.ref else "")))
-    if (kv := snap.kv) is not None:
-        kinds: dict[str, int] = {}
-        for layer in kv.layers:
-            kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
-        total = sum(t.nbytes for layer in kv.layers for t in layer.tensors.values())
-        paged = [layer for layer in kv.layers if layer.kind in PAGED_KINDS and layer.tensors]
-        pages = next(iter(paged[0].tensors.values())).shape[0] if paged else 0
-        rows.append(("kv", f"{len(kv.layers)} layers ({', '.join(f'{k} x{c}' for k, c in kinds.items())}), "
-                           f"dtype {kv.dtype}, page size {kv.page_size}, {pages} pages, {_size(total)}"))
-    if (p := snap.prefix) is not None:
-        h = p.hash
-        rows.append(("prefix", f"{len(p.parents)} pages, {sum(map(len, p.tokens))} tokens"
-                               + (f"; native hash {h.algorithm} ({h.tokens_per_hash} tokens/hash)" if h else "")))
-    if (s := snap.scheduler) is not None:
-        reqs = s.requests
-        detail = ", ".join(f"{r.id} {r.status} ({len(r.prompt_token_ids)}+{len(r.output_token_ids)} tokens)"
-                           for r in reqs[:4])
-        rows.append(("scheduler", f"{len(reqs)} requests" + (f": {detail}" if reqs else "") + (" ..." if len(reqs) > 4 else "")))
-    if (e := snap.engine) is not None:
-        rows.append(("engine", f"{e.name} {e.version}  attention {e.attention_backend or '-'}  "
-                               f"layout {e.native_kv_layout or '-'}  tp {e.tp_rank}/{e.tp_size}"))
-    if (g := snap.lineage) is not None:
-        rows.append(("lineage", f"parent {g.parent or '-'}  label {g.label or '-'}  created {g.created or '-'}"))
-    if snap.metadata:
-        rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in sorted(snap.metadata.items()))))
-    return rows
+def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+    rows = [[printable(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
 
+
+def _total(f: SnapshotFile) -> int:
+    return sum(r.length for r in f.layout.regions)
+
+
+def _verify(f: SnapshotFile, label: str) -> None:
+    with progress_bar(printable(label), _total(f)) as bar:
+        f.verify(bar)
+
+
+# ---------------------------------------------------------------------------------------------------- inspect
 
 def inspect(args) -> int:
     with SnapshotFile(args.path) as f:
+        if args.verify:
+            _verify(f, "verifying")
+        tensors = []
+        for name in f.names():
+            dtype, shape, region = f.info(name)
+            tensors.append({"name": name, "dtype": dtype, "shape": list(shape), "bytes": region.length,
+                            "offset": region.offset})
+        summary = summarize(f.snapshot(verify=False, copy=False))
         required, optional = f.features
-        print(f"snapshot  {args.path}")
-        print(f"id        {f.id}")
-        print(f"format    {f.version[0]}.{f.version[1]}  features required 0x{required:x} optional 0x{optional:x}")
-        print(f"size      {_size(f.layout.file_length)} in {len(f.layout.regions)} regions, "
-              f"{f.layout.total_chunks} checksummed chunks")
-        for name, text in _sections(f.snapshot(verify=False, copy=False)):
-            print(f"{name:<9} {text}")
-        names = f.names()
-        if names and not args.brief:
-            rows = []
-            for name in names[: args.limit]:
-                dtype, shape, region = f.info(name)
-                rows.append([name, dtype, "[" + ", ".join(map(str, shape)) + "]", _size(region.length), str(region.offset)])
-            print()
-            print(_table(rows, ["tensor", "dtype", "shape", "size", "offset"]))
-            if len(names) > args.limit:
-                print(f"... and {len(names) - args.limit} more (--limit)")
+        if args.json:
+            say_json({"path": args.path, "id": f.id, "format": f"{f.version[0]}.{f.version[1]}",
+                      "features": {"required": required, "optional": optional}, "bytes": f.layout.file_length,
+                      "regions": len(f.layout.regions), "chunks": f.layout.total_chunks, "data_verified": args.verify,
+                      "sections": summary, **({} if args.brief else {"tensors": tensors})})
+            return 0
+        say(f"snapshot  {args.path}")
+        say(f"id        {f.id}")
+        say(f"format    {f.version[0]}.{f.version[1]}  features required 0x{required:x} optional 0x{optional:x}")
+        say(f"size      {size(f.layout.file_length)} in {len(f.layout.regions)} regions, "
+            f"{f.layout.total_chunks} checksummed chunks")
+        say("data      " + ("verified: every chunk checksum, padding and section rule" if args.verify else
+                            "NOT checked (header, table and document only): thaw verify, or inspect --verify"))
+        for name, text in section_lines(summary):
+            say(f"{name:<9} {text}")
+        if tensors and not args.brief:
+            rows = [[t["name"], t["dtype"], "[" + ", ".join(map(str, t["shape"])) + "]", size(t["bytes"]),
+                     str(t["offset"])] for t in tensors[: args.limit]]
+            say()
+            for line in _table(rows, ["tensor", "dtype", "shape", "size", "offset"]):
+                say(line)
+            if len(tensors) > args.limit:
+                say(f"... and {len(tensors) - args.limit} more (--limit)")
     return 0
 
+
+# ---------------------------------------------------------------------------------------------------- verify
 
 def verify(args) -> int:
-    with SnapshotFile(args.path) as f:
-        meter = Progress("verifying", sum(r.length for r in f.layout.regions))
+    """Each file in turn; a bad one is reported and the rest are still checked. Exit: the worst file's code."""
+    results, status = [], 0
+    for path in args.paths:
         try:
-            f.verify(meter)
-        finally:
-            meter.close()
-        print(f"OK {f.id}  {_size(f.layout.file_length)}, {len(f.layout.regions)} tensors, "
-              f"{f.layout.total_chunks} chunks verified")
+            with SnapshotFile(path) as f:
+                _verify(f, f"verifying {Path(path).name}")
+                result = {"path": path, "ok": True, "id": f.id, "bytes": f.layout.file_length,
+                          "tensors": len(f.layout.regions), "chunks": f.layout.total_chunks}
+            if not args.json:
+                say(f"OK {result['id']}  {path}  {size(result['bytes'])}, {result['tensors']} tensors, "
+                    f"{result['chunks']} chunks verified")
+        except (SnapshotError, OSError) as exc:
+            code = 1 if isinstance(exc, SnapshotError) else 2
+            status = max(status, code)
+            result = {"path": path, "ok": False, "error": type(exc).__name__, "message": _message(exc)}
+            if not args.json:
+                say(f"thaw verify: {type(exc).__name__}: {_message(exc)} (in {path})", err=True)
+        results.append(result)
+    if args.json:
+        say_json(results)
+    return status
+
+
+def _message(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+# ---------------------------------------------------------------------------------------------------- log
+
+def _ids_in(directories: list[str]) -> dict[str, str]:
+    """id -> path of every readable snapshot (`*.thaw`, regular files only) in the directories."""
+    found = {}
+    for directory in directories:
+        for path in sorted(Path(directory).glob("*.thaw")):
+            if not path.is_file():  # a FIFO or device named *.thaw would block the open
+                continue
+            try:
+                with SnapshotFile(path) as f:
+                    found.setdefault(f.id, str(path))
+            except (SnapshotError, OSError):
+                continue
+    return found
+
+
+def log(args) -> int:
+    """The snapshot, then its parent, grandparent, ...: found by id among the snapshots in the search folders."""
+    search = args.search or [str(Path(args.path).parent)]
+    known = None  # the search folders are read only if a parent is named
+    path: Optional[str] = args.path
+    entries, seen = [], set()
+    while path is not None:
+        with SnapshotFile(path) as f:
+            snap = f.snapshot(verify=False, copy=False)
+            entry = {"id": f.id, "path": path, "parent": None, "label": None, "created": None, "writer": None}
+        if snap.lineage is not None:
+            entry.update(parent=snap.lineage.parent, label=snap.lineage.label, created=snap.lineage.created)
+        if snap.engine is not None:
+            entry["writer"] = f"{snap.engine.name} {snap.engine.version}"
+        entries.append(entry)
+        seen.add(entry["id"])
+        path = None
+        if entry["parent"] and entry["parent"] not in seen:
+            known = _ids_in(search) if known is None else known
+            path = known.get(entry["parent"])
+    if args.json:
+        say_json(entries)
+        return 0
+    for i, e in enumerate(entries):
+        say(f"snapshot {e['id']}  {e['path']}")
+        say(f"  label    {e['label'] or '-'}")
+        say(f"  created  {e['created'] or '-'}")
+        say(f"  writer   {e['writer'] or '-'}")
+        if e["parent"] is None:
+            say("  parent   - (a root)")
+        elif i + 1 == len(entries):
+            where = ", ".join(search)
+            say(f"  parent   {e['parent']} (not found among the *.thaw in {where}: --search DIR)")
+        else:
+            say(f"  parent   {e['parent']}")
+        if i + 1 < len(entries):
+            say()
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- diff
+
+def diff(args) -> int:
+    """Exit 0 when the snapshots hold the same state, 1 when they differ (as diff(1) does)."""
+    with SnapshotFile(args.a) as a, SnapshotFile(args.b) as b:
+        with progress_bar("comparing", _total(a) + _total(b)) as bar:
+            report = diff_files(a, b, bar)
+    report["a"]["path"], report["b"]["path"] = args.a, args.b
+    if args.json:
+        say_json(report)
+        return 0 if report["same"] else 1
+    say(f"--- {args.a}  {report['a']['id']}")
+    say(f"+++ {args.b}  {report['b']['id']}")
+    for section, fields in report["sections"].items():
+        for name, (va, vb) in fields.items():
+            say(f"{section:<9} {name}: {_short(va)} -> {_short(vb)}")
+    p = report["pages"]
+    if p["only_in_a"] or p["only_in_b"]:
+        say(f"pages     {p['shared']} shared, {p['only_in_a']} only in A, {p['only_in_b']} only in B "
+            "(a page is its whole token chain)")
+    r = report["requests"]
+    for rid in r["only_in_a"]:
+        say(f"request   - {rid}")
+    for rid in r["only_in_b"]:
+        say(f"request   + {rid}")
+    for rid, fields in r["differ"].items():
+        say(f"request   ~ {rid}: " + ", ".join(f"{k} {_short(v[0])} -> {_short(v[1])}" if isinstance(v, list)
+                                               else f"{k} {v}" for k, v in fields.items()))
+    t = report["tensors"]
+    for e in t["only_in_a"]:
+        say(f"tensor    - {e['name']}  {e['dtype']} {e['shape']}  crc32c {e['crc32c']}")
+    for e in t["only_in_b"]:
+        say(f"tensor    + {e['name']}  {e['dtype']} {e['shape']}  crc32c {e['crc32c']}")
+    for e in t["differ"]:
+        ea, eb = e["a"], e["b"]
+        what = (f"crc32c {ea['crc32c']} -> {eb['crc32c']}" if ea["dtype"] == eb["dtype"] and ea["shape"] == eb["shape"]
+                else f"{ea['dtype']} {ea['shape']} -> {eb['dtype']} {eb['shape']}")
+        say(f"tensor    ~ {e['name']}  {what}")
+    say(f"tensors   {t['same']} identical, {len(t['differ'])} differ, {len(t['only_in_a'])} only in A, "
+        f"{len(t['only_in_b'])} only in B")
+    say("same state" if report["same"] else "snapshots differ")
+    return 0 if report["same"] else 1
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="thaw", description="Inspect and check thaw snapshots.")
+    parser = argparse.ArgumentParser(prog="thaw", description="Inspect, check and compare thaw snapshots.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="sections, tensors, sizes, identity and lineage of a snapshot")
     p.add_argument("path")
     p.add_argument("--brief", action="store_true", help="sections only, no tensor table")
     p.add_argument("--limit", type=int, default=50, help="tensor rows to show (default 50)")
+    p.add_argument("--verify", action="store_true", help="also check every chunk checksum (reads the whole file)")
+    p.add_argument("--json", action="store_true", help="one JSON object (every tensor unless --brief)")
     p.set_defaults(run=inspect)
     p = sub.add_parser("verify", help="check every checksum and structural rule; non-zero exit on any problem")
-    p.add_argument("path")
+    p.add_argument("paths", nargs="+", metavar="path")
+    p.add_argument("--json", action="store_true", help="a JSON list, one object per file")
     p.set_defaults(run=verify)
-    unavailable = []
+    p = sub.add_parser("log", help="lineage: the snapshot, its parent, its parent's parent ... (who, when, label)")
+    p.add_argument("path")
+    p.add_argument("--search", action="append", metavar="DIR",
+                   help="folder whose *.thaw files may be parents (repeatable; default: the file's folder)")
+    p.add_argument("--json", action="store_true", help="a JSON list, newest first")
+    p.set_defaults(run=log)
+    p = sub.add_parser("diff", help="model, pages, requests and tensors (by name and checksum) that differ; "
+                                    "exit 1 when they differ")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(run=diff)
     for ep in entry_points(group="thaw.cli"):
         try:
             ep.load()(sub)
         except ImportError as exc:  # a plugin whose engine is not installed must not break inspect/verify
-            unavailable.append(f"{ep.name} ({exc})")
-    if unavailable:
-        parser.epilog = "unavailable here: " + "; ".join(unavailable)
+            p = sub.add_parser(ep.name, help=f"unavailable here: {exc}", add_help=False)
+            p.add_argument("arguments", nargs=argparse.REMAINDER)
+            p.set_defaults(run=lambda args, why=str(exc): _unavailable(why))
     return parser
+
+
+def _unavailable(why: str) -> int:
+    """A subcommand whose plugin could not be imported: say what to install, rather than 'invalid choice'."""
+    say(f"thaw: this command is unavailable here: {why}", err=True)
+    return 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`thaw inspect F | head -1`): stop quietly with the shell's code for SIGPIPE.
+        # stdout is pointed at /dev/null so the interpreter's final flush cannot fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+    except KeyboardInterrupt:
+        return 130
     except SnapshotError as exc:
-        print(f"thaw {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        say(f"thaw {args.command}: {type(exc).__name__}: {exc}", err=True)
         return 1
     except OSError as exc:
-        print(f"thaw {args.command}: {exc}", file=sys.stderr)
+        say(f"thaw {args.command}: {exc}", err=True)
         return 2
 
 

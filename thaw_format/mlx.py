@@ -5,10 +5,12 @@ bfloat16 travels as its uint16 bit pattern, since neither the buffer protocol no
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 
+from .extras import require
 from .tensor import Tensor
+
+mx = require("mlx.core", "mlx", "thaw_format.mlx")
 
 # format dtype name -> (MLX dtype, numpy dtype of the same bytes)
 _TYPES = {

@@ -9,10 +9,12 @@ same size and are viewed back as their torch dtype.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .dtypes import ITEMSIZE
+from .extras import require
 from .tensor import Tensor
+
+torch = require("torch", "torch", "thaw_format.torch")
 
 _TORCH = {name: getattr(torch, name) for name in ITEMSIZE if isinstance(getattr(torch, name, None), torch.dtype)}
 _NAMES = {dtype: name for name, dtype in _TORCH.items()}

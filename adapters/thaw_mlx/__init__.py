@@ -13,6 +13,10 @@ so that snapshots cross engines: `info = thaw_mlx.model_info(model, checkpoint=p
 `MLXEngine.start(checkpoint=path)`, then generate / capture / restore / finish / fork as on every engine.
 """
 
+from thaw_format.extras import require
+
+require("mlx_lm", "mlx", "thaw_mlx")  # before the modules that import it, so the error names the extra
+
 from . import _internals  # noqa: F401  (refuses an untested mlx-lm at import)
 from .engine import MLXEngine
 from .generate import generate, greedy

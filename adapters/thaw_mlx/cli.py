@@ -5,11 +5,15 @@ Registered with the `thaw` command through the `thaw.cli` entry-point group (pyp
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
 import thaw_format
+from thaw_format import CorruptSnapshotError, SnapshotFile
+from thaw_format.cli import say
 from thaw_format.container import MAGIC
+from thaw_format.progress import progress_bar
 
 from .identity import checkpoint_info
 from .prompt_cache_file import export_prompt_cache, import_prompt_cache
@@ -17,10 +21,8 @@ from .session import DEFAULT_PAGE_SIZE
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "convert",
-        help="mlx-lm prompt-cache file (.safetensors) <-> thaw snapshot; the direction follows SRC's content",
-    )
+    what = "mlx-lm prompt-cache file (.safetensors) <-> thaw snapshot; the direction follows SRC's content"
+    p = subparsers.add_parser("convert", help=what, description=what)
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--model", metavar="DIR", help="importing: the model directory the cache is of (its config.json; "
@@ -31,18 +33,33 @@ def register(subparsers) -> None:
 
 
 def convert(args) -> int:
-    with open(args.src, "rb") as f:
-        is_snapshot = f.read(len(MAGIC)) == MAGIC
-    if is_snapshot:
-        export_prompt_cache(thaw_format.load(args.src), args.dst)
-        print(f"wrote mlx-lm prompt cache {args.dst}")
+    src, dst = Path(args.src), Path(args.dst)
+    if not dst.parent.is_dir():  # checked first: both writers would fail only after the whole read
+        raise FileNotFoundError(errno.ENOENT, "the destination's folder does not exist", str(dst.parent))
+    with open(src, "rb") as f:
+        head = f.read(max(len(MAGIC), 9))
+    if head.startswith(MAGIC):
+        with SnapshotFile(src) as f, progress_bar("reading", sum(r.length for r in f.layout.regions)) as bar:
+            snapshot = f.snapshot(progress=bar)
+        export_prompt_cache(snapshot, dst)
+        say(f"wrote mlx-lm prompt cache {dst}")
         return 0
+    if not _looks_like_safetensors(head, src.stat().st_size):
+        raise CorruptSnapshotError(f"{src} is neither a thaw snapshot (no {MAGIC!r} magic) nor a safetensors file "
+                                   "(an mlx-lm prompt cache)")
     config = json.loads((Path(args.model) / "config.json").read_text()) if args.model else None
     tokens = json.loads(Path(args.tokens).read_text()) if args.tokens else None
-    snapshot = import_prompt_cache(args.src, config=config, tokens=tokens, page_size=args.page_size)
+    snapshot = import_prompt_cache(src, config=config, tokens=tokens, page_size=args.page_size)
     if args.model and any(Path(args.model).glob("*.safetensors")):
         # a checkpoint: named as every engine names it (spec 5.1), as thaw_mlx.model_info(model, checkpoint=) does
         snapshot.model = checkpoint_info(args.model, snapshot.model.dtype)
-    thaw_format.save(snapshot, args.dst)
-    print(f"wrote snapshot {args.dst}")
+    total = sum(t.nbytes for layer in snapshot.kv.layers for t in layer.tensors.values())
+    with progress_bar("writing", total) as bar:
+        thaw_format.save(snapshot, dst, progress=bar)
+    say(f"wrote snapshot {dst}")
     return 0
+
+
+def _looks_like_safetensors(head: bytes, file_size: int) -> bool:
+    """safetensors: an 8-byte little-endian header length that fits the file, then a JSON object."""
+    return len(head) == 9 and int.from_bytes(head[:8], "little") <= file_size - 8 and head[8:9] == b"{"

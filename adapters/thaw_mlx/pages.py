@@ -171,6 +171,8 @@ def _ring_problem(layer: KVLayer, pages: list[int], num_tokens: int, page_size: 
         return f"MLX caches hold one sequence, this layer holds {sequences}"
     if p["offset"] != [num_tokens]:
         return f"offset {p['offset']} but the session computed {num_tokens} tokens"
+    if not p["window"] < 2**31:  # MLX array dimensions are 32-bit: no ring buffer can be larger
+        return f"window {p['window']} is beyond what an MLX cache can hold (2**31 - 1)"
     if not (0 <= p["keep"] <= p["window"] and 0 <= p["write_index"][0] <= capacity):
         return (f"keep {p['keep']}, window {p['window']}, write index {p['write_index']} do not fit a buffer of "
                 f"{capacity}")

@@ -51,7 +51,10 @@ def import_prompt_cache(
 ) -> Snapshot:
     """A snapshot of an mlx-lm prompt-cache file. `config` (the model's config.json) and `tokens` are needed
     when the file was not exported by thaw; given, they take precedence over what the file says."""
-    cache, metadata = load_prompt_cache(str(path), return_metadata=True)
+    try:
+        cache, metadata = load_prompt_cache(str(path), return_metadata=True)
+    except (ValueError, RuntimeError, KeyError, AttributeError) as exc:  # what mlx and mlx-lm raise on other files
+        raise IncompatibleSnapshotError(f"{path} is not an mlx-lm prompt-cache file: {exc!r}") from exc
     num_prompt_tokens = None
     if tokens is None:
         if TOKENS_KEY not in metadata:

@@ -15,6 +15,10 @@ The contract class is in `engine.py`, the sglang.Engine subclass in `thaw_engine
 lives in `capture.py` / `restore.py`; every private SGLang internal in `_internals.py`.
 """
 
+from thaw_format.extras import require
+
+require("sglang", "sglang", "thaw_sglang")  # before the modules that import it, so the error names the extra
+
 from .engine import SGLangEngine
 from .thaw_engine import ThawEngine, capture, restore, resume
 

@@ -4,6 +4,10 @@
     engine = thaw_vllm.VLLMEngine.start(model_dir, **vllm_llm_arguments)   # the adapter contract, as on every engine
 """
 
+from thaw_format.extras import require
+
+require("vllm", "vllm", "thaw_vllm")  # before the modules that import it, so the error names the extra
+
 from thaw_format.sdk import Finished, Resumed
 
 from .api import capture, check_compatible, describe, engine_args, finish, restore

@@ -1,12 +1,23 @@
-"""The `thaw` command: inspect prints the sections, verify exits non-zero with a precise message."""
+"""The `thaw` command: inspect, verify (several files, --json), log, diff; closed pipes and hostile names."""
 
+import fcntl
+import importlib
+import json
+import os
+import pty
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
+import pytest
+
 import thaw_format as tf
+from conftest import make_full_snapshot
 from thaw_format.cli import main
+from thaw_format.tensor import Tensor
 
 VECTORS = Path(__file__).resolve().parents[2] / "spec" / "vectors"
 
@@ -43,3 +54,167 @@ def test_console_script_is_installed(tmp_path):
     assert result.returncode == 0, result.stderr
     missing = subprocess.run([str(thaw), "verify", str(tmp_path / "nope.thaw")], capture_output=True, text=True)
     assert missing.returncode == 2 and "No such file" in missing.stderr
+
+
+def _save(snap, path):
+    tf.save(snap, path)
+    return str(path)
+
+
+def test_verify_several_files_reports_each_and_exits_with_the_worst(tmp_path, capsys):
+    good = shutil.copy(VECTORS / "weights_only.thaw", tmp_path / "good.thaw")
+    bad = tmp_path / "bad.thaw"
+    data = bytearray(Path(good).read_bytes())
+    region = tf.SnapshotFile(bytes(data)).info("weights/embed.weight")[2]
+    data[region.offset] ^= 1
+    bad.write_bytes(data)
+    assert main(["verify", str(good), str(bad), str(VECTORS / "kv_prefix_tree.thaw")]) == 1
+    out, err = capsys.readouterr()
+    assert out.count("OK sha256:") == 2 and "good.thaw" in out and "kv_prefix_tree.thaw" in out
+    assert "thaw verify: CorruptSnapshotError: " in err and "(in " + str(bad) + ")" in err and "'weights/embed.weight'" in err
+    assert main(["verify", str(good), str(tmp_path / "missing.thaw")]) == 2  # unreadable beats corrupt
+
+
+def test_verify_json(tmp_path, capsys):
+    bad = tmp_path / "bad.thaw"
+    bad.write_bytes(b"not a snapshot")
+    assert main(["verify", "--json", str(VECTORS / "kv_prefix_tree.thaw"), str(bad)]) == 1
+    ok, failed = json.loads(capsys.readouterr().out)
+    assert ok == {"path": str(VECTORS / "kv_prefix_tree.thaw"), "ok": True, "id": tf.verify(VECTORS / "kv_prefix_tree.thaw"),
+                  "bytes": (VECTORS / "kv_prefix_tree.thaw").stat().st_size, "tensors": 7, "chunks": 7}
+    assert failed["ok"] is False and failed["error"] == "CorruptSnapshotError" and failed["message"]
+
+
+def test_inspect_json_and_the_data_check_it_states(tmp_path, capsys):
+    path = _save(make_full_snapshot(), tmp_path / "full.thaw")
+    assert main(["inspect", "--json", path]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["id"] == tf.verify(path) and report["data_verified"] is False
+    assert report["sections"]["model"]["architecture"] == "llama"
+    assert report["sections"]["kv"]["kinds"] == {"attention": 1, "sliding_window": 1}
+    assert report["sections"]["scheduler"]["requests"] == [
+        {"id": "r0", "status": "running", "prompt_tokens": 6, "output_tokens": 1}]
+    assert report["sections"]["lineage"]["label"] == "trunk"
+    assert {"name": "weights/embed.weight", "dtype": "float32", "shape": [16, 8]}.items() <= \
+        next(t for t in report["tensors"] if t["name"] == "weights/embed.weight").items()
+    # inspect reads no data unless asked: it says so, and --verify catches a corrupt chunk
+    data = bytearray(Path(path).read_bytes())
+    data[tf.SnapshotFile(bytes(data)).info("weights/embed.weight")[2].offset] ^= 1
+    Path(path).write_bytes(data)
+    assert main(["inspect", path, "--brief"]) == 0
+    assert "data      NOT checked" in capsys.readouterr().out
+    assert main(["inspect", path, "--verify"]) == 1
+    assert "CorruptSnapshotError" in capsys.readouterr().err
+
+
+def test_log_follows_parents_in_the_folder(tmp_path, capsys):
+    trunk = make_full_snapshot()
+    trunk_id = tf.save(trunk, tmp_path / "trunk.thaw")
+    child = make_full_snapshot()
+    child.lineage = tf.Lineage(parent=trunk_id, label="branch 1", created="2026-11-24T00:00:00Z")
+    child_id = tf.save(child, tmp_path / "child.thaw")
+    (tmp_path / "unrelated.thaw").write_bytes(b"garbage")  # unreadable files in the folder are passed over
+    assert main(["log", str(tmp_path / "child.thaw")]) == 0
+    out = capsys.readouterr().out
+    assert out.index(child_id) < out.index("branch 1") < out.index(f"parent   {trunk_id}") < \
+        out.index(str(tmp_path / "trunk.thaw")) < out.index("(a root)")
+    assert "writer   test-engine 1.0" in out and "created  2026-11-24T00:00:00Z" in out
+    assert main(["log", "--json", str(tmp_path / "child.thaw")]) == 0
+    assert [e["id"] for e in json.loads(capsys.readouterr().out)] == [child_id, trunk_id]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(tmp_path / "child.thaw", elsewhere / "child.thaw")
+    assert main(["log", str(elsewhere / "child.thaw")]) == 0
+    assert f"parent   {trunk_id} (not found among the *.thaw in {elsewhere}" in capsys.readouterr().out
+    assert main(["log", str(elsewhere / "child.thaw"), "--search", str(tmp_path)]) == 0
+    assert "(a root)" in capsys.readouterr().out
+
+
+def test_diff_names_what_differs_by_name_and_checksum(tmp_path, capsys):
+    a = _save(make_full_snapshot(), tmp_path / "a.thaw")
+    assert main(["diff", a, a]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("same state")
+    other = make_full_snapshot()
+    other.weights.tensors["norm.weight"] = Tensor("bfloat16", (8,), bytes(16))
+    other.weights.tensors["extra.bias"] = Tensor("float32", (2,), bytes(8))
+    other.model.architecture = "mistral"
+    other.prefix = tf.PrefixTree(parents=[-1, 0, 0], tokens=[[1, 2, 3, 4], [5, 6], [7, 8, 10]])
+    other.scheduler.requests[0].output_token_ids = [43]
+    b = _save(other, tmp_path / "b.thaw")
+    assert main(["diff", a, b]) == 1
+    out = capsys.readouterr().out
+    crc = lambda path, name: f"{tf.mover.crc32c(tf.open(path).tensor(name).data):08x}"  # noqa: E731
+    for text in ("model     architecture: llama -> mistral",
+                 f"tensor    ~ weights/norm.weight  crc32c {crc(a, 'weights/norm.weight')} -> {crc(b, 'weights/norm.weight')}",
+                 "tensor    + weights/extra.bias  float32 [2]",
+                 "pages     2 shared, 1 only in A, 1 only in B",
+                 "request   ~ r0: tokens_part_at 6",
+                 "snapshots differ"):
+        assert text in out, text
+    assert main(["diff", "--json", a, b]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["same"] is False and \
+        [e["name"] for e in report["tensors"]["differ"]] == ["weights/norm.weight", "prefix/token_ids"]
+
+
+def test_closed_pipe_ends_quietly(tmp_path):
+    """`thaw inspect F | head -1`: the reader is gone before the first write; no traceback, SIGPIPE's code."""
+    thaw = Path(sys.executable).with_name("thaw")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([str(thaw), "inspect", str(VECTORS / "scheduler_in_flight.thaw")], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and result.stderr == ""
+
+
+def test_control_characters_in_names_and_metadata_are_escaped(tmp_path, capsys):
+    hostile = "w\x1b[2J\r\nOK sha256:forged\u202e"
+    path = str(tmp_path / "hostile.thaw")
+    tf.save(tf.Snapshot(weights=tf.Weights({hostile: Tensor("uint8", (1,), b"\0")}),
+                        lineage=tf.Lineage(label="a\x07b"), metadata={"note\x9b": "x\ty"}), path)
+    for argv in (["inspect", path], ["log", path], ["diff", path, _save(tf.Snapshot(), tmp_path / "empty.thaw")],
+                 ["verify", path]):
+        main(argv)
+        out, err = capsys.readouterr()
+        for stream in (out, err):
+            assert not any(c in stream for c in "\x1b\r\x07\x9b\t\u202e"), argv
+            assert not any(line.startswith("OK sha256:forged") for line in stream.splitlines()), argv
+    main(["inspect", path])
+    out = capsys.readouterr().out
+    assert "weights/w\\x1b[2J\\r\\nOK sha256:forged\\u202e" in out and "label a\\x07b" in out
+    assert main(["inspect", "--json", path]) == 0
+    assert json.loads(capsys.readouterr().out)["tensors"][0]["name"] == "weights/" + hostile
+
+
+def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    monkeypatch.delitem(sys.modules, "thaw_format.torch", raising=False)
+    with pytest.raises(ImportError, match=r"thaw_format\.torch needs torch.*pip install 'thaw\[torch\]'"):
+        importlib.import_module("thaw_format.torch")
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path):
+    """verify draws a bar on stderr when stdout is a terminal (a pty of 100 columns here), never into a pipe."""
+    pytest.importorskip("tqdm", reason="the progress bar comes with the cli extra (tqdm), not installed here")
+    thaw, path = Path(sys.executable).with_name("thaw"), str(VECTORS / "kv_prefix_tree.thaw")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    with subprocess.Popen([str(thaw), "verify", path], stdout=slave, stderr=slave) as process:
+        os.close(slave)
+        screen = b""
+        while chunk := _read_or_empty(master):
+            screen += chunk
+    os.close(master)
+    assert process.returncode == 0 and b"verifying kv_prefix_tree.thaw:" in screen and b"OK sha256:" in screen
+    piped = subprocess.run([str(thaw), "verify", path], capture_output=True, text=True)
+    assert piped.returncode == 0 and piped.stderr == "" and piped.stdout.startswith("OK sha256:")
+
+
+def _read_or_empty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # EIO: the other side of the pty has closed
+        return b""

@@ -107,3 +107,27 @@ def test_import_with_a_checkpoint_takes_the_checkpoints_identity(session, tmp_pa
     assert snapshot.model == info and info.architecture == "LlamaForCausalLM" and info.weights_digest
     restored = thaw_mlx.restore(model, snapshot, info=info)
     assert thaw_mlx.num_cached_tokens(restored) == thaw_mlx.num_cached_tokens(cache)
+
+
+def test_convert_refuses_what_it_cannot_convert_without_a_traceback(session, saved, tmp_path, capsys):
+    """Random bytes as source, a ring window no MLX cache can hold, a destination folder that is missing."""
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(bytes(range(256)) * 20)
+    assert main(["convert", str(noise), str(tmp_path / "out.thaw")]) == 1
+    assert "is neither a thaw snapshot" in capsys.readouterr().err
+    weights = tmp_path / "weights.safetensors"  # safetensors, but not a prompt cache
+    mx.save_safetensors(str(weights), {"w": mx.zeros(2)})
+    assert main(["convert", str(weights), str(tmp_path / "out.thaw")]) == 1
+    assert "is not an mlx-lm prompt-cache file" in capsys.readouterr().err
+
+    model, cache, tokens = session("llama-rotating")
+    snapshot = thaw_mlx.capture(model, cache, tokens)
+    snapshot.kv.layers[1].params["window"] = 2**70
+    assert main(["convert", saved(snapshot), str(tmp_path / "cache.safetensors")]) == 1
+    assert "kv.layers[1] (ring): window 1180591620717411303424 is beyond" in capsys.readouterr().err
+
+    good = saved(thaw_mlx.capture(model, *session("llama-rotating")[1:]), "good.thaw")
+    for src in (good, str(noise)):
+        assert main(["convert", src, str(tmp_path / "missing" / "out")]) == 2
+        assert "the destination's folder does not exist" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.safetensors*")) or list(tmp_path.glob("*.safetensors")) == [weights]
