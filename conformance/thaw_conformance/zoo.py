@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import safetensors_writer, seeded_weights
+from .checkout import cache_dir
 from .checkpoint_layout import layout
 
 # Token ids every zoo model agrees on, so tests can pick prompts from [3, vocab_size).
@@ -133,8 +134,8 @@ _ZOO_VERSION = 2  # bump when the recipe changes in a way the config digest cann
 
 
 def default_root() -> Path:
-    """``<checkout>/.cache/zoo``: ignored by git, beside the other caches."""
-    return Path(__file__).resolve().parents[2] / ".cache" / "zoo"
+    """``<checkout>/.cache/zoo`` (ignored by git, beside the other caches), or the user's cache when installed."""
+    return cache_dir() / "zoo"
 
 
 def model_config(arch: str, **overrides) -> tuple[str, dict]:
