@@ -79,3 +79,15 @@ def test_weights_are_seeded():
     other = seeded_weights.uniform("w", 1, 100_000, 0.1)
     assert (first != other).mean() > 0.99
     assert abs(float(first.std()) - 0.1) < 1e-3 and abs(float(first.mean())) < 1e-3
+
+
+def test_benchmark_layout_is_what_transformers_builds():
+    """The 494M-parameter benchmark model, without building it: transformers' tensors on the meta device."""
+    from thaw_conformance.checkpoint_layout import layout
+
+    model_type, fields = zoo.model_config("qwen2.5-0.5b")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**fields))
+    built = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    built.pop("lm_head.weight")  # tied to the embeddings: save_pretrained leaves it out
+    assert {t.name: t.shape for t in layout(model_type, fields)} == built

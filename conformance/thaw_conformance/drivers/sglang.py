@@ -5,8 +5,9 @@ restore, resume, pause, ThawEngine.fork). SGLang honours a sampling seed only un
 (otherwise its sampler draws from torch's global generator), which it allows with GPU attention backends only:
 on CPU seeded sampling is not reproducible, so this driver declares neither "seeded" nor "mid_stream_seeded".
 
-In-flight requests: `submit` streams a request and pauses the engine at its first token; each `step` lets it
-run until the next token arrives and pauses it again, so a capture always finds it running, never finished.
+In-flight requests: `submit` streams a request with the engine set to pause after one batch (its prefill, the
+first token); each `step` lets exactly one more batch run (`ThawEngine.run_batches`), so however slow this
+process is, a capture finds the request where the steps left it, running, never finished.
 """
 
 from __future__ import annotations
@@ -80,16 +81,15 @@ class SGLangEngine:
         rid = f"conformance-{next(self._ids)}"
         stream = self.engine.generate(input_ids=list(prompt), sampling_params=_params(sampling, max_tokens),
                                       stream=True, rid=rid)
+        self.engine.run_batches(1)  # the prefill, then a pause
         self.streaming = _Streaming(rid, stream, next(stream))  # sends the request; returns at its first token
-        self.engine.pause()
         return rid
 
     def step(self) -> None:
-        """Let the paused engine run until the next token arrives (it may take one more before the pause lands)."""
+        """Let the paused engine run one decode step and read the token it gives."""
         if self.streaming is not None:
-            self.engine.unpause()
+            self.engine.run_batches(1)
             self.streaming.latest = next(self.streaming.chunks, self.streaming.latest)
-            self.engine.pause()
 
     def drain(self) -> dict[str, list[int]]:
         """Finish the submitted request (unpausing the engine) and the requests the last restore holds."""
