@@ -2,7 +2,8 @@
 nvcc is present, its CUDA mover as thaw_format/libthaw_cuda.so (opened at run time only if a GPU is there).
 
 Project metadata lives in pyproject.toml. Both builds are optional: where no C compiler works the package
-still installs, and thaw_format.backend() reports the pure-Python path and why.
+still installs, and thaw_format.backend() reports the pure-Python path and why. The golden vectors of
+spec/vectors are copied into thaw_conformance/golden_vectors, so an installed thaw-conformance has them.
 """
 
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "libthaw"))
 import build_ffi  # noqa: E402
@@ -45,4 +47,15 @@ class OptionalBuildExt(build_ext):
             shutil.copyfile(built, os.path.join(package_dir, build_ffi.CUDA_LIBRARY))
 
 
-setup(cffi_modules=["libthaw/build_ffi.py:ffibuilder"], cmdclass={"build_ext": OptionalBuildExt})
+class BuildPyWithVectors(build_py):
+    def run(self):
+        super().run()
+        vectors = Path(__file__).resolve().parent / "spec" / "vectors"
+        target = Path(self.build_lib) / "thaw_conformance" / "golden_vectors"
+        target.mkdir(parents=True, exist_ok=True)
+        for path in sorted(vectors.glob("*.thaw")) + sorted(vectors.glob("*.json")):
+            self.copy_file(str(path), str(target / path.name))
+
+
+setup(cffi_modules=["libthaw/build_ffi.py:ffibuilder"],
+      cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPyWithVectors})

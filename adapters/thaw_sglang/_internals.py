@@ -184,10 +184,24 @@ class LiveRequest:
     slots: torch.Tensor  # int64 [committed tokens]
 
 
+def _running(scheduler) -> list:
+    """The unfinished requests of the running batch, and those of a prefill batch not yet merged into it.
+
+    SGLang merges a prefill batch into the running batch at the start of the next one; an in-place pause right
+    after a prefill leaves its requests in `last_batch` alone. A finished request waits there to be filtered out.
+    """
+    running = [req for req in scheduler.running_batch.reqs if not req.finished()]
+    last = scheduler.last_batch
+    if last is not None and last is not scheduler.running_batch and last.forward_mode.is_extend():
+        running += [req for req in last.reqs if not req.finished() and req is not scheduler.chunked_req
+                    and all(req is not r for r in running)]
+    return running
+
+
 def live_requests(scheduler) -> list[LiveRequest]:
     pool = scheduler.req_to_token_pool.req_to_token
     found = []
-    for status, reqs in (("running", scheduler.running_batch.reqs), ("waiting", scheduler.waiting_queue)):
+    for status, reqs in (("running", _running(scheduler)), ("waiting", scheduler.waiting_queue)):
         for req in reqs:
             prompt, output = list(req.origin_input_ids), list(req.output_ids)
             # SGLang counts a slot as committed when it allocates it, before the forward that writes it

@@ -65,23 +65,26 @@ class SGLangEngine:
         if self.streaming is not None:
             raise Unsupported("thaw_sglang steps one submitted request at a time")
         rid = f"thaw-{next(self._ids)}"
+        self.engine.run_batches(1)  # the prefill (the first token), then the engine pauses itself
         stream = self.engine.generate(input_ids=[int(t) for t in prompt], sampling_params=sglang_params(params),
                                       stream=True, rid=rid)
         self.streaming = _Streaming(rid, stream, next(stream))  # sends the request; returns at its first token
-        self.engine.pause()
         return rid
 
     def step(self) -> dict[str, list[int]]:
-        """Let the paused engine run until the next token arrives (it may take one more before the pause lands)."""
+        """Let the paused engine run exactly one more batch (one decode step) and read the token it gives.
+
+        The engine pauses itself after that batch (`ThawEngine.run_batches`), so however slow this process is,
+        a capture finds the request where the steps left it. A request whose stream has ended is returned."""
         if self.streaming is None:
             return {}
-        self.engine.unpause()
+        self.engine.run_batches(1)
         chunk = next(self.streaming.chunks, None)
-        self.engine.pause()
         if chunk is not None:
             self.streaming.latest = chunk
             return {}
         streaming, self.streaming = self.streaming, None
+        self.engine.unpause()  # nothing left to step: the engine runs freely again
         return {streaming.rid: list(streaming.latest["output_ids"])}
 
     def finish(self, requests: Optional[Sequence[Resumed]] = None) -> dict[str, Finished]:

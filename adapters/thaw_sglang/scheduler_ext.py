@@ -21,6 +21,21 @@ class ThawScheduler(_internals.Scheduler):
     thaw_restored_from: str | None = None
     # The digest of the weights it holds (weights.engine_weights_digest): computed on first use, then kept.
     thaw_weights_digest: str | None = None
+    # Batches left before the engine pauses itself (thaw_run_batches); None: it runs until told to pause.
+    thaw_batches_left: int | None = None
+
+    def process_batch_result(self, batch, result):
+        """SGLang's own processing (a batch's tokens go out), then the self-pause thaw_run_batches asked for.
+
+        Pausing here, in the scheduler's own loop, bounds what runs by batches, not by how soon a slow client's
+        pause would arrive (under load the request could otherwise run on, even to its end, before it lands).
+        """
+        super().process_batch_result(batch, result)
+        if self.thaw_batches_left is not None:
+            self.thaw_batches_left -= 1
+            if self.thaw_batches_left <= 0:
+                self.thaw_batches_left = None
+                _internals.set_paused(self, True)
 
     def thaw_capture(self, result_path: str, path: str, page_size: int, weights: bool, label: str = "") -> None:
         def work():
@@ -43,7 +58,18 @@ class ThawScheduler(_internals.Scheduler):
         rpc.report(result_path, lambda: check_restorable(self, thaw_format.load(path)))
 
     def thaw_pause(self, result_path: str, paused: bool) -> None:
-        rpc.report(result_path, lambda: _internals.set_paused(self, paused))
+        def work():
+            self.thaw_batches_left = None
+            _internals.set_paused(self, paused)
+
+        rpc.report(result_path, work)
+
+    def thaw_run_batches(self, result_path: str, batches: int) -> None:
+        def work():
+            self.thaw_batches_left = batches
+            _internals.set_paused(self, False)
+
+        rpc.report(result_path, work)
 
     def thaw_leak_warnings(self, result_path: str) -> None:
         rpc.report(result_path, lambda: _internals.leak_warnings(self))

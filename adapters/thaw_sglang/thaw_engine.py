@@ -64,6 +64,17 @@ class ThawEngine(Engine):
     def unpause(self) -> None:
         rpc.call(self, "thaw_pause", paused=False)
 
+    def run_batches(self, batches: int = 1) -> None:
+        """Let the engine run exactly `batches` more batches (a prefill, or one decode step of every running
+        request), then pause by itself; returns at once, and the batches' tokens arrive as usual.
+
+        To step a streamed request token by token: `run_batches(1)` before sending it (its prefill gives the
+        first token), and again before reading each next token. However slow the caller, nothing runs further.
+        """
+        if batches < 1:
+            raise ValueError(f"run_batches needs at least one batch, got {batches}")
+        rpc.call(self, "thaw_run_batches", batches=batches)
+
     def leak_warnings(self) -> int:
         """How many times SGLang's idle pool-leak check has reported a leak in this engine (0 when sound)."""
         return rpc.call(self, "thaw_leak_warnings")

@@ -2,9 +2,10 @@
 
     thaw-conformance --engine vllm|sglang|mlx|template|all --arch all --out receipt.json
 
-One worker process per engine runs with that engine's Python (default: the repository's venv for it;
-`--python-for vllm=PATH` overrides), writes per-check JSON, and this process merges everything, adds the
-format conformance of spec/vectors and the cross-engine checks, and writes receipt.json + receipt.md.
+One worker process per engine runs with that engine's Python (default: in a checkout, the repository's venv for
+it where scripts/setup-*.sh made one, else the current interpreter; `--python-for vllm=PATH` overrides), writes
+per-check JSON, and this process merges everything, adds the format conformance of the golden vectors and the
+cross-engine checks, and writes receipt.json + receipt.md.
 Exit status: 0 when nothing failed or errored.
 """
 
@@ -22,7 +23,7 @@ from typing import Optional, Sequence
 
 from . import cross, receipt
 from .drivers import BUILTIN, VENVS
-from .machine import REPO
+from .checkout import CHECKOUT, cache_dir
 from .results import Recorder
 from .vectors import check_vectors, default_dir
 
@@ -35,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     engines = ALL_ENGINES if args.engine == ["all"] else tuple(args.engine)
     pythons = dict(_pair(p, "--python-for") for p in args.python_for)
     drivers = {**{e: e for e in BUILTIN}, **dict(_pair(d, "--driver") for d in args.driver)}
-    workdir = args.workdir or REPO / ".cache" / "conformance" / time.strftime("%Y%m%d-%H%M%S")
+    workdir = args.workdir or cache_dir() / "conformance" / time.strftime("%Y%m%d-%H%M%S")
     env = _worker_env()
     engine_info, results, timings = {}, [], {}
     for engine in engines:
@@ -81,7 +82,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _python(engine: str, pythons: dict) -> Path:
-    return Path(pythons.get(engine) or REPO / VENVS.get(engine, ".venv") / "bin" / "python")
+    if engine in pythons:
+        return Path(pythons[engine])
+    venv = CHECKOUT / VENVS.get(engine, ".venv") / "bin" / "python" if CHECKOUT is not None else None
+    # An engine the current interpreter cannot import is reported by its worker as not available here.
+    return venv if venv is not None and venv.exists() else Path(sys.executable)
 
 
 def _pair(text: str, option: str) -> tuple[str, str]:
@@ -92,23 +97,26 @@ def _pair(text: str, option: str) -> tuple[str, str]:
 
 
 def _worker_env() -> dict:
-    """The environment edge: offline hubs and caches inside the checkout unless the caller set them."""
+    """The environment edge: offline hubs and, in a checkout, every cache inside it, unless the caller set them.
+    Installed, the user's own cache locations stand (the zoo's is `cache_dir()` in both processes)."""
     env = dict(os.environ)
-    cache = REPO / ".cache"
-    defaults = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": cache / "hf",
-                "XDG_CACHE_HOME": cache / "xdg", "VLLM_CACHE_ROOT": cache / "vllm",
-                "TORCHINDUCTOR_CACHE_DIR": cache / "inductor", "TRITON_CACHE_DIR": cache / "triton"}
+    defaults = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if CHECKOUT is not None:
+        cache = cache_dir()
+        defaults.update({"HF_HOME": cache / "hf", "XDG_CACHE_HOME": cache / "xdg", "VLLM_CACHE_ROOT": cache / "vllm",
+                         "TORCHINDUCTOR_CACHE_DIR": cache / "inductor", "TRITON_CACHE_DIR": cache / "triton"})
     for key, value in defaults.items():
         env.setdefault(key, str(value))
-    paths = [str(REPO), str(REPO / "adapters"), str(REPO / "conformance")]
-    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
+    if CHECKOUT is not None:  # the checkout's packages, whichever venv runs them
+        paths = [str(CHECKOUT), str(CHECKOUT / "adapters"), str(CHECKOUT / "conformance")]
+        env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
     return env
 
 
 def _run_engine(engine: str, spec: str, python: Path, args, workdir: Path, env: dict) -> tuple[dict, list, dict]:
     """Run one engine's worker; an engine that is not installed or crashes gives a receipt line, not an abort."""
     if not python.exists():
-        return _absent(engine, f"not installed here (no {python}; scripts/setup-{engine}.sh makes it)", "skipped")
+        return _absent(engine, f"not installed here (no {python})", "skipped")
     out, log = workdir / f"{engine}.json", workdir / f"{engine}.log"
     workdir.mkdir(parents=True, exist_ok=True)
     archs = args.engine_arch.get(engine, args.arch)

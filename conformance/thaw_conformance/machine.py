@@ -10,7 +10,7 @@ from typing import Optional
 
 import thaw_format
 
-REPO = Path(__file__).resolve().parents[2]
+from .checkout import CHECKOUT
 
 
 def describe() -> dict:
@@ -66,8 +66,10 @@ def _os_release() -> Optional[str]:
 
 
 def _git() -> dict:
-    commit = _run(["git", "-C", str(REPO), "rev-parse", "HEAD"])
-    changed = _run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
+    if CHECKOUT is None:  # an installed package: its version is all there is
+        return {"git_commit": None}
+    commit = _run(["git", "-C", str(CHECKOUT), "rev-parse", "HEAD"])
+    changed = _run(["git", "-C", str(CHECKOUT), "status", "--porcelain", "--untracked-files=no"])
     return {"git_commit": commit, "git_uncommitted_changes": bool(changed)} if commit else {"git_commit": None}
 
 

@@ -63,7 +63,8 @@ def markdown(receipt: dict) -> str:
         f"- command: `{receipt['command']}`",
         f"- created: {receipt['created']}",
         f"- machine: {m['cpu']['model']}, {m['cpu']['cores']} cores, {memory}, {gpus}; {m['os']['release'] or m['os']['platform']}",
-        f"- thaw {thaw['version']} (format {'.'.join(map(str, thaw['format']))}), commit {thaw.get('git_commit')}"
+        f"- thaw {thaw['version']} (format {'.'.join(map(str, thaw['format']))}), "
+        + (f"commit {thaw['git_commit']}" if thaw.get("git_commit") else "an installed package (no checkout)")
         + (" + uncommitted changes" if thaw.get("git_uncommitted_changes") else ""),
     ]
     for name, engine in receipt["engines"].items():

@@ -1,4 +1,7 @@
-"""Format conformance: every golden vector in spec/vectors reads as its description and rewrites byte-identically."""
+"""Format conformance: every golden vector reads as its description and rewrites byte-identically.
+
+The vectors are spec/vectors in a checkout; an installed package carries a copy as package data (setup.py).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from pathlib import Path
 
 import thaw_format
 
+from .checkout import CHECKOUT
 from .results import CheckFailed, CheckResult, Recorder
 
 VECTOR_CHECKS = {
@@ -15,8 +19,11 @@ VECTOR_CHECKS = {
 }
 
 
+PACKAGED_VECTORS = Path(__file__).resolve().parent / "golden_vectors"
+
+
 def default_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "spec" / "vectors"
+    return CHECKOUT / "spec" / "vectors" if CHECKOUT is not None else PACKAGED_VECTORS
 
 
 def check_vectors(directory: Path) -> list[CheckResult]:

@@ -3,7 +3,9 @@
 No model can be downloaded here, so every test model is built from a config: ``make_model(arch, root)``
 writes ``config.json`` + ``model.safetensors`` once into ``<root>/<arch>-<digest>`` and returns that
 directory; the digest covers the config, dtype and seed, so a changed recipe never reuses a stale
-directory. Imports only torch and transformers (never an engine), so every engine's tests can share it.
+directory. Needs numpy only (no torch, no transformers, never an engine), so every engine's environment,
+an MLX-only Mac included, builds the same bytes: config.json is the full config as transformers 5 writes it
+(less its version line), the weights come from `seeded_weights`, the tensor layout from `checkpoint_layout`.
 
 Weights use ``initializer_range=0.1``: the default 0.02 makes tiny models repeat one token, which hides
 a wrong KV cache from a continuation test.
@@ -13,10 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import numpy as np
+
+from . import safetensors_writer, seeded_weights
+from .checkout import cache_dir
+from .checkpoint_layout import layout
 
 # Token ids every zoo model agrees on, so tests can pick prompts from [3, vocab_size).
 _SPECIAL_TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
@@ -37,6 +46,40 @@ _TINY = {
     **_SPECIAL_TOKENS,
 }
 
+# transformers' defaults, written out so that config.json does not depend on the installed version.
+_WRITTEN_DEFAULTS = {
+    "attention_dropout": 0.0,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+    "use_cache": True,
+}
+
+# model_type -> the class transformers and the engines load it as, and the further defaults transformers 5
+# writes into its config.json (tests/conformance/test_zoo.py checks them against transformers).
+_NO_BIAS = {"attention_bias": False}
+_DEFAULTS: dict[str, dict] = {
+    "llama": {"architectures": ["LlamaForCausalLM"], **_NO_BIAS, "mlp_bias": False, "pretraining_tp": 1},
+    "mistral": {"architectures": ["MistralForCausalLM"]},
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "max_window_layers": 28, "sliding_window": None},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], **_NO_BIAS, "max_window_layers": 28, "sliding_window": None,
+              "use_sliding_window": False},
+    "gemma2": {"architectures": ["Gemma2ForCausalLM"], **_NO_BIAS, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0, "use_bidirectional_attention": None},
+    "phi3": {"architectures": ["Phi3ForCausalLM"], "embd_pdrop": 0.0, "resid_pdrop": 0.0,
+             "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "sliding_window": None,
+             "rope_parameters": {"partial_rotary_factor": 1.0, "rope_theta": 10000.0, "rope_type": "default"}},
+    "granite": {"architectures": ["GraniteForCausalLM"], **_NO_BIAS, "attention_multiplier": 1.0,
+                "embedding_multiplier": 1.0, "logits_scaling": 1.0, "mlp_bias": False, "residual_multiplier": 1.0},
+    "olmo2": {"architectures": ["Olmo2ForCausalLM"], **_NO_BIAS, "rms_norm_eps": 1e-5},
+    "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], **_NO_BIAS, "mlp_only_layers": [],
+                  "norm_topk_prob": False, "output_router_logits": False, "router_aux_loss_coef": 0.001,
+                  "sliding_window": None, "use_sliding_window": False},
+    "deepseek_v2": {"architectures": ["DeepseekV2ForCausalLM"], **_NO_BIAS, "mlp_bias": False, "n_group": None,
+                    "norm_topk_prob": False, "output_router_logits": False, "pretraining_tp": 1,
+                    "routed_scaling_factor": 1.0, "topk_group": None},
+}
+
 # model_type -> overrides of _TINY. Architectures without a head_dim field derive it from
 # hidden_size / num_attention_heads (= 32 here).
 _RECIPES: dict[str, tuple[str, dict]] = {
@@ -51,7 +94,7 @@ _RECIPES: dict[str, tuple[str, dict]] = {
     "olmo2": ("olmo2", {"head_dim": None}),
     "qwen3_moe": (
         "qwen3_moe",
-        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "decoder_sparse_step": 1},
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "decoder_sparse_step": 1},
     ),
     # Multi-head latent attention (MLA): a compressed KV latent of 32 + a shared 16-wide RoPE key per token;
     # layer 0 dense, layer 1 a mixture of experts.
@@ -77,8 +120,7 @@ _RECIPES: dict[str, tuple[str, dict]] = {
             "head_dim": None,
             "vocab_size": 151936,
             "max_position_embeddings": 32768,
-            "rope_theta": 1000000.0,
-            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
             "tie_word_embeddings": True,
             "use_sliding_window": False,
             "initializer_range": 0.02,
@@ -88,12 +130,12 @@ _RECIPES: dict[str, tuple[str, dict]] = {
 
 ARCHITECTURES: tuple[str, ...] = tuple(_RECIPES)
 
-_ZOO_VERSION = 1  # bump when the recipe changes in a way the config digest cannot see
+_ZOO_VERSION = 2  # bump when the recipe changes in a way the config digest cannot see
 
 
 def default_root() -> Path:
-    """``<checkout>/.cache/zoo``: ignored by git, beside the other caches."""
-    return Path(__file__).resolve().parents[2] / ".cache" / "zoo"
+    """``<checkout>/.cache/zoo`` (ignored by git, beside the other caches), or the user's cache when installed."""
+    return cache_dir() / "zoo"
 
 
 def model_config(arch: str, **overrides) -> tuple[str, dict]:
@@ -101,7 +143,15 @@ def model_config(arch: str, **overrides) -> tuple[str, dict]:
     if arch not in _RECIPES:
         raise ValueError(f"unknown zoo architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     model_type, recipe = _RECIPES[arch]
-    fields = {**_TINY, **recipe, **overrides}
+    fields = {**_TINY, **_WRITTEN_DEFAULTS, **_DEFAULTS[model_type], **recipe, **overrides, "model_type": model_type}
+    layers = range(fields["num_hidden_layers"])
+    if model_type in ("qwen2", "qwen3"):  # the zoo's Qwen models use no sliding window
+        fields.setdefault("layer_types", ["full_attention" for _ in layers])
+    if model_type == "gemma2":  # Gemma 2 alternates a sliding-window layer and a global one
+        fields.setdefault("layer_types", ["sliding_attention" if i % 2 == 0 else "full_attention" for i in layers])
+    if model_type == "deepseek_v2":  # MLA's head sizes as transformers records them
+        fields.setdefault("qk_head_dim", fields["qk_nope_head_dim"] + fields["qk_rope_head_dim"])
+        fields["head_dim"] = fields.get("head_dim") or fields["qk_rope_head_dim"]
     if fields.get("head_dim") is None:
         fields.pop("head_dim", None)
     return model_type, fields
@@ -135,12 +185,14 @@ def make_model(arch: str, root: str | os.PathLike | None = None, *, dtype: str =
 
 
 def _build(model_type: str, fields: dict, dtype: str, seed: int, out: Path) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(model_type, **fields)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model = model.to(getattr(torch, dtype))
-    model.config.torch_dtype = dtype
-    model.save_pretrained(out, safe_serialization=True)
+    config = {**fields, "dtype": dtype}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tensors = {}
+    for spec in layout(model_type, fields):
+        count = math.prod(spec.shape)
+        if spec.init == "random":
+            values = seeded_weights.uniform(spec.name, seed, count, fields["initializer_range"])
+        else:
+            values = np.full(count, 1.0 if spec.init == "ones" else 0.0, np.float32)
+        tensors[spec.name] = (spec.shape, seeded_weights.cast(values, dtype))
+    safetensors_writer.write(out / "model.safetensors", tensors, dtype)

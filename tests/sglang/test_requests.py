@@ -43,24 +43,32 @@ def test_a_running_request_resumes_in_a_new_engine_where_it_stood(thaw_sglang, f
     assert target.leak_warnings() == 0 and family.parent.leak_warnings() == 0
 
 
-def test_a_paused_engine_is_captured_where_its_request_stopped(thaw_sglang, family):
-    """pause() holds a running request between two batches: captures agree, and it resumes elsewhere exactly."""
+def test_a_stepped_request_is_captured_where_it_stopped_however_slow_the_client(thaw_sglang, family):
+    """run_batches holds a request exactly where the steps left it, even right after its prefill, while the
+    client dawdles (a slow machine): the engine pauses itself, so nothing runs on before a capture."""
     engine, params = family.parent, dict(LONG_GREEDY, max_new_tokens=16)
+    engine.run_batches(1)  # the prefill only
     stream = engine.generate(input_ids=PROMPT[::-1], sampling_params=params, stream=True)
-    next(stream)  # the request runs: its first token is out
-    engine.pause()
     try:
-        snapshot = thaw_sglang.capture(engine, include_weights=False)
-        time.sleep(0.5)
-        assert thaw_sglang.capture(engine, include_weights=False).scheduler == snapshot.scheduler  # nothing ran meanwhile
+        snapshots = []
+        for step in range(1, 5):
+            if step > 1:
+                engine.run_batches(1)  # one decode step
+            assert len(next(stream)["output_ids"]) == step
+            time.sleep(0.3)  # a client slower than the engine: an unpaused engine would run on meanwhile
+            snapshots.append(thaw_sglang.capture(engine, include_weights=False))
+            assert thaw_sglang.capture(engine, include_weights=False).scheduler == snapshots[-1].scheduler  # nothing ran
     finally:
         engine.unpause()
     *_, last = stream  # each chunk holds every output token so far
-    [request] = snapshot.scheduler.requests
-    assert request.status == "running" and 0 < len(request.output_token_ids) < len(last["output_ids"]) == 16
+    assert len(last["output_ids"]) == 16
+    for step, snapshot in enumerate(snapshots, 1):
+        [request] = snapshot.scheduler.requests  # right after the prefill too (SGLang has not merged it yet)
+        assert request.status == "running" and request.output_token_ids == last["output_ids"][:step]
 
     target = family.children[2]
-    thaw_sglang.restore(target, snapshot)
-    [resumed] = thaw_sglang.resume(target, snapshot)
-    assert request.output_token_ids + resumed["output_ids"] == last["output_ids"]
+    for snapshot in (snapshots[0], snapshots[-1]):
+        thaw_sglang.restore(target, snapshot)
+        [resumed] = thaw_sglang.resume(target, snapshot)
+        assert snapshot.scheduler.requests[0].output_token_ids + resumed["output_ids"] == last["output_ids"]
     assert target.leak_warnings() == 0 and engine.leak_warnings() == 0
