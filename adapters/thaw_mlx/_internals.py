@@ -8,15 +8,12 @@ from a config are internals. A newer mlx-lm must be tested and added here before
 from __future__ import annotations
 
 import mlx_lm
+from thaw_format.sdk.pins import require_tested
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, RotatingKVCache
 from mlx_lm.utils import _get_classes
 
 TESTED_MLX_LM = ("0.32.",)
-if not mlx_lm.__version__.startswith(TESTED_MLX_LM):
-    raise ImportError(
-        f"thaw_mlx is tested with mlx-lm {' or '.join(v + 'x' for v in TESTED_MLX_LM)}; "
-        f"this is mlx-lm {mlx_lm.__version__}"
-    )
+require_tested("thaw_mlx", "mlx-lm", mlx_lm.__version__, TESTED_MLX_LM)
 
 MLX_LM_VERSION = mlx_lm.__version__
 # KVCache and QuantizedKVCache allocate their buffers in steps of this many tokens.

@@ -14,12 +14,10 @@ from pathlib import Path
 import sglang
 import torch
 
+from thaw_format.sdk.pins import require_tested  # noqa: E402
+
 TESTED_SGLANG_VERSION = "0.5.23"
-if sglang.__version__ != TESTED_SGLANG_VERSION:
-    raise ImportError(
-        f"thaw_sglang reaches into SGLang {TESTED_SGLANG_VERSION}'s scheduler internals; "
-        f"this is SGLang {sglang.__version__}: re-check thaw_sglang/_internals.py before using it"
-    )
+require_tested("thaw_sglang", "SGLang", sglang.__version__, [TESTED_SGLANG_VERSION])
 
 from sglang.srt import environ as _environ  # noqa: E402
 from sglang.srt.managers import scheduler as _scheduler_module  # noqa: E402

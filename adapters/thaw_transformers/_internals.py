@@ -14,12 +14,10 @@ import torch
 import transformers
 from transformers.cache_utils import DynamicCache
 
+from thaw_format.sdk.pins import require_tested
+
 TESTED_TRANSFORMERS = ("5.24.",)
-if not transformers.__version__.startswith(TESTED_TRANSFORMERS):
-    raise ImportError(
-        f"thaw_transformers is tested with transformers {' or '.join(v + 'x' for v in TESTED_TRANSFORMERS)}; "
-        f"this is transformers {transformers.__version__}"
-    )
+require_tested("thaw_transformers", "transformers", transformers.__version__, TESTED_TRANSFORMERS)
 
 TRANSFORMERS_VERSION = transformers.__version__
 

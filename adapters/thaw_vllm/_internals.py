@@ -13,11 +13,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import vllm
 
+from thaw_format.sdk.pins import require_tested  # noqa: E402
+
 TESTED_VLLM = "0.32.0"
-if vllm.__version__.split("+")[0] != TESTED_VLLM:
-    raise ImportError(
-        f"thaw_vllm is tested with vLLM {TESTED_VLLM} only (its private KV-cache internals), found {vllm.__version__}"
-    )
+require_tested("thaw_vllm", "vLLM", vllm.__version__, [TESTED_VLLM])
 
 from vllm.utils.hashing import get_hash_fn_by_name  # noqa: E402
 from vllm.v1.core import kv_cache_utils  # noqa: E402
