@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from thaw_format.sdk import fork as contract_fork
+from thaw_format.sdk.fork import generate_all as sdk_generate_all
 
 from . import sampling
 
@@ -37,8 +38,10 @@ class Child:
 
 
 def generate_all(children: Sequence[Child], suffixes: Sequence[Sequence[int]], params) -> list[Completion]:
-    """Every child continues with its suffix, in order."""
-    return [child.generate(suffix, params) for child, suffix in zip(children, suffixes)]
+    """Every child continues with its suffix, in order; children in other processes run side by side."""
+    prompts = [child.context + [int(t) for t in suffix] for child, suffix in zip(children, suffixes)]
+    done = sdk_generate_all([child._child for child in children], prompts, sampling.to_thaw(params))
+    return [Completion(d.token_ids, d.cached_tokens) for d in done]
 
 
 def fork(llm, n: int, *, context: Optional[Sequence[int]] = None, processes: bool = False) -> list[Child]:

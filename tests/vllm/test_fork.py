@@ -29,9 +29,11 @@ def test_in_process_children_share_the_parent_and_skip_prefill(engine, greedy):
         assert done.num_cached_tokens >= 128  # the trunk's four full pages came from the parent's cache
 
 
-def test_process_children_restore_from_shared_memory(vllm, zoo, greedy):
+def test_process_children_restore_the_trunk_and_run_side_by_side(vllm, zoo, greedy):
     """Two worker-process children (each a whole engine: four would take minutes on two cores), each
-    serving two of the four suffixes; weights and KV reach them through one shared-memory snapshot."""
+    serving two of the four suffixes, then two at once (generate_all); each restores the trunk's KV snapshot."""
+    import thaw_vllm
+
     parent = make_engine(zoo, "llama", "float32")
     trunk = trunk_tokens(130, seed=32)
     expected = cold_outputs(parent, trunk, greedy)
@@ -43,6 +45,9 @@ def test_process_children_restore_from_shared_memory(vllm, zoo, greedy):
             done = children[i % 2].generate(suffix, greedy)
             assert done.token_ids == want
             assert done.num_cached_tokens == 128
+        side_by_side = thaw_vllm.generate_all(children, SUFFIXES[:2], greedy)  # both children run at once
+        assert [d.token_ids for d in side_by_side] == expected[:2]
+        assert [d.num_cached_tokens for d in side_by_side] == [128, 128]
     finally:
         for child in children:
             child.close()

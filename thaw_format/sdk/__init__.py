@@ -17,10 +17,10 @@ from .contract import (
     require,
     seeded,
 )
-from .fork import fork
+from .fork import fork, generate_all
 from .pool import ForkPool, ForkRound, PoolWorkerDied
 
 __all__ = [
     "CAPABILITIES", "DEFAULT_PAGE_SIZE", "Engine", "Finished", "ForkPool", "ForkRound", "Generation", "LaunchSpec",
-    "PoolWorkerDied", "Resumed", "Unsupported", "fork", "greedy", "lineage_now", "pending_requests", "require", "seeded",
+    "PoolWorkerDied", "Resumed", "Unsupported", "fork", "generate_all", "greedy", "lineage_now", "pending_requests", "require", "seeded",
 ]

@@ -47,6 +47,15 @@ def fork(engine: Engine, n: int, *, context: Sequence[int], processes: bool = Fa
     return children
 
 
+def generate_all(children: Sequence, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+    """Each child's prompt, in order: process children all run at once, in-process children one by one."""
+    for child, prompt in zip(children, prompts):
+        if isinstance(child, ProcessChild):
+            child.send(prompt, params)
+    return [child.result() if isinstance(child, ProcessChild) else child.generate(prompt, params)
+            for child, prompt in zip(children, prompts)]
+
+
 def _extends(context: list[int], prompt: Sequence[int]) -> list[int]:
     prompt = [int(t) for t in prompt]
     if prompt[: len(context)] != context:
@@ -79,9 +88,16 @@ class ProcessChild:
         self._receive()
 
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
+        self.send(prompt, params)
+        return self.result()
+
+    def send(self, prompt: Sequence[int], params: SamplingParams) -> None:
+        """Start a request in the child; `result()` waits for it (so several children run side by side)."""
         message = {"prompt": _extends(self.context, prompt), "params": dataclasses.asdict(params)}
         self.process.stdin.write(json.dumps(message) + "\n")
         self.process.stdin.flush()
+
+    def result(self) -> Generation:
         return Generation(**self._receive())
 
     def _receive(self) -> dict:
