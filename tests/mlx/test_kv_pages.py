@@ -8,7 +8,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from thaw_format.mlx import from_mlx, to_mlx  # noqa: E402
-from thaw_mlx import _internals, kv_layers  # noqa: E402
+from thaw_mlx import _internals, pages  # noqa: E402
 
 
 def reference_to_pages(x, num_tokens, page_size):
@@ -20,10 +20,10 @@ def reference_to_pages(x, num_tokens, page_size):
     return from_mlx(x.reshape(num_pages, page_size, *x.shape[1:]))
 
 
-def reference_from_pages(tensor, pages, num_tokens):
+def reference_from_pages(tensor, chain, num_tokens):
     x = to_mlx(tensor)
-    if pages != list(range(x.shape[0])):
-        x = x[mx.array(pages, dtype=mx.int32)]
+    if chain != list(range(x.shape[0])):
+        x = x[mx.array(chain, dtype=mx.int32)]
     x = x.reshape(-1, *x.shape[2:])[:num_tokens].transpose(1, 0, 2)
     capacity = -(-num_tokens // _internals.CACHE_STEP) * _internals.CACHE_STEP
     if capacity > num_tokens:
@@ -48,12 +48,12 @@ def test_pages_equal_the_mlx_ops_path(dtype, num_tokens):
     heads, capacity, dim, page_size = 3, 256, 24, 32
     x = sequence(dtype, heads, capacity, dim)
     mx.eval(x)
-    got = kv_layers._to_pages(x, num_tokens, page_size)
+    got = pages._to_pages(x, num_tokens, page_size)
     want = reference_to_pages(x, num_tokens, page_size)
     assert (got.dtype, got.shape) == (want.dtype, want.shape)
     assert bytes(got.data) == bytes(want.data)
 
     for chain in (list(range(got.shape[0])), list(range(got.shape[0]))[::-1]):  # in order, and out of order
-        restored = kv_layers._from_pages(got, chain, num_tokens)
+        restored = pages._from_pages(got, chain, num_tokens)
         assert restored.dtype == x.dtype
         assert as_bytes(restored) == as_bytes(reference_from_pages(got, chain, num_tokens))

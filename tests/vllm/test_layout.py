@@ -78,20 +78,20 @@ def test_block_layout_is_the_one_vllms_writer_uses(vllm, isa, dtype):
     """For every ISA vLLM's CPU attention can pick (amx is only picked on AMX hardware, but its writer runs
     anywhere), the probed layout reads back exactly what the writer stored, partial blocks included, and
     writes blocks byte-identical to the writer's."""
-    from thaw_vllm import _internals, layout
+    from thaw_vllm import _internals, pages
 
     block_size, heads, head_dim = 32, 2, 64
-    native = layout.native_layout(isa, dtype, block_size, heads, head_dim)
+    native = pages.native_layout(isa, dtype, block_size, heads, head_dim)
     gen = torch.Generator().manual_seed(0)
     k, v = (torch.randn(2 * block_size - 5, heads, head_dim, generator=gen).to(dtype) for _ in range(2))
     cache = torch.zeros(4, heads, block_size, 2 * head_dim, dtype=dtype)
     _internals.cpu_attn_write(cache, k, v, torch.arange(block_size, 3 * block_size - 5), isa)  # blocks 1, 2
 
-    got_k, got_v = layout.blocks_to_pages(cache, [1, 2], native)
+    got_k, got_v = pages.blocks_to_pages(cache, [1, 2], native)
     assert got_k.flatten(0, 1)[: len(k)].view(torch.uint8).equal(k.view(torch.uint8))
     assert got_v.flatten(0, 1)[: len(v)].view(torch.uint8).equal(v.view(torch.uint8))
     as_bytes = [t.view(torch.uint8).numpy() for t in (got_k, got_v)]
-    assert layout.pages_to_blocks(*as_bytes, native, dtype).view(torch.uint8).equal(cache[1:3].view(torch.uint8))
+    assert pages.pages_to_blocks(*as_bytes, native, dtype).view(torch.uint8).equal(cache[1:3].view(torch.uint8))
 
 
 @pytest.mark.parametrize("isa", ["vec", "vec16", "amx"])
@@ -100,10 +100,10 @@ def test_libthaw_pages_equal_the_torch_index_path(vllm, isa, dtype):
     """The fused path (libthaw through the probed positions, checksums in the same pass) gives byte for byte
     the pages and blocks of the previous torch path (index_select / index_copy_ over the same positions)."""
     from thaw_format import mover
-    from thaw_vllm import layout
+    from thaw_vllm import pages
 
     block_size, heads, head_dim = 32, 4, 64
-    native = layout.native_layout(isa, dtype, block_size, heads, head_dim)
+    native = pages.native_layout(isa, dtype, block_size, heads, head_dim)
     cache = torch.randn(12, heads, block_size, 2 * head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
     ids = [7, 0, 11, 3, 4]
     flat = cache.view(cache.shape[0], -1)[torch.tensor(ids)]
@@ -112,17 +112,17 @@ def test_libthaw_pages_equal_the_torch_index_path(vllm, isa, dtype):
     torch_v = flat.index_select(1, native.v_positions).view(shape)
 
     k = torch.empty(shape, dtype=dtype)
-    crcs = layout.gather_role(cache, ids, native, "k", k.view(torch.uint8).numpy(), 4096)
+    crcs = pages.gather_role(cache, ids, native, "k", k.view(torch.uint8).numpy(), 4096)
     assert k.view(torch.uint8).equal(torch_k.view(torch.uint8))
     assert crcs == mover.chunk_crcs(k.view(torch.uint8).numpy(), 4096)
-    _, v = layout.blocks_to_pages(cache, ids, native)
+    _, v = pages.blocks_to_pages(cache, ids, native)
     assert v.view(torch.uint8).equal(torch_v.view(torch.uint8))
 
     torch_blocks = k.new_empty(len(ids), 2 * native.k_positions.numel())
     torch_blocks.index_copy_(1, native.k_positions, torch_k.reshape(len(ids), -1))
     torch_blocks.index_copy_(1, native.v_positions, torch_v.reshape(len(ids), -1))
     target = torch.zeros_like(cache)
-    layout.scatter_pages(target, ids, *(t.view(torch.uint8).numpy() for t in (torch_k, torch_v)), native)
+    pages.scatter_pages(target, ids, *(t.view(torch.uint8).numpy() for t in (torch_k, torch_v)), native)
     assert target[ids].view(torch.uint8).equal(torch_blocks.view(len(ids), *native.block_shape).view(torch.uint8))
     untouched = [i for i in range(12) if i not in ids]
     assert not target[untouched].view(torch.uint8).any()
