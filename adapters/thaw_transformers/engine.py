@@ -196,11 +196,20 @@ class TransformersEngine:
         check_model(snapshot, self.info)
         if snapshot.kv is not None or snapshot.prefix is not None:
             pages.check_pages(snapshot, self.layouts, self.info.dtype, self.cache.page_size)
-        if snapshot.weights is not None and snapshot.weights.tensors:
-            identity.check_weights(self.model, snapshot.weights.tensors)
+        weights = self._weights_to_load(snapshot)
+        if weights:
+            identity.check_weights(self.model, weights)
         requests.check_pending(snapshot, self.name)
         if pending_requests(snapshot) and snapshot.kv is None:
             raise IncompatibleSnapshotError("the snapshot has requests in flight but no KV for them")
+
+    def _weights_to_load(self, snapshot: Snapshot) -> dict:
+        """The snapshot's weights to load here. Weights under another engine's native names (vLLM's and SGLang's
+        fused qkv_proj, ...) of the checkpoint this engine serves, by digest, are this model's weights already."""
+        tensors = {} if snapshot.weights is None else snapshot.weights.tensors
+        names = {name for name, _ in self.model.named_parameters()}
+        same_checkpoint = snapshot.model is not None and snapshot.model.weights_digest == self.info.weights_digest
+        return {} if tensors and set(tensors) != names and same_checkpoint else tensors
 
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
         if self.requests:
@@ -208,8 +217,9 @@ class TransformersEngine:
         self.check(snapshot)
         table = pages.from_snapshot(snapshot, self.layouts, self.model.device) if snapshot.kv is not None \
             else PrefixCache(self.cache.page_size)
-        if snapshot.weights is not None and snapshot.weights.tensors:
-            identity.load_weights(self.model, snapshot.weights.tensors)
+        weights = self._weights_to_load(snapshot)
+        if weights:
+            identity.load_weights(self.model, weights)
         self.cache, self.restored_from = table, snapshot.id
         resumed = []
         for r in pending_requests(snapshot):

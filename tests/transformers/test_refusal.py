@@ -92,3 +92,27 @@ def test_damaged_file_refused(served, tmp_path):
     for path in (flipped, cut):
         with pytest.raises(CorruptSnapshotError):
             thaw_format.load(path)
+
+
+def _renamed_weights(snap):
+    """The snapshot's weights under other names, as another engine's native (fused) names would be."""
+    snap.weights = thaw_format.Weights({"other/" + name: t for name, t in snap.weights.tensors.items()})
+    return snap
+
+
+def test_weights_under_another_engines_names_of_this_checkpoint_are_this_models(served, engine):
+    """vLLM and SGLang name a checkpoint's weights their own way (qkv_proj, ...); with this checkpoint's digest
+    they are the weights this engine already serves: the KV restores and hits the cache."""
+    e = engine("llama")
+    snap = _renamed_weights(thaw_format.load(served))
+    e.restore(snap)
+    assert page_bytes(e.capture(include_weights=False)) == page_bytes(thaw_format.load(served))
+    e.finish()
+
+
+def test_weights_under_other_names_without_this_digest_are_refused(served, engine):
+    e = engine("llama")
+    snap = _renamed_weights(thaw_format.load(served))
+    snap.model.weights_digest = None  # nothing says they are this checkpoint's
+    with pytest.raises(IncompatibleSnapshotError, match="weights: missing"):
+        e.restore(snap)
