@@ -97,6 +97,8 @@ class VLLMEngine:
         return LaunchSpec(f"{__name__}:VLLMEngine.start", {"model": model, **kwargs})
 
     def close(self) -> None:
+        """Shut the engine down. In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) vLLM's shutdown also tears down
+        process-wide state (its parallel groups) that any other in-process engine still uses: close those last."""
         self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
         gc.collect()

@@ -16,6 +16,11 @@ def weights_snapshot(vllm, zoo, tmp_path_factory):
     return path
 
 
+# In-process engines stay alive to the end of the session, as conftest's do: vLLM's shutdown of one in-process
+# engine tears down process-wide state (its parallel groups) that the other in-process engines still use.
+_KEEP = []
+
+
 def _plain_llm(vllm, zoo, snapshot, **extra):
     return vllm.LLM(str(zoo.make_model("llama", dtype="float32")), load_format="thaw",
                     model_loader_extra_config={"thaw_snapshot": str(snapshot)}, **extra)
@@ -25,13 +30,11 @@ def test_plain_llm_without_thaw_arguments_is_refused_naming_the_one_to_add(vllm,
     import thaw_vllm
 
     llm = _plain_llm(vllm, zoo, weights_snapshot, dtype="float32", **ENGINE_KWARGS)
-    try:
-        with pytest.raises(RuntimeError, match=r"\*\*thaw_vllm\.engine_args\(\)"):
-            thaw_vllm.VLLMEngine(llm).capture(include_weights=False)
-        with pytest.raises(RuntimeError, match=r"\*\*thaw_vllm\.engine_args\(\)"):
-            thaw_vllm.VLLMEngine(llm).launch_spec()
-    finally:
-        thaw_vllm.VLLMEngine(llm).close()
+    _KEEP.append(llm)
+    with pytest.raises(RuntimeError, match=r"\*\*thaw_vllm\.engine_args\(\)"):
+        thaw_vllm.VLLMEngine(llm).capture(include_weights=False)
+    with pytest.raises(RuntimeError, match=r"\*\*thaw_vllm\.engine_args\(\)"):
+        thaw_vllm.VLLMEngine(llm).launch_spec()
 
 
 def test_plain_llm_with_engine_args_is_captured_and_forked_into_processes(vllm, zoo, weights_snapshot):
@@ -39,20 +42,18 @@ def test_plain_llm_with_engine_args_is_captured_and_forked_into_processes(vllm, 
     from thaw_format.sdk import greedy, pending_requests
 
     parent = thaw_vllm.VLLMEngine(_plain_llm(vllm, zoo, weights_snapshot, **thaw_vllm.engine_args(dtype="float32", **ENGINE_KWARGS)))
+    _KEEP.append(parent.llm)
+    trunk = trunk_tokens(70, seed=41)
+    prompt = trunk + trunk_tokens(4, seed=42)
+    parent.generate(trunk, greedy(1))
+    want = parent.generate(prompt, greedy(8))
+    assert want.cached_tokens == 64
+    assert pending_requests(parent.capture(include_weights=False)) == []
+    children = parent.fork(2, context=trunk, processes=True)
     try:
-        trunk = trunk_tokens(70, seed=41)
-        prompt = trunk + trunk_tokens(4, seed=42)
-        parent.generate(trunk, greedy(1))
-        want = parent.generate(prompt, greedy(8))
-        assert want.cached_tokens == 64
-        assert pending_requests(parent.capture(include_weights=False)) == []
-        children = parent.fork(2, context=trunk, processes=True)
-        try:
-            for child in children:
-                got = child.generate(prompt, greedy(8))
-                assert got.token_ids == want.token_ids and got.cached_tokens == 64  # the restored pages, hit
-        finally:
-            for child in children:
-                child.close()
+        for child in children:
+            got = child.generate(prompt, greedy(8))
+            assert got.token_ids == want.token_ids and got.cached_tokens == 64  # the restored pages, hit
     finally:
-        parent.close()
+        for child in children:
+            child.close()
