@@ -10,6 +10,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 import thaw_format
 import thaw_mlx
 from thaw_format.cli import main  # the `thaw` command, which finds `convert` through its entry point
+from hostile import craft
 from sessions import CASES
 from zoo import CONFIGS
 
@@ -82,12 +83,24 @@ def test_import_refuses_another_model(model_of, session, saved, tmp_path):
         thaw_mlx.restore(model_of("qwen2-kv"), thaw_format.load(str(tmp_path / "back.thaw")))
 
 
+def _with_layer_param(path: str, layer: int, name: str, value) -> str:
+    """The saved snapshot at path, rewritten with one KV layer parameter the writer itself would refuse."""
+    def edit(document, payloads):
+        document["kv"]["layers"][layer]["params"][name] = value
+
+    with open(path, "rb") as f:
+        data = craft.rebuild(f.read(), edit)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
 def test_export_checks_the_snapshot_first(session, saved, tmp_path, capsys):
     model, cache, tokens = session("llama-rotating")
-    snapshot = thaw_mlx.capture(model, cache, tokens)
-    snapshot.kv.layers[1].params["keep"] = 99
-    assert main(["convert", saved(snapshot), str(tmp_path / "cache.safetensors")]) == 1
-    assert "kv.layers[1] (ring): keep 99" in capsys.readouterr().err
+    path = _with_layer_param(saved(thaw_mlx.capture(model, cache, tokens)), 1, "keep", 99)
+    assert main(["convert", path, str(tmp_path / "cache.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "kv.layers[1]" in err and "keep" in err
     assert not list(tmp_path.glob("*.safetensors"))
 
 
@@ -121,10 +134,9 @@ def test_convert_refuses_what_it_cannot_convert_without_a_traceback(session, sav
     assert "is not an mlx-lm prompt-cache file" in capsys.readouterr().err
 
     model, cache, tokens = session("llama-rotating")
-    snapshot = thaw_mlx.capture(model, cache, tokens)
-    snapshot.kv.layers[1].params["window"] = 2**70
-    assert main(["convert", saved(snapshot), str(tmp_path / "cache.safetensors")]) == 1
-    assert "kv.layers[1] (ring): window 1180591620717411303424 is beyond" in capsys.readouterr().err
+    path = _with_layer_param(saved(thaw_mlx.capture(model, cache, tokens)), 1, "window", 2**70)
+    assert main(["convert", path, str(tmp_path / "cache.safetensors")]) == 1
+    assert "kv.layers[1]" in capsys.readouterr().err
 
     good = saved(thaw_mlx.capture(model, *session("llama-rotating")[1:]), "good.thaw")
     for src in (good, str(noise)):
