@@ -7,10 +7,12 @@ store, and prints the reply's response_metadata as one JSON line "THAW_RESULT {.
 import json
 import logging
 import sys
+from pathlib import Path
 
 if __name__ == "__main__":  # vLLM's multiprocessing mode spawns processes that import this module
     from langchain_core.messages import messages_from_dict
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: engine_guard, which conftest imports
     import thaw_vllm
     from conftest import ENGINE_KWARGS
     from thaw_langgraph import ChatThaw
