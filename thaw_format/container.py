@@ -39,6 +39,7 @@ MIN_CHUNK_SIZE = 4096
 
 PREAMBLE = struct.Struct("<8sHHIIIQ")
 REGION = struct.Struct("<QQII")
+_REGION_ROW = [("offset", "<u8"), ("length", "<u8"), ("chunk_size", "<u4"), ("flags", "<u4")]  # REGION, for numpy
 CRC = struct.Struct("<I")
 TRAILER_TAIL = struct.Struct("<I8s")
 
@@ -143,10 +144,12 @@ def plan_layout(json_length: int, lengths: Sequence[int], chunk_sizes: Sequence[
 
 def encode_header(json_bytes: bytes, layout: Layout, required: int, optional: int) -> bytes:
     """Preamble, table, JSON and header CRC, padded with zeros to the data start."""
-    parts = [PREAMBLE.pack(MAGIC, MAJOR, minor_version(required), required, optional, len(layout.regions), len(json_bytes))]
-    parts += [REGION.pack(r.offset, r.length, r.chunk_size, 0) for r in layout.regions]
-    parts.append(json_bytes)
-    body = b"".join(parts)
+    import numpy
+
+    table = numpy.zeros(len(layout.table), numpy.dtype(_REGION_ROW))  # flags stay 0
+    table["offset"], table["length"], table["chunk_size"] = layout.table[:, 0], layout.table[:, 1], layout.table[:, 2]
+    preamble = PREAMBLE.pack(MAGIC, MAJOR, minor_version(required), required, optional, len(table), len(json_bytes))
+    body = b"".join([preamble, table.tobytes(), json_bytes])
     padding = layout.data_start - layout.header_length
     return body + CRC.pack(mover.crc32c(body)) + bytes(padding)
 
@@ -225,9 +228,6 @@ def decode_header(header: bytes, preamble: Preamble, file_length: int, limits: L
             f"file is {file_length} bytes but its header describes {layout.file_length}: {state}"
         )
     return layout, bytes(header[json_start:body_length])
-
-
-_REGION_ROW = [("offset", "<u8"), ("length", "<u8"), ("chunk_size", "<u4"), ("flags", "<u4")]
 
 
 def _check_region_table(table: bytes, data_start: int, file_length: int, limits: Limits):

@@ -373,8 +373,11 @@ def decode(doc: dict, tensor: Callable[[str], Tensor], names: list[str]) -> Snap
         )
     if (f := root.sub("weights")) is not None:
         ref = f.sub("ref")
+        # Every weights/ tensor, looked up and marked used in bulk: a checkpoint may have 10^5 of them.
+        weight_names = [n for n in names if n.startswith("weights/")]
+        used.update(weight_names)
         snap.weights = Weights(
-            tensors={n[len("weights/") :]: tensor(n) for n in names if n.startswith("weights/")},
+            tensors=dict(zip([n[len("weights/") :] for n in weight_names], map(lookup, weight_names))),
             checkpoint_names=f.get("checkpoint_names", "object", optional=True, default={}),
             ref=None
             if ref is None
@@ -403,7 +406,8 @@ def decode(doc: dict, tensor: Callable[[str], Tensor], names: list[str]) -> Snap
             created=f.get("created", "str", optional=True),
         )
     snap.metadata = root.get("metadata", "object", optional=True, default={})
-    stray = [n for n in names if n not in used and n.split("/", 1)[0] in RESERVED_NAMESPACES]
+    unused = set(names).difference(used)
+    stray = [n for n in names if n in unused and n.split("/", 1)[0] in RESERVED_NAMESPACES] if unused else []
     if stray:
         section = stray[0].split("/", 1)[0]
         raise CorruptSnapshotError(
