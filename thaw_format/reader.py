@@ -110,7 +110,18 @@ class SnapshotFile:
             return self._view
         if self._map is None:
             # Copy-on-write: views are writable for frameworks, and writes never reach the file.
-            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+            # Mapped at the file's size now: shorter than when opened if it was cut short since (a larger file
+            # is caught by _check_unchanged). mmap refuses an empty file with ValueError.
+            try:
+                mapping = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+            except ValueError:
+                mapping = None
+            if mapping is None or len(mapping) < self._size:
+                left = 0 if mapping is None else len(mapping)
+                if mapping is not None:
+                    mapping.close()
+                raise CorruptSnapshotError(f"file shrank while being read: {left} of its {self._size} bytes are left")
+            self._map = mapping
             self._map_view = memoryview(self._map)  # one view to slice, not one per tensor
         return self._map_view
 
