@@ -364,7 +364,7 @@ def _py_verify_regions(fd: int, regions: Sequence[VerifyRegion], progress: Progr
     return _check_regions(fd, regions, progress, copy_out=False)
 
 
-def _region_table(size: int, regions, n_crcs: int, ordered: bool = False):
+def _region_table(size: int, regions: Sequence[BufferRegion], n_crcs: int, ordered: bool = False):
     """The regions as an int64 numpy table (offset, length, chunk_size, first_crc), each checked to lie
     inside a buffer of `size` bytes and its CRCs inside `n_crcs` (and, if `ordered`, each to start at or
     after the previous one's end): one vectorised check, not one per region."""
@@ -391,7 +391,7 @@ def _region_table(size: int, regions, n_crcs: int, ordered: bool = False):
     return table
 
 
-def _py_check_buffer(buffer, regions, crcs, progress: Progress = None, *, zero_gaps: bool = False):
+def _py_check_buffer(buffer, regions: Sequence[BufferRegion], crcs, progress: Progress = None, *, zero_gaps: bool = False):
     view = _bytes_view(buffer)
     crcs = crcs if isinstance(crcs, array) and crcs.typecode == "I" else array("I", crcs)
     table = _region_table(len(view), regions, len(crcs), zero_gaps)
@@ -553,7 +553,7 @@ def _c_verify_staged(fd: int, regions: Sequence[VerifyRegion], progress: Progres
     return _c_run(_lib.thaw_verify_regions, fd, specs, progress, _lib.THAW_DIRECT if direct else 0)
 
 
-def _c_check_buffer(buffer, regions, crcs, progress: Progress = None, *, zero_gaps: bool = False):
+def _c_check_buffer(buffer, regions: Sequence[BufferRegion], crcs, progress: Progress = None, *, zero_gaps: bool = False):
     import numpy
 
     data = _c_buffer(buffer)
