@@ -60,9 +60,14 @@ def report_saveload(case: str, scale: float, directory: Path, rounds: int, rss: 
         "a local disk, page cache hot: each load reads a file just written"
     notes = [f"Files in {directory} ({where}). Best of {rounds} interleaved rounds; ratios above 1 mean faster. "
              f"Loads are compared with `{REFERENCE_LOAD}` and with `{TOUCHED_LOAD}`.",
-             "thaw_format computes CRC32C of every 1 MiB chunk while saving and checks every chunk before a loaded "
-             "tensor sees it; safetensors and torch check nothing. safetensors load_file maps the file and reads "
-             "no byte until used, so it is also shown touching every page once.",
+             "thaw_format computes CRC32C of every 1 MiB chunk while saving and checks every chunk (and the "
+             "padding) before a loaded tensor sees it; safetensors and torch check nothing. safetensors load_file "
+             "maps the file and reads no byte until used, so it is also shown touching every page once, and "
+             "reading every byte once through the same CRC32C as thaw's check (libthaw's, parallel).",
+             "thaw_format's load_file and load(mmap=True) map the file copy-on-write and check it in one parallel C "
+             "pass over the mapping; load_file(mmap=False) reads into memory of its own. How fast a mapping faults "
+             "in depends on the folios the page cache holds, set by how each format's save wrote the file: "
+             "thaw_format writes in pieces that end on 2 MiB offsets for that reason.",
              "The last two rows are limits: a copy into tensors allocated and touched beforehand, and a plain write "
              "of the same bytes to a new file in the same directory (the floor for a save to that filesystem).",
              "Peak RSS: VmHWM of a fresh process doing only that save or load, over the data size; the last column "

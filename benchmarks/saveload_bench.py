@@ -60,6 +60,12 @@ def load_thaw(path):
     return thaw_format.load_file(path)
 
 
+def load_thaw_copy(path):
+    import thaw_format
+
+    return thaw_format.load_file(path, mmap=False)
+
+
 def load_thaw_mmap(path):
     import thaw_format
     from thaw_format.torch import to_torch
@@ -90,6 +96,18 @@ def load_safetensors_touched(path):
     return tensors
 
 
+def load_safetensors_checked(path):
+    """safetensors plus the check thaw_format makes: CRC32C of every tensor's bytes (libthaw, parallel), so
+    both sides read every byte once. safetensors has no checksums to compare with; this only costs the read."""
+    from thaw_format import mover
+
+    tensors = load_safetensors(path)
+    for t in tensors.values():
+        if t.numel():
+            mover.crc32c(t.reshape(-1).view(torch.uint8).numpy())
+    return tensors
+
+
 def save_torch(tensors, path):
     torch.save(tensors, path)
 
@@ -101,10 +119,12 @@ def load_torch(path):
 SAVERS = {"thaw_format": save_thaw, "safetensors": save_safetensors, "torch": save_torch}
 # loader name: (the saver whose file it reads, function)
 LOADERS = {
-    "thaw_format load_file (copy, verified)": ("thaw_format", load_thaw),
+    "thaw_format load_file (mapped, verified)": ("thaw_format", load_thaw),
     "thaw_format load mmap=True (verified)": ("thaw_format", load_thaw_mmap),
+    "thaw_format load_file mmap=False (copy, verified)": ("thaw_format", load_thaw_copy),
     "safetensors load_file (lazy mmap, unverified)": ("safetensors", load_safetensors),
     "safetensors load_file + touch every page": ("safetensors", load_safetensors_touched),
+    "safetensors load_file + CRC32C of every tensor": ("safetensors", load_safetensors_checked),
     "torch.load (copy, unverified)": ("torch", load_torch),
 }
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent
 SRC = ROOT / "src"
 INCLUDE = ROOT / "include"
 
-PORTABLE_SOURCES = ["crc32c.c", "crc32c_sw.c", "pool.c", "io.c", "gather.c", "pages.c", "stage_plan.c"]
+PORTABLE_SOURCES = ["crc32c.c", "crc32c_sw.c", "pool.c", "io.c", "gather.c", "pages.c", "stage_plan.c", "guard.c"]
 
 _X86_64 = {
     "cpu_x86.c": [],
@@ -56,15 +56,18 @@ typedef struct {
 } thaw_io_status;
 
 #define THAW_DIRECT 1
+#define THAW_ZERO_GAPS 2
 #define THAW_EOF -1
+#define THAW_FAULT -2
 #define THAW_OK 0
 #define THAW_BAD_CHUNK 1
 #define THAW_IO_ERROR 2
+#define THAW_BAD_GAP 3
 
 int thaw_write_regions(int fd, const thaw_region *regions, size_t n, thaw_io_status *status);
 int thaw_read_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
 int thaw_verify_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
-int thaw_check_mapped(const thaw_region *regions, size_t n, thaw_io_status *status);
+int thaw_check_mapped(const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
 
 int64_t thaw_gather(const void *src, size_t src_len, const int64_t *offsets, size_t n, size_t length,
                     void *out, size_t out_len);

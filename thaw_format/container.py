@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import struct
 from array import array
-from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, NamedTuple, Sequence
 
 from . import mover
 from .errors import CorruptSnapshotError, UnsupportedVersionError
@@ -38,6 +39,7 @@ MIN_CHUNK_SIZE = 4096
 
 PREAMBLE = struct.Struct("<8sHHIIIQ")
 REGION = struct.Struct("<QQII")
+_REGION_ROW = [("offset", "<u8"), ("length", "<u8"), ("chunk_size", "<u4"), ("flags", "<u4")]  # REGION, for numpy
 CRC = struct.Struct("<I")
 TRAILER_TAIL = struct.Struct("<I8s")
 
@@ -97,14 +99,22 @@ class Region(NamedTuple):
         return start, min(start + self.chunk_size, self.end)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layout:
-    """Where everything sits in a file, from the region lengths alone."""
+    """Where everything sits in a file, from the region lengths alone.
+
+    `table` is an int64 numpy array with one row (offset, length, chunk_size, first_chunk) per region: readers
+    of 10^4-10^5 small tensors work on it in vectorised passes. `regions` gives the same rows as Region tuples,
+    built on first use."""
 
     header_length: int  # preamble + table + JSON + header CRC
-    regions: tuple[Region, ...]
+    table: Any = field(repr=False)
     trailer_offset: int
     total_chunks: int
+
+    @cached_property
+    def regions(self) -> tuple[Region, ...]:
+        return tuple(map(Region._make, self.table.tolist()))
 
     @property
     def data_start(self) -> int:
@@ -116,23 +126,30 @@ class Layout:
 
 
 def plan_layout(json_length: int, lengths: Sequence[int], chunk_sizes: Sequence[int]) -> Layout:
+    """Regions packed in order at ALIGNMENT, from the first aligned offset after the header."""
+    import numpy  # here, not at module level: `import thaw_format` stays light
+
     header_length = PREAMBLE.size + REGION.size * len(lengths) + json_length + CRC.size
-    offset = align(header_length)
-    first_chunk = 0
-    regions = []
-    for length, chunk_size in zip(lengths, chunk_sizes):
-        regions.append(Region(offset, length, chunk_size, first_chunk))
-        first_chunk += -(-length // chunk_size)  # num_chunks and align, inlined: this loop runs per region
-        offset = -(-(offset + length) // ALIGNMENT) * ALIGNMENT
-    return Layout(header_length, tuple(regions), offset, first_chunk)
+    table = numpy.zeros((len(lengths), 4), numpy.int64)
+    table[:, 1], table[:, 2] = lengths, chunk_sizes
+    length, chunk = table[:, 1], table[:, 2]
+    aligned = (length + (ALIGNMENT - 1)) // ALIGNMENT * ALIGNMENT
+    counts = -(-length // chunk)
+    numpy.cumsum(aligned[:-1], out=table[1:, 0])
+    table[:, 0] += align(header_length)
+    numpy.cumsum(counts[:-1], out=table[1:, 3])
+    trailer_offset = align(header_length) + int(aligned.sum())
+    return Layout(header_length, table, trailer_offset, int(counts.sum()))
 
 
 def encode_header(json_bytes: bytes, layout: Layout, required: int, optional: int) -> bytes:
     """Preamble, table, JSON and header CRC, padded with zeros to the data start."""
-    parts = [PREAMBLE.pack(MAGIC, MAJOR, minor_version(required), required, optional, len(layout.regions), len(json_bytes))]
-    parts += [REGION.pack(r.offset, r.length, r.chunk_size, 0) for r in layout.regions]
-    parts.append(json_bytes)
-    body = b"".join(parts)
+    import numpy
+
+    table = numpy.zeros(len(layout.table), numpy.dtype(_REGION_ROW))  # flags stay 0
+    table["offset"], table["length"], table["chunk_size"] = layout.table[:, 0], layout.table[:, 1], layout.table[:, 2]
+    preamble = PREAMBLE.pack(MAGIC, MAJOR, minor_version(required), required, optional, len(table), len(json_bytes))
+    body = b"".join([preamble, table.tobytes(), json_bytes])
     padding = layout.data_start - layout.header_length
     return body + CRC.pack(mover.crc32c(body)) + bytes(padding)
 
@@ -202,24 +219,44 @@ def decode_header(header: bytes, preamble: Preamble, file_length: int, limits: L
             f"header checksum mismatch over bytes [0, {body_length}): stored 0x{stored:08x}, computed 0x{computed:08x}"
         )
     table_start = PREAMBLE.size
-    table = memoryview(header)[table_start : table_start + preamble.region_count * REGION.size]
-    lengths, chunk_sizes = [], []
-    expected_offset = align(preamble.header_length)
-    for i, (offset, length, chunk_size, flags) in enumerate(REGION.iter_unpack(table)):
-        if (flags or chunk_size < MIN_CHUNK_SIZE or chunk_size > limits.max_chunk_size or chunk_size & (chunk_size - 1)
-                or offset != expected_offset or offset + length > file_length):
-            raise _region_error(i, offset, length, chunk_size, flags, expected_offset, file_length, limits)
-        expected_offset = align(offset + length)
-        lengths.append(length)
-        chunk_sizes.append(chunk_size)
     json_start = table_start + preamble.region_count * REGION.size
-    layout = plan_layout(preamble.json_length, lengths, chunk_sizes)
+    rows = _check_region_table(header[table_start:json_start], align(preamble.header_length), file_length, limits)
+    layout = plan_layout(preamble.json_length, rows["length"], rows["chunk_size"])
     if layout.file_length != file_length:
         state = "truncated" if file_length < layout.file_length else "has trailing bytes"
         raise CorruptSnapshotError(
             f"file is {file_length} bytes but its header describes {layout.file_length}: {state}"
         )
     return layout, bytes(header[json_start:body_length])
+
+
+def _check_region_table(table: bytes, data_start: int, file_length: int, limits: Limits):
+    """Every region table entry in one vectorised pass: flags zero, a valid chunk size, inside the file, and
+    packed in order (each offset is the aligned end of the previous region; the first is `data_start`).
+    The first bad entry is named by _region_error. Sums are only trusted up to the first bad entry, where
+    every earlier entry lies inside the file, so none can overflow. Returns the rows (a numpy record array)."""
+    import numpy
+
+    rows = numpy.frombuffer(table, numpy.dtype(_REGION_ROW))
+    if not len(rows):
+        return rows
+    offset, length = rows["offset"], rows["length"]
+    chunk, flags = rows["chunk_size"].astype(numpy.uint64), rows["flags"]
+    size = numpy.uint64(file_length)
+    inside = (offset <= size) & (length <= size - numpy.minimum(offset, size))
+    expected = numpy.empty_like(offset)
+    expected[0] = data_start
+    end = offset[:-1] + length[:-1]  # wraps only after a bad entry, never read then
+    expected[1:] = (end + numpy.uint64(ALIGNMENT - 1)) // numpy.uint64(ALIGNMENT) * numpy.uint64(ALIGNMENT)
+    not_power_of_two = (chunk & (chunk - numpy.uint64(1))) != 0
+    bad = ((flags != 0) | (chunk < MIN_CHUNK_SIZE) | (chunk > limits.max_chunk_size) | not_power_of_two | ~inside
+           | (offset != expected))
+    if bad.any():
+        i = int(bad.argmax())
+        previous_end = data_start if i == 0 else int(offset[i - 1]) + int(length[i - 1])
+        raise _region_error(i, int(offset[i]), int(length[i]), int(chunk[i]), int(flags[i]),
+                            data_start if i == 0 else align(previous_end), file_length, limits)
+    return rows
 
 
 def _region_error(i: int, offset: int, length: int, chunk_size: int, flags: int, expected_offset: int,

@@ -19,10 +19,15 @@ def save_file(tensors: Mapping[str, Any], path, metadata: Optional[Mapping[str, 
 
 
 @gc_paused
-def load_file(path) -> dict:
-    """Load a snapshot's weights as torch tensors, verified."""
+def load_file(path, *, mmap: bool = True) -> dict:
+    """Load a snapshot's weights as torch tensors, every chunk and padding byte verified first.
+
+    By default the tensors view a copy-on-write mapping of the file, checked in one parallel pass: no byte is
+    copied, and writing a tensor never changes the file. As with any mapping (safetensors' too), a later
+    in-place truncation or rewrite of the file by another program can reach pages not yet written, or raise
+    SIGBUS; `save` never changes a file in place. `mmap=False` gives tensors in memory of their own instead."""
     from .torch import to_torch
 
-    snapshot = load(path)
+    snapshot = load(path, mmap=mmap)
     tensors = snapshot.weights.tensors if snapshot.weights is not None else {}
     return {name: to_torch(t) for name, t in tensors.items()}

@@ -21,10 +21,14 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         file order, or None. direct=True tries O_DIRECT (native path) and falls back where refused.
     verify_regions(fd, [(offset, length, chunk_size, expected_crcs)], progress=None, *, direct=False)
         the same check with bounded memory and no target.
-    check_buffer(buffer, [(offset, length, chunk_size, first_crc)], crcs, progress=None)
+    check_buffer(buffer, [(offset, length, chunk_size, first_crc)], crcs, progress=None, *, zero_gaps=False)
         the same check for regions of a buffer already in memory (a mapped file): each chunk against
-        crcs[first_crc + k], the bytes read once where they lie (in parallel on the native path). A region
-        outside the buffer, or past the end of crcs, raises ValueError before any byte is read.
+        crcs[first_crc + k], the bytes read once where they lie (in parallel on the native path). The regions
+        may be an int64 array of such rows. zero_gaps=True also requires the bytes between one region's end
+        and the next region's start to be zero (padding); a non-zero gap is reported as (region, -1), region
+        being the one after the gap. A region outside the buffer, past the end of crcs, or (zero_gaps) out of
+        order raises ValueError before any byte is read. On the native path a SIGBUS while reading (the
+        mapped file was truncated) raises EOFError instead of ending the process.
     gather(src, offsets, length, out) / scatter(src, out, offsets, length)
         copy slab i between src[offsets[i]:+length] and out[i*length:+length] (and back); a slab outside
         its buffer raises ValueError before any byte moves. `offsets` is copied first, so it may alias `out`.
@@ -360,13 +364,14 @@ def _py_verify_regions(fd: int, regions: Sequence[VerifyRegion], progress: Progr
     return _check_regions(fd, regions, progress, copy_out=False)
 
 
-def _region_table(size: int, regions: Sequence[BufferRegion], n_crcs: int):
+def _region_table(size: int, regions: Sequence[BufferRegion], n_crcs: int, ordered: bool = False):
     """The regions as an int64 numpy table (offset, length, chunk_size, first_crc), each checked to lie
-    inside a buffer of `size` bytes and its CRCs inside `n_crcs`: one vectorised check, not one per region."""
+    inside a buffer of `size` bytes and its CRCs inside `n_crcs` (and, if `ordered`, each to start at or
+    after the previous one's end): one vectorised check, not one per region."""
     import numpy
 
     try:
-        table = numpy.array(regions, dtype=numpy.int64).reshape(-1, 4)
+        table = numpy.asarray(regions, dtype=numpy.int64).reshape(-1, 4)
     except OverflowError:
         raise ValueError("a region's offset, length, chunk size or first CRC is out of range") from None
     offset, length, chunk, first = table.T
@@ -377,15 +382,25 @@ def _region_table(size: int, regions: Sequence[BufferRegion], n_crcs: int):
         i = int(bad.argmax())
         raise ValueError(f"region {i} {tuple(int(v) for v in table[i])} is outside a buffer of {size} bytes "
                          f"with {n_crcs} CRCs (or has a chunk size <= 0)")
+    if ordered and len(table) > 1:
+        overlap = offset[1:] < offset[:-1] + length[:-1]  # sums stay below 2 * size: no overflow
+        if overlap.any():
+            i = int(overlap.argmax()) + 1
+            raise ValueError(f"region {i} starts at {int(offset[i])}, before region {i - 1} ends: zero_gaps needs "
+                             "regions in order")
     return table
 
 
-def _py_check_buffer(buffer, regions: Sequence[BufferRegion], crcs, progress: Progress = None):
+def _py_check_buffer(buffer, regions: Sequence[BufferRegion], crcs, progress: Progress = None, *, zero_gaps: bool = False):
     view = _bytes_view(buffer)
     crcs = crcs if isinstance(crcs, array) and crcs.typecode == "I" else array("I", crcs)
-    table = _region_table(len(view), regions, len(crcs))
+    table = _region_table(len(view), regions, len(crcs), zero_gaps)
+    end = None
     for index, (offset, length, chunk_size, first) in enumerate(table.tolist()):
-        got = _py_chunk_crcs(view[offset : offset + length], chunk_size)
+        if zero_gaps and end is not None and view[end:offset].tobytes().strip(b"\0"):
+            return index, -1
+        end = offset + length
+        got = _py_chunk_crcs(view[offset:end], chunk_size)
         bad = next((c for c, crc in enumerate(got) if crc != crcs[first + c]), None)
         if bad is not None:
             return index, bad
@@ -476,6 +491,9 @@ def _c_chunk_crcs(data, chunk_size: int) -> array:
 def _raise_io(status) -> None:
     if status.error == _lib.THAW_EOF:
         raise EOFError("file ends before the last region")
+    if status.error == _lib.THAW_FAULT:
+        raise EOFError(f"reading region {status.bad_region} through the mapping faulted (SIGBUS): the file is "
+                       "shorter than its mapping, truncated under it")
     raise OSError(status.error, os.strerror(status.error))
 
 
@@ -535,12 +553,12 @@ def _c_verify_staged(fd: int, regions: Sequence[VerifyRegion], progress: Progres
     return _c_run(_lib.thaw_verify_regions, fd, specs, progress, _lib.THAW_DIRECT if direct else 0)
 
 
-def _c_check_buffer(buffer, regions: Sequence[BufferRegion], crcs, progress: Progress = None):
+def _c_check_buffer(buffer, regions: Sequence[BufferRegion], crcs, progress: Progress = None, *, zero_gaps: bool = False):
     import numpy
 
     data = _c_buffer(buffer)
     crcs = crcs if isinstance(crcs, array) and crcs.typecode == "I" else array("I", crcs)
-    table = _region_table(len(data), regions, len(crcs))
+    table = _region_table(len(data), regions, len(crcs), zero_gaps)
     expected = _ffi.from_buffer(_UINT32S, crcs)
     # thaw_region[] built in one vectorised pass: (file offset, buf, len, chunk_size, crcs) per row
     rows = numpy.empty((len(table), 5), numpy.uint64)
@@ -548,10 +566,19 @@ def _c_check_buffer(buffer, regions: Sequence[BufferRegion], crcs, progress: Pro
     rows[:, 1] = table[:, 0].astype(numpy.uint64) + numpy.uint64(int(_ffi.cast("uintptr_t", data)))
     rows[:, 4] = table[:, 3].astype(numpy.uint64) * numpy.uint64(4) + numpy.uint64(int(_ffi.cast("uintptr_t", expected)))
     status = _ffi.new("thaw_io_status *")
+    flags = _lib.THAW_ZERO_GAPS if zero_gaps else 0
     for start, stop in _batches(table[:, 1], progress):
-        code = _lib.thaw_check_mapped(_ffi.from_buffer(_REGIONS, rows[start:stop]), stop - start, status)
+        batch, lead = rows[start:stop], 0
+        if zero_gaps and start > 0:  # the gap before this batch: an empty region at the previous one's end leads
+            batch, lead = numpy.concatenate([rows[start - 1 : start], batch]), 1
+            batch[0, 0] += batch[0, 2]
+            batch[0, 1] += batch[0, 2]
+            batch[0, 2] = 0
+        code = _lib.thaw_check_mapped(_ffi.from_buffer(_REGIONS, batch), len(batch), flags, status)
         if code == _lib.THAW_BAD_CHUNK:
-            return start + status.bad_region, status.bad_chunk
+            return start - lead + status.bad_region, status.bad_chunk
+        if code == _lib.THAW_BAD_GAP:
+            return start - lead + status.bad_region, -1
         if code != _lib.THAW_OK:
             _raise_io(status)
         if progress:

@@ -1,9 +1,9 @@
 """PyTorch binding: Tensor <-> torch.Tensor. Imported only by callers that use torch.
 
-Bytes cross between torch and the format through numpy (`Tensor.numpy()`, `torch.from_numpy`), which shares
-memory and costs about half of `torch.frombuffer`: at thousands of small tensors these microseconds are the
-load and save time. numpy has no bfloat16, float8 or complex32, so those travel as unsigned integers of the
-same size and are viewed back as their torch dtype.
+At thousands of small tensors these microseconds are the load and save time. Saving crosses through numpy
+(`Tensor.numpy()` shares memory and is the cheapest export; numpy has no bfloat16, float8 or complex32, so
+those travel as unsigned integers of the same size). Loading is one `torch.frombuffer` per tensor, which
+takes every torch dtype directly; a shape other than 1-D costs one `view` more.
 """
 
 from __future__ import annotations
@@ -54,9 +54,8 @@ def from_torch(value: torch.Tensor) -> Tensor:
 
 def to_torch(tensor: Tensor) -> torch.Tensor:
     """A torch.Tensor over the same bytes when they are writable (no copy), otherwise over a copy."""
-    dtype = _TORCH[tensor.dtype]
-    if tensor.nbytes == 0:
-        return torch.empty(tensor.shape, dtype=dtype)
-    data = tensor.data if not tensor.data.readonly else bytearray(tensor.data)
-    t = torch.from_numpy(np.frombuffer(data, _NUMPY[tensor.dtype]).reshape(tensor.shape))
-    return t if t.dtype is dtype else t.view(dtype)
+    data, shape = tensor.data, tensor.shape
+    if not data:  # frombuffer refuses an empty buffer
+        return torch.empty(shape, dtype=_TORCH[tensor.dtype])
+    t = torch.frombuffer(data if not data.readonly else bytearray(data), dtype=_TORCH[tensor.dtype])
+    return t if len(shape) == 1 else t.view(shape)

@@ -118,7 +118,8 @@ class EncodedSnapshot:
         fd, tmp = _create_beside(path, directory)
         try:
             os.pwrite(fd, self.header, 0)
-            regions = [(r.offset, t.data, r.chunk_size) for (_, t), r in zip(self.tensors, self.layout.regions)]
+            regions = [(offset, t.data, chunk_size)
+                       for (_, t), (offset, _, chunk_size, _) in zip(self.tensors, self.layout.table.tolist())]
             crcs = array("I")
             for region_crcs in mover.write_regions(fd, regions, progress):
                 crcs.extend(region_crcs)

@@ -52,6 +52,7 @@ typedef struct {
 } thaw_region;
 
 #define THAW_DIRECT 1 /* try O_DIRECT for reads; falls back to buffered I/O where the filesystem refuses */
+#define THAW_ZERO_GAPS 2 /* thaw_check_mapped: the bytes between consecutive regions must be zero (padding) */
 
 typedef struct {
     int error;            /* errno of a failed read or write; THAW_EOF when the file is too short */
@@ -61,11 +62,14 @@ typedef struct {
 } thaw_io_status;
 
 #define THAW_EOF (-1)
+#define THAW_FAULT (-2) /* thaw_check_mapped: reading the mapping raised SIGBUS (the file shrank under it) */
 
 /* Return codes of the region functions. */
 #define THAW_OK 0
 #define THAW_BAD_CHUNK 1 /* status.bad_region / bad_chunk name the first bad chunk in file order */
 #define THAW_IO_ERROR 2  /* status.error says why */
+#define THAW_BAD_GAP 3   /* thaw_check_mapped with THAW_ZERO_GAPS: a non-zero byte between status.bad_region - 1
+                          * and status.bad_region (bad_chunk is -1) */
 
 /* pwrite every region, computing its chunk CRCs from the same bytes while they are in cache. A gap of less
  * than 4 KiB between one region's end and the next region's start is written as zeros (it is padding), so
@@ -77,8 +81,11 @@ int thaw_read_regions(int fd, const thaw_region *regions, size_t n, int flags, t
 /* Check every region against the file with bounded memory (buf is ignored). */
 int thaw_verify_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
 /* Check every region's chunks in memory at its buf (a mapping of the file, or a buffer holding it), in
- * parallel, reading each byte once; offsets only order the work. */
-int thaw_check_mapped(const thaw_region *regions, size_t n, thaw_io_status *status);
+ * parallel, reading each byte once; offsets only order the work. flags: THAW_ZERO_GAPS also checks that the
+ * bytes between one region's end and the next region's buf are zero (regions must then be in memory order, else
+ * THAW_IO_ERROR with EINVAL). A SIGBUS while reading, as when the mapped file was truncated, gives
+ * THAW_IO_ERROR with status.error THAW_FAULT instead of ending the process (see guard.c for the limits). */
+int thaw_check_mapped(const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
 
 /* ---- gather / scatter ------------------------------------------------------------------------------ */
 

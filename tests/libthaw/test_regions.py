@@ -33,6 +33,11 @@ CASES = {
     "small-chunks": layout([700_000, 12_345, 0, 65_536 * 3], 4096),
     "many-small": layout([random.Random(i).randrange(0, 9000) for i in range(600)], 4096),
     "packed": layout([random.Random(i).randrange(1, 3000) for i in range(300)], 4096, align=1, start=0),
+    # Writes cut large regions at 2 MiB file offsets, not at chunks: chunks wider than a piece, and many per piece.
+    "wide-chunks": layout([7 * (1 << 20) + 3, 5 << 20], 3 * (1 << 20) + 1),
+    "fine-chunks": layout([5 * (1 << 20) + 77], 4096, start=12288),
+    # Thousands of tiny regions in one 2 MiB span (more than one pwritev's iovecs), spans ending inside padding.
+    "tiny-packed": layout([random.Random(i).randrange(1, 100) for i in range(3000)], 4096, align=1000, start=0),
 }
 
 
