@@ -48,12 +48,12 @@ def test_pages_equal_the_mlx_ops_path(dtype, num_tokens):
     heads, capacity, dim, page_size = 3, 256, 24, 32
     x = sequence(dtype, heads, capacity, dim)
     mx.eval(x)
-    got = pages._to_pages(x, num_tokens, page_size)
+    got = pages.to_pages(x, num_tokens, page_size)
     want = reference_to_pages(x, num_tokens, page_size)
     assert (got.dtype, got.shape) == (want.dtype, want.shape)
     assert bytes(got.data) == bytes(want.data)
 
     for chain in (list(range(got.shape[0])), list(range(got.shape[0]))[::-1]):  # in order, and out of order
-        restored = pages._from_pages(got, chain, num_tokens)
+        restored = pages.from_pages(got, chain, num_tokens)
         assert restored.dtype == x.dtype
         assert as_bytes(restored) == as_bytes(reference_from_pages(got, chain, num_tokens))
