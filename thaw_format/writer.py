@@ -152,10 +152,18 @@ class EncodedSnapshot:
         return snapshot_id
 
     def _write_mapped(self, fd: int, fill: dict[str, Fill], progress: Progress) -> str:
-        os.ftruncate(fd, self.nbytes)
-        with mmap.mmap(fd, self.nbytes) as mapped:
+        # Blocks reserved before the mapping is written: a full disk raises OSError here, where a sparse file
+        # would raise SIGBUS on the first page the file system cannot back.
+        os.posix_fallocate(fd, 0, self.nbytes)
+        mapped = mmap.mmap(fd, self.nbytes)
+        try:
             snapshot_id = self.write_into(mapped, fill, progress)
             mapped.flush()  # msync: the portable way to reach the file; the caller's fsync then finds it written
+        finally:
+            try:
+                mapped.close()
+            except BufferError:  # a failed fill's traceback still views it: unmapped when that is dropped
+                pass
         return snapshot_id
 
 
