@@ -9,21 +9,23 @@ straight from MLX's memory into the file's region (a shared mapping of the tempo
 CRCs in the same pass, and stays atomic (temporary file, fsync, rename); load maps the file once and scatters
 each KV tensor straight into a new MLX array, checking each chunk against its CRC just before it moves. Every
 other tensor (weights, ring and recurrent states) is checked before anything is built from it, and a bad
-chunk anywhere raises CorruptSnapshotError with no cache returned.
+chunk anywhere raises CorruptSnapshotError with no cache returned. Load drops each KV tensor's mapped pages
+once scattered (they stay in the page cache), so its peak memory is the new cache and about one tensor more.
 """
 
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from thaw_format import EncodedSnapshot, ModelInfo, Snapshot
-from thaw_format import open as open_snapshot
+from thaw_format import CorruptSnapshotError, EncodedSnapshot, ModelInfo, Snapshot, SnapshotFile
 from thaw_format.container import DEFAULT_CHUNK_SIZE
+from thaw_format.paths import open_regular
 from thaw_format.writer import deferred_tensor
 
 from .identity import check_snapshot_model
@@ -57,20 +59,43 @@ def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = Tru
     """(prompt cache, snapshot) from a snapshot file, after the checks thaw_mlx.restore makes.
 
     The snapshot's tensors are read-only views of the mapped file, each checked by then; its tokens and
-    sampler are thaw_mlx.snapshot_tokens(snapshot) and thaw_mlx.sampler_of(snapshot)."""
-    with open_snapshot(path) as f:
-        # The document is checked now; the tensors are views of the mapping, checked below before any use.
-        snapshot = f.snapshot(verify=False, copy=False)
-        layers = snapshot.kv.layers if snapshot.kv is not None else []
-        expected = [{} for _ in layers]
-        for i, layer in enumerate(layers):
-            for role in layer.tensors if layer.kind in PAGED_KINDS else ():
-                name = f"kv/{i}/{role}"
-                expected[i][role] = Expected(name, f.info(name)[2].chunk_size, f.chunk_crcs(name))
-        paged = {e.name for checks in expected for e in checks.values()}
-        for name in f.names():
-            if name not in paged:
-                f.tensor(name, copy=False)  # checks its chunks (raises CorruptSnapshotError)
-        check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
-        check_cache_layout(model, snapshot)
-        return cache_of_snapshot(snapshot, expected), snapshot
+    sampler are thaw_mlx.snapshot_tokens(snapshot) and thaw_mlx.sampler_of(snapshot). Like
+    thaw_format.load(mmap=True), the views see the file as it is: thaw's saves replace files, never rewrite
+    them in place."""
+    mapped = _map(os.fspath(path))
+    f = SnapshotFile(mapped)
+    # The document is checked now; the tensors are views of the mapping, checked below before any use.
+    snapshot = f.snapshot(verify=False, copy=False)
+    layers = snapshot.kv.layers if snapshot.kv is not None else []
+    expected = [{} for _ in layers]
+    for i, layer in enumerate(layers):
+        for role in layer.tensors if layer.kind in PAGED_KINDS else ():
+            name = f"kv/{i}/{role}"
+            region = f.info(name)[2]
+            expected[i][role] = Expected(name, region.chunk_size, f.chunk_crcs(name),
+                                         functools.partial(_drop, mapped, region.offset, region.length))
+    paged = {e.name for checks in expected for e in checks.values()}
+    for name in f.names():
+        if name not in paged:
+            f.tensor(name, copy=False)  # checks its chunks (raises CorruptSnapshotError)
+    check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
+    check_cache_layout(model, snapshot)
+    return cache_of_snapshot(snapshot, expected), snapshot
+
+
+def _map(path: str) -> mmap.mmap:
+    """The whole file, mapped read-only (shared with the page cache: nothing is copied until a scatter)."""
+    fd = open_regular(path, CorruptSnapshotError)
+    try:
+        if os.fstat(fd).st_size == 0:
+            raise CorruptSnapshotError(f"{path!r} is empty, not a snapshot")
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+
+
+def _drop(mapped: mmap.mmap, offset: int, length: int) -> None:
+    """Unmap a region's pages from this process once read (the file's pages stay cached; a later read of the
+    snapshot's view maps them again), so a load never holds the file and the new cache whole at once."""
+    start = offset - offset % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, start, offset + length - start)

@@ -41,11 +41,13 @@ Paging = Callable[[mx.array, int, int], Tensor]
 
 class Expected(NamedTuple):
     """A tensor's bytes as a file holds them, still to check: the chunk size and the CRC each chunk must have,
-    and the name that a CorruptSnapshotError reports."""
+    the name that a CorruptSnapshotError reports, and what to call once its bytes are in MLX (to let go of a
+    mapped file's pages), if anything."""
 
     name: str
     chunk_size: int
     crcs: object
+    done: Optional[Callable[[], None]] = None
 
 
 def num_cached_tokens(prompt_cache: list) -> int:
@@ -304,6 +306,8 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
     if span > num_tokens:
         np.frombuffer(out, np.uint8).reshape(heads, capacity, -1)[:, num_tokens:span] = 0
     out.release()  # nothing may write into the array once MLX can see it
+    if expected is not None and expected.done is not None:
+        expected.done()
     return result
 
 
