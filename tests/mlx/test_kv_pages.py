@@ -106,3 +106,17 @@ def test_scatter_pages_checked_names_the_first_bad_chunk_and_writes_no_bad_byte(
     assert not written[5 * chunk : 6 * chunk].any()
     with pytest.raises(ValueError, match="expected CRCs"):
         scatter(data, out, offsets, layout, chunk, crcs[:-1])
+
+
+@pytest.mark.parametrize("num_tokens", [256, 200, 31, 1])
+@pytest.mark.parametrize("chunk", [4096, 8192, 1 << 20])
+def test_gather_into_a_region_gives_its_chunk_crcs(num_tokens, chunk):
+    """What thaw_mlx.save writes: the pages of to_pages, and the CRCs of every chunk of them, also where a short
+    last page starts or ends mid-chunk (its CRCs are summed again)."""
+    heads, capacity, dim, page_size = 3, 256, 24, 32  # 9 KiB pages: chunk boundaries fall inside pages
+    x = sequence(mx.float32, heads, capacity, dim, seed=2)
+    want = pages.to_pages(x, num_tokens, page_size)
+    out = np.full(want.nbytes, 0xAB, np.uint8)  # stale bytes: the padding must be written too
+    crcs = pages.gather_into(x, num_tokens, page_size, out, chunk)
+    assert out.tobytes() == bytes(want.data)
+    assert list(crcs) == list(mover.chunk_crcs(want.data, chunk))
