@@ -1,97 +1,222 @@
-"""MLX: KV capture and restore against a memory copy, and against mlx-lm's own prompt-cache files.
+"""MLX: KV capture and restore against a memory copy, and snapshot files against mlx-lm's prompt-cache files.
 
     .venv/bin/python benchmarks/bench_kv_mlx.py [--tokens 4096]
 
 A prompt cache of the KV-heavy tiny Llama (8 layers, 8 KV heads x 128, float32: 64 KiB per token; 4,096
-tokens = 256 MiB), KV only, model identity computed once. Side by side in one process, best of 3:
-  memcpy:   numpy copy of the KV's bytes;
-  capture:  thaw_mlx.capture (KV gathered into token-major pages) / restore: thaw_mlx.restore (+ mx.eval);
-  file:     capture + thaw_format.save vs mlx_lm save_prompt_cache; thaw_format.load (checksums verified) +
-            restore vs mlx_lm load_prompt_cache (+ mx.eval), files on local disk, page cache hot.
+tokens = 256 MiB), KV only, model identity computed once. Side by side in one process, best of --repeats (3)
+in wall time, with the best CPU time of the process beside it (all threads, user + system: steadier than wall
+time on a shared machine, but the ratios are of wall time):
+  memcpy:   numpy copy of the KV's bytes into a buffer already touched;
+  capture:  thaw_mlx.capture (KV gathered into token-major pages, a new buffer);
+  restore:  thaw_mlx.restore (pages scattered into new MLX arrays) + mx.eval;
+  save:     thaw_mlx.save (one pass: pages gathered into the file with their CRCs) and capture +
+            thaw_format.save (the generic path), both atomic (fsync of file and directory), against mlx-lm's
+            save_prompt_cache as shipped (no fsync) and followed by the same fsyncs;
+  load:     thaw_mlx.load (one pass: each chunk checked as it is scattered into new MLX arrays) and
+            thaw_format.load (every chunk checked) + restore, against mlx-lm's load_prompt_cache + mx.eval of
+            every array (its load is lazy: without the eval it reads nothing).
+Files are on local disk, in the page cache (just written). Peak RSS: each operation once in a fresh process
+(the same script with --rss OP), after the session is built: the rise of VmHWM (reset through
+/proc/self/clear_refs) over VmRSS before the operation, as a multiple of the KV bytes. It counts file pages
+mapped by the process (thaw_mlx.save writes through a mapping; thaw_mlx.load reads through one).
 Writes benchmarks/results/kv_move_mlx.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
-from common import best_of, command_line, write_results
+from common import command_line, write_results
 
 CONFIG = {"model_type": "llama", "hidden_size": 128, "num_hidden_layers": 8, "intermediate_size": 256,
           "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-5,
           "vocab_size": 1024, "rope_theta": 10000.0, "tie_word_embeddings": False}
+RSS_OPS = ("capture", "restore", "save", "load")
+SCRATCH = Path(__file__).resolve().parents[1] / ".cache"
+
+
+class Session:
+    """The model, a filled prompt cache and the operations measured on it."""
+
+    def __init__(self, tokens: int) -> None:
+        import mlx.core as mx
+        from mlx_lm.models import cache as mlx_cache
+        from mlx_lm.models.llama import Model, ModelArgs
+
+        import thaw_mlx
+
+        self.mx, self.mlx_cache, self.thaw_mlx = mx, mlx_cache, thaw_mlx
+        mx.random.seed(0)
+        self.model = Model(ModelArgs.from_dict(CONFIG))
+        self.info = thaw_mlx.model_info(self.model)
+        self.cache = mlx_cache.make_prompt_cache(self.model)
+        shape = (1, CONFIG["num_key_value_heads"], tokens, CONFIG["head_dim"])
+        for layer in self.cache:
+            layer.update_and_fetch(mx.random.normal(shape), mx.random.normal(shape))
+        mx.eval([c.state for c in self.cache])
+        self.tokens = list(range(3, 3 + tokens))
+        self.kv_bytes = sum(c.keys[..., :tokens, :].nbytes + c.values[..., :tokens, :].nbytes for c in self.cache)
+
+    def capture(self):
+        return self.thaw_mlx.capture(self.model, self.cache, self.tokens, include_weights=False, info=self.info)
+
+    def restore(self, snapshot):
+        cache = self.thaw_mlx.restore(self.model, snapshot, info=self.info)
+        self.mx.eval([c.state for c in cache])
+        return cache
+
+    def save(self, path):
+        return self.thaw_mlx.save(path, self.model, self.cache, self.tokens, include_weights=False, info=self.info)
+
+    def load(self, path):
+        cache, _ = self.thaw_mlx.load(path, self.model, info=self.info)
+        self.mx.eval([c.state for c in cache])
+        return cache
+
+    def save_mlx_lm(self, path, fsync: bool):
+        self.mlx_cache.save_prompt_cache(str(path), self.cache)
+        if fsync:  # what thaw's atomic save does beyond writing: the file's and its directory's fsync
+            for target in (path, path.parent):
+                fd = os.open(target, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+
+    def load_mlx_lm(self, path):
+        cache = self.mlx_cache.load_prompt_cache(str(path))
+        self.mx.eval([c.state for c in cache])  # lazy until evaluated
+        return cache
+
+
+def best_of(fn, repeats: int) -> tuple[float, float]:
+    """The fastest wall time and the smallest process CPU time of `repeats` calls of fn (collected before each)."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        gc.collect()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return min(wall), min(cpu)
+
+
+def same_kv(a: list, b: list, tokens: int) -> bool:
+    def valid(x):
+        return bytes(memoryview(x[..., :tokens, :]))  # memoryview of a slice copies it contiguous
+
+    return all(valid(x.keys) == valid(y.keys) and valid(x.values) == valid(y.values) for x, y in zip(a, b))
+
+
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def rss_rise(tokens: int, op: str) -> dict:
+    """Run `op` once on a fresh session in this process: the peak RSS it adds, in bytes."""
+    session = Session(tokens)
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
+        path = Path(tmp) / "cache.thaw"
+        ready = {"restore": session.capture, "load": lambda: session.save(path)}.get(op, lambda: None)()
+        run = {"capture": session.capture, "restore": lambda: session.restore(ready),
+               "save": lambda: session.save(path), "load": lambda: session.load(path)}[op]
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = status_kib("VmRSS")
+        kept = run()
+        rise = (status_kib("VmHWM") - before) * 1024
+        del kept
+    return {"op": op, "rise_bytes": rise, "kv_bytes": session.kv_bytes}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rss", choices=RSS_OPS, help="measure one operation's peak RSS (a child run)")
     args = parser.parse_args()
-
-    import mlx.core as mx
-    from mlx_lm.models import cache as mlx_cache
-    from mlx_lm.models.llama import Model, ModelArgs
+    SCRATCH.mkdir(exist_ok=True)
+    if args.rss:
+        print(json.dumps(rss_rise(args.tokens, args.rss)))
+        return
 
     import thaw_format
-    import thaw_mlx
 
-    mx.random.seed(0)
-    model = Model(ModelArgs.from_dict(CONFIG))
-    info = thaw_mlx.model_info(model)
-    prompt_cache = mlx_cache.make_prompt_cache(model)
-    shape = (1, CONFIG["num_key_value_heads"], args.tokens, CONFIG["head_dim"])
-    for layer in prompt_cache:
-        layer.update_and_fetch(mx.random.normal(shape), mx.random.normal(shape))
-    mx.eval([c.state for c in prompt_cache])
-    tokens = list(range(3, 3 + args.tokens))
-    kv_bytes = sum(c.keys[..., : args.tokens, :].nbytes + c.values[..., : args.tokens, :].nbytes for c in prompt_cache)
-
-    def capture():
-        return thaw_mlx.capture(model, prompt_cache, tokens, include_weights=False, info=info)
-
-    def restore(snapshot):
-        cache = thaw_mlx.restore(model, snapshot, info=info)
-        mx.eval([c.state for c in cache])
-        return cache
-
-    snapshot = capture()
-    restored = restore(snapshot)
-    for a, b in zip(prompt_cache, restored):  # the round trip is exact
-        n = args.tokens
-        assert bytes(memoryview(mx.contiguous(a.keys[..., :n, :]))) == bytes(memoryview(mx.contiguous(b.keys[..., :n, :])))
-    src, dst = np.ones(kv_bytes, np.uint8), np.zeros(kv_bytes, np.uint8)
-    memcpy = best_of(lambda: np.copyto(dst, src))
+    s = Session(args.tokens)
+    mx, n = s.mx, args.tokens
+    snapshot = s.capture()
+    assert same_kv(s.cache, s.restore(snapshot), n)  # the round trip is exact
+    src, dst = np.ones(s.kv_bytes, np.uint8), np.zeros(s.kv_bytes, np.uint8)
+    timed = {"memcpy": best_of(lambda: np.copyto(dst, src), args.repeats)}
     del src, dst
-    capture_s = best_of(capture)
-    restore_s = best_of(lambda: restore(snapshot))
+    timed["capture"] = best_of(s.capture, args.repeats)
+    timed["restore"] = best_of(lambda: s.restore(snapshot), args.repeats)
 
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parents[1] / ".cache") as tmp:
-        ours, theirs = Path(tmp) / "cache.thaw", Path(tmp) / "cache.safetensors"
-        save_ours = best_of(lambda: thaw_format.save(capture(), ours))
-        save_theirs = best_of(lambda: mlx_cache.save_prompt_cache(str(theirs), prompt_cache))
-        load_ours = best_of(lambda: restore(thaw_format.load(ours)))
-        load_theirs = best_of(lambda: mx.eval([c.state for c in mlx_cache.load_prompt_cache(str(theirs))]))
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
+        one, generic, theirs = Path(tmp) / "one.thaw", Path(tmp) / "generic.thaw", Path(tmp) / "cache.safetensors"
+        timed["save_one_pass"] = best_of(lambda: s.save(one), args.repeats)
+        timed["save_generic"] = best_of(lambda: thaw_format.save(s.capture(), generic), args.repeats)
+        timed["save_mlx_lm"] = best_of(lambda: s.save_mlx_lm(theirs, fsync=False), args.repeats)
+        timed["save_mlx_lm_fsync"] = best_of(lambda: s.save_mlx_lm(theirs, fsync=True), args.repeats)
+        assert same_kv(s.cache, s.load(one), n) and same_kv(s.cache, s.load_mlx_lm(theirs), n)
+        timed["load_one_pass"] = best_of(lambda: s.load(one), args.repeats)
+        timed["load_generic"] = best_of(lambda: s.restore(thaw_format.load(generic)), args.repeats)
+        timed["load_mlx_lm"] = best_of(lambda: s.load_mlx_lm(theirs), args.repeats)
 
-    data = {"tokens": args.tokens, "kv_bytes": kv_bytes, "memcpy_s": memcpy, "capture_s": capture_s,
-            "restore_s": restore_s, "capture_vs_memcpy": memcpy / capture_s, "restore_vs_memcpy": memcpy / restore_s,
-            "save_thaw_s": save_ours, "save_mlx_lm_s": save_theirs, "load_thaw_s": load_ours,
-            "load_mlx_lm_s": load_theirs, "save_ratio": save_theirs / save_ours, "load_ratio": load_theirs / load_ours}
-    gb = kv_bytes / 1e9
-    table = [["operation", "seconds", "GB/s", "ratio (>1: thaw faster)"],
-             ["memcpy of the KV bytes (numpy, one thread)", f"{memcpy:.4f}", f"{gb / memcpy:.2f}", ""],
-             ["thaw_mlx.capture (KV only)", f"{capture_s:.4f}", f"{gb / capture_s:.2f}", f"{memcpy / capture_s:.2f} of memcpy"],
-             ["thaw_mlx.restore (+ mx.eval)", f"{restore_s:.4f}", f"{gb / restore_s:.2f}", f"{memcpy / restore_s:.2f} of memcpy"],
-             ["capture + thaw_format.save", f"{save_ours:.4f}", f"{gb / save_ours:.2f}", f"{save_theirs / save_ours:.2f}x"],
-             ["mlx_lm save_prompt_cache", f"{save_theirs:.4f}", f"{gb / save_theirs:.2f}", ""],
-             ["thaw_format.load (verified) + restore", f"{load_ours:.4f}", f"{gb / load_ours:.2f}", f"{load_theirs / load_ours:.2f}x"],
-             ["mlx_lm load_prompt_cache (+ mx.eval)", f"{load_theirs:.4f}", f"{gb / load_theirs:.2f}", ""]]
-    notes = [f"mlx {mx.__version__} (CPU), mlx-lm prompt cache of {args.tokens} tokens, 8 layers x 8 KV heads x 128, "
-             f"float32 ({kv_bytes / 2**20:.0f} MiB of KV), KV only, identity computed once. thaw's save is atomic "
-             "(fsync of file and directory) and writes a CRC32C per 1 MiB chunk; its load verifies each. Targets: "
-             "capture and restore >= 0.5 of memcpy; save and load >= 1.0x mlx-lm's. The machine is shared by "
-             "several sessions: see the load average."]
+    t, cpu = ({key: pair[i] for key, pair in timed.items()} for i in (0, 1))
+    rss = {}
+    for op in RSS_OPS:
+        out = subprocess.run([sys.executable, __file__, "--tokens", str(n), "--rss", op], check=True,
+                             capture_output=True, text=True).stdout
+        rss[op] = json.loads(out.splitlines()[-1])["rise_bytes"] / s.kv_bytes
+
+    gb = s.kv_bytes / 1e9
+    ratios = {"capture_vs_memcpy": t["memcpy"] / t["capture"], "restore_vs_memcpy": t["memcpy"] / t["restore"],
+              "save_one_pass_vs_mlx_lm": t["save_mlx_lm"] / t["save_one_pass"],
+              "save_one_pass_vs_mlx_lm_fsync": t["save_mlx_lm_fsync"] / t["save_one_pass"],
+              "save_generic_vs_mlx_lm": t["save_mlx_lm"] / t["save_generic"],
+              "save_generic_vs_mlx_lm_fsync": t["save_mlx_lm_fsync"] / t["save_generic"],
+              "load_one_pass_vs_mlx_lm": t["load_mlx_lm"] / t["load_one_pass"],
+              "load_generic_vs_mlx_lm": t["load_mlx_lm"] / t["load_generic"]}
+    data = {"tokens": n, "kv_bytes": s.kv_bytes, "repeats": args.repeats, "seconds": t, "cpu_seconds": cpu,
+            "ratios": ratios, "peak_rss_rise_vs_kv": rss}
+
+    def row(label, key, ratio=""):
+        return [label, f"{t[key]:.4f}", f"{cpu[key]:.4f}", f"{gb / t[key]:.2f}", ratio]
+
+    def vs(key, base):
+        return f"{t[base] / t[key]:.2f}x"
+
+    table = [["operation", "seconds", "CPU seconds", "GB/s", "ratio (>1: thaw faster)"],
+             row("memcpy of the KV bytes (numpy, one thread)", "memcpy"),
+             row("thaw_mlx.capture (KV only)", "capture", f"{ratios['capture_vs_memcpy']:.2f} of memcpy"),
+             row("thaw_mlx.restore (+ mx.eval)", "restore", f"{ratios['restore_vs_memcpy']:.2f} of memcpy"),
+             row("thaw_mlx.save (one pass, fsync)", "save_one_pass",
+                 f"{vs('save_one_pass', 'save_mlx_lm')} / {vs('save_one_pass', 'save_mlx_lm_fsync')} with fsync"),
+             row("capture + thaw_format.save (fsync)", "save_generic",
+                 f"{vs('save_generic', 'save_mlx_lm')} / {vs('save_generic', 'save_mlx_lm_fsync')} with fsync"),
+             row("mlx_lm save_prompt_cache (as shipped: no fsync)", "save_mlx_lm"),
+             row("mlx_lm save_prompt_cache + fsync of file and directory", "save_mlx_lm_fsync"),
+             row("thaw_mlx.load (one pass, verified) + mx.eval", "load_one_pass", vs("load_one_pass", "load_mlx_lm")),
+             row("thaw_format.load (verified) + restore", "load_generic", vs("load_generic", "load_mlx_lm")),
+             row("mlx_lm load_prompt_cache + mx.eval (lazy otherwise)", "load_mlx_lm"),
+             ["peak RSS rise / KV bytes (fresh process each)",
+              ", ".join(f"{op} {rss[op]:.2f}" for op in RSS_OPS), "", "", "target <= 1.25"]]
+    notes = [f"mlx {mx.__version__} (CPU), mlx-lm prompt cache of {n} tokens, 8 layers x 8 KV heads x 128, float32 "
+             f"({s.kv_bytes / 2**20:.0f} MiB of KV), KV only, identity computed once. thaw's saves are atomic "
+             "(temporary file, fsync of file and directory, rename) and write a CRC32C per 1 MiB chunk; its loads "
+             "check each. mlx-lm's save is timed as shipped and with the same fsyncs. Targets: capture and restore "
+             ">= 0.5 of memcpy; save and load >= 1.0x mlx-lm's; peak RSS <= 1.25x the KV bytes. The machine is "
+             "shared by several sessions: see the load average."]
     write_results("kv_move_mlx", "MLX: KV capture and restore against memcpy and mlx-lm's prompt-cache files",
                   command_line(), data, table, notes)
 

@@ -100,6 +100,9 @@ int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *
                           uint32_t *crcs);
 int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                            const int64_t *block_offsets, size_t n, const thaw_page_layout *layout);
+int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
+                                   const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
+                                   size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk);
 """
 
 

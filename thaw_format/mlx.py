@@ -1,6 +1,8 @@
 """MLX binding: mx.array <-> Tensor. Needs only mlx and numpy (never torch).
 
 bfloat16 travels as its uint16 bit pattern, since neither the buffer protocol nor numpy knows bfloat16.
+`writable_array` hands out a new array together with a writable view of its memory, so a loader can write
+bytes straight into MLX (libthaw's scatter) instead of building them elsewhere and having MLX copy them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,40 @@ def from_mlx(array: mx.array) -> Tensor:
     mx.eval(array)
     # memoryview cannot recast an empty view to bytes
     return Tensor(name, array.shape, memoryview(array).toreadonly() if array.size else b"")
+
+
+def writable_array(shape, dtype: str) -> tuple[mx.array, memoryview]:
+    """A new, zeroed MLX array of `shape` and format dtype `dtype`, and a writable byte view of its memory.
+
+    MLX treats arrays as immutable, so writing into one is sound only while nothing else can see its buffer.
+    That holds here by construction: mx.zeros is evaluated into a buffer of its own (MLX fills it from a
+    scalar, which never donates), and the array has not yet been handed to anyone. The caller fills the view,
+    releases it, and only then lets MLX use the array; writing through the view later is a bug. The view is
+    checked to cover exactly the array's row-major bytes (no broadcast, no strides) before it is returned."""
+    try:
+        mlx_type, _ = _TYPES[dtype]
+    except KeyError:
+        raise TypeError(f"MLX has no dtype for {dtype!r}") from None
+    shape = tuple(shape)
+    if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
+        raise ValueError(f"writable_array needs a shape of positive dimensions, got {shape}")
+    # bfloat16: the buffer protocol does not know it; its uint16 twin shares the same buffer (an MLX view of
+    # the same item size shares memory).
+    raw = mx.zeros(shape, mx.uint16 if dtype == "bfloat16" else mlx_type)
+    array = raw.view(mlx_type) if dtype == "bfloat16" else raw
+    mx.eval(raw, array)
+    return array, sole_view(raw)
+
+
+def sole_view(array: mx.array) -> memoryview:
+    """A writable byte view of an evaluated array's memory, refused unless it covers exactly the array's
+    row-major bytes: a broadcast, strided or transposed array shares or skips memory, so writing through it
+    would be wrong. It does not prove that no other array shares the buffer: see writable_array."""
+    view = memoryview(array)
+    if view.readonly or not view.c_contiguous or view.nbytes != array.nbytes or view.shape != tuple(array.shape):
+        raise ValueError(f"the {array.dtype}{list(array.shape)} array's memory is not its own row-major bytes "
+                         f"(strides {view.strides}, {view.nbytes} bytes): not writable in place")
+    return view.cast("B")
 
 
 def to_mlx(tensor: Tensor) -> mx.array:

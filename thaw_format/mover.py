@@ -38,6 +38,10 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         computed in the same pass when chunk_size > 0. scatter_pages(pages, blocks, block_offsets, layout)
         writes them back. Bad ranges, shared memory between the two sides and (scatter) two pages for one
         block raise ValueError before any byte moves.
+    scatter_pages_checked(pages, blocks, block_offsets, layout, chunk_size, expected) -> int or None
+        scatter_pages that checks each chunk_size chunk of the pages against expected[c] just before moving
+        it (one pass: the chunk is still in cache). A bad chunk is not written, but others may be: returns
+        the first bad chunk, and the caller discards `blocks` (a fresh buffer, never live state).
     copy_with_crcs(src, out, chunk_size) -> array('I')
         out[:len(src)] = src and the CRC32C of each chunk of it, in one multi-threaded pass (native path)
     empty(nbytes) -> memoryview                 an uninitialised writable buffer, the target of a load
@@ -444,6 +448,16 @@ def _py_scatter_pages(pages, blocks, block_offsets, layout: PageLayout) -> None:
     b[index] = p[: index.size]
 
 
+def _py_scatter_pages_checked(pages, blocks, block_offsets, layout: PageLayout, chunk_size: int, expected):
+    view = _bytes_view(pages)[: len(block_offsets) * layout.page_bytes]
+    expected = _expected_crcs(expected, len(view), chunk_size, 0)
+    got = _py_chunk_crcs(view, chunk_size)
+    bad = next((c for c, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+    if bad is None:
+        _py_scatter_pages(pages, blocks, block_offsets, layout)
+    return bad
+
+
 def _page_byte_index(offsets, layout: PageLayout):
     """The engine byte of every page byte, pages in order: one vectorised index for numpy."""
     import numpy
@@ -631,6 +645,18 @@ def _c_scatter_pages(pages, blocks, block_offsets, layout: PageLayout) -> None:
         _page_failure(code, len(b), len(p), block_offsets, layout, True, blocks, pages)
 
 
+def _c_scatter_pages_checked(pages, blocks, block_offsets, layout: PageLayout, chunk_size: int, expected):
+    p, b, offs = _c_buffer(pages), _c_buffer(blocks, writable=True), _c_offsets(block_offsets)
+    c_layout, _rows = _c_page_layout(layout)
+    expected = _expected_crcs(expected, min(len(offs) * layout.page_bytes, len(p)), chunk_size, 0)
+    bad = _ffi.new("int64_t *")
+    code = _lib.thaw_scatter_pages_checked(p, len(p), b, len(b), offs, len(offs), c_layout, chunk_size,
+                                           _ffi.from_buffer(_UINT32S, expected), bad)
+    if code:
+        _page_failure(code, len(b), len(p), block_offsets, layout, True, blocks, pages)
+    return None if bad[0] < 0 else int(bad[0])
+
+
 def _page_failure(code: int, blocks_len: int, pages_len: int, offsets, layout: PageLayout, scatter: bool,
                   blocks, pages) -> None:
     """Turn a refusal from C into the ValueError that names what is wrong."""
@@ -662,9 +688,11 @@ if _lib is not None:
     check_buffer = _c_check_buffer
     gather, scatter = _c_gather, _c_scatter
     gather_pages, scatter_pages, copy_with_crcs = _c_gather_pages, _c_scatter_pages, _c_copy_with_crcs
+    scatter_pages_checked = _c_scatter_pages_checked
 else:
     crc32c, chunk_crcs = _py_crc32c, _py_chunk_crcs
     write_regions, read_regions, verify_regions = _py_write_regions, _py_read_regions, _py_verify_regions
     check_buffer = _py_check_buffer
     gather, scatter = _py_gather, _py_scatter
     gather_pages, scatter_pages, copy_with_crcs = _py_gather_pages, _py_scatter_pages, _py_copy_with_crcs
+    scatter_pages_checked = _py_scatter_pages_checked

@@ -179,6 +179,11 @@ class SnapshotFile:
         index, dtype, shape = self._entry(name)
         return dtype, shape, self.layout.regions[index]
 
+    def chunk_crcs(self, name: str) -> memoryview:
+        """The CRC32C each chunk of the tensor's region must have (a view of the trailer's), for a caller that
+        checks the bytes as it moves them (thaw_mlx.load checks KV pages while scattering them)."""
+        return self._expected_views([self.info(name)[2]])[0]
+
     def tensor(self, name: str, *, verify: bool = True, copy: bool = True) -> Tensor:
         """One tensor, reading only its bytes. `copy=False` gives a copy-on-write view over the mapped file.
 

@@ -1,8 +1,9 @@
 """Writing: one plan, three sinks — a path (atomic), a stream (one pass, no seeking), a memory buffer.
 
-The writer is deterministic: the same Snapshot always gives the same bytes. A memory buffer can also take
-tensors whose bytes do not exist yet (`deferred_tensor`): a `fill` function writes each one straight into its
-region and returns the region's chunk CRCs, so an engine's KV pages reach shared memory in one pass.
+The writer is deterministic: the same Snapshot always gives the same bytes. A memory buffer or a path can
+also take tensors whose bytes do not exist yet (`deferred_tensor`): a `fill` function writes each one straight
+into its region and returns the region's chunk CRCs, so an engine's KV pages reach shared memory, or a file
+(through a shared mapping of it), in one pass.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class EncodedSnapshot:
         return trailer, content_id(self.header[: self.layout.header_length], trailer)
 
     @gc_paused
-    def write_into(self, buffer, fill: Optional[dict[str, Fill]] = None) -> str:
+    def write_into(self, buffer, fill: Optional[dict[str, Fill]] = None, progress: Progress = None) -> str:
         """Write the snapshot into the first `nbytes` of a writable buffer (bytearray, mmap, shared memory).
         `fill` maps tensor names ("kv/0/k") to functions that write those tensors' bytes themselves."""
         view = memoryview(buffer).cast("B")
@@ -83,6 +84,8 @@ class EncodedSnapshot:
             else:
                 crcs.extend(mover.copy_with_crcs(tensor.data, target, region.chunk_size))
             position = region.end
+            if progress:
+                progress(region.length)
         view[position : self.layout.trailer_offset] = bytes(self.layout.trailer_offset - position)
         trailer, snapshot_id = self._finish(crcs)
         view[self.layout.trailer_offset : self.nbytes] = trailer
@@ -105,8 +108,12 @@ class EncodedSnapshot:
         return snapshot_id
 
     @gc_paused
-    def save(self, path, progress: Progress = None) -> str:
+    def save(self, path, progress: Progress = None, fill: Optional[dict[str, Fill]] = None) -> str:
         """Write atomically: a temporary file beside `path`, fsync, rename over `path`, fsync the directory.
+
+        `fill` (as for write_into) writes the named tensors straight into their regions of the file, through a
+        shared mapping of the temporary file sized to the snapshot: one pass from the engine to the page
+        cache, with no copy in between.
 
         A crash at any point leaves either the old file or the new one at `path`, never a mix. The file is
         never changed in place, so readers and mappings of the old file keep reading the old snapshot. A new
@@ -117,14 +124,7 @@ class EncodedSnapshot:
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = _create_beside(path, directory)
         try:
-            os.pwrite(fd, self.header, 0)
-            regions = [(offset, t.data, chunk_size)
-                       for (_, t), (offset, _, chunk_size, _) in zip(self.tensors, self.layout.table.tolist())]
-            crcs = array("I")
-            for region_crcs in mover.write_regions(fd, regions, progress):
-                crcs.extend(region_crcs)
-            trailer, snapshot_id = self._finish(crcs)
-            os.pwrite(fd, trailer, self.layout.trailer_offset)
+            snapshot_id = self._write_mapped(fd, fill, progress) if fill else self._write_file(fd, progress)
             os.fsync(fd)
             os.close(fd)
             fd = -1
@@ -141,10 +141,37 @@ class EncodedSnapshot:
             os.close(dir_fd)
         return snapshot_id
 
+    def _write_file(self, fd: int, progress: Progress) -> str:
+        os.pwrite(fd, self.header, 0)
+        regions = [(offset, t.data, chunk_size)
+                   for (_, t), (offset, _, chunk_size, _) in zip(self.tensors, self.layout.table.tolist())]
+        crcs = array("I")
+        for region_crcs in mover.write_regions(fd, regions, progress):
+            crcs.extend(region_crcs)
+        trailer, snapshot_id = self._finish(crcs)
+        os.pwrite(fd, trailer, self.layout.trailer_offset)
+        return snapshot_id
+
+    def _write_mapped(self, fd: int, fill: dict[str, Fill], progress: Progress) -> str:
+        # Blocks reserved before the mapping is written: a full disk raises OSError here, where a sparse file
+        # would raise SIGBUS on the first page the file system cannot back.
+        os.posix_fallocate(fd, 0, self.nbytes)
+        mapped = mmap.mmap(fd, self.nbytes)
+        try:
+            snapshot_id = self.write_into(mapped, fill, progress)
+            mapped.flush()  # msync: the portable way to reach the file; the caller's fsync then finds it written
+        finally:
+            try:
+                mapped.close()
+            except BufferError:  # a failed fill's traceback still views it: unmapped when that is dropped
+                pass
+        return snapshot_id
+
 
 def _create_beside(path: str, directory: str) -> tuple[int, str]:
-    """A new temporary file in `directory`, with the mode the snapshot at `path` will have: that of the
-    regular file it replaces, else 0666 less the umask (applied by the kernel at creation, as for `open`)."""
+    """A new temporary file in `directory` (read-write: a fill maps it), with the mode the snapshot at `path`
+    will have: that of the regular file it replaces, else 0666 less the umask (applied by the kernel at
+    creation, as for `open`)."""
     try:
         existing = os.lstat(path)
         keep = stat.S_IMODE(existing.st_mode) if stat.S_ISREG(existing.st_mode) else None
@@ -153,7 +180,7 @@ def _create_beside(path: str, directory: str) -> tuple[int, str]:
     for _ in range(100):
         tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.thaw-tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:
             continue
         if keep is not None:

@@ -2,6 +2,8 @@
 
     snap = thaw_mlx.capture(model, prompt_cache, tokens)      # a thaw_format.Snapshot; save with thaw_format.save
     cache = thaw_mlx.restore(model, snap)                     # refuses another model or layout, changes nothing
+    thaw_mlx.save(path, model, prompt_cache, tokens)          # capture + save in one pass over the KV
+    cache, snap = thaw_mlx.load(path, model)                  # load + restore, each KV chunk checked as it moves
     tokens, sampler = thaw_mlx.snapshot_tokens(snap), thaw_mlx.sampler_of(snap)
     for token in thaw_mlx.generate(model, cache, tokens, 16, sampler=sampler): ...
 
@@ -19,6 +21,7 @@ require("mlx_lm", "mlx", "thaw_mlx")  # before the modules that import it, so th
 
 from . import _internals  # noqa: F401  (refuses an untested mlx-lm at import)
 from .engine import MLXEngine
+from .files import load, save
 from .generate import generate, greedy
 from .identity import load_model, model_config, model_info, model_weights
 from .pages import num_cached_tokens
@@ -26,6 +29,6 @@ from .sampling import Sampler, sampler_of
 from .session import capture, fork, restore, snapshot_num_computed, snapshot_tokens
 
 __all__ = [
-    "MLXEngine", "Sampler", "capture", "fork", "generate", "greedy", "load_model", "model_config", "model_info", "model_weights",
-    "num_cached_tokens", "restore", "sampler_of", "snapshot_num_computed", "snapshot_tokens",
+    "MLXEngine", "Sampler", "capture", "fork", "generate", "greedy", "load", "load_model", "model_config", "model_info", "model_weights",
+    "num_cached_tokens", "restore", "sampler_of", "save", "snapshot_num_computed", "snapshot_tokens",
 ]

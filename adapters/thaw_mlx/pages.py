@@ -8,20 +8,25 @@ pages [num_pages, page_size, kv_heads, head_dim] (so MLX and vLLM snapshots of o
                          write index and offset needed to carry on writing exactly where it stood
     ArraysCache       -> "recurrent": the state arrays (convolution, SSM) of hybrid models, "state.0", ...
 Paged layers move in libthaw (thaw_format.mover.gather_pages / scatter_pages): one multi-threaded pass per
-array between MLX's head-major memory and the token-major pages, no intermediate MLX arrays.
+array between MLX's head-major memory and the token-major pages, no intermediate copy. A capture gathers into
+a new buffer or straight into a file's region (thaw_mlx.save, with the chunk CRCs in the same pass); a
+restore scatters into a fresh MLX array's own memory (thaw_format.mlx.writable_array), checking each chunk of
+a file against its CRC on the way when loading (thaw_mlx.load).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from array import array
+from typing import Callable, NamedTuple, Optional
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, RotatingKVCache
 
-from thaw_format import IncompatibleSnapshotError, KVLayer, Tensor, mover
-from thaw_format.mlx import from_mlx, to_mlx
+from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, KVLayer, Tensor, mover
+from thaw_format.mlx import dtype_name, from_mlx, to_mlx, writable_array
 
 from . import _internals
 
@@ -29,6 +34,20 @@ QUANTIZED_PARTS = ("", "_scales", "_biases")
 QUANTIZED_BITS = (2, 3, 4, 5, 6, 8)
 QUANTIZED_GROUPS = (32, 64, 128)
 SUPPORTED = (KVCache, QuantizedKVCache, RotatingKVCache, ArraysCache)
+# How encode_layer makes a paged tensor from [1, heads, capacity, d] valid up to num_tokens, in pages of
+# page_size: gathered now (to_pages), or deferred until a file's region is there to gather into (thaw_mlx.save).
+Paging = Callable[[mx.array, int, int], Tensor]
+
+
+class Expected(NamedTuple):
+    """A tensor's bytes as a file holds them, still to check: the chunk size and the CRC each chunk must have,
+    the name that a CorruptSnapshotError reports, and what to call once its bytes are in MLX (to let go of a
+    mapped file's pages), if anything."""
+
+    name: str
+    chunk_size: int
+    crcs: object
+    done: Optional[Callable[[], None]] = None
 
 
 def num_cached_tokens(prompt_cache: list) -> int:
@@ -41,8 +60,10 @@ def num_cached_tokens(prompt_cache: list) -> int:
     return offsets.pop()
 
 
-def encode_layer(cache, page_size: int) -> KVLayer:
-    """One layer's cache as a KVLayer; refuses caches thaw does not know and batches of more than one."""
+def encode_layer(cache, page_size: int, paging: Optional[Paging] = None) -> KVLayer:
+    """One layer's cache as a KVLayer; refuses caches thaw does not know and batches of more than one.
+    `paging` makes the paged tensors (default: to_pages, gathered now)."""
+    to_paged = paging or to_pages
     if not isinstance(cache, SUPPORTED):
         raise TypeError(f"thaw_mlx cannot capture a {type(cache).__name__} (supported: "
                         f"{', '.join(c.__name__ for c in SUPPORTED)})")
@@ -59,7 +80,7 @@ def encode_layer(cache, page_size: int) -> KVLayer:
         _check_single(keys)
         return KVLayer(
             "attention",
-            {"k": _to_pages(keys, offset, page_size), "v": _to_pages(values, offset, page_size)},
+            {"k": to_paged(keys, offset, page_size), "v": to_paged(values, offset, page_size)},
             num_kv_heads=keys.shape[1],
             head_dim=keys.shape[3],
             # DeepSeek's MLA runs in mlx-lm as plain attention with a V head smaller than K's
@@ -71,7 +92,7 @@ def encode_layer(cache, page_size: int) -> KVLayer:
         tensors = {}
         for role, parts in (("k", keys), ("v", values)):
             for suffix, part in zip(QUANTIZED_PARTS, parts):
-                tensors[role + suffix] = _to_pages(part, offset, page_size)
+                tensors[role + suffix] = to_paged(part, offset, page_size)
         return KVLayer(
             "quantized",
             tensors,
@@ -90,14 +111,18 @@ def encode_layer(cache, page_size: int) -> KVLayer:
     )
 
 
-def decode_layer(layer: KVLayer, pages: list[int], num_tokens: int):
-    """A new cache object for one layer: paged layers take `pages` (in order), which hold num_tokens tokens."""
+def decode_layer(layer: KVLayer, pages: list[int], num_tokens: int, expected: Optional[dict] = None):
+    """A new cache object for one layer: paged layers take `pages` (in order), which hold num_tokens tokens.
+    `expected` maps a paged tensor's role to its Expected CRCs (a file's bytes, checked as they are scattered);
+    the layer's other tensors must have been checked already."""
+    expected = expected or {}
     if layer.kind == "attention":
-        keys, values = (_from_pages(layer.tensors[r], pages, num_tokens) for r in ("k", "v"))
+        keys, values = (from_pages(layer.tensors[r], pages, num_tokens, expected.get(r)) for r in ("k", "v"))
         return _internals.make_kv(keys, values, num_tokens)
     if layer.kind == "quantized":
         keys, values = (
-            tuple(_from_pages(layer.tensors[role + suffix], pages, num_tokens) for suffix in QUANTIZED_PARTS)
+            tuple(from_pages(layer.tensors[role + suffix], pages, num_tokens, expected.get(role + suffix))
+                  for suffix in QUANTIZED_PARTS)
             for role in ("k", "v")
         )
         return _internals.make_quantized(keys, values, num_tokens, layer.params["group_size"], layer.params["bits"])
@@ -212,38 +237,85 @@ def _page_moves(num_tokens: int, page_size: int, heads: int, capacity: int, dim:
     return moves
 
 
-def _to_pages(x: mx.array, num_tokens: int, page_size: int) -> Tensor:
-    """[1, heads, capacity, d] valid up to num_tokens -> Tensor [pages, page_size, heads, d], zero-padded: one
-    libthaw gather from MLX's memory into the page buffer (a row of d per token and head)."""
+def to_pages(x: mx.array, num_tokens: int, page_size: int) -> Tensor:
+    """[1, heads, capacity, d] valid up to num_tokens -> Tensor [pages, page_size, heads, d], zero-padded,
+    gathered into a new buffer."""
+    dtype, shape = paged_shape(x, num_tokens, page_size)
+    out = mover.empty(math.prod(shape) * _itemsize(x))
+    gather_into(x, num_tokens, page_size, out)
+    return Tensor(dtype, shape, out)
+
+
+def paged_shape(x: mx.array, num_tokens: int, page_size: int) -> tuple[str, tuple]:
+    """The format dtype and [pages, page_size, heads, d] shape of the paged tensor of x."""
+    _, heads, _, dim = x.shape
+    return dtype_name(x.dtype), (-(-num_tokens // page_size), page_size, heads, dim)
+
+
+def gather_into(x: mx.array, num_tokens: int, page_size: int, out, chunk_size: int = 0) -> Optional[array]:
+    """Write the pages of x into `out` (exactly their bytes long): one libthaw gather from MLX's memory (a row
+    of d per token and head), with the CRC32C of each chunk_size chunk of `out` when chunk_size > 0 (a file
+    region: thaw_mlx.save)."""
     source = from_mlx(x)  # the array's bytes, shared with MLX
     _, heads, capacity, dim = x.shape
-    itemsize = source.nbytes // x.size
-    num_pages = -(-num_tokens // page_size)
+    itemsize = _itemsize(x)
     page_bytes = page_size * heads * dim * itemsize
-    out = np.frombuffer(mover.empty(num_pages * page_bytes), np.uint8)
-    out[num_tokens * heads * dim * itemsize :] = 0  # a short last page's padding (token-major: its tail)
-    page = 0
+    target = np.frombuffer(out, np.uint8)
+    target[num_tokens * heads * dim * itemsize :] = 0  # a short last page's padding (token-major: its tail)
+    crcs, page = None, 0
     for layout, count in _page_moves(num_tokens, page_size, heads, capacity, dim, itemsize):
         offsets = (np.arange(count, dtype=np.int64) + page) * page_size * dim * itemsize  # token p*page_size
-        mover.gather_pages(source.data, offsets, layout, out[page * page_bytes :])
+        got = mover.gather_pages(source.data, offsets, layout, target[page * page_bytes :], chunk_size)
+        crcs = got if crcs is None else crcs
         page += count
-    return Tensor(source.dtype, (num_pages, page_size, heads, dim), out)
+    if chunk_size and num_tokens % page_size:
+        # A short last page moves with a layout of its own, whose CRCs would start mid-chunk: the chunks from
+        # the one it starts in are summed again (at most one chunk and a page, just written: in cache).
+        first = (page - 1) * page_bytes // chunk_size
+        crcs = crcs[:first] + mover.chunk_crcs(target[first * chunk_size :], chunk_size)
+    return crcs
 
 
-def _from_pages(tensor: Tensor, pages: list[int], num_tokens: int) -> mx.array:
-    """Tensor [pages, page_size, heads, d] -> [1, heads, capacity, d], capacity rounded up as mlx-lm grows it:
-    the given pages scattered by libthaw into a zeroed sequence buffer, which MLX then copies."""
+def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Optional[Expected] = None) -> mx.array:
+    """Tensor [pages, page_size, heads, d] -> a new [1, heads, capacity, d] MLX array, capacity rounded up as
+    mlx-lm grows it: the given pages scattered by libthaw straight into the array's own memory, every page
+    with the same layout (a short last page's padding lands past num_tokens and is zeroed after).
+
+    With `expected`, the tensor's bytes are a file's, checked against their CRCs before they are used: in the
+    scatter itself, chunk by chunk, when the pages are the whole tensor in order (as thaw_mlx writes them),
+    else in a pass of their own first. A bad chunk raises CorruptSnapshotError; the new array is then dropped."""
     _, page_size, heads, dim = tensor.shape
     itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1)
-    capacity = -(-num_tokens // _internals.CACHE_STEP) * _internals.CACHE_STEP
-    out = np.frombuffer(mover.empty(heads * capacity * dim * itemsize), np.uint8)
-    out.reshape(heads, capacity, -1)[:, num_tokens:] = 0  # the capacity past the last token
-    page_bytes = page_size * heads * dim * itemsize
-    at = 0  # index into `pages` of the next page to write
-    for layout, count in _page_moves(num_tokens, page_size, heads, capacity, dim, itemsize):
-        for first, run, start in mover.consecutive_runs(pages[at : at + count]):  # one slice of the tensor each
-            offsets = (np.arange(run, dtype=np.int64) + at + start) * page_size * dim * itemsize
-            mover.scatter_pages(tensor.data[first * page_bytes : (first + run) * page_bytes], out, offsets, layout)
-        at += count
-    return to_mlx(Tensor(tensor.dtype, (1, heads, capacity, dim), out))
+    span = len(pages) * page_size  # the tokens the pages cover, padding included
+    capacity = -(-span // _internals.CACHE_STEP) * _internals.CACHE_STEP
+    result, out = writable_array((1, heads, capacity, dim), tensor.dtype)
+    layout = _sequence_layout(page_size, heads, capacity, dim, itemsize)
+    page_bytes = layout.page_bytes
+    whole = expected is not None and pages == list(range(tensor.shape[0]))
+    if expected is not None and not whole:
+        bad = mover.check_buffer(tensor.data, [(0, tensor.nbytes, expected.chunk_size, 0)], expected.crcs)
+        _raise_bad(expected, bad[1] if bad else None)
+    for first, run, start in mover.consecutive_runs(pages):  # one slice of the tensor each
+        offsets = (np.arange(run, dtype=np.int64) + start) * page_size * dim * itemsize
+        source = tensor.data[first * page_bytes : (first + run) * page_bytes]
+        if whole:
+            _raise_bad(expected, mover.scatter_pages_checked(source, out, offsets, layout, expected.chunk_size,
+                                                             expected.crcs))
+        else:
+            mover.scatter_pages(source, out, offsets, layout)
+    if span > num_tokens:
+        np.frombuffer(out, np.uint8).reshape(heads, capacity, -1)[:, num_tokens:span] = 0
+    out.release()  # nothing may write into the array once MLX can see it
+    if expected is not None and expected.done is not None:
+        expected.done()
+    return result
 
+
+def _raise_bad(expected: Expected, chunk: Optional[int]) -> None:
+    if chunk is not None:
+        raise CorruptSnapshotError(f"tensor {expected.name!r}: checksum mismatch in chunk {chunk} "
+                                   f"(chunks of {expected.chunk_size} bytes)")
+
+
+def _itemsize(x: mx.array) -> int:
+    return x.dtype.size

@@ -31,7 +31,7 @@ from thaw_format.sdk import DEFAULT_PAGE_SIZE, lineage_now
 
 from . import _internals
 from .identity import check_snapshot_model, model_info, model_weights
-from .pages import check_layer, decode_layer, encode_layer, layer_dtype, num_cached_tokens
+from .pages import Paging, check_layer, decode_layer, encode_layer, layer_dtype, num_cached_tokens
 
 REQUEST_ID = "mlx-0"
 
@@ -49,6 +49,7 @@ def capture(
     parent: Optional[str] = None,
     info: Optional[ModelInfo] = None,
     finished: bool = False,
+    paging: Optional[Paging] = None,
 ) -> Snapshot:
     """Snapshot the session. The tensors share MLX's memory until the snapshot is written.
 
@@ -58,7 +59,8 @@ def capture(
     computed once: pass it to save digesting every weight again, and always for a model loaded from a
     checkpoint (model_info(model, checkpoint=...)), whose identity the model alone does not know;
     `finished=True` records a session served to the end: engines that run requests (vLLM, SGLang) then take
-    its KV as prefix cache instead of resuming it as a request in flight.
+    its KV as prefix cache instead of resuming it as a request in flight. `paging` makes the KV pages
+    (default: gathered now); thaw_mlx.save defers them, to gather them straight into the file.
     """
     if len(prompt_cache) != len(model.layers):
         raise ValueError(f"the prompt cache has {len(prompt_cache)} layers, the model {len(model.layers)}")
@@ -72,6 +74,7 @@ def capture(
         sampler=sampler,
         lineage=Lineage(parent=parent, label=label, created=lineage_now()),
         finished=finished,
+        paging=paging,
     )
 
 
@@ -86,6 +89,7 @@ def snapshot_of_cache(
     sampler=None,
     lineage: Optional[Lineage] = None,
     finished: bool = False,
+    paging: Optional[Paging] = None,
 ) -> Snapshot:
     """The snapshot of a prompt cache whose model is described rather than at hand (capture, file import)."""
     tokens = [int(t) for t in tokens]
@@ -100,7 +104,7 @@ def snapshot_of_cache(
     sampling, rng_state = sampler.state() if sampler is not None else (SamplingParams(temperature=0.0), None)
     mx.eval([c.state for c in prompt_cache])
 
-    layers = [encode_layer(c, page_size) for c in prompt_cache]
+    layers = [encode_layer(c, page_size, paging) for c in prompt_cache]
     computed = tokens[:offset]
     pages = [computed[i : i + page_size] for i in range(0, offset, page_size)]
     return Snapshot(
@@ -153,8 +157,9 @@ def fork(
     return [parent] + [[_share(c) for c in parent] for _ in range(n - 1)]
 
 
-def cache_of_snapshot(snapshot: Snapshot) -> list:
-    """The snapshot's prompt cache, once it is clear MLX can hold it (which model it fits is restore's check)."""
+def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None) -> list:
+    """The snapshot's prompt cache, once it is clear MLX can hold it (which model it fits is restore's check).
+    `expected`, per layer, maps paged roles to the CRCs their file bytes must have (thaw_mlx.load)."""
     request = session_request(snapshot)
     kv = snapshot.kv
     if kv is None:
@@ -168,7 +173,9 @@ def cache_of_snapshot(snapshot: Snapshot) -> list:
         check_layer(i, layer, request.pages, request.num_computed_tokens, kv.page_size)
         if layer_dtype(layer) != kv.dtype:
             raise IncompatibleSnapshotError(f"kv.layers[{i}] is {layer_dtype(layer)}, the KV cache {kv.dtype}")
-    cache = [decode_layer(layer, request.pages, request.num_computed_tokens) for layer in snapshot.kv.layers]
+    expected = expected or [None] * len(kv.layers)
+    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks)
+             for layer, checks in zip(kv.layers, expected)]
     mx.eval([c.state for c in cache])
     return cache
 

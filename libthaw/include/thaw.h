@@ -129,4 +129,13 @@ int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *
 int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                            const int64_t *block_offsets, size_t n, const thaw_page_layout *layout);
 
+/* thaw_scatter_pages with the pages checked on the way: chunk c (chunk_size bytes of `pages`, the last may be
+ * short) must have CRC32C expected[c], one entry per chunk of the n pages. Each chunk is checked just before
+ * it moves, while it is in cache, and a bad chunk is not written; *bad_chunk = the first bad chunk, or -1.
+ * The chunks before and after a bad one may already have been written: scatter into blocks that are
+ * discarded on failure (fresh buffers), never into live state. */
+int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
+                                   const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
+                                   size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk);
+
 #endif

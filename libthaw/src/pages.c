@@ -24,6 +24,8 @@ typedef struct {
     uint32_t *crcs;          /* gather only: one per chunk_size of output, or NULL */
     int to_pages;
     size_t *order;           /* rows by source address, or NULL (rows already in that order) */
+    const uint32_t *expected; /* checked scatter only: one CRC per unit of input, or NULL */
+    int64_t bad;             /* checked scatter: the first unit whose CRC failed, or -1 */
 } page_job;
 
 /* Copy n elements of one row between the contiguous side and the strided side. */
@@ -153,11 +155,28 @@ static void move_range(page_job *j, size_t e, size_t end) {
     }
 }
 
+/* Keep the lowest failed unit (units finish in any order across threads). */
+static void record_bad(page_job *j, size_t index) {
+    int64_t seen = __atomic_load_n(&j->bad, __ATOMIC_RELAXED);
+    while ((seen < 0 || (int64_t)index < seen) &&
+           !__atomic_compare_exchange_n(&j->bad, &seen, (int64_t)index, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+}
+
 static void unit_task(void *ctx, size_t index, int worker) {
     (void)worker;
     page_job *j = ctx;
     size_t start = index * j->unit_elems;
     size_t end = start + j->unit_elems < j->total_elems ? start + j->unit_elems : j->total_elems;
+    if (j->expected) { /* a checked scatter: the unit is one chunk, checked before it moves (then in cache) */
+        int64_t bad = __atomic_load_n(&j->bad, __ATOMIC_RELAXED);
+        if (bad >= 0 && (int64_t)index > bad) return; /* the call fails anyway: spare the bandwidth */
+        if (thaw_crc32c(0, j->pages + start * j->layout->itemsize, (end - start) * j->layout->itemsize) !=
+            j->expected[index]) {
+            record_bad(j, index);
+            return;
+        }
+    }
     move_range(j, start, end);
     if (j->crcs) /* one unit is one chunk, checksummed by the thread that just wrote it */
         j->crcs[index] = thaw_crc32c(0, j->pages + start * j->layout->itemsize, (end - start) * j->layout->itemsize);
@@ -255,7 +274,7 @@ static int64_t run(page_job *j) {
 int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *block_offsets, size_t n,
                           const thaw_page_layout *layout, void *out, size_t out_len, size_t chunk_size,
                           uint32_t *crcs) {
-    page_job j = {out, (uint8_t *)blocks, block_offsets, layout, 0, 0, 0, chunk_size, crcs, 1, NULL};
+    page_job j = {out, (uint8_t *)blocks, block_offsets, layout, 0, 0, 0, chunk_size, crcs, 1, NULL, NULL, -1};
     int64_t bad = prepare(&j, blocks_len, out_len, n);
     if (bad) return bad;
     size_t isz = layout->itemsize;
@@ -264,17 +283,16 @@ int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *
     return run(&j);
 }
 
-int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
-                           const int64_t *block_offsets, size_t n, const thaw_page_layout *layout) {
-    page_job j = {(uint8_t *)pages, blocks, block_offsets, layout, 0, 0, 0, 0, NULL, 0, NULL};
-    int64_t bad = prepare(&j, blocks_len, pages_len, n);
+static int64_t scatter(page_job *j, size_t pages_len, size_t blocks_len, size_t n, size_t unit_bytes) {
+    int64_t bad = prepare(j, blocks_len, pages_len, n);
     if (bad) return bad;
+    if (unit_bytes == 0 || unit_bytes % j->layout->itemsize) return THAW_PAGES_BAD_CHUNK;
     /* Two pages into one block would race between threads: refuse repeated block offsets. */
     int64_t *sorted = NULL;
     if (n > 1) {
         sorted = malloc(n * sizeof *sorted);
         if (!sorted) return THAW_PAGES_NO_MEMORY;
-        memcpy(sorted, block_offsets, n * sizeof *sorted);
+        memcpy(sorted, j->offsets, n * sizeof *sorted);
         qsort(sorted, n, sizeof *sorted, cmp_i64);
         for (size_t i = 1; i < n; i++)
             if (sorted[i] == sorted[i - 1]) {
@@ -283,6 +301,23 @@ int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, si
             }
         free(sorted);
     }
-    j.unit_elems = UNIT_BYTES / layout->itemsize;
-    return run(&j);
+    j->unit_elems = unit_bytes / j->layout->itemsize;
+    return run(j);
+}
+
+int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
+                           const int64_t *block_offsets, size_t n, const thaw_page_layout *layout) {
+    page_job j = {(uint8_t *)pages, blocks, block_offsets, layout, 0, 0, 0, 0, NULL, 0, NULL, NULL, -1};
+    return scatter(&j, pages_len, blocks_len, n, UNIT_BYTES);
+}
+
+int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
+                                   const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
+                                   size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk) {
+    page_job j = {(uint8_t *)pages, blocks, block_offsets, layout, 0, 0, 0, chunk_size, NULL, 0, NULL, expected, -1};
+    *bad_chunk = -1;
+    if (!expected) return THAW_PAGES_BAD_CHUNK;
+    int64_t code = scatter(&j, pages_len, blocks_len, n, chunk_size);
+    *bad_chunk = j.bad;
+    return code;
 }

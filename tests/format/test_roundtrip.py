@@ -215,3 +215,27 @@ def test_v_head_dim_sets_required_bit_1_and_version_1_1():
 def test_v_head_dim_must_match_v(v_head_dim, params, match):
     with pytest.raises(ValueError, match=match):
         tf.dumps(_kv_snapshot(v_head_dim, params))
+
+
+def test_save_with_fill_writes_the_same_file_in_place_of_deferred_tensors(tmp_path, full_snapshot):
+    """EncodedSnapshot.save(fill=): a deferred tensor's bytes written by its fill straight into the file's
+    region give the file the tensor itself gives; a fill that fails leaves the old file and no temporary."""
+    from thaw_format.writer import deferred_tensor
+
+    plain, filled = tmp_path / "plain.thaw", tmp_path / "filled.thaw"
+    plain_id = tf.EncodedSnapshot(full_snapshot).save(plain)
+    name, real = "embed.weight", full_snapshot.weights.tensors["embed.weight"]
+    full_snapshot.weights.tensors[name] = deferred_tensor(real.dtype, real.shape)
+
+    def fill(target, chunk_size):
+        return tf.mover.copy_with_crcs(real.data, target, chunk_size)
+
+    assert tf.EncodedSnapshot(full_snapshot).save(filled, fill={f"weights/{name}": fill}) == plain_id
+    assert filled.read_bytes() == plain.read_bytes()
+
+    def failing(target, chunk_size):
+        raise RuntimeError("engine gone")
+
+    with pytest.raises(RuntimeError, match="engine gone"):
+        tf.EncodedSnapshot(full_snapshot).save(filled, fill={f"weights/{name}": failing})
+    assert filled.read_bytes() == plain.read_bytes() and sorted(os.listdir(tmp_path)) == ["filled.thaw", "plain.thaw"]

@@ -1,12 +1,14 @@
 """thaw_mlx's paged layers move in libthaw: byte for byte what the previous MLX-ops path built (transpose, pad,
 reshape one way; index, reshape, transpose, pad the other), for full and short last pages, every float dtype,
-quantized parts (packed uint32, scales) and pages restored out of order."""
+quantized parts (packed uint32, scales) and pages restored out of order; with a file's CRCs, the same bytes or
+CorruptSnapshotError."""
 
 import numpy as np
 import pytest
 
 mx = pytest.importorskip("mlx.core")
 
+from thaw_format import CorruptSnapshotError, Tensor, mover  # noqa: E402
 from thaw_format.mlx import from_mlx, to_mlx  # noqa: E402
 from thaw_mlx import _internals, pages  # noqa: E402
 
@@ -48,12 +50,73 @@ def test_pages_equal_the_mlx_ops_path(dtype, num_tokens):
     heads, capacity, dim, page_size = 3, 256, 24, 32
     x = sequence(dtype, heads, capacity, dim)
     mx.eval(x)
-    got = pages._to_pages(x, num_tokens, page_size)
+    got = pages.to_pages(x, num_tokens, page_size)
     want = reference_to_pages(x, num_tokens, page_size)
     assert (got.dtype, got.shape) == (want.dtype, want.shape)
     assert bytes(got.data) == bytes(want.data)
 
     for chain in (list(range(got.shape[0])), list(range(got.shape[0]))[::-1]):  # in order, and out of order
-        restored = pages._from_pages(got, chain, num_tokens)
+        restored = pages.from_pages(got, chain, num_tokens)
         assert restored.dtype == x.dtype
         assert as_bytes(restored) == as_bytes(reference_from_pages(got, chain, num_tokens))
+
+
+CHECKED = [mover._py_scatter_pages_checked] + ([mover._c_scatter_pages_checked] if mover._lib is not None else [])
+
+
+@pytest.mark.parametrize("num_tokens", [256, 200, 1])
+@pytest.mark.parametrize("in_order", [True, False])
+def test_checked_restore_scatters_the_same_bytes_and_refuses_a_bad_chunk(num_tokens, in_order):
+    """from_pages with the file's CRCs: the same array as without them (checked in the scatter for pages in
+    order, in a pass of its own otherwise), and CorruptSnapshotError for a flipped byte in any chunk."""
+    heads, capacity, dim, page_size, chunk = 3, 256, 24, 32, 4096
+    x = sequence(mx.float32, heads, capacity, dim)
+    paged = pages.to_pages(x, num_tokens, page_size)
+    chain = list(range(paged.shape[0]))[:: 1 if in_order else -1]
+    crcs = mover.chunk_crcs(paged.data, chunk)
+    want = as_bytes(pages.from_pages(paged, chain, num_tokens))
+    got = pages.from_pages(paged, chain, num_tokens, pages.Expected("kv/0/k", chunk, crcs))
+    assert as_bytes(got) == want
+    for at in (0, paged.nbytes // 2, paged.nbytes - 1):
+        data = bytearray(paged.data)
+        data[at] ^= 1
+        bad = Tensor(paged.dtype, paged.shape, data)
+        with pytest.raises(CorruptSnapshotError, match=rf"'kv/0/k'.*chunk {at // chunk}\b"):
+            pages.from_pages(bad, chain, num_tokens, pages.Expected("kv/0/k", chunk, crcs))
+
+
+@pytest.mark.parametrize("scatter", CHECKED, ids=lambda f: f.__name__)
+def test_scatter_pages_checked_names_the_first_bad_chunk_and_writes_no_bad_byte(scatter):
+    """Both paths of mover.scatter_pages_checked: None and the pages in place when every chunk is good; else the
+    first bad chunk, and none of its bytes written (the others may be: the caller drops the buffer)."""
+    chunk, pages_n, page_bytes = 4096, 64, 1024  # 16 chunks
+    layout = mover.page_layout(np.arange(page_bytes // 4), 4)
+    data = np.random.default_rng(1).integers(0, 255, pages_n * page_bytes, dtype=np.uint8)
+    offsets = np.arange(pages_n, dtype=np.int64)[::-1] * page_bytes  # reversed: a real scatter
+    crcs = mover.chunk_crcs(data, chunk)
+    out = np.zeros_like(data)
+    assert scatter(data, out, offsets, layout, chunk, crcs) is None
+    assert out.reshape(pages_n, -1)[::-1].tobytes() == data.tobytes()
+    bad = data.copy()
+    bad[5 * chunk + 7] ^= 1
+    bad[9 * chunk] ^= 1
+    out = np.zeros_like(data)
+    assert scatter(bad, out, offsets, layout, chunk, crcs) == 5
+    written = out.reshape(pages_n, -1)[::-1].reshape(-1)
+    assert not written[5 * chunk : 6 * chunk].any()
+    with pytest.raises(ValueError, match="expected CRCs"):
+        scatter(data, out, offsets, layout, chunk, crcs[:-1])
+
+
+@pytest.mark.parametrize("num_tokens", [256, 200, 31, 1])
+@pytest.mark.parametrize("chunk", [4096, 8192, 1 << 20])
+def test_gather_into_a_region_gives_its_chunk_crcs(num_tokens, chunk):
+    """What thaw_mlx.save writes: the pages of to_pages, and the CRCs of every chunk of them, also where a short
+    last page starts or ends mid-chunk (its CRCs are summed again)."""
+    heads, capacity, dim, page_size = 3, 256, 24, 32  # 9 KiB pages: chunk boundaries fall inside pages
+    x = sequence(mx.float32, heads, capacity, dim, seed=2)
+    want = pages.to_pages(x, num_tokens, page_size)
+    out = np.full(want.nbytes, 0xAB, np.uint8)  # stale bytes: the padding must be written too
+    crcs = pages.gather_into(x, num_tokens, page_size, out, chunk)
+    assert out.tobytes() == bytes(want.data)
+    assert list(crcs) == list(mover.chunk_crcs(want.data, chunk))

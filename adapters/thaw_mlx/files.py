@@ -1,0 +1,101 @@
+"""Snapshot files of an mlx-lm session in one pass over the KV each way.
+
+    snapshot_id = thaw_mlx.save(path, model, prompt_cache, tokens, info=info)   # capture's options
+    cache, snapshot = thaw_mlx.load(path, model, info=info)                      # restore's options
+
+They write and read the same files, and give the same caches, as thaw_format.save(thaw_mlx.capture(...)) and
+thaw_mlx.restore(model, thaw_format.load(path)), without the copy in between: save gathers each KV page
+straight from MLX's memory into the file's region (a shared mapping of the temporary file) with its chunk
+CRCs in the same pass, and stays atomic (temporary file, fsync, rename); load maps the file once and scatters
+each KV tensor straight into a new MLX array, checking each chunk against its CRC just before it moves. Every
+other tensor (weights, ring and recurrent states) is checked before anything is built from it, and a bad
+chunk anywhere raises CorruptSnapshotError with no cache returned. Load drops each KV tensor's mapped pages
+once scattered (they stay in the page cache), so its peak memory is the new cache and about one tensor more.
+"""
+
+from __future__ import annotations
+
+import functools
+import mmap
+import os
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from thaw_format import CorruptSnapshotError, EncodedSnapshot, ModelInfo, Snapshot, SnapshotFile
+from thaw_format.container import DEFAULT_CHUNK_SIZE
+from thaw_format.paths import open_regular
+from thaw_format.writer import deferred_tensor
+
+from .identity import check_snapshot_model
+from .pages import Expected, gather_into, paged_shape
+from .session import capture, cache_of_snapshot, check_cache_layout
+
+PAGED_KINDS = ("attention", "quantized")
+
+
+def save(path: str | os.PathLike, model: nn.Module, prompt_cache: list, tokens, *,
+         chunk_size: int = DEFAULT_CHUNK_SIZE, progress=None, **options) -> str:
+    """Capture the session into a snapshot file at `path` (atomically); returns the snapshot id.
+
+    `options` are thaw_mlx.capture's (num_prompt_tokens, page_size, include_weights, sampler, label, parent,
+    info, finished); `chunk_size` and `progress` are thaw_format.save's."""
+    fills = {}  # id of a deferred tensor -> the function that gathers its pages into the file
+
+    def defer(x: mx.array, num_tokens: int, page_size: int):
+        tensor = deferred_tensor(*paged_shape(x, num_tokens, page_size))
+        fills[id(tensor)] = functools.partial(gather_into, x, num_tokens, page_size)
+        return tensor
+
+    snapshot = capture(model, prompt_cache, tokens, paging=defer, **options)
+    encoded = EncodedSnapshot(snapshot, chunk_size=chunk_size)
+    fill = {name: fills[id(tensor)] for name, tensor in encoded.tensors if id(tensor) in fills}
+    return encoded.save(path, progress, fill)
+
+
+def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = True,
+         info: Optional[ModelInfo] = None) -> tuple[list, Snapshot]:
+    """(prompt cache, snapshot) from a snapshot file, after the checks thaw_mlx.restore makes.
+
+    The snapshot's tensors are read-only views of the mapped file, each checked by then; its tokens and
+    sampler are thaw_mlx.snapshot_tokens(snapshot) and thaw_mlx.sampler_of(snapshot). Like
+    thaw_format.load(mmap=True), the views see the file as it is: thaw's saves replace files, never rewrite
+    them in place."""
+    mapped = _map(os.fspath(path))
+    f = SnapshotFile(mapped)
+    # The document is checked now; the tensors are views of the mapping, checked below before any use.
+    snapshot = f.snapshot(verify=False, copy=False)
+    layers = snapshot.kv.layers if snapshot.kv is not None else []
+    expected = [{} for _ in layers]
+    for i, layer in enumerate(layers):
+        for role in layer.tensors if layer.kind in PAGED_KINDS else ():
+            name = f"kv/{i}/{role}"
+            region = f.info(name)[2]
+            expected[i][role] = Expected(name, region.chunk_size, f.chunk_crcs(name),
+                                         functools.partial(_drop, mapped, region.offset, region.length))
+    paged = {e.name for checks in expected for e in checks.values()}
+    for name in f.names():
+        if name not in paged:
+            f.tensor(name, copy=False)  # checks its chunks (raises CorruptSnapshotError)
+    check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
+    check_cache_layout(model, snapshot)
+    return cache_of_snapshot(snapshot, expected), snapshot
+
+
+def _map(path: str) -> mmap.mmap:
+    """The whole file, mapped read-only (shared with the page cache: nothing is copied until a scatter)."""
+    fd = open_regular(path, CorruptSnapshotError)
+    try:
+        if os.fstat(fd).st_size == 0:
+            raise CorruptSnapshotError(f"{path!r} is empty, not a snapshot")
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+
+
+def _drop(mapped: mmap.mmap, offset: int, length: int) -> None:
+    """Unmap a region's pages from this process once read (the file's pages stay cached; a later read of the
+    snapshot's view maps them again), so a load never holds the file and the new cache whole at once."""
+    start = offset - offset % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, start, offset + length - start)

@@ -1,0 +1,102 @@
+"""thaw_mlx.save / thaw_mlx.load, the one-pass file paths: the same file bytes as capture + thaw_format.save and
+the same caches as thaw_format.load + restore, for every cache kind; a bad chunk anywhere raises
+CorruptSnapshotError and gives no cache. And the helper that lets a restore write into a new MLX array."""
+
+import mlx.core as mx
+import pytest
+
+import thaw_format
+import thaw_mlx
+from sessions import CASES
+from thaw_format import CorruptSnapshotError
+from mlx.utils import tree_flatten
+from thaw_format.mlx import from_mlx, sole_view, writable_array
+from thaw_mlx import session as mlx_session
+
+
+def full_state(cache) -> list:
+    """Every layer's class, offset, meta state and state: arrays whole (capacity included) with dtype and shape."""
+    return [(type(c).__name__, getattr(c, "offset", None), getattr(c, "meta_state", None),
+             [(k, (v.dtype, v.shape, from_mlx(v).tobytes()) if isinstance(v, mx.array) else v)
+              for k, v in tree_flatten(c.state)])
+            for c in cache]
+
+
+@pytest.fixture
+def fixed_clock(monkeypatch):
+    """The lineage's creation time, the one field two captures of one session do not share."""
+    monkeypatch.setattr(mlx_session, "lineage_now", lambda: "2026-01-01T00:00:00Z")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_save_and_load_match_the_two_step_paths(name, session, tmp_path, fixed_clock):
+    model, cache, tokens = session(name)
+    prompt = len(CASES[name].prompt)
+    one, two = tmp_path / "one.thaw", tmp_path / "two.thaw"
+    snapshot_id = thaw_mlx.save(one, model, cache, tokens, num_prompt_tokens=prompt)
+    assert snapshot_id == thaw_format.save(thaw_mlx.capture(model, cache, tokens, num_prompt_tokens=prompt), two)
+    assert one.read_bytes() == two.read_bytes()
+    assert thaw_format.verify(one) == snapshot_id
+
+    loaded, snapshot = thaw_mlx.load(one, model)
+    restored = thaw_mlx.restore(model, thaw_format.load(two))
+    assert [type(c) for c in loaded] == [type(c) for c in cache]
+    assert full_state(loaded) == full_state(restored)
+    assert thaw_mlx.snapshot_tokens(snapshot) == tokens and snapshot.id == snapshot_id
+    assert list(thaw_mlx.generate(model, loaded, tokens, 6)) == list(thaw_mlx.generate(model, restored, tokens, 6))
+
+
+def test_save_replaces_a_file_atomically_and_leaves_no_temporary(session, tmp_path):
+    model, cache, tokens = session("llama-kv")
+    path = tmp_path / "s.thaw"
+    path.write_bytes(b"old")
+    thaw_mlx.save(path, model, cache, tokens, include_weights=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.thaw"]
+    assert thaw_mlx.snapshot_tokens(thaw_format.load(path)) == tokens
+
+
+@pytest.mark.parametrize("name,tensor,where", [
+    ("llama-kv", "kv/0/k", 0.0),          # first chunk of a paged tensor (checked in the scatter)
+    ("llama-kv", "kv/1/v", 0.999),        # its last chunk, the short last page
+    ("llama-quantized", "kv/0/k_scales", 0.5),
+    ("llama-rotating", "kv/1/k", 0.5),    # a ring buffer: checked before it is built
+    ("lfm2-hybrid", "kv/0/state.0", 0.5),  # a recurrent state
+    ("llama-kv", "weights", 0.5),         # any weight
+])
+def test_a_bad_chunk_anywhere_raises_and_gives_no_cache(name, tensor, where, session, tmp_path):
+    model, cache, tokens = session(name)
+    path = tmp_path / "s.thaw"
+    thaw_mlx.save(path, model, cache, tokens)
+    with thaw_format.open(path) as f:
+        tensor = next(n for n in f.names() if n.startswith(tensor))
+        region = f.info(tensor)[2]
+    data = bytearray(path.read_bytes())
+    data[region.offset + int(where * (region.length - 1))] ^= 0x10
+    path.write_bytes(data)
+    before = full_state(cache)
+    with pytest.raises(CorruptSnapshotError, match=repr(tensor)):
+        thaw_mlx.load(path, model)
+    assert full_state(cache) == before
+
+
+def test_writable_array_gives_the_arrays_own_memory():
+    for dtype, mlx_dtype in (("float32", mx.float32), ("bfloat16", mx.bfloat16), ("uint32", mx.uint32)):
+        array, view = writable_array((2, 3, 4), dtype)
+        assert (array.dtype, array.shape, len(view)) == (mlx_dtype, (2, 3, 4), array.nbytes)
+        assert not any(view)  # zeroed
+        view[:] = bytes(range(len(view)))
+        view.release()
+        assert from_mlx(array).tobytes() == bytes(range(array.nbytes))
+
+
+def test_writable_array_refuses_what_it_cannot_hand_out():
+    with pytest.raises(TypeError, match="no dtype"):
+        writable_array((2, 2), "float8")
+    for shape in ((), (2, 0), (-1, 4), (2.0, 3)):
+        with pytest.raises(ValueError, match="positive dimensions"):
+            writable_array(shape, "float32")
+    x = mx.arange(16, dtype=mx.float32).reshape(4, 4)
+    for shared in (mx.broadcast_to(mx.array([1.0]), (4, 4)), x.T, x[:, :2]):  # memory not its own bytes
+        with pytest.raises(ValueError, match="not writable in place"):
+            sole_view(shared)
+    assert len(sole_view(x)) == 64
