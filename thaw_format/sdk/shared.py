@@ -10,16 +10,20 @@ after another ("shm://name#nbytes"): fresh shared memory costs a page fault and 
 unlink that frees them all, several times the cost of the copy itself, so a steady stream of snapshots
 (restores, fork rounds) keeps its pages warm. A reader of a reused segment must be done with its view before
 the owner writes the next snapshot (a restore is), or copy (`copy=True`, a capture handed to a caller).
+
+`SharedKV` is the contract's default of `capture_shared` / `restore_source` (thaw_format.sdk.contract), which
+every adapter's engine class inherits and may override with a faster path of its own.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import weakref
 from multiprocessing import resource_tracker, shared_memory
-from typing import Optional
+from typing import Optional, Sequence
 
-from ..reader import loads
+from ..reader import load, loads
 from ..snapshot import Snapshot
 from ..writer import EncodedSnapshot
 
@@ -132,3 +136,47 @@ def read_shared(source: str, *, unlink: bool = False, copy: bool = False, verify
         if unlink:
             _unlink(shm)
     return loads(mapping, copy=copy, verify=verify)
+
+
+def owned_segment(owner, role: str = "kv") -> Segment:
+    """The Segment `owner` (an engine, a scheduler) reuses for its `role`'s snapshots, created on first use and
+    unlinked when the owner is collected or this process exits. Roles keep apart what must not overwrite each
+    other: an engine's published captures ("kv") and the snapshots sent into it ("restore")."""
+    segments = owner.__dict__.setdefault("_thaw_segments", {})
+    if role not in segments:
+        segment = segments[role] = Segment()
+        weakref.finalize(owner, segment.close)
+    return segments[role]
+
+
+def read_source(source: str) -> Snapshot:
+    """The snapshot a source names, every checksum verified: "shm://..." read in place from shared memory (a
+    reused segment's reader must be done before its owner's next snapshot), anything else a snapshot file."""
+    if source.startswith(SHM_PREFIX):
+        return read_shared(source)
+    return load(source, mmap=True)
+
+
+class SharedKV:
+    """The contract's default `capture_shared` / `restore_source`: a KV-only capture published once in the
+    engine's reused segment, and a restore from a source read in place. An adapter whose engine lives in
+    other processes overrides them to move the KV there directly."""
+
+    def capture_shared(self, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
+        snapshot = self.capture(include_weights=False, chains=chains)
+        return owned_segment(self).publish(snapshot)
+
+    def restore_source(self, source: str) -> list:
+        return self.restore(read_source(source))
+
+
+def capture_shared(engine, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
+    """engine.capture_shared(chains=...), or SharedKV's default for an engine class that does not have it."""
+    method = getattr(engine, "capture_shared", None)
+    return method(chains=chains) if method is not None else SharedKV.capture_shared(engine, chains=chains)
+
+
+def restore_source(engine, source: str) -> list:
+    """engine.restore_source(source), or SharedKV's default for an engine class that does not have it."""
+    method = getattr(engine, "restore_source", None)
+    return method(source) if method is not None else SharedKV.restore_source(engine, source)
