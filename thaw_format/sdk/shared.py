@@ -30,14 +30,16 @@ from ..writer import EncodedSnapshot
 SHM_PREFIX = "shm://"
 
 
-def _untracked(shm: shared_memory.SharedMemory) -> shared_memory.SharedMemory:
+def untracked(shm: shared_memory.SharedMemory) -> shared_memory.SharedMemory:
+    """`shm`, attached in this process, left out of its resource tracker."""
     # The creator or the last reader unlinks explicitly; Python 3.11's tracker would otherwise unlink a
     # segment when whichever process first touched it exits, and warn about "leaks" in the others.
     resource_tracker.unregister(shm._name, "shared_memory")
     return shm
 
 
-def _unlink(shm: shared_memory.SharedMemory) -> None:
+def unlink_segment(shm: shared_memory.SharedMemory) -> None:
+    """Unlink a segment attached untracked."""
     resource_tracker.register(shm._name, "shared_memory")  # unlink() unregisters it again
     shm.unlink()
 
@@ -48,7 +50,7 @@ class SharedSnapshot:
     def __init__(self, snapshot: Snapshot, fill: Optional[dict] = None) -> None:
         """`fill` writes deferred tensors in place (thaw_format.EncodedSnapshot.write_into)."""
         encoded = EncodedSnapshot(snapshot)
-        self._shm = _untracked(shared_memory.SharedMemory(create=True, size=max(encoded.nbytes, 1)))
+        self._shm = untracked(shared_memory.SharedMemory(create=True, size=max(encoded.nbytes, 1)))
         self.id = encoded.write_into(self._shm.buf, fill)
         self.nbytes = encoded.nbytes
         self.source = SHM_PREFIX + self._shm.name
@@ -62,7 +64,7 @@ class SharedSnapshot:
         """Unlink the segment; readers that still have it mapped keep their mapping."""
         if self._shm is not None:
             self._shm.close()
-            _unlink(self._shm)
+            unlink_segment(self._shm)
             self._shm = None
 
     def __enter__(self) -> "SharedSnapshot":
@@ -104,6 +106,11 @@ def _open_segment(name: str) -> int:
     return shm_open("/" + name, os.O_RDONLY, mode=0)
 
 
+def release(source: str) -> None:
+    """Unlink a snapshot's own segment ("shm://name") whose readers have all mapped it (or never will)."""
+    unlink_segment(untracked(shared_memory.SharedMemory(name=source[len(SHM_PREFIX):])))
+
+
 def read_shared(source: str, *, unlink: bool = False, copy: bool = False, verify: bool = True) -> Snapshot:
     """The snapshot in the segment `source` names, its checksums verified. Its tensors view a private mapping
     of the segment, kept while they live, or (copy=True) are copied out. `unlink` releases a snapshot's own
@@ -124,7 +131,7 @@ def read_shared(source: str, *, unlink: bool = False, copy: bool = False, verify
             os.close(fd)
         return loads(mapping, copy=copy, verify=verify)
     try:
-        shm = _untracked(shared_memory.SharedMemory(name=name))
+        shm = untracked(shared_memory.SharedMemory(name=name))
     except FileNotFoundError:
         raise FileNotFoundError(f"snapshot {source} is gone: shared memory lives only while its writer holds it "
                                 "(capture a fork child with include_weights=False: a KV-only snapshot that "
@@ -134,7 +141,7 @@ def read_shared(source: str, *, unlink: bool = False, copy: bool = False, verify
     finally:
         shm.close()
         if unlink:
-            _unlink(shm)
+            unlink_segment(shm)
     return loads(mapping, copy=copy, verify=verify)
 
 
