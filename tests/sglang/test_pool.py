@@ -39,3 +39,12 @@ def test_rounds_with_different_trunks_match_fresh_engines(pool, parent):
 
 def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent):
     checks.check_killed_worker(pool, parent, fresh_of(parent))
+
+
+def test_a_chain_capture_holds_only_the_chains_pages(parent):
+    trunk, other = checks.tokens(100, seed=90), checks.tokens(40, seed=91)
+    parent.generate(trunk, checks.PARAMS)
+    parent.generate(other, checks.PARAMS)
+    snapshot = parent.capture(include_weights=False, chains=[trunk[:64]])
+    assert [snapshot.prefix.chain_tokens(leaf) for leaf in snapshot.prefix.leaves()] == [trunk[:64]]
+    assert snapshot.kv.num_pages == 2
