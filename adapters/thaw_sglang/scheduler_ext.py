@@ -45,14 +45,15 @@ class ThawScheduler(_internals.Scheduler):
         and return its source: this scheduler's reused segment (`reuse`, valid until its next such capture) or
         a segment of its own, which the caller unlinks."""
         def work():
-            snapshot = capture_state(self, page_size=page_size, include_weights=weights, label=label or None,
-                                     parent=self.thaw_restored_from, chains=chains)
+            # into shared memory the KV goes straight from the engine's buffers, checksummed on the way
+            snapshot, fill = capture_state(self, page_size=page_size, include_weights=weights, label=label or None,
+                                           parent=self.thaw_restored_from, chains=chains, deferred=not path)
             if path:
                 thaw_format.save(snapshot, path)
                 return None
             if reuse:
-                return owned_segment(self).publish(snapshot)
-            shared = SharedSnapshot(snapshot)
+                return owned_segment(self).publish(snapshot, fill)
+            shared = SharedSnapshot(snapshot, fill)
             shared.detach()
             return shared.source
 
