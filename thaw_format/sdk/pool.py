@@ -4,11 +4,11 @@
     round = pool.fork(parent, 4, context=trunk, suffixes=[s0, s1, s2, s3], params=greedy(32))
     round.generations                                     # one Generation per suffix, cached_tokens from the engine
 
-Each round publishes the KV pages of the trunk's full pages from the parent once in shared memory
-(`parent.capture_shared`: a KV-only snapshot, no weights), and each of n workers restores them from there
-(`restore_source`: verified, read in place) and continues with its suffix, whose prefill starts with the
-trunk's last partial page (a full page is what every engine caches). The parent is only read. A worker that dies mid-round is named with its exit status, the round fails
-with PoolWorkerDied after the other workers have answered, and the pool starts a replacement, so the next round
+Each round the parent publishes the KV of the trunk's full pages once in shared memory (`capture_shared`: a
+KV-only snapshot, no weights), and each of n workers restores it from there (`restore_source`: verified, read
+in place) and continues with its suffix, whose prefill starts with the trunk's last partial page (a full page
+is what every engine caches). The parent is only read. A worker that dies mid-round is named with its exit
+status, the round fails with PoolWorkerDied after the other workers have answered, and the pool starts a replacement, so the next round
 runs on a full pool. Any contract engine with a launch spec works (thaw_format.sdk.contract).
 """
 
@@ -132,8 +132,9 @@ class ForkPool:
             worker.ensure_ready()
         full = len(context) // DEFAULT_PAGE_SIZE * DEFAULT_PAGE_SIZE
         # valid until the parent's next capture_shared: every worker answers before this round ends
+        capturing = time.perf_counter()
         source = capture_shared(parent, chains=[context[:full]])
-        round_ = ForkRound([], int(source.rpartition("#")[2]), time.perf_counter() - started)
+        round_ = ForkRound([], int(source.rpartition("#")[2]), time.perf_counter() - capturing)
         params_dict = dataclasses.asdict(params)
         sent = [worker.send({"source": source, "prompt": context + [int(t) for t in suffix],
                              "params": params_dict}) for worker, suffix in zip(workers, suffixes)]
