@@ -8,8 +8,9 @@ Each round the parent publishes the KV of the trunk's full pages once in shared 
 KV-only snapshot, no weights), and each of n workers restores it from there (`restore_source`: verified, read
 in place) and continues with its suffix, whose prefill starts with the trunk's last partial page (a full page
 is what every engine caches). The parent is only read. A worker that dies mid-round is named with its exit
-status, the round fails with PoolWorkerDied after the other workers have answered, and the pool starts a replacement, so the next round
-runs on a full pool. Any contract engine with a launch spec works (thaw_format.sdk.contract).
+status, the round fails with PoolWorkerDied after the other workers have answered, and the pool starts a
+replacement, so the next round runs on a full pool. Any contract engine with a launch spec works
+(thaw_format.sdk.contract).
 """
 
 from __future__ import annotations
