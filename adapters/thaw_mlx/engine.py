@@ -10,17 +10,20 @@ theirs, so that snapshots cross engines.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from thaw_format import ModelInfo, SamplingParams, Snapshot
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Resumed, Unsupported, fork, pending_requests
+from thaw_format.sdk.shared import SharedKV
 
 from .generate import generate
 from .identity import model_info
+from .pages import num_cached_tokens
 from .sampling import Sampler, sampler_of
 from .session import REQUEST_ID, capture, restore, snapshot_tokens
 
@@ -52,7 +55,7 @@ class _InFlight:
         self.steps = generate(model, session.cache, list(session.tokens), remaining, sampler=sampler)
 
 
-class MLXEngine:
+class MLXEngine(SharedKV):
     name = "mlx"
 
     def __init__(self, model, info: Optional[ModelInfo] = None, *, checkpoint: Optional[str] = None) -> None:
@@ -135,12 +138,32 @@ class MLXEngine:
 
     # --- state ---
 
-    def _current(self, chains) -> Optional[tuple[_Session, Optional[Sampler], int]]:
-        """The session a snapshot holds: the one in flight, else the one of `chains`, else the latest served."""
+    def _current(self, chains) -> Optional[tuple[list[int], list, Optional[Sampler], int]]:
+        """What a snapshot holds (tokens, cache, sampler, prompt length): the request in flight, else the KV of
+        `chains`, else the latest session served."""
         if self.inflight is not None:
-            return self.inflight.session, self.inflight.sampler, self.inflight.num_prompt
-        session = self._session_of(chains[0]) if chains else (self.sessions[-1] if self.sessions else None)
-        return None if session is None else (session, None, len(session.tokens))
+            flight = self.inflight
+            return flight.session.tokens, flight.session.cache, flight.sampler, flight.num_prompt
+        if chains:
+            held = self._chain_view([int(t) for t in chains[0]])
+            return None if held is None else (*held, None, len(held[0]))
+        return None if not self.sessions else (self.sessions[-1].tokens, self.sessions[-1].cache, None,
+                                               len(self.sessions[-1].tokens))
+
+    def _chain_view(self, chain: list[int]) -> Optional[tuple[list[int], list]]:
+        """The tokens and cache of `chain`'s KV only: a session that runs past the chain is seen through a
+        trimmed shallow copy of its cache (the arrays are shared, not copied); else the longest session the
+        chain extends."""
+        session = next((s for s in self.sessions if chain and s.tokens[: len(chain)] == chain), None)
+        if session is None:
+            session = self._session_of(chain)
+            return None if session is None else (session.tokens, session.cache)
+        view = [copy.copy(layer) for layer in session.cache]
+        past = num_cached_tokens(view) - len(chain)
+        if past > 0 and (not can_trim_prompt_cache(view) or trim_prompt_cache(view, past) != past):
+            raise Unsupported("this session's cache cannot be cut back to the chain (a rotating window that has "
+                              "wrapped, or a recurrent layer): capture the whole session instead")
+        return chain, view
 
     def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:
         if chains is not None and len(chains) > 1:
@@ -148,9 +171,9 @@ class MLXEngine:
         current = self._current(chains)
         if current is None:  # nothing served yet: a snapshot without KV
             return Snapshot(model=self.info, weights=None)
-        session, sampler, num_prompt = current
+        tokens, cache, sampler, num_prompt = current
         # a served session: its KV is cache, and no request is left for a restore to run
-        return capture(self.model, session.cache, session.tokens, num_prompt_tokens=num_prompt, sampler=sampler,
+        return capture(self.model, cache, tokens, num_prompt_tokens=num_prompt, sampler=sampler,
                        info=self.info, finished=self.inflight is None, include_weights=include_weights)
 
     def check(self, snapshot: Snapshot) -> None:

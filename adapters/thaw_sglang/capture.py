@@ -6,19 +6,23 @@ from thaw_format import Lineage, Snapshot, Weights, WeightsRef
 from thaw_format.sdk import lineage_now
 
 from . import _internals
-from .kv import gather_pages
+from .kv import deferred_pages, gather_pages
 from .identity import engine_info, model_info
-from .pages import paginate
+from .pages import chain_paths, paginate
 from .requests import capture_requests
 from .weights import capture_weights, engine_weights_digest
 
 
 def capture_state(
-    scheduler, *, page_size: int, include_weights: bool, label: str | None = None, parent: str | None = None
-) -> Snapshot:
+    scheduler, *, page_size: int, include_weights: bool, label: str | None = None, parent: str | None = None,
+    chains: list[list[int]] | None = None, deferred: bool = False,
+) -> tuple[Snapshot, dict]:
     """The scheduler's state between two batches. Without weights, the snapshot names them by digest.
 
-    `parent` is the id of the snapshot this engine was restored from, if any.
+    `parent` is the id of the snapshot this engine was restored from, if any; `chains` limits the cached pages
+    to those holding these token sequences (requests in flight keep theirs). With `deferred`, the KV tensors
+    are left for the returned `fill` functions to gather straight into the snapshot's buffer (write_into);
+    otherwise they are gathered here and `fill` is empty.
     """
     engine_page = _internals.engine_page_size(scheduler)
     if page_size % engine_page:
@@ -27,15 +31,22 @@ def capture_state(
     digest = engine_weights_digest(scheduler)
     weights = capture_weights(scheduler) if include_weights else Weights(ref=WeightsRef(weights_digest=digest))
     requests = capture_requests(scheduler)
-    pages = paginate(_internals.radix_paths(scheduler) + requests.paths, page_size)
+    cached = _internals.radix_paths(scheduler)
+    if chains is not None:
+        cached = chain_paths(cached, chains)
+    pages = paginate(cached + requests.paths, page_size)
     requests.assign_pages(pages.tree)
     k_buffers, v_buffers = _internals.kv_buffers(scheduler)
+    if deferred:
+        kv, fill = deferred_pages(k_buffers, v_buffers, pages.slots)
+    else:
+        kv, fill = gather_pages(k_buffers, v_buffers, pages.slots), {}
     return Snapshot(
         model=model_info(scheduler, digest),
         weights=weights,
-        kv=gather_pages(k_buffers, v_buffers, pages.slots),
+        kv=kv,
         prefix=pages.tree,
         scheduler=requests.state,
         engine=engine_info(scheduler),
         lineage=Lineage(parent=parent, label=label, created=lineage_now()),
-    )
+    ), fill

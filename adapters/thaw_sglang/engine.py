@@ -21,10 +21,11 @@ from typing import Iterator, Optional, Sequence
 
 import thaw_format
 from thaw_format import ModelInfo, SamplingParams, Snapshot
-from thaw_format.sdk import Finished, Generation, LaunchSpec, Resumed, Unsupported, fork, pending_requests
+from thaw_format.sdk import Finished, Generation, LaunchSpec, Resumed, Unsupported, fork
+from thaw_format.sdk.shared import SharedKV
 
 from .requests import resume_arguments, sglang_params
-from .thaw_engine import ThawEngine, capture, check, restore
+from .thaw_engine import ThawEngine, capture, capture_shared, check, restore_pending, resumed_of
 
 
 @dataclass
@@ -34,7 +35,7 @@ class _Streaming:
     latest: dict  # the last chunk read
 
 
-class SGLangEngine:
+class SGLangEngine(SharedKV):
     name = "sglang"
 
     def __init__(self, engine: ThawEngine) -> None:
@@ -52,7 +53,7 @@ class SGLangEngine:
         return frozenset({"logprobs", "fork", "fork_processes", "mid_stream", "weights"})
 
     def model_info(self) -> ModelInfo:
-        return capture(self.engine, include_weights=False).model
+        return capture(self.engine, include_weights=False, chains=[]).model  # no KV: the identity alone
 
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
         out = self.engine.generate(input_ids=[int(t) for t in prompt], sampling_params=sglang_params(params),
@@ -109,15 +110,21 @@ class SGLangEngine:
         return done
 
     def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:
-        return capture(self.engine, include_weights=include_weights)  # every cached page: a superset of chains
+        return capture(self.engine, include_weights=include_weights, chains=chains)
+
+    def capture_shared(self, *, chains=None) -> str:
+        return capture_shared(self.engine, chains=chains)  # published by the scheduler: no copy in this process
 
     def check(self, snapshot: Snapshot) -> None:
         check(self.engine, snapshot)
 
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
-        resumed = restore(self.engine, snapshot)
-        self.pending = pending_requests(snapshot)
-        return resumed
+        return self.restore_source(snapshot)
+
+    def restore_source(self, source) -> list[Resumed]:
+        """Restore a Snapshot or a source (the scheduler reads it in place, verified)."""
+        self.pending = restore_pending(self.engine, source)
+        return resumed_of(self.pending)
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list:
         return fork(self, n, context=context, processes=processes)

@@ -2,14 +2,18 @@
 
 A slot holds one token's [kv_heads, head_dim], so a page is page_size slots gathered in order: on CPU each
 layer's K and V move in one libthaw pass (thaw_format.mover.gather_pages with one row per token), with no
-intermediate torch index; buffers on another device go through torch's own indexing.
+intermediate torch index, and a capture into shared memory gathers straight into it with the checksums
+(`deferred_pages`); buffers on another device go through torch's own indexing.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from thaw_format import KVCache, KVLayer, mover
+from thaw_format.writer import deferred_tensor
 from thaw_format.torch import from_torch, to_torch
 
 from .pages import PADDING
@@ -24,15 +28,34 @@ def _bytes(tensor: torch.Tensor) -> np.ndarray:
     return tensor.view(torch.uint8).numpy()
 
 
+def _gather(buffer: torch.Tensor, index: torch.Tensor, padding: np.ndarray, out, chunk_size: int = 0):
+    """The slots `index` of `buffer` into `out`, one token row each in order, rows `padding` zero; with
+    chunk_size > 0, the CRC32C of each chunk of `out`, computed in the gather's own pass when no row is padding."""
+    offsets = index.numpy().astype(np.int64) * (buffer[0].numel() * buffer.element_size())
+    crcs = mover.gather_pages(_bytes(buffer), offsets, _token_layout(buffer), out, 0 if padding.size else chunk_size)
+    if not padding.size:
+        return crcs
+    rows = np.frombuffer(out, np.uint8).reshape(len(index), -1)
+    rows[padding] = 0
+    return mover.chunk_crcs(out, chunk_size) if chunk_size else None
+
+
+def _slots(slots: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    flat = slots.reshape(-1)
+    return flat.clamp(min=0), np.flatnonzero((flat == PADDING).numpy())
+
+
+def _dtype(k_buffers: list[torch.Tensor]) -> str:
+    return str(k_buffers[0].dtype).removeprefix("torch.") if k_buffers else "float32"
+
+
 def gather_pages(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: torch.Tensor) -> KVCache:
     """Each layer's K and V as [num_pages, page_size, kv_heads, head_dim], gathered by slot in one call each.
 
     Positions past the end of a short page are zero, so equal state always gives equal bytes.
     """
     num_pages, page_size = slots.shape
-    flat = slots.reshape(-1)
-    padding = flat == PADDING
-    index = flat.clamp(min=0)
+    index, padding = _slots(slots)
     layers = []
     for k_buffer, v_buffer in zip(k_buffers, v_buffers):
         _, heads, head_dim = k_buffer.shape
@@ -40,15 +63,31 @@ def gather_pages(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], s
         for role, buffer in (("k", k_buffer), ("v", v_buffer)):
             if buffer.device.type == "cpu":
                 pages = buffer.new_empty(len(index), heads, head_dim)
-                offsets = index.numpy().astype(np.int64) * (buffer[0].numel() * buffer.element_size())
-                mover.gather_pages(_bytes(buffer), offsets, _token_layout(buffer), _bytes(pages))
+                _gather(buffer, index, padding, _bytes(pages))
             else:
                 pages = buffer.index_select(0, index.to(buffer.device)).cpu()
-            pages[padding] = 0
+                pages[torch.from_numpy(padding)] = 0
             tensors[role] = from_torch(pages.reshape(num_pages, page_size, heads, head_dim))
         layers.append(KVLayer(kind="attention", tensors=tensors, num_kv_heads=heads, head_dim=head_dim))
-    dtype = str(k_buffers[0].dtype).removeprefix("torch.") if k_buffers else "float32"
-    return KVCache(page_size=page_size, dtype=dtype, layers=layers)
+    return KVCache(page_size=page_size, dtype=_dtype(k_buffers), layers=layers)
+
+
+def deferred_pages(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: torch.Tensor):
+    """gather_pages's KVCache with its tensors deferred, and the `fill` functions (thaw_format.EncodedSnapshot.
+    write_into) that gather each straight into the snapshot's buffer with its checksums: the KV leaves the
+    engine in one pass. Buffers off the CPU are gathered at once (no fill)."""
+    if any(buffer.device.type != "cpu" for buffer in k_buffers + v_buffers):
+        return gather_pages(k_buffers, v_buffers, slots), {}
+    num_pages, page_size = slots.shape
+    index, padding = _slots(slots)
+    dtype, layers, fill = _dtype(k_buffers), [], {}
+    for i, (k_buffer, v_buffer) in enumerate(zip(k_buffers, v_buffers)):
+        _, heads, head_dim = k_buffer.shape
+        tensors = {role: deferred_tensor(dtype, (num_pages, page_size, heads, head_dim)) for role in ("k", "v")}
+        layers.append(KVLayer(kind="attention", tensors=tensors, num_kv_heads=heads, head_dim=head_dim))
+        for role, buffer in (("k", k_buffer), ("v", v_buffer)):
+            fill[f"kv/{i}/{role}"] = functools.partial(_gather, buffer, index, padding)
+    return KVCache(page_size=page_size, dtype=dtype, layers=layers), fill
 
 
 def scatter_rows(

@@ -56,6 +56,27 @@ def paginate(paths: list[RadixPath], page_size: int) -> Pages:
     return Pages(PrefixTree(parents=parents, tokens=tokens), slots)
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def chain_paths(paths: list[RadixPath], chains: list[list[int]]) -> list[RadixPath]:
+    """Of the radix paths, only what holds each chain: its longest cached prefix, cut where the chain ends."""
+    held = []
+    for chain in chains:
+        chain = [int(t) for t in chain]
+        length, path = max(((_common_prefix(p.tokens, chain), p) for p in paths), key=lambda c: c[0],
+                           default=(0, None))
+        if length:
+            held.append(RadixPath(path.tokens[:length], path.slots[:length]))
+    return held
+
+
 @dataclass(frozen=True)
 class Sequence:
     """A leaf chain as one token sequence, with the row of each token in the flattened page tensors."""

@@ -1,18 +1,24 @@
-"""Calling a scheduler method by name and getting its outcome back through a small JSON file.
+"""Calling a scheduler method by name and getting its outcome back through a small shared-memory block.
 
-`Engine.collective_rpc` returns nothing and flattens any failure into an AssertionError message, so each
-thaw scheduler method writes {"value": JSON} or {"error": class name, "message": ...} to `result_path`, and
-the calling side returns the value or raises the same thaw_format error class again. No pickle either way.
+`Engine.collective_rpc` returns nothing and flattens any failure into an AssertionError message, so the caller
+creates a block of RESULT_BYTES for each call and each thaw scheduler method writes into it the length and JSON
+of {"value": ...} or {"error": class name, "message": ...}; the calling side returns the value or raises the
+same thaw_format error class again. No file and no pickle either way; snapshots themselves travel as sources
+(thaw_format.sdk.shared), of which only the name passes through here.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import struct
+from multiprocessing import shared_memory
 from typing import Any, Callable
 
 import thaw_format
+from thaw_format.sdk.shared import untracked
+
+RESULT_BYTES = 1 << 16
+_LENGTH = struct.Struct("<I")
 
 # Errors that keep their class across the process boundary; anything else arrives as a RuntimeError.
 _KNOWN_ERRORS = {
@@ -26,26 +32,36 @@ _KNOWN_ERRORS = {
 }
 
 
-def report(result_path: str, work: Callable[[], Any]) -> None:
-    """Scheduler side: run `work`, and record what it returned (plain JSON) or raised."""
+def report(result: str, work: Callable[[], Any]) -> None:
+    """Scheduler side: run `work`, and record what it returned (plain JSON) or raised in the block `result`."""
     try:
         outcome = {"value": work()}
     except Exception as exc:  # reported to the caller, who raises it again
         outcome = {"error": type(exc).__name__, "message": str(exc)}
-    with open(result_path, "w", encoding="utf-8") as f:
-        json.dump(outcome, f)
+    encoded = json.dumps(outcome).encode()
+    if len(encoded) > RESULT_BYTES - _LENGTH.size:  # an error's message is what can grow: keep its head
+        encoded = json.dumps({"error": outcome.get("error", "RuntimeError"),
+                              "message": str(outcome.get("message", "a result too large"))[: RESULT_BYTES // 8]}).encode()
+    block = untracked(shared_memory.SharedMemory(name=result))  # the caller's to unlink
+    try:
+        block.buf[_LENGTH.size : _LENGTH.size + len(encoded)] = encoded
+        _LENGTH.pack_into(block.buf, 0, len(encoded))
+    finally:
+        block.close()
 
 
 def call(engine, method: str, **params) -> Any:
     """Engine side: call scheduler `method`; return what it returned, or raise what it raised."""
-    fd, result_path = tempfile.mkstemp(prefix="thaw-sglang-", suffix=".json")
-    os.close(fd)
+    block = shared_memory.SharedMemory(create=True, size=RESULT_BYTES)
     try:
-        engine.collective_rpc(method, result_path=result_path, **params)
-        with open(result_path, encoding="utf-8") as f:
-            outcome = json.load(f)
+        engine.collective_rpc(method, result=block.name, **params)
+        (length,) = _LENGTH.unpack_from(block.buf, 0)
+        if not length:
+            raise RuntimeError(f"{method}: the SGLang scheduler answered nothing")
+        outcome = json.loads(bytes(block.buf[_LENGTH.size : _LENGTH.size + length]))
     finally:
-        os.unlink(result_path)
+        block.close()
+        block.unlink()
     if "error" not in outcome:
         return outcome["value"]
     error = _KNOWN_ERRORS.get(outcome["error"])

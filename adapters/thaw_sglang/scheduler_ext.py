@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import thaw_format
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+from thaw_format.sdk import pending_requests
+from thaw_format.sdk.shared import SharedSnapshot, owned_segment, read_source
 
 from . import _internals, rpc
 from .capture import capture_state
@@ -37,42 +39,56 @@ class ThawScheduler(_internals.Scheduler):
                 self.thaw_batches_left = None
                 _internals.set_paused(self, True)
 
-    def thaw_capture(self, result_path: str, path: str, page_size: int, weights: bool, label: str = "") -> None:
+    def thaw_capture(self, result: str, page_size: int, weights: bool, label: str = "", chains=None, path: str = "",
+                     reuse: bool = False) -> None:
+        """Capture (the pages holding `chains`, if given) into the file `path`; else publish it in shared memory
+        and return its source: this scheduler's reused segment (`reuse`, valid until its next such capture) or
+        a segment of its own, which the caller unlinks."""
         def work():
-            snapshot = capture_state(
-                self, page_size=page_size, include_weights=weights, label=label or None, parent=self.thaw_restored_from
-            )
-            thaw_format.save(snapshot, path)
+            # into shared memory the KV goes straight from the engine's buffers, checksummed on the way
+            snapshot, fill = capture_state(self, page_size=page_size, include_weights=weights, label=label or None,
+                                           parent=self.thaw_restored_from, chains=chains, deferred=not path)
+            if path:
+                thaw_format.save(snapshot, path)
+                return None
+            if reuse:
+                return owned_segment(self).publish(snapshot, fill)
+            shared = SharedSnapshot(snapshot, fill)
+            shared.detach()
+            return shared.source
 
-        rpc.report(result_path, work)
+        rpc.report(result, work)
 
-    def thaw_restore(self, result_path: str, path: str) -> None:
+    def thaw_restore(self, result: str, source: str) -> None:
+        """Restore the snapshot `source` names (read in place, verified); returns how many requests it leaves
+        unfinished, so that the caller reads the snapshot itself only when there are some."""
         def work():
-            snapshot = thaw_format.load(path)
+            snapshot = read_source(source)
             restore_state(self, snapshot)
             self.thaw_restored_from = snapshot.id
+            return len(pending_requests(snapshot))
 
-        rpc.report(result_path, work)
+        rpc.report(result, work)
 
-    def thaw_check(self, result_path: str, path: str) -> None:
-        rpc.report(result_path, lambda: check_restorable(self, thaw_format.load(path)))
+    def thaw_check(self, result: str, source: str) -> None:
+        rpc.report(result, lambda: check_restorable(self, read_source(source)))
 
-    def thaw_pause(self, result_path: str, paused: bool) -> None:
+    def thaw_pause(self, result: str, paused: bool) -> None:
         def work():
             self.thaw_batches_left = None
             _internals.set_paused(self, paused)
 
-        rpc.report(result_path, work)
+        rpc.report(result, work)
 
-    def thaw_run_batches(self, result_path: str, batches: int) -> None:
+    def thaw_run_batches(self, result: str, batches: int) -> None:
         def work():
             self.thaw_batches_left = batches
             _internals.set_paused(self, False)
 
-        rpc.report(result_path, work)
+        rpc.report(result, work)
 
-    def thaw_leak_warnings(self, result_path: str) -> None:
-        rpc.report(result_path, lambda: _internals.leak_warnings(self))
+    def thaw_leak_warnings(self, result: str) -> None:
+        rpc.report(result, lambda: _internals.leak_warnings(self))
 
 
 def run_scheduler_process(*args, **kwargs):

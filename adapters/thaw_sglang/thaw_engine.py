@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
-from pathlib import Path
+from typing import Sequence
 
 from sglang.srt.entrypoints.engine import Engine
 import thaw_format
 from thaw_format import Snapshot
 from thaw_format.sdk import DEFAULT_PAGE_SIZE, Resumed, pending_requests
+from thaw_format.sdk.shared import owned_segment, read_shared, read_source, release
 
 from . import _internals, rpc, scheduler_ext
 from .requests import resume_arguments
@@ -83,24 +82,23 @@ class ThawEngine(Engine):
              **engine_overrides) -> list["ThawEngine"]:
         """Start `n` new engines with this engine's arguments, each holding this engine's state.
 
-        The state is captured once; the children are started one after another and shut down again if any
-        of them cannot be started or restored. (`weights=` is the former name of `include_weights=`.)
+        The state is captured once into shared memory; the children are started one after another, each
+        restoring from there, and shut down again if any of them cannot be started or restored.
+        (`weights=` is the former name of `include_weights=`.)
         """
         include_weights = _include_weights(include_weights, weights)
-        workdir = tempfile.mkdtemp(prefix="thaw-sglang-fork-")
+        source = rpc.call(self, "thaw_capture", page_size=DEFAULT_PAGE_SIZE, weights=include_weights)
         children: list[ThawEngine] = []
         try:
-            path = Path(workdir) / "parent.thaw"
-            self.capture(path, include_weights=include_weights)
             for _ in range(n):
                 children.append(ThawEngine(**{**self.engine_kwargs, **engine_overrides}))
-                children[-1].restore(path)
+                children[-1].restore(source)
         except BaseException:
             for child in children:
                 child.shutdown()
             raise
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            release(source)  # every child has restored it (read in place: their mappings outlive the name)
         return children
 
 
@@ -119,41 +117,56 @@ def capture(
     weights: bool | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     label: str | None = None,
+    chains: Sequence[Sequence[int]] | None = None,
 ) -> Snapshot:
-    """Snapshot the engine between two batches: written to `path` if given, and returned (read back).
+    """Snapshot the engine between two batches (only the pages holding `chains`, if given): written to `path`
+    if given, and returned, read back; otherwise handed over in shared memory, its tensors viewing it.
     (`weights=` is the former name of `include_weights=`.)"""
-    include_weights = _include_weights(include_weights, weights)
+    options = dict(page_size=page_size, weights=_include_weights(include_weights, weights), label=label or "",
+                   chains=None if chains is None else [[int(t) for t in chain] for chain in chains])
     if path is not None:
-        target = Path(path)
-        rpc.call(engine, "thaw_capture", path=str(target), page_size=page_size, weights=include_weights,
-                 label=label or "")
-        return thaw_format.load(target)
-    with tempfile.TemporaryDirectory(prefix="thaw-sglang-") as workdir:
-        return capture(engine, Path(workdir) / "snapshot.thaw", include_weights=include_weights, page_size=page_size,
-                       label=label)
+        rpc.call(engine, "thaw_capture", path=str(path), **options)
+        return thaw_format.load(path)
+    return read_shared(rpc.call(engine, "thaw_capture", **options), unlink=True)
 
 
-def _with_file(engine: ThawEngine, method: str, snapshot: Snapshot | str | os.PathLike) -> Snapshot:
-    """Call a scheduler method on the snapshot's file (written for it if it is in memory); returns the snapshot."""
-    if not isinstance(snapshot, Snapshot):
-        rpc.call(engine, method, path=str(Path(snapshot)))
-        return thaw_format.load(snapshot, mmap=True)
-    with tempfile.TemporaryDirectory(prefix="thaw-sglang-") as workdir:
-        path = Path(workdir) / "snapshot.thaw"
-        thaw_format.save(snapshot, path)
-        rpc.call(engine, method, path=str(path))
-    return snapshot
+def capture_shared(engine: ThawEngine, *, chains: Sequence[Sequence[int]] | None = None) -> str:
+    """A KV-only capture published by the scheduler itself in its reused segment: "shm://<name>#<nbytes>",
+    valid until the engine's next capture_shared. The KV goes from the engine's buffers to shared memory once."""
+    return rpc.call(engine, "thaw_capture", page_size=DEFAULT_PAGE_SIZE, weights=False, reuse=True,
+                    chains=None if chains is None else [[int(t) for t in chain] for chain in chains])
+
+
+def _source(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> str:
+    """Where the scheduler reads the snapshot: a source as given (shared memory or a file), or one in memory
+    published in the engine's reused segment (read by the scheduler before this returns to anyone)."""
+    if isinstance(snapshot, Snapshot):
+        return owned_segment(engine, "restore").publish(snapshot)
+    return str(snapshot)
 
 
 def check(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> None:
     """Raise IncompatibleSnapshotError, naming the field, if the engine cannot hold the snapshot; changes nothing."""
-    _with_file(engine, "thaw_check", snapshot)
+    rpc.call(engine, "thaw_check", source=_source(engine, snapshot))
+
+
+def restore_pending(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> list[thaw_format.Request]:
+    """Make an idle engine hold the snapshot (a Snapshot, or a source: "shm://..." or a file) and return its
+    unfinished requests; the scheduler reads the source, and this process only when it has requests."""
+    source = _source(engine, snapshot)
+    if not rpc.call(engine, "thaw_restore", source=source):
+        return []
+    return pending_requests(snapshot if isinstance(snapshot, Snapshot) else read_source(source))
 
 
 def restore(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> list[Resumed]:
     """Make an idle engine hold the snapshot's state; an incompatible snapshot is refused before any change.
     Returns the snapshot's unfinished requests, which `resume` (or SGLangEngine.finish) runs."""
-    return _resumed(_with_file(engine, "thaw_restore", snapshot))
+    return resumed_of(restore_pending(engine, snapshot))
+
+
+def resumed_of(requests: list[thaw_format.Request]) -> list[Resumed]:
+    return [Resumed(r.id, r.prompt_token_ids, r.output_token_ids) for r in requests]
 
 
 def _resumed(snapshot: Snapshot) -> list[Resumed]:

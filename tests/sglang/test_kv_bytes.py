@@ -38,3 +38,23 @@ def test_gather_and_scatter_equal_the_torch_index_path(kv, dtype):
             buffer[targets.long()] = pages.index_select(0, rows)
     for a, b in zip(fused, reference):
         assert a.view(torch.uint8).equal(b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_deferred_capture_writes_the_same_snapshot_bytes_as_the_gathered_one(kv, padded):
+    from thaw_format import KVCache, Snapshot
+    from thaw_format.writer import EncodedSnapshot
+
+    gen = torch.Generator().manual_seed(1)
+    buffers = [torch.randn(300, 2, 16, generator=gen) for _ in range(4)]
+    slots = torch.tensor([[5, 6, 7, 8], [120, 3, 250, -1 if padded else 9]], dtype=torch.int64)
+
+    def written(cache: KVCache, fill: dict) -> bytes:
+        encoded = EncodedSnapshot(Snapshot(model=None, weights=None, kv=cache))
+        out = bytearray(encoded.nbytes)
+        encoded.write_into(out, fill)
+        return bytes(out)
+
+    deferred, fill = kv.deferred_pages(buffers[:2], buffers[2:], slots)
+    assert sorted(fill) == ["kv/0/k", "kv/0/v", "kv/1/k", "kv/1/v"]
+    assert written(deferred, fill) == written(kv.gather_pages(buffers[:2], buffers[2:], slots), {})

@@ -39,3 +39,11 @@ def test_leaf_sequences_give_back_each_path_and_its_rows(pages):
 def test_a_path_ending_on_a_page_boundary_is_an_inner_page_of_a_longer_one(pages):
     cut = pages.paginate([_path(pages, range(8), 0), _path(pages, range(4), 0)], page_size=4)
     assert cut.tree.parents == [-1, 0] and cut.tree.leaves() == [1]
+
+
+def test_chain_paths_hold_each_chains_longest_cached_prefix_and_nothing_else(pages):
+    a, b = _path(pages, range(10), 0), _path(pages, list(range(4)) + [70, 71, 72], 20)
+    held = pages.chain_paths([a, b], [list(range(6)), [0, 1, 2, 3, 70, 99], [5, 6]])
+    assert [p.tokens for p in held] == [list(range(6)), [0, 1, 2, 3, 70]]  # cut at the chain's end, or where it parts
+    assert [p.slots.tolist() for p in held] == [list(range(6)), [20, 21, 22, 23, 24]]
+    assert pages.chain_paths([a, b], []) == []

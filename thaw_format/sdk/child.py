@@ -1,7 +1,7 @@
 """A fork child: `python -m thaw_format.sdk.child '<json config>'`, started by thaw_format.sdk.fork.
 
-The config names an engine factory ("module:attribute"), its JSON arguments, and a snapshot file. The child
-starts the engine, restores the snapshot, answers {"ready": true}, then serves one JSON line per request
+The config names an engine factory ("module:attribute"), its JSON arguments, and the source of a snapshot
+(thaw_format.sdk.shared: shared memory, or a file). The child starts the engine, restores the snapshot, answers {"ready": true}, then serves one JSON line per request
 ({"prompt": [...], "params": {SamplingParams fields}}) with {"generation": {...}} or {"error": "..."}. The
 engine's own printing goes to stderr, off the protocol stream. End of input closes the engine.
 """
@@ -14,8 +14,8 @@ import json
 import os
 import sys
 
-from ..reader import load
 from ..snapshot import SamplingParams
+from .shared import restore_source
 
 
 def resolve(factory: str):
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     reply = protocol_replies()
     try:
         engine = resolve(config["factory"])(**config["kwargs"])
-        engine.restore(load(config["snapshot"]))
+        restore_source(engine, config["source"])
     except Exception as exc:
         reply({"error": f"starting the child engine: {type(exc).__name__}: {exc}"})
         return 1

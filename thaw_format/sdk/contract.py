@@ -12,6 +12,8 @@ against it and works on every engine.
     resumed = engine.restore(snap)                  # -> list[Resumed]: the snapshot's unfinished requests
     done = engine.finish(resumed)                   # -> {request id: Finished}, each run to completion
     children = engine.fork(2, context=prompt_ids)   # -> engines continuing `context` without its prefill
+    source = engine.capture_shared(chains=[ids])    # -> "shm://<name>#<nbytes>": KV only, for other processes
+    resumed = other.restore_source(source)          # -> list[Resumed]: restore from that source (or a file)
     engine.close()
 
 An adapter class is constructed around a native engine it is given (`SomeAdapterEngine(native)`) and has a
@@ -35,6 +37,13 @@ Rules the callers rely on (the conformance suite checks each one):
 - `fork(n, context=...)` returns n engines (children) holding the KV of `context`; a child's `generate` takes
   prompts that extend `context`. In-process children share the parent's cached pages (no KV bytes move).
 - `fork` is `thaw_format.sdk.fork.fork(self, ...)` unless the engine has a better way of its own.
+- `capture_shared(chains=...)` is a KV-only capture (`include_weights=False`) of the pages holding `chains`,
+  published once in shared memory; the source it returns stays valid until this engine's next
+  `capture_shared`, and another process reads it with `thaw_format.sdk.shared.read_shared`.
+  `restore_source(source)` restores such a source (or a snapshot file) with `restore`'s rules. Both come from
+  `thaw_format.sdk.shared.SharedKV`, which an adapter's engine class inherits; an engine living in other
+  processes overrides them to move the KV to and from those processes without a copy in between. The fork
+  pool and process fork hand KV over through them only.
 - What an adapter cannot do raises `Unsupported(reason)`; its `capabilities()` says so beforehand, so callers
   choose a path instead of catching the error after the fact.
 """
@@ -149,6 +158,12 @@ class Engine(Protocol):
 
     def step(self) -> dict[str, list[int]]:
         """Advance every request in flight by one engine step; returns those that finished: id -> output ids."""
+
+    def capture_shared(self, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
+        """A KV-only capture of the pages holding `chains`, published in shared memory: "shm://<name>#<nbytes>"."""
+
+    def restore_source(self, source: str) -> list[Resumed]:
+        """`restore` from a capture_shared source or a snapshot file, read in place and verified."""
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list["Engine"]:
         """n children holding the KV of `context` ("fork", "fork_processes")."""

@@ -12,13 +12,11 @@ import dataclasses
 import json
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 from typing import Sequence
 
-from ..writer import save
 from ..snapshot import SamplingParams
 from .contract import Engine, Generation, require
+from .shared import capture_shared
 
 
 def fork(engine: Engine, n: int, *, context: Sequence[int], processes: bool = False) -> list:
@@ -31,19 +29,17 @@ def fork(engine: Engine, n: int, *, context: Sequence[int], processes: bool = Fa
         return [SharedChild(engine, context) for _ in range(n)]
     require(engine, "fork_processes")
     spec = engine.launch_spec()
-    snapshot = engine.capture(include_weights=False, chains=[context])
-    with tempfile.TemporaryDirectory(prefix="thaw-fork-") as workdir:
-        path = Path(workdir) / "context.thaw"
-        save(snapshot, path)
-        config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs, "snapshot": str(path)})
-        children = [ProcessChild(context, config) for _ in range(n)]  # they start side by side
-        try:
-            for child in children:  # a child has restored the snapshot (and read the file) once it is ready
-                child.wait_ready()
-        except BaseException:
-            for child in children:
-                child.kill()
-            raise
+    # valid until the engine's next capture_shared: every child has restored it before fork returns
+    source = capture_shared(engine, chains=[context])
+    config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs, "source": source})
+    children = [ProcessChild(context, config) for _ in range(n)]  # they start side by side
+    try:
+        for child in children:  # a child has restored the snapshot once it is ready
+            child.wait_ready()
+    except BaseException:
+        for child in children:
+            child.kill()
+        raise
     return children
 
 

@@ -4,11 +4,13 @@
     round = pool.fork(parent, 4, context=trunk, suffixes=[s0, s1, s2, s3], params=greedy(32))
     round.generations                                     # one Generation per suffix, cached_tokens from the engine
 
-Each round captures the trunk's KV pages from the parent (a KV-only snapshot: no weights), writes them once
-into shared memory, and each of n workers restores them (verified, read in place) and continues with its
-suffix. The parent is only read. A worker that dies mid-round is named with its exit status, the round fails
-with PoolWorkerDied after the other workers have answered, and the pool starts a replacement, so the next round
-runs on a full pool. Any contract engine with a launch spec works (thaw_format.sdk.contract).
+Each round the parent publishes the KV of the trunk's full pages once in shared memory (`capture_shared`: a
+KV-only snapshot, no weights), and each of n workers restores it from there (`restore_source`: verified, read
+in place) and continues with its suffix, whose prefill starts with the trunk's last partial page (a full page
+is what every engine caches). The parent is only read. A worker that dies mid-round is named with its exit
+status, the round fails with PoolWorkerDied after the other workers have answered, and the pool starts a
+replacement, so the next round runs on a full pool. Any contract engine with a launch spec works
+(thaw_format.sdk.contract).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from ..snapshot import SamplingParams
-from .contract import Engine, Generation, LaunchSpec
-from .shared import Segment
+from .contract import DEFAULT_PAGE_SIZE, Engine, Generation, LaunchSpec
+from .shared import capture_shared
 
 
 class PoolWorkerDied(RuntimeError):
@@ -38,8 +40,7 @@ class ForkRound:
 
     generations: list[Generation]
     kv_bytes: int  # the snapshot moved: the trunk's KV pages and their description
-    capture_s: float  # the parent's KV out (a KV-only capture of the trunk)
-    publish_s: float  # writing it once into shared memory for every worker
+    capture_s: float  # the parent's KV out: its capture of the trunk, published once in shared memory
     restore_s: list[float] = field(default_factory=list)  # each worker's KV in (verify + scatter + prefix table)
     generate_s: list[float] = field(default_factory=list)  # each worker's suffix prefill + decode
     total_s: float = 0.0
@@ -106,7 +107,6 @@ class ForkPool:
         spec = spec if isinstance(spec, LaunchSpec) else spec.launch_spec()
         self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
         self._env = {**os.environ, **(env or {})}
-        self._segment = Segment()  # each round's KV snapshot, over the previous round's (warm pages)
         self._workers = [_Worker(str(i), self._config, self._env) for i in range(workers)]
         try:
             for worker in self._workers:
@@ -131,12 +131,11 @@ class ForkPool:
         workers = self._workers[:n]
         for worker in workers:  # a replacement started after a failed round finishes starting here
             worker.ensure_ready()
-        snapshot = parent.capture(include_weights=False, chains=[context])
-        captured = time.perf_counter()
-        source = self._segment.publish(snapshot)  # every worker answers before the next round overwrites it
-        del snapshot
-        published = time.perf_counter()
-        round_ = ForkRound([], int(source.rpartition("#")[2]), captured - started, published - captured)
+        full = len(context) // DEFAULT_PAGE_SIZE * DEFAULT_PAGE_SIZE
+        # valid until the parent's next capture_shared: every worker answers before this round ends
+        capturing = time.perf_counter()
+        source = capture_shared(parent, chains=[context[:full]])
+        round_ = ForkRound([], int(source.rpartition("#")[2]), time.perf_counter() - capturing)
         params_dict = dataclasses.asdict(params)
         sent = [worker.send({"source": source, "prompt": context + [int(t) for t in suffix],
                              "params": params_dict}) for worker, suffix in zip(workers, suffixes)]
@@ -168,7 +167,6 @@ class ForkPool:
     def close(self) -> None:
         for worker in self._workers:
             worker.stop()
-        self._segment.close()
 
     def __enter__(self) -> "ForkPool":
         return self

@@ -2,7 +2,8 @@
 
 Like a fork child (thaw_format.sdk.child) it starts one engine from a factory and its JSON arguments and
 answers JSON lines on stdout (the engine's own printing goes to stderr). It stays warm across rounds: each
-request {"source": "shm://...", "prompt": [...], "params": {...}} restores that KV snapshot, then generates
+request {"source": "shm://...", "prompt": [...], "params": {...}} restores that KV snapshot
+(`restore_source`: the engine reads it in place, verified), then generates
 the prompt, and is answered with {"generation": {...}, "restore_s": ..., "generate_s": ...} or
 {"error": "..."}. End of input closes the engine.
 """
@@ -16,12 +17,12 @@ import time
 
 from ..snapshot import SamplingParams
 from .child import protocol_replies, resolve
-from .shared import read_shared
+from .shared import restore_source
 
 
 def run_round(engine, message: dict) -> dict:
     start = time.perf_counter()
-    engine.restore(read_shared(message["source"]))
+    restore_source(engine, message["source"])
     restored = time.perf_counter()
     generation = engine.generate(message["prompt"], SamplingParams(**message["params"]))
     return {"generation": dataclasses.asdict(generation), "restore_s": restored - start,

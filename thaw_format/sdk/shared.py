@@ -10,30 +10,36 @@ after another ("shm://name#nbytes"): fresh shared memory costs a page fault and 
 unlink that frees them all, several times the cost of the copy itself, so a steady stream of snapshots
 (restores, fork rounds) keeps its pages warm. A reader of a reused segment must be done with its view before
 the owner writes the next snapshot (a restore is), or copy (`copy=True`, a capture handed to a caller).
+
+`SharedKV` is the contract's default of `capture_shared` / `restore_source` (thaw_format.sdk.contract), which
+every adapter's engine class inherits and may override with a faster path of its own.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import weakref
 from multiprocessing import resource_tracker, shared_memory
-from typing import Optional
+from typing import Optional, Sequence
 
-from ..reader import loads
+from ..reader import load, loads
 from ..snapshot import Snapshot
 from ..writer import EncodedSnapshot
 
 SHM_PREFIX = "shm://"
 
 
-def _untracked(shm: shared_memory.SharedMemory) -> shared_memory.SharedMemory:
+def untracked(shm: shared_memory.SharedMemory) -> shared_memory.SharedMemory:
+    """`shm`, attached in this process, left out of its resource tracker."""
     # The creator or the last reader unlinks explicitly; Python 3.11's tracker would otherwise unlink a
     # segment when whichever process first touched it exits, and warn about "leaks" in the others.
     resource_tracker.unregister(shm._name, "shared_memory")
     return shm
 
 
-def _unlink(shm: shared_memory.SharedMemory) -> None:
+def unlink_segment(shm: shared_memory.SharedMemory) -> None:
+    """Unlink a segment attached untracked."""
     resource_tracker.register(shm._name, "shared_memory")  # unlink() unregisters it again
     shm.unlink()
 
@@ -44,7 +50,7 @@ class SharedSnapshot:
     def __init__(self, snapshot: Snapshot, fill: Optional[dict] = None) -> None:
         """`fill` writes deferred tensors in place (thaw_format.EncodedSnapshot.write_into)."""
         encoded = EncodedSnapshot(snapshot)
-        self._shm = _untracked(shared_memory.SharedMemory(create=True, size=max(encoded.nbytes, 1)))
+        self._shm = untracked(shared_memory.SharedMemory(create=True, size=max(encoded.nbytes, 1)))
         self.id = encoded.write_into(self._shm.buf, fill)
         self.nbytes = encoded.nbytes
         self.source = SHM_PREFIX + self._shm.name
@@ -58,7 +64,7 @@ class SharedSnapshot:
         """Unlink the segment; readers that still have it mapped keep their mapping."""
         if self._shm is not None:
             self._shm.close()
-            _unlink(self._shm)
+            unlink_segment(self._shm)
             self._shm = None
 
     def __enter__(self) -> "SharedSnapshot":
@@ -100,6 +106,11 @@ def _open_segment(name: str) -> int:
     return shm_open("/" + name, os.O_RDONLY, mode=0)
 
 
+def release(source: str) -> None:
+    """Unlink a snapshot's own segment ("shm://name") whose readers have all mapped it (or never will)."""
+    unlink_segment(untracked(shared_memory.SharedMemory(name=source[len(SHM_PREFIX):])))
+
+
 def read_shared(source: str, *, unlink: bool = False, copy: bool = False, verify: bool = True) -> Snapshot:
     """The snapshot in the segment `source` names, its checksums verified. Its tensors view a private mapping
     of the segment, kept while they live, or (copy=True) are copied out. `unlink` releases a snapshot's own
@@ -120,7 +131,7 @@ def read_shared(source: str, *, unlink: bool = False, copy: bool = False, verify
             os.close(fd)
         return loads(mapping, copy=copy, verify=verify)
     try:
-        shm = _untracked(shared_memory.SharedMemory(name=name))
+        shm = untracked(shared_memory.SharedMemory(name=name))
     except FileNotFoundError:
         raise FileNotFoundError(f"snapshot {source} is gone: shared memory lives only while its writer holds it "
                                 "(capture a fork child with include_weights=False: a KV-only snapshot that "
@@ -130,5 +141,49 @@ def read_shared(source: str, *, unlink: bool = False, copy: bool = False, verify
     finally:
         shm.close()
         if unlink:
-            _unlink(shm)
+            unlink_segment(shm)
     return loads(mapping, copy=copy, verify=verify)
+
+
+def owned_segment(owner, role: str = "kv") -> Segment:
+    """The Segment `owner` (an engine, a scheduler) reuses for its `role`'s snapshots, created on first use and
+    unlinked when the owner is collected or this process exits. Roles keep apart what must not overwrite each
+    other: an engine's published captures ("kv") and the snapshots sent into it ("restore")."""
+    segments = owner.__dict__.setdefault("_thaw_segments", {})
+    if role not in segments:
+        segment = segments[role] = Segment()
+        weakref.finalize(owner, segment.close)
+    return segments[role]
+
+
+def read_source(source: str) -> Snapshot:
+    """The snapshot a source names, every checksum verified: "shm://..." read in place from shared memory (a
+    reused segment's reader must be done before its owner's next snapshot), anything else a snapshot file."""
+    if source.startswith(SHM_PREFIX):
+        return read_shared(source)
+    return load(source, mmap=True)
+
+
+class SharedKV:
+    """The contract's default `capture_shared` / `restore_source`: a KV-only capture published once in the
+    engine's reused segment, and a restore from a source read in place. An adapter whose engine lives in
+    other processes overrides them to move the KV there directly."""
+
+    def capture_shared(self, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
+        snapshot = self.capture(include_weights=False, chains=chains)
+        return owned_segment(self).publish(snapshot)
+
+    def restore_source(self, source: str) -> list:
+        return self.restore(read_source(source))
+
+
+def capture_shared(engine, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
+    """engine.capture_shared(chains=...), or SharedKV's default for an engine class that does not have it."""
+    method = getattr(engine, "capture_shared", None)
+    return method(chains=chains) if method is not None else SharedKV.capture_shared(engine, chains=chains)
+
+
+def restore_source(engine, source: str) -> list:
+    """engine.restore_source(source), or SharedKV's default for an engine class that does not have it."""
+    method = getattr(engine, "restore_source", None)
+    return method(source) if method is not None else SharedKV.restore_source(engine, source)

@@ -1,0 +1,52 @@
+"""ForkPool on MLX (tests/fork_pool_checks.py): warm worker processes, each an MLXEngine of the parent's checkpoint,
+take only the trunk's KV each round."""
+
+import pytest
+
+import fork_pool_checks as checks
+from thaw_conformance import zoo
+from thaw_format.sdk import ForkPool
+from thaw_mlx import MLXEngine
+
+
+@pytest.fixture(scope="module")
+def parent():
+    engine = MLXEngine.start(str(zoo.make_model("llama")))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def pool(parent):
+    with ForkPool(parent, workers=checks.WORKERS) as pool:
+        yield pool
+
+
+def fresh_of(parent):
+    def fresh(prompt, params):
+        """A new engine over the parent's model: nothing served, nothing cached."""
+        out = MLXEngine(parent.model, parent.info, checkpoint=parent.checkpoint).generate(prompt, params)
+        assert out.cached_tokens == 0
+        return out.token_ids
+    return fresh
+
+
+def test_rounds_with_different_trunks_match_fresh_engines(pool, parent):
+    checks.check_rounds(pool, parent, fresh_of(parent))
+
+
+def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent):
+    checks.check_killed_worker(pool, parent, fresh_of(parent))
+
+
+def test_a_chain_capture_holds_only_the_chain_of_a_longer_session(parent):
+    trunk = checks.tokens(70, seed=5)
+    parent.generate(trunk, checks.PARAMS)  # a session of trunk + 10 output tokens
+    snapshot = parent.capture(include_weights=False, chains=[trunk[:64]])
+    assert snapshot.prefix.chain_tokens(snapshot.prefix.leaves()[0]) == trunk[:64]
+    assert snapshot.kv.num_pages == 2
+    whole = parent.capture(include_weights=False, chains=[trunk])  # the session's first 70 tokens
+    assert whole.prefix.chain_tokens(whole.prefix.leaves()[0]) == trunk
+    for layer, longer in zip(snapshot.kv.layers, whole.kv.layers):  # the same bytes where they overlap
+        for role in layer.tensors:
+            assert bytes(layer.tensors[role].data) == bytes(longer.tensors[role].data[: len(layer.tensors[role].data)])
