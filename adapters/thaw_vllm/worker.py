@@ -19,7 +19,13 @@ from .pages import blocks_to_pages, engine_layout, gather_role, pages_to_blocks,
 
 class ThawWorkerExtension:
     def thaw_describe(self) -> dict:
-        """The identity and KV layout a snapshot must match; `layout_error` says why no layout is mapped."""
+        """The identity and KV layout a snapshot must match; `layout_error` says why no layout is mapped.
+        Fixed for the engine's life, so computed once."""
+        if getattr(self, "_thaw_described", None) is None:
+            self._thaw_described = self._thaw_describe()
+        return self._thaw_described
+
+    def _thaw_describe(self) -> dict:
         info = identity.model_info(self.vllm_config, self.thaw_weights_digest())
         out = {"model": {"architecture": info.architecture, "config_digest": info.config_digest, "dtype": info.dtype,
                          "weights_digest": info.weights_digest}}
@@ -37,27 +43,27 @@ class ThawWorkerExtension:
             self._thaw_digest = identity.weights_digest(self.vllm_config)
         return self._thaw_digest
 
-    def thaw_capture(self, plan: dict, include_weights: bool, local: bool) -> dict:
-        """Assemble the snapshot the engine core planned (pages, block ids, requests) and publish it: in this
-        worker's reused shared-memory segment, the KV pages gathered by libthaw straight into it with their
-        checksums (the client copies it out, verified, before the next capture); in-process (the client is
-        here too), gathered into the snapshot's own buffers."""
+    def thaw_capture(self, plan: dict, include_weights: bool, local: bool, shared: bool = False) -> dict:
+        """Assemble the snapshot the engine core planned (pages, block ids, requests) and publish it, the KV
+        pages gathered by libthaw straight into shared memory with their checksums in the same pass: lent to
+        the client (a segment no reader holds, which the client's Snapshot views and gives back when dropped),
+        or, `shared`, in this worker's reused segment, valid until the next such capture. In-process (the client
+        is here too), gathered into the snapshot's own buffers and handed over as an object."""
         if local:
-            shared = transport.publish(_build_snapshot(self, plan, include_weights, gathered=True), local=True)
-        else:
-            caches, layout = engine_layout(self)
-            fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
-                    for i, cache in enumerate(caches) for role in ("k", "v")}
-            snapshot = _build_snapshot(self, plan, include_weights, gathered=False)
-            return {"source": transport.engine_segment(self).publish(snapshot, fill)}
-        shared.detach()
-        return {"source": shared.source}
+            handle = transport.publish(_build_snapshot(self, plan, include_weights, gathered=True), local=True)
+            return {"source": handle.source}
+        caches, layout = engine_layout(self)
+        fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
+                for i, cache in enumerate(caches) for role in ("k", "v")}
+        snapshot = _build_snapshot(self, plan, include_weights, gathered=False)
+        publisher = transport.engine_segment(self) if shared else transport.engine_lender(self)
+        return {"source": publisher.publish(snapshot, fill)}
 
     def thaw_stage(self, source: str) -> None:
-        """Read and verify a snapshot, and check its KV fits this engine's, before the engine core changes
-        anything."""
+        """Verify a snapshot (every chunk, read where it lies: a segment this worker lent, or a cached mapping)
+        and check its KV fits this engine's, before the engine core changes anything."""
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
-        snapshot = transport.read(source)
+        snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None))
         caches, layout = engine_layout(self)
         _check_kv(snapshot.kv, caches, layout)
         self._thaw_staged = snapshot
