@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import thaw_format
 import vllm
@@ -17,10 +18,31 @@ from . import _internals, identity, transport
 from .pages import blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
 
 
+@functools.cache
+def _mover_on_rank_cores() -> None:
+    """Start libthaw's thread pool on every core vLLM gave this worker. vLLM's CPU worker binds its main thread
+    to one core (its OpenMP threads get one core each of the rank's list), and libthaw sizes its pool, on first
+    use, by the starting thread's affinity, which its threads inherit: started from the main thread, the KV
+    would move on one core of the rank's (measured: single-threaded gather and scatter in multiprocessing mode)."""
+    own = os.sched_getaffinity(0)
+    cores = set(own)
+    for task in os.listdir("/proc/self/task"):
+        try:
+            cores |= os.sched_getaffinity(int(task))
+        except OSError:  # a thread that has just exited
+            pass
+    os.sched_setaffinity(0, cores)
+    try:
+        mover.backend()  # starts the pool from this thread, now on all the cores
+    finally:
+        os.sched_setaffinity(0, own)
+
+
 class ThawWorkerExtension:
     def thaw_describe(self) -> dict:
         """The identity and KV layout a snapshot must match; `layout_error` says why no layout is mapped.
         Fixed for the engine's life, so computed once."""
+        _mover_on_rank_cores()
         if getattr(self, "_thaw_described", None) is None:
             self._thaw_described = self._thaw_describe()
         return self._thaw_described
@@ -49,6 +71,7 @@ class ThawWorkerExtension:
         the client (a segment no reader holds, which the client's Snapshot views and gives back when dropped),
         or, `shared`, in this worker's reused segment, valid until the next such capture. In-process (the client
         is here too), gathered into the snapshot's own buffers and handed over as an object."""
+        _mover_on_rank_cores()
         if local:
             handle = transport.publish(_build_snapshot(self, plan, include_weights, gathered=True), local=True)
             return {"source": handle.source}
@@ -62,6 +85,7 @@ class ThawWorkerExtension:
     def thaw_stage(self, source: str) -> None:
         """Verify a snapshot (every chunk, read where it lies: a segment this worker lent, or a cached mapping)
         and check its KV fits this engine's, before the engine core changes anything."""
+        _mover_on_rank_cores()
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
         snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None))
         caches, layout = engine_layout(self)

@@ -117,6 +117,7 @@ class Lender:
 # --- readers ------------------------------------------------------------------------------------------------
 
 _MAX_MAPPINGS = 4
+_COMPARED_BYTES = 1 << 20
 _MAPPINGS: "OrderedDict[str, mmap.mmap]" = OrderedDict()  # segment name -> read-only shared mapping, recent last
 _BORROWED: dict[int, tuple[weakref.ref, str, int]] = {}  # id(snapshot) -> (snapshot, source, mapping address)
 
@@ -212,6 +213,9 @@ def lent_source(snapshot: Snapshot) -> Optional[str]:
     if encoded.nbytes != nbytes or mapping[: len(encoded.header)] != encoded.header:
         return None
     for (_, tensor), region in zip(encoded.tensors, encoded.layout.regions):
-        if tensor.nbytes and numpy.frombuffer(tensor.data, numpy.uint8).ctypes.data != address + region.offset:
+        if not tensor.nbytes or numpy.frombuffer(tensor.data, numpy.uint8).ctypes.data == address + region.offset:
+            continue  # the segment's own bytes (read-only: nobody changed them)
+        # Tensors the encoder derives from fields (the prefix tree's token ids) are new buffers: small, compared.
+        if tensor.nbytes > _COMPARED_BYTES or mapping[region.offset : region.end] != memoryview(tensor.data).cast("B"):
             return None
     return source
