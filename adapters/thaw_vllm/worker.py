@@ -44,20 +44,8 @@ class ThawWorkerExtension:
         Fixed for the engine's life, so computed once."""
         _mover_on_rank_cores()
         if getattr(self, "_thaw_described", None) is None:
-            self._thaw_described = self._thaw_describe()
+            self._thaw_described = _describe(self)
         return self._thaw_described
-
-    def _thaw_describe(self) -> dict:
-        info = identity.model_info(self.vllm_config, self.thaw_weights_digest())
-        out = {"model": {"architecture": info.architecture, "config_digest": info.config_digest, "dtype": info.dtype,
-                         "weights_digest": info.weights_digest}}
-        try:
-            caches, layout = engine_layout(self)
-        except NotImplementedError as exc:
-            return {**out, "layout_error": str(exc)}
-        block_size, heads, head_dim = layout.page_shape
-        return {**out, "kv": {"num_layers": len(caches), "dtype": _dtype_name(caches), "num_kv_heads": heads,
-                              "head_dim": head_dim, "page_size": block_size}}
 
     def thaw_weights_digest(self) -> str:
         """The digest of the weights the engine loaded (spec 5.1), computed once."""
@@ -110,6 +98,19 @@ class ThawWorkerExtension:
         requests = {r.id: r for r in snapshot.scheduler.requests} if snapshot.scheduler else {}
         for key in rng_keys:
             connector.staged_rng[key] = (self, to_torch(requests[key].rng_state).clone())
+
+
+def _describe(worker) -> dict:
+    info = identity.model_info(worker.vllm_config, worker.thaw_weights_digest())
+    out = {"model": {"architecture": info.architecture, "config_digest": info.config_digest, "dtype": info.dtype,
+                     "weights_digest": info.weights_digest}}
+    try:
+        caches, layout = engine_layout(worker)
+    except NotImplementedError as exc:
+        return {**out, "layout_error": str(exc)}
+    block_size, heads, head_dim = layout.page_shape
+    return {**out, "kv": {"num_layers": len(caches), "dtype": _dtype_name(caches), "num_kv_heads": heads,
+                          "head_dim": head_dim, "page_size": block_size}}
 
 
 def _check_kv(kv, caches, layout) -> None:
