@@ -78,7 +78,7 @@ def main() -> None:
     try:
         engine.restore_source(corrupt)
         result["corrupt_error"] = None
-    except thaw_format.CorruptSnapshotError as exc:
+    except Exception as exc:  # noqa: BLE001 - vLLM re-raises the worker's CorruptSnapshotError as a plain Exception
         result["corrupt_error"] = str(exc)
     serve("after_corrupt", trunk + suffix, "after")
 
