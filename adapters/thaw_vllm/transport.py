@@ -30,9 +30,6 @@ class LocalSnapshot:
         self.source = f"{LOCAL_PREFIX}{id(snapshot)}"
         _LOCAL[self.source] = snapshot
 
-    def detach(self) -> None:
-        return
-
     def close(self) -> None:
         _LOCAL.pop(self.source, None)
 
@@ -44,7 +41,8 @@ class LocalSnapshot:
 
 
 class _Published:
-    """A snapshot written into its engine's reused segment: released by the next one."""
+    """A snapshot in a segment whose owner releases it: the engine's reused segment (released by the next one),
+    or a lent segment (given back when the snapshot viewing it is dropped)."""
 
     def __init__(self, source: str) -> None:
         self.source = source
