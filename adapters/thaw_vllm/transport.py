@@ -90,15 +90,20 @@ def publish(snapshot: thaw_format.Snapshot, *, local: bool, engine=None):
 def read(source: str, *, unlink: bool = False, keep: bool = False, lender=None) -> thaw_format.Snapshot:
     """The snapshot a source names, checksums verified; a shared-memory snapshot's tensors view the segment.
     `unlink` releases a snapshot's own source (the reader is its last user); `keep` is for a snapshot that
-    outlives the call: a lent one is borrowed (the caller owns it), one in a reused segment copied out.
+    outlives the call: a lent one is borrowed (the caller owns it), one in a reused segment copied out, verified.
     Otherwise a reused segment is read through `lender` (the caller's own segments) or a cached mapping."""
     if source.startswith(LOCAL_PREFIX):
         return _LOCAL.pop(source) if unlink else _LOCAL[source]
     if source.startswith(SHM_PREFIX):
         if "#" not in source:
             return read_shared(source, unlink=unlink)
+        if keep and lent.is_lent(source):
+            # A capture the engine's worker just gathered, its checksums computed in the same pass: the header is
+            # parsed and checked, the bytes are not read again here (as the in-process path hands its Snapshot
+            # over unread). Every later reader (a restore's worker, thaw_format.load of a saved copy) verifies.
+            return lent.borrow(source, verify=False)
         if keep:
-            return lent.borrow(source) if lent.is_lent(source) else read_shared(source, copy=True)
+            return read_shared(source, copy=True)
         return lent.open_snapshot(source, lender=lender)
     return thaw_format.load(source)
 
