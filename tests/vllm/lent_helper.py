@@ -46,6 +46,7 @@ def main() -> None:
     from thaw_format.sdk import lent
     from thaw_vllm import VLLMEngine
 
+    others = set(glob.glob("/dev/shm/" + lent.LENT_PREFIX + "*"))  # lenders of other processes (the test's)
     engine = VLLMEngine.start(config["model"], dtype=config["dtype"], **config["engine_kwargs"])
     trunk, other, suffix = config["trunk"], config["other"], config["suffix"]
     greedy = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0, ignore_eos=True)
@@ -82,7 +83,7 @@ def main() -> None:
         result["corrupt_error"] = str(exc)
     serve("after_corrupt", trunk + suffix, "after")
 
-    lent_names = sorted(glob.glob("/dev/shm/" + lent.LENT_PREFIX + "*"))
+    lent_names = sorted(set(glob.glob("/dev/shm/" + lent.LENT_PREFIX + "*")) - others)
     del held
     gc.collect()
     engine.close()
