@@ -143,10 +143,20 @@ def _mapping(name: str, nbytes: int) -> mmap.mmap:
         if len(mapping) < nbytes:
             raise ValueError(f"segment {name} holds {len(mapping)} bytes, its source says {nbytes}")
         _MAPPINGS[name] = mapping
+        for gone in [n for n in _MAPPINGS if not _exists(n)]:
+            del _MAPPINGS[gone]  # unlinked by its owner: a cached mapping would keep its memory alive
         while len(_MAPPINGS) > _MAX_MAPPINGS:
             _MAPPINGS.popitem(last=False)  # not closed: views still using it keep it mapped
     _MAPPINGS.move_to_end(name)
     return mapping
+
+
+def _exists(name: str) -> bool:
+    try:
+        os.close(_open(name, os.O_RDONLY))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def open_snapshot(source: str, *, verify: bool = True, lender: Optional[Lender] = None) -> Snapshot:
@@ -208,6 +218,8 @@ def lent_source(snapshot: Snapshot) -> Optional[str]:
         return None
     _, source, address = entry
     name, nbytes = parse(source)
+    if not _exists(name):
+        return None  # its lender is gone: the mapping lives on here, but no engine can open the segment by name
     encoded = EncodedSnapshot(snapshot)
     mapping = _mapping(name, nbytes)
     if encoded.nbytes != nbytes or mapping[: len(encoded.header)] != encoded.header:
