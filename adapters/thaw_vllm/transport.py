@@ -88,7 +88,8 @@ def publish(snapshot: thaw_format.Snapshot, *, local: bool, engine=None):
 
 
 def read(source: str, *, unlink: bool = False, keep: bool = False, lender=None) -> thaw_format.Snapshot:
-    """The snapshot a source names, checksums verified; a shared-memory snapshot's tensors view the segment.
+    """The snapshot a source names, checksums verified (but a borrowed capture's, see below); a shared-memory
+    snapshot's tensors view the segment.
     `unlink` releases a snapshot's own source (the reader is its last user); `keep` is for a snapshot that
     outlives the call: a lent one is borrowed (the caller owns it), one in a reused segment copied out, verified.
     Otherwise a reused segment is read through `lender` (the caller's own segments) or a cached mapping."""
