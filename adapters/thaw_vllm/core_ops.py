@@ -46,23 +46,38 @@ def _select(connector: ThawConnector, cached: dict, chains: Optional[Sequence[Se
                 if block_hash not in cached or block_hash not in ledger:
                     break
                 wanted.add(block_hash)
-    depth: dict[bytes, int] = {}
+    depth = _depths(wanted, lambda h: ledger[h][0])
+    return sorted((h for h in wanted if depth[h] >= 0), key=lambda h: (depth[h], h))
 
-    def depth_of(block_hash: bytes) -> int:  # -1: an ancestor is missing, so the page can never be hit
-        if block_hash not in depth:
-            parent = ledger[block_hash][0]
-            if parent is None:
-                depth[block_hash] = 0
-            elif parent in wanted and depth_of(parent) >= 0:
-                depth[block_hash] = depth[parent] + 1
+
+def _depths(nodes, parent_of) -> dict:
+    """Each node's depth in its forest (0: a root, parent None or -1), or -1 where an ancestor is not among
+    `nodes`: one pass, every node walked once (no recursion, so chains of any length)."""
+    nodes, depth = set(nodes), {}
+    for node in nodes:
+        path, on_path = [], set()
+        while node not in depth:
+            parent = parent_of(node)
+            if parent is None or parent == -1:
+                depth[node] = 0
+            elif parent not in nodes:
+                depth[node] = -1
+            elif node in on_path:
+                raise ValueError(f"the prefix tree has a cycle through page {node!r}")
             else:
-                depth[block_hash] = -1
-        return depth[block_hash]
+                path.append(node)
+                on_path.add(node)
+                node = parent
+                continue
+            break
+        for child in reversed(path):
+            d = depth[node]
+            depth[child] = d + 1 if d >= 0 else -1
+            node = child
+    return depth
 
-    return sorted((h for h in wanted if depth_of(h) >= 0), key=lambda h: (depth[h], h))
 
-
-def _capture(core, include_weights: bool, chains, local: bool) -> dict:
+def _capture(core, include_weights: bool, chains, local: bool, shared: bool = False) -> dict:
     connector, kcm = _connector(core), _internals.kv_cache_manager(core)
     bs = connector.block_size
     algorithm, hash_fn = _internals.hash_function(core.vllm_config)
@@ -102,23 +117,18 @@ def _capture(core, include_weights: bool, chains, local: bool) -> dict:
             "output_token_ids": r["output_token_ids"], "num_computed_tokens": r["num_computed_tokens"],
             "pages": chain, "sampling": dataclasses.asdict(sampling.to_thaw(r["sampling_params"])),
         })
-    return core.collective_rpc("thaw_capture", args=(plan, include_weights, local))[0]
+    return core.collective_rpc("thaw_capture", args=(plan, include_weights, local, shared))[0]
 
 
 # --- restore ------------------------------------------------------------------------------------------------
 
-def _page_hashes(parents: list[int], tokens: list[list[int]], full: list[int], hash_fn) -> dict[int, bytes]:
+def _page_hashes(parents: list[int], tokens: list[list[int]], full: list[int], depth: dict[int, int], hash_fn) -> dict[int, bytes]:
+    """vLLM's hash of each full page, parents hashed before their children."""
     hashes: dict[int, bytes] = {}
-
-    def hash_of(page: int) -> bytes:
-        if page not in hashes:
-            parent = parents[page]
-            hashes[page] = _internals.chain_hashes(hash_fn, [tokens[page]], None if parent == -1 else hash_of(parent))[0]
-        return hashes[page]
-
-    for page in full:
-        hash_of(page)
-    return hashes
+    for page in sorted(range(len(parents)), key=depth.__getitem__):
+        parent = parents[page]
+        hashes[page] = _internals.chain_hashes(hash_fn, [tokens[page]], None if parent == -1 else hashes[parent])[0]
+    return {page: hashes[page] for page in full}
 
 
 def _check_native(native: Optional[dict], hashes: dict[int, bytes], algorithm: str, bs: int) -> None:
@@ -143,7 +153,10 @@ def _restore(core, source: str, parents: list[int], tokens: list[list[int]], nat
         raise RuntimeError(f"the engine has {len(busy)} unfinished requests; restore needs an idle engine")
     algorithm, hash_fn = _internals.hash_function(core.vllm_config)
     full = [p for p in range(len(parents)) if len(tokens[p]) == bs]
-    hashes = _page_hashes(parents, tokens, full, hash_fn)
+    depth = _depths(range(len(parents)), parents.__getitem__)
+    if any(d < 0 for d in depth.values()):
+        raise ValueError("the prefix tree names a parent page it does not hold")
+    hashes = _page_hashes(parents, tokens, full, depth, hash_fn)
     _check_native(native, hashes, algorithm, bs)
     if len(full) > _internals.num_free_blocks(kcm):
         raise RuntimeError(f"the snapshot has {len(full)} full pages, the engine {_internals.num_free_blocks(kcm)} free blocks")
@@ -162,17 +175,10 @@ def _restore(core, source: str, parents: list[int], tokens: list[list[int]], nat
         _internals.publish_block(kcm, block, hashes[page], 0, bs)
         parent = parents[page]
         connector.ledger[hashes[page]] = (None if parent == -1 else hashes[parent], tuple(tokens[page]))
-    order = sorted(zip(full, blocks), key=lambda pb: -len(_chain(parents, pb[0])))  # leaves evicted first
+    order = sorted(zip(full, blocks), key=lambda pb: -depth[pb[0]])  # leaves evicted first
     _internals.release_blocks(kcm, [b for _, b in order])
     for key, page in tails.items():
-        connector.tails[key] = (len(_chain(parents, page)) * bs - bs, len(tokens[page]))
+        connector.tails[key] = (depth[page] * bs, len(tokens[page]))
     connector.rng_keys.update(rng_keys)
     return {"restored_pages": len(full)}
 
-
-def _chain(parents: list[int], page: int) -> list[int]:
-    out = []
-    while page != -1:
-        out.append(page)
-        page = parents[page]
-    return out

@@ -13,6 +13,15 @@ class LLM(vllm.LLM):
         self.thaw_context = None
         super().__init__(model=str(model), **api.engine_args(**kwargs))
 
+    def collective_rpc(self, method, *args, **kwargs):
+        """vllm.LLM.collective_rpc; thaw_describe (the model identity and KV layout, fixed for the engine's life)
+        is asked of the worker once, not on every restore's compatibility check."""
+        if method != "thaw_describe":
+            return super().collective_rpc(method, *args, **kwargs)
+        if getattr(self, "_thaw_described", None) is None:
+            self._thaw_described = super().collective_rpc(method, *args, **kwargs)
+        return self._thaw_described
+
     def generate(self, prompts, *args, **kwargs):
         """vllm.LLM.generate; a single token-id prompt becomes the context fork() continues by default."""
         single = prompts[0] if isinstance(prompts, (list, tuple)) and len(prompts) == 1 else prompts

@@ -1,11 +1,14 @@
 """How a snapshot travels between the client and the engine's processes, named by a `source` string.
 
-"shm://name" and "shm://name#nbytes": POSIX shared memory (thaw_format.sdk.shared), written with checksums
-(the KV pages gathered straight into it by libthaw) and verified by each reader, who reads the tensors in
-place through a private mapping, or copies them out of a segment its writer reuses: no file, no pickle.
-Each engine's worker reuses one segment for its captures and each client one per engine for its restores,
-so steady use touches warm pages. "local://n": the same process (an in-process engine with its worker in-process
-too): the Snapshot object itself is handed over, with no copy and no encoding. A path is a snapshot file.
+"shm://...#nbytes": POSIX shared memory, written with checksums (the KV pages gathered straight into it by
+libthaw) and verified by each reader, who reads the tensors in place through a cached mapping: no file, no
+pickle, no copy. A capture is lent (thaw_format.sdk.lent): the worker writes it into a segment it hands to
+the client, whose Snapshot views it and gives it back when garbage-collected; restoring such a snapshot
+hands the same segment back to the worker untouched. Any other snapshot is encoded once into the client's
+reused segment for that engine, and `capture_shared` publishes into the worker's reused segment, so steady
+use touches warm pages. "shm://name" (no "#"): one snapshot's own segment (thaw_format.sdk.shared).
+"local://n": the same process (an in-process engine with its worker in-process too): the Snapshot object
+itself is handed over, with no copy and no encoding. A path is a snapshot file.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import thaw_format
 import weakref
 
+from thaw_format.sdk import lent
 from thaw_format.sdk.shared import SHM_PREFIX, Segment, SharedSnapshot, read_shared
 
 LOCAL_PREFIX = "local://"
@@ -26,9 +30,6 @@ class LocalSnapshot:
         self.source = f"{LOCAL_PREFIX}{id(snapshot)}"
         _LOCAL[self.source] = snapshot
 
-    def detach(self) -> None:
-        return
-
     def close(self) -> None:
         _LOCAL.pop(self.source, None)
 
@@ -40,7 +41,8 @@ class LocalSnapshot:
 
 
 class _Published:
-    """A snapshot written into its engine's reused segment: released by the next one."""
+    """A snapshot in a segment whose owner releases it: the engine's reused segment (released by the next one),
+    or a lent segment (given back when the snapshot viewing it is dropped)."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -56,7 +58,7 @@ class _Published:
 
 
 def engine_segment(owner) -> Segment:
-    """The segment reused for snapshots sent to one engine (or captured by one worker), unlinked with it."""
+    """The segment reused for snapshots sent to one engine (or published by one worker), unlinked with it."""
     segment = getattr(owner, "_thaw_segment", None)
     if segment is None:
         segment = owner._thaw_segment = Segment()
@@ -64,21 +66,52 @@ def engine_segment(owner) -> Segment:
     return segment
 
 
+def engine_lender(owner) -> lent.Lender:
+    """The lender of one worker's captures, its segments unlinked with it."""
+    lender = getattr(owner, "_thaw_lender", None)
+    if lender is None:
+        lender = owner._thaw_lender = lent.Lender()
+        weakref.finalize(owner, lender.close)
+    return lender
+
+
 def publish(snapshot: thaw_format.Snapshot, *, local: bool, engine=None):
-    """A handle whose `source` names the snapshot for the reader; `close()` releases it. With `engine`, the
-    snapshot goes into that engine's reused segment (the reader must be done with it before the next)."""
+    """A handle whose `source` names the snapshot for the reader; `close()` releases it. A snapshot borrowed
+    from a worker, unchanged, is named by its own segment; with `engine`, any other goes into that engine's
+    reused segment (the reader must be done with it before the next)."""
     if local:
         return LocalSnapshot(snapshot)
+    source = lent.lent_source(snapshot)
+    if source is not None:
+        return _Published(source)
     return _Published(engine_segment(engine).publish(snapshot)) if engine is not None else SharedSnapshot(snapshot)
 
 
-def read(source: str, *, unlink: bool = False, keep: bool = False) -> thaw_format.Snapshot:
-    """The snapshot a source names, checksums verified: a shared-memory snapshot's tensors view the segment
-    (thaw_format.sdk.shared), a file's are read. `unlink` releases a snapshot's own source (the reader is its
-    last user); `keep` copies out of a reused segment, for a snapshot that outlives its writer's next one."""
+def read(source: str, *, unlink: bool = False, keep: bool = False, lender=None) -> thaw_format.Snapshot:
+    """The snapshot a source names, checksums verified (but a borrowed capture's, see below); a shared-memory
+    snapshot's tensors view the segment.
+    `unlink` releases a snapshot's own source (the reader is its last user); `keep` is for a snapshot that
+    outlives the call: a lent one is borrowed (the caller owns it), one in a reused segment copied out, verified.
+    Otherwise a reused segment is read through `lender` (the caller's own segments) or a cached mapping."""
     if source.startswith(LOCAL_PREFIX):
         return _LOCAL.pop(source) if unlink else _LOCAL[source]
     if source.startswith(SHM_PREFIX):
-        reused = "#" in source
-        return read_shared(source, unlink=unlink and not reused, copy=keep and reused)
+        if "#" not in source:
+            return read_shared(source, unlink=unlink)
+        if keep and lent.is_lent(source):
+            # A capture the engine's worker just gathered, its checksums computed in the same pass: the header is
+            # parsed and checked, the bytes are not read again here (as the in-process path hands its Snapshot
+            # over unread). Every later reader (a restore's worker, thaw_format.load of a saved copy) verifies.
+            return lent.borrow(source, verify=False)
+        if keep:
+            return read_shared(source, copy=True)
+        return lent.open_snapshot(source, lender=lender)
     return thaw_format.load(source)
+
+
+def structure(source: str) -> thaw_format.Snapshot:
+    """A source's snapshot, unverified, for its structure (model, prefix, requests) only: its bytes are left
+    where they lie, for the engine's worker to verify and read."""
+    if source.startswith(SHM_PREFIX):
+        return lent.open_snapshot(source, verify=False) if "#" in source else read_shared(source, verify=False)
+    return thaw_format.load(source, mmap=True, verify=False)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import thaw_format
 import vllm
@@ -17,19 +18,34 @@ from . import _internals, identity, transport
 from .pages import blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
 
 
+@functools.cache
+def _mover_on_rank_cores() -> None:
+    """Start libthaw's thread pool on every core vLLM gave this worker. vLLM's CPU worker binds its main thread
+    to one core (its OpenMP threads get one core each of the rank's list), and libthaw sizes its pool, on first
+    use, by the starting thread's affinity, which its threads inherit: started from the main thread, the KV
+    would move on one core of the rank's (measured: single-threaded gather and scatter in multiprocessing mode)."""
+    own = os.sched_getaffinity(0)
+    cores = set(own)
+    for task in os.listdir("/proc/self/task"):
+        try:
+            cores |= os.sched_getaffinity(int(task))
+        except OSError:  # a thread that has just exited
+            pass
+    os.sched_setaffinity(0, cores)
+    try:
+        mover.backend()  # starts the pool from this thread, now on all the cores
+    finally:
+        os.sched_setaffinity(0, own)
+
+
 class ThawWorkerExtension:
     def thaw_describe(self) -> dict:
-        """The identity and KV layout a snapshot must match; `layout_error` says why no layout is mapped."""
-        info = identity.model_info(self.vllm_config, self.thaw_weights_digest())
-        out = {"model": {"architecture": info.architecture, "config_digest": info.config_digest, "dtype": info.dtype,
-                         "weights_digest": info.weights_digest}}
-        try:
-            caches, layout = engine_layout(self)
-        except NotImplementedError as exc:
-            return {**out, "layout_error": str(exc)}
-        block_size, heads, head_dim = layout.page_shape
-        return {**out, "kv": {"num_layers": len(caches), "dtype": _dtype_name(caches), "num_kv_heads": heads,
-                              "head_dim": head_dim, "page_size": block_size}}
+        """The identity and KV layout a snapshot must match; `layout_error` says why no layout is mapped.
+        Fixed for the engine's life, so computed once."""
+        _mover_on_rank_cores()
+        if getattr(self, "_thaw_described", None) is None:
+            self._thaw_described = _describe(self)
+        return self._thaw_described
 
     def thaw_weights_digest(self) -> str:
         """The digest of the weights the engine loaded (spec 5.1), computed once."""
@@ -37,27 +53,29 @@ class ThawWorkerExtension:
             self._thaw_digest = identity.weights_digest(self.vllm_config)
         return self._thaw_digest
 
-    def thaw_capture(self, plan: dict, include_weights: bool, local: bool) -> dict:
-        """Assemble the snapshot the engine core planned (pages, block ids, requests) and publish it: in this
-        worker's reused shared-memory segment, the KV pages gathered by libthaw straight into it with their
-        checksums (the client copies it out, verified, before the next capture); in-process (the client is
-        here too), gathered into the snapshot's own buffers."""
+    def thaw_capture(self, plan: dict, include_weights: bool, local: bool, shared: bool = False) -> dict:
+        """Assemble the snapshot the engine core planned (pages, block ids, requests) and publish it, the KV
+        pages gathered by libthaw straight into shared memory with their checksums in the same pass: lent to
+        the client (a segment no reader holds, which the client's Snapshot views and gives back when dropped),
+        or, `shared`, in this worker's reused segment, valid until the next such capture. In-process (the client
+        is here too), gathered into the snapshot's own buffers and handed over as an object."""
+        _mover_on_rank_cores()
         if local:
-            shared = transport.publish(_build_snapshot(self, plan, include_weights, gathered=True), local=True)
-        else:
-            caches, layout = engine_layout(self)
-            fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
-                    for i, cache in enumerate(caches) for role in ("k", "v")}
-            snapshot = _build_snapshot(self, plan, include_weights, gathered=False)
-            return {"source": transport.engine_segment(self).publish(snapshot, fill)}
-        shared.detach()
-        return {"source": shared.source}
+            handle = transport.publish(_build_snapshot(self, plan, include_weights, gathered=True), local=True)
+            return {"source": handle.source}
+        caches, layout = engine_layout(self)
+        fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
+                for i, cache in enumerate(caches) for role in ("k", "v")}
+        snapshot = _build_snapshot(self, plan, include_weights, gathered=False)
+        publisher = transport.engine_segment(self) if shared else transport.engine_lender(self)
+        return {"source": publisher.publish(snapshot, fill)}
 
     def thaw_stage(self, source: str) -> None:
-        """Read and verify a snapshot, and check its KV fits this engine's, before the engine core changes
-        anything."""
+        """Verify a snapshot (every chunk, read where it lies: a segment this worker lent, or a cached mapping)
+        and check its KV fits this engine's, before the engine core changes anything."""
+        _mover_on_rank_cores()
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
-        snapshot = transport.read(source)
+        snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None))
         caches, layout = engine_layout(self)
         _check_kv(snapshot.kv, caches, layout)
         self._thaw_staged = snapshot
@@ -80,6 +98,19 @@ class ThawWorkerExtension:
         requests = {r.id: r for r in snapshot.scheduler.requests} if snapshot.scheduler else {}
         for key in rng_keys:
             connector.staged_rng[key] = (self, to_torch(requests[key].rng_state).clone())
+
+
+def _describe(worker) -> dict:
+    info = identity.model_info(worker.vllm_config, worker.thaw_weights_digest())
+    out = {"model": {"architecture": info.architecture, "config_digest": info.config_digest, "dtype": info.dtype,
+                     "weights_digest": info.weights_digest}}
+    try:
+        caches, layout = engine_layout(worker)
+    except NotImplementedError as exc:
+        return {**out, "layout_error": str(exc)}
+    block_size, heads, head_dim = layout.page_shape
+    return {**out, "kv": {"num_layers": len(caches), "dtype": _dtype_name(caches), "num_kv_heads": heads,
+                          "head_dim": head_dim, "page_size": block_size}}
 
 
 def _check_kv(kv, caches, layout) -> None:

@@ -1,0 +1,97 @@
+"""New-process side of test_lent_kv: a vLLM engine in its default multiprocessing mode (client, engine core and
+worker in three processes), driven through VLLMEngine; reports one "THAW_RESULT <json>" line.
+
+argv[1] is JSON: model, dtype, engine_kwargs, trunk, other, suffix (token ids), max_tokens.
+"""
+
+import gc
+import glob
+import hashlib
+import json
+import sys
+import time
+
+
+def kv_digest(snapshot) -> str:
+    h = hashlib.sha256()
+    for layer in snapshot.kv.layers:
+        for role in ("k", "v"):
+            h.update(layer.tensors[role].data)
+    return h.hexdigest()
+
+
+def corrupt_first_kv_chunk(source: str) -> None:
+    """Flip one bit inside layer 0's K in the segment a source names."""
+    import mmap
+    import os
+
+    from _posixshmem import shm_open
+
+    import thaw_format
+
+    name, _, nbytes = source[len("shm://"):].partition("#")
+    fd = shm_open("/" + name, os.O_RDWR, mode=0)
+    try:
+        with mmap.mmap(fd, int(nbytes)) as mapping:
+            region = thaw_format.SnapshotFile(mapping).info("kv/0/k")[2]
+            mapping[region.offset + 1000] ^= 0x40
+    finally:
+        os.close(fd)
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    import thaw_format
+    from thaw_format import SamplingParams
+    from thaw_format.sdk import lent
+    from thaw_vllm import VLLMEngine
+
+    others = set(glob.glob("/dev/shm/" + lent.LENT_PREFIX + "*"))  # lenders of other processes (the test's)
+    engine = VLLMEngine.start(config["model"], dtype=config["dtype"], **config["engine_kwargs"])
+    trunk, other, suffix = config["trunk"], config["other"], config["suffix"]
+    greedy = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0, ignore_eos=True)
+    result = {"fresh": {}, "after": {}}
+
+    def serve(name: str, prompt, into: str) -> None:
+        out = engine.generate(prompt, greedy)
+        result[into][name] = [out.token_ids, out.cached_tokens]
+
+    serve("trunk", trunk + suffix, "fresh")
+    serve("other", other + suffix, "fresh")  # both now cached: captures below take their chains
+    held = engine.capture(include_weights=False, chains=[trunk])
+    held_digest = kv_digest(held)
+    again = engine.capture(include_weights=False, chains=[other])
+    result["held_unchanged"] = kv_digest(held) == held_digest
+    result["segments"] = [lent.lent_source(held), lent.lent_source(again)]
+    del again
+    gc.collect()
+
+    engine.restore(held)  # the lent segment goes back to the worker untouched
+    serve("trunk", trunk + suffix, "after")
+    source = engine.capture_shared(chains=[trunk])
+    engine.llm.reset_prefix_cache()  # the engine now holds nothing
+    serve("empty", other + suffix, "after")
+    engine.restore_source(source)
+    serve("shared", trunk + suffix, "after")
+
+    corrupt = engine.capture_shared(chains=[trunk])
+    corrupt_first_kv_chunk(corrupt)
+    try:
+        engine.restore_source(corrupt)
+        result["corrupt_error"] = None
+    except Exception as exc:  # noqa: BLE001 - vLLM re-raises the worker's CorruptSnapshotError as a plain Exception
+        result["corrupt_error"] = str(exc)
+    serve("after_corrupt", trunk + suffix, "after")
+
+    lent_names = sorted(set(glob.glob("/dev/shm/" + lent.LENT_PREFIX + "*")) - others)
+    del held
+    gc.collect()
+    engine.close()
+    time.sleep(1.0)
+    result["lent_while_open"] = lent_names
+    result["lent_after_close"] = sorted(set(glob.glob("/dev/shm/" + lent.LENT_PREFIX + "*")) & set(lent_names))
+    print("THAW_RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

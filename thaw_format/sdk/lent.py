@@ -1,0 +1,233 @@
+"""Snapshots lent between processes in POSIX shared memory: the writer's bytes become the reader's, no copy.
+
+A `Lender` (an engine's worker, say) writes each snapshot into a segment no reader holds and lends it, named
+"shm://thawlent_<lender>_<slot>_<generation>#<nbytes>". `borrow(source)` maps the segment in the reader,
+verifies every chunk and returns a Snapshot whose tensors view the mapping (read-only). When the last of
+those views is garbage-collected, the reader hands the segment back by clearing its slot in the lender's small
+control segment; the lender reuses returned segments for later snapshots, so their pages stay warm (fresh
+shared memory costs a page fault and a zeroing per 4 KiB page, more than the copy itself). A lent snapshot is
+never overwritten while a reader holds it: ownership passes with the source and comes back with the slot.
+
+Readers cache a few mappings per process (`open_snapshot`), so a segment read again (the next lent capture
+in a recycled segment, a client's reused restore segment) is neither mapped nor faulted again.
+`lent_source(snapshot)` gives back the source of a borrowed snapshot still exactly as it was lent, so a
+restore can hand the segment itself to the engine instead of encoding the snapshot again.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import weakref
+from collections import OrderedDict
+from multiprocessing import shared_memory
+from typing import Optional
+
+import numpy
+
+from ..reader import loads
+from ..snapshot import Snapshot
+from ..writer import EncodedSnapshot
+from .shared import SHM_PREFIX
+
+LENT_PREFIX = "thawlent_"
+SLOTS = 256  # snapshots one lender may have out at once: one byte each in its control segment
+KEEP_IDLE = 2  # returned segments a lender keeps for reuse; more are unlinked (they hold RAM in /dev/shm)
+_LENT, _FREE = 1, 0
+
+
+def parse(source: str) -> tuple[str, int]:
+    """(segment name, snapshot bytes) of "shm://name#nbytes"."""
+    name, _, nbytes = source[len(SHM_PREFIX):].partition("#") if source.startswith(SHM_PREFIX) else ("", "", "")
+    if not name or not nbytes.isdigit():
+        raise ValueError(f"not a shared-memory segment source: {source!r} (expected {SHM_PREFIX}<name>#<nbytes>)")
+    return name, int(nbytes)
+
+
+def is_lent(source: str) -> bool:
+    return source.startswith(SHM_PREFIX + LENT_PREFIX)
+
+
+def _slot_of(name: str) -> tuple[str, int]:
+    """(control segment name, slot) of a lent segment's name."""
+    stem, slot, _generation = name.rsplit("_", 2)
+    return f"{stem}_ctl", int(slot)
+
+
+class Lender:
+    """Writes snapshots into segments it lends; a borrower gives each back by clearing its slot. The segments
+    are registered with multiprocessing's resource tracker (unlinked if this process dies); close() unlinks them."""
+
+    def __init__(self) -> None:
+        self._stem = f"{LENT_PREFIX}{os.getpid()}x{secrets.token_hex(4)}"
+        self._ctl = shared_memory.SharedMemory(name=f"{self._stem}_ctl", create=True, size=SLOTS)
+        self._segments: list[Optional[shared_memory.SharedMemory]] = [None] * SLOTS
+        self._generation = 0
+
+    def publish(self, snapshot: Snapshot, fill: Optional[dict] = None) -> str:
+        """Write `snapshot` (its deferred tensors by `fill`, as EncodedSnapshot.write_into) into a segment no
+        borrower holds and lend it: return its source."""
+        encoded = EncodedSnapshot(snapshot)
+        slot = self._slot(encoded.nbytes)
+        segment = self._segments[slot]
+        encoded.write_into(segment.buf, fill)
+        self._ctl.buf[slot] = _LENT
+        return f"{SHM_PREFIX}{segment.name}#{encoded.nbytes}"
+
+    def _slot(self, nbytes: int) -> int:
+        """A free slot whose segment holds nbytes (the smallest such), else a free slot given a new segment.
+        Idle segments beyond KEEP_IDLE are unlinked."""
+        free = [s for s in range(SLOTS) if self._ctl.buf[s] == _FREE]
+        if not free:
+            raise RuntimeError(f"all {SLOTS} snapshots this engine lent are still held by their readers: drop some")
+        idle = [s for s in free if self._segments[s] is not None]
+        fitting = sorted((self._segments[s].size, s) for s in idle if self._segments[s].size >= nbytes)
+        slot = fitting[0][1] if fitting else (idle[0] if idle else free[0])
+        for spare in [s for s in idle if s != slot][KEEP_IDLE:]:
+            self._drop(spare)
+        if self._segments[slot] is None or self._segments[slot].size < nbytes:
+            self._drop(slot)
+            self._generation += 1  # a new name: readers' cached mappings of the old segment never alias it
+            self._segments[slot] = shared_memory.SharedMemory(
+                name=f"{self._stem}_{slot}_{self._generation}", create=True, size=max(nbytes, 1))
+        return slot
+
+    def _drop(self, slot: int) -> None:
+        segment, self._segments[slot] = self._segments[slot], None
+        if segment is not None:
+            segment.close()
+            segment.unlink()
+
+    def view(self, name: str) -> Optional[memoryview]:
+        """This lender's own segment of that name (a restore from a snapshot it lent), or None."""
+        if not name.startswith(self._stem + "_"):
+            return None
+        segment = self._segments[_slot_of(name)[1]]
+        return segment.buf if segment is not None and segment.name == name else None
+
+    def close(self) -> None:
+        """Unlink every segment (readers keep the mappings they hold) and the control segment."""
+        for slot in range(SLOTS):
+            self._drop(slot)
+        self._ctl.close()
+        self._ctl.unlink()
+
+
+# --- readers ------------------------------------------------------------------------------------------------
+
+_MAX_MAPPINGS = 4
+_COMPARED_BYTES = 1 << 20
+_MAPPINGS: "OrderedDict[str, mmap.mmap]" = OrderedDict()  # segment name -> read-only shared mapping, recent last
+_BORROWED: dict[int, tuple[weakref.ref, str, int]] = {}  # id(snapshot) -> (snapshot, source, mapping address)
+
+
+def _open(name: str, flags: int) -> int:
+    from _posixshmem import shm_open  # not shared_memory.SharedMemory: its resource tracker would own the segment
+
+    try:
+        return shm_open("/" + name, flags, mode=0)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shared-memory segment {name} is gone: its owner closed it") from None
+
+
+def _mapping(name: str, nbytes: int) -> mmap.mmap:
+    """A cached read-only shared mapping of the whole segment: it always shows the owner's current bytes."""
+    mapping = _MAPPINGS.get(name)
+    if mapping is None or len(mapping) < nbytes:
+        fd = _open(name, os.O_RDONLY)
+        try:
+            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        if len(mapping) < nbytes:
+            raise ValueError(f"segment {name} holds {len(mapping)} bytes, its source says {nbytes}")
+        _MAPPINGS[name] = mapping
+        for gone in [n for n in _MAPPINGS if not _exists(n)]:
+            del _MAPPINGS[gone]  # unlinked by its owner: a cached mapping would keep its memory alive
+        while len(_MAPPINGS) > _MAX_MAPPINGS:
+            _MAPPINGS.popitem(last=False)  # not closed: views still using it keep it mapped
+    _MAPPINGS.move_to_end(name)
+    return mapping
+
+
+def _exists(name: str) -> bool:
+    try:
+        os.close(_open(name, os.O_RDONLY))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def open_snapshot(source: str, *, verify: bool = True, lender: Optional[Lender] = None) -> Snapshot:
+    """The snapshot in a segment ("shm://name#nbytes"), its tensors viewing the segment (no copy): through
+    `lender`'s own buffer when it wrote it, else a cached mapping. The caller must be done with it before the
+    segment's owner writes it again (a restore is); `borrow` is for snapshots that ownership passes with."""
+    return _open_snapshot(source, verify, lender)[0]
+
+
+def _open_snapshot(source: str, verify: bool, lender: Optional[Lender]) -> tuple[Snapshot, numpy.ndarray]:
+    name, nbytes = parse(source)
+    buffer = lender.view(name) if lender is not None else None
+    # A numpy array as the exporter: every tensor view references it, and (unlike mmap) it can be watched.
+    base = numpy.frombuffer(buffer if buffer is not None else _mapping(name, nbytes), numpy.uint8, count=nbytes)
+    return loads(base, copy=False, verify=verify), base
+
+
+def borrow(source: str, *, verify: bool = True) -> Snapshot:
+    """Take ownership of a lent snapshot: its tensors view the segment; it is given back to its lender when
+    the last of them is garbage-collected."""
+    if not is_lent(source):
+        raise ValueError(f"{source!r} is not a lent snapshot")
+    control, slot = _slot_of(parse(source)[0])
+    try:
+        snapshot, base = _open_snapshot(source, verify, None)
+    except BaseException:
+        _give_back(control, slot)
+        raise
+    weakref.finalize(base, _give_back, control, slot)
+    _BORROWED[id(snapshot)] = (weakref.ref(snapshot), source, base.ctypes.data)
+    weakref.finalize(snapshot, _BORROWED.pop, id(snapshot), None)
+    return snapshot
+
+
+_CONTROLS: "OrderedDict[str, mmap.mmap]" = OrderedDict()
+
+
+def _give_back(control: str, slot: int) -> None:
+    mapping = _CONTROLS.get(control)
+    if mapping is None:
+        try:
+            fd = _open(control, os.O_RDWR)
+        except FileNotFoundError:
+            return  # the lender is gone, and its segments with it
+        try:
+            mapping = _CONTROLS[control] = mmap.mmap(fd, SLOTS)
+        finally:
+            os.close(fd)
+        while len(_CONTROLS) > _MAX_MAPPINGS:
+            _CONTROLS.popitem(last=False)
+    mapping[slot] = _FREE
+
+
+def lent_source(snapshot: Snapshot) -> Optional[str]:
+    """The source a borrowed snapshot came from, if it still is exactly what was lent: the same header (model,
+    prefix, requests, tensor shapes) and every tensor still the segment's own bytes. Else None."""
+    entry = _BORROWED.get(id(snapshot))
+    if entry is None or entry[0]() is not snapshot:
+        return None
+    _, source, address = entry
+    name, nbytes = parse(source)
+    if not _exists(name):
+        return None  # its lender is gone: the mapping lives on here, but no engine can open the segment by name
+    encoded = EncodedSnapshot(snapshot)
+    mapping = _mapping(name, nbytes)
+    if encoded.nbytes != nbytes or mapping[: len(encoded.header)] != encoded.header:
+        return None
+    for (_, tensor), region in zip(encoded.tensors, encoded.layout.regions):
+        if not tensor.nbytes or numpy.frombuffer(tensor.data, numpy.uint8).ctypes.data == address + region.offset:
+            continue  # the segment's own bytes (read-only: nobody changed them)
+        # Tensors the encoder derives from fields (the prefix tree's token ids) are new buffers: small, compared.
+        if tensor.nbytes > _COMPARED_BYTES or mapping[region.offset : region.end] != memoryview(tensor.data).cast("B"):
+            return None
+    return source
