@@ -1,6 +1,6 @@
 """What thaw's KV connector costs a vLLM engine per request: plain vLLM against vLLM with thaw's connector and
 worker extension (thaw_vllm.engine_args), the same prompts, side by side in one run, with vLLM's async
-scheduling on (vLLM's default) and off (thaw_vllm's default).
+scheduling on (vLLM's default, which thaw_vllm keeps) and off.
 
     .venv-vllm/bin/python benchmarks/bench_vllm_connector.py [--write-results]
 
