@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Iterator, Optional, Sequence
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
-from langchain_core.messages import AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, message_chunk_to_message
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, PrivateAttr
 
@@ -88,6 +88,14 @@ class ChatThaw(BaseChatModel):
     def prefill(self, prompt: Sequence[int]) -> Progress:
         """Compute `prompt`'s KV into the engine's cache (one token is generated and dropped)."""
         return self._run(list(prompt), greedy(1))
+
+    def reply(self, prompt: Prompt, token_ids: Sequence[int], cached_tokens: int) -> AIMessage:
+        """The message of a reply generated elsewhere (a fork pool's worker) for `prompt`, as invoke gives it;
+        later prompts repeating it reuse its token ids."""
+        progress = Progress(list(token_ids), cached_tokens, True)
+        chunk = self._chunk(_Turn(prompt, self._params(), None, None), progress, _Text(self._tokens))
+        self._tokens.remember(prompt, progress.token_ids)
+        return message_chunk_to_message(chunk.message)
 
     # --- LangChain's entry points ---------------------------------------------------------------------------
 

@@ -1,11 +1,15 @@
 """fork_fanout: N branches of one conversation, the shared part prefilled once.
 
     replies = fork_fanout(llm, trunk_messages, [[HumanMessage("review security")], [HumanMessage("review style")]])
+    replies = fork_fanout(llm, trunk_messages, suffixes, pool=pool)   # on a thaw_format.sdk.ForkPool's workers
 
 Every branch's prompt is the trunk followed by its suffix. The prompts' shared token prefix is computed into
-the engine's cache first, as one request; then every branch runs at once (one batch in the engine) and reads
-that prefix from the cache: each reply's `response_metadata["cached_tokens"]` is the engine's own count.
-Replies come back in the order of `suffixes`.
+the engine's cache first, as one request. In-process, every branch then runs at once (one batch in the engine)
+and reads that prefix from the cache. With `pool=`, each round hands the prefix's KV pages to the pool's
+workers (a KV-only capture of the engine's cache) and each worker continues one branch: the engine itself
+serves other calls meanwhile; more branches than workers take several rounds. Either way each reply's
+`response_metadata["cached_tokens"]` is the count of the engine that served it, and replies come back in the
+order of `suffixes`.
 """
 
 from __future__ import annotations
@@ -22,13 +26,43 @@ Suffix = Union[BaseMessage, Sequence[BaseMessage]]
 
 
 def fork_fanout(llm: ChatThaw, messages: Sequence[BaseMessage], suffixes: Sequence[Suffix],
-                config: Optional[RunnableConfig] = None, **options) -> list[AIMessage]:
+                config: Optional[RunnableConfig] = None, *, pool=None, **options) -> list[AIMessage]:
     if not suffixes:
         raise ValueError("fork_fanout needs at least one suffix")
     branches = [list(messages) + ([s] if isinstance(s, BaseMessage) else list(s)) for s in suffixes]
+    if pool is not None:
+        return _on_pool(llm, pool, branches, options)
     prefix = shared_prefix([llm.prompt_ids(b) for b in branches])
     if prefix:
         llm.prefill(prefix)
     bound = llm.bind(**options) if options else llm
     # every branch in flight at once, so the engine loop serves them in one batch
     return bound.batch(branches, {**(config or {}), "max_concurrency": len(branches)})
+
+
+def _on_pool(llm: ChatThaw, pool, branches: list, options: dict) -> list[AIMessage]:
+    params = llm._params(**options)  # unknown options are refused before anything runs
+    prompts = [llm.chat_tokens.encode(b) for b in branches]
+    prefix = shared_prefix([p.ids for p in prompts])
+    if not prefix:
+        raise ValueError("fork_fanout with a pool needs branches that share a prefix (the KV the workers take)")
+    llm.prefill(prefix)
+    parent = _LoopParent(llm)
+    replies = []
+    for start in range(0, len(prompts), pool.workers):
+        chunk = prompts[start : start + pool.workers]
+        round_ = pool.fork(parent, len(chunk), context=prefix, suffixes=[p.ids[len(prefix):] for p in chunk],
+                           params=params)
+        replies += [llm.reply(prompt, g.token_ids, g.cached_tokens) for prompt, g in zip(chunk, round_.generations)]
+    return replies
+
+
+class _LoopParent:
+    """The parent a pool round reads: the engine's capture, run on its engine loop's thread between steps (the
+    engine keeps serving other calls while the workers generate)."""
+
+    def __init__(self, llm: ChatThaw) -> None:
+        self._loop = llm._loop
+
+    def capture(self, **kwargs):
+        return self._loop.call(lambda engine: engine.capture(**kwargs))

@@ -135,3 +135,25 @@ def test_a_stale_snapshot_is_refused(agent, store, plain, caplog):
     rewritten = [RemoveMessage(id=REMOVE_ALL_MESSAGES), SystemMessage("A different agent now. " * 12),
                  HumanMessage("start over.")]
     _refused(agent, store, plain, caplog, "t-6", lambda: None, "stale", messages=rewritten)
+
+
+def test_a_thread_resumes_from_an_fsspec_url(engine, model_dir, plain):
+    """The same durable thread kept under an fsspec URL (fsspec's in-memory filesystem) instead of a directory."""
+    import uuid
+
+    import fsspec
+
+    from thaw_langgraph import ChatThaw
+
+    url = f"memory://thaw-threads-{uuid.uuid4().hex}"
+    chat = ChatThaw(engine=engine, tokenizer=model_dir, max_tokens=16, thread_store=url)
+    messages = [SYSTEM, HumanMessage("step one: read the failing test.")]
+    first = chat.invoke(messages, thread_id="t/url")
+    fs, root = fsspec.core.url_to_fs(url)
+    assert fs.ls(root, detail=False) == [f"{root}/t%2Furl.thaw"]  # one file per thread, the id quoted
+    evict(chat)
+    second = chat.invoke(messages + [first, HumanMessage("step two: propose a fix.")], thread_id="t/url")
+    meta = second.response_metadata
+    assert meta["thread_kv"] == "restored"
+    assert meta["cached_tokens"] >= min(saved_pages(first), (len(meta["prompt_token_ids"]) - 1) // PAGE) * PAGE > 0
+    assert meta["token_ids"] == plain(meta["prompt_token_ids"], 16)

@@ -74,3 +74,22 @@ def test_five_rounds_of_fanout_match_a_plain_engine(chat, plain):
             assert meta["token_ids"] == plain(meta["prompt_token_ids"], chat.max_tokens), f"round {round_}"
             assert meta["cached_tokens"] >= shared // PAGE * PAGE > 0
         conversation += [suffixes[round_ % 4], AIMessage(replies[round_ % 4].content)]
+
+
+def test_fork_fanout_on_a_fork_pool_gives_the_in_process_tokens_in_order(chat, engine):
+    """Four branches on a two-worker pool (two rounds): each worker restores the trunk's KV from the engine
+    (its own cached-token count says so) and the replies are those of the in-process fan-out, in order."""
+    from thaw_format.sdk import ForkPool
+
+    from thaw_langgraph import fork_fanout
+
+    suffixes = [HumanMessage(f"pool: review the {a} of this change.") for a in ASPECTS]
+    in_process = fork_fanout(chat, TRUNK, suffixes)
+    with ForkPool(engine, workers=2, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}) as pool:
+        pooled = fork_fanout(chat, TRUNK, suffixes, pool=pool)
+    shared = len(chat.prompt_ids(TRUNK))
+    for reply, local, suffix in zip(pooled, in_process, suffixes):
+        meta = reply.response_metadata
+        assert meta["prompt_token_ids"] == chat.prompt_ids(TRUNK + [suffix])
+        assert meta["token_ids"] == local.response_metadata["token_ids"] and reply.content == local.content
+        assert meta["cached_tokens"] >= shared // PAGE * PAGE > 0  # the worker read the trunk's restored pages
