@@ -64,7 +64,8 @@ def report_saveload(case: str, scale: float, directory: Path, rounds: int, rss: 
              f"{saveload_bench.SETTLE_SECONDS * 1e3:.0f} ms of rest, so torch's OpenMP workers, which spin for "
              "milliseconds after the previous loader's round-trip check, take no CPU from it."
              + (" Timed calls ran with every thread of the benchmark at SCHED_FIFO (--realtime): other processes on "
-                "this shared machine did not run inside a timing." if fifo else ""),
+                "this shared machine took no CPU from a timed call (they still ran on a CPU it left idle, and shared "
+                "the memory bandwidth)." if fifo else ""),
              "thaw_format computes CRC32C of every 1 MiB chunk while saving and checks every chunk (and the "
              "padding) before a loaded tensor sees it; safetensors and torch check nothing. safetensors load_file "
              "maps the file and reads no byte until used, so it is also shown touching every page once, and "
