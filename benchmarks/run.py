@@ -4,6 +4,7 @@
     python benchmarks/run.py crc32c small      # a subset
     python benchmarks/run.py small gib --dir /var/tmp  # issue 18's load rows, on a local disk
     python benchmarks/run.py large --scale 0.1 # a 200 MB stand-in for the 2 GB case
+    python benchmarks/run.py gib --dir /var/tmp --realtime  # timed calls at SCHED_FIFO, on a busy machine
 
 Save/load files go to --dir (default /dev/shm, so neither side is disk-bound and the fsync of thaw_format's
 atomic save costs nothing there; pass a disk directory to include the disk).
@@ -37,8 +38,8 @@ def report_crc32c(rounds: int) -> None:
     write_results("crc32c", "CRC32C throughput", command_line(), {"gb_per_s": results}, table, notes)
 
 
-def report_saveload(case: str, scale: float, directory: Path, rounds: int, rss: bool) -> None:
-    timing = saveload_bench.time_case(case, scale, directory, rounds)
+def report_saveload(case: str, scale: float, directory: Path, rounds: int, rss: bool, fifo: bool) -> None:
+    timing = saveload_bench.time_case(case, scale, directory, rounds, fifo)
     size = timing["bytes"]
     memory = saveload_bench.measure_rss(case, scale, directory) if rss else {"save": {}, "load": {}}
     save_ref, load_ref, copy = timing["save"]["safetensors"], timing["load"][REFERENCE_LOAD], timing["memory_copy"]
@@ -59,7 +60,12 @@ def report_saveload(case: str, scale: float, directory: Path, rounds: int, rss: 
     where = "page cache hot; fsync is free there" if str(directory).startswith("/dev/shm") else \
         "a local disk, page cache hot: each load reads a file just written"
     notes = [f"Files in {directory} ({where}). Best of {rounds} interleaved rounds; ratios above 1 mean faster. "
-             f"Loads are compared with `{REFERENCE_LOAD}` and with `{TOUCHED_LOAD}`.",
+             f"Loads are compared with `{REFERENCE_LOAD}` and with `{TOUCHED_LOAD}`. Each timed call starts after "
+             f"{saveload_bench.SETTLE_SECONDS * 1e3:.0f} ms of rest, so torch's OpenMP workers, which spin for "
+             "milliseconds after the previous loader's round-trip check, take no CPU from it."
+             + (" Timed calls ran with every thread of the benchmark at SCHED_FIFO (--realtime): other processes on "
+                "this shared machine took no CPU from a timed call (they still ran on a CPU it left idle, and shared "
+                "the memory bandwidth)." if fifo else ""),
              "thaw_format computes CRC32C of every 1 MiB chunk while saving and checks every chunk (and the "
              "padding) before a loaded tensor sees it; safetensors and torch check nothing. safetensors load_file "
              "maps the file and reads no byte until used, so it is also shown touching every page once, and "
@@ -91,14 +97,20 @@ def main() -> None:
     parser.add_argument("--dir", default="/dev/shm", help="where the save/load files go")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--realtime", action="store_true",
+                        help="run timed save/load calls at SCHED_FIFO (Linux, root or CAP_SYS_NICE): on a busy shared "
+                             "machine, other processes then run outside the timings")
     args = parser.parse_args()
+    if args.realtime:
+        with saveload_bench.realtime(True):  # refused here, before any work, where the privilege is missing
+            pass
     if "crc32c" in args.parts:
         report_crc32c(max(args.rounds, 5))
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="thaw-bench-") as directory:
         for case in ("small", "gib", "large"):
             if case in args.parts:
                 report_saveload(case, args.scale if case == "large" else 1.0, Path(directory), args.rounds,
-                                not args.no_rss)
+                                not args.no_rss, args.realtime)
 
 
 if __name__ == "__main__":

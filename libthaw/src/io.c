@@ -368,7 +368,10 @@ static int run(int fd, const thaw_region *regions, size_t n, int for_read, int f
         j.direct_fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC); /* -1 where O_DIRECT is refused */
     }
     if (task == read_task) prefer_huge_pages(regions, n);
-    pool_run(j.n_pieces, task, &j);
+    if (task == mapped_task)
+        pool_run_shares(j.n_pieces, task, &j);
+    else
+        pool_run(j.n_pieces, task, &j);
     status->direct = j.direct_fd >= 0 && !atomic_load(&j.direct_refused);
     if (j.direct_fd >= 0) close(j.direct_fd);
     for (int w = 0; w < MAX_WORKERS; w++) free(j.stage[w]);

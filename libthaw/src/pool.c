@@ -1,6 +1,7 @@
 /* A fixed set of worker threads, started on first use and kept for the life of the process. A job is a
- * parallel for-loop: workers take the next index from a shared counter until none is left. A child made by
- * fork() has no workers, so it forgets the pool and starts its own on first use. */
+ * parallel for-loop: workers take the next index from a shared counter until none is left, or (pool_run_shares)
+ * each from its own contiguous share first. A child made by fork() has no workers, so it forgets the pool and
+ * starts its own on first use. */
 #define _GNU_SOURCE /* sched_getaffinity */
 #include <pthread.h>
 #include <sched.h>
@@ -23,13 +24,24 @@ typedef struct {
     void *ctx;
     size_t n;
     atomic_size_t next;
+    int shares;                             /* 0: one shared counter (next); else one share per worker */
+    atomic_size_t share_next[MAX_THREADS]; /* share s is [share_next[s], share_end[s]) */
+    size_t share_end[MAX_THREADS];
 } pool;
 
 static pool *the_pool;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 static void work(pool *p, int worker) {
-    for (size_t i; (i = atomic_fetch_add(&p->next, 1)) < p->n;) p->task(p->ctx, i, worker);
+    if (!p->shares) {
+        for (size_t i; (i = atomic_fetch_add(&p->next, 1)) < p->n;) p->task(p->ctx, i, worker);
+        return;
+    }
+    /* Its own share in order, then whatever is left of the others' (taken from their fronts, as their owners do). */
+    for (int k = 0; k < p->shares; k++) {
+        int s = (worker + k) % p->shares;
+        for (size_t i; (i = atomic_fetch_add(&p->share_next[s], 1)) < p->share_end[s];) p->task(p->ctx, i, worker);
+    }
 }
 
 typedef struct {
@@ -109,7 +121,9 @@ int thaw_threads(void) {
     return p ? p->threads : 1;
 }
 
-void pool_run(size_t n, pool_task task, void *ctx) {
+/* Run a job on the pool (shares: split [0, n) into one contiguous share per worker), or on the calling thread
+ * alone, in index order, when the pool is missing, has one thread or is held by another call. */
+static void run_job(size_t n, pool_task task, void *ctx, int shares) {
     pool *p = get_pool();
     if (!p || p->threads == 1 || n <= 1 || pthread_mutex_trylock(&p->busy) != 0) {
         for (size_t i = 0; i < n; i++) task(ctx, i, 0);
@@ -120,6 +134,11 @@ void pool_run(size_t n, pool_task task, void *ctx) {
     p->ctx = ctx;
     p->n = n;
     atomic_store(&p->next, 0);
+    p->shares = shares ? p->threads : 0;
+    for (int s = 0; s < p->shares; s++) {
+        atomic_store(&p->share_next[s], n * (size_t)s / (size_t)p->shares);
+        p->share_end[s] = n * (size_t)(s + 1) / (size_t)p->shares;
+    }
     p->running = p->threads - 1;
     p->generation++;
     pthread_cond_broadcast(&p->wake);
@@ -130,3 +149,7 @@ void pool_run(size_t n, pool_task task, void *ctx) {
     pthread_mutex_unlock(&p->lock);
     pthread_mutex_unlock(&p->busy);
 }
+
+void pool_run(size_t n, pool_task task, void *ctx) { run_job(n, task, ctx, 0); }
+
+void pool_run_shares(size_t n, pool_task task, void *ctx) { run_job(n, task, ctx, 1); }

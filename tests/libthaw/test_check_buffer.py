@@ -49,6 +49,17 @@ def test_first_bad_chunk_in_file_order_is_reported(native, path, case):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("pieces", [(2, 31), (15, 16), (16, 17), (0, 16), (31,)])
+def test_the_first_bad_chunk_wins_whichever_threads_share_holds_it(native, path, pieces):
+    """The native check gives each thread a contiguous share of the pieces (here 32 pieces of 256 KiB, 64 KiB
+    chunks); a bad chunk late in one share must not hide an earlier one, at either side of a share's edge."""
+    data, table, crcs = image([(0, bytes(range(256)) * (32 << 12), 1 << 16)])
+    for piece in reversed(pieces):
+        data[piece * (256 << 10) + 5] ^= 1
+    assert PATHS[path](data, table, crcs) == (0, pieces[0] * 4)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bad", [(-1, 10, 4096, 0), (0, 10**6, 4096, 0), (0, 10, 0, 0), (0, 10, 4096, 1),
                                  (0, 10, 4096, -1), (2**63, 1, 1, 0), (0, 8, 2**63 - 1, 1)])
 def test_regions_outside_the_buffer_or_the_crcs_are_refused(native, path, bad):
