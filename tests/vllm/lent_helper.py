@@ -46,7 +46,6 @@ def main() -> None:
     from thaw_format.sdk import lent
     from thaw_vllm import VLLMEngine
 
-    others = set(glob.glob("/dev/shm/" + lent.LENT_PREFIX + "*"))  # lenders of other processes (the test's)
     engine = VLLMEngine.start(config["model"], dtype=config["dtype"], **config["engine_kwargs"])
     trunk, other, suffix = config["trunk"], config["other"], config["suffix"]
     greedy = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0, ignore_eos=True)
@@ -83,13 +82,15 @@ def main() -> None:
         result["corrupt_error"] = str(exc)
     serve("after_corrupt", trunk + suffix, "after")
 
-    lent_names = sorted(set(glob.glob("/dev/shm/" + lent.LENT_PREFIX + "*")) - others)
+    # this engine's worker's lenders only: other processes on the machine lend too ("thawlent_<pid>x<token>")
+    worker = result["segments"][0][len("shm://"):].split("x", 1)[0]
+    lent_names = sorted(glob.glob(f"/dev/shm/{worker}x*"))
     del held
     gc.collect()
     engine.close()
     time.sleep(1.0)
     result["lent_while_open"] = lent_names
-    result["lent_after_close"] = sorted(set(glob.glob("/dev/shm/" + lent.LENT_PREFIX + "*")) & set(lent_names))
+    result["lent_after_close"] = sorted(glob.glob(f"/dev/shm/{worker}x*"))
     print("THAW_RESULT " + json.dumps(result), flush=True)
 
 

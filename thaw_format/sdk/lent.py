@@ -29,7 +29,7 @@ import numpy
 from ..reader import loads
 from ..snapshot import Snapshot
 from ..writer import EncodedSnapshot
-from .shared import SHM_PREFIX
+from .shared import SHM_PREFIX, open_segment
 
 LENT_PREFIX = "thawlent_"
 SLOTS = 256  # snapshots one lender may have out at once: one byte each in its control segment
@@ -122,20 +122,11 @@ _MAPPINGS: "OrderedDict[str, mmap.mmap]" = OrderedDict()  # segment name -> read
 _BORROWED: dict[int, tuple[weakref.ref, str, int]] = {}  # id(snapshot) -> (snapshot, source, mapping address)
 
 
-def _open(name: str, flags: int) -> int:
-    from _posixshmem import shm_open  # not shared_memory.SharedMemory: its resource tracker would own the segment
-
-    try:
-        return shm_open("/" + name, flags, mode=0)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"shared-memory segment {name} is gone: its owner closed it") from None
-
-
 def _mapping(name: str, nbytes: int) -> mmap.mmap:
     """A cached read-only shared mapping of the whole segment: it always shows the owner's current bytes."""
     mapping = _MAPPINGS.get(name)
     if mapping is None or len(mapping) < nbytes:
-        fd = _open(name, os.O_RDONLY)
+        fd = open_segment(name)
         try:
             mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
@@ -153,7 +144,7 @@ def _mapping(name: str, nbytes: int) -> mmap.mmap:
 
 def _exists(name: str) -> bool:
     try:
-        os.close(_open(name, os.O_RDONLY))
+        os.close(open_segment(name))
     except FileNotFoundError:
         return False
     return True
@@ -198,7 +189,7 @@ def _give_back(control: str, slot: int) -> None:
     mapping = _CONTROLS.get(control)
     if mapping is None:
         try:
-            fd = _open(control, os.O_RDWR)
+            fd = open_segment(control, os.O_RDWR)
         except FileNotFoundError:
             return  # the lender is gone, and its segments with it
         try:

@@ -31,17 +31,29 @@ SHM_PREFIX = "shm://"
 
 
 def untracked(shm: shared_memory.SharedMemory) -> shared_memory.SharedMemory:
-    """`shm`, attached in this process, left out of its resource tracker."""
-    # The creator or the last reader unlinks explicitly; Python 3.11's tracker would otherwise unlink a
-    # segment when whichever process first touched it exits, and warn about "leaks" in the others.
+    """`shm`, just created here, left out of this process's resource tracker: a reader unlinks it."""
+    # Python 3.11's tracker would otherwise unlink the segment when its creator exits, before a reader came.
     resource_tracker.unregister(shm._name, "shared_memory")
     return shm
 
 
-def unlink_segment(shm: shared_memory.SharedMemory) -> None:
-    """Unlink a segment attached untracked."""
-    resource_tracker.register(shm._name, "shared_memory")  # unlink() unregisters it again
-    shm.unlink()
+def open_segment(name: str, flags: int = os.O_RDONLY) -> int:
+    """A descriptor of the named segment, opened without SharedMemory: attaching through it would register the
+    segment with this process's resource tracker, which processes of one family share, and unbalance the
+    owner's own registration (a KeyError in the tracker, or a segment unlinked under its owner)."""
+    from _posixshmem import shm_open
+
+    try:
+        return shm_open("/" + name, flags, mode=0)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shared-memory segment {name} is gone: its owner closed it") from None
+
+
+def unlink_name(name: str) -> None:
+    """Unlink a segment that no resource tracker holds (created untracked, or another process's to release)."""
+    from _posixshmem import shm_unlink
+
+    shm_unlink("/" + name)
 
 
 class SharedSnapshot:
@@ -64,7 +76,7 @@ class SharedSnapshot:
         """Unlink the segment; readers that still have it mapped keep their mapping."""
         if self._shm is not None:
             self._shm.close()
-            unlink_segment(self._shm)
+            unlink_name(self._shm.name)
             self._shm = None
 
     def __enter__(self) -> "SharedSnapshot":
@@ -98,17 +110,9 @@ class Segment:
             self._shm = None
 
 
-def _open_segment(name: str) -> int:
-    """A read-only descriptor of the named segment, without registering it with this process's resource
-    tracker (which is the writer's to keep or drop)."""
-    from _posixshmem import shm_open
-
-    return shm_open("/" + name, os.O_RDONLY, mode=0)
-
-
 def release(source: str) -> None:
     """Unlink a snapshot's own segment ("shm://name") whose readers have all mapped it (or never will)."""
-    unlink_segment(untracked(shared_memory.SharedMemory(name=source[len(SHM_PREFIX):])))
+    unlink_name(source[len(SHM_PREFIX):])
 
 
 def read_shared(source: str, *, unlink: bool = False, copy: bool = False, verify: bool = True) -> Snapshot:
@@ -121,27 +125,19 @@ def read_shared(source: str, *, unlink: bool = False, copy: bool = False, verify
     if nbytes:
         if unlink:
             raise ValueError(f"{source} is a reused segment: its owner releases it, not a reader")
-        try:
-            fd = _open_segment(name)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"snapshot {source} is gone: its owner closed the segment") from None
-        try:
-            mapping = mmap.mmap(fd, int(nbytes), access=mmap.ACCESS_COPY)
-        finally:
-            os.close(fd)
-        return loads(mapping, copy=copy, verify=verify)
     try:
-        shm = untracked(shared_memory.SharedMemory(name=name))
+        fd = open_segment(name)
     except FileNotFoundError:
-        raise FileNotFoundError(f"snapshot {source} is gone: shared memory lives only while its writer holds it "
-                                "(capture a fork child with include_weights=False: a KV-only snapshot that "
-                                "names the weights by digest)") from None
+        gone = ("its owner closed the segment" if nbytes else "shared memory lives only while its writer holds it "
+                "(capture a fork child with include_weights=False: a KV-only snapshot that names the weights by "
+                "digest)")
+        raise FileNotFoundError(f"snapshot {source} is gone: {gone}") from None
     try:
-        mapping = mmap.mmap(shm._fd, shm.size, access=mmap.ACCESS_COPY)
+        mapping = mmap.mmap(fd, int(nbytes) if nbytes else 0, access=mmap.ACCESS_COPY)
     finally:
-        shm.close()
+        os.close(fd)
         if unlink:
-            unlink_segment(shm)
+            unlink_name(name)
     return loads(mapping, copy=copy, verify=verify)
 
 

@@ -1,0 +1,66 @@
+"""Shared-memory sources across processes of one family, which share one multiprocessing resource tracker.
+
+A reader that attached through SharedMemory registered the segment with that tracker; its owner's later unlink
+then unregistered it twice, and the tracker printed a KeyError traceback (or unlinked a segment under its
+owner). Readers now attach without the tracker: each scenario runs in a fresh interpreter whose stderr, the
+tracker's too, must stay free of tracker complaints.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy
+
+import thaw_format
+from thaw_format.sdk.shared import SharedSnapshot, read_shared, release
+
+SCENARIO = textwrap.dedent("""
+    import multiprocessing, sys
+    import numpy, thaw_format
+    from multiprocessing import shared_memory
+    from thaw_format.sdk.shared import SharedSnapshot, Segment, read_shared
+
+    def read(source, unlink):
+        snap = read_shared(source, unlink=unlink)
+        assert bytes(snap.weights.tensors["t"].data) == bytes(range(64))
+
+    if __name__ == "__main__":
+        ctx = multiprocessing.get_context("spawn")
+        snap = thaw_format.Snapshot(weights=thaw_format.Weights({"t": numpy.arange(64, dtype=numpy.uint8)}))
+        shared = SharedSnapshot(snap)
+        shared.detach()  # the child reads it last and unlinks it
+        segment = Segment()
+        reused = segment.publish(snap)
+        for source, unlink in ((shared.source, True), (reused, False)):
+            child = ctx.Process(target=read, args=(source, unlink))
+            child.start(); child.join()
+            assert child.exitcode == 0, child.exitcode
+        segment.close()  # the owner's own registration, unbalanced by nobody
+        print("done")
+""")
+
+
+def test_readers_in_child_processes_leave_the_owners_tracker_alone(tmp_path):
+    script = tmp_path / "scenario.py"
+    script.write_text(SCENARIO)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "done"
+    for complaint in ("KeyError", "resource_tracker", "leaked"):
+        assert complaint not in out.stderr, out.stderr
+
+
+def test_a_released_source_is_gone_and_says_so():
+    snap = thaw_format.Snapshot(weights=thaw_format.Weights({"t": numpy.zeros(8, numpy.float32)}))
+    shared = SharedSnapshot(snap)
+    shared.detach()
+    release(shared.source)
+    try:
+        read_shared(shared.source)
+    except FileNotFoundError as exc:
+        assert "is gone" in str(exc)
+    else:
+        raise AssertionError("a released segment was read")
