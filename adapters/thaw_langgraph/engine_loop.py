@@ -21,9 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import thaw_format
-from thaw_format.sdk.contract import DEFAULT_PAGE_SIZE, greedy
-
-from .progress import Progress
+from thaw_format.sdk.contract import DEFAULT_PAGE_SIZE, Progress, greedy
 
 log = logging.getLogger(__name__)
 Listener = Callable[[Progress], None]  # called on the loop's thread after each step; the last has finished=True
