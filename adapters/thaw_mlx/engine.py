@@ -1,8 +1,8 @@
 """MLXEngine: the adapter contract (thaw_format.sdk.contract) over an mlx-lm model and the sessions it served.
 
 mlx-lm has no server and no prefix cache: the engine is a model plus its sessions (token ids + prompt cache).
-A request continues the longest session whose tokens begin its prompt, as a prefix cache would, and its
-cached-token count is that session's cache offset. Several requests may be in flight: each step advances each
+A request starts from a copy of the KV of the longest prefix of its prompt that a session holds, as a prefix
+cache would, and its cached-token count is that prefix's length. Several requests may be in flight: each step advances each
 by one token over its own copy of the cache, so each gets exactly the tokens it gets alone; a snapshot holds one
 sequence (one chain, or the one request in flight). Sampling goes through thaw_mlx.Sampler, whose PRNG key a
 snapshot keeps. A model loaded from a checkpoint (`MLXEngine.start(checkpoint=...)`) is identified by that
@@ -113,18 +113,32 @@ class MLXEngine(SharedKV):
     # --- serving ---
 
     def _continue_from(self, prompt: list[int]) -> tuple[list, int]:
-        """A private copy of the cache of the longest session that begins the prompt, and its offset."""
-        best = self._session_of(prompt)
-        if best is None:
+        """A private copy of the KV of the longest prefix of the prompt a session holds (at most all but its
+        last token, whose logits the request needs), and its length: the engine's prefix-cache hit."""
+        held = self._held(prompt, len(prompt) - 1)
+        if held is None:
             return make_prompt_cache(self.model), 0
-        snapshot = capture(self.model, best.cache, best.tokens, include_weights=False, info=self.info)
-        cache = restore(self.model, snapshot, info=self.info)
-        return cache, min(cache[0].offset, len(prompt) - 1)
+        tokens, view = held
+        snapshot = capture(self.model, view, tokens, include_weights=False, info=self.info)
+        return restore(self.model, snapshot, info=self.info), len(tokens)
 
-    def _session_of(self, prompt: Sequence[int]) -> Optional[_Session]:
-        prompt = list(prompt)
-        return max((s for s in self.sessions if s.tokens == prompt[: len(s.tokens)]), key=lambda s: len(s.tokens),
-                   default=None)
+    def _held(self, tokens: list[int], limit: int) -> Optional[tuple[list[int], list]]:
+        """The longest prefix of `tokens` (at most `limit`) whose KV a session holds, and a view of that KV: the
+        session's cache cut back to it in a shallow copy (the arrays are shared, not copied). A cache that cannot
+        be cut back (a rotating window that has wrapped, a recurrent layer) serves only prompts that extend it."""
+        best, best_n = None, 0
+        for session in self.sessions:
+            offset = num_cached_tokens(session.cache)
+            n = min(_common_prefix(session.tokens, tokens), offset, limit)
+            if n > best_n and (n == offset or can_trim_prompt_cache(session.cache)):
+                best, best_n = session, n
+        if best is None:
+            return None
+        view = [copy.copy(layer) for layer in best.cache]
+        past = num_cached_tokens(view) - best_n
+        if past and trim_prompt_cache(view, past) != past:
+            raise RuntimeError(f"mlx-lm trimmed fewer than {past} tokens from a cache it said it can trim")
+        return tokens[:best_n], view
 
     def _request(self, prompt: Sequence[int], params: SamplingParams) -> _Request:
         """A new request continuing the longest session that begins its prompt (the engine's prefix-cache hit)."""
@@ -184,7 +198,8 @@ class MLXEngine(SharedKV):
         """What a snapshot holds (tokens, cache, the request if one in flight): the KV of `chains`, else the one
         request in flight, else the latest session served."""
         if chains:
-            held = self._chain_view([int(t) for t in chains[0]])
+            chain = [int(t) for t in chains[0]]
+            held = self._held(chain, len(chain))
             return None if held is None else (*held, None)
         if len(self.running) > 1:
             raise Unsupported(f"an MLX snapshot holds one sequence; {len(self.running)} requests are in flight: "
@@ -193,21 +208,6 @@ class MLXEngine(SharedKV):
             request = next(iter(self.running.values()))
             return request.session.tokens, request.session.cache, request
         return None if not self.sessions else (self.sessions[-1].tokens, self.sessions[-1].cache, None)
-
-    def _chain_view(self, chain: list[int]) -> Optional[tuple[list[int], list]]:
-        """The tokens and cache of `chain`'s KV only: a session that runs past the chain is seen through a
-        trimmed shallow copy of its cache (the arrays are shared, not copied); else the longest session the
-        chain extends."""
-        session = next((s for s in self.sessions if chain and s.tokens[: len(chain)] == chain), None)
-        if session is None:
-            session = self._session_of(chain)
-            return None if session is None else (session.tokens, session.cache)
-        view = [copy.copy(layer) for layer in session.cache]
-        past = num_cached_tokens(view) - len(chain)
-        if past > 0 and (not can_trim_prompt_cache(view) or trim_prompt_cache(view, past) != past):
-            raise Unsupported("this session's cache cannot be cut back to the chain (a rotating window that has "
-                              "wrapped, or a recurrent layer): capture the whole session instead")
-        return chain, view
 
     def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:
         if chains is not None and len(chains) > 1:
@@ -252,6 +252,11 @@ class MLXEngine(SharedKV):
 
     def close(self) -> None:
         self.sessions, self.running, self._progress = [], {}, {}
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def _eos_ids(checkpoint: Optional[str]) -> frozenset:
