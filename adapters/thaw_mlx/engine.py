@@ -2,10 +2,10 @@
 
 mlx-lm has no server and no prefix cache: the engine is a model plus its sessions (token ids + prompt cache).
 A request starts from a copy of the KV of the longest prefix of its prompt that a session holds, as a prefix
-cache would, and its cached-token count is that prefix's length. Several requests may be in flight: each step advances each
-by one token over its own copy of the cache, so each gets exactly the tokens it gets alone; a snapshot holds one
-sequence (one chain, or the one request in flight). Sampling goes through thaw_mlx.Sampler, whose PRNG key a
-snapshot keeps. A model loaded from a checkpoint (`MLXEngine.start(checkpoint=...)`) is identified by that
+cache would, and its cached-token count is that prefix's length. Several requests may be in flight: each step
+advances each by one token over its own cache, so each gets exactly the tokens it gets alone; a snapshot holds
+one sequence (one chain, or the one request in flight). Sampling goes through thaw_mlx.Sampler, whose PRNG key
+a snapshot keeps. A model loaded from a checkpoint (`MLXEngine.start(checkpoint=...)`) is identified by that
 checkpoint, as vLLM and SGLang identify theirs, so that snapshots cross engines; its config's EOS ids end a
 request that does not ignore EOS.
 """
@@ -182,7 +182,8 @@ class MLXEngine(SharedKV):
         return out
 
     def finish(self, requests: Optional[Sequence[Resumed]] = None) -> dict[str, Finished]:
-        ids = list(self.running) if requests is None else [r.request_id for r in requests if r.request_id in self.running]
+        ids = list(self.running) if requests is None else [r.request_id for r in requests
+                                                            if r.request_id in self.running]
         done = {}
         for rid in ids:
             request = self.running.pop(rid)
