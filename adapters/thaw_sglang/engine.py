@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import thaw_format
 from thaw_format import ModelInfo, SamplingParams, Snapshot
-from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, fork
+from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Refused, Resumed, fork
 from thaw_format.sdk.shared import SharedKV
 
 from .requests import resume_arguments, sglang_params
@@ -99,8 +99,15 @@ class SGLangEngine(SharedKV):
 
         The engine pauses itself after that batch (`ThawEngine.run_batches`), so however slow this process is,
         a capture finds the request where the steps left it. Requests are stepped one at a time, in the order
-        submitted (each gets exactly its tokens alone): once one has finished, the next one's prefill runs."""
+        submitted (each gets exactly its tokens alone): the step after one finished runs the next one's prefill,
+        or raises Refused if SGLang refuses it."""
         if self.streaming is None:
+            if self.queued:
+                rid = next(iter(self.queued))
+                try:
+                    self._start_next()
+                except Exception as exc:  # SGLang validates a request when it is sent: this one alone fails
+                    raise Refused(rid, str(exc)) from exc
             return {}
         if not self.streaming.finished:
             self.engine.run_batches(1)
@@ -110,9 +117,7 @@ class SGLangEngine(SharedKV):
             return {}
         streaming, self.streaming = self.streaming, None
         streaming.drain()  # the stream ends after its finished chunk: no batch runs
-        self.engine.unpause()  # nothing left to step: the engine runs freely again
-        if self.queued:
-            self._start_next()
+        self.engine.unpause()  # nothing being stepped: the engine runs freely until the next request
         return {streaming.rid: list(streaming.latest["output_ids"])}
 
     def progress(self) -> dict[str, Progress]:
@@ -144,8 +149,6 @@ class SGLangEngine(SharedKV):
             for request, out in zip(run, outs):
                 done[request.id] = Finished(request.id, request.output_token_ids + list(out["output_ids"]),
                                             out["meta_info"]["cached_tokens"])
-        if self.streaming is None and self.queued:  # the requests not finished here go on being stepped
-            self._start_next()
         return done
 
     def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:

@@ -40,7 +40,9 @@ Rules the callers rely on (the conformance suite checks each one):
   that advanced since the last call: its output so far, whether it has finished, and the engine's own
   cached-token count. Each request gets exactly the tokens it gets alone (a batch changes no token), and a
   request's last Progress (finished=True) is reported once. Generation stops at `max_tokens`, at a token of
-  `stop_token_ids` (which ends the output), or at the model's end of sequence unless `ignore_eos`.
+  `stop_token_ids` (which ends the output), or at the model's end of sequence unless `ignore_eos`. A request
+  the engine refuses only once its turn comes (after `submit` returned) makes `step` raise `Refused` naming
+  it, having changed nothing else: the other requests go on at the next step.
 - `fork(n, context=...)` returns n engines (children) holding the KV of `context`; a child's `generate` takes
   prompts that extend `context`. In-process children share the parent's cached pages (no KV bytes move).
 - `fork` is `thaw_format.sdk.fork.fork(self, ...)` unless the engine has a better way of its own.
@@ -81,6 +83,14 @@ DEFAULT_PAGE_SIZE = 32  # tokens per snapshot page; vLLM's CPU backend needs blo
 
 class Unsupported(Exception):
     """The adapter cannot do this; the message says what is missing and why."""
+
+
+class Refused(Exception):
+    """The engine refused a request it had accepted from `submit` (the message says why); nothing else changed."""
+
+    def __init__(self, request_id: str, reason: str) -> None:
+        super().__init__(f"request {request_id}: {reason}")
+        self.request_id = request_id
 
 
 def require(engine: "Engine", capability: str) -> None:
