@@ -158,9 +158,12 @@ class EngineLoop:
         try:
             self.engine.step()
         except Refused as exc:  # a request the engine refused when its turn came: it fails alone
-            for job in self._held.pop(exc.request_id, None) or [self._active.pop(exc.request_id, None)]:
-                if job is not None:
-                    job.failed(exc)
+            group = self._held.pop(exc.request_id, None)
+            if group is not None:  # a shared prefix: each member is then served or refused alone
+                self._admit_alone(group)
+            job = self._active.pop(exc.request_id, None)
+            if job is not None:
+                job.failed(exc)
         for request_id, progress in self.engine.progress().items():
             group = self._held.get(request_id)
             if group is not None:
