@@ -28,7 +28,7 @@ def pytest_addoption(parser):
 
 def pytest_generate_tests(metafunc):
     if "kind" in metafunc.fixturenames:
-        names = metafunc.config.getoption("engines") or list(engine_kinds.ENGINES)
+        names = metafunc.config.getoption("engines", default=None) or list(engine_kinds.ENGINES)
         metafunc.parametrize("kind", list(dict.fromkeys(names)), indirect=True, scope="session")
 
 
