@@ -141,7 +141,7 @@ class MLXEngine(SharedKV):
         return tokens[:best_n], view
 
     def _request(self, prompt: Sequence[int], params: SamplingParams) -> _Request:
-        """A new request continuing the longest session that begins its prompt (the engine's prefix-cache hit)."""
+        """A new request over a copy of the longest prefix of its prompt a session holds (the prefix-cache hit)."""
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("a prompt needs at least one token")
