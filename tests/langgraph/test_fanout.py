@@ -86,8 +86,8 @@ def test_fork_fanout_on_a_fork_pool_gives_the_in_process_tokens_in_order(chat, e
     suffixes = [HumanMessage(f"pool: review the {a} of this change.") for a in ASPECTS]
     in_process = fork_fanout(chat, TRUNK, suffixes)
     if kind.name == "sglang":
-        pytest.skip("two more SGLang engines (a pool's workers) do not fit this test's machine; "
-                    "tests/sglang/test_pool.py runs the pool on SGLang")
+        pytest.skip("not run on SGLang: a pool's two workers are two more SGLang engines (20-60 s each to start "
+                    "on a 2-core machine); tests/sglang/test_pool.py runs ForkPool on SGLang")
     with ForkPool(engine, workers=2, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}) as pool:
         pooled = fork_fanout(chat, TRUNK, suffixes, pool=pool)
     shared = len(chat.prompt_ids(TRUNK))
