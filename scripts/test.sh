@@ -7,17 +7,18 @@ source scripts/env.sh
 if [ -n "${CI:-}" ]; then export THAW_REQUIRE_ENGINES=1; fi
 
 status=0
-# area: "venv setup-script test-paths..."
+# area: "venv setup-script tests..."; each of tests is a path, with pytest options after it if any ("path opts")
 run_area() {
   local venv="$1" setup="$2"; shift 2
-  local paths=()
-  for p in "$@"; do [ -e "$p" ] && paths+=("$p"); done
-  [ ${#paths[@]} -gt 0 ] || return 0
+  local runs=() words
+  for p in "$@"; do read -ra words <<<"$p"; [ -e "${words[0]}" ] && runs+=("$p"); done
+  [ ${#runs[@]} -gt 0 ] || return 0
   if ! bash "$setup"; then echo "=== set-up failed: $setup"; status=1; return; fi
   # One pytest per directory: each directory's conftest is imported as the module `conftest`.
-  for p in "${paths[@]}"; do
+  for p in "${runs[@]}"; do
+    read -ra words <<<"$p"
     echo "=== testing $p in $venv"
-    "$venv/bin/python" -m pytest "$p" || status=1
+    "$venv/bin/python" -m pytest "${words[@]}" || status=1
   done
 }
 
@@ -25,9 +26,10 @@ core_paths=()
 for p in tests/*/; do
   case "$p" in tests/vllm/|tests/langgraph/|tests/sglang/|tests/conformance/) ;; *) core_paths+=("${p%/}") ;; esac
 done
-run_area .venv scripts/setup-core.sh "${core_paths[@]}"
-run_area .venv-vllm scripts/setup-vllm.sh tests/vllm tests/langgraph
-run_area .venv-sglang scripts/setup-sglang.sh tests/sglang
+# ChatThaw (tests/langgraph) runs once per engine, each in the environment that has it.
+run_area .venv scripts/setup-core.sh "${core_paths[@]}" "tests/langgraph --engine mlx --engine transformers"
+run_area .venv-vllm scripts/setup-vllm.sh tests/vllm "tests/langgraph --engine vllm"
+run_area .venv-sglang scripts/setup-sglang.sh tests/sglang "tests/langgraph --engine sglang"
 if [ -e tests/conformance ]; then
   echo "=== testing tests/conformance in .venv (drives every engine environment)"
   .venv/bin/python -m pytest tests/conformance || status=1

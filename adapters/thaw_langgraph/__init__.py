@@ -6,9 +6,9 @@
 `ChatThaw` is a LangChain chat model (invoke, ainvoke, batch, stream, astream) whose concurrent calls are
 served in one engine batch, a shared prefix computed once; `fork_fanout` runs branches of one conversation
 from one prefill; `thread_store=` keeps each LangGraph thread's KV across evictions and process restarts.
-Written against the adapter contract (thaw_format.sdk), plus one method the contract lacks: `progress()`, a
-request's tokens and the engine's cached-token count after each step (thaw_vllm's engine has it here, in
-vllm_streaming.py); any contract engine that adds it can serve ChatThaw.
+Written against the adapter contract (thaw_format.sdk) alone: any contract engine with the "streaming"
+capability (several requests in flight, each one's tokens and the engine's own cached-token count after every
+step: `progress()`) serves ChatThaw. thaw_vllm, thaw_mlx, thaw_sglang and thaw_transformers have it.
 """
 
 from .chat_model import ChatThaw

@@ -26,12 +26,11 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, PrivateAttr
 
 import thaw_format
-from thaw_format.sdk import Unsupported, greedy
+from thaw_format.sdk import Progress, Unsupported, greedy, require
 
 from . import durable
 from .chat_tokens import ChatTokens, Prompt
 from .engine_loop import EngineLoop, loop_for
-from .progress import Progress
 from .thread_store import ThreadStore
 
 
@@ -47,7 +46,7 @@ class ChatThaw(BaseChatModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     engine: Any
-    """A contract engine (thaw_format.sdk.Engine) with progress(), a thaw_vllm.VLLMEngine or a vllm.LLM."""
+    """A contract engine (thaw_format.sdk.Engine) with the "streaming" capability, or a vllm.LLM."""
     tokenizer: Any
     """A Hugging Face tokenizer with a chat template, or the directory holding one."""
     max_tokens: int = 256
@@ -230,18 +229,29 @@ def _chat_tokens(tokenizer) -> ChatTokens:
 
 
 def _contract_engine(engine):
-    """The engine ChatThaw drives: a contract engine with `progress()` (token streaming and the engine's
-    cached-token count per step). A vllm.LLM or a thaw_vllm.VLLMEngine gets thaw_vllm's contract engine with it."""
-    if hasattr(engine, "progress"):
-        return engine
-    try:
-        import vllm
-        from thaw_vllm import VLLMEngine
-    except ImportError:
-        vllm = VLLMEngine = None
-    if vllm is not None and isinstance(engine, (vllm.LLM, VLLMEngine)):
-        from .vllm_streaming import streaming_engine
+    """The engine ChatThaw drives: a contract engine that streams (several requests in flight, each one's tokens
+    and the engine's cached-token count after every step). A vllm.LLM gets thaw_vllm's contract engine."""
+    if not hasattr(type(engine), "capabilities"):
+        try:
+            import vllm
+        except ImportError:
+            vllm = None
+        if vllm is None or not isinstance(engine, vllm.LLM):
+            raise Unsupported(f"ChatThaw needs a thaw contract engine (thaw_format.sdk.Engine) or a vllm.LLM, "
+                              f"not {type(engine).__name__}")
+        engine = _vllm_engine(engine)
+    require(engine, "streaming")
+    return engine
 
-        return streaming_engine(engine.llm if isinstance(engine, VLLMEngine) else engine)
-    raise Unsupported(f"ChatThaw needs an engine whose steps report progress (tokens so far and the engine's "
-                      f"cached-token count); {type(engine).__name__} has no progress()")
+
+_WRAPPED: dict[int, Any] = {}
+
+
+def _vllm_engine(llm):
+    """The one thaw_vllm.VLLMEngine over `llm` (one engine loop per engine: two would step it concurrently)."""
+    from thaw_vllm import VLLMEngine
+
+    engine = _WRAPPED.get(id(llm))
+    if engine is None or engine.llm is not llm:
+        engine = _WRAPPED[id(llm)] = VLLMEngine(llm)
+    return engine

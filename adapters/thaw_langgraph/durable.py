@@ -63,7 +63,7 @@ def resume(loop: EngineLoop, saved: SavedThread, thread_id: str, prompt: Sequenc
 
     def restore_unless_held(engine) -> str:
         held = engine.capture(include_weights=False, chains=[chain]).prefix
-        if held is not None and held.num_pages >= pages:
+        if held is not None and sum(len(tokens) for tokens in held.tokens) >= len(chain):
             return "resident"
         engine.restore(saved.snapshot)
         return "restored"

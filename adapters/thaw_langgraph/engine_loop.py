@@ -21,9 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import thaw_format
-from thaw_format.sdk.contract import DEFAULT_PAGE_SIZE, greedy
-
-from .progress import Progress
+from thaw_format.sdk.contract import DEFAULT_PAGE_SIZE, Progress, Refused, greedy
 
 log = logging.getLogger(__name__)
 Listener = Callable[[Progress], None]  # called on the loop's thread after each step; the last has finished=True
@@ -157,7 +155,15 @@ class EngineLoop:
                     self._admit_alone([jobs[i] for i in indices])
 
     def _step(self) -> None:
-        self.engine.step()
+        try:
+            self.engine.step()
+        except Refused as exc:  # a request the engine refused when its turn came: it fails alone
+            group = self._held.pop(exc.request_id, None)
+            if group is not None:  # a shared prefix: each member is then served or refused alone
+                self._admit_alone(group)
+            job = self._active.pop(exc.request_id, None)
+            if job is not None:
+                job.failed(exc)
         for request_id, progress in self.engine.progress().items():
             group = self._held.get(request_id)
             if group is not None:

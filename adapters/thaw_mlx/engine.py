@@ -1,16 +1,19 @@
 """MLXEngine: the adapter contract (thaw_format.sdk.contract) over an mlx-lm model and the sessions it served.
 
 mlx-lm has no server and no prefix cache: the engine is a model plus its sessions (token ids + prompt cache).
-A request continues the longest session whose tokens begin its prompt, as a prefix cache would, and its
-cached-token count is that session's cache offset. One session is in flight at a time (a snapshot holds one
-sequence). Sampling goes through thaw_mlx.Sampler, whose PRNG key a snapshot keeps. A model loaded from a
-checkpoint (`MLXEngine.start(checkpoint=...)`) is identified by that checkpoint, as vLLM and SGLang identify
-theirs, so that snapshots cross engines.
+A request starts from a copy of the KV of the longest prefix of its prompt that a session holds, as a prefix
+cache would, and its cached-token count is that prefix's length. Several requests may be in flight: each step
+advances each by one token over its own cache, so each gets exactly the tokens it gets alone; a snapshot holds
+one sequence (one chain, or the one request in flight). Sampling goes through thaw_mlx.Sampler, whose PRNG key
+a snapshot keeps. A model loaded from a checkpoint (`MLXEngine.start(checkpoint=...)`) is identified by that
+checkpoint, as vLLM and SGLang identify theirs, so that snapshots cross engines; its config's EOS ids end a
+request that does not ignore EOS.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,14 +21,14 @@ from typing import Optional, Sequence
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from thaw_format import ModelInfo, SamplingParams, Snapshot
-from thaw_format.sdk import Finished, Generation, LaunchSpec, Resumed, Unsupported, fork, pending_requests
+from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, Unsupported, fork, pending_requests
 from thaw_format.sdk.shared import SharedKV
 
 from .generate import generate
 from .identity import model_info
 from .pages import num_cached_tokens
 from .sampling import Sampler, sampler_of
-from .session import REQUEST_ID, capture, restore, snapshot_tokens
+from .session import capture, restore, snapshot_tokens
 
 
 def _mlx_lm_config(hf_config: dict) -> dict:
@@ -46,13 +49,36 @@ class _Session:
         self.tokens, self.cache = tokens, cache
 
 
-class _InFlight:
-    """A request being generated step by step; its session's tokens grow as it yields."""
+class _Request:
+    """A request in flight, advanced one token at a time over its own session (its tokens grow as it yields)."""
 
-    def __init__(self, model, session: _Session, num_prompt: int, sampler: Sampler, previous: int = 0) -> None:
-        self.session, self.num_prompt, self.sampler, self.cached = session, num_prompt, sampler, previous
-        remaining = sampler.params.max_tokens - (len(session.tokens) - num_prompt)
-        self.steps = generate(model, session.cache, list(session.tokens), remaining, sampler=sampler)
+    def __init__(self, rid: str, model, session: _Session, num_prompt: int, sampler: Sampler, cached: int,
+                 eos: frozenset) -> None:
+        self.id, self.session, self.num_prompt, self.sampler, self.cached = rid, session, num_prompt, sampler, cached
+        params = sampler.params
+        self.stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos)
+        self.logprobs: list[float] = []
+        remaining = params.max_tokens - len(self.output)
+        self.done = remaining <= 0 or bool(self.output and self.output[-1] in self.stop)
+        self._steps = generate(model, session.cache, list(session.tokens), remaining, sampler=self._sample)
+
+    @property
+    def output(self) -> list[int]:
+        return self.session.tokens[self.num_prompt :]
+
+    def _sample(self, logprobs):
+        token = self.sampler(logprobs)
+        self.logprobs.append(logprobs[0, token.item()].item())
+        return token
+
+    def advance(self) -> None:
+        """Generate one more token; done at max_tokens or at a stop token (which ends the output)."""
+        token = next(self._steps)
+        self.session.tokens.append(token)
+        self.done = len(self.output) >= self.sampler.params.max_tokens or token in self.stop
+
+    def progress(self) -> Progress:
+        return Progress(list(self.output), self.cached, self.done)
 
 
 class MLXEngine(SharedKV):
@@ -61,8 +87,11 @@ class MLXEngine(SharedKV):
     def __init__(self, model, info: Optional[ModelInfo] = None, *, checkpoint: Optional[str] = None) -> None:
         self.model, self.checkpoint = model, checkpoint
         self.info = info or model_info(model, checkpoint=checkpoint)  # digested once
-        self.sessions: list[_Session] = []
-        self.inflight: Optional[_InFlight] = None
+        self.eos = _eos_ids(checkpoint)
+        self.sessions: list[_Session] = []  # served requests: the engine's prefix cache
+        self.running: dict[str, _Request] = {}  # in flight, in order of submission
+        self._progress: dict[str, Progress] = {}  # requests that advanced since the last progress()
+        self._ids = itertools.count()
 
     @classmethod
     def start(cls, checkpoint: str) -> "MLXEngine":
@@ -75,7 +104,8 @@ class MLXEngine(SharedKV):
 
     @classmethod
     def capabilities(cls) -> frozenset:
-        return frozenset({"logprobs", "seeded", "fork", "fork_processes", "mid_stream", "mid_stream_seeded"})
+        return frozenset({"logprobs", "seeded", "fork", "fork_processes", "mid_stream", "mid_stream_seeded",
+                          "streaming"})
 
     def model_info(self) -> ModelInfo:
         return self.info
@@ -83,87 +113,102 @@ class MLXEngine(SharedKV):
     # --- serving ---
 
     def _continue_from(self, prompt: list[int]) -> tuple[list, int]:
-        """A private copy of the cache of the longest session that begins the prompt, and its offset."""
-        best = self._session_of(prompt)
-        if best is None:
+        """A private copy of the KV of the longest prefix of the prompt a session holds (at most all but its
+        last token, whose logits the request needs), and its length: the engine's prefix-cache hit."""
+        held = self._held(prompt, len(prompt) - 1)
+        if held is None:
             return make_prompt_cache(self.model), 0
-        snapshot = capture(self.model, best.cache, best.tokens, include_weights=False, info=self.info)
-        cache = restore(self.model, snapshot, info=self.info)
-        return cache, min(cache[0].offset, len(prompt) - 1)
+        tokens, view = held
+        snapshot = capture(self.model, view, tokens, include_weights=False, info=self.info)
+        return restore(self.model, snapshot, info=self.info), len(tokens)
 
-    def _session_of(self, prompt: Sequence[int]) -> Optional[_Session]:
-        prompt = list(prompt)
-        return max((s for s in self.sessions if s.tokens == prompt[: len(s.tokens)]), key=lambda s: len(s.tokens),
-                   default=None)
+    def _held(self, tokens: list[int], limit: int) -> Optional[tuple[list[int], list]]:
+        """The longest prefix of `tokens` (at most `limit`) whose KV a session holds, and a view of that KV: the
+        session's cache cut back to it in a shallow copy (the arrays are shared, not copied). A cache that cannot
+        be cut back (a rotating window that has wrapped, a recurrent layer) serves only prompts that extend it."""
+        best, best_n = None, 0
+        for session in self.sessions:
+            offset = num_cached_tokens(session.cache)
+            n = min(_common_prefix(session.tokens, tokens), offset, limit)
+            if n > best_n and (n == offset or can_trim_prompt_cache(session.cache)):
+                best, best_n = session, n
+        if best is None:
+            return None
+        view = [copy.copy(layer) for layer in best.cache]
+        past = num_cached_tokens(view) - best_n
+        if past and trim_prompt_cache(view, past) != past:
+            raise RuntimeError(f"mlx-lm trimmed fewer than {past} tokens from a cache it said it can trim")
+        return tokens[:best_n], view
+
+    def _request(self, prompt: Sequence[int], params: SamplingParams) -> _Request:
+        """A new request over a copy of the longest prefix of its prompt a session holds (the prefix-cache hit)."""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("a prompt needs at least one token")
+        if params.max_tokens is None:
+            raise ValueError("thaw_mlx needs max_tokens (mlx-lm has no length limit of its own)")
+        sampler = Sampler(params)  # refuses what it cannot apply, before anything is computed
+        cache, cached = self._continue_from(prompt)
+        rid = next(i for i in (f"mlx-{n}" for n in self._ids) if i not in self.running)
+        return _Request(rid, self.model, _Session(prompt, cache), len(prompt), sampler, cached, self.eos)
 
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
-        prompt = [int(t) for t in prompt]
-        cache, cached = self._continue_from(prompt)
-        logprobs: list[float] = []
-        pick = Sampler(params)
-
-        def sampler(lp):
-            token = pick(lp)
-            logprobs.append(lp[0, token.item()].item())
-            return token
-
-        out = list(generate(self.model, cache, prompt, params.max_tokens, sampler=sampler))
-        self.sessions.append(_Session(prompt + out, cache))
-        return Generation(out, cached, logprobs)
+        request = self._request(prompt, params)
+        while not request.done:
+            request.advance()
+        self.sessions.append(request.session)
+        return Generation(request.output, request.cached, request.logprobs)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> str:
-        if self.inflight is not None:
-            raise Unsupported("an MLX session is one sequence: one request in flight at a time")
-        prompt = [int(t) for t in prompt]
-        cache, cached = self._continue_from(prompt)
-        self.inflight = _InFlight(self.model, _Session(prompt, cache), len(prompt), Sampler(params), cached)
-        return REQUEST_ID
+        request = self._request(prompt, params)
+        self.running[request.id] = request
+        return request.id
 
     def step(self) -> dict[str, list[int]]:
-        if self.inflight is None:
-            return {}
-        token = next(self.inflight.steps, None)
-        if token is not None:
-            self.inflight.session.tokens.append(token)
-            return {}
-        return {REQUEST_ID: self.finish()[REQUEST_ID].output_token_ids}
+        """Every request in flight generates one token, each over its own cache: its tokens are those it
+        gets alone. A request that finished becomes a session (prefix cache) for later ones."""
+        finished = {}
+        for request in list(self.running.values()):
+            if not request.done:
+                request.advance()
+            self._progress[request.id] = request.progress()
+            if request.done:
+                self.sessions.append(self.running.pop(request.id).session)
+                finished[request.id] = request.output
+        return finished
+
+    def progress(self) -> dict[str, Progress]:
+        out, self._progress = self._progress, {}
+        return out
 
     def finish(self, requests: Optional[Sequence[Resumed]] = None) -> dict[str, Finished]:
-        if self.inflight is None or (requests is not None and REQUEST_ID not in {r.request_id for r in requests}):
-            return {}
-        flight, self.inflight = self.inflight, None
-        flight.session.tokens.extend(flight.steps)
-        self.sessions.append(flight.session)
-        return {REQUEST_ID: Finished(REQUEST_ID, flight.session.tokens[flight.num_prompt :], flight.cached)}
+        ids = list(self.running) if requests is None else [r.request_id for r in requests
+                                                            if r.request_id in self.running]
+        done = {}
+        for rid in ids:
+            request = self.running.pop(rid)
+            while not request.done:
+                request.advance()
+            self.sessions.append(request.session)
+            done[rid] = Finished(rid, request.output, request.cached)
+        return done
 
     # --- state ---
 
-    def _current(self, chains) -> Optional[tuple[list[int], list, Optional[Sampler], int]]:
-        """What a snapshot holds (tokens, cache, sampler, prompt length): the request in flight, else the KV of
-        `chains`, else the latest session served."""
-        if self.inflight is not None:
-            flight = self.inflight
-            return flight.session.tokens, flight.session.cache, flight.sampler, flight.num_prompt
+    def _current(self, chains) -> Optional[tuple[list[int], list, Optional[_Request]]]:
+        """What a snapshot holds (tokens, cache, the request if one in flight): the KV of `chains`, else the one
+        request in flight, else the latest session served."""
         if chains:
-            held = self._chain_view([int(t) for t in chains[0]])
-            return None if held is None else (*held, None, len(held[0]))
-        return None if not self.sessions else (self.sessions[-1].tokens, self.sessions[-1].cache, None,
-                                               len(self.sessions[-1].tokens))
-
-    def _chain_view(self, chain: list[int]) -> Optional[tuple[list[int], list]]:
-        """The tokens and cache of `chain`'s KV only: a session that runs past the chain is seen through a
-        trimmed shallow copy of its cache (the arrays are shared, not copied); else the longest session the
-        chain extends."""
-        session = next((s for s in self.sessions if chain and s.tokens[: len(chain)] == chain), None)
-        if session is None:
-            session = self._session_of(chain)
-            return None if session is None else (session.tokens, session.cache)
-        view = [copy.copy(layer) for layer in session.cache]
-        past = num_cached_tokens(view) - len(chain)
-        if past > 0 and (not can_trim_prompt_cache(view) or trim_prompt_cache(view, past) != past):
-            raise Unsupported("this session's cache cannot be cut back to the chain (a rotating window that has "
-                              "wrapped, or a recurrent layer): capture the whole session instead")
-        return chain, view
+            chain = [int(t) for t in chains[0]]
+            held = self._held(chain, len(chain))
+            return None if held is None else (*held, None)
+        if len(self.running) > 1:
+            raise Unsupported(f"an MLX snapshot holds one sequence; {len(self.running)} requests are in flight: "
+                              "capture one chain, or finish them first")
+        if self.running:
+            request = next(iter(self.running.values()))
+            return request.session.tokens, request.session.cache, request
+        return None if not self.sessions else (self.sessions[-1].tokens, self.sessions[-1].cache, None)
 
     def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:
         if chains is not None and len(chains) > 1:
@@ -171,10 +216,13 @@ class MLXEngine(SharedKV):
         current = self._current(chains)
         if current is None:  # nothing served yet: a snapshot without KV
             return Snapshot(model=self.info, weights=None)
-        tokens, cache, sampler, num_prompt = current
-        # a served session: its KV is cache, and no request is left for a restore to run
-        return capture(self.model, cache, tokens, num_prompt_tokens=num_prompt, sampler=sampler,
-                       info=self.info, finished=self.inflight is None, include_weights=include_weights)
+        tokens, cache, request = current
+        if request is None:  # a served session: its KV is cache, and no request is left for a restore to run
+            return capture(self.model, cache, tokens, info=self.info, finished=True, include_weights=include_weights)
+        snapshot = capture(self.model, cache, tokens, num_prompt_tokens=request.num_prompt, sampler=request.sampler,
+                           info=self.info, include_weights=include_weights)
+        snapshot.scheduler.requests[0].id = request.id  # the id a restore resumes it under, as submit named it
+        return snapshot
 
     def check(self, snapshot: Snapshot) -> None:
         restore(self.model, snapshot, info=self.info)  # builds a cache it drops: nothing of the engine changes
@@ -182,7 +230,7 @@ class MLXEngine(SharedKV):
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
         cache = restore(self.model, snapshot, info=self.info)
         tokens = snapshot_tokens(snapshot)
-        self.sessions, self.inflight = [_Session(tokens, cache)], None
+        self.sessions, self.running, self._progress = [_Session(tokens, cache)], {}, {}
         # Another engine's snapshot of its idle prefix cache has no requests: thaw_mlx reads its one chain.
         pending = [r for r in pending_requests(snapshot)
                    if r.sampling.max_tokens is not None and len(r.output_token_ids) < r.sampling.max_tokens]
@@ -190,8 +238,9 @@ class MLXEngine(SharedKV):
             return []
         request = pending[0]
         self.sessions = []
-        self.inflight = _InFlight(self.model, _Session(tokens, cache), len(request.prompt_token_ids),
-                                  sampler_of(snapshot), request.num_computed_tokens)
+        self.running[request.id] = _Request(request.id, self.model, _Session(tokens, cache),
+                                            len(request.prompt_token_ids), sampler_of(snapshot),
+                                            request.num_computed_tokens, self.eos)
         return [Resumed(request.id, request.prompt_token_ids, request.output_token_ids)]
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list:
@@ -203,4 +252,18 @@ class MLXEngine(SharedKV):
         return LaunchSpec(f"{__name__}:MLXEngine.start", {"checkpoint": self.checkpoint})
 
     def close(self) -> None:
-        self.sessions, self.inflight = [], None
+        self.sessions, self.running, self._progress = [], {}, {}
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _eos_ids(checkpoint: Optional[str]) -> frozenset:
+    """The end-of-sequence ids a checkpoint's config names (none for a model without one): where a request
+    stops unless it ignores EOS."""
+    if checkpoint is None:
+        return frozenset()
+    eos = json.loads((Path(checkpoint) / "config.json").read_text()).get("eos_token_id")
+    return frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])

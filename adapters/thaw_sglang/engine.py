@@ -9,6 +9,8 @@ backends only: on CPU seeded sampling is not reproducible, so "seeded" is not am
 
 Requests in flight: `submit` streams a request and pauses the engine at its first token; each `step` lets it
 run until the next token arrives and pauses it again, so a capture always finds it running, never finished.
+Requests submitted meanwhile wait their turn, in order (each runs alone, so its tokens are those it gets alone);
+until it comes, a waiting request is not in the engine, and a capture does not hold it.
 A restore's unfinished requests are submitted again by `finish` (SGLang runs them from their tokens so far,
 a prefix-cache hit on the restored KV).
 """
@@ -21,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import thaw_format
 from thaw_format import ModelInfo, SamplingParams, Snapshot
-from thaw_format.sdk import Finished, Generation, LaunchSpec, Resumed, Unsupported, fork
+from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Refused, Resumed, fork
 from thaw_format.sdk.shared import SharedKV
 
 from .requests import resume_arguments, sglang_params
@@ -34,14 +36,27 @@ class _Streaming:
     chunks: Iterator[dict]  # SGLang's output stream
     latest: dict  # the last chunk read
 
+    @property
+    def finished(self) -> bool:
+        return self.latest["meta_info"].get("finish_reason") is not None
+
+    def progress(self) -> Progress:
+        return Progress(list(self.latest["output_ids"]), self.latest["meta_info"]["cached_tokens"], self.finished)
+
+    def drain(self) -> None:
+        for chunk in self.chunks:
+            self.latest = chunk
+
 
 class SGLangEngine(SharedKV):
     name = "sglang"
 
     def __init__(self, engine: ThawEngine) -> None:
         self.engine = engine
-        self.streaming: Optional[_Streaming] = None  # the submitted request
+        self.streaming: Optional[_Streaming] = None  # the submitted request being stepped
+        self.queued: dict[str, tuple[list[int], dict]] = {}  # submitted after it, in order: rid -> (input, params)
         self.pending: list[thaw_format.Request] = []  # the last restore's unfinished requests, for finish
+        self._progress: dict[str, Progress] = {}  # requests that advanced since the last progress()
         self._ids = itertools.count()
 
     @classmethod
@@ -50,7 +65,7 @@ class SGLangEngine(SharedKV):
 
     @classmethod
     def capabilities(cls) -> frozenset:
-        return frozenset({"logprobs", "fork", "fork_processes", "mid_stream", "weights"})
+        return frozenset({"logprobs", "fork", "fork_processes", "mid_stream", "streaming", "weights"})
 
     def model_info(self) -> ModelInfo:
         return capture(self.engine, include_weights=False, chains=[]).model  # no KV: the identity alone
@@ -63,42 +78,69 @@ class SGLangEngine(SharedKV):
         return Generation(list(out["output_ids"]), meta["cached_tokens"], logprobs)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> str:
-        if self.streaming is not None:
-            raise Unsupported("thaw_sglang steps one submitted request at a time")
+        """Start the request (its prefill gives the first token), or queue it behind the one being stepped."""
         rid = f"thaw-{next(self._ids)}"
-        self.engine.run_batches(1)  # the prefill (the first token), then the engine pauses itself
-        stream = self.engine.generate(input_ids=[int(t) for t in prompt], sampling_params=sglang_params(params),
-                                      stream=True, rid=rid)
-        self.streaming = _Streaming(rid, stream, next(stream))  # sends the request; returns at its first token
+        self.queued[rid] = ([int(t) for t in prompt], sglang_params(params))
+        if self.streaming is None:
+            self._start_next()
         return rid
+
+    def _start_next(self) -> None:
+        """Send the first queued request to the paused engine and let it run its prefill alone."""
+        rid, (input_ids, params) = next(iter(self.queued.items()))
+        del self.queued[rid]
+        self.engine.run_batches(1)  # the prefill (the first token), then the engine pauses itself
+        stream = self.engine.generate(input_ids=input_ids, sampling_params=params, stream=True, rid=rid)
+        self.streaming = _Streaming(rid, stream, next(stream))  # sends the request; returns at its first token
+        self._progress[rid] = self.streaming.progress()
 
     def step(self) -> dict[str, list[int]]:
         """Let the paused engine run exactly one more batch (one decode step) and read the token it gives.
 
         The engine pauses itself after that batch (`ThawEngine.run_batches`), so however slow this process is,
-        a capture finds the request where the steps left it. A request whose stream has ended is returned."""
+        a capture finds the request where the steps left it. Requests are stepped one at a time, in the order
+        submitted (each gets exactly its tokens alone): the step after one finished runs the next one's prefill,
+        or raises Refused if SGLang refuses it."""
         if self.streaming is None:
+            if self.queued:
+                rid = next(iter(self.queued))
+                try:
+                    self._start_next()
+                except Exception as exc:  # SGLang validates a request when it is sent: this one alone fails
+                    raise Refused(rid, str(exc)) from exc
             return {}
-        self.engine.run_batches(1)
-        chunk = next(self.streaming.chunks, None)
-        if chunk is not None:
-            self.streaming.latest = chunk
+        if not self.streaming.finished:
+            self.engine.run_batches(1)
+            self.streaming.latest = next(self.streaming.chunks)
+            self._progress[self.streaming.rid] = self.streaming.progress()
+        if not self.streaming.finished:
             return {}
         streaming, self.streaming = self.streaming, None
-        self.engine.unpause()  # nothing left to step: the engine runs freely again
+        streaming.drain()  # the stream ends after its finished chunk: no batch runs
+        self.engine.unpause()  # nothing being stepped: the engine runs freely until the next request
         return {streaming.rid: list(streaming.latest["output_ids"])}
 
+    def progress(self) -> dict[str, Progress]:
+        out, self._progress = self._progress, {}
+        return out
+
     def finish(self, requests: Optional[Sequence[Resumed]] = None) -> dict[str, Finished]:
-        """Finish the submitted request (unpausing the engine) and the last restore's unfinished requests."""
+        """Finish the submitted requests (unpausing the engine) and the last restore's unfinished requests."""
         wanted = None if requests is None else {r.request_id for r in requests}
         done = {}
         if self.streaming is not None and (wanted is None or self.streaming.rid in wanted):
             streaming, self.streaming = self.streaming, None
             self.engine.unpause()
-            for chunk in streaming.chunks:
-                streaming.latest = chunk
+            streaming.drain()
             meta = streaming.latest["meta_info"]  # a chunk holds every output token so far
             done[streaming.rid] = Finished(streaming.rid, list(streaming.latest["output_ids"]), meta["cached_tokens"])
+        queued = [rid for rid in self.queued if wanted is None or rid in wanted]
+        if queued and self.streaming is not None:
+            raise RuntimeError(f"{queued} wait behind {self.streaming.rid}, which is being stepped: finish it first")
+        for rid in queued:
+            input_ids, params = self.queued.pop(rid)
+            out = self.engine.generate(input_ids=input_ids, sampling_params=params, rid=rid)
+            done[rid] = Finished(rid, list(out["output_ids"]), out["meta_info"]["cached_tokens"])
         run = [r for r in self.pending if wanted is None or r.id in wanted]
         self.pending = [r for r in self.pending if r not in run]
         if run:

@@ -38,6 +38,7 @@ from thaw_format.sdk import (
     Finished,
     Generation,
     LaunchSpec,
+    Progress,
     Resumed,
     Unsupported,
     fork,
@@ -56,7 +57,7 @@ class TransformersEngine:
     @classmethod
     def capabilities(cls) -> frozenset:
         return frozenset({"logprobs", "seeded", "fork", "fork_processes", "mid_stream", "mid_stream_seeded",
-                          "weights"})
+                          "streaming", "weights"})
 
     def __init__(self, model: torch.nn.Module, *, checkpoint: str | os.PathLike | None = None,
                  info: Optional[ModelInfo] = None, page_size: int = DEFAULT_PAGE_SIZE) -> None:
@@ -67,6 +68,7 @@ class TransformersEngine:
         self.layouts = identity.layouts_of(model)
         self.cache = PrefixCache(page_size)
         self.requests: dict[str, Running] = {}
+        self._progress: dict[str, Progress] = {}  # requests that advanced since the last progress()
         self.restored_from: Optional[str] = None  # the snapshot id this engine continues: its captures' parent
         self._ids = itertools.count()
         eos = model.config.eos_token_id
@@ -105,10 +107,16 @@ class TransformersEngine:
         finished = {}
         for run in list(self.requests.values()):
             self._advance(run)
-            if self._done(run):
+            done = self._done(run)
+            self._progress[run.id] = Progress(list(run.output), run.cached_tokens, done)
+            if done:
                 self._page(self.cache, self.requests.pop(run.id))
                 finished[run.id] = run.output
         return finished
+
+    def progress(self) -> dict[str, Progress]:
+        out, self._progress = self._progress, {}
+        return out
 
     def finish(self, requests: Optional[Sequence[Resumed]] = None) -> dict[str, Finished]:
         ids = list(self.requests) if requests is None else [r.request_id for r in requests]

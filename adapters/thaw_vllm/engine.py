@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import thaw_format
 from thaw_format import ModelInfo, SamplingParams
-from thaw_format.sdk import Finished, Generation, LaunchSpec, Resumed, fork
+from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, fork
 
 from . import _internals, api, sampling, transport
 from .requests import resubmit, run_to_completion
@@ -28,6 +28,7 @@ class VLLMEngine:
     def __init__(self, llm) -> None:
         self.llm = llm
         self._previous: dict[str, list[int]] = {}  # resumed requests' output before their snapshot
+        self._progress: dict[str, Progress] = {}  # requests that advanced since the last progress()
         self._ids = itertools.count()
 
     @classmethod
@@ -39,7 +40,8 @@ class VLLMEngine:
 
     @classmethod
     def capabilities(cls) -> frozenset:
-        return frozenset({"logprobs", "seeded", "fork", "fork_processes", "mid_stream", "mid_stream_seeded"})
+        return frozenset({"logprobs", "seeded", "fork", "fork_processes", "mid_stream", "mid_stream_seeded",
+                          "streaming"})
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(**api.describe(self.llm)["model"])
@@ -66,8 +68,18 @@ class VLLMEngine:
         return request_id
 
     def step(self) -> dict[str, list[int]]:
-        return {out.request_id: self._previous.pop(out.request_id, []) + list(out.outputs[0].token_ids)
-                for out in self.llm.llm_engine.step() if out.finished}
+        finished = {}
+        for out in self.llm.llm_engine.step():
+            tokens = self._previous.get(out.request_id, []) + list(out.outputs[0].token_ids)
+            self._progress[out.request_id] = Progress(tokens, out.num_cached_tokens or 0, out.finished)
+            if out.finished:
+                self._previous.pop(out.request_id, None)
+                finished[out.request_id] = tokens
+        return finished
+
+    def progress(self) -> dict[str, Progress]:
+        out, self._progress = self._progress, {}
+        return out
 
     def finish(self, requests: Optional[Sequence[Resumed]] = None) -> dict[str, Finished]:
         if requests is not None:

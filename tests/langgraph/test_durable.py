@@ -1,5 +1,5 @@
 """Durable threads: a LangGraph thread's KV saved after each turn and restored when the thread resumes,
-after an eviction or in a new process, so the next turn prefills only its new tokens (vLLM's own count).
+after an eviction or in a new process, so the next turn prefills only its new tokens (the engine's own count).
 Foreign, incompatible, stale and damaged snapshots are refused with a logged reason, and the turn prefills."""
 
 import json
@@ -9,7 +9,7 @@ import shutil
 import pytest
 from langchain_core.messages import HumanMessage, SystemMessage, messages_to_dict
 
-from conftest import PAGE, run_script
+from conftest import run_script
 
 SYSTEM = SystemMessage("You are a coding agent. " + "Keep the plan, the tool results and the diff in mind. " * 8)
 
@@ -38,54 +38,47 @@ def turn(app, thread_id: str, *messages):
     return app.invoke({"messages": list(messages)}, {"configurable": {"thread_id": thread_id}})["messages"][-1]
 
 
-def evict(chat):
-    """Empty vLLM's prefix cache, as heavy traffic from other threads would."""
-    from thaw_langgraph.engine_loop import loop_for
-
-    assert loop_for(chat.engine).call(lambda engine: engine.llm.reset_prefix_cache(), idle=True)
-
-
-def saved_pages(first) -> int:
-    """Pages the thread's first turn left computed: its prompt and reply, all but the reply's last token."""
+def saved_tokens(first) -> int:
+    """Tokens the thread's first turn left computed: its prompt and reply, all but the reply's last token."""
     meta = first.response_metadata
-    return (len(meta["prompt_token_ids"]) + len(meta["token_ids"]) - 1) // PAGE
+    return len(meta["prompt_token_ids"]) + len(meta["token_ids"]) - 1
 
 
-def test_a_thread_resumes_after_eviction_without_prefill(agent, store, plain):
+def test_a_thread_resumes_after_eviction_without_prefill(agent, store, plain, kind, evict):
     chat, app = agent
     first = turn(app, "t-1", SYSTEM, HumanMessage("step one: read the failing test."))
     assert first.response_metadata["thread_kv"] is None and (store / "t-1.thaw").is_file()
-    evict(chat)
+    evict()
     second = turn(app, "t-1", HumanMessage("step two: propose a fix."))
     meta = second.response_metadata
     assert meta["thread_kv"] == "restored"
     before = first.response_metadata["prompt_token_ids"]
     assert meta["prompt_token_ids"][: len(before)] == before
-    assert meta["cached_tokens"] >= min(saved_pages(first), (len(meta["prompt_token_ids"]) - 1) // PAGE) * PAGE > 0
+    assert meta["cached_tokens"] >= kind.cached(min(saved_tokens(first), len(meta["prompt_token_ids"]) - 1)) > 0
     assert meta["token_ids"] == plain(meta["prompt_token_ids"], 16)
     third = turn(app, "t-1", HumanMessage("step three: run the tests."))
     assert third.response_metadata["thread_kv"] == "resident"  # still cached: nothing restored
 
 
-def test_a_thread_resumes_in_a_new_process(agent, store, model_dir, plain, tmp_path):
+def test_a_thread_resumes_in_a_new_process(agent, store, model_dir, plain, kind, tmp_path):
     chat, app = agent
     first = turn(app, "t-2", SYSTEM, HumanMessage("step one: list the files."))
     history = app.get_state({"configurable": {"thread_id": "t-2"}}).values["messages"]
     messages = history + [HumanMessage("step two: open the first file.")]
     (tmp_path / "messages.json").write_text(json.dumps(messages_to_dict(messages)))
-    out = run_script("resume_thread.py", str(model_dir), str(store), "t-2", str(tmp_path / "messages.json"))
+    out = run_script("resume_thread.py", kind.name, str(model_dir), str(store), "t-2", str(tmp_path / "messages.json"))
     meta = json.loads(next(line for line in out.splitlines() if line.startswith("THAW_RESULT "))[len("THAW_RESULT "):])
     assert meta["prompt_token_ids"] == chat.prompt_ids(messages)  # the saved ids, learnt from the snapshot
     assert meta["thread_kv"] == "restored"
-    assert meta["cached_tokens"] >= saved_pages(first) * PAGE > 0  # the new engine prefilled only the new turn
+    assert meta["cached_tokens"] >= kind.cached(saved_tokens(first)) > 0  # the new engine prefilled only the new turn
     assert meta["token_ids"] == plain(meta["prompt_token_ids"], 16)
 
 
-def _refused(agent, store, plain, caplog, thread_id: str, spoil, reason: str, messages=None):
+def _refused(agent, plain, evict, caplog, thread_id: str, spoil, reason: str, messages=None):
     chat, app = agent
     turn(app, thread_id, SYSTEM, HumanMessage("step one: read the issue."))
     spoil()
-    evict(chat)
+    evict()
     with caplog.at_level(logging.WARNING, logger="thaw_langgraph.durable"):
         reply = turn(app, thread_id, *(messages or [HumanMessage("step two: reproduce it.")]))
     meta = reply.response_metadata
@@ -94,17 +87,17 @@ def _refused(agent, store, plain, caplog, thread_id: str, spoil, reason: str, me
     assert meta["token_ids"] == plain(meta["prompt_token_ids"], 16)
 
 
-def test_a_foreign_threads_snapshot_is_refused(agent, store, plain, caplog):
+def test_a_foreign_threads_snapshot_is_refused(agent, store, plain, evict, caplog):
     chat, app = agent
 
     def take_other():  # the thread's file replaced by another thread's snapshot
         turn(app, "t-other", SYSTEM, HumanMessage("another thread."))
         shutil.copy(store / "t-other.thaw", store / "t-3.thaw")
 
-    _refused(agent, store, plain, caplog, "t-3", take_other, "foreign")
+    _refused(agent, plain, evict, caplog, "t-3", take_other, "foreign")
 
 
-def test_an_incompatible_snapshot_is_refused_by_identity(agent, store, plain, caplog):
+def test_an_incompatible_snapshot_is_refused_by_identity(agent, store, plain, evict, caplog):
     import thaw_format
     from thaw_langgraph import ThreadStore
 
@@ -115,29 +108,29 @@ def test_an_incompatible_snapshot_is_refused_by_identity(agent, store, plain, ca
         threads.save("t-4", snapshot)
         assert thaw_format.loads((store / "t-4.thaw").read_bytes()).model.config_digest.startswith("000")
 
-    _refused(agent, store, plain, caplog, "t-4", other_model, "incompatible")
+    _refused(agent, plain, evict, caplog, "t-4", other_model, "incompatible")
 
 
-def test_a_damaged_snapshot_is_refused(agent, store, plain, caplog):
+def test_a_damaged_snapshot_is_refused(agent, store, plain, evict, caplog):
     def damage():
         data = bytearray((store / "t-5.thaw").read_bytes())
         data[len(data) // 2] ^= 0xFF  # inside the KV bytes, under a chunk checksum
         (store / "t-5.thaw").write_bytes(bytes(data))
 
-    _refused(agent, store, plain, caplog, "t-5", damage, "unreadable")
+    _refused(agent, plain, evict, caplog, "t-5", damage, "unreadable")
 
 
-def test_a_stale_snapshot_is_refused(agent, store, plain, caplog):
+def test_a_stale_snapshot_is_refused(agent, plain, evict, caplog):
     """The thread's conversation no longer begins with what was saved (it was rewritten)."""
     from langchain_core.messages import RemoveMessage
     from langgraph.graph.message import REMOVE_ALL_MESSAGES
 
     rewritten = [RemoveMessage(id=REMOVE_ALL_MESSAGES), SystemMessage("A different agent now. " * 12),
                  HumanMessage("start over.")]
-    _refused(agent, store, plain, caplog, "t-6", lambda: None, "stale", messages=rewritten)
+    _refused(agent, plain, evict, caplog, "t-6", lambda: None, "stale", messages=rewritten)
 
 
-def test_a_thread_resumes_from_an_fsspec_url(engine, model_dir, plain):
+def test_a_thread_resumes_from_an_fsspec_url(engine, model_dir, plain, kind, evict):
     """The same durable thread kept under an fsspec URL (fsspec's in-memory filesystem) instead of a directory."""
     import uuid
 
@@ -151,9 +144,9 @@ def test_a_thread_resumes_from_an_fsspec_url(engine, model_dir, plain):
     first = chat.invoke(messages, thread_id="t/url")
     fs, root = fsspec.core.url_to_fs(url)
     assert fs.ls(root, detail=False) == [f"{root}/t%2Furl.thaw"]  # one file per thread, the id quoted
-    evict(chat)
+    evict()
     second = chat.invoke(messages + [first, HumanMessage("step two: propose a fix.")], thread_id="t/url")
     meta = second.response_metadata
     assert meta["thread_kv"] == "restored"
-    assert meta["cached_tokens"] >= min(saved_pages(first), (len(meta["prompt_token_ids"]) - 1) // PAGE) * PAGE > 0
+    assert meta["cached_tokens"] >= kind.cached(min(saved_tokens(first), len(meta["prompt_token_ids"]) - 1)) > 0
     assert meta["token_ids"] == plain(meta["prompt_token_ids"], 16)

@@ -9,6 +9,8 @@ from .contract import (
     Finished,
     Generation,
     LaunchSpec,
+    Progress,
+    Refused,
     Resumed,
     Unsupported,
     greedy,
@@ -22,5 +24,5 @@ from .pool import ForkPool, ForkRound, PoolWorkerDied
 
 __all__ = [
     "CAPABILITIES", "DEFAULT_PAGE_SIZE", "Engine", "Finished", "ForkPool", "ForkRound", "Generation", "LaunchSpec",
-    "PoolWorkerDied", "Resumed", "Unsupported", "fork", "generate_all", "greedy", "lineage_now", "pending_requests", "require", "seeded",
+    "PoolWorkerDied", "Progress", "Refused", "Resumed", "Unsupported", "fork", "generate_all", "greedy", "lineage_now", "pending_requests", "require", "seeded",
 ]

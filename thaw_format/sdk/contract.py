@@ -11,6 +11,7 @@ against it and works on every engine.
     engine.check(snap)                              # raises IncompatibleSnapshotError; touches nothing
     resumed = engine.restore(snap)                  # -> list[Resumed]: the snapshot's unfinished requests
     done = engine.finish(resumed)                   # -> {request id: Finished}, each run to completion
+    rid = engine.submit(prompt_ids, params); engine.step(); engine.progress()   # -> {request id: Progress}
     children = engine.fork(2, context=prompt_ids)   # -> engines continuing `context` without its prefill
     source = engine.capture_shared(chains=[ids])    # -> "shm://<name>#<nbytes>": KV only, for other processes
     resumed = other.restore_source(source)          # -> list[Resumed]: restore from that source (or a file)
@@ -34,6 +35,14 @@ Rules the callers rely on (the conformance suite checks each one):
   requests) with thaw_format's IncompatibleSnapshotError naming the field, and a damaged one with
   CorruptSnapshotError, before any engine state changes: after such an error the engine serves as before.
 - `restore` needs an idle engine (no request in flight); it may have served requests before.
+- "streaming": `submit` takes a request while others are in flight, and each `step` advances every request in
+  flight (or admits and prefills a new one) by at most one token each; `progress()` then names every request
+  that advanced since the last call: its output so far, whether it has finished, and the engine's own
+  cached-token count. Each request gets exactly the tokens it gets alone (a batch changes no token), and a
+  request's last Progress (finished=True) is reported once. Generation stops at `max_tokens`, at a token of
+  `stop_token_ids` (which ends the output), or at the model's end of sequence unless `ignore_eos`. A request
+  the engine refuses only once its turn comes (after `submit` returned) makes `step` raise `Refused` naming
+  it, having changed nothing else: the other requests go on at the next step.
 - `fork(n, context=...)` returns n engines (children) holding the KV of `context`; a child's `generate` takes
   prompts that extend `context`. In-process children share the parent's cached pages (no KV bytes move).
 - `fork` is `thaw_format.sdk.fork.fork(self, ...)` unless the engine has a better way of its own.
@@ -64,6 +73,7 @@ CAPABILITIES = (
     "fork",  # fork(n, context=...) in this process (children share the parent's cache)
     "fork_processes",  # fork(..., processes=True): children are engines in other processes
     "mid_stream",  # submit / step / capture of requests in flight, restored and finished exactly
+    "streaming",  # several requests in flight at once, each one's tokens after every step: progress()
     "mid_stream_seeded",  # the same for seeded sampling (the generator state travels)
     "weights",  # capture(include_weights=True) holds the engine's live weights, and restore loads them
 )
@@ -73,6 +83,14 @@ DEFAULT_PAGE_SIZE = 32  # tokens per snapshot page; vLLM's CPU backend needs blo
 
 class Unsupported(Exception):
     """The adapter cannot do this; the message says what is missing and why."""
+
+
+class Refused(Exception):
+    """The engine refused a request it had accepted from `submit` (the message says why); nothing else changed."""
+
+    def __init__(self, request_id: str, reason: str) -> None:
+        super().__init__(f"request {request_id}: {reason}")
+        self.request_id = request_id
 
 
 def require(engine: "Engine", capability: str) -> None:
@@ -98,6 +116,15 @@ class Generation:
     token_ids: list[int]
     cached_tokens: int  # prompt tokens served from the engine's cache, as the engine itself reports
     logprobs: Optional[list[float]] = None  # log-probability of each sampled token ("logprobs" capability)
+
+
+@dataclass
+class Progress:
+    """One request after an engine step ("streaming"): what token streaming and a reply's metadata read."""
+
+    token_ids: list[int]  # every output token so far
+    cached_tokens: int  # prompt tokens the engine served from its cache, by its own count (as in Generation)
+    finished: bool
 
 
 @dataclass
@@ -158,6 +185,9 @@ class Engine(Protocol):
 
     def step(self) -> dict[str, list[int]]:
         """Advance every request in flight by one engine step; returns those that finished: id -> output ids."""
+
+    def progress(self) -> dict[str, Progress]:
+        """Every request that advanced since the last call, with its tokens so far ("streaming")."""
 
     def capture_shared(self, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
         """A KV-only capture of the pages holding `chains`, published in shared memory: "shm://<name>#<nbytes>"."""
