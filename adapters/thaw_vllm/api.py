@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import weakref
 from typing import Optional, Sequence
 
 import thaw_format
-from thaw_format import IncompatibleSnapshotError
+from thaw_format import IncompatibleSnapshotError, errors
 from thaw_format.sdk import Finished, Resumed, pending_requests
 
 from . import _internals, transport
@@ -61,18 +62,48 @@ def _rpc(llm, method: str, *args):
     return llm.collective_rpc(method, args=args)[0]
 
 
+_DESCRIBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # LLM -> describe(LLM)
+
+
 def describe(llm) -> dict:
-    """The engine's model identity and KV layout, as plain data."""
-    return _rpc(llm, "thaw_describe")
+    """The engine's model identity and KV layout, as plain data. Fixed for the engine's life: asked of its
+    worker once per LLM, so a restore's check costs no call into the engine."""
+    if llm not in _DESCRIBED:
+        _DESCRIBED[llm] = _rpc(llm, "thaw_describe")
+    return _DESCRIBED[llm]
+
+
+def _call(llm, op: str, args: dict) -> dict:
+    """thaw's engine-core operation `op` (core_ops.thaw_call). A snapshot's own error comes back as plain data
+    (vLLM re-raises anything else from its engine-core process as a plain Exception with the text) and is
+    raised here as the thaw_format error it was, with its message."""
+    out = _internals.call_engine_core(llm, "thaw_call", op, args)
+    error = out.get("error")
+    if error is not None:
+        kind = getattr(errors, error["type"], None)
+        if not (isinstance(kind, type) and issubclass(kind, errors.SnapshotError)):
+            kind = errors.SnapshotError
+        raise kind(error["message"])
+    return out
+
+
+def _chains(chains: Optional[Sequence[Sequence[int]]]) -> Optional[list[list[int]]]:
+    return None if chains is None else [list(map(int, c)) for c in chains]
 
 
 def capture(llm, *, include_weights: bool = True, chains: Optional[Sequence[Sequence[int]]] = None) -> thaw_format.Snapshot:
     """Snapshot the engine: prefix-cache pages (all, or those of the named token chains) with their token ids,
     live requests (waiting or mid-generation) and, unless told otherwise, the weights."""
-    chains = None if chains is None else [list(map(int, c)) for c in chains]
-    args = {"include_weights": include_weights, "chains": chains, "local": _internals.engine_in_this_process(llm)}
-    out = _internals.call_engine_core(llm, "thaw_call", "capture", args)
-    return transport.read(out["source"], unlink=True, keep=True)
+    args = {"include_weights": include_weights, "chains": _chains(chains),
+            "local": _internals.engine_in_this_process(llm)}
+    return transport.read(_call(llm, "capture", args)["source"], unlink=True, keep=True)
+
+
+def capture_shared(llm, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
+    """A KV-only capture published in shared memory, its pages gathered by the worker straight into its reused
+    segment: "shm://<name>#<nbytes>", valid until this engine's next capture_shared (see VLLMEngine)."""
+    args = {"include_weights": False, "chains": _chains(chains), "local": False, "shared": True}
+    return _call(llm, "capture", args)["source"]
 
 
 def check_compatible(llm, snapshot: thaw_format.Snapshot) -> None:
@@ -119,7 +150,21 @@ def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
     """
     check_compatible(llm, snapshot)
     with transport.publish(snapshot, local=_internals.engine_in_this_process(llm), engine=llm) as shared:
-        _internals.call_engine_core(llm, "thaw_call", "restore", {"source": shared.source, **_restore_plan(snapshot)})
+        return _restore_checked(llm, snapshot, shared.source)
+
+
+def restore_source(llm, source: str) -> list[Resumed]:
+    """Restore from a source ("shm://..." or a snapshot file's path) without copying it here: this process
+    reads its structure only; the worker verifies every chunk where it lies, then writes the KV."""
+    snapshot = transport.structure(source)
+    check_compatible(llm, snapshot)
+    return _restore_checked(llm, snapshot, source)
+
+
+def _restore_checked(llm, snapshot: thaw_format.Snapshot, source: str) -> list[Resumed]:
+    """The restore of a compatible snapshot that `source` names: the engine core rebuilds the prefix table, the
+    worker verifies every chunk and writes the KV; then unfinished requests are resubmitted."""
+    _call(llm, "restore", {"source": source, **_restore_plan(snapshot)})
     return resubmit(llm, snapshot)
 
 

@@ -10,16 +10,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
+from thaw_format import CorruptSnapshotError, SnapshotError
+
 from . import _internals, sampling
 from .api import NOT_ENABLED
 from .connector import ThawConnector
 
 
 def thaw_call(core, op: str, args: dict) -> dict:
-    if op == "capture":
-        return _capture(core, **args)
-    if op == "restore":
-        return _restore(core, **args)
+    """Run `op`. A snapshot's own error (a corrupt chunk, an incompatible layout) is returned as plain data,
+    {"error": {"type", "message"}}, for the client to raise as itself (api._call): vLLM would re-raise it in a
+    client in another process as a plain Exception carrying only its text."""
+    try:
+        if op == "capture":
+            return _capture(core, **args)
+        if op == "restore":
+            return _restore(core, **args)
+    except SnapshotError as exc:
+        return {"error": {"type": type(exc).__name__, "message": exc.args[0] if exc.args else str(exc)}}
     raise ValueError(f"unknown thaw engine-core operation {op!r}")
 
 
@@ -138,7 +146,7 @@ def _check_native(native: Optional[dict], hashes: dict[int, bytes], algorithm: s
     for page, block_hash in hashes.items():
         recorded = native["hashes"][page]
         if recorded is not None and recorded != block_hash.hex():
-            raise ValueError(f"prefix page {page}: its token ids hash to {block_hash.hex()[:16]}..., the snapshot "
+            raise CorruptSnapshotError(f"prefix page {page}: its token ids hash to {block_hash.hex()[:16]}..., the snapshot "
                              f"records {recorded[:16]}... under the same algorithm and seed (corrupt snapshot)")
 
 
@@ -155,7 +163,7 @@ def _restore(core, source: str, parents: list[int], tokens: list[list[int]], nat
     full = [p for p in range(len(parents)) if len(tokens[p]) == bs]
     depth = _depths(range(len(parents)), parents.__getitem__)
     if any(d < 0 for d in depth.values()):
-        raise ValueError("the prefix tree names a parent page it does not hold")
+        raise CorruptSnapshotError("prefix.parents: the prefix tree names a parent page it does not hold")
     hashes = _page_hashes(parents, tokens, full, depth, hash_fn)
     _check_native(native, hashes, algorithm, bs)
     if len(full) > _internals.num_free_blocks(kcm):

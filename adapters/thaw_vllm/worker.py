@@ -9,7 +9,7 @@ import os
 
 import thaw_format
 import vllm
-from thaw_format import mover
+from thaw_format import IncompatibleSnapshotError, mover
 from thaw_format.sdk import lineage_now
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import deferred_tensor
@@ -120,12 +120,12 @@ def _check_kv(kv, caches, layout) -> None:
         return
     dtype = _dtype_name(caches)
     if len(kv.layers) != len(caches):
-        raise ValueError(f"kv.layers: the snapshot has {len(kv.layers)}, the engine {len(caches)}")
+        raise IncompatibleSnapshotError(f"kv.layers: the snapshot has {len(kv.layers)}, the engine {len(caches)}")
     for i, layer in enumerate(kv.layers):
         for role in ("k", "v"):
             t = layer.tensors.get(role)
             if t is None or t.dtype != dtype or tuple(t.shape[1:]) != layout.page_shape:
-                raise ValueError(f"kv.layers[{i}] {role!r}: {t!r}, the engine holds {dtype} pages of "
+                raise IncompatibleSnapshotError(f"kv.layers[{i}] {role!r}: {t!r}, the engine holds {dtype} pages of "
                                  f"{list(layout.page_shape)}")
 
 

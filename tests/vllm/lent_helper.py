@@ -79,8 +79,8 @@ def main() -> None:
     try:
         engine.restore_source(corrupt)
         result["corrupt_error"] = None
-    except Exception as exc:  # noqa: BLE001 - vLLM re-raises the worker's CorruptSnapshotError as a plain Exception
-        result["corrupt_error"] = str(exc)
+    except Exception as exc:  # noqa: BLE001 - reported, with its class, for the test to check
+        result["corrupt_error"] = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
     serve("after_corrupt", trunk + suffix, "after")
 
     lent_names = sorted(set(glob.glob("/dev/shm/" + lent.LENT_PREFIX + "*")) - others)
