@@ -7,10 +7,10 @@ import weakref
 from typing import Optional, Sequence
 
 import thaw_format
-from thaw_format import IncompatibleSnapshotError, errors
+from thaw_format import IncompatibleSnapshotError
 from thaw_format.sdk import Finished, Resumed, pending_requests
 
-from . import _internals, transport
+from . import _internals, remote, transport
 from .requests import resubmit, run_to_completion
 
 WORKER_EXTENSION = "thaw_vllm.worker.ThawWorkerExtension"
@@ -74,17 +74,8 @@ def describe(llm) -> dict:
 
 
 def _call(llm, op: str, args: dict) -> dict:
-    """thaw's engine-core operation `op` (core_ops.thaw_call). A snapshot's own error comes back as plain data
-    (vLLM re-raises anything else from its engine-core process as a plain Exception with the text) and is
-    raised here as the thaw_format error it was, with its message."""
-    out = _internals.call_engine_core(llm, "thaw_call", op, args)
-    error = out.get("error")
-    if error is not None:
-        kind = getattr(errors, error["type"], None)
-        if not (isinstance(kind, type) and issubclass(kind, errors.SnapshotError)):
-            kind = errors.SnapshotError
-        raise kind(error["message"])
-    return out
+    """thaw's engine-core operation `op` (core_ops.thaw_call); a snapshot's error is raised here as itself."""
+    return remote.unwrap(_internals.call_engine_core(llm, "thaw_call", op, args))
 
 
 def _chains(chains: Optional[Sequence[Sequence[int]]]) -> Optional[list[list[int]]]:

@@ -10,25 +10,27 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
-from thaw_format import CorruptSnapshotError, SnapshotError
+from thaw_format import CorruptSnapshotError
 
-from . import _internals, sampling
+from . import _internals, remote, sampling
 from .api import NOT_ENABLED
 from .connector import ThawConnector
 
 
+@remote.as_data
 def thaw_call(core, op: str, args: dict) -> dict:
-    """Run `op`. A snapshot's own error (a corrupt chunk, an incompatible layout) is returned as plain data,
-    {"error": {"type", "message"}}, for the client to raise as itself (api._call): vLLM would re-raise it in a
-    client in another process as a plain Exception carrying only its text."""
-    try:
-        if op == "capture":
-            return _capture(core, **args)
-        if op == "restore":
-            return _restore(core, **args)
-    except SnapshotError as exc:
-        return {"error": {"type": type(exc).__name__, "message": exc.args[0] if exc.args else str(exc)}}
+    """Run `op`; a snapshot's own error (a corrupt chunk, an incompatible layout) goes back to the client as
+    data (remote.py)."""
+    if op == "capture":
+        return _capture(core, **args)
+    if op == "restore":
+        return _restore(core, **args)
     raise ValueError(f"unknown thaw engine-core operation {op!r}")
+
+
+def _worker(core, method: str, *args):
+    """The worker's `method` (worker.ThawWorkerExtension) through collective_rpc, its snapshot errors raised."""
+    return remote.unwrap(core.collective_rpc(method, args=args)[0])
 
 
 def _connector(core) -> ThawConnector:
@@ -125,7 +127,7 @@ def _capture(core, include_weights: bool, chains, local: bool, shared: bool = Fa
             "output_token_ids": r["output_token_ids"], "num_computed_tokens": r["num_computed_tokens"],
             "pages": chain, "sampling": dataclasses.asdict(sampling.to_thaw(r["sampling_params"])),
         })
-    return core.collective_rpc("thaw_capture", args=(plan, include_weights, local, shared))[0]
+    return _worker(core, "thaw_capture", plan, include_weights, local, shared)
 
 
 # --- restore ------------------------------------------------------------------------------------------------
@@ -168,14 +170,14 @@ def _restore(core, source: str, parents: list[int], tokens: list[list[int]], nat
     _check_native(native, hashes, algorithm, bs)
     if len(full) > _internals.num_free_blocks(kcm):
         raise RuntimeError(f"the snapshot has {len(full)} full pages, the engine {_internals.num_free_blocks(kcm)} free blocks")
-    core.collective_rpc("thaw_stage", args=(source,))  # the worker reads and verifies every checksum
+    _worker(core, "thaw_stage", source)  # the worker reads and verifies every checksum
 
     if not _internals.reset_prefix_cache(kcm):
         raise RuntimeError("vLLM refused to reset its prefix cache (blocks still held)")
     blocks = _internals.take_blocks(kcm, len(full))
     connector.ledger.clear()
     try:
-        core.collective_rpc("thaw_write", args=(full, [b.block_id for b in blocks], tails, rng_keys))
+        _worker(core, "thaw_write", full, [b.block_id for b in blocks], tails, rng_keys)
     except BaseException:
         _internals.release_blocks(kcm, blocks)  # unpublished: nothing can hit the half-written blocks
         raise

@@ -14,7 +14,7 @@ from thaw_format.sdk import lineage_now
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import deferred_tensor
 
-from . import _internals, identity, transport
+from . import _internals, identity, remote, transport
 from .pages import blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
 
 
@@ -53,6 +53,7 @@ class ThawWorkerExtension:
             self._thaw_digest = identity.weights_digest(self.vllm_config)
         return self._thaw_digest
 
+    @remote.as_data
     def thaw_capture(self, plan: dict, include_weights: bool, local: bool, shared: bool = False) -> dict:
         """Assemble the snapshot the engine core planned (pages, block ids, requests) and publish it, the KV
         pages gathered by libthaw straight into shared memory with their checksums in the same pass: lent to
@@ -70,6 +71,7 @@ class ThawWorkerExtension:
         publisher = transport.engine_segment(self) if shared else transport.engine_lender(self)
         return {"source": publisher.publish(snapshot, fill)}
 
+    @remote.as_data
     def thaw_stage(self, source: str) -> None:
         """Verify a snapshot (every chunk, read where it lies: a segment this worker lent, or a cached mapping)
         and check its KV fits this engine's, before the engine core changes anything."""
@@ -80,6 +82,7 @@ class ThawWorkerExtension:
         _check_kv(snapshot.kv, caches, layout)
         self._thaw_staged = snapshot
 
+    @remote.as_data
     def thaw_write(self, pages: list[int], block_ids: list[int], tails: dict[str, int], rng_keys: list[str]) -> None:
         """Write the staged snapshot's pages into the given blocks; stage resumed requests' tails and RNG."""
         snapshot, self._thaw_staged = self._thaw_staged, None
