@@ -141,7 +141,11 @@ def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
     """
     check_compatible(llm, snapshot)
     with transport.publish(snapshot, local=_internals.engine_in_this_process(llm), engine=llm) as shared:
-        return _restore_checked(llm, snapshot, shared.source)
+        # The Snapshot is this process's own, verified when it came in (a load checks every chunk, a capture
+        # computes them as it gathers); the segment carrying it to the worker holds the bytes this call wrote
+        # (or the worker lent, read-only here), so the worker parses its header but does not read every chunk
+        # again, as the in-process path hands the object itself over. restore_source verifies: any source.
+        return _restore_checked(llm, snapshot, shared.source, verify=False)
 
 
 def restore_source(llm, source: str) -> list[Resumed]:
@@ -149,13 +153,13 @@ def restore_source(llm, source: str) -> list[Resumed]:
     reads its structure only; the worker verifies every chunk where it lies, then writes the KV."""
     snapshot = transport.structure(source)
     check_compatible(llm, snapshot)
-    return _restore_checked(llm, snapshot, source)
+    return _restore_checked(llm, snapshot, source, verify=True)
 
 
-def _restore_checked(llm, snapshot: thaw_format.Snapshot, source: str) -> list[Resumed]:
+def _restore_checked(llm, snapshot: thaw_format.Snapshot, source: str, verify: bool) -> list[Resumed]:
     """The restore of a compatible snapshot that `source` names: the engine core rebuilds the prefix table, the
-    worker verifies every chunk and writes the KV; then unfinished requests are resubmitted."""
-    _call(llm, "restore", {"source": source, **_restore_plan(snapshot)})
+    worker verifies every chunk (`verify`) and writes the KV; then unfinished requests are resubmitted."""
+    _call(llm, "restore", {"source": source, "verify": verify, **_restore_plan(snapshot)})
     return resubmit(llm, snapshot)
 
 

@@ -153,7 +153,7 @@ def _check_native(native: Optional[dict], hashes: dict[int, bytes], algorithm: s
 
 
 def _restore(core, source: str, parents: list[int], tokens: list[list[int]], native: Optional[dict],
-             tails: dict[str, int], rng_keys: list[str]) -> dict:
+             tails: dict[str, int], rng_keys: list[str], verify: bool = True) -> dict:
     """Rebuild the prefix table from token ids with this engine's hash function and seed, and have the worker
     write the KV into freshly allocated blocks. Refusals happen before the first change."""
     connector, kcm = _connector(core), _internals.kv_cache_manager(core)
@@ -170,7 +170,7 @@ def _restore(core, source: str, parents: list[int], tokens: list[list[int]], nat
     _check_native(native, hashes, algorithm, bs)
     if len(full) > _internals.num_free_blocks(kcm):
         raise RuntimeError(f"the snapshot has {len(full)} full pages, the engine {_internals.num_free_blocks(kcm)} free blocks")
-    _worker(core, "thaw_stage", source)  # the worker reads and verifies every checksum
+    _worker(core, "thaw_stage", source, verify)  # the worker reads (and verifies) every chunk
 
     if not _internals.reset_prefix_cache(kcm):
         raise RuntimeError("vLLM refused to reset its prefix cache (blocks still held)")

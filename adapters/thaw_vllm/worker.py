@@ -72,12 +72,13 @@ class ThawWorkerExtension:
         return {"source": publisher.publish(snapshot, fill)}
 
     @remote.as_data
-    def thaw_stage(self, source: str) -> None:
+    def thaw_stage(self, source: str, verify: bool = True) -> None:
         """Verify a snapshot (every chunk, read where it lies: a segment this worker lent, or a cached mapping)
-        and check its KV fits this engine's, before the engine core changes anything."""
+        and check its KV fits this engine's, before the engine core changes anything. verify=False: the
+        client's own Snapshot, handed over (see api.restore), whose header is still parsed and checked."""
         _mover_on_rank_cores()
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
-        snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None))
+        snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None), verify=verify)
         caches, layout = engine_layout(self)
         _check_kv(snapshot.kv, caches, layout)
         self._thaw_staged = snapshot
