@@ -54,12 +54,34 @@ static void move_row(uint8_t *flat, uint8_t *strided, int64_t stride_bytes, size
 
 /* A transposed group: G rows whose sources start one element apart (one dimension of G neighbouring tokens,
  * say) form a [W, G] matrix at `strided` (rows stride_bytes apart) against G flat rows of W elements. It moves
- * in G x G register transposes (SSE2, part of every x86-64), so both sides are read and written in 16-byte runs
+ * in G x G register transposes (SSE2, part of every x86-64; 8 x 8 AVX2 for 4-byte items where the CPU has it),
+ * so both sides are read and written in 16- or 32-byte runs
  * rather than one element per cache line. Elsewhere the rows move one by one. */
 #if defined(__SSE2__)
 #include <emmintrin.h>
 
-static size_t group_size(size_t itemsize) { return itemsize == 4 ? 4 : itemsize == 2 ? 8 : 0; }
+#if defined(__x86_64__) || defined(_M_X64)
+#include "crc32c_impl.h" /* cpu_x86_features */
+#include "pages_impl.h"
+
+/* 1 where 4-byte tiles may move 8 x 8 in AVX2 (pages_avx2.c); -1 until asked. Set once per process; threads
+ * racing to set it write the same value. */
+static int avx2_tiles = -1;
+
+static int have_avx2_tiles(void) {
+    if (avx2_tiles < 0) avx2_tiles = (cpu_x86_features() & CPU_AVX2) != 0;
+    return avx2_tiles;
+}
+#else
+static int have_avx2_tiles(void) { return 0; }
+#endif
+
+/* The tile sizes to try for an item size, largest first (0 ends the list). */
+static const size_t *group_sizes(size_t itemsize) {
+    static const size_t wide4[] = {8, 4, 0}, sse4[] = {4, 0}, sse2[] = {8, 0}, none[] = {0};
+    if (itemsize == 4) return have_avx2_tiles() ? wide4 : sse4;
+    return itemsize == 2 ? sse2 : none;
+}
 
 static void transpose4(__m128i *r) {
     __m128i a = _mm_unpacklo_epi32(r[0], r[1]), b = _mm_unpackhi_epi32(r[0], r[1]);
@@ -107,8 +129,13 @@ static inline __attribute__((always_inline)) size_t tiles(uint8_t *const *flat, 
 }
 
 static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_bytes, size_t w, size_t isz,
-                       int to_flat) {
-    size_t g = group_size(isz), c;
+                       size_t g, int to_flat) {
+    size_t c;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (isz == 4 && g == 8)
+        c = pages_tiles8_avx2(flat, strided, stride_bytes, w, to_flat);
+    else
+#endif
     if (g == 4)
         c = to_flat ? tiles(flat, strided, stride_bytes, w, 4, 4, 1) : tiles(flat, strided, stride_bytes, w, 4, 4, 0);
     else
@@ -120,24 +147,34 @@ static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_by
         }
 }
 #else
-static size_t group_size(size_t itemsize) { (void)itemsize; return 0; }
+static const size_t *group_sizes(size_t itemsize) {
+    static const size_t none[] = {0};
+    (void)itemsize;
+    return none;
+}
 static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_bytes, size_t w, size_t isz,
-                       int to_flat) { (void)flat, (void)strided, (void)stride_bytes, (void)w, (void)isz, (void)to_flat; }
+                       size_t g, int to_flat) {
+    (void)flat, (void)strided, (void)stride_bytes, (void)w, (void)isz, (void)g, (void)to_flat;
+}
 #endif
 
-/* Move a group of rows as one transposed block if the layout allows it from order[k] on; its size, or 0. */
+/* Move a group of rows as one transposed block if the layout allows it from order[k] on (the largest tile that
+ * fits); its size, or 0. */
 static size_t move_group(page_job *j, uint8_t *block, size_t e, size_t k) {
     const thaw_page_layout *l = j->layout;
-    size_t isz = l->itemsize, w = l->row_elems, g = group_size(isz);
-    if (!g || k + g > l->rows) return 0;
+    size_t isz = l->itemsize, w = l->row_elems;
     int64_t first = l->row_start[j->order[k]];
-    uint8_t *flat[8];
-    for (size_t i = 0; i < g; i++) {
-        if (l->row_start[j->order[k + i]] != first + (int64_t)i) return 0;
-        flat[i] = j->pages + (e + j->order[k + i] * w) * isz;
+    for (const size_t *size = group_sizes(isz); *size; size++) {
+        size_t g = *size, run = 1;
+        if (k + g > l->rows) continue;
+        while (run < g && l->row_start[j->order[k + run]] == first + (int64_t)run) run++;
+        if (run < g) continue;
+        uint8_t *flat[8];
+        for (size_t i = 0; i < g; i++) flat[i] = j->pages + (e + j->order[k + i] * w) * isz;
+        move_tiles(flat, block + first * (int64_t)isz, l->col_stride * (int64_t)isz, w, isz, g, j->to_pages);
+        return g;
     }
-    move_tiles(flat, block + first * (int64_t)isz, l->col_stride * (int64_t)isz, w, isz, j->to_pages);
-    return g;
+    return 0;
 }
 
 /* Elements [e, end) of the contiguous side, which may start and end inside rows and pages. Whole pages of
