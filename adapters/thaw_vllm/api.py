@@ -136,8 +136,9 @@ def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
     """Restore a snapshot into a fresh or used (idle) engine; unfinished requests are resubmitted and continue
     exactly (their last partial page and sampling-generator state come from the snapshot).
 
-    Identity, layout and dtype are checked first, and the snapshot's checksums by the reader: a mismatch is
-    refused before the engine is touched.
+    Identity, layout and dtype are checked first: a mismatch is refused before the engine is touched. The
+    snapshot's checksums were checked when it was read in (thaw_format.load); restore_source checks them for a
+    snapshot that is not yet in this process.
     """
     check_compatible(llm, snapshot)
     with transport.publish(snapshot, local=_internals.engine_in_this_process(llm), engine=llm) as shared:
