@@ -12,7 +12,9 @@ adapter holding the trunk in its cache (vLLM in its default multiprocessing mode
               rounds (after a first one).
   re-prefill: trunk + suffix from an empty cache, once per child (what fork avoids).
   cold fork:  thaw_format.sdk.fork(..., processes=True): new engine processes, each restoring the trunk.
-  memcpy:     a numpy copy of the round's KV bytes; the target is KV movement (out + slowest in) <= 2x its time.
+  memcpy:     a single-threaded numpy copy of the trunk's KV bytes, and of all the KV bytes the round moves (the
+              trunk out once + into each of the n children: n + 1 copies of it, one after another). The target
+              is KV movement (out + slowest in) <= 2x the memcpy time of its bytes; both ratios are reported.
 Every child's tokens must equal the re-prefill's on every path. Writes benchmarks/results/fork_pool_<engine>.json
 and .md (results are not committed: each run names its command, machine and load average).
 """
@@ -119,13 +121,18 @@ def main() -> None:
 
     src, dst = np.ones(steady.kv_bytes, np.uint8), np.zeros(steady.kv_bytes, np.uint8)
     memcpy_s = best_of(lambda: np.copyto(dst, src))
+    moved = args.children + 1  # the trunk's bytes out of the parent once, into each child once
+    memcpy_all_s = best_of(lambda: [np.copyto(dst, src) for _ in range(moved)])
+    del src, dst
     kv_in, generate_s = max(steady.restore_s), max(steady.generate_s)
     movement = steady.capture_s + kv_in
     data = {"engine": args.engine, "tokens": args.tokens, "children": args.children,
             "suffix_tokens": args.suffix_tokens, "max_tokens": args.max_tokens, "kv_bytes": steady.kv_bytes,
             "pool_start_s": pool_start_s, "round_s": steady.total_s, "capture_s": steady.capture_s,
             "restore_s": steady.restore_s, "generate_s": steady.generate_s, "reprefill_s": reprefill_s,
-            "cold_fork_s": cold_s, "memcpy_s": memcpy_s, "kv_movement_over_memcpy": movement / memcpy_s,
+            "cold_fork_s": cold_s, "memcpy_s": memcpy_s, "memcpy_all_s": memcpy_all_s, "kv_movement_s": movement,
+            "kv_movement_over_memcpy": movement / memcpy_s, "kv_movement_over_memcpy_all": movement / memcpy_all_s,
+            "load_average": os.getloadavg(),
             "all_rounds_s": [r.total_s for r in rounds]}
     mib = steady.kv_bytes / 2**20
     gbps = steady.kv_bytes / 1e9
@@ -136,8 +143,11 @@ def main() -> None:
              ["  KV in: restore_source in each worker (verify, scatter, prefix table; slowest)", f"{kv_in:.3f}",
               f"{gbps / kv_in:.2f} GB/s"],
              ["  suffix prefill + decode in each worker (slowest)", f"{generate_s:.3f}", ""],
-             [f"  KV movement (out + in) / memcpy of {mib:.0f} MiB ({memcpy_s * 1e3:.1f} ms)", f"{movement:.3f}",
-              f"{movement / memcpy_s:.1f}x memcpy"],
+             ["  KV movement: out + slowest in", f"{movement:.3f}", ""],
+             [f"    / memcpy of the trunk's bytes once ({mib:.0f} MiB: {memcpy_s * 1e3:.1f} ms)",
+              f"{movement / memcpy_s:.2f}x", "target <= 2x"],
+             [f"    / memcpy of all bytes the round moves (trunk out + {args.children} in: {moved} x {mib:.0f} MiB, "
+              f"{memcpy_all_s * 1e3:.1f} ms)", f"{movement / memcpy_all_s:.2f}x", "target <= 2x"],
              [f"{args.children} re-prefills of trunk + suffix", f"{reprefill_s:.2f}", f"{reprefill_s / steady.total_s:.1f}x"]]
     if cold_s is not None:
         table.append([f"cold process fork: {args.children} new engines restoring the trunk", f"{cold_s:.2f}",

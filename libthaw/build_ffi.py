@@ -2,7 +2,7 @@
 
 The portable sources are compiled with the extension's flags (-O3). Each CPU-specific kernel is compiled on
 its own with the -m flags of its instruction set (setup.py calls `compile_isa_objects`), so only the
-dispatcher in crc32c.c decides, at run time, which kernel this CPU may execute.
+dispatchers (crc32c.c, pages.c) decide, at run time, which kernel this CPU may execute.
 """
 
 import platform
@@ -24,6 +24,7 @@ _X86_64 = {
     "crc32c_sse42.c": ["-msse4.2", "-mpclmul"],
     "crc32c_avx2.c": ["-mavx2", "-mvpclmulqdq", "-mpclmul", "-msse4.2"],
     "crc32c_avx512.c": ["-mavx512f", "-mavx512vl", "-mvpclmulqdq", "-mpclmul", "-msse4.2"],
+    "pages_avx2.c": ["-mavx2"],
 }
 _ARM64 = {"cpu_arm64.c": [], "crc32c_armv8.c": ["-march=armv8-a+crc"]}
 ISA_SOURCES = {"x86_64": _X86_64, "amd64": _X86_64, "aarch64": _ARM64, "arm64": _ARM64}

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import weakref
 from typing import Optional, Sequence
 
 import thaw_format
 from thaw_format import IncompatibleSnapshotError
 from thaw_format.sdk import Finished, Resumed, pending_requests
 
-from . import _internals, transport
+from . import _internals, remote, transport
 from .requests import resubmit, run_to_completion
 
 WORKER_EXTENSION = "thaw_vllm.worker.ThawWorkerExtension"
@@ -61,18 +62,39 @@ def _rpc(llm, method: str, *args):
     return llm.collective_rpc(method, args=args)[0]
 
 
+_DESCRIBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # LLM -> describe(LLM)
+
+
 def describe(llm) -> dict:
-    """The engine's model identity and KV layout, as plain data."""
-    return _rpc(llm, "thaw_describe")
+    """The engine's model identity and KV layout, as plain data. Fixed for the engine's life: asked of its
+    worker once per LLM, so a restore's check costs no call into the engine."""
+    if llm not in _DESCRIBED:
+        _DESCRIBED[llm] = _rpc(llm, "thaw_describe")
+    return _DESCRIBED[llm]
+
+
+def _call(llm, op: str, args: dict) -> dict:
+    """thaw's engine-core operation `op` (core_ops.thaw_call); a snapshot's error is raised here as itself."""
+    return remote.unwrap(_internals.call_engine_core(llm, "thaw_call", op, args))
+
+
+def _chains(chains: Optional[Sequence[Sequence[int]]]) -> Optional[list[list[int]]]:
+    return None if chains is None else [list(map(int, c)) for c in chains]
 
 
 def capture(llm, *, include_weights: bool = True, chains: Optional[Sequence[Sequence[int]]] = None) -> thaw_format.Snapshot:
     """Snapshot the engine: prefix-cache pages (all, or those of the named token chains) with their token ids,
     live requests (waiting or mid-generation) and, unless told otherwise, the weights."""
-    chains = None if chains is None else [list(map(int, c)) for c in chains]
-    args = {"include_weights": include_weights, "chains": chains, "local": _internals.engine_in_this_process(llm)}
-    out = _internals.call_engine_core(llm, "thaw_call", "capture", args)
-    return transport.read(out["source"], unlink=True, keep=True)
+    args = {"include_weights": include_weights, "chains": _chains(chains),
+            "local": _internals.engine_in_this_process(llm)}
+    return transport.read(_call(llm, "capture", args)["source"], unlink=True, keep=True)
+
+
+def capture_shared(llm, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
+    """A KV-only capture published in shared memory, its pages gathered by the worker straight into its reused
+    segment: "shm://<name>#<nbytes>", valid until this engine's next capture_shared (see VLLMEngine)."""
+    args = {"include_weights": False, "chains": _chains(chains), "local": False, "shared": True}
+    return _call(llm, "capture", args)["source"]
 
 
 def check_compatible(llm, snapshot: thaw_format.Snapshot) -> None:
@@ -114,12 +136,31 @@ def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
     """Restore a snapshot into a fresh or used (idle) engine; unfinished requests are resubmitted and continue
     exactly (their last partial page and sampling-generator state come from the snapshot).
 
-    Identity, layout and dtype are checked first, and the snapshot's checksums by the reader: a mismatch is
-    refused before the engine is touched.
+    Identity, layout and dtype are checked first: a mismatch is refused before the engine is touched. The
+    snapshot's checksums were checked when it was read in (thaw_format.load); restore_source checks them for a
+    snapshot that is not yet in this process.
     """
     check_compatible(llm, snapshot)
     with transport.publish(snapshot, local=_internals.engine_in_this_process(llm), engine=llm) as shared:
-        _internals.call_engine_core(llm, "thaw_call", "restore", {"source": shared.source, **_restore_plan(snapshot)})
+        # The Snapshot is this process's own, verified when it came in (a load checks every chunk, a capture
+        # computes them as it gathers); the segment carrying it to the worker holds the bytes this call wrote
+        # (or the worker lent, read-only here), so the worker parses its header but does not read every chunk
+        # again, as the in-process path hands the object itself over. restore_source verifies: any source.
+        return _restore_checked(llm, snapshot, shared.source, verify=False)
+
+
+def restore_source(llm, source: str) -> list[Resumed]:
+    """Restore from a source ("shm://..." or a snapshot file's path) without copying it here: this process
+    reads its structure only; the worker verifies every chunk where it lies, then writes the KV."""
+    snapshot = transport.structure(source)
+    check_compatible(llm, snapshot)
+    return _restore_checked(llm, snapshot, source, verify=True)
+
+
+def _restore_checked(llm, snapshot: thaw_format.Snapshot, source: str, verify: bool) -> list[Resumed]:
+    """The restore of a compatible snapshot that `source` names: the engine core rebuilds the prefix table, the
+    worker verifies every chunk (`verify`) and writes the KV; then unfinished requests are resubmitted."""
+    _call(llm, "restore", {"source": source, "verify": verify, **_restore_plan(snapshot)})
     return resubmit(llm, snapshot)
 
 

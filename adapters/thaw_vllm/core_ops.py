@@ -10,17 +10,27 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
-from . import _internals, sampling
+from thaw_format import CorruptSnapshotError
+
+from . import _internals, remote, sampling
 from .api import NOT_ENABLED
 from .connector import ThawConnector
 
 
+@remote.as_data
 def thaw_call(core, op: str, args: dict) -> dict:
+    """Run `op`; a snapshot's own error (a corrupt chunk, an incompatible layout) goes back to the client as
+    data (remote.py)."""
     if op == "capture":
         return _capture(core, **args)
     if op == "restore":
         return _restore(core, **args)
     raise ValueError(f"unknown thaw engine-core operation {op!r}")
+
+
+def _worker(core, method: str, *args):
+    """The worker's `method` (worker.ThawWorkerExtension) through collective_rpc, its snapshot errors raised."""
+    return remote.unwrap(core.collective_rpc(method, args=args)[0])
 
 
 def _connector(core) -> ThawConnector:
@@ -117,7 +127,7 @@ def _capture(core, include_weights: bool, chains, local: bool, shared: bool = Fa
             "output_token_ids": r["output_token_ids"], "num_computed_tokens": r["num_computed_tokens"],
             "pages": chain, "sampling": dataclasses.asdict(sampling.to_thaw(r["sampling_params"])),
         })
-    return core.collective_rpc("thaw_capture", args=(plan, include_weights, local, shared))[0]
+    return _worker(core, "thaw_capture", plan, include_weights, local, shared)
 
 
 # --- restore ------------------------------------------------------------------------------------------------
@@ -138,12 +148,12 @@ def _check_native(native: Optional[dict], hashes: dict[int, bytes], algorithm: s
     for page, block_hash in hashes.items():
         recorded = native["hashes"][page]
         if recorded is not None and recorded != block_hash.hex():
-            raise ValueError(f"prefix page {page}: its token ids hash to {block_hash.hex()[:16]}..., the snapshot "
+            raise CorruptSnapshotError(f"prefix page {page}: its token ids hash to {block_hash.hex()[:16]}..., the snapshot "
                              f"records {recorded[:16]}... under the same algorithm and seed (corrupt snapshot)")
 
 
 def _restore(core, source: str, parents: list[int], tokens: list[list[int]], native: Optional[dict],
-             tails: dict[str, int], rng_keys: list[str]) -> dict:
+             tails: dict[str, int], rng_keys: list[str], verify: bool = True) -> dict:
     """Rebuild the prefix table from token ids with this engine's hash function and seed, and have the worker
     write the KV into freshly allocated blocks. Refusals happen before the first change."""
     connector, kcm = _connector(core), _internals.kv_cache_manager(core)
@@ -155,19 +165,19 @@ def _restore(core, source: str, parents: list[int], tokens: list[list[int]], nat
     full = [p for p in range(len(parents)) if len(tokens[p]) == bs]
     depth = _depths(range(len(parents)), parents.__getitem__)
     if any(d < 0 for d in depth.values()):
-        raise ValueError("the prefix tree names a parent page it does not hold")
+        raise CorruptSnapshotError("prefix.parents: the prefix tree names a parent page it does not hold")
     hashes = _page_hashes(parents, tokens, full, depth, hash_fn)
     _check_native(native, hashes, algorithm, bs)
     if len(full) > _internals.num_free_blocks(kcm):
         raise RuntimeError(f"the snapshot has {len(full)} full pages, the engine {_internals.num_free_blocks(kcm)} free blocks")
-    core.collective_rpc("thaw_stage", args=(source,))  # the worker reads and verifies every checksum
+    _worker(core, "thaw_stage", source, verify)  # the worker reads (and verifies) every chunk
 
     if not _internals.reset_prefix_cache(kcm):
         raise RuntimeError("vLLM refused to reset its prefix cache (blocks still held)")
     blocks = _internals.take_blocks(kcm, len(full))
     connector.ledger.clear()
     try:
-        core.collective_rpc("thaw_write", args=(full, [b.block_id for b in blocks], tails, rng_keys))
+        _worker(core, "thaw_write", full, [b.block_id for b in blocks], tails, rng_keys)
     except BaseException:
         _internals.release_blocks(kcm, blocks)  # unpublished: nothing can hit the half-written blocks
         raise

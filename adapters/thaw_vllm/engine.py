@@ -18,8 +18,8 @@ import thaw_format
 from thaw_format import ModelInfo, SamplingParams
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, fork
 
-from . import _internals, api, sampling, transport
-from .requests import resubmit, run_to_completion
+from . import api, sampling
+from .requests import run_to_completion
 
 
 class VLLMEngine:
@@ -105,17 +105,11 @@ class VLLMEngine:
         """A KV-only capture published in shared memory, its pages gathered by the worker straight into its
         reused segment: "shm://<name>#<nbytes>", valid until this engine's next capture_shared. Readers in other
         processes open it with thaw_format.sdk.shared.read_shared; another engine restores it with restore_source."""
-        chains = None if chains is None else [list(map(int, c)) for c in chains]
-        args = {"include_weights": False, "chains": chains, "local": False, "shared": True}
-        return _internals.call_engine_core(self.llm, "thaw_call", "capture", args)["source"]
+        return api.capture_shared(self.llm, chains=chains)
 
     def restore_source(self, source: str) -> list[Resumed]:
-        """Restore from a source ("shm://..." or a snapshot file's path) without copying it here: this process
-        reads its structure only; the worker verifies every chunk where it lies, then writes the KV."""
-        snapshot = transport.structure(source)
-        api.check_compatible(self.llm, snapshot)
-        _internals.call_engine_core(self.llm, "thaw_call", "restore", {"source": source, **api._restore_plan(snapshot)})
-        resumed = resubmit(self.llm, snapshot)
+        """Restore from a source ("shm://..." or a snapshot file's path) without copying it here (api.restore_source)."""
+        resumed = api.restore_source(self.llm, source)
         self._previous.update({r.request_id: r.previous_output_token_ids for r in resumed})
         return resumed
 

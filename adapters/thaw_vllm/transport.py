@@ -87,9 +87,9 @@ def publish(snapshot: thaw_format.Snapshot, *, local: bool, engine=None):
     return _Published(engine_segment(engine).publish(snapshot)) if engine is not None else SharedSnapshot(snapshot)
 
 
-def read(source: str, *, unlink: bool = False, keep: bool = False, lender=None) -> thaw_format.Snapshot:
-    """The snapshot a source names, checksums verified (but a borrowed capture's, see below); a shared-memory
-    snapshot's tensors view the segment.
+def read(source: str, *, unlink: bool = False, keep: bool = False, lender=None, verify: bool = True) -> thaw_format.Snapshot:
+    """The snapshot a source names, checksums verified (unless `verify` is False, or a borrowed capture's, see
+    below); a shared-memory snapshot's tensors view the segment.
     `unlink` releases a snapshot's own source (the reader is its last user); `keep` is for a snapshot that
     outlives the call: a lent one is borrowed (the caller owns it), one in a reused segment copied out, verified.
     Otherwise a reused segment is read through `lender` (the caller's own segments) or a cached mapping."""
@@ -97,7 +97,7 @@ def read(source: str, *, unlink: bool = False, keep: bool = False, lender=None) 
         return _LOCAL.pop(source) if unlink else _LOCAL[source]
     if source.startswith(SHM_PREFIX):
         if "#" not in source:
-            return read_shared(source, unlink=unlink)
+            return read_shared(source, unlink=unlink, verify=verify)
         if keep and lent.is_lent(source):
             # A capture the engine's worker just gathered, its checksums computed in the same pass: the header is
             # parsed and checked, the bytes are not read again here (as the in-process path hands its Snapshot
@@ -105,8 +105,8 @@ def read(source: str, *, unlink: bool = False, keep: bool = False, lender=None) 
             return lent.borrow(source, verify=False)
         if keep:
             return read_shared(source, copy=True)
-        return lent.open_snapshot(source, lender=lender)
-    return thaw_format.load(source)
+        return lent.open_snapshot(source, lender=lender, verify=verify)
+    return thaw_format.load(source, verify=verify)
 
 
 def structure(source: str) -> thaw_format.Snapshot:

@@ -9,12 +9,12 @@ import os
 
 import thaw_format
 import vllm
-from thaw_format import mover
+from thaw_format import IncompatibleSnapshotError, mover
 from thaw_format.sdk import lineage_now
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import deferred_tensor
 
-from . import _internals, identity, transport
+from . import _internals, identity, remote, transport
 from .pages import blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
 
 
@@ -53,6 +53,7 @@ class ThawWorkerExtension:
             self._thaw_digest = identity.weights_digest(self.vllm_config)
         return self._thaw_digest
 
+    @remote.as_data
     def thaw_capture(self, plan: dict, include_weights: bool, local: bool, shared: bool = False) -> dict:
         """Assemble the snapshot the engine core planned (pages, block ids, requests) and publish it, the KV
         pages gathered by libthaw straight into shared memory with their checksums in the same pass: lent to
@@ -70,16 +71,19 @@ class ThawWorkerExtension:
         publisher = transport.engine_segment(self) if shared else transport.engine_lender(self)
         return {"source": publisher.publish(snapshot, fill)}
 
-    def thaw_stage(self, source: str) -> None:
+    @remote.as_data
+    def thaw_stage(self, source: str, verify: bool = True) -> None:
         """Verify a snapshot (every chunk, read where it lies: a segment this worker lent, or a cached mapping)
-        and check its KV fits this engine's, before the engine core changes anything."""
+        and check its KV fits this engine's, before the engine core changes anything. verify=False: the
+        client's own Snapshot, handed over (see api.restore), whose header is still parsed and checked."""
         _mover_on_rank_cores()
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
-        snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None))
+        snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None), verify=verify)
         caches, layout = engine_layout(self)
         _check_kv(snapshot.kv, caches, layout)
         self._thaw_staged = snapshot
 
+    @remote.as_data
     def thaw_write(self, pages: list[int], block_ids: list[int], tails: dict[str, int], rng_keys: list[str]) -> None:
         """Write the staged snapshot's pages into the given blocks; stage resumed requests' tails and RNG."""
         snapshot, self._thaw_staged = self._thaw_staged, None
@@ -120,12 +124,12 @@ def _check_kv(kv, caches, layout) -> None:
         return
     dtype = _dtype_name(caches)
     if len(kv.layers) != len(caches):
-        raise ValueError(f"kv.layers: the snapshot has {len(kv.layers)}, the engine {len(caches)}")
+        raise IncompatibleSnapshotError(f"kv.layers: the snapshot has {len(kv.layers)}, the engine {len(caches)}")
     for i, layer in enumerate(kv.layers):
         for role in ("k", "v"):
             t = layer.tensors.get(role)
             if t is None or t.dtype != dtype or tuple(t.shape[1:]) != layout.page_shape:
-                raise ValueError(f"kv.layers[{i}] {role!r}: {t!r}, the engine holds {dtype} pages of "
+                raise IncompatibleSnapshotError(f"kv.layers[{i}] {role!r}: {t!r}, the engine holds {dtype} pages of "
                                  f"{list(layout.page_shape)}")
 
 

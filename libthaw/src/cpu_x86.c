@@ -20,6 +20,7 @@ unsigned cpu_x86_features(void) {
     __cpuid_count(7, 0, a, b, c, d);
     int ymm = (xcr0 & 0x6) == 0x6, zmm = (xcr0 & 0xe6) == 0xe6;
     int vpclmul = (c & bit_VPCLMULQDQ) != 0;
+    if (ymm && (b & bit_AVX2)) features |= CPU_AVX2;
     if (ymm && vpclmul && (b & bit_AVX2)) features |= CPU_AVX2_VPCLMUL;
     if (zmm && vpclmul && (b & bit_AVX512F) && (b & bit_AVX512VL)) features |= CPU_AVX512_VPCLMUL;
     return features;

@@ -13,7 +13,7 @@
 #include "../include/thaw.h"
 #include "pool.h"
 
-enum { UNIT_BYTES = 1 << 20, PARALLEL_MIN = 4 << 20 };
+enum { UNIT_BYTES = 1 << 20, PARALLEL_MIN = 4 << 20, CRC_PIECE_BYTES = 128 << 10 };
 
 typedef struct {
     uint8_t *pages;          /* the contiguous side: gather's output, scatter's input */
@@ -29,11 +29,37 @@ typedef struct {
 } page_job;
 
 /* Copy n elements of one row between the contiguous side and the strided side. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+
+/* A scatter's contiguous row into the engine's blocks with non-temporal stores: the blocks are not read again
+ * soon, and a plain store first reads each destination line into the cache (a third more memory traffic).
+ * unit_task fences once after its rows. */
+static int stream_row(uint8_t *dst, const uint8_t *src, size_t len) {
+    if (((uintptr_t)dst & 15) || len < 256) return 0;
+    size_t i = 0;
+    for (; i + 64 <= len; i += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src + i)), b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32)), d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+        _mm_stream_si128((__m128i *)(dst + i), a);
+        _mm_stream_si128((__m128i *)(dst + i + 16), b);
+        _mm_stream_si128((__m128i *)(dst + i + 32), c);
+        _mm_stream_si128((__m128i *)(dst + i + 48), d);
+    }
+    memcpy(dst + i, src + i, len - i);
+    return 1;
+}
+static void stream_fence(void) { _mm_sfence(); }
+#else
+static int stream_row(uint8_t *dst, const uint8_t *src, size_t len) { (void)dst, (void)src, (void)len; return 0; }
+static void stream_fence(void) {}
+#endif
+
 static void move_row(uint8_t *flat, uint8_t *strided, int64_t stride_bytes, size_t n, size_t itemsize, int to_flat) {
     if (stride_bytes == (int64_t)itemsize) {
         if (to_flat)
             memcpy(flat, strided, n * itemsize);
-        else
+        else if (!stream_row(strided, flat, n * itemsize))
             memcpy(strided, flat, n * itemsize);
         return;
     }
@@ -54,12 +80,34 @@ static void move_row(uint8_t *flat, uint8_t *strided, int64_t stride_bytes, size
 
 /* A transposed group: G rows whose sources start one element apart (one dimension of G neighbouring tokens,
  * say) form a [W, G] matrix at `strided` (rows stride_bytes apart) against G flat rows of W elements. It moves
- * in G x G register transposes (SSE2, part of every x86-64), so both sides are read and written in 16-byte runs
+ * in G x G register transposes (SSE2, part of every x86-64; 8 x 8 AVX2 for 4-byte items where the CPU has it),
+ * so both sides are read and written in 16- or 32-byte runs
  * rather than one element per cache line. Elsewhere the rows move one by one. */
 #if defined(__SSE2__)
 #include <emmintrin.h>
 
-static size_t group_size(size_t itemsize) { return itemsize == 4 ? 4 : itemsize == 2 ? 8 : 0; }
+#if defined(__x86_64__) || defined(_M_X64)
+#include "crc32c_impl.h" /* cpu_x86_features */
+#include "pages_impl.h"
+
+/* 1 where 4-byte tiles may move 8 x 8 in AVX2 (pages_avx2.c); -1 until asked. Set once per process; threads
+ * racing to set it write the same value. */
+static int avx2_tiles = -1;
+
+static int have_avx2_tiles(void) {
+    if (avx2_tiles < 0) avx2_tiles = (cpu_x86_features() & CPU_AVX2) != 0;
+    return avx2_tiles;
+}
+#else
+static int have_avx2_tiles(void) { return 0; }
+#endif
+
+/* The tile sizes to try for an item size, largest first (0 ends the list). */
+static const size_t *group_sizes(size_t itemsize) {
+    static const size_t wide4[] = {8, 4, 0}, sse4[] = {4, 0}, sse2[] = {8, 0}, none[] = {0};
+    if (itemsize == 4) return have_avx2_tiles() ? wide4 : sse4;
+    return itemsize == 2 ? sse2 : none;
+}
 
 static void transpose4(__m128i *r) {
     __m128i a = _mm_unpacklo_epi32(r[0], r[1]), b = _mm_unpackhi_epi32(r[0], r[1]);
@@ -85,17 +133,39 @@ static void transpose8(__m128i *r) {
     }
 }
 
-static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_bytes, size_t w, size_t isz,
-                       int to_flat) {
-    size_t g = group_size(isz), c = 0;
+/* One tile width: G rows of isz-byte elements, G and isz constants where inlined, so the G loads, the
+ * transpose and the G stores stay in registers (a run-time G left them on the stack, measured at half the
+ * speed of plain row copies). Returns the columns moved (a multiple of G). */
+static inline __attribute__((always_inline)) size_t tiles(uint8_t *const *flat, uint8_t *strided,
+                                                          int64_t stride_bytes, size_t w, size_t isz, size_t g,
+                                                          int to_flat) {
+    uint8_t *f[8];
+    for (size_t i = 0; i < g; i++) f[i] = flat[i];
+    size_t c = 0;
     __m128i r[8];
     for (; c + g <= w; c += g) {
+        uint8_t *s = strided + (int64_t)c * stride_bytes;
         for (size_t i = 0; i < g; i++)
-            r[i] = _mm_loadu_si128((const __m128i *)(to_flat ? strided + (int64_t)(c + i) * stride_bytes : flat[i] + c * isz));
+            r[i] = _mm_loadu_si128((const __m128i *)(to_flat ? s + (int64_t)i * stride_bytes : f[i] + c * isz));
         if (g == 4) transpose4(r); else transpose8(r);
         for (size_t i = 0; i < g; i++)
-            _mm_storeu_si128((__m128i *)(to_flat ? flat[i] + c * isz : strided + (int64_t)(c + i) * stride_bytes), r[i]);
+            _mm_storeu_si128((__m128i *)(to_flat ? f[i] + c * isz : s + (int64_t)i * stride_bytes), r[i]);
     }
+    return c;
+}
+
+static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_bytes, size_t w, size_t isz,
+                       size_t g, int to_flat) {
+    size_t c;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (isz == 4 && g == 8)
+        c = pages_tiles8_avx2(flat, strided, stride_bytes, w, to_flat);
+    else
+#endif
+    if (g == 4)
+        c = to_flat ? tiles(flat, strided, stride_bytes, w, 4, 4, 1) : tiles(flat, strided, stride_bytes, w, 4, 4, 0);
+    else
+        c = to_flat ? tiles(flat, strided, stride_bytes, w, 2, 8, 1) : tiles(flat, strided, stride_bytes, w, 2, 8, 0);
     for (; c < w; c++)
         for (size_t i = 0; i < g; i++) {
             uint8_t *s = strided + (int64_t)c * stride_bytes + i * isz, *f = flat[i] + c * isz;
@@ -103,24 +173,34 @@ static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_by
         }
 }
 #else
-static size_t group_size(size_t itemsize) { (void)itemsize; return 0; }
+static const size_t *group_sizes(size_t itemsize) {
+    static const size_t none[] = {0};
+    (void)itemsize;
+    return none;
+}
 static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_bytes, size_t w, size_t isz,
-                       int to_flat) { (void)flat, (void)strided, (void)stride_bytes, (void)w, (void)isz, (void)to_flat; }
+                       size_t g, int to_flat) {
+    (void)flat, (void)strided, (void)stride_bytes, (void)w, (void)isz, (void)g, (void)to_flat;
+}
 #endif
 
-/* Move a group of rows as one transposed block if the layout allows it from order[k] on; its size, or 0. */
+/* Move a group of rows as one transposed block if the layout allows it from order[k] on (the largest tile that
+ * fits); its size, or 0. */
 static size_t move_group(page_job *j, uint8_t *block, size_t e, size_t k) {
     const thaw_page_layout *l = j->layout;
-    size_t isz = l->itemsize, w = l->row_elems, g = group_size(isz);
-    if (!g || k + g > l->rows) return 0;
+    size_t isz = l->itemsize, w = l->row_elems;
     int64_t first = l->row_start[j->order[k]];
-    uint8_t *flat[8];
-    for (size_t i = 0; i < g; i++) {
-        if (l->row_start[j->order[k + i]] != first + (int64_t)i) return 0;
-        flat[i] = j->pages + (e + j->order[k + i] * w) * isz;
+    for (const size_t *size = group_sizes(isz); *size; size++) {
+        size_t g = *size, run = 1;
+        if (k + g > l->rows) continue;
+        while (run < g && l->row_start[j->order[k + run]] == first + (int64_t)run) run++;
+        if (run < g) continue;
+        uint8_t *flat[8];
+        for (size_t i = 0; i < g; i++) flat[i] = j->pages + (e + j->order[k + i] * w) * isz;
+        move_tiles(flat, block + first * (int64_t)isz, l->col_stride * (int64_t)isz, w, isz, g, j->to_pages);
+        return g;
     }
-    move_tiles(flat, block + first * (int64_t)isz, l->col_stride * (int64_t)isz, w, isz, j->to_pages);
-    return g;
+    return 0;
 }
 
 /* Elements [e, end) of the contiguous side, which may start and end inside rows and pages. Whole pages of
@@ -177,9 +257,24 @@ static void unit_task(void *ctx, size_t index, int worker) {
             return;
         }
     }
-    move_range(j, start, end);
-    if (j->crcs) /* one unit is one chunk, checksummed by the thread that just wrote it */
-        j->crcs[index] = thaw_crc32c(0, j->pages + start * j->layout->itemsize, (end - start) * j->layout->itemsize);
+    if (!j->crcs) {
+        move_range(j, start, end);
+        if (!j->to_pages) stream_fence(); /* the rows streamed into the blocks are visible once the call returns */
+        return;
+    }
+    /* One unit is one chunk, checksummed by the thread that writes it, about CRC_PIECE_BYTES at a time: each
+     * piece is still in the core's L2 when its CRC reads it (a whole 1 MiB chunk, with the blocks read beside
+     * it, is not). Pieces end on page boundaries, so whole pages keep their transposed tiles. */
+    size_t isz = j->layout->itemsize, page = j->page_elems;
+    size_t per_piece = CRC_PIECE_BYTES / isz / page ? CRC_PIECE_BYTES / isz / page : 1; /* pages */
+    uint32_t crc = 0;
+    for (size_t e = start, stop; e < end; e = stop) {
+        stop = (e / page + per_piece) * page;
+        if (stop > end) stop = end;
+        move_range(j, e, stop);
+        crc = thaw_crc32c(crc, j->pages + e * isz, (stop - e) * isz);
+    }
+    j->crcs[index] = crc;
 }
 
 /* The lowest and highest source element (relative to a block's start) the layout touches; -1 if malformed. */

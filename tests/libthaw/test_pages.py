@@ -39,6 +39,8 @@ CASES = {
     "vllm-k": lambda: (vllm_positions(32, 4, 64, "k"), 2 * 32 * 4 * 64),
     "vllm-v": lambda: (vllm_positions(32, 4, 64, "v"), 2 * 32 * 4 * 64),
     "odd-head-dim-k": lambda: (vllm_positions(16, 3, 80, "k"), 2 * 16 * 3 * 80),
+    # 12 tokens: an 8-row tile then a 4-row one; head_dim 20: columns left over after the 8-wide tiles
+    "short-block-k": lambda: (vllm_positions(12, 2, 20, "k"), 2 * 12 * 2 * 20),
     "sequence": lambda: (sequence_positions(16, 2, 64, 24), 2 * 64 * 24),
     "permutation": lambda: (np.random.default_rng(3).permutation(2048), 2048),
 }

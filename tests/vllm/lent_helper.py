@@ -78,8 +78,8 @@ def main() -> None:
     try:
         engine.restore_source(corrupt)
         result["corrupt_error"] = None
-    except Exception as exc:  # noqa: BLE001 - vLLM re-raises the worker's CorruptSnapshotError as a plain Exception
-        result["corrupt_error"] = str(exc)
+    except Exception as exc:  # noqa: BLE001 - reported, with its class, for the test to check
+        result["corrupt_error"] = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
     serve("after_corrupt", trunk + suffix, "after")
 
     # this engine's worker's lenders only: other processes on the machine lend too ("thawlent_<pid>x<token>")

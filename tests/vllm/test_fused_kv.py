@@ -16,7 +16,7 @@ def kv_state(llm) -> list[bytes]:
 
 def test_a_corrupt_chunk_in_shared_memory_leaves_the_engine_untouched(engine, greedy):
     import thaw_vllm
-    from thaw_vllm import _internals, api, transport
+    from thaw_vllm import api, transport
 
     trunk, other = trunk_tokens(130, seed=50), trunk_tokens(90, seed=51)
     generate(engine, trunk, greedy)
@@ -28,7 +28,6 @@ def test_a_corrupt_chunk_in_shared_memory_leaves_the_engine_untouched(engine, gr
         region = thaw_format.SnapshotFile(shared._shm.buf).info("kv/0/k")[2]  # layer 0's K in the segment
         shared._shm.buf[region.offset + 1000] ^= 0x40  # one bit of layer 0's K, inside its first chunk
         with pytest.raises(thaw_format.CorruptSnapshotError, match="kv/0/k"):
-            _internals.call_engine_core(engine, "thaw_call", "restore",
-                                        {"source": shared.source, **api._restore_plan(snapshot)})
+            api.restore_source(engine, shared.source)
     assert kv_state(engine) == before
     assert generate(engine, other, greedy) == (expected[0], 64)  # its prefix cache still serves `other`

@@ -173,6 +173,8 @@ def test_multiprocessing_engine_lends_restores_and_refuses_corrupt_sources(zoo):
     assert after["trunk"] == [fresh["trunk"][0], 128]  # restored from the lent snapshot's own segment
     assert after["empty"] == [fresh["other"][0], 0]
     assert after["shared"] == [fresh["trunk"][0], 128]  # restored from capture_shared's source
+    # the worker's refusal reaches this client (two processes away) as thaw_format's own error, naming the chunk
+    assert result["corrupt_error"].startswith("thaw_format.errors.CorruptSnapshotError: ")
     assert "'kv/0/k'" in result["corrupt_error"] and "checksum mismatch" in result["corrupt_error"]
     assert after["after_corrupt"][0] == fresh["trunk"][0] and after["after_corrupt"][1] >= 128  # still served
     assert result["lent_while_open"] and result["lent_after_close"] == []
