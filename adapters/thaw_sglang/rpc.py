@@ -10,12 +10,14 @@ same thaw_format error class again. No file and no pickle either way; snapshots 
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import struct
 from multiprocessing import shared_memory
 from typing import Any, Callable
 
 import thaw_format
-from thaw_format.sdk.shared import untracked
+from _posixshmem import shm_open
 
 RESULT_BYTES = 1 << 16
 _LENGTH = struct.Struct("<I")
@@ -42,12 +44,16 @@ def report(result: str, work: Callable[[], Any]) -> None:
     if len(encoded) > RESULT_BYTES - _LENGTH.size:  # an error's message is what can grow: keep its head
         encoded = json.dumps({"error": outcome.get("error", "RuntimeError"),
                               "message": str(outcome.get("message", "a result too large"))[: RESULT_BYTES // 8]}).encode()
-    block = untracked(shared_memory.SharedMemory(name=result))  # the caller's to unlink
+    # Opened by name, not attached as a SharedMemory: attaching registers the block with the resource tracker,
+    # which the scheduler shares with the client that spawned it, and the client's unlink then unregisters it
+    # a second time (the tracker prints a KeyError for every call).
+    fd = shm_open("/" + result, os.O_RDWR, mode=0)
     try:
-        block.buf[_LENGTH.size : _LENGTH.size + len(encoded)] = encoded
-        _LENGTH.pack_into(block.buf, 0, len(encoded))
+        with mmap.mmap(fd, RESULT_BYTES) as block:
+            block[_LENGTH.size : _LENGTH.size + len(encoded)] = encoded
+            _LENGTH.pack_into(block, 0, len(encoded))
     finally:
-        block.close()
+        os.close(fd)
 
 
 def call(engine, method: str, **params) -> Any:
