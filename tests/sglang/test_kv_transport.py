@@ -72,5 +72,6 @@ def test_a_corrupt_chunk_is_refused_before_anything_changes(thaw_sglang, engine,
     with pytest.raises(CorruptSnapshotError):
         thaw_sglang.restore(engine, source)
     assert _state(thaw_sglang, engine) == before
-    assert generate(engine, PROMPT + SUFFIX) == reference
+    output, cached = generate(engine, PROMPT + SUFFIX)  # the tree holds PROMPT + SUFFIX from the test before
+    assert output == reference[0] and cached >= len(PROMPT)
     assert engine.leak_warnings() == 0
