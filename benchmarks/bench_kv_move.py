@@ -1,6 +1,7 @@
-"""KV capture and restore on vLLM, each as a fraction of a plain memory copy of the same bytes.
+"""KV capture and restore on vLLM (or SGLang), each as a fraction of a plain memory copy of the same bytes.
 
     .venv-vllm/bin/python benchmarks/bench_kv_move.py [--tokens 4096] [--modes mp,inproc]
+    .venv-sglang/bin/python benchmarks/bench_kv_move.py --engine sglang     (kv_move_sglang.py: its one mode)
 
 A KV-heavy tiny Llama (8 layers, 8 KV heads x 128, float32: 64 KiB of KV per token; 4,096 tokens = 256 MiB)
 so that the KV bytes, not the model, dominate. Per engine mode, in one process and side by side:
@@ -19,7 +20,7 @@ so that the KV bytes, not the model, dominate. Per engine mode, in one process a
   peak RSS: the rise of each process's high-water mark during one capture / restore, over the KV bytes.
 Modes: "mp" is vLLM's default multiprocessing mode (engine core in its own process, snapshots through shared
 memory); "inproc" is VLLM_ENABLE_V1_MULTIPROCESSING=0 (engine and worker in the caller's process).
-Writes benchmarks/results/kv_move_vllm.json and .md.
+Writes benchmarks/results/kv_move_<engine>.json and .md.
 """
 
 from __future__ import annotations
@@ -121,24 +122,43 @@ def measure(mode: str, model: str, tokens: int) -> dict:
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
-    return {"mode": mode, "kv_bytes": kv_bytes, "memcpy_s": memcpy, "capture_s": capture_s, "restore_s": restore_s,
-            "restore_encoded_s": restore_encoded_s, "capture_shared_s": capture_shared_s,
-            "restore_source_s": restore_source_s, "load_average": os.getloadavg(), "prefill_s": prefill, "capture_gb_s": kv_bytes / capture_s / 1e9, "restore_gb_s": kv_bytes / restore_s / 1e9,
-            "memcpy_gb_s": kv_bytes / memcpy / 1e9, "capture_vs_memcpy": memcpy / capture_s,
-            "restore_vs_memcpy": memcpy / restore_s, "capture_peak_rss_over_kv": rss_capture / kv_bytes,
+    return summarize(mode, kv_bytes, memcpy=memcpy, capture=capture_s, restore=restore_s,
+                     restore_encoded=restore_encoded_s, capture_shared=capture_shared_s,
+                     restore_source=restore_source_s, prefill=prefill, rss_capture=rss_capture,
+                     rss_restore=rss_restore)
+
+
+def summarize(mode: str, kv_bytes: int, *, memcpy: float, capture: float, restore: float, restore_encoded: float,
+              capture_shared: float, restore_source: float, prefill: float, rss_capture: int,
+              rss_restore: int) -> dict:
+    """One engine mode's run: seconds as measured, and the rates and ratios the table shows."""
+    return {"mode": mode, "kv_bytes": kv_bytes, "memcpy_s": memcpy, "capture_s": capture, "restore_s": restore,
+            "restore_encoded_s": restore_encoded, "capture_shared_s": capture_shared,
+            "restore_source_s": restore_source, "load_average": os.getloadavg(), "prefill_s": prefill,
+            "capture_gb_s": kv_bytes / capture / 1e9, "restore_gb_s": kv_bytes / restore / 1e9,
+            "memcpy_gb_s": kv_bytes / memcpy / 1e9, "capture_vs_memcpy": memcpy / capture,
+            "restore_vs_memcpy": memcpy / restore, "capture_peak_rss_over_kv": rss_capture / kv_bytes,
             "restore_peak_rss_over_kv": rss_restore / kv_bytes}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--modes", default="mp,inproc")
+    parser.add_argument("--modes", help="vLLM: mp,inproc (the default); SGLang: scheduler")
+    parser.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
     args = parser.parse_args()
     from thaw_conformance import zoo
 
     model = str(zoo.make_model("llama", dtype="float32", **KV_HEAVY))
-    runs = [measure(mode, model, args.tokens) for mode in args.modes.split(",")]
-    table = [["vLLM mode", "KV MiB", "memcpy GB/s", "capture GB/s", "capture / memcpy", "restore GB/s",
+    label = {"vllm": "vLLM", "sglang": "SGLang"}[args.engine]
+    if args.engine == "sglang":
+        import kv_move_sglang as sglang_side
+
+        run, modes = sglang_side.measure, args.modes or "scheduler"
+    else:
+        run, modes = measure, args.modes or "mp,inproc"
+    runs = [run(mode, model, args.tokens) for mode in modes.split(",")]
+    table = [[f"{label} mode", "KV MiB", "memcpy GB/s", "capture GB/s", "capture / memcpy", "restore GB/s",
               "restore / memcpy", "restore encoded / memcpy", "capture_shared / memcpy", "restore_source / memcpy",
               "capture+restore / prefill", "peak RSS rise / KV (capture, restore)", "load average (1, 5 min)"]]
     for r in runs:
@@ -159,7 +179,9 @@ def main() -> None:
              "client gave back and the client keeps a few mappings, so warm pages are neither faulted nor zeroed "
              "again. Target: capture and restore each >= 0.5 of memcpy. "
              "The machine is shared by several sessions: see the load average."]
-    write_results("kv_move_vllm", "vLLM: KV capture and restore against a memory copy", command_line(),
+    if args.engine == "sglang":
+        notes = [sglang_side.NOTES.format(tokens=args.tokens)]
+    write_results(f"kv_move_{args.engine}", f"{label}: KV capture and restore against a memory copy", command_line(),
                   {"tokens": args.tokens, "runs": runs}, table, notes)
 
 

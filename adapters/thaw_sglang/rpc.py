@@ -1,7 +1,7 @@
 """Calling a scheduler method by name and getting its outcome back through a small shared-memory block.
 
 `Engine.collective_rpc` returns nothing and flattens any failure into an AssertionError message, so the caller
-creates a block of RESULT_BYTES for each call and each thaw scheduler method writes into it the length and JSON
+keeps a block of RESULT_BYTES per engine and each thaw scheduler method writes into it the length and JSON
 of {"value": ...} or {"error": class name, "message": ...}; the calling side returns the value or raises the
 same thaw_format error class again. No file and no pickle either way; snapshots themselves travel as sources
 (thaw_format.sdk.shared), of which only the name passes through here.
@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import struct
+import weakref
 from multiprocessing import shared_memory
 from typing import Any, Callable
 
@@ -53,18 +54,32 @@ def report(result: str, work: Callable[[], Any]) -> None:
         os.close(fd)
 
 
+def _block(engine) -> shared_memory.SharedMemory:
+    """The engine's result block, created on its first call and reused by every later one (a fresh block per call
+    cost a create, two resource-tracker messages and an unlink: milliseconds on a busy machine); unlinked with
+    the engine, or by the resource tracker if this process dies."""
+    block = engine.__dict__.get("_thaw_rpc_block")
+    if block is None:
+        block = engine._thaw_rpc_block = shared_memory.SharedMemory(create=True, size=RESULT_BYTES)
+        weakref.finalize(engine, _release, block)
+    return block
+
+
+def _release(block: shared_memory.SharedMemory) -> None:
+    block.close()
+    block.unlink()
+
+
 def call(engine, method: str, **params) -> Any:
-    """Engine side: call scheduler `method`; return what it returned, or raise what it raised."""
-    block = shared_memory.SharedMemory(create=True, size=RESULT_BYTES)
-    try:
-        engine.collective_rpc(method, result=block.name, **params)
-        (length,) = _LENGTH.unpack_from(block.buf, 0)
-        if not length:
-            raise RuntimeError(f"{method}: the SGLang scheduler answered nothing")
-        outcome = json.loads(bytes(block.buf[_LENGTH.size : _LENGTH.size + length]))
-    finally:
-        block.close()
-        block.unlink()
+    """Engine side: call scheduler `method`; return what it returned, or raise what it raised. One call at a time
+    per engine, as SGLang's collective_rpc itself."""
+    block = _block(engine)
+    _LENGTH.pack_into(block.buf, 0, 0)  # so that a call whose method wrote nothing reads as such
+    engine.collective_rpc(method, result=block.name, **params)
+    (length,) = _LENGTH.unpack_from(block.buf, 0)
+    if not length:
+        raise RuntimeError(f"{method}: the SGLang scheduler answered nothing")
+    outcome = json.loads(bytes(block.buf[_LENGTH.size : _LENGTH.size + length]))
     if "error" not in outcome:
         return outcome["value"]
     error = _KNOWN_ERRORS.get(outcome["error"])

@@ -11,9 +11,9 @@ from __future__ import annotations
 import thaw_format
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 from thaw_format.sdk import pending_requests
-from thaw_format.sdk.shared import SharedSnapshot, owned_segment, read_source
+from thaw_format.sdk.shared import SharedSnapshot, owned_segment
 
-from . import _internals, rpc
+from . import _internals, rpc, transport
 from .capture import capture_state
 from .restore import check_restorable, restore_state
 
@@ -40,18 +40,23 @@ class ThawScheduler(_internals.Scheduler):
                 _internals.set_paused(self, True)
 
     def thaw_capture(self, result: str, page_size: int, weights: bool, label: str = "", chains=None, path: str = "",
-                     reuse: bool = False) -> None:
+                     into: str = "lent") -> None:
         """Capture (the pages holding `chains`, if given) into the file `path`; else publish it in shared memory
-        and return its source: this scheduler's reused segment (`reuse`, valid until its next such capture) or
-        a segment of its own, which the caller unlinks."""
+        and return its source, `into`: "lent" (a segment lent to the caller, given back when its Snapshot is
+        dropped), "reused" (this scheduler's reused segment, valid until its next such capture) or "own" (a
+        segment of its own, which the caller unlinks)."""
         def work():
+            if into not in ("lent", "reused", "own"):
+                raise ValueError(f"into: 'lent', 'reused' or 'own', not {into!r}")
             # into shared memory the KV goes straight from the engine's buffers, checksummed on the way
             snapshot, fill = capture_state(self, page_size=page_size, include_weights=weights, label=label or None,
                                            parent=self.thaw_restored_from, chains=chains, deferred=not path)
             if path:
                 thaw_format.save(snapshot, path)
                 return None
-            if reuse:
+            if into == "lent":
+                return transport.lender(self).publish(snapshot, fill)
+            if into == "reused":
                 return owned_segment(self).publish(snapshot, fill)
             shared = SharedSnapshot(snapshot, fill)
             shared.detach()
@@ -63,7 +68,7 @@ class ThawScheduler(_internals.Scheduler):
         """Restore the snapshot `source` names (read in place, verified); returns how many requests it leaves
         unfinished, so that the caller reads the snapshot itself only when there are some."""
         def work():
-            snapshot = read_source(source)
+            snapshot = transport.read(source, self)
             restore_state(self, snapshot)
             self.thaw_restored_from = snapshot.id
             return len(pending_requests(snapshot))
@@ -71,7 +76,7 @@ class ThawScheduler(_internals.Scheduler):
         rpc.report(result, work)
 
     def thaw_check(self, result: str, source: str) -> None:
-        rpc.report(result, lambda: check_restorable(self, read_source(source)))
+        rpc.report(result, lambda: check_restorable(self, transport.read(source, self)))
 
     def thaw_pause(self, result: str, paused: bool) -> None:
         def work():

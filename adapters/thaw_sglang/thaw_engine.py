@@ -10,9 +10,10 @@ from sglang.srt.entrypoints.engine import Engine
 import thaw_format
 from thaw_format import Snapshot
 from thaw_format.sdk import DEFAULT_PAGE_SIZE, Resumed, pending_requests
-from thaw_format.sdk.shared import owned_segment, read_shared, read_source, release
+from thaw_format.sdk import lent
+from thaw_format.sdk.shared import release
 
-from . import _internals, rpc, scheduler_ext
+from . import _internals, rpc, scheduler_ext, transport
 from .requests import resume_arguments
 
 class ThawEngine(Engine):
@@ -87,7 +88,7 @@ class ThawEngine(Engine):
         (`weights=` is the former name of `include_weights=`.)
         """
         include_weights = _include_weights(include_weights, weights)
-        source = rpc.call(self, "thaw_capture", page_size=DEFAULT_PAGE_SIZE, weights=include_weights)
+        source = rpc.call(self, "thaw_capture", page_size=DEFAULT_PAGE_SIZE, weights=include_weights, into="own")
         children: list[ThawEngine] = []
         try:
             for _ in range(n):
@@ -120,43 +121,38 @@ def capture(
     chains: Sequence[Sequence[int]] | None = None,
 ) -> Snapshot:
     """Snapshot the engine between two batches (only the pages holding `chains`, if given): written to `path`
-    if given, and returned, read back; otherwise handed over in shared memory, its tensors viewing it.
-    (`weights=` is the former name of `include_weights=`.)"""
+    if given, and returned, read back; otherwise lent in shared memory, its tensors viewing the segment the
+    scheduler gathered into (given back when the Snapshot is dropped). (`weights=` is the former name of
+    `include_weights=`.)"""
     options = dict(page_size=page_size, weights=_include_weights(include_weights, weights), label=label or "",
                    chains=None if chains is None else [[int(t) for t in chain] for chain in chains])
     if path is not None:
         rpc.call(engine, "thaw_capture", path=str(path), **options)
         return thaw_format.load(path)
-    return read_shared(rpc.call(engine, "thaw_capture", **options), unlink=True)
+    # The scheduler computed every chunk's checksum in its gather's own pass: the header is parsed and checked,
+    # the bytes are not read again here. Every later reader (a restore, thaw_format.load of a saved copy) verifies.
+    return lent.borrow(rpc.call(engine, "thaw_capture", into="lent", **options), verify=False)
 
 
 def capture_shared(engine: ThawEngine, *, chains: Sequence[Sequence[int]] | None = None) -> str:
     """A KV-only capture published by the scheduler itself in its reused segment: "shm://<name>#<nbytes>",
     valid until the engine's next capture_shared. The KV goes from the engine's buffers to shared memory once."""
-    return rpc.call(engine, "thaw_capture", page_size=DEFAULT_PAGE_SIZE, weights=False, reuse=True,
+    return rpc.call(engine, "thaw_capture", page_size=DEFAULT_PAGE_SIZE, weights=False, into="reused",
                     chains=None if chains is None else [[int(t) for t in chain] for chain in chains])
-
-
-def _source(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> str:
-    """Where the scheduler reads the snapshot: a source as given (shared memory or a file), or one in memory
-    published in the engine's reused segment (read by the scheduler before this returns to anyone)."""
-    if isinstance(snapshot, Snapshot):
-        return owned_segment(engine, "restore").publish(snapshot)
-    return str(snapshot)
 
 
 def check(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> None:
     """Raise IncompatibleSnapshotError, naming the field, if the engine cannot hold the snapshot; changes nothing."""
-    rpc.call(engine, "thaw_check", source=_source(engine, snapshot))
+    rpc.call(engine, "thaw_check", source=transport.source_of(engine, snapshot))
 
 
 def restore_pending(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> list[thaw_format.Request]:
     """Make an idle engine hold the snapshot (a Snapshot, or a source: "shm://..." or a file) and return its
     unfinished requests; the scheduler reads the source, and this process only when it has requests."""
-    source = _source(engine, snapshot)
+    source = transport.source_of(engine, snapshot)
     if not rpc.call(engine, "thaw_restore", source=source):
         return []
-    return pending_requests(snapshot if isinstance(snapshot, Snapshot) else read_source(source))
+    return pending_requests(snapshot if isinstance(snapshot, Snapshot) else transport.read(source))
 
 
 def restore(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> list[Resumed]:

@@ -1,0 +1,45 @@
+"""How a snapshot travels between the client and SGLang's scheduler process, named by a `source` string.
+
+Captures are lent (thaw_format.sdk.lent): the scheduler gathers the KV by slot straight into a shared-memory
+segment no reader holds, with its checksums in the same pass, and the client's Snapshot views that segment and
+gives it back when garbage-collected; restoring that Snapshot hands the same segment back to the scheduler
+untouched. Any other Snapshot is encoded once into the client's reused segment for that engine. A capture for a
+fork pool (`capture_shared`) goes into the scheduler's own reused segment. Each side reads a "shm://name#nbytes"
+segment through its own buffer (the scheduler's lent segments) or a cached mapping, so steady use neither maps
+nor faults pages again. A snapshot's own segment ("shm://name", a fork's) and a file path are read as
+thaw_format.sdk.shared.read_source reads them.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from thaw_format import Snapshot
+from thaw_format.sdk import lent
+from thaw_format.sdk.shared import SHM_PREFIX, owned_segment, read_source
+
+
+def lender(owner) -> lent.Lender:
+    """The lender of one scheduler's captures, its segments unlinked with it."""
+    found = owner.__dict__.get("_thaw_lender")
+    if found is None:
+        found = owner._thaw_lender = lent.Lender()
+        weakref.finalize(owner, found.close)
+    return found
+
+
+def read(source: str, owner=None) -> Snapshot:
+    """The snapshot a source names, every chunk verified where it lies (no copy): a segment `owner` lent is read
+    through its own buffer. The caller must be done with it before the segment's owner writes it again."""
+    if source.startswith(SHM_PREFIX) and "#" in source:
+        return lent.open_snapshot(source, lender=owner.__dict__.get("_thaw_lender") if owner is not None else None)
+    return read_source(source)
+
+
+def source_of(engine, snapshot: Snapshot | str) -> str:
+    """Where the scheduler reads `snapshot`: a source as given; a capture borrowed from a scheduler, unchanged,
+    by its own segment; any other Snapshot published in the engine's reused restore segment (read by the
+    scheduler before this engine's next restore)."""
+    if not isinstance(snapshot, Snapshot):
+        return str(snapshot)
+    return lent.lent_source(snapshot) or owned_segment(engine, "restore").publish(snapshot)

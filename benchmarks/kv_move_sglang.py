@@ -1,0 +1,88 @@
+"""bench_kv_move.py's SGLang side: the same measurements on a ThawEngine (SGLang's scheduler in its own process).
+
+    .venv-sglang/bin/python benchmarks/bench_kv_move.py --engine sglang [--tokens 4096]
+
+SGLang always runs its scheduler (which holds the KV) in a subprocess, so its one mode ("scheduler") is vLLM's
+multiprocessing mode: capture is the client's thaw_sglang.capture (the scheduler gathers the KV by token slot
+straight into shared memory with its checksums; the client's Snapshot views it), restore hands a snapshot back
+to the scheduler (verified in place, then scattered into the slots), capture_shared / restore_source are the
+KV-only pair a fork pool uses.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import time
+
+import numpy as np
+from bench_kv_move import _saved, peak_rss_rise, summarize
+from common import best_of
+
+VERSION = "sglang 0.5.23 (CPU, torch_native attention)"
+NOTES = (
+    f"{VERSION}; KV-heavy tiny Llama (8 layers, 8 KV heads x 128, float32, 64 KiB KV per token), {{tokens}}-token "
+    "trunk, held by the scheduler process in per-layer token-slot buffers [slot, kv_heads, head_dim]. Capture and "
+    "restore are whole client calls: the RPC to the scheduler, the radix tree as pages, libthaw's gather by slot "
+    "with CRC32C straight into shared memory (capture; the client's Snapshot views it), and on restore the "
+    "scheduler's verification of every chunk where it lies, before its flush, then libthaw's scatter into fresh "
+    "slots and SGLang's own tree insert. memcpy is a single-threaded numpy copy of the same number of bytes in "
+    "the same process; libthaw uses every CPU. Peak RSS rise sums the high-water marks of the client and its "
+    "descendants (the scheduler); a shared-memory segment mapped by two counts in both. Target: capture and "
+    "restore each >= 0.5 of memcpy. The machine is shared by several sessions: see the load average."
+)
+
+
+def measure(mode: str, model: str, tokens: int) -> dict:
+    if mode != "scheduler":
+        raise SystemExit(f"SGLang has one mode, 'scheduler' (its scheduler runs in a subprocess), not {mode!r}")
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    import thaw_format
+    import thaw_sglang
+
+    engine = thaw_sglang.SGLangEngine.start(
+        model_path=model, device="cpu", load_format="safetensors", skip_tokenizer_init=True,
+        attention_backend="torch_native", dtype="float32", random_seed=0, disable_cuda_graph=True,
+        max_total_tokens=tokens + 256)
+    thaw = engine.engine
+    trunk = [random.Random(0).randrange(3, 1000) for _ in range(tokens)]
+    one = {"temperature": 0.0, "max_new_tokens": 1, "ignore_eos": True}
+    thaw.generate(input_ids=trunk[:64], sampling_params=one)  # warm-up
+    thaw.flush_cache()
+    start = time.perf_counter()
+    thaw.generate(input_ids=trunk, sampling_params=one)
+    prefill = time.perf_counter() - start
+    engine.model_info()  # the weights digest is computed once per engine, not per capture
+
+    capture = lambda: thaw_sglang.capture(thaw, include_weights=False, chains=[trunk])  # noqa: E731
+    snapshot = capture()
+    kv_bytes = sum(t.nbytes for layer in snapshot.kv.layers for t in layer.tensors.values())
+    src, dst = np.ones(kv_bytes, np.uint8), np.zeros(kv_bytes, np.uint8)
+    memcpy = best_of(lambda: np.copyto(dst, src))
+    del src, dst
+    capture_s = best_of(capture)
+    restore_s = best_of(lambda: thaw_sglang.restore(thaw, snapshot))
+    path = _saved(snapshot)
+    in_memory = thaw_format.load(path)  # a snapshot held in this process's own memory
+    os.remove(path)
+    os.rmdir(os.path.dirname(path))
+    restore_encoded_s = best_of(lambda: thaw_sglang.restore(thaw, in_memory))
+    del in_memory
+    source = engine.capture_shared(chains=[trunk])
+    capture_shared_s = best_of(lambda: engine.capture_shared(chains=[trunk]))
+    restore_source_s = best_of(lambda: engine.restore_source(source))
+    out = thaw.generate(input_ids=trunk + [5], sampling_params=one)
+    if out["meta_info"]["cached_tokens"] != tokens:
+        raise SystemExit(f"after restore SGLang reports {out['meta_info']['cached_tokens']} cached tokens")
+    if thaw.leak_warnings():
+        raise SystemExit("SGLang's pool-leak check fired after the restores")
+    rss_capture = peak_rss_rise(capture)
+    rss_restore = peak_rss_rise(lambda: thaw_sglang.restore(thaw, snapshot))
+    del snapshot
+    engine.close()
+    gc.collect()
+    return summarize(mode, kv_bytes, memcpy=memcpy, capture=capture_s, restore=restore_s,
+                     restore_encoded=restore_encoded_s, capture_shared=capture_shared_s,
+                     restore_source=restore_source_s, prefill=prefill, rss_capture=rss_capture,
+                     rss_restore=rss_restore)

@@ -1,0 +1,77 @@
+"""The KV's way between the client and SGLang's scheduler (thaw_sglang.transport), on one live engine: a capture is
+lent (the client's Snapshot views the segment the scheduler gathered into) with the same bytes as a capture
+written to a file; restoring it hands that segment back; a corrupt chunk is refused before anything changes."""
+
+import mmap
+import os
+
+import pytest
+from conftest import generate
+from thaw_format import CorruptSnapshotError, SnapshotFile
+from thaw_format.sdk import lent
+
+PROMPT = list(range(300, 420))  # 120 tokens: three full pages and a short one
+SUFFIX = [31, 32, 33]
+
+
+@pytest.fixture(scope="module")
+def engine(zoo, engines):
+    engine = engines(zoo.make_model("llama"))
+    generate(engine, PROMPT)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def reference(engine):
+    """The engine's continuation of PROMPT + SUFFIX with PROMPT cached, before any restore."""
+    return generate(engine, PROMPT + SUFFIX)
+
+
+def _state(thaw_sglang, engine):
+    snapshot = thaw_sglang.capture(engine, include_weights=False)
+    return snapshot.prefix, [bytes(t.data) for layer in snapshot.kv.layers for t in layer.tensors.values()]
+
+
+def _flip_bit(source: str, tensor: str = "kv/0/k") -> None:
+    from _posixshmem import shm_open
+
+    name, nbytes = lent.parse(source)
+    fd = shm_open("/" + name, os.O_RDWR, mode=0)
+    try:
+        with mmap.mmap(fd, nbytes) as mapping:
+            region = SnapshotFile(mapping).info(tensor)[2]
+            mapping[region.offset + 1000] ^= 0x40
+    finally:
+        os.close(fd)
+
+
+def test_a_lent_capture_holds_the_bytes_of_a_file_capture_and_restores_through_its_own_segment(
+        thaw_sglang, engine, reference, tmp_path):
+    lent_snapshot = thaw_sglang.capture(engine, include_weights=False, chains=[PROMPT])
+    source = lent.lent_source(lent_snapshot)
+    assert source is not None  # restoring it hands the scheduler's segment back
+    lent.open_snapshot(source, verify=True)  # the chunk checksums the scheduler's gather computed hold
+    saved = thaw_sglang.capture(engine, tmp_path / "kv.thaw", include_weights=False, chains=[PROMPT])
+    assert lent_snapshot.prefix == saved.prefix
+    assert [bytes(t.data) for layer in lent_snapshot.kv.layers for t in layer.tensors.values()] == [
+        bytes(t.data) for layer in saved.kv.layers for t in layer.tensors.values()]
+
+    assert engine.flush_cache().success
+    thaw_sglang.restore(engine, lent_snapshot)
+    assert generate(engine, PROMPT + SUFFIX) == reference
+    assert engine.leak_warnings() == 0
+
+
+def test_a_corrupt_chunk_is_refused_before_anything_changes(thaw_sglang, engine, reference):
+    from thaw_sglang.thaw_engine import capture_shared
+
+    generate(engine, PROMPT)
+    source = capture_shared(engine, chains=[PROMPT])
+    _flip_bit(source)
+    before = _state(thaw_sglang, engine)
+    with pytest.raises(CorruptSnapshotError):
+        thaw_sglang.restore(engine, source)
+    assert _state(thaw_sglang, engine) == before
+    output, cached = generate(engine, PROMPT + SUFFIX)  # the tree holds PROMPT + SUFFIX from the test before
+    assert output == reference[0] and cached >= len(PROMPT)
+    assert engine.leak_warnings() == 0
