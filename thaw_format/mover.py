@@ -45,6 +45,7 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
     copy_with_crcs(src, out, chunk_size) -> array('I')
         out[:len(src)] = src and the CRC32C of each chunk of it, in one multi-threaded pass (native path)
     empty(nbytes) -> memoryview                 an uninitialised writable buffer, the target of a load
+    recycled(nbytes) -> memoryview              the same, reusing a buffer of that size let go earlier
 Reads raise EOFError when the file is shorter than a region, OSError on an I/O error.
 Staging memory is bounded whatever a file declares: chunks up to _STAGED_CHUNK_BYTES are staged whole (per
 thread on the native path); a larger chunk is read in _STAGE_BYTES pieces on one thread with a running
@@ -55,6 +56,7 @@ still holds no byte of a bad chunk.
 from __future__ import annotations
 
 import os
+import weakref
 from array import array
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
@@ -123,6 +125,36 @@ def empty(nbytes: int) -> memoryview:
     import numpy
 
     return memoryview(numpy.empty(nbytes, numpy.uint8))
+
+
+# Buffers of recycled() let go, by size: kept for the next call of that size, up to _RECYCLE_BYTES in all.
+_RECYCLE_BYTES = 1 << 30
+_recycled: dict[int, list] = {}
+_recycled_bytes = [0]
+
+
+def recycled(nbytes: int) -> memoryview:
+    """empty(nbytes), but memory already touched where it can be: a buffer of the same size that an earlier call
+    handed out and that nothing references any more (kept, up to _RECYCLE_BYTES in all, when its last view
+    went). Faulting fresh memory in costs about as much as writing it (the kernel zeroes every page first, in
+    4 KiB or 2 MiB faults), so a capture repeated in steady state (fork rounds) would pay twice per byte
+    without this. Like any allocator cache, the kept buffers stay in this process's memory."""
+    import numpy
+
+    try:
+        base = _recycled.get(nbytes, []).pop()  # atomic under the GIL: a finaliser may append meanwhile
+        _recycled_bytes[0] -= nbytes
+    except IndexError:
+        base = numpy.empty(nbytes, numpy.uint8)
+    handed = base[:]  # a view: when the last reference to it goes, base goes back
+    weakref.finalize(handed, _keep, base)
+    return memoryview(handed)
+
+
+def _keep(base) -> None:
+    if _recycled_bytes[0] + base.nbytes <= _RECYCLE_BYTES:
+        _recycled_bytes[0] += base.nbytes
+        _recycled.setdefault(base.nbytes, []).append(base)
 
 
 def _own_offsets(offsets) -> array:

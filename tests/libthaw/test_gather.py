@@ -72,3 +72,26 @@ def test_out_of_range_is_refused_before_any_copy(native, path):
     with pytest.raises(ValueError, match="slab 1"):
         scatter(out, target, [0, 1020], 16)
     assert target == bytearray(1024)
+
+
+def test_recycled_buffers_come_back_once_let_go(monkeypatch):
+    """mover.recycled hands out a buffer of the size asked, reuses one whose every view is gone (never one still
+    viewed), and keeps no more than its byte limit."""
+    monkeypatch.setattr(mover, "_recycled", {})
+    monkeypatch.setattr(mover, "_recycled_bytes", [0])
+    monkeypatch.setattr(mover, "_RECYCLE_BYTES", 3 * 4096)
+    address = lambda view: np.frombuffer(view, np.uint8).ctypes.data  # noqa: E731
+    first = mover.recycled(4096)
+    first[:] = b"\1" * 4096
+    held = np.frombuffer(first, np.uint8)  # a view of it still held
+    where = address(first)
+    del first
+    second = mover.recycled(4096)
+    assert len(second) == 4096 and address(second) != where  # still viewed: not handed out again
+    del held
+    third = mover.recycled(4096)
+    assert address(third) == where and bytes(third) == b"\1" * 4096  # let go: reused as it was
+    kept = [mover.recycled(4096) for _ in range(4)]
+    del second, third, kept
+    assert mover._recycled_bytes[0] == 3 * 4096 and len(mover._recycled[4096]) == 3
+    assert len(mover.recycled(8192)) == 8192
