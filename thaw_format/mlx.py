@@ -91,6 +91,16 @@ def filled_arrays(specs, fill: Callable[[int, memoryview], None]) -> list[mx.arr
     return arrays
 
 
+def _without_frames(exc: BaseException) -> BaseException:
+    """The exception with its tracebacks (and those of the exceptions it chains) dropped: their frames would
+    hold fill's view of MLX's memory past the call."""
+    seen = exc
+    while seen is not None:
+        seen.__traceback__ = None
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
 class _FillStream:
     """A read-only file object that MLX's safetensors loader reads: the header from bytes, each array's data from
     fill (see filled_arrays)."""
@@ -129,18 +139,16 @@ class _FillStream:
             view[:] = self._header[at : at + n]
             return n
         index, nbytes = self._starts.get(at - len(self._header), (None, None))
-        if self.error is None:
-            try:
-                if nbytes != n:
-                    raise RuntimeError(f"MLX read {n} bytes at {at}, not an array's data: mlx.load changed its reads")
-                self._fill(index, view)
-                self.filled += 1
-            except BaseException as exc:  # raised by filled_arrays: never into MLX's thread
-                self.error = exc.with_traceback(None)
+        if self.error is not None:
+            return n
         try:
-            view.release()  # fill kept no view of the array's memory (a kept one would outlive it)
-        except BufferError as exc:
-            self.error = self.error or RuntimeError(f"fill kept a view of MLX's memory: {exc}")
+            if nbytes != n:
+                raise RuntimeError(f"MLX read {n} bytes at {at}, not an array's data: mlx.load changed its reads")
+            self._fill(index, view)
+            self.filled += 1
+        except BaseException as exc:  # raised by filled_arrays: never into MLX's thread
+            self.error = _without_frames(exc)
+        view.release()  # this view of MLX's memory ends with the call (fill's contract: it keeps none)
         return n
 
 
