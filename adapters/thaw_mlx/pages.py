@@ -296,6 +296,7 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
         _raise_bad(expected, bad[1] if bad else None)
 
     def fill(_, out: memoryview) -> None:
+        mover.prepare_target(out)  # MLX's new memory: faulted in by the pool, not 4 KiB at a time in the scatter
         for first, run, start in mover.consecutive_runs(pages):  # one slice of the tensor each
             offsets = (np.arange(run, dtype=np.int64) + start) * page_size * dim * itemsize
             source = tensor.data[first * page_bytes : (first + run) * page_bytes]
