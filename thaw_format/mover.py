@@ -48,6 +48,8 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
     recycled(nbytes) -> memoryview              the same, reusing a buffer of that size let go earlier
     prepare_target(buffer)                      fresh memory about to be written whole: huge-page hint and its
         pages faulted in by the pool (native path; hints only, the bytes do not change)
+    start_writeback(fd, offset, length)         start writing those dirty file pages to disk, not waiting (a
+        save's fsync then finds most of them written; native path on Linux, else nothing)
 Reads raise EOFError when the file is shorter than a region, OSError on an I/O error.
 Staging memory is bounded whatever a file declares: chunks up to _STAGED_CHUNK_BYTES are staged whole (per
 thread on the native path); a larger chunk is read in _STAGE_BYTES pieces on one thread with a running
@@ -718,6 +720,14 @@ def _c_prepare_target(buffer) -> None:
     _lib.thaw_prepare_target(buf, len(buf))
 
 
+def _c_start_writeback(fd: int, offset: int, length: int) -> None:
+    _lib.thaw_start_writeback(fd, offset, length)
+
+
+def _py_start_writeback(fd: int, offset: int, length: int) -> None:
+    """Nothing without libthaw: the save's fsync writes everything."""
+
+
 def _py_prepare_target(buffer) -> None:
     """Nothing to do without libthaw: the writes fault the pages in as usual."""
 
@@ -732,6 +742,7 @@ if _lib is not None:
     gather, scatter = _c_gather, _c_scatter
     gather_pages, scatter_pages, copy_with_crcs = _c_gather_pages, _c_scatter_pages, _c_copy_with_crcs
     scatter_pages_checked, prepare_target = _c_scatter_pages_checked, _c_prepare_target
+    start_writeback = _c_start_writeback
 else:
     crc32c, chunk_crcs = _py_crc32c, _py_chunk_crcs
     write_regions, read_regions, verify_regions = _py_write_regions, _py_read_regions, _py_verify_regions
@@ -739,3 +750,4 @@ else:
     gather, scatter = _py_gather, _py_scatter
     gather_pages, scatter_pages, copy_with_crcs = _py_gather_pages, _py_scatter_pages, _py_copy_with_crcs
     scatter_pages_checked, prepare_target = _py_scatter_pages_checked, _py_prepare_target
+    start_writeback = _py_start_writeback

@@ -91,6 +91,10 @@ int thaw_check_mapped(const thaw_region *regions, size_t n, int flags, thaw_io_s
  * at a time inside the copy costs more than the copy on a VM. Only hints: the bytes are never changed, and a
  * kernel that refuses them leaves the copy to fault as usual. */
 void thaw_prepare_target(void *buf, size_t len);
+/* Start writing the file's dirty pages in [offset, offset + len) to disk without waiting (sync_file_range with
+ * SYNC_FILE_RANGE_WRITE on Linux, nothing elsewhere), so a save's final fsync finds most of them written:
+ * the disk works while the next region is made. Only a hint: durability is still the fsync's. */
+void thaw_start_writeback(int fd, uint64_t offset, uint64_t len);
 
 /* ---- gather / scatter ------------------------------------------------------------------------------ */
 
