@@ -10,8 +10,8 @@ pages [num_pages, page_size, kv_heads, head_dim] (so MLX and vLLM snapshots of o
 Paged layers move in libthaw (thaw_format.mover.gather_pages / scatter_pages): one multi-threaded pass per
 array between MLX's head-major memory and the token-major pages, no intermediate copy. A capture gathers into
 a new buffer or straight into a file's region (thaw_mlx.save, with the chunk CRCs in the same pass); a
-restore scatters into a new MLX array's own memory (thaw_format.mlx.filled_arrays: written once, never zeroed
-first), checking each chunk of a file against its CRC on the way when loading (thaw_mlx.load).
+restore scatters into a fresh MLX array's own memory (thaw_format.mlx.writable_array), checking each chunk of
+a file against its CRC on the way when loading (thaw_mlx.load).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, RotatingKVCache
 
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, KVLayer, Tensor, mover
-from thaw_format.mlx import dtype_name, filled_arrays, from_mlx, to_mlx
+from thaw_format.mlx import dtype_name, from_mlx, to_mlx, writable_array
 
 from . import _internals
 
@@ -278,36 +278,34 @@ def gather_into(x: mx.array, num_tokens: int, page_size: int, out, chunk_size: i
 
 def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Optional[Expected] = None) -> mx.array:
     """Tensor [pages, page_size, heads, d] -> a new [1, heads, capacity, d] MLX array, capacity rounded up as
-    mlx-lm grows it: the given pages scattered by libthaw straight into the array's own, new memory
-    (thaw_format.mlx.filled_arrays), every page with the same layout; the tokens from num_tokens to capacity
-    (a short last page's padding, and the room past the pages) are zeroed after.
+    mlx-lm grows it: the given pages scattered by libthaw straight into the array's own memory, every page
+    with the same layout (a short last page's padding lands past num_tokens and is zeroed after).
 
     With `expected`, the tensor's bytes are a file's, checked against their CRCs before they are used: in the
     scatter itself, chunk by chunk, when the pages are the whole tensor in order (as thaw_mlx writes them),
     else in a pass of their own first. A bad chunk raises CorruptSnapshotError; the new array is then dropped."""
     _, page_size, heads, dim = tensor.shape
     itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1)
-    capacity = -(-len(pages) * page_size // _internals.CACHE_STEP) * _internals.CACHE_STEP
+    span = len(pages) * page_size  # the tokens the pages cover, padding included
+    capacity = -(-span // _internals.CACHE_STEP) * _internals.CACHE_STEP
+    result, out = writable_array((1, heads, capacity, dim), tensor.dtype)
     layout = _sequence_layout(page_size, heads, capacity, dim, itemsize)
     page_bytes = layout.page_bytes
     whole = expected is not None and pages == list(range(tensor.shape[0]))
     if expected is not None and not whole:
         bad = mover.check_buffer(tensor.data, [(0, tensor.nbytes, expected.chunk_size, 0)], expected.crcs)
         _raise_bad(expected, bad[1] if bad else None)
-
-    def fill(_, out: memoryview) -> None:
-        mover.prepare_target(out)  # MLX's new memory: faulted in by the pool, not 4 KiB at a time in the scatter
-        for first, run, start in mover.consecutive_runs(pages):  # one slice of the tensor each
-            offsets = (np.arange(run, dtype=np.int64) + start) * page_size * dim * itemsize
-            source = tensor.data[first * page_bytes : (first + run) * page_bytes]
-            if whole:
-                _raise_bad(expected, mover.scatter_pages_checked(source, out, offsets, layout, expected.chunk_size,
-                                                                 expected.crcs))
-            else:
-                mover.scatter_pages(source, out, offsets, layout)
-        np.frombuffer(out, np.uint8).reshape(heads, capacity, -1)[:, num_tokens:] = 0
-
-    [result] = filled_arrays([((1, heads, capacity, dim), tensor.dtype)], fill)
+    for first, run, start in mover.consecutive_runs(pages):  # one slice of the tensor each
+        offsets = (np.arange(run, dtype=np.int64) + start) * page_size * dim * itemsize
+        source = tensor.data[first * page_bytes : (first + run) * page_bytes]
+        if whole:
+            _raise_bad(expected, mover.scatter_pages_checked(source, out, offsets, layout, expected.chunk_size,
+                                                             expected.crcs))
+        else:
+            mover.scatter_pages(source, out, offsets, layout)
+    if span > num_tokens:
+        np.frombuffer(out, np.uint8).reshape(heads, capacity, -1)[:, num_tokens:span] = 0
+    out.release()  # nothing may write into the array once MLX can see it
     if expected is not None and expected.done is not None:
         expected.done()
     return result

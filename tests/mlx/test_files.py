@@ -10,7 +10,7 @@ import thaw_mlx
 from sessions import CASES
 from thaw_format import CorruptSnapshotError
 from mlx.utils import tree_flatten
-from thaw_format.mlx import filled_arrays, from_mlx
+from thaw_format.mlx import from_mlx, sole_view, writable_array
 from thaw_mlx import session as mlx_session
 
 
@@ -79,39 +79,24 @@ def test_a_bad_chunk_anywhere_raises_and_gives_no_cache(name, tensor, where, ses
     assert full_state(cache) == before
 
 
-FILLED_DTYPES = [("float32", mx.float32), ("bfloat16", mx.bfloat16), ("float16", mx.float16),
-                 ("uint32", mx.uint32), ("float64", mx.float64), ("complex64", mx.complex64), ("bool", mx.bool_),
-                 ("int8", mx.int8)]
+def test_writable_array_gives_the_arrays_own_memory():
+    for dtype, mlx_dtype in (("float32", mx.float32), ("bfloat16", mx.bfloat16), ("uint32", mx.uint32)):
+        array, view = writable_array((2, 3, 4), dtype)
+        assert (array.dtype, array.shape, len(view)) == (mlx_dtype, (2, 3, 4), array.nbytes)
+        assert not any(view)  # zeroed
+        view[:] = bytes(range(len(view)))
+        view.release()
+        assert from_mlx(array).tobytes() == bytes(range(array.nbytes))
 
 
-def test_filled_arrays_hold_exactly_what_fill_wrote():
-    """Each array gets its own memory, exactly its bytes long, and holds what fill wrote there (bool as 0/1)."""
-    specs = [((2, 3, 4), dtype) for dtype, _ in FILLED_DTYPES] + [((1,), "uint8"), ((3, 1, 5), "float32")]
-    written = {}
-
-    def fill(i, view):
-        pattern = bytes((7 * i + k) % 2 if specs[i][1] == "bool" else (7 * i + k) % 251 for k in range(len(view)))
-        view[:] = pattern
-        written[i] = pattern
-
-    arrays = filled_arrays(specs, fill)
-    assert sorted(written) == list(range(len(specs)))
-    for i, (array, (shape, dtype)) in enumerate(zip(arrays, specs)):
-        assert (array.dtype, array.shape) == (dict(FILLED_DTYPES + [("uint8", mx.uint8)])[dtype], shape)
-        assert from_mlx(array).tobytes() == written[i]
-    assert filled_arrays([], fill) == []
-
-
-def test_filled_arrays_raise_what_fill_raised_and_refuse_bad_specs():
-    def bad(i, view):
-        view[:] = bytes(len(view))
-        if i == 1:
-            raise CorruptSnapshotError("chunk 3 is bad")
-
-    with pytest.raises(CorruptSnapshotError, match="chunk 3 is bad"):
-        filled_arrays([((4,), "float32")] * 3, bad)
+def test_writable_array_refuses_what_it_cannot_hand_out():
     with pytest.raises(TypeError, match="no dtype"):
-        filled_arrays([((2, 2), "float8")], bad)
+        writable_array((2, 2), "float8")
     for shape in ((), (2, 0), (-1, 4), (2.0, 3)):
         with pytest.raises(ValueError, match="positive dimensions"):
-            filled_arrays([(shape, "float32")], bad)
+            writable_array(shape, "float32")
+    x = mx.arange(16, dtype=mx.float32).reshape(4, 4)
+    for shared in (mx.broadcast_to(mx.array([1.0]), (4, 4)), x.T, x[:, :2]):  # memory not its own bytes
+        with pytest.raises(ValueError, match="not writable in place"):
+            sole_view(shared)
+    assert len(sole_view(x)) == 64
