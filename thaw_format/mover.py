@@ -46,8 +46,6 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         out[:len(src)] = src and the CRC32C of each chunk of it, in one multi-threaded pass (native path)
     empty(nbytes) -> memoryview                 an uninitialised writable buffer, the target of a load
     recycled(nbytes) -> memoryview              the same, reusing a buffer of that size let go earlier
-    prepare_target(buffer)                      fresh memory about to be written whole: huge-page hint and its
-        pages faulted in by the pool (native path; hints only, the bytes do not change)
     start_writeback(fd, offset, length)         start writing those dirty file pages to disk, not waiting (a
         save's fsync then finds most of them written; native path on Linux, else nothing)
 Reads raise EOFError when the file is shorter than a region, OSError on an I/O error.
@@ -715,21 +713,12 @@ def _c_copy_with_crcs(src, out, chunk_size: int) -> array:
     return _c_gather_pages(src, [0], PageLayout(1, numpy.zeros(1, numpy.int64), n, 1), out, chunk_size)
 
 
-def _c_prepare_target(buffer) -> None:
-    buf = _c_buffer(buffer, writable=True)
-    _lib.thaw_prepare_target(buf, len(buf))
-
-
 def _c_start_writeback(fd: int, offset: int, length: int) -> None:
     _lib.thaw_start_writeback(fd, offset, length)
 
 
 def _py_start_writeback(fd: int, offset: int, length: int) -> None:
     """Nothing without libthaw: the save's fsync writes everything."""
-
-
-def _py_prepare_target(buffer) -> None:
-    """Nothing to do without libthaw: the writes fault the pages in as usual."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -741,7 +730,7 @@ if _lib is not None:
     check_buffer = _c_check_buffer
     gather, scatter = _c_gather, _c_scatter
     gather_pages, scatter_pages, copy_with_crcs = _c_gather_pages, _c_scatter_pages, _c_copy_with_crcs
-    scatter_pages_checked, prepare_target = _c_scatter_pages_checked, _c_prepare_target
+    scatter_pages_checked = _c_scatter_pages_checked
     start_writeback = _c_start_writeback
 else:
     crc32c, chunk_crcs = _py_crc32c, _py_chunk_crcs
@@ -749,5 +738,5 @@ else:
     check_buffer = _py_check_buffer
     gather, scatter = _py_gather, _py_scatter
     gather_pages, scatter_pages, copy_with_crcs = _py_gather_pages, _py_scatter_pages, _py_copy_with_crcs
-    scatter_pages_checked, prepare_target = _py_scatter_pages_checked, _py_prepare_target
+    scatter_pages_checked = _py_scatter_pages_checked
     start_writeback = _py_start_writeback

@@ -86,11 +86,6 @@ int thaw_verify_regions(int fd, const thaw_region *regions, size_t n, int flags,
  * THAW_IO_ERROR with EINVAL). A SIGBUS while reading, as when the mapped file was truncated, gives
  * THAW_IO_ERROR with status.error THAW_FAULT instead of ending the process (see guard.c for the limits). */
 int thaw_check_mapped(const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
-/* Ready fresh memory that is about to be written whole (a new array a loader fills): a huge-page hint if it is
- * large, then its pages faulted in by the thread pool, 2 MiB per task, with MADV_POPULATE_WRITE. Faulting 4 KiB
- * at a time inside the copy costs more than the copy on a VM. Only hints: the bytes are never changed, and a
- * kernel that refuses them leaves the copy to fault as usual. */
-void thaw_prepare_target(void *buf, size_t len);
 /* Start writing the file's dirty pages in [offset, offset + len) to disk without waiting (sync_file_range with
  * SYNC_FILE_RANGE_WRITE on Linux, nothing elsewhere), so a save's final fsync finds most of them written:
  * the disk works while the next region is made. Only a hint: durability is still the fsync's. */

@@ -263,29 +263,6 @@ static void prefault(void *target, uint64_t len) {
 #endif
 }
 
-typedef struct {
-    uint8_t *buf;
-    size_t len;
-} target_job;
-
-enum { PREPARE_PIECE = 2u << 20 };
-
-static void prepare_task(void *ctx, size_t index, int worker) {
-    (void)worker;
-    target_job *t = ctx;
-    size_t start = index * PREPARE_PIECE, len = t->len - start < PREPARE_PIECE ? t->len - start : PREPARE_PIECE;
-    prefault(t->buf + start, len);
-}
-
-void thaw_prepare_target(void *buf, size_t len) {
-    if (!buf || !len) return;
-#ifdef MADV_HUGEPAGE
-    if (len >= (4u << 20)) madvise_interior(buf, len, 2u << 20, MADV_HUGEPAGE);
-#endif
-    target_job t = {buf, len};
-    pool_run((len + PREPARE_PIECE - 1) / PREPARE_PIECE, prepare_task, &t);
-}
-
 void thaw_start_writeback(int fd, uint64_t offset, uint64_t len) {
 #ifdef SYNC_FILE_RANGE_WRITE
     if (len) sync_file_range(fd, (off_t)offset, (off_t)len, SYNC_FILE_RANGE_WRITE);

@@ -97,20 +97,6 @@ def test_recycled_buffers_come_back_once_let_go(monkeypatch):
     assert len(mover.recycled(8192)) == 8192
 
 
-@pytest.mark.parametrize("prepare", [mover._py_prepare_target] + ([mover._c_prepare_target] if mover._lib else []))
-def test_prepare_target_leaves_every_byte_as_it_was(prepare):
-    """Only hints (huge pages, pages faulted in): a buffer's bytes are the same after, whatever its size."""
-    for size in (0, 1, 4095, 3 << 20, (9 << 20) + 123):
-        data = np.frombuffer(random.Random(size).randbytes(size), np.uint8).copy()
-        before = data.tobytes()
-        prepare(data)
-        assert data.tobytes() == before
-    fresh = np.empty(6 << 20, np.uint8)
-    prepare(fresh)
-    fresh[:] = 7
-    assert (fresh == 7).all()
-
-
 @pytest.mark.parametrize("start", [mover._py_start_writeback] + ([mover._c_start_writeback] if mover._lib else []))
 def test_start_writeback_changes_nothing_in_the_file(tmp_path, start):
     path = tmp_path / "f"
