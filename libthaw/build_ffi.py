@@ -69,6 +69,7 @@ int thaw_write_regions(int fd, const thaw_region *regions, size_t n, thaw_io_sta
 int thaw_read_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
 int thaw_verify_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
 int thaw_check_mapped(const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
+void thaw_start_writeback(int fd, uint64_t offset, uint64_t len);
 
 int64_t thaw_gather(const void *src, size_t src_len, const int64_t *offsets, size_t n, size_t length,
                     void *out, size_t out_len);

@@ -45,6 +45,9 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
     copy_with_crcs(src, out, chunk_size) -> array('I')
         out[:len(src)] = src and the CRC32C of each chunk of it, in one multi-threaded pass (native path)
     empty(nbytes) -> memoryview                 an uninitialised writable buffer, the target of a load
+    recycled(nbytes) -> memoryview              the same, reusing a buffer of that size let go earlier
+    start_writeback(fd, offset, length)         start writing those dirty file pages to disk, not waiting (a
+        save's fsync then finds most of them written; native path on Linux, else nothing)
 Reads raise EOFError when the file is shorter than a region, OSError on an I/O error.
 Staging memory is bounded whatever a file declares: chunks up to _STAGED_CHUNK_BYTES are staged whole (per
 thread on the native path); a larger chunk is read in _STAGE_BYTES pieces on one thread with a running
@@ -55,6 +58,7 @@ still holds no byte of a bad chunk.
 from __future__ import annotations
 
 import os
+import weakref
 from array import array
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
@@ -123,6 +127,36 @@ def empty(nbytes: int) -> memoryview:
     import numpy
 
     return memoryview(numpy.empty(nbytes, numpy.uint8))
+
+
+# Buffers of recycled() let go, by size: kept for the next call of that size, up to _RECYCLE_BYTES in all.
+_RECYCLE_BYTES = 1 << 30
+_recycled: dict[int, list] = {}
+_recycled_bytes = [0]
+
+
+def recycled(nbytes: int) -> memoryview:
+    """empty(nbytes), but memory already touched where it can be: a buffer of the same size that an earlier call
+    handed out and that nothing references any more (kept, up to _RECYCLE_BYTES in all, when its last view
+    went). Faulting fresh memory in costs about as much as writing it (the kernel zeroes every page first, in
+    4 KiB or 2 MiB faults), so a capture repeated in steady state (fork rounds) would pay twice per byte
+    without this. Like any allocator cache, the kept buffers stay in this process's memory."""
+    import numpy
+
+    try:
+        base = _recycled.get(nbytes, []).pop()  # atomic under the GIL: a finaliser may append meanwhile
+        _recycled_bytes[0] -= nbytes
+    except IndexError:
+        base = numpy.empty(nbytes, numpy.uint8)
+    handed = base[:]  # a view: when the last reference to it goes, base goes back
+    weakref.finalize(handed, _keep, base)
+    return memoryview(handed)
+
+
+def _keep(base) -> None:
+    if _recycled_bytes[0] + base.nbytes <= _RECYCLE_BYTES:
+        _recycled_bytes[0] += base.nbytes
+        _recycled.setdefault(base.nbytes, []).append(base)
 
 
 def _own_offsets(offsets) -> array:
@@ -679,6 +713,14 @@ def _c_copy_with_crcs(src, out, chunk_size: int) -> array:
     return _c_gather_pages(src, [0], PageLayout(1, numpy.zeros(1, numpy.int64), n, 1), out, chunk_size)
 
 
+def _c_start_writeback(fd: int, offset: int, length: int) -> None:
+    _lib.thaw_start_writeback(fd, offset, length)
+
+
+def _py_start_writeback(fd: int, offset: int, length: int) -> None:
+    """Nothing without libthaw: the save's fsync writes everything."""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The public functions: bound once to the active path.
 
@@ -689,6 +731,7 @@ if _lib is not None:
     gather, scatter = _c_gather, _c_scatter
     gather_pages, scatter_pages, copy_with_crcs = _c_gather_pages, _c_scatter_pages, _c_copy_with_crcs
     scatter_pages_checked = _c_scatter_pages_checked
+    start_writeback = _c_start_writeback
 else:
     crc32c, chunk_crcs = _py_crc32c, _py_chunk_crcs
     write_regions, read_regions, verify_regions = _py_write_regions, _py_read_regions, _py_verify_regions
@@ -696,3 +739,4 @@ else:
     gather, scatter = _py_gather, _py_scatter
     gather_pages, scatter_pages, copy_with_crcs = _py_gather_pages, _py_scatter_pages, _py_copy_with_crcs
     scatter_pages_checked = _py_scatter_pages_checked
+    start_writeback = _py_start_writeback

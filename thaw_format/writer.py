@@ -157,8 +157,16 @@ class EncodedSnapshot:
         # would raise SIGBUS on the first page the file system cannot back.
         os.posix_fallocate(fd, 0, self.nbytes)
         mapped = mmap.mmap(fd, self.nbytes)
+        regions = iter(self.layout.regions)
+
+        def written(length: int) -> None:  # write_into reports each region once written, in order
+            region = next(regions)
+            mover.start_writeback(fd, region.offset, region.length)  # the disk works while the next one is made
+            if progress:
+                progress(length)
+
         try:
-            snapshot_id = self.write_into(mapped, fill, progress)
+            snapshot_id = self.write_into(mapped, fill, written)
             mapped.flush()  # msync: the portable way to reach the file; the caller's fsync then finds it written
         finally:
             try:

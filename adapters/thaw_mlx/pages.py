@@ -239,9 +239,9 @@ def _page_moves(num_tokens: int, page_size: int, heads: int, capacity: int, dim:
 
 def to_pages(x: mx.array, num_tokens: int, page_size: int) -> Tensor:
     """[1, heads, capacity, d] valid up to num_tokens -> Tensor [pages, page_size, heads, d], zero-padded,
-    gathered into a new buffer."""
+    gathered into a buffer of its own (mover.recycled: one that an earlier capture let go, where there is one)."""
     dtype, shape = paged_shape(x, num_tokens, page_size)
-    out = mover.empty(math.prod(shape) * _itemsize(x))
+    out = mover.recycled(math.prod(shape) * _itemsize(x))
     gather_into(x, num_tokens, page_size, out)
     return Tensor(dtype, shape, out)
 

@@ -86,6 +86,10 @@ int thaw_verify_regions(int fd, const thaw_region *regions, size_t n, int flags,
  * THAW_IO_ERROR with EINVAL). A SIGBUS while reading, as when the mapped file was truncated, gives
  * THAW_IO_ERROR with status.error THAW_FAULT instead of ending the process (see guard.c for the limits). */
 int thaw_check_mapped(const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
+/* Start writing the file's dirty pages in [offset, offset + len) to disk without waiting (sync_file_range with
+ * SYNC_FILE_RANGE_WRITE on Linux, nothing elsewhere), so a save's final fsync finds most of them written:
+ * the disk works while the next region is made. Only a hint: durability is still the fsync's. */
+void thaw_start_writeback(int fd, uint64_t offset, uint64_t len);
 
 /* ---- gather / scatter ------------------------------------------------------------------------------ */
 

@@ -263,6 +263,14 @@ static void prefault(void *target, uint64_t len) {
 #endif
 }
 
+void thaw_start_writeback(int fd, uint64_t offset, uint64_t len) {
+#ifdef SYNC_FILE_RANGE_WRITE
+    if (len) sync_file_range(fd, (off_t)offset, (off_t)len, SYNC_FILE_RANGE_WRITE);
+#else
+    (void)fd, (void)offset, (void)len;
+#endif
+}
+
 static void prefer_huge_pages(const thaw_region *regions, size_t n) {
 #ifdef MADV_HUGEPAGE
     for (size_t i = 0; i < n; i++)

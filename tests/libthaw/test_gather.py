@@ -72,3 +72,38 @@ def test_out_of_range_is_refused_before_any_copy(native, path):
     with pytest.raises(ValueError, match="slab 1"):
         scatter(out, target, [0, 1020], 16)
     assert target == bytearray(1024)
+
+
+def test_recycled_buffers_come_back_once_let_go(monkeypatch):
+    """mover.recycled hands out a buffer of the size asked, reuses one whose every view is gone (never one still
+    viewed), and keeps no more than its byte limit."""
+    monkeypatch.setattr(mover, "_recycled", {})
+    monkeypatch.setattr(mover, "_recycled_bytes", [0])
+    monkeypatch.setattr(mover, "_RECYCLE_BYTES", 3 * 4096)
+    address = lambda view: np.frombuffer(view, np.uint8).ctypes.data  # noqa: E731
+    first = mover.recycled(4096)
+    first[:] = b"\1" * 4096
+    held = np.frombuffer(first, np.uint8)  # a view of it still held
+    where = address(first)
+    del first
+    second = mover.recycled(4096)
+    assert len(second) == 4096 and address(second) != where  # still viewed: not handed out again
+    del held
+    third = mover.recycled(4096)
+    assert address(third) == where and bytes(third) == b"\1" * 4096  # let go: reused as it was
+    kept = [mover.recycled(4096) for _ in range(4)]
+    del second, third, kept
+    assert mover._recycled_bytes[0] == 3 * 4096 and len(mover._recycled[4096]) == 3
+    assert len(mover.recycled(8192)) == 8192
+
+
+@pytest.mark.parametrize("start", [mover._py_start_writeback] + ([mover._c_start_writeback] if mover._lib else []))
+def test_start_writeback_changes_nothing_in_the_file(tmp_path, start):
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 10000)
+    with open(path, "r+b") as f:
+        f.write(b"y" * 5000)
+        f.flush()
+        start(f.fileno(), 0, 5000)
+        start(f.fileno(), 9000, 0)
+    assert path.read_bytes() == b"y" * 5000 + b"x" * 5000
