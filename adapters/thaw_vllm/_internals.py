@@ -8,6 +8,7 @@ in ways that would corrupt state silently.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -23,6 +24,36 @@ from vllm.v1.core import kv_cache_utils  # noqa: E402
 from vllm.v1.request import RequestStatus  # noqa: E402
 
 BlockHash = bytes
+
+
+# --- engine start: the CPU cores vLLM gives its worker -------------------------------------------------------
+
+RESERVED_CPUS_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+
+
+def keep_cpu_reservation(engine_kwargs: dict) -> None:
+    """Make vLLM's CPU backend bind an engine with thaw's KV connector to the cores it gives a plain engine.
+
+    The multiprocessing executor binds the worker's OpenMP threads to a list of cores and keeps cores back for
+    the engine core's busy loop: one per local rank (x86, Arm, RISC-V; one in all elsewhere), and one more per
+    rank whenever any KV connector is configured ("for nixl_connector under p/d case",
+    vllm/utils/ompmultiprocessing.py, OMPProcessManager.__init__). When that is as many cores as there are, it
+    keeps none back (`_get_autobind_cpu_ids`): on 2 cores the worker goes from 1 bound thread to 2, on the cores
+    where the engine core and the client spin, and its OpenMP kernels wait on starved threads. thaw's connector
+    moves no KV between hosts, so the plain engine's reservation is set through vLLM's own knob, the variable
+    VLLM_CPU_NUM_OF_RESERVED_CPU (read by the engine core when it starts the worker, by the CPU backend only).
+    A value already set (the user's) is kept. It stays set in this process: a later engine with a connector
+    that wants its extra core (NIXL) must set it itself.
+    """
+    if RESERVED_CPUS_ENV in os.environ:
+        return
+    from vllm.platforms import CpuArchEnum, current_platform
+
+    if not current_platform.is_cpu():
+        return
+    ranks = int(engine_kwargs.get("tensor_parallel_size", 1)) * int(engine_kwargs.get("pipeline_parallel_size", 1))
+    per_rank = current_platform.get_cpu_architecture() in (CpuArchEnum.X86, CpuArchEnum.ARM, CpuArchEnum.RISCV)
+    os.environ[RESERVED_CPUS_ENV] = str(ranks if per_rank else 1)
 
 
 # --- worker side: KV tensors, model, per-request sampling generators ---------------------------------------

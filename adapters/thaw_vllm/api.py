@@ -22,10 +22,14 @@ def engine_args(**kwargs) -> dict:
     The plain (JSON-able) arguments ride along in the connector's extra config, so that `launch_arguments`
     can start an equal engine in another process (fork) from any LLM made with them: pass every argument
     that engine needs (dtype, block_size, ...) through here, not beside it.
+
+    On vLLM's CPU backend it also keeps the worker on the cores a plain engine gets (a KV connector would
+    otherwise cost the engine core its reserved core: _internals.keep_cpu_reservation).
     """
     from vllm.config import KVTransferConfig
 
     kwargs.setdefault("enable_prefix_caching", True)
+    _internals.keep_cpu_reservation(kwargs)
     plain = {k: v for k, v in kwargs.items() if _json_able(v)}
     kwargs["worker_extension_cls"] = WORKER_EXTENSION
     kwargs["kv_transfer_config"] = KVTransferConfig(

@@ -1,0 +1,46 @@
+"""New-process side of test_cpu_binding: a plain vLLM engine and one made with thaw_vllm.engine_args, both in
+vLLM's default multiprocessing mode; reports, per engine, the cores each thread of its worker may run on, the
+worker's OpenMP thread count, and the greedy token ids of one prompt, as one "THAW_RESULT <json>" line.
+
+argv[1] is JSON: model, engine_kwargs, prompt (token ids).
+"""
+
+import json
+import os
+import sys
+
+import psutil
+
+
+def worker_binding(known: set) -> tuple[int, dict]:
+    """The one vLLM worker process started since `known` was listed: (pid, its binding)."""
+    workers = [p for p in psutil.Process().children(recursive=True) if "Worker" in p.name() and p.pid not in known]
+    assert len(workers) == 1, [p.name() for p in workers]
+    pid = workers[0].pid
+    cores = sorted({tuple(sorted(os.sched_getaffinity(int(tid)))) for tid in os.listdir(f"/proc/{pid}/task")})
+    return pid, {"thread_cores": cores, "omp_threads": workers[0].environ().get("OMP_NUM_THREADS")}
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    os.environ.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)  # as a fresh process has it: the test's own may be set
+    import vllm
+    from vllm.inputs import TokensPrompt
+
+    import thaw_vllm
+
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    result, known, engines = {}, set(), []
+    for name in ("plain", "thaw"):
+        kwargs = dict(config["engine_kwargs"])
+        llm = vllm.LLM(config["model"], **(thaw_vllm.engine_args(**kwargs) if name == "thaw" else kwargs))
+        engines.append(llm)
+        pid, binding = worker_binding(known)
+        known.add(pid)
+        out = llm.generate([TokensPrompt(prompt_token_ids=config["prompt"])], params, use_tqdm=False)[0]
+        result[name] = {**binding, "token_ids": list(out.outputs[0].token_ids)}
+    print("THAW_RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
