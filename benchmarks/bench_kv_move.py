@@ -30,6 +30,7 @@ import gc
 import os
 import random
 import time
+from typing import Callable
 
 import numpy as np
 from common import best_of, command_line, write_results
@@ -76,12 +77,44 @@ def _saved(snapshot) -> str:
     return path
 
 
+def time_kv_paths(mode: str, trunk: list, prefill: float, engine, check: Callable[[], None], *,
+                  capture: Callable[[], object], restore: Callable[[object], object]) -> dict:
+    """One engine mode's KV paths timed side by side against a memcpy of the same bytes: capture() of the trunk,
+    restore() of that snapshot and of an equal one loaded from a file (held in this process's memory), the
+    contract engine's capture_shared / restore_source; check() then proves the engine serves the trunk from its
+    cache. Returns summarize()'s record."""
+    import thaw_format
+
+    snapshot = capture()
+    kv_bytes = sum(t.nbytes for layer in snapshot.kv.layers for t in layer.tensors.values())
+    src, dst = np.ones(kv_bytes, np.uint8), np.zeros(kv_bytes, np.uint8)
+    memcpy = best_of(lambda: np.copyto(dst, src))
+    del src, dst
+    capture_s = best_of(capture)
+    restore_s = best_of(lambda: restore(snapshot))
+    path = _saved(snapshot)
+    in_memory = thaw_format.load(path)
+    os.remove(path)
+    os.rmdir(os.path.dirname(path))
+    restore_encoded_s = best_of(lambda: restore(in_memory))
+    del in_memory
+    source = engine.capture_shared(chains=[trunk])
+    capture_shared_s = best_of(lambda: engine.capture_shared(chains=[trunk]))
+    restore_source_s = best_of(lambda: engine.restore_source(source))
+    check()
+    rss_capture = peak_rss_rise(capture)
+    rss_restore = peak_rss_rise(lambda: restore(snapshot))
+    return summarize(mode, kv_bytes, memcpy=memcpy, capture=capture_s, restore=restore_s,
+                     restore_encoded=restore_encoded_s, capture_shared=capture_shared_s,
+                     restore_source=restore_source_s, prefill=prefill, rss_capture=rss_capture,
+                     rss_restore=rss_restore)
+
+
 def measure(mode: str, model: str, tokens: int) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if mode == "inproc" else "1"
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    import thaw_format
     import thaw_vllm
 
     llm = thaw_vllm.LLM(model, dtype="float32", block_size=32, enforce_eager=True, skip_tokenizer_init=True,
@@ -95,37 +128,18 @@ def measure(mode: str, model: str, tokens: int) -> dict:
     prefill = time.perf_counter() - start
     thaw_vllm.describe(llm)  # the weights digest is computed once per engine, not per capture
 
-    capture = lambda: thaw_vllm.capture(llm, include_weights=False, chains=[trunk])  # noqa: E731
-    snapshot = capture()
-    kv_bytes = sum(t.nbytes for layer in snapshot.kv.layers for t in layer.tensors.values())
-    src, dst = np.ones(kv_bytes, np.uint8), np.zeros(kv_bytes, np.uint8)
-    memcpy = best_of(lambda: np.copyto(dst, src))
-    del src, dst
-    capture_s = best_of(capture)
-    restore_s = best_of(lambda: thaw_vllm.restore(llm, snapshot))
-    path = _saved(snapshot)
-    in_memory = thaw_format.load(path)
-    os.remove(path)
-    os.rmdir(os.path.dirname(path))
-    restore_encoded_s = best_of(lambda: thaw_vllm.restore(llm, in_memory))
-    del in_memory
-    engine = thaw_vllm.VLLMEngine(llm)
-    source = engine.capture_shared(chains=[trunk])
-    capture_shared_s = best_of(lambda: engine.capture_shared(chains=[trunk]))
-    restore_source_s = best_of(lambda: engine.restore_source(source))
-    out = llm.generate([TokensPrompt(prompt_token_ids=trunk + [5])], one, use_tqdm=False)[0]
-    if out.num_cached_tokens != tokens // 32 * 32:
-        raise SystemExit(f"{mode}: after restore vLLM reports {out.num_cached_tokens} cached tokens")
-    rss_capture = peak_rss_rise(capture)
-    rss_restore = peak_rss_rise(lambda: thaw_vllm.restore(llm, snapshot))
-    del snapshot
+    def cached_after_restore() -> None:
+        out = llm.generate([TokensPrompt(prompt_token_ids=trunk + [5])], one, use_tqdm=False)[0]
+        if out.num_cached_tokens != tokens // 32 * 32:
+            raise SystemExit(f"{mode}: after restore vLLM reports {out.num_cached_tokens} cached tokens")
+
+    run = time_kv_paths(mode, trunk, prefill, thaw_vllm.VLLMEngine(llm), cached_after_restore,
+                        capture=lambda: thaw_vllm.capture(llm, include_weights=False, chains=[trunk]),
+                        restore=lambda snapshot: thaw_vllm.restore(llm, snapshot))
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
-    return summarize(mode, kv_bytes, memcpy=memcpy, capture=capture_s, restore=restore_s,
-                     restore_encoded=restore_encoded_s, capture_shared=capture_shared_s,
-                     restore_source=restore_source_s, prefill=prefill, rss_capture=rss_capture,
-                     rss_restore=rss_restore)
+    return run
 
 
 def summarize(mode: str, kv_bytes: int, *, memcpy: float, capture: float, restore: float, restore_encoded: float,

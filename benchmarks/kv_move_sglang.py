@@ -16,9 +16,7 @@ import os
 import random
 import time
 
-import numpy as np
-from bench_kv_move import _saved, peak_rss_rise, summarize
-from common import best_of
+from bench_kv_move import time_kv_paths
 
 VERSION = "sglang 0.5.23 (CPU, torch_native attention)"
 NOTES = (
@@ -38,7 +36,6 @@ def measure(mode: str, model: str, tokens: int) -> dict:
     if mode != "scheduler":
         raise SystemExit(f"SGLang has one mode, 'scheduler' (its scheduler runs in a subprocess), not {mode!r}")
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-    import thaw_format
     import thaw_sglang
 
     engine = thaw_sglang.SGLangEngine.start(
@@ -55,34 +52,16 @@ def measure(mode: str, model: str, tokens: int) -> dict:
     prefill = time.perf_counter() - start
     engine.model_info()  # the weights digest is computed once per engine, not per capture
 
-    capture = lambda: thaw_sglang.capture(thaw, include_weights=False, chains=[trunk])  # noqa: E731
-    snapshot = capture()
-    kv_bytes = sum(t.nbytes for layer in snapshot.kv.layers for t in layer.tensors.values())
-    src, dst = np.ones(kv_bytes, np.uint8), np.zeros(kv_bytes, np.uint8)
-    memcpy = best_of(lambda: np.copyto(dst, src))
-    del src, dst
-    capture_s = best_of(capture)
-    restore_s = best_of(lambda: thaw_sglang.restore(thaw, snapshot))
-    path = _saved(snapshot)
-    in_memory = thaw_format.load(path)  # a snapshot held in this process's own memory
-    os.remove(path)
-    os.rmdir(os.path.dirname(path))
-    restore_encoded_s = best_of(lambda: thaw_sglang.restore(thaw, in_memory))
-    del in_memory
-    source = engine.capture_shared(chains=[trunk])
-    capture_shared_s = best_of(lambda: engine.capture_shared(chains=[trunk]))
-    restore_source_s = best_of(lambda: engine.restore_source(source))
-    out = thaw.generate(input_ids=trunk + [5], sampling_params=one)
-    if out["meta_info"]["cached_tokens"] != tokens:
-        raise SystemExit(f"after restore SGLang reports {out['meta_info']['cached_tokens']} cached tokens")
-    if thaw.leak_warnings():
-        raise SystemExit("SGLang's pool-leak check fired after the restores")
-    rss_capture = peak_rss_rise(capture)
-    rss_restore = peak_rss_rise(lambda: thaw_sglang.restore(thaw, snapshot))
-    del snapshot
+    def cached_after_restore() -> None:
+        out = thaw.generate(input_ids=trunk + [5], sampling_params=one)
+        if out["meta_info"]["cached_tokens"] != tokens:
+            raise SystemExit(f"after restore SGLang reports {out['meta_info']['cached_tokens']} cached tokens")
+        if thaw.leak_warnings():
+            raise SystemExit("SGLang's pool-leak check fired after the restores")
+
+    run = time_kv_paths(mode, trunk, prefill, engine, cached_after_restore,
+                        capture=lambda: thaw_sglang.capture(thaw, include_weights=False, chains=[trunk]),
+                        restore=lambda snapshot: thaw_sglang.restore(thaw, snapshot))
     engine.close()
     gc.collect()
-    return summarize(mode, kv_bytes, memcpy=memcpy, capture=capture_s, restore=restore_s,
-                     restore_encoded=restore_encoded_s, capture_shared=capture_shared_s,
-                     restore_source=restore_source_s, prefill=prefill, rss_capture=rss_capture,
-                     rss_restore=rss_restore)
+    return run

@@ -8,11 +8,10 @@ tracker's too, must stay free of tracker complaints.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import numpy
+from tracker_scenario import assert_runs_without_tracker_complaints
 
 import thaw_format
 from thaw_format.sdk.shared import SharedSnapshot, read_shared, release
@@ -44,13 +43,7 @@ SCENARIO = textwrap.dedent("""
 
 
 def test_readers_in_child_processes_leave_the_owners_tracker_alone(tmp_path):
-    script = tmp_path / "scenario.py"
-    script.write_text(SCENARIO)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "done"
-    for complaint in ("KeyError", "resource_tracker", "leaked"):
-        assert complaint not in out.stderr, out.stderr
+    assert_runs_without_tracker_complaints(SCENARIO, tmp_path)
 
 
 def test_a_released_source_is_gone_and_says_so():

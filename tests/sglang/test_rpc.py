@@ -7,9 +7,9 @@ every call. The scenario runs in a fresh interpreter whose stderr, the tracker's
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
+
+from tracker_scenario import assert_runs_without_tracker_complaints
 
 SCENARIO = textwrap.dedent("""
     import multiprocessing
@@ -32,10 +32,4 @@ SCENARIO = textwrap.dedent("""
 
 
 def test_a_call_leaves_the_callers_tracker_balanced(tmp_path):
-    script = tmp_path / "scenario.py"
-    script.write_text(SCENARIO)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "done"
-    for complaint in ("KeyError", "resource_tracker", "leaked"):
-        assert complaint not in out.stderr, out.stderr
+    assert_runs_without_tracker_complaints(SCENARIO, tmp_path)
