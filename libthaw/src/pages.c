@@ -185,8 +185,8 @@ static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_by
 #endif
 
 /* Move a group of rows as one transposed block if the layout allows it from order[k] on (the largest tile that
- * fits); its size, or 0. `flat` holds the contiguous side's element e. */
-static size_t move_group(page_job *j, uint8_t *block, uint8_t *flat_e, size_t k) {
+ * fits); its size, or 0. */
+static size_t move_group(page_job *j, uint8_t *block, size_t e, size_t k) {
     const thaw_page_layout *l = j->layout;
     size_t isz = l->itemsize, w = l->row_elems;
     int64_t first = l->row_start[j->order[k]];
@@ -196,19 +196,17 @@ static size_t move_group(page_job *j, uint8_t *block, uint8_t *flat_e, size_t k)
         while (run < g && l->row_start[j->order[k + run]] == first + (int64_t)run) run++;
         if (run < g) continue;
         uint8_t *flat[8];
-        for (size_t i = 0; i < g; i++) flat[i] = flat_e + j->order[k + i] * w * isz;
+        for (size_t i = 0; i < g; i++) flat[i] = j->pages + (e + j->order[k + i] * w) * isz;
         move_tiles(flat, block + first * (int64_t)isz, l->col_stride * (int64_t)isz, w, isz, g, j->to_pages);
         return g;
     }
     return 0;
 }
 
-/* Elements [e, end) of the contiguous side, which may start and end inside rows and pages, to or from `flat`
- * (where element e lies: the pages themselves, or a gather's staging buffer). Whole pages of strided rows move
- * in the order of their source addresses (`order`), in transposed groups where rows allow; partial pages and
- * plain rows go in page order. */
-static void move_range(page_job *j, size_t e, size_t end, uint8_t *flat) {
-    size_t first = e;
+/* Elements [e, end) of the contiguous side, which may start and end inside rows and pages. Whole pages of
+ * strided rows move in the order of their source addresses (`order`), in transposed groups where rows allow;
+ * partial pages and plain rows go in page order. */
+static void move_range(page_job *j, size_t e, size_t end) {
     const thaw_page_layout *l = j->layout;
     size_t w = l->row_elems, isz = l->itemsize;
     int64_t stride = l->col_stride * (int64_t)isz;
@@ -217,13 +215,13 @@ static void move_range(page_job *j, size_t e, size_t end, uint8_t *flat) {
         uint8_t *block = j->blocks + j->offsets[page];
         if (in_page == 0 && end - e >= j->page_elems && j->order) {
             for (size_t k = 0; k < l->rows;) {
-                size_t moved = move_group(j, block, flat + (e - first) * isz, k);
+                size_t moved = move_group(j, block, e, k);
                 if (moved) {
                     k += moved;
                     continue;
                 }
                 size_t row = j->order[k++];
-                move_row(flat + (e - first + row * w) * isz, block + l->row_start[row] * (int64_t)isz, stride, w, isz,
+                move_row(j->pages + (e + row * w) * isz, block + l->row_start[row] * (int64_t)isz, stride, w, isz,
                          j->to_pages);
             }
             e += j->page_elems;
@@ -232,7 +230,7 @@ static void move_range(page_job *j, size_t e, size_t end, uint8_t *flat) {
         size_t row = in_page / w, col = in_page % w;
         size_t n = w - col < end - e ? w - col : end - e;
         uint8_t *strided = block + (l->row_start[row] + (int64_t)col * l->col_stride) * (int64_t)isz;
-        move_row(flat + (e - first) * isz, strided, stride, n, isz, j->to_pages);
+        move_row(j->pages + e * isz, strided, stride, n, isz, j->to_pages);
         e += n;
     }
 }
@@ -260,35 +258,22 @@ static void unit_task(void *ctx, size_t index, int worker) {
         }
     }
     if (!j->crcs) {
-        move_range(j, start, end, j->pages + start * j->layout->itemsize);
+        move_range(j, start, end);
         if (!j->to_pages) stream_fence(); /* the rows streamed into the blocks are visible once the call returns */
         return;
     }
     /* One unit is one chunk, checksummed by the thread that writes it, about CRC_PIECE_BYTES at a time: each
-     * piece is gathered into this thread's staging buffer (it stays in the core's L2), checksummed there, then
-     * streamed to the pages with non-temporal stores. Written in place, every destination line would first be
-     * read into the cache (a third more memory traffic: measured, the gather with CRCs ran at half a memcpy,
-     * memory-bound, no faster on two threads than on one). Pieces end on page boundaries, so whole pages keep
-     * their transposed tiles; a page larger than the buffer is gathered in place. */
-    static __thread uint8_t stage[CRC_PIECE_BYTES] __attribute__((aligned(64)));
+     * piece is still in the core's L2 when its CRC reads it (a whole 1 MiB chunk, with the blocks read beside
+     * it, is not). Pieces end on page boundaries, so whole pages keep their transposed tiles. */
     size_t isz = j->layout->itemsize, page = j->page_elems;
     size_t per_piece = CRC_PIECE_BYTES / isz / page ? CRC_PIECE_BYTES / isz / page : 1; /* pages */
     uint32_t crc = 0;
     for (size_t e = start, stop; e < end; e = stop) {
         stop = (e / page + per_piece) * page;
         if (stop > end) stop = end;
-        uint8_t *out = j->pages + e * isz;
-        size_t len = (stop - e) * isz;
-        if (len > sizeof stage) {
-            move_range(j, e, stop, out);
-            crc = thaw_crc32c(crc, out, len);
-            continue;
-        }
-        move_range(j, e, stop, stage);
-        crc = thaw_crc32c(crc, stage, len);
-        if (!stream_row(out, stage, len)) memcpy(out, stage, len);
+        move_range(j, e, stop);
+        crc = thaw_crc32c(crc, j->pages + e * isz, (stop - e) * isz);
     }
-    stream_fence();
     j->crcs[index] = crc;
 }
 

@@ -89,22 +89,6 @@ def test_threaded_gather_with_crcs_equals_separate_pass(native):
     assert crcs == mover.chunk_crcs(out, 3 << 16)
 
 
-@pytest.mark.parametrize("tokens, shift", [(64, 0), (32, 4)], ids=["page-over-staging", "unaligned-out"])
-def test_gather_with_crcs_staging_edges(native, tokens, shift):
-    """A gather with CRCs stages each piece (up to 128 KiB) before streaming it out: a 256 KiB page is gathered
-    in place instead, and an output not 16-byte aligned is copied plainly. Both equal a separate pass."""
-    positions, block_elems = vllm_positions(tokens, 8, 128, "k"), 2 * tokens * 8 * 128
-    blocks = engine(40, block_elems, 4, seed=2)
-    picks = list(range(39, -1, -3))
-    offsets = np.array(picks, dtype=np.int64) * block_elems * 4
-    layout = mover.page_layout(positions, 4)
-    raw = np.empty(len(picks) * len(positions) * 4 + shift, np.uint8)
-    out = raw[shift:]
-    crcs = mover.gather_pages(blocks, offsets, layout, out, 5 << 16)
-    assert out.tobytes() == expected(blocks, block_elems, picks, positions).tobytes()
-    assert crcs == mover.chunk_crcs(out, 5 << 16)
-
-
 @pytest.mark.parametrize("path", PATHS)
 def test_bad_inputs_are_refused_before_any_byte_moves(native, path):
     gather, scatter = PATHS[path]
