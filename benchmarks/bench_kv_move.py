@@ -187,11 +187,15 @@ def main() -> None:
              f"{args.tokens}-token trunk. Capture and restore are whole client calls (engine-core planning, "
              "libthaw gather with CRC32C and scatter, shared-memory hand-over in mp mode); restore_source also "
              "verifies every chunk of its source before writing. memcpy is a "
-             "single-threaded numpy copy of the same number of bytes in the same process; libthaw uses every CPU. "
+             "single-threaded numpy copy of the same number of bytes in the same process; libthaw uses every CPU "
+             "of its process (in mp mode the worker has one: vLLM keeps the other for the engine core). "
              "Peak RSS rise sums the high-water marks of the client and its descendants (engine core, worker); a "
              "shared-memory segment mapped by two counts in both. In steady use the worker recycles segments the "
              "client gave back and the client keeps a few mappings, so warm pages are neither faulted nor zeroed "
-             "again. Target: capture and restore each >= 0.5 of memcpy. "
+             "again. Where an mp capture's time goes (measured in the worker, issue 18): the libthaw gather with "
+             "CRC32C, ~9.5-10 GB/s (K, transposed, 0.45 of memcpy; V 0.6; without CRCs 0.56 and 1.0), plus ~5 ms "
+             "of calls and headers; the inproc capture hands its Snapshot over as an object and computes no CRCs, "
+             "so the two columns are not the same work. Target: capture and restore each >= 0.5 of memcpy. "
              "The machine is shared by several sessions: see the load average."]
     if args.engine == "sglang":
         notes = [sglang_side.NOTES.format(tokens=args.tokens)]
