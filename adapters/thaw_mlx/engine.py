@@ -23,6 +23,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from thaw_format import ModelInfo, SamplingParams, Snapshot
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, Unsupported, fork, pending_requests
 from thaw_format.sdk.shared import SharedKV
+from thaw_format.sdk.tokens import common_prefix_length
 
 from .generate import generate
 from .identity import model_info
@@ -129,7 +130,7 @@ class MLXEngine(SharedKV):
         best, best_n = None, 0
         for session in self.sessions:
             offset = num_cached_tokens(session.cache)
-            n = min(_common_prefix(session.tokens, tokens), offset, limit)
+            n = min(common_prefix_length(session.tokens, tokens), offset, limit)
             if n > best_n and (n == offset or can_trim_prompt_cache(session.cache)):
                 best, best_n = session, n
         if best is None:
@@ -253,11 +254,6 @@ class MLXEngine(SharedKV):
 
     def close(self) -> None:
         self.sessions, self.running, self._progress = [], {}, {}
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def _eos_ids(checkpoint: Optional[str]) -> frozenset:

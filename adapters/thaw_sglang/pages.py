@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from thaw_format import PrefixTree
+from thaw_format.sdk.tokens import common_prefix_length
 
 PADDING = -1  # slot-table entry past the end of a short page
 
@@ -56,21 +57,12 @@ def paginate(paths: list[RadixPath], page_size: int) -> Pages:
     return Pages(PrefixTree(parents=parents, tokens=tokens), slots)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def chain_paths(paths: list[RadixPath], chains: list[list[int]]) -> list[RadixPath]:
     """Of the radix paths, only what holds each chain: its longest cached prefix, cut where the chain ends."""
     held = []
     for chain in chains:
         chain = [int(t) for t in chain]
-        length, path = max(((_common_prefix(p.tokens, chain), p) for p in paths), key=lambda c: c[0],
+        length, path = max(((common_prefix_length(p.tokens, chain), p) for p in paths), key=lambda c: c[0],
                            default=(0, None))
         if length:
             held.append(RadixPath(path.tokens[:length], path.slots[:length]))

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from thaw_format import IncompatibleSnapshotError, KVCache, KVLayer, PrefixTree, Snapshot
+from thaw_format.sdk.tokens import common_prefix_length
 from thaw_format.torch import from_torch, to_torch
 
 from .transfer import to_device, to_host
@@ -71,7 +72,7 @@ class PrefixCache:
         while n < limit:
             best, best_len = None, 0
             for child in self.children.get(parent, ()):
-                common = _common_prefix(self.pages[child].tokens, tokens[n : n + self.page_size])
+                common = common_prefix_length(self.pages[child].tokens, tokens[n : n + self.page_size])
                 if common > best_len:
                     best, best_len = child, common
             if best is None:
@@ -129,15 +130,6 @@ class PrefixCache:
             chain.append(page)
             page = self.pages[page].parent
         return chain[::-1]
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def to_snapshot(cache: PrefixCache, layouts: Sequence[LayerLayout], dtype: str) -> tuple[KVCache, PrefixTree]:
