@@ -56,6 +56,62 @@ def keep_cpu_reservation(engine_kwargs: dict) -> None:
     os.environ[RESERVED_CPUS_ENV] = str(ranks if per_rank else 1)
 
 
+def cpus_kept_beside(vllm_config) -> set[int]:
+    """The CPUs vLLM's CPU backend kept back from this worker, on its NUMA node, for the engine core and the client.
+
+    The multiprocessing executor binds a CPU worker's threads to its rank's cores and leaves the rest of the
+    node to the engine core (its busy loop) and the client, which it never binds: they are the CPUs of the
+    engine-core process (the worker's parent) on the node of the worker's cores, less the worker's own. Empty
+    when vLLM did not bind this worker (the in-process executor: the caller's own threads) or when several
+    local ranks share the kept cores (which is whose is the engine core's bookkeeping, not visible here).
+    """
+    parallel = vllm_config.parallel_config
+    if parallel.distributed_executor_backend != "mp" or parallel.local_world_size != 1:
+        return set()
+    own = thread_cpus()
+    try:
+        parent = os.sched_getaffinity(os.getppid())
+    except OSError:  # the engine core has exited: the worker is shutting down
+        return set()
+    return (parent & _node_cpus(own)) - own
+
+
+def thread_cpus() -> set[int]:
+    """Every CPU some thread of this process may run on (vLLM binds its worker's threads one core each)."""
+    cpus = set(os.sched_getaffinity(0))
+    for task in os.listdir("/proc/self/task"):
+        try:
+            cpus |= os.sched_getaffinity(int(task))
+        except OSError:  # a thread that has just exited
+            pass
+    return cpus
+
+
+def _node_cpus(cpus: set[int]) -> set[int]:
+    """The CPUs of the NUMA nodes holding `cpus` (all CPUs where the kernel shows no nodes)."""
+    root = "/sys/devices/system/node"
+    nodes = [n for n in os.listdir(root) if n.startswith("node") and n[4:].isdigit()] if os.path.isdir(root) else []
+    if not nodes:
+        return set(range(os.cpu_count() or 1))
+    out = set()
+    for node in nodes:
+        with open(f"{root}/{node}/cpulist") as f:
+            members = _cpu_list(f.read())
+        if members & cpus:
+            out |= members
+    return out
+
+
+def _cpu_list(text: str) -> set[int]:
+    """A kernel CPU list ("0-3,8,10-11") as a set."""
+    out = set()
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            out.update(range(int(first), int(last or first) + 1))
+    return out
+
+
 # --- worker side: KV tensors, model, per-request sampling generators ---------------------------------------
 
 def kv_cache_tensors(worker) -> list[torch.Tensor]:

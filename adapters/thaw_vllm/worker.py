@@ -18,33 +18,53 @@ from . import _internals, identity, remote, transport
 from .pages import blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
 
 
-@functools.cache
-def _mover_on_rank_cores() -> None:
-    """Start libthaw's thread pool on every core vLLM gave this worker. vLLM's CPU worker binds its main thread
-    to one core (its OpenMP threads get one core each of the rank's list), and libthaw sizes its pool, on first
-    use, by the starting thread's affinity, which its threads inherit: started from the main thread, the KV
-    would move on one core of the rank's (measured: single-threaded gather and scatter in multiprocessing mode)."""
-    own = os.sched_getaffinity(0)
-    cores = set(own)
-    for task in os.listdir("/proc/self/task"):
+MOVER_CPUS_ENV = "THAW_VLLM_MOVER_CPUS"  # "rank": libthaw moves KV on the worker's own cores only
+_MOVER: dict = {}  # what start_mover gave libthaw's pool in this process
+
+
+def mover_cpus(own: set[int], kept: set[int], setting: str | None) -> set[int]:
+    """The CPUs libthaw's threads may move KV on, for a worker whose threads vLLM bound to `own`, with `kept`
+    the cores vLLM kept beside it for the engine core and the client (_internals.cpus_kept_beside), under the
+    user's THAW_VLLM_MOVER_CPUS: unset or "node" both, "rank" the worker's own."""
+    if setting in (None, "", "node"):
+        return own | kept
+    if setting == "rank":
+        return set(own)
+    raise ValueError(f"{MOVER_CPUS_ENV}={setting!r}: use 'node' (the default) or 'rank'")
+
+
+def start_mover(vllm_config) -> dict:
+    """Start libthaw's thread pool, once per process, on the CPUs a KV move may use; returns them (describe).
+
+    libthaw sizes its pool on first use by the starting thread's affinity, which its threads inherit. vLLM's
+    multiprocessing executor binds the worker's threads one core each (on a 2-CPU machine, the one core of the
+    rank) and keeps the node's other cores for the engine core and the client. Those wait while thaw moves KV:
+    a capture or restore runs between engine steps as one call, the client waiting for the engine core and the
+    engine core for this worker (its wait spins on sched_yield, which gives way to runnable threads). So the
+    pool starts from this thread widened to both sets, and moves with as many threads as an in-process engine
+    gets; vLLM's own threads keep their binding. THAW_VLLM_MOVER_CPUS=rank confines the move to the worker's
+    own cores (for a deployment that runs other work on the kept ones). Called before libthaw's first use in
+    the worker: thaw's calls and its model loader."""
+    if not _MOVER:
+        own = _internals.thread_cpus()
+        cpus = mover_cpus(own, _internals.cpus_kept_beside(vllm_config), os.environ.get(MOVER_CPUS_ENV))
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, cpus)
         try:
-            cores |= os.sched_getaffinity(int(task))
-        except OSError:  # a thread that has just exited
-            pass
-    os.sched_setaffinity(0, cores)
-    try:
-        mover.backend()  # starts the pool from this thread, now on all the cores
-    finally:
-        os.sched_setaffinity(0, own)
+            mover.backend()  # starts the pool from this thread, its threads on `cpus`
+        finally:
+            os.sched_setaffinity(0, before)
+        _MOVER.update(cpus=sorted(cpus), backend=mover.backend())
+    return _MOVER
 
 
 class ThawWorkerExtension:
     def thaw_describe(self) -> dict:
         """The identity and KV layout a snapshot must match; `layout_error` says why no layout is mapped.
         Fixed for the engine's life, so computed once."""
-        _mover_on_rank_cores()
+        mover_info = start_mover(self.vllm_config)
         if getattr(self, "_thaw_described", None) is None:
-            self._thaw_described = _describe(self)
+            self._thaw_described = {**_describe(self), "mover": dict(mover_info)}
         return self._thaw_described
 
     def thaw_weights_digest(self) -> str:
@@ -60,7 +80,7 @@ class ThawWorkerExtension:
         the client (a segment no reader holds, which the client's Snapshot views and gives back when dropped),
         or, `shared`, in this worker's reused segment, valid until the next such capture. In-process (the client
         is here too), gathered into the snapshot's own buffers and handed over as an object."""
-        _mover_on_rank_cores()
+        start_mover(self.vllm_config)
         if local:
             handle = transport.publish(_build_snapshot(self, plan, include_weights, gathered=True), local=True)
             return {"source": handle.source}
@@ -76,7 +96,7 @@ class ThawWorkerExtension:
         """Verify a snapshot (every chunk, read where it lies: a segment this worker lent, or a cached mapping)
         and check its KV fits this engine's, before the engine core changes anything. verify=False: the
         client's own Snapshot, handed over (see api.restore), whose header is still parsed and checked."""
-        _mover_on_rank_cores()
+        start_mover(self.vllm_config)
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
         snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None), verify=verify)
         caches, layout = engine_layout(self)

@@ -1,6 +1,8 @@
 """New-process side of test_cpu_binding: a plain vLLM engine and one made with thaw_vllm.engine_args, both in
 vLLM's default multiprocessing mode; reports, per engine, the cores each thread of its worker may run on, the
-worker's OpenMP thread count, and the greedy token ids of one prompt, as one "THAW_RESULT <json>" line.
+worker's OpenMP thread count, and the greedy token ids of one prompt; for thaw's engine also what describe()
+says of libthaw's mover, each worker thread's cores before and after it started, and the engine core's cores;
+as one "THAW_RESULT <json>" line.
 
 argv[1] is JSON: model, engine_kwargs, prompt (token ids).
 """
@@ -10,6 +12,11 @@ import os
 import sys
 
 import psutil
+
+
+def thread_cores(pid: int) -> dict:
+    """Each thread of process `pid`: the sorted cores it may run on."""
+    return {tid: sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
 
 
 def worker_binding(known: set) -> tuple[int, dict]:
@@ -39,6 +46,11 @@ def main() -> None:
         known.add(pid)
         out = llm.generate([TokensPrompt(prompt_token_ids=config["prompt"])], params, use_tqdm=False)[0]
         result[name] = {**binding, "token_ids": list(out.outputs[0].token_ids)}
+        if name == "thaw":
+            before = thread_cores(pid)
+            result[name]["mover"] = thaw_vllm.describe(llm)["mover"]
+            result[name]["threads_before"], result[name]["threads_after"] = before, thread_cores(pid)
+            result[name]["engine_core_cores"] = sorted(os.sched_getaffinity(psutil.Process(pid).ppid()))
     print("THAW_RESULT " + json.dumps(result), flush=True)
 
 

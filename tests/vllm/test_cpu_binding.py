@@ -5,16 +5,39 @@ binds the worker's OpenMP threads to every core (see thaw_vllm._internals.keep_c
 import os
 import platform
 
+import pytest
 from conftest import ENGINE_KWARGS, run_helper, trunk_tokens
 
 
-def test_thaw_engine_worker_is_bound_like_a_plain_engines(vllm, zoo):
+@pytest.fixture(scope="module")
+def bindings(vllm, zoo):
+    """binding_helper's report: a plain engine and a thaw engine, each in vLLM's multiprocessing mode."""
     config = {"model": str(zoo.make_model("llama")), "prompt": trunk_tokens(40, seed=7),
               "engine_kwargs": dict(ENGINE_KWARGS, dtype="float32", enable_prefix_caching=True)}
-    got = run_helper("binding_helper.py", config, timeout=600)
+    return run_helper("binding_helper.py", config, timeout=600)
+
+
+def test_thaw_engine_worker_is_bound_like_a_plain_engines(bindings):
+    got = bindings
     assert got["thaw"]["thread_cores"] == got["plain"]["thread_cores"]
     assert got["thaw"]["omp_threads"] == got["plain"]["omp_threads"]
     assert got["thaw"]["token_ids"] == got["plain"]["token_ids"]
+
+
+def test_thaw_moves_kv_on_the_workers_cores_and_those_kept_for_the_engine_core(bindings):
+    """libthaw's pool in the worker runs on the worker's cores plus the cores vLLM kept on its node for the
+    engine core and the client (here the machine's other core); vLLM's own threads keep their binding."""
+    from thaw_vllm._internals import _node_cpus
+
+    thaw = bindings["thaw"]
+    rank = {core for cores in thaw["thread_cores"] for core in cores}
+    cpus = set(thaw["mover"]["cpus"])
+    assert cpus == rank | (set(thaw["engine_core_cores"]) & _node_cpus(rank))
+    assert f"{min(len(cpus), 16)} threads" in thaw["mover"]["backend"]
+    before, after = thaw["threads_before"], thaw["threads_after"]
+    assert all(after[tid] == cores for tid, cores in before.items() if tid in after)
+    started = [cores for tid, cores in after.items() if tid not in before]
+    assert started.count(sorted(cpus)) == min(len(cpus), 16) - 1  # the caller is the pool's first thread
 
 
 def test_a_reservation_already_set_is_kept(vllm, monkeypatch):
