@@ -1,4 +1,4 @@
-"""thaw's KV connector must not change how vLLM's CPU backend binds the worker: a KV connector makes vLLM keep
+"""thaw must not change how vLLM's CPU backend binds the worker's own threads: a KV connector makes vLLM keep
 one more core back for the engine core, and on a machine with that few cores vLLM then keeps none back and
 binds the worker's OpenMP threads to every core (see thaw_vllm._internals.keep_cpu_reservation)."""
 
