@@ -11,6 +11,8 @@ each KV tensor straight into a new MLX array, checking each chunk against its CR
 other tensor (weights, ring and recurrent states) is checked before anything is built from it, and a bad
 chunk anywhere raises CorruptSnapshotError with no cache returned. Load drops each KV tensor's mapped pages
 once scattered (they stay in the page cache), so its peak memory is the new cache and about one tensor more.
+MLXEngine's capture_shared and restore_source use the same two halves on a shared-memory segment
+(deferring + fill_of, map_shared + load_mapped).
 """
 
 from __future__ import annotations
