@@ -1,11 +1,17 @@
 """MLX binding: mx.array <-> Tensor. Needs only mlx and numpy (never torch).
 
 bfloat16 travels as its uint16 bit pattern, since neither the buffer protocol nor numpy knows bfloat16.
-`writable_array` hands out a new array together with a writable view of its memory, so a loader can write
-bytes straight into MLX (libthaw's scatter) instead of building them elsewhere and having MLX copy them.
+`writable_arrays` hands out new arrays together with writable views of their (uninitialised) memory, so a
+loader can write bytes straight into MLX (libthaw's scatter), each byte once, instead of building them
+elsewhere and having MLX copy them, or zeroing the arrays first.
 """
 
 from __future__ import annotations
+
+import json
+import math
+import sys
+import time
 
 import numpy as np
 
@@ -54,33 +60,98 @@ def from_mlx(array: mx.array) -> Tensor:
     return Tensor(name, array.shape, memoryview(array).toreadonly() if array.size else b"")
 
 
-def writable_array(shape, dtype: str) -> tuple[mx.array, memoryview]:
-    """A new, zeroed MLX array of `shape` and format dtype `dtype`, and a writable byte view of its memory.
+def writable_arrays(specs) -> list[tuple[mx.array, memoryview]]:
+    """New MLX arrays, one per (shape, format dtype) in `specs`, each with a writable byte view of its memory,
+    which is left uninitialised: the caller writes every byte of each view, releases it, and only then lets MLX
+    use the array (writing through a view later is a bug).
 
-    MLX treats arrays as immutable, so writing into one is sound only while nothing else can see its buffer.
-    That holds here by construction: mx.zeros is evaluated into a buffer of its own (MLX fills it from a
-    scalar, which never donates), and the array has not yet been handed to anyone. The caller fills the view,
-    releases it, and only then lets MLX use the array; writing through the view later is a bug. The view is
-    checked to cover exactly the array's row-major bytes (no broadcast, no strides) before it is returned."""
-    try:
-        mlx_type, _ = _TYPES[dtype]
-    except KeyError:
-        raise TypeError(f"MLX has no dtype for {dtype!r}") from None
-    shape = tuple(shape)
-    if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
-        raise ValueError(f"writable_array needs a shape of positive dimensions, got {shape}")
-    # bfloat16: the buffer protocol does not know it; its uint16 twin shares the same buffer (an MLX view of
-    # the same item size shares memory).
-    raw = mx.zeros(shape, mx.uint16 if dtype == "bfloat16" else mlx_type)
-    array = raw.view(mlx_type) if dtype == "bfloat16" else raw
-    mx.eval(raw, array)
-    return array, sole_view(raw)
+    Why this way: on CPU, MLX has no uninitialised array and adopts no outside memory, so the cheapest array a
+    loader could write into would be mx.zeros, which writes every byte once before the loader does (a pass as
+    long as the scatter itself). MLX's loader from a file object does allocate arrays without writing them: it
+    takes their memory from its allocator (which keeps freed buffers: memory already touched) and asks the
+    object to `readinto` it. So MLX is handed a file object (_Unwritten) serving a safetensors header that names
+    the arrays (as unsigned integers of their item size, viewed back as their dtype: the same bytes), whose
+    data reads leave MLX's memory as it is. The arrays are then sound to write: each owns a buffer nothing else
+    has seen. MLX calls readinto on its own I/O threads and keeps a reader object that refers back to the file
+    object; a reader dropped by one of MLX's threads after the interpreter began to exit ends the process (it
+    must take the GIL: "terminate called without an active exception"), so this returns only once MLX has let
+    go of every reader."""
+    specs = [(tuple(shape), dtype) for shape, dtype in specs]
+    for shape, dtype in specs:
+        if dtype not in _TYPES:
+            raise TypeError(f"MLX has no dtype for {dtype!r}")
+        if not shape or any(not isinstance(d, int) or not 0 < d < 2**31 for d in shape):
+            raise ValueError(f"writable_arrays needs shapes of positive dimensions, got {shape}")
+    if not specs:
+        return []
+    raws = _load_unwritten(_Unwritten([(shape, np.dtype(_TYPES[dtype][1]).itemsize) for shape, dtype in specs]),
+                           len(specs))
+    arrays = [raw if raw.dtype == _TYPES[dtype][0] else raw.view(_TYPES[dtype][0])
+              for raw, (_, dtype) in zip(raws, specs)]
+    mx.eval(arrays)
+    return [(array, sole_view(raw)) for array, raw in zip(arrays, raws)]
+
+
+def writable_array(shape, dtype: str) -> tuple[mx.array, memoryview]:
+    """One array of writable_arrays."""
+    return writable_arrays([(shape, dtype)])[0]
+
+
+class _Unwritten:
+    """A read-only file object for MLX's safetensors loader: a header naming the arrays, then data whose reads
+    leave MLX's memory unwritten (see writable_arrays). Data reads run on MLX's I/O threads, where an exception
+    would end the process: they do nothing that can raise."""
+
+    closed = False
+
+    def __init__(self, specs) -> None:
+        entries, start = {}, 0
+        for i, (shape, width) in enumerate(specs):
+            nbytes = math.prod(shape) * width
+            entries[str(i)] = {"dtype": f"U{8 * width}", "shape": list(shape), "data_offsets": [start, start + nbytes]}
+            start += nbytes
+        header = json.dumps(entries).encode()
+        self._header = len(header).to_bytes(8, "little") + header
+        self._size = len(self._header) + start
+        self._position = 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._position = (0, self._position, self._size)[whence] + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, view) -> int:
+        n, at = len(view), self._position
+        self._position += n
+        if at < len(self._header):  # the header (on the caller's thread, before any data)
+            part = self._header[at : at + n]
+            view[: len(part)] = part
+        return n
+
+
+def _load_unwritten(stream: _Unwritten, count: int, timeout: float = 10.0) -> list[mx.array]:
+    """The `count` arrays `stream` names, evaluated, once MLX has let go of its reader of `stream`: an I/O thread
+    drops its task, and with it a reference to the reader, just after the read the evaluation waited for (a
+    few microseconds, as measured)."""
+    unheld = sys.getrefcount(stream)
+    loaded = mx.load(stream, format="safetensors")
+    raws = [loaded.pop(str(i)) for i in range(count)]
+    del loaded
+    mx.eval(raws)  # evaluated arrays let go of their loader (its reader may live a moment longer)
+    deadline = time.monotonic() + timeout
+    while sys.getrefcount(stream) > unheld:
+        if time.monotonic() > deadline:
+            raise RuntimeError("MLX still holds the reader of a finished load: mlx.load changed its lifetimes")
+        time.sleep(0)  # lets the I/O thread take the GIL to drop its reader
+    return raws
 
 
 def sole_view(array: mx.array) -> memoryview:
     """A writable byte view of an evaluated array's memory, refused unless it covers exactly the array's
     row-major bytes: a broadcast, strided or transposed array shares or skips memory, so writing through it
-    would be wrong. It does not prove that no other array shares the buffer: see writable_array."""
+    would be wrong. It does not prove that no other array shares the buffer: see writable_arrays."""
     view = memoryview(array)
     if view.readonly or not view.c_contiguous or view.nbytes != array.nbytes or view.shape != tuple(array.shape):
         raise ValueError(f"the {array.dtype}{list(array.shape)} array's memory is not its own row-major bytes "

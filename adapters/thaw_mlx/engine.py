@@ -22,9 +22,10 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 
 from thaw_format import ModelInfo, SamplingParams, Snapshot
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, Unsupported, fork, pending_requests
-from thaw_format.sdk.shared import SharedKV
+from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, owned_segment
 from thaw_format.sdk.tokens import common_prefix_length
 
+from .files import deferring, fill_of, load, load_mapped, map_shared
 from .generate import generate
 from .identity import model_info
 from .pages import num_cached_tokens
@@ -212,6 +213,16 @@ class MLXEngine(SharedKV):
         return None if not self.sessions else (self.sessions[-1].tokens, self.sessions[-1].cache, None)
 
     def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:
+        return self._capture(include_weights, chains)
+
+    def capture_shared(self, *, chains=None) -> str:
+        """A KV-only capture published in this engine's reused segment, its pages gathered straight into the
+        segment with their chunk CRCs (one pass from MLX's memory), valid until the next capture_shared."""
+        fills = {}
+        snapshot = self._capture(False, chains, deferring(fills))
+        return owned_segment(self).publish(snapshot, fill_of(snapshot, fills))
+
+    def _capture(self, include_weights: bool, chains, paging=None) -> Snapshot:
         if chains is not None and len(chains) > 1:
             raise Unsupported("an MLX snapshot holds one sequence: capture one chain at a time")
         current = self._current(chains)
@@ -219,9 +230,10 @@ class MLXEngine(SharedKV):
             return Snapshot(model=self.info, weights=None)
         tokens, cache, request = current
         if request is None:  # a served session: its KV is cache, and no request is left for a restore to run
-            return capture(self.model, cache, tokens, info=self.info, finished=True, include_weights=include_weights)
+            return capture(self.model, cache, tokens, info=self.info, finished=True, include_weights=include_weights,
+                           paging=paging)
         snapshot = capture(self.model, cache, tokens, num_prompt_tokens=request.num_prompt, sampler=request.sampler,
-                           info=self.info, include_weights=include_weights)
+                           info=self.info, include_weights=include_weights, paging=paging)
         snapshot.scheduler.requests[0].id = request.id  # the id a restore resumes it under, as submit named it
         return snapshot
 
@@ -229,7 +241,20 @@ class MLXEngine(SharedKV):
         restore(self.model, snapshot, info=self.info)  # builds a cache it drops: nothing of the engine changes
 
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
-        cache = restore(self.model, snapshot, info=self.info)
+        return self._install(restore(self.model, snapshot, info=self.info), snapshot)
+
+    def restore_source(self, source: str) -> list[Resumed]:
+        """Restore from shared memory ("shm://...") or a snapshot file without a copy of the snapshot here: each
+        KV chunk is checked as it is scattered into new MLX arrays, every other tensor before, and the engine
+        changes only once every chunk passed."""
+        if source.startswith(SHM_PREFIX):
+            cache, snapshot = load_mapped(map_shared(source), self.model, info=self.info)
+        else:
+            cache, snapshot = load(source, self.model, info=self.info)
+        return self._install(cache, snapshot)
+
+    def _install(self, cache: list, snapshot: Snapshot) -> list[Resumed]:
+        """Make a restored cache the engine's state (its one session, or its one request in flight)."""
         tokens = snapshot_tokens(snapshot)
         self.sessions, self.running, self._progress = [_Session(tokens, cache)], {}, {}
         # Another engine's snapshot of its idle prefix cache has no requests: thaw_mlx reads its one chain.

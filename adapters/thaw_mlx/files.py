@@ -11,6 +11,8 @@ each KV tensor straight into a new MLX array, checking each chunk against its CR
 other tensor (weights, ring and recurrent states) is checked before anything is built from it, and a bad
 chunk anywhere raises CorruptSnapshotError with no cache returned. Load drops each KV tensor's mapped pages
 once scattered (they stay in the page cache), so its peak memory is the new cache and about one tensor more.
+MLXEngine's capture_shared and restore_source use the same two halves on a shared-memory segment
+(deferring + fill_of, map_shared + load_mapped).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import mlx.nn as nn
 from thaw_format import CorruptSnapshotError, EncodedSnapshot, ModelInfo, Snapshot, SnapshotFile
 from thaw_format.container import DEFAULT_CHUNK_SIZE
 from thaw_format.paths import open_regular
+from thaw_format.sdk.shared import SHM_PREFIX, open_segment
 from thaw_format.writer import deferred_tensor
 
 from .identity import check_snapshot_model
@@ -41,17 +44,28 @@ def save(path: str | os.PathLike, model: nn.Module, prompt_cache: list, tokens, 
 
     `options` are thaw_mlx.capture's (num_prompt_tokens, page_size, include_weights, sampler, label, parent,
     info, finished); `chunk_size` and `progress` are thaw_format.save's."""
-    fills = {}  # id of a deferred tensor -> the function that gathers its pages into the file
+    fills = {}
+    snapshot = capture(model, prompt_cache, tokens, paging=deferring(fills), **options)
+    return EncodedSnapshot(snapshot, chunk_size=chunk_size).save(path, progress, fill_of(snapshot, fills))
+
+
+def deferring(fills: dict):
+    """A capture's `paging` that defers each paged tensor: its bytes are gathered later, straight into the
+    region a writer gives them (a file's, a shared-memory segment's). `fills` collects what fill_of needs."""
 
     def defer(x: mx.array, num_tokens: int, page_size: int):
         tensor = deferred_tensor(*paged_shape(x, num_tokens, page_size))
         fills[id(tensor)] = functools.partial(gather_into, x, num_tokens, page_size)
         return tensor
 
-    snapshot = capture(model, prompt_cache, tokens, paging=defer, **options)
-    encoded = EncodedSnapshot(snapshot, chunk_size=chunk_size)
-    fill = {name: fills[id(tensor)] for name, tensor in encoded.tensors if id(tensor) in fills}
-    return encoded.save(path, progress, fill)
+    return defer
+
+
+def fill_of(snapshot: Snapshot, fills: dict) -> dict:
+    """The writer's `fill` (tensor name -> function) for the tensors a capture deferred (see deferring)."""
+    layers = snapshot.kv.layers if snapshot.kv is not None else []
+    return {f"kv/{i}/{role}": fills[id(tensor)]
+            for i, layer in enumerate(layers) for role, tensor in layer.tensors.items() if id(tensor) in fills}
 
 
 def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = True,
@@ -62,7 +76,14 @@ def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = Tru
     sampler are thaw_mlx.snapshot_tokens(snapshot) and thaw_mlx.sampler_of(snapshot). Like
     thaw_format.load(mmap=True), the views see the file as it is: thaw's saves replace files, never rewrite
     them in place."""
-    mapped = _map(os.fspath(path))
+    return load_mapped(_map(os.fspath(path)), model, check_weights=check_weights, info=info)
+
+
+def load_mapped(mapped: mmap.mmap, model: nn.Module, *, check_weights: bool = True,
+                info: Optional[ModelInfo] = None) -> tuple[list, Snapshot]:
+    """load() of a snapshot mapped in memory (a file, a shared-memory segment): each paged KV tensor checked
+    chunk by chunk as it is scattered into new MLX arrays, every other tensor checked before anything is built,
+    and nothing returned unless every chunk passed."""
     f = SnapshotFile(mapped)
     # The document is checked now; the tensors are views of the mapping, checked below before any use.
     snapshot = f.snapshot(verify=False, copy=False)
@@ -81,6 +102,18 @@ def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = Tru
     check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
     check_cache_layout(model, snapshot)
     return cache_of_snapshot(snapshot, expected), snapshot
+
+
+def map_shared(source: str) -> mmap.mmap:
+    """The snapshot in the shared-memory segment `source` ("shm://name" or "shm://name#nbytes") mapped
+    read-only, its pages mapped in one call (MAP_POPULATE) rather than faulted in one by one."""
+    name, _, nbytes = source[len(SHM_PREFIX):].partition("#")
+    fd = open_segment(name)
+    try:
+        return mmap.mmap(fd, int(nbytes) if nbytes else 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                         prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
 
 
 def _map(path: str) -> mmap.mmap:

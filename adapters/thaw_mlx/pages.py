@@ -278,8 +278,9 @@ def gather_into(x: mx.array, num_tokens: int, page_size: int, out, chunk_size: i
 
 def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Optional[Expected] = None) -> mx.array:
     """Tensor [pages, page_size, heads, d] -> a new [1, heads, capacity, d] MLX array, capacity rounded up as
-    mlx-lm grows it: the given pages scattered by libthaw straight into the array's own memory, every page
-    with the same layout (a short last page's padding lands past num_tokens and is zeroed after).
+    mlx-lm grows it: the given pages scattered by libthaw straight into the array's own (uninitialised)
+    memory, every page with the same layout (a short last page's padding lands past num_tokens and is zeroed
+    after, with the rest of the capacity).
 
     With `expected`, the tensor's bytes are a file's, checked against their CRCs before they are used: in the
     scatter itself, chunk by chunk, when the pages are the whole tensor in order (as thaw_mlx writes them),
@@ -303,8 +304,10 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
                                                              expected.crcs))
         else:
             mover.scatter_pages(source, out, offsets, layout)
-    if span > num_tokens:
-        np.frombuffer(out, np.uint8).reshape(heads, capacity, -1)[:, num_tokens:span] = 0
+    # The array's memory is uninitialised: past num_tokens (a short last page's padding, the capacity mlx-lm
+    # grows in steps) it is zeroed, as mlx-lm's own buffers are.
+    if capacity > num_tokens:
+        np.frombuffer(out, np.uint8).reshape(heads, capacity, -1)[:, num_tokens:] = 0
     out.release()  # nothing may write into the array once MLX can see it
     if expected is not None and expected.done is not None:
         expected.done()

@@ -2,6 +2,9 @@
 the same caches as thaw_format.load + restore, for every cache kind; a bad chunk anywhere raises
 CorruptSnapshotError and gives no cache. And the helper that lets a restore write into a new MLX array."""
 
+import subprocess
+import sys
+
 import mlx.core as mx
 import pytest
 
@@ -10,7 +13,7 @@ import thaw_mlx
 from sessions import CASES
 from thaw_format import CorruptSnapshotError
 from mlx.utils import tree_flatten
-from thaw_format.mlx import from_mlx, sole_view, writable_array
+from thaw_format.mlx import from_mlx, sole_view, writable_arrays
 from thaw_mlx import session as mlx_session
 
 
@@ -79,22 +82,57 @@ def test_a_bad_chunk_anywhere_raises_and_gives_no_cache(name, tensor, where, ses
     assert full_state(cache) == before
 
 
-def test_writable_array_gives_the_arrays_own_memory():
-    for dtype, mlx_dtype in (("float32", mx.float32), ("bfloat16", mx.bfloat16), ("uint32", mx.uint32)):
-        array, view = writable_array((2, 3, 4), dtype)
+def test_writable_arrays_give_each_array_its_own_memory():
+    dtypes = (("float32", mx.float32), ("bfloat16", mx.bfloat16), ("uint32", mx.uint32), ("bool", mx.bool_))
+    made = writable_arrays([((2, 3, 4), dtype) for dtype, _ in dtypes])
+    for (array, view), (_, mlx_dtype) in zip(made, dtypes):
         assert (array.dtype, array.shape, len(view)) == (mlx_dtype, (2, 3, 4), array.nbytes)
-        assert not any(view)  # zeroed
-        view[:] = bytes(range(len(view)))
+    fills = [bytes((i * 7 + k) % 2 if dtype == "bool" else (i * 7 + k) % 256 for k in range(len(view)))
+             for i, ((_, view), (dtype, _)) in enumerate(zip(made, dtypes))]
+    for (_, view), fill in zip(made, fills):  # every byte written, as a loader does
+        view[:] = fill
         view.release()
-        assert from_mlx(array).tobytes() == bytes(range(array.nbytes))
+    for (array, _), fill in zip(made, fills):
+        assert from_mlx(array).tobytes() == fill  # no two arrays share memory
+    assert writable_arrays([]) == []
+
+
+EXIT_AFTER_RESTORE = """
+import sys
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.llama import Model, ModelArgs
+import thaw_mlx
+from thaw_format.mlx import writable_arrays
+
+mx.random.seed(0)
+model = Model(ModelArgs.from_dict(dict(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                       num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                       vocab_size=64, rope_theta=10000.0, tie_word_embeddings=False)))
+cache = make_prompt_cache(model)
+model(mx.array([list(range(1, 40))]), cache=cache)
+restored = thaw_mlx.restore(model, thaw_mlx.capture(model, cache, list(range(1, 40))))
+kept = writable_arrays([((4, 4), "float32")] * 3)
+print("restored", restored[0].offset, flush=True)
+"""
+
+
+def test_a_process_exits_cleanly_after_restoring(tmp_path):
+    """MLX's loader read the arrays on its own threads: a process that exits right after (arrays alive, views
+    unreleased) must end normally, every time (a reader dropped by MLX during exit would abort it)."""
+    script = tmp_path / "exit_after_restore.py"
+    script.write_text(EXIT_AFTER_RESTORE)
+    for _ in range(6):
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        assert (done.returncode, done.stdout, done.stderr) == (0, "restored 39\n", "")
 
 
 def test_writable_array_refuses_what_it_cannot_hand_out():
     with pytest.raises(TypeError, match="no dtype"):
-        writable_array((2, 2), "float8")
+        writable_arrays([((2, 2), "float32"), ((2, 2), "float8")])
     for shape in ((), (2, 0), (-1, 4), (2.0, 3)):
         with pytest.raises(ValueError, match="positive dimensions"):
-            writable_array(shape, "float32")
+            writable_arrays([(shape, "float32")])
     x = mx.arange(16, dtype=mx.float32).reshape(4, 4)
     for shared in (mx.broadcast_to(mx.array([1.0]), (4, 4)), x.T, x[:, :2]):  # memory not its own bytes
         with pytest.raises(ValueError, match="not writable in place"):
