@@ -64,11 +64,11 @@ class ThawScheduler(_internals.Scheduler):
 
         rpc.report(result, work)
 
-    def thaw_restore(self, result: str, source: str) -> None:
-        """Restore the snapshot `source` names (read in place, verified); returns how many requests it leaves
-        unfinished, so that the caller reads the snapshot itself only when there are some."""
+    def thaw_restore(self, result: str, source: str, verified: bool = False) -> None:
+        """Restore the snapshot `source` names (read in place, verified unless the caller checked it); returns how
+        many requests it leaves unfinished, so that the caller reads the snapshot itself only when there are some."""
         def work():
-            snapshot = transport.read(source, self)
+            snapshot = transport.read(source, self, verify=not verified)
             restore_state(self, snapshot)
             self.thaw_restored_from = snapshot.id
             return len(pending_requests(snapshot))

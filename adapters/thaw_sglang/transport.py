@@ -28,12 +28,14 @@ def lender(owner) -> lent.Lender:
     return found
 
 
-def read(source: str, owner=None) -> Snapshot:
-    """The snapshot a source names, every chunk verified where it lies (no copy): a segment `owner` lent is read
-    through its own buffer. The caller must be done with it before the segment's owner writes it again."""
+def read(source: str, owner=None, *, verify: bool = True) -> Snapshot:
+    """The snapshot a source names, every chunk verified where it lies (no copy; `verify=False`: a segment its
+    caller checked, thaw_format.sdk.shared.checked_by_caller): a segment `owner` lent is read through its own
+    buffer. The caller must be done with it before the segment's owner writes it again."""
     if source.startswith(SHM_PREFIX) and "#" in source:
-        return lent.open_snapshot(source, lender=owner.__dict__.get("_thaw_lender") if owner is not None else None)
-    return read_source(source)
+        return lent.open_snapshot(source, lender=owner.__dict__.get("_thaw_lender") if owner is not None else None,
+                                  verify=verify)
+    return read_source(source, verified=not verify)
 
 
 def source_of(engine, snapshot: Snapshot | str) -> str:
