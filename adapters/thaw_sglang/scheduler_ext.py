@@ -92,6 +92,10 @@ class ThawScheduler(_internals.Scheduler):
 
         rpc.report(result, work)
 
+    def thaw_release(self, result: str) -> None:
+        """Unlink this scheduler's shared-memory segments before the engine ends this process (transport.release)."""
+        rpc.report(result, lambda: transport.release(self))
+
     def thaw_leak_warnings(self, result: str) -> None:
         rpc.report(result, lambda: _internals.leak_warnings(self))
 

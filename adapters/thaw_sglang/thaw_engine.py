@@ -41,7 +41,13 @@ class ThawEngine(Engine):
         super().__init__(**kwargs)
 
     def shutdown(self) -> None:
-        """Shut down this engine alone, leaving the other engines of this process (a fork's family) running."""
+        """Shut down this engine alone, leaving the other engines of this process (a fork's family) running.
+
+        The scheduler first unlinks its shared-memory segments: SGLang ends it with SIGKILL, and the segments,
+        registered with the resource tracker this process shares with it, would otherwise be unlinked by that
+        tracker only at this process's exit, with a "leaked shared_memory objects" warning."""
+        if getattr(self, "send_to_rpc", None) is not None:  # not shut down already
+            rpc.call(self, "thaw_release")
         _internals.stop_engine_processes(self)
 
     def capture(self, path=None, **options) -> Snapshot:

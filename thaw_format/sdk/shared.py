@@ -148,8 +148,24 @@ def owned_segment(owner, role: str = "kv") -> Segment:
     segments = owner.__dict__.setdefault("_thaw_segments", {})
     if role not in segments:
         segment = segments[role] = Segment()
-        weakref.finalize(owner, segment.close)
+        on_release(owner, segment.close)
     return segments[role]
+
+
+def on_release(owner, close) -> None:
+    """Call `close` (unlinking segments `owner` holds) once: when `owner` is collected, at this process's exit,
+    or at release_segments(owner), whichever comes first."""
+    owner.__dict__.setdefault("_thaw_releases", []).append(weakref.finalize(owner, close))
+
+
+def release_segments(owner) -> None:
+    """Unlink now every segment `owner` holds (owned_segment, on_release). For a process about to be killed,
+    whose finalizers never run: its segments, registered with the resource tracker its family shares, would
+    be left to that tracker, which unlinks them only when the family's first process exits, with a warning
+    of leaked shared memory."""
+    for release in owner.__dict__.pop("_thaw_releases", []):
+        release()
+    owner.__dict__.pop("_thaw_segments", None)
 
 
 def read_source(source: str, *, verified: bool = False) -> Snapshot:
