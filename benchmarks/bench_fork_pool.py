@@ -15,7 +15,8 @@ adapter holding the trunk in its cache (vLLM in its default multiprocessing mode
   cold fork:  thaw_format.sdk.fork(..., processes=True): new engine processes, each restoring the trunk.
   memcpy:     a single-threaded numpy copy of the trunk's KV bytes, and of all the KV bytes the round moves (the
               trunk out once + into each of the n children: n + 1 copies of it, one after another). The target
-              is KV movement (out + the pool's check + slowest in) <= 2x the memcpy time of its bytes; both ratios are reported.
+              is KV movement (out + the pool's check + slowest in) <= 2x the memcpy time of its bytes; both
+              ratios are reported.
 Every child's tokens must equal the re-prefill's on every path. Writes benchmarks/results/fork_pool_<engine>.json
 and .md (results are not committed: each run names its command, machine and load average).
 """
@@ -129,8 +130,8 @@ def main() -> None:
     movement = steady.capture_s + steady.verify_s + kv_in
     data = {"engine": args.engine, "tokens": args.tokens, "children": args.children,
             "suffix_tokens": args.suffix_tokens, "max_tokens": args.max_tokens, "kv_bytes": steady.kv_bytes,
-            "pool_start_s": pool_start_s, "round_s": steady.total_s, "capture_s": steady.capture_s, "verify_s": steady.verify_s,
-            "restore_s": steady.restore_s, "generate_s": steady.generate_s, "reprefill_s": reprefill_s,
+            "pool_start_s": pool_start_s, "round_s": steady.total_s, "capture_s": steady.capture_s,
+            "verify_s": steady.verify_s, "restore_s": steady.restore_s, "generate_s": steady.generate_s, "reprefill_s": reprefill_s,
             "cold_fork_s": cold_s, "memcpy_s": memcpy_s, "memcpy_all_s": memcpy_all_s, "kv_movement_s": movement,
             "kv_movement_over_memcpy": movement / memcpy_s, "kv_movement_over_memcpy_all": movement / memcpy_all_s,
             "load_average": os.getloadavg(),

@@ -7,9 +7,10 @@
 Each round the parent publishes the KV of the trunk's full pages once in shared memory (`capture_shared`: a
 KV-only snapshot, no weights), the pool checks every chunk of it once, and each of n workers restores it from
 there (`restore_source(..., verified=True)`: read in place, not checked again) and continues with its suffix,
-whose prefill starts with the trunk's last partial page (a full page is what every engine caches). The parent is only read. A worker that dies mid-round is named with its exit
-status, the round fails with PoolWorkerDied after the other workers have answered, and the pool starts a
-replacement, so the next round runs on a full pool. Any contract engine with a launch spec works
+whose prefill starts with the trunk's last partial page (a full page is what every engine caches). The parent
+is only read. A worker that dies mid-round is named with its exit status, the round fails with PoolWorkerDied
+after the other workers have answered, and the pool starts a replacement, so the next round runs on a full
+pool. Any contract engine with a launch spec works
 (thaw_format.sdk.contract).
 """
 

@@ -4,8 +4,8 @@ Like a fork child (thaw_format.sdk.child) it starts one engine from a factory an
 answers JSON lines on stdout (the engine's own printing goes to stderr). It stays warm across rounds: each
 request {"source": "shm://...", "verified": true, "prompt": [...], "params": {...}} restores that KV snapshot
 (`restore_source`: the engine reads it in place; `verified`: the pool has checked every chunk of it, so the
-engine does not read them twice), then generates the prompt, and is answered with {"generation": {...}, "restore_s": ..., "generate_s": ...} or
-{"error": "..."}. End of input closes the engine.
+engine does not read them twice), then generates the prompt, and is answered with {"generation": {...},
+"restore_s": ..., "generate_s": ...} or {"error": "..."}. End of input closes the engine.
 """
 
 from __future__ import annotations
