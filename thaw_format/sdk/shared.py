@@ -161,7 +161,7 @@ def on_release(owner, close) -> None:
 def release_segments(owner) -> None:
     """Unlink now every segment `owner` holds (owned_segment, on_release). For a process about to be killed,
     whose finalizers never run: its segments, registered with the resource tracker its family shares, would
-    be left to that tracker, which unlinks them only when the family's first process exits, with a warning
+    be left to that tracker, which unlinks them only when the process that started it exits, with a warning
     of leaked shared memory."""
     for release in owner.__dict__.pop("_thaw_releases", []):
         release()
