@@ -67,9 +67,9 @@ def _verify(source: str) -> None:
     on the same memory bus. Measured in the vLLM pool (4 workers, 2 CPUs, a 4096-token trunk of 256 MiB): each
     worker's check took 35-45 ms of its 150 ms restore; the one check here takes 15 ms (both CPUs, nothing else
     running), and the slowest restore fell to 108 ms. Checked once here, the workers restore with
-    `verified=True`. The check is as strong as theirs: the segment is
-    the parent's, rewritten only by its next capture_shared, which comes after every worker has answered (a
-    process that writes into it meanwhile could do so just as well between a worker's check and its scatter).
+    `verified=True`. The check is as strong as theirs: the segment is the parent's, rewritten only by its next
+    capture_shared, which comes after every worker has answered (a process that wrote into it meanwhile could
+    do so just as well between a worker's check and its scatter).
     """
     try:
         open_snapshot(source)  # a cached mapping: every round's check reads the same warm pages
