@@ -1,21 +1,26 @@
-"""The ForkPool checks every engine's tests/<engine>/test_pool.py runs on its own engines (a plain module).
+"""The ForkPool tests, written once for every engine: each tests/<engine>/test_pool.py imports them (and the
+`pool` fixture) and supplies its engine's fixtures, so each engine's run stays in that engine's environment.
 
 Three consecutive rounds with different trunks give, for every child, the greedy output a fresh engine
 computes for trunk + suffix, with the engine's own cached-token count equal to the trunk's full pages (what
 the pool moves); a worker killed mid-round fails the round with PoolWorkerDied naming it and its exit status,
-leaves the parent serving exactly as before, and is replaced, so the next round succeeds.
+leaves the parent serving exactly as before, and is replaced, so the next round succeeds; a round whose
+segment is damaged is refused by the pool's own check, naming the chunk, before any worker is sent it.
 
-Each test supplies `parent` (a contract engine holding nothing the trunks need), `pool` (a ForkPool of two
-workers started from it) and `fresh(prompt, params)`: the token ids an engine with an empty cache computes.
+An engine's module supplies the fixtures `parent` (a contract engine holding nothing the trunks need, module
+scope), `fresh` (a function of (prompt, params): the token ids an engine with an empty cache computes) and,
+where the workers need one, `pool_env` (the environment the pool's workers start with; empty by default).
 """
 
+import mmap
 import os
 import random
 
 import pytest
 
-from thaw_format.sdk import DEFAULT_PAGE_SIZE, PoolWorkerDied, greedy
-from thaw_format.sdk.shared import capture_shared
+from thaw_format import CorruptSnapshotError, SnapshotFile
+from thaw_format.sdk import DEFAULT_PAGE_SIZE, ForkPool, PoolWorkerDied, greedy
+from thaw_format.sdk.shared import capture_shared, open_segment
 
 PARAMS = greedy(10)
 WORKERS = 2
@@ -36,7 +41,20 @@ def _round_case(seed: int, length: int):
     return trunk, [tokens(5, seed * 10 + i) for i in range(WORKERS)]
 
 
-def check_rounds(pool, parent, fresh) -> None:
+@pytest.fixture(scope="module")
+def pool_env() -> dict:
+    """What the pool's workers' environment adds to this process's: nothing, unless an engine's module says."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def pool(parent, pool_env):
+    """A ForkPool of WORKERS workers started from the parent's launch spec."""
+    with ForkPool(parent, workers=WORKERS, env=pool_env) as started:
+        yield started
+
+
+def test_rounds_with_different_trunks_match_fresh_engines(pool, parent, fresh) -> None:
     for index, length in enumerate((100, 150, 70)):
         trunk, suffixes = _round_case(60 + index, length)
         want = [fresh(trunk + suffix, PARAMS) for suffix in suffixes]
@@ -59,7 +77,7 @@ class _KillDuringCapture:
         return capture_shared(self.engine, chains=chains)
 
 
-def check_killed_worker(pool, parent, fresh) -> None:
+def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent, fresh) -> None:
     trunk, suffixes = _round_case(80, 120)
     want = [fresh(trunk + suffix, PARAMS) for suffix in suffixes]
     parent.generate(trunk, PARAMS)
@@ -75,3 +93,34 @@ def check_killed_worker(pool, parent, fresh) -> None:
     assert [g.cached_tokens for g in result.generations] == [full_pages(trunk)] * WORKERS
     replaced = pool._workers[1].process.pid
     assert replaced != victim.pid and os.path.exists(f"/proc/{replaced}")
+
+
+class _DamageAfterCapture:
+    """The parent engine, except that one bit of layer 0's K in its published capture is flipped."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def capture_shared(self, *, chains=None) -> str:
+        source = capture_shared(self.engine, chains=chains)
+        name, _, nbytes = source[len("shm://"):].partition("#")
+        fd = open_segment(name, os.O_RDWR)
+        try:
+            with mmap.mmap(fd, int(nbytes)) as segment:
+                segment[SnapshotFile(segment).info("kv/0/k")[2].offset + 1000] ^= 0x40
+        finally:
+            os.close(fd)
+        return source
+
+
+def test_a_damaged_segment_is_refused_before_any_worker_reads_it(pool, parent, fresh) -> None:
+    trunk, suffixes = _round_case(90, 110)
+    want = [fresh(trunk + suffix, PARAMS) for suffix in suffixes]
+    parent.generate(trunk, PARAMS)
+    # The pool's own error, not a worker's (a worker's refusal is a RuntimeError naming the worker).
+    with pytest.raises(CorruptSnapshotError, match=r"the parent's capture for this round \(shm://.*\): tensor "
+                       r"'kv/0/k' \(region \d+\): checksum mismatch in chunk 0, .*no worker was sent it"):
+        pool.fork(_DamageAfterCapture(parent), WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)  # a fresh capture
+    assert [g.token_ids for g in result.generations] == want
+    assert [g.cached_tokens for g in result.generations] == [full_pages(trunk)] * WORKERS

@@ -163,9 +163,10 @@ class SGLangEngine(SharedKV):
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
         return self.restore_source(snapshot)
 
-    def restore_source(self, source) -> list[Resumed]:
-        """Restore a Snapshot or a source (the scheduler reads it in place, verified)."""
-        self.pending = restore_pending(self.engine, source)
+    def restore_source(self, source, *, verified: bool = False) -> list[Resumed]:
+        """Restore a Snapshot or a source (the scheduler reads it in place, verified unless `verified`: a segment
+        its caller checked, thaw_format.sdk.shared.checked_by_caller)."""
+        self.pending = restore_pending(self.engine, source, verified=verified)
         return resumed_of(self.pending)
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list:

@@ -64,11 +64,11 @@ class ThawScheduler(_internals.Scheduler):
 
         rpc.report(result, work)
 
-    def thaw_restore(self, result: str, source: str) -> None:
-        """Restore the snapshot `source` names (read in place, verified); returns how many requests it leaves
-        unfinished, so that the caller reads the snapshot itself only when there are some."""
+    def thaw_restore(self, result: str, source: str, verified: bool = False) -> None:
+        """Restore the snapshot `source` names (read in place, verified unless the caller checked it); returns how
+        many requests it leaves unfinished, so that the caller reads the snapshot itself only when there are some."""
         def work():
-            snapshot = transport.read(source, self)
+            snapshot = transport.read(source, self, verify=not verified)
             restore_state(self, snapshot)
             self.thaw_restored_from = snapshot.id
             return len(pending_requests(snapshot))
@@ -91,6 +91,10 @@ class ThawScheduler(_internals.Scheduler):
             _internals.set_paused(self, False)
 
         rpc.report(result, work)
+
+    def thaw_release(self, result: str) -> None:
+        """Unlink this scheduler's shared-memory segments before the engine ends this process (transport.release)."""
+        rpc.report(result, lambda: transport.release(self))
 
     def thaw_leak_warnings(self, result: str) -> None:
         rpc.report(result, lambda: _internals.leak_warnings(self))

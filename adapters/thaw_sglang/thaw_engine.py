@@ -11,7 +11,7 @@ import thaw_format
 from thaw_format import Snapshot
 from thaw_format.sdk import DEFAULT_PAGE_SIZE, Resumed, pending_requests
 from thaw_format.sdk import lent
-from thaw_format.sdk.shared import release
+from thaw_format.sdk.shared import checked_by_caller, release
 
 from . import _internals, rpc, scheduler_ext, transport
 from .requests import resume_arguments
@@ -41,7 +41,13 @@ class ThawEngine(Engine):
         super().__init__(**kwargs)
 
     def shutdown(self) -> None:
-        """Shut down this engine alone, leaving the other engines of this process (a fork's family) running."""
+        """Shut down this engine alone, leaving the other engines of this process (a fork's family) running.
+
+        The scheduler first unlinks its shared-memory segments: SGLang ends it with SIGKILL, and the segments,
+        registered with the resource tracker this process shares with it, would otherwise be unlinked by that
+        tracker only at this process's exit, with a "leaked shared_memory objects" warning."""
+        if getattr(self, "send_to_rpc", None) is not None:  # not shut down already
+            rpc.call(self, "thaw_release")
         _internals.stop_engine_processes(self)
 
     def capture(self, path=None, **options) -> Snapshot:
@@ -146,11 +152,13 @@ def check(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> None:
     rpc.call(engine, "thaw_check", source=transport.source_of(engine, snapshot))
 
 
-def restore_pending(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> list[thaw_format.Request]:
+def restore_pending(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike, *,
+                    verified: bool = False) -> list[thaw_format.Request]:
     """Make an idle engine hold the snapshot (a Snapshot, or a source: "shm://..." or a file) and return its
-    unfinished requests; the scheduler reads the source, and this process only when it has requests."""
+    unfinished requests; the scheduler reads the source (its chunks unchecked if `verified`: a segment the
+    caller checked, thaw_format.sdk.shared.checked_by_caller), and this process only when it has requests."""
     source = transport.source_of(engine, snapshot)
-    if not rpc.call(engine, "thaw_restore", source=source):
+    if not rpc.call(engine, "thaw_restore", source=source, verified=checked_by_caller(source, verified)):
         return []
     return pending_requests(snapshot if isinstance(snapshot, Snapshot) else transport.read(source))
 

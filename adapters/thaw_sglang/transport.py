@@ -12,28 +12,35 @@ thaw_format.sdk.shared.read_source reads them.
 
 from __future__ import annotations
 
-import weakref
-
 from thaw_format import Snapshot
 from thaw_format.sdk import lent
-from thaw_format.sdk.shared import SHM_PREFIX, owned_segment, read_source
+from thaw_format.sdk.shared import SHM_PREFIX, on_release, owned_segment, read_source, release_segments
 
 
 def lender(owner) -> lent.Lender:
-    """The lender of one scheduler's captures, its segments unlinked with it."""
+    """The lender of one scheduler's captures, its segments unlinked with it (or by release)."""
     found = owner.__dict__.get("_thaw_lender")
     if found is None:
         found = owner._thaw_lender = lent.Lender()
-        weakref.finalize(owner, found.close)
+        on_release(owner, found.close)
     return found
 
 
-def read(source: str, owner=None) -> Snapshot:
-    """The snapshot a source names, every chunk verified where it lies (no copy): a segment `owner` lent is read
-    through its own buffer. The caller must be done with it before the segment's owner writes it again."""
+def release(owner) -> None:
+    """Unlink every segment one scheduler holds (its lender's, its reused one) now: SGLang ends a scheduler with
+    SIGKILL, so its finalizers never run (thaw_format.sdk.shared.release_segments)."""
+    release_segments(owner)
+    owner.__dict__.pop("_thaw_lender", None)
+
+
+def read(source: str, owner=None, *, verify: bool = True) -> Snapshot:
+    """The snapshot a source names, every chunk verified where it lies (no copy; `verify=False`: a segment its
+    caller checked, thaw_format.sdk.shared.checked_by_caller): a segment `owner` lent is read through its own
+    buffer. The caller must be done with it before the segment's owner writes it again."""
     if source.startswith(SHM_PREFIX) and "#" in source:
-        return lent.open_snapshot(source, lender=owner.__dict__.get("_thaw_lender") if owner is not None else None)
-    return read_source(source)
+        return lent.open_snapshot(source, lender=owner.__dict__.get("_thaw_lender") if owner is not None else None,
+                                  verify=verify)
+    return read_source(source, verified=not verify)
 
 
 def source_of(engine, snapshot: Snapshot | str) -> str:

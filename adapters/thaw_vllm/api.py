@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import thaw_format
 from thaw_format import IncompatibleSnapshotError
 from thaw_format.sdk import Finished, Resumed, pending_requests
+from thaw_format.sdk.shared import checked_by_caller
 
 from . import _internals, remote, transport
 from .requests import resubmit, run_to_completion
@@ -153,12 +154,14 @@ def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
         return _restore_checked(llm, snapshot, shared.source, verify=False)
 
 
-def restore_source(llm, source: str) -> list[Resumed]:
+def restore_source(llm, source: str, *, verified: bool = False) -> list[Resumed]:
     """Restore from a source ("shm://..." or a snapshot file's path) without copying it here: this process
-    reads its structure only; the worker verifies every chunk where it lies, then writes the KV."""
+    reads its structure only; the worker verifies every chunk where it lies (unless `verified`: a segment its
+    caller checked, thaw_format.sdk.shared.checked_by_caller), then writes the KV."""
+    checked = checked_by_caller(source, verified)
     snapshot = transport.structure(source)
     check_compatible(llm, snapshot)
-    return _restore_checked(llm, snapshot, source, verify=True)
+    return _restore_checked(llm, snapshot, source, verify=not checked)
 
 
 def _restore_checked(llm, snapshot: thaw_format.Snapshot, source: str, verify: bool) -> list[Resumed]:

@@ -107,9 +107,9 @@ class VLLMEngine:
         processes open it with thaw_format.sdk.shared.read_shared; another engine restores it with restore_source."""
         return api.capture_shared(self.llm, chains=chains)
 
-    def restore_source(self, source: str) -> list[Resumed]:
+    def restore_source(self, source: str, *, verified: bool = False) -> list[Resumed]:
         """Restore from a source ("shm://..." or a snapshot file's path) without copying it here (api.restore_source)."""
-        resumed = api.restore_source(self.llm, source)
+        resumed = api.restore_source(self.llm, source, verified=verified)
         self._previous.update({r.request_id: r.previous_output_token_ids for r in resumed})
         return resumed
 

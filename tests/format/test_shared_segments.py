@@ -11,10 +11,11 @@ from __future__ import annotations
 import textwrap
 
 import numpy
+import pytest
 from tracker_scenario import assert_runs_without_tracker_complaints
 
 import thaw_format
-from thaw_format.sdk.shared import SharedSnapshot, read_shared, release
+from thaw_format.sdk.shared import Segment, SharedSnapshot, read_shared, read_source, release
 
 SCENARIO = textwrap.dedent("""
     import multiprocessing, sys
@@ -57,3 +58,19 @@ def test_a_released_source_is_gone_and_says_so():
         assert "is gone" in str(exc)
     else:
         raise AssertionError("a released segment was read")
+
+
+def test_only_a_shared_memory_segment_may_be_restored_as_checked_by_its_caller(tmp_path):
+    """restore_source(..., verified=True) leaves the chunks of a segment its caller (a fork pool) checked; a file
+    is always checked as it is read, so `verified` is refused for it before anything is read."""
+    snap = thaw_format.Snapshot(weights=thaw_format.Weights({"t": numpy.arange(64, dtype=numpy.uint8)}))
+    path = tmp_path / "s.thaw"
+    thaw_format.save(snap, path)
+    with pytest.raises(ValueError, match="verified=True is for a shared-memory segment .* a file is checked"):
+        read_source(str(path), verified=True)
+    segment = Segment()
+    try:
+        source = segment.publish(snap)
+        assert bytes(read_source(source, verified=True).weights.tensors["t"].data) == bytes(range(64))
+    finally:
+        segment.close()

@@ -1,11 +1,14 @@
-"""ForkPool on MLX (tests/fork_pool_checks.py): warm worker processes, each an MLXEngine of the parent's checkpoint,
-take only the trunk's KV each round."""
+"""ForkPool on MLX (the tests of tests/fork_pool_checks.py): warm worker processes, each an MLXEngine of the
+parent's checkpoint, take only the trunk's KV each round."""
 
 import pytest
 
 import fork_pool_checks as checks
+from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, written once for every engine
+    pool, pool_env, test_rounds_with_different_trunks_match_fresh_engines,
+    test_a_worker_killed_mid_round_is_named_and_replaced,
+    test_a_damaged_segment_is_refused_before_any_worker_reads_it)
 from thaw_conformance import zoo
-from thaw_format.sdk import ForkPool
 from thaw_mlx import MLXEngine
 
 
@@ -16,27 +19,14 @@ def parent():
     engine.close()
 
 
-@pytest.fixture(scope="module")
-def pool(parent):
-    with ForkPool(parent, workers=checks.WORKERS) as pool:
-        yield pool
-
-
-def fresh_of(parent):
-    def fresh(prompt, params):
+@pytest.fixture
+def fresh(parent):
+    def generate(prompt, params):
         """A new engine over the parent's model: nothing served, nothing cached."""
         out = MLXEngine(parent.model, parent.info, checkpoint=parent.checkpoint).generate(prompt, params)
         assert out.cached_tokens == 0
         return out.token_ids
-    return fresh
-
-
-def test_rounds_with_different_trunks_match_fresh_engines(pool, parent):
-    checks.check_rounds(pool, parent, fresh_of(parent))
-
-
-def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent):
-    checks.check_killed_worker(pool, parent, fresh_of(parent))
+    return generate
 
 
 def test_a_chain_capture_holds_only_the_chain_of_a_longer_session(parent):

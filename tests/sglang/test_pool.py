@@ -1,11 +1,15 @@
-"""ForkPool on SGLang (tests/fork_pool_checks.py): warm worker processes, each an SGLangEngine started from the
-parent's launch spec, take only the trunk's KV each round, published by the parent's scheduler in shared memory
-and read in place by each worker's scheduler."""
+"""ForkPool on SGLang (the tests of tests/fork_pool_checks.py): warm worker processes, each an SGLangEngine started
+from the parent's launch spec, take only the trunk's KV each round, published by the parent's scheduler in shared
+memory and read in place by each worker's scheduler."""
 
 import pytest
 from conftest import ENGINE_ARGS
 
 import fork_pool_checks as checks
+from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, written once for every engine
+    pool, pool_env, test_rounds_with_different_trunks_match_fresh_engines,
+    test_a_worker_killed_mid_round_is_named_and_replaced,
+    test_a_damaged_segment_is_refused_before_any_worker_reads_it)
 
 
 @pytest.fixture(scope="module")
@@ -15,30 +19,15 @@ def parent(thaw_sglang, zoo):
     engine.close()
 
 
-@pytest.fixture(scope="module")
-def pool(parent):
-    from thaw_format.sdk import ForkPool
-
-    with ForkPool(parent, workers=checks.WORKERS) as pool:
-        yield pool
-
-
-def fresh_of(parent):
-    def fresh(prompt, params):
+@pytest.fixture
+def fresh(parent):
+    def generate(prompt, params):
         """The parent's output with its cache flushed: what a fresh engine computes from scratch."""
         assert parent.engine.flush_cache().success
         out = parent.generate(prompt, params)
         assert out.cached_tokens == 0
         return out.token_ids
-    return fresh
-
-
-def test_rounds_with_different_trunks_match_fresh_engines(pool, parent):
-    checks.check_rounds(pool, parent, fresh_of(parent))
-
-
-def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent):
-    checks.check_killed_worker(pool, parent, fresh_of(parent))
+    return generate
 
 
 def test_a_chain_capture_holds_only_the_chains_pages(parent):

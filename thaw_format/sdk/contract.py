@@ -49,7 +49,10 @@ Rules the callers rely on (the conformance suite checks each one):
 - `capture_shared(chains=...)` is a KV-only capture (`include_weights=False`) of the pages holding `chains`,
   published once in shared memory; the source it returns stays valid until this engine's next
   `capture_shared`, and another process reads it with `thaw_format.sdk.shared.read_shared`.
-  `restore_source(source)` restores such a source (or a snapshot file) with `restore`'s rules. Both come from
+  `restore_source(source)` restores such a source (or a snapshot file) with `restore`'s rules, every chunk
+  checked; `verified=True` says the caller has checked every chunk of that shared-memory segment itself (a fork
+  pool does, once for all its workers: thaw_format.sdk.shared.checked_by_caller), and the engine then leaves
+  them unchecked; a file is always checked. Both come from
   `thaw_format.sdk.shared.SharedKV`, which an adapter's engine class inherits; an engine living in other
   processes overrides them to move the KV to and from those processes without a copy in between. The fork
   pool and process fork hand KV over through them only.
@@ -192,8 +195,9 @@ class Engine(Protocol):
     def capture_shared(self, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
         """A KV-only capture of the pages holding `chains`, published in shared memory: "shm://<name>#<nbytes>"."""
 
-    def restore_source(self, source: str) -> list[Resumed]:
-        """`restore` from a capture_shared source or a snapshot file, read in place and verified."""
+    def restore_source(self, source: str, *, verified: bool = False) -> list[Resumed]:
+        """`restore` from a capture_shared source or a snapshot file, read in place and verified (unless
+        `verified`: a shared-memory segment the caller has checked)."""
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list["Engine"]:
         """n children holding the KV of `context` ("fork", "fork_processes")."""

@@ -2,10 +2,10 @@
 
 Like a fork child (thaw_format.sdk.child) it starts one engine from a factory and its JSON arguments and
 answers JSON lines on stdout (the engine's own printing goes to stderr). It stays warm across rounds: each
-request {"source": "shm://...", "prompt": [...], "params": {...}} restores that KV snapshot
-(`restore_source`: the engine reads it in place, verified), then generates
-the prompt, and is answered with {"generation": {...}, "restore_s": ..., "generate_s": ...} or
-{"error": "..."}. End of input closes the engine.
+request {"source": "shm://...", "verified": true, "prompt": [...], "params": {...}} restores that KV snapshot
+(`restore_source`: the engine reads it in place; `verified`: the pool has checked every chunk of it, so the
+engine does not read them twice), then generates the prompt, and is answered with {"generation": {...},
+"restore_s": ..., "generate_s": ...} or {"error": "..."}. End of input closes the engine.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .shared import restore_source
 
 def run_round(engine, message: dict) -> dict:
     start = time.perf_counter()
-    restore_source(engine, message["source"])
+    restore_source(engine, message["source"], verified=message.get("verified", False))
     restored = time.perf_counter()
     generation = engine.generate(message["prompt"], SamplingParams(**message["params"]))
     return {"generation": dataclasses.asdict(generation), "restore_s": restored - start,

@@ -148,16 +148,44 @@ def owned_segment(owner, role: str = "kv") -> Segment:
     segments = owner.__dict__.setdefault("_thaw_segments", {})
     if role not in segments:
         segment = segments[role] = Segment()
-        weakref.finalize(owner, segment.close)
+        on_release(owner, segment.close)
     return segments[role]
 
 
-def read_source(source: str) -> Snapshot:
+def on_release(owner, close) -> None:
+    """Call `close` (unlinking segments `owner` holds) once: when `owner` is collected, at this process's exit,
+    or at release_segments(owner), whichever comes first."""
+    owner.__dict__.setdefault("_thaw_releases", []).append(weakref.finalize(owner, close))
+
+
+def release_segments(owner) -> None:
+    """Unlink now every segment `owner` holds (owned_segment, on_release). For a process about to be killed,
+    whose finalizers never run: its segments, registered with the resource tracker its family shares, would
+    be left to that tracker, which unlinks them only when the process that started it exits, with a warning
+    of leaked shared memory."""
+    for release in owner.__dict__.pop("_thaw_releases", []):
+        release()
+    owner.__dict__.pop("_thaw_segments", None)
+
+
+def read_source(source: str, *, verified: bool = False) -> Snapshot:
     """The snapshot a source names, every checksum verified: "shm://..." read in place from shared memory (a
-    reused segment's reader must be done before its owner's next snapshot), anything else a snapshot file."""
+    reused segment's reader must be done before its owner's next snapshot), anything else a snapshot file.
+    `verified`: its caller has checked every chunk (checked_by_caller)."""
+    checked = checked_by_caller(source, verified)
     if source.startswith(SHM_PREFIX):
-        return read_shared(source)
+        return read_shared(source, verify=not checked)
     return load(source, mmap=True)
+
+
+def checked_by_caller(source: str, verified: bool) -> bool:
+    """Whether a restore may leave the chunks of `source` unchecked because its caller checked them (`verified`):
+    only a shared-memory segment, which a fork pool checks once for all its workers before any of them reads
+    it (thaw_format.sdk.pool). Every other source, and every segment a caller has not checked, is verified."""
+    if verified and not source.startswith(SHM_PREFIX):
+        raise ValueError(f"verified=True is for a shared-memory segment its caller has checked, not {source!r}: "
+                         "a file is checked as it is read")
+    return verified
 
 
 class SharedKV:
@@ -169,8 +197,8 @@ class SharedKV:
         snapshot = self.capture(include_weights=False, chains=chains)
         return owned_segment(self).publish(snapshot)
 
-    def restore_source(self, source: str) -> list:
-        return self.restore(read_source(source))
+    def restore_source(self, source: str, *, verified: bool = False) -> list:
+        return self.restore(read_source(source, verified=verified))
 
 
 def capture_shared(engine, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
@@ -179,7 +207,10 @@ def capture_shared(engine, *, chains: Optional[Sequence[Sequence[int]]] = None) 
     return method(chains=chains) if method is not None else SharedKV.capture_shared(engine, chains=chains)
 
 
-def restore_source(engine, source: str) -> list:
-    """engine.restore_source(source), or SharedKV's default for an engine class that does not have it."""
+def restore_source(engine, source: str, *, verified: bool = False) -> list:
+    """engine.restore_source(source, verified=...), or SharedKV's default for an engine class that does not
+    have it."""
     method = getattr(engine, "restore_source", None)
-    return method(source) if method is not None else SharedKV.restore_source(engine, source)
+    if method is None:
+        return SharedKV.restore_source(engine, source, verified=verified)
+    return method(source, verified=verified)
