@@ -22,7 +22,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 
 from thaw_format import ModelInfo, SamplingParams, Snapshot
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, Unsupported, fork, pending_requests
-from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, owned_segment
+from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owned_segment
 from thaw_format.sdk.tokens import common_prefix_length
 
 from .files import deferring, fill_of, load, load_mapped, map_shared
@@ -243,10 +243,12 @@ class MLXEngine(SharedKV):
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
         return self._install(restore(self.model, snapshot, info=self.info), snapshot)
 
-    def restore_source(self, source: str) -> list[Resumed]:
+    def restore_source(self, source: str, *, verified: bool = False) -> list[Resumed]:
         """Restore from shared memory ("shm://...") or a snapshot file without a copy of the snapshot here: each
         KV chunk is checked as it is scattered into new MLX arrays, every other tensor before, and the engine
-        changes only once every chunk passed."""
+        changes only once every chunk passed. `verified` (a segment the caller checked) is accepted as the
+        contract says, but the check stays: it rides on the scatter's one pass, so skipping it saves no pass."""
+        checked_by_caller(source, verified)  # refuses verified=True for a file
         if source.startswith(SHM_PREFIX):
             cache, snapshot = load_mapped(map_shared(source), self.model, info=self.info)
         else:
