@@ -136,15 +136,17 @@ def _load_unwritten(stream: _Unwritten, count: int, timeout: float = 10.0) -> li
     drops its task, and with it a reference to the reader, just after the read the evaluation waited for (a
     few microseconds, as measured)."""
     unheld = sys.getrefcount(stream)
-    loaded = mx.load(stream, format="safetensors")
-    raws = [loaded.pop(str(i)) for i in range(count)]
-    del loaded
-    mx.eval(raws)  # evaluated arrays let go of their loader (its reader may live a moment longer)
-    deadline = time.monotonic() + timeout
-    while sys.getrefcount(stream) > unheld:
-        if time.monotonic() > deadline:
-            raise RuntimeError("MLX still holds the reader of a finished load: mlx.load changed its lifetimes")
-        time.sleep(0)  # lets the I/O thread take the GIL to drop its reader
+    try:
+        loaded = mx.load(stream, format="safetensors")
+        raws = [loaded.pop(str(i)) for i in range(count)]
+        del loaded
+        mx.eval(raws)  # evaluated arrays let go of their loader (its reader may live a moment longer)
+    finally:  # a failed load too: a reader dropped later, on an MLX thread at exit, would abort the process
+        deadline = time.monotonic() + timeout
+        while sys.getrefcount(stream) > unheld:
+            if time.monotonic() > deadline:
+                raise RuntimeError("MLX still holds the reader of a finished load: mlx.load changed its lifetimes")
+            time.sleep(0)  # lets the I/O thread take the GIL to drop its reader
     return raws
 
 

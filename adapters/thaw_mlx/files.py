@@ -28,7 +28,8 @@ import mlx.nn as nn
 from thaw_format import CorruptSnapshotError, EncodedSnapshot, ModelInfo, Snapshot, SnapshotFile
 from thaw_format.container import DEFAULT_CHUNK_SIZE
 from thaw_format.paths import open_regular
-from thaw_format.sdk.shared import SHM_PREFIX, open_segment
+from thaw_format.sdk.lent import parse
+from thaw_format.sdk.shared import open_segment
 from thaw_format.writer import deferred_tensor
 
 from .identity import check_snapshot_model
@@ -105,13 +106,15 @@ def load_mapped(mapped: mmap.mmap, model: nn.Module, *, check_weights: bool = Tr
 
 
 def map_shared(source: str) -> mmap.mmap:
-    """The snapshot in the shared-memory segment `source` ("shm://name" or "shm://name#nbytes") mapped
-    read-only, its pages mapped in one call (MAP_POPULATE) rather than faulted in one by one."""
-    name, _, nbytes = source[len(SHM_PREFIX):].partition("#")
+    """The snapshot in the shared-memory segment `source` ("shm://name#nbytes") mapped read-only, its pages
+    mapped in one call (MAP_POPULATE) rather than faulted in one by one."""
+    name, nbytes = parse(source)
     fd = open_segment(name)
     try:
-        return mmap.mmap(fd, int(nbytes) if nbytes else 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                         prot=mmap.PROT_READ)
+        size = os.fstat(fd).st_size
+        if size < nbytes:  # mapped past its end, the segment would kill this process (SIGBUS) at the first read
+            raise ValueError(f"segment {name} holds {size} bytes, its source says {nbytes}")
+        return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
     finally:
         os.close(fd)
 

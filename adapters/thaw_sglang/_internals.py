@@ -11,6 +11,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil  # an SGLang dependency
 import sglang
 import torch
 
@@ -238,6 +239,16 @@ def leak_warnings(scheduler) -> int:
 
 
 TOP_K_ALL = _sampling_params_module.TOP_K_ALL  # SGLang's "no top-k" (the format says 0)
+
+
+def engine_processes_alive(engine) -> bool:
+    """Whether every subprocess SGLang launched for this engine still runs (a killed one stays a zombie)."""
+    launched = getattr(engine, "_scheduler_init_result", None)
+    try:
+        return launched is not None and all(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                                            for pid in launched.all_child_pids)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def stop_engine_processes(engine) -> None:

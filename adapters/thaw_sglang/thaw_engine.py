@@ -46,9 +46,12 @@ class ThawEngine(Engine):
         The scheduler first unlinks its shared-memory segments: SGLang ends it with SIGKILL, and the segments,
         registered with the resource tracker this process shares with it, would otherwise be unlinked by that
         tracker only at this process's exit, with a "leaked shared_memory objects" warning."""
-        if getattr(self, "send_to_rpc", None) is not None:  # not shut down already
-            rpc.call(self, "thaw_release")
-        _internals.stop_engine_processes(self)
+        try:
+            # SGLang's RPC waits without a timeout: a dead scheduler (crashed, OOM-killed) would hang exit here
+            if getattr(self, "send_to_rpc", None) is not None and _internals.engine_processes_alive(self):
+                rpc.call(self, "thaw_release")
+        finally:
+            _internals.stop_engine_processes(self)
 
     def capture(self, path=None, **options) -> Snapshot:
         return capture(self, path, **options)

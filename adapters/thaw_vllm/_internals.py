@@ -61,19 +61,34 @@ def cpus_kept_beside(vllm_config) -> set[int]:
 
     The multiprocessing executor binds a CPU worker's threads to its rank's cores and leaves the rest of the
     node to the engine core (its busy loop) and the client, which it never binds: they are the CPUs of the
-    engine-core process (the worker's parent) on the node of the worker's cores, less the worker's own. Empty
-    when vLLM did not bind this worker (the in-process executor: the caller's own threads) or when several
-    local ranks share the kept cores (which is whose is the engine core's bookkeeping, not visible here).
+    engine-core process (the worker's parent) on the node of the worker's cores, less the worker's own and
+    their SMT siblings (vLLM binds one hyperthread per core). Empty when vLLM did not choose the binding itself
+    (VLLM_CPU_OMP_THREADS_BIND other than "auto": the user placed the threads, the rest may be another
+    service's), when it did not bind this worker (the in-process executor: the caller's own threads), or when
+    several local ranks share the kept cores (which is whose is the engine core's bookkeeping, not visible here).
     """
     parallel = vllm_config.parallel_config
-    if parallel.distributed_executor_backend != "mp" or parallel.local_world_size != 1:
+    if (os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto"
+            or parallel.distributed_executor_backend != "mp" or parallel.local_world_size != 1):
         return set()
     own = thread_cpus()
     try:
         parent = os.sched_getaffinity(os.getppid())
-    except OSError:  # the engine core has exited: the worker is shutting down
+    except OSError:  # the parent exited between the two calls: no kept cores to borrow
         return set()
-    return (parent & _node_cpus(own)) - own
+    return (parent & _node_cpus(own)) - _with_siblings(own)
+
+
+def _with_siblings(cpus: set[int]) -> set[int]:
+    """`cpus` and their SMT siblings (the other hyperthreads of the same cores)."""
+    out = set(cpus)
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                out |= _cpu_list(f.read())
+        except OSError:  # no topology shown (some containers): no siblings known
+            pass
+    return out
 
 
 def thread_cpus() -> set[int]:

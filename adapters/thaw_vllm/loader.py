@@ -8,7 +8,7 @@ must match the config (vLLM's own weight loader checks every tensor's name and s
 
 from __future__ import annotations
 
-from vllm.config import get_current_vllm_config
+from vllm.config import get_current_vllm_config_or_none
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from thaw_format.torch import to_torch
@@ -23,7 +23,9 @@ class ThawModelLoader(BaseModelLoader):
         return
 
     def load_weights(self, model, model_config) -> None:
-        start_mover(get_current_vllm_config())  # before libthaw's first use in this process
+        config = get_current_vllm_config_or_none()  # set while vLLM builds the model (not on a later reload)
+        if config is not None:
+            start_mover(config)  # before libthaw's first use in this process
         source = snapshot_source(self.load_config)
         snapshot = transport.read(source)
         if snapshot.weights is None or not snapshot.weights.tensors:

@@ -20,6 +20,7 @@ from .pages import blocks_to_pages, engine_layout, gather_role, pages_to_blocks,
 
 MOVER_CPUS_ENV = "THAW_VLLM_MOVER_CPUS"  # "rank": libthaw moves KV on the worker's own cores only
 _MOVER: dict = {}  # what start_mover gave libthaw's pool in this process
+os.register_at_fork(after_in_child=_MOVER.clear)  # libthaw forgets its pool in a forked child: start it anew
 
 
 def mover_cpus(own: set[int], kept: set[int], setting: str | None) -> set[int]:

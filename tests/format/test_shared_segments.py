@@ -74,3 +74,33 @@ def test_only_a_shared_memory_segment_may_be_restored_as_checked_by_its_caller(t
         assert bytes(read_source(source, verified=True).weights.tensors["t"].data) == bytes(range(64))
     finally:
         segment.close()
+
+
+def test_a_reader_that_forgets_a_segment_keeps_no_mapping_of_it():
+    """A fork pool checks each round's segment through lent's cached mapping; forgetting it (the pool's close)
+    drops that mapping, so the segment's memory goes once its owner unlinks it."""
+    from thaw_format.sdk import lent
+
+    snap = thaw_format.Snapshot(weights=thaw_format.Weights({"t": numpy.arange(64, dtype=numpy.uint8)}))
+    segment = Segment()
+    try:
+        source = segment.publish(snap)
+        lent.open_snapshot(source)
+        name = lent.parse(source)[0]
+        assert name in lent._MAPPINGS
+        lent.forget(source)
+        assert name not in lent._MAPPINGS
+    finally:
+        segment.close()
+
+
+def test_an_engine_without_the_verified_keyword_still_restores_checked_sources():
+    """An engine written before the contract's `verified` keyword: sdk.shared.restore_source passes the keyword
+    only when set, so every caller that has not checked the source itself still reaches the engine."""
+    from thaw_format.sdk.shared import restore_source
+
+    class OlderEngine:
+        def restore_source(self, source):
+            return [source]
+
+    assert restore_source(OlderEngine(), "shm://x#8") == ["shm://x#8"]

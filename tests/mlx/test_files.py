@@ -138,3 +138,23 @@ def test_writable_array_refuses_what_it_cannot_hand_out():
         with pytest.raises(ValueError, match="not writable in place"):
             sole_view(shared)
     assert len(sole_view(x)) == 64
+
+
+def test_a_segment_source_claiming_more_bytes_than_the_segment_holds_is_refused():
+    """Mapped past its end, a segment kills the reading process at the first read (SIGBUS): refused first."""
+    import numpy
+
+    from thaw_format.sdk.shared import Segment
+    from thaw_mlx.files import map_shared
+
+    segment = Segment()
+    try:
+        source = segment.publish(thaw_format.Snapshot(weights=thaw_format.Weights({"t": numpy.zeros(8, numpy.uint8)})))
+        name, nbytes = source[len("shm://"):].split("#")
+        with pytest.raises(ValueError, match=f"segment {name} holds .* bytes, its source says"):
+            map_shared(f"shm://{name}#{int(nbytes) + (1 << 30)}")
+        with pytest.raises(ValueError, match="not a shared-memory segment source"):
+            map_shared(f"shm://{name}#many")
+        assert len(map_shared(source)) == int(nbytes)
+    finally:
+        segment.close()

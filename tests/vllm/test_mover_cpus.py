@@ -21,3 +21,24 @@ def test_kernel_cpu_lists_are_read_as_the_kernel_writes_them(vllm):
     assert _cpu_list("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
     assert _cpu_list("5") == {5}
     assert _cpu_list("\n") == set()
+
+
+def test_no_cores_are_borrowed_where_vllm_did_not_choose_the_binding(vllm, monkeypatch):
+    """A user's VLLM_CPU_OMP_THREADS_BIND placed the threads; the rest of the node may be another service's."""
+    from types import SimpleNamespace
+
+    from thaw_vllm._internals import cpus_kept_beside
+
+    config = SimpleNamespace(parallel_config=SimpleNamespace(distributed_executor_backend="mp", local_world_size=1))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    assert cpus_kept_beside(config) == set()
+    in_process = SimpleNamespace(parallel_config=SimpleNamespace(distributed_executor_backend="uni",
+                                                                 local_world_size=1))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    assert cpus_kept_beside(in_process) == set()
+
+
+def test_smt_siblings_of_the_workers_cores_are_its_own(vllm):
+    from thaw_vllm._internals import _with_siblings
+
+    assert {0} <= _with_siblings({0})  # plus cpu0's hyperthreads where the machine has them

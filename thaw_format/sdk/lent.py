@@ -142,6 +142,12 @@ def _mapping(name: str, nbytes: int) -> mmap.mmap:
     return mapping
 
 
+def forget(source: str) -> None:
+    """Drop this process's cached mapping of a segment (views still using it keep it mapped), so that a reader
+    done with it does not keep the segment's memory alive after its owner unlinks it."""
+    _MAPPINGS.pop(parse(source)[0], None)
+
+
 def _exists(name: str) -> bool:
     try:
         os.close(open_segment(name))

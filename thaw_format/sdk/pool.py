@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 from ..errors import CorruptSnapshotError
 from ..snapshot import SamplingParams
 from .contract import DEFAULT_PAGE_SIZE, Engine, Generation, LaunchSpec
-from .lent import open_snapshot
+from .lent import forget, open_snapshot
 from .shared import capture_shared
 
 
@@ -130,6 +130,7 @@ class ForkPool:
         spec = spec if isinstance(spec, LaunchSpec) else spec.launch_spec()
         self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
         self._env = {**os.environ, **(env or {})}
+        self._checked: set[str] = set()  # the rounds' sources the pool has checked (and so mapped)
         self._workers = [_Worker(str(i), self._config, self._env) for i in range(workers)]
         try:
             for worker in self._workers:
@@ -160,6 +161,7 @@ class ForkPool:
         source = capture_shared(parent, chains=[context[:full]])
         verifying = time.perf_counter()
         _verify(source)
+        self._checked.add(source)
         round_ = ForkRound([], int(source.rpartition("#")[2]), verifying - capturing, time.perf_counter() - verifying)
         params_dict = dataclasses.asdict(params)
         sent = [worker.send({"source": source, "verified": True, "prompt": context + [int(t) for t in suffix],
@@ -192,6 +194,9 @@ class ForkPool:
     def close(self) -> None:
         for worker in self._workers:
             worker.stop()
+        for source in self._checked:  # the check's cached mappings would keep the parent's segments alive
+            forget(source)
+        self._checked.clear()
 
     def __enter__(self) -> "ForkPool":
         return self
