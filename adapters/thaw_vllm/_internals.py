@@ -56,8 +56,9 @@ def keep_cpu_reservation(engine_kwargs: dict) -> None:
     os.environ[RESERVED_CPUS_ENV] = str(ranks if per_rank else 1)
 
 
-def cpus_kept_beside(vllm_config) -> set[int]:
-    """The CPUs vLLM's CPU backend kept back from this worker, on its NUMA node, for the engine core and the client.
+def cpus_kept_beside(vllm_config, own: set[int]) -> set[int]:
+    """The CPUs vLLM's CPU backend kept back from this worker (whose threads run on `own`: thread_cpus()), on
+    its NUMA node, for the engine core and the client.
 
     The multiprocessing executor binds a CPU worker's threads to its rank's cores and leaves the rest of the
     node to the engine core (its busy loop) and the client, which it never binds: they are the CPUs of the
@@ -71,7 +72,6 @@ def cpus_kept_beside(vllm_config) -> set[int]:
     if (os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto"
             or parallel.distributed_executor_backend != "mp" or parallel.local_world_size != 1):
         return set()
-    own = thread_cpus()
     try:
         parent = os.sched_getaffinity(os.getppid())
     except OSError:  # the parent exited between the two calls: no kept cores to borrow

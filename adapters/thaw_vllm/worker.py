@@ -48,7 +48,7 @@ def start_mover(vllm_config) -> dict:
     the worker: thaw's calls and its model loader."""
     if not _MOVER:
         own = _internals.thread_cpus()
-        cpus = mover_cpus(own, _internals.cpus_kept_beside(vllm_config), os.environ.get(MOVER_CPUS_ENV))
+        cpus = mover_cpus(own, _internals.cpus_kept_beside(vllm_config, own), os.environ.get(MOVER_CPUS_ENV))
         before = os.sched_getaffinity(0)
         os.sched_setaffinity(0, cpus)
         try:

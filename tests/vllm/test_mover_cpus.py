@@ -31,11 +31,11 @@ def test_no_cores_are_borrowed_where_vllm_did_not_choose_the_binding(vllm, monke
 
     config = SimpleNamespace(parallel_config=SimpleNamespace(distributed_executor_backend="mp", local_world_size=1))
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
-    assert cpus_kept_beside(config) == set()
+    assert cpus_kept_beside(config, {0}) == set()
     in_process = SimpleNamespace(parallel_config=SimpleNamespace(distributed_executor_backend="uni",
                                                                  local_world_size=1))
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
-    assert cpus_kept_beside(in_process) == set()
+    assert cpus_kept_beside(in_process, {0}) == set()
 
 
 def test_smt_siblings_of_the_workers_cores_are_its_own(vllm):
