@@ -204,10 +204,18 @@ class SnapshotFile:
         entries = [self._entry(name) for name in names]
         regions = [self.layout.regions[index] for index, _, _ in entries]
         views = _arena_views([region.length for region in regions])
+        self._fill([index for index, _, _ in entries], views, verify, progress)
+        # describe_tensors checked each dtype, shape and region length, so the views need no second check.
+        return {name: Tensor._of(dtype, shape, view) for name, (_, dtype, shape), view in zip(names, entries, views)}
+
+    def _fill(self, indices: list[int], views: list[memoryview], verify: bool, progress: Progress) -> None:
+        """Copy the regions `indices` into `views` (one each, of its length), each chunk verified before it
+        reaches its view; then the file is checked unchanged."""
+        regions = [self.layout.regions[index] for index in indices]
         if self._fd is None:
             bad = mover.check_buffer(self._view, regions, self._crcs) if verify else None
             if bad is not None:
-                raise self._bad_chunk(entries[bad[0]][0], bad[1])
+                raise self._bad_chunk(indices[bad[0]], bad[1])
             for region, view in zip(regions, views):
                 view[:] = self._view[region.offset : region.end]
         elif verify:
@@ -215,18 +223,29 @@ class SnapshotFile:
                      for r, view, crcs in zip(regions, views, self._expected_views(regions))]
             bad = self._mover_io(mover.read_regions, specs, progress)
             if bad is not None:
-                raise self._bad_chunk(entries[bad[0]][0], bad[1])
+                raise self._bad_chunk(indices[bad[0]], bad[1])
         else:
-            for name, region, view in zip(names, regions, views):
+            for index, region, view in zip(indices, regions, views):
                 done = 0
                 while done < region.length:  # one read returns at most ~2 GiB on Linux
                     got = os.preadv(self._fd, [view[done:]], region.offset + done)
                     if got == 0:
-                        raise CorruptSnapshotError(f"file shrank while reading tensor {name!r}")
+                        raise CorruptSnapshotError(f"file shrank while reading tensor {self.names()[index]!r}")
                     done += got
         self._check_unchanged()
-        # describe_tensors checked each dtype, shape and region length, so the views need no second check.
-        return {name: Tensor._of(dtype, shape, view) for name, (_, dtype, shape), view in zip(names, entries, views)}
+
+    def read_into(self, out, *, verify: bool = True, progress: Progress = None) -> None:
+        """Copy the whole snapshot, byte for byte where it matters, into `out` (a writable buffer of at least
+        `layout.file_length` bytes, zero-filled: padding is not copied, so it reads as zero): the header and
+        trailer as checked at open, every region with each chunk verified before it reaches `out`. `out` then
+        holds a valid snapshot image (`loads(out)`), whatever happens to the file afterwards."""
+        layout, out = self.layout, memoryview(out).cast("B")
+        if len(out) < layout.file_length:
+            raise ValueError(f"the buffer holds {len(out)} bytes, the snapshot {layout.file_length}")
+        out[: layout.header_length] = self._read(0, layout.header_length)
+        out[layout.trailer_offset : layout.file_length] = self._read(layout.trailer_offset,
+                                                                     layout.file_length - layout.trailer_offset)
+        self._fill(list(range(len(layout.regions))), [out[r.offset : r.end] for r in layout.regions], verify, progress)
 
     def _mapped_tensors(self) -> dict[str, Tensor]:
         """Every tensor as a view of the mapping, unverified: one pass over the region table, no per-name
@@ -368,14 +387,26 @@ def open(path, *, limits: Limits = DEFAULT_LIMITS) -> SnapshotFile:  # noqa: A00
     return SnapshotFile(_path(path), limits=limits)
 
 
-def load(path, *, verify: bool = True, mmap: bool = False, limits: Limits = DEFAULT_LIMITS,
+def load(path, *, verify: bool = True, mmap: bool = False, shared: bool = False, limits: Limits = DEFAULT_LIMITS,
          progress: Progress = None) -> Snapshot:
     """Read a whole snapshot. `mmap=True` gives zero-copy copy-on-write tensors backed by the file.
 
     The mapped tensors are checked when loaded, and the file is checked unchanged then; a later in-place
     change to the file (truncation or a rewrite by another program) can still reach pages of the views not
     yet copied, or raise SIGBUS. `save` never changes a file in place: it renames a new file over the path,
-    so views keep the snapshot they mapped. See RELIABILITY.md."""
+    so views keep the snapshot they mapped. See RELIABILITY.md.
+
+    `shared=True` reads the snapshot, verified, into a POSIX shared-memory segment of its own, which its
+    read-only tensors view: restoring it into an engine that lives in other processes (vLLM's default
+    multiprocessing mode, SGLang) hands that segment over as it is, with no copy
+    (thaw_format.sdk.lent.load_shared). The file is not read again: changing or deleting it later changes
+    nothing."""
+    if shared:
+        if mmap:
+            raise ValueError("load: mmap=True views the file, shared=True a shared-memory copy of it: choose one")
+        from .sdk.lent import load_shared
+
+        return load_shared(_path(path), verify=verify, limits=limits, progress=progress)
     with SnapshotFile(_path(path), limits=limits) as f:
         return f.snapshot(verify=verify, copy=not mmap, progress=progress)
 

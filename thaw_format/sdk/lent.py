@@ -10,8 +10,12 @@ never overwritten while a reader holds it: ownership passes with the source and 
 
 Readers cache a few mappings per process (`open_snapshot`), so a segment read again (the next lent capture
 in a recycled segment, a client's reused restore segment) is neither mapped nor faulted again.
-`lent_source(snapshot)` gives back the source of a borrowed snapshot still exactly as it was lent, so a
-restore can hand the segment itself to the engine instead of encoding the snapshot again.
+`load_shared(path)` (thaw_format.load(path, shared=True)) reads a snapshot file, verified, into a segment of
+its own, which the Snapshot's read-only tensors view; it is unlinked when the last of them is collected.
+`lent_source(snapshot)` gives back the source of a borrowed or shared-loaded snapshot still exactly as it was
+written into its segment, so a restore can hand the segment itself to the engine instead of encoding the
+snapshot again: the one copy a snapshot in the client's memory would otherwise cost on its way to an engine in
+other processes.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Optional
 
 import numpy
 
-from ..reader import loads
+from ..container import DEFAULT_LIMITS, Limits
+from ..reader import SnapshotFile, loads
 from ..snapshot import Snapshot
 from ..writer import EncodedSnapshot
 from .shared import SHM_PREFIX, open_segment
@@ -183,9 +188,44 @@ def borrow(source: str, *, verify: bool = True) -> Snapshot:
         _give_back(control, slot)
         raise
     weakref.finalize(base, _give_back, control, slot)
+    return _held(snapshot, source, base)
+
+
+def _held(snapshot: Snapshot, source: str, base: numpy.ndarray) -> Snapshot:
+    """Remember that `snapshot`'s tensors view the segment `source` names at `base` (lent_source)."""
     _BORROWED[id(snapshot)] = (weakref.ref(snapshot), source, base.ctypes.data)
     weakref.finalize(snapshot, _BORROWED.pop, id(snapshot), None)
     return snapshot
+
+
+def load_shared(path: str, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS, progress=None) -> Snapshot:
+    """thaw_format.load(path, shared=True): the snapshot file read into a shared-memory segment of its own, every
+    chunk verified before it lands there (a bad one raises CorruptSnapshotError naming it, and no segment is
+    left), its tensors read-only views of the segment. The segment is registered with multiprocessing's resource
+    tracker (unlinked if this process dies) and unlinked when the last view is collected; an engine mapping it
+    keeps its pages until it unmaps them. The file is read once: changing or deleting it afterwards changes
+    nothing here, and the segment holds exactly the bytes that were verified."""
+    with SnapshotFile(path, limits=limits) as f:
+        nbytes = f.layout.file_length
+        segment = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))  # fresh: zero-filled padding
+        try:
+            f.read_into(segment.buf, verify=verify, progress=progress)
+            fd = open_segment(segment.name)
+            try:
+                mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # what the tensors view: nobody writes it
+            finally:
+                os.close(fd)
+        except BaseException:
+            segment.unlink()
+            try:
+                segment.close()
+            except BufferError:
+                pass  # the error's traceback still views it: unmapped when that goes
+            raise
+    segment.close()  # the writable mapping; the read-only one and the name stay
+    base = numpy.frombuffer(mapping, numpy.uint8, count=nbytes)
+    weakref.finalize(base, segment.unlink)
+    return _held(loads(base, copy=False, verify=False), f"{SHM_PREFIX}{segment.name}#{nbytes}", base)
 
 
 _CONTROLS: "OrderedDict[str, mmap.mmap]" = OrderedDict()
@@ -208,8 +248,9 @@ def _give_back(control: str, slot: int) -> None:
 
 
 def lent_source(snapshot: Snapshot) -> Optional[str]:
-    """The source a borrowed snapshot came from, if it still is exactly what was lent: the same header (model,
-    prefix, requests, tensor shapes) and every tensor still the segment's own bytes. Else None."""
+    """The source a borrowed (or shared-loaded) snapshot came from, if it still is exactly what was written
+    there: the same header (model, prefix, requests, tensor shapes) and every tensor still the segment's own
+    (read-only) bytes. Else None."""
     entry = _BORROWED.get(id(snapshot))
     if entry is None or entry[0]() is not snapshot:
         return None
