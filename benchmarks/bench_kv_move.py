@@ -14,6 +14,9 @@ so that the KV bytes, not the model, dominate. Per engine mode, in one process a
            chunk verified by the load): encoded once into the client's reused segment, then written by the
            worker (a Snapshot the client holds is handed over without a second read of every chunk, as the
            in-process path hands the object itself);
+  restore (loaded shared): the same file loaded with thaw_format.load(path, shared=True), which reads it,
+           verified, into a shared-memory segment of its own: the restore hands that segment to the engine's
+           process as it is (no copy in the client); the file is deleted before the restores;
   capture_shared / restore_source: VLLMEngine's KV-only pair a fork pool uses (a source string, no Snapshot;
            restore_source verifies every chunk of the source before the engine is touched);
   prefill: the trunk prefilled from an empty cache (once), the cost a fork avoids;
@@ -94,10 +97,13 @@ def time_kv_paths(mode: str, trunk: list, prefill: float, engine, check: Callabl
     restore_s = best_of(lambda: restore(snapshot))
     path = _saved(snapshot)
     in_memory = thaw_format.load(path)
+    loaded_shared = thaw_format.load(path, shared=True)
     os.remove(path)
     os.rmdir(os.path.dirname(path))
     restore_encoded_s = best_of(lambda: restore(in_memory))
     del in_memory
+    restore_loaded_shared_s = best_of(lambda: restore(loaded_shared))
+    del loaded_shared
     source = engine.capture_shared(chains=[trunk])
     capture_shared_s = best_of(lambda: engine.capture_shared(chains=[trunk]))
     restore_source_s = best_of(lambda: engine.restore_source(source))
@@ -105,7 +111,8 @@ def time_kv_paths(mode: str, trunk: list, prefill: float, engine, check: Callabl
     rss_capture = peak_rss_rise(capture)
     rss_restore = peak_rss_rise(lambda: restore(snapshot))
     return summarize(mode, kv_bytes, memcpy=memcpy, capture=capture_s, restore=restore_s,
-                     restore_encoded=restore_encoded_s, capture_shared=capture_shared_s,
+                     restore_encoded=restore_encoded_s, restore_loaded_shared=restore_loaded_shared_s,
+                     capture_shared=capture_shared_s,
                      restore_source=restore_source_s, prefill=prefill, rss_capture=rss_capture,
                      rss_restore=rss_restore)
 
@@ -143,11 +150,12 @@ def measure(mode: str, model: str, tokens: int) -> dict:
 
 
 def summarize(mode: str, kv_bytes: int, *, memcpy: float, capture: float, restore: float, restore_encoded: float,
-              capture_shared: float, restore_source: float, prefill: float, rss_capture: int,
+              restore_loaded_shared: float, capture_shared: float, restore_source: float, prefill: float, rss_capture: int,
               rss_restore: int) -> dict:
     """One engine mode's run: seconds as measured, and the rates and ratios the table shows."""
     return {"mode": mode, "kv_bytes": kv_bytes, "memcpy_s": memcpy, "capture_s": capture, "restore_s": restore,
-            "restore_encoded_s": restore_encoded, "capture_shared_s": capture_shared,
+            "restore_encoded_s": restore_encoded, "restore_loaded_shared_s": restore_loaded_shared,
+            "capture_shared_s": capture_shared,
             "restore_source_s": restore_source, "load_average": os.getloadavg(), "prefill_s": prefill,
             "capture_gb_s": kv_bytes / capture / 1e9, "restore_gb_s": kv_bytes / restore / 1e9,
             "memcpy_gb_s": kv_bytes / memcpy / 1e9, "capture_vs_memcpy": memcpy / capture,
@@ -173,12 +181,14 @@ def main() -> None:
         run, modes = measure, args.modes or "mp,inproc"
     runs = [run(mode, model, args.tokens) for mode in modes.split(",")]
     table = [[f"{label} mode", "KV MiB", "memcpy GB/s", "capture GB/s", "capture / memcpy", "restore GB/s",
-              "restore / memcpy", "restore encoded / memcpy", "capture_shared / memcpy", "restore_source / memcpy",
+              "restore / memcpy", "restore encoded / memcpy",
+              "restore loaded shared / memcpy", "capture_shared / memcpy", "restore_source / memcpy",
               "capture+restore / prefill", "peak RSS rise / KV (capture, restore)", "load average (1, 5 min)"]]
     for r in runs:
         table.append([r["mode"], f"{r['kv_bytes'] / 2**20:.0f}", f"{r['memcpy_gb_s']:.2f}", f"{r['capture_gb_s']:.2f}",
                       f"{r['capture_vs_memcpy']:.2f}", f"{r['restore_gb_s']:.2f}", f"{r['restore_vs_memcpy']:.2f}",
-                      f"{r['memcpy_s'] / r['restore_encoded_s']:.2f}", f"{r['memcpy_s'] / r['capture_shared_s']:.2f}",
+                      f"{r['memcpy_s'] / r['restore_encoded_s']:.2f}", f"{r['memcpy_s'] / r['restore_loaded_shared_s']:.2f}",
+                      f"{r['memcpy_s'] / r['capture_shared_s']:.2f}",
                       f"{r['memcpy_s'] / r['restore_source_s']:.2f}",
                       f"{(r['capture_s'] + r['restore_s']) / r['prefill_s']:.3f}",
                       f"{r['capture_peak_rss_over_kv']:.2f}, {r['restore_peak_rss_over_kv']:.2f}",
@@ -201,7 +211,9 @@ def main() -> None:
              "so the two columns are not the same work. Restore encoded first copies the snapshot into the "
              "client's reused segment (libthaw copy with CRC32C, 2 threads: about one memcpy, as one thread "
              "already saturates this machine's memory bandwidth), then the worker scatters it: one memcpy more than "
-             "restore. Target: capture and restore each >= 0.5 of memcpy. "
+             "restore. Restore loaded shared is a file loaded with thaw_format.load(path, shared=True) (read, "
+             "verified, into its own shared-memory segment): its segment goes to the worker as it is, as a lent "
+             "capture's does. Target: capture and restore each >= 0.5 of memcpy. "
              "The machine is shared by several sessions: see the load average."]
     if args.engine == "sglang":
         notes = [sglang_side.NOTES.format(tokens=args.tokens)]

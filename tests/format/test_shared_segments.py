@@ -104,3 +104,66 @@ def test_an_engine_without_the_verified_keyword_still_restores_checked_sources()
             return [source]
 
     assert restore_source(OlderEngine(), "shm://x#8") == ["shm://x#8"]
+
+
+def _kv_snapshot() -> thaw_format.Snapshot:
+    rng = numpy.random.default_rng(5)
+    layers = [thaw_format.KVLayer("attention", {role: thaw_format.numpy.from_numpy(
+        rng.standard_normal((3, 4, 2, 8)).astype(numpy.float32)) for role in ("k", "v")},
+        num_kv_heads=2, head_dim=8) for _ in range(2)]
+    return thaw_format.Snapshot(
+        model=thaw_format.ModelInfo(architecture="x", config_digest="sha256:" + "0" * 64, dtype="float32"),
+        kv=thaw_format.KVCache(page_size=4, dtype="float32", layers=layers),
+        prefix=thaw_format.PrefixTree(parents=[-1, 0, 1], tokens=[[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]))
+
+
+def _tensor_bytes(snapshot) -> list[bytes]:
+    return [bytes(t.data) for layer in snapshot.kv.layers for t in layer.tensors.values()]
+
+
+def _segment_file(source: str) -> str:
+    return "/dev/shm/" + source[len("shm://"):].partition("#")[0]
+
+
+def test_a_snapshot_loaded_shared_is_its_own_segment_and_outlives_its_file(tmp_path):
+    import gc
+    import os
+
+    from thaw_format.sdk import lent
+
+    path = tmp_path / "kv.thaw"
+    thaw_format.save(_kv_snapshot(), path)
+    plain = thaw_format.load(path)
+    loaded = thaw_format.load(path, shared=True)
+    source = lent.lent_source(loaded)
+    assert source is not None and os.path.exists(_segment_file(source))  # a restore hands this segment over
+    path.write_bytes(b"\0" * 64)  # the file changed, then deleted, after the load: the snapshot holds its bytes
+    os.remove(path)
+    assert loaded.id == plain.id and loaded.prefix == plain.prefix and _tensor_bytes(loaded) == _tensor_bytes(plain)
+    assert all(memoryview(t.data).readonly for layer in loaded.kv.layers for t in layer.tensors.values())
+    assert _tensor_bytes(lent.open_snapshot(source, verify=True)) == _tensor_bytes(plain)  # its CRCs hold there
+    del loaded
+    gc.collect()
+    assert not os.path.exists(_segment_file(source))  # unlinked with the last view
+
+
+def test_a_corrupt_file_is_refused_by_a_shared_load_naming_the_chunk_and_leaves_no_segment(tmp_path):
+    import glob
+
+    path = tmp_path / "kv.thaw"
+    thaw_format.save(_kv_snapshot(), path)
+    with thaw_format.open(path) as f:
+        region = f.info("kv/1/v")[2]
+    data = bytearray(path.read_bytes())
+    data[region.offset + 10] ^= 0x40
+    path.write_bytes(data)
+    before = set(glob.glob("/dev/shm/psm_*"))
+    with pytest.raises(thaw_format.CorruptSnapshotError, match=r"tensor 'kv/1/v' .*checksum mismatch in chunk 0"):
+        thaw_format.load(path, shared=True)
+    assert set(glob.glob("/dev/shm/psm_*")) <= before
+    path.write_bytes(data[: region.offset + 10])  # cut short inside that tensor
+    with pytest.raises(thaw_format.CorruptSnapshotError):
+        thaw_format.load(path, shared=True)
+    assert set(glob.glob("/dev/shm/psm_*")) <= before
+    with pytest.raises(ValueError, match="choose one"):
+        thaw_format.load(path, shared=True, mmap=True)
