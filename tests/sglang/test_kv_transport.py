@@ -75,3 +75,32 @@ def test_a_corrupt_chunk_is_refused_before_anything_changes(thaw_sglang, engine,
     output, cached = generate(engine, PROMPT + SUFFIX)  # the tree holds PROMPT + SUFFIX from the test before
     assert output == reference[0] and cached >= len(PROMPT)
     assert engine.leak_warnings() == 0
+
+
+def test_a_snapshot_loaded_into_shared_memory_restores_from_its_own_segment(thaw_sglang, engine, reference, tmp_path):
+    """thaw_format.load(path, shared=True) reads the file, verified, into a segment of its own; the restore hands
+    that segment to the scheduler (no copy in the client), which verifies it where it lies and writes the same
+    bytes. The file corrupted and deleted after the load changes nothing; a load of the corrupted file is refused."""
+    import thaw_format
+
+    path = tmp_path / "kv.thaw"
+    thaw_sglang.capture(engine, path, include_weights=False, chains=[PROMPT])
+    loaded = thaw_format.load(path, shared=True)
+    assert lent.lent_source(loaded) is not None
+    with SnapshotFile(str(path)) as f:
+        offset = f.info("kv/0/k")[2].offset
+    data = bytearray(path.read_bytes())
+    data[offset + 1000] ^= 0x40
+    path.write_bytes(data)
+    with pytest.raises(CorruptSnapshotError, match=r"tensor 'kv/0/k' .*checksum mismatch in chunk"):
+        thaw_format.load(path, shared=True)
+    path.unlink()
+
+    assert engine.flush_cache().success
+    thaw_sglang.restore(engine, loaded)
+    assert generate(engine, PROMPT + SUFFIX) == reference
+    restored = thaw_sglang.capture(engine, include_weights=False, chains=[PROMPT])
+    assert restored.prefix == loaded.prefix
+    assert [bytes(t.data) for layer in restored.kv.layers for t in layer.tensors.values()] == [
+        bytes(t.data) for layer in loaded.kv.layers for t in layer.tensors.values()]
+    assert engine.leak_warnings() == 0

@@ -8,7 +8,9 @@ import gc
 import glob
 import hashlib
 import json
+import os
 import sys
+import tempfile
 import time
 
 
@@ -81,6 +83,32 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - reported, with its class, for the test to check
         result["corrupt_error"] = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
     serve("after_corrupt", trunk + suffix, "after")
+
+    # A snapshot loaded from a file into shared memory (load(path, shared=True)) goes to the worker as its own
+    # segment, no copy in this client; the file is corrupted and deleted after the load: the snapshot holds the
+    # bytes the load verified. A load of the corrupted file is refused, naming the chunk, before any engine call.
+    path = os.path.join(tempfile.mkdtemp(), "kv.thaw")
+    thaw_format.save(held, path)
+    loaded = thaw_format.load(path, shared=True)
+    result["loaded_is_its_segment"] = lent.lent_source(loaded) is not None
+    with thaw_format.open(path) as f:
+        offset = f.info("kv/0/k")[2].offset
+    with open(path, "r+b") as f:
+        f.seek(offset + 1000)
+        byte = f.read(1)[0]
+        f.seek(offset + 1000)
+        f.write(bytes([byte ^ 0x40]))
+    try:
+        thaw_format.load(path, shared=True)
+        result["corrupt_file_error"] = None
+    except Exception as exc:  # noqa: BLE001 - reported, with its class, for the test to check
+        result["corrupt_file_error"] = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+    os.remove(path)
+    engine.llm.reset_prefix_cache()
+    engine.restore(loaded)
+    serve("loaded", trunk + suffix, "after")
+    result["loaded_kv_identical"] = kv_digest(engine.capture(include_weights=False, chains=[trunk])) == held_digest
+    del loaded
 
     # this engine's worker's lenders only: other processes on the machine lend too ("thawlent_<pid>x<token>")
     worker = result["segments"][0][len("shm://"):].split("x", 1)[0]

@@ -163,6 +163,7 @@ def test_lender_segments_are_released():
 
 
 def test_multiprocessing_engine_lends_restores_and_refuses_corrupt_sources(zoo):
+    """Also: a snapshot loaded from a file into shared memory restores byte-identical KV from its own segment."""
     trunk, other, suffix = trunk_tokens(130, seed=70), trunk_tokens(100, seed=71), trunk_tokens(7, seed=72)
     result = run_helper("lent_helper.py", {
         "model": str(zoo.make_model("llama", dtype="float32")), "dtype": "float32", "engine_kwargs": ENGINE_KWARGS,
@@ -177,4 +178,10 @@ def test_multiprocessing_engine_lends_restores_and_refuses_corrupt_sources(zoo):
     assert result["corrupt_error"].startswith("thaw_format.errors.CorruptSnapshotError: ")
     assert "'kv/0/k'" in result["corrupt_error"] and "checksum mismatch" in result["corrupt_error"]
     assert after["after_corrupt"][0] == fresh["trunk"][0] and after["after_corrupt"][1] >= 128  # still served
+    # a snapshot loaded with load(path, shared=True) is restored from its own segment: the engine's pages hold its
+    # bytes exactly and serve the trunk from the cache; the load of the file corrupted since was refused
+    assert result["loaded_is_its_segment"] and result["loaded_kv_identical"]
+    assert after["loaded"] == [fresh["trunk"][0], 128]
+    assert result["corrupt_file_error"].startswith("thaw_format.errors.CorruptSnapshotError: ")
+    assert "'kv/0/k'" in result["corrupt_file_error"] and "checksum mismatch in chunk" in result["corrupt_file_error"]
     assert result["lent_while_open"] and result["lent_after_close"] == []
