@@ -235,13 +235,17 @@ class SnapshotFile:
         self._check_unchanged()
 
     def read_into(self, out, *, verify: bool = True, progress: Progress = None) -> None:
-        """Copy the whole snapshot, byte for byte where it matters, into `out` (a writable buffer of at least
-        `layout.file_length` bytes, zero-filled: padding is not copied, so it reads as zero): the header and
-        trailer as checked at open, every region with each chunk verified before it reaches `out`. `out` then
-        holds a valid snapshot image (`loads(out)`), whatever happens to the file afterwards."""
+        """Copy the whole snapshot into `out` (a writable buffer of at least `layout.file_length` bytes): the
+        header and trailer as checked at open, every region with each chunk verified before it reaches `out`,
+        and zeros for the padding (not read: outside every checksum). `out` then holds a valid snapshot image
+        (`loads(out)`), whatever happens to the file afterwards."""
         layout, out = self.layout, memoryview(out).cast("B")
         if len(out) < layout.file_length:
             raise ValueError(f"the buffer holds {len(out)} bytes, the snapshot {layout.file_length}")
+        position = layout.header_length
+        for start, end in [(r.offset, r.end) for r in layout.regions] + [(layout.trailer_offset, 0)]:
+            out[position : max(start, position)] = bytes(max(start - position, 0))
+            position = end
         out[: layout.header_length] = self._read(0, layout.header_length)
         out[layout.trailer_offset : layout.file_length] = self._read(layout.trailer_offset,
                                                                      layout.file_length - layout.trailer_offset)

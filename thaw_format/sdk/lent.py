@@ -20,6 +20,7 @@ other processes.
 
 from __future__ import annotations
 
+import atexit
 import mmap
 import os
 import secrets
@@ -200,14 +201,17 @@ def _held(snapshot: Snapshot, source: str, base: numpy.ndarray) -> Snapshot:
 
 def load_shared(path: str, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS, progress=None) -> Snapshot:
     """thaw_format.load(path, shared=True): the snapshot file read into a shared-memory segment of its own, every
-    chunk verified before it lands there (a bad one raises CorruptSnapshotError naming it, and no segment is
-    left), its tensors read-only views of the segment. The segment is registered with multiprocessing's resource
-    tracker (unlinked if this process dies) and unlinked when the last view is collected; an engine mapping it
-    keeps its pages until it unmaps them. The file is read once: changing or deleting it afterwards changes
-    nothing here, and the segment holds exactly the bytes that were verified."""
+    chunk verified before it lands there (a bad one raises CorruptSnapshotError naming it), its tensors read-only
+    views of the segment. The file is read once: changing or deleting it afterwards changes nothing here, and the
+    segment holds exactly the bytes that were verified.
+
+    When the last view is collected the segment is kept for the next shared load (up to KEEP_IDLE of them), so
+    an engine process that mapped it for a restore finds it mapped again (its cached mapping: no page faults, a
+    cost about that of a copy); others are unlinked, and the kept ones at this process's exit. Segments are
+    registered with multiprocessing's resource tracker, which unlinks them if this process dies."""
     with SnapshotFile(path, limits=limits) as f:
         nbytes = f.layout.file_length
-        segment = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))  # fresh: zero-filled padding
+        segment = _load_segment(nbytes)
         try:
             f.read_into(segment.buf, verify=verify, progress=progress)
             fd = open_segment(segment.name)
@@ -216,16 +220,41 @@ def load_shared(path: str, *, verify: bool = True, limits: Limits = DEFAULT_LIMI
             finally:
                 os.close(fd)
         except BaseException:
-            segment.unlink()
-            try:
-                segment.close()
-            except BufferError:
-                pass  # the error's traceback still views it: unmapped when that goes
+            _retire(segment)
             raise
-    segment.close()  # the writable mapping; the read-only one and the name stay
     base = numpy.frombuffer(mapping, numpy.uint8, count=nbytes)
-    weakref.finalize(base, segment.unlink)
+    weakref.finalize(base, _retire, segment)
     return _held(loads(base, copy=False, verify=False), f"{SHM_PREFIX}{segment.name}#{nbytes}", base)
+
+
+_IDLE_LOADS: list[shared_memory.SharedMemory] = []  # segments of dropped shared loads, kept for the next
+_KEEP_LOADS = [KEEP_IDLE]  # 0 once this process exits: every segment is then unlinked
+
+
+def _load_segment(nbytes: int) -> shared_memory.SharedMemory:
+    """The smallest kept segment that holds nbytes, else a new one."""
+    fitting = sorted((s.size, i) for i, s in enumerate(_IDLE_LOADS) if s.size >= nbytes)
+    if fitting:
+        return _IDLE_LOADS.pop(fitting[0][1])
+    return shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
+
+
+def _retire(segment: shared_memory.SharedMemory) -> None:
+    if len(_IDLE_LOADS) < _KEEP_LOADS[0]:
+        _IDLE_LOADS.append(segment)
+        return
+    segment.unlink()
+    try:
+        segment.close()
+    except BufferError:
+        pass  # a failed load's traceback still views it: unmapped when that goes
+
+
+@atexit.register
+def _drop_idle_loads() -> None:
+    _KEEP_LOADS[0] = 0
+    while _IDLE_LOADS:
+        _retire(_IDLE_LOADS.pop())
 
 
 _CONTROLS: "OrderedDict[str, mmap.mmap]" = OrderedDict()
