@@ -198,7 +198,8 @@ def main() -> None:
     for r in runs:
         table.append([r["mode"], f"{r['kv_bytes'] / 2**20:.0f}", f"{r['memcpy_gb_s']:.2f}", f"{r['capture_gb_s']:.2f}",
                       f"{r['capture_vs_memcpy']:.2f}", f"{r['restore_gb_s']:.2f}", f"{r['restore_vs_memcpy']:.2f}",
-                      f"{r['memcpy_s'] / r['restore_encoded_s']:.2f}", f"{r['memcpy_s'] / r['restore_loaded_shared_s']:.2f}, "
+                      f"{r['memcpy_s'] / r['restore_encoded_s']:.2f}",
+                      f"{r['memcpy_s'] / r['restore_loaded_shared_s']:.2f}, "
                       f"{r['memcpy_s'] / r['restore_loaded_shared_first_s']:.2f}, "
                       f"{r['memcpy_s'] / r['restore_reloaded_first_s']:.2f}",
                       f"{r['memcpy_s'] / r['capture_shared_s']:.2f}",

@@ -391,8 +391,8 @@ def open(path, *, limits: Limits = DEFAULT_LIMITS) -> SnapshotFile:  # noqa: A00
     return SnapshotFile(_path(path), limits=limits)
 
 
-def load(path, *, verify: bool = True, mmap: bool = False, shared: bool = False, limits: Limits = DEFAULT_LIMITS,
-         progress: Progress = None) -> Snapshot:
+def load(path, *, verify: bool = True, mmap: bool = False, shared: bool = False,
+         limits: Limits = DEFAULT_LIMITS, progress: Progress = None) -> Snapshot:
     """Read a whole snapshot. `mmap=True` gives zero-copy copy-on-write tensors backed by the file.
 
     The mapped tensors are checked when loaded, and the file is checked unchanged then; a later in-place

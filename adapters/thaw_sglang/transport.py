@@ -3,8 +3,8 @@
 Captures are lent (thaw_format.sdk.lent): the scheduler gathers the KV by slot straight into a shared-memory
 segment no reader holds, with its checksums in the same pass, and the client's Snapshot views that segment and
 gives it back when garbage-collected; restoring that Snapshot hands the same segment back to the scheduler
-untouched, as does a Snapshot loaded with `thaw_format.load(path, shared=True)` (its own segment). Any other Snapshot is encoded once into the client's reused segment for that engine. A capture for a
-fork pool (`capture_shared`) goes into the scheduler's own reused segment. Each side reads a "shm://name#nbytes"
+untouched, as does a Snapshot loaded with `thaw_format.load(path, shared=True)` (its own segment). Any other
+Snapshot is encoded once into the client's reused segment for that engine. A capture for a fork pool (`capture_shared`) goes into the scheduler's own reused segment. Each side reads a "shm://name#nbytes"
 segment through its own buffer (the scheduler's lent segments) or a cached mapping, so steady use neither maps
 nor faults pages again. A snapshot's own segment ("shm://name", a fork's) and a file path are read as
 thaw_format.sdk.shared.read_source reads them.

@@ -5,8 +5,8 @@ libthaw) and verified by each reader, who reads the tensors in place through a c
 pickle, no copy. A capture is lent (thaw_format.sdk.lent): the worker writes it into a segment it hands to
 the client, whose Snapshot views it and gives it back when garbage-collected; restoring such a snapshot
 hands the same segment back to the worker untouched, and so does a snapshot loaded from a file with
-`thaw_format.load(path, shared=True)` (its own read-only segment, verified by the load). Any other snapshot is encoded once into the client's
-reused segment for that engine, and `capture_shared` publishes into the worker's reused segment, so steady
+`thaw_format.load(path, shared=True)` (its own read-only segment, verified by the load). Any other snapshot
+is encoded once into the client's reused segment for that engine, and `capture_shared` publishes into the worker's reused segment, so steady
 use touches warm pages. "shm://name" (no "#"): one snapshot's own segment (thaw_format.sdk.shared).
 "local://n": the same process (an in-process engine with its worker in-process too): the Snapshot object
 itself is handed over, with no copy and no encoding. A path is a snapshot file.
