@@ -104,6 +104,8 @@ class Lender:
         """No borrower holds the slot: given back, or borrowed by processes that all died without giving it
         back (no lock on its byte). A slot given back by one process while another that inherited the
         snapshot (a fork) still holds the lock is not available."""
+        if self._segments[slot] is None:
+            return True  # nothing was lent from it (segments are dropped only from available slots)
         if self._ctl.buf[slot] == _LENT:
             return False  # its reader has not borrowed it yet
         probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, slot, 1, 0)
