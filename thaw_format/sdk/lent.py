@@ -7,6 +7,10 @@ those views is garbage-collected, the reader hands the segment back by clearing 
 control segment; the lender reuses returned segments for later snapshots, so their pages stay warm (fresh
 shared memory costs a page fault and a zeroing per 4 KiB page, more than the copy itself). A lent snapshot is
 never overwritten while a reader holds it: ownership passes with the source and comes back with the slot.
+A borrower holds an open-file-description lock on its slot's byte of the control segment for as long as it
+holds the snapshot; the kernel drops the lock when the last process holding it exits, however it dies, so a
+lender takes back the slot of a borrower that died without giving it back (its children that inherited the
+snapshot hold the lock too).
 
 Readers cache a few mappings per process (`open_snapshot`), so a segment read again (the next lent capture
 in a recycled segment, a client's reused restore segment) is neither mapped nor faulted again.
@@ -21,9 +25,11 @@ other processes.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import mmap
 import os
 import secrets
+import struct
 import weakref
 from collections import OrderedDict
 from multiprocessing import shared_memory
@@ -40,7 +46,7 @@ from .shared import SHM_PREFIX, open_segment
 LENT_PREFIX = "thawlent_"
 SLOTS = 256  # snapshots one lender may have out at once: one byte each in its control segment
 KEEP_IDLE = 2  # returned segments a lender keeps for reuse; more are unlinked (they hold RAM in /dev/shm)
-_LENT, _FREE = 1, 0
+_FREE, _LENT, _TAKEN = 0, 1, 2  # a slot's byte in the control segment: lent = not yet borrowed
 
 
 def parse(source: str) -> tuple[str, int]:
@@ -68,6 +74,7 @@ class Lender:
     def __init__(self) -> None:
         self._stem = f"{LENT_PREFIX}{os.getpid()}x{secrets.token_hex(4)}"
         self._ctl = shared_memory.SharedMemory(name=f"{self._stem}_ctl", create=True, size=SLOTS)
+        self._ctl_fd = open_segment(self._ctl.name, os.O_RDWR)  # asks the kernel who holds which slot's lock
         self._segments: list[Optional[shared_memory.SharedMemory]] = [None] * SLOTS
         self._generation = 0
 
@@ -84,7 +91,7 @@ class Lender:
     def _slot(self, nbytes: int) -> int:
         """A free slot whose segment holds nbytes (the smallest such), else a free slot given a new segment.
         Idle segments beyond KEEP_IDLE are unlinked."""
-        free = [s for s in range(SLOTS) if self._ctl.buf[s] == _FREE]
+        free = [s for s in range(SLOTS) if self._available(s)]
         if not free:
             raise RuntimeError(f"all {SLOTS} snapshots this engine lent are still held by their readers: drop some")
         idle = [s for s in free if self._segments[s] is not None]
@@ -98,6 +105,20 @@ class Lender:
             self._segments[slot] = shared_memory.SharedMemory(
                 name=f"{self._stem}_{slot}_{self._generation}", create=True, size=max(nbytes, 1))
         return slot
+
+    def _available(self, slot: int) -> bool:
+        """No borrower holds the slot: given back, or borrowed by processes that all died without giving it
+        back (no lock on its byte). A slot given back by one process while another that inherited the
+        snapshot (a fork) still holds the lock is not available."""
+        if self._segments[slot] is None:
+            return True  # nothing was lent from it (segments are dropped only from available slots)
+        if self._ctl.buf[slot] == _LENT:
+            return False  # its reader has not borrowed it yet
+        probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, slot, 1, 0)
+        if struct.unpack(_FLOCK, fcntl.fcntl(self._ctl_fd, fcntl.F_OFD_GETLK, probe))[0] != fcntl.F_UNLCK:
+            return False
+        self._ctl.buf[slot] = _FREE
+        return True
 
     def _drop(self, slot: int) -> None:
         segment, self._segments[slot] = self._segments[slot], None
@@ -116,6 +137,7 @@ class Lender:
         """Unlink every segment (readers keep the mappings they hold) and the control segment."""
         for slot in range(SLOTS):
             self._drop(slot)
+        os.close(self._ctl_fd)
         self._ctl.close()
         self._ctl.unlink()
 
@@ -183,12 +205,14 @@ def borrow(source: str, *, verify: bool = True) -> Snapshot:
     if not is_lent(source):
         raise ValueError(f"{source!r} is not a lent snapshot")
     control, slot = _slot_of(parse(source)[0])
+    hold = None
     try:
+        hold = _hold(control, slot)
         snapshot, base = _open_snapshot(source, verify, None)
     except BaseException:
-        _give_back(control, slot)
+        _give_back(control, slot, hold)
         raise
-    weakref.finalize(base, _give_back, control, slot)
+    weakref.finalize(base, _give_back, control, slot, hold)
     return _held(snapshot, source, base)
 
 
@@ -258,9 +282,35 @@ def _drop_idle_loads() -> None:
 
 
 _CONTROLS: "OrderedDict[str, mmap.mmap]" = OrderedDict()
+# struct flock on Linux (64-bit): l_type, l_whence, l_start, l_len, l_pid; OFD locks need l_pid 0.
+_FLOCK = "hhqqi4x"
 
 
-def _give_back(control: str, slot: int) -> None:
+def _hold(control: str, slot: int) -> Optional[int]:
+    """A descriptor holding a shared lock on the slot's byte, marked borrowed: while it (or a copy a child
+    inherited) is open, the lender leaves the slot alone. None if the lender is gone."""
+    try:
+        fd = open_segment(control, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, slot, 1, 0))
+        os.pwrite(fd, bytes([_TAKEN]), slot)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _give_back(control: str, slot: int, hold: Optional[int] = None) -> None:
+    try:
+        _free(control, slot)
+    finally:
+        if hold is not None:
+            os.close(hold)  # after the slot is marked free: the lender never sees a borrowed slot unlocked early
+
+
+def _free(control: str, slot: int) -> None:
     mapping = _CONTROLS.get(control)
     if mapping is None:
         try:

@@ -1,0 +1,86 @@
+"""Lent snapshots (thaw_format.sdk.lent) come back to their lender however their borrower ends: given back
+when its views are collected, or taken back when every process holding it has died without giving it back;
+never while any process, a forked child included, still holds it."""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import multiprocessing
+import os
+
+import numpy
+import pytest
+
+import thaw_format
+from thaw_format.sdk import lent
+
+FORK = multiprocessing.get_context("fork")
+
+
+def snapshot(fill: int) -> thaw_format.Snapshot:
+    return thaw_format.Snapshot(weights=thaw_format.Weights({"t": numpy.full(4096, fill, numpy.uint8)}))
+
+
+def segment(source: str) -> str:
+    return lent.parse(source)[0]
+
+
+@pytest.fixture
+def lender():
+    started = lent.Lender()
+    yield started
+    started.close()
+
+
+def _borrow_and_die(source: str) -> None:
+    held = lent.borrow(source)
+    assert bytes(held.weights.tensors["t"].data[:1]) == b"\x01"
+    os._exit(3)  # no finalizer runs: the slot is never given back
+
+
+def _exit_normally() -> None:
+    """What a forked child's normal exit runs (atexit, weakref finalizers: this copy of the snapshot is given
+    back), without leaving the test's frames the fork copied."""
+    atexit._run_exitfuncs()
+    os._exit(0)
+
+
+def run(target, *args) -> None:
+    child = FORK.Process(target=target, args=args)
+    child.start()
+    child.join()
+    assert child.exitcode in (0, 3), child.exitcode
+
+
+def test_a_snapshot_given_back_is_recycled_and_a_held_one_is_not(lender):
+    held = lent.borrow(lender.publish(snapshot(1)))
+    first = lent.lent_source(held)
+    second = lender.publish(snapshot(2))
+    assert segment(second) != segment(first)  # held: never overwritten
+    lent.borrow(second)  # borrowed and dropped at once: given back
+    gc.collect()
+    assert segment(lender.publish(snapshot(3))) == segment(second)
+    assert bytes(held.weights.tensors["t"].data) == bytes([1]) * 4096
+
+
+def test_the_slot_of_a_borrower_that_died_is_taken_back(lender):
+    source = lender.publish(snapshot(1))
+    run(_borrow_and_die, source)
+    assert segment(lender.publish(snapshot(2))) == segment(source)
+
+
+def test_a_forked_child_giving_back_leaves_the_snapshot_with_its_parent(lender):
+    held = lent.borrow(lender.publish(snapshot(1)))
+    source = lent.lent_source(held)
+    run(_exit_normally)
+    assert segment(lender.publish(snapshot(2))) != segment(source)  # the parent still holds it
+    assert bytes(held.weights.tensors["t"].data) == bytes([1]) * 4096
+    del held
+    gc.collect()
+    assert segment(lender.publish(snapshot(3))) == segment(source)
+
+
+def test_a_lent_snapshot_not_yet_borrowed_is_never_reused(lender):
+    source = lender.publish(snapshot(1))
+    assert segment(lender.publish(snapshot(2))) != segment(source)
