@@ -61,6 +61,11 @@ class EncodedSnapshot:
         trailer = encode_trailer(crcs)
         return trailer, content_id(self.header[: self.layout.header_length], trailer)
 
+    def _check_fill(self, fill: dict) -> None:
+        unknown = set(fill) - {name for name, _ in self.tensors}
+        if unknown:
+            raise ValueError(f"fill names tensors the snapshot does not have: {sorted(unknown)}")
+
     @gc_paused
     def write_into(self, buffer, fill: Optional[dict[str, Fill]] = None, progress: Progress = None) -> str:
         """Write the snapshot into the first `nbytes` of a writable buffer (bytearray, mmap, shared memory).
@@ -69,9 +74,7 @@ class EncodedSnapshot:
         if len(view) < self.nbytes:
             raise ValueError(f"buffer holds {len(view)} bytes, the snapshot needs {self.nbytes}")
         fill = fill or {}
-        unknown = set(fill) - {name for name, _ in self.tensors}
-        if unknown:
-            raise ValueError(f"fill names tensors the snapshot does not have: {sorted(unknown)}")
+        self._check_fill(fill)
         view[: len(self.header)] = self.header
         position, crcs = len(self.header), array("I")
         for (name, tensor), region in zip(self.tensors, self.layout.regions):
@@ -122,6 +125,7 @@ class EncodedSnapshot:
         file's mode follows the umask (0666 & ~umask); a file replaced keeps its mode. A symlink at `path` is
         replaced by the new file (the rename replaces the link, not its target, which is left untouched).
         """
+        self._check_fill(fill or {})  # before the temporary file exists
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = _create_beside(path, directory)

@@ -267,4 +267,6 @@ def test_save_with_many_fills_matches_the_plain_file_and_a_late_failure_leaves_t
 
     with pytest.raises(RuntimeError, match="engine gone"):
         tf.EncodedSnapshot(full_snapshot).save(filled, fill={**fill, "kv/1/k": failing})
+    with pytest.raises(ValueError, match="does not have"):
+        tf.EncodedSnapshot(full_snapshot).save(filled, fill={**fill, "kv/9/k": failing})
     assert filled.read_bytes() == plain.read_bytes() and sorted(os.listdir(tmp_path)) == ["filled.thaw", "plain.thaw"]
