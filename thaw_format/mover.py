@@ -292,7 +292,8 @@ def _py_chunk_crcs(data, chunk_size: int) -> array:
     return array("I", (_crc32c.crc32c(view[i : i + chunk_size]) for i in range(0, len(view), chunk_size)))
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    """os.pwrite all of view at offset (a write may take less than asked)."""
     while view:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
@@ -313,10 +314,10 @@ def _py_write_regions(fd: int, regions: Sequence[WriteRegion], progress: Progres
     for index, (offset, data, chunk_size) in enumerate(regions):
         view = _bytes_view(data)
         crcs.append(_py_chunk_crcs(view, chunk_size))
-        _pwrite_all(fd, view, offset)
+        pwrite_all(fd, view, offset)
         gap = regions[index + 1][0] - (offset + len(view)) if index + 1 < len(regions) else 0
         if 0 < gap < _PADDING_LIMIT:  # padding, as the native path writes it
-            _pwrite_all(fd, memoryview(bytes(gap)), offset + len(view))
+            pwrite_all(fd, memoryview(bytes(gap)), offset + len(view))
         if progress:
             progress(len(view))
     return crcs

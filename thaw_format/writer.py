@@ -3,7 +3,7 @@
 The writer is deterministic: the same Snapshot always gives the same bytes. A memory buffer or a path can
 also take tensors whose bytes do not exist yet (`deferred_tensor`): a `fill` function writes each one straight
 into its region and returns the region's chunk CRCs, so an engine's KV pages reach shared memory, or a file
-(through a shared mapping of it), in one pass.
+(through a stage buffer kept in cache and pwrite), in one pass.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import secrets
 import stat
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 from . import mover
@@ -60,6 +61,11 @@ class EncodedSnapshot:
         trailer = encode_trailer(crcs)
         return trailer, content_id(self.header[: self.layout.header_length], trailer)
 
+    def _check_fill(self, fill: dict) -> None:
+        unknown = set(fill) - {name for name, _ in self.tensors}
+        if unknown:
+            raise ValueError(f"fill names tensors the snapshot does not have: {sorted(unknown)}")
+
     @gc_paused
     def write_into(self, buffer, fill: Optional[dict[str, Fill]] = None, progress: Progress = None) -> str:
         """Write the snapshot into the first `nbytes` of a writable buffer (bytearray, mmap, shared memory).
@@ -68,9 +74,7 @@ class EncodedSnapshot:
         if len(view) < self.nbytes:
             raise ValueError(f"buffer holds {len(view)} bytes, the snapshot needs {self.nbytes}")
         fill = fill or {}
-        unknown = set(fill) - {name for name, _ in self.tensors}
-        if unknown:
-            raise ValueError(f"fill names tensors the snapshot does not have: {sorted(unknown)}")
+        self._check_fill(fill)
         view[: len(self.header)] = self.header
         position, crcs = len(self.header), array("I")
         for (name, tensor), region in zip(self.tensors, self.layout.regions):
@@ -111,20 +115,22 @@ class EncodedSnapshot:
     def save(self, path, progress: Progress = None, fill: Optional[dict[str, Fill]] = None) -> str:
         """Write atomically: a temporary file beside `path`, fsync, rename over `path`, fsync the directory.
 
-        `fill` (as for write_into) writes the named tensors straight into their regions of the file, through a
-        shared mapping of the temporary file sized to the snapshot: one pass from the engine to the page
-        cache, with no copy in between.
+        `fill` (as for write_into) writes each named tensor, with its chunk CRCs, into a stage buffer of the
+        tensor's size that pwrite then copies to the page cache while the next tensor is filled: one pass
+        over the engine's memory, the stage staying in cache (a shared mapping of the file would take a page
+        fault per 4 KiB page written).
 
         A crash at any point leaves either the old file or the new one at `path`, never a mix. The file is
         never changed in place, so readers and mappings of the old file keep reading the old snapshot. A new
         file's mode follows the umask (0666 & ~umask); a file replaced keeps its mode. A symlink at `path` is
         replaced by the new file (the rename replaces the link, not its target, which is left untouched).
         """
+        self._check_fill(fill or {})  # before the temporary file exists
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = _create_beside(path, directory)
         try:
-            snapshot_id = self._write_mapped(fd, fill, progress) if fill else self._write_file(fd, progress)
+            snapshot_id = self._write_staged(fd, fill, progress) if fill else self._write_file(fd, progress)
             os.fsync(fd)
             os.close(fd)
             fd = -1
@@ -152,28 +158,48 @@ class EncodedSnapshot:
         os.pwrite(fd, trailer, self.layout.trailer_offset)
         return snapshot_id
 
-    def _write_mapped(self, fd: int, fill: dict[str, Fill], progress: Progress) -> str:
-        # Blocks reserved before the mapping is written: a full disk raises OSError here, where a sparse file
-        # would raise SIGBUS on the first page the file system cannot back.
+    def _write_staged(self, fd: int, fill: dict[str, Fill], progress: Progress) -> str:
+        # Blocks reserved first: a full disk raises OSError before anything is gathered, and the gaps between
+        # regions (never written) read as zeros without leaving holes in the file.
         os.posix_fallocate(fd, 0, self.nbytes)
-        mapped = mmap.mmap(fd, self.nbytes)
-        regions = iter(self.layout.regions)
-
-        def written(length: int) -> None:  # write_into reports each region once written, in order
-            region = next(regions)
-            mover.start_writeback(fd, region.offset, region.length)  # the disk works while the next one is made
-            if progress:
-                progress(length)
-
-        try:
-            snapshot_id = self.write_into(mapped, fill, written)
-            mapped.flush()  # msync: the portable way to reach the file; the caller's fsync then finds it written
-        finally:
-            try:
-                mapped.close()
-            except BufferError:  # a failed fill's traceback still views it: unmapped when that is dropped
-                pass
+        os.pwrite(fd, self.header, 0)
+        names = [name for name, _ in self.tensors]
+        plain = [i for i, name in enumerate(names) if name not in fill]
+        crcs: list = [None] * len(names)
+        written = mover.write_regions(fd, [(self.layout.regions[i].offset, self.tensors[i][1].data,
+                                            self.layout.regions[i].chunk_size) for i in plain], progress)
+        for i, region_crcs in zip(plain, written):
+            crcs[i] = region_crcs
+        filled = [i for i, name in enumerate(names) if name in fill]
+        widest = max(self.layout.regions[i].length for i in filled)
+        # Two stages take turns: a tensor is gathered into one while the other's bytes go out by pwrite (which
+        # releases the GIL), so the file is written from memory just written, already in cache, and faulted in
+        # once per process (mover.recycled), where a shared mapping of the new file costs a fault per page.
+        stages, pending = [mover.recycled(widest) for _ in range(2)], [None, None]
+        with ThreadPoolExecutor(1, thread_name_prefix="thaw-save") as writer:
+            for turn, i in enumerate(filled):
+                region, slot = self.layout.regions[i], turn % 2
+                if pending[slot] is not None:
+                    pending[slot].result()  # that stage's previous tensor is out
+                stage = stages[slot][: region.length]
+                crcs[i] = fill[names[i]](stage, region.chunk_size)
+                if len(crcs[i]) != region.num_chunks:
+                    raise ValueError(f"fill of {names[i]!r} returned {len(crcs[i])} CRCs for {region.num_chunks} chunks")
+                pending[slot] = writer.submit(_write_out, fd, stage, region.offset)
+                if progress:
+                    progress(region.length)
+            for future in pending:
+                if future is not None:
+                    future.result()
+        trailer, snapshot_id = self._finish(array("I", [c for region_crcs in crcs for c in region_crcs]))
+        os.pwrite(fd, trailer, self.layout.trailer_offset)
         return snapshot_id
+
+
+def _write_out(fd: int, data: memoryview, offset: int) -> None:
+    """pwrite all of data at offset, then start the disk on it (the save's fsync then finds it under way)."""
+    mover.pwrite_all(fd, data, offset)
+    mover.start_writeback(fd, offset, len(data))
 
 
 def _create_beside(path: str, directory: str) -> tuple[int, str]:

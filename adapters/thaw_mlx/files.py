@@ -5,9 +5,10 @@
 
 They write and read the same files, and give the same caches, as thaw_format.save(thaw_mlx.capture(...)) and
 thaw_mlx.restore(model, thaw_format.load(path)), without the copy in between: save gathers each KV page
-straight from MLX's memory into the file's region (a shared mapping of the temporary file) with its chunk
-CRCs in the same pass, and stays atomic (temporary file, fsync, rename); load maps the file once and scatters
-each KV tensor straight into a new MLX array, checking each chunk against its CRC just before it moves. Every
+straight from MLX's memory into the file's bytes (a stage buffer per tensor, written out by pwrite while the
+next is gathered) with its chunk CRCs in the same pass, and stays atomic (temporary file, fsync, rename);
+load maps the file once and scatters each KV tensor straight into a new MLX array, checking each chunk
+against its CRC just before it moves. Every
 other tensor (weights, ring and recurrent states) is checked before anything is built from it, and a bad
 chunk anywhere raises CorruptSnapshotError with no cache returned. Load drops each KV tensor's mapped pages
 once scattered (they stay in the page cache), so its peak memory is the new cache and about one tensor more.

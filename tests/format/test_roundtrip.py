@@ -239,3 +239,34 @@ def test_save_with_fill_writes_the_same_file_in_place_of_deferred_tensors(tmp_pa
     with pytest.raises(RuntimeError, match="engine gone"):
         tf.EncodedSnapshot(full_snapshot).save(filled, fill={f"weights/{name}": failing})
     assert filled.read_bytes() == plain.read_bytes() and sorted(os.listdir(tmp_path)) == ["filled.thaw", "plain.thaw"]
+
+
+def test_save_with_many_fills_matches_the_plain_file_and_a_late_failure_leaves_the_old_one(tmp_path, full_snapshot):
+    """Fills of tensors of different sizes take turns in the save's two stage buffers: each tensor's bytes
+    reach only its own region (twice over, so the second save reuses stages the first let go), and a fill
+    that fails after others were written leaves the old file and no temporary."""
+    from thaw_format.writer import deferred_tensor
+
+    plain, filled = tmp_path / "plain.thaw", tmp_path / "filled.thaw"
+    plain_id = tf.EncodedSnapshot(full_snapshot).save(plain)
+    reals, fill = {}, {}
+    for i, layer in enumerate(full_snapshot.kv.layers):
+        for role, real in list(layer.tensors.items()):
+            reals[f"kv/{i}/{role}"] = real
+            layer.tensors[role] = deferred_tensor(real.dtype, real.shape)
+    reals["weights/embed.weight"] = full_snapshot.weights.tensors["embed.weight"]
+    full_snapshot.weights.tensors["embed.weight"] = deferred_tensor("float32", (16, 8))
+    for name, real in reals.items():
+        fill[name] = lambda target, chunk_size, real=real: tf.mover.copy_with_crcs(real.data, target, chunk_size)
+    for _ in range(2):
+        assert tf.EncodedSnapshot(full_snapshot).save(filled, fill=fill) == plain_id
+        assert filled.read_bytes() == plain.read_bytes()
+
+    def failing(target, chunk_size):
+        raise RuntimeError("engine gone")
+
+    with pytest.raises(RuntimeError, match="engine gone"):
+        tf.EncodedSnapshot(full_snapshot).save(filled, fill={**fill, "kv/1/k": failing})
+    with pytest.raises(ValueError, match="does not have"):
+        tf.EncodedSnapshot(full_snapshot).save(filled, fill={**fill, "kv/9/k": failing})
+    assert filled.read_bytes() == plain.read_bytes() and sorted(os.listdir(tmp_path)) == ["filled.thaw", "plain.thaw"]
