@@ -39,6 +39,20 @@ Scheduler = _scheduler_module.Scheduler
 run_scheduler_process = _scheduler_module.run_scheduler_process
 
 
+class SleepsWhilePaused(Scheduler):
+    """A Scheduler that waits for its next message while paused, as `sleep_on_idle` makes it wait while idle.
+
+    SGLang's event loop skips its idle wait while paused (`_engine_paused`: the loop goes straight back to
+    polling its sockets), so a paused engine spins a CPU even with sleep_on_idle. Paused, nothing can change
+    until a message arrives (a continue, thaw's RPCs, requests that queue), so it waits on the same sockets
+    with the same wait (`idle_sleeper`, None without sleep_on_idle: then SGLang's own spinning loop stays).
+    """
+
+    def _record_scheduler_state_for_paused_engine(self) -> None:  # called once per loop turn while paused
+        super()._record_scheduler_state_for_paused_engine()
+        self.maybe_sleep_on_idle()
+
+
 def use_walkable_tree_core() -> None:
     """Select SGLang's Python radix-tree core in this process: the default Rust core cannot be walked."""
     _environ.envs.SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND.set("python")

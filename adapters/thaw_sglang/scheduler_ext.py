@@ -18,7 +18,7 @@ from .capture import capture_state
 from .restore import check_restorable, restore_state
 
 
-class ThawScheduler(_internals.Scheduler):
+class ThawScheduler(_internals.SleepsWhilePaused):
     # The id of the snapshot this engine was last restored from: the lineage parent of its captures.
     thaw_restored_from: str | None = None
     # The digest of the weights it holds (weights.engine_weights_digest): computed on first use, then kept.

@@ -29,8 +29,10 @@ def thaw_call(core, op: str, args: dict) -> dict:
 
 
 def _worker(core, method: str, *args):
-    """The worker's `method` (worker.ThawWorkerExtension) through collective_rpc, its snapshot errors raised."""
-    return remote.unwrap(core.collective_rpc(method, args=args)[0])
+    """The worker's `method` (worker.ThawWorkerExtension) through collective_rpc, its snapshot errors raised.
+    This process waits for the reply asleep: its CPU is one the worker moves KV on (worker.start_mover)."""
+    with _internals.worker_awaited_asleep(core):
+        return remote.unwrap(core.collective_rpc(method, args=args)[0])
 
 
 def _connector(core) -> ThawConnector:

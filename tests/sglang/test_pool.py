@@ -37,3 +37,9 @@ def test_a_chain_capture_holds_only_the_chains_pages(parent):
     snapshot = parent.capture(include_weights=False, chains=[trunk[:64]])
     assert [snapshot.prefix.chain_tokens(leaf) for leaf in snapshot.prefix.leaves()] == [trunk[:64]]
     assert snapshot.kv.num_pages == 2
+
+
+def test_the_pools_workers_sleep_while_idle_as_the_parent_does(parent):
+    """SGLang's sleep_on_idle is in the parent's launch spec, which the pool's workers start from: an idle
+    worker waits for its next message instead of spinning a CPU beside the parent's capture."""
+    assert parent.launch_spec().kwargs["sleep_on_idle"] is True
