@@ -70,6 +70,7 @@ class SnapshotFile:
         # The header and the trailer were read at two moments: are they of one file?
         length = self.layout.header_length
         self._sealed = [header[: PREAMBLE.size], header[length - CRC.size : length], trailer[-TRAILER_TAIL.size :]]
+        self._header, self._trailer = header, trailer  # as checked: what read_into writes
         self._check_unchanged()
         self.id = content_id(header, trailer)
         self.version = (preamble.major, preamble.minor)
@@ -246,9 +247,8 @@ class SnapshotFile:
         for start, end in [(r.offset, r.end) for r in layout.regions] + [(layout.trailer_offset, 0)]:
             out[position : max(start, position)] = bytes(max(start - position, 0))
             position = end
-        out[: layout.header_length] = self._read(0, layout.header_length)
-        out[layout.trailer_offset : layout.file_length] = self._read(layout.trailer_offset,
-                                                                     layout.file_length - layout.trailer_offset)
+        out[: layout.header_length] = self._header
+        out[layout.trailer_offset : layout.file_length] = self._trailer
         self._fill(list(range(len(layout.regions))), [out[r.offset : r.end] for r in layout.regions], verify, progress)
 
     def _mapped_tensors(self) -> dict[str, Tensor]:

@@ -118,7 +118,8 @@ class EncodedSnapshot:
         `fill` (as for write_into) writes each named tensor, with its chunk CRCs, into a stage buffer of the
         tensor's size that pwrite then copies to the page cache while the next tensor is filled: one pass
         over the engine's memory, the stage staying in cache (a shared mapping of the file would take a page
-        fault per 4 KiB page written).
+        fault per 4 KiB page written). It holds two stages of the largest filled tensor's size, recycled
+        across saves up to mover.recycled's budget (larger ones are new memory each save).
 
         A crash at any point leaves either the old file or the new one at `path`, never a mix. The file is
         never changed in place, so readers and mappings of the old file keep reading the old snapshot. A new

@@ -50,7 +50,10 @@ class SleepsWhilePaused(Scheduler):
 
     def _record_scheduler_state_for_paused_engine(self) -> None:  # called once per loop turn while paused
         super()._record_scheduler_state_for_paused_engine()
-        self.maybe_sleep_on_idle()
+        # Only SGLang's zmq sleeper watches the RPC socket thaw's calls come by (the Rust server's does not:
+        # a paused engine would answer each call up to a second late).
+        if isinstance(self.idle_sleeper, _scheduler_module.IdleSleeper):
+            self.maybe_sleep_on_idle()
 
 
 def use_walkable_tree_core() -> None:

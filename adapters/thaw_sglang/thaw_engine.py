@@ -22,7 +22,8 @@ class ThawEngine(Engine):
     `ThawEngine(model_path=..., **kwargs)`, or as SGLang's engine class is named beside it,
     `ThawEngine(sglang.Engine, model_path, **kwargs)`.
 
-    Unlike a plain sglang.Engine, its scheduler sleeps while idle or paused (`sleep_on_idle=True` unless given):
+    Unlike a plain sglang.Engine, its scheduler sleeps while idle or paused (`sleep_on_idle=True` unless given,
+    or unless a whole `server_args` is):
     a fork's family or a pool holds several engines on one machine, and each idle SGLang scheduler otherwise
     spins a whole CPU (README.md: measured cost and gain).
     """
@@ -41,7 +42,8 @@ class ThawEngine(Engine):
             raise TypeError("ThawEngine takes the model path as its one positional argument (or model_path=)")
         if args:
             kwargs["model_path"] = str(args[0])
-        kwargs.setdefault("sleep_on_idle", True)  # in the launch spec too: a pool's workers and forks sleep alike
+        if "server_args" not in kwargs:  # a ServerArgs given whole is SGLang's as given
+            kwargs.setdefault("sleep_on_idle", True)  # in the launch spec too: a pool's workers and forks sleep alike
         self.engine_kwargs = dict(kwargs)
         super().__init__(**kwargs)
 

@@ -310,7 +310,9 @@ def worker_awaited_asleep(core) -> Iterator[None]:
     thaw call the engine core goes straight to the sleeping wait, woken by the worker's notification; vLLM's
     own spin is back after it. No effect in-process (no queue) or on a follower node.
     """
-    conditions = [mq._spin_condition for mq in getattr(core.model_executor, "response_mqs", ())]
+    # Queues of workers on other nodes have no condition: their reader waits on zmq and never spins.
+    conditions = [mq._spin_condition for mq in getattr(core.model_executor, "response_mqs", ())
+                  if mq._spin_condition is not None]
     for condition in conditions:
         if not isinstance(condition, SpinCondition) or not condition.is_reader:
             raise RuntimeError(f"vLLM's worker reply queue waits with {type(condition).__name__}, not the reader "

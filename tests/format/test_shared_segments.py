@@ -15,6 +15,7 @@ import pytest
 from tracker_scenario import assert_runs_without_tracker_complaints
 
 import thaw_format
+import thaw_format.numpy  # noqa: F401  (_kv_snapshot builds its tensors with it)
 from thaw_format.sdk.shared import Segment, SharedSnapshot, read_shared, read_source, release
 
 SCENARIO = textwrap.dedent("""
@@ -196,3 +197,49 @@ def test_a_corrupt_file_is_refused_by_a_shared_load_naming_the_chunk(tmp_path):
         thaw_format.load(path, shared=True)
     with pytest.raises(ValueError, match="choose one"):
         thaw_format.load(path, shared=True, mmap=True)
+
+
+def test_a_forked_child_that_exits_leaves_its_parents_shared_loads_alone(tmp_path):
+    import atexit
+    import gc
+    import multiprocessing
+    import os
+
+    from thaw_format.sdk import lent
+
+    def exit_normally():  # what a forked child's normal exit runs: atexit, the finalizers it inherited
+        atexit._run_exitfuncs()
+        os._exit(0)
+
+    path = tmp_path / "kv.thaw"
+    thaw_format.save(_kv_snapshot(), path)
+    held, dropped = thaw_format.load(path, shared=True), thaw_format.load(path, shared=True)
+    kept = lent.lent_source(dropped)
+    del dropped
+    gc.collect()  # its segment is kept for the next load
+    child = multiprocessing.get_context("fork").Process(target=exit_normally)
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    assert os.path.exists(_segment_file(lent.lent_source(held)))  # the parent's, still in use
+    assert lent.lent_source(thaw_format.load(path, shared=True)) == kept  # and its kept one, still there
+
+
+def test_a_shared_load_without_room_in_dev_shm_raises_before_writing(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from thaw_format.sdk import lent
+
+    path = tmp_path / "big.thaw"
+    thaw_format.save(_kv_snapshot(), path)
+    lent.drop_idle_loads()  # no kept segment to reuse: this load needs a new one
+    before = set(os.listdir("/dev/shm"))
+
+    def full(fd, offset, length):  # tmpfs at its size limit (writing into the segment would SIGBUS)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="no room for a .*shared load in /dev/shm"):
+        thaw_format.load(path, shared=True)
+    assert set(os.listdir("/dev/shm")) <= before  # no segment left behind

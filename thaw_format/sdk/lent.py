@@ -9,13 +9,15 @@ shared memory costs a page fault and a zeroing per 4 KiB page, more than the cop
 never overwritten while a reader holds it: ownership passes with the source and comes back with the slot.
 A borrower holds an open-file-description lock on its slot's byte of the control segment for as long as it
 holds the snapshot; the kernel drops the lock when the last process holding it exits, however it dies, so a
-lender takes back the slot of a borrower that died without giving it back (its children that inherited the
-snapshot hold the lock too).
+lender takes back the slot of a borrower that died without giving it back. A process forked while holding a
+borrowed snapshot inherits the lock: the slot stays out until it, too, drops the snapshot or exits. A slot
+lent but never borrowed (its reader died between the capture and its borrow) stays out until the lender closes.
 
 Readers cache a few mappings per process (`open_snapshot`), so a segment read again (the next lent capture
 in a recycled segment, a client's reused restore segment) is neither mapped nor faulted again.
 `load_shared(path)` (thaw_format.load(path, shared=True)) reads a snapshot file, verified, into a segment of
-its own, which the Snapshot's read-only tensors view; it is unlinked when the last of them is collected.
+its own, which the Snapshot's read-only tensors view; when the last of them is collected the segment is kept
+for the next shared load (a few at most; `drop_idle_loads()` unlinks them now, exit does too).
 `lent_source(snapshot)` gives back the source of a borrowed or shared-loaded snapshot still exactly as it was
 written into its segment, so a restore can hand the segment itself to the engine instead of encoding the
 snapshot again: the one copy a snapshot in the client's memory would otherwise cost on its way to an engine in
@@ -30,6 +32,7 @@ import mmap
 import os
 import secrets
 import struct
+import threading
 import weakref
 from collections import OrderedDict
 from multiprocessing import shared_memory
@@ -137,7 +140,9 @@ class Lender:
         """Unlink every segment (readers keep the mappings they hold) and the control segment."""
         for slot in range(SLOTS):
             self._drop(slot)
-        os.close(self._ctl_fd)
+        if self._ctl_fd >= 0:
+            os.close(self._ctl_fd)
+            self._ctl_fd = -1  # a second close must not close another file's descriptor
         self._ctl.close()
         self._ctl.unlink()
 
@@ -244,41 +249,78 @@ def load_shared(path: str, *, verify: bool = True, limits: Limits = DEFAULT_LIMI
             finally:
                 os.close(fd)
         except BaseException:
-            _retire(segment)
+            _retire(segment, os.getpid())
             raise
     base = numpy.frombuffer(mapping, numpy.uint8, count=nbytes)
-    weakref.finalize(base, _retire, segment)
+    weakref.finalize(base, _retire, segment, os.getpid())
     return _held(loads(base, copy=False, verify=False), f"{SHM_PREFIX}{segment.name}#{nbytes}", base)
 
 
 _IDLE_LOADS: list[shared_memory.SharedMemory] = []  # segments of dropped shared loads, kept for the next
 _KEEP_LOADS = [KEEP_IDLE]  # 0 once this process exits: every segment is then unlinked
+_LOADS_LOCK = threading.Lock()  # loads and finalizers may run on several threads
+os.register_at_fork(after_in_child=_IDLE_LOADS.clear)  # the parent's to reuse and unlink, not a child's
 
 
 def _load_segment(nbytes: int) -> shared_memory.SharedMemory:
-    """The smallest kept segment that holds nbytes, else a new one."""
-    fitting = sorted((s.size, i) for i, s in enumerate(_IDLE_LOADS) if s.size >= nbytes)
-    if fitting:
-        return _IDLE_LOADS.pop(fitting[0][1])
-    return shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
+    """The smallest kept segment that holds nbytes, else a new one with its memory reserved: tmpfs allocates
+    on first write, so a full /dev/shm would otherwise kill the process with SIGBUS in the middle of the read."""
+    with _LOADS_LOCK:
+        fitting = [s for s in _IDLE_LOADS if s.size >= nbytes]
+        if fitting:
+            segment = min(fitting, key=lambda s: s.size)
+            _IDLE_LOADS.remove(segment)
+            return segment
+    segment = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
+    try:
+        fd = open_segment(segment.name, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, max(nbytes, 1))
+        finally:
+            os.close(fd)
+    except OSError as e:
+        _unlink(segment)
+        raise OSError(e.errno, f"no room for a {nbytes}-byte shared load in /dev/shm ({e.strerror}): "
+                               "load it without shared=True, or give /dev/shm more space") from None
+    return segment
 
 
-def _retire(segment: shared_memory.SharedMemory) -> None:
-    if len(_IDLE_LOADS) < _KEEP_LOADS[0]:
-        _IDLE_LOADS.append(segment)
+def _retire(segment: shared_memory.SharedMemory, owner: int) -> None:
+    """A dropped shared load's segment: kept for the next, else unlinked. Only in the process that loaded it
+    (a forked child that exits runs the finalizers it inherited, for segments its parent still uses)."""
+    if os.getpid() != owner:
         return
-    segment.unlink()
+    with _LOADS_LOCK:
+        if len(_IDLE_LOADS) < _KEEP_LOADS[0]:
+            _IDLE_LOADS.append(segment)
+            return
+    _unlink(segment)
+
+
+def _unlink(segment: shared_memory.SharedMemory) -> None:
     try:
         segment.close()
     except BufferError:
         pass  # a failed load's traceback still views it: unmapped when that goes
+    try:
+        segment.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def drop_idle_loads() -> None:
+    """Unlink the segments kept for later shared loads (they hold memory in /dev/shm until then)."""
+    with _LOADS_LOCK:
+        idle = _IDLE_LOADS[:]
+        _IDLE_LOADS.clear()
+    for segment in idle:
+        _unlink(segment)
 
 
 @atexit.register
-def _drop_idle_loads() -> None:
+def _at_exit() -> None:
     _KEEP_LOADS[0] = 0
-    while _IDLE_LOADS:
-        _retire(_IDLE_LOADS.pop())
+    drop_idle_loads()
 
 
 _CONTROLS: "OrderedDict[str, mmap.mmap]" = OrderedDict()
