@@ -56,3 +56,11 @@ def test_an_unknown_wait_is_refused_before_anything_changes(reader_conditions):
         with worker_awaited_asleep(core_with(reader_conditions + [object()])):
             pass
     assert [c.busy_loop_s for c in reader_conditions] == spins
+
+
+def test_the_queues_of_workers_on_other_nodes_are_left_alone(reader_conditions):
+    """A remote worker's reply queue has no spin condition (its reader waits on zmq): nothing to put to sleep."""
+    from thaw_vllm._internals import worker_awaited_asleep
+
+    with worker_awaited_asleep(core_with(reader_conditions + [None])):
+        assert [c.busy_loop_s for c in reader_conditions] == [0, 0]
