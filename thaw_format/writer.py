@@ -81,10 +81,7 @@ class EncodedSnapshot:
             view[position : region.offset] = bytes(region.offset - position)
             target = view[region.offset : region.end]
             if name in fill:
-                filled = fill[name](target, region.chunk_size)
-                if len(filled) != region.num_chunks:
-                    raise ValueError(f"fill of {name!r} returned {len(filled)} CRCs for {region.num_chunks} chunks")
-                crcs.extend(filled)
+                crcs.extend(_filled(fill, name, target, region))
             else:
                 crcs.extend(mover.copy_with_crcs(tensor.data, target, region.chunk_size))
             position = region.end
@@ -183,9 +180,7 @@ class EncodedSnapshot:
                 if pending[slot] is not None:
                     pending[slot].result()  # that stage's previous tensor is out
                 stage = stages[slot][: region.length]
-                crcs[i] = fill[names[i]](stage, region.chunk_size)
-                if len(crcs[i]) != region.num_chunks:
-                    raise ValueError(f"fill of {names[i]!r} returned {len(crcs[i])} CRCs for {region.num_chunks} chunks")
+                crcs[i] = _filled(fill, names[i], stage, region)
                 pending[slot] = writer.submit(_write_out, fd, stage, region.offset)
                 if progress:
                     progress(region.length)
@@ -195,6 +190,14 @@ class EncodedSnapshot:
         trailer, snapshot_id = self._finish(array("I", [c for region_crcs in crcs for c in region_crcs]))
         os.pwrite(fd, trailer, self.layout.trailer_offset)
         return snapshot_id
+
+
+def _filled(fill: dict[str, Fill], name: str, target: memoryview, region) -> array:
+    """The named tensor written into target by its fill function: its chunk CRCs, one per chunk."""
+    crcs = fill[name](target, region.chunk_size)
+    if len(crcs) != region.num_chunks:
+        raise ValueError(f"fill of {name!r} returned {len(crcs)} CRCs for {region.num_chunks} chunks")
+    return crcs
 
 
 def _write_out(fd: int, data: memoryview, offset: int) -> None:
