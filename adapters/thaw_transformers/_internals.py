@@ -5,7 +5,9 @@ transformers documents `DynamicCache(config=...)`, `Cache.update` and the model 
 holds (`keys`/`values` of [batch, kv_heads, tokens, head_dim]), which layers slide (`is_sliding`,
 `sliding_window`), how a sliding layer is kept from dropping tokens (`activate_past_recording`) and the
 forward's cache argument name (`cache`, `past_key_values` before 5.x) are internals. A newer transformers must be
-tested and added here before thaw_transformers accepts it.
+tested and added here before thaw_transformers accepts it. 5.24.x runs in CI (the [transformers] extra pins
+5.24.0); 5.25.0 (which mlx-lm pulls in by default, with its new `kernels` dependency) passed tests/transformers and
+tests/langgraph --engine transformers on CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from transformers.cache_utils import DynamicCache
 
 from thaw_format.sdk.pins import require_tested
 
-TESTED_TRANSFORMERS = ("5.24.",)
+TESTED_TRANSFORMERS = ("5.24.", "5.25.")
 require_tested("thaw_transformers", "transformers", transformers.__version__, TESTED_TRANSFORMERS)
 
 TRANSFORMERS_VERSION = transformers.__version__
