@@ -7,7 +7,7 @@ mlx-lm's generate_step runs one ahead and leaves offset == len(tokens). Both are
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -157,9 +157,12 @@ def fork(
     return [parent] + [[_share(c) for c in parent] for _ in range(n - 1)]
 
 
-def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None) -> list:
+def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None,
+                      spare: Optional[Callable[[], list[list]]] = None) -> list:
     """The snapshot's prompt cache, once it is clear MLX can hold it (which model it fits is restore's check).
-    `expected`, per layer, maps paged roles to the CRCs their file bytes must have (thaw_mlx.load)."""
+    `expected`, per layer, maps paged roles to the CRCs their file bytes must have (thaw_mlx.load). `spare`,
+    called once every check has passed (nothing is written over before), gives per layer the arrays its
+    paged tensors may be written over (pages.from_pages)."""
     request = session_request(snapshot)
     kv = snapshot.kv
     if kv is None:
@@ -174,8 +177,9 @@ def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None)
         if layer_dtype(layer) != kv.dtype:
             raise IncompatibleSnapshotError(f"kv.layers[{i}] is {layer_dtype(layer)}, the KV cache {kv.dtype}")
     expected = expected or [None] * len(kv.layers)
-    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks)
-             for layer, checks in zip(kv.layers, expected)]
+    buffers = spare() if spare is not None else [None] * len(kv.layers)
+    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, arrays)
+             for layer, checks, arrays in zip(kv.layers, expected, buffers)]
     mx.eval([c.state for c in cache])
     return cache
 
