@@ -260,7 +260,7 @@ class MLXEngine(SharedKV):
             return self._install(*load(source, self.model, info=self.info))
         snapshot = open_snapshot(source, verify=not checked)
         check_snapshot_model(self.model, snapshot, info=self.info)
-        check_cache_layout(self.model, snapshot)
+        check_cache_layout(self.model, snapshot, self.info)
         return self._install(cache_of_snapshot(snapshot, spare=self._give_up_buffers), snapshot)
 
     def _give_up_buffers(self) -> list[list]:

@@ -99,7 +99,7 @@ def load_mapped(mapped: mmap.mmap, model: nn.Module, *, check_weights: bool = Tr
         if name not in paged:
             f.tensor(name, copy=False)  # checks its chunks (raises CorruptSnapshotError)
     check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
-    check_cache_layout(model, snapshot)
+    check_cache_layout(model, snapshot, info)
     return cache_of_snapshot(snapshot, expected), snapshot
 
 
