@@ -300,7 +300,9 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
     mlx-lm grows it: the given pages scattered by libthaw straight into the array's own (uninitialised)
     memory, every page with the same layout (a short last page's padding lands past num_tokens and is zeroed
     after, with the rest of the capacity). `spare` holds arrays only the caller holds (unshared_buffers): one
-    of the same shape and dtype is taken out and written over, every byte, instead of a new array.
+    of the same shape and dtype is taken out and written over, every byte, instead of a new array; its source
+    must have been checked whole before (with `expected`, a bad chunk found mid-scatter would leave it half
+    written).
 
     With `expected`, the tensor's bytes are a file's, checked against their CRCs before they are used: in the
     scatter itself, chunk by chunk, when the pages are the whole tensor in order (as thaw_mlx writes them),
