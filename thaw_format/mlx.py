@@ -3,7 +3,8 @@
 bfloat16 travels as its uint16 bit pattern, since neither the buffer protocol nor numpy knows bfloat16.
 `writable_arrays` hands out new arrays together with writable views of their (uninitialised) memory, so a
 loader can write bytes straight into MLX (libthaw's scatter), each byte once, instead of building them
-elsewhere and having MLX copy them, or zeroing the arrays first.
+elsewhere and having MLX copy them, or zeroing the arrays first; `owned_view` hands out the memory of an array
+its caller holds alone, to write over again.
 """
 
 from __future__ import annotations
@@ -159,6 +160,16 @@ def sole_view(array: mx.array) -> memoryview:
         raise ValueError(f"the {array.dtype}{list(array.shape)} array's memory is not its own row-major bytes "
                          f"(strides {view.strides}, {view.nbytes} bytes): not writable in place")
     return view.cast("B")
+
+
+def owned_view(array: mx.array) -> memoryview:
+    """A writable byte view of the memory of an array its caller holds alone (no other array, evaluated or
+    not, shares or reads that buffer): a restore writing a new cache over the buffers of the one it replaces,
+    with no allocation and no page faults. MLX arrays are immutable to every other holder, so writing into
+    one that anything else can see is a bug; sole_view refuses only memory that is not the array's own."""
+    raw = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array  # the buffer protocol lacks bfloat16
+    mx.eval(raw)
+    return sole_view(raw)
 
 
 def to_mlx(tensor: Tensor) -> mx.array:

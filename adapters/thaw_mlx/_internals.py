@@ -30,6 +30,16 @@ def make_kv(keys, values, offset: int) -> KVCache:
     return KVCache.from_state((keys, values, offset))
 
 
+def paged_buffers(cache) -> list:
+    """The arrays a KVCache or QuantizedKVCache keeps its tokens in, whole (capacity included; `state` slices
+    them to the offset); none for other caches and for an empty one."""
+    if type(cache) is KVCache and cache.keys is not None:
+        return [cache.keys, cache.values]
+    if type(cache) is QuantizedKVCache and cache.keys is not None:
+        return [*cache.keys, *cache.values]
+    return []
+
+
 def quantized_state(cache: QuantizedKVCache):
     """(keys, values, offset, group_size, bits): keys and values are (packed uint32, scales, biases) triples."""
     keys, values, offset, group_size, bits = cache.state

@@ -12,8 +12,7 @@ against its CRC just before it moves. Every
 other tensor (weights, ring and recurrent states) is checked before anything is built from it, and a bad
 chunk anywhere raises CorruptSnapshotError with no cache returned. Load drops each KV tensor's mapped pages
 once scattered (they stay in the page cache), so its peak memory is the new cache and about one tensor more.
-MLXEngine's capture_shared and restore_source use the same two halves on a shared-memory segment
-(deferring + fill_of, map_shared + load_mapped).
+MLXEngine's capture_shared gathers the same way into a shared-memory segment (deferring + fill_of).
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ import mlx.nn as nn
 from thaw_format import CorruptSnapshotError, EncodedSnapshot, ModelInfo, Snapshot, SnapshotFile
 from thaw_format.container import DEFAULT_CHUNK_SIZE
 from thaw_format.paths import open_regular
-from thaw_format.sdk.lent import parse
-from thaw_format.sdk.shared import open_segment
 from thaw_format.writer import deferred_tensor
 
 from .identity import check_snapshot_model
@@ -83,7 +80,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = Tru
 
 def load_mapped(mapped: mmap.mmap, model: nn.Module, *, check_weights: bool = True,
                 info: Optional[ModelInfo] = None) -> tuple[list, Snapshot]:
-    """load() of a snapshot mapped in memory (a file, a shared-memory segment): each paged KV tensor checked
+    """load() of a snapshot file mapped in memory: each paged KV tensor checked
     chunk by chunk as it is scattered into new MLX arrays, every other tensor checked before anything is built,
     and nothing returned unless every chunk passed."""
     f = SnapshotFile(mapped)
@@ -102,22 +99,8 @@ def load_mapped(mapped: mmap.mmap, model: nn.Module, *, check_weights: bool = Tr
         if name not in paged:
             f.tensor(name, copy=False)  # checks its chunks (raises CorruptSnapshotError)
     check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
-    check_cache_layout(model, snapshot)
+    check_cache_layout(model, snapshot, info)
     return cache_of_snapshot(snapshot, expected), snapshot
-
-
-def map_shared(source: str) -> mmap.mmap:
-    """The snapshot in the shared-memory segment `source` ("shm://name#nbytes") mapped read-only, its pages
-    mapped in one call (MAP_POPULATE) rather than faulted in one by one."""
-    name, nbytes = parse(source)
-    fd = open_segment(name)
-    try:
-        size = os.fstat(fd).st_size
-        if size < nbytes:  # mapped past its end, the segment would kill this process (SIGBUS) at the first read
-            raise ValueError(f"segment {name} holds {size} bytes, its source says {nbytes}")
-        return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)
 
 
 def _map(path: str) -> mmap.mmap:

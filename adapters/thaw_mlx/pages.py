@@ -11,13 +11,15 @@ Paged layers move in libthaw (thaw_format.mover.gather_pages / scatter_pages): o
 array between MLX's head-major memory and the token-major pages, no intermediate copy. A capture gathers into
 a new buffer or straight into a file's region (thaw_mlx.save, with the chunk CRCs in the same pass); a
 restore scatters into a fresh MLX array's own memory (thaw_format.mlx.writable_array), checking each chunk of
-a file against its CRC on the way when loading (thaw_mlx.load).
+a file against its CRC on the way when loading (thaw_mlx.load), or over an array of the cache it replaces
+that nothing else holds (MLXEngine.restore_source: no allocation, its pages already faulted in).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import sys
 from array import array
 from typing import Callable, NamedTuple, Optional
 
@@ -26,7 +28,7 @@ import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, RotatingKVCache
 
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, KVLayer, Tensor, mover
-from thaw_format.mlx import dtype_name, from_mlx, to_mlx, writable_array
+from thaw_format.mlx import dtype_name, from_mlx, owned_view, to_mlx, writable_array
 
 from . import _internals
 
@@ -111,17 +113,19 @@ def encode_layer(cache, page_size: int, paging: Optional[Paging] = None) -> KVLa
     )
 
 
-def decode_layer(layer: KVLayer, pages: list[int], num_tokens: int, expected: Optional[dict] = None):
+def decode_layer(layer: KVLayer, pages: list[int], num_tokens: int, expected: Optional[dict] = None,
+                 spare: Optional[list] = None):
     """A new cache object for one layer: paged layers take `pages` (in order), which hold num_tokens tokens.
     `expected` maps a paged tensor's role to its Expected CRCs (a file's bytes, checked as they are scattered);
-    the layer's other tensors must have been checked already."""
+    the layer's other tensors must have been checked already. `spare`: arrays the paged tensors may be written
+    over (from_pages)."""
     expected = expected or {}
     if layer.kind == "attention":
-        keys, values = (from_pages(layer.tensors[r], pages, num_tokens, expected.get(r)) for r in ("k", "v"))
+        keys, values = (from_pages(layer.tensors[r], pages, num_tokens, expected.get(r), spare) for r in ("k", "v"))
         return _internals.make_kv(keys, values, num_tokens)
     if layer.kind == "quantized":
         keys, values = (
-            tuple(from_pages(layer.tensors[role + suffix], pages, num_tokens, expected.get(role + suffix))
+            tuple(from_pages(layer.tensors[role + suffix], pages, num_tokens, expected.get(role + suffix), spare)
                   for suffix in QUANTIZED_PARTS)
             for role in ("k", "v")
         )
@@ -276,11 +280,29 @@ def gather_into(x: mx.array, num_tokens: int, page_size: int, out, chunk_size: i
     return crcs
 
 
-def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Optional[Expected] = None) -> mx.array:
+def unshared_buffers(cache) -> list:
+    """The arrays a KVCache or QuantizedKVCache layer keeps its tokens in that no other Python object holds:
+    what a restore replacing that cache may write over (from_pages' `spare`). Its caller must know that no
+    array shares their memory either (MLXEngine's sessions: its requests and captures copy their KV)."""
+    buffers = _internals.paged_buffers(cache)
+    mx.eval(buffers)  # nothing pending writes them
+    unshared = []
+    while buffers:
+        array = buffers.pop()
+        if sys.getrefcount(array) == 3:  # the cache, `array` and getrefcount's argument: no one else sees a write
+            unshared.append(array)
+    return unshared
+
+
+def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Optional[Expected] = None,
+               spare: Optional[list] = None) -> mx.array:
     """Tensor [pages, page_size, heads, d] -> a new [1, heads, capacity, d] MLX array, capacity rounded up as
     mlx-lm grows it: the given pages scattered by libthaw straight into the array's own (uninitialised)
     memory, every page with the same layout (a short last page's padding lands past num_tokens and is zeroed
-    after, with the rest of the capacity).
+    after, with the rest of the capacity). `spare` holds arrays only the caller holds (unshared_buffers): one
+    of the same shape and dtype is taken out and written over, every byte, instead of a new array; its source
+    must have been checked whole before (with `expected`, a bad chunk found mid-scatter would leave it half
+    written).
 
     With `expected`, the tensor's bytes are a file's, checked against their CRCs before they are used: in the
     scatter itself, chunk by chunk, when the pages are the whole tensor in order (as thaw_mlx writes them),
@@ -289,7 +311,13 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
     itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1)
     span = len(pages) * page_size  # the tokens the pages cover, padding included
     capacity = -(-span // _internals.CACHE_STEP) * _internals.CACHE_STEP
-    result, out = writable_array((1, heads, capacity, dim), tensor.dtype)
+    shape = (1, heads, capacity, dim)
+    fits = [i for i, a in enumerate(spare or ()) if tuple(a.shape) == shape and dtype_name(a.dtype) == tensor.dtype]
+    if fits:
+        result = spare.pop(fits[0])
+        out = owned_view(result)
+    else:
+        result, out = writable_array(shape, tensor.dtype)
     layout = _sequence_layout(page_size, heads, capacity, dim, itemsize)
     page_bytes = layout.page_bytes
     whole = expected is not None and pages == list(range(tensor.shape[0]))
@@ -304,7 +332,7 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
                                                              expected.crcs))
         else:
             mover.scatter_pages(source, out, offsets, layout)
-    # The array's memory is uninitialised: past num_tokens (a short last page's padding, the capacity mlx-lm
+    # The array's memory is uninitialised (or a replaced cache's): past num_tokens (a short last page's padding, the capacity mlx-lm
     # grows in steps) it is zeroed, as mlx-lm's own buffers are.
     if capacity > num_tokens:
         np.frombuffer(out, np.uint8).reshape(heads, capacity, -1)[:, num_tokens:] = 0

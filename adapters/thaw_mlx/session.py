@@ -7,7 +7,7 @@ mlx-lm's generate_step runs one ahead and leaves offset == len(tokens). Both are
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -152,14 +152,17 @@ def fork(
     if n < 1:
         raise ValueError(f"fork needs n >= 1, got {n}")
     check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
-    check_cache_layout(model, snapshot)
+    check_cache_layout(model, snapshot, info)
     parent = cache_of_snapshot(snapshot)
     return [parent] + [[_share(c) for c in parent] for _ in range(n - 1)]
 
 
-def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None) -> list:
+def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None,
+                      spare: Optional[Callable[[], list[list]]] = None) -> list:
     """The snapshot's prompt cache, once it is clear MLX can hold it (which model it fits is restore's check).
-    `expected`, per layer, maps paged roles to the CRCs their file bytes must have (thaw_mlx.load)."""
+    `expected`, per layer, maps paged roles to the CRCs their file bytes must have (thaw_mlx.load). `spare`,
+    called once every check has passed (nothing is written over before), gives per layer the arrays its
+    paged tensors may be written over (pages.from_pages)."""
     request = session_request(snapshot)
     kv = snapshot.kv
     if kv is None:
@@ -174,8 +177,9 @@ def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None)
         if layer_dtype(layer) != kv.dtype:
             raise IncompatibleSnapshotError(f"kv.layers[{i}] is {layer_dtype(layer)}, the KV cache {kv.dtype}")
     expected = expected or [None] * len(kv.layers)
-    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks)
-             for layer, checks in zip(kv.layers, expected)]
+    buffers = spare() if spare is not None else [None] * len(kv.layers)
+    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, arrays)
+             for layer, checks, arrays in zip(kv.layers, expected, buffers)]
     mx.eval([c.state for c in cache])
     return cache
 
@@ -185,8 +189,9 @@ def _share(cache):
     return type(cache).from_state(tree_map(lambda a: a[...] if isinstance(a, mx.array) else a, cache.state))
 
 
-def check_cache_layout(model: nn.Module, snapshot: Snapshot) -> None:
-    """Refuse KV of another shape than the model's: layers, heads, head size, dtype."""
+def check_cache_layout(model: nn.Module, snapshot: Snapshot, info: Optional[ModelInfo] = None) -> None:
+    """Refuse KV of another shape than the model's: layers, heads, head size, dtype (`info`'s when given: the
+    model's dtype is otherwise found among its parameters, a walk over all of them)."""
     # Most mlx-lm ModelArgs name these as HF configs do; where one does not, that check is left to the tensors.
     args = model.args
     num_heads = getattr(args, "num_attention_heads", None)
@@ -195,7 +200,7 @@ def check_cache_layout(model: nn.Module, snapshot: Snapshot) -> None:
     v_head_dim = head_dim
     if getattr(args, "qk_rope_head_dim", None):  # DeepSeek MLA: per-head K of nope + rope parts, its own V size
         num_kv_heads, head_dim, v_head_dim = num_heads, args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
-    dtype = model_info(model, weights_digest=False).dtype
+    dtype = (info or model_info(model, weights_digest=False)).dtype
     check_kv_layout(snapshot, num_layers=len(model.layers), dtype=dtype)
     for i, layer in enumerate(snapshot.kv.layers):
         if layer.kind == "recurrent":  # states have model-specific shapes: the config digest vouches for them

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache, make_prompt_cache
 
 import thaw_mlx
+from thaw_format.mlx import from_mlx
 from zoo import PROMPT, make_model
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -88,3 +90,11 @@ def kv_digest(model, cache, tokens) -> str:
         for role in sorted(layer.tensors):
             h.update(layer.tensors[role].data)
     return h.hexdigest()
+
+
+def full_state(cache) -> list:
+    """Every layer's class, offset, meta state and state: arrays whole (capacity included) with dtype and shape."""
+    return [(type(c).__name__, getattr(c, "offset", None), getattr(c, "meta_state", None),
+             [(k, (v.dtype, v.shape, from_mlx(v).tobytes()) if isinstance(v, mx.array) else v)
+              for k, v in tree_flatten(c.state)])
+            for c in cache]

@@ -10,19 +10,10 @@ import pytest
 
 import thaw_format
 import thaw_mlx
-from sessions import CASES
+from sessions import CASES, full_state
 from thaw_format import CorruptSnapshotError
-from mlx.utils import tree_flatten
 from thaw_format.mlx import from_mlx, sole_view, writable_arrays
 from thaw_mlx import session as mlx_session
-
-
-def full_state(cache) -> list:
-    """Every layer's class, offset, meta state and state: arrays whole (capacity included) with dtype and shape."""
-    return [(type(c).__name__, getattr(c, "offset", None), getattr(c, "meta_state", None),
-             [(k, (v.dtype, v.shape, from_mlx(v).tobytes()) if isinstance(v, mx.array) else v)
-              for k, v in tree_flatten(c.state)])
-            for c in cache]
 
 
 @pytest.fixture
@@ -138,23 +129,3 @@ def test_writable_array_refuses_what_it_cannot_hand_out():
         with pytest.raises(ValueError, match="not writable in place"):
             sole_view(shared)
     assert len(sole_view(x)) == 64
-
-
-def test_a_segment_source_claiming_more_bytes_than_the_segment_holds_is_refused():
-    """Mapped past its end, a segment kills the reading process at the first read (SIGBUS): refused first."""
-    import numpy
-
-    from thaw_format.sdk.shared import Segment
-    from thaw_mlx.files import map_shared
-
-    segment = Segment()
-    try:
-        source = segment.publish(thaw_format.Snapshot(weights=thaw_format.Weights({"t": numpy.zeros(8, numpy.uint8)})))
-        name, nbytes = source[len("shm://"):].split("#")
-        with pytest.raises(ValueError, match=f"segment {name} holds .* bytes, its source says"):
-            map_shared(f"shm://{name}#{int(nbytes) + (1 << 30)}")
-        with pytest.raises(ValueError, match="not a shared-memory segment source"):
-            map_shared(f"shm://{name}#many")
-        assert len(map_shared(source)) == int(nbytes)
-    finally:
-        segment.close()
