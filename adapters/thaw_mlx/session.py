@@ -27,11 +27,12 @@ from thaw_format import (
     Weights,
     check_kv_layout,
 )
+from thaw_format.mlx import writable_arrays
 from thaw_format.sdk import DEFAULT_PAGE_SIZE, lineage_now
 
 from . import _internals
 from .identity import check_snapshot_model, model_info, model_weights
-from .pages import Paging, check_layer, decode_layer, encode_layer, layer_dtype, num_cached_tokens
+from .pages import Paging, check_layer, decode_layer, encode_layer, layer_dtype, num_cached_tokens, paged_targets
 
 REQUEST_ID = "mlx-0"
 
@@ -174,8 +175,11 @@ def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None)
         if layer_dtype(layer) != kv.dtype:
             raise IncompatibleSnapshotError(f"kv.layers[{i}] is {layer_dtype(layer)}, the KV cache {kv.dtype}")
     expected = expected or [None] * len(kv.layers)
-    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks)
-             for layer, checks in zip(kv.layers, expected)]
+    wanted = [paged_targets(layer, request.pages) for layer in kv.layers]
+    made = iter(writable_arrays([(shape, dtype) for specs in wanted for _, shape, dtype in specs]))
+    targets = [{role: next(made) for role, _, _ in specs} for specs in wanted]
+    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, layer_targets)
+             for layer, checks, layer_targets in zip(kv.layers, expected, targets)]
     mx.eval([c.state for c in cache])
     return cache
 
