@@ -5,7 +5,10 @@
 A prompt cache of the KV-heavy tiny Llama (8 layers, 8 KV heads x 128, float32: 64 KiB per token; 4,096
 tokens = 256 MiB), KV only, model identity computed once. Side by side in one process, best of --repeats (3)
 in wall time, with the best CPU time of the process beside it (all threads, user + system: steadier than wall
-time on a shared machine, but the ratios are of wall time):
+time on a shared machine, but the ratios are of wall time) and the page faults of the process during the fastest
+call (a fault is memory new to the process: a load whose arrays get memory the C allocator kept from an earlier
+call faults hardly at all, one whose memory is new faults once per 4 KiB, which on this VM can cost more than
+the copy; which one a call gets depends on the allocator's state, not on the loader):
   memcpy:   numpy copy of the KV's bytes into a buffer already touched;
   capture:  thaw_mlx.capture (KV gathered into token-major pages, a new buffer);
   restore:  thaw_mlx.restore (pages scattered into new MLX arrays) + mx.eval;
@@ -15,7 +18,11 @@ time on a shared machine, but the ratios are of wall time):
   load:     thaw_mlx.load (one pass: each chunk checked as it is scattered into new MLX arrays) and
             thaw_format.load (every chunk checked) + restore, against mlx-lm's load_prompt_cache + mx.eval of
             every array (its load is lazy: without the eval it reads nothing).
-Files are on local disk, in the page cache (just written). Peak RSS: each operation once in a fresh process
+Which load gets memory new to the process is the C allocator's choice (glibc keeps or returns freed memory
+by thresholds it adjusts as it goes), so the two loads are also timed, alternating, in child processes whose
+allocator is set alike for both (--loads MODE): "kept" (MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ so
+high that freed memory is always reused) and "new" (MALLOC_MMAP_THRESHOLD_ 1 MiB: every array is mapped fresh
+and faulted in). Files are on local disk, in the page cache (just written). Peak RSS: each operation once in a fresh process
 (the same script with --rss OP), after the session is built: the rise of VmHWM (reset through
 /proc/self/clear_refs) over VmRSS before the operation, as a multiple of the KV bytes. It counts file pages
 mapped by the process (thaw_mlx.save writes through a mapping; thaw_mlx.load reads through one).
@@ -28,6 +35,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -41,6 +49,9 @@ CONFIG = {"model_type": "llama", "hidden_size": 128, "num_hidden_layers": 8, "in
           "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-5,
           "vocab_size": 1024, "rope_theta": 10000.0, "tie_word_embeddings": False}
 RSS_OPS = ("capture", "restore", "save", "load")
+# glibc tunables (read at process start) that make both loads meet the same memory: reused, or always new
+MALLOC_MODES = {"kept": {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**40)},
+                "new": {"MALLOC_MMAP_THRESHOLD_": str(2**20)}}
 SCRATCH = Path(__file__).resolve().parents[1] / ".cache"
 
 
@@ -96,16 +107,24 @@ class Session:
         return cache
 
 
-def best_of(fn, repeats: int) -> tuple[float, float]:
-    """The fastest wall time and the smallest process CPU time of `repeats` calls of fn (collected before each)."""
-    wall, cpu = [], []
+def best_of(fn, repeats: int) -> tuple[float, float, int]:
+    """The fastest wall time of `repeats` calls of fn (collected before each), the smallest process CPU time, and
+    the page faults (minor and major) of the process during the fastest call."""
+    wall, cpu, faults = [], [], []
     for _ in range(repeats):
         gc.collect()
+        start_faults = page_faults()
         start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    return min(wall), min(cpu)
+        faults.append(page_faults() - start_faults)
+    return min(wall), min(cpu), faults[wall.index(min(wall))]
+
+
+def page_faults() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
 
 
 def same_kv(a: list, b: list, tokens: int) -> bool:
@@ -138,15 +157,31 @@ def rss_rise(tokens: int, op: str) -> dict:
     return {"op": op, "rise_bytes": rise, "kv_bytes": session.kv_bytes}
 
 
+def alike_loads(tokens: int, repeats: int) -> dict:
+    """thaw_mlx.load and mlx-lm's load, alternating, best of `repeats` each (this process's allocator as set)."""
+    session = Session(tokens)
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
+        ours, theirs = Path(tmp) / "one.thaw", Path(tmp) / "cache.safetensors"
+        session.save(ours)
+        session.save_mlx_lm(theirs, fsync=False)
+        runs = [(best_of(lambda: session.load(ours), 1), best_of(lambda: session.load_mlx_lm(theirs), 1))
+                for _ in range(repeats)]
+    return {name: min((run[i] for run in runs), key=lambda r: r[0]) for i, name in enumerate(("thaw", "mlx_lm"))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rss", choices=RSS_OPS, help="measure one operation's peak RSS (a child run)")
+    parser.add_argument("--loads", choices=MALLOC_MODES, help="time the two loads alike (a child run)")
     args = parser.parse_args()
     SCRATCH.mkdir(exist_ok=True)
     if args.rss:
         print(json.dumps(rss_rise(args.tokens, args.rss)))
+        return
+    if args.loads:
+        print(json.dumps(alike_loads(args.tokens, args.repeats)))
         return
 
     import thaw_format
@@ -172,12 +207,19 @@ def main() -> None:
         timed["load_generic"] = best_of(lambda: s.restore(thaw_format.load(generic)), args.repeats)
         timed["load_mlx_lm"] = best_of(lambda: s.load_mlx_lm(theirs), args.repeats)
 
-    t, cpu = ({key: pair[i] for key, pair in timed.items()} for i in (0, 1))
+    t, cpu, faults = ({key: triple[i] for key, triple in timed.items()} for i in (0, 1, 2))
     rss = {}
     for op in RSS_OPS:
         out = subprocess.run([sys.executable, __file__, "--tokens", str(n), "--rss", op], check=True,
                              capture_output=True, text=True).stdout
         rss[op] = json.loads(out.splitlines()[-1])["rise_bytes"] / s.kv_bytes
+    for mode, env in MALLOC_MODES.items():
+        out = subprocess.run([sys.executable, __file__, "--tokens", str(n), "--repeats", str(args.repeats),
+                              "--loads", mode], check=True, capture_output=True, text=True,
+                             env={**os.environ, **env}).stdout
+        for side, (wall, process_cpu, flt) in json.loads(out.splitlines()[-1]).items():
+            key = f"load_{side}_{mode}"
+            t[key], cpu[key], faults[key] = wall, process_cpu, flt
 
     gb = s.kv_bytes / 1e9
     ratios = {"capture_vs_memcpy": t["memcpy"] / t["capture"], "restore_vs_memcpy": t["memcpy"] / t["restore"],
@@ -186,17 +228,19 @@ def main() -> None:
               "save_generic_vs_mlx_lm": t["save_mlx_lm"] / t["save_generic"],
               "save_generic_vs_mlx_lm_fsync": t["save_mlx_lm_fsync"] / t["save_generic"],
               "load_one_pass_vs_mlx_lm": t["load_mlx_lm"] / t["load_one_pass"],
-              "load_generic_vs_mlx_lm": t["load_mlx_lm"] / t["load_generic"]}
+              "load_generic_vs_mlx_lm": t["load_mlx_lm"] / t["load_generic"],
+              **{f"load_one_pass_vs_mlx_lm_{mode}": t[f"load_mlx_lm_{mode}"] / t[f"load_thaw_{mode}"]
+                 for mode in MALLOC_MODES}}
     data = {"tokens": n, "kv_bytes": s.kv_bytes, "repeats": args.repeats, "seconds": t, "cpu_seconds": cpu,
-            "ratios": ratios, "peak_rss_rise_vs_kv": rss}
+            "page_faults": faults, "ratios": ratios, "peak_rss_rise_vs_kv": rss}
 
     def row(label, key, ratio=""):
-        return [label, f"{t[key]:.4f}", f"{cpu[key]:.4f}", f"{gb / t[key]:.2f}", ratio]
+        return [label, f"{t[key]:.4f}", f"{cpu[key]:.4f}", f"{gb / t[key]:.2f}", str(faults[key]), ratio]
 
     def vs(key, base):
         return f"{t[base] / t[key]:.2f}x"
 
-    table = [["operation", "seconds", "CPU seconds", "GB/s", "ratio (>1: thaw faster)"],
+    table = [["operation", "seconds", "CPU seconds", "GB/s", "page faults", "ratio (>1: thaw faster)"],
              row("memcpy of the KV bytes (numpy, one thread)", "memcpy"),
              row("thaw_mlx.capture (KV only)", "capture", f"{ratios['capture_vs_memcpy']:.2f} of memcpy"),
              row("thaw_mlx.restore (+ mx.eval)", "restore", f"{ratios['restore_vs_memcpy']:.2f} of memcpy"),
@@ -209,8 +253,12 @@ def main() -> None:
              row("thaw_mlx.load (one pass, verified) + mx.eval", "load_one_pass", vs("load_one_pass", "load_mlx_lm")),
              row("thaw_format.load (verified) + restore", "load_generic", vs("load_generic", "load_mlx_lm")),
              row("mlx_lm load_prompt_cache + mx.eval (lazy otherwise)", "load_mlx_lm"),
+             *(line for mode in MALLOC_MODES for line in (
+                 row(f"thaw_mlx.load, allocator alike ({mode} memory)", f"load_thaw_{mode}",
+                     vs(f"load_thaw_{mode}", f"load_mlx_lm_{mode}")),
+                 row(f"mlx_lm load, allocator alike ({mode} memory)", f"load_mlx_lm_{mode}"))),
              ["peak RSS rise / KV bytes (fresh process each)",
-              ", ".join(f"{op} {rss[op]:.2f}" for op in RSS_OPS), "", "", "target <= 1.25"]]
+              ", ".join(f"{op} {rss[op]:.2f}" for op in RSS_OPS), "", "", "", "target <= 1.25"]]
     notes = [f"mlx {mx.__version__} (CPU), mlx-lm prompt cache of {n} tokens, 8 layers x 8 KV heads x 128, float32 "
              f"({s.kv_bytes / 2**20:.0f} MiB of KV), KV only, identity computed once. thaw's saves are atomic "
              "(temporary file, fsync of file and directory, rename) and write a CRC32C per 1 MiB chunk; its loads "

@@ -10,9 +10,10 @@ pages [num_pages, page_size, kv_heads, head_dim] (so MLX and vLLM snapshots of o
 Paged layers move in libthaw (thaw_format.mover.gather_pages / scatter_pages): one multi-threaded pass per
 array between MLX's head-major memory and the token-major pages, no intermediate copy. A capture gathers into
 a new buffer or straight into a file's region (thaw_mlx.save, with the chunk CRCs in the same pass); a
-restore scatters into a fresh MLX array's own memory (thaw_format.mlx.writable_array), checking each chunk of
-a file against its CRC on the way when loading (thaw_mlx.load), or over an array of the cache it replaces
-that nothing else holds (MLXEngine.restore_source: no allocation, its pages already faulted in).
+restore scatters into fresh MLX arrays' own memory (thaw_format.mlx.writable_arrays, made in one call for a
+whole cache: each call is an MLX load), checking each chunk of a file against its CRC on the way when loading
+(thaw_mlx.load), or over arrays of the cache it replaces that nothing else holds (MLXEngine.restore_source: no
+allocation, their pages already faulted in).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, RotatingKVCache
 
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, KVLayer, Tensor, mover
-from thaw_format.mlx import dtype_name, from_mlx, owned_view, to_mlx, writable_array
+from thaw_format.mlx import dtype_name, from_mlx, owned_view, to_mlx, writable_array, writable_arrays
 
 from . import _internals
 
@@ -113,22 +114,31 @@ def encode_layer(cache, page_size: int, paging: Optional[Paging] = None) -> KVLa
     )
 
 
+def paged_targets(layer: KVLayer, pages: list[int]) -> list[tuple[str, tuple, str]]:
+    """(role, shape, dtype) of each new MLX array decode_layer scatters the layer's paged tensors into (none for
+    ring and recurrent layers): the arrays for a whole cache are made in one writable_arrays call, where one
+    call per array would cost an MLX load each."""
+    if layer.kind not in ("attention", "quantized"):
+        return []
+    roles = ("k", "v") if layer.kind == "attention" else [r + s for r in ("k", "v") for s in QUANTIZED_PARTS]
+    return [(role, *restored_shape(layer.tensors[role], pages)) for role in roles]
+
+
 def decode_layer(layer: KVLayer, pages: list[int], num_tokens: int, expected: Optional[dict] = None,
-                 spare: Optional[list] = None):
+                 targets: Optional[dict] = None):
     """A new cache object for one layer: paged layers take `pages` (in order), which hold num_tokens tokens.
     `expected` maps a paged tensor's role to its Expected CRCs (a file's bytes, checked as they are scattered);
-    the layer's other tensors must have been checked already. `spare`: arrays the paged tensors may be written
-    over (from_pages)."""
-    expected = expected or {}
+    the layer's other tensors must have been checked already. `targets` maps each role of paged_targets to the
+    (array, writable view) to scatter into (scatter_targets)."""
+    expected, targets = expected or {}, targets or {}
+
+    def paged(role):
+        return from_pages(layer.tensors[role], pages, num_tokens, expected.get(role), targets.get(role))
+
     if layer.kind == "attention":
-        keys, values = (from_pages(layer.tensors[r], pages, num_tokens, expected.get(r), spare) for r in ("k", "v"))
-        return _internals.make_kv(keys, values, num_tokens)
+        return _internals.make_kv(paged("k"), paged("v"), num_tokens)
     if layer.kind == "quantized":
-        keys, values = (
-            tuple(from_pages(layer.tensors[role + suffix], pages, num_tokens, expected.get(role + suffix), spare)
-                  for suffix in QUANTIZED_PARTS)
-            for role in ("k", "v")
-        )
+        keys, values = (tuple(paged(role + suffix) for suffix in QUANTIZED_PARTS) for role in ("k", "v"))
         return _internals.make_quantized(keys, values, num_tokens, layer.params["group_size"], layer.params["bits"])
     if layer.kind == "recurrent":
         return _internals.make_arrays([to_mlx(layer.tensors[f"state.{i}"]) for i in range(len(layer.tensors))])
@@ -282,7 +292,7 @@ def gather_into(x: mx.array, num_tokens: int, page_size: int, out, chunk_size: i
 
 def unshared_buffers(cache) -> list:
     """The arrays a KVCache or QuantizedKVCache layer keeps its tokens in that no other Python object holds:
-    what a restore replacing that cache may write over (from_pages' `spare`). Its caller must know that no
+    what a restore replacing that cache may write over (scatter_targets' `spare`). Its caller must know that no
     array shares their memory either (MLXEngine's sessions: its requests and captures copy their KV)."""
     buffers = _internals.paged_buffers(cache)
     mx.eval(buffers)  # nothing pending writes them
@@ -294,30 +304,52 @@ def unshared_buffers(cache) -> list:
     return unshared
 
 
+def restored_shape(tensor: Tensor, pages: list[int]) -> tuple[tuple, str]:
+    """The shape [1, heads, capacity, d] and dtype of the array from_pages makes of these pages: capacity is
+    the tokens they cover rounded up as mlx-lm grows its buffers."""
+    _, page_size, heads, dim = tensor.shape
+    capacity = -(-len(pages) * page_size // _internals.CACHE_STEP) * _internals.CACHE_STEP
+    return (1, heads, capacity, dim), tensor.dtype
+
+
+def scatter_targets(layers: list[KVLayer], pages: list[int], spare: Optional[list[list]] = None) -> list[dict]:
+    """Per layer, decode_layer's `targets`: for each paged role, an array of the layer's `spare` (arrays only
+    the caller holds: unshared_buffers of the cache being replaced) of the same shape and dtype, to be written
+    over, every byte, else a new one; the new ones of the whole cache made in one writable_arrays call. Over a
+    spare array the source must have been checked whole before (a bad chunk found mid-scatter would leave it
+    half written)."""
+    targets, wanted = [], []
+    for i, layer in enumerate(layers):
+        free = list(spare[i]) if spare is not None else []
+        chosen = {}
+        for role, shape, dtype in paged_targets(layer, pages):
+            fits = [j for j, a in enumerate(free) if tuple(a.shape) == shape and dtype_name(a.dtype) == dtype]
+            if fits:
+                array = free.pop(fits[0])
+                chosen[role] = (array, owned_view(array))
+            else:
+                wanted.append((i, role, shape, dtype))
+        targets.append(chosen)
+    for (i, role, _, _), made in zip(wanted, writable_arrays([(shape, dtype) for _, _, shape, dtype in wanted])):
+        targets[i][role] = made
+    return targets
+
+
 def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Optional[Expected] = None,
-               spare: Optional[list] = None) -> mx.array:
-    """Tensor [pages, page_size, heads, d] -> a new [1, heads, capacity, d] MLX array, capacity rounded up as
-    mlx-lm grows it: the given pages scattered by libthaw straight into the array's own (uninitialised)
-    memory, every page with the same layout (a short last page's padding lands past num_tokens and is zeroed
-    after, with the rest of the capacity). `spare` holds arrays only the caller holds (unshared_buffers): one
-    of the same shape and dtype is taken out and written over, every byte, instead of a new array; its source
-    must have been checked whole before (with `expected`, a bad chunk found mid-scatter would leave it half
-    written).
+               target: Optional[tuple] = None) -> mx.array:
+    """Tensor [pages, page_size, heads, d] -> a new [1, heads, capacity, d] MLX array (restored_shape): the
+    given pages scattered by libthaw straight into the array's own (uninitialised) memory, every page with the
+    same layout (a short last page's padding lands past num_tokens and is zeroed after, with the rest of the
+    capacity). `target` is that array and a writable view of it (scatter_targets), made here if not given.
 
     With `expected`, the tensor's bytes are a file's, checked against their CRCs before they are used: in the
     scatter itself, chunk by chunk, when the pages are the whole tensor in order (as thaw_mlx writes them),
     else in a pass of their own first. A bad chunk raises CorruptSnapshotError; the new array is then dropped."""
     _, page_size, heads, dim = tensor.shape
     itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1)
-    span = len(pages) * page_size  # the tokens the pages cover, padding included
-    capacity = -(-span // _internals.CACHE_STEP) * _internals.CACHE_STEP
-    shape = (1, heads, capacity, dim)
-    fits = [i for i, a in enumerate(spare or ()) if tuple(a.shape) == shape and dtype_name(a.dtype) == tensor.dtype]
-    if fits:
-        result = spare.pop(fits[0])
-        out = owned_view(result)
-    else:
-        result, out = writable_array(shape, tensor.dtype)
+    shape, dtype = restored_shape(tensor, pages)
+    capacity = shape[2]
+    result, out = target if target is not None else writable_array(shape, dtype)
     layout = _sequence_layout(page_size, heads, capacity, dim, itemsize)
     page_bytes = layout.page_bytes
     whole = expected is not None and pages == list(range(tensor.shape[0]))

@@ -31,7 +31,7 @@ from thaw_format.sdk import DEFAULT_PAGE_SIZE, lineage_now
 
 from . import _internals
 from .identity import check_snapshot_model, model_info, model_weights
-from .pages import Paging, check_layer, decode_layer, encode_layer, layer_dtype, num_cached_tokens
+from .pages import Paging, check_layer, decode_layer, encode_layer, layer_dtype, num_cached_tokens, scatter_targets
 
 REQUEST_ID = "mlx-0"
 
@@ -162,7 +162,7 @@ def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None,
     """The snapshot's prompt cache, once it is clear MLX can hold it (which model it fits is restore's check).
     `expected`, per layer, maps paged roles to the CRCs their file bytes must have (thaw_mlx.load). `spare`,
     called once every check has passed (nothing is written over before), gives per layer the arrays its
-    paged tensors may be written over (pages.from_pages)."""
+    paged tensors may be written over (pages.scatter_targets)."""
     request = session_request(snapshot)
     kv = snapshot.kv
     if kv is None:
@@ -177,9 +177,9 @@ def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None,
         if layer_dtype(layer) != kv.dtype:
             raise IncompatibleSnapshotError(f"kv.layers[{i}] is {layer_dtype(layer)}, the KV cache {kv.dtype}")
     expected = expected or [None] * len(kv.layers)
-    buffers = spare() if spare is not None else [None] * len(kv.layers)
-    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, arrays)
-             for layer, checks, arrays in zip(kv.layers, expected, buffers)]
+    targets = scatter_targets(kv.layers, request.pages, spare() if spare is not None else None)
+    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, layer_targets)
+             for layer, checks, layer_targets in zip(kv.layers, expected, targets)]
     mx.eval([c.state for c in cache])
     return cache
 
