@@ -5,8 +5,9 @@
 SGLang always runs its scheduler (which holds the KV) in a subprocess, so its one mode ("scheduler") is vLLM's
 multiprocessing mode: capture is the client's thaw_sglang.capture (the scheduler gathers the KV by token slot
 straight into shared memory with its checksums; the client's Snapshot views it), restore hands a snapshot back
-to the scheduler (verified in place, then scattered into the slots), capture_shared / restore_source are the
-KV-only pair a fork pool uses.
+to the scheduler (verified in place, then scattered into the slots; one in the client's own memory is written
+into the engine's restore segment with its checksums and scattered without a second check), capture_shared /
+restore_source are the KV-only pair a fork pool uses.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ NOTES = (
     "with CRC32C straight into shared memory (capture; the client's Snapshot views it), and on restore the "
     "scheduler's verification of every chunk where it lies, before its flush, then libthaw's scatter into fresh "
     "slots and SGLang's own tree insert. Restore encoded is a snapshot loaded from a file with thaw_format.load, "
-    "encoded into the client's reused segment first; restore loaded shared one loaded with load(path, shared=True), "
-    "whose own segment the scheduler reads in place (as a lent capture's). memcpy is a single-threaded numpy copy of the same number of bytes in "
+    "encoded into the client's reused segment first (libthaw copy with CRC32C), which the scheduler scatters "
+    "without verifying it again: the client wrote it, checksums and all, in the same call "
+    "(thaw_format.sdk.lent.send); restore loaded shared one loaded with load(path, shared=True), "
+    "whose own segment the scheduler verifies and reads in place (as a lent capture's). memcpy is a single-threaded numpy copy of the same number of bytes in "
     "the same process; libthaw uses every CPU. Peak RSS rise sums the high-water marks of the client and its "
     "descendants (the scheduler); a shared-memory segment mapped by two counts in both. Target: capture and "
     "restore each >= 0.5 of memcpy. The machine is shared by several sessions: see the load average."

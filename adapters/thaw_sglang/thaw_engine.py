@@ -159,16 +159,17 @@ def capture_shared(engine: ThawEngine, *, chains: Sequence[Sequence[int]] | None
 
 def check(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> None:
     """Raise IncompatibleSnapshotError, naming the field, if the engine cannot hold the snapshot; changes nothing."""
-    rpc.call(engine, "thaw_check", source=transport.source_of(engine, snapshot))
+    rpc.call(engine, "thaw_check", source=transport.source_of(engine, snapshot)[0])
 
 
 def restore_pending(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike, *,
                     verified: bool = False) -> list[thaw_format.Request]:
     """Make an idle engine hold the snapshot (a Snapshot, or a source: "shm://..." or a file) and return its
-    unfinished requests; the scheduler reads the source (its chunks unchecked if `verified`: a segment the
-    caller checked, thaw_format.sdk.shared.checked_by_caller), and this process only when it has requests."""
-    source = transport.source_of(engine, snapshot)
-    if not rpc.call(engine, "thaw_restore", source=source, verified=checked_by_caller(source, verified)):
+    unfinished requests; the scheduler reads the source (its chunks unchecked if `verified`, a segment the
+    caller checked, thaw_format.sdk.shared.checked_by_caller, or if it is the Snapshot this call wrote into the
+    engine's restore segment, transport.source_of), and this process only when it has requests."""
+    source, checked = transport.source_of(engine, snapshot)
+    if not rpc.call(engine, "thaw_restore", source=source, verified=checked_by_caller(source, verified) or checked):
         return []
     return pending_requests(snapshot if isinstance(snapshot, Snapshot) else transport.read(source))
 

@@ -3,8 +3,11 @@
 Captures are lent (thaw_format.sdk.lent): the scheduler gathers the KV by slot straight into a shared-memory
 segment no reader holds, with its checksums in the same pass, and the client's Snapshot views that segment and
 gives it back when garbage-collected; restoring that Snapshot hands the same segment back to the scheduler
-untouched, as does a Snapshot loaded with `thaw_format.load(path, shared=True)` (its own segment). Any other
-Snapshot is encoded once into the client's reused segment for that engine. A capture for a fork pool (`capture_shared`) goes into the scheduler's own reused segment. Each side reads a "shm://name#nbytes"
+untouched, as does a Snapshot loaded with `thaw_format.load(path, shared=True)` (its own segment), and the
+scheduler verifies every chunk where it lies. Any other Snapshot (loaded into this process's memory, or built
+here) is encoded once into the client's reused segment for that engine, its checksums computed in the same
+pass, and the scheduler scatters it without reading it twice (thaw_format.sdk.lent.send). A capture for a
+fork pool (`capture_shared`) goes into the scheduler's own reused segment. Each side reads a "shm://name#nbytes"
 segment through its own buffer (the scheduler's lent segments) or a cached mapping, so steady use neither maps
 nor faults pages again. A snapshot's own segment ("shm://name", a fork's) and a file path are read as
 thaw_format.sdk.shared.read_source reads them.
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from thaw_format import Snapshot
 from thaw_format.sdk import lent
-from thaw_format.sdk.shared import SHM_PREFIX, on_release, owned_segment, read_source, release_segments
+from thaw_format.sdk.shared import SHM_PREFIX, on_release, read_source, release_segments
 
 
 def lender(owner) -> lent.Lender:
@@ -43,10 +46,11 @@ def read(source: str, owner=None, *, verify: bool = True) -> Snapshot:
     return read_source(source, verified=not verify)
 
 
-def source_of(engine, snapshot: Snapshot | str) -> str:
-    """Where the scheduler reads `snapshot`: a source as given; a capture borrowed from a scheduler, unchanged,
-    by its own segment; any other Snapshot published in the engine's reused restore segment (read by the
-    scheduler before this engine's next restore)."""
+def source_of(engine, snapshot: Snapshot | str) -> tuple[str, bool]:
+    """Where the scheduler reads `snapshot`, and whether its chunks are checked by this caller: a source as given
+    (not checked); a Snapshot as thaw_format.sdk.lent.send hands it over (a capture borrowed from a scheduler,
+    unchanged, by its own segment; any other written into the engine's reused restore segment, checked, and
+    read by the scheduler before this engine's next restore)."""
     if not isinstance(snapshot, Snapshot):
-        return str(snapshot)
-    return lent.lent_source(snapshot) or owned_segment(engine, "restore").publish(snapshot)
+        return str(snapshot), False
+    return lent.send(engine, snapshot)

@@ -6,10 +6,11 @@ pickle, no copy. A capture is lent (thaw_format.sdk.lent): the worker writes it 
 the client, whose Snapshot views it and gives it back when garbage-collected; restoring such a snapshot
 hands the same segment back to the worker untouched, and so does a snapshot loaded from a file with
 `thaw_format.load(path, shared=True)` (its own read-only segment, verified by the load). Any other snapshot
-is encoded once into the client's reused segment for that engine, and `capture_shared` publishes into the worker's reused segment, so steady
-use touches warm pages. "shm://name" (no "#"): one snapshot's own segment (thaw_format.sdk.shared).
-"local://n": the same process (an in-process engine with its worker in-process too): the Snapshot object
-itself is handed over, with no copy and no encoding. A path is a snapshot file.
+is encoded once into the client's reused restore segment for that engine (thaw_format.sdk.lent.send), and
+`capture_shared` publishes into the worker's reused segment, so steady use touches warm pages. "shm://name"
+(no "#"): one snapshot's own segment (thaw_format.sdk.shared). "local://n": the same process (an in-process
+engine with its worker in-process too): the Snapshot object itself is handed over, with no copy and no
+encoding. A path is a snapshot file.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import thaw_format
 import weakref
 
 from thaw_format.sdk import lent
-from thaw_format.sdk.shared import SHM_PREFIX, Segment, SharedSnapshot, read_shared
+from thaw_format.sdk.shared import SHM_PREFIX, Segment, read_shared
 
 LOCAL_PREFIX = "local://"
 _LOCAL: dict[str, thaw_format.Snapshot] = {}
@@ -59,7 +60,7 @@ class _Published:
 
 
 def engine_segment(owner) -> Segment:
-    """The segment reused for snapshots sent to one engine (or published by one worker), unlinked with it."""
+    """The segment one worker reuses for the captures it publishes (capture_shared), unlinked with it."""
     segment = getattr(owner, "_thaw_segment", None)
     if segment is None:
         segment = owner._thaw_segment = Segment()
@@ -77,15 +78,13 @@ def engine_lender(owner) -> lent.Lender:
 
 
 def publish(snapshot: thaw_format.Snapshot, *, local: bool, engine=None):
-    """A handle whose `source` names the snapshot for the reader; `close()` releases it. A snapshot borrowed
-    from a worker, unchanged, is named by its own segment; with `engine`, any other goes into that engine's
-    reused segment (the reader must be done with it before the next)."""
+    """A handle whose `source` names the snapshot for the reader; `close()` releases it. `local`: the object
+    itself; else as thaw_format.sdk.lent.send hands it to `engine`'s worker: a snapshot borrowed from a worker
+    (or shared-loaded), unchanged, by its own segment; any other written into that engine's reused restore
+    segment (the reader must be done with it before the next)."""
     if local:
         return LocalSnapshot(snapshot)
-    source = lent.lent_source(snapshot)
-    if source is not None:
-        return _Published(source)
-    return _Published(engine_segment(engine).publish(snapshot)) if engine is not None else SharedSnapshot(snapshot)
+    return _Published(lent.send(engine, snapshot)[0])
 
 
 def read(source: str, *, unlink: bool = False, keep: bool = False, lender=None, verify: bool = True) -> thaw_format.Snapshot:

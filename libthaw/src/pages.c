@@ -81,8 +81,9 @@ static void move_row(uint8_t *flat, uint8_t *strided, int64_t stride_bytes, size
 /* A transposed group: G rows whose sources start one element apart (one dimension of G neighbouring tokens,
  * say) form a [W, G] matrix at `strided` (rows stride_bytes apart) against G flat rows of W elements. It moves
  * in G x G register transposes (SSE2, part of every x86-64; 8 x 8 AVX2 for 4-byte items where the CPU has it),
- * so both sides are read and written in 16- or 32-byte runs
- * rather than one element per cache line. Elsewhere the rows move one by one. */
+ * so both sides are read and written in 16- or 32-byte runs rather than one element per cache line; a scatter
+ * of 16 such rows of 4-byte items writes whole aligned lines with streaming stores. Elsewhere the rows move one
+ * by one. */
 #if defined(__SSE2__)
 #include <emmintrin.h>
 
@@ -102,10 +103,11 @@ static int have_avx2_tiles(void) {
 static int have_avx2_tiles(void) { return 0; }
 #endif
 
-/* The tile sizes to try for an item size, largest first (0 ends the list). */
-static const size_t *group_sizes(size_t itemsize) {
-    static const size_t wide4[] = {8, 4, 0}, sse4[] = {4, 0}, sse2[] = {8, 0}, none[] = {0};
-    if (itemsize == 4) return have_avx2_tiles() ? wide4 : sse4;
+/* The tile sizes to try for an item size and direction, largest first (0 ends the list): 16 rows of 4-byte
+ * items fill whole lines of a scatter's blocks (pages_stream16_avx2). */
+static const size_t *group_sizes(size_t itemsize, int to_flat) {
+    static const size_t lines4[] = {16, 8, 4, 0}, wide4[] = {8, 4, 0}, sse4[] = {4, 0}, sse2[] = {8, 0}, none[] = {0};
+    if (itemsize == 4) return have_avx2_tiles() ? (to_flat ? wide4 : lines4) : sse4;
     return itemsize == 2 ? sse2 : none;
 }
 
@@ -158,7 +160,14 @@ static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_by
                        size_t g, int to_flat) {
     size_t c;
 #if defined(__x86_64__) || defined(_M_X64)
-    if (isz == 4 && g == 8)
+    if (isz == 4 && g == 16) { /* a scatter's whole lines; unaligned ones go as two tiles of 8 */
+        if (((uintptr_t)strided | (uint64_t)stride_bytes) & 63) {
+            move_tiles(flat, strided, stride_bytes, w, isz, 8, to_flat);
+            move_tiles(flat + 8, strided + 8 * isz, stride_bytes, w, isz, 8, to_flat);
+            return;
+        }
+        c = pages_stream16_avx2(flat, strided, stride_bytes, w);
+    } else if (isz == 4 && g == 8)
         c = pages_tiles8_avx2(flat, strided, stride_bytes, w, to_flat);
     else
 #endif
@@ -173,9 +182,9 @@ static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_by
         }
 }
 #else
-static const size_t *group_sizes(size_t itemsize) {
+static const size_t *group_sizes(size_t itemsize, int to_flat) {
     static const size_t none[] = {0};
-    (void)itemsize;
+    (void)itemsize, (void)to_flat;
     return none;
 }
 static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_bytes, size_t w, size_t isz,
@@ -190,12 +199,12 @@ static size_t move_group(page_job *j, uint8_t *block, size_t e, size_t k) {
     const thaw_page_layout *l = j->layout;
     size_t isz = l->itemsize, w = l->row_elems;
     int64_t first = l->row_start[j->order[k]];
-    for (const size_t *size = group_sizes(isz); *size; size++) {
+    for (const size_t *size = group_sizes(isz, j->to_pages); *size; size++) {
         size_t g = *size, run = 1;
         if (k + g > l->rows) continue;
         while (run < g && l->row_start[j->order[k + run]] == first + (int64_t)run) run++;
         if (run < g) continue;
-        uint8_t *flat[8];
+        uint8_t *flat[16];
         for (size_t i = 0; i < g; i++) flat[i] = j->pages + (e + j->order[k + i] * w) * isz;
         move_tiles(flat, block + first * (int64_t)isz, l->col_stride * (int64_t)isz, w, isz, g, j->to_pages);
         return g;

@@ -42,3 +42,29 @@ static inline __attribute__((always_inline)) size_t tiles(uint8_t *const *flat, 
 size_t pages_tiles8_avx2(uint8_t *const *flat, uint8_t *strided, int64_t stride_bytes, size_t w, int to_flat) {
     return to_flat ? tiles(flat, strided, stride_bytes, w, 1) : tiles(flat, strided, stride_bytes, w, 0);
 }
+
+/* A scatter of 16 flat rows into whole 64-byte lines: two 8 x 8 transposes per 8 columns, and each line
+ * written by two back-to-back streaming stores, so it is neither read into the cache first (as a plain store
+ * reads it: a third more memory traffic, which made a transposed K cost twice a plain V) nor left half-written
+ * in a write-combining buffer. pages.c checks the alignment and fences after its rows. */
+size_t pages_stream16_avx2(uint8_t *const *flat, uint8_t *strided, int64_t stride_bytes, size_t w) {
+    const float *f[16];
+    for (int i = 0; i < 16; i++) f[i] = (const float *)flat[i];
+    size_t c = 0;
+    __m256 lo[8], hi[8];
+    for (; c + 8 <= w; c += 8) {
+        uint8_t *s = strided + (int64_t)c * stride_bytes;
+        for (int i = 0; i < 8; i++) {
+            lo[i] = _mm256_loadu_ps(f[i] + c);
+            hi[i] = _mm256_loadu_ps(f[8 + i] + c);
+        }
+        transpose8x8(lo);
+        transpose8x8(hi);
+        for (int i = 0; i < 8; i++) {
+            float *line = (float *)(s + i * stride_bytes);
+            _mm256_stream_ps(line, lo[i]);
+            _mm256_stream_ps(line + 8, hi[i]);
+        }
+    }
+    return c;
+}

@@ -14,6 +14,7 @@ import pytest
 
 import thaw_format
 from thaw_format.sdk import lent
+from thaw_format.sdk.shared import release_segments
 
 FORK = multiprocessing.get_context("fork")
 
@@ -84,3 +85,29 @@ def test_a_forked_child_giving_back_leaves_the_snapshot_with_its_parent(lender):
 def test_a_lent_snapshot_not_yet_borrowed_is_never_reused(lender):
     source = lender.publish(snapshot(1))
     assert segment(lender.publish(snapshot(2))) != segment(source)
+
+
+def test_send_checks_only_the_restore_segment_it_writes_itself(lender, tmp_path):
+    """lent.send hands a borrowed or shared-loaded snapshot over as its own segment, for its reader to verify, and
+    writes any other into the owner's one reused restore segment, its checksums from the same pass: checked."""
+    class Engine:  # what owns the restore segment: an engine object
+        pass
+
+    engine = Engine()
+    borrowed = lent.borrow(lender.publish(snapshot(1)))
+    assert lent.send(engine, borrowed) == (lent.lent_source(borrowed), False)
+    path = tmp_path / "s.thaw"
+    thaw_format.save(snapshot(2), path)
+    shared = thaw_format.load(path, shared=True)
+    assert lent.send(engine, shared) == (lent.lent_source(shared), False)
+    try:
+        first, checked = lent.send(engine, thaw_format.load(path))
+        assert checked
+        again, checked = lent.send(engine, snapshot(3))
+        assert checked and segment(again) == segment(first)
+        written = lent.open_snapshot(again, verify=True)  # the checksums the send computed hold
+        assert bytes(written.weights.tensors["t"].data) == bytes([3]) * 4096
+        del written
+        lent.forget(again)
+    finally:
+        release_segments(engine)

@@ -67,6 +67,28 @@ def test_round_trip_matches_numpy_index(native, path, itemsize, case):
     assert expected(restored, block_elems, picks, positions).tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("shift", [0, 16])
+@pytest.mark.parametrize("block_size", [32, 24])
+def test_a_transposed_scatter_in_whole_lines_or_in_tiles_writes_the_same_bytes(native, shift, block_size):
+    """16 tokens of a float32 K row fill a whole 64-byte line, which the native scatter writes with streaming
+    stores where the blocks' lines are 64-byte aligned; 16 bytes off, or with rows 96 bytes apart (24 tokens),
+    it moves them in 8-row tiles. Bytes outside the picked blocks stay as they were."""
+    positions, block_elems = vllm_positions(block_size, 4, 64, "k"), 2 * block_size * 4 * 64
+    blocks = engine(5, block_elems, 4)
+    picks = [3, 0, 4]
+    offsets = [p * block_elems * 4 for p in picks]
+    layout = mover.page_layout(positions, 4)
+    pages = expected(blocks, block_elems, picks, positions)
+    raw = np.zeros(blocks.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + shift
+    restored = raw[start : start + blocks.nbytes].view(np.float32)
+    mover._c_scatter_pages(pages, restored, offsets, layout)
+    assert expected(restored, block_elems, picks, positions).tobytes() == pages.tobytes()
+    untouched = np.ones(restored.size, bool)
+    untouched[(np.array(offsets)[:, None] // 4 + positions[None, :]).ravel()] = False
+    assert not restored[untouched].any() and not raw[:start].any() and not raw[start + blocks.nbytes :].any()
+
+
 def test_page_layout_finds_rows(native):
     k = mover.page_layout(vllm_positions(32, 8, 128, "k"), 4)
     v = mover.page_layout(vllm_positions(32, 8, 128, "v"), 4)

@@ -45,6 +45,18 @@ def _flip_bit(source: str, tensor: str = "kv/0/k") -> None:
         os.close(fd)
 
 
+def _restores_exactly(thaw_sglang, engine, reference, snapshot) -> None:
+    """Restored into the flushed engine, `snapshot` serves PROMPT from the cache and its pages hold its bytes."""
+    assert engine.flush_cache().success
+    thaw_sglang.restore(engine, snapshot)
+    assert generate(engine, PROMPT + SUFFIX) == reference
+    restored = thaw_sglang.capture(engine, include_weights=False, chains=[PROMPT])
+    assert restored.prefix == snapshot.prefix
+    assert [bytes(t.data) for layer in restored.kv.layers for t in layer.tensors.values()] == [
+        bytes(t.data) for layer in snapshot.kv.layers for t in layer.tensors.values()]
+    assert engine.leak_warnings() == 0
+
+
 def test_a_lent_capture_holds_the_bytes_of_a_file_capture_and_restores_through_its_own_segment(
         thaw_sglang, engine, reference, tmp_path):
     lent_snapshot = thaw_sglang.capture(engine, include_weights=False, chains=[PROMPT])
@@ -96,11 +108,30 @@ def test_a_snapshot_loaded_into_shared_memory_restores_from_its_own_segment(thaw
         thaw_format.load(path, shared=True)
     path.unlink()
 
-    assert engine.flush_cache().success
-    thaw_sglang.restore(engine, loaded)
-    assert generate(engine, PROMPT + SUFFIX) == reference
-    restored = thaw_sglang.capture(engine, include_weights=False, chains=[PROMPT])
-    assert restored.prefix == loaded.prefix
-    assert [bytes(t.data) for layer in restored.kv.layers for t in layer.tensors.values()] == [
-        bytes(t.data) for layer in loaded.kv.layers for t in layer.tensors.values()]
+    _restores_exactly(thaw_sglang, engine, reference, loaded)
+
+
+def test_a_snapshot_in_this_process_memory_restores_its_bytes_and_a_named_segment_is_still_verified(
+        thaw_sglang, engine, reference, tmp_path):
+    """A snapshot loaded into the client's own memory (thaw_format.load, no shared memory) goes through the
+    engine's reused restore segment, written with its checksums by the restore itself, which the scheduler
+    scatters without checking again: the engine's pages hold its bytes exactly and serve PROMPT from the cache.
+    The same segment named by a source string (as a user would pass it) is verified: one flipped bit is refused
+    before anything changes."""
+    import thaw_format
+    from thaw_sglang import transport
+
+    path = tmp_path / "kv.thaw"
+    thaw_sglang.capture(engine, path, include_weights=False, chains=[PROMPT])
+    loaded = thaw_format.load(path)
+    assert lent.lent_source(loaded) is None  # this process's own memory: no segment to hand back
+
+    _restores_exactly(thaw_sglang, engine, reference, loaded)
+    source, checked = transport.source_of(engine, loaded)  # the restore segment, written again
+    assert checked
+    _flip_bit(source)
+    before = _state(thaw_sglang, engine)
+    with pytest.raises(CorruptSnapshotError, match=r"kv/0/k"):
+        thaw_sglang.restore(engine, source)
+    assert _state(thaw_sglang, engine) == before
     assert engine.leak_warnings() == 0

@@ -110,6 +110,19 @@ def main() -> None:
     result["loaded_kv_identical"] = kv_digest(engine.capture(include_weights=False, chains=[trunk])) == held_digest
     del loaded
 
+    # A snapshot loaded into this client's own memory (no shared memory) is written into the engine's reused
+    # restore segment by the restore itself, then scattered by the worker.
+    path = os.path.join(tempfile.mkdtemp(), "plain.thaw")
+    thaw_format.save(held, path)
+    plain = thaw_format.load(path)
+    os.remove(path)
+    result["plain_is_in_memory"] = lent.lent_source(plain) is None
+    engine.llm.reset_prefix_cache()
+    engine.restore(plain)
+    serve("plain", trunk + suffix, "after")
+    result["plain_kv_identical"] = kv_digest(engine.capture(include_weights=False, chains=[trunk])) == held_digest
+    del plain
+
     # this engine's worker's lenders only: other processes on the machine lend too ("thawlent_<pid>x<token>")
     worker = result["segments"][0][len("shm://"):].split("x", 1)[0]
     lent_names = sorted(glob.glob(f"/dev/shm/{worker}x*"))

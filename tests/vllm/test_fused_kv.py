@@ -16,7 +16,8 @@ def kv_state(llm) -> list[bytes]:
 
 def test_a_corrupt_chunk_in_shared_memory_leaves_the_engine_untouched(engine, greedy):
     import thaw_vllm
-    from thaw_vllm import api, transport
+    from thaw_format.sdk.shared import SharedSnapshot
+    from thaw_vllm import api
 
     trunk, other = trunk_tokens(130, seed=50), trunk_tokens(90, seed=51)
     generate(engine, trunk, greedy)
@@ -24,7 +25,7 @@ def test_a_corrupt_chunk_in_shared_memory_leaves_the_engine_untouched(engine, gr
     expected = generate(engine, other, greedy)  # the engine moves on: now it holds `other` too
     before = kv_state(engine)
 
-    with transport.SharedSnapshot(snapshot) as shared:
+    with SharedSnapshot(snapshot) as shared:
         region = thaw_format.SnapshotFile(shared._shm.buf).info("kv/0/k")[2]  # layer 0's K in the segment
         shared._shm.buf[region.offset + 1000] ^= 0x40  # one bit of layer 0's K, inside its first chunk
         with pytest.raises(thaw_format.CorruptSnapshotError, match="kv/0/k"):

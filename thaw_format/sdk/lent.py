@@ -21,7 +21,8 @@ for the next shared load (a few at most; `drop_idle_loads()` unlinks them now, e
 `lent_source(snapshot)` gives back the source of a borrowed or shared-loaded snapshot still exactly as it was
 written into its segment, so a restore can hand the segment itself to the engine instead of encoding the
 snapshot again: the one copy a snapshot in the client's memory would otherwise cost on its way to an engine in
-other processes.
+other processes. `send(owner, snapshot)` is that choice for a restore: the snapshot's own segment, else the
+engine's reused restore segment written in the same call, whose chunks its reader need not check again.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from ..container import DEFAULT_LIMITS, Limits
 from ..reader import SnapshotFile, loads
 from ..snapshot import Snapshot
 from ..writer import EncodedSnapshot
-from .shared import SHM_PREFIX, open_segment
+from .shared import SHM_PREFIX, open_segment, owned_segment
 
 LENT_PREFIX = "thawlent_"
 SLOTS = 256  # snapshots one lender may have out at once: one byte each in its control segment
@@ -390,3 +391,18 @@ def lent_source(snapshot: Snapshot) -> Optional[str]:
         if tensor.nbytes > _COMPARED_BYTES or mapping[region.offset : region.end] != memoryview(tensor.data).cast("B"):
             return None
     return source
+
+
+def send(owner, snapshot: Snapshot) -> tuple[str, bool]:
+    """The source an engine's other processes read `snapshot` (a Snapshot in this process) from, and whether its
+    chunks are checked by the caller (thaw_format.sdk.shared.checked_by_caller), for `owner`, the engine.
+
+    A borrowed or shared-loaded snapshot still as written is its own segment, handed over as it is: not checked
+    here. Any other is encoded by this call into `owner`'s reused restore segment, each chunk's checksum computed
+    from the bytes written in the same pass; only this process writes that segment, so its reader, checking it
+    again, could find nothing but what this call wrote: checked. The reader must be done with it before `owner`'s
+    next restore."""
+    source = lent_source(snapshot)
+    if source is not None:
+        return source, False
+    return owned_segment(owner, "restore").publish(snapshot), True
