@@ -3,8 +3,19 @@
 import threading
 import time
 
+import pytest
+
 PROMPT = list(range(300, 340))
 LONG_GREEDY = {"temperature": 0.0, "max_new_tokens": 400, "ignore_eos": True}
+
+
+@pytest.fixture
+def target(thaw_sglang, family):
+    """A fork of the family (it has the parent's weights, so a KV-only snapshot fits it), handed back holding
+    the family's snapshot again: test_fork checks each fork's cache as the fork left it, in whatever order the
+    files run."""
+    yield family.children[2]
+    thaw_sglang.restore(family.children[2], family.snapshot)
 
 
 def _capture_while_running(thaw_sglang, engine, prompt, params):
@@ -24,7 +35,7 @@ def _capture_while_running(thaw_sglang, engine, prompt, params):
     return snapshot, finished["output_ids"]
 
 
-def test_a_running_request_resumes_in_a_new_engine_where_it_stood(thaw_sglang, family):
+def test_a_running_request_resumes_in_a_new_engine_where_it_stood(thaw_sglang, family, target):
     snapshot, uninterrupted = _capture_while_running(thaw_sglang, family.parent, PROMPT, LONG_GREEDY)
     [request] = snapshot.scheduler.requests
     done = request.output_token_ids
@@ -35,7 +46,6 @@ def test_a_running_request_resumes_in_a_new_engine_where_it_stood(thaw_sglang, f
     assert snapshot.prefix.chain_tokens(request.pages[-1]) == (PROMPT + done)[: request.num_computed_tokens]
     assert request.sampling.max_tokens == LONG_GREEDY["max_new_tokens"] and request.sampling.ignore_eos
 
-    target = family.children[2]  # has the parent's weights, so the KV-only snapshot fits it
     thaw_sglang.restore(target, snapshot)
     [resumed] = thaw_sglang.resume(target, snapshot)
     assert resumed["meta_info"]["cached_tokens"] == request.num_computed_tokens
@@ -43,7 +53,7 @@ def test_a_running_request_resumes_in_a_new_engine_where_it_stood(thaw_sglang, f
     assert target.leak_warnings() == 0 and family.parent.leak_warnings() == 0
 
 
-def test_a_stepped_request_is_captured_where_it_stopped_however_slow_the_client(thaw_sglang, family):
+def test_a_stepped_request_is_captured_where_it_stopped_however_slow_the_client(thaw_sglang, family, target):
     """run_batches holds a request exactly where the steps left it, even right after its prefill, while the
     client dawdles (a slow machine): the engine pauses itself, so nothing runs on before a capture."""
     engine, params = family.parent, dict(LONG_GREEDY, max_new_tokens=16)
@@ -66,7 +76,6 @@ def test_a_stepped_request_is_captured_where_it_stopped_however_slow_the_client(
         [request] = snapshot.scheduler.requests  # right after the prefill too (SGLang has not merged it yet)
         assert request.status == "running" and request.output_token_ids == last["output_ids"][:step]
 
-    target = family.children[2]
     for snapshot in (snapshots[0], snapshots[-1]):
         thaw_sglang.restore(target, snapshot)
         [resumed] = thaw_sglang.resume(target, snapshot)
