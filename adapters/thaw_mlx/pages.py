@@ -299,9 +299,22 @@ def unshared_buffers(cache) -> list:
     unshared = []
     while buffers:
         array = buffers.pop()
-        if sys.getrefcount(array) == 3:  # the cache, `array` and getrefcount's argument: no one else sees a write
+        if sys.getrefcount(array) == _SOLE_HOLDER_COUNT:  # the cache and `array` only: no one else sees a write
             unshared.append(array)
     return unshared
+
+
+def _sole_holder_count() -> int:
+    """What sys.getrefcount says of an object held by one attribute and one local variable, as unshared_buffers
+    holds a cache's array: measured, not assumed, since interpreters count borrowed references differently."""
+    holder = type("Holder", (), {})()
+    holder.item = object()
+    held = [holder.item]
+    item = held.pop()
+    return sys.getrefcount(item)
+
+
+_SOLE_HOLDER_COUNT = _sole_holder_count()
 
 
 def restored_shape(tensor: Tensor, pages: list[int]) -> tuple[tuple, str]:
