@@ -240,9 +240,11 @@ class MLXEngine(SharedKV):
 
     def check(self, snapshot: Snapshot) -> None:
         restore(self.model, snapshot, info=self.info)  # builds a cache it drops: nothing of the engine changes
+        _pending(snapshot)
 
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
-        return self._install(restore(self.model, snapshot, info=self.info), snapshot)
+        pending = _pending(snapshot)
+        return self._install(restore(self.model, snapshot, info=self.info), snapshot, pending)
 
     def restore_source(self, source: str, *, verified: bool = False) -> list[Resumed]:
         """Restore from shared memory ("shm://name#nbytes") or a snapshot file without a copy of the snapshot
@@ -259,11 +261,13 @@ class MLXEngine(SharedKV):
         read."""
         checked = checked_by_caller(source, verified)  # refuses verified=True for a file
         if not source.startswith(SHM_PREFIX):
-            return self._install(*load(source, self.model, info=self.info))
+            cache, snapshot = load(source, self.model, info=self.info)
+            return self._install(cache, snapshot, _pending(snapshot))
         snapshot = open_snapshot(source, verify=not checked)
         check_snapshot_model(self.model, snapshot, info=self.info)
         check_cache_layout(self.model, snapshot, self.info)
-        return self._install(cache_of_snapshot(snapshot, spare=self._give_up_buffers), snapshot)
+        pending = _pending(snapshot)
+        return self._install(cache_of_snapshot(snapshot, spare=self._give_up_buffers), snapshot, pending)
 
     def _give_up_buffers(self) -> list[list]:
         """Per layer, the arrays of the engine's caches that nothing else holds (its requests and captures copy
@@ -276,20 +280,18 @@ class MLXEngine(SharedKV):
         self.sessions, self.running, self._progress = [], {}, {}
         return spare
 
-    def _install(self, cache: list, snapshot: Snapshot) -> list[Resumed]:
-        """Make a restored cache the engine's state (its one session, or its one request in flight)."""
+    def _install(self, cache: list, snapshot: Snapshot, pending: Optional[tuple]) -> list[Resumed]:
+        """Make a restored cache the engine's state: its one session, or, with `pending` (_pending's), its one
+        request in flight. Nothing here can refuse the snapshot: that was done before any state changed."""
         tokens = snapshot_tokens(snapshot)
-        self.sessions, self.running, self._progress = [_Session(tokens, cache)], {}, {}
-        # Another engine's snapshot of its idle prefix cache has no requests: thaw_mlx reads its one chain.
-        pending = [r for r in pending_requests(snapshot)
-                   if r.sampling.max_tokens is not None and len(r.output_token_ids) < r.sampling.max_tokens]
-        if len(pending) != 1:
+        if pending is None:
+            self.sessions, self.running, self._progress = [_Session(tokens, cache)], {}, {}
             return []
-        request = pending[0]
-        self.sessions = []
-        self.running[request.id] = _Request(request.id, self.model, _Session(tokens, cache),
-                                            len(request.prompt_token_ids), sampler_of(snapshot),
-                                            request.num_computed_tokens, self.eos)
+        request, sampler = pending
+        self.sessions, self._progress = [], {}
+        self.running = {request.id: _Request(request.id, self.model, _Session(tokens, cache),
+                                             len(request.prompt_token_ids), sampler, request.num_computed_tokens,
+                                             self.eos)}
         return [Resumed(request.id, request.prompt_token_ids, request.output_token_ids)]
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list:
@@ -302,6 +304,15 @@ class MLXEngine(SharedKV):
 
     def close(self) -> None:
         self.sessions, self.running, self._progress = [], {}, {}
+
+
+def _pending(snapshot: Snapshot) -> Optional[tuple]:
+    """The snapshot's request a restore resumes and its sampler, or None (another engine's snapshot of its idle
+    prefix cache has no requests: thaw_mlx reads its one chain); a sampler MLX cannot apply is refused here,
+    before a restore changes anything."""
+    pending = [r for r in pending_requests(snapshot)
+               if r.sampling.max_tokens is not None and len(r.output_token_ids) < r.sampling.max_tokens]
+    return (pending[0], sampler_of(snapshot)) if len(pending) == 1 else None
 
 
 def _eos_ids(checkpoint: Optional[str]) -> frozenset:

@@ -290,17 +290,26 @@ def gather_into(x: mx.array, num_tokens: int, page_size: int, out, chunk_size: i
     return crcs
 
 
-def unshared_buffers(cache) -> list:
-    """The arrays a KVCache or QuantizedKVCache layer keeps its tokens in that no other Python object holds:
-    what a restore replacing that cache may write over (scatter_targets' `spare`). Its caller must know that no
-    array shares their memory either (MLXEngine's sessions: its requests and captures copy their KV)."""
+def unshared_buffers(cache) -> list[tuple[mx.array, memoryview]]:
+    """The arrays a KVCache or QuantizedKVCache layer keeps its tokens in that no other Python object refers to
+    directly, each with a writable view of its own memory (thaw_format.mlx.owned_view): what a restore replacing
+    that cache may write over (scatter_targets' `spare`). An array whose memory is not its own is left out, as is
+    any array seen twice. Only direct references are counted: whoever holds the layer object (or a quantized
+    layer's tuple of arrays), or another array over the same buffer, is not seen, so the caller must know there
+    is none (MLXEngine's caches: its requests and captures copy their KV, and its shallow copies of a layer live
+    within one call)."""
     buffers = _internals.paged_buffers(cache)
     mx.eval(buffers)  # nothing pending writes them
-    unshared = []
+    seen, unshared = set(), []
     while buffers:
         array = buffers.pop()
-        if sys.getrefcount(array) == _SOLE_HOLDER_COUNT:  # the cache and `array` only: no one else sees a write
-            unshared.append(array)
+        if id(array) in seen or sys.getrefcount(array) != _SOLE_HOLDER_COUNT:  # the cache and `array` only
+            continue
+        seen.add(id(array))
+        try:
+            unshared.append((array, owned_view(array)))
+        except ValueError:  # not its own row-major memory
+            continue
     return unshared
 
 
@@ -326,8 +335,8 @@ def restored_shape(tensor: Tensor, pages: list[int]) -> tuple[tuple, str]:
 
 
 def scatter_targets(layers: list[KVLayer], pages: list[int], spare: Optional[list[list]] = None) -> list[dict]:
-    """Per layer, decode_layer's `targets`: for each paged role, an array of the layer's `spare` (arrays only
-    the caller holds: unshared_buffers of the cache being replaced) of the same shape and dtype, to be written
+    """Per layer, decode_layer's `targets`: for each paged role, an array of the layer's `spare` (arrays with
+    their views, unshared_buffers of the cache being replaced) of the same shape and dtype, to be written
     over, every byte, else a new one; the new ones of the whole cache made in one writable_arrays call. Over a
     spare array the source must have been checked whole before (a bad chunk found mid-scatter would leave it
     half written)."""
@@ -336,10 +345,9 @@ def scatter_targets(layers: list[KVLayer], pages: list[int], spare: Optional[lis
         free = list(spare[i]) if spare is not None else []
         chosen = {}
         for role, shape, dtype in paged_targets(layer, pages):
-            fits = [j for j, a in enumerate(free) if tuple(a.shape) == shape and dtype_name(a.dtype) == dtype]
+            fits = [j for j, (a, _) in enumerate(free) if tuple(a.shape) == shape and dtype_name(a.dtype) == dtype]
             if fits:
-                array = free.pop(fits[0])
-                chosen[role] = (array, owned_view(array))
+                chosen[role] = free.pop(fits[0])
             else:
                 wanted.append((i, role, shape, dtype))
         targets.append(chosen)
@@ -350,7 +358,7 @@ def scatter_targets(layers: list[KVLayer], pages: list[int], spare: Optional[lis
 
 def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Optional[Expected] = None,
                target: Optional[tuple] = None) -> mx.array:
-    """Tensor [pages, page_size, heads, d] -> a new [1, heads, capacity, d] MLX array (restored_shape): the
+    """Tensor [pages, page_size, heads, d] -> a [1, heads, capacity, d] MLX array (restored_shape): the
     given pages scattered by libthaw straight into the array's own (uninitialised) memory, every page with the
     same layout (a short last page's padding lands past num_tokens and is zeroed after, with the rest of the
     capacity). `target` is that array and a writable view of it (scatter_targets), made here if not given.

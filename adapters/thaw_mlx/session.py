@@ -176,6 +176,8 @@ def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None,
         check_layer(i, layer, request.pages, request.num_computed_tokens, kv.page_size)
         if layer_dtype(layer) != kv.dtype:
             raise IncompatibleSnapshotError(f"kv.layers[{i}] is {layer_dtype(layer)}, the KV cache {kv.dtype}")
+    if expected is not None and spare is not None:
+        raise ValueError("cache_of_snapshot: spare arrays take only a source checked whole before, not `expected`")
     expected = expected or [None] * len(kv.layers)
     targets = scatter_targets(kv.layers, request.pages, spare() if spare is not None else None)
     cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, layer_targets)
@@ -185,7 +187,8 @@ def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None,
 
 
 def _share(cache):
-    """The same cache with its own array objects over the same buffers: MLX copies a buffer when one writes."""
+    """The same cache with its own array objects over the same buffers: MLX's own writes copy a shared buffer
+    (these caches must never be handed to MLXEngine, whose restores write over arrays in place)."""
     return type(cache).from_state(tree_map(lambda a: a[...] if isinstance(a, mx.array) else a, cache.state))
 
 

@@ -84,6 +84,8 @@ def publish(snapshot: thaw_format.Snapshot, *, local: bool, engine=None):
     segment (the reader must be done with it before the next)."""
     if local:
         return LocalSnapshot(snapshot)
+    if engine is None:
+        raise ValueError("publish: a snapshot for another process goes to an engine's restore segment: pass engine")
     return _Published(lent.send(engine, snapshot)[0])
 
 

@@ -2,8 +2,9 @@
 over the arrays of the caches it replaces, and the engine's cache is then byte for byte, capacity included,
 the cache a fresh restore builds, for every cache kind, after a longer session too; an array something else
 holds is never written over; a damaged chunk, or a segment shorter than its source says, is refused with the
-engine untouched."""
+engine untouched, and so is a request MLX cannot sample."""
 
+import dataclasses
 import mmap
 import os
 import weakref
@@ -106,3 +107,21 @@ def test_a_segment_shorter_than_its_source_says_is_refused_with_the_engine_untou
     with pytest.raises(ValueError, match="not a shared-memory segment source"):
         engine.restore_source(f"shm://{name}#many")
     assert full_state(engine_cache(engine)) == before
+
+
+def test_a_request_mlx_cannot_sample_is_refused_with_the_engine_untouched(session, segment):
+    """The sampler is refused before the engine gives up its caches, by check and by restore_source alike."""
+    model, short, long = sessions_of("llama-kv", session)
+    engine = MLXEngine(model)
+    engine.restore_source(segment.publish(short))
+    before = full_state(engine_cache(engine))
+    [request] = long.scheduler.requests
+    sampling = dataclasses.replace(request.sampling, max_tokens=len(request.output_token_ids) + 4,
+                                   repetition_penalty=1.3)
+    refused = dataclasses.replace(long, scheduler=dataclasses.replace(
+        long.scheduler, requests=[dataclasses.replace(request, sampling=sampling)]))
+    source = segment.publish(refused)
+    for attempt in (lambda: engine.check(refused), lambda: engine.restore_source(source)):
+        with pytest.raises(ValueError, match="repetition_penalty"):
+            attempt()
+        assert full_state(engine_cache(engine)) == before
