@@ -74,15 +74,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = Tru
     The snapshot's tensors are read-only views of the mapped file, each checked by then; its tokens and
     sampler are thaw_mlx.snapshot_tokens(snapshot) and thaw_mlx.sampler_of(snapshot). Like
     thaw_format.load(mmap=True), the views see the file as it is: thaw's saves replace files, never rewrite
-    them in place."""
-    return load_mapped(_map(os.fspath(path)), model, check_weights=check_weights, info=info)
-
-
-def load_mapped(mapped: mmap.mmap, model: nn.Module, *, check_weights: bool = True,
-                info: Optional[ModelInfo] = None) -> tuple[list, Snapshot]:
-    """load() of a snapshot file mapped in memory: each paged KV tensor checked
-    chunk by chunk as it is scattered into new MLX arrays, every other tensor checked before anything is built,
-    and nothing returned unless every chunk passed."""
+    them in place. Each paged KV tensor is checked chunk by chunk as it is scattered into new MLX arrays, every
+    other tensor before anything is built, and nothing is returned unless every chunk passed."""
+    mapped = _map(os.fspath(path))
     f = SnapshotFile(mapped)
     # The document is checked now; the tensors are views of the mapping, checked below before any use.
     snapshot = f.snapshot(verify=False, copy=False)

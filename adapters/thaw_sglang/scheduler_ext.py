@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import thaw_format
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-from thaw_format.sdk import pending_requests
+from thaw_format.sdk import lent, pending_requests
 from thaw_format.sdk.shared import SharedSnapshot, owned_segment
 
 from . import _internals, rpc, transport
@@ -55,7 +55,7 @@ class ThawScheduler(_internals.SleepsWhilePaused):
                 thaw_format.save(snapshot, path)
                 return None
             if into == "lent":
-                return transport.lender(self).publish(snapshot, fill)
+                return lent.owned_lender(self).publish(snapshot, fill)
             if into == "reused":
                 return owned_segment(self).publish(snapshot, fill)
             shared = SharedSnapshot(snapshot, fill)

@@ -17,16 +17,7 @@ from __future__ import annotations
 
 from thaw_format import Snapshot
 from thaw_format.sdk import lent
-from thaw_format.sdk.shared import SHM_PREFIX, on_release, read_source, release_segments
-
-
-def lender(owner) -> lent.Lender:
-    """The lender of one scheduler's captures, its segments unlinked with it (or by release)."""
-    found = owner.__dict__.get("_thaw_lender")
-    if found is None:
-        found = owner._thaw_lender = lent.Lender()
-        on_release(owner, found.close)
-    return found
+from thaw_format.sdk.shared import SHM_PREFIX, read_source, release_segments
 
 
 def release(owner) -> None:

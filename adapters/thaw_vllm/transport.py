@@ -16,10 +16,9 @@ encoding. A path is a snapshot file.
 from __future__ import annotations
 
 import thaw_format
-import weakref
 
 from thaw_format.sdk import lent
-from thaw_format.sdk.shared import SHM_PREFIX, Segment, read_shared
+from thaw_format.sdk.shared import SHM_PREFIX, read_shared
 
 LOCAL_PREFIX = "local://"
 _LOCAL: dict[str, thaw_format.Snapshot] = {}
@@ -57,24 +56,6 @@ class _Published:
 
     def __exit__(self, *exc) -> None:
         return
-
-
-def engine_segment(owner) -> Segment:
-    """The segment one worker reuses for the captures it publishes (capture_shared), unlinked with it."""
-    segment = getattr(owner, "_thaw_segment", None)
-    if segment is None:
-        segment = owner._thaw_segment = Segment()
-        weakref.finalize(owner, segment.close)
-    return segment
-
-
-def engine_lender(owner) -> lent.Lender:
-    """The lender of one worker's captures, its segments unlinked with it."""
-    lender = getattr(owner, "_thaw_lender", None)
-    if lender is None:
-        lender = owner._thaw_lender = lent.Lender()
-        weakref.finalize(owner, lender.close)
-    return lender
 
 
 def publish(snapshot: thaw_format.Snapshot, *, local: bool, engine=None):

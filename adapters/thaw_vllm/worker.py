@@ -10,7 +10,8 @@ import os
 import thaw_format
 import vllm
 from thaw_format import IncompatibleSnapshotError, mover
-from thaw_format.sdk import lineage_now
+from thaw_format.sdk import lent, lineage_now
+from thaw_format.sdk.shared import owned_segment
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import deferred_tensor
 
@@ -89,7 +90,7 @@ class ThawWorkerExtension:
         fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
                 for i, cache in enumerate(caches) for role in ("k", "v")}
         snapshot = _build_snapshot(self, plan, include_weights, gathered=False)
-        publisher = transport.engine_segment(self) if shared else transport.engine_lender(self)
+        publisher = owned_segment(self) if shared else lent.owned_lender(self)
         return {"source": publisher.publish(snapshot, fill)}
 
     @remote.as_data

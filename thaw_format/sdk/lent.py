@@ -45,7 +45,7 @@ from ..container import DEFAULT_LIMITS, Limits
 from ..reader import SnapshotFile, loads
 from ..snapshot import Snapshot
 from ..writer import EncodedSnapshot
-from .shared import SHM_PREFIX, open_segment, owned_segment
+from .shared import SHM_PREFIX, on_release, open_segment, owned_segment
 
 LENT_PREFIX = "thawlent_"
 SLOTS = 256  # snapshots one lender may have out at once: one byte each in its control segment
@@ -227,6 +227,16 @@ def _held(snapshot: Snapshot, source: str, base: numpy.ndarray) -> Snapshot:
     _BORROWED[id(snapshot)] = (weakref.ref(snapshot), source, base.ctypes.data)
     weakref.finalize(snapshot, _BORROWED.pop, id(snapshot), None)
     return snapshot
+
+
+def owned_lender(owner) -> Lender:
+    """The Lender of `owner`'s captures (a worker's, a scheduler's), created on first use, its segments unlinked
+    when the owner is collected, at this process's exit, or at shared.release_segments(owner)."""
+    found = owner.__dict__.get("_thaw_lender")
+    if found is None:
+        found = owner._thaw_lender = Lender()
+        on_release(owner, found.close)
+    return found
 
 
 def load_shared(path: str, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS, progress=None) -> Snapshot:
