@@ -96,6 +96,7 @@ typedef struct {
 #define THAW_PAGES_BAD_CHUNK -4
 #define THAW_PAGES_REPEATED -5
 #define THAW_PAGES_NO_MEMORY -6
+#define THAW_PAGES_REMOTE -7
 
 int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *block_offsets, size_t n,
                           const thaw_page_layout *layout, void *out, size_t out_len, size_t chunk_size,
@@ -105,6 +106,10 @@ int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, si
 int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                                    const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                    size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk);
+int64_t thaw_scatter_pages_remote(int pid, uint64_t pages, size_t pages_len, void *blocks, size_t blocks_len,
+                                  const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
+                                  int *error);
+int thaw_remote_readable(int pid, const uint64_t *addresses, const uint64_t *lens, size_t n);
 """
 
 

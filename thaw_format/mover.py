@@ -42,6 +42,11 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         scatter_pages that checks each chunk_size chunk of the pages against expected[c] just before moving
         it (one pass: the chunk is still in cache). A bad chunk is not written, but others may be: returns
         the first bad chunk, and the caller discards `blocks` (a fresh buffer, never live state).
+    remote_window(pid, address, nbytes) -> memoryview
+        another process's bytes, named here: scatter_pages reads a view of it from that process (Linux
+        process_vm_readv, native path), one pass with no copy here; any other read of it faults (it maps
+        nothing readable). A refused or failed read raises RemoteReadError before any byte moves.
+    remote_readable(pid, [(address, nbytes)])   raise RemoteReadError unless those bytes can be read so
     copy_with_crcs(src, out, chunk_size) -> array('I')
         out[:len(src)] = src and the CRC32C of each chunk of it, in one multi-threaded pass (native path)
     empty(nbytes) -> memoryview                 an uninitialised writable buffer, the target of a load
@@ -57,6 +62,8 @@ still holds no byte of a bad chunk.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import weakref
 from array import array
@@ -680,6 +687,18 @@ def _c_scatter_pages(pages, blocks, block_offsets, layout: PageLayout) -> None:
         _page_failure(code, len(b), len(p), block_offsets, layout, True, blocks, pages)
 
 
+def _c_scatter_pages_remote(remote: tuple[int, int, int], blocks, block_offsets, layout: PageLayout) -> None:
+    pid, address, nbytes = remote
+    b, offs = _c_buffer(blocks, writable=True), _c_offsets(block_offsets)
+    c_layout, _rows = _c_page_layout(layout)
+    error = _ffi.new("int *")
+    code = _lib.thaw_scatter_pages_remote(pid, address, nbytes, b, len(b), offs, len(offs), c_layout, error)
+    if code == _lib.THAW_PAGES_REMOTE:
+        raise RemoteReadError(error[0], pid, address, nbytes)
+    if code:
+        _page_failure(code, len(b), nbytes, block_offsets, layout, True, blocks, None)
+
+
 def _c_scatter_pages_checked(pages, blocks, block_offsets, layout: PageLayout, chunk_size: int, expected):
     p, b, offs = _c_buffer(pages), _c_buffer(blocks, writable=True), _c_offsets(block_offsets)
     c_layout, _rows = _c_page_layout(layout)
@@ -723,6 +742,76 @@ def _py_start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Another process's bytes (remote_window): read by scatter_pages from there, in one pass.
+
+
+class RemoteReadError(OSError):
+    """Another process's bytes could not be read: `refused` when the system forbids it (a ptrace policy, a
+    seccomp filter, another user's process: a caller may fall back to a copy the other process makes itself);
+    otherwise the process or its bytes are gone."""
+
+    REFUSED = "remote read refused"  # in the message of every refusal, so it survives a trip through an RPC
+
+    def __init__(self, code: int, pid: int, address: int, nbytes: int) -> None:
+        self.refused = code in (errno.EPERM, errno.EACCES, errno.ENOSYS)
+        why = {errno.ESRCH: f"there is no process {pid}",
+               errno.EFAULT: f"process {pid} does not map the {nbytes} bytes at {address:#x}"}.get(code)
+        if why is None:
+            why = (f"{self.REFUSED}: process {pid} may not be read by this one ({os.strerror(code)})" if self.refused
+                   else f"reading {nbytes} bytes at {address:#x} of process {pid} failed ({os.strerror(code)})")
+        super().__init__(code, why)
+
+
+class RemoteWindow(mmap.mmap):
+    """The stand-in for `nbytes` at `address` in process `pid`: a mapping of that size with no access (a read
+    of it faults), whose views scatter_pages recognises and reads from the other process."""
+
+    pid: int
+    address: int
+
+
+def remote_window(pid: int, address: int, nbytes: int) -> memoryview:
+    if _lib is None:  # the portable path cannot read another process: a refusal, as the system's would be
+        raise RemoteReadError(errno.ENOSYS, pid, address, nbytes)
+    window = RemoteWindow(-1, max(nbytes, 1), prot=0)  # address space only, never touched
+    window.pid, window.address = pid, address
+    return memoryview(window)[:nbytes]
+
+
+def remote_readable(pid: int, ranges: Sequence[tuple[int, int]]) -> None:
+    """Raise RemoteReadError unless the first and last byte of each (address, nbytes) of process pid can be read."""
+    if _lib is None:
+        raise RemoteReadError(errno.ENOSYS, pid, 0, 0)
+    addresses, lens = array("Q", [a for a, _ in ranges]), array("Q", [n for _, n in ranges])
+    code = _lib.thaw_remote_readable(pid, _ffi.from_buffer("uint64_t[]", addresses),
+                                     _ffi.from_buffer("uint64_t[]", lens), len(ranges))
+    if code:
+        bad = next((a, n) for a, n in ranges if n and _lib.thaw_remote_readable(
+            pid, _ffi.new("uint64_t[]", [a]), _ffi.new("uint64_t[]", [n]), 1))
+        raise RemoteReadError(code, pid, *bad)
+
+
+def _remote_of(pages) -> Optional[tuple[int, int, int]]:
+    """(pid, address, nbytes) of a view of a RemoteWindow, else None."""
+    view = memoryview(pages)
+    window = view.obj
+    if not isinstance(window, RemoteWindow):
+        return None
+    offset = int(_ffi.cast("uintptr_t", _c_buffer(view))) - int(_ffi.cast("uintptr_t", _c_buffer(window)))
+    return window.pid, window.address + offset, view.nbytes
+
+
+def _scatter_pages(local):
+    def scatter_pages(pages, blocks, block_offsets, layout: PageLayout) -> None:
+        remote = _remote_of(pages) if _lib is not None else None
+        if remote is None:
+            return local(pages, blocks, block_offsets, layout)
+        _c_scatter_pages_remote(remote, blocks, block_offsets, layout)
+
+    return scatter_pages
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The public functions: bound once to the active path.
 
 if _lib is not None:
@@ -730,7 +819,7 @@ if _lib is not None:
     write_regions, read_regions, verify_regions = _c_write_regions, _c_read_regions, _c_verify_regions
     check_buffer = _c_check_buffer
     gather, scatter = _c_gather, _c_scatter
-    gather_pages, scatter_pages, copy_with_crcs = _c_gather_pages, _c_scatter_pages, _c_copy_with_crcs
+    gather_pages, scatter_pages, copy_with_crcs = _c_gather_pages, _scatter_pages(_c_scatter_pages), _c_copy_with_crcs
     scatter_pages_checked = _c_scatter_pages_checked
     start_writeback = _c_start_writeback
 else:

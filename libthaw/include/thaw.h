@@ -122,6 +122,7 @@ typedef struct {
 #define THAW_PAGES_BAD_CHUNK (-4)    /* chunk_size is 0 or not a multiple of itemsize */
 #define THAW_PAGES_REPEATED (-5)     /* scatter: two pages name the same block */
 #define THAW_PAGES_NO_MEMORY (-6)
+#define THAW_PAGES_REMOTE (-7)       /* remote scatter: reading the other process failed; *error says why */
 
 /* Page i of out (n pages, contiguous) = the block at blocks + block_offsets[i], read through layout. With
  * crcs != NULL, crcs[c] = CRC32C of out's chunk c (chunk_size bytes, the last may be short), computed in the
@@ -141,5 +142,19 @@ int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, si
 int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                                    const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                    size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk);
+
+/* thaw_scatter_pages with the pages in another process's memory: pages_len bytes at address `pages` in process
+ * `pid`, read with process_vm_readv (Linux; the ptrace access check of a debugger: same user or CAP_SYS_PTRACE,
+ * and whatever Yama and seccomp allow). One pass: each thread reads a unit of the pages into a tile of its own,
+ * reused across calls, and moves it into the blocks from there. The first and last byte are read before any
+ * byte moves, so a bad pid, a refused read or an address the process does not map gives THAW_PAGES_REMOTE
+ * with *error set (ESRCH, EPERM, ENOSYS, EFAULT) and nothing written; a hole in the middle of the range (its
+ * owner unmapped it during the call) fails the same way after other units may have moved. */
+int64_t thaw_scatter_pages_remote(int pid, uint64_t pages, size_t pages_len, void *blocks, size_t blocks_len,
+                                  const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
+                                  int *error);
+/* 0 if the first and last byte of each of the n ranges (addresses[i], lens[i]) of process pid are readable,
+ * else the errno of the read that failed. */
+int thaw_remote_readable(int pid, const uint64_t *addresses, const uint64_t *lens, size_t n);
 
 #endif

@@ -7,8 +7,12 @@
  * token and head), and a transposed K (stride = the block's token count). Every range is checked before the
  * first byte moves; the work is split across the thread pool in output-chunk units, so each chunk's CRC is
  * computed by the thread that just wrote it, while the bytes are still in its cache. */
+#define _GNU_SOURCE /* process_vm_readv */
+#include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 
 #include "../include/thaw.h"
 #include "pool.h"
@@ -26,6 +30,8 @@ typedef struct {
     size_t *order;           /* rows by source address, or NULL (rows already in that order) */
     const uint32_t *expected; /* checked scatter only: one CRC per unit of input, or NULL */
     int64_t bad;             /* checked scatter: the first unit whose CRC failed, or -1 */
+    int pid;                 /* remote scatter: the process whose memory holds the pages (at `pages`), or 0 */
+    int error;               /* remote scatter: errno of the first read that failed, or 0 */
 } page_job;
 
 /* Copy n elements of one row between the contiguous side and the strided side. */
@@ -252,11 +258,17 @@ static void record_bad(page_job *j, size_t index) {
     }
 }
 
+static void remote_unit(page_job *j, size_t start, size_t end);
+
 static void unit_task(void *ctx, size_t index, int worker) {
     (void)worker;
     page_job *j = ctx;
     size_t start = index * j->unit_elems;
     size_t end = start + j->unit_elems < j->total_elems ? start + j->unit_elems : j->total_elems;
+    if (j->pid) {
+        remote_unit(j, start, end);
+        return;
+    }
     if (j->expected) { /* a checked scatter: the unit is one chunk, checked before it moves (then in cache) */
         int64_t bad = __atomic_load_n(&j->bad, __ATOMIC_RELAXED);
         if (bad >= 0 && (int64_t)index > bad) return; /* the call fails anyway: spare the bandwidth */
@@ -323,7 +335,8 @@ static int64_t prepare(page_job *j, size_t blocks_len, size_t pages_len, size_t 
     if ((__int128)n * page_elems * l->itemsize > (__int128)pages_len) return THAW_PAGES_SHORT_BUFFER;
     j->page_elems = (size_t)page_elems;
     j->total_elems = n * j->page_elems;
-    if (overlaps(j->pages, j->total_elems * l->itemsize, j->blocks, blocks_len)) return THAW_PAGES_OVERLAP;
+    /* (a remote scatter's pages are another process's addresses: no overlap with ours is possible) */
+    if (!j->pid && overlaps(j->pages, j->total_elems * l->itemsize, j->blocks, blocks_len)) return THAW_PAGES_OVERLAP;
     for (size_t i = 0; i < n; i++) {
         __int128 first = (__int128)j->offsets[i] + lo * (__int128)l->itemsize;
         __int128 last = (__int128)j->offsets[i] + (hi + 1) * (__int128)l->itemsize;
@@ -424,4 +437,73 @@ int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *bl
     int64_t code = scatter(&j, pages_len, blocks_len, n, chunk_size);
     *bad_chunk = j.bad;
     return code;
+}
+
+/* ---- scatter from another process's memory ---------------------------------------------------------------
+ * Each unit (UNIT_BYTES of pages) is read with process_vm_readv into its thread's tile, a buffer allocated once
+ * per thread and reused, so it is faulted in once and stays in cache between the read and the moves out of it;
+ * then it moves as a local unit does. One pass over the source: no copy of the pages lands in this process. */
+
+static pthread_key_t tile_key;
+static pthread_once_t tile_once = PTHREAD_ONCE_INIT;
+
+static void make_tile_key(void) { pthread_key_create(&tile_key, free); }
+
+static uint8_t *thread_tile(void) {
+    pthread_once(&tile_once, make_tile_key);
+    uint8_t *tile = pthread_getspecific(tile_key);
+    if (!tile && !posix_memalign((void **)&tile, 4096, UNIT_BYTES)) pthread_setspecific(tile_key, tile);
+    return tile;
+}
+
+/* Read len bytes at `remote` in process pid into `out`; 0 or an errno (EFAULT for a short read). */
+static int read_remote(int pid, uint64_t remote, uint8_t *out, size_t len) {
+    while (len) {
+        struct iovec local = {out, len}, far = {(void *)(uintptr_t)remote, len};
+        ssize_t got = process_vm_readv(pid, &local, 1, &far, 1, 0);
+        if (got < 0) return errno;
+        if (got == 0) return EFAULT;
+        out += got, remote += (uint64_t)got, len -= (size_t)got;
+    }
+    return 0;
+}
+
+static void remote_unit(page_job *j, size_t start, size_t end) {
+    size_t isz = j->layout->itemsize;
+    if (__atomic_load_n(&j->error, __ATOMIC_RELAXED)) return; /* the call fails anyway */
+    uint8_t *tile = thread_tile();
+    int error = tile ? read_remote(j->pid, (uint64_t)(uintptr_t)j->pages + start * isz, tile, (end - start) * isz)
+                     : ENOMEM;
+    if (error) {
+        int none = 0;
+        __atomic_compare_exchange_n(&j->error, &none, error, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+        return;
+    }
+    page_job local = *j; /* the same job with its pages at the tile: element e of the unit is tile[e - start] */
+    local.pages = (uint8_t *)((uintptr_t)tile - start * isz);
+    move_range(&local, start, end);
+    stream_fence();
+}
+
+int thaw_remote_readable(int pid, const uint64_t *addresses, const uint64_t *lens, size_t n) {
+    uint8_t byte;
+    for (size_t i = 0; i < n; i++) {
+        if (!lens[i]) continue;
+        int error = read_remote(pid, addresses[i], &byte, 1);
+        if (!error) error = read_remote(pid, addresses[i] + lens[i] - 1, &byte, 1);
+        if (error) return error;
+    }
+    return 0;
+}
+
+int64_t thaw_scatter_pages_remote(int pid, uint64_t pages, size_t pages_len, void *blocks, size_t blocks_len,
+                                  const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
+                                  int *error) {
+    page_job j = {(uint8_t *)(uintptr_t)pages, blocks, block_offsets, layout, 0, 0, 0, 0, NULL, 0, NULL, NULL, -1,
+                  pid, 0};
+    *error = pid > 0 ? thaw_remote_readable(pid, &pages, (uint64_t[]){pages_len}, 1) : ESRCH;
+    if (*error) return THAW_PAGES_REMOTE; /* refused before any byte moves */
+    int64_t code = scatter(&j, pages_len, blocks_len, n, UNIT_BYTES);
+    *error = j.error;
+    return code ? code : j.error ? THAW_PAGES_REMOTE : 0;
 }
