@@ -75,8 +75,8 @@ class ThawScheduler(_internals.SleepsWhilePaused):
 
         rpc.report(result, work)
 
-    def thaw_check(self, result: str, source: str) -> None:
-        rpc.report(result, lambda: check_restorable(self, transport.read(source, self)))
+    def thaw_check(self, result: str, source: str, verified: bool = False) -> None:
+        rpc.report(result, lambda: check_restorable(self, transport.read(source, self, verify=not verified)))
 
     def thaw_pause(self, result: str, paused: bool) -> None:
         def work():

@@ -159,7 +159,8 @@ def capture_shared(engine: ThawEngine, *, chains: Sequence[Sequence[int]] | None
 
 def check(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> None:
     """Raise IncompatibleSnapshotError, naming the field, if the engine cannot hold the snapshot; changes nothing."""
-    rpc.call(engine, "thaw_check", source=transport.source_of(engine, snapshot)[0])
+    transport.sending(engine, snapshot, lambda source, checked: rpc.call(engine, "thaw_check", source=source,
+                                                                          verified=checked))
 
 
 def restore_pending(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike, *,
@@ -167,11 +168,14 @@ def restore_pending(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike, 
     """Make an idle engine hold the snapshot (a Snapshot, or a source: "shm://..." or a file) and return its
     unfinished requests; the scheduler reads the source (its chunks unchecked if `verified`, a segment the
     caller checked, thaw_format.sdk.shared.checked_by_caller, or if it is the Snapshot this call wrote into the
-    engine's restore segment, transport.source_of), and this process only when it has requests."""
-    source, checked = transport.source_of(engine, snapshot)
-    if not rpc.call(engine, "thaw_restore", source=source, verified=checked_by_caller(source, verified) or checked):
+    engine's restore segment or read from this process's memory, transport.sending), and this process only when
+    it has requests."""
+    def restore(source: str, checked: bool) -> int:
+        return rpc.call(engine, "thaw_restore", source=source, verified=checked or checked_by_caller(source, verified))
+
+    if not transport.sending(engine, snapshot, restore):
         return []
-    return pending_requests(snapshot if isinstance(snapshot, Snapshot) else transport.read(source))
+    return pending_requests(snapshot if isinstance(snapshot, Snapshot) else transport.read(str(snapshot)))
 
 
 def restore(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> list[Resumed]:

@@ -5,8 +5,10 @@ segment no reader holds, with its checksums in the same pass, and the client's S
 gives it back when garbage-collected; restoring that Snapshot hands the same segment back to the scheduler
 untouched, as does a Snapshot loaded with `thaw_format.load(path, shared=True)` (its own segment), and the
 scheduler verifies every chunk where it lies. Any other Snapshot (loaded into this process's memory, or built
-here) is encoded once into the client's reused segment for that engine, its checksums computed in the same
-pass, and the scheduler scatters it without reading it twice (thaw_format.sdk.lent.send). A capture for a
+here) is read by the scheduler straight from this process's memory, its KV scattered in one pass
+(thaw_format.sdk.remote); where the system refuses that, it is encoded once into the client's reused segment for
+that engine, its checksums computed in the same pass, and the scheduler scatters it without reading it twice
+(thaw_format.sdk.lent.send). A capture for a
 fork pool (`capture_shared`) goes into the scheduler's own reused segment. Each side reads a "shm://name#nbytes"
 segment through its own buffer (the scheduler's lent segments) or a cached mapping, so steady use neither maps
 nor faults pages again. A snapshot's own segment ("shm://name", a fork's) and a file path are read as
@@ -15,9 +17,13 @@ thaw_format.sdk.shared.read_source reads them.
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 from thaw_format import Snapshot
-from thaw_format.sdk import lent
+from thaw_format.sdk import lent, remote
 from thaw_format.sdk.shared import SHM_PREFIX, read_source, release_segments
+
+T = TypeVar("T")
 
 
 def release(owner) -> None:
@@ -31,17 +37,17 @@ def read(source: str, owner=None, *, verify: bool = True) -> Snapshot:
     """The snapshot a source names, every chunk verified where it lies (no copy; `verify=False`: a segment its
     caller checked, thaw_format.sdk.shared.checked_by_caller): a segment `owner` lent is read through its own
     buffer. The caller must be done with it before the segment's owner writes it again."""
-    if source.startswith(SHM_PREFIX) and "#" in source:
+    if remote.is_remote(source) or source.startswith(SHM_PREFIX) and "#" in source:
         return lent.open_snapshot(source, lender=owner.__dict__.get("_thaw_lender") if owner is not None else None,
                                   verify=verify)
     return read_source(source, verified=not verify)
 
 
-def source_of(engine, snapshot: Snapshot | str) -> tuple[str, bool]:
-    """Where the scheduler reads `snapshot`, and whether its chunks are checked by this caller: a source as given
-    (not checked); a Snapshot as thaw_format.sdk.lent.send hands it over (a capture borrowed from a scheduler,
-    unchanged, by its own segment; any other written into the engine's reused restore segment, checked, and
-    read by the scheduler before this engine's next restore)."""
+def sending(engine, snapshot: Snapshot | str, call: Callable[[str, bool], T]) -> T:
+    """call(source, checked) where `checked` says the caller checked its chunks: a source as given (not checked);
+    a Snapshot as thaw_format.sdk.lent.sending sends it (a capture borrowed from a scheduler, unchanged, by its
+    own segment; any other read by the scheduler from this process's memory, or written into the engine's
+    reused restore segment where it may not: checked, and read by the scheduler within the call)."""
     if not isinstance(snapshot, Snapshot):
-        return str(snapshot), False
-    return lent.send(engine, snapshot)
+        return call(str(snapshot), False)
+    return lent.sending(engine, snapshot, call)

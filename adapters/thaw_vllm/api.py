@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import thaw_format
 from thaw_format import IncompatibleSnapshotError
-from thaw_format.sdk import Finished, Resumed, pending_requests
+from thaw_format.sdk import Finished, Resumed, lent, pending_requests
 from thaw_format.sdk.shared import checked_by_caller
 
 from . import _internals, remote, transport
@@ -146,12 +146,14 @@ def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
     snapshot that is not yet in this process.
     """
     check_compatible(llm, snapshot)
-    with transport.publish(snapshot, local=_internals.engine_in_this_process(llm), engine=llm) as shared:
-        # The Snapshot is this process's own, verified when it came in (a load checks every chunk, a capture
-        # computes them as it gathers); the segment carrying it to the worker holds the bytes this call wrote
-        # (or the worker lent, read-only here), so the worker parses its header but does not read every chunk
-        # again, as the in-process path hands the object itself over. restore_source verifies: any source.
-        return _restore_checked(llm, snapshot, shared.source, verify=False)
+    # The Snapshot is this process's own, verified when it came in (a load checks every chunk, a capture computes
+    # them as it gathers); what carries it to the worker holds the bytes this call wrote, or reads them here (or
+    # the segment the worker lent, read-only here), so the worker parses its header but does not read every chunk
+    # again, as the in-process path hands the object itself over. restore_source verifies: any source.
+    if _internals.engine_in_this_process(llm):
+        with transport.LocalSnapshot(snapshot) as local:
+            return _restore_checked(llm, snapshot, local.source, verify=False)
+    return lent.sending(llm, snapshot, lambda source, _checked: _restore_checked(llm, snapshot, source, verify=False))
 
 
 def restore_source(llm, source: str, *, verified: bool = False) -> list[Resumed]:

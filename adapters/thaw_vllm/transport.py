@@ -6,7 +6,9 @@ pickle, no copy. A capture is lent (thaw_format.sdk.lent): the worker writes it 
 the client, whose Snapshot views it and gives it back when garbage-collected; restoring such a snapshot
 hands the same segment back to the worker untouched, and so does a snapshot loaded from a file with
 `thaw_format.load(path, shared=True)` (its own read-only segment, verified by the load). Any other snapshot
-is encoded once into the client's reused restore segment for that engine (thaw_format.sdk.lent.send), and
+is read by the worker straight from the client's memory, "remote://...", its KV scattered in one pass
+(thaw_format.sdk.remote), or where the system refuses that, encoded once into the client's reused restore
+segment for that engine (thaw_format.sdk.lent.sending chooses, api.restore), and
 `capture_shared` publishes into the worker's reused segment, so steady use touches warm pages. "shm://name"
 (no "#"): one snapshot's own segment (thaw_format.sdk.shared). "local://n": the same process (an in-process
 engine with its worker in-process too): the Snapshot object itself is handed over, with no copy and no
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import thaw_format
 
-from thaw_format.sdk import lent
+from thaw_format.sdk import lent, remote
 from thaw_format.sdk.shared import SHM_PREFIX, read_shared
 
 LOCAL_PREFIX = "local://"
@@ -41,35 +43,6 @@ class LocalSnapshot:
         self.close()
 
 
-class _Published:
-    """A snapshot in a segment whose owner releases it: the engine's reused segment (released by the next one),
-    or a lent segment (given back when the snapshot viewing it is dropped)."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def close(self) -> None:
-        return
-
-    def __enter__(self) -> "_Published":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return
-
-
-def publish(snapshot: thaw_format.Snapshot, *, local: bool, engine=None):
-    """A handle whose `source` names the snapshot for the reader; `close()` releases it. `local`: the object
-    itself; else as thaw_format.sdk.lent.send hands it to `engine`'s worker: a snapshot borrowed from a worker
-    (or shared-loaded), unchanged, by its own segment; any other written into that engine's reused restore
-    segment (the reader must be done with it before the next)."""
-    if local:
-        return LocalSnapshot(snapshot)
-    if engine is None:
-        raise ValueError("publish: a snapshot for another process goes to an engine's restore segment: pass engine")
-    return _Published(lent.send(engine, snapshot)[0])
-
-
 def read(source: str, *, unlink: bool = False, keep: bool = False, lender=None, verify: bool = True) -> thaw_format.Snapshot:
     """The snapshot a source names, checksums verified (unless `verify` is False, or a borrowed capture's, see
     below); a shared-memory snapshot's tensors view the segment.
@@ -78,6 +51,8 @@ def read(source: str, *, unlink: bool = False, keep: bool = False, lender=None, 
     Otherwise a reused segment is read through `lender` (the caller's own segments) or a cached mapping."""
     if source.startswith(LOCAL_PREFIX):
         return _LOCAL.pop(source) if unlink else _LOCAL[source]
+    if remote.is_remote(source):
+        return lent.open_snapshot(source, verify=verify)
     if source.startswith(SHM_PREFIX):
         if "#" not in source:
             return read_shared(source, unlink=unlink, verify=verify)

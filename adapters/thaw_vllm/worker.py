@@ -84,8 +84,7 @@ class ThawWorkerExtension:
         is here too), gathered into the snapshot's own buffers and handed over as an object."""
         start_mover(self.vllm_config)
         if local:
-            handle = transport.publish(_build_snapshot(self, plan, include_weights, gathered=True), local=True)
-            return {"source": handle.source}
+            return {"source": transport.LocalSnapshot(_build_snapshot(self, plan, include_weights, gathered=True)).source}
         caches, layout = engine_layout(self)
         fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
                 for i, cache in enumerate(caches) for role in ("k", "v")}

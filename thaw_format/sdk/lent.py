@@ -22,7 +22,9 @@ for the next shared load (a few at most; `drop_idle_loads()` unlinks them now, e
 written into its segment, so a restore can hand the segment itself to the engine instead of encoding the
 snapshot again: the one copy a snapshot in the client's memory would otherwise cost on its way to an engine in
 other processes. `send(owner, snapshot)` is that choice for a restore: the snapshot's own segment, else the
-engine's reused restore segment written in the same call, whose chunks its reader need not check again.
+snapshot read by the engine's process straight from this one's memory (thaw_format.sdk.remote), else the
+engine's reused restore segment written in the same call; the reader need not check the last two again.
+`sending` makes the restore, and falls back to the segment for good when the engine may not read this process.
 """
 
 from __future__ import annotations
@@ -37,20 +39,23 @@ import threading
 import weakref
 from collections import OrderedDict
 from multiprocessing import shared_memory
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import numpy
 
 from ..container import DEFAULT_LIMITS, Limits
+from ..mover import RemoteReadError
 from ..reader import SnapshotFile, loads
 from ..snapshot import Snapshot
 from ..writer import EncodedSnapshot
+from . import remote
 from .shared import SHM_PREFIX, on_release, open_segment, owned_segment
 
 LENT_PREFIX = "thawlent_"
 SLOTS = 256  # snapshots one lender may have out at once: one byte each in its control segment
 KEEP_IDLE = 2  # returned segments a lender keeps for reuse; more are unlinked (they hold RAM in /dev/shm)
 _FREE, _LENT, _TAKEN = 0, 1, 2  # a slot's byte in the control segment: lent = not yet borrowed
+T = TypeVar("T")
 
 
 def parse(source: str) -> tuple[str, int]:
@@ -193,7 +198,10 @@ def _exists(name: str) -> bool:
 def open_snapshot(source: str, *, verify: bool = True, lender: Optional[Lender] = None) -> Snapshot:
     """The snapshot in a segment ("shm://name#nbytes"), its tensors viewing the segment (no copy): through
     `lender`'s own buffer when it wrote it, else a cached mapping. The caller must be done with it before the
-    segment's owner writes it again (a restore is); `borrow` is for snapshots that ownership passes with."""
+    segment's owner writes it again (a restore is); `borrow` is for snapshots that ownership passes with.
+    A remote source (send) is opened as thaw_format.sdk.remote.open_remote opens it."""
+    if remote.is_remote(source):
+        return remote.open_remote(source, lambda segment: _open_snapshot(segment, False, None)[0], verify=verify)
     return _open_snapshot(source, verify, lender)[0]
 
 
@@ -408,11 +416,36 @@ def send(owner, snapshot: Snapshot) -> tuple[str, bool]:
     chunks are checked by the caller (thaw_format.sdk.shared.checked_by_caller), for `owner`, the engine.
 
     A borrowed or shared-loaded snapshot still as written is its own segment, handed over as it is: not checked
-    here. Any other is encoded by this call into `owner`'s reused restore segment, each chunk's checksum computed
-    from the bytes written in the same pass; only this process writes that segment, so its reader, checking it
-    again, could find nothing but what this call wrote: checked. The reader must be done with it before `owner`'s
-    next restore."""
+    here. Any other is read by the engine's process from this one where it lies (thaw_format.sdk.remote: its KV
+    straight from this process's memory, the rest in `owner`'s reused restore segment), unless `owner` was
+    refused such reads; then it is encoded by this call into that segment, each chunk's checksum computed from
+    the bytes written in the same pass. Either way only this process writes what the reader reads, in this
+    call, so the reader, checking it again, could find nothing but what this call wrote: checked. The reader
+    must be done with it before `owner`'s next restore, and the caller keeps `snapshot` alive until then."""
     source = lent_source(snapshot)
     if source is not None:
+        owner._thaw_sent = "lent"
         return source, False
-    return owned_segment(owner, "restore").publish(snapshot), True
+    source = remote.publish(owner, snapshot)
+    owner._thaw_sent = "remote" if source is not None else "segment"
+    return source or owned_segment(owner, "restore").publish(snapshot), True
+
+
+def last_sent(owner) -> Optional[str]:
+    """How send last sent a snapshot to `owner`: "lent" (its own segment), "remote" (read from this process's
+    memory) or "segment" (written into owner's restore segment); None before the first."""
+    return owner.__dict__.get("_thaw_sent")
+
+
+def sending(owner, snapshot: Snapshot, restore: Callable[[str, bool], T]) -> T:
+    """restore(*send(owner, snapshot)): a restore of a Snapshot in this process into `owner`'s other processes.
+    If they were refused reading this process's memory (mover.RemoteReadError, which they raise before changing
+    anything), `owner` is marked so (remote.refuse) and the restore made again from its restore segment."""
+    source, checked = send(owner, snapshot)
+    try:
+        return restore(source, checked)
+    except Exception as error:
+        if not remote.is_remote(source) or RemoteReadError.REFUSED not in str(error):
+            raise
+    remote.refuse(owner)
+    return restore(*send(owner, snapshot))

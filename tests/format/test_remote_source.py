@@ -1,0 +1,125 @@
+"""A Snapshot in this process sent to another process as a remote source (thaw_format.sdk.remote through
+lent.send / lent.sending): a real child process opens it, its structure from the restore segment and its KV read
+from this process's memory by the scatter, byte-identical; a reader asked to verify it refuses; and where the
+system refuses the read (the child without CAP_SYS_PTRACE reading a process that is not dumpable, as Yama or a
+seccomp filter would refuse it) the restore is made again from the restore segment, and every later one goes
+there at once."""
+
+import ctypes
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from thaw_format import mover
+from thaw_format.sdk import lent, remote
+
+# The child: open the source, scatter every KV tensor (one page, one row of bytes) into a buffer of its own,
+# print the digest of the bytes and of the rest of the snapshot, or the error. argv: source, "drop" to give up
+# CAP_SYS_PTRACE first.
+CHILD = r"""
+import ctypes, hashlib, json, sys
+import numpy as np
+from thaw_format import mover
+from thaw_format.sdk import lent
+
+if sys.argv[2] == "drop":  # capget/capset (version 3): clear CAP_SYS_PTRACE (19) from effective and permitted
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
+    assert libc.capget(header, data) == 0
+    data[0] &= ~(1 << 19); data[1] &= ~(1 << 19)
+    assert libc.capset(header, data) == 0
+try:
+    snapshot = lent.open_snapshot(sys.argv[1], verify=sys.argv[3] == "verify")
+    h = hashlib.sha256()
+    for layer in snapshot.kv.layers:
+        for role in ("k", "v"):
+            n = layer.tensors[role].nbytes
+            out = np.zeros(n, np.uint8)
+            mover.scatter_pages(layer.tensors[role].data, out, [0], mover.PageLayout(1, np.zeros(1, np.int64), n, 1))
+            h.update(out.tobytes())
+    print(json.dumps({"kv": h.hexdigest(), "prefix": snapshot.prefix.tokens,
+                      "rng": bytes(snapshot.scheduler.requests[0].rng_state.data).hex()}))
+except Exception as exc:
+    print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+"""
+
+
+def read_in_child(source: str, *, drop: bool = False, verify: bool = False) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, source, "drop" if drop else "keep",
+                          "verify" if verify else "trust"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def expected(snapshot) -> dict:
+    h = hashlib.sha256()
+    for layer in snapshot.kv.layers:
+        for role in ("k", "v"):
+            h.update(layer.tensors[role].data)
+    return {"kv": h.hexdigest(), "prefix": snapshot.prefix.tokens,
+            "rng": bytes(snapshot.scheduler.requests[0].rng_state.data).hex()}
+
+
+class Engine:
+    """A stand-in owner: send keys its restore segment and its remote refusal on it."""
+
+
+@pytest.fixture
+def native():
+    if mover._lib is None:
+        pytest.skip(f"libthaw not built: {mover.backend()}")
+
+
+def test_a_snapshot_in_this_process_is_read_by_another_from_here(native, full_snapshot):
+    owner = Engine()
+    source, checked = lent.send(owner, full_snapshot)
+    assert remote.is_remote(source) and checked and lent.last_sent(owner) == "remote"
+    pid, tensors, _ = remote.parse(source)
+    assert pid == os.getpid() and sorted(tensors) == ["kv/0/k", "kv/0/v", "kv/1/k", "kv/1/v"]
+    assert read_in_child(source) == expected(full_snapshot)
+    assert "carries no checksums" in read_in_child(source, verify=True)["error"]
+
+
+def _not_dumpable():
+    """This process made not dumpable, so that only a reader with CAP_SYS_PTRACE may read its memory."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_DUMPABLE = 4
+    assert libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    return lambda: libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+
+
+def test_a_refused_read_falls_back_to_the_restore_segment_for_good(native, full_snapshot):
+    owner, calls = Engine(), []
+
+    def restore(source, checked):
+        calls.append(source)
+        result = read_in_child(source, drop=True)
+        if "error" in result:
+            raise RuntimeError(result["error"])  # as an engine's RPC reports it: its text
+        return result
+
+    undo = _not_dumpable()
+    try:
+        assert lent.sending(owner, full_snapshot, restore) == expected(full_snapshot)
+    finally:
+        undo()
+    assert remote.is_remote(calls[0]) and not remote.is_remote(calls[1]) and len(calls) == 2
+    assert remote.refused(owner) and lent.last_sent(owner) == "segment"
+    assert lent.sending(owner, full_snapshot, restore) == expected(full_snapshot)
+    assert len(calls) == 3 and not remote.is_remote(calls[2])  # straight to the segment: no second try
+
+
+def test_a_reader_of_a_gone_sender_gets_a_clear_error_not_a_refusal(native, full_snapshot):
+    source, _ = lent.send(Engine(), full_snapshot)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    head, _, rest = source[len(remote.REMOTE_PREFIX):].partition("/")
+    error = read_in_child(f"{remote.REMOTE_PREFIX}{gone.pid}/{rest}")["error"]
+    assert error.startswith("RemoteReadError") and "there is no process" in error
+    assert mover.RemoteReadError.REFUSED not in error
+    with pytest.raises(ValueError, match="not a remote source"):
+        remote.parse(f"{remote.REMOTE_PREFIX}x/kv/0/k=1+2|shm://a#1")

@@ -1,0 +1,119 @@
+"""A snapshot in the client's memory, read by an engine's other process where it lies: one pass, no copy.
+
+A restore from a Snapshot held in this process's private memory (thaw_format.load without shared=True, a
+snapshot built here) into an engine whose KV lives in another process (vLLM's worker, SGLang's scheduler)
+would cost two passes over its KV: a copy into shared memory here, then the engine's scatter from there.
+Instead `publish` writes everything but the KV into the engine's reused restore segment and names the KV
+tensors by this process's id and their addresses:
+
+    remote://<pid>/<tensor name>=<address>+<nbytes>,...|shm://<restore segment>#<nbytes>
+
+and the engine's process (`open_remote`) gets a Snapshot whose KV tensors are mover.remote_window views:
+its scatter (mover.scatter_pages) reads them from this process with process_vm_readv, straight into the
+engine's blocks. The sender keeps the Snapshot alive for the whole call, which is synchronous.
+
+Trust: the KV regions of the segment are left unwritten (their checksums in it are zero, so a reader that
+verified the segment would refuse it); the KV itself carries no checksums, being the sender's own memory: a
+snapshot the sender holds was verified when it was loaded (or was built in memory, with nothing to check), and
+the restore segment beside it is written by the sender in the same call. So a remote source is what the
+restore segment already was, checked by its caller (thaw_format.sdk.shared.checked_by_caller), and a reader
+asked to verify one refuses it: only lent.send makes them, for a restore that trusts them.
+
+Some systems refuse one process reading another's memory (seccomp filters in containers, Yama's ptrace scope,
+another user's process): the engine's process then raises a RemoteReadError saying "remote read refused"
+before it changes anything, and lent.sending marks the engine (`refuse`) and restores again the two-pass way;
+every later restore into that engine goes that way at once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy
+
+from .. import mover
+from ..snapshot import PAGED_KINDS, Snapshot
+from ..tensor import Tensor
+from .shared import owned_segment
+
+REMOTE_PREFIX = "remote://"
+
+
+def is_remote(source: str) -> bool:
+    return source.startswith(REMOTE_PREFIX)
+
+
+def refuse(owner) -> None:
+    """Send every later snapshot to `owner` (an engine) through its restore segment: its processes may not read
+    this one."""
+    owner._thaw_remote_refused = True
+
+
+def refused(owner) -> bool:
+    """Whether `owner` was refused remote reads (refuse)."""
+    return owner.__dict__.get("_thaw_remote_refused", False)
+
+
+def _kv_tensors(snapshot: Snapshot) -> dict[str, Tensor]:
+    """The paged KV tensors, by their names in the encoded snapshot (thaw_format.document)."""
+    if snapshot.kv is None:
+        return {}
+    return {f"kv/{i}/{role}": tensor for i, layer in enumerate(snapshot.kv.layers) if layer.kind in PAGED_KINDS
+            for role, tensor in layer.tensors.items() if tensor.nbytes}
+
+
+def publish(owner, snapshot: Snapshot) -> Optional[str]:
+    """The remote source of `snapshot` for `owner`'s other processes, its segment part written now into owner's
+    reused restore segment; None when owner was refused remote reads or the snapshot has no KV to read so."""
+    tensors = _kv_tensors(snapshot)
+    if refused(owner) or not tensors:
+        return None
+    names = ",".join(f"{name}={numpy.frombuffer(t.data, numpy.uint8).ctypes.data}+{t.nbytes}"
+                     for name, t in tensors.items())
+    segment = owned_segment(owner, "restore").publish(snapshot, {name: _unwritten for name in tensors})
+    return f"{REMOTE_PREFIX}{os.getpid()}/{names}|{segment}"
+
+
+def _unwritten(target, chunk_size: int):
+    """A fill that leaves the region as it is: the reader takes these bytes from the sender. Zero checksums."""
+    return numpy.zeros(-(-len(target) // chunk_size), numpy.uint32)
+
+
+def parse(source: str) -> tuple[int, dict[str, tuple[int, int]], str]:
+    """(pid, {tensor name: (address, nbytes)}, segment source) of a remote source."""
+    head, _, segment = source[len(REMOTE_PREFIX):].partition("|") if is_remote(source) else ("", "", "")
+    pid, _, names = head.partition("/")
+    try:
+        tensors = {}
+        for entry in names.split(","):
+            name, _, span = entry.partition("=")
+            address, _, nbytes = span.partition("+")
+            tensors[name] = (int(address), int(nbytes))
+        if not pid.isdigit() or not segment:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"not a remote source: {source[:200]!r} "
+                         f"(expected {REMOTE_PREFIX}<pid>/<name>=<address>+<nbytes>,...|<segment>)") from None
+    return int(pid), tensors, segment
+
+
+def open_remote(source: str, open_segment, *, verify: bool) -> Snapshot:
+    """The snapshot a remote source names: `open_segment(segment source)` (unverified) for all but the KV, whose
+    tensors read from the sender. Raises mover.RemoteReadError if they cannot be read (refused, or the sender
+    gone), before the caller changes anything; refuses verify=True (nothing to verify the KV against)."""
+    if verify:
+        raise ValueError("a remote source carries no checksums for its KV (the sender's own memory, checked when "
+                         "it came in): only a restore its sender made (thaw_format.sdk.lent.send) reads it")
+    pid, tensors, segment = parse(source)
+    mover.remote_readable(pid, list(tensors.values()))
+    snapshot = open_segment(segment)
+    own = _kv_tensors(snapshot)
+    if set(own) != set(tensors) or any(own[name].nbytes != n for name, (_, n) in tensors.items()):
+        raise ValueError(f"remote source {source[:200]!r} names KV tensors its segment does not hold as such")
+    for i, layer in enumerate(snapshot.kv.layers):
+        for role, tensor in list(layer.tensors.items()):
+            if f"kv/{i}/{role}" in tensors:
+                address, nbytes = tensors[f"kv/{i}/{role}"]
+                layer.tensors[role] = Tensor._of(tensor.dtype, tensor.shape, mover.remote_window(pid, address, nbytes))
+    return snapshot
