@@ -113,13 +113,16 @@ def test_a_snapshot_loaded_into_shared_memory_restores_from_its_own_segment(thaw
 
 def test_a_snapshot_in_this_process_memory_restores_its_bytes_and_a_named_segment_is_still_verified(
         thaw_sglang, engine, reference, tmp_path):
-    """A snapshot loaded into the client's own memory (thaw_format.load, no shared memory) goes through the
-    engine's reused restore segment, written with its checksums by the restore itself, which the scheduler
-    scatters without checking again: the engine's pages hold its bytes exactly and serve PROMPT from the cache.
-    The same segment named by a source string (as a user would pass it) is verified: one flipped bit is refused
+    """A snapshot loaded into the client's own memory (thaw_format.load, no shared memory) is read by the
+    scheduler straight from the client's memory and scattered in the same pass (thaw_format.sdk.remote): the
+    engine's pages hold its bytes exactly and serve PROMPT from the cache. An engine refused such reads
+    (remote.refuse, what lent.sending does when the scheduler reports a refusal: tests/format/test_remote_source
+    and tests/vllm/test_lent_kv make the system refuse for real) gets it through its reused restore segment,
+    written with its checksums by the restore itself, which the scheduler scatters without checking again. The
+    same segment named by a source string (as a user would pass it) is verified: one flipped bit is refused
     before anything changes."""
     import thaw_format
-    from thaw_sglang import transport
+    from thaw_format.sdk import remote
 
     path = tmp_path / "kv.thaw"
     thaw_sglang.capture(engine, path, include_weights=False, chains=[PROMPT])
@@ -127,8 +130,12 @@ def test_a_snapshot_in_this_process_memory_restores_its_bytes_and_a_named_segmen
     assert lent.lent_source(loaded) is None  # this process's own memory: no segment to hand back
 
     _restores_exactly(thaw_sglang, engine, reference, loaded)
-    source, checked = transport.source_of(engine, loaded)  # the restore segment, written again
-    assert checked
+    assert lent.last_sent(engine) == "remote"
+    remote.refuse(engine)
+    _restores_exactly(thaw_sglang, engine, reference, loaded)
+    assert lent.last_sent(engine) == "segment"
+    source, checked = lent.send(engine, loaded)  # the restore segment, written again
+    assert checked and source.startswith("shm://") and not lent.is_lent(source)
     _flip_bit(source)
     before = _state(thaw_sglang, engine)
     with pytest.raises(CorruptSnapshotError, match=r"kv/0/k"):

@@ -41,6 +41,21 @@ def corrupt_first_kv_chunk(source: str) -> None:
         os.close(fd)
 
 
+def refuse_memory_reads() -> None:
+    """Give up CAP_SYS_PTRACE (effective, permitted and for every child) and become not dumpable: a process started
+    from here may no longer read this one's memory."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_DUMPABLE, PR_CAPBSET_DROP, CAP_SYS_PTRACE = 4, 24, 19
+    header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()  # capget/capset version 3
+    assert libc.capget(header, data) == 0
+    data[0] &= ~(1 << CAP_SYS_PTRACE)
+    data[1] &= ~(1 << CAP_SYS_PTRACE)
+    assert libc.prctl(PR_CAPBSET_DROP, CAP_SYS_PTRACE, 0, 0, 0) == 0 and libc.capset(header, data) == 0
+    assert libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+
+
 def main() -> None:
     config = json.loads(sys.argv[1])
     import thaw_format
@@ -110,8 +125,8 @@ def main() -> None:
     result["loaded_kv_identical"] = kv_digest(engine.capture(include_weights=False, chains=[trunk])) == held_digest
     del loaded
 
-    # A snapshot loaded into this client's own memory (no shared memory) is written into the engine's reused
-    # restore segment by the restore itself, then scattered by the worker.
+    # A snapshot loaded into this client's own memory (no shared memory) is read by the worker from this client's
+    # memory (process_vm_readv) and scattered in the same pass.
     path = os.path.join(tempfile.mkdtemp(), "plain.thaw")
     thaw_format.save(held, path)
     plain = thaw_format.load(path)
@@ -119,9 +134,9 @@ def main() -> None:
     result["plain_is_in_memory"] = lent.lent_source(plain) is None
     engine.llm.reset_prefix_cache()
     engine.restore(plain)
+    result["plain_sent"] = lent.last_sent(engine.llm)
     serve("plain", trunk + suffix, "after")
     result["plain_kv_identical"] = kv_digest(engine.capture(include_weights=False, chains=[trunk])) == held_digest
-    del plain
 
     # this engine's worker's lenders only: other processes on the machine lend too ("thawlent_<pid>x<token>")
     worker = result["segments"][0][len("shm://"):].split("x", 1)[0]
@@ -132,6 +147,19 @@ def main() -> None:
     time.sleep(1.0)
     result["lent_while_open"] = lent_names
     result["lent_after_close"] = sorted(glob.glob(f"/dev/shm/{worker}x*"))
+
+    # Where the system refuses the worker a read of this client's memory, the restore goes through the engine's
+    # restore segment, with no error, and so does every later one: a new engine's processes without
+    # CAP_SYS_PTRACE, and this client not dumpable (what a container's Yama or seccomp policy does).
+    refuse_memory_reads()
+    engine = VLLMEngine.start(config["model"], dtype=config["dtype"], **config["engine_kwargs"])
+    for attempt in ("refused", "again"):
+        engine.restore(plain)
+        result[f"{attempt}_sent"] = lent.last_sent(engine.llm)
+        serve(attempt, trunk + suffix, "after")
+        result[f"{attempt}_kv_identical"] = kv_digest(engine.capture(include_weights=False, chains=[trunk])) == held_digest
+        engine.llm.reset_prefix_cache()
+    engine.close()
     print("THAW_RESULT " + json.dumps(result), flush=True)
 
 

@@ -164,7 +164,8 @@ def test_lender_segments_are_released():
 
 def test_multiprocessing_engine_lends_restores_and_refuses_corrupt_sources(zoo):
     """Also: a snapshot loaded from a file into shared memory restores byte-identical KV from its own segment, and
-    one loaded into the client's own memory through the engine's restore segment."""
+    one loaded into the client's own memory read from there by the worker (or, where the system refuses that read,
+    through the engine's restore segment)."""
     trunk, other, suffix = trunk_tokens(130, seed=70), trunk_tokens(100, seed=71), trunk_tokens(7, seed=72)
     result = run_helper("lent_helper.py", {
         "model": str(zoo.make_model("llama", dtype="float32")), "dtype": "float32", "engine_kwargs": ENGINE_KWARGS,
@@ -183,9 +184,13 @@ def test_multiprocessing_engine_lends_restores_and_refuses_corrupt_sources(zoo):
     # bytes exactly and serve the trunk from the cache; the load of the file corrupted since was refused
     assert result["loaded_is_its_segment"] and result["loaded_kv_identical"]
     assert after["loaded"] == [fresh["trunk"][0], 128]
-    # a snapshot loaded into the client's own memory, written into the engine's restore segment, likewise
-    assert result["plain_is_in_memory"] and result["plain_kv_identical"]
+    # a snapshot loaded into the client's own memory, read by the worker from there in one pass, likewise
+    assert result["plain_is_in_memory"] and result["plain_kv_identical"] and result["plain_sent"] == "remote"
     assert after["plain"] == [fresh["trunk"][0], 128]
+    # where the worker may not read the client, through the restore segment, with no error, then at once
+    assert result["refused_sent"] == result["again_sent"] == "segment"
+    assert result["refused_kv_identical"] and result["again_kv_identical"]
+    assert after["refused"] == after["again"] == [fresh["trunk"][0], 128]
     assert result["corrupt_file_error"].startswith("thaw_format.errors.CorruptSnapshotError: ")
     assert "'kv/0/k'" in result["corrupt_file_error"] and "checksum mismatch in chunk" in result["corrupt_file_error"]
     assert result["lent_while_open"] and result["lent_after_close"] == []
