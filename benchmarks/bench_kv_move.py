@@ -11,9 +11,10 @@ so that the KV bytes, not the model, dominate. Per engine mode, in one process a
   restore: thaw_vllm.restore of that snapshot into the (idle) engine (best of 3): in mp mode its segment goes
            back to the worker untouched;
   restore (encoded): thaw_vllm.restore of an equal snapshot held in this process's memory (a loaded file, every
-           chunk verified by the load): encoded once into the client's reused segment, then written by the
-           worker (a Snapshot the client holds is handed over without a second read of every chunk, as the
-           in-process path hands the object itself);
+           chunk verified by the load): in mp mode the worker reads its KV from the client's memory and scatters
+           it in the same pass (thaw_format.sdk.remote; where the system refuses that, it is encoded into the
+           client's reused segment first); a Snapshot the client holds is handed over without a second read of
+           every chunk, as the in-process path hands the object itself;
   restore (loaded shared): the same file loaded with thaw_format.load(path, shared=True), which reads it,
            verified, into a shared-memory segment of its own: the restore hands that segment to the engine's
            process as it is (no copy in the client): its first restore, the best of 3, and the first restore of a
@@ -222,11 +223,12 @@ def main() -> None:
              "again. An mp capture is the worker's libthaw gather with CRC32C (K transposed) into the segment it "
              "lends, plus ~5 ms of calls and headers; the inproc capture hands its Snapshot over as an object and "
              "computes no CRCs, "
-             "so the two columns are not the same work. Restore encoded first copies the snapshot into the "
-             "client's reused segment (libthaw copy with CRC32C, 2 threads: about one memcpy, as one thread "
-             "already saturates this machine's memory bandwidth), then the worker scatters it without verifying "
-             "it again (the client wrote it, checksums and all, in this call: thaw_format.sdk.lent.send): one "
-             "memcpy more than restore. The scatter writes float32 K's transposed rows as whole 64-byte lines "
+             "so the two columns are not the same work. Restore encoded in mp mode: the worker reads the snapshot's "
+             "KV from the client's memory (process_vm_readv, a 1 MiB tile per libthaw thread) and scatters each "
+             "tile into its blocks while it is in cache, one pass (thaw_format.sdk.remote, chosen by "
+             "thaw_format.sdk.lent.send; the header and small tensors go through the client's reused segment); "
+             "where the system refuses the read it falls back, for good, to a copy into that segment (libthaw copy "
+             "with CRC32C) then the scatter: one memcpy more than restore. The scatter writes float32 K's transposed rows as whole 64-byte lines "
              "with streaming stores (libthaw pages_stream16_avx2; plain stores read each line first, and K cost "
              "about twice V). Restore loaded shared is a file loaded with thaw_format.load(path, shared=True) (read, "
              "verified, into its own shared-memory segment): its segment goes to the worker as it is, as a lent "
