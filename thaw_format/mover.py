@@ -47,6 +47,7 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         process_vm_readv, native path), one pass with no copy here; any other read of it faults (it maps
         nothing readable). A refused or failed read raises RemoteReadError before any byte moves.
     remote_readable(pid, [(address, nbytes)])   raise RemoteReadError unless those bytes can be read so
+    fetched(data)                               data's bytes here: itself, or a remote window's read into a copy
     copy_with_crcs(src, out, chunk_size) -> array('I')
         out[:len(src)] = src and the CRC32C of each chunk of it, in one multi-threaded pass (native path)
     empty(nbytes) -> memoryview                 an uninitialised writable buffer, the target of a load
@@ -799,6 +800,19 @@ def _remote_of(pages) -> Optional[tuple[int, int, int]]:
         return None
     offset = int(_ffi.cast("uintptr_t", _c_buffer(view))) - int(_ffi.cast("uintptr_t", _c_buffer(window)))
     return window.pid, window.address + offset, view.nbytes
+
+
+def fetched(data):
+    """`data`'s bytes in this process: itself, or for a view of a RemoteWindow a local copy read from its process
+    (for a reader other than scatter_pages, e.g. an upload to a GPU)."""
+    remote = _remote_of(data) if _lib is not None else None
+    if remote is None:
+        return data
+    import numpy
+
+    out = bytearray(remote[2])
+    _c_scatter_pages_remote(remote, out, [0], PageLayout(1, numpy.zeros(1, numpy.int64), remote[2], 1))
+    return memoryview(out)
 
 
 def _scatter_pages(local):

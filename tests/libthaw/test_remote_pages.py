@@ -111,3 +111,11 @@ def test_bad_sources_raise_and_write_nothing(native, child):
     with pytest.raises(mover.RemoteReadError, match="does not map"):
         mover.remote_readable(holder.pid, [(holder.address, nbytes), (8, 16)])
     mover.remote_readable(holder.pid, [(holder.address, nbytes)])
+
+
+def test_fetched_reads_a_window_into_a_copy_and_leaves_local_bytes_as_they_are(native, child):
+    holder = child(9, 70000)
+    window = mover.remote_window(holder.pid, holder.address, 70000)
+    assert bytes(mover.fetched(window[1000:9000])) == pages_bytes(9, 70000)[1000:9000].tobytes()
+    local = bytearray(b"abc")
+    assert mover.fetched(local) is local

@@ -10,7 +10,8 @@ tensors by this process's id and their addresses:
 
 and the engine's process (`open_remote`) gets a Snapshot whose KV tensors are mover.remote_window views:
 its scatter (mover.scatter_pages) reads them from this process with process_vm_readv, straight into the
-engine's blocks. The sender keeps the Snapshot alive for the whole call, which is synchronous.
+engine's blocks; any other reader of those tensors takes mover.fetched(tensor.data) (a window maps nothing
+readable: a direct read faults). The sender keeps the Snapshot alive for the whole call, which is synchronous.
 
 Trust: the KV regions of the segment are left unwritten (their checksums in it are zero, so a reader that
 verified the segment would refuse it); the KV itself carries no checksums, being the sender's own memory: a
