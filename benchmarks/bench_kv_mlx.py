@@ -13,8 +13,9 @@ the copy; which one a call gets depends on the allocator's state, not on the loa
   capture:  thaw_mlx.capture (KV gathered into token-major pages, a new buffer);
   restore:  thaw_mlx.restore (pages scattered into new MLX arrays) + mx.eval;
   save:     thaw_mlx.save (one pass: pages gathered into the file with their CRCs) and capture +
-            thaw_format.save (the generic path), both atomic (fsync of file and directory), against mlx-lm's
-            save_prompt_cache as shipped (no fsync) and followed by the same fsyncs;
+            thaw_format.save (the generic path), both atomic (temporary file and rename), like with like:
+            durable (fsync of file and directory, the default) against mlx-lm's save_prompt_cache followed
+            by the same fsyncs, and durable=False (no fsync) against mlx-lm's save as shipped (no fsync);
   load:     thaw_mlx.load (one pass: each chunk checked as it is scattered into new MLX arrays) and
             thaw_format.load (every chunk checked) + restore, against mlx-lm's load_prompt_cache + mx.eval of
             every array (its load is lazy: without the eval it reads nothing).
@@ -85,8 +86,9 @@ class Session:
         self.mx.eval([c.state for c in cache])
         return cache
 
-    def save(self, path):
-        return self.thaw_mlx.save(path, self.model, self.cache, self.tokens, include_weights=False, info=self.info)
+    def save(self, path, durable: bool = True):
+        return self.thaw_mlx.save(path, self.model, self.cache, self.tokens, include_weights=False, info=self.info,
+                                  durable=durable)
 
     def load(self, path):
         cache, _ = self.thaw_mlx.load(path, self.model, info=self.info)
@@ -198,8 +200,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
         one, generic, theirs = Path(tmp) / "one.thaw", Path(tmp) / "generic.thaw", Path(tmp) / "cache.safetensors"
-        timed["save_one_pass"] = best_of(lambda: s.save(one), args.repeats)
-        timed["save_generic"] = best_of(lambda: thaw_format.save(s.capture(), generic), args.repeats)
+        for suffix, durable in (("", True), ("_not_durable", False)):
+            timed["save_one_pass" + suffix] = best_of(lambda durable=durable: s.save(one, durable), args.repeats)
+            timed["save_generic" + suffix] = best_of(
+                lambda durable=durable: thaw_format.save(s.capture(), generic, durable=durable), args.repeats)
         timed["save_mlx_lm"] = best_of(lambda: s.save_mlx_lm(theirs, fsync=False), args.repeats)
         timed["save_mlx_lm_fsync"] = best_of(lambda: s.save_mlx_lm(theirs, fsync=True), args.repeats)
         assert same_kv(s.cache, s.load(one), n) and same_kv(s.cache, s.load_mlx_lm(theirs), n)
@@ -223,10 +227,10 @@ def main() -> None:
 
     gb = s.kv_bytes / 1e9
     ratios = {"capture_vs_memcpy": t["memcpy"] / t["capture"], "restore_vs_memcpy": t["memcpy"] / t["restore"],
-              "save_one_pass_vs_mlx_lm": t["save_mlx_lm"] / t["save_one_pass"],
               "save_one_pass_vs_mlx_lm_fsync": t["save_mlx_lm_fsync"] / t["save_one_pass"],
-              "save_generic_vs_mlx_lm": t["save_mlx_lm"] / t["save_generic"],
+              "save_one_pass_not_durable_vs_mlx_lm": t["save_mlx_lm"] / t["save_one_pass_not_durable"],
               "save_generic_vs_mlx_lm_fsync": t["save_mlx_lm_fsync"] / t["save_generic"],
+              "save_generic_not_durable_vs_mlx_lm": t["save_mlx_lm"] / t["save_generic_not_durable"],
               "load_one_pass_vs_mlx_lm": t["load_mlx_lm"] / t["load_one_pass"],
               "load_generic_vs_mlx_lm": t["load_mlx_lm"] / t["load_generic"],
               **{f"load_one_pass_vs_mlx_lm_{mode}": t[f"load_mlx_lm_{mode}"] / t[f"load_thaw_{mode}"]
@@ -244,12 +248,16 @@ def main() -> None:
              row("memcpy of the KV bytes (numpy, one thread)", "memcpy"),
              row("thaw_mlx.capture (KV only)", "capture", f"{ratios['capture_vs_memcpy']:.2f} of memcpy"),
              row("thaw_mlx.restore (+ mx.eval)", "restore", f"{ratios['restore_vs_memcpy']:.2f} of memcpy"),
-             row("thaw_mlx.save (one pass, fsync)", "save_one_pass",
-                 f"{vs('save_one_pass', 'save_mlx_lm')} / {vs('save_one_pass', 'save_mlx_lm_fsync')} with fsync"),
-             row("capture + thaw_format.save (fsync)", "save_generic",
-                 f"{vs('save_generic', 'save_mlx_lm')} / {vs('save_generic', 'save_mlx_lm_fsync')} with fsync"),
-             row("mlx_lm save_prompt_cache (as shipped: no fsync)", "save_mlx_lm"),
+             row("thaw_mlx.save (one pass, durable: fsync)", "save_one_pass",
+                 f"{vs('save_one_pass', 'save_mlx_lm_fsync')} of mlx-lm + fsync"),
+             row("capture + thaw_format.save (durable: fsync)", "save_generic",
+                 f"{vs('save_generic', 'save_mlx_lm_fsync')} of mlx-lm + fsync"),
              row("mlx_lm save_prompt_cache + fsync of file and directory", "save_mlx_lm_fsync"),
+             row("thaw_mlx.save (one pass, durable=False: no fsync)", "save_one_pass_not_durable",
+                 f"{vs('save_one_pass_not_durable', 'save_mlx_lm')} of mlx-lm as shipped"),
+             row("capture + thaw_format.save (durable=False)", "save_generic_not_durable",
+                 f"{vs('save_generic_not_durable', 'save_mlx_lm')} of mlx-lm as shipped"),
+             row("mlx_lm save_prompt_cache (as shipped: no fsync)", "save_mlx_lm"),
              row("thaw_mlx.load (one pass, verified) + mx.eval", "load_one_pass", vs("load_one_pass", "load_mlx_lm")),
              row("thaw_format.load (verified) + restore", "load_generic", vs("load_generic", "load_mlx_lm")),
              row("mlx_lm load_prompt_cache + mx.eval (lazy otherwise)", "load_mlx_lm"),
@@ -261,8 +269,10 @@ def main() -> None:
               ", ".join(f"{op} {rss[op]:.2f}" for op in RSS_OPS), "", "", "", "target <= 1.25"]]
     notes = [f"mlx {mx.__version__} (CPU), mlx-lm prompt cache of {n} tokens, 8 layers x 8 KV heads x 128, float32 "
              f"({s.kv_bytes / 2**20:.0f} MiB of KV), KV only, identity computed once. thaw's saves are atomic "
-             "(temporary file, fsync of file and directory, rename) and write a CRC32C per 1 MiB chunk; its loads "
-             "check each. mlx-lm's save is timed as shipped and with the same fsyncs. Targets: capture and restore "
+             "(temporary file, rename) and write a CRC32C per 1 MiB chunk; its loads check each. Saves are "
+             "compared like with like: thaw durable (the default: fsync of file and directory) against mlx-lm "
+             "followed by the same fsyncs, thaw durable=False (no fsync: still atomic, a power loss may lose "
+             "the file) against mlx-lm as shipped (no fsync, not atomic). Targets: capture and restore "
              ">= 0.5 of memcpy; save and load >= 1.0x mlx-lm's; peak RSS <= 1.25x the KV bytes. The machine is "
              "shared by several sessions: see the load average."]
     write_results("kv_move_mlx", "MLX: KV capture and restore against memcpy and mlx-lm's prompt-cache files",

@@ -12,10 +12,12 @@ from .writer import save
 
 
 @gc_paused
-def save_file(tensors: Mapping[str, Any], path, metadata: Optional[Mapping[str, Any]] = None) -> str:
-    """Save torch tensors or numpy arrays by name as a weights-only snapshot; returns the snapshot id."""
+def save_file(tensors: Mapping[str, Any], path, metadata: Optional[Mapping[str, Any]] = None, *,
+              durable: bool = True) -> str:
+    """Save torch tensors or numpy arrays by name as a weights-only snapshot; returns the snapshot id.
+    Atomic as thaw_format.save; `durable=False` skips its fsyncs (a power loss may lose the file)."""
     weights = Weights(tensors={name: as_tensor(value) for name, value in tensors.items()})
-    return save(Snapshot(weights=weights, metadata=dict(metadata or {})), path)
+    return save(Snapshot(weights=weights, metadata=dict(metadata or {})), path, durable=durable)
 
 
 @gc_paused

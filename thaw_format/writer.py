@@ -109,7 +109,8 @@ class EncodedSnapshot:
         return snapshot_id
 
     @gc_paused
-    def save(self, path, progress: Progress = None, fill: Optional[dict[str, Fill]] = None) -> str:
+    def save(self, path, progress: Progress = None, fill: Optional[dict[str, Fill]] = None, *,
+             durable: bool = True) -> str:
         """Write atomically: a temporary file beside `path`, fsync, rename over `path`, fsync the directory.
 
         `fill` (as for write_into) writes each named tensor, with its chunk CRCs, into a stage buffer of the
@@ -122,14 +123,24 @@ class EncodedSnapshot:
         never changed in place, so readers and mappings of the old file keep reading the old snapshot. A new
         file's mode follows the umask (0666 & ~umask); a file replaced keeps its mode. A symlink at `path` is
         replaced by the new file (the rename replaces the link, not its target, which is left untouched).
+
+        `durable=False` skips both fsyncs and the writeback started per stage, as mlx-lm's and most savers do:
+        the write is still atomic (readers, and a crash of this process, see the old file or the new one),
+        but the new file lives in the page cache until the kernel writes it. A power loss or kernel crash
+        soon after may then lose it, or, where the filesystem does not order file data before a rename,
+        leave a file the reader refuses by its CRCs (CorruptSnapshotError): never one read as valid.
         """
         self._check_fill(fill or {})  # before the temporary file exists
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = _create_beside(path, directory)
         try:
-            snapshot_id = self._write_staged(fd, fill, progress) if fill else self._write_file(fd, progress)
-            os.fsync(fd)
+            if fill:
+                snapshot_id = self._write_staged(fd, fill, progress, durable)
+            else:
+                snapshot_id = self._write_file(fd, progress)
+            if durable:
+                os.fsync(fd)
             os.close(fd)
             fd = -1
             os.replace(tmp, path)  # inside the cleanup: a rename refused (path is a directory) leaves nothing
@@ -138,11 +149,12 @@ class EncodedSnapshot:
                 os.close(fd)
             os.unlink(tmp)
             raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if durable:
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         return snapshot_id
 
     def _write_file(self, fd: int, progress: Progress) -> str:
@@ -156,7 +168,7 @@ class EncodedSnapshot:
         os.pwrite(fd, trailer, self.layout.trailer_offset)
         return snapshot_id
 
-    def _write_staged(self, fd: int, fill: dict[str, Fill], progress: Progress) -> str:
+    def _write_staged(self, fd: int, fill: dict[str, Fill], progress: Progress, durable: bool) -> str:
         # Blocks reserved first: a full disk raises OSError before anything is gathered, and the gaps between
         # regions (never written) read as zeros without leaving holes in the file.
         os.posix_fallocate(fd, 0, self.nbytes)
@@ -181,7 +193,7 @@ class EncodedSnapshot:
                     pending[slot].result()  # that stage's previous tensor is out
                 stage = stages[slot][: region.length]
                 crcs[i] = _filled(fill, names[i], stage, region)
-                pending[slot] = writer.submit(_write_out, fd, stage, region.offset)
+                pending[slot] = writer.submit(_write_out, fd, stage, region.offset, durable)
                 if progress:
                     progress(region.length)
             for future in pending:
@@ -200,10 +212,12 @@ def _filled(fill: dict[str, Fill], name: str, target: memoryview, region) -> arr
     return crcs
 
 
-def _write_out(fd: int, data: memoryview, offset: int) -> None:
-    """pwrite all of data at offset, then start the disk on it (the save's fsync then finds it under way)."""
+def _write_out(fd: int, data: memoryview, offset: int, durable: bool) -> None:
+    """pwrite all of data at offset, then, for a durable save, start the disk on it (the save's fsync then
+    finds it under way)."""
     mover.pwrite_all(fd, data, offset)
-    mover.start_writeback(fd, offset, len(data))
+    if durable:
+        mover.start_writeback(fd, offset, len(data))
 
 
 def _create_beside(path: str, directory: str) -> tuple[int, str]:
@@ -252,13 +266,16 @@ def _write_all(stream, data) -> None:
         view = view[written:]
 
 
-def save(snapshot: Snapshot, path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress = None) -> str:
+def save(snapshot: Snapshot, path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress = None,
+         durable: bool = True) -> str:
     """Write `snapshot` to `path` atomically; returns the snapshot id and sets `snapshot.id`.
 
     The new file is renamed over `path`: a crash leaves the old snapshot or the new one. Its mode is that of
     the regular file it replaces, else 0666 less the umask. A symlink at `path` is replaced by the new file;
-    the link's target is not written (pass `os.path.realpath(path)` to write through the link)."""
-    snapshot.id = EncodedSnapshot(snapshot, chunk_size=chunk_size).save(path, progress)
+    the link's target is not written (pass `os.path.realpath(path)` to write through the link).
+    `durable=False` skips the fsyncs: still atomic, but a power loss may lose the new file (see
+    EncodedSnapshot.save)."""
+    snapshot.id = EncodedSnapshot(snapshot, chunk_size=chunk_size).save(path, progress, durable=durable)
     return snapshot.id
 
 

@@ -5,6 +5,7 @@ Registered with the `thaw` command through the `thaw.cli` entry-point group (pyp
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 from pathlib import Path
@@ -29,6 +30,9 @@ def register(subparsers) -> None:
                    "with *.safetensors weights, the checkpoint's identity)")
     p.add_argument("--tokens", metavar="JSON", help="importing: a file holding the JSON list of the cache's token ids")
     p.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="importing: tokens per KV page")
+    p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
+                   help="importing: fsync the snapshot and its folder (default); --no-durable skips the fsyncs "
+                   "as mlx-lm does: still atomic, but a power loss may lose the file")
     p.set_defaults(run=convert)
 
 
@@ -55,7 +59,7 @@ def convert(args) -> int:
         snapshot.model = checkpoint_info(args.model, snapshot.model.dtype)
     total = sum(t.nbytes for layer in snapshot.kv.layers for t in layer.tensors.values())
     with progress_bar("writing", total) as bar:
-        thaw_format.save(snapshot, dst, progress=bar)
+        thaw_format.save(snapshot, dst, progress=bar, durable=args.durable)
     say(f"wrote snapshot {dst}")
     return 0
 

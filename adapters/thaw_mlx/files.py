@@ -6,12 +6,12 @@
 They write and read the same files, and give the same caches, as thaw_format.save(thaw_mlx.capture(...)) and
 thaw_mlx.restore(model, thaw_format.load(path)), without the copy in between: save gathers each KV page
 straight from MLX's memory into the file's bytes (a stage buffer per tensor, written out by pwrite while the
-next is gathered) with its chunk CRCs in the same pass, and stays atomic (temporary file, fsync, rename);
-load maps the file once and scatters each KV tensor straight into a new MLX array, checking each chunk
-against its CRC just before it moves. Every
-other tensor (weights, ring and recurrent states) is checked before anything is built from it, and a bad
-chunk anywhere raises CorruptSnapshotError with no cache returned. Load drops each KV tensor's mapped pages
-once scattered (they stay in the page cache), so its peak memory is the new cache and about one tensor more.
+next is gathered) with its chunk CRCs in the same pass, and stays atomic (temporary file, fsync unless
+durable=False, rename); load maps the file once and scatters each KV tensor straight into a new MLX array,
+checking each chunk against its CRC just before it moves. Every other tensor (weights, ring and recurrent
+states) is checked before anything is built from it, and a bad chunk anywhere raises CorruptSnapshotError
+with no cache returned. Load drops each KV tensor's mapped pages once scattered (they stay in the page
+cache), so its peak memory is the new cache and about one tensor more.
 MLXEngine's capture_shared gathers the same way into a shared-memory segment (deferring + fill_of).
 """
 
@@ -38,14 +38,16 @@ PAGED_KINDS = ("attention", "quantized")
 
 
 def save(path: str | os.PathLike, model: nn.Module, prompt_cache: list, tokens, *,
-         chunk_size: int = DEFAULT_CHUNK_SIZE, progress=None, **options) -> str:
+         chunk_size: int = DEFAULT_CHUNK_SIZE, progress=None, durable: bool = True, **options) -> str:
     """Capture the session into a snapshot file at `path` (atomically); returns the snapshot id.
 
     `options` are thaw_mlx.capture's (num_prompt_tokens, page_size, include_weights, sampler, label, parent,
-    info, finished); `chunk_size` and `progress` are thaw_format.save's."""
+    info, finished); `chunk_size`, `progress` and `durable` are thaw_format.save's (`durable=False`: no
+    fsync, as mlx-lm's save_prompt_cache; still atomic, but a power loss may lose the file)."""
     fills = {}
     snapshot = capture(model, prompt_cache, tokens, paging=deferring(fills), **options)
-    return EncodedSnapshot(snapshot, chunk_size=chunk_size).save(path, progress, fill_of(snapshot, fills))
+    return EncodedSnapshot(snapshot, chunk_size=chunk_size).save(path, progress, fill_of(snapshot, fills),
+                                                                 durable=durable)
 
 
 def deferring(fills: dict):

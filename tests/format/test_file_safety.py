@@ -5,6 +5,7 @@ import os
 import stat
 import threading
 
+import numpy as np
 import pytest
 
 import thaw_format as tf
@@ -120,3 +121,70 @@ def test_a_checkpoint_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "model.safetensors")
     exc = finishes(lambda: tf.checkpoint_weights_digest(tmp_path))
     assert isinstance(exc, ValueError) and "a FIFO, not a regular file" in str(exc), exc
+
+
+@pytest.fixture
+def syncs(monkeypatch):
+    """Counts of the calls that make a save durable: os.fsync (file and folder) and the writeback started per
+    stage. Patched in the test only, to observe what the writer asks of the kernel."""
+    from thaw_format import mover
+
+    counts = {"fsync": 0, "writeback": 0}
+
+    def counted(key, real):
+        def call(*args):
+            counts[key] += 1
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(os, "fsync", counted("fsync", os.fsync))
+    monkeypatch.setattr(mover, "start_writeback", counted("writeback", mover.start_writeback))
+    return counts
+
+
+@pytest.mark.parametrize("durable,fsyncs", [(True, 2), (False, 0)])
+def test_a_save_fsyncs_file_and_folder_unless_not_durable_and_writes_the_same_bytes(tmp_path, syncs, durable, fsyncs):
+    snapshot = labelled("A")
+    path = tmp_path / "s.thaw"
+    assert tf.save(snapshot, path, durable=durable) == snapshot.id
+    assert syncs["fsync"] == fsyncs
+    assert path.read_bytes() == tf.dumps(labelled("A"))
+    assert tf.save_file({"w": np.arange(256, dtype=np.uint8)}, tmp_path / "w.thaw", durable=durable)
+    assert syncs["fsync"] == 2 * fsyncs
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_filled_save_starts_writeback_and_fsyncs_only_when_durable(tmp_path, syncs, durable):
+    """The one-pass path (tensors gathered by a fill function into stages written out by pwrite)."""
+    from thaw_format import mover
+    from thaw_format.writer import EncodedSnapshot, deferred_tensor
+
+    data = labelled("A").weights.tensors["w"]
+    snapshot = tf.Snapshot(weights=tf.Weights({"w": deferred_tensor(data.dtype, data.shape)}),
+                           lineage=tf.Lineage(label="A"))
+    fill = {"weights/w": lambda target, chunk_size: mover.copy_with_crcs(data.data, target, chunk_size)}
+    path = tmp_path / "s.thaw"
+    EncodedSnapshot(snapshot).save(path, fill=fill, durable=durable)
+    assert path.read_bytes() == tf.dumps(labelled("A"))
+    assert (syncs["fsync"], syncs["writeback"] > 0) == ((2, True) if durable else (0, False))
+
+
+@pytest.mark.parametrize("durable", [True, False])
+@pytest.mark.parametrize("replacing", [True, False])
+def test_a_save_that_fails_midway_leaves_the_old_file_or_none_and_no_temporary(tmp_path, durable, replacing):
+    path = tmp_path / "s.thaw"
+    if replacing:
+        tf.save(labelled("A"), path)
+    old = path.read_bytes() if replacing else None
+
+    def at_final_name():
+        return path.read_bytes() if path.exists() else None
+
+    def fail(done):
+        assert at_final_name() == old  # the new bytes never show under the final name while written
+        raise RuntimeError("stopped midway")
+
+    with pytest.raises(RuntimeError, match="midway"):
+        tf.save(labelled("B"), path, progress=fail, durable=durable)
+    assert at_final_name() == old
+    assert [p.name for p in tmp_path.iterdir()] == (["s.thaw"] if replacing else [])

@@ -1,6 +1,7 @@
 """`thaw convert`: mlx-lm prompt-cache files <-> snapshots, through the CLI, both ways and back again."""
 
 import json
+import os
 
 import mlx.core as mx
 import pytest
@@ -143,3 +144,13 @@ def test_convert_refuses_what_it_cannot_convert_without_a_traceback(session, sav
         assert main(["convert", src, str(tmp_path / "missing" / "out")]) == 2
         assert "the destination's folder does not exist" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.safetensors*")) or list(tmp_path.glob("*.safetensors")) == [weights]
+
+
+def test_import_with_no_durable_skips_the_fsyncs(session, saved, tmp_path, monkeypatch):
+    model, cache, tokens = session("llama-kv")
+    exported = tmp_path / "cache.safetensors"
+    assert main(["convert", saved(thaw_mlx.capture(model, cache, tokens)), str(exported)]) == 0
+    fsyncs = []
+    monkeypatch.setattr(os, "fsync", fsyncs.append)  # observed in the test only
+    assert main(["convert", str(exported), str(tmp_path / "back.thaw"), "--no-durable"]) == 0
+    assert fsyncs == [] and thaw_mlx.snapshot_tokens(thaw_format.load(tmp_path / "back.thaw")) == tokens

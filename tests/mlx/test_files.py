@@ -2,6 +2,7 @@
 the same caches as thaw_format.load + restore, for every cache kind; a bad chunk anywhere raises
 CorruptSnapshotError and gives no cache. And the helper that lets a restore write into a new MLX array."""
 
+import os
 import subprocess
 import sys
 
@@ -47,6 +48,16 @@ def test_save_replaces_a_file_atomically_and_leaves_no_temporary(session, tmp_pa
     thaw_mlx.save(path, model, cache, tokens, include_weights=False)
     assert [p.name for p in tmp_path.iterdir()] == ["s.thaw"]
     assert thaw_mlx.snapshot_tokens(thaw_format.load(path)) == tokens
+
+
+def test_a_save_that_is_not_durable_writes_the_same_file_without_fsync(session, tmp_path, fixed_clock, monkeypatch):
+    model, cache, tokens = session("llama-kv")
+    durable, quick = tmp_path / "durable.thaw", tmp_path / "quick.thaw"
+    snapshot_id = thaw_mlx.save(durable, model, cache, tokens)
+    fsyncs = []
+    monkeypatch.setattr(os, "fsync", fsyncs.append)  # observed in the test only: the save must not call it
+    assert thaw_mlx.save(quick, model, cache, tokens, durable=False) == snapshot_id
+    assert fsyncs == [] and quick.read_bytes() == durable.read_bytes()
 
 
 @pytest.mark.parametrize("name,tensor,where", [
