@@ -45,8 +45,11 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
     remote_window(pid, address, nbytes) -> memoryview
         another process's bytes, named here: scatter_pages reads a view of it from that process (Linux
         process_vm_readv, native path), one pass with no copy here; any other read of it faults (it maps
-        nothing readable). A refused or failed read raises RemoteReadError before any byte moves.
+        nothing readable). A refused read, or one of a range whose first or last byte is not mapped, raises
+        RemoteReadError before any byte moves; a hole inside the range fails the same way, after other
+        units may have moved (the caller discards what it scattered into).
     remote_readable(pid, [(address, nbytes)])   raise RemoteReadError unless those bytes can be read so
+    remote_token(pid, address, token)           raise RemoteReadError (refused) unless pid holds token there
     fetched(data)                               data's bytes here: itself, or a remote window's read into a copy
     copy_with_crcs(src, out, chunk_size) -> array('I')
         out[:len(src)] = src and the CRC32C of each chunk of it, in one multi-threaded pass (native path)
@@ -753,11 +756,13 @@ class RemoteReadError(OSError):
 
     REFUSED = "remote read refused"  # in the message of every refusal, so it survives a trip through an RPC
 
-    def __init__(self, code: int, pid: int, address: int, nbytes: int) -> None:
-        self.refused = code in (errno.EPERM, errno.EACCES, errno.ENOSYS)
+    def __init__(self, code: int, pid: int, address: int, nbytes: int, refusal: Optional[str] = None) -> None:
+        self.refused = refusal is not None or code in (errno.EPERM, errno.EACCES, errno.ENOSYS)
         why = {errno.ESRCH: f"there is no process {pid}",
                errno.EFAULT: f"process {pid} does not map the {nbytes} bytes at {address:#x}"}.get(code)
-        if why is None:
+        if refusal is not None:
+            why = f"{self.REFUSED}: {refusal}"
+        elif why is None:
             why = (f"{self.REFUSED}: process {pid} may not be read by this one ({os.strerror(code)})" if self.refused
                    else f"reading {nbytes} bytes at {address:#x} of process {pid} failed ({os.strerror(code)})")
         super().__init__(code, why)
@@ -774,7 +779,7 @@ class RemoteWindow(mmap.mmap):
 def remote_window(pid: int, address: int, nbytes: int) -> memoryview:
     if _lib is None:  # the portable path cannot read another process: a refusal, as the system's would be
         raise RemoteReadError(errno.ENOSYS, pid, address, nbytes)
-    window = RemoteWindow(-1, max(nbytes, 1), prot=0)  # address space only, never touched
+    window = RemoteWindow(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE, prot=0)  # address space only, never touched
     window.pid, window.address = pid, address
     return memoryview(window)[:nbytes]
 
@@ -787,9 +792,24 @@ def remote_readable(pid: int, ranges: Sequence[tuple[int, int]]) -> None:
     code = _lib.thaw_remote_readable(pid, _ffi.from_buffer("uint64_t[]", addresses),
                                      _ffi.from_buffer("uint64_t[]", lens), len(ranges))
     if code:
-        bad = next((a, n) for a, n in ranges if n and _lib.thaw_remote_readable(
-            pid, _ffi.new("uint64_t[]", [a]), _ffi.new("uint64_t[]", [n]), 1))
+        bad = next(((a, n) for a, n in ranges if n and _lib.thaw_remote_readable(
+            pid, _ffi.new("uint64_t[]", [a]), _ffi.new("uint64_t[]", [n]), 1)), ranges[0])
         raise RemoteReadError(code, pid, *bad)
+
+
+def remote_token(pid: int, address: int, token: bytes) -> None:
+    """Raise RemoteReadError, as a refusal, unless process pid holds `token` at `address`: whatever the reason
+    (refused, no such process, another process under that pid, as in another pid namespace or after the pid's
+    reuse), the bytes a caller was sent to read there are not the sender's to read from here."""
+    try:
+        found = bytes(fetched(remote_window(pid, address, len(token))))
+    except RemoteReadError as error:
+        if error.refused:
+            raise
+        found = None
+    if found != token:
+        raise RemoteReadError(errno.EPERM, pid, address, len(token),
+                              f"process {pid} seen from here is not the sender (its token is not at {address:#x})")
 
 
 def _remote_of(pages) -> Optional[tuple[int, int, int]]:
@@ -810,9 +830,9 @@ def fetched(data):
         return data
     import numpy
 
-    out = bytearray(remote[2])
+    out = empty(remote[2])
     _c_scatter_pages_remote(remote, out, [0], PageLayout(1, numpy.zeros(1, numpy.int64), remote[2], 1))
-    return memoryview(out)
+    return out
 
 
 def _scatter_pages(local):

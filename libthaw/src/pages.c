@@ -447,10 +447,13 @@ int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *bl
 static pthread_key_t tile_key;
 static pthread_once_t tile_once = PTHREAD_ONCE_INIT;
 
-static void make_tile_key(void) { pthread_key_create(&tile_key, free); }
+static int tile_key_made; /* 0 if pthread_key_create failed: no tiles then (ENOMEM), never another key's value */
+
+static void make_tile_key(void) { tile_key_made = pthread_key_create(&tile_key, free) == 0; }
 
 static uint8_t *thread_tile(void) {
     pthread_once(&tile_once, make_tile_key);
+    if (!tile_key_made) return NULL;
     uint8_t *tile = pthread_getspecific(tile_key);
     if (!tile && !posix_memalign((void **)&tile, 4096, UNIT_BYTES)) pthread_setspecific(tile_key, tile);
     return tile;

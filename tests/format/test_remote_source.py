@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+import thaw_format as tf
 from thaw_format import mover
 from thaw_format.sdk import lent, remote
 
@@ -41,7 +42,7 @@ try:
             out = np.zeros(n, np.uint8)
             mover.scatter_pages(layer.tensors[role].data, out, [0], mover.PageLayout(1, np.zeros(1, np.int64), n, 1))
             h.update(out.tobytes())
-    print(json.dumps({"kv": h.hexdigest(), "prefix": snapshot.prefix.tokens,
+    print(json.dumps({"kv": h.hexdigest(), "prefix": snapshot.prefix.tokens, "id": snapshot.id,
                       "rng": bytes(snapshot.scheduler.requests[0].rng_state.data).hex()}))
 except Exception as exc:
     print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
@@ -60,7 +61,7 @@ def expected(snapshot) -> dict:
     for layer in snapshot.kv.layers:
         for role in ("k", "v"):
             h.update(layer.tensors[role].data)
-    return {"kv": h.hexdigest(), "prefix": snapshot.prefix.tokens,
+    return {"kv": h.hexdigest(), "prefix": snapshot.prefix.tokens, "id": snapshot.id,
             "rng": bytes(snapshot.scheduler.requests[0].rng_state.data).hex()}
 
 
@@ -74,13 +75,16 @@ def native():
         pytest.skip(f"libthaw not built: {mover.backend()}")
 
 
-def test_a_snapshot_in_this_process_is_read_by_another_from_here(native, full_snapshot):
+def test_a_snapshot_in_this_process_is_read_by_another_from_here(native, full_snapshot, tmp_path):
+    tf.save(full_snapshot, tmp_path / "s.thaw")
+    loaded = tf.load(tmp_path / "s.thaw")
     owner = Engine()
-    source, checked = lent.send(owner, full_snapshot)
+    source, checked = lent.send(owner, loaded)
     assert remote.is_remote(source) and checked and lent.last_sent(owner) == "remote"
-    pid, tensors, _ = remote.parse(source)
+    pid, _token, tensors, sender_id, _ = remote.parse(source)
     assert pid == os.getpid() and sorted(tensors) == ["kv/0/k", "kv/0/v", "kv/1/k", "kv/1/v"]
-    assert read_in_child(source) == expected(full_snapshot)
+    assert sender_id == loaded.id == full_snapshot.id is not None
+    assert read_in_child(source) == expected(loaded)  # the same id too: a capture after it names its parent
     assert "carries no checksums" in read_in_child(source, verify=True)["error"]
 
 
@@ -92,7 +96,8 @@ def _not_dumpable():
     return lambda: libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
 
 
-def test_a_refused_read_falls_back_to_the_restore_segment_for_good(native, full_snapshot):
+def test_a_refused_read_falls_back_to_the_restore_segment_for_good(native, full_snapshot, tmp_path):
+    tf.save(full_snapshot, tmp_path / "s.thaw")  # an id, which either way reaches the reader
     owner, calls = Engine(), []
 
     def restore(source, checked):
@@ -113,13 +118,27 @@ def test_a_refused_read_falls_back_to_the_restore_segment_for_good(native, full_
     assert len(calls) == 3 and not remote.is_remote(calls[2])  # straight to the segment: no second try
 
 
-def test_a_reader_of_a_gone_sender_gets_a_clear_error_not_a_refusal(native, full_snapshot):
+def test_a_pid_that_is_not_the_sender_counts_as_a_refusal(native, full_snapshot):
+    """As in another pid namespace or after the pid's reuse: whatever process the pid names from the reader, or
+    none, it does not hold the sender's token, so the reader refuses before reading any KV (and the restore
+    falls back to the segment)."""
     source, _ = lent.send(Engine(), full_snapshot)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    head, _, rest = source[len(remote.REMOTE_PREFIX):].partition("/")
-    error = read_in_child(f"{remote.REMOTE_PREFIX}{gone.pid}/{rest}")["error"]
-    assert error.startswith("RemoteReadError") and "there is no process" in error
-    assert mover.RemoteReadError.REFUSED not in error
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid in (gone.pid, other.pid):
+            rest = source[len(remote.REMOTE_PREFIX):].partition("/")[2]
+            error = read_in_child(f"{remote.REMOTE_PREFIX}{pid}/{rest}")["error"]
+            assert error.startswith("RemoteReadError") and mover.RemoteReadError.REFUSED in error
+            assert f"process {pid} seen from here is not the sender" in error
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize("bad", ["x/1=" + "00" * 16 + "/kv/0/k=1+2", "1/1=00/kv/0/k=1+2",
+                                 "1/1=" + "00" * 16 + "/kv/0/k=-1+2", "1/1=" + "00" * 16 + f"/kv/0/k=1+{1 << 64}"])
+def test_a_malformed_remote_source_is_refused_by_name(bad):
     with pytest.raises(ValueError, match="not a remote source"):
-        remote.parse(f"{remote.REMOTE_PREFIX}x/kv/0/k=1+2|shm://a#1")
+        remote.parse(f"{remote.REMOTE_PREFIX}{bad}||shm://a#1")

@@ -131,6 +131,8 @@ def test_a_snapshot_in_this_process_memory_restores_its_bytes_and_a_named_segmen
 
     _restores_exactly(thaw_sglang, engine, reference, loaded)
     assert lent.last_sent(engine) == "remote"
+    # the scheduler knows the client's snapshot by its id (not one counted over the KV it read from the client)
+    assert thaw_sglang.capture(engine, include_weights=False).lineage.parent == loaded.id is not None
     remote.refuse(engine)
     _restores_exactly(thaw_sglang, engine, reference, loaded)
     assert lent.last_sent(engine) == "segment"

@@ -6,22 +6,27 @@ would cost two passes over its KV: a copy into shared memory here, then the engi
 Instead `publish` writes everything but the KV into the engine's reused restore segment and names the KV
 tensors by this process's id and their addresses:
 
-    remote://<pid>/<tensor name>=<address>+<nbytes>,...|shm://<restore segment>#<nbytes>
+    remote://<pid>/<token address>=<token>/<tensor name>=<address>+<nbytes>,...|<snapshot id>|shm://<segment>#<n>
 
-and the engine's process (`open_remote`) gets a Snapshot whose KV tensors are mover.remote_window views:
+and the engine's process (`open_remote`) first reads the sender's token (16 random bytes a process draws at
+import and on fork) at its address: if it is not there, the pid names another process as seen from the engine
+(another pid namespace, a reused pid), and the read counts as refused. Then it gets a Snapshot, with the
+sender's id, whose KV tensors are mover.remote_window views:
 its scatter (mover.scatter_pages) reads them from this process with process_vm_readv, straight into the
 engine's blocks; any other reader of those tensors takes mover.fetched(tensor.data) (a window maps nothing
 readable: a direct read faults). The sender keeps the Snapshot alive for the whole call, which is synchronous.
 
 Trust: the KV regions of the segment are left unwritten (their checksums in it are zero, so a reader that
-verified the segment would refuse it); the KV itself carries no checksums, being the sender's own memory: a
-snapshot the sender holds was verified when it was loaded (or was built in memory, with nothing to check), and
+verified the segment would refuse it); the KV itself carries no checksums, being the sender's own memory, trusted as
+the sender trusts it: verified when it was loaded (unless loaded with verify=False, or mapped with mmap=True from
+a file changed since), or built in memory with nothing to check; and
 the restore segment beside it is written by the sender in the same call. So a remote source is what the
 restore segment already was, checked by its caller (thaw_format.sdk.shared.checked_by_caller), and a reader
 asked to verify one refuses it: only lent.send makes them, for a restore that trusts them.
 
-Some systems refuse one process reading another's memory (seccomp filters in containers, Yama's ptrace scope,
-another user's process): the engine's process then raises a RemoteReadError saying "remote read refused"
+Some systems refuse one process reading another's memory (seccomp filters in containers, another user's
+process, Yama's ptrace scope: at its common default of 1 a process may read only its descendants, and the engine's
+processes are the sender's children, so a stock Ubuntu host refuses it): the engine's process then raises a RemoteReadError saying "remote read refused"
 before it changes anything, and lent.sending marks the engine (`refuse`) and restores again the two-pass way;
 every later restore into that engine goes that way at once.
 """
@@ -70,10 +75,25 @@ def publish(owner, snapshot: Snapshot) -> Optional[str]:
     tensors = _kv_tensors(snapshot)
     if refused(owner) or not tensors:
         return None
-    names = ",".join(f"{name}={numpy.frombuffer(t.data, numpy.uint8).ctypes.data}+{t.nbytes}"
-                     for name, t in tensors.items())
+    names = ",".join(f"{name}={_address(t.data)}+{t.nbytes}" for name, t in tensors.items())
     segment = owned_segment(owner, "restore").publish(snapshot, {name: _unwritten for name in tensors})
-    return f"{REMOTE_PREFIX}{os.getpid()}/{names}|{segment}"
+    token = f"{_address(_TOKEN)}={bytes(_TOKEN).hex()}"
+    return f"{REMOTE_PREFIX}{os.getpid()}/{token}/{names}|{snapshot.id or ''}|{segment}"
+
+
+def _address(data) -> int:
+    return numpy.frombuffer(data, numpy.uint8).ctypes.data
+
+
+def _new_token() -> None:
+    """This process's token: random bytes a reader finds at their address in the sender named by a remote source,
+    or knows it reads some other process (another pid namespace, a reused pid) and falls back, as if refused."""
+    global _TOKEN
+    _TOKEN = numpy.frombuffer(bytearray(os.urandom(16)), numpy.uint8)
+
+
+_new_token()
+os.register_at_fork(after_in_child=_new_token)
 
 
 def _unwritten(target, chunk_size: int):
@@ -81,22 +101,33 @@ def _unwritten(target, chunk_size: int):
     return numpy.zeros(-(-len(target) // chunk_size), numpy.uint32)
 
 
-def parse(source: str) -> tuple[int, dict[str, tuple[int, int]], str]:
-    """(pid, {tensor name: (address, nbytes)}, segment source) of a remote source."""
-    head, _, segment = source[len(REMOTE_PREFIX):].partition("|") if is_remote(source) else ("", "", "")
-    pid, _, names = head.partition("/")
+def parse(source: str) -> tuple[int, tuple[int, bytes], dict[str, tuple[int, int]], Optional[str], str]:
+    """(pid, (token address, token), {tensor name: (address, nbytes)}, the sender's snapshot id or None, segment
+    source) of a remote source."""
+    head, sender_id, segment = (source[len(REMOTE_PREFIX):].split("|", 2) + ["", ""])[:3]
+    pid, token, names = (head.split("/", 2) + ["", ""])[:3]
     try:
+        token_address, _, token_hex = token.partition("=")
+        token_value = (_address_of(token_address), bytes.fromhex(token_hex))
         tensors = {}
         for entry in names.split(","):
             name, _, span = entry.partition("=")
             address, _, nbytes = span.partition("+")
-            tensors[name] = (int(address), int(nbytes))
-        if not pid.isdigit() or not segment:
+            tensors[name] = (_address_of(address), _address_of(nbytes))
+        if not is_remote(source) or not pid.isdigit() or len(token_value[1]) != 16 or not segment:
             raise ValueError
     except ValueError:
-        raise ValueError(f"not a remote source: {source[:200]!r} "
-                         f"(expected {REMOTE_PREFIX}<pid>/<name>=<address>+<nbytes>,...|<segment>)") from None
-    return int(pid), tensors, segment
+        raise ValueError(f"not a remote source: {source[:200]!r} (expected {REMOTE_PREFIX}<pid>/<address>=<token>/"
+                         "<name>=<address>+<nbytes>,...|<snapshot id>|<segment>)") from None
+    return int(pid), token_value, tensors, sender_id or None, segment
+
+
+def _address_of(text: str) -> int:
+    """A decimal address or length, refused (ValueError) outside 0 .. 2**64 - 1."""
+    value = int(text) if text.isdigit() else -1
+    if not 0 <= value < 1 << 64:
+        raise ValueError(text)
+    return value
 
 
 def open_remote(source: str, open_segment, *, verify: bool) -> Snapshot:
@@ -106,7 +137,8 @@ def open_remote(source: str, open_segment, *, verify: bool) -> Snapshot:
     if verify:
         raise ValueError("a remote source carries no checksums for its KV (the sender's own memory, checked when "
                          "it came in): only a restore its sender made (thaw_format.sdk.lent.send) reads it")
-    pid, tensors, segment = parse(source)
+    pid, (token_address, token), tensors, sender_id, segment = parse(source)
+    mover.remote_token(pid, token_address, token)
     mover.remote_readable(pid, list(tensors.values()))
     snapshot = open_segment(segment)
     own = _kv_tensors(snapshot)
@@ -117,4 +149,7 @@ def open_remote(source: str, open_segment, *, verify: bool) -> Snapshot:
             if f"kv/{i}/{role}" in tensors:
                 address, nbytes = tensors[f"kv/{i}/{role}"]
                 layer.tensors[role] = Tensor._of(tensor.dtype, tensor.shape, mover.remote_window(pid, address, nbytes))
+    # The sender's id (None for a snapshot built in memory and never saved): the segment's own would count the
+    # checksums of the KV regions it left unwritten (zeros).
+    snapshot.id = sender_id
     return snapshot
