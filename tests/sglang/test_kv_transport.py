@@ -2,12 +2,9 @@
 lent (the client's Snapshot views the segment the scheduler gathered into) with the same bytes as a capture
 written to a file; restoring it hands that segment back; a corrupt chunk is refused before anything changes."""
 
-import contextlib
-import ctypes
 import mmap
 import os
 
-import numpy as np
 import pytest
 from conftest import generate
 from thaw_format import CorruptSnapshotError, SnapshotFile
@@ -145,44 +142,3 @@ def test_a_snapshot_in_this_process_memory_restores_its_bytes_and_a_named_segmen
         thaw_sglang.restore(engine, source)
     assert _state(thaw_sglang, engine) == before
     assert engine.leak_warnings() == 0
-
-
-@contextlib.contextmanager
-def _unreadable_page(data: memoryview):
-    """One page in the middle of `data` (this process's memory) made unreadable for the block, its first and last
-    byte left readable: a read of it from another process fails partway (EFAULT), where this process never
-    touches it. Its protection is put back afterwards."""
-    page = mmap.PAGESIZE
-    start = np.frombuffer(data, np.uint8).ctypes.data
-    address = (start + len(data) // 2) // page * page
-    assert start < address and address + page < start + len(data)
-    perms = next(line.split()[1] for line in open("/proc/self/maps")
-                 if int(line.split("-")[0], 16) <= address < int(line.split()[0].split("-")[1], 16))
-    prot = (mmap.PROT_READ if "r" in perms else 0) | (mmap.PROT_WRITE if "w" in perms else 0)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    assert libc.mprotect(address, page, 0) == 0, os.strerror(ctypes.get_errno())
-    try:
-        yield
-    finally:
-        assert libc.mprotect(address, page, prot) == 0, os.strerror(ctypes.get_errno())
-
-
-def test_a_remote_read_failing_partway_leaves_nothing_cached(thaw_sglang, engine, reference, tmp_path):
-    """The scheduler reads a snapshot in the client's memory (here a file mapping, thaw_format.load(mmap=True))
-    straight from there, after its tree is rebuilt: a page it cannot read in the last layer's V (every layer
-    before it already written) fails the restore, and the engine is left flushed, serving nothing from the
-    partial KV. With the page readable again the same snapshot restores exactly."""
-    import thaw_format
-
-    path = tmp_path / "kv.thaw"
-    thaw_sglang.capture(engine, path, include_weights=False, chains=[PROMPT])
-    loaded = thaw_format.load(path, mmap=True)
-    with _unreadable_page(loaded.kv.layers[-1].tensors["v"].data):
-        with pytest.raises(RuntimeError, match=r"RemoteReadError: \[Errno 14\] process \d+ does not map"):
-            thaw_sglang.restore(engine, loaded)
-    assert lent.last_sent(engine) == "remote"
-    output, cached = generate(engine, PROMPT + SUFFIX)
-    assert cached == 0 and output == reference[0]
-    assert engine.leak_warnings() == 0
-    _restores_exactly(thaw_sglang, engine, reference, loaded)
