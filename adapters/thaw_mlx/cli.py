@@ -32,7 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="importing: tokens per KV page")
     p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
                    help="importing: fsync the snapshot and its folder (default); --no-durable skips the fsyncs "
-                   "as mlx-lm does: still atomic, but a power loss may lose the file")
+                   "as mlx-lm does: still atomic, but a power loss may lose the file. Exporting ignores it: the "
+                   "mlx-lm file is written as mlx-lm writes it (atomic, no fsync)")
     p.set_defaults(run=convert)
 
 

@@ -57,7 +57,13 @@ def restore_state(scheduler, snapshot: Snapshot) -> None:
     if not _internals.flush(scheduler):
         raise EngineBusyError("SGLang refused to flush its cache")
     if snapshot.kv is not None:
-        _rebuild_tree(scheduler, snapshot)
+        try:
+            _rebuild_tree(scheduler, snapshot)
+        except BaseException:
+            # The tree is inserted before its KV is written, and a scatter reading the client's memory can fail
+            # partway (the sender's pages gone: EFAULT): flushed, no prefix is served from stale or partial slots.
+            _internals.flush(scheduler)
+            raise
 
 
 def _rebuild_tree(scheduler, snapshot: Snapshot) -> None:

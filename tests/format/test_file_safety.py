@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+import sync_counts
 
 import thaw_format as tf
 from thaw_format.tensor import Tensor
@@ -125,21 +126,7 @@ def test_a_checkpoint_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
 
 @pytest.fixture
 def syncs(monkeypatch):
-    """Counts of the calls that make a save durable: os.fsync (file and folder) and the writeback started per
-    stage. Patched in the test only, to observe what the writer asks of the kernel."""
-    from thaw_format import mover
-
-    counts = {"fsync": 0, "writeback": 0}
-
-    def counted(key, real):
-        def call(*args):
-            counts[key] += 1
-            return real(*args)
-        return call
-
-    monkeypatch.setattr(os, "fsync", counted("fsync", os.fsync))
-    monkeypatch.setattr(mover, "start_writeback", counted("writeback", mover.start_writeback))
-    return counts
+    return sync_counts.count(monkeypatch)
 
 
 @pytest.mark.parametrize("durable,fsyncs", [(True, 2), (False, 0)])

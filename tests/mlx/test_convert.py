@@ -1,7 +1,6 @@
 """`thaw convert`: mlx-lm prompt-cache files <-> snapshots, through the CLI, both ways and back again."""
 
 import json
-import os
 
 import mlx.core as mx
 import pytest
@@ -14,6 +13,7 @@ from thaw_format.cli import main  # the `thaw` command, which finds `convert` th
 from hostile import craft
 from sessions import CASES
 from zoo import CONFIGS
+import sync_counts
 
 MORE_TOKENS = 12
 
@@ -150,7 +150,6 @@ def test_import_with_no_durable_skips_the_fsyncs(session, saved, tmp_path, monke
     model, cache, tokens = session("llama-kv")
     exported = tmp_path / "cache.safetensors"
     assert main(["convert", saved(thaw_mlx.capture(model, cache, tokens)), str(exported)]) == 0
-    fsyncs = []
-    monkeypatch.setattr(os, "fsync", fsyncs.append)  # observed in the test only
+    syncs = sync_counts.count(monkeypatch)
     assert main(["convert", str(exported), str(tmp_path / "back.thaw"), "--no-durable"]) == 0
-    assert fsyncs == [] and thaw_mlx.snapshot_tokens(thaw_format.load(tmp_path / "back.thaw")) == tokens
+    assert syncs == {"fsync": 0, "writeback": 0} and thaw_mlx.snapshot_tokens(thaw_format.load(tmp_path / "back.thaw")) == tokens

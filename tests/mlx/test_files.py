@@ -2,7 +2,6 @@
 the same caches as thaw_format.load + restore, for every cache kind; a bad chunk anywhere raises
 CorruptSnapshotError and gives no cache. And the helper that lets a restore write into a new MLX array."""
 
-import os
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from sessions import CASES, full_state
 from thaw_format import CorruptSnapshotError
 from thaw_format.mlx import from_mlx, sole_view, writable_arrays
 from thaw_mlx import session as mlx_session
+import sync_counts
 
 
 @pytest.fixture
@@ -54,10 +54,9 @@ def test_a_save_that_is_not_durable_writes_the_same_file_without_fsync(session, 
     model, cache, tokens = session("llama-kv")
     durable, quick = tmp_path / "durable.thaw", tmp_path / "quick.thaw"
     snapshot_id = thaw_mlx.save(durable, model, cache, tokens)
-    fsyncs = []
-    monkeypatch.setattr(os, "fsync", fsyncs.append)  # observed in the test only: the save must not call it
+    syncs = sync_counts.count(monkeypatch)
     assert thaw_mlx.save(quick, model, cache, tokens, durable=False) == snapshot_id
-    assert fsyncs == [] and quick.read_bytes() == durable.read_bytes()
+    assert syncs == {"fsync": 0, "writeback": 0} and quick.read_bytes() == durable.read_bytes()
 
 
 @pytest.mark.parametrize("name,tensor,where", [
