@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from exited import exited_pid
 
 import thaw_format as tf
 from thaw_format import mover
@@ -123,18 +124,54 @@ def test_a_pid_that_is_not_the_sender_counts_as_a_refusal(native, full_snapshot)
     none, it does not hold the sender's token, so the reader refuses before reading any KV (and the restore
     falls back to the segment)."""
     source, _ = lent.send(Engine(), full_snapshot)
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        for pid in (gone.pid, other.pid):
-            rest = source[len(remote.REMOTE_PREFIX):].partition("/")[2]
-            error = read_in_child(f"{remote.REMOTE_PREFIX}{pid}/{rest}")["error"]
-            assert error.startswith("RemoteReadError") and mover.RemoteReadError.REFUSED in error
-            assert f"process {pid} seen from here is not the sender" in error
+        with exited_pid() as gone:
+            for pid in (gone, other.pid):
+                rest = source[len(remote.REMOTE_PREFIX):].partition("/")[2]
+                error = read_in_child(f"{remote.REMOTE_PREFIX}{pid}/{rest}")["error"]
+                assert error.startswith("RemoteReadError") and mover.RemoteReadError.REFUSED in error
+                assert f"process {pid} seen from here is not the sender" in error
     finally:
         other.kill()
         other.wait()
+
+
+# A sender that forks a child (a worker forked without exec holds a copy of its memory) and reads it: the child's
+# token as it reports it, the 16 bytes at the sender's token address in the child, and remote_token's verdict.
+FORKED = r"""
+import json, os
+from thaw_format import mover
+from thaw_format.sdk import remote
+address, token = remote._address(remote._TOKEN), bytes(remote._TOKEN)
+(told, tell), (wait, done) = os.pipe(), os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(tell, bytes(remote._TOKEN))
+    os.read(wait, 1)
+    os._exit(0)
+own = os.read(told, 16)
+found = bytes(mover.fetched(mover.remote_window(pid, address, 16)))
+try:
+    mover.remote_token(pid, address, token)
+    verdict = "taken for the sender"
+except mover.RemoteReadError as error:
+    verdict = str(error)
+os.write(done, b"x")
+os.waitpid(pid, 0)
+print(json.dumps({"token": token.hex(), "own": own.hex(), "found": found.hex(), "verdict": verdict}))
+"""
+
+
+def test_a_forked_child_holds_its_own_token_where_its_parent_held_the_senders(native):
+    """The child draws its token over the bytes its copy of the sender's token was in: a reader sent to the child's
+    pid finds the child's own token at the address the sender's sources name, never the sender's left in memory
+    the child freed, and refuses."""
+    out = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["own"] != result["token"] and result["found"] == result["own"]
+    assert mover.RemoteReadError.REFUSED in result["verdict"] and "is not the sender" in result["verdict"]
 
 
 @pytest.mark.parametrize("bad", ["x/1=" + "00" * 16 + "/kv/0/k=1+2", "1/1=00/kv/0/k=1+2",

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from exited import exited_pid
 
 from thaw_format import mover
 from test_pages import DTYPES, engine, sequence_positions, vllm_positions
@@ -98,16 +99,15 @@ def test_bad_sources_raise_and_write_nothing(native, child):
     offsets = [i * 2 * 32 * 2 * 64 * 4 for i in range(4)]
     blocks = engine(4, 2 * 32 * 2 * 64, 4)
     before = blocks.tobytes()
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    bad = {"no such process": (gone.pid, holder.address, nbytes, "there is no process"),
-           "unmapped address": (holder.pid, 4096, nbytes, "does not map"),
-           "end of user space": (holder.pid, (1 << 47) - nbytes // 2, nbytes, "does not map")}
-    for name, (pid, address, length, message) in bad.items():
-        with pytest.raises(mover.RemoteReadError, match=message) as caught:
-            mover.scatter_pages(mover.remote_window(pid, address, length), blocks, offsets, layout)
-        assert not caught.value.refused, name
-        assert blocks.tobytes() == before, name
+    with exited_pid() as gone:
+        bad = {"no such process": (gone, holder.address, nbytes, "there is no process"),
+               "unmapped address": (holder.pid, 4096, nbytes, "does not map"),
+               "end of user space": (holder.pid, (1 << 47) - nbytes // 2, nbytes, "does not map")}
+        for name, (pid, address, length, message) in bad.items():
+            with pytest.raises(mover.RemoteReadError, match=message) as caught:
+                mover.scatter_pages(mover.remote_window(pid, address, length), blocks, offsets, layout)
+            assert not caught.value.refused, name
+            assert blocks.tobytes() == before, name
     with pytest.raises(mover.RemoteReadError, match="does not map"):
         mover.remote_readable(holder.pid, [(holder.address, nbytes), (8, 16)])
     mover.remote_readable(holder.pid, [(holder.address, nbytes)])

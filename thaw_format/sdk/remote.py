@@ -85,11 +85,16 @@ def _address(data) -> int:
     return numpy.frombuffer(data, numpy.uint8).ctypes.data
 
 
+_TOKEN = numpy.frombuffer(bytearray(16), numpy.uint8)
+
+
 def _new_token() -> None:
-    """This process's token: random bytes a reader finds at their address in the sender named by a remote source,
-    or knows it reads some other process (another pid namespace, a reused pid) and falls back, as if refused."""
-    global _TOKEN
-    _TOKEN = numpy.frombuffer(bytearray(os.urandom(16)), numpy.uint8)
+    """Draw this process's token: random bytes a reader finds at their address in the sender named by a remote
+    source, or knows it reads some other process (another pid namespace, a reused pid) and falls back, as if
+    refused. Drawn over the same bytes, at import and in a forked child: a new buffer would leave the child's copy
+    of its parent's token in the memory it freed, at the address its parent's sources name, to be found there by
+    a reader sent to the child (freed memory is not cleared; that an allocator writes over some of it is luck)."""
+    _TOKEN[:] = numpy.frombuffer(os.urandom(16), numpy.uint8)
 
 
 _new_token()
