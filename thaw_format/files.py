@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from .gcpause import gc_paused
-from .reader import load
+from .reader import open as open_snapshot
 from .snapshot import Snapshot, Weights
 from .tensor import as_tensor
 from .writer import save
@@ -28,8 +28,12 @@ def load_file(path, *, mmap: bool = True) -> dict:
     copied, and writing a tensor never changes the file. As with any mapping (safetensors' too), a later
     in-place truncation or rewrite of the file by another program can reach pages not yet written, or raise
     SIGBUS; `save` never changes a file in place. `mmap=False` gives tensors in memory of their own instead."""
-    from .torch import to_torch
+    with open_snapshot(path) as f:
+        # The path and the header first: a FIFO, a directory or a file that is no snapshot is refused at once, not
+        # after torch's import (seconds on a first call, over a minute measured on a busy machine), which comes
+        # before the data is read, so that a missing torch is said before a long load.
+        from .torch import to_torch
 
-    snapshot = load(path, mmap=mmap)
+        snapshot = f.snapshot(copy=not mmap)
     tensors = snapshot.weights.tensors if snapshot.weights is not None else {}
     return {name: to_torch(t) for name, t in tensors.items()}

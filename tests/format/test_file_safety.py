@@ -3,6 +3,8 @@ mode, cleanup and symlink behaviour of the atomic save."""
 
 import os
 import stat
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -52,6 +54,20 @@ def test_non_regular_files_are_refused_without_blocking(tmp_path, entry):
     for path, kind in ((fifo, "a FIFO"), (tmp_path, "a directory")):
         exc = finishes(lambda: call(path))
         assert isinstance(exc, tf.CorruptSnapshotError) and f"is {kind}, not a regular file" in str(exc), exc
+
+
+def test_load_file_refuses_a_fifo_before_importing_torch(tmp_path):
+    """In a fresh interpreter, torch not yet imported: the refusal comes first. That import takes seconds on a first
+    call and over a minute was measured on a busy machine, where the test above then found load_file "blocked"."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code = ("import sys, thaw_format as tf\n"
+            "try:\n    tf.load_file(sys.argv[1])\n"
+            "except tf.CorruptSnapshotError as exc:\n    print(exc)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == [f"{str(fifo)!r} is a FIFO, not a regular file", "False"]
 
 
 def test_a_file_rewritten_in_place_during_a_copying_load_is_refused(tmp_path):
