@@ -34,8 +34,9 @@ verified again. So `send` tells the engine's process that it may read unchecked:
 bytes were checked where they came in (a shared load that verified its file, a capture its engine's process
 gathered with the checksums in the same pass), the client's memory read remotely (thaw_format.sdk.remote), and
 the restore segment the same call writes. A shared load made with verify=False is the one segment the client
-did not check: its engine verifies it against the file's checksums where it lies, before changing anything.
-Sources a caller names as strings are verified by the engine unless the caller says it checked them
+did not check: its engine's process verifies it against the file's checksums where it lies, before changing
+anything (an engine in the client's own process is handed the Snapshot itself, trusted as the client trusts
+it, as a remote read is). Sources a caller names as strings are verified by the engine unless the caller says it checked them
 (thaw_format.sdk.shared.checked_by_caller: a fork pool's segment). Another process of the same user can write
 the client's segments in /dev/shm: that is inside the domain, and not checked.
 """
