@@ -146,7 +146,8 @@ def capture(
         rpc.call(engine, "thaw_capture", path=str(path), **options)
         return thaw_format.load(path)
     # The scheduler computed every chunk's checksum in its gather's own pass: the header is parsed and checked,
-    # the bytes are not read again here. Every later reader (a restore, thaw_format.load of a saved copy) verifies.
+    # the bytes are not read again here, nor by a restore of it into an engine of this client (thaw_format.sdk.
+    # lent's trust rule); a saved copy is verified when it is loaded.
     return lent.borrow(rpc.call(engine, "thaw_capture", into="lent", **options), verify=False)
 
 
@@ -167,9 +168,8 @@ def restore_pending(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike, 
                     verified: bool = False) -> list[thaw_format.Request]:
     """Make an idle engine hold the snapshot (a Snapshot, or a source: "shm://..." or a file) and return its
     unfinished requests; the scheduler reads the source (its chunks unchecked if `verified`, a segment the
-    caller checked, thaw_format.sdk.shared.checked_by_caller, or if it is the Snapshot this call wrote into the
-    engine's restore segment or read from this process's memory, transport.sending), and this process only when
-    it has requests."""
+    caller checked, thaw_format.sdk.shared.checked_by_caller, or if it is a Snapshot that thaw_format.sdk.lent's
+    trust rule counts as checked, transport.sending), and this process only when it has requests."""
     def restore(source: str, checked: bool) -> int:
         return rpc.call(engine, "thaw_restore", source=source, verified=checked or checked_by_caller(source, verified))
 

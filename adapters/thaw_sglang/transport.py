@@ -4,7 +4,8 @@ Captures are lent (thaw_format.sdk.lent): the scheduler gathers the KV by slot s
 segment no reader holds, with its checksums in the same pass, and the client's Snapshot views that segment and
 gives it back when garbage-collected; restoring that Snapshot hands the same segment back to the scheduler
 untouched, as does a Snapshot loaded with `thaw_format.load(path, shared=True)` (its own segment), and the
-scheduler verifies every chunk where it lies. Any other Snapshot (loaded into this process's memory, or built
+scheduler reads it in place without checking it again: thaw_format.sdk.lent's trust rule (it verifies a shared
+load made with verify=False, and any source named by a string). Any other Snapshot (loaded into this process's memory, or built
 here) is read by the scheduler straight from this process's memory, its KV scattered in one pass
 (thaw_format.sdk.remote); where the system refuses that, it is encoded once into the client's reused segment for
 that engine, its checksums computed in the same pass, and the scheduler scatters it without reading it twice
@@ -45,9 +46,9 @@ def read(source: str, owner=None, *, verify: bool = True) -> Snapshot:
 
 def sending(engine, snapshot: Snapshot | str, call: Callable[[str, bool], T]) -> T:
     """call(source, checked) where `checked` says the caller checked its chunks: a source as given (not checked);
-    a Snapshot as thaw_format.sdk.lent.sending sends it (a capture borrowed from a scheduler, unchanged, by its
-    own segment; any other read by the scheduler from this process's memory, or written into the engine's
-    reused restore segment where it may not: checked, and read by the scheduler within the call)."""
+    a Snapshot as thaw_format.sdk.lent.sending sends it and says (a capture borrowed from a scheduler or a shared
+    load, unchanged, by its own segment; any other read by the scheduler from this process's memory, or written
+    into the engine's reused restore segment where it may not, within the call)."""
     if not isinstance(snapshot, Snapshot):
         return call(str(snapshot), False)
     return lent.sending(engine, snapshot, call)

@@ -146,14 +146,14 @@ def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
     snapshot that is not yet in this process.
     """
     check_compatible(llm, snapshot)
-    # The Snapshot is this process's own, verified when it came in (a load checks every chunk, a capture computes
-    # them as it gathers); what carries it to the worker holds the bytes this call wrote, or reads them here (or
-    # the segment the worker lent, read-only here), so the worker parses its header but does not read every chunk
-    # again, as the in-process path hands the object itself over. restore_source verifies: any source.
+    # The Snapshot is this process's own: the worker verifies what lent.send says was not checked where it came in
+    # (thaw_format.sdk.lent's trust rule), and parses the header of the rest without reading every chunk again,
+    # as the in-process path hands the object itself over. restore_source verifies: any source.
     if _internals.engine_in_this_process(llm):
         with transport.LocalSnapshot(snapshot) as local:
             return _restore_checked(llm, snapshot, local.source, verify=False)
-    return lent.sending(llm, snapshot, lambda source, _checked: _restore_checked(llm, snapshot, source, verify=False))
+    return lent.sending(llm, snapshot, lambda source, checked: _restore_checked(llm, snapshot, source,
+                                                                               verify=not checked))
 
 
 def restore_source(llm, source: str, *, verified: bool = False) -> list[Resumed]:

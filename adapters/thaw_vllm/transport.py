@@ -1,11 +1,12 @@
 """How a snapshot travels between the client and the engine's processes, named by a `source` string.
 
 "shm://...#nbytes": POSIX shared memory, written with checksums (the KV pages gathered straight into it by
-libthaw) and verified by each reader, who reads the tensors in place through a cached mapping: no file, no
-pickle, no copy. A capture is lent (thaw_format.sdk.lent): the worker writes it into a segment it hands to
-the client, whose Snapshot views it and gives it back when garbage-collected; restoring such a snapshot
-hands the same segment back to the worker untouched, and so does a snapshot loaded from a file with
-`thaw_format.load(path, shared=True)` (its own read-only segment, verified by the load). Any other snapshot
+libthaw) and read in place through a cached mapping: no file, no pickle, no copy. A capture is lent
+(thaw_format.sdk.lent): the worker writes it into a segment it hands to the client, whose Snapshot views it
+and gives it back when garbage-collected; restoring such a snapshot hands the same segment back to the worker
+untouched, and so does a snapshot loaded from a file with `thaw_format.load(path, shared=True)` (its own
+read-only segment, verified by the load); the worker verifies what thaw_format.sdk.lent's trust rule says was
+not checked where it came in (a source named by a string, a shared load made with verify=False). Any other snapshot
 is read by the worker straight from the client's memory, "remote://...", its KV scattered in one pass
 (thaw_format.sdk.remote), or where the system refuses that, encoded once into the client's reused restore
 segment for that engine (thaw_format.sdk.lent.sending chooses, api.restore), and
@@ -59,7 +60,8 @@ def read(source: str, *, unlink: bool = False, keep: bool = False, lender=None, 
         if keep and lent.is_lent(source):
             # A capture the engine's worker just gathered, its checksums computed in the same pass: the header is
             # parsed and checked, the bytes are not read again here (as the in-process path hands its Snapshot
-            # over unread). Every later reader (a restore's worker, thaw_format.load of a saved copy) verifies.
+            # over unread), nor by a restore of it into an engine of this client (thaw_format.sdk.lent's trust
+            # rule); a saved copy is verified when it is loaded.
             return lent.borrow(source, verify=False)
         if keep:
             return read_shared(source, copy=True)

@@ -87,19 +87,25 @@ def test_a_lent_snapshot_not_yet_borrowed_is_never_reused(lender):
     assert segment(lender.publish(snapshot(2))) != segment(source)
 
 
-def test_send_checks_only_the_restore_segment_it_writes_itself(lender, tmp_path):
-    """lent.send hands a borrowed or shared-loaded snapshot over as its own segment, for its reader to verify, and
-    writes any other into the owner's one reused restore segment, its checksums from the same pass: checked."""
+def test_send_leaves_unchecked_only_a_segment_whose_bytes_the_client_did_not_verify(lender, tmp_path):
+    """lent.send hands a borrowed or shared-loaded snapshot over as its own segment, checked where its bytes came
+    in (the trust rule), unless it was shared-loaded with verify=False: its reader verifies that one. Any other it
+    writes into the owner's one reused restore segment, its checksums from the same pass: checked."""
     class Engine:  # what owns the restore segment: an engine object
         pass
 
     engine = Engine()
     borrowed = lent.borrow(lender.publish(snapshot(1)))
-    assert lent.send(engine, borrowed) == (lent.lent_source(borrowed), False)
+    assert lent.send(engine, borrowed) == (lent.lent_source(borrowed), True)
+    unread = lent.borrow(lender.publish(snapshot(4)), verify=False)  # a capture the caller's own engine lent
+    assert lent.send(engine, unread) == (lent.lent_source(unread), True)
     path = tmp_path / "s.thaw"
     thaw_format.save(snapshot(2), path)
     shared = thaw_format.load(path, shared=True)
-    assert lent.send(engine, shared) == (lent.lent_source(shared), False)
+    assert lent.send(engine, shared) == (lent.lent_source(shared), True)
+    unverified = thaw_format.load(path, shared=True, verify=False)
+    assert lent.send(engine, unverified) == (lent.lent_source(unverified), False)
+    assert lent.last_sent(engine) == "lent"
     try:
         first, checked = lent.send(engine, thaw_format.load(path))
         assert checked

@@ -91,8 +91,8 @@ def test_a_corrupt_chunk_is_refused_before_anything_changes(thaw_sglang, engine,
 
 def test_a_snapshot_loaded_into_shared_memory_restores_from_its_own_segment(thaw_sglang, engine, reference, tmp_path):
     """thaw_format.load(path, shared=True) reads the file, verified, into a segment of its own; the restore hands
-    that segment to the scheduler (no copy in the client), which verifies it where it lies and writes the same
-    bytes. The file corrupted and deleted after the load changes nothing; a load of the corrupted file is refused."""
+    that segment to the scheduler (no copy in the client), which writes the same bytes. The file corrupted and
+    deleted after the load changes nothing; a load of the corrupted file is refused."""
     import thaw_format
 
     path = tmp_path / "kv.thaw"
@@ -142,5 +142,50 @@ def test_a_snapshot_in_this_process_memory_restores_its_bytes_and_a_named_segmen
     before = _state(thaw_sglang, engine)
     with pytest.raises(CorruptSnapshotError, match=r"kv/0/k"):
         thaw_sglang.restore(engine, source)
+    assert _state(thaw_sglang, engine) == before
+    assert engine.leak_warnings() == 0
+
+
+def test_a_segment_the_client_verified_is_trusted_and_every_other_is_verified(thaw_sglang, engine, reference,
+                                                                              tmp_path):
+    """The trust rule (thaw_format.sdk.lent): bytes are verified where they enter the user's trust domain, not
+    again in the client's own engine. A shared load verified its file, so the scheduler restores its segment
+    without reading it twice: a bit flipped in the segment after the load (by a process of the same user, inside
+    the domain) reaches the engine's pages as it is. The same segment named by a source string is verified and
+    refused, and so is a corrupt file shared-loaded with verify=False (the client checked nothing): both before
+    anything changes."""
+    import thaw_format
+
+    path = tmp_path / "kv.thaw"
+    thaw_sglang.capture(engine, path, include_weights=False, chains=[PROMPT])
+    clean = [bytes(t.data) for layer in thaw_format.load(path).kv.layers for t in layer.tensors.values()]
+    loaded = thaw_format.load(path, shared=True)
+    source = lent.lent_source(loaded)
+    _flip_bit(source)
+    assert lent.lent_source(loaded) == source and lent.send(engine, loaded) == (source, True)
+    flipped = [bytes(t.data) for layer in loaded.kv.layers for t in layer.tensors.values()]
+    assert flipped != clean
+
+    before = _state(thaw_sglang, engine)
+    with pytest.raises(CorruptSnapshotError, match=r"kv/0/k"):
+        thaw_sglang.restore(engine, source)
+    assert _state(thaw_sglang, engine) == before
+
+    assert engine.flush_cache().success
+    thaw_sglang.restore(engine, loaded)
+    restored = thaw_sglang.capture(engine, include_weights=False, chains=[PROMPT])
+    assert [bytes(t.data) for layer in restored.kv.layers for t in layer.tensors.values()] == flipped
+    assert engine.leak_warnings() == 0
+
+    with SnapshotFile(str(path)) as f:
+        offset = f.info("kv/0/k")[2].offset
+    data = bytearray(path.read_bytes())
+    data[offset + 1000] ^= 0x40
+    path.write_bytes(data)
+    unverified = thaw_format.load(path, shared=True, verify=False)
+    assert lent.send(engine, unverified)[1] is False
+    before = _state(thaw_sglang, engine)
+    with pytest.raises(CorruptSnapshotError, match=r"kv/0/k"):
+        thaw_sglang.restore(engine, unverified)
     assert _state(thaw_sglang, engine) == before
     assert engine.leak_warnings() == 0

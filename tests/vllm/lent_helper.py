@@ -118,6 +118,15 @@ def main() -> None:
         result["corrupt_file_error"] = None
     except Exception as exc:  # noqa: BLE001 - reported, with its class, for the test to check
         result["corrupt_file_error"] = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+    # Loaded with verify=False, the corrupt file's segment is the one the client did not check: the worker verifies
+    # it (thaw_format.sdk.lent's trust rule) and refuses it before the engine changes.
+    unverified = thaw_format.load(path, shared=True, verify=False)
+    try:
+        engine.restore(unverified)
+        result["unverified_error"] = None
+    except Exception as exc:  # noqa: BLE001 - reported, with its class, for the test to check
+        result["unverified_error"] = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+    del unverified
     os.remove(path)
     engine.llm.reset_prefix_cache()
     engine.restore(loaded)

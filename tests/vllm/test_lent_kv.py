@@ -1,6 +1,7 @@
 """Captures lent through shared memory (thaw_format.sdk.lent): the worker gathers the KV pages into a segment
 it hands to the client, whose Snapshot views it; restoring that snapshot, or a capture_shared source, hands
-the segment back to the worker, which verifies every chunk before writing anything.
+the segment back to the worker, which verifies every chunk before writing anything when the client did not
+check it where it came in (a source named by a string, a shared load made with verify=False).
 
 In-process engines (this test process) take the same worker path when asked for a shared-memory capture, so
 their KV bytes can be compared; one engine in vLLM's default multiprocessing mode runs in lent_helper.py."""
@@ -193,4 +194,7 @@ def test_multiprocessing_engine_lends_restores_and_refuses_corrupt_sources(zoo):
     assert after["refused"] == after["again"] == [fresh["trunk"][0], 128]
     assert result["corrupt_file_error"].startswith("thaw_format.errors.CorruptSnapshotError: ")
     assert "'kv/0/k'" in result["corrupt_file_error"] and "checksum mismatch in chunk" in result["corrupt_file_error"]
+    # the same file shared-loaded with verify=False: the worker verifies the segment the client did not, and refuses it
+    assert result["unverified_error"].startswith("thaw_format.errors.CorruptSnapshotError: ")
+    assert "'kv/0/k'" in result["unverified_error"] and "checksum mismatch" in result["unverified_error"]
     assert result["lent_while_open"] and result["lent_after_close"] == []

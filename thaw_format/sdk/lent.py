@@ -23,8 +23,22 @@ written into its segment, so a restore can hand the segment itself to the engine
 snapshot again: the one copy a snapshot in the client's memory would otherwise cost on its way to an engine in
 other processes. `send(owner, snapshot)` is that choice for a restore: the snapshot's own segment, else the
 snapshot read by the engine's process straight from this one's memory (thaw_format.sdk.remote), else the
-engine's reused restore segment written in the same call; the reader need not check the last two again.
+engine's reused restore segment written in the same call; the reader need not check any of them again (Trust,
+below).
 `sending` makes the restore, and falls back to the segment for good when the engine may not read this process.
+
+Trust, decided here once for every engine: bytes are verified where they enter the user's trust domain (a
+file, a network, another user's process, a segment named by a source string, whose writer the engine cannot
+know); memory held by the client and its own engine processes (the same user, the client's descendants) is not
+verified again. So `send` tells the engine's process that it may read unchecked: a snapshot's own segment whose
+bytes were checked where they came in (a shared load that verified its file, a capture its engine's process
+gathered with the checksums in the same pass), the client's memory read remotely (thaw_format.sdk.remote), and
+the restore segment the same call writes. A shared load made with verify=False is the one segment the client
+did not check: its engine's process verifies it against the file's checksums where it lies, before changing
+anything (an engine in the client's own process is handed the Snapshot itself, trusted as the client trusts
+it, as a remote read is). Sources a caller names as strings are verified by the engine unless the caller says it checked them
+(thaw_format.sdk.shared.checked_by_caller: a fork pool's segment). Another process of the same user can write
+the client's segments in /dev/shm: that is inside the domain, and not checked.
 """
 
 from __future__ import annotations
@@ -158,7 +172,8 @@ class Lender:
 _MAX_MAPPINGS = 4
 _COMPARED_BYTES = 1 << 20
 _MAPPINGS: "OrderedDict[str, mmap.mmap]" = OrderedDict()  # segment name -> read-only shared mapping, recent last
-_BORROWED: dict[int, tuple[weakref.ref, str, int]] = {}  # id(snapshot) -> (snapshot, source, mapping address)
+# id(snapshot) -> (snapshot, source, mapping address, whether its bytes were checked where they came in)
+_BORROWED: dict[int, tuple[weakref.ref, str, int, bool]] = {}
 
 
 def _mapping(name: str, nbytes: int) -> mmap.mmap:
@@ -215,7 +230,8 @@ def _open_snapshot(source: str, verify: bool, lender: Optional[Lender]) -> tuple
 
 def borrow(source: str, *, verify: bool = True) -> Snapshot:
     """Take ownership of a lent snapshot: its tensors view the segment; it is given back to its lender when
-    the last of them is garbage-collected."""
+    the last of them is garbage-collected. verify=False is for a capture the caller's own engine process lent,
+    its checksums computed as it gathered its own memory: the snapshot counts as checked (send) either way."""
     if not is_lent(source):
         raise ValueError(f"{source!r} is not a lent snapshot")
     control, slot = _slot_of(parse(source)[0])
@@ -227,12 +243,13 @@ def borrow(source: str, *, verify: bool = True) -> Snapshot:
         _give_back(control, slot, hold)
         raise
     weakref.finalize(base, _give_back, control, slot, hold)
-    return _held(snapshot, source, base)
+    return _held(snapshot, source, base, checked=True)
 
 
-def _held(snapshot: Snapshot, source: str, base: numpy.ndarray) -> Snapshot:
-    """Remember that `snapshot`'s tensors view the segment `source` names at `base` (lent_source)."""
-    _BORROWED[id(snapshot)] = (weakref.ref(snapshot), source, base.ctypes.data)
+def _held(snapshot: Snapshot, source: str, base: numpy.ndarray, *, checked: bool) -> Snapshot:
+    """Remember that `snapshot`'s tensors view the segment `source` names at `base` (lent_source), and whether
+    its bytes were checked where they came in (send)."""
+    _BORROWED[id(snapshot)] = (weakref.ref(snapshot), source, base.ctypes.data, checked)
     weakref.finalize(snapshot, _BORROWED.pop, id(snapshot), None)
     return snapshot
 
@@ -272,7 +289,7 @@ def load_shared(path: str, *, verify: bool = True, limits: Limits = DEFAULT_LIMI
             raise
     base = numpy.frombuffer(mapping, numpy.uint8, count=nbytes)
     weakref.finalize(base, _retire, segment, os.getpid())
-    return _held(loads(base, copy=False, verify=False), f"{SHM_PREFIX}{segment.name}#{nbytes}", base)
+    return _held(loads(base, copy=False, verify=False), f"{SHM_PREFIX}{segment.name}#{nbytes}", base, checked=verify)
 
 
 _IDLE_LOADS: list[shared_memory.SharedMemory] = []  # segments of dropped shared loads, kept for the next
@@ -394,7 +411,7 @@ def lent_source(snapshot: Snapshot) -> Optional[str]:
     entry = _BORROWED.get(id(snapshot))
     if entry is None or entry[0]() is not snapshot:
         return None
-    _, source, address = entry
+    _, source, address, _ = entry
     name, nbytes = parse(source)
     if not _exists(name):
         return None  # its lender is gone: the mapping lives on here, but no engine can open the segment by name
@@ -413,19 +430,21 @@ def lent_source(snapshot: Snapshot) -> Optional[str]:
 
 def send(owner, snapshot: Snapshot) -> tuple[str, bool]:
     """The source an engine's other processes read `snapshot` (a Snapshot in this process) from, and whether its
-    chunks are checked by the caller (thaw_format.sdk.shared.checked_by_caller), for `owner`, the engine.
+    chunks are checked by the caller (thaw_format.sdk.shared.checked_by_caller), for `owner`, the engine: the
+    trust rule of this module's docstring, the one place any engine's restore learns it.
 
-    A borrowed or shared-loaded snapshot still as written is its own segment, handed over as it is: not checked
-    here. Any other is read by the engine's process from this one where it lies (thaw_format.sdk.remote: its KV
-    straight from this process's memory, the rest in `owner`'s reused restore segment), unless `owner` was
-    refused such reads; then it is encoded by this call into that segment, each chunk's checksum computed from
-    the bytes written in the same pass. Either way only this process writes what the reader reads, in this
-    call, so the reader, checking it again, could find nothing but what this call wrote: checked. The reader
-    must be done with it before `owner`'s next restore, and the caller keeps `snapshot` alive until then."""
+    A borrowed or shared-loaded snapshot still as written is its own segment, handed over as it is: checked
+    where its bytes came in (unless shared-loaded with verify=False). Any other is read by the engine's process
+    from this one where it lies (thaw_format.sdk.remote: its KV straight from this process's memory, the rest in
+    `owner`'s reused restore segment), unless `owner` was refused such reads; then it is encoded by this call
+    into that segment, each chunk's checksum computed from the bytes written in the same pass. Either way only
+    this process writes what the reader reads, in this call, so the reader, checking it again, could find
+    nothing but what this call wrote: checked. The reader must be done with it before `owner`'s next restore,
+    and the caller keeps `snapshot` alive until then."""
     source = lent_source(snapshot)
     if source is not None:
         owner._thaw_sent = "lent"
-        return source, False
+        return source, _BORROWED[id(snapshot)][3]
     source = remote.publish(owner, snapshot)
     owner._thaw_sent = "remote" if source is not None else "segment"
     return source or owned_segment(owner, "restore").publish(snapshot), True

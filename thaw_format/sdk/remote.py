@@ -16,13 +16,15 @@ its scatter (mover.scatter_pages) reads them from this process with process_vm_r
 engine's blocks; any other reader of those tensors takes mover.fetched(tensor.data) (a window maps nothing
 readable: a direct read faults). The sender keeps the Snapshot alive for the whole call, which is synchronous.
 
-Trust: the KV regions of the segment are left unwritten (their checksums in it are zero, so a reader that
-verified the segment would refuse it); the KV itself carries no checksums, being the sender's own memory, trusted as
-the sender trusts it: verified when it was loaded (unless loaded with verify=False, or mapped with mmap=True from
-a file changed since), or built in memory with nothing to check; and
-the restore segment beside it is written by the sender in the same call. So a remote source is what the
-restore segment already was, checked by its caller (thaw_format.sdk.shared.checked_by_caller), and a reader
-asked to verify one refuses it: only lent.send makes them, for a restore that trusts them.
+Trust (the rule of thaw_format.sdk.lent: bytes are verified where they enter the user's trust domain, the
+client's and its engine processes' memory is not verified again): the KV regions of the segment are left
+unwritten (their checksums in it are zero, so a reader that verified the segment would refuse it); the KV itself
+carries no checksums, being the sender's own memory, trusted as the sender trusts it: verified when it was
+loaded (unless loaded with verify=False, or mapped with mmap=True from a file changed since), or built in memory
+with nothing to check; and the restore segment beside it is written by the sender in the same call. So a remote
+source is checked by its caller (thaw_format.sdk.shared.checked_by_caller), as a verified shared load's own
+segment is, and a reader asked to verify one refuses it: only lent.send makes them, for a restore that trusts
+them.
 
 Some systems refuse one process reading another's memory (seccomp filters in containers, another user's
 process, Yama's ptrace scope: at its common default of 1 a process may read only its descendants, and the engine's

@@ -179,9 +179,10 @@ def read_source(source: str, *, verified: bool = False) -> Snapshot:
 
 
 def checked_by_caller(source: str, verified: bool) -> bool:
-    """Whether a restore may leave the chunks of `source` unchecked because its caller checked them (`verified`):
-    only a shared-memory segment, which a fork pool checks once for all its workers before any of them reads
-    it (thaw_format.sdk.pool). Every other source, and every segment a caller has not checked, is verified."""
+    """Whether a restore may leave the chunks of `source`, named by its caller, unchecked because the caller
+    checked them (`verified`): only a shared-memory segment, which a fork pool checks once for all its workers
+    before any of them reads it (thaw_format.sdk.pool). Every other source, and every segment a caller has not
+    checked, is verified. (A Snapshot the client holds is sent as thaw_format.sdk.lent.send says: its trust rule.)"""
     if verified and not source.startswith(SHM_PREFIX):
         raise ValueError(f"verified=True is for a shared-memory segment its caller has checked, not {source!r}: "
                          "a file is checked as it is read")
