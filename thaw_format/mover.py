@@ -38,6 +38,10 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         computed in the same pass when chunk_size > 0. scatter_pages(pages, blocks, block_offsets, layout)
         writes them back. Bad ranges, shared memory between the two sides and (scatter) two pages for one
         block raise ValueError before any byte moves.
+    gather_pages_to_file(fd, offset, blocks, block_offsets, layout, chunk_size) -> array('I')
+        gather_pages straight into a file at `offset` (pwrite), with each chunk's CRC32C: on the native path
+        through a cache-sized tile per thread, written from the tile while it is hot, so no buffer of the
+        pages' size is touched. A failed write raises OSError; what was written before stays.
     scatter_pages_checked(pages, blocks, block_offsets, layout, chunk_size, expected) -> int or None
         scatter_pages that checks each chunk_size chunk of the pages against expected[c] just before moving
         it (one pass: the chunk is still in cache). A bad chunk is not written, but others may be: returns
@@ -484,6 +488,15 @@ def _py_gather_pages(blocks, block_offsets, layout: PageLayout, out, chunk_size:
     return _py_chunk_crcs(o[: index.size], chunk_size) if chunk_size else None
 
 
+def _py_gather_pages_to_file(fd: int, offset: int, blocks, block_offsets, layout: PageLayout,
+                             chunk_size: int) -> array:
+    _num_chunks(0, chunk_size)
+    out = memoryview(bytearray(len(block_offsets) * layout.page_bytes))
+    crcs = _py_gather_pages(blocks, block_offsets, layout, out, chunk_size)
+    pwrite_all(fd, out, offset)
+    return crcs
+
+
 def _py_scatter_pages(pages, blocks, block_offsets, layout: PageLayout) -> None:
     import numpy
 
@@ -683,6 +696,22 @@ def _c_gather_pages(blocks, block_offsets, layout: PageLayout, out, chunk_size: 
     return crcs
 
 
+def _c_gather_pages_to_file(fd: int, offset: int, blocks, block_offsets, layout: PageLayout,
+                            chunk_size: int) -> array:
+    b, offs = _c_buffer(blocks), _c_offsets(block_offsets)
+    c_layout, _rows = _c_page_layout(layout)
+    crcs = array("I", bytes(4 * _num_chunks(len(offs) * layout.page_bytes, chunk_size)))
+    error = _ffi.new("int *")
+    code = _lib.thaw_gather_pages_to_file(fd, offset, b, len(b), offs, len(offs), c_layout, chunk_size,
+                                          _ffi.from_buffer(_UINT32S, crcs, True), error)
+    if code == _lib.THAW_PAGES_WRITE:
+        cause = error[0] or errno.EBADF  # 0: a negative descriptor, refused before any write
+        raise OSError(cause, os.strerror(cause))
+    if code:
+        _page_failure(code, len(b), len(offs) * layout.page_bytes, block_offsets, layout, False, blocks, None)
+    return crcs
+
+
 def _c_scatter_pages(pages, blocks, block_offsets, layout: PageLayout) -> None:
     p, b, offs = _c_buffer(pages), _c_buffer(blocks, writable=True), _c_offsets(block_offsets)
     c_layout, _rows = _c_page_layout(layout)
@@ -854,6 +883,7 @@ if _lib is not None:
     check_buffer = _c_check_buffer
     gather, scatter = _c_gather, _c_scatter
     gather_pages, scatter_pages, copy_with_crcs = _c_gather_pages, _scatter_pages(_c_scatter_pages), _c_copy_with_crcs
+    gather_pages_to_file = _c_gather_pages_to_file
     scatter_pages_checked = _c_scatter_pages_checked
     start_writeback = _c_start_writeback
 else:
@@ -862,5 +892,6 @@ else:
     check_buffer = _py_check_buffer
     gather, scatter = _py_gather, _py_scatter
     gather_pages, scatter_pages, copy_with_crcs = _py_gather_pages, _py_scatter_pages, _py_copy_with_crcs
+    gather_pages_to_file = _py_gather_pages_to_file
     scatter_pages_checked = _py_scatter_pages_checked
     start_writeback = _py_start_writeback

@@ -28,7 +28,8 @@ from .tensor import Tensor
 
 Progress = Optional[Callable[[int], None]]
 # Writes one tensor's bytes into the view it is given (its region) and returns the CRC32C of each chunk of
-# the given size, computed while writing.
+# the given size, computed while writing. A fill that can also write straight into a file has a method
+# to_file(fd, offset, chunk_size) -> the same CRCs, which EncodedSnapshot.save calls instead of staging.
 Fill = Callable[[memoryview, int], array]
 
 
@@ -81,7 +82,7 @@ class EncodedSnapshot:
             view[position : region.offset] = bytes(region.offset - position)
             target = view[region.offset : region.end]
             if name in fill:
-                crcs.extend(_filled(fill, name, target, region))
+                crcs.extend(_checked(name, fill[name](target, region.chunk_size), region))
             else:
                 crcs.extend(mover.copy_with_crcs(tensor.data, target, region.chunk_size))
             position = region.end
@@ -113,11 +114,12 @@ class EncodedSnapshot:
              durable: bool = True) -> str:
         """Write atomically: a temporary file beside `path`, fsync, rename over `path`, fsync the directory.
 
-        `fill` (as for write_into) writes each named tensor, with its chunk CRCs, into a stage buffer of the
-        tensor's size that pwrite then copies to the page cache while the next tensor is filled: one pass
-        over the engine's memory, the stage staying in cache (a shared mapping of the file would take a page
-        fault per 4 KiB page written). It holds two stages of the largest filled tensor's size, recycled
-        across saves up to mover.recycled's budget (larger ones are new memory each save).
+        `fill` (as for write_into) writes each named tensor with its chunk CRCs: a fill with `to_file` writes
+        into the file itself (thaw_mlx's: through cache-sized tiles, see mover.gather_pages_to_file); any
+        other into a stage buffer of the tensor's size that pwrite then copies to the page cache while the
+        next tensor is filled (a shared mapping of the file would take a page fault per 4 KiB page written).
+        Staging holds two stages of the largest staged tensor's size, recycled across saves up to
+        mover.recycled's budget (larger ones are new memory each save).
 
         A crash at any point leaves either the old file or the new one at `path`, never a mix. The file is
         never changed in place, so readers and mappings of the old file keep reading the old snapshot. A new
@@ -180,19 +182,26 @@ class EncodedSnapshot:
                                             self.layout.regions[i].chunk_size) for i in plain], progress)
         for i, region_crcs in zip(plain, written):
             crcs[i] = region_crcs
-        filled = [i for i, name in enumerate(names) if name in fill]
-        widest = max(self.layout.regions[i].length for i in filled)
+        for i in (i for i, name in enumerate(names) if hasattr(fill.get(name), "to_file")):
+            region = self.layout.regions[i]
+            crcs[i] = _checked(names[i], fill[names[i]].to_file(fd, region.offset, region.chunk_size), region)
+            if durable:
+                mover.start_writeback(fd, region.offset, region.length)
+            if progress:
+                progress(region.length)
+        filled = [i for i, name in enumerate(names) if name in fill and crcs[i] is None]
+        widest = max((self.layout.regions[i].length for i in filled), default=0)
         # Two stages take turns: a tensor is gathered into one while the other's bytes go out by pwrite (which
         # releases the GIL), so the file is written from memory just written, already in cache, and faulted in
         # once per process (mover.recycled), where a shared mapping of the new file costs a fault per page.
-        stages, pending = [mover.recycled(widest) for _ in range(2)], [None, None]
+        stages, pending = [mover.recycled(widest) for _ in range(2 if filled else 0)], [None, None]
         with ThreadPoolExecutor(1, thread_name_prefix="thaw-save") as writer:
             for turn, i in enumerate(filled):
                 region, slot = self.layout.regions[i], turn % 2
                 if pending[slot] is not None:
                     pending[slot].result()  # that stage's previous tensor is out
                 stage = stages[slot][: region.length]
-                crcs[i] = _filled(fill, names[i], stage, region)
+                crcs[i] = _checked(names[i], fill[names[i]](stage, region.chunk_size), region)
                 pending[slot] = writer.submit(_write_out, fd, stage, region.offset, durable)
                 if progress:
                     progress(region.length)
@@ -204,9 +213,8 @@ class EncodedSnapshot:
         return snapshot_id
 
 
-def _filled(fill: dict[str, Fill], name: str, target: memoryview, region) -> array:
-    """The named tensor written into target by its fill function: its chunk CRCs, one per chunk."""
-    crcs = fill[name](target, region.chunk_size)
+def _checked(name: str, crcs: array, region) -> array:
+    """The CRCs a fill returned for the named tensor's region, refused unless there is one per chunk."""
     if len(crcs) != region.num_chunks:
         raise ValueError(f"fill of {name!r} returned {len(crcs)} CRCs for {region.num_chunks} chunks")
     return crcs

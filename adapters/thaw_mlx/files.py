@@ -31,7 +31,7 @@ from thaw_format.paths import open_regular
 from thaw_format.writer import deferred_tensor
 
 from .identity import check_snapshot_model
-from .pages import Expected, gather_into, paged_shape
+from .pages import Expected, gather_into, gather_to_file, paged_shape
 from .session import capture, cache_of_snapshot, check_cache_layout
 
 PAGED_KINDS = ("attention", "quantized")
@@ -56,10 +56,24 @@ def deferring(fills: dict):
 
     def defer(x: mx.array, num_tokens: int, page_size: int):
         tensor = deferred_tensor(*paged_shape(x, num_tokens, page_size))
-        fills[id(tensor)] = functools.partial(gather_into, x, num_tokens, page_size)
+        fills[id(tensor)] = _PagedFill(x, num_tokens, page_size)
         return tensor
 
     return defer
+
+
+class _PagedFill:
+    """A deferred paged tensor's fill (thaw_format's Fill): its pages gathered into a buffer, or by to_file
+    straight into a file (the writer's choice where it has one)."""
+
+    def __init__(self, x: mx.array, num_tokens: int, page_size: int) -> None:
+        self.pages = (x, num_tokens, page_size)
+
+    def __call__(self, out, chunk_size: int):
+        return gather_into(*self.pages, out, chunk_size)
+
+    def to_file(self, fd: int, offset: int, chunk_size: int):
+        return gather_to_file(*self.pages, fd, offset, chunk_size)
 
 
 def fill_of(snapshot: Snapshot, fills: dict) -> dict:

@@ -290,6 +290,34 @@ def gather_into(x: mx.array, num_tokens: int, page_size: int, out, chunk_size: i
     return crcs
 
 
+def gather_to_file(x: mx.array, num_tokens: int, page_size: int, fd: int, offset: int, chunk_size: int) -> array:
+    """gather_into's bytes written into a file at `offset` (thaw_mlx.save), with the CRC32C of each chunk_size
+    chunk: the full pages by one libthaw call that writes each piece from a cache-sized tile (no buffer of the
+    tensor's size), a short last page and its zero padding from a buffer of one page, its CRCs continuing the
+    chunk the full pages end in."""
+    source = from_mlx(x)
+    _, heads, capacity, dim = x.shape
+    itemsize = _itemsize(x)
+    token_bytes = dim * itemsize  # one token of one head in MLX's memory
+    full, rest = divmod(num_tokens, page_size)
+    crcs = array("I")
+    if full:
+        layout = _sequence_layout(page_size, heads, capacity, dim, itemsize)
+        offsets = np.arange(full, dtype=np.int64) * page_size * token_bytes
+        crcs = mover.gather_pages_to_file(fd, offset, source.data, offsets, layout, chunk_size)
+    if rest:
+        layout = _sequence_layout(rest, heads, capacity, dim, itemsize)
+        last = memoryview(bytearray(page_size * heads * token_bytes))  # zeros past the rest tokens: padding
+        mover.gather_pages(source.data, [full * page_size * token_bytes], layout, last)
+        start = full * len(last)  # in the region
+        joined = min(-start % chunk_size, len(last))  # bytes that complete the chunk the full pages end in
+        if joined:
+            crcs[-1] = mover.crc32c(last[:joined], crcs[-1])
+        crcs.extend(mover.chunk_crcs(last[joined:], chunk_size) if joined < len(last) else array("I"))
+        mover.pwrite_all(fd, last, offset + start)
+    return crcs
+
+
 def unshared_buffers(cache) -> list[tuple[mx.array, memoryview]]:
     """The arrays a KVCache or QuantizedKVCache layer keeps its tokens in that no other Python object refers to
     directly, each with a writable view of its own memory (thaw_format.mlx.owned_view): what a restore replacing

@@ -123,6 +123,7 @@ typedef struct {
 #define THAW_PAGES_REPEATED (-5)     /* scatter: two pages name the same block */
 #define THAW_PAGES_NO_MEMORY (-6)
 #define THAW_PAGES_REMOTE (-7)       /* remote scatter: reading the other process failed; *error says why */
+#define THAW_PAGES_WRITE (-8)        /* gather into a file: a write failed; *error says why (0: fd < 0) */
 
 /* Page i of out (n pages, contiguous) = the block at blocks + block_offsets[i], read through layout. With
  * crcs != NULL, crcs[c] = CRC32C of out's chunk c (chunk_size bytes, the last may be short), computed in the
@@ -130,6 +131,14 @@ typedef struct {
 int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *block_offsets, size_t n,
                           const thaw_page_layout *layout, void *out, size_t out_len, size_t chunk_size,
                           uint32_t *crcs);
+/* thaw_gather_pages into a file: the n pages are written at `offset` of fd (pwrite; the file grows as needed)
+ * with crcs[c] (not NULL) the CRC32C of chunk c, computed in the same pass. Each thread gathers up to 1 MiB of a
+ * chunk into a tile of its own, sums it and writes it from there while it is in cache, so the engine's memory
+ * is read once and no buffer of the pages' size is needed. THAW_PAGES_WRITE with *error = errno when a write
+ * fails (what was written before stays: write into a temporary file). */
+int64_t thaw_gather_pages_to_file(int fd, uint64_t offset, const void *blocks, size_t blocks_len,
+                                  const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
+                                  size_t chunk_size, uint32_t *crcs, int *error);
 /* The inverse: write the n contiguous pages of `pages` into their blocks. */
 int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                            const int64_t *block_offsets, size_t n, const thaw_page_layout *layout);

@@ -20,6 +20,7 @@
 
 #include "../include/thaw.h"
 #include "guard.h"
+#include "io_impl.h"
 #include "pool.h"
 
 /* WRITE_ALIGN: writes go out in spans of the file that end on 2 MiB offsets, each one pwritev of whatever regions
@@ -115,8 +116,8 @@ static int skip(job *j, size_t index) { return index > atomic_load(&j->first_fai
 /* Padding between regions that a batched write fills with zeros, so it needs no system call of its own. */
 static const uint8_t zeros[DIRECT_ALIGN];
 
-/* pwritev iov[0, n) at offset, going on after a short write until all of it is written. */
-static int pwritev_all(int fd, struct iovec *iov, int n, uint64_t offset) {
+/* pwritev iov[0, n) at offset, going on after a short write until all of it is written (io_impl.h). */
+int pwritev_all(int fd, struct iovec *iov, int n, uint64_t offset) {
     while (n > 0) {
         ssize_t w;
         do w = pwritev(fd, iov, n, (off_t)offset);

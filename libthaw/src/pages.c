@@ -15,6 +15,7 @@
 #include <sys/uio.h>
 
 #include "../include/thaw.h"
+#include "io_impl.h"
 #include "pool.h"
 
 enum { UNIT_BYTES = 1 << 20, PARALLEL_MIN = 4 << 20, CRC_PIECE_BYTES = 128 << 10 };
@@ -32,6 +33,8 @@ typedef struct {
     int64_t bad;             /* checked scatter: the first unit whose CRC failed, or -1 */
     int pid;                 /* remote scatter: the process whose memory holds the pages (at `pages`), or 0 */
     int error;               /* remote scatter: errno of the first read that failed, or 0 */
+    int fd;                  /* gather into a file: its descriptor (pages is NULL), else -1 */
+    uint64_t file_offset;    /* gather into a file: where the first page goes */
 } page_job;
 
 /* Copy n elements of one row between the contiguous side and the strided side. */
@@ -259,6 +262,23 @@ static void record_bad(page_job *j, size_t index) {
 }
 
 static void remote_unit(page_job *j, size_t start, size_t end);
+static void file_unit(page_job *j, size_t index, size_t start, size_t end);
+static uint8_t *thread_tile(void);
+
+/* Move elements [e, end) and continue crc over their bytes on the contiguous side, about CRC_PIECE_BYTES at a
+ * time: each piece is still in the core's L2 when its CRC reads it (a whole 1 MiB chunk, with the blocks read
+ * beside it, is not). Pieces end on page boundaries, so whole pages keep their transposed tiles. */
+static uint32_t move_summed(page_job *j, size_t e, size_t end, uint32_t crc) {
+    size_t isz = j->layout->itemsize, page = j->page_elems;
+    size_t per_piece = CRC_PIECE_BYTES / isz / page ? CRC_PIECE_BYTES / isz / page : 1; /* pages */
+    for (size_t stop; e < end; e = stop) {
+        stop = (e / page + per_piece) * page;
+        if (stop > end) stop = end;
+        move_range(j, e, stop);
+        crc = thaw_crc32c(crc, j->pages + e * isz, (stop - e) * isz);
+    }
+    return crc;
+}
 
 static void unit_task(void *ctx, size_t index, int worker) {
     (void)worker;
@@ -267,6 +287,10 @@ static void unit_task(void *ctx, size_t index, int worker) {
     size_t end = start + j->unit_elems < j->total_elems ? start + j->unit_elems : j->total_elems;
     if (j->pid) {
         remote_unit(j, start, end);
+        return;
+    }
+    if (j->fd >= 0) {
+        file_unit(j, index, start, end);
         return;
     }
     if (j->expected) { /* a checked scatter: the unit is one chunk, checked before it moves (then in cache) */
@@ -283,17 +307,40 @@ static void unit_task(void *ctx, size_t index, int worker) {
         if (!j->to_pages) stream_fence(); /* the rows streamed into the blocks are visible once the call returns */
         return;
     }
-    /* One unit is one chunk, checksummed by the thread that writes it, about CRC_PIECE_BYTES at a time: each
-     * piece is still in the core's L2 when its CRC reads it (a whole 1 MiB chunk, with the blocks read beside
-     * it, is not). Pieces end on page boundaries, so whole pages keep their transposed tiles. */
-    size_t isz = j->layout->itemsize, page = j->page_elems;
-    size_t per_piece = CRC_PIECE_BYTES / isz / page ? CRC_PIECE_BYTES / isz / page : 1; /* pages */
+    j->crcs[index] = move_summed(j, start, end, 0); /* one unit is one chunk, summed by the thread writing it */
+}
+
+/* Keep the first errno of a failed unit (the call fails with it). */
+static void record_error(page_job *j, int error) {
+    int none = 0;
+    __atomic_compare_exchange_n(&j->error, &none, error, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
+/* A unit (one chunk) of a gather into a file, through the thread's tile: each tile of it is moved and summed,
+ * then pwritten from the tile while it is still in cache, so the file's pages are written from cache and the
+ * engine's memory is read once. While one thread is in pwrite (the filesystem serialises writes to a file),
+ * the others fill their tiles. */
+static void file_unit(page_job *j, size_t index, size_t start, size_t end) {
+    size_t isz = j->layout->itemsize, tile_elems = UNIT_BYTES / isz, page = j->page_elems;
+    if (__atomic_load_n(&j->error, __ATOMIC_RELAXED)) return; /* the call fails anyway */
+    uint8_t *tile = thread_tile();
+    if (!tile) {
+        record_error(j, ENOMEM);
+        return;
+    }
+    page_job local = *j;
     uint32_t crc = 0;
     for (size_t e = start, stop; e < end; e = stop) {
-        stop = (e / page + per_piece) * page;
-        if (stop > end) stop = end;
-        move_range(j, e, stop);
-        crc = thaw_crc32c(crc, j->pages + e * isz, (stop - e) * isz);
+        stop = e + tile_elems < end ? e + tile_elems : end;
+        if (stop < end && stop / page * page > e) stop = stop / page * page; /* whole pages where they fit */
+        local.pages = (uint8_t *)((uintptr_t)tile - e * isz); /* element e is tile[0] */
+        crc = move_summed(&local, e, stop, crc);
+        struct iovec piece = {tile, (stop - e) * isz};
+        int error = pwritev_all(j->fd, &piece, 1, j->file_offset + e * isz);
+        if (error) {
+            record_error(j, error);
+            return;
+        }
     }
     j->crcs[index] = crc;
 }
@@ -336,7 +383,7 @@ static int64_t prepare(page_job *j, size_t blocks_len, size_t pages_len, size_t 
     j->page_elems = (size_t)page_elems;
     j->total_elems = n * j->page_elems;
     /* (a remote scatter's pages are another process's addresses: no overlap with ours is possible) */
-    if (!j->pid && overlaps(j->pages, j->total_elems * l->itemsize, j->blocks, blocks_len)) return THAW_PAGES_OVERLAP;
+    if (!j->pid && j->fd < 0 && overlaps(j->pages, j->total_elems * l->itemsize, j->blocks, blocks_len)) return THAW_PAGES_OVERLAP;
     for (size_t i = 0; i < n; i++) {
         __int128 first = (__int128)j->offsets[i] + lo * (__int128)l->itemsize;
         __int128 last = (__int128)j->offsets[i] + (hi + 1) * (__int128)l->itemsize;
@@ -391,13 +438,29 @@ static int64_t run(page_job *j) {
 int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *block_offsets, size_t n,
                           const thaw_page_layout *layout, void *out, size_t out_len, size_t chunk_size,
                           uint32_t *crcs) {
-    page_job j = {out, (uint8_t *)blocks, block_offsets, layout, 0, 0, 0, chunk_size, crcs, 1, NULL, NULL, -1};
+    page_job j = {out, (uint8_t *)blocks, block_offsets, layout, 0, 0, 0, chunk_size, crcs, 1, NULL, NULL, -1, 0, 0, -1};
     int64_t bad = prepare(&j, blocks_len, out_len, n);
     if (bad) return bad;
     size_t isz = layout->itemsize;
     if (crcs && (chunk_size == 0 || chunk_size % isz)) return THAW_PAGES_BAD_CHUNK;
     j.unit_elems = (crcs ? chunk_size : UNIT_BYTES) / isz;
     return run(&j);
+}
+
+int64_t thaw_gather_pages_to_file(int fd, uint64_t offset, const void *blocks, size_t blocks_len,
+                                  const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
+                                  size_t chunk_size, uint32_t *crcs, int *error) {
+    page_job j = {NULL, (uint8_t *)blocks, block_offsets, layout, 0, 0, 0, chunk_size, crcs, 1, NULL, NULL, -1, 0, 0,
+                  fd, offset};
+    *error = 0;
+    int64_t bad = prepare(&j, blocks_len, (size_t)-1, n);
+    if (bad) return bad;
+    if (!crcs || chunk_size == 0 || chunk_size % layout->itemsize) return THAW_PAGES_BAD_CHUNK;
+    if (fd < 0) return THAW_PAGES_WRITE; /* *error stays 0: no descriptor */
+    j.unit_elems = chunk_size / layout->itemsize;
+    bad = run(&j);
+    *error = j.error;
+    return bad ? bad : j.error ? THAW_PAGES_WRITE : 0;
 }
 
 static int64_t scatter(page_job *j, size_t pages_len, size_t blocks_len, size_t n, size_t unit_bytes) {
@@ -424,14 +487,14 @@ static int64_t scatter(page_job *j, size_t pages_len, size_t blocks_len, size_t 
 
 int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                            const int64_t *block_offsets, size_t n, const thaw_page_layout *layout) {
-    page_job j = {(uint8_t *)pages, blocks, block_offsets, layout, 0, 0, 0, 0, NULL, 0, NULL, NULL, -1};
+    page_job j = {(uint8_t *)pages, blocks, block_offsets, layout, 0, 0, 0, 0, NULL, 0, NULL, NULL, -1, 0, 0, -1};
     return scatter(&j, pages_len, blocks_len, n, UNIT_BYTES);
 }
 
 int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                                    const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                    size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk) {
-    page_job j = {(uint8_t *)pages, blocks, block_offsets, layout, 0, 0, 0, chunk_size, NULL, 0, NULL, expected, -1};
+    page_job j = {(uint8_t *)pages, blocks, block_offsets, layout, 0, 0, 0, chunk_size, NULL, 0, NULL, expected, -1, 0, 0, -1};
     *bad_chunk = -1;
     if (!expected) return THAW_PAGES_BAD_CHUNK;
     int64_t code = scatter(&j, pages_len, blocks_len, n, chunk_size);
@@ -478,8 +541,7 @@ static void remote_unit(page_job *j, size_t start, size_t end) {
     int error = tile ? read_remote(j->pid, (uint64_t)(uintptr_t)j->pages + start * isz, tile, (end - start) * isz)
                      : ENOMEM;
     if (error) {
-        int none = 0;
-        __atomic_compare_exchange_n(&j->error, &none, error, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+        record_error(j, error);
         return;
     }
     page_job local = *j; /* the same job with its pages at the tile: element e of the unit is tile[e - start] */
@@ -503,7 +565,7 @@ int64_t thaw_scatter_pages_remote(int pid, uint64_t pages, size_t pages_len, voi
                                   const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                   int *error) {
     page_job j = {(uint8_t *)(uintptr_t)pages, blocks, block_offsets, layout, 0, 0, 0, 0, NULL, 0, NULL, NULL, -1,
-                  pid, 0};
+                  pid, 0, -1};
     *error = pid > 0 ? thaw_remote_readable(pid, &pages, (uint64_t[]){pages_len}, 1) : ESRCH;
     if (*error) return THAW_PAGES_REMOTE; /* refused before any byte moves */
     int64_t code = scatter(&j, pages_len, blocks_len, n, UNIT_BYTES);

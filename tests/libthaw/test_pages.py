@@ -3,6 +3,9 @@ numpy index for vLLM's transposed K, plain V, a head-major sequence array and ar
 item size; chunk CRCs equal to a separate pass; and every bad input (ranges, aliasing, repeated blocks, a broken
 layout) refused with a ValueError before any byte moves, never a crash."""
 
+import errno
+import os
+
 import numpy as np
 import pytest
 
@@ -152,3 +155,49 @@ def test_no_pages_is_a_no_op(native):
     out = np.zeros(0, np.float32)
     assert len(mover.gather_pages(np.zeros(16, np.float32), [], layout, out, 4096)) == 0
     mover.scatter_pages(out, np.zeros(16, np.float32), [], layout)
+
+
+@pytest.mark.parametrize("path", ["native", "portable"])
+@pytest.mark.parametrize("chunk", [3 << 16, 1 << 20, 3 << 20])  # chunks not aligned with pages; larger than a tile
+def test_gather_into_a_file_writes_the_pages_and_their_chunk_crcs(native, tmp_path, path, chunk):
+    """Threaded (16 MiB of MLX-style pages, 40 KiB each), at an offset of the file: the bytes and CRCs of
+    gather_pages into memory; the bytes around the pages untouched."""
+    positions = sequence_positions(16, 8, 4096, 80)
+    blocks = engine(1, 8 * 4096 * 80, 4, seed=2)
+    picks = list(range(0, 256, 2)) + list(range(255, 0, -2))
+    offsets = np.array(picks, dtype=np.int64) * 16 * 80 * 4
+    layout = mover.page_layout(positions, 4)
+    want = np.empty(len(picks) * len(positions), np.float32)
+    want_crcs = mover.gather_pages(blocks, offsets, layout, want, chunk)
+    target = tmp_path / "pages"
+    target.write_bytes(b"\x07" * (want.nbytes + 8192))
+    fd = os.open(target, os.O_RDWR)
+    try:
+        to_file = mover._c_gather_pages_to_file if path == "native" else mover._py_gather_pages_to_file
+        crcs = to_file(fd, 4096, blocks, offsets, layout, chunk)
+    finally:
+        os.close(fd)
+    data = target.read_bytes()
+    assert data[4096:-4096] == want.tobytes() and data[:4096] + data[-4096:] == b"\x07" * 8192
+    assert crcs == want_crcs
+
+
+def test_gather_into_a_file_refuses_bad_input_and_reports_a_failed_write(native, tmp_path):
+    layout = mover.page_layout(sequence_positions(16, 2, 64, 24), 4)
+    blocks = engine(1, 2 * 64 * 24, 4)
+    with pytest.raises(ValueError, match="page 1"):  # past the end, before anything is written
+        mover.gather_pages_to_file(-1, 0, blocks, [0, 64 * 24 * 4], layout, 4096)
+    with pytest.raises(ValueError, match="chunk_size"):
+        mover.gather_pages_to_file(-1, 0, blocks, [0], layout, 0)
+    with pytest.raises(OSError) as bad_fd:
+        mover.gather_pages_to_file(-1, 0, blocks, [0], layout, 4096)
+    assert bad_fd.value.errno == errno.EBADF
+    read_only = tmp_path / "read-only"
+    read_only.write_bytes(b"")
+    fd = os.open(read_only, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as refused:
+            mover.gather_pages_to_file(fd, 0, blocks, [0, 64 * 4], layout, 4096)
+    finally:
+        os.close(fd)
+    assert refused.value.errno == errno.EBADF and read_only.read_bytes() == b""

@@ -12,6 +12,7 @@ import thaw_format
 import thaw_mlx
 from sessions import CASES, full_state
 from thaw_format import CorruptSnapshotError
+from thaw_format.container import DEFAULT_CHUNK_SIZE
 from thaw_format.mlx import from_mlx, sole_view, writable_arrays
 from thaw_mlx import session as mlx_session
 import sync_counts
@@ -23,13 +24,16 @@ def fixed_clock(monkeypatch):
     monkeypatch.setattr(mlx_session, "lineage_now", lambda: "2026-01-01T00:00:00Z")
 
 
+# 4 KiB chunks: chunks end inside pages, and inside a short last page (whose CRCs continue the full pages')
+@pytest.mark.parametrize("chunk_size", [DEFAULT_CHUNK_SIZE, 4096])
 @pytest.mark.parametrize("name", list(CASES))
-def test_save_and_load_match_the_two_step_paths(name, session, tmp_path, fixed_clock):
+def test_save_and_load_match_the_two_step_paths(name, chunk_size, session, tmp_path, fixed_clock):
     model, cache, tokens = session(name)
     prompt = len(CASES[name].prompt)
     one, two = tmp_path / "one.thaw", tmp_path / "two.thaw"
-    snapshot_id = thaw_mlx.save(one, model, cache, tokens, num_prompt_tokens=prompt)
-    assert snapshot_id == thaw_format.save(thaw_mlx.capture(model, cache, tokens, num_prompt_tokens=prompt), two)
+    snapshot_id = thaw_mlx.save(one, model, cache, tokens, num_prompt_tokens=prompt, chunk_size=chunk_size)
+    assert snapshot_id == thaw_format.save(thaw_mlx.capture(model, cache, tokens, num_prompt_tokens=prompt), two,
+                                           chunk_size=chunk_size)
     assert one.read_bytes() == two.read_bytes()
     assert thaw_format.verify(one) == snapshot_id
 
