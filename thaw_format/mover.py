@@ -236,13 +236,14 @@ def page_layout(positions, itemsize: int) -> PageLayout:
 def consecutive_runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
     """(first page, count, index in `pages`) of each run of consecutive page numbers: the slices of a page
     buffer that one gather_pages / scatter_pages call each can take."""
-    runs: list[list[int]] = []
-    for at, page in enumerate(pages):
-        if runs and page == runs[-1][0] + runs[-1][1]:
-            runs[-1][1] += 1
-        else:
-            runs.append([page, 1, at])
-    return [(first, count, at) for first, count, at in runs]
+    import numpy
+
+    numbers = numpy.asarray(pages, dtype=numpy.int64)
+    if numbers.size == 0:
+        return []
+    starts = numpy.concatenate(([0], numpy.flatnonzero(numpy.diff(numbers) != 1) + 1))
+    counts = numpy.diff(numpy.append(starts, numbers.size))
+    return list(zip(numbers[starts].tolist(), counts.tolist(), starts.tolist()))
 
 
 def _page_positions(layout: PageLayout):
