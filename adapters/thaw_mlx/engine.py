@@ -243,8 +243,11 @@ class MLXEngine(SharedKV):
         _pending(snapshot)
 
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
-        pending = _pending(snapshot)
-        return self._install(restore(self.model, snapshot, info=self.info), snapshot, pending)
+        """Replace the engine's state with the snapshot's, its KV written over the arrays of the caches it
+        replaces where their shapes fit (_restore_over). The Snapshot is this process's: its bytes are trusted
+        as its caller trusts them (thaw_format.sdk.lent's rule; thaw_format.load checked a file's), so only
+        what it holds is checked, not its bytes again."""
+        return self._restore_over(snapshot)
 
     def restore_source(self, source: str, *, verified: bool = False) -> list[Resumed]:
         """Restore from shared memory ("shm://name#nbytes") or a snapshot file without a copy of the snapshot
@@ -263,7 +266,13 @@ class MLXEngine(SharedKV):
         if not source.startswith(SHM_PREFIX):
             cache, snapshot = load(source, self.model, info=self.info)
             return self._install(cache, snapshot, _pending(snapshot))
-        snapshot = open_snapshot(source, verify=not checked)
+        return self._restore_over(open_snapshot(source, verify=not checked))
+
+    def _restore_over(self, snapshot: Snapshot) -> list[Resumed]:
+        """Restore a snapshot whose bytes are checked (or trusted) already, writing its KV over the arrays of the
+        caches it replaces where their shapes fit, and new arrays elsewhere: every check of what it holds (model,
+        cache layout, its request and sampler) is made first, with the engine as it was; from then on nothing
+        can refuse it, and the engine is left empty while its arrays are written over."""
         check_snapshot_model(self.model, snapshot, info=self.info)
         check_cache_layout(self.model, snapshot, self.info)
         pending = _pending(snapshot)

@@ -1,0 +1,223 @@
+"""MLXEngine.restore (a Snapshot in this process) and restore_source (a reused shared-memory segment, a pool
+worker's every round) write the KV over the arrays of the caches they replace: the engine's cache is then byte
+for byte, capacity included, the cache a fresh restore builds, for every cache kind, after a longer session
+too, and it generates what a fresh engine restored from the same snapshot generates, with the same cached-token
+count. An array something else holds (a user's reference, a capture) is never written over. A snapshot refused
+(another model, a layout MLX cannot hold, a request MLX cannot sample, a damaged chunk of a segment) leaves the
+engine as it was, its arrays included."""
+
+import dataclasses
+import mmap
+import os
+import weakref
+
+import pytest
+
+import thaw_mlx
+from sessions import full_state
+from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, SnapshotFile
+from thaw_format.mlx import from_mlx
+from thaw_format.sdk import greedy
+from thaw_format.sdk.shared import Segment, open_segment
+from thaw_mlx import MLXEngine
+from thaw_mlx._internals import paged_buffers
+
+
+@pytest.fixture
+def segment():
+    published = Segment()
+    yield published
+    published.close()
+
+
+@pytest.fixture(params=["restore", "restore_source"])
+def restoring(request, segment):
+    """How a test restores a snapshot into an engine: the Snapshot itself, or its segment (rewritten each time:
+    the engine's mapping shows it)."""
+    if request.param == "restore":
+        return lambda engine, snapshot: engine.restore(snapshot)
+    return lambda engine, snapshot: engine.restore_source(segment.publish(snapshot))
+
+
+def sessions_of(name, session):
+    """(model, a snapshot of the case's session, one of the same session 20 tokens on)."""
+    model, cache, tokens = session(name)
+    short = thaw_mlx.capture(model, cache, tokens, include_weights=False)
+    tokens = tokens + list(thaw_mlx.generate(model, cache, tokens, 20))
+    return model, short, thaw_mlx.capture(model, cache, tokens, include_weights=False)
+
+
+def whole_buffers(cache) -> list[bytes]:
+    """The bytes of every paged array, its capacity past the offset included (a cache's state stops there)."""
+    return [from_mlx(a).tobytes() for layer in cache for a in paged_buffers(layer)]
+
+
+def engine_cache(engine) -> list:
+    (only,) = engine.sessions
+    return only.cache
+
+
+def arrays_of(engine) -> list:
+    return [a for layer in engine_cache(engine) for a in paged_buffers(layer)]
+
+
+def flip_bit(source: str, tensor: str) -> None:
+    name, _, nbytes = source[len("shm://"):].partition("#")
+    fd = open_segment(name, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, int(nbytes)) as mapped:
+            mapped[SnapshotFile(mapped).info(tensor)[2].offset + 100] ^= 0x10
+    finally:
+        os.close(fd)
+
+
+def assert_untouched(engine, before: list, arrays: list) -> None:
+    """The engine holds the same state as before, in the very arrays it held."""
+    assert full_state(engine_cache(engine)) == before
+    assert all(a is b for a, b in zip(arrays_of(engine), arrays, strict=True))
+
+
+@pytest.mark.parametrize("name", ["llama-kv", "llama-kv-bf16", "llama-quantized", "llama-rotating", "lfm2-hybrid"])
+def test_a_shorter_session_over_a_longer_one_is_the_fresh_restore_byte_for_byte(name, session, restoring):
+    model, short, long = sessions_of(name, session)
+    engine = MLXEngine(model)
+    restoring(engine, long)
+    replaced = [weakref.ref(a) for a in arrays_of(engine)]
+    restoring(engine, short)
+    cache = engine_cache(engine)
+    fresh = thaw_mlx.restore(model, short)
+    assert full_state(cache) == full_state(fresh) and whole_buffers(cache) == whole_buffers(fresh)
+    now = arrays_of(engine)
+    # every paged array was written over (same capacity: both sessions are under mlx-lm's step of 256 tokens)
+    assert len(now) == len(replaced) and all(any(r() is a for r in replaced) for a in now)
+
+
+@pytest.mark.parametrize("name", ["llama-kv", "llama-quantized"])
+def test_an_engine_restored_in_place_generates_as_a_fresh_one(name, session, restoring):
+    """Over the arrays of a longer session (and again over its own): the output of a prompt extending the
+    snapshot's tokens, and the engine's cached-token count, are those of an engine that never held a cache."""
+    model, short, long = sessions_of(name, session)
+    prompt = thaw_mlx.snapshot_tokens(short) + [3, 1, 4]
+    engine, fresh = MLXEngine(model), MLXEngine(model)
+    fresh.restore(short)
+    expected = fresh.generate(prompt, greedy(12))
+    assert expected.cached_tokens == thaw_mlx.snapshot_num_computed(short)
+    restoring(engine, long)
+    for _ in range(2):  # over the longer session's arrays, then over its own
+        restoring(engine, short)
+        got = engine.generate(prompt, greedy(12))
+        assert (got.token_ids, got.cached_tokens) == (expected.token_ids, expected.cached_tokens)
+        engine.restore(short)  # the generation above left a second session; back to one
+
+
+def test_a_request_in_flight_restored_in_place_finishes_as_a_fresh_one(session, restoring):
+    model, short, long = sessions_of("llama-kv", session)
+    source = MLXEngine(model)
+    rid = source.submit(thaw_mlx.snapshot_tokens(short), greedy(10))
+    for _ in range(4):
+        source.step()
+    mid_stream = source.capture(include_weights=False)
+    fresh = MLXEngine(model)
+    fresh.restore(mid_stream)
+    engine = MLXEngine(model)
+    restoring(engine, long)
+    engine.submit(thaw_mlx.snapshot_tokens(long), greedy(30))  # a request in flight of its own, replaced
+    engine.step()
+    [resumed] = restoring(engine, mid_stream)
+    assert resumed.request_id == rid
+    done = engine.finish()[rid]
+    assert done == fresh.finish()[rid]  # its tokens and cached-token count
+    assert done.output_token_ids == source.finish()[rid].output_token_ids
+
+
+def test_an_array_held_outside_the_engine_is_never_written_over(session, restoring):
+    model, short, long = sessions_of("llama-kv", session)
+    engine = MLXEngine(model)
+    restoring(engine, long)
+    held = engine_cache(engine)[0].keys
+    before = from_mlx(held).tobytes()
+    restoring(engine, short)
+    assert from_mlx(held).tobytes() == before
+    assert engine_cache(engine)[0].keys is not held
+    assert full_state(engine_cache(engine)) == full_state(thaw_mlx.restore(model, short))
+
+
+def test_a_capture_taken_before_keeps_its_bytes_and_restores_the_state_it_took(session, restoring):
+    model, short, long = sessions_of("llama-kv", session)
+    engine = MLXEngine(model)
+    restoring(engine, long)
+    taken = engine.capture(include_weights=False)
+    taken_bytes = [bytes(t.data) for layer in taken.kv.layers for t in layer.tensors.values()]
+    state = full_state(engine_cache(engine))
+    restoring(engine, short)  # over the arrays the capture was taken from
+    assert [bytes(t.data) for layer in taken.kv.layers for t in layer.tensors.values()] == taken_bytes
+    restoring(engine, taken)
+    assert full_state(engine_cache(engine)) == state
+
+
+REFUSALS = {
+    "another model": (lambda s, other: other, IncompatibleSnapshotError, "model.architecture"),
+    "a layer too few": (lambda s, other: dataclasses.replace(s, kv=dataclasses.replace(s.kv, layers=s.kv.layers[:-1])),
+                        IncompatibleSnapshotError, r"kv.layers \(count\)"),
+    "pages not of its prefix tree": (lambda s, other: dataclasses.replace(s, scheduler=dataclasses.replace(
+        s.scheduler, requests=[dataclasses.replace(s.scheduler.requests[0], pages=[1])])),
+        IncompatibleSnapshotError, "not one chain"),
+}
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
+def test_a_refused_snapshot_leaves_the_engine_untouched(refusal, session, model_of, restoring):
+    model, short, long = sessions_of("llama-kv", session)
+    other_model, other_cache, other_tokens = session("qwen2-kv")
+    edit, error, match = REFUSALS[refusal]
+    bad = edit(long, thaw_mlx.capture(other_model, other_cache, other_tokens, include_weights=False))
+    engine = MLXEngine(model)
+    restoring(engine, short)
+    before, arrays = full_state(engine_cache(engine)), arrays_of(engine)
+    with pytest.raises(error, match=match):
+        restoring(engine, bad)
+    assert_untouched(engine, before, arrays)
+
+
+def test_a_damaged_chunk_of_a_segment_is_refused_with_the_engine_untouched(session, segment):
+    model, short, long = sessions_of("llama-kv", session)
+    engine = MLXEngine(model)
+    engine.restore_source(segment.publish(short))
+    before, arrays = full_state(engine_cache(engine)), arrays_of(engine)
+    source = segment.publish(long)
+    flip_bit(source, "kv/1/v")  # the last paged tensor: every other one passes its check first
+    with pytest.raises(CorruptSnapshotError, match=r"tensor 'kv/1/v'.*checksum mismatch in chunk 0"):
+        engine.restore_source(source)
+    assert_untouched(engine, before, arrays)
+
+
+def test_a_segment_shorter_than_its_source_says_is_refused_with_the_engine_untouched(session, segment):
+    """Mapped past its end, a segment kills the reading process at the first read (SIGBUS): refused first."""
+    model, short, _ = sessions_of("llama-kv", session)
+    engine = MLXEngine(model)
+    source = segment.publish(short)
+    engine.restore_source(source)
+    before, arrays = full_state(engine_cache(engine)), arrays_of(engine)
+    name, _, nbytes = source[len("shm://"):].partition("#")
+    with pytest.raises(ValueError, match=f"segment {name} holds .* bytes, its source says"):
+        engine.restore_source(f"shm://{name}#{int(nbytes) + (1 << 30)}")
+    with pytest.raises(ValueError, match="not a shared-memory segment source"):
+        engine.restore_source(f"shm://{name}#many")
+    assert_untouched(engine, before, arrays)
+
+
+def test_a_request_mlx_cannot_sample_is_refused_with_the_engine_untouched(session, restoring):
+    """The sampler is refused before the engine gives up its caches, by check and by either restore alike."""
+    model, short, long = sessions_of("llama-kv", session)
+    engine = MLXEngine(model)
+    restoring(engine, short)
+    before, arrays = full_state(engine_cache(engine)), arrays_of(engine)
+    [request] = long.scheduler.requests
+    sampling = dataclasses.replace(request.sampling, max_tokens=len(request.output_token_ids) + 4,
+                                   repetition_penalty=1.3)
+    refused = dataclasses.replace(long, scheduler=dataclasses.replace(
+        long.scheduler, requests=[dataclasses.replace(request, sampling=sampling)]))
+    for attempt in (lambda: engine.check(refused), lambda: restoring(engine, refused)):
+        with pytest.raises(ValueError, match="repetition_penalty"):
+            attempt()
+        assert_untouched(engine, before, arrays)
