@@ -12,8 +12,8 @@ array between MLX's head-major memory and the token-major pages, no intermediate
 a new buffer or straight into a file's region (thaw_mlx.save, with the chunk CRCs in the same pass); a
 restore scatters into fresh MLX arrays' own memory (thaw_format.mlx.writable_arrays, made in one call for a
 whole cache: each call is an MLX load), checking each chunk of a file against its CRC on the way when loading
-(thaw_mlx.load), or over arrays of the cache it replaces that nothing else holds (MLXEngine.restore_source: no
-allocation, their pages already faulted in).
+(thaw_mlx.load), or over arrays of the cache it replaces that nothing else holds (MLXEngine.restore and
+restore_source: no allocation, their pages already faulted in).
 """
 
 from __future__ import annotations
