@@ -246,7 +246,8 @@ class MLXEngine(SharedKV):
         """Replace the engine's state with the snapshot's, its KV written over the arrays of the caches it
         replaces where their shapes fit (_restore_over). The Snapshot is this process's: its bytes are trusted
         as its caller trusts them (thaw_format.sdk.lent's rule; thaw_format.load checked a file's), so only
-        what it holds is checked, not its bytes again."""
+        what it holds is checked, not its bytes again. An array of the old caches that the caller still refers
+        to keeps its bytes; a cache object taken from `sessions` is the engine's, and is written over with it."""
         return self._restore_over(snapshot)
 
     def restore_source(self, source: str, *, verified: bool = False) -> list[Resumed]:

@@ -1,4 +1,4 @@
-"""MLXEngine.restore (a Snapshot in this process) and restore_source (a reused shared-memory segment, a pool
+"""MLXEngine.restore (a Snapshot in this process, as captured or as thaw_format.load read it from its file) and
 worker's every round) write the KV over the arrays of the caches they replace: the engine's cache is then byte
 for byte, capacity included, the cache a fresh restore builds, for every cache kind, after a longer session
 too, and it generates what a fresh engine restored from the same snapshot generates, with the same cached-token
@@ -13,6 +13,7 @@ import weakref
 
 import pytest
 
+import thaw_format
 import thaw_mlx
 from sessions import full_state
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, SnapshotFile
@@ -30,12 +31,14 @@ def segment():
     published.close()
 
 
-@pytest.fixture(params=["restore", "restore_source"])
-def restoring(request, segment):
-    """How a test restores a snapshot into an engine: the Snapshot itself, or its segment (rewritten each time:
-    the engine's mapping shows it)."""
+@pytest.fixture(params=["restore", "restore_loaded", "restore_source"])
+def restoring(request, segment, saved):
+    """How a test restores a snapshot into an engine: the Snapshot itself, the Snapshot thaw_format.load reads
+    back from its file (checked there), or its segment (rewritten each time: the engine's mapping shows it)."""
     if request.param == "restore":
         return lambda engine, snapshot: engine.restore(snapshot)
+    if request.param == "restore_loaded":
+        return lambda engine, snapshot: engine.restore(thaw_format.load(saved(snapshot)))
     return lambda engine, snapshot: engine.restore_source(segment.publish(snapshot))
 
 
