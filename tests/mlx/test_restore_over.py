@@ -1,10 +1,10 @@
 """MLXEngine.restore (a Snapshot in this process, as captured or as thaw_format.load read it from its file) and
-worker's every round) write the KV over the arrays of the caches they replace: the engine's cache is then byte
-for byte, capacity included, the cache a fresh restore builds, for every cache kind, after a longer session
-too, and it generates what a fresh engine restored from the same snapshot generates, with the same cached-token
-count. An array something else holds (a user's reference, a capture) is never written over. A snapshot refused
-(another model, a layout MLX cannot hold, a request MLX cannot sample, a damaged chunk of a segment) leaves the
-engine as it was, its arrays included."""
+restore_source (a reused shared-memory segment, a pool worker's every round) write the KV over the arrays of the
+caches they replace: the engine's cache is then byte for byte, capacity included, the cache a fresh restore builds,
+for every cache kind, after a longer session too, and it generates what a fresh engine restored from the same
+snapshot generates, with the same cached-token count. An array something else holds (a user's reference, a capture)
+is never written over. A snapshot refused (another model, a layout MLX cannot hold, a request MLX cannot sample, a
+damaged chunk of a segment) leaves the engine as it was, its arrays included."""
 
 import dataclasses
 import mmap
