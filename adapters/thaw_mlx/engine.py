@@ -31,7 +31,7 @@ from .generate import generate
 from .identity import check_snapshot_model, model_info
 from .pages import num_cached_tokens, unshared_buffers
 from .sampling import Sampler, sampler_of
-from .session import cache_of_snapshot, capture, check_cache_layout, restore, snapshot_tokens
+from .session import cache_of_snapshot, capture, check_cache_layout, check_snapshot_kv, restore, snapshot_tokens
 
 
 def _mlx_lm_config(hf_config: dict) -> dict:
@@ -239,8 +239,15 @@ class MLXEngine(SharedKV):
         return snapshot
 
     def check(self, snapshot: Snapshot) -> None:
-        restore(self.model, snapshot, info=self.info)  # builds a cache it drops: nothing of the engine changes
-        _pending(snapshot)
+        self._checked(snapshot)
+
+    def _checked(self, snapshot: Snapshot) -> Optional[tuple]:
+        """Every check a restore makes of what the snapshot holds (model, cache layout, its pages and layers, its
+        request and sampler), nothing built; _pending's answer."""
+        check_snapshot_model(self.model, snapshot, info=self.info)
+        check_cache_layout(self.model, snapshot, self.info)
+        check_snapshot_kv(snapshot)
+        return _pending(snapshot)
 
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
         """Replace the engine's state with the snapshot's, its KV written over the arrays of the caches it
@@ -274,9 +281,7 @@ class MLXEngine(SharedKV):
         caches it replaces where their shapes fit, and new arrays elsewhere: every check of what it holds (model,
         cache layout, its request and sampler) is made first, with the engine as it was; from then on nothing
         can refuse it, and the engine is left empty while its arrays are written over."""
-        check_snapshot_model(self.model, snapshot, info=self.info)
-        check_cache_layout(self.model, snapshot, self.info)
-        pending = _pending(snapshot)
+        pending = self._checked(snapshot)
         return self._install(cache_of_snapshot(snapshot, spare=self._give_up_buffers), snapshot, pending)
 
     def _give_up_buffers(self) -> list[list]:

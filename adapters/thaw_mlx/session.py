@@ -163,6 +163,21 @@ def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None,
     `expected`, per layer, maps paged roles to the CRCs their file bytes must have (thaw_mlx.load). `spare`,
     called once every check has passed (nothing is written over before), gives per layer the arrays its
     paged tensors may be written over (pages.scatter_targets)."""
+    request = check_snapshot_kv(snapshot)
+    kv = snapshot.kv
+    if expected is not None and spare is not None:
+        raise ValueError("cache_of_snapshot: spare arrays take only a source checked whole before, not `expected`")
+    expected = expected or [None] * len(kv.layers)
+    targets = scatter_targets(kv.layers, request.pages, spare() if spare is not None else None)
+    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, layer_targets)
+             for layer, checks, layer_targets in zip(kv.layers, expected, targets)]
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def check_snapshot_kv(snapshot: Snapshot) -> Request:
+    """Refuse KV that MLX cannot hold as one session's cache (its pages, their chain, each layer's tensors),
+    before anything is built; the session's request (session_request)."""
     request = session_request(snapshot)
     kv = snapshot.kv
     if kv is None:
@@ -176,14 +191,7 @@ def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None,
         check_layer(i, layer, request.pages, request.num_computed_tokens, kv.page_size)
         if layer_dtype(layer) != kv.dtype:
             raise IncompatibleSnapshotError(f"kv.layers[{i}] is {layer_dtype(layer)}, the KV cache {kv.dtype}")
-    if expected is not None and spare is not None:
-        raise ValueError("cache_of_snapshot: spare arrays take only a source checked whole before, not `expected`")
-    expected = expected or [None] * len(kv.layers)
-    targets = scatter_targets(kv.layers, request.pages, spare() if spare is not None else None)
-    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, layer_targets)
-             for layer, checks, layer_targets in zip(kv.layers, expected, targets)]
-    mx.eval([c.state for c in cache])
-    return cache
+    return request
 
 
 def _share(cache):

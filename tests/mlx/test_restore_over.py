@@ -177,9 +177,10 @@ def test_a_refused_snapshot_leaves_the_engine_untouched(refusal, session, model_
     engine = MLXEngine(model)
     restoring(engine, short)
     before, arrays = full_state(engine_cache(engine)), arrays_of(engine)
-    with pytest.raises(error, match=match):
-        restoring(engine, bad)
-    assert_untouched(engine, before, arrays)
+    for attempt in (lambda: engine.check(bad), lambda: restoring(engine, bad)):  # check refuses what restore does
+        with pytest.raises(error, match=match):
+            attempt()
+        assert_untouched(engine, before, arrays)
 
 
 def test_a_damaged_chunk_of_a_segment_is_refused_with_the_engine_untouched(session, segment):
