@@ -278,9 +278,9 @@ class MLXEngine(SharedKV):
 
     def _restore_over(self, snapshot: Snapshot) -> list[Resumed]:
         """Restore a snapshot whose bytes are checked (or trusted) already, writing its KV over the arrays of the
-        caches it replaces where their shapes fit, and new arrays elsewhere: every check of what it holds (model,
-        cache layout, its request and sampler) is made first, with the engine as it was; from then on nothing
-        can refuse it, and the engine is left empty while its arrays are written over."""
+        caches it replaces where their shapes fit, and new arrays elsewhere: every check of what it holds
+        (_checked) is made first, with the engine as it was; from then on nothing can refuse it, and the engine
+        is left empty while its arrays are written over."""
         pending = self._checked(snapshot)
         return self._install(cache_of_snapshot(snapshot, spare=self._give_up_buffers), snapshot, pending)
 
