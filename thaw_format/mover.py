@@ -320,9 +320,12 @@ def _py_chunk_crcs(data, chunk_size: int) -> array:
 
 
 def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    """os.pwrite all of view at offset (a write may take less than asked)."""
+    """os.pwrite all of view at offset (a write may take less than asked; one that takes nothing would never
+    end, so it raises OSError)."""
     while view:
         written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(errno.EIO, f"pwrite wrote nothing of {len(view)} bytes at offset {offset}")
         view = view[written:]
         offset += written
 

@@ -160,21 +160,21 @@ class EncodedSnapshot:
         return snapshot_id
 
     def _write_file(self, fd: int, progress: Progress) -> str:
-        os.pwrite(fd, self.header, 0)
+        mover.pwrite_all(fd, memoryview(self.header), 0)
         regions = [(offset, t.data, chunk_size)
                    for (_, t), (offset, _, chunk_size, _) in zip(self.tensors, self.layout.table.tolist())]
         crcs = array("I")
         for region_crcs in mover.write_regions(fd, regions, progress):
             crcs.extend(region_crcs)
         trailer, snapshot_id = self._finish(crcs)
-        os.pwrite(fd, trailer, self.layout.trailer_offset)
+        mover.pwrite_all(fd, memoryview(trailer), self.layout.trailer_offset)
         return snapshot_id
 
     def _write_staged(self, fd: int, fill: dict[str, Fill], progress: Progress, durable: bool) -> str:
         # Blocks reserved first: a full disk raises OSError before anything is gathered, and the gaps between
         # regions (never written) read as zeros without leaving holes in the file.
         os.posix_fallocate(fd, 0, self.nbytes)
-        os.pwrite(fd, self.header, 0)
+        mover.pwrite_all(fd, memoryview(self.header), 0)
         names = [name for name, _ in self.tensors]
         plain = [i for i, name in enumerate(names) if name not in fill]
         crcs: list = [None] * len(names)
@@ -209,7 +209,7 @@ class EncodedSnapshot:
                 if future is not None:
                     future.result()
         trailer, snapshot_id = self._finish(array("I", [c for region_crcs in crcs for c in region_crcs]))
-        os.pwrite(fd, trailer, self.layout.trailer_offset)
+        mover.pwrite_all(fd, memoryview(trailer), self.layout.trailer_offset)
         return snapshot_id
 
 

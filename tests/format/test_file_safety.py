@@ -191,3 +191,17 @@ def test_a_save_that_fails_midway_leaves_the_old_file_or_none_and_no_temporary(t
         tf.save(labelled("B"), path, progress=fail, durable=durable)
     assert at_final_name() == old
     assert [p.name for p in tmp_path.iterdir()] == (["s.thaw"] if replacing else [])
+
+
+def test_a_write_that_takes_nothing_raises_instead_of_looping(tmp_path, monkeypatch):
+    """os.pwrite returning 0 (nothing written, no error) would repeat the same write forever: the save's header
+    and the portable path's regions are written by mover.pwrite_all."""
+    from thaw_format import mover
+
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: 0)
+    raised = finishes(lambda: tf.save(labelled("A"), tmp_path / "s.thaw"))
+    assert isinstance(raised, OSError) and "pwrite wrote nothing of" in str(raised)
+    assert list(tmp_path.iterdir()) == []
+    with open(tmp_path / "r", "wb") as f:
+        raised = finishes(lambda: mover._py_write_regions(f.fileno(), [(0, bytes(8192), 4096)]))
+    assert isinstance(raised, OSError) and "pwrite wrote nothing of 8192 bytes at offset 0" in str(raised)
