@@ -171,24 +171,32 @@ class EncodedSnapshot:
         return snapshot_id
 
     def _write_staged(self, fd: int, fill: dict[str, Fill], progress: Progress, durable: bool) -> str:
-        # Blocks reserved first: a full disk raises OSError before anything is gathered, and the gaps between
-        # regions (never written) read as zeros without leaving holes in the file.
-        os.posix_fallocate(fd, 0, self.nbytes)
-        mover.pwrite_all(fd, memoryview(self.header), 0)
         names = [name for name, _ in self.tensors]
-        plain = [i for i, name in enumerate(names) if name not in fill]
         crcs: list = [None] * len(names)
-        written = mover.write_regions(fd, [(self.layout.regions[i].offset, self.tensors[i][1].data,
-                                            self.layout.regions[i].chunk_size) for i in plain], progress)
-        for i, region_crcs in zip(plain, written):
-            crcs[i] = region_crcs
-        for i in (i for i, name in enumerate(names) if hasattr(fill.get(name), "to_file")):
+        # A fill's to_file writes its region itself: written first, in file order, each at the file's end, so
+        # the file's size after it says how many bytes it wrote (a wrong length is refused, not saved).
+        by_file = [i for i in range(len(names)) if hasattr(fill.get(names[i]), "to_file")]
+        for i in sorted(by_file, key=lambda i: self.layout.regions[i].offset):
             region = self.layout.regions[i]
+            os.ftruncate(fd, region.offset)
             crcs[i] = _checked(names[i], fill[names[i]].to_file(fd, region.offset, region.chunk_size), region)
+            end = os.fstat(fd).st_size
+            if end != region.end:
+                raise ValueError(f"fill of {names[i]!r} wrote {end - region.offset} bytes into its "
+                                 f"{region.length}-byte region")
             if durable:
                 mover.start_writeback(fd, region.offset, region.length)
             if progress:
                 progress(region.length)
+        # Blocks reserved before anything else is gathered (a full disk raises OSError here), and the gaps
+        # between regions (never written) read as zeros without leaving holes in the file.
+        os.posix_fallocate(fd, 0, self.nbytes)
+        mover.pwrite_all(fd, memoryview(self.header), 0)
+        plain = [i for i, name in enumerate(names) if name not in fill]
+        written = mover.write_regions(fd, [(self.layout.regions[i].offset, self.tensors[i][1].data,
+                                            self.layout.regions[i].chunk_size) for i in plain], progress)
+        for i, region_crcs in zip(plain, written):
+            crcs[i] = region_crcs
         filled = [i for i, name in enumerate(names) if name in fill and crcs[i] is None]
         widest = max((self.layout.regions[i].length for i in filled), default=0)
         # Two stages take turns: a tensor is gathered into one while the other's bytes go out by pwrite (which
