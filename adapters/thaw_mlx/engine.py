@@ -22,7 +22,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 
 from thaw_format import ModelInfo, SamplingParams, Snapshot
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, Unsupported, fork, pending_requests
-from thaw_format.sdk.lent import open_snapshot
+from thaw_format.sdk.lent import open_snapshot, verify_unchecked
 from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owned_segment
 from thaw_format.sdk.tokens import common_prefix_length
 
@@ -243,6 +243,7 @@ class MLXEngine(SharedKV):
         _pending(snapshot)
 
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
+        verify_unchecked(snapshot)  # a segment borrowed or shared-loaded with verify=False (lent's trust rule)
         pending = _pending(snapshot)
         return self._install(restore(self.model, snapshot, info=self.info), snapshot, pending)
 

@@ -148,7 +148,7 @@ def capture(
     # The scheduler computed every chunk's checksum in its gather's own pass: the header is parsed and checked,
     # the bytes are not read again here, nor by a restore of it into an engine of this client (thaw_format.sdk.
     # lent's trust rule); a saved copy is verified when it is loaded.
-    return lent.borrow(rpc.call(engine, "thaw_capture", into="lent", **options), verify=False)
+    return lent._borrow_capture(rpc.call(engine, "thaw_capture", into="lent", **options))
 
 
 def capture_shared(engine: ThawEngine, *, chains: Sequence[Sequence[int]] | None = None) -> str:
