@@ -194,8 +194,10 @@ def test_a_segment_the_client_verified_is_trusted_and_every_other_is_verified(th
 
 def test_a_corrupt_segment_borrowed_without_verifying_is_refused_by_the_restore(thaw_sglang, engine, tmp_path):
     """borrow(source, verify=False) of a lent segment the client did not check (any source string, not its own
-    engine's capture): the scheduler verifies it and refuses the corrupt chunk before anything changes."""
+    engine's capture): the scheduler verifies it and refuses the corrupt chunk before anything changes, and
+    verified=True cannot vouch for a Snapshot."""
     import thaw_format
+    from thaw_sglang.thaw_engine import restore_pending
 
     path = tmp_path / "kv.thaw"
     thaw_sglang.capture(engine, path, include_weights=False, chains=[PROMPT])
@@ -207,6 +209,8 @@ def test_a_corrupt_segment_borrowed_without_verifying_is_refused_by_the_restore(
         before = _state(thaw_sglang, engine)
         with pytest.raises(CorruptSnapshotError, match=r"kv/0/k"):
             thaw_sglang.restore(engine, borrowed)
+        with pytest.raises(ValueError, match="verified=True is for a shared-memory source"):
+            restore_pending(engine, borrowed, verified=True)
         assert _state(thaw_sglang, engine) == before
         assert engine.leak_warnings() == 0
     finally:
