@@ -286,8 +286,8 @@ def _held_entry(snapshot: Snapshot) -> Optional[_Held]:
 def verify_unchecked(snapshot: Snapshot) -> None:
     """Verify every chunk of the segment a snapshot borrowed or shared-loaded with verify=False views, here
     (CorruptSnapshotError names a bad one), once; nothing for any other snapshot. For a restore that hands an
-    engine the Snapshot itself (an engine in this process) or its bytes another way than its own segment (send):
-    the engine's process, which verifies that segment where it lies, does not see these bytes as such."""
+    engine the Snapshot itself (an engine in this process) or sends its bytes other than as that segment (send):
+    an engine's process verifies an unchecked segment only when it is handed the segment itself."""
     entry = _held_entry(snapshot)
     base = None if entry is None or entry.checked else entry.base()
     if base is not None:
