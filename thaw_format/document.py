@@ -258,16 +258,16 @@ def _is(value: Any, kind: str) -> bool:
             return math.isfinite(value)
         return type(value) is int and abs(value) <= _FLOAT_MAX
     if kind == "ints":
-        return isinstance(value, list) and _ints_within(value, INT_MIN, INT_MAX)
+        return isinstance(value, list) and ints_within(value, INT_MIN, INT_MAX)
     if kind == "counts":
-        return isinstance(value, list) and _ints_within(value, 0, COUNT_MAX)
+        return isinstance(value, list) and ints_within(value, 0, COUNT_MAX)
     return isinstance(value, {"str": str, "bool": bool, "list": list, "object": dict}[kind])
 
 
 _FLOAT_MAX = int(sys.float_info.max)
 
 
-def _ints_within(values: list, low: int, high: int) -> bool:
+def ints_within(values: list, low: int, high: int) -> bool:
     """Every item an int (not a bool) in [low, high]: type, min and max each one pass in C (token lists run
     to many thousands of items, and a loop in Python over them was a fifth of a prompt cache's load)."""
     return not values or (set(map(type, values)) == {int} and low <= min(values) and max(values) <= high)

@@ -233,11 +233,22 @@ def page_layout(positions, itemsize: int) -> PageLayout:
     return PageLayout(itemsize, positions, 1, 1)
 
 
+_INT64_MAX = (1 << 63) - 1
+
+
 def consecutive_runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
     """(first page, count, index in `pages`) of each run of consecutive page numbers: the slices of a page
-    buffer that one gather_pages / scatter_pages call each can take."""
+    buffer that one gather_pages / scatter_pages call each can take. Page numbers are ints (not bools) in
+    [0, 2**63): anything else is refused, not rounded, parsed or wrapped by numpy's int64 conversion."""
     import numpy
 
+    from .document import ints_within
+
+    if not ints_within(pages, 0, _INT64_MAX):  # type, min and max each one pass in C
+        others = sorted({type(p).__name__ for p in pages} - {"int"})
+        if others:
+            raise TypeError(f"page numbers must be ints, not {', '.join(others)}")
+        raise ValueError(f"page numbers must lie in [0, 2**63), not {min(pages)}..{max(pages)}")
     numbers = numpy.asarray(pages, dtype=numpy.int64)
     if numbers.size == 0:
         return []
@@ -309,9 +320,12 @@ def _py_chunk_crcs(data, chunk_size: int) -> array:
 
 
 def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    """os.pwrite all of view at offset (a write may take less than asked)."""
+    """os.pwrite all of view at offset (a write may take less than asked; one that takes nothing would never
+    end, so it raises OSError)."""
     while view:
         written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(errno.EIO, f"pwrite wrote nothing of {len(view)} bytes at offset {offset}")
         view = view[written:]
         offset += written
 

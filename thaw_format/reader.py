@@ -404,7 +404,11 @@ def load(path, *, verify: bool = True, mmap: bool = False, shared: bool = False,
     read-only tensors view: restoring it into an engine that lives in other processes (vLLM's default
     multiprocessing mode, SGLang) hands that segment over as it is, with no copy
     (thaw_format.sdk.lent.load_shared). The file is not read again: changing or deleting it later changes
-    nothing."""
+    nothing.
+
+    `verify=False` checks no chunk here. A shared load's segment keeps the file's checksums and is verified
+    before any engine restores it (thaw_format.sdk.lent's trust rule); a plain or mapped load's Snapshot is the
+    caller's memory, and no engine verifies it."""
     if shared:
         if mmap:
             raise ValueError("load: mmap=True views the file, shared=True a shared-memory copy of it: choose one")

@@ -160,35 +160,43 @@ class EncodedSnapshot:
         return snapshot_id
 
     def _write_file(self, fd: int, progress: Progress) -> str:
-        os.pwrite(fd, self.header, 0)
+        mover.pwrite_all(fd, memoryview(self.header), 0)
         regions = [(offset, t.data, chunk_size)
                    for (_, t), (offset, _, chunk_size, _) in zip(self.tensors, self.layout.table.tolist())]
         crcs = array("I")
         for region_crcs in mover.write_regions(fd, regions, progress):
             crcs.extend(region_crcs)
         trailer, snapshot_id = self._finish(crcs)
-        os.pwrite(fd, trailer, self.layout.trailer_offset)
+        mover.pwrite_all(fd, memoryview(trailer), self.layout.trailer_offset)
         return snapshot_id
 
     def _write_staged(self, fd: int, fill: dict[str, Fill], progress: Progress, durable: bool) -> str:
-        # Blocks reserved first: a full disk raises OSError before anything is gathered, and the gaps between
-        # regions (never written) read as zeros without leaving holes in the file.
-        os.posix_fallocate(fd, 0, self.nbytes)
-        os.pwrite(fd, self.header, 0)
         names = [name for name, _ in self.tensors]
-        plain = [i for i, name in enumerate(names) if name not in fill]
         crcs: list = [None] * len(names)
-        written = mover.write_regions(fd, [(self.layout.regions[i].offset, self.tensors[i][1].data,
-                                            self.layout.regions[i].chunk_size) for i in plain], progress)
-        for i, region_crcs in zip(plain, written):
-            crcs[i] = region_crcs
-        for i in (i for i, name in enumerate(names) if hasattr(fill.get(name), "to_file")):
+        # A fill's to_file writes its region itself: written first, in file order, each at the file's end, so
+        # the file's size after it says how many bytes it wrote (a wrong length is refused, not saved).
+        by_file = [i for i in range(len(names)) if hasattr(fill.get(names[i]), "to_file")]
+        for i in sorted(by_file, key=lambda i: self.layout.regions[i].offset):
             region = self.layout.regions[i]
+            os.ftruncate(fd, region.offset)
             crcs[i] = _checked(names[i], fill[names[i]].to_file(fd, region.offset, region.chunk_size), region)
+            end = os.fstat(fd).st_size
+            if end != region.end:
+                raise ValueError(f"fill of {names[i]!r} wrote {end - region.offset} bytes into its "
+                                 f"{region.length}-byte region")
             if durable:
                 mover.start_writeback(fd, region.offset, region.length)
             if progress:
                 progress(region.length)
+        # Blocks reserved before anything else is gathered (a full disk raises OSError here), and the gaps
+        # between regions (never written) read as zeros without leaving holes in the file.
+        os.posix_fallocate(fd, 0, self.nbytes)
+        mover.pwrite_all(fd, memoryview(self.header), 0)
+        plain = [i for i, name in enumerate(names) if name not in fill]
+        written = mover.write_regions(fd, [(self.layout.regions[i].offset, self.tensors[i][1].data,
+                                            self.layout.regions[i].chunk_size) for i in plain], progress)
+        for i, region_crcs in zip(plain, written):
+            crcs[i] = region_crcs
         filled = [i for i, name in enumerate(names) if name in fill and crcs[i] is None]
         widest = max((self.layout.regions[i].length for i in filled), default=0)
         # Two stages take turns: a tensor is gathered into one while the other's bytes go out by pwrite (which
@@ -209,7 +217,7 @@ class EncodedSnapshot:
                 if future is not None:
                     future.result()
         trailer, snapshot_id = self._finish(array("I", [c for region_crcs in crcs for c in region_crcs]))
-        os.pwrite(fd, trailer, self.layout.trailer_offset)
+        mover.pwrite_all(fd, memoryview(trailer), self.layout.trailer_offset)
         return snapshot_id
 
 

@@ -22,7 +22,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 
 from thaw_format import ModelInfo, SamplingParams, Snapshot
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, Unsupported, fork, pending_requests
-from thaw_format.sdk.lent import open_snapshot
+from thaw_format.sdk.lent import open_snapshot, verify_unchecked
 from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owned_segment
 from thaw_format.sdk.tokens import common_prefix_length
 
@@ -255,6 +255,7 @@ class MLXEngine(SharedKV):
         as its caller trusts them (thaw_format.sdk.lent's rule; thaw_format.load checked a file's), so only
         what it holds is checked, not its bytes again. An array of the old caches that the caller still refers
         to keeps its bytes; a cache object taken from `sessions` is the engine's, and is written over with it."""
+        verify_unchecked(snapshot)  # a segment borrowed or shared-loaded with verify=False (lent's trust rule)
         return self._restore_over(snapshot)
 
     def restore_source(self, source: str, *, verified: bool = False) -> list[Resumed]:

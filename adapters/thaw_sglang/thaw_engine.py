@@ -148,7 +148,7 @@ def capture(
     # The scheduler computed every chunk's checksum in its gather's own pass: the header is parsed and checked,
     # the bytes are not read again here, nor by a restore of it into an engine of this client (thaw_format.sdk.
     # lent's trust rule); a saved copy is verified when it is loaded.
-    return lent.borrow(rpc.call(engine, "thaw_capture", into="lent", **options), verify=False)
+    return lent._borrow_capture(rpc.call(engine, "thaw_capture", into="lent", **options))
 
 
 def capture_shared(engine: ThawEngine, *, chains: Sequence[Sequence[int]] | None = None) -> str:
@@ -169,7 +169,12 @@ def restore_pending(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike, 
     """Make an idle engine hold the snapshot (a Snapshot, or a source: "shm://..." or a file) and return its
     unfinished requests; the scheduler reads the source (its chunks unchecked if `verified`, a segment the
     caller checked, thaw_format.sdk.shared.checked_by_caller, or if it is a Snapshot that thaw_format.sdk.lent's
-    trust rule counts as checked, transport.sending), and this process only when it has requests."""
+    trust rule counts as checked, transport.sending), and this process only when it has requests. `verified` is
+    for a source: a Snapshot is checked as the trust rule says, and verified=True with one is refused."""
+    if verified and isinstance(snapshot, Snapshot):
+        raise ValueError("verified=True is for a shared-memory source its caller checked (thaw_format.sdk.shared."
+                         "checked_by_caller); a Snapshot is checked as thaw_format.sdk.lent's trust rule says")
+
     def restore(source: str, checked: bool) -> int:
         return rpc.call(engine, "thaw_restore", source=source, verified=checked or checked_by_caller(source, verified))
 

@@ -141,15 +141,20 @@ def restore(llm, snapshot: thaw_format.Snapshot) -> list[Resumed]:
     """Restore a snapshot into a fresh or used (idle) engine; unfinished requests are resubmitted and continue
     exactly (their last partial page and sampling-generator state come from the snapshot).
 
-    Identity, layout and dtype are checked first: a mismatch is refused before the engine is touched. The
-    snapshot's checksums were checked when it was read in (thaw_format.load); restore_source checks them for a
-    snapshot that is not yet in this process.
+    Identity, layout and dtype are checked first: a mismatch is refused before the engine is touched. Checksums
+    follow thaw_format.sdk.lent's trust rule: a snapshot checked where its bytes came in (a verified load, this
+    engine's own capture) or held in this process's private memory is not read again; a segment borrowed or
+    shared-loaded with verify=False is verified (by the worker, or here for an engine in this process) and a bad
+    chunk refused, CorruptSnapshotError naming it, before the engine changes. restore_source verifies any source
+    its caller did not check.
     """
     check_compatible(llm, snapshot)
     # The Snapshot is this process's own: the worker verifies what lent.send says was not checked where it came in
-    # (thaw_format.sdk.lent's trust rule), and parses the header of the rest without reading every chunk again,
-    # as the in-process path hands the object itself over. restore_source verifies: any source.
+    # (thaw_format.sdk.lent's trust rule), and parses the header of the rest without reading every chunk again.
+    # In-process the object itself is handed over, a segment not checked where it came in verified here first.
+    # restore_source verifies: any source.
     if _internals.engine_in_this_process(llm):
+        lent.verify_unchecked(snapshot)
         with transport.LocalSnapshot(snapshot) as local:
             return _restore_checked(llm, snapshot, local.source, verify=False)
     return lent.sending(llm, snapshot, lambda source, checked: _restore_checked(llm, snapshot, source,

@@ -62,7 +62,7 @@ def read(source: str, *, unlink: bool = False, keep: bool = False, lender=None, 
             # parsed and checked, the bytes are not read again here (as the in-process path hands its Snapshot
             # over unread), nor by a restore of it into an engine of this client (thaw_format.sdk.lent's trust
             # rule); a saved copy is verified when it is loaded.
-            return lent.borrow(source, verify=False)
+            return lent._borrow_capture(source)
         if keep:
             return read_shared(source, copy=True)
         return lent.open_snapshot(source, lender=lender, verify=verify)

@@ -94,9 +94,12 @@ class ThawWorkerExtension:
 
     @remote.as_data
     def thaw_stage(self, source: str, verify: bool = True) -> None:
-        """Verify a snapshot (every chunk, read where it lies: a segment this worker lent, or a cached mapping)
-        and check its KV fits this engine's, before the engine core changes anything. verify=False: the
-        client's own Snapshot, handed over (see api.restore), whose header is still parsed and checked."""
+        """Read the snapshot `source` names where it lies (a segment this worker lent, a cached mapping, the
+        client's memory for a remote source, or in-process the client's Snapshot itself) and check its KV fits
+        this engine's, before the engine core changes anything. Every chunk is verified unless `verify` is False:
+        a source the client counts as checked (thaw_format.sdk.lent.send's trust rule, or one its caller checked,
+        checked_by_caller) or its Snapshot handed over in-process (api.restore); a segment's header is parsed and
+        checked either way."""
         start_mover(self.vllm_config)
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
         snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None), verify=verify)

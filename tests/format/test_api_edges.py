@@ -138,3 +138,22 @@ def test_verify_stages_a_bounded_amount_whatever_the_chunk_size(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     # Staged whole, the chunk alone is 40 MiB (37 MiB measured before the fix); bounded, ~5 MiB.
     assert int(done.stdout) < 16, f"verify of one 40 MiB chunk grew the peak RSS by {done.stdout.strip()} MiB"
+
+
+def test_consecutive_runs_of_ints():
+    assert mover.consecutive_runs([4, 5, 6, 9, 2, 3, (1 << 63) - 1]) == [(4, 3, 0), (9, 1, 3), (2, 2, 4),
+                                                                          ((1 << 63) - 1, 1, 6)]
+    assert mover.consecutive_runs([]) == []
+
+
+@pytest.mark.parametrize("pages, error, match", [
+    ([1, 2.0], TypeError, "not float"),
+    (["1", "2"], TypeError, "not str"),
+    ([0, True], TypeError, "not bool"),
+    (np.array([1.5]), TypeError, "not float64"),
+    ([1 << 63], ValueError, "2\\*\\*63"),  # numpy's int64 would overflow, and 2**63 - 1 then 0 would wrap
+    ([3, -1], ValueError, "-1..3"),
+])
+def test_consecutive_runs_refuses_what_is_not_a_page_number(pages, error, match):
+    with pytest.raises(error, match=match):
+        mover.consecutive_runs(pages)

@@ -191,3 +191,59 @@ def test_a_save_that_fails_midway_leaves_the_old_file_or_none_and_no_temporary(t
         tf.save(labelled("B"), path, progress=fail, durable=durable)
     assert at_final_name() == old
     assert [p.name for p in tmp_path.iterdir()] == (["s.thaw"] if replacing else [])
+
+
+class _ToFile:
+    """A fill that writes its region straight into the file (as thaw_mlx's does), `extra` bytes too many (or,
+    negative, too few), with the CRCs of the right bytes."""
+
+    def __init__(self, data: Tensor, extra: int) -> None:
+        self.data, self.extra = bytes(data.data), extra
+
+    def __call__(self, target, chunk_size):
+        raise AssertionError("the writer stages a fill that can write to the file itself")
+
+    def to_file(self, fd, offset, chunk_size):
+        from thaw_format import mover
+
+        written = self.data + b"\xff" * self.extra if self.extra > 0 else self.data[: len(self.data) + self.extra]
+        mover.pwrite_all(fd, memoryview(written), offset)
+        return mover.chunk_crcs(self.data, chunk_size)
+
+
+@pytest.mark.parametrize("extra", [0, 1, 4096, -1, -(1 << 20)])
+@pytest.mark.parametrize("replacing", [True, False])
+def test_a_fill_that_writes_its_region_a_wrong_length_is_refused_and_leaves_no_new_file(tmp_path, extra, replacing):
+    from thaw_format.writer import EncodedSnapshot, deferred_tensor
+
+    data = labelled("A").weights.tensors["w"]
+    snapshot = tf.Snapshot(weights=tf.Weights({"w": deferred_tensor(data.dtype, data.shape)}),
+                           lineage=tf.Lineage(label="A"))
+    path = tmp_path / "s.thaw"
+    if replacing:
+        tf.save(labelled("B"), path)
+    old = path.read_bytes() if replacing else None
+    save = lambda: EncodedSnapshot(snapshot).save(path, fill={"weights/w": _ToFile(data, extra)})  # noqa: E731
+    if extra == 0:
+        save()
+        assert path.read_bytes() == tf.dumps(labelled("A"))
+        return
+    with pytest.raises(ValueError, match=f"fill of 'weights/w' wrote {len(data.data) + extra} bytes into its "
+                                         f"{len(data.data)}-byte region"):
+        save()
+    assert (path.read_bytes() if path.exists() else None) == old
+    assert [p.name for p in tmp_path.iterdir()] == (["s.thaw"] if replacing else [])
+
+
+def test_a_write_that_takes_nothing_raises_instead_of_looping(tmp_path, monkeypatch):
+    """os.pwrite returning 0 (nothing written, no error) would repeat the same write forever: the save's header
+    and the portable path's regions are written by mover.pwrite_all."""
+    from thaw_format import mover
+
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: 0)
+    raised = finishes(lambda: tf.save(labelled("A"), tmp_path / "s.thaw"))
+    assert isinstance(raised, OSError) and "pwrite wrote nothing of" in str(raised)
+    assert list(tmp_path.iterdir()) == []
+    with open(tmp_path / "r", "wb") as f:
+        raised = finishes(lambda: mover._py_write_regions(f.fileno(), [(0, bytes(8192), 4096)]))
+    assert isinstance(raised, OSError) and "pwrite wrote nothing of 8192 bytes at offset 0" in str(raised)

@@ -89,7 +89,7 @@ def test_a_lent_snapshot_not_yet_borrowed_is_never_reused(lender):
 
 def test_send_leaves_unchecked_only_a_segment_whose_bytes_the_client_did_not_verify(lender, tmp_path):
     """lent.send hands a borrowed or shared-loaded snapshot over as its own segment, checked where its bytes came
-    in (the trust rule), unless it was shared-loaded with verify=False: its reader verifies that one. Any other it
+    in (the trust rule), unless it was borrowed or shared-loaded with verify=False: its reader verifies that one. Any other it
     writes into the owner's one reused restore segment, its checksums from the same pass: checked."""
     class Engine:  # what owns the restore segment: an engine object
         pass
@@ -97,8 +97,10 @@ def test_send_leaves_unchecked_only_a_segment_whose_bytes_the_client_did_not_ver
     engine = Engine()
     borrowed = lent.borrow(lender.publish(snapshot(1)))
     assert lent.send(engine, borrowed) == (lent.lent_source(borrowed), True)
-    unread = lent.borrow(lender.publish(snapshot(4)), verify=False)  # a capture the caller's own engine lent
-    assert lent.send(engine, unread) == (lent.lent_source(unread), True)
+    unread = lent.borrow(lender.publish(snapshot(4)), verify=False)  # any source string: its reader verifies it
+    assert lent.send(engine, unread) == (lent.lent_source(unread), False)
+    captured = lent._borrow_capture(lender.publish(snapshot(5)))  # an adapter's own engine's capture
+    assert lent.send(engine, captured) == (lent.lent_source(captured), True)
     path = tmp_path / "s.thaw"
     thaw_format.save(snapshot(2), path)
     shared = thaw_format.load(path, shared=True)
@@ -117,3 +119,42 @@ def test_send_leaves_unchecked_only_a_segment_whose_bytes_the_client_did_not_ver
         lent.forget(again)
     finally:
         release_segments(engine)
+
+
+
+def corrupt_lent(lender, fill: int) -> str:
+    """A lent snapshot whose tensor's first byte changed after its checksums were written."""
+    source = lender.publish(snapshot(fill))
+    written = lender.view(segment(source))
+    written[bytes(written).index(bytes([fill]) * 4096)] = fill ^ 0xFF
+    return source
+
+
+def test_a_corrupt_segment_borrowed_unverified_is_verified_before_any_engine_takes_it(lender):
+    """borrow(verify=False) of any source string leaves it unchecked: send hands it over for its reader to
+    verify, verify_unchecked (an engine in this process) finds the bad chunk, and so does send itself when the
+    snapshot is no longer exactly as written (its bytes then go another way than its own segment)."""
+    class Engine:
+        pass
+
+    engine = Engine()
+    with pytest.raises(thaw_format.CorruptSnapshotError):
+        lent.borrow(corrupt_lent(lender, 1))
+    held = lent.borrow(corrupt_lent(lender, 2), verify=False)
+    source, checked = lent.send(engine, held)
+    assert not checked
+    with pytest.raises(thaw_format.CorruptSnapshotError):
+        lent.open_snapshot(source, verify=not checked)  # what the engine's process reads
+    with pytest.raises(thaw_format.CorruptSnapshotError):
+        lent.verify_unchecked(held)
+    held.lineage = thaw_format.Lineage(label="changed")  # no longer as written: not sent as its own segment
+    try:
+        assert lent.lent_source(held) is None
+        with pytest.raises(thaw_format.CorruptSnapshotError):
+            lent.send(engine, held)
+    finally:
+        release_segments(engine)
+    good = lent.borrow(lender.publish(snapshot(3)), verify=False)
+    lent.verify_unchecked(good)
+    assert lent.send(engine, good) == (lent.lent_source(good), True)  # verified once, here: checked now
+    release_segments(engine)

@@ -195,6 +195,33 @@ def test_a_damaged_chunk_of_a_segment_is_refused_with_the_engine_untouched(sessi
     assert_untouched(engine, before, arrays)
 
 
+def test_a_damaged_segment_borrowed_or_shared_loaded_unverified_is_refused_by_restore(session, tmp_path):
+    """MLXEngine.restore is handed the Snapshot itself: one whose segment the client did not check (borrowed or
+    shared-loaded with verify=False) is verified first (thaw_format.sdk.lent's trust rule), the engine untouched."""
+    from thaw_format.sdk import lent
+
+    model, short, long = sessions_of("llama-kv", session)
+    engine = MLXEngine(model)
+    engine.restore(short)
+    before, arrays = full_state(engine_cache(engine)), arrays_of(engine)
+    lender = lent.Lender()
+    try:
+        source = lender.publish(long)
+        flip_bit(source, "kv/1/v")
+        with pytest.raises(CorruptSnapshotError, match=r"tensor 'kv/1/v'.*checksum mismatch in chunk 0"):
+            engine.restore(lent.borrow(source, verify=False))
+        assert_untouched(engine, before, arrays)
+    finally:
+        lender.close()
+    path = tmp_path / "long.thaw"
+    thaw_format.save(long, path)
+    unverified = thaw_format.load(path, shared=True, verify=False)
+    flip_bit(lent.lent_source(unverified), "kv/1/v")
+    with pytest.raises(CorruptSnapshotError, match=r"tensor 'kv/1/v'.*checksum mismatch in chunk 0"):
+        engine.restore(unverified)
+    assert_untouched(engine, before, arrays)
+
+
 def test_a_segment_shorter_than_its_source_says_is_refused_with_the_engine_untouched(session, segment):
     """Mapped past its end, a segment kills the reading process at the first read (SIGBUS): refused first."""
     model, short, _ = sessions_of("llama-kv", session)

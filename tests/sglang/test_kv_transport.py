@@ -62,6 +62,7 @@ def test_a_lent_capture_holds_the_bytes_of_a_file_capture_and_restores_through_i
     lent_snapshot = thaw_sglang.capture(engine, include_weights=False, chains=[PROMPT])
     source = lent.lent_source(lent_snapshot)
     assert source is not None  # restoring it hands the scheduler's segment back
+    assert lent.send(engine, lent_snapshot) == (source, True)  # its own engine's capture: not read again
     lent.open_snapshot(source, verify=True)  # the chunk checksums the scheduler's gather computed hold
     saved = thaw_sglang.capture(engine, tmp_path / "kv.thaw", include_weights=False, chains=[PROMPT])
     assert lent_snapshot.prefix == saved.prefix
@@ -189,3 +190,28 @@ def test_a_segment_the_client_verified_is_trusted_and_every_other_is_verified(th
         thaw_sglang.restore(engine, unverified)
     assert _state(thaw_sglang, engine) == before
     assert engine.leak_warnings() == 0
+
+
+def test_a_corrupt_segment_borrowed_without_verifying_is_refused_by_the_restore(thaw_sglang, engine, tmp_path):
+    """borrow(source, verify=False) of a lent segment the client did not check (any source string, not its own
+    engine's capture): the scheduler verifies it and refuses the corrupt chunk before anything changes, and
+    verified=True cannot vouch for a Snapshot."""
+    import thaw_format
+    from thaw_sglang.thaw_engine import restore_pending
+
+    path = tmp_path / "kv.thaw"
+    thaw_sglang.capture(engine, path, include_weights=False, chains=[PROMPT])
+    lender = lent.Lender()
+    try:
+        source = lender.publish(thaw_format.load(path))
+        _flip_bit(source)
+        borrowed = lent.borrow(source, verify=False)
+        before = _state(thaw_sglang, engine)
+        with pytest.raises(CorruptSnapshotError, match=r"kv/0/k"):
+            thaw_sglang.restore(engine, borrowed)
+        with pytest.raises(ValueError, match="verified=True is for a shared-memory source"):
+            restore_pending(engine, borrowed, verified=True)
+        assert _state(thaw_sglang, engine) == before
+        assert engine.leak_warnings() == 0
+    finally:
+        lender.close()

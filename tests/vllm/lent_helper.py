@@ -127,6 +127,18 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - reported, with its class, for the test to check
         result["unverified_error"] = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
     del unverified
+    # A segment borrowed with verify=False from a source string that is not this engine's capture: the worker
+    # verifies it too. (The engine's own capture, `held`, is sent as checked.)
+    result["capture_checked"] = lent.send(engine.llm, held)[1]
+    lender = lent.Lender()
+    borrowed_source = lender.publish(held)
+    corrupt_first_kv_chunk(borrowed_source)
+    try:
+        engine.restore(lent.borrow(borrowed_source, verify=False))
+        result["borrowed_error"] = None
+    except Exception as exc:  # noqa: BLE001 - reported, with its class, for the test to check
+        result["borrowed_error"] = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+    lender.close()
     os.remove(path)
     engine.llm.reset_prefix_cache()
     engine.restore(loaded)

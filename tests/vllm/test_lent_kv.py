@@ -133,6 +133,39 @@ def test_a_corrupt_chunk_in_a_shared_source_leaves_the_engine_untouched(engine, 
     assert generate(engine, other, greedy) == (expected[0], 64)
 
 
+def test_segments_the_client_did_not_check_are_verified_before_an_in_process_engine_changes(engine, greedy, tmp_path):
+    """The trust rule holds in-process too, where the engine is handed the Snapshot itself: a segment borrowed
+    with verify=False (any source string) or shared-loaded with verify=False is verified before the engine
+    changes, and refused there when corrupt, as the worker of a multiprocessing engine refuses it."""
+    import thaw_vllm
+
+    trunk, other = trunk_tokens(120, seed=68), trunk_tokens(80, seed=69)
+    generate(engine, trunk, greedy)
+    captured = thaw_vllm.capture(engine, include_weights=False, chains=[trunk])
+    expected = generate(engine, other, greedy)
+    before = kv_state(engine)
+
+    lender = lent.Lender()
+    try:
+        source = lender.publish(captured)
+        flip_bit(source)
+        borrowed = lent.borrow(source, verify=False)
+        with pytest.raises(thaw_format.CorruptSnapshotError, match="kv/0/k"):
+            thaw_vllm.restore(engine, borrowed)
+        assert kv_state(engine) == before
+    finally:
+        lender.close()
+
+    path = tmp_path / "kv.thaw"
+    thaw_format.save(captured, path)
+    unverified = thaw_format.load(path, shared=True, verify=False)
+    flip_bit(lent.lent_source(unverified))
+    with pytest.raises(thaw_format.CorruptSnapshotError, match="kv/0/k"):
+        thaw_vllm.restore(engine, unverified)
+    assert kv_state(engine) == before
+    assert generate(engine, other, greedy) == (expected[0], 64)
+
+
 def test_lender_segments_are_released():
     """Borrowed segments come back to the lender when dropped and are gone from /dev/shm once it closes."""
     import numpy as np
@@ -194,6 +227,11 @@ def test_multiprocessing_engine_lends_restores_and_refuses_corrupt_sources(zoo):
     assert after["refused"] == after["again"] == [fresh["trunk"][0], 128]
     assert result["corrupt_file_error"].startswith("thaw_format.errors.CorruptSnapshotError: ")
     assert "'kv/0/k'" in result["corrupt_file_error"] and "checksum mismatch in chunk" in result["corrupt_file_error"]
+    # a capture borrowed from the engine's own worker counts as checked (not read again); a segment borrowed with
+    # verify=False from any other source string does not, and the worker refuses it when corrupt
+    assert result["capture_checked"]
+    assert result["borrowed_error"].startswith("thaw_format.errors.CorruptSnapshotError: ")
+    assert "'kv/0/k'" in result["borrowed_error"] and "checksum mismatch" in result["borrowed_error"]
     # the same file shared-loaded with verify=False: the worker verifies the segment the client did not, and refuses it
     assert result["unverified_error"].startswith("thaw_format.errors.CorruptSnapshotError: ")
     assert "'kv/0/k'" in result["unverified_error"] and "checksum mismatch" in result["unverified_error"]

@@ -33,10 +33,13 @@ know); memory held by the client and its own engine processes (the same user, th
 verified again. So `send` tells the engine's process that it may read unchecked: a snapshot's own segment whose
 bytes were checked where they came in (a shared load that verified its file, a capture its engine's process
 gathered with the checksums in the same pass), the client's memory read remotely (thaw_format.sdk.remote), and
-the restore segment the same call writes. A shared load made with verify=False is the one segment the client
-did not check: its engine's process verifies it against the file's checksums where it lies, before changing
-anything (an engine in the client's own process is handed the Snapshot itself, trusted as the client trusts
-it, as a remote read is). Sources a caller names as strings are verified by the engine unless the caller says it checked them
+the restore segment the same call writes. A segment borrowed or shared-loaded with verify=False is one the client
+did not check: it is verified against its own checksums (a shared load's are the file's) before any engine
+changes anything, by the engine's process where it lies when it is sent as its own segment, else by this
+process (`verify_unchecked`: a restore into an engine in this process, or a snapshot no longer exactly as
+written). A Snapshot in the client's private memory (thaw_format.load without shared=True, even with
+verify=False, or one built here) carries no checksums to verify against: it is trusted as the client trusts it.
+Sources a caller names as strings are verified by the engine unless the caller says it checked them
 (thaw_format.sdk.shared.checked_by_caller: a fork pool's segment). Another process of the same user can write
 the client's segments in /dev/shm: that is inside the domain, and not checked.
 """
@@ -53,7 +56,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from multiprocessing import shared_memory
-from typing import Callable, Optional, TypeVar
+from typing import Callable, NamedTuple, Optional, TypeVar
 
 import numpy
 
@@ -172,8 +175,18 @@ class Lender:
 _MAX_MAPPINGS = 4
 _COMPARED_BYTES = 1 << 20
 _MAPPINGS: "OrderedDict[str, mmap.mmap]" = OrderedDict()  # segment name -> read-only shared mapping, recent last
-# id(snapshot) -> (snapshot, source, mapping address, whether its bytes were checked where they came in)
-_BORROWED: dict[int, tuple[weakref.ref, str, int, bool]] = {}
+
+
+class _Held(NamedTuple):
+    """A borrowed or shared-loaded snapshot (weakly), the segment it came from and whether its bytes were
+    checked where they came in."""
+    snapshot: weakref.ref
+    source: str
+    base: weakref.ref  # the array viewing the segment, which its tensors view
+    checked: bool
+
+
+_BORROWED: dict[int, _Held] = {}  # by id(snapshot)
 
 
 def _mapping(name: str, nbytes: int) -> mmap.mmap:
@@ -230,8 +243,19 @@ def _open_snapshot(source: str, verify: bool, lender: Optional[Lender]) -> tuple
 
 def borrow(source: str, *, verify: bool = True) -> Snapshot:
     """Take ownership of a lent snapshot: its tensors view the segment; it is given back to its lender when
-    the last of them is garbage-collected. verify=False is for a capture the caller's own engine process lent,
-    its checksums computed as it gathered its own memory: the snapshot counts as checked (send) either way."""
+    the last of them is garbage-collected. verify=False leaves its chunks unread here: the snapshot then counts
+    as unchecked, and an engine it is restored into verifies it before changing anything (send, verify_unchecked)."""
+    return _borrow(source, verify=verify, checked=verify)
+
+
+def _borrow_capture(source: str) -> Snapshot:
+    """borrow, for thaw's adapters only, of the capture their engine's own process just lent them (the source its
+    capture call returned): not read here, and counted as checked, its checksums computed as that process
+    gathered its own memory (the trust rule: the client's engine processes' memory is not verified again)."""
+    return _borrow(source, verify=False, checked=True)
+
+
+def _borrow(source: str, *, verify: bool, checked: bool) -> Snapshot:
     if not is_lent(source):
         raise ValueError(f"{source!r} is not a lent snapshot")
     control, slot = _slot_of(parse(source)[0])
@@ -243,15 +267,32 @@ def borrow(source: str, *, verify: bool = True) -> Snapshot:
         _give_back(control, slot, hold)
         raise
     weakref.finalize(base, _give_back, control, slot, hold)
-    return _held(snapshot, source, base, checked=True)
+    return _held(snapshot, source, base, checked=checked)
 
 
 def _held(snapshot: Snapshot, source: str, base: numpy.ndarray, *, checked: bool) -> Snapshot:
     """Remember that `snapshot`'s tensors view the segment `source` names at `base` (lent_source), and whether
     its bytes were checked where they came in (send)."""
-    _BORROWED[id(snapshot)] = (weakref.ref(snapshot), source, base.ctypes.data, checked)
+    _BORROWED[id(snapshot)] = _Held(weakref.ref(snapshot), source, weakref.ref(base), checked)
     weakref.finalize(snapshot, _BORROWED.pop, id(snapshot), None)
     return snapshot
+
+
+def _held_entry(snapshot: Snapshot) -> Optional[_Held]:
+    entry = _BORROWED.get(id(snapshot))
+    return entry if entry is not None and entry.snapshot() is snapshot else None
+
+
+def verify_unchecked(snapshot: Snapshot) -> None:
+    """Verify every chunk of the segment a snapshot borrowed or shared-loaded with verify=False views, here
+    (CorruptSnapshotError names a bad one), once; nothing for any other snapshot. For a restore that hands an
+    engine the Snapshot itself (an engine in this process) or sends its bytes other than as that segment (send):
+    an engine's process verifies an unchecked segment only when it is handed the segment itself."""
+    entry = _held_entry(snapshot)
+    base = None if entry is None or entry.checked else entry.base()
+    if base is not None:
+        loads(base, copy=False, verify=True)
+        _BORROWED[id(snapshot)] = entry._replace(checked=True)
 
 
 def owned_lender(owner) -> Lender:
@@ -408,10 +449,11 @@ def lent_source(snapshot: Snapshot) -> Optional[str]:
     """The source a borrowed (or shared-loaded) snapshot came from, if it still is exactly what was written
     there: the same header (model, prefix, requests, tensor shapes) and every tensor still the segment's own
     (read-only) bytes. Else None."""
-    entry = _BORROWED.get(id(snapshot))
-    if entry is None or entry[0]() is not snapshot:
+    entry = _held_entry(snapshot)
+    base = None if entry is None else entry.base()
+    if base is None:
         return None
-    _, source, address, _ = entry
+    source, address = entry.source, base.ctypes.data
     name, nbytes = parse(source)
     if not _exists(name):
         return None  # its lender is gone: the mapping lives on here, but no engine can open the segment by name
@@ -434,7 +476,8 @@ def send(owner, snapshot: Snapshot) -> tuple[str, bool]:
     trust rule of this module's docstring, the one place any engine's restore learns it.
 
     A borrowed or shared-loaded snapshot still as written is its own segment, handed over as it is: checked
-    where its bytes came in (unless shared-loaded with verify=False). Any other is read by the engine's process
+    where its bytes came in, unless borrowed or shared-loaded with verify=False (the reader then verifies it). Any
+    other (an unchecked segment's tensors first verified here, verify_unchecked) is read by the engine's process
     from this one where it lies (thaw_format.sdk.remote: its KV straight from this process's memory, the rest in
     `owner`'s reused restore segment), unless `owner` was refused such reads; then it is encoded by this call
     into that segment, each chunk's checksum computed from the bytes written in the same pass. Either way only
@@ -444,7 +487,8 @@ def send(owner, snapshot: Snapshot) -> tuple[str, bool]:
     source = lent_source(snapshot)
     if source is not None:
         owner._thaw_sent = "lent"
-        return source, _BORROWED[id(snapshot)][3]
+        return source, _held_entry(snapshot).checked
+    verify_unchecked(snapshot)  # an unchecked segment's tensors, sent as the client's memory: checked here first
     source = remote.publish(owner, snapshot)
     owner._thaw_sent = "remote" if source is not None else "segment"
     return source or owned_segment(owner, "restore").publish(snapshot), True
