@@ -170,27 +170,39 @@ class EncodedSnapshot:
         mover.pwrite_all(fd, memoryview(trailer), self.layout.trailer_offset)
         return snapshot_id
 
+    def _check_padding(self, fd: int, by_file: dict[int, str]) -> None:
+        """After the to_file fills (by_file: region index -> tensor name), before anything else is written: the
+        file still its size, and the padding after each region from the first of theirs on still zeros; else
+        the last of them before it wrote past its region."""
+        if os.fstat(fd).st_size != self.nbytes:
+            raise ValueError(f"fill of {list(by_file.values())[-1]!r} wrote past the end of the file")
+        regions, culprit = self.layout.regions, None
+        for k, region in enumerate(regions):
+            culprit = by_file.get(k, culprit)
+            following = regions[k + 1].offset if k + 1 < len(regions) else self.layout.trailer_offset
+            if culprit is not None and following > region.end:
+                gap = os.pread(fd, following - region.end, region.end)
+                if gap.count(0) != len(gap):
+                    raise ValueError(f"fill of {culprit!r} wrote past its region")
+
     def _write_staged(self, fd: int, fill: dict[str, Fill], progress: Progress, durable: bool) -> str:
+        # Blocks reserved first: a full disk raises OSError before anything is gathered, and the gaps between
+        # regions (never written) read as zeros without leaving holes in the file.
+        os.posix_fallocate(fd, 0, self.nbytes)
         names = [name for name, _ in self.tensors]
         crcs: list = [None] * len(names)
-        # A fill's to_file writes its region itself: written first, in file order, each at the file's end, so
-        # the file's size after it says how many bytes it wrote (a wrong length is refused, not saved).
-        by_file = [i for i in range(len(names)) if hasattr(fill.get(names[i]), "to_file")]
-        for i in sorted(by_file, key=lambda i: self.layout.regions[i].offset):
+        # A fill's to_file writes its region itself. Those go first: whatever a write too long puts in a later
+        # region is then overwritten; what it puts in padding, or past the file, is refused (_check_padding).
+        by_file = [i for i, name in enumerate(names) if hasattr(fill.get(name), "to_file")]
+        for i in by_file:
             region = self.layout.regions[i]
-            os.ftruncate(fd, region.offset)
-            crcs[i] = _checked(names[i], fill[names[i]].to_file(fd, region.offset, region.chunk_size), region)
-            end = os.fstat(fd).st_size
-            if end != region.end:
-                raise ValueError(f"fill of {names[i]!r} wrote {end - region.offset} bytes into its "
-                                 f"{region.length}-byte region")
+            crcs[i] = _write_to_file(fd, names[i], fill[names[i]], region)
             if durable:
                 mover.start_writeback(fd, region.offset, region.length)
             if progress:
                 progress(region.length)
-        # Blocks reserved before anything else is gathered (a full disk raises OSError here), and the gaps
-        # between regions (never written) read as zeros without leaving holes in the file.
-        os.posix_fallocate(fd, 0, self.nbytes)
+        if by_file:
+            self._check_padding(fd, {i: names[i] for i in by_file})
         mover.pwrite_all(fd, memoryview(self.header), 0)
         plain = [i for i, name in enumerate(names) if name not in fill]
         written = mover.write_regions(fd, [(self.layout.regions[i].offset, self.tensors[i][1].data,
@@ -225,6 +237,20 @@ def _checked(name: str, crcs: array, region) -> array:
     """The CRCs a fill returned for the named tensor's region, refused unless there is one per chunk."""
     if len(crcs) != region.num_chunks:
         raise ValueError(f"fill of {name!r} returned {len(crcs)} CRCs for {region.num_chunks} chunks")
+    return crcs
+
+
+def _write_to_file(fd: int, name: str, fill, region) -> array:
+    """fill.to_file's CRCs for the region it writes itself, refused (ValueError) if it wrote less. A write cut
+    short leaves the region's last byte as it was: a random byte put there first. Where the byte is still that
+    (1 in 256 regions written whole), the last chunk is read back and checked against its CRC."""
+    mark = secrets.token_bytes(1 if region.length else 0)
+    mover.pwrite_all(fd, memoryview(mark), region.end - len(mark))
+    crcs = _checked(name, fill.to_file(fd, region.offset, region.chunk_size), region)
+    if mark and os.pread(fd, 1, region.end - 1) == mark:
+        last = region.offset + (region.num_chunks - 1) * region.chunk_size
+        if mover.crc32c(os.pread(fd, region.end - last, last)) != crcs[-1]:
+            raise ValueError(f"fill of {name!r} wrote less than its {region.length}-byte region")
     return crcs
 
 
