@@ -18,7 +18,11 @@
 #include "io_impl.h"
 #include "pool.h"
 
-enum { UNIT_BYTES = 1 << 20, PARALLEL_MIN = 4 << 20, CRC_PIECE_BYTES = 128 << 10 };
+/* FILE_SPAN: a gather into a file writes each 2 MiB-aligned span of the file with one pwrite from one thread's
+ * tile (io.c's WRITE_ALIGN, for the same reason: the page cache then keeps the file in 2 MiB folios, which a
+ * later mapping faults in once each, where writes of 1 MiB off that alignment left folios of 64 KiB and less). */
+enum { UNIT_BYTES = 1 << 20, FILE_SPAN = 2 << 20, TILE_BYTES = FILE_SPAN, PARALLEL_MIN = 4 << 20,
+       CRC_PIECE_BYTES = 128 << 10 };
 
 typedef struct {
     uint8_t *pages;          /* the contiguous side: gather's output, scatter's input */
@@ -35,6 +39,10 @@ typedef struct {
     int error;               /* remote scatter: errno of the first read that failed, or 0 */
     int fd;                  /* gather into a file: its descriptor (pages is NULL), else -1 */
     uint64_t file_offset;    /* gather into a file: where the first page goes */
+    size_t lead_elems;       /* the first unit's elements (up to the first FILE_SPAN boundary), or 0: unit_elems */
+    uint32_t *parts;         /* gather into a file: per unit, the CRC of its first piece when that continues a
+                              * chunk begun in the unit before (combined into crcs after the run) */
+    int no_memory;           /* a unit found no tile: the call fails with THAW_PAGES_NO_MEMORY */
 } page_job;
 
 /* Copy n elements of one row between the contiguous side and the strided side. */
@@ -280,11 +288,27 @@ static uint32_t move_summed(page_job *j, size_t e, size_t end, uint32_t crc) {
     return crc;
 }
 
+/* Unit i covers elements [start, end): the first lead_elems of them, then unit_elems each. */
+static size_t unit_start(const page_job *j, size_t index) {
+    return index ? j->lead_elems + (index - 1) * j->unit_elems : 0;
+}
+
+static size_t unit_end(const page_job *j, size_t index) {
+    size_t end = index ? unit_start(j, index) + j->unit_elems : j->lead_elems;
+    return end < j->total_elems ? end : j->total_elems;
+}
+
+static size_t unit_count(page_job *j) {
+    if (!j->lead_elems) j->lead_elems = j->unit_elems;
+    if (!j->total_elems) return 0;
+    if (j->total_elems <= j->lead_elems) return 1;
+    return 1 + (j->total_elems - j->lead_elems + j->unit_elems - 1) / j->unit_elems;
+}
+
 static void unit_task(void *ctx, size_t index, int worker) {
     (void)worker;
     page_job *j = ctx;
-    size_t start = index * j->unit_elems;
-    size_t end = start + j->unit_elems < j->total_elems ? start + j->unit_elems : j->total_elems;
+    size_t start = unit_start(j, index), end = unit_end(j, index);
     if (j->pid) {
         remote_unit(j, start, end);
         return;
@@ -316,33 +340,48 @@ static void record_error(page_job *j, int error) {
     __atomic_compare_exchange_n(&j->error, &none, error, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
 }
 
-/* A unit (one chunk) of a gather into a file, through the thread's tile: each tile of it is moved and summed,
- * then pwritten from the tile while it is still in cache, so the file's pages are written from cache and the
- * engine's memory is read once. While one thread is in pwrite (the filesystem serialises writes to a file),
- * the others fill their tiles. */
-static void file_unit(page_job *j, size_t index, size_t start, size_t end) {
-    size_t isz = j->layout->itemsize, tile_elems = UNIT_BYTES / isz, page = j->page_elems;
-    if (__atomic_load_n(&j->error, __ATOMIC_RELAXED)) return; /* the call fails anyway */
+/* The calling thread's tile, or NULL with the job marked to fail with THAW_PAGES_NO_MEMORY. */
+static uint8_t *job_tile(page_job *j) {
     uint8_t *tile = thread_tile();
-    if (!tile) {
-        record_error(j, ENOMEM);
-        return;
-    }
+    if (!tile) __atomic_store_n(&j->no_memory, 1, __ATOMIC_RELAXED);
+    return tile;
+}
+
+/* A unit of a gather into a file (one FILE_SPAN of the file, or the part of it the pages cover), through the
+ * thread's tile: moved and summed chunk piece by chunk piece, then written with one pwrite from the tile while
+ * it is still in cache, so the engine's memory is read once. A chunk that starts here gets its CRC (whole, or
+ * of its head when it runs on into the next unit) in crcs; the piece of a chunk begun in an earlier unit gets
+ * its CRC in parts[index], combined in file order after the run (combine_parts). While one thread is in pwrite
+ * (the filesystem serialises writes to a file), the others fill their tiles. */
+static void file_unit(page_job *j, size_t index, size_t start, size_t end) {
+    size_t isz = j->layout->itemsize, chunk = j->chunk_size / isz;
+    if (__atomic_load_n(&j->error, __ATOMIC_RELAXED)) return; /* the call fails anyway */
+    uint8_t *tile = job_tile(j);
+    if (!tile) return;
     page_job local = *j;
-    uint32_t crc = 0;
+    local.pages = (uint8_t *)((uintptr_t)tile - start * isz); /* element start is tile[0] */
     for (size_t e = start, stop; e < end; e = stop) {
-        stop = e + tile_elems < end ? e + tile_elems : end;
-        if (stop < end && stop / page * page > e) stop = stop / page * page; /* whole pages where they fit */
-        local.pages = (uint8_t *)((uintptr_t)tile - e * isz); /* element e is tile[0] */
-        crc = move_summed(&local, e, stop, crc);
-        struct iovec piece = {tile, (stop - e) * isz};
-        int error = pwritev_all(j->fd, &piece, 1, j->file_offset + e * isz);
-        if (error) {
-            record_error(j, error);
-            return;
-        }
+        stop = (e / chunk + 1) * chunk < end ? (e / chunk + 1) * chunk : end;
+        uint32_t crc = move_summed(&local, e, stop, 0);
+        if (e == start && e % chunk)
+            j->parts[index] = crc;
+        else
+            j->crcs[e / chunk] = crc;
     }
-    j->crcs[index] = crc;
+    struct iovec piece = {tile, (end - start) * isz};
+    int error = pwritev_all(j->fd, &piece, 1, j->file_offset + start * isz);
+    if (error) record_error(j, error);
+}
+
+/* Complete the CRC of each chunk that runs across units with the parts of it the later units summed. */
+static void combine_parts(page_job *j, size_t units) {
+    size_t isz = j->layout->itemsize, chunk = j->chunk_size / isz;
+    for (size_t u = 1; u < units; u++) {
+        size_t start = unit_start(j, u), c = start / chunk;
+        if (start % chunk == 0) continue;
+        size_t stop = (c + 1) * chunk < unit_end(j, u) ? (c + 1) * chunk : unit_end(j, u);
+        j->crcs[c] = thaw_crc32c_combine(j->crcs[c], j->parts[u], (stop - start) * isz);
+    }
 }
 
 /* The lowest and highest source element (relative to a block's start) the layout touches; -1 if malformed. */
@@ -425,14 +464,14 @@ static int row_order(page_job *j) {
 
 static int64_t run(page_job *j) {
     if (row_order(j)) return THAW_PAGES_NO_MEMORY;
-    size_t units = j->total_elems ? (j->total_elems + j->unit_elems - 1) / j->unit_elems : 0;
+    size_t units = unit_count(j);
     if (j->total_elems * j->layout->itemsize < PARALLEL_MIN) {
         for (size_t u = 0; u < units; u++) unit_task(j, u, 0);
     } else {
         pool_run(units, unit_task, j);
     }
     free(j->order);
-    return 0;
+    return j->no_memory ? THAW_PAGES_NO_MEMORY : 0;
 }
 
 int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *block_offsets, size_t n,
@@ -455,10 +494,17 @@ int64_t thaw_gather_pages_to_file(int fd, uint64_t offset, const void *blocks, s
     *error = 0;
     int64_t bad = prepare(&j, blocks_len, (size_t)-1, n);
     if (bad) return bad;
-    if (!crcs || chunk_size == 0 || chunk_size % layout->itemsize) return THAW_PAGES_BAD_CHUNK;
+    size_t isz = layout->itemsize;
+    if (!crcs || chunk_size == 0 || chunk_size % isz) return THAW_PAGES_BAD_CHUNK;
     if (fd < 0) return THAW_PAGES_WRITE; /* *error stays 0: no descriptor */
-    j.unit_elems = chunk_size / layout->itemsize;
+    j.unit_elems = FILE_SPAN / isz;
+    j.lead_elems = (FILE_SPAN - offset % FILE_SPAN) % FILE_SPAN / isz; /* to the first span boundary (0: none) */
+    size_t units = unit_count(&j);
+    j.parts = malloc((units ? units : 1) * sizeof *j.parts);
+    if (!j.parts) return THAW_PAGES_NO_MEMORY;
     bad = run(&j);
+    if (!bad && !j.error) combine_parts(&j, units);
+    free(j.parts);
     *error = j.error;
     return bad ? bad : j.error ? THAW_PAGES_WRITE : 0;
 }
@@ -518,7 +564,7 @@ static uint8_t *thread_tile(void) {
     pthread_once(&tile_once, make_tile_key);
     if (!tile_key_made) return NULL;
     uint8_t *tile = pthread_getspecific(tile_key);
-    if (!tile && !posix_memalign((void **)&tile, 4096, UNIT_BYTES)) pthread_setspecific(tile_key, tile);
+    if (!tile && !posix_memalign((void **)&tile, 4096, TILE_BYTES)) pthread_setspecific(tile_key, tile);
     return tile;
 }
 
@@ -537,9 +583,9 @@ static int read_remote(int pid, uint64_t remote, uint8_t *out, size_t len) {
 static void remote_unit(page_job *j, size_t start, size_t end) {
     size_t isz = j->layout->itemsize;
     if (__atomic_load_n(&j->error, __ATOMIC_RELAXED)) return; /* the call fails anyway */
-    uint8_t *tile = thread_tile();
-    int error = tile ? read_remote(j->pid, (uint64_t)(uintptr_t)j->pages + start * isz, tile, (end - start) * isz)
-                     : ENOMEM;
+    uint8_t *tile = job_tile(j);
+    if (!tile) return;
+    int error = read_remote(j->pid, (uint64_t)(uintptr_t)j->pages + start * isz, tile, (end - start) * isz);
     if (error) {
         record_error(j, error);
         return;

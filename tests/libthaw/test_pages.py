@@ -159,9 +159,11 @@ def test_no_pages_is_a_no_op(native):
 
 @pytest.mark.parametrize("path", ["native", "portable"])
 @pytest.mark.parametrize("chunk", [3 << 16, 1 << 20, 3 << 20])  # chunks not aligned with pages; larger than a tile
-def test_gather_into_a_file_writes_the_pages_and_their_chunk_crcs(native, tmp_path, path, chunk):
+@pytest.mark.parametrize("at", [0, 4096, (2 << 20) - 4])  # on, off and just before a 2 MiB span boundary
+def test_gather_into_a_file_writes_the_pages_and_their_chunk_crcs(native, tmp_path, path, chunk, at):
     """Threaded (16 MiB of MLX-style pages, 40 KiB each), at an offset of the file: the bytes and CRCs of
-    gather_pages into memory; the bytes around the pages untouched."""
+    gather_pages into memory (chunks cut across the 2 MiB spans the native path writes by); the bytes around
+    the pages untouched."""
     positions = sequence_positions(16, 8, 4096, 80)
     blocks = engine(1, 8 * 4096 * 80, 4, seed=2)
     picks = list(range(0, 256, 2)) + list(range(255, 0, -2))
@@ -170,15 +172,15 @@ def test_gather_into_a_file_writes_the_pages_and_their_chunk_crcs(native, tmp_pa
     want = np.empty(len(picks) * len(positions), np.float32)
     want_crcs = mover.gather_pages(blocks, offsets, layout, want, chunk)
     target = tmp_path / "pages"
-    target.write_bytes(b"\x07" * (want.nbytes + 8192))
+    target.write_bytes(b"\x07" * (at + want.nbytes + 4096))
     fd = os.open(target, os.O_RDWR)
     try:
         to_file = mover._c_gather_pages_to_file if path == "native" else mover._py_gather_pages_to_file
-        crcs = to_file(fd, 4096, blocks, offsets, layout, chunk)
+        crcs = to_file(fd, at, blocks, offsets, layout, chunk)
     finally:
         os.close(fd)
     data = target.read_bytes()
-    assert data[4096:-4096] == want.tobytes() and data[:4096] + data[-4096:] == b"\x07" * 8192
+    assert data[at:-4096] == want.tobytes() and data[:at] + data[-4096:] == b"\x07" * (at + 4096)
     assert crcs == want_crcs
 
 
