@@ -7,17 +7,17 @@ They write and read the same files, and give the same caches, as thaw_format.sav
 thaw_mlx.restore(model, thaw_format.load(path)), without the copy in between: save gathers each KV page
 straight from MLX's memory into the file's bytes (a stage buffer per tensor, written out by pwrite while the
 next is gathered) with its chunk CRCs in the same pass, and stays atomic (temporary file, fsync unless
-durable=False, rename); load reads each KV tensor from the file with libthaw (mover.scatter_pages_from_file:
-each thread preads a tile of whole chunks, checks their CRCs there and scatters them into a new MLX array), so
-the KV is read once and never mapped: no page faults, nothing to unmap, and a peak memory of the new cache and
-a tile per thread. The document and every other tensor (weights, ring and recurrent states) are read through a
-mapping of the same open file and checked before anything is built from them, and a bad chunk anywhere raises
-CorruptSnapshotError with no cache returned.
+durable=False, rename); load maps the file once and scatters each KV tensor straight into a new MLX array,
+checking each chunk against its CRC just before it moves. Every other tensor (weights, ring and recurrent
+states) is checked before anything is built from it, and a bad chunk anywhere raises CorruptSnapshotError
+with no cache returned. Load drops each KV tensor's mapped pages once scattered (they stay in the page
+cache), so its peak memory is the new cache and about one tensor more.
 MLXEngine's capture_shared gathers the same way into a shared-memory segment (deferring + fill_of).
 """
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 from typing import Optional
@@ -90,36 +90,42 @@ def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = Tru
     The snapshot's tensors are read-only views of the mapped file, each checked by then; its tokens and
     sampler are thaw_mlx.snapshot_tokens(snapshot) and thaw_mlx.sampler_of(snapshot). Like
     thaw_format.load(mmap=True), the views see the file as it is: thaw's saves replace files, never rewrite
-    them in place. Each paged KV tensor is read from the file and checked chunk by chunk as it is scattered into
-    new MLX arrays, every other tensor is checked before anything is built, and nothing is returned unless every
-    chunk passed."""
-    path = os.fspath(path)
+    them in place. Each paged KV tensor is checked chunk by chunk as it is scattered into new MLX arrays, every
+    other tensor before anything is built, and nothing is returned unless every chunk passed."""
+    mapped = _map(os.fspath(path))
+    f = SnapshotFile(mapped)
+    # The document is checked now; the tensors are views of the mapping, checked below before any use.
+    snapshot = f.snapshot(verify=False, copy=False)
+    layers = snapshot.kv.layers if snapshot.kv is not None else []
+    expected = [{} for _ in layers]
+    for i, layer in enumerate(layers):
+        for role in layer.tensors if layer.kind in PAGED_KINDS else ():
+            name = f"kv/{i}/{role}"
+            region = f.info(name)[2]
+            expected[i][role] = Expected(name, region.chunk_size, f.chunk_crcs(name),
+                                         functools.partial(_drop, mapped, region.offset, region.length))
+    paged = {e.name for checks in expected for e in checks.values()}
+    for name in f.names():
+        if name not in paged:
+            f.tensor(name, copy=False)  # checks its chunks (raises CorruptSnapshotError)
+    check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
+    check_cache_layout(model, snapshot, info)
+    return cache_of_snapshot(snapshot, expected), snapshot
+
+
+def _map(path: str) -> mmap.mmap:
+    """The whole file, mapped read-only (shared with the page cache: nothing is copied until a scatter)."""
     fd = open_regular(path, CorruptSnapshotError)
     try:
-        f = SnapshotFile(_map(fd, path))
-        # The document is checked now; the tensors are views of the mapping, checked below before any use.
-        snapshot = f.snapshot(verify=False, copy=False)
-        layers = snapshot.kv.layers if snapshot.kv is not None else []
-        expected = [{} for _ in layers]
-        for i, layer in enumerate(layers):
-            for role in layer.tensors if layer.kind in PAGED_KINDS else ():
-                name = f"kv/{i}/{role}"
-                region = f.info(name)[2]
-                expected[i][role] = Expected(name, region.chunk_size, f.chunk_crcs(name), (fd, region.offset))
-        paged = {e.name for checks in expected for e in checks.values()}
-        for name in f.names():
-            if name not in paged:
-                f.tensor(name, copy=False)  # checks its chunks (raises CorruptSnapshotError)
-        check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
-        check_cache_layout(model, snapshot, info)
-        return cache_of_snapshot(snapshot, expected), snapshot
+        if os.fstat(fd).st_size == 0:
+            raise CorruptSnapshotError(f"{path!r} is empty, not a snapshot")
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
 
 
-def _map(fd: int, path: str) -> mmap.mmap:
-    """The whole file, mapped read-only (shared with the page cache: nothing is copied, and only the pages read
-    through it are faulted in: the document and the tensors other than the KV's)."""
-    if os.fstat(fd).st_size == 0:
-        raise CorruptSnapshotError(f"{path!r} is empty, not a snapshot")
-    return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+def _drop(mapped: mmap.mmap, offset: int, length: int) -> None:
+    """Unmap a region's pages from this process once read (the file's pages stay cached; a later read of the
+    snapshot's view maps them again), so a load never holds the file and the new cache whole at once."""
+    start = offset - offset % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, start, offset + length - start)

@@ -44,13 +44,13 @@ Paging = Callable[[mx.array, int, int], Tensor]
 
 class Expected(NamedTuple):
     """A tensor's bytes as a file holds them, still to check: the chunk size and the CRC each chunk must have,
-    the name that a CorruptSnapshotError reports, and, to read the bytes from the file rather than through the
-    tensor's view of a mapping, the file's descriptor and the tensor's offset in it."""
+    the name that a CorruptSnapshotError reports, and what to call once its bytes are in MLX (to let go of a
+    mapped file's pages), if anything."""
 
     name: str
     chunk_size: int
     crcs: object
-    file: Optional[tuple[int, int]] = None
+    done: Optional[Callable[[], None]] = None
 
 
 def num_cached_tokens(prompt_cache: list) -> int:
@@ -392,9 +392,8 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
     capacity). `target` is that array and a writable view of it (scatter_targets), made here if not given.
 
     With `expected`, the tensor's bytes are a file's, checked against their CRCs before they are used: in the
-    scatter itself, chunk by chunk, when the pages are the whole tensor in order (as thaw_mlx writes them; read
-    from the file itself where `expected` names it), else in a pass of their own first. A bad chunk, or a file
-    that ends inside the tensor, raises CorruptSnapshotError; the new array is then dropped."""
+    scatter itself, chunk by chunk, when the pages are the whole tensor in order (as thaw_mlx writes them),
+    else in a pass of their own first. A bad chunk raises CorruptSnapshotError; the new array is then dropped."""
     _, page_size, heads, dim = tensor.shape
     itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1)
     shape, dtype = restored_shape(tensor, pages)
@@ -406,37 +405,22 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
     if expected is not None and not whole:
         bad = mover.check_buffer(tensor.data, [(0, tensor.nbytes, expected.chunk_size, 0)], expected.crcs)
         _raise_bad(expected, bad[1] if bad else None)
-    if whole and expected.file is not None:
-        _scatter_from_file(tensor, out, layout, page_size * dim * itemsize, expected)
-    else:
-        for first, run, start in mover.consecutive_runs(pages):  # one slice of the tensor each
-            offsets = (np.arange(run, dtype=np.int64) + start) * page_size * dim * itemsize
-            source = tensor.data[first * page_bytes : (first + run) * page_bytes]
-            if whole:
-                _raise_bad(expected, mover.scatter_pages_checked(source, out, offsets, layout, expected.chunk_size,
-                                                                 expected.crcs))
-            else:
-                mover.scatter_pages(source, out, offsets, layout)
+    for first, run, start in mover.consecutive_runs(pages):  # one slice of the tensor each
+        offsets = (np.arange(run, dtype=np.int64) + start) * page_size * dim * itemsize
+        source = tensor.data[first * page_bytes : (first + run) * page_bytes]
+        if whole:
+            _raise_bad(expected, mover.scatter_pages_checked(source, out, offsets, layout, expected.chunk_size,
+                                                             expected.crcs))
+        else:
+            mover.scatter_pages(source, out, offsets, layout)
     # The array's memory is uninitialised (or a replaced cache's): past num_tokens (a short last page's padding, the capacity mlx-lm
     # grows in steps) it is zeroed, as mlx-lm's own buffers are.
     if capacity > num_tokens:
         np.frombuffer(out, np.uint8).reshape(heads, capacity, -1)[:, num_tokens:] = 0
     out.release()  # nothing may write into the array once MLX can see it
+    if expected is not None and expected.done is not None:
+        expected.done()
     return result
-
-
-def _scatter_from_file(tensor: Tensor, out: memoryview, layout: mover.PageLayout, page_stride: int,
-                       expected: Expected) -> None:
-    """All of the tensor's pages, in order, read from the file Expected names and checked on the way into `out`
-    (page p at byte p * page_stride: a page's first token)."""
-    fd, at = expected.file
-    offsets = np.arange(tensor.shape[0], dtype=np.int64) * page_stride
-    try:
-        bad = mover.scatter_pages_from_file(fd, at, tensor.nbytes, out, offsets, layout, expected.chunk_size,
-                                            expected.crcs)
-    except EOFError:
-        raise CorruptSnapshotError(f"tensor {expected.name!r}: the file ends inside it (truncated)") from None
-    _raise_bad(expected, bad)
 
 
 def _raise_bad(expected: Expected, chunk: Optional[int]) -> None:
