@@ -401,11 +401,12 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
     result, out = target if target is not None else writable_array(shape, dtype)
     layout = _sequence_layout(page_size, heads, capacity, dim, itemsize)
     page_bytes = layout.page_bytes
-    whole = expected is not None and pages == list(range(tensor.shape[0]))
+    in_order = pages == list(range(tensor.shape[0]))  # the whole tensor, as thaw_mlx writes it: one run
+    whole = expected is not None and in_order
     if expected is not None and not whole:
         bad = mover.check_buffer(tensor.data, [(0, tensor.nbytes, expected.chunk_size, 0)], expected.crcs)
         _raise_bad(expected, bad[1] if bad else None)
-    for first, run, start in mover.consecutive_runs(pages):  # one slice of the tensor each
+    for first, run, start in [(0, len(pages), 0)] if in_order else mover.consecutive_runs(pages):  # a slice each
         offsets = (np.arange(run, dtype=np.int64) + start) * page_size * dim * itemsize
         source = tensor.data[first * page_bytes : (first + run) * page_bytes]
         if whole:
