@@ -40,8 +40,10 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         block raise ValueError before any byte moves.
     gather_pages_to_file(fd, offset, blocks, block_offsets, layout, chunk_size) -> array('I')
         gather_pages straight into a file at `offset` (pwrite), with each chunk's CRC32C: on the native path
-        through a cache-sized tile per thread, written from the tile while it is hot, so no buffer of the
-        pages' size is touched. A failed write raises OSError; what was written before stays.
+        through a tile per thread, one 2 MiB-aligned span of the file at a time, written from the tile while it
+        is hot, so no buffer of the pages' size is touched and the page cache can keep the file in 2 MiB folios
+        (a later mapping of it faults once per 2 MiB). A failed write raises OSError; what was written before
+        stays.
     scatter_pages_checked(pages, blocks, block_offsets, layout, chunk_size, expected) -> int or None
         scatter_pages that checks each chunk_size chunk of the pages against expected[c] just before moving
         it (one pass: the chunk is still in cache). A bad chunk is not written, but others may be: returns
