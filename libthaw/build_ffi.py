@@ -98,8 +98,6 @@ typedef struct {
 #define THAW_PAGES_NO_MEMORY -6
 #define THAW_PAGES_REMOTE -7
 #define THAW_PAGES_WRITE -8
-#define THAW_PAGES_READ -9
-#define THAW_PAGES_TILE_BYTES 2097152
 
 int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *block_offsets, size_t n,
                           const thaw_page_layout *layout, void *out, size_t out_len, size_t chunk_size,
@@ -116,9 +114,6 @@ int64_t thaw_scatter_pages_remote(int pid, uint64_t pages, size_t pages_len, voi
                                   const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                   int *error);
 int thaw_remote_readable(int pid, const uint64_t *addresses, const uint64_t *lens, size_t n);
-int64_t thaw_scatter_pages_from_file(int fd, uint64_t offset, size_t pages_len, void *blocks, size_t blocks_len,
-                                     const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
-                                     size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk, int *error);
 """
 
 

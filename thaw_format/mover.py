@@ -43,19 +43,13 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         through a tile per thread, one 2 MiB-aligned span of the file at a time, written from the tile while it
         is hot, so no buffer of the pages' size is touched and the page cache can keep the file in 2 MiB folios
         (a later mapping of it faults once per 2 MiB). A failed write raises OSError; what was written before
-        stays.
+        stays. Either path refuses, before any byte moves, what gather_pages refuses, then a chunk_size that
+        is not a positive multiple of the item size, a negative offset (ValueError) and a negative fd
+        (OSError EBADF).
     scatter_pages_checked(pages, blocks, block_offsets, layout, chunk_size, expected) -> int or None
         scatter_pages that checks each chunk_size chunk of the pages against expected[c] just before moving
         it (one pass: the chunk is still in cache). A bad chunk is not written, but others may be: returns
         the first bad chunk, and the caller discards `blocks` (a fresh buffer, never live state).
-    scatter_pages_from_file(fd, offset, pages_len, blocks, block_offsets, layout, chunk_size, expected)
-        scatter_pages_checked of the pages_len bytes at `offset` of a file: on the native path each thread
-        preads a tile of whole chunks, checks them there and scatters them, so the file is read once and never
-        mapped (chunks larger than a tile, and the portable path, read the pages into a buffer first). A file
-        that ends inside the pages raises EOFError, a failed read OSError, after other chunks may have moved.
-    A move to or from a file refuses, on either path, what gather_pages and scatter_pages refuse, then a
-    chunk_size that is not a positive multiple of the item size, a negative offset (ValueError) and a
-    negative fd (OSError EBADF), before any byte moves.
     remote_window(pid, address, nbytes) -> memoryview
         another process's bytes, named here: scatter_pages reads a view of it from that process (Linux
         process_vm_readv, native path), one pass with no copy here; any other read of it faults (it maps
@@ -500,7 +494,7 @@ def _py_gather_pages(blocks, block_offsets, layout: PageLayout, out, chunk_size:
 
 
 def _check_file_side(fd: int, offset: int, chunk_size: int, itemsize: int) -> None:
-    """Refuse what a page move to or from a file cannot take besides its pages, as libthaw does."""
+    """Refuse what a gather into a file cannot take besides its pages, as libthaw does."""
     if chunk_size <= 0 or chunk_size % itemsize:
         raise ValueError(f"chunk_size must be a positive multiple of the item size {itemsize}, got {chunk_size}")
     _check_offset(offset)
@@ -525,20 +519,6 @@ def _py_gather_pages_to_file(fd: int, offset: int, blocks, block_offsets, layout
     crcs = _py_gather_pages(blocks, block_offsets, layout, out, chunk_size)
     pwrite_all(fd, out, offset)
     return crcs
-
-
-def _py_scatter_pages_from_file(fd: int, offset: int, pages_len: int, blocks, block_offsets, layout: PageLayout,
-                                chunk_size: int, expected) -> Optional[int]:
-    """The pages read into a buffer of their size, then scatter_pages_checked (the active path's)."""
-    import numpy
-
-    offsets = numpy.asarray(block_offsets, dtype=numpy.int64)
-    _check_pages(len(_bytes_view(blocks)), pages_len, offsets, layout, True, False)
-    _check_file_side(fd, offset, chunk_size, layout.itemsize)
-    pages = empty(len(offsets) * layout.page_bytes)
-    expected = _expected_crcs(expected, len(pages), chunk_size, 0)
-    _pread_into(fd, pages, offset)
-    return scatter_pages_checked(pages, blocks, offsets, layout, chunk_size, expected)
 
 
 def _py_scatter_pages(pages, blocks, block_offsets, layout: PageLayout) -> None:
@@ -788,28 +768,6 @@ def _c_scatter_pages_checked(pages, blocks, block_offsets, layout: PageLayout, c
     return None if bad[0] < 0 else int(bad[0])
 
 
-def _c_scatter_pages_from_file(fd: int, offset: int, pages_len: int, blocks, block_offsets, layout: PageLayout,
-                               chunk_size: int, expected) -> Optional[int]:
-    _check_offset(offset)
-    if chunk_size > _lib.THAW_PAGES_TILE_BYTES:  # a chunk must fit a thread's tile to be checked there
-        return _py_scatter_pages_from_file(fd, offset, pages_len, blocks, block_offsets, layout, chunk_size,
-                                           expected)
-    b, offs = _c_buffer(blocks, writable=True), _c_offsets(block_offsets)
-    c_layout, _rows = _c_page_layout(layout)
-    need = len(offs) * layout.page_bytes
-    expected = _expected_crcs(expected, min(need, pages_len), chunk_size, 0) if chunk_size > 0 else array("I")
-    bad, error = _ffi.new("int64_t *"), _ffi.new("int *")
-    code = _lib.thaw_scatter_pages_from_file(fd, offset, pages_len, b, len(b), offs, len(offs), c_layout,
-                                             max(chunk_size, 0), _ffi.from_buffer(_UINT32S, expected), bad, error)
-    if code == _lib.THAW_PAGES_READ:
-        if error[0] == _lib.THAW_EOF:
-            raise EOFError(f"file ends before byte {offset + need}")
-        raise OSError(error[0], os.strerror(error[0]))
-    if code:
-        _page_failure(code, len(b), pages_len, block_offsets, layout, True, blocks, None)
-    return None if bad[0] < 0 else int(bad[0])
-
-
 def _page_failure(code: int, blocks_len: int, pages_len: int, offsets, layout: PageLayout, scatter: bool,
                   blocks, pages) -> None:
     """Turn a refusal from C into the ValueError that names what is wrong."""
@@ -949,7 +907,7 @@ if _lib is not None:
     check_buffer = _c_check_buffer
     gather, scatter = _c_gather, _c_scatter
     gather_pages, scatter_pages, copy_with_crcs = _c_gather_pages, _scatter_pages(_c_scatter_pages), _c_copy_with_crcs
-    gather_pages_to_file, scatter_pages_from_file = _c_gather_pages_to_file, _c_scatter_pages_from_file
+    gather_pages_to_file = _c_gather_pages_to_file
     scatter_pages_checked = _c_scatter_pages_checked
     start_writeback = _c_start_writeback
 else:
@@ -958,6 +916,6 @@ else:
     check_buffer = _py_check_buffer
     gather, scatter = _py_gather, _py_scatter
     gather_pages, scatter_pages, copy_with_crcs = _py_gather_pages, _py_scatter_pages, _py_copy_with_crcs
-    gather_pages_to_file, scatter_pages_from_file = _py_gather_pages_to_file, _py_scatter_pages_from_file
+    gather_pages_to_file = _py_gather_pages_to_file
     scatter_pages_checked = _py_scatter_pages_checked
     start_writeback = _py_start_writeback

@@ -124,9 +124,6 @@ typedef struct {
 #define THAW_PAGES_NO_MEMORY (-6)
 #define THAW_PAGES_REMOTE (-7)       /* remote scatter: reading the other process failed; *error says why */
 #define THAW_PAGES_WRITE (-8)        /* gather into a file: a write failed; *error says why (EBADF: fd < 0) */
-#define THAW_PAGES_READ (-9)         /* scatter from a file: a read failed; *error says why (THAW_EOF: the file
-                                      * ends inside the pages, EBADF: fd < 0) */
-#define THAW_PAGES_TILE_BYTES 2097152 /* a thread's tile: the largest chunk_size of thaw_scatter_pages_from_file */
 
 /* Page i of out (n pages, contiguous) = the block at blocks + block_offsets[i], read through layout. With
  * crcs != NULL, crcs[c] = CRC32C of out's chunk c (chunk_size bytes, the last may be short), computed in the
@@ -167,16 +164,6 @@ int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *bl
 int64_t thaw_scatter_pages_remote(int pid, uint64_t pages, size_t pages_len, void *blocks, size_t blocks_len,
                                   const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                   int *error);
-/* thaw_scatter_pages_checked with the pages read from a file: pages_len bytes at `offset` of fd, of which the n
- * pages are the first. Each thread preads a unit of whole chunks (chunk_size up to THAW_PAGES_TILE_BYTES, else
- * THAW_PAGES_BAD_CHUNK) into a tile of its own, checks each chunk against expected[c] there and moves it into the
- * blocks from the tile: the file is read once, never mapped. A bad chunk is not written, *bad_chunk = the first
- * bad chunk, or -1; as with thaw_scatter_pages_checked other chunks may have been written, so scatter into blocks
- * discarded on failure. THAW_PAGES_READ with *error = errno (THAW_EOF: the file ends inside the n pages) when a
- * read fails, after other units may have moved. */
-int64_t thaw_scatter_pages_from_file(int fd, uint64_t offset, size_t pages_len, void *blocks, size_t blocks_len,
-                                     const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
-                                     size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk, int *error);
 /* 0 if the first and last byte of each of the n ranges (addresses[i], lens[i]) of process pid are readable,
  * else the errno of the read that failed. */
 int thaw_remote_readable(int pid, const uint64_t *addresses, const uint64_t *lens, size_t n);

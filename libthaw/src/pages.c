@@ -13,7 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
-#include <unistd.h>
 
 #include "../include/thaw.h"
 #include "io_impl.h"
@@ -22,7 +21,7 @@
 /* FILE_SPAN: a gather into a file writes each 2 MiB-aligned span of the file with one pwrite from one thread's
  * tile (io.c's WRITE_ALIGN, for the same reason: the page cache then keeps the file in 2 MiB folios, which a
  * later mapping faults in once each, where writes of 1 MiB off that alignment left folios of 64 KiB and less). */
-enum { UNIT_BYTES = 1 << 20, FILE_SPAN = 2 << 20, TILE_BYTES = THAW_PAGES_TILE_BYTES, PARALLEL_MIN = 4 << 20,
+enum { UNIT_BYTES = 1 << 20, FILE_SPAN = 2 << 20, TILE_BYTES = FILE_SPAN, PARALLEL_MIN = 4 << 20,
        CRC_PIECE_BYTES = 128 << 10 };
 
 typedef struct {
@@ -37,9 +36,10 @@ typedef struct {
     const uint32_t *expected; /* checked scatter only: one CRC per unit of input, or NULL */
     int64_t bad;             /* checked scatter: the first unit whose CRC failed, or -1 */
     int pid;                 /* remote scatter: the process whose memory holds the pages (at `pages`), or 0 */
-    int error;               /* remote or file: errno of the first read or write that failed (THAW_EOF), or 0 */
-    int fd;                  /* gather into / scatter from a file: its descriptor (pages is NULL), else -1 */
-    uint64_t file_offset;    /* gather into / scatter from a file: where the first page is */
+    int error;               /* remote scatter or gather into a file: errno of the first read or write that
+                              * failed, or 0 */
+    int fd;                  /* gather into a file: its descriptor (pages is NULL), else -1 */
+    uint64_t file_offset;    /* gather into a file: where the first page goes */
     size_t lead_elems;       /* the first unit's elements (up to the first FILE_SPAN boundary), or 0: unit_elems */
     uint32_t *parts;         /* gather into a file: per unit, the CRC of its first piece when that continues a
                               * chunk begun in the unit before (combined into crcs after the run) */
@@ -270,7 +270,7 @@ static void record_bad(page_job *j, size_t index) {
     }
 }
 
-static void tile_unit(page_job *j, size_t start, size_t end);
+static void remote_unit(page_job *j, size_t start, size_t end);
 static void file_unit(page_job *j, size_t index, size_t start, size_t end);
 static uint8_t *thread_tile(void);
 
@@ -327,8 +327,8 @@ static void unit_task(void *ctx, size_t index, int worker) {
     (void)worker;
     page_job *j = ctx;
     size_t start = unit_start(j, index), end = unit_end(j, index);
-    if (j->pid || (j->fd >= 0 && !j->to_pages)) {
-        tile_unit(j, start, end);
+    if (j->pid) {
+        remote_unit(j, start, end);
         return;
     }
     if (j->fd >= 0) {
@@ -559,11 +559,10 @@ int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *bl
     return code;
 }
 
-/* ---- scatter from another process's memory or from a file ----------------------------------------------------
- * Each unit of the pages is read (process_vm_readv, pread) into its thread's tile, a buffer allocated once per
- * thread and reused, so it is faulted in once and stays in cache between the read, the check of its chunks
- * (from a file) and the moves out of it; then it moves as a local unit does. One pass over the source: no copy
- * of the pages lands in this process, and no mapping of a file (no page faults, nothing to unmap after). */
+/* ---- scatter from another process's memory ---------------------------------------------------------------
+ * Each unit (UNIT_BYTES of pages) is read with process_vm_readv into its thread's tile, a buffer allocated once
+ * per thread and reused, so it is faulted in once and stays in cache between the read and the moves out of it;
+ * then it moves as a local unit does. One pass over the source: no copy of the pages lands in this process. */
 
 static pthread_key_t tile_key;
 static pthread_once_t tile_once = PTHREAD_ONCE_INIT;
@@ -592,30 +591,16 @@ static int read_remote(int pid, uint64_t remote, uint8_t *out, size_t len) {
     return 0;
 }
 
-/* pread len bytes at offset of fd into out; 0, an errno, or THAW_EOF when the file ends first. */
-static int read_file(int fd, uint64_t offset, uint8_t *out, size_t len) {
-    while (len) {
-        ssize_t got = pread(fd, out, len, (off_t)offset);
-        if (got < 0 && errno == EINTR) continue;
-        if (got < 0) return errno;
-        if (got == 0) return THAW_EOF;
-        out += got, offset += (uint64_t)got, len -= (size_t)got;
-    }
-    return 0;
-}
-
-static void tile_unit(page_job *j, size_t start, size_t end) {
-    size_t isz = j->layout->itemsize, len = (end - start) * isz;
+static void remote_unit(page_job *j, size_t start, size_t end) {
+    size_t isz = j->layout->itemsize;
     if (__atomic_load_n(&j->error, __ATOMIC_RELAXED)) return; /* the call fails anyway */
     uint8_t *tile = job_tile(j);
     if (!tile) return;
-    int error = j->pid ? read_remote(j->pid, (uint64_t)(uintptr_t)j->pages + start * isz, tile, len)
-                       : read_file(j->fd, j->file_offset + start * isz, tile, len);
+    int error = read_remote(j->pid, (uint64_t)(uintptr_t)j->pages + start * isz, tile, (end - start) * isz);
     if (error) {
         record_error(j, error);
         return;
     }
-    if (j->expected && !chunks_pass(j, tile, start, end)) return;
     page_job local = *j; /* the same job with its pages at the tile: element e of the unit is tile[e - start] */
     local.pages = (uint8_t *)((uintptr_t)tile - start * isz);
     move_range(&local, start, end);
@@ -643,23 +628,4 @@ int64_t thaw_scatter_pages_remote(int pid, uint64_t pages, size_t pages_len, voi
     int64_t code = scatter(&j, pages_len, blocks_len, n, UNIT_BYTES);
     *error = j.error;
     return code ? code : j.error ? THAW_PAGES_REMOTE : 0;
-}
-
-int64_t thaw_scatter_pages_from_file(int fd, uint64_t offset, size_t pages_len, void *blocks, size_t blocks_len,
-                                     const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
-                                     size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk, int *error) {
-    page_job j = {NULL, blocks, block_offsets, layout, 0, 0, 0, chunk_size, NULL, 0, NULL, expected, -1, 0, 0, fd,
-                  offset};
-    *bad_chunk = -1;
-    *error = 0;
-    int64_t code = prepare(&j, blocks_len, pages_len, n); /* the pages first, then the chunks, then fd */
-    if (code) return code;
-    if (!expected || chunk_size == 0 || chunk_size % layout->itemsize || chunk_size > TILE_BYTES)
-        return THAW_PAGES_BAD_CHUNK;
-    if (fd < 0) return *error = EBADF, THAW_PAGES_READ;
-    /* a unit is as many whole chunks as a tile holds, each checked in the tile before it moves */
-    code = scatter(&j, pages_len, blocks_len, n, TILE_BYTES / chunk_size * chunk_size);
-    *bad_chunk = j.bad;
-    *error = j.error;
-    return code ? code : j.error ? THAW_PAGES_READ : 0;
 }

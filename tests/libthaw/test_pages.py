@@ -205,88 +205,6 @@ def test_gather_into_a_file_refuses_bad_input_and_reports_a_failed_write(native,
     assert refused.value.errno == errno.EBADF and read_only.read_bytes() == b""
 
 
-FROM_FILE = {"native": mover._c_scatter_pages_from_file, "portable": mover._py_scatter_pages_from_file}
-
-
-def file_of_pages(tmp_path, at, pages, name="pages"):
-    """A file holding `pages` at byte `at`, 0x07 around them."""
-    target = tmp_path / name
-    target.write_bytes(b"\x07" * at + pages.tobytes() + b"\x07" * 4096)
-    return target
-
-
-def mlx_pages(rest=0):
-    """(blocks, offsets, layout, pages): 16 MiB of MLX-style pages (40 KiB each) scattered in an order of their
-    own; with `rest`, the last page is a short one of `rest` tokens padded with zeros, as thaw_mlx writes it."""
-    blocks = engine(1, 8 * 4096 * 80, 4, seed=4)
-    picks = list(range(0, 256, 2)) + list(range(255, 0, -2))
-    offsets = np.array(picks, dtype=np.int64) * 16 * 80 * 4
-    layout = mover.page_layout(sequence_positions(16, 8, 4096, 80), 4)
-    pages = np.empty(len(picks) * layout.page_bytes // 4, np.float32)
-    mover.gather_pages(blocks, offsets, layout, pages)
-    if rest:
-        pages.reshape(len(picks), 16, -1)[-1, rest:] = 0
-    return blocks, offsets, layout, pages
-
-
-@pytest.mark.parametrize("path", FROM_FILE)
-@pytest.mark.parametrize("chunk", [3 << 16, 1 << 20, 3 << 20])  # chunks not aligned with pages; larger than a tile
-@pytest.mark.parametrize("rest", [0, 5])
-def test_scatter_from_a_file_writes_what_the_checked_scatter_of_its_bytes_writes(native, tmp_path, path, chunk,
-                                                                                rest):
-    blocks, offsets, layout, pages = mlx_pages(rest)
-    crcs = mover.chunk_crcs(pages, chunk)
-    want = np.zeros_like(blocks)
-    assert mover.scatter_pages_checked(pages, want, offsets, layout, chunk, crcs) is None
-    got = np.zeros_like(blocks)
-    fd = os.open(file_of_pages(tmp_path, 12288, pages), os.O_RDONLY)
-    try:
-        assert FROM_FILE[path](fd, 12288, pages.nbytes, got, offsets, layout, chunk, crcs) is None
-    finally:
-        os.close(fd)
-    assert got.tobytes() == want.tobytes()
-
-
-@pytest.mark.parametrize("path", FROM_FILE)
-@pytest.mark.parametrize("chunk", [1 << 20, 3 << 20])
-def test_scatter_from_a_file_names_the_first_bad_chunk_and_writes_none_of_it(native, tmp_path, path, chunk):
-    blocks, offsets, layout, pages = mlx_pages()
-    crcs = mover.chunk_crcs(pages, chunk)
-    raw = pages.view(np.uint8).copy()
-    raw[5 * chunk // 2 + 3] ^= 1  # in chunk 2, mid-tile (1 MiB chunks: two a tile) or read whole (3 MiB)
-    got = np.zeros_like(blocks)
-    fd = os.open(file_of_pages(tmp_path, 4096, raw), os.O_RDONLY)
-    try:
-        bad = FROM_FILE[path](fd, 4096, raw.nbytes, got, offsets, layout, chunk, crcs)
-    finally:
-        os.close(fd)
-    assert bad == 5 * chunk // 2 // chunk
-    marked = np.zeros(raw.nbytes, np.uint8)
-    marked[bad * chunk : (bad + 1) * chunk] = 1
-    landing = np.zeros_like(blocks)  # where the bad chunk's bytes would have landed
-    mover.scatter_pages(marked.view(np.float32), landing, offsets, layout)
-    assert landing.any() and not got[landing != 0].any()
-
-
-@pytest.mark.parametrize("path", FROM_FILE)
-def test_scatter_from_a_short_or_unreadable_file_raises(native, tmp_path, path):
-    blocks, offsets, layout, pages = mlx_pages()
-    crcs = mover.chunk_crcs(pages, 1 << 20)
-    short = tmp_path / "short"
-    short.write_bytes(pages.tobytes()[: -(5 << 20)])
-    unreadable = tmp_path / "write-only"
-    unreadable.write_bytes(pages.tobytes())
-    for target, flags, error in ((short, os.O_RDONLY, EOFError), (unreadable, os.O_WRONLY, OSError)):
-        fd = os.open(target, flags)
-        try:
-            with pytest.raises(error) as raised:
-                FROM_FILE[path](fd, 0, pages.nbytes, np.zeros_like(blocks), offsets, layout, 1 << 20, crcs)
-        finally:
-            os.close(fd)
-        if error is OSError:
-            assert raised.value.errno == errno.EBADF  # pread of a descriptor opened for writing only
-
-
 def refusals(call):
     """The exception type each bad input gets from `call(**changes)`, None where it is accepted."""
     cases = {"page out of range": {"offsets": [0, 1 << 40]}, "chunk 0": {"chunk": 0},
@@ -303,9 +221,9 @@ def refusals(call):
     return got
 
 
-def test_both_paths_refuse_the_same_file_moves(native, tmp_path):
-    """gather_pages_to_file and scatter_pages_from_file, native and portable: the same inputs refused, with the
-    same exception types, and nothing written to the file or the blocks."""
+def test_both_paths_refuse_the_same_gathers_into_a_file(native, tmp_path):
+    """gather_pages_to_file, native and portable: the same inputs refused, with the same exception types, and
+    nothing written to the file."""
     layout = mover.page_layout(sequence_positions(16, 2, 64, 24), 4)
     blocks = engine(1, 2 * 64 * 24, 4)
     target = tmp_path / "file"
@@ -315,19 +233,12 @@ def test_both_paths_refuse_the_same_file_moves(native, tmp_path):
     def gather(to_file, fd=fd, at=0, offsets=(0, 16 * 24 * 4), chunk=4096, itemsize=4):
         return to_file(fd, at, blocks, list(offsets), layout._replace(itemsize=itemsize), chunk)
 
-    def scatter(from_file, fd=fd, at=0, offsets=(0, 16 * 24 * 4), chunk=4096, itemsize=4):
-        crcs = [0] * max(-(-len(offsets) * layout.page_bytes // max(chunk, 1)), 0)
-        return from_file(fd, at, 8192, np.zeros_like(blocks), list(offsets), layout._replace(itemsize=itemsize),
-                         chunk, crcs)
-
     try:
         native_gather = refusals(lambda **c: gather(mover._c_gather_pages_to_file, **c))
         assert native_gather == refusals(lambda **c: gather(mover._py_gather_pages_to_file, **c))
-        assert target.read_bytes() == b"\x07" * 8192
-        native_scatter = refusals(lambda **c: scatter(mover._c_scatter_pages_from_file, **c))
-        assert native_scatter == refusals(lambda **c: scatter(mover._py_scatter_pages_from_file, **c))
     finally:
         os.close(fd)
-    assert native_gather["no descriptor, no pages"] == native_scatter["no descriptor"] == "OSError"
-    assert all(native_gather[k] == native_scatter[k] == "ValueError"
+    assert target.read_bytes() == b"\x07" * 8192
+    assert native_gather["no descriptor"] == native_gather["no descriptor, no pages"] == "OSError"
+    assert all(native_gather[k] == "ValueError"
                for k in ("page out of range", "chunk 0", "chunk not whole items", "negative file offset", "bad layout"))
