@@ -49,7 +49,9 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
     scatter_pages_checked(pages, blocks, block_offsets, layout, chunk_size, expected) -> int or None
         scatter_pages that checks each chunk_size chunk of the pages against expected[c] just before moving
         it (one pass: the chunk is still in cache). A bad chunk is not written, but others may be: returns
-        the first bad chunk, and the caller discards `blocks` (a fresh buffer, never live state).
+        the first bad chunk, and the caller discards `blocks` (a fresh buffer, never live state). On the
+        native path a SIGBUS while reading the pages (a mapped file truncated under them) raises EOFError
+        instead of ending the process, after other chunks may have moved.
     remote_window(pid, address, nbytes) -> memoryview
         another process's bytes, named here: scatter_pages reads a view of it from that process (Linux
         process_vm_readv, native path), one pass with no copy here; any other read of it faults (it maps
@@ -763,6 +765,8 @@ def _c_scatter_pages_checked(pages, blocks, block_offsets, layout: PageLayout, c
     bad = _ffi.new("int64_t *")
     code = _lib.thaw_scatter_pages_checked(p, len(p), b, len(b), offs, len(offs), c_layout, chunk_size,
                                            _ffi.from_buffer(_UINT32S, expected), bad)
+    if code == _lib.THAW_PAGES_FAULT:
+        raise EOFError("reading the pages faulted (SIGBUS): they are a mapping of a file truncated under it")
     if code:
         _page_failure(code, len(b), len(p), block_offsets, layout, True, blocks, pages)
     return None if bad[0] < 0 else int(bad[0])

@@ -393,7 +393,8 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
 
     With `expected`, the tensor's bytes are a file's, checked against their CRCs before they are used: in the
     scatter itself, chunk by chunk, when the pages are the whole tensor in order (as thaw_mlx writes them),
-    else in a pass of their own first. A bad chunk raises CorruptSnapshotError; the new array is then dropped."""
+    else in a pass of their own first. A bad chunk, or a file truncated under the mapping the tensor views
+    (the scatter's SIGBUS caught by libthaw), raises CorruptSnapshotError; the new array is then dropped."""
     _, page_size, heads, dim = tensor.shape
     itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1)
     shape, dtype = restored_shape(tensor, pages)
@@ -410,8 +411,11 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
         offsets = (np.arange(run, dtype=np.int64) + start) * page_size * dim * itemsize
         source = tensor.data[first * page_bytes : (first + run) * page_bytes]
         if whole:
-            _raise_bad(expected, mover.scatter_pages_checked(source, out, offsets, layout, expected.chunk_size,
-                                                             expected.crcs))
+            try:
+                bad = mover.scatter_pages_checked(source, out, offsets, layout, expected.chunk_size, expected.crcs)
+            except EOFError as exc:  # the tensor is a view of a mapped file, truncated under it
+                raise CorruptSnapshotError(f"tensor {expected.name!r}: {exc}") from exc
+            _raise_bad(expected, bad)
         else:
             mover.scatter_pages(source, out, offsets, layout)
     # The array's memory is uninitialised (or a replaced cache's): past num_tokens (a short last page's padding, the capacity mlx-lm

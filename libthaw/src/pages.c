@@ -10,11 +10,13 @@
 #define _GNU_SOURCE /* process_vm_readv */
 #include <errno.h>
 #include <pthread.h>
+#include <setjmp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
 
 #include "../include/thaw.h"
+#include "guard.h"
 #include "io_impl.h"
 #include "pool.h"
 
@@ -37,7 +39,7 @@ typedef struct {
     int64_t bad;             /* checked scatter: the first unit whose CRC failed, or -1 */
     int pid;                 /* remote scatter: the process whose memory holds the pages (at `pages`), or 0 */
     int error;               /* remote scatter or gather into a file: errno of the first read or write that
-                              * failed, or 0 */
+                              * failed; checked scatter: THAW_FAULT once its pages faulted; else 0 */
     int fd;                  /* gather into a file: its descriptor (pages is NULL), else -1 */
     uint64_t file_offset;    /* gather into a file: where the first page goes */
     size_t lead_elems;       /* the first unit's elements (up to the first FILE_SPAN boundary), or 0: unit_elems */
@@ -271,6 +273,7 @@ static void record_bad(page_job *j, size_t index) {
 }
 
 static void remote_unit(page_job *j, size_t start, size_t end);
+static void checked_unit(page_job *j, size_t start, size_t end);
 static void file_unit(page_job *j, size_t index, size_t start, size_t end);
 static uint8_t *thread_tile(void);
 
@@ -335,8 +338,10 @@ static void unit_task(void *ctx, size_t index, int worker) {
         file_unit(j, index, start, end);
         return;
     }
-    /* a checked scatter: the unit is one chunk, checked before it moves (then in cache) */
-    if (j->expected && !chunks_pass(j, j->pages + start * j->layout->itemsize, start, end)) return;
+    if (j->expected) {
+        checked_unit(j, start, end);
+        return;
+    }
     if (!j->crcs) {
         move_range(j, start, end);
         if (!j->to_pages) stream_fence(); /* the rows streamed into the blocks are visible once the call returns */
@@ -349,6 +354,25 @@ static void unit_task(void *ctx, size_t index, int worker) {
 static void record_error(page_job *j, int error) {
     int none = 0;
     __atomic_compare_exchange_n(&j->error, &none, error, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
+/* A unit of a checked scatter (one chunk): checked, then moved while it is in cache. Its pages may be a file's
+ * mapping (thaw_mlx.load scatters from one): a SIGBUS while reading them (the file was truncated under the
+ * mapping) fails the call with THAW_PAGES_FAULT instead of ending the process. Each thread guards its own
+ * units; the blocks are then part written, as after a bad chunk. */
+static void checked_unit(page_job *j, size_t start, size_t end) {
+    if (__atomic_load_n(&j->error, __ATOMIC_RELAXED)) return; /* the call fails anyway */
+    sigjmp_buf env;
+    if (sigsetjmp(env, 0)) {
+        record_error(j, THAW_FAULT);
+        return;
+    }
+    guard_enter(&env);
+    if (chunks_pass(j, j->pages + start * j->layout->itemsize, start, end)) {
+        move_range(j, start, end);
+        stream_fence(); /* the rows streamed into the blocks are visible once the call returns */
+    }
+    guard_leave();
 }
 
 /* The calling thread's tile, or NULL with the job marked to fail with THAW_PAGES_NO_MEMORY. */
@@ -554,9 +578,10 @@ int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *bl
     page_job j = {(uint8_t *)pages, blocks, block_offsets, layout, 0, 0, 0, chunk_size, NULL, 0, NULL, expected, -1, 0, 0, -1};
     *bad_chunk = -1;
     if (!expected) return THAW_PAGES_BAD_CHUNK;
+    if (guard_install()) return THAW_PAGES_FAULT; /* no guard: refuse before reading, as a fault would end us */
     int64_t code = scatter(&j, pages_len, blocks_len, n, chunk_size);
     *bad_chunk = j.bad;
-    return code;
+    return code ? code : j.error ? THAW_PAGES_FAULT : 0;
 }
 
 /* ---- scatter from another process's memory ---------------------------------------------------------------
