@@ -31,7 +31,7 @@ high that freed memory is always reused) and "new" (MALLOC_MMAP_THRESHOLD_ 1 MiB
 and faulted in). Files are on local disk, in the page cache (just written). Peak RSS: each operation once in a fresh process
 (the same script with --rss OP), after the session is built: the rise of VmHWM (reset through
 /proc/self/clear_refs) over VmRSS before the operation, as a multiple of the KV bytes. It counts file pages
-mapped by the process (thaw_mlx.save writes through a mapping; thaw_mlx.load reads through one).
+mapped by the process (thaw_mlx.load reads through a mapping, each KV tensor's pages let go once scattered).
 Writes benchmarks/results/kv_move_mlx.json and .md.
 """
 

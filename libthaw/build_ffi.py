@@ -98,6 +98,7 @@ typedef struct {
 #define THAW_PAGES_NO_MEMORY -6
 #define THAW_PAGES_REMOTE -7
 #define THAW_PAGES_WRITE -8
+#define THAW_PAGES_FAULT -9
 
 int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *block_offsets, size_t n,
                           const thaw_page_layout *layout, void *out, size_t out_len, size_t chunk_size,

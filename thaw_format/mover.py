@@ -40,12 +40,18 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         block raise ValueError before any byte moves.
     gather_pages_to_file(fd, offset, blocks, block_offsets, layout, chunk_size) -> array('I')
         gather_pages straight into a file at `offset` (pwrite), with each chunk's CRC32C: on the native path
-        through a cache-sized tile per thread, written from the tile while it is hot, so no buffer of the
-        pages' size is touched. A failed write raises OSError; what was written before stays.
+        through a tile per thread, one 2 MiB-aligned span of the file at a time, written from the tile while it
+        is hot, so no buffer of the pages' size is touched and the page cache can keep the file in 2 MiB folios
+        (a later mapping of it faults once per 2 MiB). A failed write raises OSError; what was written before
+        stays. Either path refuses, before any byte moves, what gather_pages refuses, then a chunk_size that
+        is not a positive multiple of the item size, a negative offset (ValueError) and a negative fd
+        (OSError EBADF).
     scatter_pages_checked(pages, blocks, block_offsets, layout, chunk_size, expected) -> int or None
         scatter_pages that checks each chunk_size chunk of the pages against expected[c] just before moving
         it (one pass: the chunk is still in cache). A bad chunk is not written, but others may be: returns
-        the first bad chunk, and the caller discards `blocks` (a fresh buffer, never live state).
+        the first bad chunk, and the caller discards `blocks` (a fresh buffer, never live state). On the
+        native path a SIGBUS while reading the pages (a mapped file truncated under them) raises EOFError
+        instead of ending the process, after other chunks may have moved.
     remote_window(pid, address, nbytes) -> memoryview
         another process's bytes, named here: scatter_pages reads a view of it from that process (Linux
         process_vm_readv, native path), one pass with no copy here; any other read of it faults (it maps
@@ -503,10 +509,29 @@ def _py_gather_pages(blocks, block_offsets, layout: PageLayout, out, chunk_size:
     return _py_chunk_crcs(o[: index.size], chunk_size) if chunk_size else None
 
 
+def _check_file_side(fd: int, offset: int, chunk_size: int, itemsize: int) -> None:
+    """Refuse what a gather into a file cannot take besides its pages, as libthaw does."""
+    if chunk_size <= 0 or chunk_size % itemsize:
+        raise ValueError(f"chunk_size must be a positive multiple of the item size {itemsize}, got {chunk_size}")
+    _check_offset(offset)
+    if fd < 0:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+def _check_offset(offset: int) -> None:
+    if offset < 0:
+        raise ValueError(f"a file offset must be >= 0, got {offset}")
+
+
 def _py_gather_pages_to_file(fd: int, offset: int, blocks, block_offsets, layout: PageLayout,
                              chunk_size: int) -> array:
-    _num_chunks(0, chunk_size)
-    out = memoryview(bytearray(len(block_offsets) * layout.page_bytes))
+    import numpy
+
+    need = len(block_offsets) * layout.page_bytes
+    _check_pages(len(_bytes_view(blocks)), need, numpy.asarray(block_offsets, dtype=numpy.int64), layout, False,
+                 False)
+    _check_file_side(fd, offset, chunk_size, layout.itemsize)
+    out = memoryview(bytearray(need))
     crcs = _py_gather_pages(blocks, block_offsets, layout, out, chunk_size)
     pwrite_all(fd, out, offset)
     return crcs
@@ -713,15 +738,15 @@ def _c_gather_pages(blocks, block_offsets, layout: PageLayout, out, chunk_size: 
 
 def _c_gather_pages_to_file(fd: int, offset: int, blocks, block_offsets, layout: PageLayout,
                             chunk_size: int) -> array:
+    _check_offset(offset)
     b, offs = _c_buffer(blocks), _c_offsets(block_offsets)
     c_layout, _rows = _c_page_layout(layout)
-    crcs = array("I", bytes(4 * _num_chunks(len(offs) * layout.page_bytes, chunk_size)))
+    crcs = array("I", bytes(4 * _num_chunks(len(offs) * layout.page_bytes, chunk_size) if chunk_size > 0 else 0))
     error = _ffi.new("int *")
-    code = _lib.thaw_gather_pages_to_file(fd, offset, b, len(b), offs, len(offs), c_layout, chunk_size,
+    code = _lib.thaw_gather_pages_to_file(fd, offset, b, len(b), offs, len(offs), c_layout, max(chunk_size, 0),
                                           _ffi.from_buffer(_UINT32S, crcs, True), error)
     if code == _lib.THAW_PAGES_WRITE:
-        cause = error[0] or errno.EBADF  # 0: a negative descriptor, refused before any write
-        raise OSError(cause, os.strerror(cause))
+        raise OSError(error[0], os.strerror(error[0]))
     if code:
         _page_failure(code, len(b), len(offs) * layout.page_bytes, block_offsets, layout, False, blocks, None)
     return crcs
@@ -754,6 +779,8 @@ def _c_scatter_pages_checked(pages, blocks, block_offsets, layout: PageLayout, c
     bad = _ffi.new("int64_t *")
     code = _lib.thaw_scatter_pages_checked(p, len(p), b, len(b), offs, len(offs), c_layout, chunk_size,
                                            _ffi.from_buffer(_UINT32S, expected), bad)
+    if code == _lib.THAW_PAGES_FAULT:
+        raise EOFError("reading the pages faulted (SIGBUS): they are a mapping of a file truncated under it")
     if code:
         _page_failure(code, len(b), len(p), block_offsets, layout, True, blocks, pages)
     return None if bad[0] < 0 else int(bad[0])
@@ -763,7 +790,7 @@ def _page_failure(code: int, blocks_len: int, pages_len: int, offsets, layout: P
                   blocks, pages) -> None:
     """Turn a refusal from C into the ValueError that names what is wrong."""
     if code == _lib.THAW_PAGES_NO_MEMORY:
-        raise MemoryError("libthaw could not allocate the scatter's offset check")
+        raise MemoryError("libthaw could not allocate the page move's working memory (a tile, row order, checks)")
     if code == _lib.THAW_PAGES_BAD_CHUNK:
         raise ValueError(f"chunk_size must be a positive multiple of the item size {layout.itemsize}")
     _check_pages(blocks_len, pages_len, list(offsets), layout, scatter, code == _lib.THAW_PAGES_OVERLAP)

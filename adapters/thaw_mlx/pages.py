@@ -393,7 +393,8 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
 
     With `expected`, the tensor's bytes are a file's, checked against their CRCs before they are used: in the
     scatter itself, chunk by chunk, when the pages are the whole tensor in order (as thaw_mlx writes them),
-    else in a pass of their own first. A bad chunk raises CorruptSnapshotError; the new array is then dropped."""
+    else in a pass of their own first. A bad chunk, or a file truncated under the mapping the tensor views
+    (the scatter's SIGBUS caught by libthaw), raises CorruptSnapshotError; the new array is then dropped."""
     _, page_size, heads, dim = tensor.shape
     itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1)
     shape, dtype = restored_shape(tensor, pages)
@@ -401,16 +402,20 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
     result, out = target if target is not None else writable_array(shape, dtype)
     layout = _sequence_layout(page_size, heads, capacity, dim, itemsize)
     page_bytes = layout.page_bytes
-    whole = expected is not None and pages == list(range(tensor.shape[0]))
+    in_order = pages == list(range(tensor.shape[0]))  # the whole tensor, as thaw_mlx writes it: one run
+    whole = expected is not None and in_order
     if expected is not None and not whole:
         bad = mover.check_buffer(tensor.data, [(0, tensor.nbytes, expected.chunk_size, 0)], expected.crcs)
         _raise_bad(expected, bad[1] if bad else None)
-    for first, run, start in mover.consecutive_runs(pages):  # one slice of the tensor each
+    for first, run, start in [(0, len(pages), 0)] if in_order else mover.consecutive_runs(pages):  # a slice each
         offsets = (np.arange(run, dtype=np.int64) + start) * page_size * dim * itemsize
         source = tensor.data[first * page_bytes : (first + run) * page_bytes]
         if whole:
-            _raise_bad(expected, mover.scatter_pages_checked(source, out, offsets, layout, expected.chunk_size,
-                                                             expected.crcs))
+            try:
+                bad = mover.scatter_pages_checked(source, out, offsets, layout, expected.chunk_size, expected.crcs)
+            except EOFError as exc:  # the tensor is a view of a mapped file, truncated under it
+                raise CorruptSnapshotError(f"tensor {expected.name!r}: {exc}") from exc
+            _raise_bad(expected, bad)
         else:
             mover.scatter_pages(source, out, offsets, layout)
     # The array's memory is uninitialised (or a replaced cache's): past num_tokens (a short last page's padding, the capacity mlx-lm

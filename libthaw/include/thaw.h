@@ -123,7 +123,8 @@ typedef struct {
 #define THAW_PAGES_REPEATED (-5)     /* scatter: two pages name the same block */
 #define THAW_PAGES_NO_MEMORY (-6)
 #define THAW_PAGES_REMOTE (-7)       /* remote scatter: reading the other process failed; *error says why */
-#define THAW_PAGES_WRITE (-8)        /* gather into a file: a write failed; *error says why (0: fd < 0) */
+#define THAW_PAGES_WRITE (-8)        /* gather into a file: a write failed; *error says why (EBADF: fd < 0) */
+#define THAW_PAGES_FAULT (-9)        /* checked scatter: reading the pages raised SIGBUS (a mapped file shrank) */
 
 /* Page i of out (n pages, contiguous) = the block at blocks + block_offsets[i], read through layout. With
  * crcs != NULL, crcs[c] = CRC32C of out's chunk c (chunk_size bytes, the last may be short), computed in the
@@ -132,10 +133,12 @@ int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *
                           const thaw_page_layout *layout, void *out, size_t out_len, size_t chunk_size,
                           uint32_t *crcs);
 /* thaw_gather_pages into a file: the n pages are written at `offset` of fd (pwrite; the file grows as needed)
- * with crcs[c] (not NULL) the CRC32C of chunk c, computed in the same pass. Each thread gathers up to 1 MiB of a
- * chunk into a tile of its own, sums it and writes it from there while it is in cache, so the engine's memory
- * is read once and no buffer of the pages' size is needed. THAW_PAGES_WRITE with *error = errno when a write
- * fails (what was written before stays: write into a temporary file). */
+ * with crcs[c] (not NULL) the CRC32C of chunk c, computed in the same pass. Each thread gathers one 2 MiB-aligned
+ * span of the file at a time into a tile of its own, sums its chunk pieces (the CRCs of chunks cut by a span
+ * boundary are combined after) and writes the span with one pwrite while it is in cache, so the engine's memory
+ * is read once, no buffer of the pages' size is needed, and the page cache can hold the file in 2 MiB folios.
+ * THAW_PAGES_WRITE with *error = errno when a write fails (what was written before stays: write into a temporary
+ * file). */
 int64_t thaw_gather_pages_to_file(int fd, uint64_t offset, const void *blocks, size_t blocks_len,
                                   const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                   size_t chunk_size, uint32_t *crcs, int *error);
@@ -147,7 +150,10 @@ int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, si
  * short) must have CRC32C expected[c], one entry per chunk of the n pages. Each chunk is checked just before
  * it moves, while it is in cache, and a bad chunk is not written; *bad_chunk = the first bad chunk, or -1.
  * The chunks before and after a bad one may already have been written: scatter into blocks that are
- * discarded on failure (fresh buffers), never into live state. */
+ * discarded on failure (fresh buffers), never into live state. The pages may be a mapping of a file: a SIGBUS
+ * while reading them (the file was truncated under the mapping) gives THAW_PAGES_FAULT, after other chunks may
+ * have moved, instead of ending the process (see guard.c for the limits; THAW_PAGES_FAULT before any byte moves
+ * where libthaw's SIGBUS handler could not be installed). */
 int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                                    const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                    size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk);

@@ -10,15 +10,21 @@
 #define _GNU_SOURCE /* process_vm_readv */
 #include <errno.h>
 #include <pthread.h>
+#include <setjmp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
 
 #include "../include/thaw.h"
+#include "guard.h"
 #include "io_impl.h"
 #include "pool.h"
 
-enum { UNIT_BYTES = 1 << 20, PARALLEL_MIN = 4 << 20, CRC_PIECE_BYTES = 128 << 10 };
+/* FILE_SPAN: a gather into a file writes each 2 MiB-aligned span of the file with one pwrite from one thread's
+ * tile (io.c's WRITE_ALIGN, for the same reason: the page cache then keeps the file in 2 MiB folios, which a
+ * later mapping faults in once each, where writes of 1 MiB off that alignment left folios of 64 KiB and less). */
+enum { UNIT_BYTES = 1 << 20, FILE_SPAN = 2 << 20, TILE_BYTES = FILE_SPAN, PARALLEL_MIN = 4 << 20,
+       CRC_PIECE_BYTES = 128 << 10 };
 
 typedef struct {
     uint8_t *pages;          /* the contiguous side: gather's output, scatter's input */
@@ -32,9 +38,14 @@ typedef struct {
     const uint32_t *expected; /* checked scatter only: one CRC per unit of input, or NULL */
     int64_t bad;             /* checked scatter: the first unit whose CRC failed, or -1 */
     int pid;                 /* remote scatter: the process whose memory holds the pages (at `pages`), or 0 */
-    int error;               /* remote scatter: errno of the first read that failed, or 0 */
+    int error;               /* remote scatter or gather into a file: errno of the first read or write that
+                              * failed; checked scatter: THAW_FAULT once its pages faulted; else 0 */
     int fd;                  /* gather into a file: its descriptor (pages is NULL), else -1 */
     uint64_t file_offset;    /* gather into a file: where the first page goes */
+    size_t lead_elems;       /* the first unit's elements (up to the first FILE_SPAN boundary), or 0: unit_elems */
+    uint32_t *parts;         /* gather into a file: per unit, the CRC of its first piece when that continues a
+                              * chunk begun in the unit before (combined into crcs after the run) */
+    int no_memory;           /* a unit found no tile: the call fails with THAW_PAGES_NO_MEMORY */
 } page_job;
 
 /* Copy n elements of one row between the contiguous side and the strided side. */
@@ -262,6 +273,7 @@ static void record_bad(page_job *j, size_t index) {
 }
 
 static void remote_unit(page_job *j, size_t start, size_t end);
+static void checked_unit(page_job *j, size_t start, size_t end);
 static void file_unit(page_job *j, size_t index, size_t start, size_t end);
 static uint8_t *thread_tile(void);
 
@@ -280,11 +292,44 @@ static uint32_t move_summed(page_job *j, size_t e, size_t end, uint32_t crc) {
     return crc;
 }
 
+/* Unit i covers elements [start, end): the first lead_elems of them, then unit_elems each. */
+static size_t unit_start(const page_job *j, size_t index) {
+    return index ? j->lead_elems + (index - 1) * j->unit_elems : 0;
+}
+
+static size_t unit_end(const page_job *j, size_t index) {
+    size_t end = index ? unit_start(j, index) + j->unit_elems : j->lead_elems;
+    return end < j->total_elems ? end : j->total_elems;
+}
+
+static size_t unit_count(page_job *j) {
+    if (!j->lead_elems) j->lead_elems = j->unit_elems;
+    if (!j->total_elems) return 0;
+    if (j->total_elems <= j->lead_elems) return 1;
+    return 1 + (j->total_elems - j->lead_elems + j->unit_elems - 1) / j->unit_elems;
+}
+
+/* Whether the chunks of elements [start, end) (whole chunks of the pages), whose bytes are at data, have their
+ * expected CRCs; the first that does not is recorded. Units past a chunk already found bad are not checked
+ * (the call fails anyway: spare the bandwidth) and do not pass. */
+static int chunks_pass(page_job *j, const uint8_t *data, size_t start, size_t end) {
+    size_t isz = j->layout->itemsize, cs = j->chunk_size, len = (end - start) * isz, first = start * isz / cs;
+    int64_t bad = __atomic_load_n(&j->bad, __ATOMIC_RELAXED);
+    if (bad >= 0 && (int64_t)first > bad) return 0;
+    for (size_t at = 0; at < len; at += cs) {
+        size_t n = len - at < cs ? len - at : cs;
+        if (thaw_crc32c(0, data + at, n) != j->expected[first + at / cs]) {
+            record_bad(j, first + at / cs);
+            return 0;
+        }
+    }
+    return 1;
+}
+
 static void unit_task(void *ctx, size_t index, int worker) {
     (void)worker;
     page_job *j = ctx;
-    size_t start = index * j->unit_elems;
-    size_t end = start + j->unit_elems < j->total_elems ? start + j->unit_elems : j->total_elems;
+    size_t start = unit_start(j, index), end = unit_end(j, index);
     if (j->pid) {
         remote_unit(j, start, end);
         return;
@@ -293,14 +338,9 @@ static void unit_task(void *ctx, size_t index, int worker) {
         file_unit(j, index, start, end);
         return;
     }
-    if (j->expected) { /* a checked scatter: the unit is one chunk, checked before it moves (then in cache) */
-        int64_t bad = __atomic_load_n(&j->bad, __ATOMIC_RELAXED);
-        if (bad >= 0 && (int64_t)index > bad) return; /* the call fails anyway: spare the bandwidth */
-        if (thaw_crc32c(0, j->pages + start * j->layout->itemsize, (end - start) * j->layout->itemsize) !=
-            j->expected[index]) {
-            record_bad(j, index);
-            return;
-        }
+    if (j->expected) {
+        checked_unit(j, start, end);
+        return;
     }
     if (!j->crcs) {
         move_range(j, start, end);
@@ -316,33 +356,67 @@ static void record_error(page_job *j, int error) {
     __atomic_compare_exchange_n(&j->error, &none, error, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
 }
 
-/* A unit (one chunk) of a gather into a file, through the thread's tile: each tile of it is moved and summed,
- * then pwritten from the tile while it is still in cache, so the file's pages are written from cache and the
- * engine's memory is read once. While one thread is in pwrite (the filesystem serialises writes to a file),
- * the others fill their tiles. */
-static void file_unit(page_job *j, size_t index, size_t start, size_t end) {
-    size_t isz = j->layout->itemsize, tile_elems = UNIT_BYTES / isz, page = j->page_elems;
+/* A unit of a checked scatter (one chunk): checked, then moved while it is in cache. Its pages may be a file's
+ * mapping (thaw_mlx.load scatters from one): a SIGBUS while reading them (the file was truncated under the
+ * mapping) fails the call with THAW_PAGES_FAULT instead of ending the process. Each thread guards its own
+ * units; the blocks are then part written, as after a bad chunk. */
+static void checked_unit(page_job *j, size_t start, size_t end) {
     if (__atomic_load_n(&j->error, __ATOMIC_RELAXED)) return; /* the call fails anyway */
-    uint8_t *tile = thread_tile();
-    if (!tile) {
-        record_error(j, ENOMEM);
+    sigjmp_buf env;
+    if (sigsetjmp(env, 0)) {
+        record_error(j, THAW_FAULT);
         return;
     }
-    page_job local = *j;
-    uint32_t crc = 0;
-    for (size_t e = start, stop; e < end; e = stop) {
-        stop = e + tile_elems < end ? e + tile_elems : end;
-        if (stop < end && stop / page * page > e) stop = stop / page * page; /* whole pages where they fit */
-        local.pages = (uint8_t *)((uintptr_t)tile - e * isz); /* element e is tile[0] */
-        crc = move_summed(&local, e, stop, crc);
-        struct iovec piece = {tile, (stop - e) * isz};
-        int error = pwritev_all(j->fd, &piece, 1, j->file_offset + e * isz);
-        if (error) {
-            record_error(j, error);
-            return;
-        }
+    guard_enter(&env);
+    if (chunks_pass(j, j->pages + start * j->layout->itemsize, start, end)) {
+        move_range(j, start, end);
+        stream_fence(); /* the rows streamed into the blocks are visible once the call returns */
     }
-    j->crcs[index] = crc;
+    guard_leave();
+}
+
+/* The calling thread's tile, or NULL with the job marked to fail with THAW_PAGES_NO_MEMORY. */
+static uint8_t *job_tile(page_job *j) {
+    uint8_t *tile = thread_tile();
+    if (!tile) __atomic_store_n(&j->no_memory, 1, __ATOMIC_RELAXED);
+    return tile;
+}
+
+/* A unit of a gather into a file (one FILE_SPAN of the file, or the part of it the pages cover), through the
+ * thread's tile: moved and summed chunk piece by chunk piece, then written with one pwrite from the tile while
+ * it is still in cache, so the engine's memory is read once. A chunk that starts here gets its CRC (whole, or
+ * of its head when it runs on into the next unit) in crcs; the piece of a chunk begun in an earlier unit gets
+ * its CRC in parts[index], combined in file order after the run (combine_parts). While one thread is in pwrite
+ * (the filesystem serialises writes to a file), the others fill their tiles. */
+static void file_unit(page_job *j, size_t index, size_t start, size_t end) {
+    size_t isz = j->layout->itemsize, chunk = j->chunk_size / isz;
+    if (__atomic_load_n(&j->error, __ATOMIC_RELAXED)) return; /* the call fails anyway */
+    uint8_t *tile = job_tile(j);
+    if (!tile) return;
+    page_job local = *j;
+    local.pages = (uint8_t *)((uintptr_t)tile - start * isz); /* element start is tile[0] */
+    for (size_t e = start, stop; e < end; e = stop) {
+        stop = (e / chunk + 1) * chunk < end ? (e / chunk + 1) * chunk : end;
+        uint32_t crc = move_summed(&local, e, stop, 0);
+        if (e == start && e % chunk)
+            j->parts[index] = crc;
+        else
+            j->crcs[e / chunk] = crc;
+    }
+    struct iovec piece = {tile, (end - start) * isz};
+    int error = pwritev_all(j->fd, &piece, 1, j->file_offset + start * isz);
+    if (error) record_error(j, error);
+}
+
+/* Complete the CRC of each chunk that runs across units with the parts of it the later units summed. */
+static void combine_parts(page_job *j, size_t units) {
+    size_t isz = j->layout->itemsize, chunk = j->chunk_size / isz;
+    for (size_t u = 1; u < units; u++) {
+        size_t start = unit_start(j, u), c = start / chunk;
+        if (start % chunk == 0) continue;
+        size_t stop = (c + 1) * chunk < unit_end(j, u) ? (c + 1) * chunk : unit_end(j, u);
+        j->crcs[c] = thaw_crc32c_combine(j->crcs[c], j->parts[u], (stop - start) * isz);
+    }
 }
 
 /* The lowest and highest source element (relative to a block's start) the layout touches; -1 if malformed. */
@@ -382,8 +456,8 @@ static int64_t prepare(page_job *j, size_t blocks_len, size_t pages_len, size_t 
     if ((__int128)n * page_elems * l->itemsize > (__int128)pages_len) return THAW_PAGES_SHORT_BUFFER;
     j->page_elems = (size_t)page_elems;
     j->total_elems = n * j->page_elems;
-    /* (a remote scatter's pages are another process's addresses: no overlap with ours is possible) */
-    if (!j->pid && j->fd < 0 && overlaps(j->pages, j->total_elems * l->itemsize, j->blocks, blocks_len)) return THAW_PAGES_OVERLAP;
+    if (j->pages && !j->pid && overlaps(j->pages, j->total_elems * l->itemsize, j->blocks, blocks_len))
+        return THAW_PAGES_OVERLAP; /* (a file's pages have no address; a remote scatter's are another process's) */
     for (size_t i = 0; i < n; i++) {
         __int128 first = (__int128)j->offsets[i] + lo * (__int128)l->itemsize;
         __int128 last = (__int128)j->offsets[i] + (hi + 1) * (__int128)l->itemsize;
@@ -425,14 +499,14 @@ static int row_order(page_job *j) {
 
 static int64_t run(page_job *j) {
     if (row_order(j)) return THAW_PAGES_NO_MEMORY;
-    size_t units = j->total_elems ? (j->total_elems + j->unit_elems - 1) / j->unit_elems : 0;
+    size_t units = unit_count(j);
     if (j->total_elems * j->layout->itemsize < PARALLEL_MIN) {
         for (size_t u = 0; u < units; u++) unit_task(j, u, 0);
     } else {
         pool_run(units, unit_task, j);
     }
     free(j->order);
-    return 0;
+    return j->no_memory ? THAW_PAGES_NO_MEMORY : 0;
 }
 
 int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *block_offsets, size_t n,
@@ -455,10 +529,17 @@ int64_t thaw_gather_pages_to_file(int fd, uint64_t offset, const void *blocks, s
     *error = 0;
     int64_t bad = prepare(&j, blocks_len, (size_t)-1, n);
     if (bad) return bad;
-    if (!crcs || chunk_size == 0 || chunk_size % layout->itemsize) return THAW_PAGES_BAD_CHUNK;
-    if (fd < 0) return THAW_PAGES_WRITE; /* *error stays 0: no descriptor */
-    j.unit_elems = chunk_size / layout->itemsize;
+    size_t isz = layout->itemsize;
+    if (!crcs || chunk_size == 0 || chunk_size % isz) return THAW_PAGES_BAD_CHUNK;
+    if (fd < 0) return *error = EBADF, THAW_PAGES_WRITE;
+    j.unit_elems = FILE_SPAN / isz;
+    j.lead_elems = (FILE_SPAN - offset % FILE_SPAN) % FILE_SPAN / isz; /* to the first span boundary (0: none) */
+    size_t units = unit_count(&j);
+    j.parts = malloc((units ? units : 1) * sizeof *j.parts);
+    if (!j.parts) return THAW_PAGES_NO_MEMORY;
     bad = run(&j);
+    if (!bad && !j.error) combine_parts(&j, units);
+    free(j.parts);
     *error = j.error;
     return bad ? bad : j.error ? THAW_PAGES_WRITE : 0;
 }
@@ -497,9 +578,10 @@ int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *bl
     page_job j = {(uint8_t *)pages, blocks, block_offsets, layout, 0, 0, 0, chunk_size, NULL, 0, NULL, expected, -1, 0, 0, -1};
     *bad_chunk = -1;
     if (!expected) return THAW_PAGES_BAD_CHUNK;
+    if (guard_install()) return THAW_PAGES_FAULT; /* no guard: refuse before reading, as a fault would end us */
     int64_t code = scatter(&j, pages_len, blocks_len, n, chunk_size);
     *bad_chunk = j.bad;
-    return code;
+    return code ? code : j.error ? THAW_PAGES_FAULT : 0;
 }
 
 /* ---- scatter from another process's memory ---------------------------------------------------------------
@@ -518,7 +600,7 @@ static uint8_t *thread_tile(void) {
     pthread_once(&tile_once, make_tile_key);
     if (!tile_key_made) return NULL;
     uint8_t *tile = pthread_getspecific(tile_key);
-    if (!tile && !posix_memalign((void **)&tile, 4096, UNIT_BYTES)) pthread_setspecific(tile_key, tile);
+    if (!tile && !posix_memalign((void **)&tile, 4096, TILE_BYTES)) pthread_setspecific(tile_key, tile);
     return tile;
 }
 
@@ -537,9 +619,9 @@ static int read_remote(int pid, uint64_t remote, uint8_t *out, size_t len) {
 static void remote_unit(page_job *j, size_t start, size_t end) {
     size_t isz = j->layout->itemsize;
     if (__atomic_load_n(&j->error, __ATOMIC_RELAXED)) return; /* the call fails anyway */
-    uint8_t *tile = thread_tile();
-    int error = tile ? read_remote(j->pid, (uint64_t)(uintptr_t)j->pages + start * isz, tile, (end - start) * isz)
-                     : ENOMEM;
+    uint8_t *tile = job_tile(j);
+    if (!tile) return;
+    int error = read_remote(j->pid, (uint64_t)(uintptr_t)j->pages + start * isz, tile, (end - start) * isz);
     if (error) {
         record_error(j, error);
         return;

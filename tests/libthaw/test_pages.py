@@ -159,9 +159,11 @@ def test_no_pages_is_a_no_op(native):
 
 @pytest.mark.parametrize("path", ["native", "portable"])
 @pytest.mark.parametrize("chunk", [3 << 16, 1 << 20, 3 << 20])  # chunks not aligned with pages; larger than a tile
-def test_gather_into_a_file_writes_the_pages_and_their_chunk_crcs(native, tmp_path, path, chunk):
+@pytest.mark.parametrize("at", [0, 4096, (2 << 20) - 4])  # on, off and just before a 2 MiB span boundary
+def test_gather_into_a_file_writes_the_pages_and_their_chunk_crcs(native, tmp_path, path, chunk, at):
     """Threaded (16 MiB of MLX-style pages, 40 KiB each), at an offset of the file: the bytes and CRCs of
-    gather_pages into memory; the bytes around the pages untouched."""
+    gather_pages into memory (chunks cut across the 2 MiB spans the native path writes by); the bytes around
+    the pages untouched."""
     positions = sequence_positions(16, 8, 4096, 80)
     blocks = engine(1, 8 * 4096 * 80, 4, seed=2)
     picks = list(range(0, 256, 2)) + list(range(255, 0, -2))
@@ -170,15 +172,15 @@ def test_gather_into_a_file_writes_the_pages_and_their_chunk_crcs(native, tmp_pa
     want = np.empty(len(picks) * len(positions), np.float32)
     want_crcs = mover.gather_pages(blocks, offsets, layout, want, chunk)
     target = tmp_path / "pages"
-    target.write_bytes(b"\x07" * (want.nbytes + 8192))
+    target.write_bytes(b"\x07" * (at + want.nbytes + 4096))
     fd = os.open(target, os.O_RDWR)
     try:
         to_file = mover._c_gather_pages_to_file if path == "native" else mover._py_gather_pages_to_file
-        crcs = to_file(fd, 4096, blocks, offsets, layout, chunk)
+        crcs = to_file(fd, at, blocks, offsets, layout, chunk)
     finally:
         os.close(fd)
     data = target.read_bytes()
-    assert data[4096:-4096] == want.tobytes() and data[:4096] + data[-4096:] == b"\x07" * 8192
+    assert data[at:-4096] == want.tobytes() and data[:at] + data[-4096:] == b"\x07" * (at + 4096)
     assert crcs == want_crcs
 
 
@@ -201,3 +203,42 @@ def test_gather_into_a_file_refuses_bad_input_and_reports_a_failed_write(native,
     finally:
         os.close(fd)
     assert refused.value.errno == errno.EBADF and read_only.read_bytes() == b""
+
+
+def refusals(call):
+    """The exception type each bad input gets from `call(**changes)`, None where it is accepted."""
+    cases = {"page out of range": {"offsets": [0, 1 << 40]}, "chunk 0": {"chunk": 0},
+             "chunk not whole items": {"chunk": 4098}, "negative file offset": {"at": -4096},
+             "no descriptor": {"fd": -1}, "no descriptor, no pages": {"fd": -1, "offsets": []},
+             "bad layout": {"itemsize": 3}}
+    got = {}
+    for name, changes in cases.items():
+        try:
+            call(**changes)
+            got[name] = None
+        except (ValueError, OSError) as error:
+            got[name] = type(error).__name__
+    return got
+
+
+def test_both_paths_refuse_the_same_gathers_into_a_file(native, tmp_path):
+    """gather_pages_to_file, native and portable: the same inputs refused, with the same exception types, and
+    nothing written to the file."""
+    layout = mover.page_layout(sequence_positions(16, 2, 64, 24), 4)
+    blocks = engine(1, 2 * 64 * 24, 4)
+    target = tmp_path / "file"
+    target.write_bytes(b"\x07" * 8192)
+    fd = os.open(target, os.O_RDWR)
+
+    def gather(to_file, fd=fd, at=0, offsets=(0, 16 * 24 * 4), chunk=4096, itemsize=4):
+        return to_file(fd, at, blocks, list(offsets), layout._replace(itemsize=itemsize), chunk)
+
+    try:
+        native_gather = refusals(lambda **c: gather(mover._c_gather_pages_to_file, **c))
+        assert native_gather == refusals(lambda **c: gather(mover._py_gather_pages_to_file, **c))
+    finally:
+        os.close(fd)
+    assert target.read_bytes() == b"\x07" * 8192
+    assert native_gather["no descriptor"] == native_gather["no descriptor, no pages"] == "OSError"
+    assert all(native_gather[k] == "ValueError"
+               for k in ("page out of range", "chunk 0", "chunk not whole items", "negative file offset", "bad layout"))

@@ -2,6 +2,7 @@
 the same caches as thaw_format.load + restore, for every cache kind; a bad chunk anywhere raises
 CorruptSnapshotError and gives no cache. And the helper that lets a restore write into a new MLX array."""
 
+import os
 import subprocess
 import sys
 
@@ -85,6 +86,17 @@ def test_a_bad_chunk_anywhere_raises_and_gives_no_cache(name, tensor, where, ses
     with pytest.raises(CorruptSnapshotError, match=repr(tensor)):
         thaw_mlx.load(path, model)
     assert full_state(cache) == before
+
+
+def test_a_file_truncated_inside_a_kv_tensor_raises_and_gives_no_cache(session, tmp_path):
+    model, cache, tokens = session("llama-kv-long")
+    path = tmp_path / "s.thaw"
+    thaw_mlx.save(path, model, cache, tokens)
+    with thaw_format.open(path) as f:
+        region = f.info("kv/1/k")[2]
+    os.truncate(path, region.offset + region.length // 2)
+    with pytest.raises(CorruptSnapshotError):
+        thaw_mlx.load(path, model)
 
 
 def test_writable_arrays_give_each_array_its_own_memory():

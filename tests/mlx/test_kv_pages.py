@@ -3,6 +3,9 @@ reshape one way; index, reshape, transpose, pad the other), for full and short l
 quantized parts (packed uint32, scales) and pages restored out of order; with a file's CRCs, the same bytes or
 CorruptSnapshotError."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -83,6 +86,45 @@ def test_checked_restore_scatters_the_same_bytes_and_refuses_a_bad_chunk(num_tok
         bad = Tensor(paged.dtype, paged.shape, data)
         with pytest.raises(CorruptSnapshotError, match=rf"'kv/0/k'.*chunk {at // chunk}\b"):
             pages.from_pages(bad, chain, num_tokens, pages.Expected("kv/0/k", chunk, crcs))
+
+
+TRUNCATED_UNDER_THE_SCATTER = """
+import mmap, os, sys
+import mlx.core as mx
+from thaw_format import CorruptSnapshotError, Tensor, mover
+from thaw_mlx import pages
+
+path, cut = sys.argv[1], int(sys.argv[2])
+x = mx.random.normal((1, 8, 4096, 128))  # 16 MiB of pages: the scatter runs on libthaw's threads
+paged = pages.to_pages(x, 4096, 256)
+with open(path, "wb") as f:
+    f.write(paged.data)
+crcs = mover.chunk_crcs(paged.data, 1 << 20)
+fd = os.open(path, os.O_RDONLY)
+mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+os.close(fd)
+os.truncate(path, cut)  # another program cuts the file after it is mapped, before the load reads it
+view = Tensor(paged.dtype, paged.shape, memoryview(mapped))
+try:
+    pages.from_pages(view, list(range(paged.shape[0])), 4096, pages.Expected("kv/3/v", 1 << 20, crcs))
+except CorruptSnapshotError as exc:
+    print("CorruptSnapshotError:", exc)
+print("alive")
+"""
+
+
+@pytest.mark.skipif(mover._lib is None, reason="the SIGBUS guard is libthaw's")
+@pytest.mark.parametrize("cut", [0, (5 << 20) + 123, (16 << 20) - 4096])
+def test_a_file_truncated_under_its_mapping_raises_in_the_checked_scatter(tmp_path, cut):
+    """from_pages as thaw_mlx.load calls it, from a mapping of the file: the file truncated after it is mapped
+    (pages gone at the start, the middle, the end) gives CorruptSnapshotError naming the tensor, not a SIGBUS.
+    In a child process, so that a regression fails this test rather than killing the test run."""
+    child = subprocess.run([sys.executable, "-c", TRUNCATED_UNDER_THE_SCATTER, str(tmp_path / "kv"), str(cut)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, (child.returncode, child.stderr)
+    assert child.stdout.splitlines() == [
+        "CorruptSnapshotError: tensor 'kv/3/v': reading the pages faulted (SIGBUS): they are a mapping of a file "
+        "truncated under it", "alive"], child.stdout
 
 
 @pytest.mark.parametrize("scatter", CHECKED, ids=lambda f: f.__name__)
