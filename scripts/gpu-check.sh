@@ -25,9 +25,9 @@ mkdir -p "$(dirname "$LOG")"
 exec > >(tee "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 THAW_REQUIRE_GPU=1
 
-step() { echo; echo "== $* ($(date -u +%T))"; }
+section() { echo; echo "== $* ($(date -u +%T))"; }
 
-step "wheels"
+section "wheels"
 ls .whl/*.whl || { echo "no .whl/: fetch the wheels listed in this script's header"; exit 1; }
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$ROOT:$ROOT/adapters:$ROOT/conformance:$ROOT/tests
@@ -37,21 +37,21 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $PY -c "import torch, transformers, cffi; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'cffi', cffi.__version__, 'gpu', torch.cuda.get_device_name())" || exit 1
 
-step "build libthaw (C + CUDA)"
+section "build libthaw (C + CUDA)"
 nvcc --version | tail -1
 timeout 240 $PY setup.py build_ext --inplace -q || exit 1
 test -f thaw_format/libthaw_cuda.so || { echo "libthaw_cuda.so was not built"; exit 1; }
 
-step "GPU tests"
+section "GPU tests"
 timeout 200 $PY -m pytest -q -rs tests/libthaw/test_cuda.py tests/libthaw/test_stage_plan.py
 tests_libthaw=$?
 timeout 200 $PY -m pytest -q -rs -p no:cacheprovider tests/transformers/test_gpu.py tests/transformers/test_bench_gpu.py
 tests_transformers=$?
 
-step "benchmark"
+section "benchmark"
 timeout 200 $PY benchmarks/bench_gpu.py --name gpu_h200
 bench=$?
 [ -n "${OUT:-}" ] && cp benchmarks/results/gpu_h200.json benchmarks/results/gpu_h200.md "$OUT"/ 2>/dev/null
 
-step "done: libthaw tests rc=$tests_libthaw, transformers tests rc=$tests_transformers, benchmark rc=$bench"
+section "done: libthaw tests rc=$tests_libthaw, transformers tests rc=$tests_transformers, benchmark rc=$bench"
 [ $tests_libthaw -eq 0 ] && [ $tests_transformers -eq 0 ] && [ $bench -eq 0 ]
