@@ -242,25 +242,48 @@ def page_layout(positions, itemsize: int) -> PageLayout:
 _INT64_MAX = (1 << 63) - 1
 
 
-def consecutive_runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
+def consecutive_runs(pages) -> list[tuple[int, int, int]]:
     """(first page, count, index in `pages`) of each run of consecutive page numbers: the slices of a page
-    buffer that one gather_pages / scatter_pages call each can take. Page numbers are ints (not bools) in
-    [0, 2**63): anything else is refused, not rounded, parsed or wrapped by numpy's int64 conversion."""
+    buffer that one gather_pages / scatter_pages call each can take. `pages` is a one-dimensional numpy array of
+    an integer dtype (taken as it is: a restore's thousands of rows need no round trip through a list) or a
+    sequence of ints (not bools); either way the numbers must lie in [0, 2**63): anything else is refused, not
+    rounded, parsed or wrapped by numpy's int64 conversion."""
     import numpy
 
-    from .document import ints_within
-
-    if not ints_within(pages, 0, _INT64_MAX):  # type, min and max each one pass in C
-        others = sorted({type(p).__name__ for p in pages} - {"int"})
-        if others:
-            raise TypeError(f"page numbers must be ints, not {', '.join(others)}")
-        raise ValueError(f"page numbers must lie in [0, 2**63), not {min(pages)}..{max(pages)}")
-    numbers = numpy.asarray(pages, dtype=numpy.int64)
+    numbers = _page_array(pages) if isinstance(pages, numpy.ndarray) else _page_list(pages)
     if numbers.size == 0:
         return []
     starts = numpy.concatenate(([0], numpy.flatnonzero(numpy.diff(numbers) != 1) + 1))
     counts = numpy.diff(numpy.append(starts, numbers.size))
     return list(zip(numbers[starts].tolist(), counts.tolist(), starts.tolist()))
+
+
+def _page_array(pages):
+    """consecutive_runs's numbers from an array: integer dtype, one dimension, range checked vectorised."""
+    import numpy
+
+    if pages.dtype.kind not in "iu":  # bool ("b"), floats, objects, strings: not page numbers
+        raise TypeError(f"page numbers must be ints, not {pages.dtype}")
+    if pages.ndim != 1:
+        raise ValueError(f"page numbers must be a one-dimensional array, not of shape {pages.shape}")
+    if pages.size and (pages.min() < 0 or pages.max() > _INT64_MAX):  # a uint64 past 2**63 - 1 would wrap
+        raise ValueError(f"page numbers must lie in [0, 2**63), not {int(pages.min())}..{int(pages.max())}")
+    return pages.astype(numpy.int64, copy=False)
+
+
+def _page_list(pages: Sequence[int]):
+    """consecutive_runs's numbers from a sequence of ints: type, min and max each one pass in C."""
+    import numpy
+
+    from .document import ints_within
+
+    pages = pages if isinstance(pages, list) else list(pages)
+    if not ints_within(pages, 0, _INT64_MAX):
+        others = sorted({type(p).__name__ for p in pages} - {"int"})
+        if others:
+            raise TypeError(f"page numbers must be ints, not {', '.join(others)}")
+        raise ValueError(f"page numbers must lie in [0, 2**63), not {min(pages)}..{max(pages)}")
+    return numpy.asarray(pages, dtype=numpy.int64)
 
 
 def _page_positions(layout: PageLayout):

@@ -99,7 +99,8 @@ def scatter_rows(
 ) -> None:
     """Write flattened page rows `rows` of every layer into buffer slots `slots`: on CPU one libthaw scatter per
     run of consecutive rows (a page or more each)."""
-    runs = mover.consecutive_runs(rows.tolist())
+    runs = mover.consecutive_runs(rows.numpy())  # int64, as leaf_sequences makes them: no list round trip
+    slot_numbers = slots.cpu().numpy().astype(np.int64)
     for layer, k_buffer, v_buffer in zip(kv.layers, k_buffers, v_buffers):
         for role, buffer in (("k", k_buffer), ("v", v_buffer)):
             if buffer.device.type != "cpu":
@@ -108,7 +109,7 @@ def scatter_rows(
                 buffer[slots] = pages.reshape(-1, *pages.shape[2:]).index_select(0, rows).to(buffer.device)
                 continue
             token_bytes = buffer[0].numel() * buffer.element_size()
-            data, targets = layer.tensors[role].data, slots.cpu().numpy().astype(np.int64) * token_bytes
+            data, targets = layer.tensors[role].data, slot_numbers * token_bytes
             for first, count, at in runs:
                 mover.scatter_pages(data[first * token_bytes : (first + count) * token_bytes], _bytes(buffer),
                                     targets[at : at + count], _token_layout(buffer))

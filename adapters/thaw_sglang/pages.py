@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from thaw_format import PrefixTree
 from thaw_format.sdk.tokens import common_prefix_length
@@ -81,10 +82,11 @@ def leaf_sequences(tree: PrefixTree, page_size: int) -> list[Sequence]:
     sequences = []
     for leaf in tree.leaves():
         chain = tree.chain(leaf)
-        rows = torch.cat(
-            [torch.arange(len(tree.tokens[p]), dtype=torch.int64) + p * page_size for p in chain]
-        )
-        sequences.append(Sequence(tree.chain_tokens(leaf), rows))
+        # page p's tokens are rows p * page_size onwards: one arange, shifted per page (no tensor per page)
+        lengths = np.fromiter((len(tree.tokens[p]) for p in chain), np.int64, len(chain))
+        shift = np.asarray(chain, np.int64) * page_size - (np.cumsum(lengths) - lengths)
+        rows = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(shift, lengths)
+        sequences.append(Sequence(tree.chain_tokens(leaf), torch.from_numpy(rows)))
     return sequences
 
 
@@ -95,6 +97,9 @@ def distinct_token_count(tree: PrefixTree) -> int:
         siblings[parent].append(tree.tokens[page])
     count = 0
     for pages in siblings.values():
+        if len(pages) == 1:  # an only child (most pages: one per chain step) shares nothing
+            count += len(pages[0])
+            continue
         trie: dict = {}
         for page_tokens in pages:
             node = trie

@@ -146,6 +146,17 @@ def test_consecutive_runs_of_ints():
     assert mover.consecutive_runs([]) == []
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint64, np.uint16])
+def test_consecutive_runs_of_an_integer_array(dtype):
+    """An array is taken as it is (a restore's rows): the same runs as its list, for every integer dtype."""
+    pages = [4, 5, 6, 9, 2, 3, 0]
+    assert mover.consecutive_runs(np.array(pages, dtype)) == mover.consecutive_runs(pages) == [
+        (4, 3, 0), (9, 1, 3), (2, 2, 4), (0, 1, 6)]
+    assert mover.consecutive_runs(np.array([], dtype)) == []
+    big = np.array([(1 << 63) - 2, (1 << 63) - 1], np.uint64)
+    assert mover.consecutive_runs(big) == [((1 << 63) - 2, 2, 0)]
+
+
 @pytest.mark.parametrize("pages, error, match", [
     ([1, 2.0], TypeError, "not float"),
     (["1", "2"], TypeError, "not str"),
@@ -153,6 +164,11 @@ def test_consecutive_runs_of_ints():
     (np.array([1.5]), TypeError, "not float64"),
     ([1 << 63], ValueError, "2\\*\\*63"),  # numpy's int64 would overflow, and 2**63 - 1 then 0 would wrap
     ([3, -1], ValueError, "-1..3"),
+    (np.array([True, False]), TypeError, "not bool"),
+    (np.array([1, 2], np.float32), TypeError, "not float32"),
+    (np.array([3, -1], np.int64), ValueError, "-1..3"),
+    (np.array([1, 1 << 63], np.uint64), ValueError, "2\\*\\*63"),  # would wrap to -2**63 as int64
+    (np.array([[1, 2]], np.int64), ValueError, "one-dimensional"),
 ])
 def test_consecutive_runs_refuses_what_is_not_a_page_number(pages, error, match):
     with pytest.raises(error, match=match):

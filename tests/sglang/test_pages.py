@@ -47,3 +47,16 @@ def test_chain_paths_hold_each_chains_longest_cached_prefix_and_nothing_else(pag
     assert [p.tokens for p in held] == [list(range(6)), [0, 1, 2, 3, 70]]  # cut at the chain's end, or where it parts
     assert [p.slots.tolist() for p in held] == [list(range(6)), [20, 21, 22, 23, 24]]
     assert pages.chain_paths([a, b], []) == []
+
+
+def test_leaf_sequence_rows_are_each_tokens_page_and_offset(pages):
+    """Rows as their definition gives them (page * page_size + offset, page by page down the chain), and the slot
+    count with only children (counted whole) beside siblings (their common tokens once)."""
+    paths = [_path(pages, range(11), 0), _path(pages, list(range(6)) + [90, 91, 92, 93, 94], 40),
+             _path(pages, list(range(8)) + [7], 80)]
+    cut = pages.paginate(paths, page_size=3)
+    for sequence, leaf in zip(pages.leaf_sequences(cut.tree, page_size=3), cut.tree.leaves()):
+        want = [p * 3 + i for p in cut.tree.chain(leaf) for i in range(len(cut.tree.tokens[p]))]
+        assert sequence.rows.dtype == torch.int64 and sequence.rows.tolist() == want
+    assert pages.distinct_token_count(cut.tree) == len({(tuple(p.tokens[: i + 1])) for p in paths
+                                                        for i in range(len(p.tokens))})
