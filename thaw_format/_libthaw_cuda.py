@@ -22,7 +22,7 @@ LIBRARY = Path(__file__).resolve().parent / "libthaw_cuda.so"
 _CDEF = """
 typedef uint32_t (*thaw_crc_fn)(uint32_t crc, const void *data, size_t len);
 typedef struct { uint64_t offset; void *device; uint64_t len; uint64_t chunk_size; uint32_t *crcs; } thaw_cuda_region;
-typedef struct { void *chunk_crcs; void *gather; void *read_regions; void *write_regions; } thaw_cuda_host_ops;
+typedef struct { void *chunk_crcs; void *copy_chunk_crcs; void *read_regions; void *write_regions; } thaw_cuda_host_ops;
 void thaw_cuda_set_host_ops(const thaw_cuda_host_ops *ops);
 int thaw_cuda_device_count(void);
 const char *thaw_cuda_last_error(void);
@@ -71,7 +71,7 @@ def open_library(library: Path = LIBRARY):
             raise RuntimeError("libthaw CUDA mover unavailable: the CUDA runtime sees no device")
         # The ring's host side runs on libthaw's thread pool: its routines are handed over by address.
         lib.thaw_cuda_set_host_ops(_ffi.new("thaw_cuda_host_ops *", [_address(name) for name in (
-            "thaw_chunk_crcs", "thaw_gather", "thaw_read_regions", "thaw_write_regions")]))
+            "thaw_chunk_crcs", "thaw_copy_chunk_crcs", "thaw_read_regions", "thaw_write_regions")]))
         _opened = (lib, _ffi.cast("thaw_crc_fn", _address("thaw_crc32c_parallel")))
     return _opened
 

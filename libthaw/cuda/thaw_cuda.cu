@@ -173,26 +173,18 @@ static int make_ring(ring &r, const thaw_cuda_region *regions, size_t n, size_t 
     return THAW_CUDA_OK;
 }
 
-// dst[0, n) = src[0, n), split across libthaw's thread pool (its gather, over 1 MiB slabs) when it was handed over.
-static void copy(uint8_t *dst, const uint8_t *src, uint64_t n) {
-    const uint64_t slab = 1 << 20, slabs = host_ops.gather ? n / slab : 0;
-    if (slabs > 1) {
-        int64_t offsets[256];
-        for (uint64_t done = 0; done < slabs;) {  // at most 256 slabs per call of gather
-            uint64_t k = slabs - done < 256 ? slabs - done : 256;
-            for (uint64_t i = 0; i < k; i++) offsets[i] = (int64_t)((done + i) * slab);
-            host_ops.gather(src, n, offsets, k, slab, dst + done * slab, k * slab);
-            done += k;
-        }
-        src += slabs * slab, dst += slabs * slab, n -= slabs * slab;
-    }
-    memcpy(dst, src, n);
-}
-
 // The CRC32C of each chunk of data[0, len) into out.
 static void chunk_crcs(const uint8_t *data, uint64_t len, uint64_t chunk, uint32_t *out, thaw_crc_fn crc) {
     if (host_ops.chunk_crcs) return host_ops.chunk_crcs(data, len, chunk, out);
     for (uint64_t c = 0; c * chunk < len; c++) out[c] = crc(0, data + c * chunk, len - c * chunk < chunk ? len - c * chunk : chunk);
+}
+
+// dst[0, len) = src[0, len) and the CRC32C of each chunk of the copy into out: one pass on the thread pool.
+static void copy_chunk_crcs(uint8_t *dst, const uint8_t *src, uint64_t len, uint64_t chunk, uint32_t *out,
+                            thaw_crc_fn crc) {
+    if (host_ops.copy_chunk_crcs) return host_ops.copy_chunk_crcs(dst, src, len, chunk, out);
+    memcpy(dst, src, len);
+    chunk_crcs(dst, len, chunk, out, crc);
 }
 
 static int io_failed(const char *what, const thaw_io_status &status) {
@@ -200,10 +192,9 @@ static int io_failed(const char *what, const thaw_io_status &status) {
     return fail(what, cudaSuccess);
 }
 
-static int put(endpoint to, const uint8_t *p, uint64_t n, uint64_t offset) {
-    if (to.host) return copy(to.host + offset, p, n), THAW_CUDA_OK;
+static int put(int fd, const uint8_t *p, uint64_t n, uint64_t offset) {
     while (n) {
-        ssize_t w = pwrite(to.fd, p, n, (off_t)offset);
+        ssize_t w = pwrite(fd, p, n, (off_t)offset);
         if (w < 0 && errno == EINTR) continue;
         if (w <= 0) return fail("pwrite", cudaSuccess);
         p += w, n -= (uint64_t)w, offset += (uint64_t)w;
@@ -211,10 +202,9 @@ static int put(endpoint to, const uint8_t *p, uint64_t n, uint64_t offset) {
     return THAW_CUDA_OK;
 }
 
-static int get(endpoint from, uint8_t *p, uint64_t n, uint64_t offset) {
-    if (from.host) return copy(p, from.host + offset, n), THAW_CUDA_OK;
+static int get(int fd, uint8_t *p, uint64_t n, uint64_t offset) {
     while (n) {
-        ssize_t got = pread(from.fd, p, n, (off_t)offset);
+        ssize_t got = pread(fd, p, n, (off_t)offset);
         if (got < 0 && errno == EINTR) continue;
         if (got == 0) errno = ENODATA;
         if (got <= 0) return fail("pread", cudaSuccess);
@@ -231,13 +221,14 @@ static int drain(endpoint to, slot &s, const thaw_cuda_region *regions, thaw_crc
     const thaw_cuda_region *r = &regions[p->region];
     uint32_t *crcs = r->crcs + p->start / r->chunk_size;
     s.piece = nullptr;
-    if (!to.host && host_ops.write_regions) {  // pwrite and checksums together, on the thread pool
+    if (to.host) return copy_chunk_crcs(to.host + r->offset + p->start, s.host, p->len, r->chunk_size, crcs, crc), THAW_CUDA_OK;
+    if (host_ops.write_regions) {  // pwrite and checksums together, on the thread pool
         thaw_region out = {r->offset + p->start, s.host, p->len, r->chunk_size, crcs};
         thaw_io_status status = {};
         return host_ops.write_regions(to.fd, &out, 1, &status) == THAW_OK ? THAW_CUDA_OK : io_failed("write", status);
     }
     chunk_crcs(s.host, p->len, r->chunk_size, crcs, crc);
-    return put(to, s.host, p->len, r->offset + p->start);
+    return put(to.fd, s.host, p->len, r->offset + p->start);
 }
 
 static int write_ring(endpoint to, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
@@ -264,7 +255,10 @@ static int write_ring(endpoint to, const thaw_cuda_region *regions, size_t n, si
 static int64_t fill(endpoint from, slot &s, const thaw_stage_piece *p, const thaw_cuda_region *r, thaw_crc_fn crc,
                     std::vector<uint32_t> &got) {
     const uint32_t *want = r->crcs + p->start / r->chunk_size;
-    if (!from.host && host_ops.read_regions) {  // preads and checks together, on the thread pool
+    got.resize((p->len + r->chunk_size - 1) / r->chunk_size);
+    if (from.host) {
+        copy_chunk_crcs(s.host, from.host + r->offset + p->start, p->len, r->chunk_size, got.data(), crc);
+    } else if (host_ops.read_regions) {  // preads and checks together, on the thread pool
         thaw_region in = {r->offset + p->start, s.host, p->len, r->chunk_size, (uint32_t *)want};
         thaw_io_status status = {};
         int code = host_ops.read_regions(from.fd, &in, 1, 0, &status);
@@ -272,10 +266,10 @@ static int64_t fill(endpoint from, slot &s, const thaw_stage_piece *p, const tha
         if (code == THAW_BAD_CHUNK) return status.bad_chunk;
         io_failed("read", status);
         return -2;
+    } else {
+        if (get(from.fd, s.host, p->len, r->offset + p->start)) return -2;
+        chunk_crcs(s.host, p->len, r->chunk_size, got.data(), crc);
     }
-    if (get(from, s.host, p->len, r->offset + p->start)) return -2;
-    got.resize((p->len + r->chunk_size - 1) / r->chunk_size);
-    chunk_crcs(s.host, p->len, r->chunk_size, got.data(), crc);
     for (size_t c = 0; c < got.size(); c++)
         if (got[c] != want[c]) return (int64_t)c;
     return -1;

@@ -41,8 +41,7 @@ typedef struct {
  * calling thread. */
 typedef struct {
     void (*chunk_crcs)(const void *data, size_t len, size_t chunk_size, uint32_t *out);
-    int64_t (*gather)(const void *src, size_t src_len, const int64_t *offsets, size_t n, size_t length, void *out,
-                      size_t out_len);
+    void (*copy_chunk_crcs)(void *dst, const void *src, size_t len, size_t chunk_size, uint32_t *out);
     int (*read_regions)(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
     int (*write_regions)(int fd, const thaw_region *regions, size_t n, thaw_io_status *status);
 } thaw_cuda_host_ops;
