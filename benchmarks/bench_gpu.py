@@ -38,6 +38,9 @@ def arguments(argv=None):
     parser.add_argument("--regions", type=int, default=64, help="tensors the bytes are split into")
     parser.add_argument("--trunk", type=int, default=8192, help="tokens of the forked trunk")
     parser.add_argument("--name", default="gpu_h200", help="results file stem: benchmarks/results/<name>.json|md")
+    parser.add_argument("--ring", type=ring_setting, action="append",
+                        help="pinned ring as SLOTSxMIB (e.g. 8x64), repeatable: thaw's rows for each; default the "
+                             "library's own")
     parser.add_argument("--dry-run", action="store_true", help="plan and exercise the paths on CPU; write nothing")
     args = parser.parse_args(argv)
     if not args.name.startswith("gpu_"):
@@ -45,6 +48,17 @@ def arguments(argv=None):
     if args.gib <= 0 or args.regions < 1 or args.trunk < 1:
         parser.error("--gib, --regions and --trunk must be positive")
     return args
+
+
+def ring_setting(text: str) -> tuple[int, int]:
+    """'SLOTSxMIB' -> (slots, MiB): 2 to 8 slots (the ring's own bounds) of at least 1 MiB."""
+    try:
+        slots, mib = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SLOTSxMIB, e.g. 8x64") from None
+    if not 2 <= slots <= 8 or mib < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: slots must be 2 to 8 and MiB at least 1")
+    return slots, mib
 
 
 def region_sizes(total: int, regions: int) -> list[int]:
@@ -67,8 +81,8 @@ def gbps(nbytes: int, seconds: float) -> float:
     return round(nbytes / seconds / 1e9, 2)
 
 
-def movers(torch, sizes: list[int]) -> dict:
-    """GB/s of each way of moving the bytes, measured in this process."""
+def movers(torch, sizes: list[int], rings: list[tuple[int, int]]) -> dict:
+    """GB/s of each way of moving the bytes, measured in this process; thaw's through each (slots, MiB) ring."""
     from thaw_format import _libthaw_cuda, mover
 
     total = sum(sizes)
@@ -86,6 +100,16 @@ def movers(torch, sizes: list[int]) -> dict:
         pinned.copy_(device_copy, non_blocking=True)
         torch.cuda.synchronize()
 
+    pageable = torch.from_numpy(host)  # what a plain .to() / .cpu() copies from and to
+
+    def torch_pageable_h2d():
+        device_copy.copy_(pageable)
+        torch.cuda.synchronize()
+
+    def torch_pageable_d2h():
+        pageable.copy_(device_copy)
+        torch.cuda.synchronize()
+
     device_copy.copy_(pinned)
     captured = bytearray(total)
     write_specs = [(o, t.data_ptr(), n, CHUNK) for o, t, n in zip(offsets, tensors, sizes)]
@@ -99,16 +123,25 @@ def movers(torch, sizes: list[int]) -> dict:
         f.flush()
         seconds = {
             "torch pinned host->device": best_seconds(torch_h2d)[0],
-            "thaw restore from host memory (CRC-checked)": best_seconds(lambda: _libthaw_cuda.read_regions(
-                captured, read_specs))[0],
-            "thaw restore from file, page cache (CRC-checked)": best_seconds(lambda: _libthaw_cuda.read_regions(
-                f.fileno(), read_specs))[0],
+            "torch pageable host->device": best_seconds(torch_pageable_h2d)[0],
             "torch device->pinned host": best_seconds(torch_d2h)[0],
-            "thaw capture to host memory (CRCs computed)": best_seconds(lambda: _libthaw_cuda.write_regions(
-                captured, write_specs))[0],
-            "libthaw CRC32C (thread pool)": best_seconds(lambda: mover.chunk_crcs(host, CHUNK))[0],
+            "torch device->pageable host": best_seconds(torch_pageable_d2h)[0],
         }
-        assert _libthaw_cuda.read_regions(f.fileno(), read_specs) is None
+        default = _libthaw_cuda.SLOTS, _libthaw_cuda.SLOT_BYTES
+        for slots, mib in rings:  # the ring's settings are module globals, read at each call
+            _libthaw_cuda.SLOTS, _libthaw_cuda.SLOT_BYTES = slots, mib << 20
+            ring = f"ring {slots}x{mib} MiB"
+            seconds.update({
+                f"thaw restore from host memory (CRC-checked, {ring})": best_seconds(
+                    lambda: _libthaw_cuda.read_regions(captured, read_specs))[0],
+                f"thaw restore from file, page cache (CRC-checked, {ring})": best_seconds(
+                    lambda: _libthaw_cuda.read_regions(f.fileno(), read_specs))[0],
+                f"thaw capture to host memory (CRCs computed, {ring})": best_seconds(
+                    lambda: _libthaw_cuda.write_regions(captured, write_specs))[0],
+            })
+            assert _libthaw_cuda.read_regions(f.fileno(), read_specs) is None
+        _libthaw_cuda.SLOTS, _libthaw_cuda.SLOT_BYTES = default
+        seconds["libthaw CRC32C (thread pool)"] = best_seconds(lambda: mover.chunk_crcs(host, CHUNK))[0]
     device_copy.copy_(pinned)
     assert all(torch.equal(t, device_copy[o:o + n]) for t, o, n in zip(tensors, offsets, sizes))
     return {name: gbps(total, s) for name, s in seconds.items()}
@@ -165,13 +198,13 @@ def main(argv=None) -> int:
     if reason:
         print(f"bench_gpu: refusing to measure or write GPU figures: {reason}", file=sys.stderr)
         return 2
-    rates = movers(torch, sizes)
+    rates = movers(torch, sizes, args.ring or [(_libthaw_cuda.SLOTS, _libthaw_cuda.SLOT_BYTES >> 20)])
     fork = fork_versus_prefill(torch, QWEN25_05B, args.trunk, "cuda", torch.bfloat16)
     ceiling_in, ceiling_out = rates["torch pinned host->device"], rates["torch device->pinned host"]
     table = [["what", "GB/s", "of torch's pinned copy"]]
     for name, rate in rates.items():
-        ceiling = ceiling_out if "capture" in name or "->pinned" in name else ceiling_in
-        table.append([name, f"{rate}", "" if "CRC" in name else f"{rate / ceiling:.2f}"])
+        ceiling = ceiling_out if "capture" in name or "device->" in name else ceiling_in
+        table.append([name, f"{rate}", "" if name.startswith("libthaw CRC32C") else f"{rate / ceiling:.2f}"])
     table += [["fork: " + k, str(v), ""] for k, v in fork.items()]
     gpu = torch.cuda.get_device_name()
     write_results(args.name, f"GPU byte mover and fork on {gpu}", command_line(),

@@ -36,6 +36,7 @@ uint32_t thaw_crc32c(uint32_t crc, const void *data, size_t len);
 uint32_t thaw_crc32c_parallel(uint32_t crc, const void *data, size_t len);
 uint32_t thaw_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 void thaw_chunk_crcs(const void *data, size_t len, size_t chunk_size, uint32_t *out);
+void thaw_copy_chunk_crcs(void *dst, const void *src, size_t len, size_t chunk_size, uint32_t *out);
 const char *thaw_crc32c_impl(void);
 const char *thaw_crc32c_available(void);
 int thaw_crc32c_select(const char *name);

@@ -5,7 +5,7 @@
 #   2. builds libthaw (C and CUDA, nvcc there) in place,
 #   3. runs the GPU tests: tests/libthaw/test_cuda.py, test_stage_plan.py, tests/transformers/test_gpu.py and
 #      test_bench_gpu.py (THAW_REQUIRE_GPU=1 turns a GPU test's skip into a failure),
-#   4. runs benchmarks/bench_gpu.py, writing benchmarks/results/gpu_h200.json|md (copied to $OUT when set).
+#   4. runs benchmarks/bench_gpu.py (the ring at its default and two larger settings), writing benchmarks/results/gpu_h200.json|md (copied to $OUT when set).
 #
 # The wheels (.whl/ is ignored by git; fetch them on the CPU machine, from the repository root):
 #   cffi-2.0.0, pycparser-2.23 (cffi's one dependency), crc32c-2.8 (a thaw_format dependency), and
@@ -49,7 +49,7 @@ timeout 200 $PY -m pytest -q -rs -p no:cacheprovider tests/transformers/test_gpu
 tests_transformers=$?
 
 section "benchmark"
-timeout 200 $PY benchmarks/bench_gpu.py --name gpu_h200
+timeout 200 $PY benchmarks/bench_gpu.py --name gpu_h200 --ring 4x16 --ring 8x16 --ring 8x64
 bench=$?
 [ -n "${OUT:-}" ] && cp benchmarks/results/gpu_h200.json benchmarks/results/gpu_h200.md "$OUT"/ 2>/dev/null
 

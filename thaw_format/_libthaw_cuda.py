@@ -22,6 +22,8 @@ LIBRARY = Path(__file__).resolve().parent / "libthaw_cuda.so"
 _CDEF = """
 typedef uint32_t (*thaw_crc_fn)(uint32_t crc, const void *data, size_t len);
 typedef struct { uint64_t offset; void *device; uint64_t len; uint64_t chunk_size; uint32_t *crcs; } thaw_cuda_region;
+typedef struct { void *chunk_crcs; void *copy_chunk_crcs; void *read_regions; void *write_regions; } thaw_cuda_host_ops;
+void thaw_cuda_set_host_ops(const thaw_cuda_host_ops *ops);
 int thaw_cuda_device_count(void);
 const char *thaw_cuda_last_error(void);
 int thaw_cuda_gather_to_host(const void *device_src, const int64_t *offsets, size_t n, size_t length,
@@ -67,9 +69,16 @@ def open_library(library: Path = LIBRARY):
         lib = _ffi.dlopen(str(library))
         if lib.thaw_cuda_device_count() < 1:
             raise RuntimeError("libthaw CUDA mover unavailable: the CUDA runtime sees no device")
-        address = int(mover._ffi.cast("uintptr_t", mover._ffi.addressof(mover._lib, "thaw_crc32c_parallel")))
-        _opened = (lib, _ffi.cast("thaw_crc_fn", address))
+        # The ring's host side runs on libthaw's thread pool: its routines are handed over by address.
+        lib.thaw_cuda_set_host_ops(_ffi.new("thaw_cuda_host_ops *", [_address(name) for name in (
+            "thaw_chunk_crcs", "thaw_copy_chunk_crcs", "thaw_read_regions", "thaw_write_regions")]))
+        _opened = (lib, _ffi.cast("thaw_crc_fn", _address("thaw_crc32c_parallel")))
     return _opened
+
+
+def _address(name: str):
+    """A function of the CPU library (libthaw), as a pointer the CUDA library can call."""
+    return _ffi.cast("void *", int(mover._ffi.cast("uintptr_t", mover._ffi.addressof(mover._lib, name))))
 
 
 def _check(lib, code: int) -> int:

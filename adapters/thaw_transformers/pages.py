@@ -147,9 +147,17 @@ def to_snapshot(cache: PrefixCache, layouts: Sequence[LayerLayout], dtype: str) 
 
 
 def _stack(pieces: list[torch.Tensor], page_size: int) -> torch.Tensor:
+    """[pages, page_size, ...]: the full pages in one stack (one copy on a GPU, not one per page), the partial
+    ones zero-padded."""
+    if all(piece.shape[0] == page_size for piece in pieces):
+        return torch.stack(pieces)
     out = pieces[0].new_zeros((len(pieces), page_size, *pieces[0].shape[1:]))
+    full = [p for p, piece in enumerate(pieces) if piece.shape[0] == page_size]
+    if full:
+        out[full] = torch.stack([pieces[p] for p in full])
     for p, piece in enumerate(pieces):
-        out[p, : piece.shape[0]] = piece
+        if piece.shape[0] != page_size:
+            out[p, : piece.shape[0]] = piece
     return out
 
 

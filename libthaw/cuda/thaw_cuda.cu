@@ -6,6 +6,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <mutex>
+#include <vector>
+
 #include "thaw_cuda.h"
 #include "thaw_stage.h"
 
@@ -66,6 +69,12 @@ extern "C" int thaw_cuda_gather_to_host(const void *device_src, const int64_t *o
                                         void *host_out, void *stream_ptr) {
     if (n == 0 || length == 0) return THAW_CUDA_OK;
     cudaStream_t stream = (cudaStream_t)stream_ptr;
+    if (n == 1) {  // one slab: one copy, no kernel and no scratch (allocating and freeing it synchronises)
+        CHECK(cudaMemcpyAsync(host_out, (const uint8_t *)device_src + offsets[0], length, cudaMemcpyDeviceToHost,
+                              stream));
+        CHECK(cudaStreamSynchronize(stream));
+        return THAW_CUDA_OK;
+    }
     scratch s;
     if (stage_offsets(s, offsets, n, length, stream)) return THAW_CUDA_ERROR;
     move_slabs<<<(unsigned)n, 256, 0, stream>>>((const uint8_t *)device_src, s.run, s.offsets, length, 1);
@@ -79,6 +88,11 @@ extern "C" int thaw_cuda_scatter_from_host(const void *host_src, void *device_ou
                                            size_t length, void *stream_ptr) {
     if (n == 0 || length == 0) return THAW_CUDA_OK;
     cudaStream_t stream = (cudaStream_t)stream_ptr;
+    if (n == 1) {  // as in gather_to_host
+        CHECK(cudaMemcpyAsync((uint8_t *)device_out + offsets[0], host_src, length, cudaMemcpyHostToDevice, stream));
+        CHECK(cudaStreamSynchronize(stream));
+        return THAW_CUDA_OK;
+    }
     scratch s;
     if (stage_offsets(s, offsets, n, length, stream)) return THAW_CUDA_ERROR;
     CHECK(cudaMemcpyAsync(s.run, host_src, n * length, cudaMemcpyHostToDevice, stream));
@@ -103,19 +117,27 @@ struct slot {
     const thaw_stage_piece *piece = nullptr;  // the piece whose device-to-host copy is pending (writes)
 };
 
-// The pinned slots and the plan they execute (thaw_stage.h).
+// The pinned slots, kept from call to call: pinning memory costs far more than a piece's copy, so they are
+// allocated once (and again only larger). ring_lock makes the calls that use them run one at a time.
+static std::mutex ring_lock;
+static slot slots_[8];
+static int slot_count = 0;
+static uint64_t slot_size = 0;
+
+static thaw_cuda_host_ops host_ops;  // all null until thaw_cuda_set_host_ops
+
+extern "C" void thaw_cuda_set_host_ops(const thaw_cuda_host_ops *ops) {
+    std::lock_guard<std::mutex> hold(ring_lock);
+    host_ops = *ops;
+}
+
+// The plan (thaw_stage.h) for one call, over the kept slots.
 struct ring {
-    slot slots[8];
+    slot *slots = slots_;
     int count = 0;
     thaw_stage_piece *plan = nullptr;
     int64_t pieces = 0;
-    ~ring() {
-        for (int i = 0; i < count; i++) {
-            cudaFreeHost(slots[i].host);
-            cudaEventDestroy(slots[i].done);
-        }
-        delete[] plan;
-    }
+    ~ring() { delete[] plan; }
 };
 
 static int make_ring(ring &r, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots) {
@@ -132,17 +154,47 @@ static int make_ring(ring &r, const thaw_cuda_region *regions, size_t n, size_t 
         snprintf(last_error, sizeof last_error, "a region has chunk size 0, or slot_bytes is 0");
         return THAW_CUDA_ERROR;
     }
-    for (int want = thaw_stage_slots(slots); r.count < want; r.count++) {
-        CHECK(cudaMallocHost(&r.slots[r.count].host, bytes));
-        CHECK(cudaEventCreateWithFlags(&r.slots[r.count].done, cudaEventDisableTiming));
+    r.count = thaw_stage_slots(slots);
+    for (int i = 0; i < slot_count; i++) {  // a failed call may have left a copy in flight into a slot
+        CHECK(cudaEventSynchronize(slots_[i].done));
+        slots_[i].piece = nullptr;
+    }
+    if (bytes > slot_size) {  // too small for this call: all of them are pinned again at its size
+        for (; slot_count > 0; slot_count--) {
+            CHECK(cudaFreeHost(slots_[slot_count - 1].host));
+            slots_[slot_count - 1].host = nullptr;
+        }
+        slot_size = bytes;
+    }
+    for (; slot_count < r.count; slot_count++) {
+        CHECK(cudaMallocHost(&slots_[slot_count].host, slot_size));
+        if (!slots_[slot_count].done) CHECK(cudaEventCreateWithFlags(&slots_[slot_count].done, cudaEventDisableTiming));
     }
     return THAW_CUDA_OK;
 }
 
-static int put(endpoint to, const uint8_t *p, uint64_t n, uint64_t offset) {
-    if (to.host) return memcpy(to.host + offset, p, n), THAW_CUDA_OK;
+// The CRC32C of each chunk of data[0, len) into out.
+static void chunk_crcs(const uint8_t *data, uint64_t len, uint64_t chunk, uint32_t *out, thaw_crc_fn crc) {
+    if (host_ops.chunk_crcs) return host_ops.chunk_crcs(data, len, chunk, out);
+    for (uint64_t c = 0; c * chunk < len; c++) out[c] = crc(0, data + c * chunk, len - c * chunk < chunk ? len - c * chunk : chunk);
+}
+
+// dst[0, len) = src[0, len) and the CRC32C of each chunk of the copy into out: one pass on the thread pool.
+static void copy_chunk_crcs(uint8_t *dst, const uint8_t *src, uint64_t len, uint64_t chunk, uint32_t *out,
+                            thaw_crc_fn crc) {
+    if (host_ops.copy_chunk_crcs) return host_ops.copy_chunk_crcs(dst, src, len, chunk, out);
+    memcpy(dst, src, len);
+    chunk_crcs(dst, len, chunk, out, crc);
+}
+
+static int io_failed(const char *what, const thaw_io_status &status) {
+    errno = status.error == THAW_EOF ? ENODATA : status.error;
+    return fail(what, cudaSuccess);
+}
+
+static int put(int fd, const uint8_t *p, uint64_t n, uint64_t offset) {
     while (n) {
-        ssize_t w = pwrite(to.fd, p, n, (off_t)offset);
+        ssize_t w = pwrite(fd, p, n, (off_t)offset);
         if (w < 0 && errno == EINTR) continue;
         if (w <= 0) return fail("pwrite", cudaSuccess);
         p += w, n -= (uint64_t)w, offset += (uint64_t)w;
@@ -150,10 +202,9 @@ static int put(endpoint to, const uint8_t *p, uint64_t n, uint64_t offset) {
     return THAW_CUDA_OK;
 }
 
-static int get(endpoint from, uint8_t *p, uint64_t n, uint64_t offset) {
-    if (from.host) return memcpy(p, from.host + offset, n), THAW_CUDA_OK;
+static int get(int fd, uint8_t *p, uint64_t n, uint64_t offset) {
     while (n) {
-        ssize_t got = pread(from.fd, p, n, (off_t)offset);
+        ssize_t got = pread(fd, p, n, (off_t)offset);
         if (got < 0 && errno == EINTR) continue;
         if (got == 0) errno = ENODATA;
         if (got <= 0) return fail("pread", cudaSuccess);
@@ -168,16 +219,21 @@ static int drain(endpoint to, slot &s, const thaw_cuda_region *regions, thaw_crc
     CHECK(cudaEventSynchronize(s.done));
     const thaw_stage_piece *p = s.piece;
     const thaw_cuda_region *r = &regions[p->region];
-    for (uint64_t c = 0; c * r->chunk_size < p->len; c++) {
-        uint64_t n = p->len - c * r->chunk_size < r->chunk_size ? p->len - c * r->chunk_size : r->chunk_size;
-        r->crcs[p->start / r->chunk_size + c] = crc(0, s.host + c * r->chunk_size, n);
-    }
+    uint32_t *crcs = r->crcs + p->start / r->chunk_size;
     s.piece = nullptr;
-    return put(to, s.host, p->len, r->offset + p->start);
+    if (to.host) return copy_chunk_crcs(to.host + r->offset + p->start, s.host, p->len, r->chunk_size, crcs, crc), THAW_CUDA_OK;
+    if (host_ops.write_regions) {  // pwrite and checksums together, on the thread pool
+        thaw_region out = {r->offset + p->start, s.host, p->len, r->chunk_size, crcs};
+        thaw_io_status status = {};
+        return host_ops.write_regions(to.fd, &out, 1, &status) == THAW_OK ? THAW_CUDA_OK : io_failed("write", status);
+    }
+    chunk_crcs(s.host, p->len, r->chunk_size, crcs, crc);
+    return put(to.fd, s.host, p->len, r->offset + p->start);
 }
 
 static int write_ring(endpoint to, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
                       thaw_crc_fn crc, cudaStream_t stream) {
+    std::lock_guard<std::mutex> hold(ring_lock);
     ring ring_;
     if (make_ring(ring_, regions, n, slot_bytes, slots)) return THAW_CUDA_ERROR;
     for (int64_t k = 0; k < ring_.pieces; k++) {
@@ -194,24 +250,49 @@ static int write_ring(endpoint to, const thaw_cuda_region *regions, size_t n, si
     return THAW_CUDA_OK;
 }
 
+// Fill a slot with piece p and check its chunks there; returns the first bad chunk's index in the piece, -1
+// when all passed, or -2 after an error (last_error says why).
+static int64_t fill(endpoint from, slot &s, const thaw_stage_piece *p, const thaw_cuda_region *r, thaw_crc_fn crc,
+                    std::vector<uint32_t> &got) {
+    const uint32_t *want = r->crcs + p->start / r->chunk_size;
+    got.resize((p->len + r->chunk_size - 1) / r->chunk_size);
+    if (from.host) {
+        copy_chunk_crcs(s.host, from.host + r->offset + p->start, p->len, r->chunk_size, got.data(), crc);
+    } else if (host_ops.read_regions) {  // preads and checks together, on the thread pool
+        thaw_region in = {r->offset + p->start, s.host, p->len, r->chunk_size, (uint32_t *)want};
+        thaw_io_status status = {};
+        int code = host_ops.read_regions(from.fd, &in, 1, 0, &status);
+        if (code == THAW_OK) return -1;
+        if (code == THAW_BAD_CHUNK) return status.bad_chunk;
+        io_failed("read", status);
+        return -2;
+    } else {
+        if (get(from.fd, s.host, p->len, r->offset + p->start)) return -2;
+        chunk_crcs(s.host, p->len, r->chunk_size, got.data(), crc);
+    }
+    for (size_t c = 0; c < got.size(); c++)
+        if (got[c] != want[c]) return (int64_t)c;
+    return -1;
+}
+
 static int read_ring(endpoint from, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
                      thaw_crc_fn crc, cudaStream_t stream, int64_t *bad_region, int64_t *bad_chunk) {
+    std::lock_guard<std::mutex> hold(ring_lock);
     ring ring_;
     if (make_ring(ring_, regions, n, slot_bytes, slots)) return THAW_CUDA_ERROR;
+    std::vector<uint32_t> got;
     for (int64_t k = 0; k < ring_.pieces; k++) {
         const thaw_stage_piece *p = &ring_.plan[k];
         const thaw_cuda_region *r = &regions[p->region];
         slot &s = ring_.slots[p->slot];
         CHECK(cudaEventSynchronize(s.done));  // its previous host-to-device copy has finished
-        if (get(from, s.host, p->len, r->offset + p->start)) return THAW_CUDA_ERROR;
-        for (uint64_t c = 0; c * r->chunk_size < p->len; c++) {
-            uint64_t cn = p->len - c * r->chunk_size < r->chunk_size ? p->len - c * r->chunk_size : r->chunk_size;
-            if (crc(0, s.host + c * r->chunk_size, cn) != r->crcs[p->start / r->chunk_size + c]) {
-                *bad_region = (int64_t)p->region;
-                *bad_chunk = (int64_t)(p->start / r->chunk_size + c);
-                CHECK(cudaStreamSynchronize(stream));
-                return THAW_CUDA_BAD_CHUNK;
-            }
+        int64_t bad = fill(from, s, p, r, crc, got);
+        if (bad == -2) return THAW_CUDA_ERROR;
+        if (bad >= 0) {
+            *bad_region = (int64_t)p->region;
+            *bad_chunk = (int64_t)(p->start / r->chunk_size) + bad;
+            CHECK(cudaStreamSynchronize(stream));
+            return THAW_CUDA_BAD_CHUNK;
         }
         CHECK(cudaMemcpyAsync((uint8_t *)r->device + p->start, s.host, p->len, cudaMemcpyHostToDevice, stream));
         CHECK(cudaEventRecord(s.done, stream));

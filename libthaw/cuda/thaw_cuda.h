@@ -14,6 +14,8 @@
 extern "C" {
 #endif
 
+#include "thaw.h" /* thaw_region, thaw_io_status: the CPU library's types, for the host routines below */
+
 /* The library is built with hidden visibility; only these functions are exported. */
 #define THAW_CUDA_API __attribute__((visibility("default")))
 
@@ -33,11 +35,24 @@ typedef struct {
     uint32_t *crcs; /* ceil(len / chunk_size): filled by writes, expected by reads */
 } thaw_cuda_region;
 
+/* libthaw's parallel host routines (thaw.h), handed over by address once (libthaw_cuda.so is opened apart from
+ * the CPU library). With them the ring's host side runs on libthaw's thread pool: copies into and out of the
+ * pinned slots, per-chunk checksums, and the file's reads and writes. Without them (never set) it runs on the
+ * calling thread. */
+typedef struct {
+    void (*chunk_crcs)(const void *data, size_t len, size_t chunk_size, uint32_t *out);
+    void (*copy_chunk_crcs)(void *dst, const void *src, size_t len, size_t chunk_size, uint32_t *out);
+    int (*read_regions)(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
+    int (*write_regions)(int fd, const thaw_region *regions, size_t n, thaw_io_status *status);
+} thaw_cuda_host_ops;
+
+THAW_CUDA_API void thaw_cuda_set_host_ops(const thaw_cuda_host_ops *ops);
 THAW_CUDA_API int thaw_cuda_device_count(void);
 THAW_CUDA_API const char *thaw_cuda_last_error(void);
 
 /* Copy n slabs of `length` bytes from device_src + offsets[i] (offsets in host memory) into host_out
- * (n * length bytes): a kernel gathers them into one device buffer, then one device-to-host copy. */
+ * (n * length bytes): a kernel gathers them into one device buffer, then one device-to-host copy (one slab:
+ * just the copy). */
 THAW_CUDA_API int thaw_cuda_gather_to_host(const void *device_src, const int64_t *offsets, size_t n, size_t length,
                              void *host_out, void *stream);
 /* The reverse: one host-to-device copy of host_src (n * length bytes), then a kernel scatters the slabs to
@@ -45,7 +60,9 @@ THAW_CUDA_API int thaw_cuda_gather_to_host(const void *device_src, const int64_t
 THAW_CUDA_API int thaw_cuda_scatter_from_host(const void *host_src, void *device_out, const int64_t *offsets, size_t n,
                                 size_t length, void *stream);
 
-/* Device memory to file through a ring of `slots` pinned buffers of slot_bytes: the device-to-host copy
+/* The ring's pinned slots are allocated on first use and kept for later calls (grown when a call needs more);
+ * calls that use the ring run one at a time.
+ * Device memory to file through a ring of `slots` pinned buffers of slot_bytes: the device-to-host copy
  * of one piece overlaps the checksum and pwrite of the previous one. The pieces and their slots are
  * thaw_stage_plan's (thaw_stage.h). */
 THAW_CUDA_API int thaw_cuda_write_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,

@@ -26,6 +26,9 @@ uint32_t thaw_crc32c_parallel(uint32_t crc, const void *data, size_t len);
 uint32_t thaw_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 /* CRC32C of each chunk_size piece of data (the last may be short) into out[ceil(len / chunk_size)]. */
 void thaw_chunk_crcs(const void *data, size_t len, size_t chunk_size, uint32_t *out);
+/* dst = src (len bytes, not overlapping), with the CRC32C of each chunk of the copy (as thaw_chunk_crcs of dst):
+ * one pass, each block checksummed while the copy is in cache, split across the thread pool. */
+void thaw_copy_chunk_crcs(void *dst, const void *src, size_t len, size_t chunk_size, uint32_t *out);
 
 /* Name of the active implementation: "avx512-vpclmulqdq", "avx2-vpclmulqdq", "sse42", "armv8-crc",
  * "software". */

@@ -129,10 +129,13 @@ uint32_t thaw_crc32c(uint32_t crc, const void *data, size_t len) {
 
 enum { TASK_BYTES = 1 << 20, PARALLEL_MIN = 4 << 20 };
 
+enum { COPY_BLOCK = 128 << 10 }; /* copied, then checksummed while it is still in the core's cache */
+
 typedef struct {
     const uint8_t *data;
     size_t len, chunk_size, chunks_per_task;
     uint32_t *out;
+    uint8_t *copy_to; /* thaw_copy_chunk_crcs: the chunks are copied here and their copies checksummed */
 } chunk_job;
 
 static void chunk_task(void *ctx, size_t index, int worker) {
@@ -145,20 +148,39 @@ static void chunk_task(void *ctx, size_t index, int worker) {
     for (size_t c = first; c < last; c++) {
         size_t start = c * job->chunk_size;
         size_t n = job->len - start < job->chunk_size ? job->len - start : job->chunk_size;
-        job->out[c] = ~k(~0u, job->data + start, n);
+        if (!job->copy_to) {
+            job->out[c] = ~k(~0u, job->data + start, n);
+            continue;
+        }
+        uint32_t crc = ~0u;
+        for (size_t at = start; at < start + n; at += COPY_BLOCK) {
+            size_t m = start + n - at < COPY_BLOCK ? start + n - at : COPY_BLOCK;
+            memcpy(job->copy_to + at, job->data + at, m);
+            crc = k(crc, job->copy_to + at, m);
+        }
+        job->out[c] = ~crc;
+    }
+}
+
+static void run_chunks(chunk_job *job) {
+    size_t n_chunks = (job->len + job->chunk_size - 1) / job->chunk_size;
+    job->chunks_per_task = job->chunk_size >= TASK_BYTES ? 1 : TASK_BYTES / job->chunk_size;
+    size_t tasks = (n_chunks + job->chunks_per_task - 1) / job->chunks_per_task;
+    if (job->len < PARALLEL_MIN) {
+        for (size_t i = 0; i < tasks; i++) chunk_task(job, i, 0);
+    } else {
+        pool_run(tasks, chunk_task, job);
     }
 }
 
 void thaw_chunk_crcs(const void *data, size_t len, size_t chunk_size, uint32_t *out) {
-    size_t n_chunks = (len + chunk_size - 1) / chunk_size;
-    size_t per_task = chunk_size >= TASK_BYTES ? 1 : TASK_BYTES / chunk_size;
-    chunk_job job = {data, len, chunk_size, per_task, out};
-    size_t tasks = (n_chunks + per_task - 1) / per_task;
-    if (len < PARALLEL_MIN) {
-        for (size_t i = 0; i < tasks; i++) chunk_task(&job, i, 0);
-    } else {
-        pool_run(tasks, chunk_task, &job);
-    }
+    chunk_job job = {data, len, chunk_size, 0, out, NULL};
+    run_chunks(&job);
+}
+
+void thaw_copy_chunk_crcs(void *dst, const void *src, size_t len, size_t chunk_size, uint32_t *out) {
+    chunk_job job = {src, len, chunk_size, 0, out, dst};
+    run_chunks(&job);
 }
 
 typedef struct {

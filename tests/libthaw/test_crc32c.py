@@ -78,6 +78,20 @@ def test_chunk_crcs_native_equals_portable(native, chunk_size):
         assert mover._c_chunk_crcs(data, chunk_size) == mover._py_chunk_crcs(data, chunk_size)
 
 
+@pytest.mark.parametrize("chunk_size", [4096, 200_000, 1 << 20, 3 << 20])
+def test_copy_chunk_crcs_copies_and_checksums_the_copy(native, chunk_size):
+    """libthaw_cuda's ring fills and empties its slots with this: the copy is exact and each chunk's CRC is the
+    copy's (blocks of 128 KiB continue one CRC across a chunk), on one thread and on the pool (>= 4 MiB)."""
+    ffi, lib = native
+    for size in (0, 1, chunk_size - 1, chunk_size + 1, (9 << 20) + 77):
+        data = random_bytes(size, size + 1)
+        out = bytearray(size + 3)  # bytes past the copy stay untouched
+        crcs = ffi.new("uint32_t[]", max(1, -(-size // chunk_size)))
+        lib.thaw_copy_chunk_crcs(ffi.from_buffer(out), ffi.from_buffer(data), size, chunk_size, crcs)
+        assert bytes(out[:size]) == data and out[size:] == b"\0\0\0"
+        assert list(crcs)[: -(-size // chunk_size)] == list(mover._py_chunk_crcs(data, chunk_size))
+
+
 def test_every_buffer_kind(native):
     np = pytest.importorskip("numpy")
     data = random_bytes(10_000, 3)

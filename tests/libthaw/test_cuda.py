@@ -118,3 +118,22 @@ def test_device_round_trip_and_corruption(cuda_torch, tmp_path, endpoint):
         assert int(targets[0][5 * chunk:].count_nonzero()) == 0  # nothing from the bad piece on reached the GPU
     finally:
         end.close()
+
+
+def test_ring_kept_across_calls_and_grown(cuda_torch):
+    """The pinned slots outlive a call: calls of 1 MiB chunks, then a chunk larger than a slot (the slots are
+    pinned again, larger), then small chunks again, each byte-exact through host memory and a corrupt chunk
+    still refused."""
+    torch = cuda_torch
+    for chunk in (1 << 20, _libthaw_cuda.SLOT_BYTES * 2, 1 << 16):
+        tensor = torch.randint(0, 255, (3 * chunk + 999,), dtype=torch.uint8, device="cuda")
+        host = bytearray(tensor.numel())
+        crcs = _libthaw_cuda.write_regions(host, [(0, tensor.data_ptr(), tensor.numel(), chunk)])
+        assert bytes(host) == tensor.cpu().numpy().tobytes()
+        assert crcs == [mover.chunk_crcs(tensor.cpu().numpy(), chunk)]
+        back = torch.zeros_like(tensor)
+        assert _libthaw_cuda.read_regions(bytes(host), [(0, back.data_ptr(), back.numel(), chunk, crcs[0])]) is None
+        assert torch.equal(back, tensor)
+        host[2 * chunk + 1] ^= 0xFF
+        back = torch.zeros_like(tensor)
+        assert _libthaw_cuda.read_regions(bytes(host), [(0, back.data_ptr(), back.numel(), chunk, crcs[0])]) == (0, 2)
