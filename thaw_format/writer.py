@@ -29,7 +29,9 @@ from .tensor import Tensor
 Progress = Optional[Callable[[int], None]]
 # Writes one tensor's bytes into the view it is given (its region) and returns the CRC32C of each chunk of
 # the given size, computed while writing. A fill that can also write straight into a file has a method
-# to_file(fd, offset, chunk_size) -> the same CRCs, which EncodedSnapshot.save calls instead of staging.
+# to_file(fd, offset, chunk_size) -> (bytes written, the same CRCs), which EncodedSnapshot.save calls instead
+# of staging: it writes the region from `offset` on, and the save is refused unless it wrote the region's
+# length.
 Fill = Callable[[memoryview, int], array]
 
 
@@ -115,7 +117,8 @@ class EncodedSnapshot:
         """Write atomically: a temporary file beside `path`, fsync, rename over `path`, fsync the directory.
 
         `fill` (as for write_into) writes each named tensor with its chunk CRCs: a fill with `to_file` writes
-        into the file itself (thaw_mlx's: through cache-sized tiles, see mover.gather_pages_to_file); any
+        into the file itself (thaw_mlx's: through cache-sized tiles, see mover.gather_pages_to_file) and says
+        how many bytes it wrote, a count other than its region's length refusing the save (ValueError); any
         other into a stage buffer of the tensor's size that pwrite then copies to the page cache while the
         next tensor is filled (a shared mapping of the file would take a page fault per 4 KiB page written).
         Staging holds two stages of the largest staged tensor's size, recycled across saves up to
@@ -170,39 +173,20 @@ class EncodedSnapshot:
         mover.pwrite_all(fd, memoryview(trailer), self.layout.trailer_offset)
         return snapshot_id
 
-    def _check_padding(self, fd: int, by_file: dict[int, str]) -> None:
-        """After the to_file fills (by_file: region index -> tensor name), before anything else is written: the
-        file still its size, and the padding after each region from the first of theirs on still zeros; else
-        the last of them before it wrote past its region."""
-        if os.fstat(fd).st_size != self.nbytes:
-            raise ValueError(f"fill of {list(by_file.values())[-1]!r} wrote past the end of the file")
-        regions, culprit = self.layout.regions, None
-        for k, region in enumerate(regions):
-            culprit = by_file.get(k, culprit)
-            following = regions[k + 1].offset if k + 1 < len(regions) else self.layout.trailer_offset
-            if culprit is not None and following > region.end:
-                gap = os.pread(fd, following - region.end, region.end)
-                if gap.count(0) != len(gap):
-                    raise ValueError(f"fill of {culprit!r} wrote past its region")
-
     def _write_staged(self, fd: int, fill: dict[str, Fill], progress: Progress, durable: bool) -> str:
         # Blocks reserved first: a full disk raises OSError before anything is gathered, and the gaps between
         # regions (never written) read as zeros without leaving holes in the file.
         os.posix_fallocate(fd, 0, self.nbytes)
         names = [name for name, _ in self.tensors]
         crcs: list = [None] * len(names)
-        # A fill's to_file writes its region itself. Those go first: whatever a write too long puts in a later
-        # region is then overwritten; what it puts in padding, or past the file, is refused (_check_padding).
-        by_file = [i for i, name in enumerate(names) if hasattr(fill.get(name), "to_file")]
-        for i in by_file:
+        # A fill with to_file writes its region itself, from the tensor's memory into the file in one pass.
+        for i in [i for i, name in enumerate(names) if hasattr(fill.get(name), "to_file")]:
             region = self.layout.regions[i]
             crcs[i] = _write_to_file(fd, names[i], fill[names[i]], region)
             if durable:
                 mover.start_writeback(fd, region.offset, region.length)
             if progress:
                 progress(region.length)
-        if by_file:
-            self._check_padding(fd, {i: names[i] for i in by_file})
         mover.pwrite_all(fd, memoryview(self.header), 0)
         plain = [i for i, name in enumerate(names) if name not in fill]
         written = mover.write_regions(fd, [(self.layout.regions[i].offset, self.tensors[i][1].data,
@@ -241,17 +225,12 @@ def _checked(name: str, crcs: array, region) -> array:
 
 
 def _write_to_file(fd: int, name: str, fill, region) -> array:
-    """fill.to_file's CRCs for the region it writes itself, refused (ValueError) if it wrote less. A write cut
-    short leaves the region's last byte as it was: a random byte put there first. Where the byte is still that
-    (1 in 256 regions written whole), the last chunk is read back and checked against its CRC."""
-    mark = secrets.token_bytes(1 if region.length else 0)
-    mover.pwrite_all(fd, memoryview(mark), region.end - len(mark))
-    crcs = _checked(name, fill.to_file(fd, region.offset, region.chunk_size), region)
-    if mark and os.pread(fd, 1, region.end - 1) == mark:
-        last = region.offset + (region.num_chunks - 1) * region.chunk_size
-        if mover.crc32c(os.pread(fd, region.end - last, last)) != crcs[-1]:
-            raise ValueError(f"fill of {name!r} wrote less than its {region.length}-byte region")
-    return crcs
+    """fill.to_file's CRCs for the region it writes itself, refused (ValueError) unless the count of bytes it
+    says it wrote is the region's length."""
+    written, crcs = fill.to_file(fd, region.offset, region.chunk_size)
+    if written != region.length:
+        raise ValueError(f"fill of {name!r} wrote {written} bytes into its {region.length}-byte region")
+    return _checked(name, crcs, region)
 
 
 def _write_out(fd: int, data: memoryview, offset: int, durable: bool) -> None:

@@ -290,21 +290,23 @@ def gather_into(x: mx.array, num_tokens: int, page_size: int, out, chunk_size: i
     return crcs
 
 
-def gather_to_file(x: mx.array, num_tokens: int, page_size: int, fd: int, offset: int, chunk_size: int) -> array:
-    """gather_into's bytes written into a file at `offset` (thaw_mlx.save), with the CRC32C of each chunk_size
-    chunk: the full pages by one libthaw call that writes each piece from a cache-sized tile (no buffer of the
-    tensor's size), a short last page and its zero padding from a buffer of one page, its CRCs continuing the
-    chunk the full pages end in."""
+def gather_to_file(x: mx.array, num_tokens: int, page_size: int, fd: int, offset: int,
+                   chunk_size: int) -> tuple[int, array]:
+    """gather_into's bytes written into a file at `offset` (thaw_mlx.save): (bytes written, the CRC32C of each
+    chunk_size chunk). The full pages by one libthaw call that writes each piece from a cache-sized tile (no
+    buffer of the tensor's size), a short last page and its zero padding from a buffer of one page, its CRCs
+    continuing the chunk the full pages end in. Each write writes all it is given or raises."""
     source = from_mlx(x)
     _, heads, capacity, dim = x.shape
     itemsize = _itemsize(x)
     token_bytes = dim * itemsize  # one token of one head in MLX's memory
     full, rest = divmod(num_tokens, page_size)
-    crcs = array("I")
+    written, crcs = 0, array("I")
     if full:
         layout = _sequence_layout(page_size, heads, capacity, dim, itemsize)
         offsets = np.arange(full, dtype=np.int64) * page_size * token_bytes
         crcs = mover.gather_pages_to_file(fd, offset, source.data, offsets, layout, chunk_size)
+        written = full * layout.page_bytes
     if rest:
         layout = _sequence_layout(rest, heads, capacity, dim, itemsize)
         last = memoryview(bytearray(page_size * heads * token_bytes))  # zeros past the rest tokens: padding
@@ -315,7 +317,8 @@ def gather_to_file(x: mx.array, num_tokens: int, page_size: int, fd: int, offset
             crcs[-1] = mover.crc32c(last[:joined], crcs[-1])
         crcs.extend(mover.chunk_crcs(last[joined:], chunk_size) if joined < len(last) else array("I"))
         mover.pwrite_all(fd, last, offset + start)
-    return crcs
+        written += len(last)
+    return written, crcs
 
 
 def unshared_buffers(cache) -> list[tuple[mx.array, memoryview]]:

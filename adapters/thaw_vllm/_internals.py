@@ -9,7 +9,9 @@ in ways that would corrupt state silently.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -22,6 +24,7 @@ require_tested("thaw_vllm", "vLLM", vllm.__version__, [TESTED_VLLM])
 
 from vllm.distributed.device_communicators.shm_broadcast import SpinCondition  # noqa: E402
 from vllm.utils.hashing import get_hash_fn_by_name  # noqa: E402
+from vllm.v1.executor.multiproc_executor import WorkerProc  # noqa: E402
 from vllm.v1.core import kv_cache_utils  # noqa: E402
 from vllm.v1.request import RequestStatus  # noqa: E402
 
@@ -325,6 +328,35 @@ def worker_awaited_asleep(core) -> Iterator[None]:
     finally:
         for condition, spin in zip(conditions, spins):
             condition.busy_loop_s = spin
+
+
+def worker_waits_asleep_after_this_call() -> None:
+    """Called in a worker during one of thaw's calls: when the call is done, the worker waits for its next
+    message asleep instead of spinning.
+
+    A multiprocessing worker reads its calls from a shared-memory MessageQueue whose reader spins on
+    sched_yield for `busy_loop_s` (1 s, fixed in vLLM 0.32) from the moment it read a message
+    (`SpinCondition.record_read`), then sleeps on the zmq notification every write sends. Between engine steps
+    the spin saves a wake-up; after one of thaw's calls, which come one at a time with the engine idle between
+    them, it burns a core for the rest of that second (on 2 CPUs, half the machine) while the client and the
+    engine core are the ones with work. A last read in the past sends the next wait straight to sleep, woken by
+    the next message's notification; that message's read starts vLLM's spin again.
+
+    The queue is held only by the WorkerProc running this call (vLLM keeps no other reference to it), so it is
+    found on the stack. In-process (UniProcExecutor) there is none, and a follower node's queue has no
+    condition (its reader waits on zmq): nothing spins, nothing to do."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not WorkerProc._execute_worker_rpc.__code__:
+        frame = frame.f_back
+    if frame is None:
+        return
+    condition = frame.f_locals["self"].rpc_broadcast_mq._spin_condition
+    if condition is None:
+        return
+    if not isinstance(condition, SpinCondition) or not condition.is_reader:
+        raise RuntimeError(f"vLLM's worker call queue waits with {type(condition).__name__}, not the reader side of "
+                           "the SpinCondition thaw_vllm was tested with")
+    condition.last_read = -math.inf
 
 
 def unfinished_requests(core) -> list:

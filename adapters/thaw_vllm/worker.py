@@ -64,6 +64,7 @@ class ThawWorkerExtension:
     def thaw_describe(self) -> dict:
         """The identity and KV layout a snapshot must match; `layout_error` says why no layout is mapped.
         Fixed for the engine's life, so computed once."""
+        _internals.worker_waits_asleep_after_this_call()
         mover_info = start_mover(self.vllm_config)
         if getattr(self, "_thaw_described", None) is None:
             self._thaw_described = {**_describe(self), "mover": dict(mover_info)}
@@ -71,6 +72,7 @@ class ThawWorkerExtension:
 
     def thaw_weights_digest(self) -> str:
         """The digest of the weights the engine loaded (spec 5.1), computed once."""
+        _internals.worker_waits_asleep_after_this_call()
         if getattr(self, "_thaw_digest", None) is None:
             self._thaw_digest = identity.weights_digest(self.vllm_config)
         return self._thaw_digest
@@ -82,6 +84,7 @@ class ThawWorkerExtension:
         the client (a segment no reader holds, which the client's Snapshot views and gives back when dropped),
         or, `shared`, in this worker's reused segment, valid until the next such capture. In-process (the client
         is here too), gathered into the snapshot's own buffers and handed over as an object."""
+        _internals.worker_waits_asleep_after_this_call()
         start_mover(self.vllm_config)
         if local:
             return {"source": transport.LocalSnapshot(_build_snapshot(self, plan, include_weights, gathered=True)).source}
@@ -100,6 +103,7 @@ class ThawWorkerExtension:
         a source the client counts as checked (thaw_format.sdk.lent.send's trust rule, or one its caller checked,
         checked_by_caller) or its Snapshot handed over in-process (api.restore); a segment's header is parsed and
         checked either way."""
+        _internals.worker_waits_asleep_after_this_call()
         start_mover(self.vllm_config)
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
         snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None), verify=verify)
@@ -110,6 +114,7 @@ class ThawWorkerExtension:
     @remote.as_data
     def thaw_write(self, pages: list[int], block_ids: list[int], tails: dict[str, int], rng_keys: list[str]) -> None:
         """Write the staged snapshot's pages into the given blocks; stage resumed requests' tails and RNG."""
+        _internals.worker_waits_asleep_after_this_call()
         snapshot, self._thaw_staged = self._thaw_staged, None
         caches, layout = engine_layout(self)
         page_bytes = layout.pages["k"].page_bytes

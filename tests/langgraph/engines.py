@@ -4,6 +4,7 @@ prompt at a time), against which every reply's tokens are checked."""
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -95,6 +96,7 @@ def plain(name: str, model_dir, engine) -> tuple[Callable[[list, int], list], Ca
         return _transformers(engine.model), lambda: None
     if name == "sglang":
         import sglang
+        from thaw_sglang._internals import stop_engine_processes
 
         os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
         reference = sglang.Engine(model_path=str(model_dir), disable_radix_cache=True, **SGLANG_KWARGS)
@@ -103,7 +105,14 @@ def plain(name: str, model_dir, engine) -> tuple[Callable[[list, int], list], Ca
             params = {"temperature": 0.0, "max_new_tokens": max_tokens, "stop_token_ids": STOP}
             return list(reference.generate(input_ids=list(prompt), sampling_params=params)["output_ids"])
 
-        return generate, reference.shutdown
+        def close():
+            # SGLang's Engine.shutdown (also run at exit) kills every child of this process: the session's thaw
+            # engine's processes and multiprocessing's resource tracker, whose relaunched successor then finds
+            # the segments thaw registered before unknown (a KeyError traceback at exit). This engine's alone.
+            atexit.unregister(reference.shutdown)
+            stop_engine_processes(reference)
+
+        return generate, close
     raise ValueError(f"unknown engine {name!r}")
 
 

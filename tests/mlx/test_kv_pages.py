@@ -168,13 +168,15 @@ def test_gather_into_a_region_gives_its_chunk_crcs(num_tokens, chunk):
 @pytest.mark.parametrize("chunk", [4096, 8192, 1 << 20])
 def test_gather_to_file_writes_the_region_with_its_chunk_crcs(tmp_path, num_tokens, chunk):
     """thaw_mlx.save's path into the file: the same bytes and CRCs as gather_into, over stale bytes of a file at
-    an offset, a short last page's CRCs continuing the chunk the full pages end in."""
+    an offset, a short last page's CRCs continuing the chunk the full pages end in, and the count of bytes
+    written that the writer checks."""
     heads, capacity, dim, page_size = 3, 256, 24, 32
     x = sequence(mx.float32, heads, capacity, dim, seed=2)
     want = pages.to_pages(x, num_tokens, page_size)
     path = tmp_path / "region"
     path.write_bytes(b"\xab" * (want.nbytes + 100))
     with open(path, "r+b") as f:
-        crcs = pages.gather_to_file(x, num_tokens, page_size, f.fileno(), 100, chunk)
+        written, crcs = pages.gather_to_file(x, num_tokens, page_size, f.fileno(), 100, chunk)
+    assert written == want.nbytes
     assert path.read_bytes() == b"\xab" * 100 + bytes(want.data)
     assert list(crcs) == list(mover.chunk_crcs(want.data, chunk))

@@ -1,4 +1,8 @@
-"""Weights travel with a snapshot; a snapshot the engine cannot take is refused before anything changes."""
+"""Weights travel with a snapshot; a snapshot the engine cannot take is refused before anything changes.
+
+The family's engines are shared by the whole session: a test that loads other weights or KV into one gives it
+back as the fork left it (`given_back`), and the fork a test shuts down is its own, so these tests neither depend
+on nor change what other files' tests find."""
 
 import dataclasses
 
@@ -30,6 +34,21 @@ def _other_weights(snapshot, seed):
     )
 
 
+@pytest.fixture
+def given_back(thaw_sglang, family):
+    """family.children[i] for a test that changes it (weights, KV, its radix tree), each restored afterwards to
+    the snapshot it was forked from, however the test ended."""
+    taken = []
+
+    def take(i: int):
+        taken.append(i)
+        return family.children[i]
+
+    yield take
+    for i in taken:
+        thaw_sglang.restore(family.children[i], family.snapshot)
+
+
 def test_weights_are_named_by_their_checkpoint(thaw_sglang, zoo, family):
     """Carried or not, the weights' identity is the checkpoint's digest, which every engine computes alike."""
     kv_only = thaw_sglang.capture(family.children[1], include_weights=False)
@@ -39,9 +58,9 @@ def test_weights_are_named_by_their_checkpoint(thaw_sglang, zoo, family):
     assert kv_only.model.weights_digest == kv_only.weights.ref.weights_digest == checkpoint
 
 
-def test_weights_travel_with_the_snapshot(thaw_sglang, family):
+def test_weights_travel_with_the_snapshot(thaw_sglang, family, given_back):
     """Other weights loaded through the restore change the continuation; the parent's bring it back."""
-    child, prompt = family.children[1], family.continued_prefix + SUFFIXES[1]
+    child, prompt = given_back(1), family.continued_prefix + SUFFIXES[1]
     kv_only = thaw_sglang.capture(child, include_weights=False)
 
     other = _other_weights(family.snapshot, seed=1)
@@ -66,10 +85,10 @@ def test_weights_travel_with_the_snapshot(thaw_sglang, family):
     assert child.leak_warnings() == 0
 
 
-def test_weights_the_engine_holds_are_not_loaded_again(thaw_sglang, family):
+def test_weights_the_engine_holds_are_not_loaded_again(thaw_sglang, family, given_back):
     """Another engine's snapshot of the same checkpoint carries the weights under that engine's names: under
     this engine's weights digest only the KV moves; under another digest the unknown names are refused."""
-    child, prompt = family.children[1], family.continued_prefix + SUFFIXES[1]
+    child, prompt = given_back(1), family.continued_prefix + SUFFIXES[1]
     renamed = {f"other_engine.{name}": t for name, t in family.snapshot.weights.tensors.items()}
     foreign = dataclasses.replace(family.snapshot, weights=dataclasses.replace(
         family.snapshot.weights, tensors=renamed, checkpoint_names={}))
@@ -134,8 +153,14 @@ def test_mismatches_are_refused_before_anything_changes(thaw_sglang, family):
     assert engine.leak_warnings() == 0
 
 
-def test_shutting_down_one_fork_leaves_the_others_running(family):
-    family.children[3].shutdown()
-    for engine in (family.parent, family.children[0]):
+def test_shutting_down_one_fork_leaves_the_others_running(family, engines, given_back):
+    """A fork of its own: the family's children serve other tests after this one."""
+    (fork,) = family.parent.fork(n=1)
+    engines.adopt([fork])
+    prompt = family.continued_prefix + SUFFIXES[0]
+    output, cached = generate(fork, prompt)
+    assert output == family.references[0] and cached >= family.restored_prefix_len  # the parent's tree, forked
+    fork.shutdown()
+    for engine in (family.parent, given_back(0)):
         assert generate(engine, family.continued_prefix + SUFFIXES[0])[0] == family.references[0]
         assert engine.leak_warnings() == 0
