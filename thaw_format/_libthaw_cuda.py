@@ -20,9 +20,8 @@ from . import mover
 LIBRARY = Path(__file__).resolve().parent / "libthaw_cuda.so"
 
 _CDEF = """
-typedef uint32_t (*thaw_crc_fn)(uint32_t crc, const void *data, size_t len);
 typedef struct { uint64_t offset; void *device; uint64_t len; uint64_t chunk_size; uint32_t *crcs; } thaw_cuda_region;
-typedef struct { void *chunk_crcs; void *copy_chunk_crcs; void *read_regions; void *write_regions; } thaw_cuda_host_ops;
+typedef struct { void *copy_chunk_crcs; void *read_regions; void *write_regions; } thaw_cuda_host_ops;
 void thaw_cuda_set_host_ops(const thaw_cuda_host_ops *ops);
 int thaw_cuda_device_count(void);
 const char *thaw_cuda_last_error(void);
@@ -31,13 +30,13 @@ int thaw_cuda_gather_to_host(const void *device_src, const int64_t *offsets, siz
 int thaw_cuda_scatter_from_host(const void *host_src, void *device_out, const int64_t *offsets, size_t n,
                                 size_t length, void *stream);
 int thaw_cuda_write_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
-                            thaw_crc_fn crc, void *stream);
+                            void *stream);
 int thaw_cuda_read_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
-                           thaw_crc_fn crc, void *stream, int64_t *bad_region, int64_t *bad_chunk);
+                           void *stream, int64_t *bad_region, int64_t *bad_chunk);
 int thaw_cuda_write_host(void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
-                         thaw_crc_fn crc, void *stream);
+                         void *stream);
 int thaw_cuda_read_host(const void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
-                        thaw_crc_fn crc, void *stream, int64_t *bad_region, int64_t *bad_chunk);
+                        void *stream, int64_t *bad_region, int64_t *bad_chunk);
 """
 
 SLOT_BYTES = 16 << 20
@@ -45,7 +44,7 @@ SLOTS = 4
 
 _ffi = cffi.FFI()
 _ffi.cdef(_CDEF)
-_opened: Optional[Tuple[object, object]] = None
+_opened: Optional[object] = None
 
 
 def unavailable_reason(library: Path = LIBRARY) -> Optional[str]:
@@ -60,7 +59,7 @@ def unavailable_reason(library: Path = LIBRARY) -> Optional[str]:
 
 
 def open_library(library: Path = LIBRARY):
-    """(lib, crc function pointer) for the CUDA mover; raises RuntimeError naming why it is unavailable."""
+    """The CUDA mover's library; raises RuntimeError naming why it is unavailable."""
     global _opened
     if _opened is None:
         reason = unavailable_reason(library)
@@ -71,8 +70,8 @@ def open_library(library: Path = LIBRARY):
             raise RuntimeError("libthaw CUDA mover unavailable: the CUDA runtime sees no device")
         # The ring's host side runs on libthaw's thread pool: its routines are handed over by address.
         lib.thaw_cuda_set_host_ops(_ffi.new("thaw_cuda_host_ops *", [_address(name) for name in (
-            "thaw_chunk_crcs", "thaw_copy_chunk_crcs", "thaw_read_regions", "thaw_write_regions")]))
-        _opened = (lib, _ffi.cast("thaw_crc_fn", _address("thaw_crc32c_parallel")))
+            "thaw_copy_chunk_crcs", "thaw_read_regions", "thaw_write_regions")]))
+        _opened = lib
     return _opened
 
 
@@ -93,7 +92,7 @@ def _offsets(offsets):
 
 def gather_to_host(device_src: int, offsets: Sequence[int], length: int, out, stream: int = 0) -> None:
     """Copy slabs device_src + offsets[i] (length bytes each) into the host buffer `out`, in order."""
-    lib, _ = open_library()
+    lib = open_library()
     host = _ffi.from_buffer(out, require_writable=True)
     if len(host) < len(offsets) * length:
         raise ValueError(f"out holds {len(host)} bytes, {len(offsets)} slabs need {len(offsets) * length}")
@@ -103,7 +102,7 @@ def gather_to_host(device_src: int, offsets: Sequence[int], length: int, out, st
 
 def scatter_from_host(src, device_out: int, offsets: Sequence[int], length: int, stream: int = 0) -> None:
     """Copy slab i of the host buffer `src` to device_out + offsets[i]."""
-    lib, _ = open_library()
+    lib = open_library()
     host = _ffi.from_buffer(src)
     if len(host) < len(offsets) * length:
         raise ValueError(f"src holds {len(host)} bytes, {len(offsets)} slabs need {len(offsets) * length}")
@@ -143,11 +142,11 @@ def _endpoint(target, writable: bool):
 def write_regions(target, regions: Sequence[Tuple[int, int, int, int]], stream: int = 0) -> list:
     """Write (offset, device address, length, chunk size) regions to `target`, a file descriptor or a writable
     host buffer (offsets index into it); returns each region's chunk CRCs."""
-    lib, crc = open_library()
+    lib = open_library()
     kind, first = _endpoint(target, True)
     crcs = [array("I", bytes(4 * -(-length // chunk))) for _, _, length, chunk in regions]
     _check(lib, getattr(lib, f"thaw_cuda_write_{kind}")(first, _regions(regions, crcs), len(regions), SLOT_BYTES,
-                                                          SLOTS, crc, _ffi.cast("void *", stream)))
+                                                          SLOTS, _ffi.cast("void *", stream)))
     return crcs
 
 
@@ -155,11 +154,11 @@ def read_regions(source, regions: Sequence[Tuple[int, int, int, int, Sequence[in
     """Fill (offset, device address, length, chunk size, expected CRCs) regions from `source`, a file
     descriptor or a host buffer, every chunk checked on the host before its copy to the device; returns the
     first bad (region, chunk) or None."""
-    lib, crc = open_library()
+    lib = open_library()
     kind, first = _endpoint(source, False)
     crcs = [mover._expected_crcs(r[4], r[2], r[3], i) for i, r in enumerate(regions)]
     bad = _ffi.new("int64_t[2]")
     code = _check(lib, getattr(lib, f"thaw_cuda_read_{kind}")(first, _regions(regions, crcs), len(regions),
-                                                                SLOT_BYTES, SLOTS, crc, _ffi.cast("void *", stream),
+                                                                SLOT_BYTES, SLOTS, _ffi.cast("void *", stream),
                                                                 bad, bad + 1))
     return (bad[0], bad[1]) if code == 1 else None

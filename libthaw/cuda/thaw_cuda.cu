@@ -124,7 +124,7 @@ static slot slots_[8];
 static int slot_count = 0;
 static uint64_t slot_size = 0;
 
-static thaw_cuda_host_ops host_ops;  // all null until thaw_cuda_set_host_ops
+static thaw_cuda_host_ops host_ops;  // all null until thaw_cuda_set_host_ops; the ring refuses to run before it
 
 extern "C" void thaw_cuda_set_host_ops(const thaw_cuda_host_ops *ops) {
     std::lock_guard<std::mutex> hold(ring_lock);
@@ -133,7 +133,6 @@ extern "C" void thaw_cuda_set_host_ops(const thaw_cuda_host_ops *ops) {
 
 // The plan (thaw_stage.h) for one call, over the kept slots.
 struct ring {
-    slot *slots = slots_;
     int count = 0;
     thaw_stage_piece *plan = nullptr;
     int64_t pieces = 0;
@@ -141,6 +140,10 @@ struct ring {
 };
 
 static int make_ring(ring &r, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots) {
+    if (!host_ops.copy_chunk_crcs || !host_ops.read_regions || !host_ops.write_regions) {
+        snprintf(last_error, sizeof last_error, "thaw_cuda_set_host_ops was not called with all three routines");
+        return THAW_CUDA_ERROR;
+    }
     uint64_t *lens = new uint64_t[n ? 2 * n : 1], *chunks = lens + n;
     for (size_t i = 0; i < n; i++) lens[i] = regions[i].len, chunks[i] = regions[i].chunk_size;
     uint64_t bytes = thaw_stage_slot_bytes(lens, chunks, n, slot_bytes);
@@ -173,110 +176,68 @@ static int make_ring(ring &r, const thaw_cuda_region *regions, size_t n, size_t 
     return THAW_CUDA_OK;
 }
 
-// The CRC32C of each chunk of data[0, len) into out.
-static void chunk_crcs(const uint8_t *data, uint64_t len, uint64_t chunk, uint32_t *out, thaw_crc_fn crc) {
-    if (host_ops.chunk_crcs) return host_ops.chunk_crcs(data, len, chunk, out);
-    for (uint64_t c = 0; c * chunk < len; c++) out[c] = crc(0, data + c * chunk, len - c * chunk < chunk ? len - c * chunk : chunk);
-}
-
-// dst[0, len) = src[0, len) and the CRC32C of each chunk of the copy into out: one pass on the thread pool.
-static void copy_chunk_crcs(uint8_t *dst, const uint8_t *src, uint64_t len, uint64_t chunk, uint32_t *out,
-                            thaw_crc_fn crc) {
-    if (host_ops.copy_chunk_crcs) return host_ops.copy_chunk_crcs(dst, src, len, chunk, out);
-    memcpy(dst, src, len);
-    chunk_crcs(dst, len, chunk, out, crc);
-}
-
 static int io_failed(const char *what, const thaw_io_status &status) {
     errno = status.error == THAW_EOF ? ENODATA : status.error;
     return fail(what, cudaSuccess);
 }
 
-static int put(int fd, const uint8_t *p, uint64_t n, uint64_t offset) {
-    while (n) {
-        ssize_t w = pwrite(fd, p, n, (off_t)offset);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) return fail("pwrite", cudaSuccess);
-        p += w, n -= (uint64_t)w, offset += (uint64_t)w;
-    }
-    return THAW_CUDA_OK;
-}
-
-static int get(int fd, uint8_t *p, uint64_t n, uint64_t offset) {
-    while (n) {
-        ssize_t got = pread(fd, p, n, (off_t)offset);
-        if (got < 0 && errno == EINTR) continue;
-        if (got == 0) errno = ENODATA;
-        if (got <= 0) return fail("pread", cudaSuccess);
-        p += got, n -= (uint64_t)got, offset += (uint64_t)got;
-    }
-    return THAW_CUDA_OK;
-}
-
 // Checksum and write out a slot whose device-to-host copy was issued earlier.
-static int drain(endpoint to, slot &s, const thaw_cuda_region *regions, thaw_crc_fn crc) {
+static int drain(endpoint to, slot &s, const thaw_cuda_region *regions) {
     if (!s.piece) return THAW_CUDA_OK;
     CHECK(cudaEventSynchronize(s.done));
     const thaw_stage_piece *p = s.piece;
     const thaw_cuda_region *r = &regions[p->region];
     uint32_t *crcs = r->crcs + p->start / r->chunk_size;
     s.piece = nullptr;
-    if (to.host) return copy_chunk_crcs(to.host + r->offset + p->start, s.host, p->len, r->chunk_size, crcs, crc), THAW_CUDA_OK;
-    if (host_ops.write_regions) {  // pwrite and checksums together, on the thread pool
-        thaw_region out = {r->offset + p->start, s.host, p->len, r->chunk_size, crcs};
-        thaw_io_status status = {};
-        return host_ops.write_regions(to.fd, &out, 1, &status) == THAW_OK ? THAW_CUDA_OK : io_failed("write", status);
-    }
-    chunk_crcs(s.host, p->len, r->chunk_size, crcs, crc);
-    return put(to.fd, s.host, p->len, r->offset + p->start);
+    if (to.host) return host_ops.copy_chunk_crcs(to.host + r->offset + p->start, s.host, p->len, r->chunk_size, crcs), THAW_CUDA_OK;
+    thaw_region out = {r->offset + p->start, s.host, p->len, r->chunk_size, crcs};  // pwrite and checksums
+    thaw_io_status status = {};
+    return host_ops.write_regions(to.fd, &out, 1, &status) == THAW_OK ? THAW_CUDA_OK : io_failed("write", status);
 }
 
 static int write_ring(endpoint to, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
-                      thaw_crc_fn crc, cudaStream_t stream) {
+                      cudaStream_t stream) {
     std::lock_guard<std::mutex> hold(ring_lock);
     ring ring_;
     if (make_ring(ring_, regions, n, slot_bytes, slots)) return THAW_CUDA_ERROR;
     for (int64_t k = 0; k < ring_.pieces; k++) {
         const thaw_stage_piece *p = &ring_.plan[k];
-        slot &s = ring_.slots[p->slot];
-        if (drain(to, s, regions, crc)) return THAW_CUDA_ERROR;  // the slot's previous piece goes out first
+        slot &s = slots_[p->slot];
+        if (drain(to, s, regions)) return THAW_CUDA_ERROR;  // the slot's previous piece goes out first
         CHECK(cudaMemcpyAsync(s.host, (const uint8_t *)regions[p->region].device + p->start, p->len,
                               cudaMemcpyDeviceToHost, stream));
         CHECK(cudaEventRecord(s.done, stream));
         s.piece = p;
     }
     for (int64_t k = ring_.pieces - ring_.count; k < ring_.pieces; k++)  // oldest first, so output is in order
-        if (k >= 0 && drain(to, ring_.slots[ring_.plan[k].slot], regions, crc)) return THAW_CUDA_ERROR;
+        if (k >= 0 && drain(to, slots_[ring_.plan[k].slot], regions)) return THAW_CUDA_ERROR;
     return THAW_CUDA_OK;
 }
 
 // Fill a slot with piece p and check its chunks there; returns the first bad chunk's index in the piece, -1
-// when all passed, or -2 after an error (last_error says why).
-static int64_t fill(endpoint from, slot &s, const thaw_stage_piece *p, const thaw_cuda_region *r, thaw_crc_fn crc,
+// when all passed, or -2 after an error (last_error says why). A file is read straight into the slot
+// (THAW_SCRATCH_BUF): nothing leaves a slot for the device before its piece has passed.
+static int64_t fill(endpoint from, slot &s, const thaw_stage_piece *p, const thaw_cuda_region *r,
                     std::vector<uint32_t> &got) {
     const uint32_t *want = r->crcs + p->start / r->chunk_size;
-    got.resize((p->len + r->chunk_size - 1) / r->chunk_size);
     if (from.host) {
-        copy_chunk_crcs(s.host, from.host + r->offset + p->start, p->len, r->chunk_size, got.data(), crc);
-    } else if (host_ops.read_regions) {  // preads and checks together, on the thread pool
-        thaw_region in = {r->offset + p->start, s.host, p->len, r->chunk_size, (uint32_t *)want};
-        thaw_io_status status = {};
-        int code = host_ops.read_regions(from.fd, &in, 1, 0, &status);
-        if (code == THAW_OK) return -1;
-        if (code == THAW_BAD_CHUNK) return status.bad_chunk;
-        io_failed("read", status);
-        return -2;
-    } else {
-        if (get(from.fd, s.host, p->len, r->offset + p->start)) return -2;
-        chunk_crcs(s.host, p->len, r->chunk_size, got.data(), crc);
+        got.resize((p->len + r->chunk_size - 1) / r->chunk_size);
+        host_ops.copy_chunk_crcs(s.host, from.host + r->offset + p->start, p->len, r->chunk_size, got.data());
+        for (size_t c = 0; c < got.size(); c++)
+            if (got[c] != want[c]) return (int64_t)c;
+        return -1;
     }
-    for (size_t c = 0; c < got.size(); c++)
-        if (got[c] != want[c]) return (int64_t)c;
-    return -1;
+    thaw_region in = {r->offset + p->start, s.host, p->len, r->chunk_size, (uint32_t *)want};
+    thaw_io_status status = {};
+    int code = host_ops.read_regions(from.fd, &in, 1, THAW_SCRATCH_BUF, &status);
+    if (code == THAW_OK) return -1;
+    if (code == THAW_BAD_CHUNK) return status.bad_chunk;
+    io_failed("read", status);
+    return -2;
 }
 
 static int read_ring(endpoint from, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
-                     thaw_crc_fn crc, cudaStream_t stream, int64_t *bad_region, int64_t *bad_chunk) {
+                     cudaStream_t stream, int64_t *bad_region, int64_t *bad_chunk) {
     std::lock_guard<std::mutex> hold(ring_lock);
     ring ring_;
     if (make_ring(ring_, regions, n, slot_bytes, slots)) return THAW_CUDA_ERROR;
@@ -284,9 +245,9 @@ static int read_ring(endpoint from, const thaw_cuda_region *regions, size_t n, s
     for (int64_t k = 0; k < ring_.pieces; k++) {
         const thaw_stage_piece *p = &ring_.plan[k];
         const thaw_cuda_region *r = &regions[p->region];
-        slot &s = ring_.slots[p->slot];
+        slot &s = slots_[p->slot];
         CHECK(cudaEventSynchronize(s.done));  // its previous host-to-device copy has finished
-        int64_t bad = fill(from, s, p, r, crc, got);
+        int64_t bad = fill(from, s, p, r, got);
         if (bad == -2) return THAW_CUDA_ERROR;
         if (bad >= 0) {
             *bad_region = (int64_t)p->region;
@@ -302,23 +263,23 @@ static int read_ring(endpoint from, const thaw_cuda_region *regions, size_t n, s
 }
 
 extern "C" int thaw_cuda_write_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,
-                                       int slots, thaw_crc_fn crc, void *stream) {
-    return write_ring(endpoint{fd, nullptr}, regions, n, slot_bytes, slots, crc, (cudaStream_t)stream);
+                                       int slots, void *stream) {
+    return write_ring(endpoint{fd, nullptr}, regions, n, slot_bytes, slots, (cudaStream_t)stream);
 }
 
 extern "C" int thaw_cuda_write_host(void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,
-                                    int slots, thaw_crc_fn crc, void *stream) {
-    return write_ring(endpoint{-1, (uint8_t *)host}, regions, n, slot_bytes, slots, crc, (cudaStream_t)stream);
+                                    int slots, void *stream) {
+    return write_ring(endpoint{-1, (uint8_t *)host}, regions, n, slot_bytes, slots, (cudaStream_t)stream);
 }
 
 extern "C" int thaw_cuda_read_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
-                                      thaw_crc_fn crc, void *stream, int64_t *bad_region, int64_t *bad_chunk) {
-    return read_ring(endpoint{fd, nullptr}, regions, n, slot_bytes, slots, crc, (cudaStream_t)stream, bad_region,
+                                      void *stream, int64_t *bad_region, int64_t *bad_chunk) {
+    return read_ring(endpoint{fd, nullptr}, regions, n, slot_bytes, slots, (cudaStream_t)stream, bad_region,
                      bad_chunk);
 }
 
 extern "C" int thaw_cuda_read_host(const void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,
-                                   int slots, thaw_crc_fn crc, void *stream, int64_t *bad_region, int64_t *bad_chunk) {
-    return read_ring(endpoint{-1, (uint8_t *)host}, regions, n, slot_bytes, slots, crc, (cudaStream_t)stream,
+                                   int slots, void *stream, int64_t *bad_region, int64_t *bad_chunk) {
+    return read_ring(endpoint{-1, (uint8_t *)host}, regions, n, slot_bytes, slots, (cudaStream_t)stream,
                      bad_region, bad_chunk);
 }

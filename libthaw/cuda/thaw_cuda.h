@@ -23,9 +23,6 @@ extern "C" {
 #define THAW_CUDA_BAD_CHUNK 1
 #define THAW_CUDA_ERROR 2
 
-/* CRC32C continuing from crc; the caller passes libthaw's thaw_crc32c_parallel. */
-typedef uint32_t (*thaw_crc_fn)(uint32_t crc, const void *data, size_t len);
-
 /* A byte range of a file and the device memory it comes from (writes) or goes to (reads). */
 typedef struct {
     uint64_t offset;
@@ -36,11 +33,10 @@ typedef struct {
 } thaw_cuda_region;
 
 /* libthaw's parallel host routines (thaw.h), handed over by address once (libthaw_cuda.so is opened apart from
- * the CPU library). With them the ring's host side runs on libthaw's thread pool: copies into and out of the
- * pinned slots, per-chunk checksums, and the file's reads and writes. Without them (never set) it runs on the
- * calling thread. */
+ * the CPU library), before any ring call: the ring's host side runs on libthaw's thread pool (copies into and
+ * out of the pinned slots with their per-chunk checksums, the file's reads and writes). A ring call made before they
+ * are set fails with THAW_CUDA_ERROR. */
 typedef struct {
-    void (*chunk_crcs)(const void *data, size_t len, size_t chunk_size, uint32_t *out);
     void (*copy_chunk_crcs)(void *dst, const void *src, size_t len, size_t chunk_size, uint32_t *out);
     int (*read_regions)(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
     int (*write_regions)(int fd, const thaw_region *regions, size_t n, thaw_io_status *status);
@@ -66,18 +62,18 @@ THAW_CUDA_API int thaw_cuda_scatter_from_host(const void *host_src, void *device
  * of one piece overlaps the checksum and pwrite of the previous one. The pieces and their slots are
  * thaw_stage_plan's (thaw_stage.h). */
 THAW_CUDA_API int thaw_cuda_write_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
-                            thaw_crc_fn crc, void *stream);
+                            void *stream);
 /* File to device memory through the pinned ring: each piece is read into a slot and checked there, and only
  * then copied to the device, while the next piece is read. Device memory never receives a bad chunk. */
 THAW_CUDA_API int thaw_cuda_read_regions(int fd, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
-                           thaw_crc_fn crc, void *stream, int64_t *bad_region, int64_t *bad_chunk);
+                           void *stream, int64_t *bad_region, int64_t *bad_chunk);
 
 /* The same two with host memory in place of the file: region offsets are offsets into `host`, which need
  * not be pinned (the ring's slots are). */
 THAW_CUDA_API int thaw_cuda_write_host(void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,
-                                       int slots, thaw_crc_fn crc, void *stream);
+                                       int slots, void *stream);
 THAW_CUDA_API int thaw_cuda_read_host(const void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,
-                                      int slots, thaw_crc_fn crc, void *stream, int64_t *bad_region, int64_t *bad_chunk);
+                                      int slots, void *stream, int64_t *bad_region, int64_t *bad_chunk);
 
 #ifdef __cplusplus
 }

@@ -5,6 +5,7 @@ out of device memory."""
 import ctypes
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -137,3 +138,16 @@ def test_ring_kept_across_calls_and_grown(cuda_torch):
         host[2 * chunk + 1] ^= 0xFF
         back = torch.zeros_like(tensor)
         assert _libthaw_cuda.read_regions(bytes(host), [(0, back.data_ptr(), back.numel(), chunk, crcs[0])]) == (0, 2)
+
+
+def test_ring_refuses_to_run_before_the_host_routines_are_set(cuda_torch):
+    """The ring's host side is libthaw's (open_library hands the routines over): a caller that opens the
+    library itself and skips that gets an error naming the missing call, not a crash."""
+    script = (
+        "from thaw_format import _libthaw_cuda as c\n"
+        "lib, ffi = c._ffi.dlopen(str(c.LIBRARY)), c._ffi\n"
+        "bad = ffi.new('int64_t[2]')\n"
+        "code = lib.thaw_cuda_read_host(ffi.NULL, ffi.new('thaw_cuda_region[]', 1), 0, 1 << 20, 4, ffi.NULL, bad, bad + 1)\n"
+        "print(code, ffi.string(lib.thaw_cuda_last_error()).decode())\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("2 ") and "thaw_cuda_set_host_ops was not called" in out
