@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent
 SRC = ROOT / "src"
 INCLUDE = ROOT / "include"
 
-PORTABLE_SOURCES = ["crc32c.c", "crc32c_sw.c", "pool.c", "io.c", "gather.c", "pages.c", "stage_plan.c", "guard.c"]
+PORTABLE_SOURCES = ["crc32c.c", "crc32c_sw.c", "pool.c", "io.c", "gather.c", "pages.c", "stage_plan.c", "guard.c", "prefault.c"]
 
 _X86_64 = {
     "cpu_x86.c": [],
@@ -71,6 +71,8 @@ int thaw_read_regions(int fd, const thaw_region *regions, size_t n, int flags, t
 int thaw_verify_regions(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
 int thaw_check_mapped(const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
 void thaw_start_writeback(int fd, uint64_t offset, uint64_t len);
+
+int64_t thaw_prefault(void *addr, size_t len);
 
 int64_t thaw_gather(const void *src, size_t src_len, const int64_t *offsets, size_t n, size_t length,
                     void *out, size_t out_len);

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from . import mover
 from .extras import require
 from .tensor import Tensor
 
@@ -90,7 +91,10 @@ def writable_arrays(specs) -> list[tuple[mx.array, memoryview]]:
     arrays = [raw if raw.dtype == _TYPES[dtype][0] else raw.view(_TYPES[dtype][0])
               for raw, (_, dtype) in zip(raws, specs)]
     mx.eval(arrays)
-    return [(array, sole_view(raw)) for array, raw in zip(arrays, raws)]
+    views = [sole_view(raw) for raw in raws]
+    for view in views:
+        mover.prefault(view)  # new memory: faulted in by system calls, not by a trap per page (see libthaw)
+    return list(zip(arrays, views))
 
 
 def writable_array(shape, dtype: str) -> tuple[mx.array, memoryview]:

@@ -67,6 +67,9 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
     recycled(nbytes) -> memoryview              the same, reusing a buffer of that size let go earlier
     start_writeback(fd, offset, length)         start writing those dirty file pages to disk, not waiting (a
         save's fsync then finds most of them written; native path on Linux, else nothing)
+    prefault(buffer) -> int                     fault in the pages of a writable buffer about to be written
+        whole that are not resident yet (one system call per 2 MiB where each store would trap once per
+        page): the bytes populated, or -errno (native path on Linux, else 0)
 Reads raise EOFError when the file is shorter than a region, OSError on an I/O error.
 Staging memory is bounded whatever a file declares: chunks up to _STAGED_CHUNK_BYTES are staged whole (per
 thread on the native path); a larger chunk is read in _STAGE_BYTES pieces on one thread with a running
@@ -839,6 +842,16 @@ def _py_start_writeback(fd: int, offset: int, length: int) -> None:
     """Nothing without libthaw: the save's fsync writes everything."""
 
 
+def _c_prefault(buffer) -> int:
+    buf = _c_buffer(buffer, True)
+    return _lib.thaw_prefault(buf, len(buf))
+
+
+def _py_prefault(buffer) -> int:
+    """Nothing without libthaw: the stores fault the pages in."""
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Another process's bytes (remote_window): read by scatter_pages from there, in one pass.
 
@@ -951,6 +964,7 @@ if _lib is not None:
     gather_pages_to_file = _c_gather_pages_to_file
     scatter_pages_checked = _c_scatter_pages_checked
     start_writeback = _c_start_writeback
+    prefault = _c_prefault
 else:
     crc32c, chunk_crcs = _py_crc32c, _py_chunk_crcs
     write_regions, read_regions, verify_regions = _py_write_regions, _py_read_regions, _py_verify_regions
@@ -960,3 +974,4 @@ else:
     gather_pages_to_file = _py_gather_pages_to_file
     scatter_pages_checked = _py_scatter_pages_checked
     start_writeback = _py_start_writeback
+    prefault = _py_prefault

@@ -94,6 +94,15 @@ int thaw_check_mapped(const thaw_region *regions, size_t n, int flags, thaw_io_s
  * the disk works while the next region is made. Only a hint: durability is still the fsync's. */
 void thaw_start_writeback(int fd, uint64_t offset, uint64_t len);
 
+/* ---- memory about to be written ------------------------------------------------------------------- */
+
+/* Fault in the whole pages of [addr, addr + len) that are not resident yet, in 2 MiB pieces across the thread
+ * pool, each piece only if its first page is not (madvise MADV_POPULATE_WRITE: one system call where stores
+ * into new memory would trap once per page). For memory a caller is about to write whole. Returns the bytes
+ * populated (0 off Linux), or -errno of a failed mincore or madvise (ENOMEM: part of the range is not mapped;
+ * EINVAL: a kernel before 5.14); pieces may have been populated before a failure. */
+int64_t thaw_prefault(void *addr, size_t len);
+
 /* ---- gather / scatter ------------------------------------------------------------------------------ */
 
 /* out[i*length : (i+1)*length] = src[offsets[i] : offsets[i]+length] for i < n.
