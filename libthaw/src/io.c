@@ -249,19 +249,12 @@ static int64_t check(const thaw_region *r, const uint8_t *data, uint64_t len, ui
 
 /* Fresh memory, the usual target of a load, costs one page fault per 4 KiB inside memcpy, more than the
  * copy itself (far more in a VM). So large targets are asked to use transparent huge pages, and each piece's
- * target pages are faulted in with one system call before the copy. Both are hints: a kernel that refuses
- * them (MADV_POPULATE_WRITE needs 5.14) leaves the copy to fault as usual. The bytes are never changed. */
+ * target pages are faulted in with one system call before the copy (thaw_prefault, prefault.c). Both are hints:
+ * a kernel that refuses them (MADV_POPULATE_WRITE needs 5.14) leaves the copy to fault as usual. The bytes are
+ * never changed. */
 static void madvise_interior(void *target, uint64_t len, uintptr_t align, int advice) {
     uintptr_t start = ((uintptr_t)target + align - 1) & ~(align - 1), end = ((uintptr_t)target + len) & ~(align - 1);
     if (end > start) madvise((void *)start, end - start, advice);
-}
-
-static void prefault(void *target, uint64_t len) {
-#ifdef MADV_POPULATE_WRITE
-    madvise_interior(target, len, 4096, MADV_POPULATE_WRITE);
-#else
-    (void)target, (void)len;
-#endif
 }
 
 void thaw_start_writeback(int fd, uint64_t offset, uint64_t len) {
@@ -294,7 +287,7 @@ static void read_task_with(job *j, size_t index, int worker, int copy_out) {
         int64_t bad = check(r, data, p->len, p->start / r->chunk_size);
         if (bad >= 0) return fail(j, index, 0, (int64_t)p->first, bad);
         if (copy_out) {
-            prefault((uint8_t *)r->buf + p->start, p->len);
+            thaw_prefault((uint8_t *)r->buf + p->start, p->len); /* a hint: a failure leaves the copy to fault */
             memcpy((uint8_t *)r->buf + p->start, data, p->len);
         }
         return;
