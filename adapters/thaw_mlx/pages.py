@@ -30,6 +30,7 @@ from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, Rotating
 
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, KVLayer, Tensor, mover
 from thaw_format.mlx import dtype_name, from_mlx, owned_view, to_mlx, writable_array, writable_arrays
+from thaw_format.sdk import remote
 
 from . import _internals
 
@@ -410,9 +411,11 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
     if expected is not None and not whole:
         bad = mover.check_buffer(tensor.data, [(0, tensor.nbytes, expected.chunk_size, 0)], expected.crcs)
         _raise_bad(expected, bad[1] if bad else None)
+    # A remote source's tensor (never checked here: it carries no checksums) is read where it lies, by the scatter.
+    data = tensor.data if whole else remote.scatter_view(tensor)
     for first, run, start in [(0, len(pages), 0)] if in_order else mover.consecutive_runs(pages):  # a slice each
         offsets = (np.arange(run, dtype=np.int64) + start) * page_size * dim * itemsize
-        source = tensor.data[first * page_bytes : (first + run) * page_bytes]
+        source = data[first * page_bytes : (first + run) * page_bytes]
         if whole:
             try:
                 bad = mover.scatter_pages_checked(source, out, offsets, layout, expected.chunk_size, expected.crcs)
