@@ -28,7 +28,7 @@ from thaw_format.sdk.tokens import common_prefix_length
 
 from .files import deferring, fill_of, load
 from .generate import generate
-from .identity import check_snapshot_model, model_info
+from .identity import check_snapshot_model, checked_info, model_info
 from .pages import num_cached_tokens, unshared_buffers
 from .sampling import Sampler, sampler_of
 from .session import cache_of_snapshot, capture, check_cache_layout, check_snapshot_kv, restore, snapshot_tokens
@@ -89,7 +89,8 @@ class MLXEngine(SharedKV):
 
     def __init__(self, model, info: Optional[ModelInfo] = None, *, checkpoint: Optional[str] = None) -> None:
         self.model, self.checkpoint = model, checkpoint
-        self.info = info or model_info(model, checkpoint=checkpoint)  # digested once
+        # The model's identity, digested once; a caller's is checked to name the model's dtype.
+        self.info = model_info(model, checkpoint=checkpoint) if info is None else checked_info(model, info)
         self.eos = _eos_ids(checkpoint)
         self.sessions: list[_Session] = []  # served requests: the engine's prefix cache
         self.running: dict[str, _Request] = {}  # in flight, in order of submission
@@ -245,7 +246,7 @@ class MLXEngine(SharedKV):
         """Every check a restore makes of what the snapshot holds (model, cache layout, its pages and layers, its
         request and sampler), nothing built; _pending's answer."""
         check_snapshot_model(self.model, snapshot, info=self.info)
-        check_cache_layout(self.model, snapshot, self.info)
+        check_cache_layout(self.model, snapshot)
         check_snapshot_kv(snapshot)
         return _pending(snapshot)
 

@@ -30,7 +30,7 @@ from thaw_format import (
 from thaw_format.sdk import DEFAULT_PAGE_SIZE, lineage_now
 
 from . import _internals
-from .identity import check_snapshot_model, model_info, model_weights
+from .identity import check_snapshot_model, checked_info, model_dtype, model_weights
 from .pages import Paging, check_layer, decode_layer, encode_layer, layer_dtype, num_cached_tokens, scatter_targets
 
 REQUEST_ID = "mlx-0"
@@ -67,7 +67,7 @@ def capture(
     return snapshot_of_cache(
         prompt_cache,
         tokens,
-        model=info or model_info(model),
+        model=checked_info(model, info),
         weights=Weights(model_weights(model)) if include_weights else None,
         num_prompt_tokens=num_prompt_tokens,
         page_size=page_size,
@@ -152,7 +152,7 @@ def fork(
     if n < 1:
         raise ValueError(f"fork needs n >= 1, got {n}")
     check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
-    check_cache_layout(model, snapshot, info)
+    check_cache_layout(model, snapshot)
     parent = cache_of_snapshot(snapshot)
     return [parent] + [[_share(c) for c in parent] for _ in range(n - 1)]
 
@@ -200,9 +200,9 @@ def _share(cache):
     return type(cache).from_state(tree_map(lambda a: a[...] if isinstance(a, mx.array) else a, cache.state))
 
 
-def check_cache_layout(model: nn.Module, snapshot: Snapshot, info: Optional[ModelInfo] = None) -> None:
-    """Refuse KV of another shape than the model's: layers, heads, head size, dtype (`info`'s when given: the
-    model's dtype is otherwise found among its parameters, a walk over all of them)."""
+def check_cache_layout(model: nn.Module, snapshot: Snapshot) -> None:
+    """Refuse KV of another shape than the model's: layers, heads, head size, and the dtype its parameters have
+    (not a caller's identity's: that vouches for config and weights, and could name a dtype the model left)."""
     # Most mlx-lm ModelArgs name these as HF configs do; where one does not, that check is left to the tensors.
     args = model.args
     num_heads = getattr(args, "num_attention_heads", None)
@@ -211,8 +211,7 @@ def check_cache_layout(model: nn.Module, snapshot: Snapshot, info: Optional[Mode
     v_head_dim = head_dim
     if getattr(args, "qk_rope_head_dim", None):  # DeepSeek MLA: per-head K of nope + rope parts, its own V size
         num_kv_heads, head_dim, v_head_dim = num_heads, args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
-    dtype = (info or model_info(model, weights_digest=False)).dtype
-    check_kv_layout(snapshot, num_layers=len(model.layers), dtype=dtype)
+    check_kv_layout(snapshot, num_layers=len(model.layers), dtype=model_dtype(model))
     for i, layer in enumerate(snapshot.kv.layers):
         if layer.kind == "recurrent":  # states have model-specific shapes: the config digest vouches for them
             continue
