@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from thaw_format import ModelInfo, SamplingParams, Snapshot
+from thaw_format import ModelInfo, Request, SamplingParams, Snapshot
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, Unsupported, fork, pending_requests
 from thaw_format.sdk.lent import open_snapshot, verify_unchecked
 from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owned_segment
@@ -31,7 +31,7 @@ from .generate import generate
 from .identity import check_snapshot_model, checked_info, model_info
 from .pages import num_cached_tokens, unshared_buffers
 from .sampling import Sampler, sampler_of
-from .session import cache_of_snapshot, capture, check_cache_layout, check_snapshot_kv, restore, snapshot_tokens
+from .session import cache_of_checked, capture, check_cache_layout, check_snapshot_kv, restore, snapshot_tokens
 
 
 def _mlx_lm_config(hf_config: dict) -> dict:
@@ -242,13 +242,12 @@ class MLXEngine(SharedKV):
     def check(self, snapshot: Snapshot) -> None:
         self._checked(snapshot)
 
-    def _checked(self, snapshot: Snapshot) -> Optional[tuple]:
+    def _checked(self, snapshot: Snapshot) -> tuple[Request, Optional[tuple]]:
         """Every check a restore makes of what the snapshot holds (model, cache layout, its pages and layers, its
-        request and sampler), nothing built; _pending's answer."""
+        request and sampler), nothing built: check_snapshot_kv's answer (its session) and _pending's."""
         check_snapshot_model(self.model, snapshot, info=self.info)
         check_cache_layout(self.model, snapshot)
-        check_snapshot_kv(snapshot)
-        return _pending(snapshot)
+        return check_snapshot_kv(snapshot), _pending(snapshot)
 
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
         """Replace the engine's state with the snapshot's, its KV written over the arrays of the caches it
@@ -283,8 +282,8 @@ class MLXEngine(SharedKV):
         caches it replaces where their shapes fit, and new arrays elsewhere: every check of what it holds
         (_checked) is made first, with the engine as it was; from then on nothing can refuse it, and the engine
         is left empty while its arrays are written over."""
-        pending = self._checked(snapshot)
-        return self._install(cache_of_snapshot(snapshot, spare=self._give_up_buffers), snapshot, pending)
+        session, pending = self._checked(snapshot)
+        return self._install(cache_of_checked(snapshot, session, spare=self._give_up_buffers), snapshot, pending)
 
     def _give_up_buffers(self) -> list[list]:
         """Per layer, the arrays of the engine's caches that nothing else holds (its requests and captures copy

@@ -157,16 +157,21 @@ def fork(
     return [parent] + [[_share(c) for c in parent] for _ in range(n - 1)]
 
 
-def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None,
-                      spare: Optional[Callable[[], list[list]]] = None) -> list:
-    """The snapshot's prompt cache, once it is clear MLX can hold it (which model it fits is restore's check).
-    `expected`, per layer, maps paged roles to the CRCs their file bytes must have (thaw_mlx.load). `spare`,
-    called once every check has passed (nothing is written over before), gives per layer the arrays its
-    paged tensors may be written over (pages.scatter_targets)."""
-    request = check_snapshot_kv(snapshot)
+def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None) -> list:
+    """The snapshot's prompt cache, once check_snapshot_kv says MLX can hold it (which model it fits is restore's
+    check). `expected`, per layer, maps paged roles to the CRCs their file bytes must have (thaw_mlx.load)."""
+    return cache_of_checked(snapshot, check_snapshot_kv(snapshot), expected)
+
+
+def cache_of_checked(snapshot: Snapshot, request: Request, expected: Optional[list[dict]] = None,
+                     spare: Optional[Callable[[], list[list]]] = None) -> list:
+    """cache_of_snapshot of a snapshot whose KV check_snapshot_kv passed, `request` its answer: for MLXEngine,
+    which makes every check before it gives up its arrays. `spare`, called once every check has passed (nothing
+    is written over before), gives per layer the arrays its paged tensors may be written over
+    (pages.scatter_targets)."""
     kv = snapshot.kv
     if expected is not None and spare is not None:
-        raise ValueError("cache_of_snapshot: spare arrays take only a source checked whole before, not `expected`")
+        raise ValueError("cache_of_checked: spare arrays take only a source checked whole before, not `expected`")
     expected = expected or [None] * len(kv.layers)
     targets = scatter_targets(kv.layers, request.pages, spare() if spare is not None else None)
     cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, layer_targets)

@@ -113,6 +113,24 @@ def test_an_engine_restored_in_place_generates_as_a_fresh_one(name, session, res
         engine.restore(short)  # the generation above left a second session; back to one
 
 
+def test_each_restore_checks_the_kv_once(session, restoring, monkeypatch):
+    """check_snapshot_kv (each layer's pages and tensors) runs once per restore on every path, into an empty
+    engine and over its arrays; and once for check."""
+    import thaw_mlx.session
+
+    checked, check_layer = [], thaw_mlx.session.check_layer
+    monkeypatch.setattr(thaw_mlx.session, "check_layer", lambda i, *rest: (checked.append(i), check_layer(i, *rest))[1])
+    model, short, long = sessions_of("llama-kv", session)
+    engine = MLXEngine(model)
+    for snapshot in (long, short):
+        checked.clear()
+        restoring(engine, snapshot)
+        assert checked == [0, 1]
+    checked.clear()
+    engine.check(short)
+    assert checked == [0, 1]
+
+
 def test_a_request_in_flight_restored_in_place_finishes_as_a_fresh_one(session, restoring):
     model, short, long = sessions_of("llama-kv", session)
     source = MLXEngine(model)
