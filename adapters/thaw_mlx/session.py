@@ -200,8 +200,8 @@ def check_snapshot_kv(snapshot: Snapshot) -> Request:
 
 
 def _share(cache):
-    """The same cache with its own array objects over the same buffers: MLX's own writes copy a shared buffer
-    (these caches must never be handed to MLXEngine, whose restores write over arrays in place)."""
+    """The same cache with its own array objects over the same buffers: MLX's own writes copy a shared buffer,
+    and so does a restore of MLXEngine (pages.moved_buffers) before it writes over one."""
     return type(cache).from_state(tree_map(lambda a: a[...] if isinstance(a, mx.array) else a, cache.state))
 
 
