@@ -355,7 +355,7 @@ def restored_shape(tensor: Tensor, pages: list[int]) -> tuple[tuple, str]:
 
 def scatter_targets(layers: list[KVLayer], pages: list[int], spare: Optional[list[list]] = None) -> list[dict]:
     """Per layer, decode_layer's `targets`: for each paged role, an array of the layer's `spare` (arrays with
-    their views, unshared_buffers of the cache being replaced) of the same shape and dtype, to be written
+    their views, moved_buffers of the caches being replaced) of the same shape and dtype, to be written
     over, every byte, else a new one; the new ones of the whole cache made in one writable_arrays call. Over a
     spare array the source must have been checked whole before (a bad chunk found mid-scatter would leave it
     half written)."""

@@ -57,8 +57,8 @@ def capture(
     thaw_mlx.Sampler, records how the session samples and its PRNG key (default greedy); `parent` is the id of
     the snapshot this session was restored from; `info` is the model's identity, thaw_mlx.model_info(model),
     computed once: pass it to save digesting every weight again, and always for a model loaded from a
-    checkpoint (model_info(model, checkpoint=...)), whose identity the model alone does not know;
-    `finished=True` records a session served to the end: engines that run requests (vLLM, SGLang) then take
+    checkpoint (model_info(model, checkpoint=...)), whose identity the model alone does not know (its dtype
+    must be the model's: ValueError otherwise); `finished=True` records a session served to the end: engines that run requests (vLLM, SGLang) then take
     its KV as prefix cache instead of resuming it as a request in flight. `paging` makes the KV pages
     (default: gathered now); thaw_mlx.save defers them, to gather them straight into the file.
     """
