@@ -193,10 +193,10 @@ def test_a_malformed_remote_source_is_refused_by_name(bad):
         remote.parse(f"{remote.REMOTE_PREFIX}{bad}||shm://a#1")
 
 
-# The child: open the source and read its KV every way but the scatter (bytes, equality, copy, numpy, a save
+# The child: open the source and read its KV every way but the scatter (bytes, equality, copies, numpy, a save
 # and load), printing the digests; a read of the sender's address here would end it with SIGSEGV instead.
 READERS = r"""
-import hashlib, json, sys
+import copy, hashlib, json, sys
 import thaw_format as tf
 from thaw_format.numpy import to_numpy
 from thaw_format.sdk import lent
@@ -205,7 +205,7 @@ snapshot = lent.open_snapshot(sys.argv[1], verify=False)
 tensors = [layer.tensors[role] for layer in snapshot.kv.layers for role in ("k", "v")]
 digests = {"tobytes": hashlib.sha256(b"".join(t.tobytes() for t in tensors)).hexdigest(),
            "numpy": hashlib.sha256(b"".join(to_numpy(t).tobytes() for t in tensors)).hexdigest(),
-           "equal": all(t == t.copy() for t in tensors), "readonly": all(t.readonly for t in tensors)}
+           "equal": all(t == t.copy() == copy.copy(t) for t in tensors), "readonly": all(t.readonly for t in tensors)}
 tf.save(snapshot, sys.argv[2])
 saved = tf.load(sys.argv[2])
 digests["saved"] = hashlib.sha256(b"".join(layer.tensors[role].tobytes() for layer in saved.kv.layers

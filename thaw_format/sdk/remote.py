@@ -161,6 +161,12 @@ class RemoteTensor(Tensor):
     def readonly(self) -> bool:
         return True  # the sender's bytes, never written from here
 
+    def __copy__(self) -> "RemoteTensor":
+        """The same window and copy (copy.copy would otherwise set `data`, which is read-only here)."""
+        other = RemoteTensor(self.dtype, self.shape, self._window)
+        other._copy = self._copy
+        return other
+
     def __repr__(self) -> str:
         return f"RemoteTensor({self.dtype}, {list(self.shape)}, {self.nbytes} bytes)"
 
