@@ -112,6 +112,23 @@ def test_a_slot_lent_and_never_borrowed_is_taken_back_once_its_time_is_up():
         lender.close()
 
 
+def test_a_slot_its_lender_reads_itself_is_not_taken_back_under_it():
+    """A restore in the lender's own process reads a segment it lent through its own buffer (open_snapshot with
+    the lender), unborrowed: while that snapshot lives the slot is not taken back."""
+    lender = lent.Lender(unborrowed_s=0)
+    try:
+        source = lender.publish(snapshot(1))
+        reading = lent.open_snapshot(source, lender=lender)
+        lender.publish(snapshot(2))
+        assert exists(source) and bytes(reading.weights.tensors["t"].data) == bytes([1]) * 4096
+        del reading
+        gc.collect()
+        lender.publish(snapshot(3))
+        assert not exists(source)
+    finally:
+        lender.close()
+
+
 def test_a_slot_unborrowed_within_its_time_stays_lent(lender):
     """The default time (lent.UNBORROWED_S) is far longer than a reader takes to borrow what it asked for."""
     assert lent.UNBORROWED_S >= 60

@@ -160,7 +160,8 @@ class Lender:
     def _take_back(self, slot: int) -> bool:
         """Take back a slot lent and never borrowed: its segment unlinked, under a write lock on the slot's byte,
         so that a borrower (which checks the segment is there under its own lock on that byte) either holds it
-        already or finds it gone, never the next snapshot lent from the slot. False if a borrower is taking it."""
+        already or finds it gone, never the next snapshot lent from the slot. False if a borrower is taking it, or
+        this process reads it itself."""
         lock = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, slot, 1, 0)
         try:
             fcntl.fcntl(self._ctl_fd, fcntl.F_OFD_SETLK, lock)
@@ -169,6 +170,10 @@ class Lender:
         try:
             if self._ctl.buf[slot] != _LENT:
                 return False  # borrowed meanwhile
+            try:
+                self._segments[slot].close()  # refused, changing nothing, while a view of it lives
+            except BufferError:
+                return False  # a snapshot this process reads from its own buffer (open_snapshot with the lender)
             self._drop(slot)
             self._ctl.buf[slot] = _FREE
             return True
