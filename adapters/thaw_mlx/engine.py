@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from thaw_format import ModelInfo, SamplingParams, Snapshot
+from thaw_format import ModelInfo, Request, SamplingParams, Snapshot
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, Unsupported, fork, pending_requests
 from thaw_format.sdk.lent import open_snapshot, verify_unchecked
 from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owned_segment
@@ -28,10 +28,10 @@ from thaw_format.sdk.tokens import common_prefix_length
 
 from .files import deferring, fill_of, load
 from .generate import generate
-from .identity import check_snapshot_model, model_info
-from .pages import num_cached_tokens, unshared_buffers
+from .identity import check_snapshot_model, checked_info, model_info
+from .pages import moved_buffers, num_cached_tokens
 from .sampling import Sampler, sampler_of
-from .session import cache_of_snapshot, capture, check_cache_layout, check_snapshot_kv, restore, snapshot_tokens
+from .session import cache_of_checked, capture, check_cache_layout, check_snapshot_kv, restore, snapshot_tokens
 
 
 def _mlx_lm_config(hf_config: dict) -> dict:
@@ -83,13 +83,20 @@ class _Request:
     def progress(self) -> Progress:
         return Progress(list(self.output), self.cached, self.done)
 
+    def release(self) -> list:
+        """This request's cache, for a restore that replaces it: the request drops its generator, whose frame holds
+        the cache (and, through the sampler, the request: a cycle only the garbage collector would free)."""
+        self._steps = None
+        return self.session.cache
+
 
 class MLXEngine(SharedKV):
     name = "mlx"
 
     def __init__(self, model, info: Optional[ModelInfo] = None, *, checkpoint: Optional[str] = None) -> None:
         self.model, self.checkpoint = model, checkpoint
-        self.info = info or model_info(model, checkpoint=checkpoint)  # digested once
+        # The model's identity, digested once; a caller's is checked to name the model's dtype.
+        self.info = model_info(model, checkpoint=checkpoint) if info is None else checked_info(model, info)
         self.eos = _eos_ids(checkpoint)
         self.sessions: list[_Session] = []  # served requests: the engine's prefix cache
         self.running: dict[str, _Request] = {}  # in flight, in order of submission
@@ -241,20 +248,20 @@ class MLXEngine(SharedKV):
     def check(self, snapshot: Snapshot) -> None:
         self._checked(snapshot)
 
-    def _checked(self, snapshot: Snapshot) -> Optional[tuple]:
+    def _checked(self, snapshot: Snapshot) -> tuple[Request, Optional[tuple]]:
         """Every check a restore makes of what the snapshot holds (model, cache layout, its pages and layers, its
-        request and sampler), nothing built; _pending's answer."""
+        request and sampler), nothing built: check_snapshot_kv's answer (its session) and _pending's."""
         check_snapshot_model(self.model, snapshot, info=self.info)
-        check_cache_layout(self.model, snapshot, self.info)
-        check_snapshot_kv(snapshot)
-        return _pending(snapshot)
+        check_cache_layout(self.model, snapshot)
+        return check_snapshot_kv(snapshot), _pending(snapshot)
 
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
         """Replace the engine's state with the snapshot's, its KV written over the arrays of the caches it
         replaces where their shapes fit (_restore_over). The Snapshot is this process's: its bytes are trusted
         as its caller trusts them (thaw_format.sdk.lent's rule; thaw_format.load checked a file's), so only
-        what it holds is checked, not its bytes again. An array of the old caches that the caller still refers
-        to keeps its bytes; a cache object taken from `sessions` is the engine's, and is written over with it."""
+        what it holds is checked, not its bytes again. Whatever the caller still holds of the old caches (an
+        array, an array sharing its memory such as a slice, a layer object, a cache list) keeps its bytes: only
+        memory nothing else holds is written over (pages.moved_buffers)."""
         verify_unchecked(snapshot)  # a segment borrowed or shared-loaded with verify=False (lent's trust rule)
         return self._restore_over(snapshot)
 
@@ -282,19 +289,17 @@ class MLXEngine(SharedKV):
         caches it replaces where their shapes fit, and new arrays elsewhere: every check of what it holds
         (_checked) is made first, with the engine as it was; from then on nothing can refuse it, and the engine
         is left empty while its arrays are written over."""
-        pending = self._checked(snapshot)
-        return self._install(cache_of_snapshot(snapshot, spare=self._give_up_buffers), snapshot, pending)
+        session, pending = self._checked(snapshot)
+        return self._install(cache_of_checked(snapshot, session, spare=self._give_up_buffers), snapshot, pending)
 
     def _give_up_buffers(self) -> list[list]:
-        """Per layer, the arrays of the engine's caches that nothing else holds (its requests and captures copy
-        their KV, so no array shares their memory), for a restore that replaces them to write over; the engine
-        is left empty meanwhile, so that it never holds a cache half written over."""
-        spare = [[] for _ in self.model.layers]
-        for session in self.sessions + [request.session for request in self.running.values()]:
-            for arrays, layer in zip(spare, session.cache):
-                arrays.extend(unshared_buffers(layer))
+        """Per layer, the memory of the engine's caches that nothing else holds, for a restore that replaces them
+        to write over (pages.moved_buffers: memory a caller holds any part of is copied out first, and keeps its
+        bytes). The engine lets go of its caches and is left empty, so that it never holds a cache half written
+        over."""
+        caches = [session.cache for session in self.sessions] + [r.release() for r in self.running.values()]
         self.sessions, self.running, self._progress = [], {}, {}
-        return spare
+        return moved_buffers(caches, len(self.model.layers))
 
     def _install(self, cache: list, snapshot: Snapshot, pending: Optional[tuple]) -> list[Resumed]:
         """Make a restored cache the engine's state: its one session, or, with `pending` (_pending's), its one

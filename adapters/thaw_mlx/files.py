@@ -109,7 +109,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = Tru
         if name not in paged:
             f.tensor(name, copy=False)  # checks its chunks (raises CorruptSnapshotError)
     check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
-    check_cache_layout(model, snapshot, info)
+    check_cache_layout(model, snapshot)
     return cache_of_snapshot(snapshot, expected), snapshot
 
 

@@ -45,11 +45,42 @@ def model_weights(model: nn.Module) -> dict[str, Tensor]:
 
 
 def model_dtype(model: nn.Module) -> str:
-    """The dtype of the first floating-point parameter: what the model computes in."""
-    for _, array in tree_flatten(model.parameters()):
-        if mx.issubdtype(array.dtype, mx.floating):
-            return dtype_name(array.dtype)
-    raise ValueError("the model has no floating-point parameters")
+    """The dtype of the first floating-point parameter (in model.parameters() order): what the model computes in.
+    The module tree is walked only as far as that parameter, since every restore asks (parameters() builds the
+    whole tree: 0.9 ms for a 24-layer Qwen2 against 5 µs so, on this project's 2-CPU host at load 4.8)."""
+    found = _first_floating(model)
+    if found is None:
+        raise ValueError("the model has no floating-point parameters")
+    return dtype_name(found.dtype)
+
+
+def _first_floating(value) -> Optional[mx.array]:
+    """The first floating-point array among what Module.parameters() would hold of `value`: arrays, dicts and
+    lists under a module's keys that do not start with "_"."""
+    if isinstance(value, mx.array):
+        return value if mx.issubdtype(value.dtype, mx.floating) else None
+    if isinstance(value, nn.Module):
+        items = (v for k, v in value.items() if not k.startswith("_"))
+    elif isinstance(value, dict):
+        items = value.values()
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    return next((found for found in map(_first_floating, items) if found is not None), None)
+
+
+def checked_info(model: nn.Module, info: Optional[ModelInfo]) -> ModelInfo:
+    """`info`, a caller's identity of `model` (model_info's, computed once), once its dtype is the dtype the
+    model's parameters have (else ValueError: a snapshot would claim one and hold KV of the other); the model's
+    own identity when None. Its config and weights are trusted: checking them is the digest it saves."""
+    if info is None:
+        return model_info(model)
+    dtype = model_dtype(model)
+    if info.dtype != dtype:
+        raise ValueError(f"info.dtype is {info.dtype!r}, the model's parameters are {dtype!r}: pass the model's "
+                         "identity as it is now (thaw_mlx.model_info(model), checkpoint=... for a checkpoint's)")
+    return info
 
 
 def model_info(

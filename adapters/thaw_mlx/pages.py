@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from array import array
 from typing import Callable, NamedTuple, Optional
 
@@ -30,6 +29,7 @@ from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, Rotating
 
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, KVLayer, Tensor, mover
 from thaw_format.mlx import dtype_name, from_mlx, owned_view, to_mlx, writable_array, writable_arrays
+from thaw_format.sdk import remote
 
 from . import _internals
 
@@ -321,40 +321,28 @@ def gather_to_file(x: mx.array, num_tokens: int, page_size: int, fd: int, offset
     return written, crcs
 
 
-def unshared_buffers(cache) -> list[tuple[mx.array, memoryview]]:
-    """The arrays a KVCache or QuantizedKVCache layer keeps its tokens in that no other Python object refers to
-    directly, each with a writable view of its own memory (thaw_format.mlx.owned_view): what a restore replacing
-    that cache may write over (scatter_targets' `spare`). An array whose memory is not its own is left out, as is
-    any array seen twice. Only direct references are counted: whoever holds the layer object (or a quantized
-    layer's tuple of arrays), or another array over the same buffer, is not seen, so the caller must know there
-    is none (MLXEngine's caches: its requests and captures copy their KV, and its shallow copies of a layer live
-    within one call)."""
-    buffers = _internals.paged_buffers(cache)
-    mx.eval(buffers)  # nothing pending writes them
-    seen, unshared = set(), []
-    while buffers:
-        array = buffers.pop()
-        if id(array) in seen or sys.getrefcount(array) != _SOLE_HOLDER_COUNT:  # the cache and `array` only
-            continue
-        seen.add(id(array))
-        try:
-            unshared.append((array, owned_view(array)))
-        except ValueError:  # not its own row-major memory
-            continue
-    return unshared
+def moved_buffers(caches: list[list], num_layers: int) -> list[list[tuple[mx.array, memoryview]]]:
+    """Per layer, the memory of the arrays the KVCache and QuantizedKVCache layers of `caches` (prompt caches a
+    restore replaces) keep their tokens in, each in a new array only this call holds, with a writable view of it
+    (thaw_format.mlx.owned_view): what the restore may write over (scatter_targets' `spare`).
+
+    `caches` is emptied, and its caller must hold no other reference to them. Each array is then moved by MLX's
+    own copy (mx.array), which takes over the buffer of an array nothing else holds (no byte moves) and copies
+    any other: one that an array of someone else's shares (a slice, as a layer's `state` is, a reshape), that a
+    computation not yet evaluated reads, or whose layer object or cache list someone kept. Python references
+    cannot tell: a view holds the buffer, not the array. So whatever anyone holds keeps its bytes. An array whose
+    memory is not its own row-major bytes is left out."""
+    moved = [[mx.array(a) for cache in caches for a in _internals.paged_buffers(cache[i])] for i in range(num_layers)]
+    caches.clear()
+    mx.eval(moved)
+    return [[(array, view) for array, view in map(_owned, arrays) if view is not None] for arrays in moved]
 
 
-def _sole_holder_count() -> int:
-    """What sys.getrefcount says of an object held by one attribute and one local variable, as unshared_buffers
-    holds a cache's array: measured, not assumed, since interpreters count borrowed references differently."""
-    holder = type("Holder", (), {})()
-    holder.item = object()
-    held = [holder.item]
-    item = held.pop()
-    return sys.getrefcount(item)
-
-
-_SOLE_HOLDER_COUNT = _sole_holder_count()
+def _owned(array: mx.array) -> tuple[mx.array, Optional[memoryview]]:
+    try:
+        return array, owned_view(array)
+    except ValueError:  # not its own row-major memory
+        return array, None
 
 
 def restored_shape(tensor: Tensor, pages: list[int]) -> tuple[tuple, str]:
@@ -367,7 +355,7 @@ def restored_shape(tensor: Tensor, pages: list[int]) -> tuple[tuple, str]:
 
 def scatter_targets(layers: list[KVLayer], pages: list[int], spare: Optional[list[list]] = None) -> list[dict]:
     """Per layer, decode_layer's `targets`: for each paged role, an array of the layer's `spare` (arrays with
-    their views, unshared_buffers of the cache being replaced) of the same shape and dtype, to be written
+    their views, moved_buffers of the caches being replaced) of the same shape and dtype, to be written
     over, every byte, else a new one; the new ones of the whole cache made in one writable_arrays call. Over a
     spare array the source must have been checked whole before (a bad chunk found mid-scatter would leave it
     half written)."""
@@ -410,9 +398,11 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
     if expected is not None and not whole:
         bad = mover.check_buffer(tensor.data, [(0, tensor.nbytes, expected.chunk_size, 0)], expected.crcs)
         _raise_bad(expected, bad[1] if bad else None)
+    # A remote source's tensor (never checked here: it carries no checksums) is read where it lies, by the scatter.
+    data = tensor.data if whole else remote.scatter_view(tensor)
     for first, run, start in [(0, len(pages), 0)] if in_order else mover.consecutive_runs(pages):  # a slice each
         offsets = (np.arange(run, dtype=np.int64) + start) * page_size * dim * itemsize
-        source = tensor.data[first * page_bytes : (first + run) * page_bytes]
+        source = data[first * page_bytes : (first + run) * page_bytes]
         if whole:
             try:
                 bad = mover.scatter_pages_checked(source, out, offsets, layout, expected.chunk_size, expected.crcs)

@@ -30,7 +30,7 @@ from thaw_format import (
 from thaw_format.sdk import DEFAULT_PAGE_SIZE, lineage_now
 
 from . import _internals
-from .identity import check_snapshot_model, model_info, model_weights
+from .identity import check_snapshot_model, checked_info, model_dtype, model_weights
 from .pages import Paging, check_layer, decode_layer, encode_layer, layer_dtype, num_cached_tokens, scatter_targets
 
 REQUEST_ID = "mlx-0"
@@ -57,8 +57,8 @@ def capture(
     thaw_mlx.Sampler, records how the session samples and its PRNG key (default greedy); `parent` is the id of
     the snapshot this session was restored from; `info` is the model's identity, thaw_mlx.model_info(model),
     computed once: pass it to save digesting every weight again, and always for a model loaded from a
-    checkpoint (model_info(model, checkpoint=...)), whose identity the model alone does not know;
-    `finished=True` records a session served to the end: engines that run requests (vLLM, SGLang) then take
+    checkpoint (model_info(model, checkpoint=...)), whose identity the model alone does not know (its dtype
+    must be the model's: ValueError otherwise); `finished=True` records a session served to the end: engines that run requests (vLLM, SGLang) then take
     its KV as prefix cache instead of resuming it as a request in flight. `paging` makes the KV pages
     (default: gathered now); thaw_mlx.save defers them, to gather them straight into the file.
     """
@@ -67,7 +67,7 @@ def capture(
     return snapshot_of_cache(
         prompt_cache,
         tokens,
-        model=info or model_info(model),
+        model=checked_info(model, info),
         weights=Weights(model_weights(model)) if include_weights else None,
         num_prompt_tokens=num_prompt_tokens,
         page_size=page_size,
@@ -152,21 +152,26 @@ def fork(
     if n < 1:
         raise ValueError(f"fork needs n >= 1, got {n}")
     check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
-    check_cache_layout(model, snapshot, info)
+    check_cache_layout(model, snapshot)
     parent = cache_of_snapshot(snapshot)
     return [parent] + [[_share(c) for c in parent] for _ in range(n - 1)]
 
 
-def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None,
-                      spare: Optional[Callable[[], list[list]]] = None) -> list:
-    """The snapshot's prompt cache, once it is clear MLX can hold it (which model it fits is restore's check).
-    `expected`, per layer, maps paged roles to the CRCs their file bytes must have (thaw_mlx.load). `spare`,
-    called once every check has passed (nothing is written over before), gives per layer the arrays its
-    paged tensors may be written over (pages.scatter_targets)."""
-    request = check_snapshot_kv(snapshot)
+def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None) -> list:
+    """The snapshot's prompt cache, once check_snapshot_kv says MLX can hold it (which model it fits is restore's
+    check). `expected`, per layer, maps paged roles to the CRCs their file bytes must have (thaw_mlx.load)."""
+    return cache_of_checked(snapshot, check_snapshot_kv(snapshot), expected)
+
+
+def cache_of_checked(snapshot: Snapshot, request: Request, expected: Optional[list[dict]] = None,
+                     spare: Optional[Callable[[], list[list]]] = None) -> list:
+    """cache_of_snapshot of a snapshot whose KV check_snapshot_kv passed, `request` its answer: for MLXEngine,
+    which makes every check before it gives up its arrays. `spare`, called once every check has passed (nothing
+    is written over before), gives per layer the arrays its paged tensors may be written over
+    (pages.scatter_targets)."""
     kv = snapshot.kv
     if expected is not None and spare is not None:
-        raise ValueError("cache_of_snapshot: spare arrays take only a source checked whole before, not `expected`")
+        raise ValueError("cache_of_checked: spare arrays take only a source checked whole before, not `expected`")
     expected = expected or [None] * len(kv.layers)
     targets = scatter_targets(kv.layers, request.pages, spare() if spare is not None else None)
     cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, layer_targets)
@@ -195,14 +200,14 @@ def check_snapshot_kv(snapshot: Snapshot) -> Request:
 
 
 def _share(cache):
-    """The same cache with its own array objects over the same buffers: MLX's own writes copy a shared buffer
-    (these caches must never be handed to MLXEngine, whose restores write over arrays in place)."""
+    """The same cache with its own array objects over the same buffers: MLX's own writes copy a shared buffer,
+    and so does a restore of MLXEngine (pages.moved_buffers) before it writes over one."""
     return type(cache).from_state(tree_map(lambda a: a[...] if isinstance(a, mx.array) else a, cache.state))
 
 
-def check_cache_layout(model: nn.Module, snapshot: Snapshot, info: Optional[ModelInfo] = None) -> None:
-    """Refuse KV of another shape than the model's: layers, heads, head size, dtype (`info`'s when given: the
-    model's dtype is otherwise found among its parameters, a walk over all of them)."""
+def check_cache_layout(model: nn.Module, snapshot: Snapshot) -> None:
+    """Refuse KV of another shape than the model's: layers, heads, head size, and the dtype its parameters have
+    (not a caller's identity's: that vouches for config and weights, and could name a dtype the model left)."""
     # Most mlx-lm ModelArgs name these as HF configs do; where one does not, that check is left to the tensors.
     args = model.args
     num_heads = getattr(args, "num_attention_heads", None)
@@ -211,8 +216,7 @@ def check_cache_layout(model: nn.Module, snapshot: Snapshot, info: Optional[Mode
     v_head_dim = head_dim
     if getattr(args, "qk_rope_head_dim", None):  # DeepSeek MLA: per-head K of nope + rope parts, its own V size
         num_kv_heads, head_dim, v_head_dim = num_heads, args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
-    dtype = (info or model_info(model, weights_digest=False)).dtype
-    check_kv_layout(snapshot, num_layers=len(model.layers), dtype=dtype)
+    check_kv_layout(snapshot, num_layers=len(model.layers), dtype=model_dtype(model))
     for i, layer in enumerate(snapshot.kv.layers):
         if layer.kind == "recurrent":  # states have model-specific shapes: the config digest vouches for them
             continue

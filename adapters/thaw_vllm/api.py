@@ -11,7 +11,7 @@ from thaw_format import IncompatibleSnapshotError
 from thaw_format.sdk import Finished, Resumed, lent, pending_requests
 from thaw_format.sdk.shared import checked_by_caller
 
-from . import _internals, remote, transport
+from . import _internals, rpc, transport
 from .requests import resubmit, run_to_completion
 
 WORKER_EXTENSION = "thaw_vllm.worker.ThawWorkerExtension"
@@ -80,7 +80,7 @@ def describe(llm) -> dict:
 
 def _call(llm, op: str, args: dict) -> dict:
     """thaw's engine-core operation `op` (core_ops.thaw_call); a snapshot's error is raised here as itself."""
-    return remote.unwrap(_internals.call_engine_core(llm, "thaw_call", op, args))
+    return rpc.unwrap(_internals.call_engine_core(llm, "thaw_call", op, args))
 
 
 def _chains(chains: Optional[Sequence[Sequence[int]]]) -> Optional[list[list[int]]]:

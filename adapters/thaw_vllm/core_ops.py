@@ -12,15 +12,15 @@ from typing import Optional, Sequence
 
 from thaw_format import CorruptSnapshotError
 
-from . import _internals, remote, sampling
+from . import _internals, rpc, sampling
 from .api import NOT_ENABLED
 from .connector import ThawConnector
 
 
-@remote.as_data
+@rpc.as_data
 def thaw_call(core, op: str, args: dict) -> dict:
     """Run `op`; a snapshot's own error (a corrupt chunk, an incompatible layout) goes back to the client as
-    data (remote.py)."""
+    data (rpc.py)."""
     if op == "capture":
         return _capture(core, **args)
     if op == "restore":
@@ -32,7 +32,7 @@ def _worker(core, method: str, *args):
     """The worker's `method` (worker.ThawWorkerExtension) through collective_rpc, its snapshot errors raised.
     This process waits for the reply asleep: its CPU is one the worker moves KV on (worker.start_mover)."""
     with _internals.worker_awaited_asleep(core):
-        return remote.unwrap(core.collective_rpc(method, args=args)[0])
+        return rpc.unwrap(core.collective_rpc(method, args=args)[0])
 
 
 def _connector(core) -> ThawConnector:

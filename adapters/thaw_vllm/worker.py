@@ -10,12 +10,12 @@ import os
 import thaw_format
 import vllm
 from thaw_format import IncompatibleSnapshotError, mover
-from thaw_format.sdk import lent, lineage_now
+from thaw_format.sdk import lent, lineage_now, remote
 from thaw_format.sdk.shared import owned_segment
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import deferred_tensor
 
-from . import _internals, identity, remote, transport
+from . import _internals, identity, rpc, transport
 from .pages import blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
 
 
@@ -77,7 +77,7 @@ class ThawWorkerExtension:
             self._thaw_digest = identity.weights_digest(self.vllm_config)
         return self._thaw_digest
 
-    @remote.as_data
+    @rpc.as_data
     def thaw_capture(self, plan: dict, include_weights: bool, local: bool, shared: bool = False) -> dict:
         """Assemble the snapshot the engine core planned (pages, block ids, requests) and publish it, the KV
         pages gathered by libthaw straight into shared memory with their checksums in the same pass: lent to
@@ -95,7 +95,7 @@ class ThawWorkerExtension:
         publisher = owned_segment(self) if shared else lent.owned_lender(self)
         return {"source": publisher.publish(snapshot, fill)}
 
-    @remote.as_data
+    @rpc.as_data
     def thaw_stage(self, source: str, verify: bool = True) -> None:
         """Read the snapshot `source` names where it lies (a segment this worker lent, a cached mapping, the
         client's memory for a remote source, or in-process the client's Snapshot itself) and check its KV fits
@@ -111,14 +111,16 @@ class ThawWorkerExtension:
         _check_kv(snapshot.kv, caches, layout)
         self._thaw_staged = snapshot
 
-    @remote.as_data
+    @rpc.as_data
     def thaw_write(self, pages: list[int], block_ids: list[int], tails: dict[str, int], rng_keys: list[str]) -> None:
         """Write the staged snapshot's pages into the given blocks; stage resumed requests' tails and RNG."""
         _internals.worker_waits_asleep_after_this_call()
         snapshot, self._thaw_staged = self._thaw_staged, None
         caches, layout = engine_layout(self)
         page_bytes = layout.pages["k"].page_bytes
-        layers = [(layer.tensors["k"].data, layer.tensors["v"].data) for layer in snapshot.kv.layers]
+        # A remote source's KV is read where it lies in the client by the scatter (a partial page's too), in one pass.
+        layers = [tuple(remote.scatter_view(layer.tensors[role]) for role in ("k", "v"))
+                  for layer in snapshot.kv.layers]
         for first, count, at in mover.consecutive_runs(pages):  # consecutive pages are one slice of the snapshot's tensors
             span = slice(first * page_bytes, (first + count) * page_bytes)
             for cache, (k, v) in zip(caches, layers):

@@ -87,6 +87,56 @@ def test_a_lent_snapshot_not_yet_borrowed_is_never_reused(lender):
     assert segment(lender.publish(snapshot(2))) != segment(source)
 
 
+def exists(source: str) -> bool:
+    return os.path.exists(f"/dev/shm/{segment(source)}")
+
+
+def test_a_slot_lent_and_never_borrowed_is_taken_back_once_its_time_is_up():
+    """A reader that died between the capture and its borrow (or never borrows) does not hold the slot, and its
+    segment's memory, until the lender closes: once unborrowed_s have passed (none here), the lender's next
+    publish takes the slot back and unlinks its segment. A borrow coming later fails by name, before it marks
+    the slot, which by then lends another snapshot; that one is borrowed and held as any other."""
+    lender = lent.Lender(unborrowed_s=0)
+    try:
+        dropped = [lender.publish(snapshot(fill)) for fill in (1, 2, 3)]
+        assert not any(map(exists, dropped[:-1])) and exists(dropped[-1])
+        late = dropped[-1]
+        now = lender.publish(snapshot(4))  # the late one's slot, taken back, lends this one
+        assert not exists(late) and lent._slot_of(segment(now)) == lent._slot_of(segment(late))
+        with pytest.raises(FileNotFoundError, match="taken back by its lender: not borrowed in time"):
+            lent.borrow(late)
+        held = lent.borrow(now)
+        assert segment(lender.publish(snapshot(5))) != segment(now)  # held: never taken back, never reused
+        assert bytes(held.weights.tensors["t"].data) == bytes([4]) * 4096
+    finally:
+        lender.close()
+
+
+def test_a_slot_its_lender_reads_itself_is_not_taken_back_under_it():
+    """A restore in the lender's own process reads a segment it lent through its own buffer (open_snapshot with
+    the lender), unborrowed: while that snapshot lives the slot is not taken back."""
+    lender = lent.Lender(unborrowed_s=0)
+    try:
+        source = lender.publish(snapshot(1))
+        reading = lent.open_snapshot(source, lender=lender)
+        lender.publish(snapshot(2))
+        assert exists(source) and bytes(reading.weights.tensors["t"].data) == bytes([1]) * 4096
+        del reading
+        gc.collect()
+        lender.publish(snapshot(3))
+        assert not exists(source)
+    finally:
+        lender.close()
+
+
+def test_a_slot_unborrowed_within_its_time_stays_lent(lender):
+    """The default time (lent.UNBORROWED_S) is far longer than a reader takes to borrow what it asked for."""
+    assert lent.UNBORROWED_S >= 60
+    source = lender.publish(snapshot(1))
+    lender.publish(snapshot(2))
+    assert exists(source) and bytes(lent.borrow(source).weights.tensors["t"].data) == bytes([1]) * 4096
+
+
 def test_send_leaves_unchecked_only_a_segment_whose_bytes_the_client_did_not_verify(lender, tmp_path):
     """lent.send hands a borrowed or shared-loaded snapshot over as its own segment, checked where its bytes came
     in (the trust rule), unless it was borrowed or shared-loaded with verify=False: its reader verifies that one. Any other it

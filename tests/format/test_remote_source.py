@@ -26,7 +26,7 @@ CHILD = r"""
 import ctypes, hashlib, json, sys
 import numpy as np
 from thaw_format import mover
-from thaw_format.sdk import lent
+from thaw_format.sdk import lent, remote
 
 if sys.argv[2] == "drop":  # capget/capset (version 3): clear CAP_SYS_PTRACE (19) from effective and permitted
     libc = ctypes.CDLL(None, use_errno=True)
@@ -39,9 +39,10 @@ try:
     h = hashlib.sha256()
     for layer in snapshot.kv.layers:
         for role in ("k", "v"):
-            n = layer.tensors[role].nbytes
+            n, pages = layer.tensors[role].nbytes, remote.scatter_view(layer.tensors[role])
+            assert isinstance(pages.obj, mover.RemoteWindow) == remote.is_remote(sys.argv[1])  # read by the scatter
             out = np.zeros(n, np.uint8)
-            mover.scatter_pages(layer.tensors[role].data, out, [0], mover.PageLayout(1, np.zeros(1, np.int64), n, 1))
+            mover.scatter_pages(pages, out, [0], mover.PageLayout(1, np.zeros(1, np.int64), n, 1))
             h.update(out.tobytes())
     print(json.dumps({"kv": h.hexdigest(), "prefix": snapshot.prefix.tokens, "id": snapshot.id,
                       "rng": bytes(snapshot.scheduler.requests[0].rng_state.data).hex()}))
@@ -87,6 +88,17 @@ def test_a_snapshot_in_this_process_is_read_by_another_from_here(native, full_sn
     assert sender_id == loaded.id == full_snapshot.id is not None
     assert read_in_child(source) == expected(loaded)  # the same id too: a capture after it names its parent
     assert "carries no checksums" in read_in_child(source, verify=True)["error"]
+
+
+def test_a_snapshot_never_saved_reaches_the_reader_without_an_id(native, full_snapshot):
+    """A snapshot built in memory has no id (its id counts the checksums of its KV, which the remote read never
+    computes): the source says so with an empty id, and the reader's snapshot has id None, as the Snapshot
+    itself handed to an engine in the sender's process has; never the id of the segment, counted over the zeros
+    left for the KV."""
+    owner = Engine()
+    source, _ = lent.send(owner, full_snapshot)
+    assert full_snapshot.id is None and source.split("|")[1] == "" and remote.parse(source)[3] is None
+    assert read_in_child(source) == expected(full_snapshot) and expected(full_snapshot)["id"] is None
 
 
 def _not_dumpable():
@@ -179,3 +191,40 @@ def test_a_forked_child_holds_its_own_token_where_its_parent_held_the_senders(na
 def test_a_malformed_remote_source_is_refused_by_name(bad):
     with pytest.raises(ValueError, match="not a remote source"):
         remote.parse(f"{remote.REMOTE_PREFIX}{bad}||shm://a#1")
+
+
+# The child: open the source and read its KV every way but the scatter (bytes, equality, copies, numpy, a save
+# and load), printing the digests; a read of the sender's address here would end it with SIGSEGV instead.
+READERS = r"""
+import copy, hashlib, json, sys
+import thaw_format as tf
+from thaw_format.numpy import to_numpy
+from thaw_format.sdk import lent
+
+snapshot = lent.open_snapshot(sys.argv[1], verify=False)
+tensors = [layer.tensors[role] for layer in snapshot.kv.layers for role in ("k", "v")]
+digests = {"tobytes": hashlib.sha256(b"".join(t.tobytes() for t in tensors)).hexdigest(),
+           "numpy": hashlib.sha256(b"".join(to_numpy(t).tobytes() for t in tensors)).hexdigest(),
+           "equal": all(t == t.copy() == copy.copy(t) for t in tensors), "readonly": all(t.readonly for t in tensors)}
+tf.save(snapshot, sys.argv[2])
+saved = tf.load(sys.argv[2])
+digests["saved"] = hashlib.sha256(b"".join(layer.tensors[role].tobytes() for layer in saved.kv.layers
+                                          for role in ("k", "v"))).hexdigest()
+print(json.dumps(digests))
+"""
+
+
+def test_every_other_read_of_a_remote_kv_fetches_it_from_the_sender(native, full_snapshot, tmp_path):
+    """Only the scatter reads a remote source's KV where it lies in the sender; every other reader of its tensors
+    (their bytes, equality, a copy, numpy, a save) gets them read from the sender into a copy here first, never the
+    sender's address dereferenced in the reader's process."""
+    owner = Engine()  # holds the restore segment the source names
+    source, _ = lent.send(owner, full_snapshot)
+    assert remote.is_remote(source)
+    out = subprocess.run([sys.executable, "-c", READERS, source, str(tmp_path / "copy.thaw")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+    kv = hashlib.sha256(b"".join(layer.tensors[role].tobytes() for layer in full_snapshot.kv.layers
+                                 for role in ("k", "v"))).hexdigest()
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"tobytes": kv, "numpy": kv, "equal": True,
+                                                                "readonly": True, "saved": kv}

@@ -43,6 +43,19 @@ def test_another_dtype(model_of, llama_snapshot):
     refused(model_of("llama-kv-fp16"), llama_snapshot, "model.dtype: the snapshot has 'float32'")
 
 
+def test_an_identity_given_with_another_dtype_lets_no_kv_of_that_dtype_in(model_of, llama_snapshot):
+    """A caller's `info` (here the float32 model's, as computed before a cast to float16) vouches for the model's
+    config and weights; the KV's dtype is checked against the dtype the model has, and an engine or a capture
+    refuses an identity whose dtype is not the model's."""
+    model, info = model_of("llama-kv-fp16"), llama_snapshot.model
+    refused(model, llama_snapshot, "kv.dtype: the snapshot has 'float32', the engine has 'float16'", info=info)
+    with pytest.raises(ValueError, match="info.dtype is 'float32', the model's parameters are 'float16'"):
+        thaw_mlx.MLXEngine(model, info)
+    cache, tokens = start(CASES["llama-kv-fp16"], model)[1:]
+    with pytest.raises(ValueError, match="info.dtype is 'float32', the model's parameters are 'float16'"):
+        thaw_mlx.capture(model, cache, tokens, info=info)
+
+
 def test_other_weights_unless_told_not_to_check(llama_snapshot):
     model = make_model("llama")
     model.update({"lm_head": {"weight": model.lm_head.weight + 1}})

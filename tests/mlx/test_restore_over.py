@@ -2,15 +2,16 @@
 restore_source (a reused shared-memory segment, a pool worker's every round) write the KV over the arrays of the
 caches they replace: the engine's cache is then byte for byte, capacity included, the cache a fresh restore builds,
 for every cache kind, after a longer session too, and it generates what a fresh engine restored from the same
-snapshot generates, with the same cached-token count. An array something else holds (a user's reference, a capture)
-is never written over. A snapshot refused (another model, a layout MLX cannot hold, a request MLX cannot sample, a
+snapshot generates, with the same cached-token count. Memory something else holds (a user's array, a view of one, a
+layer object or cache list, a capture) is never written over. A snapshot refused (another model, a layout MLX cannot hold, a request MLX cannot sample, a
 damaged chunk of a segment) leaves the engine as it was, its arrays included."""
 
 import dataclasses
 import mmap
 import os
-import weakref
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 import thaw_format
@@ -18,10 +19,12 @@ import thaw_mlx
 from sessions import full_state
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, SnapshotFile
 from thaw_format.mlx import from_mlx
-from thaw_format.sdk import greedy
+from thaw_format.mover import RemoteReadError
+from thaw_format.sdk import greedy, lent, remote
 from thaw_format.sdk.shared import Segment, open_segment
 from thaw_mlx import MLXEngine
 from thaw_mlx._internals import paged_buffers
+from unreadable import unreadable_page
 
 
 @pytest.fixture
@@ -64,6 +67,11 @@ def arrays_of(engine) -> list:
     return [a for layer in engine_cache(engine) for a in paged_buffers(layer)]
 
 
+def addresses(engine) -> set[int]:
+    """Where the memory of the engine's paged arrays lies."""
+    return {np.frombuffer(from_mlx(a).data, np.uint8).ctypes.data for a in arrays_of(engine)}
+
+
 def flip_bit(source: str, tensor: str) -> None:
     name, _, nbytes = source[len("shm://"):].partition("#")
     fd = open_segment(name, os.O_RDWR)
@@ -85,14 +93,14 @@ def test_a_shorter_session_over_a_longer_one_is_the_fresh_restore_byte_for_byte(
     model, short, long = sessions_of(name, session)
     engine = MLXEngine(model)
     restoring(engine, long)
-    replaced = [weakref.ref(a) for a in arrays_of(engine)]
+    replaced = addresses(engine)
     restoring(engine, short)
     cache = engine_cache(engine)
     fresh = thaw_mlx.restore(model, short)
     assert full_state(cache) == full_state(fresh) and whole_buffers(cache) == whole_buffers(fresh)
-    now = arrays_of(engine)
-    # every paged array was written over (same capacity: both sessions are under mlx-lm's step of 256 tokens)
-    assert len(now) == len(replaced) and all(any(r() is a for r in replaced) for a in now)
+    # every paged array's memory was written over (same capacity: both sessions are under mlx-lm's step of 256
+    # tokens), none copied first: nothing else held it
+    assert addresses(engine) == replaced
 
 
 @pytest.mark.parametrize("name", ["llama-kv", "llama-quantized"])
@@ -111,6 +119,24 @@ def test_an_engine_restored_in_place_generates_as_a_fresh_one(name, session, res
         got = engine.generate(prompt, greedy(12))
         assert (got.token_ids, got.cached_tokens) == (expected.token_ids, expected.cached_tokens)
         engine.restore(short)  # the generation above left a second session; back to one
+
+
+def test_each_restore_checks_the_kv_once(session, restoring, monkeypatch):
+    """check_snapshot_kv (each layer's pages and tensors) runs once per restore on every path, into an empty
+    engine and over its arrays; and once for check."""
+    import thaw_mlx.session
+
+    checked, check_layer = [], thaw_mlx.session.check_layer
+    monkeypatch.setattr(thaw_mlx.session, "check_layer", lambda i, *rest: (checked.append(i), check_layer(i, *rest))[1])
+    model, short, long = sessions_of("llama-kv", session)
+    engine = MLXEngine(model)
+    for snapshot in (long, short):
+        checked.clear()
+        restoring(engine, snapshot)
+        assert checked == [0, 1]
+    checked.clear()
+    engine.check(short)
+    assert checked == [0, 1]
 
 
 def test_a_request_in_flight_restored_in_place_finishes_as_a_fresh_one(session, restoring):
@@ -145,6 +171,38 @@ def test_an_array_held_outside_the_engine_is_never_written_over(session, restori
     assert full_state(engine_cache(engine)) == full_state(thaw_mlx.restore(model, short))
 
 
+HOLDERS = {
+    "its prompt-cache list": lambda engine: engine_cache(engine),
+    "a layer object": lambda engine: engine_cache(engine)[0],
+    "a slice of an array": lambda engine: engine_cache(engine)[0].keys[..., :10, :],
+    "a reshaped array": lambda engine: engine_cache(engine)[1].values.reshape(-1),
+}
+
+
+def _held_bytes(held) -> list[bytes]:
+    """The bytes of every array `held` is or holds (a cache layer: the arrays of its state)."""
+    if isinstance(held, mx.array):
+        return [from_mlx(held).tobytes()]
+    if isinstance(held, (list, tuple)):
+        return [b for item in held for b in _held_bytes(item)]
+    return _held_bytes(held.state) if hasattr(held, "state") else []
+
+
+@pytest.mark.parametrize("holder", HOLDERS)
+def test_what_a_caller_holds_of_the_engines_cache_keeps_its_bytes(holder, session, restoring):
+    """Not only a cache's array itself: the list or layer object it is in, or an array sharing its memory (a
+    slice, a reshape), held across a restore, keeps its bytes; nothing else holding them, the engine's arrays are
+    written over (test_a_shorter_session_over_a_longer_one_is_the_fresh_restore_byte_for_byte)."""
+    model, short, long = sessions_of("llama-kv", session)
+    engine = MLXEngine(model)
+    restoring(engine, long)
+    held = HOLDERS[holder](engine)
+    before = _held_bytes(held)
+    restoring(engine, short)
+    assert _held_bytes(held) == before
+    assert full_state(engine_cache(engine)) == full_state(thaw_mlx.restore(model, short))
+
+
 def test_a_capture_taken_before_keeps_its_bytes_and_restores_the_state_it_took(session, restoring):
     model, short, long = sessions_of("llama-kv", session)
     engine = MLXEngine(model)
@@ -156,6 +214,38 @@ def test_a_capture_taken_before_keeps_its_bytes_and_restores_the_state_it_took(s
     assert [bytes(t.data) for layer in taken.kv.layers for t in layer.tensors.values()] == taken_bytes
     restoring(engine, taken)
     assert full_state(engine_cache(engine)) == state
+
+
+class Sender:
+    """The owner lent.send keys a restore segment on, as it would an engine in another process."""
+
+
+def test_a_write_failing_after_the_checks_leaves_the_engine_empty(session):
+    """Once every check passed only the KV's bytes themselves can fail: here a snapshot read from a process's
+    memory (a remote source, read in place by the scatter), a page in the middle of its last layer's V unreadable,
+    so that the read fails after the other layers were written over the engine's arrays. The restore raises that
+    error and leaves the engine empty (no session, no request: never a cache half written over): it serves the
+    prompt from no cached token, as a fresh engine does, and a view the caller held keeps its bytes. With the page
+    readable again the same snapshot restores."""
+    model, short, long = sessions_of("llama-kv-long", session)
+    engine, fresh = MLXEngine(model), MLXEngine(model)
+    engine.restore(short)
+    held = engine_cache(engine)[0].keys[..., :10, :]
+    kept = from_mlx(held).tobytes()
+    sender = Sender()
+    source, _ = lent.send(sender, long)
+    assert remote.is_remote(source)
+    opened = lent.open_snapshot(source, verify=False)
+    with unreadable_page(long.kv.layers[-1].tensors["v"].data):
+        with pytest.raises(RemoteReadError, match="does not map"):
+            engine.restore(opened)
+    assert engine.sessions == [] and engine.running == {}
+    prompt = thaw_mlx.snapshot_tokens(long) + [3, 1, 4]
+    got = engine.generate(prompt, greedy(8))
+    assert got == fresh.generate(prompt, greedy(8)) and got.cached_tokens == 0
+    assert from_mlx(held).tobytes() == kept
+    engine.restore(opened)
+    assert full_state(engine_cache(engine)) == full_state(thaw_mlx.restore(model, long))
 
 
 REFUSALS = {

@@ -6,38 +6,12 @@ the write after other units moved. A fresh engine of its own: one refused remote
 test_kv_transport) would have the client copy the KV itself, and touch the unreadable page.
 """
 
-import contextlib
-import ctypes
-import mmap
-import os
-
-import numpy as np
 import pytest
 from conftest import generate
 from thaw_format.sdk import lent, remote
+from unreadable import unreadable_page
 
 PROMPT = list(range(500, 620))  # 120 tokens: three full pages and a short one
-
-
-@contextlib.contextmanager
-def _unreadable_page(data: memoryview):
-    """One page in the middle of `data` (this process's memory) made unreadable for the block, its first and last
-    byte left readable: another process's read of it fails partway (EFAULT), and this process never touches it.
-    Its protection is put back afterwards."""
-    page = mmap.PAGESIZE
-    start = np.frombuffer(data, np.uint8).ctypes.data
-    address = (start + len(data) // 2) // page * page
-    assert start < address and address + page < start + len(data)
-    perms = next(line.split()[1] for line in open("/proc/self/maps")
-                 if int(line.split("-")[0], 16) <= address < int(line.split()[0].split("-")[1], 16))
-    prot = (mmap.PROT_READ if "r" in perms else 0) | (mmap.PROT_WRITE if "w" in perms else 0)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    assert libc.mprotect(address, page, 0) == 0, os.strerror(ctypes.get_errno())
-    try:
-        yield
-    finally:
-        assert libc.mprotect(address, page, prot) == 0, os.strerror(ctypes.get_errno())
 
 
 def test_a_remote_read_failing_partway_leaves_nothing_cached(thaw_sglang, zoo, engines, tmp_path):
@@ -55,7 +29,7 @@ def test_a_remote_read_failing_partway_leaves_nothing_cached(thaw_sglang, zoo, e
     thaw_sglang.capture(engine, path, include_weights=False, chains=[PROMPT])
     loaded = thaw_format.load(path, mmap=True)
     assert not remote.refused(engine)  # else the client copies the KV itself, and faults on the page
-    with _unreadable_page(loaded.kv.layers[-1].tensors["v"].data):
+    with unreadable_page(loaded.kv.layers[-1].tensors["v"].data):
         with pytest.raises(RuntimeError, match=r"RemoteReadError: \[Errno 14\] process \d+ does not map"):
             thaw_sglang.restore(engine, loaded)
     assert lent.last_sent(engine) == "remote"

@@ -11,7 +11,11 @@ A borrower holds an open-file-description lock on its slot's byte of the control
 holds the snapshot; the kernel drops the lock when the last process holding it exits, however it dies, so a
 lender takes back the slot of a borrower that died without giving it back. A process forked while holding a
 borrowed snapshot inherits the lock: the slot stays out until it, too, drops the snapshot or exits. A slot
-lent but never borrowed (its reader died between the capture and its borrow) stays out until the lender closes.
+lent but never borrowed (its reader died between the capture and its borrow) is taken back by the lender's first
+publish UNBORROWED_S seconds after it was lent, its segment unlinked: in a long-running engine such slots would
+otherwise each hold a snapshot's memory until the lender closes. A borrow coming later fails, by the segment's
+name, before it marks the slot (which may lend another snapshot by then): a borrower checks the segment is there
+under its lock on the slot's byte, which the lender takes before it takes a slot back.
 
 Readers cache a few mappings per process (`open_snapshot`), so a segment read again (the next lent capture
 in a recycled segment, a client's reused restore segment) is neither mapped nor faulted again.
@@ -53,6 +57,7 @@ import os
 import secrets
 import struct
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from multiprocessing import shared_memory
@@ -71,6 +76,9 @@ from .shared import SHM_PREFIX, on_release, open_segment, owned_segment
 LENT_PREFIX = "thawlent_"
 SLOTS = 256  # snapshots one lender may have out at once: one byte each in its control segment
 KEEP_IDLE = 2  # returned segments a lender keeps for reuse; more are unlinked (they hold RAM in /dev/shm)
+# Seconds a lent slot waits for its borrower before the lender may take it back: far longer than a reader takes to
+# borrow the capture it asked for (at once, on the RPC's return), so only a reader that died or gave up misses it.
+UNBORROWED_S = 60.0
 _FREE, _LENT, _TAKEN = 0, 1, 2  # a slot's byte in the control segment: lent = not yet borrowed
 T = TypeVar("T")
 
@@ -97,11 +105,13 @@ class Lender:
     """Writes snapshots into segments it lends; a borrower gives each back by clearing its slot. The segments
     are registered with multiprocessing's resource tracker (unlinked if this process dies); close() unlinks them."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, unborrowed_s: float = UNBORROWED_S) -> None:
         self._stem = f"{LENT_PREFIX}{os.getpid()}x{secrets.token_hex(4)}"
         self._ctl = shared_memory.SharedMemory(name=f"{self._stem}_ctl", create=True, size=SLOTS)
         self._ctl_fd = open_segment(self._ctl.name, os.O_RDWR)  # asks the kernel who holds which slot's lock
         self._segments: list[Optional[shared_memory.SharedMemory]] = [None] * SLOTS
+        self._lent_at = [0.0] * SLOTS  # time.monotonic() of each slot's last publish
+        self._unborrowed_s = unborrowed_s
         self._generation = 0
 
     def publish(self, snapshot: Snapshot, fill: Optional[dict] = None) -> str:
@@ -112,6 +122,7 @@ class Lender:
         segment = self._segments[slot]
         encoded.write_into(segment.buf, fill)
         self._ctl.buf[slot] = _LENT
+        self._lent_at[slot] = time.monotonic()
         return f"{SHM_PREFIX}{segment.name}#{encoded.nbytes}"
 
     def _slot(self, nbytes: int) -> int:
@@ -138,13 +149,36 @@ class Lender:
         snapshot (a fork) still holds the lock is not available."""
         if self._segments[slot] is None:
             return True  # nothing was lent from it (segments are dropped only from available slots)
-        if self._ctl.buf[slot] == _LENT:
-            return False  # its reader has not borrowed it yet
+        if self._ctl.buf[slot] == _LENT:  # its reader has not borrowed it yet
+            return time.monotonic() - self._lent_at[slot] >= self._unborrowed_s and self._take_back(slot)
         probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, slot, 1, 0)
         if struct.unpack(_FLOCK, fcntl.fcntl(self._ctl_fd, fcntl.F_OFD_GETLK, probe))[0] != fcntl.F_UNLCK:
             return False
         self._ctl.buf[slot] = _FREE
         return True
+
+    def _take_back(self, slot: int) -> bool:
+        """Take back a slot lent and never borrowed: its segment unlinked, under a write lock on the slot's byte,
+        so that a borrower (which checks the segment is there under its own lock on that byte) either holds it
+        already or finds it gone, never the next snapshot lent from the slot. False if a borrower is taking it, or
+        this process reads it itself."""
+        lock = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, slot, 1, 0)
+        try:
+            fcntl.fcntl(self._ctl_fd, fcntl.F_OFD_SETLK, lock)
+        except OSError:  # EAGAIN: a borrower holds the byte's lock
+            return False
+        try:
+            if self._ctl.buf[slot] != _LENT:
+                return False  # borrowed meanwhile
+            try:
+                self._segments[slot].close()  # refused, changing nothing, while a view of it lives
+            except BufferError:
+                return False  # a snapshot this process reads from its own buffer (open_snapshot with the lender)
+            self._drop(slot)
+            self._ctl.buf[slot] = _FREE
+            return True
+        finally:
+            fcntl.fcntl(self._ctl_fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, slot, 1, 0))
 
     def _drop(self, slot: int) -> None:
         segment, self._segments[slot] = self._segments[slot], None
@@ -258,10 +292,10 @@ def _borrow_capture(source: str) -> Snapshot:
 def _borrow(source: str, *, verify: bool, checked: bool) -> Snapshot:
     if not is_lent(source):
         raise ValueError(f"{source!r} is not a lent snapshot")
-    control, slot = _slot_of(parse(source)[0])
-    hold = None
+    name = parse(source)[0]
+    control, slot = _slot_of(name)
+    hold = _hold(control, slot, name)  # raises having marked nothing
     try:
-        hold = _hold(control, slot)
         snapshot, base = _open_snapshot(source, verify, None)
     except BaseException:
         _give_back(control, slot, hold)
@@ -405,15 +439,20 @@ _CONTROLS: "OrderedDict[str, mmap.mmap]" = OrderedDict()
 _FLOCK = "hhqqi4x"
 
 
-def _hold(control: str, slot: int) -> Optional[int]:
+def _hold(control: str, slot: int, name: str) -> Optional[int]:
     """A descriptor holding a shared lock on the slot's byte, marked borrowed: while it (or a copy a child
-    inherited) is open, the lender leaves the slot alone. None if the lender is gone."""
+    inherited) is open, the lender leaves the slot alone. None if the lender is gone. FileNotFoundError if the
+    lender took the slot back (Lender._take_back), the slot left unmarked: it may lend another snapshot now."""
     try:
         fd = open_segment(control, os.O_RDWR)
     except FileNotFoundError:
         return None
     try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, slot, 1, 0))
+        # Waits while the lender decides whether to take the slot back (its write lock, held for no longer).
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, slot, 1, 0))
+        if not _exists(name):
+            raise FileNotFoundError(f"lent snapshot {name} is gone: given back already, or taken back by its lender: "
+                                    f"not borrowed in time (within lent.UNBORROWED_S, {UNBORROWED_S:g} s by default)")
         os.pwrite(fd, bytes([_TAKEN]), slot)
     except BaseException:
         os.close(fd)

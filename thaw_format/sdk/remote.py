@@ -11,10 +11,11 @@ tensors by this process's id and their addresses:
 and the engine's process (`open_remote`) first reads the sender's token (16 random bytes a process draws at
 import and on fork) at its address: if it is not there, the pid names another process as seen from the engine
 (another pid namespace, a reused pid), and the read counts as refused. Then it gets a Snapshot, with the
-sender's id, whose KV tensors are mover.remote_window views:
-its scatter (mover.scatter_pages) reads them from this process with process_vm_readv, straight into the
-engine's blocks; any other reader of those tensors takes mover.fetched(tensor.data) (a window maps nothing
-readable: a direct read faults). The sender keeps the Snapshot alive for the whole call, which is synchronous.
+sender's id, whose KV tensors are RemoteTensors: the scatter reads their pages (`scatter_view`, a
+mover.remote_window) from this process with process_vm_readv, straight into the engine's blocks; every other
+access to their bytes (`data`, tobytes, equality, a binding, a save) reads them from this process into a copy
+there first, once (a window maps nothing readable: the sender's address dereferenced in the engine's process
+would fault). The sender keeps the Snapshot alive for the whole call, which is synchronous.
 
 Trust (the rule of thaw_format.sdk.lent: bytes are verified where they enter the user's trust domain, the
 client's and its engine processes' memory is not verified again): the KV regions of the segment are left
@@ -137,6 +138,46 @@ def _address_of(text: str) -> int:
     return value
 
 
+class RemoteTensor(Tensor):
+    """A tensor whose bytes lie in the sender's memory, named by a remote window. Its shape and size are known
+    here; its bytes (`data`) are read from the sender on first use into a read-only copy, which is kept."""
+
+    __slots__ = ("_window", "_copy")
+
+    def __init__(self, dtype: str, shape: tuple, window: memoryview) -> None:
+        self.dtype, self.shape, self._window, self._copy = dtype, shape, window, None
+
+    @property
+    def data(self) -> memoryview:
+        if self._copy is None:
+            self._copy = mover.fetched(self._window).toreadonly()
+        return self._copy
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._window)
+
+    @property
+    def readonly(self) -> bool:
+        return True  # the sender's bytes, never written from here
+
+    def __copy__(self) -> "RemoteTensor":
+        """The same window and copy (copy.copy would otherwise set `data`, which is read-only here)."""
+        other = RemoteTensor(self.dtype, self.shape, self._window)
+        other._copy = self._copy
+        return other
+
+    def __repr__(self) -> str:
+        return f"RemoteTensor({self.dtype}, {list(self.shape)}, {self.nbytes} bytes)"
+
+
+def scatter_view(tensor: Tensor) -> memoryview:
+    """What mover.scatter_pages reads `tensor`'s pages from: a RemoteTensor's window (the scatter reads the sender
+    where its bytes lie, in its one pass) or the bytes of any other tensor. Only for scatter_pages: any other
+    read of a window faults."""
+    return tensor._window if isinstance(tensor, RemoteTensor) else tensor.data
+
+
 def open_remote(source: str, open_segment, *, verify: bool) -> Snapshot:
     """The snapshot a remote source names: `open_segment(segment source)` (unverified) for all but the KV, whose
     tensors read from the sender. Raises mover.RemoteReadError if they cannot be read (refused, or the sender
@@ -155,8 +196,10 @@ def open_remote(source: str, open_segment, *, verify: bool) -> Snapshot:
         for role, tensor in list(layer.tensors.items()):
             if f"kv/{i}/{role}" in tensors:
                 address, nbytes = tensors[f"kv/{i}/{role}"]
-                layer.tensors[role] = Tensor._of(tensor.dtype, tensor.shape, mover.remote_window(pid, address, nbytes))
-    # The sender's id (None for a snapshot built in memory and never saved): the segment's own would count the
-    # checksums of the KV regions it left unwritten (zeros).
+                window = mover.remote_window(pid, address, nbytes)
+                layer.tensors[role] = RemoteTensor(tensor.dtype, tensor.shape, window)
+    # The sender's id, None for a snapshot built in memory and never saved (as the Snapshot itself in the sender
+    # has: its id would count its KV's checksums, which this read never computes); never the segment's own,
+    # counted over the zero checksums of the KV regions it left unwritten.
     snapshot.id = sender_id
     return snapshot
