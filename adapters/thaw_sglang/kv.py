@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 import torch
-from thaw_format import KVCache, KVLayer, mover
+from thaw_format import KVCache, KVLayer, Tensor, mover
 from thaw_format.sdk import remote
 from thaw_format.writer import deferred_tensor
 from thaw_format.torch import from_torch, to_torch
@@ -105,7 +105,8 @@ def scatter_rows(
     for layer, k_buffer, v_buffer in zip(kv.layers, k_buffers, v_buffers):
         for role, buffer in (("k", k_buffer), ("v", v_buffer)):
             if buffer.device.type != "cpu":
-                pages = to_torch(layer.tensors[role])  # a remote source's KV: read from the client into a copy first
+                tensor = layer.tensors[role]  # a remote source's KV: read from the client into one writable copy
+                pages = to_torch(Tensor(tensor.dtype, tensor.shape, mover.fetched(remote.scatter_view(tensor))))
                 buffer[slots] = pages.reshape(-1, *pages.shape[2:]).index_select(0, rows).to(buffer.device)
                 continue
             token_bytes = buffer[0].numel() * buffer.element_size()

@@ -55,6 +55,7 @@ int64_t thaw_prefault(void *addr, size_t len) {
     long page = sysconf(_SC_PAGESIZE);
     if (page <= 0 || PIECE_BYTES % page) return 0;
     prefault_job j = {((uintptr_t)addr + page - 1) / page * page, ((uintptr_t)addr + len) / page * page, 0, 0};
+    if (j.end <= j.start) return 0; /* no whole page in the range */
     size_t pieces = (j.end - j.start + PIECE_BYTES - 1) / PIECE_BYTES, fresh = 0;
     for (size_t i = 0; i < pieces && !fresh; i++) { /* reused memory asks no thread to wake */
         int r = untouched(j.start + i * PIECE_BYTES);

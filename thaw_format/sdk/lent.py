@@ -170,10 +170,13 @@ class Lender:
         try:
             if self._ctl.buf[slot] != _LENT:
                 return False  # borrowed meanwhile
+            segment = self._segments[slot]
             try:
-                self._segments[slot].close()  # refused, changing nothing, while a view of it lives
-            except BufferError:
-                return False  # a snapshot this process reads from its own buffer (open_snapshot with the lender)
+                segment.close()  # refused while a view of it lives
+            except BufferError:  # a snapshot this process reads from its own buffer (open_snapshot with the lender)
+                if segment.buf is None:  # close let go of its buffer before the mapping refused: give it back
+                    segment._buf = memoryview(segment._mmap)
+                return False
             self._drop(slot)
             self._ctl.buf[slot] = _FREE
             return True
@@ -451,8 +454,9 @@ def _hold(control: str, slot: int, name: str) -> Optional[int]:
         # Waits while the lender decides whether to take the slot back (its write lock, held for no longer).
         fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, slot, 1, 0))
         if not _exists(name):
-            raise FileNotFoundError(f"lent snapshot {name} is gone: given back already, or taken back by its lender: "
-                                    f"not borrowed in time (within lent.UNBORROWED_S, {UNBORROWED_S:g} s by default)")
+            raise FileNotFoundError(f"lent snapshot {name} is gone: taken back by its lender (not borrowed within "
+                                    f"lent.UNBORROWED_S, {UNBORROWED_S:g} s by default), or its lender replaced "
+                                    "the slot's segment")
         os.pwrite(fd, bytes([_TAKEN]), slot)
     except BaseException:
         os.close(fd)

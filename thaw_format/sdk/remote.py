@@ -140,7 +140,8 @@ def _address_of(text: str) -> int:
 
 class RemoteTensor(Tensor):
     """A tensor whose bytes lie in the sender's memory, named by a remote window. Its shape and size are known
-    here; its bytes (`data`) are read from the sender on first use into a read-only copy, which is kept."""
+    here; its bytes (`data`) are read from the sender on first use into a read-only copy, which is kept. Read
+    them while the sender's call is in flight: after it returns, the window names memory the sender may reuse."""
 
     __slots__ = ("_window", "_copy")
 
