@@ -78,8 +78,10 @@ def checked_info(model: nn.Module, info: Optional[ModelInfo]) -> ModelInfo:
         return model_info(model)
     dtype = model_dtype(model)
     if info.dtype != dtype:
-        raise ValueError(f"info.dtype is {info.dtype!r}, the model's parameters are {dtype!r}: pass the model's "
-                         "identity as it is now (thaw_mlx.model_info(model), checkpoint=... for a checkpoint's)")
+        raise ValueError(f"info.dtype is {info.dtype!r}, the model's parameters are {dtype!r}: the identity given "
+                         "(info=, or the one an MLXEngine was made with, if the model was cast since) is not the "
+                         "model's as it is now: compute it again (thaw_mlx.model_info(model), checkpoint=... for a "
+                         "checkpoint's) or make a new MLXEngine")
     return info
 
 
