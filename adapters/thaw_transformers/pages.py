@@ -147,17 +147,14 @@ def to_snapshot(cache: PrefixCache, layouts: Sequence[LayerLayout], dtype: str) 
 
 
 def _stack(pieces: list[torch.Tensor], page_size: int) -> torch.Tensor:
-    """[pages, page_size, ...]: the full pages in one stack (one copy on a GPU, not one per page), the partial
-    ones zero-padded."""
-    if all(piece.shape[0] == page_size for piece in pieces):
-        return torch.stack(pieces)
-    out = pieces[0].new_zeros((len(pieces), page_size, *pieces[0].shape[1:]))
-    full = [p for p, piece in enumerate(pieces) if piece.shape[0] == page_size]
-    if full:
-        out[full] = torch.stack([pieces[p] for p in full])
-    for p, piece in enumerate(pieces):
-        if piece.shape[0] != page_size:
-            out[p, : piece.shape[0]] = piece
+    """[pages, page_size, ...]: the pages in one stack (one copy on a GPU, not one per page), a partial one
+    zero-padded first."""
+    return torch.stack([piece if piece.shape[0] == page_size else _padded(piece, page_size) for piece in pieces])
+
+
+def _padded(piece: torch.Tensor, page_size: int) -> torch.Tensor:
+    out = piece.new_zeros((page_size, *piece.shape[1:]))
+    out[: piece.shape[0]] = piece
     return out
 
 
