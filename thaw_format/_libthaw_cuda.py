@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from array import array
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -21,7 +22,7 @@ LIBRARY = Path(__file__).resolve().parent / "libthaw_cuda.so"
 
 _CDEF = """
 typedef struct { uint64_t offset; void *device; uint64_t len; uint64_t chunk_size; uint32_t *crcs; } thaw_cuda_region;
-typedef struct { void *copy_chunk_crcs; void *read_regions; void *write_regions; } thaw_cuda_host_ops;
+typedef struct { void *chunk_crcs; void *copy_chunk_crcs; void *read_regions; void *write_regions; } thaw_cuda_host_ops;
 void thaw_cuda_set_host_ops(const thaw_cuda_host_ops *ops);
 int thaw_cuda_device_count(void);
 const char *thaw_cuda_last_error(void);
@@ -37,6 +38,8 @@ int thaw_cuda_write_host(void *host, const thaw_cuda_region *regions, size_t n, 
                          void *stream);
 int thaw_cuda_read_host(const void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
                         void *stream, int64_t *bad_region, int64_t *bad_chunk);
+int thaw_cuda_register_host(void *host, size_t len);
+int thaw_cuda_unregister_host(void *host);
 """
 
 SLOT_BYTES = 16 << 20
@@ -70,7 +73,7 @@ def open_library(library: Path = LIBRARY):
             raise RuntimeError("libthaw CUDA mover unavailable: the CUDA runtime sees no device")
         # The ring's host side runs on libthaw's thread pool: its routines are handed over by address.
         lib.thaw_cuda_set_host_ops(_ffi.new("thaw_cuda_host_ops *", [_address(name) for name in (
-            "thaw_copy_chunk_crcs", "thaw_read_regions", "thaw_write_regions")]))
+            "thaw_chunk_crcs", "thaw_copy_chunk_crcs", "thaw_read_regions", "thaw_write_regions")]))
         _opened = lib
     return _opened
 
@@ -162,3 +165,20 @@ def read_regions(source, regions: Sequence[Tuple[int, int, int, int, Sequence[in
                                                                 SLOT_BYTES, SLOTS, _ffi.cast("void *", stream),
                                                                 bad, bad + 1))
     return (bad[0], bad[1]) if code == 1 else None
+
+
+@contextmanager
+def pinned(buffer):
+    """Pin `buffer` (host memory) with the driver for the block: read_regions and write_regions on it then copy
+    straight from and into it, each chunk checked in place, with no staging through the ring's slots (0.94 of
+    torch's pinned copy on an H200 against 0.63-0.78 staged). Pinning every page costs about as much as two or
+    three copies of the bytes, so it pays for bytes moved several times: a snapshot restored into many engines."""
+    lib = open_library()
+    host = _ffi.from_buffer(buffer)
+    if not len(host):
+        raise ValueError("pinned: the buffer is empty")
+    _check(lib, lib.thaw_cuda_register_host(host, len(host)))
+    try:
+        yield buffer
+    finally:
+        _check(lib, lib.thaw_cuda_unregister_host(host))

@@ -34,9 +34,10 @@ typedef struct {
 
 /* libthaw's parallel host routines (thaw.h), handed over by address once (libthaw_cuda.so is opened apart from
  * the CPU library), before any ring call: the ring's host side runs on libthaw's thread pool (copies into and
- * out of the pinned slots with their per-chunk checksums, the file's reads and writes). A ring call made before they
- * are set fails with THAW_CUDA_ERROR. */
+ * out of the pinned slots with their per-chunk checksums, checksums of pinned host memory in place, the file's
+ * reads and writes). A ring call made before they are set fails with THAW_CUDA_ERROR. */
 typedef struct {
+    void (*chunk_crcs)(const void *data, size_t len, size_t chunk_size, uint32_t *out);
     void (*copy_chunk_crcs)(void *dst, const void *src, size_t len, size_t chunk_size, uint32_t *out);
     int (*read_regions)(int fd, const thaw_region *regions, size_t n, int flags, thaw_io_status *status);
     int (*write_regions)(int fd, const thaw_region *regions, size_t n, thaw_io_status *status);
@@ -69,11 +70,19 @@ THAW_CUDA_API int thaw_cuda_read_regions(int fd, const thaw_cuda_region *regions
                            void *stream, int64_t *bad_region, int64_t *bad_chunk);
 
 /* The same two with host memory in place of the file: region offsets are offsets into `host`, which need
- * not be pinned (the ring's slots are). */
+ * not be pinned (the ring's slots are). Where every region lies in memory the driver has pinned
+ * (cudaMallocHost, or thaw_cuda_register_host), no slot is used: each piece is checked in place and copied
+ * straight from it (reads), or copied straight into it and then checksummed there (writes). */
 THAW_CUDA_API int thaw_cuda_write_host(void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,
                                        int slots, void *stream);
 THAW_CUDA_API int thaw_cuda_read_host(const void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,
                                       int slots, void *stream, int64_t *bad_region, int64_t *bad_chunk);
+
+/* Pin (cudaHostRegister) or unpin len bytes of host memory for the ring's direct copies above. Pinning every
+ * page costs about as much as two or three copies of the bytes (an H200's host: 21 GB/s for both calls), so it
+ * pays for bytes that move to or from the GPU several times, such as a snapshot restored into many engines. */
+THAW_CUDA_API int thaw_cuda_register_host(void *host, size_t len);
+THAW_CUDA_API int thaw_cuda_unregister_host(void *host);
 
 #ifdef __cplusplus
 }

@@ -18,7 +18,7 @@ import build_ffi  # noqa: E402
 
 EXPORTS = ["thaw_cuda_device_count", "thaw_cuda_last_error", "thaw_cuda_gather_to_host",
            "thaw_cuda_scatter_from_host", "thaw_cuda_write_regions", "thaw_cuda_read_regions",
-           "thaw_cuda_write_host", "thaw_cuda_read_host"]
+           "thaw_cuda_write_host", "thaw_cuda_read_host", "thaw_cuda_register_host", "thaw_cuda_unregister_host"]
 
 
 def test_cuda_sources_compile_with_nvcc(tmp_path):
@@ -95,7 +95,23 @@ class HostEndpoint:
         pass
 
 
-@pytest.mark.parametrize("endpoint", [FileEndpoint, HostEndpoint])
+class PinnedHostEndpoint(HostEndpoint):
+    """Host memory pinned with the driver: the ring copies straight from and into it, no slot."""
+
+    def __init__(self, tmp_path, size):
+        super().__init__(tmp_path, size)
+        self._pinned = _libthaw_cuda.pinned(self.target)
+        self._pinned.__enter__()
+
+    @property
+    def source(self):
+        return self.target  # the pinned memory itself
+
+    def close(self):
+        self._pinned.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("endpoint", [FileEndpoint, HostEndpoint, PinnedHostEndpoint])
 def test_device_round_trip_and_corruption(cuda_torch, tmp_path, endpoint):
     torch = cuda_torch
     chunk = 1 << 20
@@ -138,6 +154,26 @@ def test_ring_kept_across_calls_and_grown(cuda_torch):
         host[2 * chunk + 1] ^= 0xFF
         back = torch.zeros_like(tensor)
         assert _libthaw_cuda.read_regions(bytes(host), [(0, back.data_ptr(), back.numel(), chunk, crcs[0])]) == (0, 2)
+
+
+def test_pinned_unpins_and_refuses_an_empty_buffer(cuda_torch):
+    """Leaving the block unpins the memory (pinning it again works, where pinning pinned memory fails), and a
+    buffer the ring reads through pinned memory only in part still moves right (the staged way)."""
+    torch = cuda_torch
+    host = bytearray(6 << 20)
+    with _libthaw_cuda.pinned(host):
+        with pytest.raises(RuntimeError, match="cudaHostRegister"):
+            with _libthaw_cuda.pinned(host):
+                pass
+    tensor = torch.randint(0, 255, (len(host),), dtype=torch.uint8, device="cuda")
+    with _libthaw_cuda.pinned(memoryview(host)[:1 << 20]):  # the first MiB only
+        crcs = _libthaw_cuda.write_regions(host, [(0, tensor.data_ptr(), len(host), 1 << 20)])
+        back = torch.zeros_like(tensor)
+        assert _libthaw_cuda.read_regions(host, [(0, back.data_ptr(), len(host), 1 << 20, crcs[0])]) is None
+    assert bytes(host) == tensor.cpu().numpy().tobytes() and torch.equal(back, tensor)
+    with pytest.raises(ValueError, match="empty"):
+        with _libthaw_cuda.pinned(bytearray()):
+            pass
 
 
 def test_ring_refuses_to_run_before_the_host_routines_are_set(cuda_torch):
