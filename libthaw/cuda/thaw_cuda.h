@@ -79,7 +79,7 @@ THAW_CUDA_API int thaw_cuda_read_host(const void *host, const thaw_cuda_region *
                                       int slots, void *stream, int64_t *bad_region, int64_t *bad_chunk);
 
 /* Pin (cudaHostRegister) or unpin len bytes of host memory for the ring's direct copies above. Pinning every
- * page costs about as much as two or three copies of the bytes (an H200's host: 21 GB/s for both calls), so it
+ * page costs about three copies of the bytes (an H200's host: 17 GB/s for both calls), so it
  * pays for bytes that move to or from the GPU several times, such as a snapshot restored into many engines. */
 THAW_CUDA_API int thaw_cuda_register_host(void *host, size_t len);
 THAW_CUDA_API int thaw_cuda_unregister_host(void *host);
