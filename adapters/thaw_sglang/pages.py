@@ -40,21 +40,23 @@ def paginate(paths: list[RadixPath], page_size: int) -> Pages:
     page_of: dict[tuple[int, tuple[int, ...]], int] = {}
     parents: list[int] = []
     tokens: list[list[int]] = []
-    rows: list[torch.Tensor] = []
+    rows: list[np.ndarray] = []
     for path in paths:
+        # the path's slots cut into page rows at once, PADDING past its end (no tensor per page)
+        padded = np.full(-(-len(path.tokens) // page_size) * page_size, PADDING, np.int64)
+        padded[: len(path.tokens)] = path.slots.cpu().numpy()
+        padded = padded.reshape(-1, page_size)
         parent = -1
-        for start in range(0, len(path.tokens), page_size):
+        for index, start in enumerate(range(0, len(path.tokens), page_size)):
             chunk = tuple(path.tokens[start : start + page_size])
             page = page_of.get((parent, chunk))
             if page is None:
                 page = page_of[(parent, chunk)] = len(parents)
                 parents.append(parent)
                 tokens.append(list(chunk))
-                row = torch.full((page_size,), PADDING, dtype=torch.int64)
-                row[: len(chunk)] = path.slots[start : start + len(chunk)]
-                rows.append(row)
+                rows.append(padded[index])
             parent = page
-    slots = torch.stack(rows) if rows else torch.empty((0, page_size), dtype=torch.int64)
+    slots = torch.from_numpy(np.stack(rows)) if rows else torch.empty((0, page_size), dtype=torch.int64)
     return Pages(PrefixTree(parents=parents, tokens=tokens), slots)
 
 
