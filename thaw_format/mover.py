@@ -47,9 +47,11 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         is not a positive multiple of the item size, a negative offset (ValueError) and a negative fd
         (OSError EBADF).
     scatter_pages_checked(pages, blocks, block_offsets, layout, chunk_size, expected) -> int or None
-        scatter_pages that checks each chunk_size chunk of the pages against expected[c] just before moving
-        it (one pass: the chunk is still in cache). A bad chunk is not written, but others may be: returns
-        the first bad chunk, and the caller discards `blocks` (a fresh buffer, never live state). On the
+        scatter_pages that checks each chunk_size chunk of the pages against expected[c]: on the native path
+        where the CPU allows (x86 AVX2 with VPCLMULQDQ) and rows are whole 128-byte steps, in the move itself
+        (each byte read once, folded into the CRC as it is stored), else just before moving it (the chunk is
+        still in cache). Returns the first bad chunk; other chunks, and the bad one on the one-read path, may
+        have been written: the caller discards `blocks` (a fresh buffer, never live state). On the
         native path a SIGBUS while reading the pages (a mapped file truncated under them) raises EOFError
         instead of ending the process, after other chunks may have moved.
     remote_window(pid, address, nbytes) -> memoryview

@@ -8,7 +8,8 @@ thaw_mlx.restore(model, thaw_format.load(path)), without the copy in between: sa
 straight from MLX's memory into the file's bytes (a stage buffer per tensor, written out by pwrite while the
 next is gathered) with its chunk CRCs in the same pass, and stays atomic (temporary file, fsync unless
 durable=False, rename); load maps the file once and scatters each KV tensor straight into a new MLX array,
-checking each chunk against its CRC just before it moves. Every other tensor (weights, ring and recurrent
+checking each chunk against its CRC as it moves (libthaw's checked scatter: in the same read of its bytes where
+the CPU and the rows allow, else just before). Every other tensor (weights, ring and recurrent
 states) is checked before anything is built from it, and a bad chunk anywhere raises CorruptSnapshotError
 with no cache returned. Load drops each KV tensor's mapped pages once scattered (they stay in the page
 cache), so its peak memory is the new cache and about one tensor more.

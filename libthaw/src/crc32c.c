@@ -121,6 +121,31 @@ int thaw_crc32c_select(const char *name) {
     return -1;
 }
 
+/* The folding copy goes with the vector-folding kernels (AVX-512 CPUs run the AVX2 one); a CPU without them, or
+ * a test that selected another kernel, gets none. */
+crc32c_fold_rows_fn crc32c_fold_rows(void) {
+#if defined(__x86_64__) || defined(_M_X64)
+    crc32c_kernel k = kernel();
+    int avx2 = 0;
+    for (int i = 0; i < N_IMPLS; i++)
+        if (strcmp(impls[i].name, "avx2-vpclmulqdq") == 0) avx2 = impls[i].usable;
+    if (avx2 && (k == crc32c_avx2_vpclmul || k == crc32c_avx512_vpclmul)) return crc32c_avx2_fold_rows;
+#endif
+    return NULL;
+}
+
+void crc32c_fold_start(crc32c_fold *f, uint32_t raw) {
+    memset(f, 0, sizeof *f);
+    f->raw = raw;
+}
+
+uint32_t crc32c_fold_end(const crc32c_fold *f) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (f->started) return crc32c_avx2_fold_end(f);
+#endif
+    return f->raw;
+}
+
 uint32_t thaw_crc32c(uint32_t crc, const void *data, size_t len) {
     return ~kernel()(~crc, (const uint8_t *)data, len);
 }

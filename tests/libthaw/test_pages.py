@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import available_kernels
 from thaw_format import mover
 
 PATHS = {"native": (mover._c_gather_pages, mover._c_scatter_pages),
@@ -99,6 +100,58 @@ def test_page_layout_finds_rows(native):
     assert (len(v.row_start), v.row_elems, v.col_stride) == (256, 128, 1)
     scattered = mover.page_layout(np.random.default_rng(0).permutation(100), 2)
     assert (len(scattered.row_start), scattered.row_elems) == (100, 1)
+
+
+@pytest.mark.parametrize("kernel", available_kernels())
+@pytest.mark.parametrize("rows", [
+    ("sequence", 4, 128, 1 << 20),  # MLX float32, 512-byte rows: one read where the kernel folds
+    ("sequence", 2, 64, 4096),      # bfloat16, 128-byte rows, small chunks: one read
+    ("sequence", 4, 24, 3 << 10),   # 96-byte rows: checked, then moved
+    ("sequence", 4, 128, 5 << 8),   # chunks that split rows: checked, then moved
+    ("k", 4, 128, 1 << 20),         # vLLM's transposed K: checked, then moved
+])
+@pytest.mark.parametrize("shift", [0, 4])  # destinations aligned for streaming stores, or not
+def test_checked_scatter_in_one_read_or_two_writes_the_same_bytes_and_finds_a_bad_chunk(
+        native, select_kernel, kernel, rows, shift):
+    """thaw_scatter_pages_checked with every CRC kernel this CPU has: the bytes of the unchecked scatter, large
+    enough for the thread pool, pages in reverse order; a corrupt chunk (and a later one) is reported as the
+    first bad chunk. Which pass ran shows in the bad chunk: written on the one-read path (a kernel that folds,
+    rows of whole 128-byte steps that chunks do not split), never on the check-then-move path."""
+    select_kernel(kernel)
+    role, itemsize, head_dim, chunk = rows
+    heads, page_size = 8, 32
+    if role == "sequence":
+        capacity, n_pages = 2048, 64
+        positions, block_elems = sequence_positions(page_size, heads, capacity, head_dim), heads * capacity * head_dim
+        offsets = np.arange(n_pages, dtype=np.int64)[::-1] * page_size * head_dim * itemsize
+        n_blocks = 1
+    else:
+        n_pages = n_blocks = 64
+        positions, block_elems = vllm_positions(page_size, heads, head_dim, role), 2 * page_size * heads * head_dim
+        offsets = np.arange(n_pages, dtype=np.int64)[::-1] * block_elems * itemsize
+    layout = mover.page_layout(positions, itemsize)
+    pages = engine(n_pages, len(positions), itemsize, seed=3).view(np.uint8)
+    crcs = mover.chunk_crcs(pages, chunk)
+    want = np.zeros(n_blocks * block_elems * itemsize + shift, np.uint8)[shift:]
+    mover.scatter_pages(pages, want, offsets, layout)
+    out = np.zeros(len(want) + shift, np.uint8)[shift:]
+    assert mover.scatter_pages_checked(pages, out, offsets, layout, chunk, crcs) is None
+    assert out.tobytes() == want.tobytes()
+
+    bad = pages.copy()
+    bad[5 * chunk + 7] ^= 1
+    bad[-1] ^= 1  # and the last chunk
+    out[:] = 0
+    assert mover.scatter_pages_checked(bad, out, offsets, layout, chunk, crcs) == 5
+    chunk_5 = np.zeros_like(out)  # 1 where chunk 5's bytes land
+    mover.scatter_pages((np.arange(len(pages)) // chunk == 5).astype(np.uint8), chunk_5, offsets, layout)
+    one_read = kernel.endswith("vpclmulqdq") and role == "sequence" and (head_dim * itemsize) % 128 == 0 \
+        and chunk % (head_dim * itemsize) == 0
+    if one_read:  # the bad chunk's bytes, as they are
+        mover.scatter_pages(bad, want, offsets, layout)
+        assert out[chunk_5 == 1].tobytes() == want[chunk_5 == 1].tobytes()
+    else:
+        assert not out[chunk_5 == 1].any()
 
 
 def test_threaded_gather_with_crcs_equals_separate_pass(native):

@@ -68,6 +68,8 @@ CASES = {
     "deepseek_v2-mla-kv": Case("deepseek_v2", "kv"),
     "qwen2-4bit-weights": Case("qwen2", "kv", weight_bits=4),
     "llama-kv-long": Case("llama", "kv", prompt=tuple((7 * i) % 251 for i in range(300))),
+    # rows of 128 bytes (head_dim 32, float32): thaw_mlx.load moves and checks each chunk in one read (libthaw)
+    "llama-kv-hd32": Case("llama", "kv", overrides={"head_dim": 32}),
 }
 
 

@@ -67,6 +67,7 @@ def test_a_save_that_is_not_durable_writes_the_same_file_without_fsync(session, 
 @pytest.mark.parametrize("name,tensor,where", [
     ("llama-kv", "kv/0/k", 0.0),          # first chunk of a paged tensor (checked in the scatter)
     ("llama-kv", "kv/1/v", 0.999),        # its last chunk, the short last page
+    ("llama-kv-hd32", "kv/1/k", 0.5),     # rows of whole 128-byte steps: moved and checked in one read
     ("llama-quantized", "kv/0/k_scales", 0.5),
     ("llama-rotating", "kv/1/k", 0.5),    # a ring buffer: checked before it is built
     ("lfm2-hybrid", "kv/0/state.0", 0.5),  # a recurrent state

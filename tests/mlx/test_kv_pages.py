@@ -128,9 +128,11 @@ def test_a_file_truncated_under_its_mapping_raises_in_the_checked_scatter(tmp_pa
 
 
 @pytest.mark.parametrize("scatter", CHECKED, ids=lambda f: f.__name__)
-def test_scatter_pages_checked_names_the_first_bad_chunk_and_writes_no_bad_byte(scatter):
+def test_scatter_pages_checked_names_the_first_bad_chunk(scatter):
     """Both paths of mover.scatter_pages_checked: None and the pages in place when every chunk is good; else the
-    first bad chunk, and none of its bytes written (the others may be: the caller drops the buffer)."""
+    first bad chunk, other chunks possibly written (the caller drops the buffer). The portable path writes none
+    of a bad chunk's bytes; the native one, on this layout (1 KiB rows), moves and sums each chunk in one read
+    where the CPU allows, and so may (tests/libthaw/test_pages.py tells the two apart)."""
     chunk, pages_n, page_bytes = 4096, 64, 1024  # 16 chunks
     layout = mover.page_layout(np.arange(page_bytes // 4), 4)
     data = np.random.default_rng(1).integers(0, 255, pages_n * page_bytes, dtype=np.uint8)
@@ -145,7 +147,8 @@ def test_scatter_pages_checked_names_the_first_bad_chunk_and_writes_no_bad_byte(
     out = np.zeros_like(data)
     assert scatter(bad, out, offsets, layout, chunk, crcs) == 5
     written = out.reshape(pages_n, -1)[::-1].reshape(-1)
-    assert not written[5 * chunk : 6 * chunk].any()
+    if scatter is mover._py_scatter_pages_checked:
+        assert not written[5 * chunk : 6 * chunk].any()
     with pytest.raises(ValueError, match="expected CRCs"):
         scatter(data, out, offsets, layout, chunk, crcs[:-1])
 
