@@ -2,12 +2,12 @@
 version.
 
 transformers documents `DynamicCache(config=...)`, `Cache.update` and the model forward; what a cache layer
-holds (`keys`/`values` of [batch, kv_heads, tokens, head_dim]), which layers slide (`is_sliding`,
-`sliding_window`), how a sliding layer is kept from dropping tokens (`activate_past_recording`) and the
-forward's cache argument name (`cache`, `past_key_values` before 5.x) are internals. A newer transformers must be
-tested and added here before thaw_transformers accepts it. 5.24.x runs in CI (the [transformers] extra pins
-5.24.0); 5.25.0 (which mlx-lm pulls in by default, with its new `kernels` dependency) passed tests/transformers and
-tests/langgraph --engine transformers on CPU.
+holds (`keys`/`values` of [batch, kv_heads, tokens, head_dim]), that `update` copies what it is given, which
+layers slide (`is_sliding`, `sliding_window`), how a sliding layer is kept from dropping tokens
+(`activate_past_recording`) and the forward's cache argument name (`cache`, `past_key_values` before 5.x) are
+internals. A newer transformers must be tested and added here before thaw_transformers accepts it. 5.24.x runs
+in CI (the [transformers] extra pins 5.24.0); 5.25.0 (which mlx-lm pulls in by default, with its new `kernels`
+dependency) passed tests/transformers and tests/langgraph --engine transformers on CPU.
 """
 
 from __future__ import annotations
@@ -36,6 +36,13 @@ def new_cache(config) -> DynamicCache:
         if layer.is_sliding:
             layer.activate_past_recording()
     return cache
+
+
+def fill(cache: DynamicCache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Give an empty cache layer the KV of its first tokens, [1, kv_heads, tokens, head_dim] each. The layer
+    concatenates them onto tensors of its own (every layer kind, sliding or not, and every later token too), so
+    it holds a copy and never writes the tensors handed to it: those may be views of the prefix cache's pages."""
+    cache.update(keys, values, layer)
 
 
 def layer_kv(cache: DynamicCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -143,8 +143,8 @@ class TransformersEngine:
         limit = len(tokens) - 1 if computed is None else min(computed, len(tokens) - 1)
         chain, hit = self.cache.match(tokens, limit)
         cache = _internals.new_cache(self.model.config)
-        for layer in range(len(self.layouts)) if hit else ():
-            cache.update(*self.cache.gather(chain, hit, layer), layer)
+        for layer, (keys, values) in enumerate(self.cache.gather(chain, hit) if hit else ()):
+            _internals.fill(cache, layer, keys, values)
         return Running(rid, prompt, params, sampler, cache, tokens[hit:], hit, list(output))
 
     def _advance(self, run: Running) -> None:
@@ -215,9 +215,11 @@ class TransformersEngine:
         """The snapshot's weights to load here. Weights under another engine's native names (vLLM's and SGLang's
         fused qkv_proj, ...) of the checkpoint this engine serves, by digest, are this model's weights already."""
         tensors = {} if snapshot.weights is None else snapshot.weights.tensors
+        if not tensors:
+            return {}
         names = {name for name, _ in self.model.named_parameters()}
         same_checkpoint = snapshot.model is not None and snapshot.model.weights_digest == self.info.weights_digest
-        return {} if tensors and set(tensors) != names and same_checkpoint else tensors
+        return {} if set(tensors) != names and same_checkpoint else tensors
 
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
         if self.requests:

@@ -1,9 +1,11 @@
 """The engine's prefix cache: token-id pages of KV, and their exchange with a snapshot's token-major pages.
 
 A transformers cache layer holds one sequence as [1, kv_heads, tokens, head_dim]. The prefix cache keeps the
-same values cut into pages of `page_size` tokens, each page [tokens, kv_heads, head_dim] per layer and keyed by
-its parent page and its token ids, so that a prompt extending a cached prefix reuses that KV instead of computing
-it again. Only a page that no other page continues may hold fewer than `page_size` tokens (spec 5.4).
+same values cut into pages of `page_size` tokens, keyed by their parent page and their token ids, so that a
+prompt extending a cached prefix reuses that KV instead of computing it again. Only a page that no other page
+continues may hold fewer than `page_size` tokens (spec 5.4). A page's KV is one row of a block: per layer,
+[pages, page_size, kv_heads, head_dim] keys and values shared by the pages added together, the snapshot's own
+layout, so that its exchange with a snapshot and a hit's gathering cost a few torch calls per layer, not per page.
 
 In a snapshot every page becomes row p of [num_pages, page_size, ...] tensors per layer (spec 5.3):
     "attention": k [pages, page_size, kv_heads, head_dim], v the same with V's head size;
@@ -15,7 +17,7 @@ A sliding-window layer is written as "attention": its pages hold every token's K
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -44,16 +46,20 @@ class LayerLayout:
         return KVLayer("attention", tensors, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, params=params)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Page:
     parent: int  # index of the page this one continues, -1 for a root
     tokens: tuple
-    kv: tuple  # per layer (keys, values), [len(tokens), heads, d] each
+    block: tuple  # per layer (keys, values) [pages, page_size, heads, d]: the pages added with this one
+    row: int  # this page's row of the block; past len(tokens) it is zero
 
 
 class PrefixCache:
     """A forest of pages found by token ids. Pages are never changed, only added or replaced, so that a copy
-    (a fork child's cache, a capture's scratch table) shares them without sharing the table."""
+    (a fork child's cache, a capture's scratch table) shares them without sharing the table.
+
+    The pages one insert adds (a request's new pages) share a block, as do a restored snapshot's. A block lives
+    while any of its pages does: a partial page replaced by a longer one leaves its row behind."""
 
     def __init__(self, page_size: int) -> None:
         self.page_size = page_size
@@ -87,31 +93,43 @@ class PrefixCache:
     def insert(self, tokens: Sequence[int], kv: Sequence[tuple]) -> list[int]:
         """Page the KV of `tokens` (per layer (keys, values) [len(tokens), heads, d]); pages already held are kept.
         Returns the chain of pages now holding them."""
-        chain, parent = [], -1
-        for start in range(0, len(tokens), self.page_size):
-            piece = tuple(tokens[start : start + self.page_size])
-            siblings = self.children.setdefault(parent, [])
-            held = next((c for c in siblings if self.pages[c].tokens[: len(piece)] == piece), None)
+        chain, parent, start, size = [], -1, 0, self.page_size
+        while start < len(tokens):  # the pages held already; once one is not, none after it is (it has no children)
+            piece = tuple(tokens[start : start + size])
+            held = next((c for c in self.children.get(parent, ()) if self.pages[c].tokens[: len(piece)] == piece), None)
             if held is None:
-                page = Page(parent, piece, tuple((k[start : start + len(piece)].clone(),
-                                                  v[start : start + len(piece)].clone()) for k, v in kv))
-                # a partial page this one extends is replaced: only a leaf may be partial, and it is one
-                shorter = next((c for c in siblings if piece[: len(self.pages[c].tokens)] == self.pages[c].tokens), None)
-                held = shorter if shorter is not None else len(self.pages)
-                if shorter is not None:
-                    self.pages[held] = page
-                else:
-                    self.pages.append(page)
-                    siblings.append(held)
+                break
             chain.append(held)
-            parent = held
+            parent, start = held, start + size
+        if start >= len(tokens):
+            return chain
+        block = tuple((_paged(k[start : len(tokens)], size), _paged(v[start : len(tokens)], size)) for k, v in kv)
+        for row, first in enumerate(range(start, len(tokens), size)):
+            piece = tuple(tokens[first : first + size])
+            siblings = self.children.setdefault(parent, [])
+            page = Page(parent, piece, block, row)
+            # a partial page this one extends is replaced: only a leaf may be partial, and it is one
+            shorter = next((c for c in siblings if piece[: len(self.pages[c].tokens)] == self.pages[c].tokens), None)
+            if shorter is None:
+                shorter = len(self.pages)
+                self.pages.append(page)
+                siblings.append(shorter)
+            else:
+                self.pages[shorter] = page
+            chain.append(shorter)
+            parent = shorter
         return chain
 
-    def gather(self, chain: list[int], num_tokens: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first num_tokens tokens of a chain, one layer: (keys, values) [1, heads, tokens, d]."""
-        keys = torch.cat([self.pages[p].kv[layer][0] for p in chain])[:num_tokens]
-        values = torch.cat([self.pages[p].kv[layer][1] for p in chain])[:num_tokens]
-        return keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)
+    def gather(self, chain: list[int], num_tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The first num_tokens tokens of a chain, layer after layer: (keys, values) [1, heads, tokens, d]. Where
+        the chain is consecutive rows of one block (a restored snapshot's, one prefill's) they are views of it, to
+        be copied, not written (_internals.fill); otherwise new tensors, made as each layer is asked for so that
+        one layer's are let go before the next one's are made."""
+        runs = _runs(self.pages[p] for p in chain)
+        for layer in range(len(runs[0][0])):
+            keys, values = ([block[layer][role][a:b].flatten(0, 1) for block, a, b in runs] for role in (0, 1))
+            keys, values = (torch.cat(t) if len(t) > 1 else t[0] for t in (keys, values))
+            yield keys[:num_tokens].transpose(0, 1).unsqueeze(0), values[:num_tokens].transpose(0, 1).unsqueeze(0)
 
     def subset(self, keep: set) -> tuple["PrefixCache", dict]:
         """The pages in `keep` (closed under parents), renumbered in order: (the cache, old index -> new)."""
@@ -120,7 +138,7 @@ class PrefixCache:
             page = self.pages[old]
             new[old] = len(other.pages)
             parent = new[page.parent] if page.parent != -1 else -1
-            other.pages.append(Page(parent, page.tokens, page.kv))
+            other.pages.append(Page(parent, page.tokens, page.block, page.row))
             other.children.setdefault(parent, []).append(new[old])
         return other, new
 
@@ -132,47 +150,61 @@ class PrefixCache:
         return chain[::-1]
 
 
+def _paged(t: torch.Tensor, page_size: int) -> torch.Tensor:
+    """A new [pages, page_size, ...] tensor of the token-major t, the last page zero past t's tokens."""
+    n = t.shape[0]
+    out = t.new_empty((-(-n // page_size) * page_size, *t.shape[1:]))
+    out[:n] = t
+    out[n:] = 0
+    return out.view(-1, page_size, *t.shape[1:])
+
+
+def _runs(pages) -> list[tuple[tuple, int, int]]:
+    """(block, first row, end row) for each run of consecutive rows of one block among `pages`, in order."""
+    runs = []
+    for page in pages:
+        if runs and runs[-1][0] is page.block and runs[-1][2] == page.row:
+            runs[-1] = (page.block, runs[-1][1], page.row + 1)
+        else:
+            runs.append((page.block, page.row, page.row + 1))
+    return runs
+
+
 def to_snapshot(cache: PrefixCache, layouts: Sequence[LayerLayout], dtype: str) -> tuple[KVCache, PrefixTree]:
-    """The pages as the format's token-major tensors, one per role and layer; partial pages zero-padded."""
-    size, layers = cache.page_size, []
+    """The pages as the format's token-major tensors, one per role and layer (one copy of each block's run of
+    rows); partial pages zero-padded."""
+    runs, layers = _runs(cache.pages), []
     for i, layout in enumerate(layouts):
-        keys, values = (_stack([page.kv[i][role] for page in cache.pages], size) for role in (0, 1))
+        keys, values = (torch.cat([block[i][role][a:b] for block, a, b in runs]) for role in (0, 1))
         if layout.kind == "mla":  # one head: [pages, page_size, 1, d] -> the latent [pages, page_size, d_k + d_v]
             tensors = {"latent": from_torch(to_host(torch.cat([keys[:, :, 0], values[:, :, 0]], dim=-1)))}
         else:
             tensors = {"k": from_torch(to_host(keys)), "v": from_torch(to_host(values))}
         layers.append(layout.descriptor(tensors))
     tree = PrefixTree(parents=[p.parent for p in cache.pages], tokens=[list(p.tokens) for p in cache.pages])
-    return KVCache(page_size=size, dtype=dtype, layers=layers), tree
-
-
-def _stack(pieces: list[torch.Tensor], page_size: int) -> torch.Tensor:
-    """[pages, page_size, ...]: the pages in one stack (one copy on a GPU, not one per page), a partial one
-    zero-padded first."""
-    return torch.stack([piece if piece.shape[0] == page_size else _padded(piece, page_size) for piece in pieces])
-
-
-def _padded(piece: torch.Tensor, page_size: int) -> torch.Tensor:
-    out = piece.new_zeros((page_size, *piece.shape[1:]))
-    out[: piece.shape[0]] = piece
-    return out
+    return KVCache(page_size=cache.page_size, dtype=dtype, layers=layers), tree
 
 
 def from_snapshot(snapshot: Snapshot, layouts: Sequence[LayerLayout], device) -> PrefixCache:
-    """A new prefix cache holding the snapshot's pages (on `device`), after check_pages accepted them."""
+    """A new prefix cache holding the snapshot's pages (on `device`) in one block, after check_pages accepted
+    them. Slots past a partial page's tokens are unspecified in a snapshot (spec 5.3) and zeroed here."""
     kv, tree = snapshot.kv, snapshot.prefix
-    cache = PrefixCache(kv.page_size)
-    per_layer = []
+    size = kv.page_size
+    tails = [p * size + t for p, tokens in enumerate(tree.tokens) for t in range(len(tokens), size)]
+    tails = torch.tensor(tails, dtype=torch.long, device=device) if tails else None
+    block = []
     for layout, layer in zip(layouts, kv.layers):
-        if layout.kind == "mla":
-            latent = to_device(to_torch(layer.tensors["latent"]), device)
-            keys, values = latent[:, :, None, : layout.head_dim], latent[:, :, None, layout.head_dim :]  # one head
-        else:
-            keys, values = (to_device(to_torch(layer.tensors[r]), device) for r in ("k", "v"))
-        per_layer.append((keys, values))
+        roles = [to_device(to_torch(layer.tensors[role]), device)
+                 for role in (("latent",) if layout.kind == "mla" else ("k", "v"))]
+        for t in roles if tails is not None else ():  # as bytes: index_fill_ takes every dtype's bytes, not its values
+            t.view(t.shape[0] * t.shape[1], -1).view(torch.uint8).index_fill_(0, tails, 0)
+        if layout.kind == "mla":  # one head: the compressed KV, then the rope key
+            latent, = roles
+            roles = [latent[:, :, None, : layout.head_dim], latent[:, :, None, layout.head_dim :]]
+        block.append(tuple(roles))
+    cache, block = PrefixCache(size), tuple(block)
     for p, (parent, tokens) in enumerate(zip(tree.parents, tree.tokens)):
-        n = len(tokens)
-        cache.pages.append(Page(parent, tuple(tokens), tuple((k[p, :n], v[p, :n]) for k, v in per_layer)))
+        cache.pages.append(Page(parent, tuple(tokens), block, p))
         cache.children.setdefault(parent, []).append(p)
     return cache
 

@@ -117,3 +117,59 @@ def test_capture_changes_nothing(engine):
     e.finish()
     assert e.generate(PROMPT + first.token_ids, greedy(4)).cached_tokens == 75
     assert rid not in e.requests
+
+
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v2"])
+def test_hundreds_of_pages_in_blocks(arch, engine, saved):
+    """Pages of 4 tokens, so hundreds of them, added in blocks: a trunk, a longer prompt that extends its partial
+    leaf, branches off it, a request in flight. The snapshot restores and captures again byte for byte, in the
+    parent's page order; the restored engine hits what the parent hits and continues with its tokens; and noise a
+    snapshot holds past a partial page's tokens (unspecified, spec 5.3) is captured again as zeros."""
+    import numpy as np
+    from conftest import model_dir
+    from thaw_transformers import TransformersEngine
+
+    base = engine(arch)
+    small_pages = lambda: TransformersEngine(base.model, checkpoint=model_dir(arch), info=base.info, page_size=4)
+    parent = small_pages()
+    trunk = [(5 * i + 1) % 1000 + 3 for i in range(601)]
+    trunk += parent.generate(trunk, greedy(2)).token_ids  # 602 computed tokens: 150 pages and a partial one
+    branches = [trunk[: 200 + 37 * i] + [7 + i] * 9 for i in range(3)]
+    for prompt in [trunk + [11, 12, 13]] + branches:
+        parent.generate(prompt, greedy(2))
+    rid = parent.submit(trunk[:301] + [9, 9, 9], seeded(5, 6))
+    for _ in range(2):
+        parent.step()
+    snap = parent.capture(include_weights=False)
+    assert snap.prefix.num_pages > 160 and len({id(page.block) for page in parent.cache.pages}) >= 5
+    path = saved(snap)
+    prompts = [trunk + [11, 12, 13, 14], trunk[:450] + [1], *(b + [2] for b in branches)]
+    want = [parent.generate(p, greedy(3)) for p in prompts]
+    want_in_flight = parent.finish()[rid]
+
+    child = small_pages()
+    resumed = child.restore(thaw_format.load(path))
+    assert len({id(page.block) for page in child.cache.pages}) == 1
+    stored = thaw_format.load(path)
+    again = child.capture(include_weights=False)
+    assert again.prefix.parents == stored.prefix.parents and again.prefix.tokens == stored.prefix.tokens
+    assert [bytes(t.data) for layer in again.kv.layers for t in layer.tensors.values()] == \
+        [bytes(t.data) for layer in stored.kv.layers for t in layer.tensors.values()]
+    got = [child.generate(p, greedy(3)) for p in prompts]
+    assert [(g.token_ids, g.cached_tokens, g.logprobs) for g in got] == \
+        [(w.token_ids, w.cached_tokens, w.logprobs) for w in want]
+    assert [w.cached_tokens for w in want[:3]] == [len(trunk) + 3, 450, len(branches[0])]
+    full = {prefix: kv for prefix, kv in page_bytes(stored).items() if len(prefix) % 4 == 0}
+    assert page_bytes(child.capture(include_weights=False)).items() >= full.items()  # hits read pages, never write
+    in_flight = child.finish(resumed)[rid]
+    assert in_flight.output_token_ids == want_in_flight.output_token_ids
+    assert in_flight.cached_tokens == 304 + 1  # its prompt and first output from the pages; the second is fed
+
+    for layer in stored.kv.layers:  # noise past each partial page's tokens
+        for t in layer.tensors.values():
+            rows = np.frombuffer(t.data, np.uint8).reshape(t.shape[0], t.shape[1], -1)
+            for p, tokens in enumerate(stored.prefix.tokens):
+                rows[p, len(tokens):] = 0x3C
+    noisy = small_pages()
+    noisy.restore(thaw_format.load(saved(stored, "noisy.thaw")))
+    assert page_bytes(noisy.capture(include_weights=False)) == page_bytes(snap)

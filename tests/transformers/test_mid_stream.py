@@ -37,7 +37,7 @@ def test_fork_children_share_pages_and_continue(engine):
     want = [parent.generate(context, seeded(100 + i, 8)).token_ids for i in range(2)]
     children = parent.fork(2, context=context)
     for page in range(len(parent.cache.pages)):  # the same tensors: no KV bytes moved
-        assert all(c.cache.pages[page].kv[0][0] is parent.cache.pages[page].kv[0][0] for c in children)
+        assert all(c.cache.pages[page].block is parent.cache.pages[page].block for c in children)
     got = [child.generate(context, seeded(100 + i, 8)) for i, child in enumerate(children)]
     assert [g.token_ids for g in got] == want and want[0] != want[1]
     assert all(g.cached_tokens == len(context) - 1 for g in got)
