@@ -292,14 +292,15 @@ class MLXEngine(SharedKV):
         session, pending = self._checked(snapshot)
         return self._install(cache_of_checked(snapshot, session, spare=self._give_up_buffers), snapshot, pending)
 
-    def _give_up_buffers(self) -> list[list]:
-        """Per layer, the memory of the engine's caches that nothing else holds, for a restore that replaces them
-        to write over (pages.moved_buffers: memory a caller holds any part of is copied out first, and keeps its
-        bytes). The engine lets go of its caches and is left empty, so that it never holds a cache half written
-        over."""
+    def _give_up_buffers(self, wanted: list[list[tuple]]) -> list[list]:
+        """Arrays of the engine's caches for a restore that replaces them to write over, one for each array it
+        writes, per layer in `wanted` as its (shape, dtype), where one fits (pages.moved_buffers: memory a caller
+        holds any part of is copied out first, and keeps its bytes; arrays no wanted one takes are let go of,
+        never copied). The engine lets go of its caches and is left empty, so that it never holds a cache half
+        written over."""
         caches = [session.cache for session in self.sessions] + [r.release() for r in self.running.values()]
         self.sessions, self.running, self._progress = [], {}, {}
-        return moved_buffers(caches, len(self.model.layers))
+        return moved_buffers(caches, wanted)
 
     def _install(self, cache: list, snapshot: Snapshot, pending: Optional[tuple]) -> list[Resumed]:
         """Make a restored cache the engine's state: its one session, or, with `pending` (_pending's), its one

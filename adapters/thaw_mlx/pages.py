@@ -321,28 +321,45 @@ def gather_to_file(x: mx.array, num_tokens: int, page_size: int, fd: int, offset
     return written, crcs
 
 
-def moved_buffers(caches: list[list], num_layers: int) -> list[list[tuple[mx.array, memoryview]]]:
-    """Per layer, the memory of the arrays the KVCache and QuantizedKVCache layers of `caches` (prompt caches a
-    restore replaces) keep their tokens in, each in a new array only this call holds, with a writable view of it
-    (thaw_format.mlx.owned_view): what the restore may write over (scatter_targets' `spare`).
+def moved_buffers(caches: list[list], wanted: list[list[tuple[tuple, str]]]) -> list[list[Optional[tuple]]]:
+    """What a restore may write over (scatter_targets' `spare`): for each array it writes, per layer in `wanted`
+    as its (shape, dtype) (paged_targets), the memory of an array of that shape and dtype that a KVCache or
+    QuantizedKVCache layer of `caches` (prompt caches the restore replaces) keeps its tokens in, moved into a new
+    array only this call holds, with a writable view of it (thaw_format.mlx.owned_view); else None. Arrays no
+    wanted one takes are let go of, never moved: the restore copies nothing it will not write over (another
+    session's arrays that a caller holds keep their memory, and cost no copy).
 
-    `caches` is emptied, and its caller must hold no other reference to them. Each array is then moved by MLX's
-    own copy (mx.array), which takes over the buffer of an array nothing else holds (no byte moves) and copies
+    `caches` is emptied, and its caller must hold no other reference to them. Each array taken is then moved by
+    MLX's own copy (mx.array), which takes over the buffer of an array nothing else holds (no byte moves) and copies
     any other: one that an array of someone else's shares (a slice, as a layer's `state` is, a reshape), that a
     computation not yet evaluated reads, or whose layer object or cache list someone kept. Python references
     cannot tell: a view holds the buffer, not the array. So whatever anyone holds keeps its bytes. An array whose
-    memory is not its own row-major bytes is left out."""
-    moved = [[mx.array(a) for cache in caches for a in _internals.paged_buffers(cache[i])] for i in range(num_layers)]
-    caches.clear()
-    mx.eval(moved)
-    return [[(array, view) for array, view in map(_owned, arrays) if view is not None] for arrays in moved]
+    memory is not its own row-major bytes is not taken (None)."""
+    moved = [[None if a is None else mx.array(a) for a in taken] for taken in _taken(caches, wanted)]
+    caches.clear()  # before the moves are evaluated: then nothing here holds an old array
+    mx.eval([a for taken in moved for a in taken if a is not None])
+    return [[None if a is None else _owned(a) for a in taken] for taken in moved]
 
 
-def _owned(array: mx.array) -> tuple[mx.array, Optional[memoryview]]:
+def _taken(caches: list[list], wanted: list[list[tuple[tuple, str]]]) -> list[list[Optional[mx.array]]]:
+    """Per layer, for each wanted (shape, dtype), the first of the caches' paged arrays of that layer of that
+    shape and dtype that no wanted one before took, or None."""
+    taken = []
+    for i, shapes in enumerate(wanted):
+        free = [a for cache in caches for a in _internals.paged_buffers(cache[i])]
+        layer = []
+        for shape, dtype in shapes:
+            fits = [j for j, a in enumerate(free) if tuple(a.shape) == shape and dtype_name(a.dtype) == dtype]
+            layer.append(free.pop(fits[0]) if fits else None)
+        taken.append(layer)
+    return taken
+
+
+def _owned(array: mx.array) -> Optional[tuple[mx.array, memoryview]]:
     try:
         return array, owned_view(array)
     except ValueError:  # not its own row-major memory
-        return array, None
+        return None
 
 
 def restored_shape(tensor: Tensor, pages: list[int]) -> tuple[tuple, str]:
@@ -353,20 +370,21 @@ def restored_shape(tensor: Tensor, pages: list[int]) -> tuple[tuple, str]:
     return (1, heads, capacity, dim), tensor.dtype
 
 
-def scatter_targets(layers: list[KVLayer], pages: list[int], spare: Optional[list[list]] = None) -> list[dict]:
-    """Per layer, decode_layer's `targets`: for each paged role, an array of the layer's `spare` (arrays with
-    their views, moved_buffers of the caches being replaced) of the same shape and dtype, to be written
-    over, every byte, else a new one; the new ones of the whole cache made in one writable_arrays call. Over a
-    spare array the source must have been checked whole before (a bad chunk found mid-scatter would leave it
+def scatter_targets(layers: list[KVLayer], pages: list[int],
+                    spare: Optional[Callable[[list[list[tuple[tuple, str]]]], list[list]]] = None) -> list[dict]:
+    """Per layer, decode_layer's `targets`: for each paged role, an array to be written over, every byte, with a
+    writable view of it: `spare`'s (moved_buffers of the caches being replaced, asked for an array of each role's
+    shape and dtype, once), else a new one; the new ones of the whole cache made in one writable_arrays call. Over
+    a spare array the source must have been checked whole before (a bad chunk found mid-scatter would leave it
     half written)."""
+    paged = [paged_targets(layer, pages) for layer in layers]
+    spares = spare([[(shape, dtype) for _, shape, dtype in roles] for roles in paged]) if spare is not None else None
     targets, wanted = [], []
-    for i, layer in enumerate(layers):
-        free = list(spare[i]) if spare is not None else []
+    for i, roles in enumerate(paged):
         chosen = {}
-        for role, shape, dtype in paged_targets(layer, pages):
-            fits = [j for j, (a, _) in enumerate(free) if tuple(a.shape) == shape and dtype_name(a.dtype) == dtype]
-            if fits:
-                chosen[role] = free.pop(fits[0])
+        for j, (role, shape, dtype) in enumerate(roles):
+            if spares is not None and spares[i][j] is not None:
+                chosen[role] = spares[i][j]
             else:
                 wanted.append((i, role, shape, dtype))
         targets.append(chosen)

@@ -164,16 +164,15 @@ def cache_of_snapshot(snapshot: Snapshot, expected: Optional[list[dict]] = None)
 
 
 def cache_of_checked(snapshot: Snapshot, request: Request, expected: Optional[list[dict]] = None,
-                     spare: Optional[Callable[[], list[list]]] = None) -> list:
+                     spare: Optional[Callable[[list[list[tuple]]], list[list]]] = None) -> list:
     """cache_of_snapshot of a snapshot whose KV check_snapshot_kv passed, `request` its answer: for MLXEngine,
     which makes every check before it gives up its arrays. `spare`, called once every check has passed (nothing
-    is written over before), gives per layer the arrays its paged tensors may be written over
-    (pages.scatter_targets)."""
+    is written over before), gives the arrays its paged tensors may be written over (pages.scatter_targets)."""
     kv = snapshot.kv
     if expected is not None and spare is not None:
         raise ValueError("cache_of_checked: spare arrays take only a source checked whole before, not `expected`")
     expected = expected or [None] * len(kv.layers)
-    targets = scatter_targets(kv.layers, request.pages, spare() if spare is not None else None)
+    targets = scatter_targets(kv.layers, request.pages, spare)
     cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, layer_targets)
              for layer, checks, layer_targets in zip(kv.layers, expected, targets)]
     mx.eval([c.state for c in cache])

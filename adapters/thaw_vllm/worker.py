@@ -61,6 +61,10 @@ def start_mover(vllm_config) -> dict:
 
 
 class ThawWorkerExtension:
+    # The id of the snapshot this engine was last restored from (the client's, whichever way it came here:
+    # thaw_format.sdk.lent.send): the lineage parent of its captures.
+    thaw_restored_from: str | None = None
+
     def thaw_describe(self) -> dict:
         """The identity and KV layout a snapshot must match; `layout_error` says why no layout is mapped.
         Fixed for the engine's life, so computed once."""
@@ -133,6 +137,7 @@ class ThawWorkerExtension:
         requests = {r.id: r for r in snapshot.scheduler.requests} if snapshot.scheduler else {}
         for key in rng_keys:
             connector.staged_rng[key] = (self, to_torch(requests[key].rng_state).clone())
+        self.thaw_restored_from = snapshot.id
 
 
 def _describe(worker) -> dict:
@@ -200,7 +205,7 @@ def _build_snapshot(worker, plan: dict, include_weights: bool, gathered: bool) -
         scheduler=thaw_format.SchedulerState(requests=requests),
         engine=thaw_format.EngineInfo(name="vllm", version=vllm.__version__, attention_backend="CPU_ATTN",
                                       native_kv_layout=layout.description, extra={"block_size": bs}),
-        lineage=thaw_format.Lineage(created=lineage_now()),
+        lineage=thaw_format.Lineage(parent=worker.thaw_restored_from, created=lineage_now()),
     )
 
 

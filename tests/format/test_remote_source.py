@@ -131,6 +131,28 @@ def test_a_refused_read_falls_back_to_the_restore_segment_for_good(native, full_
     assert len(calls) == 3 and not remote.is_remote(calls[2])  # straight to the segment: no second try
 
 
+@pytest.mark.parametrize("chunk_size", [None, 1 << 16], ids=["never saved", "saved in 64 KiB chunks"])
+def test_a_snapshot_sent_through_the_restore_segment_reaches_the_reader_under_its_own_id(native, full_snapshot,
+                                                                                       tmp_path, chunk_size):
+    """The restore segment holds the snapshot encoded again, in this encoder's chunks: an id of its own, not the
+    sender's (None for a snapshot never saved; a file's, counted over its own chunks). The source names the
+    sender's, and the reader's snapshot has it, as a remote source's has (the id an engine records as the lineage
+    parent of its captures)."""
+    snapshot = full_snapshot
+    if chunk_size is not None:
+        tf.save(full_snapshot, tmp_path / "s.thaw", chunk_size=chunk_size)
+        snapshot = tf.load(tmp_path / "s.thaw")
+    owner = Engine()
+    remote.refuse(owner)
+    source, checked = lent.send(owner, snapshot)
+    assert checked and lent.last_sent(owner) == "segment"
+    assert lent.sent_id(source) == (True, snapshot.id) and (snapshot.id is None) == (chunk_size is None)
+    # the segment's own id, as a reader of the segment alone counts it, is another
+    own_id = lent.open_snapshot(source.partition("|")[0], verify=True).id
+    assert own_id.startswith("sha256:") and own_id != snapshot.id
+    assert read_in_child(source) == expected(snapshot)
+
+
 def test_a_pid_that_is_not_the_sender_counts_as_a_refusal(native, full_snapshot):
     """As in another pid namespace or after the pid's reuse: whatever process the pid names from the reader, or
     none, it does not hold the sender's token, so the reader refuses before reading any KV (and the restore

@@ -67,9 +67,14 @@ def arrays_of(engine) -> list:
     return [a for layer in engine_cache(engine) for a in paged_buffers(layer)]
 
 
+def address(array) -> int:
+    """Where the memory of an array lies."""
+    return np.frombuffer(from_mlx(array).data, np.uint8).ctypes.data
+
+
 def addresses(engine) -> set[int]:
     """Where the memory of the engine's paged arrays lies."""
-    return {np.frombuffer(from_mlx(a).data, np.uint8).ctypes.data for a in arrays_of(engine)}
+    return {address(a) for a in arrays_of(engine)}
 
 
 def flip_bit(source: str, tensor: str) -> None:
@@ -168,6 +173,34 @@ def test_an_array_held_outside_the_engine_is_never_written_over(session, restori
     restoring(engine, short)
     assert from_mlx(held).tobytes() == before
     assert engine_cache(engine)[0].keys is not held
+    assert full_state(engine_cache(engine)) == full_state(thaw_mlx.restore(model, short))
+
+
+def test_a_restore_moves_only_the_arrays_it_writes_over(session, restoring, monkeypatch):
+    """pages.moved_buffers takes one array of the replaced caches for each array the restore writes, no more: here
+    the first session's own memory (taken over, no byte copied), while another session's arrays, of the same
+    shapes and held by the caller, are let go of, neither copied nor written over: they keep their memory and
+    their bytes."""
+    import thaw_mlx.engine
+
+    model, short, long = sessions_of("llama-kv", session)
+    engine = MLXEngine(model)
+    restoring(engine, long)
+    engine.generate([5, 6, 7] * 10, greedy(4))  # a second session, sharing no prefix with the first
+    first, second = engine.sessions
+    assert len(first.tokens) > len(second.tokens) > 30
+    first_memory = {address(a) for layer in first.cache for a in paged_buffers(layer)}
+    held = [a for layer in second.cache for a in paged_buffers(layer)]
+    assert {tuple(a.shape) for a in held} == {tuple(a.shape) for layer in first.cache for a in paged_buffers(layer)}
+    held_bytes, held_memory = [from_mlx(a).tobytes() for a in held], [address(a) for a in held]
+    del first, second
+    moved, move = [], thaw_mlx.engine.moved_buffers
+    monkeypatch.setattr(thaw_mlx.engine, "moved_buffers", lambda *args: moved.append(move(*args)) or moved[-1])
+    restoring(engine, short)
+    (taken,) = moved
+    assert [len(layer) for layer in taken] == [2] * len(model.layers)  # its K and V, for each layer
+    assert {address(array) for layer in taken for array, _ in layer} == first_memory
+    assert [from_mlx(a).tobytes() for a in held] == held_bytes and [address(a) for a in held] == held_memory
     assert full_state(engine_cache(engine)) == full_state(thaw_mlx.restore(model, short))
 
 

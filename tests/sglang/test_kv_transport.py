@@ -147,6 +147,31 @@ def test_a_snapshot_in_this_process_memory_restores_its_bytes_and_a_named_segmen
     assert engine.leak_warnings() == 0
 
 
+@pytest.mark.parametrize("chunk_size", [None, 1 << 16], ids=["never saved", "saved in 64 KiB chunks"])
+def test_through_the_restore_segment_the_scheduler_knows_the_snapshot_by_the_clients_id(
+        thaw_sglang, engine, reference, tmp_path, chunk_size):
+    """Where the scheduler may not read the client (remote.refuse), the restore segment holds the snapshot encoded
+    again, under an id of its own; the scheduler still records the client's snapshot's id as the lineage parent of
+    its later captures: none for a snapshot never saved, the file's for one saved in other chunks than the
+    segment's."""
+    import dataclasses
+
+    import thaw_format
+    from thaw_format.sdk import remote
+
+    generate(engine, PROMPT)
+    captured = thaw_sglang.capture(engine, include_weights=False, chains=[PROMPT])
+    snapshot = dataclasses.replace(captured, id=None)  # made in this process from a capture's parts: no id
+    if chunk_size is not None:
+        thaw_format.save(captured, tmp_path / "kv.thaw", chunk_size=chunk_size)
+        snapshot = thaw_format.load(tmp_path / "kv.thaw")
+    assert (snapshot.id is None) == (chunk_size is None)
+    remote.refuse(engine)
+    _restores_exactly(thaw_sglang, engine, reference, snapshot)
+    assert lent.last_sent(engine) == "segment"
+    assert thaw_sglang.capture(engine, include_weights=False).lineage.parent == snapshot.id
+
+
 def test_a_segment_the_client_verified_is_trusted_and_every_other_is_verified(thaw_sglang, engine, reference,
                                                                               tmp_path):
     """The trust rule (thaw_format.sdk.lent): bytes are verified where they enter the user's trust domain, not

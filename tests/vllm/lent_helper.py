@@ -4,6 +4,7 @@ worker in three processes), driven through VLLMEngine; reports one "THAW_RESULT 
 argv[1] is JSON: model, dtype, engine_kwargs, trunk, other, suffix (token ids), max_tokens.
 """
 
+import dataclasses
 import gc
 import glob
 import hashlib
@@ -179,6 +180,18 @@ def main() -> None:
         result[f"{attempt}_sent"] = lent.last_sent(engine.llm)
         serve(attempt, trunk + suffix, "after")
         result[f"{attempt}_kv_identical"] = kv_digest(engine.capture(include_weights=False, chains=[trunk])) == held_digest
+        engine.llm.reset_prefix_cache()
+    # The restore segment holds the snapshot encoded again, under an id of its own: the worker records the client's
+    # snapshot's, the lineage parent of its captures (none for one never saved, the file's for one in 64 KiB chunks).
+    path = os.path.join(tempfile.mkdtemp(), "small-chunks.thaw")
+    thaw_format.save(dataclasses.replace(plain), path, chunk_size=1 << 16)
+    sent = {"never saved": dataclasses.replace(plain, id=None), "64 KiB chunks": thaw_format.load(path)}
+    os.remove(path)
+    result["parents"] = {}
+    for name, snapshot in sent.items():
+        engine.restore(snapshot)
+        parent = engine.capture(include_weights=False, chains=[trunk]).lineage.parent
+        result["parents"][name] = [lent.last_sent(engine.llm), snapshot.id, parent]
         engine.llm.reset_prefix_cache()
     engine.close()
     print("THAW_RESULT " + json.dumps(result), flush=True)

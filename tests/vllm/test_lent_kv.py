@@ -225,6 +225,9 @@ def test_multiprocessing_engine_lends_restores_and_refuses_corrupt_sources(zoo):
     assert result["refused_sent"] == result["again_sent"] == "segment"
     assert result["refused_kv_identical"] and result["again_kv_identical"]
     assert after["refused"] == after["again"] == [fresh["trunk"][0], 128]
+    # and the worker knows each snapshot by the client's id, not by that of the segment's encoding
+    (sent, none, parent), (sent_file, file_id, file_parent) = result["parents"].values()
+    assert sent == sent_file == "segment" and none is parent is None and file_parent == file_id is not None
     assert result["corrupt_file_error"].startswith("thaw_format.errors.CorruptSnapshotError: ")
     assert "'kv/0/k'" in result["corrupt_file_error"] and "checksum mismatch in chunk" in result["corrupt_file_error"]
     # a capture borrowed from the engine's own worker counts as checked (not read again); a segment borrowed with

@@ -14,7 +14,7 @@ def kv_bytes(snapshot):
     return [(bytes(layer.tensors["k"].data), bytes(layer.tensors["v"].data)) for layer in snapshot.kv.layers]
 
 
-def test_restore_writes_the_captured_bytes_into_a_used_engine(engine, greedy):
+def test_restore_writes_the_captured_bytes_into_a_used_engine(engine, greedy, tmp_path):
     import thaw_vllm
 
     trunk = trunk_tokens(100, seed=1)
@@ -22,10 +22,12 @@ def test_restore_writes_the_captured_bytes_into_a_used_engine(engine, greedy):
     before = thaw_vllm.capture(engine, include_weights=False, chains=[trunk])
     assert before.prefix.num_pages == 3 and all(len(t) == 32 for t in before.prefix.tokens)
     assert before.prefix.chain_tokens(2) == trunk[:96]
+    thaw_format.save(before, tmp_path / "before.thaw")  # an id, the lineage parent of the captures after it
 
     generate(engine, trunk_tokens(200, seed=2), greedy)  # the engine moves on: other blocks, other KV
     thaw_vllm.restore(engine, before)
     after = thaw_vllm.capture(engine, include_weights=False)
+    assert after.lineage.parent == before.id is not None
     assert after.prefix.tokens == before.prefix.tokens and after.prefix.parents == before.prefix.parents
     assert kv_bytes(after) == kv_bytes(before)  # the stale pages of the second prompt were cleared
     assert after.prefix.hash.hashes == before.prefix.hash.hashes

@@ -28,7 +28,7 @@ snapshot again: the one copy a snapshot in the client's memory would otherwise c
 other processes. `send(owner, snapshot)` is that choice for a restore: the snapshot's own segment, else the
 snapshot read by the engine's process straight from this one's memory (thaw_format.sdk.remote), else the
 engine's reused restore segment written in the same call; the reader need not check any of them again (Trust,
-below).
+below), and knows the snapshot by the client's id (`sent_id`), not by that of the segment's new encoding.
 `sending` makes the restore, and falls back to the segment for good when the engine may not read this process.
 
 Trust, decided here once for every engine: bytes are verified where they enter the user's trust domain (a
@@ -84,11 +84,26 @@ T = TypeVar("T")
 
 
 def parse(source: str) -> tuple[str, int]:
-    """(segment name, snapshot bytes) of "shm://name#nbytes"."""
-    name, _, nbytes = source[len(SHM_PREFIX):].partition("#") if source.startswith(SHM_PREFIX) else ("", "", "")
+    """(segment name, snapshot bytes) of "shm://name#nbytes", or of "shm://name#nbytes|<snapshot id>" (sent_id)."""
+    segment = source.partition("|")[0]
+    name, _, nbytes = segment[len(SHM_PREFIX):].partition("#") if segment.startswith(SHM_PREFIX) else ("", "", "")
     if not name or not nbytes.isdigit():
-        raise ValueError(f"not a shared-memory segment source: {source!r} (expected {SHM_PREFIX}<name>#<nbytes>)")
+        raise ValueError(f"not a shared-memory segment source: {source!r} (expected {SHM_PREFIX}<name>#<nbytes>, "
+                         "then |<snapshot id> or not)")
     return name, int(nbytes)
+
+
+def sent_id(source: str) -> tuple[bool, Optional[str]]:
+    """Whether a segment source names the id of the snapshot its sender holds, and that id (None: the sender's
+    has none). send's restore segment does: the snapshot encoded into it again has an id of its own (counted over
+    a header and checksums of this encoding, with its chunk size), which is not the sender's snapshot's (None for
+    one built in memory and never saved, that of a file saved with other chunks), and the engine must know the
+    snapshot it continues by the sender's (the lineage parent of its captures). The sender's word, like the id a
+    remote source names: no reader can check it against bytes encoded another way."""
+    segment, named, snapshot_id = source.partition("|")
+    if not named or not segment.startswith(SHM_PREFIX):
+        return False, None  # a remote source names the id in its own way (thaw_format.sdk.remote)
+    return True, snapshot_id or None
 
 
 def is_lent(source: str) -> bool:
@@ -275,7 +290,11 @@ def _open_snapshot(source: str, verify: bool, lender: Optional[Lender]) -> tuple
     buffer = lender.view(name) if lender is not None else None
     # A numpy array as the exporter: every tensor view references it, and (unlike mmap) it can be watched.
     base = numpy.frombuffer(buffer if buffer is not None else _mapping(name, nbytes), numpy.uint8, count=nbytes)
-    return loads(base, copy=False, verify=verify), base
+    snapshot = loads(base, copy=False, verify=verify)
+    named, snapshot_id = sent_id(source)
+    if named:
+        snapshot.id = snapshot_id
+    return snapshot, base
 
 
 def borrow(source: str, *, verify: bool = True) -> Snapshot:
@@ -523,7 +542,8 @@ def send(owner, snapshot: Snapshot) -> tuple[str, bool]:
     other (an unchecked segment's tensors first verified here, verify_unchecked) is read by the engine's process
     from this one where it lies (thaw_format.sdk.remote: its KV straight from this process's memory, the rest in
     `owner`'s reused restore segment), unless `owner` was refused such reads; then it is encoded by this call
-    into that segment, each chunk's checksum computed from the bytes written in the same pass. Either way only
+    into that segment, each chunk's checksum computed from the bytes written in the same pass, its source naming
+    the snapshot's own id (sent_id), which the reader's Snapshot takes, as it does a remote one's. Either way only
     this process writes what the reader reads, in this call, so the reader, checking it again, could find
     nothing but what this call wrote: checked. The reader must be done with it before `owner`'s next restore,
     and the caller keeps `snapshot` alive until then."""
@@ -532,9 +552,9 @@ def send(owner, snapshot: Snapshot) -> tuple[str, bool]:
         owner._thaw_sent = "lent"
         return source, _held_entry(snapshot).checked
     verify_unchecked(snapshot)  # an unchecked segment's tensors, sent as the client's memory: checked here first
-    source = remote.publish(owner, snapshot)
+    source = remote.publish(owner, snapshot)  # names the snapshot's id itself
     owner._thaw_sent = "remote" if source is not None else "segment"
-    return source or owned_segment(owner, "restore").publish(snapshot), True
+    return source or f"{owned_segment(owner, 'restore').publish(snapshot)}|{snapshot.id or ''}", True
 
 
 def last_sent(owner) -> Optional[str]:
