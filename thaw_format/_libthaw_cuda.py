@@ -135,18 +135,23 @@ def stage_plan(lengths: Sequence[int], chunk_sizes: Sequence[int], slot_bytes: i
     return [(p.region, p.start, p.len, p.slot) for p in out[0:count]]
 
 
-def _endpoint(target, writable: bool):
-    """(function suffix, first argument) for a file descriptor or a host buffer."""
+def _endpoint(target, regions, writable: bool):
+    """(function suffix, first argument) for a file descriptor or a host buffer, which must hold every region
+    (the C side is given no length: a region past the buffer would be copied past it)."""
     if isinstance(target, int):
         return "regions", target
-    return "host", _ffi.from_buffer(target, require_writable=writable)
+    host = _ffi.from_buffer(target, require_writable=writable)
+    for i, (offset, _, length, *_) in enumerate(regions):
+        if offset < 0 or length < 0 or offset + length > len(host):
+            raise ValueError(f"region {i} (offset {offset}, {length} bytes) runs past the {len(host)}-byte host buffer")
+    return "host", host
 
 
 def write_regions(target, regions: Sequence[Tuple[int, int, int, int]], stream: int = 0) -> list:
     """Write (offset, device address, length, chunk size) regions to `target`, a file descriptor or a writable
     host buffer (offsets index into it); returns each region's chunk CRCs."""
+    kind, first = _endpoint(target, regions, True)
     lib = open_library()
-    kind, first = _endpoint(target, True)
     crcs = [array("I", bytes(4 * -(-length // chunk))) for _, _, length, chunk in regions]
     _check(lib, getattr(lib, f"thaw_cuda_write_{kind}")(first, _regions(regions, crcs), len(regions), SLOT_BYTES,
                                                           SLOTS, _ffi.cast("void *", stream)))
@@ -157,8 +162,8 @@ def read_regions(source, regions: Sequence[Tuple[int, int, int, int, Sequence[in
     """Fill (offset, device address, length, chunk size, expected CRCs) regions from `source`, a file
     descriptor or a host buffer, every chunk checked on the host before its copy to the device; returns the
     first bad (region, chunk) or None."""
+    kind, first = _endpoint(source, regions, False)
     lib = open_library()
-    kind, first = _endpoint(source, False)
     crcs = [mover._expected_crcs(r[4], r[2], r[3], i) for i, r in enumerate(regions)]
     bad = _ffi.new("int64_t[2]")
     code = _check(lib, getattr(lib, f"thaw_cuda_read_{kind}")(first, _regions(regions, crcs), len(regions),
@@ -172,7 +177,8 @@ def pinned(buffer):
     """Pin `buffer` (host memory) with the driver for the block: read_regions and write_regions on it then copy
     straight from and into it, each chunk checked in place, with no staging through the ring's slots (restore
     0.91 of torch's pinned copy on an H200, 0.65 staged). Pinning every page costs about three copies of the
-    bytes, so it pays for bytes moved several times: a snapshot restored into many engines."""
+    bytes, so it pays for bytes moved several times: a snapshot restored into many engines. A chunk is checked
+    where it lies and copied after: nothing may write the buffer during a call on it."""
     lib = open_library()
     host = _ffi.from_buffer(buffer)
     if not len(host):

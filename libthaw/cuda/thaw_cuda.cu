@@ -15,6 +15,7 @@ static __thread char last_error[256];
 
 static int fail(const char *what, cudaError_t err) {
     snprintf(last_error, sizeof last_error, "%s: %s", what, err == cudaSuccess ? strerror(errno) : cudaGetErrorString(err));
+    if (err != cudaSuccess) cudaGetLastError();  // reported here: a later call's launch check must not see it again
     return THAW_CUDA_ERROR;
 }
 
@@ -118,8 +119,8 @@ static bool pinned_byte(const void *p) {
     return cudaPointerGetAttributes(&a, p) == cudaSuccess && a.type == cudaMemoryTypeHost;
 }
 
-// Host memory whose every region starts and ends in pinned memory (a region spanning two registrations would
-// make its copy fail with the driver's error, never move wrong bytes).
+// Host memory whose every region starts and ends in pinned memory. A region whose two ends lie in two different
+// registrations also counts: its copies are then the driver's to make or refuse (not tested on a GPU).
 static endpoint host_endpoint(const void *host, const thaw_cuda_region *regions, size_t n) {
     endpoint e = {-1, (uint8_t *)host, n > 0};
     for (size_t i = 0; i < n && e.direct; i++)
@@ -149,6 +150,13 @@ extern "C" void thaw_cuda_set_host_ops(const thaw_cuda_host_ops *ops) {
     std::lock_guard<std::mutex> hold(ring_lock);
     host_ops = *ops;
 }
+
+// Waits, whatever way the call ends, for the copies it queued: on an error return too, they may still be
+// reading or writing the caller's pinned memory, which the caller may unpin or free next.
+struct settled {
+    cudaStream_t stream;
+    ~settled() { cudaStreamSynchronize(stream); }
+};
 
 // The plan (thaw_stage.h) for one call, over the kept slots.
 struct ring {
@@ -219,6 +227,7 @@ static int drain(endpoint to, slot &s, const thaw_cuda_region *regions) {
 static int write_ring(endpoint to, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
                       cudaStream_t stream) {
     std::lock_guard<std::mutex> hold(ring_lock);
+    settled settle{stream};
     ring ring_;
     if (make_ring(ring_, regions, n, slot_bytes, slots)) return THAW_CUDA_ERROR;
     for (int64_t k = 0; k < ring_.pieces; k++) {
@@ -267,6 +276,7 @@ static int64_t fill(endpoint from, slot &s, const thaw_stage_piece *p, const tha
 static int read_ring(endpoint from, const thaw_cuda_region *regions, size_t n, size_t slot_bytes, int slots,
                      cudaStream_t stream, int64_t *bad_region, int64_t *bad_chunk) {
     std::lock_guard<std::mutex> hold(ring_lock);
+    settled settle{stream};
     ring ring_;
     if (make_ring(ring_, regions, n, slot_bytes, slots)) return THAW_CUDA_ERROR;
     std::vector<uint32_t> got;

@@ -72,7 +72,8 @@ THAW_CUDA_API int thaw_cuda_read_regions(int fd, const thaw_cuda_region *regions
 /* The same two with host memory in place of the file: region offsets are offsets into `host`, which need
  * not be pinned (the ring's slots are). Where every region lies in memory the driver has pinned
  * (cudaMallocHost, or thaw_cuda_register_host), no slot is used: each piece is checked in place and copied
- * straight from it (reads), or copied straight into it and then checksummed there (writes). */
+ * straight from it (reads), or copied straight into it and then checksummed there (writes). The checked bytes
+ * are then the caller's, not a private copy: they must not change until the call returns. */
 THAW_CUDA_API int thaw_cuda_write_host(void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,
                                        int slots, void *stream);
 THAW_CUDA_API int thaw_cuda_read_host(const void *host, const thaw_cuda_region *regions, size_t n, size_t slot_bytes,

@@ -55,6 +55,18 @@ def cuda_torch():
     return torch
 
 
+@pytest.mark.parametrize("call", ["write", "read"])
+def test_host_regions_past_the_buffer_are_refused_before_any_copy(call):
+    """The C side is given no host length: a region running past the buffer is refused here (no GPU needed:
+    the check comes before the library is opened)."""
+    region = (4096, 0x1000, 1 << 20, 1 << 20)
+    with pytest.raises(ValueError, match="region 0 .* runs past the 10-byte host buffer"):
+        if call == "write":
+            _libthaw_cuda.write_regions(bytearray(10), [region])
+        else:
+            _libthaw_cuda.read_regions(bytes(10), [(*region, [0])])
+
+
 def test_device_gather_and_scatter(cuda_torch):
     torch = cuda_torch
     kv = torch.randint(0, 255, (1000, 16, 8, 64), dtype=torch.uint8, device="cuda")  # [blocks, ...]
