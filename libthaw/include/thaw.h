@@ -164,10 +164,10 @@ int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, si
  * of whole 128-byte steps that chunks do not split, each chunk is moved and summed in one read of its bytes, so
  * a bad chunk is written too; elsewhere each chunk is checked just before it moves, while it is in cache, and a
  * bad chunk is not written. Either way the chunks before and after a bad one may already have been written:
- * scatter into blocks that are discarded on failure (fresh buffers), never into live state. The pages may be a mapping of a file: a SIGBUS
- * while reading them (the file was truncated under the mapping) gives THAW_PAGES_FAULT, after other chunks may
- * have moved, instead of ending the process (see guard.c for the limits; THAW_PAGES_FAULT before any byte moves
- * where libthaw's SIGBUS handler could not be installed). */
+ * scatter into blocks that are discarded on failure (fresh buffers), never into live state. The pages may be a
+ * mapping of a file: a SIGBUS while reading them (the file was truncated under the mapping) gives
+ * THAW_PAGES_FAULT, after other chunks may have moved, instead of ending the process (see guard.c for the
+ * limits; THAW_PAGES_FAULT before any byte moves where libthaw's SIGBUS handler could not be installed). */
 int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                                    const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                    size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk);
