@@ -17,7 +17,7 @@ from exited import exited_pid
 
 import thaw_format as tf
 from thaw_format import mover
-from thaw_format.sdk import lent, remote
+from thaw_format.sdk import lent, remote, shared
 
 # The child: open the source, scatter every KV tensor (one page, one row of bytes) into a buffer of its own,
 # print the digest of the bytes and of the rest of the snapshot, or the error. argv: source, "drop" to give up
@@ -146,11 +146,19 @@ def test_a_snapshot_sent_through_the_restore_segment_reaches_the_reader_under_it
     remote.refuse(owner)
     source, checked = lent.send(owner, snapshot)
     assert checked and lent.last_sent(owner) == "segment"
-    assert lent.sent_id(source) == (True, snapshot.id) and (snapshot.id is None) == (chunk_size is None)
+    assert shared.sent_id(source) == (True, snapshot.id) and (snapshot.id is None) == (chunk_size is None)
     # the segment's own id, as a reader of the segment alone counts it, is another
     own_id = lent.open_snapshot(source.partition("|")[0], verify=True).id
     assert own_id.startswith("sha256:") and own_id != snapshot.id
     assert read_in_child(source) == expected(snapshot)
+    # every reader of a segment source knows it by the sender's id: in place, copied out, or as a source string
+    for read in (shared.read_shared(source), shared.read_shared(source, copy=True), shared.read_source(source)):
+        assert expected(read) == expected(snapshot)
+
+
+def test_a_segment_source_with_a_malformed_size_is_refused_by_name():
+    with pytest.raises(ValueError, match="not a shared-memory source: 'shm://thaw_x#12x|sha256:ab'"):
+        shared.read_shared("shm://thaw_x#12x|sha256:ab")
 
 
 def test_a_pid_that_is_not_the_sender_counts_as_a_refusal(native, full_snapshot):

@@ -71,7 +71,7 @@ from ..reader import SnapshotFile, loads
 from ..snapshot import Snapshot
 from ..writer import EncodedSnapshot
 from . import remote
-from .shared import SHM_PREFIX, on_release, open_segment, owned_segment
+from .shared import SHM_PREFIX, known_by_sent_id, on_release, open_segment, owned_segment
 
 LENT_PREFIX = "thawlent_"
 SLOTS = 256  # snapshots one lender may have out at once: one byte each in its control segment
@@ -91,19 +91,6 @@ def parse(source: str) -> tuple[str, int]:
         raise ValueError(f"not a shared-memory segment source: {source!r} (expected {SHM_PREFIX}<name>#<nbytes>, "
                          "then |<snapshot id> or not)")
     return name, int(nbytes)
-
-
-def sent_id(source: str) -> tuple[bool, Optional[str]]:
-    """Whether a segment source names the id of the snapshot its sender holds, and that id (None: the sender's
-    has none). send's restore segment does: the snapshot encoded into it again has an id of its own (counted over
-    a header and checksums of this encoding, with its chunk size), which is not the sender's snapshot's (None for
-    one built in memory and never saved, that of a file saved with other chunks), and the engine must know the
-    snapshot it continues by the sender's (the lineage parent of its captures). The sender's word, like the id a
-    remote source names: no reader can check it against bytes encoded another way."""
-    segment, named, snapshot_id = source.partition("|")
-    if not named or not segment.startswith(SHM_PREFIX):
-        return False, None  # a remote source names the id in its own way (thaw_format.sdk.remote)
-    return True, snapshot_id or None
 
 
 def is_lent(source: str) -> bool:
@@ -290,11 +277,7 @@ def _open_snapshot(source: str, verify: bool, lender: Optional[Lender]) -> tuple
     buffer = lender.view(name) if lender is not None else None
     # A numpy array as the exporter: every tensor view references it, and (unlike mmap) it can be watched.
     base = numpy.frombuffer(buffer if buffer is not None else _mapping(name, nbytes), numpy.uint8, count=nbytes)
-    snapshot = loads(base, copy=False, verify=verify)
-    named, snapshot_id = sent_id(source)
-    if named:
-        snapshot.id = snapshot_id
-    return snapshot, base
+    return known_by_sent_id(loads(base, copy=False, verify=verify), source), base
 
 
 def borrow(source: str, *, verify: bool = True) -> Snapshot:

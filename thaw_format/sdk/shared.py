@@ -115,13 +115,37 @@ def release(source: str) -> None:
     unlink_name(source[len(SHM_PREFIX):])
 
 
+def sent_id(source: str) -> tuple[bool, Optional[str]]:
+    """Whether a segment source names the id of the snapshot its sender holds, and that id (None: the sender's
+    has none). send's restore segment does: the snapshot encoded into it again has an id of its own (counted over
+    a header and checksums of this encoding, with its chunk size), which is not the sender's snapshot's (None for
+    one built in memory and never saved, that of a file saved with other chunks), and the engine must know the
+    snapshot it continues by the sender's (the lineage parent of its captures). The sender's word, like the id a
+    remote source names: no reader can check it against bytes encoded another way."""
+    segment, named, snapshot_id = source.partition("|")
+    if not named or not segment.startswith(SHM_PREFIX):
+        return False, None  # a remote source names the id in its own way (thaw_format.sdk.remote)
+    return True, snapshot_id or None
+
+
+def known_by_sent_id(snapshot: Snapshot, source: str) -> Snapshot:
+    """`snapshot`, read from `source`, with the id its sender named there (sent_id), where it names one."""
+    named, snapshot_id = sent_id(source)
+    if named:
+        snapshot.id = snapshot_id
+    return snapshot
+
+
 def read_shared(source: str, *, unlink: bool = False, copy: bool = False, verify: bool = True) -> Snapshot:
     """The snapshot in the segment `source` names, its checksums verified. Its tensors view a private mapping
     of the segment, kept while they live, or (copy=True) are copied out. `unlink` releases a snapshot's own
     segment (its last reader); a reused segment ("#nbytes") is its owner's to release."""
     if not source.startswith(SHM_PREFIX):
         raise ValueError(f"not a shared-memory source: {source!r} (expected {SHM_PREFIX}<name>)")
-    name, _, nbytes = source[len(SHM_PREFIX):].partition("#")
+    name, _, nbytes = source.partition("|")[0][len(SHM_PREFIX):].partition("#")
+    if nbytes and not nbytes.isdigit():
+        raise ValueError(f"not a shared-memory source: {source!r} (expected {SHM_PREFIX}<name>#<nbytes>, then "
+                         "|<snapshot id> or not)")
     if nbytes:
         if unlink:
             raise ValueError(f"{source} is a reused segment: its owner releases it, not a reader")
@@ -138,7 +162,7 @@ def read_shared(source: str, *, unlink: bool = False, copy: bool = False, verify
         os.close(fd)
         if unlink:
             unlink_name(name)
-    return loads(mapping, copy=copy, verify=verify)
+    return known_by_sent_id(loads(mapping, copy=copy, verify=verify), source)
 
 
 def owned_segment(owner, role: str = "kv") -> Segment:
