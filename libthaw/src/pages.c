@@ -377,14 +377,17 @@ enum { FOLD_ROWS = 256 }; /* destinations looked up per call of the folding copy
 static uint32_t move_folded(page_job *j, crc32c_fold_rows_fn fold_rows, size_t e, size_t end) {
     const thaw_page_layout *l = j->layout;
     size_t w = l->row_elems, isz = l->itemsize;
+    /* The destinations are walked row by row, page by page: two divisions per row cost more CPU than the
+     * CRC (about 5 ms per 256 MiB of 512-byte rows, Zen 3), as they do not overlap the memory traffic. */
+    size_t page = e / j->page_elems, row = e % j->page_elems / w;
     uint8_t *dst[FOLD_ROWS];
     crc32c_fold f;
     crc32c_fold_start(&f, ~0u);
     while (e < end) {
         size_t n = 0;
         for (; n < FOLD_ROWS && e + n * w < end; n++) {
-            size_t at = e + n * w, page = at / j->page_elems, row = at % j->page_elems / w;
             dst[n] = j->blocks + j->offsets[page] + l->row_start[row] * (int64_t)isz;
+            if (++row == l->rows) row = 0, page++;
         }
         fold_rows(&f, j->pages + e * isz, n, w * isz, dst);
         e += n * w;
