@@ -6,7 +6,8 @@
  * description covers a plain slab (one row, stride 1), a head-major sequence array seen token-major (a row per
  * token and head), and a transposed K (stride = the block's token count). Every range is checked before the
  * first byte moves; the work is split across the thread pool in output-chunk units, so each chunk's CRC is
- * computed by the thread that just wrote it, while the bytes are still in its cache. */
+ * computed by the thread that moves it: as it moves it where rows allow (move_folded), else while the bytes
+ * are still in its cache (move_summed). */
 #define _GNU_SOURCE /* process_vm_readv */
 #include <errno.h>
 #include <pthread.h>
