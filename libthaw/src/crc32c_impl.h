@@ -13,18 +13,18 @@ typedef uint32_t (*crc32c_kernel)(uint32_t state, const uint8_t *p, size_t n);
 /* x^n mod P in the reflected representation (bit 31 is x^0), computed in software. */
 uint32_t crc32c_xpow(uint64_t n);
 
-/* A CRC32C computed while its bytes are copied out in rows (pages.c's checked scatter: one read of each byte).
- * The state carries across calls: lanes are the 4 x 256-bit folding accumulators, raw the incoming raw state,
- * started whether any 128-byte step was folded. */
+/* A CRC32C computed while its bytes are copied in rows (pages.c's checked scatter and its gather with CRCs: one
+ * read of each byte). The state carries across calls: lanes are the 4 x 256-bit folding accumulators, raw the
+ * incoming raw state, started whether any 128-byte step was folded. */
 typedef struct {
     _Alignas(32) uint8_t lanes[128];
     uint32_t raw;
     int started;
 } crc32c_fold;
 
-/* Fold `rows` rows of row_bytes (a multiple of 128) at src, in order, storing row i at dst[i]. */
-typedef void (*crc32c_fold_rows_fn)(crc32c_fold *f, const uint8_t *src, size_t rows, size_t row_bytes,
-                                    uint8_t *const *dst);
+/* Fold `rows` rows of row_bytes (a multiple of 128), in order: row i is read at src[i] and stored at dst[i]. */
+typedef void (*crc32c_fold_rows_fn)(crc32c_fold *f, const uint8_t *const *src, uint8_t *const *dst, size_t rows,
+                                    size_t row_bytes);
 /* The folding copy of the active kernel (crc32c.c), or NULL where it has none (the caller then checks and
  * copies in two reads). */
 crc32c_fold_rows_fn crc32c_fold_rows(void);
@@ -40,7 +40,8 @@ unsigned cpu_x86_features(void);
 
 uint32_t crc32c_sse42(uint32_t state, const uint8_t *p, size_t n);
 uint32_t crc32c_avx2_vpclmul(uint32_t state, const uint8_t *p, size_t n);
-void crc32c_avx2_fold_rows(crc32c_fold *f, const uint8_t *src, size_t rows, size_t row_bytes, uint8_t *const *dst);
+void crc32c_avx2_fold_rows(crc32c_fold *f, const uint8_t *const *src, uint8_t *const *dst, size_t rows,
+                           size_t row_bytes);
 uint32_t crc32c_avx2_fold_end(const crc32c_fold *f);
 uint32_t crc32c_avx512_vpclmul(uint32_t state, const uint8_t *p, size_t n);
 void crc32c_sse42_init(void);

@@ -154,6 +154,53 @@ def test_checked_scatter_in_one_read_or_two_writes_the_same_bytes_and_finds_a_ba
         assert not out[chunk_5 == 1].any()
 
 
+@pytest.mark.parametrize("kernel", available_kernels())
+@pytest.mark.parametrize("rows", [
+    ("slots", 4096, 1 << 20),     # SGLang's token slots, 4 KiB rows: one read where the kernel folds
+    ("slots", 128, 3 << 10),      # 128-byte rows, chunks of 24 rows: one read
+    ("sequence", 512, 5 << 9),    # MLX-style 512-byte rows, chunks of 5 rows (starting inside pages): one read
+    ("sequence", 96, 3 << 10),    # 96-byte rows: moved, then summed
+    ("slots", 4096, 3 << 10),     # chunks that split rows: moved, then summed
+    ("sequence", 512, 1000),      # the same, chunks not of whole rows
+])
+@pytest.mark.parametrize("shift", [0, 4, 16])  # pages aligned for streaming stores, or not
+def test_gather_with_crcs_in_one_read_or_two_gives_the_same_pages_and_crcs(native, select_kernel, kernel, rows,
+                                                                          shift):
+    """thaw_gather_pages with chunk CRCs under every CRC kernel this CPU has: the pages and CRCs of the software
+    kernel (which moves, then sums: it has no folding copy), large enough (6 MiB) for the thread pool, slots and
+    pages out of order; the bytes around the pages untouched. The folding copy runs where the kernel has one,
+    rows are whole 128-byte steps and chunks start on rows."""
+    role, row_bytes, chunk = rows
+    total = 6 << 20
+    if role == "slots":  # one bfloat16 row per page, the slots shuffled
+        itemsize, n_pages = 2, total // row_bytes
+        positions, block_elems = np.arange(row_bytes // 2), row_bytes // 2
+        picks = np.random.default_rng(4).permutation(n_pages + 9)[:n_pages]
+        blocks = engine(n_pages + 9, block_elems, itemsize, seed=5)
+    else:  # pages of 32 tokens x 8 heads of a [heads, capacity, head_dim] float32 array, in reverse order
+        itemsize, head_dim, n_pages = 4, row_bytes // 4, total // (32 * 8 * row_bytes)
+        positions, block_elems = sequence_positions(32, 8, 32 * n_pages, head_dim), 32 * head_dim
+        picks = np.arange(n_pages)[::-1]
+        blocks = engine(1, 8 * 32 * n_pages * head_dim, itemsize, seed=5)
+    offsets = picks.astype(np.int64) * block_elems * itemsize
+    layout = mover.page_layout(positions, itemsize)
+    assert layout.row_elems * itemsize == row_bytes and layout.col_stride == 1
+    want = blocks[(offsets // itemsize)[:, None] + positions[None, :]].view(np.uint8).ravel()
+    select_kernel("software")
+    want_crcs = mover.chunk_crcs(want, chunk)
+    two_reads = np.zeros(len(want), np.uint8)
+    assert mover.gather_pages(blocks, offsets, layout, two_reads, chunk) == want_crcs
+    assert two_reads.tobytes() == want.tobytes()
+
+    select_kernel(kernel)
+    raw = np.zeros(len(want) + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + shift
+    out = raw[start : start + len(want)]
+    assert mover.gather_pages(blocks, offsets, layout, out, chunk) == want_crcs
+    assert out.tobytes() == want.tobytes()
+    assert not raw[:start].any() and not raw[start + len(want) :].any()
+
+
 def test_threaded_gather_with_crcs_equals_separate_pass(native):
     """Large enough (16 MiB) for the thread pool, chunks not aligned with pages."""
     positions, block_elems = vllm_positions(32, 8, 128, "k"), 2 * 32 * 8 * 128
