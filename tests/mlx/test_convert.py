@@ -44,6 +44,19 @@ def test_snapshot_to_mlx_lm_file_and_back(name, session, saved, tmp_path):
     assert continuation(model, thaw_mlx.restore(model, again), tokens) == expected
 
 
+def test_snapshot_of_an_idle_prefix_cache_exports(session, saved, tmp_path):
+    """A snapshot with no requests, only a prefix cache's one chain (as vLLM, SGLang and transformers write when
+    idle), exports with that chain as the file's tokens, rather than failing on its missing request."""
+    model, cache, tokens = session("llama-kv")
+    snapshot = thaw_mlx.capture(model, cache, tokens)
+    snapshot.scheduler.requests = []
+    chain = snapshot.prefix.chain_tokens(snapshot.prefix.leaves()[0])
+    exported = tmp_path / "cache.safetensors"
+    assert main(["convert", saved(snapshot), str(exported)]) == 0
+    _, metadata = load_prompt_cache(str(exported), return_metadata=True)
+    assert json.loads(metadata["thaw_tokens"]) == chain and metadata["thaw_num_prompt_tokens"] == str(len(chain))
+
+
 def test_mlx_lm_file_to_snapshot_needs_model_and_tokens(model_of, tmp_path, capsys):
     """A file written by mlx-lm itself (its generate_step, one token ahead) converts given config and tokens."""
     model = model_of("llama-kv")
