@@ -69,6 +69,15 @@ def test_other_architecture_refused(served, engine):
     assert e.capture(include_weights=False).kv is None
 
 
+def test_a_path_instead_of_a_snapshot_is_refused_by_name(served, engine):
+    """restore takes a Snapshot; a file's path (restore_source's argument) is named, with the two ways to use it."""
+    e = engine("llama")
+    for attempt, path in ((e.check, served), (e.restore, served), (e.restore, str(served))):
+        with pytest.raises(TypeError, match=r"got (PosixPath|str) .*thaw_format.load\(path\).*restore_source\(path\)"):
+            attempt(path)
+    assert e.capture(include_weights=False).kv is None
+
+
 def test_missing_layer_tensor_refused(served, engine):
     snap = thaw_format.load(served)
     snap.kv.layers[0] = KVLayer("attention", {"k": snap.kv.layers[0].tensors["k"]}, 2, 32)
