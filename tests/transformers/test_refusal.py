@@ -1,6 +1,9 @@
 """Snapshots this engine cannot hold are refused with a precise error before anything changes: the engine then
 serves exactly as before (same pages, same output)."""
 
+import subprocess
+import sys
+
 import pytest
 
 import thaw_format
@@ -125,3 +128,11 @@ def test_weights_under_other_names_without_this_digest_are_refused(served, engin
     snap.model.weights_digest = None  # nothing says they are this checkpoint's
     with pytest.raises(IncompatibleSnapshotError, match="weights: missing"):
         e.restore(snap)
+
+
+@pytest.mark.parametrize("missing", ["torch", "transformers"])
+def test_import_without_the_extra_names_it(missing):
+    """As every integration does (README, "Add thaw to your project"): the error says which extra to install."""
+    code = f"import sys; sys.modules[{missing!r}] = None; import thaw_transformers"  # None: import fails
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1 and "pip install 'thaw[transformers]'" in result.stderr, result.stderr
