@@ -73,13 +73,18 @@ def test_mlx_lm_file_to_snapshot_needs_model_and_tokens(model_of, tmp_path, caps
 
     snap = tmp_path / "imported.thaw"
     assert main(["convert", str(mlx_file), str(snap)]) == 1
-    assert "does not record its token ids" in capsys.readouterr().err
+    assert "does not record its token ids" in (err := capsys.readouterr().err) and "--tokens" in err
     (tmp_path / "tokens.json").write_text(json.dumps(tokens))
     assert main(["convert", str(mlx_file), str(snap), "--tokens", str(tmp_path / "tokens.json")]) == 1
-    assert "does not say which model" in capsys.readouterr().err
+    assert "does not say which model" in (err := capsys.readouterr().err) and "--model DIR" in err
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(CONFIGS["llama"]))
+    (tmp_path / "short.json").write_text(json.dumps(tokens[:5]))  # token ids that are not the cache's: no traceback
+    assert main(["convert", str(mlx_file), str(snap), "--tokens", str(tmp_path / "short.json"),
+                 "--model", str(tmp_path / "model")]) == 1
+    assert "tokens, but 5 token ids were given" in capsys.readouterr().err
+    assert not snap.exists()
     assert main(["convert", str(mlx_file), str(snap), "--tokens", str(tmp_path / "tokens.json"),
                  "--model", str(tmp_path / "model")]) == 0
     snapshot = thaw_format.load(str(snap))
