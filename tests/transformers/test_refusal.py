@@ -136,3 +136,14 @@ def test_import_without_the_extra_names_it(missing):
     code = f"import sys; sys.modules[{missing!r}] = None; import thaw_transformers"  # None: import fails
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1 and "pip install 'thaw[transformers]'" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_start_without_a_checkpoint_directory_names_it(where, tmp_path):
+    from thaw_transformers import TransformersEngine
+
+    path = tmp_path / "model"
+    if where == "empty":
+        path.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"not a Hugging Face checkpoint directory.*model/config\.json"):
+        TransformersEngine.start(str(path))
