@@ -59,11 +59,13 @@ def import_prompt_cache(
     num_prompt_tokens = None
     if tokens is None:
         if TOKENS_KEY not in metadata:
-            raise IncompatibleSnapshotError(f"{path} does not record its token ids (not written by thaw): give them")
+            raise IncompatibleSnapshotError(f"{path} does not record its token ids (not written by thaw): give "
+                                            "them (tokens=, or thaw convert --tokens FILE)")
         tokens = json.loads(metadata[TOKENS_KEY])
         num_prompt_tokens = int(metadata[PROMPT_KEY])
     if config is None and MODEL_KEY not in metadata:
-        raise IncompatibleSnapshotError(f"{path} does not say which model it belongs to: give the model's config")
+        raise IncompatibleSnapshotError(f"{path} does not say which model it belongs to: give the model's "
+                                        "config (config=, or thaw convert --model DIR)")
     snapshot = snapshot_of_cache(cache, tokens, model=None, num_prompt_tokens=num_prompt_tokens, page_size=page_size)
     if config is not None:
         canonical = checkpoint_config(config)
