@@ -14,6 +14,9 @@ def _mismatch(field: str, snapshot_value, engine_value) -> IncompatibleSnapshotE
 
 def check_model(snapshot: Snapshot, engine: ModelInfo, *, check_weights: bool = True) -> None:
     """Refuse a snapshot of another model: architecture, config, dtype, and (if both know it) weights digest."""
+    if not isinstance(snapshot, Snapshot):  # a path handed to restore: say so, not "'str' has no attribute"
+        raise TypeError(f"expected a thaw_format.Snapshot, got {type(snapshot).__name__} {snapshot!r:.80}: load a "
+                        "file with thaw_format.load(path), or restore from it with engine.restore_source(path)")
     model = snapshot.model
     if model is None:
         raise IncompatibleSnapshotError("the snapshot has no model section, so it cannot be matched to this engine")

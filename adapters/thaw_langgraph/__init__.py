@@ -11,6 +11,10 @@ capability (several requests in flight, each one's tokens and the engine's own c
 step: `progress()`) serves ChatThaw. thaw_vllm, thaw_mlx, thaw_sglang and thaw_transformers have it.
 """
 
+from thaw_format.extras import require
+
+require("langchain_core", "langgraph", "thaw_langgraph")  # before the modules that import it: name the extra
+
 from .chat_model import ChatThaw
 from .fanout import fork_fanout
 from .thread_store import ThreadStore

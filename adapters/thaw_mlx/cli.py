@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import thaw_format
-from thaw_format import CorruptSnapshotError, SnapshotFile
+from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, SnapshotFile
 from thaw_format.cli import say
 from thaw_format.container import MAGIC
 from thaw_format.progress import progress_bar
@@ -54,7 +54,10 @@ def convert(args) -> int:
                                    "(an mlx-lm prompt cache)")
     config = json.loads((Path(args.model) / "config.json").read_text()) if args.model else None
     tokens = json.loads(Path(args.tokens).read_text()) if args.tokens else None
-    snapshot = import_prompt_cache(src, config=config, tokens=tokens, page_size=args.page_size)
+    try:
+        snapshot = import_prompt_cache(src, config=config, tokens=tokens, page_size=args.page_size)
+    except ValueError as exc:  # --tokens or --page-size that do not fit the file's cache: say so, no traceback
+        raise IncompatibleSnapshotError(f"{src}: {exc}") from None
     if args.model and any(Path(args.model).glob("*.safetensors")):
         # a checkpoint: named as every engine names it (spec 5.1), as thaw_mlx.model_info(model, checkpoint=) does
         snapshot.model = checkpoint_info(args.model, snapshot.model.dtype)

@@ -18,7 +18,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 from thaw_format import IncompatibleSnapshotError, ModelInfo, Snapshot, config_digest
 
 from .identity import checkpoint_config
-from .session import DEFAULT_PAGE_SIZE, cache_of_snapshot, snapshot_of_cache, snapshot_tokens
+from .session import DEFAULT_PAGE_SIZE, cache_of_snapshot, session_request, snapshot_of_cache
 
 # mlx-lm nests metadata keys at dots, so these have none
 MODEL_KEY, TOKENS_KEY, PROMPT_KEY, SNAPSHOT_KEY = "thaw_model", "thaw_tokens", "thaw_num_prompt_tokens", "thaw_snapshot"
@@ -26,8 +26,9 @@ MODEL_KEY, TOKENS_KEY, PROMPT_KEY, SNAPSHOT_KEY = "thaw_model", "thaw_tokens", "
 
 def export_prompt_cache(snapshot: Snapshot, path: str | os.PathLike) -> None:
     """Write the snapshot's KV as an mlx-lm prompt-cache file (atomically), with its model and tokens."""
-    tokens = snapshot_tokens(snapshot)
-    metadata = {TOKENS_KEY: json.dumps(tokens), PROMPT_KEY: str(len(snapshot.scheduler.requests[0].prompt_token_ids))}
+    request = session_request(snapshot)  # its one request, or an idle engine's one prefix chain (no requests)
+    tokens = request.prompt_token_ids + request.output_token_ids
+    metadata = {TOKENS_KEY: json.dumps(tokens), PROMPT_KEY: str(len(request.prompt_token_ids))}
     cache = cache_of_snapshot(snapshot)
     if snapshot.model is not None:
         metadata[MODEL_KEY] = json.dumps(dataclasses.asdict(snapshot.model))
@@ -58,11 +59,13 @@ def import_prompt_cache(
     num_prompt_tokens = None
     if tokens is None:
         if TOKENS_KEY not in metadata:
-            raise IncompatibleSnapshotError(f"{path} does not record its token ids (not written by thaw): give them")
+            raise IncompatibleSnapshotError(f"{path} does not record its token ids (not written by thaw): give "
+                                            "them (tokens=, or thaw convert --tokens FILE)")
         tokens = json.loads(metadata[TOKENS_KEY])
         num_prompt_tokens = int(metadata[PROMPT_KEY])
     if config is None and MODEL_KEY not in metadata:
-        raise IncompatibleSnapshotError(f"{path} does not say which model it belongs to: give the model's config")
+        raise IncompatibleSnapshotError(f"{path} does not say which model it belongs to: give the model's "
+                                        "config (config=, or thaw convert --model DIR)")
     snapshot = snapshot_of_cache(cache, tokens, model=None, num_prompt_tokens=num_prompt_tokens, page_size=page_size)
     if config is not None:
         canonical = checkpoint_config(config)

@@ -9,6 +9,11 @@ contract (thaw_format.sdk.contract). Read engine.py first.
     TransformersEngine.start(checkpoint_dir).restore(thaw_format.load("s.thaw"))
 """
 
+from thaw_format.extras import require
+
+require("torch", "transformers", "thaw_transformers")  # before the modules that import them, so the error
+require("transformers", "transformers", "thaw_transformers")  # names the extra
+
 from . import _internals  # noqa: F401  (refuses an untested transformers at import)
 from .engine import TransformersEngine
 

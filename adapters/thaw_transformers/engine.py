@@ -45,13 +45,14 @@ from thaw_format.sdk import (
     lineage_now,
     pending_requests,
 )
+from thaw_format.sdk.shared import SharedKV
 
 from . import _internals, identity, pages, requests
 from .pages import PrefixCache
 from .requests import Running, Sampler
 
 
-class TransformersEngine:
+class TransformersEngine(SharedKV):
     name = "transformers"
 
     @classmethod

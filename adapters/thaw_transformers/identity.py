@@ -8,6 +8,7 @@ files, so that snapshots cross engines. Weights are captured under transformers'
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -32,6 +33,10 @@ from .pages import LayerLayout
 
 def load(checkpoint: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
     """The checkpoint's model with transformers, in `dtype` on `device`, ready for inference."""
+    config = Path(checkpoint) / "config.json"
+    if not config.is_file():  # else transformers takes the path for a Hub repo id and names that instead
+        raise FileNotFoundError(errno.ENOENT, "not a Hugging Face checkpoint directory (no config.json; a Hub id "
+                                "must be downloaded first, e.g. with huggingface_hub.snapshot_download)", str(config))
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).to(device).eval()
 
 

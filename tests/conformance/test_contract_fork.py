@@ -48,3 +48,14 @@ def test_a_missing_capability_is_unsupported_before_anything_starts(parent):
         fork(NoProcesses(parent.engine), 2, context=CONTEXT, processes=True)
     with pytest.raises(ValueError, match="n >= 1"):
         fork(parent, 0, context=CONTEXT)
+
+
+def test_the_template_has_the_contracts_shared_memory_methods(parent, tmp_path):
+    """capture_shared / restore_source are contract methods (SharedKV), so the template an author copies has them."""
+    source = parent.capture_shared(chains=[CONTEXT])
+    child = driver().start("toy", tmp_path)
+    try:
+        child.restore_source(source)
+        assert child.generate(PROMPT, greedy(3)) == parent.generate(PROMPT, greedy(3))
+    finally:
+        child.close()

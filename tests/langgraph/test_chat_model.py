@@ -1,6 +1,8 @@
 """ChatThaw as a LangChain chat model on each real engine: invoke, stream, batch, async, metadata."""
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
@@ -93,3 +95,10 @@ def test_a_refused_request_fails_alone(chat, kind):
 def test_stop_strings_are_refused(chat):
     with pytest.raises(ValueError, match="stop strings"):
         chat.invoke(conversation("stop"), stop=["."])
+
+
+def test_import_without_the_extra_names_it():
+    """As every integration does (README, "Add thaw to your project"): the error says which extra to install."""
+    code = "import sys; sys.modules['langchain_core'] = None; import thaw_langgraph"  # None: the import fails
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1 and "pip install 'thaw[langgraph]'" in result.stderr, result.stderr

@@ -44,6 +44,19 @@ def test_snapshot_to_mlx_lm_file_and_back(name, session, saved, tmp_path):
     assert continuation(model, thaw_mlx.restore(model, again), tokens) == expected
 
 
+def test_snapshot_of_an_idle_prefix_cache_exports(session, saved, tmp_path):
+    """A snapshot with no requests, only a prefix cache's one chain (as vLLM, SGLang and transformers write when
+    idle), exports with that chain as the file's tokens, rather than failing on its missing request."""
+    model, cache, tokens = session("llama-kv")
+    snapshot = thaw_mlx.capture(model, cache, tokens)
+    snapshot.scheduler.requests = []
+    chain = snapshot.prefix.chain_tokens(snapshot.prefix.leaves()[0])
+    exported = tmp_path / "cache.safetensors"
+    assert main(["convert", saved(snapshot), str(exported)]) == 0
+    _, metadata = load_prompt_cache(str(exported), return_metadata=True)
+    assert json.loads(metadata["thaw_tokens"]) == chain and metadata["thaw_num_prompt_tokens"] == str(len(chain))
+
+
 def test_mlx_lm_file_to_snapshot_needs_model_and_tokens(model_of, tmp_path, capsys):
     """A file written by mlx-lm itself (its generate_step, one token ahead) converts given config and tokens."""
     model = model_of("llama-kv")
@@ -60,13 +73,18 @@ def test_mlx_lm_file_to_snapshot_needs_model_and_tokens(model_of, tmp_path, caps
 
     snap = tmp_path / "imported.thaw"
     assert main(["convert", str(mlx_file), str(snap)]) == 1
-    assert "does not record its token ids" in capsys.readouterr().err
+    assert "does not record its token ids" in (err := capsys.readouterr().err) and "--tokens" in err
     (tmp_path / "tokens.json").write_text(json.dumps(tokens))
     assert main(["convert", str(mlx_file), str(snap), "--tokens", str(tmp_path / "tokens.json")]) == 1
-    assert "does not say which model" in capsys.readouterr().err
+    assert "does not say which model" in (err := capsys.readouterr().err) and "--model DIR" in err
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(CONFIGS["llama"]))
+    (tmp_path / "short.json").write_text(json.dumps(tokens[:5]))  # token ids that are not the cache's: no traceback
+    assert main(["convert", str(mlx_file), str(snap), "--tokens", str(tmp_path / "short.json"),
+                 "--model", str(tmp_path / "model")]) == 1
+    assert "tokens, but 5 token ids were given" in capsys.readouterr().err
+    assert not snap.exists()
     assert main(["convert", str(mlx_file), str(snap), "--tokens", str(tmp_path / "tokens.json"),
                  "--model", str(tmp_path / "model")]) == 0
     snapshot = thaw_format.load(str(snap))

@@ -173,3 +173,17 @@ def test_hundreds_of_pages_in_blocks(arch, engine, saved):
     noisy = small_pages()
     noisy.restore(thaw_format.load(saved(stored, "noisy.thaw")))
     assert page_bytes(noisy.capture(include_weights=False)) == page_bytes(snap)
+
+
+def test_restore_source_from_a_file_and_from_shared_memory(engine, saved):
+    """The contract's capture_shared / restore_source as methods (thaw_format.sdk.shared.SharedKV), as the
+    message of a path handed to restore() advises: the child holds the parent's pages, and hits them."""
+    parent = engine("llama")
+    parent.generate(PROMPT, greedy(6))
+    path = saved(parent.capture(include_weights=False))
+    for source, chains in ((str(path), None), (parent.capture_shared(chains=[PROMPT]), [PROMPT])):
+        child = engine("llama")
+        child.restore_source(source)
+        assert page_bytes(child.capture(include_weights=False)) == page_bytes(
+            parent.capture(include_weights=False, chains=chains))
+        assert child.generate(PROMPT + [5], greedy(2)).cached_tokens == len(PROMPT)

@@ -1,6 +1,9 @@
 """Snapshots this engine cannot hold are refused with a precise error before anything changes: the engine then
 serves exactly as before (same pages, same output)."""
 
+import subprocess
+import sys
+
 import pytest
 
 import thaw_format
@@ -69,6 +72,15 @@ def test_other_architecture_refused(served, engine):
     assert e.capture(include_weights=False).kv is None
 
 
+def test_a_path_instead_of_a_snapshot_is_refused_by_name(served, engine):
+    """restore takes a Snapshot; a file's path (restore_source's argument) is named, with the two ways to use it."""
+    e = engine("llama")
+    for attempt, path in ((e.check, served), (e.restore, served), (e.restore, str(served))):
+        with pytest.raises(TypeError, match=r"got (PosixPath|str) .*thaw_format.load\(path\).*restore_source\(path\)"):
+            attempt(path)
+    assert e.capture(include_weights=False).kv is None
+
+
 def test_missing_layer_tensor_refused(served, engine):
     snap = thaw_format.load(served)
     snap.kv.layers[0] = KVLayer("attention", {"k": snap.kv.layers[0].tensors["k"]}, 2, 32)
@@ -116,3 +128,22 @@ def test_weights_under_other_names_without_this_digest_are_refused(served, engin
     snap.model.weights_digest = None  # nothing says they are this checkpoint's
     with pytest.raises(IncompatibleSnapshotError, match="weights: missing"):
         e.restore(snap)
+
+
+@pytest.mark.parametrize("missing", ["torch", "transformers"])
+def test_import_without_the_extra_names_it(missing):
+    """As every integration does (README, "Add thaw to your project"): the error says which extra to install."""
+    code = f"import sys; sys.modules[{missing!r}] = None; import thaw_transformers"  # None: import fails
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1 and "pip install 'thaw[transformers]'" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_start_without_a_checkpoint_directory_names_it(where, tmp_path):
+    from thaw_transformers import TransformersEngine
+
+    path = tmp_path / "model"
+    if where == "empty":
+        path.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"not a Hugging Face checkpoint directory.*model/config\.json"):
+        TransformersEngine.start(str(path))

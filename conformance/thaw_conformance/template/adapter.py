@@ -34,6 +34,7 @@ from thaw_format import (
 )
 from thaw_format.numpy import from_numpy, to_numpy
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Resumed, fork, pending_requests
+from thaw_format.sdk.shared import SharedKV
 
 from .engine import ToyEngine, ToyRequest, page_hash
 
@@ -187,11 +188,12 @@ def _rng_state(raw: bytes) -> dict:
             "has_uint32": int.from_bytes(raw[32:36], "little"), "uinteger": int.from_bytes(raw[36:40], "little")}
 
 
-class ToyThawEngine:
+class ToyThawEngine(SharedKV):
     """The contract (thaw_format.sdk.contract) over one toy engine: what thaw and the conformance suite call.
 
     Every method is a few lines over the engine's own API and the functions above; a real adapter's class
     has the same shape (vLLM's thaw_vllm.VLLMEngine, SGLang's thaw_sglang.SGLangEngine, thaw_mlx.MLXEngine).
+    capture_shared and restore_source come from SharedKV, the contract's default for an engine in this process.
     """
 
     name = "template"
