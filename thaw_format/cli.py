@@ -19,7 +19,7 @@ from .diff import diff as diff_files
 from .errors import SnapshotError
 from .progress import progress_bar
 from .reader import SnapshotFile
-from .summary import section_lines, size, summarize
+from .summary import count, section_lines, size, summarize
 
 # C0 and C1 controls, DEL, lone surrogates, and the invisible marks that reorder or hide text (bidi, zero width)
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
@@ -76,8 +76,8 @@ def inspect(args) -> int:
         say(f"snapshot  {args.path}")
         say(f"id        {f.id}")
         say(f"format    {f.version[0]}.{f.version[1]}  features required 0x{required:x} optional 0x{optional:x}")
-        say(f"size      {size(f.layout.file_length)} in {len(f.layout.regions)} regions, "
-            f"{f.layout.total_chunks} checksummed chunks")
+        say(f"size      {size(f.layout.file_length)} in {count(len(f.layout.regions), 'region')}, "
+            f"{count(f.layout.total_chunks, 'checksummed chunk')}")
         say("data      " + ("verified: every chunk checksum, padding and section rule" if args.verify else
                             "NOT checked (header, table and document only): thaw verify, or inspect --verify"))
         for name, text in section_lines(summary):
@@ -105,8 +105,8 @@ def verify(args) -> int:
                 result = {"path": path, "ok": True, "id": f.id, "bytes": f.layout.file_length,
                           "tensors": len(f.layout.regions), "chunks": f.layout.total_chunks}
             if not args.json:
-                say(f"OK {result['id']}  {path}  {size(result['bytes'])}, {result['tensors']} tensors, "
-                    f"{result['chunks']} chunks verified")
+                say(f"OK {result['id']}  {path}  {size(result['bytes'])}, {count(result['tensors'], 'tensor')}, "
+                    f"{count(result['chunks'], 'chunk')} verified")
         except (SnapshotError, OSError) as exc:
             code = 1 if isinstance(exc, SnapshotError) else 2
             status = max(status, code)
@@ -234,25 +234,28 @@ def _short(value: Any) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thaw", description="Inspect, check and compare thaw snapshots.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="sections, tensors, sizes, identity and lineage of a snapshot")
+
+    def command(name: str, what: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=what, description=what[:1].upper() + what[1:] + ".")
+
+    p = command("inspect", "sections, tensors, sizes, identity and lineage of a snapshot")
     p.add_argument("path")
     p.add_argument("--brief", action="store_true", help="sections only, no tensor table")
     p.add_argument("--limit", type=int, default=50, help="tensor rows to show (default 50)")
     p.add_argument("--verify", action="store_true", help="also check every chunk checksum (reads the whole file)")
     p.add_argument("--json", action="store_true", help="one JSON object (every tensor unless --brief)")
     p.set_defaults(run=inspect)
-    p = sub.add_parser("verify", help="check every checksum and structural rule; non-zero exit on any problem")
+    p = command("verify", "check every checksum and structural rule; non-zero exit on any problem")
     p.add_argument("paths", nargs="+", metavar="path")
     p.add_argument("--json", action="store_true", help="a JSON list, one object per file")
     p.set_defaults(run=verify)
-    p = sub.add_parser("log", help="lineage: the snapshot, its parent, its parent's parent ... (who, when, label)")
+    p = command("log", "lineage: the snapshot, its parent, its parent's parent ... (who, when, label)")
     p.add_argument("path")
     p.add_argument("--search", action="append", metavar="DIR",
                    help="folder whose *.thaw files may be parents (repeatable; default: the file's folder)")
     p.add_argument("--json", action="store_true", help="a JSON list, newest first")
     p.set_defaults(run=log)
-    p = sub.add_parser("diff", help="model, pages, requests and tensors (by name and checksum) that differ; "
-                                    "exit 1 when they differ")
+    p = command("diff", "model, pages, requests and tensors (by name and checksum) that differ; exit 1 when they differ")
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--json", action="store_true", help="one JSON object")

@@ -42,6 +42,11 @@ def summarize(snap: Snapshot) -> dict[str, Any]:
     return out
 
 
+def count(n: int, noun: str) -> str:
+    """A count for people: 1 tensor, 2 tensors."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def size(n: float) -> str:
     """Bytes for people: 512 B, 1.5 KiB, 2.0 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -59,20 +64,20 @@ def section_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
                               f"  weights {m['weights_digest'] or '-'}"))
     if w := summary.get("weights"):
         ref = f"; refers to weights {w['ref']['weights_digest']}" if w["ref"] else ""
-        rows.append(("weights", f"{w['tensors']} tensors, {size(w['bytes'])}{ref}"))
+        rows.append(("weights", f"{count(w['tensors'], 'tensor')}, {size(w['bytes'])}{ref}"))
     if kv := summary.get("kv"):
         kinds = ", ".join(f"{k} x{c}" for k, c in kv["kinds"].items())
-        rows.append(("kv", f"{kv['layers']} layers ({kinds}), dtype {kv['dtype']}, page size {kv['page_size']}, "
-                           f"{kv['pages']} pages, {size(kv['bytes'])}"))
+        rows.append(("kv", f"{count(kv['layers'], 'layer')} ({kinds}), dtype {kv['dtype']}, page size {kv['page_size']}, "
+                           f"{count(kv['pages'], 'page')}, {size(kv['bytes'])}"))
     if p := summary.get("prefix"):
         h = p["hash"]
-        rows.append(("prefix", f"{p['pages']} pages, {p['tokens']} tokens"
+        rows.append(("prefix", f"{count(p['pages'], 'page')}, {count(p['tokens'], 'token')}"
                                + (f"; native hash {h['algorithm']} ({h['tokens_per_hash']} tokens/hash)" if h else "")))
     if (s := summary.get("scheduler")) is not None:
         reqs = s["requests"]
         detail = ", ".join(f"{r['id']} {r['status']} ({r['prompt_tokens']}+{r['output_tokens']} tokens)"
                            for r in reqs[:4])
-        rows.append(("scheduler", f"{len(reqs)} requests" + (f": {detail}" if reqs else "")
+        rows.append(("scheduler", count(len(reqs), "request") + (f": {detail}" if reqs else "")
                      + (" ..." if len(reqs) > 4 else "")))
     if e := summary.get("engine"):
         rows.append(("engine", f"{e['name']} {e['version']}  attention {e['attention_backend'] or '-'}  "

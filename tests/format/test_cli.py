@@ -28,9 +28,20 @@ def test_inspect_shows_sections_tensors_and_identity(capsys):
     out = capsys.readouterr().out
     assert tf.load(path).id in out
     for text in ("format    1.0", "model     LlamaForCausalLM", "kv        2 layers (attention x2)",
-                 "prefix    2 pages, 7 tokens", "scheduler 1 requests: req-0 running (6+2 tokens)",
+                 "prefix    2 pages, 7 tokens", "scheduler 1 request: req-0 running (6+2 tokens)",
                  "lineage   parent -  label mid-generation", "kv/0/k", "[2, 4, 2, 4]"):
         assert text in out, text
+
+
+def test_counts_of_one_are_singular_and_each_command_says_what_it_does(tmp_path, capsys):
+    one = tmp_path / "one.thaw"
+    tf.save(tf.Snapshot(weights=tf.Weights({"w": Tensor("float32", (2,), bytes(8))})), one)
+    assert main(["verify", str(one)]) == 0
+    assert ", 1 tensor, 1 chunk verified" in capsys.readouterr().out
+    for command in ("inspect", "verify", "log", "diff"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert capsys.readouterr().out.split("\n\n")[1].strip()[0].isupper(), command  # a description line
 
 
 def test_verify_ok_and_corrupt(tmp_path, capsys):
