@@ -12,11 +12,16 @@ def _mismatch(field: str, snapshot_value, engine_value) -> IncompatibleSnapshotE
     return IncompatibleSnapshotError(f"{field}: the snapshot has {snapshot_value!r}, the engine has {engine_value!r}")
 
 
+def expect_snapshot(value) -> None:
+    """Refuse anything but a Snapshot (a path handed to a restore) by saying so, not "'str' has no attribute"."""
+    if not isinstance(value, Snapshot):
+        raise TypeError(f"expected a thaw_format.Snapshot, got {type(value).__name__} {value!r:.80}: load a "
+                        "file with thaw_format.load(path), or restore from it with engine.restore_source(path)")
+
+
 def check_model(snapshot: Snapshot, engine: ModelInfo, *, check_weights: bool = True) -> None:
     """Refuse a snapshot of another model: architecture, config, dtype, and (if both know it) weights digest."""
-    if not isinstance(snapshot, Snapshot):  # a path handed to restore: say so, not "'str' has no attribute"
-        raise TypeError(f"expected a thaw_format.Snapshot, got {type(snapshot).__name__} {snapshot!r:.80}: load a "
-                        "file with thaw_format.load(path), or restore from it with engine.restore_source(path)")
+    expect_snapshot(snapshot)
     model = snapshot.model
     if model is None:
         raise IncompatibleSnapshotError("the snapshot has no model section, so it cannot be matched to this engine")

@@ -23,6 +23,7 @@ from thaw_format import (
     config_digest,
 )
 from thaw_format import weights_digest as digest_of
+from thaw_format.compat import expect_snapshot
 from thaw_format.mlx import dtype_name, from_mlx, to_mlx
 
 from . import _internals
@@ -122,6 +123,7 @@ def check_snapshot_model(
     if info is not None:
         check_model(snapshot, info, check_weights=check_weights)
         return
+    expect_snapshot(snapshot)  # before its model is read
     want_digest = check_weights and snapshot.model is not None and snapshot.model.weights_digest is not None
     try:
         check_model(snapshot, model_info(model, weights_digest=want_digest), check_weights=check_weights)

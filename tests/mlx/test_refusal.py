@@ -31,6 +31,13 @@ def refused(model, snapshot, match: str, **kw):
     assert thaw_mlx.model_info(model) == before  # the model is untouched
 
 
+def test_a_path_instead_of_a_snapshot_is_refused_by_name(session, tmp_path):
+    """thaw_mlx.restore takes a Snapshot; a file's path gets the two ways to use it, not an AttributeError."""
+    model, _, _ = session("llama-kv")
+    with pytest.raises(TypeError, match=r"got str .*thaw_format.load\(path\)"):
+        thaw_mlx.restore(model, str(tmp_path / "trunk.thaw"))
+
+
 def test_another_architecture(model_of, llama_snapshot):
     refused(model_of("qwen2-kv"), llama_snapshot, "model.architecture: the snapshot has 'llama'")
 
