@@ -4,7 +4,7 @@ children are equal engines started from launch_spec(), and what does not fit is 
 import pytest
 
 from thaw_conformance.template.driver import driver
-from thaw_format.sdk import Unsupported, fork, greedy, seeded
+from thaw_format.sdk import Unsupported, fork, generate_all, greedy, seeded
 
 CONTEXT = list(range(3, 40))
 PROMPT = CONTEXT + [41, 42, 43]
@@ -48,6 +48,14 @@ def test_a_missing_capability_is_unsupported_before_anything_starts(parent):
         fork(NoProcesses(parent.engine), 2, context=CONTEXT, processes=True)
     with pytest.raises(ValueError, match="n >= 1"):
         fork(parent, 0, context=CONTEXT)
+
+
+def test_children_and_prompts_must_pair_up(parent):
+    """generate_all gives each child one prompt: a count that differs is refused, not cut to the shorter."""
+    children = fork(parent, 2, context=CONTEXT)
+    for prompts in ([PROMPT], [PROMPT] * 3):
+        with pytest.raises(ValueError, match=f"2 children and {len(prompts)} prompts"):
+            generate_all(children, prompts, greedy(2))
 
 
 def test_the_template_has_the_contracts_shared_memory_methods(parent, tmp_path):

@@ -45,6 +45,8 @@ def fork(engine: Engine, n: int, *, context: Sequence[int], processes: bool = Fa
 
 def generate_all(children: Sequence, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
     """Each child's prompt, in order: process children all run at once, in-process children one by one."""
+    if len(prompts) != len(children):  # zip would drop the extra children or prompts without a word
+        raise ValueError(f"{len(children)} children and {len(prompts)} prompts: give each child one prompt")
     for child, prompt in zip(children, prompts):
         if isinstance(child, ProcessChild):
             child.send(prompt, params)
