@@ -142,7 +142,8 @@ typedef struct {
  * crcs != NULL, crcs[c] = CRC32C of out's chunk c (chunk_size bytes, the last may be short), computed in the
  * same pass: where the CRC kernel has a folding copy (x86 AVX2 with VPCLMULQDQ) and the rows are plain runs of
  * whole 128-byte steps that no chunk splits, in the move itself (each byte read once, out written with
- * streaming stores: it is not left in cache). Nothing is written unless every check passes. */
+ * streaming stores: it is not left in cache). Without CRCs, plain rows of 256 bytes or more that start 16-byte
+ * aligned in out are written with streaming stores too. Nothing is written unless every check passes. */
 int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *block_offsets, size_t n,
                           const thaw_page_layout *layout, void *out, size_t out_len, size_t chunk_size,
                           uint32_t *crcs);

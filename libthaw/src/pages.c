@@ -54,9 +54,9 @@ typedef struct {
 #if defined(__SSE2__)
 #include <emmintrin.h>
 
-/* A scatter's contiguous row into the engine's blocks with non-temporal stores: the blocks are not read again
- * soon, and a plain store first reads each destination line into the cache (a third more memory traffic).
- * unit_task fences once after its rows. */
+/* A row with non-temporal stores: a scatter's into the engine's blocks, a gather's without CRCs into the pages.
+ * Neither is read again soon, and a plain store first reads each destination line into the cache (a third more
+ * memory traffic). unit_task fences once after its rows. */
 static int stream_row(uint8_t *dst, const uint8_t *src, size_t len) {
     if (((uintptr_t)dst & 15) || len < 256) return 0;
     size_t i = 0;
@@ -77,12 +77,11 @@ static int stream_row(uint8_t *dst, const uint8_t *src, size_t len) { (void)dst,
 static void stream_fence(void) {}
 #endif
 
-static void move_row(uint8_t *flat, uint8_t *strided, int64_t stride_bytes, size_t n, size_t itemsize, int to_flat) {
+static void move_row(uint8_t *flat, uint8_t *strided, int64_t stride_bytes, size_t n, size_t itemsize, int to_flat,
+                     int stream) {
     if (stride_bytes == (int64_t)itemsize) {
-        if (to_flat)
-            memcpy(flat, strided, n * itemsize);
-        else if (!stream_row(strided, flat, n * itemsize))
-            memcpy(strided, flat, n * itemsize);
+        uint8_t *dst = to_flat ? flat : strided, *src = to_flat ? strided : flat;
+        if (!stream || !stream_row(dst, src, n * itemsize)) memcpy(dst, src, n * itemsize);
         return;
     }
 #define MOVE(T)                                                                        \
@@ -241,6 +240,7 @@ static void move_range(page_job *j, size_t e, size_t end) {
     const thaw_page_layout *l = j->layout;
     size_t w = l->row_elems, isz = l->itemsize;
     int64_t stride = l->col_stride * (int64_t)isz;
+    int stream = !j->to_pages || !j->crcs; /* a gather with CRCs sums its rows next: they stay in cache */
     while (e < end) {
         size_t page = e / j->page_elems, in_page = e % j->page_elems;
         uint8_t *block = j->blocks + j->offsets[page];
@@ -253,7 +253,7 @@ static void move_range(page_job *j, size_t e, size_t end) {
                 }
                 size_t row = j->order[k++];
                 move_row(j->pages + (e + row * w) * isz, block + l->row_start[row] * (int64_t)isz, stride, w, isz,
-                         j->to_pages);
+                         j->to_pages, stream);
             }
             e += j->page_elems;
             continue;
@@ -261,7 +261,7 @@ static void move_range(page_job *j, size_t e, size_t end) {
         size_t row = in_page / w, col = in_page % w;
         size_t n = w - col < end - e ? w - col : end - e;
         uint8_t *strided = block + (l->row_start[row] + (int64_t)col * l->col_stride) * (int64_t)isz;
-        move_row(j->pages + e * isz, strided, stride, n, isz, j->to_pages);
+        move_row(j->pages + e * isz, strided, stride, n, isz, j->to_pages, stream);
         e += n;
     }
 }
@@ -389,7 +389,7 @@ static void unit_task(void *ctx, size_t index, int worker) {
     }
     if (!j->crcs) {
         move_range(j, start, end);
-        if (!j->to_pages) stream_fence(); /* the rows streamed into the blocks are visible once the call returns */
+        stream_fence(); /* the rows streamed are visible once the call returns */
         return;
     }
     /* One unit is one chunk, summed by the thread writing it. */

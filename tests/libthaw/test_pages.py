@@ -201,6 +201,41 @@ def test_gather_with_crcs_in_one_read_or_two_gives_the_same_pages_and_crcs(nativ
     assert not raw[:start].any() and not raw[start + len(want) :].any()
 
 
+@pytest.mark.parametrize("rows", [
+    ("slots", 4096),     # SGLang's token slots: rows streamed into the pages
+    ("sequence", 256),   # MLX-style rows of 8 heads x 64 float32, the shortest streamed
+    ("sequence", 300),   # rows that end inside a 64-byte step: streamed, their tail copied
+    ("sequence", 96),    # rows too short to stream: copied
+])
+@pytest.mark.parametrize("shift", [0, 4, 16])  # pages aligned for streaming stores, or not
+def test_gather_without_crcs_streamed_or_copied_gives_the_pages(native, rows, shift):
+    """thaw_gather_pages without CRCs (rows streamed into the pages where aligned and long enough), large enough
+    (6 MiB) for the thread pool, pages out of order: numpy's indexing of the same bytes, the bytes around the
+    pages untouched."""
+    role, row_bytes = rows
+    total = 6 << 20
+    if role == "slots":  # one bfloat16 row per page, the slots shuffled
+        itemsize, n_pages = 2, total // row_bytes
+        positions, block_elems = np.arange(row_bytes // 2), row_bytes // 2
+        picks = np.random.default_rng(6).permutation(n_pages + 9)[:n_pages]
+        blocks = engine(n_pages + 9, block_elems, itemsize, seed=7)
+    else:  # pages of 32 tokens x 8 heads of a [heads, capacity, head_dim] float32 array, in reverse order
+        itemsize, head_dim, n_pages = 4, row_bytes // 4, total // (32 * 8 * row_bytes)
+        positions, block_elems = sequence_positions(32, 8, 32 * n_pages, head_dim), 32 * head_dim
+        picks = np.arange(n_pages)[::-1]
+        blocks = engine(1, 8 * 32 * n_pages * head_dim, itemsize, seed=7)
+    offsets = picks.astype(np.int64) * block_elems * itemsize
+    layout = mover.page_layout(positions, itemsize)
+    assert layout.row_elems * itemsize == row_bytes and layout.col_stride == 1
+    want = blocks[(offsets // itemsize)[:, None] + positions[None, :]].view(np.uint8).ravel()
+    raw = np.zeros(len(want) + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + shift
+    out = raw[start : start + len(want)]
+    assert mover.gather_pages(blocks, offsets, layout, out) is None
+    assert out.tobytes() == want.tobytes()
+    assert not raw[:start].any() and not raw[start + len(want) :].any()
+
+
 def test_threaded_gather_with_crcs_equals_separate_pass(native):
     """Large enough (16 MiB) for the thread pool, chunks not aligned with pages."""
     positions, block_elems = vllm_positions(32, 8, 128, "k"), 2 * 32 * 8 * 128

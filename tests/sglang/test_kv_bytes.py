@@ -58,3 +58,22 @@ def test_a_deferred_capture_writes_the_same_snapshot_bytes_as_the_gathered_one(k
     deferred, fill = kv.deferred_pages(buffers[:2], buffers[2:], slots)
     assert sorted(fill) == ["kv/0/k", "kv/0/v", "kv/1/k", "kv/1/v"]
     assert written(deferred, fill) == written(kv.gather_pages(buffers[:2], buffers[2:], slots), {})
+
+
+@pytest.mark.parametrize("chunk_size", [128, 256, 384, 1000, 1 << 20])
+def test_a_gather_with_padding_gives_the_pages_and_crcs_of_a_gather_summed_after(kv, chunk_size):
+    """Short pages (one last, one inside: two chains) with chunks on rows (the gather folds their CRCs), across
+    rows and larger than the whole: the pages are torch's index path, the CRCs those of the pages summed after."""
+    from thaw_format import mover
+
+    gen = torch.Generator().manual_seed(2)
+    buffer = torch.randn(300, 2, 16, generator=gen)  # rows of 128 bytes
+    slots = torch.tensor([[5, 6, 7, 8], [120, 3, -1, -1], [40, 41, 42, 43], [250, -1, -1, -1]], dtype=torch.int64)
+    index, padding = kv._slots(slots)
+    pages = torch.empty(len(index), 2, 16)
+    crcs = kv._gather(buffer, index, padding, kv._bytes(pages), chunk_size)
+
+    want = buffer.index_select(0, index)
+    want[torch.from_numpy(padding)] = 0
+    assert pages.view(torch.uint8).equal(want.view(torch.uint8))
+    assert list(crcs) == list(mover.chunk_crcs(kv._bytes(want), chunk_size))
