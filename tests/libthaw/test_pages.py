@@ -154,6 +154,35 @@ def test_checked_scatter_in_one_read_or_two_writes_the_same_bytes_and_finds_a_ba
         assert not out[chunk_5 == 1].any()
 
 
+def rows_case(role: str, row_bytes: int, seed: int):
+    """6 MiB (enough for the thread pool) of pages of plain rows, out of order, for the gather: (blocks, offsets,
+    layout, the pages' bytes). "slots": one bfloat16 row per page, the slots shuffled (SGLang's token slots);
+    "sequence": pages of 32 tokens x 8 heads of a [heads, capacity, head_dim] float32 array, in reverse order
+    (MLX's)."""
+    total = 6 << 20
+    if role == "slots":
+        itemsize, n_pages = 2, total // row_bytes
+        positions, block_elems = np.arange(row_bytes // 2), row_bytes // 2
+        picks = np.random.default_rng(seed).permutation(n_pages + 9)[:n_pages]
+        blocks = engine(n_pages + 9, block_elems, itemsize, seed=seed + 1)
+    else:
+        itemsize, head_dim, n_pages = 4, row_bytes // 4, total // (32 * 8 * row_bytes)
+        positions, block_elems = sequence_positions(32, 8, 32 * n_pages, head_dim), 32 * head_dim
+        picks = np.arange(n_pages)[::-1]
+        blocks = engine(1, 8 * 32 * n_pages * head_dim, itemsize, seed=seed + 1)
+    offsets = picks.astype(np.int64) * block_elems * itemsize
+    layout = mover.page_layout(positions, itemsize)
+    assert layout.row_elems * itemsize == row_bytes and layout.col_stride == 1
+    return blocks, offsets, layout, blocks[(offsets // itemsize)[:, None] + positions[None, :]].view(np.uint8).ravel()
+
+
+def shifted_out(n: int, shift: int):
+    """(raw, start, out): n bytes of `raw` at `shift` bytes past a 64-byte boundary, zeros around them."""
+    raw = np.zeros(n + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + shift
+    return raw, start, raw[start : start + n]
+
+
 @pytest.mark.parametrize("kernel", available_kernels())
 @pytest.mark.parametrize("rows", [
     ("slots", 4096, 1 << 20),     # SGLang's token slots, 4 KiB rows: one read where the kernel folds
@@ -171,21 +200,7 @@ def test_gather_with_crcs_in_one_read_or_two_gives_the_same_pages_and_crcs(nativ
     pages out of order; the bytes around the pages untouched. The folding copy runs where the kernel has one,
     rows are whole 128-byte steps and chunks start on rows."""
     role, row_bytes, chunk = rows
-    total = 6 << 20
-    if role == "slots":  # one bfloat16 row per page, the slots shuffled
-        itemsize, n_pages = 2, total // row_bytes
-        positions, block_elems = np.arange(row_bytes // 2), row_bytes // 2
-        picks = np.random.default_rng(4).permutation(n_pages + 9)[:n_pages]
-        blocks = engine(n_pages + 9, block_elems, itemsize, seed=5)
-    else:  # pages of 32 tokens x 8 heads of a [heads, capacity, head_dim] float32 array, in reverse order
-        itemsize, head_dim, n_pages = 4, row_bytes // 4, total // (32 * 8 * row_bytes)
-        positions, block_elems = sequence_positions(32, 8, 32 * n_pages, head_dim), 32 * head_dim
-        picks = np.arange(n_pages)[::-1]
-        blocks = engine(1, 8 * 32 * n_pages * head_dim, itemsize, seed=5)
-    offsets = picks.astype(np.int64) * block_elems * itemsize
-    layout = mover.page_layout(positions, itemsize)
-    assert layout.row_elems * itemsize == row_bytes and layout.col_stride == 1
-    want = blocks[(offsets // itemsize)[:, None] + positions[None, :]].view(np.uint8).ravel()
+    blocks, offsets, layout, want = rows_case(role, row_bytes, seed=4)
     select_kernel("software")
     want_crcs = mover.chunk_crcs(want, chunk)
     two_reads = np.zeros(len(want), np.uint8)
@@ -193,9 +208,7 @@ def test_gather_with_crcs_in_one_read_or_two_gives_the_same_pages_and_crcs(nativ
     assert two_reads.tobytes() == want.tobytes()
 
     select_kernel(kernel)
-    raw = np.zeros(len(want) + 128, np.uint8)
-    start = (-raw.ctypes.data) % 64 + shift
-    out = raw[start : start + len(want)]
+    raw, start, out = shifted_out(len(want), shift)
     assert mover.gather_pages(blocks, offsets, layout, out, chunk) == want_crcs
     assert out.tobytes() == want.tobytes()
     assert not raw[:start].any() and not raw[start + len(want) :].any()
@@ -213,24 +226,8 @@ def test_gather_without_crcs_streamed_or_copied_gives_the_pages(native, rows, sh
     (6 MiB) for the thread pool, pages out of order: numpy's indexing of the same bytes, the bytes around the
     pages untouched."""
     role, row_bytes = rows
-    total = 6 << 20
-    if role == "slots":  # one bfloat16 row per page, the slots shuffled
-        itemsize, n_pages = 2, total // row_bytes
-        positions, block_elems = np.arange(row_bytes // 2), row_bytes // 2
-        picks = np.random.default_rng(6).permutation(n_pages + 9)[:n_pages]
-        blocks = engine(n_pages + 9, block_elems, itemsize, seed=7)
-    else:  # pages of 32 tokens x 8 heads of a [heads, capacity, head_dim] float32 array, in reverse order
-        itemsize, head_dim, n_pages = 4, row_bytes // 4, total // (32 * 8 * row_bytes)
-        positions, block_elems = sequence_positions(32, 8, 32 * n_pages, head_dim), 32 * head_dim
-        picks = np.arange(n_pages)[::-1]
-        blocks = engine(1, 8 * 32 * n_pages * head_dim, itemsize, seed=7)
-    offsets = picks.astype(np.int64) * block_elems * itemsize
-    layout = mover.page_layout(positions, itemsize)
-    assert layout.row_elems * itemsize == row_bytes and layout.col_stride == 1
-    want = blocks[(offsets // itemsize)[:, None] + positions[None, :]].view(np.uint8).ravel()
-    raw = np.zeros(len(want) + 128, np.uint8)
-    start = (-raw.ctypes.data) % 64 + shift
-    out = raw[start : start + len(want)]
+    blocks, offsets, layout, want = rows_case(role, row_bytes, seed=6)
+    raw, start, out = shifted_out(len(want), shift)
     assert mover.gather_pages(blocks, offsets, layout, out) is None
     assert out.tobytes() == want.tobytes()
     assert not raw[:start].any() and not raw[start + len(want) :].any()
