@@ -31,7 +31,8 @@ def _bytes(tensor: torch.Tensor) -> np.ndarray:
 
 def _gather(buffer: torch.Tensor, index: torch.Tensor, padding: np.ndarray, out, chunk_size: int = 0):
     """The slots `index` of `buffer` into `out`, one token row each in order, rows `padding` zero; with
-    chunk_size > 0, the CRC32C of each chunk of `out`, computed in the gather's own pass."""
+    chunk_size > 0, the CRC32C of each chunk of `out`: from the gather's own pass, but for the chunks holding
+    padding rows, summed again."""
     offsets = index.numpy().astype(np.int64) * (buffer[0].numel() * buffer.element_size())
     crcs = mover.gather_pages(_bytes(buffer), offsets, _token_layout(buffer), out, chunk_size)
     if not padding.size:
@@ -41,7 +42,7 @@ def _gather(buffer: torch.Tensor, index: torch.Tensor, padding: np.ndarray, out,
     data.reshape(len(index), row)[padding] = 0
     if chunk_size:
         # The gather summed slot 0's bytes where the padding rows are: the chunks holding them are summed again
-        # (a short page's tail, just written: in cache).
+        # (at most one per short page, read again from memory where the gather streamed them into `out`).
         first, last = padding * row // chunk_size, ((padding + 1) * row - 1) // chunk_size
         for chunk in {c for a, b in zip(first.tolist(), last.tolist()) for c in range(a, b + 1)}:
             crcs[chunk] = mover.crc32c(data[chunk * chunk_size : (chunk + 1) * chunk_size])

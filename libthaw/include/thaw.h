@@ -138,12 +138,13 @@ typedef struct {
 #define THAW_PAGES_WRITE (-8)        /* gather into a file: a write failed; *error says why (EBADF: fd < 0) */
 #define THAW_PAGES_FAULT (-9)        /* checked scatter: reading the pages raised SIGBUS (a mapped file shrank) */
 
-/* Page i of out (n pages, contiguous) = the block at blocks + block_offsets[i], read through layout. With
- * crcs != NULL, crcs[c] = CRC32C of out's chunk c (chunk_size bytes, the last may be short), computed in the
- * same pass: where the CRC kernel has a folding copy (x86 AVX2 with VPCLMULQDQ) and the rows are plain runs of
- * whole 128-byte steps that no chunk splits, in the move itself (each byte read once, out written with
- * streaming stores: it is not left in cache). Without CRCs, plain rows of 256 bytes or more that start 16-byte
- * aligned in out are written with streaming stores too. Nothing is written unless every check passes. */
+/* Page i of out (n pages, contiguous) = the block at blocks + block_offsets[i], read through layout. With crcs !=
+ * NULL, crcs[c] = CRC32C of out's chunk c (chunk_size bytes, the last may be short), computed in the same pass:
+ * where the CRC kernel has a folding copy (x86 AVX2 with VPCLMULQDQ), the rows are plain runs of whole 128-byte
+ * steps and chunk_size is a multiple of a row, in the move itself (each byte read once; rows that start 32-byte
+ * aligned in out are written with streaming stores, not left in cache). Without CRCs, in a gather of 4 MiB or more,
+ * plain rows of 256 bytes or more that start 16-byte aligned in out are streamed too. Nothing is written unless
+ * every check passes. */
 int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *block_offsets, size_t n,
                           const thaw_page_layout *layout, void *out, size_t out_len, size_t chunk_size,
                           uint32_t *crcs);

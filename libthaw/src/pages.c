@@ -240,7 +240,9 @@ static void move_range(page_job *j, size_t e, size_t end) {
     const thaw_page_layout *l = j->layout;
     size_t w = l->row_elems, isz = l->itemsize;
     int64_t stride = l->col_stride * (int64_t)isz;
-    int stream = !j->to_pages || !j->crcs; /* a gather with CRCs sums its rows next: they stay in cache */
+    /* A gather's rows stay in cache where they are likely read next: a gather with CRCs sums them, and a small
+     * one's caller (under PARALLEL_MIN, as a short page written to a file) may read them at once. */
+    int stream = !j->to_pages || (!j->crcs && j->total_elems * isz >= PARALLEL_MIN);
     while (e < end) {
         size_t page = e / j->page_elems, in_page = e % j->page_elems;
         uint8_t *block = j->blocks + j->offsets[page];
@@ -417,6 +419,7 @@ static void checked_unit(page_job *j, size_t start, size_t end) {
     if (__atomic_load_n(&j->error, __ATOMIC_RELAXED)) return; /* the call fails anyway */
     sigjmp_buf env;
     if (sigsetjmp(env, 0)) {
+        stream_fence(); /* rows this unit streamed before the fault: ordered before the call returns, as on success */
         record_error(j, THAW_FAULT);
         return;
     }
