@@ -39,6 +39,8 @@ class Child:
 
 def generate_all(children: Sequence[Child], suffixes: Sequence[Sequence[int]], params) -> list[Completion]:
     """Every child continues with its suffix, in order; children in other processes run side by side."""
+    if len(suffixes) != len(children):  # zip would drop the extra children or suffixes without a word
+        raise ValueError(f"{len(children)} children and {len(suffixes)} suffixes: give each child one suffix")
     prompts = [child.context + [int(t) for t in suffix] for child, suffix in zip(children, suffixes)]
     done = sdk_generate_all([child._child for child in children], prompts, sampling.to_thaw(params))
     return [Completion(d.token_ids, d.cached_tokens) for d in done]

@@ -156,9 +156,11 @@ def test_a_snapshot_sent_through_the_restore_segment_reaches_the_reader_under_it
         assert expected(read) == expected(snapshot)
 
 
-def test_a_segment_source_with_a_malformed_size_is_refused_by_name():
-    with pytest.raises(ValueError, match="not a shared-memory source: 'shm://thaw_x#12x|sha256:ab'"):
-        shared.read_shared("shm://thaw_x#12x|sha256:ab")
+@pytest.mark.parametrize("source", ["shm://thaw_x#12x|sha256:ab", "shm://thaw_x#\u00b2", "shm://#12", "file://x"])
+def test_a_malformed_segment_source_is_refused_by_name(source):
+    for read in (shared.read_shared, lent.open_snapshot):
+        with pytest.raises(ValueError, match="not a shared-memory source: '"):
+            read(source)
 
 
 def test_a_pid_that_is_not_the_sender_counts_as_a_refusal(native, full_snapshot):

@@ -355,8 +355,9 @@ def test_a_segment_shorter_than_its_source_says_is_refused_with_the_engine_untou
     name, _, nbytes = source[len("shm://"):].partition("#")
     with pytest.raises(ValueError, match=f"segment {name} holds .* bytes, its source says"):
         engine.restore_source(f"shm://{name}#{int(nbytes) + (1 << 30)}")
-    with pytest.raises(ValueError, match="not a shared-memory segment source"):
-        engine.restore_source(f"shm://{name}#many")
+    for size in ("many", "\u00b2"):  # not a size; a digit, but not an ASCII one
+        with pytest.raises(ValueError, match="not a shared-memory source"):
+            engine.restore_source(f"shm://{name}#{size}")
     assert_untouched(engine, before, arrays)
 
 

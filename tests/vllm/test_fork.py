@@ -1,5 +1,7 @@
 """fork(llm, n): children continue the parent's context without prefill, in-process and in worker processes."""
 
+import pytest
+
 from conftest import generate, make_engine, trunk_tokens
 
 SUFFIXES = [trunk_tokens(5 + i, seed=30 + i) for i in range(4)]
@@ -48,6 +50,9 @@ def test_process_children_restore_the_trunk_and_run_side_by_side(vllm, zoo, gree
         side_by_side = thaw_vllm.generate_all(children, SUFFIXES[:2], greedy)  # both children run at once
         assert [d.token_ids for d in side_by_side] == expected[:2]
         assert [d.num_cached_tokens for d in side_by_side] == [128, 128]
+        for suffixes in (SUFFIXES[:1], SUFFIXES[:3]):  # one suffix per child, or it says so (zip dropped them)
+            with pytest.raises(ValueError, match=f"2 children and {len(suffixes)} suffixes"):
+                thaw_vllm.generate_all(children, suffixes, greedy)
     finally:
         for child in children:
             child.close()

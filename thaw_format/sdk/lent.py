@@ -71,7 +71,7 @@ from ..reader import SnapshotFile, loads
 from ..snapshot import Snapshot
 from ..writer import EncodedSnapshot
 from . import remote
-from .shared import SHM_PREFIX, known_by_sent_id, on_release, open_segment, owned_segment
+from .shared import SHM_PREFIX, known_by_sent_id, on_release, open_segment, owned_segment, segment_of
 
 LENT_PREFIX = "thawlent_"
 SLOTS = 256  # snapshots one lender may have out at once: one byte each in its control segment
@@ -85,12 +85,11 @@ T = TypeVar("T")
 
 def parse(source: str) -> tuple[str, int]:
     """(segment name, snapshot bytes) of "shm://name#nbytes", or of "shm://name#nbytes|<snapshot id>" (sent_id)."""
-    segment = source.partition("|")[0]
-    name, _, nbytes = segment[len(SHM_PREFIX):].partition("#") if segment.startswith(SHM_PREFIX) else ("", "", "")
-    if not name or not nbytes.isdigit():
+    name, nbytes = segment_of(source)
+    if nbytes is None:
         raise ValueError(f"not a shared-memory segment source: {source!r} (expected {SHM_PREFIX}<name>#<nbytes>, "
                          "then |<snapshot id> or not)")
-    return name, int(nbytes)
+    return name, nbytes
 
 
 def is_lent(source: str) -> bool:

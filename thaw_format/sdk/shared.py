@@ -115,6 +115,16 @@ def release(source: str) -> None:
     unlink_name(source[len(SHM_PREFIX):])
 
 
+def segment_of(source: str) -> tuple[str, Optional[int]]:
+    """(segment name, snapshot bytes or None) of "shm://name" (a snapshot's own segment) or "shm://name#nbytes"
+    (a reused one), either followed by "|<snapshot id>" or not (sent_id)."""
+    name, hashed, nbytes = source.partition("|")[0][len(SHM_PREFIX):].partition("#")
+    if not source.startswith(SHM_PREFIX) or not name or (hashed and not (nbytes.isascii() and nbytes.isdigit())):
+        raise ValueError(f"not a shared-memory source: {source!r} (expected {SHM_PREFIX}<name> or "
+                         f"{SHM_PREFIX}<name>#<nbytes>, then |<snapshot id> or not)")
+    return name, int(nbytes) if hashed else None
+
+
 def sent_id(source: str) -> tuple[bool, Optional[str]]:
     """Whether a segment source names the id of the snapshot its sender holds, and that id (None: the sender's
     has none). send's restore segment does: the snapshot encoded into it again has an id of its own (counted over
@@ -140,24 +150,19 @@ def read_shared(source: str, *, unlink: bool = False, copy: bool = False, verify
     """The snapshot in the segment `source` names, its checksums verified. Its tensors view a private mapping
     of the segment, kept while they live, or (copy=True) are copied out. `unlink` releases a snapshot's own
     segment (its last reader); a reused segment ("#nbytes") is its owner's to release."""
-    if not source.startswith(SHM_PREFIX):
-        raise ValueError(f"not a shared-memory source: {source!r} (expected {SHM_PREFIX}<name>)")
-    name, _, nbytes = source.partition("|")[0][len(SHM_PREFIX):].partition("#")
-    if nbytes and not nbytes.isdigit():
-        raise ValueError(f"not a shared-memory source: {source!r} (expected {SHM_PREFIX}<name>#<nbytes>, then "
-                         "|<snapshot id> or not)")
-    if nbytes:
+    name, nbytes = segment_of(source)
+    if nbytes is not None:
         if unlink:
             raise ValueError(f"{source} is a reused segment: its owner releases it, not a reader")
     try:
         fd = open_segment(name)
     except FileNotFoundError:
-        gone = ("its owner closed the segment" if nbytes else "shared memory lives only while its writer holds it "
+        gone = ("its owner closed the segment" if nbytes is not None else "shared memory lives only while its writer holds it "
                 "(capture a fork child with include_weights=False: a KV-only snapshot that names the weights by "
                 "digest)")
         raise FileNotFoundError(f"snapshot {source} is gone: {gone}") from None
     try:
-        mapping = mmap.mmap(fd, int(nbytes) if nbytes else 0, access=mmap.ACCESS_COPY)
+        mapping = mmap.mmap(fd, nbytes or 0, access=mmap.ACCESS_COPY)
     finally:
         os.close(fd)
         if unlink:
