@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder whose *.thaw files may be parents (repeatable; default: the file's folder)")
     p.add_argument("--json", action="store_true", help="a JSON list, newest first")
     p.set_defaults(run=log)
-    p = command("diff", "model, pages, requests and tensors (by name and checksum) that differ; exit 1 when they differ")
+    p = command("diff", "model, pages, requests and tensors (by name and checksum) that differ; "
+                        "exit 1 when they differ")
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--json", action="store_true", help="one JSON object")

@@ -36,9 +36,9 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         page i of `out` = the engine block at byte block_offsets[i] of `blocks`, read through a PageLayout
         (the engine's element order, e.g. a transposed K), with the CRC32C of each chunk_size chunk of `out`
         computed in the same pass when chunk_size > 0 (on the native path, in the move itself where the CPU
-        folds with VPCLMULQDQ, rows are whole 128-byte steps and chunk_size is a multiple of a row). scatter_pages(pages, blocks, block_offsets, layout)
-        writes them back. Bad ranges, shared memory between the two sides and (scatter) two pages for one
-        block raise ValueError before any byte moves.
+        folds with VPCLMULQDQ, rows are whole 128-byte steps and chunk_size is a multiple of a row).
+        scatter_pages(pages, blocks, block_offsets, layout) writes them back. Bad ranges, shared memory
+        between the two sides and (scatter) two pages for one block raise ValueError before any byte moves.
     gather_pages_to_file(fd, offset, blocks, block_offsets, layout, chunk_size) -> array('I')
         gather_pages straight into a file at `offset` (pwrite), with each chunk's CRC32C: on the native path
         through a tile per thread, one 2 MiB-aligned span of the file at a time, written from the tile while it

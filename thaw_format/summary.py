@@ -67,8 +67,8 @@ def section_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("weights", f"{count(w['tensors'], 'tensor')}, {size(w['bytes'])}{ref}"))
     if kv := summary.get("kv"):
         kinds = ", ".join(f"{k} x{c}" for k, c in kv["kinds"].items())
-        rows.append(("kv", f"{count(kv['layers'], 'layer')} ({kinds}), dtype {kv['dtype']}, page size {kv['page_size']}, "
-                           f"{count(kv['pages'], 'page')}, {size(kv['bytes'])}"))
+        rows.append(("kv", f"{count(kv['layers'], 'layer')} ({kinds}), dtype {kv['dtype']}, "
+                           f"page size {kv['page_size']}, {count(kv['pages'], 'page')}, {size(kv['bytes'])}"))
     if p := summary.get("prefix"):
         h = p["hash"]
         rows.append(("prefix", f"{count(p['pages'], 'page')}, {count(p['tokens'], 'token')}"

@@ -419,7 +419,7 @@ static void checked_unit(page_job *j, size_t start, size_t end) {
     if (__atomic_load_n(&j->error, __ATOMIC_RELAXED)) return; /* the call fails anyway */
     sigjmp_buf env;
     if (sigsetjmp(env, 0)) {
-        stream_fence(); /* rows this unit streamed before the fault: ordered before the call returns, as on success */
+        stream_fence(); /* the rows streamed before the fault, ordered as on success */
         record_error(j, THAW_FAULT);
         return;
     }

@@ -157,9 +157,9 @@ def read_shared(source: str, *, unlink: bool = False, copy: bool = False, verify
     try:
         fd = open_segment(name)
     except FileNotFoundError:
-        gone = ("its owner closed the segment" if nbytes is not None else "shared memory lives only while its writer holds it "
-                "(capture a fork child with include_weights=False: a KV-only snapshot that names the weights by "
-                "digest)")
+        gone = ("its owner closed the segment" if nbytes is not None else "shared memory lives only while its writer "
+                "holds it (capture a fork child with include_weights=False: a KV-only snapshot that names the "
+                "weights by digest)")
         raise FileNotFoundError(f"snapshot {source} is gone: {gone}") from None
     try:
         mapping = mmap.mmap(fd, nbytes or 0, access=mmap.ACCESS_COPY)
