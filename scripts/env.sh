@@ -31,8 +31,22 @@ step() {
   return "$status"
 }
 
-# make_venv DIR: create DIR (a virtualenv) once; later runs reuse it.
+# need_disk DIR GB WHAT: fail, saying so, unless the disk holding DIR has GB free for WHAT. A full disk
+# otherwise shows up as pip's or pytest's "[Errno 28]" deep in a log, far from its cause.
+need_disk() {
+  local free_kb
+  free_kb=$(df -Pk "$1" | awk 'NR == 2 { print $4 }')
+  if [ "$free_kb" -lt $(($2 * 1024 * 1024)) ]; then
+    echo "error: $3 needs about $2 GB of disk, but only $((free_kb / 1024)) MB are free where $1 lies" >&2
+    return 1
+  fi
+}
+
+# make_venv DIR GB: create DIR (a virtualenv of about GB once installed) once; later runs reuse it.
 make_venv() {
-  [ -x "$1/bin/python" ] || step "create ${1#"$ROOT/"}" "$PYTHON" -m venv "$1"
+  if [ ! -x "$1/bin/python" ]; then
+    need_disk "$(dirname "$1")" "$2" "${1#"$ROOT/"}"
+    step "create ${1#"$ROOT/"}" "$PYTHON" -m venv "$1"
+  fi
   step "pip, setuptools, wheel" "$1/bin/python" -m pip install --upgrade pip setuptools wheel
 }

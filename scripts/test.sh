@@ -5,6 +5,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 if [ -n "${CI:-}" ]; then export THAW_REQUIRE_ENGINES=1; fi
+need_disk "${TMPDIR:-/tmp}" 1 "the tests' temporary files" || exit 1
 
 status=0
 # area: "venv setup-script tests..."; each of tests is a path, with pytest options after it if any ("path opts")
