@@ -8,7 +8,7 @@ at the tokenizer's end-of-turn ids. `response_metadata` carries the prompt and r
 engine's own cached-token count; `usage_metadata` is LangChain's (cache_read: that count).
 
 Durable threads: with `thread_store=` (a directory or fsspec URL) every turn of a thread (`thread_id` from the
-LangGraph config, or passed as a keyword) saves the thread's KV afterwards and restores it first where the
+config's "configurable", in a LangGraph graph or not, or passed as a keyword) saves the thread's KV afterwards and restores it first where the
 engine no longer holds it (see durable.py).
 """
 
@@ -23,6 +23,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, message_chunk_to_message
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig, ensure_config
 from pydantic import ConfigDict, PrivateAttr
 
 import thaw_format
@@ -97,6 +98,22 @@ class ChatThaw(BaseChatModel):
         return message_chunk_to_message(chunk.message)
 
     # --- LangChain's entry points ---------------------------------------------------------------------------
+    # The thread_id of a call's config (LangGraph's metadata, or {"configurable": {"thread_id": ...}} outside a
+    # graph) travels as the keyword _begin reads: langchain-core's stream() gives _stream no run manager to
+    # read the metadata from, and outside a graph nothing copies a configurable thread_id there. batch and
+    # abatch call invoke and ainvoke.
+
+    def invoke(self, input, config: Optional[RunnableConfig] = None, **kwargs) -> AIMessage:
+        return super().invoke(input, config, **_with_thread_id(config, kwargs))
+
+    async def ainvoke(self, input, config: Optional[RunnableConfig] = None, **kwargs) -> AIMessage:
+        return await super().ainvoke(input, config, **_with_thread_id(config, kwargs))
+
+    def stream(self, input, config: Optional[RunnableConfig] = None, **kwargs) -> Iterator[AIMessageChunk]:
+        return super().stream(input, config, **_with_thread_id(config, kwargs))
+
+    def astream(self, input, config: Optional[RunnableConfig] = None, **kwargs) -> AsyncIterator[AIMessageChunk]:
+        return super().astream(input, config, **_with_thread_id(config, kwargs))
 
     def _generate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
         return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
@@ -217,6 +234,15 @@ class _Text:
             raise RuntimeError("the tokenizer's decoding of a longer reply changed text already streamed")
         delta, self._sent = text[len(self._sent):], text
         return delta
+
+
+def _with_thread_id(config: Optional[RunnableConfig], kwargs: dict) -> dict:
+    """`kwargs` with the thread_id of the call's config (ensure_config also finds a LangGraph node's), unless given."""
+    if "thread_id" in kwargs:
+        return kwargs
+    config = ensure_config(config)
+    thread_id = config["metadata"].get("thread_id", config.get("configurable", {}).get("thread_id"))
+    return kwargs if thread_id is None else {**kwargs, "thread_id": thread_id}
 
 
 def _chat_tokens(tokenizer) -> ChatTokens:

@@ -150,3 +150,32 @@ def test_a_thread_resumes_from_an_fsspec_url(engine, model_dir, plain, kind, evi
     assert meta["thread_kv"] == "restored"
     assert meta["cached_tokens"] >= kind.cached(min(saved_tokens(first), len(meta["prompt_token_ids"]) - 1)) > 0
     assert meta["token_ids"] == plain(meta["prompt_token_ids"], 16)
+
+
+def test_every_entry_point_keeps_the_thread_its_config_names(engine, model_dir, store):
+    """`invoke`, `batch`, `stream` and `astream` with {"configurable": {"thread_id": ...}} and no graph keep the
+    thread, and so does `stream` inside a LangGraph node (langchain-core hands _stream no run manager there)."""
+    import asyncio
+
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    from thaw_langgraph import ChatThaw
+
+    chat = ChatThaw(engine=engine, tokenizer=model_dir, max_tokens=4, thread_store=str(store))
+    messages = [SYSTEM, HumanMessage("step one: read the issue.")]
+    config = lambda name: {"configurable": {"thread_id": name}}  # noqa: E731
+
+    async def astream_last(name):
+        return [chunk async for chunk in chat.astream(messages, config(name))][-1]
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("agent", lambda state: {"messages": [list(chat.stream(state["messages"]))[-1]]})
+    graph.add_edge(START, "agent")
+    replies = {"t-invoke": chat.invoke(messages, config("t-invoke")),
+               "t-batch": chat.batch([messages], config("t-batch"))[0],
+               "t-stream": list(chat.stream(messages, config("t-stream")))[-1],
+               "t-astream": asyncio.run(astream_last("t-astream")),
+               "t-graph": graph.compile().invoke({"messages": messages}, config("t-graph"))["messages"][-1]}
+    for name, reply in replies.items():
+        assert reply.response_metadata.get("thread_id") == name, name
+    assert sorted(p.name for p in store.iterdir()) == sorted(f"{name}.thaw" for name in replies)
