@@ -31,7 +31,8 @@ from thaw_format.sdk import DEFAULT_PAGE_SIZE, lineage_now
 
 from . import _internals
 from .identity import check_snapshot_model, checked_info, model_dtype, model_weights
-from .pages import Paging, check_layer, decode_layer, encode_layer, layer_dtype, num_cached_tokens, scatter_targets
+from .pages import (Paging, check_layer, decode_layer, encode_layer, fill_checked, layer_dtype, num_cached_tokens,
+                    scatter_targets)
 
 REQUEST_ID = "mlx-0"
 
@@ -173,8 +174,9 @@ def cache_of_checked(snapshot: Snapshot, request: Request, expected: Optional[li
         raise ValueError("cache_of_checked: spare arrays take only a source checked whole before, not `expected`")
     expected = expected or [None] * len(kv.layers)
     targets = scatter_targets(kv.layers, request.pages, spare)
-    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, layer_targets)
-             for layer, checks, layer_targets in zip(kv.layers, expected, targets)]
+    filled = fill_checked(kv.layers, request.pages, expected, targets)
+    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, layer_targets, roles)
+             for layer, checks, layer_targets, roles in zip(kv.layers, expected, targets, filled)]
     mx.eval([c.state for c in cache])
     return cache
 

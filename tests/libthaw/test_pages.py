@@ -154,6 +154,51 @@ def test_checked_scatter_in_one_read_or_two_writes_the_same_bytes_and_finds_a_ba
         assert not out[chunk_5 == 1].any()
 
 
+@pytest.mark.parametrize("kernel", available_kernels())
+@pytest.mark.parametrize("path", ["native", "portable"])
+def test_a_batch_of_checked_scatters_writes_each_scatters_bytes_and_names_the_first_bad_chunk(
+        native, select_kernel, kernel, path):
+    """mover.scatter_pages_checked_batch (thaw_scatter_pages_checked_batch: one run of the pool for them all):
+    scatters of different layouts (sequence rows moved and summed in one read, a transposed K checked then
+    moved, a small one) give the bytes each gives alone; a bad chunk in two of them is reported as the first
+    scatter's first bad chunk; a scatter refused (a range outside its buffer) raises ValueError naming it
+    before any byte of the others moves."""
+    select_kernel(kernel)
+    batch = {"native": mover._c_scatter_pages_checked_batch, "portable": mover._py_scatter_pages_checked_batch}[path]
+    heads, page_size, dim, capacity, chunk = 8, 32, 128, 1024, 1 << 16
+    cases = []
+    for n_pages, positions, block_elems, reverse in (
+            (32, sequence_positions(page_size, heads, capacity, dim), heads * capacity * dim, True),
+            (16, vllm_positions(page_size, heads, dim, "k"), 2 * page_size * heads * dim, False),
+            (2, sequence_positions(page_size, heads, capacity, dim), heads * capacity * dim, False)):
+        layout = mover.page_layout(positions, 4)
+        step = page_size * dim * 4 if block_elems == heads * capacity * dim else block_elems * 4
+        offsets = np.arange(n_pages, dtype=np.int64)[:: -1 if reverse else 1] * step
+        n_blocks = 1 if step != block_elems * 4 else n_pages
+        pages = engine(n_pages, len(positions), 4, seed=len(cases)).view(np.uint8)
+        want = np.zeros(n_blocks * block_elems * 4, np.uint8)
+        mover.scatter_pages(pages, want, offsets, layout)
+        cases.append((pages, want, offsets, layout, mover.chunk_crcs(pages, chunk)))
+    outs = [np.zeros_like(want) for _, want, _, _, _ in cases]
+    assert batch([(p, out, o, l, chunk, c) for (p, _, o, l, c), out in zip(cases, outs)]) is None
+    assert all(out.tobytes() == want.tobytes() for out, (_, want, _, _, _) in zip(outs, cases))
+
+    bad = [p.copy() for p, _, _, _, _ in cases]
+    bad[1][3 * chunk + 5] ^= 1
+    bad[2][0] ^= 1
+    assert batch([(b, out, o, l, chunk, c) for b, (_, _, o, l, c), out in zip(bad, cases, outs)]) == (1, 3)
+
+    untouched = [np.zeros_like(want) for _, want, _, _, _ in cases]
+    specs = [(p, out, o, l, chunk, c) for (p, _, o, l, c), out in zip(cases, untouched)]
+    pages, _, offsets, layout, crcs = cases[2]
+    with pytest.raises(ValueError, match="^scatter 3: page 0"):
+        batch(specs + [(pages, untouched[2][:100], offsets, layout, chunk, crcs)])
+    with pytest.raises(ValueError, match="^scatter 1: .*expected CRCs"):
+        batch([specs[0], (pages, untouched[2], offsets, layout, chunk, crcs[:-1])])
+    assert not any(out.any() for out in untouched)
+    assert batch([]) is None
+
+
 def rows_case(role: str, row_bytes: int, seed: int):
     """6 MiB (enough for the thread pool) of pages of plain rows, out of order, for the gather: (blocks, offsets,
     layout, the pages' bytes). "slots": one bfloat16 row per page, the slots shuffled (SGLang's token slots);
