@@ -124,6 +124,7 @@ typedef struct {
     const thaw_page_layout *layout;
     size_t chunk_size;
     const uint32_t *expected;
+    int release_pages;
 } thaw_checked_scatter;
 int64_t thaw_scatter_pages_checked_batch(const thaw_checked_scatter *scatters, size_t count, int64_t *failed,
                                          int64_t *bad_chunk);

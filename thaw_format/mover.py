@@ -55,11 +55,14 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         have been written: the caller discards `blocks` (a fresh buffer, never live state). On the
         native path a SIGBUS while reading the pages (a mapped file truncated under them) raises EOFError
         instead of ending the process, after other chunks may have moved.
-    scatter_pages_checked_batch([(pages, blocks, block_offsets, layout, chunk_size, expected)]) -> (i, chunk) or None
+    scatter_pages_checked_batch([(pages, blocks, block_offsets, layout, chunk_size, expected, release)])
+        -> (i, chunk) or None
         scatter_pages_checked of each, in one run of the native path's thread pool (its threads woken once for
         them all); every scatter's ranges are checked before any byte of any of them moves (ValueError naming
         the scatter). Returns the first scatter (in order) with a bad chunk and that chunk; a SIGBUS raises
-        PagesFaulted (an EOFError) naming the scatter. Any scatter's blocks may have been written.
+        PagesFaulted (an EOFError) naming the scatter. Any scatter's blocks may have been written. release=True
+        (native path, Linux): the pages are a read-only mapping of a file, whose memory pages are unmapped once
+        that scatter has moved (they stay in the page cache), so a batch never maps the whole file at once.
     remote_window(pid, address, nbytes) -> memoryview
         another process's bytes, named here: scatter_pages reads a view of it from that process (Linux
         process_vm_readv, native path), one pass with no copy here; any other read of it faults (it maps
@@ -593,7 +596,7 @@ def _py_scatter_pages_checked(pages, blocks, block_offsets, layout: PageLayout, 
 
 def _py_scatter_pages_checked_batch(scatters):
     scatters = list(scatters)
-    for i, (pages, blocks, block_offsets, layout, chunk_size, expected) in enumerate(scatters):  # all before any moves
+    for i, (pages, blocks, block_offsets, layout, chunk_size, expected, _) in enumerate(scatters):  # all first
         try:
             p, b = _bytes_view(pages), _bytes_view(blocks)
             _expected_crcs(expected, min(len(block_offsets) * layout.page_bytes, len(p)), chunk_size, 0)
@@ -601,7 +604,7 @@ def _py_scatter_pages_checked_batch(scatters):
         except ValueError as exc:
             raise ValueError(f"scatter {i}: {exc}") from None
     for i, scatter in enumerate(scatters):
-        bad = _py_scatter_pages_checked(*scatter)
+        bad = _py_scatter_pages_checked(*scatter[:6])
         if bad is not None:
             return i, bad
     return None
@@ -844,7 +847,7 @@ def _c_scatter_pages_checked(pages, blocks, block_offsets, layout: PageLayout, c
 
 def _c_scatter_pages_checked_batch(scatters):
     keep, specs = [], []  # the cdata every spec points into, alive until the call returns
-    for i, (pages, blocks, block_offsets, layout, chunk_size, expected) in enumerate(scatters):
+    for i, (pages, blocks, block_offsets, layout, chunk_size, expected, release) in enumerate(scatters):
         p, b, offs = _c_buffer(pages), _c_buffer(blocks, writable=True), _c_offsets(block_offsets)
         c_layout, rows = _c_page_layout(layout)
         try:
@@ -853,7 +856,7 @@ def _c_scatter_pages_checked_batch(scatters):
         except ValueError as exc:
             raise ValueError(f"scatter {i}: {exc}") from None
         keep.append((p, b, offs, c_layout, rows, crcs, pages, blocks, block_offsets, layout))
-        specs.append((p, len(p), b, len(b), offs, len(offs), c_layout, chunk_size, crcs))
+        specs.append((p, len(p), b, len(b), offs, len(offs), c_layout, chunk_size, crcs, bool(release)))
     if not specs:
         return None
     failed, bad = _ffi.new("int64_t *"), _ffi.new("int64_t *")

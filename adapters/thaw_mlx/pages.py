@@ -45,7 +45,8 @@ Paging = Callable[[mx.array, int, int], Tensor]
 class Expected(NamedTuple):
     """A tensor's bytes as a file holds them, still to check: the chunk size and the CRC each chunk must have,
     the name that a CorruptSnapshotError reports, and what to call once its bytes are in MLX (to let go of a
-    mapped file's pages), if anything."""
+    mapped file's pages), if anything: where there is, fill_checked has libthaw unmap the tensor's pages of
+    the mapping itself as soon as the tensor has moved, instead."""
 
     name: str
     chunk_size: int
@@ -398,16 +399,17 @@ def fill_checked(layers: list[KVLayer], pages: list[int], expected: list[dict], 
     """Scatter every paged tensor whose file bytes from_pages would check as it scatters them (the pages are
     the whole tensor, in order) into its target (scatter_targets), the whole cache in one libthaw call: its
     threads woken once for all the tensors, where a call per tensor woke them per tensor and waited on the
-    Python between. A bad chunk or a file truncated under its mapping raises CorruptSnapshotError naming the
-    tensor (the targets are then dropped with the cache never made). Per layer, the roles filled, for
-    decode_layer."""
+    Python between; each tensor's pages of a mapped file (an Expected with `done`) are unmapped as soon as it
+    has moved, so the whole file is never mapped at once. A bad chunk or a file truncated under its mapping
+    raises CorruptSnapshotError naming the tensor (the targets are then dropped with the cache never made).
+    Per layer, the roles filled, for decode_layer."""
     scatters, names, filled = [], [], []
     for layer, checks, chosen in zip(layers, expected, targets):
         roles = []
         for role, check in (checks or {}).items():
             scatter = _checked_scatter(layer.tensors[role], pages, chosen[role][1], check)
             if scatter is not None:
-                scatters.append(scatter)
+                scatters.append((*scatter, check.done is not None))
                 names.append(check)
                 roles.append(role)
         filled.append(frozenset(roles))
@@ -466,7 +468,7 @@ def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Opti
     if capacity > num_tokens:
         np.frombuffer(out, np.uint8).reshape(heads, capacity, -1)[:, num_tokens:] = 0
     out.release()  # nothing may write into the array once MLX can see it
-    if expected is not None and expected.done is not None:
+    if expected is not None and expected.done is not None and not filled:  # (fill_checked let go of them)
         expected.done()
     return result
 

@@ -187,6 +187,7 @@ typedef struct {
     const thaw_page_layout *layout;
     size_t chunk_size;
     const uint32_t *expected;
+    int release_pages; /* 1: the pages are a read-only mapping of a file, unmapped once this scatter has moved */
 } thaw_checked_scatter;
 
 /* thaw_scatter_pages_checked of each of `count` scatters, all in one run of the thread pool (its threads woken
@@ -194,7 +195,11 @@ typedef struct {
  * moves: a refusal returns thaw_scatter_pages_checked's code with *failed = that scatter's index. Otherwise
  * *failed is the first scatter (in order) with a bad chunk or a fault, *bad_chunk its first bad chunk (-1 for a
  * fault, which returns THAW_PAGES_FAULT), and *failed = -1 when every chunk passed. As with one scatter, other
- * chunks, of this and other scatters, may have been written: scatter into fresh buffers only. */
+ * chunks, of this and other scatters, may have been written: scatter into fresh buffers only. A scatter with
+ * release_pages set has the whole memory pages inside its pages unmapped (madvise MADV_DONTNEED, Linux) by the
+ * thread that finishes its last unit: for a read-only mapping of a file, whose pages stay in the page cache, so
+ * that a load of many tensors never maps the whole file at once (its pages are read again, if ever, from the
+ * page cache; for anonymous or private memory this would zero them: never set it there). */
 int64_t thaw_scatter_pages_checked_batch(const thaw_checked_scatter *scatters, size_t count, int64_t *failed,
                                          int64_t *bad_chunk);
 

@@ -14,7 +14,9 @@
 #include <setjmp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include "../include/thaw.h"
 #include "crc32c_impl.h"
@@ -48,6 +50,8 @@ typedef struct {
     uint32_t *parts;         /* gather into a file: per unit, the CRC of its first piece when that continues a
                               * chunk begun in the unit before (combined into crcs after the run) */
     int no_memory;           /* a unit found no tile: the call fails with THAW_PAGES_NO_MEMORY */
+    int release;             /* batch: unmap the pages once every unit has moved (release_pages) */
+    size_t units_left;       /* batch with release: units not finished yet */
 } page_job;
 
 /* Copy n elements of one row between the contiguous side and the strided side. */
@@ -667,6 +671,20 @@ typedef struct {
     size_t count;
 } batch_job;
 
+/* Unmap the whole memory pages inside a scatter's pages (a read-only mapping of a file: its pages stay in the
+ * page cache), so a load of many tensors never maps the whole file at once. */
+static void release_pages(page_job *j) {
+#if defined(__linux__) && defined(MADV_DONTNEED)
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), start = (uintptr_t)j->pages;
+    uintptr_t end = start + j->total_elems * j->layout->itemsize;
+    start = (start + page - 1) / page * page;
+    end = end / page * page;
+    if (end > start) madvise((void *)start, end - start, MADV_DONTNEED);
+#else
+    (void)j;
+#endif
+}
+
 static void batch_task(void *ctx, size_t index, int worker) {
     batch_job *b = ctx;
     size_t lo = 0, hi = b->count; /* the scatter k with first[k] <= index < first[k + 1] */
@@ -674,7 +692,9 @@ static void batch_task(void *ctx, size_t index, int worker) {
         size_t mid = (lo + hi) / 2;
         if (b->first[mid] <= index) lo = mid; else hi = mid;
     }
-    unit_task(&b->jobs[lo], index - b->first[lo], worker);
+    page_job *j = &b->jobs[lo];
+    unit_task(j, index - b->first[lo], worker);
+    if (j->release && __atomic_sub_fetch(&j->units_left, 1, __ATOMIC_ACQ_REL) == 0) release_pages(j);
 }
 
 int64_t thaw_scatter_pages_checked_batch(const thaw_checked_scatter *scatters, size_t count, int64_t *failed,
@@ -691,6 +711,7 @@ int64_t thaw_scatter_pages_checked_batch(const thaw_checked_scatter *scatters, s
         const thaw_checked_scatter *s = &scatters[k];
         jobs[k] = (page_job){(uint8_t *)s->pages, s->blocks, s->block_offsets, s->layout, 0, 0, 0, s->chunk_size,
                              NULL, 0, NULL, s->expected, -1, 0, 0, -1};
+        jobs[k].release = s->release_pages;
         code = !s->expected ? THAW_PAGES_BAD_CHUNK
                             : scatter_ready(&jobs[k], s->pages_len, s->blocks_len, s->n, s->chunk_size);
         if (code) *failed = (int64_t)k;
@@ -702,6 +723,7 @@ int64_t thaw_scatter_pages_checked_batch(const thaw_checked_scatter *scatters, s
         first[0] = 0;
         for (size_t k = 0; k < count; k++) {
             first[k + 1] = first[k] + unit_count(&jobs[k]);
+            jobs[k].units_left = first[k + 1] - first[k];
             bytes += jobs[k].total_elems * jobs[k].layout->itemsize;
         }
         batch_job b = {jobs, first, count};
