@@ -178,7 +178,7 @@ def _paged_problem(layer: KVLayer, pages: list[int], num_tokens: int, page_size:
         return f"tensors must be [pages, page_size, num_kv_heads={layer.num_kv_heads}, d] alike"
     if not (len(pages) - 1) * page_size < num_tokens <= len(pages) * page_size:
         return f"{len(pages)} pages of {page_size} cannot hold exactly {num_tokens} computed tokens"
-    if any(not 0 <= page < num_pages for page in pages):
+    if pages and not (0 <= min(pages) and max(pages) < num_pages):  # ints, as the document's decoder checked
         return f"the session's pages {pages} are not all among its {num_pages} pages"
     return None
 

@@ -7,6 +7,7 @@ mlx-lm's generate_step runs one ahead and leaves offset == len(tokens). Both are
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
@@ -191,7 +192,8 @@ def check_snapshot_kv(snapshot: Snapshot) -> Request:
     if snapshot.prefix is not None and request.pages:
         if snapshot.prefix.chain(request.pages[-1]) != request.pages:
             raise IncompatibleSnapshotError(f"the session's pages {request.pages} are not one chain of the prefix tree")
-        if snapshot.prefix.chain_tokens(request.pages[-1]) != snapshot_tokens(snapshot)[: request.num_computed_tokens]:
+        tokens = list(chain.from_iterable(map(snapshot.prefix.tokens.__getitem__, request.pages)))  # that chain's
+        if tokens != snapshot_tokens(snapshot)[: request.num_computed_tokens]:
             raise IncompatibleSnapshotError("the prefix tree's tokens are not the session's computed tokens")
     for i, layer in enumerate(kv.layers):
         check_layer(i, layer, request.pages, request.num_computed_tokens, kv.page_size)
