@@ -12,8 +12,9 @@ array between MLX's head-major memory and the token-major pages, no intermediate
 a new buffer or straight into a file's region (thaw_mlx.save, with the chunk CRCs in the same pass); a
 restore scatters into fresh MLX arrays' own memory (thaw_format.mlx.writable_arrays, made in one call for a
 whole cache: each call is an MLX load), checking each chunk of a file against its CRC on the way when loading
-(thaw_mlx.load: every tensor of the cache in one libthaw call, fill_checked), or over arrays of the cache it replaces that nothing else holds (MLXEngine.restore and
-restore_source: no allocation, their pages already faulted in).
+(thaw_mlx.load: every tensor of the cache in one libthaw call, fill_checked), or over arrays of the cache it
+replaces that nothing else holds (MLXEngine.restore and restore_source: no allocation, their pages already
+faulted in).
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def decode_layer(layer: KVLayer, pages: list[int], num_tokens: int, expected: Op
     expected, targets = expected or {}, targets or {}
 
     def paged(role):
-        return from_pages(layer.tensors[role], pages, num_tokens, expected.get(role), targets.get(role), role in filled)
+        tensor = layer.tensors[role]
+        return from_pages(tensor, pages, num_tokens, expected.get(role), targets.get(role), role in filled)
 
     if layer.kind == "attention":
         return _internals.make_kv(paged("k"), paged("v"), num_tokens)
@@ -403,22 +405,22 @@ def fill_checked(layers: list[KVLayer], pages: list[int], expected: list[dict], 
     has moved, so the whole file is never mapped at once. A bad chunk or a file truncated under its mapping
     raises CorruptSnapshotError naming the tensor (the targets are then dropped with the cache never made).
     Per layer, the roles filled, for decode_layer."""
-    scatters, names, filled = [], [], []
+    scatters, checked, filled = [], [], []  # checked[i]: the Expected of scatters[i]
     for layer, checks, chosen in zip(layers, expected, targets):
         roles = []
         for role, check in (checks or {}).items():
             scatter = _checked_scatter(layer.tensors[role], pages, chosen[role][1], check)
             if scatter is not None:
                 scatters.append((*scatter, check.done is not None))
-                names.append(check)
+                checked.append(check)
                 roles.append(role)
         filled.append(frozenset(roles))
     try:
         failed = mover.scatter_pages_checked_batch(scatters)
     except mover.PagesFaulted as exc:  # a tensor is a view of a mapped file, truncated under it
-        raise CorruptSnapshotError(f"tensor {names[exc.index].name!r}: {exc}") from exc
+        raise CorruptSnapshotError(f"tensor {checked[exc.index].name!r}: {exc}") from exc
     if failed is not None:
-        _raise_bad(names[failed[0]], failed[1])
+        _raise_bad(checked[failed[0]], failed[1])
     return filled
 
 
