@@ -114,6 +114,20 @@ int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, si
 int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                                    const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                    size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk);
+typedef struct {
+    const void *pages;
+    size_t pages_len;
+    void *blocks;
+    size_t blocks_len;
+    const int64_t *block_offsets;
+    size_t n;
+    const thaw_page_layout *layout;
+    size_t chunk_size;
+    const uint32_t *expected;
+    int release_pages;
+} thaw_checked_scatter;
+int64_t thaw_scatter_pages_checked_batch(const thaw_checked_scatter *scatters, size_t count, int64_t *failed,
+                                         int64_t *bad_chunk);
 int64_t thaw_scatter_pages_remote(int pid, uint64_t pages, size_t pages_len, void *blocks, size_t blocks_len,
                                   const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                   int *error);

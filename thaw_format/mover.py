@@ -55,6 +55,14 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         have been written: the caller discards `blocks` (a fresh buffer, never live state). On the
         native path a SIGBUS while reading the pages (a mapped file truncated under them) raises EOFError
         instead of ending the process, after other chunks may have moved.
+    scatter_pages_checked_batch([(pages, blocks, block_offsets, layout, chunk_size, expected, release)])
+        -> (i, chunk) or None
+        scatter_pages_checked of each, in one run of the native path's thread pool (its threads woken once for
+        them all); every scatter's ranges are checked before any byte of any of them moves (ValueError naming
+        the scatter). Returns the first scatter (in order) with a bad chunk and that chunk; a SIGBUS raises
+        PagesFaulted (an EOFError) naming the scatter. Any scatter's blocks may have been written. release=True
+        (native path, Linux): the pages are a read-only mapping of a file, whose memory pages are unmapped once
+        that scatter has moved (they stay in the page cache), so a batch never maps the whole file at once.
     remote_window(pid, address, nbytes) -> memoryview
         another process's bytes, named here: scatter_pages reads a view of it from that process (Linux
         process_vm_readv, native path), one pass with no copy here; any other read of it faults (it maps
@@ -586,6 +594,28 @@ def _py_scatter_pages_checked(pages, blocks, block_offsets, layout: PageLayout, 
     return bad
 
 
+def _py_scatter_pages_checked_batch(scatters):
+    scatters = list(scatters)
+    for i, (pages, blocks, block_offsets, layout, chunk_size, expected, _) in enumerate(scatters):  # all first
+        try:
+            p, b = _bytes_view(pages), _bytes_view(blocks)
+            _expected_crcs(expected, min(len(block_offsets) * layout.page_bytes, len(p)), chunk_size, 0)
+            _check_pages(len(b), len(p), block_offsets, layout, True, _shares_memory(p, b))
+        except ValueError as exc:
+            raise ValueError(f"scatter {i}: {exc}") from None
+    for i, scatter in enumerate(scatters):
+        bad = _py_scatter_pages_checked(*scatter[:6])
+        if bad is not None:
+            return i, bad
+    return None
+
+
+def _shares_memory(a: memoryview, b: memoryview) -> bool:
+    import numpy
+
+    return numpy.shares_memory(numpy.frombuffer(a, numpy.uint8), numpy.frombuffer(b, numpy.uint8))
+
+
 def _page_byte_index(offsets, layout: PageLayout):
     """The engine byte of every page byte, pages in order: one vectorised index for numpy."""
     import numpy
@@ -815,6 +845,42 @@ def _c_scatter_pages_checked(pages, blocks, block_offsets, layout: PageLayout, c
     return None if bad[0] < 0 else int(bad[0])
 
 
+def _c_scatter_pages_checked_batch(scatters):
+    keep, specs = [], []  # the cdata every spec points into, alive until the call returns
+    for i, (pages, blocks, block_offsets, layout, chunk_size, expected, release) in enumerate(scatters):
+        p, b, offs = _c_buffer(pages), _c_buffer(blocks, writable=True), _c_offsets(block_offsets)
+        c_layout, rows = _c_page_layout(layout)
+        try:
+            crcs = _ffi.from_buffer(_UINT32S, _expected_crcs(expected, min(len(offs) * layout.page_bytes, len(p)),
+                                                             chunk_size, 0))
+        except ValueError as exc:
+            raise ValueError(f"scatter {i}: {exc}") from None
+        keep.append((p, b, offs, c_layout, rows, crcs, pages, blocks, block_offsets, layout))
+        specs.append((p, len(p), b, len(b), offs, len(offs), c_layout, chunk_size, crcs, bool(release)))
+    if not specs:
+        return None
+    failed, bad = _ffi.new("int64_t *"), _ffi.new("int64_t *")
+    code = _lib.thaw_scatter_pages_checked_batch(_ffi.new("thaw_checked_scatter[]", specs), len(specs), failed, bad)
+    if code == _lib.THAW_PAGES_FAULT:
+        raise PagesFaulted(failed[0])
+    if code:
+        p, b, _, _, _, _, pages, blocks, block_offsets, layout = keep[failed[0]]
+        try:
+            _page_failure(code, len(b), len(p), block_offsets, layout, True, blocks, pages)
+        except ValueError as exc:
+            raise ValueError(f"scatter {failed[0]}: {exc}") from None
+    return None if failed[0] < 0 else (int(failed[0]), int(bad[0]))
+
+
+class PagesFaulted(EOFError):
+    """A checked scatter's pages raised SIGBUS: they are a mapping of a file truncated under it. `index`: which
+    scatter of a batch."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__("reading the pages faulted (SIGBUS): they are a mapping of a file truncated under it")
+        self.index = index
+
+
 def _page_failure(code: int, blocks_len: int, pages_len: int, offsets, layout: PageLayout, scatter: bool,
                   blocks, pages) -> None:
     """Turn a refusal from C into the ValueError that names what is wrong."""
@@ -965,7 +1031,7 @@ if _lib is not None:
     gather, scatter = _c_gather, _c_scatter
     gather_pages, scatter_pages, copy_with_crcs = _c_gather_pages, _scatter_pages(_c_scatter_pages), _c_copy_with_crcs
     gather_pages_to_file = _c_gather_pages_to_file
-    scatter_pages_checked = _c_scatter_pages_checked
+    scatter_pages_checked, scatter_pages_checked_batch = _c_scatter_pages_checked, _c_scatter_pages_checked_batch
     start_writeback = _c_start_writeback
     prefault = _c_prefault
 else:
@@ -975,6 +1041,6 @@ else:
     gather, scatter = _py_gather, _py_scatter
     gather_pages, scatter_pages, copy_with_crcs = _py_gather_pages, _py_scatter_pages, _py_copy_with_crcs
     gather_pages_to_file = _py_gather_pages_to_file
-    scatter_pages_checked = _py_scatter_pages_checked
+    scatter_pages_checked, scatter_pages_checked_batch = _py_scatter_pages_checked, _py_scatter_pages_checked_batch
     start_writeback = _py_start_writeback
     prefault = _py_prefault

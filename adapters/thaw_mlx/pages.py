@@ -12,8 +12,9 @@ array between MLX's head-major memory and the token-major pages, no intermediate
 a new buffer or straight into a file's region (thaw_mlx.save, with the chunk CRCs in the same pass); a
 restore scatters into fresh MLX arrays' own memory (thaw_format.mlx.writable_arrays, made in one call for a
 whole cache: each call is an MLX load), checking each chunk of a file against its CRC on the way when loading
-(thaw_mlx.load), or over arrays of the cache it replaces that nothing else holds (MLXEngine.restore and
-restore_source: no allocation, their pages already faulted in).
+(thaw_mlx.load: every tensor of the cache in one libthaw call, fill_checked), or over arrays of the cache it
+replaces that nothing else holds (MLXEngine.restore and restore_source: no allocation, their pages already
+faulted in).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ Paging = Callable[[mx.array, int, int], Tensor]
 class Expected(NamedTuple):
     """A tensor's bytes as a file holds them, still to check: the chunk size and the CRC each chunk must have,
     the name that a CorruptSnapshotError reports, and what to call once its bytes are in MLX (to let go of a
-    mapped file's pages), if anything."""
+    mapped file's pages), if anything: where there is, fill_checked has libthaw unmap the tensor's pages of
+    the mapping itself as soon as the tensor has moved, instead."""
 
     name: str
     chunk_size: int
@@ -125,15 +127,17 @@ def paged_targets(layer: KVLayer, pages: list[int]) -> list[tuple[str, tuple, st
 
 
 def decode_layer(layer: KVLayer, pages: list[int], num_tokens: int, expected: Optional[dict] = None,
-                 targets: Optional[dict] = None):
+                 targets: Optional[dict] = None, filled: frozenset = frozenset()):
     """A new cache object for one layer: paged layers take `pages` (in order), which hold num_tokens tokens.
     `expected` maps a paged tensor's role to its Expected CRCs (a file's bytes, checked as they are scattered);
     the layer's other tensors must have been checked already. `targets` maps each role of paged_targets to the
-    (array, writable view) to scatter into (scatter_targets)."""
+    (array, writable view) to scatter into (scatter_targets); the roles in `filled` are there already
+    (fill_checked)."""
     expected, targets = expected or {}, targets or {}
 
     def paged(role):
-        return from_pages(layer.tensors[role], pages, num_tokens, expected.get(role), targets.get(role))
+        tensor = layer.tensors[role]
+        return from_pages(tensor, pages, num_tokens, expected.get(role), targets.get(role), role in filled)
 
     if layer.kind == "attention":
         return _internals.make_kv(paged("k"), paged("v"), num_tokens)
@@ -176,7 +180,7 @@ def _paged_problem(layer: KVLayer, pages: list[int], num_tokens: int, page_size:
         return f"tensors must be [pages, page_size, num_kv_heads={layer.num_kv_heads}, d] alike"
     if not (len(pages) - 1) * page_size < num_tokens <= len(pages) * page_size:
         return f"{len(pages)} pages of {page_size} cannot hold exactly {num_tokens} computed tokens"
-    if any(not 0 <= page < num_pages for page in pages):
+    if pages and not (0 <= min(pages) and max(pages) < num_pages):  # ints, as the document's decoder checked
         return f"the session's pages {pages} are not all among its {num_pages} pages"
     return None
 
@@ -393,50 +397,105 @@ def scatter_targets(layers: list[KVLayer], pages: list[int],
     return targets
 
 
+def fill_checked(layers: list[KVLayer], pages: list[int], expected: list[dict], targets: list[dict]) -> list[frozenset]:
+    """Scatter every paged tensor whose file bytes from_pages would check as it scatters them (the pages are
+    the whole tensor, in order) into its target (scatter_targets), the whole cache in one libthaw call: its
+    threads woken once for all the tensors, where a call per tensor woke them per tensor and waited on the
+    Python between; each tensor's pages of a mapped file (an Expected with `done`) are unmapped as soon as it
+    has moved, so the whole file is never mapped at once. A bad chunk or a file truncated under its mapping
+    raises CorruptSnapshotError naming the tensor (the targets are then dropped with the cache never made).
+    Per layer, the roles filled, for decode_layer."""
+    scatters, checked, filled = [], [], []  # checked[i]: the Expected of scatters[i]
+    for layer, checks, chosen in zip(layers, expected, targets):
+        roles = []
+        for role, check in (checks or {}).items():
+            scatter = _checked_scatter(layer.tensors[role], pages, chosen[role][1], check)
+            if scatter is not None:
+                scatters.append((*scatter, check.done is not None))
+                checked.append(check)
+                roles.append(role)
+        filled.append(frozenset(roles))
+    try:
+        failed = mover.scatter_pages_checked_batch(scatters)
+    except mover.PagesFaulted as exc:  # a tensor is a view of a mapped file, truncated under it
+        raise CorruptSnapshotError(f"tensor {checked[exc.index].name!r}: {exc}") from exc
+    if failed is not None:
+        _raise_bad(checked[failed[0]], failed[1])
+    return filled
+
+
+def _checked_scatter(tensor: Tensor, pages: list[int], out: memoryview, expected: Optional[Expected]):
+    """mover.scatter_pages_checked's arguments for a file's tensor whose pages are the whole tensor in order (as
+    thaw_mlx writes them: one run, checked in the scatter itself), into `out`; else None."""
+    if expected is None or pages != list(range(tensor.shape[0])):
+        return None
+    layout, offsets = _scatter_layout(tensor, pages)
+    return tensor.data[: len(pages) * layout.page_bytes], out, offsets(0, len(pages)), layout, expected.chunk_size, \
+        expected.crcs
+
+
+def _scatter_layout(tensor: Tensor, pages: list[int]):
+    """The layout of the tensor's pages in the array from_pages makes, and offsets(start, run): the block
+    offsets of `run` of them from pages[start]."""
+    _, page_size, heads, dim = tensor.shape
+    itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1)
+    capacity = restored_shape(tensor, pages)[0][2]
+
+    def offsets(start: int, run: int):
+        return (np.arange(run, dtype=np.int64) + start) * page_size * dim * itemsize
+
+    return _sequence_layout(page_size, heads, capacity, dim, itemsize), offsets
+
+
 def from_pages(tensor: Tensor, pages: list[int], num_tokens: int, expected: Optional[Expected] = None,
-               target: Optional[tuple] = None) -> mx.array:
+               target: Optional[tuple] = None, filled: bool = False) -> mx.array:
     """Tensor [pages, page_size, heads, d] -> a [1, heads, capacity, d] MLX array (restored_shape): the
     given pages scattered by libthaw straight into the array's own (uninitialised) memory, every page with the
     same layout (a short last page's padding lands past num_tokens and is zeroed after, with the rest of the
-    capacity). `target` is that array and a writable view of it (scatter_targets), made here if not given.
+    capacity). `target` is that array and a writable view of it (scatter_targets), made here if not given;
+    `filled`: the pages are in it already (fill_checked), checked.
 
     With `expected`, the tensor's bytes are a file's, checked against their CRCs before they are used: in the
     scatter itself, chunk by chunk, when the pages are the whole tensor in order (as thaw_mlx writes them),
     else in a pass of their own first. A bad chunk, or a file truncated under the mapping the tensor views
     (the scatter's SIGBUS caught by libthaw), raises CorruptSnapshotError; the new array is then dropped."""
-    _, page_size, heads, dim = tensor.shape
-    itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1)
+    _, _, heads, _ = tensor.shape
     shape, dtype = restored_shape(tensor, pages)
     capacity = shape[2]
     result, out = target if target is not None else writable_array(shape, dtype)
-    layout = _sequence_layout(page_size, heads, capacity, dim, itemsize)
-    page_bytes = layout.page_bytes
-    in_order = pages == list(range(tensor.shape[0]))  # the whole tensor, as thaw_mlx writes it: one run
-    whole = expected is not None and in_order
-    if expected is not None and not whole:
-        bad = mover.check_buffer(tensor.data, [(0, tensor.nbytes, expected.chunk_size, 0)], expected.crcs)
-        _raise_bad(expected, bad[1] if bad else None)
-    # A remote source's tensor (never checked here: it carries no checksums) is read where it lies, by the scatter.
-    data = tensor.data if whole else remote.scatter_view(tensor)
-    for first, run, start in [(0, len(pages), 0)] if in_order else mover.consecutive_runs(pages):  # a slice each
-        offsets = (np.arange(run, dtype=np.int64) + start) * page_size * dim * itemsize
-        source = data[first * page_bytes : (first + run) * page_bytes]
-        if whole:
-            try:
-                bad = mover.scatter_pages_checked(source, out, offsets, layout, expected.chunk_size, expected.crcs)
-            except EOFError as exc:  # the tensor is a view of a mapped file, truncated under it
-                raise CorruptSnapshotError(f"tensor {expected.name!r}: {exc}") from exc
-            _raise_bad(expected, bad)
-        else:
-            mover.scatter_pages(source, out, offsets, layout)
-    # The array's memory is uninitialised (or a replaced cache's): past num_tokens (a short last page's padding, the capacity mlx-lm
-    # grows in steps) it is zeroed, as mlx-lm's own buffers are.
+    if not filled:
+        _scatter_into(tensor, pages, out, expected)
+    # The array's memory is uninitialised (or a replaced cache's): past num_tokens (a short last page's padding,
+    # the capacity mlx-lm grows in steps) it is zeroed, as mlx-lm's own buffers are.
     if capacity > num_tokens:
         np.frombuffer(out, np.uint8).reshape(heads, capacity, -1)[:, num_tokens:] = 0
     out.release()  # nothing may write into the array once MLX can see it
-    if expected is not None and expected.done is not None:
+    if expected is not None and expected.done is not None and not filled:  # (fill_checked let go of them)
         expected.done()
     return result
+
+
+def _scatter_into(tensor: Tensor, pages: list[int], out: memoryview, expected: Optional[Expected]) -> None:
+    """from_pages's scatter: one checked scatter (_checked_scatter), else the pages checked first where they
+    are a file's, then scattered run by run."""
+    whole = _checked_scatter(tensor, pages, out, expected)
+    if whole is not None:
+        try:
+            bad = mover.scatter_pages_checked(*whole)
+        except EOFError as exc:  # the tensor is a view of a mapped file, truncated under it
+            raise CorruptSnapshotError(f"tensor {expected.name!r}: {exc}") from exc
+        _raise_bad(expected, bad)
+        return
+    if expected is not None:
+        bad = mover.check_buffer(tensor.data, [(0, tensor.nbytes, expected.chunk_size, 0)], expected.crcs)
+        _raise_bad(expected, bad[1] if bad else None)
+    # A remote source's tensor (never checked here: it carries no checksums) is read where it lies, by the scatter.
+    data = remote.scatter_view(tensor)
+    layout, offsets = _scatter_layout(tensor, pages)
+    in_order = pages == list(range(tensor.shape[0]))  # the whole tensor: one run
+    for first, run, start in [(0, len(pages), 0)] if in_order else mover.consecutive_runs(pages):  # a slice each
+        source = data[first * layout.page_bytes : (first + run) * layout.page_bytes]
+        mover.scatter_pages(source, out, offsets(start, run), layout)
 
 
 def _raise_bad(expected: Expected, chunk: Optional[int]) -> None:

@@ -7,6 +7,7 @@ mlx-lm's generate_step runs one ahead and leaves offset == len(tokens). Both are
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
@@ -31,7 +32,8 @@ from thaw_format.sdk import DEFAULT_PAGE_SIZE, lineage_now
 
 from . import _internals
 from .identity import check_snapshot_model, checked_info, model_dtype, model_weights
-from .pages import Paging, check_layer, decode_layer, encode_layer, layer_dtype, num_cached_tokens, scatter_targets
+from .pages import (Paging, check_layer, decode_layer, encode_layer, fill_checked, layer_dtype, num_cached_tokens,
+                    scatter_targets)
 
 REQUEST_ID = "mlx-0"
 
@@ -173,8 +175,9 @@ def cache_of_checked(snapshot: Snapshot, request: Request, expected: Optional[li
         raise ValueError("cache_of_checked: spare arrays take only a source checked whole before, not `expected`")
     expected = expected or [None] * len(kv.layers)
     targets = scatter_targets(kv.layers, request.pages, spare)
-    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, layer_targets)
-             for layer, checks, layer_targets in zip(kv.layers, expected, targets)]
+    filled = fill_checked(kv.layers, request.pages, expected, targets)
+    cache = [decode_layer(layer, request.pages, request.num_computed_tokens, checks, layer_targets, roles)
+             for layer, checks, layer_targets, roles in zip(kv.layers, expected, targets, filled)]
     mx.eval([c.state for c in cache])
     return cache
 
@@ -189,7 +192,8 @@ def check_snapshot_kv(snapshot: Snapshot) -> Request:
     if snapshot.prefix is not None and request.pages:
         if snapshot.prefix.chain(request.pages[-1]) != request.pages:
             raise IncompatibleSnapshotError(f"the session's pages {request.pages} are not one chain of the prefix tree")
-        if snapshot.prefix.chain_tokens(request.pages[-1]) != snapshot_tokens(snapshot)[: request.num_computed_tokens]:
+        tokens = list(chain.from_iterable(map(snapshot.prefix.tokens.__getitem__, request.pages)))  # that chain's
+        if tokens != snapshot_tokens(snapshot)[: request.num_computed_tokens]:
             raise IncompatibleSnapshotError("the prefix tree's tokens are not the session's computed tokens")
     for i, layer in enumerate(kv.layers):
         check_layer(i, layer, request.pages, request.num_computed_tokens, kv.page_size)

@@ -176,6 +176,33 @@ int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *bl
                                    const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                    size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk);
 
+/* One scatter of thaw_scatter_pages_checked_batch: thaw_scatter_pages_checked's arguments. */
+typedef struct {
+    const void *pages;
+    size_t pages_len;
+    void *blocks;
+    size_t blocks_len;
+    const int64_t *block_offsets;
+    size_t n;
+    const thaw_page_layout *layout;
+    size_t chunk_size;
+    const uint32_t *expected;
+    int release_pages; /* 1: the pages are a read-only mapping of a file, unmapped once this scatter has moved */
+} thaw_checked_scatter;
+
+/* thaw_scatter_pages_checked of each of `count` scatters, all in one run of the thread pool (its threads woken
+ * once, sharing the units of every scatter). Every scatter's ranges are checked before any byte of any of them
+ * moves: a refusal returns thaw_scatter_pages_checked's code with *failed = that scatter's index. Otherwise
+ * *failed is the first scatter (in order) with a bad chunk or a fault, *bad_chunk its first bad chunk (-1 for a
+ * fault, which returns THAW_PAGES_FAULT), and *failed = -1 when every chunk passed. As with one scatter, other
+ * chunks, of this and other scatters, may have been written: scatter into fresh buffers only. A scatter with
+ * release_pages set has the whole memory pages inside its pages unmapped (madvise MADV_DONTNEED, Linux) by the
+ * thread that finishes its last unit: for a read-only mapping of a file, whose pages stay in the page cache, so
+ * that a load of many tensors never maps the whole file at once (its pages are read again, if ever, from the
+ * page cache; for anonymous or private memory this would zero them: never set it there). */
+int64_t thaw_scatter_pages_checked_batch(const thaw_checked_scatter *scatters, size_t count, int64_t *failed,
+                                         int64_t *bad_chunk);
+
 /* thaw_scatter_pages with the pages in another process's memory: pages_len bytes at address `pages` in process
  * `pid`, read with process_vm_readv (Linux; the ptrace access check of a debugger: same user or CAP_SYS_PTRACE,
  * and whatever Yama and seccomp allow). One pass: each thread reads a unit of the pages into a tile of its own,

@@ -14,7 +14,9 @@
 #include <setjmp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include "../include/thaw.h"
 #include "crc32c_impl.h"
@@ -48,6 +50,8 @@ typedef struct {
     uint32_t *parts;         /* gather into a file: per unit, the CRC of its first piece when that continues a
                               * chunk begun in the unit before (combined into crcs after the run) */
     int no_memory;           /* a unit found no tile: the call fails with THAW_PAGES_NO_MEMORY */
+    int release;             /* batch: unmap the pages once every unit has moved (release_pages) */
+    size_t units_left;       /* batch with release: units not finished yet */
 } page_job;
 
 /* Copy n elements of one row between the contiguous side and the strided side. */
@@ -609,7 +613,9 @@ int64_t thaw_gather_pages_to_file(int fd, uint64_t offset, const void *blocks, s
     return bad ? bad : j.error ? THAW_PAGES_WRITE : 0;
 }
 
-static int64_t scatter(page_job *j, size_t pages_len, size_t blocks_len, size_t n, size_t unit_bytes) {
+/* A scatter's checks before any byte moves (its ranges, its unit size, no block named twice), which fill the
+ * job's sizes; 0 or a THAW_PAGES_* / page index + 1. */
+static int64_t scatter_ready(page_job *j, size_t pages_len, size_t blocks_len, size_t n, size_t unit_bytes) {
     int64_t bad = prepare(j, blocks_len, pages_len, n);
     if (bad) return bad;
     if (unit_bytes == 0 || unit_bytes % j->layout->itemsize) return THAW_PAGES_BAD_CHUNK;
@@ -628,7 +634,12 @@ static int64_t scatter(page_job *j, size_t pages_len, size_t blocks_len, size_t 
         free(sorted);
     }
     j->unit_elems = unit_bytes / j->layout->itemsize;
-    return run(j);
+    return 0;
+}
+
+static int64_t scatter(page_job *j, size_t pages_len, size_t blocks_len, size_t n, size_t unit_bytes) {
+    int64_t bad = scatter_ready(j, pages_len, blocks_len, n, unit_bytes);
+    return bad ? bad : run(j);
 }
 
 int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
@@ -647,6 +658,92 @@ int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *bl
     int64_t code = scatter(&j, pages_len, blocks_len, n, chunk_size);
     *bad_chunk = j.bad;
     return code ? code : j.error ? THAW_PAGES_FAULT : 0;
+}
+
+/* ---- checked scatters in one run of the pool ------------------------------------------------------------------
+ * A load of many tensors (thaw_mlx.load: one per layer and role) as one job for the pool: its threads wake once
+ * and share the units of every scatter, where a call per tensor woke them per tensor and left them idle while
+ * the caller prepared the next. Units are numbered across the scatters in order (first[k] is scatter k's first). */
+
+typedef struct {
+    page_job *jobs;
+    size_t *first; /* count + 1 entries: first[count] is the total */
+    size_t count;
+} batch_job;
+
+/* Unmap the whole memory pages inside a scatter's pages (a read-only mapping of a file: its pages stay in the
+ * page cache), so a load of many tensors never maps the whole file at once. */
+static void release_pages(page_job *j) {
+#if defined(__linux__) && defined(MADV_DONTNEED)
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), start = (uintptr_t)j->pages;
+    uintptr_t end = start + j->total_elems * j->layout->itemsize;
+    start = (start + page - 1) / page * page;
+    end = end / page * page;
+    if (end > start) madvise((void *)start, end - start, MADV_DONTNEED);
+#else
+    (void)j;
+#endif
+}
+
+static void batch_task(void *ctx, size_t index, int worker) {
+    batch_job *b = ctx;
+    size_t lo = 0, hi = b->count; /* the scatter k with first[k] <= index < first[k + 1] */
+    while (hi - lo > 1) {
+        size_t mid = (lo + hi) / 2;
+        if (b->first[mid] <= index) lo = mid; else hi = mid;
+    }
+    page_job *j = &b->jobs[lo];
+    unit_task(j, index - b->first[lo], worker);
+    if (j->release && __atomic_sub_fetch(&j->units_left, 1, __ATOMIC_ACQ_REL) == 0) release_pages(j);
+}
+
+int64_t thaw_scatter_pages_checked_batch(const thaw_checked_scatter *scatters, size_t count, int64_t *failed,
+                                         int64_t *bad_chunk) {
+    *failed = -1;
+    *bad_chunk = -1;
+    if (!count) return 0;
+    if (guard_install()) return THAW_PAGES_FAULT;
+    page_job *jobs = calloc(count, sizeof *jobs);
+    size_t *first = malloc((count + 1) * sizeof *first);
+    int64_t code = jobs && first ? 0 : THAW_PAGES_NO_MEMORY;
+    size_t ready = 0, bytes = 0; /* jobs whose row order is allocated; bytes moved in all */
+    for (size_t k = 0; !code && k < count; k++) {
+        const thaw_checked_scatter *s = &scatters[k];
+        jobs[k] = (page_job){(uint8_t *)s->pages, s->blocks, s->block_offsets, s->layout, 0, 0, 0, s->chunk_size,
+                             NULL, 0, NULL, s->expected, -1, 0, 0, -1};
+        jobs[k].release = s->release_pages;
+        code = !s->expected ? THAW_PAGES_BAD_CHUNK
+                            : scatter_ready(&jobs[k], s->pages_len, s->blocks_len, s->n, s->chunk_size);
+        if (code) *failed = (int64_t)k;
+    }
+    for (; !code && ready < count; ready++) {
+        if (row_order(&jobs[ready])) code = THAW_PAGES_NO_MEMORY;
+    }
+    if (!code) {
+        first[0] = 0;
+        for (size_t k = 0; k < count; k++) {
+            first[k + 1] = first[k] + unit_count(&jobs[k]);
+            jobs[k].units_left = first[k + 1] - first[k];
+            bytes += jobs[k].total_elems * jobs[k].layout->itemsize;
+        }
+        batch_job b = {jobs, first, count};
+        if (bytes < PARALLEL_MIN) {
+            for (size_t u = 0; u < first[count]; u++) batch_task(&b, u, 0);
+        } else {
+            pool_run(first[count], batch_task, &b);
+        }
+        for (size_t k = 0; k < count && *failed < 0; k++) {
+            if (jobs[k].error || jobs[k].bad >= 0) {
+                *failed = (int64_t)k;
+                *bad_chunk = jobs[k].error ? -1 : jobs[k].bad;
+                code = jobs[k].error ? THAW_PAGES_FAULT : 0;
+            }
+        }
+    }
+    for (size_t k = 0; k < ready; k++) free(jobs[k].order);
+    free(jobs);
+    free(first);
+    return code;
 }
 
 /* ---- scatter from another process's memory ---------------------------------------------------------------

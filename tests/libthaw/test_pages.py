@@ -4,7 +4,9 @@ item size; chunk CRCs equal to a separate pass; and every bad input (ranges, ali
 layout) refused with a ValueError before any byte moves, never a crash."""
 
 import errno
+import mmap
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -152,6 +154,83 @@ def test_checked_scatter_in_one_read_or_two_writes_the_same_bytes_and_finds_a_ba
         assert out[chunk_5 == 1].tobytes() == want[chunk_5 == 1].tobytes()
     else:
         assert not out[chunk_5 == 1].any()
+
+
+@pytest.mark.parametrize("kernel", available_kernels())
+@pytest.mark.parametrize("path", ["native", "portable"])
+def test_a_batch_of_checked_scatters_writes_each_scatters_bytes_and_names_the_first_bad_chunk(
+        native, select_kernel, kernel, path):
+    """mover.scatter_pages_checked_batch (thaw_scatter_pages_checked_batch: one run of the pool for them all):
+    scatters of different layouts (sequence rows moved and summed in one read, a transposed K checked then
+    moved, a small one) give the bytes each gives alone; a bad chunk in two of them is reported as the first
+    scatter's first bad chunk; a scatter refused (a range outside its buffer) raises ValueError naming it
+    before any byte of the others moves."""
+    select_kernel(kernel)
+    batch = {"native": mover._c_scatter_pages_checked_batch, "portable": mover._py_scatter_pages_checked_batch}[path]
+    heads, page_size, dim, capacity, chunk = 8, 32, 128, 1024, 1 << 16
+    cases = []
+    for n_pages, positions, block_elems, reverse in (
+            (32, sequence_positions(page_size, heads, capacity, dim), heads * capacity * dim, True),
+            (16, vllm_positions(page_size, heads, dim, "k"), 2 * page_size * heads * dim, False),
+            (2, sequence_positions(page_size, heads, capacity, dim), heads * capacity * dim, False)):
+        layout = mover.page_layout(positions, 4)
+        step = page_size * dim * 4 if block_elems == heads * capacity * dim else block_elems * 4
+        offsets = np.arange(n_pages, dtype=np.int64)[:: -1 if reverse else 1] * step
+        n_blocks = 1 if step != block_elems * 4 else n_pages
+        pages = engine(n_pages, len(positions), 4, seed=len(cases)).view(np.uint8)
+        want = np.zeros(n_blocks * block_elems * 4, np.uint8)
+        mover.scatter_pages(pages, want, offsets, layout)
+        cases.append((pages, want, offsets, layout, mover.chunk_crcs(pages, chunk)))
+    outs = [np.zeros_like(want) for _, want, _, _, _ in cases]
+    assert batch([(p, out, o, l, chunk, c, False) for (p, _, o, l, c), out in zip(cases, outs)]) is None
+    assert all(out.tobytes() == want.tobytes() for out, (_, want, _, _, _) in zip(outs, cases))
+
+    bad = [p.copy() for p, _, _, _, _ in cases]
+    bad[1][3 * chunk + 5] ^= 1
+    bad[2][0] ^= 1
+    assert batch([(b, out, o, l, chunk, c, False) for b, (_, _, o, l, c), out in zip(bad, cases, outs)]) == (1, 3)
+
+    untouched = [np.zeros_like(want) for _, want, _, _, _ in cases]
+    specs = [(p, out, o, l, chunk, c, False) for (p, _, o, l, c), out in zip(cases, untouched)]
+    pages, _, offsets, layout, crcs = cases[2]
+    with pytest.raises(ValueError, match="^scatter 3: page 0"):
+        batch(specs + [(pages, untouched[2][:100], offsets, layout, chunk, crcs, False)])
+    with pytest.raises(ValueError, match="^scatter 1: .*expected CRCs"):
+        batch([specs[0], (pages, untouched[2], offsets, layout, chunk, crcs[:-1], False)])
+    assert not any(out.any() for out in untouched)
+    assert batch([]) is None
+
+
+def mapped_rss(address: int) -> int:
+    """The resident bytes of this process's mapping that starts at `address` (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    at = lines.index(next(line for line in lines if line.startswith(f"{address:x}-")))
+    return 1024 * int(next(line for line in lines[at + 1 :] if line.startswith("Rss:")).split()[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_DONTNEED) is Linux's")
+def test_a_batch_releases_a_mapped_files_pages_once_each_scatter_has_moved(native, tmp_path):
+    """release=True (thaw_mlx.load's mapped file): each scatter's pages are unmapped once it has moved, so the
+    mapping holds none of them after the call, and the bytes scattered are the file's; release=False leaves
+    them mapped."""
+    layout = mover.page_layout(np.arange(1024), 4)  # 4 KiB pages, 4 MiB per scatter: the thread pool's size
+    data = engine(1, 2 << 20, 4, seed=5).view(np.uint8)
+    (tmp_path / "f").write_bytes(data.tobytes())
+    with open(tmp_path / "f", "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    pages = np.frombuffer(mapping, np.uint8)
+    half = len(pages) // 2
+    offsets = np.arange(half // 4096, dtype=np.int64) * 4096
+    for release in (False, True):
+        outs = [np.zeros(half, np.uint8) for _ in range(2)]
+        specs = [(pages[k * half : (k + 1) * half], out, offsets, layout, 1 << 20,
+                  mover.chunk_crcs(data[k * half : (k + 1) * half], 1 << 20), release) for k, out in enumerate(outs)]
+        assert mover.scatter_pages_checked_batch(specs) is None
+        assert b"".join(out.tobytes() for out in outs) == data.tobytes()
+        assert (mapped_rss(pages.ctypes.data) == 0) == release
+    del pages, specs
+    mapping.close()
 
 
 def rows_case(role: str, row_bytes: int, seed: int):

@@ -11,7 +11,7 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from thaw_format import CorruptSnapshotError, Tensor, mover  # noqa: E402
+from thaw_format import CorruptSnapshotError, KVLayer, Tensor, mover  # noqa: E402
 from thaw_format.mlx import from_mlx, to_mlx  # noqa: E402
 from thaw_mlx import _internals, pages  # noqa: E402
 
@@ -91,7 +91,7 @@ def test_checked_restore_scatters_the_same_bytes_and_refuses_a_bad_chunk(num_tok
 TRUNCATED_UNDER_THE_SCATTER = """
 import mmap, os, sys
 import mlx.core as mx
-from thaw_format import CorruptSnapshotError, Tensor, mover
+from thaw_format import CorruptSnapshotError, KVLayer, Tensor, mover
 from thaw_mlx import pages
 
 path, cut = sys.argv[1], int(sys.argv[2])
@@ -105,8 +105,14 @@ mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
 os.close(fd)
 os.truncate(path, cut)  # another program cuts the file after it is mapped, before the load reads it
 view = Tensor(paged.dtype, paged.shape, memoryview(mapped))
+chain, expected = list(range(paged.shape[0])), pages.Expected("kv/3/v", 1 << 20, crcs)
 try:
-    pages.from_pages(view, list(range(paged.shape[0])), 4096, pages.Expected("kv/3/v", 1 << 20, crcs))
+    if sys.argv[3] == "alone":
+        pages.from_pages(view, chain, 4096, expected)
+    else:  # as the second tensor of a batch, after one in memory (its name comes from its index in the batch)
+        layer = KVLayer("attention", {"k": paged, "v": view}, num_kv_heads=8, head_dim=128)
+        targets = pages.scatter_targets([layer], chain)
+        pages.fill_checked([layer], chain, [{"k": pages.Expected("kv/3/k", 1 << 20, crcs), "v": expected}], targets)
 except CorruptSnapshotError as exc:
     print("CorruptSnapshotError:", exc)
 print("alive")
@@ -115,16 +121,48 @@ print("alive")
 
 @pytest.mark.skipif(mover._lib is None, reason="the SIGBUS guard is libthaw's")
 @pytest.mark.parametrize("cut", [0, (5 << 20) + 123, (16 << 20) - 4096])
-def test_a_file_truncated_under_its_mapping_raises_in_the_checked_scatter(tmp_path, cut):
-    """from_pages as thaw_mlx.load calls it, from a mapping of the file: the file truncated after it is mapped
-    (pages gone at the start, the middle, the end) gives CorruptSnapshotError naming the tensor, not a SIGBUS.
-    In a child process, so that a regression fails this test rather than killing the test run."""
-    child = subprocess.run([sys.executable, "-c", TRUNCATED_UNDER_THE_SCATTER, str(tmp_path / "kv"), str(cut)],
+@pytest.mark.parametrize("how", ["alone", "batch"])
+def test_a_file_truncated_under_its_mapping_raises_in_the_checked_scatter(tmp_path, cut, how):
+    """from_pages, and fill_checked as thaw_mlx.load calls it (every tensor of a cache in one libthaw call), from
+    a mapping of the file: the file truncated after it is mapped (pages gone at the start, the middle, the end)
+    gives CorruptSnapshotError naming the tensor, not a SIGBUS. In a child process, so that a regression fails
+    this test rather than killing the test run."""
+    child = subprocess.run([sys.executable, "-c", TRUNCATED_UNDER_THE_SCATTER, str(tmp_path / "kv"), str(cut), how],
                            capture_output=True, text=True, timeout=120)
     assert child.returncode == 0, (child.returncode, child.stderr)
     assert child.stdout.splitlines() == [
         "CorruptSnapshotError: tensor 'kv/3/v': reading the pages faulted (SIGBUS): they are a mapping of a file "
         "truncated under it", "alive"], child.stdout
+
+
+@pytest.mark.parametrize("num_tokens", [256, 200])
+def test_fill_checked_scatters_a_cache_in_one_call_as_from_pages_does_and_names_the_bad_tensor(num_tokens):
+    """fill_checked (thaw_mlx.load's scatter: every paged tensor of the cache in one libthaw call) gives the
+    arrays from_pages gives tensor by tensor, leaves out the tensors it cannot check in the scatter (pages out
+    of order, no CRCs), and a flipped byte in one tensor raises CorruptSnapshotError naming that tensor."""
+    heads, capacity, dim, page_size, chunk = 2, 256, 32, 32, 4096
+    layers, expected = [], []
+    for i in range(3):
+        k, v = (pages.to_pages(sequence(mx.float32, heads, capacity, dim, seed=2 * i + j), num_tokens, page_size)
+                for j in range(2))
+        layers.append(KVLayer("attention", {"k": k, "v": v}, num_kv_heads=heads, head_dim=dim))
+        expected.append({role: pages.Expected(f"kv/{i}/{role}", chunk, mover.chunk_crcs(t.data, chunk))
+                         for role, t in layers[-1].tensors.items()})
+    chain = list(range(layers[0].tensors["k"].shape[0]))
+    targets = pages.scatter_targets(layers, chain)
+    filled = pages.fill_checked(layers, chain, expected, targets)
+    assert filled == [frozenset({"k", "v"})] * 3
+    for layer, checks, chosen, roles in zip(layers, expected, targets, filled):
+        got = pages.decode_layer(layer, chain, num_tokens, checks, chosen, roles)
+        want = pages.decode_layer(layer, chain, num_tokens)
+        assert as_bytes(got.keys) == as_bytes(want.keys) and as_bytes(got.values) == as_bytes(want.values)
+    targets = pages.scatter_targets(layers, chain[::-1])
+    assert pages.fill_checked(layers, chain[::-1], expected, targets) == [frozenset()] * 3  # from_pages checks them
+    data = bytearray(layers[1].tensors["v"].data)
+    data[len(data) // 2] ^= 1
+    layers[1].tensors["v"] = Tensor("float32", layers[1].tensors["v"].shape, data)
+    with pytest.raises(CorruptSnapshotError, match=r"'kv/1/v'.*chunk \d+"):
+        pages.fill_checked(layers, chain, expected, pages.scatter_targets(layers, chain))
 
 
 @pytest.mark.parametrize("scatter", CHECKED, ids=lambda f: f.__name__)
