@@ -61,7 +61,7 @@ class EncodedSnapshot:
         """The header and plan `snapshot` would be written with, without the writer's checks (half the cost of a
         128-page KV header), for comparison only: with bytes a reader accepted, where an equal header means the
         reader's checks passed on this very content (thaw_format.sdk.lent.lent_source). It refuses to be written.
-        Content the checks would refuse may encode (and then differs) or raise TypeError or ValueError."""
+        Content the checks would refuse encodes to another header, or raises the encoder's own error."""
         encoded = cls.__new__(cls)
         doc, encoded.tensors = encode(snapshot)
         encoded._plan(snapshot, doc, DEFAULT_CHUNK_SIZE)

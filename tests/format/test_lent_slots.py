@@ -232,8 +232,9 @@ def test_a_corrupt_segment_borrowed_unverified_is_verified_before_any_engine_tak
 
 def test_a_borrowed_snapshot_changed_into_what_the_writer_refuses_is_refused_by_name(lender):
     """lent_source compares a snapshot with its segment without the writer's checks (an equal header is one the
-    reader accepted): content changed into what the writer refuses is not its segment's, and sending it raises
-    the writer's own error, before any engine is handed anything."""
+    reader accepted): content changed into what the writer refuses differs from its segment, and sending it
+    raises the writer's own error; content that cannot be encoded at all raises the encoder's. Either way
+    before any engine is handed anything."""
     class Engine:
         pass
 
@@ -246,12 +247,16 @@ def test_a_borrowed_snapshot_changed_into_what_the_writer_refuses_is_refused_by_
     held = lent.borrow(lender.publish(kv))
     assert lent.lent_source(held) is not None
     try:
-        for page, hash_, error in (([3, 1 << 40], "ab", "int32"), ([3], "AB", "lowercase hex")):
-            held.prefix.tokens[1], held.prefix.hash.hashes[0] = page, hash_
-            assert lent.lent_source(held) is None  # 1 << 40 does not encode; "AB" encodes, and differs
-            with pytest.raises(ValueError, match=error):
-                lent.send(engine, held)
+        held.prefix.hash.hashes[0] = "AB"  # encodes, and differs
+        assert lent.lent_source(held) is None
+        with pytest.raises(ValueError, match="lowercase hex"):
+            lent.send(engine, held)
+        held.prefix.hash.hashes[0] = "ab"
+        held.prefix.tokens[1] = [3, 1 << 40]
+        with pytest.raises(ValueError, match="out of int32 range"):
+            lent.send(engine, held)
     finally:
         release_segments(engine)
+    held.prefix.tokens[1] = [3]
     with pytest.raises(ValueError, match="never written"):
         thaw_format.EncodedSnapshot.compared(held).write_into(bytearray(1 << 20))
