@@ -11,9 +11,9 @@ import math
 import re
 import sys
 from array import array
-from itertools import chain, compress
+from itertools import accumulate, chain, compress
 from operator import itemgetter
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any, Callable, Mapping, Optional
 
 from .dtypes import ITEMSIZE, itemsize
@@ -54,13 +54,13 @@ def encode(snapshot: Snapshot) -> tuple[dict, list[tuple[str, Tensor]]]:
     doc: dict[str, Any] = {}
     tensors: list[tuple[str, Tensor]] = []
     if snapshot.model is not None:
-        doc["model"] = asdict(snapshot.model)
+        doc["model"] = _members(snapshot.model)
     if snapshot.weights is not None:
         w = snapshot.weights
         tensors += [(f"weights/{name}", as_tensor(t)) for name, t in w.tensors.items()]
         doc["weights"] = {
             "checkpoint_names": dict(w.checkpoint_names),
-            "ref": asdict(w.ref) if w.ref is not None else None,
+            "ref": _members(w.ref) if w.ref is not None else None,
         }
     if snapshot.kv is not None:
         doc["kv"] = _encode_kv(snapshot.kv, tensors)
@@ -69,13 +69,19 @@ def encode(snapshot: Snapshot) -> tuple[dict, list[tuple[str, Tensor]]]:
     if snapshot.scheduler is not None:
         doc["scheduler"] = _encode_scheduler(snapshot.scheduler, tensors)
     if snapshot.engine is not None:
-        doc["engine"] = asdict(snapshot.engine)
+        doc["engine"] = _members(snapshot.engine)
     if snapshot.lineage is not None:
-        doc["lineage"] = asdict(snapshot.lineage)
+        doc["lineage"] = _members(snapshot.lineage)
     if snapshot.metadata:
         doc["metadata"] = dict(snapshot.metadata)
     doc["tensors"] = [{"name": n, "dtype": t.dtype, "shape": list(t.shape)} for n, t in tensors]
     return doc, tensors
+
+
+def _members(section) -> dict:
+    """A section's fields as a JSON object, its values the section's own: the document is only serialised
+    (dataclasses.asdict deep-copies every list item, a prefix's page hashes one by one)."""
+    return {f.name: getattr(section, f.name) for f in fields(section)}
 
 
 def _encode_kv(kv: KVCache, tensors: list) -> dict:
@@ -105,16 +111,16 @@ def _int_tensor(dtype: str, values: list[int]) -> Tensor:
 
 def _encode_prefix(prefix: PrefixTree, tensors: list) -> dict:
     tensors.append(("prefix/parents", _int_tensor("int64", prefix.parents)))
-    tensors.append(("prefix/num_tokens", _int_tensor("int32", [len(t) for t in prefix.tokens])))
-    tensors.append(("prefix/token_ids", _int_tensor("int32", [t for page in prefix.tokens for t in page])))
-    return {"num_pages": prefix.num_pages, "hash": asdict(prefix.hash) if prefix.hash is not None else None}
+    tensors.append(("prefix/num_tokens", _int_tensor("int32", list(map(len, prefix.tokens)))))
+    tensors.append(("prefix/token_ids", _int_tensor("int32", list(chain.from_iterable(prefix.tokens)))))
+    return {"num_pages": prefix.num_pages, "hash": _members(prefix.hash) if prefix.hash is not None else None}
 
 
 def _encode_scheduler(scheduler: SchedulerState, tensors: list) -> dict:
     requests = []
     for i, req in enumerate(scheduler.requests):
-        entry = {f.name: getattr(req, f.name) for f in fields(req)}  # asdict would deep-copy the tensor
-        entry["sampling"] = asdict(req.sampling)
+        entry = _members(req)
+        entry["sampling"] = _members(req.sampling)
         entry["rng_state"] = req.rng_state is not None
         if req.rng_state is not None:
             tensors.append((f"scheduler/{i}/rng_state", as_tensor(req.rng_state)))
@@ -464,15 +470,13 @@ def _decode_prefix(f: _Fields, tensor) -> PrefixTree:
     counts = _int_list(_need(tensor, "prefix/num_tokens", "prefix"), "int32", "tensor 'prefix/num_tokens'")
     flat = _int_list(_need(tensor, "prefix/token_ids", "prefix"), "int32", "tensor 'prefix/token_ids'")
     num_pages = f.get("num_pages", "count")
-    if not (len(parents) == len(counts) == num_pages) or any(c < 0 for c in counts) or sum(counts) != len(flat):
+    if not (len(parents) == len(counts) == num_pages) or min(counts, default=0) < 0 or sum(counts) != len(flat):
         raise CorruptSnapshotError(
             f"prefix: {num_pages} pages, but parents has {len(parents)}, num_tokens has {len(counts)} "
             f"(sum {sum(counts)}) and token_ids has {len(flat)}"
         )
-    tokens, start = [], 0
-    for c in counts:
-        tokens.append(flat[start : start + c])
-        start += c
+    ends = list(accumulate(counts))
+    tokens = list(map(flat.__getitem__, map(slice, [0, *ends], ends)))
     hash_ = None
     if (h := f.sub("hash")) is not None:
         hash_ = NativeHash(
@@ -577,12 +581,26 @@ def _validate_prefix(prefix: PrefixTree, page_size: int, fail: Fail) -> None:
         hashes = prefix.hash.hashes
         if len(hashes) != prefix.num_pages:
             raise fail(f"prefix.hash: {len(hashes)} hashes for {prefix.num_pages} pages")
-        bad = next((h for h in hashes if not (h is None or isinstance(h, str) and _HEX.fullmatch(h))), 0)
-        if bad != 0:
-            raise fail(f"prefix.hash.hashes: every entry must be lowercase hex of whole bytes or null, got {bad!r:.80}")
+        bad = [] if _all_hex(hashes) else [h for h in hashes
+                                            if not (h is None or isinstance(h, str) and _HEX.fullmatch(h))]
+        if bad:
+            raise fail(f"prefix.hash.hashes: each must be lowercase hex of whole bytes or null, got {bad[0]!r:.80}")
+
+
+def _all_hex(hashes: list) -> bool:
+    """Every entry None or lowercase hex of whole bytes: the strings joined and matched once, each one's
+    length checked in C (one regex call per page cost more than the rest of the prefix's checks)."""
+    given = [h for h in hashes if h is not None]
+    if not given:
+        return True
+    if _types(given) != {str}:
+        return False
+    lengths = list(map(len, given))
+    return min(lengths) > 0 and not any(map((1).__and__, lengths)) and bool(_HEX_DIGITS.fullmatch("".join(given)))
 
 
 _HEX = re.compile(r"(?:[0-9a-f]{2})+")
+_HEX_DIGITS = re.compile(r"[0-9a-f]*")
 
 
 def _validate_request(i: int, req: Request, prefix: Optional[PrefixTree], fail: Fail) -> None:

@@ -228,3 +228,35 @@ def test_a_corrupt_segment_borrowed_unverified_is_verified_before_any_engine_tak
     lent.verify_unchecked(good)
     assert lent.send(engine, good) == (lent.lent_source(good), True)  # verified once, here: checked now
     release_segments(engine)
+
+
+def test_a_borrowed_snapshot_changed_into_what_the_writer_refuses_is_refused_by_name(lender):
+    """lent_source compares a snapshot with its segment without the writer's checks (an equal header is one the
+    reader accepted): content changed into what the writer refuses differs from its segment, and sending it
+    raises the writer's own error; content that cannot be encoded at all raises the encoder's. Either way
+    before any engine is handed anything."""
+    class Engine:
+        pass
+
+    engine = Engine()
+    kv = thaw_format.Snapshot(
+        kv=thaw_format.KVCache(page_size=2, dtype="uint8", layers=[thaw_format.KVLayer(
+            "attention", {r: numpy.zeros((2, 2, 1, 4), numpy.uint8) for r in "kv"}, num_kv_heads=1, head_dim=4)]),
+        prefix=thaw_format.PrefixTree(parents=[-1, 0], tokens=[[1, 2], [3]], hash=thaw_format.NativeHash(
+            algorithm="sha256", tokens_per_hash=2, hashes=["ab", None])))
+    held = lent.borrow(lender.publish(kv))
+    assert lent.lent_source(held) is not None
+    try:
+        held.prefix.hash.hashes[0] = "AB"  # encodes, and differs
+        assert lent.lent_source(held) is None
+        with pytest.raises(ValueError, match="lowercase hex"):
+            lent.send(engine, held)
+        held.prefix.hash.hashes[0] = "ab"
+        held.prefix.tokens[1] = [3, 1 << 40]
+        with pytest.raises(ValueError, match="out of int32 range"):
+            lent.send(engine, held)
+    finally:
+        release_segments(engine)
+    held.prefix.tokens[1] = [3]
+    with pytest.raises(ValueError, match="never written"):
+        thaw_format.EncodedSnapshot.compared(held).write_into(bytearray(1 << 20))

@@ -501,7 +501,7 @@ def lent_source(snapshot: Snapshot) -> Optional[str]:
     name, nbytes = parse(source)
     if not _exists(name):
         return None  # its lender is gone: the mapping lives on here, but no engine can open the segment by name
-    encoded = EncodedSnapshot(snapshot)
+    encoded = EncodedSnapshot.compared(snapshot)  # an equal header is one this process's reader accepted
     mapping = _mapping(name, nbytes)
     if encoded.nbytes != nbytes or mapping[: len(encoded.header)] != encoded.header:
         return None
