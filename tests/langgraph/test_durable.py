@@ -150,3 +150,23 @@ def test_a_thread_resumes_from_an_fsspec_url(engine, model_dir, plain, kind, evi
     assert meta["thread_kv"] == "restored"
     assert meta["cached_tokens"] >= kind.cached(min(saved_tokens(first), len(meta["prompt_token_ids"]) - 1)) > 0
     assert meta["token_ids"] == plain(meta["prompt_token_ids"], 16)
+
+
+def test_a_thread_with_an_id_too_long_for_a_file_name_resumes(engine, model_dir, store, plain, kind, evict):
+    """A thread id whose quoted form would pass the filesystem's 255-byte name limit (every turn raised
+    OSError 'File name too long') is kept under its SHA-256; another long id gets a file of its own."""
+    from thaw_langgraph import ChatThaw
+
+    chat = ChatThaw(engine=engine, tokenizer=model_dir, max_tokens=16, thread_store=str(store))
+    thread_id = "customer/\u00e9t\u00e9-" + "x" * 300
+    messages = [SYSTEM, HumanMessage("step one: read the failing test.")]
+    first = chat.invoke(messages, thread_id=thread_id)
+    chat.invoke([HumanMessage("another thread.")], thread_id=thread_id + "y")
+    names = sorted(path.name for path in store.iterdir())
+    assert len(names) == 2 and all(len(name) < 100 for name in names), names
+    evict()
+    second = chat.invoke(messages + [first, HumanMessage("step two: propose a fix.")], thread_id=thread_id)
+    meta = second.response_metadata
+    assert meta["thread_id"] == thread_id and meta["thread_kv"] == "restored"
+    assert meta["cached_tokens"] >= kind.cached(min(saved_tokens(first), len(meta["prompt_token_ids"]) - 1)) > 0
+    assert meta["token_ids"] == plain(meta["prompt_token_ids"], 16)
