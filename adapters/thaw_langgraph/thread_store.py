@@ -23,6 +23,8 @@ class ThreadStore:
     def __init__(self, url: str | os.PathLike) -> None:
         import fsspec
 
+        if not isinstance(url, (str, os.PathLike)):  # str() of anything else is a directory name in the cwd
+            raise TypeError(f"a thread store is a directory or an fsspec URL, not {type(url).__name__} {url!r}")
         self.url = str(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.fs.makedirs(self.root, exist_ok=True)

@@ -170,3 +170,13 @@ def test_a_thread_with_an_id_too_long_for_a_file_name_resumes(engine, model_dir,
     assert meta["thread_id"] == thread_id and meta["thread_kv"] == "restored"
     assert meta["cached_tokens"] >= kind.cached(min(saved_tokens(first), len(meta["prompt_token_ids"]) - 1)) > 0
     assert meta["token_ids"] == plain(meta["prompt_token_ids"], 16)
+
+
+def test_a_thread_store_of_the_wrong_type_is_refused(engine, model_dir, tmp_path, monkeypatch):
+    """thread_store=5 made a directory named "5" in the working directory (str() of it) and kept threads there."""
+    from thaw_langgraph import ChatThaw
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match="a thread store is a directory or an fsspec URL, not int 5"):
+        ChatThaw(engine=engine, tokenizer=model_dir, thread_store=5)
+    assert list(tmp_path.iterdir()) == []
