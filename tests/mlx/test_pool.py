@@ -40,3 +40,21 @@ def test_a_chain_capture_holds_only_the_chain_of_a_longer_session(parent):
     for layer, longer in zip(snapshot.kv.layers, whole.kv.layers):  # the same bytes where they overlap
         for role in layer.tensors:
             assert bytes(layer.tensors[role].data) == bytes(longer.tensors[role].data[: len(layer.tensors[role].data)])
+
+
+def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(parent):
+    """After close() a round failed mid-send with 'ValueError: I/O operation on closed file', once the parent's
+    capture was taken; the pool says it is closed, before anything runs. (The pool's own bookkeeping, the same
+    on every engine: run on MLX, the quickest to start a worker of.)"""
+    pool = checks.ForkPool(parent, workers=1)
+    pool.close()
+    trunk = checks.tokens(40, seed=7)
+    with pytest.raises(RuntimeError, match="this ForkPool is closed; start a new one"):
+        pool.fork(_Unread(), 1, context=trunk, suffixes=[[5]], params=checks.PARAMS)
+
+
+class _Unread:
+    """A parent that must not be read: the round is refused before any capture."""
+
+    def capture_shared(self, *, chains=None) -> str:
+        raise AssertionError("the parent was read")
