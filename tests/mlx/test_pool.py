@@ -7,7 +7,8 @@ import fork_pool_checks as checks
 from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, written once for every engine
     pool, pool_env, test_rounds_with_different_trunks_match_fresh_engines,
     test_a_worker_killed_mid_round_is_named_and_replaced,
-    test_a_damaged_segment_is_refused_before_any_worker_reads_it)
+    test_a_damaged_segment_is_refused_before_any_worker_reads_it,
+    test_a_context_without_a_full_page_is_refused_before_the_parent_is_read)
 from thaw_conformance import zoo
 from thaw_mlx import MLXEngine
 
@@ -50,11 +51,5 @@ def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(parent):
     pool.close()
     trunk = checks.tokens(40, seed=7)
     with pytest.raises(RuntimeError, match="this ForkPool is closed; start a new one"):
-        pool.fork(_Unread(), 1, context=trunk, suffixes=[[5]], params=checks.PARAMS)
+        pool.fork(checks.Unread(), 1, context=trunk, suffixes=[[5]], params=checks.PARAMS)
 
-
-class _Unread:
-    """A parent that must not be read: the round is refused before any capture."""
-
-    def capture_shared(self, *, chains=None) -> str:
-        raise AssertionError("the parent was read")

@@ -154,6 +154,9 @@ class ForkPool:
         if len(suffixes) != n:
             raise ValueError(f"{n} children need {n} suffixes, got {len(suffixes)}")
         context = [int(t) for t in context]
+        if len(context) < DEFAULT_PAGE_SIZE:  # no full page: nothing to hand over (an engine may refuse the empty KV)
+            raise ValueError(f"a fork round's context needs at least one full page ({DEFAULT_PAGE_SIZE} tokens), whose "
+                             f"KV the workers take; got {len(context)} tokens: generate on the parent instead")
         started = time.perf_counter()
         workers = self._workers[:n]
         for worker in workers:  # a replacement started after a failed round finishes starting here
