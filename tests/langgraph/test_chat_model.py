@@ -69,6 +69,21 @@ def test_batch_and_async_give_the_tokens_of_single_calls(chat):
     assert "".join(c.content for c in streamed) == replies[0].content
 
 
+def test_a_stream_left_with_its_event_loop_finishes_unheard(chat, engine, caplog):
+    """An async stream abandoned after its first token, its event loop then closed (asyncio.run returned): the
+    engine finishes the request unheard; each of its later tokens logged 'a token listener failed' before."""
+    from thaw_langgraph.engine_loop import loop_for
+
+    async def first_token():
+        async for chunk in chat.astream("tell a long story.", max_tokens=200):
+            return chunk.content
+
+    asyncio.run(first_token())
+    loop_for(engine).call(lambda e: None, idle=True)  # once the abandoned request has finished
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert chat.invoke("tell a long story.").content
+
+
 def test_a_reply_fed_back_keeps_its_token_ids(chat, kind):
     """The next turn's prompt holds the reply's own ids (not a re-encoding), so it hits the cache past it."""
     messages = conversation("multi-turn")
