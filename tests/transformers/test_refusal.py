@@ -104,6 +104,16 @@ def test_max_tokens_below_one_is_refused(engine):
             engine("llama").submit(PROMPT, greedy(n))
 
 
+def test_a_dtype_torch_does_not_have_is_refused_by_name():
+    """dtype="float33" raised "module 'torch' has no attribute 'float33'"; "nn" reached from_pretrained as a module."""
+    from conftest import model_dir
+    from thaw_transformers import TransformersEngine
+
+    for dtype in ("float33", "nn"):
+        with pytest.raises(ValueError, match=rf"dtype='{dtype}' is not a torch dtype"):
+            TransformersEngine.start(str(model_dir("llama")), dtype=dtype)
+
+
 def test_damaged_file_refused(served, tmp_path):
     """The format refuses a flipped byte and a truncated file before any engine sees them."""
     data = bytearray(served.read_bytes())
