@@ -22,6 +22,17 @@ def test_tokenizer_fits_the_model_and_has_a_chat_template(chat, model_dir):
     assert max(ids) < vocab and chat.chat_tokens.decode(ids, special=True).startswith("<|im_start|>system\n")
 
 
+def test_a_missing_tokenizer_directory_is_named(engine, tmp_path):
+    """A path that is not there was taken for a Hub repo id: "Repo id must be in the form 'repo_name' or
+    'namespace/repo_name'"; it is named as a missing directory, as a missing model directory is."""
+    from thaw_langgraph import ChatThaw
+
+    missing = tmp_path / "no-such-model"
+    for tokenizer in (str(missing), missing):
+        with pytest.raises(FileNotFoundError, match=rf"no tokenizer directory .*'{missing}'"):
+            ChatThaw(engine=engine, tokenizer=tokenizer)
+
+
 def test_invoke_reports_the_engines_own_counts(chat, engine, kind, plain):
     if kind.name == "vllm":
         from thaw_vllm._internals import engine_in_this_process
