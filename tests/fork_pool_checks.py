@@ -124,3 +124,18 @@ def test_a_damaged_segment_is_refused_before_any_worker_reads_it(pool, parent, f
     result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)  # a fresh capture
     assert [g.token_ids for g in result.generations] == want
     assert [g.cached_tokens for g in result.generations] == [full_pages(trunk)] * WORKERS
+
+
+class Unread:
+    """A parent that must not be read: the round is refused before any capture."""
+
+    def capture_shared(self, *, chains=None) -> str:
+        raise AssertionError("the parent was read")
+
+
+def test_a_context_without_a_full_page_is_refused_before_the_parent_is_read(pool) -> None:
+    """The pool hands over full pages only: with none, MLX's workers refused the empty KV each (a RuntimeError
+    naming both) while others prefilled everything; every engine now gets the same refusal, up front."""
+    with pytest.raises(ValueError, match=rf"needs at least one full page \({DEFAULT_PAGE_SIZE} tokens\).*got 31 "
+                                         r"tokens: generate on the parent instead"):
+        pool.fork(Unread(), WORKERS, context=tokens(31, 3), suffixes=[[5]] * WORKERS, params=PARAMS)

@@ -145,7 +145,14 @@ class ChatThaw(BaseChatModel):
         loop = asyncio.get_running_loop()
 
         def deliver(item) -> None:  # called on the engine loop's thread
-            loop.call_soon_threadsafe(updates.put_nowait, item)
+            # A caller gone with its event loop (a cancelled call, then asyncio.run returned) is not an error: the
+            # engine finishes the request (the contract has no abort), and each token raised a logged traceback.
+            # Asked, not checked first: the loop may close between a check and the call.
+            try:
+                loop.call_soon_threadsafe(updates.put_nowait, item)
+            except RuntimeError:
+                if not loop.is_closed():
+                    raise
 
         self._loop.submit(turn.prompt.ids, turn.params, deliver, deliver)
         text = _Text(self._tokens)

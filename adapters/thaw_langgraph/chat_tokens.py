@@ -10,6 +10,8 @@ the engine holds.
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,10 +36,15 @@ class ChatTokens:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> "ChatTokens":
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "ChatTokens":
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(path)), **kwargs)
+        path = str(path)
+        if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith((".", "~"))):
+            # else transformers takes it for a Hub repo id and complains about the form of the id instead
+            raise FileNotFoundError(errno.ENOENT, "no tokenizer directory (tokenizer= is a directory holding a "
+                                    "tokenizer with a chat template, or a tokenizer object)", path)
+        return cls(AutoTokenizer.from_pretrained(path), **kwargs)
 
     @property
     def stop_token_ids(self) -> list[int]:

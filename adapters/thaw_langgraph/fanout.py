@@ -3,33 +3,37 @@
     replies = fork_fanout(llm, trunk_messages, [[HumanMessage("review security")], [HumanMessage("review style")]])
     replies = fork_fanout(llm, trunk_messages, suffixes, pool=pool)   # on a thaw_format.sdk.ForkPool's workers
 
-Every branch's prompt is the trunk followed by its suffix. The prompts' shared token prefix is computed into
-the engine's cache first, as one request. In-process, every branch then runs at once (one batch in the engine)
-and reads that prefix from the cache. With `pool=`, each round hands the prefix's KV pages to the pool's
-workers (a KV-only capture of the engine's cache) and each worker continues one branch: the engine itself
-serves other calls meanwhile; more branches than workers take several rounds. Either way each reply's
-`response_metadata["cached_tokens"]` is the count of the engine that served it, and replies come back in the
-order of `suffixes`.
+The trunk is what `invoke` takes (a string is one human message); each suffix is one message (a message, a
+string, a (role, text) tuple or a dict) or a list of them. Every branch's prompt is the trunk followed by its
+suffix. The prompts' shared token prefix is computed into the engine's cache first, as one request.
+In-process, every branch then runs at once (one batch in the engine) and reads that prefix from the cache.
+With `pool=`, each round hands the prefix's KV pages to the pool's workers (a KV-only capture of the engine's
+cache) and each worker continues one branch: the engine itself serves other calls meanwhile; more branches
+than workers take several rounds. Either way each reply's `response_metadata["cached_tokens"]` is the count
+of the engine that served it, and replies come back in the order of `suffixes`.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
 from langchain_core.runnables import RunnableConfig
+
+from thaw_format.sdk import DEFAULT_PAGE_SIZE
 
 from .chat_model import ChatThaw
 from .engine_loop import shared_prefix
 
-Suffix = Union[BaseMessage, Sequence[BaseMessage]]
+Suffix = Union[BaseMessage, str, tuple, dict, Sequence[BaseMessage]]
 
 
 def fork_fanout(llm: ChatThaw, messages: Sequence[BaseMessage], suffixes: Sequence[Suffix],
                 config: Optional[RunnableConfig] = None, *, pool=None, **options) -> list[AIMessage]:
     if not suffixes:
         raise ValueError("fork_fanout needs at least one suffix")
-    branches = [list(messages) + ([s] if isinstance(s, BaseMessage) else list(s)) for s in suffixes]
+    trunk = _conversation(messages)
+    branches = [trunk + _conversation([s] if _one_message(s) else s) for s in suffixes]
     if pool is not None:
         return _on_pool(llm, pool, branches, options)
     prefix = shared_prefix([llm.prompt_ids(b) for b in branches])
@@ -40,12 +44,25 @@ def fork_fanout(llm: ChatThaw, messages: Sequence[BaseMessage], suffixes: Sequen
     return bound.batch(branches, {**(config or {}), "max_concurrency": len(branches)})
 
 
+def _conversation(messages) -> list[BaseMessage]:
+    """Messages as LangChain's invoke reads them. A string is one human message: taken as a sequence, each of
+    its characters would become a message of its own, a prompt nobody meant, answered without an error."""
+    return [HumanMessage(messages)] if isinstance(messages, str) else convert_to_messages(messages)
+
+
+def _one_message(suffix) -> bool:
+    """A message as LangChain names one: a message, a string, a dict, or a (role, text) tuple."""
+    return isinstance(suffix, (BaseMessage, str, dict)) or (isinstance(suffix, tuple) and len(suffix) == 2
+                                                            and isinstance(suffix[0], str))
+
+
 def _on_pool(llm: ChatThaw, pool, branches: list, options: dict) -> list[AIMessage]:
     params = llm._params(**options)  # unknown options are refused before anything runs
     prompts = [llm.chat_tokens.encode(b) for b in branches]
     prefix = shared_prefix([p.ids for p in prompts])
-    if not prefix:
-        raise ValueError("fork_fanout with a pool needs branches that share a prefix (the KV the workers take)")
+    if len(prefix) < DEFAULT_PAGE_SIZE:  # the pool moves full pages only
+        raise ValueError(f"fork_fanout with a pool needs branches that share at least {DEFAULT_PAGE_SIZE} prompt "
+                         f"tokens (a page: the KV the workers take); these share {len(prefix)}: run it without pool=")
     llm.prefill(prefix)
     parent = _LoopParent(llm)
     replies = []

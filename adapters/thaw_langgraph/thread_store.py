@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from typing import Optional
 from urllib.parse import quote
 
 import thaw_format
+
+# The longest quoted thread id used as a file name as it is. Most filesystems cap a name at 255 bytes, and the
+# save's staging name adds 42 (".thaw", "." and 32 hex digits, ".tmp"); a longer id is named by its SHA-256.
+# Two ids sharing a file cannot mix threads: a snapshot records its thread id, and durable.load refuses another's.
+NAME_LIMIT = 200
 
 
 class ThreadStore:
@@ -17,6 +23,8 @@ class ThreadStore:
     def __init__(self, url: str | os.PathLike) -> None:
         import fsspec
 
+        if not isinstance(url, (str, os.PathLike)):  # str() of anything else is a directory name in the cwd
+            raise TypeError(f"a thread store is a directory or an fsspec URL, not {type(url).__name__} {url!r}")
         self.url = str(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.fs.makedirs(self.root, exist_ok=True)
@@ -24,7 +32,10 @@ class ThreadStore:
     def path(self, thread_id: str) -> str:
         if not thread_id:
             raise ValueError("a thread id must not be empty")
-        return f"{self.root.rstrip('/')}/{quote(thread_id, safe='')}.thaw"
+        name = quote(thread_id, safe="")
+        if len(name) > NAME_LIMIT:
+            name = "sha256-" + hashlib.sha256(thread_id.encode()).hexdigest()
+        return f"{self.root.rstrip('/')}/{name}.thaw"
 
     def save(self, thread_id: str, snapshot: thaw_format.Snapshot) -> str:
         target = self.path(thread_id)

@@ -157,6 +157,8 @@ class MLXEngine(SharedKV):
             raise ValueError("a prompt needs at least one token")
         if params.max_tokens is None:
             raise ValueError("thaw_mlx needs max_tokens (mlx-lm has no length limit of its own)")
+        if params.max_tokens < 1:  # as vLLM and thaw_transformers refuse it (0 or less gave an empty reply here)
+            raise ValueError(f"thaw_mlx needs max_tokens of at least 1, got {params.max_tokens}")
         sampler = Sampler(params)  # refuses what it cannot apply, before anything is computed
         cache, cached = self._continue_from(prompt)
         rid = next(i for i in (f"mlx-{n}" for n in self._ids) if i not in self.running)

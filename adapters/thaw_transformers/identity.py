@@ -33,11 +33,14 @@ from .pages import LayerLayout
 
 def load(checkpoint: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
     """The checkpoint's model with transformers, in `dtype` on `device`, ready for inference."""
+    torch_dtype = getattr(torch, str(dtype), None)
+    if not isinstance(torch_dtype, torch.dtype):  # getattr alone raised AttributeError naming torch, not dtype=
+        raise ValueError(f"dtype={dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16', 'float16')")
     config = Path(checkpoint) / "config.json"
     if not config.is_file():  # else transformers takes the path for a Hub repo id and names that instead
         raise FileNotFoundError(errno.ENOENT, "not a Hugging Face checkpoint directory (no config.json; a Hub id "
                                 "must be downloaded first, e.g. with huggingface_hub.snapshot_download)", str(config))
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype).to(device).eval()
 
 
 def model_info(model: torch.nn.Module, checkpoint: str | os.PathLike | None = None) -> ModelInfo:

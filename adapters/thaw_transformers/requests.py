@@ -27,6 +27,8 @@ def sampling_problem(params: SamplingParams) -> Optional[str]:
     used = [f"{name}={getattr(params, name)}" for name, off in NOT_APPLIED.items() if getattr(params, name) != off]
     if params.extra:
         used.append(f"extra={sorted(params.extra)}")
+    if params.max_tokens is not None and params.max_tokens < 1:  # done() waits for a first token: it gave one
+        used.append(f"max_tokens={params.max_tokens} (at least 1)")
     if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or not 0 <= params.min_p <= 1:
         used.append(f"temperature={params.temperature} top_p={params.top_p} top_k={params.top_k} "
                     f"min_p={params.min_p} (out of range)")

@@ -22,6 +22,17 @@ def test_tokenizer_fits_the_model_and_has_a_chat_template(chat, model_dir):
     assert max(ids) < vocab and chat.chat_tokens.decode(ids, special=True).startswith("<|im_start|>system\n")
 
 
+def test_a_missing_tokenizer_directory_is_named(engine, tmp_path):
+    """A path that is not there was taken for a Hub repo id: "Repo id must be in the form 'repo_name' or
+    'namespace/repo_name'"; it is named as a missing directory, as a missing model directory is."""
+    from thaw_langgraph import ChatThaw
+
+    missing = tmp_path / "no-such-model"
+    for tokenizer in (str(missing), missing):
+        with pytest.raises(FileNotFoundError, match=rf"no tokenizer directory .*'{missing}'"):
+            ChatThaw(engine=engine, tokenizer=tokenizer)
+
+
 def test_invoke_reports_the_engines_own_counts(chat, engine, kind, plain):
     if kind.name == "vllm":
         from thaw_vllm._internals import engine_in_this_process
@@ -67,6 +78,21 @@ def test_batch_and_async_give_the_tokens_of_single_calls(chat):
     replies, streamed = asyncio.run(run_async())
     assert [m.response_metadata["token_ids"] for m in replies] == singles
     assert "".join(c.content for c in streamed) == replies[0].content
+
+
+def test_a_stream_left_with_its_event_loop_finishes_unheard(chat, engine, caplog):
+    """An async stream abandoned after its first token, its event loop then closed (asyncio.run returned): the
+    engine finishes the request unheard; each of its later tokens logged 'a token listener failed' before."""
+    from thaw_langgraph.engine_loop import loop_for
+
+    async def first_token():
+        async for chunk in chat.astream("tell a long story.", max_tokens=200):
+            return chunk.content
+
+    asyncio.run(first_token())
+    loop_for(engine).call(lambda e: None, idle=True)  # once the abandoned request has finished
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert chat.invoke("tell a long story.").content
 
 
 def test_a_reply_fed_back_keeps_its_token_ids(chat, kind):

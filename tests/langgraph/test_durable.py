@@ -179,3 +179,33 @@ def test_every_entry_point_keeps_the_thread_its_config_names(engine, model_dir, 
     for name, reply in replies.items():
         assert reply.response_metadata.get("thread_id") == name, name
     assert sorted(p.name for p in store.iterdir()) == sorted(f"{name}.thaw" for name in replies)
+
+
+def test_a_thread_with_an_id_too_long_for_a_file_name_resumes(engine, model_dir, store, plain, kind, evict):
+    """A thread id whose quoted form would pass the filesystem's 255-byte name limit (every turn raised
+    OSError 'File name too long') is kept under its SHA-256; another long id gets a file of its own."""
+    from thaw_langgraph import ChatThaw
+
+    chat = ChatThaw(engine=engine, tokenizer=model_dir, max_tokens=16, thread_store=str(store))
+    thread_id = "customer/\u00e9t\u00e9-" + "x" * 300
+    messages = [SYSTEM, HumanMessage("step one: read the failing test.")]
+    first = chat.invoke(messages, thread_id=thread_id)
+    chat.invoke([HumanMessage("another thread.")], thread_id=thread_id + "y")
+    names = sorted(path.name for path in store.iterdir())
+    assert len(names) == 2 and all(len(name) < 100 for name in names), names
+    evict()
+    second = chat.invoke(messages + [first, HumanMessage("step two: propose a fix.")], thread_id=thread_id)
+    meta = second.response_metadata
+    assert meta["thread_id"] == thread_id and meta["thread_kv"] == "restored"
+    assert meta["cached_tokens"] >= kind.cached(min(saved_tokens(first), len(meta["prompt_token_ids"]) - 1)) > 0
+    assert meta["token_ids"] == plain(meta["prompt_token_ids"], 16)
+
+
+def test_a_thread_store_of_the_wrong_type_is_refused(engine, model_dir, tmp_path, monkeypatch):
+    """thread_store=5 made a directory named "5" in the working directory (str() of it) and kept threads there."""
+    from thaw_langgraph import ChatThaw
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match="a thread store is a directory or an fsspec URL, not int 5"):
+        ChatThaw(engine=engine, tokenizer=model_dir, thread_store=5)
+    assert list(tmp_path.iterdir()) == []

@@ -35,6 +35,20 @@ def test_fork_fanout_prefills_the_trunk_once_and_keeps_order(chat, kind):
         assert meta["cached_tokens"] >= kind.cached(shared) > 0  # the trunk came from the cache
 
 
+def test_fork_fanout_takes_strings_as_invoke_does(chat):
+    """A string trunk or suffix is one human message, as invoke reads it (taken as a sequence, each character
+    was a message of its own); a (role, text) tuple is one message, a list of them a conversation."""
+    from thaw_langgraph import fork_fanout
+
+    trunk = "diff: fix the cache prefix bug in the engine snapshot restore function."
+    suffixes = ["review the security.", ("human", "review the style."), [HumanMessage("a"), AIMessage("b")]]
+    replies = fork_fanout(chat, trunk, suffixes, max_tokens=1)
+    conversations = [[HumanMessage("review the security.")], [HumanMessage("review the style.")],
+                     [HumanMessage("a"), AIMessage("b")]]
+    assert [r.response_metadata["prompt_token_ids"] for r in replies] == \
+        [chat.prompt_ids([HumanMessage(trunk)] + c) for c in conversations]
+
+
 def test_concurrent_calls_admitted_together_are_coalesced(chat, kind, plain):
     """Requests that reach the engine loop in one admission: the shared prefix runs first, then every member
     reads it from the cache (the engine's count), and each gets the plain engine's tokens."""
@@ -90,6 +104,9 @@ def test_fork_fanout_on_a_fork_pool_gives_the_in_process_tokens_in_order(chat, e
                     "on a 2-core machine); tests/sglang/test_pool.py runs ForkPool on SGLang")
     with ForkPool(engine, workers=2, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}) as pool:
         pooled = fork_fanout(chat, TRUNK, suffixes, pool=pool)
+        short = r"share at least 32 prompt tokens .* these share \d+: run it without pool="
+        with pytest.raises(ValueError, match=short):  # a pool moves full pages only
+            fork_fanout(chat, [HumanMessage("hi")], ["a", "b"], pool=pool)
     shared = len(chat.prompt_ids(TRUNK))
     for reply, local, suffix in zip(pooled, in_process, suffixes):
         meta = reply.response_metadata

@@ -7,7 +7,8 @@ import fork_pool_checks as checks
 from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, written once for every engine
     pool, pool_env, test_rounds_with_different_trunks_match_fresh_engines,
     test_a_worker_killed_mid_round_is_named_and_replaced,
-    test_a_damaged_segment_is_refused_before_any_worker_reads_it)
+    test_a_damaged_segment_is_refused_before_any_worker_reads_it,
+    test_a_context_without_a_full_page_is_refused_before_the_parent_is_read)
 from thaw_conformance import zoo
 from thaw_mlx import MLXEngine
 
@@ -40,3 +41,15 @@ def test_a_chain_capture_holds_only_the_chain_of_a_longer_session(parent):
     for layer, longer in zip(snapshot.kv.layers, whole.kv.layers):  # the same bytes where they overlap
         for role in layer.tensors:
             assert bytes(layer.tensors[role].data) == bytes(longer.tensors[role].data[: len(layer.tensors[role].data)])
+
+
+def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(parent):
+    """After close() a round failed mid-send with 'ValueError: I/O operation on closed file', once the parent's
+    capture was taken; the pool says it is closed, before anything runs. (The pool's own bookkeeping, the same
+    on every engine: run on MLX, the quickest to start a worker of.)"""
+    pool = checks.ForkPool(parent, workers=1)
+    pool.close()
+    trunk = checks.tokens(40, seed=7)
+    with pytest.raises(RuntimeError, match="this ForkPool is closed; start a new one"):
+        pool.fork(checks.Unread(), 1, context=trunk, suffixes=[[5]], params=checks.PARAMS)
+

@@ -223,3 +223,16 @@ def test_capture_arguments_out_of_range(session):
         thaw_mlx.capture(model, cache, tokens, num_prompt_tokens=99)
     with pytest.raises(ValueError, match="page_size must be positive"):
         thaw_mlx.capture(model, cache, tokens, page_size=0)
+
+
+def test_max_tokens_below_one_is_refused(model_of):
+    """max_tokens=0 or -1 gave an empty reply here and an error on vLLM and transformers: refused on every engine."""
+    from thaw_format.sdk import greedy
+
+    engine = thaw_mlx.MLXEngine(model_of("llama-kv"))
+    for n in (0, -1):
+        with pytest.raises(ValueError, match=f"thaw_mlx needs max_tokens of at least 1, got {n}"):
+            engine.generate([5, 6, 7], greedy(n))
+        with pytest.raises(ValueError, match=f"thaw_mlx needs max_tokens of at least 1, got {n}"):
+            engine.submit([5, 6, 7], greedy(n))
+    assert engine.sessions == [] and engine.running == {}

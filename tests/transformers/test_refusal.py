@@ -94,6 +94,26 @@ def test_unsupported_sampling_in_generate(engine):
         engine("llama").generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=2, frequency_penalty=0.5))
 
 
+def test_max_tokens_below_one_is_refused(engine):
+    """max_tokens=0 or -1 gave one token (a request is done only once it has one); refused, as vLLM refuses it."""
+    from thaw_format.sdk import Unsupported
+    for n in (0, -1):
+        with pytest.raises(Unsupported, match=rf"max_tokens={n} \(at least 1\)"):
+            engine("llama").generate(PROMPT, greedy(n))
+        with pytest.raises(Unsupported, match=rf"max_tokens={n} \(at least 1\)"):
+            engine("llama").submit(PROMPT, greedy(n))
+
+
+def test_a_dtype_torch_does_not_have_is_refused_by_name():
+    """dtype="float33" raised "module 'torch' has no attribute 'float33'"; "nn" reached from_pretrained as a module."""
+    from conftest import model_dir
+    from thaw_transformers import TransformersEngine
+
+    for dtype in ("float33", "nn"):
+        with pytest.raises(ValueError, match=rf"dtype='{dtype}' is not a torch dtype"):
+            TransformersEngine.start(str(model_dir("llama")), dtype=dtype)
+
+
 def test_damaged_file_refused(served, tmp_path):
     """The format refuses a flipped byte and a truncated file before any engine sees them."""
     data = bytearray(served.read_bytes())

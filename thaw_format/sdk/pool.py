@@ -131,6 +131,7 @@ class ForkPool:
         self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
         self._env = {**os.environ, **(env or {})}
         self._checked: set[str] = set()  # the rounds' sources the pool has checked (and so mapped)
+        self._closed = False
         self._workers = [_Worker(str(i), self._config, self._env) for i in range(workers)]
         try:
             for worker in self._workers:
@@ -146,11 +147,16 @@ class ForkPool:
     def fork(self, parent: Engine, n: int, *, context: Sequence[int], suffixes: Sequence[Sequence[int]],
              params: SamplingParams) -> ForkRound:
         """n workers restore the KV of `context` from `parent` and each continues with its suffix."""
+        if self._closed:  # its workers' pipes are closed: a round would fail mid-send, after the parent's capture
+            raise RuntimeError("this ForkPool is closed; start a new one")
         if not 1 <= n <= len(self._workers):
             raise ValueError(f"this pool has {len(self._workers)} workers; a round takes 1..{len(self._workers)}, got {n}")
         if len(suffixes) != n:
             raise ValueError(f"{n} children need {n} suffixes, got {len(suffixes)}")
         context = [int(t) for t in context]
+        if len(context) < DEFAULT_PAGE_SIZE:  # no full page: nothing to hand over (an engine may refuse the empty KV)
+            raise ValueError(f"a fork round's context needs at least one full page ({DEFAULT_PAGE_SIZE} tokens), whose "
+                             f"KV the workers take; got {len(context)} tokens: generate on the parent instead")
         started = time.perf_counter()
         workers = self._workers[:n]
         for worker in workers:  # a replacement started after a failed round finishes starting here
@@ -192,6 +198,7 @@ class ForkPool:
         return round_
 
     def close(self) -> None:
+        self._closed = True
         for worker in self._workers:
             worker.stop()
         for source in self._checked:  # the check's cached mappings would keep the parent's segments alive
