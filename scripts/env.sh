@@ -36,6 +36,10 @@ step() {
 need_disk() {
   local free_kb
   free_kb=$(df -Pk "$1" | awk 'NR == 2 { print $4 }')
+  if [ -z "$free_kb" ]; then
+    echo "error: cannot tell the free disk space where $1 lies (df failed)" >&2
+    return 1
+  fi
   if [ "$free_kb" -lt $(($2 * 1024 * 1024)) ]; then
     echo "error: $3 needs about $2 GB of disk, but only $((free_kb / 1024)) MB are free where $1 lies" >&2
     return 1

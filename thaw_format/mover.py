@@ -60,9 +60,11 @@ the buffer protocol) and never loops over bytes in Python. The functions, on eit
         scatter_pages_checked of each, in one run of the native path's thread pool (its threads woken once for
         them all); every scatter's ranges are checked before any byte of any of them moves (ValueError naming
         the scatter). Returns the first scatter (in order) with a bad chunk and that chunk; a SIGBUS raises
-        PagesFaulted (an EOFError) naming the scatter. Any scatter's blocks may have been written. release=True
-        (native path, Linux): the pages are a read-only mapping of a file, whose memory pages are unmapped once
-        that scatter has moved (they stay in the page cache), so a batch never maps the whole file at once.
+        PagesFaulted (an EOFError) naming the scatter. Any scatter's blocks may have been written. The scatters
+        run at once: no scatter's blocks may overlap another's pages or blocks (not checked across scatters).
+        release=True (native path on Linux: RELEASES_PAGES): the pages are a read-only mapping of a file, whose
+        memory pages are unmapped once that scatter has moved (they stay in the page cache), so a batch never
+        maps the whole file at once; elsewhere the flag does nothing and the caller releases them.
     remote_window(pid, address, nbytes) -> memoryview
         another process's bytes, named here: scatter_pages reads a view of it from that process (Linux
         process_vm_readv, native path), one pass with no copy here; any other read of it faults (it maps
@@ -93,6 +95,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import sys
 import weakref
 from array import array
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
@@ -599,6 +602,10 @@ def _py_scatter_pages_checked_batch(scatters):
     for i, (pages, blocks, block_offsets, layout, chunk_size, expected, _) in enumerate(scatters):  # all first
         try:
             p, b = _bytes_view(pages), _bytes_view(blocks)
+            if b.readonly:
+                raise ValueError("the blocks are read-only")
+            if chunk_size <= 0 or chunk_size % layout.itemsize:
+                raise ValueError(f"chunk_size {chunk_size} is not a positive multiple of the item size")
             _expected_crcs(expected, min(len(block_offsets) * layout.page_bytes, len(p)), chunk_size, 0)
             _check_pages(len(b), len(p), block_offsets, layout, True, _shares_memory(p, b))
         except ValueError as exc:
@@ -848,13 +855,13 @@ def _c_scatter_pages_checked(pages, blocks, block_offsets, layout: PageLayout, c
 def _c_scatter_pages_checked_batch(scatters):
     keep, specs = [], []  # the cdata every spec points into, alive until the call returns
     for i, (pages, blocks, block_offsets, layout, chunk_size, expected, release) in enumerate(scatters):
-        p, b, offs = _c_buffer(pages), _c_buffer(blocks, writable=True), _c_offsets(block_offsets)
-        c_layout, rows = _c_page_layout(layout)
         try:
+            p, b, offs = _c_buffer(pages), _c_buffer(blocks, writable=True), _c_offsets(block_offsets)
+            c_layout, rows = _c_page_layout(layout)
             crcs = _ffi.from_buffer(_UINT32S, _expected_crcs(expected, min(len(offs) * layout.page_bytes, len(p)),
                                                              chunk_size, 0))
-        except ValueError as exc:
-            raise ValueError(f"scatter {i}: {exc}") from None
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"scatter {i}: {exc}") from None
         keep.append((p, b, offs, c_layout, rows, crcs, pages, blocks, block_offsets, layout))
         specs.append((p, len(p), b, len(b), offs, len(offs), c_layout, chunk_size, crcs, bool(release)))
     if not specs:
@@ -862,7 +869,11 @@ def _c_scatter_pages_checked_batch(scatters):
     failed, bad = _ffi.new("int64_t *"), _ffi.new("int64_t *")
     code = _lib.thaw_scatter_pages_checked_batch(_ffi.new("thaw_checked_scatter[]", specs), len(specs), failed, bad)
     if code == _lib.THAW_PAGES_FAULT:
+        if failed[0] < 0:  # no scatter ran: the SIGBUS guard could not be installed
+            raise RuntimeError("libthaw could not install its SIGBUS guard; nothing was moved")
         raise PagesFaulted(failed[0])
+    if code == _lib.THAW_PAGES_NO_MEMORY:
+        raise MemoryError("libthaw: out of memory for the batch's row order")
     if code:
         p, b, _, _, _, _, pages, blocks, block_offsets, layout = keep[failed[0]]
         try:
@@ -1023,6 +1034,9 @@ def _scatter_pages(local):
 
 # ---------------------------------------------------------------------------------------------------------
 # The public functions: bound once to the active path.
+
+# Whether scatter_pages_checked_batch's release flag unmaps pages (libthaw's madvise, Linux only).
+RELEASES_PAGES = _lib is not None and sys.platform.startswith("linux")
 
 if _lib is not None:
     crc32c, chunk_crcs = _c_crc32c, _c_chunk_crcs

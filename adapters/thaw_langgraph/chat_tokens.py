@@ -39,7 +39,7 @@ class ChatTokens:
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "ChatTokens":
         from transformers import AutoTokenizer
 
-        path = str(path)
+        path = os.path.expanduser(str(path))
         if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith((".", "~"))):
             # else transformers takes it for a Hub repo id and complains about the form of the id instead
             raise FileNotFoundError(errno.ENOENT, "no tokenizer directory (tokenizer= is a directory holding a "

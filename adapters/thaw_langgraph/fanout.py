@@ -28,8 +28,10 @@ from .engine_loop import shared_prefix
 Suffix = Union[BaseMessage, str, tuple, dict, Sequence[BaseMessage]]
 
 
-def fork_fanout(llm: ChatThaw, messages: Sequence[BaseMessage], suffixes: Sequence[Suffix],
+def fork_fanout(llm: ChatThaw, messages: Union[str, Sequence[BaseMessage]], suffixes: Sequence[Suffix],
                 config: Optional[RunnableConfig] = None, *, pool=None, **options) -> list[AIMessage]:
+    if isinstance(suffixes, str):  # else each character would be a branch
+        raise TypeError("fork_fanout takes a list of suffixes, one per branch: [suffix], not a string")
     if not suffixes:
         raise ValueError("fork_fanout needs at least one suffix")
     trunk = _conversation(messages)

@@ -11,9 +11,10 @@ from urllib.parse import quote
 import thaw_format
 
 # The longest quoted thread id used as a file name as it is. Most filesystems cap a name at 255 bytes, and the
-# save's staging name adds 42 (".thaw", "." and 32 hex digits, ".tmp"); a longer id is named by its SHA-256.
+# save's staging name adds 42 (".thaw", "." and 32 hex digits, ".tmp"); a longer id is named by its SHA-256
+# (every id that fitted before keeps its file).
 # Two ids sharing a file cannot mix threads: a snapshot records its thread id, and durable.load refuses another's.
-NAME_LIMIT = 200
+NAME_LIMIT = 255 - 42
 
 
 class ThreadStore:

@@ -47,7 +47,8 @@ class Expected(NamedTuple):
     """A tensor's bytes as a file holds them, still to check: the chunk size and the CRC each chunk must have,
     the name that a CorruptSnapshotError reports, and what to call once its bytes are in MLX (to let go of a
     mapped file's pages), if anything: where there is, fill_checked has libthaw unmap the tensor's pages of
-    the mapping itself as soon as the tensor has moved, instead."""
+    the mapping itself as soon as the tensor has moved, where libthaw can (mover.RELEASES_PAGES), and calls it
+    after the whole batch elsewhere."""
 
     name: str
     chunk_size: int
@@ -411,7 +412,7 @@ def fill_checked(layers: list[KVLayer], pages: list[int], expected: list[dict], 
         for role, check in (checks or {}).items():
             scatter = _checked_scatter(layer.tensors[role], pages, chosen[role][1], check)
             if scatter is not None:
-                scatters.append((*scatter, check.done is not None))
+                scatters.append((*scatter, check.done is not None and mover.RELEASES_PAGES))
                 checked.append(check)
                 roles.append(role)
         filled.append(frozenset(roles))
@@ -421,6 +422,10 @@ def fill_checked(layers: list[KVLayer], pages: list[int], expected: list[dict], 
         raise CorruptSnapshotError(f"tensor {checked[exc.index].name!r}: {exc}") from exc
     if failed is not None:
         _raise_bad(checked[failed[0]], failed[1])
+    if not mover.RELEASES_PAGES:  # libthaw cannot unmap them here: let go of the file's pages as from_pages would
+        for check in checked:
+            if check.done is not None:
+                check.done()
     return filled
 
 

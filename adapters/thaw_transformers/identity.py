@@ -33,7 +33,7 @@ from .pages import LayerLayout
 
 def load(checkpoint: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
     """The checkpoint's model with transformers, in `dtype` on `device`, ready for inference."""
-    torch_dtype = getattr(torch, str(dtype), None)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
     if not isinstance(torch_dtype, torch.dtype):  # getattr alone raised AttributeError naming torch, not dtype=
         raise ValueError(f"dtype={dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16', 'float16')")
     config = Path(checkpoint) / "config.json"

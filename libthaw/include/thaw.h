@@ -195,7 +195,8 @@ typedef struct {
  * moves: a refusal returns thaw_scatter_pages_checked's code with *failed = that scatter's index. Otherwise
  * *failed is the first scatter (in order) with a bad chunk or a fault, *bad_chunk its first bad chunk (-1 for a
  * fault, which returns THAW_PAGES_FAULT), and *failed = -1 when every chunk passed. As with one scatter, other
- * chunks, of this and other scatters, may have been written: scatter into fresh buffers only. A scatter with
+ * chunks, of this and other scatters, may have been written: scatter into fresh buffers only. The scatters run
+ * at once: no scatter's blocks may overlap another's pages or blocks (each is checked alone). A scatter with
  * release_pages set has the whole memory pages inside its pages unmapped (madvise MADV_DONTNEED, Linux) by the
  * thread that finishes its last unit: for a read-only mapping of a file, whose pages stay in the page cache, so
  * that a load of many tensors never maps the whole file at once (its pages are read again, if ever, from the

@@ -47,6 +47,8 @@ def test_fork_fanout_takes_strings_as_invoke_does(chat):
                      [HumanMessage("a"), AIMessage("b")]]
     assert [r.response_metadata["prompt_token_ids"] for r in replies] == \
         [chat.prompt_ids([HumanMessage(trunk)] + c) for c in conversations]
+    with pytest.raises(TypeError, match="a list of suffixes"):  # not one branch per character
+        fork_fanout(chat, trunk, "review the security.", max_tokens=1)
 
 
 def test_concurrent_calls_admitted_together_are_coalesced(chat, kind, plain):

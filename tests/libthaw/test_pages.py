@@ -197,6 +197,10 @@ def test_a_batch_of_checked_scatters_writes_each_scatters_bytes_and_names_the_fi
         batch(specs + [(pages, untouched[2][:100], offsets, layout, chunk, crcs, False)])
     with pytest.raises(ValueError, match="^scatter 1: .*expected CRCs"):
         batch([specs[0], (pages, untouched[2], offsets, layout, chunk, crcs[:-1], False)])
+    read_only = np.zeros_like(untouched[2])
+    read_only.flags.writeable = False
+    with pytest.raises((ValueError, TypeError), match="^scatter 1: .*read-only"):
+        batch([specs[0], (pages, read_only, offsets, layout, chunk, crcs, False)])
     assert not any(out.any() for out in untouched)
     assert batch([]) is None
 

@@ -165,6 +165,22 @@ def test_fill_checked_scatters_a_cache_in_one_call_as_from_pages_does_and_names_
         pages.fill_checked(layers, chain, expected, pages.scatter_targets(layers, chain))
 
 
+def test_fill_checked_lets_go_of_a_files_pages_itself_where_libthaw_cannot(monkeypatch):
+    """Where libthaw does not unmap a mapped file's pages (not Linux, or the portable path), fill_checked calls
+    each filled tensor's `done` after the batch, as from_pages does, so the whole file does not stay mapped."""
+    monkeypatch.setattr(mover, "RELEASES_PAGES", False)
+    heads, capacity, dim, page_size, chunk = 2, 256, 32, 32, 4096
+    tensors = {role: pages.to_pages(sequence(mx.float32, heads, capacity, dim, seed=seed), 64, page_size)
+               for seed, role in enumerate("kv")}
+    layers = [KVLayer("attention", tensors, num_kv_heads=heads, head_dim=dim)]
+    released = []
+    expected = [{role: pages.Expected(f"kv/0/{role}", chunk, mover.chunk_crcs(t.data, chunk),
+                                      lambda role=role: released.append(role)) for role, t in tensors.items()}]
+    chain = list(range(tensors["k"].shape[0]))
+    filled = pages.fill_checked(layers, chain, expected, pages.scatter_targets(layers, chain))
+    assert filled == [frozenset("kv")] and sorted(released) == ["k", "v"]
+
+
 @pytest.mark.parametrize("scatter", CHECKED, ids=lambda f: f.__name__)
 def test_scatter_pages_checked_names_the_first_bad_chunk(scatter):
     """Both paths of mover.scatter_pages_checked: None and the pages in place when every chunk is good; else the
