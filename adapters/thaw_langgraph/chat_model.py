@@ -8,8 +8,8 @@ at the tokenizer's end-of-turn ids. `response_metadata` carries the prompt and r
 engine's own cached-token count; `usage_metadata` is LangChain's (cache_read: that count).
 
 Durable threads: with `thread_store=` (a directory or fsspec URL) every turn of a thread (`thread_id` from the
-config's "configurable", in a LangGraph graph or not, or passed as a keyword) saves the thread's KV afterwards and restores it first where the
-engine no longer holds it (see durable.py).
+config's "configurable", in a LangGraph graph or not, or passed as a keyword) saves the thread's KV afterwards
+and restores it first where the engine no longer holds it (see durable.py).
 """
 
 from __future__ import annotations
