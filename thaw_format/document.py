@@ -584,7 +584,8 @@ def _validate_prefix(prefix: PrefixTree, page_size: int, fail: Fail) -> None:
         bad = [] if _all_hex(hashes) else [h for h in hashes
                                             if not (h is None or isinstance(h, str) and _HEX.fullmatch(h))]
         if bad:
-            raise fail(f"prefix.hash.hashes: each must be lowercase hex of whole bytes or null, got {bad[0]!r:.80}")
+            raise fail("prefix.hash.hashes: every entry must be lowercase hex of whole bytes or null, "
+                       f"got {bad[0]!r:.80}")
 
 
 def _all_hex(hashes: list) -> bool:
