@@ -543,7 +543,7 @@ def _py_gather_pages(blocks, block_offsets, layout: PageLayout, out, chunk_size:
 
     b, o = numpy.frombuffer(_bytes_view(blocks), numpy.uint8), numpy.frombuffer(_bytes_view(out), numpy.uint8)
     offsets = numpy.asarray(block_offsets, dtype=numpy.int64)
-    _check_pages(len(b), len(o), offsets, layout, False, numpy.shares_memory(b, o))
+    _check_pages(len(b), len(o), offsets, layout, False, _shares_memory(b, o))
     index = _page_byte_index(offsets, layout)
     o[: index.size] = b[index]
     return _py_chunk_crcs(o[: index.size], chunk_size) if chunk_size else None
@@ -582,7 +582,7 @@ def _py_scatter_pages(pages, blocks, block_offsets, layout: PageLayout) -> None:
 
     p, b = numpy.frombuffer(_bytes_view(pages), numpy.uint8), numpy.frombuffer(_bytes_view(blocks), numpy.uint8)
     offsets = numpy.asarray(block_offsets, dtype=numpy.int64)
-    _check_pages(len(b), len(p), offsets, layout, True, numpy.shares_memory(b, p))
+    _check_pages(len(b), len(p), offsets, layout, True, _shares_memory(b, p))
     index = _page_byte_index(offsets, layout)
     b[index] = p[: index.size]
 
@@ -617,7 +617,8 @@ def _py_scatter_pages_checked_batch(scatters):
     return None
 
 
-def _shares_memory(a: memoryview, b: memoryview) -> bool:
+def _shares_memory(a, b) -> bool:
+    """Whether two contiguous byte buffers overlap in memory."""
     import numpy
 
     return numpy.shares_memory(numpy.frombuffer(a, numpy.uint8), numpy.frombuffer(b, numpy.uint8))
