@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("inspect", "sections, tensors, sizes, identity and lineage of a snapshot")
     p.add_argument("path")
     p.add_argument("--brief", action="store_true", help="sections only, no tensor table")
-    p.add_argument("--limit", type=int, default=50, help="tensor rows to show (default 50)")
+    p.add_argument("--limit", type=_count, default=50, help="tensor rows to show (default 50)")
     p.add_argument("--verify", action="store_true", help="also check every chunk checksum (reads the whole file)")
     p.add_argument("--json", action="store_true", help="one JSON object (every tensor unless --brief)")
     p.set_defaults(run=inspect)
@@ -269,6 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("arguments", nargs=argparse.REMAINDER)
             p.set_defaults(run=lambda args, why=str(exc): _unavailable(why))
     return parser
+
+
+def _count(text: str) -> int:
+    """A count of 0 or more (a negative --limit would slice rows off the end and miscount the rest)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
+    return value
 
 
 def _unavailable(why: str) -> int:

@@ -48,6 +48,7 @@ class SnapshotFile:
     def __init__(self, source, *, limits: Limits = DEFAULT_LIMITS) -> None:
         self._fd: Optional[int] = None
         self._map: Optional[mmap.mmap] = None
+        self._closed = False
         if isinstance(source, (str, os.PathLike)):
             self._fd = open_regular(os.fspath(source), CorruptSnapshotError)
             self._size = os.fstat(self._fd).st_size
@@ -190,6 +191,7 @@ class SnapshotFile:
 
         A name the snapshot does not hold raises MissingTensorError (a KeyError) listing the closest names;
         weights are named `weights/<name>` (what `save_file` writes)."""
+        self._check_open()
         index, dtype, shape = self._entry(name)
         if copy:
             return self._read_tensors([name], verify)[name]
@@ -240,6 +242,7 @@ class SnapshotFile:
         header and trailer as checked at open, every region with each chunk verified before it reaches `out`,
         and zeros for the padding (not read: outside every checksum). `out` then holds a valid snapshot image
         (`loads(out)`), whatever happens to the file afterwards."""
+        self._check_open()
         layout, out = self.layout, memoryview(out).cast("B")
         if len(out) < layout.file_length:
             raise ValueError(f"the buffer holds {len(out)} bytes, the snapshot {layout.file_length}")
@@ -264,6 +267,7 @@ class SnapshotFile:
     @gc_paused
     def snapshot(self, *, verify: bool = True, copy: bool = True, progress: Progress = None) -> Snapshot:
         """The whole snapshot. `copy=False` keeps tensors as copy-on-write views over the file (zero-copy)."""
+        self._check_open()
         names = self.names()
         if copy:
             tensors = self._read_tensors(names, verify, progress)
@@ -279,6 +283,7 @@ class SnapshotFile:
     @gc_paused
     def verify(self, progress: Progress = None) -> None:
         """Check every chunk checksum, that all padding is zero, and every section rule."""
+        self._check_open()
         self._verify_bytes(progress)
         decode(self.document, self._mapped_tensors().__getitem__, self.names())
 
@@ -342,6 +347,11 @@ class SnapshotFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            self._closed = True  # a file opened by path; one over a buffer keeps reading the buffer
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the snapshot file is closed: read it inside its `with thaw_format.open(...)` block")
 
     def __enter__(self) -> "SnapshotFile":
         return self

@@ -8,6 +8,7 @@ into its region and returns the region's chunk CRCs, so an engine's KV pages rea
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
@@ -15,7 +16,7 @@ import secrets
 import stat
 from array import array
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from . import mover
 from .container import DEFAULT_CHUNK_SIZE, encode_header, encode_trailer, plan_layout, content_id
@@ -47,6 +48,9 @@ class EncodedSnapshot:
 
     @gc_paused
     def __init__(self, snapshot: Snapshot, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        if not isinstance(snapshot, Snapshot):  # a dict of tensors is save_file's, as in safetensors
+            hint = ": for a dict of tensors use thaw_format.save_file" if isinstance(snapshot, Mapping) else ""
+            raise TypeError(f"expected a thaw_format.Snapshot, got {type(snapshot).__name__}{hint}")
         if chunk_size < 4096 or chunk_size & (chunk_size - 1):
             raise ValueError(f"chunk_size must be a power of two >= 4096, got {chunk_size}")
         validate(snapshot, ValueError)
@@ -69,7 +73,15 @@ class EncodedSnapshot:
         return encoded
 
     def _plan(self, snapshot: Snapshot, doc: dict, chunk_size: int) -> None:
-        json_bytes = canonical_json(doc)
+        try:
+            json_bytes = canonical_json(doc)
+        except UnicodeEncodeError as exc:  # a lone surrogate (from os.fsdecode or a broken decode) has no UTF-8
+            near = exc.object[max(exc.start - 40, 0) : exc.end + 40]
+            raise ValueError(f"snapshot cannot be written: a string is not valid Unicode ({exc.reason}), in the "
+                             f"document near {near!r}") from None
+        except (TypeError, ValueError) as exc:  # NaN, bytes, a set: metadata the JSON document cannot hold
+            raise type(exc)(f"snapshot cannot be written: every name, metadata and section value must be JSON "
+                            f"(str, number, bool, None, list, dict; finite floats): {exc}") from None
         self.layout = plan_layout(len(json_bytes), [t.nbytes for _, t in self.tensors], [chunk_size] * len(self.tensors))
         self.header = encode_header(json_bytes, self.layout, *features(snapshot))
 
@@ -160,8 +172,9 @@ class EncodedSnapshot:
         """
         self._writable()
         self._check_fill(fill or {})  # before the temporary file exists
-        path = os.fspath(path)
+        path = os.fsdecode(path)  # str, bytes or os.PathLike, as load takes
         directory = os.path.dirname(os.path.abspath(path))
+        _check_target(path, directory)
         fd, tmp = _create_beside(path, directory)
         try:
             if fill:
@@ -263,6 +276,16 @@ def _write_out(fd: int, data: memoryview, offset: int, durable: bool) -> None:
     mover.pwrite_all(fd, data, offset)
     if durable:
         mover.start_writeback(fd, offset, len(data))
+
+
+def _check_target(path: str, directory: str) -> None:
+    """Refuse, before a byte is written, a target the final rename would refuse: a directory at `path`, or a
+    folder that does not exist ("~" is not expanded, as in `open`). Either error names the user's path, not the
+    temporary file beside it."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise IsADirectoryError(errno.EISDIR, "cannot save a snapshot over a directory", path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, "the folder to save the snapshot in does not exist", directory)
 
 
 def _create_beside(path: str, directory: str) -> tuple[int, str]:

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, _env
 from thaw_conformance.results import CHECKS
 from thaw_conformance.vectors import default_dir
@@ -47,3 +49,15 @@ def test_pytest_plugin_runs_the_suite():
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{len(CHECKS)} passed" in done.stdout
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--engine", "vlm"], "no engine 'vlm'"),  # ran nothing, listed every check skipped and exited 0
+    (["--engine", "template", "--timeout", "0"], "must be positive"),
+])
+def test_a_misspelt_engine_or_a_timeout_of_nothing_is_refused_before_anything_runs(tmp_path, args, match):
+    done = subprocess.run([sys.executable, "-m", "thaw_conformance.cli", *args, "--out", str(tmp_path / "r.json"),
+                           "--workdir", str(tmp_path / "work")], env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and match in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -229,3 +229,12 @@ def _read_or_empty(fd: int) -> bytes:
         return os.read(fd, 4096)
     except OSError:  # EIO: the other side of the pty has closed
         return b""
+
+
+@pytest.mark.parametrize("limit", ["-1", "x"])
+def test_inspect_refuses_a_limit_that_is_not_a_count(tmp_path, capsys, limit):
+    path = tmp_path / "w.thaw"
+    tf.save_file({"a": Tensor("uint8", (1,), b"a"), "b": Tensor("uint8", (1,), b"b")}, path)
+    with pytest.raises(SystemExit) as caught:  # -1 showed one row of two and said "... and 3 more"
+        main(["inspect", "--limit", limit, str(path)])
+    assert caught.value.code == 2 and "0 or more" in capsys.readouterr().err

@@ -259,3 +259,26 @@ def test_a_write_that_takes_nothing_raises_instead_of_looping(tmp_path, monkeypa
     with open(tmp_path / "r", "wb") as f:
         raised = finishes(lambda: mover._py_write_regions(f.fileno(), [(0, bytes(8192), 4096)]))
     assert isinstance(raised, OSError) and "pwrite wrote nothing of 8192 bytes at offset 0" in str(raised)
+
+
+def test_a_save_into_a_missing_folder_names_the_folder_not_a_temporary(tmp_path):
+    with pytest.raises(FileNotFoundError) as caught:
+        tf.save(labelled("A"), tmp_path / "nope" / "s.thaw")
+    assert caught.value.filename == str(tmp_path / "nope") and "thaw-tmp" not in str(caught.value)
+    with pytest.raises(FileNotFoundError, match="folder .* does not exist"):  # "~" is not expanded, as in open()
+        tf.save(labelled("A"), "~no-such-user-folder/s.thaw")
+
+
+def test_a_save_over_a_directory_is_refused_before_writing_any_data(tmp_path):
+    (tmp_path / "target").mkdir()
+    written = []
+    with pytest.raises(IsADirectoryError) as caught:
+        tf.save(labelled("A"), tmp_path / "target", progress=written.append)
+    assert written == [] and caught.value.filename == str(tmp_path / "target")  # it wrote 3 MiB, then failed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+def test_save_takes_a_bytes_path_as_load_does(tmp_path):
+    path = os.fsencode(tmp_path / "s.thaw")
+    snapshot_id = tf.save(labelled("A"), path)  # was TypeError: Can't mix strings and bytes in path components
+    assert tf.load(path).id == snapshot_id
