@@ -282,6 +282,10 @@ def _check_target(path: str, directory: str) -> None:
     """Refuse, before a byte is written, a target the final rename would refuse: a directory at `path`, or a
     folder that does not exist ("~" is not expanded, as in `open`). Either error names the user's path, not the
     temporary file beside it."""
+    if not path:  # as open(""): else the temporary would go to the current folder's parent
+        raise FileNotFoundError(errno.ENOENT, "an empty path names no snapshot file", path)
+    if os.path.basename(path) == "":  # "new.thaw/": a trailing separator names a folder
+        raise IsADirectoryError(errno.EISDIR, "a path ending in a separator names a folder, not a snapshot file", path)
     if os.path.isdir(path) and not os.path.islink(path):
         raise IsADirectoryError(errno.EISDIR, "cannot save a snapshot over a directory", path)
     if not os.path.isdir(directory):

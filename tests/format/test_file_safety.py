@@ -269,13 +269,19 @@ def test_a_save_into_a_missing_folder_names_the_folder_not_a_temporary(tmp_path)
         tf.save(labelled("A"), "~no-such-user-folder/s.thaw")
 
 
-def test_a_save_over_a_directory_is_refused_before_writing_any_data(tmp_path):
+def test_a_save_over_a_directory_is_refused_before_writing_any_data(tmp_path, monkeypatch):
     (tmp_path / "target").mkdir()
     written = []
     with pytest.raises(IsADirectoryError) as caught:
         tf.save(labelled("A"), tmp_path / "target", progress=written.append)
     assert written == [] and caught.value.filename == str(tmp_path / "target")  # it wrote 3 MiB, then failed
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+    with pytest.raises(IsADirectoryError, match="separator"):  # the temporary was "..<hex>.thaw-tmp", written
+        tf.save(labelled("A"), f"{tmp_path}/new.thaw/", progress=written.append)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(FileNotFoundError, match="empty path"):  # the temporary went to the parent, tmp_path
+        tf.save(labelled("A"), "", progress=written.append)
+    assert written == [] and sorted(p.name for p in tmp_path.iterdir()) == ["here", "target"]
 
 
 def test_save_takes_a_bytes_path_as_load_does(tmp_path):
