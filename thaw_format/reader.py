@@ -392,6 +392,9 @@ def _path(path) -> str:
     """A path argument: str, bytes (a file system path, as in `os.open`) or os.PathLike."""
     if isinstance(path, (str, bytes, os.PathLike)):
         return os.fsdecode(path)
+    if callable(getattr(path, "read", None)):
+        raise TypeError(f"expected a path (str, bytes or os.PathLike), got a file object ({type(path).__name__}): "
+                        "pass its path, or loads() its bytes")
     raise TypeError(f"expected a path (str, bytes or os.PathLike), got {type(path).__name__}; "
                     "use loads() for a snapshot's bytes in memory")
 

@@ -9,6 +9,7 @@ into its region and returns the region's chunk CRCs, so an engine's KV pages rea
 from __future__ import annotations
 
 import errno
+import io
 import math
 import mmap
 import os
@@ -132,6 +133,7 @@ class EncodedSnapshot:
     def write_to(self, stream, progress: Progress = None) -> str:
         """Write in one sequential pass to anything with `write` (a pipe, a socket file, an upload stream)."""
         self._writable()
+        _check_binary_stream(stream)
         _write_all(stream, self.header)
         position, crcs = len(self.header), array("I")
         for (_, tensor), region in zip(self.tensors, self.layout.regions):
@@ -327,6 +329,18 @@ def _check_readable(doc: dict, tensors: list) -> None:
         decode(doc, by_name.__getitem__, list(by_name))
     except CorruptSnapshotError as exc:
         raise ValueError(f"snapshot cannot be written: {exc}") from None
+
+
+def _check_binary_stream(stream) -> None:
+    """Refuse, before the first write, a path (save's) and a text stream (it takes str, not bytes)."""
+    if isinstance(stream, (str, bytes, os.PathLike)):
+        raise TypeError(f"write() streams to a binary file object, got a path ({type(stream).__name__}): "
+                        "use thaw_format.save(snapshot, path)")
+    if isinstance(stream, io.TextIOBase):
+        raise TypeError("write() needs a binary stream, got a text stream: use sys.stdout.buffer, or open the file "
+                        "with 'wb'")
+    if not callable(getattr(stream, "write", None)):
+        raise TypeError(f"write() needs a stream with a write method, got {type(stream).__name__}")
 
 
 def _write_all(stream, data) -> None:

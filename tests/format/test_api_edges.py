@@ -225,3 +225,16 @@ def test_a_sparse_torch_tensor_is_refused_naming_to_dense(tmp_path):
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="sparse_coo.*to_dense"):
         tf.save_file({"s": torch.eye(3).to_sparse()}, tmp_path / "s.thaw")
+
+
+def test_write_refuses_a_path_or_a_text_stream_before_writing(tmp_path):
+    snapshot = tf.Snapshot(weights=tf.Weights({"w": Tensor("uint8", (3,), b"abc")}))
+    with pytest.raises(TypeError, match="use thaw_format.save"):  # was AttributeError: 'str' has no 'write'
+        tf.write(snapshot, str(tmp_path / "s.thaw"))
+    with open(tmp_path / "s.txt", "w") as text, pytest.raises(TypeError, match="binary stream.*sys.stdout.buffer"):
+        tf.write(snapshot, text)
+    assert (tmp_path / "s.txt").read_bytes() == b""
+    with open(tmp_path / "s.thaw", "wb") as f:
+        tf.write(snapshot, f)
+    with open(tmp_path / "s.thaw", "rb") as f, pytest.raises(TypeError, match="file object.*pass its path"):
+        tf.load(f)
