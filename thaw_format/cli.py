@@ -292,7 +292,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status = args.run(args)
-        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        if sys.stdout is not None:  # None when started with descriptor 1 closed (`thaw verify F >&-`)
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
         return status
     except BrokenPipeError:
         # The reader went away (`thaw inspect F | head -1`): stop quietly with the shell's code for SIGPIPE.

@@ -181,6 +181,15 @@ def test_closed_pipe_ends_quietly(tmp_path):
     assert result.returncode == 141 and result.stderr == ""
 
 
+def test_a_closed_standard_output_is_no_traceback_and_keeps_the_exit_status():
+    """`thaw verify F >&-`: Python starts with sys.stdout None; the result is still the exit status."""
+    thaw = Path(sys.executable).with_name("thaw")
+    for path, status in ((VECTORS / "weights_only.thaw", 0), (VECTORS / "nope.thaw", 2)):
+        result = subprocess.run(["bash", "-c", '"$0" verify "$1" >&-', str(thaw), str(path)], stderr=subprocess.PIPE,
+                                text=True)
+        assert result.returncode == status and "Traceback" not in result.stderr, result.stderr
+
+
 def test_control_characters_in_names_and_metadata_are_escaped(tmp_path, capsys):
     hostile = "w\x1b[2J\r\nOK sha256:forged\u202e"
     path = str(tmp_path / "hostile.thaw")
