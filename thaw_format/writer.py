@@ -294,6 +294,9 @@ def _check_target(path: str, directory: str) -> None:
         raise FileNotFoundError(errno.ENOENT, "the folder to save the snapshot in does not exist", directory)
 
 
+_TMP_STEM_BYTES = 200
+
+
 def _create_beside(path: str, directory: str) -> tuple[int, str]:
     """A new temporary file in `directory` (read-write: a fill maps it), with the mode the snapshot at `path`
     will have: that of the regular file it replaces, else 0666 less the umask (applied by the kernel at
@@ -303,8 +306,12 @@ def _create_beside(path: str, directory: str) -> tuple[int, str]:
         keep = stat.S_IMODE(existing.st_mode) if stat.S_ISREG(existing.st_mode) else None
     except FileNotFoundError:
         keep = None
+    # The name's first 200 bytes: its 23 more must fit the 255 a file name may have, as `path`'s own name does
+    stem = os.path.basename(path)[:_TMP_STEM_BYTES]
+    while len(os.fsencode(stem)) > _TMP_STEM_BYTES:
+        stem = stem[:-1]
     for _ in range(100):
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.thaw-tmp")
+        tmp = os.path.join(directory, f".{stem}.{secrets.token_hex(6)}.thaw-tmp")
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:

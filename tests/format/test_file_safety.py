@@ -288,3 +288,10 @@ def test_save_takes_a_bytes_path_as_load_does(tmp_path):
     path = os.fsencode(tmp_path / "s.thaw")
     snapshot_id = tf.save(labelled("A"), path)  # was TypeError: Can't mix strings and bytes in path components
     assert tf.load(path).id == snapshot_id
+
+
+@pytest.mark.parametrize("name", ["a" * 250 + ".thaw", "é" * 125 + ".thaw"])  # 255 and 255 bytes
+def test_a_file_name_of_the_longest_length_saves(tmp_path, name):
+    # The temporary beside it added 23 bytes to the name: File name too long, for a name open() takes.
+    snapshot_id = tf.save(labelled("A"), tmp_path / name)
+    assert tf.load(tmp_path / name).id == snapshot_id and os.listdir(tmp_path) == [name]
