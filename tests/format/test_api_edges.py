@@ -221,10 +221,12 @@ def test_a_closed_snapshot_file_says_it_is_closed(tmp_path):
     assert over_bytes.tensor("weights/w").tobytes() == np.arange(3, dtype=np.int32).tobytes()
 
 
-def test_a_sparse_torch_tensor_is_refused_naming_to_dense(tmp_path):
+def test_a_sparse_or_nested_torch_tensor_is_refused_saying_what_to_store(tmp_path):
     torch = pytest.importorskip("torch")
-    with pytest.raises(TypeError, match="sparse_coo.*to_dense"):
+    with pytest.raises(TypeError, match="sparse_coo.*to_dense"):  # was "unsupported memory format option"
         tf.save_file({"s": torch.eye(3).to_sparse()}, tmp_path / "s.thaw")
+    with pytest.raises(TypeError, match="nested tensor.*components"):  # was torch's "Internal error"
+        tf.save_file({"n": torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])}, tmp_path / "s.thaw")
 
 
 def test_write_refuses_a_path_or_a_text_stream_before_writing(tmp_path):
