@@ -265,9 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             ep.load()(sub)
         except ImportError as exc:  # a plugin whose engine is not installed must not break inspect/verify
-            p = sub.add_parser(ep.name, help=f"unavailable here: {exc}", add_help=False)
+            # prefix_chars no argument starts with: "--help" and the plugin's options are arguments too, so every
+            # use of the command says why it is unavailable, not "unrecognized arguments"
+            p = sub.add_parser(ep.name, help=f"unavailable here: {exc}", add_help=False, prefix_chars="\0")
             p.add_argument("arguments", nargs=argparse.REMAINDER)
-            p.set_defaults(run=lambda args, why=str(exc): _unavailable(why))
+            p.set_defaults(run=lambda args, name=ep.name, why=str(exc): _unavailable(name, why))
     return parser
 
 
@@ -282,9 +284,9 @@ def _count(text: str) -> int:
     return value
 
 
-def _unavailable(why: str) -> int:
+def _unavailable(name: str, why: str) -> int:
     """A subcommand whose plugin could not be imported: say what to install, rather than 'invalid choice'."""
-    say(f"thaw: this command is unavailable here: {why}", err=True)
+    say(f"thaw {name}: this command is unavailable here: {why}", err=True)
     return 2
 
 

@@ -216,6 +216,22 @@ def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
         importlib.import_module("thaw_format.torch")
 
 
+UNAVAILABLE = """
+import sys
+sys.modules["mlx_lm"] = None  # as if the mlx extra were not installed: `thaw convert` cannot be imported
+from thaw_format.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("argv", [["convert", "a", "b"], ["convert", "--help"], ["convert", "--model", "m", "a", "b"]])
+def test_a_plugin_command_that_cannot_be_imported_says_so_for_any_arguments(argv):
+    done = subprocess.run([sys.executable, "-c", UNAVAILABLE, *argv], capture_output=True, text=True)
+    # --help and options were "unrecognized arguments", which hid why the command could not run
+    assert done.returncode == 2 and "convert" in done.stderr and "is unavailable here" in done.stderr, done.stderr
+    assert "pip install 'thaw[mlx]'" in done.stderr and "unrecognized" not in done.stderr
+
+
 def test_progress_bar_only_on_a_terminal(tmp_path):
     """verify draws a bar on stderr when stdout is a terminal (a pty of 100 columns here), never into a pipe."""
     pytest.importorskip("tqdm", reason="the progress bar comes with the cli extra (tqdm), not installed here")
