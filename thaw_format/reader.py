@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import mmap
 import os
+import weakref
 from array import array
 from typing import Callable, Optional
 
@@ -51,6 +52,9 @@ class SnapshotFile:
         self._closed = False
         if isinstance(source, (str, os.PathLike)):
             self._fd = open_regular(os.fspath(source), CorruptSnapshotError)
+            # a file opened without `with` and dropped unclosed closes when collected, as Python's files do
+            # (its mapping holds a descriptor of its own); else each such open leaked a descriptor
+            self._release = weakref.finalize(self, os.close, self._fd)
             self._size = os.fstat(self._fd).st_size
         else:
             self._view = memoryview(source).cast("B")
@@ -345,7 +349,7 @@ class SnapshotFile:
                 pass  # tensors still view the mapping; it is released when they are
             self._map = None
         if self._fd is not None:
-            os.close(self._fd)
+            self._release()  # os.close, once
             self._fd = None
             self._closed = True  # a file opened by path; one over a buffer keeps reading the buffer
 

@@ -1,6 +1,7 @@
 """Paths: what the reader opens (regular files only), what it does when a file changes under it, and the
 mode, cleanup and symlink behaviour of the atomic save."""
 
+import gc
 import os
 import stat
 import subprocess
@@ -295,3 +296,16 @@ def test_a_file_name_of_the_longest_length_saves(tmp_path, name):
     # The temporary beside it added 23 bytes to the name: File name too long, for a name open() takes.
     snapshot_id = tf.save(labelled("A"), tmp_path / name)
     assert tf.load(tmp_path / name).id == snapshot_id and os.listdir(tmp_path) == [name]
+
+
+def test_a_snapshot_file_dropped_without_close_releases_its_descriptor(tmp_path):
+    path = tmp_path / "s.thaw"
+    tf.save(labelled("A"), path)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        f = tf.open(path)
+        mapped = f.tensor("weights/w", copy=False)
+    del f
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before + 1  # was 50 more: each open kept its descriptor forever
+    assert mapped.tobytes()[:3] == bytes(range(3))  # a view outlives its file object (its mapping has its own)
