@@ -183,7 +183,7 @@ def log(args) -> int:
 # ---------------------------------------------------------------------------------------------------- diff
 
 def diff(args) -> int:
-    """Exit 0 when the snapshots hold the same state, 1 when they differ (as diff(1) does)."""
+    """Exit 0 when the snapshots hold the same state, 1 when they differ, 2 when one cannot be read (as diff(1))."""
     with SnapshotFile(args.a) as a, SnapshotFile(args.b) as b:
         with progress_bar("comparing", _total(a) + _total(b)) as bar:
             report = diff_files(a, b, bar)
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="a JSON list, newest first")
     p.set_defaults(run=log)
     p = command("diff", "model, pages, requests and tensors (by name and checksum) that differ; "
-                        "exit 1 when they differ")
+                        "exit 1 when they differ, 2 when one cannot be read")
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--json", action="store_true", help="one JSON object")
@@ -306,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except SnapshotError as exc:
         say(f"thaw {args.command}: {type(exc).__name__}: {exc}", err=True)
-        return 1
+        return 2 if args.command == "diff" else 1  # diff's 1 means "they differ"; trouble is 2, as diff(1)'s
     except OSError as exc:
         say(f"thaw {args.command}: {exc}", err=True)
         return 2

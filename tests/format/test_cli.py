@@ -168,6 +168,16 @@ def test_diff_names_what_differs_by_name_and_checksum(tmp_path, capsys):
         [e["name"] for e in report["tensors"]["differ"]] == ["weights/norm.weight", "prefix/token_ids"]
 
 
+def test_diff_of_a_file_it_cannot_read_exits_2_not_differ(tmp_path, capsys):
+    good = _save(tf.Snapshot(metadata={"a": 1}), tmp_path / "good.thaw")
+    corrupt = tmp_path / "corrupt.thaw"
+    corrupt.write_bytes(Path(good).read_bytes()[:100])
+    # was 1, which `thaw diff a b || echo differ` reads as "the snapshots differ"
+    assert main(["diff", good, str(corrupt)]) == 2 and "CorruptSnapshotError" in capsys.readouterr().err
+    assert main(["diff", good, str(tmp_path / "missing.thaw")]) == 2
+    assert main(["diff", good, good]) == 0 and main(["verify", str(corrupt)]) == 1
+
+
 def test_closed_pipe_ends_quietly(tmp_path):
     """`thaw inspect F | head -1`: the reader is gone before the first write; no traceback, SIGPIPE's code."""
     thaw = Path(sys.executable).with_name("thaw")
