@@ -31,6 +31,13 @@ def test_a_tensor_with_a_dimension_past_int64_is_refused():
         Tensor("uint8", (1 << 64, 0), b"")
 
 
+@pytest.mark.parametrize("shape", [(2.5,), ("2",), (2.0,)])
+def test_a_tensor_shape_of_non_integers_is_refused_not_truncated(shape):
+    with pytest.raises(TypeError, match="must be an integer"):  # (2.5,) was taken as (2,)
+        Tensor("float32", shape, bytes(8))
+    assert Tensor("float32", (np.int64(2),), bytes(8)).shape == (2,)
+
+
 def test_path_and_buffer_arguments_are_not_confused(tmp_path):
     path = tmp_path / "s.thaw"
     tf.save_file({"w": np.arange(4, dtype=np.int32)}, path)
