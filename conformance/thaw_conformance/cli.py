@@ -39,6 +39,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     drivers = {**{e: e for e in BUILTIN}, **dict(_pair(d, "--driver") for d in args.driver)}
     # A misspelt engine would otherwise run nothing, list every check skipped, and exit 0 like a pass.
     unknown = [e for e in engines if e not in drivers]
+    if "all" in unknown:
+        parser.error("--engine: 'all' stands alone (it is every built-in engine)")
     if unknown:
         parser.error(f"--engine: no engine {', '.join(map(repr, unknown))}; the built-in ones are "
                      f"{', '.join(ALL_ENGINES)} (or all), others need --driver ENGINE=MODULE:FACTORY")

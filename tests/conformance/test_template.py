@@ -54,6 +54,7 @@ def test_pytest_plugin_runs_the_suite():
 @pytest.mark.parametrize("args, match", [
     (["--engine", "vlm"], "no engine 'vlm'"),  # ran nothing, listed every check skipped and exited 0
     (["--engine", "template", "--timeout", "0"], "must be positive"),
+    (["--engine", "template", "all"], "'all' stands alone"),
 ])
 def test_a_misspelt_engine_or_a_timeout_of_nothing_is_refused_before_anything_runs(tmp_path, args, match):
     done = subprocess.run([sys.executable, "-m", "thaw_conformance.cli", *args, "--out", str(tmp_path / "r.json"),
