@@ -46,6 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      f"{', '.join(ALL_ENGINES)} (or all), others need --driver ENGINE=MODULE:FACTORY")
     if args.timeout <= 0:
         parser.error(f"--timeout: seconds per engine must be positive, got {args.timeout}")
+    if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
+        parser.error(f"--workdir: {str(args.workdir)!r} is a file, not a folder")
     if args.out.is_dir():  # found only when the receipt is written, after the whole run
         parser.error(f"--out: {str(args.out)!r} is a folder; name the receipt's file (e.g. {args.out / 'receipt.json'})")
     workdir = args.workdir or cache_dir() / "conformance" / time.strftime("%Y%m%d-%H%M%S")
