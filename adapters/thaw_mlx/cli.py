@@ -40,7 +40,10 @@ def register(subparsers) -> None:
 
 def convert(args) -> int:
     src, dst = Path(args.src), Path(args.dst)
-    if not dst.parent.is_dir():  # checked first: both writers would fail only after the whole read
+    # checked first: both writers would fail only after the whole read (Path("") is ".", a folder)
+    if dst.is_dir() and not dst.is_symlink():
+        raise IsADirectoryError(errno.EISDIR, "the destination is a folder; name the file to write", args.dst)
+    if not dst.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "the destination's folder does not exist", str(dst.parent))
     with open(src, "rb") as f:
         head = f.read(max(len(MAGIC), 9))

@@ -161,6 +161,9 @@ def test_convert_refuses_what_it_cannot_convert_without_a_traceback(session, sav
     for src in (good, str(noise)):
         assert main(["convert", src, str(tmp_path / "missing" / "out")]) == 2
         assert "the destination's folder does not exist" in capsys.readouterr().err
+    for folder in (str(tmp_path), ".", ""):  # export: a rename error after the whole write; "." and "": a traceback
+        assert main(["convert", good, folder]) == 2
+        assert "the destination is a folder" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.safetensors*")) or list(tmp_path.glob("*.safetensors")) == [weights]
 
 
