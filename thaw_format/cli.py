@@ -183,7 +183,7 @@ def log(args) -> int:
 # ---------------------------------------------------------------------------------------------------- diff
 
 def diff(args) -> int:
-    """Exit 0 when the snapshots hold the same state, 1 when they differ (as diff(1) does)."""
+    """Exit 0 when the snapshots hold the same state, 1 when they differ, 2 when one cannot be read (as diff(1))."""
     with SnapshotFile(args.a) as a, SnapshotFile(args.b) as b:
         with progress_bar("comparing", _total(a) + _total(b)) as bar:
             report = diff_files(a, b, bar)
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("inspect", "sections, tensors, sizes, identity and lineage of a snapshot")
     p.add_argument("path")
     p.add_argument("--brief", action="store_true", help="sections only, no tensor table")
-    p.add_argument("--limit", type=int, default=50, help="tensor rows to show (default 50)")
+    p.add_argument("--limit", type=_count, default=50, help="tensor rows to show (default 50)")
     p.add_argument("--verify", action="store_true", help="also check every chunk checksum (reads the whole file)")
     p.add_argument("--json", action="store_true", help="one JSON object (every tensor unless --brief)")
     p.set_defaults(run=inspect)
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="a JSON list, newest first")
     p.set_defaults(run=log)
     p = command("diff", "model, pages, requests and tensors (by name and checksum) that differ; "
-                        "exit 1 when they differ")
+                        "exit 1 when they differ, 2 when one cannot be read")
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--json", action="store_true", help="one JSON object")
@@ -265,15 +265,28 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             ep.load()(sub)
         except ImportError as exc:  # a plugin whose engine is not installed must not break inspect/verify
-            p = sub.add_parser(ep.name, help=f"unavailable here: {exc}", add_help=False)
+            # prefix_chars no argument starts with: "--help" and the plugin's options are arguments too, so every
+            # use of the command says why it is unavailable, not "unrecognized arguments"
+            p = sub.add_parser(ep.name, help=f"unavailable here: {exc}", add_help=False, prefix_chars="\0")
             p.add_argument("arguments", nargs=argparse.REMAINDER)
-            p.set_defaults(run=lambda args, why=str(exc): _unavailable(why))
+            p.set_defaults(run=lambda args, name=ep.name, why=str(exc): _unavailable(name, why))
     return parser
 
 
-def _unavailable(why: str) -> int:
+def _count(text: str) -> int:
+    """A count of 0 or more (a negative --limit would slice rows off the end and miscount the rest)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
+    return value
+
+
+def _unavailable(name: str, why: str) -> int:
     """A subcommand whose plugin could not be imported: say what to install, rather than 'invalid choice'."""
-    say(f"thaw: this command is unavailable here: {why}", err=True)
+    say(f"thaw {name}: this command is unavailable here: {why}", err=True)
     return 2
 
 
@@ -281,7 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status = args.run(args)
-        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        if sys.stdout is not None:  # None when started with descriptor 1 closed (`thaw verify F >&-`)
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
         return status
     except BrokenPipeError:
         # The reader went away (`thaw inspect F | head -1`): stop quietly with the shell's code for SIGPIPE.
@@ -292,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except SnapshotError as exc:
         say(f"thaw {args.command}: {type(exc).__name__}: {exc}", err=True)
-        return 1
+        return 2 if args.command == "diff" else 1  # diff's 1 means "they differ"; trouble is 2, as diff(1)'s
     except OSError as exc:
         say(f"thaw {args.command}: {exc}", err=True)
         return 2

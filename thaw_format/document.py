@@ -57,6 +57,10 @@ def encode(snapshot: Snapshot) -> tuple[dict, list[tuple[str, Tensor]]]:
         doc["model"] = _members(snapshot.model)
     if snapshot.weights is not None:
         w = snapshot.weights
+        # written as "weights/<name>": a name of another type would be read back as its str(), another key
+        odd = [name for name in w.tensors if not isinstance(name, str)]
+        if odd:
+            raise TypeError(f"weights: tensor names must be str, got {odd[0]!r} ({type(odd[0]).__name__})")
         tensors += [(f"weights/{name}", as_tensor(t)) for name, t in w.tensors.items()]
         doc["weights"] = {
             "checkpoint_names": dict(w.checkpoint_names),

@@ -16,6 +16,9 @@ def save_file(tensors: Mapping[str, Any], path, metadata: Optional[Mapping[str, 
               durable: bool = True) -> str:
     """Save torch tensors or numpy arrays by name as a weights-only snapshot; returns the snapshot id.
     Atomic as thaw_format.save; `durable=False` skips its fsyncs (a power loss may lose the file)."""
+    if not isinstance(tensors, Mapping):  # a Snapshot is save's
+        hint = ": for a Snapshot use thaw_format.save" if isinstance(tensors, Snapshot) else ""
+        raise TypeError(f"save_file takes a dict of tensors by name, got {type(tensors).__name__}{hint}")
     weights = Weights(tensors={name: as_tensor(value) for name, value in tensors.items()})
     return save(Snapshot(weights=weights, metadata=dict(metadata or {})), path, durable=durable)
 

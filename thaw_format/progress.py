@@ -18,7 +18,8 @@ def progress_bar(label: str, total: int) -> Iterator[Optional[Callable[[int], No
         from tqdm import tqdm
     except ImportError:
         tqdm = None
-    if tqdm is None or total <= 0 or not sys.stdout.isatty():
+    # sys.stdout or sys.stderr is None when the command started with that descriptor closed (`>&-`, `2>&-`)
+    if tqdm is None or total <= 0 or sys.stdout is None or sys.stderr is None or not sys.stdout.isatty():
         yield None
         return
     # leave=False: the bar disappears when done, so only the command's own result stays on the screen

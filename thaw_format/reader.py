@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import mmap
 import os
+import weakref
 from array import array
 from typing import Callable, Optional
 
@@ -48,8 +49,12 @@ class SnapshotFile:
     def __init__(self, source, *, limits: Limits = DEFAULT_LIMITS) -> None:
         self._fd: Optional[int] = None
         self._map: Optional[mmap.mmap] = None
+        self._closed = False
         if isinstance(source, (str, os.PathLike)):
             self._fd = open_regular(os.fspath(source), CorruptSnapshotError)
+            # a file opened without `with` and dropped unclosed closes when collected, as Python's files do
+            # (its mapping holds a descriptor of its own); else each such open leaked a descriptor
+            self._release = weakref.finalize(self, os.close, self._fd)
             self._size = os.fstat(self._fd).st_size
         else:
             self._view = memoryview(source).cast("B")
@@ -190,6 +195,7 @@ class SnapshotFile:
 
         A name the snapshot does not hold raises MissingTensorError (a KeyError) listing the closest names;
         weights are named `weights/<name>` (what `save_file` writes)."""
+        self._check_open()
         index, dtype, shape = self._entry(name)
         if copy:
             return self._read_tensors([name], verify)[name]
@@ -240,6 +246,7 @@ class SnapshotFile:
         header and trailer as checked at open, every region with each chunk verified before it reaches `out`,
         and zeros for the padding (not read: outside every checksum). `out` then holds a valid snapshot image
         (`loads(out)`), whatever happens to the file afterwards."""
+        self._check_open()
         layout, out = self.layout, memoryview(out).cast("B")
         if len(out) < layout.file_length:
             raise ValueError(f"the buffer holds {len(out)} bytes, the snapshot {layout.file_length}")
@@ -264,6 +271,7 @@ class SnapshotFile:
     @gc_paused
     def snapshot(self, *, verify: bool = True, copy: bool = True, progress: Progress = None) -> Snapshot:
         """The whole snapshot. `copy=False` keeps tensors as copy-on-write views over the file (zero-copy)."""
+        self._check_open()
         names = self.names()
         if copy:
             tensors = self._read_tensors(names, verify, progress)
@@ -279,6 +287,7 @@ class SnapshotFile:
     @gc_paused
     def verify(self, progress: Progress = None) -> None:
         """Check every chunk checksum, that all padding is zero, and every section rule."""
+        self._check_open()
         self._verify_bytes(progress)
         decode(self.document, self._mapped_tensors().__getitem__, self.names())
 
@@ -340,8 +349,13 @@ class SnapshotFile:
                 pass  # tensors still view the mapping; it is released when they are
             self._map = None
         if self._fd is not None:
-            os.close(self._fd)
+            self._release()  # os.close, once
             self._fd = None
+            self._closed = True  # a file opened by path; one over a buffer keeps reading the buffer
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the snapshot file is closed: read it inside its `with thaw_format.open(...)` block")
 
     def __enter__(self) -> "SnapshotFile":
         return self
@@ -382,6 +396,9 @@ def _path(path) -> str:
     """A path argument: str, bytes (a file system path, as in `os.open`) or os.PathLike."""
     if isinstance(path, (str, bytes, os.PathLike)):
         return os.fsdecode(path)
+    if callable(getattr(path, "read", None)):
+        raise TypeError(f"expected a path (str, bytes or os.PathLike), got a file object ({type(path).__name__}): "
+                        "pass its path, or loads() its bytes")
     raise TypeError(f"expected a path (str, bytes or os.PathLike), got {type(path).__name__}; "
                     "use loads() for a snapshot's bytes in memory")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Callable
 
 from .dtypes import itemsize
@@ -20,7 +21,10 @@ class Tensor:
 
     def __init__(self, dtype: str, shape, data) -> None:
         self.dtype = dtype
-        self.shape = tuple(map(int, shape))
+        try:
+            self.shape = tuple(map(operator.index, shape))  # int() would take 2.5 as 2 and "2" as 2
+        except TypeError:
+            raise TypeError(f"shape {shape!r}: every dimension must be an integer") from None
         if self.shape and not (0 <= min(self.shape) and max(self.shape) <= MAX_DIM):
             raise ValueError(f"shape {list(self.shape)}: every dimension must be in [0, 2**63 - 1]")
         view = data if type(data) is memoryview else memoryview(data)

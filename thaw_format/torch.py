@@ -39,6 +39,10 @@ _EXPORTABLE = {dtype for name, dtype in _TORCH.items() if _NUMPY[name].name == n
 def from_torch(value: torch.Tensor) -> Tensor:
     """Bytes of any CPU or device tensor; non-contiguous, conjugated and negative-bit views are materialised."""
     t = value.detach() if value.requires_grad else value
+    if t.layout != torch.strided:  # sparse and blocked layouts hold index arrays, not the tensor's elements
+        raise TypeError(f"a {t.layout} tensor has no row-major bytes to store: convert it with .to_dense() first")
+    if t.is_nested:  # ragged: no one shape
+        raise TypeError("a nested tensor has no single shape to store: save its components by name instead")
     if not t.is_cpu:
         t = t.cpu()
     if not t.is_contiguous() or t.is_conj() or t.is_neg():

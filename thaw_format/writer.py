@@ -8,6 +8,8 @@ into its region and returns the region's chunk CRCs, so an engine's KV pages rea
 
 from __future__ import annotations
 
+import errno
+import io
 import math
 import mmap
 import os
@@ -15,7 +17,7 @@ import secrets
 import stat
 from array import array
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from . import mover
 from .container import DEFAULT_CHUNK_SIZE, encode_header, encode_trailer, plan_layout, content_id
@@ -47,6 +49,9 @@ class EncodedSnapshot:
 
     @gc_paused
     def __init__(self, snapshot: Snapshot, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        if not isinstance(snapshot, Snapshot):  # a dict of tensors is save_file's, as in safetensors
+            hint = ": for a dict of tensors use thaw_format.save_file" if isinstance(snapshot, Mapping) else ""
+            raise TypeError(f"expected a thaw_format.Snapshot, got {type(snapshot).__name__}{hint}")
         if chunk_size < 4096 or chunk_size & (chunk_size - 1):
             raise ValueError(f"chunk_size must be a power of two >= 4096, got {chunk_size}")
         validate(snapshot, ValueError)
@@ -69,7 +74,15 @@ class EncodedSnapshot:
         return encoded
 
     def _plan(self, snapshot: Snapshot, doc: dict, chunk_size: int) -> None:
-        json_bytes = canonical_json(doc)
+        try:
+            json_bytes = canonical_json(doc)
+        except UnicodeEncodeError as exc:  # a lone surrogate (from os.fsdecode or a broken decode) has no UTF-8
+            near = exc.object[max(exc.start - 40, 0) : exc.end + 40]
+            raise ValueError(f"snapshot cannot be written: a string is not valid Unicode ({exc.reason}), in the "
+                             f"document near {near!r}") from None
+        except (TypeError, ValueError) as exc:  # NaN, bytes, a set: metadata the JSON document cannot hold
+            raise type(exc)(f"snapshot cannot be written: every name, metadata and section value must be JSON "
+                            f"(str, number, bool, None, list, dict; finite floats): {exc}") from None
         self.layout = plan_layout(len(json_bytes), [t.nbytes for _, t in self.tensors], [chunk_size] * len(self.tensors))
         self.header = encode_header(json_bytes, self.layout, *features(snapshot))
 
@@ -120,6 +133,7 @@ class EncodedSnapshot:
     def write_to(self, stream, progress: Progress = None) -> str:
         """Write in one sequential pass to anything with `write` (a pipe, a socket file, an upload stream)."""
         self._writable()
+        _check_binary_stream(stream)
         _write_all(stream, self.header)
         position, crcs = len(self.header), array("I")
         for (_, tensor), region in zip(self.tensors, self.layout.regions):
@@ -160,8 +174,9 @@ class EncodedSnapshot:
         """
         self._writable()
         self._check_fill(fill or {})  # before the temporary file exists
-        path = os.fspath(path)
+        path = os.fsdecode(path)  # str, bytes or os.PathLike, as load takes
         directory = os.path.dirname(os.path.abspath(path))
+        _check_target(path, directory)
         fd, tmp = _create_beside(path, directory)
         try:
             if fill:
@@ -265,6 +280,23 @@ def _write_out(fd: int, data: memoryview, offset: int, durable: bool) -> None:
         mover.start_writeback(fd, offset, len(data))
 
 
+def _check_target(path: str, directory: str) -> None:
+    """Refuse, before a byte is written, a target the final rename would refuse: a directory at `path`, or a
+    folder that does not exist ("~" is not expanded, as in `open`). Either error names the user's path, not the
+    temporary file beside it."""
+    if not path:  # as open(""): else the temporary would go to the current folder's parent
+        raise FileNotFoundError(errno.ENOENT, "an empty path names no snapshot file", path)
+    if os.path.basename(path) == "":  # "new.thaw/": a trailing separator names a folder
+        raise IsADirectoryError(errno.EISDIR, "a path ending in a separator names a folder, not a snapshot file", path)
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise IsADirectoryError(errno.EISDIR, "cannot save a snapshot over a directory", path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, "the folder to save the snapshot in does not exist", directory)
+
+
+_TMP_STEM_BYTES = 200
+
+
 def _create_beside(path: str, directory: str) -> tuple[int, str]:
     """A new temporary file in `directory` (read-write: a fill maps it), with the mode the snapshot at `path`
     will have: that of the regular file it replaces, else 0666 less the umask (applied by the kernel at
@@ -274,8 +306,12 @@ def _create_beside(path: str, directory: str) -> tuple[int, str]:
         keep = stat.S_IMODE(existing.st_mode) if stat.S_ISREG(existing.st_mode) else None
     except FileNotFoundError:
         keep = None
+    # The name's first 200 bytes: its 23 more must fit the 255 a file name may have, as `path`'s own name does
+    stem = os.path.basename(path)[:_TMP_STEM_BYTES]
+    while len(os.fsencode(stem)) > _TMP_STEM_BYTES:
+        stem = stem[:-1]
     for _ in range(100):
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.thaw-tmp")
+        tmp = os.path.join(directory, f".{stem}.{secrets.token_hex(6)}.thaw-tmp")
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:
@@ -300,6 +336,18 @@ def _check_readable(doc: dict, tensors: list) -> None:
         decode(doc, by_name.__getitem__, list(by_name))
     except CorruptSnapshotError as exc:
         raise ValueError(f"snapshot cannot be written: {exc}") from None
+
+
+def _check_binary_stream(stream) -> None:
+    """Refuse, before the first write, a path (save's) and a text stream (it takes str, not bytes)."""
+    if isinstance(stream, (str, bytes, os.PathLike)):
+        raise TypeError(f"write() streams to a binary file object, got a path ({type(stream).__name__}): "
+                        "use thaw_format.save(snapshot, path)")
+    if isinstance(stream, io.TextIOBase):
+        raise TypeError("write() needs a binary stream, got a text stream: use sys.stdout.buffer, or open the file "
+                        "with 'wb'")
+    if not callable(getattr(stream, "write", None)):
+        raise TypeError(f"write() needs a stream with a write method, got {type(stream).__name__}")
 
 
 def _write_all(stream, data) -> None:

@@ -26,9 +26,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help=what, description=what)
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--model", metavar="DIR", help="importing: the model directory the cache is of (its config.json; "
-                   "with *.safetensors weights, the checkpoint's identity)")
-    p.add_argument("--tokens", metavar="JSON", help="importing: a file holding the JSON list of the cache's token ids")
+    p.add_argument("--model", metavar="DIR", type=_model_dir, help="importing: the model directory the cache is of "
+                   "(its config.json; with *.safetensors weights, the checkpoint's identity)")
+    p.add_argument("--tokens", metavar="JSON", type=_token_ids,
+                   help="importing: a file holding the JSON list of the cache's token ids")
     p.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="importing: tokens per KV page")
     p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
                    help="importing: fsync the snapshot and its folder (default); --no-durable skips the fsyncs "
@@ -39,7 +40,10 @@ def register(subparsers) -> None:
 
 def convert(args) -> int:
     src, dst = Path(args.src), Path(args.dst)
-    if not dst.parent.is_dir():  # checked first: both writers would fail only after the whole read
+    # checked first: both writers would fail only after the whole read (Path("") is ".", a folder)
+    if dst.is_dir() and not dst.is_symlink():
+        raise IsADirectoryError(errno.EISDIR, "the destination is a folder; name the file to write", args.dst)
+    if not dst.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "the destination's folder does not exist", str(dst.parent))
     with open(src, "rb") as f:
         head = f.read(max(len(MAGIC), 9))
@@ -52,20 +56,45 @@ def convert(args) -> int:
     if not _looks_like_safetensors(head, src.stat().st_size):
         raise CorruptSnapshotError(f"{src} is neither a thaw snapshot (no {MAGIC!r} magic) nor a safetensors file "
                                    "(an mlx-lm prompt cache)")
-    config = json.loads((Path(args.model) / "config.json").read_text()) if args.model else None
-    tokens = json.loads(Path(args.tokens).read_text()) if args.tokens else None
+    model_dir, config = args.model or (None, None)
     try:
-        snapshot = import_prompt_cache(src, config=config, tokens=tokens, page_size=args.page_size)
+        snapshot = import_prompt_cache(src, config=config, tokens=args.tokens, page_size=args.page_size)
     except ValueError as exc:  # --tokens or --page-size that do not fit the file's cache: say so, no traceback
         raise IncompatibleSnapshotError(f"{src}: {exc}") from None
-    if args.model and any(Path(args.model).glob("*.safetensors")):
+    if model_dir and any(Path(model_dir).glob("*.safetensors")):
         # a checkpoint: named as every engine names it (spec 5.1), as thaw_mlx.model_info(model, checkpoint=) does
-        snapshot.model = checkpoint_info(args.model, snapshot.model.dtype)
+        snapshot.model = checkpoint_info(model_dir, snapshot.model.dtype)
     total = sum(t.nbytes for layer in snapshot.kv.layers for t in layer.tensors.values())
     with progress_bar("writing", total) as bar:
         thaw_format.save(snapshot, dst, progress=bar, durable=args.durable)
     say(f"wrote snapshot {dst}")
     return 0
+
+
+def _json_file(path: str) -> object:
+    """A file's JSON value; an unreadable or malformed file is an argument error (usage, exit 2), not a traceback."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise argparse.ArgumentTypeError(f"{path!r} is not JSON: {exc}") from None
+
+
+def _model_dir(path: str) -> tuple[str, dict]:
+    """--model DIR: the folder and its config.json, read while the arguments are parsed."""
+    config = _json_file(str(Path(path) / "config.json"))
+    if not isinstance(config, dict):
+        raise argparse.ArgumentTypeError(f"{path!r}: config.json holds a {type(config).__name__}, not a JSON object")
+    return path, config
+
+
+def _token_ids(path: str) -> list[int]:
+    """--tokens FILE: a JSON list of token ids (integers >= 0)."""
+    tokens = _json_file(path)
+    if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
+        raise argparse.ArgumentTypeError(f"{path!r} must hold a JSON list of token ids (integers >= 0)")
+    return tokens
 
 
 def _looks_like_safetensors(head: bytes, file_size: int) -> bool:

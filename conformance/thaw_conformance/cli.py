@@ -31,11 +31,25 @@ ALL_ENGINES = ("template", "mlx", "vllm", "sglang", "transformers")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     args.engine_arch = dict(_pair(p, "--engine-arch") for p in args.engine_arch)
     engines = ALL_ENGINES if args.engine == ["all"] else tuple(args.engine)
     pythons = dict(_pair(p, "--python-for") for p in args.python_for)
     drivers = {**{e: e for e in BUILTIN}, **dict(_pair(d, "--driver") for d in args.driver)}
+    # A misspelt engine would otherwise run nothing, list every check skipped, and exit 0 like a pass.
+    unknown = [e for e in engines if e not in drivers]
+    if "all" in unknown:
+        parser.error("--engine: 'all' stands alone (it is every built-in engine)")
+    if unknown:
+        parser.error(f"--engine: no engine {', '.join(map(repr, unknown))}; the built-in ones are "
+                     f"{', '.join(ALL_ENGINES)} (or all), others need --driver ENGINE=MODULE:FACTORY")
+    if args.timeout <= 0:
+        parser.error(f"--timeout: seconds per engine must be positive, got {args.timeout}")
+    if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
+        parser.error(f"--workdir: {str(args.workdir)!r} is a file, not a folder")
+    if args.out.is_dir():  # found only when the receipt is written, after the whole run
+        parser.error(f"--out: {str(args.out)!r} is a folder; name the receipt's file (e.g. {args.out / 'receipt.json'})")
     workdir = args.workdir or cache_dir() / "conformance" / time.strftime("%Y%m%d-%H%M%S")
     env = _worker_env()
     engine_info, results, timings = {}, [], {}

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, _env
 from thaw_conformance.results import CHECKS
 from thaw_conformance.vectors import default_dir
@@ -47,3 +49,19 @@ def test_pytest_plugin_runs_the_suite():
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{len(CHECKS)} passed" in done.stdout
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--engine", "vlm"], "no engine 'vlm'"),  # ran nothing, listed every check skipped and exited 0
+    (["--engine", "template", "--timeout", "0"], "must be positive"),
+    (["--engine", "template", "all"], "'all' stands alone"),
+    (["--engine", "template", "--out", "."], "is a folder"),  # the run ended in IsADirectoryError, no receipt
+    (["--engine", "template", "--workdir", sys.executable], "is a file"),  # was a FileExistsError traceback
+])
+def test_a_misspelt_engine_and_other_bad_options_are_refused_before_anything_runs(tmp_path, args, match):
+    out = [] if "--out" in args else ["--out", str(tmp_path / "r.json")]
+    workdir = [] if "--workdir" in args else ["--workdir", str(tmp_path / "work")]
+    done = subprocess.run([sys.executable, "-m", "thaw_conformance.cli", *args, *out, *workdir], env=_env(),
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and match in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

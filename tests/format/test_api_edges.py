@@ -1,5 +1,6 @@
 """Edges of the public API: argument types, missing names, numbers and shapes past 64 bits, scalars from
-numpy, gather/scatter with aliased offsets, and bounded staging for files with huge chunks."""
+numpy, gather/scatter with aliased offsets, bounded staging for files with huge chunks, names and metadata a
+file cannot hold, and a closed file."""
 
 import resource
 import subprocess
@@ -28,6 +29,13 @@ def test_numbers_past_64_bits_are_corrupt_by_every_entry_point(name):
 def test_a_tensor_with_a_dimension_past_int64_is_refused():
     with pytest.raises(ValueError, match="2\\*\\*63"):
         Tensor("uint8", (1 << 64, 0), b"")
+
+
+@pytest.mark.parametrize("shape", [(2.5,), ("2",), (2.0,)])
+def test_a_tensor_shape_of_non_integers_is_refused_not_truncated(shape):
+    with pytest.raises(TypeError, match="must be an integer"):  # (2.5,) was taken as (2,)
+        Tensor("float32", shape, bytes(8))
+    assert Tensor("float32", (np.int64(2),), bytes(8)).shape == (2,)
 
 
 def test_path_and_buffer_arguments_are_not_confused(tmp_path):
@@ -173,3 +181,69 @@ def test_consecutive_runs_of_an_integer_array(dtype):
 def test_consecutive_runs_refuses_what_is_not_a_page_number(pages, error, match):
     with pytest.raises(error, match=match):
         mover.consecutive_runs(pages)
+
+
+def test_save_and_save_file_name_each_other_when_handed_the_others_argument(tmp_path):
+    with pytest.raises(TypeError, match="for a dict of tensors use thaw_format.save_file"):
+        tf.save({"w": np.zeros(2)}, tmp_path / "s.thaw")  # was AttributeError: 'dict' object has no attribute 'kv'
+    with pytest.raises(TypeError, match="for a Snapshot use thaw_format.save"):
+        tf.save_file(tf.Snapshot(), tmp_path / "s.thaw")
+    with pytest.raises(TypeError, match="expected a thaw_format.Snapshot, got list"):
+        tf.dumps([])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", [3, None, ("a",)])
+def test_a_weight_name_that_is_not_a_string_is_refused_not_read_back_as_another_key(tmp_path, name):
+    # It was written as "weights/3" and loaded as the key "3": a save_file / load_file round trip changed the dict.
+    with pytest.raises(TypeError, match="tensor names must be str"):
+        tf.save_file({name: np.zeros(2)}, tmp_path / "s.thaw")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("metadata, error, match", [
+    ({"x": float("nan")}, ValueError, "must be JSON.*finite"),
+    ({"x": b"raw"}, TypeError, "must be JSON.*bytes"),
+    ({"x": "\ud800"}, ValueError, "not valid Unicode.*\\\\ud800"),
+])
+def test_metadata_the_document_cannot_hold_is_refused_saying_so(tmp_path, metadata, error, match):
+    with pytest.raises(error, match=match):
+        tf.save_file({"w": np.zeros(2)}, tmp_path / "s.thaw", metadata)
+    with pytest.raises(ValueError, match="not valid Unicode"):  # was UnicodeEncodeError from deep in json
+        tf.save_file({"w\udcff": np.zeros(2)}, tmp_path / "s.thaw")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_snapshot_file_says_it_is_closed(tmp_path):
+    tf.save_file({"w": np.arange(3, dtype=np.int32)}, tmp_path / "s.thaw")
+    with tf.open(tmp_path / "s.thaw") as f:
+        pass
+    for read in (lambda: f.tensor("weights/w"), lambda: f.tensor("weights/w", copy=False), f.snapshot, f.verify,
+                 lambda: f.read_into(bytearray(f.layout.file_length))):
+        with pytest.raises(ValueError, match="closed"):  # was AttributeError: no attribute '_view'
+            read()
+    assert f.names() == ["weights/w"]  # the header stays readable
+    over_bytes = tf.SnapshotFile((tmp_path / "s.thaw").read_bytes())
+    over_bytes.close()
+    assert over_bytes.tensor("weights/w").tobytes() == np.arange(3, dtype=np.int32).tobytes()
+
+
+def test_a_sparse_or_nested_torch_tensor_is_refused_saying_what_to_store(tmp_path):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="sparse_coo.*to_dense"):  # was "unsupported memory format option"
+        tf.save_file({"s": torch.eye(3).to_sparse()}, tmp_path / "s.thaw")
+    with pytest.raises(TypeError, match="nested tensor.*components"):  # was torch's "Internal error"
+        tf.save_file({"n": torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])}, tmp_path / "s.thaw")
+
+
+def test_write_refuses_a_path_or_a_text_stream_before_writing(tmp_path):
+    snapshot = tf.Snapshot(weights=tf.Weights({"w": Tensor("uint8", (3,), b"abc")}))
+    with pytest.raises(TypeError, match="use thaw_format.save"):  # was AttributeError: 'str' has no 'write'
+        tf.write(snapshot, str(tmp_path / "s.thaw"))
+    with open(tmp_path / "s.txt", "w") as text, pytest.raises(TypeError, match="binary stream.*sys.stdout.buffer"):
+        tf.write(snapshot, text)
+    assert (tmp_path / "s.txt").read_bytes() == b""
+    with open(tmp_path / "s.thaw", "wb") as f:
+        tf.write(snapshot, f)
+    with open(tmp_path / "s.thaw", "rb") as f, pytest.raises(TypeError, match="file object.*pass its path"):
+        tf.load(f)

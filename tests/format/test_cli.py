@@ -168,6 +168,16 @@ def test_diff_names_what_differs_by_name_and_checksum(tmp_path, capsys):
         [e["name"] for e in report["tensors"]["differ"]] == ["weights/norm.weight", "prefix/token_ids"]
 
 
+def test_diff_of_a_file_it_cannot_read_exits_2_not_differ(tmp_path, capsys):
+    good = _save(tf.Snapshot(metadata={"a": 1}), tmp_path / "good.thaw")
+    corrupt = tmp_path / "corrupt.thaw"
+    corrupt.write_bytes(Path(good).read_bytes()[:100])
+    # was 1, which `thaw diff a b || echo differ` reads as "the snapshots differ"
+    assert main(["diff", good, str(corrupt)]) == 2 and "CorruptSnapshotError" in capsys.readouterr().err
+    assert main(["diff", good, str(tmp_path / "missing.thaw")]) == 2
+    assert main(["diff", good, good]) == 0 and main(["verify", str(corrupt)]) == 1
+
+
 def test_closed_pipe_ends_quietly(tmp_path):
     """`thaw inspect F | head -1`: the reader is gone before the first write; no traceback, SIGPIPE's code."""
     thaw = Path(sys.executable).with_name("thaw")
@@ -179,6 +189,15 @@ def test_closed_pipe_ends_quietly(tmp_path):
     finally:
         os.close(write_end)
     assert result.returncode == 141 and result.stderr == ""
+
+
+def test_a_closed_standard_output_is_no_traceback_and_keeps_the_exit_status():
+    """`thaw verify F >&-`: Python starts with sys.stdout None; the result is still the exit status."""
+    thaw = Path(sys.executable).with_name("thaw")
+    for path, status in ((VECTORS / "weights_only.thaw", 0), (VECTORS / "nope.thaw", 2)):
+        result = subprocess.run(["bash", "-c", '"$0" verify "$1" >&-', str(thaw), str(path)], stderr=subprocess.PIPE,
+                                text=True)
+        assert result.returncode == status and "Traceback" not in result.stderr, result.stderr
 
 
 def test_control_characters_in_names_and_metadata_are_escaped(tmp_path, capsys):
@@ -207,6 +226,22 @@ def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
         importlib.import_module("thaw_format.torch")
 
 
+UNAVAILABLE = """
+import sys
+sys.modules["mlx_lm"] = None  # as if the mlx extra were not installed: `thaw convert` cannot be imported
+from thaw_format.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("argv", [["convert", "a", "b"], ["convert", "--help"], ["convert", "--model", "m", "a", "b"]])
+def test_a_plugin_command_that_cannot_be_imported_says_so_for_any_arguments(argv):
+    done = subprocess.run([sys.executable, "-c", UNAVAILABLE, *argv], capture_output=True, text=True)
+    # --help and options were "unrecognized arguments", which hid why the command could not run
+    assert done.returncode == 2 and "convert" in done.stderr and "is unavailable here" in done.stderr, done.stderr
+    assert "pip install 'thaw[mlx]'" in done.stderr and "unrecognized" not in done.stderr
+
+
 def test_progress_bar_only_on_a_terminal(tmp_path):
     """verify draws a bar on stderr when stdout is a terminal (a pty of 100 columns here), never into a pipe."""
     pytest.importorskip("tqdm", reason="the progress bar comes with the cli extra (tqdm), not installed here")
@@ -229,3 +264,12 @@ def _read_or_empty(fd: int) -> bytes:
         return os.read(fd, 4096)
     except OSError:  # EIO: the other side of the pty has closed
         return b""
+
+
+@pytest.mark.parametrize("limit", ["-1", "x"])
+def test_inspect_refuses_a_limit_that_is_not_a_count(tmp_path, capsys, limit):
+    path = tmp_path / "w.thaw"
+    tf.save_file({"a": Tensor("uint8", (1,), b"a"), "b": Tensor("uint8", (1,), b"b")}, path)
+    with pytest.raises(SystemExit) as caught:  # -1 showed one row of two and said "... and 3 more"
+        main(["inspect", "--limit", limit, str(path)])
+    assert caught.value.code == 2 and "0 or more" in capsys.readouterr().err

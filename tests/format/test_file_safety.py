@@ -1,6 +1,7 @@
 """Paths: what the reader opens (regular files only), what it does when a file changes under it, and the
 mode, cleanup and symlink behaviour of the atomic save."""
 
+import gc
 import os
 import stat
 import subprocess
@@ -259,3 +260,52 @@ def test_a_write_that_takes_nothing_raises_instead_of_looping(tmp_path, monkeypa
     with open(tmp_path / "r", "wb") as f:
         raised = finishes(lambda: mover._py_write_regions(f.fileno(), [(0, bytes(8192), 4096)]))
     assert isinstance(raised, OSError) and "pwrite wrote nothing of 8192 bytes at offset 0" in str(raised)
+
+
+def test_a_save_into_a_missing_folder_names_the_folder_not_a_temporary(tmp_path):
+    with pytest.raises(FileNotFoundError) as caught:
+        tf.save(labelled("A"), tmp_path / "nope" / "s.thaw")
+    assert caught.value.filename == str(tmp_path / "nope") and "thaw-tmp" not in str(caught.value)
+    with pytest.raises(FileNotFoundError, match="folder .* does not exist"):  # "~" is not expanded, as in open()
+        tf.save(labelled("A"), "~no-such-user-folder/s.thaw")
+
+
+def test_a_save_over_a_directory_is_refused_before_writing_any_data(tmp_path, monkeypatch):
+    (tmp_path / "target").mkdir()
+    written = []
+    with pytest.raises(IsADirectoryError) as caught:
+        tf.save(labelled("A"), tmp_path / "target", progress=written.append)
+    assert written == [] and caught.value.filename == str(tmp_path / "target")  # it wrote 3 MiB, then failed
+    with pytest.raises(IsADirectoryError, match="separator"):  # the temporary was "..<hex>.thaw-tmp", written
+        tf.save(labelled("A"), f"{tmp_path}/new.thaw/", progress=written.append)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(FileNotFoundError, match="empty path"):  # the temporary went to the parent, tmp_path
+        tf.save(labelled("A"), "", progress=written.append)
+    assert written == [] and sorted(p.name for p in tmp_path.iterdir()) == ["here", "target"]
+
+
+def test_save_takes_a_bytes_path_as_load_does(tmp_path):
+    path = os.fsencode(tmp_path / "s.thaw")
+    snapshot_id = tf.save(labelled("A"), path)  # was TypeError: Can't mix strings and bytes in path components
+    assert tf.load(path).id == snapshot_id
+
+
+@pytest.mark.parametrize("name", ["a" * 250 + ".thaw", "é" * 125 + ".thaw"])  # 255 and 255 bytes
+def test_a_file_name_of_the_longest_length_saves(tmp_path, name):
+    # The temporary beside it added 23 bytes to the name: File name too long, for a name open() takes.
+    snapshot_id = tf.save(labelled("A"), tmp_path / name)
+    assert tf.load(tmp_path / name).id == snapshot_id and os.listdir(tmp_path) == [name]
+
+
+def test_a_snapshot_file_dropped_without_close_releases_its_descriptor(tmp_path):
+    path = tmp_path / "s.thaw"
+    tf.save(labelled("A"), path)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        f = tf.open(path)
+        mapped = f.tensor("weights/w", copy=False)
+    del f
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before + 1  # was 50 more: each open kept its descriptor forever
+    assert mapped.tobytes()[:3] == bytes(range(3))  # a view outlives its file object (its mapping has its own)

@@ -161,6 +161,9 @@ def test_convert_refuses_what_it_cannot_convert_without_a_traceback(session, sav
     for src in (good, str(noise)):
         assert main(["convert", src, str(tmp_path / "missing" / "out")]) == 2
         assert "the destination's folder does not exist" in capsys.readouterr().err
+    for folder in (str(tmp_path), ".", ""):  # export: a rename error after the whole write; "." and "": a traceback
+        assert main(["convert", good, folder]) == 2
+        assert "the destination is a folder" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.safetensors*")) or list(tmp_path.glob("*.safetensors")) == [weights]
 
 
@@ -171,3 +174,26 @@ def test_import_with_no_durable_skips_the_fsyncs(session, saved, tmp_path, monke
     syncs = sync_counts.count(monkeypatch)
     assert main(["convert", str(exported), str(tmp_path / "back.thaw"), "--no-durable"]) == 0
     assert syncs == {"fsync": 0, "writeback": 0} and thaw_mlx.snapshot_tokens(thaw_format.load(tmp_path / "back.thaw")) == tokens
+
+
+@pytest.mark.parametrize("option, name, text, match", [
+    ("--tokens", "tokens.json", "[1, 2", "is not JSON"),  # was a JSONDecodeError traceback
+    ("--tokens", "tokens.json", '{"a": 1}', "JSON list of token ids"),  # was "invalid literal for int()"
+    ("--tokens", "tokens.json", "[1, -2, true]", "JSON list of token ids"),
+    ("--model", "config.json", "{", "is not JSON"),  # was a JSONDecodeError traceback
+    ("--model", "config.json", "[]", "not a JSON object"),
+])
+def test_import_refuses_a_malformed_tokens_or_config_file_as_an_argument_error(session, saved, tmp_path, capsys,
+                                                                                option, name, text, match):
+    model, cache, tokens = session("llama-kv")
+    exported = tmp_path / "cache.safetensors"
+    assert main(["convert", saved(thaw_mlx.capture(model, cache, tokens)), str(exported)]) == 0
+    capsys.readouterr()
+    (tmp_path / "arg").mkdir()
+    (tmp_path / "arg" / name).write_text(text)
+    value = tmp_path / "arg" / name if option == "--tokens" else tmp_path / "arg"
+    with pytest.raises(SystemExit) as caught:
+        main(["convert", str(exported), str(tmp_path / "back.thaw"), option, str(value)])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and f"argument {option}" in err and match in err and "Traceback" not in err
+    assert not (tmp_path / "back.thaw").exists()
