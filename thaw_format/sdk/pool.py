@@ -153,11 +153,11 @@ class ForkPool:
     """`workers` warm engines started once from a launch spec (or from an engine's own launch_spec())."""
 
     def __init__(self, spec, workers: int, *, env: Optional[dict] = None) -> None:
-        spec = _launch_spec(spec)
         _check_workers(workers)
         if env is not None and not (isinstance(env, Mapping) and all(isinstance(k, str) and isinstance(v, str)
                                                                       for k, v in env.items())):
             raise TypeError(f"a fork pool's env maps names to strings, not {reprlib.repr(env)}")
+        spec = _launch_spec(spec)  # last: it may call into the engine
         self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
         self._env = {**os.environ, **(env or {})}
         self._checked: set[str] = set()  # the rounds' sources the pool has checked (and so mapped)
