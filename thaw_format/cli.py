@@ -125,18 +125,24 @@ def _message(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------------------- log
 
-def _ids_in(directories: list[str]) -> dict[str, str]:
-    """id -> path of every readable snapshot (`*.thaw`, regular files only) in the directories."""
-    found = {}
+def _ids_in(directories: list[str]) -> dict[str, list[str]]:
+    """id -> paths of every readable snapshot (`*.thaw`, regular files only) in the directories, in search order.
+
+    Files with one id are copies of one snapshot (the id is a SHA-256 over the header and every chunk's
+    checksum), so log follows the first and names the others; a copy whose data was damaged since keeps its
+    id, and `thaw verify` is what reads the data."""
+    found: dict[str, list[str]] = {}
     for directory in directories:
         for path in sorted(Path(directory).glob("*.thaw")):
             if not path.is_file():  # a FIFO or device named *.thaw would block the open
                 continue
             try:
                 with SnapshotFile(path) as f:
-                    found.setdefault(f.id, str(path))
+                    paths = found.setdefault(f.id, [])
             except (SnapshotError, OSError):
                 continue
+            if str(path) not in paths:  # a folder searched twice
+                paths.append(str(path))
     return found
 
 
@@ -145,11 +151,13 @@ def log(args) -> int:
     search = args.search or [str(Path(args.path).parent)]
     known = None  # the search folders are read only if a parent is named
     path: Optional[str] = args.path
+    copies: list[str] = []  # the other files with the id of the one shown, passed over
     entries, seen = [], set()
     while path is not None:
         with SnapshotFile(path) as f:
             snap = f.snapshot(verify=False, copy=False)
-            entry = {"id": f.id, "path": path, "parent": None, "label": None, "created": None, "writer": None}
+            entry = {"id": f.id, "path": path, "copies": copies, "parent": None, "label": None, "created": None,
+                     "writer": None}
         if snap.lineage is not None:
             entry.update(parent=snap.lineage.parent, label=snap.lineage.label, created=snap.lineage.created)
         if snap.engine is not None:
@@ -159,12 +167,14 @@ def log(args) -> int:
         path = None
         if entry["parent"] and entry["parent"] not in seen:
             known = _ids_in(search) if known is None else known
-            path = known.get(entry["parent"])
+            path, *copies = known.get(entry["parent"], [None])
     if args.json:
         say_json(entries)
         return 0
     for i, e in enumerate(entries):
         say(f"snapshot {e['id']}  {e['path']}")
+        if e["copies"]:
+            say(f"  copies   {', '.join(e['copies'])} (the same id)")
         say(f"  label    {e['label'] or '-'}")
         say(f"  created  {e['created'] or '-'}")
         say(f"  writer   {e['writer'] or '-'}")

@@ -101,7 +101,8 @@ class ChatThaw(BaseChatModel):
     # The thread_id of a call's config (LangGraph's metadata, or {"configurable": {"thread_id": ...}} outside a
     # graph) travels as the keyword _begin reads: langchain-core's stream() gives _stream no run manager to
     # read the metadata from, and outside a graph nothing copies a configurable thread_id there. batch and
-    # abatch call invoke and ainvoke.
+    # abatch call invoke and ainvoke; generate and agenerate take no config, and their metadata={"thread_id": ...}
+    # reaches _begin through the run manager.
 
     def invoke(self, input, config: Optional[RunnableConfig] = None, **kwargs) -> AIMessage:
         return super().invoke(input, config, **_with_thread_id(config, kwargs))
@@ -174,11 +175,15 @@ class ChatThaw(BaseChatModel):
     def _begin(self, messages, stop, run_manager, kwargs: dict) -> _Turn:
         if stop:
             raise ValueError("ChatThaw stops at the tokenizer's end-of-turn token ids; stop strings are not supported")
-        thread_id = kwargs.pop("thread_id", None) or (run_manager.metadata.get("thread_id") if run_manager else None)
+        thread_id = kwargs.pop("thread_id", None)
+        if thread_id is None and run_manager is not None:  # generate/agenerate's metadata=, LangGraph's metadata
+            thread_id = run_manager.metadata.get("thread_id")
         params = self._params(**kwargs)
         if self._store is None or thread_id is None:
             return _Turn(self._tokens.encode(messages), params, None, None)
         thread_id = str(thread_id)
+        if not thread_id:  # refused, not taken as "no thread": that turn would run and silently save nothing
+            raise ValueError("ChatThaw: thread_id is empty; a durable thread (thread_store=) needs a non-empty id")
         saved = durable.load(self._loop, self._store, thread_id)
         if saved is None:
             return _Turn(self._tokens.encode(messages), params, thread_id, None)

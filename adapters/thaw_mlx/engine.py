@@ -22,6 +22,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 
 from thaw_format import ModelInfo, Request, SamplingParams, Snapshot
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, Unsupported, fork, pending_requests
+from thaw_format.sdk.contract import check_params
 from thaw_format.sdk.lent import open_snapshot, verify_unchecked
 from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owned_segment
 from thaw_format.sdk.tokens import common_prefix_length
@@ -165,6 +166,7 @@ class MLXEngine(SharedKV):
         return _Request(rid, self.model, _Session(prompt, cache), len(prompt), sampler, cached, self.eos)
 
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
+        check_params(params)
         request = self._request(prompt, params)
         while not request.done:
             request.advance()
@@ -172,6 +174,7 @@ class MLXEngine(SharedKV):
         return Generation(request.output, request.cached, request.logprobs)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> str:
+        check_params(params)
         request = self._request(prompt, params)
         self.running[request.id] = request
         return request.id

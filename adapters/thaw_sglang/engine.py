@@ -24,6 +24,7 @@ from typing import Iterator, Optional, Sequence
 import thaw_format
 from thaw_format import ModelInfo, SamplingParams, Snapshot
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Refused, Resumed, fork
+from thaw_format.sdk.contract import check_params
 from thaw_format.sdk.shared import SharedKV
 
 from .requests import resume_arguments, sglang_params
@@ -71,6 +72,7 @@ class SGLangEngine(SharedKV):
         return capture(self.engine, include_weights=False, chains=[]).model  # no KV: the identity alone
 
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
+        check_params(params)
         out = self.engine.generate(input_ids=[int(t) for t in prompt], sampling_params=sglang_params(params),
                                    return_logprob=True)
         meta = out["meta_info"]
@@ -79,6 +81,7 @@ class SGLangEngine(SharedKV):
 
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> str:
         """Start the request (its prefill gives the first token), or queue it behind the one being stepped."""
+        check_params(params)
         rid = f"thaw-{next(self._ids)}"
         self.queued[rid] = ([int(t) for t in prompt], sglang_params(params))
         if self.streaming is None:

@@ -45,6 +45,7 @@ from thaw_format.sdk import (
     lineage_now,
     pending_requests,
 )
+from thaw_format.sdk.contract import check_params
 from thaw_format.sdk.shared import SharedKV
 
 from . import _internals, identity, pages, requests
@@ -95,11 +96,13 @@ class TransformersEngine(SharedKV):
     # --- serving ---
 
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
+        check_params(params)
         run = self._start(self._new_id(), list(prompt), [], params)
         self._run_to_end(run)
         return Generation(run.output, run.cached_tokens, run.logprobs)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> str:
+        check_params(params)
         run = self._start(self._new_id(), list(prompt), [], params)
         self.requests[run.id] = run
         return run.id

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import thaw_format
 from thaw_format import ModelInfo, SamplingParams
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, fork
+from thaw_format.sdk.contract import check_params
 
 from . import api, sampling
 from .requests import run_to_completion
@@ -53,6 +54,7 @@ class VLLMEngine:
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
         from vllm.inputs import TokensPrompt
 
+        check_params(params)
         out = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in prompt])], self._params(params),
                                 use_tqdm=False)[0]
         completion = out.outputs[0]
@@ -62,6 +64,7 @@ class VLLMEngine:
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> str:
         from vllm.inputs import TokensPrompt
 
+        check_params(params)
         request_id = f"thaw-{next(self._ids)}"
         self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=[int(t) for t in prompt]),
                                         self._params(params))

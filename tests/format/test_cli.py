@@ -141,6 +141,30 @@ def test_log_follows_parents_in_the_folder(tmp_path, capsys):
     assert "(a root)" in capsys.readouterr().out
 
 
+def test_log_follows_the_first_copy_of_a_parent_and_names_the_others(tmp_path, capsys):
+    """Several files with the parent's id (copies: the id is a digest of the header and every checksum): log took
+    the first without a word. It still follows the first, in --search order, and names the others."""
+    trunk_id = tf.save(make_full_snapshot(), tmp_path / "b.thaw")
+    shutil.copy(tmp_path / "b.thaw", tmp_path / "a.thaw")
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(tmp_path / "b.thaw", other / "c.thaw")
+    child = make_full_snapshot()
+    child.lineage = tf.Lineage(parent=trunk_id, label="branch 1")
+    child_path = str(tmp_path / "child.thaw")
+    tf.save(child, child_path)
+    search = ["--search", str(tmp_path), "--search", str(other), "--search", str(tmp_path)]  # one folder twice
+    assert main(["log", child_path, *search]) == 0
+    out = capsys.readouterr().out
+    assert f"snapshot {trunk_id}  {tmp_path / 'a.thaw'}\n" \
+           f"  copies   {tmp_path / 'b.thaw'}, {other / 'c.thaw'} (the same id)\n" in out
+    assert out.count("copies") == 1  # the file named on the command line has none: it is the one asked for
+    assert main(["log", "--json", child_path, *search]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [(e["path"], e["copies"]) for e in entries] == [
+        (child_path, []), (str(tmp_path / "a.thaw"), [str(tmp_path / "b.thaw"), str(other / "c.thaw")])]
+
+
 def test_diff_names_what_differs_by_name_and_checksum(tmp_path, capsys):
     a = _save(make_full_snapshot(), tmp_path / "a.thaw")
     assert main(["diff", a, a]) == 0

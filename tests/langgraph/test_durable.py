@@ -154,7 +154,8 @@ def test_a_thread_resumes_from_an_fsspec_url(engine, model_dir, plain, kind, evi
 
 def test_every_entry_point_keeps_the_thread_its_config_names(engine, model_dir, store):
     """`invoke`, `batch`, `stream` and `astream` with {"configurable": {"thread_id": ...}} and no graph keep the
-    thread, and so does `stream` inside a LangGraph node (langchain-core hands _stream no run manager there)."""
+    thread, and so does `stream` inside a LangGraph node (langchain-core hands _stream no run manager there);
+    `generate` and `agenerate`, which take no config, keep the thread their metadata= names."""
     import asyncio
 
     from langgraph.graph import START, MessagesState, StateGraph
@@ -175,10 +176,48 @@ def test_every_entry_point_keeps_the_thread_its_config_names(engine, model_dir, 
                "t-batch": chat.batch([messages], config("t-batch"))[0],
                "t-stream": list(chat.stream(messages, config("t-stream")))[-1],
                "t-astream": asyncio.run(astream_last("t-astream")),
-               "t-graph": graph.compile().invoke({"messages": messages}, config("t-graph"))["messages"][-1]}
+               "t-graph": graph.compile().invoke({"messages": messages}, config("t-graph"))["messages"][-1],
+               "t-generate": chat.generate([messages], metadata={"thread_id": "t-generate"}).generations[0][0].message,
+               "t-agenerate": asyncio.run(chat.agenerate([messages], metadata={"thread_id": "t-agenerate"}))
+               .generations[0][0].message}
     for name, reply in replies.items():
         assert reply.response_metadata.get("thread_id") == name, name
     assert sorted(p.name for p in store.iterdir()) == sorted(f"{name}.thaw" for name in replies)
+
+
+def test_an_empty_thread_id_is_refused_by_every_entry_point(engine, model_dir, store):
+    """thread_id "" (in the config, a LangGraph graph's, or a keyword) ran the turn without a thread, saving
+    nothing, and in generate's metadata failed in the thread store. LangGraph's own InMemorySaver keeps a thread
+    "" but its loop and metadata treat "" as no id; ChatThaw refuses it, before the turn reaches the engine."""
+    import asyncio
+
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    from thaw_langgraph import ChatThaw
+
+    chat = ChatThaw(engine=engine, tokenizer=model_dir, max_tokens=4, thread_store=str(store))
+    messages = [HumanMessage("step one: read the issue.")]
+    config = {"configurable": {"thread_id": ""}}
+
+    async def astream():
+        return [chunk async for chunk in chat.astream(messages, config)]
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("agent", lambda state: {"messages": [chat.invoke(state["messages"])]})
+    graph.add_edge(START, "agent")
+    app = graph.compile(checkpointer=InMemorySaver())
+    calls = {"invoke": lambda: chat.invoke(messages, config), "keyword": lambda: chat.invoke(messages, thread_id=""),
+             "ainvoke": lambda: asyncio.run(chat.ainvoke(messages, config)),
+             "batch": lambda: chat.batch([messages], config), "stream": lambda: list(chat.stream(messages, config)),
+             "astream": lambda: asyncio.run(astream()),
+             "generate": lambda: chat.generate([messages], metadata={"thread_id": ""}),
+             "agenerate": lambda: asyncio.run(chat.agenerate([messages], metadata={"thread_id": ""})),
+             "graph": lambda: app.invoke({"messages": messages}, config)}
+    for call in calls.values():
+        with pytest.raises(ValueError, match="thread_id is empty"):
+            call()
+    assert list(store.iterdir()) == []
 
 
 def test_a_thread_with_an_id_too_long_for_a_file_name_resumes(engine, model_dir, store, plain, kind, evict):

@@ -236,3 +236,14 @@ def test_max_tokens_below_one_is_refused(model_of):
         with pytest.raises(ValueError, match=f"thaw_mlx needs max_tokens of at least 1, got {n}"):
             engine.submit([5, 6, 7], greedy(n))
     assert engine.sessions == [] and engine.running == {}
+
+
+def test_params_that_are_not_sampling_params_are_refused_by_name(model_of):
+    """generate(prompt, None) raised AttributeError (params.max_tokens), and differently on every engine."""
+    engine = thaw_mlx.MLXEngine(model_of("llama-kv"))
+    for params in (None, {"max_tokens": 2}):
+        for call in (engine.generate, engine.submit):
+            with pytest.raises(TypeError, match=f"params must be a thaw_format.SamplingParams .*, not "
+                                                f"{type(params).__name__}"):
+                call([5, 6, 7], params)
+    assert engine.sessions == [] and engine.running == {}

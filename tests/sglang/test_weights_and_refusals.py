@@ -164,3 +164,14 @@ def test_shutting_down_one_fork_leaves_the_others_running(family, engines, given
     for engine in (family.parent, given_back(0)):
         assert generate(engine, family.continued_prefix + SUFFIXES[0])[0] == family.references[0]
         assert engine.leak_warnings() == 0
+
+
+def test_params_that_are_not_sampling_params_are_refused_by_name(thaw_sglang, family):
+    """generate(prompt, None) raised AttributeError (params.temperature), and differently on every engine."""
+    engine = thaw_sglang.SGLangEngine(family.parent)
+    for params in (None, {"max_tokens": 2}):
+        for call in (engine.generate, engine.submit):
+            with pytest.raises(TypeError, match=f"params must be a thaw_format.SamplingParams .*, not "
+                                                f"{type(params).__name__}"):
+                call(SUFFIXES[0], params)
+    assert engine.queued == {} and engine.streaming is None

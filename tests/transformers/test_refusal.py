@@ -104,6 +104,17 @@ def test_max_tokens_below_one_is_refused(engine):
             engine("llama").submit(PROMPT, greedy(n))
 
 
+def test_params_that_are_not_sampling_params_are_refused_by_name(engine):
+    """generate(prompt, None) raised AttributeError from the sampler (and differently on every engine)."""
+    llama = engine("llama")
+    for params in (None, {"max_tokens": 2}):
+        for call in (llama.generate, llama.submit):
+            with pytest.raises(TypeError, match=f"params must be a thaw_format.SamplingParams .*, not "
+                                                f"{type(params).__name__}"):
+                call(PROMPT, params)
+    assert llama.requests == {}
+
+
 def test_a_dtype_torch_does_not_have_is_refused_by_name():
     """dtype="float33" raised "module 'torch' has no attribute 'float33'"; "nn" reached from_pretrained as a module."""
     from conftest import model_dir

@@ -57,3 +57,16 @@ def test_plain_llm_with_engine_args_is_captured_and_forked_into_processes(vllm, 
     finally:
         for child in children:
             child.close()
+
+
+def test_params_that_are_not_sampling_params_are_refused_by_name(vllm, zoo):
+    """generate(prompt, None) raised AttributeError (params.logprobs), and differently on every engine."""
+    import thaw_vllm
+
+    engine = thaw_vllm.VLLMEngine(make_engine(zoo, "llama", "float32"))
+    for params in (None, {"max_tokens": 2}):
+        for call in (engine.generate, engine.submit):
+            with pytest.raises(TypeError, match=f"params must be a thaw_format.SamplingParams .*, not "
+                                                f"{type(params).__name__}"):
+                call(trunk_tokens(8), params)
+    assert not engine.llm.llm_engine.has_unfinished_requests()

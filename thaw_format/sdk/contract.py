@@ -114,6 +114,14 @@ def seeded(seed: int, max_tokens: int, *, temperature: float = 1.0, **fields) ->
     return SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens, ignore_eos=True, **fields)
 
 
+def check_params(params) -> None:
+    """TypeError unless `params` is a SamplingParams: each engine's generate and submit call this first (None or a
+    dict failed deep inside, differently on each engine)."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a thaw_format.SamplingParams (greedy(n), seeded(...)), not "
+                        f"{type(params).__name__} {params!r}")
+
+
 @dataclass
 class Generation:
     token_ids: list[int]

@@ -19,12 +19,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import reprlib
+import resource
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from ..errors import CorruptSnapshotError
 from ..snapshot import SamplingParams
@@ -121,19 +123,49 @@ class _Worker:
                 self.process.wait()
 
 
+def _launch_spec(spec) -> LaunchSpec:
+    """The launch spec of `spec` (a LaunchSpec, or a contract engine's launch_spec()); TypeError otherwise."""
+    if not isinstance(spec, LaunchSpec):
+        if not callable(getattr(spec, "launch_spec", None)):
+            raise TypeError(f"ForkPool takes a contract engine (thaw_format.sdk.Engine, with launch_spec()) or a "
+                            f"LaunchSpec, not {type(spec).__name__} {reprlib.repr(spec)}")
+        spec = spec.launch_spec()
+        if not isinstance(spec, LaunchSpec):
+            raise TypeError(f"the engine's launch_spec() returned {type(spec).__name__}, not a LaunchSpec")
+    return spec
+
+
+def _check_workers(workers) -> None:
+    """A whole number of workers, at least 1, whose pipes fit this process's open-file limit (each worker holds
+    two here: its stdin and stdout); a larger count would start processes until the OS refused one."""
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise TypeError(f"a fork pool's workers is a whole number of engines, not {type(workers).__name__} "
+                        f"{workers!r}")
+    if workers < 1:
+        raise ValueError(f"a fork pool needs workers >= 1, got {workers}")
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit != resource.RLIM_INFINITY and 2 * workers > limit:
+        raise ValueError(f"a fork pool of {workers} workers needs {2 * workers} open files for their pipes; this "
+                         f"process may open {limit} (ulimit -n)")
+
+
 class ForkPool:
     """`workers` warm engines started once from a launch spec (or from an engine's own launch_spec())."""
 
     def __init__(self, spec, workers: int, *, env: Optional[dict] = None) -> None:
-        if workers < 1:
-            raise ValueError(f"a fork pool needs workers >= 1, got {workers}")
-        spec = spec if isinstance(spec, LaunchSpec) else spec.launch_spec()
+        _check_workers(workers)
+        if env is not None and not (isinstance(env, Mapping) and all(isinstance(k, str) and isinstance(v, str)
+                                                                      for k, v in env.items())):
+            raise TypeError(f"a fork pool's env maps names to strings, not {reprlib.repr(env)}")
+        spec = _launch_spec(spec)  # last: it may call into the engine
         self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
         self._env = {**os.environ, **(env or {})}
         self._checked: set[str] = set()  # the rounds' sources the pool has checked (and so mapped)
         self._closed = False
-        self._workers = [_Worker(str(i), self._config, self._env) for i in range(workers)]
-        try:
+        self._workers: list[_Worker] = []
+        try:  # a start that fails part way (the OS refuses a process) stops the workers started before it
+            for i in range(workers):
+                self._workers.append(_Worker(str(i), self._config, self._env))
             for worker in self._workers:
                 worker.ensure_ready()
         except BaseException:
