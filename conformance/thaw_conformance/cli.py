@@ -144,7 +144,8 @@ def _run_engine(engine: str, spec: str, python: Path, args, workdir: Path, env: 
                 recorder.missing("error", status)
                 results += [r.to_json() for r in recorder.results]
     info = {"status": status or f"ran in {time.perf_counter() - started:.0f} s", "versions": data["versions"],
-            "python": data["python"], "executable": data["executable"], "driver": spec}
+            "python": data["python"], "executable": data["executable"], "driver": spec,
+            "zoo_checkpoints": data["zoo_checkpoints"]}
     return info, results, data["timings"]
 
 

@@ -68,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     known = driver.architectures()
     archs = known if args.arch == "all" else args.arch.split(",")
     report = {"engine": driver.name, "versions": driver.versions(), "python": platform.python_version(),
-              "executable": sys.executable, "results": [], "timings": {}, "done": []}
+              "executable": sys.executable, "zoo_checkpoints": bool(getattr(driver, "zoo_checkpoints", False)),
+              "results": [], "timings": {}, "done": []}
     for arch in archs:  # the report is rewritten after each architecture: a timeout keeps what was done
         recorder = Recorder(driver.name, arch)
         if arch not in known:
