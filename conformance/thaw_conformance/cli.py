@@ -33,9 +33,15 @@ ALL_ENGINES = ("template", "mlx", "vllm", "sglang", "transformers")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     args.engine_arch = dict(_pair(p, "--engine-arch") for p in args.engine_arch)
-    engines = ALL_ENGINES if args.engine == ["all"] else tuple(args.engine)
     pythons = dict(_pair(p, "--python-for") for p in args.python_for)
-    drivers = {**{e: e for e in BUILTIN}, **dict(_pair(d, "--driver") for d in args.driver)}
+    outside = dict(_pair(d, "--driver") for d in args.driver)
+    drivers = {**{e: e for e in BUILTIN}, **outside}
+    engines = ALL_ENGINES + tuple(e for e in outside if e not in ALL_ENGINES) if args.engine == ["all"] \
+        else tuple(args.engine)
+    for engine in engines:  # a name no driver answers to would be reported "not available", exit status 0
+        if engine not in drivers and ":" not in engine:
+            raise SystemExit(f"--engine {engine}: not a built-in engine ({', '.join(ALL_ENGINES)}); an adapter "
+                             f"from outside thaw is named with --driver {engine}=MODULE:FACTORY")
     workdir = args.workdir or cache_dir() / "conformance" / time.strftime("%Y%m%d-%H%M%S")
     env = _worker_env()
     engine_info, results, timings = {}, [], {}
@@ -62,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thaw-conformance", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engine", nargs="+", default=["all"], help=f"{', '.join(ALL_ENGINES)} or all")
+    parser.add_argument("--engine", nargs="+", default=["all"],
+                        help=f"{', '.join(ALL_ENGINES)}, a name given --driver, or all (built-in and --driver ones)")
     parser.add_argument("--arch", default="all", help="comma-separated zoo architectures, or all")
     parser.add_argument("--engine-arch", action="append", default=[], metavar="ENGINE=ARCHS",
                         help="architectures for one engine, overriding --arch (engine starts are slow)")
