@@ -27,10 +27,10 @@ CHECKS = {
                  "progress(), each ending with the parent's tokens (a batch changes no token)",
     "mid_stream_resume": "a greedy request captured in flight finishes in a fresh process as it did in the parent",
     "mid_stream_resume_seeded": "the same for a seeded request (sampling RNG state restored)",
-    "corrupt_refused": "a flipped data byte and a truncated file raise CorruptSnapshotError, the engine's pages "
-                       "unchanged",
+    "corrupt_refused": "a flipped data byte and a truncated file raise CorruptSnapshotError (also from "
+                       "restore_source), the engine's pages unchanged",
     "wrong_model_refused": "another config's snapshot, and KV of other weights, raise IncompatibleSnapshotError from "
-                           "check and restore, the engine's pages unchanged",
+                           "check, restore and restore_source, the engine's pages unchanged",
     "kv_control": "noise KV under the same prefix hashes is hit and changes the output (restored bytes are read)",
 }
 

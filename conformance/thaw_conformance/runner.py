@@ -13,6 +13,7 @@ from pathlib import Path
 
 import thaw_format
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError
+from thaw_format.sdk.shared import restore_source
 
 from . import variants
 from .checked import checked
@@ -163,17 +164,23 @@ def _refusals(engine: Engine, driver: Driver, record: dict, w: Workload, recorde
         note(_untouched(engine, before))
 
 
+_REFUSING = {  # the contract: each refuses what does not fit; a damaged file is refused by its load first
+    "check": lambda engine, path: engine.check(thaw_format.load(path)),
+    "restore": lambda engine, path: engine.restore(thaw_format.load(path)),
+    "restore_source": lambda engine, path: restore_source(engine, str(path)),  # the adapter reads the file itself
+}
+
+
 def _expect_refusal(engine: Engine, path: str, error: type, label: str) -> str:
-    for step in ("check", "restore"):  # the contract: both refuse what does not fit (a damaged file: its load)
+    for step, refuse in _REFUSING.items():
         try:
-            snapshot = thaw_format.load(path)
-            getattr(engine, step)(snapshot)
+            refuse(engine, path)
         except error:
             continue
         except Exception as exc:
             raise CheckFailed(f"{label}: {step} raised {type(exc).__name__} ({exc}), not {error.__name__}") from exc
         raise CheckFailed(f"{label}: {step} accepted it without an error" if step == "check" else
-                          f"{label}: restored without an error")
+                          f"{label}: {step} restored it without an error")
     return f"{label}: {error.__name__}"
 
 

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 
+import thaw_format
 from thaw_conformance.sdk import Unsupported
 from thaw_conformance.template import adapter
 from thaw_conformance.template.adapter import ToyThawEngine
@@ -95,6 +96,13 @@ class DeclaredLogprobsMissing(ToyThawEngine):
         return dataclasses.replace(super().generate(prompt, params), logprobs=None)
 
 
+class SourceUnchecked(ToyThawEngine):
+    """Reads a snapshot file for restore_source without checking its chunks (a flipped byte gets through)."""
+
+    def restore_source(self, source, *, verified=False):
+        return self.restore(thaw_format.load(source, verify=False))
+
+
 def _factory(engine_class, capabilities=None):
     if capabilities is not None:
         engine_class.capabilities = classmethod(lambda cls: frozenset(capabilities))
@@ -176,3 +184,7 @@ def silent_progress():
             return SilentProgress.start(str(checkpoint(arch)))
 
     return Driver()
+
+
+def source_unchecked():
+    return _factory(SourceUnchecked)()

@@ -28,13 +28,20 @@ def test_dropped_rng_state_is_caught(run_worker):
 def test_missing_model_check_is_caught(run_worker):
     results = run_worker("broken_drivers:no_model_check")
     assert statuses(results)["wrong_model_refused"] == "failed"
-    assert "restored without an error" in results["toy", "wrong_model_refused"]["detail"]
+    assert "restore restored it without an error" in results["toy", "wrong_model_refused"]["detail"]
 
 
 def test_a_restore_that_changes_the_engine_before_refusing_is_caught(run_worker):
     results = run_worker("broken_drivers:clears_before_refusing")
     assert statuses(results)["wrong_model_refused"] == "failed"
     assert "a refused restore changed the engine" in results["toy", "wrong_model_refused"]["detail"]
+
+
+def test_a_restore_source_that_reads_a_file_unchecked_is_caught(run_worker):
+    results = run_worker("broken_drivers:source_unchecked")
+    assert statuses(results)["corrupt_refused"] == "failed"
+    assert results["toy", "corrupt_refused"]["detail"] == \
+        "one flipped data byte: restore_source restored it without an error"
 
 
 def test_a_check_that_accepts_a_wrong_model_is_caught(run_worker):
