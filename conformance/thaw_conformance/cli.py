@@ -34,16 +34,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     args.engine_arch = dict(_pair(p, "--engine-arch") for p in args.engine_arch)
-    engines = ALL_ENGINES if args.engine == ["all"] else tuple(args.engine)
     pythons = dict(_pair(p, "--python-for") for p in args.python_for)
-    drivers = {**{e: e for e in BUILTIN}, **dict(_pair(d, "--driver") for d in args.driver)}
+    outside = dict(_pair(d, "--driver") for d in args.driver)
+    drivers = {**{e: e for e in BUILTIN}, **outside}
+    engines = ALL_ENGINES + tuple(e for e in outside if e not in ALL_ENGINES) if args.engine == ["all"] \
+        else tuple(args.engine)
     # A misspelt engine would otherwise run nothing, list every check skipped, and exit 0 like a pass.
-    unknown = [e for e in engines if e not in drivers]
+    unknown = [e for e in engines if e not in drivers and ":" not in e]
     if "all" in unknown:
-        parser.error("--engine: 'all' stands alone (it is every built-in engine)")
+        parser.error("--engine: 'all' stands alone (it is every built-in engine and those given --driver)")
     if unknown:
         parser.error(f"--engine: no engine {', '.join(map(repr, unknown))}; the built-in ones are "
-                     f"{', '.join(ALL_ENGINES)} (or all), others need --driver ENGINE=MODULE:FACTORY")
+                     f"{', '.join(ALL_ENGINES)} (or all); an adapter from outside thaw is named with "
+                     f"--driver {unknown[0]}=MODULE:FACTORY")
     if args.timeout <= 0:
         parser.error(f"--timeout: seconds per engine must be positive, got {args.timeout}")
     if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
@@ -76,7 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thaw-conformance", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engine", nargs="+", default=["all"], help=f"{', '.join(ALL_ENGINES)} or all")
+    parser.add_argument("--engine", nargs="+", default=["all"],
+                        help=f"{', '.join(ALL_ENGINES)}, a name given --driver, or all (built-in and --driver ones)")
     parser.add_argument("--arch", default="all", help="comma-separated zoo architectures, or all")
     parser.add_argument("--engine-arch", action="append", default=[], metavar="ENGINE=ARCHS",
                         help="architectures for one engine, overriding --arch (engine starts are slow)")
@@ -158,7 +162,8 @@ def _run_engine(engine: str, spec: str, python: Path, args, workdir: Path, env: 
                 recorder.missing("error", status)
                 results += [r.to_json() for r in recorder.results]
     info = {"status": status or f"ran in {time.perf_counter() - started:.0f} s", "versions": data["versions"],
-            "python": data["python"], "executable": data["executable"], "driver": spec}
+            "python": data["python"], "executable": data["executable"], "driver": spec,
+            "zoo_checkpoints": data["zoo_checkpoints"]}
     return info, results, data["timings"]
 
 

@@ -40,8 +40,6 @@ CROSS_CHECKS = {
 # of |KV| itself. 1e-2 lies five times above the largest arithmetic difference seen and decades below a fault.
 # (A tolerance for the zoo's fp32 checkpoints: bf16 KV rounds at 4e-3 of a value and needs one of its own.)
 KV_TOLERANCE = 1e-2
-# Engines whose snapshots can meet: they serve the zoo's HF checkpoints (the template has its own toy model).
-CHECKPOINT_ENGINES = ("mlx", "vllm", "sglang", "transformers")
 
 
 def cross_phase(driver: Driver, arch: str, source_dir: Path, workload: Workload, recorder: Recorder) -> None:
@@ -102,8 +100,9 @@ def _continuation(recorder: Recorder, own_kv, landed, own: list, restored: list,
 
 
 def run_all(engines: dict, pythons: dict, archs: list[str], workdir: Path, env: dict, timeout: int) -> list[dict]:
-    """Every ordered pair of checkpoint engines that ran, for each architecture both captured."""
-    ran = [e for e in CHECKPOINT_ENGINES if "versions" in engines.get(e, {})]  # its worker reported results
+    """Every ordered pair of engines that ran and serve the zoo's checkpoints (their drivers' `zoo_checkpoints`:
+    the template has a toy model of its own), for each architecture both captured."""
+    ran = [e for e, info in engines.items() if info.get("zoo_checkpoints")]  # its worker reported results
     results = []
     for source, target in itertools.permutations(ran, 2):
         for arch in archs:
@@ -113,13 +112,14 @@ def run_all(engines: dict, pythons: dict, archs: list[str], workdir: Path, env: 
                 continue
             out = workdir / "cross" / f"{source}-{target}-{arch}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
-            results += _run_one(pythons[target], target, arch, source_dir, out, env, timeout, f"{source}->{target}")
+            results += _run_one(pythons[target], engines[target]["driver"], arch, source_dir, out, env, timeout,
+                                f"{source}->{target}")
     return results
 
 
-def _run_one(python: Path, target: str, arch: str, source_dir: Path, out: Path, env: dict, timeout: int,
+def _run_one(python: Path, driver: str, arch: str, source_dir: Path, out: Path, env: dict, timeout: int,
              label: str) -> list[dict]:
-    command = [str(python), "-m", "thaw_conformance.worker", "--phase", "cross", "--driver", target, "--arch", arch,
+    command = [str(python), "-m", "thaw_conformance.worker", "--phase", "cross", "--driver", driver, "--arch", arch,
                "--workdir", str(source_dir), "--out", str(out)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)

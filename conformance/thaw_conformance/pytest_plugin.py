@@ -25,7 +25,8 @@ WORKER_TIMEOUT_S = 1800
 def pytest_addoption(parser):
     group = parser.getgroup("thaw-conformance")
     group.addoption("--thaw-driver", action="append", default=[], metavar="SPEC",
-                    help="driver to check: a built-in name (template, mlx, vllm, sglang) or module:factory")
+                    help="driver to check: a built-in name (template, mlx, vllm, sglang, transformers) or "
+                     "module:factory")
     group.addoption("--thaw-arch", default="all", help="comma-separated architectures, or all (default)")
 
 

@@ -18,7 +18,8 @@ CELL = {"passed": "pass", "failed": "**FAIL**", "unsupported": "n/s", "skipped":
 SHORT = {
     "weights_identical": "weights", "kv_identical": "KV", "prefix_hit_fresh_process": "prefix hit",
     "continuation_greedy": "greedy", "continuation_seeded": "seeded", "logprobs_identical": "logprobs",
-    "fork_n": "fork n", "mid_stream_resume": "mid-stream", "mid_stream_resume_seeded": "mid-stream seeded",
+    "fork_n": "fork n", "streaming": "streaming", "mid_stream_resume": "mid-stream",
+    "mid_stream_resume_seeded": "mid-stream seeded",
     "corrupt_refused": "corrupt", "wrong_model_refused": "wrong model", "kv_control": "KV control",
 }
 

@@ -23,10 +23,14 @@ CHECKS = {
     "continuation_seeded": "seeded-sampling continuation after restore is token-identical to the parent's",
     "logprobs_identical": "the logprobs of both continuations are bit-identical to the parent's",
     "fork_n": "n engines restored from one snapshot each continue exactly as the parent does with their seeds",
+    "streaming": "greedy and seeded requests in flight together, stepped: a token per step at most, reported by "
+                 "progress(), each ending with the parent's tokens (a batch changes no token)",
     "mid_stream_resume": "a greedy request captured in flight finishes in a fresh process as it did in the parent",
     "mid_stream_resume_seeded": "the same for a seeded request (sampling RNG state restored)",
-    "corrupt_refused": "a flipped data byte and a truncated file raise CorruptSnapshotError, engine untouched",
-    "wrong_model_refused": "another config's snapshot, and KV of other weights, raise IncompatibleSnapshotError",
+    "corrupt_refused": "a flipped data byte and a truncated file raise CorruptSnapshotError (also from "
+                       "restore_source), the engine's pages unchanged",
+    "wrong_model_refused": "another config's snapshot, and KV of other weights, raise IncompatibleSnapshotError from "
+                           "check, restore and restore_source, the engine's pages unchanged",
     "kv_control": "noise KV under the same prefix hashes is hit and changes the output (restored bytes are read)",
 }
 

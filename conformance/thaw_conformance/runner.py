@@ -13,8 +13,10 @@ from pathlib import Path
 
 import thaw_format
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError
+from thaw_format.sdk.shared import restore_source
 
 from . import variants
+from .checked import checked
 from .compare import float_bits, kv_diff, weights_diff
 from .results import CheckFailed, Recorder
 from .sdk import Driver, Engine, Generation, Unsupported, Workload, greedy, seeded
@@ -27,7 +29,7 @@ def _generation(g: Generation) -> dict:
 
 
 def _features(engine: Engine) -> frozenset:
-    return type(engine).capabilities()
+    return engine.features
 
 
 def _save(snapshot, path: Path) -> Path:
@@ -61,7 +63,7 @@ def parent_phase(driver: Driver, arch: str, workdir: Path, workload: Workload) -
     w = workload
     record: dict = {"arch": arch, "timings": {}}
     started = time.perf_counter()
-    engine = driver.start(arch, workdir)
+    engine = checked(driver.start(arch, workdir))
     features = _features(engine)
     record["timings"]["start_s"] = time.perf_counter() - started
     try:
@@ -128,16 +130,9 @@ def child_phase(driver: Driver, arch: str, workdir: Path, workload: Workload, re
     record = json.loads((workdir / PARENT_RECORD).read_text())
     timings = {}
     started = time.perf_counter()
-    engine = driver.start(arch, workdir)
+    engine = checked(driver.start(arch, workdir))
     timings["start_s"] = time.perf_counter() - started
     try:
-        with recorder.check("corrupt_refused") as note:
-            for label, path in record["damaged"].items():
-                note(_expect_refusal(engine, path, CorruptSnapshotError, label))
-            note(_untouched(engine))
-        with recorder.check("wrong_model_refused") as note:
-            for label, path in record["other_models"].items():
-                note(_expect_refusal(engine, path, IncompatibleSnapshotError, label))
         started = time.perf_counter()
         try:
             _restore(engine, record["snapshot"])
@@ -155,25 +150,53 @@ def child_phase(driver: Driver, arch: str, workdir: Path, workload: Workload, re
     return timings
 
 
+def _refusals(engine: Engine, driver: Driver, record: dict, w: Workload, recorder: Recorder) -> None:
+    """Damaged files and other models' snapshots are refused, by `check` too, and leave the engine, which holds
+    the pages of the checks before, as it was: a restore that changes state before it refuses is caught."""
+    before = _try(lambda: _live_kv(engine))
+    with recorder.check("corrupt_refused") as note:
+        for label, path in record["damaged"].items():
+            note(_expect_refusal(engine, path, CorruptSnapshotError, label))
+        note(_untouched(engine, before))
+    with recorder.check("wrong_model_refused") as note:
+        for label, path in record["other_models"].items():
+            note(_expect_refusal(engine, path, IncompatibleSnapshotError, label))
+        note(_untouched(engine, before))
+
+
+_REFUSING = {  # the contract: each refuses what does not fit; a damaged file is refused by its load first
+    "check": lambda engine, path: engine.check(thaw_format.load(path)),
+    "restore": lambda engine, path: engine.restore(thaw_format.load(path)),
+    "restore_source": lambda engine, path: restore_source(engine, str(path)),  # the adapter reads the file itself
+}
+
+
 def _expect_refusal(engine: Engine, path: str, error: type, label: str) -> str:
-    try:
-        _restore(engine, path)
-    except error as exc:
-        return f"{label}: {type(exc).__name__}"
-    except Exception as exc:
-        raise CheckFailed(f"{label}: raised {type(exc).__name__} ({exc}), not {error.__name__}") from exc
-    raise CheckFailed(f"{label}: restored without an error")
+    for step, refuse in _REFUSING.items():
+        try:
+            refuse(engine, path)
+        except error:
+            continue
+        except Exception as exc:
+            raise CheckFailed(f"{label}: {step} raised {type(exc).__name__} ({exc}), not {error.__name__}") from exc
+        raise CheckFailed(f"{label}: {step} accepted it without an error" if step == "check" else
+                          f"{label}: {step} restored it without an error")
+    return f"{label}: {error.__name__}"
 
 
-def _untouched(engine: Engine) -> str:
-    try:
-        state = _live_kv(engine)
-    except Unsupported:
-        return "engine state after refusal not readable (capture without weights unsupported)"
-    pages = state.prefix.num_pages if state.prefix is not None else 0
-    if pages:
-        raise CheckFailed(f"after the refused restores the fresh engine holds {pages} cached pages")
-    return "engine still holds no pages"
+def _untouched(engine: Engine, before) -> str:
+    """The engine's KV after refused restores is `before`'s (its live KV before them), page for page and byte
+    for byte: contract, "before any engine state changes"."""
+    if isinstance(before, str):
+        return f"engine state after refusal not readable ({before})"
+    after = _live_kv(engine)
+    counts = [s.prefix.num_pages if s.prefix is not None else 0 for s in (before, after)]
+    diff = kv_diff(before, after) if counts[0] and counts[0] == counts[1] else None
+    if counts[0] != counts[1] or diff:
+        raise CheckFailed(f"a refused restore changed the engine: it held {counts[0]} cached pages before, "
+                          f"{counts[1]} after" + (f" ({diff})" if diff else "") + "; the contract wants every "
+                          "check before any engine state changes")
+    return f"the engine's {counts[0]} cached pages unchanged, byte for byte"
 
 
 def _verdict(diff_child, diff_parent, what: str) -> str:
@@ -230,6 +253,52 @@ def _compare_continuations(engine: Engine, driver: Driver, record: dict, w: Work
             if float_bits(generation.logprobs) != want[kind]["logprobs"]:
                 raise CheckFailed(f"{kind}: logprobs differ in their bits from the parent's")
         note(f"{', '.join(got)}: every logprob bit-identical")
+
+
+def _compare_streaming(engine: Engine, driver: Driver, record: dict, w: Workload, recorder: Recorder) -> None:
+    """The parent's continuations again, submitted together and stepped: each step advances a request by at most
+    one token, progress() reports it, its last Progress (finished) once, and each ends with the parent's tokens."""
+    with recorder.check("streaming") as note:
+        features = _features(engine)
+        if "streaming" not in features:
+            raise Unsupported("several requests in flight, each one's tokens after every step (progress())")
+        prompt, want = w.prompt + record["first"], record["continuations"]
+        kinds = {engine.submit(prompt, greedy(w.continue_tokens) if kind == "greedy" else
+                               seeded(w.seed, w.continue_tokens)): kind for kind in want}
+        seen, finished = {rid: [] for rid in kinds}, set()
+        try:
+            for _ in range(4 * w.continue_tokens + 16):  # a step may only admit a request: allow a few
+                # before the first step too: a submit may run its request's prefill, its first token
+                for rid, progress in engine.progress().items():
+                    _streamed(rid, progress, kinds, seen, finished)
+                if finished == set(kinds):
+                    break
+                engine.step()
+        finally:
+            if finished != set(kinds):  # the checks after this one need an idle engine
+                engine.finish()
+        if finished != set(kinds):
+            raise CheckFailed(f"after {4 * w.continue_tokens + 16} steps progress() has reported "
+                              f"{sorted(kinds[r] for r in finished)} finished of {sorted(kinds.values())}")
+        for rid, kind in kinds.items():
+            if seen[rid] != want[kind]["tokens"]:
+                raise CheckFailed(f"{kind} request streamed beside the others gave {seen[rid]}, the parent's "
+                                  f"{want[kind]['tokens']} alone")
+        note(f"{', '.join(kinds.values())} in flight together: a token per step at most, the parent's tokens")
+
+
+def _streamed(rid: str, progress, kinds: dict, seen: dict, finished: set) -> None:
+    if rid not in kinds:
+        raise CheckFailed(f"progress() names {rid!r}, not a request submitted here ({sorted(kinds)})")
+    if rid in finished:
+        raise CheckFailed(f"progress() reports request {rid} again after its finished Progress")
+    before, now = seen[rid], list(progress.token_ids)
+    if now[: len(before)] != before or len(now) > len(before) + 1:
+        raise CheckFailed(f"one step took request {rid} from {len(before)} tokens to {len(now)} ({now}): at most "
+                          "one more token, the earlier ones kept")
+    seen[rid] = now
+    if progress.finished:
+        finished.add(rid)
 
 
 def _compare_mid_stream(engine: Engine, driver: Driver, record: dict, w: Workload, recorder: Recorder) -> None:
@@ -293,6 +362,8 @@ _STAGES = (
     (_compare_fork, ("fork_n",)),
     (_compare_continuations, ("prefix_hit_fresh_process", "continuation_greedy", "continuation_seeded",
                               "logprobs_identical")),
+    (_compare_streaming, ("streaming",)),
     (_compare_mid_stream, ("mid_stream_resume", "mid_stream_resume_seeded")),
     (_control, ("kv_control",)),
+    (_refusals, ("corrupt_refused", "wrong_model_refused")),
 )

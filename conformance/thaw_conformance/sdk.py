@@ -29,6 +29,9 @@ __all__ = ["CAPABILITIES", "Driver", "Engine", "Generation", "Resumed", "Unsuppo
 @runtime_checkable
 class Driver(Protocol):
     name: str  # the engine's name in the receipt: "vllm", "mlx", ...
+    # Optional, False if absent: True when `start` serves `models.checkpoint(arch)`, the zoo's Hugging Face files,
+    # so that this engine's snapshots and every other such engine's are restored into each other (cross.py).
+    zoo_checkpoints: bool
 
     def versions(self) -> dict[str, str]:
         """Versions worth a receipt line: the engine, its framework, the adapter."""

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .checked import ContractViolation
 from .cross import cross_phase
 from .drivers import load_driver
 from .results import CheckResult, Recorder
@@ -56,6 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parent_phase(driver, args.arch, args.workdir, workload)
         except Unsupported as exc:  # the driver cannot serve this architecture at all: every check says why
             _write(args.out, {"unsupported": str(exc)})
+        except ContractViolation as exc:  # the parent's engine broke a rule: every check fails, naming it
+            _write(args.out, {"violation": str(exc)})
         return 0
     if args.phase == "child":
         recorder = Recorder(driver.name, args.arch)
@@ -65,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     known = driver.architectures()
     archs = known if args.arch == "all" else args.arch.split(",")
     report = {"engine": driver.name, "versions": driver.versions(), "python": platform.python_version(),
-              "executable": sys.executable, "results": [], "timings": {}, "done": []}
+              "executable": sys.executable, "zoo_checkpoints": bool(getattr(driver, "zoo_checkpoints", False)),
+              "results": [], "timings": {}, "done": []}
     for arch in archs:  # the report is rewritten after each architecture: a timeout keeps what was done
         recorder = Recorder(driver.name, arch)
         if arch not in known:
@@ -101,6 +105,9 @@ def _run_arch(spec: str, arch: str, workdir: Path, fork_arch: str, recorder: Rec
         result = json.loads(out.read_text())
         if "unsupported" in result:
             recorder.missing("unsupported", f"not supported by the adapter: {result['unsupported']}")
+            return timings
+        if "violation" in result:
+            recorder.missing("failed", f"the parent phase: {result['violation']}")
             return timings
         timings[phase] = dict(result["timings"], process_s=time.perf_counter() - started)
     recorder.results.extend(CheckResult(**r) for r in result["results"])

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 
+import thaw_format
 from thaw_conformance.sdk import Unsupported
 from thaw_conformance.template import adapter
 from thaw_conformance.template.adapter import ToyThawEngine
@@ -62,6 +63,46 @@ class NoKVReadback(ToyThawEngine):
         return super().capture(include_weights=include_weights, chains=chains)
 
 
+class ClearsBeforeRefusing(ToyThawEngine):
+    """Drops its cached pages, then checks: a snapshot it refuses leaves the engine emptied."""
+
+    def restore(self, snapshot):
+        self.engine.reset()
+        return super().restore(snapshot)
+
+
+class CheckAcceptsAll(ToyThawEngine):
+    """`check` accepts anything (restore still refuses a wrong model): the contract's check is broken."""
+
+    def check(self, snapshot):
+        return None
+
+
+class MisspeltCapability(ToyThawEngine):
+    @classmethod
+    def capabilities(cls):
+        return frozenset({"logprobs", "seeded", "fork-processes"})
+
+
+class CaptureNotASnapshot(ToyThawEngine):
+    def capture(self, *, include_weights=True, chains=None):
+        return {"snapshot": super().capture(include_weights=include_weights, chains=chains)}
+
+
+class DeclaredLogprobsMissing(ToyThawEngine):
+    """Declares "logprobs" but leaves Generation.logprobs empty: the logprob check must not pass on None == None."""
+
+    def generate(self, prompt, params):
+        return dataclasses.replace(super().generate(prompt, params), logprobs=None)
+
+
+class SourceUnchecked(ToyThawEngine):
+    """Reads a snapshot file for restore_source without checking its chunks (a flipped byte gets through)."""
+
+    def restore_source(self, source, *, verified=False):
+        return self.restore(thaw_format.load(source, verify=False))
+
+
 def _factory(engine_class, capabilities=None):
     if capabilities is not None:
         engine_class.capabilities = classmethod(lambda cls: frozenset(capabilities))
@@ -104,3 +145,46 @@ def cannot_start():
             raise Unsupported(f"no {arch} here: the adapter lacks this model's cache layout")
 
     return Driver()
+
+
+def clears_before_refusing():
+    return _factory(ClearsBeforeRefusing)()
+
+
+def check_accepts_all():
+    return _factory(CheckAcceptsAll)()
+
+
+def misspelt_capability():
+    return _factory(MisspeltCapability)()
+
+
+def capture_not_a_snapshot():
+    return _factory(CaptureNotASnapshot)()
+
+
+def declared_logprobs_missing():
+    return _factory(DeclaredLogprobsMissing)()
+
+
+def silent_progress():
+    """transformers' engine (the cheapest real one that streams) whose progress() reports nothing."""
+    from thaw_conformance.drivers.transformers import TransformersDriver
+    from thaw_conformance.models import checkpoint
+    from thaw_transformers import TransformersEngine
+
+    class SilentProgress(TransformersEngine):
+        def progress(self):
+            return {}
+
+    class Driver(TransformersDriver):
+        name = "broken-silent-progress"
+
+        def start(self, arch, workdir):
+            return SilentProgress.start(str(checkpoint(arch)))
+
+    return Driver()
+
+
+def source_unchecked():
+    return _factory(SourceUnchecked)()

@@ -28,13 +28,51 @@ def test_dropped_rng_state_is_caught(run_worker):
 def test_missing_model_check_is_caught(run_worker):
     results = run_worker("broken_drivers:no_model_check")
     assert statuses(results)["wrong_model_refused"] == "failed"
-    assert "restored without an error" in results["toy", "wrong_model_refused"]["detail"]
+    assert "restore restored it without an error" in results["toy", "wrong_model_refused"]["detail"]
+
+
+def test_a_restore_that_changes_the_engine_before_refusing_is_caught(run_worker):
+    results = run_worker("broken_drivers:clears_before_refusing")
+    assert statuses(results)["wrong_model_refused"] == "failed"
+    assert "a refused restore changed the engine" in results["toy", "wrong_model_refused"]["detail"]
+
+
+def test_a_restore_source_that_reads_a_file_unchecked_is_caught(run_worker):
+    results = run_worker("broken_drivers:source_unchecked")
+    assert statuses(results)["corrupt_refused"] == "failed"
+    assert results["toy", "corrupt_refused"]["detail"] == \
+        "one flipped data byte: restore_source restored it without an error"
+
+
+def test_a_check_that_accepts_a_wrong_model_is_caught(run_worker):
+    results = run_worker("broken_drivers:check_accepts_all")
+    assert statuses(results)["wrong_model_refused"] == "failed"
+    assert "check accepted it without an error" in results["toy", "wrong_model_refused"]["detail"]
+
+
+@pytest.mark.parametrize("spec, rule", [
+    ("misspelt_capability", "capabilities() names unknown 'fork-processes'"),
+    ("capture_not_a_snapshot", "capture() returned dict, not thaw_format.Snapshot"),
+    ("declared_logprobs_missing", "declares 'logprobs', so Generation.logprobs must hold one float per token"),
+])
+def test_a_broken_contract_rule_is_named_in_every_check(run_worker, spec, rule):
+    results = run_worker(f"broken_drivers:{spec}")
+    assert set(statuses(results)) == set(CHECKS) and set(statuses(results).values()) == {"failed"}
+    assert all(rule in r["detail"] for r in results.values()), results["toy", "kv_identical"]["detail"]
+
+
+def test_streaming_is_checked_on_a_real_engine(run_worker):
+    results = run_worker("broken_drivers:silent_progress", "llama")
+    got = statuses(results)
+    assert got["streaming"] == "failed" and got["continuation_greedy"] == got["continuation_seeded"] == "passed"
+    assert "progress() has reported [] finished of ['greedy', 'seeded']" in results["llama", "streaming"]["detail"]
 
 
 def test_unsupported_features_are_never_passed(run_worker):
     results = run_worker("broken_drivers:no_kv_readback")
     got = statuses(results)
-    for check in ("kv_identical", "logprobs_identical", "fork_n", "mid_stream_resume", "mid_stream_resume_seeded"):
+    for check in ("kv_identical", "logprobs_identical", "fork_n", "streaming", "mid_stream_resume",
+                  "mid_stream_resume_seeded"):
         assert got[check] == "unsupported", check
         assert results["toy", check]["detail"].startswith("not supported by the adapter"), check
     assert got["continuation_greedy"] == got["weights_identical"] == "passed"

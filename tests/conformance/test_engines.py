@@ -14,8 +14,8 @@ import pytest
 from conftest import REPO
 
 ENGINES = {"mlx": ".venv", "vllm": ".venv-vllm", "sglang": ".venv-sglang", "transformers": ".venv"}
-CORE = ("weights_identical", "kv_identical", "prefix_hit_fresh_process", "continuation_greedy", "mid_stream_resume",
-        "corrupt_refused", "wrong_model_refused", "kv_control")
+CORE = ("weights_identical", "kv_identical", "prefix_hit_fresh_process", "continuation_greedy", "streaming",
+        "mid_stream_resume", "corrupt_refused", "wrong_model_refused", "kv_control")
 # Every engine names a checkpoint's model alike (spec 5.1), so each one's snapshot must land in every other.
 CROSSING = ("mlx", "sglang", "vllm", "transformers")
 PRESENT = [e for e, venv in ENGINES.items() if (REPO / venv / "bin" / "python").exists()]

@@ -42,6 +42,21 @@ def test_unknown_arch_and_missing_engine_are_reported_not_passed(run_cli):
     assert "not installed" in receipt["engines"]["template"]["status"]
 
 
+def test_an_engine_no_driver_answers_to_is_a_usage_error():
+    done = subprocess.run([sys.executable, "-m", "thaw_conformance.cli", "--engine", "mine", "--no-vectors"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--engine: no engine 'mine'" in done.stderr and "--driver mine=MODULE:FACTORY" in done.stderr
+
+
+def test_all_engines_include_the_drivers_given_on_the_command_line(run_cli):
+    _, receipt, _ = run_cli("--driver", "mine=thaw_conformance.template.driver:driver", "--arch", "toy",
+                            "--python-for", "template=/nonexistent/python", "--python-for", "mlx=/nonexistent/python",
+                            "--python-for", "vllm=/nonexistent/python", "--python-for", "sglang=/nonexistent/python",
+                            "--python-for", "transformers=/nonexistent/python", "--no-vectors", "--no-cross")
+    assert receipt["engines"]["mine"]["status"].startswith("ran")
+
+
 def test_pytest_plugin_runs_the_suite():
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
                            "thaw_conformance.pytest_plugin", "--pyargs", "thaw_conformance.suite", "--thaw-driver",

@@ -4,6 +4,8 @@ top of it for every engine. Nothing here imports an engine; thaw_format's core m
 
 from .contract import (
     CAPABILITIES,
+    CAPABILITY_METHODS,
+    CORE_METHODS,
     DEFAULT_PAGE_SIZE,
     Engine,
     Finished,
@@ -13,6 +15,7 @@ from .contract import (
     Refused,
     Resumed,
     Unsupported,
+    adapter_problems,
     greedy,
     lineage_now,
     pending_requests,
@@ -23,6 +26,7 @@ from .fork import fork, generate_all
 from .pool import ForkPool, ForkRound, PoolWorkerDied
 
 __all__ = [
-    "CAPABILITIES", "DEFAULT_PAGE_SIZE", "Engine", "Finished", "ForkPool", "ForkRound", "Generation", "LaunchSpec",
-    "PoolWorkerDied", "Progress", "Refused", "Resumed", "Unsupported", "fork", "generate_all", "greedy", "lineage_now", "pending_requests", "require", "seeded",
+    "CAPABILITIES", "CAPABILITY_METHODS", "CORE_METHODS", "DEFAULT_PAGE_SIZE", "Engine", "Finished", "ForkPool",
+    "ForkRound", "Generation", "LaunchSpec", "PoolWorkerDied", "Progress", "Refused", "Resumed", "Unsupported",
+    "adapter_problems", "fork", "generate_all", "greedy", "lineage_now", "pending_requests", "require", "seeded",
 ]

@@ -25,7 +25,7 @@ Sampling is the format's own `thaw_format.SamplingParams` (the set every snapsho
 request moves between engines and snapshots without a translation table per pair. Its default temperature is
 1.0 as in the spec: use `greedy(n)` or `seeded(seed, n)` for the two modes every engine must get exactly.
 
-Rules the callers rely on (the conformance suite checks each one):
+Rules the callers rely on (conformance/README.md says which check proves each, and which no check proves yet):
 - `generate` runs one request to completion and is deterministic for a given engine state: greedy, or seeded
   sampling. `Generation.cached_tokens` is the engine's own count of prompt tokens it did not recompute (its
   prefix-cache hit), never a number the adapter derives from what it expects.
@@ -81,6 +81,17 @@ CAPABILITIES = (
     "weights",  # capture(include_weights=True) holds the engine's live weights, and restore loads them
 )
 
+# The methods an adapter class defines: the core ones always, and those each capability it declares needs (a
+# method of a capability it lacks may be missing, or raise Unsupported). `adapter_problems` checks a class.
+CORE_METHODS = ("model_info", "generate", "capture", "check", "restore", "close")
+CAPABILITY_METHODS = {
+    "fork": ("fork",),
+    "fork_processes": ("fork", "launch_spec"),
+    "mid_stream": ("submit", "step", "finish"),
+    "mid_stream_seeded": ("submit", "step", "finish"),
+    "streaming": ("submit", "step", "progress"),
+}
+
 DEFAULT_PAGE_SIZE = 32  # tokens per snapshot page; vLLM's CPU backend needs blocks of a multiple of 32
 
 
@@ -102,6 +113,34 @@ def require(engine: "Engine", capability: str) -> None:
         raise ValueError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
     if capability not in type(engine).capabilities():
         raise Unsupported(f"{type(engine).name}: the adapter does not support {capability!r}")
+
+
+def adapter_problems(cls: type) -> list[str]:
+    """What keeps the class `cls` from being a contract adapter, one sentence each (empty: none): its `name`, its
+    `capabilities()` (a frozenset of CAPABILITIES' names, readable without an instance) and the methods those need."""
+    problems = []
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        problems.append(f"{cls.__name__}.name must be the engine's name as a non-empty str, not {name!r}")
+    try:
+        declared = cls.capabilities()
+    except Exception as exc:  # a method needing an instance, or one that crashes
+        problems.append(f"{cls.__name__}.capabilities() must be a classmethod readable without an instance: "
+                        f"{type(exc).__name__}: {exc}")
+        declared = frozenset()
+    if not isinstance(declared, frozenset):
+        problems.append(f"{cls.__name__}.capabilities() returned {type(declared).__name__}, not a frozenset")
+        declared = frozenset(declared) if isinstance(declared, (set, list, tuple)) else frozenset()
+    unknown = sorted(str(c) for c in declared if c not in CAPABILITIES)
+    if unknown:
+        problems.append(f"{cls.__name__}.capabilities() names unknown {', '.join(map(repr, unknown))}; known: "
+                        f"{', '.join(CAPABILITIES)}")
+    needed = {m: "the core" for m in CORE_METHODS}
+    for capability in sorted(declared & CAPABILITY_METHODS.keys()):
+        needed.update({m: repr(capability) for m in CAPABILITY_METHODS[capability] if m not in needed})
+    problems += [f"{cls.__name__} has no method {m}() (needed by {why})" for m, why in needed.items()
+                 if not callable(getattr(cls, m, None))]
+    return problems
 
 
 def greedy(max_tokens: int, **fields) -> SamplingParams:

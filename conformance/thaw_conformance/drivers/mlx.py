@@ -14,6 +14,7 @@ from ..models import ARCHS, checkpoint
 
 class MLXDriver:
     name = "mlx"
+    zoo_checkpoints = True
 
     def versions(self) -> dict[str, str]:
         return {"mlx": mx.__version__, "mlx-lm": mlx_lm.__version__}

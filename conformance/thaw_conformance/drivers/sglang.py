@@ -23,6 +23,7 @@ ENGINE_ARGS = dict(device="cpu", load_format="safetensors", skip_tokenizer_init=
 
 class SGLangDriver:
     name = "sglang"
+    zoo_checkpoints = True
 
     def versions(self) -> dict[str, str]:
         return {"sglang": sglang.__version__, "torch": torch.__version__}

@@ -15,6 +15,7 @@ from ..models import ARCHS, checkpoint
 
 class TransformersDriver:
     name = "transformers"
+    zoo_checkpoints = True
 
     def versions(self) -> dict[str, str]:
         return {"transformers": transformers.__version__, "torch": torch.__version__}

@@ -24,6 +24,7 @@ ENGINE_KWARGS = dict(dtype="float32", block_size=32, enforce_eager=True, skip_to
 
 class VLLMDriver:
     name = "vllm"
+    zoo_checkpoints = True
 
     def versions(self) -> dict[str, str]:
         return {"vllm": vllm.__version__, "torch": torch.__version__}

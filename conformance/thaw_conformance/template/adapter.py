@@ -33,7 +33,7 @@ from thaw_format import (
     weights_digest,
 )
 from thaw_format.numpy import from_numpy, to_numpy
-from thaw_format.sdk import Finished, Generation, LaunchSpec, Resumed, fork, pending_requests
+from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, fork, pending_requests
 from thaw_format.sdk.shared import SharedKV
 
 from .engine import ToyEngine, ToyRequest, page_hash
@@ -200,6 +200,7 @@ class ToyThawEngine(SharedKV):
 
     def __init__(self, engine: ToyEngine) -> None:
         self.engine = engine
+        self._progress: dict[str, Progress] = {}  # requests that advanced since the last progress()
 
     @classmethod
     def start(cls, **config) -> "ToyThawEngine":
@@ -211,7 +212,8 @@ class ToyThawEngine(SharedKV):
 
     @classmethod
     def capabilities(cls) -> frozenset:
-        return frozenset({"logprobs", "seeded", "fork", "fork_processes", "mid_stream", "mid_stream_seeded"})
+        return frozenset({"logprobs", "seeded", "fork", "fork_processes", "mid_stream", "mid_stream_seeded",
+                          "streaming"})
 
     def model_info(self) -> ModelInfo:
         return model_info(self.engine)
@@ -234,7 +236,14 @@ class ToyThawEngine(SharedKV):
         return self.engine.submit(prompt, params.max_tokens, params.temperature, params.seed).id
 
     def step(self) -> dict[str, list[int]]:
-        return {request.id: request.output for request in self.engine.step()}
+        advanced = list(self.engine.running.values())  # the toy's step advances each by one token
+        finished = {request.id: request.output for request in self.engine.step()}
+        self._progress.update({r.id: Progress(list(r.output), r.cached_tokens, r.id in finished) for r in advanced})
+        return finished
+
+    def progress(self) -> dict[str, Progress]:
+        out, self._progress = self._progress, {}
+        return out
 
     def finish(self, requests=None) -> dict[str, Finished]:
         wanted = None if requests is None else {r.request_id for r in requests}
