@@ -52,13 +52,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
         parser.error(f"--workdir: {str(args.workdir)!r} is a file, not a folder")
     if args.out.is_dir():  # found only when the receipt is written, after the whole run
-        parser.error(f"--out: {str(args.out)!r} is a folder; name the receipt's file (e.g. {args.out / 'receipt.json'})")
+        parser.error(f"--out: {str(args.out)!r} is a folder; name the receipt's file "
+                     f"(e.g. {args.out / 'receipt.json'})")
     workdir = args.workdir or cache_dir() / "conformance" / time.strftime("%Y%m%d-%H%M%S")
     env = _worker_env()
     engine_info, results, timings = {}, [], {}
     for engine in engines:
         python = _python(engine, pythons)
-        info, engine_results, engine_timings = _run_engine(engine, drivers.get(engine, engine), python, args, workdir, env)
+        info, engine_results, engine_timings = _run_engine(engine, drivers.get(engine, engine), python, args, workdir,
+                                                           env)
         engine_info[engine], timings[engine] = info, engine_timings
         results += engine_results
         print(f"{engine}: {info['status']}", file=sys.stderr)
