@@ -6,7 +6,9 @@ One worker process per engine runs with that engine's Python (default: in a chec
 it where scripts/setup-*.sh made one, else the current interpreter; `--python-for vllm=PATH` overrides), writes
 per-check JSON, and this process merges everything, adds the format conformance of the golden vectors and the
 cross-engine checks, and writes receipt.json + receipt.md.
-Exit status: 0 when nothing failed or errored.
+Exit status: 0 when nothing failed or errored; 1 when something did; 2 for a usage error, found before any engine
+starts: an engine, --driver module or factory, --python-for interpreter or architecture that does not exist.
+An engine not installed here is no usage error: its checks are skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -54,8 +57,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out.is_dir():  # found only when the receipt is written, after the whole run
         parser.error(f"--out: {str(args.out)!r} is a folder; name the receipt's file "
                      f"(e.g. {args.out / 'receipt.json'})")
-    workdir = args.workdir or cache_dir() / "conformance" / time.strftime("%Y%m%d-%H%M%S")
+    absent = [f"{e}={p}" for e, p in pythons.items() if not Path(p).exists()]
+    if absent:  # it ran nothing, listed every check skipped and exited 0, like a pass
+        parser.error(f"--python-for: no interpreter at {', '.join(map(repr, absent))}")
     env = _worker_env()
+    _check_names(parser, args, engines, drivers, outside, pythons, env)
+    workdir = args.workdir or cache_dir() / "conformance" / time.strftime("%Y%m%d-%H%M%S")
     engine_info, results, timings = {}, [], {}
     for engine in engines:
         python = _python(engine, pythons)
@@ -101,6 +108,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_names(parser, args, engines: tuple, drivers: dict, outside: dict, pythons: dict, env: dict) -> None:
+    """Refuse, before any engine starts, a --driver whose module or factory does not exist and an architecture
+    (--arch, --engine-arch) that no engine asked has; each ran nothing, listed its checks skipped and exited 0.
+
+    Each engine's worker is asked in its own interpreter (`--phase list`: it imports the driver, starts
+    nothing), only where a name needs checking. An engine not installed here cannot answer: it is skipped in
+    the run, with its reason, as before; an architecture only some engines have is skipped on the others."""
+    explicit = args.arch != "all" or any(archs != "all" for archs in args.engine_arch.values())
+    known = {}
+    for engine in dict.fromkeys([*outside, *(engines if explicit else ())]):
+        listed = _list_architectures(drivers.get(engine, engine), _python(engine, pythons), env, args.timeout)
+        if listed.get("not_found"):
+            parser.error(f"--driver {engine}={drivers[engine]}: {listed['unavailable']} "
+                         f"(for {_python(engine, pythons)})")
+        if "architectures" in listed:
+            known[engine] = listed["architectures"]
+    for engine, archs in args.engine_arch.items():
+        unknown = [a for a in archs.split(",") if archs != "all" and engine in known and a not in known[engine]]
+        if unknown:
+            parser.error(f"--engine-arch: the {engine} driver has no {', '.join(map(repr, unknown))} "
+                         f"(it has: {', '.join(known[engine])})")
+    have = sorted({a for e in engines if e in known for a in known[e]})
+    unknown = [a for a in args.arch.split(",") if args.arch != "all" and have and a not in have]
+    if unknown:
+        parser.error(f"--arch: no engine here has {', '.join(map(repr, unknown))} (they have: {', '.join(have)})")
+
+
+def _list_architectures(spec: str, python: Path, env: dict, timeout: int) -> dict:
+    """The worker's answer to `--phase list`, or {} where it gave none (it crashed: the run reports that)."""
+    with tempfile.TemporaryDirectory(prefix="thaw-conformance-") as scratch:
+        out = Path(scratch) / "list.json"
+        try:
+            subprocess.run([str(python), "-m", "thaw_conformance.worker", "--phase", "list", "--driver", spec,
+                            "--workdir", scratch, "--out", str(out)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {}
+        return json.loads(out.read_text()) if out.exists() else {}
+
+
 def _python(engine: str, pythons: dict) -> Path:
     if engine in pythons:
         return Path(pythons[engine])
@@ -135,8 +182,6 @@ def _worker_env() -> dict:
 
 def _run_engine(engine: str, spec: str, python: Path, args, workdir: Path, env: dict) -> tuple[dict, list, dict]:
     """Run one engine's worker; an engine that is not installed or crashes gives a receipt line, not an abort."""
-    if not python.exists():
-        return _absent(engine, f"not installed here (no {python})", "skipped")
     out, log = workdir / f"{engine}.json", workdir / f"{engine}.log"
     workdir.mkdir(parents=True, exist_ok=True)
     archs = args.engine_arch.get(engine, args.arch)

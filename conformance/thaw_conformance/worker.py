@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from .checked import ContractViolation
 from .cross import cross_phase
-from .drivers import load_driver
+from .drivers import DriverNotFound, load_driver
 from .results import CheckResult, Recorder
 from .runner import child_phase, parent_phase
 from .sdk import Unsupported, Workload
@@ -34,8 +34,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--arch", default="all", help="comma-separated architectures, or all")
     parser.add_argument("--workdir", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--phase", choices=("all", "parent", "child", "cross"), default="all",
-                        help="cross: restore the snapshot another engine captured in --workdir")
+    parser.add_argument("--phase", choices=("all", "parent", "child", "cross", "list"), default="all",
+                        help="cross: restore the snapshot another engine captured in --workdir; list: write the "
+                             "driver's architectures, start nothing")
     parser.add_argument("--fork-arch", default="all", help="architectures to run the fork check on, or all")
     args = parser.parse_args(argv)
     try:
@@ -44,7 +45,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         recorder = Recorder(args.driver, "-")
         recorder.missing("skipped", f"the {args.driver} driver cannot be imported here: {exc}")
         _write(args.out, {"engine": args.driver, "versions": {}, "unavailable": str(exc), "python": platform.python_version(),
-                          "executable": sys.executable, "results": [r.to_json() for r in recorder.results], "timings": {}})
+                          "executable": sys.executable, "results": [r.to_json() for r in recorder.results], "timings": {},
+                          "not_found": isinstance(exc, DriverNotFound)})
+        return 0
+    if args.phase == "list":
+        _write(args.out, {"architectures": list(driver.architectures())})
         return 0
     workload = Workload(fork_archs=None if args.fork_arch == "all" else tuple(args.fork_arch.split(",")))
     if args.phase == "cross":

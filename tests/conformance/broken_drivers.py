@@ -188,3 +188,9 @@ def silent_progress():
 
 def source_unchecked():
     return _factory(SourceUnchecked)()
+
+
+def not_installed():
+    """A driver whose engine is not installed here: importing the engine fails inside the driver, as `import vllm`
+    does where vLLM is absent. The suite skips it, saying why; a misspelt driver is a usage error instead."""
+    raise ImportError("the engine is not installed here")

@@ -17,6 +17,19 @@ BUILTIN = {
 VENVS = {"template": ".venv", "mlx": ".venv", "vllm": ".venv-vllm", "sglang": ".venv-sglang", "transformers": ".venv"}
 
 
+class DriverNotFound(ImportError):
+    """The driver's module or factory does not exist: a misspelt spec, unlike an engine not installed here (an
+    ImportError from inside the driver's module)."""
+
+
 def load_driver(spec: str) -> Driver:
     module, _, factory = BUILTIN.get(spec, spec).partition(":")
-    return getattr(importlib.import_module(module), factory or "driver")()
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
+            raise DriverNotFound(f"no module {module!r}") from None
+        raise
+    if not hasattr(found, factory or "driver"):
+        raise DriverNotFound(f"module {module!r} has no {factory or 'driver'!r}")
+    return getattr(found, factory or "driver")()
