@@ -6,7 +6,9 @@ means re-checking this file alone. Importing it with another SGLang version fail
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ require_tested("thaw_sglang", "SGLang", sglang.__version__, [TESTED_SGLANG_VERSI
 from sglang.srt import environ as _environ  # noqa: E402
 from sglang.srt.managers import scheduler as _scheduler_module  # noqa: E402
 from sglang.srt.managers.io_struct import ContinueGenerationReqInput, PauseGenerationReqInput  # noqa: E402
+from sglang.srt.managers.load_snapshot import shm_path_for  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
@@ -284,3 +287,9 @@ def stop_engine_processes(engine) -> None:
     launched = getattr(engine, "_scheduler_init_result", None)
     for pid in launched.all_child_pids if launched is not None else []:
         kill_process_tree(pid, include_parent=True, wait_timeout=60)
+    # The scheduler's load-report file (/dev/shm/sglang_loads_<instance id>_...): SGLang never unlinks it, and
+    # ends the scheduler with SIGKILL, so every engine started left one behind. Its scheduler is gone now.
+    port_args = getattr(engine, "port_args", None)
+    if port_args is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(shm_path_for(port_args.instance_id))

@@ -5,6 +5,7 @@ back as the fork left it (`given_back`), and the fork a test shuts down is its o
 on nor change what other files' tests find."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -153,14 +154,26 @@ def test_mismatches_are_refused_before_anything_changes(thaw_sglang, family):
     assert engine.leak_warnings() == 0
 
 
+def _shm_entries(engine) -> list[str]:
+    """The /dev/shm entries named after this engine's SGLang instance (other engines, of other test runs on the
+    machine, make their own: only this engine's are counted)."""
+    return sorted(name for name in os.listdir("/dev/shm")
+                  if name.startswith("sglang") and engine.port_args.instance_id in name)
+
+
 def test_shutting_down_one_fork_leaves_the_others_running(family, engines, given_back):
-    """A fork of its own: the family's children serve other tests after this one."""
+    """A fork of its own: the family's children serve other tests after this one. It leaves nothing in /dev/shm
+    (SGLang's scheduler makes a load-report file there, `sglang_loads_<instance id>_<digest>.shm`, and never
+    unlinks it: hundreds collected after test runs)."""
     (fork,) = family.parent.fork(n=1)
     engines.adopt([fork])
     prompt = family.continued_prefix + SUFFIXES[0]
     output, cached = generate(fork, prompt)
     assert output == family.references[0] and cached >= family.restored_prefix_len  # the parent's tree, forked
+    ours = _shm_entries(fork)
+    assert ours, "the engine's scheduler made no load-report file in /dev/shm: the check below would pass vacuously"
     fork.shutdown()
+    assert _shm_entries(fork) == [], "the shut-down engine left its SGLang files in /dev/shm"
     for engine in (family.parent, given_back(0)):
         assert generate(engine, family.continued_prefix + SUFFIXES[0])[0] == family.references[0]
         assert engine.leak_warnings() == 0
