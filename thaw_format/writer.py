@@ -187,10 +187,12 @@ class EncodedSnapshot:
             os.close(fd)
             fd = -1
             os.replace(tmp, path)  # inside the cleanup: a rename refused (path is a directory) leaves nothing
-        except BaseException:
+        except BaseException as exc:
             if fd >= 0:
                 os.close(fd)
             os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise _naming_target(exc, path, tmp) from None
             raise
         if durable:
             dir_fd = os.open(directory, os.O_RDONLY)
@@ -310,6 +312,18 @@ def _check_target(path: str) -> str:
 _TMP_STEM_BYTES = 200
 
 
+def temporary_beside(path: str, directory: str, suffix: str = "") -> str:
+    """A fresh name for a temporary file in `directory` (the folder of `path`), that a save renames over `path`:
+    hidden, `path`'s name cut to its first 200 bytes so that the 23 added (and `suffix`, up to 32) fit the 255 a
+    file name may have, as `path`'s own name does, and random, so concurrent saves never share one."""
+    if len(os.fsencode(suffix)) > 32:
+        raise ValueError(f"a temporary's suffix has at most 32 bytes, got {suffix!r}")
+    stem = os.path.basename(path)[:_TMP_STEM_BYTES]
+    while len(os.fsencode(stem)) > _TMP_STEM_BYTES:
+        stem = stem[:-1]
+    return os.path.join(directory, f".{stem}.{secrets.token_hex(6)}.thaw-tmp{suffix}")
+
+
 def _create_beside(path: str, directory: str) -> tuple[int, str]:
     """A new temporary file in `directory` (read-write: a fill maps it), with the mode the snapshot at `path`
     will have: that of the regular file it replaces, else 0666 less the umask (applied by the kernel at
@@ -319,16 +333,14 @@ def _create_beside(path: str, directory: str) -> tuple[int, str]:
         keep = stat.S_IMODE(existing.st_mode) if stat.S_ISREG(existing.st_mode) else None
     except FileNotFoundError:
         keep = None
-    # The name's first 200 bytes: its 23 more must fit the 255 a file name may have, as `path`'s own name does
-    stem = os.path.basename(path)[:_TMP_STEM_BYTES]
-    while len(os.fsencode(stem)) > _TMP_STEM_BYTES:
-        stem = stem[:-1]
     for _ in range(100):
-        tmp = os.path.join(directory, f".{stem}.{secrets.token_hex(6)}.thaw-tmp")
+        tmp = temporary_beside(path, directory)
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:
             continue
+        except OSError as exc:  # a folder the user may not write in, a read-only or full filesystem
+            raise _naming_target(exc, path, tmp) from None
         if keep is not None:
             try:
                 os.fchmod(fd, keep)
@@ -338,6 +350,14 @@ def _create_beside(path: str, directory: str) -> tuple[int, str]:
                 raise
         return fd, tmp
     raise FileExistsError(f"no free temporary name beside {path!r}")
+
+
+def _naming_target(exc: OSError, path: str, tmp: str) -> OSError:
+    """`exc`, when it names the temporary file (or no file: a write's ENOSPC), as the same error with the same
+    errno and strerror naming the user's `path`: the temporary is gone, and its name means nothing to them."""
+    if exc.errno is None or exc.filename not in (None, tmp):
+        return exc
+    return type(exc)(exc.errno, exc.strerror, path)
 
 
 def _check_readable(doc: dict, tensors: list) -> None:

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from thaw_format import IncompatibleSnapshotError, ModelInfo, Snapshot, config_digest
+from thaw_format.writer import temporary_beside
 
 from .identity import checkpoint_config
 from .session import DEFAULT_PAGE_SIZE, cache_of_snapshot, session_request, snapshot_of_cache
@@ -34,8 +35,10 @@ def export_prompt_cache(snapshot: Snapshot, path: str | os.PathLike) -> None:
         metadata[MODEL_KEY] = json.dumps(dataclasses.asdict(snapshot.model))
     if snapshot.id is not None:
         metadata[SNAPSHOT_KEY] = snapshot.id
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial.safetensors")  # mlx appends .safetensors to other names
+    path = os.fsdecode(path)
+    # the writer's temporary name, which fits beside the longest name `path` may have; mlx-lm appends
+    # .safetensors to a name that does not end with it
+    partial = Path(temporary_beside(path, os.path.dirname(path) or ".", ".safetensors"))
     try:
         save_prompt_cache(str(partial), cache, metadata)
         os.replace(partial, path)

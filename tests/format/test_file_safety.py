@@ -1,6 +1,7 @@
 """Paths: what the reader opens (regular files only), what it does when a file changes under it, and the
 mode, cleanup and symlink behaviour of the atomic save."""
 
+import errno
 import gc
 import os
 import stat
@@ -345,6 +346,22 @@ def test_a_file_name_of_the_longest_length_saves(tmp_path, name):
     # The temporary beside it added 23 bytes to the name: File name too long, for a name open() takes.
     snapshot_id = tf.save(labelled("A"), tmp_path / name)
     assert tf.load(tmp_path / name).id == snapshot_id and os.listdir(tmp_path) == [name]
+
+
+def test_a_folder_that_refuses_the_save_is_named_with_the_users_path_not_the_temporary(tmp_path):
+    """The PermissionError named the `.thaw-tmp` file beside the target, which the user never asked for. As root
+    a folder's mode refuses nothing, so there the folder is /sys, where the kernel refuses a new file."""
+    if os.geteuid() == 0:
+        folder = "/sys"
+    else:
+        folder = str(tmp_path / "read-only")
+        os.mkdir(folder, 0o555)
+    path = os.path.join(folder, "s.thaw")
+    with pytest.raises(PermissionError) as refused:
+        tf.save(labelled("A"), path)
+    assert refused.value.filename == path and refused.value.filename2 is None
+    assert refused.value.errno == errno.EACCES and refused.value.strerror == os.strerror(errno.EACCES)
+    assert str(refused.value) == f"[Errno 13] Permission denied: {path!r}"
 
 
 def test_a_snapshot_file_dropped_without_close_releases_its_descriptor(tmp_path):

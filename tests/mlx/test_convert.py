@@ -1,6 +1,7 @@
 """`thaw convert`: mlx-lm prompt-cache files <-> snapshots, through the CLI, both ways and back again."""
 
 import json
+import os
 
 import mlx.core as mx
 import pytest
@@ -9,6 +10,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 import thaw_format
 import thaw_mlx
+from thaw_mlx.prompt_cache_file import export_prompt_cache
 from thaw_format.cli import main  # the `thaw` command, which finds `convert` through its entry point
 from hostile import craft
 from sessions import CASES
@@ -55,6 +57,16 @@ def test_snapshot_of_an_idle_prefix_cache_exports(session, saved, tmp_path):
     assert main(["convert", saved(snapshot), str(exported)]) == 0
     _, metadata = load_prompt_cache(str(exported), return_metadata=True)
     assert json.loads(metadata["thaw_tokens"]) == chain and metadata["thaw_num_prompt_tokens"] == str(len(chain))
+
+
+@pytest.mark.parametrize("name", ["a" * 243 + ".safetensors", "é" * 121 + ".safetensors"])  # 255 and 254 bytes
+def test_export_to_a_name_of_the_longest_length(name, session, tmp_path):
+    """The export's temporary added 21 bytes to the name (File name too long, for a name open() takes): it is
+    now the writer's, cut to fit."""
+    model, cache, tokens = session("llama-kv")
+    export_prompt_cache(thaw_mlx.capture(model, cache, tokens, num_prompt_tokens=30), tmp_path / name)
+    _, metadata = load_prompt_cache(str(tmp_path / name), return_metadata=True)
+    assert json.loads(metadata["thaw_tokens"]) == tokens and os.listdir(tmp_path) == [name]
 
 
 def test_mlx_lm_file_to_snapshot_needs_model_and_tokens(model_of, tmp_path, capsys):
