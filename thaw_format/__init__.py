@@ -34,9 +34,10 @@ from .snapshot import (
     WeightsRef,
 )
 from .tensor import Tensor, as_tensor
+from .version import package_version
 from .writer import EncodedSnapshot, dumps, save, write
 
-__version__ = "0.1.0"
+__version__ = package_version()
 FORMAT_VERSION = (MAJOR, MINOR)
 
 __all__ = [

@@ -16,11 +16,13 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .container import MAJOR, MINOR
 from .diff import diff as diff_files
 from .errors import SnapshotError
 from .progress import progress_bar
 from .reader import SnapshotFile
 from .summary import count, section_lines, size, summarize
+from .version import package_version
 
 # C0 and C1 controls, DEL, lone surrogates, and the invisible marks that reorder or hide text (bidi, zero width)
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
@@ -252,6 +254,8 @@ def _short(value: Any) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thaw", description="Inspect, check and compare thaw snapshots.")
+    parser.add_argument("--version", action="version",
+                        version=f"thaw {package_version()} (snapshot format {MAJOR}.{MINOR})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, what: str) -> argparse.ArgumentParser:

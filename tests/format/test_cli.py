@@ -2,6 +2,7 @@
 
 import fcntl
 import importlib
+import importlib.metadata
 import json
 import os
 import pty
@@ -313,3 +314,39 @@ def test_inspect_refuses_a_limit_that_is_not_a_count(tmp_path, capsys, limit):
     with pytest.raises(SystemExit) as caught:  # -1 showed one row of two and said "... and 3 more"
         main(["inspect", "--limit", limit, str(path)])
     assert caught.value.code == 2 and "0 or more" in capsys.readouterr().err
+
+
+def test_version_is_the_projects_and_names_the_format(capsys):
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11 reads TOML; 3.10 does not")
+    with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"thaw {project['version']} (snapshot format {tf.FORMAT_VERSION[0]}." \
+                                      f"{tf.FORMAT_VERSION[1]})\n"
+    assert tf.__version__ == project["version"]
+
+
+def test_version_comes_from_the_checkout_else_the_installed_metadata(tmp_path):
+    """Run from a checkout, its pyproject.toml says the version (another copy may be installed); elsewhere, the
+    installed distribution's metadata, else "unknown"."""
+    from thaw_format import version
+
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[build-system]\nrequires = []\n\n[project]\nname = "thaw"\nversion = "9.8.7"\n\n'
+                         '[tool.other]\nversion = "0.0.1"\n')
+    assert version._checkout_version(pyproject) == "9.8.7"
+    pyproject.write_text('[project]\nname = "other"\nversion = "9.8.7"\n')
+    assert version._checkout_version(pyproject) is None
+    assert version._checkout_version(tmp_path / "missing.toml") is None
+    # version.py alone in a folder with no pyproject.toml above: what an installed package sees
+    (tmp_path / "pkg").mkdir()
+    shutil.copy(version.__file__, tmp_path / "pkg" / "version.py")
+    done = subprocess.run([sys.executable, "-c", "import version; print(version.package_version())"],
+                          cwd=tmp_path / "pkg", capture_output=True, text=True, check=True)
+    try:
+        expected = importlib.metadata.version("thaw")
+    except importlib.metadata.PackageNotFoundError:
+        expected = "unknown"
+    assert done.stdout == f"{expected}\n"
