@@ -24,8 +24,12 @@ def save_file(tensors: Mapping[str, Any], path, metadata: Optional[Mapping[str, 
 
 
 @gc_paused
-def load_file(path, *, mmap: bool = True) -> dict:
+def load_file(path, device="cpu", *, mmap: bool = True) -> dict:
     """Load a snapshot's weights as torch tensors, every chunk and padding byte verified first.
+
+    `device`, as safetensors' load_file takes it ("cpu", "cuda:0", a torch.device, an int), is where the
+    tensors go (on a device other than the CPU they are copies there, whatever `mmap` says): one this machine
+    lacks, or torch does not know, is refused before the data is read.
 
     By default the tensors view a copy-on-write mapping of the file, checked in one parallel pass: no byte is
     copied, and writing a tensor never changes the file. As with any mapping (safetensors' too), a later
@@ -35,8 +39,11 @@ def load_file(path, *, mmap: bool = True) -> dict:
         # The path and the header first: a FIFO, a directory or a file that is no snapshot is refused at once, not
         # after torch's import (seconds on a first call, over a minute measured on a busy machine), which comes
         # before the data is read, so that a missing torch is said before a long load.
-        from .torch import to_torch
+        from .torch import device_of, to_torch
 
+        target = device_of(device)
         snapshot = f.snapshot(copy=not mmap)
     tensors = snapshot.weights.tensors if snapshot.weights is not None else {}
-    return {name: to_torch(t) for name, t in tensors.items()}
+    if target.type == "cpu":
+        return {name: to_torch(t) for name, t in tensors.items()}
+    return {name: to_torch(t).to(target) for name, t in tensors.items()}

@@ -63,3 +63,31 @@ def to_torch(tensor: Tensor) -> torch.Tensor:
         return torch.empty(shape, dtype=_TORCH[tensor.dtype])
     t = torch.frombuffer(data if not data.readonly else bytearray(data), dtype=_TORCH[tensor.dtype])
     return t if len(shape) == 1 else t.view(shape)
+
+
+def device_of(device) -> torch.device:
+    """`device` (a torch.device, "cpu", "cuda:1", an int for that accelerator index, as safetensors takes) as a
+    torch.device that can hold tensors here: ValueError for one torch does not know or that holds no data
+    ("meta"), RuntimeError for one this machine lacks (no CUDA, or fewer devices than the index)."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"device must be a torch.device, a str such as 'cpu' or 'cuda:0', or an int, got "
+                        f"{type(device).__name__}")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:  # an unknown name, or an int where torch finds no accelerator
+        if isinstance(device, int):
+            raise RuntimeError(f"device {device!r}: no accelerator is available here (torch {torch.__version__})") \
+                from None
+        raise ValueError(f"unknown device {device!r}: {exc}") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "meta":  # no storage: the loaded bytes would be dropped
+        raise ValueError(f"device {device!r} holds no data: load to 'cpu' or an accelerator")
+    backend = getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise RuntimeError(f"device {device!r}: no {parsed.type} device is available here (torch {torch.__version__})")
+    count = getattr(backend, "device_count", None)
+    if parsed.index is not None and count is not None and parsed.index >= count():
+        raise RuntimeError(f"device {device!r}: this machine has {count()} {parsed.type} device(s)")
+    return parsed
