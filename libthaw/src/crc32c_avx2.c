@@ -88,15 +88,17 @@ uint32_t crc32c_avx2_vpclmul(uint32_t state, const uint8_t *p, size_t n) {
  * scatter's blocks nor the gather's pages are read again soon; the caller fences). Measured on Zen 3, 256 MiB
  * of 512-byte rows: about the CPU time of the unchecked scatter, where checking each 1 MiB chunk and then moving
  * it cost a third more: the folds run while the loads and stores wait on memory. Each step also prefetches the
- * same 128 bytes of the next row: a gather's rows are scattered, and the hardware prefetcher does not cross into
- * the next row's page (one thread, 256 MiB of 4 KiB rows in shuffled order: 0.46 of a memory copy without it,
- * 0.62 with; in order 0.86 and 0.92-0.99; the checked scatter above 0.64 and 0.67). */
+ * same 128 bytes of the next row (for a call's last row, `after`, the caller's next): a gather's rows are
+ * scattered, and the hardware prefetcher does not cross into the next row's page (one thread, 256 MiB of 4 KiB
+ * rows in shuffled order: 0.46 of a memory copy without it, 0.62 with; in order 0.86 and 0.92-0.99; the checked
+ * scatter above 0.64 and 0.67). */
 void crc32c_avx2_fold_rows(crc32c_fold *f, const uint8_t *const *src, uint8_t *const *dst, size_t rows,
-                           size_t row_bytes) {
+                           size_t row_bytes, const uint8_t *after) {
     __m256i *lanes = (__m256i *)f->lanes;
     __m256i x0 = lanes[0], x1 = lanes[1], x2 = lanes[2], x3 = lanes[3];
     for (size_t r = 0; r < rows; r++) {
-        const uint8_t *p = src[r], *next = r + 1 < rows ? src[r + 1] : p;
+        /* the last row prefetches the caller's next one (else itself, already loading: no branch in the loop) */
+        const uint8_t *p = src[r], *next = r + 1 < rows ? src[r + 1] : after ? after : p;
         uint8_t *d = dst[r];
         int stream = ((uintptr_t)d & 31) == 0;
         for (size_t o = 0; o < row_bytes; o += VECTOR_STEP) {

@@ -22,9 +22,11 @@ typedef struct {
     int started;
 } crc32c_fold;
 
-/* Fold `rows` rows of row_bytes (a multiple of 128), in order: row i is read at src[i] and stored at dst[i]. */
+/* Fold `rows` rows of row_bytes (a multiple of 128), in order: row i is read at src[i] and stored at dst[i].
+ * `after` is the row the caller reads next (the first of its next call), prefetched while the last row moves,
+ * or NULL where none follows. */
 typedef void (*crc32c_fold_rows_fn)(crc32c_fold *f, const uint8_t *const *src, uint8_t *const *dst, size_t rows,
-                                    size_t row_bytes);
+                                    size_t row_bytes, const uint8_t *after);
 /* The folding copy of the active kernel (crc32c.c), or NULL where it has none (the caller then checks and
  * copies in two reads). */
 crc32c_fold_rows_fn crc32c_fold_rows(void);
@@ -41,7 +43,7 @@ unsigned cpu_x86_features(void);
 uint32_t crc32c_sse42(uint32_t state, const uint8_t *p, size_t n);
 uint32_t crc32c_avx2_vpclmul(uint32_t state, const uint8_t *p, size_t n);
 void crc32c_avx2_fold_rows(crc32c_fold *f, const uint8_t *const *src, uint8_t *const *dst, size_t rows,
-                           size_t row_bytes);
+                           size_t row_bytes, const uint8_t *after);
 uint32_t crc32c_avx2_fold_end(const crc32c_fold *f);
 uint32_t crc32c_avx512_vpclmul(uint32_t state, const uint8_t *p, size_t n);
 void crc32c_sse42_init(void);
