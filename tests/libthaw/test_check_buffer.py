@@ -165,3 +165,20 @@ m[5000]
 """
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert child.returncode == -signal.SIGBUS, (child.returncode, child.stderr)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_progress_advances_within_one_large_region(native, path, monkeypatch):
+    """A mapped load's check reported per region (one 4 GiB tensor: nothing until the end); in 64 KiB steps now,
+    and a bad chunk in a later step is still named by its region's own chunk index."""
+    monkeypatch.setattr(mover, "_PROGRESS_BYTES", 64 << 10)
+    monkeypatch.setattr(mover, "_PROGRESS_PIECE_BYTES", 64 << 10)
+    data, table, crcs = image([(4096, bytes(range(256)) * 4096, 4096), ((1 << 20) + 8192, b"x" * 5000, 4096)])
+    calls = []
+    assert PATHS[path](data, table, crcs, calls.append, zero_gaps=True) is None
+    assert sum(calls) == (1 << 20) + 5000 and max(calls) <= 64 << 10 and len(calls) >= 16
+    data[4096 + 200 * 4096 + 7] ^= 0xFF  # chunk 200 of region 0
+    assert PATHS[path](data, table, crcs, calls.append, zero_gaps=True) == (0, 200)
+    data[4096 + 200 * 4096 + 7] ^= 0xFF
+    data[(1 << 20) + 4096 + 10] = 1  # the gap before region 1
+    assert PATHS[path](data, table, crcs, calls.append, zero_gaps=True) == (1, -1)

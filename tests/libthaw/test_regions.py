@@ -232,3 +232,41 @@ def test_small_gaps_are_written_as_zeros_and_larger_ones_left_alone(native, tmp_
     assert files["native"] == files["portable"]
     data = files["native"]
     assert data[:100] == b"\xff" * 100 and data[160:1000] == bytes(840) and data[1030:9000] == b"\xff" * 7970
+
+
+# One region of 1 MiB in chunks of 4 KiB (a tensor far larger than a progress step), and a small one after it.
+ONE_BIG = layout([1 << 20, 5000], 4096)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_progress_advances_within_one_large_region(native, tmp_path, path, monkeypatch):
+    """Progress was reported per region: a file of one 4 GiB tensor showed nothing until its end. With steps of
+    64 KiB (whole chunks), writes, reads and verifies report that region in pieces, bytes and CRCs unchanged."""
+    monkeypatch.setattr(mover, "_PROGRESS_BYTES", 64 << 10)
+    monkeypatch.setattr(mover, "_PROGRESS_PIECE_BYTES", 64 << 10)
+    monkeypatch.setattr(mover, "_STAGE_BYTES", 64 << 10)  # the portable read's stage, which also sets its steps
+    write, read, verify_fn = PATHS[path]
+    total = sum(len(d) for _, d, _ in ONE_BIG)
+    for name, run in {
+        "write": lambda sink: write_file(tmp_path / "f", ONE_BIG, lambda fd, r: write(fd, r, sink)),
+        "read": lambda sink: read_back(tmp_path / "f", ONE_BIG, read, progress=sink)[0],
+        "verify": lambda sink: verify(tmp_path / "f", ONE_BIG, verify_fn, progress=sink),
+    }.items():
+        calls = []
+        result = run(calls.append)
+        assert sum(calls) == total and max(calls) <= 64 << 10 and len(calls) >= (1 << 20) // (64 << 10), name
+        assert result == ([mover._py_chunk_crcs(d, c) for _, d, c in ONE_BIG] if name == "write" else None), name
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_bad_chunk_in_a_later_piece_is_named_by_its_region_and_chunk(native, tmp_path, path, monkeypatch):
+    """The pieces a progress hook cuts a region into report a bad chunk as the region's own chunk index."""
+    monkeypatch.setattr(mover, "_PROGRESS_BYTES", 64 << 10)
+    monkeypatch.setattr(mover, "_PROGRESS_PIECE_BYTES", 64 << 10)
+    write, read, verify_fn = PATHS[path]
+    write_file(tmp_path / "f", ONE_BIG, write)
+    with open(tmp_path / "f", "r+b") as f:
+        f.seek(ONE_BIG[0][0] + 200 * 4096 + 7)  # chunk 200 of region 0, in its 13th piece of 16 chunks
+        f.write(b"\xff")
+    assert read_back(tmp_path / "f", ONE_BIG, read, progress=lambda n: None)[0] == (0, 200)
+    assert verify(tmp_path / "f", ONE_BIG, verify_fn, progress=lambda n: None) == (0, 200)
