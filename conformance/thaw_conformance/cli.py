@@ -115,6 +115,10 @@ def _check_names(parser, args, engines: tuple, drivers: dict, outside: dict, pyt
     Each engine's worker is asked in its own interpreter (`--phase list`: it imports the driver, starts
     nothing), only where a name needs checking. An engine not installed here cannot answer: it is skipped in
     the run, with its reason, as before; an architecture only some engines have is skipped on the others."""
+    unknown = [e for e in args.engine_arch if e not in drivers]
+    if unknown:
+        parser.error(f"--engine-arch: no engine {', '.join(map(repr, unknown))}; the built-in ones are "
+                     f"{', '.join(ALL_ENGINES)}, or a name given --driver")
     explicit = args.arch != "all" or any(archs != "all" for archs in args.engine_arch.values())
     known = {}
     for engine in dict.fromkeys([*outside, *(engines if explicit else ())]):

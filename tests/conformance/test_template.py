@@ -69,6 +69,7 @@ def test_pytest_plugin_runs_the_suite():
     (["--engine", "vlm"], "no engine 'vlm'"),
     (["--engine", "template", "--arch", "toy,nonexistent"], "--arch: no engine here has 'nonexistent'"),
     (["--engine", "template", "--engine-arch", "template=llama"], "the template driver has no 'llama'"),
+    (["--engine", "template", "--engine-arch", "vlm=llama"], "--engine-arch: no engine 'vlm'"),
     (["--engine", "template", "--python-for", "template=/nonexistent/python"],
      "--python-for: no interpreter at 'template=/nonexistent/python'"),
     (["--engine", "mine", "--driver", "mine=no_such_module:driver"], "--driver mine=no_such_module:driver: no module"),
