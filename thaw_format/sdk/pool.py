@@ -7,11 +7,10 @@
 Each round the parent publishes the KV of the trunk's full pages once in shared memory (`capture_shared`: a
 KV-only snapshot, no weights), the pool checks every chunk of it once, and each of n workers restores it from
 there (`restore_source(..., verified=True)`: read in place, not checked again) and continues with its suffix,
-whose prefill starts with the trunk's last partial page (a full page is what every engine caches). The parent
-is only read. A worker that dies mid-round is named with its exit status, the round fails with PoolWorkerDied
-after the other workers have answered, and the pool starts a replacement, so the next round runs on a full
-pool. Any contract engine with a launch spec works
-(thaw_format.sdk.contract).
+whose prefill starts with the trunk's last partial page (a full page, of the parent's page_size(), is what
+every engine caches). The parent is only read. A worker that dies mid-round is named with its exit status,
+the round fails with PoolWorkerDied after the other workers have answered, and the pool starts a replacement,
+so the next round runs on a full pool. Any contract engine with a launch spec works (thaw_format.sdk.contract).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from typing import Mapping, Optional, Sequence
 
 from ..errors import CorruptSnapshotError
 from ..snapshot import SamplingParams
-from .contract import DEFAULT_PAGE_SIZE, Engine, Generation, LaunchSpec
+from .contract import Engine, Generation, LaunchSpec
 from .lent import forget, open_snapshot
 from .shared import capture_shared
 
@@ -136,6 +135,20 @@ def _launch_spec(spec) -> LaunchSpec:
     return spec
 
 
+def _page_size(parent) -> int:
+    """The parent's page_size(): the pool hands over its full pages only. An engine's pages are its own (vLLM's
+    CPU blocks are 128 tokens by default): cut at 32 for every engine, a 100-token trunk moved no KV from such a
+    parent, and every worker prefilled it all, without a word."""
+    method = getattr(parent, "page_size", None)
+    if not callable(method):
+        raise TypeError(f"a fork round's parent must say its page_size() (thaw_format.sdk.contract); "
+                        f"{type(parent).__name__} has none")
+    page = method()
+    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+        raise TypeError(f"the parent's page_size() returned {page!r}, not a whole number of tokens >= 1")
+    return page
+
+
 def _check_workers(workers) -> int:
     """`workers` as an int: a whole number (an int or any integer with __index__, e.g. numpy's, but not a bool),
     at least 1, whose pipes fit this process's open-file limit (each worker holds two here: its stdin and
@@ -194,14 +207,16 @@ class ForkPool:
         if len(suffixes) != n:
             raise ValueError(f"{n} children need {n} suffixes, got {len(suffixes)}")
         context = [int(t) for t in context]
-        if len(context) < DEFAULT_PAGE_SIZE:  # no full page: nothing to hand over (an engine may refuse the empty KV)
-            raise ValueError(f"a fork round's context needs at least one full page ({DEFAULT_PAGE_SIZE} tokens), whose "
-                             f"KV the workers take; got {len(context)} tokens: generate on the parent instead")
+        page = _page_size(parent)
+        if len(context) < page:  # no full page: nothing to hand over (an engine may refuse the empty KV)
+            raise ValueError(f"a fork round's context needs at least one full page ({page} tokens, the parent's "
+                             f"page_size()), whose KV the workers take; got {len(context)} tokens: generate on the "
+                             "parent instead")
         started = time.perf_counter()
         workers = self._workers[:n]
         for worker in workers:  # a replacement started after a failed round finishes starting here
             worker.ensure_ready()
-        full = len(context) // DEFAULT_PAGE_SIZE * DEFAULT_PAGE_SIZE
+        full = len(context) // page * page
         # valid until the parent's next capture_shared: every worker answers before this round ends
         capturing = time.perf_counter()
         source = capture_shared(parent, chains=[context[:full]])
