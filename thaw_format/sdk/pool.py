@@ -24,6 +24,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
@@ -113,6 +114,12 @@ class _Worker:
                 raise RuntimeError(f"{self.describe()}: {reply['error']}")
             self.ready = True
 
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.process.stdin.close()
+        self.process.stdout.close()
+
     def stop(self, timeout: float = 120) -> None:
         if self.process.poll() is None:
             try:
@@ -183,6 +190,7 @@ class ForkPool:
         self._env = {**os.environ, **(env or {})}
         self._checked: set[str] = set()  # the rounds' sources the pool has checked (and so mapped)
         self._closed = False
+        self._round = threading.Lock()  # one round at a time (see fork)
         self._workers: list[_Worker] = []
         try:  # a start that fails part way (the OS refuses a process) stops the workers started before it
             for i in range(workers):
@@ -212,6 +220,10 @@ class ForkPool:
             raise ValueError(f"a fork round's context needs at least one full page ({page} tokens, the parent's "
                              f"page_size()), whose KV the workers take; got {len(context)} tokens: generate on the "
                              "parent instead")
+        with self._round:  # rounds share the workers' pipes and the parent's one segment: one at a time
+            return self._fork(parent, n, context, page, suffixes, params)
+
+    def _fork(self, parent, n: int, context: list[int], page: int, suffixes, params) -> ForkRound:
         started = time.perf_counter()
         workers = self._workers[:n]
         for worker in workers:  # a replacement started after a failed round finishes starting here
@@ -225,21 +237,29 @@ class ForkPool:
         self._checked.add(source)
         round_ = ForkRound([], int(source.rpartition("#")[2]), verifying - capturing, time.perf_counter() - verifying)
         params_dict = dataclasses.asdict(params)
-        sent = [worker.send({"source": source, "verified": True, "prompt": context + [int(t) for t in suffix],
-                             "params": params_dict}) for worker, suffix in zip(workers, suffixes)]
-        replies, failures = [], []
-        for index, (worker, ok) in enumerate(zip(workers, sent)):
-            try:  # every live worker answers before the round ends, so none is left mid-message
-                reply = worker.receive() if ok else None
-                if reply is None:
-                    raise PoolWorkerDied(f"{worker.describe()} exited with {_exit_status(worker.process.wait())}")
-            except PoolWorkerDied as exc:
-                failures.append(exc)
-                self._workers[index] = _Worker(worker.name, self._config, self._env)  # replacement
-                continue
-            if "error" in reply:
-                failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
-            replies.append(reply)
+        replies, failures, answered = [], [], 0
+        try:
+            sent = [worker.send({"source": source, "verified": True, "prompt": context + [int(t) for t in suffix],
+                                 "params": params_dict}) for worker, suffix in zip(workers, suffixes)]
+            for index, (worker, ok) in enumerate(zip(workers, sent)):
+                try:  # every live worker answers before the round ends, so none is left mid-message
+                    reply = worker.receive() if ok else None
+                    if reply is None:
+                        raise PoolWorkerDied(f"{worker.describe()} exited with {_exit_status(worker.process.wait())}")
+                except PoolWorkerDied as exc:
+                    answered += 1
+                    failures.append(exc)
+                    self._workers[index] = _Worker(worker.name, self._config, self._env)  # replacement
+                    continue
+                answered += 1
+                if "error" in reply:
+                    failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
+                replies.append(reply)
+        except BaseException:  # Ctrl-C mid-round: a worker yet to answer would answer the next round with this one
+            for index in range(answered, n):
+                self._workers[index].kill()
+                self._workers[index] = _Worker(self._workers[index].name, self._config, self._env)
+            raise
         if failures:
             died = [f for f in failures if isinstance(f, PoolWorkerDied)]
             kind = PoolWorkerDied if died else RuntimeError
