@@ -18,7 +18,7 @@ from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, wri
     test_a_worker_killed_mid_round_is_named_and_replaced,
     test_a_damaged_segment_is_refused_before_any_worker_reads_it,
     test_a_context_without_a_full_page_is_refused_before_the_parent_is_read)
-from thaw_format.sdk import greedy
+from thaw_format.sdk import greedy, seeded
 from thaw_format.sdk.shared import capture_shared
 from thaw_transformers import TransformersEngine
 
@@ -115,3 +115,30 @@ def test_a_round_interrupted_by_ctrl_c_leaves_no_worker_answering_the_next_one(p
     result = pool.fork(parent, checks.WORKERS, context=again, suffixes=others, params=checks.PARAMS)
     assert [g.token_ids for g in result.generations] == want
     assert [g.cached_tokens for g in result.generations] == [checks.full_pages(again, parent)] * checks.WORKERS
+
+
+def test_each_child_may_have_its_own_params(pool, parent, fresh):
+    """Rollouts of one trunk with a seed each: params took one SamplingParams for every child, and a list failed
+    after the parent's capture ('asdict() should be called on dataclass instances')."""
+    trunk, (suffix, _) = checks._round_case(120, 80)
+    params = [seeded(7, 10), seeded(8, 10)]
+    want = [fresh(trunk + suffix, p) for p in params]
+    parent.generate(trunk, checks.PARAMS)
+    result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=[suffix] * checks.WORKERS, params=params)
+    assert [g.token_ids for g in result.generations] == want and want[0] != want[1]
+    assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
+
+
+@pytest.mark.parametrize("suffixes, params, error", [
+    ([[5], [6]], {"max_tokens": 5}, r"params is a thaw_format.SamplingParams .* or one per child, not dict"),
+    ([[5], [6]], [checks.PARAMS] * 3, r"2 children take one SamplingParams, or 2 \(one each\), got 3"),
+    ([[5], "ab"], checks.PARAMS, r"suffix 1 is a sequence of token ids \(whole numbers\), not str 'ab'"),
+    ([[5], [6.5]], checks.PARAMS, r"suffix 1 is a sequence of token ids \(whole numbers\), not list \[6.5\]"),
+    ([[5], 6], checks.PARAMS, r"suffix 1 is a sequence of token ids \(whole numbers\), not int 6"),
+])
+def test_bad_params_and_suffixes_are_refused_before_the_parent_is_read(pool, parent, suffixes, params, error):
+    """These failed after the parent's capture, with errors that named neither the argument nor the child (a float
+    token was cut to an int by int())."""
+    with pytest.raises((TypeError, ValueError), match=error):
+        pool.fork(checks.Unread(parent.page_size()), checks.WORKERS, context=checks.tokens(40, 3), suffixes=suffixes,
+                  params=params)

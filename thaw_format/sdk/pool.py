@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 from ..errors import CorruptSnapshotError
 from ..snapshot import SamplingParams
@@ -156,6 +156,31 @@ def _page_size(parent) -> int:
     return page
 
 
+def _token_ids(ids, what: str) -> list[int]:
+    """`ids` (a list, numpy array, ...) as a list of ints; TypeError naming `what` for anything else: a str, an
+    int, or a float that int() would have cut to another token."""
+    try:
+        if isinstance(ids, (str, bytes)):
+            raise TypeError
+        return [operator.index(t) for t in ids]
+    except TypeError:
+        raise TypeError(f"{what} is a sequence of token ids (whole numbers), not {type(ids).__name__} "
+                        f"{reprlib.repr(ids)}") from None
+
+
+def _params_per_child(params, n: int) -> list[SamplingParams]:
+    """One SamplingParams per child: `params` for all, or its n items; TypeError or ValueError otherwise."""
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if isinstance(params, Sequence) and not isinstance(params, (str, bytes)) and \
+            all(isinstance(p, SamplingParams) for p in params):
+        if len(params) != n:
+            raise ValueError(f"{n} children take one SamplingParams, or {n} (one each), got {len(params)}")
+        return list(params)
+    raise TypeError(f"a fork round's params is a thaw_format.SamplingParams (greedy(n), seeded(...)) or one per "
+                    f"child, not {type(params).__name__} {reprlib.repr(params)}")
+
+
 def _check_workers(workers) -> int:
     """`workers` as an int: a whole number (an int or any integer with __index__, e.g. numpy's, but not a bool),
     at least 1, whose pipes fit this process's open-file limit (each worker holds two here: its stdin and
@@ -206,15 +231,19 @@ class ForkPool:
         return len(self._workers)
 
     def fork(self, parent: Engine, n: int, *, context: Sequence[int], suffixes: Sequence[Sequence[int]],
-             params: SamplingParams) -> ForkRound:
-        """n workers restore the KV of `context` from `parent` and each continues with its suffix."""
+             params: Union[SamplingParams, Sequence[SamplingParams]]) -> ForkRound:
+        """n workers restore the KV of `context` from `parent` and each continues with its suffix, sampled with
+        `params`: one SamplingParams for every child, or a sequence of n, one per child (e.g. seeds). Arguments
+        are checked before the parent is read."""
         if self._closed:  # its workers' pipes are closed: a round would fail mid-send, after the parent's capture
             raise RuntimeError("this ForkPool is closed; start a new one")
         if not 1 <= n <= len(self._workers):
             raise ValueError(f"this pool has {len(self._workers)} workers; a round takes 1..{len(self._workers)}, got {n}")
         if len(suffixes) != n:
             raise ValueError(f"{n} children need {n} suffixes, got {len(suffixes)}")
-        context = [int(t) for t in context]
+        suffixes = [_token_ids(suffix, f"suffix {i}") for i, suffix in enumerate(suffixes)]
+        params = _params_per_child(params, n)
+        context = _token_ids(context, "the context")
         page = _page_size(parent)
         if len(context) < page:  # no full page: nothing to hand over (an engine may refuse the empty KV)
             raise ValueError(f"a fork round's context needs at least one full page ({page} tokens, the parent's "
@@ -236,11 +265,11 @@ class ForkPool:
         _verify(source)
         self._checked.add(source)
         round_ = ForkRound([], int(source.rpartition("#")[2]), verifying - capturing, time.perf_counter() - verifying)
-        params_dict = dataclasses.asdict(params)
         replies, failures, answered = [], [], 0
         try:
-            sent = [worker.send({"source": source, "verified": True, "prompt": context + [int(t) for t in suffix],
-                                 "params": params_dict}) for worker, suffix in zip(workers, suffixes)]
+            sent = [worker.send({"source": source, "verified": True, "prompt": context + suffix,
+                                 "params": dataclasses.asdict(p)})
+                    for worker, suffix, p in zip(workers, suffixes, params)]
             for index, (worker, ok) in enumerate(zip(workers, sent)):
                 try:  # every live worker answers before the round ends, so none is left mid-message
                     reply = worker.receive() if ok else None
