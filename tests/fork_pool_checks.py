@@ -163,3 +163,22 @@ def test_a_context_without_a_full_page_is_refused_before_the_parent_is_read(pool
     with pytest.raises(ValueError, match=rf"needs at least one full page \({page} tokens, the parent's page_size\(\)\)"
                                          rf".*got {page - 1} tokens: generate on the parent instead"):
         pool.fork(Unread(page), WORKERS, context=tokens(page - 1, 3), suffixes=[[5]] * WORKERS, params=PARAMS)
+
+
+def test_a_parent_with_a_request_in_flight_hands_over_the_trunks_kv_only(pool, parent, fresh) -> None:
+    """A request in flight on the parent is its own to finish: its capture handed it to the workers too
+    (transformers, SGLang), each resumed it beside its round, and the next round's restore was refused ('restore
+    needs an idle engine'). The rounds now move the trunk's KV only, and the parent finishes its request as alone."""
+    trunk, suffixes = _round_case(130, 100)
+    other = tokens(50, 131)
+    want = [fresh(trunk + suffix, PARAMS) for suffix in suffixes]
+    alone = fresh(other, greedy(30))
+    parent.generate(trunk, PARAMS)
+    request = parent.submit(other, greedy(30))
+    for _ in range(3):
+        parent.step()
+    for index in range(2):
+        result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+        assert [g.token_ids for g in result.generations] == want, f"round {index}"
+        assert [g.cached_tokens for g in result.generations] == [full_pages(trunk, parent)] * WORKERS, f"round {index}"
+    assert parent.finish()[request].output_token_ids == alone

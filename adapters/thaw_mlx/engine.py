@@ -234,6 +234,7 @@ class MLXEngine(SharedKV):
         segment with their chunk CRCs (one pass from MLX's memory), valid until the next capture_shared."""
         fills = {}
         snapshot = self._capture(False, chains, deferring(fills))
+        snapshot.scheduler = None  # KV only: a request in flight stays this engine's (the contract's rule)
         return owned_segment(self).publish(snapshot, fill_of(snapshot, fills))
 
     def _capture(self, include_weights: bool, chains, paging=None) -> Snapshot:

@@ -47,7 +47,8 @@ Rules the callers rely on (conformance/README.md says which check proves each, a
 - `fork(n, context=...)` returns n engines (children) holding the KV of `context`; a child's `generate` takes
   prompts that extend `context`. In-process children share the parent's cached pages (no KV bytes move).
 - `fork` is `thaw_format.sdk.fork.fork(self, ...)` unless the engine has a better way of its own.
-- `capture_shared(chains=...)` is a KV-only capture (`include_weights=False`) of the pages holding `chains`,
+- `capture_shared(chains=...)` is a KV-only capture (`include_weights=False`, and no request: those in flight
+  are the engine's own to finish, never resumed by whoever restores it) of the pages holding `chains`,
   published once in shared memory; the source it returns stays valid until this engine's next
   `capture_shared`, and another process reads it with `thaw_format.sdk.shared.read_shared`.
   `restore_source(source)` restores such a source (or a snapshot file) with `restore`'s rules, every chunk
