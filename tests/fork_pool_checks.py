@@ -3,9 +3,10 @@
 
 Three consecutive rounds with different trunks give, for every child, the greedy output a fresh engine
 computes for trunk + suffix, with the engine's own cached-token count equal to the trunk's full pages (what
-the pool moves); a worker killed mid-round fails the round with PoolWorkerDied naming it and its exit status,
-leaves the parent serving exactly as before, and is replaced, so the next round succeeds; a round whose
-segment is damaged is refused by the pool's own check, naming the chunk, before any worker is sent it.
+the pool moves; pages of the parent's own page_size(), which need not be 32); a worker killed mid-round fails
+the round with PoolWorkerDied naming it and its exit status, leaves the parent serving exactly as before, and
+is replaced, so the next round succeeds; a round whose segment is damaged is refused by the pool's own check,
+naming the chunk, before any worker is sent it.
 
 An engine's module supplies the fixtures `parent` (a contract engine holding nothing the trunks need, module
 scope), `fresh` (a function of (prompt, params): the token ids an engine with an empty cache computes) and,
@@ -19,7 +20,7 @@ import random
 import pytest
 
 from thaw_format import CorruptSnapshotError, SnapshotFile
-from thaw_format.sdk import DEFAULT_PAGE_SIZE, ForkPool, PoolWorkerDied, greedy
+from thaw_format.sdk import ForkPool, PoolWorkerDied, greedy
 from thaw_format.sdk.shared import capture_shared, open_segment
 
 PARAMS = greedy(10)
@@ -32,8 +33,9 @@ def tokens(n: int, seed: int) -> list[int]:
     return [rng.randrange(3, 1000) for _ in range(n)]
 
 
-def full_pages(trunk: list[int]) -> int:
-    return len(trunk) // DEFAULT_PAGE_SIZE * DEFAULT_PAGE_SIZE
+def full_pages(trunk: list[int], parent) -> int:
+    """The tokens of the trunk's full pages: the parent's pages, whatever their size."""
+    return len(trunk) // parent.page_size() * parent.page_size()
 
 
 def _round_case(seed: int, length: int):
@@ -61,8 +63,15 @@ def test_rounds_with_different_trunks_match_fresh_engines(pool, parent, fresh) -
         parent.generate(trunk, PARAMS)  # the parent holds the trunk in its cache
         result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
         assert [g.token_ids for g in result.generations] == want, f"round {index}"
-        assert [g.cached_tokens for g in result.generations] == [full_pages(trunk)] * WORKERS, f"round {index}"
+        assert [g.cached_tokens for g in result.generations] == [full_pages(trunk, parent)] * WORKERS, f"round {index}"
         assert result.kv_bytes > 0 and len(result.restore_s) == WORKERS
+
+
+def test_the_parents_page_size_is_its_captures(parent) -> None:
+    """page_size() is the unit the pool cuts the trunk at: the page the engine's captures hold."""
+    trunk = tokens(70, 50)
+    parent.generate(trunk, PARAMS)
+    assert parent.capture(include_weights=False, chains=[trunk]).kv.page_size == parent.page_size()
 
 
 class _KillDuringCapture:
@@ -70,6 +79,9 @@ class _KillDuringCapture:
 
     def __init__(self, engine, victim) -> None:
         self.engine, self.victim = engine, victim
+
+    def page_size(self) -> int:
+        return self.engine.page_size()
 
     def capture_shared(self, *, chains=None) -> str:
         self.victim.kill()
@@ -90,7 +102,7 @@ def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     assert parent.generate(trunk + suffixes[0], PARAMS) == before  # the parent serves as before, cache and all
     result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
-    assert [g.cached_tokens for g in result.generations] == [full_pages(trunk)] * WORKERS
+    assert [g.cached_tokens for g in result.generations] == [full_pages(trunk, parent)] * WORKERS
     replaced = pool._workers[1].process.pid
     assert replaced != victim.pid and os.path.exists(f"/proc/{replaced}")
 
@@ -100,6 +112,9 @@ class _DamageAfterCapture:
 
     def __init__(self, engine) -> None:
         self.engine = engine
+
+    def page_size(self) -> int:
+        return self.engine.page_size()
 
     def capture_shared(self, *, chains=None) -> str:
         source = capture_shared(self.engine, chains=chains)
@@ -123,19 +138,47 @@ def test_a_damaged_segment_is_refused_before_any_worker_reads_it(pool, parent, f
         pool.fork(_DamageAfterCapture(parent), WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)  # a fresh capture
     assert [g.token_ids for g in result.generations] == want
-    assert [g.cached_tokens for g in result.generations] == [full_pages(trunk)] * WORKERS
+    assert [g.cached_tokens for g in result.generations] == [full_pages(trunk, parent)] * WORKERS
 
 
 class Unread:
-    """A parent that must not be read: the round is refused before any capture."""
+    """A parent that must not be read: the round is refused before any capture. It tells its page size only."""
+
+    def __init__(self, page_size: int = 32) -> None:
+        self.page = page_size
+
+    def page_size(self) -> int:
+        return self.page
 
     def capture_shared(self, *, chains=None) -> str:
         raise AssertionError("the parent was read")
 
 
-def test_a_context_without_a_full_page_is_refused_before_the_parent_is_read(pool) -> None:
+def test_a_context_without_a_full_page_is_refused_before_the_parent_is_read(pool, parent) -> None:
     """The pool hands over full pages only: with none, MLX's workers refused the empty KV each (a RuntimeError
-    naming both) while others prefilled everything; every engine now gets the same refusal, up front."""
-    with pytest.raises(ValueError, match=rf"needs at least one full page \({DEFAULT_PAGE_SIZE} tokens\).*got 31 "
-                                         r"tokens: generate on the parent instead"):
-        pool.fork(Unread(), WORKERS, context=tokens(31, 3), suffixes=[[5]] * WORKERS, params=PARAMS)
+    naming both) while others prefilled everything; every engine now gets the same refusal, up front. A page is
+    the parent's own: a vLLM parent of 64-token blocks was cut at 32, and a 63-token context moved no KV while
+    every worker prefilled it all, reporting 0 cached tokens."""
+    page = parent.page_size()
+    with pytest.raises(ValueError, match=rf"needs at least one full page \({page} tokens, the parent's page_size\(\)\)"
+                                         rf".*got {page - 1} tokens: generate on the parent instead"):
+        pool.fork(Unread(page), WORKERS, context=tokens(page - 1, 3), suffixes=[[5]] * WORKERS, params=PARAMS)
+
+
+def test_a_parent_with_a_request_in_flight_hands_over_the_trunks_kv_only(pool, parent, fresh) -> None:
+    """A request in flight on the parent is its own to finish: its capture handed it to the workers too
+    (transformers, SGLang), each resumed it beside its round, and the next round's restore was refused ('restore
+    needs an idle engine'). The rounds now move the trunk's KV only, and the parent finishes its request as alone."""
+    trunk, suffixes = _round_case(130, 100)
+    other = tokens(50, 131)
+    want = [fresh(trunk + suffix, PARAMS) for suffix in suffixes]
+    alone = fresh(other, greedy(30))
+    parent.generate(trunk, PARAMS)
+    request = parent.submit(other, greedy(30))
+    for _ in range(3):
+        parent.step()
+    for index in range(2):
+        result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+        assert [g.token_ids for g in result.generations] == want, f"round {index}"
+        assert [g.cached_tokens for g in result.generations] == [full_pages(trunk, parent)] * WORKERS, f"round {index}"
+    assert parent.finish()[request].output_token_ids == alone

@@ -20,8 +20,6 @@ from typing import Optional, Sequence, Union
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
 from langchain_core.runnables import RunnableConfig
 
-from thaw_format.sdk import DEFAULT_PAGE_SIZE
-
 from .chat_model import ChatThaw
 from .engine_loop import shared_prefix
 
@@ -62,11 +60,12 @@ def _on_pool(llm: ChatThaw, pool, branches: list, options: dict) -> list[AIMessa
     params = llm._params(**options)  # unknown options are refused before anything runs
     prompts = [llm.chat_tokens.encode(b) for b in branches]
     prefix = shared_prefix([p.ids for p in prompts])
-    if len(prefix) < DEFAULT_PAGE_SIZE:  # the pool moves full pages only
-        raise ValueError(f"fork_fanout with a pool needs branches that share at least {DEFAULT_PAGE_SIZE} prompt "
-                         f"tokens (a page: the KV the workers take); these share {len(prefix)}: run it without pool=")
-    llm.prefill(prefix)
     parent = _LoopParent(llm)
+    page = parent.page_size()
+    if len(prefix) < page:  # the pool moves full pages only
+        raise ValueError(f"fork_fanout with a pool needs branches that share at least {page} prompt tokens (a page "
+                         f"of the engine's: the KV the workers take); these share {len(prefix)}: run it without pool=")
+    llm.prefill(prefix)
     replies = []
     for start in range(0, len(prompts), pool.workers):
         chunk = prompts[start : start + pool.workers]
@@ -85,3 +84,6 @@ class _LoopParent:
 
     def capture(self, **kwargs):
         return self._loop.call(lambda engine: engine.capture(**kwargs))
+
+    def page_size(self) -> int:
+        return self._loop.call(lambda engine: engine.page_size())

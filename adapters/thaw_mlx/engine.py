@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from thaw_format import ModelInfo, Request, SamplingParams, Snapshot
-from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, Unsupported, fork, pending_requests
+from thaw_format.sdk import (DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, Progress, Resumed, Unsupported, fork,
+                             pending_requests)
 from thaw_format.sdk.contract import check_params
 from thaw_format.sdk.lent import open_snapshot, verify_unchecked
 from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owned_segment
@@ -233,6 +234,7 @@ class MLXEngine(SharedKV):
         segment with their chunk CRCs (one pass from MLX's memory), valid until the next capture_shared."""
         fills = {}
         snapshot = self._capture(False, chains, deferring(fills))
+        snapshot.scheduler = None  # KV only: a request in flight stays this engine's (the contract's rule)
         return owned_segment(self).publish(snapshot, fill_of(snapshot, fills))
 
     def _capture(self, include_weights: bool, chains, paging=None) -> Snapshot:
@@ -320,6 +322,10 @@ class MLXEngine(SharedKV):
                                              len(request.prompt_token_ids), sampler, request.num_computed_tokens,
                                              self.eos)}
         return [Resumed(request.id, request.prompt_token_ids, request.output_token_ids)]
+
+    def page_size(self) -> int:
+        """The page thaw_mlx's captures cut a session's cache into (MLX's own cache is not paged)."""
+        return DEFAULT_PAGE_SIZE
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list:
         return fork(self, n, context=context, processes=processes)

@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import thaw_format
 from thaw_format import ModelInfo, SamplingParams, Snapshot
-from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Refused, Resumed, fork
+from thaw_format.sdk import DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, Progress, Refused, Resumed, fork
 from thaw_format.sdk.contract import check_params
 from thaw_format.sdk.shared import SharedKV
 
@@ -171,6 +171,10 @@ class SGLangEngine(SharedKV):
         its caller checked, thaw_format.sdk.shared.checked_by_caller)."""
         self.pending = restore_pending(self.engine, source, verified=verified)
         return resumed_of(self.pending)
+
+    def page_size(self) -> int:
+        """The page thaw's captures cut the radix cache into (a multiple of SGLang's own page, refused otherwise)."""
+        return DEFAULT_PAGE_SIZE
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list:
         return fork(self, n, context=context, processes=processes)

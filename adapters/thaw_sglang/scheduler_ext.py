@@ -40,17 +40,20 @@ class ThawScheduler(_internals.SleepsWhilePaused):
                 _internals.set_paused(self, True)
 
     def thaw_capture(self, result: str, page_size: int, weights: bool, label: str = "", chains=None, path: str = "",
-                     into: str = "lent") -> None:
+                     into: str = "lent", requests: bool = True) -> None:
         """Capture (the pages holding `chains`, if given) into the file `path`; else publish it in shared memory
         and return its source, `into`: "lent" (a segment lent to the caller, given back when its Snapshot is
         dropped), "reused" (this scheduler's reused segment, valid until its next such capture) or "own" (a
-        segment of its own, which the caller unlinks)."""
+        segment of its own, which the caller unlinks). Without `requests`, KV only: the requests in flight stay
+        this engine's (capture_shared's rule)."""
         def work():
             if into not in ("lent", "reused", "own"):
                 raise ValueError(f"into: 'lent', 'reused' or 'own', not {into!r}")
             # into shared memory the KV goes straight from the engine's buffers, checksummed on the way
             snapshot, fill = capture_state(self, page_size=page_size, include_weights=weights, label=label or None,
                                            parent=self.thaw_restored_from, chains=chains, deferred=not path)
+            if not requests:
+                snapshot.scheduler = None
             if path:
                 thaw_format.save(snapshot, path)
                 return None

@@ -152,10 +152,11 @@ def capture(
 
 
 def capture_shared(engine: ThawEngine, *, chains: Sequence[Sequence[int]] | None = None) -> str:
-    """A KV-only capture published by the scheduler itself in its reused segment: "shm://<name>#<nbytes>",
-    valid until the engine's next capture_shared. The KV goes from the engine's buffers to shared memory once."""
+    """A KV-only capture (no request: those in flight stay this engine's) published by the scheduler itself in
+    its reused segment: "shm://<name>#<nbytes>", valid until the engine's next capture_shared. The KV goes from
+    the engine's buffers to shared memory once."""
     return rpc.call(engine, "thaw_capture", page_size=DEFAULT_PAGE_SIZE, weights=False, into="reused",
-                    chains=None if chains is None else [[int(t) for t in chain] for chain in chains])
+                    requests=False, chains=None if chains is None else [[int(t) for t in chain] for chain in chains])
 
 
 def check(engine: ThawEngine, snapshot: Snapshot | str | os.PathLike) -> None:

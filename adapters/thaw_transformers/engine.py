@@ -90,6 +90,9 @@ class TransformersEngine(SharedKV):
                           {"checkpoint": self.checkpoint, "dtype": self.info.dtype, "device": str(self.model.device),
                            "page_size": self.cache.page_size})
 
+    def page_size(self) -> int:
+        return self.cache.page_size
+
     def model_info(self) -> ModelInfo:
         return self.info
 

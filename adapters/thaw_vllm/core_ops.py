@@ -111,7 +111,7 @@ def _capture(core, include_weights: bool, chains, local: bool, shared: bool = Fa
         "hashes": [h.hex() for h in hashes],
         "algorithm": algorithm, "seed": _internals.hash_seed(), "block_size": bs, "requests": [],
     }
-    for r in live:
+    for r in [] if shared else live:  # a shared capture is KV only: the requests in flight stay this engine's
         full = r["num_computed_tokens"] // bs
         chain = [page_of[h] for h in r["block_hashes"][:full] if h in page_of]
         if len(chain) != full:

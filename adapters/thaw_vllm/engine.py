@@ -116,6 +116,10 @@ class VLLMEngine:
         self._previous.update({r.request_id: r.previous_output_token_ids for r in resumed})
         return resumed
 
+    def page_size(self) -> int:
+        """vLLM's block size: its prefix cache holds whole blocks only (128 tokens by default on CPU)."""
+        return self.llm.llm_engine.vllm_config.cache_config.block_size
+
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list:
         return fork(self, n, context=context, processes=processes)
 

@@ -1,21 +1,26 @@
 """ForkPool on vLLM (the tests of tests/fork_pool_checks.py): warm in-process workers take only the trunk's KV
-each round."""
+each round.
+
+The parent's blocks are 64 tokens, not the 32 of DEFAULT_PAGE_SIZE: the pool cut every trunk at 32, so a
+context of 32-63 tokens (32-127 on vLLM's default CPU block of 128) moved no KV, and every worker prefilled it
+all, reporting 0 cached tokens, without a word."""
 
 import pytest
 from conftest import make_engine
 
 from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, written once for every engine
-    pool, test_rounds_with_different_trunks_match_fresh_engines,
+    pool, test_the_parents_page_size_is_its_captures, test_rounds_with_different_trunks_match_fresh_engines,
     test_a_worker_killed_mid_round_is_named_and_replaced,
     test_a_damaged_segment_is_refused_before_any_worker_reads_it,
-    test_a_context_without_a_full_page_is_refused_before_the_parent_is_read)
+    test_a_context_without_a_full_page_is_refused_before_the_parent_is_read,
+    test_a_parent_with_a_request_in_flight_hands_over_the_trunks_kv_only)
 
 
 @pytest.fixture(scope="module")
 def parent(vllm, zoo):
     from thaw_vllm import VLLMEngine
 
-    return VLLMEngine(make_engine(zoo, "llama", "float32"))
+    return VLLMEngine(make_engine(zoo, "llama", "float32", block_size=64))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ against it and works on every engine.
     children = engine.fork(2, context=prompt_ids)   # -> engines continuing `context` without its prefill
     source = engine.capture_shared(chains=[ids])    # -> "shm://<name>#<nbytes>": KV only, for other processes
     resumed = other.restore_source(source)          # -> list[Resumed]: restore from that source (or a file)
+    engine.page_size()                              # -> int: tokens per KV page, as its captures hold them
     engine.close()
 
 An adapter class is constructed around a native engine it is given (`SomeAdapterEngine(native)`) and has a
@@ -46,7 +47,8 @@ Rules the callers rely on (conformance/README.md says which check proves each, a
 - `fork(n, context=...)` returns n engines (children) holding the KV of `context`; a child's `generate` takes
   prompts that extend `context`. In-process children share the parent's cached pages (no KV bytes move).
 - `fork` is `thaw_format.sdk.fork.fork(self, ...)` unless the engine has a better way of its own.
-- `capture_shared(chains=...)` is a KV-only capture (`include_weights=False`) of the pages holding `chains`,
+- `capture_shared(chains=...)` is a KV-only capture (`include_weights=False`, and no request: those in flight
+  are the engine's own to finish, never resumed by whoever restores it) of the pages holding `chains`,
   published once in shared memory; the source it returns stays valid until this engine's next
   `capture_shared`, and another process reads it with `thaw_format.sdk.shared.read_shared`.
   `restore_source(source)` restores such a source (or a snapshot file) with `restore`'s rules, every chunk
@@ -56,6 +58,9 @@ Rules the callers rely on (conformance/README.md says which check proves each, a
   `thaw_format.sdk.shared.SharedKV`, which an adapter's engine class inherits; an engine living in other
   processes overrides them to move the KV to and from those processes without a copy in between. The fork
   pool and process fork hand KV over through them only.
+- `page_size()` is the number of tokens per page of the engine's KV, as its captures' `kv.page_size` says
+  (vLLM: its block size, 128 by default on CPU). Full pages are what every engine caches and restores, so a
+  caller handing KV over (the fork pool) cuts a prompt at a multiple of the engine's own page size.
 - What an adapter cannot do raises `Unsupported(reason)`; its `capabilities()` says so beforehand, so callers
   choose a path instead of catching the error after the fact.
 """
@@ -86,13 +91,15 @@ CAPABILITIES = (
 CORE_METHODS = ("model_info", "generate", "capture", "check", "restore", "close")
 CAPABILITY_METHODS = {
     "fork": ("fork",),
-    "fork_processes": ("fork", "launch_spec"),
+    "fork_processes": ("fork", "launch_spec", "page_size"),
     "mid_stream": ("submit", "step", "finish"),
     "mid_stream_seeded": ("submit", "step", "finish"),
     "streaming": ("submit", "step", "progress"),
 }
 
-DEFAULT_PAGE_SIZE = 32  # tokens per snapshot page; vLLM's CPU backend needs blocks of a multiple of 32
+# tokens per snapshot page where an adapter chooses it (MLX, SGLang's captures, transformers unless told); vLLM's
+# pages are its blocks, whatever their size: ask an engine's page_size(), never assume this one
+DEFAULT_PAGE_SIZE = 32
 
 
 class Unsupported(Exception):
@@ -245,6 +252,9 @@ class Engine(Protocol):
     def restore_source(self, source: str, *, verified: bool = False) -> list[Resumed]:
         """`restore` from a capture_shared source or a snapshot file, read in place and verified (unless
         `verified`: a shared-memory segment the caller has checked)."""
+
+    def page_size(self) -> int:
+        """Tokens per page of the engine's KV: its captures' kv.page_size ("fork_processes": the fork pool's cut)."""
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list["Engine"]:
         """n children holding the KV of `context` ("fork", "fork_processes")."""

@@ -7,11 +7,10 @@
 Each round the parent publishes the KV of the trunk's full pages once in shared memory (`capture_shared`: a
 KV-only snapshot, no weights), the pool checks every chunk of it once, and each of n workers restores it from
 there (`restore_source(..., verified=True)`: read in place, not checked again) and continues with its suffix,
-whose prefill starts with the trunk's last partial page (a full page is what every engine caches). The parent
-is only read. A worker that dies mid-round is named with its exit status, the round fails with PoolWorkerDied
-after the other workers have answered, and the pool starts a replacement, so the next round runs on a full
-pool. Any contract engine with a launch spec works
-(thaw_format.sdk.contract).
+whose prefill starts with the trunk's last partial page (a full page, of the parent's page_size(), is what
+every engine caches). The parent is only read. A worker that dies mid-round is named with its exit status,
+the round fails with PoolWorkerDied after the other workers have answered, and the pool starts a replacement,
+so the next round runs on a full pool. Any contract engine with a launch spec works (thaw_format.sdk.contract).
 """
 
 from __future__ import annotations
@@ -25,13 +24,14 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 from ..errors import CorruptSnapshotError
 from ..snapshot import SamplingParams
-from .contract import DEFAULT_PAGE_SIZE, Engine, Generation, LaunchSpec
+from .contract import Engine, Generation, LaunchSpec
 from .lent import forget, open_snapshot
 from .shared import capture_shared
 
@@ -114,6 +114,12 @@ class _Worker:
                 raise RuntimeError(f"{self.describe()}: {reply['error']}")
             self.ready = True
 
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.process.stdin.close()
+        self.process.stdout.close()
+
     def stop(self, timeout: float = 120) -> None:
         if self.process.poll() is None:
             try:
@@ -134,6 +140,45 @@ def _launch_spec(spec) -> LaunchSpec:
         if not isinstance(spec, LaunchSpec):
             raise TypeError(f"the engine's launch_spec() returned {type(spec).__name__}, not a LaunchSpec")
     return spec
+
+
+def _page_size(parent) -> int:
+    """The parent's page_size(): the pool hands over its full pages only. An engine's pages are its own (vLLM's
+    CPU blocks are 128 tokens by default): cut at 32 for every engine, a 100-token trunk moved no KV from such a
+    parent, and every worker prefilled it all, without a word."""
+    method = getattr(parent, "page_size", None)
+    if not callable(method):
+        raise TypeError(f"a fork round's parent must say its page_size() (thaw_format.sdk.contract); "
+                        f"{type(parent).__name__} has none")
+    page = method()
+    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+        raise TypeError(f"the parent's page_size() returned {page!r}, not a whole number of tokens >= 1")
+    return page
+
+
+def _token_ids(ids, what: str) -> list[int]:
+    """`ids` (a list, numpy array, ...) as a list of ints; TypeError naming `what` for anything else: a str, an
+    int, or a float that int() would have cut to another token."""
+    try:
+        if isinstance(ids, (str, bytes)):
+            raise TypeError
+        return [operator.index(t) for t in ids]
+    except TypeError:
+        raise TypeError(f"{what} is a sequence of token ids (whole numbers), not {type(ids).__name__} "
+                        f"{reprlib.repr(ids)}") from None
+
+
+def _params_per_child(params, n: int) -> list[SamplingParams]:
+    """One SamplingParams per child: `params` for all, or its n items; TypeError or ValueError otherwise."""
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if isinstance(params, Sequence) and not isinstance(params, (str, bytes)) and \
+            all(isinstance(p, SamplingParams) for p in params):
+        if len(params) != n:
+            raise ValueError(f"{n} children take one SamplingParams, or {n} (one each), got {len(params)}")
+        return list(params)
+    raise TypeError(f"a fork round's params is a thaw_format.SamplingParams (greedy(n), seeded(...)) or one per "
+                    f"child, not {type(params).__name__} {reprlib.repr(params)}")
 
 
 def _check_workers(workers) -> int:
@@ -170,6 +215,7 @@ class ForkPool:
         self._env = {**os.environ, **(env or {})}
         self._checked: set[str] = set()  # the rounds' sources the pool has checked (and so mapped)
         self._closed = False
+        self._round = threading.Lock()  # one round at a time (see fork)
         self._workers: list[_Worker] = []
         try:  # a start that fails part way (the OS refuses a process) stops the workers started before it
             for i in range(workers):
@@ -185,23 +231,33 @@ class ForkPool:
         return len(self._workers)
 
     def fork(self, parent: Engine, n: int, *, context: Sequence[int], suffixes: Sequence[Sequence[int]],
-             params: SamplingParams) -> ForkRound:
-        """n workers restore the KV of `context` from `parent` and each continues with its suffix."""
+             params: Union[SamplingParams, Sequence[SamplingParams]]) -> ForkRound:
+        """n workers restore the KV of `context` from `parent` and each continues with its suffix, sampled with
+        `params`: one SamplingParams for every child, or a sequence of n, one per child (e.g. seeds). Arguments
+        are checked before the parent is read."""
         if self._closed:  # its workers' pipes are closed: a round would fail mid-send, after the parent's capture
             raise RuntimeError("this ForkPool is closed; start a new one")
         if not 1 <= n <= len(self._workers):
             raise ValueError(f"this pool has {len(self._workers)} workers; a round takes 1..{len(self._workers)}, got {n}")
         if len(suffixes) != n:
             raise ValueError(f"{n} children need {n} suffixes, got {len(suffixes)}")
-        context = [int(t) for t in context]
-        if len(context) < DEFAULT_PAGE_SIZE:  # no full page: nothing to hand over (an engine may refuse the empty KV)
-            raise ValueError(f"a fork round's context needs at least one full page ({DEFAULT_PAGE_SIZE} tokens), whose "
-                             f"KV the workers take; got {len(context)} tokens: generate on the parent instead")
+        suffixes = [_token_ids(suffix, f"suffix {i}") for i, suffix in enumerate(suffixes)]
+        params = _params_per_child(params, n)
+        context = _token_ids(context, "the context")
+        page = _page_size(parent)
+        if len(context) < page:  # no full page: nothing to hand over (an engine may refuse the empty KV)
+            raise ValueError(f"a fork round's context needs at least one full page ({page} tokens, the parent's "
+                             f"page_size()), whose KV the workers take; got {len(context)} tokens: generate on the "
+                             "parent instead")
+        with self._round:  # rounds share the workers' pipes and the parent's one segment: one at a time
+            return self._fork(parent, n, context, page, suffixes, params)
+
+    def _fork(self, parent, n: int, context: list[int], page: int, suffixes, params) -> ForkRound:
         started = time.perf_counter()
         workers = self._workers[:n]
         for worker in workers:  # a replacement started after a failed round finishes starting here
             worker.ensure_ready()
-        full = len(context) // DEFAULT_PAGE_SIZE * DEFAULT_PAGE_SIZE
+        full = len(context) // page * page
         # valid until the parent's next capture_shared: every worker answers before this round ends
         capturing = time.perf_counter()
         source = capture_shared(parent, chains=[context[:full]])
@@ -209,22 +265,30 @@ class ForkPool:
         _verify(source)
         self._checked.add(source)
         round_ = ForkRound([], int(source.rpartition("#")[2]), verifying - capturing, time.perf_counter() - verifying)
-        params_dict = dataclasses.asdict(params)
-        sent = [worker.send({"source": source, "verified": True, "prompt": context + [int(t) for t in suffix],
-                             "params": params_dict}) for worker, suffix in zip(workers, suffixes)]
-        replies, failures = [], []
-        for index, (worker, ok) in enumerate(zip(workers, sent)):
-            try:  # every live worker answers before the round ends, so none is left mid-message
-                reply = worker.receive() if ok else None
-                if reply is None:
-                    raise PoolWorkerDied(f"{worker.describe()} exited with {_exit_status(worker.process.wait())}")
-            except PoolWorkerDied as exc:
-                failures.append(exc)
-                self._workers[index] = _Worker(worker.name, self._config, self._env)  # replacement
-                continue
-            if "error" in reply:
-                failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
-            replies.append(reply)
+        replies, failures, answered = [], [], 0
+        try:
+            sent = [worker.send({"source": source, "verified": True, "prompt": context + suffix,
+                                 "params": dataclasses.asdict(p)})
+                    for worker, suffix, p in zip(workers, suffixes, params)]
+            for index, (worker, ok) in enumerate(zip(workers, sent)):
+                try:  # every live worker answers before the round ends, so none is left mid-message
+                    reply = worker.receive() if ok else None
+                    if reply is None:
+                        raise PoolWorkerDied(f"{worker.describe()} exited with {_exit_status(worker.process.wait())}")
+                except PoolWorkerDied as exc:
+                    answered += 1
+                    failures.append(exc)
+                    self._workers[index] = _Worker(worker.name, self._config, self._env)  # replacement
+                    continue
+                answered += 1
+                if "error" in reply:
+                    failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
+                replies.append(reply)
+        except BaseException:  # Ctrl-C mid-round: a worker yet to answer would answer the next round with this one
+            for index in range(answered, n):
+                self._workers[index].kill()
+                self._workers[index] = _Worker(self._workers[index].name, self._config, self._env)
+            raise
         if failures:
             died = [f for f in failures if isinstance(f, PoolWorkerDied)]
             kind = PoolWorkerDied if died else RuntimeError

@@ -225,6 +225,10 @@ class SharedKV:
 
     def capture_shared(self, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
         snapshot = self.capture(include_weights=False, chains=chains)
+        # KV only: the requests in flight here are this engine's to finish. A capture keeps them (and their
+        # pages) whatever the chains, so a fork pool's workers resumed them, and their next restore was refused
+        # ("restore needs an idle engine").
+        snapshot.scheduler = None
         return owned_segment(self).publish(snapshot)
 
     def restore_source(self, source: str, *, verified: bool = False) -> list:

@@ -258,5 +258,8 @@ class ToyThawEngine(SharedKV):
     def launch_spec(self) -> LaunchSpec:
         return LaunchSpec(f"{__name__}:ToyThawEngine.start", dataclasses.asdict(self.engine.config))
 
+    def page_size(self) -> int:
+        return self.engine.page_size
+
     def close(self) -> None:
         self.engine = None

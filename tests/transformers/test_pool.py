@@ -1,0 +1,145 @@
+"""ForkPool on transformers (the tests of tests/fork_pool_checks.py): warm worker processes, each a
+TransformersEngine of the parent's checkpoint and page size, take only the trunk's KV each round.
+
+The parent's pages are 16 tokens, not DEFAULT_PAGE_SIZE's 32: the pool cut every trunk at 32 whatever the
+engine's pages, so a 150-token trunk handed over 128 tokens of 144 cached and a 20-token one was refused."""
+
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import model_dir
+
+import fork_pool_checks as checks
+from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, written once for every engine
+    pool, pool_env, test_the_parents_page_size_is_its_captures, test_rounds_with_different_trunks_match_fresh_engines,
+    test_a_worker_killed_mid_round_is_named_and_replaced,
+    test_a_damaged_segment_is_refused_before_any_worker_reads_it,
+    test_a_context_without_a_full_page_is_refused_before_the_parent_is_read,
+    test_a_parent_with_a_request_in_flight_hands_over_the_trunks_kv_only)
+from thaw_format.sdk import greedy, seeded
+from thaw_format.sdk.shared import capture_shared
+from thaw_transformers import TransformersEngine
+
+PAGE = 16
+
+
+@pytest.fixture(scope="module")
+def parent():
+    engine = TransformersEngine.start(str(model_dir("llama")), page_size=PAGE)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def fresh(parent):
+    def generate(prompt, params):
+        """A new engine over the parent's model: nothing served, nothing cached."""
+        out = TransformersEngine(parent.model, checkpoint=parent.checkpoint, info=parent.info,
+                                 page_size=PAGE).generate(prompt, params)
+        assert out.cached_tokens == 0
+        return out.token_ids
+    return generate
+
+
+# The pool's own bookkeeping, the same on every engine: run on transformers, the quickest to start a worker of.
+
+class _WaitForAnother:
+    """The parent engine, except that its first capture waits (up to 3 s) for another thread's capture to begin."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.began, self.first = engine, threading.Event(), True
+
+    def page_size(self) -> int:
+        return self.engine.page_size()
+
+    def capture_shared(self, *, chains=None) -> str:
+        first, self.first = self.first, False
+        if first:
+            self.began.wait(3)
+        else:
+            self.began.set()
+        return capture_shared(self.engine, chains=chains)
+
+
+def test_rounds_from_two_threads_run_one_at_a_time(pool, parent, fresh):
+    """Two threads' rounds wrote to the same workers' pipes and the parent's one segment at once: a round read the
+    other's replies, or its workers restored the other's trunk (0 cached tokens); they now run one after the other."""
+    cases = [checks._round_case(100 + i, 90 + 30 * i) for i in range(2)]
+    want = [[fresh(trunk + suffix, checks.PARAMS) for suffix in suffixes] for trunk, suffixes in cases]
+    for trunk, _ in cases:
+        parent.generate(trunk, checks.PARAMS)
+    shared = _WaitForAnother(parent)
+    with ThreadPoolExecutor(2) as threads:
+        rounds = [threads.submit(pool.fork, shared, checks.WORKERS, context=trunk, suffixes=suffixes,
+                                 params=checks.PARAMS) for trunk, suffixes in cases]
+        results = [r.result() for r in rounds]
+    for (trunk, _), result, expected in zip(cases, results, want):
+        assert [g.token_ids for g in result.generations] == expected
+        assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
+
+
+class _InterruptAfterCapture:
+    """The parent engine, except that half a second after its capture this process gets SIGINT (Ctrl-C), while
+    the workers are generating."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+
+    def page_size(self) -> int:
+        return self.engine.page_size()
+
+    def capture_shared(self, *, chains=None) -> str:
+        source = capture_shared(self.engine, chains=chains)
+        self.timer.start()
+        return source
+
+
+def test_a_round_interrupted_by_ctrl_c_leaves_no_worker_answering_the_next_one(pool, parent, fresh):
+    """Ctrl-C while the workers generated left each with a reply on its way: the next round read those replies
+    (the interrupted round's tokens) as its own. The workers yet to answer are killed and replaced."""
+    (trunk, suffixes), (again, others) = checks._round_case(110, 100), checks._round_case(111, 120)
+    want = [fresh(again + suffix, checks.PARAMS) for suffix in others]
+    parent.generate(trunk, checks.PARAMS)
+    before = [w.process for w in pool._workers]
+    interrupting = _InterruptAfterCapture(parent)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # 3000 tokens each: seconds, long after the interrupt
+            pool.fork(interrupting, checks.WORKERS, context=trunk, suffixes=suffixes, params=greedy(3000))
+    finally:
+        interrupting.timer.cancel()
+    assert all(p.poll() is not None for p in before)  # killed, not left running
+    parent.generate(again, checks.PARAMS)
+    result = pool.fork(parent, checks.WORKERS, context=again, suffixes=others, params=checks.PARAMS)
+    assert [g.token_ids for g in result.generations] == want
+    assert [g.cached_tokens for g in result.generations] == [checks.full_pages(again, parent)] * checks.WORKERS
+
+
+def test_each_child_may_have_its_own_params(pool, parent, fresh):
+    """Rollouts of one trunk with a seed each: params took one SamplingParams for every child, and a list failed
+    after the parent's capture ('asdict() should be called on dataclass instances')."""
+    trunk, (suffix, _) = checks._round_case(120, 80)
+    params = [seeded(7, 10), seeded(8, 10)]
+    want = [fresh(trunk + suffix, p) for p in params]
+    parent.generate(trunk, checks.PARAMS)
+    result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=[suffix] * checks.WORKERS, params=params)
+    assert [g.token_ids for g in result.generations] == want and want[0] != want[1]
+    assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
+
+
+@pytest.mark.parametrize("suffixes, params, error", [
+    ([[5], [6]], {"max_tokens": 5}, r"params is a thaw_format.SamplingParams .* or one per child, not dict"),
+    ([[5], [6]], [checks.PARAMS] * 3, r"2 children take one SamplingParams, or 2 \(one each\), got 3"),
+    ([[5], "ab"], checks.PARAMS, r"suffix 1 is a sequence of token ids \(whole numbers\), not str 'ab'"),
+    ([[5], [6.5]], checks.PARAMS, r"suffix 1 is a sequence of token ids \(whole numbers\), not list \[6.5\]"),
+    ([[5], 6], checks.PARAMS, r"suffix 1 is a sequence of token ids \(whole numbers\), not int 6"),
+])
+def test_bad_params_and_suffixes_are_refused_before_the_parent_is_read(pool, parent, suffixes, params, error):
+    """These failed after the parent's capture, with errors that named neither the argument nor the child (a float
+    token was cut to an int by int())."""
+    with pytest.raises((TypeError, ValueError), match=error):
+        pool.fork(checks.Unread(parent.page_size()), checks.WORKERS, context=checks.tokens(40, 3), suffixes=suffixes,
+                  params=params)
