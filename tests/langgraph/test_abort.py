@@ -1,0 +1,106 @@
+"""Abort on each engine: the contract's `abort` (tests/abort_checks.py), and ChatThaw's use of it. A caller that
+leaves a stream early (a sync stream closed, an async task cancelled, its event loop closed under it) has its
+request aborted on the engine loop's thread: the engine's own count of requests in flight is 0 at once, it holds
+no KV of the reply the request would have gone on to make, and a durable thread saves no half turn."""
+
+import asyncio
+
+import pytest
+from langchain_core.messages import HumanMessage
+
+import engines as engine_kinds
+from abort_checks import check_abort
+
+STORY = "tell the longest story you know, chapter by chapter, and never stop."
+MAX = 120  # the reply's length alone: the reference never stops before it (checked), so only an abort ends it sooner
+
+
+def test_abort_frees_the_request_and_the_others_get_their_tokens_alone(engine, kind):
+    from thaw_langgraph.engine_loop import loop_for
+
+    loop_for(engine).call(lambda e: check_abort(e, lambda: engine_kinds.in_flight(kind.name, e)), idle=True)
+    if kind.name == "sglang":
+        assert engine.engine.leak_warnings() == 0  # SGLang's own check of its pools once idle
+
+
+@pytest.fixture
+def story(chat, plain):
+    """The prompt ids of STORY and the reply the model makes alone: MAX tokens, no stop token before."""
+    ids = chat.prompt_ids([HumanMessage(STORY)])
+    reply = plain(ids, MAX)
+    assert len(reply) == MAX, "the reference stops early: choose another STORY"
+    return ids, reply
+
+
+def _left_early(engine, kind, story) -> None:
+    """The engine serves nothing, and holds the KV of at most a few tokens of the reply (a request run to its end
+    would leave all of it cached: vLLM's and SGLang's prefix caches, MLX's sessions, transformers' pages)."""
+    from thaw_langgraph.engine_loop import loop_for
+
+    ids, reply = story
+
+    def state(e):
+        snapshot = e.capture(include_weights=False, chains=[ids + reply])
+        held = 0 if snapshot.prefix is None else sum(len(tokens) for tokens in snapshot.prefix.tokens)
+        return engine_kinds.in_flight(kind.name, e), held
+
+    busy, held = loop_for(engine).call(state)
+    assert busy == 0
+    assert held < len(ids) + MAX // 2, f"the engine holds {held} tokens of prompt ({len(ids)}) and reply: it ran on"
+
+
+def test_a_sync_stream_closed_early_is_aborted(chat, engine, kind, story):
+    stream = chat.stream(STORY, max_tokens=MAX)
+    assert next(stream).content
+    stream.close()  # what leaving a for loop over it does once the generator is dropped
+    _left_early(engine, kind, story)
+
+
+def test_a_cancelled_async_stream_is_aborted(chat, engine, kind, story):
+    async def cancelled():
+        first = asyncio.Event()
+
+        async def consume():
+            async for _ in chat.astream(STORY, max_tokens=MAX):
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await first.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    _left_early(engine, kind, story)
+
+
+def test_an_async_stream_whose_event_loop_closed_is_aborted(chat, engine, kind, story):
+    """The event loop is closed with the stream still open (never finalized): its next token finds no loop to go
+    to, and the engine loop aborts the request there."""
+    from thaw_langgraph.engine_loop import loop_for
+
+    loop = asyncio.new_event_loop()
+    stream = chat.astream(STORY, max_tokens=MAX)
+    assert loop.run_until_complete(anext(stream)).content
+    loop.close()
+    loop_for(engine).call(lambda e: None, idle=True)  # once the engine loop has let the request go
+    _left_early(engine, kind, story)
+    asyncio.run(stream.aclose())  # ended here, not by the closed loop's finalizer when it is collected
+
+
+def test_a_durable_thread_saves_no_half_turn(engine, model_dir, tmp_path):
+    from thaw_langgraph import ChatThaw
+
+    store = tmp_path / "threads"
+    chat = ChatThaw(engine=engine, tokenizer=model_dir, max_tokens=MAX, thread_store=str(store))
+    config = {"configurable": {"thread_id": "half"}}
+    stream = chat.stream(STORY, config)
+    next(stream)
+    stream.close()
+    assert not (store / "half.thaw").exists()
+    first = chat.invoke(STORY, config, max_tokens=4)
+    saved = (store / "half.thaw").read_bytes()
+    stream = chat.stream([HumanMessage(STORY), first, HumanMessage("go on.")], config)
+    next(stream)
+    stream.close()
+    assert (store / "half.thaw").read_bytes() == saved  # the thread's last complete turn
