@@ -98,7 +98,7 @@ CAPABILITY_METHODS = {
     "fork_processes": ("fork", "launch_spec"),
     "mid_stream": ("submit", "step", "finish"),
     "mid_stream_seeded": ("submit", "step", "finish"),
-    "streaming": ("submit", "step", "progress"),
+    "streaming": ("submit", "step", "progress", "abort"),
 }
 
 DEFAULT_PAGE_SIZE = 32  # tokens per snapshot page; vLLM's CPU backend needs blocks of a multiple of 32

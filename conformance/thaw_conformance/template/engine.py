@@ -159,6 +159,13 @@ class ToyEngine:
                 finished.append(request)
         return finished
 
+    def abort(self, request_id: str) -> Optional[ToyRequest]:
+        """Drop a running request and let go of its blocks (its cached pages stay in the prefix table)."""
+        request = self.running.pop(request_id, None)
+        for block in request.blocks if request is not None else ():
+            self.release(block)
+        return request
+
     def generate(self, prompt: Sequence[int], max_tokens: int, temperature: float = 0.0,
                  seed: Optional[int] = None) -> ToyRequest:
         request = self.submit(prompt, max_tokens, temperature, seed)
