@@ -142,7 +142,7 @@ class EngineLoop:
                     for call in self._calls:
                         call.future.set_exception(closed)
                     for job in self._new:
-                        job.failed(closed)
+                        self._fail(job, closed)
                     return
                 busy = bool(self._active or self._held)
                 calls = [c for c in self._calls if not c.idle or not busy]
@@ -163,7 +163,7 @@ class EngineLoop:
             except BaseException as exc:  # an engine failure fails every request in flight, not the loop
                 log.exception("engine step failed")
                 for job in [*self._active.values(), *(j for group in self._held.values() for j in group)]:
-                    job.failed(exc)
+                    self._fail(job, exc)
                 self._active.clear()
                 self._held.clear()
 
@@ -189,7 +189,7 @@ class EngineLoop:
                 self._admit_alone(group)
             job = self._active.pop(exc.request_id, None)
             if job is not None:
-                job.failed(exc)
+                self._fail(job, exc)
         for request_id, progress in self.engine.progress().items():
             group = self._held.get(request_id)
             if group is not None:
@@ -214,15 +214,34 @@ class EngineLoop:
         waiting on its shared prefix, the prefix request once no member is left)."""
         if self._active.get(job.request_id) is job:
             del self._active[job.request_id]
-            self.engine.abort(job.request_id)
+            self._abort(job.request_id)
             return
         for prefix_id, group in list(self._held.items()):
             if job in group:
                 group.remove(job)
                 if not group:
                     del self._held[prefix_id]
-                    self.engine.abort(prefix_id)
+                    self._abort(prefix_id)
                 return
+
+    def _abort(self, request_id: str) -> None:
+        # No one waits on an abort: a failing one (an engine process gone) is logged, and the calls and requests
+        # of this turn still get their answers.
+        try:
+            self.engine.abort(request_id)
+        except Exception:
+            log.exception("aborting request %s failed", request_id)
+
+    @staticmethod
+    def _fail(job: _Job, exc: BaseException) -> None:
+        # A caller that is gone (ListenerGone from its `failed`) or whose `failed` breaks must not stop the loop or
+        # the other requests of this turn.
+        try:
+            job.failed(exc)
+        except ListenerGone:
+            pass
+        except Exception:
+            log.exception("a request's failure callback failed")
 
     def _admit_alone(self, jobs: list[_Job]) -> None:
         for job in jobs:
@@ -230,7 +249,7 @@ class EngineLoop:
                 job.request_id = self.engine.submit(job.prompt, job.params)
                 self._active[job.request_id] = job
             except Exception as exc:  # a request the engine refuses (too long, bad parameters) fails alone
-                job.failed(exc)
+                self._fail(job, exc)
 
 
 _LOOPS: dict[int, EngineLoop] = {}

@@ -4,12 +4,15 @@ request aborted on the engine loop's thread: the engine's own count of requests 
 no KV of the reply the request would have gone on to make, and a durable thread saves no half turn."""
 
 import asyncio
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 from langchain_core.messages import HumanMessage
 
 import engines as engine_kinds
-from abort_checks import check_abort
+from abort_checks import A, B, check_abort
+from thaw_format.sdk import greedy
 
 STORY = "tell the longest story you know, chapter by chapter, and never stop."
 MAX = 120  # the reply's length alone: the reference never stops before it (checked), so only an abort ends it sooner
@@ -104,3 +107,94 @@ def test_a_durable_thread_saves_no_half_turn(engine, model_dir, tmp_path):
     next(stream)
     stream.close()
     assert (store / "half.thaw").read_bytes() == saved  # the thread's last complete turn
+
+
+# The engine loop when a caller is gone and the engine fails too: the loop and the other callers of the same turn
+# go on. Each test holds the loop's thread in a call while it hands the loop what then arrives in one turn.
+WAIT = 300  # seconds: far more than any step here; a caller left waiting fails instead of hanging the run
+
+
+def _hold(loop) -> tuple[threading.Event, threading.Thread]:
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(engine):
+        entered.set()
+        release.wait(WAIT)
+
+    worker = threading.Thread(target=loop.call, args=(hold,))
+    worker.start()
+    assert entered.wait(WAIT)
+    return release, worker
+
+
+def _gone(exc: BaseException) -> None:
+    from thaw_langgraph.engine_loop import ListenerGone
+
+    raise ListenerGone
+
+
+def _finished(future: Future):
+    def listen(progress) -> None:
+        if progress.finished:
+            future.set_result(progress.token_ids)
+
+    return listen
+
+
+def _answered(loop, fn):
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(loop.call, fn).result(timeout=WAIT)
+    finally:
+        pool.shutdown(wait=False)  # a call the loop never answers fails the test instead of hanging it
+
+
+def test_a_gone_caller_of_a_refused_request_stops_no_other_request(engine):
+    from thaw_langgraph.engine_loop import loop_for
+
+    loop = loop_for(engine)
+    release, worker = _hold(loop)
+    loop.submit(A, None, lambda progress: None, _gone)  # refused (params is not a SamplingParams); caller gone
+    other = Future()
+    loop.submit(B, greedy(4), _finished(other), other.set_exception)
+    release.set()
+    worker.join()
+    assert len(other.result(timeout=WAIT)) == 4
+
+
+def test_a_failing_abort_loses_nothing_else_of_its_turn(engine, kind, monkeypatch):
+    from thaw_langgraph.engine_loop import loop_for
+
+    loop = loop_for(engine)
+    started = threading.Event()
+    job = loop.submit(A, greedy(200), lambda progress: started.set(), lambda exc: None)
+    assert started.wait(WAIT)
+    release, worker = _hold(loop)
+    monkeypatch.setattr(engine, "abort", lambda request_id: (_ for _ in ()).throw(RuntimeError("engine gone")))
+    loop.cancel(job)
+    other = Future()
+    loop.submit(B, greedy(4), _finished(other), other.set_exception)
+    release.set()
+    worker.join()
+    assert len(other.result(timeout=WAIT)) == 4
+    assert _answered(loop, lambda e: 42) == 42
+    monkeypatch.undo()
+    _answered(loop, lambda e: (e.abort(job.request_id), e.progress()))  # the request the failed abort left running
+    assert _answered(loop, lambda e: engine_kinds.in_flight(kind.name, e)) == 0
+
+
+def test_a_failing_step_with_a_gone_caller_keeps_the_loop(engine, kind, monkeypatch):
+    from thaw_langgraph.engine_loop import loop_for
+
+    loop = loop_for(engine)
+    release, worker = _hold(loop)
+    failed = threading.Event()
+    monkeypatch.setattr(engine, "step", lambda: (_ for _ in ()).throw(RuntimeError("step failed")))
+    job = loop.submit(A, greedy(4), lambda progress: None, lambda exc: (failed.set(), _gone(exc)))
+    release.set()
+    worker.join()
+    assert failed.wait(WAIT)
+    monkeypatch.undo()
+    assert _answered(loop, lambda e: 42) == 42  # the loop's thread still runs
+    _answered(loop, lambda e: (e.abort(job.request_id), e.progress()))  # submitted before the failing step
+    assert _answered(loop, lambda e: engine_kinds.in_flight(kind.name, e)) == 0
