@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import stat
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -130,19 +131,27 @@ def _ids_in(directories: list[str]) -> dict[str, list[str]]:
 
     Files with one id are copies of one snapshot (the id is a SHA-256 over the header and every chunk's
     checksum), so log follows the first and names the others; a copy whose data was damaged since keeps its
-    id, and `thaw verify` is what reads the data."""
+    id, and `thaw verify` is what reads the data. One file (device and inode) is listed once, by the first name
+    it is found under: reached again through a folder searched twice, spelt two ways ("." and its absolute
+    path) or through a symlink, or by a link to the file itself, it is no copy of itself."""
     found: dict[str, list[str]] = {}
+    files: set[tuple[int, int]] = set()
     for directory in directories:
         for path in sorted(Path(directory).glob("*.thaw")):
-            if not path.is_file():  # a FIFO or device named *.thaw would block the open
+            try:
+                st = path.stat()
+            except OSError:  # a dangling symlink
                 continue
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or device named *.thaw would block the open
+                continue
+            if (st.st_dev, st.st_ino) in files:
+                continue
+            files.add((st.st_dev, st.st_ino))
             try:
                 with SnapshotFile(path) as f:
-                    paths = found.setdefault(f.id, [])
+                    found.setdefault(f.id, []).append(str(path))
             except (SnapshotError, OSError):
                 continue
-            if str(path) not in paths:  # a folder searched twice
-                paths.append(str(path))
     return found
 
 

@@ -175,8 +175,7 @@ class EncodedSnapshot:
         self._writable()
         self._check_fill(fill or {})  # before the temporary file exists
         path = os.fsdecode(path)  # str, bytes or os.PathLike, as load takes
-        directory = os.path.dirname(os.path.abspath(path))
-        _check_target(path, directory)
+        directory = _check_target(path)
         fd, tmp = _create_beside(path, directory)
         try:
             if fill:
@@ -280,18 +279,32 @@ def _write_out(fd: int, data: memoryview, offset: int, durable: bool) -> None:
         mover.start_writeback(fd, offset, len(data))
 
 
-def _check_target(path: str, directory: str) -> None:
-    """Refuse, before a byte is written, a target the final rename would refuse: a directory at `path`, or a
-    folder that does not exist ("~" is not expanded, as in `open`). Either error names the user's path, not the
-    temporary file beside it."""
+def _check_target(path: str) -> str:
+    """The folder to save `path` in, as spelt (dirname, never normalised: the kernel resolves "x/.." through x,
+    a symlink's ".." to its target's parent, as the final rename will). Refused, before a byte is written: a
+    target that rename would refuse (a directory at `path`, a name that is "", "." or ".."), a folder that does
+    not exist ("~" is not expanded, as in `open`) or is not a folder. Each error names the user's path or the
+    folder as the user wrote it, never the temporary file beside it."""
     if not path:  # as open(""): else the temporary would go to the current folder's parent
         raise FileNotFoundError(errno.ENOENT, "an empty path names no snapshot file", path)
-    if os.path.basename(path) == "":  # "new.thaw/": a trailing separator names a folder
-        raise IsADirectoryError(errno.EISDIR, "a path ending in a separator names a folder, not a snapshot file", path)
-    if os.path.isdir(path) and not os.path.islink(path):
+    if os.path.basename(path) in ("", ".", ".."):  # "new.thaw/", "new.thaw/.": the rename would target a folder
+        raise IsADirectoryError(errno.EISDIR, "a path ending in a separator, '.' or '..' names a folder, "
+                                "not a snapshot file", path)
+    if os.path.isdir(path) and not os.path.islink(path):  # a link at path is replaced, whatever it points to
         raise IsADirectoryError(errno.EISDIR, "cannot save a snapshot over a directory", path)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(errno.ENOENT, "the folder to save the snapshot in does not exist", directory)
+    directory = os.path.dirname(path) or "."
+    try:
+        is_folder = stat.S_ISDIR(os.stat(directory).st_mode)  # follows a symlink to a folder, as rename does
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "the folder to save the snapshot in does not exist",
+                                directory) from None
+    except NotADirectoryError:  # "file.txt/sub": a part of the folder's path is a file
+        raise NotADirectoryError(errno.ENOTDIR, "a part of the path to the folder to save the snapshot in is not a "
+                                 "folder", directory) from None
+    if not is_folder:
+        raise NotADirectoryError(errno.ENOTDIR, "the folder to save the snapshot in exists but is not a folder",
+                                 directory)
+    return directory
 
 
 _TMP_STEM_BYTES = 200

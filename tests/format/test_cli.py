@@ -165,6 +165,22 @@ def test_log_follows_the_first_copy_of_a_parent_and_names_the_others(tmp_path, c
         (child_path, []), (str(tmp_path / "a.thaw"), [str(tmp_path / "b.thaw"), str(other / "c.thaw")])]
 
 
+def test_log_names_no_file_a_copy_of_itself_when_its_folder_is_searched_by_two_spellings(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Files were told apart by their path's text: '--search . --search /abs/same' named trunk.thaw a copy of
+    ./trunk.thaw. One file (its device and inode) reached by any spelling, or through a folder's symlink, is one."""
+    trunk_id = tf.save(make_full_snapshot(), tmp_path / "trunk.thaw")
+    child = make_full_snapshot()
+    child.lineage = tf.Lineage(parent=trunk_id, label="branch 1")
+    tf.save(child, tmp_path / "child.thaw")
+    (tmp_path / "alias").symlink_to(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    search = ["--search", ".", "--search", str(tmp_path), "--search", "alias", "--search", "./"]
+    assert main(["log", "--json", "child.thaw", *search]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [(e["path"], e["copies"]) for e in entries] == [("child.thaw", []), ("trunk.thaw", [])]
+
+
 def test_diff_names_what_differs_by_name_and_checksum(tmp_path, capsys):
     a = _save(make_full_snapshot(), tmp_path / "a.thaw")
     assert main(["diff", a, a]) == 0

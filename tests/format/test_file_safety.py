@@ -285,6 +285,55 @@ def test_a_save_over_a_directory_is_refused_before_writing_any_data(tmp_path, mo
     assert written == [] and sorted(p.name for p in tmp_path.iterdir()) == ["here", "target"]
 
 
+@pytest.mark.parametrize("name", ["new.thaw/.", "new.thaw/..", ".", ".."])
+def test_a_path_ending_in_a_dot_names_a_folder_and_is_refused_before_writing(tmp_path, monkeypatch, name):
+    # abspath dropped the dot: "new.thaw/." (new.thaw missing) wrote the whole snapshot in the current folder, then
+    # failed at the rename naming the temporary
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    written = []
+    with pytest.raises(IsADirectoryError, match="names a folder") as caught:
+        tf.save(labelled("A"), name, progress=written.append)
+    assert written == [] and caught.value.filename == name
+    assert [p.name for p in tmp_path.rglob("*")] == ["here"]
+
+
+def test_the_folder_is_checked_as_spelt_and_named_as_the_user_wrote_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_bytes(b"x")
+    written = []
+    # abspath made "missing/.." the current folder: the whole temporary was written there, then the rename failed
+    with pytest.raises(FileNotFoundError, match="does not exist") as caught:
+        tf.save(labelled("A"), "missing/../s.thaw", progress=written.append)
+    assert caught.value.filename == "missing/.."
+    with pytest.raises(FileNotFoundError) as caught:
+        tf.save(labelled("A"), "missing/s.thaw", progress=written.append)
+    assert caught.value.filename == "missing"  # was the absolute folder
+    with pytest.raises(NotADirectoryError, match="exists but is not a folder") as caught:  # was "does not exist"
+        tf.save(labelled("A"), "file.txt/s.thaw", progress=written.append)
+    assert caught.value.filename == "file.txt"
+    with pytest.raises(NotADirectoryError, match="part of the path") as caught:
+        tf.save(labelled("A"), "file.txt/sub/s.thaw", progress=written.append)
+    assert caught.value.filename == "file.txt/sub"
+    assert written == [] and os.listdir(tmp_path) == ["file.txt"]
+
+
+def test_a_symlink_to_a_folder_is_saved_through_as_its_parent_and_replaced_as_its_path(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "via").symlink_to(tmp_path / "real")
+    (tmp_path / "up").symlink_to(tmp_path / "elsewhere" / "deep")
+    monkeypatch.chdir(tmp_path)
+    tf.save(labelled("A"), "via/s.thaw")
+    assert tf.load(tmp_path / "real" / "s.thaw").lineage.label == "A"
+    tf.save(labelled("B"), "up/../s.thaw")  # the kernel's "..": beside deep, in elsewhere, as the rename resolves it
+    assert sorted(os.listdir(tmp_path / "elsewhere")) == ["deep", "s.thaw"]
+    assert tf.load("up/../s.thaw").lineage.label == "B"
+    tf.save(labelled("C"), "via")  # a link at the path itself is replaced, its folder left alone
+    assert not (tmp_path / "via").is_symlink() and tf.load("via").lineage.label == "C"
+    assert os.listdir(tmp_path / "real") == ["s.thaw"]
+
+
 def test_save_takes_a_bytes_path_as_load_does(tmp_path):
     path = os.fsencode(tmp_path / "s.thaw")
     snapshot_id = tf.save(labelled("A"), path)  # was TypeError: Can't mix strings and bytes in path components

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from thaw_format.sdk import ForkPool, LaunchSpec
@@ -36,6 +37,17 @@ def test_workers_that_are_not_a_whole_number_are_refused(workers):
     """A float raised TypeError from range() deep inside; True started one worker."""
     with pytest.raises(TypeError, match=f"workers is a whole number of engines, not {type(workers).__name__}"):
         ForkPool(NO_ENGINE, workers)
+
+
+def test_an_integer_of_another_type_is_taken_as_a_count_of_workers():
+    """numpy.int64(2) (e.g. from a config read with numpy) was refused: 'not int64'. The env check, after the
+    workers', refuses the pool, so none starts."""
+    with pytest.raises(TypeError, match="a fork pool's env maps names to strings"):
+        ForkPool(NO_ENGINE, np.int64(2), env="A=1")
+    with pytest.raises(ValueError, match="needs workers >= 1, got 0$"):
+        ForkPool(NO_ENGINE, np.int64(0))
+    with pytest.raises(TypeError, match="workers is a whole number of engines, not bool"):  # no __index__
+        ForkPool(NO_ENGINE, np.bool_(True))
 
 
 @pytest.mark.parametrize("workers", [0, -1])

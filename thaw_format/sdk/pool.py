@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import os
 import reprlib
 import resource
@@ -135,25 +136,32 @@ def _launch_spec(spec) -> LaunchSpec:
     return spec
 
 
-def _check_workers(workers) -> None:
-    """A whole number of workers, at least 1, whose pipes fit this process's open-file limit (each worker holds
-    two here: its stdin and stdout); a larger count would start processes until the OS refused one."""
-    if isinstance(workers, bool) or not isinstance(workers, int):
+def _check_workers(workers) -> int:
+    """`workers` as an int: a whole number (an int or any integer with __index__, e.g. numpy's, but not a bool),
+    at least 1, whose pipes fit this process's open-file limit (each worker holds two here: its stdin and
+    stdout); a larger count would start processes until the OS refused one."""
+    try:
+        count = operator.index(workers)
+    except TypeError:
+        count = None
+    if count is None or isinstance(workers, bool):  # True is an int, and started one worker
         raise TypeError(f"a fork pool's workers is a whole number of engines, not {type(workers).__name__} "
                         f"{workers!r}")
+    workers = count
     if workers < 1:
         raise ValueError(f"a fork pool needs workers >= 1, got {workers}")
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if limit != resource.RLIM_INFINITY and 2 * workers > limit:
         raise ValueError(f"a fork pool of {workers} workers needs {2 * workers} open files for their pipes; this "
                          f"process may open {limit} (ulimit -n)")
+    return workers
 
 
 class ForkPool:
     """`workers` warm engines started once from a launch spec (or from an engine's own launch_spec())."""
 
     def __init__(self, spec, workers: int, *, env: Optional[dict] = None) -> None:
-        _check_workers(workers)
+        workers = _check_workers(workers)
         if env is not None and not (isinstance(env, Mapping) and all(isinstance(k, str) and isinstance(v, str)
                                                                       for k, v in env.items())):
             raise TypeError(f"a fork pool's env maps names to strings, not {reprlib.repr(env)}")
