@@ -77,6 +77,33 @@ def check_abort(engine, in_flight: Callable[[], int], free_pages: Optional[Calla
     assert set(finals) == {a, b, c, d}
     assert engine.abort(b) is False  # finished: a race with finishing is no error
     assert engine.progress() == {}  # nothing is reported twice
+    check_one_token(engine)
     assert in_flight() == 0, f"{in_flight()} requests in flight after the aborts"
     if free_pages:
         assert free_pages() == free, f"{free_pages()} free KV pages after the aborts, {free} before"
+
+
+def check_one_token(engine) -> None:
+    """A request of max_tokens=1 is finished once its finished Progress is made, by a step or by a submit that runs
+    the prefill (SGLang's): abort then gives False and nothing more is reported. Before that it is aborted like any
+    other request. (No step of an idle engine: vLLM's multiprocessing step would wait for an output forever.)"""
+    for abort_at_once in (True, False):
+        e = engine.submit(A, greedy(1))
+        reported = engine.progress().get(e)
+        in_submit = reported is not None and reported.finished
+        if abort_at_once and not in_submit:
+            assert engine.abort(e) is True
+            got = engine.progress()
+            assert set(got) == {e} and got[e].finished and got[e].aborted and got[e].token_ids == [], got
+            continue
+        for _ in range(MAX_STEPS):
+            if reported is not None and reported.finished:
+                break
+            engine.step()
+            reported = engine.progress().get(e, reported)
+        assert len(reported.token_ids) == 1 and not reported.aborted, reported
+        assert engine.abort(e) is False, f"abort() of a finished request of one token gave True ({in_submit=})"
+        assert engine.progress() == {}
+        if in_submit:
+            assert engine.step() == {e: reported.token_ids}  # the step after a finished one lets it go
+            assert engine.progress() == {}

@@ -133,8 +133,8 @@ class SGLangEngine(SharedKV):
             self._progress[request_id] = Progress([], 0, True, aborted=True)
             return True
         streaming = self.streaming
-        if streaming is None or streaming.rid != request_id:
-            return False
+        if streaming is None or streaming.rid != request_id or streaming.finished:
+            return False  # a finished one (max_tokens=1 finishes in submit) has its last Progress out already
         self.streaming = None
         last = streaming.progress()
         self.engine.abort(request_id)
