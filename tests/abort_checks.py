@@ -6,7 +6,8 @@ Four requests: A runs a few steps and is aborted; B runs to its end beside it; C
 D is aborted before any step (queued in every engine). B's tokens must be those it gets alone; each aborted
 request is reported once more, finished and aborted, with the tokens last reported for it (none new), then
 never again; a capture holds none of them; a second abort, an unknown id and a finished one give False; and the
-engine's own count of requests in flight (and, where given, of free KV pages) is back where it started.
+engine's own count of requests in flight (and, where given, of free KV pages) is back where it started. Then a
+request of max_tokens=1: finished, by a step or by a submit that runs its prefill (SGLang's), abort gives False.
 """
 
 from __future__ import annotations

@@ -39,8 +39,10 @@ Rules the callers rely on (conformance/README.md says which check proves each, a
 - "streaming": `submit` takes a request while others are in flight, and each `step` advances every request in
   flight (or admits and prefills a new one) by at most one token each; `progress()` then names every request
   that advanced since the last call: its output so far, whether it has finished, and the engine's own
-  cached-token count. Each request gets exactly the tokens it gets alone (a batch changes no token), and a
-  request's last Progress (finished=True) is reported once. Generation stops at `max_tokens`, at a token of
+  cached-token count. `submit` may itself run the request's prefill, giving its first token (SGLang's does):
+  a request of max_tokens=1 may then be finished when `submit` returns, its last Progress waiting for the next
+  `progress()`, and the step after that lets it go. Each request gets exactly the tokens it gets alone (a batch
+  changes no token), and a request's last Progress (finished=True) is reported once. Generation stops at `max_tokens`, at a token of
   `stop_token_ids` (which ends the output), or at the model's end of sequence unless `ignore_eos`. A request
   the engine refuses only once its turn comes (after `submit` returned) makes `step` raise `Refused` naming
   it, having changed nothing else: the other requests go on at the next step.
@@ -48,7 +50,7 @@ Rules the callers rely on (conformance/README.md says which check proves each, a
   leaves the engine, which frees what it holds for it (its batch slot, its KV: a prefix cache may keep the
   computed pages as evictable, as it keeps a finished request's, or drop them). It returns True
   if the request was in flight, False (no error) if the id is unknown or the request's finished Progress was
-  already made by a step: a race with finishing is normal. An aborted request is reported once more, by the
+  already made, by a step or by `submit`: a race with finishing is normal. An aborted request is reported once more, by the
   next `progress()`, as its last Progress: finished=True, aborted=True, its tokens as last reported (none
   new). It is then gone: no later step, `finish` or `capture` holds it, and the other requests in flight get
   exactly the tokens they get alone.
