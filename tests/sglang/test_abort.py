@@ -5,8 +5,6 @@ no token, must not use up the batch allowed to the request after it."""
 
 import threading
 
-from conftest import ENGINE_ARGS
-
 from abort_checks import A, B, check_abort
 
 WAIT = 60  # seconds: far more than a prefill of this model; past it the engine is unpaused to end the test
