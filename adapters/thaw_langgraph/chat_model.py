@@ -31,7 +31,7 @@ from thaw_format.sdk import Progress, Unsupported, greedy, require
 
 from . import durable
 from .chat_tokens import ChatTokens, Prompt
-from .engine_loop import EngineLoop, loop_for
+from .engine_loop import EngineLoop, ListenerGone, loop_for
 from .thread_store import ThreadStore
 
 
@@ -125,20 +125,21 @@ class ChatThaw(BaseChatModel):
     def _stream(self, messages, stop=None, run_manager=None, **kwargs) -> Iterator[ChatGenerationChunk]:
         turn = self._begin(messages, stop, run_manager, kwargs)
         updates: queue.SimpleQueue = queue.SimpleQueue()
-        self._loop.submit(turn.prompt.ids, turn.params, updates.put, updates.put)
-        text = _Text(self._tokens)
-        while True:
-            update = updates.get()
-            if isinstance(update, BaseException):
-                raise update
-            chunk = self._chunk(turn, update, text)
-            if chunk is not None:
-                if run_manager is not None:
-                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
-            if update.finished:
-                break
-        self._end(turn, update)
+        job = self._loop.submit(turn.prompt.ids, turn.params, updates.put, updates.put)
+        text, update = _Text(self._tokens), None
+        try:
+            while update is None or not update.finished:
+                update = updates.get()
+                if isinstance(update, BaseException):
+                    raise update
+                chunk = self._chunk(turn, update, text)
+                if chunk is not None:
+                    if run_manager is not None:
+                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk  # a caller that stops iterating closes the generator here (GeneratorExit)
+        finally:
+            _cancel_unless_finished(self._loop, job, update)
+        self._end(turn, update)  # a turn left unfinished is neither remembered nor saved in the thread store
 
     async def _astream(self, messages, stop=None, run_manager=None, **kwargs) -> AsyncIterator[ChatGenerationChunk]:
         turn = await asyncio.to_thread(self._begin, messages, stop, run_manager, kwargs)
@@ -146,28 +147,29 @@ class ChatThaw(BaseChatModel):
         loop = asyncio.get_running_loop()
 
         def deliver(item) -> None:  # called on the engine loop's thread
-            # A caller gone with its event loop (a cancelled call, then asyncio.run returned) is not an error: the
-            # engine finishes the request (the contract has no abort), and each token raised a logged traceback.
-            # Asked, not checked first: the loop may close between a check and the call.
+            # A caller gone with its event loop (cancelled, then asyncio.run returned) is not an error: the engine
+            # loop aborts the request. Asked, not checked first: the loop may close between a check and the call.
             try:
                 loop.call_soon_threadsafe(updates.put_nowait, item)
             except RuntimeError:
                 if not loop.is_closed():
                     raise
+                raise ListenerGone from None
 
-        self._loop.submit(turn.prompt.ids, turn.params, deliver, deliver)
-        text = _Text(self._tokens)
-        while True:
-            update = await updates.get()
-            if isinstance(update, BaseException):
-                raise update
-            chunk = self._chunk(turn, update, text)
-            if chunk is not None:
-                if run_manager is not None:
-                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
-            if update.finished:
-                break
+        job = self._loop.submit(turn.prompt.ids, turn.params, deliver, deliver)
+        text, update = _Text(self._tokens), None
+        try:
+            while update is None or not update.finished:
+                update = await updates.get()  # a cancelled caller leaves here (CancelledError)
+                if isinstance(update, BaseException):
+                    raise update
+                chunk = self._chunk(turn, update, text)
+                if chunk is not None:
+                    if run_manager is not None:
+                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk  # aclose(), or asyncio's finalizer of an abandoned generator, raises GeneratorExit
+        finally:
+            _cancel_unless_finished(self._loop, job, update)
         await asyncio.to_thread(self._end, turn, update)
 
     # --- one turn -----------------------------------------------------------------------------------------
@@ -246,6 +248,14 @@ class _Text:
             raise RuntimeError("the tokenizer's decoding of a longer reply changed text already streamed")
         delta, self._sent = text[len(self._sent):], text
         return delta
+
+
+def _cancel_unless_finished(loop: EngineLoop, job, last) -> None:
+    """A caller that left before its request finished (a generator closed early, a cancelled task, an error of its
+    own) cancels it: the engine loop aborts it instead of generating up to max_tokens for no one. A request that
+    failed in the loop is gone already, and cancelling it changes nothing."""
+    if not isinstance(last, Progress) or not last.finished:
+        loop.cancel(job)
 
 
 def _with_thread_id(config: Optional[RunnableConfig], kwargs: dict) -> dict:

@@ -10,6 +10,11 @@ each compute that prefix (an engine caches a prefix only once it has computed it
 in the same step). The loop first runs the shared prefix alone (one token) and admits the group once it is
 done, so every member reads the prefix from the engine's cache. Nothing else changes: each member is the same
 request with the same sampling parameters, so its tokens are those it gets alone.
+
+Abandoned requests: a caller that stops listening (a stream closed early, a cancelled task, an event loop gone)
+cancels its job, or its listener raises ListenerGone; the loop then aborts the request in the engine (the
+contract's `abort`, on this thread like every engine call), which frees its batch slot and KV at once instead
+of generating up to max_tokens for no one.
 """
 
 from __future__ import annotations
@@ -27,12 +32,17 @@ log = logging.getLogger(__name__)
 Listener = Callable[[Progress], None]  # called on the loop's thread after each step; the last has finished=True
 
 
-@dataclass
+class ListenerGone(Exception):
+    """Raised by a listener whose caller is gone: the loop aborts the request."""
+
+
+@dataclass(eq=False)  # a job is itself: two with equal prompts are two requests
 class _Job:
     prompt: list[int]
     params: thaw_format.SamplingParams
     listener: Listener
     failed: Callable[[BaseException], None]
+    request_id: Optional[str] = None  # the engine's id once admitted
 
 
 @dataclass
@@ -73,6 +83,7 @@ class EngineLoop:
         self._calls: list[_Call] = []
         self._active: dict[str, _Job] = {}
         self._held: dict[str, list[_Job]] = {}  # prefix request id -> the group admitted once it is done
+        self._cancelled: list[_Job] = []  # jobs whose callers left, aborted on the loop's thread
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="thaw-engine-loop", daemon=True)
         self._thread.start()
@@ -80,11 +91,22 @@ class EngineLoop:
     # --- any thread ---------------------------------------------------------------------------------------
 
     def submit(self, prompt: Sequence[int], params: thaw_format.SamplingParams, listener: Listener,
-               failed: Callable[[BaseException], None]) -> None:
+               failed: Callable[[BaseException], None]) -> _Job:
+        """Queue a request; the job returned is what `cancel` takes."""
+        job = _Job(list(prompt), params, listener, failed)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine loop is closed")
-            self._new.append(_Job(list(prompt), params, listener, failed))
+            self._new.append(job)
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: _Job) -> None:
+        """The job's caller is gone: the loop drops it, aborting its request in the engine if it is in flight. Its
+        listener and `failed` are not called once the loop has taken the cancel (a job that finished meanwhile is
+        left alone)."""
+        with self._cond:
+            self._cancelled.append(job)
             self._cond.notify()
 
     def call(self, fn: Callable[[Any], Any], *, idle: bool = False) -> Any:
@@ -111,33 +133,37 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._closed or self._new or self._calls or self._active or self._held):
+                while not (self._closed or self._new or self._calls or self._active or self._held or self._cancelled):
                     self._cond.wait()
+                cancelled, self._cancelled = self._cancelled, []
+                self._new = [job for job in self._new if job not in cancelled]  # never reaches the engine
                 if self._closed and not (self._active or self._held):
                     closed = RuntimeError("the engine loop is closed")
                     for call in self._calls:
                         call.future.set_exception(closed)
                     for job in self._new:
-                        job.failed(closed)
+                        self._fail(job, closed)
                     return
                 busy = bool(self._active or self._held)
                 calls = [c for c in self._calls if not c.idle or not busy]
                 self._calls = [c for c in self._calls if c not in calls]
                 waiting_idle = bool(self._calls)  # an idle call waits: admit nothing new until it runs
                 new, self._new = ([], self._new) if waiting_idle else (self._new, [])
-            for call in calls:
-                try:
-                    call.future.set_result(call.fn(self.engine))
-                except BaseException as exc:  # the caller raises it
-                    call.future.set_exception(exc)
             try:
+                for job in cancelled:  # before the calls: a call made after a cancel finds the request gone
+                    self._drop(job)
+                for call in calls:
+                    try:
+                        call.future.set_result(call.fn(self.engine))
+                    except BaseException as exc:  # the caller raises it
+                        call.future.set_exception(exc)
                 self._admit(new)
                 if self._active or self._held:
                     self._step()
             except BaseException as exc:  # an engine failure fails every request in flight, not the loop
                 log.exception("engine step failed")
                 for job in [*self._active.values(), *(j for group in self._held.values() for j in group)]:
-                    job.failed(exc)
+                    self._fail(job, exc)
                 self._active.clear()
                 self._held.clear()
 
@@ -163,7 +189,7 @@ class EngineLoop:
                 self._admit_alone(group)
             job = self._active.pop(exc.request_id, None)
             if job is not None:
-                job.failed(exc)
+                self._fail(job, exc)
         for request_id, progress in self.engine.progress().items():
             group = self._held.get(request_id)
             if group is not None:
@@ -178,15 +204,52 @@ class EngineLoop:
                 del self._active[request_id]
             try:
                 job.listener(progress)
+            except ListenerGone:
+                self._drop(job)
             except Exception:  # a caller's listener must not stop the other requests
                 log.exception("a token listener failed")
+
+    def _drop(self, job: _Job) -> None:
+        """Forget a job whose caller is gone, aborting its request in the engine (or, for a member of a group
+        waiting on its shared prefix, the prefix request once no member is left)."""
+        if self._active.get(job.request_id) is job:
+            del self._active[job.request_id]
+            self._abort(job.request_id)
+            return
+        for prefix_id, group in list(self._held.items()):
+            if job in group:
+                group.remove(job)
+                if not group:
+                    del self._held[prefix_id]
+                    self._abort(prefix_id)
+                return
+
+    def _abort(self, request_id: str) -> None:
+        # No one waits on an abort: a failing one (an engine process gone) is logged, and the calls and requests
+        # of this turn still get their answers.
+        try:
+            self.engine.abort(request_id)
+        except Exception:
+            log.exception("aborting request %s failed", request_id)
+
+    @staticmethod
+    def _fail(job: _Job, exc: BaseException) -> None:
+        # A caller that is gone (ListenerGone from its `failed`) or whose `failed` breaks must not stop the loop or
+        # the other requests of this turn.
+        try:
+            job.failed(exc)
+        except ListenerGone:
+            pass
+        except Exception:
+            log.exception("a request's failure callback failed")
 
     def _admit_alone(self, jobs: list[_Job]) -> None:
         for job in jobs:
             try:
-                self._active[self.engine.submit(job.prompt, job.params)] = job
+                job.request_id = self.engine.submit(job.prompt, job.params)
+                self._active[job.request_id] = job
             except Exception as exc:  # a request the engine refuses (too long, bad parameters) fails alone
-                job.failed(exc)
+                self._fail(job, exc)
 
 
 _LOOPS: dict[int, EngineLoop] = {}

@@ -193,6 +193,16 @@ class MLXEngine(SharedKV):
                 finished[request.id] = request.output
         return finished
 
+    def abort(self, request_id: str) -> bool:
+        """Drop a request in flight with its cache (a copy of a session's KV plus what it computed): only a finished
+        request becomes a session, and sessions are never evicted, so each abandoned one would stay for good."""
+        request = self.running.pop(request_id, None)
+        if request is None:
+            return False
+        request.release()  # its generator's frame holds the cache
+        self._progress[request_id] = Progress(list(request.output), request.cached, True, aborted=True)
+        return True
+
     def progress(self) -> dict[str, Progress]:
         out, self._progress = self._progress, {}
         return out

@@ -221,6 +221,11 @@ def _running(scheduler) -> list:
     return running
 
 
+def gives_tokens(batch) -> bool:
+    """Whether a batch holds a request not finished yet: one whose requests all finished gives no token."""
+    return any(not req.finished() for req in batch.reqs)
+
+
 def live_requests(scheduler) -> list[LiveRequest]:
     pool = scheduler.req_to_token_pool.req_to_token
     found = []

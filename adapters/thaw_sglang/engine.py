@@ -123,6 +123,26 @@ class SGLangEngine(SharedKV):
         self.engine.unpause()  # nothing being stepped: the engine runs freely until the next request
         return {streaming.rid: list(streaming.latest["output_ids"])}
 
+    def abort(self, request_id: str) -> bool:
+        """A queued request has not reached SGLang: it leaves thaw's queue. The one being stepped is aborted by
+        SGLang's own path, then the engine runs freely until its stream ends (SGLang finishes an aborted running
+        request at its next batch, freeing its slots); the next queued request starts at the next step. SGLang
+        aborts every request whose id starts with the one given ("thaw-1" also hits "thaw-10"), but the request
+        stepped is the only one in SGLang then."""
+        if self.queued.pop(request_id, None) is not None:
+            self._progress[request_id] = Progress([], 0, True, aborted=True)
+            return True
+        streaming = self.streaming
+        if streaming is None or streaming.rid != request_id or streaming.finished:
+            return False  # a finished one (max_tokens=1 finishes in submit) has its last Progress out already
+        self.streaming = None
+        last = streaming.progress()
+        self.engine.abort(request_id)
+        self.engine.unpause()
+        streaming.drain()
+        self._progress[request_id] = Progress(last.token_ids, last.cached_tokens, True, aborted=True)
+        return True
+
     def progress(self) -> dict[str, Progress]:
         out, self._progress = self._progress, {}
         return out

@@ -31,9 +31,15 @@ class ThawScheduler(_internals.SleepsWhilePaused):
 
         Pausing here, in the scheduler's own loop, bounds what runs by batches, not by how soon a slow client's
         pause would arrive (under load the request could otherwise run on, even to its end, before it lands).
+
+        Only a batch that gives a token counts. SGLang's overlap scheduler runs a request's next batch before it
+        processes the result that finishes it (its last token, or an abort), so one more result arrives for it,
+        finished: counted, it would spend the batch a later run_batches allows the next request (whose prefill
+        then waits, paused, for good), whenever it is processed after that run_batches arrived.
         """
+        gives_tokens = _internals.gives_tokens(batch)  # before its result is processed: that may finish them
         super().process_batch_result(batch, result)
-        if self.thaw_batches_left is not None:
+        if self.thaw_batches_left is not None and gives_tokens:
             self.thaw_batches_left -= 1
             if self.thaw_batches_left <= 0:
                 self.thaw_batches_left = None

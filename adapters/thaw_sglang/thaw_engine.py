@@ -80,6 +80,15 @@ class ThawEngine(Engine):
     def unpause(self) -> None:
         rpc.call(self, "thaw_pause", paused=False)
 
+    def abort(self, rid: str) -> None:
+        """SGLang's own abort of a request (what its HTTP server sends when a client leaves): the scheduler drops it
+        from its waiting queue, or finishes it at its next batch, freeing its slots as for any finished request.
+        Its stream then ends with finish_reason type "abort". SGLang matches the rid as a prefix of request ids."""
+        async def send() -> None:  # on the engine's event loop, as its own calls run: the manager asks for it
+            self.tokenizer_manager.abort_request(rid=rid)
+
+        self.loop.run_until_complete(send())
+
     def run_batches(self, batches: int = 1) -> None:
         """Let the engine run exactly `batches` more batches (a prefill, or one decode step of every running
         request), then pause by itself; returns at once, and the batches' tokens arrive as usual.

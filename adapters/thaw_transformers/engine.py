@@ -121,6 +121,15 @@ class TransformersEngine(SharedKV):
                 finished[run.id] = run.output
         return finished
 
+    def abort(self, request_id: str) -> bool:
+        """Drop a request in flight with its own cache: its KV is a copy of the pages it started from plus what it
+        computed, and only a finished request's is paged into the prefix cache."""
+        run = self.requests.pop(request_id, None)
+        if run is None:
+            return False
+        self._progress[request_id] = Progress(list(run.output), run.cached_tokens, True, aborted=True)
+        return True
+
     def progress(self) -> dict[str, Progress]:
         out, self._progress = self._progress, {}
         return out

@@ -30,6 +30,7 @@ class VLLMEngine:
         self.llm = llm
         self._previous: dict[str, list[int]] = {}  # resumed requests' output before their snapshot
         self._progress: dict[str, Progress] = {}  # requests that advanced since the last progress()
+        self._latest: dict[str, Progress] = {}  # each unfinished request's last Progress: what an abort reports
         self._ids = itertools.count()
 
     @classmethod
@@ -74,11 +75,28 @@ class VLLMEngine:
         finished = {}
         for out in self.llm.llm_engine.step():
             tokens = self._previous.get(out.request_id, []) + list(out.outputs[0].token_ids)
-            self._progress[out.request_id] = Progress(tokens, out.num_cached_tokens or 0, out.finished)
+            progress = self._progress[out.request_id] = Progress(tokens, out.num_cached_tokens or 0, out.finished)
+            self._latest[out.request_id] = progress
             if out.finished:
                 self._previous.pop(out.request_id, None)
+                self._latest.pop(out.request_id, None)
                 finished[out.request_id] = tokens
         return finished
+
+    def abort(self, request_id: str) -> bool:
+        """vLLM's own abort (LLMEngine.abort_request): the scheduler frees the request's blocks, its full pages
+        staying cached and evictable. In flight means vLLM's client still awaits its output, so a request the
+        engine-core process finished in a step this process has not read yet is aborted too (its output is
+        dropped)."""
+        engine = self.llm.llm_engine
+        unfinished = engine.get_num_unfinished_requests()
+        engine.abort_request([request_id])
+        if engine.get_num_unfinished_requests() == unfinished:
+            return False
+        previous = self._previous.pop(request_id, [])
+        latest = self._latest.pop(request_id, None) or Progress(previous, 0, False)
+        self._progress[request_id] = Progress(latest.token_ids, latest.cached_tokens, True, aborted=True)
+        return True
 
     def progress(self) -> dict[str, Progress]:
         out, self._progress = self._progress, {}
@@ -91,6 +109,7 @@ class VLLMEngine:
                                  None if requests is None else [r.request_id for r in requests])
         for rid in done:
             self._previous.pop(rid, None)
+            self._latest.pop(rid, None)
         return done
 
     def capture(self, *, include_weights: bool = True, chains=None) -> thaw_format.Snapshot:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from thaw_format import SamplingParams, Snapshot
-from thaw_format.sdk import Finished, Generation, Resumed, adapter_problems
+from thaw_format.sdk import Finished, Generation, Progress, Resumed, adapter_problems
 
 from .results import CheckFailed
 
@@ -51,6 +51,23 @@ class CheckedEngine:
 
     def step(self) -> dict:
         return _typed(self.engine.step(), dict, "step()", "a dict: request id -> output token ids")
+
+    def progress(self) -> dict:
+        got = _typed(self.engine.progress(), dict, "progress()", "a dict: request id -> Progress")
+        for rid, value in got.items():
+            _typed(rid, str, "progress()'s keys", "the request id, a str")
+            _typed(value, Progress, "progress()'s values", "thaw_format.sdk.Progress")
+            if not isinstance(value.token_ids, list) or not all(isinstance(t, int) for t in value.token_ids):
+                raise ContractViolation(f"progress(): Progress.token_ids must be a list of int, got "
+                                        f"{value.token_ids!r:.80}")
+            if value.aborted and not value.finished:
+                raise ContractViolation(f"progress(): request {rid} is aborted but not finished: an aborted "
+                                        "request's last Progress has finished=True")
+        return got
+
+    def abort(self, request_id: str) -> bool:
+        return _typed(self.engine.abort(request_id), bool, "abort()",
+                      "a bool: True if the request was in flight, False if unknown or finished")
 
     def finish(self, requests=None) -> dict:
         got = _typed(self.engine.finish(requests), dict, "finish()", "a dict: request id -> Finished")

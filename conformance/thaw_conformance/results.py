@@ -24,7 +24,8 @@ CHECKS = {
     "logprobs_identical": "the logprobs of both continuations are bit-identical to the parent's",
     "fork_n": "n engines restored from one snapshot each continue exactly as the parent does with their seeds",
     "streaming": "greedy and seeded requests in flight together, stepped: a token per step at most, reported by "
-                 "progress(), each ending with the parent's tokens (a batch changes no token)",
+                 "progress(), each ending with the parent's tokens (a batch changes no token); one of two aborted "
+                 "mid-stream is reported once, aborted, and is gone, the other ending with the parent's tokens",
     "mid_stream_resume": "a greedy request captured in flight finishes in a fresh process as it did in the parent",
     "mid_stream_resume_seeded": "the same for a seeded request (sampling RNG state restored)",
     "corrupt_refused": "a flipped data byte and a truncated file raise CorruptSnapshotError (also from "

@@ -284,7 +284,69 @@ def _compare_streaming(engine: Engine, driver: Driver, record: dict, w: Workload
             if seen[rid] != want[kind]["tokens"]:
                 raise CheckFailed(f"{kind} request streamed beside the others gave {seen[rid]}, the parent's "
                                   f"{want[kind]['tokens']} alone")
-        note(f"{', '.join(kinds.values())} in flight together: a token per step at most, the parent's tokens")
+        note(f"{', '.join(kinds.values())} in flight together: a token per step at most, the parent's tokens; "
+             + _aborted_beside(engine, prompt, want["greedy"]["tokens"], w))
+
+
+def _aborted_beside(engine: Engine, prompt: list, want: list, w: Workload) -> str:
+    """abort (part of "streaming"): of two greedy requests for the parent's continuation, the one submitted first
+    (far longer) is aborted mid-stream. It is reported once, finished and aborted, with the tokens last reported
+    (a prefix of the parent's); the other ends with the parent's tokens; then neither is in flight: a second abort
+    gives False, no capture or finish holds them, and the engine serves the prompt their pages held again."""
+    gone = engine.submit(prompt, greedy(4 * w.continue_tokens + 16))
+    kept = engine.submit(prompt, greedy(w.continue_tokens))
+    try:
+        return _abort_one(engine, prompt, want, w, gone, kept)
+    except CheckFailed:
+        engine.finish()  # the checks after this one need an idle engine
+        raise
+
+
+def _abort_one(engine: Engine, prompt: list, want: list, w: Workload, gone: str, kept: str) -> str:
+    last: dict = {}
+    for _ in range(2):
+        last.update(engine.progress())
+        engine.step()
+    for rid, progress in engine.progress().items():
+        last[rid] = progress
+    if last.get(gone) is not None and last[gone].finished:
+        raise CheckFailed(f"a request of {4 * w.continue_tokens + 16} tokens finished in 2 steps")
+    if engine.abort(gone) is not True:
+        raise CheckFailed("abort() of a request in flight gave False")
+    before = list(last[gone].token_ids) if gone in last else []
+    if before != want[: len(before)]:
+        raise CheckFailed(f"the request aborted later gave {before} before its abort, the parent {want}")
+    finals: dict = {}
+    for _ in range(4 * w.continue_tokens + 16):
+        for rid, progress in engine.progress().items():
+            if rid in finals:
+                raise CheckFailed(f"progress() reports request {rid} again after its finished Progress"
+                                  + (" (an aborted request must be gone)" if rid == gone else ""))
+            if rid not in (gone, kept):
+                raise CheckFailed(f"progress() names {rid!r}, not a request submitted here")
+            if progress.finished:
+                finals[rid] = progress
+        if kept in finals:
+            break
+        engine.step()
+    got = finals.get(gone)
+    if got is None or not got.aborted or list(got.token_ids) != before:
+        raise CheckFailed(f"the aborted request's last Progress must be reported once, aborted=True, with its "
+                          f"tokens as last reported ({before}); got {got}")
+    if kept not in finals or finals[kept].aborted or list(finals[kept].token_ids) != want:
+        raise CheckFailed(f"the request beside the aborted one gave {finals.get(kept)}, the parent's {want} alone")
+    if engine.abort(gone) or engine.abort(kept) or engine.abort("no-such-request"):
+        raise CheckFailed("abort() of an aborted, a finished or an unknown request gave True")
+    snapshot = engine.capture(include_weights=False)
+    held = {r.id for r in snapshot.scheduler.requests} if snapshot.scheduler is not None else set()
+    left = set(engine.finish())
+    if held & {gone, kept} or left & {gone, kept}:
+        raise CheckFailed(f"after the abort a capture holds {sorted(held & {gone, kept})}, finish() ran "
+                          f"{sorted(left & {gone, kept})}")
+    again = engine.generate(prompt, greedy(w.continue_tokens)).token_ids
+    if again != want:
+        raise CheckFailed(f"after the abort the engine gave {again} for the prompt, the parent {want}")
+    return f"one aborted mid-stream after {len(before)} tokens: reported once, gone, its pages served again"
 
 
 def _streamed(rid: str, progress, kinds: dict, seen: dict, finished: set) -> None:

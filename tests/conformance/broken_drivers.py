@@ -8,6 +8,7 @@ import numpy as np
 
 import thaw_format
 from thaw_conformance.sdk import Unsupported
+from thaw_format.sdk import Progress
 from thaw_conformance.template import adapter
 from thaw_conformance.template.adapter import ToyThawEngine
 from thaw_conformance.template.driver import ToyDriver
@@ -103,6 +104,24 @@ class SourceUnchecked(ToyThawEngine):
         return self.restore(thaw_format.load(source, verify=False))
 
 
+class AbortLeavesRunning(ToyThawEngine):
+    """abort() reports the request aborted but leaves it running, its blocks held: it goes on being stepped."""
+
+    def abort(self, request_id):
+        request = self.engine.running.get(request_id)
+        if request is None:
+            return False
+        self._progress[request_id] = Progress(list(request.output), request.cached_tokens, True, aborted=True)
+        return True
+
+
+class AbortReturnsNothing(ToyThawEngine):
+    """abort() drops the request but returns None: a caller cannot tell in flight from unknown."""
+
+    def abort(self, request_id):
+        super().abort(request_id)
+
+
 def _factory(engine_class, capabilities=None):
     if capabilities is not None:
         engine_class.capabilities = classmethod(lambda cls: frozenset(capabilities))
@@ -194,3 +213,11 @@ def not_installed():
     """A driver whose engine is not installed here: importing the engine fails inside the driver, as `import vllm`
     does where vLLM is absent. The suite skips it, saying why; a misspelt driver is a usage error instead."""
     raise ImportError("the engine is not installed here")
+
+
+def abort_leaves_running():
+    return _factory(AbortLeavesRunning)()
+
+
+def abort_returns_nothing():
+    return _factory(AbortReturnsNothing)()

@@ -68,6 +68,17 @@ def test_streaming_is_checked_on_a_real_engine(run_worker):
     assert "progress() has reported [] finished of ['greedy', 'seeded']" in results["llama", "streaming"]["detail"]
 
 
+@pytest.mark.parametrize("spec, rule", [
+    ("abort_leaves_running", "again after its finished Progress (an aborted request must be gone)"),
+    ("abort_returns_nothing", "abort() returned NoneType, not a bool: True if the request was in flight"),
+])
+def test_a_wrong_abort_fails_the_streaming_check_by_name(run_worker, spec, rule):
+    results = run_worker(f"broken_drivers:{spec}")
+    got = statuses(results)
+    assert got["streaming"] == "failed" and got["continuation_greedy"] == got["mid_stream_resume"] == "passed"
+    assert rule in results["toy", "streaming"]["detail"], results["toy", "streaming"]["detail"]
+
+
 def test_unsupported_features_are_never_passed(run_worker):
     results = run_worker("broken_drivers:no_kv_readback")
     got = statuses(results)

@@ -5,8 +5,10 @@ import sys
 
 import pytest
 
+from abort_checks import check_abort
 from conftest import REPO, _env
 from thaw_conformance.results import CHECKS
+from thaw_conformance.template.adapter import ToyThawEngine
 from thaw_conformance.vectors import default_dir
 
 
@@ -86,3 +88,9 @@ def test_a_misspelt_engine_and_other_bad_options_are_refused_before_anything_run
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2 and match in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_template_aborts_as_the_contract_says():
+    """The checks every engine's abort passes (tests/abort_checks.py), on the template an author starts from."""
+    engine = ToyThawEngine.start(vocab_size=1024)  # the checks' prompts use ids below 1000
+    check_abort(engine, lambda: len(engine.engine.running))

@@ -76,6 +76,20 @@ def evict(name: str, engine) -> None:
         assert engine.engine.flush_cache().success
 
 
+def in_flight(name: str, engine) -> int:
+    """How many requests the engine itself still serves, by its own state (vLLM: its client's unfinished
+    requests; SGLang: its tokenizer manager's, with thaw's queue before it; MLX and transformers: their own)."""
+    if name == "vllm":
+        return engine.llm.llm_engine.get_num_unfinished_requests()
+    if name == "mlx":
+        return len(engine.running)
+    if name == "transformers":
+        return len(engine.requests)
+    if name == "sglang":
+        return len(engine.engine.tokenizer_manager.rid_to_state) + len(engine.queued)
+    raise ValueError(f"unknown engine {name!r}")
+
+
 def plain(name: str, model_dir, engine) -> tuple[Callable[[list, int], list], Callable[[], None]]:
     """(generate(prompt ids, max_tokens) -> output ids, close): greedy, stopping at STOP, nothing cached."""
     if name == "vllm":

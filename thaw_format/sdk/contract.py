@@ -12,6 +12,7 @@ against it and works on every engine.
     resumed = engine.restore(snap)                  # -> list[Resumed]: the snapshot's unfinished requests
     done = engine.finish(resumed)                   # -> {request id: Finished}, each run to completion
     rid = engine.submit(prompt_ids, params); engine.step(); engine.progress()   # -> {request id: Progress}
+    engine.abort(rid)                               # -> True if it was in flight: the engine lets it go
     children = engine.fork(2, context=prompt_ids)   # -> engines continuing `context` without its prefill
     source = engine.capture_shared(chains=[ids])    # -> "shm://<name>#<nbytes>": KV only, for other processes
     resumed = other.restore_source(source)          # -> list[Resumed]: restore from that source (or a file)
@@ -39,11 +40,21 @@ Rules the callers rely on (conformance/README.md says which check proves each, a
 - "streaming": `submit` takes a request while others are in flight, and each `step` advances every request in
   flight (or admits and prefills a new one) by at most one token each; `progress()` then names every request
   that advanced since the last call: its output so far, whether it has finished, and the engine's own
-  cached-token count. Each request gets exactly the tokens it gets alone (a batch changes no token), and a
-  request's last Progress (finished=True) is reported once. Generation stops at `max_tokens`, at a token of
+  cached-token count. `submit` may itself run the request's prefill, giving its first token (SGLang's does):
+  a request of max_tokens=1 may then be finished when `submit` returns, its last Progress waiting for the next
+  `progress()`, and the step after that lets it go. Each request gets exactly the tokens it gets alone (a batch
+  changes no token), and a request's last Progress (finished=True) is reported once. Generation stops at `max_tokens`, at a token of
   `stop_token_ids` (which ends the output), or at the model's end of sequence unless `ignore_eos`. A request
   the engine refuses only once its turn comes (after `submit` returned) makes `step` raise `Refused` naming
   it, having changed nothing else: the other requests go on at the next step.
+- "streaming" includes `abort(request_id)` (a caller that streams may leave): the request, queued or running,
+  leaves the engine, which frees what it holds for it (its batch slot, its KV: a prefix cache may keep the
+  computed pages as evictable, as it keeps a finished request's, or drop them). It returns True
+  if the request was in flight, False (no error) if the id is unknown or the request's finished Progress was
+  already made, by a step or by `submit`: a race with finishing is normal. An aborted request is reported once more, by the
+  next `progress()`, as its last Progress: finished=True, aborted=True, its tokens as last reported (none
+  new). It is then gone: no later step, `finish` or `capture` holds it, and the other requests in flight get
+  exactly the tokens they get alone.
 - `fork(n, context=...)` returns n engines (children) holding the KV of `context`; a child's `generate` takes
   prompts that extend `context`. In-process children share the parent's cached pages (no KV bytes move).
 - `fork` is `thaw_format.sdk.fork.fork(self, ...)` unless the engine has a better way of its own.
@@ -94,7 +105,7 @@ CAPABILITY_METHODS = {
     "fork_processes": ("fork", "launch_spec", "page_size"),
     "mid_stream": ("submit", "step", "finish"),
     "mid_stream_seeded": ("submit", "step", "finish"),
-    "streaming": ("submit", "step", "progress"),
+    "streaming": ("submit", "step", "progress", "abort"),
 }
 
 # tokens per snapshot page where an adapter chooses it (MLX, SGLang's captures, transformers unless told); vLLM's
@@ -182,6 +193,7 @@ class Progress:
     token_ids: list[int]  # every output token so far
     cached_tokens: int  # prompt tokens the engine served from its cache, by its own count (as in Generation)
     finished: bool
+    aborted: bool = False  # finished by abort(), not by max_tokens, a stop token or EOS (then finished too)
 
 
 @dataclass
@@ -245,6 +257,10 @@ class Engine(Protocol):
 
     def progress(self) -> dict[str, Progress]:
         """Every request that advanced since the last call, with its tokens so far ("streaming")."""
+
+    def abort(self, request_id: str) -> bool:
+        """Take a submitted request out of the engine and free what it holds; False if it is unknown or finished
+        ("streaming")."""
 
     def capture_shared(self, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
         """A KV-only capture of the pages holding `chains`, published in shared memory: "shm://<name>#<nbytes>"."""

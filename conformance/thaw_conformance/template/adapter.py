@@ -245,6 +245,13 @@ class ToyThawEngine(SharedKV):
         out, self._progress = self._progress, {}
         return out
 
+    def abort(self, request_id: str) -> bool:
+        request = self.engine.abort(request_id)
+        if request is None:
+            return False
+        self._progress[request_id] = Progress(list(request.output), request.cached_tokens, True, aborted=True)
+        return True
+
     def finish(self, requests=None) -> dict[str, Finished]:
         wanted = None if requests is None else {r.request_id for r in requests}
         done = {}

@@ -153,11 +153,19 @@ class ToyEngine:
                 logits = self._compute(request)
             self._sample(request, logits)
             if len(request.output) >= request.max_tokens:
-                del self.running[request.id]
-                for block in request.blocks:
-                    self.release(block)
-                finished.append(request)
+                finished.append(self._retire(request.id))
         return finished
+
+    def abort(self, request_id: str) -> Optional[ToyRequest]:
+        """Drop a running request (None if none runs by that id), as a finished one is dropped."""
+        return self._retire(request_id) if request_id in self.running else None
+
+    def _retire(self, request_id: str) -> ToyRequest:
+        """Take a request out of the running set and let go of its blocks (its cached pages stay in the table)."""
+        request = self.running.pop(request_id)
+        for block in request.blocks:
+            self.release(block)
+        return request
 
     def generate(self, prompt: Sequence[int], max_tokens: int, temperature: float = 0.0,
                  seed: Optional[int] = None) -> ToyRequest:

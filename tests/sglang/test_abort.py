@@ -1,0 +1,59 @@
+"""The contract's abort on SGLang in this process (tests/abort_checks.py), with SGLang's own pool-leak check once
+idle, and the batch budget (ThawEngine.run_batches) across a request's last result: SGLang's overlap scheduler runs
+one more batch for a request before it processes the result that finishes it, and that batch's result, which gives
+no token, must not use up the batch allowed to the request after it."""
+
+import threading
+
+from abort_checks import A, B, check_abort
+
+WAIT = 60  # seconds: far more than a prefill of this model; past it the engine is unpaused to end the test
+
+
+def test_abort_frees_the_request_and_the_others_get_their_tokens_alone(thaw_sglang, zoo, engines):
+    engine = thaw_sglang.SGLangEngine(engines(zoo.make_model("llama")))
+    check_abort(engine, lambda: len(engine.engine.tokenizer_manager.rid_to_state) + len(engine.queued))
+    assert engine.engine.leak_warnings() == 0
+
+
+def _first_chunk(engine, prompt, max_new_tokens: int):
+    """Send a request to the engine paused by run_batches(1) and read its first chunk; if none comes within WAIT
+    (the engine paused before its prefill), unpause the engine so the request ends, and return None."""
+    got = []
+    stream = engine.generate(input_ids=prompt, stream=True,
+                             sampling_params={"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True})
+    reader = threading.Thread(target=lambda: got.append(next(stream)), daemon=True)  # on the engine's event loop
+    reader.start()
+    reader.join(WAIT)
+    if reader.is_alive():
+        engine.unpause()
+        reader.join()
+        return None
+    return got[0]
+
+
+def _finished(chunk) -> bool:
+    return chunk["meta_info"]["finish_reason"] is not None
+
+
+def test_the_result_after_an_aborted_request_finished_uses_no_batch_of_the_next(zoo, engines):
+    engine = engines(zoo.make_model("llama"))
+    engine.run_batches(1)
+    params = {"temperature": 0.0, "max_new_tokens": 50, "ignore_eos": True}
+    stream = engine.generate(input_ids=A, sampling_params=params, stream=True, rid="left")
+    chunk = next(stream)  # its prefill
+    for _ in range(2):  # decoding, a batch at a time: paused with its next batch run, its result not processed
+        engine.run_batches(1)
+        chunk = next(stream)
+    engine.abort("left")
+    while not _finished(chunk):  # the result that finishes it; the batch run after it is then pending
+        engine.run_batches(1)
+        chunk = next(stream)
+    assert chunk["meta_info"]["finish_reason"]["type"] == "abort"
+    assert list(stream) == []
+    engine.run_batches(1)  # the next request's prefill, not the aborted request's last batch
+    second = _first_chunk(engine, B, 4)
+    assert second is not None, "the next request's prefill never ran: the aborted request's last batch took its turn"
+    assert len(second["output_ids"]) == 1
+    engine.unpause()
+    assert engine.leak_warnings() == 0
