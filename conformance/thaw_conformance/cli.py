@@ -115,17 +115,19 @@ def _check_names(parser, args, engines: tuple, drivers: dict, outside: dict, pyt
     Each engine's worker is asked in its own interpreter (`--phase list`: it imports the driver, starts
     nothing), only where a name needs checking. An engine not installed here cannot answer: it is skipped in
     the run, with its reason, as before; an architecture only some engines have is skipped on the others."""
-    unknown = [e for e in args.engine_arch if e not in drivers]
+    unknown = [e for e in args.engine_arch if e not in drivers and e not in engines]
     if unknown:
         parser.error(f"--engine-arch: no engine {', '.join(map(repr, unknown))}; the built-in ones are "
                      f"{', '.join(ALL_ENGINES)}, or a name given --driver")
     explicit = args.arch != "all" or any(archs != "all" for archs in args.engine_arch.values())
     known = {}
-    for engine in dict.fromkeys([*outside, *(engines if explicit else ())]):
+    # a driver named on the command line (--driver, or --engine MODULE:FACTORY) is always looked up
+    named = [*outside, *(e for e in engines if ":" in e)]
+    for engine in dict.fromkeys([*named, *(engines if explicit else ())]):
         listed = _list_architectures(drivers.get(engine, engine), _python(engine, pythons), env, args.timeout)
         if listed.get("not_found"):
-            parser.error(f"--driver {engine}={drivers[engine]}: {listed['unavailable']} "
-                         f"(for {_python(engine, pythons)})")
+            option = f"--driver {engine}={drivers[engine]}" if engine in outside else f"--engine {engine}"
+            parser.error(f"{option}: {listed['unavailable']} (for {_python(engine, pythons)})")
         if "architectures" in listed:
             known[engine] = listed["architectures"]
     for engine, archs in args.engine_arch.items():

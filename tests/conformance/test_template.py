@@ -76,6 +76,10 @@ def test_pytest_plugin_runs_the_suite():
      "--python-for: no interpreter at 'template=/nonexistent/python'"),
     (["--engine", "mine", "--driver", "mine=no_such_module:driver"], "--driver mine=no_such_module:driver: no module"),
     (["--engine", "mine", "--driver", "mine=broken_drivers:no_such_factory"], "has no 'no_such_factory'"),
+    # an engine named MODULE:FACTORY itself: a KeyError with --arch, without it every check skipped and exit 0
+    (["--engine", "no_such_module:driver", "--arch", "toy"], "--engine no_such_module:driver: no module"),
+    (["--engine", "no_such_module:driver"], "--engine no_such_module:driver: no module"),
+    (["--engine", "broken_drivers:no_such_factory"], "has no 'no_such_factory'"),
     (["--engine", "template", "--timeout", "0"], "must be positive"),
     (["--engine", "template", "all"], "'all' stands alone"),
     (["--engine", "template", "--out", "."], "is a folder"),  # the run ended in IsADirectoryError, no receipt
