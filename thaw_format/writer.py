@@ -354,10 +354,12 @@ def _create_beside(path: str, directory: str) -> tuple[int, str]:
 
 def _naming_target(exc: OSError, path: str, tmp: str) -> OSError:
     """`exc`, when it names the temporary file (or no file: a write's ENOSPC), as the same error with the same
-    errno and strerror naming the user's `path`: the temporary is gone, and its name means nothing to them."""
-    if exc.errno is None or exc.filename not in (None, tmp):
+    errno and strerror naming the user's `path`, raised from the same frames: the temporary is gone, and its name
+    means nothing to them. An error of a class not built in (a fill's RemoteReadError: its own constructor) is
+    `exc` itself."""
+    if exc.errno is None or exc.filename not in (None, tmp) or type(exc).__module__ != "builtins":
         return exc
-    return type(exc)(exc.errno, exc.strerror, path)
+    return type(exc)(exc.errno, exc.strerror, path).with_traceback(exc.__traceback__)
 
 
 def _check_readable(doc: dict, tensors: list) -> None:
