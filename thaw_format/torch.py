@@ -72,6 +72,8 @@ def device_of(device) -> torch.device:
     if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
         raise TypeError(f"device must be a torch.device, a str such as 'cpu' or 'cuda:0', or an int, got "
                         f"{type(device).__name__}")
+    if isinstance(device, int) and device < 0:
+        raise ValueError(f"device {device}: an accelerator's index is 0 or more")
     try:
         parsed = torch.device(device)
     except RuntimeError as exc:  # an unknown name, or an int where torch finds no accelerator

@@ -44,6 +44,7 @@ def _damaged(path):
     ("meta", ValueError, "device 'meta' holds no data"),
     (1.5, TypeError, "device must be a torch.device, a str"),
     (True, TypeError, "got bool"),
+    (-1, ValueError, "device -1: an accelerator's index is 0 or more"),  # said 'no accelerator' on a GPU too
 ])
 def test_a_device_torch_does_not_know_is_refused_before_the_data_is_read(saved, device, error, match):
     path = _damaged(saved[0])
