@@ -8,6 +8,7 @@ request is reported once more, finished and aborted, with the tokens last report
 never again; a capture holds none of them; a second abort, an unknown id and a finished one give False; and the
 engine's own count of requests in flight (and, where given, of free KV pages) is back where it started. Then a
 request of max_tokens=1: finished, by a step or by a submit that runs its prefill (SGLang's), abort gives False.
+Last, a request restored in flight is aborted like a submitted one.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def check_abort(engine, in_flight: Callable[[], int], free_pages: Optional[Calla
     assert engine.abort(b) is False  # finished: a race with finishing is no error
     assert engine.progress() == {}  # nothing is reported twice
     check_one_token(engine)
+    check_restored(engine)
     assert in_flight() == 0, f"{in_flight()} requests in flight after the aborts"
     if free_pages:
         assert free_pages() == free, f"{free_pages()} free KV pages after the aborts, {free} before"
@@ -108,3 +110,20 @@ def check_one_token(engine) -> None:
         if in_submit:
             assert engine.step() == {e: reported.token_ids}  # the step after a finished one lets it go
             assert engine.progress() == {}
+
+
+def check_restored(engine) -> None:
+    """A request restored in flight (from a capture's scheduler state) is in flight like a submitted one: abort
+    gives True, reports it once, finished and aborted, and finish() no longer runs it."""
+    r = engine.submit(A, LONG)
+    for _ in range(3):
+        engine.step()
+    snapshot = engine.capture(include_weights=False)
+    engine.finish()
+    engine.progress()
+    resumed = [x.request_id for x in engine.restore(snapshot)]
+    assert resumed == [r], resumed
+    assert engine.abort(r) is True
+    got = engine.progress()
+    assert set(got) == {r} and got[r].finished and got[r].aborted, got
+    assert r not in engine.finish() and engine.abort(r) is False and engine.progress() == {}

@@ -124,13 +124,18 @@ class SGLangEngine(SharedKV):
         return {streaming.rid: list(streaming.latest["output_ids"])}
 
     def abort(self, request_id: str) -> bool:
-        """A queued request has not reached SGLang: it leaves thaw's queue. The one being stepped is aborted by
-        SGLang's own path, then the engine runs freely until its stream ends (SGLang finishes an aborted running
-        request at its next batch, freeing its slots); the next queued request starts at the next step. SGLang
-        aborts every request whose id starts with the one given ("thaw-1" also hits "thaw-10"), but the request
-        stepped is the only one in SGLang then."""
+        """A queued request, or one the last restore left for finish, has not reached SGLang: it leaves thaw's
+        queue. The one being stepped is aborted by SGLang's own path, then the engine runs freely until its stream
+        ends (SGLang finishes an aborted running request at its next batch, freeing its slots); the next queued
+        request starts at the next step. SGLang aborts every request whose id starts with the one given ("thaw-1"
+        also hits "thaw-10"), but the request stepped is the only one in SGLang then."""
         if self.queued.pop(request_id, None) is not None:
             self._progress[request_id] = Progress([], 0, True, aborted=True)
+            return True
+        restored = next((r for r in self.pending if r.id == request_id), None)
+        if restored is not None:  # restored in flight, not yet resumed in SGLang (finish runs it): it leaves
+            self.pending.remove(restored)
+            self._progress[request_id] = Progress(list(restored.output_token_ids), 0, True, aborted=True)
             return True
         streaming = self.streaming
         if streaming is None or streaming.rid != request_id or streaming.finished:
