@@ -97,7 +97,7 @@ class _Worker:
             self.process.stdin.write(json.dumps(message) + "\n")
             self.process.stdin.flush()
             return True
-        except (BrokenPipeError, OSError):
+        except (OSError, ValueError):  # ValueError: its stdin was closed here (the pool was closed)
             return False
 
     def receive(self) -> dict:
@@ -250,6 +250,8 @@ class ForkPool:
                              f"page_size()), whose KV the workers take; got {len(context)} tokens: generate on the "
                              "parent instead")
         with self._round:  # rounds share the workers' pipes and the parent's one segment: one at a time
+            if self._closed:  # closed while this round waited for the one before it
+                raise RuntimeError("this ForkPool is closed; start a new one")
             return self._fork(parent, n, context, page, suffixes, params)
 
     def _fork(self, parent, n: int, context: list[int], page: int, suffixes, params) -> ForkRound:
@@ -278,7 +280,8 @@ class ForkPool:
                 except PoolWorkerDied as exc:
                     answered += 1
                     failures.append(exc)
-                    self._workers[index] = _Worker(worker.name, self._config, self._env)  # replacement
+                    if not self._closed:
+                        self._workers[index] = _Worker(worker.name, self._config, self._env)  # replacement
                     continue
                 answered += 1
                 if "error" in reply:
@@ -302,12 +305,14 @@ class ForkPool:
         return round_
 
     def close(self) -> None:
-        self._closed = True
-        for worker in self._workers:
-            worker.stop()
-        for source in self._checked:  # the check's cached mappings would keep the parent's segments alive
-            forget(source)
-        self._checked.clear()
+        """Stop the workers, after the round in progress, if any; a round still waiting for it is refused."""
+        self._closed = True  # first: a round waiting for the lock sees it there, and starts no worker
+        with self._round:  # a round's workers are its own until it ends (it may replace them)
+            for worker in self._workers:
+                worker.stop()
+            for source in self._checked:  # the check's cached mappings would keep the parent's segments alive
+                forget(source)
+            self._checked.clear()
 
     def __enter__(self) -> "ForkPool":
         return self
