@@ -15,6 +15,7 @@ so the next round runs on a full pool. Any contract engine with a launch spec wo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import operator
@@ -115,10 +116,13 @@ class _Worker:
             self.ready = True
 
     def kill(self) -> None:
+        """End the process and close its pipes quietly: after a failed send, closing stdin flushes the bytes
+        still buffered and raises BrokenPipeError."""
         self.process.kill()
         self.process.wait()
-        self.process.stdin.close()
-        self.process.stdout.close()
+        for pipe in (self.process.stdin, self.process.stdout):
+            with contextlib.suppress(OSError, ValueError):
+                pipe.close()
 
     def stop(self, timeout: float = 120) -> None:
         if self.process.poll() is None:
@@ -280,6 +284,7 @@ class ForkPool:
                 except PoolWorkerDied as exc:
                     answered += 1
                     failures.append(exc)
+                    worker.kill()  # its pipes, closed here, not by the GC (which printed their BrokenPipeError)
                     if not self._closed:
                         self._workers[index] = _Worker(worker.name, self._config, self._env)  # replacement
                     continue
@@ -288,9 +293,13 @@ class ForkPool:
                     failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
                 replies.append(reply)
         except BaseException:  # Ctrl-C mid-round: a worker yet to answer would answer the next round with this one
-            for index in range(answered, n):
-                self._workers[index].kill()
-                self._workers[index] = _Worker(self._workers[index].name, self._config, self._env)
+            for index in range(answered, n):  # each in its own try: one that fails leaves the others to be killed
+                try:
+                    self._workers[index].kill()
+                    if not self._closed:
+                        self._workers[index] = _Worker(self._workers[index].name, self._config, self._env)
+                except Exception:  # the original exception (KeyboardInterrupt) is the caller's to see
+                    pass
             raise
         if failures:
             died = [f for f in failures if isinstance(f, PoolWorkerDied)]
