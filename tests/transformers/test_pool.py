@@ -137,6 +137,7 @@ def test_each_child_may_have_its_own_params(pool, parent, fresh):
     ([[5], "ab"], checks.PARAMS, r"suffix 1 is a sequence of token ids \(whole numbers\), not str 'ab'"),
     ([[5], [6.5]], checks.PARAMS, r"suffix 1 is a sequence of token ids \(whole numbers\), not list \[6.5\]"),
     ([[5], 6], checks.PARAMS, r"suffix 1 is a sequence of token ids \(whole numbers\), not int 6"),
+    ([[5], [True, 6]], checks.PARAMS, r"suffix 1 is a sequence of token ids \(whole numbers\), not list \[True, 6\]"),
 ])
 def test_bad_params_and_suffixes_are_refused_before_the_parent_is_read(pool, parent, suffixes, params, error):
     """These failed after the parent's capture, with errors that named neither the argument nor the child (a float

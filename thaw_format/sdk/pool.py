@@ -160,13 +160,20 @@ def _page_size(parent) -> int:
     return page
 
 
+def _token(t) -> int:
+    if isinstance(t, bool):
+        raise TypeError
+    return operator.index(t)
+
+
 def _token_ids(ids, what: str) -> list[int]:
     """`ids` (a list, numpy array, ...) as a list of ints; TypeError naming `what` for anything else: a str, an
-    int, or a float that int() would have cut to another token."""
+    int, a float that int() would have cut to another token, or a bool (an int to operator.index, as in
+    _check_workers)."""
     try:
         if isinstance(ids, (str, bytes)):
             raise TypeError
-        return [operator.index(t) for t in ids]
+        return [_token(t) for t in ids]
     except TypeError:
         raise TypeError(f"{what} is a sequence of token ids (whole numbers), not {type(ids).__name__} "
                         f"{reprlib.repr(ids)}") from None
