@@ -146,7 +146,7 @@ def _launch_spec(spec) -> LaunchSpec:
     return spec
 
 
-def _page_size(parent) -> int:
+def parent_page_size(parent) -> int:
     """The parent's page_size(): the pool hands over its full pages only. An engine's pages are its own (vLLM's
     CPU blocks are 128 tokens by default): cut at 32 for every engine, a 100-token trunk moved no KV from such a
     parent, and every worker prefilled it all, without a word."""
@@ -255,7 +255,7 @@ class ForkPool:
         suffixes = [_token_ids(suffix, f"suffix {i}") for i, suffix in enumerate(suffixes)]
         params = _params_per_child(params, n)
         context = _token_ids(context, "the context")
-        page = _page_size(parent)
+        page = parent_page_size(parent)
         if len(context) < page:  # no full page: nothing to hand over (an engine may refuse the empty KV)
             raise ValueError(f"a fork round's context needs at least one full page ({page} tokens, the parent's "
                              f"page_size()), whose KV the workers take; got {len(context)} tokens: generate on the "
