@@ -21,7 +21,7 @@ import pytest
 
 from thaw_format import CorruptSnapshotError, SnapshotFile
 from thaw_format.sdk import ForkPool, PoolWorkerDied, greedy
-from thaw_format.sdk.shared import capture_shared, open_segment
+from thaw_format.sdk.shared import capture_shared, open_segment, read_source
 
 PARAMS = greedy(10)
 WORKERS = 2
@@ -181,4 +181,12 @@ def test_a_parent_with_a_request_in_flight_hands_over_the_trunks_kv_only(pool, p
         result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
         assert [g.token_ids for g in result.generations] == want, f"round {index}"
         assert [g.cached_tokens for g in result.generations] == [full_pages(trunk, parent)] * WORKERS, f"round {index}"
+    # A round's capture holds the trunk's full pages and nothing else: transformers and SGLang added the request's
+    # pages, so every round moved KV no worker used.
+    captured = read_source(capture_shared(parent, chains=[trunk[:full_pages(trunk, parent)]]))
+    assert captured.scheduler is None or not captured.scheduler.requests
+    tree = captured.prefix
+    assert [tree.chain_tokens(leaf) for leaf in tree.leaves()] == [trunk[:full_pages(trunk, parent)]]
+    assert sum(map(len, tree.tokens)) == full_pages(trunk, parent)
+    del captured, tree  # done reading the parent's segment before its next capture
     assert parent.finish()[request].output_token_ids == alone

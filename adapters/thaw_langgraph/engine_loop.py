@@ -75,8 +75,10 @@ def coalesce(prompts: Sequence[Sequence[int]], min_shared: int) -> list[tuple[Op
 
 
 class EngineLoop:
-    def __init__(self, engine, *, coalesce: bool = True, min_shared: int = DEFAULT_PAGE_SIZE) -> None:
+    def __init__(self, engine, *, coalesce: bool = True, min_shared: Optional[int] = None) -> None:
         self.engine = engine
+        if min_shared is None:  # a page of the engine's: a shorter shared prefix caches nothing (vLLM's may be 128)
+            min_shared = engine.page_size() if callable(getattr(engine, "page_size", None)) else DEFAULT_PAGE_SIZE
         self.coalesce, self.min_shared = coalesce, min_shared
         self._cond = threading.Condition()
         self._new: list[_Job] = []

@@ -20,6 +20,9 @@ from typing import Optional, Sequence, Union
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
 from langchain_core.runnables import RunnableConfig
 
+from thaw_format.sdk.pool import parent_page_size
+from thaw_format.sdk.shared import capture_shared
+
 from .chat_model import ChatThaw
 from .engine_loop import shared_prefix
 
@@ -82,8 +85,11 @@ class _LoopParent:
     def __init__(self, llm: ChatThaw) -> None:
         self._loop = llm._loop
 
-    def capture(self, **kwargs):
-        return self._loop.call(lambda engine: engine.capture(**kwargs))
+    def capture_shared(self, *, chains=None) -> str:
+        """The engine's own: the round took SharedKV's default over this class's capture(), which held the pages
+        of the requests in flight (transformers) and skipped an engine's direct path into the segment (MLX)."""
+        return self._loop.call(lambda engine: capture_shared(engine, chains=chains))
 
     def page_size(self) -> int:
-        return self._loop.call(lambda engine: engine.page_size())
+        """The engine's page_size(), or the pool's TypeError naming an engine without one (not AttributeError)."""
+        return self._loop.call(parent_page_size)

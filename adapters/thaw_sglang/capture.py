@@ -15,12 +15,13 @@ from .weights import capture_weights, engine_weights_digest
 
 def capture_state(
     scheduler, *, page_size: int, include_weights: bool, label: str | None = None, parent: str | None = None,
-    chains: list[list[int]] | None = None, deferred: bool = False,
+    chains: list[list[int]] | None = None, deferred: bool = False, requests: bool = True,
 ) -> tuple[Snapshot, dict]:
     """The scheduler's state between two batches. Without weights, the snapshot names them by digest.
 
     `parent` is the id of the snapshot this engine was restored from, if any; `chains` limits the cached pages
-    to those holding these token sequences (requests in flight keep theirs). With `deferred`, the KV tensors
+    to those holding these token sequences (requests in flight keep theirs). Without `requests`, KV only (a
+    shared capture): no request in flight, nor its pages, which stay this engine's. With `deferred`, the KV tensors
     are left for the returned `fill` functions to gather straight into the snapshot's buffer (write_into);
     otherwise they are gathered here and `fill` is empty.
     """
@@ -30,12 +31,13 @@ def capture_state(
     # The weights' identity is their checkpoint's, carried or not (spec 5.1); carried ones keep SGLang's names.
     digest = engine_weights_digest(scheduler)
     weights = capture_weights(scheduler) if include_weights else Weights(ref=WeightsRef(weights_digest=digest))
-    requests = capture_requests(scheduler)
+    live = capture_requests(scheduler) if requests else None
     cached = _internals.radix_paths(scheduler)
     if chains is not None:
         cached = chain_paths(cached, chains)
-    pages = paginate(cached + requests.paths, page_size)
-    requests.assign_pages(pages.tree)
+    pages = paginate(cached + (live.paths if live is not None else []), page_size)
+    if live is not None:
+        live.assign_pages(pages.tree)
     k_buffers, v_buffers = _internals.kv_buffers(scheduler)
     if deferred:
         kv, fill = deferred_pages(k_buffers, v_buffers, pages.slots)
@@ -46,7 +48,7 @@ def capture_state(
         weights=weights,
         kv=kv,
         prefix=pages.tree,
-        scheduler=requests.state,
+        scheduler=live.state if live is not None else None,
         engine=engine_info(scheduler),
         lineage=Lineage(parent=parent, label=label, created=lineage_now()),
     ), fill

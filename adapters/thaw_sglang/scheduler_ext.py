@@ -57,9 +57,8 @@ class ThawScheduler(_internals.SleepsWhilePaused):
                 raise ValueError(f"into: 'lent', 'reused' or 'own', not {into!r}")
             # into shared memory the KV goes straight from the engine's buffers, checksummed on the way
             snapshot, fill = capture_state(self, page_size=page_size, include_weights=weights, label=label or None,
-                                           parent=self.thaw_restored_from, chains=chains, deferred=not path)
-            if not requests:
-                snapshot.scheduler = None
+                                           parent=self.thaw_restored_from, chains=chains, deferred=not path,
+                                           requests=requests)
             if path:
                 thaw_format.save(snapshot, path)
                 return None

@@ -46,7 +46,7 @@ from thaw_format.sdk import (
     pending_requests,
 )
 from thaw_format.sdk.contract import check_params
-from thaw_format.sdk.shared import SharedKV
+from thaw_format.sdk.shared import SharedKV, owned_segment
 
 from . import _internals, identity, pages, requests
 from .pages import PrefixCache
@@ -190,8 +190,17 @@ class TransformersEngine(SharedKV):
 
     def capture(self, *, include_weights: bool = True,
                 chains: Optional[Sequence[Sequence[int]]] = None) -> Snapshot:
+        return self._capture(include_weights, chains, with_requests=True)
+
+    def capture_shared(self, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
+        """KV only (the contract's rule): the cached pages of `chains`. A request in flight stays this engine's,
+        and so do its pages: a fork pool's round moved them to every worker, which reported them as cached."""
+        return owned_segment(self).publish(self._capture(False, chains, with_requests=False))
+
+    def _capture(self, include_weights: bool, chains, *, with_requests: bool) -> Snapshot:
         table = self.cache.copy()  # in-flight requests' KV is paged into a copy: the engine itself is unchanged
-        request_pages = {rid: self._page(table, run) for rid, run in self.requests.items()}
+        live = self.requests if with_requests else {}
+        request_pages = {rid: self._page(table, run) for rid, run in live.items()}
         keep = set(range(len(table.pages))) if chains is None else {
             p for p in range(len(table.pages)) if _begins_some(table, p, chains)}
         keep |= {p for chain in request_pages.values() for p in chain}
@@ -206,7 +215,7 @@ class TransformersEngine(SharedKV):
             kv=kv,
             prefix=tree,
             scheduler=SchedulerState([run.record([renumber[p] for p in request_pages[rid]])
-                                      for rid, run in self.requests.items()]),
+                                      for rid, run in live.items()]) if with_requests else None,
             engine=EngineInfo(
                 name=self.name, version=_internals.TRANSFORMERS_VERSION,
                 attention_backend=self.model.config._attn_implementation,

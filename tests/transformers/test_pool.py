@@ -7,6 +7,7 @@ engine's pages, so a 150-token trunk handed over 128 tokens of 144 cached and a 
 import os
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,7 +20,7 @@ from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, wri
     test_a_damaged_segment_is_refused_before_any_worker_reads_it,
     test_a_context_without_a_full_page_is_refused_before_the_parent_is_read,
     test_a_parent_with_a_request_in_flight_hands_over_the_trunks_kv_only)
-from thaw_format.sdk import greedy, seeded
+from thaw_format.sdk import ForkPool, greedy, seeded
 from thaw_format.sdk.shared import capture_shared
 from thaw_transformers import TransformersEngine
 
@@ -136,6 +137,7 @@ def test_each_child_may_have_its_own_params(pool, parent, fresh):
     ([[5], "ab"], checks.PARAMS, r"suffix 1 is a sequence of token ids \(whole numbers\), not str 'ab'"),
     ([[5], [6.5]], checks.PARAMS, r"suffix 1 is a sequence of token ids \(whole numbers\), not list \[6.5\]"),
     ([[5], 6], checks.PARAMS, r"suffix 1 is a sequence of token ids \(whole numbers\), not int 6"),
+    ([[5], [True, 6]], checks.PARAMS, r"suffix 1 is a sequence of token ids \(whole numbers\), not list \[True, 6\]"),
 ])
 def test_bad_params_and_suffixes_are_refused_before_the_parent_is_read(pool, parent, suffixes, params, error):
     """These failed after the parent's capture, with errors that named neither the argument nor the child (a float
@@ -143,3 +145,52 @@ def test_bad_params_and_suffixes_are_refused_before_the_parent_is_read(pool, par
     with pytest.raises((TypeError, ValueError), match=error):
         pool.fork(checks.Unread(parent.page_size()), checks.WORKERS, context=checks.tokens(40, 3), suffixes=suffixes,
                   params=params)
+
+
+def _pool_workers_alive() -> list[int]:
+    """The pids of this process's children that run a pool worker."""
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat, open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                ppid = int(stat.read().rpartition(")")[2].split()[1])
+                command = cmdline.read()
+        except OSError:  # ended meanwhile
+            continue
+        if ppid == os.getpid() and b"thaw_format.sdk.pool_worker" in command:
+            alive.append(int(pid))
+    return alive
+
+
+def test_closing_while_a_round_waits_leaves_no_worker_running(parent):
+    """close() took no lock: a round waiting for the one before it went on against the closed pipes (a write to a
+    closed stdin raised ValueError, not BrokenPipeError), and its handler killed and started a new engine per
+    worker that nothing stopped. The waiting round is now refused, and no worker process is left."""
+    others = set(_pool_workers_alive())  # the module's pool's
+    trunk, (suffix, _) = checks._round_case(140, 40)
+    parent.generate(trunk, checks.PARAMS)
+    pool = ForkPool(parent, workers=1)
+    started = [w.process for w in pool._workers]
+    outcome = {}
+
+    def fork():
+        try:
+            outcome["round"] = pool.fork(parent, 1, context=trunk, suffixes=[suffix], params=checks.PARAMS)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    pool._round.acquire()  # a round in progress
+    try:
+        waiting = threading.Thread(target=fork)
+        waiting.start()
+        time.sleep(0.5)  # the round waits for the lock
+        closing = threading.Thread(target=pool.close)
+        closing.start()
+        time.sleep(0.5)
+    finally:
+        pool._round.release()
+    waiting.join(60)
+    closing.join(60)
+    assert "round" not in outcome and str(outcome["error"]) == "this ForkPool is closed; start a new one"
+    assert all(p.poll() is not None for p in started)
+    assert set(_pool_workers_alive()) == others

@@ -15,6 +15,7 @@ so the next round runs on a full pool. Any contract engine with a launch spec wo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import operator
@@ -97,7 +98,7 @@ class _Worker:
             self.process.stdin.write(json.dumps(message) + "\n")
             self.process.stdin.flush()
             return True
-        except (BrokenPipeError, OSError):
+        except (OSError, ValueError):  # ValueError: its stdin was closed here (the pool was closed)
             return False
 
     def receive(self) -> dict:
@@ -115,10 +116,13 @@ class _Worker:
             self.ready = True
 
     def kill(self) -> None:
+        """End the process and close its pipes quietly: after a failed send, closing stdin flushes the bytes
+        still buffered and raises BrokenPipeError."""
         self.process.kill()
         self.process.wait()
-        self.process.stdin.close()
-        self.process.stdout.close()
+        for pipe in (self.process.stdin, self.process.stdout):
+            with contextlib.suppress(OSError, ValueError):
+                pipe.close()
 
     def stop(self, timeout: float = 120) -> None:
         if self.process.poll() is None:
@@ -142,7 +146,7 @@ def _launch_spec(spec) -> LaunchSpec:
     return spec
 
 
-def _page_size(parent) -> int:
+def parent_page_size(parent) -> int:
     """The parent's page_size(): the pool hands over its full pages only. An engine's pages are its own (vLLM's
     CPU blocks are 128 tokens by default): cut at 32 for every engine, a 100-token trunk moved no KV from such a
     parent, and every worker prefilled it all, without a word."""
@@ -156,13 +160,20 @@ def _page_size(parent) -> int:
     return page
 
 
+def _token(t) -> int:
+    if isinstance(t, bool):
+        raise TypeError
+    return operator.index(t)
+
+
 def _token_ids(ids, what: str) -> list[int]:
     """`ids` (a list, numpy array, ...) as a list of ints; TypeError naming `what` for anything else: a str, an
-    int, or a float that int() would have cut to another token."""
+    int, a float that int() would have cut to another token, or a bool (an int to operator.index, as in
+    _check_workers)."""
     try:
         if isinstance(ids, (str, bytes)):
             raise TypeError
-        return [operator.index(t) for t in ids]
+        return [_token(t) for t in ids]
     except TypeError:
         raise TypeError(f"{what} is a sequence of token ids (whole numbers), not {type(ids).__name__} "
                         f"{reprlib.repr(ids)}") from None
@@ -244,12 +255,14 @@ class ForkPool:
         suffixes = [_token_ids(suffix, f"suffix {i}") for i, suffix in enumerate(suffixes)]
         params = _params_per_child(params, n)
         context = _token_ids(context, "the context")
-        page = _page_size(parent)
+        page = parent_page_size(parent)
         if len(context) < page:  # no full page: nothing to hand over (an engine may refuse the empty KV)
             raise ValueError(f"a fork round's context needs at least one full page ({page} tokens, the parent's "
                              f"page_size()), whose KV the workers take; got {len(context)} tokens: generate on the "
                              "parent instead")
         with self._round:  # rounds share the workers' pipes and the parent's one segment: one at a time
+            if self._closed:  # closed while this round waited for the one before it
+                raise RuntimeError("this ForkPool is closed; start a new one")
             return self._fork(parent, n, context, page, suffixes, params)
 
     def _fork(self, parent, n: int, context: list[int], page: int, suffixes, params) -> ForkRound:
@@ -278,16 +291,22 @@ class ForkPool:
                 except PoolWorkerDied as exc:
                     answered += 1
                     failures.append(exc)
-                    self._workers[index] = _Worker(worker.name, self._config, self._env)  # replacement
+                    worker.kill()  # its pipes, closed here, not by the GC (which printed their BrokenPipeError)
+                    if not self._closed:
+                        self._workers[index] = _Worker(worker.name, self._config, self._env)  # replacement
                     continue
                 answered += 1
                 if "error" in reply:
                     failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
                 replies.append(reply)
         except BaseException:  # Ctrl-C mid-round: a worker yet to answer would answer the next round with this one
-            for index in range(answered, n):
-                self._workers[index].kill()
-                self._workers[index] = _Worker(self._workers[index].name, self._config, self._env)
+            for index in range(answered, n):  # each in its own try: one that fails leaves the others to be killed
+                try:
+                    self._workers[index].kill()
+                    if not self._closed:
+                        self._workers[index] = _Worker(self._workers[index].name, self._config, self._env)
+                except Exception:  # the original exception (KeyboardInterrupt) is the caller's to see
+                    pass
             raise
         if failures:
             died = [f for f in failures if isinstance(f, PoolWorkerDied)]
@@ -302,12 +321,14 @@ class ForkPool:
         return round_
 
     def close(self) -> None:
-        self._closed = True
-        for worker in self._workers:
-            worker.stop()
-        for source in self._checked:  # the check's cached mappings would keep the parent's segments alive
-            forget(source)
-        self._checked.clear()
+        """Stop the workers, after the round in progress, if any; a round still waiting for it is refused."""
+        self._closed = True  # first: a round waiting for the lock sees it there, and starts no worker
+        with self._round:  # a round's workers are its own until it ends (it may replace them)
+            for worker in self._workers:
+                worker.stop()
+            for source in self._checked:  # the check's cached mappings would keep the parent's segments alive
+                forget(source)
+            self._checked.clear()
 
     def __enter__(self) -> "ForkPool":
         return self

@@ -225,9 +225,10 @@ class SharedKV:
 
     def capture_shared(self, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
         snapshot = self.capture(include_weights=False, chains=chains)
-        # KV only: the requests in flight here are this engine's to finish. A capture keeps them (and their
-        # pages) whatever the chains, so a fork pool's workers resumed them, and their next restore was refused
-        # ("restore needs an idle engine").
+        # KV only: the requests in flight here are this engine's to finish (a fork pool's workers resumed them,
+        # and their next restore was refused: "restore needs an idle engine"). Dropping them here leaves their
+        # pages in when this engine's capture() adds them whatever the chains: such an engine overrides this
+        # method to capture the chains' pages only (every adapter here does).
         snapshot.scheduler = None
         return owned_segment(self).publish(snapshot)
 
