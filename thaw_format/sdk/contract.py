@@ -37,24 +37,24 @@ Rules the callers rely on (conformance/README.md says which check proves each, a
   requests) with thaw_format's IncompatibleSnapshotError naming the field, and a damaged one with
   CorruptSnapshotError, before any engine state changes: after such an error the engine serves as before.
 - `restore` needs an idle engine (no request in flight); it may have served requests before.
-- "streaming": `submit` takes a request while others are in flight, and each `step` advances every request in
-  flight (or admits and prefills a new one) by at most one token each; `progress()` then names every request
-  that advanced since the last call: its output so far, whether it has finished, and the engine's own
-  cached-token count. `submit` may itself run the request's prefill, giving its first token (SGLang's does):
-  a request of max_tokens=1 may then be finished when `submit` returns, its last Progress waiting for the next
-  `progress()`, and the step after that lets it go. Each request gets exactly the tokens it gets alone (a batch
-  changes no token), and a request's last Progress (finished=True) is reported once. Generation stops at `max_tokens`, at a token of
-  `stop_token_ids` (which ends the output), or at the model's end of sequence unless `ignore_eos`. A request
-  the engine refuses only once its turn comes (after `submit` returned) makes `step` raise `Refused` naming
-  it, having changed nothing else: the other requests go on at the next step.
-- "streaming" includes `abort(request_id)` (a caller that streams may leave): the request, queued or running,
-  leaves the engine, which frees what it holds for it (its batch slot, its KV: a prefix cache may keep the
-  computed pages as evictable, as it keeps a finished request's, or drop them). It returns True
-  if the request was in flight, False (no error) if the id is unknown or the request's finished Progress was
-  already made, by a step or by `submit`: a race with finishing is normal. An aborted request is reported once more, by the
-  next `progress()`, as its last Progress: finished=True, aborted=True, its tokens as last reported (none
-  new). It is then gone: no later step, `finish` or `capture` holds it, and the other requests in flight get
-  exactly the tokens they get alone.
+- "streaming": `submit` takes a request while others are in flight, and each `step` advances every request in flight
+  (or admits and prefills a new one) by at most one token each; `progress()` then names every request that advanced
+  since the last call: its output so far, whether it has finished, and the engine's own cached-token count. `submit`
+  may itself run the request's prefill, giving its first token (SGLang's does): a request of max_tokens=1 may then
+  be finished when `submit` returns, its last Progress waiting for the next `progress()`, and the step after that
+  lets it go. Each request gets exactly the tokens it gets alone (a batch changes no token), and a request's last
+  Progress (finished=True) is reported once. Generation stops at `max_tokens`, at a token of `stop_token_ids` (which
+  ends the output), or at the model's end of sequence unless `ignore_eos`. A request the engine refuses only once
+  its turn comes (after `submit` returned) makes `step` raise `Refused` naming it, having changed nothing else: the
+  other requests go on at the next step.
+- "streaming" includes `abort(request_id)` (a caller that streams may leave): the request, queued or running, leaves
+  the engine, which frees what it holds for it (its batch slot, its KV: a prefix cache may keep the computed pages
+  as evictable, as it keeps a finished request's, or drop them). It returns True if the request was in flight (a
+  restored one not yet resumed too), False (no error) if the id is unknown or the request's finished Progress was
+  already made, by a step or by `submit`: a race with finishing is normal. An aborted request is reported once more,
+  by the next `progress()`, as its last Progress: finished=True, aborted=True, its tokens as last reported (none
+  new). It is then gone: no later step, `finish` or `capture` holds it, and the other requests in flight get exactly
+  the tokens they get alone.
 - `fork(n, context=...)` returns n engines (children) holding the KV of `context`; a child's `generate` takes
   prompts that extend `context`. In-process children share the parent's cached pages (no KV bytes move).
 - `fork` is `thaw_format.sdk.fork.fork(self, ...)` unless the engine has a better way of its own.
