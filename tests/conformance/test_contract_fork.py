@@ -1,6 +1,9 @@
 """thaw_format.sdk.fork on the template's contract engine: in-process children share the parent's cache, process
 children are equal engines started from launch_spec(), and what does not fit is refused by name."""
 
+import os
+import signal
+
 import pytest
 
 from thaw_conformance.template.driver import driver
@@ -67,3 +70,33 @@ def test_the_template_has_the_contracts_shared_memory_methods(parent, tmp_path):
         assert child.generate(PROMPT, greedy(3)) == parent.generate(PROMPT, greedy(3))
     finally:
         child.close()
+
+
+@pytest.mark.parametrize("n", [True, 2.0, "2"])
+def test_n_is_a_whole_number_of_children(parent, n):
+    # True forked one child, "2" failed comparing a str with an int, 2.0 failed later in range()
+    with pytest.raises(TypeError, match="fork's n is a whole number of children"):
+        fork(parent, n, context=CONTEXT)
+
+
+@pytest.mark.parametrize("context", ["3456", [3.0, 4.5], [True, 4]])
+def test_the_context_is_token_ids(parent, context):
+    # int() read a str's digits as ids and cut 4.5 to 4
+    with pytest.raises(TypeError, match="fork's context is a sequence of token ids"):
+        fork(parent, 1, context=context)
+
+
+def test_a_process_child_that_died_is_named_with_the_signal_that_ended_it(parent):
+    [child] = fork(parent, 1, context=CONTEXT, processes=True)
+    child.process.kill()
+    child.process.wait()
+    with pytest.raises(RuntimeError, match=r"exited with status -9 \(killed by SIGKILL\)"):
+        child.generate(PROMPT, greedy(2))  # was BrokenPipeError from the write, or "exited with -9"
+    child.close()
+
+
+def test_close_kills_a_child_that_does_not_end_in_time(parent):
+    [child] = fork(parent, 1, context=CONTEXT, processes=True)
+    os.kill(child.process.pid, signal.SIGSTOP)  # stopped, it never reads the end of its input
+    child.close(timeout=0.5)  # TimeoutExpired went to the caller and the child lived on
+    assert child.process.poll() is not None

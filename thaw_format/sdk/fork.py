@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
+import signal
 import subprocess
 import sys
 from typing import Sequence
@@ -17,13 +19,17 @@ from typing import Sequence
 from ..snapshot import SamplingParams
 from .contract import Engine, Generation, require
 from .shared import capture_shared
+from .tokens import token_ids
 
 
 def fork(engine: Engine, n: int, *, context: Sequence[int], processes: bool = False) -> list:
     """n children of `engine` holding the KV of `context`; their prompts must extend `context`."""
+    if isinstance(n, bool) or not hasattr(n, "__index__"):  # range() took True as 1; a float failed later
+        raise TypeError(f"fork's n is a whole number of children, not {type(n).__name__} {n!r}")
+    n = operator.index(n)
     if n < 1:
         raise ValueError(f"fork needs n >= 1, got {n}")
-    context = [int(t) for t in context]
+    context = token_ids(context, "fork's context")  # int() cut a float to another token, read a str's digits
     if not processes:
         require(engine, "fork")
         return [SharedChild(engine, context) for _ in range(n)]
@@ -43,6 +49,16 @@ def fork(engine: Engine, n: int, *, context: Sequence[int], processes: bool = Fa
     return children
 
 
+def exit_status(code: int) -> str:
+    """A child process's exit code in words: a negative one names the signal that ended it."""
+    if code < 0:
+        try:
+            return f"status {code} (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return f"status {code}"
+    return f"status {code}"
+
+
 def generate_all(children: Sequence, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
     """Each child's prompt, in order: process children all run at once, in-process children one by one."""
     if len(prompts) != len(children):  # zip would drop the extra children or prompts without a word
@@ -55,7 +71,7 @@ def generate_all(children: Sequence, prompts: Sequence[Sequence[int]], params: S
 
 
 def _extends(context: list[int], prompt: Sequence[int]) -> list[int]:
-    prompt = [int(t) for t in prompt]
+    prompt = token_ids(prompt, "a fork child's prompt")
     if prompt[: len(context)] != context:
         raise ValueError(f"a fork child continues its context of {len(context)} tokens; this prompt does not extend it")
     return prompt
@@ -92,8 +108,12 @@ class ProcessChild:
     def send(self, prompt: Sequence[int], params: SamplingParams) -> None:
         """Start a request in the child; `result()` waits for it (so several children run side by side)."""
         message = {"prompt": _extends(self.context, prompt), "params": dataclasses.asdict(params)}
-        self.process.stdin.write(json.dumps(message) + "\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except (OSError, ValueError):  # its pipe is gone: say how the child ended, not BrokenPipeError
+            raise RuntimeError(f"fork child {self.process.pid} exited with {exit_status(self.process.wait())}") \
+                from None
 
     def result(self) -> Generation:
         return Generation(**self._receive())
@@ -101,7 +121,7 @@ class ProcessChild:
     def _receive(self) -> dict:
         line = self.process.stdout.readline()
         if not line:
-            raise RuntimeError(f"fork child {self.process.pid} exited with {self.process.wait()}")
+            raise RuntimeError(f"fork child {self.process.pid} exited with {exit_status(self.process.wait())}")
         reply = json.loads(line)
         if "error" in reply:
             raise RuntimeError(f"fork child {self.process.pid}: {reply['error']}")
@@ -111,7 +131,12 @@ class ProcessChild:
         self.process.kill()
         self.process.wait()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 120) -> None:
+        """End the child: it closes its engine and exits at the end of its input; killed if it has not within
+        `timeout` seconds (a child stuck in its engine would otherwise outlive close, holding its memory)."""
         if self.process.poll() is None:
-            self.process.stdin.close()  # the child closes its engine and exits at the end of its input
-            self.process.wait(timeout=120)
+            try:
+                self.process.stdin.close()
+                self.process.wait(timeout=timeout)
+            except (OSError, subprocess.TimeoutExpired):
+                self.kill()

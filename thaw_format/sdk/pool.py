@@ -22,7 +22,6 @@ import operator
 import os
 import reprlib
 import resource
-import signal
 import subprocess
 import sys
 import threading
@@ -33,8 +32,10 @@ from typing import Mapping, Optional, Sequence, Union
 from ..errors import CorruptSnapshotError
 from ..snapshot import SamplingParams
 from .contract import Engine, Generation, LaunchSpec
+from .fork import exit_status
 from .lent import forget, open_snapshot
 from .shared import capture_shared
+from .tokens import token_ids
 
 
 class PoolWorkerDied(RuntimeError):
@@ -52,15 +53,6 @@ class ForkRound:
     restore_s: list[float] = field(default_factory=list)  # each worker's KV in (scatter + prefix table)
     generate_s: list[float] = field(default_factory=list)  # each worker's suffix prefill + decode
     total_s: float = 0.0
-
-
-def _exit_status(code: int) -> str:
-    if code < 0:
-        try:
-            return f"status {code} (killed by {signal.Signals(-code).name})"
-        except ValueError:
-            return f"status {code}"
-    return f"status {code}"
 
 
 def _verify(source: str) -> None:
@@ -105,7 +97,7 @@ class _Worker:
         """The next reply; PoolWorkerDied if the process ended first."""
         line = self.process.stdout.readline()
         if not line:
-            raise PoolWorkerDied(f"{self.describe()} exited with {_exit_status(self.process.wait())}")
+            raise PoolWorkerDied(f"{self.describe()} exited with {exit_status(self.process.wait())}")
         return json.loads(line)
 
     def ensure_ready(self) -> None:
@@ -158,25 +150,6 @@ def parent_page_size(parent) -> int:
     if isinstance(page, bool) or not isinstance(page, int) or page < 1:
         raise TypeError(f"the parent's page_size() returned {page!r}, not a whole number of tokens >= 1")
     return page
-
-
-def _token(t) -> int:
-    if isinstance(t, bool):
-        raise TypeError
-    return operator.index(t)
-
-
-def _token_ids(ids, what: str) -> list[int]:
-    """`ids` (a list, numpy array, ...) as a list of ints; TypeError naming `what` for anything else: a str, an
-    int, a float that int() would have cut to another token, or a bool (an int to operator.index, as in
-    _check_workers)."""
-    try:
-        if isinstance(ids, (str, bytes)):
-            raise TypeError
-        return [_token(t) for t in ids]
-    except TypeError:
-        raise TypeError(f"{what} is a sequence of token ids (whole numbers), not {type(ids).__name__} "
-                        f"{reprlib.repr(ids)}") from None
 
 
 def _params_per_child(params, n: int) -> list[SamplingParams]:
@@ -252,9 +225,9 @@ class ForkPool:
             raise ValueError(f"this pool has {len(self._workers)} workers; a round takes 1..{len(self._workers)}, got {n}")
         if len(suffixes) != n:
             raise ValueError(f"{n} children need {n} suffixes, got {len(suffixes)}")
-        suffixes = [_token_ids(suffix, f"suffix {i}") for i, suffix in enumerate(suffixes)]
+        suffixes = [token_ids(suffix, f"suffix {i}") for i, suffix in enumerate(suffixes)]
         params = _params_per_child(params, n)
-        context = _token_ids(context, "the context")
+        context = token_ids(context, "the context")
         page = parent_page_size(parent)
         if len(context) < page:  # no full page: nothing to hand over (an engine may refuse the empty KV)
             raise ValueError(f"a fork round's context needs at least one full page ({page} tokens, the parent's "
@@ -287,7 +260,7 @@ class ForkPool:
                 try:  # every live worker answers before the round ends, so none is left mid-message
                     reply = worker.receive() if ok else None
                     if reply is None:
-                        raise PoolWorkerDied(f"{worker.describe()} exited with {_exit_status(worker.process.wait())}")
+                        raise PoolWorkerDied(f"{worker.describe()} exited with {exit_status(worker.process.wait())}")
                 except PoolWorkerDied as exc:
                     answered += 1
                     failures.append(exc)
