@@ -107,11 +107,15 @@ def test_a_round_interrupted_by_ctrl_c_leaves_no_worker_answering_the_next_one(p
     parent.generate(trunk, checks.PARAMS)
     before = [w.process for w in pool._workers]
     interrupting = _InterruptAfterCapture(parent)
+    # Ctrl-C as a terminal gives it, whatever this process inherited: a shell runs a background job (`cmd &`, as
+    # a CI may start its tests) with SIGINT ignored, and then the round ran to its end
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):  # 3000 tokens each: seconds, long after the interrupt
             pool.fork(interrupting, checks.WORKERS, context=trunk, suffixes=suffixes, params=greedy(3000))
     finally:
         interrupting.timer.cancel()
+        signal.signal(signal.SIGINT, inherited)
     assert all(p.poll() is not None for p in before)  # killed, not left running
     parent.generate(again, checks.PARAMS)
     result = pool.fork(parent, checks.WORKERS, context=again, suffixes=others, params=checks.PARAMS)
