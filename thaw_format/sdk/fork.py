@@ -8,6 +8,7 @@ Children offer `generate` and `close` only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import operator
@@ -57,6 +58,16 @@ def exit_status(code: int) -> str:
         except ValueError:
             return f"status {code}"
     return f"status {code}"
+
+
+def kill_quietly(process: subprocess.Popen) -> None:
+    """End a child process and close its pipes quietly: after a failed send, closing stdin flushes the bytes
+    still buffered and raises BrokenPipeError."""
+    process.kill()
+    process.wait()
+    for pipe in (process.stdin, process.stdout):
+        with contextlib.suppress(OSError, ValueError):
+            pipe.close()
 
 
 def generate_all(children: Sequence, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
@@ -128,8 +139,7 @@ class ProcessChild:
         return reply["generation"] if "generation" in reply else reply
 
     def kill(self) -> None:
-        self.process.kill()
-        self.process.wait()
+        kill_quietly(self.process)
 
     def close(self, timeout: float = 120) -> None:
         """End the child: it closes its engine and exits at the end of its input; killed if it has not within

@@ -15,7 +15,6 @@ so the next round runs on a full pool. Any contract engine with a launch spec wo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import operator
@@ -32,7 +31,7 @@ from typing import Mapping, Optional, Sequence, Union
 from ..errors import CorruptSnapshotError
 from ..snapshot import SamplingParams
 from .contract import Engine, Generation, LaunchSpec
-from .fork import exit_status
+from .fork import exit_status, kill_quietly
 from .lent import forget, open_snapshot
 from .shared import capture_shared
 from .tokens import token_ids
@@ -108,13 +107,7 @@ class _Worker:
             self.ready = True
 
     def kill(self) -> None:
-        """End the process and close its pipes quietly: after a failed send, closing stdin flushes the bytes
-        still buffered and raises BrokenPipeError."""
-        self.process.kill()
-        self.process.wait()
-        for pipe in (self.process.stdin, self.process.stdout):
-            with contextlib.suppress(OSError, ValueError):
-                pipe.close()
+        kill_quietly(self.process)
 
     def stop(self, timeout: float = 120) -> None:
         if self.process.poll() is None:
