@@ -30,7 +30,8 @@ from pathlib import Path
 COLUMNS = """\
   cached    tokens vLLM served from its prefix cache (vLLM's own count): the whole trunk, nothing re-prefilled
   child ms  wall time for the child to prefill its suffix and decode its tokens
-  cpu ms    CPU time this process spent meanwhile (all threads): far below `child ms`, the CPUs were busy elsewhere
+  cpu ms    CPU time this process spent meanwhile, all threads (so it may exceed `child ms`); far below
+            `child ms`, the CPUs were busy elsewhere
   cold ms   the same prompt (trunk + suffix) prefilled from scratch by the parent, for comparison
   same      the child's tokens equal the cold run's, token for token"""
 
