@@ -155,14 +155,15 @@ def test_overrides_replace_the_recorded_arguments(slept, tmp_path, started):
 
 
 def test_a_factory_not_registered_is_refused_without_importing_it(slept, tmp_path, monkeypatch):
-    (tmp_path / "planted_factory.py").write_text("raise SystemExit('a snapshot file ran this')\n")
+    (tmp_path / "planted_factory.py").write_text("import pathlib\npathlib.Path(__file__).with_suffix('.ran').touch()\n"
+                                               "raise SystemExit('a snapshot file ran this')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     path, want = slept
     recorded = thaw_format.load(path).metadata[LAUNCH_KEY]
     planted = rewritten(path, tmp_path / "planted.thaw", {**recorded, "factory": "planted_factory:start"})
     with pytest.raises(UnregisteredFactory, match="'planted_factory:start'.*nothing was imported"):
         wake(planted)
-    assert "planted_factory" not in sys.modules
+    assert not (tmp_path / "planted_factory.ran").exists() and "planted_factory" not in sys.modules
     check_woken(wake(planted, factory=ToyThawEngine.start), want)  # the caller's own choice is honoured
 
 
