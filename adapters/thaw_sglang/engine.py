@@ -10,7 +10,8 @@ backends only: on CPU seeded sampling is not reproducible, so "seeded" is not am
 Requests in flight: `submit` streams a request and pauses the engine at its first token; each `step` lets it
 run until the next token arrives and pauses it again, so a capture always finds it running, never finished.
 Requests submitted meanwhile wait their turn, in order (each runs alone, so its tokens are those it gets alone);
-until it comes, a waiting request is not in the engine, and a capture does not hold it.
+until it comes, a waiting request is not in SGLang but in this adapter's queue, and a capture holds it from there:
+waiting, with no output and no KV.
 A restore's unfinished requests are submitted again by `finish` (SGLang runs them from their tokens so far,
 a prefix-cache hit on the restored KV).
 """
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import thaw_format
-from thaw_format import ModelInfo, SamplingParams, Snapshot
+from thaw_format import ModelInfo, Request, SamplingParams, SchedulerState, Snapshot
 from thaw_format.sdk import DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, Progress, Refused, Resumed, fork
 from thaw_format.sdk.contract import check_params
 from thaw_format.sdk.shared import SharedKV
@@ -55,7 +56,8 @@ class SGLangEngine(SharedKV):
     def __init__(self, engine: ThawEngine) -> None:
         self.engine = engine
         self.streaming: Optional[_Streaming] = None  # the submitted request being stepped
-        self.queued: dict[str, tuple[list[int], dict]] = {}  # submitted after it, in order: rid -> (input, params)
+        # submitted after it, in order: rid -> (input, params)
+        self.queued: dict[str, tuple[list[int], SamplingParams]] = {}
         self.pending: list[thaw_format.Request] = []  # the last restore's unfinished requests, for finish
         self._progress: dict[str, Progress] = {}  # requests that advanced since the last progress()
         self._ids = itertools.count()
@@ -83,7 +85,7 @@ class SGLangEngine(SharedKV):
         """Start the request (its prefill gives the first token), or queue it behind the one being stepped."""
         check_params(params)
         rid = f"thaw-{next(self._ids)}"
-        self.queued[rid] = ([int(t) for t in prompt], sglang_params(params))
+        self.queued[rid] = ([int(t) for t in prompt], params)
         if self.streaming is None:
             self._start_next()
         return rid
@@ -93,7 +95,7 @@ class SGLangEngine(SharedKV):
         rid, (input_ids, params) = next(iter(self.queued.items()))
         del self.queued[rid]
         self.engine.run_batches(1)  # the prefill (the first token), then the engine pauses itself
-        stream = self.engine.generate(input_ids=input_ids, sampling_params=params, stream=True, rid=rid)
+        stream = self.engine.generate(input_ids=input_ids, sampling_params=sglang_params(params), stream=True, rid=rid)
         self.streaming = _Streaming(rid, stream, next(stream))  # sends the request; returns at its first token
         self._progress[rid] = self.streaming.progress()
 
@@ -167,7 +169,7 @@ class SGLangEngine(SharedKV):
             raise RuntimeError(f"{queued} wait behind {self.streaming.rid}, which is being stepped: finish it first")
         for rid in queued:
             input_ids, params = self.queued.pop(rid)
-            out = self.engine.generate(input_ids=input_ids, sampling_params=params, rid=rid)
+            out = self.engine.generate(input_ids=input_ids, sampling_params=sglang_params(params), rid=rid)
             done[rid] = Finished(rid, list(out["output_ids"]), out["meta_info"]["cached_tokens"])
         run = [r for r in self.pending if wanted is None or r.id in wanted]
         self.pending = [r for r in self.pending if r not in run]
@@ -180,7 +182,12 @@ class SGLangEngine(SharedKV):
         return done
 
     def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:
-        return capture(self.engine, include_weights=include_weights, chains=chains)
+        snapshot = capture(self.engine, include_weights=include_weights, chains=chains)
+        if self.queued:  # in flight for the contract, though not yet in SGLang: waiting, with nothing computed
+            snapshot.scheduler = snapshot.scheduler or SchedulerState()
+            snapshot.scheduler.requests += [Request(rid, "waiting", list(ids), [], params)
+                                            for rid, (ids, params) in self.queued.items()]
+        return snapshot
 
     def capture_shared(self, *, chains=None) -> str:
         return capture_shared(self.engine, chains=chains)  # published by the scheduler: no copy in this process

@@ -23,10 +23,13 @@ from .contract import (
     seeded,
 )
 from .fork import fork, generate_all
+from .factories import UnregisteredFactory
 from .pool import ForkPool, ForkRound, PoolWorkerDied
+from .sleep import Awake, sleep, wake
 
 __all__ = [
-    "CAPABILITIES", "CAPABILITY_METHODS", "CORE_METHODS", "DEFAULT_PAGE_SIZE", "Engine", "Finished", "ForkPool",
-    "ForkRound", "Generation", "LaunchSpec", "PoolWorkerDied", "Progress", "Refused", "Resumed", "Unsupported",
-    "adapter_problems", "fork", "generate_all", "greedy", "lineage_now", "pending_requests", "require", "seeded",
+    "Awake", "CAPABILITIES", "CAPABILITY_METHODS", "CORE_METHODS", "DEFAULT_PAGE_SIZE", "Engine", "Finished", "ForkPool",
+    "ForkRound", "Generation", "LaunchSpec", "PoolWorkerDied", "Progress", "Refused", "Resumed", "UnregisteredFactory",
+    "Unsupported", "adapter_problems", "fork", "generate_all", "greedy", "lineage_now", "pending_requests", "require",
+    "seeded", "sleep", "wake",
 ]

@@ -1,0 +1,36 @@
+"""sleep / wake on MLX (the test of tests/sleep_checks.py): an MLXEngine of a zoo checkpoint sleeps with a request
+in flight, and one started from the file's launch spec finishes it exactly. An MLX snapshot holds one sequence, so
+with two requests in flight the capture is Unsupported: sleep refuses before anything is written or closed."""
+
+import pytest
+
+from sleep_checks import PROMPTS, run_midway
+from sleep_checks import test_sleep_then_wake_finishes_the_requests_exactly  # noqa: F401  the shared test
+from thaw_conformance import zoo
+from thaw_format.sdk import Unsupported, sleep
+from thaw_mlx import MLXEngine
+
+
+@pytest.fixture
+def sleeper():
+    return lambda: MLXEngine.start(str(zoo.make_model("llama")))
+
+
+@pytest.fixture
+def closed():
+    return lambda engine: engine.sessions == [] and engine.running == {}  # MLXEngine.close drops both
+
+
+@pytest.fixture
+def in_flight():
+    return PROMPTS[:1]
+
+
+def test_two_requests_in_flight_are_refused_and_the_engine_serves_on(sleeper, tmp_path):
+    engine = sleeper()
+    ids, want = run_midway(engine)
+    with pytest.raises(Unsupported, match="holds one sequence; 2 requests are in flight"):
+        sleep(engine, tmp_path / "slept.thaw")
+    assert list(tmp_path.iterdir()) == []
+    done = engine.finish()
+    assert [done[rid].output_token_ids for rid in ids] == want

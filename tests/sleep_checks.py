@@ -1,0 +1,83 @@
+"""The sleep/wake test, written once for every engine: each tests/<engine>/test_sleep.py imports it and supplies
+its engine's fixtures, so each engine's run stays in that engine's environment (vLLM's sleeps in a helper process,
+with these same functions, and wakes in the test's: the file carries the engine across processes).
+
+Two greedy requests sharing a trunk (one on MLX, whose snapshot holds one sequence) run alone first (what each
+must give), then together: submitted, stepped a few tokens, and the engine is put to sleep in a file, which
+closes it. A new engine woken from the file finishes them with exactly the token ids they got alone, its own cached-token count showing that the resumed requests
+read the restored pages, and a new prompt on the trunk is a prefix hit.
+
+An engine's module supplies the fixtures `sleeper` (a function returning a new contract engine, which the test
+closes by sleeping it) and `closed` (a function of an engine: True once it is closed, by the engine's own state),
+and imports `in_flight` (the prompts in flight when the engine sleeps) unless it defines fewer.
+"""
+
+import random
+
+import pytest
+
+from thaw_format.sdk import greedy, sleep, wake
+
+PARAMS = greedy(12)
+STEPS = 4  # tokens each request has made when the engine sleeps (fewer on an engine whose first step prefills)
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    """Deterministic ids in [3, 250): every zoo model's vocabulary holds them, and the template's (256)."""
+    rng = random.Random(seed)
+    return [rng.randrange(3, 250) for _ in range(n)]
+
+
+TRUNK = tokens(70, seed=1)  # two full pages of 32 and a partial one
+PROMPTS = [TRUNK + tokens(3, seed=2), TRUNK + tokens(5, seed=3)]
+NEW_PROMPT = TRUNK + tokens(4, seed=4)
+
+
+@pytest.fixture
+def in_flight() -> list[list[int]]:
+    return PROMPTS
+
+
+def run_midway(engine, prompts=PROMPTS) -> tuple[list[str], list[list[int]]]:
+    """Each prompt alone (the reference), then all submitted and stepped STEPS times: (their ids, references)."""
+    want = [engine.generate(prompt, PARAMS).token_ids for prompt in prompts]
+    ids = [engine.submit(prompt, PARAMS) for prompt in prompts]
+    for _ in range(STEPS):
+        engine.step()
+    return ids, want
+
+
+def sleep_midway(engine, path, prompts=PROMPTS) -> list[list[int]]:
+    """run_midway, then sleep the engine to `path`; the references, in the prompts' order."""
+    _, want = run_midway(engine, prompts)
+    sleep(engine, path)
+    return want
+
+
+def full_pages(engine, prompt: list[int]) -> int:
+    return len(prompt) // engine.page_size() * engine.page_size()
+
+
+def check_woken(awake, want: list[list[int]], prompts=PROMPTS) -> None:
+    """The woken engine finishes the requests exactly, reading the restored trunk, and serves a prefix hit."""
+    engine = awake.engine
+    assert sorted(r.prompt_token_ids for r in awake.resumed) == sorted(prompts)
+    assert any(r.previous_output_token_ids for r in awake.resumed), "they slept mid-generation"
+    done = engine.finish(awake.resumed)
+    for request in awake.resumed:
+        finished = done[request.request_id]
+        assert finished.output_token_ids == want[prompts.index(request.prompt_token_ids)]
+        assert finished.cached_tokens >= full_pages(engine, TRUNK), "the resumed request read the restored pages"
+    assert engine.generate(NEW_PROMPT, PARAMS).cached_tokens >= full_pages(engine, TRUNK)
+
+
+def test_sleep_then_wake_finishes_the_requests_exactly(sleeper, closed, in_flight, tmp_path) -> None:
+    engine = sleeper()
+    path = tmp_path / "slept.thaw"
+    want = sleep_midway(engine, path, in_flight)
+    assert closed(engine)
+    awake = wake(path)
+    try:
+        check_woken(awake, want, in_flight)
+    finally:
+        awake.engine.close()

@@ -1,0 +1,22 @@
+"""sleep / wake on vLLM (the test of tests/sleep_checks.py), across processes: a VLLMEngine in a new process
+(sleep_helper.py) sleeps with two requests in flight and exits; this process wakes an engine from the file alone
+and finishes them exactly. The woken engine is in this process, in-process vLLM: it stays alive to the end of
+the session, as conftest's engines do (vLLM's shutdown of one in-process engine tears down state the others use)."""
+
+from conftest import ENGINE_KWARGS, run_helper
+
+from sleep_checks import check_woken
+from thaw_format.sdk import wake
+
+_WOKEN = []  # kept alive to the end of the session
+
+
+def test_an_engine_slept_in_another_process_wakes_here_and_finishes_exactly(vllm, zoo, tmp_path):
+    path = tmp_path / "slept.thaw"
+    slept = run_helper("sleep_helper.py", {"model": str(zoo.make_model("llama", dtype="float32")),
+                                           "engine_kwargs": {**ENGINE_KWARGS, "dtype": "float32"}, "path": str(path),
+                                           "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
+    assert slept["closed"]
+    awake = wake(path)
+    _WOKEN.append(awake.engine)
+    check_woken(awake, slept["want"])

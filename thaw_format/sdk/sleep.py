@@ -1,0 +1,92 @@
+"""Durable sleep and wake, on any contract engine: the engine goes to a file and stops; later, in this process or
+another, an equal engine starts from that file and carries on.
+
+    snapshot_id = sleep(engine, "engine.thaw")        # captured, saved (fsynced), then the engine is closed
+    awake = wake("engine.thaw")                       # verified, an engine started and restored: Awake
+    done = awake.engine.finish(awake.resumed)         # the requests in flight when it slept, run to the end
+
+`sleep` captures the KV pages with their token ids and the requests in flight (weights by digest only: the
+woken engine loads them from its model), records the engine's launch_spec() in the snapshot's metadata, and
+saves atomically; only once the file is written is the engine closed. Anything failing before that leaves the
+engine open and serving as it was. `wake` reads and verifies the whole file before it starts any engine, starts
+one from the recorded launch spec (only a factory of thaw's own adapters, thaw_format.sdk.factories, unless the
+caller names one), and closes it again if it refuses the snapshot.
+"""
+
+from __future__ import annotations
+
+import reprlib
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Union
+
+from ..errors import IncompatibleSnapshotError
+from ..reader import load
+from ..snapshot import Lineage, Snapshot
+from ..writer import save
+from .contract import Engine, LaunchSpec, Resumed, Unsupported, lineage_now, pending_requests
+from .factories import chosen_factory, registered_factory, start_arguments
+
+LAUNCH_KEY = "thaw.launch_spec"  # snapshot.metadata[LAUNCH_KEY] = {"factory": "module:attribute", "kwargs": {...}}
+
+
+@dataclass
+class Awake:
+    """A woken engine and the requests it continues (run them with `engine.finish(resumed)`, or step it)."""
+
+    engine: Engine
+    resumed: list[Resumed]
+
+
+def sleep(engine: Engine, path, *, durable: bool = True, progress=None) -> str:
+    """Save `engine` to `path` and close it; returns the snapshot id. `durable=False` skips the fsyncs (still
+    atomic). If the capture or the save fails, the engine is left open and serving, and the error raised."""
+    spec = engine.launch_spec()  # first: an engine that cannot say how to start again is refused untouched
+    if not isinstance(spec, LaunchSpec):
+        raise TypeError(f"the engine's launch_spec() returned {type(spec).__name__}, not a LaunchSpec")
+    snapshot = engine.capture(include_weights=False)
+    in_flight = pending_requests(snapshot)
+    if in_flight and "mid_stream" not in type(engine).capabilities():
+        raise Unsupported(f"{type(engine).name}: cannot sleep with {len(in_flight)} requests in flight (the adapter "
+                          "does not support 'mid_stream'): finish or abort them first; the engine is untouched")
+    snapshot.metadata[LAUNCH_KEY] = {"factory": spec.factory, "kwargs": spec.kwargs}
+    snapshot.lineage = snapshot.lineage or Lineage(created=lineage_now())  # an engine's own keeps its parent
+    snapshot.lineage.label = snapshot.lineage.label or "sleep"  # what `thaw log` shows
+    save(snapshot, path, durable=durable, progress=progress)
+    engine.close()
+    return snapshot.id
+
+
+def wake(path, *, factory: Union[str, Callable, None] = None, overrides: Optional[Mapping] = None,
+         progress=None) -> Awake:
+    """Start an engine from the file `sleep` wrote and restore it. The file is verified first (a damaged one
+    raises CorruptSnapshotError and starts nothing). `factory` replaces the recorded one (a callable or a
+    "module:attribute" path: the caller's choice); `overrides` replace recorded arguments (a model directory
+    that moved). An engine that refuses the snapshot (IncompatibleSnapshotError) is closed, and the error raised."""
+    start = None if factory is None else chosen_factory(factory)
+    snapshot = load(path, progress=progress)  # every chunk checked before any engine starts
+    recorded = launch_record(snapshot)
+    if start is None and recorded is None:
+        raise IncompatibleSnapshotError(f"{path}: metadata has no {LAUNCH_KEY!r} (not written by sleep): pass "
+                                        "factory= and overrides= to say which engine to start")
+    if start is None:
+        start = registered_factory(recorded.factory)
+    engine = start(**start_arguments(recorded.kwargs if recorded else {}, overrides))
+    try:
+        engine.check(snapshot)
+        resumed = engine.restore(snapshot)
+    except BaseException:
+        engine.close()
+        raise
+    return Awake(engine, resumed)
+
+
+def launch_record(snapshot: Snapshot) -> Optional[LaunchSpec]:
+    """The launch spec `sleep` recorded, checked for shape (it is the file's word); None if there is none."""
+    record = snapshot.metadata.get(LAUNCH_KEY)
+    if record is None:
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("factory"), str)
+            and isinstance(record.get("kwargs"), dict) and all(isinstance(k, str) for k in record["kwargs"])):
+        raise IncompatibleSnapshotError(f"metadata {LAUNCH_KEY!r} must be {{'factory': str, 'kwargs': {{str: ...}}}}, "
+                                        f"not {reprlib.repr(record)}")
+    return LaunchSpec(record["factory"], record["kwargs"])
