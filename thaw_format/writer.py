@@ -245,7 +245,7 @@ class EncodedSnapshot:
                 if pending[slot] is not None:
                     pending[slot].result()  # that stage's previous tensor is out
                 stage = stages[slot][: region.length]
-                crcs[i] = _checked(names[i], fill[names[i]](stage, region.chunk_size), region)
+                crcs[i] = _staged(names[i], fill[names[i]], stage, region)
                 pending[slot] = writer.submit(_write_out, fd, stage, region.offset, durable)
                 if progress:
                     progress(region.length)
@@ -264,9 +264,19 @@ def _checked(name: str, crcs: array, region) -> array:
     return crcs
 
 
+def _staged(name: str, fill: Fill, stage: memoryview, region) -> array:
+    """The CRCs of a fill into a stage buffer. It writes memory, not the file: an OSError it raises is about
+    something of its own, and keeps its name, or its lack of one (_naming_target)."""
+    try:
+        return _checked(name, fill(stage, region.chunk_size), region)
+    except OSError as exc:
+        setattr(exc, _NOT_THE_TARGET, True)
+        raise
+
+
 def _write_to_file(fd: int, name: str, fill, region) -> array:
     """fill.to_file's CRCs for the region it writes itself, refused (ValueError) unless the count of bytes it
-    says it wrote is the region's length."""
+    says it wrote is the region's length. It writes the file: an OSError it raises without a name is the target's."""
     written, crcs = fill.to_file(fd, region.offset, region.chunk_size)
     if written != region.length:
         raise ValueError(f"fill of {name!r} wrote {written} bytes into its {region.length}-byte region")
@@ -352,12 +362,17 @@ def _create_beside(path: str, directory: str) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name beside {path!r}")
 
 
+# Set on an OSError a staged fill raised: about the fill's own affairs, never the file being saved.
+_NOT_THE_TARGET = "_thaw_not_the_target"
+
+
 def _naming_target(exc: OSError, path: str, tmp: str) -> OSError:
     """`exc`, when it names the temporary file (or no file: a write's ENOSPC), as the same error with the same
     errno and strerror naming the user's `path`, raised from the same frames: the temporary is gone, and its name
-    means nothing to them. An error of a class not built in (a fill's RemoteReadError: its own constructor) is
-    `exc` itself."""
-    if exc.errno is None or exc.filename not in (None, tmp) or type(exc).__module__ != "builtins":
+    means nothing to them. An error of a class not built in (a fill's RemoteReadError: its own constructor), or
+    one a staged fill raised (_staged: about no file of the save's, its missing name is no cue), is `exc` itself."""
+    if exc.errno is None or exc.filename not in (None, tmp) or type(exc).__module__ != "builtins" \
+            or getattr(exc, _NOT_THE_TARGET, False):
         return exc
     return type(exc)(exc.errno, exc.strerror, path).with_traceback(exc.__traceback__)
 
