@@ -205,7 +205,7 @@ class _ToFile:
     def __call__(self, target, chunk_size):
         raise AssertionError("the writer stages a fill that can write to the file itself")
 
-    def to_file(self, fd, offset, chunk_size):
+    def to_file(self, fd, offset, chunk_size, progress):
         from thaw_format import mover
 
         written = self.data + b"\xff" * self.extra if self.extra > 0 else self.data[: len(self.data) + self.extra]
