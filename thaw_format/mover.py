@@ -340,7 +340,7 @@ def _check_pages(blocks_len: int, pages_len: int, offsets, layout: PageLayout, s
                              "writes each block once")
 
 
-def _progress_step(chunk_size: int) -> int:
+def progress_step(chunk_size: int) -> int:
     """Bytes of a region between two progress reports: whole chunks, about _PROGRESS_PIECE_BYTES (one chunk at
     least)."""
     return max(chunk_size, _PROGRESS_PIECE_BYTES // chunk_size * chunk_size)
@@ -348,13 +348,13 @@ def _progress_step(chunk_size: int) -> int:
 
 def _cuts(lengths: Sequence[int], chunk_sizes: Sequence[int], progress: Progress):
     """The (region, start, length) pieces, in order, to hand regions over in for a progress hook: a region longer
-    than _PROGRESS_PIECE_BYTES goes in pieces of whole chunks (_progress_step), so a file of one 4 GiB tensor
+    than _PROGRESS_PIECE_BYTES goes in pieces of whole chunks (progress_step), so a file of one 4 GiB tensor
     reports as it goes, not only at its end. None (regions go whole) without a hook or where none is that long."""
     if progress is None or not any(length > _PROGRESS_PIECE_BYTES for length in lengths):
         return None
     pieces = []
     for index, (length, chunk_size) in enumerate(zip(lengths, chunk_sizes)):
-        step = _progress_step(chunk_size)
+        step = progress_step(chunk_size)
         pieces += [(index, start, min(step, length - start)) for start in range(0, length, step)] or [(index, 0, 0)]
     return pieces
 
@@ -414,7 +414,7 @@ def _py_write_regions(fd: int, regions: Sequence[WriteRegion], progress: Progres
         view = _bytes_view(data)
         _num_chunks(len(view), chunk_size)
         region_crcs = array("I")
-        step = _progress_step(chunk_size) if progress else max(len(view), 1)  # reported as it goes, with a hook
+        step = progress_step(chunk_size) if progress else max(len(view), 1)  # reported as it goes, with a hook
         for start in range(0, len(view), step):
             piece = view[start : start + step]
             region_crcs.extend(_py_chunk_crcs(piece, chunk_size))
@@ -544,7 +544,7 @@ def _py_check_buffer(buffer, regions: Sequence[BufferRegion], crcs, progress: Pr
         if zero_gaps and end is not None and view[end:offset].tobytes().strip(b"\0"):
             return index, -1
         end = offset + length
-        step = _progress_step(chunk_size) if progress else max(length, 1)  # reported as it goes, with a hook
+        step = progress_step(chunk_size) if progress else max(length, 1)  # reported as it goes, with a hook
         for start in range(offset, end, step):
             got = _py_chunk_crcs(view[start : min(start + step, end)], chunk_size)
             skip = (start - offset) // chunk_size

@@ -9,7 +9,7 @@ import mmap
 import os
 import weakref
 from array import array
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from . import mover
 from .container import (
@@ -154,12 +154,14 @@ class SnapshotFile:
             f"tensor {name!r} (region {index}): checksum mismatch in chunk {chunk}, file bytes [{start}, {end})"
         )
 
-    def _check_view(self, index: int, view: memoryview) -> None:
+    def _check_view(self, index: int, view: memoryview, first_chunk: int = 0) -> None:
+        """Check `view`, the region's bytes from chunk `first_chunk` on, against those chunks' CRCs."""
         region = self.layout.regions[index]
         got = mover.chunk_crcs(view, region.chunk_size)
-        expected = self._expected(region)
+        expected = self._expected(region)[first_chunk : first_chunk + len(got)]
         if got != expected:
-            raise self._bad_chunk(index, next(c for c, (a, b) in enumerate(zip(got, expected)) if a != b))
+            bad = next(c for c, (a, b) in enumerate(zip(got, expected)) if a != b)
+            raise self._bad_chunk(index, first_chunk + bad)
 
     # ------------------------------------------------------------------------------------------------ tensors
 
@@ -205,6 +207,21 @@ class SnapshotFile:
             self._check_view(index, view)
             self._check_unchanged()
         return Tensor._of(dtype, shape, view)  # checked against the region by describe_tensors
+
+    def verified_pieces(self, name: str) -> Iterator[memoryview]:
+        """The tensor's bytes over the mapped file (no copy), in pieces of whole chunks (mover.progress_step's),
+        each verified before it is given, and the file checked unchanged after the last: for a caller that reads
+        a tensor through and reports as it goes (thaw diff's checksums)."""
+        self._check_open()
+        index = self._entry(name)[0]
+        region = self.layout.regions[index]
+        view = self._mapped()[region.offset : region.end]
+        step = mover.progress_step(region.chunk_size)
+        for start in range(0, region.length, step):
+            piece = view[start : start + step]
+            self._check_view(index, piece, start // region.chunk_size)
+            yield piece
+        self._check_unchanged()
 
     def _read_tensors(self, names: list[str], verify: bool, progress: Progress = None) -> dict[str, Tensor]:
         """Copy tensors out in one batch, each chunk verified before it reaches its destination."""

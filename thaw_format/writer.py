@@ -31,9 +31,10 @@ from .tensor import Tensor
 Progress = Optional[Callable[[int], None]]
 # Writes one tensor's bytes into the view it is given (its region) and returns the CRC32C of each chunk of
 # the given size, computed while writing. A fill that can also write straight into a file has a method
-# to_file(fd, offset, chunk_size) -> (bytes written, the same CRCs), which EncodedSnapshot.save calls instead
-# of staging: it writes the region from `offset` on, and the save is refused unless it wrote the region's
-# length.
+# to_file(fd, offset, chunk_size, progress) -> (bytes written, the same CRCs), which EncodedSnapshot.save calls
+# instead of staging: it writes the region from `offset` on, and the save is refused unless it wrote the region's
+# length; `progress` (None: no hook) takes the bytes written as it goes (what it leaves unreported is reported
+# when it returns).
 Fill = Callable[[memoryview, int], array]
 
 
@@ -159,7 +160,9 @@ class EncodedSnapshot:
         other into a stage buffer of the tensor's size that pwrite then copies to the page cache while the
         next tensor is filled (a shared mapping of the file would take a page fault per 4 KiB page written).
         Staging holds two stages of the largest staged tensor's size, recycled across saves up to
-        mover.recycled's budget (larger ones are new memory each save).
+        mover.recycled's budget (larger ones are new memory each save). `progress` advances within a tensor
+        (in mover.progress_step's pieces); a staged tensor's bytes are reported by the save's writer thread as
+        they go out (one call at a time, never beside another).
 
         A crash at any point leaves either the old file or the new one at `path`, never a mix. The file is
         never changed in place, so readers and mappings of the old file keep reading the old snapshot. A new
@@ -222,11 +225,9 @@ class EncodedSnapshot:
         # A fill with to_file writes its region itself, from the tensor's memory into the file in one pass.
         for i in [i for i, name in enumerate(names) if hasattr(fill.get(name), "to_file")]:
             region = self.layout.regions[i]
-            crcs[i] = _write_to_file(fd, names[i], fill[names[i]], region)
+            crcs[i] = _write_to_file(fd, names[i], fill[names[i]], region, progress)
             if durable:
                 mover.start_writeback(fd, region.offset, region.length)
-            if progress:
-                progress(region.length)
         mover.pwrite_all(fd, memoryview(self.header), 0)
         plain = [i for i, name in enumerate(names) if name not in fill]
         written = mover.write_regions(fd, [(self.layout.regions[i].offset, self.tensors[i][1].data,
@@ -245,10 +246,8 @@ class EncodedSnapshot:
                 if pending[slot] is not None:
                     pending[slot].result()  # that stage's previous tensor is out
                 stage = stages[slot][: region.length]
-                crcs[i] = _checked(names[i], fill[names[i]](stage, region.chunk_size), region)
-                pending[slot] = writer.submit(_write_out, fd, stage, region.offset, durable)
-                if progress:
-                    progress(region.length)
+                crcs[i] = _staged(names[i], fill[names[i]], stage, region)
+                pending[slot] = writer.submit(_write_out, fd, stage, region, durable, progress)
             for future in pending:
                 if future is not None:
                     future.result()
@@ -264,21 +263,45 @@ def _checked(name: str, crcs: array, region) -> array:
     return crcs
 
 
-def _write_to_file(fd: int, name: str, fill, region) -> array:
+def _staged(name: str, fill: Fill, stage: memoryview, region) -> array:
+    """The CRCs of a fill into a stage buffer. It writes memory, not the file: an OSError it raises is about
+    something of its own, and keeps its name, or its lack of one (_naming_target)."""
+    try:
+        return _checked(name, fill(stage, region.chunk_size), region)
+    except OSError as exc:
+        setattr(exc, _NOT_THE_TARGET, True)
+        raise
+
+
+def _write_to_file(fd: int, name: str, fill, region, progress: Progress) -> array:
     """fill.to_file's CRCs for the region it writes itself, refused (ValueError) unless the count of bytes it
-    says it wrote is the region's length."""
-    written, crcs = fill.to_file(fd, region.offset, region.chunk_size)
+    says it wrote is the region's length; what it did not report of the region is reported when it returns. It
+    writes the file: an OSError it raises without a name is the target's."""
+    reported = [0]
+
+    def report(nbytes: int) -> None:
+        reported[0] += nbytes
+        progress(nbytes)
+
+    written, crcs = fill.to_file(fd, region.offset, region.chunk_size, report if progress else None)
     if written != region.length:
         raise ValueError(f"fill of {name!r} wrote {written} bytes into its {region.length}-byte region")
+    if progress and reported[0] < region.length:
+        progress(region.length - reported[0])
     return _checked(name, crcs, region)
 
 
-def _write_out(fd: int, data: memoryview, offset: int, durable: bool) -> None:
-    """pwrite all of data at offset, then, for a durable save, start the disk on it (the save's fsync then
-    finds it under way)."""
-    mover.pwrite_all(fd, data, offset)
-    if durable:
-        mover.start_writeback(fd, offset, len(data))
+def _write_out(fd: int, data: memoryview, region, durable: bool, progress: Progress) -> None:
+    """pwrite all of data at the region's offset, in mover.progress_step's pieces reported as each is written
+    (with a hook), and for a durable save start the disk on each (the save's fsync then finds it under way)."""
+    step = mover.progress_step(region.chunk_size) if progress else max(len(data), 1)
+    for start in range(0, len(data), step):
+        piece = data[start : start + step]
+        mover.pwrite_all(fd, piece, region.offset + start)
+        if durable:
+            mover.start_writeback(fd, region.offset + start, len(piece))
+        if progress:
+            progress(len(piece))
 
 
 def _check_target(path: str) -> str:
@@ -352,12 +375,17 @@ def _create_beside(path: str, directory: str) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name beside {path!r}")
 
 
+# Set on an OSError a staged fill raised: about the fill's own affairs, never the file being saved.
+_NOT_THE_TARGET = "_thaw_not_the_target"
+
+
 def _naming_target(exc: OSError, path: str, tmp: str) -> OSError:
     """`exc`, when it names the temporary file (or no file: a write's ENOSPC), as the same error with the same
     errno and strerror naming the user's `path`, raised from the same frames: the temporary is gone, and its name
-    means nothing to them. An error of a class not built in (a fill's RemoteReadError: its own constructor) is
-    `exc` itself."""
-    if exc.errno is None or exc.filename not in (None, tmp) or type(exc).__module__ != "builtins":
+    means nothing to them. An error of a class not built in (a fill's RemoteReadError: its own constructor), or
+    one a staged fill raised (_staged: about no file of the save's, its missing name is no cue), is `exc` itself."""
+    if exc.errno is None or exc.filename not in (None, tmp) or type(exc).__module__ != "builtins" \
+            or getattr(exc, _NOT_THE_TARGET, False):
         return exc
     return type(exc)(exc.errno, exc.strerror, path).with_traceback(exc.__traceback__)
 

@@ -73,8 +73,8 @@ class _PagedFill:
     def __call__(self, out, chunk_size: int):
         return gather_into(*self.pages, out, chunk_size)
 
-    def to_file(self, fd: int, offset: int, chunk_size: int):
-        return gather_to_file(*self.pages, fd, offset, chunk_size)
+    def to_file(self, fd: int, offset: int, chunk_size: int, progress):
+        return gather_to_file(*self.pages, fd, offset, chunk_size, progress)
 
 
 def fill_of(snapshot: Snapshot, fills: dict) -> dict:

@@ -295,12 +295,13 @@ def gather_into(x: mx.array, num_tokens: int, page_size: int, out, chunk_size: i
     return crcs
 
 
-def gather_to_file(x: mx.array, num_tokens: int, page_size: int, fd: int, offset: int,
-                   chunk_size: int) -> tuple[int, array]:
+def gather_to_file(x: mx.array, num_tokens: int, page_size: int, fd: int, offset: int, chunk_size: int,
+                   progress: Optional[Callable[[int], None]] = None) -> tuple[int, array]:
     """gather_into's bytes written into a file at `offset` (thaw_mlx.save): (bytes written, the CRC32C of each
     chunk_size chunk). The full pages by one libthaw call that writes each piece from a cache-sized tile (no
-    buffer of the tensor's size), a short last page and its zero padding from a buffer of one page, its CRCs
-    continuing the chunk the full pages end in. Each write writes all it is given or raises."""
+    buffer of the tensor's size), a call per group of pages of about mover.progress_step's bytes with a
+    `progress` hook (told each group's bytes), a short last page and its zero padding from a buffer of one page,
+    its CRCs continuing the chunk the full pages end in. Each write writes all it is given or raises."""
     source = from_mlx(x)
     _, heads, capacity, dim = x.shape
     itemsize = _itemsize(x)
@@ -310,8 +311,13 @@ def gather_to_file(x: mx.array, num_tokens: int, page_size: int, fd: int, offset
     if full:
         layout = _sequence_layout(page_size, heads, capacity, dim, itemsize)
         offsets = np.arange(full, dtype=np.int64) * page_size * token_bytes
-        crcs = mover.gather_pages_to_file(fd, offset, source.data, offsets, layout, chunk_size)
-        written = full * layout.page_bytes
+        group = _pages_per_report(layout.page_bytes, chunk_size) if progress else full
+        for first in range(0, full, group):
+            part = offsets[first : first + group]  # starts on a chunk boundary: its CRCs follow the last group's
+            crcs += mover.gather_pages_to_file(fd, offset + written, source.data, part, layout, chunk_size)
+            written += len(part) * layout.page_bytes
+            if progress:
+                progress(len(part) * layout.page_bytes)
     if rest:
         layout = _sequence_layout(rest, heads, capacity, dim, itemsize)
         last = memoryview(bytearray(page_size * heads * token_bytes))  # zeros past the rest tokens: padding
@@ -323,7 +329,16 @@ def gather_to_file(x: mx.array, num_tokens: int, page_size: int, fd: int, offset
         crcs.extend(mover.chunk_crcs(last[joined:], chunk_size) if joined < len(last) else array("I"))
         mover.pwrite_all(fd, last, offset + start)
         written += len(last)
+        if progress:
+            progress(len(last))
     return written, crcs
+
+
+def _pages_per_report(page_bytes: int, chunk_size: int) -> int:
+    """Full pages per progress report: about mover.progress_step's bytes, a whole number of chunks (so that each
+    group's CRCs start on a chunk of their own)."""
+    unit = math.lcm(page_bytes, chunk_size) // page_bytes
+    return max(unit, mover.progress_step(chunk_size) // page_bytes // unit * unit)
 
 
 def moved_buffers(caches: list[list], wanted: list[list[tuple[tuple, str]]]) -> list[list[Optional[tuple]]]:

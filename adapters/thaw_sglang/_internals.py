@@ -25,13 +25,14 @@ require_tested("thaw_sglang", "SGLang", sglang.__version__, [TESTED_SGLANG_VERSI
 from sglang.srt import environ as _environ  # noqa: E402
 from sglang.srt.managers import scheduler as _scheduler_module  # noqa: E402
 from sglang.srt.managers.io_struct import ContinueGenerationReqInput, PauseGenerationReqInput  # noqa: E402
-from sglang.srt.managers.load_snapshot import shm_path_for  # noqa: E402
+from sglang.srt.managers.load_snapshot import ShmLoadSnapshotWriter, shm_path_for  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
 from sglang.srt.mem_cache.unified_cache.component_type import ComponentType  # noqa: E402
 from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore  # noqa: E402
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache  # noqa: E402
+from sglang.srt.runtime_context import get_parallel  # noqa: E402
 from sglang.srt.sampling import sampling_params as _sampling_params_module  # noqa: E402
 from sglang.srt.utils.common import kill_process_tree  # noqa: E402
 
@@ -112,7 +113,9 @@ def engine_page_size(scheduler) -> int:
 
 
 def free_slots(scheduler) -> int:
-    return scheduler.token_to_kv_pool_allocator.available_size()
+    """KV slots no request holds: free, or held by the prefix cache alone (evictable), as vLLM counts its free
+    blocks. Idle, every slot of the pool; a slot a request left behind is missing."""
+    return scheduler.token_to_kv_pool_allocator.available_size() + scheduler.tree_cache.evictable_size()
 
 
 def is_idle(scheduler) -> bool:
@@ -276,6 +279,19 @@ def engine_processes_alive(engine) -> bool:
         return False
 
 
+def unlink_load_report(scheduler) -> None:
+    """Unlink the scheduler's load-report file (/dev/shm/sglang_loads_<instance id>_<digest>.shm) as soon as SGLang
+    has made it: the scheduler writes it through the descriptor it holds, and the kernel frees it when the last
+    process holding it ends, however it ends. SGLang never unlinks it, so a client SIGKILLed, or an engine that
+    failed to start after this point, left it behind for good. Its readers are SGLang's HTTP server (/v1/loads)
+    and its dispatcher over several DP ranks: an Engine serves neither with one rank, and then no one needs its
+    name. With several, the dispatcher opens it by name: it stays until the engine shuts down."""
+    writer = scheduler.load_snapshot_writer
+    if isinstance(writer, ShmLoadSnapshotWriter) and get_parallel().num_dp_ranks == 1:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(writer.path)
+
+
 def stop_engine_processes(engine) -> None:
     """End the subprocesses of one Engine, and only those.
 
@@ -292,8 +308,8 @@ def stop_engine_processes(engine) -> None:
     launched = getattr(engine, "_scheduler_init_result", None)
     for pid in launched.all_child_pids if launched is not None else []:
         kill_process_tree(pid, include_parent=True, wait_timeout=60)
-    # The scheduler's load-report file (/dev/shm/sglang_loads_<instance id>_...): SGLang never unlinks it, and
-    # ends the scheduler with SIGKILL, so every engine started left one behind. Its scheduler is gone now.
+    # The scheduler's load-report file, if it still has a name (several DP ranks: unlink_load_report): SGLang
+    # never unlinks it, and ends the scheduler with SIGKILL. Its scheduler is gone now.
     port_args = getattr(engine, "port_args", None)
     if port_args is not None:
         with contextlib.suppress(FileNotFoundError):

@@ -24,12 +24,12 @@ from typing import Iterator, Optional, Sequence
 
 import thaw_format
 from thaw_format import ModelInfo, Request, SamplingParams, SchedulerState, Snapshot
-from thaw_format.sdk import DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, Progress, Refused, Resumed, fork
+from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Refused, Resumed, fork
 from thaw_format.sdk.contract import check_params
 from thaw_format.sdk.shared import SharedKV
 
 from .requests import resume_arguments, sglang_params
-from .thaw_engine import ThawEngine, capture, capture_shared, check, restore_pending, resumed_of
+from .thaw_engine import ThawEngine, capture, capture_shared, check, restore_pending, resumed_of, snapshot_page_size
 
 
 @dataclass
@@ -179,6 +179,8 @@ class SGLangEngine(SharedKV):
             for request, out in zip(run, outs):
                 done[request.id] = Finished(request.id, request.output_token_ids + list(out["output_ids"]),
                                             out["meta_info"]["cached_tokens"])
+        for rid in done:  # what a step reported of them: finished here, they are gone (none reported again)
+            self._progress.pop(rid, None)
         return done
 
     def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:
@@ -205,8 +207,9 @@ class SGLangEngine(SharedKV):
         return resumed_of(self.pending)
 
     def page_size(self) -> int:
-        """The page thaw's captures cut the radix cache into (a multiple of SGLang's own page, refused otherwise)."""
-        return DEFAULT_PAGE_SIZE
+        """The page thaw's captures cut the radix cache into: 32 tokens, or the least multiple of SGLang's own page
+        size at least as long (thaw_engine.snapshot_page_size)."""
+        return snapshot_page_size(self.engine)
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list:
         return fork(self, n, context=context, processes=processes)

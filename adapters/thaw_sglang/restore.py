@@ -67,13 +67,21 @@ def restore_state(scheduler, snapshot: Snapshot) -> None:
 
 
 def _rebuild_tree(scheduler, snapshot: Snapshot) -> None:
-    """Insert every leaf chain through SGLang's own tree insert, then write all new slots' KV at once."""
+    """Insert every leaf chain through SGLang's own tree insert, then write all new slots' KV at once.
+
+    SGLang's tree holds whole pages of its own page size only (its allocator hands out whole pages): of each
+    chain, the tokens that fill whole pages are restored, and a resumed request recomputes the rest."""
+    page = _internals.engine_page_size(scheduler)
     rows, slots = [], []
     for sequence in leaf_sequences(snapshot.prefix, snapshot.kv.page_size):
-        owned = _internals.match(scheduler, sequence.tokens)
-        fresh = _internals.allocate(scheduler, len(sequence.tokens) - len(owned))
-        _internals.insert(scheduler, sequence.tokens, torch.cat([owned, fresh]), owned_prefix=len(owned))
-        rows.append(sequence.rows[len(owned) :])
+        held = len(sequence.tokens) // page * page
+        if not held:
+            continue
+        tokens = sequence.tokens[:held]
+        owned = _internals.match(scheduler, tokens)
+        fresh = _internals.allocate(scheduler, held - len(owned))
+        _internals.insert(scheduler, tokens, torch.cat([owned, fresh]), owned_prefix=len(owned))
+        rows.append(sequence.rows[len(owned) : held])
         slots.append(fresh)
     if slots:
         k_buffers, v_buffers = _internals.kv_buffers(scheduler)

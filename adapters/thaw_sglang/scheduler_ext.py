@@ -26,6 +26,11 @@ class ThawScheduler(_internals.SleepsWhilePaused):
     # Batches left before the engine pauses itself (thaw_run_batches); None: it runs until told to pause.
     thaw_batches_left: int | None = None
 
+    def init_ipc_channels(self, port_args):
+        """SGLang's own, which makes the load-report file; then its name goes (_internals.unlink_load_report)."""
+        super().init_ipc_channels(port_args)
+        _internals.unlink_load_report(self)
+
     def process_batch_result(self, batch, result):
         """SGLang's own processing (a batch's tokens go out), then the self-pause thaw_run_batches asked for.
 
@@ -106,6 +111,12 @@ class ThawScheduler(_internals.SleepsWhilePaused):
 
     def thaw_leak_warnings(self, result: str) -> None:
         rpc.report(result, lambda: _internals.leak_warnings(self))
+
+    def thaw_free_slots(self, result: str) -> None:
+        rpc.report(result, lambda: _internals.free_slots(self))
+
+    def thaw_page_size(self, result: str) -> None:
+        rpc.report(result, lambda: _internals.engine_page_size(self))
 
 
 def run_scheduler_process(*args, **kwargs):

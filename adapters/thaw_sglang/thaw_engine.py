@@ -104,6 +104,10 @@ class ThawEngine(Engine):
         """How many times SGLang's idle pool-leak check has reported a leak in this engine (0 when sound)."""
         return rpc.call(self, "thaw_leak_warnings")
 
+    def free_slots(self) -> int:
+        """KV slots no request holds (free, or cached and evictable): back where they were once requests end."""
+        return rpc.call(self, "thaw_free_slots")
+
     def fork(self, n: int, *, include_weights: bool = True, weights: bool | None = None,
              **engine_overrides) -> list["ThawEngine"]:
         """Start `n` new engines with this engine's arguments, each holding this engine's state.
@@ -113,7 +117,8 @@ class ThawEngine(Engine):
         (`weights=` is the former name of `include_weights=`.)
         """
         include_weights = _include_weights(include_weights, weights)
-        source = rpc.call(self, "thaw_capture", page_size=DEFAULT_PAGE_SIZE, weights=include_weights, into="own")
+        source = rpc.call(self, "thaw_capture", page_size=snapshot_page_size(self), weights=include_weights,
+                          into="own")
         children: list[ThawEngine] = []
         try:
             for _ in range(n):
@@ -135,21 +140,33 @@ def _include_weights(include_weights: bool, weights: bool | None) -> bool:
     return weights
 
 
+def snapshot_page_size(engine: ThawEngine) -> int:
+    """Tokens per page of this engine's captures: 32 (DEFAULT_PAGE_SIZE), or the least multiple of SGLang's own
+    page size at least as long. SGLang caches whole pages of its own only, so every page boundary of a capture
+    is one of SGLang's, and a caller that cuts prompts at this size (a fork pool) hands over only what it keeps.
+    SGLang's page size is the scheduler's (the engine's arguments leave it None to SGLang's choice): asked once."""
+    own = engine.__dict__.get("_thaw_engine_page_size")
+    if own is None:
+        own = engine._thaw_engine_page_size = rpc.call(engine, "thaw_page_size")
+    return -(-DEFAULT_PAGE_SIZE // own) * own
+
+
 def capture(
     engine: ThawEngine,
     path: str | os.PathLike | None = None,
     *,
     include_weights: bool = True,
     weights: bool | None = None,
-    page_size: int = DEFAULT_PAGE_SIZE,
+    page_size: int | None = None,
     label: str | None = None,
     chains: Sequence[Sequence[int]] | None = None,
 ) -> Snapshot:
     """Snapshot the engine between two batches (only the pages holding `chains`, if given): written to `path`
     if given, and returned, read back; otherwise lent in shared memory, its tensors viewing the segment the
-    scheduler gathered into (given back when the Snapshot is dropped). (`weights=` is the former name of
-    `include_weights=`.)"""
-    options = dict(page_size=page_size, weights=_include_weights(include_weights, weights), label=label or "",
+    scheduler gathered into (given back when the Snapshot is dropped). Pages of `page_size` tokens, a multiple of
+    SGLang's own (default: snapshot_page_size). (`weights=` is the former name of `include_weights=`.)"""
+    options = dict(page_size=snapshot_page_size(engine) if page_size is None else page_size,
+                   weights=_include_weights(include_weights, weights), label=label or "",
                    chains=None if chains is None else [[int(t) for t in chain] for chain in chains])
     if path is not None:
         rpc.call(engine, "thaw_capture", path=str(path), **options)
@@ -164,7 +181,7 @@ def capture_shared(engine: ThawEngine, *, chains: Sequence[Sequence[int]] | None
     """A KV-only capture (no request: those in flight stay this engine's) published by the scheduler itself in
     its reused segment: "shm://<name>#<nbytes>", valid until the engine's next capture_shared. The KV goes from
     the engine's buffers to shared memory once."""
-    return rpc.call(engine, "thaw_capture", page_size=DEFAULT_PAGE_SIZE, weights=False, into="reused",
+    return rpc.call(engine, "thaw_capture", page_size=snapshot_page_size(engine), weights=False, into="reused",
                     requests=False, chains=None if chains is None else [[int(t) for t in chain] for chain in chains])
 
 

@@ -205,7 +205,7 @@ class _ToFile:
     def __call__(self, target, chunk_size):
         raise AssertionError("the writer stages a fill that can write to the file itself")
 
-    def to_file(self, fd, offset, chunk_size):
+    def to_file(self, fd, offset, chunk_size, progress):
         from thaw_format import mover
 
         written = self.data + b"\xff" * self.extra if self.extra > 0 else self.data[: len(self.data) + self.extra]
@@ -375,3 +375,33 @@ def test_a_snapshot_file_dropped_without_close_releases_its_descriptor(tmp_path)
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) <= before + 1  # was 50 more: each open kept its descriptor forever
     assert mapped.tobytes()[:3] == bytes(range(3))  # a view outlives its file object (its mapping has its own)
+
+
+def test_a_fills_own_error_keeps_its_name_and_a_write_error_names_the_target(tmp_path, monkeypatch):
+    """A staged fill writes memory, not the file: an OSError it raises without a file name (a device that went
+    away) was given the target's name, as if the file were at fault. A write into the file without a name (a full
+    disk) still names the target."""
+    from thaw_format import mover
+    from thaw_format.writer import EncodedSnapshot, deferred_tensor
+
+    data = labelled("A").weights.tensors["w"]
+    snapshot = tf.Snapshot(weights=tf.Weights({"w": deferred_tensor(data.dtype, data.shape)}))
+    path = str(tmp_path / "s.thaw")
+
+    def gone(target, chunk_size):
+        raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+
+    with pytest.raises(OSError) as caught:
+        EncodedSnapshot(snapshot).save(path, fill={"weights/w": gone})
+    assert caught.value.errno == errno.ENODEV and caught.value.filename is None
+    assert os.listdir(tmp_path) == []
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    copy = {"weights/w": lambda target, chunk_size: mover.copy_with_crcs(data.data, target, chunk_size)}
+    with pytest.raises(OSError) as caught:
+        EncodedSnapshot(snapshot).save(path, fill=copy)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == path
+    assert os.listdir(tmp_path) == []

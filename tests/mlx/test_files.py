@@ -46,6 +46,26 @@ def test_save_and_load_match_the_two_step_paths(name, chunk_size, session, tmp_p
     assert list(thaw_mlx.generate(model, loaded, tokens, 6)) == list(thaw_mlx.generate(model, restored, tokens, 6))
 
 
+def test_save_reports_each_kv_tensor_as_it_goes_and_writes_the_same_bytes(session, tmp_path, fixed_clock,
+                                                                          monkeypatch):
+    """With a progress hook, a KV tensor gathered straight into the file is written in groups of pages reported
+    one by one (mover's piece set to two 4 KiB chunks: two pages of 4 KiB here, where the tensors hold 40 KiB),
+    its chunk CRCs running on across the groups, and the short last page after them."""
+    from thaw_format import mover
+
+    monkeypatch.setattr(mover, "_PROGRESS_PIECE_BYTES", 8192)
+    model, cache, tokens = session("llama-kv-long")
+    one, two = tmp_path / "one.thaw", tmp_path / "two.thaw"
+    calls = []
+    thaw_mlx.save(one, model, cache, tokens, include_weights=False, chunk_size=4096, progress=calls.append)
+    thaw_format.save(thaw_mlx.capture(model, cache, tokens, include_weights=False), two, chunk_size=4096)
+    assert one.read_bytes() == two.read_bytes()
+    with thaw_format.open(one) as f:
+        lengths = [f.info(name)[2].length for name in f.names()]
+        kv = max(f.info(name)[2].length for name in f.names() if name.startswith("kv/"))
+    assert sum(calls) == sum(lengths) and max(calls) <= 8192 < kv, (calls, lengths)
+
+
 def test_save_replaces_a_file_atomically_and_leaves_no_temporary(session, tmp_path):
     model, cache, tokens = session("llama-kv")
     path = tmp_path / "s.thaw"

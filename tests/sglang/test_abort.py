@@ -1,18 +1,27 @@
-"""The contract's abort on SGLang in this process (tests/abort_checks.py), with SGLang's own pool-leak check once
-idle, and the batch budget (ThawEngine.run_batches) across a request's last result: SGLang's overlap scheduler runs
-one more batch for a request before it processes the result that finishes it, and that batch's result, which gives
-no token, must not use up the batch allowed to the request after it."""
+"""The contract's abort on SGLang in this process (tests/abort_checks.py), with the KV pool's count of slots no
+request holds and SGLang's own pool-leak check once idle; the batch budget (ThawEngine.run_batches) across a
+request's last result: SGLang's overlap scheduler runs one more batch for a request before it processes the result
+that finishes it, and that batch's result, which gives no token, must not use up the batch allowed to the request
+after it; and finish(), after which progress() reports nothing of what it finished. One engine for the module."""
 
 import threading
 
-from abort_checks import A, B, check_abort
+import pytest
+
+from abort_checks import A, B, LONG, check_abort
 
 WAIT = 60  # seconds: far more than a prefill of this model; past it the engine is unpaused to end the test
 
 
-def test_abort_frees_the_request_and_the_others_get_their_tokens_alone(thaw_sglang, zoo, engines):
-    engine = thaw_sglang.SGLangEngine(engines(zoo.make_model("llama")))
-    check_abort(engine, lambda: len(engine.engine.tokenizer_manager.rid_to_state) + len(engine.queued))
+@pytest.fixture(scope="module")
+def contract(thaw_sglang, zoo, engines):
+    return thaw_sglang.SGLangEngine(engines(zoo.make_model("llama")))
+
+
+def test_abort_frees_the_request_and_the_others_get_their_tokens_alone(contract):
+    engine = contract
+    check_abort(engine, lambda: len(engine.engine.tokenizer_manager.rid_to_state) + len(engine.queued),
+                engine.engine.free_slots)
     assert engine.engine.leak_warnings() == 0
 
 
@@ -36,8 +45,8 @@ def _finished(chunk) -> bool:
     return chunk["meta_info"]["finish_reason"] is not None
 
 
-def test_the_result_after_an_aborted_request_finished_uses_no_batch_of_the_next(zoo, engines):
-    engine = engines(zoo.make_model("llama"))
+def test_the_result_after_an_aborted_request_finished_uses_no_batch_of_the_next(contract):
+    engine = contract.engine
     engine.run_batches(1)
     params = {"temperature": 0.0, "max_new_tokens": 50, "ignore_eos": True}
     stream = engine.generate(input_ids=A, sampling_params=params, stream=True, rid="left")
@@ -57,3 +66,15 @@ def test_the_result_after_an_aborted_request_finished_uses_no_batch_of_the_next(
     assert len(second["output_ids"]) == 1
     engine.unpause()
     assert engine.leak_warnings() == 0
+
+
+def test_finish_leaves_nothing_for_progress_to_report_again(contract):
+    """finish() ran a stepped request to its end, but the Progress its last step left (unfinished) stayed for
+    the next progress(), which then reported a request long finished as running."""
+    engine = contract
+    stepped, queued = engine.submit(A, LONG), engine.submit(B, LONG)
+    engine.step()  # the stepped request's second token; the queued one waits its turn
+    done = engine.finish()
+    assert set(done) == {stepped, queued}
+    assert engine.progress() == {}
+    assert engine.engine.leak_warnings() == 0
