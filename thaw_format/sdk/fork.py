@@ -8,17 +8,14 @@ Children offer `generate` and `close` only.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import operator
-import signal
-import subprocess
-import sys
 from typing import Sequence
 
 from ..snapshot import SamplingParams
 from .contract import Engine, Generation, require
+from .engine_process import EngineProcess, exit_status
 from .shared import capture_shared
 from .tokens import token_ids
 
@@ -39,8 +36,10 @@ def fork(engine: Engine, n: int, *, context: Sequence[int], processes: bool = Fa
     # valid until the engine's next capture_shared: every child has restored it before fork returns
     source = capture_shared(engine, chains=[context])
     config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs, "source": source})
-    children = [ProcessChild(context, config) for _ in range(n)]  # they start side by side
-    try:
+    children = []
+    try:  # a start refused part way (the OS refuses a process) kills the children started before it
+        for _ in range(n):  # they start side by side
+            children.append(ProcessChild(context, config))
         for child in children:  # a child has restored the snapshot once it is ready
             child.wait_ready()
     except BaseException:
@@ -48,26 +47,6 @@ def fork(engine: Engine, n: int, *, context: Sequence[int], processes: bool = Fa
             child.kill()
         raise
     return children
-
-
-def exit_status(code: int) -> str:
-    """A child process's exit code in words: a negative one names the signal that ended it."""
-    if code < 0:
-        try:
-            return f"status {code} (killed by {signal.Signals(-code).name})"
-        except ValueError:
-            return f"status {code}"
-    return f"status {code}"
-
-
-def kill_quietly(process: subprocess.Popen) -> None:
-    """End a child process and close its pipes quietly: after a failed send, closing stdin flushes the bytes
-    still buffered and raises BrokenPipeError."""
-    process.kill()
-    process.wait()
-    for pipe in (process.stdin, process.stdout):
-        with contextlib.suppress(OSError, ValueError):
-            pipe.close()
 
 
 def generate_all(children: Sequence, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
@@ -106,8 +85,7 @@ class ProcessChild:
 
     def __init__(self, context: list[int], config: str) -> None:
         self.context = context
-        self.process = subprocess.Popen([sys.executable, "-m", "thaw_format.sdk.child", config],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = EngineProcess("thaw_format.sdk.child", config)
 
     def wait_ready(self) -> None:
         self._receive()
@@ -139,14 +117,9 @@ class ProcessChild:
         return reply["generation"] if "generation" in reply else reply
 
     def kill(self) -> None:
-        kill_quietly(self.process)
+        self.process.kill_quietly()
 
     def close(self, timeout: float = 120) -> None:
         """End the child: it closes its engine and exits at the end of its input; killed if it has not within
         `timeout` seconds (a child stuck in its engine would otherwise outlive close, holding its memory)."""
-        if self.process.poll() is None:
-            try:
-                self.process.stdin.close()
-                self.process.wait(timeout=timeout)
-            except (OSError, subprocess.TimeoutExpired):
-                self.kill()
+        self.process.end(timeout)
