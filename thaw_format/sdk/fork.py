@@ -50,14 +50,44 @@ def fork(engine: Engine, n: int, *, context: Sequence[int], processes: bool = Fa
 
 
 def generate_all(children: Sequence, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
-    """Each child's prompt, in order: process children all run at once, in-process children one by one."""
+    """Each child's prompt, in order: process children all run at once, in-process children one by one.
+
+    A child that fails (a dead one) fails the call only once every other child has answered: a process child's
+    reply left unread answered its next request (the first failure stopped the call, and a child sent its prompt
+    before it kept that reply waiting). Interrupted (Ctrl-C), the process children still owing a reply are
+    killed, for the same reason."""
     if len(prompts) != len(children):  # zip would drop the extra children or prompts without a word
         raise ValueError(f"{len(children)} children and {len(prompts)} prompts: give each child one prompt")
-    for child, prompt in zip(children, prompts):
+    prompts = [_extends(child.context, prompt) for child, prompt in zip(children, prompts)]  # before any is sent
+    outcomes: dict[int, object] = {}  # child index -> its Generation, or its failure
+    owing = []  # the process children sent their prompt whose reply is still to be read
+    for index, (child, prompt) in enumerate(zip(children, prompts)):
         if isinstance(child, ProcessChild):
-            child.send(prompt, params)
-    return [child.result() if isinstance(child, ProcessChild) else child.generate(prompt, params)
-            for child, prompt in zip(children, prompts)]
+            try:
+                child.send(prompt, params)
+                owing.append(child)
+            except RuntimeError as exc:
+                outcomes[index] = exc
+    try:
+        for index, (child, prompt) in enumerate(zip(children, prompts)):
+            if index in outcomes:
+                continue
+            try:
+                if isinstance(child, ProcessChild):
+                    owing.remove(child)  # read below, whatever comes of it
+                    outcomes[index] = child.result()
+                else:
+                    outcomes[index] = child.generate(prompt, params)
+            except Exception as exc:
+                outcomes[index] = exc
+    except BaseException:
+        for child in owing:
+            child.kill()
+        raise
+    failures = [outcome for outcome in outcomes.values() if isinstance(outcome, Exception)]
+    if failures:
+        raise failures[0] if len(failures) == 1 else RuntimeError("; ".join(map(str, failures)))
+    return [outcomes[index] for index in range(len(children))]
 
 
 def _extends(context: list[int], prompt: Sequence[int]) -> list[int]:
@@ -108,7 +138,11 @@ class ProcessChild:
         return Generation(**self._receive())
 
     def _receive(self) -> dict:
-        line = self.process.stdout.readline()
+        try:
+            line = self.process.stdout.readline()
+        except BaseException:  # interrupted (Ctrl-C): the reply it still owes would answer its next request
+            self.kill()
+            raise
         if not line:
             raise RuntimeError(f"fork child {self.process.pid} exited with {exit_status(self.process.wait())}")
         reply = json.loads(line)
