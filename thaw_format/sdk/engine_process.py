@@ -3,13 +3,15 @@
 The process speaks JSON lines on its stdin and stdout. Its engine may start processes of its own: SGLang's
 scheduler and detokenizer, vLLM's engine core in its default multiprocessing mode. When the process dies
 (SIGKILL, the OOM killer), those are not told: vLLM's engine core has no parent-death check and lives on,
-holding its memory, with no one left to stop it. So each engine process leads a new session (its own process
-group, which the engine's processes join unless they leave it), and once it has exited, however it came to,
-whatever is left of its group is killed (SIGKILL: multiprocessing's resource tracker, if the engine started
-one, goes too, and the shared memory the engine's processes had left to it stays in /dev/shm); only then is it
-reaped (before that its pid still names the group, so the group cannot be another's). A watcher thread does
-this as soon as the process exits, between rounds too; `wait` and `poll` say the process is done only once it
-has.
+holding its memory, with no one left to stop it. So each engine process leads a new session (`lead_own_group`,
+its first step: its own process group, which the engine's processes join unless they leave it), and once it
+has exited, however it came to, whatever is left of its group is killed; only then is it reaped (before that
+its pid still names the group, so the group cannot be another's). A watcher thread does this as soon as the
+process exits, between rounds too; `wait` and `poll` say the process is done only once it has.
+
+Multiprocessing's resource tracker is started before the new session, outside the group: killed with it, the
+shared memory and semaphores the engine's processes had left to it stayed in /dev/shm (vLLM's engine core:
+about 400 MiB per killed worker); it now outlives them and unlinks what they left.
 """
 
 from __future__ import annotations
@@ -33,13 +35,31 @@ def exit_status(code: int) -> str:
     return f"status {code}"
 
 
+def lead_own_group() -> None:
+    """An engine process's first step (after taking its protocol stream off fd 1, which the tracker would
+    inherit): multiprocessing's resource tracker, then a new session, which the engine's processes join. The
+    tracker's stdin is /dev/null: holding this process's, it kept a dead worker's input pipe open (a send to it
+    went into the pipe instead of failing)."""
+    from multiprocessing import resource_tracker
+
+    stdin, devnull = os.dup(0), os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(devnull, 0)
+        resource_tracker.ensure_running()
+    finally:
+        os.dup2(stdin, 0)
+        os.close(stdin)
+        os.close(devnull)
+    os.setsid()
+
+
 class EngineProcess(subprocess.Popen):
     """`python -m <module> <config>` with pipes on its stdin and stdout (text), leading its own process group."""
 
     def __init__(self, module: str, config: str, env: Optional[dict] = None) -> None:
         self._group_ended = threading.Event()
         super().__init__([sys.executable, "-m", module, config], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True, env=env, start_new_session=True)
+                         text=True, env=env)
         threading.Thread(target=self._end_group_on_exit, name=f"thaw-group-{self.pid}", daemon=True).start()
 
     def _end_group_on_exit(self) -> None:
@@ -62,7 +82,10 @@ class EngineProcess(subprocess.Popen):
         """SIGKILL the process and every process of its group."""
         if self.returncode is None:  # not reaped: its pid is still its group's
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)
+                except ProcessLookupError:  # it has no group of its own yet (lead_own_group is to come)
+                    os.kill(self.pid, signal.SIGKILL)
 
     def kill_quietly(self) -> None:
         """Kill it, reap it, and close its pipes quietly: after a failed send, closing stdin flushes the bytes
