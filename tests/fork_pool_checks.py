@@ -5,8 +5,9 @@ Three consecutive rounds with different trunks give, for every child, the greedy
 computes for trunk + suffix, with the engine's own cached-token count equal to the trunk's full pages (what
 the pool moves; pages of the parent's own page_size(), which need not be 32); a worker killed mid-round fails
 the round with PoolWorkerDied naming it and its exit status, leaves the parent serving exactly as before, and
-is replaced, so the next round succeeds; a round whose segment is damaged is refused by the pool's own check,
-naming the chunk, before any worker is sent it.
+is replaced, so the next round succeeds, and every process its engine started (SGLang's scheduler) ends with
+it; a round whose segment is damaged is refused by the pool's own check, naming the chunk, before any worker
+is sent it.
 
 An engine's module supplies the fixtures `parent` (a contract engine holding nothing the trunks need, module
 scope), `fresh` (a function of (prompt, params): the token ids an engine with an empty cache computes) and,
@@ -16,9 +17,11 @@ where the workers need one, `pool_env` (the environment the pool's workers start
 import mmap
 import os
 import random
+import signal
 
 import pytest
 
+from descendants import descendants, outliving
 from thaw_format import CorruptSnapshotError, SnapshotFile
 from thaw_format.sdk import ForkPool, PoolWorkerDied, greedy
 from thaw_format.sdk.shared import capture_shared, open_segment, read_source
@@ -75,7 +78,8 @@ def test_the_parents_page_size_is_its_captures(parent) -> None:
 
 
 class _KillDuringCapture:
-    """The parent engine, except that its capture (the round's first step) kills one pool worker first."""
+    """The parent engine, except that its capture (the round's first step) SIGKILLs one pool worker first (the
+    worker alone, as the OOM killer would; not the processes its engine started)."""
 
     def __init__(self, engine, victim) -> None:
         self.engine, self.victim = engine, victim
@@ -84,7 +88,7 @@ class _KillDuringCapture:
         return self.engine.page_size()
 
     def capture_shared(self, *, chains=None) -> str:
-        self.victim.kill()
+        os.kill(self.victim.pid, signal.SIGKILL)
         self.victim.wait()
         return capture_shared(self.engine, chains=chains)
 
@@ -96,9 +100,11 @@ def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     parent.generate(trunk + suffixes[0], PARAMS)  # the parent's steady state for this prompt
     before = parent.generate(trunk + suffixes[0], PARAMS)
     victim = pool._workers[1].process
+    started = descendants(victim.pid)  # its engine's own processes, if it has any
     with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(pid {victim.pid}\) exited with status -9 "
                                              r"\(killed by SIGKILL\).*parent engine is untouched"):
         pool.fork(_KillDuringCapture(parent, victim), WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    assert not outliving(started, timeout=30)
     assert parent.generate(trunk + suffixes[0], PARAMS) == before  # the parent serves as before, cache and all
     result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want

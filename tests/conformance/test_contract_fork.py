@@ -100,3 +100,19 @@ def test_close_kills_a_child_that_does_not_end_in_time(parent):
     os.kill(child.process.pid, signal.SIGSTOP)  # stopped, it never reads the end of its input
     child.close(timeout=0.5)  # TimeoutExpired went to the caller and the child lived on
     assert child.process.poll() is not None
+
+
+def test_a_dead_child_fails_generate_all_once_the_others_have_answered(parent):
+    """generate_all stopped at the first dead child: a child sent its prompt before it was left with its reply
+    waiting, and that reply then answered the child's next request (another prompt's tokens, without a word)."""
+    children = fork(parent, 2, context=CONTEXT, processes=True)
+    try:
+        children[1].process.kill()
+        children[1].process.wait()  # its stdin has no reader: the send to it fails
+        with pytest.raises(RuntimeError, match=r"fork child \d+ exited with status -9 \(killed by SIGKILL\)"):
+            generate_all(children, [PROMPT, PROMPT], greedy(4))
+        other = CONTEXT + [50, 51]
+        assert children[0].generate(other, greedy(4)).token_ids == parent.generate(other, greedy(4)).token_ids
+    finally:
+        for child in children:
+            child.close()

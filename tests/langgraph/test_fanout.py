@@ -21,6 +21,36 @@ def test_coalescing_groups_by_shared_prefix():
     assert coalesce([a[:35], a[:33] + [99, 98]], min_shared=32) == [(a[:33], [0, 1])]
 
 
+def test_the_loop_coalesces_at_the_engines_own_page_size():
+    """min_shared defaults to the engine's page_size(): a shared prefix of one full page of the engine's is worth a
+    prefill of its own. Every engine above has 32-token pages, as DEFAULT_PAGE_SIZE has, so none of them could
+    tell the two apart; the template's toy engine has 4-token pages: two prompts admitted together that share 10
+    tokens (two full pages, less than 32) run their prefix first, and each reads its 8 tokens from the cache."""
+    from thaw_conformance.template.adapter import ToyThawEngine
+    from thaw_format.sdk import greedy
+    from thaw_langgraph.engine_loop import EngineLoop
+
+    engine = ToyThawEngine.start()
+    shared = list(range(3, 13))
+    prompts = [shared + [20], shared + [21, 22]]
+    alone = [ToyThawEngine.start().generate(p, greedy(5)).token_ids for p in prompts]
+    loop = EngineLoop(engine)
+    done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def submit_all(_):  # on the loop's thread, between steps: both are admitted in the next one
+        for i, prompt in enumerate(prompts):
+            loop.submit(prompt, greedy(5), lambda p, i=i: p.finished and done.put((i, p)), done.put)
+
+    try:
+        loop.call(submit_all, idle=True)
+        results = dict(done.get(timeout=60) for _ in prompts)
+    finally:
+        loop.close()
+    assert [results[i].cached_tokens for i in range(2)] == [8, 8]  # 0 each, uncoalesced at 32
+    assert [results[i].token_ids for i in range(2)] == alone
+    assert engine.page_size() == loop.min_shared == 4
+
+
 def test_fork_fanout_prefills_the_trunk_once_and_keeps_order(chat, kind):
     from thaw_langgraph import fork_fanout
 

@@ -4,6 +4,7 @@ memory and read in place by each worker's scheduler."""
 
 import pytest
 from conftest import ENGINE_ARGS
+from descendants import descendants
 
 import fork_pool_checks as checks
 from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, written once for every engine
@@ -45,3 +46,9 @@ def test_the_pools_workers_sleep_while_idle_as_the_parent_does(parent):
     """SGLang's sleep_on_idle is in the parent's launch spec, which the pool's workers start from: an idle
     worker waits for its next message instead of spinning a CPU beside the parent's capture."""
     assert parent.launch_spec().kwargs["sleep_on_idle"] is True
+
+
+def test_the_pools_workers_engines_have_processes_of_their_own(pool):
+    """What test_a_worker_killed_mid_round_is_named_and_replaced checks does end with a killed worker, here: each
+    worker's SGLang engine runs its scheduler (and detokenizer) in processes of its own."""
+    assert all(descendants(worker.process.pid) for worker in pool._workers)

@@ -5,8 +5,12 @@ The parent's blocks are 64 tokens, not the 32 of DEFAULT_PAGE_SIZE: the pool cut
 context of 32-63 tokens (32-127 on vLLM's default CPU block of 128) moved no KV, and every worker prefilled it
 all, reporting 0 cached tokens, without a word."""
 
+import os
+import signal
+
 import pytest
 from conftest import make_engine
+from descendants import descendants, outliving
 
 from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, written once for every engine
     pool, test_the_parents_page_size_is_its_captures, test_rounds_with_different_trunks_match_fresh_engines,
@@ -14,6 +18,7 @@ from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, wri
     test_a_damaged_segment_is_refused_before_any_worker_reads_it,
     test_a_context_without_a_full_page_is_refused_before_the_parent_is_read,
     test_a_parent_with_a_request_in_flight_hands_over_the_trunks_kv_only)
+from thaw_format.sdk import ForkPool
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +43,15 @@ def fresh(parent):
         assert out.cached_tokens == 0
         return out.token_ids
     return generate
+
+
+def test_a_killed_workers_engine_core_ends_with_it(parent):
+    """In vLLM's default multiprocessing mode a worker's engine runs in an engine core process of its own, which
+    never checks for its parent's death: a worker SIGKILLed (the OOM killer, say) left it running, holding its
+    memory, with no one to stop it. It now ends with the worker, between rounds too (no round asks after it)."""
+    with ForkPool(parent, workers=1, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}) as pool:
+        victim = pool._workers[0].process
+        started = descendants(victim.pid)
+        assert started  # the engine core, and multiprocessing's resource tracker
+        os.kill(victim.pid, signal.SIGKILL)
+        assert not outliving(started, timeout=30)

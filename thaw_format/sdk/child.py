@@ -15,6 +15,7 @@ import os
 import sys
 
 from ..snapshot import SamplingParams
+from .engine_process import lead_own_group
 from .shared import restore_source
 
 
@@ -47,6 +48,7 @@ def protocol_replies():
 def main(argv: list[str]) -> int:
     config = json.loads(argv[1])
     reply = protocol_replies()
+    lead_own_group()  # the processes its engine starts end with it (thaw_format.sdk.engine_process)
     try:
         engine = resolve(config["factory"])(**config["kwargs"])
         restore_source(engine, config["source"])

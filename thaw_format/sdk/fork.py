@@ -8,17 +8,14 @@ Children offer `generate` and `close` only.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import operator
-import signal
-import subprocess
-import sys
 from typing import Sequence
 
 from ..snapshot import SamplingParams
 from .contract import Engine, Generation, require
+from .engine_process import EngineProcess, exit_status
 from .shared import capture_shared
 from .tokens import token_ids
 
@@ -39,8 +36,10 @@ def fork(engine: Engine, n: int, *, context: Sequence[int], processes: bool = Fa
     # valid until the engine's next capture_shared: every child has restored it before fork returns
     source = capture_shared(engine, chains=[context])
     config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs, "source": source})
-    children = [ProcessChild(context, config) for _ in range(n)]  # they start side by side
-    try:
+    children = []
+    try:  # a start refused part way (the OS refuses a process) kills the children started before it
+        for _ in range(n):  # they start side by side
+            children.append(ProcessChild(context, config))
         for child in children:  # a child has restored the snapshot once it is ready
             child.wait_ready()
     except BaseException:
@@ -50,35 +49,45 @@ def fork(engine: Engine, n: int, *, context: Sequence[int], processes: bool = Fa
     return children
 
 
-def exit_status(code: int) -> str:
-    """A child process's exit code in words: a negative one names the signal that ended it."""
-    if code < 0:
-        try:
-            return f"status {code} (killed by {signal.Signals(-code).name})"
-        except ValueError:
-            return f"status {code}"
-    return f"status {code}"
-
-
-def kill_quietly(process: subprocess.Popen) -> None:
-    """End a child process and close its pipes quietly: after a failed send, closing stdin flushes the bytes
-    still buffered and raises BrokenPipeError."""
-    process.kill()
-    process.wait()
-    for pipe in (process.stdin, process.stdout):
-        with contextlib.suppress(OSError, ValueError):
-            pipe.close()
-
-
 def generate_all(children: Sequence, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
-    """Each child's prompt, in order: process children all run at once, in-process children one by one."""
+    """Each child's prompt, in order: process children all run at once, in-process children one by one.
+
+    A child that fails (a dead one) fails the call only once every other child has answered: a process child's
+    reply left unread answered its next request (the first failure stopped the call, and a child sent its prompt
+    before it kept that reply waiting). Interrupted (Ctrl-C), the process children still owing a reply are
+    killed, for the same reason."""
     if len(prompts) != len(children):  # zip would drop the extra children or prompts without a word
         raise ValueError(f"{len(children)} children and {len(prompts)} prompts: give each child one prompt")
-    for child, prompt in zip(children, prompts):
+    prompts = [_extends(child.context, prompt) for child, prompt in zip(children, prompts)]  # before any is sent
+    outcomes: dict[int, object] = {}  # child index -> its Generation, or its failure
+    owing = []  # the process children sent their prompt whose reply is still to be read
+    for index, (child, prompt) in enumerate(zip(children, prompts)):
         if isinstance(child, ProcessChild):
-            child.send(prompt, params)
-    return [child.result() if isinstance(child, ProcessChild) else child.generate(prompt, params)
-            for child, prompt in zip(children, prompts)]
+            try:
+                child.send(prompt, params)
+                owing.append(child)
+            except RuntimeError as exc:
+                outcomes[index] = exc
+    try:
+        for index, (child, prompt) in enumerate(zip(children, prompts)):
+            if index in outcomes:
+                continue
+            try:
+                if isinstance(child, ProcessChild):
+                    owing.remove(child)  # read below, whatever comes of it
+                    outcomes[index] = child.result()
+                else:
+                    outcomes[index] = child.generate(prompt, params)
+            except Exception as exc:
+                outcomes[index] = exc
+    except BaseException:
+        for child in owing:
+            child.kill()
+        raise
+    failures = [outcome for outcome in outcomes.values() if isinstance(outcome, Exception)]
+    if failures:
+        raise failures[0] if len(failures) == 1 else RuntimeError("; ".join(map(str, failures)))
+    return [outcomes[index] for index in range(len(children))]
 
 
 def _extends(context: list[int], prompt: Sequence[int]) -> list[int]:
@@ -106,8 +115,7 @@ class ProcessChild:
 
     def __init__(self, context: list[int], config: str) -> None:
         self.context = context
-        self.process = subprocess.Popen([sys.executable, "-m", "thaw_format.sdk.child", config],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = EngineProcess("thaw_format.sdk.child", config)
 
     def wait_ready(self) -> None:
         self._receive()
@@ -130,7 +138,11 @@ class ProcessChild:
         return Generation(**self._receive())
 
     def _receive(self) -> dict:
-        line = self.process.stdout.readline()
+        try:
+            line = self.process.stdout.readline()
+        except BaseException:  # interrupted (Ctrl-C): the reply it still owes would answer its next request
+            self.kill()
+            raise
         if not line:
             raise RuntimeError(f"fork child {self.process.pid} exited with {exit_status(self.process.wait())}")
         reply = json.loads(line)
@@ -139,14 +151,9 @@ class ProcessChild:
         return reply["generation"] if "generation" in reply else reply
 
     def kill(self) -> None:
-        kill_quietly(self.process)
+        self.process.kill_quietly()
 
     def close(self, timeout: float = 120) -> None:
         """End the child: it closes its engine and exits at the end of its input; killed if it has not within
         `timeout` seconds (a child stuck in its engine would otherwise outlive close, holding its memory)."""
-        if self.process.poll() is None:
-            try:
-                self.process.stdin.close()
-                self.process.wait(timeout=timeout)
-            except (OSError, subprocess.TimeoutExpired):
-                self.kill()
+        self.process.end(timeout)

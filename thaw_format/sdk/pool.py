@@ -10,7 +10,13 @@ there (`restore_source(..., verified=True)`: read in place, not checked again) a
 whose prefill starts with the trunk's last partial page (a full page, of the parent's page_size(), is what
 every engine caches). The parent is only read. A worker that dies mid-round is named with its exit status,
 the round fails with PoolWorkerDied after the other workers have answered, and the pool starts a replacement,
-so the next round runs on a full pool. Any contract engine with a launch spec works (thaw_format.sdk.contract).
+so the next round runs on a full pool. A replacement finishes starting at the next round; if it fails to start
+(its engine's error, or its process ended), that round fails before the parent is read, naming the worker, its
+error and its exit status, and the worker is started again for the round after, MAX_FAILED_STARTS failed starts
+in a row at most (then rounds needing it say so: start a new pool). A pool whose first start fails raises, with
+nothing left running. Each worker leads its own process group (thaw_format.sdk.engine_process): the processes
+its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends. Any contract engine
+with a launch spec works (thaw_format.sdk.contract).
 """
 
 from __future__ import annotations
@@ -21,8 +27,6 @@ import operator
 import os
 import reprlib
 import resource
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +35,7 @@ from typing import Mapping, Optional, Sequence, Union
 from ..errors import CorruptSnapshotError
 from ..snapshot import SamplingParams
 from .contract import Engine, Generation, LaunchSpec
-from .fork import exit_status, kill_quietly
+from .engine_process import EngineProcess, exit_status
 from .lent import forget, open_snapshot
 from .shared import capture_shared
 from .tokens import token_ids
@@ -73,11 +77,15 @@ def _verify(source: str) -> None:
                                    "it (the parent engine is untouched)") from None
 
 
+MAX_FAILED_STARTS = 3  # failed starts in a row of one worker slot, after which the pool stops restarting it
+
+
 class _Worker:
-    def __init__(self, name: str, config: str, env: dict) -> None:
+    def __init__(self, name: str, config: str, env: dict, *, failed_starts: int = 0) -> None:
         self.name = name
-        self.process = subprocess.Popen([sys.executable, "-m", "thaw_format.sdk.pool_worker", config],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.failed_starts = failed_starts  # its slot's failed starts in a row, this worker's included once failed
+        self.start_error: Optional[str] = None  # how this worker failed to start, if it did
+        self.process = EngineProcess("thaw_format.sdk.pool_worker", config, env)
         self.ready = False
 
     def describe(self) -> str:
@@ -100,23 +108,28 @@ class _Worker:
         return json.loads(line)
 
     def ensure_ready(self) -> None:
-        if not self.ready:
-            reply = self.receive()
-            if "error" in reply:
-                raise RuntimeError(f"{self.describe()}: {reply['error']}")
-            self.ready = True
+        """Wait until its engine has started; PoolWorkerDied naming the worker, its engine's error if it sent one,
+        and its exit status if it failed (then, and on every later call: the process is gone, its pipes closed)."""
+        if self.ready:
+            return
+        if self.start_error is None:
+            line = self.process.stdout.readline()
+            reply = json.loads(line) if line else {}
+            if reply.get("ready"):
+                self.ready, self.failed_starts = True, 0
+                return
+            self.process.end(timeout=60)  # after its error it exits: its status, not a zombie
+            self.failed_starts += 1
+            error = f": {reply['error']}" if "error" in reply else ""
+            self.start_error = f"{self.describe()} failed to start{error} (it exited with " \
+                               f"{exit_status(self.process.returncode)})"
+        raise PoolWorkerDied(self.start_error)
 
     def kill(self) -> None:
-        kill_quietly(self.process)
+        self.process.kill_quietly()
 
     def stop(self, timeout: float = 120) -> None:
-        if self.process.poll() is None:
-            try:
-                self.process.stdin.close()  # the worker closes its engine at the end of its input
-                self.process.wait(timeout=timeout)
-            except (OSError, subprocess.TimeoutExpired):
-                self.process.kill()
-                self.process.wait()
+        self.process.end(timeout)  # the worker closes its engine at the end of its input
 
 
 def _launch_spec(spec) -> LaunchSpec:
@@ -233,9 +246,8 @@ class ForkPool:
 
     def _fork(self, parent, n: int, context: list[int], page: int, suffixes, params) -> ForkRound:
         started = time.perf_counter()
+        self._finish_starts(n)
         workers = self._workers[:n]
-        for worker in workers:  # a replacement started after a failed round finishes starting here
-            worker.ensure_ready()
         full = len(context) // page * page
         # valid until the parent's next capture_shared: every worker answers before this round ends
         capturing = time.perf_counter()
@@ -277,14 +289,39 @@ class ForkPool:
         if failures:
             died = [f for f in failures if isinstance(f, PoolWorkerDied)]
             kind = PoolWorkerDied if died else RuntimeError
+            replaced = ", dead workers are being replaced" if died and not self._closed else ""
             raise kind("; ".join(str(f) for f in failures) + ": the fork round failed (the parent engine is "
-                       "untouched" + (", dead workers are being replaced)" if died else ")"))
+                       f"untouched{replaced})")
         for reply in replies:
             round_.generations.append(Generation(**reply["generation"]))
             round_.restore_s.append(reply["restore_s"])
             round_.generate_s.append(reply["generate_s"])
         round_.total_s = time.perf_counter() - started
         return round_
+
+    def _finish_starts(self, n: int) -> None:
+        """The round's workers, each started: a replacement started after a failed round finishes starting here.
+        One that fails to start fails the round with PoolWorkerDied, before the parent is read, and is started
+        again for the next round, up to MAX_FAILED_STARTS failed starts in a row; after that the pool no longer
+        restarts it (each round needing it says so, and a new pool is the way on)."""
+        failures = []
+        for index in range(n):
+            worker = self._workers[index]
+            try:
+                worker.ensure_ready()
+            except PoolWorkerDied as exc:
+                if worker.failed_starts >= MAX_FAILED_STARTS:
+                    failures.append(f"{exc}; it failed to start {worker.failed_starts} times in a row and is no "
+                                    "longer restarted: close this pool and start a new one")
+                elif self._closed:  # closed meanwhile: close() stops what it finds, and starts nothing
+                    failures.append(str(exc))
+                else:
+                    self._workers[index] = _Worker(worker.name, self._config, self._env,
+                                                   failed_starts=worker.failed_starts)
+                    failures.append(f"{exc}; it is started again for the next round (failed starts in a row: "
+                                    f"{worker.failed_starts} of {MAX_FAILED_STARTS})")
+        if failures:
+            raise PoolWorkerDied("; ".join(failures) + ": the fork round failed before the parent was read")
 
     def close(self) -> None:
         """Stop the workers, after the round in progress, if any; a round still waiting for it is refused."""

@@ -17,6 +17,7 @@ import time
 
 from ..snapshot import SamplingParams
 from .child import protocol_replies, resolve
+from .engine_process import lead_own_group
 from .shared import restore_source
 
 
@@ -32,6 +33,7 @@ def run_round(engine, message: dict) -> dict:
 def main(argv: list[str]) -> int:
     config = json.loads(argv[1])
     reply = protocol_replies()
+    lead_own_group()  # the processes its engine starts end with it (thaw_format.sdk.engine_process)
     try:
         engine = resolve(config["factory"])(**config["kwargs"])
     except Exception as exc:

@@ -1,0 +1,257 @@
+"""The fork pool's and process fork's own processes, on the template's toy engine (quick to start): a worker
+that fails to start is named and started again, a bounded number of times; what a dead worker's engine started
+dies with it; close() during a round leaves nothing running; a dead worker's pipes are closed here, not by the
+garbage collector."""
+
+import dataclasses
+import gc
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import pytest
+from descendants import descendants, outliving
+from pool_engines import worker_env
+
+from fork_pool_checks import Unread
+from thaw_conformance.template.adapter import ToyThawEngine
+from thaw_conformance.template.engine import ToyModelConfig
+from thaw_format.sdk import ForkPool, LaunchSpec, PoolWorkerDied, fork, greedy
+from thaw_format.sdk.pool import MAX_FAILED_STARTS
+from thaw_format.sdk.shared import capture_shared
+
+TRUNK = list(range(3, 40))  # 9 full pages of the toy's 4 tokens, and one token more
+SUFFIXES = [[41, 42], [43]]
+PARAMS = greedy(6)
+CONFIG = dataclasses.asdict(ToyModelConfig())
+
+
+@pytest.fixture
+def parent():
+    engine = ToyThawEngine.start(**CONFIG)
+    engine.generate(TRUNK, greedy(1))  # the trunk's pages, cached: what each round hands over
+    yield engine
+    engine.close()
+
+
+def expected():
+    """What each suffix gives on a fresh engine: the tokens a worker must give."""
+    return [ToyThawEngine.start(**CONFIG).generate(TRUNK + suffix, PARAMS).token_ids for suffix in SUFFIXES]
+
+
+class Capturing:
+    """The parent engine, except that `before()` runs first in its capture (the round's first step)."""
+
+    def __init__(self, engine, before) -> None:
+        self.engine, self.before = engine, before
+
+    def page_size(self) -> int:
+        return self.engine.page_size()
+
+    def capture_shared(self, *, chains=None) -> str:
+        self.before()
+        return capture_shared(self.engine, chains=chains)
+
+
+def engines_own(pids: set[int]) -> list[int]:
+    """Those of `pids` that are a ToyWithAProcess's own process."""
+    own = []
+    for pid in pids:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            if b"time.sleep(3600)" in cmdline.read():
+                own.append(pid)
+    return own
+
+
+def round_(pool, parent):
+    return pool.fork(parent, 2, context=TRUNK, suffixes=SUFFIXES, params=PARAMS)
+
+
+def test_a_replacement_that_fails_to_start_is_named_and_started_again(parent, tmp_path):
+    """A replacement (started after a worker died) that failed to start failed every later round at the same
+    dead worker ('RuntimeError: pool worker 1 ...' for ever, or a read of its closed pipe): the round now names
+    it, its engine's error and its exit status, and it is started again for the next round."""
+    fail = tmp_path / "fail"
+    spec = LaunchSpec("pool_engines:flaky", {"fail_while": str(fail), **CONFIG})
+    with ForkPool(spec, workers=2, env=worker_env()) as pool:
+        fail.write_text("error")
+        pool._workers[1].process.kill()  # between rounds: the next round finds it dead and starts a replacement
+        with pytest.raises(PoolWorkerDied, match=r"pool worker 1 \(pid \d+\) exited with status -9"):
+            round_(pool, parent)
+        failing = pool._workers[1].process
+        with pytest.raises(PoolWorkerDied, match=rf"^pool worker 1 \(pid {failing.pid}\) failed to start: starting the "
+                           r"pool engine: RuntimeError: told to fail by .* \(it exited with status 1\); it is started "
+                           r"again for the next round \(failed starts in a row: 1 of 3\): the fork round failed "
+                           r"before the parent was read$"):
+            round_(pool, Unread(parent.page_size()))
+        assert failing.stdin.closed and failing.stdout.closed
+        fail.write_text("exit")  # the process ends without a word
+        failing = pool._workers[1].process
+        with pytest.raises(PoolWorkerDied, match=rf"^pool worker 1 \(pid {failing.pid}\) failed to start \(it exited "
+                                                 r"with status 3\); .*failed starts in a row: 2 of 3"):
+            round_(pool, Unread(parent.page_size()))
+        fail.unlink()
+        result = round_(pool, parent)
+        assert [g.token_ids for g in result.generations] == expected()
+        assert [g.cached_tokens for g in result.generations] == [36, 36]
+        assert pool._workers[1].failed_starts == 0  # a start that works resets its count
+
+
+def test_a_worker_that_keeps_failing_to_start_is_given_up_after_a_bounded_number_of_tries(parent, tmp_path):
+    fail = tmp_path / "fail"
+    spec = LaunchSpec("pool_engines:flaky", {"fail_while": str(fail), **CONFIG})
+    with ForkPool(spec, workers=2, env=worker_env()) as pool:
+        fail.write_text("error")
+        pool._workers[0].process.kill()
+        with pytest.raises(PoolWorkerDied, match="pool worker 0 .* exited with status -9"):
+            round_(pool, parent)
+        for attempt in range(1, MAX_FAILED_STARTS):
+            with pytest.raises(PoolWorkerDied, match=f"failed starts in a row: {attempt} of {MAX_FAILED_STARTS}"):
+                round_(pool, Unread(parent.page_size()))
+        last = pool._workers[0].process
+        for _ in range(2):  # the last failure, then a round that finds it given up: no new process
+            with pytest.raises(PoolWorkerDied, match=rf"pool worker 0 \(pid {last.pid}\) failed to start: .*; it "
+                               rf"failed to start {MAX_FAILED_STARTS} times in a row and is no longer restarted: close "
+                               "this pool and start a new one"):
+                round_(pool, Unread(parent.page_size()))
+            assert pool._workers[0].process is last
+
+
+@pytest.mark.parametrize("when", ["between rounds", "mid-round"])
+def test_what_a_killed_workers_engine_started_ends_with_it(parent, when):
+    """A worker's engine may start processes of its own (vLLM's engine core, SGLang's scheduler). SIGKILLed, the
+    worker left them running, holding their memory, for ever: vLLM's engine core never checks for its parent's
+    death. They now end with it, whether the pool is reading from it at the time or not."""
+    spec = LaunchSpec("pool_engines:ToyWithAProcess.start", CONFIG)
+    with ForkPool(spec, workers=2, env=worker_env()) as pool:
+        victim = pool._workers[1].process
+        started = descendants(victim.pid)  # the engine's own process, and multiprocessing's resource tracker
+        assert len(engines_own(started)) == 1
+        if when == "between rounds":
+            os.kill(victim.pid, signal.SIGKILL)
+            assert not outliving(started, timeout=10)  # no round has run since: no one asked the pool
+        else:
+            with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(pid {victim.pid}\) exited with status -9"):
+                round_(pool, Capturing(parent, lambda: os.kill(victim.pid, signal.SIGKILL)))
+            assert not outliving(started, timeout=10)
+        if when == "between rounds":
+            with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(pid {victim.pid}\) exited with status -9"):
+                round_(pool, parent)
+        result = round_(pool, parent)  # the replacement serves
+        assert [g.token_ids for g in result.generations] == expected()
+
+
+def test_what_a_killed_fork_childs_engine_started_ends_with_it(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", worker_env()["PYTHONPATH"])
+    from pool_engines import ToyWithAProcess
+
+    engine = ToyWithAProcess.start(**CONFIG)
+    try:
+        engine.generate(TRUNK, PARAMS)
+        [child] = fork(engine, 1, context=TRUNK, processes=True)
+        started = descendants(child.process.pid)
+        assert len(engines_own(started)) == 1
+        os.kill(child.process.pid, signal.SIGKILL)
+        assert not outliving(started, timeout=10)
+        with pytest.raises(RuntimeError, match=r"exited with status -9 \(killed by SIGKILL\)"):
+            child.generate(TRUNK + [41], PARAMS)
+        child.close()
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("dies", [False, True])
+def test_close_from_another_thread_while_a_round_runs(parent, dies):
+    """close() while a round runs (not only while one waits for the lock): the round ends as it would have
+    (its results, or PoolWorkerDied for a worker that died in it), no replacement is started for a worker that
+    died in it, and once close() returns no worker is running."""
+    closing = threading.Thread(target=lambda: pool.close())
+
+    def close_meanwhile():
+        if dies:
+            os.kill(pool._workers[1].process.pid, signal.SIGKILL)
+        closing.start()
+        while not pool._closed:  # close() has begun; it waits for this round to end
+            time.sleep(0.001)
+
+    pool = ForkPool(parent, workers=2)
+    workers = list(pool._workers)
+    try:
+        if dies:
+            with pytest.raises(PoolWorkerDied, match=r"pool worker 1 .* exited with status -9 .*: the fork round "
+                                                     r"failed \(the parent engine is untouched\)$"):  # none replaced
+                round_(pool, Capturing(parent, close_meanwhile))
+        else:
+            result = round_(pool, Capturing(parent, close_meanwhile))
+            assert [g.token_ids for g in result.generations] == expected()
+    finally:
+        closing.join(60)
+    assert not closing.is_alive()
+    assert pool._workers == workers  # no replacement
+    for worker in workers:
+        assert worker.process.poll() is not None and worker.process.stdin.closed and worker.process.stdout.closed
+
+
+def test_a_dead_workers_pipes_are_closed_here_not_by_the_garbage_collector(parent, tmp_path):
+    """Pipes left to the garbage collector print 'ResourceWarning: unclosed file' and, for a stdin holding bytes
+    a dead worker never read, 'Exception ignored ... BrokenPipeError'. Every worker this pool ever started, dead
+    mid-round, failed to start, or stopped by close(), has both pipes closed."""
+    fail = tmp_path / "fail"
+    spec = LaunchSpec("pool_engines:flaky", {"fail_while": str(fail), **CONFIG})
+    printed, hook = [], sys.unraisablehook
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always", ResourceWarning)
+        sys.unraisablehook = printed.append
+        try:
+            pool = ForkPool(spec, workers=2, env=worker_env())
+            started = list(pool._workers)
+            fail.write_text("error")
+            with pytest.raises(PoolWorkerDied):  # worker 1 dies as the round begins; its send finds no reader
+                round_(pool, Capturing(parent, pool._workers[1].process.kill))
+            started.append(pool._workers[1])
+            with pytest.raises(PoolWorkerDied, match="failed to start"):
+                round_(pool, Unread(parent.page_size()))
+            started.append(pool._workers[1])
+            pool.close()
+            for worker in started:
+                assert worker.process.stdin.closed and worker.process.stdout.closed, worker.describe()
+            del pool, started, worker
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
+    assert not printed and not [w for w in warned if issubclass(w.category, ResourceWarning)], (printed, warned)
+
+
+def test_process_fork_started_part_way_leaves_no_child(parent, tmp_path):
+    """fork(..., processes=True) started its children in one list expression: when the OS refused the k-th
+    process, the k-1 already started were never killed. Run in a process of its own with a low open-file limit."""
+    script = tmp_path / "part_way.py"
+    script.write_text(f"""
+import os, resource
+from descendants import descendants
+from thaw_conformance.template.adapter import ToyThawEngine
+from thaw_format.sdk import fork, greedy
+
+engine = ToyThawEngine.start()
+engine.generate({TRUNK}, greedy(1))
+resource.setrlimit(resource.RLIMIT_NOFILE, (30, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    fork(engine, 20, context={TRUNK}, processes=True)
+except OSError as exc:
+    print(type(exc).__name__, exc)
+def command(pid):
+    with open(f"/proc/{{pid}}/cmdline", "rb") as cmdline:
+        return cmdline.read()
+
+# not the process's every child: capture_shared started multiprocessing's resource tracker
+left = [pid for pid in descendants(os.getpid()) if b"thaw_format.sdk.child" in command(pid)]
+print("children left" if left else "no children left")
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **worker_env()})
+    assert proc.returncode == 0, proc.stderr
+    assert "Too many open files" in proc.stdout and proc.stdout.endswith("no children left\n"), proc.stdout

@@ -1,0 +1,50 @@
+"""The processes a process started, and theirs, from /proc (Linux): for tests that kill a process and check that
+nothing it started outlives it."""
+
+import os
+import time
+
+
+def _stat(pid: str) -> tuple[int, str]:
+    """(parent pid, state) of a process; OSError if it is gone."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return int(fields[1]), fields[0]
+
+
+def descendants(pid: int) -> set[int]:
+    """The pids of every living process descended from `pid` (its children, theirs, and so on)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid, state = _stat(entry)
+        except OSError:  # ended meanwhile
+            continue
+        if state != "Z":
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (a zombie has ended: its parent has yet to reap it)."""
+    running = set()
+    for pid in pids:
+        try:
+            if _stat(str(pid))[1] != "Z":
+                running.add(pid)
+        except OSError:
+            pass
+    return running
+
+
+def outliving(pids: set[int], timeout: float) -> set[int]:
+    """Those of `pids` still running after up to `timeout` seconds (empty as soon as none is)."""
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive(pids)

@@ -1,0 +1,49 @@
+"""Engine factories for fork-pool and process-fork tests, on the template's toy engine (numpy, quick to start):
+workers import this module by name (a launch spec's factory), so a test gives them this directory on their
+PYTHONPATH (`worker_env`)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from thaw_conformance.template.adapter import ToyThawEngine
+from thaw_format.sdk import LaunchSpec
+
+HERE = Path(__file__).resolve().parent
+
+
+def worker_env() -> dict:
+    """What a worker's environment needs beyond this process's: this directory, to import this module from."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
+
+
+def flaky(fail_while: str, **config) -> ToyThawEngine:
+    """A toy engine of `config`, unless the file `fail_while` exists: then its start fails as its text says,
+    "error" (the engine raises) or "exit" (the process ends at once, without a word)."""
+    if os.path.exists(fail_while):
+        with open(fail_while) as told:
+            how = told.read()
+        if how == "exit":
+            os._exit(3)
+        raise RuntimeError(f"told to fail by {fail_while}")
+    return ToyThawEngine.start(**config)
+
+
+class ToyWithAProcess(ToyThawEngine):
+    """The toy engine with a process of its own that, like vLLM's engine core, never checks whether its parent
+    is alive: it lives on if this engine's process dies without closing it."""
+
+    @classmethod
+    def start(cls, **config) -> "ToyWithAProcess":
+        engine = super().start(**config)
+        engine.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        return engine
+
+    def launch_spec(self) -> LaunchSpec:
+        return LaunchSpec(f"{__name__}:ToyWithAProcess.start", super().launch_spec().kwargs)
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        super().close()

@@ -1,0 +1,107 @@
+"""An engine in a process of its own, started by the fork pool (a worker) or by process fork (a child).
+
+The process speaks JSON lines on its stdin and stdout. Its engine may start processes of its own: SGLang's
+scheduler and detokenizer, vLLM's engine core in its default multiprocessing mode. When the process dies
+(SIGKILL, the OOM killer), those are not told: vLLM's engine core has no parent-death check and lives on,
+holding its memory, with no one left to stop it. So each engine process leads a new session (`lead_own_group`,
+its first step: its own process group, which the engine's processes join unless they leave it), and once it
+has exited, however it came to, whatever is left of its group is killed; only then is it reaped (before that
+its pid still names the group, so the group cannot be another's). A watcher thread does this as soon as the
+process exits, between rounds too; `wait` and `poll` say the process is done only once it has.
+
+Multiprocessing's resource tracker is started before the new session, outside the group: killed with it, the
+shared memory and semaphores the engine's processes had left to it stayed in /dev/shm (vLLM's engine core:
+about 400 MiB per killed worker); it now outlives them and unlinks what they left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Optional
+
+
+def exit_status(code: int) -> str:
+    """A child process's exit code in words: a negative one names the signal that ended it."""
+    if code < 0:
+        try:
+            return f"status {code} (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return f"status {code}"
+    return f"status {code}"
+
+
+def lead_own_group() -> None:
+    """An engine process's first step (after taking its protocol stream off fd 1, which the tracker would
+    inherit): multiprocessing's resource tracker, then a new session, which the engine's processes join. The
+    tracker's stdin is /dev/null: holding this process's, it kept a dead worker's input pipe open (a send to it
+    went into the pipe instead of failing)."""
+    from multiprocessing import resource_tracker
+
+    stdin, devnull = os.dup(0), os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(devnull, 0)
+        resource_tracker.ensure_running()
+    finally:
+        os.dup2(stdin, 0)
+        os.close(stdin)
+        os.close(devnull)
+    os.setsid()
+
+
+class EngineProcess(subprocess.Popen):
+    """`python -m <module> <config>` with pipes on its stdin and stdout (text), leading its own process group."""
+
+    def __init__(self, module: str, config: str, env: Optional[dict] = None) -> None:
+        self._group_ended = threading.Event()
+        super().__init__([sys.executable, "-m", module, config], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True, env=env)
+        threading.Thread(target=self._end_group_on_exit, name=f"thaw-group-{self.pid}", daemon=True).start()
+
+    def _end_group_on_exit(self) -> None:
+        if hasattr(os, "waitid"):  # its exit, left unreaped (WNOWAIT): its pid still names its group
+            with contextlib.suppress(ChildProcessError):  # reaped by an os.wait of someone else's
+                os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # none left / one that left for root
+                os.killpg(self.pid, signal.SIGKILL)
+        self._group_ended.set()  # without waitid (not every Unix's Python): kill() still ends the whole group
+
+    def poll(self) -> Optional[int]:
+        return super().poll() if self._group_ended.is_set() else None
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        if not self._group_ended.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return super().wait()
+
+    def kill(self) -> None:
+        """SIGKILL the process and every process of its group."""
+        if self.returncode is None:  # not reaped: its pid is still its group's
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)
+                except ProcessLookupError:  # it has no group of its own yet (lead_own_group is to come)
+                    os.kill(self.pid, signal.SIGKILL)
+
+    def kill_quietly(self) -> None:
+        """Kill it, reap it, and close its pipes quietly: after a failed send, closing stdin flushes the bytes
+        still buffered and raises BrokenPipeError (printed by the garbage collector if left to it)."""
+        self.kill()
+        self.wait()
+        for pipe in (self.stdin, self.stdout):
+            with contextlib.suppress(OSError, ValueError):
+                pipe.close()
+
+    def end(self, timeout: float) -> None:
+        """Close its input (an engine process closes its engine and exits at the end of its input) and wait up to
+        `timeout` seconds; killed if it has not ended by then (one stuck in its engine would outlive us, holding
+        its memory). Its pipes are closed in any case."""
+        if self.poll() is None:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # killed below if it has not ended
+                self.stdin.close()
+                self.wait(timeout=timeout)
+        self.kill_quietly()
