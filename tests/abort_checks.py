@@ -119,8 +119,8 @@ def check_restored(engine) -> None:
     for _ in range(3):
         engine.step()
     snapshot = engine.capture(include_weights=False)
-    engine.finish()
-    engine.progress()
+    assert set(engine.finish()) == {r}
+    assert engine.progress() == {}, "finish() left a Progress of the request it finished, reported after it"
     resumed = [x.request_id for x in engine.restore(snapshot)]
     assert resumed == [r], resumed
     assert engine.abort(r) is True

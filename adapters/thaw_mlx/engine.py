@@ -217,6 +217,7 @@ class MLXEngine(SharedKV):
                 request.advance()
             self.sessions.append(request.session)
             done[rid] = Finished(rid, request.output, request.cached)
+            self._progress.pop(rid, None)  # finished here: gone, not reported again
         return done
 
     # --- state ---

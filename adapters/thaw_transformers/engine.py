@@ -144,6 +144,7 @@ class TransformersEngine(SharedKV):
             run = self.requests.pop(rid)
             self._run_to_end(run)
             done[rid] = Finished(rid, run.output, run.cached_tokens)
+            self._progress.pop(rid, None)  # finished here: gone, not reported again
         return done
 
     def _new_id(self) -> str:

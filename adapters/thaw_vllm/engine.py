@@ -107,9 +107,10 @@ class VLLMEngine:
             self._previous.update({r.request_id: r.previous_output_token_ids for r in requests})
         done = run_to_completion(self.llm, self._previous,
                                  None if requests is None else [r.request_id for r in requests])
-        for rid in done:
+        for rid in done:  # finished here: gone (a Progress a step made of it is not reported again)
             self._previous.pop(rid, None)
             self._latest.pop(rid, None)
+            self._progress.pop(rid, None)
         return done
 
     def capture(self, *, include_weights: bool = True, chains=None) -> thaw_format.Snapshot:

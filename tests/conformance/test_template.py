@@ -98,3 +98,38 @@ def test_the_template_aborts_as_the_contract_says():
     """The checks every engine's abort passes (tests/abort_checks.py), on the template an author starts from."""
     engine = ToyThawEngine.start(vocab_size=1024)  # the checks' prompts use ids below 1000
     check_abort(engine, lambda: len(engine.engine.running))
+
+
+def test_the_template_finish_of_some_requests_loses_none_of_the_others():
+    """finish(requests) steps every request in flight: one it was not asked for that finishes meanwhile is
+    reported by progress() (it used to vanish), and the ones it returns are not reported again."""
+    from thaw_format import SamplingParams
+
+    engine = ToyThawEngine.start(vocab_size=1024)
+    long = engine.submit([5, 6, 7], SamplingParams(max_tokens=8, temperature=0.0))
+    short = engine.submit([8, 9], SamplingParams(max_tokens=2, temperature=0.0))
+    engine.step()
+    snapshot = engine.capture(include_weights=False)
+    engine.finish()  # restore needs an idle engine
+    resumed = engine.restore(snapshot)
+    assert sorted(r.request_id for r in resumed) == sorted([long, short])
+    done = engine.finish([r for r in resumed if r.request_id == long])
+    assert set(done) == {long} and len(done[long].output_token_ids) == 8
+    reported = engine.progress()
+    assert set(reported) == {short} and reported[short].finished and len(reported[short].token_ids) == 2
+    assert engine.finish() == {} and engine.progress() == {}
+
+
+def test_a_template_capture_does_not_change_as_the_engine_goes_on():
+    """The snapshot's request held the engine's own lists: finishing the request after the capture grew the
+    captured output (a restore then resumed it from its end)."""
+    from thaw_format import SamplingParams
+
+    engine = ToyThawEngine.start(vocab_size=1024)
+    engine.submit([5, 6, 7], SamplingParams(max_tokens=8, temperature=0.0))
+    engine.step()
+    snapshot = engine.capture(include_weights=False)
+    (request,) = snapshot.scheduler.requests
+    captured = (list(request.output_token_ids), list(request.sampling.extra["logprobs"]))
+    engine.finish()
+    assert (request.output_token_ids, request.sampling.extra["logprobs"]) == captured

@@ -43,8 +43,9 @@ Rules the callers rely on (conformance/README.md says which check proves each, a
   may itself run the request's prefill, giving its first token (SGLang's does): a request of max_tokens=1 may then
   be finished when `submit` returns, its last Progress waiting for the next `progress()`, and the step after that
   lets it go. Each request gets exactly the tokens it gets alone (a batch changes no token), and a request's last
-  Progress (finished=True) is reported once. Generation stops at `max_tokens`, at a token of `stop_token_ids` (which
-  ends the output), or at the model's end of sequence unless `ignore_eos`. A request the engine refuses only once
+  Progress (finished=True) is reported once. A request `finish` returns is gone: `progress()` reports none of it
+  after (what a step had made of it is dropped). Generation stops at `max_tokens`, at a token of `stop_token_ids`
+  (which ends the output), or at the model's end of sequence unless `ignore_eos`. A request the engine refuses only once
   its turn comes (after `submit` returned) makes `step` raise `Refused` naming it, having changed nothing else: the
   other requests go on at the next step.
 - "streaming" includes `abort(request_id)` (a caller that streams may leave): the request, queued or running, leaves

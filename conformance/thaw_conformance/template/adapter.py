@@ -97,10 +97,11 @@ def capture(engine: ToyEngine, *, include_weights: bool = True) -> Snapshot:
 
 
 def _request(request: ToyRequest, pages: list[int]) -> Request:
+    # copies: the engine goes on appending to the request's lists, and a snapshot must not change after capture
     sampling = SamplingParams(temperature=request.temperature, max_tokens=request.max_tokens,
-                              extra={"logprobs": request.logprobs, "cached_tokens": request.cached_tokens})
-    return Request(request.id, "running", request.prompt, request.output, sampling, request.num_computed, pages,
-                   rng_state=None if request.rng is None else from_numpy(_rng_bytes(request.rng)))
+                              extra={"logprobs": list(request.logprobs), "cached_tokens": request.cached_tokens})
+    return Request(request.id, "running", list(request.prompt), list(request.output), sampling, request.num_computed,
+                   pages, rng_state=None if request.rng is None else from_numpy(_rng_bytes(request.rng)))
 
 
 def check(engine: ToyEngine, snapshot: Snapshot) -> None:
@@ -256,8 +257,13 @@ class ToyThawEngine(SharedKV):
         wanted = None if requests is None else {r.request_id for r in requests}
         done = {}
         while self.engine.running and (wanted is None or not wanted <= done.keys()):
-            done.update({r.id: Finished(r.id, r.output, r.cached_tokens) for r in self.engine.step()})
-        return done if wanted is None else {k: v for k, v in done.items() if k in wanted}
+            for rid in self.step():  # every request advances: one that is not wanted is reported by progress()
+                last = self._progress[rid]
+                done[rid] = Finished(rid, last.token_ids, last.cached_tokens)
+        returned = done if wanted is None else {k: v for k, v in done.items() if k in wanted}
+        for rid in returned:  # finished here: gone, not reported again
+            self._progress.pop(rid, None)
+        return returned
 
     def fork(self, n: int, *, context, processes: bool = False) -> list:
         return fork(self, n, context=context, processes=processes)
