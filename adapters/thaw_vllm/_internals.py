@@ -169,6 +169,14 @@ def attention_backends(worker) -> list[tuple[str, str | None, str]]:
     return out
 
 
+def allow_amx_tiles() -> None:
+    """Ask the kernel for this process's AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, through torch), as oneDNN
+    does before its first AMX matmul. vLLM's CPU attention on the `amx` ISA runs AMX tile instructions without
+    asking and relies on oneDNN having asked first: on an Intel CPU with AMX, a fresh process whose first forward
+    was a restored request's died there with SIGILL (tests/vllm/test_midstream.py, bfloat16). Idempotent."""
+    torch.cpu._init_amx()
+
+
 def cpu_attn_write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, isa: str) -> None:
     """Write K and V [tokens, kv_heads, head_dim] into `slots` (block * block_size + offset) of a CPU attention
     cache with vLLM's own writer, exactly as CPUAttentionBackendImpl.do_kv_cache_update calls it: the block is

@@ -69,6 +69,8 @@ def engine_layout(worker) -> tuple[list[torch.Tensor], NativeLayout]:
                                   f"(ISA {isa})")
     if kv_cache_dtype != "auto":
         raise NotImplementedError(f"kv_cache_dtype={kv_cache_dtype!r}: thaw_vllm does not map quantized KV caches")
+    if isa == "amx":
+        _internals.allow_amx_tiles()
     ((heads, block_size, width), dtype) = shapes.pop()
     if block_size != worker.vllm_config.cache_config.block_size:
         raise NotImplementedError(f"the KV tensors hold blocks of {block_size} tokens, the scheduler's blocks are "

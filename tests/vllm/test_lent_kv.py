@@ -58,9 +58,10 @@ def test_lent_pages_are_byte_identical_to_the_in_process_path(engine, greedy):
     generate(engine, trunk, greedy)
     local = thaw_vllm.capture(engine, include_weights=False, chains=[trunk])
     borrowed = lent_capture(engine, [trunk])
-    # vLLM picks the ISA per machine and dtype (vec for both dtypes on this machine's AVX-512 CPU, vec16 where
-    # it lacks it): the comparison holds for whichever layout the engine uses, named here.
-    assert borrowed.engine.native_kv_layout.split(":")[0] in ("CPU_ATTN isa=vec", "CPU_ATTN isa=vec16")
+    # vLLM picks the ISA per machine and dtype (vec on an AVX-512 CPU, vec16 without it, amx for bfloat16 on an
+    # Intel CPU with AMX): the comparison holds for whichever layout the engine uses, named here.
+    assert borrowed.engine.native_kv_layout.split(":")[0] in ("CPU_ATTN isa=vec", "CPU_ATTN isa=vec16",
+                                                              "CPU_ATTN isa=amx")
     assert borrowed.engine.native_kv_layout == local.engine.native_kv_layout
     assert borrowed.kv.num_pages == local.kv.num_pages == 200 // 32
     assert kv_bytes(borrowed) == kv_bytes(local)
