@@ -396,12 +396,21 @@ def test_a_fills_own_error_keeps_its_name_and_a_write_error_names_the_target(tmp
     assert caught.value.errno == errno.ENODEV and caught.value.filename is None
     assert os.listdir(tmp_path) == []
 
-    def full(fd, data, offset):
+    # The disk fills at the filled region: the stage's write on the save's writer thread fails (the header's, on
+    # the calling thread, goes through), its error re-raised by the save through the thread's future.
+    region_offset, failed_on = EncodedSnapshot(snapshot).layout.regions[0].offset, []
+    pwrite = os.pwrite
+
+    def full_from_the_region(fd, data, offset):
+        if offset < region_offset:
+            return pwrite(fd, data, offset)
+        failed_on.append(threading.current_thread().name)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "pwrite", full_from_the_region)
     copy = {"weights/w": lambda target, chunk_size: mover.copy_with_crcs(data.data, target, chunk_size)}
     with pytest.raises(OSError) as caught:
         EncodedSnapshot(snapshot).save(path, fill=copy)
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == path
     assert os.listdir(tmp_path) == []
+    assert failed_on and all(name.startswith("thaw-save") for name in failed_on), failed_on
