@@ -49,15 +49,21 @@ def _unlinked(client: subprocess.Popen, instance: str) -> str:
     return path
 
 
+def _running(pid: int) -> bool:
+    """Whether the process exists and is no zombie (PID 1 here reaps no orphan: a dead one stays a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"  # the state follows the command name, which may hold ")"
+
+
 def _wait_gone(pids: list[int]) -> None:
     """Until none of these processes (the killed client's, not this process's children) runs any more."""
     deadline = time.monotonic() + GONE
     for pid in pids:
-        while True:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
+        while _running(pid):
             assert time.monotonic() < deadline, f"process {pid} still runs {GONE} s after its client was killed"
             time.sleep(0.2)
 
