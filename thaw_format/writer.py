@@ -8,7 +8,9 @@ into its region and returns the region's chunk CRCs, so an engine's KV pages rea
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import inspect
 import io
 import math
 import mmap
@@ -31,10 +33,11 @@ from .tensor import Tensor
 Progress = Optional[Callable[[int], None]]
 # Writes one tensor's bytes into the view it is given (its region) and returns the CRC32C of each chunk of
 # the given size, computed while writing. A fill that can also write straight into a file has a method
-# to_file(fd, offset, chunk_size, progress) -> (bytes written, the same CRCs), which EncodedSnapshot.save calls
-# instead of staging: it writes the region from `offset` on, and the save is refused unless it wrote the region's
-# length; `progress` (None: no hook) takes the bytes written as it goes (what it leaves unreported is reported
-# when it returns).
+# to_file(fd, offset, chunk_size, progress=None) -> (bytes written, the same CRCs), which EncodedSnapshot.save
+# calls instead of staging: it writes the region from `offset` on, and the save is refused unless it wrote the
+# region's length; `progress` (None: no hook) takes the bytes written as it goes (what it leaves unreported is
+# reported when it returns). A to_file without a `progress` parameter (the three-argument form fills had
+# before) is called without one, its region reported whole when it returns.
 Fill = Callable[[memoryview, int], array]
 
 
@@ -180,6 +183,7 @@ class EncodedSnapshot:
         path = os.fsdecode(path)  # str, bytes or os.PathLike, as load takes
         directory = _check_target(path)
         fd, tmp = _create_beside(path, directory)
+        progress = _hook_of_its_own(progress)
         try:
             if fill:
                 snapshot_id = self._write_staged(fd, fill, progress, durable)
@@ -266,8 +270,28 @@ def _checked(name: str, crcs: array, region) -> array:
 def _staged(name: str, fill: Fill, stage: memoryview, region) -> array:
     """The CRCs of a fill into a stage buffer. It writes memory, not the file: an OSError it raises is about
     something of its own, and keeps its name, or its lack of one (_naming_target)."""
-    try:
+    with _not_the_target():
         return _checked(name, fill(stage, region.chunk_size), region)
+
+
+def _hook_of_its_own(progress: Progress) -> Progress:
+    """The user's progress hook, an OSError it raises (a BrokenPipeError printing to a closed pipe) kept its own:
+    about no file of the save's, never renamed to the target (_naming_target)."""
+    if progress is None:
+        return None
+
+    def hook(nbytes: int) -> None:
+        with _not_the_target():
+            progress(nbytes)
+
+    return hook
+
+
+@contextlib.contextmanager
+def _not_the_target():
+    """Marks an OSError raised inside as about something other than the file being saved (_naming_target)."""
+    try:
+        yield
     except OSError as exc:
         setattr(exc, _NOT_THE_TARGET, True)
         raise
@@ -283,12 +307,20 @@ def _write_to_file(fd: int, name: str, fill, region, progress: Progress) -> arra
         reported[0] += nbytes
         progress(nbytes)
 
-    written, crcs = fill.to_file(fd, region.offset, region.chunk_size, report if progress else None)
+    if _takes_progress(fill.to_file):
+        written, crcs = fill.to_file(fd, region.offset, region.chunk_size, progress=report if progress else None)
+    else:  # a to_file written before fills took the hook: its region is reported when it returns
+        written, crcs = fill.to_file(fd, region.offset, region.chunk_size)
     if written != region.length:
         raise ValueError(f"fill of {name!r} wrote {written} bytes into its {region.length}-byte region")
     if progress and reported[0] < region.length:
         progress(region.length - reported[0])
     return _checked(name, crcs, region)
+
+
+def _takes_progress(to_file) -> bool:
+    parameters = inspect.signature(to_file).parameters
+    return "progress" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def _write_out(fd: int, data: memoryview, region, durable: bool, progress: Progress) -> None:
@@ -375,7 +407,7 @@ def _create_beside(path: str, directory: str) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name beside {path!r}")
 
 
-# Set on an OSError a staged fill raised: about the fill's own affairs, never the file being saved.
+# Set on an OSError a staged fill or the progress hook raised: about their own affairs, never the file being saved.
 _NOT_THE_TARGET = "_thaw_not_the_target"
 
 
@@ -383,7 +415,8 @@ def _naming_target(exc: OSError, path: str, tmp: str) -> OSError:
     """`exc`, when it names the temporary file (or no file: a write's ENOSPC), as the same error with the same
     errno and strerror naming the user's `path`, raised from the same frames: the temporary is gone, and its name
     means nothing to them. An error of a class not built in (a fill's RemoteReadError: its own constructor), or
-    one a staged fill raised (_staged: about no file of the save's, its missing name is no cue), is `exc` itself."""
+    one a staged fill or the progress hook raised (_not_the_target: about no file of the save's, its missing name
+    is no cue), is `exc` itself."""
     if exc.errno is None or exc.filename not in (None, tmp) or type(exc).__module__ != "builtins" \
             or getattr(exc, _NOT_THE_TARGET, False):
         return exc

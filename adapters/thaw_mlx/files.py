@@ -73,7 +73,7 @@ class _PagedFill:
     def __call__(self, out, chunk_size: int):
         return gather_into(*self.pages, out, chunk_size)
 
-    def to_file(self, fd: int, offset: int, chunk_size: int, progress):
+    def to_file(self, fd: int, offset: int, chunk_size: int, progress=None):
         return gather_to_file(*self.pages, fd, offset, chunk_size, progress)
 
 

@@ -279,17 +279,22 @@ def engine_processes_alive(engine) -> bool:
         return False
 
 
-def unlink_load_report(scheduler) -> None:
+def unlink_load_report(scheduler) -> str | None:
     """Unlink the scheduler's load-report file (/dev/shm/sglang_loads_<instance id>_<digest>.shm) as soon as SGLang
     has made it: the scheduler writes it through the descriptor it holds, and the kernel frees it when the last
     process holding it ends, however it ends. SGLang never unlinks it, so a client SIGKILLed, or an engine that
     failed to start after this point, left it behind for good. Its readers are SGLang's HTTP server (/v1/loads)
     and its dispatcher over several DP ranks: an Engine serves neither with one rank, and then no one needs its
-    name. With several, the dispatcher opens it by name: it stays until the engine shuts down."""
+    name. With several, the dispatcher opens it by name: it stays until the engine shuts down. The path unlinked,
+    or None (none made, gone already, or kept for the dispatcher)."""
     writer = scheduler.load_snapshot_writer
-    if isinstance(writer, ShmLoadSnapshotWriter) and get_parallel().num_dp_ranks == 1:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(writer.path)
+    if not isinstance(writer, ShmLoadSnapshotWriter) or get_parallel().num_dp_ranks != 1:
+        return None
+    try:
+        os.unlink(writer.path)
+    except FileNotFoundError:
+        return None
+    return writer.path
 
 
 def stop_engine_processes(engine) -> None:

@@ -25,11 +25,13 @@ class ThawScheduler(_internals.SleepsWhilePaused):
     thaw_weights_digest: str | None = None
     # Batches left before the engine pauses itself (thaw_run_batches); None: it runs until told to pause.
     thaw_batches_left: int | None = None
+    # The load-report file whose name it unlinked (_internals.unlink_load_report), for tests to check.
+    thaw_unlinked_load_report: str | None = None
 
     def init_ipc_channels(self, port_args):
         """SGLang's own, which makes the load-report file; then its name goes (_internals.unlink_load_report)."""
         super().init_ipc_channels(port_args)
-        _internals.unlink_load_report(self)
+        self.thaw_unlinked_load_report = _internals.unlink_load_report(self)
 
     def process_batch_result(self, batch, result):
         """SGLang's own processing (a batch's tokens go out), then the self-pause thaw_run_batches asked for.
@@ -114,6 +116,9 @@ class ThawScheduler(_internals.SleepsWhilePaused):
 
     def thaw_free_slots(self, result: str) -> None:
         rpc.report(result, lambda: _internals.free_slots(self))
+
+    def thaw_unlinked_load_report_path(self, result: str) -> None:
+        rpc.report(result, lambda: self.thaw_unlinked_load_report)
 
     def thaw_page_size(self, result: str) -> None:
         rpc.report(result, lambda: _internals.engine_page_size(self))

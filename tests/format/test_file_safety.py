@@ -205,7 +205,7 @@ class _ToFile:
     def __call__(self, target, chunk_size):
         raise AssertionError("the writer stages a fill that can write to the file itself")
 
-    def to_file(self, fd, offset, chunk_size, progress):
+    def to_file(self, fd, offset, chunk_size, progress=None):
         from thaw_format import mover
 
         written = self.data + b"\xff" * self.extra if self.extra > 0 else self.data[: len(self.data) + self.extra]
@@ -396,12 +396,62 @@ def test_a_fills_own_error_keeps_its_name_and_a_write_error_names_the_target(tmp
     assert caught.value.errno == errno.ENODEV and caught.value.filename is None
     assert os.listdir(tmp_path) == []
 
-    def full(fd, data, offset):
+    # The disk fills at the filled region: the stage's write on the save's writer thread fails (the header's, on
+    # the calling thread, goes through), its error re-raised by the save through the thread's future.
+    region_offset, failed_on = EncodedSnapshot(snapshot).layout.regions[0].offset, []
+    pwrite = os.pwrite
+
+    def full_from_the_region(fd, data, offset):
+        if offset < region_offset:
+            return pwrite(fd, data, offset)
+        failed_on.append(threading.current_thread().name)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "pwrite", full_from_the_region)
     copy = {"weights/w": lambda target, chunk_size: mover.copy_with_crcs(data.data, target, chunk_size)}
     with pytest.raises(OSError) as caught:
         EncodedSnapshot(snapshot).save(path, fill=copy)
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == path
     assert os.listdir(tmp_path) == []
+    assert failed_on and all(name.startswith("thaw-save") for name in failed_on), failed_on
+
+
+class _ThreeArgumentToFile(_ToFile):
+    def to_file(self, fd, offset, chunk_size):  # the form fills had before to_file took the progress hook
+        return super().to_file(fd, offset, chunk_size)
+
+
+@pytest.mark.parametrize("written_by", ["the save", "a staged fill", "to_file", "a three-argument to_file"])
+def test_a_progress_hooks_own_error_is_not_renamed_to_the_target(tmp_path, written_by):
+    """A hook printing to a closed pipe raises BrokenPipeError, naming no file: it is the hook's, not the file's,
+    wherever the hook is called from (the save's writes, its writer thread, a to_file's return)."""
+    from thaw_format import mover
+    from thaw_format.writer import EncodedSnapshot, deferred_tensor
+
+    data = labelled("A").weights.tensors["w"].data
+    deferred = tf.Snapshot(weights=tf.Weights({"w": deferred_tensor("uint8", (len(data),))}))
+    fill = {"a staged fill": lambda target, chunk_size: mover.copy_with_crcs(data, target, chunk_size),
+            "to_file": _ToFile(data, 0), "a three-argument to_file": _ThreeArgumentToFile(data, 0)}
+    path = str(tmp_path / "s.thaw")
+
+    def closed_pipe(nbytes):
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    with pytest.raises(BrokenPipeError) as caught:
+        if written_by == "the save":
+            tf.save(labelled("A"), path, progress=closed_pipe)
+        else:
+            EncodedSnapshot(deferred).save(path, closed_pipe, fill={"weights/w": fill[written_by]})
+    assert caught.value.filename is None  # was the target's
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_three_argument_to_file_still_saves_and_is_reported_when_it_returns(tmp_path):
+    from thaw_format.writer import EncodedSnapshot, deferred_tensor
+
+    whole = labelled("A")
+    data = whole.weights.tensors["w"].data
+    deferred = tf.Snapshot(weights=tf.Weights({"w": deferred_tensor("uint8", (len(data),))}), lineage=whole.lineage)
+    path, calls = tmp_path / "s.thaw", []
+    EncodedSnapshot(deferred).save(path, calls.append, fill={"weights/w": _ThreeArgumentToFile(data, 0)})
+    assert path.read_bytes() == tf.dumps(whole) and calls == [len(data)]

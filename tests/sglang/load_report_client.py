@@ -1,5 +1,6 @@
 """A client process for test_load_report.py. It starts a ThawEngine on the model folder given and prints JSON
 lines: {"instance": id} as soon as SGLang has named the engine's instance (before any engine process starts), then
+{"unlinked": path or null} from the scheduler process once it has unlinked its load-report file, then
 {"children": [pids]} once the engine has served a request (and waits to be killed), or {"failed": message} if the
 start raised. A scheduler that fails while starting has SGLang end this process (SIGQUIT, then SIGKILL from
 SGLang's own handler) before a word more."""
@@ -9,13 +10,29 @@ import os
 import sys
 import time
 
+os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+from thaw_sglang import _internals  # noqa: E402
+
 
 def say(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
+_unlink_load_report = _internals.unlink_load_report
+
+
+def _unlink_and_say(scheduler):
+    """In the scheduler process (SGLang spawns it, which runs this file's top level there too): says what the
+    scheduler unlinked, on the stdout it shares with this client."""
+    unlinked = _unlink_load_report(scheduler)
+    say(unlinked=unlinked)
+    return unlinked
+
+
+_internals.unlink_load_report = _unlink_and_say
+
+
 def main(model_path: str, engine_args: dict) -> None:
-    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
     from sglang.srt.server_args import PortArgs
 
     import thaw_sglang

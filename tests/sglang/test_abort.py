@@ -2,7 +2,8 @@
 request holds and SGLang's own pool-leak check once idle; the batch budget (ThawEngine.run_batches) across a
 request's last result: SGLang's overlap scheduler runs one more batch for a request before it processes the result
 that finishes it, and that batch's result, which gives no token, must not use up the batch allowed to the request
-after it; and finish(), after which progress() reports nothing of what it finished. One engine for the module."""
+after it; and finish(), after which progress() reports nothing of what it finished. One engine for the module:
+each test leaves it unpaused and idle, even when it fails, so a failure is not passed on to the tests after it."""
 
 import threading
 
@@ -49,22 +50,26 @@ def test_the_result_after_an_aborted_request_finished_uses_no_batch_of_the_next(
     engine = contract.engine
     engine.run_batches(1)
     params = {"temperature": 0.0, "max_new_tokens": 50, "ignore_eos": True}
-    stream = engine.generate(input_ids=A, sampling_params=params, stream=True, rid="left")
-    chunk = next(stream)  # its prefill
-    for _ in range(2):  # decoding, a batch at a time: paused with its next batch run, its result not processed
-        engine.run_batches(1)
-        chunk = next(stream)
-    engine.abort("left")
-    while not _finished(chunk):  # the result that finishes it; the batch run after it is then pending
-        engine.run_batches(1)
-        chunk = next(stream)
-    assert chunk["meta_info"]["finish_reason"]["type"] == "abort"
-    assert list(stream) == []
-    engine.run_batches(1)  # the next request's prefill, not the aborted request's last batch
-    second = _first_chunk(engine, B, 4)
-    assert second is not None, "the next request's prefill never ran: the aborted request's last batch took its turn"
-    assert len(second["output_ids"]) == 1
-    engine.unpause()
+    try:
+        stream = engine.generate(input_ids=A, sampling_params=params, stream=True, rid="left")
+        chunk = next(stream)  # its prefill
+        for _ in range(2):  # decoding, a batch at a time: paused with its next batch run, its result not processed
+            engine.run_batches(1)
+            chunk = next(stream)
+        engine.abort("left")
+        while not _finished(chunk):  # the result that finishes it; the batch run after it is then pending
+            engine.run_batches(1)
+            chunk = next(stream)
+        assert chunk["meta_info"]["finish_reason"]["type"] == "abort"
+        assert list(stream) == []
+        engine.run_batches(1)  # the next request's prefill, not the aborted request's last batch
+        second = _first_chunk(engine, B, 4)
+        assert second is not None, \
+            "the next request's prefill never ran: the aborted request's last batch took its turn"
+        assert len(second["output_ids"]) == 1
+    finally:
+        engine.abort("left")  # a no-op once it ended; else it would run its 50 tokens beside the next test's
+        engine.unpause()  # the second request (4 tokens) then ends by itself
     assert engine.leak_warnings() == 0
 
 
@@ -73,8 +78,11 @@ def test_finish_leaves_nothing_for_progress_to_report_again(contract):
     the next progress(), which then reported a request long finished as running."""
     engine = contract
     stepped, queued = engine.submit(A, LONG), engine.submit(B, LONG)
-    engine.step()  # the stepped request's second token; the queued one waits its turn
-    done = engine.finish()
-    assert set(done) == {stepped, queued}
-    assert engine.progress() == {}
+    try:
+        engine.step()  # the stepped request's second token; the queued one waits its turn
+        done = engine.finish()
+        assert set(done) == {stepped, queued}
+        assert engine.progress() == {}
+    finally:
+        engine.finish()  # what a failure left submitted (nothing once finished): the engine unpaused and idle
     assert engine.engine.leak_warnings() == 0

@@ -41,15 +41,29 @@ def _said(client: subprocess.Popen) -> dict:
     return json.loads(line) if line else {}
 
 
+def _unlinked(client: subprocess.Popen, instance: str) -> str:
+    """The load-report file the engine's scheduler said it unlinked: one SGLang made, for this instance (a file
+    SGLang no longer makes, or renamed, fails here rather than leaving the checks after vacuous)."""
+    path = _said(client).get("unlinked")
+    assert path and instance in os.path.basename(path), f"the scheduler unlinked no load-report file: {path!r}"
+    return path
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and is no zombie (PID 1 here reaps no orphan: a dead one stays a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"  # the state follows the command name, which may hold ")"
+
+
 def _wait_gone(pids: list[int]) -> None:
     """Until none of these processes (the killed client's, not this process's children) runs any more."""
     deadline = time.monotonic() + GONE
     for pid in pids:
-        while True:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
+        while _running(pid):
             assert time.monotonic() < deadline, f"process {pid} still runs {GONE} s after its client was killed"
             time.sleep(0.2)
 
@@ -58,6 +72,7 @@ def test_a_client_killed_leaves_no_load_report_file(thaw_sglang, zoo):
     client = _client(zoo.make_model("llama"))
     try:
         instance = _said(client)["instance"]
+        unlinked = _unlinked(client, instance)
         served = _said(client)
         assert "children" in served, served
     finally:
@@ -65,7 +80,8 @@ def test_a_client_killed_leaves_no_load_report_file(thaw_sglang, zoo):
         client.wait()
         client.stdout.close()
     _wait_gone(served["children"])
-    assert _files_of(instance) == [], "the SIGKILLed client's engine left its load-report file in /dev/shm"
+    assert _files_of(instance) == [] and not os.path.exists(unlinked), \
+        "the SIGKILLed client's engine left its load-report file in /dev/shm"
 
 
 def test_an_engine_that_fails_after_its_scheduler_started_leaves_no_load_report_file(thaw_sglang, zoo, tmp_path):
@@ -75,9 +91,11 @@ def test_an_engine_that_fails_after_its_scheduler_started_leaves_no_load_report_
     client = _client(tmp_path)
     try:
         instance = _said(client)["instance"]
+        unlinked = _unlinked(client, instance)
         assert "children" not in _said(client), "an engine without weights started"
     finally:
         client.kill()
         client.wait(timeout=GONE)
         client.stdout.close()
-    assert _files_of(instance) == [], "the engine that failed to start left its load-report file in /dev/shm"
+    assert _files_of(instance) == [] and not os.path.exists(unlinked), \
+        "the engine that failed to start left its load-report file in /dev/shm"

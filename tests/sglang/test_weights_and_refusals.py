@@ -170,6 +170,11 @@ def test_shutting_down_one_fork_leaves_the_others_running(family, engines, given
     prompt = family.continued_prefix + SUFFIXES[0]
     output, cached = generate(fork, prompt)
     assert output == family.references[0] and cached >= family.restored_prefix_len  # the parent's tree, forked
+    from thaw_sglang import rpc
+
+    unlinked = rpc.call(fork, "thaw_unlinked_load_report_path")
+    assert unlinked and fork.port_args.instance_id in os.path.basename(unlinked), \
+        f"the scheduler unlinked no load-report file of its own: {unlinked!r}"  # else the checks below are vacuous
     assert _shm_entries(fork) == [], "the running engine's load-report file still has its name in /dev/shm"
     fork.shutdown()
     assert _shm_entries(fork) == [], "the shut-down engine left its SGLang files in /dev/shm"
