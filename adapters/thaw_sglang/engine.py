@@ -24,7 +24,8 @@ from typing import Iterator, Optional, Sequence
 
 import thaw_format
 from thaw_format import ModelInfo, Request, SamplingParams, SchedulerState, Snapshot
-from thaw_format.sdk import DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, Progress, Refused, Resumed, fork
+from thaw_format.sdk import (DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, LocalDirectory, Progress, Refused,
+                              Resumed, fork)
 from thaw_format.sdk.contract import check_params
 from thaw_format.sdk.shared import SharedKV
 
@@ -210,6 +211,16 @@ class SGLangEngine(SharedKV):
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list:
         return fork(self, n, context=context, processes=processes)
+
+    # What a snapshot file may set when wake starts this engine (thaw_format.sdk.launch): the plain options an
+    # equal engine needs. No hook, loader, backend or sidecar named by path, no key, no remote or hub model.
+    launch_options = {
+        "model_path": LocalDirectory, "tokenizer_path": LocalDirectory, "dtype": str, "device": str,
+        "attention_backend": str, "skip_tokenizer_init": bool, "max_total_tokens": int, "random_seed": int,
+        "disable_cuda_graph": bool, "sleep_on_idle": bool, "page_size": int, "mem_fraction_static": float,
+        "context_length": int, "tp_size": int, "chunked_prefill_size": int, "max_running_requests": int,
+        "disable_radix_cache": bool, "kv_cache_dtype": str,
+    }
 
     def launch_spec(self) -> LaunchSpec:
         return LaunchSpec(f"{__name__}:SGLangEngine.start", dict(self.engine.engine_kwargs))
