@@ -66,10 +66,15 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         check_params(params)
-        request_id = f"thaw-{next(self._ids)}"
+        request_id = self._new_id()
         self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=[int(t) for t in prompt]),
                                         self._params(params))
         return request_id
+
+    def _new_id(self) -> str:
+        """A fresh id, never one a request in flight holds (a restored request keeps the id of its snapshot)."""
+        in_use = self._previous.keys() | self._latest.keys()
+        return next(i for i in (f"thaw-{n}" for n in self._ids) if i not in in_use)
 
     def step(self) -> dict[str, list[int]]:
         finished = {}
