@@ -41,7 +41,8 @@ class Awake:
 
 
 class SleptNotClosed(RuntimeError):
-    """The snapshot file is complete (and durable), but closing the engine failed (the cause says why)."""
+    """The snapshot file is complete (saved as `sleep` was asked), but closing the engine failed (the cause
+    says why)."""
 
     def __init__(self, snapshot_id: str, path) -> None:
         super().__init__(f"{path} is complete (snapshot {snapshot_id}), but the engine failed to close; it may still "
