@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from thaw_format import ModelInfo, Request, SamplingParams, Snapshot
-from thaw_format.sdk import (DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, Progress, Resumed, Unsupported, fork,
-                             pending_requests)
+from thaw_format.sdk import (DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, LocalDirectory, Progress, Resumed,
+                             Unsupported, fork, pending_requests)
 from thaw_format.sdk.contract import check_params
 from thaw_format.sdk.lent import open_snapshot, verify_unchecked
 from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owned_segment
@@ -340,6 +340,8 @@ class MLXEngine(SharedKV):
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list:
         return fork(self, n, context=context, processes=processes)
+
+    launch_options = {"checkpoint": LocalDirectory}  # what a snapshot file may set (thaw_format.sdk.launch)
 
     def launch_spec(self) -> LaunchSpec:
         if self.checkpoint is None:

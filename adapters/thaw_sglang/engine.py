@@ -13,18 +13,22 @@ Requests submitted meanwhile wait their turn, in order (each runs alone, so its 
 until it comes, a waiting request is not in SGLang but in this adapter's queue, and a capture holds it from there:
 waiting, with no output and no KV.
 A restore's unfinished requests are submitted again by `finish` (SGLang runs them from their tokens so far,
-a prefix-cache hit on the restored KV).
+a prefix-cache hit on the restored KV); until then they too are only in the adapter, and a capture holds them
+from there, as restored.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import thaw_format
 from thaw_format import ModelInfo, Request, SamplingParams, SchedulerState, Snapshot
-from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Refused, Resumed, fork
+from thaw_format.sdk import (Finished, Generation, LaunchSpec, LocalDirectory, Progress, Refused, Resumed,
+                              fork)
 from thaw_format.sdk.contract import check_params
 from thaw_format.sdk.shared import SharedKV
 
@@ -84,11 +88,16 @@ class SGLangEngine(SharedKV):
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> str:
         """Start the request (its prefill gives the first token), or queue it behind the one being stepped."""
         check_params(params)
-        rid = f"thaw-{next(self._ids)}"
-        self.queued[rid] = ([int(t) for t in prompt], params)
+        rid = self._new_id()
+        self.queued[rid] = ([int(t) for t in prompt], copy.deepcopy(params))  # the caller's may change later
         if self.streaming is None:
             self._start_next()
         return rid
+
+    def _new_id(self) -> str:
+        """A fresh id, never one a request in flight holds (a restored request keeps the id of its snapshot)."""
+        in_use = self.queued.keys() | {r.id for r in self.pending} | ({self.streaming.rid} if self.streaming else set())
+        return next(i for i in (f"thaw-{n}" for n in self._ids) if i not in in_use)
 
     def _start_next(self) -> None:
         """Send the first queued request to the paused engine and let it run its prefill alone."""
@@ -173,22 +182,26 @@ class SGLangEngine(SharedKV):
             done[rid] = Finished(rid, list(out["output_ids"]), out["meta_info"]["cached_tokens"])
         run = [r for r in self.pending if wanted is None or r.id in wanted]
         self.pending = [r for r in self.pending if r not in run]
-        if run:
-            inputs, params = zip(*(resume_arguments(r) for r in run))
-            outs = self.engine.generate(input_ids=list(inputs), sampling_params=list(params))
-            for request, out in zip(run, outs):
-                done[request.id] = Finished(request.id, request.output_token_ids + list(out["output_ids"]),
-                                            out["meta_info"]["cached_tokens"])
+        for request in run:  # one at a time, as submitted ones run: each gets exactly the tokens it gets alone
+            input_ids, params = resume_arguments(request)
+            out = self.engine.generate(input_ids=input_ids, sampling_params=params)
+            done[request.id] = Finished(request.id, request.output_token_ids + list(out["output_ids"]),
+                                        out["meta_info"]["cached_tokens"])
         for rid in done:  # what a step reported of them: finished here, they are gone (none reported again)
             self._progress.pop(rid, None)
         return done
 
     def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:
         snapshot = capture(self.engine, include_weights=include_weights, chains=chains)
-        if self.queued:  # in flight for the contract, though not yet in SGLang: waiting, with nothing computed
+        # In flight for the contract, though not in SGLang: the last restore's requests that finish has not sent yet
+        # (as restored: their status and output so far; their KV is in the prefix cache this capture holds, and their
+        # pages were the old snapshot's), and those queued (waiting, with nothing computed).
+        held = [dataclasses.replace(copy.deepcopy(r), pages=[], num_computed_tokens=0) for r in self.pending]
+        held += [Request(rid, "waiting", list(ids), [], copy.deepcopy(params))
+                 for rid, (ids, params) in self.queued.items()]
+        if held:
             snapshot.scheduler = snapshot.scheduler or SchedulerState()
-            snapshot.scheduler.requests += [Request(rid, "waiting", list(ids), [], params)
-                                            for rid, (ids, params) in self.queued.items()]
+            snapshot.scheduler.requests += held
         return snapshot
 
     def capture_shared(self, *, chains=None) -> str:
@@ -213,6 +226,16 @@ class SGLangEngine(SharedKV):
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list:
         return fork(self, n, context=context, processes=processes)
+
+    # What a snapshot file may set when wake starts this engine (thaw_format.sdk.launch): the plain options an
+    # equal engine needs. No hook, loader, backend or sidecar named by path, no key, no remote or hub model.
+    launch_options = {
+        "model_path": LocalDirectory, "tokenizer_path": LocalDirectory, "dtype": str, "device": str,
+        "attention_backend": str, "skip_tokenizer_init": bool, "max_total_tokens": int, "random_seed": int,
+        "disable_cuda_graph": bool, "sleep_on_idle": bool, "page_size": int, "mem_fraction_static": float,
+        "context_length": int, "tp_size": int, "chunked_prefill_size": int, "max_running_requests": int,
+        "disable_radix_cache": bool, "kv_cache_dtype": str,
+    }
 
     def launch_spec(self) -> LaunchSpec:
         return LaunchSpec(f"{__name__}:SGLangEngine.start", dict(self.engine.engine_kwargs))

@@ -38,6 +38,7 @@ from thaw_format.sdk import (
     Finished,
     Generation,
     LaunchSpec,
+    LocalDirectory,
     Progress,
     Resumed,
     Unsupported,
@@ -81,6 +82,9 @@ class TransformersEngine(SharedKV):
               page_size: int = DEFAULT_PAGE_SIZE) -> "TransformersEngine":
         """Load a Hugging Face checkpoint directory with transformers, in `dtype` on `device` ("cuda" on a GPU)."""
         return cls(identity.load(checkpoint, dtype, device), checkpoint=checkpoint, page_size=page_size)
+
+    # what a snapshot file may set when wake starts this engine (thaw_format.sdk.launch): start's arguments
+    launch_options = {"checkpoint": LocalDirectory, "dtype": str, "device": str, "page_size": int}
 
     def launch_spec(self) -> LaunchSpec:
         if self.checkpoint is None:

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import thaw_format
 from thaw_format import ModelInfo, SamplingParams
-from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, fork
+from thaw_format.sdk import Finished, Generation, LaunchSpec, LocalDirectory, Progress, Resumed, fork
 from thaw_format.sdk.contract import check_params
 
 from . import api, sampling
@@ -66,10 +66,15 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         check_params(params)
-        request_id = f"thaw-{next(self._ids)}"
+        request_id = self._new_id()
         self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=[int(t) for t in prompt]),
                                         self._params(params))
         return request_id
+
+    def _new_id(self) -> str:
+        """A fresh id, never one a request in flight holds (a restored request keeps the id of its snapshot)."""
+        in_use = self._previous.keys() | self._latest.keys()
+        return next(i for i in (f"thaw-{n}" for n in self._ids) if i not in in_use)
 
     def step(self) -> dict[str, list[int]]:
         finished = {}
@@ -142,6 +147,15 @@ class VLLMEngine:
 
     def fork(self, n: int, *, context: Sequence[int], processes: bool = False) -> list:
         return fork(self, n, context=context, processes=processes)
+
+    # What a snapshot file may set when wake starts this engine (thaw_format.sdk.launch): the plain options an
+    # equal engine needs. No class, plugin or config named by path, no token, no hub id (the model is a directory).
+    launch_options = {
+        "model": LocalDirectory, "tokenizer": LocalDirectory, "dtype": str, "block_size": int, "max_model_len": int,
+        "enforce_eager": bool, "kv_cache_memory_bytes": int, "gpu_memory_utilization": float, "seed": int,
+        "skip_tokenizer_init": bool, "enable_prefix_caching": bool, "max_num_seqs": int,
+        "max_num_batched_tokens": int, "tensor_parallel_size": int, "kv_cache_dtype": str,
+    }
 
     def launch_spec(self) -> LaunchSpec:
         model, kwargs = api.launch_arguments(self.llm)

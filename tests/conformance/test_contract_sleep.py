@@ -1,7 +1,10 @@
 """thaw_format.sdk.sleep / wake on the template's contract engine: the logic every engine shares (the durable
-file, when the engine is closed, what a failed save or a bad file leaves, which factories a file may name), and
-the shared sleep/wake test (tests/sleep_checks.py), here also with the wake in another process."""
+file, when the engine is closed, what a failed save, a failed close or a bad file leaves, which factories and
+options a file may name), and the shared sleep/wake tests (tests/sleep_checks.py), here also with the wake in
+another process. The template's factory is not among those a file may name in production (factories.REGISTERED):
+these tests add it."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,12 +15,40 @@ import pytest
 
 import thaw_format
 from sleep_checks import PARAMS, PROMPTS, check_woken, run_midway, sleep_midway
-from sleep_checks import in_flight, test_sleep_then_wake_finishes_the_requests_exactly  # noqa: F401  shared
+from sleep_checks import at_sleep, in_flight  # noqa: F401  shared fixtures
+from sleep_checks import test_a_woken_engine_sleeps_again_before_finishing  # noqa: F401  the shared tests
+from sleep_checks import test_sleep_then_wake_finishes_the_requests_exactly  # noqa: F401
 from thaw_conformance.template.adapter import ToyThawEngine
 from thaw_conformance.template.driver import driver
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError
-from thaw_format.sdk import UnregisteredFactory, Unsupported, sleep, wake
+from thaw_format.sdk import (LocalDirectory, RefusedLaunch, SleptNotClosed, Unsupported, greedy, seeded, sleep,
+                             wake)
+from thaw_format.sdk import factories
+from thaw_format.sdk.launch import start_arguments
 from thaw_format.sdk.sleep import LAUNCH_KEY
+
+TEMPLATE = "thaw_conformance.template.adapter:ToyThawEngine.start"
+REGISTER_TEMPLATE = f"from thaw_format.sdk import factories; factories.REGISTERED |= {{{TEMPLATE!r}}}"
+
+
+@pytest.fixture(autouse=True)
+def template_registered(monkeypatch):
+    monkeypatch.setattr(factories, "REGISTERED", factories.REGISTERED | {TEMPLATE})
+
+
+@pytest.fixture
+def wakes():
+    """wake, closing each engine it woke at the end of the test."""
+    engines = []
+
+    def wake_and_keep(*args, **kwargs):
+        awake = wake(*args, **kwargs)
+        engines.append(awake.engine)
+        return awake
+
+    yield wake_and_keep
+    for engine in engines:
+        engine.close()
 
 
 @pytest.fixture
@@ -40,7 +71,10 @@ def started():
         return engines[-1]
 
     start.engines = engines
-    return start
+    start.launch_options = ToyThawEngine.launch_options  # what a file may set for it
+    yield start
+    for engine in engines:
+        engine.close()
 
 
 @pytest.fixture
@@ -63,13 +97,13 @@ def rewritten(path, out, launch: dict):
 def test_the_engine_is_closed_only_once_the_file_is_durably_written(sleeper, tmp_path, monkeypatch):
     engine = sleeper()
     run_midway(engine)
-    open_while_saving, fsyncs = [], []
+    open_while_saving, fsyncs = [], []  # fsyncs: whether the engine was open at each
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(engine.engine is not None), real_fsync(fd))[1])
     path = tmp_path / "slept.thaw"
     snapshot_id = sleep(engine, path, progress=lambda n: open_while_saving.append(engine.engine is not None))
     assert open_while_saving and all(open_while_saving) and engine.engine is None
-    assert len(fsyncs) >= 2  # the file, then its folder (the rename)
+    assert len(fsyncs) >= 2 and all(fsyncs)  # the file, then its folder (the rename), both before the close
     assert thaw_format.verify(path) == snapshot_id and os.listdir(tmp_path) == ["slept.thaw"]
     snapshot = thaw_format.load(path)
     assert not (snapshot.weights and snapshot.weights.tensors) and snapshot.model.weights_digest  # by digest only
@@ -143,56 +177,170 @@ def test_a_model_that_does_not_match_is_refused_and_the_woken_engine_closed(slep
     assert engine.engine is None
 
 
-def test_overrides_replace_the_recorded_arguments(slept, tmp_path, started):
+def test_overrides_replace_the_recorded_arguments(slept, tmp_path, wakes):
     """A file recording the wrong model (a folder that moved, here a seed) wakes with the caller's argument."""
     path, want = slept
     recorded = thaw_format.load(path).metadata[LAUNCH_KEY]
     moved = rewritten(path, tmp_path / "moved.thaw", {**recorded, "kwargs": {**recorded["kwargs"], "seed": 1}})
     with pytest.raises(IncompatibleSnapshotError):
         wake(moved)
-    awake = wake(moved, overrides={"seed": 0})
-    check_woken(awake, want)
+    check_woken(wakes(moved, overrides={"seed": 0}), want)
 
 
-def test_a_factory_not_registered_is_refused_without_importing_it(slept, tmp_path, monkeypatch):
+def test_a_factory_not_registered_is_refused_without_importing_it(slept, tmp_path, monkeypatch, wakes):
     (tmp_path / "planted_factory.py").write_text("import pathlib\npathlib.Path(__file__).with_suffix('.ran').touch()\n"
                                                "raise SystemExit('a snapshot file ran this')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     path, want = slept
     recorded = thaw_format.load(path).metadata[LAUNCH_KEY]
     planted = rewritten(path, tmp_path / "planted.thaw", {**recorded, "factory": "planted_factory:start"})
-    with pytest.raises(UnregisteredFactory, match="'planted_factory:start'.*nothing was imported"):
+    with pytest.raises(RefusedLaunch, match="'planted_factory:start'.*nothing was imported"):
         wake(planted)
     assert not (tmp_path / "planted_factory.ran").exists() and "planted_factory" not in sys.modules
-    check_woken(wake(planted, factory=ToyThawEngine.start), want)  # the caller's own choice is honoured
+    check_woken(wakes(planted, factory=ToyThawEngine.start), want)  # the caller's own choice is honoured
 
 
-def test_a_file_may_not_set_an_option_that_runs_code(slept, tmp_path, started):
-    path, _ = slept
+# What a hostile file might set: options not on the adapter's list (whatever they do), values not plain.
+HOSTILE = {"not listed": {"trust_remote_code": True}, "a hook by name": {"forward_hooks": "os.system"},
+           "not a plain value": {"seed": {"module": "os", "name": "system"}}, "another type": {"seed": "0"}}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_a_file_may_set_only_the_options_its_adapter_lists(slept, tmp_path, started, wakes, case):
+    path, want = slept
     recorded = thaw_format.load(path).metadata[LAUNCH_KEY]
-    remote = rewritten(path, tmp_path / "remote.thaw",
-                       {**recorded, "kwargs": {**recorded["kwargs"], "trust_remote_code": True}})
-    with pytest.raises(UnregisteredFactory, match="trust_remote_code"):
-        wake(remote, factory=started)
+    kwargs = {**recorded["kwargs"], **HOSTILE[case]}
+    hostile = rewritten(path, tmp_path / "hostile.thaw", {**recorded, "kwargs": kwargs})
+    [key] = HOSTILE[case]
+    with pytest.raises(RefusedLaunch, match=f"sets {key}"):
+        wake(hostile, factory=started)
+    with pytest.raises(RefusedLaunch, match=f"sets {key}"):
+        wake(hostile)
     assert started.engines == []
+    safe = {key: 0 if key == "seed" else None}  # the caller's word: its own value, or the default
+    check_woken(wakes(hostile, overrides=safe, factory=tolerant), want)
 
 
-@pytest.mark.parametrize("launch", [None, "thaw_conformance.template.adapter:ToyThawEngine.start",
-                                    {"factory": 3, "kwargs": {}}])
-def test_a_file_without_a_valid_launch_record_is_refused_by_name(slept, tmp_path, launch):
+def tolerant(trust_remote_code=None, forward_hooks=None, **config):
+    """The template's start, taking (and ignoring) the hostile cases' options as None."""
+    return ToyThawEngine.start(**config)
+
+
+tolerant.launch_options = ToyThawEngine.launch_options
+
+
+def test_a_file_with_a_value_that_is_not_plain_imports_no_factory(slept, tmp_path, monkeypatch):
+    """Plain values are checked before a registered factory's module (vLLM's imports vllm and torch) is."""
+    (tmp_path / "heavy_factory.py").write_text("import pathlib\npathlib.Path(__file__).with_suffix('.ran').touch()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(factories, "REGISTERED", factories.REGISTERED | {"heavy_factory:start"})
+    path, _ = slept
+    odd = rewritten(path, tmp_path / "odd.thaw", {"factory": "heavy_factory:start", "kwargs": {"hooks": ["os.system"]}})
+    with pytest.raises(RefusedLaunch, match="hooks=.*not a plain value"):
+        wake(odd)
+    assert not (tmp_path / "heavy_factory.ran").exists()
+
+
+def test_a_model_directory_must_exist_here(tmp_path):
+    """A path option (LocalDirectory) is a directory that exists: never a hub id the engine would download."""
+    options = {"model": LocalDirectory}
+    assert start_arguments({"model": str(tmp_path)}, None, options) == {"model": str(tmp_path)}
+    for elsewhere in ("meta-llama/Llama-3.1-8B", str(tmp_path / "gone")):
+        with pytest.raises(RefusedLaunch, match=f"model='{elsewhere}' \\(not an existing local directory\\)"):
+            start_arguments({"model": elsewhere}, None, options)
+        assert start_arguments({"model": elsewhere}, {"model": str(tmp_path)}, options) == {"model": str(tmp_path)}
+
+
+class WithSecrets(ToyThawEngine):
+    """An engine whose launch arguments hold a secret and an option that is not on its list."""
+
+    def launch_spec(self):
+        spec = super().launch_spec()
+        return type(spec)(spec.factory, {**spec.kwargs, "api_key": "sk-secret", "hf_token": "hf_secret"})
+
+
+def test_sleep_writes_only_the_listed_options(sleeper, tmp_path):
+    engine = WithSecrets(sleeper().engine)
+    path = tmp_path / "slept.thaw"
+    sleep(engine, path)
+    assert set(thaw_format.load(path).metadata[LAUNCH_KEY]["kwargs"]) == set(ToyThawEngine.launch_options)
+    assert b"secret" not in path.read_bytes()
+
+
+def test_an_option_of_the_wrong_type_is_refused_before_anything_is_written(sleeper, tmp_path):
+    class OddSeed(ToyThawEngine):
+        def launch_spec(self):
+            spec = super().launch_spec()
+            return type(spec)(spec.factory, {**spec.kwargs, "seed": [0]})
+
+    engine = OddSeed(sleeper().engine)
+    ids, want = run_midway(engine)
+    with pytest.raises(Unsupported, match=r"seed=\[0\] \(not of type int\)"):
+        sleep(engine, tmp_path / "slept.thaw")
+    assert os.listdir(tmp_path) == [] and engine.engine is not None
+    done = engine.finish()
+    assert [done[rid].output_token_ids for rid in ids] == want
+
+
+def test_a_seeded_request_needs_mid_stream_seeded(sleeper, tmp_path):
+    class NotSeeded(ToyThawEngine):
+        @classmethod
+        def capabilities(cls):
+            return super().capabilities() - {"mid_stream_seeded"}
+
+    greedy_only = NotSeeded(sleeper().engine)
+    greedy_only.submit(PROMPTS[0], greedy(8))
+    greedy_only.step()
+    sleep(greedy_only, tmp_path / "greedy.thaw")  # nothing seeded in flight: it sleeps
+    engine = NotSeeded(sleeper().engine)
+    ids = [engine.submit(PROMPTS[0], greedy(8)), engine.submit(PROMPTS[1], seeded(7, 8))]
+    engine.step()
+    with pytest.raises(Unsupported, match="mid_stream_seeded"):
+        sleep(engine, tmp_path / "seeded.thaw")
+    assert os.listdir(tmp_path) == ["greedy.thaw"] and engine.engine is not None
+    assert engine.finish().keys() == set(ids)
+
+
+class CloseFails(ToyThawEngine):
+    def close(self):
+        super().close()
+        raise OSError("the test's close failure")
+
+
+def test_a_failed_close_after_a_durable_save_says_the_file_is_complete(sleeper, tmp_path, wakes):
+    engine = CloseFails(sleeper().engine)
+    _, want = run_midway(engine)
+    path = tmp_path / "slept.thaw"
+    with pytest.raises(SleptNotClosed, match="is complete") as raised:
+        sleep(engine, path)
+    assert thaw_format.verify(path) == raised.value.snapshot_id
+    assert isinstance(raised.value.__cause__, OSError)
+    check_woken(wakes(path), want)
+
+
+def test_a_failed_close_of_a_refusing_engine_keeps_the_refusal(slept):
+    path, _ = slept
+    with pytest.raises(IncompatibleSnapshotError) as raised:
+        wake(path, factory=CloseFails.start, overrides={"seed": 1})  # another model: refused
+    assert any("the test's close failure" in note for note in raised.value.__notes__)
+
+
+@pytest.mark.parametrize("launch", [None, TEMPLATE, {"factory": 3, "kwargs": {}}])
+def test_a_file_without_a_valid_launch_record_is_refused_by_name(slept, tmp_path, launch, wakes):
     path, want = slept
     odd = rewritten(path, tmp_path / "odd.thaw", launch)
     with pytest.raises(IncompatibleSnapshotError, match=LAUNCH_KEY):
         wake(odd)
     if launch is None:  # a capture saved by hand: the caller says what to start
-        check_woken(wake(odd, factory=ToyThawEngine.start, overrides={"seed": 0}), want)
+        check_woken(wakes(odd, factory=ToyThawEngine.start, overrides={"seed": 0}), want)
 
 
-WAKE_ELSEWHERE = textwrap.dedent("""
+WAKE_ELSEWHERE = REGISTER_TEMPLATE + textwrap.dedent("""
     import json, sys
     from thaw_format.sdk import wake
     awake = wake(sys.argv[1])
     done = awake.engine.finish(awake.resumed)
+    awake.engine.close()
     print(json.dumps({r.request_id: [r.prompt_token_ids, done[r.request_id].output_token_ids,
                                      done[r.request_id].cached_tokens] for r in awake.resumed}))
 """)
@@ -206,3 +354,10 @@ def test_an_engine_slept_in_this_process_wakes_in_another(slept):
     assert {tuple(prompt): tokens for prompt, tokens, _ in outputs.values()} == \
         {tuple(prompt): tokens for prompt, tokens in zip(PROMPTS, want)}
     assert all(cached > 0 for _, _, cached in outputs.values())
+
+
+def test_every_option_a_file_may_set_is_an_argument_of_start():
+    """The template's start takes its model config's fields."""
+    from thaw_conformance.template.engine import ToyModelConfig
+
+    assert ToyThawEngine.launch_options.keys() <= {f.name for f in dataclasses.fields(ToyModelConfig)}

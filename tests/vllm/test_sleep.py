@@ -20,3 +20,13 @@ def test_an_engine_slept_in_another_process_wakes_here_and_finishes_exactly(vllm
     awake = wake(path)
     _WOKEN.append(awake.engine)
     check_woken(awake, slept["want"])
+
+
+def test_every_option_a_file_may_set_is_an_engine_argument(vllm):
+    """VLLMEngine.launch_options names vLLM's own EngineArgs fields (start passes them to vllm.LLM): no drift."""
+    import dataclasses
+
+    from thaw_vllm import VLLMEngine
+    from vllm.engine.arg_utils import EngineArgs
+
+    assert VLLMEngine.launch_options.keys() <= {f.name for f in dataclasses.fields(EngineArgs)}

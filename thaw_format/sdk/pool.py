@@ -34,8 +34,9 @@ from typing import Mapping, Optional, Sequence, Union
 
 from ..errors import CorruptSnapshotError
 from ..snapshot import SamplingParams
-from .contract import Engine, Generation, LaunchSpec
+from .contract import Engine, Generation
 from .engine_process import EngineProcess, exit_status
+from .launch import checked_launch_spec
 from .lent import forget, open_snapshot
 from .shared import capture_shared
 from .tokens import token_ids
@@ -132,18 +133,6 @@ class _Worker:
         self.process.end(timeout)  # the worker closes its engine at the end of its input
 
 
-def _launch_spec(spec) -> LaunchSpec:
-    """The launch spec of `spec` (a LaunchSpec, or a contract engine's launch_spec()); TypeError otherwise."""
-    if not isinstance(spec, LaunchSpec):
-        if not callable(getattr(spec, "launch_spec", None)):
-            raise TypeError(f"ForkPool takes a contract engine (thaw_format.sdk.Engine, with launch_spec()) or a "
-                            f"LaunchSpec, not {type(spec).__name__} {reprlib.repr(spec)}")
-        spec = spec.launch_spec()
-        if not isinstance(spec, LaunchSpec):
-            raise TypeError(f"the engine's launch_spec() returned {type(spec).__name__}, not a LaunchSpec")
-    return spec
-
-
 def parent_page_size(parent) -> int:
     """The parent's page_size(): the pool hands over its full pages only. An engine's pages are its own (vLLM's
     CPU blocks are 128 tokens by default): cut at 32 for every engine, a 100-token trunk moved no KV from such a
@@ -200,7 +189,7 @@ class ForkPool:
         if env is not None and not (isinstance(env, Mapping) and all(isinstance(k, str) and isinstance(v, str)
                                                                       for k, v in env.items())):
             raise TypeError(f"a fork pool's env maps names to strings, not {reprlib.repr(env)}")
-        spec = _launch_spec(spec)  # last: it may call into the engine
+        spec = checked_launch_spec(spec, "ForkPool")  # last: it may call into the engine
         self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
         self._env = {**os.environ, **(env or {})}
         self._checked: set[str] = set()  # the rounds' sources the pool has checked (and so mapped)

@@ -6,11 +6,13 @@ another, an equal engine starts from that file and carries on.
     done = awake.engine.finish(awake.resumed)         # the requests in flight when it slept, run to the end
 
 `sleep` captures the KV pages with their token ids and the requests in flight (weights by digest only: the
-woken engine loads them from its model), records the engine's launch_spec() in the snapshot's metadata, and
+woken engine loads them from its model), records the engine's launch spec in the snapshot's metadata (its
+factory, and of its arguments only those the adapter's `launch_options` allows: thaw_format.sdk.launch), and
 saves atomically; only once the file is written is the engine closed. Anything failing before that leaves the
 engine open and serving as it was. `wake` reads and verifies the whole file before it starts any engine, starts
 one from the recorded launch spec (only a factory of thaw's own adapters, thaw_format.sdk.factories, unless the
-caller names one), and closes it again if it refuses the snapshot.
+caller names one, and only with the options its adapter allows, unless the caller overrides them), and closes
+it again if it refuses the snapshot.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from ..errors import IncompatibleSnapshotError
 from ..reader import load
 from ..snapshot import Lineage, Snapshot
 from ..writer import save
-from .contract import Engine, LaunchSpec, Resumed, Unsupported, lineage_now, pending_requests
-from .factories import chosen_factory, registered_factory, start_arguments
+from .contract import Engine, LaunchSpec, Resumed, Unsupported, lineage_now, pending_requests, require
+from .factories import chosen_factory, registered_factory
+from .launch import checked_launch_spec, launch_options, recordable, start_arguments
 
 LAUNCH_KEY = "thaw.launch_spec"  # snapshot.metadata[LAUNCH_KEY] = {"factory": "module:attribute", "kwargs": {...}}
 
@@ -37,22 +40,40 @@ class Awake:
     resumed: list[Resumed]
 
 
+class SleptNotClosed(RuntimeError):
+    """The snapshot file is complete (saved as `sleep` was asked), but closing the engine failed (the cause
+    says why)."""
+
+    def __init__(self, snapshot_id: str, path) -> None:
+        super().__init__(f"{path} is complete (snapshot {snapshot_id}), but the engine failed to close; it may still "
+                         "hold its memory and processes")
+        self.snapshot_id = snapshot_id
+
+
 def sleep(engine: Engine, path, *, durable: bool = True, progress=None) -> str:
     """Save `engine` to `path` and close it; returns the snapshot id. `durable=False` skips the fsyncs (still
-    atomic). If the capture or the save fails, the engine is left open and serving, and the error raised."""
-    spec = engine.launch_spec()  # first: an engine that cannot say how to start again is refused untouched
-    if not isinstance(spec, LaunchSpec):
-        raise TypeError(f"the engine's launch_spec() returned {type(spec).__name__}, not a LaunchSpec")
+    atomic). If the capture or the save fails, the engine is left open and serving, and the error raised; if
+    only closing it fails, SleptNotClosed (with the snapshot id: the file is complete).
+
+    An in-process vLLM engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) is closed by vLLM's shutdown, which also tears
+    down process-wide state that other in-process vLLM engines still use: sleep those last."""
+    spec = checked_launch_spec(engine, "sleep")  # first: an engine that cannot say how to start again is untouched
+    kwargs = recordable(type(engine), spec.kwargs)  # the adapter's launch options only: no secret is written
     snapshot = engine.capture(include_weights=False)
     in_flight = pending_requests(snapshot)
     if in_flight and "mid_stream" not in type(engine).capabilities():
         raise Unsupported(f"{type(engine).name}: cannot sleep with {len(in_flight)} requests in flight (the adapter "
                           "does not support 'mid_stream'): finish or abort them first; the engine is untouched")
-    snapshot.metadata[LAUNCH_KEY] = {"factory": spec.factory, "kwargs": spec.kwargs}
+    if any(r.sampling.temperature > 0 and (r.sampling.seed is not None or r.rng_state is not None) for r in in_flight):
+        require(engine, "mid_stream_seeded")  # a seeded request must resume with its generator where it was
+    snapshot.metadata[LAUNCH_KEY] = {"factory": spec.factory, "kwargs": kwargs}
     snapshot.lineage = snapshot.lineage or Lineage(created=lineage_now())  # an engine's own keeps its parent
     snapshot.lineage.label = snapshot.lineage.label or "sleep"  # what `thaw log` shows
     save(snapshot, path, durable=durable, progress=progress)
-    engine.close()
+    try:
+        engine.close()
+    except Exception as exc:
+        raise SleptNotClosed(snapshot.id, path) from exc
     return snapshot.id
 
 
@@ -60,22 +81,31 @@ def wake(path, *, factory: Union[str, Callable, None] = None, overrides: Optiona
          progress=None) -> Awake:
     """Start an engine from the file `sleep` wrote and restore it. The file is verified first (a damaged one
     raises CorruptSnapshotError and starts nothing). `factory` replaces the recorded one (a callable or a
-    "module:attribute" path: the caller's choice); `overrides` replace recorded arguments (a model directory
-    that moved). An engine that refuses the snapshot (IncompatibleSnapshotError) is closed, and the error raised."""
+    "module:attribute" path: the caller's choice); `overrides` replace or add arguments. The file holds only the
+    options the adapter lets a file set (its `launch_options`); pass the engine's other arguments again here
+    (secrets such as vLLM's hf_token or SGLang's api_key, anything not on that list), and a model directory that
+    moved. A file setting another option, or a model that is not a local directory, is refused (RefusedLaunch)
+    unless `overrides` sets it. An engine that refuses the snapshot (IncompatibleSnapshotError) is closed, and the
+    error raised."""
     start = None if factory is None else chosen_factory(factory)
     snapshot = load(path, progress=progress)  # every chunk checked before any engine starts
-    recorded = launch_record(snapshot)
+    recorded = launch_record(snapshot)  # its shape checked before any factory is imported
     if start is None and recorded is None:
         raise IncompatibleSnapshotError(f"{path}: metadata has no {LAUNCH_KEY!r} (not written by sleep): pass "
                                         "factory= and overrides= to say which engine to start")
+    kwargs = recorded.kwargs if recorded else {}
+    start_arguments(kwargs, overrides, None)  # plain values, before an adapter (vLLM, torch...) is imported
     if start is None:
         start = registered_factory(recorded.factory)
-    engine = start(**start_arguments(recorded.kwargs if recorded else {}, overrides))
+    engine = start(**start_arguments(kwargs, overrides, launch_options(start)))  # the adapter's own list
     try:
-        engine.check(snapshot)
-        resumed = engine.restore(snapshot)
-    except BaseException:
-        engine.close()
+        resumed = engine.restore(snapshot)  # checks first, by contract
+    except BaseException as error:
+        try:
+            engine.close()
+        except Exception as close_error:
+            error.add_note(f"closing the engine that refused it failed too: {type(close_error).__name__}: "
+                           f"{close_error}")
         raise
     return Awake(engine, resumed)
 

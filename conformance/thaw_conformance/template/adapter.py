@@ -268,6 +268,11 @@ class ToyThawEngine(SharedKV):
     def fork(self, n: int, *, context, processes: bool = False) -> list:
         return fork(self, n, context=context, processes=processes)
 
+    # What a snapshot file may set when wake starts this engine (thaw_format.sdk.launch): start's arguments, each
+    # a plain value. A real engine lists the few options an equal engine needs, never one naming code to run.
+    launch_options = {"vocab_size": int, "hidden_size": int, "num_layers": int, "num_heads": int, "head_dim": int,
+                      "seed": int}
+
     def launch_spec(self) -> LaunchSpec:
         return LaunchSpec(f"{__name__}:ToyThawEngine.start", dataclasses.asdict(self.engine.config))
 

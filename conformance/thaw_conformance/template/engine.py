@@ -129,7 +129,8 @@ class ToyEngine:
 
     def submit(self, prompt: Sequence[int], max_tokens: int, temperature: float = 0.0,
                seed: Optional[int] = None) -> ToyRequest:
-        request = ToyRequest(f"toy-{next(self._ids)}", [int(t) for t in prompt], max_tokens, temperature,
+        rid = next(i for i in (f"toy-{n}" for n in self._ids) if i not in self.running)  # a restored one keeps its id
+        request = ToyRequest(rid, [int(t) for t in prompt], max_tokens, temperature,
                              np.random.default_rng(seed) if temperature > 0 else None)
         parent = None
         for start in range(0, (len(prompt) - 1) // self.page_size * self.page_size, self.page_size):

@@ -1,0 +1,101 @@
+"""Launch arguments a snapshot file may carry: each adapter's allowlist of options (its `launch_options`).
+
+A file's launch arguments are untrusted input, and an engine's options reach far: vLLM's and SGLang's take
+classes, hooks, plugins and loaders named by path, storage backends with their own config, network endpoints,
+log config files, and a model id the engine downloads. A list of the dangerous ones is never complete, so each
+adapter class declares the few options an equal engine needs, next to its `launch_spec`:
+
+    launch_options = {"model": LocalDirectory, "dtype": str, "block_size": int, ...}   # name -> type of value
+
+The types are plain scalars (str, int, float, bool; None always means the engine's default) and LocalDirectory:
+a str naming a directory that exists here (a model, a tokenizer), never a hub id to fetch. `sleep` writes these
+only (so secrets such as tokens never reach the file), and `wake` starts an engine with them only; anything else
+the caller passes again, in `overrides`. The table is the adapter's: this module knows no engine's options.
+"""
+
+from __future__ import annotations
+
+import os
+import reprlib
+from typing import Callable, Mapping, Optional
+
+from ..errors import SnapshotError
+from .contract import LaunchSpec, Unsupported
+
+
+class LocalDirectory:
+    """The type of a launch option naming a local directory: a str path to a directory that exists."""
+
+
+class RefusedLaunch(SnapshotError):
+    """The file names an engine factory, or launch arguments, that `wake` does not start an engine with on a
+    file's word (the message names them); nothing was started."""
+
+
+SCALARS = (str, int, float, bool, type(None))
+_shown = reprlib.Repr()  # a file's values in messages: a path whole, anything huge cut
+_shown.maxstring = _shown.maxother = 300
+
+
+def checked_launch_spec(spec, taker: str) -> LaunchSpec:
+    """The launch spec of `spec` (a LaunchSpec, or a contract engine's launch_spec()) that `taker` (a name, for
+    the error) was given; TypeError otherwise."""
+    if not isinstance(spec, LaunchSpec):
+        if not callable(getattr(spec, "launch_spec", None)):
+            raise TypeError(f"{taker} takes a contract engine (thaw_format.sdk.Engine, with launch_spec()) or a "
+                            f"LaunchSpec, not {type(spec).__name__} {reprlib.repr(spec)}")
+        spec = spec.launch_spec()
+        if not isinstance(spec, LaunchSpec):
+            raise TypeError(f"the engine's launch_spec() returned {type(spec).__name__}, not a LaunchSpec")
+    return spec
+
+
+def launch_options(factory: Callable) -> Mapping[str, type]:
+    """The options a file may set for `factory`: the `launch_options` of the class whose classmethod it is
+    (MyEngine.start), or of the factory itself; none ({}) if it declares none."""
+    owner = getattr(factory, "__self__", None)
+    return getattr(owner, "launch_options", None) or getattr(factory, "launch_options", None) or {}
+
+
+def option_problem(key: str, value, options: Optional[Mapping[str, type]]) -> Optional[str]:
+    """Why the file may not set `key` to `value` (None: it may). `options` None: the adapter's list is not known
+    yet (its module not imported), so only whether the value is a plain one."""
+    if options is None:
+        return None if isinstance(value, SCALARS) else f"{key}={_shown.repr(value)} (not a plain value)"
+    if key not in options:
+        return f"{key} (not one of the options a file may set: {', '.join(sorted(options)) or 'none'})"
+    kind = options[key]
+    if value is None:
+        return None
+    if kind is LocalDirectory:
+        ok = isinstance(value, str) and os.path.isdir(value)
+        return None if ok else f"{key}={_shown.repr(value)} (not an existing local directory)"
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) if kind is float else type(value) is kind
+    return None if ok else f"{key}={_shown.repr(value)} (not of type {kind.__name__})"
+
+
+def recordable(engine_class: type, kwargs: Mapping) -> dict:
+    """The launch arguments `sleep` writes: those the engine's `launch_options` names; Unsupported, naming the
+    key, if one's value is not of its declared type (so not a plain JSON value, or a directory that is gone)."""
+    options = getattr(engine_class, "launch_options", None) or {}
+    kept = {key: value for key, value in kwargs.items() if key in options}
+    problems = [problem for key, value in kept.items() if (problem := option_problem(key, value, options))]
+    if problems:
+        raise Unsupported(f"{getattr(engine_class, 'name', engine_class.__name__)}: cannot record the launch "
+                          f"arguments {'; '.join(problems)}; the engine is untouched")
+    return kept
+
+
+def start_arguments(recorded: Mapping, overrides: Optional[Mapping], options: Optional[Mapping[str, type]]) -> dict:
+    """The file's arguments with the caller's `overrides` over them; RefusedLaunch, naming each, if the file sets
+    an option `options` does not allow, or a value not of its type, that the caller does not override (`options`
+    None: only values that are not plain are refused, a check that needs no adapter imported)."""
+    overrides = dict(overrides or {})
+    if not all(isinstance(key, str) for key in overrides):
+        raise TypeError(f"overrides maps argument names (str) to values, not {overrides!r}")
+    problems = [problem for key, value in recorded.items()
+                if key not in overrides and (problem := option_problem(key, value, options))]
+    if problems:
+        raise RefusedLaunch(f"the snapshot sets {'; '.join(problems)}: an engine is not started with these on a "
+                            "file's word; pass them in overrides (your value, or None) if you trust them")
+    return {**recorded, **overrides}
