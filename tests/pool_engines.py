@@ -5,6 +5,7 @@ PYTHONPATH (`worker_env`)."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from thaw_conformance.template.adapter import ToyThawEngine
@@ -47,3 +48,10 @@ class ToyWithAProcess(ToyThawEngine):
         self.process.kill()
         self.process.wait()
         super().close()
+
+
+def loading_for_ever(**config) -> ToyWithAProcess:
+    """A ToyWithAProcess whose start never ends, like a large model's load: a worker that does not read its
+    input until its engine has started."""
+    ToyWithAProcess.start(**config)
+    time.sleep(3600)

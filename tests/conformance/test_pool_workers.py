@@ -61,9 +61,12 @@ def engines_own(pids: set[int]) -> list[int]:
     """Those of `pids` that are a ToyWithAProcess's own process."""
     own = []
     for pid in pids:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            if b"time.sleep(3600)" in cmdline.read():
-                own.append(pid)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"time.sleep(3600)" in cmdline.read():
+                    own.append(pid)
+        except OSError:  # ended meanwhile
+            pass
     return own
 
 
@@ -255,3 +258,40 @@ print("children left" if left else "no children left")
                           env={**os.environ, **worker_env()})
     assert proc.returncode == 0, proc.stderr
     assert "Too many open files" in proc.stdout and proc.stdout.endswith("no children left\n"), proc.stdout
+
+
+
+@pytest.mark.parametrize("factory", ["ToyWithAProcess.start", "loading_for_ever"])
+def test_a_pools_workers_end_when_the_process_holding_the_pool_is_killed(tmp_path, factory):
+    """Each worker leads its own session: the SIGKILL (or Ctrl-C, or killpg) that ends the pool's process does not
+    reach it. A ready worker ends at the end of its input; one still loading its engine read no input, and lived
+    on, with what its engine had started, holding their memory. Each now watches its parent and ends its own
+    group once the parent is gone."""
+    script = tmp_path / "holds_a_pool.py"
+    script.write_text(f"""
+import os, threading, time
+from descendants import descendants
+from pool_engines import worker_env
+from thaw_format.sdk import ForkPool, LaunchSpec
+
+spec = LaunchSpec("pool_engines:{factory}", {CONFIG})
+threading.Thread(target=ForkPool, args=(spec, 2), kwargs={{"env": worker_env()}}, daemon=True).start()
+def engines_started():
+    for pid in descendants(os.getpid()):
+        with open(f"/proc/{{pid}}/cmdline", "rb") as cmdline:
+            yield b"time.sleep(3600)" in cmdline.read()
+while sum(engines_started()) < 2:  # each worker's engine has started its own process
+    time.sleep(0.05)
+print(" ".join(str(pid) for pid in descendants(os.getpid())), flush=True)
+time.sleep(3600)
+""")
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, **worker_env()})
+    try:
+        started = {int(pid) for pid in holder.stdout.readline().split()}
+        assert len(engines_own(started)) == 2, started
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert not outliving(started, timeout=10)

@@ -55,8 +55,8 @@ def main(argv: list[str]) -> int:
     except Exception as exc:
         reply({"error": f"starting the child engine: {type(exc).__name__}: {exc}"})
         return 1
-    reply({"ready": True})
-    try:
+    try:  # its engine is closed whatever happens from here: a parent gone meanwhile fails the first reply
+        reply({"ready": True})
         serve(engine, sys.stdin, reply)
     finally:
         engine.close()

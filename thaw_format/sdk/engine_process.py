@@ -12,6 +12,12 @@ process exits, between rounds too; `wait` and `poll` say the process is done onl
 Multiprocessing's resource tracker is started before the new session, outside the group: killed with it, the
 shared memory and semaphores the engine's processes had left to it stayed in /dev/shm (vLLM's engine core:
 about 400 MiB per killed worker); it now outlives them and unlinks what they left.
+
+Leading its own session, an engine process no longer gets what its parent's terminal or process group is sent:
+Ctrl-C, SIGHUP, a harness's killpg. What ends it instead: its parent's close() (or kill()), the end of its
+input, and the parent's death, however it came (SIGKILL included): a thread in the engine process watches its
+parent (`os.getppid()`, twice a second) and, once it is gone, kills the engine process's whole group, an engine
+still loading too.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Optional
+
+PARENT_CHECK_S = 0.5  # how often an engine process checks that its parent is alive
 
 
 def exit_status(code: int) -> str:
@@ -51,6 +60,17 @@ def lead_own_group() -> None:
         os.close(stdin)
         os.close(devnull)
     os.setsid()
+    parent = os.getppid()
+    threading.Thread(target=_end_group_once_orphaned, args=(parent,), name="thaw-parent-watch", daemon=True).start()
+
+
+def _end_group_once_orphaned(parent: int) -> None:
+    """Kill this process's group once its parent `parent` is gone (it is then another's child: init's, or a
+    subreaper's). Not prctl(PR_SET_PDEATHSIG): Linux only, and it fires when the parent's thread that started
+    this process exits, not the parent."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os.killpg(0, signal.SIGKILL)
 
 
 class EngineProcess(subprocess.Popen):

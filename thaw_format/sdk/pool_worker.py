@@ -39,8 +39,8 @@ def main(argv: list[str]) -> int:
     except Exception as exc:
         reply({"error": f"starting the pool engine: {type(exc).__name__}: {exc}"})
         return 1
-    reply({"ready": True})
-    try:
+    try:  # its engine is closed whatever happens from here: a parent gone meanwhile fails the first reply
+        reply({"ready": True})
         for line in sys.stdin:
             try:
                 reply(run_round(engine, json.loads(line)))
