@@ -5,7 +5,9 @@ garbage collector."""
 
 import dataclasses
 import gc
+import inspect
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -261,6 +263,24 @@ print("children left" if left else "no children left")
 
 
 
+def pool_script(factory: str) -> str:
+    """The start of a script that starts a pool of `factory` in a process of its own (a test then kills it)."""
+    return f"""
+import os, signal, threading, time
+from descendants import descendants
+from pool_engines import worker_env
+from thaw_format.sdk import ForkPool, LaunchSpec
+
+spec = LaunchSpec("pool_engines:{factory}", {CONFIG})
+
+def wait_for_engines(count):
+    \"\"\"Until `count` workers' engines have started their own process.\"\"\"
+    while len(engines_own(descendants(os.getpid()))) < count:
+        time.sleep(0.05)
+
+{inspect.getsource(engines_own)}"""
+
+
 @pytest.mark.parametrize("factory", ["ToyWithAProcess.start", "loading_for_ever"])
 def test_a_pools_workers_end_when_the_process_holding_the_pool_is_killed(tmp_path, factory):
     """Each worker leads its own session: the SIGKILL (or Ctrl-C, or killpg) that ends the pool's process does not
@@ -268,20 +288,9 @@ def test_a_pools_workers_end_when_the_process_holding_the_pool_is_killed(tmp_pat
     on, with what its engine had started, holding their memory. Each now watches its parent and ends its own
     group once the parent is gone."""
     script = tmp_path / "holds_a_pool.py"
-    script.write_text(f"""
-import os, threading, time
-from descendants import descendants
-from pool_engines import worker_env
-from thaw_format.sdk import ForkPool, LaunchSpec
-
-spec = LaunchSpec("pool_engines:{factory}", {CONFIG})
-threading.Thread(target=ForkPool, args=(spec, 2), kwargs={{"env": worker_env()}}, daemon=True).start()
-def engines_started():
-    for pid in descendants(os.getpid()):
-        with open(f"/proc/{{pid}}/cmdline", "rb") as cmdline:
-            yield b"time.sleep(3600)" in cmdline.read()
-while sum(engines_started()) < 2:  # each worker's engine has started its own process
-    time.sleep(0.05)
+    script.write_text(pool_script(factory) + """
+threading.Thread(target=ForkPool, args=(spec, 2), kwargs={"env": worker_env()}, daemon=True).start()
+wait_for_engines(2)
 print(" ".join(str(pid) for pid in descendants(os.getpid())), flush=True)
 time.sleep(3600)
 """)
@@ -295,3 +304,57 @@ time.sleep(3600)
         holder.wait()
         holder.stdout.close()
     assert not outliving(started, timeout=10)
+
+
+def test_ctrl_c_while_the_pool_starts_ends_its_workers_at_once(tmp_path):
+    """Ctrl-C while the workers load: close() closed each worker's input and waited up to 120 s for it to end, but
+    a worker reads no input until its engine has started: the Ctrl-C took each worker's whole start (minutes,
+    for a large model). A worker still starting is now killed."""
+    script = tmp_path / "interrupts_a_pool.py"
+    script.write_text(pool_script("loading_for_ever") + """
+def interrupt():
+    wait_for_engines(2)
+    global interrupted
+    interrupted = time.monotonic()
+    os.kill(os.getpid(), signal.SIGINT)
+
+threading.Thread(target=interrupt, daemon=True).start()
+try:
+    ForkPool(spec, 2, env=worker_env())
+except KeyboardInterrupt:
+    print(f"closed {time.monotonic() - interrupted:.1f} s after Ctrl-C;", len(engines_own(descendants(os.getpid()))),
+          "engines left")
+""")
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, **worker_env()})
+    try:
+        said = holder.communicate(timeout=60)[0]  # TimeoutExpired if it took the workers' starts
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    seconds, left = re.fullmatch(r"closed (\S+) s after Ctrl-C; (\d+) engines left\n", said).groups()
+    assert float(seconds) < 10 and left == "0", said
+
+
+def test_ctrl_c_mid_round_kills_the_workers_yet_to_answer_and_starts_their_replacements_next_round(parent,
+                                                                                                  monkeypatch):
+    """Interrupted mid-round, the pool started the replacements at once: a close() that followed (the usual next
+    step after Ctrl-C) waited for each to finish starting. They are now started by the next round."""
+    with ForkPool(parent, workers=2) as pool:
+        workers = list(pool._workers)
+        receive = type(workers[0]).receive
+
+        def interrupted(worker):
+            monkeypatch.setattr(type(worker), "receive", receive)  # the next round's replies are read
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(type(workers[0]), "receive", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            round_(pool, parent)
+        assert pool._workers == workers  # none replaced yet
+        for worker in workers:
+            assert worker.process.poll() is not None and worker.process.stdout.closed
+        result = round_(pool, parent)
+        assert [g.token_ids for g in result.generations] == expected()
+        assert not set(pool._workers) & set(workers)

@@ -119,9 +119,11 @@ class EngineProcess(subprocess.Popen):
     def end(self, timeout: float) -> None:
         """Close its input (an engine process closes its engine and exits at the end of its input) and wait up to
         `timeout` seconds; killed if it has not ended by then (one stuck in its engine would outlive us, holding
-        its memory). Its pipes are closed in any case."""
-        if self.poll() is None:
-            with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # killed below if it has not ended
-                self.stdin.close()
-                self.wait(timeout=timeout)
-        self.kill_quietly()
+        its memory), or if the wait is interrupted (Ctrl-C). Its pipes are closed in any case."""
+        try:
+            if self.poll() is None:
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # killed below if it has not ended
+                    self.stdin.close()
+                    self.wait(timeout=timeout)
+        finally:
+            self.kill_quietly()

@@ -87,6 +87,7 @@ class _Worker:
         self.start_error: Optional[str] = None  # how this worker failed to start, if it did
         self.process = EngineProcess("thaw_format.sdk.pool_worker", config, env)
         self.ready = False
+        self.killed = False  # by the pool: replaced by the next round that needs it
 
     def describe(self) -> str:
         return f"pool worker {self.name} (pid {self.process.pid})"
@@ -127,9 +128,15 @@ class _Worker:
 
     def kill(self) -> None:
         self.process.kill_quietly()
+        self.killed = True
 
     def stop(self, timeout: float = 120) -> None:
-        self.process.end(timeout)  # the worker closes its engine at the end of its input
+        """End it: a ready worker closes its engine at the end of its input; one still starting is killed (it
+        reads no input until its engine has started: closing it waited out each worker's whole start)."""
+        if self.ready:
+            self.process.end(timeout)
+        else:
+            self.kill()
 
 
 def _launch_spec(spec) -> LaunchSpec:
@@ -279,10 +286,8 @@ class ForkPool:
                 replies.append(reply)
         except BaseException:  # Ctrl-C mid-round: a worker yet to answer would answer the next round with this one
             for index in range(answered, n):  # each in its own try: one that fails leaves the others to be killed
-                try:
+                try:  # replaced by the next round (_finish_starts): a replacement started here, close() waited for
                     self._workers[index].kill()
-                    if not self._closed:
-                        self._workers[index] = _Worker(self._workers[index].name, self._config, self._env)
                 except Exception:  # the original exception (KeyboardInterrupt) is the caller's to see
                     pass
             raise
@@ -307,6 +312,8 @@ class ForkPool:
         failures = []
         for index in range(n):
             worker = self._workers[index]
+            if worker.killed and not self._closed:  # by an interrupted round
+                worker = self._workers[index] = _Worker(worker.name, self._config, self._env)
             try:
                 worker.ensure_ready()
             except PoolWorkerDied as exc:
