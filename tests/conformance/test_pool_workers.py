@@ -6,6 +6,7 @@ garbage collector."""
 import dataclasses
 import gc
 import inspect
+import json
 import os
 import re
 import signal
@@ -23,6 +24,8 @@ from fork_pool_checks import Unread
 from thaw_conformance.template.adapter import ToyThawEngine
 from thaw_conformance.template.engine import ToyModelConfig
 from thaw_format.sdk import ForkPool, LaunchSpec, PoolWorkerDied, fork, greedy
+from thaw_format.sdk import engine_process
+from thaw_format.sdk.engine_process import EngineProcess
 from thaw_format.sdk.pool import MAX_FAILED_STARTS
 from thaw_format.sdk.shared import capture_shared
 
@@ -358,3 +361,41 @@ def test_ctrl_c_mid_round_kills_the_workers_yet_to_answer_and_starts_their_repla
         result = round_(pool, parent)
         assert [g.token_ids for g in result.generations] == expected()
         assert not set(pool._workers) & set(workers)
+
+
+def idle_worker() -> EngineProcess:
+    """A pool worker's process, on the toy engine, waiting for its first round."""
+    spec = LaunchSpec("pool_engines:ToyWithAProcess.start", CONFIG)
+    return EngineProcess("thaw_format.sdk.pool_worker", json.dumps({"factory": spec.factory, "kwargs": spec.kwargs}),
+                         {**os.environ, **worker_env()})
+
+
+def test_an_engine_process_whose_watcher_cannot_start_is_killed_and_reaped(monkeypatch):
+    """Without its watcher no one would end its group, nor reap it: the constructor's error left it running."""
+    def refused(thread):
+        raise RuntimeError("can't start new thread")
+
+    before = descendants(os.getpid())
+    monkeypatch.setattr(engine_process.threading.Thread, "start", refused)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        idle_worker()
+    monkeypatch.undo()
+    assert not outliving(descendants(os.getpid()) - before, timeout=10)
+
+
+def test_an_engine_process_reaped_elsewhere_has_an_unknown_status_and_its_group_is_not_killed(monkeypatch):
+    """Reaped by another's os.wait, its pid, and so its group id, may already be another process's: killing
+    that group could kill a stranger; and Popen reads the lost status as 0, which said it exited cleanly."""
+    def reaped(*args):
+        raise ChildProcessError
+
+    killed = []
+    monkeypatch.setattr(engine_process.os, "waitid", reaped)
+    monkeypatch.setattr(engine_process.os, "killpg", lambda *args: killed.append(args))
+    process = idle_worker()
+    process.stdin.close()  # it exits at the end of its input
+    process.wait(timeout=60)
+    monkeypatch.undo()
+    assert process.exit_status() == "an unknown status (reaped elsewhere)"
+    process.kill_quietly()
+    assert not killed

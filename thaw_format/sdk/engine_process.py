@@ -34,7 +34,7 @@ from typing import Optional
 PARENT_CHECK_S = 0.5  # how often an engine process checks that its parent is alive
 
 
-def exit_status(code: int) -> str:
+def _in_words(code: int) -> str:
     """A child process's exit code in words: a negative one names the signal that ended it."""
     if code < 0:
         try:
@@ -78,17 +78,30 @@ class EngineProcess(subprocess.Popen):
 
     def __init__(self, module: str, config: str, env: Optional[dict] = None) -> None:
         self._group_ended = threading.Event()
+        self._reaped_elsewhere = False  # by another's os.wait: its exit status is lost
         super().__init__([sys.executable, "-m", module, config], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True, env=env)
-        threading.Thread(target=self._end_group_on_exit, name=f"thaw-group-{self.pid}", daemon=True).start()
+        try:
+            threading.Thread(target=self._end_group_on_exit, name=f"thaw-group-{self.pid}", daemon=True).start()
+        except BaseException:  # "can't start new thread": no one would end its group, nor reap it
+            self.kill()
+            super().wait()
+            self._close_pipes()
+            raise
 
     def _end_group_on_exit(self) -> None:
-        if hasattr(os, "waitid"):  # its exit, left unreaped (WNOWAIT): its pid still names its group
-            with contextlib.suppress(ChildProcessError):  # reaped by an os.wait of someone else's
+        try:
+            if not hasattr(os, "waitid"):  # not every Unix's Python has it: there kill() alone ends the group
+                return
+            try:  # its exit, left unreaped (WNOWAIT): its pid still names its group
                 os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:  # reaped by another's os.wait: its pid, and group id, may be another's now
+                self._reaped_elsewhere = True
+                return
             with contextlib.suppress(ProcessLookupError, PermissionError):  # none left / one that left for root
                 os.killpg(self.pid, signal.SIGKILL)
-        self._group_ended.set()  # without waitid (not every Unix's Python): kill() still ends the whole group
+        finally:  # whatever happened: wait() must not wait for ever
+            self._group_ended.set()
 
     def poll(self) -> Optional[int]:
         return super().poll() if self._group_ended.is_set() else None
@@ -98,9 +111,15 @@ class EngineProcess(subprocess.Popen):
             raise subprocess.TimeoutExpired(self.args, timeout)
         return super().wait()
 
+    def exit_status(self) -> str:
+        """How it ended, in words, once it has (waits for it): its status, or that it is unknown (it was reaped
+        by another's os.wait, and Popen reads that as status 0)."""
+        code = self.wait()
+        return "an unknown status (reaped elsewhere)" if self._reaped_elsewhere else _in_words(code)
+
     def kill(self) -> None:
         """SIGKILL the process and every process of its group."""
-        if self.returncode is None:  # not reaped: its pid is still its group's
+        if self.returncode is None and not self._reaped_elsewhere:  # not reaped: its pid is still its group's
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 try:
                     os.killpg(self.pid, signal.SIGKILL)
@@ -112,6 +131,9 @@ class EngineProcess(subprocess.Popen):
         still buffered and raises BrokenPipeError (printed by the garbage collector if left to it)."""
         self.kill()
         self.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
         for pipe in (self.stdin, self.stdout):
             with contextlib.suppress(OSError, ValueError):
                 pipe.close()

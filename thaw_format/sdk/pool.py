@@ -35,7 +35,7 @@ from typing import Mapping, Optional, Sequence, Union
 from ..errors import CorruptSnapshotError
 from ..snapshot import SamplingParams
 from .contract import Engine, Generation, LaunchSpec
-from .engine_process import EngineProcess, exit_status
+from .engine_process import EngineProcess
 from .lent import forget, open_snapshot
 from .shared import capture_shared
 from .tokens import token_ids
@@ -105,7 +105,7 @@ class _Worker:
         """The next reply; PoolWorkerDied if the process ended first."""
         line = self.process.stdout.readline()
         if not line:
-            raise PoolWorkerDied(f"{self.describe()} exited with {exit_status(self.process.wait())}")
+            raise PoolWorkerDied(f"{self.describe()} exited with {self.process.exit_status()}")
         return json.loads(line)
 
     def ensure_ready(self) -> None:
@@ -123,7 +123,7 @@ class _Worker:
             self.failed_starts += 1
             error = f": {reply['error']}" if "error" in reply else ""
             self.start_error = f"{self.describe()} failed to start{error} (it exited with " \
-                               f"{exit_status(self.process.returncode)})"
+                               f"{self.process.exit_status()})"
         raise PoolWorkerDied(self.start_error)
 
     def kill(self) -> None:
@@ -272,7 +272,7 @@ class ForkPool:
                 try:  # every live worker answers before the round ends, so none is left mid-message
                     reply = worker.receive() if ok else None
                     if reply is None:
-                        raise PoolWorkerDied(f"{worker.describe()} exited with {exit_status(worker.process.wait())}")
+                        raise PoolWorkerDied(f"{worker.describe()} exited with {worker.process.exit_status()}")
                 except PoolWorkerDied as exc:
                     answered += 1
                     failures.append(exc)
