@@ -127,6 +127,12 @@ def test_a_worker_that_keeps_failing_to_start_is_given_up_after_a_bounded_number
                                "this pool and start a new one"):
                 round_(pool, Unread(parent.page_size()))
             assert pool._workers[0].process is last
+        fail.unlink()  # a given-up slot leaves the others serving (every round used slot 0, and failed)
+        result = pool.fork(parent, 1, context=TRUNK, suffixes=SUFFIXES[:1], params=PARAMS)
+        assert [g.token_ids for g in result.generations] == expected()[:1]
+        with pytest.raises(PoolWorkerDied, match=r"1 of the pool's 2 workers are usable; a round of 2 needs 2: the "
+                                                 "fork round failed before the parent was read$"):
+            round_(pool, Unread(parent.page_size()))
 
 
 @pytest.mark.parametrize("when", ["between rounds", "mid-round"])

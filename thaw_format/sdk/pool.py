@@ -80,6 +80,16 @@ def _verify(source: str) -> None:
 MAX_FAILED_STARTS = 3  # failed starts in a row of one worker slot, after which the pool stops restarting it
 
 
+def _given_up(worker: "_Worker") -> bool:
+    """Whether the pool no longer restarts the worker's slot: MAX_FAILED_STARTS failed starts in a row."""
+    return worker.start_error is not None and worker.failed_starts >= MAX_FAILED_STARTS
+
+
+def _gave_up(worker: "_Worker") -> str:
+    return (f"{worker.start_error}; it failed to start {worker.failed_starts} times in a row and is no longer "
+            "restarted: close this pool and start a new one")
+
+
 class _Worker:
     def __init__(self, name: str, config: str, env: dict, *, failed_starts: int = 0) -> None:
         self.name = name
@@ -253,8 +263,8 @@ class ForkPool:
 
     def _fork(self, parent, n: int, context: list[int], page: int, suffixes, params) -> ForkRound:
         started = time.perf_counter()
-        self._finish_starts(n)
-        workers = self._workers[:n]
+        slots = self._finish_starts(n)
+        workers = [self._workers[slot] for slot in slots]
         full = len(context) // page * page
         # valid until the parent's next capture_shared: every worker answers before this round ends
         capturing = time.perf_counter()
@@ -278,16 +288,16 @@ class ForkPool:
                     failures.append(exc)
                     worker.kill()  # its pipes, closed here, not by the GC (which printed their BrokenPipeError)
                     if not self._closed:
-                        self._workers[index] = _Worker(worker.name, self._config, self._env)  # replacement
+                        self._workers[slots[index]] = _Worker(worker.name, self._config, self._env)  # replacement
                     continue
                 answered += 1
                 if "error" in reply:
                     failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
                 replies.append(reply)
         except BaseException:  # Ctrl-C mid-round: a worker yet to answer would answer the next round with this one
-            for index in range(answered, n):  # each in its own try: one that fails leaves the others to be killed
+            for slot in slots[answered:]:  # each in its own try: one that fails leaves the others to be killed
                 try:  # replaced by the next round (_finish_starts): a replacement started here, close() waited for
-                    self._workers[index].kill()
+                    self._workers[slot].kill()
                 except Exception:  # the original exception (KeyboardInterrupt) is the caller's to see
                     pass
             raise
@@ -304,22 +314,26 @@ class ForkPool:
         round_.total_s = time.perf_counter() - started
         return round_
 
-    def _finish_starts(self, n: int) -> None:
-        """The round's workers, each started: a replacement started after a failed round finishes starting here.
-        One that fails to start fails the round with PoolWorkerDied, before the parent is read, and is started
-        again for the next round, up to MAX_FAILED_STARTS failed starts in a row; after that the pool no longer
-        restarts it (each round needing it says so, and a new pool is the way on)."""
-        failures = []
-        for index in range(n):
-            worker = self._workers[index]
+    def _finish_starts(self, n: int) -> list[int]:
+        """The round's n worker slots, the first n not given up, each started: a replacement started after a failed
+        round finishes starting here. One that fails to start fails the round with PoolWorkerDied, before the parent
+        is read, and is started again for the next round, up to MAX_FAILED_STARTS failed starts in a row; after
+        that the pool no longer restarts it, and rounds use the slots left (fewer than n left: each round
+        needing more says so, and a new pool is the way on)."""
+        slots, failures = [], []
+        for index, worker in enumerate(self._workers):
+            if len(slots) == n:
+                break
+            if _given_up(worker):
+                continue
+            slots.append(index)
             if worker.killed and not self._closed:  # by an interrupted round
                 worker = self._workers[index] = _Worker(worker.name, self._config, self._env)
             try:
                 worker.ensure_ready()
             except PoolWorkerDied as exc:
-                if worker.failed_starts >= MAX_FAILED_STARTS:
-                    failures.append(f"{exc}; it failed to start {worker.failed_starts} times in a row and is no "
-                                    "longer restarted: close this pool and start a new one")
+                if _given_up(worker):
+                    failures.append(_gave_up(worker))
                 elif self._closed:  # closed meanwhile: close() stops what it finds, and starts nothing
                     failures.append(str(exc))
                 else:
@@ -327,8 +341,13 @@ class ForkPool:
                                                    failed_starts=worker.failed_starts)
                     failures.append(f"{exc}; it is started again for the next round (failed starts in a row: "
                                     f"{worker.failed_starts} of {MAX_FAILED_STARTS})")
+        if len(slots) < n:
+            usable = len(self._workers) - sum(map(_given_up, self._workers))
+            failures += [_gave_up(worker) for worker in self._workers if _given_up(worker)]
+            failures.append(f"{usable} of the pool's {len(self._workers)} workers are usable; a round of {n} needs {n}")
         if failures:
             raise PoolWorkerDied("; ".join(failures) + ": the fork round failed before the parent was read")
+        return slots
 
     def close(self) -> None:
         """Stop the workers, after the round in progress, if any; a round still waiting for it is refused."""
