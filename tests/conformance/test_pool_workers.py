@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 from descendants import descendants, outliving
-from pool_engines import worker_env
+from pool_engines import queue_starts, worker_env
 
 from fork_pool_checks import Unread
 from thaw_conformance.template.adapter import ToyThawEngine
@@ -75,6 +75,13 @@ def engines_own(pids: set[int]) -> list[int]:
     return own
 
 
+def flaky(tmp_path):
+    """A directory of instructions for the next starts (pool_engines.queue_starts), and a flaky engine's spec."""
+    instructions = tmp_path / "starts"
+    instructions.mkdir()
+    return instructions, LaunchSpec("pool_engines:flaky", {"instructions": str(instructions), **CONFIG})
+
+
 def round_(pool, parent):
     return pool.fork(parent, 2, context=TRUNK, suffixes=SUFFIXES, params=PARAMS)
 
@@ -83,10 +90,9 @@ def test_a_replacement_that_fails_to_start_is_named_and_started_again(parent, tm
     """A replacement (started after a worker died) that failed to start failed every later round at the same
     dead worker ('RuntimeError: pool worker 1 ...' for ever, or a read of its closed pipe): the round now names
     it, its engine's error and its exit status, and it is started again for the next round."""
-    fail = tmp_path / "fail"
-    spec = LaunchSpec("pool_engines:flaky", {"fail_while": str(fail), **CONFIG})
+    fail, spec = flaky(tmp_path)
     with ForkPool(spec, workers=2, env=worker_env()) as pool:
-        fail.write_text("error")
+        queue_starts(fail, "error", "exit")  # the replacement's start, then its restart's ("exit": without a word)
         pool._workers[1].process.kill()  # between rounds: the next round finds it dead and starts a replacement
         with pytest.raises(PoolWorkerDied, match=r"pool worker 1 \(pid \d+\) exited with status -9"):
             round_(pool, parent)
@@ -97,23 +103,20 @@ def test_a_replacement_that_fails_to_start_is_named_and_started_again(parent, tm
                            r"before the parent was read$"):
             round_(pool, Unread(parent.page_size()))
         assert failing.stdin.closed and failing.stdout.closed
-        fail.write_text("exit")  # the process ends without a word
         failing = pool._workers[1].process
         with pytest.raises(PoolWorkerDied, match=rf"^pool worker 1 \(pid {failing.pid}\) failed to start \(it exited "
                                                  r"with status 3\); .*failed starts in a row: 2 of 3"):
             round_(pool, Unread(parent.page_size()))
-        fail.unlink()
-        result = round_(pool, parent)
+        result = round_(pool, parent)  # its next restart finds no instruction left
         assert [g.token_ids for g in result.generations] == expected()
         assert [g.cached_tokens for g in result.generations] == [36, 36]
         assert pool._workers[1].failed_starts == 0  # a start that works resets its count
 
 
 def test_a_worker_that_keeps_failing_to_start_is_given_up_after_a_bounded_number_of_tries(parent, tmp_path):
-    fail = tmp_path / "fail"
-    spec = LaunchSpec("pool_engines:flaky", {"fail_while": str(fail), **CONFIG})
+    fail, spec = flaky(tmp_path)
     with ForkPool(spec, workers=2, env=worker_env()) as pool:
-        fail.write_text("error")
+        queue_starts(fail, *["error"] * MAX_FAILED_STARTS)
         pool._workers[0].process.kill()
         with pytest.raises(PoolWorkerDied, match="pool worker 0 .* exited with status -9"):
             round_(pool, parent)
@@ -127,7 +130,7 @@ def test_a_worker_that_keeps_failing_to_start_is_given_up_after_a_bounded_number
                                "this pool and start a new one"):
                 round_(pool, Unread(parent.page_size()))
             assert pool._workers[0].process is last
-        fail.unlink()  # a given-up slot leaves the others serving (every round used slot 0, and failed)
+        # a given-up slot leaves the others serving (every round used slot 0, and failed)
         result = pool.fork(parent, 1, context=TRUNK, suffixes=SUFFIXES[:1], params=PARAMS)
         assert [g.token_ids for g in result.generations] == expected()[:1]
         with pytest.raises(PoolWorkerDied, match=r"1 of the pool's 2 workers are usable; a round of 2 needs 2: the "
@@ -214,8 +217,7 @@ def test_a_dead_workers_pipes_are_closed_here_not_by_the_garbage_collector(paren
     """Pipes left to the garbage collector print 'ResourceWarning: unclosed file' and, for a stdin holding bytes
     a dead worker never read, 'Exception ignored ... BrokenPipeError'. Every worker this pool ever started, dead
     mid-round, failed to start, or stopped by close(), has both pipes closed."""
-    fail = tmp_path / "fail"
-    spec = LaunchSpec("pool_engines:flaky", {"fail_while": str(fail), **CONFIG})
+    fail, spec = flaky(tmp_path)
     printed, hook = [], sys.unraisablehook
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always", ResourceWarning)
@@ -223,7 +225,7 @@ def test_a_dead_workers_pipes_are_closed_here_not_by_the_garbage_collector(paren
         try:
             pool = ForkPool(spec, workers=2, env=worker_env())
             started = list(pool._workers)
-            fail.write_text("error")
+            queue_starts(fail, "error")  # the replacement's start; its restart starts normally
             with pytest.raises(PoolWorkerDied):  # worker 1 dies as the round begins; its send finds no reader
                 round_(pool, Capturing(parent, pool._workers[1].process.kill))
             started.append(pool._workers[1])
@@ -277,7 +279,7 @@ def pool_script(factory: str) -> str:
     return f"""
 import os, signal, threading, time
 from descendants import descendants
-from pool_engines import worker_env
+from pool_engines import queue_starts, worker_env
 from thaw_format.sdk import ForkPool, LaunchSpec
 
 spec = LaunchSpec("pool_engines:{factory}", {CONFIG})
