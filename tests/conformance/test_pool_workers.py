@@ -17,7 +17,7 @@ import time
 import warnings
 
 import pytest
-from descendants import descendants, outliving
+from descendants import descendants, needs_proc, outliving
 from pool_engines import queue_starts, worker_env
 
 from fork_pool_checks import Unread
@@ -138,6 +138,7 @@ def test_a_worker_that_keeps_failing_to_start_is_given_up_after_a_bounded_number
             round_(pool, Unread(parent.page_size()))
 
 
+@needs_proc
 @pytest.mark.parametrize("when", ["between rounds", "mid-round"])
 def test_what_a_killed_workers_engine_started_ends_with_it(parent, when):
     """A worker's engine may start processes of its own (vLLM's engine core, SGLang's scheduler). SIGKILLed, the
@@ -162,6 +163,7 @@ def test_what_a_killed_workers_engine_started_ends_with_it(parent, when):
         assert [g.token_ids for g in result.generations] == expected()
 
 
+@needs_proc
 def test_what_a_killed_fork_childs_engine_started_ends_with_it(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", worker_env()["PYTHONPATH"])
     from pool_engines import ToyWithAProcess
@@ -242,6 +244,7 @@ def test_a_dead_workers_pipes_are_closed_here_not_by_the_garbage_collector(paren
     assert not printed and not [w for w in warned if issubclass(w.category, ResourceWarning)], (printed, warned)
 
 
+@needs_proc
 def test_process_fork_started_part_way_leaves_no_child(parent, tmp_path):
     """fork(..., processes=True) started its children in one list expression: when the OS refused the k-th
     process, the k-1 already started were never killed. Run in a process of its own with a low open-file limit."""
@@ -292,6 +295,7 @@ def wait_for_engines(count):
 {inspect.getsource(engines_own)}"""
 
 
+@needs_proc
 @pytest.mark.parametrize("factory", ["ToyWithAProcess.start", "loading_for_ever"])
 def test_a_pools_workers_end_when_the_process_holding_the_pool_is_killed(tmp_path, factory):
     """Each worker leads its own session: the SIGKILL (or Ctrl-C, or killpg) that ends the pool's process does not
@@ -317,6 +321,7 @@ time.sleep(3600)
     assert not outliving(started, timeout=10)
 
 
+@needs_proc
 def test_ctrl_c_while_the_pool_starts_ends_its_workers_at_once(tmp_path):
     """Ctrl-C while the workers load: close() closed each worker's input and waited up to 120 s for it to end, but
     a worker reads no input until its engine has started: the Ctrl-C took each worker's whole start (minutes,
@@ -378,6 +383,7 @@ def idle_worker() -> EngineProcess:
                          {**os.environ, **worker_env()})
 
 
+@needs_proc
 def test_an_engine_process_whose_watcher_cannot_start_is_killed_and_reaped(monkeypatch):
     """Without its watcher no one would end its group, nor reap it: the constructor's error left it running."""
     def refused(thread):

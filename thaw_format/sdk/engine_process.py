@@ -18,6 +18,10 @@ Ctrl-C, SIGHUP, a harness's killpg. What ends it instead: its parent's close() (
 input, and the parent's death, however it came (SIGKILL included): a thread in the engine process watches its
 parent (`os.getppid()`, twice a second) and, once it is gone, kills the engine process's whole group, an engine
 still loading too.
+
+The group is killed as soon as the process exits only where Python has `os.waitid` (Linux; macOS from Python
+3.13): elsewhere only `kill()` (and so close() after its timeout, and Ctrl-C's kills) ends the whole group,
+and what the engine started may outlive a process that died on its own.
 """
 
 from __future__ import annotations
