@@ -42,7 +42,8 @@ from .tokens import token_ids
 
 
 class PoolWorkerDied(RuntimeError):
-    """A pool worker's process ended during a round; the message names it and its exit status."""
+    """A pool worker's process ended during a round, or failed to start (or was given up) before one; the
+    message names it, its exit status and, for a failed start, its engine's error."""
 
 
 @dataclass
