@@ -2,7 +2,13 @@
 nothing it started outlives it."""
 
 import os
+import sys
 import time
+
+import pytest
+
+HAS_PROC = sys.platform.startswith("linux")
+needs_proc = pytest.mark.skipif(not HAS_PROC, reason="reads processes from /proc (Linux)")
 
 
 def _stat(pid: str) -> tuple[int, str]:

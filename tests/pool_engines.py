@@ -5,6 +5,7 @@ PYTHONPATH (`worker_env`)."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from thaw_conformance.template.adapter import ToyThawEngine
@@ -18,16 +19,30 @@ def worker_env() -> dict:
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
 
 
-def flaky(fail_while: str, **config) -> ToyThawEngine:
-    """A toy engine of `config`, unless the file `fail_while` exists: then its start fails as its text says,
-    "error" (the engine raises) or "exit" (the process ends at once, without a word)."""
-    if os.path.exists(fail_while):
-        with open(fail_while) as told:
+def flaky(instructions: str, **config) -> ToyThawEngine:
+    """A toy engine of `config`, unless an instruction is queued in the directory `instructions`: each start
+    claims the lowest-numbered file there (renamed away, so no two starts take the same one) and fails as its
+    text says, "error" (the engine raises) or "exit" (the process ends at once, without a word). A test queues
+    every instruction (`queue_starts`) before the starts that take them: a start racing a rewritten file could
+    read the old instruction."""
+    for name in sorted(filter(str.isdigit, os.listdir(instructions)), key=int):
+        claimed = os.path.join(instructions, f"claimed-{name}")
+        try:
+            os.rename(os.path.join(instructions, name), claimed)
+        except FileNotFoundError:  # another start claimed it first
+            continue
+        with open(claimed) as told:
             how = told.read()
         if how == "exit":
             os._exit(3)
-        raise RuntimeError(f"told to fail by {fail_while}")
+        raise RuntimeError(f"told to fail by {claimed}")
     return ToyThawEngine.start(**config)
+
+
+def queue_starts(instructions: Path, *hows: str) -> None:
+    """Queue instructions for the next flaky starts, in order: "error" or "exit" each."""
+    for number, how in enumerate(hows, start=len(os.listdir(instructions))):
+        (instructions / str(number)).write_text(how)
 
 
 class ToyWithAProcess(ToyThawEngine):
@@ -47,3 +62,10 @@ class ToyWithAProcess(ToyThawEngine):
         self.process.kill()
         self.process.wait()
         super().close()
+
+
+def loading_for_ever(**config) -> ToyWithAProcess:
+    """A ToyWithAProcess whose start never ends, like a large model's load: a worker that does not read its
+    input until its engine has started."""
+    ToyWithAProcess.start(**config)
+    time.sleep(3600)

@@ -5,7 +5,10 @@ garbage collector."""
 
 import dataclasses
 import gc
+import inspect
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,13 +17,15 @@ import time
 import warnings
 
 import pytest
-from descendants import descendants, outliving
-from pool_engines import worker_env
+from descendants import descendants, needs_proc, outliving
+from pool_engines import queue_starts, worker_env
 
 from fork_pool_checks import Unread
 from thaw_conformance.template.adapter import ToyThawEngine
 from thaw_conformance.template.engine import ToyModelConfig
 from thaw_format.sdk import ForkPool, LaunchSpec, PoolWorkerDied, fork, greedy
+from thaw_format.sdk import engine_process
+from thaw_format.sdk.engine_process import EngineProcess
 from thaw_format.sdk.pool import MAX_FAILED_STARTS
 from thaw_format.sdk.shared import capture_shared
 
@@ -61,10 +66,20 @@ def engines_own(pids: set[int]) -> list[int]:
     """Those of `pids` that are a ToyWithAProcess's own process."""
     own = []
     for pid in pids:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            if b"time.sleep(3600)" in cmdline.read():
-                own.append(pid)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"time.sleep(3600)" in cmdline.read():
+                    own.append(pid)
+        except OSError:  # ended meanwhile
+            pass
     return own
+
+
+def flaky(tmp_path):
+    """A directory of instructions for the next starts (pool_engines.queue_starts), and a flaky engine's spec."""
+    instructions = tmp_path / "starts"
+    instructions.mkdir()
+    return instructions, LaunchSpec("pool_engines:flaky", {"instructions": str(instructions), **CONFIG})
 
 
 def round_(pool, parent):
@@ -75,10 +90,9 @@ def test_a_replacement_that_fails_to_start_is_named_and_started_again(parent, tm
     """A replacement (started after a worker died) that failed to start failed every later round at the same
     dead worker ('RuntimeError: pool worker 1 ...' for ever, or a read of its closed pipe): the round now names
     it, its engine's error and its exit status, and it is started again for the next round."""
-    fail = tmp_path / "fail"
-    spec = LaunchSpec("pool_engines:flaky", {"fail_while": str(fail), **CONFIG})
+    fail, spec = flaky(tmp_path)
     with ForkPool(spec, workers=2, env=worker_env()) as pool:
-        fail.write_text("error")
+        queue_starts(fail, "error", "exit")  # the replacement's start, then its restart's ("exit": without a word)
         pool._workers[1].process.kill()  # between rounds: the next round finds it dead and starts a replacement
         with pytest.raises(PoolWorkerDied, match=r"pool worker 1 \(pid \d+\) exited with status -9"):
             round_(pool, parent)
@@ -89,23 +103,20 @@ def test_a_replacement_that_fails_to_start_is_named_and_started_again(parent, tm
                            r"before the parent was read$"):
             round_(pool, Unread(parent.page_size()))
         assert failing.stdin.closed and failing.stdout.closed
-        fail.write_text("exit")  # the process ends without a word
         failing = pool._workers[1].process
         with pytest.raises(PoolWorkerDied, match=rf"^pool worker 1 \(pid {failing.pid}\) failed to start \(it exited "
                                                  r"with status 3\); .*failed starts in a row: 2 of 3"):
             round_(pool, Unread(parent.page_size()))
-        fail.unlink()
-        result = round_(pool, parent)
+        result = round_(pool, parent)  # its next restart finds no instruction left
         assert [g.token_ids for g in result.generations] == expected()
         assert [g.cached_tokens for g in result.generations] == [36, 36]
         assert pool._workers[1].failed_starts == 0  # a start that works resets its count
 
 
 def test_a_worker_that_keeps_failing_to_start_is_given_up_after_a_bounded_number_of_tries(parent, tmp_path):
-    fail = tmp_path / "fail"
-    spec = LaunchSpec("pool_engines:flaky", {"fail_while": str(fail), **CONFIG})
+    fail, spec = flaky(tmp_path)
     with ForkPool(spec, workers=2, env=worker_env()) as pool:
-        fail.write_text("error")
+        queue_starts(fail, *["error"] * MAX_FAILED_STARTS)
         pool._workers[0].process.kill()
         with pytest.raises(PoolWorkerDied, match="pool worker 0 .* exited with status -9"):
             round_(pool, parent)
@@ -119,8 +130,15 @@ def test_a_worker_that_keeps_failing_to_start_is_given_up_after_a_bounded_number
                                "this pool and start a new one"):
                 round_(pool, Unread(parent.page_size()))
             assert pool._workers[0].process is last
+        # a given-up slot leaves the others serving (every round used slot 0, and failed)
+        result = pool.fork(parent, 1, context=TRUNK, suffixes=SUFFIXES[:1], params=PARAMS)
+        assert [g.token_ids for g in result.generations] == expected()[:1]
+        with pytest.raises(PoolWorkerDied, match=r"1 of the pool's 2 workers are usable; a round of 2 needs 2: the "
+                                                 "fork round failed before the parent was read$"):
+            round_(pool, Unread(parent.page_size()))
 
 
+@needs_proc
 @pytest.mark.parametrize("when", ["between rounds", "mid-round"])
 def test_what_a_killed_workers_engine_started_ends_with_it(parent, when):
     """A worker's engine may start processes of its own (vLLM's engine core, SGLang's scheduler). SIGKILLed, the
@@ -145,6 +163,7 @@ def test_what_a_killed_workers_engine_started_ends_with_it(parent, when):
         assert [g.token_ids for g in result.generations] == expected()
 
 
+@needs_proc
 def test_what_a_killed_fork_childs_engine_started_ends_with_it(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", worker_env()["PYTHONPATH"])
     from pool_engines import ToyWithAProcess
@@ -200,8 +219,7 @@ def test_a_dead_workers_pipes_are_closed_here_not_by_the_garbage_collector(paren
     """Pipes left to the garbage collector print 'ResourceWarning: unclosed file' and, for a stdin holding bytes
     a dead worker never read, 'Exception ignored ... BrokenPipeError'. Every worker this pool ever started, dead
     mid-round, failed to start, or stopped by close(), has both pipes closed."""
-    fail = tmp_path / "fail"
-    spec = LaunchSpec("pool_engines:flaky", {"fail_while": str(fail), **CONFIG})
+    fail, spec = flaky(tmp_path)
     printed, hook = [], sys.unraisablehook
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always", ResourceWarning)
@@ -209,7 +227,7 @@ def test_a_dead_workers_pipes_are_closed_here_not_by_the_garbage_collector(paren
         try:
             pool = ForkPool(spec, workers=2, env=worker_env())
             started = list(pool._workers)
-            fail.write_text("error")
+            queue_starts(fail, "error")  # the replacement's start; its restart starts normally
             with pytest.raises(PoolWorkerDied):  # worker 1 dies as the round begins; its send finds no reader
                 round_(pool, Capturing(parent, pool._workers[1].process.kill))
             started.append(pool._workers[1])
@@ -226,6 +244,7 @@ def test_a_dead_workers_pipes_are_closed_here_not_by_the_garbage_collector(paren
     assert not printed and not [w for w in warned if issubclass(w.category, ResourceWarning)], (printed, warned)
 
 
+@needs_proc
 def test_process_fork_started_part_way_leaves_no_child(parent, tmp_path):
     """fork(..., processes=True) started its children in one list expression: when the OS refused the k-th
     process, the k-1 already started were never killed. Run in a process of its own with a low open-file limit."""
@@ -255,3 +274,142 @@ print("children left" if left else "no children left")
                           env={**os.environ, **worker_env()})
     assert proc.returncode == 0, proc.stderr
     assert "Too many open files" in proc.stdout and proc.stdout.endswith("no children left\n"), proc.stdout
+
+
+
+def pool_script(factory: str) -> str:
+    """The start of a script that starts a pool of `factory` in a process of its own (a test then kills it)."""
+    return f"""
+import os, signal, threading, time
+from descendants import descendants
+from pool_engines import queue_starts, worker_env
+from thaw_format.sdk import ForkPool, LaunchSpec
+
+spec = LaunchSpec("pool_engines:{factory}", {CONFIG})
+
+def wait_for_engines(count):
+    \"\"\"Until `count` workers' engines have started their own process.\"\"\"
+    while len(engines_own(descendants(os.getpid()))) < count:
+        time.sleep(0.05)
+
+{inspect.getsource(engines_own)}"""
+
+
+@needs_proc
+@pytest.mark.parametrize("factory", ["ToyWithAProcess.start", "loading_for_ever"])
+def test_a_pools_workers_end_when_the_process_holding_the_pool_is_killed(tmp_path, factory):
+    """Each worker leads its own session: the SIGKILL (or Ctrl-C, or killpg) that ends the pool's process does not
+    reach it. A ready worker ends at the end of its input; one still loading its engine read no input, and lived
+    on, with what its engine had started, holding their memory. Each now watches its parent and ends its own
+    group once the parent is gone."""
+    script = tmp_path / "holds_a_pool.py"
+    script.write_text(pool_script(factory) + """
+threading.Thread(target=ForkPool, args=(spec, 2), kwargs={"env": worker_env()}, daemon=True).start()
+wait_for_engines(2)
+print(" ".join(str(pid) for pid in descendants(os.getpid())), flush=True)
+time.sleep(3600)
+""")
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, **worker_env()})
+    try:
+        started = {int(pid) for pid in holder.stdout.readline().split()}
+        assert len(engines_own(started)) == 2, started
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert not outliving(started, timeout=10)
+
+
+@needs_proc
+def test_ctrl_c_while_the_pool_starts_ends_its_workers_at_once(tmp_path):
+    """Ctrl-C while the workers load: close() closed each worker's input and waited up to 120 s for it to end, but
+    a worker reads no input until its engine has started: the Ctrl-C took each worker's whole start (minutes,
+    for a large model). A worker still starting is now killed."""
+    script = tmp_path / "interrupts_a_pool.py"
+    script.write_text(pool_script("loading_for_ever") + """
+def interrupt():
+    wait_for_engines(2)
+    global interrupted
+    interrupted = time.monotonic()
+    os.kill(os.getpid(), signal.SIGINT)
+
+threading.Thread(target=interrupt, daemon=True).start()
+try:
+    ForkPool(spec, 2, env=worker_env())
+except KeyboardInterrupt:
+    print(f"closed {time.monotonic() - interrupted:.1f} s after Ctrl-C;", len(engines_own(descendants(os.getpid()))),
+          "engines left")
+""")
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, **worker_env()})
+    try:
+        said = holder.communicate(timeout=60)[0]  # TimeoutExpired if it took the workers' starts
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    seconds, left = re.fullmatch(r"closed (\S+) s after Ctrl-C; (\d+) engines left\n", said).groups()
+    assert float(seconds) < 10 and left == "0", said
+
+
+def test_ctrl_c_mid_round_kills_the_workers_yet_to_answer_and_starts_their_replacements_next_round(parent,
+                                                                                                  monkeypatch):
+    """Interrupted mid-round, the pool started the replacements at once: a close() that followed (the usual next
+    step after Ctrl-C) waited for each to finish starting. They are now started by the next round."""
+    with ForkPool(parent, workers=2) as pool:
+        workers = list(pool._workers)
+        receive = type(workers[0]).receive
+
+        def interrupted(worker):
+            monkeypatch.setattr(type(worker), "receive", receive)  # the next round's replies are read
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(type(workers[0]), "receive", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            round_(pool, parent)
+        assert pool._workers == workers  # none replaced yet
+        for worker in workers:
+            assert worker.process.poll() is not None and worker.process.stdout.closed
+        result = round_(pool, parent)
+        assert [g.token_ids for g in result.generations] == expected()
+        assert not set(pool._workers) & set(workers)
+
+
+def idle_worker() -> EngineProcess:
+    """A pool worker's process, on the toy engine, waiting for its first round."""
+    spec = LaunchSpec("pool_engines:ToyWithAProcess.start", CONFIG)
+    return EngineProcess("thaw_format.sdk.pool_worker", json.dumps({"factory": spec.factory, "kwargs": spec.kwargs}),
+                         {**os.environ, **worker_env()})
+
+
+@needs_proc
+def test_an_engine_process_whose_watcher_cannot_start_is_killed_and_reaped(monkeypatch):
+    """Without its watcher no one would end its group, nor reap it: the constructor's error left it running."""
+    def refused(thread):
+        raise RuntimeError("can't start new thread")
+
+    before = descendants(os.getpid())
+    monkeypatch.setattr(engine_process.threading.Thread, "start", refused)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        idle_worker()
+    monkeypatch.undo()
+    assert not outliving(descendants(os.getpid()) - before, timeout=10)
+
+
+def test_an_engine_process_reaped_elsewhere_has_an_unknown_status_and_its_group_is_not_killed(monkeypatch):
+    """Reaped by another's os.wait, its pid, and so its group id, may already be another process's: killing
+    that group could kill a stranger; and Popen reads the lost status as 0, which said it exited cleanly."""
+    def reaped(*args):
+        raise ChildProcessError
+
+    killed = []
+    monkeypatch.setattr(engine_process.os, "waitid", reaped)
+    monkeypatch.setattr(engine_process.os, "killpg", lambda *args: killed.append(args))
+    process = idle_worker()
+    process.stdin.close()  # it exits at the end of its input
+    process.wait(timeout=60)
+    monkeypatch.undo()
+    assert process.exit_status() == "an unknown status (reaped elsewhere)"
+    process.kill_quietly()
+    assert not killed

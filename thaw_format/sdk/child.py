@@ -48,15 +48,15 @@ def protocol_replies():
 def main(argv: list[str]) -> int:
     config = json.loads(argv[1])
     reply = protocol_replies()
-    lead_own_group()  # the processes its engine starts end with it (thaw_format.sdk.engine_process)
-    try:
+    try:  # a failure here is reported too
+        lead_own_group()  # the processes its engine starts end with it (thaw_format.sdk.engine_process)
         engine = resolve(config["factory"])(**config["kwargs"])
         restore_source(engine, config["source"])
     except Exception as exc:
         reply({"error": f"starting the child engine: {type(exc).__name__}: {exc}"})
         return 1
-    reply({"ready": True})
-    try:
+    try:  # its engine is closed whatever happens from here: a parent gone meanwhile fails the first reply
+        reply({"ready": True})
         serve(engine, sys.stdin, reply)
     finally:
         engine.close()

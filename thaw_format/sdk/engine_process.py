@@ -12,6 +12,16 @@ process exits, between rounds too; `wait` and `poll` say the process is done onl
 Multiprocessing's resource tracker is started before the new session, outside the group: killed with it, the
 shared memory and semaphores the engine's processes had left to it stayed in /dev/shm (vLLM's engine core:
 about 400 MiB per killed worker); it now outlives them and unlinks what they left.
+
+Leading its own session, an engine process no longer gets what its parent's terminal or process group is sent:
+Ctrl-C, SIGHUP, a harness's killpg. What ends it instead: its parent's close() (or kill()), the end of its
+input, and the parent's death, however it came (SIGKILL included): a thread in the engine process watches its
+parent (`os.getppid()`, twice a second) and, once it is gone, kills the engine process's whole group, an engine
+still loading too.
+
+The group is killed as soon as the process exits only where Python has `os.waitid` (Linux; macOS from Python
+3.13): elsewhere only `kill()` (and so close() after its timeout, and Ctrl-C's kills) ends the whole group,
+and what the engine started may outlive a process that died on its own.
 """
 
 from __future__ import annotations
@@ -22,10 +32,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Optional
 
+PARENT_CHECK_S = 0.5  # how often an engine process checks that its parent is alive
 
-def exit_status(code: int) -> str:
+
+def _in_words(code: int) -> str:
     """A child process's exit code in words: a negative one names the signal that ended it."""
     if code < 0:
         try:
@@ -51,6 +64,17 @@ def lead_own_group() -> None:
         os.close(stdin)
         os.close(devnull)
     os.setsid()
+    parent = os.getppid()
+    threading.Thread(target=_end_group_once_orphaned, args=(parent,), name="thaw-parent-watch", daemon=True).start()
+
+
+def _end_group_once_orphaned(parent: int) -> None:
+    """Kill this process's group once its parent `parent` is gone (it is then another's child: init's, or a
+    subreaper's). Not prctl(PR_SET_PDEATHSIG): Linux only, and it fires when the parent's thread that started
+    this process exits, not the parent."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os.killpg(0, signal.SIGKILL)
 
 
 class EngineProcess(subprocess.Popen):
@@ -58,17 +82,30 @@ class EngineProcess(subprocess.Popen):
 
     def __init__(self, module: str, config: str, env: Optional[dict] = None) -> None:
         self._group_ended = threading.Event()
+        self._reaped_elsewhere = False  # by another's os.wait: its exit status is lost
         super().__init__([sys.executable, "-m", module, config], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True, env=env)
-        threading.Thread(target=self._end_group_on_exit, name=f"thaw-group-{self.pid}", daemon=True).start()
+        try:
+            threading.Thread(target=self._end_group_on_exit, name=f"thaw-group-{self.pid}", daemon=True).start()
+        except BaseException:  # "can't start new thread": no one would end its group, nor reap it
+            self.kill()
+            super().wait()
+            self._close_pipes()
+            raise
 
     def _end_group_on_exit(self) -> None:
-        if hasattr(os, "waitid"):  # its exit, left unreaped (WNOWAIT): its pid still names its group
-            with contextlib.suppress(ChildProcessError):  # reaped by an os.wait of someone else's
+        try:
+            if not hasattr(os, "waitid"):  # not every Unix's Python has it: there kill() alone ends the group
+                return
+            try:  # its exit, left unreaped (WNOWAIT): its pid still names its group
                 os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:  # reaped by another's os.wait: its pid, and group id, may be another's now
+                self._reaped_elsewhere = True
+                return
             with contextlib.suppress(ProcessLookupError, PermissionError):  # none left / one that left for root
                 os.killpg(self.pid, signal.SIGKILL)
-        self._group_ended.set()  # without waitid (not every Unix's Python): kill() still ends the whole group
+        finally:  # whatever happened: wait() must not wait for ever
+            self._group_ended.set()
 
     def poll(self) -> Optional[int]:
         return super().poll() if self._group_ended.is_set() else None
@@ -78,9 +115,15 @@ class EngineProcess(subprocess.Popen):
             raise subprocess.TimeoutExpired(self.args, timeout)
         return super().wait()
 
+    def exit_status(self) -> str:
+        """How it ended, in words, once it has (waits for it): its status, or that it is unknown (it was reaped
+        by another's os.wait, and Popen reads that as status 0)."""
+        code = self.wait()
+        return "an unknown status (reaped elsewhere)" if self._reaped_elsewhere else _in_words(code)
+
     def kill(self) -> None:
         """SIGKILL the process and every process of its group."""
-        if self.returncode is None:  # not reaped: its pid is still its group's
+        if self.returncode is None and not self._reaped_elsewhere:  # not reaped: its pid is still its group's
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 try:
                     os.killpg(self.pid, signal.SIGKILL)
@@ -92,6 +135,9 @@ class EngineProcess(subprocess.Popen):
         still buffered and raises BrokenPipeError (printed by the garbage collector if left to it)."""
         self.kill()
         self.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
         for pipe in (self.stdin, self.stdout):
             with contextlib.suppress(OSError, ValueError):
                 pipe.close()
@@ -99,9 +145,11 @@ class EngineProcess(subprocess.Popen):
     def end(self, timeout: float) -> None:
         """Close its input (an engine process closes its engine and exits at the end of its input) and wait up to
         `timeout` seconds; killed if it has not ended by then (one stuck in its engine would outlive us, holding
-        its memory). Its pipes are closed in any case."""
-        if self.poll() is None:
-            with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # killed below if it has not ended
-                self.stdin.close()
-                self.wait(timeout=timeout)
-        self.kill_quietly()
+        its memory), or if the wait is interrupted (Ctrl-C). Its pipes are closed in any case."""
+        try:
+            if self.poll() is None:
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # killed below if it has not ended
+                    self.stdin.close()
+                    self.wait(timeout=timeout)
+        finally:
+            self.kill_quietly()

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from ..snapshot import SamplingParams
 from .contract import Engine, Generation, require
-from .engine_process import EngineProcess, exit_status
+from .engine_process import EngineProcess
 from .shared import capture_shared
 from .tokens import token_ids
 
@@ -131,7 +131,7 @@ class ProcessChild:
             self.process.stdin.write(json.dumps(message) + "\n")
             self.process.stdin.flush()
         except (OSError, ValueError):  # its pipe is gone: say how the child ended, not BrokenPipeError
-            raise RuntimeError(f"fork child {self.process.pid} exited with {exit_status(self.process.wait())}") \
+            raise RuntimeError(f"fork child {self.process.pid} exited with {self.process.exit_status()}") \
                 from None
 
     def result(self) -> Generation:
@@ -144,7 +144,7 @@ class ProcessChild:
             self.kill()
             raise
         if not line:
-            raise RuntimeError(f"fork child {self.process.pid} exited with {exit_status(self.process.wait())}")
+            raise RuntimeError(f"fork child {self.process.pid} exited with {self.process.exit_status()}")
         reply = json.loads(line)
         if "error" in reply:
             raise RuntimeError(f"fork child {self.process.pid}: {reply['error']}")

@@ -35,7 +35,7 @@ from typing import Mapping, Optional, Sequence, Union
 from ..errors import CorruptSnapshotError
 from ..snapshot import SamplingParams
 from .contract import Engine, Generation
-from .engine_process import EngineProcess, exit_status
+from .engine_process import EngineProcess
 from .launch import checked_launch_spec
 from .lent import forget, open_snapshot
 from .shared import capture_shared
@@ -43,7 +43,8 @@ from .tokens import token_ids
 
 
 class PoolWorkerDied(RuntimeError):
-    """A pool worker's process ended during a round; the message names it and its exit status."""
+    """A pool worker's process ended during a round, or failed to start (or was given up) before one; the
+    message names it, its exit status and, for a failed start, its engine's error."""
 
 
 @dataclass
@@ -81,6 +82,16 @@ def _verify(source: str) -> None:
 MAX_FAILED_STARTS = 3  # failed starts in a row of one worker slot, after which the pool stops restarting it
 
 
+def _given_up(worker: "_Worker") -> bool:
+    """Whether the pool no longer restarts the worker's slot: MAX_FAILED_STARTS failed starts in a row."""
+    return worker.start_error is not None and worker.failed_starts >= MAX_FAILED_STARTS
+
+
+def _gave_up(worker: "_Worker") -> str:
+    return (f"{worker.start_error}; it failed to start {worker.failed_starts} times in a row and is no longer "
+            "restarted: close this pool and start a new one")
+
+
 class _Worker:
     def __init__(self, name: str, config: str, env: dict, *, failed_starts: int = 0) -> None:
         self.name = name
@@ -88,6 +99,7 @@ class _Worker:
         self.start_error: Optional[str] = None  # how this worker failed to start, if it did
         self.process = EngineProcess("thaw_format.sdk.pool_worker", config, env)
         self.ready = False
+        self.killed = False  # by the pool: replaced by the next round that needs it
 
     def describe(self) -> str:
         return f"pool worker {self.name} (pid {self.process.pid})"
@@ -105,7 +117,7 @@ class _Worker:
         """The next reply; PoolWorkerDied if the process ended first."""
         line = self.process.stdout.readline()
         if not line:
-            raise PoolWorkerDied(f"{self.describe()} exited with {exit_status(self.process.wait())}")
+            raise PoolWorkerDied(f"{self.describe()} exited with {self.process.exit_status()}")
         return json.loads(line)
 
     def ensure_ready(self) -> None:
@@ -123,14 +135,20 @@ class _Worker:
             self.failed_starts += 1
             error = f": {reply['error']}" if "error" in reply else ""
             self.start_error = f"{self.describe()} failed to start{error} (it exited with " \
-                               f"{exit_status(self.process.returncode)})"
+                               f"{self.process.exit_status()})"
         raise PoolWorkerDied(self.start_error)
 
     def kill(self) -> None:
         self.process.kill_quietly()
+        self.killed = True
 
     def stop(self, timeout: float = 120) -> None:
-        self.process.end(timeout)  # the worker closes its engine at the end of its input
+        """End it: a ready worker closes its engine at the end of its input; one still starting is killed (it
+        reads no input until its engine has started: closing it waited out each worker's whole start)."""
+        if self.ready:
+            self.process.end(timeout)
+        else:
+            self.kill()
 
 
 def parent_page_size(parent) -> int:
@@ -235,8 +253,8 @@ class ForkPool:
 
     def _fork(self, parent, n: int, context: list[int], page: int, suffixes, params) -> ForkRound:
         started = time.perf_counter()
-        self._finish_starts(n)
-        workers = self._workers[:n]
+        slots = self._finish_starts(n)
+        workers = [self._workers[slot] for slot in slots]
         full = len(context) // page * page
         # valid until the parent's next capture_shared: every worker answers before this round ends
         capturing = time.perf_counter()
@@ -254,24 +272,22 @@ class ForkPool:
                 try:  # every live worker answers before the round ends, so none is left mid-message
                     reply = worker.receive() if ok else None
                     if reply is None:
-                        raise PoolWorkerDied(f"{worker.describe()} exited with {exit_status(worker.process.wait())}")
+                        raise PoolWorkerDied(f"{worker.describe()} exited with {worker.process.exit_status()}")
                 except PoolWorkerDied as exc:
                     answered += 1
                     failures.append(exc)
                     worker.kill()  # its pipes, closed here, not by the GC (which printed their BrokenPipeError)
                     if not self._closed:
-                        self._workers[index] = _Worker(worker.name, self._config, self._env)  # replacement
+                        self._workers[slots[index]] = _Worker(worker.name, self._config, self._env)  # replacement
                     continue
                 answered += 1
                 if "error" in reply:
                     failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
                 replies.append(reply)
         except BaseException:  # Ctrl-C mid-round: a worker yet to answer would answer the next round with this one
-            for index in range(answered, n):  # each in its own try: one that fails leaves the others to be killed
-                try:
-                    self._workers[index].kill()
-                    if not self._closed:
-                        self._workers[index] = _Worker(self._workers[index].name, self._config, self._env)
+            for slot in slots[answered:]:  # each in its own try: one that fails leaves the others to be killed
+                try:  # replaced by the next round (_finish_starts): a replacement started here, close() waited for
+                    self._workers[slot].kill()
                 except Exception:  # the original exception (KeyboardInterrupt) is the caller's to see
                     pass
             raise
@@ -288,20 +304,26 @@ class ForkPool:
         round_.total_s = time.perf_counter() - started
         return round_
 
-    def _finish_starts(self, n: int) -> None:
-        """The round's workers, each started: a replacement started after a failed round finishes starting here.
-        One that fails to start fails the round with PoolWorkerDied, before the parent is read, and is started
-        again for the next round, up to MAX_FAILED_STARTS failed starts in a row; after that the pool no longer
-        restarts it (each round needing it says so, and a new pool is the way on)."""
-        failures = []
-        for index in range(n):
-            worker = self._workers[index]
+    def _finish_starts(self, n: int) -> list[int]:
+        """The round's n worker slots, the first n not given up, each started: a replacement started after a failed
+        round finishes starting here. One that fails to start fails the round with PoolWorkerDied, before the parent
+        is read, and is started again for the next round, up to MAX_FAILED_STARTS failed starts in a row; after
+        that the pool no longer restarts it, and rounds use the slots left (fewer than n left: each round
+        needing more says so, and a new pool is the way on)."""
+        slots, failures = [], []
+        for index, worker in enumerate(self._workers):
+            if len(slots) == n:
+                break
+            if _given_up(worker):
+                continue
+            slots.append(index)
+            if worker.killed and not self._closed:  # by an interrupted round
+                worker = self._workers[index] = _Worker(worker.name, self._config, self._env)
             try:
                 worker.ensure_ready()
             except PoolWorkerDied as exc:
-                if worker.failed_starts >= MAX_FAILED_STARTS:
-                    failures.append(f"{exc}; it failed to start {worker.failed_starts} times in a row and is no "
-                                    "longer restarted: close this pool and start a new one")
+                if _given_up(worker):
+                    failures.append(_gave_up(worker))
                 elif self._closed:  # closed meanwhile: close() stops what it finds, and starts nothing
                     failures.append(str(exc))
                 else:
@@ -309,8 +331,13 @@ class ForkPool:
                                                    failed_starts=worker.failed_starts)
                     failures.append(f"{exc}; it is started again for the next round (failed starts in a row: "
                                     f"{worker.failed_starts} of {MAX_FAILED_STARTS})")
+        if len(slots) < n:
+            usable = len(self._workers) - sum(map(_given_up, self._workers))
+            failures += [_gave_up(worker) for worker in self._workers if _given_up(worker)]
+            failures.append(f"{usable} of the pool's {len(self._workers)} workers are usable; a round of {n} needs {n}")
         if failures:
             raise PoolWorkerDied("; ".join(failures) + ": the fork round failed before the parent was read")
+        return slots
 
     def close(self) -> None:
         """Stop the workers, after the round in progress, if any; a round still waiting for it is refused."""

@@ -33,14 +33,14 @@ def run_round(engine, message: dict) -> dict:
 def main(argv: list[str]) -> int:
     config = json.loads(argv[1])
     reply = protocol_replies()
-    lead_own_group()  # the processes its engine starts end with it (thaw_format.sdk.engine_process)
-    try:
+    try:  # a failure here is reported too
+        lead_own_group()  # the processes its engine starts end with it (thaw_format.sdk.engine_process)
         engine = resolve(config["factory"])(**config["kwargs"])
     except Exception as exc:
         reply({"error": f"starting the pool engine: {type(exc).__name__}: {exc}"})
         return 1
-    reply({"ready": True})
-    try:
+    try:  # its engine is closed whatever happens from here: a parent gone meanwhile fails the first reply
+        reply({"ready": True})
         for line in sys.stdin:
             try:
                 reply(run_round(engine, json.loads(line)))
