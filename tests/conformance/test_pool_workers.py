@@ -334,6 +334,7 @@ def interrupt():
     interrupted = time.monotonic()
     os.kill(os.getpid(), signal.SIGINT)
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a process started in the background inherits SIGINT ignored
 threading.Thread(target=interrupt, daemon=True).start()
 try:
     ForkPool(spec, 2, env=worker_env())
