@@ -13,7 +13,6 @@ request that does not ignore EOS.
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,6 +23,7 @@ from thaw_format import ModelInfo, Request, SamplingParams, Snapshot
 from thaw_format.sdk import (DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, LocalDirectory, Progress, Resumed,
                              Unsupported, fork, pending_requests)
 from thaw_format.sdk.contract import check_params
+from thaw_format.sdk.request_ids import RequestIds
 from thaw_format.sdk.lent import open_snapshot, verify_unchecked
 from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owned_segment
 from thaw_format.sdk.tokens import common_prefix_length
@@ -103,7 +103,7 @@ class MLXEngine(SharedKV):
         self.sessions: list[_Session] = []  # served requests: the engine's prefix cache
         self.running: dict[str, _Request] = {}  # in flight, in order of submission
         self._progress: dict[str, Progress] = {}  # requests that advanced since the last progress()
-        self._ids = itertools.count()
+        self._ids = RequestIds("mlx")
 
     @classmethod
     def start(cls, checkpoint: str) -> "MLXEngine":
@@ -163,7 +163,7 @@ class MLXEngine(SharedKV):
             raise ValueError(f"thaw_mlx needs max_tokens of at least 1, got {params.max_tokens}")
         sampler = Sampler(params)  # refuses what it cannot apply, before anything is computed
         cache, cached = self._continue_from(prompt)
-        rid = next(i for i in (f"mlx-{n}" for n in self._ids) if i not in self.running)
+        rid = self._ids.fresh(self.running)
         return _Request(rid, self.model, _Session(prompt, cache), len(prompt), sampler, cached, self.eos)
 
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -30,6 +29,7 @@ from thaw_format import ModelInfo, Request, SamplingParams, SchedulerState, Snap
 from thaw_format.sdk import (Finished, Generation, LaunchSpec, LocalDirectory, Progress, Refused, Resumed,
                               fork)
 from thaw_format.sdk.contract import check_params
+from thaw_format.sdk.request_ids import RequestIds
 from thaw_format.sdk.shared import SharedKV
 
 from .requests import resume_arguments, sglang_params
@@ -64,7 +64,7 @@ class SGLangEngine(SharedKV):
         self.queued: dict[str, tuple[list[int], SamplingParams]] = {}
         self.pending: list[thaw_format.Request] = []  # the last restore's unfinished requests, for finish
         self._progress: dict[str, Progress] = {}  # requests that advanced since the last progress()
-        self._ids = itertools.count()
+        self._ids = RequestIds("thaw")
 
     @classmethod
     def start(cls, **engine_kwargs) -> "SGLangEngine":
@@ -97,7 +97,7 @@ class SGLangEngine(SharedKV):
     def _new_id(self) -> str:
         """A fresh id, never one a request in flight holds (a restored request keeps the id of its snapshot)."""
         in_use = self.queued.keys() | {r.id for r in self.pending} | ({self.streaming.rid} if self.streaming else set())
-        return next(i for i in (f"thaw-{n}" for n in self._ids) if i not in in_use)
+        return self._ids.fresh(in_use)
 
     def _start_next(self) -> None:
         """Send the first queued request to the paused engine and let it run its prefill alone."""

@@ -15,7 +15,6 @@ needs) from the pages, computes the rest, and when it finishes its KV is paged i
 
 from __future__ import annotations
 
-import itertools
 import os
 from typing import Optional, Sequence
 
@@ -47,6 +46,7 @@ from thaw_format.sdk import (
     pending_requests,
 )
 from thaw_format.sdk.contract import check_params
+from thaw_format.sdk.request_ids import RequestIds
 from thaw_format.sdk.shared import SharedKV, owned_segment
 
 from . import _internals, identity, pages, requests
@@ -73,7 +73,7 @@ class TransformersEngine(SharedKV):
         self.requests: dict[str, Running] = {}
         self._progress: dict[str, Progress] = {}  # requests that advanced since the last progress()
         self.restored_from: Optional[str] = None  # the snapshot id this engine continues: its captures' parent
-        self._ids = itertools.count()
+        self._ids = RequestIds("transformers")
         eos = model.config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
@@ -152,7 +152,7 @@ class TransformersEngine(SharedKV):
         return done
 
     def _new_id(self) -> str:
-        return next(i for i in (f"transformers-{n}" for n in self._ids) if i not in self.requests)
+        return self._ids.fresh(self.requests)
 
     def _start(self, rid: str, prompt: list[int], output: list[int], params: SamplingParams,
                rng_state: Optional[torch.Tensor] = None, computed: Optional[int] = None) -> Running:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import itertools
 from typing import Optional, Sequence
 
 import thaw_format
 from thaw_format import ModelInfo, SamplingParams
 from thaw_format.sdk import Finished, Generation, LaunchSpec, LocalDirectory, Progress, Resumed, fork
 from thaw_format.sdk.contract import check_params
+from thaw_format.sdk.request_ids import RequestIds
 
 from . import api, sampling
 from .requests import run_to_completion
@@ -31,7 +31,7 @@ class VLLMEngine:
         self._previous: dict[str, list[int]] = {}  # resumed requests' output before their snapshot
         self._progress: dict[str, Progress] = {}  # requests that advanced since the last progress()
         self._latest: dict[str, Progress] = {}  # each unfinished request's last Progress: what an abort reports
-        self._ids = itertools.count()
+        self._ids = RequestIds("thaw")
 
     @classmethod
     def start(cls, model: str, **engine_kwargs) -> "VLLMEngine":
@@ -73,8 +73,7 @@ class VLLMEngine:
 
     def _new_id(self) -> str:
         """A fresh id, never one a request in flight holds (a restored request keeps the id of its snapshot)."""
-        in_use = self._previous.keys() | self._latest.keys()
-        return next(i for i in (f"thaw-{n}" for n in self._ids) if i not in in_use)
+        return self._ids.fresh(self._previous.keys() | self._latest.keys())
 
     def step(self) -> dict[str, list[int]]:
         finished = {}
