@@ -234,7 +234,8 @@ class SGLangEngine(SharedKV):
         "attention_backend": str, "skip_tokenizer_init": bool, "max_total_tokens": int, "random_seed": int,
         "disable_cuda_graph": bool, "sleep_on_idle": bool, "page_size": int, "mem_fraction_static": float,
         "context_length": int, "tp_size": int, "chunked_prefill_size": int, "max_running_requests": int,
-        "disable_radix_cache": bool, "kv_cache_dtype": str,
+        "disable_radix_cache": bool, "kv_cache_dtype": str, "load_format": str, "revision": str, "quantization": str,
+        "sampling_backend": str,
     }
 
     def launch_spec(self) -> LaunchSpec:

@@ -32,15 +32,17 @@ def engine_args(**kwargs) -> dict:
     kwargs.setdefault("enable_prefix_caching", True)
     _internals.keep_cpu_reservation(kwargs)
     plain = {k: v for k, v in kwargs.items() if _json_able(v)}
+    unplain = sorted(kwargs.keys() - plain.keys())  # named, so that a sleep knows what its file cannot hold
     kwargs["worker_extension_cls"] = WORKER_EXTENSION
     kwargs["kv_transfer_config"] = KVTransferConfig(
         kv_connector="ThawConnector", kv_connector_module_path="thaw_vllm.connector", kv_role="kv_both",
-        kv_connector_extra_config={LAUNCH_KEY: plain},
+        kv_connector_extra_config={LAUNCH_KEY: plain, UNPLAIN_KEY: unplain},
     )
     return kwargs
 
 
 LAUNCH_KEY = "thaw_engine_kwargs"
+UNPLAIN_KEY = "thaw_engine_unplain_kwargs"
 NOT_ENABLED = ("this vLLM engine runs without thaw's KV connector and worker extension. vLLM lets no plugin turn "
                "a KV connector on, so add one argument where the engine is made: vllm.LLM(model, ..., "
                "**thaw_vllm.engine_args()) (or use thaw_vllm.LLM)")
@@ -54,13 +56,15 @@ def _json_able(value) -> bool:
     return True
 
 
-def launch_arguments(llm) -> tuple[str, dict]:
-    """The model and plain construction arguments of an LLM made with `engine_args`: what starts an equal one."""
+def launch_arguments(llm) -> tuple[str, dict, frozenset]:
+    """The model and plain construction arguments of an LLM made with `engine_args`: what starts an equal one; and
+    the names of its other arguments (not JSON-able), which that start lacks."""
     config = llm.llm_engine.vllm_config
     transfer = config.kv_transfer_config
     if transfer is None or LAUNCH_KEY not in (transfer.kv_connector_extra_config or {}):
         raise RuntimeError(NOT_ENABLED)
-    return config.model_config.model, dict(transfer.kv_connector_extra_config[LAUNCH_KEY])
+    extra = transfer.kv_connector_extra_config
+    return config.model_config.model, dict(extra[LAUNCH_KEY]), frozenset(extra.get(UNPLAIN_KEY, ()))
 
 
 def _rpc(llm, method: str, *args):

@@ -153,12 +153,13 @@ class VLLMEngine:
         "model": LocalDirectory, "tokenizer": LocalDirectory, "dtype": str, "block_size": int, "max_model_len": int,
         "enforce_eager": bool, "kv_cache_memory_bytes": int, "gpu_memory_utilization": float, "seed": int,
         "skip_tokenizer_init": bool, "enable_prefix_caching": bool, "max_num_seqs": int,
-        "max_num_batched_tokens": int, "tensor_parallel_size": int, "kv_cache_dtype": str,
+        "max_num_batched_tokens": int, "tensor_parallel_size": int, "kv_cache_dtype": str, "revision": str,
+        "tokenizer_revision": str, "quantization": str, "load_format": str, "max_logprobs": int, "logprobs_mode": str,
     }
 
     def launch_spec(self) -> LaunchSpec:
-        model, kwargs = api.launch_arguments(self.llm)
-        return LaunchSpec(f"{__name__}:VLLMEngine.start", {"model": model, **kwargs})
+        model, kwargs, unplain = api.launch_arguments(self.llm)
+        return LaunchSpec(f"{__name__}:VLLMEngine.start", {"model": model, **kwargs}, unplain)
 
     def close(self) -> None:
         """Shut the engine down. In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) vLLM's shutdown also tears down

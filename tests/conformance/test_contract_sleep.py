@@ -109,7 +109,8 @@ def test_the_engine_is_closed_only_once_the_file_is_durably_written(sleeper, tmp
     assert not (snapshot.weights and snapshot.weights.tensors) and snapshot.model.weights_digest  # by digest only
     assert snapshot.metadata[LAUNCH_KEY] == {"factory": "thaw_conformance.template.adapter:ToyThawEngine.start",
                                              "kwargs": {"vocab_size": 256, "hidden_size": 32, "num_layers": 2,
-                                                        "num_heads": 2, "head_dim": 16, "seed": 0}}
+                                                        "num_heads": 2, "head_dim": 16, "seed": 0},
+                                             "given_at_wake": []}
     fsyncs.clear()
     sleep(sleeper(), tmp_path / "fast.thaw", durable=False)
     assert fsyncs == []
@@ -221,8 +222,8 @@ def test_a_file_may_set_only_the_options_its_adapter_lists(slept, tmp_path, star
     check_woken(wakes(hostile, overrides=safe, factory=tolerant), want)
 
 
-def tolerant(trust_remote_code=None, forward_hooks=None, **config):
-    """The template's start, taking (and ignoring) the hostile cases' options as None."""
+def tolerant(trust_remote_code=None, forward_hooks=None, api_key=None, hf_token=None, **config):
+    """The template's start, taking (and ignoring) the hostile cases' options and WithSecrets' secrets."""
     return ToyThawEngine.start(**config)
 
 
@@ -259,27 +260,57 @@ class WithSecrets(ToyThawEngine):
         return type(spec)(spec.factory, {**spec.kwargs, "api_key": "sk-secret", "hf_token": "hf_secret"})
 
 
-def test_sleep_writes_only_the_listed_options(sleeper, tmp_path):
-    engine = WithSecrets(sleeper().engine)
-    path = tmp_path / "slept.thaw"
-    sleep(engine, path)
-    assert set(thaw_format.load(path).metadata[LAUNCH_KEY]["kwargs"]) == set(ToyThawEngine.launch_options)
-    assert b"secret" not in path.read_bytes()
+class NotJSONAble(ToyThawEngine):
+    """An engine started with an argument its launch spec cannot hold (vLLM's with an object for a value)."""
+
+    def launch_spec(self):
+        spec = super().launch_spec()
+        return type(spec)(spec.factory, spec.kwargs, frozenset({"compilation_config"}))
 
 
-def test_an_option_of_the_wrong_type_is_refused_before_anything_is_written(sleeper, tmp_path):
-    class OddSeed(ToyThawEngine):
-        def launch_spec(self):
-            spec = super().launch_spec()
-            return type(spec)(spec.factory, {**spec.kwargs, "seed": [0]})
+class OddSeed(ToyThawEngine):
+    """An engine whose listed option has a value of another type."""
 
-    engine = OddSeed(sleeper().engine)
+    def launch_spec(self):
+        spec = super().launch_spec()
+        return type(spec)(spec.factory, {**spec.kwargs, "seed": [0]})
+
+
+@pytest.mark.parametrize("kind, why", [
+    (WithSecrets, "started with api_key, hf_token, which a snapshot file does not hold.*given_at_wake"),
+    (NotJSONAble, "started with compilation_config, which a snapshot file does not hold.*given_at_wake"),
+    (OddSeed, r"seed=\[0\] \(not of type int\)"),
+])
+def test_an_engine_whose_launch_arguments_a_file_cannot_hold_refuses_to_sleep(sleeper, tmp_path, kind, why):
+    """Without them wake would start a different engine: refused before anything is written or closed."""
+    engine = kind(sleeper().engine)
     ids, want = run_midway(engine)
-    with pytest.raises(Unsupported, match=r"seed=\[0\] \(not of type int\)"):
+    with pytest.raises(Unsupported, match=why):
         sleep(engine, tmp_path / "slept.thaw")
     assert os.listdir(tmp_path) == [] and engine.engine is not None
     done = engine.finish()
     assert [done[rid].output_token_ids for rid in ids] == want
+
+
+def test_options_given_at_wake_are_written_by_name_only_and_wake_needs_them(sleeper, tmp_path, wakes):
+    engine = WithSecrets(sleeper().engine)
+    _, want = run_midway(engine)
+    path = tmp_path / "slept.thaw"
+    sleep(engine, path, given_at_wake=["hf_token", "api_key", "seed"])  # a listed option too: the caller's choice
+    record = thaw_format.load(path).metadata[LAUNCH_KEY]
+    assert record["given_at_wake"] == ["api_key", "hf_token", "seed"] and "seed" not in record["kwargs"]
+    assert b"secret" not in path.read_bytes()
+    for partial, missing in ((None, "api_key, hf_token, seed"), ({"api_key": "k", "seed": 0}, "hf_token")):
+        with pytest.raises(RefusedLaunch, match=f"slept with {missing} given at wake.*overrides"):
+            wake(path, factory=tolerant, overrides=partial)  # nothing started: the factory would take them
+    check_woken(wakes(path, factory=tolerant, overrides={"api_key": "k", "hf_token": None, "seed": 0}), want)
+
+
+@pytest.mark.parametrize("names", ["hf_token", [1]])
+def test_given_at_wake_is_a_collection_of_names(sleeper, tmp_path, names):
+    with pytest.raises(TypeError, match="given_at_wake is a collection of argument names"):
+        sleep(WithSecrets(sleeper().engine), tmp_path / "slept.thaw", given_at_wake=names)
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_seeded_request_needs_mid_stream_seeded(sleeper, tmp_path):
@@ -325,7 +356,8 @@ def test_a_failed_close_of_a_refusing_engine_keeps_the_refusal(slept):
     assert any("the test's close failure" in note for note in raised.value.__notes__)
 
 
-@pytest.mark.parametrize("launch", [None, TEMPLATE, {"factory": 3, "kwargs": {}}])
+@pytest.mark.parametrize("launch", [None, TEMPLATE, {"factory": 3, "kwargs": {}},
+                                    {"factory": TEMPLATE, "kwargs": {}, "given_at_wake": "seed"}])
 def test_a_file_without_a_valid_launch_record_is_refused_by_name(slept, tmp_path, launch, wakes):
     path, want = slept
     odd = rewritten(path, tmp_path / "odd.thaw", launch)

@@ -30,3 +30,27 @@ def test_every_option_a_file_may_set_is_an_engine_argument(vllm):
     from vllm.engine.arg_utils import EngineArgs
 
     assert VLLMEngine.launch_options.keys() <= {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+def test_an_engine_started_with_an_argument_that_is_not_json_refuses_to_sleep(vllm):
+    """engine_args names the arguments its launch spec cannot hold, and sleep refuses them (they were dropped)."""
+    import types
+
+    import pytest
+    from thaw_vllm import VLLMEngine, api
+    from vllm.config import CompilationConfig
+
+    from thaw_format.sdk import LaunchSpec, Unsupported
+    from thaw_format.sdk.launch import recordable
+
+    kwargs = api.engine_args(dtype="float32", compilation_config=CompilationConfig())
+    config = types.SimpleNamespace(model_config=types.SimpleNamespace(model="/models/llama"),
+                                   kv_transfer_config=kwargs["kv_transfer_config"])
+    model, plain, unplain = api.launch_arguments(types.SimpleNamespace(llm_engine=types.SimpleNamespace(
+        vllm_config=config)))
+    assert "compilation_config" not in plain and unplain == {"compilation_config"}
+    spec = LaunchSpec("thaw_vllm.engine:VLLMEngine.start", {"model": model, **plain}, unplain)
+    with pytest.raises(Unsupported, match="started with compilation_config, which a snapshot file does not hold"):
+        recordable(VLLMEngine, spec, [])
+    assert recordable(VLLMEngine, spec, ["compilation_config", "model"]) == {"dtype": "float32",
+                                                                            "enable_prefix_caching": True}

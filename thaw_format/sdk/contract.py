@@ -220,10 +220,13 @@ class Finished:
 @dataclass(frozen=True)
 class LaunchSpec:
     """How to start an engine equal to this one in another process: `factory` ("module:attribute", dotted
-    attributes allowed) called with `kwargs` (JSON-able) returns a contract engine serving the same model."""
+    attributes allowed) called with `kwargs` (JSON-able) returns a contract engine serving the same model.
+    `unrecorded` names the arguments the engine was started with that `kwargs` cannot hold (values that are not
+    JSON-able): a start from `kwargs` alone lacks them, so `sleep` refuses unless told how wake gets them."""
 
     factory: str
     kwargs: dict
+    unrecorded: frozenset = frozenset()
 
 
 @runtime_checkable

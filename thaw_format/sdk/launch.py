@@ -10,14 +10,16 @@ adapter class declares the few options an equal engine needs, next to its `launc
 The types are plain scalars (str, int, float, bool; None always means the engine's default) and LocalDirectory:
 a str naming a directory that exists here (a model, a tokenizer), never a hub id to fetch. `sleep` writes these
 only (so secrets such as tokens never reach the file), and `wake` starts an engine with them only; anything else
-the caller passes again, in `overrides`. The table is the adapter's: this module knows no engine's options.
+the caller passes again, in `overrides`: `sleep` refuses an engine started with an argument not on the list
+unless its caller names it in `given_at_wake`, and `wake` then refuses to start one unless `overrides` sets it.
+The table is the adapter's: this module knows no engine's options.
 """
 
 from __future__ import annotations
 
 import os
 import reprlib
-from typing import Callable, Mapping, Optional
+from typing import Callable, Collection, Mapping, Optional
 
 from ..errors import SnapshotError
 from .contract import LaunchSpec, Unsupported
@@ -74,15 +76,24 @@ def option_problem(key: str, value, options: Optional[Mapping[str, type]]) -> Op
     return None if ok else f"{key}={_shown.repr(value)} (not of type {kind.__name__})"
 
 
-def recordable(engine_class: type, kwargs: Mapping) -> dict:
-    """The launch arguments `sleep` writes: those the engine's `launch_options` names; Unsupported, naming the
-    key, if one's value is not of its declared type (so not a plain JSON value, or a directory that is gone)."""
+def recordable(engine_class: type, spec: LaunchSpec, given_at_wake: Collection[str]) -> dict:
+    """The launch arguments `sleep` writes: those the engine's `launch_options` names, less `given_at_wake` (the
+    caller passes them to wake). Unsupported, naming each, if the engine was started with an argument the file
+    cannot hold (not on that list, or not JSON-able: spec.unrecorded) that is not in `given_at_wake`, since wake
+    would start another engine without it; or if a value is not of its declared type (a directory that is gone)."""
+    name = getattr(engine_class, "name", engine_class.__name__)
     options = getattr(engine_class, "launch_options", None) or {}
-    kept = {key: value for key, value in kwargs.items() if key in options}
+    lost = sorted((spec.kwargs.keys() - options.keys() | spec.unrecorded) - set(given_at_wake))
+    if lost:
+        raise Unsupported(f"{name}: was started with {', '.join(lost)}, which a snapshot file does not hold (the "
+                          f"options it may: {', '.join(sorted(options)) or 'none'}), so wake would start a different "
+                          f"engine; the engine is untouched. Sleep with given_at_wake={lost!r} and pass them to "
+                          "wake in overrides=")
+    kept = {key: value for key, value in spec.kwargs.items() if key in options and key not in given_at_wake}
     problems = [problem for key, value in kept.items() if (problem := option_problem(key, value, options))]
     if problems:
-        raise Unsupported(f"{getattr(engine_class, 'name', engine_class.__name__)}: cannot record the launch "
-                          f"arguments {'; '.join(problems)}; the engine is untouched")
+        raise Unsupported(f"{name}: cannot record the launch arguments {'; '.join(problems)}; the engine is "
+                          "untouched")
     return kept
 
 

@@ -9,7 +9,9 @@ another, an equal engine starts from that file and carries on.
 woken engine loads them from its model), records the engine's launch spec in the snapshot's metadata (its
 factory, and of its arguments only those the adapter's `launch_options` allows: thaw_format.sdk.launch), and
 saves atomically; only once the file is written is the engine closed. Anything failing before that leaves the
-engine open and serving as it was. `wake` reads and verifies the whole file before it starts any engine, starts
+engine open and serving as it was. An engine started with an argument the file may not hold (a secret such as
+vLLM's hf_token or SGLang's api_key, a value that is not JSON-able) is refused so, unless the caller names it in
+`given_at_wake`: it is then recorded by name only, and `wake` starts no engine unless its `overrides` set it. `wake` reads and verifies the whole file before it starts any engine, starts
 one from the recorded launch spec (only a factory of thaw's own adapters, thaw_format.sdk.factories, unless the
 caller names one, and only with the options its adapter allows, unless the caller overrides them), and closes
 it again if it refuses the snapshot.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import reprlib
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Collection, Mapping, Optional, Union
 
 from ..errors import IncompatibleSnapshotError
 from ..reader import load
@@ -27,9 +29,10 @@ from ..snapshot import Lineage, Snapshot
 from ..writer import save
 from .contract import Engine, LaunchSpec, Resumed, Unsupported, lineage_now, pending_requests, require
 from .factories import chosen_factory, registered_factory
-from .launch import checked_launch_spec, launch_options, recordable, start_arguments
+from .launch import RefusedLaunch, checked_launch_spec, launch_options, recordable, start_arguments
 
-LAUNCH_KEY = "thaw.launch_spec"  # snapshot.metadata[LAUNCH_KEY] = {"factory": "module:attribute", "kwargs": {...}}
+LAUNCH_KEY = "thaw.launch_spec"  # snapshot.metadata[LAUNCH_KEY] = {"factory": "module:attribute", "kwargs": {...},
+#                                                               "given_at_wake": [names]} (the last may be absent)
 
 
 @dataclass
@@ -50,15 +53,23 @@ class SleptNotClosed(RuntimeError):
         self.snapshot_id = snapshot_id
 
 
-def sleep(engine: Engine, path, *, durable: bool = True, progress=None) -> str:
+def sleep(engine: Engine, path, *, given_at_wake: Collection[str] = (), durable: bool = True, progress=None) -> str:
     """Save `engine` to `path` and close it; returns the snapshot id. `durable=False` skips the fsyncs (still
     atomic). If the capture or the save fails, the engine is left open and serving, and the error raised; if
     only closing it fails, SleptNotClosed (with the snapshot id: the file is complete).
 
+    The file records the engine's launch arguments its adapter's `launch_options` lists. One it was started with
+    that is not listed (a secret, an option naming code or an endpoint, a value that is not JSON-able) cannot be
+    recorded, and wake would start a different engine without it: sleep refuses (Unsupported, naming each; the
+    engine untouched, nothing written) unless `given_at_wake` names it. Names in `given_at_wake` (listed ones
+    too: a model directory that will move) are written by name only, and wake refuses to start an engine unless
+    its `overrides` set each.
+
     An in-process vLLM engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) is closed by vLLM's shutdown, which also tears
     down process-wide state that other in-process vLLM engines still use: sleep those last."""
     spec = checked_launch_spec(engine, "sleep")  # first: an engine that cannot say how to start again is untouched
-    kwargs = recordable(type(engine), spec.kwargs)  # the adapter's launch options only: no secret is written
+    given_at_wake = _names(given_at_wake)
+    kwargs = recordable(type(engine), spec, given_at_wake)  # the adapter's launch options only: no secret is written
     snapshot = engine.capture(include_weights=False)
     in_flight = pending_requests(snapshot)
     if in_flight and "mid_stream" not in type(engine).capabilities():
@@ -66,7 +77,7 @@ def sleep(engine: Engine, path, *, durable: bool = True, progress=None) -> str:
                           "does not support 'mid_stream'): finish or abort them first; the engine is untouched")
     if any(r.sampling.temperature > 0 and (r.sampling.seed is not None or r.rng_state is not None) for r in in_flight):
         require(engine, "mid_stream_seeded")  # a seeded request must resume with its generator where it was
-    snapshot.metadata[LAUNCH_KEY] = {"factory": spec.factory, "kwargs": kwargs}
+    snapshot.metadata[LAUNCH_KEY] = {"factory": spec.factory, "kwargs": kwargs, "given_at_wake": given_at_wake}
     snapshot.lineage = snapshot.lineage or Lineage(created=lineage_now())  # an engine's own keeps its parent
     snapshot.lineage.label = snapshot.lineage.label or "sleep"  # what `thaw log` shows
     save(snapshot, path, durable=durable, progress=progress)
@@ -85,7 +96,8 @@ def wake(path, *, factory: Union[str, Callable, None] = None, overrides: Optiona
     options the adapter lets a file set (its `launch_options`); pass the engine's other arguments again here
     (secrets such as vLLM's hf_token or SGLang's api_key, anything not on that list), and a model directory that
     moved. A file setting another option, or a model that is not a local directory, is refused (RefusedLaunch)
-    unless `overrides` sets it. An engine that refuses the snapshot (IncompatibleSnapshotError) is closed, and the
+    unless `overrides` sets it, and so is one whose sleep was given arguments at wake (`given_at_wake`) that
+    `overrides` does not set. An engine that refuses the snapshot (IncompatibleSnapshotError) is closed, and the
     error raised."""
     start = None if factory is None else chosen_factory(factory)
     snapshot = load(path, progress=progress)  # every chunk checked before any engine starts
@@ -94,6 +106,10 @@ def wake(path, *, factory: Union[str, Callable, None] = None, overrides: Optiona
         raise IncompatibleSnapshotError(f"{path}: metadata has no {LAUNCH_KEY!r} (not written by sleep): pass "
                                         "factory= and overrides= to say which engine to start")
     kwargs = recorded.kwargs if recorded else {}
+    missing = sorted(recorded.unrecorded - set(overrides or {})) if recorded else []
+    if missing:
+        raise RefusedLaunch(f"{path}: the engine slept with {', '.join(missing)} given at wake (sleep's "
+                            "given_at_wake): the file does not hold them; pass them in overrides")
     start_arguments(kwargs, overrides, None)  # plain values, before an adapter (vLLM, torch...) is imported
     if start is None:
         start = registered_factory(recorded.factory)
@@ -115,8 +131,16 @@ def launch_record(snapshot: Snapshot) -> Optional[LaunchSpec]:
     record = snapshot.metadata.get(LAUNCH_KEY)
     if record is None:
         return None
+    given = record.get("given_at_wake", []) if isinstance(record, dict) else None
     if not (isinstance(record, dict) and isinstance(record.get("factory"), str)
-            and isinstance(record.get("kwargs"), dict) and all(isinstance(k, str) for k in record["kwargs"])):
-        raise IncompatibleSnapshotError(f"metadata {LAUNCH_KEY!r} must be {{'factory': str, 'kwargs': {{str: ...}}}}, "
-                                        f"not {reprlib.repr(record)}")
-    return LaunchSpec(record["factory"], record["kwargs"])
+            and isinstance(record.get("kwargs"), dict) and all(isinstance(k, str) for k in record["kwargs"])
+            and isinstance(given, list) and all(isinstance(name, str) for name in given)):
+        raise IncompatibleSnapshotError(f"metadata {LAUNCH_KEY!r} must be {{'factory': str, 'kwargs': {{str: ...}}, "
+                                        f"'given_at_wake': [str]}}, not {reprlib.repr(record)}")
+    return LaunchSpec(record["factory"], record["kwargs"], frozenset(given))
+
+
+def _names(given_at_wake: Collection[str]) -> list[str]:
+    if isinstance(given_at_wake, str) or not all(isinstance(name, str) for name in given_at_wake):
+        raise TypeError(f"given_at_wake is a collection of argument names (str), not {given_at_wake!r}")
+    return sorted(set(given_at_wake))
