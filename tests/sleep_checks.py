@@ -1,13 +1,13 @@
 """The sleep/wake tests, written once for every engine: each tests/<engine>/test_sleep.py imports them and supplies
 its engine's fixtures, so each engine's run stays in that engine's environment (vLLM's sleeps in a helper process,
-with these same functions, and wakes in the test's: the file carries the engine across processes).
+with these same functions, and wakes in the test's: the file carries the engine across processes). The check
+itself (what runs before the sleep, what a woken engine must do) is thaw_conformance.sleep_wake, which the
+conformance suite runs too.
 
-Two greedy requests sharing a trunk (one on MLX, whose snapshot holds one sequence) run alone first (what each
-must give), then together: submitted, stepped a few tokens, and the engine is put to sleep in a file, which
-closes it. A new engine woken from the file takes new requests beside them (their ids must not be restored
-ones': a fresh engine's id counter starts again), then finishes all: the resumed ones with exactly the token ids
-they got alone, its own cached-token count showing that they read the restored pages, and the new ones with the
-tokens they get alone. A woken engine may also sleep again before finishing: the next one finishes them exactly.
+Two greedy requests sharing a trunk (one on MLX, whose snapshot holds one sequence) are in flight when the engine
+sleeps; the woken engine finishes them exactly, beside new requests. A woken engine may also sleep again before
+finishing: the next one finishes them exactly. And a capture taken mid-stream does not change as the engine goes
+on (it holds none of the engine's own lists or arrays).
 
 An engine's module supplies the fixtures `sleeper` (a function returning a new contract engine, which the test
 closes by sleeping it) and `closed` (a function of an engine: True once it is closed, by the engine's own state),
@@ -15,26 +15,12 @@ and imports `in_flight` (the prompts in flight when the engine sleeps) unless it
 (a check of the engine just before it sleeps) unless it has one.
 """
 
-import random
+import dataclasses
 
 import pytest
 
-from thaw_format.sdk import greedy, sleep, wake
-
-PARAMS = greedy(12)
-STEPS = 4  # tokens each request has made when the engine sleeps (fewer on an engine whose first step prefills)
-
-
-def tokens(n: int, seed: int) -> list[int]:
-    """Deterministic ids in [3, 250): every zoo model's vocabulary holds them, and the template's (256)."""
-    rng = random.Random(seed)
-    return [rng.randrange(3, 250) for _ in range(n)]
-
-
-TRUNK = tokens(70, seed=1)  # two full pages of 32 and a partial one
-PROMPTS = [TRUNK + tokens(3, seed=2), TRUNK + tokens(5, seed=3)]
-NEW_PROMPT = TRUNK + tokens(4, seed=4)
-NEW_REQUESTS = 4  # submitted to a woken engine: as many ids as the sleeper's generate and submit calls used
+from thaw_conformance.sleep_wake import NEW_PROMPT, PARAMS, PROMPTS, check_woken, run_midway, sleep_midway
+from thaw_format.sdk import sleep, wake
 
 
 @pytest.fixture
@@ -47,50 +33,33 @@ def at_sleep():
     return lambda engine: None
 
 
-def run_midway(engine, prompts=PROMPTS) -> tuple[list[str], list[list[int]]]:
-    """Each prompt alone (the reference), then all submitted and stepped STEPS times: (their ids, references)."""
-    want = [engine.generate(prompt, PARAMS).token_ids for prompt in prompts]
-    ids = [engine.submit(prompt, PARAMS) for prompt in prompts]
-    for _ in range(STEPS):
-        engine.step()
-    return ids, want
+def held(snapshot) -> tuple:
+    """What a capture holds, as values: its requests and prefix tree as text, its generator states and KV bytes."""
+    requests = [(repr(dataclasses.replace(r, rng_state=None)), r.rng_state and r.rng_state.tobytes())
+                for r in snapshot.scheduler.requests]
+    kv = [{role: t.tobytes() for role, t in layer.tensors.items()} for layer in snapshot.kv.layers] if snapshot.kv else []
+    return requests, repr(snapshot.prefix), kv
 
 
-def sleep_midway(engine, path, prompts=PROMPTS, at_sleep=None) -> list[list[int]]:
-    """run_midway, then sleep the engine to `path` (closing it all the same if that fails); the references, in
-    the prompts' order. `at_sleep(engine)` checks the engine just before it sleeps."""
+def check_capture_holds_still(engine, prompts=PROMPTS) -> None:
+    """A capture taken mid-stream is not changed by the engine going on: it holds no list or array the engine
+    still writes (a sleep's file, or a restore, would resume the requests from further on than captured)."""
+    run_midway(engine, prompts)
+    snapshot = engine.capture(include_weights=False)
+    assert snapshot.scheduler and snapshot.scheduler.requests, "captured mid-stream"
+    before = held(snapshot)
+    engine.step()
+    engine.finish()
+    engine.generate(NEW_PROMPT, PARAMS)
+    assert held(snapshot) == before
+
+
+def test_a_capture_does_not_change_as_the_engine_goes_on(sleeper, in_flight) -> None:
+    engine = sleeper()
     try:
-        _, want = run_midway(engine, prompts)
-        if at_sleep is not None:
-            at_sleep(engine)
-        sleep(engine, path)
-    except BaseException:
+        check_capture_holds_still(engine, in_flight)
+    finally:
         engine.close()
-        raise
-    return want
-
-
-def full_pages(engine, prompt: list[int]) -> int:
-    return len(prompt) // engine.page_size() * engine.page_size()
-
-
-def check_woken(awake, want: list[list[int]], prompts=PROMPTS) -> None:
-    """The woken engine takes new requests beside the resumed ones, with ids of their own, then finishes them all
-    exactly, the resumed ones reading the restored trunk."""
-    engine = awake.engine
-    assert sorted(r.prompt_token_ids for r in awake.resumed) == sorted(prompts)
-    assert any(r.previous_output_token_ids for r in awake.resumed), "they slept mid-generation"
-    new = [engine.submit(NEW_PROMPT, PARAMS) for _ in range(NEW_REQUESTS)]
-    resumed = {r.request_id for r in awake.resumed}
-    assert len(set(new)) == NEW_REQUESTS and not resumed & set(new), f"ids {new} clash with restored {resumed}"
-    done = engine.finish()  # every request in flight
-    assert done.keys() == resumed | set(new)
-    for request in awake.resumed:
-        finished = done[request.request_id]
-        assert finished.output_token_ids == want[prompts.index(request.prompt_token_ids)]
-        assert finished.cached_tokens >= full_pages(engine, TRUNK), "the resumed request read the restored pages"
-    alone = engine.generate(NEW_PROMPT, PARAMS).token_ids
-    assert all(done[rid].output_token_ids == alone for rid in new)
 
 
 def test_sleep_then_wake_finishes_the_requests_exactly(sleeper, closed, in_flight, at_sleep, tmp_path) -> None:

@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", default="all", help="comma-separated zoo architectures, or all")
     parser.add_argument("--engine-arch", action="append", default=[], metavar="ENGINE=ARCHS",
                         help="architectures for one engine, overriding --arch (engine starts are slow)")
-    parser.add_argument("--fork-arch", default="all", help="architectures to run the fork check on, or all")
+    parser.add_argument("--fork-arch", default="all",
+                        help="architectures to run the fork and sleep/wake checks on (both start engines), or all")
     parser.add_argument("--out", type=Path, default=Path("receipt.json"))
     parser.add_argument("--python-for", action="append", default=[], metavar="ENGINE=PYTHON",
                         help="the Python (of a virtualenv with the engine and thaw installed) to run ENGINE with")

@@ -21,6 +21,7 @@ SHORT = {
     "fork_n": "fork n", "streaming": "streaming", "mid_stream_resume": "mid-stream",
     "mid_stream_resume_seeded": "mid-stream seeded",
     "corrupt_refused": "corrupt", "wrong_model_refused": "wrong model", "kv_control": "KV control",
+    "sleep_wake": "sleep/wake",
 }
 
 

@@ -33,6 +33,9 @@ CHECKS = {
     "wrong_model_refused": "another config's snapshot, and KV of other weights, raise IncompatibleSnapshotError from "
                            "check, restore and restore_source, the engine's pages unchanged",
     "kv_control": "noise KV under the same prefix hashes is hit and changes the output (restored bytes are read)",
+    "sleep_wake": "an engine put to sleep (thaw_format.sdk.sleep) with greedy requests in flight is woken in a fresh "
+                  "process from the file alone: they finish with the tokens each gets alone, reading the restored "
+                  "pages (the engine's cached-token count), beside new requests with ids of their own",
 }
 
 

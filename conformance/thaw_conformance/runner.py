@@ -13,9 +13,11 @@ from pathlib import Path
 
 import thaw_format
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError
+from thaw_format.sdk import Awake, factories, sleep, wake
 from thaw_format.sdk.shared import restore_source
+from thaw_format.sdk.sleep import LAUNCH_KEY
 
-from . import variants
+from . import sleep_wake, variants
 from .checked import checked
 from .compare import float_bits, kv_diff, weights_diff
 from .results import CheckFailed, Recorder
@@ -87,14 +89,60 @@ def parent_phase(driver: Driver, arch: str, workdir: Path, workload: Workload) -
                               for i in range(w.fork_n)]
         record["mid_stream_after"] = w.mid_stream_after
         record["mid_stream"] = _mid_stream(engine, features, w, workdir)
+        record["sleep"] = _sleep(engine, arch, w, workdir)  # last: a sleep closes the engine
     finally:
-        engine.close()
+        if "path" not in record.get("sleep", {}):
+            engine.close()
     record["damaged"] = {k: str(p) for k, p in variants.damaged(snapshot, workdir).items()}
     record["other_models"] = {k: str(p) for k, p in variants.other_models(snapshot, workdir).items()}
     record["noise_kv"] = str(variants.noise_kv(snapshot, workdir / "noise_kv.thaw"))
     record["snapshot"] = str(snapshot)
     (workdir / PARENT_RECORD).write_text(json.dumps(record, indent=1))
     return record
+
+
+def _sleep(engine: Engine, arch: str, w: Workload, workdir: Path) -> dict:
+    """Put the parent to sleep with requests in flight (thaw_conformance.sleep_wake); the child phase wakes it. Two
+    requests, or one where the adapter's snapshot holds one sequence (MLX: sleep refuses two, the engine serving)."""
+    if w.fork_archs is not None and arch not in w.fork_archs:
+        return {"skipped": f"the sleep/wake check ran on {', '.join(w.fork_archs)} only (--fork-arch)"}
+    path = workdir / "slept.thaw"
+    refused = ""
+    try:
+        for prompts in (sleep_wake.PROMPTS, sleep_wake.PROMPTS[:1]):
+            _, want = sleep_wake.run_midway(engine, prompts)
+            try:
+                sleep(engine.engine, path)  # the adapter itself: sleep reads its class's capabilities and options
+            except Unsupported as exc:
+                engine.finish()
+                refused = str(exc)
+                continue
+            factory = thaw_format.load(path).metadata[LAUNCH_KEY]["factory"]
+            return {"path": str(path), "want": want, "prompts": prompts, "factory": factory}
+    except Exception as exc:  # the check's verdict (the child records it); the parent's other records stand
+        return {"error": f"the parent's sleep failed: {type(exc).__name__}: {exc}"}
+    return {"unsupported": refused}
+
+
+def _compare_sleep(record: dict, recorder: Recorder) -> None:
+    """Wake the parent's sleep in this process, after the child's own engine is closed (one engine at a time),
+    and finish the requests it slept with. The suite trusts the factory its own parent recorded: a driver outside
+    thaw names one that wake would refuse on a file's word."""
+    slept = record["sleep"]
+    if "skipped" in slept:
+        recorder.add("sleep_wake", "skipped", slept["skipped"])
+        return
+    with recorder.check("sleep_wake") as note:
+        if "unsupported" in slept:
+            raise Unsupported(slept["unsupported"])
+        if "error" in slept:
+            raise RuntimeError(slept["error"])
+        factory = None if slept["factory"] in factories.REGISTERED else slept["factory"]
+        awake = wake(slept["path"], factory=factory)
+        try:
+            note(sleep_wake.check_woken(Awake(checked(awake.engine), awake.resumed), slept["want"], slept["prompts"]))
+        finally:
+            awake.engine.close()
 
 
 def _fork_sampling(features, w: Workload, child: int) -> thaw_format.SamplingParams:
@@ -147,6 +195,7 @@ def child_phase(driver: Driver, arch: str, workdir: Path, workload: Workload, re
                 recorder.missing("error", f"{stage.__name__} crashed: {type(exc).__name__}: {exc}", checks)
     finally:
         engine.close()
+    _compare_sleep(record, recorder)
     return timings
 
 

@@ -122,6 +122,17 @@ class AbortReturnsNothing(ToyThawEngine):
         super().abort(request_id)
 
 
+class HoldsOneRequest(ToyThawEngine):
+    """capture() holds the first request in flight only (as thaw_sglang's left out those waiting in its queue):
+    a single request captured in flight resumes, but a sleep with two loses one."""
+
+    def capture(self, *, include_weights=True, chains=None):
+        snapshot = super().capture(include_weights=include_weights, chains=chains)
+        if snapshot.scheduler:
+            del snapshot.scheduler.requests[1:]
+        return snapshot
+
+
 def _factory(engine_class, capabilities=None):
     if capabilities is not None:
         engine_class.capabilities = classmethod(lambda cls: frozenset(capabilities))
@@ -153,6 +164,10 @@ def no_model_check():
 
 def no_kv_readback():
     return _factory(NoKVReadback, capabilities={"seeded"})()
+
+
+def holds_one_request():
+    return _factory(HoldsOneRequest)()
 
 
 def cannot_start():

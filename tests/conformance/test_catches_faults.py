@@ -25,6 +25,12 @@ def test_dropped_rng_state_is_caught(run_worker):
     assert got["mid_stream_resume"] == got["continuation_seeded"] == "passed"
 
 
+def test_a_sleep_that_loses_a_request_in_flight_is_caught(run_worker):
+    results = run_worker("broken_drivers:holds_one_request")
+    assert statuses(results)["sleep_wake"] == "failed" and statuses(results)["mid_stream_resume"] == "passed"
+    assert "resumed 1 requests, not the 2 in flight at sleep" in results["toy", "sleep_wake"]["detail"]
+
+
 def test_missing_model_check_is_caught(run_worker):
     results = run_worker("broken_drivers:no_model_check")
     assert statuses(results)["wrong_model_refused"] == "failed"

@@ -16,7 +16,8 @@ import pytest
 import thaw_format
 from sleep_checks import PARAMS, PROMPTS, check_woken, run_midway, sleep_midway
 from sleep_checks import at_sleep, in_flight  # noqa: F401  shared fixtures
-from sleep_checks import test_a_woken_engine_sleeps_again_before_finishing  # noqa: F401  the shared tests
+from sleep_checks import test_a_capture_does_not_change_as_the_engine_goes_on  # noqa: F401  the shared tests
+from sleep_checks import test_a_woken_engine_sleeps_again_before_finishing  # noqa: F401
 from sleep_checks import test_sleep_then_wake_finishes_the_requests_exactly  # noqa: F401
 from thaw_conformance.template.adapter import ToyThawEngine
 from thaw_conformance.template.driver import driver

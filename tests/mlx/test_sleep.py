@@ -7,7 +7,8 @@ import inspect
 import pytest
 
 from sleep_checks import PROMPTS, at_sleep, run_midway  # noqa: F401  at_sleep: a shared fixture
-from sleep_checks import test_a_woken_engine_sleeps_again_before_finishing  # noqa: F401  the shared tests
+from sleep_checks import test_a_capture_does_not_change_as_the_engine_goes_on  # noqa: F401  the shared tests
+from sleep_checks import test_a_woken_engine_sleeps_again_before_finishing  # noqa: F401
 from sleep_checks import test_sleep_then_wake_finishes_the_requests_exactly  # noqa: F401
 from thaw_conformance import zoo
 from thaw_format.sdk import Unsupported, sleep

@@ -3,9 +3,9 @@
 and finishes them exactly. The woken engine is in this process, in-process vLLM: it stays alive to the end of
 the session, as conftest's engines do (vLLM's shutdown of one in-process engine tears down state the others use)."""
 
-from conftest import ENGINE_KWARGS, run_helper
+from conftest import ENGINE_KWARGS, make_engine, run_helper
 
-from sleep_checks import check_woken
+from sleep_checks import check_capture_holds_still, check_woken
 from thaw_format.sdk import wake
 
 _WOKEN = []  # kept alive to the end of the session
@@ -20,6 +20,13 @@ def test_an_engine_slept_in_another_process_wakes_here_and_finishes_exactly(vllm
     awake = wake(path)
     _WOKEN.append(awake.engine)
     check_woken(awake, slept["want"])
+
+
+def test_a_capture_does_not_change_as_the_engine_goes_on(vllm, zoo):
+    """On the session's in-process engine (its requests' lists live in this process)."""
+    from thaw_vllm import VLLMEngine
+
+    check_capture_holds_still(VLLMEngine(make_engine(zoo, "llama", "float32")))
 
 
 def test_every_option_a_file_may_set_is_an_engine_argument(vllm):
