@@ -20,7 +20,7 @@ from thaw_format.extras import require
 require("mlx_lm", "mlx", "thaw_mlx")  # before the modules that import it, so the error names the extra
 
 from . import _internals  # noqa: F401  (refuses an untested mlx-lm at import)
-from .engine import MLXEngine
+from .engine import MLXEngine, SessionsNotHeld
 from .files import load, save
 from .generate import generate, greedy
 from .identity import load_model, model_config, model_info, model_weights
@@ -30,5 +30,5 @@ from .session import capture, fork, restore, snapshot_num_computed, snapshot_tok
 
 __all__ = [
     "MLXEngine", "Sampler", "capture", "fork", "generate", "greedy", "load", "load_model", "model_config", "model_info", "model_weights",
-    "num_cached_tokens", "restore", "sampler_of", "save", "snapshot_num_computed", "snapshot_tokens",
+    "num_cached_tokens", "restore", "sampler_of", "save", "SessionsNotHeld", "snapshot_num_computed", "snapshot_tokens",
 ]

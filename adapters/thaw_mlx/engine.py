@@ -4,7 +4,8 @@ mlx-lm has no server and no prefix cache: the engine is a model plus its session
 A request starts from a copy of the KV of the longest prefix of its prompt that a session holds, as a prefix
 cache would, and its cached-token count is that prefix's length. Several requests may be in flight: each step
 advances each by one token over its own cache, so each gets exactly the tokens it gets alone; a snapshot holds
-one sequence (one chain, or the one request in flight). Sampling goes through thaw_mlx.Sampler, whose PRNG key
+one sequence (one chain, or the one request in flight, else the latest session: the other sessions' KV is not
+in it, and a capture of the whole engine warns, SessionsNotHeld, when it leaves one out). Sampling goes through thaw_mlx.Sampler, whose PRNG key
 a snapshot keeps. A model loaded from a checkpoint (`MLXEngine.start(checkpoint=...)`) is identified by that
 checkpoint, as vLLM and SGLang identify theirs, so that snapshots cross engines; its config's EOS ids end a
 request that does not ignore EOS.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,8 +25,8 @@ from thaw_format import ModelInfo, Request, SamplingParams, Snapshot
 from thaw_format.sdk import (DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, LocalDirectory, Progress, Resumed,
                              Unsupported, fork, pending_requests)
 from thaw_format.sdk.contract import check_params
-from thaw_format.sdk.request_ids import RequestIds
 from thaw_format.sdk.lent import open_snapshot, verify_unchecked
+from thaw_format.sdk.request_ids import RequestIds
 from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owned_segment
 from thaw_format.sdk.tokens import common_prefix_length
 
@@ -90,6 +92,13 @@ class _Request:
         the cache (and, through the sampler, the request: a cycle only the garbage collector would free)."""
         self._steps = None
         return self.session.cache
+
+
+class SessionsNotHeld(UserWarning):
+    """A capture of the whole engine (no chains) holds one sequence, and the engine held the KV of other sessions
+    too: an engine restored from the snapshot (a woken one) serves their prefixes by computing them again, with
+    the same tokens but no cached tokens. The MLX format path (thaw_mlx.session) reads and writes one chain; to
+    keep a given prefix, capture it by name (chains=[tokens])."""
 
 
 class MLXEngine(SharedKV):
@@ -234,8 +243,21 @@ class MLXEngine(SharedKV):
                               "capture one chain, or finish them first")
         if self.running:
             request = next(iter(self.running.values()))
-            return request.session.tokens, request.session.cache, request
-        return None if not self.sessions else (self.sessions[-1].tokens, self.sessions[-1].cache, None)
+            current = request.session.tokens, request.session.cache, request
+        else:
+            current = None if not self.sessions else (self.sessions[-1].tokens, self.sessions[-1].cache, None)
+        self._warn_left_out(current[0] if current else [])
+        return current
+
+    def _warn_left_out(self, tokens: list[int]) -> None:
+        """SessionsNotHeld, naming them, for the sessions whose cached tokens are not a prefix of `tokens`."""
+        left = [s for s in self.sessions if common_prefix_length(s.tokens, tokens) < num_cached_tokens(s.cache)]
+        if left:
+            warnings.warn(SessionsNotHeld(
+                f"mlx: this capture holds one sequence ({len(tokens)} tokens); the KV of {len(left)} other sessions "
+                f"({sum(num_cached_tokens(s.cache) for s in left)} tokens) is left out, so an engine restored from it "
+                "computes their prefixes again (same tokens, none cached): capture chains=[tokens] to keep one"),
+                stacklevel=5)  # the caller of capture
 
     def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:
         return self._capture(include_weights, chains)

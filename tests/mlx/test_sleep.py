@@ -42,3 +42,30 @@ def test_two_requests_in_flight_are_refused_and_the_engine_serves_on(sleeper, tm
 
 def test_every_option_a_file_may_set_is_an_argument_of_start():
     assert MLXEngine.launch_options.keys() <= inspect.signature(MLXEngine.start).parameters.keys()
+
+
+def test_a_sleep_that_leaves_other_sessions_out_warns_and_the_woken_engine_computes_them(sleeper, tmp_path):
+    """An MLX snapshot holds one sequence: sleeping an engine that served two unrelated prompts keeps the latest
+    one's KV only, and says so (SessionsNotHeld) rather than leaving it to a cached-token count to find out."""
+    import warnings
+
+    from thaw_conformance.sleep_wake import NEW_PROMPT, PARAMS, tokens
+    from thaw_format.sdk import wake
+    from thaw_mlx import SessionsNotHeld
+
+    engine = sleeper()
+    other = tokens(40, seed=9)
+    want = {"other": engine.generate(other, PARAMS).token_ids, "new": engine.generate(NEW_PROMPT, PARAMS).token_ids}
+    with pytest.warns(SessionsNotHeld, match="KV of 1 other sessions .* is left out"):
+        sleep(engine, tmp_path / "slept.thaw")
+    awake = wake(tmp_path / "slept.thaw")
+    try:
+        new = awake.engine.generate(NEW_PROMPT, PARAMS)
+        assert new.token_ids == want["new"] and new.cached_tokens == len(NEW_PROMPT) - 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SessionsNotHeld)
+            awake.engine.capture(include_weights=False)  # its two sessions hold the same tokens: all held
+        again = awake.engine.generate(other, PARAMS)
+        assert again.token_ids == want["other"] and again.cached_tokens == 0
+    finally:
+        awake.engine.close()
