@@ -37,7 +37,8 @@ def held(snapshot) -> tuple:
     """What a capture holds, as values: its requests and prefix tree as text, its generator states and KV bytes."""
     requests = [(repr(dataclasses.replace(r, rng_state=None)), r.rng_state and r.rng_state.tobytes())
                 for r in snapshot.scheduler.requests]
-    kv = [{role: t.tobytes() for role, t in layer.tensors.items()} for layer in snapshot.kv.layers] if snapshot.kv else []
+    layers = snapshot.kv.layers if snapshot.kv else []
+    kv = [{role: t.tobytes() for role, t in layer.tensors.items()} for layer in layers]
     return requests, repr(snapshot.prefix), kv
 
 

@@ -30,5 +30,6 @@ from .session import capture, fork, restore, snapshot_num_computed, snapshot_tok
 
 __all__ = [
     "MLXEngine", "Sampler", "capture", "fork", "generate", "greedy", "load", "load_model", "model_config", "model_info", "model_weights",
-    "num_cached_tokens", "restore", "sampler_of", "save", "SessionsNotHeld", "snapshot_num_computed", "snapshot_tokens",
+    "num_cached_tokens", "restore", "sampler_of", "save", "SessionsNotHeld", "snapshot_num_computed",
+    "snapshot_tokens",
 ]

@@ -5,10 +5,10 @@ A request starts from a copy of the KV of the longest prefix of its prompt that 
 cache would, and its cached-token count is that prefix's length. Several requests may be in flight: each step
 advances each by one token over its own cache, so each gets exactly the tokens it gets alone; a snapshot holds
 one sequence (one chain, or the one request in flight, else the latest session: the other sessions' KV is not
-in it, and a capture of the whole engine warns, SessionsNotHeld, when it leaves one out). Sampling goes through thaw_mlx.Sampler, whose PRNG key
-a snapshot keeps. A model loaded from a checkpoint (`MLXEngine.start(checkpoint=...)`) is identified by that
-checkpoint, as vLLM and SGLang identify theirs, so that snapshots cross engines; its config's EOS ids end a
-request that does not ignore EOS.
+in it, and a capture of the whole engine warns, SessionsNotHeld, when it leaves one out). Sampling goes through
+thaw_mlx.Sampler, whose PRNG key a snapshot keeps. A model loaded from a checkpoint
+(`MLXEngine.start(checkpoint=...)`) is identified by that checkpoint, as vLLM and SGLang identify theirs, so that
+snapshots cross engines; its config's EOS ids end a request that does not ignore EOS.
 """
 
 from __future__ import annotations

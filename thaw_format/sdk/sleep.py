@@ -9,9 +9,10 @@ another, an equal engine starts from that file and carries on.
 woken engine loads them from its model), records the engine's launch spec in the snapshot's metadata (its
 factory, and of its arguments only those the adapter's `launch_options` allows: thaw_format.sdk.launch), and
 saves atomically; only once the file is written is the engine closed. Anything failing before that leaves the
-engine open and serving as it was. An engine started with an argument the file may not hold (a secret such as
-vLLM's hf_token or SGLang's api_key, a value that is not JSON-able) is refused so, unless the caller names it in
-`given_at_wake`: it is then recorded by name only, and `wake` starts no engine unless its `overrides` set it. `wake` reads and verifies the whole file before it starts any engine, starts
+engine open and serving as it was, and so does an engine started with an argument the file may not hold (a
+secret such as vLLM's hf_token or SGLang's api_key, a value that is not JSON-able): sleep refuses it unless the
+caller names that argument in `given_at_wake`, which records it by name only, and `wake` then starts no engine
+unless its `overrides` set it. `wake` reads and verifies the whole file before it starts any engine, starts
 one from the recorded launch spec (only a factory of thaw's own adapters, thaw_format.sdk.factories, unless the
 caller names one, and only with the options its adapter allows, unless the caller overrides them), and closes
 it again if it refuses the snapshot.
