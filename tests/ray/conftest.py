@@ -30,11 +30,13 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray of the test session's own: the pool never starts or stops one itself."""
+def ray_cluster(tmp_path_factory):
+    """A local Ray of the test session's own: the pool never starts or stops one itself. Its session files go
+    under pytest's temporary directories (pruned by pytest), not /tmp/ray."""
     ray = engine_guard.require("ray", "install the [ray] extra (scripts/setup-core.sh does)")
     engine_guard.require("thaw_ray", "the repository must be on the path (pip install -e .)")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     ray.shutdown()
 
