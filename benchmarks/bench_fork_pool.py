@@ -188,8 +188,8 @@ def main() -> None:
              "run side by side on the machine's CPUs; the slowest worker bounds the round. In-process fork "
              "(thaw_format.sdk.fork without processes) moves zero KV bytes: children share the parent's cached "
              "pages. The machine is shared by several sessions: see the load average."]
-    write_results(f"fork_pool_{args.engine}{'_ray' if args.ray else ''}", f"{args.engine}: a fork round on a warm {pool_name} vs re-prefill vs cold "
-                  "process fork", command_line(), data, table, notes)
+    write_results(f"fork_pool_{args.engine}{'_ray' if args.ray else ''}", f"{args.engine}: a fork round on a warm "
+                  f"{pool_name} vs re-prefill vs cold process fork", command_line(), data, table, notes)
     parent.close()
 
 

@@ -49,7 +49,8 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     victim = pool._workers[1]
     killing = checks._KillDuringCapture(parent, _ActorProcess(victim.pid))  # SIGKILL, as the OOM killer would
     with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(Ray actor [0-9a-f]+, pid {victim.pid}\) died: "
-                                             r"\w+Error: .*parent engine is untouched, dead workers are being replaced"):
+                                             r"\w+Error: .*parent engine is untouched, dead workers are being "
+                                             r"replaced"):
         pool.fork(killing, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert parent.generate(trunk + suffixes[0], PARAMS) == before  # the parent serves as before, cache and all
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=others, params=PARAMS)
@@ -155,7 +156,8 @@ def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_clust
             with pytest.raises(PoolWorkerDied, match=rf"^pool worker 0 \(Ray actor [0-9a-f]+, pid \d+\) failed to "
                                r"start: starting the pool engine: RuntimeError: told to fail by .*; it is started "
                                r"again for the next round \(failed starts in a row: "
-                               rf"{attempt} of {MAX_FAILED_STARTS}\): the fork round failed before the parent was read$"):
+                               rf"{attempt} of {MAX_FAILED_STARTS}\): the fork round failed before the parent was "
+                               r"read$"):
                 pool.fork(checks.Unread(), 2, context=trunk, suffixes=suffixes, params=PARAMS)
         with pytest.raises(PoolWorkerDied, match=rf"failed to start {MAX_FAILED_STARTS} times in a row and is no "
                                                  "longer restarted: close this pool and start a new one"):
