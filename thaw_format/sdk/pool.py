@@ -13,7 +13,9 @@ the round fails with PoolWorkerDied after the other workers have answered, and t
 so the next round runs on a full pool. A replacement finishes starting at the next round; if it fails to start
 (its engine's error, or its process ended), that round fails before the parent is read, naming the worker, its
 error and its exit status, and the worker is started again for the round after, MAX_FAILED_STARTS failed starts
-in a row at most (then rounds needing it say so: start a new pool). A pool whose first start fails raises, with
+in a row at most; a slot whose workers died in MAX_DEATHS rounds in a row, none answering a round in between, is
+not replaced after the last (an engine that dies on every round would otherwise be restarted for ever). Rounds
+needing a slot given up say so, and why: start a new pool. A pool whose first start fails raises, with
 nothing left running. Each worker leads its own process group (thaw_format.sdk.engine_process): the processes
 its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends. Any contract engine
 with a launch spec works (thaw_format.sdk.contract).
@@ -80,29 +82,37 @@ def _verify(source: str) -> None:
 
 
 MAX_FAILED_STARTS = 3  # failed starts in a row of one worker slot, after which the pool stops restarting it
+MAX_DEATHS = 3  # rounds in a row in which one slot's worker died, after which the pool stops replacing it
 
 
 def _given_up(worker: "_Worker") -> bool:
-    """Whether the pool no longer restarts the worker's slot: MAX_FAILED_STARTS failed starts in a row."""
-    return worker.start_error is not None and worker.failed_starts >= MAX_FAILED_STARTS
-
-
-def _gave_up(worker: "_Worker") -> str:
-    return (f"{worker.start_error}; it failed to start {worker.failed_starts} times in a row and is no longer "
-            "restarted: close this pool and start a new one")
+    return worker.gave_up() is not None
 
 
 class _Worker:
-    def __init__(self, name: str, config: str, env: dict, *, failed_starts: int = 0) -> None:
+    def __init__(self, name: str, config: dict, env: dict, *, failed_starts: int = 0, deaths: int = 0) -> None:
         self.name = name
         self.failed_starts = failed_starts  # its slot's failed starts in a row, this worker's included once failed
         self.start_error: Optional[str] = None  # how this worker failed to start, if it did
+        self.deaths = deaths  # rounds in a row in which its slot's worker died, this worker's included once dead
+        self.death: Optional[str] = None  # how this worker died in a round, if it did
         self.process = EngineProcess("thaw_format.sdk.pool_worker", config, env)
         self.ready = False
         self.killed = False  # by the pool: replaced by the next round that needs it
 
     def describe(self) -> str:
         return f"pool worker {self.name} (pid {self.process.pid})"
+
+    def gave_up(self) -> Optional[str]:
+        """Why the pool no longer restarts this worker's slot, if it does not: MAX_FAILED_STARTS failed starts in a
+        row, or MAX_DEATHS rounds in a row in which the slot's worker died."""
+        if self.start_error is not None and self.failed_starts >= MAX_FAILED_STARTS:
+            return (f"{self.start_error}; it failed to start {self.failed_starts} times in a row and is no longer "
+                    "restarted: close this pool and start a new one")
+        if self.death is not None and self.deaths >= MAX_DEATHS:
+            return (f"{self.death}; its slot's workers died in {self.deaths} rounds in a row, and it is no longer "
+                    "replaced: close this pool and start a new one")
+        return None
 
     def send(self, message: dict) -> bool:
         """False if the worker is gone."""
@@ -208,7 +218,7 @@ class ForkPool:
                                                                       for k, v in env.items())):
             raise TypeError(f"a fork pool's env maps names to strings, not {reprlib.repr(env)}")
         spec = checked_launch_spec(spec, "ForkPool")  # last: it may call into the engine
-        self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
+        self._config = {"factory": spec.factory, "kwargs": spec.kwargs}
         self._env = {**os.environ, **(env or {})}
         self._checked: set[str] = set()  # the rounds' sources the pool has checked (and so mapped)
         self._closed = False
@@ -263,7 +273,7 @@ class ForkPool:
         _verify(source)
         self._checked.add(source)
         round_ = ForkRound([], int(source.rpartition("#")[2]), verifying - capturing, time.perf_counter() - verifying)
-        replies, failures, answered = [], [], 0
+        replies, failures, answered, replacements = [], [], 0, 0
         try:
             sent = [worker.send({"source": source, "verified": True, "prompt": context + suffix,
                                  "params": dataclasses.asdict(p)})
@@ -275,12 +285,19 @@ class ForkPool:
                         raise PoolWorkerDied(f"{worker.describe()} exited with {worker.process.exit_status()}")
                 except PoolWorkerDied as exc:
                     answered += 1
-                    failures.append(exc)
                     worker.kill()  # its pipes, closed here, not by the GC (which printed their BrokenPipeError)
-                    if not self._closed:
-                        self._workers[slots[index]] = _Worker(worker.name, self._config, self._env)  # replacement
+                    worker.death, worker.deaths = str(exc), worker.deaths + 1
+                    if _given_up(worker):
+                        failures.append(PoolWorkerDied(worker.gave_up()))
+                    else:
+                        failures.append(exc)
+                        if not self._closed:
+                            replacements += 1
+                            self._workers[slots[index]] = _Worker(worker.name, self._config, self._env,
+                                                                  deaths=worker.deaths)
                     continue
                 answered += 1
+                worker.deaths = 0  # it answered: its slot's deaths are no longer in a row
                 if "error" in reply:
                     failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
                 replies.append(reply)
@@ -294,7 +311,7 @@ class ForkPool:
         if failures:
             died = [f for f in failures if isinstance(f, PoolWorkerDied)]
             kind = PoolWorkerDied if died else RuntimeError
-            replaced = ", dead workers are being replaced" if died and not self._closed else ""
+            replaced = ", dead workers are being replaced" if replacements else ""
             raise kind("; ".join(str(f) for f in failures) + ": the fork round failed (the parent engine is "
                        f"untouched{replaced})")
         for reply in replies:
@@ -308,7 +325,8 @@ class ForkPool:
         """The round's n worker slots, the first n not given up, each started: a replacement started after a failed
         round finishes starting here. One that fails to start fails the round with PoolWorkerDied, before the parent
         is read, and is started again for the next round, up to MAX_FAILED_STARTS failed starts in a row; after
-        that the pool no longer restarts it, and rounds use the slots left (fewer than n left: each round
+        that (or after MAX_DEATHS rounds in a row in which its workers died) the pool no longer restarts it, and
+        rounds use the slots left (fewer than n left: each round
         needing more says so, and a new pool is the way on)."""
         slots, failures = [], []
         for index, worker in enumerate(self._workers):
@@ -318,22 +336,22 @@ class ForkPool:
                 continue
             slots.append(index)
             if worker.killed and not self._closed:  # by an interrupted round
-                worker = self._workers[index] = _Worker(worker.name, self._config, self._env)
+                worker = self._workers[index] = _Worker(worker.name, self._config, self._env, deaths=worker.deaths)
             try:
                 worker.ensure_ready()
             except PoolWorkerDied as exc:
                 if _given_up(worker):
-                    failures.append(_gave_up(worker))
+                    failures.append(worker.gave_up())
                 elif self._closed:  # closed meanwhile: close() stops what it finds, and starts nothing
                     failures.append(str(exc))
                 else:
                     self._workers[index] = _Worker(worker.name, self._config, self._env,
-                                                   failed_starts=worker.failed_starts)
+                                                   failed_starts=worker.failed_starts, deaths=worker.deaths)
                     failures.append(f"{exc}; it is started again for the next round (failed starts in a row: "
                                     f"{worker.failed_starts} of {MAX_FAILED_STARTS})")
         if len(slots) < n:
             usable = len(self._workers) - sum(map(_given_up, self._workers))
-            failures += [_gave_up(worker) for worker in self._workers if _given_up(worker)]
+            failures += [worker.gave_up() for worker in self._workers if _given_up(worker)]
             failures.append(f"{usable} of the pool's {len(self._workers)} workers are usable; a round of {n} needs {n}")
         if failures:
             raise PoolWorkerDied("; ".join(failures) + ": the fork round failed before the parent was read")
