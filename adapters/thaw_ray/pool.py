@@ -10,7 +10,8 @@ that object, restores it and continues with its suffix (thaw_ray.actor); the par
 is ForkPool's ForkRound: `capture_s` is the capture and the put, `verify_s` 0 (each actor checks the object
 itself: its restore_s includes that check). A worker whose actor dies mid-round is named, the round fails with
 PoolWorkerDied once the others have answered, and the pool starts a new actor in its slot for the next round;
-starts that fail are retried as ForkPool retries them (thaw_format.sdk.pool_slots, MAX_FAILED_STARTS).
+starts that fail are retried, and slots given up, as ForkPool does it (thaw_format.sdk.pool_slots:
+MAX_FAILED_STARTS failed starts in a row, or MAX_DEATHS rounds in a row in which the slot's actor died).
 
 The Ray cluster is the caller's: the pool needs Ray initialised (ray.init, or a cluster address) and never
 calls ray.init or ray.shutdown itself; close() closes its actors' engines and ends its own actors only (ray.kill,
@@ -31,6 +32,7 @@ from ray.exceptions import RayActorError, RayError
 from thaw_format import CorruptSnapshotError
 from thaw_format.sdk.fork_round import ForkRound, RoundArguments, whole_workers
 from thaw_format.sdk.launch import checked_launch_spec
+from thaw_format.sdk.pool_slots import note_answer
 from thaw_format.sdk.round_pool import RoundPool
 
 from .capture import put_capture
@@ -67,8 +69,8 @@ class RayForkPool(RoundPool):
         self._options = options
         self._start_workers(workers)  # the actors' engines start side by side
 
-    def _start(self, name: str, failed_starts: int = 0) -> ActorWorker:
-        return ActorWorker(name, self._config, self._options, failed_starts=failed_starts)
+    def _start(self, name: str, failed_starts: int = 0, deaths: int = 0) -> ActorWorker:
+        return ActorWorker(name, self._config, self._options, failed_starts=failed_starts, deaths=deaths)
 
     def _run(self, round_: ForkRound, slots: list[int], source: str, arguments: RoundArguments):
         putting = time.perf_counter()
@@ -82,13 +84,12 @@ class RayForkPool(RoundPool):
             try:
                 reply = ray.get(call)
             except RayActorError as exc:
-                failures.append(worker.died(exc))
-                if not self._closed:
-                    self._workers[slot] = self._start(worker.name)  # replacement, ready by the next round
+                failures.append(self._died(slot, worker.died(exc)))  # its replacement is ready by the next round
                 continue
             except RayError as exc:  # a call Ray could not run in the actor (its object lost, say)
                 failures.append(RuntimeError(f"{worker.describe()}: {in_brief(exc)}"))
                 continue
+            note_answer(worker)
             if reply.get("corrupt"):
                 failures.append(CorruptSnapshotError(f"{worker.describe()} refused the round's object "
                                                      f"{snapshot.hex()}: {reply['error']}"))

@@ -9,6 +9,7 @@ import ray
 from ray.exceptions import RayError
 
 from thaw_format.sdk.fork_round import PoolWorkerDied
+from thaw_format.sdk.pool_slots import SlotWorker
 
 from .actor import PoolActor
 
@@ -22,11 +23,9 @@ def in_brief(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
-class ActorWorker:
-    def __init__(self, name: str, config: str, options: dict, *, failed_starts: int = 0) -> None:
-        self.name = name
-        self.failed_starts = failed_starts  # its slot's failed starts in a row, this worker's included once failed
-        self.start_error: Optional[str] = None  # how this worker failed to start, if it did
+class ActorWorker(SlotWorker):
+    def __init__(self, name: str, config: str, options: dict, *, failed_starts: int = 0, deaths: int = 0) -> None:
+        super().__init__(name, failed_starts, deaths)
         self.actor = RemoteActor.options(**options).remote(config)
         self._ready = self.actor.ready.remote()
         self.pid: Optional[int] = None

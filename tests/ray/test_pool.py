@@ -165,3 +165,51 @@ def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_clust
         result = pool.fork(parent, 1, context=trunk, suffixes=suffixes[:1], params=PARAMS)  # the slot left
         assert [g.token_ids for g in result.generations] == \
             [ToyThawEngine.start(**config).generate(trunk + suffixes[0], PARAMS).token_ids]
+
+
+def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of_rounds(ray_cluster,
+                                                                                       tmp_path) -> None:
+    """ForkPool's rule, from the bookkeeping both pools share (thaw_format.sdk.pool_slots): a slot whose actors
+    died in MAX_DEATHS rounds in a row, none answering a round in between, is no longer replaced, the round
+    saying so; a round they answer starts the count again."""
+    from pool_engines import worker_env
+    from thaw_conformance.template.adapter import ToyThawEngine
+    from thaw_format.sdk import LaunchSpec
+    from thaw_format.sdk.pool_slots import MAX_DEATHS
+    from thaw_ray import RayForkPool
+
+    config = {"vocab_size": 1024}
+    parent = ToyThawEngine.start(**config)
+    trunk, suffixes = checks.tokens(40, 3), [[5], [6]]
+    parent.generate(trunk, PARAMS)
+    expected = [ToyThawEngine.start(**config).generate(trunk + suffix, PARAMS).token_ids for suffix in suffixes]
+    dies = tmp_path / "dies"
+    spec = LaunchSpec("pool_engines:ToyDyingInRounds.start", {"marker": str(dies), **config})
+    died = r"pool worker {} \(Ray actor {}, pid \d+\) died: \w+: [^;]*"
+    given_up = r"; its slot's workers died in {} rounds in a row, and it is no longer replaced: close this pool and " \
+               "start a new one".format(MAX_DEATHS)
+
+    def round_(engine):
+        return pool.fork(engine, 2, context=trunk, suffixes=suffixes, params=PARAMS)
+
+    with RayForkPool(spec, workers=2, actor_options={"runtime_env": {"env_vars": worker_env()}}) as pool:
+        dies.touch()
+        for _ in range(MAX_DEATHS - 1):  # then a round they answer: their deaths are no longer in a row
+            with pytest.raises(PoolWorkerDied, match=r"died: .*; .*died: .*dead workers are being replaced\)$"):
+                round_(parent)
+        dies.unlink()
+        assert [g.token_ids for g in round_(parent).generations] == expected
+        dies.touch()
+        for _ in range(MAX_DEATHS - 1):
+            with pytest.raises(PoolWorkerDied, match="dead workers are being replaced"):
+                round_(parent)
+        last = list(pool._workers)
+        with pytest.raises(PoolWorkerDied, match="^" + "; ".join(died.format(w.name, w.actor._actor_id.hex()) +
+                                                               given_up for w in last) +
+                           r": the fork round failed \(the parent engine is untouched\)$"):
+            round_(parent)
+        assert pool._workers == last  # no replacement
+        with pytest.raises(PoolWorkerDied, match=given_up + r".*0 of the pool's 2 workers are usable; a round of 2 "
+                                                 "needs 2: the fork round failed before the parent was read$"):
+            round_(checks.Unread())
+        assert pool._workers == last

@@ -13,7 +13,9 @@ the round fails with PoolWorkerDied after the other workers have answered, and t
 so the next round runs on a full pool. A replacement finishes starting at the next round; if it fails to start
 (its engine's error, or its process ended), that round fails before the parent is read, naming the worker, its
 error and its exit status, and the worker is started again for the round after, MAX_FAILED_STARTS failed starts
-in a row at most (then rounds needing it say so: start a new pool). A pool whose first start fails raises, with
+in a row at most; a slot whose workers died in MAX_DEATHS rounds in a row, none answering a round in between, is
+not replaced after the last (an engine that dies on every round would otherwise be restarted for ever). Rounds
+needing a slot given up say so, and why: start a new pool. A pool whose first start fails raises, with
 nothing left running. Each worker leads its own process group (thaw_format.sdk.engine_process): the processes
 its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends. Any contract engine
 with a launch spec works (thaw_format.sdk.contract).
@@ -34,10 +36,10 @@ from .engine_process import EngineProcess
 from .fork_round import ForkRound, PoolWorkerDied, RoundArguments, parent_page_size, whole_workers
 from .launch import checked_launch_spec
 from .lent import forget, open_snapshot
-from .pool_slots import MAX_FAILED_STARTS
+from .pool_slots import MAX_DEATHS, MAX_FAILED_STARTS, SlotWorker, note_answer
 from .round_pool import RoundPool
 
-__all__ = ["ForkPool", "ForkRound", "MAX_FAILED_STARTS", "PoolWorkerDied", "parent_page_size"]
+__all__ = ["ForkPool", "ForkRound", "MAX_DEATHS", "MAX_FAILED_STARTS", "PoolWorkerDied", "parent_page_size"]
 
 
 def _verify(source: str) -> None:
@@ -59,11 +61,9 @@ def _verify(source: str) -> None:
                                    "it (the parent engine is untouched)") from None
 
 
-class _Worker:
-    def __init__(self, name: str, config: str, env: dict, *, failed_starts: int = 0) -> None:
-        self.name = name
-        self.failed_starts = failed_starts  # its slot's failed starts in a row, this worker's included once failed
-        self.start_error: Optional[str] = None  # how this worker failed to start, if it did
+class _Worker(SlotWorker):
+    def __init__(self, name: str, config: dict, env: dict, *, failed_starts: int = 0, deaths: int = 0) -> None:
+        super().__init__(name, failed_starts, deaths)
         self.process = EngineProcess("thaw_format.sdk.pool_worker", config, env)
         self.ready = False
         self.killed = False  # by the pool: replaced by the next round that needs it
@@ -138,7 +138,7 @@ class ForkPool(RoundPool):
                                                                       for k, v in env.items())):
             raise TypeError(f"a fork pool's env maps names to strings, not {reprlib.repr(env)}")
         spec = checked_launch_spec(spec, "ForkPool")  # last: it may call into the engine
-        self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
+        self._config = {"factory": spec.factory, "kwargs": spec.kwargs}
         self._env = {**os.environ, **(env or {})}
         self._checked: set[str] = set()  # the rounds' sources the pool has checked (and so mapped)
         self._start_workers(workers)  # a start that fails part way (the OS refuses a process) stops the others
@@ -161,12 +161,11 @@ class ForkPool(RoundPool):
                         raise PoolWorkerDied(f"{worker.describe()} exited with {worker.process.exit_status()}")
                 except PoolWorkerDied as exc:
                     answered += 1
-                    failures.append(exc)
                     worker.kill()  # its pipes, closed here, not by the GC (which printed their BrokenPipeError)
-                    if not self._closed:
-                        self._workers[slots[index]] = self._start(worker.name)  # replacement
+                    failures.append(self._died(slots[index], exc))
                     continue
                 answered += 1
+                note_answer(worker)
                 if "error" in reply:
                     failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
                 replies.append(reply)
@@ -179,8 +178,8 @@ class ForkPool(RoundPool):
             raise
         return replies, failures
 
-    def _start(self, name: str, failed_starts: int = 0) -> _Worker:
-        return _Worker(name, self._config, self._env, failed_starts=failed_starts)
+    def _start(self, name: str, failed_starts: int = 0, deaths: int = 0) -> _Worker:
+        return _Worker(name, self._config, self._env, failed_starts=failed_starts, deaths=deaths)
 
     def _stop(self) -> None:
         for worker in self._workers:

@@ -2,10 +2,11 @@
 thaw_ray's Ray actors): its workers started once, a round's arguments checked before the parent is read, one
 round at a time, the parent's one capture per round, the round's failure, and close().
 
-A pool subclasses it with three methods: `_start(name, failed_starts=0)` starts a worker (thaw_format.sdk.
-pool_slots says what a worker is), `_run(round_, slots, source, arguments)` hands the parent's capture (the
-source of its capture_shared) to the workers in those slots and returns their replies and failures, and
-`_stop()` ends every worker.
+A pool subclasses it with three methods: `_start(name, failed_starts=0, deaths=0)` starts a worker
+(thaw_format.sdk.pool_slots says what a worker is), `_run(round_, slots, source, arguments)` hands the parent's
+capture (the source of its capture_shared) to the workers in those slots and returns their replies and failures
+(`_died` for a worker that died in the round, `pool_slots.note_answer` for one that answered), and `_stop()` ends
+every worker.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Sequence, Union
 
 from ..snapshot import SamplingParams
 from .contract import Engine
-from .fork_round import ForkRound, RoundArguments, checked_round, round_failure
-from .pool_slots import finish_starts
+from .fork_round import ForkRound, PoolWorkerDied, RoundArguments, checked_round, round_failure
+from .pool_slots import finish_starts, replace_dead
 from .shared import capture_shared
 
 
@@ -56,9 +57,11 @@ class RoundPool:
             # valid until the parent's next capture_shared: every worker answers before this round ends
             source = capture_shared(parent, chains=[arguments.context[:arguments.full]])
             round_ = ForkRound([], int(source.rpartition("#")[2]), time.perf_counter() - capturing)
+            workers = [self._workers[slot] for slot in slots]
             replies, failures = self._run(round_, slots, source, arguments)
-            if failures:
-                raise round_failure(failures, replaced=not self._closed)
+            if failures:  # a slot holding a new worker: its worker died, and it is being replaced
+                replaced = any(self._workers[slot] is not worker for slot, worker in zip(slots, workers))
+                raise round_failure(failures, replaced=replaced)
             for reply in replies:
                 round_.add(reply)
             round_.total_s = time.perf_counter() - started
@@ -68,8 +71,13 @@ class RoundPool:
              arguments: RoundArguments) -> tuple[list[dict], list[Exception]]:
         raise NotImplementedError
 
-    def _start(self, name: str, failed_starts: int = 0):
+    def _start(self, name: str, failed_starts: int = 0, deaths: int = 0):
         raise NotImplementedError
+
+    def _died(self, slot: int, error: PoolWorkerDied) -> PoolWorkerDied:
+        """The failure to report for the worker in `slot`, which died in the round: replaced for the next round
+        unless the pool is closed or the slot given up (pool_slots.replace_dead)."""
+        return replace_dead(self._workers, slot, error, lambda: self._closed, self._start)
 
     def _stop(self) -> None:
         raise NotImplementedError
