@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import traceback
 
 import numpy
 import ray
@@ -24,8 +25,12 @@ def put_capture(source: str) -> ray.ObjectRef:
         os.close(fd)
     try:
         view = numpy.frombuffer(mapping, numpy.uint8, count=nbytes)
-        ref = ray.put(view)  # the one copy: the segment's bytes into the object store
-        del view  # before the mapping closes: close() refuses while a view of it lives
+        try:
+            return ray.put(view)  # the one copy: the segment's bytes into the object store
+        except BaseException as exc:  # ObjectStoreFullError, say: its frames (ray.put's) hold the view
+            traceback.clear_frames(exc.__traceback__)  # so the mapping closes, and close() hides no error
+            raise
+        finally:
+            del view  # before the mapping closes: close() refuses while a view of it lives
     finally:
         mapping.close()
-    return ref

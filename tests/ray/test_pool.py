@@ -213,3 +213,20 @@ def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
                                                  "needs 2: the fork round failed before the parent was read$"):
             round_(checks.Unread())
         assert pool._workers == last
+
+
+def test_a_put_that_fails_raises_rays_error_and_closes_the_segments_mapping(ray_cluster, parent, monkeypatch) -> None:
+    """ray.put refused (the object store full, say): its error, not the mapping's BufferError on close."""
+    from thaw_format.sdk.shared import capture_shared
+    from thaw_ray import capture
+
+    trunk = checks.tokens(40, 11)
+    parent.generate(trunk, PARAMS)
+    source = capture_shared(parent, chains=[trunk[:checks.full_pages(trunk, parent)]])
+
+    def full(value):
+        raise ray_cluster.exceptions.ObjectStoreFullError("the object store is full")
+
+    monkeypatch.setattr(capture.ray, "put", full)
+    with pytest.raises(ray_cluster.exceptions.ObjectStoreFullError, match="the object store is full"):
+        capture.put_capture(source)
