@@ -36,7 +36,7 @@ from thaw_format.sdk.pool_slots import note_answer
 from thaw_format.sdk.round_pool import RoundPool
 
 from .capture import put_capture
-from .worker import ActorWorker, in_brief
+from .worker import START_TIMEOUT_S, ActorWorker, in_brief
 
 # Options the pool owns: it replaces a dead actor itself, and each actor runs one round at a time.
 POOL_OPTIONS = ("max_restarts", "max_task_retries", "max_concurrency")
@@ -58,19 +58,28 @@ def _checked_actor_options(options) -> dict:
 class RayForkPool(RoundPool):
     """`workers` Ray actors, each a warm engine started once from a launch spec (or an engine's launch_spec())."""
 
-    def __init__(self, spec, workers: int, *, actor_options: Optional[Mapping] = None) -> None:
+    def __init__(self, spec, workers: int, *, actor_options: Optional[Mapping] = None,
+                 start_timeout_s: float = START_TIMEOUT_S) -> None:
+        """`actor_options` go to Ray's .options() for each actor (num_cpus, num_gpus, resources, runtime_env, ...);
+        `start_timeout_s`: how long an actor may take to be placed and start its engine, after which its start has
+        failed (Ray keeps an actor whose resources no node has pending for ever, saying nothing)."""
         workers = whole_workers(workers)
         options = _checked_actor_options(actor_options)
+        if isinstance(start_timeout_s, bool) or not isinstance(start_timeout_s, (int, float)) or \
+                not start_timeout_s > 0:
+            raise ValueError(f"start_timeout_s is a number of seconds > 0, not {start_timeout_s!r}")
         spec = checked_launch_spec(spec, "RayForkPool")  # last of the checks: it may call into the engine
         if not ray.is_initialized():  # a remote call would start a local Ray of its own, which nobody shuts down
             raise RuntimeError("RayForkPool needs Ray initialised: call ray.init() (or ray.init(address=...) for "
                                "a cluster) first; the pool never starts or stops Ray itself")
         self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
         self._options = options
+        self._start_timeout_s = start_timeout_s
         self._start_workers(workers)  # the actors' engines start side by side
 
     def _start(self, name: str, failed_starts: int = 0, deaths: int = 0) -> ActorWorker:
-        return ActorWorker(name, self._config, self._options, failed_starts=failed_starts, deaths=deaths)
+        return ActorWorker(name, self._config, self._options, self._start_timeout_s, failed_starts=failed_starts,
+                           deaths=deaths)
 
     def _run(self, round_: ForkRound, slots: list[int], source: str, arguments: RoundArguments):
         putting = time.perf_counter()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import GetTimeoutError, RayError
 
 from thaw_format.sdk.fork_round import PoolWorkerDied
 from thaw_format.sdk.pool_slots import SlotWorker
@@ -15,6 +15,9 @@ from .actor import PoolActor
 
 RemoteActor = ray.remote(PoolActor)
 CLOSE_TIMEOUT_S = 120  # how long close() waits for an engine to close before it kills its actor
+START_TIMEOUT_S = 600  # RayForkPool's default wait for an actor's engine to start (placing it included)
+PLACEMENT = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "label_selector",
+             "scheduling_strategy")  # the actor options that decide where, and whether, Ray can place an actor
 
 
 def in_brief(error: BaseException) -> str:
@@ -24,8 +27,11 @@ def in_brief(error: BaseException) -> str:
 
 
 class ActorWorker(SlotWorker):
-    def __init__(self, name: str, config: str, options: dict, *, failed_starts: int = 0, deaths: int = 0) -> None:
+    def __init__(self, name: str, config: str, options: dict, start_timeout_s: float, *, failed_starts: int = 0,
+                 deaths: int = 0) -> None:
         super().__init__(name, failed_starts, deaths)
+        self.start_timeout_s = start_timeout_s
+        self.placement = {key: options[key] for key in PLACEMENT if key in options}
         self.actor = RemoteActor.options(**options).remote(config)
         self._ready = self.actor.ready.remote()
         self.pid: Optional[int] = None
@@ -43,7 +49,9 @@ class ActorWorker(SlotWorker):
             return
         if self.start_error is None:
             try:
-                reply = ray.get(self._ready)
+                reply = ray.get(self._ready, timeout=self.start_timeout_s)
+            except GetTimeoutError:  # pending for ever where no node has what it asks for: Ray waits, silently
+                reply = {"error": self._not_started()}
             except RayError as exc:  # the actor died (its process, or Ray could not start it)
                 reply = {"error": in_brief(exc)}
             self.pid = reply.get("pid")
@@ -54,6 +62,12 @@ class ActorWorker(SlotWorker):
             self.start_error = f"{self.describe()} failed to start: {reply['error']}"
             self.kill()
         raise PoolWorkerDied(self.start_error)
+
+    def _not_started(self) -> str:
+        asks = f"the resources it asks for ({self.placement})" if self.placement else \
+            "the 1 CPU Ray reserves to place an actor (actor_options: none of num_cpus, num_gpus, resources, ...)"
+        return (f"not started within {self.start_timeout_s:g} s (start_timeout_s): either Ray has no node with "
+                f"{asks} free, or its engine is slower to start than that")
 
     def died(self, error: BaseException) -> PoolWorkerDied:
         return PoolWorkerDied(f"{self.describe()} died: {in_brief(error)}")

@@ -112,6 +112,8 @@ def test_a_pool_is_refused_by_name_before_any_actor_starts(ray_cluster, parent) 
         RayForkPool("x", 1)
     with pytest.raises(ValueError, match="actor_options may not set max_restarts: the pool replaces a dead actor"):
         RayForkPool(parent, 1, actor_options={"max_restarts": 3})
+    with pytest.raises(ValueError, match="start_timeout_s is a number of seconds > 0, not 0"):
+        RayForkPool(parent, 1, start_timeout_s=0)
 
 
 def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, parent) -> None:
@@ -230,3 +232,20 @@ def test_a_put_that_fails_raises_rays_error_and_closes_the_segments_mapping(ray_
     monkeypatch.setattr(capture.ray, "put", full)
     with pytest.raises(ray_cluster.exceptions.ObjectStoreFullError, match="the object store is full"):
         capture.put_capture(source)
+
+
+def test_an_actor_ray_cannot_place_fails_its_start_within_the_timeout_naming_what_it_asks_for(
+        ray_cluster, parent, monkeypatch) -> None:
+    """Ray keeps an actor whose resources no node has pending for ever: its start fails after start_timeout_s,
+    naming the resources, and the pending actor is killed."""
+    from thaw_ray import RayForkPool, worker
+
+    killed, kill = [], ray_cluster.kill
+    monkeypatch.setattr(worker.ray, "kill", lambda actor, **options: (killed.append(actor), kill(actor, **options)))
+    with pytest.raises(PoolWorkerDied, match=r"^pool worker 0 \(Ray actor [0-9a-f]+\) failed to start: not started "
+                                             r"within 0\.5 s \(start_timeout_s\): either Ray has no node with the "
+                                             r"resources it asks for \(\{'resources': \{'nonexistent': 1\}\}\) free"):
+        RayForkPool(parent, 1, actor_options={"resources": {"nonexistent": 1}}, start_timeout_s=0.5)
+    assert killed
+    with pytest.raises(ray_cluster.exceptions.RayActorError):
+        ray_cluster.get(killed[0].ready.remote(), timeout=60)
