@@ -36,7 +36,7 @@ from thaw_format.sdk.pool_slots import note_answer
 from thaw_format.sdk.round_pool import RoundPool
 
 from .capture import put_capture
-from .worker import START_TIMEOUT_S, ActorWorker, in_brief
+from .worker import START_TIMEOUT_S, ActorWorker, in_brief, require_ray
 
 # Options the pool owns: it replaces a dead actor itself, and each actor runs one round at a time.
 POOL_OPTIONS = ("max_restarts", "max_task_retries", "max_concurrency")
@@ -76,6 +76,12 @@ class RayForkPool(RoundPool):
         self._options = options
         self._start_timeout_s = start_timeout_s
         self._start_workers(workers)  # the actors' engines start side by side
+
+    def fork(self, parent, n: int, *, context, suffixes, params) -> ForkRound:
+        """RoundPool.fork, once Ray is known to be up (before the parent is read)."""
+        if not self._closed:  # a closed pool says so (RoundPool.fork)
+            require_ray()
+        return super().fork(parent, n, context=context, suffixes=suffixes, params=params)
 
     def _start(self, name: str, failed_starts: int = 0, deaths: int = 0) -> ActorWorker:
         return ActorWorker(name, self._config, self._options, self._start_timeout_s, failed_starts=failed_starts,

@@ -20,6 +20,14 @@ PLACEMENT = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type", 
              "scheduling_strategy")  # the actor options that decide where, and whether, Ray can place an actor
 
 
+def require_ray() -> None:
+    """RuntimeError unless Ray is initialised: Ray's own calls (put, get, kill, .remote) would start a new local
+    Ray of their own, behind the caller's back, after the caller's ray.shutdown()."""
+    if not ray.is_initialized():
+        raise RuntimeError("Ray was shut down after this RayForkPool started (ray.shutdown), and its actors with "
+                           "it: close this pool (a round would start a new local Ray that nobody shuts down)")
+
+
 def in_brief(error: BaseException) -> str:
     """A Ray error's type and first line: its text runs on to a traceback and Ray's advice."""
     lines = str(error).strip().splitlines()
@@ -30,6 +38,7 @@ class ActorWorker(SlotWorker):
     def __init__(self, name: str, config: str, options: dict, start_timeout_s: float, *, failed_starts: int = 0,
                  deaths: int = 0) -> None:
         super().__init__(name, failed_starts, deaths)
+        require_ray()
         self.start_timeout_s = start_timeout_s
         self.placement = {key: options[key] for key in PLACEMENT if key in options}
         self.actor = RemoteActor.options(**options).remote(config)
@@ -73,7 +82,8 @@ class ActorWorker(SlotWorker):
         return PoolWorkerDied(f"{self.describe()} died: {in_brief(error)}")
 
     def kill(self) -> None:
-        ray.kill(self.actor, no_restart=True)
+        if ray.is_initialized():  # else its actor ended with Ray, and ray.kill would start a new one
+            ray.kill(self.actor, no_restart=True)
 
     def stop(self) -> None:
         """Close its engine, then end its actor (killed if it does not close in time, or never started)."""

@@ -249,3 +249,42 @@ def test_an_actor_ray_cannot_place_fails_its_start_within_the_timeout_naming_wha
     assert killed
     with pytest.raises(ray_cluster.exceptions.RayActorError):
         ray_cluster.get(killed[0].ready.remote(), timeout=60)
+
+
+_AFTER_SHUTDOWN = """
+import shutil, sys, tempfile
+import ray
+from thaw_conformance.template.adapter import ToyThawEngine
+from thaw_format.sdk import greedy
+from thaw_ray import RayForkPool
+
+temp = tempfile.mkdtemp(dir="/tmp", prefix="thawray")
+try:
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=80 << 20, log_to_driver=False, _temp_dir=temp)
+    parent = ToyThawEngine.start(vocab_size=1024)
+    parent.generate(list(range(40)), greedy(3))
+    pool = RayForkPool(parent, workers=1)
+    ray.shutdown()
+    try:
+        pool.fork(parent, 1, context=list(range(40)), suffixes=[[5]], params=greedy(3))
+    except RuntimeError as exc:
+        print("refused:", exc)
+    pool.close()
+    print("initialized after:", ray.is_initialized())
+finally:
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+"""
+
+
+def test_a_round_after_rays_shutdown_is_refused_and_starts_no_ray(ray_cluster) -> None:
+    """Ray's calls start a local Ray of their own when none is up: after the caller's ray.shutdown(), a round
+    (and close()) must not, and the round says why (in a process of its own: the session's Ray stays up)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _AFTER_SHUTDOWN], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused: Ray was shut down after this RayForkPool started (ray.shutdown), and its actors with it: " \
+           "close this pool" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert "initialized after: False" in done.stdout
