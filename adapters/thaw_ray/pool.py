@@ -94,24 +94,35 @@ class RayForkPool(RoundPool):
         workers = [self._workers[slot] for slot in slots]
         calls = [worker.actor.run_round.remote(snapshot, arguments.context + suffix, dataclasses.asdict(p))
                  for worker, suffix, p in zip(workers, arguments.suffixes, arguments.params)]
-        replies, failures = [], []
-        for slot, worker, call in zip(slots, workers, calls):  # every live actor answers before the round ends
-            try:
-                reply = ray.get(call)
-            except RayActorError as exc:
-                failures.append(self._died(slot, worker.died(exc)))  # its replacement is ready by the next round
-                continue
-            except RayError as exc:  # a call Ray could not run in the actor (its object lost, say)
-                failures.append(RuntimeError(f"{worker.describe()}: {in_brief(exc)}"))
-                continue
-            note_answer(worker)
-            if reply.get("corrupt"):
-                failures.append(CorruptSnapshotError(f"{worker.describe()} refused the round's object "
-                                                     f"{snapshot.hex()}: {reply['error']}"))
-            elif "error" in reply:
-                failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
-            else:
-                replies.append(reply)
+        replies, failures, answered = [], [], 0
+        try:
+            for slot, worker, call in zip(slots, workers, calls):  # every live actor answers before the round ends
+                try:
+                    reply = ray.get(call)
+                except RayActorError as exc:
+                    answered += 1
+                    failures.append(self._died(slot, worker.died(exc)))  # its replacement is ready by the next round
+                    continue
+                except RayError as exc:  # a call Ray could not run in the actor (its object lost, say)
+                    answered += 1
+                    failures.append(RuntimeError(f"{worker.describe()}: {in_brief(exc)}"))
+                    continue
+                answered += 1
+                note_answer(worker)
+                if reply.get("corrupt"):
+                    failures.append(CorruptSnapshotError(f"{worker.describe()} refused the round's object "
+                                                         f"{snapshot.hex()}: {reply['error']}"))
+                elif "error" in reply:
+                    failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
+                else:
+                    replies.append(reply)
+        except BaseException:  # Ctrl-C mid-round: an actor yet to answer would still be running this round's call
+            for worker in workers[answered:]:  # each in its own try: one that fails leaves the others to be killed
+                try:  # replaced by the next round that needs it (pool_slots.finish_starts)
+                    worker.kill()
+                except Exception:  # the original exception (KeyboardInterrupt) is the caller's to see
+                    pass
+            raise
         return replies, failures
 
     def _stop(self) -> None:

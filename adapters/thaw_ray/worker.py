@@ -45,7 +45,7 @@ class ActorWorker(SlotWorker):
         self._ready = self.actor.ready.remote()
         self.pid: Optional[int] = None
         self.ready = False
-        self.killed = False  # pool_slots' word for a worker an interrupted round left: never so here
+        self.killed = False  # by an interrupted round: replaced by the next round that needs it
 
     def describe(self) -> str:
         pid = f", pid {self.pid}" if self.pid is not None else ""
@@ -84,11 +84,12 @@ class ActorWorker(SlotWorker):
     def kill(self) -> None:
         if ray.is_initialized():  # else its actor ended with Ray, and ray.kill would start a new one
             ray.kill(self.actor, no_restart=True)
+        self.killed = True
 
     def stop(self) -> None:
         """Close its engine, then end its actor (killed if it does not close in time, or never started)."""
         try:
-            if self.ready:
+            if self.ready and not self.killed:
                 ray.get(self.actor.close.remote(), timeout=CLOSE_TIMEOUT_S)
         except RayError:  # dead already, or stuck (GetTimeoutError): killed below
             pass

@@ -288,3 +288,37 @@ def test_a_round_after_rays_shutdown_is_refused_and_starts_no_ray(ray_cluster) -
     assert "refused: Ray was shut down after this RayForkPool started (ray.shutdown), and its actors with it: " \
            "close this pool" in done.stdout, done.stdout + done.stderr[-3000:]
     assert "initialized after: False" in done.stdout
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C's kind of exception (not an Exception), raised mid-round by a hook."""
+
+
+def test_a_round_interrupted_mid_way_kills_the_actors_yet_to_answer_and_the_next_round_replaces_them(
+        pool, parent, fresh, monkeypatch) -> None:
+    """As ForkPool does: an actor still running an interrupted round's call would run it on; it is killed, and the
+    next round starts a new actor in its slot."""
+    import thaw_ray.pool
+
+    trunk, suffixes = checks.tokens(60, 71), [checks.tokens(5, 700 + i) for i in range(checks.WORKERS)]
+    want = [fresh(trunk + suffix, PARAMS) for suffix in suffixes]
+    parent.generate(trunk, PARAMS)
+    answered, before = thaw_ray.pool.note_answer, list(pool._workers)
+
+    def interrupt(worker):
+        answered(worker)
+        raise _Interrupted()  # after the first actor's answer: the others are yet to answer
+
+    monkeypatch.setattr(thaw_ray.pool, "note_answer", interrupt)
+    with pytest.raises(_Interrupted):
+        pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    monkeypatch.undo()
+    assert [w.killed for w in pool._workers] == [False] + [True] * (checks.WORKERS - 1)
+    deadline = time.monotonic() + 60  # ray.kill takes effect shortly after it returns
+    with pytest.raises(_ray().exceptions.RayActorError):
+        while time.monotonic() < deadline:
+            _ray().get(before[1].actor.ready.remote())
+            time.sleep(0.1)
+    result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    assert [g.token_ids for g in result.generations] == want
+    assert pool._workers[0] is before[0] and pool._workers[1] is not before[1] and not pool._workers[1].killed
