@@ -2,11 +2,13 @@
 round's snapshot from Ray's object store and continues its suffix.
 
 The object is the snapshot's own bytes (one numpy uint8 array: read in place, no copy, by an actor on the node
-that holds it). They come from Ray's object store, which may have moved them from another node over the
-network: outside the trust domain of thaw_format.sdk.lent, so every chunk is verified here (`loads`) before the
-engine is touched, and a damaged object is refused with the engine as it was. The replies are those of
-thaw_format.sdk.pool_worker ({"generation": ..., "restore_s": ..., "generate_s": ...} or {"error": ...}), and
-{"corrupt": true} beside the error of an object that failed its check.
+that holds it), never a pickled Snapshot. Trust: Ray pickles the array's wrapper, each round's prompt and params,
+and every reply, so whoever can write to the cluster's object store (or reach its nodes) can already run code in
+these actors and in the driver: the Ray cluster must be trusted like the code it runs. What the check here
+(`loads(..., verify=True)`: every chunk, before the engine is touched) guards is integrity, not authenticity:
+bytes damaged on their way (a bit flip, a transfer cut short between nodes) are refused, with the engine as it
+was. The replies are those of thaw_format.sdk.pool_worker ({"generation": ..., "restore_s": ...,
+"generate_s": ...} or {"error": ...}), and {"corrupt": true} beside the error of an object that failed its check.
 """
 
 from __future__ import annotations
