@@ -3,6 +3,7 @@
     .venv-vllm/bin/python   benchmarks/bench_fork_pool.py --engine vllm   [--tokens 8192] [--children 4] [--rounds 3]
     .venv-sglang/bin/python benchmarks/bench_fork_pool.py --engine sglang [--tokens 2048] ...
     .venv/bin/python        benchmarks/bench_fork_pool.py --engine mlx    [--tokens 1024] ...
+    .venv/bin/python        benchmarks/bench_fork_pool.py --engine mlx --ray ...   # the pool's workers in Ray actors
 
 The KV-heavy tiny Llama of bench_kv_move.py (64 KiB of KV per token). The parent is the engine's contract
 adapter holding the trunk in its cache (vLLM in its default multiprocessing mode). Side by side in one process:
@@ -10,7 +11,8 @@ adapter holding the trunk in its cache (vLLM in its default multiprocessing mode
               trunk's full pages once in shared memory (capture_shared: KV out), the pool checks every chunk of
               them once, and every worker restores them from there (restore_source: KV in) and prefills +
               decodes its suffix. The best of `rounds` steady
-              rounds (after a first one).
+              rounds (after a first one). With --ray: thaw_ray.RayForkPool on a local Ray of this run's own, the
+              capture put once into Ray's object store, each actor checking every chunk of it before its restore.
   re-prefill: trunk + suffix from an empty cache, once per child (what fork avoids).
   cold fork:  thaw_format.sdk.fork(..., processes=True): new engine processes, each restoring the trunk.
   memcpy:     a single-threaded numpy copy of the trunk's KV bytes, and of all the KV bytes the round moves (the
@@ -65,6 +67,19 @@ def start_mlx(model: str, args):
 STARTS = {"vllm": start_vllm, "sglang": start_sglang, "mlx": start_mlx}
 
 
+def start_pool(parent, args, worker_env: dict):
+    """ForkPool's worker processes, or (--ray) RayForkPool's actors on a local Ray started here."""
+    if not args.ray:
+        from thaw_format.sdk import ForkPool
+
+        return ForkPool(parent, workers=args.children, env=worker_env)
+    import ray
+    from thaw_ray import RayForkPool
+
+    ray.init(num_cpus=args.children, include_dashboard=False, log_to_driver=False)
+    return RayForkPool(parent, workers=args.children, actor_options={"runtime_env": {"env_vars": worker_env}})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", choices=sorted(STARTS), default="vllm")
@@ -74,10 +89,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-cold", action="store_true", help="leave out the cold process fork")
+    parser.add_argument("--ray", action="store_true", help="the pool's workers in Ray actors (thaw_ray)")
     args = parser.parse_args()
 
     from thaw_conformance import zoo
-    from thaw_format.sdk import ForkPool, fork, greedy
+    from thaw_format.sdk import fork, greedy
 
     model = str(zoo.make_model("llama", dtype="float32", **KV_HEAVY))
     parent, empty_cache, worker_env, version = STARTS[args.engine](model, args)
@@ -98,11 +114,15 @@ def main() -> None:
     parent.model_info()  # the weights digest is computed once per engine, not per round
 
     start = time.perf_counter()
-    pool = ForkPool(parent, workers=args.children, env=worker_env)
+    pool = start_pool(parent, args, worker_env)
     pool_start_s = time.perf_counter() - start
     with pool:
         rounds = [pool.fork(parent, args.children, context=trunk, suffixes=suffixes, params=params)
                   for _ in range(args.rounds + 1)]
+    if args.ray:
+        import ray
+
+        ray.shutdown()
     steady = min(rounds[1:], key=lambda r: r.total_s)
     for r in rounds:
         got = [(g.token_ids, g.cached_tokens) for g in r.generations]
@@ -128,7 +148,7 @@ def main() -> None:
     del src, dst
     kv_in, generate_s = max(steady.restore_s), max(steady.generate_s)
     movement = steady.capture_s + steady.verify_s + kv_in
-    data = {"engine": args.engine, "tokens": args.tokens, "children": args.children,
+    data = {"engine": args.engine, "ray": args.ray, "tokens": args.tokens, "children": args.children,
             "suffix_tokens": args.suffix_tokens, "max_tokens": args.max_tokens, "kv_bytes": steady.kv_bytes,
             "pool_start_s": pool_start_s, "round_s": steady.total_s, "capture_s": steady.capture_s,
             "verify_s": steady.verify_s, "restore_s": steady.restore_s, "generate_s": steady.generate_s, "reprefill_s": reprefill_s,
@@ -138,13 +158,18 @@ def main() -> None:
             "all_rounds_s": [r.total_s for r in rounds]}
     mib = steady.kv_bytes / 2**20
     gbps = steady.kv_bytes / 1e9
+    pool_name = "Ray actor pool" if args.ray else "pool"
+    out = "capture_shared of the trunk, then one ray.put" if args.ray else "capture_shared of the trunk"
+    kv_in_path = "the object's check and restore" if args.ray else "restore_source"
+    check = ["  (each actor checks every chunk of the object: in its KV in)", "", ""] if args.ray else \
+        ["  the pool's check of every chunk of it, once for all workers", f"{steady.verify_s:.3f}",
+         f"{gbps / steady.verify_s:.2f} GB/s"]
     table = [["path", "seconds", "vs pool round"],
-             [f"pool round: {args.children} children (steady state)", f"{steady.total_s:.3f}", "1.00x"],
-             [f"  KV out: the parent's capture_shared of the trunk ({mib:.0f} MiB)", f"{steady.capture_s:.3f}",
+             [f"{pool_name} round: {args.children} children (steady state)", f"{steady.total_s:.3f}", "1.00x"],
+             [f"  KV out: the parent's {out} ({mib:.0f} MiB)", f"{steady.capture_s:.3f}",
               f"{gbps / steady.capture_s:.2f} GB/s"],
-             ["  the pool's check of every chunk of it, once for all workers", f"{steady.verify_s:.3f}",
-              f"{gbps / steady.verify_s:.2f} GB/s"],
-             ["  KV in: restore_source in each worker (scatter, prefix table; slowest)", f"{kv_in:.3f}",
+             check,
+             [f"  KV in: {kv_in_path} in each worker (scatter, prefix table; slowest)", f"{kv_in:.3f}",
               f"{gbps / kv_in:.2f} GB/s"],
              ["  suffix prefill + decode in each worker (slowest)", f"{generate_s:.3f}", ""],
              ["  KV movement: out + check + slowest in", f"{movement:.3f}", ""],
@@ -163,8 +188,8 @@ def main() -> None:
              "run side by side on the machine's CPUs; the slowest worker bounds the round. In-process fork "
              "(thaw_format.sdk.fork without processes) moves zero KV bytes: children share the parent's cached "
              "pages. The machine is shared by several sessions: see the load average."]
-    write_results(f"fork_pool_{args.engine}", f"{args.engine}: a fork round on a warm pool vs re-prefill vs cold "
-                  "process fork", command_line(), data, table, notes)
+    write_results(f"fork_pool_{args.engine}{'_ray' if args.ray else ''}", f"{args.engine}: a fork round on a warm "
+                  f"{pool_name} vs re-prefill vs cold process fork", command_line(), data, table, notes)
     parent.close()
 
 

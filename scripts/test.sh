@@ -25,10 +25,12 @@ run_area() {
 
 core_paths=()
 for p in tests/*/; do
-  case "$p" in tests/vllm/|tests/langgraph/|tests/sglang/|tests/conformance/) ;; *) core_paths+=("${p%/}") ;; esac
+  case "$p" in tests/vllm/|tests/langgraph/|tests/ray/|tests/sglang/|tests/conformance/) ;; *) core_paths+=("${p%/}") ;; esac
 done
-# ChatThaw (tests/langgraph) runs once per engine, each in the environment that has it.
-run_area .venv scripts/setup-core.sh "${core_paths[@]}" "tests/langgraph --engine mlx --engine transformers"
+# ChatThaw (tests/langgraph) runs once per engine, each in the environment that has it; RayForkPool (tests/ray)
+# on the engines quick to start in an actor.
+run_area .venv scripts/setup-core.sh "${core_paths[@]}" "tests/langgraph --engine mlx --engine transformers" \
+  "tests/ray --engine template --engine mlx"
 run_area .venv-vllm scripts/setup-vllm.sh tests/vllm "tests/langgraph --engine vllm"
 run_area .venv-sglang scripts/setup-sglang.sh tests/sglang "tests/langgraph --engine sglang"
 if [ -e tests/conformance ]; then

@@ -64,6 +64,22 @@ class ToyWithAProcess(ToyThawEngine):
         super().close()
 
 
+class ToyDyingInRounds(ToyThawEngine):
+    """The toy engine, whose process ends at once (status 4, like a crash) in each round while the file `marker`
+    exists."""
+
+    @classmethod
+    def start(cls, marker: str, **config) -> "ToyDyingInRounds":
+        engine = super().start(**config)
+        engine.marker = marker
+        return engine
+
+    def generate(self, prompt, params):
+        if os.path.exists(self.marker):
+            os._exit(4)
+        return super().generate(prompt, params)
+
+
 def loading_for_ever(**config) -> ToyWithAProcess:
     """A ToyWithAProcess whose start never ends, like a large model's load: a worker that does not read its
     input until its engine has started."""

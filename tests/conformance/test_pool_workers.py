@@ -3,6 +3,7 @@ that fails to start is named and started again, a bounded number of times; what 
 dies with it; close() during a round leaves nothing running; a dead worker's pipes are closed here, not by the
 garbage collector."""
 
+import contextlib
 import dataclasses
 import gc
 import inspect
@@ -26,7 +27,7 @@ from thaw_conformance.template.engine import ToyModelConfig
 from thaw_format.sdk import ForkPool, LaunchSpec, PoolWorkerDied, fork, greedy
 from thaw_format.sdk import engine_process
 from thaw_format.sdk.engine_process import EngineProcess
-from thaw_format.sdk.pool import MAX_FAILED_STARTS
+from thaw_format.sdk.pool import MAX_DEATHS, MAX_FAILED_STARTS
 from thaw_format.sdk.shared import capture_shared
 
 TRUNK = list(range(3, 40))  # 9 full pages of the toy's 4 tokens, and one token more
@@ -41,6 +42,16 @@ def parent():
     engine.generate(TRUNK, greedy(1))  # the trunk's pages, cached: what each round hands over
     yield engine
     engine.close()
+
+
+@pytest.fixture
+def pools():
+    """A list a test puts the pools it starts without `with` in: each is closed after the test, however it ends (a
+    failed test's workers ran on into the next tests)."""
+    started = []
+    yield started
+    for pool in started:
+        pool.close()
 
 
 def expected():
@@ -138,6 +149,39 @@ def test_a_worker_that_keeps_failing_to_start_is_given_up_after_a_bounded_number
             round_(pool, Unread(parent.page_size()))
 
 
+def test_a_worker_that_dies_in_every_round_is_given_up_after_a_bounded_number_of_rounds(parent, tmp_path):
+    """Only failed starts were counted: a worker whose engine died in every round (one request that crashes it)
+    was replaced after each, for ever, each replacement loading its engine again. A slot whose workers died in
+    MAX_DEATHS rounds in a row, none answering a round in between, is now given up, the round saying so."""
+    dies = tmp_path / "dies"
+    spec = LaunchSpec("pool_engines:ToyDyingInRounds.start", {"marker": str(dies), **CONFIG})
+    died = r"pool worker {} \(pid {}\) exited with status 4"
+    with ForkPool(spec, workers=2, env=worker_env()) as pool:
+        dies.touch()
+        for _ in range(MAX_DEATHS - 1):  # then a round they answer: their deaths are no longer in a row
+            with pytest.raises(PoolWorkerDied, match=r"status 4; .*status 4: .*dead workers are being replaced\)$"):
+                round_(pool, parent)
+        dies.unlink()
+        assert [g.token_ids for g in round_(pool, parent).generations] == expected()
+        dies.touch()
+        for _ in range(MAX_DEATHS - 1):
+            with pytest.raises(PoolWorkerDied, match="dead workers are being replaced"):
+                round_(pool, parent)
+        last = list(pool._workers)
+        given_up = r"; its slot's workers died in {} rounds in a row, and it is no longer replaced: close this pool " \
+                   "and start a new one"
+        with pytest.raises(PoolWorkerDied, match="^" + "; ".join(died.format(w.name, w.process.pid) +
+                                                               given_up.format(MAX_DEATHS) for w in last) +
+                           r": the fork round failed \(the parent engine is untouched\)$"):
+            round_(pool, parent)
+        assert pool._workers == last  # no replacement
+        with pytest.raises(PoolWorkerDied, match=given_up.format(MAX_DEATHS) + r".*0 of the pool's 2 workers are "
+                                                 "usable; a round of 2 needs 2: the fork round failed before the "
+                                                 "parent was read$"):
+            round_(pool, Unread(parent.page_size()))
+        assert pool._workers == last
+
+
 @needs_proc
 @pytest.mark.parametrize("when", ["between rounds", "mid-round"])
 def test_what_a_killed_workers_engine_started_ends_with_it(parent, when):
@@ -172,19 +216,21 @@ def test_what_a_killed_fork_childs_engine_started_ends_with_it(monkeypatch):
     try:
         engine.generate(TRUNK, PARAMS)
         [child] = fork(engine, 1, context=TRUNK, processes=True)
-        started = descendants(child.process.pid)
-        assert len(engines_own(started)) == 1
-        os.kill(child.process.pid, signal.SIGKILL)
-        assert not outliving(started, timeout=10)
-        with pytest.raises(RuntimeError, match=r"exited with status -9 \(killed by SIGKILL\)"):
-            child.generate(TRUNK + [41], PARAMS)
-        child.close()
+        try:
+            started = descendants(child.process.pid)
+            assert len(engines_own(started)) == 1
+            os.kill(child.process.pid, signal.SIGKILL)
+            assert not outliving(started, timeout=10)
+            with pytest.raises(RuntimeError, match=r"exited with status -9 \(killed by SIGKILL\)"):
+                child.generate(TRUNK + [41], PARAMS)
+        finally:
+            child.close()
     finally:
         engine.close()
 
 
 @pytest.mark.parametrize("dies", [False, True])
-def test_close_from_another_thread_while_a_round_runs(parent, dies):
+def test_close_from_another_thread_while_a_round_runs(parent, dies, pools):
     """close() while a round runs (not only while one waits for the lock): the round ends as it would have
     (its results, or PoolWorkerDied for a worker that died in it), no replacement is started for a worker that
     died in it, and once close() returns no worker is running."""
@@ -198,6 +244,7 @@ def test_close_from_another_thread_while_a_round_runs(parent, dies):
             time.sleep(0.001)
 
     pool = ForkPool(parent, workers=2)
+    pools.append(pool)
     workers = list(pool._workers)
     try:
         if dies:
@@ -208,8 +255,9 @@ def test_close_from_another_thread_while_a_round_runs(parent, dies):
             result = round_(pool, Capturing(parent, close_meanwhile))
             assert [g.token_ids for g in result.generations] == expected()
     finally:
-        closing.join(60)
-    assert not closing.is_alive()
+        if closing.ident is not None:  # started (join raises for a thread that never was)
+            closing.join(60)
+    assert closing.ident is not None and not closing.is_alive()
     assert pool._workers == workers  # no replacement
     for worker in workers:
         assert worker.process.poll() is not None and worker.process.stdin.closed and worker.process.stdout.closed
@@ -226,15 +274,17 @@ def test_a_dead_workers_pipes_are_closed_here_not_by_the_garbage_collector(paren
         sys.unraisablehook = printed.append
         try:
             pool = ForkPool(spec, workers=2, env=worker_env())
-            started = list(pool._workers)
-            queue_starts(fail, "error")  # the replacement's start; its restart starts normally
-            with pytest.raises(PoolWorkerDied):  # worker 1 dies as the round begins; its send finds no reader
-                round_(pool, Capturing(parent, pool._workers[1].process.kill))
-            started.append(pool._workers[1])
-            with pytest.raises(PoolWorkerDied, match="failed to start"):
-                round_(pool, Unread(parent.page_size()))
-            started.append(pool._workers[1])
-            pool.close()
+            try:  # not the `pools` fixture: it would hold the pool past the collection below
+                started = list(pool._workers)
+                queue_starts(fail, "error")  # the replacement's start; its restart starts normally
+                with pytest.raises(PoolWorkerDied):  # worker 1 dies as the round begins; its send finds no reader
+                    round_(pool, Capturing(parent, pool._workers[1].process.kill))
+                started.append(pool._workers[1])
+                with pytest.raises(PoolWorkerDied, match="failed to start"):
+                    round_(pool, Unread(parent.page_size()))
+                started.append(pool._workers[1])
+            finally:
+                pool.close()
             for worker in started:
                 assert worker.process.stdin.closed and worker.process.stdout.closed, worker.describe()
             del pool, started, worker
@@ -322,6 +372,59 @@ time.sleep(3600)
 
 
 @needs_proc
+def test_a_worker_whose_parent_died_before_its_watch_began_ends(tmp_path):
+    """The watch waited for os.getppid() to change from what it was when the watch began: a worker whose parent
+    died before that (while the worker loaded Python) watched its new parent, init, went on loading its engine,
+    and lived on, with what its engine started. It now compares with its parent's pid from its config."""
+    script = tmp_path / "orphans_a_worker.py"
+    script.write_text(f"""
+import os, time
+from pool_engines import worker_env
+from thaw_format.sdk.engine_process import EngineProcess
+
+os.environ["HOLDER_PID"] = str(os.getpid())  # the worker waits for this process to die (orphaned_worker)
+worker = EngineProcess("orphaned_worker", {{"factory": "pool_engines:loading_for_ever", "kwargs": {CONFIG}}},
+                       {{**os.environ, **worker_env()}})
+print(worker.pid, flush=True)
+time.sleep(3600)
+""")
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, **worker_env()})
+    try:
+        worker = int(holder.stdout.readline())
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    try:
+        assert not outliving({worker}, timeout=60)  # it loads Python and thaw_format first: slow beside a CPU hog
+    finally:  # without the fix: it and its engine's process, in its own group by now
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker, signal.SIGKILL)
+
+
+@needs_proc
+def test_an_engine_process_ends_on_sigint_though_its_parent_ignores_it():
+    """A process started in the background by a non-interactive shell (a CI's `pytest &`) ignores SIGINT, and every
+    engine process it started, and what their engines started, inherited that: a SIGINT sent to one did nothing.
+    An engine process now sets its own: KeyboardInterrupt, then its engine is closed and its group ends."""
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process = idle_worker()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    try:
+        assert json.loads(process.stdout.readline()) == {"ready": True}
+        started = descendants(process.pid)
+        os.kill(process.pid, signal.SIGINT)
+        process.wait(timeout=60)
+        assert process.exit_status() == "status -2 (killed by SIGINT)"
+        assert not outliving(started, timeout=10)
+    finally:
+        process.kill_quietly()
+
+
+@needs_proc
 def test_ctrl_c_while_the_pool_starts_ends_its_workers_at_once(tmp_path):
     """Ctrl-C while the workers load: close() closed each worker's input and waited up to 120 s for it to end, but
     a worker reads no input until its engine has started: the Ctrl-C took each worker's whole start (minutes,
@@ -380,7 +483,7 @@ def test_ctrl_c_mid_round_kills_the_workers_yet_to_answer_and_starts_their_repla
 def idle_worker() -> EngineProcess:
     """A pool worker's process, on the toy engine, waiting for its first round."""
     spec = LaunchSpec("pool_engines:ToyWithAProcess.start", CONFIG)
-    return EngineProcess("thaw_format.sdk.pool_worker", json.dumps({"factory": spec.factory, "kwargs": spec.kwargs}),
+    return EngineProcess("thaw_format.sdk.pool_worker", {"factory": spec.factory, "kwargs": spec.kwargs},
                          {**os.environ, **worker_env()})
 
 

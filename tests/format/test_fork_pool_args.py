@@ -2,7 +2,6 @@
 workers it started. No engine is needed: the spec's factory does not exist, so a worker that did start would
 fail the pool with a RuntimeError naming it, not with the errors asserted here."""
 
-import json
 import os
 import subprocess
 import sys
@@ -109,7 +108,7 @@ def test_a_worker_whose_send_failed_is_killed_quietly():
     """kill() closed stdin unguarded: after a failed send, the close flushed the bytes still buffered and raised
     BrokenPipeError, which stopped the Ctrl-C handler's loop part way (later workers kept generating, and the
     caller saw BrokenPipeError instead of its KeyboardInterrupt). This worker's engine does not exist: it exits."""
-    worker = _Worker("0", json.dumps({"factory": NO_ENGINE.factory, "kwargs": {}}), dict(os.environ))
+    worker = _Worker("0", {"factory": NO_ENGINE.factory, "kwargs": {}}, dict(os.environ))
     assert "no_such_factory" in worker.receive()["error"]
     worker.process.wait(60)
     assert worker.send({"prompt": [1] * 1000}) is False

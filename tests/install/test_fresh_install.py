@@ -80,7 +80,7 @@ def test_core_install_has_the_command_and_names_the_missing_extras(tmp_path, ven
     run([bin_dir / "thaw", "verify", *sorted(VECTORS.glob("*.thaw"))])
     for module, extra in (("thaw_format.torch", "torch"), ("thaw_format.mlx", "mlx"), ("thaw_mlx", "mlx"),
                           ("thaw_vllm", "vllm"), ("thaw_sglang", "sglang"), ("thaw_transformers", "transformers"),
-                          ("thaw_langgraph", "langgraph")):
+                          ("thaw_langgraph", "langgraph"), ("thaw_ray", "ray")):
         result = subprocess.run([bin_dir / "python", "-c", f"import {module}"], capture_output=True, text=True,
                                 env=clean_env())
         assert result.returncode == 1 and f"pip install 'thaw[{extra}]'" in result.stderr, (module, result.stderr)

@@ -16,8 +16,11 @@ about 400 MiB per killed worker); it now outlives them and unlinks what they lef
 Leading its own session, an engine process no longer gets what its parent's terminal or process group is sent:
 Ctrl-C, SIGHUP, a harness's killpg. What ends it instead: its parent's close() (or kill()), the end of its
 input, and the parent's death, however it came (SIGKILL included): a thread in the engine process watches its
-parent (`os.getppid()`, twice a second) and, once it is gone, kills the engine process's whole group, an engine
-still loading too.
+parent (`os.getppid()`, twice a second, against the parent's pid that its config carries, so a parent that
+died before the watch began is seen too) and, once it is gone, kills the engine process's whole group, an
+engine still loading too. A SIGINT sent to it on purpose raises KeyboardInterrupt, however its parent was
+started: a process started in the background by a non-interactive shell ignores SIGINT, and so did every
+engine process it started, and every process their engines started.
 
 The group is killed as soon as the process exits only where Python has `os.waitid` (Linux; macOS from Python
 3.13): elsewhere only `kill()` (and so close() after its timeout, and Ctrl-C's kills) ends the whole group,
@@ -27,6 +30,7 @@ and what the engine started may outlive a process that died on its own.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -48,12 +52,19 @@ def _in_words(code: int) -> str:
     return f"status {code}"
 
 
-def lead_own_group() -> None:
+def lead_own_group(parent: int) -> None:
     """An engine process's first step (after taking its protocol stream off fd 1, which the tracker would
-    inherit): multiprocessing's resource tracker, then a new session, which the engine's processes join. The
-    tracker's stdin is /dev/null: holding this process's, it kept a dead worker's input pipe open (a send to it
-    went into the pipe instead of failing)."""
+    inherit): multiprocessing's resource tracker, then a new session, which the engine's processes join, and the
+    watch of its parent, `parent` (its config's "parent"). The tracker's stdin is /dev/null: holding this
+    process's, it kept a dead worker's input pipe open (a send to it went into the pipe instead of failing).
+
+    The tracker is started for every engine, those that never use multiprocessing (MLX, transformers) too: a
+    tracker started later, when an engine's first process or segment needs it, would be in the group and die
+    with it, and this process cannot tell beforehand whether its engine will. It costs one idle process, which
+    exits once every process of the group has (the end of its input)."""
     from multiprocessing import resource_tracker
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # not the parent's disposition: see the docstring
 
     stdin, devnull = os.dup(0), os.open(os.devnull, os.O_RDONLY)
     try:
@@ -64,13 +75,12 @@ def lead_own_group() -> None:
         os.close(stdin)
         os.close(devnull)
     os.setsid()
-    parent = os.getppid()
     threading.Thread(target=_end_group_once_orphaned, args=(parent,), name="thaw-parent-watch", daemon=True).start()
 
 
 def _end_group_once_orphaned(parent: int) -> None:
     """Kill this process's group once its parent `parent` is gone (it is then another's child: init's, or a
-    subreaper's). Not prctl(PR_SET_PDEATHSIG): Linux only, and it fires when the parent's thread that started
+    subreaper's), at once if it is gone already. Not prctl(PR_SET_PDEATHSIG): Linux only, and it fires when the parent's thread that started
     this process exits, not the parent."""
     while os.getppid() == parent:
         time.sleep(PARENT_CHECK_S)
@@ -78,12 +88,13 @@ def _end_group_once_orphaned(parent: int) -> None:
 
 
 class EngineProcess(subprocess.Popen):
-    """`python -m <module> <config>` with pipes on its stdin and stdout (text), leading its own process group."""
+    """`python -m <module> <config>` with pipes on its stdin and stdout (text), leading its own process group:
+    `config` as JSON, with this process's pid added as "parent" (for `lead_own_group`)."""
 
-    def __init__(self, module: str, config: str, env: Optional[dict] = None) -> None:
+    def __init__(self, module: str, config: dict, env: Optional[dict] = None) -> None:
         self._group_ended = threading.Event()
         self._reaped_elsewhere = False  # by another's os.wait: its exit status is lost
-        super().__init__([sys.executable, "-m", module, config], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        super().__init__([sys.executable, "-m", module, json.dumps({**config, "parent": os.getpid()})], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True, env=env)
         try:
             threading.Thread(target=self._end_group_on_exit, name=f"thaw-group-{self.pid}", daemon=True).start()

@@ -35,7 +35,7 @@ def fork(engine: Engine, n: int, *, context: Sequence[int], processes: bool = Fa
     spec = engine.launch_spec()
     # valid until the engine's next capture_shared: every child has restored it before fork returns
     source = capture_shared(engine, chains=[context])
-    config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs, "source": source})
+    config = {"factory": spec.factory, "kwargs": spec.kwargs, "source": source}
     children = []
     try:  # a start refused part way (the OS refuses a process) kills the children started before it
         for _ in range(n):  # they start side by side
@@ -113,7 +113,7 @@ class SharedChild:
 class ProcessChild:
     """A child engine in its own process, spoken to in JSON lines (thaw_format.sdk.child)."""
 
-    def __init__(self, context: list[int], config: str) -> None:
+    def __init__(self, context: list[int], config: dict) -> None:
         self.context = context
         self.process = EngineProcess("thaw_format.sdk.child", config)
 

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     config = json.loads(argv[1])
     reply = protocol_replies()
     try:  # a failure here is reported too
-        lead_own_group()  # the processes its engine starts end with it (thaw_format.sdk.engine_process)
+        lead_own_group(config["parent"])  # the processes its engine starts end with it (thaw_format.sdk.engine_process)
         engine = resolve(config["factory"])(**config["kwargs"])
     except Exception as exc:
         reply({"error": f"starting the pool engine: {type(exc).__name__}: {exc}"})

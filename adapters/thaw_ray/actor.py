@@ -1,0 +1,63 @@
+"""A RayForkPool worker: one warm engine in a Ray actor, started once from a launch spec, that restores each
+round's snapshot from Ray's object store and continues its suffix.
+
+The object is the snapshot's own bytes (one numpy uint8 array: read in place, no copy, by an actor on the node
+that holds it), never a pickled Snapshot. Trust: Ray pickles the array's wrapper, each round's prompt and params,
+and every reply, so whoever can write to the cluster's object store (or reach its nodes) can already run code in
+these actors and in the driver: the Ray cluster must be trusted like the code it runs. What the check here
+(`loads(..., verify=True)`: every chunk, before the engine is touched) guards is integrity, not authenticity:
+bytes damaged on their way (a bit flip, a transfer cut short between nodes) are refused, with the engine as it
+was. The replies are those of thaw_format.sdk.pool_worker ({"generation": ..., "restore_s": ...,
+"generate_s": ...} or {"error": ...}), and {"corrupt": true} beside the error of an object that failed its check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy
+
+from thaw_format import CorruptSnapshotError, loads
+from thaw_format.sdk.child import resolve
+from thaw_format.snapshot import SamplingParams
+
+
+class PoolActor:
+    def __init__(self, config: str) -> None:
+        self.engine, self.start_error = None, None
+        try:  # its error is the pool's to report (ready): raised here, Ray's message leaves it out
+            config = json.loads(config)
+            self.engine = resolve(config["factory"])(**config["kwargs"])
+        except Exception as exc:
+            self.start_error = f"starting the pool engine: {type(exc).__name__}: {exc}"
+
+    def ready(self) -> dict:
+        """{"pid": the actor's process id} once its engine has started (Ray runs __init__ first), with "error":
+        how it failed to start, if it did."""
+        return {"pid": os.getpid()} if self.start_error is None else {"pid": os.getpid(), "error": self.start_error}
+
+    def run_round(self, snapshot: numpy.ndarray, prompt: list[int], params: dict) -> dict:
+        start = time.perf_counter()
+        try:
+            checked = loads(snapshot, copy=False, verify=True)  # every chunk, before the engine is touched
+            self.engine.restore(checked)
+            del checked  # its tensors view the object: let Ray free it once the round is over
+            restored = time.perf_counter()
+            generation = self.engine.generate(prompt, SamplingParams(**params))
+        except CorruptSnapshotError as exc:  # the check's, or the engine's own before it changes anything
+            return {"error": f"CorruptSnapshotError: {exc}; its engine is untouched", "corrupt": True}
+        except Exception as exc:  # reported to the pool, which raises it
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        return {"generation": dataclasses.asdict(generation), "restore_s": restored - start,
+                "generate_s": time.perf_counter() - restored}
+
+    def generate(self, prompt: list[int], params: dict) -> dict:
+        """The engine's own generate, outside any round: what it holds shows in its cached-token count."""
+        return dataclasses.asdict(self.engine.generate(prompt, SamplingParams(**params)))
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()

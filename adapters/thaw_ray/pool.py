@@ -1,0 +1,131 @@
+"""RayForkPool: thaw_format.sdk.ForkPool's fork rounds, its workers Ray actors (each holding one warm engine).
+
+    pool = RayForkPool(parent.launch_spec(), workers=4, actor_options={"num_gpus": 1})
+    round = pool.fork(parent, 4, context=trunk, suffixes=[s0, s1, s2, s3], params=greedy(32))
+
+The round's arguments are ForkPool's, checked by the same code (thaw_format.sdk.fork_round) before the parent
+is read. Each round the parent captures the KV of the trunk's full pages once (`capture_shared`: KV only, no
+weights), its bytes go into Ray's object store once (one ray.put), and each of n actors verifies every chunk of
+that object, restores it and continues with its suffix (thaw_ray.actor); the parent is only read. Its result
+is ForkPool's ForkRound: `capture_s` is the capture and the put, `verify_s` 0 (each actor checks the object
+itself: its restore_s includes that check). A worker whose actor dies mid-round is named, the round fails with
+PoolWorkerDied once the others have answered, and the pool starts a new actor in its slot for the next round;
+starts that fail are retried, and slots given up, as ForkPool does it (thaw_format.sdk.pool_slots:
+MAX_FAILED_STARTS failed starts in a row, or MAX_DEATHS rounds in a row in which the slot's actor died).
+
+The Ray cluster is the caller's: the pool needs Ray initialised (ray.init, or a cluster address) and never
+calls ray.init or ray.shutdown itself; close() closes its actors' engines and ends its own actors only (ray.kill,
+which Ray carries out shortly after).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import reprlib
+import time
+from typing import Mapping, Optional
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from thaw_format import CorruptSnapshotError
+from thaw_format.sdk.fork_round import ForkRound, RoundArguments, whole_workers
+from thaw_format.sdk.launch import checked_launch_spec
+from thaw_format.sdk.pool_slots import note_answer
+from thaw_format.sdk.round_pool import RoundPool
+
+from .capture import put_capture
+from .worker import START_TIMEOUT_S, ActorWorker, in_brief, require_ray
+
+# Options the pool owns: it replaces a dead actor itself, and each actor runs one round at a time.
+POOL_OPTIONS = ("max_restarts", "max_task_retries", "max_concurrency")
+
+
+def _checked_actor_options(options) -> dict:
+    if options is None:
+        return {}
+    if not (isinstance(options, Mapping) and all(isinstance(key, str) for key in options)):
+        raise TypeError(f"actor_options maps Ray's actor options (num_cpus, num_gpus, resources, runtime_env, ...) "
+                        f"to values, not {reprlib.repr(options)}")
+    owned = sorted(set(options) & set(POOL_OPTIONS))
+    if owned:
+        raise ValueError(f"actor_options may not set {', '.join(owned)}: the pool replaces a dead actor itself "
+                         "and runs one round at a time in each")
+    return dict(options)
+
+
+class RayForkPool(RoundPool):
+    """`workers` Ray actors, each a warm engine started once from a launch spec (or an engine's launch_spec())."""
+
+    def __init__(self, spec, workers: int, *, actor_options: Optional[Mapping] = None,
+                 start_timeout_s: float = START_TIMEOUT_S) -> None:
+        """`actor_options` go to Ray's .options() for each actor (num_cpus, num_gpus, resources, runtime_env, ...);
+        `start_timeout_s`: how long an actor may take to be placed and start its engine, after which its start has
+        failed (Ray keeps an actor whose resources no node has pending for ever, saying nothing)."""
+        workers = whole_workers(workers)
+        options = _checked_actor_options(actor_options)
+        if isinstance(start_timeout_s, bool) or not isinstance(start_timeout_s, (int, float)) or \
+                not start_timeout_s > 0:
+            raise ValueError(f"start_timeout_s is a number of seconds > 0, not {start_timeout_s!r}")
+        spec = checked_launch_spec(spec, "RayForkPool")  # last of the checks: it may call into the engine
+        if not ray.is_initialized():  # a remote call would start a local Ray of its own, which nobody shuts down
+            raise RuntimeError("RayForkPool needs Ray initialised: call ray.init() (or ray.init(address=...) for "
+                               "a cluster) first; the pool never starts or stops Ray itself")
+        self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
+        self._options = options
+        self._start_timeout_s = start_timeout_s
+        self._start_workers(workers)  # the actors' engines start side by side
+
+    def fork(self, parent, n: int, *, context, suffixes, params) -> ForkRound:
+        """RoundPool.fork, once Ray is known to be up (before the parent is read)."""
+        if not self._closed:  # a closed pool says so (RoundPool.fork)
+            require_ray()
+        return super().fork(parent, n, context=context, suffixes=suffixes, params=params)
+
+    def _start(self, name: str, failed_starts: int = 0, deaths: int = 0) -> ActorWorker:
+        return ActorWorker(name, self._config, self._options, self._start_timeout_s, failed_starts=failed_starts,
+                           deaths=deaths)
+
+    def _run(self, round_: ForkRound, slots: list[int], source: str, arguments: RoundArguments):
+        putting = time.perf_counter()
+        snapshot = put_capture(source)  # the parent's segment is free again: its next capture may overwrite it
+        round_.capture_s += time.perf_counter() - putting
+        workers = [self._workers[slot] for slot in slots]
+        calls = [worker.actor.run_round.remote(snapshot, arguments.context + suffix, dataclasses.asdict(p))
+                 for worker, suffix, p in zip(workers, arguments.suffixes, arguments.params)]
+        replies, failures, answered = [], [], 0
+        try:
+            for slot, worker, call in zip(slots, workers, calls):  # every live actor answers before the round ends
+                try:
+                    reply = ray.get(call)
+                except RayActorError as exc:
+                    answered += 1
+                    failures.append(self._died(slot, worker.died(exc)))  # its replacement is ready by the next round
+                    continue
+                except RayError as exc:  # a call Ray could not run in the actor (its object lost, say)
+                    answered += 1
+                    failures.append(RuntimeError(f"{worker.describe()}: {in_brief(exc)}"))
+                    continue
+                answered += 1
+                note_answer(worker)
+                if reply.get("corrupt"):
+                    failures.append(CorruptSnapshotError(f"{worker.describe()} refused the round's object "
+                                                         f"{snapshot.hex()}: {reply['error']}"))
+                elif "error" in reply:
+                    failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
+                else:
+                    replies.append(reply)
+        except BaseException:  # Ctrl-C mid-round: an actor yet to answer would still be running this round's call
+            for worker in workers[answered:]:  # each in its own try: one that fails leaves the others to be killed
+                try:  # replaced by the next round that needs it (pool_slots.finish_starts)
+                    worker.kill()
+                except Exception:  # the original exception (KeyboardInterrupt) is the caller's to see
+                    pass
+            raise
+        return replies, failures
+
+    def _stop(self) -> None:
+        if ray.is_initialized():  # Ray shut down first (by its owner): its actors are gone with it
+            for worker in self._workers:
+                worker.stop()

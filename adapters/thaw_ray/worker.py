@@ -1,0 +1,97 @@
+"""One RayForkPool worker slot's actor, as thaw_format.sdk.pool_slots needs a worker: started at once, waited
+for at its first round (`ensure_ready`), named with its actor id and process id in every error."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError
+
+from thaw_format.sdk.fork_round import PoolWorkerDied
+from thaw_format.sdk.pool_slots import SlotWorker
+
+from .actor import PoolActor
+
+RemoteActor = ray.remote(PoolActor)
+CLOSE_TIMEOUT_S = 120  # how long close() waits for an engine to close before it kills its actor
+START_TIMEOUT_S = 600  # RayForkPool's default wait for an actor's engine to start (placing it included)
+PLACEMENT = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "label_selector",
+             "scheduling_strategy")  # the actor options that decide where, and whether, Ray can place an actor
+
+
+def require_ray() -> None:
+    """RuntimeError unless Ray is initialised: Ray's own calls (put, get, kill, .remote) would start a new local
+    Ray of their own, behind the caller's back, after the caller's ray.shutdown()."""
+    if not ray.is_initialized():
+        raise RuntimeError("Ray was shut down after this RayForkPool started (ray.shutdown), and its actors with "
+                           "it: close this pool (a round would start a new local Ray that nobody shuts down)")
+
+
+def in_brief(error: BaseException) -> str:
+    """A Ray error's type and first line: its text runs on to a traceback and Ray's advice."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+class ActorWorker(SlotWorker):
+    def __init__(self, name: str, config: str, options: dict, start_timeout_s: float, *, failed_starts: int = 0,
+                 deaths: int = 0) -> None:
+        super().__init__(name, failed_starts, deaths)
+        require_ray()
+        self.start_timeout_s = start_timeout_s
+        self.placement = {key: options[key] for key in PLACEMENT if key in options}
+        self.actor = RemoteActor.options(**options).remote(config)
+        self._ready = self.actor.ready.remote()
+        self.pid: Optional[int] = None
+        self.ready = False
+        self.killed = False  # by an interrupted round: replaced by the next round that needs it
+
+    def describe(self) -> str:
+        pid = f", pid {self.pid}" if self.pid is not None else ""
+        return f"pool worker {self.name} (Ray actor {self.actor._actor_id.hex()}{pid})"
+
+    def ensure_ready(self) -> None:
+        """Wait until its engine has started; PoolWorkerDied naming the worker and its engine's error if it
+        failed (then, and on every later call: the actor is gone)."""
+        if self.ready:
+            return
+        if self.start_error is None:
+            try:
+                reply = ray.get(self._ready, timeout=self.start_timeout_s)
+            except GetTimeoutError:  # pending for ever where no node has what it asks for: Ray waits, silently
+                reply = {"error": self._not_started()}
+            except RayError as exc:  # the actor died (its process, or Ray could not start it)
+                reply = {"error": in_brief(exc)}
+            self.pid = reply.get("pid")
+            if "error" not in reply:
+                self.ready, self.failed_starts = True, 0
+                return
+            self.failed_starts += 1
+            self.start_error = f"{self.describe()} failed to start: {reply['error']}"
+            self.kill()
+        raise PoolWorkerDied(self.start_error)
+
+    def _not_started(self) -> str:
+        asks = f"the resources it asks for ({self.placement})" if self.placement else \
+            "the 1 CPU Ray reserves to place an actor (actor_options: none of num_cpus, num_gpus, resources, ...)"
+        return (f"not started within {self.start_timeout_s:g} s (start_timeout_s): either Ray has no node with "
+                f"{asks} free, or its engine is slower to start than that")
+
+    def died(self, error: BaseException) -> PoolWorkerDied:
+        return PoolWorkerDied(f"{self.describe()} died: {in_brief(error)}")
+
+    def kill(self) -> None:
+        if ray.is_initialized():  # else its actor ended with Ray, and ray.kill would start a new one
+            ray.kill(self.actor, no_restart=True)
+        self.killed = True
+
+    def stop(self) -> None:
+        """Close its engine, then end its actor (killed if it does not close in time, or never started)."""
+        try:
+            if self.ready and not self.killed:
+                ray.get(self.actor.close.remote(), timeout=CLOSE_TIMEOUT_S)
+        except RayError:  # dead already, or stuck (GetTimeoutError): killed below
+            pass
+        finally:
+            self.kill()

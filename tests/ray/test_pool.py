@@ -1,0 +1,324 @@
+"""RayForkPool (thaw_ray) on real engines in Ray actors: the fork rounds of tests/fork_pool_checks.py (three
+trunks, each child's tokens a fresh engine's and its cached tokens the trunk's full pages; a context without a
+full page refused unread), an actor killed mid-round named and replaced, an object that fails its check refused
+by every actor before its engine changes, and arguments refused before the parent is read."""
+
+import os
+import re
+import time
+
+import pytest
+
+import fork_pool_checks as checks
+from fork_pool_checks import (  # noqa: F401  the pool's tests, written once for every pool and engine
+    test_rounds_with_different_trunks_match_fresh_engines,
+    test_a_context_without_a_full_page_is_refused_before_the_parent_is_read)
+from thaw_format import CorruptSnapshotError
+from thaw_format.sdk import PoolWorkerDied, greedy
+
+PARAMS = checks.PARAMS
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+class _ActorProcess:
+    """An actor's process, as fork_pool_checks' _KillDuringCapture kills it: Ray's raylet, its parent, reaps it."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def wait(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) -> None:
+    trunk, suffixes = checks.tokens(120, 80), [checks.tokens(5, 800 + i) for i in range(checks.WORKERS)]
+    # the next round's: the surviving actor's engine may keep the failed round's prompt in its cache (the toy's
+    # restore adds pages to what it holds), which would count beyond the trunk
+    others = [checks.tokens(5, 810 + i) for i in range(checks.WORKERS)]
+    want = [fresh(trunk + suffix, PARAMS) for suffix in others]
+    parent.generate(trunk, PARAMS)
+    parent.generate(trunk + suffixes[0], PARAMS)  # the parent's steady state for this prompt
+    before = parent.generate(trunk + suffixes[0], PARAMS)
+    victim = pool._workers[1]
+    killing = checks._KillDuringCapture(parent, _ActorProcess(victim.pid))  # SIGKILL, as the OOM killer would
+    with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(Ray actor [0-9a-f]+, pid {victim.pid}\) died: "
+                                             r"\w+Error: .*parent engine is untouched, dead workers are being "
+                                             r"replaced"):
+        pool.fork(killing, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    assert parent.generate(trunk + suffixes[0], PARAMS) == before  # the parent serves as before, cache and all
+    result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=others, params=PARAMS)
+    assert [g.token_ids for g in result.generations] == want
+    assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
+    assert pool._workers[1].pid != victim.pid and os.path.exists(f"/proc/{pool._workers[1].pid}")
+
+
+def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(pool, parent, fresh) -> None:
+    """The object store's bytes are checked in each actor (they may come over the network): one bit flipped in
+    the parent's capture, put as it is, fails the round by the object's name, and each actor's engine serves
+    as it did, holding the last good round's KV."""
+    ray = _ray()
+    good, bad = checks.tokens(100, 91), checks.tokens(110, 92)
+    suffixes = [checks.tokens(5, 900 + i) for i in range(checks.WORKERS)]
+    parent.generate(good, PARAMS)
+    pool.fork(parent, checks.WORKERS, context=good, suffixes=suffixes, params=PARAMS)
+    actors = [worker.actor for worker in pool._workers]
+    probe = [dict(temperature=0.0, max_tokens=10, ignore_eos=True)]
+    held = [ray.get(a.generate.remote(good + s, *probe)) for a, s in zip(actors, suffixes)]  # steady state
+    assert all(h["cached_tokens"] >= checks.full_pages(good, parent) for h in held)  # what a change would show
+    parent.generate(bad, PARAMS)
+    refusal = (r"pool worker \d \(Ray actor [0-9a-f]+, pid \d+\) refused the round's object [0-9a-f]+: "
+               r"CorruptSnapshotError: tensor 'kv/0/k' \(region \d+\): checksum mismatch in chunk 0, .*?its engine is "
+               r"untouched")
+    with pytest.raises(CorruptSnapshotError, match=r"parent engine is untouched\)$") as refused:
+        pool.fork(checks._DamageAfterCapture(parent), checks.WORKERS, context=bad, suffixes=suffixes, params=PARAMS)
+    assert len(re.findall(refusal, str(refused.value))) == checks.WORKERS, str(refused.value)
+    assert [ray.get(a.generate.remote(good + s, *probe)) for a, s in zip(actors, suffixes)] == held
+    want = [fresh(bad + suffix, PARAMS) for suffix in suffixes]
+    result = pool.fork(parent, checks.WORKERS, context=bad, suffixes=suffixes, params=PARAMS)  # a fresh capture
+    assert [g.token_ids for g in result.generations] == want
+
+
+@pytest.mark.parametrize("arguments, error", [
+    (dict(n=0), r"this pool has 2 workers; a round takes 1\.\.2, got 0"),
+    (dict(n=3), r"this pool has 2 workers; a round takes 1\.\.2, got 3"),
+    (dict(suffixes=[[5]]), r"2 children need 2 suffixes, got 1"),
+    (dict(suffixes=[[5], "ab"]), r"suffix 1 is a sequence of token ids"),
+    (dict(params={"max_tokens": 3}), r"params is a thaw_format.SamplingParams .* or one per child, not dict"),
+    (dict(params=[greedy(3)]), r"2 children take one SamplingParams, or 2 \(one each\), got 1"),
+    (dict(context=[1.5] * 40), r"the context is a sequence of token ids"),
+])
+def test_arguments_are_refused_before_the_parent_is_read(pool, arguments, error) -> None:
+    """The same checks as ForkPool's (thaw_format.sdk.fork_round), before any capture or put."""
+    round_ = dict(n=checks.WORKERS, context=checks.tokens(40, 1), suffixes=[[5], [6]], params=PARAMS) | arguments
+    with pytest.raises((TypeError, ValueError), match=error):
+        pool.fork(checks.Unread(), round_.pop("n"), **round_)
+
+
+def test_a_pool_is_refused_by_name_before_any_actor_starts(ray_cluster, parent) -> None:
+    from thaw_ray import RayForkPool
+
+    with pytest.raises(TypeError, match="workers is a whole number of engines, not bool"):
+        RayForkPool(parent, True)
+    with pytest.raises(ValueError, match="needs workers >= 1, got 0"):
+        RayForkPool(parent, 0)
+    with pytest.raises(TypeError, match="RayForkPool takes a contract engine .* or a LaunchSpec, not str"):
+        RayForkPool("x", 1)
+    with pytest.raises(ValueError, match="actor_options may not set max_restarts: the pool replaces a dead actor"):
+        RayForkPool(parent, 1, actor_options={"max_restarts": 3})
+    with pytest.raises(ValueError, match="start_timeout_s is a number of seconds > 0, not 0"):
+        RayForkPool(parent, 1, start_timeout_s=0)
+
+
+def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, parent) -> None:
+    from thaw_ray import RayForkPool
+
+    pool = RayForkPool(parent, workers=1)
+    actor = pool._workers[0].actor
+    pool.close()
+    with pytest.raises(RuntimeError, match="this RayForkPool is closed; start a new one"):
+        pool.fork(checks.Unread(), 1, context=checks.tokens(40, 7), suffixes=[[5]], params=PARAMS)
+    deadline = time.monotonic() + 60  # close() ended its actor: ray.kill takes effect shortly after it returns
+    with pytest.raises(_ray().exceptions.RayActorError):
+        while time.monotonic() < deadline:
+            _ray().get(actor.ready.remote())
+            time.sleep(0.1)
+
+
+def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_cluster, tmp_path) -> None:
+    """The pool's own bookkeeping (thaw_format.sdk.pool_slots, shared with ForkPool), on the toy engine: a
+    replacement actor whose engine fails to start fails the next round before the parent is read, naming it and
+    its engine's error, and is started again, MAX_FAILED_STARTS times in a row at most."""
+    from pool_engines import queue_starts, worker_env
+    from thaw_conformance.template.adapter import ToyThawEngine
+    from thaw_format.sdk import LaunchSpec
+    from thaw_format.sdk.pool_slots import MAX_FAILED_STARTS
+    from thaw_ray import RayForkPool
+
+    config = {"vocab_size": 1024}
+    parent = ToyThawEngine.start(**config)
+    trunk, suffixes = checks.tokens(40, 3), [[5], [6]]
+    parent.generate(trunk, PARAMS)
+    instructions = tmp_path / "starts"
+    instructions.mkdir()
+    spec = LaunchSpec("pool_engines:flaky", {"instructions": str(instructions), **config})
+    # the tests' directory on the actors' path, for pool_engines (pytest puts it on this process's only)
+    with RayForkPool(spec, workers=2, actor_options={"runtime_env": {"env_vars": worker_env()}}) as pool:
+        queue_starts(instructions, *["error"] * MAX_FAILED_STARTS)
+        _ray().kill(pool._workers[0].actor)  # between rounds: the next round finds it dead and replaces it
+        with pytest.raises(PoolWorkerDied, match=r"pool worker 0 \(Ray actor [0-9a-f]+, pid \d+\) died"):
+            pool.fork(parent, 2, context=trunk, suffixes=suffixes, params=PARAMS)
+        for attempt in range(1, MAX_FAILED_STARTS):
+            with pytest.raises(PoolWorkerDied, match=rf"^pool worker 0 \(Ray actor [0-9a-f]+, pid \d+\) failed to "
+                               r"start: starting the pool engine: RuntimeError: told to fail by .*; it is started "
+                               r"again for the next round \(failed starts in a row: "
+                               rf"{attempt} of {MAX_FAILED_STARTS}\): the fork round failed before the parent was "
+                               r"read$"):
+                pool.fork(checks.Unread(), 2, context=trunk, suffixes=suffixes, params=PARAMS)
+        with pytest.raises(PoolWorkerDied, match=rf"failed to start {MAX_FAILED_STARTS} times in a row and is no "
+                                                 "longer restarted: close this pool and start a new one"):
+            pool.fork(checks.Unread(), 2, context=trunk, suffixes=suffixes, params=PARAMS)
+        result = pool.fork(parent, 1, context=trunk, suffixes=suffixes[:1], params=PARAMS)  # the slot left
+        assert [g.token_ids for g in result.generations] == \
+            [ToyThawEngine.start(**config).generate(trunk + suffixes[0], PARAMS).token_ids]
+
+
+def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of_rounds(ray_cluster,
+                                                                                       tmp_path) -> None:
+    """ForkPool's rule, from the bookkeeping both pools share (thaw_format.sdk.pool_slots): a slot whose actors
+    died in MAX_DEATHS rounds in a row, none answering a round in between, is no longer replaced, the round
+    saying so; a round they answer starts the count again."""
+    from pool_engines import worker_env
+    from thaw_conformance.template.adapter import ToyThawEngine
+    from thaw_format.sdk import LaunchSpec
+    from thaw_format.sdk.pool_slots import MAX_DEATHS
+    from thaw_ray import RayForkPool
+
+    config = {"vocab_size": 1024}
+    parent = ToyThawEngine.start(**config)
+    trunk, suffixes = checks.tokens(40, 3), [[5], [6]]
+    parent.generate(trunk, PARAMS)
+    expected = [ToyThawEngine.start(**config).generate(trunk + suffix, PARAMS).token_ids for suffix in suffixes]
+    dies = tmp_path / "dies"
+    spec = LaunchSpec("pool_engines:ToyDyingInRounds.start", {"marker": str(dies), **config})
+    died = r"pool worker {} \(Ray actor {}, pid \d+\) died: \w+: [^;]*"
+    given_up = r"; its slot's workers died in {} rounds in a row, and it is no longer replaced: close this pool and " \
+               "start a new one".format(MAX_DEATHS)
+
+    def round_(engine):
+        return pool.fork(engine, 2, context=trunk, suffixes=suffixes, params=PARAMS)
+
+    with RayForkPool(spec, workers=2, actor_options={"runtime_env": {"env_vars": worker_env()}}) as pool:
+        dies.touch()
+        for _ in range(MAX_DEATHS - 1):  # then a round they answer: their deaths are no longer in a row
+            with pytest.raises(PoolWorkerDied, match=r"died: .*; .*died: .*dead workers are being replaced\)$"):
+                round_(parent)
+        dies.unlink()
+        assert [g.token_ids for g in round_(parent).generations] == expected
+        dies.touch()
+        for _ in range(MAX_DEATHS - 1):
+            with pytest.raises(PoolWorkerDied, match="dead workers are being replaced"):
+                round_(parent)
+        last = list(pool._workers)
+        with pytest.raises(PoolWorkerDied, match="^" + "; ".join(died.format(w.name, w.actor._actor_id.hex()) +
+                                                               given_up for w in last) +
+                           r": the fork round failed \(the parent engine is untouched\)$"):
+            round_(parent)
+        assert pool._workers == last  # no replacement
+        with pytest.raises(PoolWorkerDied, match=given_up + r".*0 of the pool's 2 workers are usable; a round of 2 "
+                                                 "needs 2: the fork round failed before the parent was read$"):
+            round_(checks.Unread())
+        assert pool._workers == last
+
+
+def test_a_put_that_fails_raises_rays_error_and_closes_the_segments_mapping(ray_cluster, parent, monkeypatch) -> None:
+    """ray.put refused (the object store full, say): its error, not the mapping's BufferError on close."""
+    from thaw_format.sdk.shared import capture_shared
+    from thaw_ray import capture
+
+    trunk = checks.tokens(40, 11)
+    parent.generate(trunk, PARAMS)
+    source = capture_shared(parent, chains=[trunk[:checks.full_pages(trunk, parent)]])
+
+    def full(value):
+        raise ray_cluster.exceptions.ObjectStoreFullError("the object store is full")
+
+    monkeypatch.setattr(capture.ray, "put", full)
+    with pytest.raises(ray_cluster.exceptions.ObjectStoreFullError, match="the object store is full"):
+        capture.put_capture(source)
+
+
+def test_an_actor_ray_cannot_place_fails_its_start_within_the_timeout_naming_what_it_asks_for(
+        ray_cluster, parent, monkeypatch) -> None:
+    """Ray keeps an actor whose resources no node has pending for ever: its start fails after start_timeout_s,
+    naming the resources, and the pending actor is killed."""
+    from thaw_ray import RayForkPool, worker
+
+    killed, kill = [], ray_cluster.kill
+    monkeypatch.setattr(worker.ray, "kill", lambda actor, **options: (killed.append(actor), kill(actor, **options)))
+    with pytest.raises(PoolWorkerDied, match=r"^pool worker 0 \(Ray actor [0-9a-f]+\) failed to start: not started "
+                                             r"within 0\.5 s \(start_timeout_s\): either Ray has no node with the "
+                                             r"resources it asks for \(\{'resources': \{'nonexistent': 1\}\}\) free"):
+        RayForkPool(parent, 1, actor_options={"resources": {"nonexistent": 1}}, start_timeout_s=0.5)
+    assert killed
+    with pytest.raises(ray_cluster.exceptions.RayActorError):
+        ray_cluster.get(killed[0].ready.remote(), timeout=60)
+
+
+_AFTER_SHUTDOWN = """
+import shutil, sys, tempfile
+import ray
+from thaw_conformance.template.adapter import ToyThawEngine
+from thaw_format.sdk import greedy
+from thaw_ray import RayForkPool
+
+temp = tempfile.mkdtemp(dir="/tmp", prefix="thawray")
+try:
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=80 << 20, log_to_driver=False, _temp_dir=temp)
+    parent = ToyThawEngine.start(vocab_size=1024)
+    parent.generate(list(range(40)), greedy(3))
+    pool = RayForkPool(parent, workers=1)
+    ray.shutdown()
+    try:
+        pool.fork(parent, 1, context=list(range(40)), suffixes=[[5]], params=greedy(3))
+    except RuntimeError as exc:
+        print("refused:", exc)
+    pool.close()
+    print("initialized after:", ray.is_initialized())
+finally:
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+"""
+
+
+def test_a_round_after_rays_shutdown_is_refused_and_starts_no_ray(ray_cluster) -> None:
+    """Ray's calls start a local Ray of their own when none is up: after the caller's ray.shutdown(), a round
+    (and close()) must not, and the round says why (in a process of its own: the session's Ray stays up)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _AFTER_SHUTDOWN], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused: Ray was shut down after this RayForkPool started (ray.shutdown), and its actors with it: " \
+           "close this pool" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert "initialized after: False" in done.stdout
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C's kind of exception (not an Exception), raised mid-round by a hook."""
+
+
+def test_a_round_interrupted_mid_way_kills_the_actors_yet_to_answer_and_the_next_round_replaces_them(
+        pool, parent, fresh, monkeypatch) -> None:
+    """As ForkPool does: an actor still running an interrupted round's call would run it on; it is killed, and the
+    next round starts a new actor in its slot."""
+    import thaw_ray.pool
+
+    trunk, suffixes = checks.tokens(60, 71), [checks.tokens(5, 700 + i) for i in range(checks.WORKERS)]
+    want = [fresh(trunk + suffix, PARAMS) for suffix in suffixes]
+    parent.generate(trunk, PARAMS)
+    answered, before = thaw_ray.pool.note_answer, list(pool._workers)
+
+    def interrupt(worker):
+        answered(worker)
+        raise _Interrupted()  # after the first actor's answer: the others are yet to answer
+
+    monkeypatch.setattr(thaw_ray.pool, "note_answer", interrupt)
+    with pytest.raises(_Interrupted):
+        pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    monkeypatch.undo()
+    assert [w.killed for w in pool._workers] == [False] + [True] * (checks.WORKERS - 1)
+    deadline = time.monotonic() + 60  # ray.kill takes effect shortly after it returns
+    with pytest.raises(_ray().exceptions.RayActorError):
+        while time.monotonic() < deadline:
+            _ray().get(before[1].actor.ready.remote())
+            time.sleep(0.1)
+    result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    assert [g.token_ids for g in result.generations] == want
+    assert pool._workers[0] is before[0] and pool._workers[1] is not before[1] and not pool._workers[1].killed

@@ -1,0 +1,103 @@
+"""A pool's worker slots, their starts and their deaths, whatever a worker is (ForkPool's process, thaw_ray's Ray
+actor).
+
+A worker is a SlotWorker (its slot's counts, which decide whether the pool gives the slot up) with `killed`
+(by the pool: replaced by the next round that needs it) and `ensure_ready()`, which waits for its engine and
+raises PoolWorkerDied naming it if it failed to start (then on every later call too). A pool starts one with
+`start(name, failed_starts, deaths)`, carrying its slot's counts on.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from .fork_round import PoolWorkerDied
+
+MAX_FAILED_STARTS = 3  # failed starts in a row of one worker slot, after which the pool stops restarting it
+MAX_DEATHS = 3  # rounds in a row in which one slot's worker died, after which the pool stops replacing it
+
+
+class SlotWorker:
+    """A worker's part of its slot's record, carried on to each worker started in the slot: its failed starts
+    and its deaths in rounds, each in a row (gave_up reads them)."""
+
+    def __init__(self, name: str, failed_starts: int, deaths: int) -> None:
+        self.name = name
+        self.failed_starts = failed_starts  # its slot's failed starts in a row, this worker's included once failed
+        self.start_error: Optional[str] = None  # how this worker failed to start, if it did
+        self.deaths = deaths  # rounds in a row in which its slot's worker died, this worker's included once dead
+        self.death: Optional[str] = None  # how this worker died in a round, if it did
+
+
+def gave_up(worker) -> Optional[str]:
+    """Why the pool no longer restarts the worker's slot, if it does not: MAX_FAILED_STARTS failed starts in a
+    row, or MAX_DEATHS rounds in a row in which the slot's worker died (an engine that dies in every round would
+    otherwise be restarted for ever)."""
+    if worker.start_error is not None and worker.failed_starts >= MAX_FAILED_STARTS:
+        return (f"{worker.start_error}; it failed to start {worker.failed_starts} times in a row and is no longer "
+                "restarted: close this pool and start a new one")
+    if worker.death is not None and worker.deaths >= MAX_DEATHS:
+        return (f"{worker.death}; its slot's workers died in {worker.deaths} rounds in a row, and it is no longer "
+                "replaced: close this pool and start a new one")
+    return None
+
+
+def given_up(worker) -> bool:
+    return gave_up(worker) is not None
+
+
+def finish_starts(workers: list, n: int, closed: Callable[[], bool],
+                  start: Callable[[str, int, int], object]) -> list[int]:
+    """The round's n worker slots of `workers`, the first n not given up, each started: a replacement started
+    after a failed round finishes starting here. One that fails to start fails the round with PoolWorkerDied,
+    before the parent is read, and is started again (put in its slot) for the next round, up to
+    MAX_FAILED_STARTS failed starts in a row; after that (or after MAX_DEATHS rounds in a row in which its
+    workers died) the pool no longer restarts it, and rounds use the slots left (fewer than n left: each round
+    needing more says so, and a new pool is the way on). `closed()`: the pool was closed meanwhile; close() stops
+    what it finds, so nothing is started then."""
+    slots, failures = [], []
+    for index, worker in enumerate(workers):
+        if len(slots) == n:
+            break
+        if given_up(worker):
+            continue
+        slots.append(index)
+        if worker.killed and not closed():  # by an interrupted round
+            worker = workers[index] = start(worker.name, 0, worker.deaths)
+        try:
+            worker.ensure_ready()
+        except PoolWorkerDied as exc:
+            if given_up(worker):
+                failures.append(gave_up(worker))
+            elif closed():
+                failures.append(str(exc))
+            else:
+                workers[index] = start(worker.name, worker.failed_starts, worker.deaths)
+                failures.append(f"{exc}; it is started again for the next round (failed starts in a row: "
+                                f"{worker.failed_starts} of {MAX_FAILED_STARTS})")
+    if len(slots) < n:
+        usable = len(workers) - sum(map(given_up, workers))
+        failures += [gave_up(worker) for worker in workers if given_up(worker)]
+        failures.append(f"{usable} of the pool's {len(workers)} workers are usable; a round of {n} needs {n}")
+    if failures:
+        raise PoolWorkerDied("; ".join(failures) + ": the fork round failed before the parent was read")
+    return slots
+
+
+def replace_dead(workers: list, slot: int, error: PoolWorkerDied, closed: Callable[[], bool],
+                 start: Callable[[str, int, int], object]) -> PoolWorkerDied:
+    """What a round reports for the worker in `slot`, which died in it (`error` names it): the slot's deaths in a
+    row counted, and a replacement started in it for the next round, unless the pool was closed meanwhile or the
+    slot is given up (MAX_DEATHS), which the error returned then says."""
+    worker = workers[slot]
+    worker.death, worker.deaths = str(error), worker.deaths + 1
+    if given_up(worker):
+        return PoolWorkerDied(gave_up(worker))
+    if not closed():
+        workers[slot] = start(worker.name, 0, worker.deaths)
+    return error
+
+
+def note_answer(worker) -> None:
+    """The worker answered a round: its slot's deaths are no longer in a row."""
+    worker.deaths = 0

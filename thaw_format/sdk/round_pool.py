@@ -1,0 +1,95 @@
+"""RoundPool: what every pool of warm engines shares, whatever carries its rounds (ForkPool's processes,
+thaw_ray's Ray actors): its workers started once, a round's arguments checked before the parent is read, one
+round at a time, the parent's one capture per round, the round's failure, and close().
+
+A pool subclasses it with three methods: `_start(name, failed_starts=0, deaths=0)` starts a worker
+(thaw_format.sdk.pool_slots says what a worker is), `_run(round_, slots, source, arguments)` hands the parent's
+capture (the source of its capture_shared) to the workers in those slots and returns their replies and failures
+(`_died` for a worker that died in the round, `pool_slots.note_answer` for one that answered), and `_stop()` ends
+every worker.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Sequence, Union
+
+from ..snapshot import SamplingParams
+from .contract import Engine
+from .fork_round import ForkRound, PoolWorkerDied, RoundArguments, checked_round, round_failure
+from .pool_slots import finish_starts, replace_dead
+from .shared import capture_shared
+
+
+class RoundPool:
+    def _start_workers(self, count: int) -> None:
+        self._closed = False
+        self._round = threading.Lock()  # rounds share the workers and the parent's one segment: one at a time
+        self._workers: list = []
+        try:  # a start that fails part way stops the workers started before it
+            for i in range(count):
+                self._workers.append(self._start(str(i)))
+            for worker in self._workers:
+                worker.ensure_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
+
+    def fork(self, parent: Engine, n: int, *, context: Sequence[int], suffixes: Sequence[Sequence[int]],
+             params: Union[SamplingParams, Sequence[SamplingParams]]) -> ForkRound:
+        """n workers restore the KV of `context` from `parent` and each continues with its suffix, sampled with
+        `params`: one SamplingParams for every child, or a sequence of n, one per child (e.g. seeds). Arguments
+        are checked before the parent is read."""
+        if self._closed:  # its workers are gone: a round would fail mid-way, after the parent's capture
+            raise RuntimeError(f"this {type(self).__name__} is closed; start a new one")
+        arguments = checked_round(parent, n, len(self._workers), context, suffixes, params)
+        with self._round:
+            if self._closed:  # closed while this round waited for the one before it
+                raise RuntimeError(f"this {type(self).__name__} is closed; start a new one")
+            started = time.perf_counter()
+            slots = finish_starts(self._workers, n, lambda: self._closed, self._start)
+            capturing = time.perf_counter()
+            # valid until the parent's next capture_shared: every worker answers before this round ends
+            source = capture_shared(parent, chains=[arguments.context[:arguments.full]])
+            round_ = ForkRound([], int(source.rpartition("#")[2]), time.perf_counter() - capturing)
+            workers = [self._workers[slot] for slot in slots]
+            replies, failures = self._run(round_, slots, source, arguments)
+            if failures:  # a slot holding a new worker: its worker died, and it is being replaced
+                replaced = any(self._workers[slot] is not worker for slot, worker in zip(slots, workers))
+                raise round_failure(failures, replaced=replaced)
+            for reply in replies:
+                round_.add(reply)
+            round_.total_s = time.perf_counter() - started
+            return round_
+
+    def _run(self, round_: ForkRound, slots: list[int], source: str,
+             arguments: RoundArguments) -> tuple[list[dict], list[Exception]]:
+        raise NotImplementedError
+
+    def _start(self, name: str, failed_starts: int = 0, deaths: int = 0):
+        raise NotImplementedError
+
+    def _died(self, slot: int, error: PoolWorkerDied) -> PoolWorkerDied:
+        """The failure to report for the worker in `slot`, which died in the round: replaced for the next round
+        unless the pool is closed or the slot given up (pool_slots.replace_dead)."""
+        return replace_dead(self._workers, slot, error, lambda: self._closed, self._start)
+
+    def _stop(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the workers, after the round in progress, if any; a round still waiting for it is refused."""
+        self._closed = True  # first: a round waiting for the lock sees it there, and starts no worker
+        with self._round:  # a round's workers are its own until it ends (it may replace them)
+            self._stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
