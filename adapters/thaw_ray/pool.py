@@ -99,8 +99,9 @@ class RayForkPool(RoundPool):
             for slot, worker, call in zip(slots, workers, calls):  # every live actor answers before the round ends
                 try:
                     reply = ray.get(call)
-                except RayActorError as exc:
+                except RayActorError as exc:  # dead, or unavailable (ActorUnavailableError): may yet come back
                     answered += 1
+                    worker.kill()  # so an unavailable one does not come back beside its replacement
                     failures.append(self._died(slot, worker.died(exc)))  # its replacement is ready by the next round
                     continue
                 except RayError as exc:  # a call Ray could not run in the actor (its object lost, say)

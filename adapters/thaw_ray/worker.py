@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import ray
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayError
 
 from thaw_format.sdk.fork_round import PoolWorkerDied
 from thaw_format.sdk.pool_slots import SlotWorker
@@ -79,6 +79,9 @@ class ActorWorker(SlotWorker):
                 f"{asks} free, or its engine is slower to start than that")
 
     def died(self, error: BaseException) -> PoolWorkerDied:
+        """The round's failure for this actor: dead, or unavailable (Ray lost touch with it; the pool kills it)."""
+        if isinstance(error, ActorUnavailableError):
+            return PoolWorkerDied(f"{self.describe()} became unavailable (killed, not waited for): {in_brief(error)}")
         return PoolWorkerDied(f"{self.describe()} died: {in_brief(error)}")
 
     def kill(self) -> None:

@@ -322,3 +322,39 @@ def test_a_round_interrupted_mid_way_kills_the_actors_yet_to_answer_and_the_next
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
     assert pool._workers[0] is before[0] and pool._workers[1] is not before[1] and not pool._workers[1].killed
+
+
+def test_an_unavailable_actor_is_killed_and_replaced(pool, parent, fresh, monkeypatch) -> None:
+    """ActorUnavailableError (a RayActorError: Ray lost touch with the actor, which may yet come back): the round
+    says so, not "died", and the actor is killed before its slot gets a new one."""
+    import types
+
+    import thaw_ray.pool
+
+    ray = _ray()
+    trunk, suffixes = checks.tokens(60, 73), [checks.tokens(5, 730 + i) for i in range(checks.WORKERS)]
+    parent.generate(trunk, PARAMS)
+    victim, calls = pool._workers[1], []
+
+    def get(ref, **options):
+        reply = ray.get(ref, **options)
+        calls.append(ref)
+        if len(calls) == 2:  # the second actor's answer, lost
+            raise ray.exceptions.ActorUnavailableError("the node is unreachable", None)
+        return reply
+
+    monkeypatch.setattr(thaw_ray.pool, "ray", types.SimpleNamespace(get=get))
+    with pytest.raises(PoolWorkerDied, match=r"pool worker 1 \(Ray actor [0-9a-f]+, pid \d+\) became unavailable "
+                                             r"\(killed, not waited for\): ActorUnavailableError: .*the node is "
+                                             r"unreachable.*dead workers are being replaced"):
+        pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    monkeypatch.undo()
+    deadline = time.monotonic() + 60  # ray.kill takes effect shortly after it returns
+    with pytest.raises(ray.exceptions.RayActorError):
+        while time.monotonic() < deadline:
+            ray.get(victim.actor.ready.remote())
+            time.sleep(0.1)
+    assert pool._workers[1] is not victim
+    others = [checks.tokens(5, 740 + i) for i in range(checks.WORKERS)]
+    result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=others, params=PARAMS)
+    assert [g.token_ids for g in result.generations] == [fresh(trunk + suffix, PARAMS) for suffix in others]
