@@ -38,8 +38,16 @@ from thaw_format.sdk.round_pool import RoundPool
 from .capture import put_capture
 from .worker import START_TIMEOUT_S, ActorWorker, in_brief, require_ray
 
-# Options the pool owns: it replaces a dead actor itself, and each actor runs one round at a time.
-POOL_OPTIONS = ("max_restarts", "max_task_retries", "max_concurrency")
+# Options the pool owns, and why: each actor is the pool's own, started, replaced and ended by it.
+POOL_OPTIONS = {
+    "max_restarts": "the pool replaces a dead actor itself",
+    "max_task_retries": "the pool replaces a dead actor itself",
+    "max_concurrency": "each actor runs one round at a time",
+    "lifetime": "its actors end with the pool (a detached one would outlive it, and its driver)",
+    "name": "its actors are its own, unnamed (every actor would take the one name, and others could fetch them)",
+    "namespace": "its actors are unnamed (a namespace is for named actors)",
+    "get_if_exists": "each of its actors is a new one, never an existing actor",
+}
 
 
 def _checked_actor_options(options) -> dict:
@@ -48,10 +56,9 @@ def _checked_actor_options(options) -> dict:
     if not (isinstance(options, Mapping) and all(isinstance(key, str) for key in options)):
         raise TypeError(f"actor_options maps Ray's actor options (num_cpus, num_gpus, resources, runtime_env, ...) "
                         f"to values, not {reprlib.repr(options)}")
-    owned = sorted(set(options) & set(POOL_OPTIONS))
+    owned = [key for key in POOL_OPTIONS if key in options]
     if owned:
-        raise ValueError(f"actor_options may not set {', '.join(owned)}: the pool replaces a dead actor itself "
-                         "and runs one round at a time in each")
+        raise ValueError("actor_options may not set " + "; ".join(f"{key}: {POOL_OPTIONS[key]}" for key in owned))
     return dict(options)
 
 

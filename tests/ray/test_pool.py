@@ -112,6 +112,9 @@ def test_a_pool_is_refused_by_name_before_any_actor_starts(ray_cluster, parent) 
         RayForkPool("x", 1)
     with pytest.raises(ValueError, match="actor_options may not set max_restarts: the pool replaces a dead actor"):
         RayForkPool(parent, 1, actor_options={"max_restarts": 3})
+    with pytest.raises(ValueError, match=r"may not set lifetime: its actors end with the pool .*; name: .*; "
+                                         r"get_if_exists: each of its actors is a new one"):
+        RayForkPool(parent, 1, actor_options={"get_if_exists": True, "name": "a", "lifetime": "detached"})
     with pytest.raises(ValueError, match="start_timeout_s is a number of seconds > 0, not 0"):
         RayForkPool(parent, 1, start_timeout_s=0)
 
