@@ -38,6 +38,7 @@ from thaw_format.sdk.round_pool import RoundPool
 from .capture import put_capture
 from .worker import START_TIMEOUT_S, ActorWorker, in_brief, require_ray
 
+CLOSE_TIMEOUT_S = 120  # how long close() waits for its actors' engines to close before it kills the actors
 # Options the pool owns, and why: each actor is the pool's own, started, replaced and ended by it.
 POOL_OPTIONS = {
     "max_restarts": "the pool replaces a dead actor itself",
@@ -134,6 +135,14 @@ class RayForkPool(RoundPool):
         return replies, failures
 
     def _stop(self) -> None:
-        if ray.is_initialized():  # Ray shut down first (by its owner): its actors are gone with it
+        """Close the engines side by side, waiting CLOSE_TIMEOUT_S for them all, then end every actor (one whose
+        engine did not close in time, or never started, killed as it is)."""
+        if not ray.is_initialized():  # Ray shut down first (by its owner): its actors are gone with it
+            return
+        try:
+            closing = [worker.actor.close.remote() for worker in self._workers if worker.ready and not worker.killed]
+            if closing:  # an actor dead already answers with its error: done too
+                ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
+        finally:
             for worker in self._workers:
-                worker.stop()
+                worker.kill()

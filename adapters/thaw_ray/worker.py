@@ -14,7 +14,6 @@ from thaw_format.sdk.pool_slots import SlotWorker
 from .actor import PoolActor
 
 RemoteActor = ray.remote(PoolActor)
-CLOSE_TIMEOUT_S = 120  # how long close() waits for an engine to close before it kills its actor
 START_TIMEOUT_S = 600  # RayForkPool's default wait for an actor's engine to start (placing it included)
 PLACEMENT = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "label_selector",
              "scheduling_strategy")  # the actor options that decide where, and whether, Ray can place an actor
@@ -88,13 +87,3 @@ class ActorWorker(SlotWorker):
         if ray.is_initialized():  # else its actor ended with Ray, and ray.kill would start a new one
             ray.kill(self.actor, no_restart=True)
         self.killed = True
-
-    def stop(self) -> None:
-        """Close its engine, then end its actor (killed if it does not close in time, or never started)."""
-        try:
-            if self.ready and not self.killed:
-                ray.get(self.actor.close.remote(), timeout=CLOSE_TIMEOUT_S)
-        except RayError:  # dead already, or stuck (GetTimeoutError): killed below
-            pass
-        finally:
-            self.kill()
