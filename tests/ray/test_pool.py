@@ -35,6 +35,17 @@ class _ActorProcess:
         deadline = time.monotonic() + timeout
         while os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{self.pid}"), f"actor process {self.pid} still there after {timeout} s"
+
+
+def _wait_dead(actor, timeout: float = 60) -> None:
+    """Until Ray says `actor` is dead (RayActorError): ray.kill takes effect shortly after it returns."""
+    ray = _ray()
+    deadline = time.monotonic() + timeout
+    with pytest.raises(ray.exceptions.RayActorError):
+        while time.monotonic() < deadline:
+            ray.get(actor.ready.remote())
+            time.sleep(0.1)
 
 
 def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) -> None:
@@ -127,11 +138,7 @@ def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, pa
     pool.close()
     with pytest.raises(RuntimeError, match="this RayForkPool is closed; start a new one"):
         pool.fork(checks.Unread(), 1, context=checks.tokens(40, 7), suffixes=[[5]], params=PARAMS)
-    deadline = time.monotonic() + 60  # close() ended its actor: ray.kill takes effect shortly after it returns
-    with pytest.raises(_ray().exceptions.RayActorError):
-        while time.monotonic() < deadline:
-            _ray().get(actor.ready.remote())
-            time.sleep(0.1)
+    _wait_dead(actor)  # close() ended it
 
 
 def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_cluster, tmp_path) -> None:
@@ -155,6 +162,7 @@ def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_clust
     with RayForkPool(spec, workers=2, actor_options={"runtime_env": {"env_vars": worker_env()}}) as pool:
         queue_starts(instructions, *["error"] * MAX_FAILED_STARTS)
         _ray().kill(pool._workers[0].actor)  # between rounds: the next round finds it dead and replaces it
+        _wait_dead(pool._workers[0].actor)
         with pytest.raises(PoolWorkerDied, match=r"pool worker 0 \(Ray actor [0-9a-f]+, pid \d+\) died"):
             pool.fork(parent, 2, context=trunk, suffixes=suffixes, params=PARAMS)
         for attempt in range(1, MAX_FAILED_STARTS):
@@ -317,11 +325,7 @@ def test_a_round_interrupted_mid_way_kills_the_actors_yet_to_answer_and_the_next
         pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     monkeypatch.undo()
     assert [w.killed for w in pool._workers] == [False] + [True] * (checks.WORKERS - 1)
-    deadline = time.monotonic() + 60  # ray.kill takes effect shortly after it returns
-    with pytest.raises(_ray().exceptions.RayActorError):
-        while time.monotonic() < deadline:
-            _ray().get(before[1].actor.ready.remote())
-            time.sleep(0.1)
+    _wait_dead(before[1].actor)
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
     assert pool._workers[0] is before[0] and pool._workers[1] is not before[1] and not pool._workers[1].killed
@@ -352,11 +356,7 @@ def test_an_unavailable_actor_is_killed_and_replaced(pool, parent, fresh, monkey
                                              r"unreachable.*dead workers are being replaced"):
         pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     monkeypatch.undo()
-    deadline = time.monotonic() + 60  # ray.kill takes effect shortly after it returns
-    with pytest.raises(ray.exceptions.RayActorError):
-        while time.monotonic() < deadline:
-            ray.get(victim.actor.ready.remote())
-            time.sleep(0.1)
+    _wait_dead(victim.actor)
     assert pool._workers[1] is not victim
     others = [checks.tokens(5, 740 + i) for i in range(checks.WORKERS)]
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=others, params=PARAMS)
