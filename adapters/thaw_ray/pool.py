@@ -76,7 +76,7 @@ class RayForkPool(RoundPool):
         if isinstance(start_timeout_s, bool) or not isinstance(start_timeout_s, (int, float)) or \
                 not start_timeout_s > 0:
             raise ValueError(f"start_timeout_s is a number of seconds > 0, not {start_timeout_s!r}")
-        spec = checked_launch_spec(spec, "RayForkPool")  # last of the checks: it may call into the engine
+        spec = checked_launch_spec(spec, "RayForkPool")  # the last argument checked: it may call into the engine
         if not ray.is_initialized():  # a remote call would start a local Ray of its own, which nobody shuts down
             raise RuntimeError("RayForkPool needs Ray initialised: call ray.init() (or ray.init(address=...) for "
                                "a cluster) first; the pool never starts or stops Ray itself")
