@@ -43,12 +43,14 @@ class ActorWorker(SlotWorker):
         self.actor = RemoteActor.options(**options).remote(config)
         self._ready = self.actor.ready.remote()
         self.pid: Optional[int] = None
+        self.actor_id: Optional[str] = None  # Ray's id for it, once it answers ready()
         self.ready = False
         self.killed = False  # by an interrupted round: replaced by the next round that needs it
 
     def describe(self) -> str:
-        pid = f", pid {self.pid}" if self.pid is not None else ""
-        return f"pool worker {self.name} (Ray actor {self.actor._actor_id.hex()}{pid})"
+        if self.actor_id is None:  # never answered: not placed, or its process died starting
+            return f"pool worker {self.name} (a Ray actor that never answered)"
+        return f"pool worker {self.name} (Ray actor {self.actor_id}, pid {self.pid})"
 
     def ensure_ready(self) -> None:
         """Wait until its engine has started; PoolWorkerDied naming the worker and its engine's error if it
@@ -62,7 +64,7 @@ class ActorWorker(SlotWorker):
                 reply = {"error": self._not_started()}
             except RayError as exc:  # the actor died (its process, or Ray could not start it)
                 reply = {"error": in_brief(exc)}
-            self.pid = reply.get("pid")
+            self.pid, self.actor_id = reply.get("pid"), reply.get("actor_id")
             if "error" not in reply:
                 self.ready, self.failed_starts = True, 0
                 return
