@@ -68,16 +68,17 @@ STARTS = {"vllm": start_vllm, "sglang": start_sglang, "mlx": start_mlx}
 
 
 def start_pool(parent, args, worker_env: dict):
-    """ForkPool's worker processes, or (--ray) RayForkPool's actors on a local Ray started here."""
+    """ForkPool's worker processes, or (--ray) RayForkPool's actors on the local Ray this run started."""
     if not args.ray:
         from thaw_format.sdk import ForkPool
 
         return ForkPool(parent, workers=args.children, env=worker_env)
-    import ray
     from thaw_ray import RayForkPool
 
-    ray.init(num_cpus=args.children, include_dashboard=False, log_to_driver=False)
-    return RayForkPool(parent, workers=args.children, actor_options={"runtime_env": {"env_vars": worker_env}})
+    # Ray sets OMP_NUM_THREADS=1 in an actor without num_cpus; ForkPool's workers keep the default (every core)
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    return RayForkPool(parent, workers=args.children, actor_options={"runtime_env": {"env_vars": {**threads,
+                                                                                                 **worker_env}}})
 
 
 def main() -> None:
@@ -113,16 +114,20 @@ def main() -> None:
     parent.generate(trunk, params)  # the parent's state: the trunk in its cache
     parent.model_info()  # the weights digest is computed once per engine, not per round
 
-    start = time.perf_counter()
-    pool = start_pool(parent, args, worker_env)
-    pool_start_s = time.perf_counter() - start
-    with pool:
-        rounds = [pool.fork(parent, args.children, context=trunk, suffixes=suffixes, params=params)
-                  for _ in range(args.rounds + 1)]
-    if args.ray:
+    if args.ray:  # a local Ray of this run's own, shut down however the run ends
         import ray
 
-        ray.shutdown()
+        ray.init(num_cpus=args.children, include_dashboard=False, log_to_driver=False)
+    try:
+        start = time.perf_counter()
+        pool = start_pool(parent, args, worker_env)
+        pool_start_s = time.perf_counter() - start
+        with pool:
+            rounds = [pool.fork(parent, args.children, context=trunk, suffixes=suffixes, params=params)
+                      for _ in range(args.rounds + 1)]
+    finally:
+        if args.ray:
+            ray.shutdown()
     steady = min(rounds[1:], key=lambda r: r.total_s)
     for r in rounds:
         got = [(g.token_ids, g.cached_tokens) for g in r.generations]

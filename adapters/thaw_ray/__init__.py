@@ -7,8 +7,9 @@
         round = pool.fork(parent, 4, context=trunk, suffixes=[s0, s1, s2, s3], params=greedy(32))
 
 The same round as thaw_format.sdk.ForkPool (same arguments, same ForkRound, PoolWorkerDied), its workers Ray
-actors on any node of the cluster instead of processes beside the parent. Written against the adapter contract
-(thaw_format.sdk) alone: any contract engine with a launch spec works.
+actors on any node of the cluster instead of processes beside the parent. It shares ForkPool's own round code
+(thaw_format.sdk's round_pool, fork_round and pool_slots), not only the adapter contract; it asks nothing of an
+engine beyond the contract: any contract engine with a launch spec works.
 """
 
 from thaw_format.extras import require

@@ -19,6 +19,7 @@ import os
 import time
 
 import numpy
+import ray
 
 from thaw_format import CorruptSnapshotError, loads
 from thaw_format.sdk.child import resolve
@@ -35,9 +36,10 @@ class PoolActor:
             self.start_error = f"starting the pool engine: {type(exc).__name__}: {exc}"
 
     def ready(self) -> dict:
-        """{"pid": the actor's process id} once its engine has started (Ray runs __init__ first), with "error":
-        how it failed to start, if it did."""
-        return {"pid": os.getpid()} if self.start_error is None else {"pid": os.getpid(), "error": self.start_error}
+        """{"pid": the actor's process id, "actor_id": its Ray actor id (hex)} once its engine has started (Ray runs
+        __init__ first), with "error": how it failed to start, if it did."""
+        reply = {"pid": os.getpid(), "actor_id": ray.get_runtime_context().get_actor_id()}
+        return reply if self.start_error is None else {**reply, "error": self.start_error}
 
     def run_round(self, snapshot: numpy.ndarray, prompt: list[int], params: dict) -> dict:
         start = time.perf_counter()

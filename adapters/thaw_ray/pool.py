@@ -38,8 +38,17 @@ from thaw_format.sdk.round_pool import RoundPool
 from .capture import put_capture
 from .worker import START_TIMEOUT_S, ActorWorker, in_brief, require_ray
 
-# Options the pool owns: it replaces a dead actor itself, and each actor runs one round at a time.
-POOL_OPTIONS = ("max_restarts", "max_task_retries", "max_concurrency")
+CLOSE_TIMEOUT_S = 120  # how long close() waits for its actors' engines to close before it kills the actors
+# Options the pool owns, and why: each actor is the pool's own, started, replaced and ended by it.
+POOL_OPTIONS = {
+    "max_restarts": "the pool replaces a dead actor itself",
+    "max_task_retries": "the pool replaces a dead actor itself",
+    "max_concurrency": "each actor runs one round at a time",
+    "lifetime": "its actors end with the pool (a detached one would outlive it, and its driver)",
+    "name": "its actors are its own, unnamed (every actor would take the one name, and others could fetch them)",
+    "namespace": "its actors are unnamed (a namespace is for named actors)",
+    "get_if_exists": "each of its actors is a new one, never an existing actor",
+}
 
 
 def _checked_actor_options(options) -> dict:
@@ -48,10 +57,9 @@ def _checked_actor_options(options) -> dict:
     if not (isinstance(options, Mapping) and all(isinstance(key, str) for key in options)):
         raise TypeError(f"actor_options maps Ray's actor options (num_cpus, num_gpus, resources, runtime_env, ...) "
                         f"to values, not {reprlib.repr(options)}")
-    owned = sorted(set(options) & set(POOL_OPTIONS))
+    owned = [key for key in POOL_OPTIONS if key in options]
     if owned:
-        raise ValueError(f"actor_options may not set {', '.join(owned)}: the pool replaces a dead actor itself "
-                         "and runs one round at a time in each")
+        raise ValueError("actor_options may not set " + "; ".join(f"{key}: {POOL_OPTIONS[key]}" for key in owned))
     return dict(options)
 
 
@@ -68,7 +76,7 @@ class RayForkPool(RoundPool):
         if isinstance(start_timeout_s, bool) or not isinstance(start_timeout_s, (int, float)) or \
                 not start_timeout_s > 0:
             raise ValueError(f"start_timeout_s is a number of seconds > 0, not {start_timeout_s!r}")
-        spec = checked_launch_spec(spec, "RayForkPool")  # last of the checks: it may call into the engine
+        spec = checked_launch_spec(spec, "RayForkPool")  # the last argument checked: it may call into the engine
         if not ray.is_initialized():  # a remote call would start a local Ray of its own, which nobody shuts down
             raise RuntimeError("RayForkPool needs Ray initialised: call ray.init() (or ray.init(address=...) for "
                                "a cluster) first; the pool never starts or stops Ray itself")
@@ -99,8 +107,9 @@ class RayForkPool(RoundPool):
             for slot, worker, call in zip(slots, workers, calls):  # every live actor answers before the round ends
                 try:
                     reply = ray.get(call)
-                except RayActorError as exc:
+                except RayActorError as exc:  # dead, or unavailable (ActorUnavailableError): may yet come back
                     answered += 1
+                    worker.kill()  # so an unavailable one does not come back beside its replacement
                     failures.append(self._died(slot, worker.died(exc)))  # its replacement is ready by the next round
                     continue
                 except RayError as exc:  # a call Ray could not run in the actor (its object lost, say)
@@ -126,6 +135,14 @@ class RayForkPool(RoundPool):
         return replies, failures
 
     def _stop(self) -> None:
-        if ray.is_initialized():  # Ray shut down first (by its owner): its actors are gone with it
+        """Close the engines side by side, waiting CLOSE_TIMEOUT_S for them all, then end every actor (one whose
+        engine did not close in time, or never started, killed as it is)."""
+        if not ray.is_initialized():  # Ray shut down first (by its owner): its actors are gone with it
+            return
+        try:
+            closing = [worker.actor.close.remote() for worker in self._workers if worker.ready and not worker.killed]
+            if closing:  # an actor dead already answers with its error: done too
+                ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
+        finally:
             for worker in self._workers:
-                worker.stop()
+                worker.kill()

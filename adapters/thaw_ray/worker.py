@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import ray
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayError
 
 from thaw_format.sdk.fork_round import PoolWorkerDied
 from thaw_format.sdk.pool_slots import SlotWorker
@@ -14,7 +14,6 @@ from thaw_format.sdk.pool_slots import SlotWorker
 from .actor import PoolActor
 
 RemoteActor = ray.remote(PoolActor)
-CLOSE_TIMEOUT_S = 120  # how long close() waits for an engine to close before it kills its actor
 START_TIMEOUT_S = 600  # RayForkPool's default wait for an actor's engine to start (placing it included)
 PLACEMENT = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "label_selector",
              "scheduling_strategy")  # the actor options that decide where, and whether, Ray can place an actor
@@ -44,12 +43,14 @@ class ActorWorker(SlotWorker):
         self.actor = RemoteActor.options(**options).remote(config)
         self._ready = self.actor.ready.remote()
         self.pid: Optional[int] = None
+        self.actor_id: Optional[str] = None  # Ray's id for it, once it answers ready()
         self.ready = False
         self.killed = False  # by an interrupted round: replaced by the next round that needs it
 
     def describe(self) -> str:
-        pid = f", pid {self.pid}" if self.pid is not None else ""
-        return f"pool worker {self.name} (Ray actor {self.actor._actor_id.hex()}{pid})"
+        if self.actor_id is None:  # never answered: not placed, or its process died starting
+            return f"pool worker {self.name} (a Ray actor that never answered)"
+        return f"pool worker {self.name} (Ray actor {self.actor_id}, pid {self.pid})"
 
     def ensure_ready(self) -> None:
         """Wait until its engine has started; PoolWorkerDied naming the worker and its engine's error if it
@@ -63,7 +64,7 @@ class ActorWorker(SlotWorker):
                 reply = {"error": self._not_started()}
             except RayError as exc:  # the actor died (its process, or Ray could not start it)
                 reply = {"error": in_brief(exc)}
-            self.pid = reply.get("pid")
+            self.pid, self.actor_id = reply.get("pid"), reply.get("actor_id")
             if "error" not in reply:
                 self.ready, self.failed_starts = True, 0
                 return
@@ -79,19 +80,12 @@ class ActorWorker(SlotWorker):
                 f"{asks} free, or its engine is slower to start than that")
 
     def died(self, error: BaseException) -> PoolWorkerDied:
+        """The round's failure for this actor: dead, or unavailable (Ray lost touch with it; the pool kills it)."""
+        if isinstance(error, ActorUnavailableError):
+            return PoolWorkerDied(f"{self.describe()} became unavailable (killed, not waited for): {in_brief(error)}")
         return PoolWorkerDied(f"{self.describe()} died: {in_brief(error)}")
 
     def kill(self) -> None:
         if ray.is_initialized():  # else its actor ended with Ray, and ray.kill would start a new one
             ray.kill(self.actor, no_restart=True)
         self.killed = True
-
-    def stop(self) -> None:
-        """Close its engine, then end its actor (killed if it does not close in time, or never started)."""
-        try:
-            if self.ready and not self.killed:
-                ray.get(self.actor.close.remote(), timeout=CLOSE_TIMEOUT_S)
-        except RayError:  # dead already, or stuck (GetTimeoutError): killed below
-            pass
-        finally:
-            self.kill()

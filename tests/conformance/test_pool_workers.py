@@ -86,6 +86,16 @@ def engines_own(pids: set[int]) -> list[int]:
     return own
 
 
+def started_by_its_engine(pid: int, timeout: float = 30) -> set[int]:
+    """The processes descended from `pid` once its ToyWithAProcess's own process shows: Popen returns once that
+    process has begun its exec, and for a while after (under load, long enough for a round) its command line is
+    still empty."""
+    deadline = time.monotonic() + timeout
+    while not engines_own(started := descendants(pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return started
+
+
 def flaky(tmp_path):
     """A directory of instructions for the next starts (pool_engines.queue_starts), and a flaky engine's spec."""
     instructions = tmp_path / "starts"
@@ -191,7 +201,7 @@ def test_what_a_killed_workers_engine_started_ends_with_it(parent, when):
     spec = LaunchSpec("pool_engines:ToyWithAProcess.start", CONFIG)
     with ForkPool(spec, workers=2, env=worker_env()) as pool:
         victim = pool._workers[1].process
-        started = descendants(victim.pid)  # the engine's own process, and multiprocessing's resource tracker
+        started = started_by_its_engine(victim.pid)  # its engine's own process, and multiprocessing's tracker
         assert len(engines_own(started)) == 1
         if when == "between rounds":
             os.kill(victim.pid, signal.SIGKILL)
@@ -217,7 +227,7 @@ def test_what_a_killed_fork_childs_engine_started_ends_with_it(monkeypatch):
         engine.generate(TRUNK, PARAMS)
         [child] = fork(engine, 1, context=TRUNK, processes=True)
         try:
-            started = descendants(child.process.pid)
+            started = started_by_its_engine(child.process.pid)
             assert len(engines_own(started)) == 1
             os.kill(child.process.pid, signal.SIGKILL)
             assert not outliving(started, timeout=10)

@@ -8,6 +8,8 @@ with the reason, and fails them under THAW_REQUIRE_ENGINES=1 (CI).
 """
 
 import dataclasses
+import shutil
+import tempfile
 
 import pytest
 
@@ -30,15 +32,20 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     """A local Ray of the test session's own: the pool never starts or stops one itself. Its session files go
-    under pytest's temporary directories (pruned by pytest), not /tmp/ray."""
+    to a directory of its own, removed at the end, not /tmp/ray; a short path under /tmp, not pytest's (on macOS
+    that one is long enough for Ray's sockets in it to pass AF_UNIX's limit of about 104 bytes)."""
     ray = engine_guard.require("ray", "install the [ray] extra (scripts/setup-core.sh does)")
     engine_guard.require("thaw_ray", "the repository must be on the path (pip install -e .)")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield ray
-    ray.shutdown()
+    temp = tempfile.mkdtemp(dir="/tmp", prefix="thawray")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False,
+                 _temp_dir=temp)
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

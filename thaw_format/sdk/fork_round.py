@@ -15,8 +15,9 @@ from .tokens import token_ids
 
 
 class PoolWorkerDied(RuntimeError):
-    """A pool worker's process ended during a round, or failed to start (or was given up) before one; the
-    message names it, its exit status and, for a failed start, its engine's error."""
+    """A pool worker (ForkPool's process, RayForkPool's actor) ended during a round, or failed to start (or was
+    given up) before one; the message names it, how it ended (a process's exit status, Ray's error for an
+    actor) and, for a failed start, its engine's error."""
 
 
 @dataclass
@@ -25,8 +26,10 @@ class ForkRound:
 
     generations: list[Generation]
     kv_bytes: int  # the snapshot moved: the trunk's KV pages and their description
-    capture_s: float  # the parent's KV out: its capture of the trunk, published once in shared memory
-    verify_s: float = 0.0  # the pool's one check of every chunk of that capture, before any worker reads it
+    capture_s: float  # the parent's KV out: its capture of the trunk, published once in shared memory (RayForkPool:
+    # and its one ray.put into the object store)
+    verify_s: float = 0.0  # ForkPool's one check of every chunk of that capture, before any worker reads it
+    # (RayForkPool: 0, each actor checks the object itself, in its restore_s)
     restore_s: list[float] = field(default_factory=list)  # each worker's KV in (scatter + prefix table)
     generate_s: list[float] = field(default_factory=list)  # each worker's suffix prefill + decode
     total_s: float = 0.0

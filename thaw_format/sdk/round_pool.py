@@ -11,9 +11,10 @@ every worker.
 
 from __future__ import annotations
 
+import abc
 import threading
 import time
-from typing import Sequence, Union
+from typing import Sequence, TypeVar, Union
 
 from ..snapshot import SamplingParams
 from .contract import Engine
@@ -22,7 +23,10 @@ from .pool_slots import finish_starts, replace_dead
 from .shared import capture_shared
 
 
-class RoundPool:
+Pool = TypeVar("Pool", bound="RoundPool")
+
+
+class RoundPool(abc.ABC):
     def _start_workers(self, count: int) -> None:
         self._closed = False
         self._round = threading.Lock()  # rounds share the workers and the parent's one segment: one at a time
@@ -67,20 +71,23 @@ class RoundPool:
             round_.total_s = time.perf_counter() - started
             return round_
 
+    @abc.abstractmethod
     def _run(self, round_: ForkRound, slots: list[int], source: str,
              arguments: RoundArguments) -> tuple[list[dict], list[Exception]]:
-        raise NotImplementedError
+        """The workers in `slots` run the round from the parent's capture `source`: their replies, and failures."""
 
+    @abc.abstractmethod
     def _start(self, name: str, failed_starts: int = 0, deaths: int = 0):
-        raise NotImplementedError
+        """A new worker (thaw_format.sdk.pool_slots), its engine starting; ensure_ready() waits for it."""
 
     def _died(self, slot: int, error: PoolWorkerDied) -> PoolWorkerDied:
         """The failure to report for the worker in `slot`, which died in the round: replaced for the next round
         unless the pool is closed or the slot given up (pool_slots.replace_dead)."""
         return replace_dead(self._workers, slot, error, lambda: self._closed, self._start)
 
+    @abc.abstractmethod
     def _stop(self) -> None:
-        raise NotImplementedError
+        """End every worker."""
 
     def close(self) -> None:
         """Stop the workers, after the round in progress, if any; a round still waiting for it is refused."""
@@ -88,7 +95,7 @@ class RoundPool:
         with self._round:  # a round's workers are its own until it ends (it may replace them)
             self._stop()
 
-    def __enter__(self):
+    def __enter__(self: Pool) -> Pool:
         return self
 
     def __exit__(self, *exc) -> None:
