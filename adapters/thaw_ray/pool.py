@@ -31,7 +31,7 @@ from ray.exceptions import RayActorError, RayError
 
 from thaw_format import CorruptSnapshotError
 from thaw_format.sdk.fork_round import ForkRound, RoundArguments, whole_workers
-from thaw_format.sdk.launch import checked_launch_spec
+from thaw_format.sdk.launch import startable_launch_spec
 from thaw_format.sdk.pool_slots import note_answer
 from thaw_format.sdk.round_pool import RoundPool
 
@@ -76,7 +76,7 @@ class RayForkPool(RoundPool):
         if isinstance(start_timeout_s, bool) or not isinstance(start_timeout_s, (int, float)) or \
                 not start_timeout_s > 0:
             raise ValueError(f"start_timeout_s is a number of seconds > 0, not {start_timeout_s!r}")
-        spec = checked_launch_spec(spec, "RayForkPool")  # the last argument checked: it may call into the engine
+        spec = startable_launch_spec(spec, "RayForkPool")  # the last argument checked: it may call into the engine
         if not ray.is_initialized():  # a remote call would start a local Ray of its own, which nobody shuts down
             raise RuntimeError("RayForkPool needs Ray initialised: call ray.init() (or ray.init(address=...) for "
                                "a cluster) first; the pool never starts or stops Ray itself")

@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from thaw_conformance.template.driver import driver
-from thaw_format.sdk import Unsupported, fork, generate_all, greedy, seeded
+from thaw_format.sdk import ForkPool, LaunchSpec, Unsupported, fork, generate_all, greedy, seeded
 
 CONTEXT = list(range(3, 40))
 PROMPT = CONTEXT + [41, 42, 43]
@@ -51,6 +51,22 @@ def test_a_missing_capability_is_unsupported_before_anything_starts(parent):
         fork(NoProcesses(parent.engine), 2, context=CONTEXT, processes=True)
     with pytest.raises(ValueError, match="n >= 1"):
         fork(parent, 0, context=CONTEXT)
+
+
+def test_an_engine_started_with_arguments_its_spec_cannot_hold_is_not_started_again(parent):
+    """A launch spec that says it lost arguments (unrecorded: not JSON-able) would start a different engine: a
+    process fork and a fork pool refuse it, naming them, before any process starts or the parent is read."""
+    class Unrecorded(type(parent)):
+        def launch_spec(self):
+            spec = super().launch_spec()
+            return LaunchSpec(spec.factory, spec.kwargs, frozenset({"compilation_config"}))
+
+    engine = Unrecorded(parent.engine)
+    engine.capture_shared = None  # reading the parent at all would fail with a TypeError, not Unsupported
+    with pytest.raises(Unsupported, match="fork: the engine was started with compilation_config"):
+        fork(engine, 2, context=CONTEXT, processes=True)
+    with pytest.raises(Unsupported, match="ForkPool: the engine was started with compilation_config"):
+        ForkPool(engine, workers=1)
 
 
 def test_children_and_prompts_must_pair_up(parent):

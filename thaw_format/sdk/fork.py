@@ -16,6 +16,7 @@ from typing import Sequence
 from ..snapshot import SamplingParams
 from .contract import Engine, Generation, require
 from .engine_process import EngineProcess
+from .launch import startable_launch_spec
 from .shared import capture_shared
 from .tokens import token_ids
 
@@ -32,7 +33,7 @@ def fork(engine: Engine, n: int, *, context: Sequence[int], processes: bool = Fa
         require(engine, "fork")
         return [SharedChild(engine, context) for _ in range(n)]
     require(engine, "fork_processes")
-    spec = engine.launch_spec()
+    spec = startable_launch_spec(engine, "fork")
     # valid until the engine's next capture_shared: every child has restored it before fork returns
     source = capture_shared(engine, chains=[context])
     config = {"factory": spec.factory, "kwargs": spec.kwargs, "source": source}

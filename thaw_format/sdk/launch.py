@@ -52,6 +52,18 @@ def checked_launch_spec(spec, taker: str) -> LaunchSpec:
     return spec
 
 
+def startable_launch_spec(spec, taker: str) -> LaunchSpec:
+    """checked_launch_spec, for a taker that starts engines from it (a process fork, a fork pool): Unsupported if
+    the engine was started with arguments its spec cannot hold (`unrecorded`), since an engine started from
+    `kwargs` alone would differ from it without a word."""
+    spec = checked_launch_spec(spec, taker)
+    if spec.unrecorded:
+        raise Unsupported(f"{taker}: the engine was started with {', '.join(sorted(spec.unrecorded))}, which its "
+                          "launch spec cannot hold (not JSON-able), so an engine started from it would differ: start "
+                          "the engine with JSON-able arguments, or pass a LaunchSpec that holds them")
+    return spec
+
+
 def launch_options(factory: Callable) -> Mapping[str, type]:
     """The options a file may set for `factory`: the `launch_options` of the class whose classmethod it is
     (MyEngine.start), or of the factory itself; none ({}) if it declares none."""

@@ -34,7 +34,7 @@ from typing import Mapping, Optional
 from ..errors import CorruptSnapshotError
 from .engine_process import EngineProcess
 from .fork_round import ForkRound, PoolWorkerDied, RoundArguments, parent_page_size, whole_workers
-from .launch import checked_launch_spec
+from .launch import startable_launch_spec
 from .lent import forget, open_snapshot
 from .pool_slots import MAX_DEATHS, MAX_FAILED_STARTS, SlotWorker, note_answer
 from .round_pool import RoundPool
@@ -137,7 +137,7 @@ class ForkPool(RoundPool):
         if env is not None and not (isinstance(env, Mapping) and all(isinstance(k, str) and isinstance(v, str)
                                                                       for k, v in env.items())):
             raise TypeError(f"a fork pool's env maps names to strings, not {reprlib.repr(env)}")
-        spec = checked_launch_spec(spec, "ForkPool")  # last: it may call into the engine
+        spec = startable_launch_spec(spec, "ForkPool")  # last: it may call into the engine
         self._config = {"factory": spec.factory, "kwargs": spec.kwargs}
         self._env = {**os.environ, **(env or {})}
         self._checked: set[str] = set()  # the rounds' sources the pool has checked (and so mapped)
