@@ -7,6 +7,7 @@ these tests add it."""
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -22,8 +23,8 @@ from sleep_checks import test_sleep_then_wake_finishes_the_requests_exactly  # n
 from thaw_conformance.template.adapter import ToyThawEngine
 from thaw_conformance.template.driver import driver
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError
-from thaw_format.sdk import (LocalDirectory, RefusedLaunch, SleptNotClosed, Unsupported, greedy, seeded, sleep,
-                             wake)
+from thaw_format.sdk import (LocalDirectory, OneOf, RefusedLaunch, SleptNotClosed, Unsupported, greedy, seeded,
+                             sleep, wake)
 from thaw_format.sdk import factories
 from thaw_format.sdk.launch import start_arguments
 from thaw_format.sdk.sleep import LAUNCH_KEY
@@ -251,6 +252,17 @@ def test_a_model_directory_must_exist_here(tmp_path):
         with pytest.raises(RefusedLaunch, match=f"model='{elsewhere}' \\(not an existing local directory\\)"):
             start_arguments({"model": elsewhere}, None, options)
         assert start_arguments({"model": elsewhere}, {"model": str(tmp_path)}, options) == {"model": str(tmp_path)}
+
+
+def test_an_option_with_a_set_of_values_takes_those_only():
+    """OneOf: a loader that reads the model directory, never one that fetches weights elsewhere or is a plugin."""
+    options = {"load_format": OneOf("auto", "safetensors"), "flag": OneOf(1)}
+    assert start_arguments({"load_format": "safetensors", "flag": 1}, None, options) == {"load_format": "safetensors",
+                                                                                        "flag": 1}
+    for key, value in (("load_format", "runai_streamer"), ("load_format", ["auto"]), ("flag", True)):
+        with pytest.raises(RefusedLaunch, match=re.escape(f"sets {key}={value!r} (not one of ")):
+            start_arguments({key: value}, None, options)
+    assert start_arguments({"load_format": "dummy"}, {"load_format": "auto"}, options) == {"load_format": "auto"}
 
 
 class WithSecrets(ToyThawEngine):

@@ -7,12 +7,13 @@ adapter class declares the few options an equal engine needs, next to its `launc
 
     launch_options = {"model": LocalDirectory, "dtype": str, "block_size": int, ...}   # name -> type of value
 
-The types are plain scalars (str, int, float, bool; None always means the engine's default) and LocalDirectory:
-a str naming a directory that exists here (a model, a tokenizer), never a hub id to fetch. `sleep` writes these
+The types are plain scalars (str, int, float, bool; None always means the engine's default), LocalDirectory: a str
+naming a directory that exists here (a model, a tokenizer), never a hub id to fetch, and OneOf(values...): one of a
+few named values (an option whose other values fetch weights from elsewhere or run a plugin). `sleep` writes these
 only (so secrets such as tokens never reach the file), and `wake` starts an engine with them only; anything else
-the caller passes again, in `overrides`: `sleep` refuses an engine started with an argument not on the list
-unless its caller names it in `given_at_wake`, and `wake` then refuses to start one unless `overrides` sets it.
-The table is the adapter's: this module knows no engine's options.
+the caller passes again, in `overrides`: `sleep` refuses an engine started with an argument not on the list unless
+its caller names it in `given_at_wake`, and `wake` then refuses to start one unless `overrides` sets it. The table
+is the adapter's: this module knows no engine's options.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ from .contract import LaunchSpec, Unsupported
 
 class LocalDirectory:
     """The type of a launch option naming a local directory: a str path to a directory that exists."""
+
+
+class OneOf:
+    """The type of a launch option with a closed set of values: OneOf("auto", "safetensors") allows those only."""
+
+    def __init__(self, *values):
+        self.values = values
+
+    def __repr__(self):
+        return f"one of {', '.join(map(repr, self.values))}"
 
 
 class RefusedLaunch(SnapshotError):
@@ -52,7 +63,7 @@ def checked_launch_spec(spec, taker: str) -> LaunchSpec:
     return spec
 
 
-def launch_options(factory: Callable) -> Mapping[str, type]:
+def launch_options(factory: Callable) -> Mapping[str, object]:
     """The options a file may set for `factory`: the `launch_options` of the class whose classmethod it is
     (MyEngine.start), or of the factory itself; none ({}) if it declares none."""
     owner = getattr(factory, "__self__", None)
@@ -72,6 +83,9 @@ def option_problem(key: str, value, options: Optional[Mapping[str, type]]) -> Op
     if kind is LocalDirectory:
         ok = isinstance(value, str) and os.path.isdir(value)
         return None if ok else f"{key}={_shown.repr(value)} (not an existing local directory)"
+    if isinstance(kind, OneOf):
+        ok = any(type(value) is type(allowed) and value == allowed for allowed in kind.values)  # True is not 1
+        return None if ok else f"{key}={_shown.repr(value)} (not {kind!r})"
     ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) if kind is float else type(value) is kind
     return None if ok else f"{key}={_shown.repr(value)} (not of type {kind.__name__})"
 
