@@ -273,6 +273,23 @@ class WithSecrets(ToyThawEngine):
         return type(spec)(spec.factory, {**spec.kwargs, "api_key": "sk-secret", "hf_token": "hf_secret"})
 
 
+class DefaultToken(ToyThawEngine):
+    """An engine started with an unlisted argument set to None, the engine's default (vLLM's hf_token=None)."""
+
+    def launch_spec(self):
+        spec = super().launch_spec()
+        return type(spec)(spec.factory, {**spec.kwargs, "hf_token": None})
+
+
+def test_an_argument_left_at_its_default_is_neither_refused_nor_written(sleeper, tmp_path, wakes):
+    engine = DefaultToken(sleeper().engine)
+    _, want = run_midway(engine)
+    path = tmp_path / "slept.thaw"
+    sleep(engine, path)
+    assert "hf_token" not in thaw_format.load(path).metadata[LAUNCH_KEY]["kwargs"]
+    check_woken(wakes(path), want)  # the template's start, which takes no hf_token
+
+
 class NotJSONAble(ToyThawEngine):
     """An engine started with an argument its launch spec cannot hold (vLLM's with an object for a value)."""
 

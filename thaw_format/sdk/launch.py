@@ -94,16 +94,18 @@ def recordable(engine_class: type, spec: LaunchSpec, given_at_wake: Collection[s
     """The launch arguments `sleep` writes: those the engine's `launch_options` names, less `given_at_wake` (the
     caller passes them to wake). Unsupported, naming each, if the engine was started with an argument the file
     cannot hold (not on that list, or not JSON-able: spec.unrecorded) that is not in `given_at_wake`, since wake
-    would start another engine without it; or if a value is not of its declared type (a directory that is gone)."""
+    would start another engine without it; or if a value is not of its declared type (a directory that is gone).
+    An argument set to None (the engine's default) is neither refused nor written."""
     name = getattr(engine_class, "name", engine_class.__name__)
     options = getattr(engine_class, "launch_options", None) or {}
-    lost = sorted((spec.kwargs.keys() - options.keys() | spec.unrecorded) - set(given_at_wake))
+    kwargs = {key: value for key, value in spec.kwargs.items() if value is not None}  # None: the default
+    lost = sorted((kwargs.keys() - options.keys() | spec.unrecorded) - set(given_at_wake))
     if lost:
         raise Unsupported(f"{name}: was started with {', '.join(lost)}, which a snapshot file does not hold (the "
                           f"options it may: {', '.join(sorted(options)) or 'none'}), so wake would start a different "
                           f"engine; the engine is untouched. Sleep with given_at_wake={lost!r} and pass them to "
                           "wake in overrides=")
-    kept = {key: value for key, value in spec.kwargs.items() if key in options and key not in given_at_wake}
+    kept = {key: value for key, value in kwargs.items() if key in options and key not in given_at_wake}
     problems = [problem for key, value in kept.items() if (problem := option_problem(key, value, options))]
     if problems:
         raise Unsupported(f"{name}: cannot record the launch arguments {'; '.join(problems)}; the engine is "
