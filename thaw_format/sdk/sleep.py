@@ -64,7 +64,9 @@ def sleep(engine: Engine, path, *, given_at_wake: Collection[str] = (), durable:
     recorded, and wake would start a different engine without it: sleep refuses (Unsupported, naming each; the
     engine untouched, nothing written) unless `given_at_wake` names it. Names in `given_at_wake` (listed ones
     too: a model directory that will move) are written by name only, and wake refuses to start an engine unless
-    its `overrides` set each.
+    its `overrides` set each. Sleep knows the arguments the adapter's `launch_spec()` reports only: for vLLM,
+    those passed through thaw_vllm.engine_args(...); one given to vllm.LLM beside them is neither recorded nor
+    refused.
 
     An in-process vLLM engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) is closed by vLLM's shutdown, which also tears
     down process-wide state that other in-process vLLM engines still use: sleep those last."""
