@@ -336,6 +336,12 @@ def test_options_given_at_wake_are_written_by_name_only_and_wake_needs_them(slee
     check_woken(wakes(path, factory=tolerant, overrides={"api_key": "k", "hf_token": None, "seed": 0}), want)
 
 
+def test_given_at_wake_may_be_a_generator(sleeper, tmp_path):
+    path = tmp_path / "slept.thaw"
+    sleep(WithSecrets(sleeper().engine), path, given_at_wake=(name for name in ("hf_token", "api_key")))
+    assert thaw_format.load(path).metadata[LAUNCH_KEY]["given_at_wake"] == ["api_key", "hf_token"]
+
+
 @pytest.mark.parametrize("names", ["hf_token", [1]])
 def test_given_at_wake_is_a_collection_of_names(sleeper, tmp_path, names):
     with pytest.raises(TypeError, match="given_at_wake is a collection of argument names"):

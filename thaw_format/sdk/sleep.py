@@ -144,6 +144,7 @@ def launch_record(snapshot: Snapshot) -> Optional[LaunchSpec]:
 
 
 def _names(given_at_wake: Collection[str]) -> list[str]:
-    if isinstance(given_at_wake, str) or not all(isinstance(name, str) for name in given_at_wake):
+    names = given_at_wake if isinstance(given_at_wake, str) else list(given_at_wake)  # a generator: read once
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
         raise TypeError(f"given_at_wake is a collection of argument names (str), not {given_at_wake!r}")
-    return sorted(set(given_at_wake))
+    return sorted(set(names))
