@@ -322,7 +322,7 @@ def test_an_engine_whose_launch_arguments_a_file_cannot_hold_refuses_to_sleep(sl
     assert [done[rid].output_token_ids for rid in ids] == want
 
 
-def test_options_given_at_wake_are_written_by_name_only_and_wake_needs_them(sleeper, tmp_path, wakes):
+def test_options_given_at_wake_are_written_by_name_only_and_wake_needs_them(sleeper, tmp_path, wakes, started):
     engine = WithSecrets(sleeper().engine)
     _, want = run_midway(engine)
     path = tmp_path / "slept.thaw"
@@ -330,10 +330,21 @@ def test_options_given_at_wake_are_written_by_name_only_and_wake_needs_them(slee
     record = thaw_format.load(path).metadata[LAUNCH_KEY]
     assert record["given_at_wake"] == ["api_key", "hf_token", "seed"] and "seed" not in record["kwargs"]
     assert b"secret" not in path.read_bytes()
-    for partial, missing in ((None, "api_key, hf_token, seed"), ({"api_key": "k", "seed": 0}, "hf_token")):
+    for partial, missing in ((None, "'api_key', 'hf_token', 'seed'"), ({"api_key": "k", "seed": 0}, "'hf_token'")):
         with pytest.raises(RefusedLaunch, match=f"slept with {missing} given at wake.*overrides"):
-            wake(path, factory=tolerant, overrides=partial)  # nothing started: the factory would take them
+            wake(path, factory=started, overrides=partial)
+    assert started.engines == []  # nothing started
     check_woken(wakes(path, factory=tolerant, overrides={"api_key": "k", "hf_token": None, "seed": 0}), want)
+
+
+def test_a_file_naming_many_arguments_given_at_wake_is_refused_in_a_short_message(slept, tmp_path):
+    path, _ = slept
+    recorded = thaw_format.load(path).metadata[LAUNCH_KEY]
+    names = [f"{i:04d}" + "x" * 10_000 for i in range(1000)]
+    hostile = rewritten(path, tmp_path / "hostile.thaw", {**recorded, "given_at_wake": names})
+    with pytest.raises(RefusedLaunch, match="slept with '0000x.*' and 990 more given at wake") as refused:
+        wake(hostile)
+    assert len(str(refused.value)) < 2000
 
 
 def test_given_at_wake_may_be_a_generator(sleeper, tmp_path):

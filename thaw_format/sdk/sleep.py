@@ -111,7 +111,7 @@ def wake(path, *, factory: Union[str, Callable, None] = None, overrides: Optiona
     kwargs = recorded.kwargs if recorded else {}
     missing = sorted(recorded.unrecorded - set(overrides or {})) if recorded else []
     if missing:
-        raise RefusedLaunch(f"{path}: the engine slept with {', '.join(missing)} given at wake (sleep's "
+        raise RefusedLaunch(f"{path}: the engine slept with {_listed(missing)} given at wake (sleep's "
                             "given_at_wake): the file does not hold them; pass them in overrides")
     start_arguments(kwargs, overrides, None)  # plain values, before an adapter (vLLM, torch...) is imported
     if start is None:
@@ -141,6 +141,12 @@ def launch_record(snapshot: Snapshot) -> Optional[LaunchSpec]:
         raise IncompatibleSnapshotError(f"metadata {LAUNCH_KEY!r} must be {{'factory': str, 'kwargs': {{str: ...}}, "
                                         f"'given_at_wake': [str]}}, not {reprlib.repr(record)}")
     return LaunchSpec(record["factory"], record["kwargs"], frozenset(given))
+
+
+def _listed(names: list[str], most: int = 10) -> str:
+    """A file's names for a message: each repr'd and cut (reprlib), the first `most` only."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(map(reprlib.repr, names[:most])) + more
 
 
 def _names(given_at_wake: Collection[str]) -> list[str]:
