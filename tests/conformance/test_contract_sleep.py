@@ -347,6 +347,13 @@ def test_a_file_naming_many_arguments_given_at_wake_is_refused_in_a_short_messag
     assert len(str(refused.value)) < 2000
 
 
+def test_given_at_wake_naming_an_argument_the_engine_was_not_started_with_is_refused(sleeper, tmp_path):
+    engine = WithSecrets(sleeper().engine)
+    with pytest.raises(ValueError, match="given_at_wake names 'hf_tokn', which the engine was not started with"):
+        sleep(engine, tmp_path / "slept.thaw", given_at_wake=["api_key", "hf_tokn"])
+    assert os.listdir(tmp_path) == [] and engine.engine is not None
+
+
 def test_given_at_wake_may_be_a_generator(sleeper, tmp_path):
     path = tmp_path / "slept.thaw"
     sleep(WithSecrets(sleeper().engine), path, given_at_wake=(name for name in ("hf_token", "api_key")))

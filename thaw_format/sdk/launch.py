@@ -95,9 +95,15 @@ def recordable(engine_class: type, spec: LaunchSpec, given_at_wake: Collection[s
     caller passes them to wake). Unsupported, naming each, if the engine was started with an argument the file
     cannot hold (not on that list, or not JSON-able: spec.unrecorded) that is not in `given_at_wake`, since wake
     would start another engine without it; or if a value is not of its declared type (a directory that is gone).
-    An argument set to None (the engine's default) is neither refused nor written."""
+    An argument set to None (the engine's default) is neither refused nor written. ValueError if `given_at_wake`
+    names an argument the engine was not started with (a typo)."""
     name = getattr(engine_class, "name", engine_class.__name__)
     options = getattr(engine_class, "launch_options", None) or {}
+    unknown = sorted(set(given_at_wake) - spec.kwargs.keys() - spec.unrecorded)
+    if unknown:  # a typo ("hf_tokn") would be written, and wake would ask for it, while the real one was lost
+        raise ValueError(f"{name}: given_at_wake names {', '.join(map(_shown.repr, unknown))}, which the engine was "
+                         f"not started with (its arguments: {', '.join(sorted(spec.kwargs.keys() | spec.unrecorded))})"
+                         "; the engine is untouched")
     kwargs = {key: value for key, value in spec.kwargs.items() if value is not None}  # None: the default
     lost = sorted((kwargs.keys() - options.keys() | spec.unrecorded) - set(given_at_wake))
     if lost:
