@@ -15,7 +15,7 @@ import thaw_format
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError
 from thaw_format.sdk import Awake, SleptNotClosed, factories, sleep, wake
 from thaw_format.sdk.shared import restore_source
-from thaw_format.sdk.sleep import LAUNCH_KEY
+from thaw_format.sdk.sleep import launch_record
 
 from . import sleep_wake, variants
 from .checked import checked
@@ -123,7 +123,7 @@ def _sleep(engine: Engine, arch: str, w: Workload, workdir: Path) -> dict:
                 refused = str(exc)
                 continue
             slept = True
-            factory = thaw_format.load(path).metadata[LAUNCH_KEY]["factory"]
+            factory = launch_record(thaw_format.load(path)).factory
             return {"path": str(path), "want": want, "prompts": prompts, "factory": factory, "closed": True}
     except SleptNotClosed as exc:  # the file is whole and closing failed: not tried again
         return {"error": f"the parent's sleep: {exc}: {exc.__cause__}", "closed": True}

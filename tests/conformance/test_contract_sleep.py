@@ -27,7 +27,7 @@ from thaw_format.sdk import (LocalDirectory, OneOf, RefusedLaunch, SleptNotClose
                              sleep, wake)
 from thaw_format.sdk import factories
 from thaw_format.sdk.launch import start_arguments
-from thaw_format.sdk.sleep import LAUNCH_KEY
+from thaw_format.sdk.sleep import GIVEN_AT_WAKE_KEY, LAUNCH_KEY
 
 TEMPLATE = "thaw_conformance.template.adapter:ToyThawEngine.start"
 REGISTER_TEMPLATE = f"from thaw_format.sdk import factories; factories.REGISTERED |= {{{TEMPLATE!r}}}"
@@ -327,7 +327,9 @@ def test_options_given_at_wake_are_written_by_name_only_and_wake_needs_them(slee
     _, want = run_midway(engine)
     path = tmp_path / "slept.thaw"
     sleep(engine, path, given_at_wake=["hf_token", "api_key", "seed"])  # a listed option too: the caller's choice
-    record = thaw_format.load(path).metadata[LAUNCH_KEY]
+    metadata = thaw_format.load(path).metadata
+    assert LAUNCH_KEY not in metadata  # thaw before given_at_wake reads that key only: it refuses this file
+    record = metadata[GIVEN_AT_WAKE_KEY]
     assert record["given_at_wake"] == ["api_key", "hf_token", "seed"] and "seed" not in record["kwargs"]
     assert b"secret" not in path.read_bytes()
     for partial, missing in ((None, "'api_key', 'hf_token', 'seed'"), ({"api_key": "k", "seed": 0}, "'hf_token'")):
@@ -354,10 +356,19 @@ def test_given_at_wake_naming_an_argument_the_engine_was_not_started_with_is_ref
     assert os.listdir(tmp_path) == [] and engine.engine is not None
 
 
+def test_a_file_with_two_launch_records_is_refused(slept, tmp_path):
+    path, _ = slept
+    snapshot = thaw_format.load(path)
+    snapshot.metadata[GIVEN_AT_WAKE_KEY] = {**snapshot.metadata[LAUNCH_KEY], "given_at_wake": ["seed"]}
+    thaw_format.save(snapshot, tmp_path / "two.thaw")
+    with pytest.raises(IncompatibleSnapshotError, match="holds both"):
+        wake(tmp_path / "two.thaw", factory=ToyThawEngine.start)
+
+
 def test_given_at_wake_may_be_a_generator(sleeper, tmp_path):
     path = tmp_path / "slept.thaw"
     sleep(WithSecrets(sleeper().engine), path, given_at_wake=(name for name in ("hf_token", "api_key")))
-    assert thaw_format.load(path).metadata[LAUNCH_KEY]["given_at_wake"] == ["api_key", "hf_token"]
+    assert thaw_format.load(path).metadata[GIVEN_AT_WAKE_KEY]["given_at_wake"] == ["api_key", "hf_token"]
 
 
 @pytest.mark.parametrize("names", ["hf_token", [1]])
