@@ -233,7 +233,9 @@ class MLXEngine(SharedKV):
 
     def _current(self, chains) -> Optional[tuple[list[int], list, Optional[_Request]]]:
         """What a snapshot holds (tokens, cache, the request if one in flight): the KV of `chains`, else the one
-        request in flight, else the latest session served."""
+        request in flight, else the latest session served; None for no KV (chains=[], or nothing served)."""
+        if chains is not None and not chains:
+            return None
         if chains:
             chain = [int(t) for t in chains[0]]
             held = self._held(chain, len(chain))
@@ -250,13 +252,16 @@ class MLXEngine(SharedKV):
         return current
 
     def _warn_left_out(self, tokens: list[int]) -> None:
-        """SessionsNotHeld, naming them, for the sessions whose cached tokens are not a prefix of `tokens`."""
-        left = [s for s in self.sessions if common_prefix_length(s.tokens, tokens) < num_cached_tokens(s.cache)]
+        """SessionsNotHeld, naming them, for the sessions whose cached tokens are not a prefix of `tokens`; the
+        tokens it counts are those past the prefix they share with `tokens` (the left-out KV)."""
+        shared = [(s, common_prefix_length(s.tokens, tokens)) for s in self.sessions]
+        left = [num_cached_tokens(s.cache) - common for s, common in shared if common < num_cached_tokens(s.cache)]
         if left:
             warnings.warn(SessionsNotHeld(
-                f"mlx: this capture holds one sequence ({len(tokens)} tokens); the KV of {len(left)} other sessions "
-                f"({sum(num_cached_tokens(s.cache) for s in left)} tokens) is left out, so an engine restored from it "
-                "computes their prefixes again (same tokens, none cached): capture chains=[tokens] to keep one"),
+                f"mlx: this capture or sleep holds one sequence ({len(tokens)} tokens); the KV of {len(left)} other "
+                f"sessions ({sum(left)} tokens past the prefix they share with it) is left out, so an engine restored "
+                "or woken from it computes them again (same tokens, none cached). A sleep keeps the latest session "
+                "(or the one request in flight); capture(chains=[tokens]) keeps another"),
                 stacklevel=5)  # the caller of capture
 
     def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:

@@ -26,7 +26,7 @@ from typing import Iterator, Optional, Sequence
 
 import thaw_format
 from thaw_format import ModelInfo, Request, SamplingParams, SchedulerState, Snapshot
-from thaw_format.sdk import (Finished, Generation, LaunchSpec, LocalDirectory, Progress, Refused, Resumed,
+from thaw_format.sdk import (Finished, Generation, LaunchSpec, LocalDirectory, OneOf, Progress, Refused, Resumed,
                               fork)
 from thaw_format.sdk.contract import check_params
 from thaw_format.sdk.request_ids import RequestIds
@@ -228,14 +228,15 @@ class SGLangEngine(SharedKV):
         return fork(self, n, context=context, processes=processes)
 
     # What a snapshot file may set when wake starts this engine (thaw_format.sdk.launch): the plain options an
-    # equal engine needs. No hook, loader, backend or sidecar named by path, no key, no remote or hub model.
+    # equal engine needs. No hook, loader, backend or sidecar named by path, no key, no remote or hub model or
+    # revision, no loader but those reading the model directory (others fetch elsewhere, or are plugins).
     launch_options = {
         "model_path": LocalDirectory, "tokenizer_path": LocalDirectory, "dtype": str, "device": str,
         "attention_backend": str, "skip_tokenizer_init": bool, "max_total_tokens": int, "random_seed": int,
         "disable_cuda_graph": bool, "sleep_on_idle": bool, "page_size": int, "mem_fraction_static": float,
         "context_length": int, "tp_size": int, "chunked_prefill_size": int, "max_running_requests": int,
-        "disable_radix_cache": bool, "kv_cache_dtype": str, "load_format": str, "revision": str, "quantization": str,
-        "sampling_backend": str,
+        "disable_radix_cache": bool, "kv_cache_dtype": str, "quantization": str, "sampling_backend": str,
+        "load_format": OneOf("auto", "safetensors", "pt"),
     }
 
     def launch_spec(self) -> LaunchSpec:

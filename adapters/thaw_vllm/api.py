@@ -21,8 +21,9 @@ def engine_args(**kwargs) -> dict:
     """vllm.LLM / EngineArgs keyword arguments with thaw's worker extension and KV connector added.
 
     The plain (JSON-able) arguments ride along in the connector's extra config, so that `launch_arguments`
-    can start an equal engine in another process (fork) from any LLM made with them: pass every argument
-    that engine needs (dtype, block_size, ...) through here, not beside it.
+    can start an equal engine in another process (fork, wake) from any LLM made with them: pass every argument
+    through here (dtype, block_size, ...). One passed to vllm.LLM beside these is invisible to thaw: neither
+    recorded (another engine starts without it) nor refused by sleep.
 
     On vLLM's CPU backend it also keeps the worker on the cores a plain engine gets (a KV connector would
     otherwise cost the engine core its reserved core: _internals.keep_cpu_reservation).
@@ -44,8 +45,8 @@ def engine_args(**kwargs) -> dict:
 LAUNCH_KEY = "thaw_engine_kwargs"
 UNPLAIN_KEY = "thaw_engine_unplain_kwargs"
 NOT_ENABLED = ("this vLLM engine runs without thaw's KV connector and worker extension. vLLM lets no plugin turn "
-               "a KV connector on, so add one argument where the engine is made: vllm.LLM(model, ..., "
-               "**thaw_vllm.engine_args()) (or use thaw_vllm.LLM)")
+               "a KV connector on, so pass every argument through engine_args where the engine is made: "
+               "vllm.LLM(model, **thaw_vllm.engine_args(dtype=..., ...)) (or use thaw_vllm.LLM)")
 
 
 def _json_able(value) -> bool:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import thaw_format
 from thaw_format import ModelInfo, SamplingParams
-from thaw_format.sdk import Finished, Generation, LaunchSpec, LocalDirectory, Progress, Resumed, fork
+from thaw_format.sdk import Finished, Generation, LaunchSpec, LocalDirectory, OneOf, Progress, Resumed, fork
 from thaw_format.sdk.contract import check_params
 from thaw_format.sdk.request_ids import RequestIds
 
@@ -148,13 +148,14 @@ class VLLMEngine:
         return fork(self, n, context=context, processes=processes)
 
     # What a snapshot file may set when wake starts this engine (thaw_format.sdk.launch): the plain options an
-    # equal engine needs. No class, plugin or config named by path, no token, no hub id (the model is a directory).
+    # equal engine needs. No class, plugin or config named by path, no token, no hub id or revision (the model is a
+    # directory), no loader but those reading that directory (others fetch elsewhere, or are plugins).
     launch_options = {
         "model": LocalDirectory, "tokenizer": LocalDirectory, "dtype": str, "block_size": int, "max_model_len": int,
         "enforce_eager": bool, "kv_cache_memory_bytes": int, "gpu_memory_utilization": float, "seed": int,
         "skip_tokenizer_init": bool, "enable_prefix_caching": bool, "max_num_seqs": int,
-        "max_num_batched_tokens": int, "tensor_parallel_size": int, "kv_cache_dtype": str, "revision": str,
-        "tokenizer_revision": str, "quantization": str, "load_format": str, "max_logprobs": int, "logprobs_mode": str,
+        "max_num_batched_tokens": int, "tensor_parallel_size": int, "kv_cache_dtype": str, "quantization": str,
+        "load_format": OneOf("auto", "safetensors", "pt"), "max_logprobs": int, "logprobs_mode": str,
     }
 
     def launch_spec(self) -> LaunchSpec:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import thaw_format
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError
-from thaw_format.sdk import Awake, factories, sleep, wake
+from thaw_format.sdk import Awake, SleptNotClosed, factories, sleep, wake
 from thaw_format.sdk.shared import restore_source
-from thaw_format.sdk.sleep import LAUNCH_KEY
+from thaw_format.sdk.sleep import launch_record
 
 from . import sleep_wake, variants
 from .checked import checked
@@ -91,7 +91,7 @@ def parent_phase(driver: Driver, arch: str, workdir: Path, workload: Workload) -
         record["mid_stream"] = _mid_stream(engine, features, w, workdir)
         record["sleep"] = _sleep(engine, arch, w, workdir)  # last: a sleep closes the engine
     finally:
-        if "path" not in record.get("sleep", {}):
+        if not record.get("sleep", {}).get("closed"):
             engine.close()
     record["damaged"] = {k: str(p) for k, p in variants.damaged(snapshot, workdir).items()}
     record["other_models"] = {k: str(p) for k, p in variants.other_models(snapshot, workdir).items()}
@@ -103,24 +103,34 @@ def parent_phase(driver: Driver, arch: str, workdir: Path, workload: Workload) -
 
 def _sleep(engine: Engine, arch: str, w: Workload, workdir: Path) -> dict:
     """Put the parent to sleep with requests in flight (thaw_conformance.sleep_wake); the child phase wakes it. Two
-    requests, or one where the adapter's snapshot holds one sequence (MLX: sleep refuses two, the engine serving)."""
+    requests, or one where the adapter's snapshot holds one sequence (MLX: sleep refuses two, the engine serving).
+    The record's "closed": sleep closed the engine (or tried to), so the parent must not close it again (a failed
+    save or a refusal leaves it open)."""
     if w.fork_archs is not None and arch not in w.fork_archs:
         return {"skipped": f"the sleep/wake check ran on {', '.join(w.fork_archs)} only (--fork-arch)"}
+    lacking = [m for m in ("launch_spec", "page_size") if not callable(getattr(engine.engine, m, None))]
+    if "mid_stream" not in engine.features or lacking:
+        return {"unsupported": "sleep with requests in flight needs 'mid_stream', launch_spec() and page_size()"}
     path = workdir / "slept.thaw"
-    refused = ""
+    refused, slept = "", False
     try:
         for prompts in (sleep_wake.PROMPTS, sleep_wake.PROMPTS[:1]):
-            _, want = sleep_wake.run_midway(engine, prompts)
             try:
+                _, want = sleep_wake.run_midway(engine, prompts)
                 sleep(engine.engine, path)  # the adapter itself: sleep reads its class's capabilities and options
-            except Unsupported as exc:
+            except Unsupported as exc:  # refused before anything was written or closed: the engine serves on
                 engine.finish()
                 refused = str(exc)
                 continue
-            factory = thaw_format.load(path).metadata[LAUNCH_KEY]["factory"]
-            return {"path": str(path), "want": want, "prompts": prompts, "factory": factory}
+            slept = True
+            factory = launch_record(thaw_format.load(path)).factory
+            return {"path": str(path), "want": want, "prompts": prompts, "factory": factory, "closed": True}
+    except SleptNotClosed as exc:  # the file is whole and closing failed: not tried again
+        return {"error": f"the parent's sleep: {exc}: {exc.__cause__}", "closed": True}
+    except CheckFailed as exc:  # a broken contract rule (ContractViolation): the check's verdict is "failed"
+        return {"failed": f"the parent's sleep: {exc}", "closed": slept}
     except Exception as exc:  # the check's verdict (the child records it); the parent's other records stand
-        return {"error": f"the parent's sleep failed: {type(exc).__name__}: {exc}"}
+        return {"error": f"the parent's sleep failed: {type(exc).__name__}: {exc}", "closed": slept}
     return {"unsupported": refused}
 
 
@@ -135,6 +145,8 @@ def _compare_sleep(record: dict, recorder: Recorder) -> None:
     with recorder.check("sleep_wake") as note:
         if "unsupported" in slept:
             raise Unsupported(slept["unsupported"])
+        if "failed" in slept:
+            raise CheckFailed(slept["failed"])
         if "error" in slept:
             raise RuntimeError(slept["error"])
         factory = None if slept["factory"] in factories.REGISTERED else slept["factory"]

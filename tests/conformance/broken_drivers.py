@@ -133,6 +133,43 @@ class HoldsOneRequest(ToyThawEngine):
         return snapshot
 
 
+class Minimal(ToyThawEngine):
+    """The core methods only: no submit/step/finish, launch_spec or page_size (a third party's first adapter)."""
+    submit = step = finish = progress = abort = fork = launch_spec = page_size = None
+
+
+class LargePages(ToyThawEngine):
+    """Says its pages hold 128 tokens, more than the sleep check's trunk: no restored page could be seen read."""
+
+    def page_size(self):
+        return 128
+
+    def launch_spec(self):
+        spec = super().launch_spec()
+        return type(spec)(f"{__name__}:LargePages.start", spec.kwargs)  # woken as itself
+
+
+class BusyIdsNotStr(ToyThawEngine):
+    """submit() returns an int id when a request is already in flight (a counter leaking out): only a sleep with
+    two requests in flight breaks the contract."""
+
+    def submit(self, prompt, params):
+        rid = super().submit(prompt, params)
+        return rid if len(self.engine.running) == 1 else len(self.engine.running)
+
+
+class CloseFailsInFlight(ToyThawEngine):
+    """close() shuts the engine down but raises with requests in flight (as in a sleep), and a second close fails."""
+
+    def close(self):
+        if self.engine is None:
+            raise RuntimeError("closed twice")
+        busy = bool(self.engine.running)
+        super().close()
+        if busy:
+            raise OSError("close failed with requests in flight")
+
+
 def _factory(engine_class, capabilities=None):
     if capabilities is not None:
         engine_class.capabilities = classmethod(lambda cls: frozenset(capabilities))
@@ -236,3 +273,19 @@ def abort_leaves_running():
 
 def abort_returns_nothing():
     return _factory(AbortReturnsNothing)()
+
+
+def minimal():
+    return _factory(Minimal, capabilities={"seeded"})()
+
+
+def large_pages():
+    return _factory(LargePages)()
+
+
+def busy_ids_not_str():
+    return _factory(BusyIdsNotStr)()
+
+
+def close_fails_in_flight():
+    return _factory(CloseFailsInFlight)()

@@ -31,6 +31,31 @@ def test_a_sleep_that_loses_a_request_in_flight_is_caught(run_worker):
     assert "resumed 1 requests, not the 2 in flight at sleep" in results["toy", "sleep_wake"]["detail"]
 
 
+def test_a_sleep_check_that_cannot_see_restored_pages_fails(run_worker):
+    """An engine whose pages are longer than the trunk: its cached-token count proves nothing, so not passed."""
+    results = run_worker("broken_drivers:large_pages")
+    assert statuses(results)["sleep_wake"] == "failed"
+    assert "(128 tokens) is longer than the 70-token trunk" in results["toy", "sleep_wake"]["detail"]
+
+
+def test_a_contract_rule_broken_only_by_sleep_fails_the_sleep_check(run_worker):
+    results = run_worker("broken_drivers:busy_ids_not_str")
+    assert statuses(results)["sleep_wake"] == "failed" and statuses(results)["continuation_greedy"] == "passed"
+    assert "submit() returned int" in results["toy", "sleep_wake"]["detail"]
+
+
+def test_a_minimal_adapter_is_unsupported_by_the_sleep_check(run_worker):
+    results = run_worker("broken_drivers:minimal")
+    assert statuses(results)["sleep_wake"] == "unsupported"
+    assert "needs 'mid_stream'" in results["toy", "sleep_wake"]["detail"]
+
+
+def test_an_engine_whose_close_failed_in_sleep_is_not_closed_again(run_worker):
+    results = run_worker("broken_drivers:close_fails_in_flight")
+    assert statuses(results)["sleep_wake"] == "error" and statuses(results)["continuation_greedy"] == "passed"
+    assert "close failed with requests in flight" in results["toy", "sleep_wake"]["detail"]
+
+
 def test_missing_model_check_is_caught(run_worker):
     results = run_worker("broken_drivers:no_model_check")
     assert statuses(results)["wrong_model_refused"] == "failed"

@@ -7,6 +7,7 @@ these tests add it."""
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -22,11 +23,11 @@ from sleep_checks import test_sleep_then_wake_finishes_the_requests_exactly  # n
 from thaw_conformance.template.adapter import ToyThawEngine
 from thaw_conformance.template.driver import driver
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError
-from thaw_format.sdk import (LocalDirectory, RefusedLaunch, SleptNotClosed, Unsupported, greedy, seeded, sleep,
-                             wake)
+from thaw_format.sdk import (LocalDirectory, OneOf, RefusedLaunch, SleptNotClosed, Unsupported, greedy, seeded,
+                             sleep, wake)
 from thaw_format.sdk import factories
 from thaw_format.sdk.launch import start_arguments
-from thaw_format.sdk.sleep import LAUNCH_KEY
+from thaw_format.sdk.sleep import GIVEN_AT_WAKE_KEY, LAUNCH_KEY
 
 TEMPLATE = "thaw_conformance.template.adapter:ToyThawEngine.start"
 REGISTER_TEMPLATE = f"from thaw_format.sdk import factories; factories.REGISTERED |= {{{TEMPLATE!r}}}"
@@ -253,12 +254,40 @@ def test_a_model_directory_must_exist_here(tmp_path):
         assert start_arguments({"model": elsewhere}, {"model": str(tmp_path)}, options) == {"model": str(tmp_path)}
 
 
+def test_an_option_with_a_set_of_values_takes_those_only():
+    """OneOf: a loader that reads the model directory, never one that fetches weights elsewhere or is a plugin."""
+    options = {"load_format": OneOf("auto", "safetensors"), "flag": OneOf(1)}
+    assert start_arguments({"load_format": "safetensors", "flag": 1}, None, options) == {"load_format": "safetensors",
+                                                                                        "flag": 1}
+    for key, value in (("load_format", "runai_streamer"), ("load_format", ["auto"]), ("flag", True)):
+        with pytest.raises(RefusedLaunch, match=re.escape(f"sets {key}={value!r} (not one of ")):
+            start_arguments({key: value}, None, options)
+    assert start_arguments({"load_format": "dummy"}, {"load_format": "auto"}, options) == {"load_format": "auto"}
+
+
 class WithSecrets(ToyThawEngine):
     """An engine whose launch arguments hold a secret and an option that is not on its list."""
 
     def launch_spec(self):
         spec = super().launch_spec()
         return type(spec)(spec.factory, {**spec.kwargs, "api_key": "sk-secret", "hf_token": "hf_secret"})
+
+
+class DefaultToken(ToyThawEngine):
+    """An engine started with an unlisted argument set to None, the engine's default (vLLM's hf_token=None)."""
+
+    def launch_spec(self):
+        spec = super().launch_spec()
+        return type(spec)(spec.factory, {**spec.kwargs, "hf_token": None})
+
+
+def test_an_argument_left_at_its_default_is_neither_refused_nor_written(sleeper, tmp_path, wakes):
+    engine = DefaultToken(sleeper().engine)
+    _, want = run_midway(engine)
+    path = tmp_path / "slept.thaw"
+    sleep(engine, path)
+    assert "hf_token" not in thaw_format.load(path).metadata[LAUNCH_KEY]["kwargs"]
+    check_woken(wakes(path), want)  # the template's start, which takes no hf_token
 
 
 class NotJSONAble(ToyThawEngine):
@@ -293,18 +322,53 @@ def test_an_engine_whose_launch_arguments_a_file_cannot_hold_refuses_to_sleep(sl
     assert [done[rid].output_token_ids for rid in ids] == want
 
 
-def test_options_given_at_wake_are_written_by_name_only_and_wake_needs_them(sleeper, tmp_path, wakes):
+def test_options_given_at_wake_are_written_by_name_only_and_wake_needs_them(sleeper, tmp_path, wakes, started):
     engine = WithSecrets(sleeper().engine)
     _, want = run_midway(engine)
     path = tmp_path / "slept.thaw"
     sleep(engine, path, given_at_wake=["hf_token", "api_key", "seed"])  # a listed option too: the caller's choice
-    record = thaw_format.load(path).metadata[LAUNCH_KEY]
+    metadata = thaw_format.load(path).metadata
+    assert LAUNCH_KEY not in metadata  # thaw before given_at_wake reads that key only: it refuses this file
+    record = metadata[GIVEN_AT_WAKE_KEY]
     assert record["given_at_wake"] == ["api_key", "hf_token", "seed"] and "seed" not in record["kwargs"]
     assert b"secret" not in path.read_bytes()
-    for partial, missing in ((None, "api_key, hf_token, seed"), ({"api_key": "k", "seed": 0}, "hf_token")):
+    for partial, missing in ((None, "'api_key', 'hf_token', 'seed'"), ({"api_key": "k", "seed": 0}, "'hf_token'")):
         with pytest.raises(RefusedLaunch, match=f"slept with {missing} given at wake.*overrides"):
-            wake(path, factory=tolerant, overrides=partial)  # nothing started: the factory would take them
+            wake(path, factory=started, overrides=partial)
+    assert started.engines == []  # nothing started
     check_woken(wakes(path, factory=tolerant, overrides={"api_key": "k", "hf_token": None, "seed": 0}), want)
+
+
+def test_a_file_naming_many_arguments_given_at_wake_is_refused_in_a_short_message(slept, tmp_path):
+    path, _ = slept
+    recorded = thaw_format.load(path).metadata[LAUNCH_KEY]
+    names = [f"{i:04d}" + "x" * 10_000 for i in range(1000)]
+    hostile = rewritten(path, tmp_path / "hostile.thaw", {**recorded, "given_at_wake": names})
+    with pytest.raises(RefusedLaunch, match="slept with '0000x.*' and 990 more given at wake") as refused:
+        wake(hostile)
+    assert len(str(refused.value)) < 2000
+
+
+def test_given_at_wake_naming_an_argument_the_engine_was_not_started_with_is_refused(sleeper, tmp_path):
+    engine = WithSecrets(sleeper().engine)
+    with pytest.raises(ValueError, match="given_at_wake names 'hf_tokn', which the engine was not started with"):
+        sleep(engine, tmp_path / "slept.thaw", given_at_wake=["api_key", "hf_tokn"])
+    assert os.listdir(tmp_path) == [] and engine.engine is not None
+
+
+def test_a_file_with_two_launch_records_is_refused(slept, tmp_path):
+    path, _ = slept
+    snapshot = thaw_format.load(path)
+    snapshot.metadata[GIVEN_AT_WAKE_KEY] = {**snapshot.metadata[LAUNCH_KEY], "given_at_wake": ["seed"]}
+    thaw_format.save(snapshot, tmp_path / "two.thaw")
+    with pytest.raises(IncompatibleSnapshotError, match="holds both"):
+        wake(tmp_path / "two.thaw", factory=ToyThawEngine.start)
+
+
+def test_given_at_wake_may_be_a_generator(sleeper, tmp_path):
+    path = tmp_path / "slept.thaw"
+    sleep(WithSecrets(sleeper().engine), path, given_at_wake=(name for name in ("hf_token", "api_key")))
+    assert thaw_format.load(path).metadata[GIVEN_AT_WAKE_KEY]["given_at_wake"] == ["api_key", "hf_token"]
 
 
 @pytest.mark.parametrize("names", ["hf_token", [1]])

@@ -56,7 +56,7 @@ def test_a_sleep_that_leaves_other_sessions_out_warns_and_the_woken_engine_compu
     engine = sleeper()
     other = tokens(40, seed=9)
     want = {"other": engine.generate(other, PARAMS).token_ids, "new": engine.generate(NEW_PROMPT, PARAMS).token_ids}
-    with pytest.warns(SessionsNotHeld, match="KV of 1 other sessions .* is left out"):
+    with pytest.warns(SessionsNotHeld, match="KV of 1 other sessions .* left out"):
         sleep(engine, tmp_path / "slept.thaw")
     awake = wake(tmp_path / "slept.thaw")
     try:
@@ -69,3 +69,40 @@ def test_a_sleep_that_leaves_other_sessions_out_warns_and_the_woken_engine_compu
         assert again.token_ids == want["other"] and again.cached_tokens == 0
     finally:
         awake.engine.close()
+
+
+def test_sessions_sharing_the_held_prefix_count_only_the_tokens_past_it(sleeper):
+    """The warning counts the KV left out: a session sharing the 70-token trunk with the held one leaves out only
+    its own last tokens (3 of its prompt and its 12 outputs at most)."""
+    import re
+
+    from thaw_conformance.sleep_wake import NEW_PROMPT, PARAMS
+    from thaw_mlx import SessionsNotHeld
+
+    engine = sleeper()
+    try:
+        engine.generate(PROMPTS[0], PARAMS)
+        engine.generate(NEW_PROMPT, PARAMS)
+        with pytest.warns(SessionsNotHeld, match="capture or sleep holds one sequence") as warned:
+            engine.capture(include_weights=False)
+        left = int(re.search(r"KV of 1 other sessions \((\d+) tokens past", str(warned[0].message)).group(1))
+        assert 0 < left <= 3 + PARAMS.max_tokens
+    finally:
+        engine.close()
+
+
+def test_a_capture_of_no_chains_holds_no_kv_and_does_not_warn(sleeper):
+    import warnings
+
+    from thaw_conformance.sleep_wake import NEW_PROMPT, PARAMS
+    from thaw_mlx import SessionsNotHeld
+
+    engine = sleeper()
+    try:
+        engine.generate(PROMPTS[0], PARAMS)
+        engine.generate(NEW_PROMPT, PARAMS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SessionsNotHeld)
+            assert engine.capture(include_weights=False, chains=[]).kv is None
+    finally:
+        engine.close()

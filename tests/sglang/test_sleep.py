@@ -34,9 +34,14 @@ def at_sleep():
 
 
 def test_every_option_a_file_may_set_is_an_engine_argument(thaw_sglang):
-    """SGLangEngine.launch_options names SGLang's own ServerArgs fields (start passes them to sglang.Engine)."""
+    """SGLangEngine.launch_options names SGLang's own ServerArgs fields (start passes them to sglang.Engine), no
+    revision (the model is a directory), and load formats SGLang's LoadFormat knows."""
     import inspect
 
+    from sglang.srt.configs.load_config import LoadFormat
     from sglang.srt.server_args import ServerArgs  # a msgspec Struct: its fields are its constructor's arguments
 
-    assert thaw_sglang.SGLangEngine.launch_options.keys() <= inspect.signature(ServerArgs).parameters.keys()
+    options = thaw_sglang.SGLangEngine.launch_options
+    assert options.keys() <= inspect.signature(ServerArgs).parameters.keys() and "revision" not in options
+    assert {LoadFormat(name) for name in options["load_format"].values} <= {LoadFormat.AUTO, LoadFormat.PT,
+                                                                             LoadFormat.SAFETENSORS}

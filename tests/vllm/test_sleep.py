@@ -30,13 +30,18 @@ def test_a_capture_does_not_change_as_the_engine_goes_on(vllm, zoo):
 
 
 def test_every_option_a_file_may_set_is_an_engine_argument(vllm):
-    """VLLMEngine.launch_options names vLLM's own EngineArgs fields (start passes them to vllm.LLM): no drift."""
+    """VLLMEngine.launch_options names vLLM's own EngineArgs fields (start passes them to vllm.LLM): no drift; the
+    load formats a file may set are vLLM's own loader of the model directory, no revision (the model is a directory)."""
     import dataclasses
 
     from thaw_vllm import VLLMEngine
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER as loaders
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
     assert VLLMEngine.launch_options.keys() <= {f.name for f in dataclasses.fields(EngineArgs)}
+    assert not VLLMEngine.launch_options.keys() & {"revision", "tokenizer_revision", "code_revision"}
+    assert {loaders[name] for name in VLLMEngine.launch_options["load_format"].values} == {DefaultModelLoader}
 
 
 def test_an_engine_started_with_an_argument_that_is_not_json_refuses_to_sleep(vllm):

@@ -22,9 +22,10 @@ against it and works on every engine.
 An adapter class is constructed around a native engine it is given (`SomeAdapterEngine(native)`) and has a
 classmethod `start(**kwargs)` that starts one; `launch_spec()` names that factory with JSON-able arguments, so
 that `thaw_format.sdk.fork` can start an equal engine in another process without knowing the engine. Beside it,
-the class attribute `launch_options` ({argument name: str, int, float, bool or sdk.LocalDirectory}) lists the
-arguments a snapshot file may carry, an allowlist (thaw_format.sdk.launch): `sleep` writes only these, and `wake`
-starts an engine from a file's word with only these, each a plain value of its type (a model: a local directory).
+the class attribute `launch_options` ({argument name: str, int, float, bool, sdk.LocalDirectory or
+sdk.OneOf(values...)}) lists the arguments a snapshot file may carry, an allowlist (thaw_format.sdk.launch): `sleep`
+writes only these, and `wake` starts an engine from a file's word with only these, each a plain value of its type
+(a model: a local directory; a loader: one of those reading it).
 List what an equal engine needs, never an option that names code, a plugin, a file of config, or a secret.
 
 Sampling is the format's own `thaw_format.SamplingParams` (the set every snapshot records requests in), so a

@@ -7,12 +7,13 @@ adapter class declares the few options an equal engine needs, next to its `launc
 
     launch_options = {"model": LocalDirectory, "dtype": str, "block_size": int, ...}   # name -> type of value
 
-The types are plain scalars (str, int, float, bool; None always means the engine's default) and LocalDirectory:
-a str naming a directory that exists here (a model, a tokenizer), never a hub id to fetch. `sleep` writes these
+The types are plain scalars (str, int, float, bool; None always means the engine's default), LocalDirectory: a str
+naming a directory that exists here (a model, a tokenizer), never a hub id to fetch, and OneOf(values...): one of a
+few named values (an option whose other values fetch weights from elsewhere or run a plugin). `sleep` writes these
 only (so secrets such as tokens never reach the file), and `wake` starts an engine with them only; anything else
-the caller passes again, in `overrides`: `sleep` refuses an engine started with an argument not on the list
-unless its caller names it in `given_at_wake`, and `wake` then refuses to start one unless `overrides` sets it.
-The table is the adapter's: this module knows no engine's options.
+the caller passes again, in `overrides`: `sleep` refuses an engine started with an argument not on the list unless
+its caller names it in `given_at_wake`, and `wake` then refuses to start one unless `overrides` sets it. The table
+is the adapter's: this module knows no engine's options.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ from .contract import LaunchSpec, Unsupported
 
 class LocalDirectory:
     """The type of a launch option naming a local directory: a str path to a directory that exists."""
+
+
+class OneOf:
+    """The type of a launch option with a closed set of values: OneOf("auto", "safetensors") allows those only."""
+
+    def __init__(self, *values):
+        self.values = values
+
+    def __repr__(self):
+        return f"one of {', '.join(map(repr, self.values))}"
 
 
 class RefusedLaunch(SnapshotError):
@@ -64,7 +75,7 @@ def startable_launch_spec(spec, taker: str) -> LaunchSpec:
     return spec
 
 
-def launch_options(factory: Callable) -> Mapping[str, type]:
+def launch_options(factory: Callable) -> Mapping[str, object]:
     """The options a file may set for `factory`: the `launch_options` of the class whose classmethod it is
     (MyEngine.start), or of the factory itself; none ({}) if it declares none."""
     owner = getattr(factory, "__self__", None)
@@ -84,6 +95,9 @@ def option_problem(key: str, value, options: Optional[Mapping[str, type]]) -> Op
     if kind is LocalDirectory:
         ok = isinstance(value, str) and os.path.isdir(value)
         return None if ok else f"{key}={_shown.repr(value)} (not an existing local directory)"
+    if isinstance(kind, OneOf):
+        ok = any(type(value) is type(allowed) and value == allowed for allowed in kind.values)  # True is not 1
+        return None if ok else f"{key}={_shown.repr(value)} (not {kind!r})"
     ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) if kind is float else type(value) is kind
     return None if ok else f"{key}={_shown.repr(value)} (not of type {kind.__name__})"
 
@@ -92,16 +106,24 @@ def recordable(engine_class: type, spec: LaunchSpec, given_at_wake: Collection[s
     """The launch arguments `sleep` writes: those the engine's `launch_options` names, less `given_at_wake` (the
     caller passes them to wake). Unsupported, naming each, if the engine was started with an argument the file
     cannot hold (not on that list, or not JSON-able: spec.unrecorded) that is not in `given_at_wake`, since wake
-    would start another engine without it; or if a value is not of its declared type (a directory that is gone)."""
+    would start another engine without it; or if a value is not of its declared type (a directory that is gone).
+    An argument set to None (the engine's default) is neither refused nor written. ValueError if `given_at_wake`
+    names an argument the engine was not started with (a typo)."""
     name = getattr(engine_class, "name", engine_class.__name__)
     options = getattr(engine_class, "launch_options", None) or {}
-    lost = sorted((spec.kwargs.keys() - options.keys() | spec.unrecorded) - set(given_at_wake))
+    unknown = sorted(set(given_at_wake) - spec.kwargs.keys() - spec.unrecorded)
+    if unknown:  # a typo ("hf_tokn") would be written, and wake would ask for it, while the real one was lost
+        raise ValueError(f"{name}: given_at_wake names {', '.join(map(_shown.repr, unknown))}, which the engine was "
+                         f"not started with (its arguments: {', '.join(sorted(spec.kwargs.keys() | spec.unrecorded))})"
+                         "; the engine is untouched")
+    kwargs = {key: value for key, value in spec.kwargs.items() if value is not None}  # None: the default
+    lost = sorted((kwargs.keys() - options.keys() | spec.unrecorded) - set(given_at_wake))
     if lost:
         raise Unsupported(f"{name}: was started with {', '.join(lost)}, which a snapshot file does not hold (the "
                           f"options it may: {', '.join(sorted(options)) or 'none'}), so wake would start a different "
                           f"engine; the engine is untouched. Sleep with given_at_wake={lost!r} and pass them to "
                           "wake in overrides=")
-    kept = {key: value for key, value in spec.kwargs.items() if key in options and key not in given_at_wake}
+    kept = {key: value for key, value in kwargs.items() if key in options and key not in given_at_wake}
     problems = [problem for key, value in kept.items() if (problem := option_problem(key, value, options))]
     if problems:
         raise Unsupported(f"{name}: cannot record the launch arguments {'; '.join(problems)}; the engine is "

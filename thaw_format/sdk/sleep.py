@@ -15,7 +15,9 @@ caller names that argument in `given_at_wake`, which records it by name only, an
 unless its `overrides` set it. `wake` reads and verifies the whole file before it starts any engine, starts
 one from the recorded launch spec (only a factory of thaw's own adapters, thaw_format.sdk.factories, unless the
 caller names one, and only with the options its adapter allows, unless the caller overrides them), and closes
-it again if it refuses the snapshot.
+it again if it refuses the snapshot. A record naming arguments given at wake is kept under a key of its own
+(GIVEN_AT_WAKE_KEY), which thaw versions before given_at_wake do not read: they refuse the file rather than start
+an engine without those arguments.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from .launch import RefusedLaunch, checked_launch_spec, launch_options, recordab
 
 LAUNCH_KEY = "thaw.launch_spec"  # snapshot.metadata[LAUNCH_KEY] = {"factory": "module:attribute", "kwargs": {...},
 #                                                               "given_at_wake": [names]} (the last may be absent)
+# A record with given_at_wake names goes under this key instead: thaw before given_at_wake reads LAUNCH_KEY only,
+# and would start an engine without those arguments; finding no LAUNCH_KEY it refuses ("not written by sleep").
+# Fail closed: a record an older reader cannot honour is one it does not see. Readers take either key, not both.
+GIVEN_AT_WAKE_KEY = "thaw.launch_spec.given_at_wake"
 
 
 @dataclass
@@ -64,7 +70,9 @@ def sleep(engine: Engine, path, *, given_at_wake: Collection[str] = (), durable:
     recorded, and wake would start a different engine without it: sleep refuses (Unsupported, naming each; the
     engine untouched, nothing written) unless `given_at_wake` names it. Names in `given_at_wake` (listed ones
     too: a model directory that will move) are written by name only, and wake refuses to start an engine unless
-    its `overrides` set each.
+    its `overrides` set each. Sleep knows the arguments the adapter's `launch_spec()` reports only: for vLLM,
+    those passed through thaw_vllm.engine_args(...); one given to vllm.LLM beside them is neither recorded nor
+    refused.
 
     An in-process vLLM engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) is closed by vLLM's shutdown, which also tears
     down process-wide state that other in-process vLLM engines still use: sleep those last."""
@@ -78,7 +86,8 @@ def sleep(engine: Engine, path, *, given_at_wake: Collection[str] = (), durable:
                           "does not support 'mid_stream'): finish or abort them first; the engine is untouched")
     if any(r.sampling.temperature > 0 and (r.sampling.seed is not None or r.rng_state is not None) for r in in_flight):
         require(engine, "mid_stream_seeded")  # a seeded request must resume with its generator where it was
-    snapshot.metadata[LAUNCH_KEY] = {"factory": spec.factory, "kwargs": kwargs, "given_at_wake": given_at_wake}
+    key = GIVEN_AT_WAKE_KEY if given_at_wake else LAUNCH_KEY  # one an older wake would ignore: hidden from it
+    snapshot.metadata[key] = {"factory": spec.factory, "kwargs": kwargs, "given_at_wake": given_at_wake}
     snapshot.lineage = snapshot.lineage or Lineage(created=lineage_now())  # an engine's own keeps its parent
     snapshot.lineage.label = snapshot.lineage.label or "sleep"  # what `thaw log` shows
     save(snapshot, path, durable=durable, progress=progress)
@@ -109,7 +118,7 @@ def wake(path, *, factory: Union[str, Callable, None] = None, overrides: Optiona
     kwargs = recorded.kwargs if recorded else {}
     missing = sorted(recorded.unrecorded - set(overrides or {})) if recorded else []
     if missing:
-        raise RefusedLaunch(f"{path}: the engine slept with {', '.join(missing)} given at wake (sleep's "
+        raise RefusedLaunch(f"{path}: the engine slept with {_listed(missing)} given at wake (sleep's "
                             "given_at_wake): the file does not hold them; pass them in overrides")
     start_arguments(kwargs, overrides, None)  # plain values, before an adapter (vLLM, torch...) is imported
     if start is None:
@@ -129,19 +138,30 @@ def wake(path, *, factory: Union[str, Callable, None] = None, overrides: Optiona
 
 def launch_record(snapshot: Snapshot) -> Optional[LaunchSpec]:
     """The launch spec `sleep` recorded, checked for shape (it is the file's word); None if there is none."""
-    record = snapshot.metadata.get(LAUNCH_KEY)
-    if record is None:
+    keys = [key for key in (LAUNCH_KEY, GIVEN_AT_WAKE_KEY) if key in snapshot.metadata]
+    if len(keys) > 1:
+        raise IncompatibleSnapshotError(f"metadata holds both {LAUNCH_KEY!r} and {GIVEN_AT_WAKE_KEY!r}: sleep writes "
+                                        "one launch record")
+    if not keys:
         return None
+    record = snapshot.metadata[keys[0]]
     given = record.get("given_at_wake", []) if isinstance(record, dict) else None
     if not (isinstance(record, dict) and isinstance(record.get("factory"), str)
             and isinstance(record.get("kwargs"), dict) and all(isinstance(k, str) for k in record["kwargs"])
             and isinstance(given, list) and all(isinstance(name, str) for name in given)):
-        raise IncompatibleSnapshotError(f"metadata {LAUNCH_KEY!r} must be {{'factory': str, 'kwargs': {{str: ...}}, "
+        raise IncompatibleSnapshotError(f"metadata {keys[0]!r} must be {{'factory': str, 'kwargs': {{str: ...}}, "
                                         f"'given_at_wake': [str]}}, not {reprlib.repr(record)}")
     return LaunchSpec(record["factory"], record["kwargs"], frozenset(given))
 
 
+def _listed(names: list[str], most: int = 10) -> str:
+    """A file's names for a message: each repr'd and cut (reprlib), the first `most` only."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(map(reprlib.repr, names[:most])) + more
+
+
 def _names(given_at_wake: Collection[str]) -> list[str]:
-    if isinstance(given_at_wake, str) or not all(isinstance(name, str) for name in given_at_wake):
+    names = given_at_wake if isinstance(given_at_wake, str) else list(given_at_wake)  # a generator: read once
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
         raise TypeError(f"given_at_wake is a collection of argument names (str), not {given_at_wake!r}")
-    return sorted(set(given_at_wake))
+    return sorted(set(names))
