@@ -223,7 +223,9 @@ class LaunchSpec:
     """How to start an engine equal to this one in another process: `factory` ("module:attribute", dotted
     attributes allowed) called with `kwargs` (JSON-able) returns a contract engine serving the same model.
     `unrecorded` names the arguments the engine was started with that `kwargs` cannot hold (values that are not
-    JSON-able): a start from `kwargs` alone lacks them, so `sleep` refuses unless told how wake gets them."""
+    JSON-able): a start from `kwargs` alone lacks them, so `sleep` refuses unless told how wake gets them, and a
+    process fork and the fork pools refuse it. In a launch record read from a sleep file (sleep.launch_record) it
+    names the arguments given at wake, which the file does not hold either."""
 
     factory: str
     kwargs: dict
