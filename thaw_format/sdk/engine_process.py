@@ -80,8 +80,8 @@ def lead_own_group(parent: int) -> None:
 
 def _end_group_once_orphaned(parent: int) -> None:
     """Kill this process's group once its parent `parent` is gone (it is then another's child: init's, or a
-    subreaper's), at once if it is gone already. Not prctl(PR_SET_PDEATHSIG): Linux only, and it fires when the parent's thread that started
-    this process exits, not the parent."""
+    subreaper's), at once if it is gone already. Not prctl(PR_SET_PDEATHSIG): Linux only, and it fires when the
+    parent's thread that started this process exits, not the parent."""
     while os.getppid() == parent:
         time.sleep(PARENT_CHECK_S)
     os.killpg(0, signal.SIGKILL)
@@ -94,8 +94,8 @@ class EngineProcess(subprocess.Popen):
     def __init__(self, module: str, config: dict, env: Optional[dict] = None) -> None:
         self._group_ended = threading.Event()
         self._reaped_elsewhere = False  # by another's os.wait: its exit status is lost
-        super().__init__([sys.executable, "-m", module, json.dumps({**config, "parent": os.getpid()})], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True, env=env)
+        super().__init__([sys.executable, "-m", module, json.dumps({**config, "parent": os.getpid()})],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         try:
             threading.Thread(target=self._end_group_on_exit, name=f"thaw-group-{self.pid}", daemon=True).start()
         except BaseException:  # "can't start new thread": no one would end its group, nor reap it
