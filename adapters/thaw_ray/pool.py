@@ -32,7 +32,7 @@ from ray.exceptions import RayActorError, RayError
 from thaw_format import CorruptSnapshotError
 from thaw_format.sdk.fork_round import ForkRound, RoundArguments, whole_workers
 from thaw_format.sdk.launch import startable_launch_spec
-from thaw_format.sdk.pool_slots import note_answer
+from thaw_format.sdk.pool_slots import kill_unanswered, note_answer
 from thaw_format.sdk.round_pool import RoundPool
 
 from .capture import put_capture
@@ -126,11 +126,7 @@ class RayForkPool(RoundPool):
                 else:
                     replies.append(reply)
         except BaseException:  # Ctrl-C mid-round: an actor yet to answer would still be running this round's call
-            for worker in workers[answered:]:  # each in its own try: one that fails leaves the others to be killed
-                try:  # replaced by the next round that needs it (pool_slots.finish_starts)
-                    worker.kill()
-                except Exception:  # the original exception (KeyboardInterrupt) is the caller's to see
-                    pass
+            kill_unanswered(workers[answered:])
             raise
         return replies, failures
 

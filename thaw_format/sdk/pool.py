@@ -36,7 +36,7 @@ from .engine_process import EngineProcess
 from .fork_round import ForkRound, PoolWorkerDied, RoundArguments, parent_page_size, whole_workers
 from .launch import startable_launch_spec
 from .lent import forget, open_snapshot
-from .pool_slots import MAX_DEATHS, MAX_FAILED_STARTS, SlotWorker, note_answer
+from .pool_slots import MAX_DEATHS, MAX_FAILED_STARTS, SlotWorker, kill_unanswered, note_answer
 from .round_pool import RoundPool
 
 __all__ = ["ForkPool", "ForkRound", "MAX_DEATHS", "MAX_FAILED_STARTS", "PoolWorkerDied", "parent_page_size"]
@@ -169,12 +169,8 @@ class ForkPool(RoundPool):
                 if "error" in reply:
                     failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
                 replies.append(reply)
-        except BaseException:  # Ctrl-C mid-round: a worker yet to answer would answer the next round with this one
-            for slot in slots[answered:]:  # each in its own try: one that fails leaves the others to be killed
-                try:  # replaced by the next round (finish_starts): a replacement started here, close() waited for
-                    self._workers[slot].kill()
-                except Exception:  # the original exception (KeyboardInterrupt) is the caller's to see
-                    pass
+        except BaseException:  # Ctrl-C mid-round: replaced by the next round (a replacement started here, close()
+            kill_unanswered(workers[answered:])  # waited for)
             raise
         return replies, failures
 

@@ -101,3 +101,14 @@ def replace_dead(workers: list, slot: int, error: PoolWorkerDied, closed: Callab
 def note_answer(worker) -> None:
     """The worker answered a round: its slot's deaths are no longer in a row."""
     worker.deaths = 0
+
+
+def kill_unanswered(workers) -> None:
+    """Kill the workers a round interrupted mid-way (Ctrl-C) had not heard from: each would still be running that
+    round, and answer the next with it. Each in its own try, so one that fails leaves the others to be killed,
+    and the round's own exception (KeyboardInterrupt) is the caller's to see. finish_starts replaces them."""
+    for worker in workers:
+        try:
+            worker.kill()
+        except Exception:
+            pass
