@@ -25,6 +25,7 @@ _X86_64 = {
     "crc32c_avx2.c": ["-mavx2", "-mvpclmulqdq", "-mpclmul", "-msse4.2"],
     "crc32c_avx512.c": ["-mavx512f", "-mavx512vl", "-mvpclmulqdq", "-mpclmul", "-msse4.2"],
     "pages_avx2.c": ["-mavx2"],
+    "pages_avx512.c": ["-mavx512f", "-mavx512vl", "-mvpclmulqdq", "-mpclmul", "-msse4.2"],
 }
 _ARM64 = {"cpu_arm64.c": [], "crc32c_armv8.c": ["-march=armv8-a+crc"]}
 ISA_SOURCES = {"x86_64": _X86_64, "amd64": _X86_64, "aarch64": _ARM64, "arm64": _ARM64}
@@ -111,6 +112,9 @@ int64_t thaw_gather_pages_to_file(int fd, uint64_t offset, const void *blocks, s
                                   size_t chunk_size, uint32_t *crcs, int *error);
 int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                            const int64_t *block_offsets, size_t n, const thaw_page_layout *layout);
+const char *thaw_pages_impl(void);
+const char *thaw_pages_available(void);
+int thaw_pages_select(const char *name);
 int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                                    const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                    size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk);

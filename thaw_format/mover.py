@@ -132,11 +132,13 @@ _STAGED_CHUNK_BYTES = 8 << 20
 
 
 def backend() -> str:
-    """Say which implementation moves the bytes, e.g. "libthaw 0.1 (crc32c: avx2-vpclmulqdq, 2 threads)"."""
+    """Say which implementation moves the bytes, e.g. "libthaw 0.1 (crc32c: avx2-vpclmulqdq, pages: avx2, 2
+    threads)" (pages: the transposed-tile kernel of the KV page moves)."""
     if _lib is None:
         return f"python (crc32c package); libthaw unavailable: {_UNAVAILABLE}"
     impl = _ffi.string(_lib.thaw_crc32c_impl()).decode()
-    return f"libthaw 0.1 (crc32c: {impl}, {_lib.thaw_threads()} threads)"
+    tiles = _ffi.string(_lib.thaw_pages_impl()).decode()
+    return f"libthaw 0.1 (crc32c: {impl}, pages: {tiles}, {_lib.thaw_threads()} threads)"
 
 
 def _bytes_view(data) -> memoryview:

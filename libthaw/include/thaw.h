@@ -142,7 +142,9 @@ typedef struct {
  * NULL, crcs[c] = CRC32C of out's chunk c (chunk_size bytes, the last may be short), computed in the same pass:
  * where the CRC kernel has a folding copy (x86 AVX2 with VPCLMULQDQ), the rows are plain runs of whole 128-byte
  * steps and chunk_size is a multiple of a row, in the move itself (each byte read once; rows that start 32-byte
- * aligned in out are written with streaming stores, not left in cache). Without CRCs, in a gather of 4 MiB or more,
+ * aligned in out are written with streaming stores, not left in cache); likewise for transposed 4-byte rows of
+ * whole 64-byte lines in groups of 16 (vLLM's float32 K) where the tile kernel is "avx512", the CRC32C kernel
+ * "avx512-vpclmulqdq" and chunk_size a multiple of a page (rows 64-byte aligned in out are streamed). Without CRCs, in a gather of 4 MiB or more,
  * plain rows of 256 bytes or more that start 16-byte aligned in out are streamed too. Nothing is written unless
  * every check passes. */
 int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *block_offsets, size_t n,
@@ -158,6 +160,13 @@ int64_t thaw_gather_pages(const void *blocks, size_t blocks_len, const int64_t *
 int64_t thaw_gather_pages_to_file(int fd, uint64_t offset, const void *blocks, size_t blocks_len,
                                   const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                   size_t chunk_size, uint32_t *crcs, int *error);
+/* Name of the transposed-tile kernel the page functions use: "avx512", "avx2", "sse2" or "rows" (element by
+ * element). */
+const char *thaw_pages_impl(void);
+/* Tile kernels this CPU can run, best first, comma separated. */
+const char *thaw_pages_available(void);
+/* Make `name` the page functions' tile kernel (for tests and benchmarks). 0 on success, -1 if unavailable. */
+int thaw_pages_select(const char *name);
 /* The inverse: write the n contiguous pages of `pages` into their blocks. */
 int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                            const int64_t *block_offsets, size_t n, const thaw_page_layout *layout);

@@ -134,6 +134,10 @@ crc32c_fold_rows_fn crc32c_fold_rows(void) {
     return NULL;
 }
 
+#if defined(__x86_64__) || defined(_M_X64)
+int crc32c_folds_512(void) { return kernel() == crc32c_avx512_vpclmul; }
+#endif
+
 void crc32c_fold_start(crc32c_fold *f, uint32_t raw) {
     memset(f, 0, sizeof *f);
     f->raw = raw;

@@ -37,7 +37,7 @@ uint32_t crc32c_sw(uint32_t state, const uint8_t *p, size_t n);
 void crc32c_sw_init(void);
 
 #if defined(__x86_64__) || defined(_M_X64)
-enum { CPU_SSE42 = 1, CPU_PCLMUL = 2, CPU_AVX2_VPCLMUL = 4, CPU_AVX512_VPCLMUL = 8, CPU_AVX2 = 16 };
+enum { CPU_SSE42 = 1, CPU_PCLMUL = 2, CPU_AVX2_VPCLMUL = 4, CPU_AVX512_VPCLMUL = 8, CPU_AVX2 = 16, CPU_AVX512F = 32 };
 unsigned cpu_x86_features(void);
 
 uint32_t crc32c_sse42(uint32_t state, const uint8_t *p, size_t n);
@@ -46,6 +46,9 @@ void crc32c_avx2_fold_rows(crc32c_fold *f, const uint8_t *const *src, uint8_t *c
                            size_t row_bytes, const uint8_t *after);
 uint32_t crc32c_avx2_fold_end(const crc32c_fold *f);
 uint32_t crc32c_avx512_vpclmul(uint32_t state, const uint8_t *p, size_t n);
+/* 1 where the active kernel is the AVX-512 one (a test may have selected another): pages.c's summing 16 x 16
+ * tiles fold with the same instructions, and step aside where the CRC32C kernel was chosen otherwise. */
+int crc32c_folds_512(void);
 void crc32c_sse42_init(void);
 void crc32c_avx2_vpclmul_init(void);
 void crc32c_avx512_vpclmul_init(void);

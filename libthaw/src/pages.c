@@ -52,6 +52,7 @@ typedef struct {
     int no_memory;           /* a unit found no tile: the call fails with THAW_PAGES_NO_MEMORY */
     int release;             /* batch: unmap the pages once every unit has moved (release_pages) */
     size_t units_left;       /* batch with release: units not finished yet */
+    void *summed16;          /* gather with CRCs in 16-row tiles that sum as they move (pages_crc16), or NULL */
 } page_job;
 
 /* Copy n elements of one row between the contiguous side and the strided side. */
@@ -105,34 +106,65 @@ static void move_row(uint8_t *flat, uint8_t *strided, int64_t stride_bytes, size
 
 /* A transposed group: G rows whose sources start one element apart (one dimension of G neighbouring tokens,
  * say) form a [W, G] matrix at `strided` (rows stride_bytes apart) against G flat rows of W elements. It moves
- * in G x G register transposes (SSE2, part of every x86-64; 8 x 8 AVX2 for 4-byte items where the CPU has it),
- * so both sides are read and written in 16- or 32-byte runs rather than one element per cache line; a scatter
- * of 16 such rows of 4-byte items writes whole aligned lines with streaming stores. Elsewhere the rows move one
- * by one. */
+ * in G x G register transposes (SSE2, part of every x86-64; for 4-byte items 8 x 8 in AVX2 and, gathering, 16 x 16
+ * in AVX-512 where the CPU has them), so both sides are read and written in runs of 16 bytes or more rather than
+ * one element per cache line; a scatter of 16 such rows of 4-byte items writes whole aligned lines with streaming
+ * stores. Elsewhere the rows move one by one. */
+
+/* The tile kernels, worst first: "rows" moves transposed rows element by element (the portable path). */
+enum { TILES_ROWS, TILES_SSE2, TILES_AVX2, TILES_AVX512, N_TILES };
+static const char *const tile_names[N_TILES] = {"rows", "sse2", "avx2", "avx512"};
+static int tiles_best = -1;   /* the best kernel this CPU runs; -1 until asked */
+static int tiles_active = -1; /* the kernel in use: the best, unless thaw_pages_select chose another */
+
+static int best_tiles(void) {
+    int best = __atomic_load_n(&tiles_best, __ATOMIC_RELAXED);
+    if (best >= 0) return best;
+    best = TILES_ROWS;
+#if defined(__SSE2__) && (defined(__x86_64__) || defined(_M_X64))
+    unsigned f = cpu_x86_features();
+    best = !(f & CPU_AVX2) ? TILES_SSE2 : (f & CPU_AVX512F) ? TILES_AVX512 : TILES_AVX2;
+#endif
+    __atomic_store_n(&tiles_best, best, __ATOMIC_RELAXED); /* threads racing here store the same value */
+    return best;
+}
+
+static int active_tiles(void) {
+    int active = __atomic_load_n(&tiles_active, __ATOMIC_RELAXED);
+    return active >= 0 ? active : best_tiles();
+}
+
+const char *thaw_pages_impl(void) { return tile_names[active_tiles()]; }
+
+const char *thaw_pages_available(void) {
+    static const char *const lists[N_TILES] = {"rows", "sse2,rows", "avx2,sse2,rows", "avx512,avx2,sse2,rows"};
+    return lists[best_tiles()];
+}
+
+int thaw_pages_select(const char *name) {
+    for (int k = 0; k <= best_tiles(); k++)
+        if (strcmp(tile_names[k], name) == 0) {
+            __atomic_store_n(&tiles_active, k, __ATOMIC_RELAXED);
+            return 0;
+        }
+    return -1;
+}
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
-#include "crc32c_impl.h" /* cpu_x86_features */
 #include "pages_impl.h"
-
-/* 1 where 4-byte tiles may move 8 x 8 in AVX2 (pages_avx2.c); -1 until asked. Set once per process; threads
- * racing to set it write the same value. */
-static int avx2_tiles = -1;
-
-static int have_avx2_tiles(void) {
-    if (avx2_tiles < 0) avx2_tiles = (cpu_x86_features() & CPU_AVX2) != 0;
-    return avx2_tiles;
-}
-#else
-static int have_avx2_tiles(void) { return 0; }
 #endif
 
 /* The tile sizes to try for an item size and direction, largest first (0 ends the list): 16 rows of 4-byte
- * items fill whole lines of a scatter's blocks (pages_stream16_avx2). */
+ * items fill whole lines of a scatter's blocks (pages_stream16_avx2) and are whole lines of a gather's
+ * (pages_gather16_avx512). */
 static const size_t *group_sizes(size_t itemsize, int to_flat) {
     static const size_t lines4[] = {16, 8, 4, 0}, wide4[] = {8, 4, 0}, sse4[] = {4, 0}, sse2[] = {8, 0}, none[] = {0};
-    if (itemsize == 4) return have_avx2_tiles() ? (to_flat ? wide4 : lines4) : sse4;
+    int tiles = active_tiles();
+    if (tiles == TILES_ROWS) return none;
+    if (itemsize == 4) return tiles == TILES_SSE2 ? sse4 : tiles == TILES_AVX2 && to_flat ? wide4 : lines4;
     return itemsize == 2 ? sse2 : none;
 }
 
@@ -185,7 +217,9 @@ static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_by
                        size_t g, int to_flat) {
     size_t c;
 #if defined(__x86_64__) || defined(_M_X64)
-    if (isz == 4 && g == 16) { /* a scatter's whole lines; unaligned ones go as two tiles of 8 */
+    if (isz == 4 && g == 16 && to_flat)
+        c = pages_gather16_avx512(flat, strided, stride_bytes, w);
+    else if (isz == 4 && g == 16) { /* a scatter's whole lines; unaligned ones go as two tiles of 8 */
         if (((uintptr_t)strided | (uint64_t)stride_bytes) & 63) {
             move_tiles(flat, strided, stride_bytes, w, isz, 8, to_flat);
             move_tiles(flat + 8, strided + 8 * isz, stride_bytes, w, isz, 8, to_flat);
@@ -347,6 +381,72 @@ static uint32_t move_folded(page_job *j, crc32c_fold_rows_fn fold_rows, size_t e
     return ~crc32c_fold_end(&f);
 }
 
+/* ---- a gather with CRCs of 16-row transposed tiles, summed as they move (AVX-512) ---------------------------
+ * A transposed K otherwise moves a piece with plain stores and sums it from the cache: each page line is then
+ * read into the cache before it is written, and the tiles' 16 rows, a page row (4 KiB) apart, share one set of
+ * the L1 cache. Summed in the registers, the lines go to memory with streaming stores. For whole pages of 4-byte
+ * rows of whole 64-byte lines, every row in a group of 16 neighbours, in units of whole pages. */
+
+#if defined(__x86_64__) || defined(_M_X64)
+static int summed16_fits(const page_job *j) {
+    const thaw_page_layout *l = j->layout;
+    if (!j->crcs || j->fd >= 0 || !j->to_pages || !j->order || l->itemsize != 4 || (l->row_elems * 4) % 64 ||
+        l->rows % 16 || j->unit_elems % j->page_elems || active_tiles() != TILES_AVX512 || !crc32c_folds_512())
+        return 0;
+    for (size_t k = 0; k < l->rows; k += 16)
+        for (size_t i = 1; i < 16; i++)
+            if (l->row_start[j->order[k + i]] != l->row_start[j->order[k]] + (int64_t)i) return 0;
+    return 1;
+}
+
+/* Set j->summed16 where the job fits; -1 out of memory. */
+static int summed16_start(page_job *j) {
+    j->summed16 = NULL;
+    if (!summed16_fits(j)) return 0;
+    pages_crc16 *k = malloc(sizeof *k);
+    if (!k || pages_crc16_init(k, j->layout->rows, j->layout->row_elems * 4)) {
+        free(k);
+        return -1;
+    }
+    j->summed16 = k;
+    return 0;
+}
+
+static void summed16_stop(page_job *j) {
+    if (!j->summed16) return;
+    pages_crc16_free(j->summed16);
+    free(j->summed16);
+}
+
+/* Move whole pages [e, end) and return the CRC32C of their bytes. */
+static uint32_t move_summed16(page_job *j, size_t e, size_t end) {
+    const thaw_page_layout *l = j->layout;
+    size_t w = l->row_elems, len = (end - e) * 4;
+    _Alignas(16) uint8_t unit[16] = {0}, page[16];
+    for (; e < end; e += j->page_elems) {
+        uint8_t *block = j->blocks + j->offsets[e / j->page_elems];
+        memset(page, 0, sizeof page);
+        for (size_t k = 0; k < l->rows; k += 16) {
+            uint8_t *flat[16];
+            size_t after[16];
+            for (size_t i = 0; i < 16; i++) {
+                size_t row = j->order[k + i];
+                flat[i] = j->pages + (e + row * w) * 4;
+                after[i] = l->rows - 1 - row;
+            }
+            pages_gather16_crc_avx512(flat, block + l->row_start[j->order[k]] * 4, l->col_stride * 4, j->summed16,
+                                      after, page);
+        }
+        pages_crc16_next_page(j->summed16, l->rows, unit, page);
+    }
+    return pages_crc16_end(unit, len);
+}
+#else
+static int summed16_start(page_job *j) { j->summed16 = NULL; return 0; }
+static void summed16_stop(page_job *j) { (void)j; }
+static uint32_t move_summed16(page_job *j, size_t e, size_t end) { (void)j, (void)e, (void)end; return 0; }
+#endif
+
 /* Unit i covers elements [start, end): the first lead_elems of them, then unit_elems each. */
 static size_t unit_start(const page_job *j, size_t index) {
     return index ? j->lead_elems + (index - 1) * j->unit_elems : 0;
@@ -403,6 +503,11 @@ static void unit_task(void *ctx, size_t index, int worker) {
         return;
     }
     /* One unit is one chunk, summed by the thread writing it. */
+    if (j->summed16) {
+        j->crcs[index] = move_summed16(j, start, end);
+        stream_fence(); /* the rows streamed into the pages are visible once the call returns */
+        return;
+    }
     crc32c_fold_rows_fn fold_rows = folding(j);
     if (!fold_rows) {
         j->crcs[index] = move_summed(j, start, end, 0);
@@ -572,12 +677,17 @@ static int row_order(page_job *j) {
 
 static int64_t run(page_job *j) {
     if (row_order(j)) return THAW_PAGES_NO_MEMORY;
+    if (summed16_start(j)) {
+        free(j->order);
+        return THAW_PAGES_NO_MEMORY;
+    }
     size_t units = unit_count(j);
     if (j->total_elems * j->layout->itemsize < PARALLEL_MIN) {
         for (size_t u = 0; u < units; u++) unit_task(j, u, 0);
     } else {
         pool_run(units, unit_task, j);
     }
+    summed16_stop(j);
     free(j->order);
     return j->no_memory ? THAW_PAGES_NO_MEMORY : 0;
 }

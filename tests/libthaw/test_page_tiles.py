@@ -1,0 +1,82 @@
+"""The transposed-tile kernels of the page gather and scatter (thaw_pages_select): every kernel this CPU runs
+("avx512" 16 x 16, which in a gather with chunk CRCs of whole pages also sums the rows as it moves them and
+streams them out; "avx2" 8 x 8; "sse2" 4 x 4; "rows" element by element) gives the same pages and chunk CRCs as
+numpy's indexing of vLLM's vec layout, and writes the same blocks back. Selecting a lesser kernel is how these
+tests stand in for a CPU without AVX-512: the dispatcher takes the best kernel the CPU reports, and the summing
+tiles also step aside when the CRC32C kernel in use is not the AVX-512 one."""
+
+import numpy as np
+import pytest
+
+from conftest import available_kernels, available_tiles
+from test_pages import engine, expected, shifted_out, vllm_positions
+from thaw_format import mover
+
+TILES = ("avx512", "avx2", "sse2", "rows")
+
+
+def vllm_case(block_size, heads, head_dim, role, n_pages, seed):
+    """(blocks, offsets, layout, the pages' bytes, each page's block elements): n_pages of the given vec layout,
+    blocks picked out of order."""
+    positions, block_elems = vllm_positions(block_size, heads, head_dim, role), 2 * block_size * heads * head_dim
+    blocks = engine(n_pages + 5, block_elems, 4, seed=seed)
+    picks = np.random.default_rng(seed).permutation(n_pages + 5)[:n_pages]
+    offsets = picks.astype(np.int64) * block_elems * 4
+    want = expected(blocks, block_elems, picks, positions).view(np.uint8)
+    elements = (offsets // 4)[:, None] + positions[None, :]
+    return blocks, offsets, mover.page_layout(positions, 4), want, elements
+
+
+@pytest.mark.parametrize("tiles", available_tiles())
+@pytest.mark.parametrize("role", ["k", "v"])
+@pytest.mark.parametrize("shape", [
+    (16, 3, 128),  # block 16: one tile of 16 tokens per head; 3 heads
+    (32, 5, 64),   # block 32: two tiles per head; 5 heads
+    (32, 3, 72),   # 288-byte rows, not whole 64-byte lines: tiles that move, then the pages summed
+    (24, 1, 128),  # 24 tokens: a 16-row tile and an 8-row one
+])
+@pytest.mark.parametrize("chunk_pages", [2, 0])  # chunks of two whole pages (summed as moved), or of 4 KiB
+@pytest.mark.parametrize("shift", [0, 4])       # pages aligned for streaming stores, or not
+def test_every_tile_kernel_gives_the_pages_and_crcs_of_numpy(native, select_tiles, tiles, role, shape,
+                                                            chunk_pages, shift):
+    blocks, offsets, layout, want, elements = vllm_case(*shape, role, n_pages=6, seed=sum(shape))
+    chunk = chunk_pages * layout.page_bytes or 4096
+    select_tiles(tiles)
+    raw, start, out = shifted_out(len(want), shift)
+    assert mover.gather_pages(blocks, offsets, layout, out, chunk) == mover.chunk_crcs(want, chunk)
+    assert out.tobytes() == want.tobytes()
+    assert not raw[:start].any() and not raw[start + len(want) :].any()
+    restored = np.zeros_like(blocks)
+    mover.scatter_pages(want, restored, offsets, layout)
+    assert restored[elements.ravel()].view(np.uint8).tobytes() == want.tobytes()
+    untouched = np.ones(restored.size, bool)
+    untouched[elements.ravel()] = False
+    assert not restored[untouched].any()
+
+
+@pytest.mark.parametrize("tiles", available_tiles())
+@pytest.mark.parametrize("kernel", sorted({"software"} | set(available_kernels()[:1])))
+def test_a_threaded_gather_of_vllms_k_is_the_same_under_every_tile_and_crc_kernel(native, select_tiles,
+                                                                                   select_kernel, tiles, kernel):
+    """The bench's shape (block 32, 8 heads x 128 float32), 40 pages (5 MiB: the thread pool), 1 MiB chunks of
+    whole pages: under each tile kernel, and with the CRC32C kernel the summing tiles need or another."""
+    blocks, offsets, layout, want, _ = vllm_case(32, 8, 128, "k", n_pages=40, seed=9)
+    select_tiles(tiles)
+    select_kernel(kernel)
+    out = np.zeros_like(want)
+    assert mover.gather_pages(blocks, offsets, layout, out, 1 << 20) == mover.chunk_crcs(want, 1 << 20)
+    assert out.tobytes() == want.tobytes()
+
+
+def test_the_best_tile_kernel_is_the_default_and_only_listed_kernels_are_selected(native, select_tiles):
+    ffi, lib = native
+    impl = lambda: ffi.string(lib.thaw_pages_impl()).decode()  # noqa: E731
+    available = available_tiles()
+    assert impl() == available[0]
+    assert available == [name for name in TILES if name in available] and available[-1] == "rows"
+    for name in available:
+        select_tiles(name)
+        assert impl() == name
+    for name in [n for n in TILES if n not in available] + ["avx1024", ""]:
+        assert lib.thaw_pages_select(name.encode()) == -1
+        assert impl() == available[-1]
