@@ -22,7 +22,7 @@ unsigned cpu_x86_features(void) {
     int vpclmul = (c & bit_VPCLMULQDQ) != 0;
     if (ymm && (b & bit_AVX2)) features |= CPU_AVX2;
     if (ymm && vpclmul && (b & bit_AVX2)) features |= CPU_AVX2_VPCLMUL;
-    if (zmm && (b & bit_AVX512F)) features |= CPU_AVX512F;
+    if (zmm && (b & bit_AVX512F) && (b & bit_AVX512VL)) features |= CPU_AVX512;
     if (zmm && vpclmul && (b & bit_AVX512F) && (b & bit_AVX512VL)) features |= CPU_AVX512_VPCLMUL;
     return features;
 }

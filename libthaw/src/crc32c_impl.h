@@ -37,7 +37,8 @@ uint32_t crc32c_sw(uint32_t state, const uint8_t *p, size_t n);
 void crc32c_sw_init(void);
 
 #if defined(__x86_64__) || defined(_M_X64)
-enum { CPU_SSE42 = 1, CPU_PCLMUL = 2, CPU_AVX2_VPCLMUL = 4, CPU_AVX512_VPCLMUL = 8, CPU_AVX2 = 16, CPU_AVX512F = 32 };
+/* CPU_AVX512: AVX-512F and VL */
+enum { CPU_SSE42 = 1, CPU_PCLMUL = 2, CPU_AVX2_VPCLMUL = 4, CPU_AVX512_VPCLMUL = 8, CPU_AVX2 = 16, CPU_AVX512 = 32 };
 unsigned cpu_x86_features(void);
 
 uint32_t crc32c_sse42(uint32_t state, const uint8_t *p, size_t n);

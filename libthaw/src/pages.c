@@ -123,7 +123,7 @@ static int best_tiles(void) {
     best = TILES_ROWS;
 #if defined(__SSE2__) && (defined(__x86_64__) || defined(_M_X64))
     unsigned f = cpu_x86_features();
-    best = !(f & CPU_AVX2) ? TILES_SSE2 : (f & CPU_AVX512F) ? TILES_AVX512 : TILES_AVX2;
+    best = !(f & CPU_AVX2) ? TILES_SSE2 : (f & CPU_AVX512) ? TILES_AVX512 : TILES_AVX2;
 #endif
     __atomic_store_n(&tiles_best, best, __ATOMIC_RELAXED); /* threads racing here store the same value */
     return best;

@@ -1,7 +1,7 @@
 /* pages.c's transposed gather tile for 4-byte elements in AVX-512: 16 strided rows of one whole 64-byte line
  * each (16 tokens of a vLLM float32 K row) to 16 flat rows per 16 x 16 register transpose, and a variant that
  * also sums what it writes into the CRC32C of its pages (VPCLMULQDQ), so that the pages can be written with
- * streaming stores and never read back. pages.c calls them only where cpu_x86_features() reports AVX-512F
+ * streaming stores and never read back. pages.c calls them only where cpu_x86_features() reports AVX-512F and VL
  * (and the CRC32C kernel in use is the AVX-512 one, for the summing variant). Built with -mavx512f -mavx512vl
  * -mvpclmulqdq -mpclmul -msse4.2. */
 #include <stdlib.h>

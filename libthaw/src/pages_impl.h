@@ -14,7 +14,7 @@ size_t pages_tiles8_avx2(uint8_t *const *flat, uint8_t *strided, int64_t stride_
  * multiple of 8). The caller fences. Needs AVX2. */
 size_t pages_stream16_avx2(uint8_t *const *flat, uint8_t *strided, int64_t stride_bytes, size_t w);
 /* Gather the [w, 16] matrix at `strided` (rows stride_bytes apart, each one 64-byte run) into 16 flat rows of w
- * 4-byte elements, in 16 x 16 tiles; returns the columns moved (a multiple of 16). Needs AVX-512F. */
+ * 4-byte elements, in 16 x 16 tiles; returns the columns moved (a multiple of 16). Needs AVX-512F and VL. */
 size_t pages_gather16_avx512(uint8_t *const *flat, const uint8_t *strided, int64_t stride_bytes, size_t w);
 
 /* The fold constants of pages_gather16_crc_avx512 for pages of `rows` rows of row_bytes (a multiple of 64):
