@@ -103,7 +103,7 @@ def parent_phase(driver: Driver, arch: str, workdir: Path, workload: Workload) -
 
 def _sleep(engine: Engine, arch: str, w: Workload, workdir: Path) -> dict:
     """Put the parent to sleep with requests in flight (thaw_conformance.sleep_wake); the child phase wakes it. Two
-    requests, or one where the adapter's snapshot holds one sequence (MLX: sleep refuses two, the engine serving).
+    requests, or one where the adapter's snapshot resumes one request (MLX: sleep refuses two, the engine serving).
     The record's "closed": sleep closed the engine (or tried to), so the parent must not close it again (a failed
     save or a refusal leaves it open)."""
     if w.fork_archs is not None and arch not in w.fork_archs:
