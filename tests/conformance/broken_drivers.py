@@ -138,17 +138,6 @@ class Minimal(ToyThawEngine):
     submit = step = finish = progress = abort = fork = launch_spec = page_size = None
 
 
-class LargePages(ToyThawEngine):
-    """Says its pages hold 128 tokens, more than the sleep check's trunk: no restored page could be seen read."""
-
-    def page_size(self):
-        return 128
-
-    def launch_spec(self):
-        spec = super().launch_spec()
-        return type(spec)(f"{__name__}:LargePages.start", spec.kwargs)  # woken as itself
-
-
 class BusyIdsNotStr(ToyThawEngine):
     """submit() returns an int id when a request is already in flight (a counter leaking out): only a sleep with
     two requests in flight breaks the contract."""
@@ -277,10 +266,6 @@ def abort_returns_nothing():
 
 def minimal():
     return _factory(Minimal, capabilities={"seeded"})()
-
-
-def large_pages():
-    return _factory(LargePages)()
 
 
 def busy_ids_not_str():
