@@ -4,7 +4,10 @@ A capture cuts the computed tokens of each sequence it holds into pages and adds
 is there already (the same tokens after the same page) is shared, so a prefix several sessions share is written
 once, from the first sequence that holds it, and each later sequence adds its pages from the first one the tree
 lacks (all the pages after it are new too: their parent is). Only the last page of a sequence may be partial,
-so no partial page is ever a parent.
+so no partial page is ever a parent. A shared page is identified by its tokens, as vLLM's and SGLang's prefix
+caches identify theirs: a request starts from a copy of a held prefix's KV, so sessions that share a prefix share
+its bytes; two requests in flight together compute the same prefix apart (byte-equal in every check here:
+llama, qwen2, gemma2, bf16, prompts of 73 and 95 tokens), and the first sequence's bytes are written.
 
 A restore makes a session of each branch of the tree (a leaf's chain), as vLLM and SGLang rebuild their prefix
 caches from it, besides the request in flight it resumes, whose pages are its own.

@@ -95,6 +95,16 @@ def test_every_session_is_restored_byte_for_byte_and_serves_as_on_the_parent(par
     assert cached == [len(p) - len(TAIL) - 1 for p, _ in want[:3]] + [len(TRUNK)]  # each session's whole KV
 
 
+def test_a_shared_capture_gathers_every_session_s_pages_straight_into_the_segment(model_of):
+    """capture_shared gathers the pages of several sessions into the segment (one run each, their chunk CRCs
+    summed once all have moved): a restore_source, every chunk checked, holds each session byte for byte."""
+    model = model_of("llama-kv")
+    parent = serve(MLXEngine(model))
+    child = MLXEngine(model)
+    child.restore_source(parent.capture_shared())
+    assert held_kv(model, child) == held_kv(model, parent) and len(child.sessions) == 3
+
+
 def test_a_damaged_chunk_leaves_the_target_engine_as_it_was(parent, model_of, saved):
     _, snapshot, _, _ = parent
     model = model_of("llama-kv")
