@@ -10,7 +10,9 @@ its bytes; two requests in flight together compute the same prefix apart (byte-e
 llama, qwen2, gemma2, bf16, prompts of 73 and 95 tokens), and the first sequence's bytes are written.
 
 A restore makes a session of each branch of the tree (a leaf's chain), as vLLM and SGLang rebuild their prefix
-caches from it, besides the request in flight it resumes, whose pages are its own.
+caches from it, and of each finished request that names its pages, besides the request in flight it resumes,
+whose pages are its own. A session that ends on a page of the request in flight has no leaf: the capture names
+it as a finished request (ends_inside).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Optional
 from thaw_format import PrefixTree, Request, SamplingParams
 
 REQUEST_ID = "mlx-0"  # the id of a session's request in a snapshot, and of one made for a branch
+INSIDE_ID = "mlx-session"  # the finished request of a session ending inside the request in flight (ends_inside)
 
 
 def tree_of(sequences: list[list[int]], page_size: int) -> tuple[PrefixTree, list[list[int]], list[int]]:
@@ -51,9 +54,21 @@ def branch_request(tree: PrefixTree, leaf: int) -> Request:
                    sampling=SamplingParams(temperature=0.0), num_computed_tokens=len(tokens), pages=tree.chain(leaf))
 
 
-def engine_sequences(tree: PrefixTree, pending: Optional[Request]) -> list[Request]:
+def ends_inside(chains: list[list[int]]) -> Optional[int]:
+    """The longest sequence after the first whose pages all lie on the first's chain, or None. When the first
+    is the request in flight, whose branch a restore resumes rather than makes a session of, that sequence ends
+    at a page the tree shows no end at: the capture lists it as a finished request (the shorter ones are
+    prefixes of it, and so served from its session)."""
+    inside = [i for i in range(1, len(chains)) if chains[i] == chains[0][: len(chains[i])]]
+    return max(inside, key=lambda i: len(chains[i]), default=None)
+
+
+def engine_sequences(tree: PrefixTree, pending: Optional[Request], finished: list[Request]) -> list[Request]:
     """What MLXEngine restores of a tree, each as a request naming its pages: the request in flight (`pending`)
-    first, if any, then a session for each branch that does not end in the request's pages."""
+    first, if any, then a session for each branch that ends in none of the listed requests' pages, then one for
+    each `finished` request that names pages, last (an MLX capture lists its latest session there, or the one
+    ending inside the request in flight: ends_inside), so that the engine's latest session is the parent's."""
     own = [pending] if pending is not None else []
-    ends = {tuple(r.pages) for r in own}
-    return own + [branch_request(tree, leaf) for leaf in tree.leaves() if tuple(tree.chain(leaf)) not in ends]
+    listed = [r for r in finished if r.pages]
+    ends = {tuple(r.pages) for r in own + listed}
+    return own + [branch_request(tree, leaf) for leaf in tree.leaves() if tuple(tree.chain(leaf)) not in ends] + listed

@@ -33,7 +33,7 @@ from . import _internals
 from .identity import check_snapshot_model, checked_info, model_dtype, model_weights
 from .pages import (Paging, check_layer, check_whole, decode_layer, encode_layer, fill_checked, layer_dtype,
                     num_cached_tokens, scatter_targets)
-from .prefix_tree import REQUEST_ID, branch_request, engine_sequences, tree_of
+from .prefix_tree import INSIDE_ID, REQUEST_ID, branch_request, engine_sequences, ends_inside, tree_of
 
 
 
@@ -133,7 +133,8 @@ def snapshot_of_cache(
                 num_computed_tokens=offset,
                 pages=chains[0],
                 rng_state=rng_state,
-            )
+            ),
+            *_inside_request(computed, chains, [tokens] + [seq for _, seq in others], finished),
         ]),
         engine=EngineInfo(
             name="mlx-lm",
@@ -143,6 +144,17 @@ def snapshot_of_cache(
         ),
         lineage=lineage,
     )
+
+
+def _inside_request(computed: list[list[int]], chains: list[list[int]], tokens: list, finished: bool) -> list:
+    """The finished request (none or one) of the session ending inside the chain of the request in flight, the
+    first sequence (prefix_tree.ends_inside): a restore makes a session of it, which the tree alone does not show."""
+    inside = None if finished else ends_inside(chains)
+    if inside is None:
+        return []
+    return [Request(id=INSIDE_ID, status="finished", prompt_token_ids=[int(t) for t in tokens[inside]],
+                    output_token_ids=[], sampling=SamplingParams(temperature=0.0),
+                    num_computed_tokens=len(computed[inside]), pages=chains[inside])]
 
 
 def _computed(prompt_cache: list, tokens: Sequence[int]) -> list[int]:
@@ -246,11 +258,12 @@ def _check_chain(snapshot: Snapshot, request: Request) -> None:
 
 def engine_requests(snapshot: Snapshot, pending: Optional[Request]) -> list[Request]:
     """The sequences MLXEngine restores, each a request naming its pages: `pending` (the request in flight it
-    resumes, if any), then a session per branch of the prefix tree (prefix_tree.engine_sequences); a snapshot
-    without a tree holds its one sequence (session_request)."""
+    resumes, if any), then a session per branch of the prefix tree and per finished request naming its pages
+    (prefix_tree.engine_sequences); a snapshot without a tree holds its one sequence (session_request)."""
     if snapshot.prefix is None or not snapshot.prefix.num_pages:
         return [session_request(snapshot)]
-    return engine_sequences(snapshot.prefix, pending)
+    listed = snapshot.scheduler.requests if snapshot.scheduler is not None else []
+    return engine_sequences(snapshot.prefix, pending, [r for r in listed if r.status == "finished"])
 
 
 def _share(cache):
@@ -293,12 +306,14 @@ def snapshot_tokens(snapshot: Snapshot) -> list[int]:
 
 
 def session_request(snapshot: Snapshot) -> Request:
-    """The snapshot's one sequence: its one request or, for a snapshot of an idle engine's prefix cache (no
-    requests, as vLLM and SGLang write), the one chain of its prefix tree, every token of it computed. A tree
-    of several branches is for MLXEngine.restore, which makes a session of each."""
+    """The snapshot's one sequence: its one request, or its one request in flight beside finished ones (an MLX
+    engine's capture lists a session that ends inside it), or, for a snapshot of an idle engine's prefix cache
+    (no requests, as vLLM and SGLang write), the one chain of its prefix tree, every token of it computed. A
+    tree of several branches is for MLXEngine.restore, which makes a session of each."""
     requests = snapshot.scheduler.requests if snapshot.scheduler is not None else []
-    if len(requests) == 1:
-        return requests[0]
+    in_flight = [r for r in requests if r.status != "finished"]
+    if len(requests) == 1 or len(in_flight) == 1:
+        return requests[0] if len(requests) == 1 else in_flight[0]
     leaves = snapshot.prefix.leaves() if snapshot.prefix is not None and not requests else []
     if len(leaves) == 1:
         return branch_request(snapshot.prefix, leaves[0])

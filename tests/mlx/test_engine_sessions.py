@@ -88,6 +88,7 @@ def test_every_session_is_restored_byte_for_byte_and_serves_as_on_the_parent(par
     _, snapshot, kv, want = parent
     engine = restored(snapshot)
     assert held_kv(model_of("llama-kv"), engine) == kv
+    assert engine.sessions[-1].tokens[:40] == PROMPTS[2]  # the latest, as on the parent: a capture's request
     for prompt, expected in want:
         got = engine.generate(prompt, PARAMS)
         assert (got.token_ids, got.cached_tokens) == (expected.token_ids, expected.cached_tokens)
@@ -186,3 +187,28 @@ def test_quantized_sessions_are_held_together_and_one_laid_out_otherwise_is_warn
     child.restore(snapshot)
     assert {type(s.cache[0]).__name__ for s in child.sessions} == {"QuantizedKVCache"}
     assert held_kv(model, child) == {k: v for k, v in held_kv(model, engine).items() if list(k[:40]) != plain}
+
+
+def test_a_session_ending_on_a_page_of_the_request_in_flight_is_restored(model_of):
+    """A finished session whose cached tokens end on a page boundary inside the chain of the request in flight has
+    no leaf of its own: the capture lists it (a finished request naming its pages), so the restored engine serves
+    its prefix with the parent's cached-token count, and holds it as the latest session, as the parent did."""
+    model = model_of("llama-kv")
+    engine = MLXEngine(model)
+    engine.generate(tokens(57, seed=1), PARAMS)
+    (session,) = engine.sessions
+    assert thaw_mlx.num_cached_tokens(session.cache) == 64  # two full pages, nothing past them
+    rid = engine.submit(session.tokens + tokens(5, seed=3), greedy(20))
+    for _ in range(3):
+        engine.step()
+    probe = session.tokens[:64] + TAIL
+    want = engine.generate(probe, greedy(2))
+    engine.sessions.pop()
+    snapshot = engine.capture(include_weights=False)
+    child = MLXEngine(model)
+    (resumed,) = child.restore(snapshot)
+    assert resumed.request_id == rid and [s.tokens for s in child.sessions] == [session.tokens]
+    got = child.generate(probe, greedy(2))
+    assert (got.token_ids, got.cached_tokens) == (want.token_ids, want.cached_tokens) == (want.token_ids, 64)
+    cache = thaw_mlx.restore(model, snapshot)  # the functional API reads the request in flight
+    assert thaw_mlx.num_cached_tokens(cache) == snapshot.scheduler.requests[0].num_computed_tokens
