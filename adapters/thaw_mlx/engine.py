@@ -24,7 +24,8 @@ from typing import Optional, Sequence
 
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from thaw_format import IncompatibleSnapshotError, ModelInfo, Request, SamplingParams, Snapshot
+from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, ModelInfo, Request, SamplingParams, Snapshot
+from thaw_format.document import validate
 from thaw_format.sdk import (DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, LocalDirectory, Progress, Resumed,
                              Unsupported, fork, pending_requests)
 from thaw_format.sdk.contract import check_params
@@ -306,7 +307,10 @@ class MLXEngine(SharedKV):
     def _checked(self, snapshot: Snapshot) -> tuple[list[Request], Optional[tuple]]:
         """Every check a restore makes of what the snapshot holds (model, cache layout, the pages and layers of
         each sequence, its request in flight and sampler), nothing built: the sequences (engine_requests: the
-        request in flight first, if any, then a session per branch of the prefix tree) and _pending's answer."""
+        request in flight first, if any, then a session per branch of the prefix tree) and _pending's answer. The
+        format's structural rules come first (a page's parent before it, only a leaf partial, each request's pages
+        the tree's): a file's reader checked them, a Snapshot built in memory has met none."""
+        validate(snapshot, CorruptSnapshotError)
         check_snapshot_model(self.model, snapshot, info=self.info)
         check_cache_layout(self.model, snapshot)
         pending = _pending(snapshot)

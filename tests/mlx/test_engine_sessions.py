@@ -212,3 +212,33 @@ def test_a_session_ending_on_a_page_of_the_request_in_flight_is_restored(model_o
     assert (got.token_ids, got.cached_tokens) == (want.token_ids, want.cached_tokens) == (want.token_ids, 64)
     cache = thaw_mlx.restore(model, snapshot)  # the functional API reads the request in flight
     assert thaw_mlx.num_cached_tokens(cache) == snapshot.scheduler.requests[0].num_computed_tokens
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("cycle", r"prefix page 2: parent 4 must be -1 or an earlier page"),
+    ("missing parent", r"prefix page 4: parent 99 must be -1 or an earlier page"),
+    ("partial page inside a chain", r"prefix page 3: continued by another page, so it must be full \(32 tokens\)"),
+])
+def test_a_malformed_tree_in_memory_is_refused_by_the_format_s_rules_before_anything_changes(
+        parent, model_of, fault, message):
+    """The rules a file's reader checks (a page's parent comes before it, only a leaf is partial) are checked of a
+    Snapshot in memory too, before the target engine changes: a KV-only tree of the parent's three sessions."""
+    import copy
+
+    _, snapshot, _, _ = parent
+    tree = copy.deepcopy(snapshot.prefix)
+    assert tree.parents == [-1, 0, -1, 2, 3, 3]  # the latest session's 2 pages, the trunk's 2 and 2 branches
+    if fault == "cycle":
+        tree.parents[2] = 4
+    elif fault == "missing parent":
+        tree.parents[4] = 99
+    else:  # pages of 32, 20 and 20 tokens: the KV of the third would be read as if it followed 32
+        tree.tokens[3] = tree.tokens[3][:20]
+    bad = thaw_format.Snapshot(model=snapshot.model, weights=None, kv=snapshot.kv, prefix=tree)
+    model = model_of("llama-kv")
+    target = serve(MLXEngine(model), [tokens(50, seed=11)])
+    before = held_kv(model, target)
+    for call in (target.check, target.restore):
+        with pytest.raises(CorruptSnapshotError, match=message):
+            call(bad)
+    assert held_kv(model, target) == before
