@@ -254,6 +254,8 @@ class MLXEngine(SharedKV):
             first, rest = self.sessions[-1], self.sessions[:-1]
         else:
             return [], None
+        if not num_cached_tokens(first.cache):  # submitted, nothing computed: capture refuses it (ValueError),
+            return [(first.tokens, first.cache)], request  # and no other session is left out for its layout
         kind = [paged_kind(c) for c in first.cache]
         alike = [s for s in rest if None not in kind and [paged_kind(c) for c in s.cache] == kind]
         held = [(first.tokens, first.cache)] + [(s.tokens, s.cache) for s in alike]

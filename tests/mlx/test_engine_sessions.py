@@ -242,3 +242,14 @@ def test_a_malformed_tree_in_memory_is_refused_by_the_format_s_rules_before_anyt
         with pytest.raises(CorruptSnapshotError, match=message):
             call(bad)
     assert held_kv(model, target) == before
+
+
+def test_a_capture_of_a_request_submitted_with_nothing_cached_is_refused_without_a_false_warning(model_of):
+    """A request submitted, none of its prompt held nor computed: the capture refuses it (ValueError, as before
+    every session was held), with no SessionsNotHeld blaming ring or recurrent layers the model does not have."""
+    engine = serve(MLXEngine(model_of("llama-kv")), PROMPTS[:1])
+    engine.submit(tokens(30, seed=5), PARAMS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SessionsNotHeld)
+        with pytest.raises(ValueError, match="the cache holds 0 tokens"):
+            engine.capture(include_weights=False)
