@@ -6,7 +6,8 @@ tokens, and the engine is put to sleep in a file, which closes it. A new engine 
 requests beside them (their ids must not be restored ones': a fresh engine's id counter starts again), then
 finishes all: the resumed ones with exactly the token ids they got alone, the engine's own cached-token count
 showing that they read the restored pages, and the new ones with the tokens they get alone. The trunk is two
-full pages of the engine's and a partial one (trunk_for), so that the count shows it at any page size.
+full pages of the engine's and a partial one, or 70 tokens where longer (trunk_for), so that the count shows it
+at any page size.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ def tokens(n: int, seed: int) -> list[int]:
 
 
 def trunk_for(page_size: int) -> list[int]:
-    """Two full pages of `page_size` tokens and a partial one (70 tokens at 32): an engine's cached-token count
-    for a prompt extending it shows whether restored pages were read, whatever the engine's page size."""
-    return tokens(2 * page_size + max(1, page_size // 5), seed=1)  # the same ids at any size, only more of them
+    """Two full pages of `page_size` tokens and a partial one, or 70 tokens where that is longer (two pages of 32
+    and a partial one: an engine of small pages restores many): an engine's cached-token count for a prompt
+    extending it shows whether restored pages were read, whatever the engine's page size."""
+    return tokens(max(70, 2 * page_size + max(1, page_size // 5)), seed=1)  # the same ids, only more of them
 
 
 def in_flight_on(trunk_ids: list[int]) -> list[list[int]]:

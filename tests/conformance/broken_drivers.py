@@ -138,6 +138,20 @@ class Minimal(ToyThawEngine):
     submit = step = finish = progress = abort = fork = launch_spec = page_size = None
 
 
+class WakesSayingLargePages(ToyThawEngine):
+    """Sleeps with pages of 4 tokens (the sleep check's trunk is 70) and wakes as an engine that says its pages hold
+    128: no restored page could be seen read in the woken engine's cached-token count."""
+
+    def launch_spec(self):
+        spec = super().launch_spec()
+        return type(spec)(f"{__name__}:SaysLargePages.start", spec.kwargs)
+
+
+class SaysLargePages(ToyThawEngine):
+    def page_size(self):
+        return 128
+
+
 class BusyIdsNotStr(ToyThawEngine):
     """submit() returns an int id when a request is already in flight (a counter leaking out): only a sleep with
     two requests in flight breaks the contract."""
@@ -266,6 +280,10 @@ def abort_returns_nothing():
 
 def minimal():
     return _factory(Minimal, capabilities={"seeded"})()
+
+
+def wakes_saying_large_pages():
+    return _factory(WakesSayingLargePages)()
 
 
 def busy_ids_not_str():

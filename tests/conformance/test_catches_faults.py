@@ -31,6 +31,14 @@ def test_a_sleep_that_loses_a_request_in_flight_is_caught(run_worker):
     assert "resumed 1 requests, not the 2 in flight at sleep" in results["toy", "sleep_wake"]["detail"]
 
 
+def test_a_sleep_check_that_cannot_see_restored_pages_fails(run_worker):
+    """A woken engine whose pages are longer than the trunk the sleeper's were sized for: its cached-token count
+    proves nothing, so not passed."""
+    results = run_worker("broken_drivers:wakes_saying_large_pages")
+    assert statuses(results)["sleep_wake"] == "failed"
+    assert "(128 tokens) is longer than the 70-token trunk" in results["toy", "sleep_wake"]["detail"]
+
+
 def test_a_contract_rule_broken_only_by_sleep_fails_the_sleep_check(run_worker):
     results = run_worker("broken_drivers:busy_ids_not_str")
     assert statuses(results)["sleep_wake"] == "failed" and statuses(results)["continuation_greedy"] == "passed"
