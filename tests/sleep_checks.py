@@ -4,7 +4,7 @@ with these same functions, and wakes in the test's: the file carries the engine 
 itself (what runs before the sleep, what a woken engine must do) is thaw_conformance.sleep_wake, which the
 conformance suite runs too.
 
-Two greedy requests sharing a trunk (one on MLX, whose snapshot holds one sequence) are in flight when the engine
+Two greedy requests sharing a trunk (one on MLX, whose snapshot resumes one request) are in flight when the engine
 sleeps; the woken engine finishes them exactly, beside new requests. A woken engine may also sleep again before
 finishing: the next one finishes them exactly. And a capture taken mid-stream does not change as the engine goes
 on (it holds none of the engine's own lists or arrays).

@@ -3,9 +3,12 @@
 mlx-lm has no server and no prefix cache: the engine is a model plus its sessions (token ids + prompt cache).
 A request starts from a copy of the KV of the longest prefix of its prompt that a session holds, as a prefix
 cache would, and its cached-token count is that prefix's length. Several requests may be in flight: each step
-advances each by one token over its own cache, so each gets exactly the tokens it gets alone; a snapshot holds
-one sequence (one chain, or the one request in flight, else the latest session: the other sessions' KV is not
-in it, and a capture of the whole engine warns, SessionsNotHeld, when it leaves one out). Sampling goes through
+advances each by one token over its own cache, so each gets exactly the tokens it gets alone. A capture of the
+whole engine holds every session and the request in flight (at most one), as one prefix tree whose shared pages
+are written once (thaw_mlx.prefix_tree), and a restore makes a session of each branch: a woken engine serves
+every prefix the parent held from its pages. A model with ring (sliding window) or recurrent layers holds one
+sequence's state per layer: its capture keeps one, and warns (SessionsNotHeld) for the sessions it leaves out.
+`chains=[tokens]` holds that chain's longest held prefix only. Sampling goes through
 thaw_mlx.Sampler, whose PRNG key a snapshot keeps. A model loaded from a checkpoint
 (`MLXEngine.start(checkpoint=...)`) is identified by that checkpoint, as vLLM and SGLang identify theirs, so that
 snapshots cross engines; its config's EOS ids end a request that does not ignore EOS.
@@ -21,7 +24,8 @@ from typing import Optional, Sequence
 
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from thaw_format import ModelInfo, Request, SamplingParams, Snapshot
+from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, ModelInfo, Request, SamplingParams, Snapshot
+from thaw_format.document import validate
 from thaw_format.sdk import (DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, LocalDirectory, Progress, Resumed,
                              Unsupported, fork, pending_requests)
 from thaw_format.sdk.contract import check_params
@@ -30,12 +34,12 @@ from thaw_format.sdk.request_ids import RequestIds
 from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owned_segment
 from thaw_format.sdk.tokens import common_prefix_length
 
-from .files import deferring, fill_of, load
+from .files import deferring, fill_of, mapped_snapshot
 from .generate import generate
 from .identity import check_snapshot_model, checked_info, model_info
-from .pages import moved_buffers, num_cached_tokens
-from .sampling import Sampler, sampler_of
-from .session import cache_of_checked, capture, check_cache_layout, check_snapshot_kv, restore, snapshot_tokens
+from .pages import moved_buffers, num_cached_tokens, paged_kind
+from .sampling import Sampler, request_sampler
+from .session import caches_of_checked, capture, check_cache_layout, check_sequences_kv, engine_requests, restore
 
 
 def _mlx_lm_config(hf_config: dict) -> dict:
@@ -95,10 +99,11 @@ class _Request:
 
 
 class SessionsNotHeld(UserWarning):
-    """A capture of the whole engine (no chains) holds one sequence, and the engine held the KV of other sessions
-    too: an engine restored from the snapshot (a woken one) serves their prefixes by computing them again, with
-    the same tokens but no cached tokens. The MLX format path (thaw_mlx.session) reads and writes one chain; to
-    keep a given prefix, capture it by name (chains=[tokens])."""
+    """A capture of the whole engine (no chains) left out the KV of some sessions: those of a model with ring
+    (sliding window) or recurrent layers, whose snapshot holds one sequence's state per layer, or a session whose
+    cache is laid out otherwise than the one captured (another quantization). An engine restored from the
+    snapshot (a woken one) serves their prefixes by computing them again, with the same tokens but no cached
+    tokens; to keep a given prefix, capture it by name (chains=[tokens])."""
 
 
 class MLXEngine(SharedKV):
@@ -231,37 +236,45 @@ class MLXEngine(SharedKV):
 
     # --- state ---
 
-    def _current(self, chains) -> Optional[tuple[list[int], list, Optional[_Request]]]:
-        """What a snapshot holds (tokens, cache, the request if one in flight): the KV of `chains`, else the one
-        request in flight, else the latest session served; None for no KV (chains=[], or nothing served)."""
-        if chains is not None and not chains:
-            return None
-        if chains:
-            chain = [int(t) for t in chains[0]]
-            held = self._held(chain, len(chain))
-            return None if held is None else (*held, None)
+    def _current(self, chains) -> tuple[list[tuple[list[int], list]], Optional[_Request]]:
+        """What a snapshot holds: (tokens, cache) of each sequence, the first written as its request, and that
+        request if it is one in flight; no sequence for no KV (chains=[], or nothing served). With `chains`, the
+        KV of the chain; else the one request in flight, or else the latest session, then every other session
+        whose cache is paged as its is (pages.paged_kind: not one of a ring or recurrent layer)."""
+        if chains is not None:
+            held = self._held([int(t) for t in chains[0]], len(chains[0])) if chains else None
+            return ([] if held is None else [held]), None
         if len(self.running) > 1:
-            raise Unsupported(f"an MLX snapshot holds one sequence; {len(self.running)} requests are in flight: "
-                              "capture one chain, or finish them first")
-        if self.running:
-            request = next(iter(self.running.values()))
-            current = request.session.tokens, request.session.cache, request
+            raise Unsupported(f"an MLX snapshot holds at most one request in flight; {len(self.running)} are in "
+                              "flight: capture one chain, or finish them first")
+        request = next(iter(self.running.values()), None)
+        if request is not None:
+            first, rest = request.session, self.sessions
+        elif self.sessions:
+            first, rest = self.sessions[-1], self.sessions[:-1]
         else:
-            current = None if not self.sessions else (self.sessions[-1].tokens, self.sessions[-1].cache, None)
-        self._warn_left_out(current[0] if current else [])
-        return current
+            return [], None
+        if not num_cached_tokens(first.cache):  # submitted, nothing computed: capture refuses it (ValueError),
+            return [(first.tokens, first.cache)], request  # and no other session is left out for its layout
+        kind = [paged_kind(c) for c in first.cache]
+        alike = [s for s in rest if None not in kind and [paged_kind(c) for c in s.cache] == kind]
+        held = [(first.tokens, first.cache)] + [(s.tokens, s.cache) for s in alike]
+        self._warn_left_out([tokens for tokens, _ in held], [s for s in rest if s not in alike])
+        return held, request
 
-    def _warn_left_out(self, tokens: list[int]) -> None:
-        """SessionsNotHeld, naming them, for the sessions whose cached tokens are not a prefix of `tokens`; the
-        tokens it counts are those past the prefix they share with `tokens` (the left-out KV)."""
-        shared = [(s, common_prefix_length(s.tokens, tokens)) for s in self.sessions]
-        left = [num_cached_tokens(s.cache) - common for s, common in shared if common < num_cached_tokens(s.cache)]
-        if left:
+    def _warn_left_out(self, held: list[list[int]], left: list[_Session]) -> None:
+        """SessionsNotHeld, naming them, for the sessions left out whose cached tokens are not a prefix of one
+        held; the tokens it counts are those past the longest prefix they share with one (the left-out KV)."""
+        past = [num_cached_tokens(s.cache) - max(common_prefix_length(s.tokens, tokens) for tokens in held)
+                for s in left]
+        past = [n for n in past if n > 0]
+        if past:
             warnings.warn(SessionsNotHeld(
-                f"mlx: this capture or sleep holds one sequence ({len(tokens)} tokens); the KV of {len(left)} other "
-                f"sessions ({sum(left)} tokens past the prefix they share with it) is left out, so an engine restored "
-                "or woken from it computes them again (same tokens, none cached). A sleep keeps the latest session "
-                "(or the one request in flight); capture(chains=[tokens]) keeps another"),
+                f"mlx: this capture or sleep holds {len(held)} sequences; the KV of {len(past)} other sessions "
+                f"({sum(past)} tokens past the prefix they share with those) is left out, so an engine restored or "
+                "woken from it computes them again (same tokens, none cached): a ring (sliding window) or recurrent "
+                "layer holds one sequence, and a cache laid out otherwise shares no pages. A sleep keeps the latest "
+                "session (or the one request in flight); capture(chains=[tokens]) keeps another"),
                 stacklevel=5)  # the caller of capture
 
     def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:
@@ -277,28 +290,33 @@ class MLXEngine(SharedKV):
 
     def _capture(self, include_weights: bool, chains, paging=None) -> Snapshot:
         if chains is not None and len(chains) > 1:
-            raise Unsupported("an MLX snapshot holds one sequence: capture one chain at a time")
-        current = self._current(chains)
-        if current is None:  # nothing served yet: a snapshot without KV
+            raise Unsupported("an MLX capture holds one chain: capture one chain at a time")
+        held, request = self._current(chains)
+        if not held:  # nothing served yet: a snapshot without KV
             return Snapshot(model=self.info, weights=None)
-        tokens, cache, request = current
+        (tokens, cache), others = held[0], [(cache, tokens) for tokens, cache in held[1:]]
         if request is None:  # a served session: its KV is cache, and no request is left for a restore to run
             return capture(self.model, cache, tokens, info=self.info, finished=True, include_weights=include_weights,
-                           paging=paging)
+                           paging=paging, others=others)
         snapshot = capture(self.model, cache, tokens, num_prompt_tokens=request.num_prompt, sampler=request.sampler,
-                           info=self.info, include_weights=include_weights, paging=paging)
+                           info=self.info, include_weights=include_weights, paging=paging, others=others)
         snapshot.scheduler.requests[0].id = request.id  # the id a restore resumes it under, as submit named it
         return snapshot
 
     def check(self, snapshot: Snapshot) -> None:
         self._checked(snapshot)
 
-    def _checked(self, snapshot: Snapshot) -> tuple[Request, Optional[tuple]]:
-        """Every check a restore makes of what the snapshot holds (model, cache layout, its pages and layers, its
-        request and sampler), nothing built: check_snapshot_kv's answer (its session) and _pending's."""
+    def _checked(self, snapshot: Snapshot) -> tuple[list[Request], Optional[tuple]]:
+        """Every check a restore makes of what the snapshot holds (model, cache layout, the pages and layers of
+        each sequence, its request in flight and sampler), nothing built: the sequences (engine_requests: the
+        request in flight first, if any, then a session per branch of the prefix tree) and _pending's answer. The
+        format's structural rules come first (a page's parent before it, only a leaf partial, each request's pages
+        the tree's): a file's reader checked them, a Snapshot built in memory has met none."""
+        validate(snapshot, CorruptSnapshotError)
         check_snapshot_model(self.model, snapshot, info=self.info)
         check_cache_layout(self.model, snapshot)
-        return check_snapshot_kv(snapshot), _pending(snapshot)
+        pending = _pending(snapshot)
+        return check_sequences_kv(snapshot, engine_requests(snapshot, pending and pending[0])), pending
 
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
         """Replace the engine's state with the snapshot's, its KV written over the arrays of the caches it
@@ -321,12 +339,13 @@ class MLXEngine(SharedKV):
         pool's 64 MiB trunk, one engine restoring round after round (2 CPUs, load 3.5, both ways side by side):
         a median 75 ms (25-157) when each round mapped the segment, checked each chunk as it scattered it into
         new arrays and unmapped it; 12 ms (8-28) this way, two thirds of it the scatter itself. A file is mapped
-        and each KV chunk checked as it is scattered into new arrays (thaw_mlx.load), its pages dropped once
-        read."""
+        and each KV chunk checked as it is scattered into new arrays (as thaw_mlx.load does; once before, for
+        pages several sessions read), its pages dropped once read."""
         checked = checked_by_caller(source, verified)  # refuses verified=True for a file
         if not source.startswith(SHM_PREFIX):
-            cache, snapshot = load(source, self.model, info=self.info)
-            return self._install(cache, snapshot, _pending(snapshot))
+            snapshot, expected = mapped_snapshot(source)
+            sequences, pending = self._checked(snapshot)
+            return self._install(sequences, caches_of_checked(snapshot, sequences, expected), pending)
         return self._restore_over(open_snapshot(source, verify=not checked))
 
     def _restore_over(self, snapshot: Snapshot) -> list[Resumed]:
@@ -334,8 +353,8 @@ class MLXEngine(SharedKV):
         caches it replaces where their shapes fit, and new arrays elsewhere: every check of what it holds
         (_checked) is made first, with the engine as it was; from then on nothing can refuse it, and the engine
         is left empty while its arrays are written over."""
-        session, pending = self._checked(snapshot)
-        return self._install(cache_of_checked(snapshot, session, spare=self._give_up_buffers), snapshot, pending)
+        sequences, pending = self._checked(snapshot)
+        return self._install(sequences, caches_of_checked(snapshot, sequences, spare=self._give_up_buffers), pending)
 
     def _give_up_buffers(self, wanted: list[list[tuple]]) -> list[list]:
         """Arrays of the engine's caches for a restore that replaces them to write over, one for each array it
@@ -347,18 +366,19 @@ class MLXEngine(SharedKV):
         self.sessions, self.running, self._progress = [], {}, {}
         return moved_buffers(caches, wanted)
 
-    def _install(self, cache: list, snapshot: Snapshot, pending: Optional[tuple]) -> list[Resumed]:
-        """Make a restored cache the engine's state: its one session, or, with `pending` (_pending's), its one
-        request in flight. Nothing here can refuse the snapshot: that was done before any state changed."""
-        tokens = snapshot_tokens(snapshot)
+    def _install(self, sequences: list[Request], caches: list[list], pending: Optional[tuple]) -> list[Resumed]:
+        """Make restored caches the engine's state: with `pending` (_pending's), the first is its one request in
+        flight, and every other one a session. Nothing here can refuse the snapshot: that was done before any
+        state changed."""
+        sessions = [_Session(r.prompt_token_ids + r.output_token_ids, cache) for r, cache in zip(sequences, caches)]
+        self._progress, self.running = {}, {}
         if pending is None:
-            self.sessions, self.running, self._progress = [_Session(tokens, cache)], {}, {}
+            self.sessions = sessions
             return []
-        request, sampler = pending
-        self.sessions, self._progress = [], {}
-        self.running = {request.id: _Request(request.id, self.model, _Session(tokens, cache),
-                                             len(request.prompt_token_ids), sampler, request.num_computed_tokens,
-                                             self.eos)}
+        (request, sampler), session = pending, sessions[0]
+        self.sessions = sessions[1:]
+        self.running = {request.id: _Request(request.id, self.model, session, len(request.prompt_token_ids), sampler,
+                                             request.num_computed_tokens, self.eos)}
         return [Resumed(request.id, request.prompt_token_ids, request.output_token_ids)]
 
     def page_size(self) -> int:
@@ -380,12 +400,15 @@ class MLXEngine(SharedKV):
 
 
 def _pending(snapshot: Snapshot) -> Optional[tuple]:
-    """The snapshot's request a restore resumes and its sampler, or None (another engine's snapshot of its idle
-    prefix cache has no requests: thaw_mlx reads its one chain); a sampler MLX cannot apply is refused here,
+    """The snapshot's request a restore resumes and its sampler, or None (a snapshot of an idle prefix cache
+    has none: its branches become sessions); more than one, or a sampler MLX cannot apply, is refused here,
     before a restore changes anything."""
     pending = [r for r in pending_requests(snapshot)
                if r.sampling.max_tokens is not None and len(r.output_token_ids) < r.sampling.max_tokens]
-    return (pending[0], sampler_of(snapshot)) if len(pending) == 1 else None
+    if len(pending) > 1:
+        raise IncompatibleSnapshotError(f"an MLX engine resumes one request in flight; the snapshot holds "
+                                        f"{len(pending)}")
+    return (pending[0], request_sampler(pending[0])) if pending else None
 
 
 def _eos_ids(checkpoint: Optional[str]) -> frozenset:

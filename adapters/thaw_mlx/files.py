@@ -23,7 +23,6 @@ import mmap
 import os
 from typing import Optional
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from thaw_format import CorruptSnapshotError, EncodedSnapshot, ModelInfo, Snapshot, SnapshotFile
@@ -32,7 +31,7 @@ from thaw_format.paths import open_regular
 from thaw_format.writer import deferred_tensor
 
 from .identity import check_snapshot_model
-from .pages import Expected, gather_into, gather_to_file, paged_shape
+from .pages import Expected, PageRun, gather_into, gather_to_file, paged_shape
 from .session import capture, cache_of_snapshot, check_cache_layout
 
 PAGED_KINDS = ("attention", "quantized")
@@ -55,26 +54,28 @@ def deferring(fills: dict):
     """A capture's `paging` that defers each paged tensor: its bytes are gathered later, straight into the
     region a writer gives them (a file's, a shared-memory segment's). `fills` collects what fill_of needs."""
 
-    def defer(x: mx.array, num_tokens: int, page_size: int):
-        tensor = deferred_tensor(*paged_shape(x, num_tokens, page_size))
-        fills[id(tensor)] = _PagedFill(x, num_tokens, page_size)
+    def defer(runs: list[PageRun], page_size: int):
+        tensor = deferred_tensor(*paged_shape(runs, page_size))
+        one = len(runs) == 1 and runs[0].first == 0  # a session's own pages: into a file straight from MLX
+        fills[id(tensor)] = _PagedFill(runs[0], page_size) if one else functools.partial(gather_into, runs, page_size)
         return tensor
 
     return defer
 
 
 class _PagedFill:
-    """A deferred paged tensor's fill (thaw_format's Fill): its pages gathered into a buffer, or by to_file
-    straight into a file (the writer's choice where it has one)."""
+    """A deferred paged tensor of one session's pages (thaw_format's Fill): gathered into a buffer, or by to_file
+    straight into a file (the writer's choice where it has one). The pages of several sessions are gathered
+    into a buffer (gather_into)."""
 
-    def __init__(self, x: mx.array, num_tokens: int, page_size: int) -> None:
-        self.pages = (x, num_tokens, page_size)
+    def __init__(self, run: PageRun, page_size: int) -> None:
+        self.run, self.page_size = run, page_size
 
     def __call__(self, out, chunk_size: int):
-        return gather_into(*self.pages, out, chunk_size)
+        return gather_into([self.run], self.page_size, out, chunk_size)
 
     def to_file(self, fd: int, offset: int, chunk_size: int, progress=None):
-        return gather_to_file(*self.pages, fd, offset, chunk_size, progress)
+        return gather_to_file(self.run.x, self.run.num_tokens, self.page_size, fd, offset, chunk_size, progress)
 
 
 def fill_of(snapshot: Snapshot, fills: dict) -> dict:
@@ -93,6 +94,15 @@ def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = Tru
     thaw_format.load(mmap=True), the views see the file as it is: thaw's saves replace files, never rewrite
     them in place. Each paged KV tensor is checked chunk by chunk as it is scattered into new MLX arrays, every
     other tensor before anything is built, and nothing is returned unless every chunk passed."""
+    snapshot, expected = mapped_snapshot(path)
+    check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
+    check_cache_layout(model, snapshot)
+    return cache_of_snapshot(snapshot, expected), snapshot
+
+
+def mapped_snapshot(path: str | os.PathLike) -> tuple[Snapshot, list[dict]]:
+    """A snapshot file, mapped: its document checked, and every tensor but the paged KV ones, whose chunk CRCs
+    it gives per layer (role -> Expected), for the restore that scatters them to check on the way."""
     mapped = _map(os.fspath(path))
     f = SnapshotFile(mapped)
     # The document is checked now; the tensors are views of the mapping, checked below before any use.
@@ -109,9 +119,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = Tru
     for name in f.names():
         if name not in paged:
             f.tensor(name, copy=False)  # checks its chunks (raises CorruptSnapshotError)
-    check_snapshot_model(model, snapshot, check_weights=check_weights, info=info)
-    check_cache_layout(model, snapshot)
-    return cache_of_snapshot(snapshot, expected), snapshot
+    return snapshot, expected
 
 
 def _map(path: str) -> mmap.mmap:

@@ -38,9 +38,23 @@ QUANTIZED_PARTS = ("", "_scales", "_biases")
 QUANTIZED_BITS = (2, 3, 4, 5, 6, 8)
 QUANTIZED_GROUPS = (32, 64, 128)
 SUPPORTED = (KVCache, QuantizedKVCache, RotatingKVCache, ArraysCache)
-# How encode_layer makes a paged tensor from [1, heads, capacity, d] valid up to num_tokens, in pages of
-# page_size: gathered now (to_pages), or deferred until a file's region is there to gather into (thaw_mlx.save).
-Paging = Callable[[mx.array, int, int], Tensor]
+
+
+class PageRun(NamedTuple):
+    """Pages of one sequence's [1, heads, capacity, d] array that a paged tensor holds: from page `first` up to
+    the one holding token num_tokens - 1 (the pages before `first` are a sequence's written before it)."""
+
+    x: mx.array
+    first: int
+    num_tokens: int
+
+    def num_pages(self, page_size: int) -> int:
+        return -(-self.num_tokens // page_size) - self.first
+
+
+# How encode_layer makes a paged tensor of runs, one after the other, in pages of page_size: gathered now
+# (to_pages), or deferred until a file's region is there to gather into (thaw_mlx.save).
+Paging = Callable[[list[PageRun], int], Tensor]
 
 
 class Expected(NamedTuple):
@@ -66,15 +80,32 @@ def num_cached_tokens(prompt_cache: list) -> int:
     return offsets.pop()
 
 
-def encode_layer(cache, page_size: int, paging: Optional[Paging] = None) -> KVLayer:
-    """One layer's cache as a KVLayer; refuses caches thaw does not know and batches of more than one.
+def paged_kind(cache) -> Optional[tuple]:
+    """What a KVCache or QuantizedKVCache layer's paged tensors are made of (class, quantization, each array's
+    dtype, heads and head size): layers of several sequences share paged tensors only where it is the same.
+    None for other layers (ring, recurrent: a state per sequence) and for an empty one."""
+    buffers = _internals.paged_buffers(cache)
+    if not buffers:
+        return None
+    return (type(cache).__name__, getattr(cache, "group_size", None), getattr(cache, "bits", None),
+            *((a.dtype, a.shape[1], a.shape[3]) for a in buffers))
+
+
+def encode_layer(caches: list, firsts: list[int], page_size: int, paging: Optional[Paging] = None) -> KVLayer:
+    """One layer's cache as a KVLayer; refuses caches thaw does not know and batches of more than one. `caches`
+    is the layer of each sequence the snapshot holds, whose paged tensors hold the pages of cache j from page
+    firsts[j] on (one after the other: a prefix tree's pages); a ring or recurrent layer holds one sequence.
     `paging` makes the paged tensors (default: to_pages, gathered now)."""
     to_paged = paging or to_pages
+    cache = caches[0]
     if not isinstance(cache, SUPPORTED):
         raise TypeError(f"thaw_mlx cannot capture a {type(cache).__name__} (supported: "
                         f"{', '.join(c.__name__ for c in SUPPORTED)})")
     if cache.empty():
         raise ValueError("a layer's cache is empty: nothing to capture")
+    if len(caches) > 1 and (paged_kind(cache) is None or any(paged_kind(c) != paged_kind(cache) for c in caches)):
+        raise ValueError(f"the {type(cache).__name__} layers of {len(caches)} sequences cannot share paged tensors "
+                         "(a ring or recurrent layer holds one sequence; paged layers must be alike)")
     if isinstance(cache, ArraysCache):
         states, left_padding, lengths = _internals.arrays_state(cache)
         if left_padding is not None or lengths is not None or any(s is None for s in states):
@@ -82,23 +113,33 @@ def encode_layer(cache, page_size: int, paging: Optional[Paging] = None) -> KVLa
         _check_single(states[0])
         return KVLayer("recurrent", {f"state.{i}": from_mlx(state) for i, state in enumerate(states)})
     if isinstance(cache, KVCache):
-        keys, values, offset = _internals.kv_state(cache)
-        _check_single(keys)
+        states = [_internals.kv_state(c) for c in caches]
+        keys, values, _ = states[0]
+        for state in states:
+            _check_single(state[0])
+
+        def paged(part):
+            return to_paged([PageRun(state[part], first, state[2]) for state, first in zip(states, firsts)],
+                            page_size)
+
         return KVLayer(
             "attention",
-            {"k": to_paged(keys, offset, page_size), "v": to_paged(values, offset, page_size)},
+            {"k": paged(0), "v": paged(1)},
             num_kv_heads=keys.shape[1],
             head_dim=keys.shape[3],
             # DeepSeek's MLA runs in mlx-lm as plain attention with a V head smaller than K's
             params={} if values.shape[3] == keys.shape[3] else {"v_head_dim": values.shape[3]},
         )
     if isinstance(cache, QuantizedKVCache):
-        keys, values, offset, group_size, bits = _internals.quantized_state(cache)
-        _check_single(keys[0])
+        states = [_internals.quantized_state(c) for c in caches]
+        keys, _, _, group_size, bits = states[0]
+        for state in states:
+            _check_single(state[0][0])
         tensors = {}
-        for role, parts in (("k", keys), ("v", values)):
-            for suffix, part in zip(QUANTIZED_PARTS, parts):
-                tensors[role + suffix] = to_paged(part, offset, page_size)
+        for r, role in enumerate(("k", "v")):
+            for p, suffix in enumerate(QUANTIZED_PARTS):
+                tensors[role + suffix] = to_paged([PageRun(state[r][p], first, state[2])
+                                                   for state, first in zip(states, firsts)], page_size)
         return KVLayer(
             "quantized",
             tensors,
@@ -256,43 +297,63 @@ def _page_moves(num_tokens: int, page_size: int, heads: int, capacity: int, dim:
     return moves
 
 
-def to_pages(x: mx.array, num_tokens: int, page_size: int) -> Tensor:
-    """[1, heads, capacity, d] valid up to num_tokens -> Tensor [pages, page_size, heads, d], zero-padded,
-    gathered into a buffer of its own (mover.recycled: one that an earlier capture let go, where there is one)."""
-    dtype, shape = paged_shape(x, num_tokens, page_size)
-    out = mover.recycled(math.prod(shape) * _itemsize(x))
-    gather_into(x, num_tokens, page_size, out)
+def to_pages(runs: list[PageRun], page_size: int) -> Tensor:
+    """Runs of [1, heads, capacity, d] pages -> Tensor [pages, page_size, heads, d], each run's short last page
+    zero-padded, gathered into a buffer of its own (mover.recycled: one that an earlier capture let go, where
+    there is one)."""
+    dtype, shape = paged_shape(runs, page_size)
+    out = mover.recycled(math.prod(shape) * _itemsize(runs[0].x))
+    gather_into(runs, page_size, out)
     return Tensor(dtype, shape, out)
 
 
-def paged_shape(x: mx.array, num_tokens: int, page_size: int) -> tuple[str, tuple]:
-    """The format dtype and [pages, page_size, heads, d] shape of the paged tensor of x."""
-    _, heads, _, dim = x.shape
-    return dtype_name(x.dtype), (-(-num_tokens // page_size), page_size, heads, dim)
+def paged_shape(runs: list[PageRun], page_size: int) -> tuple[str, tuple]:
+    """The format dtype and [pages, page_size, heads, d] shape of the paged tensor of the runs."""
+    _, heads, _, dim = runs[0].x.shape
+    return dtype_name(runs[0].x.dtype), (sum(run.num_pages(page_size) for run in runs), page_size, heads, dim)
 
 
-def gather_into(x: mx.array, num_tokens: int, page_size: int, out, chunk_size: int = 0) -> Optional[array]:
-    """Write the pages of x into `out` (exactly their bytes long): one libthaw gather from MLX's memory (a row
-    of d per token and head), with the CRC32C of each chunk_size chunk of `out` when chunk_size > 0 (a file
-    region: thaw_mlx.save)."""
+def gather_into(runs: list[PageRun], page_size: int, out, chunk_size: int = 0) -> Optional[array]:
+    """Write the pages of the runs into `out` (exactly their bytes long), one after the other: a libthaw gather
+    per run from MLX's memory (a row of d per token and head), with the CRC32C of each chunk_size chunk of `out`
+    when chunk_size > 0 (a file region: thaw_mlx.save): summed in the gather of one run, after the gathers of
+    several (a run after the first starts mid-chunk)."""
+    target = np.frombuffer(out, np.uint8)
+    start, crcs = 0, None
+    for run in runs:
+        size = run.num_pages(page_size) * page_size * _token_bytes(run.x)
+        crcs = _gather_run(run, page_size, target[start : start + size], chunk_size if len(runs) == 1 else 0)
+        start += size
+    if chunk_size and len(runs) > 1:
+        crcs = mover.chunk_crcs(out, chunk_size)
+    return crcs
+
+
+def _gather_run(run: PageRun, page_size: int, target: np.ndarray, chunk_size: int) -> Optional[array]:
+    x, first, num_tokens = run
     source = from_mlx(x)  # the array's bytes, shared with MLX
     _, heads, capacity, dim = x.shape
     itemsize = _itemsize(x)
     page_bytes = page_size * heads * dim * itemsize
-    target = np.frombuffer(out, np.uint8)
-    target[num_tokens * heads * dim * itemsize :] = 0  # a short last page's padding (token-major: its tail)
+    tokens = num_tokens - first * page_size  # the run's own
+    target[tokens * heads * dim * itemsize :] = 0  # a short last page's padding (token-major: its tail)
     crcs, page = None, 0
-    for layout, count in _page_moves(num_tokens, page_size, heads, capacity, dim, itemsize):
-        offsets = (np.arange(count, dtype=np.int64) + page) * page_size * dim * itemsize  # token p*page_size
+    for layout, count in _page_moves(tokens, page_size, heads, capacity, dim, itemsize):
+        offsets = (np.arange(count, dtype=np.int64) + first + page) * page_size * dim * itemsize  # its first token
         got = mover.gather_pages(source.data, offsets, layout, target[page * page_bytes :], chunk_size)
         crcs = got if crcs is None else crcs
         page += count
-    if chunk_size and num_tokens % page_size:
+    if chunk_size and tokens % page_size:
         # A short last page moves with a layout of its own, whose CRCs would start mid-chunk: the chunks from
         # the one it starts in are summed again (at most one chunk and a page, just written: in cache).
-        first = (page - 1) * page_bytes // chunk_size
-        crcs = crcs[:first] + mover.chunk_crcs(target[first * chunk_size :], chunk_size)
+        first_chunk = (page - 1) * page_bytes // chunk_size
+        crcs = crcs[:first_chunk] + mover.chunk_crcs(target[first_chunk * chunk_size :], chunk_size)
     return crcs
+
+
+def _token_bytes(x: mx.array) -> int:
+    """The bytes of one token's row of every head in a page."""
+    return x.shape[1] * x.shape[3] * _itemsize(x)
 
 
 def gather_to_file(x: mx.array, num_tokens: int, page_size: int, fd: int, offset: int, chunk_size: int,
@@ -390,27 +451,42 @@ def restored_shape(tensor: Tensor, pages: list[int]) -> tuple[tuple, str]:
     return (1, heads, capacity, dim), tensor.dtype
 
 
-def scatter_targets(layers: list[KVLayer], pages: list[int],
-                    spare: Optional[Callable[[list[list[tuple[tuple, str]]]], list[list]]] = None) -> list[dict]:
-    """Per layer, decode_layer's `targets`: for each paged role, an array to be written over, every byte, with a
-    writable view of it: `spare`'s (moved_buffers of the caches being replaced, asked for an array of each role's
-    shape and dtype, once), else a new one; the new ones of the whole cache made in one writable_arrays call. Over
-    a spare array the source must have been checked whole before (a bad chunk found mid-scatter would leave it
-    half written)."""
-    paged = [paged_targets(layer, pages) for layer in layers]
-    spares = spare([[(shape, dtype) for _, shape, dtype in roles] for roles in paged]) if spare is not None else None
-    targets, wanted = [], []
-    for i, roles in enumerate(paged):
-        chosen = {}
-        for j, (role, shape, dtype) in enumerate(roles):
-            if spares is not None and spares[i][j] is not None:
-                chosen[role] = spares[i][j]
-            else:
-                wanted.append((i, role, shape, dtype))
-        targets.append(chosen)
-    for (i, role, _, _), made in zip(wanted, writable_arrays([(shape, dtype) for _, _, shape, dtype in wanted])):
-        targets[i][role] = made
+def scatter_targets(layers: list[KVLayer], chains: list[list[int]],
+                    spare: Optional[Callable[[list[list[tuple[tuple, str]]]], list[list]]] = None) -> list[list[dict]]:
+    """Per chain of pages (a cache each), per layer, decode_layer's `targets`: for each paged role, an array to be
+    written over, every byte, with a writable view of it: `spare`'s (moved_buffers of the caches being replaced,
+    asked once for an array of each role's shape and dtype, per layer those of every chain), else a new one; the
+    new ones of all the caches made in one writable_arrays call. Over a spare array the source must have been
+    checked whole before (a bad chunk found mid-scatter would leave it half written)."""
+    paged = [[paged_targets(layer, pages) for layer in layers] for pages in chains]  # [chain][layer]
+    per_layer = [[(shape, dtype) for roles in paged for _, shape, dtype in roles[i]] for i in range(len(layers))]
+    spares = spare(per_layer) if spare is not None else None
+    targets, wanted = [[{} for _ in layers] for _ in chains], []
+    for i in range(len(layers)):
+        taken = iter(spares[i]) if spares is not None else None
+        for c, roles in enumerate(paged):
+            for role, shape, dtype in roles[i]:
+                chosen = next(taken) if taken is not None else None
+                if chosen is not None:
+                    targets[c][i][role] = chosen
+                else:
+                    wanted.append((c, i, role, shape, dtype))
+    for (c, i, role, _, _), made in zip(wanted, writable_arrays([(shape, dtype) for *_, shape, dtype in wanted])):
+        targets[c][i][role] = made
     return targets
+
+
+def check_whole(layers: list[KVLayer], expected: list[dict]) -> None:
+    """Check every paged tensor of `expected` (per layer, role -> Expected) against its CRCs, whole: a file's
+    tensors whose pages several caches share, checked once before any is scattered."""
+    for layer, checks in zip(layers, expected):
+        for role, check in checks.items():
+            _check_tensor(layer.tensors[role], check)
+
+
+def _check_tensor(tensor: Tensor, expected: Expected) -> None:
+    bad = mover.check_buffer(tensor.data, [(0, tensor.nbytes, expected.chunk_size, 0)], expected.crcs)
+    _raise_bad(expected, bad[1] if bad else None)
 
 
 def fill_checked(layers: list[KVLayer], pages: list[int], expected: list[dict], targets: list[dict]) -> list[frozenset]:
@@ -507,8 +583,7 @@ def _scatter_into(tensor: Tensor, pages: list[int], out: memoryview, expected: O
         _raise_bad(expected, bad)
         return
     if expected is not None:
-        bad = mover.check_buffer(tensor.data, [(0, tensor.nbytes, expected.chunk_size, 0)], expected.crcs)
-        _raise_bad(expected, bad[1] if bad else None)
+        _check_tensor(tensor, expected)
     # A remote source's tensor (never checked here: it carries no checksums) is read where it lies, by the scatter.
     data = remote.scatter_view(tensor)
     layout, offsets = _scatter_layout(tensor, pages)

@@ -12,7 +12,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from thaw_format import IncompatibleSnapshotError, SamplingParams, Snapshot
+from thaw_format import IncompatibleSnapshotError, Request, SamplingParams, Snapshot
 from thaw_format.mlx import from_mlx, to_mlx
 
 from .session import session_request
@@ -49,7 +49,11 @@ class Sampler:
 
 def sampler_of(snapshot: Snapshot) -> Sampler:
     """The captured session's sampler, continuing from the key it stood at (greedy if none was recorded)."""
-    request = session_request(snapshot)
+    return request_sampler(session_request(snapshot))
+
+
+def request_sampler(request: Request) -> Sampler:
+    """A snapshot's request's sampler, continuing from the key it stood at (greedy if none was recorded)."""
     if request.rng_state is None:
         return Sampler(request.sampling)
     state = request.rng_state

@@ -103,7 +103,7 @@ def parent_phase(driver: Driver, arch: str, workdir: Path, workload: Workload) -
 
 def _sleep(engine: Engine, arch: str, w: Workload, workdir: Path) -> dict:
     """Put the parent to sleep with requests in flight (thaw_conformance.sleep_wake); the child phase wakes it. Two
-    requests, or one where the adapter's snapshot holds one sequence (MLX: sleep refuses two, the engine serving).
+    requests, or one where the adapter's snapshot resumes one request (MLX: sleep refuses two, the engine serving).
     The record's "closed": sleep closed the engine (or tried to), so the parent must not close it again (a failed
     save or a refusal leaves it open)."""
     if w.fork_archs is not None and arch not in w.fork_archs:
@@ -114,7 +114,9 @@ def _sleep(engine: Engine, arch: str, w: Workload, workdir: Path) -> dict:
     path = workdir / "slept.thaw"
     refused, slept = "", False
     try:
-        for prompts in (sleep_wake.PROMPTS, sleep_wake.PROMPTS[:1]):
+        trunk = sleep_wake.trunk_for(engine.engine.page_size())  # two of its pages and a partial one
+        in_flight = sleep_wake.in_flight_on(trunk)
+        for prompts in (in_flight, in_flight[:1]):
             try:
                 _, want = sleep_wake.run_midway(engine, prompts)
                 sleep(engine.engine, path)  # the adapter itself: sleep reads its class's capabilities and options
@@ -124,7 +126,8 @@ def _sleep(engine: Engine, arch: str, w: Workload, workdir: Path) -> dict:
                 continue
             slept = True
             factory = launch_record(thaw_format.load(path)).factory
-            return {"path": str(path), "want": want, "prompts": prompts, "factory": factory, "closed": True}
+            return {"path": str(path), "want": want, "prompts": prompts, "trunk": trunk, "factory": factory,
+                    "closed": True}
     except SleptNotClosed as exc:  # the file is whole and closing failed: not tried again
         return {"error": f"the parent's sleep: {exc}: {exc.__cause__}", "closed": True}
     except CheckFailed as exc:  # a broken contract rule (ContractViolation): the check's verdict is "failed"
@@ -152,7 +155,8 @@ def _compare_sleep(record: dict, recorder: Recorder) -> None:
         factory = None if slept["factory"] in factories.REGISTERED else slept["factory"]
         awake = wake(slept["path"], factory=factory)
         try:
-            note(sleep_wake.check_woken(Awake(checked(awake.engine), awake.resumed), slept["want"], slept["prompts"]))
+            note(sleep_wake.check_woken(Awake(checked(awake.engine), awake.resumed), slept["want"], slept["prompts"],
+                                        slept["trunk"]))
         finally:
             awake.engine.close()
 

@@ -138,15 +138,18 @@ class Minimal(ToyThawEngine):
     submit = step = finish = progress = abort = fork = launch_spec = page_size = None
 
 
-class LargePages(ToyThawEngine):
-    """Says its pages hold 128 tokens, more than the sleep check's trunk: no restored page could be seen read."""
-
-    def page_size(self):
-        return 128
+class WakesSayingLargePages(ToyThawEngine):
+    """Sleeps with pages of 4 tokens (the sleep check's trunk is 70) and wakes as an engine that says its pages hold
+    128: no restored page could be seen read in the woken engine's cached-token count."""
 
     def launch_spec(self):
         spec = super().launch_spec()
-        return type(spec)(f"{__name__}:LargePages.start", spec.kwargs)  # woken as itself
+        return type(spec)(f"{__name__}:SaysLargePages.start", spec.kwargs)
+
+
+class SaysLargePages(ToyThawEngine):
+    def page_size(self):
+        return 128
 
 
 class BusyIdsNotStr(ToyThawEngine):
@@ -279,8 +282,8 @@ def minimal():
     return _factory(Minimal, capabilities={"seeded"})()
 
 
-def large_pages():
-    return _factory(LargePages)()
+def wakes_saying_large_pages():
+    return _factory(WakesSayingLargePages)()
 
 
 def busy_ids_not_str():

@@ -32,8 +32,9 @@ def test_a_sleep_that_loses_a_request_in_flight_is_caught(run_worker):
 
 
 def test_a_sleep_check_that_cannot_see_restored_pages_fails(run_worker):
-    """An engine whose pages are longer than the trunk: its cached-token count proves nothing, so not passed."""
-    results = run_worker("broken_drivers:large_pages")
+    """A woken engine whose pages are longer than the trunk the sleeper's were sized for: its cached-token count
+    proves nothing, so not passed."""
+    results = run_worker("broken_drivers:wakes_saying_large_pages")
     assert statuses(results)["sleep_wake"] == "failed"
     assert "(128 tokens) is longer than the 70-token trunk" in results["toy", "sleep_wake"]["detail"]
 

@@ -53,7 +53,7 @@ def test_pages_equal_the_mlx_ops_path(dtype, num_tokens):
     heads, capacity, dim, page_size = 3, 256, 24, 32
     x = sequence(dtype, heads, capacity, dim)
     mx.eval(x)
-    got = pages.to_pages(x, num_tokens, page_size)
+    got = pages.to_pages([pages.PageRun(x, 0, num_tokens)], page_size)
     want = reference_to_pages(x, num_tokens, page_size)
     assert (got.dtype, got.shape) == (want.dtype, want.shape)
     assert bytes(got.data) == bytes(want.data)
@@ -74,7 +74,7 @@ def test_checked_restore_scatters_the_same_bytes_and_refuses_a_bad_chunk(num_tok
     order, in a pass of its own otherwise), and CorruptSnapshotError for a flipped byte in any chunk."""
     heads, capacity, dim, page_size, chunk = 3, 256, 24, 32, 4096
     x = sequence(mx.float32, heads, capacity, dim)
-    paged = pages.to_pages(x, num_tokens, page_size)
+    paged = pages.to_pages([pages.PageRun(x, 0, num_tokens)], page_size)
     chain = list(range(paged.shape[0]))[:: 1 if in_order else -1]
     crcs = mover.chunk_crcs(paged.data, chunk)
     want = as_bytes(pages.from_pages(paged, chain, num_tokens))
@@ -96,7 +96,7 @@ from thaw_mlx import pages
 
 path, cut = sys.argv[1], int(sys.argv[2])
 x = mx.random.normal((1, 8, 4096, 128))  # 16 MiB of pages: the scatter runs on libthaw's threads
-paged = pages.to_pages(x, 4096, 256)
+paged = pages.to_pages([pages.PageRun(x, 0, 4096)], 256)
 with open(path, "wb") as f:
     f.write(paged.data)
 crcs = mover.chunk_crcs(paged.data, 1 << 20)
@@ -111,7 +111,7 @@ try:
         pages.from_pages(view, chain, 4096, expected)
     else:  # as the second tensor of a batch, after one in memory (its name comes from its index in the batch)
         layer = KVLayer("attention", {"k": paged, "v": view}, num_kv_heads=8, head_dim=128)
-        targets = pages.scatter_targets([layer], chain)
+        targets = pages.scatter_targets([layer], [chain])[0]
         pages.fill_checked([layer], chain, [{"k": pages.Expected("kv/3/k", 1 << 20, crcs), "v": expected}], targets)
 except CorruptSnapshotError as exc:
     print("CorruptSnapshotError:", exc)
@@ -143,26 +143,26 @@ def test_fill_checked_scatters_a_cache_in_one_call_as_from_pages_does_and_names_
     heads, capacity, dim, page_size, chunk = 2, 256, 32, 32, 4096
     layers, expected = [], []
     for i in range(3):
-        k, v = (pages.to_pages(sequence(mx.float32, heads, capacity, dim, seed=2 * i + j), num_tokens, page_size)
-                for j in range(2))
+        k, v = (pages.to_pages([pages.PageRun(sequence(mx.float32, heads, capacity, dim, seed=2 * i + j), 0,
+                                              num_tokens)], page_size) for j in range(2))
         layers.append(KVLayer("attention", {"k": k, "v": v}, num_kv_heads=heads, head_dim=dim))
         expected.append({role: pages.Expected(f"kv/{i}/{role}", chunk, mover.chunk_crcs(t.data, chunk))
                          for role, t in layers[-1].tensors.items()})
     chain = list(range(layers[0].tensors["k"].shape[0]))
-    targets = pages.scatter_targets(layers, chain)
+    targets = pages.scatter_targets(layers, [chain])[0]
     filled = pages.fill_checked(layers, chain, expected, targets)
     assert filled == [frozenset({"k", "v"})] * 3
     for layer, checks, chosen, roles in zip(layers, expected, targets, filled):
         got = pages.decode_layer(layer, chain, num_tokens, checks, chosen, roles)
         want = pages.decode_layer(layer, chain, num_tokens)
         assert as_bytes(got.keys) == as_bytes(want.keys) and as_bytes(got.values) == as_bytes(want.values)
-    targets = pages.scatter_targets(layers, chain[::-1])
+    targets = pages.scatter_targets(layers, [chain[::-1]])[0]
     assert pages.fill_checked(layers, chain[::-1], expected, targets) == [frozenset()] * 3  # from_pages checks them
     data = bytearray(layers[1].tensors["v"].data)
     data[len(data) // 2] ^= 1
     layers[1].tensors["v"] = Tensor("float32", layers[1].tensors["v"].shape, data)
     with pytest.raises(CorruptSnapshotError, match=r"'kv/1/v'.*chunk \d+"):
-        pages.fill_checked(layers, chain, expected, pages.scatter_targets(layers, chain))
+        pages.fill_checked(layers, chain, expected, pages.scatter_targets(layers, [chain])[0])
 
 
 def test_fill_checked_lets_go_of_a_files_pages_itself_where_libthaw_cannot(monkeypatch):
@@ -170,14 +170,14 @@ def test_fill_checked_lets_go_of_a_files_pages_itself_where_libthaw_cannot(monke
     each filled tensor's `done` after the batch, as from_pages does, so the whole file does not stay mapped."""
     monkeypatch.setattr(mover, "RELEASES_PAGES", False)
     heads, capacity, dim, page_size, chunk = 2, 256, 32, 32, 4096
-    tensors = {role: pages.to_pages(sequence(mx.float32, heads, capacity, dim, seed=seed), 64, page_size)
-               for seed, role in enumerate("kv")}
+    tensors = {role: pages.to_pages([pages.PageRun(sequence(mx.float32, heads, capacity, dim, seed=seed), 0, 64)],
+                                    page_size) for seed, role in enumerate("kv")}
     layers = [KVLayer("attention", tensors, num_kv_heads=heads, head_dim=dim)]
     released = []
     expected = [{role: pages.Expected(f"kv/0/{role}", chunk, mover.chunk_crcs(t.data, chunk),
                                       lambda role=role: released.append(role)) for role, t in tensors.items()}]
     chain = list(range(tensors["k"].shape[0]))
-    filled = pages.fill_checked(layers, chain, expected, pages.scatter_targets(layers, chain))
+    filled = pages.fill_checked(layers, chain, expected, pages.scatter_targets(layers, [chain])[0])
     assert filled == [frozenset("kv")] and sorted(released) == ["k", "v"]
 
 
@@ -214,9 +214,9 @@ def test_gather_into_a_region_gives_its_chunk_crcs(num_tokens, chunk):
     last page starts or ends mid-chunk (its CRCs are summed again)."""
     heads, capacity, dim, page_size = 3, 256, 24, 32  # 9 KiB pages: chunk boundaries fall inside pages
     x = sequence(mx.float32, heads, capacity, dim, seed=2)
-    want = pages.to_pages(x, num_tokens, page_size)
+    want = pages.to_pages([pages.PageRun(x, 0, num_tokens)], page_size)
     out = np.full(want.nbytes, 0xAB, np.uint8)  # stale bytes: the padding must be written too
-    crcs = pages.gather_into(x, num_tokens, page_size, out, chunk)
+    crcs = pages.gather_into([pages.PageRun(x, 0, num_tokens)], page_size, out, chunk)
     assert out.tobytes() == bytes(want.data)
     assert list(crcs) == list(mover.chunk_crcs(want.data, chunk))
 
@@ -229,7 +229,7 @@ def test_gather_to_file_writes_the_region_with_its_chunk_crcs(tmp_path, num_toke
     written that the writer checks."""
     heads, capacity, dim, page_size = 3, 256, 24, 32
     x = sequence(mx.float32, heads, capacity, dim, seed=2)
-    want = pages.to_pages(x, num_tokens, page_size)
+    want = pages.to_pages([pages.PageRun(x, 0, num_tokens)], page_size)
     path = tmp_path / "region"
     path.write_bytes(b"\xab" * (want.nbytes + 100))
     with open(path, "r+b") as f:
@@ -237,3 +237,18 @@ def test_gather_to_file_writes_the_region_with_its_chunk_crcs(tmp_path, num_toke
     assert written == want.nbytes
     assert path.read_bytes() == b"\xab" * 100 + bytes(want.data)
     assert list(crcs) == list(mover.chunk_crcs(want.data, chunk))
+
+
+@pytest.mark.parametrize("chunk", [4096, 1 << 20])
+def test_runs_of_several_sequences_follow_one_another_with_the_chunk_crcs_of_the_whole(chunk):
+    """An engine's sessions in one tensor (thaw_mlx.prefix_tree): each run's pages from its first one on, a short
+    last page zero-padded in the middle of the tensor too, and the CRCs of the whole region's chunks."""
+    heads, capacity, dim, page_size = 3, 256, 24, 32
+    runs = [pages.PageRun(sequence(mx.float32, heads, capacity, dim, seed=seed), first, num_tokens)
+            for seed, first, num_tokens in [(2, 0, 70), (3, 2, 100), (4, 1, 33)]]
+    want = b"".join(bytes(reference_to_pages(run.x, run.num_tokens, page_size).data)[
+        run.first * page_size * heads * dim * 4 :] for run in runs)
+    assert bytes(pages.to_pages(runs, page_size).data) == want
+    out = np.full(len(want), 0xAB, np.uint8)
+    crcs = pages.gather_into(runs, page_size, out, chunk)
+    assert out.tobytes() == want and list(crcs) == list(mover.chunk_crcs(want, chunk))

@@ -1,6 +1,7 @@
 """sleep / wake on MLX (the test of tests/sleep_checks.py): an MLXEngine of a zoo checkpoint sleeps with a request
-in flight, and one started from the file's launch spec finishes it exactly. An MLX snapshot holds one sequence, so
-with two requests in flight the capture is Unsupported: sleep refuses before anything is written or closed."""
+in flight, and one started from the file's launch spec finishes it exactly, and serves every session the sleeper held
+from its pages. An MLX snapshot resumes one request in flight, so with two the capture is Unsupported: sleep
+refuses before anything is written or closed."""
 
 import inspect
 
@@ -33,7 +34,7 @@ def in_flight():
 def test_two_requests_in_flight_are_refused_and_the_engine_serves_on(sleeper, tmp_path):
     engine = sleeper()
     ids, want = run_midway(engine)
-    with pytest.raises(Unsupported, match="holds one sequence; 2 requests are in flight"):
+    with pytest.raises(Unsupported, match="holds at most one request in flight; 2 are in flight"):
         sleep(engine, tmp_path / "slept.thaw")
     assert list(tmp_path.iterdir()) == []
     done = engine.finish()
@@ -44,9 +45,10 @@ def test_every_option_a_file_may_set_is_an_argument_of_start():
     assert MLXEngine.launch_options.keys() <= inspect.signature(MLXEngine.start).parameters.keys()
 
 
-def test_a_sleep_that_leaves_other_sessions_out_warns_and_the_woken_engine_computes_them(sleeper, tmp_path):
-    """An MLX snapshot holds one sequence: sleeping an engine that served two unrelated prompts keeps the latest
-    one's KV only, and says so (SessionsNotHeld) rather than leaving it to a cached-token count to find out."""
+def test_a_woken_engine_serves_every_session_from_its_pages(sleeper, tmp_path):
+    """The sleeper served two prompts on one trunk and one unrelated to it, and has a request in flight: the
+    sleep holds them all (no SessionsNotHeld), and the woken engine finishes the request exactly and serves a
+    prompt extending each session with the sleeper's tokens, reading that session's whole KV."""
     import warnings
 
     from thaw_conformance.sleep_wake import NEW_PROMPT, PARAMS, tokens
@@ -54,41 +56,25 @@ def test_a_sleep_that_leaves_other_sessions_out_warns_and_the_woken_engine_compu
     from thaw_mlx import SessionsNotHeld
 
     engine = sleeper()
-    other = tokens(40, seed=9)
-    want = {"other": engine.generate(other, PARAMS).token_ids, "new": engine.generate(NEW_PROMPT, PARAMS).token_ids}
-    with pytest.warns(SessionsNotHeld, match="KV of 1 other sessions .* left out"):
+    for prompt in [*PROMPTS, tokens(40, seed=9)]:
+        engine.generate(prompt, PARAMS)
+    extending = [s.tokens + [3, 1, 4] for s in engine.sessions]
+    want = [engine.generate(prompt, PARAMS) for prompt in [*extending, NEW_PROMPT]]
+    del engine.sessions[len(extending):]  # the references' own sessions: the woken engine reads the served ones
+    rid = engine.submit(NEW_PROMPT, PARAMS)
+    engine.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SessionsNotHeld)
         sleep(engine, tmp_path / "slept.thaw")
     awake = wake(tmp_path / "slept.thaw")
     try:
-        new = awake.engine.generate(NEW_PROMPT, PARAMS)
-        assert new.token_ids == want["new"] and new.cached_tokens == len(NEW_PROMPT) - 1
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", SessionsNotHeld)
-            awake.engine.capture(include_weights=False)  # its two sessions hold the same tokens: all held
-        again = awake.engine.generate(other, PARAMS)
-        assert again.token_ids == want["other"] and again.cached_tokens == 0
+        assert awake.engine.finish()[rid].output_token_ids == want[-1].token_ids
+        for prompt, expected in zip(extending, want):
+            got = awake.engine.generate(prompt, PARAMS)
+            assert (got.token_ids, got.cached_tokens) == (expected.token_ids, expected.cached_tokens)
+            assert got.cached_tokens == len(prompt) - 4  # the session's every cached token
     finally:
         awake.engine.close()
-
-
-def test_sessions_sharing_the_held_prefix_count_only_the_tokens_past_it(sleeper):
-    """The warning counts the KV left out: a session sharing the 70-token trunk with the held one leaves out only
-    its own last tokens (3 of its prompt and its 12 outputs at most)."""
-    import re
-
-    from thaw_conformance.sleep_wake import NEW_PROMPT, PARAMS
-    from thaw_mlx import SessionsNotHeld
-
-    engine = sleeper()
-    try:
-        engine.generate(PROMPTS[0], PARAMS)
-        engine.generate(NEW_PROMPT, PARAMS)
-        with pytest.warns(SessionsNotHeld, match="capture or sleep holds one sequence") as warned:
-            engine.capture(include_weights=False)
-        left = int(re.search(r"KV of 1 other sessions \((\d+) tokens past", str(warned[0].message)).group(1))
-        assert 0 < left <= 3 + PARAMS.max_tokens
-    finally:
-        engine.close()
 
 
 def test_a_capture_of_no_chains_holds_no_kv_and_does_not_warn(sleeper):
