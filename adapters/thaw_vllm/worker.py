@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import functools
 import os
+from array import array
 
 import thaw_format
 import vllm
-from thaw_format import IncompatibleSnapshotError, mover
+from thaw_format import IncompatibleSnapshotError, SnapshotFile, mover
 from thaw_format.sdk import lent, lineage_now, remote
 from thaw_format.sdk.shared import owned_segment
 from thaw_format.torch import from_torch, to_torch
-from thaw_format.writer import deferred_tensor
+from thaw_format.writer import deferred_tensor, reseal
 
 from . import _internals, identity, rpc, transport
-from .pages import blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
+from .pages import NativeLayout, blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
+from .tensor_parallel import HeadShare, head_share, put_share, take_share, writable_segment
 
 
 MOVER_CPUS_ENV = "THAW_VLLM_MOVER_CPUS"  # "rank": libthaw moves KV on the worker's own cores only
@@ -92,12 +94,42 @@ class ThawWorkerExtension:
         start_mover(self.vllm_config)
         if local:
             return {"source": transport.LocalSnapshot(_build_snapshot(self, plan, include_weights, gathered=True)).source}
-        caches, layout = engine_layout(self)
-        fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
-                for i, cache in enumerate(caches) for role in ("k", "v")}
+        caches, layout, share = _engine_kv(self)
+        if share.rank != 0:
+            return {"source": None}  # the first rank publishes; every rank then writes its share (thaw_put_share)
+        if share.whole:
+            fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
+                    for i, cache in enumerate(caches) for role in ("k", "v")}
+        else:
+            fill = {f"kv/{i}/{role}": _unwritten for i in range(len(caches)) for role in ("k", "v")}
         snapshot = _build_snapshot(self, plan, include_weights, gathered=False)
         publisher = owned_segment(self) if shared else lent.owned_lender(self)
-        return {"source": publisher.publish(snapshot, fill)}
+        return {"source": publisher.publish(snapshot, fill), "shares": [] if share.whole else list(fill)}
+
+    @rpc.as_data
+    def thaw_put_share(self, source: str, block_ids: list[int]) -> None:
+        """Write this rank's KV heads of the given blocks into their slabs of the pages of the capture the first
+        rank published in `source` (thaw_capture); the first rank checksums them once every rank has (thaw_seal)."""
+        _internals.worker_waits_asleep_after_this_call()
+        caches, layout, share = _engine_kv(self)
+        view = writable_segment(*lent.parse(source))
+        with SnapshotFile(view) as published:
+            regions = {name: published.info(name)[2] for name in published.names() if name.startswith("kv/")}
+        bs, n = layout.page_shape[0], len(block_ids)
+        local = mover.recycled(n * layout.pages["k"].page_bytes)
+        for i, cache in enumerate(caches):
+            for role in ("k", "v"):
+                region = regions[f"kv/{i}/{role}"]
+                gather_role(cache, block_ids, layout, role, local)
+                put_share(local, view[region.offset : region.end], share, n, bs)
+
+    @rpc.as_data
+    def thaw_seal(self, source: str, names: list[str]) -> None:
+        """On the first rank: checksum the named tensors of a published capture every rank has written its share
+        of (thaw_put_share), from their final bytes."""
+        _internals.worker_waits_asleep_after_this_call()
+        if _engine_kv(self)[2].rank == 0:
+            reseal(writable_segment(*lent.parse(source)), names)
 
     @rpc.as_data
     def thaw_stage(self, source: str, verify: bool = True) -> None:
@@ -111,8 +143,8 @@ class ThawWorkerExtension:
         start_mover(self.vllm_config)
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
         snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None), verify=verify)
-        caches, layout = engine_layout(self)
-        _check_kv(snapshot.kv, caches, layout)
+        caches, layout, share = _engine_kv(self)
+        _check_kv(snapshot.kv, caches, _page_shape(layout, share))
         self._thaw_staged = snapshot
 
     @rpc.as_data
@@ -120,19 +152,23 @@ class ThawWorkerExtension:
         """Write the staged snapshot's pages into the given blocks; stage resumed requests' tails and RNG."""
         _internals.worker_waits_asleep_after_this_call()
         snapshot, self._thaw_staged = self._thaw_staged, None
-        caches, layout = engine_layout(self)
-        page_bytes = layout.pages["k"].page_bytes
+        caches, layout, share = _engine_kv(self)
+        page_bytes = layout.pages["k"].page_bytes * share.ranks  # a snapshot's page holds every rank's heads
         # A remote source's KV is read where it lies in the client by the scatter (a partial page's too), in one pass.
         layers = [tuple(remote.scatter_view(layer.tensors[role]) for role in ("k", "v"))
                   for layer in snapshot.kv.layers]
+
+        def own(pages, count):  # this rank's heads of `count` pages over all heads
+            return pages if share.whole else take_share(pages, share, count, layout.page_shape[0])
+
         for first, count, at in mover.consecutive_runs(pages):  # consecutive pages are one slice of the snapshot's tensors
             span = slice(first * page_bytes, (first + count) * page_bytes)
             for cache, (k, v) in zip(caches, layers):
-                scatter_pages(cache, block_ids[at : at + count], k[span], v[span], layout)
+                scatter_pages(cache, block_ids[at : at + count], own(k[span], count), own(v[span], count), layout)
         connector = _internals.worker_connector()
         for key, page in tails.items():
             span = slice(page * page_bytes, (page + 1) * page_bytes)
-            connector.staged_tails[key] = (caches, [pages_to_blocks(k[span], v[span], layout, cache.dtype)[0]
+            connector.staged_tails[key] = (caches, [pages_to_blocks(own(k[span], 1), own(v[span], 1), layout, cache.dtype)[0]
                                                     for cache, (k, v) in zip(caches, layers)])
         requests = {r.id: r for r in snapshot.scheduler.requests} if snapshot.scheduler else {}
         for key in rng_keys:
@@ -140,20 +176,41 @@ class ThawWorkerExtension:
         self.thaw_restored_from = snapshot.id
 
 
+def _engine_kv(worker) -> tuple[list, NativeLayout, HeadShare]:
+    """engine_layout and this rank's share of the KV heads; NotImplementedError for either not mapped."""
+    caches, layout = engine_layout(worker)
+    _, heads, head_dim = layout.page_shape
+    config = worker.vllm_config
+    share = head_share(config.parallel_config, config.model_config.get_total_num_kv_heads(), heads,
+                       _internals.tensor_parallel_rank(), head_dim, caches[0].element_size())
+    return caches, layout, share
+
+
+def _page_shape(layout, share: HeadShare) -> tuple[int, int, int]:
+    """A snapshot's page, over every rank's heads: (block_size, KV heads, head_dim)."""
+    return layout.page_shape[0], share.total_heads, share.head_dim
+
+
+def _unwritten(target, chunk_size: int) -> array:
+    """A fill that leaves its tensor to the ranks (thaw_put_share) and returns placeholder checksums (thaw_seal
+    computes the real ones)."""
+    return array("I", bytes(4 * -(-len(target) // chunk_size)))
+
+
 def _describe(worker) -> dict:
     info = identity.model_info(worker.vllm_config, worker.thaw_weights_digest())
     out = {"model": {"architecture": info.architecture, "config_digest": info.config_digest, "dtype": info.dtype,
                      "weights_digest": info.weights_digest}}
     try:
-        caches, layout = engine_layout(worker)
+        caches, layout, share = _engine_kv(worker)
     except NotImplementedError as exc:
         return {**out, "layout_error": str(exc)}
-    block_size, heads, head_dim = layout.page_shape
+    block_size, heads, head_dim = _page_shape(layout, share)
     return {**out, "kv": {"num_layers": len(caches), "dtype": _dtype_name(caches), "num_kv_heads": heads,
                           "head_dim": head_dim, "page_size": block_size}}
 
 
-def _check_kv(kv, caches, layout) -> None:
+def _check_kv(kv, caches, page_shape: tuple[int, int, int]) -> None:
     """The snapshot's KV must be this engine's layers, dtype and page shape (the client checked the same against
     describe(); this guards the bytes the scatter will read)."""
     if kv is None:
@@ -164,17 +221,18 @@ def _check_kv(kv, caches, layout) -> None:
     for i, layer in enumerate(kv.layers):
         for role in ("k", "v"):
             t = layer.tensors.get(role)
-            if t is None or t.dtype != dtype or tuple(t.shape[1:]) != layout.page_shape:
+            if t is None or t.dtype != dtype or tuple(t.shape[1:]) != page_shape:
                 raise IncompatibleSnapshotError(f"kv.layers[{i}] {role!r}: {t!r}, the engine holds {dtype} pages of "
-                                 f"{list(layout.page_shape)}")
+                                 f"{list(page_shape)}")
 
 
 def _build_snapshot(worker, plan: dict, include_weights: bool, gathered: bool) -> thaw_format.Snapshot:
     """The snapshot the plan describes. gathered=False leaves the KV tensors deferred, for a fill to write."""
     config = worker.vllm_config
-    caches, layout = engine_layout(worker)
-    _, heads, head_dim = layout.page_shape
-    shape = (len(plan["block_ids"]), *layout.page_shape)
+    caches, layout, share = _engine_kv(worker)
+    page_shape = _page_shape(layout, share)
+    _, heads, head_dim = page_shape
+    shape = (len(plan["block_ids"]), *page_shape)
     layers = []
     for cache in caches:
         if gathered:
@@ -204,9 +262,16 @@ def _build_snapshot(worker, plan: dict, include_weights: bool, gathered: bool) -
             algorithm=plan["algorithm"], tokens_per_hash=bs, hashes=plan["hashes"], seed=plan["seed"])),
         scheduler=thaw_format.SchedulerState(requests=requests),
         engine=thaw_format.EngineInfo(name="vllm", version=vllm.__version__, attention_backend="CPU_ATTN",
-                                      native_kv_layout=layout.description, extra={"block_size": bs}),
+                                      native_kv_layout=_native_description(layout, share), extra={"block_size": bs}),
         lineage=thaw_format.Lineage(parent=worker.thaw_restored_from, created=lineage_now()),
     )
+
+
+def _native_description(layout, share: HeadShare) -> str:
+    if share.whole:
+        return layout.description
+    return (f"{layout.description}; tensor parallel: each of {share.ranks} ranks holds {share.heads} of the "
+            f"{share.total_heads} KV heads of every block (the pages hold all)")
 
 
 def _dtype_name(caches) -> str:
