@@ -168,8 +168,9 @@ class ThawWorkerExtension:
         connector = _internals.worker_connector()
         for key, page in tails.items():
             span = slice(page * page_bytes, (page + 1) * page_bytes)
-            connector.staged_tails[key] = (caches, [pages_to_blocks(own(k[span], 1), own(v[span], 1), layout, cache.dtype)[0]
-                                                    for cache, (k, v) in zip(caches, layers)])
+            connector.staged_tails[key] = (caches, [
+                pages_to_blocks(own(k[span], 1), own(v[span], 1), layout, cache.dtype)[0]
+                for cache, (k, v) in zip(caches, layers)])
         requests = {r.id: r for r in snapshot.scheduler.requests} if snapshot.scheduler else {}
         for key in rng_keys:
             connector.staged_rng[key] = (self, to_torch(requests[key].rng_state).clone())

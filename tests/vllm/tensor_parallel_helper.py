@@ -4,8 +4,8 @@ rank, since the automatic binding wants a NUMA node per rank.
 
 argv[1] is JSON: model, engine_kwargs, prompt (token ids), params (SamplingParams fields), suffix (token ids), tp1
 (the path of a TP=1 engine's snapshot of the prompt's pages), out (a directory). Steps:
-  parent: a TP=2 engine generates the prompt and the prompt + suffix, describes itself, captures the prompt's pages
-          with weights (saved as out/tp2.thaw), and times a KV-only capture;
+  parent: a TP=2 engine generates the prompt and the prompt + suffix, describes itself and captures the prompt's
+          pages with weights (saved as out/tp2.thaw);
   fresh:  a second TP=2 engine restores out/tp2.thaw, then the TP=1 snapshot; after each, its recapture of the
           prompt's pages is saved (out/tp2_in_tp2.thaw, out/tp1_in_tp2.thaw) and the prompt generated again;
   pool:   a ForkPool of one worker started from the parent's launch spec (a TP=2 engine) forks the prompt + suffix.
@@ -15,7 +15,6 @@ Prints one line "THAW_RESULT <json>".
 import json
 import os
 import sys
-import time
 
 
 def main() -> None:
@@ -36,18 +35,10 @@ def main() -> None:
         thaw_format.save(thaw_vllm.capture(llm, include_weights=False, chains=[prompt]), os.path.join(out, name))
 
     report = {}
-    started = time.perf_counter()
     parent = thaw_vllm.LLM(config["model"], **config["engine_kwargs"])
-    report["start_s"] = time.perf_counter() - started
     report["parent"] = {"prompt": generate(parent, prompt), "continued": generate(parent, prompt + suffix)}
     report["describe"] = thaw_vllm.describe(parent)
     thaw_format.save(thaw_vllm.capture(parent, include_weights=True, chains=[prompt]), os.path.join(out, "tp2.thaw"))
-    times = []
-    for _ in range(5):
-        started = time.perf_counter()
-        thaw_vllm.capture(parent, include_weights=False)
-        times.append(time.perf_counter() - started)
-    report["capture_s"] = sorted(times)[len(times) // 2]
 
     fresh = thaw_vllm.LLM(config["model"], **config["engine_kwargs"])
     report["fresh"] = {}
@@ -61,7 +52,8 @@ def main() -> None:
     with ForkPool(thaw_vllm.VLLMEngine(parent), workers=1) as pool:
         round_ = pool.fork(thaw_vllm.VLLMEngine(parent), 1, context=prompt, suffixes=[suffix],
                            params=thaw_format.SamplingParams(**config["params"]))
-    report["pool"] = {"token_ids": round_.generations[0].token_ids, "cached_tokens": round_.generations[0].cached_tokens}
+    child = round_.generations[0]
+    report["pool"] = {"token_ids": child.token_ids, "cached_tokens": child.cached_tokens}
     print("THAW_RESULT " + json.dumps(report), flush=True)
 
 
