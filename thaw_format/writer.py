@@ -462,11 +462,11 @@ def reseal(buffer, names) -> str:
     write_into, their fills having written nothing and returned placeholder checksums (a tensor-parallel engine's
     ranks, each writing its KV heads' share of every page): one more pass over those bytes."""
     view = memoryview(buffer).cast("B")
-    snapshot_file = SnapshotFile(view)  # header and trailer checked
-    layout = snapshot_file.layout
+    with SnapshotFile(view) as snapshot_file:  # header and trailer checked
+        layout = snapshot_file.layout
+        regions = [snapshot_file.info(name)[2] for name in names]
     crcs = decode_trailer(view[layout.trailer_offset : layout.file_length], layout)
-    for name in names:
-        region = snapshot_file.info(name)[2]
+    for region in regions:
         crcs[region.first_chunk : region.first_chunk + region.num_chunks] = mover.chunk_crcs(
             view[region.offset : region.end], region.chunk_size)
     trailer = encode_trailer(crcs)
