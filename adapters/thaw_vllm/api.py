@@ -69,7 +69,8 @@ def launch_arguments(llm) -> tuple[str, dict, frozenset]:
 
 
 def _rpc(llm, method: str, *args):
-    return llm.collective_rpc(method, args=args)[0]
+    """The worker's `method` on every rank, the first rank's result (an error any rank returned raised: rpc.py)."""
+    return rpc.unwrap_all(llm.collective_rpc(method, args=args))
 
 
 _DESCRIBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # LLM -> describe(LLM)
@@ -79,6 +80,7 @@ def describe(llm) -> dict:
     """The engine's model identity and KV layout, as plain data. Fixed for the engine's life: asked of its
     worker once per LLM, so a restore's check costs no call into the engine."""
     if llm not in _DESCRIBED:
+        launch_arguments(llm)  # RuntimeError(NOT_ENABLED) for an engine made without engine_args: no thaw_describe
         _DESCRIBED[llm] = _rpc(llm, "thaw_describe")
     return _DESCRIBED[llm]
 

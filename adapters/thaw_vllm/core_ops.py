@@ -19,8 +19,8 @@ from .connector import ThawConnector
 
 @rpc.as_data
 def thaw_call(core, op: str, args: dict) -> dict:
-    """Run `op`; a snapshot's own error (a corrupt chunk, an incompatible layout) goes back to the client as
-    data (rpc.py)."""
+    """Run `op`; an error goes back to the client as data (rpc.py), a snapshot's own (a corrupt chunk, an
+    incompatible layout) raised there as its class."""
     if op == "capture":
         return _capture(core, **args)
     if op == "restore":
@@ -30,10 +30,10 @@ def thaw_call(core, op: str, args: dict) -> dict:
 
 def _worker(core, method: str, *args):
     """The worker's `method` (worker.ThawWorkerExtension) through collective_rpc on every rank, the first rank's
-    reply; a snapshot error any rank returned is raised. This process waits for the replies asleep: its CPU is
-    one the worker moves KV on (worker.start_mover)."""
+    reply; an error any rank returned (as data: rpc.py) is raised once every rank's reply is read. This process
+    waits for the replies asleep: its CPU is one the worker moves KV on (worker.start_mover)."""
     with _internals.worker_awaited_asleep(core):
-        return [rpc.unwrap(reply) for reply in core.collective_rpc(method, args=args)][0]
+        return rpc.unwrap_all(core.collective_rpc(method, args=args))
 
 
 def _connector(core) -> ThawConnector:

@@ -14,14 +14,10 @@ parallel) or its layers (pipeline parallel), no rank's share is a slab of whole 
 
 from __future__ import annotations
 
-import mmap
-import os
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy
 from thaw_format import mover
-from thaw_format.sdk.shared import open_segment
 
 
 @dataclass(frozen=True)
@@ -58,42 +54,22 @@ def head_share(parallel_config, total_heads: int, heads: int, rank: int, head_di
     if unmapped:
         raise NotImplementedError(f"thaw_vllm maps tensor parallelism only; this engine has "
                                   f"{', '.join(f'{k}={v}' for k, v in unmapped.items())}")
-    if total_heads % ranks or heads * ranks != total_heads:
+    if heads * ranks != total_heads:
         raise NotImplementedError(f"tensor_parallel_size={ranks} over {total_heads} KV heads: each rank holds {heads} "
-                                  f"(vLLM replicates heads when they do not divide evenly); thaw_vllm maps tensor "
+                                  f"(vLLM replicates heads when there are fewer than ranks); thaw_vllm maps tensor "
                                   f"parallelism only where the KV heads divide evenly between the ranks")
     return HeadShare(rank, ranks, heads, total_heads, head_dim, itemsize)
 
 
-def put_share(local_pages, out, share: HeadShare, num_pages: int, block_size: int) -> None:
+def put_share(local_pages, out, share: HeadShare, offsets: numpy.ndarray) -> None:
     """Write a rank's pages over its own heads ([num_pages, block_size, heads, head_dim]) into their slabs of
-    `out`, pages over all heads."""
-    mover.scatter(local_pages, out, share.slab_offsets(num_pages, block_size), share.slab_bytes)
+    `out`, pages over all heads, at `offsets` (share.slab_offsets of those pages, one per token row)."""
+    mover.scatter(local_pages, out, offsets, share.slab_bytes)
 
 
-def take_share(pages, share: HeadShare, num_pages: int, block_size: int) -> memoryview:
-    """A rank's pages over its own heads, read from its slabs of `pages` over all heads (a remote view is read
-    here first, whole)."""
-    local = mover.recycled(num_pages * block_size * share.slab_bytes)
-    mover.gather(mover.fetched(pages), share.slab_offsets(num_pages, block_size), share.slab_bytes, local)
+def take_share(pages, share: HeadShare, offsets: numpy.ndarray) -> memoryview:
+    """A rank's pages over its own heads, read from its slabs of `pages` over all heads at `offsets` (as
+    put_share's; a remote view is read here first, whole)."""
+    local = mover.recycled(len(offsets) * share.slab_bytes)
+    mover.gather(mover.fetched(pages), offsets, share.slab_bytes, local)
     return local
-
-
-_WRITABLE: "OrderedDict[str, mmap.mmap]" = OrderedDict()  # segment name -> writable mapping, recent last
-_MAX_WRITABLE = 4
-
-
-def writable_segment(name: str, nbytes: int) -> memoryview:
-    """A writable view of another rank's segment (the one its capture lent), mapped once per name: the first rank
-    reuses its segments, so a later capture's slabs go to pages already faulted in here."""
-    mapping = _WRITABLE.pop(name, None)
-    if mapping is None or len(mapping) < nbytes:
-        fd = open_segment(name, os.O_RDWR)
-        try:
-            mapping = mmap.mmap(fd, nbytes)
-        finally:
-            os.close(fd)
-    _WRITABLE[name] = mapping
-    while len(_WRITABLE) > _MAX_WRITABLE:
-        _WRITABLE.popitem(last=False)  # unmapped when its last view goes
-    return memoryview(mapping)[:nbytes]

@@ -1,6 +1,7 @@
 """ThawWorkerExtension: thaw's methods on vLLM's worker (which holds the KV tensors), called by name through
 `collective_rpc` from the engine core or the client. vLLM mixes the class into its worker
-(`worker_extension_cls`); arguments and results are plain data, snapshots travel through shared memory."""
+(`worker_extension_cls`); arguments and results are plain data, errors too (rpc.as_data: no method raises through
+vLLM, which would put the ranks' replies out of step), snapshots travel through shared memory."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from thaw_format.writer import deferred_tensor, reseal
 
 from . import _internals, identity, rpc, transport
 from .pages import NativeLayout, blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
-from .tensor_parallel import HeadShare, head_share, put_share, take_share, writable_segment
+from .tensor_parallel import HeadShare, head_share, put_share, take_share
 
 
 MOVER_CPUS_ENV = "THAW_VLLM_MOVER_CPUS"  # "rank": libthaw moves KV on the worker's own cores only
@@ -67,6 +68,7 @@ class ThawWorkerExtension:
     # thaw_format.sdk.lent.send): the lineage parent of its captures.
     thaw_restored_from: str | None = None
 
+    @rpc.as_data
     def thaw_describe(self) -> dict:
         """The identity and KV layout a snapshot must match; `layout_error` says why no layout is mapped.
         Fixed for the engine's life, so computed once."""
@@ -76,12 +78,11 @@ class ThawWorkerExtension:
             self._thaw_described = {**_describe(self), "mover": dict(mover_info)}
         return self._thaw_described
 
+    @rpc.as_data
     def thaw_weights_digest(self) -> str:
         """The digest of the weights the engine loaded (spec 5.1), computed once."""
         _internals.worker_waits_asleep_after_this_call()
-        if getattr(self, "_thaw_digest", None) is None:
-            self._thaw_digest = identity.weights_digest(self.vllm_config)
-        return self._thaw_digest
+        return _weights_digest(self)
 
     @rpc.as_data
     def thaw_capture(self, plan: dict, include_weights: bool, local: bool, shared: bool = False) -> dict:
@@ -112,24 +113,24 @@ class ThawWorkerExtension:
         rank published in `source` (thaw_capture); the first rank checksums them once every rank has (thaw_seal)."""
         _internals.worker_waits_asleep_after_this_call()
         caches, layout, share = _engine_kv(self)
-        view = writable_segment(*lent.parse(source))
+        view = lent.writable_view(source)
         with SnapshotFile(view) as published:
             regions = {name: published.info(name)[2] for name in published.names() if name.startswith("kv/")}
-        bs, n = layout.page_shape[0], len(block_ids)
-        local = mover.recycled(n * layout.pages["k"].page_bytes)
+        offsets = share.slab_offsets(len(block_ids), layout.page_shape[0])
+        local = mover.recycled(len(block_ids) * layout.pages["k"].page_bytes)
         for i, cache in enumerate(caches):
             for role in ("k", "v"):
                 region = regions[f"kv/{i}/{role}"]
                 gather_role(cache, block_ids, layout, role, local)
-                put_share(local, view[region.offset : region.end], share, n, bs)
+                put_share(local, view[region.offset : region.end], share, offsets)
 
     @rpc.as_data
     def thaw_seal(self, source: str, names: list[str]) -> None:
         """On the first rank: checksum the named tensors of a published capture every rank has written its share
         of (thaw_put_share), from their final bytes."""
         _internals.worker_waits_asleep_after_this_call()
-        if _engine_kv(self)[2].rank == 0:
-            reseal(writable_segment(*lent.parse(source)), names)
+        if _internals.tensor_parallel_rank() == 0:
+            reseal(lent.writable_view(source), names)
 
     @rpc.as_data
     def thaw_stage(self, source: str, verify: bool = True) -> None:
@@ -158,8 +159,11 @@ class ThawWorkerExtension:
         layers = [tuple(remote.scatter_view(layer.tensors[role]) for role in ("k", "v"))
                   for layer in snapshot.kv.layers]
 
+        # This rank's slabs in every page a run (or a tail) may hold, over all heads; none for a whole page.
+        offsets = None if share.whole else share.slab_offsets(max(len(pages), 1), layout.page_shape[0])
+
         def own(pages, count):  # this rank's heads of `count` pages over all heads
-            return pages if share.whole else take_share(pages, share, count, layout.page_shape[0])
+            return pages if share.whole else take_share(pages, share, offsets[: count * layout.page_shape[0]])
 
         for first, count, at in mover.consecutive_runs(pages):  # consecutive pages are one slice of the snapshot's tensors
             span = slice(first * page_bytes, (first + count) * page_bytes)
@@ -175,6 +179,12 @@ class ThawWorkerExtension:
         for key in rng_keys:
             connector.staged_rng[key] = (self, to_torch(requests[key].rng_state).clone())
         self.thaw_restored_from = snapshot.id
+
+
+def _weights_digest(worker) -> str:
+    if getattr(worker, "_thaw_digest", None) is None:
+        worker._thaw_digest = identity.weights_digest(worker.vllm_config)
+    return worker._thaw_digest
 
 
 def _engine_kv(worker) -> tuple[list, NativeLayout, HeadShare]:
@@ -199,7 +209,7 @@ def _unwritten(target, chunk_size: int) -> array:
 
 
 def _describe(worker) -> dict:
-    info = identity.model_info(worker.vllm_config, worker.thaw_weights_digest())
+    info = identity.model_info(worker.vllm_config, _weights_digest(worker))
     out = {"model": {"architecture": info.architecture, "config_digest": info.config_digest, "dtype": info.dtype,
                      "weights_digest": info.weights_digest}}
     try:
@@ -256,7 +266,7 @@ def _build_snapshot(worker, plan: dict, include_weights: bool, gathered: bool) -
         weights = thaw_format.Weights(tensors=tensors, checkpoint_names={n: n for n in tensors})
     bs = plan["block_size"]
     return thaw_format.Snapshot(
-        model=identity.model_info(config, worker.thaw_weights_digest()),
+        model=identity.model_info(config, _weights_digest(worker)),
         weights=weights,
         kv=thaw_format.KVCache(page_size=bs, dtype=_dtype_name(caches), layers=layers),
         prefix=thaw_format.PrefixTree(parents=plan["parents"], tokens=plan["tokens"], hash=thaw_format.NativeHash(

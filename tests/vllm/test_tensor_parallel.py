@@ -46,7 +46,8 @@ def run(tp1, zoo, vllm, tmp_path_factory):
     thaw_format.save(thaw_vllm.capture(tp1, include_weights=True, chains=[PROMPT]), out / "tp1.thaw")
     config = {"model": str(zoo.make_model("llama")), "prompt": PROMPT, "suffix": SUFFIX, "params": PARAMS,
               "engine_kwargs": dict(ENGINE_KWARGS, dtype="float32", tensor_parallel_size=2),
-              "tp1": str(out / "tp1.thaw"), "out": str(out), "env": {"VLLM_CPU_OMP_THREADS_BIND": _rank_cpus()}}
+              "tp1": str(out / "tp1.thaw"), "midstream": [trunk_tokens(70, seed=20), trunk_tokens(45, seed=21)],
+              "out": str(out), "env": {"VLLM_CPU_OMP_THREADS_BIND": _rank_cpus()}}
     return run_helper("tensor_parallel_helper.py", config, timeout=600), out
 
 
@@ -90,6 +91,36 @@ def test_a_tp1_snapshot_restored_into_a_tp2_engine_is_its_bytes(run):
     assert report["fresh"]["tp1"]["num_cached_tokens"] == FULL
 
 
+def test_ranks_refused_a_remote_read_stay_in_step_and_the_restore_falls_back(run):
+    """Every rank refuses to read the client's memory (RemoteReadError, not a snapshot's error): the restore goes
+    through the engine's restore segment instead. vLLM raises at the first rank's failure without reading the
+    others' replies, so each rank returns its error as data (rpc.py): else every later call of the engine reads
+    the reply of the call before it (the fallback's stage the refusal, a capture's seal before its ranks wrote)."""
+    report, out = run
+    assert (report["fresh"]["tp2_sent"], report["fresh"]["tp1_sent"]) == ("remote", "segment")
+    assert _kv(out / "tp1_in_tp2.thaw") == _kv(out / "tp1.thaw")  # the capture after it is every rank's bytes
+
+
+def test_a_tp2_engine_restores_its_own_lent_capture(run):
+    """Its first rank's lent segment, which the other rank reads where it lies."""
+    report, out = run
+    assert report["fresh"]["own_sent"] == "lent"
+    assert _kv(out / "own_in_tp2.thaw") == _kv(out / "tp1.thaw")
+    assert report["fresh"]["own"]["num_cached_tokens"] == FULL
+
+
+def test_requests_captured_mid_stream_under_tp2_resume_exactly_in_another_tp2_engine(run):
+    """A partial tail page and the seeded request's generator, staged on every rank, give the parent's tokens."""
+    report, _ = run
+    captured, final = report["midstream"]["captured"], report["midstream"]["final"]
+    assert set(captured) == {"greedy", "seeded"} and captured["seeded"]["rng"] and not captured["greedy"]["rng"]
+    for request_id, request in captured.items():
+        k = len(request["output_token_ids"])
+        assert 5 <= k < 16 and request["output_token_ids"] == final[request_id][:k]
+        assert report["fresh"]["midstream"][request_id] == {"token_ids": final[request_id],
+                                                            "num_cached_tokens": request["num_computed_tokens"]}
+
+
 def test_a_tp2_snapshot_restored_into_a_tp1_engine_is_its_bytes(run, tp1, vllm):
     import thaw_format
     import thaw_vllm
@@ -129,9 +160,10 @@ def test_a_rank_holds_a_slab_of_whole_heads_in_every_token_row(vllm):
     out = numpy.zeros_like(pages)
     for rank in range(3):
         share = head_share(_parallel(tp=3), 6, 2, rank, 8, 4)
-        local = numpy.frombuffer(take_share(pages, share, 2, 4), numpy.float32).reshape(2, 4, 2, 8)
+        offsets = share.slab_offsets(2, 4)
+        local = numpy.frombuffer(take_share(pages, share, offsets), numpy.float32).reshape(2, 4, 2, 8)
         assert numpy.array_equal(local, pages[:, :, 2 * rank : 2 * rank + 2])
-        put_share(numpy.ascontiguousarray(local), out, share, 2, 4)
+        put_share(numpy.ascontiguousarray(local), out, share, offsets)
     assert numpy.array_equal(out, pages)
 
 
