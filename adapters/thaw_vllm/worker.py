@@ -13,7 +13,7 @@ import thaw_format
 import vllm
 from thaw_format import IncompatibleSnapshotError, SnapshotFile, mover
 from thaw_format.sdk import lent, lineage_now, remote
-from thaw_format.sdk.shared import owned_segment
+from thaw_format.sdk.shared import SHM_PREFIX, owned_segment
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import deferred_tensor, reseal
 
@@ -139,10 +139,13 @@ class ThawWorkerExtension:
         this engine's, before the engine core changes anything. Every chunk is verified unless `verify` is False:
         a source the client counts as checked (thaw_format.sdk.lent.send's trust rule, or one its caller checked,
         checked_by_caller) or its Snapshot handed over in-process (api.restore); a segment's header is parsed and
-        checked either way."""
+        checked either way. Under tensor parallelism the first rank alone verifies a segment: every rank maps its
+        one set of bytes, and no rank writes before every rank has staged (the engine core's thaw_write), so its
+        check refuses the restore for all."""
         _internals.worker_waits_asleep_after_this_call()
         start_mover(self.vllm_config)
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
+        verify = verify and (_internals.tensor_parallel_rank() == 0 or not source.startswith(SHM_PREFIX))
         snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None), verify=verify)
         caches, layout, share = _engine_kv(self)
         _check_kv(snapshot.kv, caches, _page_shape(layout, share))

@@ -12,6 +12,7 @@ argv[1] is JSON: model, engine_kwargs, prompt (token ids), params (SamplingParam
           prompt's pages is saved (out/tp2_in_tp2.thaw, out/tp1_in_tp2.thaw) and the prompt generated again;
           then it restores its own (lent) capture of those pages, and last the mid-stream capture, whose
           requests it runs to the end;
+  corrupt: the parent is asked to restore a corrupt segment (refused; it serves on, its cache as it was);
   pool:   a ForkPool of one worker started from the parent's launch spec (a TP=2 engine) forks the prompt + suffix.
 Prints one line "THAW_RESULT <json>".
 """
@@ -69,12 +70,39 @@ def main() -> None:
     fresh.llm_engine.engine_core.shutdown()
     del fresh
 
+    # A corrupt segment is refused before the engine changes: its first rank alone verifies it, for every rank.
+    source = thaw_vllm.api.capture_shared(parent, chains=[prompt])
+    corrupt(source)
+    try:
+        thaw_vllm.api.restore_source(parent, source)
+    except thaw_format.CorruptSnapshotError as error:
+        report["corrupt_refused"] = str(error)
+    report["after_corrupt"] = generate(parent, prompt)
+
     with ForkPool(thaw_vllm.VLLMEngine(parent), workers=1) as pool:
         round_ = pool.fork(thaw_vllm.VLLMEngine(parent), 1, context=prompt, suffixes=[suffix],
                            params=thaw_format.SamplingParams(**config["params"]))
     child = round_.generations[0]
     report["pool"] = {"token_ids": child.token_ids, "cached_tokens": child.cached_tokens}
     print("THAW_RESULT " + json.dumps(report), flush=True)
+
+
+def corrupt(source):
+    """Flip one bit of the first KV tensor of the snapshot in the segment `source` names."""
+    import mmap
+
+    from _posixshmem import shm_open
+
+    import thaw_format
+
+    name, _, nbytes = source[len("shm://"):].partition("#")
+    fd = shm_open("/" + name, os.O_RDWR, mode=0)
+    try:
+        with mmap.mmap(fd, int(nbytes)) as mapping:
+            region = thaw_format.SnapshotFile(mapping).info("kv/0/k")[2]
+            mapping[region.offset + 1000] ^= 0x40
+    finally:
+        os.close(fd)
 
 
 def refused(publish):

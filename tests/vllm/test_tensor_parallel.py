@@ -101,6 +101,12 @@ def test_ranks_refused_a_remote_read_stay_in_step_and_the_restore_falls_back(run
     assert _kv(out / "tp1_in_tp2.thaw") == _kv(out / "tp1.thaw")  # the capture after it is every rank's bytes
 
 
+def test_a_corrupt_segment_is_refused_by_the_first_rank_before_any_rank_writes(run):
+    report, _ = run
+    assert "checksum" in report["corrupt_refused"] and "kv/0/k" in report["corrupt_refused"]
+    assert report["after_corrupt"] == {"token_ids": report["parent"]["prompt"]["token_ids"], "num_cached_tokens": FULL}
+
+
 def test_a_tp2_engine_restores_its_own_lent_capture(run):
     """Its first rank's lent segment, which the other rank reads where it lies."""
     report, out = run
