@@ -21,6 +21,8 @@ import json
 import os
 import sys
 
+from lent_helper import corrupt_first_kv_chunk
+
 
 def main() -> None:
     config = json.loads(sys.argv[1])
@@ -72,7 +74,7 @@ def main() -> None:
 
     # A corrupt segment is refused before the engine changes: its first rank alone verifies it, for every rank.
     source = thaw_vllm.api.capture_shared(parent, chains=[prompt])
-    corrupt(source)
+    corrupt_first_kv_chunk(source)
     try:
         thaw_vllm.api.restore_source(parent, source)
     except thaw_format.CorruptSnapshotError as error:
@@ -85,24 +87,6 @@ def main() -> None:
     child = round_.generations[0]
     report["pool"] = {"token_ids": child.token_ids, "cached_tokens": child.cached_tokens}
     print("THAW_RESULT " + json.dumps(report), flush=True)
-
-
-def corrupt(source):
-    """Flip one bit of the first KV tensor of the snapshot in the segment `source` names."""
-    import mmap
-
-    from _posixshmem import shm_open
-
-    import thaw_format
-
-    name, _, nbytes = source[len("shm://"):].partition("#")
-    fd = shm_open("/" + name, os.O_RDWR, mode=0)
-    try:
-        with mmap.mmap(fd, int(nbytes)) as mapping:
-            region = thaw_format.SnapshotFile(mapping).info("kv/0/k")[2]
-            mapping[region.offset + 1000] ^= 0x40
-    finally:
-        os.close(fd)
 
 
 def refused(publish):
