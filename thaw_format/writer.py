@@ -22,11 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping, Optional
 
 from . import mover
-from .container import DEFAULT_CHUNK_SIZE, encode_header, encode_trailer, plan_layout, content_id
+from .container import DEFAULT_CHUNK_SIZE, decode_trailer, encode_header, encode_trailer, plan_layout, content_id
 from .document import canonical_json, decode, encode, features, validate
 from .dtypes import itemsize
 from .errors import CorruptSnapshotError
 from .gcpause import gc_paused
+from .reader import SnapshotFile
 from .snapshot import Snapshot
 from .tensor import Tensor
 
@@ -453,6 +454,24 @@ def _write_all(stream, data) -> None:
         if written is None:  # a non-blocking raw stream that could not take anything yet
             continue
         view = view[written:]
+
+
+def reseal(buffer, names) -> str:
+    """Checksum anew the named tensors of the snapshot written in `buffer`, from the bytes their regions hold
+    now, and write its trailer again; return the snapshot's id. For tensors that other writers put in place after
+    write_into, their fills having written nothing and returned placeholder checksums (a tensor-parallel engine's
+    ranks, each writing its KV heads' share of every page): one more pass over those bytes."""
+    view = memoryview(buffer).cast("B")
+    with SnapshotFile(view) as snapshot_file:  # header and trailer checked
+        layout = snapshot_file.layout
+        regions = [snapshot_file.info(name)[2] for name in names]
+    crcs = decode_trailer(view[layout.trailer_offset : layout.file_length], layout)
+    for region in regions:
+        crcs[region.first_chunk : region.first_chunk + region.num_chunks] = mover.chunk_crcs(
+            view[region.offset : region.end], region.chunk_size)
+    trailer = encode_trailer(crcs)
+    view[layout.trailer_offset : layout.file_length] = trailer
+    return content_id(bytes(view[: layout.header_length]), trailer)
 
 
 def save(snapshot: Snapshot, path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress = None,

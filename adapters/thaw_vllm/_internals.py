@@ -148,6 +148,13 @@ def kv_cache_tensors(worker) -> list[torch.Tensor]:
     return caches
 
 
+def tensor_parallel_rank() -> int:
+    """This worker's rank in its tensor-parallel group (0 without tensor parallelism)."""
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()
+
+
 def attention_backends(worker) -> list[tuple[str, str | None, str]]:
     """(attention backend name, ISA, KV-cache dtype) of the layer bound to each tensor of kv_cache_tensors.
 

@@ -69,7 +69,8 @@ def launch_arguments(llm) -> tuple[str, dict, frozenset]:
 
 
 def _rpc(llm, method: str, *args):
-    return llm.collective_rpc(method, args=args)[0]
+    """The worker's `method` on every rank, the first rank's result (an error any rank returned raised: rpc.py)."""
+    return rpc.unwrap_all(llm.collective_rpc(method, args=args))
 
 
 _DESCRIBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # LLM -> describe(LLM)
@@ -79,6 +80,7 @@ def describe(llm) -> dict:
     """The engine's model identity and KV layout, as plain data. Fixed for the engine's life: asked of its
     worker once per LLM, so a restore's check costs no call into the engine."""
     if llm not in _DESCRIBED:
+        launch_arguments(llm)  # RuntimeError(NOT_ENABLED) for an engine made without engine_args: no thaw_describe
         _DESCRIBED[llm] = _rpc(llm, "thaw_describe")
     return _DESCRIBED[llm]
 
@@ -92,9 +94,17 @@ def _chains(chains: Optional[Sequence[Sequence[int]]]) -> Optional[list[list[int
     return None if chains is None else [list(map(int, c)) for c in chains]
 
 
+def _check_capturable(llm) -> None:
+    """Refuse, before the engine is asked anything else, an engine whose KV layout thaw_vllm does not map."""
+    error = describe(llm).get("layout_error")
+    if error is not None:
+        raise NotImplementedError(f"this engine's KV cannot be captured: {error}")
+
+
 def capture(llm, *, include_weights: bool = True, chains: Optional[Sequence[Sequence[int]]] = None) -> thaw_format.Snapshot:
     """Snapshot the engine: prefix-cache pages (all, or those of the named token chains) with their token ids,
     live requests (waiting or mid-generation) and, unless told otherwise, the weights."""
+    _check_capturable(llm)
     args = {"include_weights": include_weights, "chains": _chains(chains),
             "local": _internals.engine_in_this_process(llm)}
     return transport.read(_call(llm, "capture", args)["source"], unlink=True, keep=True)
@@ -103,6 +113,7 @@ def capture(llm, *, include_weights: bool = True, chains: Optional[Sequence[Sequ
 def capture_shared(llm, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
     """A KV-only capture published in shared memory, its pages gathered by the worker straight into its reused
     segment: "shm://<name>#<nbytes>", valid until this engine's next capture_shared (see VLLMEngine)."""
+    _check_capturable(llm)
     args = {"include_weights": False, "chains": _chains(chains), "local": False, "shared": True}
     return _call(llm, "capture", args)["source"]
 

@@ -19,8 +19,8 @@ from .connector import ThawConnector
 
 @rpc.as_data
 def thaw_call(core, op: str, args: dict) -> dict:
-    """Run `op`; a snapshot's own error (a corrupt chunk, an incompatible layout) goes back to the client as
-    data (rpc.py)."""
+    """Run `op`; an error goes back to the client as data (rpc.py), a snapshot's own (a corrupt chunk, an
+    incompatible layout) raised there as its class."""
     if op == "capture":
         return _capture(core, **args)
     if op == "restore":
@@ -29,10 +29,11 @@ def thaw_call(core, op: str, args: dict) -> dict:
 
 
 def _worker(core, method: str, *args):
-    """The worker's `method` (worker.ThawWorkerExtension) through collective_rpc, its snapshot errors raised.
-    This process waits for the reply asleep: its CPU is one the worker moves KV on (worker.start_mover)."""
+    """The worker's `method` (worker.ThawWorkerExtension) through collective_rpc on every rank, the first rank's
+    reply; an error any rank returned (as data: rpc.py) is raised once every rank's reply is read. This process
+    waits for the replies asleep: its CPU is one the worker moves KV on (worker.start_mover)."""
     with _internals.worker_awaited_asleep(core):
-        return rpc.unwrap(core.collective_rpc(method, args=args)[0])
+        return rpc.unwrap_all(core.collective_rpc(method, args=args))
 
 
 def _connector(core) -> ThawConnector:
@@ -129,7 +130,11 @@ def _capture(core, include_weights: bool, chains, local: bool, shared: bool = Fa
             "output_token_ids": r["output_token_ids"], "num_computed_tokens": r["num_computed_tokens"],
             "pages": chain, "sampling": dataclasses.asdict(sampling.to_thaw(r["sampling_params"])),
         })
-    return _worker(core, "thaw_capture", plan, include_weights, local, shared)
+    published = _worker(core, "thaw_capture", plan, include_weights, local, shared)
+    if published.get("shares"):  # tensor parallel: every rank writes its KV heads, then the first rank checksums
+        _worker(core, "thaw_put_share", published["source"], plan["block_ids"])
+        _worker(core, "thaw_seal", published["source"], published["shares"])
+    return {"source": published["source"]}
 
 
 # --- restore ------------------------------------------------------------------------------------------------

@@ -1,22 +1,25 @@
 """ThawWorkerExtension: thaw's methods on vLLM's worker (which holds the KV tensors), called by name through
 `collective_rpc` from the engine core or the client. vLLM mixes the class into its worker
-(`worker_extension_cls`); arguments and results are plain data, snapshots travel through shared memory."""
+(`worker_extension_cls`); arguments and results are plain data, errors too (rpc.as_data: no method raises through
+vLLM, which would put the ranks' replies out of step), snapshots travel through shared memory."""
 
 from __future__ import annotations
 
 import functools
 import os
+from array import array
 
 import thaw_format
 import vllm
-from thaw_format import IncompatibleSnapshotError, mover
+from thaw_format import IncompatibleSnapshotError, SnapshotFile, mover
 from thaw_format.sdk import lent, lineage_now, remote
-from thaw_format.sdk.shared import owned_segment
+from thaw_format.sdk.shared import SHM_PREFIX, owned_segment
 from thaw_format.torch import from_torch, to_torch
-from thaw_format.writer import deferred_tensor
+from thaw_format.writer import deferred_tensor, reseal
 
 from . import _internals, identity, rpc, transport
-from .pages import blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
+from .pages import NativeLayout, blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
+from .tensor_parallel import HeadShare, head_share, put_share, take_share
 
 
 MOVER_CPUS_ENV = "THAW_VLLM_MOVER_CPUS"  # "rank": libthaw moves KV on the worker's own cores only
@@ -65,6 +68,7 @@ class ThawWorkerExtension:
     # thaw_format.sdk.lent.send): the lineage parent of its captures.
     thaw_restored_from: str | None = None
 
+    @rpc.as_data
     def thaw_describe(self) -> dict:
         """The identity and KV layout a snapshot must match; `layout_error` says why no layout is mapped.
         Fixed for the engine's life, so computed once."""
@@ -74,12 +78,11 @@ class ThawWorkerExtension:
             self._thaw_described = {**_describe(self), "mover": dict(mover_info)}
         return self._thaw_described
 
+    @rpc.as_data
     def thaw_weights_digest(self) -> str:
         """The digest of the weights the engine loaded (spec 5.1), computed once."""
         _internals.worker_waits_asleep_after_this_call()
-        if getattr(self, "_thaw_digest", None) is None:
-            self._thaw_digest = identity.weights_digest(self.vllm_config)
-        return self._thaw_digest
+        return _weights_digest(self)
 
     @rpc.as_data
     def thaw_capture(self, plan: dict, include_weights: bool, local: bool, shared: bool = False) -> dict:
@@ -92,12 +95,42 @@ class ThawWorkerExtension:
         start_mover(self.vllm_config)
         if local:
             return {"source": transport.LocalSnapshot(_build_snapshot(self, plan, include_weights, gathered=True)).source}
-        caches, layout = engine_layout(self)
-        fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
-                for i, cache in enumerate(caches) for role in ("k", "v")}
+        caches, layout, share = _engine_kv(self)
+        if share.rank != 0:
+            return {"source": None}  # the first rank publishes; every rank then writes its share (thaw_put_share)
+        if share.whole:
+            fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
+                    for i, cache in enumerate(caches) for role in ("k", "v")}
+        else:
+            fill = {f"kv/{i}/{role}": _unwritten for i in range(len(caches)) for role in ("k", "v")}
         snapshot = _build_snapshot(self, plan, include_weights, gathered=False)
         publisher = owned_segment(self) if shared else lent.owned_lender(self)
-        return {"source": publisher.publish(snapshot, fill)}
+        return {"source": publisher.publish(snapshot, fill), "shares": [] if share.whole else list(fill)}
+
+    @rpc.as_data
+    def thaw_put_share(self, source: str, block_ids: list[int]) -> None:
+        """Write this rank's KV heads of the given blocks into their slabs of the pages of the capture the first
+        rank published in `source` (thaw_capture); the first rank checksums them once every rank has (thaw_seal)."""
+        _internals.worker_waits_asleep_after_this_call()
+        caches, layout, share = _engine_kv(self)
+        view = lent.writable_view(source)
+        with SnapshotFile(view) as published:
+            regions = {name: published.info(name)[2] for name in published.names() if name.startswith("kv/")}
+        offsets = share.slab_offsets(len(block_ids), layout.page_shape[0])
+        local = mover.recycled(len(block_ids) * layout.pages["k"].page_bytes)
+        for i, cache in enumerate(caches):
+            for role in ("k", "v"):
+                region = regions[f"kv/{i}/{role}"]
+                gather_role(cache, block_ids, layout, role, local)
+                put_share(local, view[region.offset : region.end], share, offsets)
+
+    @rpc.as_data
+    def thaw_seal(self, source: str, names: list[str]) -> None:
+        """On the first rank: checksum the named tensors of a published capture every rank has written its share
+        of (thaw_put_share), from their final bytes."""
+        _internals.worker_waits_asleep_after_this_call()
+        if _internals.tensor_parallel_rank() == 0:
+            reseal(lent.writable_view(source), names)
 
     @rpc.as_data
     def thaw_stage(self, source: str, verify: bool = True) -> None:
@@ -106,13 +139,16 @@ class ThawWorkerExtension:
         this engine's, before the engine core changes anything. Every chunk is verified unless `verify` is False:
         a source the client counts as checked (thaw_format.sdk.lent.send's trust rule, or one its caller checked,
         checked_by_caller) or its Snapshot handed over in-process (api.restore); a segment's header is parsed and
-        checked either way."""
+        checked either way. Under tensor parallelism the first rank alone verifies a segment: every rank maps its
+        one set of bytes, and no rank writes before every rank has staged (the engine core's thaw_write), so its
+        check refuses the restore for all."""
         _internals.worker_waits_asleep_after_this_call()
         start_mover(self.vllm_config)
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
+        verify = verify and (_internals.tensor_parallel_rank() == 0 or not source.startswith(SHM_PREFIX))
         snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None), verify=verify)
-        caches, layout = engine_layout(self)
-        _check_kv(snapshot.kv, caches, layout)
+        caches, layout, share = _engine_kv(self)
+        _check_kv(snapshot.kv, caches, _page_shape(layout, share))
         self._thaw_staged = snapshot
 
     @rpc.as_data
@@ -120,40 +156,75 @@ class ThawWorkerExtension:
         """Write the staged snapshot's pages into the given blocks; stage resumed requests' tails and RNG."""
         _internals.worker_waits_asleep_after_this_call()
         snapshot, self._thaw_staged = self._thaw_staged, None
-        caches, layout = engine_layout(self)
-        page_bytes = layout.pages["k"].page_bytes
+        caches, layout, share = _engine_kv(self)
+        page_bytes = layout.pages["k"].page_bytes * share.ranks  # a snapshot's page holds every rank's heads
         # A remote source's KV is read where it lies in the client by the scatter (a partial page's too), in one pass.
         layers = [tuple(remote.scatter_view(layer.tensors[role]) for role in ("k", "v"))
                   for layer in snapshot.kv.layers]
+
+        # This rank's slabs in every page a run (or a tail) may hold, over all heads; none for a whole page.
+        offsets = None if share.whole else share.slab_offsets(max(len(pages), 1), layout.page_shape[0])
+
+        def own(pages, count):  # this rank's heads of `count` pages over all heads
+            return pages if share.whole else take_share(pages, share, offsets[: count * layout.page_shape[0]])
+
         for first, count, at in mover.consecutive_runs(pages):  # consecutive pages are one slice of the snapshot's tensors
             span = slice(first * page_bytes, (first + count) * page_bytes)
             for cache, (k, v) in zip(caches, layers):
-                scatter_pages(cache, block_ids[at : at + count], k[span], v[span], layout)
+                scatter_pages(cache, block_ids[at : at + count], own(k[span], count), own(v[span], count), layout)
         connector = _internals.worker_connector()
         for key, page in tails.items():
             span = slice(page * page_bytes, (page + 1) * page_bytes)
-            connector.staged_tails[key] = (caches, [pages_to_blocks(k[span], v[span], layout, cache.dtype)[0]
-                                                    for cache, (k, v) in zip(caches, layers)])
+            connector.staged_tails[key] = (caches, [
+                pages_to_blocks(own(k[span], 1), own(v[span], 1), layout, cache.dtype)[0]
+                for cache, (k, v) in zip(caches, layers)])
         requests = {r.id: r for r in snapshot.scheduler.requests} if snapshot.scheduler else {}
         for key in rng_keys:
             connector.staged_rng[key] = (self, to_torch(requests[key].rng_state).clone())
         self.thaw_restored_from = snapshot.id
 
 
+def _weights_digest(worker) -> str:
+    if getattr(worker, "_thaw_digest", None) is None:
+        worker._thaw_digest = identity.weights_digest(worker.vllm_config)
+    return worker._thaw_digest
+
+
+def _engine_kv(worker) -> tuple[list, NativeLayout, HeadShare]:
+    """engine_layout and this rank's share of the KV heads; NotImplementedError for either not mapped."""
+    caches, layout = engine_layout(worker)
+    _, heads, head_dim = layout.page_shape
+    config = worker.vllm_config
+    share = head_share(config.parallel_config, config.model_config.get_total_num_kv_heads(), heads,
+                       _internals.tensor_parallel_rank(), head_dim, caches[0].element_size())
+    return caches, layout, share
+
+
+def _page_shape(layout, share: HeadShare) -> tuple[int, int, int]:
+    """A snapshot's page, over every rank's heads: (block_size, KV heads, head_dim)."""
+    return layout.page_shape[0], share.total_heads, share.head_dim
+
+
+def _unwritten(target, chunk_size: int) -> array:
+    """A fill that leaves its tensor to the ranks (thaw_put_share) and returns placeholder checksums (thaw_seal
+    computes the real ones)."""
+    return array("I", bytes(4 * -(-len(target) // chunk_size)))
+
+
 def _describe(worker) -> dict:
-    info = identity.model_info(worker.vllm_config, worker.thaw_weights_digest())
+    info = identity.model_info(worker.vllm_config, _weights_digest(worker))
     out = {"model": {"architecture": info.architecture, "config_digest": info.config_digest, "dtype": info.dtype,
                      "weights_digest": info.weights_digest}}
     try:
-        caches, layout = engine_layout(worker)
+        caches, layout, share = _engine_kv(worker)
     except NotImplementedError as exc:
         return {**out, "layout_error": str(exc)}
-    block_size, heads, head_dim = layout.page_shape
+    block_size, heads, head_dim = _page_shape(layout, share)
     return {**out, "kv": {"num_layers": len(caches), "dtype": _dtype_name(caches), "num_kv_heads": heads,
                           "head_dim": head_dim, "page_size": block_size}}
 
 
-def _check_kv(kv, caches, layout) -> None:
+def _check_kv(kv, caches, page_shape: tuple[int, int, int]) -> None:
     """The snapshot's KV must be this engine's layers, dtype and page shape (the client checked the same against
     describe(); this guards the bytes the scatter will read)."""
     if kv is None:
@@ -164,17 +235,18 @@ def _check_kv(kv, caches, layout) -> None:
     for i, layer in enumerate(kv.layers):
         for role in ("k", "v"):
             t = layer.tensors.get(role)
-            if t is None or t.dtype != dtype or tuple(t.shape[1:]) != layout.page_shape:
+            if t is None or t.dtype != dtype or tuple(t.shape[1:]) != page_shape:
                 raise IncompatibleSnapshotError(f"kv.layers[{i}] {role!r}: {t!r}, the engine holds {dtype} pages of "
-                                 f"{list(layout.page_shape)}")
+                                 f"{list(page_shape)}")
 
 
 def _build_snapshot(worker, plan: dict, include_weights: bool, gathered: bool) -> thaw_format.Snapshot:
     """The snapshot the plan describes. gathered=False leaves the KV tensors deferred, for a fill to write."""
     config = worker.vllm_config
-    caches, layout = engine_layout(worker)
-    _, heads, head_dim = layout.page_shape
-    shape = (len(plan["block_ids"]), *layout.page_shape)
+    caches, layout, share = _engine_kv(worker)
+    page_shape = _page_shape(layout, share)
+    _, heads, head_dim = page_shape
+    shape = (len(plan["block_ids"]), *page_shape)
     layers = []
     for cache in caches:
         if gathered:
@@ -197,16 +269,23 @@ def _build_snapshot(worker, plan: dict, include_weights: bool, gathered: bool) -
         weights = thaw_format.Weights(tensors=tensors, checkpoint_names={n: n for n in tensors})
     bs = plan["block_size"]
     return thaw_format.Snapshot(
-        model=identity.model_info(config, worker.thaw_weights_digest()),
+        model=identity.model_info(config, _weights_digest(worker)),
         weights=weights,
         kv=thaw_format.KVCache(page_size=bs, dtype=_dtype_name(caches), layers=layers),
         prefix=thaw_format.PrefixTree(parents=plan["parents"], tokens=plan["tokens"], hash=thaw_format.NativeHash(
             algorithm=plan["algorithm"], tokens_per_hash=bs, hashes=plan["hashes"], seed=plan["seed"])),
         scheduler=thaw_format.SchedulerState(requests=requests),
         engine=thaw_format.EngineInfo(name="vllm", version=vllm.__version__, attention_backend="CPU_ATTN",
-                                      native_kv_layout=layout.description, extra={"block_size": bs}),
+                                      native_kv_layout=_native_description(layout, share), extra={"block_size": bs}),
         lineage=thaw_format.Lineage(parent=worker.thaw_restored_from, created=lineage_now()),
     )
+
+
+def _native_description(layout, share: HeadShare) -> str:
+    if share.whole:
+        return layout.description
+    return (f"{layout.description}; tensor parallel: each of {share.ranks} ranks holds {share.heads} of the "
+            f"{share.total_heads} KV heads of every block (the pages hold all)")
 
 
 def _dtype_name(caches) -> str:

@@ -5,6 +5,7 @@ import io
 import mmap
 import os
 import traceback
+from array import array
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -217,6 +218,31 @@ def test_v_head_dim_sets_required_bit_1_and_version_1_1():
 def test_v_head_dim_must_match_v(v_head_dim, params, match):
     with pytest.raises(ValueError, match=match):
         tf.dumps(_kv_snapshot(v_head_dim, params))
+
+
+def test_reseal_checksums_tensors_written_after_write_into(full_snapshot):
+    """writer.reseal: KV tensors whose fills wrote nothing and returned placeholder checksums, their bytes put in
+    place afterwards (as a tensor-parallel engine's ranks do), give the bytes and id a plain write gives."""
+    from thaw_format.writer import deferred_tensor, reseal
+
+    plain = tf.dumps(full_snapshot)
+    reals, fill = {}, {}
+    for i, layer in enumerate(full_snapshot.kv.layers):
+        for role, real in list(layer.tensors.items()):
+            reals[f"kv/{i}/{role}"] = real
+            layer.tensors[role] = deferred_tensor(real.dtype, real.shape)
+            fill[f"kv/{i}/{role}"] = lambda target, chunk_size: array("I", bytes(4 * -(-len(target) // chunk_size)))
+    encoded = tf.EncodedSnapshot(full_snapshot)
+    buffer = bytearray(encoded.nbytes)
+    encoded.write_into(buffer, fill)
+    with pytest.raises(tf.CorruptSnapshotError):
+        tf.loads(bytes(buffer))
+    with tf.SnapshotFile(bytes(buffer)) as written:
+        for name, real in reals.items():
+            region = written.info(name)[2]
+            buffer[region.offset : region.end] = bytes(real.data)
+    assert reseal(buffer, list(reals)) == tf.SnapshotFile(plain).id
+    assert bytes(buffer) == plain
 
 
 def test_save_with_fill_writes_the_same_file_in_place_of_deferred_tensors(tmp_path, full_snapshot):

@@ -88,11 +88,32 @@ def test_a_reader_that_forgets_a_segment_keeps_no_mapping_of_it():
         source = segment.publish(snap)
         lent.open_snapshot(source)
         name = lent.parse(source)[0]
-        assert name in lent._MAPPINGS
+        assert (name, False) in lent._MAPPINGS
         lent.forget(source)
-        assert name not in lent._MAPPINGS
+        assert (name, False) not in lent._MAPPINGS
     finally:
         segment.close()
+
+
+def test_a_writable_view_writes_the_owners_segment_and_is_dropped_once_unlinked():
+    """A tensor-parallel rank writes its share into the segment its first rank published, through lent's one
+    mapping cache: a later mapping drops the cached one of a segment its owner unlinked (its memory goes)."""
+    from thaw_format.sdk import lent
+
+    snap = thaw_format.Snapshot(weights=thaw_format.Weights({"t": numpy.arange(64, dtype=numpy.uint8)}))
+    first, second = Segment(), Segment()
+    try:
+        source = first.publish(snap)
+        view = lent.writable_view(source)
+        view[0] ^= 0xFF
+        assert lent._mapping(lent.parse(source)[0], len(view))[0] == view[0]  # the read-only mapping sees it
+        name = lent.parse(source)[0]
+        del view
+        first.close()
+        lent.writable_view(second.publish(snap))
+        assert not [key for key in lent._MAPPINGS if key[0] == name]
+    finally:
+        second.close()
 
 
 def test_an_engine_without_the_verified_keyword_still_restores_checked_sources():

@@ -6,7 +6,10 @@ import pytest
 import thaw_format
 
 
-def test_snapshot_errors_travel_as_data_and_come_back_as_their_class(vllm):
+def test_every_error_travels_as_data_and_comes_back_as_its_class(vllm):
+    """A callee never raises through vLLM (a collective_rpc would leave the other ranks' replies queued): a
+    snapshot's error comes back as its class, a builtin one as its class, any other as a RuntimeError naming it."""
+    from thaw_format.mover import RemoteReadError
     from thaw_vllm import rpc
 
     @rpc.as_data
@@ -18,8 +21,31 @@ def test_snapshot_errors_travel_as_data_and_come_back_as_their_class(vllm):
         assert data == {"error": {"type": kind.__name__, "message": "kv/0/k chunk 3: checksum mismatch"}}
         with pytest.raises(kind, match="^kv/0/k chunk 3: checksum mismatch$"):
             rpc.unwrap(data)
-    with pytest.raises(ValueError, match="not a snapshot's"):  # other errors are vLLM's to report
-        callee(ValueError("not a snapshot's"))
-    with pytest.raises(thaw_format.SnapshotError, match="odd"):  # a name that is no thaw_format error class
+    for exc in (ValueError("not a snapshot's"), FileNotFoundError("no segment"), MemoryError("no room")):
+        with pytest.raises(type(exc), match=f"^{exc.args[0]}$"):
+            rpc.unwrap(callee(exc))
+    refused = callee(RemoteReadError(1, 42, 0x1000, 16, "not the sender"))
+    with pytest.raises(RuntimeError, match=f"^RemoteReadError: .*{RemoteReadError.REFUSED}: not the sender"):
+        rpc.unwrap(refused)  # lent.sending falls back on the refusal's text
+    with pytest.raises(RuntimeError, match="^SystemExit: odd$"):  # a name that is no exception class here
         rpc.unwrap({"error": {"type": "SystemExit", "message": "odd"}})
     assert rpc.unwrap({"source": "shm://x#1"}) == {"source": "shm://x#1"}
+
+
+def test_an_engines_replies_are_all_read_before_an_error_is_raised(vllm):
+    from thaw_vllm import rpc
+
+    with pytest.raises(ValueError, match="rank 1"):
+        rpc.unwrap_all([{"source": "shm://x#1"}, {"error": {"type": "ValueError", "message": "rank 1"}}])
+    assert rpc.unwrap_all([{"source": "shm://x#1"}, None]) == {"source": "shm://x#1"}
+
+
+def test_an_engine_made_without_engine_args_is_named_so(vllm):
+    """describe (which capture and restore ask first) names what to do, not vLLM's missing thaw_describe."""
+    from types import SimpleNamespace
+
+    from thaw_vllm import api
+
+    plain = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(kv_transfer_config=None)))
+    with pytest.raises(RuntimeError, match="without thaw's KV connector"):
+        api.describe(plain)

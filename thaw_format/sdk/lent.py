@@ -212,7 +212,7 @@ class Lender:
 
 _MAX_MAPPINGS = 4
 _COMPARED_BYTES = 1 << 20
-_MAPPINGS: "OrderedDict[str, mmap.mmap]" = OrderedDict()  # segment name -> read-only shared mapping, recent last
+_MAPPINGS: "OrderedDict[tuple[str, bool], mmap.mmap]" = OrderedDict()  # (segment name, writable) -> shared mapping, recent last
 
 
 class _Held(NamedTuple):
@@ -227,30 +227,41 @@ class _Held(NamedTuple):
 _BORROWED: dict[int, _Held] = {}  # by id(snapshot)
 
 
-def _mapping(name: str, nbytes: int) -> mmap.mmap:
-    """A cached read-only shared mapping of the whole segment: it always shows the owner's current bytes."""
-    mapping = _MAPPINGS.get(name)
+def _mapping(name: str, nbytes: int, writable: bool = False) -> mmap.mmap:
+    """A cached shared mapping of the whole segment, read-only unless `writable`: it always shows the owner's
+    current bytes."""
+    key = (name, writable)
+    mapping = _MAPPINGS.get(key)
     if mapping is None or len(mapping) < nbytes:
-        fd = open_segment(name)
+        fd = open_segment(name, os.O_RDWR if writable else os.O_RDONLY)
         try:
-            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
         finally:
             os.close(fd)
         if len(mapping) < nbytes:
             raise ValueError(f"segment {name} holds {len(mapping)} bytes, its source says {nbytes}")
-        _MAPPINGS[name] = mapping
-        for gone in [n for n in _MAPPINGS if not _exists(n)]:
+        _MAPPINGS[key] = mapping
+        for gone in [k for k in _MAPPINGS if not _exists(k[0])]:
             del _MAPPINGS[gone]  # unlinked by its owner: a cached mapping would keep its memory alive
         while len(_MAPPINGS) > _MAX_MAPPINGS:
             _MAPPINGS.popitem(last=False)  # not closed: views still using it keep it mapped
-    _MAPPINGS.move_to_end(name)
+    _MAPPINGS.move_to_end(key)
     return mapping
 
 
+def writable_view(source: str) -> memoryview:
+    """A writable view of the segment `source` names, its mapping cached as a reader's (_mapping): for a process
+    that writes its share of a snapshot another published (a tensor-parallel capture's ranks)."""
+    name, nbytes = parse(source)
+    return memoryview(_mapping(name, nbytes, writable=True))[:nbytes]
+
+
 def forget(source: str) -> None:
-    """Drop this process's cached mapping of a segment (views still using it keep it mapped), so that a reader
-    done with it does not keep the segment's memory alive after its owner unlinks it."""
-    _MAPPINGS.pop(parse(source)[0], None)
+    """Drop this process's cached mappings of a segment (views still using them keep them mapped), so that a
+    reader done with it does not keep the segment's memory alive after its owner unlinks it."""
+    name = parse(source)[0]
+    for writable in (False, True):
+        _MAPPINGS.pop((name, writable), None)
 
 
 def _exists(name: str) -> bool:
