@@ -44,13 +44,16 @@ class ActorWorker(SlotWorker):
         self._ready = self.actor.ready.remote()
         self.pid: Optional[int] = None
         self.actor_id: Optional[str] = None  # Ray's id for it, once it answers ready()
+        self.node_id: Optional[str] = None  # its node's Ray id, and that node's address, once it answers ready()
+        self.node_ip: Optional[str] = None
         self.ready = False
         self.killed = False  # by an interrupted round: replaced by the next round that needs it
 
     def describe(self) -> str:
         if self.actor_id is None:  # never answered: not placed, or its process died starting
             return f"pool worker {self.name} (a Ray actor that never answered)"
-        return f"pool worker {self.name} (Ray actor {self.actor_id}, pid {self.pid})"
+        return f"pool worker {self.name} (Ray actor {self.actor_id}, pid {self.pid} on node {self.node_ip} " \
+               f"{self.node_id})"
 
     def ensure_ready(self) -> None:
         """Wait until its engine has started; PoolWorkerDied naming the worker and its engine's error if it
@@ -65,6 +68,7 @@ class ActorWorker(SlotWorker):
             except RayError as exc:  # the actor died (its process, or Ray could not start it)
                 reply = {"error": in_brief(exc)}
             self.pid, self.actor_id = reply.get("pid"), reply.get("actor_id")
+            self.node_id, self.node_ip = reply.get("node_id"), reply.get("node_ip")
             if "error" not in reply:
                 self.ready, self.failed_starts = True, 0
                 return
@@ -76,8 +80,10 @@ class ActorWorker(SlotWorker):
     def _not_started(self) -> str:
         asks = f"the resources it asks for ({self.placement})" if self.placement else \
             "the 1 CPU Ray reserves to place an actor (actor_options: none of num_cpus, num_gpus, resources, ...)"
+        lost = " (it replaces an actor that died: if its node was lost, its resources went with it, and Ray places " \
+               "this one only once a node that has them free joins)" if self.deaths else ""
         return (f"not started within {self.start_timeout_s:g} s (start_timeout_s): either Ray has no node with "
-                f"{asks} free, or its engine is slower to start than that")
+                f"{asks} free{lost}, or its engine is slower to start than that")
 
     def died(self, error: BaseException) -> PoolWorkerDied:
         """The round's failure for this actor: dead, or unavailable (Ray lost touch with it; the pool kills it)."""
