@@ -26,9 +26,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ENGINES = ("template", "mlx")
 WORKERS = 2
 OBJECT_STORE_BYTES = 128 << 20  # per node: a round's object is a few MiB at most here
-# Custom resources that place an actor on the node its test means: "head" (the driver's node) and "other" hold
-# the session's two nodes' actors; "spread", one on the head and one on each node a test adds, puts one actor there.
-HEAD = {"head": WORKERS, "spread": 1}
+# Custom resources that place an actor on the node its test means: "other" holds the other node's actors;
+# "spread", one on the head (the driver's node) and one on each node a test adds, puts one actor there.
+HEAD = {"spread": 1}
 OTHER = {"other": WORKERS}
 # A node lost without a word is marked dead after its health checks fail: in about 7 s here, not Ray's 17 (one
 # check a second, three missed in a row; each may take Ray's 10 s to time out, for a node slow under load).
@@ -52,10 +52,10 @@ class Nodes(NamedTuple):
     head: str
     other: str
 
-    def add(self, resources: dict):
-        """A node of a test's own, with these custom resources and 1 CPU (which Ray's placement of an actor needs,
-        whatever else it asks for); `remove` it before the test ends."""
-        return self.cluster.add_node(num_cpus=1, resources=resources, object_store_memory=OBJECT_STORE_BYTES)
+    def add(self, resources: dict, cpus: int = 1):
+        """A node of a test's own, with these custom resources and `cpus` CPUs (Ray's placement of an actor needs
+        1, whatever else it asks for); `remove` it before the test ends."""
+        return self.cluster.add_node(num_cpus=cpus, resources=resources, object_store_memory=OBJECT_STORE_BYTES)
 
     def remove(self, node, timeout: float = 60) -> None:
         """End a node a test added, if it is still up, and wait until Ray has marked it dead: a node lost without
@@ -68,6 +68,23 @@ class Nodes(NamedTuple):
         while any(known["NodeID"] == node.node_id and known["Alive"] for known in ray.nodes()):
             assert time.monotonic() < deadline, f"Ray still takes node {node.node_id} for alive after {timeout} s"
             time.sleep(0.2)
+
+
+def _end(cluster) -> None:
+    """Cluster.shutdown, with each node's removal in its own try: one that raises (Ray's "zombie processes left
+    over") would stop it before the head's GCS and raylet. The first error is raised once every node is ended."""
+    errors = []
+    for node in [*cluster.worker_nodes, cluster.head_node]:
+        try:
+            if node is not None:
+                cluster.remove_node(node)
+        except Exception as exc:
+            errors.append(exc)
+    try:
+        cluster.shutdown()  # no nodes left: Ray's record of the cluster's address reset
+    finally:
+        if errors:
+            raise errors[0]
 
 
 @pytest.fixture(scope="session")
@@ -92,15 +109,35 @@ def ray_nodes():
         other = cluster.add_node(num_cpus=2, resources=OTHER, object_store_memory=OBJECT_STORE_BYTES)
         ray.init(address=cluster.address, log_to_driver=False)
         yield Nodes(cluster, head.node_id, other.node_id)
-    finally:
-        ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        if before is None:
-            del os.environ["RAY_TMPDIR"]
-        else:
-            os.environ["RAY_TMPDIR"] = before
-        shutil.rmtree(temp, ignore_errors=True)
+    finally:  # each step in its own finally: one that raises (Ray's "zombie processes left over") stops no other
+        try:
+            ray.shutdown()
+        finally:
+            try:
+                if cluster is not None:
+                    _end(cluster)
+            finally:
+                if before is None:
+                    del os.environ["RAY_TMPDIR"]
+                else:
+                    os.environ["RAY_TMPDIR"] = before
+                shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def added_nodes(ray_nodes):
+    """(resources, cpus=1) -> a node of the test's own (Nodes.add), each removed at its end and marked dead
+    (Nodes.remove), each in its own try, so the cluster is as the other tests know it."""
+    added = []
+    yield lambda resources, cpus=1: added.append(ray_nodes.add(resources, cpus)) or added[-1]
+    errors = []
+    for node in added:
+        try:
+            ray_nodes.remove(node)
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture(scope="session")

@@ -249,12 +249,12 @@ def test_a_put_that_fails_raises_rays_error_and_closes_the_segments_mapping(ray_
 def test_an_actor_ray_cannot_place_fails_its_start_within_the_timeout_naming_what_it_asks_for(
         ray_cluster, parent, monkeypatch) -> None:
     """Ray keeps an actor whose resources no node has pending for ever: its start fails after start_timeout_s,
-    naming the resources, and the pending actor is killed."""
+    naming the resources, and the pending actor is killed (by the pool's close: its start failed)."""
     from thaw_ray import RayForkPool, worker
 
     killed, kill = [], ray_cluster.kill
     monkeypatch.setattr(worker.ray, "kill", lambda actor, **options: (killed.append(actor), kill(actor, **options)))
-    with pytest.raises(PoolWorkerDied, match=r"^pool worker 0 \(a Ray actor that never answered\) failed to start: "
+    with pytest.raises(PoolWorkerDied, match=r"^pool worker 0 \(a Ray actor that never answered\): "
                                              r"not started within 0\.5 s \(start_timeout_s\): either Ray has no "
                                              r"node with the resources it asks for "
                                              r"\(\{'resources': \{'nonexistent': 1\}\}\) free"):
