@@ -80,7 +80,6 @@ def test_a_pool_split_across_nodes_loses_one_mid_round_and_runs_on_a_node_that_j
         assert parent.generate(trunk + suffixes[0], PARAMS) == before
         assert not (HAS_PROC and outliving({victim.pid}, timeout=30))  # its actor ended with its node
         ray_nodes.remove(lost)  # marked dead now: no later replacement is placed on it
-        pool._start_timeout_s = 120
         # the replacement is pending (no node has "spread" free), or, placed on the lost node before Ray marked it
         # dead, died starting and was started again: the round fails either way, naming it
         with pytest.raises(PoolWorkerDied, match=rf"^pool worker {slot} \(a Ray actor that never answered\)"
@@ -92,6 +91,7 @@ def test_a_pool_split_across_nodes_loses_one_mid_round_and_runs_on_a_node_that_j
                                                  r".*before the parent was read$"):
             pool.fork(checks.Unread(), checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
 
+        pool._start_timeout_s = 120  # for the replacement, from the next round on: placed, and its engine started
         joined = added_nodes({"spread": 1})
         # new suffixes: the surviving actor's engine may keep the failed round's prompt in its cache (the toy's
         # restore adds pages to what it holds), which would count beyond the trunk
@@ -118,6 +118,7 @@ def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray
         ray_nodes.remove(lost)  # and marked dead: the replacements cannot be placed on it
         pool._start_timeout_s = timeout
         trunk, suffixes = checks.tokens(120, 71), [checks.tokens(5, 710 + i) for i in range(checks.WORKERS)]
+        parent.generate(trunk + suffixes[0], PARAMS)  # the parent holds the trunk: its capture has it
         with pytest.raises(PoolWorkerDied, match=r"died: .*dead workers are being replaced"):
             pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
         pending = list(pool._workers)
