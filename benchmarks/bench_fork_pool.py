@@ -4,6 +4,7 @@
     .venv-sglang/bin/python benchmarks/bench_fork_pool.py --engine sglang [--tokens 2048] ...
     .venv/bin/python        benchmarks/bench_fork_pool.py --engine mlx    [--tokens 1024] ...
     .venv/bin/python        benchmarks/bench_fork_pool.py --engine mlx --ray ...   # the pool's workers in Ray actors
+    .venv/bin/python        benchmarks/bench_fork_pool.py --engine mlx --ray --nodes 2 ...   # on a second Ray node
 
 The KV-heavy tiny Llama of bench_kv_move.py (64 KiB of KV per token). The parent is the engine's contract
 adapter holding the trunk in its cache (vLLM in its default multiprocessing mode). Side by side in one process:
@@ -12,22 +13,31 @@ adapter holding the trunk in its cache (vLLM in its default multiprocessing mode
               them once, and every worker restores them from there (restore_source: KV in) and prefills +
               decodes its suffix. The best of `rounds` steady
               rounds (after a first one). With --ray: thaw_ray.RayForkPool on a local Ray of this run's own, the
-              capture put once into Ray's object store, each actor checking every chunk of it before its restore.
+              capture put once into Ray's object store, each actor checking every chunk of it before its restore;
+              with --nodes 2 that Ray is two nodes on this machine (loopback), the actors on the one the driver
+              is not on: each round's object crosses to that node's object store (Ray's transport) once,
+              before the actors' calls start; that pull is timed apart (a task on that node getting an object
+              of the same bytes put on the head) and added to KV movement.
   re-prefill: trunk + suffix from an empty cache, once per child (what fork avoids).
   cold fork:  thaw_format.sdk.fork(..., processes=True): new engine processes, each restoring the trunk.
   memcpy:     a single-threaded numpy copy of the trunk's KV bytes, and of all the KV bytes the round moves (the
               trunk out once + into each of the n children: n + 1 copies of it, one after another). The target
-              is KV movement (out + the pool's check + slowest in) <= 2x the memcpy time of its bytes; both
-              ratios are reported.
+              is KV movement (out + the pool's check + slowest in, + the pull to the actors' node with --nodes 2)
+              <= 2x the memcpy time of its bytes; both ratios are reported.
 Every child's tokens must equal the re-prefill's on every path. Writes benchmarks/results/fork_pool_<engine>.json
-and .md (results are not committed: each run names its command, machine and load average).
+and .md (fork_pool_<engine>_ray, fork_pool_<engine>_ray_2nodes with --ray), each naming its command, machine and
+load average. Ray's session files go to a directory of the run's own, removed after it, not /tmp/ray.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
+import shutil
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -35,6 +45,13 @@ from bench_kv_move import KV_HEAVY
 from common import best_of, command_line, write_results
 
 PAGE = 32
+KV_TOKEN_BYTES = 64 << 10  # KV_HEAVY's KV per token
+
+
+def object_store_bytes(tokens: int) -> int:
+    """Each Ray node's object store: a round's object (the trunk's KV), the round before's until Ray frees it, and
+    the pull's timing object, with room to spare."""
+    return 3 * tokens * KV_TOKEN_BYTES + (128 << 20)
 
 
 def start_vllm(model: str, args):
@@ -67,7 +84,65 @@ def start_mlx(model: str, args):
 STARTS = {"vllm": start_vllm, "sglang": start_sglang, "mlx": start_mlx}
 
 
-def start_pool(parent, args, worker_env: dict):
+@contextlib.contextmanager
+def local_ray(args):
+    """With --ray, a Ray of this run's own on this machine, shut down however the run ends: one node, or
+    (--nodes 2) a head for the driver and a second node for the actors, loopback only. Yields the actors'
+    placement options. Its session files (and a cluster's address file) go to a directory of its own, removed
+    after."""
+    if not args.ray:
+        yield {}
+        return
+    temp = tempfile.mkdtemp(prefix="thawray")
+    os.mkdir(os.path.join(temp, "ray"))
+    os.environ["RAY_TMPDIR"] = temp  # read when Ray starts: its directory is $RAY_TMPDIR/ray
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster() if args.nodes == 2 else None
+    store = object_store_bytes(args.tokens)
+    try:
+        if cluster is None:
+            ray.init(num_cpus=args.children, include_dashboard=False, log_to_driver=False, object_store_memory=store)
+            yield {}
+        else:
+            cluster.add_node(num_cpus=1, include_dashboard=False, object_store_memory=store)
+            cluster.add_node(num_cpus=args.children, resources={"pool": args.children}, object_store_memory=store)
+            ray.init(address=cluster.address, log_to_driver=False)
+            yield {"resources": {"pool": 1}}  # only the second node has it
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def pull_seconds(kv_bytes: int, placement: dict) -> float:
+    """The best of 3 pulls of a kv_bytes object, put here (the head), into the actors' node: a task there gets it
+    (passed in a list, so that Ray does not fetch it before the task starts), timing the get."""
+    import ray
+
+    @ray.remote(num_cpus=0, **placement)
+    def pull(refs) -> float:
+        start = time.perf_counter()
+        ray.get(refs[0])
+        return time.perf_counter() - start
+
+    times = []
+    for _ in range(3):
+        ref = ray.put(np.ones(kv_bytes, np.uint8))  # a new object each time: none on that node yet
+        times.append(ray.get(pull.remote([ref])))
+        del ref
+    return min(times)
+
+
+def ray_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def start_pool(parent, args, worker_env: dict, placement: dict):
     """ForkPool's worker processes, or (--ray) RayForkPool's actors on the local Ray this run started."""
     if not args.ray:
         from thaw_format.sdk import ForkPool
@@ -77,8 +152,8 @@ def start_pool(parent, args, worker_env: dict):
 
     # Ray sets OMP_NUM_THREADS=1 in an actor without num_cpus; ForkPool's workers keep the default (every core)
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-    return RayForkPool(parent, workers=args.children, actor_options={"runtime_env": {"env_vars": {**threads,
-                                                                                                 **worker_env}}})
+    return RayForkPool(parent, workers=args.children, actor_options={
+        "runtime_env": {"env_vars": {**threads, **worker_env}}, **placement})
 
 
 def main() -> None:
@@ -91,7 +166,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-cold", action="store_true", help="leave out the cold process fork")
     parser.add_argument("--ray", action="store_true", help="the pool's workers in Ray actors (thaw_ray)")
+    parser.add_argument("--nodes", type=int, choices=(1, 2), default=1,
+                        help="with --ray: 2 puts the actors on a second Ray node on this machine")
     args = parser.parse_args()
+    if args.nodes == 2 and not args.ray:
+        parser.error("--nodes 2 needs --ray")
+    if args.nodes == 2:  # read when ray is imported: every node on 127.0.0.1, not the network interface's address
+        if "ray" in sys.modules:
+            raise SystemExit("--nodes 2: ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER could be set")
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
     from thaw_conformance import zoo
     from thaw_format.sdk import fork, greedy
@@ -114,20 +197,16 @@ def main() -> None:
     parent.generate(trunk, params)  # the parent's state: the trunk in its cache
     parent.model_info()  # the weights digest is computed once per engine, not per round
 
-    if args.ray:  # a local Ray of this run's own, shut down however the run ends
-        import ray
-
-        ray.init(num_cpus=args.children, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray(args) as placement:
         start = time.perf_counter()
-        pool = start_pool(parent, args, worker_env)
+        pool = start_pool(parent, args, worker_env, placement)
         pool_start_s = time.perf_counter() - start
         with pool:
             rounds = [pool.fork(parent, args.children, context=trunk, suffixes=suffixes, params=params)
                       for _ in range(args.rounds + 1)]
-    finally:
-        if args.ray:
-            ray.shutdown()
+            nodes = {"driver_node_id": ray_node_id(), "actor_node_ids": [w.node_id for w in pool._workers]} \
+                if args.ray else {}
+        pull_s = pull_seconds(rounds[-1].kv_bytes, placement) if args.nodes == 2 else 0.0
     steady = min(rounds[1:], key=lambda r: r.total_s)
     for r in rounds:
         got = [(g.token_ids, g.cached_tokens) for g in r.generations]
@@ -148,24 +227,32 @@ def main() -> None:
 
     src, dst = np.ones(steady.kv_bytes, np.uint8), np.zeros(steady.kv_bytes, np.uint8)
     memcpy_s = best_of(lambda: np.copyto(dst, src))
-    moved = args.children + 1  # the trunk's bytes out of the parent once, into each child once
+    # the trunk's bytes out of the parent once, into each child once (and, with --nodes 2, across to its node once)
+    moved = args.children + 1 + (args.nodes == 2)
     memcpy_all_s = best_of(lambda: [np.copyto(dst, src) for _ in range(moved)])
     del src, dst
     kv_in, generate_s = max(steady.restore_s), max(steady.generate_s)
-    movement = steady.capture_s + steady.verify_s + kv_in
-    data = {"engine": args.engine, "ray": args.ray, "tokens": args.tokens, "children": args.children,
-            "suffix_tokens": args.suffix_tokens, "max_tokens": args.max_tokens, "kv_bytes": steady.kv_bytes,
+    movement = steady.capture_s + steady.verify_s + kv_in + pull_s  # pull_s: 0 but with --nodes 2
+    # Ray resolves a call's object before the call runs: its delivery (a pull to another node) is not in KV in
+    ray_s = steady.total_s - steady.capture_s - max(map(sum, zip(steady.restore_s, steady.generate_s)))
+    delivery = "the object's pull to the actors' node" if args.nodes == 2 else "the object handed to the actors"
+    data = {"engine": args.engine, "ray": args.ray, "nodes": args.nodes, "tokens": args.tokens,
+            "children": args.children, "suffix_tokens": args.suffix_tokens, "max_tokens": args.max_tokens,
+            "kv_bytes": steady.kv_bytes,
             "pool_start_s": pool_start_s, "round_s": steady.total_s, "capture_s": steady.capture_s,
             "verify_s": steady.verify_s, "restore_s": steady.restore_s, "generate_s": steady.generate_s, "reprefill_s": reprefill_s,
             "cold_fork_s": cold_s, "memcpy_s": memcpy_s, "memcpy_all_s": memcpy_all_s, "kv_movement_s": movement,
             "kv_movement_over_memcpy": movement / memcpy_s, "kv_movement_over_memcpy_all": movement / memcpy_all_s,
-            "load_average": os.getloadavg(),
+            "pull_s": pull_s if args.nodes == 2 else None, **nodes,
+            "ray_s": ray_s if args.ray else None, "load_average": os.getloadavg(),
             "all_rounds_s": [r.total_s for r in rounds]}
     mib = steady.kv_bytes / 2**20
     gbps = steady.kv_bytes / 1e9
-    pool_name = "Ray actor pool" if args.ray else "pool"
+    pool_name = ("Ray actor pool on a second node" if args.nodes == 2 else "Ray actor pool") if args.ray else "pool"
     out = "capture_shared of the trunk, then one ray.put" if args.ray else "capture_shared of the trunk"
     kv_in_path = "the object's check and restore" if args.ray else "restore_source"
+    if args.nodes == 2:
+        kv_in_path = "the check and restore of the node's copy of the object"
     check = ["  (each actor checks every chunk of the object: in its KV in)", "", ""] if args.ray else \
         ["  the pool's check of every chunk of it, once for all workers", f"{steady.verify_s:.3f}",
          f"{gbps / steady.verify_s:.2f} GB/s"]
@@ -177,10 +264,17 @@ def main() -> None:
              [f"  KV in: {kv_in_path} in each worker (scatter, prefix table; slowest)", f"{kv_in:.3f}",
               f"{gbps / kv_in:.2f} GB/s"],
              ["  suffix prefill + decode in each worker (slowest)", f"{generate_s:.3f}", ""],
-             ["  KV movement: out + check + slowest in", f"{movement:.3f}", ""],
+             *([[f"  Ray's part: calls, {delivery}, replies (the round less the rest)", f"{ray_s:.3f}", ""]]
+               if args.ray else []),
+             *([[f"  the object's pull to the actors' node (timed apart: best of 3 gets of a {mib:.0f} MiB object "
+                 "put on the head, by a task there; in Ray's part above)", f"{pull_s:.3f}",
+                 f"{gbps / pull_s:.2f} GB/s"]] if args.nodes == 2 else []),
+             [f"  KV movement: out + check + slowest in{' + the pull' if args.nodes == 2 else ''}",
+              f"{movement:.3f}", ""],
              [f"    / memcpy of the trunk's bytes once ({mib:.0f} MiB: {memcpy_s * 1e3:.1f} ms)",
               f"{movement / memcpy_s:.2f}x", "target <= 2x"],
-             [f"    / memcpy of all bytes the round moves (trunk out + {args.children} in: {moved} x {mib:.0f} MiB, "
+             [f"    / memcpy of all bytes the round moves (trunk out + {args.children} in"
+              f"{' + the pull' if args.nodes == 2 else ''}: {moved} x {mib:.0f} MiB, "
               f"{memcpy_all_s * 1e3:.1f} ms)", f"{movement / memcpy_all_s:.2f}x", "target <= 2x"],
              [f"{args.children} re-prefills of trunk + suffix", f"{reprefill_s:.2f}", f"{reprefill_s / steady.total_s:.1f}x"]]
     if cold_s is not None:
@@ -193,7 +287,16 @@ def main() -> None:
              "run side by side on the machine's CPUs; the slowest worker bounds the round. In-process fork "
              "(thaw_format.sdk.fork without processes) moves zero KV bytes: children share the parent's cached "
              "pages. The machine is shared by several sessions: see the load average."]
-    write_results(f"fork_pool_{args.engine}{'_ray' if args.ray else ''}", f"{args.engine}: a fork round on a warm "
+    if args.nodes == 2:
+        notes.append("Two Ray nodes on this one machine (loopback): the parent and the driver on the head, the "
+                     f"{args.children} actors on the other node. Each round's object is put in the head's object "
+                     "store and pulled once into the other node's (Ray's object transport over TCP; the node's actors "
+                     "then read that copy in place). Ray pulls it before an actor's call starts: the pull is in "
+                     "Ray's part of the round, not in KV in; it is timed apart (an object of the same bytes, pulled "
+                     "by a task on the actors' node) and added to KV movement; the memcpy of all bytes the round moves "
+                     "counts the pull as one more copy.")
+    name = f"fork_pool_{args.engine}" + ("_ray" if args.ray else "") + ("_2nodes" if args.nodes == 2 else "")
+    write_results(name, f"{args.engine}: a fork round on a warm "
                   f"{pool_name} vs re-prefill vs cold process fork", command_line(), data, table, notes)
     parent.close()
 

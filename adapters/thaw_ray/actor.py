@@ -36,9 +36,12 @@ class PoolActor:
             self.start_error = f"starting the pool engine: {type(exc).__name__}: {exc}"
 
     def ready(self) -> dict:
-        """{"pid": the actor's process id, "actor_id": its Ray actor id (hex)} once its engine has started (Ray runs
-        __init__ first), with "error": how it failed to start, if it did."""
-        reply = {"pid": os.getpid(), "actor_id": ray.get_runtime_context().get_actor_id()}
+        """{"pid": the actor's process id, "actor_id": its Ray actor id (hex), "node_id": its node's Ray id (hex),
+        "node_ip": that node's address} once its engine has started (Ray runs __init__ first), with "error": how it
+        failed to start, if it did. A pid names a process on its own node only."""
+        context = ray.get_runtime_context()
+        reply = {"pid": os.getpid(), "actor_id": context.get_actor_id(), "node_id": context.get_node_id(),
+                 "node_ip": ray.util.get_node_ip_address()}
         return reply if self.start_error is None else {**reply, "error": self.start_error}
 
     def run_round(self, snapshot: numpy.ndarray, prompt: list[int], params: dict) -> dict:

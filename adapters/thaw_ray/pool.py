@@ -89,6 +89,8 @@ class RayForkPool(RoundPool):
         """RoundPool.fork, once Ray is known to be up (before the parent is read)."""
         if not self._closed:  # a closed pool says so (RoundPool.fork)
             require_ray()
+            for worker in self._workers:  # one still starting, kept by an earlier round: waited for anew
+                worker.rearm(self._start_timeout_s)
         return super().fork(parent, n, context=context, suffixes=suffixes, params=params)
 
     def _start(self, name: str, failed_starts: int = 0, deaths: int = 0) -> ActorWorker:

@@ -1,4 +1,5 @@
-"""RayForkPool's tests (thaw_ray), once per engine, on a Ray started once for the session (local, 2 CPUs):
+"""RayForkPool's tests (thaw_ray), once per engine, on a Ray cluster of two nodes on this machine, started once
+for the session (a driver joins one cluster per process: every test shares it):
 
     pytest tests/ray --engine template --engine mlx      # the engines this environment has
 
@@ -8,16 +9,30 @@ with the reason, and fails them under THAW_REQUIRE_ENGINES=1 (CI).
 """
 
 import dataclasses
+import os
 import shutil
 import tempfile
+import time
+from typing import NamedTuple
 
 import pytest
 
 import engine_guard
 
+# Loopback only: Ray binds its nodes to the network interface's address unless told, when it is imported, that
+# this is a single-machine cluster (then every node, the GCS included, takes 127.0.0.1).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 ENGINES = ("template", "mlx")
 WORKERS = 2
-OBJECT_STORE_BYTES = 128 << 20  # a round's object is a few MiB at most here
+OBJECT_STORE_BYTES = 128 << 20  # per node: a round's object is a few MiB at most here
+# Custom resources that place an actor on the node its test means: "other" holds the other node's actors;
+# "spread", one on the head (the driver's node) and one on each node a test adds, puts one actor there.
+HEAD = {"spread": 1}
+OTHER = {"other": WORKERS}
+# A node lost without a word is marked dead after its health checks fail: in about 7 s here, not Ray's 17 (one
+# check a second, three missed in a row; each may take Ray's 10 s to time out, for a node slow under load).
+HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 
 def pytest_addoption(parser):
@@ -31,21 +46,106 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("kind", list(dict.fromkeys(names)), indirect=True, scope="session")
 
 
+class Nodes(NamedTuple):
+    """The session's Ray cluster: its head (the driver's node) and the other node, by Ray's node ids."""
+    cluster: object  # ray.cluster_utils.Cluster: add_node / remove_node for a test's own nodes
+    head: str
+    other: str
+
+    def add(self, resources: dict, cpus: int = 1):
+        """A node of a test's own, with these custom resources and `cpus` CPUs (Ray's placement of an actor needs
+        1, whatever else it asks for); `remove` it before the test ends."""
+        return self.cluster.add_node(num_cpus=cpus, resources=resources, object_store_memory=OBJECT_STORE_BYTES)
+
+    def remove(self, node, timeout: float = 60) -> None:
+        """End a node a test added, if it is still up, and wait until Ray has marked it dead: a node lost without
+        a word (its raylet SIGKILLed) is taken for alive, and may be given actors, until its health checks fail."""
+        import ray
+
+        if node in self.cluster.worker_nodes:
+            self.cluster.remove_node(node)
+        deadline = time.monotonic() + timeout
+        while any(known["NodeID"] == node.node_id and known["Alive"] for known in ray.nodes()):
+            assert time.monotonic() < deadline, f"Ray still takes node {node.node_id} for alive after {timeout} s"
+            time.sleep(0.2)
+
+
+def _end(cluster) -> None:
+    """Cluster.shutdown, with each node's removal in its own try: one that raises (Ray's "zombie processes left
+    over") would stop it before the head's GCS and raylet. The first error is raised once every node is ended."""
+    errors = []
+    for node in [*cluster.worker_nodes, cluster.head_node]:
+        try:
+            if node is not None:
+                cluster.remove_node(node)
+        except Exception as exc:
+            errors.append(exc)
+    try:
+        cluster.shutdown()  # no nodes left: Ray's record of the cluster's address reset
+    finally:
+        if errors:
+            raise errors[0]
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray of the test session's own: the pool never starts or stops one itself. Its session files go
-    to a directory of its own, removed at the end, not /tmp/ray; a short path under /tmp, not pytest's (on macOS
-    that one is long enough for Ray's sockets in it to pass AF_UNIX's limit of about 104 bytes)."""
+def ray_nodes():
+    """A Ray cluster of the test session's own, two nodes on this machine (ray.cluster_utils.Cluster, loopback
+    only): the pool never starts or stops one itself. Its session files go to a directory of its own (RAY_TMPDIR,
+    where Ray also writes the cluster's address), removed at the end, not /tmp/ray; a short path under /tmp, not
+    pytest's (on macOS that one is long enough for Ray's sockets in it to pass AF_UNIX's limit of about 104
+    bytes)."""
     ray = engine_guard.require("ray", "install the [ray] extra (scripts/setup-core.sh does)")
     engine_guard.require("thaw_ray", "the repository must be on the path (pip install -e .)")
+    from ray.cluster_utils import Cluster
+
     temp = tempfile.mkdtemp(dir="/tmp", prefix="thawray")
+    os.mkdir(os.path.join(temp, "ray"))
+    before, os.environ["RAY_TMPDIR"] = os.environ.get("RAY_TMPDIR"), temp
+    cluster = None
     try:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False,
-                 _temp_dir=temp)
-        yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+        cluster = Cluster()
+        head = cluster.add_node(num_cpus=2, resources=HEAD, object_store_memory=OBJECT_STORE_BYTES,
+                                include_dashboard=False, _system_config=HEALTH_CHECKS)
+        other = cluster.add_node(num_cpus=2, resources=OTHER, object_store_memory=OBJECT_STORE_BYTES)
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield Nodes(cluster, head.node_id, other.node_id)
+    finally:  # each step in its own finally: one that raises (Ray's "zombie processes left over") stops no other
+        try:
+            ray.shutdown()
+        finally:
+            try:
+                if cluster is not None:
+                    _end(cluster)
+            finally:
+                if before is None:
+                    del os.environ["RAY_TMPDIR"]
+                else:
+                    os.environ["RAY_TMPDIR"] = before
+                shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def added_nodes(ray_nodes):
+    """(resources, cpus=1) -> a node of the test's own (Nodes.add), each removed at its end and marked dead
+    (Nodes.remove), each in its own try, so the cluster is as the other tests know it."""
+    added = []
+    yield lambda resources, cpus=1: added.append(ray_nodes.add(resources, cpus)) or added[-1]
+    errors = []
+    for node in added:
+        try:
+            ray_nodes.remove(node)
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_nodes):
+    """Ray, initialised on the session's cluster."""
+    import ray
+
+    return ray
 
 
 @pytest.fixture(scope="session")

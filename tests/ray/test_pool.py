@@ -17,6 +17,7 @@ from thaw_format import CorruptSnapshotError
 from thaw_format.sdk import PoolWorkerDied, greedy
 
 PARAMS = checks.PARAMS
+NODE = r"on node \S+ [0-9a-f]+"  # after a worker's pid: its node's address and Ray id
 
 
 def _ray():
@@ -59,7 +60,7 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     before = parent.generate(trunk + suffixes[0], PARAMS)
     victim = pool._workers[1]
     killing = checks._KillDuringCapture(parent, _ActorProcess(victim.pid))  # SIGKILL, as the OOM killer would
-    with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(Ray actor [0-9a-f]+, pid {victim.pid}\) died: "
+    with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(Ray actor [0-9a-f]+, pid {victim.pid} {NODE}\) died: "
                                              r"\w+Error: .*parent engine is untouched, dead workers are being "
                                              r"replaced"):
         pool.fork(killing, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
@@ -84,7 +85,7 @@ def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(po
     held = [ray.get(a.generate.remote(good + s, *probe)) for a, s in zip(actors, suffixes)]  # steady state
     assert all(h["cached_tokens"] >= checks.full_pages(good, parent) for h in held)  # what a change would show
     parent.generate(bad, PARAMS)
-    refusal = (r"pool worker \d \(Ray actor [0-9a-f]+, pid \d+\) refused the round's object [0-9a-f]+: "
+    refusal = (rf"pool worker \d \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) refused the round's object [0-9a-f]+: "
                r"CorruptSnapshotError: tensor 'kv/0/k' \(region \d+\): checksum mismatch in chunk 0, .*?its engine is "
                r"untouched")
     with pytest.raises(CorruptSnapshotError, match=r"parent engine is untouched\)$") as refused:
@@ -163,12 +164,12 @@ def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_clust
         queue_starts(instructions, *["error"] * MAX_FAILED_STARTS)
         _ray().kill(pool._workers[0].actor)  # between rounds: the next round finds it dead and replaces it
         _wait_dead(pool._workers[0].actor)
-        with pytest.raises(PoolWorkerDied, match=r"pool worker 0 \(Ray actor [0-9a-f]+, pid \d+\) died"):
+        with pytest.raises(PoolWorkerDied, match=rf"pool worker 0 \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) died"):
             pool.fork(parent, 2, context=trunk, suffixes=suffixes, params=PARAMS)
         for attempt in range(1, MAX_FAILED_STARTS):
-            with pytest.raises(PoolWorkerDied, match=rf"^pool worker 0 \(Ray actor [0-9a-f]+, pid \d+\) failed to "
-                               r"start: starting the pool engine: RuntimeError: told to fail by .*; it is started "
-                               r"again for the next round \(failed starts in a row: "
+            with pytest.raises(PoolWorkerDied, match=rf"^pool worker 0 \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) "
+                               r"failed to start: starting the pool engine: RuntimeError: told to fail by .*; "
+                               r"it is started again for the next round \(failed starts in a row: "
                                rf"{attempt} of {MAX_FAILED_STARTS}\): the fork round failed before the parent was "
                                r"read$"):
                 pool.fork(checks.Unread(), 2, context=trunk, suffixes=suffixes, params=PARAMS)
@@ -198,7 +199,7 @@ def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
     expected = [ToyThawEngine.start(**config).generate(trunk + suffix, PARAMS).token_ids for suffix in suffixes]
     dies = tmp_path / "dies"
     spec = LaunchSpec("pool_engines:ToyDyingInRounds.start", {"marker": str(dies), **config})
-    died = r"pool worker {} \(Ray actor {}, pid \d+\) died: \w+: [^;]*"
+    died = r"pool worker {} \(Ray actor {}, pid \d+ " + NODE + r"\) died: \w+: [^;]*"
     given_up = r"; its slot's workers died in {} rounds in a row, and it is no longer replaced: close this pool and " \
                "start a new one".format(MAX_DEATHS)
 
@@ -248,12 +249,12 @@ def test_a_put_that_fails_raises_rays_error_and_closes_the_segments_mapping(ray_
 def test_an_actor_ray_cannot_place_fails_its_start_within_the_timeout_naming_what_it_asks_for(
         ray_cluster, parent, monkeypatch) -> None:
     """Ray keeps an actor whose resources no node has pending for ever: its start fails after start_timeout_s,
-    naming the resources, and the pending actor is killed."""
+    naming the resources, and the pending actor is killed (by the pool's close: its start failed)."""
     from thaw_ray import RayForkPool, worker
 
     killed, kill = [], ray_cluster.kill
     monkeypatch.setattr(worker.ray, "kill", lambda actor, **options: (killed.append(actor), kill(actor, **options)))
-    with pytest.raises(PoolWorkerDied, match=r"^pool worker 0 \(a Ray actor that never answered\) failed to start: "
+    with pytest.raises(PoolWorkerDied, match=r"^pool worker 0 \(a Ray actor that never answered\): "
                                              r"not started within 0\.5 s \(start_timeout_s\): either Ray has no "
                                              r"node with the resources it asks for "
                                              r"\(\{'resources': \{'nonexistent': 1\}\}\) free"):
@@ -352,9 +353,9 @@ def test_an_unavailable_actor_is_killed_and_replaced(pool, parent, fresh, monkey
         return reply
 
     monkeypatch.setattr(thaw_ray.pool, "ray", types.SimpleNamespace(get=get))
-    with pytest.raises(PoolWorkerDied, match=r"pool worker 1 \(Ray actor [0-9a-f]+, pid \d+\) became unavailable "
-                                             r"\(killed, not waited for\): ActorUnavailableError: .*the node is "
-                                             r"unreachable.*dead workers are being replaced"):
+    with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) became "
+                                             r"unavailable \(killed, not waited for\): ActorUnavailableError: "
+                                             r".*the node is unreachable.*dead workers are being replaced"):
         pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     monkeypatch.undo()
     _wait_dead(victim.actor)

@@ -3,8 +3,9 @@ actor).
 
 A worker is a SlotWorker (its slot's counts, which decide whether the pool gives the slot up) with `killed`
 (by the pool: replaced by the next round that needs it) and `ensure_ready()`, which waits for its engine and
-raises PoolWorkerDied naming it if it failed to start (then on every later call too). A pool starts one with
-`start(name, failed_starts, deaths)`, carrying its slot's counts on.
+raises PoolWorkerDied naming it if it failed to start (then on every later call too, with its `start_error`
+set), or if it is still starting after its own time limit (`start_error` None: kept, and waited for again). A
+pool starts one with `start(name, failed_starts, deaths)`, carrying its slot's counts on.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def finish_starts(workers: list, n: int, closed: Callable[[], bool],
     """The round's n worker slots of `workers`, the first n not given up, each started: a replacement started
     after a failed round finishes starting here. One that fails to start fails the round with PoolWorkerDied,
     before the parent is read, and is started again (put in its slot) for the next round, up to
-    MAX_FAILED_STARTS failed starts in a row; after that (or after MAX_DEATHS rounds in a row in which its
+    MAX_FAILED_STARTS failed starts in a row (one still starting, without a start_error, fails the round but is
+    kept: a Ray actor waiting for a node to place it); after that (or after MAX_DEATHS rounds in a row in which its
     workers died) the pool no longer restarts it, and rounds use the slots left (fewer than n left: each round
     needing more says so, and a new pool is the way on). `closed()`: the pool was closed meanwhile; close() stops
     what it finds, so nothing is started then."""
@@ -67,7 +69,10 @@ def finish_starts(workers: list, n: int, closed: Callable[[], bool],
         try:
             worker.ensure_ready()
         except PoolWorkerDied as exc:
-            if given_up(worker):
+            if worker.start_error is None:  # still starting (a Ray actor no node can place yet): kept, not failed
+                failures.append(f"{exc}; it is kept, still starting, and waited for again at the next round (not "
+                                "a failed start)")
+            elif given_up(worker):
                 failures.append(gave_up(worker))
             elif closed():
                 failures.append(str(exc))
