@@ -273,8 +273,8 @@ class MLXEngine(SharedKV):
                 f"mlx: this capture or sleep holds {len(held)} sequences; the KV of {len(past)} other sessions "
                 f"({sum(past)} tokens past the prefix they share with those) is left out, so an engine restored or "
                 "woken from it computes them again (same tokens, none cached): a ring (sliding window) or recurrent "
-                "layer holds one sequence, and a cache laid out otherwise shares no pages. A sleep keeps the latest "
-                "session (or the one request in flight); capture(chains=[tokens]) keeps another"),
+                "layer holds one sequence, and a cache laid out otherwise shares no pages. A sleep keeps the sessions "
+                "paged alike and the one request in flight; capture(chains=[tokens]) keeps another"),
                 stacklevel=5)  # the caller of capture
 
     def capture(self, *, include_weights: bool = True, chains=None) -> Snapshot:
@@ -304,6 +304,7 @@ class MLXEngine(SharedKV):
         return snapshot
 
     def check(self, snapshot: Snapshot) -> None:
+        validate(snapshot, CorruptSnapshotError)  # a Snapshot built in memory has met none of the reader's rules
         self._checked(snapshot)
 
     def _checked(self, snapshot: Snapshot) -> tuple[list[Request], Optional[tuple]]:
@@ -311,8 +312,8 @@ class MLXEngine(SharedKV):
         each sequence, its request in flight and sampler), nothing built: the sequences (engine_requests: the
         request in flight first, if any, then a session per branch of the prefix tree) and _pending's answer. The
         format's structural rules come first (a page's parent before it, only a leaf partial, each request's pages
-        the tree's): a file's reader checked them, a Snapshot built in memory has met none."""
-        validate(snapshot, CorruptSnapshotError)
+        the tree's) are the caller's: the reader made them for a file or a segment (restore_source), check and
+        restore make them for a Snapshot built in memory."""
         check_snapshot_model(self.model, snapshot, info=self.info)
         check_cache_layout(self.model, snapshot)
         pending = _pending(snapshot)
@@ -326,6 +327,7 @@ class MLXEngine(SharedKV):
         array, an array sharing its memory such as a slice, a layer object, a cache list) keeps its bytes: only
         memory nothing else holds is written over (pages.moved_buffers)."""
         verify_unchecked(snapshot)  # a segment borrowed or shared-loaded with verify=False (lent's trust rule)
+        validate(snapshot, CorruptSnapshotError)  # a Snapshot built in memory has met none of the reader's rules
         return self._restore_over(snapshot)
 
     def restore_source(self, source: str, *, verified: bool = False) -> list[Resumed]:

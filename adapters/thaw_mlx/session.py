@@ -312,8 +312,10 @@ def session_request(snapshot: Snapshot) -> Request:
     tree of several branches is for MLXEngine.restore, which makes a session of each."""
     requests = snapshot.scheduler.requests if snapshot.scheduler is not None else []
     in_flight = [r for r in requests if r.status != "finished"]
-    if len(requests) == 1 or len(in_flight) == 1:
-        return requests[0] if len(requests) == 1 else in_flight[0]
+    if len(requests) == 1:
+        return requests[0]
+    if len(in_flight) == 1:
+        return in_flight[0]
     leaves = snapshot.prefix.leaves() if snapshot.prefix is not None and not requests else []
     if len(leaves) == 1:
         return branch_request(snapshot.prefix, leaves[0])

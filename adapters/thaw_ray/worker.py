@@ -1,5 +1,6 @@
 """One RayForkPool worker slot's actor, as thaw_format.sdk.pool_slots needs a worker: started at once, waited
-for at its first round (`ensure_ready`), named with its actor id and process id in every error."""
+for at each round until it has started (`ensure_ready`, `rearm`), named with its actor id, process id and node
+in every error."""
 
 from __future__ import annotations
 
