@@ -100,8 +100,7 @@ class EncodedSnapshot:
         return self.layout.file_length
 
     def _finish(self, crcs: array) -> tuple[bytes, str]:
-        trailer = encode_trailer(crcs)
-        return trailer, content_id(self.header[: self.layout.header_length], trailer)
+        return _sealed(self.header[: self.layout.header_length], crcs)
 
     def _check_fill(self, fill: dict) -> None:
         unknown = set(fill) - {name for name, _ in self.tensors}
@@ -469,9 +468,15 @@ def reseal(buffer, names) -> str:
     for region in regions:
         crcs[region.first_chunk : region.first_chunk + region.num_chunks] = mover.chunk_crcs(
             view[region.offset : region.end], region.chunk_size)
-    trailer = encode_trailer(crcs)
+    trailer, snapshot_id = _sealed(bytes(view[: layout.header_length]), crcs)
     view[layout.trailer_offset : layout.file_length] = trailer
-    return content_id(bytes(view[: layout.header_length]), trailer)
+    return snapshot_id
+
+
+def _sealed(header: bytes, crcs: array) -> tuple[bytes, str]:
+    """The trailer of a snapshot's chunk checksums, and the snapshot's id (its header and trailer digested)."""
+    trailer = encode_trailer(crcs)
+    return trailer, content_id(header, trailer)
 
 
 def save(snapshot: Snapshot, path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress = None,
