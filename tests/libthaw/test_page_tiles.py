@@ -3,13 +3,15 @@
 streams them out; "avx2" 8 x 8; "sse2" 4 x 4; "rows" element by element) gives the same pages and chunk CRCs as
 numpy's indexing of vLLM's vec layout, and writes the same blocks back. Selecting a lesser kernel is how these
 tests stand in for a CPU without AVX-512: the dispatcher takes the best kernel the CPU reports, and the summing
-tiles also step aside when the CRC32C kernel in use is not the AVX-512 one."""
+tiles also step aside when the CRC32C kernel in use is not the AVX-512 one. The scatter's 16 x 16 tiles ("avx512") and
+two 8 x 8 tiles ("avx2") write a K's 64-byte aligned lines whole with streaming stores."""
 
 import numpy as np
 import pytest
 
 from conftest import available_kernels, available_tiles
 from test_pages import engine, expected, shifted_out, vllm_positions
+from test_remote_pages import child, pages_bytes  # noqa: F401 (child: a fixture)
 from thaw_format import mover
 
 TILES = ("avx512", "avx2", "sse2", "rows")
@@ -27,14 +29,18 @@ def vllm_case(block_size, heads, head_dim, role, n_pages, seed):
     return blocks, offsets, mover.page_layout(positions, 4), want, elements
 
 
-@pytest.mark.parametrize("tiles", available_tiles())
-@pytest.mark.parametrize("role", ["k", "v"])
-@pytest.mark.parametrize("shape", [
+SHAPES = [
     (16, 3, 128),  # block 16: one tile of 16 tokens per head; 3 heads
     (32, 5, 64),   # block 32: two tiles per head; 5 heads
-    (32, 3, 72),   # 288-byte rows, not whole 64-byte lines: tiles that move, then the pages summed
-    (24, 1, 128),  # 24 tokens: a 16-row tile and an 8-row one
-])
+    (32, 3, 72),   # 288-byte rows, not whole 64-byte lines: tiles that move, then the pages summed; the
+                   # scatter's last 8 columns a masked 16 x 16 tile
+    (24, 1, 128),  # 24 tokens: a 16-row tile and an 8-row one; the scatter's K lines 96 bytes apart (unaligned)
+]
+
+
+@pytest.mark.parametrize("tiles", available_tiles())
+@pytest.mark.parametrize("role", ["k", "v"])
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("chunk_pages", [2, 0])  # chunks of two whole pages (summed as moved), or of 4 KiB
 @pytest.mark.parametrize("shift", [0, 4])       # pages aligned for streaming stores, or not
 def test_every_tile_kernel_gives_the_pages_and_crcs_of_numpy(native, select_tiles, tiles, role, shape,
@@ -46,12 +52,53 @@ def test_every_tile_kernel_gives_the_pages_and_crcs_of_numpy(native, select_tile
     assert mover.gather_pages(blocks, offsets, layout, out, chunk) == mover.chunk_crcs(want, chunk)
     assert out.tobytes() == want.tobytes()
     assert not raw[:start].any() and not raw[start + len(want) :].any()
-    restored = np.zeros_like(blocks)
-    mover.scatter_pages(want, restored, offsets, layout)
-    assert restored[elements.ravel()].view(np.uint8).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("tiles", available_tiles())
+@pytest.mark.parametrize("role", ["k", "v"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shift", [0, 4])  # blocks whose K lines are 64-byte aligned (streamed whole), or not
+def test_every_tile_kernel_scatters_the_pages_where_numpy_puts_them(native, select_tiles, tiles, role, shape,
+                                                                    shift):
+    blocks, offsets, layout, pages, elements = vllm_case(*shape, role, n_pages=6, seed=sum(shape))
+    select_tiles(tiles)
+    raw, start, out = shifted_out(blocks.nbytes, shift)
+    restored = out.view(np.float32)
+    mover.scatter_pages(pages, restored, offsets, layout)
+    assert restored[elements.ravel()].view(np.uint8).tobytes() == pages.tobytes()
     untouched = np.ones(restored.size, bool)
     untouched[elements.ravel()] = False
     assert not restored[untouched].any()
+    assert not raw[:start].any() and not raw[start + blocks.nbytes :].any()
+
+
+@pytest.mark.parametrize("tiles", available_tiles())
+@pytest.mark.parametrize("role", ["k", "v"])
+def test_a_threaded_scatter_of_vllms_kv_checked_or_remote_is_the_same_under_every_tile_kernel(
+        native, child, select_tiles, tiles, role):
+    """The bench's shape, 40 pages (5 MiB: the thread pool), 1 MiB chunks: the plain scatter, the checked one
+    (thaw_scatter_pages_checked: a corrupt chunk is found, and a transposed K's is not written: each of its
+    chunks is checked before it moves) and the one reading another process's memory
+    (thaw_scatter_pages_remote) put the pages where numpy does."""
+    blocks, offsets, layout, _, elements = vllm_case(32, 8, 128, role, n_pages=40, seed=9)
+    holder = child(5, 40 * layout.page_bytes)
+    pages = pages_bytes(5, 40 * layout.page_bytes)
+    select_tiles(tiles)
+    for source in (pages, mover.remote_window(holder.pid, holder.address, len(pages))):
+        restored = np.zeros_like(blocks)
+        mover.scatter_pages(source, restored, offsets, layout)
+        assert restored[elements.ravel()].view(np.uint8).tobytes() == pages.tobytes()
+    crcs, chunk = mover.chunk_crcs(pages, 1 << 20), 1 << 20
+    restored = np.zeros_like(blocks)
+    assert mover.scatter_pages_checked(pages, restored, offsets, layout, chunk, crcs) is None
+    assert restored[elements.ravel()].view(np.uint8).tobytes() == pages.tobytes()
+    bad = pages.copy()
+    bad[2 * chunk + 100] ^= 1
+    restored[:] = 0
+    assert mover.scatter_pages_checked(bad, restored, offsets, layout, chunk, crcs) == 2
+    if role == "k":  # (V's rows are moved and summed in one read, written before their CRC is known)
+        in_chunk_2 = elements.ravel()[np.arange(len(pages) // 4) // (chunk // 4) == 2]
+        assert not restored[in_chunk_2].any()
 
 
 @pytest.mark.parametrize("tiles", available_tiles())
