@@ -1,11 +1,9 @@
 /* pages.c's transposed tiles for 4-byte elements in AVX-512: a gather of 16 strided rows of one whole 64-byte line
  * each (16 tokens of a vLLM float32 K row) to 16 flat rows per 16 x 16 register transpose, its scatter (whole
- * lines out with streaming stores), and a gather variant that
- * also sums what it writes into the CRC32C of its pages (VPCLMULQDQ), so that the pages can be written with
- * streaming stores and never read back. pages.c calls them only where cpu_x86_features() reports AVX-512F and VL
- * (and the CRC32C kernel in use is the AVX-512 one, for the summing variant). Built with -mavx512f -mavx512vl
- * -mvpclmulqdq -mpclmul -msse4.2. */
-#include <pthread.h>
+ * lines out with streaming stores), and a gather variant that also sums what it writes into the CRC32C of its
+ * pages (VPCLMULQDQ), so that the pages can be written with streaming stores and never read back. pages.c calls
+ * them only where cpu_x86_features() reports AVX-512F and VL (and the CRC32C kernel in use is the AVX-512 one, for
+ * the summing variant). Built with -mavx512f -mavx512vl -mvpclmulqdq -mpclmul -msse4.2. */
 #include <stdlib.h>
 
 #include "crc32c_x86.h"
@@ -110,20 +108,21 @@ static pages_crc16 *crc16_new(size_t rows, size_t row_bytes) {
 
 /* The tables made so far, newest first, each kept for the life of the process: a process meets few page shapes
  * (one per model it serves), and a gather per layer and role that made its own table spent a malloc and
- * (rows + 8) constant computations on it. */
+ * (rows + 8) constant computations on it. Published by compare-and-swap and never changed after, so they are read
+ * without a lock (none to be left held in a fork child). */
 static pages_crc16 *crc16_tables;
-static pthread_mutex_t crc16_lock = PTHREAD_MUTEX_INITIALIZER;
 
 const pages_crc16 *pages_crc16_for(size_t rows, size_t row_bytes) {
-    pthread_mutex_lock(&crc16_lock);
-    pages_crc16 *k = crc16_tables;
-    while (k && (k->page_rows != rows || k->row_bytes != row_bytes)) k = k->next;
-    if (!k && (k = crc16_new(rows, row_bytes))) {
-        k->next = crc16_tables;
-        crc16_tables = k;
-    }
-    pthread_mutex_unlock(&crc16_lock);
-    return k;
+    pages_crc16 *head = __atomic_load_n(&crc16_tables, __ATOMIC_ACQUIRE);
+    for (pages_crc16 *k = head; k; k = k->next)
+        if (k->page_rows == rows && k->row_bytes == row_bytes) return k;
+    pages_crc16 *k = crc16_new(rows, row_bytes);
+    if (!k) return NULL;
+    k->next = head;
+    if (__atomic_compare_exchange_n(&crc16_tables, &k->next, k, 0, __ATOMIC_RELEASE, __ATOMIC_ACQUIRE)) return k;
+    free(k->rows); /* another thread added a table first (maybe this one): look again */
+    free(k);
+    return pages_crc16_for(rows, row_bytes);
 }
 
 #define K128(k) _mm_loadu_si128((const __m128i *)(k))

@@ -28,7 +28,7 @@ typedef struct pages_crc16 {
     uint64_t (*rows)[2];           /* rows[m]: m rows forward, 1 <= m <= page_rows (rows[page_rows]: a page) */
     struct pages_crc16 *next;      /* pages_crc16_for's next table */
 } pages_crc16;
-/* The table for that page shape, made on its first use and kept (shared by every thread); NULL out of memory. */
+/* The table for that page shape, made on its first use and kept (read by every thread); NULL out of memory. */
 const pages_crc16 *pages_crc16_for(size_t rows, size_t row_bytes);
 /* pages_gather16_avx512 of whole rows (row_bytes) that also adds each row's CRC contribution, moved to the end of
  * its page (after[i]: the rows that follow flat row i in its page), into the 128-bit page_block; the rows go with

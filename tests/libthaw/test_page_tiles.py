@@ -6,6 +6,8 @@ tests stand in for a CPU without AVX-512: the dispatcher takes the best kernel t
 tiles also step aside when the CRC32C kernel in use is not the AVX-512 one. The scatter's 16 x 16 tiles ("avx512") and
 two 8 x 8 tiles ("avx2") write a K's 64-byte aligned lines whole with streaming stores."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -127,3 +129,17 @@ def test_the_best_tile_kernel_is_the_default_and_only_listed_kernels_are_selecte
     for name in [n for n in TILES if n not in available] + ["avx1024", ""]:
         assert lib.thaw_pages_select(name.encode()) == -1
         assert impl() == available[-1]
+
+
+def test_threads_meeting_a_new_page_shape_at_once_share_its_fold_constants(native, select_tiles):
+    """The summing tiles' fold constants are made on a page shape's first gather and kept (pages_crc16_for,
+    published without a lock): four threads gathering K pages of a shape no other test uses, at once, get the
+    pages and CRCs of numpy (the race for the first table is likely, not forced)."""
+    blocks, offsets, layout, want, _ = vllm_case(16, 7, 112, "k", n_pages=4, seed=4)
+    select_tiles(available_tiles()[0])
+    chunk = 2 * layout.page_bytes
+    outs = [np.zeros_like(want) for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        crcs = list(pool.map(lambda out: mover.gather_pages(blocks, offsets, layout, out, chunk), outs))
+    assert crcs == [mover.chunk_crcs(want, chunk)] * 4
+    assert all(out.tobytes() == want.tobytes() for out in outs)
