@@ -12,11 +12,18 @@ import numpy as np
 import pytest
 
 from conftest import available_kernels, available_tiles
-from test_pages import engine, expected, shifted_out, vllm_positions
+from test_pages import FILL, engine, expected, guards_kept, shifted_out, vllm_positions
 from test_remote_pages import child, pages_bytes  # noqa: F401 (child: a fixture)
 from thaw_format import mover
 
 TILES = ("avx512", "avx2", "sse2", "rows")
+
+
+def every_tile_kernel():
+    """TILES as test parameters, each this CPU lacks a visible skip."""
+    available = available_tiles()
+    return [pytest.param(name, marks=pytest.mark.skipif(name not in available, reason=f"no {name} tiles here"))
+            for name in TILES]
 
 
 def vllm_case(block_size, heads, head_dim, role, n_pages, seed):
@@ -37,10 +44,13 @@ SHAPES = [
     (32, 3, 72),   # 288-byte rows, not whole 64-byte lines: tiles that move, then the pages summed; the
                    # scatter's last 8 columns a masked 16 x 16 tile
     (24, 1, 128),  # 24 tokens: a 16-row tile and an 8-row one; the scatter's K lines 96 bytes apart (unaligned)
+    (16, 2, 12),   # rows shorter than a tile: the scatter's whole row one masked 16 x 16 tile
+    (16, 3, 20),   # the scatter's last 4 columns a masked tile, its K lines 64 bytes apart
+    (32, 2, 100),  # the same at 128 bytes apart, after six whole tiles
 ]
 
 
-@pytest.mark.parametrize("tiles", available_tiles())
+@pytest.mark.parametrize("tiles", every_tile_kernel())
 @pytest.mark.parametrize("role", ["k", "v"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("chunk_pages", [2, 0])  # chunks of two whole pages (summed as moved), or of 4 KiB
@@ -53,10 +63,10 @@ def test_every_tile_kernel_gives_the_pages_and_crcs_of_numpy(native, select_tile
     raw, start, out = shifted_out(len(want), shift)
     assert mover.gather_pages(blocks, offsets, layout, out, chunk) == mover.chunk_crcs(want, chunk)
     assert out.tobytes() == want.tobytes()
-    assert not raw[:start].any() and not raw[start + len(want) :].any()
+    assert guards_kept(raw, start, len(want))
 
 
-@pytest.mark.parametrize("tiles", available_tiles())
+@pytest.mark.parametrize("tiles", every_tile_kernel())
 @pytest.mark.parametrize("role", ["k", "v"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("shift", [0, 4])  # blocks whose K lines are 64-byte aligned (streamed whole), or not
@@ -70,11 +80,16 @@ def test_every_tile_kernel_scatters_the_pages_where_numpy_puts_them(native, sele
     assert restored[elements.ravel()].view(np.uint8).tobytes() == pages.tobytes()
     untouched = np.ones(restored.size, bool)
     untouched[elements.ravel()] = False
-    assert not restored[untouched].any()
-    assert not raw[:start].any() and not raw[start + blocks.nbytes :].any()
+    assert (restored[untouched].view(np.uint8) == FILL).all()  # no line past a row's end written
+    assert guards_kept(raw, start, blocks.nbytes)
 
 
-@pytest.mark.parametrize("tiles", available_tiles())
+def filled_like(blocks):
+    """Blocks of FILL bytes to scatter into: a write where none belongs shows."""
+    return np.full(blocks.nbytes, FILL, np.uint8).view(blocks.dtype)
+
+
+@pytest.mark.parametrize("tiles", every_tile_kernel())
 @pytest.mark.parametrize("role", ["k", "v"])
 def test_a_threaded_scatter_of_vllms_kv_checked_or_remote_is_the_same_under_every_tile_kernel(
         native, child, select_tiles, tiles, role):
@@ -87,23 +102,23 @@ def test_a_threaded_scatter_of_vllms_kv_checked_or_remote_is_the_same_under_ever
     pages = pages_bytes(5, 40 * layout.page_bytes)
     select_tiles(tiles)
     for source in (pages, mover.remote_window(holder.pid, holder.address, len(pages))):
-        restored = np.zeros_like(blocks)
+        restored = filled_like(blocks)
         mover.scatter_pages(source, restored, offsets, layout)
         assert restored[elements.ravel()].view(np.uint8).tobytes() == pages.tobytes()
     crcs, chunk = mover.chunk_crcs(pages, 1 << 20), 1 << 20
-    restored = np.zeros_like(blocks)
+    restored = filled_like(blocks)
     assert mover.scatter_pages_checked(pages, restored, offsets, layout, chunk, crcs) is None
     assert restored[elements.ravel()].view(np.uint8).tobytes() == pages.tobytes()
     bad = pages.copy()
     bad[2 * chunk + 100] ^= 1
-    restored[:] = 0
+    restored = filled_like(blocks)
     assert mover.scatter_pages_checked(bad, restored, offsets, layout, chunk, crcs) == 2
     if role == "k":  # (V's rows are moved and summed in one read, written before their CRC is known)
         in_chunk_2 = elements.ravel()[np.arange(len(pages) // 4) // (chunk // 4) == 2]
-        assert not restored[in_chunk_2].any()
+        assert (restored[in_chunk_2].view(np.uint8) == FILL).all()
 
 
-@pytest.mark.parametrize("tiles", available_tiles())
+@pytest.mark.parametrize("tiles", every_tile_kernel())
 @pytest.mark.parametrize("kernel", sorted({"software"} | set(available_kernels()[:1])))
 def test_a_threaded_gather_of_vllms_k_is_the_same_under_every_tile_and_crc_kernel(native, select_tiles,
                                                                                    select_kernel, tiles, kernel):
