@@ -13,8 +13,10 @@ size_t pages_tiles8_avx2(uint8_t *const *flat, uint8_t *strided, int64_t stride_
  * 64-byte line (strided and stride_bytes multiples of 64), with streaming stores; returns the columns moved (a
  * multiple of 8). The caller fences. Needs AVX2. */
 size_t pages_stream16_avx2(uint8_t *const *flat, uint8_t *strided, int64_t stride_bytes, size_t w);
-/* pages_stream16_avx2 in 16 x 16 tiles, each of the strided side's lines written by one store; moves all w columns
- * (the last w % 16 in a masked tile). Needs AVX-512F and VL. */
+/* Scatter 16 flat rows of w 4-byte elements into the [w, 16] matrix at `strided`, each of its rows one whole
+ * 64-byte line (strided and stride_bytes multiples of 64: streaming stores fault on unaligned addresses), in
+ * 16 x 16 tiles, each line written by one streaming store; moves all w columns (the last w % 16 in a masked tile)
+ * and writes no line past column w. The caller fences. Needs AVX-512F and VL. */
 size_t pages_stream16_avx512(uint8_t *const *flat, uint8_t *strided, int64_t stride_bytes, size_t w);
 /* Gather the [w, 16] matrix at `strided` (rows stride_bytes apart, each one 64-byte run) into 16 flat rows of w
  * 4-byte elements, in 16 x 16 tiles; returns the columns moved (a multiple of 16). Needs AVX-512F and VL. */
