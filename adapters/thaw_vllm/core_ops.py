@@ -131,9 +131,10 @@ def _capture(core, include_weights: bool, chains, local: bool, shared: bool = Fa
             "pages": chain, "sampling": dataclasses.asdict(sampling.to_thaw(r["sampling_params"])),
         })
     published = _worker(core, "thaw_capture", plan, include_weights, local, shared)
-    if published.get("shares"):  # tensor parallel: every rank writes its KV heads, then the first rank checksums
-        _worker(core, "thaw_put_share", published["source"], plan["block_ids"])
-        _worker(core, "thaw_seal", published["source"], published["shares"])
+    if published.get("regions"):  # tensor parallel: every other rank writes its KV heads where the first rank laid
+        # them out, then the first rank checksums them
+        _worker(core, "thaw_put_share", published["source"], plan["block_ids"], published["regions"])
+        _worker(core, "thaw_seal", published["source"], list(published["regions"]))
     return {"source": published["source"]}
 
 

@@ -11,11 +11,11 @@ from array import array
 
 import thaw_format
 import vllm
-from thaw_format import IncompatibleSnapshotError, SnapshotFile, mover
+from thaw_format import IncompatibleSnapshotError, mover
 from thaw_format.sdk import lent, lineage_now, remote
-from thaw_format.sdk.shared import SHM_PREFIX, owned_segment
+from thaw_format.sdk.shared import owned_segment
 from thaw_format.torch import from_torch, to_torch
-from thaw_format.writer import deferred_tensor, reseal
+from thaw_format.writer import EncodedSnapshot, deferred_tensor, reseal
 
 from . import _internals, identity, rpc, transport
 from .pages import NativeLayout, blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
@@ -97,40 +97,53 @@ class ThawWorkerExtension:
             return {"source": transport.LocalSnapshot(_build_snapshot(self, plan, include_weights, gathered=True)).source}
         caches, layout, share = _engine_kv(self)
         if share.rank != 0:
-            return {"source": None}  # the first rank publishes; every rank then writes its share (thaw_put_share)
+            return {"source": None}  # the first rank publishes; every other rank then writes its share (thaw_put_share)
         if share.whole:
             fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
                     for i, cache in enumerate(caches) for role in ("k", "v")}
         else:
-            fill = {f"kv/{i}/{role}": _unwritten for i in range(len(caches)) for role in ("k", "v")}
-        snapshot = _build_snapshot(self, plan, include_weights, gathered=False)
+            offsets, buffers = share.slab_offsets(len(plan["block_ids"]), layout.page_shape[0]), []
+            fill = {f"kv/{i}/{role}": functools.partial(_first_share, cache, plan["block_ids"], layout, role, share,
+                                                        offsets, buffers)
+                    for i, cache in enumerate(caches) for role in ("k", "v")}
+        encoded = EncodedSnapshot(_build_snapshot(self, plan, include_weights, gathered=False))
         publisher = owned_segment(self) if shared else lent.owned_lender(self)
-        return {"source": publisher.publish(snapshot, fill), "shares": [] if share.whole else list(fill)}
+        source = publisher.publish(encoded, fill)
+        if share.whole:
+            return {"source": source}
+        self._thaw_sealing = source, buffers[0]
+        return {"source": source, "regions": {name: [region.offset, region.end] for (name, _), region
+                                              in zip(encoded.tensors, encoded.layout.regions) if name in fill}}
 
     @rpc.as_data
-    def thaw_put_share(self, source: str, block_ids: list[int]) -> None:
-        """Write this rank's KV heads of the given blocks into their slabs of the pages of the capture the first
-        rank published in `source` (thaw_capture); the first rank checksums them once every rank has (thaw_seal)."""
+    def thaw_put_share(self, source: str, block_ids: list[int], regions: dict[str, list[int]]) -> None:
+        """On every rank but the first (which wrote its share as it published, thaw_capture): write this rank's KV
+        heads of the given blocks into their slabs of the pages of the capture the first rank published in
+        `source`, at the byte `regions` of its KV tensors the first rank laid out; the first rank checksums them
+        once every rank has (thaw_seal)."""
         _internals.worker_waits_asleep_after_this_call()
         caches, layout, share = _engine_kv(self)
+        if share.rank == 0:
+            return
         view = lent.writable_view(source)
-        with SnapshotFile(view) as published:
-            regions = {name: published.info(name)[2] for name in published.names() if name.startswith("kv/")}
         offsets = share.slab_offsets(len(block_ids), layout.page_shape[0])
         local = mover.recycled(len(block_ids) * layout.pages["k"].page_bytes)
         for i, cache in enumerate(caches):
             for role in ("k", "v"):
-                region = regions[f"kv/{i}/{role}"]
+                start, end = regions[f"kv/{i}/{role}"]
                 gather_role(cache, block_ids, layout, role, local)
-                put_share(local, view[region.offset : region.end], share, offsets)
+                put_share(local, view[start:end], share, offsets)
 
     @rpc.as_data
     def thaw_seal(self, source: str, names: list[str]) -> None:
-        """On the first rank: checksum the named tensors of a published capture every rank has written its share
-        of (thaw_put_share), from their final bytes."""
+        """On the first rank: checksum the named tensors of the capture it published in `source` once every rank
+        has written its share of them (thaw_put_share), from their final bytes, through the buffer it wrote."""
         _internals.worker_waits_asleep_after_this_call()
         if _internals.tensor_parallel_rank() == 0:
-            reseal(lent.writable_view(source), names)
+            (published, buffer), self._thaw_sealing = self._thaw_sealing, None
+            if published != source:
+                raise RuntimeError(f"thaw_seal of {source}: this rank last published {published}")
+            reseal(memoryview(buffer).cast("B")[: lent.parse(source)[1]], names)
 
     @rpc.as_data
     def thaw_stage(self, source: str, verify: bool = True) -> None:
@@ -139,13 +152,13 @@ class ThawWorkerExtension:
         this engine's, before the engine core changes anything. Every chunk is verified unless `verify` is False:
         a source the client counts as checked (thaw_format.sdk.lent.send's trust rule, or one its caller checked,
         checked_by_caller) or its Snapshot handed over in-process (api.restore); a segment's header is parsed and
-        checked either way. Under tensor parallelism the first rank alone verifies a segment: every rank maps its
-        one set of bytes, and no rank writes before every rank has staged (the engine core's thaw_write), so its
-        check refuses the restore for all."""
+        checked either way. Under tensor parallelism the first rank alone verifies a segment or a file: every rank
+        reads the one set of bytes, and no rank writes before every rank has staged (the engine core's
+        thaw_write), so its check refuses the restore for all."""
         _internals.worker_waits_asleep_after_this_call()
         start_mover(self.vllm_config)
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
-        verify = verify and (_internals.tensor_parallel_rank() == 0 or not source.startswith(SHM_PREFIX))
+        verify = verify and (_internals.tensor_parallel_rank() == 0 or _private(source))
         snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None), verify=verify)
         caches, layout, share = _engine_kv(self)
         _check_kv(snapshot.kv, caches, _page_shape(layout, share))
@@ -184,6 +197,12 @@ class ThawWorkerExtension:
         self.thaw_restored_from = snapshot.id
 
 
+def _private(source: str) -> bool:
+    """A source each rank reads its own copy of (the client's memory, in-process its Snapshot), not the one set of
+    bytes every rank reads (a segment, a file)."""
+    return remote.is_remote(source) or source.startswith(transport.LOCAL_PREFIX)
+
+
 def _weights_digest(worker) -> str:
     if getattr(worker, "_thaw_digest", None) is None:
         worker._thaw_digest = identity.weights_digest(worker.vllm_config)
@@ -205,9 +224,14 @@ def _page_shape(layout, share: HeadShare) -> tuple[int, int, int]:
     return layout.page_shape[0], share.total_heads, share.head_dim
 
 
-def _unwritten(target, chunk_size: int) -> array:
-    """A fill that leaves its tensor to the ranks (thaw_put_share) and returns placeholder checksums (thaw_seal
-    computes the real ones)."""
+def _first_share(cache, block_ids, layout, role, share: HeadShare, offsets, buffers: list, target, chunk_size: int):
+    """The first rank's fill of a KV tensor under tensor parallelism: its own heads' slabs, written as it publishes
+    (the segment's buffer kept in `buffers` for thaw_seal), with placeholder checksums (thaw_seal computes them
+    once every rank has written)."""
+    buffers[:] = [target.obj]  # the whole segment the target views
+    local = mover.recycled(len(block_ids) * layout.pages[role].page_bytes)
+    gather_role(cache, block_ids, layout, role, local)
+    put_share(local, target, share, offsets)
     return array("I", bytes(4 * -(-len(target) // chunk_size)))
 
 
