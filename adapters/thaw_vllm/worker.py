@@ -175,21 +175,28 @@ class ThawWorkerExtension:
         layers = [tuple(remote.scatter_view(layer.tensors[role]) for role in ("k", "v"))
                   for layer in snapshot.kv.layers]
 
-        # This rank's slabs in every page a run (or a tail) may hold, over all heads; none for a whole page.
-        offsets = None if share.whole else share.slab_offsets(max(len(pages), 1), layout.page_shape[0])
+        # This rank's slabs in every page a run (or a tail) may hold, over all heads, and a buffer for its K's and
+        # V's share of as many, which every run and layer reuses (their scatters copy out of it); none for a whole page.
+        rows = layout.page_shape[0]
+        if not share.whole:
+            offsets = share.slab_offsets(max(len(pages), 1), rows)
+            buffers = {role: mover.recycled(len(offsets) * share.slab_bytes) for role in ("k", "v")}
 
-        def own(pages, count):  # this rank's heads of `count` pages over all heads
-            return pages if share.whole else take_share(pages, share, offsets[: count * layout.page_shape[0]])
+        def own(pages, count, role):  # this rank's heads of `count` pages over all heads
+            if share.whole:
+                return pages
+            return take_share(pages, share, offsets[: count * rows], buffers[role][: count * rows * share.slab_bytes])
 
         for first, count, at in mover.consecutive_runs(pages):  # consecutive pages are one slice of the snapshot's tensors
             span = slice(first * page_bytes, (first + count) * page_bytes)
             for cache, (k, v) in zip(caches, layers):
-                scatter_pages(cache, block_ids[at : at + count], own(k[span], count), own(v[span], count), layout)
+                scatter_pages(cache, block_ids[at : at + count], own(k[span], count, "k"), own(v[span], count, "v"),
+                              layout)
         connector = _internals.worker_connector()
         for key, page in tails.items():
             span = slice(page * page_bytes, (page + 1) * page_bytes)
             connector.staged_tails[key] = (caches, [
-                pages_to_blocks(own(k[span], 1), own(v[span], 1), layout, cache.dtype)[0]
+                pages_to_blocks(own(k[span], 1, "k"), own(v[span], 1, "v"), layout, cache.dtype)[0]
                 for cache, (k, v) in zip(caches, layers)])
         requests = {r.id: r for r in snapshot.scheduler.requests} if snapshot.scheduler else {}
         for key in rng_keys:
