@@ -81,7 +81,8 @@ def test_a_tp2_snapshot_restored_into_a_tp2_engine_is_hit_and_continues_exactly(
     test restores into a fresh TP=2 engine."""
     report, out = run
     assert _kv(out / "tp2_in_tp2.thaw") == _kv(out / "tp2.thaw")
-    assert report["restored"]["tp2"] == {"token_ids": report["parent"]["prompt"]["token_ids"], "num_cached_tokens": FULL}
+    assert report["restored"]["tp2"] == {"token_ids": report["parent"]["prompt"]["token_ids"],
+                                         "num_cached_tokens": FULL}
 
 
 def test_a_tp1_snapshot_restored_into_a_tp2_engine_is_its_bytes(run):
