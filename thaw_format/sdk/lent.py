@@ -118,7 +118,7 @@ class Lender:
     def publish(self, snapshot: Union[Snapshot, EncodedSnapshot], fill: Optional[dict] = None) -> str:
         """Write `snapshot` (or its EncodedSnapshot, laid out already; its deferred tensors by `fill`, as
         EncodedSnapshot.write_into) into a segment no borrower holds and lend it: return its source."""
-        encoded = snapshot if isinstance(snapshot, EncodedSnapshot) else EncodedSnapshot(snapshot)
+        encoded = EncodedSnapshot.of(snapshot)
         slot = self._slot(encoded.nbytes)
         segment = self._segments[slot]
         encoded.write_into(segment.buf, fill)

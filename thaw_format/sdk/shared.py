@@ -97,7 +97,7 @@ class Segment:
     def publish(self, snapshot: Union[Snapshot, EncodedSnapshot], fill: Optional[dict] = None) -> str:
         """Write `snapshot` (or its EncodedSnapshot, laid out already) over the previous one; return its source,
         "shm://name#nbytes"."""
-        encoded = snapshot if isinstance(snapshot, EncodedSnapshot) else EncodedSnapshot(snapshot)
+        encoded = EncodedSnapshot.of(snapshot)
         if self._shm is None or self._shm.size < encoded.nbytes:
             self.close()
             self._shm = shared_memory.SharedMemory(create=True, size=max(encoded.nbytes, 1))
