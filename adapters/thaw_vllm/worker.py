@@ -13,7 +13,7 @@ import thaw_format
 import vllm
 from thaw_format import IncompatibleSnapshotError, mover
 from thaw_format.sdk import lent, lineage_now, remote
-from thaw_format.sdk.shared import owned_segment
+from thaw_format.sdk.shared import SHM_PREFIX, owned_segment
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import EncodedSnapshot, deferred_tensor, reseal
 
@@ -67,6 +67,10 @@ class ThawWorkerExtension:
     # The id of the snapshot this engine was last restored from (the client's, whichever way it came here:
     # thaw_format.sdk.lent.send): the lineage parent of its captures.
     thaw_restored_from: str | None = None
+    # Under tensor parallelism, on the first rank: the source of the capture it published last and the segment's
+    # buffer (held, not viewed: a view would keep the segment from closing), which thaw_put_share writes its slabs
+    # through and thaw_seal checksums; None outside a capture.
+    _thaw_sealing: tuple | None = None
 
     @rpc.as_data
     def thaw_describe(self) -> dict:
@@ -97,35 +101,34 @@ class ThawWorkerExtension:
             return {"source": transport.LocalSnapshot(_build_snapshot(self, plan, include_weights, gathered=True)).source}
         caches, layout, share = _engine_kv(self)
         if share.rank != 0:
-            return {"source": None}  # the first rank publishes; every other rank then writes its share (thaw_put_share)
+            return {"source": None}  # the first rank publishes; every rank then writes its share (thaw_put_share)
+        self._thaw_sealing, kept = None, []
         if share.whole:
             fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
                     for i, cache in enumerate(caches) for role in ("k", "v")}
         else:
-            offsets, buffers = share.slab_offsets(len(plan["block_ids"]), layout.page_shape[0]), []
-            fill = {f"kv/{i}/{role}": functools.partial(_first_share, cache, plan["block_ids"], layout, role, share,
-                                                        offsets, buffers)
-                    for i, cache in enumerate(caches) for role in ("k", "v")}
+            fill = {f"kv/{i}/{role}": functools.partial(_unwritten, kept) for i in range(len(caches))
+                    for role in ("k", "v")}
         encoded = EncodedSnapshot(_build_snapshot(self, plan, include_weights, gathered=False))
         publisher = owned_segment(self) if shared else lent.owned_lender(self)
         source = publisher.publish(encoded, fill)
         if share.whole:
             return {"source": source}
-        self._thaw_sealing = source, buffers[0]
+        self._thaw_sealing = source, kept[0]
         return {"source": source, "regions": {name: [region.offset, region.end] for (name, _), region
                                               in zip(encoded.tensors, encoded.layout.regions) if name in fill}}
 
     @rpc.as_data
     def thaw_put_share(self, source: str, block_ids: list[int], regions: dict[str, list[int]]) -> None:
-        """On every rank but the first (which wrote its share as it published, thaw_capture): write this rank's KV
-        heads of the given blocks into their slabs of the pages of the capture the first rank published in
-        `source`, at the byte `regions` of its KV tensors the first rank laid out; the first rank checksums them
-        once every rank has (thaw_seal)."""
+        """Write this rank's KV heads of the given blocks into their slabs of the pages of the capture the first
+        rank published in `source` (thaw_capture), at the byte `regions` of its KV tensors the first rank laid out
+        (checked here: RegionsError), every rank at once; the first rank checksums them once every rank has
+        (thaw_seal). The first rank writes through the buffer it published into, the others map the segment."""
         _internals.worker_waits_asleep_after_this_call()
         caches, layout, share = _engine_kv(self)
-        if share.rank == 0:
-            return
-        view = lent.writable_view(source)
+        view = _sealing(self, source) if share.rank == 0 else lent.writable_view(source)
+        _check_regions(regions, len(view), len(caches), {role: len(block_ids) * layout.pages[role].page_bytes
+                                                         * share.ranks for role in ("k", "v")})
         offsets = share.slab_offsets(len(block_ids), layout.page_shape[0])
         local = mover.recycled(len(block_ids) * layout.pages["k"].page_bytes)
         for i, cache in enumerate(caches):
@@ -140,29 +143,30 @@ class ThawWorkerExtension:
         has written its share of them (thaw_put_share), from their final bytes, through the buffer it wrote."""
         _internals.worker_waits_asleep_after_this_call()
         if _internals.tensor_parallel_rank() == 0:
-            (published, buffer), self._thaw_sealing = self._thaw_sealing, None
-            if published != source:
-                raise RuntimeError(f"thaw_seal of {source}: this rank last published {published}")
-            reseal(memoryview(buffer).cast("B")[: lent.parse(source)[1]], names)
+            view = _sealing(self, source)
+            self._thaw_sealing = None
+            reseal(view, names)
 
     @rpc.as_data
-    def thaw_stage(self, source: str, verify: bool = True) -> None:
+    def thaw_stage(self, source: str, verify: bool = True) -> str | None:
         """Read the snapshot `source` names where it lies (a segment this worker lent, a cached mapping, the
         client's memory for a remote source, or in-process the client's Snapshot itself) and check its KV fits
         this engine's, before the engine core changes anything. Every chunk is verified unless `verify` is False:
         a source the client counts as checked (thaw_format.sdk.lent.send's trust rule, or one its caller checked,
         checked_by_caller) or its Snapshot handed over in-process (api.restore); a segment's header is parsed and
-        checked either way. Under tensor parallelism the first rank alone verifies a segment or a file: every rank
-        reads the one set of bytes, and no rank writes before every rank has staged (the engine core's
-        thaw_write), so its check refuses the restore for all."""
+        checked either way. Returns the staged snapshot's id: the engine core writes nothing before every rank's
+        equals the restore's (core_ops._restore). Under tensor parallelism the first rank alone verifies a
+        shared-memory segment (every rank maps its one set of bytes, so its check refuses the restore for all);
+        every rank verifies the copy it reads itself of a file or of the client's memory."""
         _internals.worker_waits_asleep_after_this_call()
         start_mover(self.vllm_config)
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
-        verify = verify and (_internals.tensor_parallel_rank() == 0 or _private(source))
+        verify = verify and rank_verifies(source, _internals.tensor_parallel_rank())
         snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None), verify=verify)
         caches, layout, share = _engine_kv(self)
         _check_kv(snapshot.kv, caches, _page_shape(layout, share))
         self._thaw_staged = snapshot
+        return snapshot.id
 
     @rpc.as_data
     def thaw_write(self, pages: list[int], block_ids: list[int], tails: dict[str, int], rng_keys: list[str]) -> None:
@@ -204,10 +208,39 @@ class ThawWorkerExtension:
         self.thaw_restored_from = snapshot.id
 
 
-def _private(source: str) -> bool:
-    """A source each rank reads its own copy of (the client's memory, in-process its Snapshot), not the one set of
-    bytes every rank reads (a segment, a file)."""
-    return remote.is_remote(source) or source.startswith(transport.LOCAL_PREFIX)
+def rank_verifies(source: str, rank: int) -> bool:
+    """Whether a rank verifies what it reads of `source`: the first rank always, another all but a shared-memory
+    segment (the one set of bytes the first rank verified; a file or the client's memory it reads itself)."""
+    return rank == 0 or not source.startswith(SHM_PREFIX)
+
+
+class RegionsError(ValueError):
+    """The KV regions the first rank sent for a tensor-parallel capture are not its KV tensors' byte ranges."""
+
+
+class SealError(RuntimeError):
+    """A tensor-parallel capture's share or seal arrived for a capture the first rank did not publish last."""
+
+
+def _sealing(worker, source: str) -> memoryview:
+    """The bytes of the capture the first rank published in `source`, through the buffer it laid them out in;
+    SealError for none or another (and that one is dropped)."""
+    if worker._thaw_sealing is None or worker._thaw_sealing[0] != source:
+        published = worker._thaw_sealing and worker._thaw_sealing[0]
+        worker._thaw_sealing = None
+        raise SealError(f"{source}: this rank is sealing {published or 'no capture'}")
+    return memoryview(worker._thaw_sealing[1]).cast("B")[: lent.parse(source)[1]]
+
+
+def _check_regions(regions: dict, size: int, layers: int, nbytes: dict[str, int]) -> None:
+    """RegionsError unless `regions` names exactly kv/{i}/{k,v} of `layers` layers, each [start, end] within a
+    segment of `size` bytes and holding a role's pages over all heads (`nbytes`)."""
+    expected = {f"kv/{i}/{role}": nbytes[role] for i in range(layers) for role in ("k", "v")}
+    if set(regions) != set(expected):
+        raise RegionsError(f"KV regions name {sorted(set(regions) ^ set(expected))} unexpectedly")
+    for name, (start, end) in regions.items():
+        if not (0 <= start <= end <= size and end - start == expected[name]):
+            raise RegionsError(f"{name}: bytes [{start}, {end}) are not {expected[name]} bytes within {size}")
 
 
 def _weights_digest(worker) -> str:
@@ -231,14 +264,10 @@ def _page_shape(layout, share: HeadShare) -> tuple[int, int, int]:
     return layout.page_shape[0], share.total_heads, share.head_dim
 
 
-def _first_share(cache, block_ids, layout, role, share: HeadShare, offsets, buffers: list, target, chunk_size: int):
-    """The first rank's fill of a KV tensor under tensor parallelism: its own heads' slabs, written as it publishes
-    (the segment's buffer kept in `buffers` for thaw_seal), with placeholder checksums (thaw_seal computes them
-    once every rank has written)."""
-    buffers[:] = [target.obj]  # the whole segment the target views
-    local = mover.recycled(len(block_ids) * layout.pages[role].page_bytes)
-    gather_role(cache, block_ids, layout, role, local)
-    put_share(local, target, share, offsets)
+def _unwritten(kept: list, target, chunk_size: int) -> array:
+    """A fill that leaves its tensor to the ranks (thaw_put_share), keeps the buffer `target` views (the whole
+    segment) for the first rank's slabs and seal, and returns placeholder checksums (thaw_seal computes them)."""
+    kept[:] = [target.obj]
     return array("I", bytes(4 * -(-len(target) // chunk_size)))
 
 

@@ -4,29 +4,31 @@ rank, since the automatic binding wants a NUMA node per rank.
 
 argv[1] is JSON: model, engine_kwargs, prompt (token ids), params (SamplingParams fields), suffix (token ids), tp1
 (the path of a TP=1 engine's snapshot of the prompt's pages), midstream (two prompts), out (a directory). Two TP=2
-engines: the parent, and a ForkPool worker's started from its launch spec, which starts in the background while
-the parent works (its start is the slowest step). Steps, on the parent:
+engines, one after the other at work: the parent, and once it is done a ForkPool worker's started from its launch
+spec (not beside it: each engine's ranks spin on both of the CPUs, and a TP step needs both ranks running). Steps,
+the first three on the parent:
   capture: it generates the prompt and the prompt + suffix, describes itself and captures the prompt's pages with
           weights (saved as out/tp2.thaw); then it captures two requests mid-stream (greedy and seeded, a few
           tokens in), and runs them to the end;
   restore: it restores out/tp2.thaw, then the TP=1 snapshot with its ranks refused reads of this process's memory
           (they fall back on its restore segment); after each, its recapture of the prompt's pages is saved
           (out/tp2_in_tp2.thaw, out/tp1_in_tp2.thaw) and the prompt generated again; then it restores its own
-          (lent) capture of those pages, and last the mid-stream capture, whose requests it runs to the end. A
-          restore takes its blocks from the head of vLLM's free queue, blocks no request has held (a freed block
-          goes to the tail), so what a recapture reads there is what the restore wrote, as in a fresh engine;
-  corrupt: it is asked to restore a corrupt segment, then a corrupt file (refused; it serves on, its cache as it
-          was);
+          (lent) capture of those pages, and last the mid-stream capture, whose requests it runs to the end. The
+          parent's blocks have held its requests' KV (vLLM's free queue puts a freed unhashed block at its head),
+          but a restore resets the prefix cache first (core_ops._restore), so a recapture reads only blocks the
+          restore wrote, and the TP=1 snapshot's bytes, which differ from anything a TP=2 engine computes, are
+          read back (test_a_tp1_snapshot_restored_into_a_tp2_engine_is_its_bytes);
+  corrupt: it is asked to restore a corrupt segment, a corrupt file, and a file other than the one whose structure
+          planned the restore (as if replaced between reads): each refused; it serves on, its cache as it was;
   pool:   the pool's worker (a fresh TP=2 engine) forks the prompt + suffix from the parent.
-Prints one line "THAW_RESULT <json>".
+Prints each stage's results as it finishes ("THAW_STAGE <name> <json>"), then one line "THAW_RESULT <json>".
 """
 
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
-from lent_helper import corrupt_first_kv_chunk
+from lent_helper import corrupt_first_kv_chunk, flip_kv_bit
 
 
 def main() -> None:
@@ -47,12 +49,16 @@ def main() -> None:
         thaw_format.save(thaw_vllm.capture(llm, include_weights=False, chains=[prompt]), os.path.join(out, name))
 
     report = {}
+
+    def finished(stage, *keys):
+        print(f"THAW_STAGE {stage} " + json.dumps({key: report[key] for key in keys}), flush=True)
+
     parent = thaw_vllm.LLM(config["model"], **config["engine_kwargs"])
-    starting = ThreadPoolExecutor(1).submit(ForkPool, thaw_vllm.VLLMEngine(parent).launch_spec(), workers=1)
     report["parent"] = {"prompt": generate(parent, prompt), "continued": generate(parent, prompt + suffix)}
     report["describe"] = thaw_vllm.describe(parent)
     thaw_format.save(thaw_vllm.capture(parent, include_weights=True, chains=[prompt]), os.path.join(out, "tp2.thaw"))
     midstream, report["midstream"] = capture_midstream(parent, config)
+    finished("capture", "parent", "describe", "midstream")
 
     report["restored"] = {}
     for name, path in (("tp2", os.path.join(out, "tp2.thaw")), ("tp1", config["tp1"])):
@@ -74,6 +80,7 @@ def main() -> None:
     done = thaw_vllm.finish(parent, thaw_vllm.restore(parent, midstream))
     report["restored"]["midstream"] = {r: {"token_ids": f.output_token_ids, "num_cached_tokens": f.cached_tokens}
                                        for r, f in done.items()}
+    finished("restore", "restored")
 
     # A corrupt segment is refused before the engine changes: its first rank alone verifies it, for every rank.
     source = thaw_vllm.api.capture_shared(parent, chains=[prompt])
@@ -82,17 +89,24 @@ def main() -> None:
         thaw_vllm.api.restore_source(parent, source)
     except thaw_format.CorruptSnapshotError as error:
         report["corrupt_refused"] = str(error)
-    try:  # and a corrupt file, which every rank reads, the first rank alone verifying it
+    try:  # and a corrupt file, which every rank reads and verifies
         thaw_vllm.api.restore_source(parent, corrupt_copy(os.path.join(out, "tp2.thaw")))
     except thaw_format.CorruptSnapshotError as error:
         report["corrupt_file_refused"] = str(error)
+    try:  # a file replaced after this process read its structure: the ranks stage other bytes, each verified
+        structure = thaw_vllm.transport.structure(os.path.join(out, "tp2.thaw"))
+        thaw_vllm.api._restore_checked(parent, structure, config["tp1"], verify=True)
+    except thaw_format.CorruptSnapshotError as error:
+        report["replaced_file_refused"] = str(error)
     report["after_corrupt"] = generate(parent, prompt)
+    finished("corrupt", "corrupt_refused", "corrupt_file_refused", "replaced_file_refused", "after_corrupt")
 
-    with starting.result() as pool:
+    with ForkPool(thaw_vllm.VLLMEngine(parent).launch_spec(), workers=1) as pool:  # closed on an error too
         round_ = pool.fork(thaw_vllm.VLLMEngine(parent), 1, context=prompt, suffixes=[suffix],
                            params=thaw_format.SamplingParams(**config["params"]))
     child = round_.generations[0]
     report["pool"] = {"token_ids": child.token_ids, "cached_tokens": child.cached_tokens}
+    finished("pool", "pool")
     print("THAW_RESULT " + json.dumps(report), flush=True)
 
 
@@ -114,12 +128,9 @@ def refused(publish):
 
 
 def corrupt_copy(path: str) -> str:
-    """A copy of a snapshot file, one bit flipped inside layer 0's K."""
-    import thaw_format
-
+    """A copy of a snapshot file, one bit flipped inside layer 0's K (flip_kv_bit)."""
     data = bytearray(open(path, "rb").read())
-    region = thaw_format.SnapshotFile(bytes(data)).info("kv/0/k")[2]
-    data[region.offset + 1000] ^= 0x40
+    flip_kv_bit(data)
     with open(path + ".corrupt", "wb") as f:
         f.write(data)
     return path + ".corrupt"
