@@ -38,12 +38,16 @@ def _text(exc: Exception) -> str:
     return exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
 
 
+def is_error(result) -> bool:
+    """Whether a callee returned an error as data."""
+    return isinstance(result, dict) and result.get("error") is not None
+
+
 def unwrap(result):
     """A callee's result; an error it returned as data is raised (see the module's docstring for its class)."""
-    error = result.get("error") if isinstance(result, dict) else None
-    if error is None:
+    if not is_error(result):
         return result
-    kind, message = error["type"], error["message"]
+    kind, message = result["error"]["type"], result["error"]["message"]
     snapshot_error = getattr(errors, kind, None)
     if isinstance(snapshot_error, type) and issubclass(snapshot_error, errors.SnapshotError):
         raise snapshot_error(message)

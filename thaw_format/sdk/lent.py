@@ -61,7 +61,7 @@ import time
 import weakref
 from collections import OrderedDict
 from multiprocessing import shared_memory
-from typing import Callable, NamedTuple, Optional, TypeVar
+from typing import Callable, NamedTuple, Optional, TypeVar, Union
 
 import numpy
 
@@ -115,10 +115,10 @@ class Lender:
         self._unborrowed_s = unborrowed_s
         self._generation = 0
 
-    def publish(self, snapshot: Snapshot, fill: Optional[dict] = None) -> str:
-        """Write `snapshot` (its deferred tensors by `fill`, as EncodedSnapshot.write_into) into a segment no
-        borrower holds and lend it: return its source."""
-        encoded = EncodedSnapshot(snapshot)
+    def publish(self, snapshot: Union[Snapshot, EncodedSnapshot], fill: Optional[dict] = None) -> str:
+        """Write `snapshot` (or its EncodedSnapshot, laid out already; its deferred tensors by `fill`, as
+        EncodedSnapshot.write_into) into a segment no borrower holds and lend it: return its source."""
+        encoded = EncodedSnapshot.of(snapshot)
         slot = self._slot(encoded.nbytes)
         segment = self._segments[slot]
         encoded.write_into(segment.buf, fill)
