@@ -11,7 +11,10 @@ is ForkPool's ForkRound: `capture_s` is the capture and the put, `verify_s` 0 (e
 itself: its restore_s includes that check). A worker whose actor dies mid-round is named, the round fails with
 PoolWorkerDied once the others have answered, and the pool starts a new actor in its slot for the next round;
 starts that fail are retried, and slots given up, as ForkPool does it (thaw_format.sdk.pool_slots:
-MAX_FAILED_STARTS failed starts in a row, or MAX_DEATHS rounds in a row in which the slot's actor died).
+MAX_FAILED_STARTS failed starts in a row, or MAX_DEATHS rounds in a row in which the slot's actor died). An actor
+placed whose engine is still starting after start_timeout_s has failed to start (killed); one that no node can
+place yet is still starting (PoolWorkerStarting): kept, the round failing, until a node can place it.
+`worker_info()` names each slot's actor and its node.
 
 The Ray cluster is the caller's: the pool needs Ray initialised (ray.init, or a cluster address) and never
 calls ray.init or ray.shutdown itself; close() closes its actors' engines and ends its own actors only (ray.kill,
@@ -69,8 +72,11 @@ class RayForkPool(RoundPool):
     def __init__(self, spec, workers: int, *, actor_options: Optional[Mapping] = None,
                  start_timeout_s: float = START_TIMEOUT_S) -> None:
         """`actor_options` go to Ray's .options() for each actor (num_cpus, num_gpus, resources, runtime_env, ...);
-        `start_timeout_s`: how long an actor may take to be placed and start its engine, after which its start has
-        failed (Ray keeps an actor whose resources no node has pending for ever, saying nothing)."""
+        `start_timeout_s`: how long an actor may take to be placed and start its engine, from its creation. Placed
+        by then, its engine still starting, its start has failed (the actor killed and started again, as any failed
+        start); not placed, the round fails but the actor is kept (PoolWorkerStarting), waited for another
+        start_timeout_s at the next round: Ray keeps an actor whose resources no node has pending for ever, saying
+        nothing, and a node that joins later places it."""
         workers = whole_workers(workers)
         options = _checked_actor_options(actor_options)
         if isinstance(start_timeout_s, bool) or not isinstance(start_timeout_s, (int, float)) or \

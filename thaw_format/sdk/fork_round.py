@@ -20,6 +20,13 @@ class PoolWorkerDied(RuntimeError):
     actor) and, for a failed start, its engine's error."""
 
 
+class PoolWorkerStarting(PoolWorkerDied):
+    """A pool worker not started within its pool's time limit that has not failed either: a RayForkPool actor no
+    node has the resources to place yet. Its `ensure_ready` raises this (thaw_format.sdk.pool_slots); the pool
+    keeps it, not counting a failed start, and waits for it again at the next round. A PoolWorkerDied, so a
+    caller's `except PoolWorkerDied` (a pool whose first start raises it) still sees it."""
+
+
 @dataclass
 class ForkRound:
     """One round's results and where its time went (seconds)."""

@@ -17,8 +17,9 @@ in a row at most; a slot whose workers died in MAX_DEATHS rounds in a row, none 
 not replaced after the last (an engine that dies on every round would otherwise be restarted for ever). Rounds
 needing a slot given up say so, and why: start a new pool. A pool whose first start fails raises, with
 nothing left running. Each worker leads its own process group (thaw_format.sdk.engine_process): the processes
-its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends. Any contract engine
-with a launch spec works (thaw_format.sdk.contract).
+its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends. `worker_info()` shows
+each worker (its name, pid, and whether its engine has started). Any contract engine with a launch spec works
+(thaw_format.sdk.contract).
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from typing import Mapping, Optional
 
 from ..errors import CorruptSnapshotError
 from .engine_process import EngineProcess
-from .fork_round import ForkRound, PoolWorkerDied, RoundArguments, parent_page_size, whole_workers
+from .fork_round import ForkRound, PoolWorkerDied, PoolWorkerStarting, RoundArguments, parent_page_size, whole_workers
 from .launch import startable_launch_spec
 from .lent import forget, open_snapshot
-from .pool_slots import MAX_DEATHS, MAX_FAILED_STARTS, SlotWorker, kill_unanswered, note_answer
+from .pool_slots import MAX_DEATHS, MAX_FAILED_STARTS, SlotWorker, WorkerInfo, kill_unanswered, note_answer
 from .round_pool import RoundPool
 
-__all__ = ["ForkPool", "ForkRound", "MAX_DEATHS", "MAX_FAILED_STARTS", "PoolWorkerDied", "parent_page_size"]
+__all__ = ["ForkPool", "ForkRound", "MAX_DEATHS", "MAX_FAILED_STARTS", "PoolWorkerDied", "PoolWorkerStarting",
+           "WorkerInfo", "parent_page_size"]
 
 
 def _verify(source: str) -> None:
@@ -65,6 +67,7 @@ class _Worker(SlotWorker):
     def __init__(self, name: str, config: dict, env: dict, *, failed_starts: int = 0, deaths: int = 0) -> None:
         super().__init__(name, failed_starts, deaths)
         self.process = EngineProcess("thaw_format.sdk.pool_worker", config, env)
+        self.pid = self.process.pid
         self.ready = False
         self.killed = False  # by the pool: replaced by the next round that needs it
 

@@ -3,10 +3,10 @@ thaw_ray's Ray actors): its workers started once, a round's arguments checked be
 round at a time, the parent's one capture per round, the round's failure, and close().
 
 A pool subclasses it with three methods: `_start(name, failed_starts=0, deaths=0)` starts a worker
-(thaw_format.sdk.pool_slots says what a worker is), `_run(round_, slots, source, arguments)` hands the parent's
-capture (the source of its capture_shared) to the workers in those slots and returns their replies and failures
-(`_died` for a worker that died in the round, `pool_slots.note_answer` for one that answered), and `_stop()` ends
-every worker.
+(thaw_format.sdk.pool_slots says what a worker is, and the three ways its start ends: started, failed, or still
+starting), `_run(round_, slots, source, arguments)` hands the parent's capture (the source of its capture_shared)
+to the workers in those slots and returns their replies and failures (`_died` for a worker that died in the round,
+`pool_slots.note_answer` for one that answered), and `_stop()` ends every worker.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Sequence, TypeVar, Union
 from ..snapshot import SamplingParams
 from .contract import Engine
 from .fork_round import ForkRound, PoolWorkerDied, RoundArguments, checked_round, round_failure
-from .pool_slots import finish_starts, replace_dead
+from .pool_slots import WorkerInfo, finish_starts, replace_dead
 from .shared import capture_shared
 
 
@@ -43,6 +43,11 @@ class RoundPool(abc.ABC):
     @property
     def workers(self) -> int:
         return len(self._workers)
+
+    def worker_info(self) -> tuple[WorkerInfo, ...]:
+        """Each slot's worker as it is now, in slot order: its name, node (a RayForkPool actor's Ray node id), pid
+        and whether its engine has started. A copy: a replacement a later round starts shows in a later call."""
+        return tuple(worker.info() for worker in self._workers)
 
     def fork(self, parent: Engine, n: int, *, context: Sequence[int], suffixes: Sequence[Sequence[int]],
              params: Union[SamplingParams, Sequence[SamplingParams]]) -> ForkRound:
