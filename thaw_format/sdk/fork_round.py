@@ -21,10 +21,11 @@ class PoolWorkerDied(RuntimeError):
 
 
 class PoolWorkerStarting(PoolWorkerDied):
-    """A pool worker not started within its pool's time limit that has not failed either: a RayForkPool actor no
-    node has the resources to place yet. Its `ensure_ready` raises this (thaw_format.sdk.pool_slots); the pool
-    keeps it, not counting a failed start, and waits for it again at the next round. A PoolWorkerDied, so a
-    caller's `except PoolWorkerDied` (a pool whose first start raises it) still sees it."""
+    """A round failed, before the parent was read, only because workers are still starting (not failed): a
+    RayForkPool actor that no node has the resources to place yet. The pool keeps them, and waits for them again
+    at the next round: retry later (a node may join). A PoolWorkerDied, so `except PoolWorkerDied` still sees it;
+    a round in which any worker failed otherwise raises PoolWorkerDied itself. A pool's first start never raises
+    it: the pool is closed then, its workers with it (PoolWorkerDied)."""
 
 
 @dataclass
