@@ -23,7 +23,8 @@ def flaky(instructions: str, **config) -> ToyThawEngine:
     """A toy engine of `config`, unless an instruction is queued in the directory `instructions`: each start
     claims the lowest-numbered file there (renamed away, so no two starts take the same one) and fails as its
     text says, "error" (the engine raises), "exit" (the process ends at once, without a word) or "hang" (the
-    start never ends, no process of its own left behind when it is killed). A test queues
+    start never ends, no process of its own left behind when it is killed: for RayForkPool only, which gives a
+    placed actor's start up; ForkPool waits for its engine however long it takes). A test queues
     every instruction (`queue_starts`) before the starts that take them: a start racing a rewritten file could
     read the old instruction."""
     for name in sorted(filter(str.isdigit, os.listdir(instructions)), key=int):

@@ -1,7 +1,7 @@
 """One RayForkPool worker slot's actor, as thaw_format.sdk.pool_slots needs a worker: started at once, waited
 for at each round until it has started (`ensure_ready`, `rearm`), named with its actor id, process id and node
-in every error. Placed and starting its engine past its deadline, it has failed to start, and is killed; not
-placed yet, it is still starting (PoolWorkerStarting), and kept."""
+in every error. Not placed within start_timeout_s of its creation, it is still starting (PoolWorkerStarting), and
+kept; placed, its engine still starting start_timeout_s later, it has failed to start, and is killed."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ class ActorWorker(SlotWorker):
         super().__init__(name, failed_starts, deaths)
         require_ray()
         self.start_timeout_s = start_timeout_s
-        self.deadline = time.monotonic() + start_timeout_s  # from its creation: actors started together wait together
+        self.deadline = time.monotonic() + start_timeout_s  # to be placed, from its creation: actors started
+        # together wait together; its engine then has start_timeout_s from when the pool sees it placed
+        self.engine_deadline: Optional[float] = None
         self.placement = {key: options[key] for key in PLACEMENT if key in options}
         self.actor = RemoteActor.options(**options).remote()
         self._placed = self.actor.where.remote()  # answered once Ray has placed it (PoolActor)
@@ -57,49 +59,39 @@ class ActorWorker(SlotWorker):
         return f"pool worker {self.name} (Ray actor {self.actor_id}, pid {self.pid} on node {self.node_ip} " \
                f"{self.node})"
 
-    def ensure_ready(self) -> None:
-        """Wait until its engine has started, until its deadline at most; PoolWorkerDied naming the worker (and its
-        node, once placed) if it failed to start: its engine's error, Ray's, or, placed, its engine still starting
-        at the deadline (killed: an engine that hangs starting would otherwise be waited for at every round). Then
-        the actor is gone, and every later call raises the same. One Ray has not placed by its deadline has not
-        failed: PoolWorkerStarting, and the actor is kept, still asking Ray for a node (one that joins later places
-        it); `rearm` gives it start_timeout_s more at the next round."""
-        if self.ready:
-            return
-        if self.start_error is None:
-            error = self._start_outcome()
-            if error is None:
-                self.ready, self.failed_starts = True, 0
-                return
-            self.failed_starts += 1
-            self.start_error = f"{self.describe()} failed to start: {error}"
-            self.kill()
-        raise PoolWorkerDied(self.start_error)
-
     def _start_outcome(self) -> Optional[str]:
-        """None once its engine has started, or how its start failed; PoolWorkerStarting while Ray has not placed
-        it by its deadline (Ray keeps an actor whose resources no node has pending for ever, saying nothing)."""
+        """Its engine's start (SlotWorker.ensure_ready): failed (the actor killed), its engine's error, Ray's, or its
+        engine still starting start_timeout_s after the pool first saw the actor placed (an engine that hangs
+        starting would otherwise be waited for at every round); PoolWorkerStarting while Ray has not placed it by
+        its deadline (Ray keeps an actor whose resources no node has pending for ever, saying nothing): kept."""
         try:
             if self.actor_id is None:
-                placed = ray.get(self._placed, timeout=self._left())
+                placed = ray.get(self._placed, timeout=self._left(self.deadline))
                 self.pid, self.actor_id, self.node, self.node_ip = (placed["pid"], placed["actor_id"],
                                                                     placed["node_id"], placed["node_ip"])
-            return ray.get(self._started, timeout=self._left())
+                # its own window from now: one placed late is not cut short by the wait for its placing
+                self.engine_deadline = max(self.deadline, time.monotonic() + self.start_timeout_s)
+            error = ray.get(self._started, timeout=self._left(self.engine_deadline))
         except GetTimeoutError:
             if self.actor_id is None:
                 raise PoolWorkerStarting(f"{self.describe()}: {self._not_placed()}") from None
-            return f"its engine was still starting after start_timeout_s ({self.start_timeout_s:g} s; the actor is " \
-                   "killed)"
+            error = f"its engine was still starting {self.start_timeout_s:g} s (start_timeout_s) after the actor " \
+                    "was placed (it is killed)"
         except RayError as exc:  # the actor died (its process, or Ray could not start it)
-            return in_brief(exc)
+            error = in_brief(exc)
+        if error is not None:
+            self.kill()
+            return f": {error}"
+        return None
 
-    def _left(self) -> float:
-        return max(0.0, self.deadline - time.monotonic())
+    @staticmethod
+    def _left(deadline: float) -> float:
+        return max(0.0, deadline - time.monotonic())
 
     def rearm(self, start_timeout_s: float) -> None:
-        """A round begins: an actor Ray had not placed by its deadline (kept by an earlier round; one placed by then
-        was given up) gets start_timeout_s more, from now, placing it and starting its engine included."""
-        if not self.ready and self.start_error is None and time.monotonic() >= self.deadline:
+        """A round begins: an actor Ray had not placed by its deadline (kept by an earlier round) gets
+        start_timeout_s more to be placed, from now. One placed has its engine's own window (_start_outcome)."""
+        if self.actor_id is None and not self.killed and time.monotonic() >= self.deadline:
             self.start_timeout_s, self.deadline = start_timeout_s, time.monotonic() + start_timeout_s
 
     def _not_placed(self) -> str:
