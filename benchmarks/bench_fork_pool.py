@@ -6,7 +6,7 @@
     .venv/bin/python        benchmarks/bench_fork_pool.py --engine mlx --ray ...   # the pool's workers in Ray actors
     .venv/bin/python        benchmarks/bench_fork_pool.py --engine mlx --ray --nodes 2 ...   # on a second Ray node
 
-The KV-heavy tiny Llama of bench_kv_move.py (64 KiB of KV per token). The parent is the engine's contract
+The KV-heavy tiny Llama of bench_kv_move.py (float32: `model_kv_token_bytes`, 64 KiB of KV per token). The parent is the engine's contract
 adapter holding the trunk in its cache (vLLM in its default multiprocessing mode). Side by side in one process:
   pool:       ForkPool(parent, workers=children): warm engines started once; each round the parent publishes the
               trunk's full pages once in shared memory (capture_shared: KV out), the pool checks every chunk of
@@ -50,10 +50,19 @@ from thaw_format.snapshot import PAGED_KINDS
 PAGE = 32
 
 
+def model_kv_token_bytes() -> int:
+    """KV bytes per token of the KV-heavy model in float32, from its config, before any engine holds it (vLLM's
+    KV cache is sized from it): a K and a V of num_key_value_heads x head_dim in each layer."""
+    return 2 * KV_HEAVY["num_hidden_layers"] * KV_HEAVY["num_key_value_heads"] * KV_HEAVY["head_dim"] * 4
+
+
 def kv_token_bytes(parent, trunk: list[int]) -> int:
     """The parent's KV bytes per token, from its capture of the trunk's first page: each paged layer's tensors
     are [pages, page_size, ...] (the snapshot's layout descriptor), a token's share of one the product of the rest
-    times its dtype's size."""
+    times its dtype's size. SystemExit if the trunk has no full page (a round would move no KV)."""
+    if len(trunk) < parent.page_size():
+        raise SystemExit(f"--tokens {len(trunk)} is less than the parent's page size ({parent.page_size()} tokens): "
+                         "a fork round moves the trunk's full pages, and this one has none")
     kv = parent.capture(include_weights=False, chains=[trunk[:parent.page_size()]]).kv
     return sum(math.prod(tensor.shape[2:]) * itemsize(tensor.dtype)
                for layer in kv.layers if layer.kind in PAGED_KINDS for tensor in layer.tensors.values())
@@ -68,7 +77,7 @@ def object_store_bytes(tokens: int, token_bytes: int) -> int:
 def start_vllm(model: str, args):
     from thaw_vllm import VLLMEngine
 
-    kv_memory = (args.tokens + args.children * 64) * (64 << 10) + (128 << 20)
+    kv_memory = (args.tokens + args.children * 64) * model_kv_token_bytes() + (128 << 20)
     parent = VLLMEngine.start(model, dtype="float32", block_size=PAGE, enforce_eager=True, skip_tokenizer_init=True,
                               max_model_len=args.tokens + 128, kv_cache_memory_bytes=kv_memory)
     # pool workers and cold children: in-process engines (the parent stays in multiprocessing mode)
