@@ -6,8 +6,9 @@
     .venv/bin/python        benchmarks/bench_fork_pool.py --engine mlx --ray ...   # the pool's workers in Ray actors
     .venv/bin/python        benchmarks/bench_fork_pool.py --engine mlx --ray --nodes 2 ...   # on a second Ray node
 
-The KV-heavy tiny Llama of bench_kv_move.py (float32: `model_kv_token_bytes`, 64 KiB of KV per token). The parent is the engine's contract
-adapter holding the trunk in its cache (vLLM in its default multiprocessing mode). Side by side in one process:
+The KV-heavy tiny Llama of bench_kv_move.py (float32: 64 KiB of KV per token, `model_kv_token_bytes`). The
+parent is the engine's contract adapter holding the trunk in its cache (vLLM in its default multiprocessing
+mode). Side by side in one process:
   pool:       ForkPool(parent, workers=children): warm engines started once; each round the parent publishes the
               trunk's full pages once in shared memory (capture_shared: KV out), the pool checks every chunk of
               them once, and every worker restores them from there (restore_source: KV in) and prefills +

@@ -50,8 +50,9 @@ class RoundPool(abc.ABC):
         return len(self._workers)
 
     def worker_info(self) -> tuple[WorkerInfo, ...]:
-        """Each slot's worker as it is now, in slot order: its name, node (a RayForkPool actor's Ray node id), pid
-        and whether its engine has started. A copy: a replacement a later round starts shows in a later call."""
+        """Each slot's worker as it is now, in slot order: its name, node (a RayForkPool actor's Ray node id, once
+        placed), pid and whether its engine has started (and the pool has not killed it since): pool_slots.WorkerInfo.
+        A copy: a replacement a later round starts shows in a later call."""
         return tuple(worker.info() for worker in self._workers)
 
     def fork(self, parent: Engine, n: int, *, context: Sequence[int], suffixes: Sequence[Sequence[int]],
