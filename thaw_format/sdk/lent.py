@@ -216,12 +216,13 @@ _MAPPINGS: "OrderedDict[tuple[str, bool], mmap.mmap]" = OrderedDict()  # (segmen
 
 
 class _Held(NamedTuple):
-    """A borrowed or shared-loaded snapshot (weakly), the segment it came from and whether its bytes were
-    checked where they came in."""
+    """A borrowed or shared-loaded snapshot (weakly), the segment it came from, whether its bytes were checked
+    where they came in, and the id it was read with (what an engine reading the segment knows it by)."""
     snapshot: weakref.ref
     source: str
     base: weakref.ref  # the array viewing the segment, which its tensors view
     checked: bool
+    snapshot_id: Optional[str]
 
 
 _BORROWED: dict[int, _Held] = {}  # by id(snapshot)
@@ -322,7 +323,7 @@ def _borrow(source: str, *, verify: bool, checked: bool) -> Snapshot:
 def _held(snapshot: Snapshot, source: str, base: numpy.ndarray, *, checked: bool) -> Snapshot:
     """Remember that `snapshot`'s tensors view the segment `source` names at `base` (lent_source), and whether
     its bytes were checked where they came in (send)."""
-    _BORROWED[id(snapshot)] = _Held(weakref.ref(snapshot), source, weakref.ref(base), checked)
+    _BORROWED[id(snapshot)] = _Held(weakref.ref(snapshot), source, weakref.ref(base), checked, snapshot.id)
     weakref.finalize(snapshot, _BORROWED.pop, id(snapshot), None)
     return snapshot
 
@@ -503,9 +504,10 @@ def _free(control: str, slot: int) -> None:
 def lent_source(snapshot: Snapshot) -> Optional[str]:
     """The source a borrowed (or shared-loaded) snapshot came from, if it still is exactly what was written
     there: the same header (model, prefix, requests, tensor shapes) and every tensor still the segment's own
-    (read-only) bytes. Else None."""
+    (read-only) bytes, and still known by the id it was read with (a save with another chunk size gives it that
+    file's id, which an engine reading the segment would not know it by). Else None."""
     entry = _held_entry(snapshot)
-    base = None if entry is None else entry.base()
+    base = None if entry is None or snapshot.id != entry.snapshot_id else entry.base()
     if base is None:
         return None
     source, address = entry.source, base.ctypes.data
