@@ -51,7 +51,6 @@ class ActorWorker(SlotWorker):
         self._started = self.actor.start.remote(config)  # run after where(): an actor runs its calls in order
         self.actor_id: Optional[str] = None  # Ray's id for it, its node's Ray id (`node`) and that node's address,
         self.node_ip: Optional[str] = None  # once it answers where()
-        self.killed = False  # by an interrupted round: replaced by the next round that needs it
 
     def describe(self) -> str:
         if self.actor_id is None:  # never answered: not placed, or its process died starting
@@ -88,11 +87,11 @@ class ActorWorker(SlotWorker):
     def _left(deadline: float) -> float:
         return max(0.0, deadline - time.monotonic())
 
-    def rearm(self, start_timeout_s: float) -> None:
+    def rearm(self) -> None:
         """A round begins: an actor Ray had not placed by its deadline (kept by an earlier round) gets
         start_timeout_s more to be placed, from now. One placed has its engine's own window (_start_outcome)."""
         if self.actor_id is None and not self.killed and time.monotonic() >= self.deadline:
-            self.start_timeout_s, self.deadline = start_timeout_s, time.monotonic() + start_timeout_s
+            self.deadline = time.monotonic() + self.start_timeout_s
 
     def _not_placed(self) -> str:
         asks = f"the resources it asks for ({self.placement})" if self.placement else \

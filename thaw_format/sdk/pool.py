@@ -67,7 +67,6 @@ class _Worker(SlotWorker):
     def __init__(self, name: str, config: dict, env: dict, *, failed_starts: int = 0, deaths: int = 0) -> None:
         super().__init__(name, failed_starts, deaths)
         self.process = EngineProcess("thaw_format.sdk.pool_worker", config, env)
-        self.killed = False  # by the pool: replaced by the next round that needs it
 
     @property
     def pid(self) -> int:

@@ -44,6 +44,7 @@ class SlotWorker:
     node: Optional[str] = None  # where it runs (WorkerInfo.node)
     pid: Optional[int] = None
     ready = False
+    killed = False  # by the pool: replaced by the next round that needs it (each worker sets it when it kills)
 
     def __init__(self, name: str, failed_starts: int, deaths: int) -> None:
         self.name = name
