@@ -157,7 +157,8 @@ class ThawWorkerExtension:
         checked either way. Returns the staged snapshot's id: the engine core writes nothing before every rank's
         equals the restore's (core_ops._restore). Under tensor parallelism the first rank alone verifies a
         shared-memory segment (every rank maps its one set of bytes, so its check refuses the restore for all);
-        every rank verifies the copy it reads itself of a file or of the client's memory."""
+        every rank verifies the copy of a file it reads itself. The client's memory (a remote source) is sent as
+        checked: the client verified it, and each rank reads its bytes straight from there."""
         _internals.worker_waits_asleep_after_this_call()
         start_mover(self.vllm_config)
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
@@ -210,7 +211,7 @@ class ThawWorkerExtension:
 
 def rank_verifies(source: str, rank: int) -> bool:
     """Whether a rank verifies what it reads of `source`: the first rank always, another all but a shared-memory
-    segment (the one set of bytes the first rank verified; a file or the client's memory it reads itself)."""
+    segment (the one set of bytes the first rank verified; a file it reads itself)."""
     return rank == 0 or not source.startswith(SHM_PREFIX)
 
 
