@@ -101,7 +101,7 @@ class RayForkPool(RoundPool):
 
     def _round_begins(self) -> None:
         for worker in self._workers:  # one not placed yet, kept by an earlier round: waited for anew
-            worker.rearm()
+            worker.rearm(self._start_timeout_s)
 
     def _start(self, name: str, failed_starts: int = 0, deaths: int = 0) -> ActorWorker:
         return ActorWorker(name, self._config, self._options, self._start_timeout_s, failed_starts=failed_starts,

@@ -87,11 +87,11 @@ class ActorWorker(SlotWorker):
     def _left(deadline: float) -> float:
         return max(0.0, deadline - time.monotonic())
 
-    def rearm(self) -> None:
+    def rearm(self, start_timeout_s: float) -> None:
         """A round begins: an actor Ray had not placed by its deadline (kept by an earlier round) gets
         start_timeout_s more to be placed, from now. One placed has its engine's own window (_start_outcome)."""
         if self.actor_id is None and not self.killed and time.monotonic() >= self.deadline:
-            self.deadline = time.monotonic() + self.start_timeout_s
+            self.start_timeout_s, self.deadline = start_timeout_s, time.monotonic() + start_timeout_s
 
     def _not_placed(self) -> str:
         asks = f"the resources it asks for ({self.placement})" if self.placement else \
