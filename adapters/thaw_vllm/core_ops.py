@@ -38,7 +38,7 @@ def _worker(core, method: str, *args):
 def _every_rank(core, method: str, *args) -> list:
     """Every rank's reply to the worker's `method`, as _worker; the first error any rank returned is raised."""
     with _internals.worker_awaited_asleep(core):
-        return [rpc.unwrap(reply) for reply in core.collective_rpc(method, args=args)]
+        return rpc.unwrap_each(core.collective_rpc(method, args=args))
 
 
 def _connector(core) -> ThawConnector:

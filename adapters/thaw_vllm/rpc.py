@@ -57,7 +57,12 @@ def unwrap(result):
     raise RuntimeError(f"{kind}: {message}")
 
 
-def unwrap_all(replies: list):
-    """The first rank's result of a collective_rpc, once every rank's reply is read; the first error any rank
+def unwrap_each(replies: list) -> list:
+    """Every rank's result of a collective_rpc, once every rank's reply is read; the first error any rank
     returned is raised."""
-    return [unwrap(reply) for reply in replies][0]
+    return [unwrap(reply) for reply in replies]
+
+
+def unwrap_all(replies: list):
+    """The first rank's result of a collective_rpc (unwrap_each)."""
+    return unwrap_each(replies)[0]
