@@ -5,10 +5,11 @@
 
 A KV-heavy tiny Llama (8 layers, 8 KV heads x 128, float32: 64 KiB of KV per token; 4,096 tokens = 256 MiB)
 so that the KV bytes, not the model, dominate. Per engine mode, in one process and side by side:
-  memcpy:  numpy copy of a buffer of the KV's size into another (best of 3);
-  capture: thaw_vllm.capture(include_weights=False) of the trunk, client call to Snapshot in hand (best of 3);
+  memcpy:  numpy copy of a buffer of the KV's size into another already written (warm, as the engine's blocks
+           and a reused segment are), and beside it into new memory (page faults), for reference;
+  capture: thaw_vllm.capture(include_weights=False) of the trunk, client call to Snapshot in hand;
            in mp mode the Snapshot views the segment the worker gathered into, lent to the client;
-  restore: thaw_vllm.restore of that snapshot into the (idle) engine (best of 3): in mp mode its segment goes
+  restore: thaw_vllm.restore of that snapshot into the (idle) engine: in mp mode its segment goes
            back to the worker untouched;
   restore (encoded): thaw_vllm.restore of an equal snapshot held in this process's memory (a loaded file, every
            chunk verified by the load): in mp mode the worker reads its KV from the client's memory and scatters
@@ -23,6 +24,9 @@ so that the KV bytes, not the model, dominate. Per engine mode, in one process a
            restore_source verifies every chunk of the source before the engine is touched);
   prefill: the trunk prefilled from an empty cache (once), the cost a fork avoids;
   peak RSS: the rise of each process's high-water mark during one capture / restore, over the KV bytes.
+memcpy, capture, restore, restore (encoded), capture_shared and restore_source are timed in alternated rounds
+(--rounds, after one not counted), each path once a round right after that round's memcpy: a ratio is the median
+over rounds of memcpy's time over the path's, with the rounds' range. The shared loads' figures are one-shot.
 Modes: "mp" is vLLM's default multiprocessing mode (engine core in its own process, snapshots through shared
 memory); "inproc" is VLLM_ENABLE_V1_MULTIPROCESSING=0 (engine and worker in the caller's process).
 Writes benchmarks/results/kv_move_<engine>.json and .md.
@@ -34,6 +38,7 @@ import argparse
 import gc
 import os
 import random
+import statistics
 import time
 from typing import Callable
 
@@ -83,23 +88,29 @@ def _saved(snapshot) -> str:
 
 
 def time_kv_paths(mode: str, trunk: list, prefill: float, engine, check: Callable[[], None], *,
-                  capture: Callable[[], object], restore: Callable[[object], object]) -> dict:
+                  capture: Callable[[], object], restore: Callable[[object], object], rounds: int) -> dict:
     """One engine mode's KV paths timed side by side against a memcpy of the same bytes: capture() of the trunk,
     restore() of that snapshot and of an equal one loaded from a file (held in this process's memory), the
     contract engine's capture_shared / restore_source; check() then proves the engine serves the trunk from its
-    cache. Returns summarize()'s record."""
+    cache. The steady paths are timed in `rounds` rounds, each timing every path once right after a memcpy, so a
+    ratio compares two moments seconds apart (the machine is shared: other jobs come and go between phases);
+    one round before them is not counted (it makes the segments the later ones reuse). Returns summarize()'s
+    record."""
     import thaw_format
 
     snapshot = capture()
     kv_bytes = sum(t.nbytes for layer in snapshot.kv.layers for t in layer.tensors.values())
-    src, dst = np.ones(kv_bytes, np.uint8), np.zeros(kv_bytes, np.uint8)
-    memcpy = best_of(lambda: np.copyto(dst, src))
-    del src, dst
-    capture_s = best_of(capture)
-    restore_s = best_of(lambda: restore(snapshot))
+    src, dst = np.ones(kv_bytes, np.uint8), np.ones(kv_bytes, np.uint8)
     path = _saved(snapshot)
     in_memory = thaw_format.load(path)
-    restore_encoded_s = best_of(lambda: restore(in_memory))
+    source = engine.capture_shared(chains=[trunk])
+    paths = {"memcpy": lambda: np.copyto(dst, src),
+             "memcpy_fresh": lambda: np.copyto(np.empty(kv_bytes, np.uint8), src),  # new memory: page faults
+             "capture": capture, "restore": lambda: restore(snapshot),
+             "restore_encoded": lambda: restore(in_memory),
+             "capture_shared": lambda: engine.capture_shared(chains=[trunk]),
+             "restore_source": lambda: engine.restore_source(source)}
+    seconds = alternated(paths, rounds)
     del in_memory
     loaded_shared = thaw_format.load(path, shared=True)
     restore_loaded_shared_first_s = best_of(lambda: restore(loaded_shared), repeats=1)  # the engine maps it
@@ -111,22 +122,30 @@ def time_kv_paths(mode: str, trunk: list, prefill: float, engine, check: Callabl
     os.rmdir(os.path.dirname(path))
     restore_reloaded_first_s = best_of(lambda: restore(reloaded), repeats=1)
     del reloaded
-    source = engine.capture_shared(chains=[trunk])
-    capture_shared_s = best_of(lambda: engine.capture_shared(chains=[trunk]))
-    restore_source_s = best_of(lambda: engine.restore_source(source))
     check()
     rss_capture = peak_rss_rise(capture)
     rss_restore = peak_rss_rise(lambda: restore(snapshot))
-    return summarize(mode, kv_bytes, memcpy=memcpy, capture=capture_s, restore=restore_s,
-                     restore_encoded=restore_encoded_s, restore_loaded_shared=restore_loaded_shared_s,
+    return summarize(mode, kv_bytes, seconds, restore_loaded_shared=restore_loaded_shared_s,
                      restore_loaded_shared_first=restore_loaded_shared_first_s,
-                     restore_reloaded_first=restore_reloaded_first_s,
-                     capture_shared=capture_shared_s,
-                     restore_source=restore_source_s, prefill=prefill, rss_capture=rss_capture,
+                     restore_reloaded_first=restore_reloaded_first_s, prefill=prefill, rss_capture=rss_capture,
                      rss_restore=rss_restore)
 
 
-def measure(mode: str, model: str, tokens: int) -> dict:
+def alternated(paths: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each call of each path over `rounds` rounds (a first round run and not counted), every round
+    calling each path once in turn, garbage collected before each call (a dropped capture gives its segment back)."""
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    for counted in [False] + [True] * rounds:
+        for name, fn in paths.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            if counted:
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def measure(mode: str, model: str, tokens: int, rounds: int) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if mode == "inproc" else "1"
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -151,27 +170,38 @@ def measure(mode: str, model: str, tokens: int) -> dict:
 
     run = time_kv_paths(mode, trunk, prefill, thaw_vllm.VLLMEngine(llm), cached_after_restore,
                         capture=lambda: thaw_vllm.capture(llm, include_weights=False, chains=[trunk]),
-                        restore=lambda snapshot: thaw_vllm.restore(llm, snapshot))
+                        restore=lambda snapshot: thaw_vllm.restore(llm, snapshot), rounds=rounds)
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
     return run
 
 
-def summarize(mode: str, kv_bytes: int, *, memcpy: float, capture: float, restore: float, restore_encoded: float,
-              restore_loaded_shared: float, restore_loaded_shared_first: float, restore_reloaded_first: float,
-              capture_shared: float, restore_source: float, prefill: float, rss_capture: int, rss_restore: int) -> dict:
-    """One engine mode's run: seconds as measured, and the rates and ratios the table shows."""
-    return {"mode": mode, "kv_bytes": kv_bytes, "memcpy_s": memcpy, "capture_s": capture, "restore_s": restore,
-            "restore_encoded_s": restore_encoded, "restore_loaded_shared_s": restore_loaded_shared,
-            "restore_loaded_shared_first_s": restore_loaded_shared_first,
-            "restore_reloaded_first_s": restore_reloaded_first,
-            "capture_shared_s": capture_shared,
-            "restore_source_s": restore_source, "load_average": os.getloadavg(), "prefill_s": prefill,
-            "capture_gb_s": kv_bytes / capture / 1e9, "restore_gb_s": kv_bytes / restore / 1e9,
-            "memcpy_gb_s": kv_bytes / memcpy / 1e9, "capture_vs_memcpy": memcpy / capture,
-            "restore_vs_memcpy": memcpy / restore, "capture_peak_rss_over_kv": rss_capture / kv_bytes,
-            "restore_peak_rss_over_kv": rss_restore / kv_bytes}
+def summarize(mode: str, kv_bytes: int, seconds: dict[str, list[float]], *, restore_loaded_shared: float,
+              restore_loaded_shared_first: float, restore_reloaded_first: float, prefill: float, rss_capture: int,
+              rss_restore: int) -> dict:
+    """One engine mode's run: seconds as measured (each alternated path's every call and median), and the rates
+    and ratios the table shows: a path's ratio to memcpy is the median over rounds of the round's memcpy time over
+    the path's, with the range of the rounds' ratios."""
+    median = {name: statistics.median(times) for name, times in seconds.items()}
+    ratios = {name: sorted(m / t for m, t in zip(seconds["memcpy"], times)) for name, times in seconds.items()}
+    record = {"mode": mode, "kv_bytes": kv_bytes, "rounds": len(seconds["memcpy"]), "seconds": seconds,
+              "load_average": os.getloadavg(), "prefill_s": prefill,
+              "restore_loaded_shared_s": restore_loaded_shared,
+              "restore_loaded_shared_first_s": restore_loaded_shared_first,
+              "restore_reloaded_first_s": restore_reloaded_first,
+              "capture_peak_rss_over_kv": rss_capture / kv_bytes, "restore_peak_rss_over_kv": rss_restore / kv_bytes}
+    for name in seconds:
+        record[f"{name}_s"] = median[name]
+        record[f"{name}_gb_s"] = kv_bytes / median[name] / 1e9
+        record[f"{name}_vs_memcpy"] = statistics.median(ratios[name])
+        record[f"{name}_vs_memcpy_range"] = [ratios[name][0], ratios[name][-1]]
+    return record
+
+
+def _ratio(r: dict, name: str) -> str:
+    low, high = r[f"{name}_vs_memcpy_range"]
+    return f"{r[f'{name}_vs_memcpy']:.2f} ({low:.2f}-{high:.2f})"
 
 
 def main() -> None:
@@ -179,6 +209,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--modes", help="vLLM: mp,inproc (the default); SGLang: scheduler")
     parser.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
+    parser.add_argument("--rounds", type=int, default=9, help="alternated rounds timing the steady paths")
     args = parser.parse_args()
     from thaw_conformance import zoo
 
@@ -190,21 +221,21 @@ def main() -> None:
         run, modes = sglang_side.measure, args.modes or "scheduler"
     else:
         run, modes = measure, args.modes or "mp,inproc"
-    runs = [run(mode, model, args.tokens) for mode in modes.split(",")]
-    table = [[f"{label} mode", "KV MiB", "memcpy GB/s", "capture GB/s", "capture / memcpy", "restore GB/s",
-              "restore / memcpy", "restore encoded / memcpy",
+    runs = [run(mode, model, args.tokens, args.rounds) for mode in modes.split(",")]
+    table = [[f"{label} mode", "KV MiB", "memcpy GB/s (fresh memory)", "capture GB/s", "capture / memcpy",
+              "restore GB/s", "restore / memcpy", "restore encoded / memcpy",
               "restore loaded shared / memcpy (best, first, next load's first)", "capture_shared / memcpy",
-              "restore_source / memcpy",
-              "capture+restore / prefill", "peak RSS rise / KV (capture, restore)", "load average (1, 5 min)"]]
+              "restore_source / memcpy", "capture+restore / prefill", "peak RSS rise / KV (capture, restore)",
+              "load average (1, 5 min)"]]
     for r in runs:
-        table.append([r["mode"], f"{r['kv_bytes'] / 2**20:.0f}", f"{r['memcpy_gb_s']:.2f}", f"{r['capture_gb_s']:.2f}",
-                      f"{r['capture_vs_memcpy']:.2f}", f"{r['restore_gb_s']:.2f}", f"{r['restore_vs_memcpy']:.2f}",
-                      f"{r['memcpy_s'] / r['restore_encoded_s']:.2f}",
+        table.append([r["mode"], f"{r['kv_bytes'] / 2**20:.0f}",
+                      f"{r['memcpy_gb_s']:.2f} ({r['memcpy_fresh_gb_s']:.2f})", f"{r['capture_gb_s']:.2f}",
+                      _ratio(r, "capture"), f"{r['restore_gb_s']:.2f}", _ratio(r, "restore"),
+                      _ratio(r, "restore_encoded"),
                       f"{r['memcpy_s'] / r['restore_loaded_shared_s']:.2f}, "
                       f"{r['memcpy_s'] / r['restore_loaded_shared_first_s']:.2f}, "
                       f"{r['memcpy_s'] / r['restore_reloaded_first_s']:.2f}",
-                      f"{r['memcpy_s'] / r['capture_shared_s']:.2f}",
-                      f"{r['memcpy_s'] / r['restore_source_s']:.2f}",
+                      _ratio(r, "capture_shared"), _ratio(r, "restore_source"),
                       f"{(r['capture_s'] + r['restore_s']) / r['prefill_s']:.3f}",
                       f"{r['capture_peak_rss_over_kv']:.2f}, {r['restore_peak_rss_over_kv']:.2f}",
                       f"{r['load_average'][0]:.1f}, {r['load_average'][1]:.1f}"])
@@ -212,7 +243,14 @@ def main() -> None:
              f"{args.tokens}-token trunk. Capture and restore are whole client calls (engine-core planning, "
              "libthaw gather with CRC32C and scatter, shared-memory hand-over in mp mode); restore_source also "
              "verifies every chunk of its source before writing. memcpy is a "
-             "single-threaded numpy copy of the same number of bytes in the same process. libthaw moves the KV on "
+             "single-threaded numpy copy of the same number of bytes in the same process, into memory already "
+             "written (as the engine's blocks and a reused segment are); in parentheses, into new memory (page "
+             "faults and zeroing), for reference only. The steady paths and memcpy are timed in alternated rounds "
+             "(after one not counted): each ratio is the median over rounds of that round's memcpy time over the "
+             "path's, the rounds' range beside it. Ratios swing with the machine: libthaw's two threads need both "
+             "CPUs while memcpy needs one, so another job on one CPU takes half of thaw's speed and none of "
+             "memcpy's (a capture costs about 1.4x a memcpy's CPU time, a restore 1.35x, a restore of a plain load "
+             "2.2x: process_vm_readv pins each 4 KiB page). libthaw moves the KV on "
              "every CPU of its process in both modes (2 here): in mp mode vLLM binds the worker to one core and keeps the other for the "
              "engine core and the client, which wait while thaw moves KV, so the worker starts libthaw's pool on "
              "both (thaw_vllm.worker.start_mover; THAW_VLLM_MOVER_CPUS=rank keeps it on the worker's core: the "

@@ -45,7 +45,7 @@ NOTES = (
 )
 
 
-def measure(mode: str, model: str, tokens: int) -> dict:
+def measure(mode: str, model: str, tokens: int, rounds: int) -> dict:
     if mode != "scheduler":
         raise SystemExit(f"SGLang has one mode, 'scheduler' (its scheduler runs in a subprocess), not {mode!r}")
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
@@ -74,7 +74,7 @@ def measure(mode: str, model: str, tokens: int) -> dict:
 
     run = time_kv_paths(mode, trunk, prefill, engine, cached_after_restore,
                         capture=lambda: thaw_sglang.capture(thaw, include_weights=False, chains=[trunk]),
-                        restore=lambda snapshot: thaw_sglang.restore(thaw, snapshot))
+                        restore=lambda snapshot: thaw_sglang.restore(thaw, snapshot), rounds=rounds)
     engine.close()
     gc.collect()
     return run
