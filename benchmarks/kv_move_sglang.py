@@ -39,7 +39,9 @@ NOTES = (
     "shared-memory pages costs about 4,100 faults of 16 pages each, which a bulk prefault (MADV_POPULATE_READ, "
     "MAP_POPULATE) took longer to do. restore_source verifies every chunk of the source string it is "
     "given. memcpy is a single-threaded numpy copy of the same number of bytes in "
-    "the same process; libthaw uses every CPU. Peak RSS rise sums the high-water marks of the client and its "
+    "the same process, into memory already written (into new memory in parentheses, for reference); libthaw "
+    "uses every CPU. memcpy and the steady paths are timed in alternated rounds: each ratio is the median over "
+    "rounds of that round's memcpy time over the path's, the rounds' range beside it. Peak RSS rise sums the high-water marks of the client and its "
     "descendants (the scheduler); a shared-memory segment mapped by two counts in both. Target: capture and "
     "restore each >= 0.5 of memcpy. The machine is shared by several sessions: see the load average."
 )
