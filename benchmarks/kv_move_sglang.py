@@ -1,6 +1,6 @@
 """bench_kv_move.py's SGLang side: the same measurements on a ThawEngine (SGLang's scheduler in its own process).
 
-    .venv-sglang/bin/python benchmarks/bench_kv_move.py --engine sglang [--tokens 4096]
+    .venv-sglang/bin/python benchmarks/bench_kv_move.py --engine sglang [--tokens 4096] [--rounds 9]
 
 SGLang always runs its scheduler (which holds the KV) in a subprocess, so its one mode ("scheduler") is vLLM's
 multiprocessing mode: capture is the client's thaw_sglang.capture (the scheduler gathers the KV by token slot
@@ -35,17 +35,15 @@ NOTES = (
     "segment the scheduler reads in place (as a lent capture's): its first restore also maps the segment into "
     "the scheduler (page faults, 4 KiB pages). Both rows sit near what the kernel allows here: the remote read "
     "is the kernel's copy (process_vm_readv): the scatter through it runs at 0.63-0.74 of a memcpy in a bare "
-    "loop on both CPUs (a read straight into the slots measured the same as one through a tile), and the first map of 256 MiB of 4 KiB "
-    "shared-memory pages costs about 4,100 faults of 16 pages each, which a bulk prefault (MADV_POPULATE_READ, "
-    "MAP_POPULATE) took longer to do. restore_source verifies every chunk of the source string it is "
-    "given. memcpy is a single-threaded numpy copy of the same number of bytes in "
-    "the same process; libthaw uses every CPU. Peak RSS rise sums the high-water marks of the client and its "
-    "descendants (the scheduler); a shared-memory segment mapped by two counts in both. Target: capture and "
-    "restore each >= 0.5 of memcpy. The machine is shared by several sessions: see the load average."
+    "loop on both CPUs (a read straight into the slots measured the same as one through a tile), and the first "
+    "map of 256 MiB of 4 KiB shared-memory pages costs about 4,100 faults of 16 pages each, which a bulk "
+    "prefault (MADV_POPULATE_READ, MAP_POPULATE) took longer to do. restore_source verifies every chunk of the "
+    "source string it is given. Peak RSS rise sums the high-water marks of the client and its descendants (the "
+    "scheduler); a shared-memory segment mapped by two counts in both."
 )
 
 
-def measure(mode: str, model: str, tokens: int) -> dict:
+def measure(mode: str, model: str, tokens: int, rounds: int) -> dict:
     if mode != "scheduler":
         raise SystemExit(f"SGLang has one mode, 'scheduler' (its scheduler runs in a subprocess), not {mode!r}")
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
@@ -74,7 +72,7 @@ def measure(mode: str, model: str, tokens: int) -> dict:
 
     run = time_kv_paths(mode, trunk, prefill, engine, cached_after_restore,
                         capture=lambda: thaw_sglang.capture(thaw, include_weights=False, chains=[trunk]),
-                        restore=lambda snapshot: thaw_sglang.restore(thaw, snapshot))
+                        restore=lambda snapshot: thaw_sglang.restore(thaw, snapshot), rounds=rounds)
     engine.close()
     gc.collect()
     return run
