@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import functools
 import os
-from array import array
 
 import thaw_format
 import vllm
 from thaw_format import IncompatibleSnapshotError, SnapshotFile, mover
 from thaw_format.sdk import lent, lineage_now, remote
+from thaw_format.sdk.head_share import HeadShare, put_share, take_share, unwritten
 from thaw_format.sdk.shared import SHM_PREFIX, owned_segment
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import deferred_tensor, reseal
 
 from . import _internals, identity, rpc, transport
 from .pages import NativeLayout, blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
-from .tensor_parallel import HeadShare, head_share, put_share, take_share
+from .tensor_parallel import head_share
 
 
 MOVER_CPUS_ENV = "THAW_VLLM_MOVER_CPUS"  # "rank": libthaw moves KV on the worker's own cores only
@@ -102,7 +102,7 @@ class ThawWorkerExtension:
             fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
                     for i, cache in enumerate(caches) for role in ("k", "v")}
         else:
-            fill = {f"kv/{i}/{role}": _unwritten for i in range(len(caches)) for role in ("k", "v")}
+            fill = {f"kv/{i}/{role}": unwritten for i in range(len(caches)) for role in ("k", "v")}
         snapshot = _build_snapshot(self, plan, include_weights, gathered=False)
         publisher = owned_segment(self) if shared else lent.owned_lender(self)
         return {"source": publisher.publish(snapshot, fill), "shares": [] if share.whole else list(fill)}
@@ -203,12 +203,6 @@ def _engine_kv(worker) -> tuple[list, NativeLayout, HeadShare]:
 def _page_shape(layout, share: HeadShare) -> tuple[int, int, int]:
     """A snapshot's page, over every rank's heads: (block_size, KV heads, head_dim)."""
     return layout.page_shape[0], share.total_heads, share.head_dim
-
-
-def _unwritten(target, chunk_size: int) -> array:
-    """A fill that leaves its tensor to the ranks (thaw_put_share) and returns placeholder checksums (thaw_seal
-    computes the real ones)."""
-    return array("I", bytes(4 * -(-len(target) // chunk_size)))
 
 
 def _describe(worker) -> dict:

@@ -160,7 +160,8 @@ def _parallel(tp=2, pp=1, dcp=1, pcp=1):
 
 
 def test_a_rank_holds_a_slab_of_whole_heads_in_every_token_row(vllm):
-    from thaw_vllm.tensor_parallel import head_share, put_share, take_share
+    from thaw_format.sdk.head_share import put_share, take_share
+    from thaw_vllm.tensor_parallel import head_share
 
     pages = numpy.arange(2 * 4 * 6 * 8, dtype=numpy.float32).reshape(2, 4, 6, 8)  # 2 pages, 4 tokens, 6 heads
     out = numpy.zeros_like(pages)
