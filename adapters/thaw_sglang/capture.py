@@ -5,8 +5,8 @@ from __future__ import annotations
 from thaw_format import Lineage, Snapshot, Weights, WeightsRef
 from thaw_format.sdk import lineage_now
 
-from . import _internals
-from .kv import deferred_pages, gather_pages
+from . import _internals, tensor_parallel
+from .kv import deferred_pages, gather_pages, share_pages
 from .identity import engine_info, model_info
 from .pages import chain_paths, paginate
 from .requests import capture_requests
@@ -23,8 +23,14 @@ def capture_state(
     to those holding these token sequences (requests in flight keep theirs). Without `requests`, KV only (a
     shared capture): no request in flight, nor its pages, which stay this engine's. With `deferred`, the KV tensors
     are left for the returned `fill` functions to gather straight into the snapshot's buffer (write_into);
-    otherwise they are gathered here and `fill` is empty.
+    otherwise they are gathered here and `fill` is empty. A tensor-parallel rank's KV is always deferred, and its
+    `fill` holds the puts of its heads (kv.share_pages), which every rank runs once the first has published the
+    snapshot (scheduler_ext); its weights, sharded between the ranks, are named by digest only.
     """
+    share = tensor_parallel.share(scheduler)
+    if include_weights and not share.whole:
+        raise NotImplementedError(f"thaw_sglang captures a tensor-parallel engine's KV only ({share.ranks} ranks "
+                                  "hold a shard of the weights each): capture it with include_weights=False")
     engine_page = _internals.engine_page_size(scheduler)
     if page_size % engine_page:
         raise ValueError(f"page_size {page_size} is not a multiple of the engine's page size {engine_page}")
@@ -39,7 +45,9 @@ def capture_state(
     if live is not None:
         live.assign_pages(pages.tree)
     k_buffers, v_buffers = _internals.kv_buffers(scheduler)
-    if deferred:
+    if not share.whole:
+        kv, fill = share_pages(k_buffers, v_buffers, pages.slots, share)
+    elif deferred:
         kv, fill = deferred_pages(k_buffers, v_buffers, pages.slots)
     else:
         kv, fill = gather_pages(k_buffers, v_buffers, pages.slots), {}

@@ -1,0 +1,124 @@
+"""A tensor-parallel SGLang engine (TP=2) on thaw's KV path: a snapshot holds every KV head whatever the TP size of
+the engine it came from or goes to, so TP=1 and TP=2 engines restore each other's snapshots.
+
+Across TP sizes the model's arithmetic differs (each rank reduces its share of every matrix product, and the
+ranks' sums are added), so the same prompt gives KV that differs in the last bits and may give other tokens: across
+TP sizes these tests compare the bytes of KV a restore wrote and SGLang's cached-token count, and tokens only within
+one TP size. The TP=1 engine is a family child, given back as the fork left it.
+"""
+
+import dataclasses
+import os
+
+import numpy
+import pytest
+from conftest import generate
+from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError
+
+PROMPT = list(range(100, 170))  # 70 tokens: 3 pages of 32, the last short
+SUFFIX = [5, 6, 7]
+
+
+def _rank_cpus() -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND for two ranks: this process's CPUs in two halves (one NUMA node here, and SGLang
+    binds one rank per node unless told)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    half = len(cpus) // 2
+    return "|".join(",".join(map(str, part)) for part in (cpus[:half], cpus[half:]))
+
+
+def _kv(snapshot):
+    return [bytes(t.data) for layer in snapshot.kv.layers for t in (layer.tensors["k"], layer.tensors["v"])]
+
+
+def _held(thaw_sglang, engine):
+    """The engine's KV of PROMPT's pages, captured; and the pages."""
+    snapshot = thaw_sglang.capture(engine, include_weights=False, chains=[PROMPT])
+    return snapshot.prefix, _kv(snapshot)
+
+
+@pytest.fixture(scope="module")
+def run(thaw_sglang, zoo, engines, family, tmp_path_factory):
+    """The TP=2 engine and a TP=1 one (family.children[3]) after each prefilled PROMPT, their captures of its
+    pages (the TP=2 one also into a file), and the TP=2 engine's continuation of PROMPT + SUFFIX."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("a TP=2 engine on CPU binds each rank to CPUs of its own: this process has one")
+    before = os.environ.get("SGLANG_CPU_OMP_THREADS_BIND")
+    os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = _rank_cpus()  # read by the engine's rank processes as they start
+    try:
+        tp2 = engines(zoo.make_model("llama"), tp_size=2)
+    finally:
+        os.environ.pop("SGLANG_CPU_OMP_THREADS_BIND") if before is None else os.environ.update(
+            SGLANG_CPU_OMP_THREADS_BIND=before)
+    tp1 = family.children[3]
+    generate(tp2, PROMPT)
+    generate(tp1, PROMPT)
+    out = tmp_path_factory.mktemp("tp")
+    tp2_snapshot = thaw_sglang.capture(tp2, include_weights=False, chains=[PROMPT])
+    thaw_sglang.capture(tp2, out / "tp2.thaw", include_weights=False, chains=[PROMPT])
+    tp1_snapshot = thaw_sglang.capture(tp1, include_weights=False, chains=[PROMPT])
+    continued = generate(tp2, PROMPT + SUFFIX)
+    yield dict(tp2=tp2, tp1=tp1, tp2_snapshot=tp2_snapshot, tp1_snapshot=tp1_snapshot, file=out / "tp2.thaw",
+               continued=continued)
+    thaw_sglang.restore(tp1, family.snapshot)
+
+
+def test_a_tp2_engine_captures_every_kv_head(thaw_sglang, run):
+    """Each rank holds one of the model's two KV heads; its snapshot's pages hold both, and are the TP=1 engine's
+    pages of the same prompt up to the last bits of the arithmetic (a head out of place would differ entirely).
+    Into a file, the same bytes."""
+    import thaw_format
+
+    tp2, tp1 = run["tp2_snapshot"], run["tp1_snapshot"]
+    assert tp2.kv.layers[0].tensors["k"].shape == tp1.kv.layers[0].tensors["k"].shape == (3, 32, 2, 32)
+    assert tp2.prefix == tp1.prefix
+    for x, y in zip(_kv(tp2), _kv(tp1)):
+        assert numpy.allclose(numpy.frombuffer(x, numpy.float32), numpy.frombuffer(y, numpy.float32),
+                              rtol=1e-4, atol=1e-5)
+    assert "each of 2 ranks holds 1 of the 2 KV heads" in tp2.engine.native_kv_layout
+    assert _kv(thaw_format.load(run["file"])) == _kv(tp2)
+
+
+def test_a_tp2_snapshot_restored_into_a_tp1_engine_is_its_bytes_and_a_cache_hit(thaw_sglang, run):
+    thaw_sglang.restore(run["tp1"], run["tp2_snapshot"])
+    assert _held(thaw_sglang, run["tp1"]) == (run["tp2_snapshot"].prefix, _kv(run["tp2_snapshot"]))
+    assert generate(run["tp1"], PROMPT + SUFFIX)[1] == len(PROMPT)
+
+
+def test_a_tp1_snapshot_restored_into_the_tp2_engine_is_its_bytes_and_a_cache_hit(thaw_sglang, run):
+    thaw_sglang.restore(run["tp2"], run["tp1_snapshot"])
+    assert _held(thaw_sglang, run["tp2"]) == (run["tp1_snapshot"].prefix, _kv(run["tp1_snapshot"]))
+    assert generate(run["tp2"], PROMPT + SUFFIX)[1] == len(PROMPT)
+
+
+def test_a_tp2_snapshot_restored_into_the_tp2_engine_continues_exactly(thaw_sglang, run):
+    """Same TP size, same arithmetic: the tokens the engine gave before, read from the restored pages."""
+    thaw_sglang.restore(run["tp2"], run["tp2_snapshot"])
+    assert generate(run["tp2"], PROMPT + SUFFIX) == run["continued"]
+    assert run["continued"][1] == len(PROMPT)
+    assert run["tp2"].leak_warnings() == 0
+
+
+def test_what_a_tp2_engine_cannot_take_is_refused_before_any_rank_changes(thaw_sglang, family, run, tmp_path):
+    """Weights it would have to shard, and a corrupt file (every rank reads a file itself): refused on every rank
+    before any writes, so the engine holds and serves the pages it held. Its weights are not captured either."""
+    engine = run["tp2"]
+    thaw_sglang.restore(engine, run["tp2_snapshot"])
+    held = _held(thaw_sglang, engine)
+    other = dataclasses.replace(family.snapshot, model=dataclasses.replace(family.snapshot.model,
+                                                                           weights_digest="0" * 64))
+    with pytest.raises(IncompatibleSnapshotError, match="tensor-parallel engine takes only snapshots of the weights"):
+        thaw_sglang.restore(engine, other)
+    corrupt = tmp_path / "corrupt.thaw"
+    data = bytearray(run["file"].read_bytes())
+    import thaw_format
+
+    with thaw_format.SnapshotFile(memoryview(data)) as snapshot_file:
+        data[snapshot_file.info("kv/0/k")[2].offset + 100] ^= 0x40
+    corrupt.write_bytes(data)
+    with pytest.raises(CorruptSnapshotError):
+        thaw_sglang.restore(engine, str(corrupt))
+    with pytest.raises(RuntimeError, match="KV only"):
+        thaw_sglang.capture(engine)
+    assert _held(thaw_sglang, engine) == held
+    assert generate(engine, PROMPT + SUFFIX) == run["continued"]
