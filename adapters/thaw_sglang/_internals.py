@@ -118,7 +118,7 @@ def other_parallelism(scheduler) -> dict[str, int]:
     """The parallel sizes besides plain tensor parallelism that are not 1: pipeline, data-parallel attention
     (which splits the TP ranks' attention into groups of its own), context parallel."""
     parallel = get_parallel()
-    sizes = {name: getattr(parallel, name, 1) for name in ("pp_size", "attn_dp_size", "attn_cp_size", "attn_dcp_size")}
+    sizes = {name: getattr(parallel, name) for name in ("pp_size", "attn_dp_size", "attn_cp_size", "attn_dcp_size")}
     if parallel.attn_tp_size != parallel.tp_size:
         sizes["attn_tp_size"] = parallel.attn_tp_size
     return {name: size for name, size in sizes.items() if size != 1}
