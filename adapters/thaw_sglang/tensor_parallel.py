@@ -6,14 +6,15 @@ holds the same radix tree over the same slots, but only its share of the KV head
 same pages, the first publishes the snapshot over all heads, every rank writes its heads of every page into it, and
 the first checksums the final bytes. A restore: every rank reads and checks the snapshot, and only once all have
 agreed does any change its cache, each writing its heads. The ranks meet over SGLang's CPU group of the TP ranks,
-and a rank's failure travels to the others as data (`agreed`), so that no rank waits for one that gave up.
+and a rank's failure travels to the others as plain data (thaw_format.sdk.agreement), so that no rank waits for one
+that gave up.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
-import torch.distributed as dist
+from thaw_format.sdk import agreement
 from thaw_format.sdk.head_share import HeadShare, head_share
 
 from . import _internals
@@ -45,31 +46,20 @@ def is_first(scheduler) -> bool:
 
 
 def agreed(scheduler, work: Callable[[], T]) -> T:
-    """Run `work` on every rank and return its value once every rank's succeeded; else raise, on every rank, the
-    first failing rank's exception."""
-    try:
-        outcome: tuple[Any, BaseException | None] = (work(), None)
-    except Exception as exc:
-        outcome = (None, exc)
-    _, ranks, group = _internals.tensor_parallel(scheduler)
-    outcomes: list = [None] * ranks
-    dist.all_gather_object(outcomes, (None, outcome[1]), group=group)
-    for _, error in outcomes:
-        if error is not None:
-            raise error
-    return outcome[0]
+    """thaw_format.sdk.agreement.agreed over the TP ranks."""
+    return agreement.agreed(_internals.tensor_parallel(scheduler)[2], work)
 
 
 def from_first(scheduler, work: Callable[[], T]) -> T:
-    """Run `work` on the first rank alone and return its value on every rank (raise its exception on every rank)."""
-    outcome: list = [(None, None)]
-    if is_first(scheduler):
-        try:
-            outcome = [(work(), None)]
-        except Exception as exc:
-            outcome = [(None, exc)]
-    dist.broadcast_object_list(outcome, group=_internals.tensor_parallel(scheduler)[2], group_src=0)
-    value, error = outcome[0]
-    if error is not None:
-        raise error
-    return value
+    """thaw_format.sdk.agreement.from_first over the TP ranks."""
+    return agreement.from_first(_internals.tensor_parallel(scheduler)[2], work)
+
+
+def agree_on(scheduler, what: str, value, error: type[Exception] = RuntimeError) -> None:
+    """thaw_format.sdk.agreement.agree_on over the TP ranks."""
+    agreement.agree_on(_internals.tensor_parallel(scheduler)[2], what, value, error)
+
+
+def gathered(scheduler, value) -> list:
+    """thaw_format.sdk.agreement.gathered over the TP ranks."""
+    return agreement.gathered(_internals.tensor_parallel(scheduler)[2], value)
