@@ -125,8 +125,13 @@ def other_parallelism(scheduler) -> dict[str, int]:
 
 
 def total_kv_heads(scheduler) -> int:
-    """The model's KV heads, all ranks' together."""
-    return scheduler.model_config.get_total_num_kv_heads()
+    """The model's own KV heads, all ranks' together. On CPU, SGLang pads the heads up to a multiple of the TP size
+    (adjust_config_with_unaligned_cpu_tp), rewriting the config's count and keeping the true one as
+    `original_total_num_kv_heads`; where this process's config was not rewritten, config.json says it."""
+    original = getattr(scheduler.model_config.hf_config, "original_total_num_kv_heads", None)
+    if original is not None:
+        return original
+    return hf_config(scheduler).get("num_key_value_heads") or scheduler.model_config.get_total_num_kv_heads()
 
 
 def engine_page_size(scheduler) -> int:

@@ -52,9 +52,19 @@ def check_restorable(scheduler, snapshot: Snapshot) -> None:
 
 def restore_state(scheduler, snapshot: Snapshot) -> None:
     """Make the engine hold exactly the snapshot's weights (if carried) and prefix cache."""
+    check_restore(scheduler, snapshot)
+    apply_restore(scheduler, snapshot)
+
+
+def check_restore(scheduler, snapshot: Snapshot) -> None:
+    """Everything restore_state checks before it changes anything: an idle engine, a snapshot it can take."""
     if not _internals.is_idle(scheduler):
         raise EngineBusyError("the engine has requests in flight; restore into an idle engine")
     check_restorable(scheduler, snapshot)
+
+
+def apply_restore(scheduler, snapshot: Snapshot) -> None:
+    """restore_state's changes, once check_restore has passed."""
     if _loads_weights(scheduler, snapshot):
         restore_weights(scheduler, snapshot)
     if not _internals.flush(scheduler):

@@ -33,8 +33,16 @@ def share(scheduler) -> HeadShare:
     if ranks > 1 and k_buffers[0].device.type != "cpu":
         raise NotImplementedError("thaw_sglang maps tensor parallelism on CPU only")
     _, heads, head_dim = k_buffers[0].shape
-    return head_share("thaw_sglang", rank, ranks, heads, _internals.total_kv_heads(scheduler), head_dim,
-                      k_buffers[0].element_size())
+    return rank_heads(rank, ranks, heads, _internals.total_kv_heads(scheduler), head_dim, k_buffers[0].element_size())
+
+
+def rank_heads(rank: int, ranks: int, heads: int, total_heads: int, head_dim: int, itemsize: int) -> HeadShare:
+    """head_share, refusing first, by name, the KV heads SGLang pads on CPU (more heads held than the model has)."""
+    if heads * ranks > total_heads:
+        raise NotImplementedError(f"tensor_parallel_size={ranks} over {total_heads} KV heads: SGLang pads them to "
+                                  f"{heads * ranks} ({heads} a rank) on CPU; thaw_sglang maps tensor parallelism "
+                                  "only where the KV heads divide evenly between the ranks")
+    return head_share("thaw_sglang", rank, ranks, heads, total_heads, head_dim, itemsize)
 
 
 def is_parallel(scheduler) -> bool:

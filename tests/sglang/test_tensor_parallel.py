@@ -122,3 +122,72 @@ def test_what_a_tp2_engine_cannot_take_is_refused_before_any_rank_changes(thaw_s
         thaw_sglang.capture(engine)
     assert _held(thaw_sglang, engine) == held
     assert generate(engine, PROMPT + SUFFIX) == run["continued"]
+
+
+def test_a_tp2_engine_restores_a_file_and_its_snapshot_loaded_in_memory(thaw_sglang, run):
+    """From the file's path (every rank reads it, checks it, and the ranks compare its id), and from
+    thaw_format.load(file) in this process (every rank reads its memory: the remote path): its bytes and a hit."""
+    import thaw_format
+    from thaw_format.sdk import lent
+
+    engine, expected = run["tp2"], _kv(run["tp2_snapshot"])
+    for source in (str(run["file"]), thaw_format.load(run["file"])):
+        assert engine.flush_cache().success
+        thaw_sglang.restore(engine, source)
+        assert _held(thaw_sglang, engine) == (run["tp2_snapshot"].prefix, expected)
+    assert lent.last_sent(engine) == "remote"
+    assert generate(engine, PROMPT + SUFFIX) == run["continued"]
+
+
+def test_a_corrupt_segment_unverified_is_refused_on_every_rank_before_any_writes(thaw_sglang, run, tmp_path):
+    """A segment loaded with verify=False: the first rank alone verifies the segment every rank maps, and its
+    refusal reaches the other rank, so neither rank's cache changes (the capture holds both ranks' heads)."""
+    import thaw_format
+
+    engine = run["tp2"]
+    thaw_sglang.restore(engine, run["tp2_snapshot"])
+    held = _held(thaw_sglang, engine)
+    corrupt = tmp_path / "corrupt.thaw"
+    data = bytearray(run["file"].read_bytes())
+    with thaw_format.SnapshotFile(memoryview(data)) as snapshot_file:
+        data[snapshot_file.info("kv/1/v")[2].offset + 100] ^= 0x40
+    corrupt.write_bytes(data)
+    with pytest.raises(CorruptSnapshotError, match="kv/1/v"):
+        thaw_sglang.restore(engine, thaw_format.load(corrupt, shared=True, verify=False))
+    assert _held(thaw_sglang, engine) == held
+    assert generate(engine, PROMPT + SUFFIX) == run["continued"]
+
+
+def test_ranks_refused_a_remote_read_fall_back_to_the_restore_segment(thaw_sglang, run, monkeypatch):
+    """Every rank refused a read of this process's memory (a RemoteReadError, which no pickle rebuilds): the
+    refusal reaches the client as such, and the restore goes again through the engine's restore segment."""
+    import thaw_format
+    from thaw_format.sdk import lent, remote
+
+    publish = remote.publish
+
+    def publish_refused(owner, snapshot):  # a token this process does not hold: the ranks' reads are refused
+        source = publish(owner, snapshot)
+        if source is None:  # the fallback: refused remote reads, the engine is sent a segment
+            return None
+        pid, token, rest = source[len(remote.REMOTE_PREFIX):].split("/", 2)
+        address, _, value = token.partition("=")
+        return f"{remote.REMOTE_PREFIX}{pid}/{address}={bytes(b ^ 0xFF for b in bytes.fromhex(value)).hex()}/{rest}"
+
+    engine = run["tp2"]
+    assert engine.flush_cache().success
+    monkeypatch.setattr(remote, "publish", publish_refused)
+    monkeypatch.setattr(engine, "_thaw_remote_refused", False, raising=False)  # the fallback's mark, undone after
+    thaw_sglang.restore(engine, thaw_format.load(run["file"]))
+    assert lent.last_sent(engine) == "segment"
+    assert _held(thaw_sglang, engine) == (run["tp2_snapshot"].prefix, _kv(run["tp2_snapshot"]))
+
+
+def test_kv_heads_sglang_pads_on_cpu_are_refused():
+    """SGLang pads 3 KV heads to 4 for two ranks on CPU: each holds 2, and 2 x 2 heads would pass a check
+    against the padded count."""
+    from thaw_sglang.tensor_parallel import rank_heads
+
+    with pytest.raises(NotImplementedError, match="SGLang pads them to 4"):
+        rank_heads(0, 2, 2, 3, 32, 4)
+    assert rank_heads(1, 2, 1, 2, 32, 4).heads == 1
