@@ -6,8 +6,9 @@
     .venv/bin/python        benchmarks/bench_fork_pool.py --engine mlx --ray ...   # the pool's workers in Ray actors
     .venv/bin/python        benchmarks/bench_fork_pool.py --engine mlx --ray --nodes 2 ...   # on a second Ray node
 
-The KV-heavy tiny Llama of bench_kv_move.py (64 KiB of KV per token). The parent is the engine's contract
-adapter holding the trunk in its cache (vLLM in its default multiprocessing mode). Side by side in one process:
+The KV-heavy tiny Llama of bench_kv_move.py (float32: 64 KiB of KV per token, `model_kv_token_bytes`). The
+parent is the engine's contract adapter holding the trunk in its cache (vLLM in its default multiprocessing
+mode). Side by side in one process:
   pool:       ForkPool(parent, workers=children): warm engines started once; each round the parent publishes the
               trunk's full pages once in shared memory (capture_shared: KV out), the pool checks every chunk of
               them once, and every worker restores them from there (restore_source: KV in) and prefills +
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import random
 import shutil
@@ -43,21 +45,40 @@ import time
 import numpy as np
 from bench_kv_move import KV_HEAVY
 from common import best_of, command_line, write_results
+from thaw_format.dtypes import itemsize
+from thaw_format.snapshot import PAGED_KINDS
 
 PAGE = 32
-KV_TOKEN_BYTES = 64 << 10  # KV_HEAVY's KV per token
 
 
-def object_store_bytes(tokens: int) -> int:
+def model_kv_token_bytes() -> int:
+    """KV bytes per token of the KV-heavy model in float32, from its config, before any engine holds it (vLLM's
+    KV cache is sized from it): a K and a V of num_key_value_heads x head_dim in each layer."""
+    return 2 * KV_HEAVY["num_hidden_layers"] * KV_HEAVY["num_key_value_heads"] * KV_HEAVY["head_dim"] * 4
+
+
+def kv_token_bytes(parent, trunk: list[int]) -> int:
+    """The parent's KV bytes per token, from its capture of the trunk's first page: each paged layer's tensors
+    are [pages, page_size, ...] (the snapshot's layout descriptor), a token's share of one the product of the rest
+    times its dtype's size. SystemExit if the trunk has no full page (a round would move no KV)."""
+    if len(trunk) < parent.page_size():
+        raise SystemExit(f"--tokens {len(trunk)} is less than the parent's page size ({parent.page_size()} tokens): "
+                         "a fork round moves the trunk's full pages, and this one has none")
+    kv = parent.capture(include_weights=False, chains=[trunk[:parent.page_size()]]).kv
+    return sum(math.prod(tensor.shape[2:]) * itemsize(tensor.dtype)
+               for layer in kv.layers if layer.kind in PAGED_KINDS for tensor in layer.tensors.values())
+
+
+def object_store_bytes(tokens: int, token_bytes: int) -> int:
     """Each Ray node's object store: a round's object (the trunk's KV), the round before's until Ray frees it, and
     the pull's timing object, with room to spare."""
-    return 3 * tokens * KV_TOKEN_BYTES + (128 << 20)
+    return 3 * tokens * token_bytes + (128 << 20)
 
 
 def start_vllm(model: str, args):
     from thaw_vllm import VLLMEngine
 
-    kv_memory = (args.tokens + args.children * 64) * (64 << 10) + (128 << 20)
+    kv_memory = (args.tokens + args.children * 64) * model_kv_token_bytes() + (128 << 20)
     parent = VLLMEngine.start(model, dtype="float32", block_size=PAGE, enforce_eager=True, skip_tokenizer_init=True,
                               max_model_len=args.tokens + 128, kv_cache_memory_bytes=kv_memory)
     # pool workers and cold children: in-process engines (the parent stays in multiprocessing mode)
@@ -85,11 +106,11 @@ STARTS = {"vllm": start_vllm, "sglang": start_sglang, "mlx": start_mlx}
 
 
 @contextlib.contextmanager
-def local_ray(args):
+def local_ray(args, token_bytes: int):
     """With --ray, a Ray of this run's own on this machine, shut down however the run ends: one node, or
-    (--nodes 2) a head for the driver and a second node for the actors, loopback only. Yields the actors'
-    placement options. Its session files (and a cluster's address file) go to a directory of its own, removed
-    after."""
+    (--nodes 2) a head for the driver and a second node for the actors, loopback only, each node's object store
+    sized for the trunk's KV (`token_bytes` a token). Yields the actors' placement options. Its session files (and
+    a cluster's address file) go to a directory of its own, removed after."""
     if not args.ray:
         yield {}
         return
@@ -100,7 +121,7 @@ def local_ray(args):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster() if args.nodes == 2 else None
-    store = object_store_bytes(args.tokens)
+    store = object_store_bytes(args.tokens, token_bytes)
     try:
         if cluster is None:
             ray.init(num_cpus=args.children, include_dashboard=False, log_to_driver=False, object_store_memory=store)
@@ -197,14 +218,14 @@ def main() -> None:
     parent.generate(trunk, params)  # the parent's state: the trunk in its cache
     parent.model_info()  # the weights digest is computed once per engine, not per round
 
-    with local_ray(args) as placement:
+    with local_ray(args, kv_token_bytes(parent, trunk) if args.ray else 0) as placement:
         start = time.perf_counter()
         pool = start_pool(parent, args, worker_env, placement)
         pool_start_s = time.perf_counter() - start
         with pool:
             rounds = [pool.fork(parent, args.children, context=trunk, suffixes=suffixes, params=params)
                       for _ in range(args.rounds + 1)]
-            nodes = {"driver_node_id": ray_node_id(), "actor_node_ids": [w.node_id for w in pool._workers]} \
+            nodes = {"driver_node_id": ray_node_id(), "actor_node_ids": [w.node for w in pool.worker_info()]} \
                 if args.ray else {}
         pull_s = pull_seconds(rounds[-1].kv_bytes, placement) if args.nodes == 2 else 0.0
     steady = min(rounds[1:], key=lambda r: r.total_s)

@@ -22,7 +22,9 @@ def worker_env() -> dict:
 def flaky(instructions: str, **config) -> ToyThawEngine:
     """A toy engine of `config`, unless an instruction is queued in the directory `instructions`: each start
     claims the lowest-numbered file there (renamed away, so no two starts take the same one) and fails as its
-    text says, "error" (the engine raises) or "exit" (the process ends at once, without a word). A test queues
+    text says, "error" (the engine raises), "exit" (the process ends at once, without a word) or "hang" (the
+    start never ends, no process of its own left behind when it is killed: for RayForkPool only, which gives a
+    placed actor's start up; ForkPool waits for its engine however long it takes). A test queues
     every instruction (`queue_starts`) before the starts that take them: a start racing a rewritten file could
     read the old instruction."""
     for name in sorted(filter(str.isdigit, os.listdir(instructions)), key=int):
@@ -35,12 +37,14 @@ def flaky(instructions: str, **config) -> ToyThawEngine:
             how = told.read()
         if how == "exit":
             os._exit(3)
+        if how == "hang":
+            time.sleep(3600)
         raise RuntimeError(f"told to fail by {claimed}")
     return ToyThawEngine.start(**config)
 
 
 def queue_starts(instructions: Path, *hows: str) -> None:
-    """Queue instructions for the next flaky starts, in order: "error" or "exit" each."""
+    """Queue instructions for the next flaky starts, in order: "error", "exit" or "hang" each."""
     for number, how in enumerate(hows, start=len(os.listdir(instructions))):
         (instructions / str(number)).write_text(how)
 

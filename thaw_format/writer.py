@@ -19,7 +19,7 @@ import secrets
 import stat
 from array import array
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Union
 
 from . import mover
 from .container import DEFAULT_CHUNK_SIZE, decode_trailer, encode_header, encode_trailer, plan_layout, content_id
@@ -64,6 +64,11 @@ class EncodedSnapshot:
         _check_readable(doc, self.tensors)
         self._plan(snapshot, doc, chunk_size)
         self._for_comparison = False
+
+    @classmethod
+    def of(cls, snapshot: Union[Snapshot, "EncodedSnapshot"]) -> "EncodedSnapshot":
+        """`snapshot` laid out to be written: itself if it is one already (a writer that read its layout first)."""
+        return snapshot if isinstance(snapshot, cls) else cls(snapshot)
 
     @classmethod
     @gc_paused

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Optional
 
 import numpy
 import ray
@@ -27,22 +28,29 @@ from thaw_format.snapshot import SamplingParams
 
 
 class PoolActor:
-    def __init__(self, config: str) -> None:
-        self.engine, self.start_error = None, None
-        try:  # its error is the pool's to report (ready): raised here, Ray's message leaves it out
+    """Created empty, its engine started by `start`: Ray runs __init__ once it has placed the actor on a node and
+    started its process, so `where()`, called first, answers as soon as the actor is placed, and the pool can tell
+    an actor Ray has not placed (kept: a node may join) from one placed whose engine hangs starting (given up)."""
+
+    def __init__(self) -> None:
+        self.engine = None
+
+    def where(self) -> dict:
+        """{"pid": the actor's process id, "actor_id": its Ray actor id (hex), "node_id": its node's Ray id (hex),
+        "node_ip": that node's address}. A pid names a process on its own node only."""
+        context = ray.get_runtime_context()
+        return {"pid": os.getpid(), "actor_id": context.get_actor_id(), "node_id": context.get_node_id(),
+                "node_ip": ray.util.get_node_ip_address()}
+
+    def start(self, config: str) -> Optional[str]:
+        """Start its engine from a launch spec's JSON ({"factory": ..., "kwargs": ...}): None once started, or how
+        it failed (the pool's to report: raised here, Ray's message would leave the engine's error out)."""
+        try:
             config = json.loads(config)
             self.engine = resolve(config["factory"])(**config["kwargs"])
         except Exception as exc:
-            self.start_error = f"starting the pool engine: {type(exc).__name__}: {exc}"
-
-    def ready(self) -> dict:
-        """{"pid": the actor's process id, "actor_id": its Ray actor id (hex), "node_id": its node's Ray id (hex),
-        "node_ip": that node's address} once its engine has started (Ray runs __init__ first), with "error": how it
-        failed to start, if it did. A pid names a process on its own node only."""
-        context = ray.get_runtime_context()
-        reply = {"pid": os.getpid(), "actor_id": context.get_actor_id(), "node_id": context.get_node_id(),
-                 "node_ip": ray.util.get_node_ip_address()}
-        return reply if self.start_error is None else {**reply, "error": self.start_error}
+            return f"starting the pool engine: {type(exc).__name__}: {exc}"
+        return None
 
     def run_round(self, snapshot: numpy.ndarray, prompt: list[int], params: dict) -> dict:
         start = time.perf_counter()

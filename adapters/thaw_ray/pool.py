@@ -11,7 +11,11 @@ is ForkPool's ForkRound: `capture_s` is the capture and the put, `verify_s` 0 (e
 itself: its restore_s includes that check). A worker whose actor dies mid-round is named, the round fails with
 PoolWorkerDied once the others have answered, and the pool starts a new actor in its slot for the next round;
 starts that fail are retried, and slots given up, as ForkPool does it (thaw_format.sdk.pool_slots:
-MAX_FAILED_STARTS failed starts in a row, or MAX_DEATHS rounds in a row in which the slot's actor died).
+MAX_FAILED_STARTS failed starts in a row, or MAX_DEATHS rounds in a row in which the slot's actor died). An actor
+whose engine is still starting start_timeout_s after it was placed has failed to start (killed); one that no node
+can place yet is still starting: kept, the round failing (PoolWorkerStarting if no other worker failed), until a
+node can place it.
+`worker_info()` names each slot's actor and its node.
 
 The Ray cluster is the caller's: the pool needs Ray initialised (ray.init, or a cluster address) and never
 calls ray.init or ray.shutdown itself; close() closes its actors' engines and ends its own actors only (ray.kill,
@@ -69,8 +73,12 @@ class RayForkPool(RoundPool):
     def __init__(self, spec, workers: int, *, actor_options: Optional[Mapping] = None,
                  start_timeout_s: float = START_TIMEOUT_S) -> None:
         """`actor_options` go to Ray's .options() for each actor (num_cpus, num_gpus, resources, runtime_env, ...);
-        `start_timeout_s`: how long an actor may take to be placed and start its engine, after which its start has
-        failed (Ray keeps an actor whose resources no node has pending for ever, saying nothing)."""
+        `start_timeout_s`: how long an actor may take to be placed, from its creation, and then to start its engine,
+        from when the pool sees it placed (at least until its placing deadline). Its engine still starting then, its
+        start has failed (the actor killed and started again, as any failed start); not placed, the round fails with
+        PoolWorkerStarting but the actor is kept, waited for another start_timeout_s at the next round: Ray keeps an
+        actor whose resources no node has pending for ever, saying nothing, and a node that joins later places it.
+        At the pool's start, either fails the pool (PoolWorkerDied)."""
         workers = whole_workers(workers)
         options = _checked_actor_options(actor_options)
         if isinstance(start_timeout_s, bool) or not isinstance(start_timeout_s, (int, float)) or \
@@ -89,9 +97,11 @@ class RayForkPool(RoundPool):
         """RoundPool.fork, once Ray is known to be up (before the parent is read)."""
         if not self._closed:  # a closed pool says so (RoundPool.fork)
             require_ray()
-            for worker in self._workers:  # one still starting, kept by an earlier round: waited for anew
-                worker.rearm(self._start_timeout_s)
         return super().fork(parent, n, context=context, suffixes=suffixes, params=params)
+
+    def _round_begins(self) -> None:
+        for worker in self._workers:  # one not placed yet, kept by an earlier round: waited for anew
+            worker.rearm(self._start_timeout_s)
 
     def _start(self, name: str, failed_starts: int = 0, deaths: int = 0) -> ActorWorker:
         return ActorWorker(name, self._config, self._options, self._start_timeout_s, failed_starts=failed_starts,

@@ -1,6 +1,7 @@
 """One RayForkPool worker slot's actor, as thaw_format.sdk.pool_slots needs a worker: started at once, waited
 for at each round until it has started (`ensure_ready`, `rearm`), named with its actor id, process id and node
-in every error."""
+in every error. Not placed within start_timeout_s of its creation, it is still starting (PoolWorkerStarting), and
+kept; placed, its engine still starting start_timeout_s later, it has failed to start, and is killed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Optional
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayError
 
-from thaw_format.sdk.fork_round import PoolWorkerDied
+from thaw_format.sdk.fork_round import PoolWorkerDied, PoolWorkerStarting
 from thaw_format.sdk.pool_slots import SlotWorker
 
 from .actor import PoolActor
@@ -41,60 +42,64 @@ class ActorWorker(SlotWorker):
         super().__init__(name, failed_starts, deaths)
         require_ray()
         self.start_timeout_s = start_timeout_s
-        self.deadline = time.monotonic() + start_timeout_s  # from its creation: actors started together wait together
+        self.deadline = time.monotonic() + start_timeout_s  # to be placed, from its creation: actors started
+        # together wait together; its engine then has start_timeout_s from when the pool sees it placed
+        self.engine_deadline: Optional[float] = None
         self.placement = {key: options[key] for key in PLACEMENT if key in options}
-        self.actor = RemoteActor.options(**options).remote(config)
-        self._ready = self.actor.ready.remote()
-        self.pid: Optional[int] = None
-        self.actor_id: Optional[str] = None  # Ray's id for it, once it answers ready()
-        self.node_id: Optional[str] = None  # its node's Ray id, and that node's address, once it answers ready()
-        self.node_ip: Optional[str] = None
-        self.ready = False
-        self.killed = False  # by an interrupted round: replaced by the next round that needs it
+        self.actor = RemoteActor.options(**options).remote()
+        self._placed = self.actor.where.remote()  # answered once Ray has placed it (PoolActor)
+        self._started = self.actor.start.remote(config)  # run after where(): an actor runs its calls in order
+        self.actor_id: Optional[str] = None  # Ray's id for it, its node's Ray id (`node`) and that node's address,
+        self.node_ip: Optional[str] = None  # once it answers where()
 
     def describe(self) -> str:
         if self.actor_id is None:  # never answered: not placed, or its process died starting
             return f"pool worker {self.name} (a Ray actor that never answered)"
         return f"pool worker {self.name} (Ray actor {self.actor_id}, pid {self.pid} on node {self.node_ip} " \
-               f"{self.node_id})"
+               f"{self.node})"
 
-    def ensure_ready(self) -> None:
-        """Wait until its engine has started; PoolWorkerDied naming the worker and its engine's error if it
-        failed (then, and on every later call: the actor is gone). One not started by its deadline is not a failed
-        start: PoolWorkerDied says so, and the actor is kept, still asking Ray for a node (one that joins later
-        places it); `rearm` gives it start_timeout_s more at the next round."""
-        if self.ready:
-            return
-        if self.start_error is None:
-            try:
-                reply = ray.get(self._ready, timeout=max(0.0, self.deadline - time.monotonic()))
-            except GetTimeoutError:  # pending for ever where no node has what it asks for: Ray waits, silently
-                raise PoolWorkerDied(f"{self.describe()}: {self._not_started()}") from None
-            except RayError as exc:  # the actor died (its process, or Ray could not start it)
-                reply = {"error": in_brief(exc)}
-            self.pid, self.actor_id = reply.get("pid"), reply.get("actor_id")
-            self.node_id, self.node_ip = reply.get("node_id"), reply.get("node_ip")
-            if "error" not in reply:
-                self.ready, self.failed_starts = True, 0
-                return
-            self.failed_starts += 1
-            self.start_error = f"{self.describe()} failed to start: {reply['error']}"
+    def _start_outcome(self) -> Optional[str]:
+        """Its engine's start (SlotWorker.ensure_ready): failed (the actor killed), its engine's error, Ray's, or its
+        engine still starting start_timeout_s after the pool first saw the actor placed (an engine that hangs
+        starting would otherwise be waited for at every round); PoolWorkerStarting while Ray has not placed it by
+        its deadline (Ray keeps an actor whose resources no node has pending for ever, saying nothing): kept."""
+        try:
+            if self.actor_id is None:
+                placed = ray.get(self._placed, timeout=self._left(self.deadline))
+                self.pid, self.actor_id, self.node, self.node_ip = (placed["pid"], placed["actor_id"],
+                                                                    placed["node_id"], placed["node_ip"])
+                # its own window from now: one placed late is not cut short by the wait for its placing
+                self.engine_deadline = max(self.deadline, time.monotonic() + self.start_timeout_s)
+            error = ray.get(self._started, timeout=self._left(self.engine_deadline))
+        except GetTimeoutError:
+            if self.actor_id is None:
+                raise PoolWorkerStarting(f"{self.describe()}: {self._not_placed()}") from None
+            error = f"its engine was still starting {self.start_timeout_s:g} s (start_timeout_s) after the actor " \
+                    "was placed (it is killed)"
+        except RayError as exc:  # the actor died (its process, or Ray could not start it)
+            error = in_brief(exc)
+        if error is not None:
             self.kill()
-        raise PoolWorkerDied(self.start_error)
+            return f": {error}"
+        return None
+
+    @staticmethod
+    def _left(deadline: float) -> float:
+        return max(0.0, deadline - time.monotonic())
 
     def rearm(self, start_timeout_s: float) -> None:
-        """A round begins: an actor still starting after its deadline (kept by an earlier round) gets
-        start_timeout_s more, from now."""
-        if not self.ready and self.start_error is None and time.monotonic() >= self.deadline:
+        """A round begins: an actor Ray had not placed by its deadline (kept by an earlier round) gets
+        start_timeout_s more to be placed, from now. One placed has its engine's own window (_start_outcome)."""
+        if self.actor_id is None and not self.killed and time.monotonic() >= self.deadline:
             self.start_timeout_s, self.deadline = start_timeout_s, time.monotonic() + start_timeout_s
 
-    def _not_started(self) -> str:
+    def _not_placed(self) -> str:
         asks = f"the resources it asks for ({self.placement})" if self.placement else \
             "the 1 CPU Ray reserves to place an actor (actor_options: none of num_cpus, num_gpus, resources, ...)"
         lost = " (it replaces an actor that died: if its node was lost, its resources went with it, and Ray places " \
                "this one once a node that has them free joins)" if self.deaths else ""
-        return (f"not started within {self.start_timeout_s:g} s (start_timeout_s): either Ray has no node with "
-                f"{asks} free{lost}, or its engine is slower to start than that")
+        return (f"not placed within {self.start_timeout_s:g} s (start_timeout_s): Ray has no node with {asks} "
+                f"free{lost}, or is still setting up its runtime_env")
 
     def died(self, error: BaseException) -> PoolWorkerDied:
         """The round's failure for this actor: dead, or unavailable (Ray lost touch with it; the pool kills it)."""

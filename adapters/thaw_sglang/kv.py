@@ -138,6 +138,7 @@ def scatter_rows(
     run of consecutive rows (a page or more each). A tensor-parallel rank (`share`) writes its heads of each row."""
     runs = mover.consecutive_runs(rows.numpy())  # int64, as leaf_sequences makes them: no list round trip
     slot_numbers = slots.cpu().numpy().astype(np.int64)
+    own = None  # a tensor-parallel rank's heads of one tensor: one buffer for every layer and role (scatters copy it)
     for layer, k_buffer, v_buffer in zip(kv.layers, k_buffers, v_buffers):
         for role, buffer in (("k", k_buffer), ("v", v_buffer)):
             if buffer.device.type != "cpu":
@@ -148,7 +149,10 @@ def scatter_rows(
             token_bytes = buffer[0].numel() * buffer.element_size()
             data, targets = remote.scatter_view(layer.tensors[role]), slot_numbers * token_bytes
             if share is not None and not share.whole:  # this rank's heads of every row, one token's slot each
-                data = take_share(data, share, share.slab_offsets(layer.tensors[role].nbytes // (token_bytes * share.ranks), 1))
+                offsets = share.slab_offsets(layer.tensors[role].nbytes // (token_bytes * share.ranks), 1)
+                if own is None or len(own) != len(offsets) * share.slab_bytes:
+                    own = mover.recycled(len(offsets) * share.slab_bytes)
+                data = take_share(data, share, offsets, own)
             for first, count, at in runs:
                 mover.scatter_pages(data[first * token_bytes : (first + count) * token_bytes], _bytes(buffer),
                                     targets[at : at + count], _token_layout(buffer))

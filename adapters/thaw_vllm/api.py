@@ -206,7 +206,8 @@ def _restore_plan(snapshot: thaw_format.Snapshot) -> dict:
             tails[request.id] = last
         if request.rng_state is not None:
             rng_keys.append(request.id)
-    return {"parents": tree.parents, "tokens": tree.tokens, "native": native, "tails": tails, "rng_keys": rng_keys}
+    return {"parents": tree.parents, "tokens": tree.tokens, "native": native, "tails": tails, "rng_keys": rng_keys,
+            "snapshot_id": snapshot.id}
 
 
 def finish(llm, resumed: Sequence[Resumed]) -> dict[str, Finished]:

@@ -32,8 +32,13 @@ def _worker(core, method: str, *args):
     """The worker's `method` (worker.ThawWorkerExtension) through collective_rpc on every rank, the first rank's
     reply; an error any rank returned (as data: rpc.py) is raised once every rank's reply is read. This process
     waits for the replies asleep: its CPU is one the worker moves KV on (worker.start_mover)."""
+    return _every_rank(core, method, *args)[0]
+
+
+def _every_rank(core, method: str, *args) -> list:
+    """Every rank's reply to the worker's `method`, as _worker; the first error any rank returned is raised."""
     with _internals.worker_awaited_asleep(core):
-        return rpc.unwrap_all(core.collective_rpc(method, args=args))
+        return rpc.unwrap_each(core.collective_rpc(method, args=args))
 
 
 def _connector(core) -> ThawConnector:
@@ -131,9 +136,10 @@ def _capture(core, include_weights: bool, chains, local: bool, shared: bool = Fa
             "pages": chain, "sampling": dataclasses.asdict(sampling.to_thaw(r["sampling_params"])),
         })
     published = _worker(core, "thaw_capture", plan, include_weights, local, shared)
-    if published.get("shares"):  # tensor parallel: every rank writes its KV heads, then the first rank checksums
-        _worker(core, "thaw_put_share", published["source"], plan["block_ids"])
-        _worker(core, "thaw_seal", published["source"], published["shares"])
+    if published.get("regions"):  # tensor parallel: every rank writes its KV heads where the first rank laid them
+        # out, all at once, then the first rank checksums them
+        _worker(core, "thaw_put_share", published["source"], plan["block_ids"], published["regions"])
+        _worker(core, "thaw_seal", published["source"], list(published["regions"]))
     return {"source": published["source"]}
 
 
@@ -160,9 +166,10 @@ def _check_native(native: Optional[dict], hashes: dict[int, bytes], algorithm: s
 
 
 def _restore(core, source: str, parents: list[int], tokens: list[list[int]], native: Optional[dict],
-             tails: dict[str, int], rng_keys: list[str], verify: bool = True) -> dict:
+             tails: dict[str, int], rng_keys: list[str], snapshot_id: Optional[str], verify: bool = True) -> dict:
     """Rebuild the prefix table from token ids with this engine's hash function and seed, and have the worker
-    write the KV into freshly allocated blocks. Refusals happen before the first change."""
+    write the KV into freshly allocated blocks. Refusals happen before the first change: every rank must have
+    staged the snapshot `snapshot_id` names (the one the plan came from: a file replaced between reads is refused)."""
     connector, kcm = _connector(core), _internals.kv_cache_manager(core)
     bs = connector.block_size
     busy = _internals.unfinished_requests(core)
@@ -177,7 +184,10 @@ def _restore(core, source: str, parents: list[int], tokens: list[list[int]], nat
     _check_native(native, hashes, algorithm, bs)
     if len(full) > _internals.num_free_blocks(kcm):
         raise RuntimeError(f"the snapshot has {len(full)} full pages, the engine {_internals.num_free_blocks(kcm)} free blocks")
-    _worker(core, "thaw_stage", source, verify)  # the worker reads (and verifies) every chunk
+    staged = _every_rank(core, "thaw_stage", source, verify)  # every rank reads (and verifies) every chunk
+    if any(staged_id != snapshot_id for staged_id in staged):
+        raise CorruptSnapshotError(f"{source} changed while it was read: the restore planned snapshot {snapshot_id}, "
+                                   f"the ranks read {staged}")
 
     if not _internals.reset_prefix_cache(kcm):
         raise RuntimeError("vLLM refused to reset its prefix cache (blocks still held)")

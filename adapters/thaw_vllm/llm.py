@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import vllm
 
-from . import api
+from . import api, rpc
 
 
 class LLM(vllm.LLM):
@@ -15,11 +15,15 @@ class LLM(vllm.LLM):
 
     def collective_rpc(self, method, *args, **kwargs):
         """vllm.LLM.collective_rpc; thaw_describe (the model identity and KV layout, fixed for the engine's life)
-        is asked of the worker once, not on every restore's compatibility check."""
+        is asked of the worker until every rank has answered it without an error (rpc.as_data: a transient one,
+        a worker short of memory, is asked again), then kept, not asked on every restore's compatibility check."""
         if method != "thaw_describe":
             return super().collective_rpc(method, *args, **kwargs)
         if getattr(self, "_thaw_described", None) is None:
-            self._thaw_described = super().collective_rpc(method, *args, **kwargs)
+            replies = super().collective_rpc(method, *args, **kwargs)
+            if any(rpc.is_error(reply) for reply in replies):
+                return replies
+            self._thaw_described = replies
         return self._thaw_described
 
     def generate(self, prompts, *args, **kwargs):

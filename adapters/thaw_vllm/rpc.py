@@ -30,15 +30,24 @@ def as_data(fn):
     return call
 
 
+def is_error(result) -> bool:
+    """Whether a callee returned an error as data."""
+    return isinstance(result, dict) and result.get("error") is not None
+
+
 def unwrap(result):
     """A callee's result; an error it returned as data is raised (see the module's docstring for its class)."""
-    error = result.get("error") if isinstance(result, dict) else None
-    if error is None:
+    if not is_error(result):
         return result
-    raise error_data.rebuilt(error["type"], error["message"])
+    raise error_data.rebuilt(result["error"]["type"], result["error"]["message"])
+
+
+def unwrap_each(replies: list) -> list:
+    """Every rank's result of a collective_rpc, once every rank's reply is read; the first error any rank
+    returned is raised."""
+    return [unwrap(reply) for reply in replies]
 
 
 def unwrap_all(replies: list):
-    """The first rank's result of a collective_rpc, once every rank's reply is read; the first error any rank
-    returned is raised."""
-    return [unwrap(reply) for reply in replies][0]
+    """The first rank's result of a collective_rpc (unwrap_each)."""
+    return unwrap_each(replies)[0]

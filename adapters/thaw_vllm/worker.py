@@ -10,12 +10,12 @@ import os
 
 import thaw_format
 import vllm
-from thaw_format import IncompatibleSnapshotError, SnapshotFile, mover
+from thaw_format import IncompatibleSnapshotError, mover
 from thaw_format.sdk import lent, lineage_now, remote
 from thaw_format.sdk.head_share import HeadShare, put_share, take_share, unwritten
 from thaw_format.sdk.shared import SHM_PREFIX, owned_segment
 from thaw_format.torch import from_torch, to_torch
-from thaw_format.writer import deferred_tensor, reseal
+from thaw_format.writer import EncodedSnapshot, deferred_tensor, reseal
 
 from . import _internals, identity, rpc, transport
 from .pages import NativeLayout, blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
@@ -67,6 +67,10 @@ class ThawWorkerExtension:
     # The id of the snapshot this engine was last restored from (the client's, whichever way it came here:
     # thaw_format.sdk.lent.send): the lineage parent of its captures.
     thaw_restored_from: str | None = None
+    # Under tensor parallelism, on the first rank: the source of the capture it published last and the segment's
+    # buffer (held, not viewed: a view would keep the segment from closing), which thaw_put_share writes its slabs
+    # through and thaw_seal checksums; None outside a capture.
+    _thaw_sealing: tuple | None = None
 
     @rpc.as_data
     def thaw_describe(self) -> dict:
@@ -98,58 +102,72 @@ class ThawWorkerExtension:
         caches, layout, share = _engine_kv(self)
         if share.rank != 0:
             return {"source": None}  # the first rank publishes; every rank then writes its share (thaw_put_share)
+        self._thaw_sealing, kept = None, []
         if share.whole:
             fill = {f"kv/{i}/{role}": functools.partial(gather_role, cache, plan["block_ids"], layout, role)
                     for i, cache in enumerate(caches) for role in ("k", "v")}
         else:
-            fill = {f"kv/{i}/{role}": unwritten for i in range(len(caches)) for role in ("k", "v")}
-        snapshot = _build_snapshot(self, plan, include_weights, gathered=False)
+            fill = {f"kv/{i}/{role}": functools.partial(_unwritten, kept) for i in range(len(caches))
+                    for role in ("k", "v")}
+        encoded = EncodedSnapshot(_build_snapshot(self, plan, include_weights, gathered=False))
         publisher = owned_segment(self) if shared else lent.owned_lender(self)
-        return {"source": publisher.publish(snapshot, fill), "shares": [] if share.whole else list(fill)}
+        source = publisher.publish(encoded, fill)
+        if share.whole:
+            return {"source": source}
+        self._thaw_sealing = source, kept[0]
+        return {"source": source, "regions": {name: [region.offset, region.end] for (name, _), region
+                                              in zip(encoded.tensors, encoded.layout.regions) if name in fill}}
 
     @rpc.as_data
-    def thaw_put_share(self, source: str, block_ids: list[int]) -> None:
+    def thaw_put_share(self, source: str, block_ids: list[int], regions: dict[str, list[int]]) -> None:
         """Write this rank's KV heads of the given blocks into their slabs of the pages of the capture the first
-        rank published in `source` (thaw_capture); the first rank checksums them once every rank has (thaw_seal)."""
+        rank published in `source` (thaw_capture), at the byte `regions` of its KV tensors the first rank laid out
+        (checked here: RegionsError), every rank at once; the first rank checksums them once every rank has
+        (thaw_seal). The first rank writes through the buffer it published into, the others map the segment."""
         _internals.worker_waits_asleep_after_this_call()
         caches, layout, share = _engine_kv(self)
-        view = lent.writable_view(source)
-        with SnapshotFile(view) as published:
-            regions = {name: published.info(name)[2] for name in published.names() if name.startswith("kv/")}
+        view = _sealing(self, source) if share.rank == 0 else lent.writable_view(source)
+        _check_regions(regions, len(view), len(caches), {role: len(block_ids) * layout.pages[role].page_bytes
+                                                         * share.ranks for role in ("k", "v")})
         offsets = share.slab_offsets(len(block_ids), layout.page_shape[0])
         local = mover.recycled(len(block_ids) * layout.pages["k"].page_bytes)
         for i, cache in enumerate(caches):
             for role in ("k", "v"):
-                region = regions[f"kv/{i}/{role}"]
+                start, end = regions[f"kv/{i}/{role}"]
                 gather_role(cache, block_ids, layout, role, local)
-                put_share(local, view[region.offset : region.end], share, offsets)
+                put_share(local, view[start:end], share, offsets)
 
     @rpc.as_data
     def thaw_seal(self, source: str, names: list[str]) -> None:
-        """On the first rank: checksum the named tensors of a published capture every rank has written its share
-        of (thaw_put_share), from their final bytes."""
+        """On the first rank: checksum the named tensors of the capture it published in `source` once every rank
+        has written its share of them (thaw_put_share), from their final bytes, through the buffer it wrote."""
         _internals.worker_waits_asleep_after_this_call()
         if _internals.tensor_parallel_rank() == 0:
-            reseal(lent.writable_view(source), names)
+            view = _sealing(self, source)
+            self._thaw_sealing = None
+            reseal(view, names)
 
     @rpc.as_data
-    def thaw_stage(self, source: str, verify: bool = True) -> None:
+    def thaw_stage(self, source: str, verify: bool = True) -> str | None:
         """Read the snapshot `source` names where it lies (a segment this worker lent, a cached mapping, the
         client's memory for a remote source, or in-process the client's Snapshot itself) and check its KV fits
         this engine's, before the engine core changes anything. Every chunk is verified unless `verify` is False:
         a source the client counts as checked (thaw_format.sdk.lent.send's trust rule, or one its caller checked,
         checked_by_caller) or its Snapshot handed over in-process (api.restore); a segment's header is parsed and
-        checked either way. Under tensor parallelism the first rank alone verifies a segment: every rank maps its
-        one set of bytes, and no rank writes before every rank has staged (the engine core's thaw_write), so its
-        check refuses the restore for all."""
+        checked either way. Returns the staged snapshot's id: the engine core writes nothing before every rank's
+        equals the restore's (core_ops._restore). Under tensor parallelism the first rank alone verifies a
+        shared-memory segment (every rank maps its one set of bytes, so its check refuses the restore for all);
+        every rank verifies the copy of a file it reads itself. The client's memory (a remote source) is sent as
+        checked: the client verified it, and each rank reads its bytes straight from there."""
         _internals.worker_waits_asleep_after_this_call()
         start_mover(self.vllm_config)
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
-        verify = verify and (_internals.tensor_parallel_rank() == 0 or not source.startswith(SHM_PREFIX))
+        verify = verify and rank_verifies(source, _internals.tensor_parallel_rank())
         snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None), verify=verify)
         caches, layout, share = _engine_kv(self)
         _check_kv(snapshot.kv, caches, _page_shape(layout, share))
         self._thaw_staged = snapshot
+        return snapshot.id
 
     @rpc.as_data
     def thaw_write(self, pages: list[int], block_ids: list[int], tails: dict[str, int], rng_keys: list[str]) -> None:
@@ -162,26 +180,68 @@ class ThawWorkerExtension:
         layers = [tuple(remote.scatter_view(layer.tensors[role]) for role in ("k", "v"))
                   for layer in snapshot.kv.layers]
 
-        # This rank's slabs in every page a run (or a tail) may hold, over all heads; none for a whole page.
-        offsets = None if share.whole else share.slab_offsets(max(len(pages), 1), layout.page_shape[0])
+        # This rank's slabs in every page a run (or a tail) may hold, over all heads, and a buffer for its K's and
+        # V's share of as many, which every run and layer reuses (their scatters copy out of it); none for a whole page.
+        rows = layout.page_shape[0]
+        if not share.whole:
+            offsets = share.slab_offsets(max(len(pages), 1), rows)
+            buffers = {role: mover.recycled(len(offsets) * share.slab_bytes) for role in ("k", "v")}
 
-        def own(pages, count):  # this rank's heads of `count` pages over all heads
-            return pages if share.whole else take_share(pages, share, offsets[: count * layout.page_shape[0]])
+        def own(pages, count, role):  # this rank's heads of `count` pages over all heads
+            if share.whole:
+                return pages
+            return take_share(pages, share, offsets[: count * rows], buffers[role][: count * rows * share.slab_bytes])
 
         for first, count, at in mover.consecutive_runs(pages):  # consecutive pages are one slice of the snapshot's tensors
             span = slice(first * page_bytes, (first + count) * page_bytes)
             for cache, (k, v) in zip(caches, layers):
-                scatter_pages(cache, block_ids[at : at + count], own(k[span], count), own(v[span], count), layout)
+                scatter_pages(cache, block_ids[at : at + count], own(k[span], count, "k"), own(v[span], count, "v"),
+                              layout)
         connector = _internals.worker_connector()
         for key, page in tails.items():
             span = slice(page * page_bytes, (page + 1) * page_bytes)
             connector.staged_tails[key] = (caches, [
-                pages_to_blocks(own(k[span], 1), own(v[span], 1), layout, cache.dtype)[0]
+                pages_to_blocks(own(k[span], 1, "k"), own(v[span], 1, "v"), layout, cache.dtype)[0]
                 for cache, (k, v) in zip(caches, layers)])
         requests = {r.id: r for r in snapshot.scheduler.requests} if snapshot.scheduler else {}
         for key in rng_keys:
             connector.staged_rng[key] = (self, to_torch(requests[key].rng_state).clone())
         self.thaw_restored_from = snapshot.id
+
+
+def rank_verifies(source: str, rank: int) -> bool:
+    """Whether a rank verifies what it reads of `source`: the first rank always, another all but a shared-memory
+    segment (the one set of bytes the first rank verified; a file it reads itself)."""
+    return rank == 0 or not source.startswith(SHM_PREFIX)
+
+
+class RegionsError(ValueError):
+    """The KV regions the first rank sent for a tensor-parallel capture are not its KV tensors' byte ranges."""
+
+
+class SealError(RuntimeError):
+    """A tensor-parallel capture's share or seal arrived for a capture the first rank did not publish last."""
+
+
+def _sealing(worker, source: str) -> memoryview:
+    """The bytes of the capture the first rank published in `source`, through the buffer it laid them out in;
+    SealError for none or another (and that one is dropped)."""
+    if worker._thaw_sealing is None or worker._thaw_sealing[0] != source:
+        published = worker._thaw_sealing and worker._thaw_sealing[0]
+        worker._thaw_sealing = None
+        raise SealError(f"{source}: this rank is sealing {published or 'no capture'}")
+    return memoryview(worker._thaw_sealing[1]).cast("B")[: lent.parse(source)[1]]
+
+
+def _check_regions(regions: dict, size: int, layers: int, nbytes: dict[str, int]) -> None:
+    """RegionsError unless `regions` names exactly kv/{i}/{k,v} of `layers` layers, each [start, end] within a
+    segment of `size` bytes and holding a role's pages over all heads (`nbytes`)."""
+    expected = {f"kv/{i}/{role}": nbytes[role] for i in range(layers) for role in ("k", "v")}
+    if set(regions) != set(expected):
+        raise RegionsError(f"KV regions name {sorted(set(regions) ^ set(expected))} unexpectedly")
+    for name, (start, end) in regions.items():
+        if not (0 <= start <= end <= size and end - start == expected[name]):
+            raise RegionsError(f"{name}: bytes [{start}, {end}) are not {expected[name]} bytes within {size}")
 
 
 def _weights_digest(worker) -> str:
@@ -203,6 +263,13 @@ def _engine_kv(worker) -> tuple[list, NativeLayout, HeadShare]:
 def _page_shape(layout, share: HeadShare) -> tuple[int, int, int]:
     """A snapshot's page, over every rank's heads: (block_size, KV heads, head_dim)."""
     return layout.page_shape[0], share.total_heads, share.head_dim
+
+
+def _unwritten(kept: list, target, chunk_size: int):
+    """head_share.unwritten, keeping the buffer `target` views (the whole segment) for the first rank's slabs and
+    seal."""
+    kept[:] = [target.obj]
+    return unwritten(target, chunk_size)
 
 
 def _describe(worker) -> dict:

@@ -75,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.cross:
         engine_pythons = {e: _python(e, pythons) for e in engines}
         cross_results = cross.run_all(engine_info, engine_pythons, args.cross_arch.split(","), workdir, env,
-                                      args.timeout)
+                                      args.timeout, ring=args.cross_ring)
     if not args.no_vectors:
         results += [r.to_json() for r in check_vectors(args.vectors)]
     command = "thaw-conformance " + shlex.join(sys.argv[1:] if argv is None else list(argv))
@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-vectors", action="store_true", help="skip the format conformance of the vectors")
     parser.add_argument("--cross-arch", default="llama,qwen2", help="architectures for the cross-engine checks")
     parser.add_argument("--no-cross", dest="cross", action="store_false", help="skip the cross-engine checks")
+    parser.add_argument("--cross-ring", action="store_true",
+                        help="cross each engine into the next only (the last into the first), not every ordered pair")
     return parser
 
 

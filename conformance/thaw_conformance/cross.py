@@ -99,12 +99,21 @@ def _continuation(recorder: Recorder, own_kv, landed, own: list, restored: list,
         recorder.add("cross_continuation", "passed" if restored == own else "differs", detail)
 
 
-def run_all(engines: dict, pythons: dict, archs: list[str], workdir: Path, env: dict, timeout: int) -> list[dict]:
-    """Every ordered pair of engines that ran and serve the zoo's checkpoints (their drivers' `zoo_checkpoints`:
+def pairs(ran: list[str], ring: bool = False) -> list[tuple[str, str]]:
+    """(source, target) pairs: every ordered pair, or with `ring` each engine into the next and the last into the
+    first, so each engine is once a source and once a target (n target starts instead of n(n-1))."""
+    if ring and len(ran) > 2:  # two engines' ring is both their ordered pairs
+        return [(e, ran[(i + 1) % len(ran)]) for i, e in enumerate(ran)]
+    return list(itertools.permutations(ran, 2))
+
+
+def run_all(engines: dict, pythons: dict, archs: list[str], workdir: Path, env: dict, timeout: int,
+            ring: bool = False) -> list[dict]:
+    """The pairs (`pairs`) of engines that ran and serve the zoo's checkpoints (their drivers' `zoo_checkpoints`:
     the template has a toy model of its own), for each architecture both captured."""
     ran = [e for e, info in engines.items() if info.get("zoo_checkpoints")]  # its worker reported results
     results = []
-    for source, target in itertools.permutations(ran, 2):
+    for source, target in pairs(ran, ring):
         for arch in archs:
             source_dir = workdir / source / arch
             record = source_dir / PARENT_RECORD

@@ -52,7 +52,7 @@ typedef struct {
     int no_memory;           /* a unit found no tile: the call fails with THAW_PAGES_NO_MEMORY */
     int release;             /* batch: unmap the pages once every unit has moved (release_pages) */
     size_t units_left;       /* batch with release: units not finished yet */
-    void *summed16;          /* gather with CRCs in 16-row tiles that sum as they move (pages_crc16), or NULL */
+    const struct pages_crc16 *summed16; /* gather with CRCs in 16-row tiles summed as they move, or NULL */
 } page_job;
 
 /* Copy n elements of one row between the contiguous side and the strided side. */
@@ -106,10 +106,10 @@ static void move_row(uint8_t *flat, uint8_t *strided, int64_t stride_bytes, size
 
 /* A transposed group: G rows whose sources start one element apart (one dimension of G neighbouring tokens,
  * say) form a [W, G] matrix at `strided` (rows stride_bytes apart) against G flat rows of W elements. It moves
- * in G x G register transposes (SSE2, part of every x86-64; for 4-byte items 8 x 8 in AVX2 and, gathering, 16 x 16
- * in AVX-512 where the CPU has them), so both sides are read and written in runs of 16 bytes or more rather than
- * one element per cache line; a scatter of 16 such rows of 4-byte items writes whole aligned lines with streaming
- * stores. Elsewhere the rows move one by one. */
+ * in G x G register transposes (SSE2, part of every x86-64; for 4-byte items 8 x 8 in AVX2 and 16 x 16 in AVX-512
+ * where the CPU has them), so both sides are read and written in runs of 16 bytes or more rather than one
+ * element per cache line; a scatter of 16 such rows of 4-byte items writes whole aligned lines with streaming
+ * stores (two 8 x 8 tiles per line in AVX2, one 16 x 16 in AVX-512). Elsewhere the rows move one by one. */
 
 /* The tile kernels, worst first: "rows" moves transposed rows element by element (the portable path). */
 enum { TILES_ROWS, TILES_SSE2, TILES_AVX2, TILES_AVX512, N_TILES };
@@ -158,8 +158,8 @@ int thaw_pages_select(const char *name) {
 #endif
 
 /* The tile sizes to try for an item size and direction, largest first (0 ends the list): 16 rows of 4-byte
- * items fill whole lines of a scatter's blocks (pages_stream16_avx2) and are whole lines of a gather's
- * (pages_gather16_avx512). */
+ * items fill whole lines of a scatter's blocks (pages_stream16_avx2, pages_stream16_avx512) and are whole lines
+ * of a gather's (pages_gather16_avx512). */
 static const size_t *group_sizes(size_t itemsize, int to_flat) {
     static const size_t lines4[] = {16, 8, 4, 0}, wide4[] = {8, 4, 0}, sse4[] = {4, 0}, sse2[] = {8, 0}, none[] = {0};
     int tiles = active_tiles();
@@ -225,7 +225,8 @@ static void move_tiles(uint8_t *const *flat, uint8_t *strided, int64_t stride_by
             move_tiles(flat + 8, strided + 8 * isz, stride_bytes, w, isz, 8, to_flat);
             return;
         }
-        c = pages_stream16_avx2(flat, strided, stride_bytes, w);
+        c = active_tiles() == TILES_AVX512 ? pages_stream16_avx512(flat, strided, stride_bytes, w)
+                                           : pages_stream16_avx2(flat, strided, stride_bytes, w);
     } else if (isz == 4 && g == 8)
         c = pages_tiles8_avx2(flat, strided, stride_bytes, w, to_flat);
     else
@@ -403,19 +404,8 @@ static int summed16_fits(const page_job *j) {
 static int summed16_start(page_job *j) {
     j->summed16 = NULL;
     if (!summed16_fits(j)) return 0;
-    pages_crc16 *k = malloc(sizeof *k);
-    if (!k || pages_crc16_init(k, j->layout->rows, j->layout->row_elems * 4)) {
-        free(k);
-        return -1;
-    }
-    j->summed16 = k;
-    return 0;
-}
-
-static void summed16_stop(page_job *j) {
-    if (!j->summed16) return;
-    pages_crc16_free(j->summed16);
-    free(j->summed16);
+    j->summed16 = pages_crc16_for(j->layout->rows, j->layout->row_elems * 4);
+    return j->summed16 ? 0 : -1;
 }
 
 /* Move whole pages [e, end) and return the CRC32C of their bytes. */
@@ -437,13 +427,12 @@ static uint32_t move_summed16(page_job *j, size_t e, size_t end) {
             pages_gather16_crc_avx512(flat, block + l->row_start[j->order[k]] * 4, l->col_stride * 4, j->summed16,
                                       after, page);
         }
-        pages_crc16_next_page(j->summed16, l->rows, unit, page);
+        pages_crc16_next_page(j->summed16, unit, page);
     }
     return pages_crc16_end(unit, len);
 }
 #else
 static int summed16_start(page_job *j) { j->summed16 = NULL; return 0; }
-static void summed16_stop(page_job *j) { (void)j; }
 static uint32_t move_summed16(page_job *j, size_t e, size_t end) { (void)j, (void)e, (void)end; return 0; }
 #endif
 
@@ -687,7 +676,6 @@ static int64_t run(page_job *j) {
     } else {
         pool_run(units, unit_task, j);
     }
-    summed16_stop(j);
     free(j->order);
     return j->no_memory ? THAW_PAGES_NO_MEMORY : 0;
 }

@@ -1,9 +1,9 @@
-/* pages.c's transposed gather tile for 4-byte elements in AVX-512: 16 strided rows of one whole 64-byte line
- * each (16 tokens of a vLLM float32 K row) to 16 flat rows per 16 x 16 register transpose, and a variant that
- * also sums what it writes into the CRC32C of its pages (VPCLMULQDQ), so that the pages can be written with
- * streaming stores and never read back. pages.c calls them only where cpu_x86_features() reports AVX-512F and VL
- * (and the CRC32C kernel in use is the AVX-512 one, for the summing variant). Built with -mavx512f -mavx512vl
- * -mvpclmulqdq -mpclmul -msse4.2. */
+/* pages.c's transposed tiles for 4-byte elements in AVX-512: a gather of 16 strided rows of one whole 64-byte line
+ * each (16 tokens of a vLLM float32 K row) to 16 flat rows per 16 x 16 register transpose, its scatter (whole
+ * lines out with streaming stores), and a gather variant that also sums what it writes into the CRC32C of its
+ * pages (VPCLMULQDQ), so that the pages can be written with streaming stores and never read back. pages.c calls
+ * them only where cpu_x86_features() reports AVX-512F and VL (and the CRC32C kernel in use is the AVX-512 one, for
+ * the summing variant). Built with -mavx512f -mavx512vl -mvpclmulqdq -mpclmul -msse4.2. */
 #include <stdlib.h>
 
 #include "crc32c_x86.h"
@@ -53,6 +53,27 @@ size_t pages_gather16_avx512(uint8_t *const *flat, const uint8_t *strided, int64
     return c;
 }
 
+/* A tile of 16 flat rows' columns [c, c + n) into n whole lines (n <= 16; the loads past n are masked off). */
+static inline __attribute__((always_inline)) void stream_tile(uint8_t *const *flat, uint8_t *s, int64_t stride_bytes,
+                                                              size_t c, size_t n) {
+    __m512i r[16];
+    __mmask16 keep = (__mmask16)((1u << n) - 1);
+    for (int i = 0; i < 16; i++)
+        r[i] = n == 16 ? _mm512_loadu_si512((const void *)(flat[i] + c * 4))
+                       : _mm512_maskz_loadu_epi32(keep, (const void *)(flat[i] + c * 4));
+    transpose16x16(r);
+    for (size_t i = 0; i < n; i++) _mm512_stream_si512((void *)(s + (int64_t)i * stride_bytes), r[i]);
+}
+
+/* The scatter: each flat row read a whole 64-byte line at a time (the AVX2 tile reads half lines, twice), each
+ * strided line written by one streaming store. */
+size_t pages_stream16_avx512(uint8_t *const *flat, uint8_t *strided, int64_t stride_bytes, size_t w) {
+    size_t c = 0;
+    for (; c + 16 <= w; c += 16) stream_tile(flat, strided + (int64_t)c * stride_bytes, stride_bytes, c, 16);
+    if (c < w) stream_tile(flat, strided + (int64_t)c * stride_bytes, stride_bytes, c, w - c);
+    return w;
+}
+
 /* ---- the summing variant ---------------------------------------------------------------------------------
  * A page's rows arrive in the blocks' order (head by head), not in the page's, so each row is summed on its own
  * and moved to its place: along a row, 64 bytes a step folded into one 512-bit accumulator (as the CRC32C kernel
@@ -63,10 +84,16 @@ size_t pages_gather16_avx512(uint8_t *const *flat, const uint8_t *strided, int64
 
 static void put_k(uint64_t *k, unsigned bits) { _mm_storeu_si128((__m128i *)k, fold_k128(bits)); }
 
-int pages_crc16_init(pages_crc16 *k, size_t rows, size_t row_bytes) {
-    k->row_bytes = row_bytes;
-    k->rows = malloc((rows + 1) * sizeof *k->rows);
-    if (!k->rows) return -1;
+/* A new table for pages of `rows` rows of row_bytes, or NULL out of memory. */
+static pages_crc16 *crc16_new(size_t rows, size_t row_bytes) {
+    pages_crc16 *k = malloc(sizeof *k);
+    uint64_t (*by_rows)[2] = malloc((rows + 1) * sizeof *by_rows);
+    if (!k || !by_rows) {
+        free(k);
+        free(by_rows);
+        return NULL;
+    }
+    *k = (pages_crc16){.row_bytes = row_bytes, .page_rows = rows, .rows = by_rows};
     put_k(k->step, 512);
     put_k(k->lanes[0], 384);
     put_k(k->lanes[1], 256);
@@ -76,10 +103,27 @@ int pages_crc16_init(pages_crc16 *k, size_t rows, size_t row_bytes) {
     put_k(k->rows[1], 8 * row_bytes);
     for (size_t m = 2; m <= rows; m++)
         for (int h = 0; h < 2; h++) k->rows[m][h] = shift((uint32_t)k->rows[m - 1][h], next);
-    return 0;
+    return k;
 }
 
-void pages_crc16_free(pages_crc16 *k) { free(k->rows); }
+/* The tables made so far, newest first, each kept for the life of the process: a process meets few page shapes
+ * (one per model it serves), and a gather per layer and role that made its own table spent a malloc and
+ * (rows + 8) constant computations on it. Published by compare-and-swap and never changed after, so they are read
+ * without a lock (none to be left held in a fork child). */
+static pages_crc16 *crc16_tables;
+
+const pages_crc16 *pages_crc16_for(size_t rows, size_t row_bytes) {
+    pages_crc16 *head = __atomic_load_n(&crc16_tables, __ATOMIC_ACQUIRE);
+    for (pages_crc16 *k = head; k; k = k->next)
+        if (k->page_rows == rows && k->row_bytes == row_bytes) return k;
+    pages_crc16 *k = crc16_new(rows, row_bytes);
+    if (!k) return NULL;
+    k->next = head;
+    if (__atomic_compare_exchange_n(&crc16_tables, &k->next, k, 0, __ATOMIC_RELEASE, __ATOMIC_ACQUIRE)) return k;
+    free(k->rows); /* another thread added a table first (maybe this one): look again */
+    free(k);
+    return pages_crc16_for(rows, row_bytes);
+}
 
 #define K128(k) _mm_loadu_si128((const __m128i *)(k))
 
@@ -116,8 +160,8 @@ void pages_gather16_crc_avx512(uint8_t *const *flat, const uint8_t *strided, int
     _mm_storeu_si128((__m128i *)page_block, page);
 }
 
-void pages_crc16_next_page(const pages_crc16 *k, size_t rows, uint8_t *unit_block, const uint8_t *page_block) {
-    __m128i unit = fold128(K128(unit_block), K128(k->rows[rows]));
+void pages_crc16_next_page(const pages_crc16 *k, uint8_t *unit_block, const uint8_t *page_block) {
+    __m128i unit = fold128(K128(unit_block), K128(k->rows[k->page_rows]));
     _mm_storeu_si128((__m128i *)unit_block, _mm_xor_si128(unit, K128(page_block)));
 }
 

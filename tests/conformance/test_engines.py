@@ -3,8 +3,11 @@
 One CLI run serves every test of this module. The core claims must hold for each engine: weights and KV
 byte-identical after a restore in a fresh process, the engine's own cache-hit count, token-identical greedy
 continuation, a request captured in flight finishing as in the parent, corrupt snapshots and another model's
-refused, and the KV control; across engines, each one's snapshot restores in every other with its KV bytes, a
-cache hit and KV close to the target's own. The rest of the matrix is the receipt's to show.
+refused, and the KV control; across engines, a ring (each engine's snapshot restored into the next, the last's
+into the first: every engine once a source and once a target) with its KV bytes, a cache hit and KV close to
+the target's own. The rest of the matrix is the receipt's to show (conformance/README.md's commands): every
+ordered pair, and the fork and sleep/wake checks, which start engines of their own and which each engine's
+tests prove on it (tests/*/test_sleep.py, test_fork*.py, test_pool.py).
 """
 
 import os
@@ -16,8 +19,6 @@ from conftest import REPO
 ENGINES = {"mlx": ".venv", "vllm": ".venv-vllm", "sglang": ".venv-sglang", "transformers": ".venv"}
 CORE = ("weights_identical", "kv_identical", "prefix_hit_fresh_process", "continuation_greedy", "streaming",
         "mid_stream_resume", "corrupt_refused", "wrong_model_refused", "kv_control")
-# Every engine names a checkpoint's model alike (spec 5.1), so each one's snapshot must land in every other.
-CROSSING = ("mlx", "sglang", "vllm", "transformers")
 PRESENT = [e for e, venv in ENGINES.items() if (REPO / venv / "bin" / "python").exists()]
 
 
@@ -25,8 +26,8 @@ PRESENT = [e for e, venv in ENGINES.items() if (REPO / venv / "bin" / "python").
 def receipt(run_cli):
     if not PRESENT:
         pytest.skip("no engine environment here (scripts/setup-core.sh, setup-vllm.sh, setup-sglang.sh make them)")
-    _, made, markdown = run_cli("--engine", *PRESENT, "--arch", "llama", "--cross-arch", "llama", "--no-vectors",
-                                timeout=3000)
+    _, made, markdown = run_cli("--engine", *PRESENT, "--arch", "llama", "--cross-arch", "llama", "--cross-ring",
+                                "--fork-arch", "none", "--no-vectors", timeout=3000)
     return made, markdown
 
 
@@ -46,22 +47,27 @@ def test_core_claims_hold(engine, receipt):
     assert f"| {engine} | llama |" in markdown
 
 
+def _ring(engines: list) -> set:
+    """--cross-ring's pairs: each engine into the next, the last into the first (two engines: both ways)."""
+    return {f"{a}->{b}" for a, b in zip(engines, engines[1:] + engines[:1])}
+
+
 def test_cross_engine_pairs_are_reported(receipt):
     made, _ = receipt
     if len(PRESENT) < 2:
         pytest.skip("cross-engine checks need two engines")
     pairs = {r["engine"] for r in made["cross_engine"]}
-    assert pairs == {f"{a}->{b}" for a in PRESENT for b in PRESENT if a != b}
+    assert pairs == _ring(PRESENT)
     assert all(r["status"] in ("passed", "failed", "differs", "skipped", "error") for r in made["cross_engine"])
 
 
 def test_snapshots_cross_between_engines(receipt):
     made, _ = receipt
-    engines = [e for e in CROSSING if e in PRESENT]
-    if len(engines) < 2:
+    if len(PRESENT) < 2:
         pytest.skip("cross-engine checks need two engines")
     rows = {(r["engine"], r["check"]): r for r in made["cross_engine"]}
-    for pair in (f"{a}->{b}" for a in engines for b in engines if a != b):
+    # Every engine names a checkpoint's model alike (spec 5.1), so each one's snapshot must land in the next.
+    for pair in sorted(_ring(PRESENT)):
         for check in ("cross_restore", "cross_kv_lands", "cross_prefix_hit"):
             assert rows[pair, check]["status"] == "passed", (pair, check, rows[pair, check]["detail"])
         # Other kernels may continue differently ("differs"), but the restored KV must be close to the target's.

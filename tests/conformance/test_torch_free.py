@@ -32,8 +32,12 @@ def _clean_env(**extra) -> dict:
 def _install() -> None:
     if not PYTHON.exists():
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(VENV)], check=True)  # pip --python fills it
+        # pip's own cache stays where the set-up scripts filled it (scripts/env.sh): on a fresh clone the wheels
+        # of mlx, mlx-lm and transformers are there already, not downloaded again.
+        cache = {"PIP_CACHE_DIR": str(Path(os.environ["XDG_CACHE_HOME"]) / "pip")} \
+            if "XDG_CACHE_HOME" in os.environ and "PIP_CACHE_DIR" not in os.environ else {}
         subprocess.run([sys.executable, "-m", "pip", "--python", str(PYTHON), "install", "-q", f"{REPO}[mlx]"],
-                       check=True, env=_clean_env(), timeout=1800)
+                       check=True, env=_clean_env(**cache), timeout=1800)
     else:  # the dependencies stay; this checkout's code replaces the last run's
         subprocess.run([sys.executable, "-m", "pip", "--python", str(PYTHON), "install", "-q", "--no-deps",
                         "--force-reinstall", str(REPO)], check=True, env=_clean_env(), timeout=1800)

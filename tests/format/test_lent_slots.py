@@ -271,3 +271,22 @@ def test_a_borrowed_snapshot_changed_into_what_the_writer_refuses_is_refused_by_
     held.prefix.tokens[1] = [3]
     with pytest.raises(ValueError, match="never written"):
         thaw_format.EncodedSnapshot.compared(held).write_into(bytearray(1 << 20))
+
+
+def test_a_snapshot_saved_with_other_chunks_is_not_sent_as_its_segment(lender, tmp_path):
+    """save() with another chunk size gives a borrowed snapshot that file's id, while an engine reading its
+    segment would know it by the segment's own: send hands its bytes over another way, which names its id (an
+    engine's restore refuses a staged snapshot whose id is not the one it planned from)."""
+    class Engine:
+        pass
+
+    engine = Engine()
+    held = lent.borrow(lender.publish(snapshot(1)))
+    assert lent.lent_source(held) is not None
+    thaw_format.save(held, tmp_path / "other-chunks.thaw", chunk_size=1 << 16)
+    assert lent.lent_source(held) is None
+    try:
+        source, checked = lent.send(engine, held)
+        assert lent.open_snapshot(source, verify=not checked).id == held.id
+    finally:
+        release_segments(engine)

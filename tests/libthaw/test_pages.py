@@ -85,14 +85,13 @@ def test_a_transposed_scatter_in_whole_lines_or_in_tiles_writes_the_same_bytes(n
     offsets = [p * block_elems * 4 for p in picks]
     layout = mover.page_layout(positions, 4)
     pages = expected(blocks, block_elems, picks, positions)
-    raw = np.zeros(blocks.nbytes + 128, np.uint8)
-    start = (-raw.ctypes.data) % 64 + shift
-    restored = raw[start : start + blocks.nbytes].view(np.float32)
+    raw, start, out = shifted_out(blocks.nbytes, shift)
+    restored = out.view(np.float32)
     mover._c_scatter_pages(pages, restored, offsets, layout)
     assert expected(restored, block_elems, picks, positions).tobytes() == pages.tobytes()
     untouched = np.ones(restored.size, bool)
     untouched[(np.array(offsets)[:, None] // 4 + positions[None, :]).ravel()] = False
-    assert not restored[untouched].any() and not raw[:start].any() and not raw[start + blocks.nbytes :].any()
+    assert (restored[untouched].view(np.uint8) == FILL).all() and guards_kept(raw, start, blocks.nbytes)
 
 
 def test_page_layout_finds_rows(native):
@@ -259,11 +258,19 @@ def rows_case(role: str, row_bytes: int, seed: int):
     return blocks, offsets, layout, blocks[(offsets // itemsize)[:, None] + positions[None, :]].view(np.uint8).ravel()
 
 
+FILL = 0xAB  # what shifted_out's bytes hold before a kernel writes: a stray store, even of zeros, shows
+
+
 def shifted_out(n: int, shift: int):
-    """(raw, start, out): n bytes of `raw` at `shift` bytes past a 64-byte boundary, zeros around them."""
-    raw = np.zeros(n + 128, np.uint8)
+    """(raw, start, out): n bytes of `raw` at `shift` bytes past a 64-byte boundary, all of raw FILL."""
+    raw = np.full(n + 128, FILL, np.uint8)
     start = (-raw.ctypes.data) % 64 + shift
     return raw, start, raw[start : start + n]
+
+
+def guards_kept(raw, start: int, n: int) -> bool:
+    """Whether the bytes of shifted_out's `raw` around its n bytes at `start` are still FILL."""
+    return bool((raw[:start] == FILL).all() and (raw[start + n :] == FILL).all())
 
 
 @pytest.mark.parametrize("kernel", available_kernels())
@@ -294,7 +301,7 @@ def test_gather_with_crcs_in_one_read_or_two_gives_the_same_pages_and_crcs(nativ
     raw, start, out = shifted_out(len(want), shift)
     assert mover.gather_pages(blocks, offsets, layout, out, chunk) == want_crcs
     assert out.tobytes() == want.tobytes()
-    assert not raw[:start].any() and not raw[start + len(want) :].any()
+    assert guards_kept(raw, start, len(want))
 
 
 @pytest.mark.parametrize("rows", [
@@ -313,7 +320,7 @@ def test_gather_without_crcs_streamed_or_copied_gives_the_pages(native, rows, sh
     raw, start, out = shifted_out(len(want), shift)
     assert mover.gather_pages(blocks, offsets, layout, out) is None
     assert out.tobytes() == want.tobytes()
-    assert not raw[:start].any() and not raw[start + len(want) :].any()
+    assert guards_kept(raw, start, len(want))
 
 
 def test_threaded_gather_with_crcs_equals_separate_pass(native):

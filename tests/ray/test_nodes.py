@@ -10,7 +10,7 @@ import pytest
 
 import fork_pool_checks as checks
 from descendants import HAS_PROC, outliving
-from thaw_format.sdk import PoolWorkerDied
+from thaw_format.sdk import PoolWorkerDied, PoolWorkerStarting
 
 PARAMS = checks.PARAMS
 
@@ -31,7 +31,7 @@ def test_workers_on_the_other_node_restore_objects_that_crossed_to_it(ray_nodes,
     assert ray.get_runtime_context().get_node_id() == ray_nodes.head  # the driver, where ray.put stores the object
     with RayForkPool(parent, checks.WORKERS, actor_options={"resources": {"other": 1}},
                      start_timeout_s=120) as pool:
-        assert [worker.node_id for worker in pool._workers] == [ray_nodes.other] * checks.WORKERS
+        assert [worker.node for worker in pool.worker_info()] == [ray_nodes.other] * checks.WORKERS
         checks.test_rounds_with_different_trunks_match_fresh_engines(pool, parent, fresh)
     assert len(puts) == 3
     for ref in puts:  # put on the head, pulled by the other node for its actors
@@ -62,7 +62,7 @@ def test_a_pool_split_across_nodes_loses_one_mid_round_and_runs_on_a_node_that_j
 
     lost = added_nodes({"spread": 1})
     with RayForkPool(parent, checks.WORKERS, actor_options={"resources": {"spread": 1}}, start_timeout_s=120) as pool:
-        nodes = [worker.node_id for worker in pool._workers]
+        nodes = [worker.node for worker in pool.worker_info()]
         assert sorted(nodes) == sorted([ray_nodes.head, lost.node_id])  # one actor on each
         checks.test_rounds_with_different_trunks_match_fresh_engines(pool, parent, fresh)
 
@@ -83,7 +83,7 @@ def test_a_pool_split_across_nodes_loses_one_mid_round_and_runs_on_a_node_that_j
         # the replacement is pending (no node has "spread" free), or, placed on the lost node before Ray marked it
         # dead, died starting and was started again: the round fails either way, naming it
         with pytest.raises(PoolWorkerDied, match=rf"^pool worker {slot} \(a Ray actor that never answered\)"
-                                                 r"(: not started within 2 s \(start_timeout_s\): either Ray has "
+                                                 r"(: not placed within 2 s \(start_timeout_s\): Ray has "
                                                  r"no node with the resources it asks for \(\{'resources': "
                                                  r"\{'spread': 1\}\}\) free \(it replaces an actor that died: if "
                                                  r"its node was lost, .*; it is kept, still starting| failed to "
@@ -100,7 +100,7 @@ def test_a_pool_split_across_nodes_loses_one_mid_round_and_runs_on_a_node_that_j
         result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=others, params=PARAMS)
         assert [g.token_ids for g in result.generations] == want
         assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
-        assert pool._workers[slot].node_id == joined.node_id
+        assert pool.worker_info()[slot].node == joined.node_id
 
 
 def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray_nodes, added_nodes, parent,
@@ -114,7 +114,7 @@ def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray
     timeout, resources = 5, {"pair": checks.WORKERS}
     lost = added_nodes(resources, cpus=checks.WORKERS)
     with RayForkPool(parent, checks.WORKERS, actor_options={"resources": {"pair": 1}}, start_timeout_s=120) as pool:
-        assert [worker.node_id for worker in pool._workers] == [lost.node_id] * checks.WORKERS
+        assert [worker.node for worker in pool.worker_info()] == [lost.node_id] * checks.WORKERS
         ray_nodes.remove(lost)  # and marked dead: the replacements cannot be placed on it
         pool._start_timeout_s = timeout
         trunk, suffixes = checks.tokens(120, 71), [checks.tokens(5, 710 + i) for i in range(checks.WORKERS)]
@@ -124,8 +124,9 @@ def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray
         pending = list(pool._workers)
         for _ in range(MAX_FAILED_STARTS + 1):
             began = time.monotonic()
-            with pytest.raises(PoolWorkerDied, match=rf"^pool worker 0 .*not started within {timeout} s .*; it is "
-                                                     r"kept, still starting.*; pool worker 1 .*not started within"):
+            with pytest.raises(PoolWorkerStarting, match=rf"^pool worker 0 .*not placed within {timeout} s .*; it "
+                                                         r"is kept, still starting.*; pool worker 1 .*not placed "
+                                                         r"within"):  # only still starting: retry later
                 pool.fork(checks.Unread(), checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
             assert time.monotonic() - began < 1.8 * timeout  # one timeout, not one per actor
             assert pool._workers == pending  # the same actors, still asking Ray for a node
@@ -135,5 +136,5 @@ def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray
         want = [fresh(trunk + suffix, PARAMS) for suffix in suffixes]
         result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
         assert [g.token_ids for g in result.generations] == want
-        assert [worker.node_id for worker in pool._workers] == [joined.node_id] * checks.WORKERS
+        assert [worker.node for worker in pool.worker_info()] == [joined.node_id] * checks.WORKERS
         assert pool._workers == pending

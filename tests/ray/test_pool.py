@@ -45,7 +45,7 @@ def _wait_dead(actor, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     with pytest.raises(ray.exceptions.RayActorError):
         while time.monotonic() < deadline:
-            ray.get(actor.ready.remote())
+            ray.get(actor.where.remote())
             time.sleep(0.1)
 
 
@@ -58,7 +58,7 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     parent.generate(trunk, PARAMS)
     parent.generate(trunk + suffixes[0], PARAMS)  # the parent's steady state for this prompt
     before = parent.generate(trunk + suffixes[0], PARAMS)
-    victim = pool._workers[1]
+    victim = pool.worker_info()[1]
     killing = checks._KillDuringCapture(parent, _ActorProcess(victim.pid))  # SIGKILL, as the OOM killer would
     with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(Ray actor [0-9a-f]+, pid {victim.pid} {NODE}\) died: "
                                              r"\w+Error: .*parent engine is untouched, dead workers are being "
@@ -68,7 +68,8 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=others, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
     assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
-    assert pool._workers[1].pid != victim.pid and os.path.exists(f"/proc/{pool._workers[1].pid}")
+    replacement = pool.worker_info()[1]
+    assert replacement.ready and replacement.pid != victim.pid and os.path.exists(f"/proc/{replacement.pid}")
 
 
 def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(pool, parent, fresh) -> None:
@@ -144,13 +145,21 @@ def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, pa
 
 def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_cluster, tmp_path) -> None:
     """The pool's own bookkeeping (thaw_format.sdk.pool_slots, shared with ForkPool), on the toy engine: a
-    replacement actor whose engine fails to start fails the next round before the parent is read, naming it and
-    its engine's error, and is started again, MAX_FAILED_STARTS times in a row at most."""
+    replacement actor whose engine fails to start fails the next round before the parent is read, naming it, its
+    node and why, and is started again, MAX_FAILED_STARTS times in a row at most. The first start hangs: placed,
+    its engine still starting start_timeout_s after the pool saw it placed (its own window, however late it was
+    placed), it is given up then and killed, a failed start like the others (not kept and waited for at every
+    round, as an actor Ray cannot place is)."""
     from pool_engines import queue_starts, worker_env
     from thaw_conformance.template.adapter import ToyThawEngine
     from thaw_format.sdk import LaunchSpec
     from thaw_format.sdk.pool_slots import MAX_FAILED_STARTS
     from thaw_ray import RayForkPool
+
+    def failed_start(why: str, attempt: int) -> str:
+        return (rf"^pool worker 0 \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) failed to start: {why}; it is started again "
+                rf"for the next round \(failed starts in a row: {attempt} of {MAX_FAILED_STARTS}\): the fork round "
+                r"failed before the parent was read$")
 
     config = {"vocab_size": 1024}
     parent = ToyThawEngine.start(**config)
@@ -161,17 +170,27 @@ def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_clust
     spec = LaunchSpec("pool_engines:flaky", {"instructions": str(instructions), **config})
     # the tests' directory on the actors' path, for pool_engines (pytest puts it on this process's only)
     with RayForkPool(spec, workers=2, actor_options={"runtime_env": {"env_vars": worker_env()}}) as pool:
-        queue_starts(instructions, *["error"] * MAX_FAILED_STARTS)
+        queue_starts(instructions, "hang", *["error"] * (MAX_FAILED_STARTS - 1))
         _ray().kill(pool._workers[0].actor)  # between rounds: the next round finds it dead and replaces it
         _wait_dead(pool._workers[0].actor)
         with pytest.raises(PoolWorkerDied, match=rf"pool worker 0 \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) died"):
             pool.fork(parent, 2, context=trunk, suffixes=suffixes, params=PARAMS)
-        for attempt in range(1, MAX_FAILED_STARTS):
-            with pytest.raises(PoolWorkerDied, match=rf"^pool worker 0 \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) "
-                               r"failed to start: starting the pool engine: RuntimeError: told to fail by .*; "
-                               r"it is started again for the next round \(failed starts in a row: "
-                               rf"{attempt} of {MAX_FAILED_STARTS}\): the fork round failed before the parent was "
-                               r"read$"):
+        hanging = pool._workers[0]  # the replacement, whose engine's start hangs
+        _ray().get(hanging._placed, timeout=120)  # placed: its process runs, its engine is starting
+        # as if placed near the end of its window to be placed (0.5 s left), of a pool with a start_timeout_s of
+        # 2 s: its engine still has its own 2 s from when the pool sees it placed, then is given up, not kept
+        waiting = time.monotonic()
+        hanging.deadline, hanging.start_timeout_s = waiting + 0.5, 2
+        with pytest.raises(PoolWorkerDied, match=failed_start(r"its engine was still starting 2 s \(start_timeout_s\) "
+                                                              r"after the actor was placed \(it is killed\)",
+                                                              attempt=1)) as raised:
+            pool.fork(checks.Unread(), 2, context=trunk, suffixes=suffixes, params=PARAMS)
+        assert type(raised.value) is PoolWorkerDied  # a failed start, not one still starting
+        assert 2 <= time.monotonic() - waiting < 6  # its engine's own window, not the placing window's remainder
+        _wait_dead(hanging.actor)
+        for attempt in range(2, MAX_FAILED_STARTS):
+            with pytest.raises(PoolWorkerDied, match=failed_start(r"starting the pool engine: RuntimeError: told to "
+                                                                  r"fail by .*", attempt)):
                 pool.fork(checks.Unread(), 2, context=trunk, suffixes=suffixes, params=PARAMS)
         with pytest.raises(PoolWorkerDied, match=rf"failed to start {MAX_FAILED_STARTS} times in a row and is no "
                                                  "longer restarted: close this pool and start a new one"):
@@ -255,13 +274,14 @@ def test_an_actor_ray_cannot_place_fails_its_start_within_the_timeout_naming_wha
     killed, kill = [], ray_cluster.kill
     monkeypatch.setattr(worker.ray, "kill", lambda actor, **options: (killed.append(actor), kill(actor, **options)))
     with pytest.raises(PoolWorkerDied, match=r"^pool worker 0 \(a Ray actor that never answered\): "
-                                             r"not started within 0\.5 s \(start_timeout_s\): either Ray has no "
+                                             r"not placed within 0\.5 s \(start_timeout_s\): Ray has no "
                                              r"node with the resources it asks for "
-                                             r"\(\{'resources': \{'nonexistent': 1\}\}\) free"):
+                                             r"\(\{'resources': \{'nonexistent': 1\}\}\) free") as raised:
         RayForkPool(parent, 1, actor_options={"resources": {"nonexistent": 1}}, start_timeout_s=0.5)
+    assert type(raised.value) is PoolWorkerDied  # not PoolWorkerStarting: the pool is closed, nothing kept to retry
     assert killed
     with pytest.raises(ray_cluster.exceptions.RayActorError):
-        ray_cluster.get(killed[0].ready.remote(), timeout=60)
+        ray_cluster.get(killed[0].where.remote(), timeout=60)
 
 
 _AFTER_SHUTDOWN = """

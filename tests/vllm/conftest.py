@@ -3,6 +3,7 @@ in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0); tests that need another process r
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,15 +63,30 @@ def generate(llm, prompt, params):
 
 
 def run_helper(script: str, config: dict, timeout: int = 300) -> dict:
-    """Run tests/vllm/<script> in a new process with this interpreter; it reports a "THAW_RESULT <json>" line."""
+    """Run tests/vllm/<script> in a new process with this interpreter; it reports a "THAW_RESULT <json>" line.
+    The helper leads a session of its own, which is killed whole when it ends (its engine core and ranks are not
+    left behind, on a timeout either); a failure shows what it printed."""
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env.update(config.pop("env", {}))
-    proc = subprocess.run([sys.executable, str(HERE / script), json.dumps(config)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("THAW_RESULT ")]
-    assert lines, f"{script} reported nothing:\n{proc.stdout[-2000:]}"
+    proc = subprocess.Popen([sys.executable, str(HERE / script), json.dumps(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        failure = None if proc.returncode == 0 else f"failed ({proc.returncode})"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        failure = f"timed out after {timeout} s"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    printed = f"stdout:\n{stdout[-4000:]}\nstderr:\n{stderr[-4000:]}"
+    if failure:
+        raise AssertionError(f"{script} {failure}:\n{printed}")
+    lines = [line for line in stdout.splitlines() if line.startswith("THAW_RESULT ")]
+    assert lines, f"{script} reported nothing:\n{printed}"
     return json.loads(lines[-1][len("THAW_RESULT "):])
 
 

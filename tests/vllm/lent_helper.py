@@ -23,21 +23,26 @@ def kv_digest(snapshot) -> str:
     return h.hexdigest()
 
 
+def flip_kv_bit(data) -> None:
+    """Flip one bit inside layer 0's K (its first checksum chunk) in a snapshot's writable bytes."""
+    import thaw_format
+
+    region = thaw_format.SnapshotFile(data).info("kv/0/k")[2]
+    data[region.offset + 1000] ^= 0x40
+
+
 def corrupt_first_kv_chunk(source: str) -> None:
-    """Flip one bit inside layer 0's K in the segment a source names."""
+    """flip_kv_bit in the segment a source names."""
     import mmap
     import os
 
     from _posixshmem import shm_open
 
-    import thaw_format
-
     name, _, nbytes = source[len("shm://"):].partition("#")
     fd = shm_open("/" + name, os.O_RDWR, mode=0)
     try:
         with mmap.mmap(fd, int(nbytes)) as mapping:
-            region = thaw_format.SnapshotFile(mapping).info("kv/0/k")[2]
-            mapping[region.offset + 1000] ^= 0x40
+            flip_kv_bit(mapping)
     finally:
         os.close(fd)
 

@@ -49,3 +49,23 @@ def test_an_engine_made_without_engine_args_is_named_so(vllm):
     plain = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(kv_transfer_config=None)))
     with pytest.raises(RuntimeError, match="without thaw's KV connector"):
         api.describe(plain)
+
+
+def test_a_describe_error_is_asked_again_not_kept(vllm, monkeypatch):
+    """thaw_vllm.LLM keeps the workers' describe once every rank answered it; a rank's error (as data) is not kept:
+    the next call asks the workers again."""
+    import thaw_vllm
+
+    answers = [[{"kv": {}}, {"error": {"type": "MemoryError", "message": "rank 1: no room"}}],
+               [{"kv": {}}, {"kv": {}}]]
+    asked = []
+
+    def collective_rpc(self, method, *args, **kwargs):
+        asked.append(method)
+        return answers[len(asked) - 1]
+
+    monkeypatch.setattr(vllm.LLM, "collective_rpc", collective_rpc)
+    llm = thaw_vllm.LLM.__new__(thaw_vllm.LLM)  # no engine: only its collective_rpc is called
+    assert llm.collective_rpc("thaw_describe") == answers[0]
+    assert llm.collective_rpc("thaw_describe") == answers[1]
+    assert llm.collective_rpc("thaw_describe") == answers[1] and asked == ["thaw_describe"] * 2

@@ -75,12 +75,15 @@ def test_a_tp2_engine_describes_and_captures_every_kv_head(run):
     assert "2 ranks holds 1 of the 2 KV heads" in tp2.engine.native_kv_layout
 
 
-def test_a_tp2_snapshot_restored_into_a_fresh_tp2_engine_is_hit_and_continues_exactly(run):
+def test_a_tp2_snapshot_restored_into_a_tp2_engine_is_hit_and_continues_exactly(run):
     """The restored engine's pages, captured again, are the snapshot's bytes; the prompt again reads its full
-    pages from the cache (vLLM's own cached-token count) and gives the parent's tokens (same TP size)."""
+    pages from the cache (vLLM's own cached-token count) and gives the parent's tokens (same TP size). The engine
+    is the parent, whose blocks held this KV before: the restore resets its prefix cache first, and the next test's
+    TP=1 bytes, which it never computed, show a recapture reads what the restore wrote."""
     report, out = run
     assert _kv(out / "tp2_in_tp2.thaw") == _kv(out / "tp2.thaw")
-    assert report["fresh"]["tp2"] == {"token_ids": report["parent"]["prompt"]["token_ids"], "num_cached_tokens": FULL}
+    assert report["restored"]["tp2"] == {"token_ids": report["parent"]["prompt"]["token_ids"],
+                                         "num_cached_tokens": FULL}
 
 
 def test_a_tp1_snapshot_restored_into_a_tp2_engine_is_its_bytes(run):
@@ -88,7 +91,7 @@ def test_a_tp1_snapshot_restored_into_a_tp2_engine_is_its_bytes(run):
     ones restored, not ones the engine computed), and the restored pages are hit."""
     report, out = run
     assert _kv(out / "tp1_in_tp2.thaw") == _kv(out / "tp1.thaw") != _kv(out / "tp2.thaw")
-    assert report["fresh"]["tp1"]["num_cached_tokens"] == FULL
+    assert report["restored"]["tp1"]["num_cached_tokens"] == FULL
 
 
 def test_ranks_refused_a_remote_read_stay_in_step_and_the_restore_falls_back(run):
@@ -97,25 +100,28 @@ def test_ranks_refused_a_remote_read_stay_in_step_and_the_restore_falls_back(run
     others' replies, so each rank returns its error as data (rpc.py): else every later call of the engine reads
     the reply of the call before it (the fallback's stage the refusal, a capture's seal before its ranks wrote)."""
     report, out = run
-    assert (report["fresh"]["tp2_sent"], report["fresh"]["tp1_sent"]) == ("remote", "segment")
+    assert (report["restored"]["tp2_sent"], report["restored"]["tp1_sent"]) == ("remote", "segment")
     assert _kv(out / "tp1_in_tp2.thaw") == _kv(out / "tp1.thaw")  # the capture after it is every rank's bytes
 
 
-def test_a_corrupt_segment_is_refused_by_the_first_rank_before_any_rank_writes(run):
+def test_a_corrupt_segment_or_file_or_a_replaced_file_is_refused_before_any_rank_writes(run):
+    """A segment is verified by its first rank, a file by every rank; the ranks' staged ids must be the planned one."""
     report, _ = run
-    assert "checksum" in report["corrupt_refused"] and "kv/0/k" in report["corrupt_refused"]
+    for refused in (report["corrupt_refused"], report["corrupt_file_refused"]):  # a segment, a file
+        assert "checksum" in refused and "kv/0/k" in refused
+    assert "changed while it was read" in report["replaced_file_refused"]
     assert report["after_corrupt"] == {"token_ids": report["parent"]["prompt"]["token_ids"], "num_cached_tokens": FULL}
 
 
 def test_a_tp2_engine_restores_its_own_lent_capture(run):
     """Its first rank's lent segment, which the other rank reads where it lies."""
     report, out = run
-    assert report["fresh"]["own_sent"] == "lent"
+    assert report["restored"]["own_sent"] == "lent"
     assert _kv(out / "own_in_tp2.thaw") == _kv(out / "tp1.thaw")
-    assert report["fresh"]["own"]["num_cached_tokens"] == FULL
+    assert report["restored"]["own"]["num_cached_tokens"] == FULL
 
 
-def test_requests_captured_mid_stream_under_tp2_resume_exactly_in_another_tp2_engine(run):
+def test_requests_captured_mid_stream_under_tp2_resume_exactly_after_a_restore(run):
     """A partial tail page and the seeded request's generator, staged on every rank, give the parent's tokens."""
     report, _ = run
     captured, final = report["midstream"]["captured"], report["midstream"]["final"]
@@ -123,7 +129,7 @@ def test_requests_captured_mid_stream_under_tp2_resume_exactly_in_another_tp2_en
     for request_id, request in captured.items():
         k = len(request["output_token_ids"])
         assert 5 <= k < 16 and request["output_token_ids"] == final[request_id][:k]
-        assert report["fresh"]["midstream"][request_id] == {"token_ids": final[request_id],
+        assert report["restored"]["midstream"][request_id] == {"token_ids": final[request_id],
                                                             "num_cached_tokens": request["num_computed_tokens"]}
 
 
@@ -147,6 +153,36 @@ def test_weights_captured_under_tp_are_the_checkpoints_not_a_ranks_shards(run):
     assert tp2.model.weights_digest == tp1.model.weights_digest
     assert {n: bytes(t.data) for n, t in tp2.weights.tensors.items()} == \
         {n: bytes(t.data) for n, t in tp1.weights.tensors.items()}
+
+
+def test_every_rank_verifies_a_file_and_the_first_rank_alone_a_segment(vllm):
+    from thaw_vllm.worker import rank_verifies
+
+    assert [rank_verifies(s, r) for s in ("/x/a.thaw", "shm://seg#64") for r in (0, 1)] == [True, True, True, False]
+
+
+def test_a_capture_s_regions_from_the_first_rank_are_checked(vllm):
+    from thaw_vllm.worker import RegionsError, _check_regions
+
+    nbytes = {"k": 64, "v": 32}
+    good = {"kv/0/k": [100, 164], "kv/0/v": [164, 196]}
+    _check_regions(good, 200, 1, nbytes)
+    for regions, size in (({**good, "kv/1/k": [0, 64]}, 200), ({"kv/0/k": [100, 164]}, 200),
+                          ({**good, "kv/0/v": [164, 190]}, 200), (good, 190), ({**good, "kv/0/k": [-1, 63]}, 200)):
+        with pytest.raises(RegionsError):
+            _check_regions(regions, size, 1, nbytes)
+
+
+def test_a_seal_without_its_capture_published_is_refused(vllm):
+    from thaw_vllm.worker import SealError, _sealing
+
+    worker = SimpleNamespace(_thaw_sealing=None)
+    with pytest.raises(SealError, match="no capture"):
+        _sealing(worker, "shm://a#1")
+    worker._thaw_sealing = ("shm://b#1", bytearray(1))
+    with pytest.raises(SealError, match="shm://b#1"):
+        _sealing(worker, "shm://a#1")
+    assert worker._thaw_sealing is None  # dropped: a stale capture is never sealed
 
 
 def test_a_fork_pool_of_tp2_engines_continues_a_tp2_parent_exactly(run):

@@ -24,12 +24,13 @@ from .contract import (
 )
 from .fork import fork, generate_all
 from .launch import LocalDirectory, OneOf, RefusedLaunch
-from .pool import ForkPool, ForkRound, PoolWorkerDied
+from .pool import ForkPool, ForkRound, PoolWorkerDied, PoolWorkerStarting, WorkerInfo
 from .sleep import Awake, SleptNotClosed, sleep, wake
 
 __all__ = [
     "Awake", "CAPABILITIES", "CAPABILITY_METHODS", "CORE_METHODS", "DEFAULT_PAGE_SIZE", "Engine", "Finished",
-    "ForkPool", "ForkRound", "Generation", "LaunchSpec", "LocalDirectory", "OneOf", "PoolWorkerDied", "Progress",
-    "Refused", "RefusedLaunch", "Resumed", "SleptNotClosed", "Unsupported", "adapter_problems", "fork",
-    "generate_all", "greedy", "lineage_now", "pending_requests", "require", "seeded", "sleep", "wake",
+    "ForkPool", "ForkRound", "Generation", "LaunchSpec", "LocalDirectory", "OneOf", "PoolWorkerDied",
+    "PoolWorkerStarting", "Progress", "Refused", "RefusedLaunch", "Resumed", "SleptNotClosed", "Unsupported",
+    "WorkerInfo", "adapter_problems", "fork", "generate_all", "greedy", "lineage_now", "pending_requests", "require",
+    "seeded", "sleep", "wake",
 ]

@@ -20,6 +20,14 @@ class PoolWorkerDied(RuntimeError):
     actor) and, for a failed start, its engine's error."""
 
 
+class PoolWorkerStarting(PoolWorkerDied):
+    """A round failed, before the parent was read, only because workers are still starting (not failed): a
+    RayForkPool actor that no node has the resources to place yet. The pool keeps them, and waits for them again
+    at the next round: retry later (a node may join). A PoolWorkerDied, so `except PoolWorkerDied` still sees it;
+    a round in which any worker failed otherwise raises PoolWorkerDied itself. A pool's first start never raises
+    it: the pool is closed then, its workers with it (PoolWorkerDied)."""
+
+
 @dataclass
 class ForkRound:
     """One round's results and where its time went (seconds)."""

@@ -60,12 +60,12 @@ def put_share(local_pages, out, share: HeadShare, offsets: numpy.ndarray) -> Non
     mover.scatter(local_pages, out, offsets, share.slab_bytes)
 
 
-def take_share(pages, share: HeadShare, offsets: numpy.ndarray) -> memoryview:
+def take_share(pages, share: HeadShare, offsets: numpy.ndarray, out) -> memoryview:
     """A rank's pages over its own heads, read from its slabs of `pages` over all heads at `offsets` (as
-    put_share's; a remote view is read here first, whole)."""
-    local = mover.recycled(len(offsets) * share.slab_bytes)
-    mover.gather(mover.fetched(pages), offsets, share.slab_bytes, local)
-    return local
+    put_share's; a remote view is read here first, whole) into `out` (len(offsets) * share.slab_bytes bytes: a
+    restore reuses one buffer for every layer, its scatters copying out of it)."""
+    mover.gather(mover.fetched(pages), offsets, share.slab_bytes, out)
+    return out
 
 
 def unwritten(target, chunk_size: int) -> numpy.ndarray:

@@ -61,7 +61,7 @@ import time
 import weakref
 from collections import OrderedDict
 from multiprocessing import shared_memory
-from typing import Callable, NamedTuple, Optional, TypeVar
+from typing import Callable, NamedTuple, Optional, TypeVar, Union
 
 import numpy
 
@@ -115,10 +115,10 @@ class Lender:
         self._unborrowed_s = unborrowed_s
         self._generation = 0
 
-    def publish(self, snapshot: Snapshot, fill: Optional[dict] = None) -> str:
-        """Write `snapshot` (its deferred tensors by `fill`, as EncodedSnapshot.write_into) into a segment no
-        borrower holds and lend it: return its source."""
-        encoded = EncodedSnapshot(snapshot)
+    def publish(self, snapshot: Union[Snapshot, EncodedSnapshot], fill: Optional[dict] = None) -> str:
+        """Write `snapshot` (or its EncodedSnapshot, laid out already; its deferred tensors by `fill`, as
+        EncodedSnapshot.write_into) into a segment no borrower holds and lend it: return its source."""
+        encoded = EncodedSnapshot.of(snapshot)
         slot = self._slot(encoded.nbytes)
         segment = self._segments[slot]
         encoded.write_into(segment.buf, fill)
@@ -221,12 +221,13 @@ _MAPPINGS: "OrderedDict[tuple[str, bool], mmap.mmap]" = OrderedDict()  # (segmen
 
 
 class _Held(NamedTuple):
-    """A borrowed or shared-loaded snapshot (weakly), the segment it came from and whether its bytes were
-    checked where they came in."""
+    """A borrowed or shared-loaded snapshot (weakly), the segment it came from, whether its bytes were checked
+    where they came in, and the id it was read with (what an engine reading the segment knows it by)."""
     snapshot: weakref.ref
     source: str
     base: weakref.ref  # the array viewing the segment, which its tensors view
     checked: bool
+    snapshot_id: Optional[str]
 
 
 _BORROWED: dict[int, _Held] = {}  # by id(snapshot)
@@ -327,7 +328,7 @@ def _borrow(source: str, *, verify: bool, checked: bool) -> Snapshot:
 def _held(snapshot: Snapshot, source: str, base: numpy.ndarray, *, checked: bool) -> Snapshot:
     """Remember that `snapshot`'s tensors view the segment `source` names at `base` (lent_source), and whether
     its bytes were checked where they came in (send)."""
-    _BORROWED[id(snapshot)] = _Held(weakref.ref(snapshot), source, weakref.ref(base), checked)
+    _BORROWED[id(snapshot)] = _Held(weakref.ref(snapshot), source, weakref.ref(base), checked, snapshot.id)
     weakref.finalize(snapshot, _BORROWED.pop, id(snapshot), None)
     return snapshot
 
@@ -508,9 +509,10 @@ def _free(control: str, slot: int) -> None:
 def lent_source(snapshot: Snapshot) -> Optional[str]:
     """The source a borrowed (or shared-loaded) snapshot came from, if it still is exactly what was written
     there: the same header (model, prefix, requests, tensor shapes) and every tensor still the segment's own
-    (read-only) bytes. Else None."""
+    (read-only) bytes, and still known by the id it was read with (a save with another chunk size gives it that
+    file's id, which an engine reading the segment would not know it by). Else None."""
     entry = _held_entry(snapshot)
-    base = None if entry is None else entry.base()
+    base = None if entry is None or snapshot.id != entry.snapshot_id else entry.base()
     if base is None:
         return None
     source, address = entry.source, base.ctypes.data

@@ -17,8 +17,9 @@ in a row at most; a slot whose workers died in MAX_DEATHS rounds in a row, none 
 not replaced after the last (an engine that dies on every round would otherwise be restarted for ever). Rounds
 needing a slot given up say so, and why: start a new pool. A pool whose first start fails raises, with
 nothing left running. Each worker leads its own process group (thaw_format.sdk.engine_process): the processes
-its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends. Any contract engine
-with a launch spec works (thaw_format.sdk.contract).
+its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends. `worker_info()` shows
+each worker (its name, pid, and whether its engine has started). Any contract engine with a launch spec works
+(thaw_format.sdk.contract).
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from typing import Mapping, Optional
 
 from ..errors import CorruptSnapshotError
 from .engine_process import EngineProcess
-from .fork_round import ForkRound, PoolWorkerDied, RoundArguments, parent_page_size, whole_workers
+from .fork_round import ForkRound, PoolWorkerDied, PoolWorkerStarting, RoundArguments, parent_page_size, whole_workers
 from .launch import startable_launch_spec
 from .lent import forget, open_snapshot
-from .pool_slots import MAX_DEATHS, MAX_FAILED_STARTS, SlotWorker, kill_unanswered, note_answer
+from .pool_slots import MAX_DEATHS, MAX_FAILED_STARTS, SlotWorker, WorkerInfo, kill_unanswered, note_answer
 from .round_pool import RoundPool
 
-__all__ = ["ForkPool", "ForkRound", "MAX_DEATHS", "MAX_FAILED_STARTS", "PoolWorkerDied", "parent_page_size"]
+__all__ = ["ForkPool", "ForkRound", "MAX_DEATHS", "MAX_FAILED_STARTS", "PoolWorkerDied", "PoolWorkerStarting",
+           "WorkerInfo", "parent_page_size"]
 
 
 def _verify(source: str) -> None:
@@ -65,11 +67,13 @@ class _Worker(SlotWorker):
     def __init__(self, name: str, config: dict, env: dict, *, failed_starts: int = 0, deaths: int = 0) -> None:
         super().__init__(name, failed_starts, deaths)
         self.process = EngineProcess("thaw_format.sdk.pool_worker", config, env)
-        self.ready = False
-        self.killed = False  # by the pool: replaced by the next round that needs it
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def describe(self) -> str:
-        return f"pool worker {self.name} (pid {self.process.pid})"
+        return f"pool worker {self.name} (pid {self.pid})"
 
     def send(self, message: dict) -> bool:
         """False if the worker is gone."""
@@ -87,23 +91,15 @@ class _Worker(SlotWorker):
             raise PoolWorkerDied(f"{self.describe()} exited with {self.process.exit_status()}")
         return json.loads(line)
 
-    def ensure_ready(self) -> None:
-        """Wait until its engine has started; PoolWorkerDied naming the worker, its engine's error if it sent one,
-        and its exit status if it failed (then, and on every later call: the process is gone, its pipes closed)."""
-        if self.ready:
-            return
-        if self.start_error is None:
-            line = self.process.stdout.readline()
-            reply = json.loads(line) if line else {}
-            if reply.get("ready"):
-                self.ready, self.failed_starts = True, 0
-                return
-            self.process.end(timeout=60)  # after its error it exits: its status, not a zombie
-            self.failed_starts += 1
-            error = f": {reply['error']}" if "error" in reply else ""
-            self.start_error = f"{self.describe()} failed to start{error} (it exited with " \
-                               f"{self.process.exit_status()})"
-        raise PoolWorkerDied(self.start_error)
+    def _start_outcome(self) -> Optional[str]:
+        """Its engine's start (SlotWorker.ensure_ready): failed, its error if it sent one and its exit status."""
+        line = self.process.stdout.readline()
+        reply = json.loads(line) if line else {}
+        if reply.get("ready"):
+            return None
+        self.process.end(timeout=60)  # after its error it exits: its status, not a zombie
+        error = f": {reply['error']}" if "error" in reply else ""
+        return f"{error} (it exited with {self.process.exit_status()})"
 
     def kill(self) -> None:
         self.process.kill_quietly()

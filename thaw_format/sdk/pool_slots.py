@@ -1,26 +1,50 @@
 """A pool's worker slots, their starts and their deaths, whatever a worker is (ForkPool's process, thaw_ray's Ray
 actor).
 
-A worker is a SlotWorker (its slot's counts, which decide whether the pool gives the slot up) with `killed`
-(by the pool: replaced by the next round that needs it) and `ensure_ready()`, which waits for its engine and
-raises PoolWorkerDied naming it if it failed to start (then on every later call too, with its `start_error`
-set), or if it is still starting after its own time limit (`start_error` None: kept, and waited for again). A
-pool starts one with `start(name, failed_starts, deaths)`, carrying its slot's counts on.
+A worker is a SlotWorker (its slot's counts, which decide whether the pool gives the slot up; `info()`, what a
+pool's `worker_info()` shows of it) with `killed` (by the pool: replaced by the next round that needs it),
+`describe()` (its name in errors) and `_start_outcome()`, from which SlotWorker's `ensure_ready()`, waiting for its
+engine, has one of three outcomes:
+- it returns: the engine has started (`ready`);
+- PoolWorkerDied naming the worker: it failed to start (then on every later call too), with its `start_error`
+  set and `failed_starts` counted: the pool starts another in its slot, MAX_FAILED_STARTS in a row at most;
+- PoolWorkerStarting (a PoolWorkerDied): not started within its own time limit, and not failed either (a Ray
+  actor that no node can place yet): kept as it is, not a failed start, and waited for again at the next round.
+  Only a pool whose workers can wait on something outside them (RayForkPool: Ray placing an actor) raises it;
+  ForkPool's workers wait for their engine, however long it takes, and either start or fail. A round whose
+  failures are all workers still starting raises it too (finish_starts): the caller's cue to retry later.
+A pool starts one with `start(name, failed_starts, deaths)`, carrying its slot's counts on.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
-from .fork_round import PoolWorkerDied
+from .fork_round import PoolWorkerDied, PoolWorkerStarting
 
 MAX_FAILED_STARTS = 3  # failed starts in a row of one worker slot, after which the pool stops restarting it
 MAX_DEATHS = 3  # rounds in a row in which one slot's worker died, after which the pool stops replacing it
 
 
+class WorkerInfo(NamedTuple):
+    """A pool's worker as `worker_info()` shows it: a copy, taken when asked (the pool's records are its own)."""
+
+    name: str  # the worker's slot, as errors name it: "0", "1", ...
+    node: Optional[str]  # a RayForkPool actor's Ray node id, once placed; None: a ForkPool worker (on the pool's
+    # own machine), or an actor not placed yet (then pid is None too)
+    pid: Optional[int]  # its process, on its node, once known
+    ready: bool  # its engine has started, and the pool has not killed it since
+
+
 class SlotWorker:
     """A worker's part of its slot's record, carried on to each worker started in the slot: its failed starts
-    and its deaths in rounds, each in a row (gave_up reads them)."""
+    and its deaths in rounds, each in a row (gave_up reads them); and its start's outcome, kept by `ensure_ready`
+    from what its `_start_outcome()` says."""
+
+    node: Optional[str] = None  # where it runs (WorkerInfo.node)
+    pid: Optional[int] = None
+    ready = False
+    killed = False  # by the pool: replaced by the next round that needs it (each worker sets it when it kills)
 
     def __init__(self, name: str, failed_starts: int, deaths: int) -> None:
         self.name = name
@@ -28,6 +52,29 @@ class SlotWorker:
         self.start_error: Optional[str] = None  # how this worker failed to start, if it did
         self.deaths = deaths  # rounds in a row in which its slot's worker died, this worker's included once dead
         self.death: Optional[str] = None  # how this worker died in a round, if it did
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.name, self.node, self.pid, self.ready and not self.killed)
+
+    def ensure_ready(self) -> None:
+        """Wait until its engine has started (returns), or raise: PoolWorkerDied (`start_error`, on this call and
+        every later one, its failed start counted once) if it failed, PoolWorkerStarting if it is still starting
+        (kept as it is: nothing counted)."""
+        if self.ready:
+            return
+        if self.start_error is None:
+            failure = self._start_outcome()
+            if failure is None:
+                self.ready, self.failed_starts = True, 0
+                return
+            self.failed_starts += 1
+            self.start_error = f"{self.describe()} failed to start{failure}"
+        raise PoolWorkerDied(self.start_error)
+
+    def _start_outcome(self) -> Optional[str]:
+        """Wait for its engine's start: None once started; or, failed, the worker ended and how it failed (the
+        rest of "failed to start..."); or raise PoolWorkerStarting."""
+        raise NotImplementedError
 
 
 def gave_up(worker) -> Optional[str]:
@@ -50,14 +97,15 @@ def given_up(worker) -> bool:
 def finish_starts(workers: list, n: int, closed: Callable[[], bool],
                   start: Callable[[str, int, int], object]) -> list[int]:
     """The round's n worker slots of `workers`, the first n not given up, each started: a replacement started
-    after a failed round finishes starting here. One that fails to start fails the round with PoolWorkerDied,
+    after a failed round finishes starting here. One that fails to start fails the round with PoolWorkerDied
+    (PoolWorkerStarting when every worker that failed the round is still starting: retry later),
     before the parent is read, and is started again (put in its slot) for the next round, up to
-    MAX_FAILED_STARTS failed starts in a row (one still starting, without a start_error, fails the round but is
+    MAX_FAILED_STARTS failed starts in a row (one still starting, PoolWorkerStarting, fails the round but is
     kept: a Ray actor waiting for a node to place it); after that (or after MAX_DEATHS rounds in a row in which its
     workers died) the pool no longer restarts it, and rounds use the slots left (fewer than n left: each round
     needing more says so, and a new pool is the way on). `closed()`: the pool was closed meanwhile; close() stops
     what it finds, so nothing is started then."""
-    slots, failures = [], []
+    slots, failures, starting = [], [], 0
     for index, worker in enumerate(workers):
         if len(slots) == n:
             break
@@ -68,11 +116,12 @@ def finish_starts(workers: list, n: int, closed: Callable[[], bool],
             worker = workers[index] = start(worker.name, 0, worker.deaths)
         try:
             worker.ensure_ready()
+        except PoolWorkerStarting as exc:  # a Ray actor no node can place yet: kept, not a failed start
+            starting += 1
+            failures.append(f"{exc}; it is kept, still starting, and waited for again at the next round (not a "
+                            "failed start)")
         except PoolWorkerDied as exc:
-            if worker.start_error is None:  # still starting (a Ray actor no node can place yet): kept, not failed
-                failures.append(f"{exc}; it is kept, still starting, and waited for again at the next round (not "
-                                "a failed start)")
-            elif given_up(worker):
+            if given_up(worker):
                 failures.append(gave_up(worker))
             elif closed():
                 failures.append(str(exc))
@@ -85,7 +134,8 @@ def finish_starts(workers: list, n: int, closed: Callable[[], bool],
         failures += [gave_up(worker) for worker in workers if given_up(worker)]
         failures.append(f"{usable} of the pool's {len(workers)} workers are usable; a round of {n} needs {n}")
     if failures:
-        raise PoolWorkerDied("; ".join(failures) + ": the fork round failed before the parent was read")
+        failed = PoolWorkerStarting if starting == len(failures) else PoolWorkerDied
+        raise failed("; ".join(failures) + ": the fork round failed before the parent was read")
     return slots
 
 

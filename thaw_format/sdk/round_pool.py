@@ -3,10 +3,12 @@ thaw_ray's Ray actors): its workers started once, a round's arguments checked be
 round at a time, the parent's one capture per round, the round's failure, and close().
 
 A pool subclasses it with three methods: `_start(name, failed_starts=0, deaths=0)` starts a worker
-(thaw_format.sdk.pool_slots says what a worker is), `_run(round_, slots, source, arguments)` hands the parent's
-capture (the source of its capture_shared) to the workers in those slots and returns their replies and failures
-(`_died` for a worker that died in the round, `pool_slots.note_answer` for one that answered), and `_stop()` ends
-every worker.
+(thaw_format.sdk.pool_slots says what a worker is, and the three ways its start ends: started, failed, or still
+starting), `_run(round_, slots, source, arguments)` hands the parent's capture (the source of its capture_shared)
+to the workers in those slots and returns their replies and failures (`_died` for a worker that died in the round,
+`pool_slots.note_answer` for one that answered), and `_stop()` ends every worker; `_round_begins()` is its hook
+into a round once the round holds the pool. A round failing before the parent is read only for workers still
+starting raises PoolWorkerStarting (retry later); a pool's first start raises PoolWorkerDied, the pool closed.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Sequence, TypeVar, Union
 
 from ..snapshot import SamplingParams
 from .contract import Engine
-from .fork_round import ForkRound, PoolWorkerDied, RoundArguments, checked_round, round_failure
-from .pool_slots import finish_starts, replace_dead
+from .fork_round import ForkRound, PoolWorkerDied, PoolWorkerStarting, RoundArguments, checked_round, round_failure
+from .pool_slots import WorkerInfo, finish_starts, replace_dead
 from .shared import capture_shared
 
 
@@ -36,6 +38,9 @@ class RoundPool(abc.ABC):
                 self._workers.append(self._start(str(i)))
             for worker in self._workers:
                 worker.ensure_ready()
+        except PoolWorkerStarting as exc:  # closed with the pool: no round waits for it again, so it failed
+            self.close()
+            raise PoolWorkerDied(str(exc)) from None
         except BaseException:
             self.close()
             raise
@@ -43,6 +48,12 @@ class RoundPool(abc.ABC):
     @property
     def workers(self) -> int:
         return len(self._workers)
+
+    def worker_info(self) -> tuple[WorkerInfo, ...]:
+        """Each slot's worker as it is now, in slot order: its name, node (a RayForkPool actor's Ray node id, once
+        placed), pid and whether its engine has started (and the pool has not killed it since): pool_slots.WorkerInfo.
+        A copy: a replacement a later round starts shows in a later call."""
+        return tuple(worker.info() for worker in self._workers)
 
     def fork(self, parent: Engine, n: int, *, context: Sequence[int], suffixes: Sequence[Sequence[int]],
              params: Union[SamplingParams, Sequence[SamplingParams]]) -> ForkRound:
@@ -56,6 +67,7 @@ class RoundPool(abc.ABC):
             if self._closed:  # closed while this round waited for the one before it
                 raise RuntimeError(f"this {type(self).__name__} is closed; start a new one")
             started = time.perf_counter()
+            self._round_begins()
             slots = finish_starts(self._workers, n, lambda: self._closed, self._start)
             capturing = time.perf_counter()
             # valid until the parent's next capture_shared: every worker answers before this round ends
@@ -84,6 +96,10 @@ class RoundPool(abc.ABC):
         """The failure to report for the worker in `slot`, which died in the round: replaced for the next round
         unless the pool is closed or the slot given up (pool_slots.replace_dead)."""
         return replace_dead(self._workers, slot, error, lambda: self._closed, self._start)
+
+    def _round_begins(self) -> None:
+        """A round holds the pool, before its workers' starts are finished (a pool's hook: RayForkPool's waits anew
+        for its actors still not placed)."""
 
     @abc.abstractmethod
     def _stop(self) -> None:

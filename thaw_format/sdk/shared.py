@@ -21,7 +21,7 @@ import mmap
 import os
 import weakref
 from multiprocessing import resource_tracker, shared_memory
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from ..reader import load, loads
 from ..snapshot import Snapshot
@@ -94,9 +94,10 @@ class Segment:
     def __init__(self) -> None:
         self._shm: Optional[shared_memory.SharedMemory] = None
 
-    def publish(self, snapshot: Snapshot, fill: Optional[dict] = None) -> str:
-        """Write `snapshot` over the previous one; return its source, "shm://name#nbytes"."""
-        encoded = EncodedSnapshot(snapshot)
+    def publish(self, snapshot: Union[Snapshot, EncodedSnapshot], fill: Optional[dict] = None) -> str:
+        """Write `snapshot` (or its EncodedSnapshot, laid out already) over the previous one; return its source,
+        "shm://name#nbytes"."""
+        encoded = EncodedSnapshot.of(snapshot)
         if self._shm is None or self._shm.size < encoded.nbytes:
             self.close()
             self._shm = shared_memory.SharedMemory(create=True, size=max(encoded.nbytes, 1))
