@@ -30,7 +30,10 @@ def agreed(group, work: Callable[[], T]) -> T:
         failure = exc
     errors = gathered(group, None if failure is None else error_data.as_data(failure))
     if failure is not None:
-        raise failure
+        try:
+            raise failure
+        finally:
+            failure = None  # else this frame, in the traceback, holds it: a cycle keeping work's locals alive
     for rank, error in enumerate(errors):
         if error is not None:
             raise error_data.rebuilt(*error, where=f"rank {rank}: ")
@@ -49,7 +52,10 @@ def from_first(group, work: Callable[[], T]) -> T:
             failure, outcome = exc, {"error": error_data.as_data(exc)}
     first = gathered(group, outcome)[0]
     if failure is not None:
-        raise failure
+        try:
+            raise failure
+        finally:
+            failure = None  # as in agreed
     if "error" in first:
         raise error_data.rebuilt(*first["error"], where="rank 0: ")
     return first["value"]
