@@ -9,6 +9,8 @@ one TP size. The TP=1 engine is a family child, given back as the fork left it.
 
 import dataclasses
 import os
+import threading
+import time
 
 import numpy
 import pytest
@@ -191,3 +193,107 @@ def test_kv_heads_sglang_pads_on_cpu_are_refused():
     with pytest.raises(NotImplementedError, match="SGLang pads them to 4"):
         rank_heads(0, 2, 2, 3, 32, 4)
     assert rank_heads(1, 2, 1, 2, 32, 4).heads == 1
+
+
+def test_a_restore_refused_while_a_request_waits_in_the_paused_engine_leaves_its_cache(thaw_sglang, run):
+    """SGLang's own flush ignores a paused engine's waiting requests: a restore refused as busy is refused before
+    any rank changes or flushes its cache, so the request that waited then reads the pages kept (a hit)."""
+    engine = run["tp2"]
+    thaw_sglang.restore(engine, run["tp2_snapshot"])
+    engine.pause()
+    finished = {}
+    waiting = threading.Thread(target=lambda: finished.update(out=generate(engine, PROMPT + SUFFIX)))
+    waiting.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the request is queued: before, the restore takes the same pages again
+            try:
+                thaw_sglang.restore(engine, run["tp2_snapshot"])
+            except RuntimeError as refused:
+                assert "EngineBusyError" in str(refused)
+                break
+            assert time.monotonic() < deadline, "the request never reached the paused engine"
+            time.sleep(0.05)
+    finally:
+        engine.unpause()
+        waiting.join()
+    assert finished["out"] == run["continued"]
+    assert engine.leak_warnings() == 0
+
+
+@pytest.fixture
+def first_rank(thaw_sglang, monkeypatch):
+    """A ThawScheduler as the first of two ranks, its exchanges with the other played here: no engine (the ranks
+    of a real one never diverge, nor fail between a publish and their writes, on their own)."""
+    from thaw_format.sdk import agreement
+    from thaw_sglang import _internals, scheduler_ext, tensor_parallel, transport
+
+    scheduler = object.__new__(scheduler_ext.ThawScheduler)
+    scheduler.thaw_restored_from = None
+    monkeypatch.setattr(_internals, "tensor_parallel", lambda _: (0, 2, "the TP ranks' group"))
+    monkeypatch.setattr(agreement, "gathered", lambda group, value: [value, value])
+    monkeypatch.setattr(tensor_parallel, "from_first", lambda _, work: scheduler.published.append(work()) or
+                        scheduler.published[-1])
+    scheduler.published = []
+    yield scheduler
+    transport.release(scheduler)
+
+
+def test_ranks_that_planned_other_pages_refuse_the_capture_before_it_is_published(first_rank, monkeypatch):
+    """The ranks compare a digest of the pages each planned (Pages.digest) before the first publishes."""
+    import thaw_format
+    from thaw_format.sdk import agreement
+    from thaw_sglang import tensor_parallel
+
+    planned = (thaw_format.Snapshot(), {}, "rank 0's pages")
+    monkeypatch.setattr(tensor_parallel, "agreed", lambda _, work: planned)
+    monkeypatch.setattr(agreement, "gathered", lambda group, value: [value, "rank 1's pages"])
+    outcome = []
+    first_rank._thaw_report = lambda result, work: outcome.append(work)
+    first_rank.thaw_capture("no result block", page_size=32, weights=False, into="lent")
+    with pytest.raises(RuntimeError, match="the ranks differ in the pages planned"):
+        outcome[0]()
+    assert first_rank.published == []
+
+
+def test_ranks_that_read_other_snapshots_refuse_the_restore_before_any_writes(first_rank, monkeypatch):
+    """The ranks compare the ids of the snapshots each read (a file replaced between two ranks' reads of its path)
+    once every rank has staged, and refuse it before any rank writes. (On the TP=2 engine rank 0 reads nothing
+    while rank 1 is held stopped, so no engine test places the replacement between the two reads.)"""
+    from types import SimpleNamespace
+
+    from thaw_format.sdk import agreement
+    from thaw_sglang import tensor_parallel
+
+    staged = []
+    monkeypatch.setattr(tensor_parallel, "agreed", lambda _, work: staged.append(work) or SimpleNamespace(id="A"))
+    monkeypatch.setattr(agreement, "gathered", lambda group, value: [value, "B"])
+    with pytest.raises(CorruptSnapshotError, match="the ranks differ in the snapshot each read from its source"):
+        first_rank._thaw_restore_shares("/a/file.thaw", verified=False)
+    assert len(staged) == 1  # the stage; the write never ran
+
+
+@pytest.mark.parametrize("path, into", [(True, "lent"), (False, "lent"), (False, "own")])
+def test_a_capture_failing_after_the_first_rank_published_unlinks_its_segment(first_rank, monkeypatch, tmp_path,
+                                                                              path, into):
+    """Another rank failed writing its heads into the published segment: no client will read it, so the first
+    rank unlinks it at once (a lent one taken back), whichever segment it was published in."""
+    import thaw_format
+    from thaw_format.sdk.shared import segment_of
+    from thaw_format.writer import deferred_tensor
+    from thaw_sglang import tensor_parallel
+
+    def other_rank_failed(_, work):
+        raise OSError("rank 1: its heads not written")
+
+    monkeypatch.setattr(tensor_parallel, "agreed", other_rank_failed)
+    snapshot = thaw_format.Snapshot(weights=thaw_format.Weights({"t": deferred_tensor("uint8", (4096,))}))
+    with pytest.raises(OSError, match="its heads not written"):
+        first_rank._thaw_capture_shares(snapshot, {"weights/t": None}, str(tmp_path / "x.thaw") if path else "",
+                                        into)
+    [(source, _)] = first_rank.published
+    name = segment_of(source)[0]
+    leaked = os.path.exists(f"/dev/shm/{name}")
+    if leaked and (path or into == "own"):  # left without the fix (a lent one is the lender's to unlink)
+        os.unlink(f"/dev/shm/{name}")
+    assert not leaked
