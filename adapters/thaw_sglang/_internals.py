@@ -108,6 +108,32 @@ def kv_buffers(scheduler) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return pool.k_buffer, pool.v_buffer
 
 
+def tensor_parallel(scheduler) -> tuple[int, int, object]:
+    """(this scheduler's tensor-parallel rank, the TP size, the torch.distributed group of the TP ranks over CPU)."""
+    parallel = get_parallel()
+    return parallel.tp_rank, parallel.tp_size, scheduler.tp_group.cpu_group
+
+
+def other_parallelism(scheduler) -> dict[str, int]:
+    """The parallel sizes besides plain tensor parallelism that are not 1: pipeline, data-parallel attention
+    (which splits the TP ranks' attention into groups of its own), context parallel."""
+    parallel = get_parallel()
+    sizes = {name: getattr(parallel, name) for name in ("pp_size", "attn_dp_size", "attn_cp_size", "attn_dcp_size")}
+    if parallel.attn_tp_size != parallel.tp_size:
+        sizes["attn_tp_size"] = parallel.attn_tp_size
+    return {name: size for name, size in sizes.items() if size != 1}
+
+
+def total_kv_heads(scheduler) -> int:
+    """The model's own KV heads, all ranks' together. On CPU, SGLang pads the heads up to a multiple of the TP size
+    (adjust_config_with_unaligned_cpu_tp), rewriting the config's count and keeping the true one as
+    `original_total_num_kv_heads`; where this process's config was not rewritten, config.json says it."""
+    original = getattr(scheduler.model_config.hf_config, "original_total_num_kv_heads", None)
+    if original is not None:
+        return original
+    return hf_config(scheduler).get("num_key_value_heads") or scheduler.model_config.get_total_num_kv_heads()
+
+
 def engine_page_size(scheduler) -> int:
     return scheduler.page_size
 
@@ -311,7 +337,9 @@ def stop_engine_processes(engine) -> None:
         engine.send_to_rpc.close(linger=0)
         engine.send_to_rpc = None
     launched = getattr(engine, "_scheduler_init_result", None)
-    for pid in launched.all_child_pids if launched is not None else []:
+    # Last launched first: a tensor-parallel engine's other ranks wait on its first rank, which waits on this
+    # process's messages; killed first, the first rank would leave the others to fail, each with a traceback.
+    for pid in reversed(launched.all_child_pids if launched is not None else []):
         kill_process_tree(pid, include_parent=True, wait_timeout=60)
     # The scheduler's load-report file, if it still has a name (several DP ranks: unlink_load_report): SGLang
     # never unlinks it, and ends the scheduler with SIGKILL. Its scheduler is gone now.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sglang
 from thaw_format import EngineInfo, ModelInfo, check_kv_layout, checkpoint_model_info
 
-from . import _internals
+from . import _internals, tensor_parallel
 
 
 def model_info(scheduler, weights_digest: str | None = None) -> ModelInfo:
@@ -14,23 +14,25 @@ def model_info(scheduler, weights_digest: str | None = None) -> ModelInfo:
 
 
 def engine_info(scheduler) -> EngineInfo:
+    share = tensor_parallel.share(scheduler)
+    ranks = "" if share.whole else f"; each of {share.ranks} ranks holds {share.heads} of the {share.total_heads} KV heads"
     return EngineInfo(
         name="sglang",
         version=sglang.__version__,
         attention_backend=_internals.attention_backend(scheduler),
-        native_kv_layout="per-layer token slots [slot, kv_heads, head_dim]",
+        native_kv_layout=f"per-layer token slots [slot, kv_heads, head_dim]{ranks}",
         extra={"page_size": _internals.engine_page_size(scheduler)},
     )
 
 
 def check_kv(scheduler, snapshot) -> None:
-    """Refuse KV this engine's pool cannot hold: layer count, dtype, heads and head size."""
+    """Refuse KV this engine's pool cannot hold: layer count, dtype, heads (all ranks' together) and head size."""
     k_buffers, _ = _internals.kv_buffers(scheduler)
-    _, heads, head_dim = k_buffers[0].shape
+    share = tensor_parallel.share(scheduler)
     check_kv_layout(
         snapshot,
         num_layers=len(k_buffers),
         dtype=str(k_buffers[0].dtype).removeprefix("torch."),
-        num_kv_heads=heads,
-        head_dim=head_dim,
+        num_kv_heads=share.total_heads,
+        head_dim=share.head_dim,
     )

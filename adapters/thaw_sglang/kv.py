@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from thaw_format import KVCache, KVLayer, Tensor, mover
 from thaw_format.sdk import remote
+from thaw_format.sdk.head_share import HeadShare, put_share, take_share
 from thaw_format.writer import deferred_tensor
 from thaw_format.torch import from_torch, to_torch
 
@@ -99,17 +100,45 @@ def deferred_pages(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
     return KVCache(page_size=page_size, dtype=dtype, layers=layers), fill
 
 
+def share_pages(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: torch.Tensor,
+                share: HeadShare) -> tuple[KVCache, dict]:
+    """A tensor-parallel rank's capture (tensor_parallel): the KVCache over all the model's heads, its tensors
+    deferred, and for each tensor the `put` that writes this rank's heads of every page (zero past a short page's
+    end, as gather_pages) into their slabs of the tensor's region, once the first rank has published it."""
+    num_pages, page_size = slots.shape
+    index, padding = _slots(slots)
+    offsets = share.slab_offsets(num_pages, page_size)
+    dtype, layers, puts = _dtype(k_buffers), [], {}
+    for i, (k_buffer, v_buffer) in enumerate(zip(k_buffers, v_buffers)):
+        shape = (num_pages, page_size, share.total_heads, share.head_dim)
+        tensors = {role: deferred_tensor(dtype, shape) for role in ("k", "v")}
+        layers.append(KVLayer(kind="attention", tensors=tensors, num_kv_heads=share.total_heads,
+                              head_dim=share.head_dim))
+        for role, buffer in (("k", k_buffer), ("v", v_buffer)):
+            puts[f"kv/{i}/{role}"] = functools.partial(_put, buffer, index, padding, share, offsets)
+    return KVCache(page_size=page_size, dtype=dtype, layers=layers), puts
+
+
+def _put(buffer: torch.Tensor, index: torch.Tensor, padding: np.ndarray, share: HeadShare, offsets: np.ndarray,
+         region) -> None:
+    local = mover.recycled(len(index) * share.slab_bytes)
+    _gather(buffer, index, padding, local)
+    put_share(local, region, share, offsets)
+
+
 def scatter_rows(
     kv: KVCache,
     k_buffers: list[torch.Tensor],
     v_buffers: list[torch.Tensor],
     rows: torch.Tensor,
     slots: torch.Tensor,
+    share: HeadShare | None = None,
 ) -> None:
     """Write flattened page rows `rows` of every layer into buffer slots `slots`: on CPU one libthaw scatter per
-    run of consecutive rows (a page or more each)."""
+    run of consecutive rows (a page or more each). A tensor-parallel rank (`share`) writes its heads of each row."""
     runs = mover.consecutive_runs(rows.numpy())  # int64, as leaf_sequences makes them: no list round trip
     slot_numbers = slots.cpu().numpy().astype(np.int64)
+    own = None  # a tensor-parallel rank's heads of one tensor: one buffer for every layer and role (scatters copy it)
     for layer, k_buffer, v_buffer in zip(kv.layers, k_buffers, v_buffers):
         for role, buffer in (("k", k_buffer), ("v", v_buffer)):
             if buffer.device.type != "cpu":
@@ -119,6 +148,11 @@ def scatter_rows(
                 continue
             token_bytes = buffer[0].numel() * buffer.element_size()
             data, targets = remote.scatter_view(layer.tensors[role]), slot_numbers * token_bytes
+            if share is not None and not share.whole:  # this rank's heads of every row, one token's slot each
+                offsets = share.slab_offsets(layer.tensors[role].nbytes // (token_bytes * share.ranks), 1)
+                if own is None or len(own) != len(offsets) * share.slab_bytes:
+                    own = mover.recycled(len(offsets) * share.slab_bytes)
+                data = take_share(data, share, offsets, own)
             for first, count, at in runs:
                 mover.scatter_pages(data[first * token_bytes : (first + count) * token_bytes], _bytes(buffer),
                                     targets[at : at + count], _token_layout(buffer))

@@ -9,6 +9,8 @@ sequence, which SGLang's own insert folds into a tree again.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -32,6 +34,12 @@ class RadixPath:
 class Pages:
     tree: PrefixTree
     slots: torch.Tensor  # int64 [num_pages, page_size]: the KV slot of each token, PADDING past a page's end
+
+    def digest(self) -> str:
+        """SHA-256 over the pages' tokens, their parents and their slots: what tensor-parallel ranks compare."""
+        digest = hashlib.sha256(json.dumps([self.tree.parents, self.tree.tokens]).encode())
+        digest.update(self.slots.contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
 
 def paginate(paths: list[RadixPath], page_size: int) -> Pages:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from thaw_format import IncompatibleSnapshotError, Snapshot, check_model
 
-from . import _internals
+from . import _internals, tensor_parallel
 from .kv import scatter_rows
 from .identity import check_kv, model_info
 from .pages import distinct_token_count, leaf_sequences
@@ -32,6 +32,9 @@ def _loads_weights(scheduler, snapshot: Snapshot) -> bool:
 def check_restorable(scheduler, snapshot: Snapshot) -> None:
     """Raise IncompatibleSnapshotError, naming the field, for anything this engine cannot take as it is."""
     if _loads_weights(scheduler, snapshot):
+        if tensor_parallel.is_parallel(scheduler):
+            raise IncompatibleSnapshotError("weights: a tensor-parallel engine takes only snapshots of the weights "
+                                            "it holds (thaw_sglang does not shard a snapshot's weights between ranks)")
         check_model(snapshot, model_info(scheduler), check_weights=False)
         check_weights(scheduler, snapshot.weights)
     else:
@@ -49,9 +52,19 @@ def check_restorable(scheduler, snapshot: Snapshot) -> None:
 
 def restore_state(scheduler, snapshot: Snapshot) -> None:
     """Make the engine hold exactly the snapshot's weights (if carried) and prefix cache."""
+    check_restore(scheduler, snapshot)
+    apply_restore(scheduler, snapshot)
+
+
+def check_restore(scheduler, snapshot: Snapshot) -> None:
+    """Everything restore_state checks before it changes anything: an idle engine, a snapshot it can take."""
     if not _internals.is_idle(scheduler):
         raise EngineBusyError("the engine has requests in flight; restore into an idle engine")
     check_restorable(scheduler, snapshot)
+
+
+def apply_restore(scheduler, snapshot: Snapshot) -> None:
+    """restore_state's changes, once check_restore has passed."""
     if _loads_weights(scheduler, snapshot):
         restore_weights(scheduler, snapshot)
     if not _internals.flush(scheduler):
@@ -85,4 +98,5 @@ def _rebuild_tree(scheduler, snapshot: Snapshot) -> None:
         slots.append(fresh)
     if slots:
         k_buffers, v_buffers = _internals.kv_buffers(scheduler)
-        scatter_rows(snapshot.kv, k_buffers, v_buffers, torch.cat(rows), torch.cat(slots))
+        scatter_rows(snapshot.kv, k_buffers, v_buffers, torch.cat(rows), torch.cat(slots),
+                     tensor_parallel.share(scheduler))

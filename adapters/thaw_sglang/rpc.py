@@ -3,8 +3,8 @@
 `Engine.collective_rpc` returns nothing and flattens any failure into an AssertionError message, so the caller
 keeps a block of RESULT_BYTES per engine and each thaw scheduler method writes into it the length and JSON
 of {"value": ...} or {"error": class name, "message": ...}; the calling side returns the value or raises the
-same thaw_format error class again. No file and no pickle either way; snapshots themselves travel as sources
-(thaw_format.sdk.shared), of which only the name passes through here.
+error again (thaw_format.sdk.error_data says as what). No file and no pickle either way; snapshots themselves
+travel as sources (thaw_format.sdk.shared), of which only the name passes through here.
 """
 
 from __future__ import annotations
@@ -17,22 +17,11 @@ import weakref
 from multiprocessing import shared_memory
 from typing import Any, Callable
 
-import thaw_format
+from thaw_format.sdk import error_data
 from thaw_format.sdk.shared import open_segment
 
 RESULT_BYTES = 1 << 16
 _LENGTH = struct.Struct("<I")
-
-# Errors that keep their class across the process boundary; anything else arrives as a RuntimeError.
-_KNOWN_ERRORS = {
-    cls.__name__: cls
-    for cls in (
-        thaw_format.SnapshotError,
-        thaw_format.CorruptSnapshotError,
-        thaw_format.UnsupportedVersionError,
-        thaw_format.IncompatibleSnapshotError,
-    )
-}
 
 
 def report(result: str, work: Callable[[], Any]) -> None:
@@ -40,7 +29,8 @@ def report(result: str, work: Callable[[], Any]) -> None:
     try:
         outcome = {"value": work()}
     except Exception as exc:  # reported to the caller, who raises it again
-        outcome = {"error": type(exc).__name__, "message": str(exc)}
+        kind, message = error_data.as_data(exc)
+        outcome = {"error": kind, "message": message}
     encoded = json.dumps(outcome).encode()
     if len(encoded) > RESULT_BYTES - _LENGTH.size:  # an error's message is what can grow: keep its head
         encoded = json.dumps({"error": outcome.get("error", "RuntimeError"),
@@ -82,7 +72,4 @@ def call(engine, method: str, **params) -> Any:
     outcome = json.loads(bytes(block.buf[_LENGTH.size : _LENGTH.size + length]))
     if "error" not in outcome:
         return outcome["value"]
-    error = _KNOWN_ERRORS.get(outcome["error"])
-    if error is None:
-        raise RuntimeError(f"{method} failed in the SGLang scheduler: {outcome['error']}: {outcome['message']}")
-    raise error(outcome["message"])
+    raise error_data.rebuilt(outcome["error"], outcome["message"], where=f"{method} failed in the SGLang scheduler: ")

@@ -8,14 +8,19 @@ the methods here between two batches.
 
 from __future__ import annotations
 
+import contextlib
+
 import thaw_format
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+from thaw_format import CorruptSnapshotError, SnapshotFile
 from thaw_format.sdk import lent, pending_requests
-from thaw_format.sdk.shared import SharedSnapshot, owned_segment
+from thaw_format.sdk.head_share import unwritten
+from thaw_format.sdk.shared import SHM_PREFIX, SharedSnapshot, owned_segment, read_source, release
+from thaw_format.writer import reseal
 
-from . import _internals, rpc, transport
+from . import _internals, rpc, tensor_parallel, transport
 from .capture import capture_state
-from .restore import check_restorable, restore_state
+from .restore import apply_restore, check_restorable, check_restore, restore_state
 
 
 class ThawScheduler(_internals.SleepsWhilePaused):
@@ -62,10 +67,17 @@ class ThawScheduler(_internals.SleepsWhilePaused):
         def work():
             if into not in ("lent", "reused", "own"):
                 raise ValueError(f"into: 'lent', 'reused' or 'own', not {into!r}")
-            # into shared memory the KV goes straight from the engine's buffers, checksummed on the way
-            snapshot, fill = capture_state(self, page_size=page_size, include_weights=weights, label=label or None,
-                                           parent=self.thaw_restored_from, chains=chains, deferred=not path,
-                                           requests=requests)
+
+            def plan():  # into shared memory the KV goes straight from the engine's buffers, checksummed on the way
+                return capture_state(self, page_size=page_size, include_weights=weights, label=label or None,
+                                     parent=self.thaw_restored_from, chains=chains, deferred=not path,
+                                     requests=requests)
+
+            if tensor_parallel.is_parallel(self):
+                snapshot, puts, pages = tensor_parallel.agreed(self, plan)
+                tensor_parallel.agree_on(self, "the pages planned (digest of tokens and slots)", pages)
+                return self._thaw_capture_shares(snapshot, puts, path, into)
+            snapshot, fill, _ = plan()
             if path:
                 thaw_format.save(snapshot, path)
                 return None
@@ -77,51 +89,165 @@ class ThawScheduler(_internals.SleepsWhilePaused):
             shared.detach()
             return shared.source
 
-        rpc.report(result, work)
+        self._thaw_report(result, work)
+
+    def _thaw_capture_shares(self, snapshot, puts: dict, path: str, into: str) -> str | None:
+        """A tensor-parallel capture (tensor_parallel): the first rank publishes the snapshot as thaw_capture says,
+        every rank writes its heads of the KV into it, and the first checksums the final bytes (and, given `path`,
+        saves it there from a segment of its own, then unlinks that)."""
+        def publish() -> tuple[str, str]:  # (the capture's source, the source its ranks write through)
+            if path or into == "own":
+                shared = SharedSnapshot(snapshot, dict.fromkeys(puts, unwritten))
+                shared.detach()
+                return shared.source, f"{shared.source}#{shared.nbytes}"
+            publisher = lent.owned_lender(self) if into == "lent" else owned_segment(self)
+            source = publisher.publish(snapshot, dict.fromkeys(puts, unwritten))
+            return source, source
+
+        source, written = tensor_parallel.from_first(self, publish)
+
+        def put() -> None:
+            view = lent.writable_view(written)
+            with SnapshotFile(view) as published:
+                regions = {name: published.info(name)[2] for name in puts}
+            for name, put_heads in puts.items():
+                put_heads(view[regions[name].offset : regions[name].end])
+
+        first = tensor_parallel.is_first(self)
+        try:
+            try:
+                tensor_parallel.agreed(self, put)
+            finally:
+                lent.forget(written)
+            if not first:
+                return None
+            reseal(lent.writable_view(written), list(puts))
+            lent.forget(written)
+        except BaseException:
+            if first:  # published, and no client will read it: its segment goes now
+                self._thaw_withdraw(source, path, into)
+            raise
+        if not path:
+            return source
+        try:
+            thaw_format.save(read_source(source), path)
+        finally:
+            release(source)
+        return None
+
+    def _thaw_withdraw(self, source: str, path: str, into: str) -> None:
+        """Unlink a capture's segment that its client will never get (one of its own, or a lent one taken back);
+        the reused segment stays this scheduler's."""
+        if path or into == "own":
+            release(source)
+        elif into == "lent":
+            lent.owned_lender(self).withdraw(source)
+
+    def _thaw_report(self, result: str, work, combine=None) -> None:
+        """rpc.report of `work`; under tensor parallelism run on every rank, and reported by the first once every
+        rank has done (tensor_parallel.agreed: the first failing rank's error), the others reporting nothing. A
+        value each rank holds of its own (plain JSON) is reported as `combine` makes one of all ranks' values;
+        without `combine`, the first rank's."""
+        def everywhere():
+            value = tensor_parallel.agreed(self, work)
+            return value if combine is None else combine(tensor_parallel.gathered(self, value))
+
+        if not tensor_parallel.is_parallel(self):
+            rpc.report(result, work)
+        elif tensor_parallel.is_first(self):
+            rpc.report(result, everywhere)
+        else:
+            with contextlib.suppress(Exception):  # the first rank reports it
+                everywhere()
 
     def thaw_restore(self, result: str, source: str, verified: bool = False) -> None:
         """Restore the snapshot `source` names (read in place, verified unless the caller checked it); returns how
         many requests it leaves unfinished, so that the caller reads the snapshot itself only when there are some."""
         def work():
-            snapshot = transport.read(source, self, verify=not verified)
-            restore_state(self, snapshot)
+            if not tensor_parallel.is_parallel(self):
+                snapshot = transport.read(source, self, verify=not verified)
+                restore_state(self, snapshot)
+            else:
+                snapshot = self._thaw_restore_shares(source, verified)
             self.thaw_restored_from = snapshot.id
             return len(pending_requests(snapshot))
 
-        rpc.report(result, work)
+        self._thaw_report(result, work)
+
+    def _thaw_restore_shares(self, source: str, verified: bool):
+        """A tensor-parallel restore (tensor_parallel): every rank reads and checks the snapshot (the same on every
+        rank) before any rank changes its cache; then each writes its heads, and if any rank failed once a rank
+        had begun, every rank flushes (the ranks' trees must stay one). A segment every rank maps is verified by
+        the first rank alone."""
+        verify = not verified and (tensor_parallel.is_first(self) or not source.startswith(SHM_PREFIX))
+
+        def stage():
+            snapshot = transport.read(source, self, verify=verify)
+            check_restore(self, snapshot)
+            return snapshot
+
+        snapshot = tensor_parallel.agreed(self, stage)
+        # The snapshot's id digests its header and its trailer's chunk checksums: a file replaced between two ranks'
+        # reads of its path shows here, before any rank writes.
+        tensor_parallel.agree_on(self, "the snapshot each read from its source", snapshot.id, CorruptSnapshotError)
+        touched = False
+
+        def write():
+            nonlocal touched
+            touched = True  # apply_restore's first step changes the cache
+            apply_restore(self, snapshot)
+
+        try:
+            tensor_parallel.agreed(self, write)
+        except BaseException:
+            if any(tensor_parallel.gathered(self, touched)) and not _internals.flush(self):
+                raise RuntimeError("a tensor-parallel restore failed partway and SGLang refused to flush the "
+                                   "cache: the ranks' caches may differ")
+            raise
+        return snapshot
 
     def thaw_check(self, result: str, source: str, verified: bool = False) -> None:
-        rpc.report(result, lambda: check_restorable(self, transport.read(source, self, verify=not verified)))
+        self._thaw_report(result, lambda: check_restorable(self, transport.read(source, self, verify=not verified)))
 
     def thaw_pause(self, result: str, paused: bool) -> None:
         def work():
             self.thaw_batches_left = None
             _internals.set_paused(self, paused)
 
-        rpc.report(result, work)
+        self._thaw_report(result, work)
 
     def thaw_run_batches(self, result: str, batches: int) -> None:
         def work():
             self.thaw_batches_left = batches
             _internals.set_paused(self, False)
 
-        rpc.report(result, work)
+        self._thaw_report(result, work)
 
     def thaw_release(self, result: str) -> None:
         """Unlink this scheduler's shared-memory segments before the engine ends this process (transport.release)."""
-        rpc.report(result, lambda: transport.release(self))
+        self._thaw_report(result, lambda: transport.release(self))
 
     def thaw_leak_warnings(self, result: str) -> None:
-        rpc.report(result, lambda: _internals.leak_warnings(self))
+        self._thaw_report(result, lambda: _internals.leak_warnings(self), combine=sum)
 
     def thaw_free_slots(self, result: str) -> None:
-        rpc.report(result, lambda: _internals.free_slots(self))
+        self._thaw_report(result, lambda: _internals.free_slots(self), combine=_one_count("free KV slots"))
 
     def thaw_unlinked_load_report_path(self, result: str) -> None:
-        rpc.report(result, lambda: self.thaw_unlinked_load_report)
+        self._thaw_report(result, lambda: self.thaw_unlinked_load_report)
 
     def thaw_page_size(self, result: str) -> None:
-        rpc.report(result, lambda: _internals.engine_page_size(self))
+        self._thaw_report(result, lambda: _internals.engine_page_size(self))
+
+
+def _one_count(what: str):
+    """A `combine` for a count every rank holds the same of (one tree over the same slots): it, or an error."""
+    def combine(counts: list[int]) -> int:
+        if len(set(counts)) > 1:
+            raise RuntimeError(f"the tensor-parallel ranks differ in {what}: {counts} (by rank)")
+        return counts[0]
+
+    return combine
 
 
 def run_scheduler_process(*args, **kwargs):

@@ -1,52 +1,16 @@
-"""A tensor-parallel rank's share of thaw's KV pages: the KV heads it holds, and its moves to and from pages over
-all heads.
-
-Under tensor parallelism every worker rank holds the same blocks (the engine core's block table is one) but only
-its share of the KV heads: rank r of N holds heads [r*h, (r+1)*h) of H = N*h (vLLM's QKVParallelLinear). A
-snapshot stays engine-independent: its pages are token-major over all H heads ([block_size, H, head_dim]), as a
-one-rank engine holds them, so in each token row of a page a rank's heads are one slab of h*head_dim elements at
-r*h*head_dim. A capture has every rank write its slab of every row into the one segment its first rank lent
-(`put_share`), and the first rank checksum the final bytes after all have written (a second pass:
-thaw_format.writer.reseal); a restore has every rank read its slab of every row (`take_share`) into its own
-blocks. Where vLLM replicates heads (fewer KV heads than ranks), splits a page's tokens between ranks (context
+"""vLLM's tensor-parallel ranks as thaw's head shares (thaw_format.sdk.head_share): rank r of N holds heads
+[r*h, (r+1)*h) of H = N*h (vLLM's QKVParallelLinear), and every rank holds the same blocks (the engine core's block
+table is one). Where vLLM replicates heads (fewer KV heads than ranks), splits a page's tokens between ranks (context
 parallel) or its layers (pipeline parallel), no rank's share is a slab of whole heads: refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy
-from thaw_format import mover
-
-
-@dataclass(frozen=True)
-class HeadShare:
-    rank: int  # tensor-parallel rank
-    ranks: int  # tensor-parallel size
-    heads: int  # KV heads this rank holds
-    total_heads: int  # KV heads of the model: a page's
-    head_dim: int
-    itemsize: int
-
-    @property
-    def whole(self) -> bool:
-        """One rank holds every head: a page is the rank's own."""
-        return self.ranks == 1
-
-    @property
-    def slab_bytes(self) -> int:
-        return self.heads * self.head_dim * self.itemsize
-
-    def slab_offsets(self, num_pages: int, block_size: int) -> numpy.ndarray:
-        """Byte offset of this rank's slab in every token row of `num_pages` pages over all heads."""
-        row_bytes = self.total_heads * self.head_dim * self.itemsize
-        return numpy.arange(num_pages * block_size, dtype=numpy.int64) * row_bytes + self.rank * self.slab_bytes
+from thaw_format.sdk.head_share import HeadShare, head_share as _head_share
 
 
 def head_share(parallel_config, total_heads: int, heads: int, rank: int, head_dim: int, itemsize: int) -> HeadShare:
     """This rank's share of the KV heads, or NotImplementedError naming what thaw_vllm does not map."""
-    ranks = parallel_config.tensor_parallel_size
     unmapped = {name: size for name, size in (
         ("pipeline_parallel_size", parallel_config.pipeline_parallel_size),
         ("decode_context_parallel_size", parallel_config.decode_context_parallel_size),
@@ -54,21 +18,5 @@ def head_share(parallel_config, total_heads: int, heads: int, rank: int, head_di
     if unmapped:
         raise NotImplementedError(f"thaw_vllm maps tensor parallelism only; this engine has "
                                   f"{', '.join(f'{k}={v}' for k, v in unmapped.items())}")
-    if heads * ranks != total_heads:
-        raise NotImplementedError(f"tensor_parallel_size={ranks} over {total_heads} KV heads: each rank holds {heads} "
-                                  f"(vLLM replicates heads when there are fewer than ranks); thaw_vllm maps tensor "
-                                  f"parallelism only where the KV heads divide evenly between the ranks")
-    return HeadShare(rank, ranks, heads, total_heads, head_dim, itemsize)
-
-
-def put_share(local_pages, out, share: HeadShare, offsets: numpy.ndarray) -> None:
-    """Write a rank's pages over its own heads ([num_pages, block_size, heads, head_dim]) into their slabs of
-    `out`, pages over all heads, at `offsets` (share.slab_offsets of those pages, one per token row)."""
-    mover.scatter(local_pages, out, offsets, share.slab_bytes)
-
-
-def take_share(pages, share: HeadShare, offsets: numpy.ndarray, out) -> memoryview:
-    """A rank's pages over its own heads, read from its slabs of `pages` over all heads at `offsets` (as
-    put_share's; a remote view is read here first, whole) into `out` (len(offsets) * share.slab_bytes bytes)."""
-    mover.gather(mover.fetched(pages), offsets, share.slab_bytes, out)
-    return out
+    return _head_share("thaw_vllm", rank, parallel_config.tensor_parallel_size, heads, total_heads, head_dim,
+                       itemsize)

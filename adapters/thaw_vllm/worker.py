@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import functools
 import os
-from array import array
 
 import thaw_format
 import vllm
 from thaw_format import IncompatibleSnapshotError, mover
 from thaw_format.sdk import lent, lineage_now, remote
+from thaw_format.sdk.head_share import HeadShare, put_share, take_share, unwritten
 from thaw_format.sdk.shared import SHM_PREFIX, owned_segment
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import EncodedSnapshot, deferred_tensor, reseal
 
 from . import _internals, identity, rpc, transport
 from .pages import NativeLayout, blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
-from .tensor_parallel import HeadShare, head_share, put_share, take_share
+from .tensor_parallel import head_share
 
 
 MOVER_CPUS_ENV = "THAW_VLLM_MOVER_CPUS"  # "rank": libthaw moves KV on the worker's own cores only
@@ -265,11 +265,11 @@ def _page_shape(layout, share: HeadShare) -> tuple[int, int, int]:
     return layout.page_shape[0], share.total_heads, share.head_dim
 
 
-def _unwritten(kept: list, target, chunk_size: int) -> array:
-    """A fill that leaves its tensor to the ranks (thaw_put_share), keeps the buffer `target` views (the whole
-    segment) for the first rank's slabs and seal, and returns placeholder checksums (thaw_seal computes them)."""
+def _unwritten(kept: list, target, chunk_size: int):
+    """head_share.unwritten, keeping the buffer `target` views (the whole segment) for the first rank's slabs and
+    seal."""
     kept[:] = [target.obj]
-    return array("I", bytes(4 * -(-len(target) // chunk_size)))
+    return unwritten(target, chunk_size)
 
 
 def _describe(worker) -> dict:

@@ -91,6 +91,17 @@ def exists(source: str) -> bool:
     return os.path.exists(f"/dev/shm/{segment(source)}")
 
 
+def test_a_segment_its_publisher_withdraws_is_unlinked_at_once_and_its_slot_lends_again(lender):
+    """A capture that fails after publishing (a tensor-parallel rank's write) withdraws what no client will
+    borrow: unlinked now, not UNBORROWED_S later, and the slot lends the next snapshot."""
+    withdrawn = lender.publish(snapshot(1))
+    lender.withdraw(withdrawn)
+    assert not exists(withdrawn)
+    with pytest.raises(FileNotFoundError):
+        lent.borrow(withdrawn)
+    assert lent._slot_of(segment(lender.publish(snapshot(2)))) == lent._slot_of(segment(withdrawn))
+
+
 def test_a_slot_lent_and_never_borrowed_is_taken_back_once_its_time_is_up():
     """A reader that died between the capture and its borrow (or never borrows) does not hold the slot, and its
     segment's memory, until the lender closes: once unborrowed_s have passed (none here), the lender's next

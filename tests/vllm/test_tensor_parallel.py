@@ -195,21 +195,6 @@ def _parallel(tp=2, pp=1, dcp=1, pcp=1):
                            prefill_context_parallel_size=pcp)
 
 
-def test_a_rank_holds_a_slab_of_whole_heads_in_every_token_row(vllm):
-    from thaw_vllm.tensor_parallel import head_share, put_share, take_share
-
-    pages = numpy.arange(2 * 4 * 6 * 8, dtype=numpy.float32).reshape(2, 4, 6, 8)  # 2 pages, 4 tokens, 6 heads
-    out = numpy.zeros_like(pages)
-    for rank in range(3):
-        share = head_share(_parallel(tp=3), 6, 2, rank, 8, 4)
-        offsets = share.slab_offsets(2, 4)
-        local = numpy.frombuffer(take_share(pages, share, offsets, bytearray(len(offsets) * share.slab_bytes)),
-                                 numpy.float32).reshape(2, 4, 2, 8)
-        assert numpy.array_equal(local, pages[:, :, 2 * rank : 2 * rank + 2])
-        put_share(numpy.ascontiguousarray(local), out, share, offsets)
-    assert numpy.array_equal(out, pages)
-
-
 @pytest.mark.parametrize("parallel, total, heads, match", [
     (_parallel(tp=2), 1, 1, "tensor_parallel_size=2 over 1 KV heads: each rank holds 1"),  # vLLM replicates it
     (_parallel(tp=4), 2, 1, "tensor_parallel_size=4 over 2 KV heads"),

@@ -126,6 +126,11 @@ class Lender:
         self._lent_at[slot] = time.monotonic()
         return f"{SHM_PREFIX}{segment.name}#{encoded.nbytes}"
 
+    def withdraw(self, source: str) -> None:
+        """Take back a segment `publish` lent that no reader will borrow (its publisher failed after publishing):
+        unlinked now, not UNBORROWED_S later (where a view of it still lives here, it is then)."""
+        self._take_back(_slot_of(parse(source)[0])[1])
+
     def _slot(self, nbytes: int) -> int:
         """A free slot whose segment holds nbytes (the smallest such), else a free slot given a new segment.
         Idle segments beyond KEEP_IDLE are unlinked."""

@@ -1,0 +1,74 @@
+"""A tensor-parallel rank's share of a snapshot's KV pages: the KV heads it holds, and its moves to and from pages
+over all heads. Engine-neutral: each adapter says which rank it is and how many heads it holds.
+
+Under tensor parallelism every rank holds the same pages (one scheduler's decisions) but only its share of the KV
+heads: rank r of N holds heads [r*h, (r+1)*h) of H = N*h. A snapshot stays engine-independent: its pages are
+token-major over all H heads ([page_size, H, head_dim]), as a one-rank engine holds them, so in each token row of
+a page a rank's heads are one slab of h*head_dim elements at r*h*head_dim. A capture has every rank write its slab
+of every row into the one segment its first rank published with `unwritten` fills (`put_share`), and the first
+rank checksum the final bytes after all have written (thaw_format.writer.reseal); a restore has every rank read
+its slab of every row (`take_share`). Where an engine replicates heads (fewer KV heads than ranks), no rank's
+share is a slab of whole heads: refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy
+from thaw_format import mover
+
+
+@dataclass(frozen=True)
+class HeadShare:
+    rank: int  # tensor-parallel rank
+    ranks: int  # tensor-parallel size
+    heads: int  # KV heads this rank holds
+    total_heads: int  # KV heads of the model: a page's
+    head_dim: int
+    itemsize: int
+
+    @property
+    def whole(self) -> bool:
+        """One rank holds every head: a page is the rank's own."""
+        return self.ranks == 1
+
+    @property
+    def slab_bytes(self) -> int:
+        return self.heads * self.head_dim * self.itemsize
+
+    def slab_offsets(self, num_pages: int, page_size: int) -> numpy.ndarray:
+        """Byte offset of this rank's slab in every token row of `num_pages` pages over all heads."""
+        row_bytes = self.total_heads * self.head_dim * self.itemsize
+        return numpy.arange(num_pages * page_size, dtype=numpy.int64) * row_bytes + self.rank * self.slab_bytes
+
+
+def head_share(adapter: str, rank: int, ranks: int, heads: int, total_heads: int, head_dim: int,
+               itemsize: int) -> HeadShare:
+    """Rank `rank` of `ranks` holding `heads` of the model's `total_heads`; NotImplementedError, naming `adapter`,
+    where the heads do not divide evenly between the ranks."""
+    if heads * ranks != total_heads:
+        raise NotImplementedError(f"tensor_parallel_size={ranks} over {total_heads} KV heads: each rank holds {heads} "
+                                  f"(the engine replicates heads when there are fewer than ranks); {adapter} maps "
+                                  f"tensor parallelism only where the KV heads divide evenly between the ranks")
+    return HeadShare(rank, ranks, heads, total_heads, head_dim, itemsize)
+
+
+def put_share(local_pages, out, share: HeadShare, offsets: numpy.ndarray) -> None:
+    """Write a rank's pages over its own heads ([num_pages, page_size, heads, head_dim]) into their slabs of
+    `out`, pages over all heads, at `offsets` (share.slab_offsets of those pages, one per token row)."""
+    mover.scatter(local_pages, out, offsets, share.slab_bytes)
+
+
+def take_share(pages, share: HeadShare, offsets: numpy.ndarray, out) -> memoryview:
+    """A rank's pages over its own heads, read from its slabs of `pages` over all heads at `offsets` (as
+    put_share's; a remote view is read here first, whole) into `out` (len(offsets) * share.slab_bytes bytes: a
+    restore reuses one buffer for every layer, its scatters copying out of it)."""
+    mover.gather(mover.fetched(pages), offsets, share.slab_bytes, out)
+    return out
+
+
+def unwritten(target, chunk_size: int) -> numpy.ndarray:
+    """A fill (thaw_format.EncodedSnapshot.write_into) that leaves its tensor to the ranks (put_share) and returns
+    placeholder checksums: reseal computes the real ones once every rank has written."""
+    return numpy.zeros(-(-len(target) // chunk_size), numpy.uint32)
