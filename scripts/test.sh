@@ -12,25 +12,65 @@ need_disk "${TMPDIR:-/tmp}" 1 "the tests' temporary files" || exit 1
 status=0
 timings=()
 began=$SECONDS
-# timed LABEL COMMAND...: run COMMAND, print its wall time and keep it for the table at the end.
+# record LABEL SECONDS EXIT: print a run's wall time and keep it for the table at the end.
+record() {
+  local result=ok
+  [ "$3" -eq 0 ] || result="FAILED (exit $3)"
+  echo "=== $1: $2 s, $result"
+  timings+=("$(printf '%6s s  %-62s %s' "$2" "$1" "$result")")
+}
+
+# timed LABEL COMMAND...: run COMMAND and record its wall time.
 timed() {
   local label="$1" start=$SECONDS rc=0
   shift
   "$@" || rc=$?
-  local result=ok
-  [ "$rc" -eq 0 ] || result="FAILED (exit $rc)"
-  echo "=== $label: $((SECONDS - start)) s, $result"
-  timings+=("$(printf '%6d s  %-62s %s' $((SECONDS - start)) "$label" "$result")")
+  record "$label" $((SECONDS - start)) "$rc"
   return "$rc"
 }
 
-# area: "venv setup-script tests..."; each of tests is a path, with pytest options after it if any ("path opts")
+# The vLLM and SGLang set-ups (minutes of pip each) run one after the other in the background while the core
+# tests run. Each one's output goes to .cache/setup/NAME.out, shown when its area begins, and its exit status
+# and seconds to .cache/setup/NAME.status.
+declare -A set_up=()  # NAME: "background" while it runs there, else its exit status
+background_setups() {
+  mkdir -p .cache/setup
+  local name
+  for name in "$@"; do rm -f ".cache/setup/$name.status"; set_up[$name]=background; done
+  (
+    for name in "$@"; do
+      start=$SECONDS rc=0
+      bash "scripts/setup-$name.sh" >".cache/setup/$name.out" 2>&1 || rc=$?
+      echo "$rc $((SECONDS - start))" >".cache/setup/$name.status"
+    done
+  ) &
+  background=$!
+}
+
+# setup NAME VENV: run scripts/setup-NAME.sh once, or wait for it where it runs in the background; record its time.
+setup() {
+  local label="set-up $2 (scripts/setup-$1.sh)"
+  case "${set_up[$1]:-}" in
+    "") timed "$label" bash "scripts/setup-$1.sh"; set_up[$1]=$? ;;
+    background)
+      local rc=1 secs=? waited=$SECONDS
+      until [ -e ".cache/setup/$1.status" ] || ! kill -0 "$background" 2>/dev/null; do sleep 5; done
+      [ -e ".cache/setup/$1.status" ] && read -r rc secs <".cache/setup/$1.status"
+      echo "=== $label ran in the background (waited $((SECONDS - waited)) s for it); its output:"
+      cat ".cache/setup/$1.out"
+      record "$label, in the background" "$secs" "$rc"
+      set_up[$1]=$rc ;;
+  esac
+  return "${set_up[$1]}"
+}
+
+# area: "venv setup-name tests..."; each of tests is a path, with pytest options after it if any ("path opts")
 run_area() {
-  local venv="$1" setup="$2"; shift 2
+  local venv="$1" name="$2"; shift 2
   local runs=() words
   for p in "$@"; do read -ra words <<<"$p"; [ -e "${words[0]}" ] && runs+=("$p"); done
   [ ${#runs[@]} -gt 0 ] || return 0
-  if ! timed "set-up $venv ($setup)" bash "$setup"; then echo "=== set-up failed: $setup"; status=1; return; fi
+  if ! setup "$name" "$venv"; then echo "=== set-up failed: scripts/setup-$name.sh"; status=1; return; fi
   # One pytest per directory: each directory's conftest is imported as the module `conftest`.
   for p in "${runs[@]}"; do
     read -ra words <<<"$p"
@@ -43,18 +83,21 @@ core_paths=()
 for p in tests/*/; do
   case "$p" in tests/vllm/|tests/langgraph/|tests/ray/|tests/sglang/|tests/conformance/) ;; *) core_paths+=("${p%/}") ;; esac
 done
+# The core set-up first: it builds libthaw in the checkout, which the later editable installs find up to date.
+setup core .venv
+background_setups vllm sglang
 # ChatThaw (tests/langgraph) runs once per engine, each in the environment that has it; RayForkPool (tests/ray)
 # on the engines quick to start in an actor.
-run_area .venv scripts/setup-core.sh "${core_paths[@]}" "tests/langgraph --engine mlx --engine transformers" \
+run_area .venv core "${core_paths[@]}" "tests/langgraph --engine mlx --engine transformers" \
   "tests/ray --engine template --engine mlx"
-run_area .venv-vllm scripts/setup-vllm.sh tests/vllm "tests/langgraph --engine vllm"
-run_area .venv-sglang scripts/setup-sglang.sh tests/sglang "tests/langgraph --engine sglang"
+run_area .venv-vllm vllm tests/vllm "tests/langgraph --engine vllm"
+run_area .venv-sglang sglang tests/sglang "tests/langgraph --engine sglang"
 if [ -e tests/conformance ]; then
   echo "=== testing tests/conformance in .venv (drives every engine environment)"
-  timed "pytest tests/conformance (.venv)" \
-    .venv/bin/python -m pytest --durations=15 tests/conformance || status=1
+  timed "pytest tests/conformance (.venv)" .venv/bin/python -m pytest --durations=15 tests/conformance || status=1
 fi
 
+wait  # the background set-ups, where an area that would have waited for one is absent
 echo "=== wall time of each set-up and test run"
 printf '%s\n' "${timings[@]}"
 printf '%6d s  in all\n' $((SECONDS - began))
