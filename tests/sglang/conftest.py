@@ -1,4 +1,4 @@
-"""Shared SGLang engines for the thaw_sglang tests: one parent and its four forks.
+"""Shared SGLang engines for the thaw_sglang tests: one parent and its four forks, and one plain engine (`llama`).
 
 An SGLang Engine start costs 20-60 s on this machine, so the engines are session fixtures and the parent's
 state, its snapshot and its reference continuations are prepared once, in `family`.
@@ -56,6 +56,14 @@ def engines(thaw_sglang):
     yield start
     for engine in started:
         engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def llama(zoo, engines):
+    """A plain llama engine, outside the family, shared by the tests that need an engine they may flush and
+    restore into: each leaves it idle and unpaused. test_kv_transport refuses it remote reads for good
+    (remote.refuse), so a test that needs them (test_partial_restore) starts its own."""
+    return engines(zoo.make_model("llama"))
 
 
 def generate(engine, input_ids, params=GREEDY):

@@ -2,8 +2,9 @@
 request holds and SGLang's own pool-leak check once idle; the batch budget (ThawEngine.run_batches) across a
 request's last result: SGLang's overlap scheduler runs one more batch for a request before it processes the result
 that finishes it, and that batch's result, which gives no token, must not use up the batch allowed to the request
-after it; and finish(), after which progress() reports nothing of what it finished. One engine for the module:
-each test leaves it unpaused and idle, even when it fails, so a failure is not passed on to the tests after it."""
+after it; and finish(), after which progress() reports nothing of what it finished. On the session's `llama`
+engine: each test leaves it unpaused and idle, even when it fails, so a failure is not passed on to the tests
+after it."""
 
 import threading
 
@@ -15,8 +16,8 @@ WAIT = 60  # seconds: far more than a prefill of this model; past it the engine 
 
 
 @pytest.fixture(scope="module")
-def contract(thaw_sglang, zoo, engines):
-    return thaw_sglang.SGLangEngine(engines(zoo.make_model("llama")))
+def contract(thaw_sglang, llama):
+    return thaw_sglang.SGLangEngine(llama)
 
 
 def test_abort_frees_the_request_and_the_others_get_their_tokens_alone(contract):

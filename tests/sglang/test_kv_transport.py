@@ -1,6 +1,7 @@
-"""The KV's way between the client and SGLang's scheduler (thaw_sglang.transport), on one live engine: a capture is
-lent (the client's Snapshot views the segment the scheduler gathered into) with the same bytes as a capture
-written to a file; restoring it hands that segment back; a corrupt chunk is refused before anything changes."""
+"""The KV's way between the client and SGLang's scheduler (thaw_sglang.transport), on the session's `llama` engine
+(PROMPT's pages are this module's, whatever else its tree holds): a capture is lent (the client's Snapshot views the
+segment the scheduler gathered into) with the same bytes as a capture written to a file; restoring it hands that
+segment back; a corrupt chunk is refused before anything changes."""
 
 import mmap
 import os
@@ -15,10 +16,9 @@ SUFFIX = [31, 32, 33]
 
 
 @pytest.fixture(scope="module")
-def engine(zoo, engines):
-    engine = engines(zoo.make_model("llama"))
-    generate(engine, PROMPT)
-    return engine
+def engine(llama):
+    generate(llama, PROMPT)
+    return llama
 
 
 @pytest.fixture(scope="module")
