@@ -54,3 +54,10 @@ make_venv() {
   fi
   step "pip, setuptools, wheel" "$1/bin/python" -m pip install --upgrade pip setuptools wheel
 }
+
+# install_thaw VENV EXTRAS: install this checkout, editable, into VENV, one set-up at a time (test.sh runs them
+# side by side): the first builds libthaw in the checkout, the others find it current and leave it (setup.py).
+install_thaw() {
+  step "thaw (editable, libthaw built) with [$2]" \
+    flock "$ROOT/.cache/setup/thaw-install.lock" "$1/bin/pip" install -e "$ROOT[$2]"
+}

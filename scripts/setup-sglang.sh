@@ -33,4 +33,4 @@ rm -rf "$SITE/sgl_kernel"
 cp -r "$ROOT/scripts/sglang_cpu/sgl_kernel" "$SITE/sgl_kernel"
 cp "$ROOT/scripts/sglang_cpu/thaw_sglang_cpu.pth" "$SITE/thaw_sglang_cpu.pth"
 
-step "thaw (editable, libthaw built) with [cli,test,langgraph]" "$PIP" install -e "$ROOT[cli,test,langgraph]"
+install_thaw "$VENV" cli,test,langgraph

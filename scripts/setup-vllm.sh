@@ -13,4 +13,4 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   step "remove torchvision, torchaudio, torchcodec (for another torch)" \
     "$PIP" uninstall -y torchvision torchaudio torchcodec
 fi
-step "thaw (editable, libthaw built) with [torch,cli,test,langgraph]" "$PIP" install -e "$ROOT[torch,cli,test,langgraph]"
+install_thaw "$VENV" torch,cli,test,langgraph

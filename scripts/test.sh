@@ -29,9 +29,10 @@ timed() {
   return "$rc"
 }
 
-# The vLLM and SGLang set-ups (minutes of pip each) run one after the other in the background while the core
-# tests run. Each one's output goes to .cache/setup/NAME.out, shown when its area begins, and its exit status
-# and seconds to .cache/setup/NAME.status.
+# The vLLM and SGLang set-ups (minutes of pip each) run one after the other in the background, beside the core
+# set-up and tests. Each one's output goes to .cache/setup/NAME.out, shown when its area begins, and its exit
+# status and seconds to .cache/setup/NAME.status. Their editable installs of thaw take turns with the core's
+# (install_thaw): libthaw is built once, by the first, before any test starts.
 declare -A set_up=()  # NAME: "background" while it runs there, else its exit status
 background_setups() {
   mkdir -p .cache/setup
@@ -83,9 +84,8 @@ core_paths=()
 for p in tests/*/; do
   case "$p" in tests/vllm/|tests/langgraph/|tests/ray/|tests/sglang/|tests/conformance/) ;; *) core_paths+=("${p%/}") ;; esac
 done
-# The core set-up first: it builds libthaw in the checkout, which the later editable installs find up to date.
-setup core .venv
 background_setups vllm sglang
+setup core .venv
 # ChatThaw (tests/langgraph) runs once per engine, each in the environment that has it; RayForkPool (tests/ray)
 # on the engines quick to start in an actor.
 run_area .venv core "${core_paths[@]}" "tests/langgraph --engine mlx --engine transformers" \
