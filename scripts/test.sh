@@ -92,12 +92,12 @@ run_area .venv core "${core_paths[@]}" "tests/langgraph --engine mlx --engine tr
   "tests/ray --engine template --engine mlx"
 run_area .venv-vllm vllm tests/vllm "tests/langgraph --engine vllm"
 run_area .venv-sglang sglang tests/sglang "tests/langgraph --engine sglang"
+wait  # conformance drives every engine's environment: each set-up has ended, even one whose area is absent
 if [ -e tests/conformance ]; then
   echo "=== testing tests/conformance in .venv (drives every engine environment)"
   timed "pytest tests/conformance (.venv)" .venv/bin/python -m pytest --durations=15 tests/conformance || status=1
 fi
 
-wait  # the background set-ups, where an area that would have waited for one is absent
 echo "=== wall time of each set-up and test run"
 printf '%s\n' "${timings[@]}"
 printf '%6d s  in all\n' $((SECONDS - began))
