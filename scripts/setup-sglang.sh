@@ -7,6 +7,7 @@ source "$(dirname "$0")/env.sh"
 VENV="$ROOT/.venv-sglang"
 PIP="$VENV/bin/pip"
 start_log sglang .venv-sglang
+hold_lock "$ROOT/.cache/setup/sglang.lock" .venv-sglang
 make_venv "$VENV" 3
 
 step "torch 2.13.0 (CPU build)" "$PIP" install torch==2.13.0
