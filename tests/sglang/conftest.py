@@ -60,10 +60,19 @@ def engines(thaw_sglang):
 
 @pytest.fixture(scope="session")
 def llama(zoo, engines):
-    """A plain llama engine, outside the family, shared by the tests that need an engine they may flush and
-    restore into: each leaves it idle and unpaused. test_kv_transport refuses it remote reads for good
-    (remote.refuse), so a test that needs them (test_partial_restore) starts its own."""
+    """A plain llama engine, outside the family, shared by test_abort and test_kv_transport in either order: each
+    test leaves it idle and unpaused, and checks its leaks with `no_new_leaks`. test_kv_transport refuses it
+    remote reads for good (remote.refuse), so a test that needs them (test_partial_restore) starts its own."""
     return engines(zoo.make_model("llama"))
+
+
+@pytest.fixture
+def no_new_leaks(llama):
+    """SGLang's own pool-leak check (it runs whenever the scheduler idles) fires on `llama` nowhere in the test:
+    its count over the engine's life would blame a test for a leak of any test before it."""
+    before = llama.leak_warnings()
+    yield
+    assert llama.leak_warnings() == before, "SGLang's pool-leak check fired on the llama engine during this test"
 
 
 def generate(engine, input_ids, params=GREEDY):
