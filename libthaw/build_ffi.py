@@ -177,6 +177,9 @@ ffibuilder.set_source(
     '#include "thaw.h"',
     sources=[str((SRC / name).relative_to(ROOT.parent)) for name in PORTABLE_SOURCES],
     include_dirs=[str(INCLUDE.relative_to(ROOT.parent))],
+    # distutils relinks when one of these is newer than the module: the headers, and the CPU-specific sources
+    # that setup.py compiles beside the extension.
+    depends=[str(p.relative_to(ROOT.parent)) for p in sorted([*SRC.iterdir(), *INCLUDE.iterdir()])],
     extra_compile_args=CFLAGS,
     libraries=["pthread"],
 )

@@ -54,3 +54,24 @@ make_venv() {
   fi
   step "pip, setuptools, wheel" "$1/bin/python" -m pip install --upgrade pip setuptools wheel
 }
+
+# hold_lock FILE WHAT: wait (at most 30 minutes) for the lock FILE, then hold it until this script ends, so that
+# no other script (test.sh's set-ups, demo.sh) changes WHAT meanwhile.
+hold_lock() {
+  exec 9>"$1"
+  if ! flock -w 1800 9; then
+    echo "error: waited 30 minutes for $2 (lock ${1#"$ROOT/"}), which another set-up still holds" >&2
+    return 1
+  fi
+}
+
+# install_thaw VENV EXTRAS: install this checkout, editable, into VENV, one set-up at a time (test.sh runs them
+# side by side): the first builds libthaw in the checkout, the others find it current and leave it (setup.py).
+install_thaw() {
+  local lock="$ROOT/.cache/setup/thaw-install.lock"
+  step "thaw (editable; libthaw built unless the checkout's is current) with [$2]" \
+    flock -w 1800 -E 75 "$lock" "$1/bin/pip" install -e "$ROOT[$2]" && return
+  local rc=$?
+  [ "$rc" -ne 75 ] || echo "error: waited 30 minutes for another set-up's install of thaw (lock ${lock#"$ROOT/"})" >&2
+  return "$rc"
+}

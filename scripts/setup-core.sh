@@ -3,6 +3,7 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 start_log core .venv
+hold_lock "$ROOT/.cache/setup/core.lock" .venv
 make_venv "$ROOT/.venv" 2
 step "torch 2.13.0 (CPU build)" "$ROOT/.venv/bin/pip" install torch==2.13.0
-step "thaw (editable, libthaw built) with [torch,mlx,cli,test,langgraph,transformers,ray]" "$ROOT/.venv/bin/pip" install -e "$ROOT[torch,mlx,cli,test,langgraph,transformers,ray]"
+install_thaw "$ROOT/.venv" torch,mlx,cli,test,langgraph,transformers,ray

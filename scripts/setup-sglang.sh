@@ -7,6 +7,7 @@ source "$(dirname "$0")/env.sh"
 VENV="$ROOT/.venv-sglang"
 PIP="$VENV/bin/pip"
 start_log sglang .venv-sglang
+hold_lock "$ROOT/.cache/setup/sglang.lock" .venv-sglang
 make_venv "$VENV" 3
 
 step "torch 2.13.0 (CPU build)" "$PIP" install torch==2.13.0
@@ -33,4 +34,4 @@ rm -rf "$SITE/sgl_kernel"
 cp -r "$ROOT/scripts/sglang_cpu/sgl_kernel" "$SITE/sgl_kernel"
 cp "$ROOT/scripts/sglang_cpu/thaw_sglang_cpu.pth" "$SITE/thaw_sglang_cpu.pth"
 
-step "thaw (editable, libthaw built) with [cli,test,langgraph]" "$PIP" install -e "$ROOT[cli,test,langgraph]"
+install_thaw "$VENV" cli,test,langgraph

@@ -5,6 +5,7 @@ source "$(dirname "$0")/env.sh"
 VENV="$ROOT/.venv-vllm"
 PIP="$VENV/bin/pip"
 start_log vllm .venv-vllm
+hold_lock "$ROOT/.cache/setup/vllm.lock" .venv-vllm
 make_venv "$VENV" 4
 step "torch 2.13.0 (CPU build)" "$PIP" install torch==2.13.0
 if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
@@ -13,4 +14,4 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   step "remove torchvision, torchaudio, torchcodec (for another torch)" \
     "$PIP" uninstall -y torchvision torchaudio torchcodec
 fi
-step "thaw (editable, libthaw built) with [torch,cli,test,langgraph]" "$PIP" install -e "$ROOT[torch,cli,test,langgraph]"
+install_thaw "$VENV" torch,cli,test,langgraph

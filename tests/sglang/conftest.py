@@ -1,4 +1,4 @@
-"""Shared SGLang engines for the thaw_sglang tests: one parent and its four forks.
+"""Shared SGLang engines for the thaw_sglang tests: one parent and its four forks, and one plain engine (`llama`).
 
 An SGLang Engine start costs 20-60 s on this machine, so the engines are session fixtures and the parent's
 state, its snapshot and its reference continuations are prepared once, in `family`.
@@ -56,6 +56,23 @@ def engines(thaw_sglang):
     yield start
     for engine in started:
         engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def llama(zoo, engines):
+    """A plain llama engine, outside the family, shared by test_abort and test_kv_transport in either order: each
+    test leaves it idle and unpaused, and checks its leaks with `no_new_leaks`. test_kv_transport refuses it
+    remote reads for good (remote.refuse), so a test that needs them (test_partial_restore) starts its own."""
+    return engines(zoo.make_model("llama"))
+
+
+@pytest.fixture
+def no_new_leaks(llama):
+    """SGLang's own pool-leak check (it runs whenever the scheduler idles) fires on `llama` nowhere in the test:
+    its count over the engine's life would blame a test for a leak of any test before it."""
+    before = llama.leak_warnings()
+    yield
+    assert llama.leak_warnings() == before, "SGLang's pool-leak check fired on the llama engine during this test"
 
 
 def generate(engine, input_ids, params=GREEDY):
