@@ -5,6 +5,7 @@ by every actor before its engine changes, and arguments refused before the paren
 
 import os
 import re
+import signal
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from fork_pool_checks import (  # noqa: F401  the pool's tests, written once for
     test_a_context_without_a_full_page_is_refused_before_the_parent_is_read)
 from thaw_format import CorruptSnapshotError
 from thaw_format.sdk import PoolWorkerDied, greedy
+from thaw_format.sdk.pool_slots import MAX_FAILED_STARTS
 
 PARAMS = checks.PARAMS
 NODE = r"on node \S+ [0-9a-f]+"  # after a worker's pid: its node's address and Ray id
@@ -143,23 +145,28 @@ def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, pa
     _wait_dead(actor)  # close() ended it
 
 
+def _kill_between_rounds(pool, slots) -> None:
+    """SIGKILL the actors in `slots` (as the OOM killer would) and wait until they are gone: the next round finds
+    them dead, fails, and starts their replacements."""
+    for slot in slots:
+        os.kill(pool.worker_info()[slot].pid, signal.SIGKILL)
+    for slot in slots:
+        _ActorProcess(pool.worker_info()[slot].pid).wait()
+
+
+def _failed_start(why: str, attempt: int, slot: str = "0") -> str:
+    return (rf"pool worker {slot} \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) failed to start: {why}; it is started again "
+            rf"for the next round \(failed starts in a row: {attempt} of {MAX_FAILED_STARTS}\)")
+
+
 def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_cluster, tmp_path) -> None:
     """The pool's own bookkeeping (thaw_format.sdk.pool_slots, shared with ForkPool), on the toy engine: a
     replacement actor whose engine fails to start fails the next round before the parent is read, naming it, its
-    node and why, and is started again, MAX_FAILED_STARTS times in a row at most. The first start hangs: placed,
-    its engine still starting start_timeout_s after the pool saw it placed (its own window, however late it was
-    placed), it is given up then and killed, a failed start like the others (not kept and waited for at every
-    round, as an actor Ray cannot place is)."""
+    node and why, and is started again, MAX_FAILED_STARTS times in a row at most."""
     from pool_engines import queue_starts, worker_env
     from thaw_conformance.template.adapter import ToyThawEngine
     from thaw_format.sdk import LaunchSpec
-    from thaw_format.sdk.pool_slots import MAX_FAILED_STARTS
     from thaw_ray import RayForkPool
-
-    def failed_start(why: str, attempt: int) -> str:
-        return (rf"^pool worker 0 \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) failed to start: {why}; it is started again "
-                rf"for the next round \(failed starts in a row: {attempt} of {MAX_FAILED_STARTS}\): the fork round "
-                r"failed before the parent was read$")
 
     config = {"vocab_size": 1024}
     parent = ToyThawEngine.start(**config)
@@ -170,27 +177,14 @@ def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_clust
     spec = LaunchSpec("pool_engines:flaky", {"instructions": str(instructions), **config})
     # the tests' directory on the actors' path, for pool_engines (pytest puts it on this process's only)
     with RayForkPool(spec, workers=2, actor_options={"runtime_env": {"env_vars": worker_env()}}) as pool:
-        queue_starts(instructions, "hang", *["error"] * (MAX_FAILED_STARTS - 1))
-        _ray().kill(pool._workers[0].actor)  # between rounds: the next round finds it dead and replaces it
-        _wait_dead(pool._workers[0].actor)
+        queue_starts(instructions, *["error"] * MAX_FAILED_STARTS)
+        _kill_between_rounds(pool, [0])
         with pytest.raises(PoolWorkerDied, match=rf"pool worker 0 \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) died"):
             pool.fork(parent, 2, context=trunk, suffixes=suffixes, params=PARAMS)
-        hanging = pool._workers[0]  # the replacement, whose engine's start hangs
-        _ray().get(hanging._placed, timeout=120)  # placed: its process runs, its engine is starting
-        # as if placed near the end of its window to be placed (0.5 s left), of a pool with a start_timeout_s of
-        # 2 s: its engine still has its own 2 s from when the pool sees it placed, then is given up, not kept
-        waiting = time.monotonic()
-        hanging.deadline, hanging.start_timeout_s = waiting + 0.5, 2
-        with pytest.raises(PoolWorkerDied, match=failed_start(r"its engine was still starting 2 s \(start_timeout_s\) "
-                                                              r"after the actor was placed \(it is killed\)",
-                                                              attempt=1)) as raised:
-            pool.fork(checks.Unread(), 2, context=trunk, suffixes=suffixes, params=PARAMS)
-        assert type(raised.value) is PoolWorkerDied  # a failed start, not one still starting
-        assert 2 <= time.monotonic() - waiting < 6  # its engine's own window, not the placing window's remainder
-        _wait_dead(hanging.actor)
-        for attempt in range(2, MAX_FAILED_STARTS):
-            with pytest.raises(PoolWorkerDied, match=failed_start(r"starting the pool engine: RuntimeError: told to "
-                                                                  r"fail by .*", attempt)):
+        for attempt in range(1, MAX_FAILED_STARTS):
+            with pytest.raises(PoolWorkerDied, match="^" + _failed_start(r"starting the pool engine: RuntimeError: "
+                                                                         r"told to fail by .*", attempt) +
+                                                     ": the fork round failed before the parent was read$"):
                 pool.fork(checks.Unread(), 2, context=trunk, suffixes=suffixes, params=PARAMS)
         with pytest.raises(PoolWorkerDied, match=rf"failed to start {MAX_FAILED_STARTS} times in a row and is no "
                                                  "longer restarted: close this pool and start a new one"):
@@ -198,6 +192,45 @@ def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_clust
         result = pool.fork(parent, 1, context=trunk, suffixes=suffixes[:1], params=PARAMS)  # the slot left
         assert [g.token_ids for g in result.generations] == \
             [ToyThawEngine.start(**config).generate(trunk + suffixes[0], PARAMS).token_ids]
+
+
+def test_actors_whose_engines_all_hang_starting_are_given_up_together(ray_cluster, tmp_path) -> None:
+    """Each placed actor's engine has start_timeout_s from its own placing, seen as it happens for every actor
+    (not when the round gets to it): n engines that hang starting fail the round in about one start_timeout_s,
+    not n of them one after another, each a failed start (its actor killed), not kept as one still starting."""
+    from pool_engines import queue_starts, worker_env
+    from thaw_conformance.template.adapter import ToyThawEngine
+    from thaw_format.sdk import LaunchSpec
+    from thaw_ray import RayForkPool
+
+    timeout, workers = 8, 3
+    config = {"vocab_size": 1024}
+    parent = ToyThawEngine.start(**config)
+    trunk, suffixes = checks.tokens(40, 5), [[5], [6], [7]]
+    parent.generate(trunk, PARAMS)
+    instructions = tmp_path / "starts"
+    instructions.mkdir()
+    spec = LaunchSpec("pool_engines:flaky", {"instructions": str(instructions), **config})
+    options = {"num_cpus": 0.5, "runtime_env": {"env_vars": worker_env()}}  # beside the session's pool
+    with RayForkPool(spec, workers=workers, actor_options=options, start_timeout_s=120) as pool:
+        pool._start_timeout_s = timeout  # for the replacements (their starts hang): a start under load takes longer
+        queue_starts(instructions, *["hang"] * workers)
+        _kill_between_rounds(pool, range(workers))
+        with pytest.raises(PoolWorkerDied, match="died: .*dead workers are being replaced"):
+            pool.fork(parent, workers, context=trunk, suffixes=suffixes, params=PARAMS)
+        waiting = time.monotonic() + 120
+        while not all(worker.pid for worker in pool.worker_info()):  # the replacements placed, their engines hanging
+            assert time.monotonic() < waiting, pool.worker_info()
+            time.sleep(0.05)
+        placed = time.monotonic()
+        with pytest.raises(PoolWorkerDied) as raised:
+            pool.fork(checks.Unread(), workers, context=trunk, suffixes=suffixes, params=PARAMS)
+        took = time.monotonic() - placed
+        assert type(raised.value) is PoolWorkerDied  # failed starts, not ones still starting
+        hung = _failed_start(rf"its engine was still starting {timeout} s \(start_timeout_s\) after the actor was "
+                             r"placed \(it is killed\)", attempt=1, slot=r"\d")
+        assert len(re.findall(hung, str(raised.value))) == workers, str(raised.value)
+        assert timeout - 1 <= took < 1.5 * timeout  # one window from their placing, not one per actor
 
 
 def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of_rounds(ray_cluster,
