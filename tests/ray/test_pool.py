@@ -41,16 +41,6 @@ class _ActorProcess:
         assert not os.path.exists(f"/proc/{self.pid}"), f"actor process {self.pid} still there after {timeout} s"
 
 
-def _wait_dead(actor, timeout: float = 60) -> None:
-    """Until Ray says `actor` is dead (RayActorError): ray.kill takes effect shortly after it returns."""
-    ray = _ray()
-    deadline = time.monotonic() + timeout
-    with pytest.raises(ray.exceptions.RayActorError):
-        while time.monotonic() < deadline:
-            ray.get(actor.where.remote())
-            time.sleep(0.1)
-
-
 def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) -> None:
     trunk, suffixes = checks.tokens(120, 80), [checks.tokens(5, 800 + i) for i in range(checks.WORKERS)]
     # the next round's: the surviving actor's engine may keep the failed round's prompt in its cache (the toy's
@@ -83,7 +73,7 @@ def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(po
     suffixes = [checks.tokens(5, 900 + i) for i in range(checks.WORKERS)]
     parent.generate(good, PARAMS)
     pool.fork(parent, checks.WORKERS, context=good, suffixes=suffixes, params=PARAMS)
-    actors = [worker.actor for worker in pool._workers]
+    actors = [worker.actor for worker in pool._workers]  # to ask each engine outside a round: no public handle
     probe = [dict(temperature=0.0, max_tokens=10, ignore_eos=True)]
     held = [ray.get(a.generate.remote(good + s, *probe)) for a, s in zip(actors, suffixes)]  # steady state
     assert all(h["cached_tokens"] >= checks.full_pages(good, parent) for h in held)  # what a change would show
@@ -138,11 +128,11 @@ def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, pa
     from thaw_ray import RayForkPool
 
     pool = RayForkPool(parent, workers=1)
-    actor = pool._workers[0].actor
+    actor = pool.worker_info()[0]
     pool.close()
     with pytest.raises(RuntimeError, match="this RayForkPool is closed; start a new one"):
         pool.fork(checks.Unread(), 1, context=checks.tokens(40, 7), suffixes=[[5]], params=PARAMS)
-    _wait_dead(actor)  # close() ended it
+    _ActorProcess(actor.pid).wait(timeout=60)  # close() ended it
 
 
 def _kill_between_rounds(pool, slots) -> None:
@@ -269,16 +259,15 @@ def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
         for _ in range(MAX_DEATHS - 1):
             with pytest.raises(PoolWorkerDied, match="dead workers are being replaced"):
                 round_(parent)
-        last = list(pool._workers)
         with pytest.raises(PoolWorkerDied) as failed:
             round_(parent)
-        assert re.fullmatch("; ".join(died.format(w.name, w.actor_id) + given_up for w in last) +  # ids: once ready
+        last = [worker.actor_id for worker in pool.worker_info()]  # the actors that died in it: no replacement
+        assert re.fullmatch("; ".join(died.format(name, actor) + given_up for name, actor in enumerate(last)) +
                             r": the fork round failed \(the parent engine is untouched\)", str(failed.value))
-        assert pool._workers == last  # no replacement
         with pytest.raises(PoolWorkerDied, match=given_up + r".*0 of the pool's 2 workers are usable; a round of 2 "
                                                  "needs 2: the fork round failed before the parent was read$"):
             round_(checks.Unread())
-        assert pool._workers == last
+        assert [worker.actor_id for worker in pool.worker_info()] == last
 
 
 def test_a_put_that_fails_raises_rays_error_and_closes_the_segments_mapping(ray_cluster, parent, monkeypatch) -> None:
@@ -369,7 +358,7 @@ def test_a_round_interrupted_mid_way_kills_the_actors_yet_to_answer_and_the_next
     trunk, suffixes = checks.tokens(60, 71), [checks.tokens(5, 700 + i) for i in range(checks.WORKERS)]
     want = [fresh(trunk + suffix, PARAMS) for suffix in suffixes]
     parent.generate(trunk, PARAMS)
-    answered, before = thaw_ray.pool.note_answer, list(pool._workers)
+    answered, before = thaw_ray.pool.note_answer, pool.worker_info()
 
     def interrupt(worker):
         answered(worker)
@@ -379,11 +368,12 @@ def test_a_round_interrupted_mid_way_kills_the_actors_yet_to_answer_and_the_next
     with pytest.raises(_Interrupted):
         pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     monkeypatch.undo()
-    assert [w.killed for w in pool._workers] == [False] + [True] * (checks.WORKERS - 1)
-    _wait_dead(before[1].actor)
+    assert [w.ready for w in pool.worker_info()] == [True] + [False] * (checks.WORKERS - 1)  # the others killed
+    _ActorProcess(before[1].pid).wait(timeout=60)
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
-    assert pool._workers[0] is before[0] and pool._workers[1] is not before[1] and not pool._workers[1].killed
+    after = pool.worker_info()
+    assert after[0].actor_id == before[0].actor_id and after[1].actor_id != before[1].actor_id and after[1].ready
 
 
 def test_an_unavailable_actor_is_killed_and_replaced(pool, parent, fresh, monkeypatch) -> None:
@@ -396,7 +386,7 @@ def test_an_unavailable_actor_is_killed_and_replaced(pool, parent, fresh, monkey
     ray = _ray()
     trunk, suffixes = checks.tokens(60, 73), [checks.tokens(5, 730 + i) for i in range(checks.WORKERS)]
     parent.generate(trunk, PARAMS)
-    victim, calls = pool._workers[1], []
+    victim, calls = pool.worker_info()[1], []
 
     def get(ref, **options):
         reply = ray.get(ref, **options)
@@ -411,8 +401,8 @@ def test_an_unavailable_actor_is_killed_and_replaced(pool, parent, fresh, monkey
                                              r".*the node is unreachable.*dead workers are being replaced"):
         pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     monkeypatch.undo()
-    _wait_dead(victim.actor)
-    assert pool._workers[1] is not victim
+    _ActorProcess(victim.pid).wait(timeout=60)
+    assert pool.worker_info()[1].actor_id != victim.actor_id
     others = [checks.tokens(5, 740 + i) for i in range(checks.WORKERS)]
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=others, params=PARAMS)
     assert [g.token_ids for g in result.generations] == [fresh(trunk + suffix, PARAMS) for suffix in others]
