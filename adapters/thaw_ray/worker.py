@@ -70,22 +70,14 @@ class ActorWorker(SlotWorker):
         if self.placed is None:
             self.placed = Placed(time.monotonic(), where)
 
-    @property
-    def actor_id(self) -> Optional[str]:
-        """Ray's id for its actor, once placed; `node` its node's Ray id, `node_ip` that node's address."""
-        return self.placed.where["actor_id"] if self.placed else None
+    def _where(self, key: str):
+        return self.placed.where[key] if self.placed else None
 
-    @property
-    def pid(self) -> Optional[int]:
-        return self.placed.where["pid"] if self.placed else None
-
-    @property
-    def node(self) -> Optional[str]:
-        return self.placed.where["node_id"] if self.placed else None
-
-    @property
-    def node_ip(self) -> Optional[str]:
-        return self.placed.where["node_ip"] if self.placed else None
+    # once placed (None before): Ray's id for its actor, its process (on its node), its node's Ray id and address
+    actor_id = property(lambda self: self._where("actor_id"))
+    pid = property(lambda self: self._where("pid"))
+    node = property(lambda self: self._where("node_id"))
+    node_ip = property(lambda self: self._where("node_ip"))
 
     def describe(self) -> str:
         if self.actor_id is None:  # never answered: not placed, or its process died starting

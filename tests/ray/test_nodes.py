@@ -1,16 +1,22 @@
 """RayForkPool across the nodes of a Ray cluster (conftest's two nodes on this machine, and nodes a test adds and
 removes): workers on the node the driver is not on restore an object that crossed to that node, and give a fresh
-engine's tokens (the rounds of tests/fork_pool_checks.py); a pool split across two nodes loses one of them
-mid-round, is told which worker and which node, and runs its next round once a node that has the lost one's
-resources joins."""
+engine's tokens (the rounds of tests/fork_pool_checks.py), and refuse a copy damaged after the pool's check; a
+pool split across two nodes loses one of them mid-round, is told which worker and which node, and runs its next
+round once a node that has the lost one's resources joins."""
 
+import mmap
+import os
+import re
 import time
 
+import numpy
 import pytest
 
 import fork_pool_checks as checks
 from descendants import HAS_PROC, outliving
+from thaw_format import CorruptSnapshotError, SnapshotFile
 from thaw_format.sdk import PoolWorkerDied, PoolWorkerStarting
+from thaw_format.sdk.shared import open_segment
 
 PARAMS = checks.PARAMS
 
@@ -36,6 +42,43 @@ def test_workers_on_the_other_node_restore_objects_that_crossed_to_it(ray_nodes,
     assert len(puts) == 3
     for ref in puts:  # put on the head, pulled by the other node for its actors
         assert set(ray.experimental.get_object_locations([ref])[ref]["node_ids"]) == {ray_nodes.head, ray_nodes.other}
+
+
+def test_actors_on_another_node_check_the_copy_that_crossed_to_it(ray_nodes, parent, fresh, monkeypatch) -> None:
+    """The pool checks the parent's capture once, on its own node; an actor on another node checks every chunk of
+    its node's copy of the object before its engine is touched: an object damaged after the pool's check (put here
+    from a copy of the segment with one bit flipped) is refused by each actor, naming it and the object, and the
+    next round, its object whole, runs."""
+    import ray
+
+    import thaw_ray.pool
+    from thaw_ray import RayForkPool
+
+    def put_damaged(source):
+        name, _, nbytes = source[len("shm://"):].partition("#")
+        fd = open_segment(name)
+        try:
+            with mmap.mmap(fd, int(nbytes), access=mmap.ACCESS_READ) as segment:
+                data = bytearray(segment)
+        finally:
+            os.close(fd)
+        data[SnapshotFile(data).info("kv/0/k")[2].offset + 1000] ^= 0x40
+        return ray.put(numpy.frombuffer(data, numpy.uint8))
+
+    trunk, suffixes = checks.tokens(100, 93), [checks.tokens(5, 930 + i) for i in range(checks.WORKERS)]
+    parent.generate(trunk, PARAMS)
+    refusal = (rf"pool worker \d \(Ray actor [0-9a-f]+, pid \d+ on node \S+ {ray_nodes.other}\) refused the round's "
+               r"object [0-9a-f]+: CorruptSnapshotError: tensor 'kv/0/k' \(region \d+\): checksum mismatch in chunk "
+               r"0, .*?its engine is untouched")
+    with RayForkPool(parent, checks.WORKERS, actor_options={"resources": {"other": 1}},
+                     start_timeout_s=120) as pool:
+        monkeypatch.setattr(thaw_ray.pool, "put_capture", put_damaged)
+        with pytest.raises(CorruptSnapshotError, match=r"parent engine is untouched\)$") as refused:
+            pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+        assert len(re.findall(refusal, str(refused.value))) == checks.WORKERS, str(refused.value)
+        monkeypatch.undo()
+        result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+        assert [g.token_ids for g in result.generations] == [fresh(trunk + suffix, PARAMS) for suffix in suffixes]
 
 
 class _LoseNodeDuringCapture:
