@@ -14,10 +14,9 @@ mode). Side by side in one process:
               them once, and every worker restores them from there (restore_source: KV in) and prefills +
               decodes its suffix. The best of `rounds` steady
               rounds (after a first one). With --ray: thaw_ray.RayForkPool on a local Ray of this run's own, the
-              capture checked once by the pool and put once into Ray's object store, each actor on the driver's
-              node restoring it in place; with --nodes 2 that Ray is two nodes on this machine (loopback), the
-              actors on the one the driver is not on, each checking every chunk of its node's copy before its
-              restore: each round's object crosses to that node's object store (Ray's transport) once,
+              capture put once into Ray's object store, each actor checking every chunk of it before its restore;
+              with --nodes 2 that Ray is two nodes on this machine (loopback), the actors on the one the driver
+              is not on: each round's object crosses to that node's object store (Ray's transport) once,
               before the actors' calls start; that pull is timed apart (a task on that node getting an object
               of the same bytes put on the head) and added to KV movement.
   re-prefill: trunk + suffix from an empty cache, once per child (what fork avoids).
@@ -272,11 +271,12 @@ def main() -> None:
     gbps = steady.kv_bytes / 1e9
     pool_name = ("Ray actor pool on a second node" if args.nodes == 2 else "Ray actor pool") if args.ray else "pool"
     out = "capture_shared of the trunk, then one ray.put" if args.ray else "capture_shared of the trunk"
-    kv_in_path = "the object's restore, read in place" if args.ray else "restore_source"
+    kv_in_path = "the object's check and restore" if args.ray else "restore_source"
     if args.nodes == 2:
         kv_in_path = "the check and restore of the node's copy of the object"
-    check = ["  the pool's check of every chunk of it, once for all workers", f"{steady.verify_s:.3f}",
-             f"{gbps / steady.verify_s:.2f} GB/s"]
+    check = ["  (each actor checks every chunk of the object: in its KV in)", "", ""] if args.ray else \
+        ["  the pool's check of every chunk of it, once for all workers", f"{steady.verify_s:.3f}",
+         f"{gbps / steady.verify_s:.2f} GB/s"]
     table = [["path", "seconds", "vs pool round"],
              [f"{pool_name} round: {args.children} children (steady state)", f"{steady.total_s:.3f}", "1.00x"],
              [f"  KV out: the parent's {out} ({mib:.0f} MiB)", f"{steady.capture_s:.3f}",
@@ -312,10 +312,10 @@ def main() -> None:
         notes.append("Two Ray nodes on this one machine (loopback): the parent and the driver on the head, the "
                      f"{args.children} actors on the other node. Each round's object is put in the head's object "
                      "store and pulled once into the other node's (Ray's object transport over TCP; the node's actors "
-                     "then check that copy and read it in place). Ray pulls it before an actor's call starts: the "
-                     "pull is in Ray's part of the round, not in KV in; it is timed apart (an object of the same "
-                     "bytes, pulled by a task on the actors' node) and added to KV movement; the memcpy of all bytes "
-                     "the round moves counts the pull as one more copy.")
+                     "then read that copy in place). Ray pulls it before an actor's call starts: the pull is in "
+                     "Ray's part of the round, not in KV in; it is timed apart (an object of the same bytes, pulled "
+                     "by a task on the actors' node) and added to KV movement; the memcpy of all bytes the round moves "
+                     "counts the pull as one more copy.")
     name = f"fork_pool_{args.engine}" + ("_ray" if args.ray else "") + ("_2nodes" if args.nodes == 2 else "")
     write_results(name, f"{args.engine}: a fork round on a warm "
                   f"{pool_name} vs re-prefill vs cold process fork", command_line(), data, table, notes)

@@ -7,9 +7,7 @@ and every reply, so whoever can write to the cluster's object store (or reach it
 these actors and in the driver: the Ray cluster must be trusted like the code it runs. What the check here
 (`loads(..., verify=True)`: every chunk, before the engine is touched) guards is integrity, not authenticity:
 bytes damaged on their way (a bit flip, a transfer cut short between nodes) are refused, with the engine as it
-was. An actor on the pool's own node leaves it out: the pool checked the bytes the object was put from there
-(thaw_format.sdk.round_pool.check_capture), and that node's object is read in place, as a ForkPool worker reads
-the parent's segment. The replies are those of thaw_format.sdk.pool_worker ({"generation": ..., "restore_s": ...,
+was. The replies are those of thaw_format.sdk.pool_worker ({"generation": ..., "restore_s": ...,
 "generate_s": ...} or {"error": ...}), and {"corrupt": true} beside the error of an object that failed its check.
 """
 
@@ -54,12 +52,10 @@ class PoolActor:
             return f"starting the pool engine: {type(exc).__name__}: {exc}"
         return None
 
-    def run_round(self, snapshot: numpy.ndarray, prompt: list[int], params: dict, checked_on: str) -> dict:
-        """Restore the round's object and generate; `checked_on`: the Ray node id on which the pool checked it."""
+    def run_round(self, snapshot: numpy.ndarray, prompt: list[int], params: dict) -> dict:
         start = time.perf_counter()
         try:
-            crossed = ray.get_runtime_context().get_node_id() != checked_on  # a copy pulled over to this node
-            checked = loads(snapshot, copy=False, verify=crossed)  # every chunk, before the engine is touched
+            checked = loads(snapshot, copy=False, verify=True)  # every chunk, before the engine is touched
             self.engine.restore(checked)
             del checked  # its tensors view the object: let Ray free it once the round is over
             restored = time.perf_counter()

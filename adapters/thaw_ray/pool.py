@@ -5,12 +5,10 @@
 
 The round's arguments are ForkPool's, checked by the same code (thaw_format.sdk.fork_round) before the parent
 is read. Each round the parent captures the KV of the trunk's full pages once (`capture_shared`: KV only, no
-weights), the pool checks every chunk of it once (as ForkPool does), its bytes go into Ray's object store once
-(one ray.put), and each of n actors restores that object and continues with its suffix (thaw_ray.actor): one on
-the pool's node reads the object in place, unchecked again; one on another node checks every chunk of the copy
-that crossed to it first. The parent is only read. Its result is ForkPool's ForkRound: `capture_s` is the
-capture and the put, `verify_s` the pool's check (an actor's own check, off the pool's node, is in its
-restore_s). A worker whose actor dies mid-round is named, the round fails with
+weights), its bytes go into Ray's object store once (one ray.put), and each of n actors verifies every chunk of
+that object, restores it and continues with its suffix (thaw_ray.actor); the parent is only read. Its result
+is ForkPool's ForkRound: `capture_s` is the capture and the put, `verify_s` 0 (each actor checks the object
+itself: its restore_s includes that check). A worker whose actor dies mid-round is named, the round fails with
 PoolWorkerDied once the others have answered, and the pool starts a new actor in its slot for the next round;
 starts that fail are retried, and slots given up, as ForkPool does it (thaw_format.sdk.pool_slots:
 MAX_FAILED_STARTS failed starts in a row, or MAX_DEATHS rounds in a row in which the slot's actor died). An actor
@@ -91,7 +89,6 @@ class RayForkPool(RoundPool):
         if not ray.is_initialized():  # a remote call would start a local Ray of its own, which nobody shuts down
             raise RuntimeError("RayForkPool needs Ray initialised: call ray.init() (or ray.init(address=...) for "
                                "a cluster) first; the pool never starts or stops Ray itself")
-        self._node = ray.get_runtime_context().get_node_id()  # the driver's: where each round's capture is checked
         self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
         self._options = options
         self._start_timeout_s = start_timeout_s
@@ -116,7 +113,7 @@ class RayForkPool(RoundPool):
         snapshot = put_capture(source)  # the parent's segment is free again: its next capture may overwrite it
         round_.capture_s += time.perf_counter() - putting
         workers = [self._workers[slot] for slot in slots]
-        calls = [worker.actor.run_round.remote(snapshot, arguments.context + suffix, dataclasses.asdict(p), self._node)
+        calls = [worker.actor.run_round.remote(snapshot, arguments.context + suffix, dataclasses.asdict(p))
                  for worker, suffix, p in zip(workers, arguments.suffixes, arguments.params)]
         replies, failures, answered = [], [], 0
         try:

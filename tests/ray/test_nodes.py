@@ -1,8 +1,8 @@
 """RayForkPool across the nodes of a Ray cluster (conftest's two nodes on this machine, and nodes a test adds and
 removes): workers on the node the driver is not on restore an object that crossed to that node, and give a fresh
-engine's tokens (the rounds of tests/fork_pool_checks.py), and refuse a copy damaged after the pool's check; a
-pool split across two nodes loses one of them mid-round, is told which worker and which node, and runs its next
-round once a node that has the lost one's resources joins."""
+engine's tokens (the rounds of tests/fork_pool_checks.py), and refuse a copy damaged on its way; a pool split
+across two nodes loses one of them mid-round, is told which worker and which node, and runs its next round once
+a node that has the lost one's resources joins."""
 
 import mmap
 import os
@@ -45,10 +45,9 @@ def test_workers_on_the_other_node_restore_objects_that_crossed_to_it(ray_nodes,
 
 
 def test_actors_on_another_node_check_the_copy_that_crossed_to_it(ray_nodes, parent, fresh, monkeypatch) -> None:
-    """The pool checks the parent's capture once, on its own node; an actor on another node checks every chunk of
-    its node's copy of the object before its engine is touched: an object damaged after the pool's check (put here
-    from a copy of the segment with one bit flipped) is refused by each actor, naming it and the object, and the
-    next round, its object whole, runs."""
+    """An actor on another node checks every chunk of its node's copy of the object before its engine is touched:
+    an object damaged after the capture (put here from a copy of the segment with one bit flipped) is refused by
+    each actor, naming it and the object, and the next round, its object whole, runs."""
     import ray
 
     import thaw_ray.pool

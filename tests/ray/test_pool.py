@@ -1,7 +1,7 @@
 """RayForkPool (thaw_ray) on real engines in Ray actors: the fork rounds of tests/fork_pool_checks.py (three
 trunks, each child's tokens a fresh engine's and its cached tokens the trunk's full pages; a context without a
-full page refused unread; a damaged capture refused by the pool's own check before any actor is sent it), an
-actor killed mid-round named and replaced, and arguments refused before the parent is read."""
+full page refused unread), an actor killed mid-round named and replaced, an object that fails its check refused
+by every actor before its engine changes, and arguments refused before the parent is read."""
 
 import os
 import re
@@ -13,8 +13,8 @@ import pytest
 import fork_pool_checks as checks
 from fork_pool_checks import (  # noqa: F401  the pool's tests, written once for every pool and engine
     test_rounds_with_different_trunks_match_fresh_engines,
-    test_a_context_without_a_full_page_is_refused_before_the_parent_is_read,
-    test_a_damaged_segment_is_refused_before_any_worker_reads_it)
+    test_a_context_without_a_full_page_is_refused_before_the_parent_is_read)
+from thaw_format import CorruptSnapshotError
 from thaw_format.sdk import PoolWorkerDied, greedy
 from thaw_format.sdk.pool_slots import MAX_FAILED_STARTS
 
@@ -62,6 +62,32 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
     replacement = pool.worker_info()[1]
     assert replacement.ready and replacement.pid != victim.pid and os.path.exists(f"/proc/{replacement.pid}")
+
+
+def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(pool, parent, fresh) -> None:
+    """The object store's bytes are checked in each actor (they may come over the network): one bit flipped in
+    the parent's capture, put as it is, fails the round by the object's name, and each actor's engine serves
+    as it did, holding the last good round's KV."""
+    ray = _ray()
+    good, bad = checks.tokens(100, 91), checks.tokens(110, 92)
+    suffixes = [checks.tokens(5, 900 + i) for i in range(checks.WORKERS)]
+    parent.generate(good, PARAMS)
+    pool.fork(parent, checks.WORKERS, context=good, suffixes=suffixes, params=PARAMS)
+    actors = [worker.actor for worker in pool._workers]  # to ask each engine outside a round: no public handle
+    probe = [dict(temperature=0.0, max_tokens=10, ignore_eos=True)]
+    held = [ray.get(a.generate.remote(good + s, *probe)) for a, s in zip(actors, suffixes)]  # steady state
+    assert all(h["cached_tokens"] >= checks.full_pages(good, parent) for h in held)  # what a change would show
+    parent.generate(bad, PARAMS)
+    refusal = (rf"pool worker \d \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) refused the round's object [0-9a-f]+: "
+               r"CorruptSnapshotError: tensor 'kv/0/k' \(region \d+\): checksum mismatch in chunk 0, .*?its engine is "
+               r"untouched")
+    with pytest.raises(CorruptSnapshotError, match=r"parent engine is untouched\)$") as refused:
+        pool.fork(checks._DamageAfterCapture(parent), checks.WORKERS, context=bad, suffixes=suffixes, params=PARAMS)
+    assert len(re.findall(refusal, str(refused.value))) == checks.WORKERS, str(refused.value)
+    assert [ray.get(a.generate.remote(good + s, *probe)) for a, s in zip(actors, suffixes)] == held
+    want = [fresh(bad + suffix, PARAMS) for suffix in suffixes]
+    result = pool.fork(parent, checks.WORKERS, context=bad, suffixes=suffixes, params=PARAMS)  # a fresh capture
+    assert [g.token_ids for g in result.generations] == want
 
 
 @pytest.mark.parametrize("arguments, error", [

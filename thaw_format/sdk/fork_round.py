@@ -36,7 +36,7 @@ class ForkRound:
     kv_bytes: int  # the snapshot moved: the trunk's KV pages and their description
     capture_s: float  # the parent's KV out: its capture of the trunk, published once in shared memory (RayForkPool:
     # and its one ray.put into the object store)
-    verify_s: float = 0.0  # the pool's one check of every chunk of that capture, before any worker reads it
+    verify_s: float = 0.0  # ForkPool's one check of every chunk of that capture, before any worker reads it
     # (RayForkPool: 0, each actor checks the object itself, in its restore_s)
     restore_s: list[float] = field(default_factory=list)  # each worker's KV in (scatter + prefix table)
     generate_s: list[float] = field(default_factory=list)  # each worker's suffix prefill + decode

@@ -29,16 +29,38 @@ import json
 import os
 import reprlib
 import resource
+import time
 from typing import Mapping, Optional
 
+from ..errors import CorruptSnapshotError
 from .engine_process import EngineProcess
 from .fork_round import ForkRound, PoolWorkerDied, PoolWorkerStarting, RoundArguments, parent_page_size, whole_workers
 from .launch import startable_launch_spec
+from .lent import forget, open_snapshot
 from .pool_slots import MAX_DEATHS, MAX_FAILED_STARTS, SlotWorker, WorkerInfo, kill_unanswered, note_answer
 from .round_pool import RoundPool
 
 __all__ = ["ForkPool", "ForkRound", "MAX_DEATHS", "MAX_FAILED_STARTS", "PoolWorkerDied", "PoolWorkerStarting",
            "WorkerInfo", "parent_page_size"]
+
+
+def _verify(source: str) -> None:
+    """Check every chunk of the round's segment once, here, for all its workers; CorruptSnapshotError, before
+    any worker is sent the round, if one is damaged.
+
+    Each worker used to check the whole segment itself before scattering it: n reads of the same bytes at once
+    on the same memory bus. Measured in the vLLM pool (4 workers, 2 CPUs, a 4096-token trunk of 256 MiB): each
+    worker's check took 35-45 ms of its 150 ms restore; the one check here takes 15 ms (both CPUs, nothing else
+    running), and the slowest restore fell to 108 ms. Checked once here, the workers restore with
+    `verified=True`. The check is as strong as theirs: the segment is the parent's, rewritten only by its next
+    capture_shared, which comes after every worker has answered (a process that wrote into it meanwhile could
+    do so just as well between a worker's check and its scatter).
+    """
+    try:
+        open_snapshot(source)  # a cached mapping: every round's check reads the same warm pages
+    except CorruptSnapshotError as exc:
+        raise CorruptSnapshotError(f"the parent's capture for this round ({source}): {exc}; no worker was sent "
+                                   "it (the parent engine is untouched)") from None
 
 
 class _Worker(SlotWorker):
@@ -114,10 +136,15 @@ class ForkPool(RoundPool):
         spec = startable_launch_spec(spec, "ForkPool")  # last: it may call into the engine
         self._config = {"factory": spec.factory, "kwargs": spec.kwargs}
         self._env = {**os.environ, **(env or {})}
+        self._checked: set[str] = set()  # the rounds' sources the pool has checked (and so mapped)
         self._start_workers(workers)  # a start that fails part way (the OS refuses a process) stops the others
 
     def _run(self, round_: ForkRound, slots: list[int], source: str, arguments: RoundArguments):
         workers = [self._workers[slot] for slot in slots]
+        verifying = time.perf_counter()
+        _verify(source)
+        self._checked.add(source)
+        round_.verify_s = time.perf_counter() - verifying
         replies, failures, answered = [], [], 0
         try:
             sent = [worker.send({"source": source, "verified": True, "prompt": arguments.context + suffix,
@@ -149,3 +176,6 @@ class ForkPool(RoundPool):
     def _stop(self) -> None:
         for worker in self._workers:
             worker.stop()
+        for source in self._checked:  # the check's cached mappings would keep the parent's segments alive
+            forget(source)
+        self._checked.clear()

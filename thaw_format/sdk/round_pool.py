@@ -1,7 +1,6 @@
 """RoundPool: what every pool of warm engines shares, whatever carries its rounds (ForkPool's processes,
 thaw_ray's Ray actors): its workers started once, a round's arguments checked before the parent is read, one
-round at a time, the parent's one capture per round and its one check (check_capture), the round's failure, and
-close().
+round at a time, the parent's one capture per round, the round's failure, and close().
 
 A pool subclasses it with three methods: `_start(name, failed_starts=0, deaths=0)` starts a worker
 (thaw_format.sdk.pool_slots says what a worker is, and the three ways its start ends: started, failed, or still
@@ -19,11 +18,9 @@ import threading
 import time
 from typing import Sequence, TypeVar, Union
 
-from ..errors import CorruptSnapshotError
 from ..snapshot import SamplingParams
 from .contract import Engine
 from .fork_round import ForkRound, PoolWorkerDied, PoolWorkerStarting, RoundArguments, checked_round, round_failure
-from .lent import forget, open_snapshot
 from .pool_slots import WorkerInfo, finish_starts, replace_dead
 from .shared import capture_shared
 
@@ -31,31 +28,9 @@ from .shared import capture_shared
 Pool = TypeVar("Pool", bound="RoundPool")
 
 
-def check_capture(source: str) -> None:
-    """Check every chunk of the round's capture once, here, for all its workers; CorruptSnapshotError, before
-    any worker is sent the round, if one is damaged.
-
-    Each worker used to check the whole segment itself before scattering it: n reads of the same bytes at once
-    on the same memory bus. Measured in the vLLM pool (4 workers, 2 CPUs, a 4096-token trunk of 256 MiB): each
-    worker's check took 35-45 ms of its 150 ms restore; the one check here takes 15 ms (both CPUs, nothing else
-    running), and the slowest restore fell to 108 ms. Checked once here, ForkPool's workers restore with
-    `verified=True`, and RayForkPool's actors on this node leave the object put from it unchecked (those on
-    other nodes check the copy that crossed to theirs). The check is as strong as theirs: the segment is the
-    parent's, rewritten only by its next capture_shared, which comes after every worker has answered (a process
-    that wrote into it, or into the object store, meanwhile could do so just as well between a worker's check
-    and its scatter).
-    """
-    try:
-        open_snapshot(source)  # a cached mapping: every round's check reads the same warm pages
-    except CorruptSnapshotError as exc:
-        raise CorruptSnapshotError(f"the parent's capture for this round ({source}): {exc}; no worker was sent "
-                                   "it (the parent engine is untouched)") from None
-
-
 class RoundPool(abc.ABC):
     def _start_workers(self, count: int) -> None:
         self._closed = False
-        self._checked: set[str] = set()  # the rounds' sources the pool has checked (and so mapped)
         self._round = threading.Lock()  # rounds share the workers and the parent's one segment: one at a time
         self._workers: list = []
         try:  # a start that fails part way stops the workers started before it
@@ -99,10 +74,6 @@ class RoundPool(abc.ABC):
             # valid until the parent's next capture_shared: every worker answers before this round ends
             source = capture_shared(parent, chains=[arguments.context[:arguments.full]])
             round_ = ForkRound([], int(source.rpartition("#")[2]), time.perf_counter() - capturing)
-            checking = time.perf_counter()
-            check_capture(source)
-            self._checked.add(source)
-            round_.verify_s = time.perf_counter() - checking
             workers = [self._workers[slot] for slot in slots]
             replies, failures = self._run(round_, slots, source, arguments)
             if failures:  # a slot holding a new worker: its worker died, and it is being replaced
@@ -140,9 +111,6 @@ class RoundPool(abc.ABC):
         self._closed = True  # first: a round waiting for the lock sees it there, and starts no worker
         with self._round:  # a round's workers are its own until it ends (it may replace them)
             self._stop()
-            for source in self._checked:  # the check's cached mappings would keep the parent's segments alive
-                forget(source)
-            self._checked.clear()
 
     def __enter__(self: Pool) -> Pool:
         return self
