@@ -45,6 +45,26 @@ class Placed(NamedTuple):
     where: dict
 
 
+class PlacedStamp:
+    """When an actor was placed, stamped by Ray's callback on its where() or by the round that waits for it,
+    whichever is first. Shared by the callback and the worker, and holding neither: a callback that held its
+    worker would keep an abandoned pool's unplaced actor (and its handle) alive until Ray placed it."""
+
+    def __init__(self) -> None:
+        self.placed: Optional[Placed] = None
+
+    def __call__(self, answer: Future) -> None:
+        """On a Ray thread, as where() answers."""
+        if answer.exception() is None:  # an actor that died unplaced: its start's outcome says so
+            self.note(answer.result())
+
+    def note(self, where: dict) -> None:
+        # no lock: the first stamp wins, and a near-simultaneous second one (the round's) is also taken after the
+        # placing, so either is a fair start for the engine's window
+        if self.placed is None:
+            self.placed = Placed(time.monotonic(), where)
+
+
 class ActorWorker(SlotWorker):
     def __init__(self, name: str, config: str, options: dict, start_timeout_s: float, *, failed_starts: int = 0,
                  deaths: int = 0) -> None:
@@ -55,20 +75,15 @@ class ActorWorker(SlotWorker):
         # together wait together; its engine then has start_timeout_s from when the pool saw it placed
         self.engine_deadline: Optional[float] = None
         self.placement = {key: options[key] for key in PLACEMENT if key in options}
-        self.placed: Optional[Placed] = None  # set once, whole, by Ray's callback or the round, whichever is first
+        self._stamp = PlacedStamp()
         self.actor = RemoteActor.options(**options).remote()
         self._placed = self.actor.where.remote()  # answered once Ray has placed it (PoolActor)
-        self._placed.future().add_done_callback(self._seen_placed)
+        self._placed.future().add_done_callback(self._stamp)
         self._started = self.actor.start.remote(config)  # run after where(): an actor runs its calls in order
 
-    def _seen_placed(self, answer: Future) -> None:
-        """On a Ray thread, as where() answers: when the actor was placed, whichever worker a round waits for."""
-        if answer.exception() is None:  # an actor that died unplaced: its start's outcome says so
-            self._note_placed(answer.result())
-
-    def _note_placed(self, where: dict) -> None:
-        if self.placed is None:
-            self.placed = Placed(time.monotonic(), where)
+    @property
+    def placed(self) -> Optional[Placed]:
+        return self._stamp.placed
 
     def _where(self, key: str):
         return self.placed.where[key] if self.placed else None
@@ -80,7 +95,7 @@ class ActorWorker(SlotWorker):
     node_ip = property(lambda self: self._where("node_ip"))
 
     def describe(self) -> str:
-        if self.actor_id is None:  # never answered: not placed, or its process died starting
+        if self.placed is None:  # never answered: not placed, or its process died starting
             return f"pool worker {self.name} (a Ray actor that never answered)"
         return f"pool worker {self.name} (Ray actor {self.actor_id}, pid {self.pid} on node {self.node_ip} " \
                f"{self.node})"
@@ -92,7 +107,7 @@ class ActorWorker(SlotWorker):
         deadline (Ray keeps an actor whose resources no node has pending for ever, saying nothing): kept."""
         try:
             if self.engine_deadline is None:
-                self._note_placed(ray.get(self._placed, timeout=self._left(self.deadline)))
+                self._stamp.note(ray.get(self._placed, timeout=self._left(self.deadline)))
                 # its own window from its placing: one placed late is not cut short by the wait for its placing
                 self.engine_deadline = max(self.deadline, self.placed.seen + self.start_timeout_s)
             error = ray.get(self._started, timeout=self._left(self.engine_deadline))
@@ -113,10 +128,10 @@ class ActorWorker(SlotWorker):
         return max(0.0, deadline - time.monotonic())
 
     def rearm(self, start_timeout_s: float) -> None:
-        """A round begins: an actor no round found placed by its deadline (kept by an earlier round) gets
-        start_timeout_s more, from now (placed since, its engine has at least that). One a round found placed has
-        its engine's own window (_start_outcome)."""
-        if self.engine_deadline is None and not self.killed and time.monotonic() >= self.deadline:
+        """A round begins: an actor not placed by its deadline (kept by an earlier round) gets start_timeout_s
+        more, from now. One placed has its engine's own window, from its placing (_start_outcome): placed since its
+        deadline, however long ago, it is not given a fresh one (its engine hanging that long has failed)."""
+        if self.placed is None and not self.killed and time.monotonic() >= self.deadline:
             self.start_timeout_s, self.deadline = start_timeout_s, time.monotonic() + start_timeout_s
 
     def _not_placed(self) -> str:

@@ -3,6 +3,7 @@ trunks, each child's tokens a fresh engine's and its cached tokens the trunk's f
 full page refused unread), an actor killed mid-round named and replaced, an object that fails its check refused
 by every actor before its engine changes, and arguments refused before the parent is read."""
 
+import contextlib
 import os
 import re
 import signal
@@ -184,19 +185,19 @@ def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_clust
             [ToyThawEngine.start(**config).generate(trunk + suffixes[0], PARAMS).token_ids]
 
 
-def test_actors_whose_engines_all_hang_starting_are_given_up_together(ray_cluster, tmp_path) -> None:
-    """Each placed actor's engine has start_timeout_s from its own placing, seen as it happens for every actor
-    (not when the round gets to it): n engines that hang starting fail the round in about one start_timeout_s,
-    not n of them one after another, each a failed start (its actor killed), not kept as one still starting."""
+@contextlib.contextmanager
+def _hanging_replacements(tmp_path, workers: int, timeout: float):
+    """A toy pool of `workers` actors, killed between rounds: the round that finds them dead starts their
+    replacements, whose engines hang starting, each with `timeout` s (start_timeout_s). Yields the pool, the
+    toy parent, its trunk and suffixes once every replacement is placed."""
     from pool_engines import queue_starts, worker_env
     from thaw_conformance.template.adapter import ToyThawEngine
     from thaw_format.sdk import LaunchSpec
     from thaw_ray import RayForkPool
 
-    timeout, workers = 8, 3
     config = {"vocab_size": 1024}
     parent = ToyThawEngine.start(**config)
-    trunk, suffixes = checks.tokens(40, 5), [[5], [6], [7]]
+    trunk, suffixes = checks.tokens(40, 5), [[5 + i] for i in range(workers)]
     parent.generate(trunk, PARAMS)
     instructions = tmp_path / "starts"
     instructions.mkdir()
@@ -212,15 +213,42 @@ def test_actors_whose_engines_all_hang_starting_are_given_up_together(ray_cluste
         while not all(worker.pid for worker in pool.worker_info()):  # the replacements placed, their engines hanging
             assert time.monotonic() < waiting, pool.worker_info()
             time.sleep(0.05)
+        yield pool, trunk, suffixes
+
+
+def _hung(timeout: float) -> str:
+    return _failed_start(rf"its engine was still starting {timeout} s \(start_timeout_s\) after the actor was "
+                         r"placed \(it is killed\)", attempt=1, slot=r"\d")
+
+
+def test_actors_whose_engines_all_hang_starting_are_given_up_together(ray_cluster, tmp_path) -> None:
+    """Each placed actor's engine has start_timeout_s from its own placing, seen as it happens for every actor
+    (not when the round gets to it): n engines that hang starting fail the round in about one start_timeout_s,
+    not n of them one after another, each a failed start (its actor killed), not kept as one still starting."""
+    timeout, workers = 8, 3
+    with _hanging_replacements(tmp_path, workers, timeout) as (pool, trunk, suffixes):
         placed = time.monotonic()
         with pytest.raises(PoolWorkerDied) as raised:
             pool.fork(checks.Unread(), workers, context=trunk, suffixes=suffixes, params=PARAMS)
         took = time.monotonic() - placed
         assert type(raised.value) is PoolWorkerDied  # failed starts, not ones still starting
-        hung = _failed_start(rf"its engine was still starting {timeout} s \(start_timeout_s\) after the actor was "
-                             r"placed \(it is killed\)", attempt=1, slot=r"\d")
-        assert len(re.findall(hung, str(raised.value))) == workers, str(raised.value)
+        assert len(re.findall(_hung(timeout), str(raised.value))) == workers, str(raised.value)
         assert timeout - 1 <= took < 1.5 * timeout  # one window from their placing, not one per actor
+
+
+def test_an_engine_hanging_past_its_window_between_rounds_fails_the_next_round_at_once(ray_cluster,
+                                                                                      tmp_path) -> None:
+    """An actor placed between rounds, its engine hanging starting for longer than start_timeout_s before the
+    next round: that round fails its start at once (its window ran from its placing), not after a fresh one."""
+    timeout = 6
+    with _hanging_replacements(tmp_path, 1, timeout) as (pool, trunk, suffixes):
+        time.sleep(timeout + 1)  # its window, from its placing, is over
+        began = time.monotonic()
+        with pytest.raises(PoolWorkerDied) as raised:
+            pool.fork(checks.Unread(), 1, context=trunk, suffixes=suffixes, params=PARAMS)
+        took = time.monotonic() - began
+        assert type(raised.value) is PoolWorkerDied and re.search(_hung(timeout), str(raised.value)), raised.value
+        assert took < timeout / 3, took  # at once, not a new start_timeout_s
 
 
 def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of_rounds(ray_cluster,
