@@ -77,6 +77,7 @@ class ActorWorker(SlotWorker):
         self.placement = {key: options[key] for key in PLACEMENT if key in options}
         self._stamp = PlacedStamp()
         self.actor = RemoteActor.options(**options).remote()
+        self.id = self.actor._actor_id.hex()  # Ray's id for it, as its errors and tools name it, from its creation
         self._placed = self.actor.where.remote()  # answered once Ray has placed it (PoolActor)
         self._placed.future().add_done_callback(self._stamp)
         self._started = self.actor.start.remote(config)  # run after where(): an actor runs its calls in order
@@ -88,8 +89,7 @@ class ActorWorker(SlotWorker):
     def _where(self, key: str):
         return self.placed.where[key] if self.placed else None
 
-    # once placed (None before): Ray's id for its actor, its process (on its node), its node's Ray id and address
-    actor_id = property(lambda self: self._where("actor_id"))
+    # once placed (None before): its process (on its node), its node's Ray id and address
     pid = property(lambda self: self._where("pid"))
     node = property(lambda self: self._where("node_id"))
     node_ip = property(lambda self: self._where("node_ip"))
@@ -97,7 +97,7 @@ class ActorWorker(SlotWorker):
     def describe(self) -> str:
         if self.placed is None:  # never answered: not placed, or its process died starting
             return f"pool worker {self.name} (a Ray actor that never answered)"
-        return f"pool worker {self.name} (Ray actor {self.actor_id}, pid {self.pid} on node {self.node_ip} " \
+        return f"pool worker {self.name} (Ray actor {self.id}, pid {self.pid} on node {self.node_ip} " \
                f"{self.node})"
 
     def _start_outcome(self) -> Optional[str]:

@@ -113,7 +113,7 @@ def test_a_pool_split_across_nodes_loses_one_mid_round_and_runs_on_a_node_that_j
         before = parent.generate(trunk + suffixes[0], PARAMS)
         slot, victim = nodes.index(lost.node_id), pool.worker_info()[nodes.index(lost.node_id)]
         pool._start_timeout_s = 2  # for the replacement the round starts
-        with pytest.raises(PoolWorkerDied, match=rf"pool worker {slot} \(Ray actor {victim.actor_id}, pid "
+        with pytest.raises(PoolWorkerDied, match=rf"pool worker {slot} \(Ray actor {victim.id}, pid "
                                                  rf"{victim.pid} on node \S+ {lost.node_id}\) (died|became "
                                                  r"unavailable \(killed, not waited for\)): \w+Error: .*dead "
                                                  r"workers are being replaced"):
@@ -163,7 +163,8 @@ def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray
         parent.generate(trunk + suffixes[0], PARAMS)  # the parent holds the trunk: its capture has it
         with pytest.raises(PoolWorkerDied, match=r"died: .*dead workers are being replaced"):
             pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
-        pending = pool.worker_info()  # not placed: no node, pid or actor id yet
+        pending = pool.worker_info()  # not placed: no node or pid yet, but each actor's id, from its creation
+        assert all(worker.id and worker.node is None for worker in pending), pending
         for _ in range(MAX_FAILED_STARTS + 1):
             began = time.monotonic()
             with pytest.raises(PoolWorkerStarting, match=rf"^pool worker 0 .*not placed within {timeout} s .*; it "
@@ -179,3 +180,4 @@ def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray
         result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
         assert [g.token_ids for g in result.generations] == want
         assert [worker.node for worker in pool.worker_info()] == [joined.node_id] * checks.WORKERS
+        assert [worker.id for worker in pool.worker_info()] == [worker.id for worker in pending]  # the same actors

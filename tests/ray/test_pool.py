@@ -289,13 +289,13 @@ def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
                 round_(parent)
         with pytest.raises(PoolWorkerDied) as failed:
             round_(parent)
-        last = [worker.actor_id for worker in pool.worker_info()]  # the actors that died in it: no replacement
+        last = [worker.id for worker in pool.worker_info()]  # the actors that died in it: no replacement
         assert re.fullmatch("; ".join(died.format(name, actor) + given_up for name, actor in enumerate(last)) +
                             r": the fork round failed \(the parent engine is untouched\)", str(failed.value))
         with pytest.raises(PoolWorkerDied, match=given_up + r".*0 of the pool's 2 workers are usable; a round of 2 "
                                                  "needs 2: the fork round failed before the parent was read$"):
             round_(checks.Unread())
-        assert [worker.actor_id for worker in pool.worker_info()] == last
+        assert [worker.id for worker in pool.worker_info()] == last
 
 
 def test_a_put_that_fails_raises_rays_error_and_closes_the_segments_mapping(ray_cluster, parent, monkeypatch) -> None:
@@ -401,7 +401,7 @@ def test_a_round_interrupted_mid_way_kills_the_actors_yet_to_answer_and_the_next
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
     after = pool.worker_info()
-    assert after[0].actor_id == before[0].actor_id and after[1].actor_id != before[1].actor_id and after[1].ready
+    assert after[0].id == before[0].id and after[1].id != before[1].id and after[1].ready
 
 
 def test_an_unavailable_actor_is_killed_and_replaced(pool, parent, fresh, monkeypatch) -> None:
@@ -430,7 +430,7 @@ def test_an_unavailable_actor_is_killed_and_replaced(pool, parent, fresh, monkey
         pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     monkeypatch.undo()
     _ActorProcess(victim.pid).wait(timeout=60)
-    assert pool.worker_info()[1].actor_id != victim.actor_id
+    assert pool.worker_info()[1].id != victim.id
     others = [checks.tokens(5, 740 + i) for i in range(checks.WORKERS)]
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=others, params=PARAMS)
     assert [g.token_ids for g in result.generations] == [fresh(trunk + suffix, PARAMS) for suffix in others]
