@@ -35,11 +35,20 @@ class _ActorProcess:
     def __init__(self, pid: int) -> None:
         self.pid = pid
 
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)  # no signal sent: whether the process is there (any POSIX system, unlike /proc)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # there, but another user's: its pid reused
+            pass
+        return True
+
     def wait(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
-        while os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
+        while self.alive() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not os.path.exists(f"/proc/{self.pid}"), f"actor process {self.pid} still there after {timeout} s"
+        assert not self.alive(), f"actor process {self.pid} still there after {timeout} s"
 
 
 def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) -> None:
@@ -62,7 +71,7 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     assert [g.token_ids for g in result.generations] == want
     assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
     replacement = pool.worker_info()[1]
-    assert replacement.ready and replacement.pid != victim.pid and os.path.exists(f"/proc/{replacement.pid}")
+    assert replacement.ready and replacement.pid != victim.pid and _ActorProcess(replacement.pid).alive()
 
 
 def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(pool, parent, fresh) -> None:
@@ -129,11 +138,11 @@ def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, pa
     from thaw_ray import RayForkPool
 
     pool = RayForkPool(parent, workers=1)
-    actor = pool.worker_info()[0]
+    worker = pool.worker_info()[0]
     pool.close()
     with pytest.raises(RuntimeError, match="this RayForkPool is closed; start a new one"):
         pool.fork(checks.Unread(), 1, context=checks.tokens(40, 7), suffixes=[[5]], params=PARAMS)
-    _ActorProcess(actor.pid).wait(timeout=60)  # close() ended it
+    _ActorProcess(worker.pid).wait(timeout=60)  # close() ended it
 
 
 def _kill_between_rounds(pool, slots) -> None:
