@@ -36,10 +36,9 @@ class PoolActor:
         self.engine = None
 
     def where(self) -> dict:
-        """{"pid": the actor's process id, "actor_id": its Ray actor id (hex), "node_id": its node's Ray id (hex),
-        "node_ip": that node's address}. A pid names a process on its own node only."""
-        context = ray.get_runtime_context()
-        return {"pid": os.getpid(), "actor_id": context.get_actor_id(), "node_id": context.get_node_id(),
+        """{"pid": the actor's process id, "node_id": its node's Ray id (hex), "node_ip": that node's address}. A pid
+        names a process on its own node only."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "node_ip": ray.util.get_node_ip_address()}
 
     def start(self, config: str) -> Optional[str]:

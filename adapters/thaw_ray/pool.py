@@ -74,10 +74,11 @@ class RayForkPool(RoundPool):
                  start_timeout_s: float = START_TIMEOUT_S) -> None:
         """`actor_options` go to Ray's .options() for each actor (num_cpus, num_gpus, resources, runtime_env, ...);
         `start_timeout_s`: how long an actor may take to be placed, from its creation, and then to start its engine,
-        from when the pool sees it placed (at least until its placing deadline). Its engine still starting then, its
-        start has failed (the actor killed and started again, as any failed start); not placed, the round fails with
-        PoolWorkerStarting but the actor is kept, waited for another start_timeout_s at the next round: Ray keeps an
-        actor whose resources no node has pending for ever, saying nothing, and a node that joins later places it.
+        from when it was placed (seen as it happens, for every actor at once: n engines that hang starting are given
+        up together; at least until its placing deadline). Its engine still starting then, its start has failed (the
+        actor killed and started again, as any failed start); not placed, the round fails with PoolWorkerStarting
+        but the actor is kept, waited for another start_timeout_s at the next round: Ray keeps an actor whose
+        resources no node has pending for ever, saying nothing, and a node that joins later places it.
         At the pool's start, either fails the pool (PoolWorkerDied)."""
         workers = whole_workers(workers)
         options = _checked_actor_options(actor_options)

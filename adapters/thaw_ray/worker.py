@@ -1,12 +1,15 @@
 """One RayForkPool worker slot's actor, as thaw_format.sdk.pool_slots needs a worker: started at once, waited
 for at each round until it has started (`ensure_ready`, `rearm`), named with its actor id, process id and node
 in every error. Not placed within start_timeout_s of its creation, it is still starting (PoolWorkerStarting), and
-kept; placed, its engine still starting start_timeout_s later, it has failed to start, and is killed."""
+kept; placed, its engine still starting start_timeout_s later, it has failed to start, and is killed. When it was
+placed is seen as it happens (a Ray callback), not when a round gets to it: the engines of a round's actors have
+their windows side by side, so n engines that hang are given up in one start_timeout_s, not n."""
 
 from __future__ import annotations
 
 import time
-from typing import Optional
+from concurrent.futures import Future
+from typing import NamedTuple, Optional
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayError
@@ -36,6 +39,32 @@ def in_brief(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+class Placed(NamedTuple):
+    """Where an actor runs (its answer to where()), and when the pool saw it placed (time.monotonic())."""
+    seen: float
+    where: dict
+
+
+class PlacedStamp:
+    """When an actor was placed, stamped by Ray's callback on its where() or by the round that waits for it,
+    whichever is first. Shared by the callback and the worker, and holding neither: a callback that held its
+    worker would keep an abandoned pool's unplaced actor (and its handle) alive until Ray placed it."""
+
+    def __init__(self) -> None:
+        self.placed: Optional[Placed] = None
+
+    def __call__(self, answer: Future) -> None:
+        """On a Ray thread, as where() answers."""
+        if answer.exception() is None:  # an actor that died unplaced: its start's outcome says so
+            self.note(answer.result())
+
+    def note(self, where: dict) -> None:
+        # no lock: the first stamp wins, and a near-simultaneous second one (the round's) is also taken after the
+        # placing, so either is a fair start for the engine's window
+        if self.placed is None:
+            self.placed = Placed(time.monotonic(), where)
+
+
 class ActorWorker(SlotWorker):
     def __init__(self, name: str, config: str, options: dict, start_timeout_s: float, *, failed_starts: int = 0,
                  deaths: int = 0) -> None:
@@ -43,36 +72,47 @@ class ActorWorker(SlotWorker):
         require_ray()
         self.start_timeout_s = start_timeout_s
         self.deadline = time.monotonic() + start_timeout_s  # to be placed, from its creation: actors started
-        # together wait together; its engine then has start_timeout_s from when the pool sees it placed
+        # together wait together; its engine then has start_timeout_s from when the pool saw it placed
         self.engine_deadline: Optional[float] = None
         self.placement = {key: options[key] for key in PLACEMENT if key in options}
+        self._stamp = PlacedStamp()
         self.actor = RemoteActor.options(**options).remote()
+        self.id = self.actor._actor_id.hex()  # Ray's id for it, as its errors and tools name it, from its creation
         self._placed = self.actor.where.remote()  # answered once Ray has placed it (PoolActor)
+        self._placed.future().add_done_callback(self._stamp)
         self._started = self.actor.start.remote(config)  # run after where(): an actor runs its calls in order
-        self.actor_id: Optional[str] = None  # Ray's id for it, its node's Ray id (`node`) and that node's address,
-        self.node_ip: Optional[str] = None  # once it answers where()
+
+    @property
+    def placed(self) -> Optional[Placed]:
+        return self._stamp.placed
+
+    def _where(self, key: str):
+        return self.placed.where[key] if self.placed else None
+
+    # once placed (None before): its process (on its node), its node's Ray id and address
+    pid = property(lambda self: self._where("pid"))
+    node = property(lambda self: self._where("node_id"))
+    node_ip = property(lambda self: self._where("node_ip"))
 
     def describe(self) -> str:
-        if self.actor_id is None:  # never answered: not placed, or its process died starting
+        if self.placed is None:  # never answered: not placed, or its process died starting
             return f"pool worker {self.name} (a Ray actor that never answered)"
-        return f"pool worker {self.name} (Ray actor {self.actor_id}, pid {self.pid} on node {self.node_ip} " \
+        return f"pool worker {self.name} (Ray actor {self.id}, pid {self.pid} on node {self.node_ip} " \
                f"{self.node})"
 
     def _start_outcome(self) -> Optional[str]:
         """Its engine's start (SlotWorker.ensure_ready): failed (the actor killed), its engine's error, Ray's, or its
-        engine still starting start_timeout_s after the pool first saw the actor placed (an engine that hangs
-        starting would otherwise be waited for at every round); PoolWorkerStarting while Ray has not placed it by
-        its deadline (Ray keeps an actor whose resources no node has pending for ever, saying nothing): kept."""
+        engine still starting start_timeout_s after the pool saw the actor placed (an engine that hangs starting
+        would otherwise be waited for at every round); PoolWorkerStarting while Ray has not placed it by its
+        deadline (Ray keeps an actor whose resources no node has pending for ever, saying nothing): kept."""
         try:
-            if self.actor_id is None:
-                placed = ray.get(self._placed, timeout=self._left(self.deadline))
-                self.pid, self.actor_id, self.node, self.node_ip = (placed["pid"], placed["actor_id"],
-                                                                    placed["node_id"], placed["node_ip"])
-                # its own window from now: one placed late is not cut short by the wait for its placing
-                self.engine_deadline = max(self.deadline, time.monotonic() + self.start_timeout_s)
+            if self.engine_deadline is None:
+                self._stamp.note(ray.get(self._placed, timeout=self._left(self.deadline)))
+                # its own window from its placing: one placed late is not cut short by the wait for its placing
+                self.engine_deadline = max(self.deadline, self.placed.seen + self.start_timeout_s)
             error = ray.get(self._started, timeout=self._left(self.engine_deadline))
         except GetTimeoutError:
-            if self.actor_id is None:
+            if self.engine_deadline is None:
                 raise PoolWorkerStarting(f"{self.describe()}: {self._not_placed()}") from None
             error = f"its engine was still starting {self.start_timeout_s:g} s (start_timeout_s) after the actor " \
                     "was placed (it is killed)"
@@ -88,9 +128,10 @@ class ActorWorker(SlotWorker):
         return max(0.0, deadline - time.monotonic())
 
     def rearm(self, start_timeout_s: float) -> None:
-        """A round begins: an actor Ray had not placed by its deadline (kept by an earlier round) gets
-        start_timeout_s more to be placed, from now. One placed has its engine's own window (_start_outcome)."""
-        if self.actor_id is None and not self.killed and time.monotonic() >= self.deadline:
+        """A round begins: an actor not placed by its deadline (kept by an earlier round) gets start_timeout_s
+        more, from now. One placed has its engine's own window, from its placing (_start_outcome): placed since its
+        deadline, however long ago, it is not given a fresh one (its engine hanging that long has failed)."""
+        if self.placed is None and not self.killed and time.monotonic() >= self.deadline:
             self.start_timeout_s, self.deadline = start_timeout_s, time.monotonic() + start_timeout_s
 
     def _not_placed(self) -> str:

@@ -1,16 +1,22 @@
 """RayForkPool across the nodes of a Ray cluster (conftest's two nodes on this machine, and nodes a test adds and
 removes): workers on the node the driver is not on restore an object that crossed to that node, and give a fresh
-engine's tokens (the rounds of tests/fork_pool_checks.py); a pool split across two nodes loses one of them
-mid-round, is told which worker and which node, and runs its next round once a node that has the lost one's
-resources joins."""
+engine's tokens (the rounds of tests/fork_pool_checks.py), and refuse a copy damaged on its way; a pool split
+across two nodes loses one of them mid-round, is told which worker and which node, and runs its next round once
+a node that has the lost one's resources joins."""
 
+import mmap
+import os
+import re
 import time
 
+import numpy
 import pytest
 
 import fork_pool_checks as checks
 from descendants import HAS_PROC, outliving
+from thaw_format import CorruptSnapshotError, SnapshotFile
 from thaw_format.sdk import PoolWorkerDied, PoolWorkerStarting
+from thaw_format.sdk.shared import open_segment
 
 PARAMS = checks.PARAMS
 
@@ -36,6 +42,42 @@ def test_workers_on_the_other_node_restore_objects_that_crossed_to_it(ray_nodes,
     assert len(puts) == 3
     for ref in puts:  # put on the head, pulled by the other node for its actors
         assert set(ray.experimental.get_object_locations([ref])[ref]["node_ids"]) == {ray_nodes.head, ray_nodes.other}
+
+
+def test_actors_on_another_node_check_the_copy_that_crossed_to_it(ray_nodes, parent, fresh, monkeypatch) -> None:
+    """An actor on another node checks every chunk of its node's copy of the object before its engine is touched:
+    an object damaged after the capture (put here from a copy of the segment with one bit flipped) is refused by
+    each actor, naming it and the object, and the next round, its object whole, runs."""
+    import ray
+
+    import thaw_ray.pool
+    from thaw_ray import RayForkPool
+
+    def put_damaged(source):
+        name, _, nbytes = source[len("shm://"):].partition("#")
+        fd = open_segment(name)
+        try:
+            with mmap.mmap(fd, int(nbytes), access=mmap.ACCESS_READ) as segment:
+                data = bytearray(segment)
+        finally:
+            os.close(fd)
+        data[SnapshotFile(data).info("kv/0/k")[2].offset + 1000] ^= 0x40
+        return ray.put(numpy.frombuffer(data, numpy.uint8))
+
+    trunk, suffixes = checks.tokens(100, 93), [checks.tokens(5, 930 + i) for i in range(checks.WORKERS)]
+    parent.generate(trunk, PARAMS)
+    refusal = (rf"pool worker \d \(Ray actor [0-9a-f]+, pid \d+ on node \S+ {ray_nodes.other}\) refused the round's "
+               r"object [0-9a-f]+: CorruptSnapshotError: tensor 'kv/0/k' \(region \d+\): checksum mismatch in chunk "
+               r"0, .*?its engine is untouched")
+    with RayForkPool(parent, checks.WORKERS, actor_options={"resources": {"other": 1}},
+                     start_timeout_s=120) as pool:
+        monkeypatch.setattr(thaw_ray.pool, "put_capture", put_damaged)
+        with pytest.raises(CorruptSnapshotError, match=r"parent engine is untouched\)$") as refused:
+            pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+        assert len(re.findall(refusal, str(refused.value))) == checks.WORKERS, str(refused.value)
+        monkeypatch.undo()
+        result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+        assert [g.token_ids for g in result.generations] == [fresh(trunk + suffix, PARAMS) for suffix in suffixes]
 
 
 class _LoseNodeDuringCapture:
@@ -69,9 +111,9 @@ def test_a_pool_split_across_nodes_loses_one_mid_round_and_runs_on_a_node_that_j
         trunk, suffixes = checks.tokens(120, 61), [checks.tokens(5, 610 + i) for i in range(checks.WORKERS)]
         parent.generate(trunk + suffixes[0], PARAMS)  # the parent's steady state for this prompt
         before = parent.generate(trunk + suffixes[0], PARAMS)
-        slot, victim = nodes.index(lost.node_id), pool._workers[nodes.index(lost.node_id)]
+        slot, victim = nodes.index(lost.node_id), pool.worker_info()[nodes.index(lost.node_id)]
         pool._start_timeout_s = 2  # for the replacement the round starts
-        with pytest.raises(PoolWorkerDied, match=rf"pool worker {slot} \(Ray actor {victim.actor_id}, pid "
+        with pytest.raises(PoolWorkerDied, match=rf"pool worker {slot} \(Ray actor {victim.id}, pid "
                                                  rf"{victim.pid} on node \S+ {lost.node_id}\) (died|became "
                                                  r"unavailable \(killed, not waited for\)): \w+Error: .*dead "
                                                  r"workers are being replaced"):
@@ -121,7 +163,8 @@ def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray
         parent.generate(trunk + suffixes[0], PARAMS)  # the parent holds the trunk: its capture has it
         with pytest.raises(PoolWorkerDied, match=r"died: .*dead workers are being replaced"):
             pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
-        pending = list(pool._workers)
+        pending = pool.worker_info()  # not placed: no node or pid yet, but each actor's id, from its creation
+        assert all(worker.id and worker.node is None for worker in pending), pending
         for _ in range(MAX_FAILED_STARTS + 1):
             began = time.monotonic()
             with pytest.raises(PoolWorkerStarting, match=rf"^pool worker 0 .*not placed within {timeout} s .*; it "
@@ -129,7 +172,7 @@ def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray
                                                          r"within"):  # only still starting: retry later
                 pool.fork(checks.Unread(), checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
             assert time.monotonic() - began < 1.8 * timeout  # one timeout, not one per actor
-            assert pool._workers == pending  # the same actors, still asking Ray for a node
+            assert pool.worker_info() == pending  # still asking Ray for a node (kept: no failed start counted)
 
         pool._start_timeout_s = 120  # for the kept actors, from the next round on: placed, and their engines started
         joined = added_nodes(resources, cpus=checks.WORKERS)
@@ -137,4 +180,4 @@ def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray
         result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
         assert [g.token_ids for g in result.generations] == want
         assert [worker.node for worker in pool.worker_info()] == [joined.node_id] * checks.WORKERS
-        assert pool._workers == pending
+        assert [worker.id for worker in pool.worker_info()] == [worker.id for worker in pending]  # the same actors

@@ -3,8 +3,10 @@ trunks, each child's tokens a fresh engine's and its cached tokens the trunk's f
 full page refused unread), an actor killed mid-round named and replaced, an object that fails its check refused
 by every actor before its engine changes, and arguments refused before the parent is read."""
 
+import contextlib
 import os
 import re
+import signal
 import time
 
 import pytest
@@ -15,6 +17,7 @@ from fork_pool_checks import (  # noqa: F401  the pool's tests, written once for
     test_a_context_without_a_full_page_is_refused_before_the_parent_is_read)
 from thaw_format import CorruptSnapshotError
 from thaw_format.sdk import PoolWorkerDied, greedy
+from thaw_format.sdk.pool_slots import MAX_FAILED_STARTS
 
 PARAMS = checks.PARAMS
 NODE = r"on node \S+ [0-9a-f]+"  # after a worker's pid: its node's address and Ray id
@@ -32,21 +35,20 @@ class _ActorProcess:
     def __init__(self, pid: int) -> None:
         self.pid = pid
 
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)  # no signal sent: whether the process is there (any POSIX system, unlike /proc)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # there, but another user's: its pid reused
+            pass
+        return True
+
     def wait(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
-        while os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
+        while self.alive() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not os.path.exists(f"/proc/{self.pid}"), f"actor process {self.pid} still there after {timeout} s"
-
-
-def _wait_dead(actor, timeout: float = 60) -> None:
-    """Until Ray says `actor` is dead (RayActorError): ray.kill takes effect shortly after it returns."""
-    ray = _ray()
-    deadline = time.monotonic() + timeout
-    with pytest.raises(ray.exceptions.RayActorError):
-        while time.monotonic() < deadline:
-            ray.get(actor.where.remote())
-            time.sleep(0.1)
+        assert not self.alive(), f"actor process {self.pid} still there after {timeout} s"
 
 
 def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) -> None:
@@ -69,7 +71,7 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     assert [g.token_ids for g in result.generations] == want
     assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
     replacement = pool.worker_info()[1]
-    assert replacement.ready and replacement.pid != victim.pid and os.path.exists(f"/proc/{replacement.pid}")
+    assert replacement.ready and replacement.pid != victim.pid and _ActorProcess(replacement.pid).alive()
 
 
 def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(pool, parent, fresh) -> None:
@@ -81,7 +83,7 @@ def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(po
     suffixes = [checks.tokens(5, 900 + i) for i in range(checks.WORKERS)]
     parent.generate(good, PARAMS)
     pool.fork(parent, checks.WORKERS, context=good, suffixes=suffixes, params=PARAMS)
-    actors = [worker.actor for worker in pool._workers]
+    actors = [worker.actor for worker in pool._workers]  # to ask each engine outside a round: no public handle
     probe = [dict(temperature=0.0, max_tokens=10, ignore_eos=True)]
     held = [ray.get(a.generate.remote(good + s, *probe)) for a, s in zip(actors, suffixes)]  # steady state
     assert all(h["cached_tokens"] >= checks.full_pages(good, parent) for h in held)  # what a change would show
@@ -136,30 +138,35 @@ def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, pa
     from thaw_ray import RayForkPool
 
     pool = RayForkPool(parent, workers=1)
-    actor = pool._workers[0].actor
+    worker = pool.worker_info()[0]
     pool.close()
     with pytest.raises(RuntimeError, match="this RayForkPool is closed; start a new one"):
         pool.fork(checks.Unread(), 1, context=checks.tokens(40, 7), suffixes=[[5]], params=PARAMS)
-    _wait_dead(actor)  # close() ended it
+    _ActorProcess(worker.pid).wait(timeout=60)  # close() ended it
+
+
+def _kill_between_rounds(pool, slots) -> None:
+    """SIGKILL the actors in `slots` (as the OOM killer would) and wait until they are gone: the next round finds
+    them dead, fails, and starts their replacements."""
+    for slot in slots:
+        os.kill(pool.worker_info()[slot].pid, signal.SIGKILL)
+    for slot in slots:
+        _ActorProcess(pool.worker_info()[slot].pid).wait()
+
+
+def _failed_start(why: str, attempt: int, slot: str = "0") -> str:
+    return (rf"pool worker {slot} \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) failed to start: {why}; it is started again "
+            rf"for the next round \(failed starts in a row: {attempt} of {MAX_FAILED_STARTS}\)")
 
 
 def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_cluster, tmp_path) -> None:
     """The pool's own bookkeeping (thaw_format.sdk.pool_slots, shared with ForkPool), on the toy engine: a
     replacement actor whose engine fails to start fails the next round before the parent is read, naming it, its
-    node and why, and is started again, MAX_FAILED_STARTS times in a row at most. The first start hangs: placed,
-    its engine still starting start_timeout_s after the pool saw it placed (its own window, however late it was
-    placed), it is given up then and killed, a failed start like the others (not kept and waited for at every
-    round, as an actor Ray cannot place is)."""
+    node and why, and is started again, MAX_FAILED_STARTS times in a row at most."""
     from pool_engines import queue_starts, worker_env
     from thaw_conformance.template.adapter import ToyThawEngine
     from thaw_format.sdk import LaunchSpec
-    from thaw_format.sdk.pool_slots import MAX_FAILED_STARTS
     from thaw_ray import RayForkPool
-
-    def failed_start(why: str, attempt: int) -> str:
-        return (rf"^pool worker 0 \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) failed to start: {why}; it is started again "
-                rf"for the next round \(failed starts in a row: {attempt} of {MAX_FAILED_STARTS}\): the fork round "
-                r"failed before the parent was read$")
 
     config = {"vocab_size": 1024}
     parent = ToyThawEngine.start(**config)
@@ -170,27 +177,14 @@ def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_clust
     spec = LaunchSpec("pool_engines:flaky", {"instructions": str(instructions), **config})
     # the tests' directory on the actors' path, for pool_engines (pytest puts it on this process's only)
     with RayForkPool(spec, workers=2, actor_options={"runtime_env": {"env_vars": worker_env()}}) as pool:
-        queue_starts(instructions, "hang", *["error"] * (MAX_FAILED_STARTS - 1))
-        _ray().kill(pool._workers[0].actor)  # between rounds: the next round finds it dead and replaces it
-        _wait_dead(pool._workers[0].actor)
+        queue_starts(instructions, *["error"] * MAX_FAILED_STARTS)
+        _kill_between_rounds(pool, [0])
         with pytest.raises(PoolWorkerDied, match=rf"pool worker 0 \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) died"):
             pool.fork(parent, 2, context=trunk, suffixes=suffixes, params=PARAMS)
-        hanging = pool._workers[0]  # the replacement, whose engine's start hangs
-        _ray().get(hanging._placed, timeout=120)  # placed: its process runs, its engine is starting
-        # as if placed near the end of its window to be placed (0.5 s left), of a pool with a start_timeout_s of
-        # 2 s: its engine still has its own 2 s from when the pool sees it placed, then is given up, not kept
-        waiting = time.monotonic()
-        hanging.deadline, hanging.start_timeout_s = waiting + 0.5, 2
-        with pytest.raises(PoolWorkerDied, match=failed_start(r"its engine was still starting 2 s \(start_timeout_s\) "
-                                                              r"after the actor was placed \(it is killed\)",
-                                                              attempt=1)) as raised:
-            pool.fork(checks.Unread(), 2, context=trunk, suffixes=suffixes, params=PARAMS)
-        assert type(raised.value) is PoolWorkerDied  # a failed start, not one still starting
-        assert 2 <= time.monotonic() - waiting < 6  # its engine's own window, not the placing window's remainder
-        _wait_dead(hanging.actor)
-        for attempt in range(2, MAX_FAILED_STARTS):
-            with pytest.raises(PoolWorkerDied, match=failed_start(r"starting the pool engine: RuntimeError: told to "
-                                                                  r"fail by .*", attempt)):
+        for attempt in range(1, MAX_FAILED_STARTS):
+            with pytest.raises(PoolWorkerDied, match="^" + _failed_start(r"starting the pool engine: RuntimeError: "
+                                                                         r"told to fail by .*", attempt) +
+                                                     ": the fork round failed before the parent was read$"):
                 pool.fork(checks.Unread(), 2, context=trunk, suffixes=suffixes, params=PARAMS)
         with pytest.raises(PoolWorkerDied, match=rf"failed to start {MAX_FAILED_STARTS} times in a row and is no "
                                                  "longer restarted: close this pool and start a new one"):
@@ -198,6 +192,72 @@ def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_clust
         result = pool.fork(parent, 1, context=trunk, suffixes=suffixes[:1], params=PARAMS)  # the slot left
         assert [g.token_ids for g in result.generations] == \
             [ToyThawEngine.start(**config).generate(trunk + suffixes[0], PARAMS).token_ids]
+
+
+@contextlib.contextmanager
+def _hanging_replacements(tmp_path, workers: int, timeout: float):
+    """A toy pool of `workers` actors, killed between rounds: the round that finds them dead starts their
+    replacements, whose engines hang starting, each with `timeout` s (start_timeout_s). Yields the pool, the
+    toy parent, its trunk and suffixes once every replacement is placed."""
+    from pool_engines import queue_starts, worker_env
+    from thaw_conformance.template.adapter import ToyThawEngine
+    from thaw_format.sdk import LaunchSpec
+    from thaw_ray import RayForkPool
+
+    config = {"vocab_size": 1024}
+    parent = ToyThawEngine.start(**config)
+    trunk, suffixes = checks.tokens(40, 5), [[5 + i] for i in range(workers)]
+    parent.generate(trunk, PARAMS)
+    instructions = tmp_path / "starts"
+    instructions.mkdir()
+    spec = LaunchSpec("pool_engines:flaky", {"instructions": str(instructions), **config})
+    options = {"num_cpus": 0.5, "runtime_env": {"env_vars": worker_env()}}  # beside the session's pool
+    with RayForkPool(spec, workers=workers, actor_options=options, start_timeout_s=120) as pool:
+        pool._start_timeout_s = timeout  # for the replacements (their starts hang): a start under load takes longer
+        queue_starts(instructions, *["hang"] * workers)
+        _kill_between_rounds(pool, range(workers))
+        with pytest.raises(PoolWorkerDied, match="died: .*dead workers are being replaced"):
+            pool.fork(parent, workers, context=trunk, suffixes=suffixes, params=PARAMS)
+        waiting = time.monotonic() + 120
+        while not all(worker.pid for worker in pool.worker_info()):  # the replacements placed, their engines hanging
+            assert time.monotonic() < waiting, pool.worker_info()
+            time.sleep(0.05)
+        yield pool, trunk, suffixes
+
+
+def _hung(timeout: float) -> str:
+    return _failed_start(rf"its engine was still starting {timeout} s \(start_timeout_s\) after the actor was "
+                         r"placed \(it is killed\)", attempt=1, slot=r"\d")
+
+
+def test_actors_whose_engines_all_hang_starting_are_given_up_together(ray_cluster, tmp_path) -> None:
+    """Each placed actor's engine has start_timeout_s from its own placing, seen as it happens for every actor
+    (not when the round gets to it): n engines that hang starting fail the round in about one start_timeout_s,
+    not n of them one after another, each a failed start (its actor killed), not kept as one still starting."""
+    timeout, workers = 8, 3
+    with _hanging_replacements(tmp_path, workers, timeout) as (pool, trunk, suffixes):
+        placed = time.monotonic()
+        with pytest.raises(PoolWorkerDied) as raised:
+            pool.fork(checks.Unread(), workers, context=trunk, suffixes=suffixes, params=PARAMS)
+        took = time.monotonic() - placed
+        assert type(raised.value) is PoolWorkerDied  # failed starts, not ones still starting
+        assert len(re.findall(_hung(timeout), str(raised.value))) == workers, str(raised.value)
+        assert timeout - 1 <= took < 1.5 * timeout  # one window from their placing, not one per actor
+
+
+def test_an_engine_hanging_past_its_window_between_rounds_fails_the_next_round_at_once(ray_cluster,
+                                                                                      tmp_path) -> None:
+    """An actor placed between rounds, its engine hanging starting for longer than start_timeout_s before the
+    next round: that round fails its start at once (its window ran from its placing), not after a fresh one."""
+    timeout = 6
+    with _hanging_replacements(tmp_path, 1, timeout) as (pool, trunk, suffixes):
+        time.sleep(timeout + 1)  # its window, from its placing, is over
+        began = time.monotonic()
+        with pytest.raises(PoolWorkerDied) as raised:
+            pool.fork(checks.Unread(), 1, context=trunk, suffixes=suffixes, params=PARAMS)
+        took = time.monotonic() - began
+        assert type(raised.value) is PoolWorkerDied and re.search(_hung(timeout), str(raised.value)), raised.value
+        assert took < timeout / 3, took  # at once, not a new start_timeout_s
 
 
 def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of_rounds(ray_cluster,
@@ -236,16 +296,15 @@ def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
         for _ in range(MAX_DEATHS - 1):
             with pytest.raises(PoolWorkerDied, match="dead workers are being replaced"):
                 round_(parent)
-        last = list(pool._workers)
         with pytest.raises(PoolWorkerDied) as failed:
             round_(parent)
-        assert re.fullmatch("; ".join(died.format(w.name, w.actor_id) + given_up for w in last) +  # ids: once ready
+        last = [worker.id for worker in pool.worker_info()]  # the actors that died in it: no replacement
+        assert re.fullmatch("; ".join(died.format(name, actor) + given_up for name, actor in enumerate(last)) +
                             r": the fork round failed \(the parent engine is untouched\)", str(failed.value))
-        assert pool._workers == last  # no replacement
         with pytest.raises(PoolWorkerDied, match=given_up + r".*0 of the pool's 2 workers are usable; a round of 2 "
                                                  "needs 2: the fork round failed before the parent was read$"):
             round_(checks.Unread())
-        assert pool._workers == last
+        assert [worker.id for worker in pool.worker_info()] == last
 
 
 def test_a_put_that_fails_raises_rays_error_and_closes_the_segments_mapping(ray_cluster, parent, monkeypatch) -> None:
@@ -336,7 +395,7 @@ def test_a_round_interrupted_mid_way_kills_the_actors_yet_to_answer_and_the_next
     trunk, suffixes = checks.tokens(60, 71), [checks.tokens(5, 700 + i) for i in range(checks.WORKERS)]
     want = [fresh(trunk + suffix, PARAMS) for suffix in suffixes]
     parent.generate(trunk, PARAMS)
-    answered, before = thaw_ray.pool.note_answer, list(pool._workers)
+    answered, before = thaw_ray.pool.note_answer, pool.worker_info()
 
     def interrupt(worker):
         answered(worker)
@@ -346,11 +405,12 @@ def test_a_round_interrupted_mid_way_kills_the_actors_yet_to_answer_and_the_next
     with pytest.raises(_Interrupted):
         pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     monkeypatch.undo()
-    assert [w.killed for w in pool._workers] == [False] + [True] * (checks.WORKERS - 1)
-    _wait_dead(before[1].actor)
+    assert [w.ready for w in pool.worker_info()] == [True] + [False] * (checks.WORKERS - 1)  # the others killed
+    _ActorProcess(before[1].pid).wait(timeout=60)
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
-    assert pool._workers[0] is before[0] and pool._workers[1] is not before[1] and not pool._workers[1].killed
+    after = pool.worker_info()
+    assert after[0].id == before[0].id and after[1].id != before[1].id and after[1].ready
 
 
 def test_an_unavailable_actor_is_killed_and_replaced(pool, parent, fresh, monkeypatch) -> None:
@@ -363,7 +423,7 @@ def test_an_unavailable_actor_is_killed_and_replaced(pool, parent, fresh, monkey
     ray = _ray()
     trunk, suffixes = checks.tokens(60, 73), [checks.tokens(5, 730 + i) for i in range(checks.WORKERS)]
     parent.generate(trunk, PARAMS)
-    victim, calls = pool._workers[1], []
+    victim, calls = pool.worker_info()[1], []
 
     def get(ref, **options):
         reply = ray.get(ref, **options)
@@ -378,8 +438,8 @@ def test_an_unavailable_actor_is_killed_and_replaced(pool, parent, fresh, monkey
                                              r".*the node is unreachable.*dead workers are being replaced"):
         pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     monkeypatch.undo()
-    _wait_dead(victim.actor)
-    assert pool._workers[1] is not victim
+    _ActorProcess(victim.pid).wait(timeout=60)
+    assert pool.worker_info()[1].id != victim.id
     others = [checks.tokens(5, 740 + i) for i in range(checks.WORKERS)]
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=others, params=PARAMS)
     assert [g.token_ids for g in result.generations] == [fresh(trunk + suffix, PARAMS) for suffix in others]

@@ -34,6 +34,8 @@ class WorkerInfo(NamedTuple):
     # own machine), or an actor not placed yet (then pid is None too)
     pid: Optional[int]  # its process, on its node, once known
     ready: bool  # its engine has started, and the pool has not killed it since
+    id: Optional[str] = None  # the worker's own id where its carrier names one (a Ray actor id, hex, from the
+    # actor's creation: as errors and Ray's tools name it); None: a ForkPool worker
 
 
 class SlotWorker:
@@ -43,6 +45,7 @@ class SlotWorker:
 
     node: Optional[str] = None  # where it runs (WorkerInfo.node)
     pid: Optional[int] = None
+    id: Optional[str] = None  # WorkerInfo.id
     ready = False
     killed = False  # by the pool: replaced by the next round that needs it (each worker sets it when it kills)
 
@@ -54,7 +57,7 @@ class SlotWorker:
         self.death: Optional[str] = None  # how this worker died in a round, if it did
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo(self.name, self.node, self.pid, self.ready and not self.killed)
+        return WorkerInfo(self.name, self.node, self.pid, self.ready and not self.killed, self.id)
 
     def ensure_ready(self) -> None:
         """Wait until its engine has started (returns), or raise: PoolWorkerDied (`start_error`, on this call and
