@@ -185,14 +185,22 @@ def test_ranks_refused_a_remote_read_fall_back_to_the_restore_segment(thaw_sglan
     assert _held(thaw_sglang, engine) == (run["tp2_snapshot"].prefix, _kv(run["tp2_snapshot"]))
 
 
-def test_kv_heads_sglang_pads_on_cpu_are_refused():
-    """SGLang pads 3 KV heads to 4 for two ranks on CPU: each holds 2, and 2 x 2 heads would pass a check
-    against the padded count."""
-    from thaw_sglang.tensor_parallel import rank_heads
+def test_kv_heads_sglang_pads_on_cpu_are_refused(monkeypatch):
+    """SGLang pads 3 KV heads to 4 for two ranks on CPU, rewriting the config's count: each rank holds 2, and
+    2 x 2 heads would pass a check against the padded count (total_kv_heads must read the model's own 3)."""
+    from types import SimpleNamespace
 
-    with pytest.raises(NotImplementedError, match="SGLang pads them to 4"):
-        rank_heads(0, 2, 2, 3, 32, 4)
-    assert rank_heads(1, 2, 1, 2, 32, 4).heads == 1
+    import torch
+    from thaw_sglang import _internals, tensor_parallel
+
+    config = SimpleNamespace(hf_config=SimpleNamespace(original_total_num_kv_heads=3),
+                             get_total_num_kv_heads=lambda: 4)
+    scheduler = SimpleNamespace(model_config=config)
+    monkeypatch.setattr(_internals, "other_parallelism", lambda _: {})
+    monkeypatch.setattr(_internals, "kv_buffers", lambda _: ([torch.empty(8, 2, 32)], [torch.empty(8, 2, 32)]))
+    monkeypatch.setattr(_internals, "tensor_parallel", lambda _: (0, 2, "the TP ranks' group"))
+    with pytest.raises(NotImplementedError, match="over 3 KV heads: SGLang pads them to 4"):
+        tensor_parallel.share(scheduler)
 
 
 def test_a_restore_refused_while_a_request_waits_in_the_paused_engine_leaves_its_cache(thaw_sglang, run):
@@ -271,6 +279,22 @@ def test_ranks_that_read_other_snapshots_refuse_the_restore_before_any_writes(fi
     with pytest.raises(CorruptSnapshotError, match="the ranks differ in the snapshot each read from its source"):
         first_rank._thaw_restore_shares("/a/file.thaw", verified=False)
     assert len(staged) == 1  # the stage; the write never ran
+
+
+def test_a_restore_failing_while_the_ranks_write_flushes_or_names_the_ranks_that_refused(first_rank, monkeypatch):
+    """Once every rank staged, a rank failing its writes leaves the ranks' caches differing: every rank flushes,
+    and one whose flush SGLang refused is named beside the failure."""
+    from types import SimpleNamespace
+
+    from thaw_format.sdk import agreement
+    from thaw_sglang import _internals, tensor_parallel
+
+    steps = iter([lambda: SimpleNamespace(id="A"), lambda: (_ for _ in ()).throw(OSError("rank 1: disk gone"))])
+    monkeypatch.setattr(tensor_parallel, "agreed", lambda _, work: next(steps)())
+    monkeypatch.setattr(agreement, "gathered", lambda group, value: [value, False if value is True else value])
+    monkeypatch.setattr(_internals, "flush", lambda _: True)
+    with pytest.raises(RuntimeError, match=r"failed partway \(rank 1: disk gone\).* on ranks \[1\]"):
+        first_rank._thaw_restore_shares("/a/file.thaw", verified=False)
 
 
 @pytest.mark.parametrize("path, into", [(True, "lent"), (False, "lent"), (False, "own")])
