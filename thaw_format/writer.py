@@ -460,6 +460,14 @@ def _write_all(stream, data) -> None:
         view = view[written:]
 
 
+def unwritten(target, chunk_size: int):
+    """A fill (EncodedSnapshot.write_into) that leaves its region as it is, for other writers to put in place,
+    and returns zero checksums: placeholders, which reseal replaces once the region is written (a tensor-parallel
+    engine's ranks), or which a reader that verified the file would refuse (a remote source's KV, read from its
+    sender)."""
+    return numpy.zeros(-(-len(target) // chunk_size), numpy.uint32)
+
+
 def reseal(buffer, names) -> str:
     """Checksum anew the named tensors of the snapshot written in `buffer`, from the bytes their regions hold
     now, and write its trailer again; return the snapshot's id. For tensors that other writers put in place after
