@@ -20,6 +20,7 @@ from thaw_format.writer import reseal
 
 from . import _internals, rpc, tensor_parallel, transport
 from .capture import capture_state
+from .kv import check_regions
 from .restore import apply_restore, check_restorable, check_restore, restore_state
 
 
@@ -110,6 +111,7 @@ class ThawScheduler(_internals.SleepsWhilePaused):
             view = lent.writable_view(written)
             with SnapshotFile(view) as published:
                 regions = {name: published.info(name)[2] for name in puts}
+            check_regions(snapshot.kv, regions)
             for name, put_heads in puts.items():
                 put_heads(view[regions[name].offset : regions[name].end])
 

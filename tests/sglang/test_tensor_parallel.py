@@ -321,3 +321,22 @@ def test_a_capture_failing_after_the_first_rank_published_unlinks_its_segment(fi
     if leaked and (path or into == "own"):  # left without the fix (a lent one is the lender's to unlink)
         os.unlink(f"/dev/shm/{name}")
     assert not leaked
+
+
+def test_a_published_region_of_another_size_than_this_ranks_tensor_is_refused_before_any_write():
+    """A rank writes its heads into the regions the first rank published only where each holds as many bytes as
+    this rank's own tensor of that name."""
+    from types import SimpleNamespace
+
+    from thaw_format import KVCache, KVLayer
+    from thaw_format.writer import deferred_tensor
+    from thaw_sglang.kv import RegionsError, check_regions
+
+    tensors = {role: deferred_tensor("float32", (2, 32, 4, 8)) for role in ("k", "v")}
+    kv = KVCache(page_size=32, dtype="float32", layers=[KVLayer(kind="attention", tensors=tensors, num_kv_heads=4,
+                                                                 head_dim=8)])
+    nbytes = 2 * 32 * 4 * 8 * 4
+    check_regions(kv, {"kv/0/k": SimpleNamespace(offset=64, end=64 + nbytes)})
+    with pytest.raises(RegionsError, match=f"kv/0/v: the published region holds {nbytes // 2} bytes"):
+        check_regions(kv, {"kv/0/k": SimpleNamespace(offset=64, end=64 + nbytes),
+                           "kv/0/v": SimpleNamespace(offset=0, end=nbytes // 2)})
