@@ -165,13 +165,13 @@ def test_an_error_whose_text_raises_still_reaches_every_rank(outcomes):
 
 def test_a_value_one_rank_cannot_encode_raises_on_every_rank(outcomes):
     got = outcomes["unencodable_on_second"]
-    assert {rank: outcome[:2] for rank, outcome in got.items()} == {0: ("error", "TypeError"), 1: ("error", "TypeError")}
+    assert [outcome[:2] for outcome in got.values()] == [("error", "TypeError")] * 2
     assert "ranks [1]" in got[0][2]
 
 
 def test_a_value_over_the_cap_raises_on_every_rank(outcomes):
     got = outcomes["oversize_on_second"]
-    assert {rank: outcome[:2] for rank, outcome in got.items()} == {0: ("error", "ValueError"), 1: ("error", "ValueError")}
+    assert [outcome[:2] for outcome in got.values()] == [("error", "ValueError")] * 2
 
 
 def test_agreed_returns_each_rank_its_own_value(outcomes):

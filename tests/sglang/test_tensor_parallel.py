@@ -127,7 +127,7 @@ def test_what_a_tp2_engine_cannot_take_is_refused_before_any_rank_changes(thaw_s
 
 
 def test_a_tp2_engine_restores_a_file_and_its_snapshot_loaded_in_memory(thaw_sglang, run):
-    """From the file's path (every rank reads it, checks it, and the ranks compare its id), and from
+    """From the file's path (every rank reads and checks it), and from
     thaw_format.load(file) in this process (every rank reads its memory: the remote path): its bytes and a hit."""
     import thaw_format
     from thaw_format.sdk import lent
