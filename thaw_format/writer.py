@@ -21,6 +21,8 @@ from array import array
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping, Optional, Union
 
+import numpy
+
 from . import mover
 from .container import DEFAULT_CHUNK_SIZE, decode_trailer, encode_header, encode_trailer, plan_layout, content_id
 from .document import canonical_json, decode, encode, features, validate
