@@ -340,3 +340,25 @@ def test_a_published_region_of_another_size_than_this_ranks_tensor_is_refused_be
     with pytest.raises(RegionsError, match=f"kv/0/v: the published region holds {nbytes // 2} bytes"):
         check_regions(kv, {"kv/0/k": SimpleNamespace(offset=64, end=64 + nbytes),
                            "kv/0/v": SimpleNamespace(offset=0, end=nbytes // 2)})
+
+
+def test_a_failed_reseal_leaves_no_writable_mapping_of_the_segment_cached(first_rank, monkeypatch):
+    """The first rank maps the published segment writable to reseal it: a reseal that fails forgets that mapping
+    too (lent.forget), as one that succeeds does."""
+    import thaw_format
+    from thaw_format.sdk import lent
+    from thaw_format.writer import deferred_tensor
+    from thaw_sglang import scheduler_ext, tensor_parallel
+
+    def reseal_failed(view, names):
+        raise OSError("reseal failed")
+
+    mapped, forgotten = [], []
+    monkeypatch.setattr(tensor_parallel, "agreed", lambda _, work: None)  # every rank wrote its heads
+    monkeypatch.setattr(scheduler_ext, "reseal", reseal_failed)
+    monkeypatch.setattr(lent, "writable_view", lambda source: mapped.append(source) or bytearray(8))
+    monkeypatch.setattr(lent, "forget", forgotten.append)
+    snapshot = thaw_format.Snapshot(weights=thaw_format.Weights({"t": deferred_tensor("uint8", (4096,))}))
+    with pytest.raises(OSError, match="reseal failed"):
+        first_rank._thaw_capture_shares(snapshot, {"weights/t": None}, "", "own")
+    assert mapped and forgotten == [mapped[-1]] * 2  # after the writes, and after the reseal
