@@ -21,6 +21,8 @@ from array import array
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping, Optional, Union
 
+import numpy
+
 from . import mover
 from .container import DEFAULT_CHUNK_SIZE, decode_trailer, encode_header, encode_trailer, plan_layout, content_id
 from .document import canonical_json, decode, encode, features, validate
@@ -458,6 +460,14 @@ def _write_all(stream, data) -> None:
         if written is None:  # a non-blocking raw stream that could not take anything yet
             continue
         view = view[written:]
+
+
+def unwritten(target, chunk_size: int):
+    """A fill (EncodedSnapshot.write_into) that leaves its region as it is, for other writers to put in place,
+    and returns zero checksums: placeholders, which reseal replaces once the region is written (a tensor-parallel
+    engine's ranks), or which a reader that verified the file would refuse (a remote source's KV, read from its
+    sender)."""
+    return numpy.zeros(-(-len(target) // chunk_size), numpy.uint32)
 
 
 def reseal(buffer, names) -> str:

@@ -15,7 +15,8 @@ def model_info(scheduler, weights_digest: str | None = None) -> ModelInfo:
 
 def engine_info(scheduler) -> EngineInfo:
     share = tensor_parallel.share(scheduler)
-    ranks = "" if share.whole else f"; each of {share.ranks} ranks holds {share.heads} of the {share.total_heads} KV heads"
+    ranks = ("" if share.whole else
+             f"; each of {share.ranks} ranks holds {share.heads} of the {share.total_heads} KV heads")
     return EngineInfo(
         name="sglang",
         version=sglang.__version__,

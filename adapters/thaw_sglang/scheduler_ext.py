@@ -13,13 +13,14 @@ import contextlib
 import thaw_format
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 from thaw_format import CorruptSnapshotError, SnapshotFile
-from thaw_format.sdk import lent, pending_requests
+from thaw_format.sdk import error_data, lent, pending_requests
 from thaw_format.sdk.head_share import unwritten
 from thaw_format.sdk.shared import SHM_PREFIX, SharedSnapshot, owned_segment, read_source, release
 from thaw_format.writer import reseal
 
 from . import _internals, rpc, tensor_parallel, transport
 from .capture import capture_state
+from .kv import check_regions
 from .restore import apply_restore, check_restorable, check_restore, restore_state
 
 
@@ -110,6 +111,7 @@ class ThawScheduler(_internals.SleepsWhilePaused):
             view = lent.writable_view(written)
             with SnapshotFile(view) as published:
                 regions = {name: published.info(name)[2] for name in puts}
+            check_regions(snapshot.kv, regions)
             for name, put_heads in puts.items():
                 put_heads(view[regions[name].offset : regions[name].end])
 
@@ -121,8 +123,12 @@ class ThawScheduler(_internals.SleepsWhilePaused):
                 lent.forget(written)
             if not first:
                 return None
-            reseal(lent.writable_view(written), list(puts))
-            lent.forget(written)
+            view = lent.writable_view(written)
+            try:
+                reseal(view, list(puts))
+            finally:  # a failed reseal leaves no writable mapping cached
+                del view
+                lent.forget(written)
         except BaseException:
             if first:  # published, and no client will read it: its segment goes now
                 self._thaw_withdraw(source, path, into)
@@ -190,19 +196,17 @@ class ThawScheduler(_internals.SleepsWhilePaused):
         # The snapshot's id digests its header and its trailer's chunk checksums: a file replaced between two ranks'
         # reads of its path shows here, before any rank writes.
         tensor_parallel.agree_on(self, "the snapshot each read from its source", snapshot.id, CorruptSnapshotError)
-        touched = False
-
-        def write():
-            nonlocal touched
-            touched = True  # apply_restore's first step changes the cache
-            apply_restore(self, snapshot)
-
+        # Past this point every rank writes (a refusal as busy came in stage, before any write): a failure on any
+        # rank leaves the ranks' caches differing, so every rank flushes its own.
         try:
-            tensor_parallel.agreed(self, write)
-        except BaseException:
-            if any(tensor_parallel.gathered(self, touched)) and not _internals.flush(self):
-                raise RuntimeError("a tensor-parallel restore failed partway and SGLang refused to flush the "
-                                   "cache: the ranks' caches may differ")
+            tensor_parallel.agreed(self, lambda: apply_restore(self, snapshot))
+        except BaseException as exc:
+            flushed = tensor_parallel.gathered(self, _internals.flush(self))
+            if not all(flushed):
+                refused = [rank for rank, done in enumerate(flushed) if not done]
+                raise RuntimeError(f"a tensor-parallel restore failed partway ({error_data.as_data(exc)[1]}) and "
+                                   f"SGLang refused to flush the cache on ranks {refused}: the ranks' caches may "
+                                   "differ") from exc
             raise
         return snapshot
 

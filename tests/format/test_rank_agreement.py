@@ -28,7 +28,10 @@ def _outcome(call):
     try:
         return ("value", call())
     except BaseException as exc:  # noqa: BLE001 - the test compares what each rank raised
-        return ("error", type(exc).__name__, str(exc))
+        try:
+            return ("error", type(exc).__name__, str(exc))
+        except ValueError:  # the case whose str raises
+            return ("error", type(exc).__name__, None)
 
 
 def _rank(rank: int, port: int, results) -> None:
@@ -68,6 +71,25 @@ def _unpicklable_on_second(tp, rank):
     return tp.agreed(dist.group.WORLD, work)
 
 
+def _unprintable_on_second(tp, rank):
+    class Unprintable(Exception):
+        def __str__(self):
+            raise ValueError("no text")
+
+    def work():
+        if rank == 1:
+            raise Unprintable(1, 2)  # two args: as_data asks its str
+    return tp.agreed(dist.group.WORLD, work)
+
+
+def _unencodable_on_second(tp, rank):
+    return tp.gathered(dist.group.WORLD, object() if rank == 1 else "plain")
+
+
+def _oversize_on_second(tp, rank):
+    return tp.gathered(dist.group.WORLD, "x" * (tp.MAX_BYTES + 1) if rank == 1 else "small")
+
+
 def _agreed_value(tp, rank):
     return tp.agreed(dist.group.WORLD, lambda: rank * 10)
 
@@ -91,8 +113,8 @@ def _ranks_same(tp, rank):
 
 
 CASES = {fn.__name__.lstrip("_"): fn for fn in (
-    _refused_on_second, _corrupt_on_first, _unpicklable_on_second, _agreed_value, _first_fails, _first_publishes,
-    _ranks_differ, _ranks_same)}
+    _refused_on_second, _corrupt_on_first, _unpicklable_on_second, _unprintable_on_second, _unencodable_on_second,
+    _oversize_on_second, _agreed_value, _first_fails, _first_publishes, _ranks_differ, _ranks_same)}
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +157,23 @@ def test_an_error_no_pickle_can_carry_still_reaches_every_rank(outcomes):
     assert got[0] == ("error", "RuntimeError", "rank 1: Local: gone")
 
 
+def test_an_error_whose_text_raises_still_reaches_every_rank(outcomes):
+    got = outcomes["unprintable_on_second"]
+    assert got[1][:2] == ("error", "Unprintable")
+    assert got[0] == ("error", "RuntimeError", "rank 1: Unprintable: <unprintable Unprintable>")
+
+
+def test_a_value_one_rank_cannot_encode_raises_on_every_rank(outcomes):
+    got = outcomes["unencodable_on_second"]
+    assert [outcome[:2] for outcome in got.values()] == [("error", "TypeError")] * 2
+    assert "ranks [1]" in got[0][2]
+
+
+def test_a_value_over_the_cap_raises_on_every_rank(outcomes):
+    got = outcomes["oversize_on_second"]
+    assert [outcome[:2] for outcome in got.values()] == [("error", "ValueError")] * 2
+
+
 def test_agreed_returns_each_rank_its_own_value(outcomes):
     assert outcomes["agreed_value"] == {0: ("value", 0), 1: ("value", 10)}
 
@@ -146,7 +185,8 @@ def test_the_first_ranks_failure_reaches_the_others(outcomes):
 
 
 def test_the_first_ranks_value_reaches_the_others(outcomes):
-    assert outcomes["first_publishes"] == {0: ("value", ["shm://a", "shm://a#64"]), 1: ("value", ["shm://a", "shm://a#64"])}
+    published = ("value", ["shm://a", "shm://a#64"])
+    assert outcomes["first_publishes"] == {0: published, 1: published}
 
 
 def test_ranks_that_differ_are_refused_on_every_rank(outcomes):

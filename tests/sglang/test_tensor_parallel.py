@@ -127,7 +127,7 @@ def test_what_a_tp2_engine_cannot_take_is_refused_before_any_rank_changes(thaw_s
 
 
 def test_a_tp2_engine_restores_a_file_and_its_snapshot_loaded_in_memory(thaw_sglang, run):
-    """From the file's path (every rank reads it, checks it, and the ranks compare its id), and from
+    """From the file's path (every rank reads and checks it), and from
     thaw_format.load(file) in this process (every rank reads its memory: the remote path): its bytes and a hit."""
     import thaw_format
     from thaw_format.sdk import lent
@@ -185,14 +185,22 @@ def test_ranks_refused_a_remote_read_fall_back_to_the_restore_segment(thaw_sglan
     assert _held(thaw_sglang, engine) == (run["tp2_snapshot"].prefix, _kv(run["tp2_snapshot"]))
 
 
-def test_kv_heads_sglang_pads_on_cpu_are_refused():
-    """SGLang pads 3 KV heads to 4 for two ranks on CPU: each holds 2, and 2 x 2 heads would pass a check
-    against the padded count."""
-    from thaw_sglang.tensor_parallel import rank_heads
+def test_kv_heads_sglang_pads_on_cpu_are_refused(monkeypatch):
+    """SGLang pads 3 KV heads to 4 for two ranks on CPU, rewriting the config's count: each rank holds 2, and
+    2 x 2 heads would pass a check against the padded count (total_kv_heads must read the model's own 3)."""
+    from types import SimpleNamespace
 
-    with pytest.raises(NotImplementedError, match="SGLang pads them to 4"):
-        rank_heads(0, 2, 2, 3, 32, 4)
-    assert rank_heads(1, 2, 1, 2, 32, 4).heads == 1
+    import torch
+    from thaw_sglang import _internals, tensor_parallel
+
+    config = SimpleNamespace(hf_config=SimpleNamespace(original_total_num_kv_heads=3),
+                             get_total_num_kv_heads=lambda: 4)
+    scheduler = SimpleNamespace(model_config=config)
+    monkeypatch.setattr(_internals, "other_parallelism", lambda _: {})
+    monkeypatch.setattr(_internals, "kv_buffers", lambda _: ([torch.empty(8, 2, 32)], [torch.empty(8, 2, 32)]))
+    monkeypatch.setattr(_internals, "tensor_parallel", lambda _: (0, 2, "the TP ranks' group"))
+    with pytest.raises(NotImplementedError, match="over 3 KV heads: SGLang pads them to 4"):
+        tensor_parallel.share(scheduler)
 
 
 def test_a_restore_refused_while_a_request_waits_in_the_paused_engine_leaves_its_cache(thaw_sglang, run):
@@ -273,6 +281,22 @@ def test_ranks_that_read_other_snapshots_refuse_the_restore_before_any_writes(fi
     assert len(staged) == 1  # the stage; the write never ran
 
 
+def test_a_restore_failing_while_the_ranks_write_flushes_or_names_the_ranks_that_refused(first_rank, monkeypatch):
+    """Once every rank staged, a rank failing its writes leaves the ranks' caches differing: every rank flushes,
+    and one whose flush SGLang refused is named beside the failure."""
+    from types import SimpleNamespace
+
+    from thaw_format.sdk import agreement
+    from thaw_sglang import _internals, tensor_parallel
+
+    steps = iter([lambda: SimpleNamespace(id="A"), lambda: (_ for _ in ()).throw(OSError("rank 1: disk gone"))])
+    monkeypatch.setattr(tensor_parallel, "agreed", lambda _, work: next(steps)())
+    monkeypatch.setattr(agreement, "gathered", lambda group, value: [value, False if value is True else value])
+    monkeypatch.setattr(_internals, "flush", lambda _: True)
+    with pytest.raises(RuntimeError, match=r"failed partway \(rank 1: disk gone\).* on ranks \[1\]"):
+        first_rank._thaw_restore_shares("/a/file.thaw", verified=False)
+
+
 @pytest.mark.parametrize("path, into", [(True, "lent"), (False, "lent"), (False, "own")])
 def test_a_capture_failing_after_the_first_rank_published_unlinks_its_segment(first_rank, monkeypatch, tmp_path,
                                                                               path, into):
@@ -297,3 +321,44 @@ def test_a_capture_failing_after_the_first_rank_published_unlinks_its_segment(fi
     if leaked and (path or into == "own"):  # left without the fix (a lent one is the lender's to unlink)
         os.unlink(f"/dev/shm/{name}")
     assert not leaked
+
+
+def test_a_published_region_of_another_size_than_this_ranks_tensor_is_refused_before_any_write():
+    """A rank writes its heads into the regions the first rank published only where each holds as many bytes as
+    this rank's own tensor of that name."""
+    from types import SimpleNamespace
+
+    from thaw_format import KVCache, KVLayer
+    from thaw_format.writer import deferred_tensor
+    from thaw_sglang.kv import RegionsError, check_regions
+
+    tensors = {role: deferred_tensor("float32", (2, 32, 4, 8)) for role in ("k", "v")}
+    kv = KVCache(page_size=32, dtype="float32", layers=[KVLayer(kind="attention", tensors=tensors, num_kv_heads=4,
+                                                                 head_dim=8)])
+    nbytes = 2 * 32 * 4 * 8 * 4
+    check_regions(kv, {"kv/0/k": SimpleNamespace(offset=64, end=64 + nbytes)})
+    with pytest.raises(RegionsError, match=f"kv/0/v: the published region holds {nbytes // 2} bytes"):
+        check_regions(kv, {"kv/0/k": SimpleNamespace(offset=64, end=64 + nbytes),
+                           "kv/0/v": SimpleNamespace(offset=0, end=nbytes // 2)})
+
+
+def test_a_failed_reseal_leaves_no_writable_mapping_of_the_segment_cached(first_rank, monkeypatch):
+    """The first rank maps the published segment writable to reseal it: a reseal that fails forgets that mapping
+    too (lent.forget), as one that succeeds does."""
+    import thaw_format
+    from thaw_format.sdk import lent
+    from thaw_format.writer import deferred_tensor
+    from thaw_sglang import scheduler_ext, tensor_parallel
+
+    def reseal_failed(view, names):
+        raise OSError("reseal failed")
+
+    mapped, forgotten = [], []
+    monkeypatch.setattr(tensor_parallel, "agreed", lambda _, work: None)  # every rank wrote its heads
+    monkeypatch.setattr(scheduler_ext, "reseal", reseal_failed)
+    monkeypatch.setattr(lent, "writable_view", lambda source: mapped.append(source) or bytearray(8))
+    monkeypatch.setattr(lent, "forget", forgotten.append)
+    snapshot = thaw_format.Snapshot(weights=thaw_format.Weights({"t": deferred_tensor("uint8", (4096,))}))
+    with pytest.raises(OSError, match="reseal failed"):
+        first_rank._thaw_capture_shares(snapshot, {"weights/t": None}, "", "own")
+    assert mapped and forgotten == [mapped[-1]] * 2  # after the writes, and after the reseal

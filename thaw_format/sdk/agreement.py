@@ -19,6 +19,9 @@ from . import error_data
 
 T = TypeVar("T")
 
+MAX_BYTES = 1 << 20  # the most one rank may send in one exchange: error data is cut to error_data.MESSAGE_HEAD
+UNENCODABLE = -1  # the size a rank sends for a value that is not plain JSON: every rank raises, none waits
+
 
 def agreed(group, work: Callable[[], T]) -> T:
     """Run `work` on every rank and return its value once every rank's succeeded; else raise on every rank: a
@@ -36,7 +39,8 @@ def agreed(group, work: Callable[[], T]) -> T:
             failure = None  # else this frame, in the traceback, holds it: a cycle keeping work's locals alive
     for rank, error in enumerate(errors):
         if error is not None:
-            raise error_data.rebuilt(*error, where=f"rank {rank}: ")
+            kind, message = error
+            raise error_data.rebuilt(kind, message, where=f"rank {rank}: ")
     return value
 
 
@@ -57,7 +61,8 @@ def from_first(group, work: Callable[[], T]) -> T:
         finally:
             failure = None  # as in agreed
     if "error" in first:
-        raise error_data.rebuilt(*first["error"], where="rank 0: ")
+        kind, message = first["error"]
+        raise error_data.rebuilt(kind, message, where="rank 0: ")
     return first["value"]
 
 
@@ -69,13 +74,26 @@ def agree_on(group, what: str, value, error: type[Exception] = RuntimeError) -> 
 
 
 def gathered(group, value) -> list:
-    """Every rank's `value` (plain JSON), in rank order: exchanged as bytes, no pickle."""
+    """Every rank's `value` (plain JSON), in rank order: exchanged as bytes, no pickle. The sizes go first, and
+    every rank sees them all: a value one rank could not encode, or one over MAX_BYTES, raises on every rank before
+    the bytes are exchanged, so that no rank enters the second exchange alone."""
     ranks = dist.get_world_size(group)
-    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+    try:
+        encoded = json.dumps(value).encode()
+    except Exception:  # noqa: BLE001 - sent as UNENCODABLE: the other ranks must not wait for this one's bytes
+        encoded = None
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(ranks)]
-    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=group)
-    padded = torch.zeros(max(int(size) for size in sizes), dtype=torch.uint8)
+    own_size = UNENCODABLE if encoded is None else len(encoded)
+    dist.all_gather(sizes, torch.tensor([own_size], dtype=torch.int64), group=group)
+    sizes = [int(size) for size in sizes]
+    if UNENCODABLE in sizes:
+        raise TypeError(f"ranks {[r for r, size in enumerate(sizes) if size == UNENCODABLE]} held a value that "
+                        "is not plain JSON: nothing was exchanged")
+    if max(sizes) > MAX_BYTES:
+        raise ValueError(f"the ranks' values are {sizes} bytes (by rank), over the {MAX_BYTES} one exchange takes")
+    data = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+    padded = torch.zeros(max(sizes), dtype=torch.uint8)
     padded[: len(data)] = data
     received = [torch.empty_like(padded) for _ in range(ranks)]
     dist.all_gather(received, padded, group=group)
-    return [json.loads(bytes(got[: int(size)].numpy())) for got, size in zip(received, sizes)]
+    return [json.loads(bytes(got[:size].numpy())) for got, size in zip(received, sizes)]

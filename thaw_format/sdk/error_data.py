@@ -14,18 +14,32 @@ import builtins
 from thaw_format import errors
 
 
+MESSAGE_HEAD = 16 * 1024  # characters of a message sent: its head, where a refusal's REFUSED text sits
+
+
 def as_data(exc: BaseException) -> tuple[str, str]:
-    """(class name, the message it was raised with: its str where that is not one string, an OSError's errno)."""
-    message = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
-    return type(exc).__name__, message
+    """(class name, the message it was raised with: its str where that is not one string, an OSError's errno), the
+    message cut to its first MESSAGE_HEAD characters; never raises, whatever the exception's str does."""
+    kind = type(exc).__name__
+    try:
+        message = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+    except Exception:  # noqa: BLE001 - a str that raises must not stop the failure from being sent
+        message = f"<unprintable {kind}>"
+    return kind, message[:MESSAGE_HEAD]
 
 
-def rebuilt(kind: str, message: str, where: str = "") -> Exception:
-    """The exception `as_data` described, to raise again (`where`: a prefix for one that becomes a RuntimeError)."""
+def rebuilt(kind, message, where: str = "") -> Exception:
+    """The exception `as_data` described, to raise again (`where`: a prefix for one that becomes a RuntimeError);
+    always an exception, whatever the data (a peer's data is not trusted to be well formed)."""
+    if not isinstance(kind, str) or not isinstance(message, str):
+        return RuntimeError(f"{where}malformed error data")
     snapshot_error = getattr(errors, kind, None)
-    if isinstance(snapshot_error, type) and issubclass(snapshot_error, errors.SnapshotError):
-        return snapshot_error(message)
     builtin = getattr(builtins, kind, None)
-    if isinstance(builtin, type) and issubclass(builtin, Exception):
-        return builtin(message)
+    try:
+        if isinstance(snapshot_error, type) and issubclass(snapshot_error, errors.SnapshotError):
+            return snapshot_error(message)
+        if isinstance(builtin, type) and issubclass(builtin, Exception):
+            return builtin(message)
+    except TypeError:  # a class not built from one message (UnicodeDecodeError takes five)
+        pass
     return RuntimeError(f"{where}{kind}: {message}")

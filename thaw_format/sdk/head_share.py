@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy
 from thaw_format import mover
+from thaw_format.writer import unwritten  # noqa: F401 - the fill the first rank publishes the ranks' KV with
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,3 @@ def take_share(pages, share: HeadShare, offsets: numpy.ndarray, out) -> memoryvi
     restore reuses one buffer for every layer, its scatters copying out of it)."""
     mover.gather(mover.fetched(pages), offsets, share.slab_bytes, out)
     return out
-
-
-def unwritten(target, chunk_size: int) -> numpy.ndarray:
-    """A fill (thaw_format.EncodedSnapshot.write_into) that leaves its tensor to the ranks (put_share) and returns
-    placeholder checksums: reseal computes the real ones once every rank has written."""
-    return numpy.zeros(-(-len(target) // chunk_size), numpy.uint32)

@@ -44,6 +44,7 @@ import numpy
 from .. import mover
 from ..snapshot import PAGED_KINDS, Snapshot
 from ..tensor import Tensor
+from ..writer import unwritten
 from .shared import owned_segment
 
 REMOTE_PREFIX = "remote://"
@@ -79,7 +80,7 @@ def publish(owner, snapshot: Snapshot) -> Optional[str]:
     if refused(owner) or not tensors:
         return None
     names = ",".join(f"{name}={_address(t.data)}+{t.nbytes}" for name, t in tensors.items())
-    segment = owned_segment(owner, "restore").publish(snapshot, {name: _unwritten for name in tensors})
+    segment = owned_segment(owner, "restore").publish(snapshot, {name: unwritten for name in tensors})
     token = f"{_address(_TOKEN)}={bytes(_TOKEN).hex()}"
     return f"{REMOTE_PREFIX}{os.getpid()}/{token}/{names}|{snapshot.id or ''}|{segment}"
 
@@ -102,11 +103,6 @@ def _new_token() -> None:
 
 _new_token()
 os.register_at_fork(after_in_child=_new_token)
-
-
-def _unwritten(target, chunk_size: int):
-    """A fill that leaves the region as it is: the reader takes these bytes from the sender. Zero checksums."""
-    return numpy.zeros(-(-len(target) // chunk_size), numpy.uint32)
 
 
 def parse(source: str) -> tuple[int, tuple[int, bytes], dict[str, tuple[int, int]], Optional[str], str]:
