@@ -96,7 +96,7 @@ class ActorWorker(SlotWorker):
 
     def describe(self) -> str:
         if self.placed is None:  # never answered: not placed, or its process died starting
-            return f"pool worker {self.name} (a Ray actor that never answered)"
+            return f"pool worker {self.name} (Ray actor {self.id}, never answered)"
         return f"pool worker {self.name} (Ray actor {self.id}, pid {self.pid} on node {self.node_ip} " \
                f"{self.node})"
 
@@ -128,11 +128,15 @@ class ActorWorker(SlotWorker):
         return max(0.0, deadline - time.monotonic())
 
     def rearm(self, start_timeout_s: float) -> None:
-        """A round begins: an actor not placed by its deadline (kept by an earlier round) gets start_timeout_s
-        more, from now. One placed has its engine's own window, from its placing (_start_outcome): placed since its
-        deadline, however long ago, it is not given a fresh one (its engine hanging that long has failed)."""
-        if self.placed is None and not self.killed and time.monotonic() >= self.deadline:
-            self.start_timeout_s, self.deadline = start_timeout_s, time.monotonic() + start_timeout_s
+        """A round begins: an actor whose engine's window is not yet fixed takes the pool's current
+        start_timeout_s (a pool may wait briefly for placing, then long for an engine's start); one not placed by
+        its deadline (kept by an earlier round) gets that much more, from now. One placed has its engine's window
+        from its placing (_start_outcome), not from now: placed that long ago and still starting, it has failed."""
+        if self.killed or self.engine_deadline is not None:
+            return
+        self.start_timeout_s = start_timeout_s  # the pool's current value, for its engine's window too
+        if self.placed is None and time.monotonic() >= self.deadline:
+            self.deadline = time.monotonic() + start_timeout_s
 
     def _not_placed(self) -> str:
         asks = f"the resources it asks for ({self.placement})" if self.placement else \

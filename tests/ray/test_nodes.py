@@ -16,7 +16,7 @@ import fork_pool_checks as checks
 from descendants import HAS_PROC, outliving
 from thaw_format import CorruptSnapshotError, SnapshotFile
 from thaw_format.sdk import PoolWorkerDied, PoolWorkerStarting
-from thaw_format.sdk.shared import open_segment
+from thaw_format.sdk.shared import SHM_PREFIX, open_segment
 
 PARAMS = checks.PARAMS
 
@@ -54,7 +54,7 @@ def test_actors_on_another_node_check_the_copy_that_crossed_to_it(ray_nodes, par
     from thaw_ray import RayForkPool
 
     def put_damaged(source):
-        name, _, nbytes = source[len("shm://"):].partition("#")
+        name, _, nbytes = source[len(SHM_PREFIX):].partition("#")
         fd = open_segment(name)
         try:
             with mmap.mmap(fd, int(nbytes), access=mmap.ACCESS_READ) as segment:
@@ -124,7 +124,7 @@ def test_a_pool_split_across_nodes_loses_one_mid_round_and_runs_on_a_node_that_j
         ray_nodes.remove(lost)  # marked dead now: no later replacement is placed on it
         # the replacement is pending (no node has "spread" free), or, placed on the lost node before Ray marked it
         # dead, died starting and was started again: the round fails either way, naming it
-        with pytest.raises(PoolWorkerDied, match=rf"^pool worker {slot} \(a Ray actor that never answered\)"
+        with pytest.raises(PoolWorkerDied, match=rf"^pool worker {slot} \(Ray actor [0-9a-f]+, never answered\)"
                                                  r"(: not placed within 2 s \(start_timeout_s\): Ray has "
                                                  r"no node with the resources it asks for \(\{'resources': "
                                                  r"\{'spread': 1\}\}\) free \(it replaces an actor that died: if "

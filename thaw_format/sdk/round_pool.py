@@ -52,7 +52,7 @@ class RoundPool(abc.ABC):
     def worker_info(self) -> tuple[WorkerInfo, ...]:
         """Each slot's worker as it is now, in slot order: its name, node (a RayForkPool actor's Ray node id, once
         placed), pid, whether its engine has started (and the pool has not killed it since) and a RayForkPool actor's
-        Ray id, once placed: pool_slots.WorkerInfo.
+        Ray id, from its creation: pool_slots.WorkerInfo.
         A copy: a replacement a later round starts shows in a later call."""
         return tuple(worker.info() for worker in self._workers)
 
