@@ -72,8 +72,8 @@ class OptionalBuildExt(build_ext):
 
     def _built_and_current(self) -> bool:
         """Whether the checkout holds a build of libthaw (and of its CUDA mover, where that was built) made from
-        the same inputs: the second and third editable installs (vLLM's and SGLang's venvs share the checkout and
-        its abi3 module) then compile nothing. A CUDA build that failed with the same inputs would fail again."""
+        the same inputs: the installs after the first (the venvs share the checkout and its abi3 module) then
+        compile nothing. A CUDA build that failed with the same inputs would fail again."""
         try:
             with open(self._in_checkout(STAMP)) as file:
                 stamp = json.load(file)

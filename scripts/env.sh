@@ -58,6 +58,7 @@ make_venv() {
 # hold_lock FILE WHAT: wait (at most 30 minutes) for the lock FILE, then hold it until this script ends, so that
 # no other script (test.sh's set-ups, demo.sh) changes WHAT meanwhile.
 hold_lock() {
+  mkdir -p "$(dirname "$1")"
   exec 9>"$1"
   if ! flock -w 1800 9; then
     echo "error: waited 30 minutes for $2 (lock ${1#"$ROOT/"}), which another set-up still holds" >&2

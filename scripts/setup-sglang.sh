@@ -6,8 +6,8 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 VENV="$ROOT/.venv-sglang"
 PIP="$VENV/bin/pip"
-start_log sglang .venv-sglang
 hold_lock "$ROOT/.cache/setup/sglang.lock" .venv-sglang
+start_log sglang .venv-sglang
 make_venv "$VENV" 3
 
 step "torch 2.13.0 (CPU build)" "$PIP" install torch==2.13.0

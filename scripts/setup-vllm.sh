@@ -4,8 +4,8 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 VENV="$ROOT/.venv-vllm"
 PIP="$VENV/bin/pip"
-start_log vllm .venv-vllm
 hold_lock "$ROOT/.cache/setup/vllm.lock" .venv-vllm
+start_log vllm .venv-vllm
 make_venv "$VENV" 4
 step "torch 2.13.0 (CPU build)" "$PIP" install torch==2.13.0
 if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
