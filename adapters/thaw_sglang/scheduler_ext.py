@@ -14,9 +14,8 @@ import thaw_format
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 from thaw_format import CorruptSnapshotError, SnapshotFile
 from thaw_format.sdk import error_data, lent, pending_requests
-from thaw_format.sdk.head_share import unwritten
 from thaw_format.sdk.shared import SHM_PREFIX, SharedSnapshot, owned_segment, read_source, release
-from thaw_format.writer import reseal
+from thaw_format.writer import reseal, unwritten
 
 from . import _internals, rpc, tensor_parallel, transport
 from .capture import capture_state

@@ -12,10 +12,10 @@ import thaw_format
 import vllm
 from thaw_format import IncompatibleSnapshotError, mover
 from thaw_format.sdk import lent, lineage_now, remote
-from thaw_format.sdk.head_share import HeadShare, put_share, take_share, unwritten
+from thaw_format.sdk.head_share import HeadShare, put_share, take_share
 from thaw_format.sdk.shared import SHM_PREFIX, owned_segment
 from thaw_format.torch import from_torch, to_torch
-from thaw_format.writer import EncodedSnapshot, deferred_tensor, reseal
+from thaw_format.writer import EncodedSnapshot, deferred_tensor, reseal, unwritten
 
 from . import _internals, identity, rpc, transport
 from .pages import NativeLayout, blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
@@ -266,7 +266,7 @@ def _page_shape(layout, share: HeadShare) -> tuple[int, int, int]:
 
 
 def _unwritten(kept: list, target, chunk_size: int):
-    """head_share.unwritten, keeping the buffer `target` views (the whole segment) for the first rank's slabs and
+    """writer.unwritten, keeping the buffer `target` views (the whole segment) for the first rank's slabs and
     seal."""
     kept[:] = [target.obj]
     return unwritten(target, chunk_size)

@@ -3,11 +3,11 @@ over all heads. Engine-neutral: each adapter says which rank it is and how many 
 
 Under tensor parallelism every rank holds the same pages (one scheduler's decisions) but only its share of the KV
 heads: rank r of N holds heads [r*h, (r+1)*h) of H = N*h. A snapshot stays engine-independent: its pages are
-token-major over all H heads ([page_size, H, head_dim]), as a one-rank engine holds them, so in each token row of
-a page a rank's heads are one slab of h*head_dim elements at r*h*head_dim. A capture has every rank write its slab
-of every row into the one segment its first rank published with `unwritten` fills (`put_share`), and the first
-rank checksum the final bytes after all have written (thaw_format.writer.reseal); a restore has every rank read
-its slab of every row (`take_share`). Where an engine replicates heads (fewer KV heads than ranks), no rank's
+token-major over all H heads ([page_size, H, head_dim]), as a one-rank engine holds them, so in each token row of a
+page a rank's heads are one slab of h*head_dim elements at r*h*head_dim. A capture has every rank write its slab of
+every row into the one segment its first rank published with thaw_format.writer.unwritten fills (`put_share`), and
+the first rank checksum the final bytes after all have written (thaw_format.writer.reseal); a restore has every rank
+read its slab of every row (`take_share`). Where an engine replicates heads (fewer KV heads than ranks), no rank's
 share is a slab of whole heads: refused.
 """
 
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy
 from thaw_format import mover
-from thaw_format.writer import unwritten  # noqa: F401 - the fill the first rank publishes the ranks' KV with
 
 
 @dataclass(frozen=True)

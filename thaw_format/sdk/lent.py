@@ -128,7 +128,8 @@ class Lender:
 
     def withdraw(self, source: str) -> None:
         """Take back a segment `publish` lent that no reader will borrow (its publisher failed after publishing):
-        unlinked now, not UNBORROWED_S later (where a view of it still lives here, it is then)."""
+        unlinked now, not UNBORROWED_S later (where a borrower is taking it, or this process still reads it, it
+        stays lent, and is taken back as any unborrowed slot is)."""
         self._take_back(_slot_of(parse(source)[0])[1])
 
     def _slot(self, nbytes: int) -> int:
