@@ -16,9 +16,10 @@ from .weights import capture_weights, engine_weights_digest
 def capture_state(
     scheduler, *, page_size: int, include_weights: bool, label: str | None = None, parent: str | None = None,
     chains: list[list[int]] | None = None, deferred: bool = False, requests: bool = True,
-) -> tuple[Snapshot, dict, str]:
-    """The scheduler's state between two batches, its `fill` functions and its pages' digest (Pages.digest: the
-    tensor-parallel ranks compare theirs before any writes). Without weights, the snapshot names them by digest.
+) -> tuple[Snapshot, dict, str | None]:
+    """The scheduler's state between two batches, its `fill` functions and, on a tensor-parallel rank, its pages'
+    digest (Pages.digest: the ranks compare theirs before any writes; None on one rank, which has none to compare).
+    Without weights, the snapshot names them by digest.
 
     `parent` is the id of the snapshot this engine was restored from, if any; `chains` limits the cached pages
     to those holding these token sequences (requests in flight keep theirs). Without `requests`, KV only (a
@@ -60,4 +61,4 @@ def capture_state(
         scheduler=live.state if live is not None else None,
         engine=engine_info(scheduler),
         lineage=Lineage(parent=parent, label=label, created=lineage_now()),
-    ), fill, pages.digest()
+    ), fill, (None if share.whole else pages.digest())
