@@ -15,8 +15,11 @@ from thaw_format import mover
 from test_pages import DTYPES, engine, sequence_positions, vllm_positions
 
 CHILD = """
-import sys, numpy as np
+import ctypes, sys, numpy as np
 data = np.random.default_rng(int(sys.argv[1])).integers(0, 256, int(sys.argv[2]), dtype=np.uint8)
+if sys.argv[3] == "hole":  # the 4 KiB page holding the middle byte made unreadable
+    middle = (data.ctypes.data + data.size // 2) // 4096 * 4096
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(middle), 4096, 0) == 0
 print(data.ctypes.data, flush=True)
 sys.stdin.read()  # hold the pages until the parent is done
 """
@@ -27,10 +30,11 @@ def pages_bytes(seed, nbytes):
 
 
 class Child:
-    """A process holding pages_bytes(seed, nbytes) at `address`, until closed."""
+    """A process holding pages_bytes(seed, nbytes) at `address`, until closed; with hole=True, the 4 KiB page
+    that holds its middle byte unreadable."""
 
-    def __init__(self, seed, nbytes):
-        self.process = subprocess.Popen([sys.executable, "-c", CHILD, str(seed), str(nbytes)],
+    def __init__(self, seed, nbytes, hole=False):
+        self.process = subprocess.Popen([sys.executable, "-c", CHILD, str(seed), str(nbytes), "hole" if hole else "whole"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.pid, self.address = self.process.pid, int(self.process.stdout.readline())
 
@@ -43,8 +47,8 @@ class Child:
 def child():
     made = []
 
-    def start(seed, nbytes):
-        made.append(Child(seed, nbytes))
+    def start(seed, nbytes, hole=False):
+        made.append(Child(seed, nbytes, hole))
         return made[-1]
 
     yield start
@@ -119,3 +123,36 @@ def test_fetched_reads_a_window_into_a_copy_and_leaves_local_bytes_as_they_are(n
     assert bytes(mover.fetched(window[1000:9000])) == pages_bytes(9, 70000)[1000:9000].tobytes()
     local = bytearray(b"abc")
     assert mover.fetched(local) is local
+
+
+@pytest.mark.parametrize("runs", [1, 3, 9])
+def test_pages_in_few_long_runs_are_read_straight_into_their_blocks(native, child, runs):
+    """Pages whose blocks follow each other (SGLang's consecutive slots) in at most a few runs per 1 MiB unit are
+    read with one process_vm_readv into the blocks (9 runs: the tile), across several threads' units, with rows
+    of 3 KiB cut by the units' edges: the same bytes as the local scatter."""
+    layout = mover.PageLayout(4, np.zeros(1, np.int64), 768, 1)  # one token of 3 KiB per page
+    pages = 1500
+    cuts = np.linspace(0, pages, runs + 1).astype(int)
+    offsets = [(p + 7 * run) * layout.page_bytes for run in range(runs) for p in range(cuts[run], cuts[run + 1])]
+    nbytes = pages * layout.page_bytes
+    holder = child(11, nbytes)
+    n_blocks = pages + 7 * runs
+    local, remote = engine(n_blocks, 768, 4), engine(n_blocks, 768, 4)
+    mover.scatter_pages(pages_bytes(11, nbytes).view(np.float32), local, offsets, layout)
+    mover.scatter_pages(mover.remote_window(holder.pid, holder.address, nbytes), remote, offsets, layout)
+    assert remote.tobytes() == local.tobytes()
+
+
+@pytest.mark.parametrize("case", ["plain", "vllm-v"])  # read into the blocks, through the tile
+def test_a_hole_in_the_middle_of_the_pages_raises(native, child, case):
+    """The whole range is checked readable at its ends only: a page unreadable in between fails the read that
+    reaches it (after a short read up to it), and the call raises."""
+    make, block_elems, itemsize = CASES[case]
+    layout = mover.page_layout(make(), itemsize)
+    pages = (8 << 20) // layout.page_bytes
+    nbytes = pages * layout.page_bytes
+    holder = child(13, nbytes, hole=True)
+    offsets = [i * block_elems * itemsize for i in range(pages)]
+    with pytest.raises(mover.RemoteReadError, match="does not map"):
+        mover.scatter_pages(mover.remote_window(holder.pid, holder.address, nbytes), engine(pages, block_elems,
+                            itemsize), offsets, layout)
