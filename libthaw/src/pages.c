@@ -849,17 +849,9 @@ int64_t thaw_scatter_pages_checked_batch(const thaw_checked_scatter *scatters, s
 }
 
 /* ---- scatter from another process's memory ---------------------------------------------------------------
- * A unit (UNIT_BYTES of pages) whose blocks take it in a few long runs (a plain slab, SGLang's consecutive slots)
- * is read with one process_vm_readv straight into them, one local iovec per run: the kernel's copy is the only
- * pass. Any other unit (vLLM's 512-byte V rows, its transposed K) is read into its thread's tile, a buffer
- * allocated once per thread and reused, so it is faulted in once and stays in cache between the read and the moves
- * out of it; then it moves as a local unit does. Reading into the tile costs a second copy of every byte (about
- * as much CPU again, the moves out being from cache), but the kernel's copy into many short runs cost more than
- * that (measured 256 MiB into shuffled 16-64 KiB runs: no faster than the tile; 256 KiB runs and a whole slab:
- * 20-25% less CPU). One pass over the source either way: no copy of the pages lands in this process. A read that
- * fails part way leaves the unit's earlier runs written, as earlier units are. */
-
-enum { DIRECT_RUNS = 4 }; /* most runs in a unit read straight into the blocks: 256 KiB each on average */
+ * Each unit (UNIT_BYTES of pages) is read with process_vm_readv into its thread's tile, a buffer allocated once
+ * per thread and reused, so it is faulted in once and stays in cache between the read and the moves out of it;
+ * then it moves as a local unit does. One pass over the source: no copy of the pages lands in this process. */
 
 static pthread_key_t tile_key;
 static pthread_once_t tile_once = PTHREAD_ONCE_INIT;
@@ -876,65 +868,24 @@ static uint8_t *thread_tile(void) {
     return tile;
 }
 
-/* Read the remote range [remote, remote + the iovecs' total) in process pid into the n local iovecs (changed: a
- * short read goes on where it stopped); 0 or an errno (EFAULT for a read that makes no progress). */
-static int read_remote_into(int pid, uint64_t remote, struct iovec *local, size_t n) {
-    while (n) {
-        size_t len = 0;
-        for (size_t i = 0; i < n; i++) len += local[i].iov_len;
-        struct iovec far = {(void *)(uintptr_t)remote, len};
-        ssize_t got = process_vm_readv(pid, local, n, &far, 1, 0);
+/* Read len bytes at `remote` in process pid into `out`; 0 or an errno (EFAULT for a short read). */
+static int read_remote(int pid, uint64_t remote, uint8_t *out, size_t len) {
+    while (len) {
+        struct iovec local = {out, len}, far = {(void *)(uintptr_t)remote, len};
+        ssize_t got = process_vm_readv(pid, &local, 1, &far, 1, 0);
         if (got < 0) return errno;
         if (got == 0) return EFAULT;
-        remote += (uint64_t)got;
-        size_t left = (size_t)got;
-        for (; n && left >= local->iov_len; local++, n--) left -= local->iov_len;
-        if (n) local->iov_base = (uint8_t *)local->iov_base + left, local->iov_len -= left;
+        out += got, remote += (uint64_t)got, len -= (size_t)got;
     }
     return 0;
 }
 
-/* Read len bytes at `remote` in process pid into `out`; 0 or an errno (EFAULT for a short read). */
-static int read_remote(int pid, uint64_t remote, uint8_t *out, size_t len) {
-    struct iovec local = {out, len};
-    return read_remote_into(pid, remote, &local, 1);
-}
-
-/* The runs of blocks that elements [start, end) of plain rows go to, adjacent rows joined, into iov (at most
- * DIRECT_RUNS); their count, or 0 when the rows are strided or need more runs than that. */
-static size_t direct_runs(const page_job *j, size_t start, size_t end, struct iovec *iov) {
-    const thaw_page_layout *l = j->layout;
-    size_t w = l->row_elems, isz = l->itemsize, n = 0;
-    if (l->col_stride != 1) return 0;
-    for (size_t e = start; e < end;) {
-        size_t in_page = e % j->page_elems, row = in_page / w, col = in_page % w;
-        size_t count = w - col < end - e ? w - col : end - e;
-        uint8_t *to = j->blocks + j->offsets[e / j->page_elems] + (l->row_start[row] + (int64_t)col) * (int64_t)isz;
-        if (n && (uint8_t *)iov[n - 1].iov_base + iov[n - 1].iov_len == to)
-            iov[n - 1].iov_len += count * isz;
-        else if (n == DIRECT_RUNS)
-            return 0;
-        else
-            iov[n++] = (struct iovec){to, count * isz};
-        e += count;
-    }
-    return n;
-}
-
 static void remote_unit(page_job *j, size_t start, size_t end) {
     size_t isz = j->layout->itemsize;
-    uint64_t from = (uint64_t)(uintptr_t)j->pages + start * isz;
     if (__atomic_load_n(&j->error, __ATOMIC_RELAXED)) return; /* the call fails anyway */
-    struct iovec runs[DIRECT_RUNS];
-    size_t n = direct_runs(j, start, end, runs);
-    if (n) {
-        int error = read_remote_into(j->pid, from, runs, n);
-        if (error) record_error(j, error);
-        return;
-    }
     uint8_t *tile = job_tile(j);
     if (!tile) return;
-    int error = read_remote(j->pid, from, tile, (end - start) * isz);
+    int error = read_remote(j->pid, (uint64_t)(uintptr_t)j->pages + start * isz, tile, (end - start) * isz);
     if (error) {
         record_error(j, error);
         return;
