@@ -97,6 +97,19 @@ def test_recycled_buffers_come_back_once_let_go(monkeypatch):
     assert len(mover.recycled(8192)) == 8192
 
 
+@pytest.mark.parametrize("nbytes", [4096, (4 << 20) - 1, 4 << 20, (5 << 20) + 3])
+def test_large_empty_buffers_start_on_a_huge_page(nbytes):
+    """mover.empty's buffers of 4 MiB and more start on a 2 MiB boundary (all their pages can be huge), smaller
+    ones wherever numpy puts them; either way exactly nbytes, writable, each byte its own."""
+    buffer = mover.empty(nbytes)
+    array = np.frombuffer(buffer, np.uint8)
+    assert len(buffer) == nbytes and not buffer.readonly
+    if nbytes >= 2 * mover.HUGE_PAGE:
+        assert array.ctypes.data % mover.HUGE_PAGE == 0
+    array[:] = 7
+    assert bytes(buffer) == b"\x07" * nbytes
+
+
 @pytest.mark.parametrize("start", [mover._py_start_writeback] + ([mover._c_start_writeback] if mover._lib else []))
 def test_start_writeback_changes_nothing_in_the_file(tmp_path, start):
     path = tmp_path / "f"

@@ -15,8 +15,11 @@ from thaw_format import mover
 from test_pages import DTYPES, engine, sequence_positions, vllm_positions
 
 CHILD = """
-import sys, numpy as np
+import ctypes, sys, numpy as np
 data = np.random.default_rng(int(sys.argv[1])).integers(0, 256, int(sys.argv[2]), dtype=np.uint8)
+if sys.argv[3] == "hole":  # the 4 KiB page holding the middle byte made unreadable
+    middle = (data.ctypes.data + data.size // 2) // 4096 * 4096
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(middle), 4096, 0) == 0
 print(data.ctypes.data, flush=True)
 sys.stdin.read()  # hold the pages until the parent is done
 """
@@ -27,10 +30,11 @@ def pages_bytes(seed, nbytes):
 
 
 class Child:
-    """A process holding pages_bytes(seed, nbytes) at `address`, until closed."""
+    """A process holding pages_bytes(seed, nbytes) at `address`, until closed; with hole=True, the 4 KiB page
+    that holds its middle byte unreadable."""
 
-    def __init__(self, seed, nbytes):
-        self.process = subprocess.Popen([sys.executable, "-c", CHILD, str(seed), str(nbytes)],
+    def __init__(self, seed, nbytes, hole=False):
+        self.process = subprocess.Popen([sys.executable, "-c", CHILD, str(seed), str(nbytes), "hole" if hole else "whole"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.pid, self.address = self.process.pid, int(self.process.stdout.readline())
 
@@ -43,8 +47,8 @@ class Child:
 def child():
     made = []
 
-    def start(seed, nbytes):
-        made.append(Child(seed, nbytes))
+    def start(seed, nbytes, hole=False):
+        made.append(Child(seed, nbytes, hole))
         return made[-1]
 
     yield start
@@ -119,3 +123,18 @@ def test_fetched_reads_a_window_into_a_copy_and_leaves_local_bytes_as_they_are(n
     assert bytes(mover.fetched(window[1000:9000])) == pages_bytes(9, 70000)[1000:9000].tobytes()
     local = bytearray(b"abc")
     assert mover.fetched(local) is local
+
+
+@pytest.mark.parametrize("case", ["plain", "vllm-v"])
+def test_a_hole_in_the_middle_of_the_pages_raises(native, child, case):
+    """The range is checked readable at its ends only: a page unreadable in between fails the read that reaches
+    it (a short read up to it, then EFAULT), on whichever thread, and the call raises."""
+    make, block_elems, itemsize = CASES[case]
+    layout = mover.page_layout(make(), itemsize)
+    pages = (8 << 20) // layout.page_bytes
+    nbytes = pages * layout.page_bytes
+    holder = child(13, nbytes, hole=True)
+    offsets = [i * block_elems * itemsize for i in range(pages)]
+    with pytest.raises(mover.RemoteReadError, match="does not map"):
+        mover.scatter_pages(mover.remote_window(holder.pid, holder.address, nbytes), engine(pages, block_elems,
+                            itemsize), offsets, layout)
