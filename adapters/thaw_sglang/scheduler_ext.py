@@ -13,8 +13,8 @@ import contextlib
 import thaw_format
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 from thaw_format import CorruptSnapshotError, SnapshotFile
-from thaw_format.sdk import error_data, lent, pending_requests
-from thaw_format.sdk.shared import SHM_PREFIX, SharedSnapshot, owned_segment, read_source, release
+from thaw_format.sdk import agreement, error_data, lent, pending_requests
+from thaw_format.sdk.shared import SharedSnapshot, owned_segment, read_source, release
 from thaw_format.writer import reseal, unwritten
 
 from . import _internals, rpc, tensor_parallel, transport
@@ -184,7 +184,7 @@ class ThawScheduler(_internals.SleepsWhilePaused):
         rank) before any rank changes its cache; then each writes its heads, and if any rank failed once a rank
         had begun, every rank flushes (the ranks' trees must stay one). A segment every rank maps is verified by
         the first rank alone."""
-        verify = not verified and (tensor_parallel.is_first(self) or not source.startswith(SHM_PREFIX))
+        verify = not verified and agreement.verifies(source, tensor_parallel.is_first(self))
 
         def stage():
             snapshot = transport.read(source, self, verify=verify)

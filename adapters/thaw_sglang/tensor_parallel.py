@@ -50,7 +50,8 @@ def is_parallel(scheduler) -> bool:
 
 
 def is_first(scheduler) -> bool:
-    return _internals.tensor_parallel(scheduler)[0] == 0
+    """thaw_format.sdk.agreement.is_first over the TP ranks (the rank from_first publishes on)."""
+    return agreement.is_first(_internals.tensor_parallel(scheduler)[2])
 
 
 def agreed(scheduler, work: Callable[[], T]) -> T:

@@ -149,10 +149,19 @@ def kv_cache_tensors(worker) -> list[torch.Tensor]:
 
 
 def tensor_parallel_rank() -> int:
-    """This worker's rank in its tensor-parallel group (0 without tensor parallelism)."""
+    """This worker's rank in its tensor-parallel group (0 without tensor parallelism): the KV heads it holds."""
     from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
     return get_tensor_model_parallel_rank()
+
+
+def is_first_rank() -> bool:
+    """Whether this worker is its tensor-parallel group's first rank (thaw_format.sdk.agreement.is_first over the
+    group's CPU process group): the rank whose reply a collective_rpc lists first, which the engine core reads."""
+    from thaw_format.sdk import agreement
+    from vllm.distributed.parallel_state import get_tp_group
+
+    return agreement.is_first(get_tp_group().cpu_group)
 
 
 def attention_backends(worker) -> list[tuple[str, str | None, str]]:

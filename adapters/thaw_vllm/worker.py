@@ -11,9 +11,9 @@ import os
 import thaw_format
 import vllm
 from thaw_format import IncompatibleSnapshotError, mover
-from thaw_format.sdk import lent, lineage_now, remote
+from thaw_format.sdk import agreement, lent, lineage_now, remote
 from thaw_format.sdk.head_share import HeadShare, put_share, take_share
-from thaw_format.sdk.shared import SHM_PREFIX, owned_segment
+from thaw_format.sdk.shared import owned_segment
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import EncodedSnapshot, deferred_tensor, reseal, unwritten
 
@@ -100,7 +100,7 @@ class ThawWorkerExtension:
         if local:
             return {"source": transport.LocalSnapshot(_build_snapshot(self, plan, include_weights, gathered=True)).source}
         caches, layout, share = _engine_kv(self)
-        if share.rank != 0:
+        if not _internals.is_first_rank():
             return {"source": None}  # the first rank publishes; every rank then writes its share (thaw_put_share)
         self._thaw_sealing, kept = None, []
         if share.whole:
@@ -126,7 +126,7 @@ class ThawWorkerExtension:
         (thaw_seal). The first rank writes through the buffer it published into, the others map the segment."""
         _internals.worker_waits_asleep_after_this_call()
         caches, layout, share = _engine_kv(self)
-        view = _sealing(self, source) if share.rank == 0 else lent.writable_view(source)
+        view = _sealing(self, source) if _internals.is_first_rank() else lent.writable_view(source)
         _check_regions(regions, len(view), len(caches), {role: len(block_ids) * layout.pages[role].page_bytes
                                                          * share.ranks for role in ("k", "v")})
         offsets = share.slab_offsets(len(block_ids), layout.page_shape[0])
@@ -142,7 +142,7 @@ class ThawWorkerExtension:
         """On the first rank: checksum the named tensors of the capture it published in `source` once every rank
         has written its share of them (thaw_put_share), from their final bytes, through the buffer it wrote."""
         _internals.worker_waits_asleep_after_this_call()
-        if _internals.tensor_parallel_rank() == 0:
+        if _internals.is_first_rank():
             view = _sealing(self, source)
             self._thaw_sealing = None
             reseal(view, names)
@@ -162,7 +162,7 @@ class ThawWorkerExtension:
         _internals.worker_waits_asleep_after_this_call()
         start_mover(self.vllm_config)
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
-        verify = verify and rank_verifies(source, _internals.tensor_parallel_rank())
+        verify = verify and agreement.verifies(source, _internals.is_first_rank())
         snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None), verify=verify)
         caches, layout, share = _engine_kv(self)
         _check_kv(snapshot.kv, caches, _page_shape(layout, share))
@@ -207,12 +207,6 @@ class ThawWorkerExtension:
         for key in rng_keys:
             connector.staged_rng[key] = (self, to_torch(requests[key].rng_state).clone())
         self.thaw_restored_from = snapshot.id
-
-
-def rank_verifies(source: str, rank: int) -> bool:
-    """Whether a rank verifies what it reads of `source`: the first rank always, another all but a shared-memory
-    segment (the one set of bytes the first rank verified; a file it reads itself)."""
-    return rank == 0 or not source.startswith(SHM_PREFIX)
 
 
 class RegionsError(ValueError):

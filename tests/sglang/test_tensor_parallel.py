@@ -239,6 +239,7 @@ def first_rank(thaw_sglang, monkeypatch):
     scheduler = object.__new__(scheduler_ext.ThawScheduler)
     scheduler.thaw_restored_from = None
     monkeypatch.setattr(_internals, "tensor_parallel", lambda _: (0, 2, "the TP ranks' group"))
+    monkeypatch.setattr(agreement.dist, "get_rank", lambda group: 0)
     monkeypatch.setattr(agreement, "gathered", lambda group, value: [value, value])
     monkeypatch.setattr(tensor_parallel, "from_first", lambda _, work: scheduler.published.append(work()) or
                         scheduler.published[-1])

@@ -155,12 +155,6 @@ def test_weights_captured_under_tp_are_the_checkpoints_not_a_ranks_shards(run):
         {n: bytes(t.data) for n, t in tp1.weights.tensors.items()}
 
 
-def test_every_rank_verifies_a_file_and_the_first_rank_alone_a_segment(vllm):
-    from thaw_vllm.worker import rank_verifies
-
-    assert [rank_verifies(s, r) for s in ("/x/a.thaw", "shm://seg#64") for r in (0, 1)] == [True, True, True, False]
-
-
 def test_a_capture_s_regions_from_the_first_rank_are_checked(vllm):
     from thaw_vllm.worker import RegionsError, _check_regions
 
