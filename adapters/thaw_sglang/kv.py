@@ -119,19 +119,11 @@ def share_pages(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], sl
     return KVCache(page_size=page_size, dtype=dtype, layers=layers), puts
 
 
-class RegionsError(ValueError):
-    """The regions of the segment the first rank published are not this rank's KV tensors' byte ranges."""
-
-
-def check_regions(kv: KVCache, regions: dict) -> None:
-    """RegionsError unless each region (thaw_format Region, by tensor name kv/{layer}/{role}) holds as many bytes
-    as this rank's own tensor of that name: checked before a rank writes its heads into any."""
-    for name, region in regions.items():
-        _, layer, role = name.split("/")
-        nbytes = kv.layers[int(layer)].tensors[role].nbytes
-        if region.end - region.offset != nbytes:
-            raise RegionsError(f"{name}: the published region holds {region.end - region.offset} bytes; this "
-                               f"rank's tensor is {nbytes}")
+def tensor_sizes(kv: KVCache) -> dict[str, int]:
+    """The bytes of each KV tensor of `kv`, by its name in a snapshot (kv/{layer}/{role}): what a rank checks the
+    regions the first rank published against (thaw_format.sdk.head_share.check_regions)."""
+    return {f"kv/{i}/{role}": tensor.nbytes for i, layer in enumerate(kv.layers)
+            for role, tensor in layer.tensors.items()}
 
 
 def _put(buffer: torch.Tensor, index: torch.Tensor, padding: np.ndarray, share: HeadShare, offsets: np.ndarray,

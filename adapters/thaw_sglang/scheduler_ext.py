@@ -14,12 +14,13 @@ import thaw_format
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 from thaw_format import CorruptSnapshotError, SnapshotFile
 from thaw_format.sdk import agreement, error_data, lent, pending_requests
+from thaw_format.sdk.head_share import check_regions
 from thaw_format.sdk.shared import SharedSnapshot, owned_segment, read_source, release
 from thaw_format.writer import reseal, unwritten
 
 from . import _internals, rpc, tensor_parallel, transport
 from .capture import capture_state
-from .kv import check_regions
+from .kv import tensor_sizes
 from .restore import apply_restore, check_restorable, check_restore, restore_state
 
 
@@ -110,9 +111,10 @@ class ThawScheduler(_internals.SleepsWhilePaused):
             view = lent.writable_view(written)
             with SnapshotFile(view) as published:
                 regions = {name: published.info(name)[2] for name in puts}
-            check_regions(snapshot.kv, regions)
+            spans = {name: (region.offset, region.end) for name, region in regions.items()}
+            check_regions(spans, len(view), tensor_sizes(snapshot.kv))
             for name, put_heads in puts.items():
-                put_heads(view[regions[name].offset : regions[name].end])
+                put_heads(view[slice(*spans[name])])
 
         first = tensor_parallel.is_first(self)
         try:

@@ -12,7 +12,7 @@ import thaw_format
 import vllm
 from thaw_format import IncompatibleSnapshotError, mover
 from thaw_format.sdk import agreement, lent, lineage_now, remote
-from thaw_format.sdk.head_share import HeadShare, put_share, take_share
+from thaw_format.sdk.head_share import HeadShare, check_regions, put_share, take_share
 from thaw_format.sdk.shared import owned_segment
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import EncodedSnapshot, deferred_tensor, reseal, unwritten
@@ -127,8 +127,9 @@ class ThawWorkerExtension:
         _internals.worker_waits_asleep_after_this_call()
         caches, layout, share = _engine_kv(self)
         view = _sealing(self, source) if _internals.is_first_rank() else lent.writable_view(source)
-        _check_regions(regions, len(view), len(caches), {role: len(block_ids) * layout.pages[role].page_bytes
-                                                         * share.ranks for role in ("k", "v")})
+        pages_bytes = {role: len(block_ids) * layout.pages[role].page_bytes * share.ranks for role in ("k", "v")}
+        check_regions(regions, len(view), {f"kv/{i}/{role}": pages_bytes[role] for i in range(len(caches))
+                                           for role in ("k", "v")})
         offsets = share.slab_offsets(len(block_ids), layout.page_shape[0])
         local = mover.recycled(len(block_ids) * layout.pages["k"].page_bytes)
         for i, cache in enumerate(caches):
@@ -209,10 +210,6 @@ class ThawWorkerExtension:
         self.thaw_restored_from = snapshot.id
 
 
-class RegionsError(ValueError):
-    """The KV regions the first rank sent for a tensor-parallel capture are not its KV tensors' byte ranges."""
-
-
 class SealError(RuntimeError):
     """A tensor-parallel capture's share or seal arrived for a capture the first rank did not publish last."""
 
@@ -225,17 +222,6 @@ def _sealing(worker, source: str) -> memoryview:
         worker._thaw_sealing = None
         raise SealError(f"{source}: this rank is sealing {published or 'no capture'}")
     return memoryview(worker._thaw_sealing[1]).cast("B")[: lent.parse(source)[1]]
-
-
-def _check_regions(regions: dict, size: int, layers: int, nbytes: dict[str, int]) -> None:
-    """RegionsError unless `regions` names exactly kv/{i}/{k,v} of `layers` layers, each [start, end] within a
-    segment of `size` bytes and holding a role's pages over all heads (`nbytes`)."""
-    expected = {f"kv/{i}/{role}": nbytes[role] for i in range(layers) for role in ("k", "v")}
-    if set(regions) != set(expected):
-        raise RegionsError(f"KV regions name {sorted(set(regions) ^ set(expected))} unexpectedly")
-    for name, (start, end) in regions.items():
-        if not (0 <= start <= end <= size and end - start == expected[name]):
-            raise RegionsError(f"{name}: bytes [{start}, {end}) are not {expected[name]} bytes within {size}")
 
 
 def _weights_digest(worker) -> str:
