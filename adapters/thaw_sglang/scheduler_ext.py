@@ -183,21 +183,10 @@ class ThawScheduler(_internals.SleepsWhilePaused):
 
     def _thaw_restore_shares(self, source: str, verified: bool):
         """A tensor-parallel restore (tensor_parallel): every rank reads and checks the snapshot (the same on every
-        rank) before any rank changes its cache; then each writes its heads, and if any rank failed once a rank
-        had begun, every rank flushes (the ranks' trees must stay one). A segment every rank maps is verified by
-        the first rank alone."""
-        verify = not verified and agreement.verifies(source, tensor_parallel.is_first(self))
-
-        def stage():
-            snapshot = transport.read(source, self, verify=verify)
-            check_restore(self, snapshot)
-            return snapshot
-
-        snapshot = tensor_parallel.agreed(self, stage)
-        # The snapshot's id digests its header and its trailer's chunk checksums: a file replaced between two ranks'
-        # reads of its path shows here, before any rank writes.
-        tensor_parallel.agree_on(self, "the snapshot each read from its source", snapshot.id, CorruptSnapshotError)
-        # Past this point every rank writes (a refusal as busy came in stage, before any write): a failure on any
+        rank: _thaw_read_shares) before any rank changes its cache; then each writes its heads, and if any rank failed
+        once a rank had begun, every rank flushes (the ranks' trees must stay one)."""
+        snapshot = self._thaw_read_shares(source, verified, check_restore)
+        # Past this point every rank writes (a refusal as busy came with the read, before any write): a failure on any
         # rank leaves the ranks' caches differing, so every rank flushes its own.
         try:
             tensor_parallel.agreed(self, lambda: apply_restore(self, snapshot))
@@ -211,8 +200,33 @@ class ThawScheduler(_internals.SleepsWhilePaused):
             raise
         return snapshot
 
+    def _thaw_read_shares(self, source: str, verified: bool, check):
+        """The snapshot `source` names, read and `check`ed on every tensor-parallel rank (verified unless `verified`:
+        a segment every rank maps by the first rank alone, agreement.verifies), returned once every rank has, and
+        all read the same snapshot; else the first failure, or CorruptSnapshotError, on every rank."""
+        verify = not verified and agreement.verifies(source, tensor_parallel.is_first(self))
+
+        def stage():
+            snapshot = transport.read(source, self, verify=verify)
+            check(self, snapshot)
+            return snapshot
+
+        snapshot = tensor_parallel.agreed(self, stage)
+        # The snapshot's id digests its header and its trailer's chunk checksums: a file replaced between two ranks'
+        # reads of its path shows here, before any rank writes.
+        tensor_parallel.agree_on(self, "the snapshot each read from its source", snapshot.id, CorruptSnapshotError)
+        return snapshot
+
     def thaw_check(self, result: str, source: str, verified: bool = False) -> None:
-        self._thaw_report(result, lambda: check_restorable(self, transport.read(source, self, verify=not verified)))
+        """Raise IncompatibleSnapshotError, naming the field, if this engine cannot take the snapshot; verified and
+        agreed on as a restore's (_thaw_read_shares) under tensor parallelism."""
+        def work():
+            if tensor_parallel.is_parallel(self):
+                self._thaw_read_shares(source, verified, check_restorable)
+            else:
+                check_restorable(self, transport.read(source, self, verify=not verified))
+
+        self._thaw_report(result, work)
 
     def thaw_pause(self, result: str, paused: bool) -> None:
         def work():

@@ -145,6 +145,7 @@ def test_a_corrupt_segment_unverified_is_refused_on_every_rank_before_any_writes
     """A segment loaded with verify=False: the first rank alone verifies the segment every rank maps, and its
     refusal reaches the other rank, so neither rank's cache changes (the capture holds both ranks' heads)."""
     import thaw_format
+    from thaw_sglang import thaw_engine
 
     engine = run["tp2"]
     thaw_sglang.restore(engine, run["tp2_snapshot"])
@@ -156,6 +157,8 @@ def test_a_corrupt_segment_unverified_is_refused_on_every_rank_before_any_writes
     corrupt.write_bytes(data)
     with pytest.raises(CorruptSnapshotError, match="kv/1/v"):
         thaw_sglang.restore(engine, thaw_format.load(corrupt, shared=True, verify=False))
+    with pytest.raises(CorruptSnapshotError, match="kv/1/v"):  # a check verifies it as a restore does
+        thaw_engine.check(engine, thaw_format.load(corrupt, shared=True, verify=False))
     assert _held(thaw_sglang, engine) == held
     assert generate(engine, PROMPT + SUFFIX) == run["continued"]
 
@@ -296,6 +299,32 @@ def test_a_restore_failing_while_the_ranks_write_flushes_or_names_the_ranks_that
     monkeypatch.setattr(_internals, "flush", lambda _: True)
     with pytest.raises(RuntimeError, match=r"failed partway \(rank 1: disk gone\).* on ranks \[1\]"):
         first_rank._thaw_restore_shares("/a/file.thaw", verified=False)
+
+
+@pytest.mark.parametrize("rank, source, verifies", [(0, "shm://seg#64", True), (1, "shm://seg#64", False),
+                                                     (1, "/a/file.thaw", True)])
+def test_a_check_verifies_a_segment_once_and_agrees_on_the_snapshot_as_a_restore(first_rank, monkeypatch, rank,
+                                                                                 source, verifies):
+    """A check reads as a restore does: a segment every rank maps is verified by the first rank alone (a file by
+    every rank, each reading its own), and the ranks compare the ids of the snapshots they read."""
+    from types import SimpleNamespace
+
+    from thaw_format.sdk import agreement
+    from thaw_sglang import scheduler_ext, transport
+
+    reads = []
+    monkeypatch.setattr(agreement.dist, "get_rank", lambda group: rank)
+    monkeypatch.setattr(transport, "read", lambda source, owner, verify: reads.append(verify) or
+                        SimpleNamespace(id="A"))
+    monkeypatch.setattr(scheduler_ext, "check_restorable", lambda scheduler, snapshot: None)
+    outcome = []
+    first_rank._thaw_report = lambda result, work: outcome.append(work)
+    first_rank.thaw_check("no result block", source)
+    outcome[0]()
+    assert reads == [verifies]
+    monkeypatch.setattr(agreement, "gathered", lambda group, value: [value, value if value is None else "B"])
+    with pytest.raises(CorruptSnapshotError, match="the ranks differ in the snapshot each read from its source"):
+        outcome[0]()
 
 
 @pytest.mark.parametrize("path, into", [(True, "lent"), (False, "lent"), (False, "own")])
