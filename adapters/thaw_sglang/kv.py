@@ -145,7 +145,12 @@ def scatter_rows(
     run of consecutive rows (a page or more each). A tensor-parallel rank (`share`) writes its heads of each row."""
     runs = mover.consecutive_runs(rows.numpy())  # int64, as leaf_sequences makes them: no list round trip
     slot_numbers = slots.cpu().numpy().astype(np.int64)
-    own = None  # a tensor-parallel rank's heads of one tensor: one buffer for every layer and role (scatters copy it)
+    parallel = share is not None and not share.whole
+    if parallel:
+        # A rank's slabs in every row are the same in every layer and role, and so is the size of its heads of one
+        # tensor: found once, into one buffer that each reuses (its scatters copy out of it).
+        offsets = share.slab_offsets(kv.num_pages, kv.page_size)
+        own = mover.recycled(len(offsets) * share.slab_bytes)
     for layer, k_buffer, v_buffer in zip(kv.layers, k_buffers, v_buffers):
         for role, buffer in (("k", k_buffer), ("v", v_buffer)):
             if buffer.device.type != "cpu":
@@ -155,10 +160,7 @@ def scatter_rows(
                 continue
             token_bytes = buffer[0].numel() * buffer.element_size()
             data, targets = remote.scatter_view(layer.tensors[role]), slot_numbers * token_bytes
-            if share is not None and not share.whole:  # this rank's heads of every row, one token's slot each
-                offsets = share.slab_offsets(layer.tensors[role].nbytes // (token_bytes * share.ranks), 1)
-                if own is None or len(own) != len(offsets) * share.slab_bytes:
-                    own = mover.recycled(len(offsets) * share.slab_bytes)
+            if parallel:  # this rank's heads of every row, one token's slot each
                 data = take_share(data, share, offsets, own)
             for first, count, at in runs:
                 mover.scatter_pages(data[first * token_bytes : (first + count) * token_bytes], _bytes(buffer),
