@@ -218,8 +218,9 @@ class ThawScheduler(_internals.SleepsWhilePaused):
         return snapshot
 
     def thaw_check(self, result: str, source: str, verified: bool = False) -> None:
-        """Raise IncompatibleSnapshotError, naming the field, if this engine cannot take the snapshot; verified and
-        agreed on as a restore's (_thaw_read_shares) under tensor parallelism."""
+        """Report check_restorable's refusal (IncompatibleSnapshotError, naming the field) of the snapshot `source`
+        names, changing nothing; under tensor parallelism read, verified and agreed on as a restore's
+        (_thaw_read_shares)."""
         def work():
             if tensor_parallel.is_parallel(self):
                 self._thaw_read_shares(source, verified, check_restorable)
