@@ -190,3 +190,21 @@ def test_shares_that_are_not_whole_heads_are_refused(vllm, parallel, total, head
 
     with pytest.raises(NotImplementedError, match=match):
         head_share(parallel, total, heads, 0, 32, 4)
+
+
+@pytest.mark.parametrize("replies", [
+    [{"source": None}, {"source": "shm://a#1", "regions": {}}],  # the first rank's reply listed second
+    [{"source": "shm://a#1", "regions": {}}, {"source": None}],
+])
+def test_the_capture_is_the_one_rank_that_published_its_whatever_the_replies_order(vllm, replies):
+    from thaw_vllm.core_ops import _publisher
+
+    assert _publisher(replies) == {"source": "shm://a#1", "regions": {}}
+
+
+@pytest.mark.parametrize("sources, count", [([None, None], 0), (["shm://a#1", "shm://b#1"], 2)])
+def test_a_capture_that_not_exactly_one_rank_published_is_refused_naming_the_count(vllm, sources, count):
+    from thaw_vllm.core_ops import _publisher
+
+    with pytest.raises(RuntimeError, match=f"^{count} of 2 tensor-parallel ranks published the capture; exactly one"):
+        _publisher([{"source": source} for source in sources])
