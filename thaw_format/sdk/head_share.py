@@ -54,7 +54,8 @@ def head_share(adapter: str, rank: int, ranks: int, heads: int, total_heads: int
                                   f"{', '.join(f'{name}={size}' for name, size in other.items())}")
     held = heads * ranks
     if held != total_heads:
-        why = ("the engine replicates or pads heads the ranks cannot split evenly" if held > total_heads
+        why = ("the engine replicates them: fewer KV heads than ranks" if total_heads < ranks
+               else f"the engine pads them to {held}, a multiple of the ranks" if held > total_heads
                else f"not the model's {total_heads}")
         raise NotImplementedError(f"tensor_parallel_size={ranks} over {total_heads} KV heads: each rank holds {heads}, "
                                   f"{held} in all ({why}); {adapter} maps tensor parallelism only where the KV heads "
@@ -73,12 +74,13 @@ def check_regions(regions: dict, size: int, nbytes: dict[str, int]) -> None:
     as this rank's own tensor of that name: checked before a rank writes its heads into any."""
     if set(regions) != set(nbytes):
         missing, unknown = sorted(set(nbytes) - set(regions)), sorted(set(regions) - set(nbytes))
-        raise RegionsError(f"the published KV regions lack {missing} and name {unknown}, not this rank's tensors")
+        wrong = [f"{what} {names}" for what, names in (("lack", missing), ("name", unknown)) if names]
+        raise RegionsError(f"the published KV regions {' and '.join(wrong)}, not this rank's tensors")
     for name, (start, end) in regions.items():
         if not 0 <= start <= end <= size:
             raise RegionsError(f"{name}: the published region [{start}, {end}) lies outside the {size}-byte segment")
         if end - start != nbytes[name]:
-            raise RegionsError(f"{name}: the published region holds {end - start} bytes; this rank's tensor is "
+            raise RegionsError(f"{name}: the published region holds {end - start} bytes; this rank expects "
                                f"{nbytes[name]}")
 
 
