@@ -204,9 +204,8 @@ class ThawScheduler(_internals.SleepsWhilePaused):
         """The snapshot `source` names, read and `check`ed on every tensor-parallel rank (verified unless `verified`:
         a segment every rank maps by the first rank alone, agreement.verifies), returned once every rank has, and
         all read the same snapshot; else the first failure, or CorruptSnapshotError, on every rank."""
-        verify = not verified and agreement.verifies(source, tensor_parallel.is_first(self))
-
-        def stage():
+        def stage():  # all of a rank's work, even which it verifies: no rank may fail before the exchange
+            verify = not verified and agreement.verifies(source, tensor_parallel.is_first(self))
             snapshot = transport.read(source, self, verify=verify)
             check(self, snapshot)
             return snapshot
@@ -220,7 +219,8 @@ class ThawScheduler(_internals.SleepsWhilePaused):
     def thaw_check(self, result: str, source: str, verified: bool = False) -> None:
         """Report check_restorable's refusal (IncompatibleSnapshotError, naming the field) of the snapshot `source`
         names, changing nothing; under tensor parallelism read, verified and agreed on as a restore's
-        (_thaw_read_shares)."""
+        (_thaw_read_shares), so also CorruptSnapshotError where a rank's verify fails or the ranks' snapshot ids
+        differ."""
         def work():
             if tensor_parallel.is_parallel(self):
                 self._thaw_read_shares(source, verified, check_restorable)

@@ -27,11 +27,12 @@ def share(scheduler) -> HeadShare:
     pads KV heads on CPU to a multiple of the ranks: refused as heads that do not divide evenly)."""
     k_buffers, _ = _internals.kv_buffers(scheduler)
     rank, ranks, _ = _internals.tensor_parallel(scheduler)
-    if ranks > 1 and k_buffers[0].device.type != "cpu":
-        raise NotImplementedError("thaw_sglang maps tensor parallelism on CPU only")
     _, heads, head_dim = k_buffers[0].shape
-    return head_share("thaw_sglang", rank, ranks, heads, _internals.total_kv_heads(scheduler), head_dim,
+    mine = head_share("thaw_sglang", rank, ranks, heads, _internals.total_kv_heads(scheduler), head_dim,
                       k_buffers[0].element_size(), other=_internals.other_parallelism(scheduler))
+    if ranks > 1 and k_buffers[0].device.type != "cpu":  # after head_share: other parallelism is named first
+        raise NotImplementedError("thaw_sglang maps tensor parallelism on CPU only")
+    return mine
 
 
 def is_parallel(scheduler) -> bool:

@@ -206,6 +206,24 @@ def test_kv_heads_sglang_pads_on_cpu_are_refused(monkeypatch):
         tensor_parallel.share(scheduler)
 
 
+def test_other_parallelism_is_named_before_a_tp_engine_off_cpu_is_refused(monkeypatch):
+    """What head_share refuses (here pipeline parallelism) is named first, then a TP engine's KV off the CPU."""
+    from types import SimpleNamespace
+
+    import torch
+    from thaw_sglang import _internals, tensor_parallel
+
+    monkeypatch.setattr(_internals, "total_kv_heads", lambda _: 4)
+    monkeypatch.setattr(_internals, "kv_buffers", lambda _: ([torch.empty(8, 2, 32, device="meta")],) * 2)
+    monkeypatch.setattr(_internals, "tensor_parallel", lambda _: (0, 2, "the TP ranks' group"))
+    monkeypatch.setattr(_internals, "other_parallelism", lambda _: {"pp_size": 2})
+    with pytest.raises(NotImplementedError, match="thaw_sglang maps tensor parallelism only; this engine has pp_size=2"):
+        tensor_parallel.share(SimpleNamespace())
+    monkeypatch.setattr(_internals, "other_parallelism", lambda _: {})
+    with pytest.raises(NotImplementedError, match="thaw_sglang maps tensor parallelism on CPU only"):
+        tensor_parallel.share(SimpleNamespace())
+
+
 def test_a_restore_refused_while_a_request_waits_in_the_paused_engine_leaves_its_cache(thaw_sglang, run):
     """SGLang's own flush ignores a paused engine's waiting requests: a restore refused as busy is refused before
     any rank changes or flushes its cache, so the request that waited then reads the pages kept (a hit)."""
@@ -242,7 +260,7 @@ def first_rank(thaw_sglang, monkeypatch):
     scheduler = object.__new__(scheduler_ext.ThawScheduler)
     scheduler.thaw_restored_from = None
     monkeypatch.setattr(_internals, "tensor_parallel", lambda _: (0, 2, "the TP ranks' group"))
-    monkeypatch.setattr(agreement.dist, "get_rank", lambda group: 0)
+    monkeypatch.setattr(agreement, "is_first", lambda group: True)
     monkeypatch.setattr(agreement, "gathered", lambda group, value: [value, value])
     monkeypatch.setattr(tensor_parallel, "from_first", lambda _, work: scheduler.published.append(work()) or
                         scheduler.published[-1])
@@ -301,6 +319,19 @@ def test_a_restore_failing_while_the_ranks_write_flushes_or_names_the_ranks_that
         first_rank._thaw_restore_shares("/a/file.thaw", verified=False)
 
 
+def test_a_rank_failing_to_learn_whether_it_verifies_still_enters_the_exchange(first_rank, monkeypatch):
+    """Everything a rank does before the ranks agree runs inside the exchange: a rank raising before it would leave
+    the others waiting in it."""
+    from thaw_sglang import tensor_parallel
+
+    entered = []
+    monkeypatch.setattr(tensor_parallel, "is_first", lambda _: (_ for _ in ()).throw(OSError("no group")))
+    monkeypatch.setattr(tensor_parallel, "agreed", lambda _, work: entered.append(work) or work())
+    with pytest.raises(OSError, match="no group"):
+        first_rank._thaw_restore_shares("/a/file.thaw", verified=False)
+    assert len(entered) == 1
+
+
 @pytest.mark.parametrize("rank, source, verifies", [(0, "shm://seg#64", True), (1, "shm://seg#64", False),
                                                      (1, "/a/file.thaw", True)])
 def test_a_check_verifies_a_segment_once_and_agrees_on_the_snapshot_as_a_restore(first_rank, monkeypatch, rank,
@@ -313,7 +344,7 @@ def test_a_check_verifies_a_segment_once_and_agrees_on_the_snapshot_as_a_restore
     from thaw_sglang import scheduler_ext, transport
 
     reads = []
-    monkeypatch.setattr(agreement.dist, "get_rank", lambda group: rank)
+    monkeypatch.setattr(agreement, "is_first", lambda group: rank == 0)
     monkeypatch.setattr(transport, "read", lambda source, owner, verify: reads.append(verify) or
                         SimpleNamespace(id="A"))
     monkeypatch.setattr(scheduler_ext, "check_restorable", lambda scheduler, snapshot: None)
