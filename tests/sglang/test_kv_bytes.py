@@ -106,3 +106,11 @@ def test_a_tensor_parallel_rank_scatters_its_heads_of_every_row_its_slabs_found_
         want = torch.zeros(300, 2, 16)
         want[targets.long()] = page.reshape(-1, 4, 16).index_select(0, rows)[:, 2 * rank : 2 * rank + 2]
         assert buffer.equal(want)
+
+
+def test_tensor_sizes_name_each_kv_tensor_by_its_snapshot_name_and_bytes(kv):
+    """What a tensor-parallel rank checks the regions the first rank published against (head_share.check_regions)."""
+    buffers = [torch.zeros(300, 2, 16) for _ in range(4)]  # 2 layers of K and V
+    cache = kv.gather_pages(buffers[:2], buffers[2:], torch.arange(12, dtype=torch.int64).reshape(3, 4))
+    nbytes = 3 * 4 * 2 * 16 * 4  # 3 pages of 4 tokens, 2 heads of 16 float32s
+    assert kv.tensor_sizes(cache) == {"kv/0/k": nbytes, "kv/0/v": nbytes, "kv/1/k": nbytes, "kv/1/v": nbytes}
