@@ -155,13 +155,11 @@ def tensor_parallel_rank() -> int:
     return get_tensor_model_parallel_rank()
 
 
-def is_first_rank() -> bool:
-    """Whether this worker is its tensor-parallel group's first rank (thaw_format.sdk.agreement.is_first over the
-    group's CPU process group): the rank whose reply a collective_rpc lists first, which the engine core reads."""
-    from thaw_format.sdk import agreement
+def tp_cpu_group():
+    """This worker's tensor-parallel group's CPU process group (gloo): the group its ranks agree over."""
     from vllm.distributed.parallel_state import get_tp_group
 
-    return agreement.is_first(get_tp_group().cpu_group)
+    return get_tp_group().cpu_group
 
 
 def attention_backends(worker) -> list[tuple[str, str | None, str]]:

@@ -17,9 +17,8 @@ from thaw_format.sdk.shared import owned_segment
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import EncodedSnapshot, deferred_tensor, reseal, unwritten
 
-from . import _internals, identity, rpc, transport
+from . import _internals, identity, rpc, tensor_parallel, transport
 from .pages import NativeLayout, blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
-from .tensor_parallel import head_share
 
 
 MOVER_CPUS_ENV = "THAW_VLLM_MOVER_CPUS"  # "rank": libthaw moves KV on the worker's own cores only
@@ -100,7 +99,7 @@ class ThawWorkerExtension:
         if local:
             return {"source": transport.LocalSnapshot(_build_snapshot(self, plan, include_weights, gathered=True)).source}
         caches, layout, share = _engine_kv(self)
-        if not _internals.is_first_rank():
+        if not tensor_parallel.is_first():
             return {"source": None}  # the first rank publishes; every rank then writes its share (thaw_put_share)
         self._thaw_sealing, kept = None, []
         if share.whole:
@@ -126,7 +125,7 @@ class ThawWorkerExtension:
         (thaw_seal). The first rank writes through the buffer it published into, the others map the segment."""
         _internals.worker_waits_asleep_after_this_call()
         caches, layout, share = _engine_kv(self)
-        view = _sealing(self, source) if _internals.is_first_rank() else lent.writable_view(source)
+        view = _sealing(self, source) if tensor_parallel.is_first() else lent.writable_view(source)
         pages_bytes = {role: len(block_ids) * layout.pages[role].page_bytes * share.ranks for role in ("k", "v")}
         check_regions(regions, len(view), {f"kv/{i}/{role}": pages_bytes[role] for i in range(len(caches))
                                            for role in ("k", "v")})
@@ -143,7 +142,7 @@ class ThawWorkerExtension:
         """On the first rank: checksum the named tensors of the capture it published in `source` once every rank
         has written its share of them (thaw_put_share), from their final bytes, through the buffer it wrote."""
         _internals.worker_waits_asleep_after_this_call()
-        if _internals.is_first_rank():
+        if tensor_parallel.is_first():
             view = _sealing(self, source)
             self._thaw_sealing = None
             reseal(view, names)
@@ -163,7 +162,7 @@ class ThawWorkerExtension:
         _internals.worker_waits_asleep_after_this_call()
         start_mover(self.vllm_config)
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
-        verify = verify and agreement.verifies(source, _internals.is_first_rank())
+        verify = verify and agreement.verifies(source, tensor_parallel.is_first())
         snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None), verify=verify)
         caches, layout, share = _engine_kv(self)
         _check_kv(snapshot.kv, caches, _page_shape(layout, share))
@@ -235,8 +234,8 @@ def _engine_kv(worker) -> tuple[list, NativeLayout, HeadShare]:
     caches, layout = engine_layout(worker)
     _, heads, head_dim = layout.page_shape
     config = worker.vllm_config
-    share = head_share(config.parallel_config, config.model_config.get_total_num_kv_heads(), heads,
-                       _internals.tensor_parallel_rank(), head_dim, caches[0].element_size())
+    share = tensor_parallel.head_share(config.parallel_config, config.model_config.get_total_num_kv_heads(), heads,
+                                      _internals.tensor_parallel_rank(), head_dim, caches[0].element_size())
     return caches, layout, share
 
 
