@@ -119,19 +119,11 @@ def share_pages(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], sl
     return KVCache(page_size=page_size, dtype=dtype, layers=layers), puts
 
 
-class RegionsError(ValueError):
-    """The regions of the segment the first rank published are not this rank's KV tensors' byte ranges."""
-
-
-def check_regions(kv: KVCache, regions: dict) -> None:
-    """RegionsError unless each region (thaw_format Region, by tensor name kv/{layer}/{role}) holds as many bytes
-    as this rank's own tensor of that name: checked before a rank writes its heads into any."""
-    for name, region in regions.items():
-        _, layer, role = name.split("/")
-        nbytes = kv.layers[int(layer)].tensors[role].nbytes
-        if region.end - region.offset != nbytes:
-            raise RegionsError(f"{name}: the published region holds {region.end - region.offset} bytes; this "
-                               f"rank's tensor is {nbytes}")
+def tensor_sizes(kv: KVCache) -> dict[str, int]:
+    """The bytes of each KV tensor of `kv`, by its name in a snapshot (kv/{layer}/{role}): what a rank checks the
+    regions the first rank published against (thaw_format.sdk.head_share.check_regions)."""
+    return {f"kv/{i}/{role}": tensor.nbytes for i, layer in enumerate(kv.layers)
+            for role, tensor in layer.tensors.items()}
 
 
 def _put(buffer: torch.Tensor, index: torch.Tensor, padding: np.ndarray, share: HeadShare, offsets: np.ndarray,
@@ -153,7 +145,12 @@ def scatter_rows(
     run of consecutive rows (a page or more each). A tensor-parallel rank (`share`) writes its heads of each row."""
     runs = mover.consecutive_runs(rows.numpy())  # int64, as leaf_sequences makes them: no list round trip
     slot_numbers = slots.cpu().numpy().astype(np.int64)
-    own = None  # a tensor-parallel rank's heads of one tensor: one buffer for every layer and role (scatters copy it)
+    parallel = share is not None and not share.whole
+    if parallel:
+        # A rank's slabs in every row are the same in every layer and role, and so is the size of its heads of one
+        # tensor: found once, into one buffer that each reuses (its scatters copy out of it).
+        offsets = share.slab_offsets(kv.num_pages, kv.page_size)
+        own = mover.recycled(len(offsets) * share.slab_bytes)
     for layer, k_buffer, v_buffer in zip(kv.layers, k_buffers, v_buffers):
         for role, buffer in (("k", k_buffer), ("v", v_buffer)):
             if buffer.device.type != "cpu":
@@ -163,10 +160,7 @@ def scatter_rows(
                 continue
             token_bytes = buffer[0].numel() * buffer.element_size()
             data, targets = remote.scatter_view(layer.tensors[role]), slot_numbers * token_bytes
-            if share is not None and not share.whole:  # this rank's heads of every row, one token's slot each
-                offsets = share.slab_offsets(layer.tensors[role].nbytes // (token_bytes * share.ranks), 1)
-                if own is None or len(own) != len(offsets) * share.slab_bytes:
-                    own = mover.recycled(len(offsets) * share.slab_bytes)
+            if parallel:  # this rank's heads of every row, one token's slot each
                 data = take_share(data, share, offsets, own)
             for first, count, at in runs:
                 mover.scatter_pages(data[first * token_bytes : (first + count) * token_bytes], _bytes(buffer),

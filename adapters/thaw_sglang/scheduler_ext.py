@@ -13,13 +13,14 @@ import contextlib
 import thaw_format
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 from thaw_format import CorruptSnapshotError, SnapshotFile
-from thaw_format.sdk import error_data, lent, pending_requests
-from thaw_format.sdk.shared import SHM_PREFIX, SharedSnapshot, owned_segment, read_source, release
+from thaw_format.sdk import agreement, error_data, lent, pending_requests
+from thaw_format.sdk.head_share import check_regions
+from thaw_format.sdk.shared import SharedSnapshot, owned_segment, read_source, release
 from thaw_format.writer import reseal, unwritten
 
 from . import _internals, rpc, tensor_parallel, transport
 from .capture import capture_state
-from .kv import check_regions
+from .kv import tensor_sizes
 from .restore import apply_restore, check_restorable, check_restore, restore_state
 
 
@@ -110,9 +111,10 @@ class ThawScheduler(_internals.SleepsWhilePaused):
             view = lent.writable_view(written)
             with SnapshotFile(view) as published:
                 regions = {name: published.info(name)[2] for name in puts}
-            check_regions(snapshot.kv, regions)
+            spans = {name: (region.offset, region.end) for name, region in regions.items()}
+            check_regions(spans, len(view), tensor_sizes(snapshot.kv))
             for name, put_heads in puts.items():
-                put_heads(view[regions[name].offset : regions[name].end])
+                put_heads(view[slice(*spans[name])])
 
         first = tensor_parallel.is_first(self)
         try:
@@ -181,21 +183,10 @@ class ThawScheduler(_internals.SleepsWhilePaused):
 
     def _thaw_restore_shares(self, source: str, verified: bool):
         """A tensor-parallel restore (tensor_parallel): every rank reads and checks the snapshot (the same on every
-        rank) before any rank changes its cache; then each writes its heads, and if any rank failed once a rank
-        had begun, every rank flushes (the ranks' trees must stay one). A segment every rank maps is verified by
-        the first rank alone."""
-        verify = not verified and (tensor_parallel.is_first(self) or not source.startswith(SHM_PREFIX))
-
-        def stage():
-            snapshot = transport.read(source, self, verify=verify)
-            check_restore(self, snapshot)
-            return snapshot
-
-        snapshot = tensor_parallel.agreed(self, stage)
-        # The snapshot's id digests its header and its trailer's chunk checksums: a file replaced between two ranks'
-        # reads of its path shows here, before any rank writes.
-        tensor_parallel.agree_on(self, "the snapshot each read from its source", snapshot.id, CorruptSnapshotError)
-        # Past this point every rank writes (a refusal as busy came in stage, before any write): a failure on any
+        rank: _thaw_read_shares) before any rank changes its cache; then each writes its heads, and if any rank failed
+        once a rank had begun, every rank flushes (the ranks' trees must stay one)."""
+        snapshot = self._thaw_read_shares(source, verified, check_restore)
+        # Past this point every rank writes (a refusal as busy came with the read, before any write): a failure on any
         # rank leaves the ranks' caches differing, so every rank flushes its own.
         try:
             tensor_parallel.agreed(self, lambda: apply_restore(self, snapshot))
@@ -209,8 +200,34 @@ class ThawScheduler(_internals.SleepsWhilePaused):
             raise
         return snapshot
 
+    def _thaw_read_shares(self, source: str, verified: bool, check):
+        """The snapshot `source` names, read and `check`ed on every tensor-parallel rank (verified unless `verified`:
+        a segment every rank maps by the first rank alone, agreement.verifies), returned once every rank has, and
+        all read the same snapshot; else the first failure, or CorruptSnapshotError, on every rank."""
+        def stage():  # all of a rank's work, even which it verifies: no rank may fail before the exchange
+            verify = not verified and agreement.verifies(source, tensor_parallel.is_first(self))
+            snapshot = transport.read(source, self, verify=verify)
+            check(self, snapshot)
+            return snapshot
+
+        snapshot = tensor_parallel.agreed(self, stage)
+        # The snapshot's id digests its header and its trailer's chunk checksums: a file replaced between two ranks'
+        # reads of its path shows here, before any rank writes.
+        tensor_parallel.agree_on(self, "the snapshot each read from its source", snapshot.id, CorruptSnapshotError)
+        return snapshot
+
     def thaw_check(self, result: str, source: str, verified: bool = False) -> None:
-        self._thaw_report(result, lambda: check_restorable(self, transport.read(source, self, verify=not verified)))
+        """Report check_restorable's refusal (IncompatibleSnapshotError, naming the field) of the snapshot `source`
+        names, changing nothing; under tensor parallelism read, verified and agreed on as a restore's
+        (_thaw_read_shares), so also CorruptSnapshotError where a rank's verify fails or the ranks' snapshot ids
+        differ."""
+        def work():
+            if tensor_parallel.is_parallel(self):
+                self._thaw_read_shares(source, verified, check_restorable)
+            else:
+                check_restorable(self, transport.read(source, self, verify=not verified))
+
+        self._thaw_report(result, work)
 
     def thaw_pause(self, result: str, paused: bool) -> None:
         def work():

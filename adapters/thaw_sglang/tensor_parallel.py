@@ -23,26 +23,16 @@ T = TypeVar("T")
 
 
 def share(scheduler) -> HeadShare:
-    """This rank's share of the KV heads; NotImplementedError where the KV is split otherwise than by heads."""
-    other = _internals.other_parallelism(scheduler)
-    if other:
-        raise NotImplementedError(f"thaw_sglang maps tensor parallelism only; this engine has "
-                                  f"{', '.join(f'{k}={v}' for k, v in other.items())}")
+    """This rank's share of the KV heads; NotImplementedError where the KV is split otherwise than by heads (SGLang
+    pads KV heads on CPU to a multiple of the ranks: refused as heads that do not divide evenly)."""
     k_buffers, _ = _internals.kv_buffers(scheduler)
     rank, ranks, _ = _internals.tensor_parallel(scheduler)
-    if ranks > 1 and k_buffers[0].device.type != "cpu":
-        raise NotImplementedError("thaw_sglang maps tensor parallelism on CPU only")
     _, heads, head_dim = k_buffers[0].shape
-    return rank_heads(rank, ranks, heads, _internals.total_kv_heads(scheduler), head_dim, k_buffers[0].element_size())
-
-
-def rank_heads(rank: int, ranks: int, heads: int, total_heads: int, head_dim: int, itemsize: int) -> HeadShare:
-    """head_share, refusing first, by name, the KV heads SGLang pads on CPU (more heads held than the model has)."""
-    if heads * ranks > total_heads:
-        raise NotImplementedError(f"tensor_parallel_size={ranks} over {total_heads} KV heads: SGLang pads them to "
-                                  f"{heads * ranks} ({heads} a rank) on CPU; thaw_sglang maps tensor parallelism "
-                                  "only where the KV heads divide evenly between the ranks")
-    return head_share("thaw_sglang", rank, ranks, heads, total_heads, head_dim, itemsize)
+    mine = head_share("thaw_sglang", rank, ranks, heads, _internals.total_kv_heads(scheduler), head_dim,
+                      k_buffers[0].element_size(), other=_internals.other_parallelism(scheduler))
+    if ranks > 1 and k_buffers[0].device.type != "cpu":  # after head_share: other parallelism is named first
+        raise NotImplementedError("thaw_sglang maps tensor parallelism on CPU only")
+    return mine
 
 
 def is_parallel(scheduler) -> bool:
@@ -50,7 +40,8 @@ def is_parallel(scheduler) -> bool:
 
 
 def is_first(scheduler) -> bool:
-    return _internals.tensor_parallel(scheduler)[0] == 0
+    """thaw_format.sdk.agreement.is_first over the TP ranks (the rank from_first publishes on)."""
+    return agreement.is_first(_internals.tensor_parallel(scheduler)[2])
 
 
 def agreed(scheduler, work: Callable[[], T]) -> T:

@@ -149,10 +149,17 @@ def kv_cache_tensors(worker) -> list[torch.Tensor]:
 
 
 def tensor_parallel_rank() -> int:
-    """This worker's rank in its tensor-parallel group (0 without tensor parallelism)."""
+    """This worker's rank in its tensor-parallel group (0 without tensor parallelism): the KV heads it holds."""
     from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
     return get_tensor_model_parallel_rank()
+
+
+def tp_cpu_group():
+    """This worker's tensor-parallel group's CPU process group (gloo): the group its ranks agree over."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    return get_tp_group().cpu_group
 
 
 def attention_backends(worker) -> list[tuple[str, str | None, str]]:

@@ -135,12 +135,22 @@ def _capture(core, include_weights: bool, chains, local: bool, shared: bool = Fa
             "output_token_ids": r["output_token_ids"], "num_computed_tokens": r["num_computed_tokens"],
             "pages": chain, "sampling": dataclasses.asdict(sampling.to_thaw(r["sampling_params"])),
         })
-    published = _worker(core, "thaw_capture", plan, include_weights, local, shared)
+    published = _publisher(_every_rank(core, "thaw_capture", plan, include_weights, local, shared))
     if published.get("regions"):  # tensor parallel: every rank writes its KV heads where the first rank laid them
         # out, all at once, then the first rank checksums them
         _worker(core, "thaw_put_share", published["source"], plan["block_ids"], published["regions"])
         _worker(core, "thaw_seal", published["source"], list(published["regions"]))
     return {"source": published["source"]}
+
+
+def _publisher(replies: list[dict]) -> dict:
+    """The one rank's thaw_capture reply that published the snapshot (the first rank's, whatever place the replies
+    list it in): RuntimeError unless exactly one rank did."""
+    published = [reply for reply in replies if reply["source"] is not None]
+    if len(published) != 1:
+        raise RuntimeError(f"{len(published)} of {len(replies)} tensor-parallel ranks published the capture; exactly "
+                           "one, the first rank, must")
+    return published[0]
 
 
 # --- restore ------------------------------------------------------------------------------------------------

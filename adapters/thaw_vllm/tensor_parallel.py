@@ -6,17 +6,23 @@ parallel) or its layers (pipeline parallel), no rank's share is a slab of whole 
 
 from __future__ import annotations
 
+from thaw_format.sdk import agreement
 from thaw_format.sdk.head_share import HeadShare, head_share as _head_share
+
+from . import _internals
 
 
 def head_share(parallel_config, total_heads: int, heads: int, rank: int, head_dim: int, itemsize: int) -> HeadShare:
     """This rank's share of the KV heads, or NotImplementedError naming what thaw_vllm does not map."""
-    unmapped = {name: size for name, size in (
+    other = {name: size for name, size in (
         ("pipeline_parallel_size", parallel_config.pipeline_parallel_size),
         ("decode_context_parallel_size", parallel_config.decode_context_parallel_size),
         ("prefill_context_parallel_size", parallel_config.prefill_context_parallel_size)) if size != 1}
-    if unmapped:
-        raise NotImplementedError(f"thaw_vllm maps tensor parallelism only; this engine has "
-                                  f"{', '.join(f'{k}={v}' for k, v in unmapped.items())}")
     return _head_share("thaw_vllm", rank, parallel_config.tensor_parallel_size, heads, total_heads, head_dim,
-                       itemsize)
+                       itemsize, other=other)
+
+
+def is_first() -> bool:
+    """Whether this worker is its tensor-parallel group's first rank (thaw_format.sdk.agreement.is_first over the
+    group's CPU process group): the rank that publishes a capture and seals it, and verifies a shared source for all."""
+    return agreement.is_first(_internals.tp_cpu_group())

@@ -11,15 +11,14 @@ import os
 import thaw_format
 import vllm
 from thaw_format import IncompatibleSnapshotError, mover
-from thaw_format.sdk import lent, lineage_now, remote
-from thaw_format.sdk.head_share import HeadShare, put_share, take_share
-from thaw_format.sdk.shared import SHM_PREFIX, owned_segment
+from thaw_format.sdk import agreement, lent, lineage_now, remote
+from thaw_format.sdk.head_share import HeadShare, check_regions, put_share, take_share
+from thaw_format.sdk.shared import owned_segment
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import EncodedSnapshot, deferred_tensor, reseal, unwritten
 
-from . import _internals, identity, rpc, transport
+from . import _internals, identity, rpc, tensor_parallel, transport
 from .pages import NativeLayout, blocks_to_pages, engine_layout, gather_role, pages_to_blocks, scatter_pages
-from .tensor_parallel import head_share
 
 
 MOVER_CPUS_ENV = "THAW_VLLM_MOVER_CPUS"  # "rank": libthaw moves KV on the worker's own cores only
@@ -100,7 +99,7 @@ class ThawWorkerExtension:
         if local:
             return {"source": transport.LocalSnapshot(_build_snapshot(self, plan, include_weights, gathered=True)).source}
         caches, layout, share = _engine_kv(self)
-        if share.rank != 0:
+        if not tensor_parallel.is_first():
             return {"source": None}  # the first rank publishes; every rank then writes its share (thaw_put_share)
         self._thaw_sealing, kept = None, []
         if share.whole:
@@ -126,9 +125,10 @@ class ThawWorkerExtension:
         (thaw_seal). The first rank writes through the buffer it published into, the others map the segment."""
         _internals.worker_waits_asleep_after_this_call()
         caches, layout, share = _engine_kv(self)
-        view = _sealing(self, source) if share.rank == 0 else lent.writable_view(source)
-        _check_regions(regions, len(view), len(caches), {role: len(block_ids) * layout.pages[role].page_bytes
-                                                         * share.ranks for role in ("k", "v")})
+        view = _sealing(self, source) if tensor_parallel.is_first() else lent.writable_view(source)
+        pages_bytes = {role: len(block_ids) * layout.pages[role].page_bytes * share.ranks for role in ("k", "v")}
+        check_regions(regions, len(view), {f"kv/{i}/{role}": pages_bytes[role] for i in range(len(caches))
+                                           for role in ("k", "v")})
         offsets = share.slab_offsets(len(block_ids), layout.page_shape[0])
         local = mover.recycled(len(block_ids) * layout.pages["k"].page_bytes)
         for i, cache in enumerate(caches):
@@ -142,7 +142,7 @@ class ThawWorkerExtension:
         """On the first rank: checksum the named tensors of the capture it published in `source` once every rank
         has written its share of them (thaw_put_share), from their final bytes, through the buffer it wrote."""
         _internals.worker_waits_asleep_after_this_call()
-        if _internals.tensor_parallel_rank() == 0:
+        if tensor_parallel.is_first():
             view = _sealing(self, source)
             self._thaw_sealing = None
             reseal(view, names)
@@ -162,7 +162,7 @@ class ThawWorkerExtension:
         _internals.worker_waits_asleep_after_this_call()
         start_mover(self.vllm_config)
         self._thaw_staged = None  # a failed restore's view of a reused segment is dropped here at the latest
-        verify = verify and rank_verifies(source, _internals.tensor_parallel_rank())
+        verify = verify and agreement.verifies(source, tensor_parallel.is_first())
         snapshot = transport.read(source, lender=getattr(self, "_thaw_lender", None), verify=verify)
         caches, layout, share = _engine_kv(self)
         _check_kv(snapshot.kv, caches, _page_shape(layout, share))
@@ -209,16 +209,6 @@ class ThawWorkerExtension:
         self.thaw_restored_from = snapshot.id
 
 
-def rank_verifies(source: str, rank: int) -> bool:
-    """Whether a rank verifies what it reads of `source`: the first rank always, another all but a shared-memory
-    segment (the one set of bytes the first rank verified; a file it reads itself)."""
-    return rank == 0 or not source.startswith(SHM_PREFIX)
-
-
-class RegionsError(ValueError):
-    """The KV regions the first rank sent for a tensor-parallel capture are not its KV tensors' byte ranges."""
-
-
 class SealError(RuntimeError):
     """A tensor-parallel capture's share or seal arrived for a capture the first rank did not publish last."""
 
@@ -233,17 +223,6 @@ def _sealing(worker, source: str) -> memoryview:
     return memoryview(worker._thaw_sealing[1]).cast("B")[: lent.parse(source)[1]]
 
 
-def _check_regions(regions: dict, size: int, layers: int, nbytes: dict[str, int]) -> None:
-    """RegionsError unless `regions` names exactly kv/{i}/{k,v} of `layers` layers, each [start, end] within a
-    segment of `size` bytes and holding a role's pages over all heads (`nbytes`)."""
-    expected = {f"kv/{i}/{role}": nbytes[role] for i in range(layers) for role in ("k", "v")}
-    if set(regions) != set(expected):
-        raise RegionsError(f"KV regions name {sorted(set(regions) ^ set(expected))} unexpectedly")
-    for name, (start, end) in regions.items():
-        if not (0 <= start <= end <= size and end - start == expected[name]):
-            raise RegionsError(f"{name}: bytes [{start}, {end}) are not {expected[name]} bytes within {size}")
-
-
 def _weights_digest(worker) -> str:
     if getattr(worker, "_thaw_digest", None) is None:
         worker._thaw_digest = identity.weights_digest(worker.vllm_config)
@@ -255,8 +234,8 @@ def _engine_kv(worker) -> tuple[list, NativeLayout, HeadShare]:
     caches, layout = engine_layout(worker)
     _, heads, head_dim = layout.page_shape
     config = worker.vllm_config
-    share = head_share(config.parallel_config, config.model_config.get_total_num_kv_heads(), heads,
-                       _internals.tensor_parallel_rank(), head_dim, caches[0].element_size())
+    share = tensor_parallel.head_share(config.parallel_config, config.model_config.get_total_num_kv_heads(), heads,
+                                      _internals.tensor_parallel_rank(), head_dim, caches[0].element_size())
     return caches, layout, share
 
 

@@ -104,6 +104,10 @@ def _first_publishes(tp, rank):
     return tp.from_first(dist.group.WORLD, lambda: ("shm://a", "shm://a#64"))
 
 
+def _first_is_where_from_first_runs(tp, rank):
+    return tp.is_first(dist.group.WORLD), tp.from_first(dist.group.WORLD, dist.get_rank)
+
+
 def _ranks_differ(tp, rank):
     return tp.agree_on(dist.group.WORLD, "the snapshot each rank read", f"sha256:{rank}", CorruptSnapshotError)
 
@@ -114,7 +118,8 @@ def _ranks_same(tp, rank):
 
 CASES = {fn.__name__.lstrip("_"): fn for fn in (
     _refused_on_second, _corrupt_on_first, _unpicklable_on_second, _unprintable_on_second, _unencodable_on_second,
-    _oversize_on_second, _agreed_value, _first_fails, _first_publishes, _ranks_differ, _ranks_same)}
+    _oversize_on_second, _agreed_value, _first_fails, _first_publishes, _first_is_where_from_first_runs, _ranks_differ,
+    _ranks_same)}
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +192,18 @@ def test_the_first_ranks_failure_reaches_the_others(outcomes):
 def test_the_first_ranks_value_reaches_the_others(outcomes):
     published = ("value", ["shm://a", "shm://a#64"])
     assert outcomes["first_publishes"] == {0: published, 1: published}
+
+
+def test_the_first_rank_is_the_one_from_first_runs_on(outcomes):
+    """One meaning of the first rank: the rank an adapter gives its one-rank duties is where from_first published."""
+    assert outcomes["first_is_where_from_first_runs"] == {0: ("value", (True, 0)), 1: ("value", (False, 0))}
+
+
+def test_every_rank_verifies_a_file_and_the_first_rank_alone_a_segment():
+    from thaw_format.sdk.agreement import verifies
+
+    assert [verifies(s, first) for s in ("/x/a.thaw", "shm://seg#64") for first in (True, False)] == \
+        [True, True, True, False]
 
 
 def test_ranks_that_differ_are_refused_on_every_rank(outcomes):

@@ -77,3 +77,40 @@ def test_a_gather_with_padding_gives_the_pages_and_crcs_of_a_gather_summed_after
     want[torch.from_numpy(padding)] = 0
     assert pages.view(torch.uint8).equal(want.view(torch.uint8))
     assert list(crcs) == list(mover.chunk_crcs(kv._bytes(want), chunk_size))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_tensor_parallel_rank_scatters_its_heads_of_every_row_its_slabs_found_once(kv, rank, monkeypatch):
+    """Pages over 4 KV heads into a rank's buffers of 2: its heads of each row, as torch's index path gives them.
+    Its slabs' offsets are the same for every layer and role: found once per call."""
+    from thaw_format import KVCache, KVLayer
+    from thaw_format.sdk.head_share import HeadShare, head_share
+    from thaw_format.torch import from_torch
+
+    gen = torch.Generator().manual_seed(3)
+    pages = [torch.randn(3, 4, 4, 16, generator=gen) for _ in range(4)]  # 2 layers of K and V: 3 pages of 4 tokens
+    cache = KVCache(page_size=4, dtype="float32", layers=[
+        KVLayer(kind="attention", tensors={"k": from_torch(k), "v": from_torch(v)}, num_kv_heads=4, head_dim=16)
+        for k, v in zip(pages[:2], pages[2:])])
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 11, 10])
+    targets = torch.tensor([10, 11, 12, 13, 200, 201, 299, 0], dtype=torch.int32)
+    share = head_share("a test", rank, 2, 2, 4, 16, 4)
+    found = []
+    slab_offsets = HeadShare.slab_offsets
+    monkeypatch.setattr(HeadShare, "slab_offsets", lambda self, *a: found.append(a) or slab_offsets(self, *a))
+
+    buffers = [torch.zeros(300, 2, 16) for _ in range(4)]
+    kv.scatter_rows(cache, buffers[:2], buffers[2:], rows, targets, share)
+    assert len(found) == 1
+    for page, buffer in zip(pages, buffers):
+        want = torch.zeros(300, 2, 16)
+        want[targets.long()] = page.reshape(-1, 4, 16).index_select(0, rows)[:, 2 * rank : 2 * rank + 2]
+        assert buffer.equal(want)
+
+
+def test_tensor_sizes_name_each_kv_tensor_by_its_snapshot_name_and_bytes(kv):
+    """What a tensor-parallel rank checks the regions the first rank published against (head_share.check_regions)."""
+    buffers = [torch.zeros(300, 2, 16) for _ in range(4)]  # 2 layers of K and V
+    cache = kv.gather_pages(buffers[:2], buffers[2:], torch.arange(12, dtype=torch.int64).reshape(3, 4))
+    nbytes = 3 * 4 * 2 * 16 * 4  # 3 pages of 4 tokens, 2 heads of 16 float32s
+    assert kv.tensor_sizes(cache) == {"kv/0/k": nbytes, "kv/0/v": nbytes, "kv/1/k": nbytes, "kv/1/v": nbytes}

@@ -145,6 +145,7 @@ def test_a_corrupt_segment_unverified_is_refused_on_every_rank_before_any_writes
     """A segment loaded with verify=False: the first rank alone verifies the segment every rank maps, and its
     refusal reaches the other rank, so neither rank's cache changes (the capture holds both ranks' heads)."""
     import thaw_format
+    from thaw_sglang import thaw_engine
 
     engine = run["tp2"]
     thaw_sglang.restore(engine, run["tp2_snapshot"])
@@ -156,6 +157,8 @@ def test_a_corrupt_segment_unverified_is_refused_on_every_rank_before_any_writes
     corrupt.write_bytes(data)
     with pytest.raises(CorruptSnapshotError, match="kv/1/v"):
         thaw_sglang.restore(engine, thaw_format.load(corrupt, shared=True, verify=False))
+    with pytest.raises(CorruptSnapshotError, match="kv/1/v"):  # a check verifies it as a restore does
+        thaw_engine.check(engine, thaw_format.load(corrupt, shared=True, verify=False))
     assert _held(thaw_sglang, engine) == held
     assert generate(engine, PROMPT + SUFFIX) == run["continued"]
 
@@ -199,8 +202,26 @@ def test_kv_heads_sglang_pads_on_cpu_are_refused(monkeypatch):
     monkeypatch.setattr(_internals, "other_parallelism", lambda _: {})
     monkeypatch.setattr(_internals, "kv_buffers", lambda _: ([torch.empty(8, 2, 32)], [torch.empty(8, 2, 32)]))
     monkeypatch.setattr(_internals, "tensor_parallel", lambda _: (0, 2, "the TP ranks' group"))
-    with pytest.raises(NotImplementedError, match="over 3 KV heads: SGLang pads them to 4"):
+    with pytest.raises(NotImplementedError, match="over 3 KV heads: each rank holds 2, 4 in all"):
         tensor_parallel.share(scheduler)
+
+
+def test_other_parallelism_is_named_before_a_tp_engine_off_cpu_is_refused(monkeypatch):
+    """What head_share refuses (here pipeline parallelism) is named first, then a TP engine's KV off the CPU."""
+    from types import SimpleNamespace
+
+    import torch
+    from thaw_sglang import _internals, tensor_parallel
+
+    monkeypatch.setattr(_internals, "total_kv_heads", lambda _: 4)
+    monkeypatch.setattr(_internals, "kv_buffers", lambda _: ([torch.empty(8, 2, 32, device="meta")],) * 2)
+    monkeypatch.setattr(_internals, "tensor_parallel", lambda _: (0, 2, "the TP ranks' group"))
+    monkeypatch.setattr(_internals, "other_parallelism", lambda _: {"pp_size": 2})
+    with pytest.raises(NotImplementedError, match="thaw_sglang maps tensor parallelism only; this engine has pp_size=2"):
+        tensor_parallel.share(SimpleNamespace())
+    monkeypatch.setattr(_internals, "other_parallelism", lambda _: {})
+    with pytest.raises(NotImplementedError, match="thaw_sglang maps tensor parallelism on CPU only"):
+        tensor_parallel.share(SimpleNamespace())
 
 
 def test_a_restore_refused_while_a_request_waits_in_the_paused_engine_leaves_its_cache(thaw_sglang, run):
@@ -239,6 +260,7 @@ def first_rank(thaw_sglang, monkeypatch):
     scheduler = object.__new__(scheduler_ext.ThawScheduler)
     scheduler.thaw_restored_from = None
     monkeypatch.setattr(_internals, "tensor_parallel", lambda _: (0, 2, "the TP ranks' group"))
+    monkeypatch.setattr(agreement, "is_first", lambda group: True)
     monkeypatch.setattr(agreement, "gathered", lambda group, value: [value, value])
     monkeypatch.setattr(tensor_parallel, "from_first", lambda _, work: scheduler.published.append(work()) or
                         scheduler.published[-1])
@@ -297,6 +319,45 @@ def test_a_restore_failing_while_the_ranks_write_flushes_or_names_the_ranks_that
         first_rank._thaw_restore_shares("/a/file.thaw", verified=False)
 
 
+def test_a_rank_failing_to_learn_whether_it_verifies_still_enters_the_exchange(first_rank, monkeypatch):
+    """Everything a rank does before the ranks agree runs inside the exchange: a rank raising before it would leave
+    the others waiting in it."""
+    from thaw_sglang import tensor_parallel
+
+    entered = []
+    monkeypatch.setattr(tensor_parallel, "is_first", lambda _: (_ for _ in ()).throw(OSError("no group")))
+    monkeypatch.setattr(tensor_parallel, "agreed", lambda _, work: entered.append(work) or work())
+    with pytest.raises(OSError, match="no group"):
+        first_rank._thaw_restore_shares("/a/file.thaw", verified=False)
+    assert len(entered) == 1
+
+
+@pytest.mark.parametrize("rank, source, verifies", [(0, "shm://seg#64", True), (1, "shm://seg#64", False),
+                                                     (1, "/a/file.thaw", True)])
+def test_a_check_verifies_a_segment_once_and_agrees_on_the_snapshot_as_a_restore(first_rank, monkeypatch, rank,
+                                                                                 source, verifies):
+    """A check reads as a restore does: a segment every rank maps is verified by the first rank alone (a file by
+    every rank, each reading its own), and the ranks compare the ids of the snapshots they read."""
+    from types import SimpleNamespace
+
+    from thaw_format.sdk import agreement
+    from thaw_sglang import scheduler_ext, transport
+
+    reads = []
+    monkeypatch.setattr(agreement, "is_first", lambda group: rank == 0)
+    monkeypatch.setattr(transport, "read", lambda source, owner, verify: reads.append(verify) or
+                        SimpleNamespace(id="A"))
+    monkeypatch.setattr(scheduler_ext, "check_restorable", lambda scheduler, snapshot: None)
+    outcome = []
+    first_rank._thaw_report = lambda result, work: outcome.append(work)
+    first_rank.thaw_check("no result block", source)
+    outcome[0]()
+    assert reads == [verifies]
+    monkeypatch.setattr(agreement, "gathered", lambda group, value: [value, value if value is None else "B"])
+    with pytest.raises(CorruptSnapshotError, match="the ranks differ in the snapshot each read from its source"):
+        outcome[0]()
+
+
 @pytest.mark.parametrize("path, into", [(True, "lent"), (False, "lent"), (False, "own")])
 def test_a_capture_failing_after_the_first_rank_published_unlinks_its_segment(first_rank, monkeypatch, tmp_path,
                                                                               path, into):
@@ -321,25 +382,6 @@ def test_a_capture_failing_after_the_first_rank_published_unlinks_its_segment(fi
     if leaked and (path or into == "own"):  # left without the fix (a lent one is the lender's to unlink)
         os.unlink(f"/dev/shm/{name}")
     assert not leaked
-
-
-def test_a_published_region_of_another_size_than_this_ranks_tensor_is_refused_before_any_write():
-    """A rank writes its heads into the regions the first rank published only where each holds as many bytes as
-    this rank's own tensor of that name."""
-    from types import SimpleNamespace
-
-    from thaw_format import KVCache, KVLayer
-    from thaw_format.writer import deferred_tensor
-    from thaw_sglang.kv import RegionsError, check_regions
-
-    tensors = {role: deferred_tensor("float32", (2, 32, 4, 8)) for role in ("k", "v")}
-    kv = KVCache(page_size=32, dtype="float32", layers=[KVLayer(kind="attention", tensors=tensors, num_kv_heads=4,
-                                                                 head_dim=8)])
-    nbytes = 2 * 32 * 4 * 8 * 4
-    check_regions(kv, {"kv/0/k": SimpleNamespace(offset=64, end=64 + nbytes)})
-    with pytest.raises(RegionsError, match=f"kv/0/v: the published region holds {nbytes // 2} bytes"):
-        check_regions(kv, {"kv/0/k": SimpleNamespace(offset=64, end=64 + nbytes),
-                           "kv/0/v": SimpleNamespace(offset=0, end=nbytes // 2)})
 
 
 def test_a_failed_reseal_leaves_no_writable_mapping_of_the_segment_cached(first_rank, monkeypatch):

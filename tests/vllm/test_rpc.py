@@ -69,3 +69,32 @@ def test_a_describe_error_is_asked_again_not_kept(vllm, monkeypatch):
     assert llm.collective_rpc("thaw_describe") == answers[0]
     assert llm.collective_rpc("thaw_describe") == answers[1]
     assert llm.collective_rpc("thaw_describe") == answers[1] and asked == ["thaw_describe"] * 2
+
+
+def test_a_callees_error_returned_as_data_keeps_none_of_its_locals(vllm):
+    """No twin here of the frame bug thaw_format.sdk.agreement had (tests/format/test_agreement_frames.py): as_data's
+    `except ... as exc` unbinds the exception once its data is made, so nothing keeps the callee's frames, and the
+    locals they hold (a staged snapshot viewing a lent segment), past its return. The collector off: only reference
+    counts free them."""
+    import gc
+    import weakref
+
+    from thaw_vllm import rpc
+
+    class Held:
+        pass
+
+    refs = []
+
+    @rpc.as_data
+    def callee():
+        held = Held()
+        refs.append(weakref.ref(held))
+        raise OSError("this rank's read failed")
+
+    gc.disable()
+    try:
+        assert rpc.is_error(callee())
+        assert refs[0]() is None
+    finally:
+        gc.enable()

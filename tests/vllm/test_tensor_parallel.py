@@ -155,24 +155,6 @@ def test_weights_captured_under_tp_are_the_checkpoints_not_a_ranks_shards(run):
         {n: bytes(t.data) for n, t in tp1.weights.tensors.items()}
 
 
-def test_every_rank_verifies_a_file_and_the_first_rank_alone_a_segment(vllm):
-    from thaw_vllm.worker import rank_verifies
-
-    assert [rank_verifies(s, r) for s in ("/x/a.thaw", "shm://seg#64") for r in (0, 1)] == [True, True, True, False]
-
-
-def test_a_capture_s_regions_from_the_first_rank_are_checked(vllm):
-    from thaw_vllm.worker import RegionsError, _check_regions
-
-    nbytes = {"k": 64, "v": 32}
-    good = {"kv/0/k": [100, 164], "kv/0/v": [164, 196]}
-    _check_regions(good, 200, 1, nbytes)
-    for regions, size in (({**good, "kv/1/k": [0, 64]}, 200), ({"kv/0/k": [100, 164]}, 200),
-                          ({**good, "kv/0/v": [164, 190]}, 200), (good, 190), ({**good, "kv/0/k": [-1, 63]}, 200)):
-        with pytest.raises(RegionsError):
-            _check_regions(regions, size, 1, nbytes)
-
-
 def test_a_seal_without_its_capture_published_is_refused(vllm):
     from thaw_vllm.worker import SealError, _sealing
 
@@ -208,3 +190,21 @@ def test_shares_that_are_not_whole_heads_are_refused(vllm, parallel, total, head
 
     with pytest.raises(NotImplementedError, match=match):
         head_share(parallel, total, heads, 0, 32, 4)
+
+
+@pytest.mark.parametrize("replies", [
+    [{"source": None}, {"source": "shm://a#1", "regions": {}}],  # the first rank's reply listed second
+    [{"source": "shm://a#1", "regions": {}}, {"source": None}],
+])
+def test_the_capture_is_the_one_rank_that_published_its_whatever_the_replies_order(vllm, replies):
+    from thaw_vllm.core_ops import _publisher
+
+    assert _publisher(replies) == {"source": "shm://a#1", "regions": {}}
+
+
+@pytest.mark.parametrize("sources, count", [([None, None], 0), (["shm://a#1", "shm://b#1"], 2)])
+def test_a_capture_that_not_exactly_one_rank_published_is_refused_naming_the_count(vllm, sources, count):
+    from thaw_vllm.core_ops import _publisher
+
+    with pytest.raises(RuntimeError, match=f"^{count} of 2 tensor-parallel ranks published the capture; exactly one"):
+        _publisher([{"source": source} for source in sources])

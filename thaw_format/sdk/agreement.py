@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from . import error_data
+from .shared import SHM_PREFIX
 
 T = TypeVar("T")
 
@@ -48,7 +49,7 @@ def from_first(group, work: Callable[[], T]) -> T:
     """Run `work` on the first rank alone and return its value (plain JSON: a tuple comes back a list) on every
     rank; raise its exception on every rank."""
     failure, outcome = None, {}
-    if dist.get_rank(group) == 0:
+    if is_first(group):
         try:
             outcome = {"value": work()}
             json.dumps(outcome)  # what fails to encode fails here, on this rank's side of the exchange
@@ -64,6 +65,22 @@ def from_first(group, work: Callable[[], T]) -> T:
         kind, message = first["error"]
         raise error_data.rebuilt(kind, message, where="rank 0: ")
     return first["value"]
+
+
+def is_first(group) -> bool:
+    """Whether this process is its group's first rank: rank 0 in the order `gathered` lists the ranks' values in, the
+    rank from_first runs its work on. The one meaning of "the first rank" for an engine's ranks, whatever rank the
+    engine numbers the process by otherwise (its tensor-parallel rank orders the KV heads, not these duties): the
+    rank that publishes a capture must be the one that checksums, withdraws and reports it, and verifies a shared
+    source for all."""
+    return dist.get_rank(group) == 0
+
+
+def verifies(source: str, first: bool) -> bool:
+    """Whether a rank verifies the chunks it reads of `source`: the first rank always; another all but a
+    shared-memory segment (every rank maps its one set of bytes, which the first verifies for all, its refusal
+    reaching every rank before any writes). A file, each reads, and so verifies, itself."""
+    return first or not source.startswith(SHM_PREFIX)
 
 
 def agree_on(group, what: str, value, error: type[Exception] = RuntimeError) -> None:
