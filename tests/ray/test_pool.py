@@ -214,7 +214,7 @@ def _hanging_replacements(tmp_path, workers: int, timeout: float):
     spec = LaunchSpec("pool_engines:flaky", {"instructions": str(instructions), **config})
     options = {"num_cpus": 0.5, "runtime_env": {"env_vars": worker_env()}}  # beside the session's pool
     with RayForkPool(spec, workers=workers, actor_options=options, start_timeout_s=120) as pool:
-        pool._start_timeout_s = timeout  # for the replacements (their starts hang): a start under load takes longer
+        pool.start_timeout_s = timeout  # for the replacements (their starts hang): a start under load takes longer
         queue_starts(instructions, *["hang"] * workers)
         _kill_between_rounds(pool, range(workers))
         with pytest.raises(PoolWorkerDied, match="died: .*dead workers are being replaced"):
@@ -342,6 +342,33 @@ def test_an_actor_ray_cannot_place_fails_its_start_within_the_timeout_naming_wha
     assert killed
     with pytest.raises(ray_cluster.exceptions.RayActorError):
         ray_cluster.get(killed[0].where.remote(), timeout=60)
+
+
+def test_an_actor_not_placed_names_the_timeout_its_deadline_was_set_from(ray_cluster) -> None:
+    """A round's rearm gives an actor not yet placed the pool's new start_timeout_s for its engine, but its
+    placing deadline, not yet passed, stays the one set at its creation: its error names that deadline's timeout
+    (3 s), not the new value it did not wait for."""
+    from thaw_format.sdk import PoolWorkerStarting
+    from thaw_ray.worker import ActorWorker
+
+    # never placed, so its engine never starts: no launch spec needed
+    actor = ActorWorker("0", "{}", {"resources": {"nonexistent": 1}}, start_timeout_s=3)
+    try:
+        actor.rearm(600)  # a round begins at once, with the pool's start_timeout_s set to 600 meanwhile
+        began = time.monotonic()
+        with pytest.raises(PoolWorkerStarting, match=r"not placed within 3 s \(start_timeout_s\)"):
+            actor.ensure_ready()
+        assert time.monotonic() - began < 60  # the deadline set at its creation, not one of 600 s
+    finally:
+        actor.kill()
+
+
+def test_start_timeout_s_is_checked_when_set(pool) -> None:
+    before = pool.start_timeout_s
+    for value in (0, -1, True, "5"):
+        with pytest.raises(ValueError, match=f"start_timeout_s is a number of seconds > 0, not {value!r}"):
+            pool.start_timeout_s = value
+    assert pool.start_timeout_s == before
 
 
 _AFTER_SHUTDOWN = """
