@@ -135,12 +135,22 @@ def test_a_pool_is_refused_by_name_before_any_actor_starts(ray_cluster, parent) 
         RayForkPool(parent, 1, start_timeout_s=0)
 
 
-def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, parent) -> None:
+def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, parent, monkeypatch) -> None:
+    """And its close forgets the mappings its puts kept of the parent's segment (they would keep it alive)."""
+    import thaw_ray.pool
     from thaw_ray import RayForkPool
 
+    put, sources, forgotten = thaw_ray.pool.put_capture, [], []
+    monkeypatch.setattr(thaw_ray.pool, "put_capture", lambda source: sources.append(source) or put(source))
+    monkeypatch.setattr(thaw_ray.pool, "forget", forgotten.append)
+    trunk = checks.tokens(40, 7)
+    parent.generate(trunk, PARAMS)
     pool = RayForkPool(parent, workers=1)
     worker = pool.worker_info()[0]
+    pool.fork(parent, 1, context=trunk, suffixes=[[5]], params=PARAMS)
+    assert sources and not forgotten
     pool.close()
+    assert forgotten == sources
     with pytest.raises(RuntimeError, match="this RayForkPool is closed; start a new one"):
         pool.fork(checks.Unread(), 1, context=checks.tokens(40, 7), suffixes=[[5]], params=PARAMS)
     _ActorProcess(worker.pid).wait(timeout=60)  # close() ended it
@@ -308,8 +318,8 @@ def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
         assert [worker.id for worker in pool.worker_info()] == last
 
 
-def test_a_put_that_fails_raises_rays_error_and_closes_the_segments_mapping(ray_cluster, parent, monkeypatch) -> None:
-    """ray.put refused (the object store full, say): its error, not the mapping's BufferError on close."""
+def test_a_put_that_fails_raises_rays_error(ray_cluster, parent, monkeypatch) -> None:
+    """ray.put refused (the object store full, say): its own error."""
     from thaw_format.sdk.shared import capture_shared
     from thaw_ray import capture
 

@@ -256,11 +256,17 @@ def _mapping(name: str, nbytes: int, writable: bool = False) -> mmap.mmap:
     return mapping
 
 
-def writable_view(source: str) -> memoryview:
-    """A writable view of the segment `source` names, its mapping cached as a reader's (_mapping): for a process
-    that writes its share of a snapshot another published (a tensor-parallel capture's ranks)."""
+def segment_view(source: str, *, writable: bool = False) -> memoryview:
+    """A view of the segment `source` names, read-only unless `writable`, its mapping cached as a reader's
+    (_mapping): mapped and faulted in once, not at each read of a segment its owner reuses. For a process that
+    copies another's capture out (RayForkPool's put) or writes its share of it (a tensor-parallel capture's
+    ranks: writable_view); `forget` drops the mapping."""
     name, nbytes = parse(source)
-    return memoryview(_mapping(name, nbytes, writable=True))[:nbytes]
+    return memoryview(_mapping(name, nbytes, writable))[:nbytes]
+
+
+def writable_view(source: str) -> memoryview:
+    return segment_view(source, writable=True)
 
 
 def forget(source: str) -> None:
