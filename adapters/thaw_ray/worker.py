@@ -66,8 +66,7 @@ class PlacedStamp:
 
 
 class Window(NamedTuple):
-    """A deadline (time.monotonic()) and the start_timeout_s it was set from: an error names the timeout that
-    was applied, not the pool's value since (a later rearm's)."""
+    """A deadline (time.monotonic()) and the start_timeout_s it was set from, which an error names."""
     ends: float
     timeout_s: float
 
@@ -84,9 +83,8 @@ class ActorWorker(SlotWorker):
                  deaths: int = 0) -> None:
         super().__init__(name, failed_starts, deaths)
         require_ray()
-        self.start_timeout_s = start_timeout_s  # for its engine's window, fixed once it is placed
         self.placing = Window.from_now(start_timeout_s)  # to be placed, from its creation: actors started
-        # together wait together; its engine then has start_timeout_s from when the pool saw it placed
+        # together wait together; its engine then has the same timeout from when the pool saw it placed
         self.engine: Optional[Window] = None
         self.placement = {key: options[key] for key in PLACEMENT if key in options}
         self._stamp = PlacedStamp()
@@ -123,8 +121,7 @@ class ActorWorker(SlotWorker):
             if self.engine is None:
                 self._stamp.note(ray.get(self._placed, timeout=self.placing.left()))
                 # its own window from its placing: one placed late is not cut short by the wait for its placing
-                self.engine = Window(max(self.placing.ends, self.placed.seen + self.start_timeout_s),
-                                     self.start_timeout_s)
+                self.engine = Window(self.placed.seen + self.placing.timeout_s, self.placing.timeout_s)
             error = ray.get(self._started, timeout=self.engine.left())
         except GetTimeoutError:
             if self.engine is None:
@@ -140,12 +137,14 @@ class ActorWorker(SlotWorker):
 
     def rearm(self, start_timeout_s: float) -> None:
         """A round begins: an actor whose engine's window is not yet fixed takes the pool's current
-        start_timeout_s (a pool may wait briefly for placing, then long for an engine's start); one not placed by
-        its deadline (kept by an earlier round) gets that much more, from now. One placed has its engine's window
-        from its placing (_start_outcome), not from now: placed that long ago and still starting, it has failed."""
+        start_timeout_s, for its placing and its engine's start (a pool may wait briefly for placing, then long
+        for an engine's start): its placing deadline moves to that timeout from when its placing began, shorter or
+        longer; past already (kept by an earlier round, or the timeout lowered), it gets that timeout from now. One
+        placed has its engine's window from its placing (_start_outcome), not from now: placed that long ago and
+        still starting, it has failed."""
         if self.killed or self.engine is not None:
             return
-        self.start_timeout_s = start_timeout_s  # the pool's current value, for its engine's window too
+        self.placing = Window(self.placing.ends - self.placing.timeout_s + start_timeout_s, start_timeout_s)
         if self.placed is None and self.placing.left() == 0:
             self.placing = Window.from_now(start_timeout_s)
 

@@ -354,22 +354,53 @@ def test_an_actor_ray_cannot_place_fails_its_start_within_the_timeout_naming_wha
         ray_cluster.get(killed[0].where.remote(), timeout=60)
 
 
-def test_an_actor_not_placed_names_the_timeout_its_deadline_was_set_from(ray_cluster) -> None:
-    """A round's rearm gives an actor not yet placed the pool's new start_timeout_s for its engine, but its
-    placing deadline, not yet passed, stays the one set at its creation: its error names that deadline's timeout
-    (3 s), not the new value it did not wait for."""
+def test_an_actor_not_placed_takes_a_lowered_timeout_at_the_next_round_and_names_it(ray_cluster) -> None:
+    """A round's rearm moves the placing deadline of an actor not yet placed to the pool's new start_timeout_s,
+    from its creation (past already: from the round's start), and its error names that timeout."""
     from thaw_format.sdk import PoolWorkerStarting
     from thaw_ray.worker import ActorWorker
 
     # never placed, so its engine never starts: no launch spec needed
-    actor = ActorWorker("0", "{}", {"resources": {"nonexistent": 1}}, start_timeout_s=3)
+    actor = ActorWorker("0", "{}", {"resources": {"nonexistent": 1}}, start_timeout_s=600)
     try:
-        actor.rearm(600)  # a round begins at once, with the pool's start_timeout_s set to 600 meanwhile
+        actor.rearm(0.5)  # a round begins, the pool's start_timeout_s set to 0.5 meanwhile
         began = time.monotonic()
-        with pytest.raises(PoolWorkerStarting, match=r"not placed within 3 s \(start_timeout_s\)"):
+        with pytest.raises(PoolWorkerStarting, match=r"not placed within 0\.5 s \(start_timeout_s\)"):
             actor.ensure_ready()
-        assert time.monotonic() - began < 60  # the deadline set at its creation, not one of 600 s
+        assert time.monotonic() - began < 60  # the new timeout, not the 600 s its creation set
     finally:
+        actor.kill()
+
+
+def test_an_actor_placed_after_a_lowered_timeout_has_that_timeout_for_its_engine(ray_cluster, monkeypatch) -> None:
+    """Placed after a round's rearm lowered its timeout, its engine's window is that timeout from its placing, not
+    the placing deadline set at its creation, and its error names it. Ray's get is stubbed: the actor (never
+    placed by Ray) answers where() at once, and its engine's start times out, as one that hangs."""
+    from ray.exceptions import GetTimeoutError
+
+    from thaw_ray import worker
+    from thaw_ray.worker import ActorWorker
+
+    actor = ActorWorker("0", "{}", {"resources": {"nonexistent": 1}}, start_timeout_s=600)
+    waits, real = [], worker.ray.get
+
+    def get(ref, timeout=None, **options):
+        if ref is actor._placed:
+            return {"pid": 1, "node_id": "ab", "node_ip": "127.0.0.1"}
+        if ref is actor._started:
+            waits.append(timeout)
+            raise GetTimeoutError("its engine still starting")
+        return real(ref, timeout=timeout, **options)  # Ray's own threads', and the session pool's
+
+    try:
+        actor.rearm(0.2)  # a replacement pending, the pool's start_timeout_s set to 0.2 meanwhile
+        monkeypatch.setattr(worker.ray, "get", get)
+        with pytest.raises(PoolWorkerDied, match=r"failed to start: its engine was still starting 0\.2 s "
+                                                 r"\(start_timeout_s\) after the actor was placed"):
+            actor.ensure_ready()
+        assert len(waits) == 1 and waits[0] <= 0.2  # not the 600 s of its creation's placing deadline
+    finally:
+        monkeypatch.undo()
         actor.kill()
 
 
