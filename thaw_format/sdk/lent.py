@@ -219,6 +219,9 @@ class Lender:
 _MAX_MAPPINGS = 4
 _COMPARED_BYTES = 1 << 20
 _MAPPINGS: "OrderedDict[tuple[str, bool], mmap.mmap]" = OrderedDict()  # (segment name, writable) -> shared mapping, recent last
+# Readers on several threads share it (a Ray driver's put beside ForkPool rounds, LangGraph's worker threads): an
+# unlocked prune could iterate it while another thread adds, or evict the key another is about to move to the end.
+_MAPPINGS_LOCK = threading.Lock()
 
 
 class _Held(NamedTuple):
@@ -238,22 +241,23 @@ def _mapping(name: str, nbytes: int, writable: bool = False) -> mmap.mmap:
     """A cached shared mapping of the whole segment, read-only unless `writable`: it always shows the owner's
     current bytes."""
     key = (name, writable)
-    mapping = _MAPPINGS.get(key)
-    if mapping is None or len(mapping) < nbytes:
-        fd = open_segment(name, os.O_RDWR if writable else os.O_RDONLY)
-        try:
-            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
-        finally:
-            os.close(fd)
-        if len(mapping) < nbytes:
-            raise ValueError(f"segment {name} holds {len(mapping)} bytes, its source says {nbytes}")
-        _MAPPINGS[key] = mapping
-        for gone in [k for k in _MAPPINGS if not _exists(k[0])]:
-            del _MAPPINGS[gone]  # unlinked by its owner: a cached mapping would keep its memory alive
-        while len(_MAPPINGS) > _MAX_MAPPINGS:
-            _MAPPINGS.popitem(last=False)  # not closed: views still using it keep it mapped
-    _MAPPINGS.move_to_end(key)
-    return mapping
+    with _MAPPINGS_LOCK:
+        mapping = _MAPPINGS.get(key)
+        if mapping is None or len(mapping) < nbytes:
+            fd = open_segment(name, os.O_RDWR if writable else os.O_RDONLY)
+            try:
+                mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+            if len(mapping) < nbytes:
+                raise ValueError(f"segment {name} holds {len(mapping)} bytes, its source says {nbytes}")
+            _MAPPINGS[key] = mapping
+            for gone in [k for k in _MAPPINGS if not _exists(k[0])]:
+                del _MAPPINGS[gone]  # unlinked by its owner: a cached mapping would keep its memory alive
+            while len(_MAPPINGS) > _MAX_MAPPINGS:
+                _MAPPINGS.popitem(last=False)  # not closed: views still using it keep it mapped
+        _MAPPINGS.move_to_end(key)
+        return mapping
 
 
 def segment_view(source: str, *, writable: bool = False) -> memoryview:
@@ -273,8 +277,9 @@ def forget(source: str) -> None:
     """Drop this process's cached mappings of a segment (views still using them keep them mapped), so that a
     reader done with it does not keep the segment's memory alive after its owner unlinks it."""
     name = parse(source)[0]
-    for writable in (False, True):
-        _MAPPINGS.pop((name, writable), None)
+    with _MAPPINGS_LOCK:
+        for writable in (False, True):
+            _MAPPINGS.pop((name, writable), None)
 
 
 def _exists(name: str) -> bool:
