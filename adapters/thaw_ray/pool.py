@@ -36,7 +36,6 @@ from ray.exceptions import RayActorError, RayError
 from thaw_format import CorruptSnapshotError
 from thaw_format.sdk.fork_round import ForkRound, RoundArguments, whole_workers
 from thaw_format.sdk.launch import startable_launch_spec
-from thaw_format.sdk.lent import forget
 from thaw_format.sdk.pool_slots import kill_unanswered, note_answer
 from thaw_format.sdk.round_pool import RoundPool
 
@@ -97,7 +96,6 @@ class RayForkPool(RoundPool):
         self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
         self._options = options
         self._start_timeout_s = start_timeout_s
-        self._put: set[str] = set()  # the segments put_capture read, through mappings kept until close
         self._start_workers(workers)  # the actors' engines start side by side
 
     @property
@@ -127,7 +125,6 @@ class RayForkPool(RoundPool):
 
     def _run(self, round_: ForkRound, slots: list[int], source: str, arguments: RoundArguments):
         putting = time.perf_counter()
-        self._put.add(source)
         snapshot = put_capture(source)  # the parent's segment is free again: its next capture may overwrite it
         round_.capture_s += time.perf_counter() - putting
         workers = [self._workers[slot] for slot in slots]
@@ -164,9 +161,6 @@ class RayForkPool(RoundPool):
     def _stop(self) -> None:
         """Close the engines side by side, waiting CLOSE_TIMEOUT_S for them all, then end every actor (one whose
         engine did not close in time, or never started, killed as it is)."""
-        for source in self._put:  # put_capture's kept mappings would keep the parent's segments alive
-            forget(source)
-        self._put.clear()
         if not ray.is_initialized():  # Ray shut down first (by its owner): its actors are gone with it
             return
         try:

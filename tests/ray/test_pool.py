@@ -135,22 +135,21 @@ def test_a_pool_is_refused_by_name_before_any_actor_starts(ray_cluster, parent) 
         RayForkPool(parent, 1, start_timeout_s=0)
 
 
-def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, parent, monkeypatch) -> None:
-    """And its close forgets the mappings its puts kept of the parent's segment (they would keep it alive)."""
-    import thaw_ray.pool
+def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, parent) -> None:
+    """And its close forgets this process's mapping of the parent's segment (lent's cache, which its puts read
+    through): kept, it would keep the segment's memory alive after the parent unlinks it."""
+    from thaw_format.sdk import lent
     from thaw_ray import RayForkPool
 
-    put, sources, forgotten = thaw_ray.pool.put_capture, [], []
-    monkeypatch.setattr(thaw_ray.pool, "put_capture", lambda source: sources.append(source) or put(source))
-    monkeypatch.setattr(thaw_ray.pool, "forget", forgotten.append)
     trunk = checks.tokens(40, 7)
     parent.generate(trunk, PARAMS)
     pool = RayForkPool(parent, workers=1)
     worker = pool.worker_info()[0]
     pool.fork(parent, 1, context=trunk, suffixes=[[5]], params=PARAMS)
-    assert sources and not forgotten
+    (name,) = pool._segments
+    assert (name, False) in lent._MAPPINGS
     pool.close()
-    assert forgotten == sources
+    assert (name, False) not in lent._MAPPINGS
     with pytest.raises(RuntimeError, match="this RayForkPool is closed; start a new one"):
         pool.fork(checks.Unread(), 1, context=checks.tokens(40, 7), suffixes=[[5]], params=PARAMS)
     _ActorProcess(worker.pid).wait(timeout=60)  # close() ended it
