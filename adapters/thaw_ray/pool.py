@@ -100,9 +100,9 @@ class RayForkPool(RoundPool):
 
     @property
     def start_timeout_s(self) -> float:
-        """The constructor's start_timeout_s, or the value set since: a new value applies from the next round on,
-        to the actors it starts and to those whose engine's window is not fixed yet (not placed: one past its
-        placing deadline waits that much more, from the round's start). An actor placed keeps its window."""
+        """The constructor's start_timeout_s, or the value set since (not under the round's lock): a new value
+        applies to the actors started after it is set, and from the next round's start to those whose engine's
+        window is not fixed yet (ActorWorker.rearm). An actor placed keeps its window."""
         return self._start_timeout_s
 
     @start_timeout_s.setter

@@ -17,8 +17,9 @@ otherwise each hold a snapshot's memory until the lender closes. A borrow coming
 name, before it marks the slot (which may lend another snapshot by then): a borrower checks the segment is there
 under its lock on the slot's byte, which the lender takes before it takes a slot back.
 
-Readers cache a few mappings per process (`open_snapshot`), so a segment read again (the next lent capture
-in a recycled segment, a client's reused restore segment) is neither mapped nor faulted again.
+Readers cache a few mappings per process (`open_snapshot`, and `segment_view` for the segment's bytes as they
+are), so a segment read again (the next lent capture in a recycled segment, a client's reused restore segment, a
+fork pool's parent's segment) is neither mapped nor faulted again; `forget` drops a segment's.
 `load_shared(path)` (thaw_format.load(path, shared=True)) reads a snapshot file, verified, into a segment of
 its own, which the Snapshot's read-only tensors view; when the last of them is collected the segment is kept
 for the next shared load (a few at most; `drop_idle_loads()` unlinks them now, exit does too).
@@ -270,6 +271,8 @@ def segment_view(source: str, *, writable: bool = False) -> memoryview:
 
 
 def writable_view(source: str) -> memoryview:
+    """A writable view of the segment `source` names, its mapping cached as a reader's (_mapping): for a process
+    that writes its share of a snapshot another published (a tensor-parallel capture's ranks)."""
     return segment_view(source, writable=True)
 
 
