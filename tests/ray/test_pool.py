@@ -319,6 +319,7 @@ def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
 
 def test_a_put_that_fails_raises_rays_error(ray_cluster, parent, monkeypatch) -> None:
     """ray.put refused (the object store full, say): its own error."""
+    from thaw_format.sdk import lent
     from thaw_format.sdk.shared import capture_shared
     from thaw_ray import capture
 
@@ -330,8 +331,32 @@ def test_a_put_that_fails_raises_rays_error(ray_cluster, parent, monkeypatch) ->
         raise ray_cluster.exceptions.ObjectStoreFullError("the object store is full")
 
     monkeypatch.setattr(capture.ray, "put", full)
-    with pytest.raises(ray_cluster.exceptions.ObjectStoreFullError, match="the object store is full"):
-        capture.put_capture(source)
+    try:
+        with pytest.raises(ray_cluster.exceptions.ObjectStoreFullError, match="the object store is full"):
+            capture.put_capture(source)
+    finally:
+        lent.forget(source)  # the mapping its read kept (no pool closes here to forget it)
+
+
+def test_two_puts_of_one_segment_read_it_through_one_mapping(ray_cluster, parent) -> None:
+    """The parent reuses its segment round after round: each put reads it through the one mapping lent keeps,
+    not a new one (which faulted in every page again)."""
+    from thaw_format.sdk import lent
+    from thaw_format.sdk.shared import capture_shared
+    from thaw_ray import capture
+
+    trunk = checks.tokens(40, 12)
+    parent.generate(trunk, PARAMS)
+    source = capture_shared(parent, chains=[trunk[:checks.full_pages(trunk, parent)]])
+    key = (lent.parse(source)[0], False)
+    try:
+        first = capture.put_capture(source)
+        mapping = lent._MAPPINGS[key]
+        second = capture.put_capture(source)
+        assert lent._MAPPINGS[key] is mapping
+        assert (ray_cluster.get(first) == ray_cluster.get(second)).all()
+    finally:
+        lent.forget(source)
 
 
 def test_an_actor_ray_cannot_place_fails_its_start_within_the_timeout_naming_what_it_asks_for(
