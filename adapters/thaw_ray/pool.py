@@ -67,6 +67,12 @@ def _checked_actor_options(options) -> dict:
     return dict(options)
 
 
+def _checked_timeout(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"start_timeout_s is a number of seconds > 0, not {value!r}")
+    return value
+
+
 class RayForkPool(RoundPool):
     """`workers` Ray actors, each a warm engine started once from a launch spec (or an engine's launch_spec())."""
 
@@ -82,9 +88,7 @@ class RayForkPool(RoundPool):
         At the pool's start, either fails the pool (PoolWorkerDied)."""
         workers = whole_workers(workers)
         options = _checked_actor_options(actor_options)
-        if isinstance(start_timeout_s, bool) or not isinstance(start_timeout_s, (int, float)) or \
-                not start_timeout_s > 0:
-            raise ValueError(f"start_timeout_s is a number of seconds > 0, not {start_timeout_s!r}")
+        start_timeout_s = _checked_timeout(start_timeout_s)
         spec = startable_launch_spec(spec, "RayForkPool")  # the last argument checked: it may call into the engine
         if not ray.is_initialized():  # a remote call would start a local Ray of its own, which nobody shuts down
             raise RuntimeError("RayForkPool needs Ray initialised: call ray.init() (or ray.init(address=...) for "
@@ -93,6 +97,17 @@ class RayForkPool(RoundPool):
         self._options = options
         self._start_timeout_s = start_timeout_s
         self._start_workers(workers)  # the actors' engines start side by side
+
+    @property
+    def start_timeout_s(self) -> float:
+        """The constructor's start_timeout_s, or the value set since (not under the round's lock): a new value
+        applies to the actors started after it is set, and from the next round's start to those whose engine's
+        window is not fixed yet (ActorWorker.rearm). An actor placed keeps its window."""
+        return self._start_timeout_s
+
+    @start_timeout_s.setter
+    def start_timeout_s(self, value: float) -> None:
+        self._start_timeout_s = _checked_timeout(value)
 
     def fork(self, parent, n: int, *, context, suffixes, params) -> ForkRound:
         """RoundPool.fork, once Ray is known to be up (before the parent is read)."""

@@ -65,15 +65,27 @@ class PlacedStamp:
             self.placed = Placed(time.monotonic(), where)
 
 
+class Window(NamedTuple):
+    """A deadline (time.monotonic()) and the start_timeout_s it was set from, which an error names."""
+    ends: float
+    timeout_s: float
+
+    @classmethod
+    def from_now(cls, timeout_s: float) -> "Window":
+        return cls(time.monotonic() + timeout_s, timeout_s)
+
+    def left(self) -> float:
+        return max(0.0, self.ends - time.monotonic())
+
+
 class ActorWorker(SlotWorker):
     def __init__(self, name: str, config: str, options: dict, start_timeout_s: float, *, failed_starts: int = 0,
                  deaths: int = 0) -> None:
         super().__init__(name, failed_starts, deaths)
         require_ray()
-        self.start_timeout_s = start_timeout_s
-        self.deadline = time.monotonic() + start_timeout_s  # to be placed, from its creation: actors started
-        # together wait together; its engine then has start_timeout_s from when the pool saw it placed
-        self.engine_deadline: Optional[float] = None
+        self.placing = Window.from_now(start_timeout_s)  # to be placed, from its creation: actors started
+        # together wait together; its engine then has the same timeout from when the pool saw it placed
+        self.engine: Optional[Window] = None
         self.placement = {key: options[key] for key in PLACEMENT if key in options}
         self._stamp = PlacedStamp()
         self.actor = RemoteActor.options(**options).remote()
@@ -106,15 +118,15 @@ class ActorWorker(SlotWorker):
         would otherwise be waited for at every round); PoolWorkerStarting while Ray has not placed it by its
         deadline (Ray keeps an actor whose resources no node has pending for ever, saying nothing): kept."""
         try:
-            if self.engine_deadline is None:
-                self._stamp.note(ray.get(self._placed, timeout=self._left(self.deadline)))
+            if self.engine is None:
+                self._stamp.note(ray.get(self._placed, timeout=self.placing.left()))
                 # its own window from its placing: one placed late is not cut short by the wait for its placing
-                self.engine_deadline = max(self.deadline, self.placed.seen + self.start_timeout_s)
-            error = ray.get(self._started, timeout=self._left(self.engine_deadline))
+                self.engine = Window(self.placed.seen + self.placing.timeout_s, self.placing.timeout_s)
+            error = ray.get(self._started, timeout=self.engine.left())
         except GetTimeoutError:
-            if self.engine_deadline is None:
+            if self.engine is None:
                 raise PoolWorkerStarting(f"{self.describe()}: {self._not_placed()}") from None
-            error = f"its engine was still starting {self.start_timeout_s:g} s (start_timeout_s) after the actor " \
+            error = f"its engine was still starting {self.engine.timeout_s:g} s (start_timeout_s) after the actor " \
                     "was placed (it is killed)"
         except RayError as exc:  # the actor died (its process, or Ray could not start it)
             error = in_brief(exc)
@@ -123,27 +135,25 @@ class ActorWorker(SlotWorker):
             return f": {error}"
         return None
 
-    @staticmethod
-    def _left(deadline: float) -> float:
-        return max(0.0, deadline - time.monotonic())
-
     def rearm(self, start_timeout_s: float) -> None:
         """A round begins: an actor whose engine's window is not yet fixed takes the pool's current
-        start_timeout_s (a pool may wait briefly for placing, then long for an engine's start); one not placed by
-        its deadline (kept by an earlier round) gets that much more, from now. One placed has its engine's window
-        from its placing (_start_outcome), not from now: placed that long ago and still starting, it has failed."""
-        if self.killed or self.engine_deadline is not None:
+        start_timeout_s, for its placing and its engine's start (a pool may wait briefly for placing, then long
+        for an engine's start): its placing deadline moves to that timeout from when its placing began, shorter or
+        longer; past already (kept by an earlier round, or the timeout lowered), it gets that timeout from now. One
+        placed has its engine's window from its placing (_start_outcome), not from now: placed that long ago and
+        still starting, it has failed."""
+        if self.killed or self.engine is not None:
             return
-        self.start_timeout_s = start_timeout_s  # the pool's current value, for its engine's window too
-        if self.placed is None and time.monotonic() >= self.deadline:
-            self.deadline = time.monotonic() + start_timeout_s
+        self.placing = Window(self.placing.ends - self.placing.timeout_s + start_timeout_s, start_timeout_s)
+        if self.placed is None and self.placing.left() == 0:
+            self.placing = Window.from_now(start_timeout_s)
 
     def _not_placed(self) -> str:
         asks = f"the resources it asks for ({self.placement})" if self.placement else \
             "the 1 CPU Ray reserves to place an actor (actor_options: none of num_cpus, num_gpus, resources, ...)"
         lost = " (it replaces an actor that died: if its node was lost, its resources went with it, and Ray places " \
                "this one once a node that has them free joins)" if self.deaths else ""
-        return (f"not placed within {self.start_timeout_s:g} s (start_timeout_s): Ray has no node with {asks} "
+        return (f"not placed within {self.placing.timeout_s:g} s (start_timeout_s): Ray has no node with {asks} "
                 f"free{lost}, or is still setting up its runtime_env")
 
     def died(self, error: BaseException) -> PoolWorkerDied:

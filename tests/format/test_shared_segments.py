@@ -116,6 +116,46 @@ def test_a_writable_view_writes_the_owners_segment_and_is_dropped_once_unlinked(
         second.close()
 
 
+def test_threads_reading_and_forgetting_segments_share_the_mapping_cache_safely():
+    """Threads (a Ray driver's put beside ForkPool rounds) map more segments than the cache keeps and forget
+    them: each one's eviction or forget must not break another's lookup (a KeyError in move_to_end, or the prune
+    iterating the cache while another thread adds to it). Threads switch every microsecond to make that likely."""
+    import sys
+    import threading
+
+    from thaw_format.sdk import lent
+
+    snap = thaw_format.Snapshot(weights=thaw_format.Weights({"t": numpy.arange(64, dtype=numpy.uint8)}))
+    segments = [Segment() for _ in range(lent._MAX_MAPPINGS + 2)]
+    errors, interval = [], sys.getswitchinterval()
+    try:
+        sources = [segment.publish(snap) for segment in segments]
+
+        def hammer(offset: int) -> None:
+            try:
+                for i in range(300):
+                    source = sources[(offset + i) % len(sources)]
+                    assert bytes(lent.segment_view(source)[-1:]) != b""
+                    if i % 7 == 0:
+                        lent.forget(source)
+            except Exception as exc:
+                errors.append(exc)
+
+        sys.setswitchinterval(1e-6)
+        threads = [threading.Thread(target=hammer, args=(k,)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+        for source in sources:
+            lent.forget(source)
+        for segment in segments:
+            segment.close()
+    assert errors == []
+
+
 def test_an_engine_without_the_verified_keyword_still_restores_checked_sources():
     """An engine written before the contract's `verified` keyword: sdk.shared.restore_source passes the keyword
     only when set, so every caller that has not checked the source itself still reaches the engine."""

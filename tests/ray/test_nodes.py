@@ -112,7 +112,7 @@ def test_a_pool_split_across_nodes_loses_one_mid_round_and_runs_on_a_node_that_j
         parent.generate(trunk + suffixes[0], PARAMS)  # the parent's steady state for this prompt
         before = parent.generate(trunk + suffixes[0], PARAMS)
         slot, victim = nodes.index(lost.node_id), pool.worker_info()[nodes.index(lost.node_id)]
-        pool._start_timeout_s = 2  # for the replacement the round starts
+        pool.start_timeout_s = 2  # for the replacement the round starts
         with pytest.raises(PoolWorkerDied, match=rf"pool worker {slot} \(Ray actor {victim.id}, pid "
                                                  rf"{victim.pid} on node \S+ {lost.node_id}\) (died|became "
                                                  r"unavailable \(killed, not waited for\)): \w+Error: .*dead "
@@ -133,7 +133,7 @@ def test_a_pool_split_across_nodes_loses_one_mid_round_and_runs_on_a_node_that_j
                                                  r".*before the parent was read$"):
             pool.fork(checks.Unread(), checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
 
-        pool._start_timeout_s = 120  # for the replacement, from the next round on: placed, and its engine started
+        pool.start_timeout_s = 120  # for the replacement, from the next round on: placed, and its engine started
         joined = added_nodes({"spread": 1})
         # new suffixes: the surviving actor's engine may keep the failed round's prompt in its cache (the toy's
         # restore adds pages to what it holds), which would count beyond the trunk
@@ -158,7 +158,7 @@ def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray
     with RayForkPool(parent, checks.WORKERS, actor_options={"resources": {"pair": 1}}, start_timeout_s=120) as pool:
         assert [worker.node for worker in pool.worker_info()] == [lost.node_id] * checks.WORKERS
         ray_nodes.remove(lost)  # and marked dead: the replacements cannot be placed on it
-        pool._start_timeout_s = timeout
+        pool.start_timeout_s = timeout
         trunk, suffixes = checks.tokens(120, 71), [checks.tokens(5, 710 + i) for i in range(checks.WORKERS)]
         parent.generate(trunk + suffixes[0], PARAMS)  # the parent holds the trunk: its capture has it
         with pytest.raises(PoolWorkerDied, match=r"died: .*dead workers are being replaced"):
@@ -174,7 +174,7 @@ def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray
             assert time.monotonic() - began < 1.8 * timeout  # one timeout, not one per actor
             assert pool.worker_info() == pending  # still asking Ray for a node (kept: no failed start counted)
 
-        pool._start_timeout_s = 120  # for the kept actors, from the next round on: placed, and their engines started
+        pool.start_timeout_s = 120  # for the kept actors, from the next round on: placed, and their engines started
         joined = added_nodes(resources, cpus=checks.WORKERS)
         want = [fresh(trunk + suffix, PARAMS) for suffix in suffixes]
         result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)

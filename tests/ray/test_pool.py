@@ -136,11 +136,20 @@ def test_a_pool_is_refused_by_name_before_any_actor_starts(ray_cluster, parent) 
 
 
 def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, parent) -> None:
+    """And its close forgets this process's mapping of the parent's segment (lent's cache, which its puts read
+    through): kept, it would keep the segment's memory alive after the parent unlinks it."""
+    from thaw_format.sdk import lent
     from thaw_ray import RayForkPool
 
+    trunk = checks.tokens(40, 7)
+    parent.generate(trunk, PARAMS)
     pool = RayForkPool(parent, workers=1)
     worker = pool.worker_info()[0]
+    pool.fork(parent, 1, context=trunk, suffixes=[[5]], params=PARAMS)
+    (name,) = pool._segments
+    assert (name, False) in lent._MAPPINGS
     pool.close()
+    assert (name, False) not in lent._MAPPINGS
     with pytest.raises(RuntimeError, match="this RayForkPool is closed; start a new one"):
         pool.fork(checks.Unread(), 1, context=checks.tokens(40, 7), suffixes=[[5]], params=PARAMS)
     _ActorProcess(worker.pid).wait(timeout=60)  # close() ended it
@@ -214,7 +223,7 @@ def _hanging_replacements(tmp_path, workers: int, timeout: float):
     spec = LaunchSpec("pool_engines:flaky", {"instructions": str(instructions), **config})
     options = {"num_cpus": 0.5, "runtime_env": {"env_vars": worker_env()}}  # beside the session's pool
     with RayForkPool(spec, workers=workers, actor_options=options, start_timeout_s=120) as pool:
-        pool._start_timeout_s = timeout  # for the replacements (their starts hang): a start under load takes longer
+        pool.start_timeout_s = timeout  # for the replacements (their starts hang): a start under load takes longer
         queue_starts(instructions, *["hang"] * workers)
         _kill_between_rounds(pool, range(workers))
         with pytest.raises(PoolWorkerDied, match="died: .*dead workers are being replaced"):
@@ -308,8 +317,9 @@ def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
         assert [worker.id for worker in pool.worker_info()] == last
 
 
-def test_a_put_that_fails_raises_rays_error_and_closes_the_segments_mapping(ray_cluster, parent, monkeypatch) -> None:
-    """ray.put refused (the object store full, say): its error, not the mapping's BufferError on close."""
+def test_a_put_that_fails_raises_rays_error(ray_cluster, parent, monkeypatch) -> None:
+    """ray.put refused (the object store full, say): its own error."""
+    from thaw_format.sdk import lent
     from thaw_format.sdk.shared import capture_shared
     from thaw_ray import capture
 
@@ -321,8 +331,32 @@ def test_a_put_that_fails_raises_rays_error_and_closes_the_segments_mapping(ray_
         raise ray_cluster.exceptions.ObjectStoreFullError("the object store is full")
 
     monkeypatch.setattr(capture.ray, "put", full)
-    with pytest.raises(ray_cluster.exceptions.ObjectStoreFullError, match="the object store is full"):
-        capture.put_capture(source)
+    try:
+        with pytest.raises(ray_cluster.exceptions.ObjectStoreFullError, match="the object store is full"):
+            capture.put_capture(source)
+    finally:
+        lent.forget(source)  # the mapping its read kept (no pool closes here to forget it)
+
+
+def test_two_puts_of_one_segment_read_it_through_one_mapping(ray_cluster, parent) -> None:
+    """The parent reuses its segment round after round: each put reads it through the one mapping lent keeps,
+    not a new one (which faulted in every page again)."""
+    from thaw_format.sdk import lent
+    from thaw_format.sdk.shared import capture_shared
+    from thaw_ray import capture
+
+    trunk = checks.tokens(40, 12)
+    parent.generate(trunk, PARAMS)
+    source = capture_shared(parent, chains=[trunk[:checks.full_pages(trunk, parent)]])
+    key = (lent.parse(source)[0], False)
+    try:
+        first = capture.put_capture(source)
+        mapping = lent._MAPPINGS[key]
+        second = capture.put_capture(source)
+        assert lent._MAPPINGS[key] is mapping
+        assert (ray_cluster.get(first) == ray_cluster.get(second)).all()
+    finally:
+        lent.forget(source)
 
 
 def test_an_actor_ray_cannot_place_fails_its_start_within_the_timeout_naming_what_it_asks_for(
@@ -342,6 +376,64 @@ def test_an_actor_ray_cannot_place_fails_its_start_within_the_timeout_naming_wha
     assert killed
     with pytest.raises(ray_cluster.exceptions.RayActorError):
         ray_cluster.get(killed[0].where.remote(), timeout=60)
+
+
+def test_an_actor_not_placed_takes_a_lowered_timeout_at_the_next_round_and_names_it(ray_cluster) -> None:
+    """A round's rearm moves the placing deadline of an actor not yet placed to the pool's new start_timeout_s,
+    from its creation (past already: from the round's start), and its error names that timeout."""
+    from thaw_format.sdk import PoolWorkerStarting
+    from thaw_ray.worker import ActorWorker
+
+    # never placed, so its engine never starts: no launch spec needed
+    actor = ActorWorker("0", "{}", {"resources": {"nonexistent": 1}}, start_timeout_s=600)
+    try:
+        actor.rearm(0.5)  # a round begins, the pool's start_timeout_s set to 0.5 meanwhile
+        began = time.monotonic()
+        with pytest.raises(PoolWorkerStarting, match=r"not placed within 0\.5 s \(start_timeout_s\)"):
+            actor.ensure_ready()
+        assert time.monotonic() - began < 60  # the new timeout, not the 600 s its creation set
+    finally:
+        actor.kill()
+
+
+def test_an_actor_placed_after_a_lowered_timeout_has_that_timeout_for_its_engine(ray_cluster, monkeypatch) -> None:
+    """Placed after a round's rearm lowered its timeout, its engine's window is that timeout from its placing, not
+    the placing deadline set at its creation, and its error names it. Ray's get is stubbed: the actor (never
+    placed by Ray) answers where() at once, and its engine's start times out, as one that hangs."""
+    from ray.exceptions import GetTimeoutError
+
+    from thaw_ray import worker
+    from thaw_ray.worker import ActorWorker
+
+    actor = ActorWorker("0", "{}", {"resources": {"nonexistent": 1}}, start_timeout_s=600)
+    waits, real = [], worker.ray.get
+
+    def get(ref, timeout=None, **options):
+        if ref is actor._placed:
+            return {"pid": 1, "node_id": "ab", "node_ip": "127.0.0.1"}
+        if ref is actor._started:
+            waits.append(timeout)
+            raise GetTimeoutError("its engine still starting")
+        return real(ref, timeout=timeout, **options)  # Ray's own threads', and the session pool's
+
+    try:
+        actor.rearm(0.2)  # a replacement pending, the pool's start_timeout_s set to 0.2 meanwhile
+        monkeypatch.setattr(worker.ray, "get", get)
+        with pytest.raises(PoolWorkerDied, match=r"failed to start: its engine was still starting 0\.2 s "
+                                                 r"\(start_timeout_s\) after the actor was placed"):
+            actor.ensure_ready()
+        assert len(waits) == 1 and waits[0] <= 0.2  # not the 600 s of its creation's placing deadline
+    finally:
+        monkeypatch.undo()
+        actor.kill()
+
+
+def test_start_timeout_s_is_checked_when_set(pool) -> None:
+    before = pool.start_timeout_s
+    for value in (0, -1, True, "5"):
+        with pytest.raises(ValueError, match=f"start_timeout_s is a number of seconds > 0, not {value!r}"):
+            pool.start_timeout_s = value
+    assert pool.start_timeout_s == before
 
 
 _AFTER_SHUTDOWN = """

@@ -17,8 +17,9 @@ otherwise each hold a snapshot's memory until the lender closes. A borrow coming
 name, before it marks the slot (which may lend another snapshot by then): a borrower checks the segment is there
 under its lock on the slot's byte, which the lender takes before it takes a slot back.
 
-Readers cache a few mappings per process (`open_snapshot`), so a segment read again (the next lent capture
-in a recycled segment, a client's reused restore segment) is neither mapped nor faulted again.
+Readers cache a few mappings per process (`open_snapshot`, and `segment_view` for the segment's bytes as they
+are), so a segment read again (the next lent capture in a recycled segment, a client's reused restore segment, a
+fork pool's parent's segment) is neither mapped nor faulted again; `forget` drops a segment's.
 `load_shared(path)` (thaw_format.load(path, shared=True)) reads a snapshot file, verified, into a segment of
 its own, which the Snapshot's read-only tensors view; when the last of them is collected the segment is kept
 for the next shared load (a few at most; `drop_idle_loads()` unlinks them now, exit does too).
@@ -219,6 +220,9 @@ class Lender:
 _MAX_MAPPINGS = 4
 _COMPARED_BYTES = 1 << 20
 _MAPPINGS: "OrderedDict[tuple[str, bool], mmap.mmap]" = OrderedDict()  # (segment name, writable) -> shared mapping, recent last
+# Readers on several threads share it (a Ray driver's put beside ForkPool rounds, LangGraph's worker threads): an
+# unlocked prune could iterate it while another thread adds, or evict the key another is about to move to the end.
+_MAPPINGS_LOCK = threading.Lock()
 
 
 class _Held(NamedTuple):
@@ -238,37 +242,47 @@ def _mapping(name: str, nbytes: int, writable: bool = False) -> mmap.mmap:
     """A cached shared mapping of the whole segment, read-only unless `writable`: it always shows the owner's
     current bytes."""
     key = (name, writable)
-    mapping = _MAPPINGS.get(key)
-    if mapping is None or len(mapping) < nbytes:
-        fd = open_segment(name, os.O_RDWR if writable else os.O_RDONLY)
-        try:
-            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
-        finally:
-            os.close(fd)
-        if len(mapping) < nbytes:
-            raise ValueError(f"segment {name} holds {len(mapping)} bytes, its source says {nbytes}")
-        _MAPPINGS[key] = mapping
-        for gone in [k for k in _MAPPINGS if not _exists(k[0])]:
-            del _MAPPINGS[gone]  # unlinked by its owner: a cached mapping would keep its memory alive
-        while len(_MAPPINGS) > _MAX_MAPPINGS:
-            _MAPPINGS.popitem(last=False)  # not closed: views still using it keep it mapped
-    _MAPPINGS.move_to_end(key)
-    return mapping
+    with _MAPPINGS_LOCK:
+        mapping = _MAPPINGS.get(key)
+        if mapping is None or len(mapping) < nbytes:
+            fd = open_segment(name, os.O_RDWR if writable else os.O_RDONLY)
+            try:
+                mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+            if len(mapping) < nbytes:
+                raise ValueError(f"segment {name} holds {len(mapping)} bytes, its source says {nbytes}")
+            _MAPPINGS[key] = mapping
+            for gone in [k for k in _MAPPINGS if not _exists(k[0])]:
+                del _MAPPINGS[gone]  # unlinked by its owner: a cached mapping would keep its memory alive
+            while len(_MAPPINGS) > _MAX_MAPPINGS:
+                _MAPPINGS.popitem(last=False)  # not closed: views still using it keep it mapped
+        _MAPPINGS.move_to_end(key)
+        return mapping
+
+
+def segment_view(source: str, *, writable: bool = False) -> memoryview:
+    """A view of the segment `source` names, read-only unless `writable`, its mapping cached as a reader's
+    (_mapping): mapped and faulted in once, not at each read of a segment its owner reuses. For a process that
+    copies another's capture out (RayForkPool's put) or writes its share of it (a tensor-parallel capture's
+    ranks: writable_view); `forget` drops the mapping."""
+    name, nbytes = parse(source)
+    return memoryview(_mapping(name, nbytes, writable))[:nbytes]
 
 
 def writable_view(source: str) -> memoryview:
     """A writable view of the segment `source` names, its mapping cached as a reader's (_mapping): for a process
     that writes its share of a snapshot another published (a tensor-parallel capture's ranks)."""
-    name, nbytes = parse(source)
-    return memoryview(_mapping(name, nbytes, writable=True))[:nbytes]
+    return segment_view(source, writable=True)
 
 
 def forget(source: str) -> None:
     """Drop this process's cached mappings of a segment (views still using them keep them mapped), so that a
     reader done with it does not keep the segment's memory alive after its owner unlinks it."""
     name = parse(source)[0]
-    for writable in (False, True):
-        _MAPPINGS.pop((name, writable), None)
+    with _MAPPINGS_LOCK:
+        for writable in (False, True):
+            _MAPPINGS.pop((name, writable), None)
 
 
 def _exists(name: str) -> bool:

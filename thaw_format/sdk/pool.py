@@ -36,7 +36,7 @@ from ..errors import CorruptSnapshotError
 from .engine_process import EngineProcess
 from .fork_round import ForkRound, PoolWorkerDied, PoolWorkerStarting, RoundArguments, parent_page_size, whole_workers
 from .launch import startable_launch_spec
-from .lent import forget, open_snapshot
+from .lent import open_snapshot
 from .pool_slots import MAX_DEATHS, MAX_FAILED_STARTS, SlotWorker, WorkerInfo, kill_unanswered, note_answer
 from .round_pool import RoundPool
 
@@ -136,14 +136,12 @@ class ForkPool(RoundPool):
         spec = startable_launch_spec(spec, "ForkPool")  # last: it may call into the engine
         self._config = {"factory": spec.factory, "kwargs": spec.kwargs}
         self._env = {**os.environ, **(env or {})}
-        self._checked: set[str] = set()  # the rounds' sources the pool has checked (and so mapped)
         self._start_workers(workers)  # a start that fails part way (the OS refuses a process) stops the others
 
     def _run(self, round_: ForkRound, slots: list[int], source: str, arguments: RoundArguments):
         workers = [self._workers[slot] for slot in slots]
         verifying = time.perf_counter()
         _verify(source)
-        self._checked.add(source)
         round_.verify_s = time.perf_counter() - verifying
         replies, failures, answered = [], [], 0
         try:
@@ -176,6 +174,3 @@ class ForkPool(RoundPool):
     def _stop(self) -> None:
         for worker in self._workers:
             worker.stop()
-        for source in self._checked:  # the check's cached mappings would keep the parent's segments alive
-            forget(source)
-        self._checked.clear()

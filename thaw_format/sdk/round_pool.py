@@ -6,7 +6,8 @@ A pool subclasses it with three methods: `_start(name, failed_starts=0, deaths=0
 (thaw_format.sdk.pool_slots says what a worker is, and the three ways its start ends: started, failed, or still
 starting), `_run(round_, slots, source, arguments)` hands the parent's capture (the source of its capture_shared)
 to the workers in those slots and returns their replies and failures (`_died` for a worker that died in the round,
-`pool_slots.note_answer` for one that answered), and `_stop()` ends every worker; `_round_begins()` is its hook
+`pool_slots.note_answer` for one that answered; its reads of the segment may go through lent's cached mappings,
+which close() forgets), and `_stop()` ends every worker; `_round_begins()` is its hook
 into a round once the round holds the pool. A round failing before the parent is read only for workers still
 starting raises PoolWorkerStarting (retry later); a pool's first start raises PoolWorkerDied, the pool closed.
 """
@@ -21,6 +22,7 @@ from typing import Sequence, TypeVar, Union
 from ..snapshot import SamplingParams
 from .contract import Engine
 from .fork_round import ForkRound, PoolWorkerDied, PoolWorkerStarting, RoundArguments, checked_round, round_failure
+from .lent import forget, parse
 from .pool_slots import WorkerInfo, finish_starts, replace_dead
 from .shared import capture_shared
 
@@ -33,6 +35,9 @@ class RoundPool(abc.ABC):
         self._closed = False
         self._round = threading.Lock()  # rounds share the workers and the parent's one segment: one at a time
         self._workers: list = []
+        # the parent's segments by name (its source, latest): this process's cached mappings of them (lent: the
+        # rounds' check, or put) are forgotten at close, else they would keep the segments' memory alive
+        self._segments: dict[str, str] = {}
         try:  # a start that fails part way stops the workers started before it
             for i in range(count):
                 self._workers.append(self._start(str(i)))
@@ -73,6 +78,7 @@ class RoundPool(abc.ABC):
             capturing = time.perf_counter()
             # valid until the parent's next capture_shared: every worker answers before this round ends
             source = capture_shared(parent, chains=[arguments.context[:arguments.full]])
+            self._segments[parse(source)[0]] = source
             round_ = ForkRound([], int(source.rpartition("#")[2]), time.perf_counter() - capturing)
             workers = [self._workers[slot] for slot in slots]
             replies, failures = self._run(round_, slots, source, arguments)
@@ -110,7 +116,12 @@ class RoundPool(abc.ABC):
         """Stop the workers, after the round in progress, if any; a round still waiting for it is refused."""
         self._closed = True  # first: a round waiting for the lock sees it there, and starts no worker
         with self._round:  # a round's workers are its own until it ends (it may replace them)
-            self._stop()
+            try:
+                self._stop()
+            finally:
+                for source in self._segments.values():
+                    forget(source)
+                self._segments.clear()
 
     def __enter__(self: Pool) -> Pool:
         return self
