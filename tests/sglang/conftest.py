@@ -1,10 +1,15 @@
-"""Shared SGLang engines for the thaw_sglang tests: one parent and its four forks, and one plain engine (`llama`).
+"""Shared SGLang engines for the thaw_sglang tests: one parent and its four forks (`family`), and one plain engine
+(`llama`), each shared by the modules that use it.
 
-An SGLang Engine start costs 20-60 s on this machine, so the engines are session fixtures and the parent's
-state, its snapshot and its reference continuations are prepared once, in `family`.
+An SGLang Engine start costs 20-60 s on this machine, so these two are started once per session; but each idle
+engine still polls at a few percent of a CPU, which slowed every later test on 2 cores while ten of them stayed
+alive to the session's end. So each shared engine is shut down after the last module that uses it (the modules
+that share one run next to each other), and an engine a test or module starts for itself (`engines`,
+`module_engines`) is shut down when that test or module ends.
 """
 
 import os
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -42,28 +47,92 @@ def zoo():
     return engine_guard.require("thaw_conformance.zoo", "the repository must be installed (pip install -e .)")
 
 
-@pytest.fixture(scope="session")
-def engines(thaw_sglang):
-    """Start engines on demand; every engine started (forks included) is shut down at the end."""
-    started = []
+class Engines:
+    """Engines started on demand (`start(model_path, **overrides)`) and forks handed over (`start.adopt`); `close`
+    shuts every one of them down."""
 
-    def start(model_path, **overrides):
-        engine = thaw_sglang.ThawEngine(model_path=str(model_path), **{**ENGINE_ARGS, **overrides})
-        started.append(engine)
+    def __init__(self, thaw_sglang):
+        self._thaw_sglang = thaw_sglang
+        self._started = []
+
+    def __call__(self, model_path, **overrides):
+        engine = self._thaw_sglang.ThawEngine(model_path=str(model_path), **{**ENGINE_ARGS, **overrides})
+        self._started.append(engine)
         return engine
 
-    start.adopt = started.extend
-    yield start
-    for engine in started:
-        engine.shutdown()
+    def adopt(self, engines):
+        self._started.extend(engines)
+
+    def close(self):
+        while self._started:
+            self._started.pop().shutdown()
+
+
+@pytest.fixture
+def engines(thaw_sglang):
+    """Engines for this test alone, shut down when it ends."""
+    with closing(Engines(thaw_sglang)) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def module_engines(thaw_sglang):
+    """Engines for this module alone, shut down when it ends."""
+    with closing(Engines(thaw_sglang)) as start:
+        yield start
+
+
+SHARED_ENGINES = ("family", "llama")  # the session fixtures below: several modules use each one's engines
+_last_test = {}  # a shared fixture's name -> the test after which its engines are shut down
+_running = {}  # a shared fixture's name -> its engines' `close`, while they run
+
+
+def pytest_collection_modifyitems(items):
+    """Modules that share no engine first, then those sharing each one next to each other (in file order within
+    each group), so that a shared engine lives across the modules that use it only."""
+    shares = {}
+    for item in items:
+        shares.setdefault(item.module, set()).update(name for name in SHARED_ENGINES if name in item.fixturenames)
+    items.sort(key=lambda item: sorted(shares[item.module]))
+
+
+def pytest_collection_finish(session):
+    """Note, for each shared fixture, the last test of the last module using it (not the last test using it: a
+    module fixture using the engine, test_tensor_parallel's `run`, ends with its module)."""
+    items = session.items
+    for name in SHARED_ENGINES:
+        users = [index for index, item in enumerate(items) if name in item.fixturenames]
+        if users:
+            last = users[-1]
+            while last + 1 < len(items) and items[last + 1].module is items[last].module:
+                last += 1
+            _last_test[name] = items[last]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield  # the test's fixtures, and at its module's end the module's, end first
+    for name, last in _last_test.items():
+        if last is item and name in _running:
+            _running.pop(name)()
+
+
+@contextmanager
+def shared_engines(request, thaw_sglang):
+    """Engines for the shared fixture `request` sets up, shut down after its last test (or at the session's end,
+    where that test never ran: a run stopped early)."""
+    with closing(Engines(thaw_sglang)) as start:
+        _running[request.fixturename] = start.close
+        yield start
 
 
 @pytest.fixture(scope="session")
-def llama(zoo, engines):
+def llama(request, thaw_sglang, zoo):
     """A plain llama engine, outside the family, shared by test_abort and test_kv_transport in either order: each
     test leaves it idle and unpaused, and checks its leaks with `no_new_leaks`. test_kv_transport refuses it
     remote reads for good (remote.refuse), so a test that needs them (test_partial_restore) starts its own."""
-    return engines(zoo.make_model("llama"))
+    with shared_engines(request, thaw_sglang) as start:
+        yield start(zoo.make_model("llama"))
 
 
 @pytest.fixture
@@ -92,15 +161,16 @@ class Family:
 
 
 @pytest.fixture(scope="session")
-def family(thaw_sglang, zoo, engines):
-    parent = engines(zoo.make_model("llama"))
-    output_a, _ = generate(parent, PROMPT_A)
-    generate(parent, PROMPT_B)
-    snapshot = thaw_sglang.capture(parent)
-    children = parent.fork(n=4)
-    engines.adopt(children)
-    child_snapshot = thaw_sglang.capture(children[0])
-    continued = PROMPT_A + output_a
-    # The last output token was sampled but never fed back, so the tree holds every token before it.
-    references = [generate(parent, continued + suffix)[0] for suffix in SUFFIXES]
-    return Family(parent, children, snapshot, child_snapshot, continued, len(continued) - 1, references)
+def family(request, thaw_sglang, zoo):
+    with shared_engines(request, thaw_sglang) as start:
+        parent = start(zoo.make_model("llama"))
+        output_a, _ = generate(parent, PROMPT_A)
+        generate(parent, PROMPT_B)
+        snapshot = thaw_sglang.capture(parent)
+        children = parent.fork(n=4)
+        start.adopt(children)
+        child_snapshot = thaw_sglang.capture(children[0])
+        continued = PROMPT_A + output_a
+        # The last output token was sampled but never fed back, so the tree holds every token before it.
+        references = [generate(parent, continued + suffix)[0] for suffix in SUFFIXES]
+        yield Family(parent, children, snapshot, child_snapshot, continued, len(continued) - 1, references)
