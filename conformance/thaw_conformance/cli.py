@@ -37,6 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     args.engine_arch = dict(_pair(p, "--engine-arch") for p in args.engine_arch)
+    args.engine_fork_arch = dict(_pair(p, "--engine-fork-arch") for p in args.engine_fork_arch)
     pythons = dict(_pair(p, "--python-for") for p in args.python_for)
     outside = dict(_pair(d, "--driver") for d in args.driver)
     drivers = {**{e: e for e in BUILTIN}, **outside}
@@ -95,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="architectures for one engine, overriding --arch (engine starts are slow)")
     parser.add_argument("--fork-arch", default="all",
                         help="architectures to run the fork and sleep/wake checks on (both start engines), or all")
+    parser.add_argument("--engine-fork-arch", action="append", default=[], metavar="ENGINE=ARCHS",
+                        help="architectures for one engine's fork and sleep/wake checks, overriding --fork-arch")
     parser.add_argument("--out", type=Path, default=Path("receipt.json"))
     parser.add_argument("--python-for", action="append", default=[], metavar="ENGINE=PYTHON",
                         help="the Python (of a virtualenv with the engine and thaw installed) to run ENGINE with")
@@ -118,10 +121,11 @@ def _check_names(parser, args, engines: tuple, drivers: dict, outside: dict, pyt
     Each engine's worker is asked in its own interpreter (`--phase list`: it imports the driver, starts
     nothing), only where a name needs checking. An engine not installed here cannot answer: it is skipped in
     the run, with its reason, as before; an architecture only some engines have is skipped on the others."""
-    unknown = [e for e in args.engine_arch if e not in drivers and e not in engines]
-    if unknown:
-        parser.error(f"--engine-arch: no engine {', '.join(map(repr, unknown))}; the built-in ones are "
-                     f"{', '.join(ALL_ENGINES)}, or a name given --driver")
+    for option, per_engine in (("--engine-arch", args.engine_arch), ("--engine-fork-arch", args.engine_fork_arch)):
+        unknown = [e for e in per_engine if e not in drivers and e not in engines]
+        if unknown:
+            parser.error(f"{option}: no engine {', '.join(map(repr, unknown))}; the built-in ones are "
+                         f"{', '.join(ALL_ENGINES)}, or a name given --driver")
     explicit = args.arch != "all" or any(archs != "all" for archs in args.engine_arch.values())
     known = {}
     # a driver named on the command line (--driver, or --engine MODULE:FACTORY) is always looked up
@@ -195,7 +199,7 @@ def _run_engine(engine: str, spec: str, python: Path, args, workdir: Path, env: 
     workdir.mkdir(parents=True, exist_ok=True)
     archs = args.engine_arch.get(engine, args.arch)
     command = [str(python), "-m", "thaw_conformance.worker", "--driver", spec, "--arch", archs, "--fork-arch",
-               args.fork_arch, "--workdir", str(workdir), "--out", str(out)]
+               args.engine_fork_arch.get(engine, args.fork_arch), "--workdir", str(workdir), "--out", str(out)]
     started = time.perf_counter()
     status = None
     try:
