@@ -111,10 +111,12 @@ def pytest_collection_finish(session):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    yield  # the test's fixtures, and at its module's end the module's, end first
-    for name, last in _last_test.items():
-        if last is item and name in _running:
-            _running.pop(name)()
+    try:
+        return (yield)  # the test's fixtures, and at its module's end the module's, end first
+    finally:  # even where one of them failed to end: the engines would otherwise idle to the session's end
+        for name, last in _last_test.items():
+            if last is item and name in _running:
+                _running.pop(name)()
 
 
 @contextmanager
