@@ -11,6 +11,7 @@ that share one run next to each other), and an engine a test or module starts fo
 import os
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -82,29 +83,46 @@ def module_engines(thaw_sglang):
         yield start
 
 
+HERE = Path(__file__).parent
 SHARED_ENGINES = ("family", "llama")  # the session fixtures below: several modules use each one's engines
 _last_test = {}  # a shared fixture's name -> the test after which its engines are shut down
 _running = {}  # a shared fixture's name -> its engines' `close`, while they run
 
 
+def _ours(items) -> list:
+    """The items under this directory: the hooks below are the whole session's, which may collect other areas."""
+    return [item for item in items if item.path.is_relative_to(HERE)]
+
+
+def _module(item):
+    """The item's test module; None for an item outside one, which shares no engine."""
+    return item.getparent(pytest.Module)
+
+
 def pytest_collection_modifyitems(items):
     """Modules that share no engine first, then those sharing each one next to each other (in file order within
-    each group), so that a shared engine lives across the modules that use it only."""
+    each group), so that a shared engine lives across the modules that use it only. Other items keep their places."""
+    ours = _ours(items)
     shares = {}
-    for item in items:
-        shares.setdefault(item.module, set()).update(name for name in SHARED_ENGINES if name in item.fixturenames)
-    items.sort(key=lambda item: sorted(shares[item.module]))
+    for item in ours:
+        if _module(item) is not None:
+            used = (name for name in SHARED_ENGINES if name in getattr(item, "fixturenames", ()))
+            shares.setdefault(_module(item), set()).update(used)
+    ordered = iter(sorted(ours, key=lambda item: sorted(shares.get(_module(item), ()))))
+    mine = set(map(id, ours))
+    items[:] = [next(ordered) if id(item) in mine else item for item in items]
 
 
 def pytest_collection_finish(session):
     """Note, for each shared fixture, the last test of the last module using it (not the last test using it: a
     module fixture using the engine, test_tensor_parallel's `run`, ends with its module)."""
-    items = session.items
+    items = _ours(session.items)
     for name in SHARED_ENGINES:
-        users = [index for index, item in enumerate(items) if name in item.fixturenames]
+        users = [index for index, item in enumerate(items) if name in getattr(item, "fixturenames", ())]
         if users:
             last = users[-1]
-            while last + 1 < len(items) and items[last + 1].module is items[last].module:
+            while (last + 1 < len(items) and _module(items[last]) is not None
+                   and _module(items[last + 1]) is _module(items[last])):
                 last += 1
             _last_test[name] = items[last]
 
