@@ -115,8 +115,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_names(parser, args, engines: tuple, drivers: dict, outside: dict, pythons: dict, env: dict) -> None:
-    """Refuse, before any engine starts, a --driver whose module or factory does not exist and an architecture
-    (--arch, --engine-arch) that no engine asked has; each ran nothing, listed its checks skipped and exited 0.
+    """Refuse, before any engine starts, a --driver whose module or factory does not exist, an architecture
+    (--arch, --engine-arch) that no engine asked has, and fork architectures (--fork-arch, --engine-fork-arch) an
+    engine does not run; each ran nothing, or no fork, listed its checks skipped and exited 0.
 
     Each engine's worker is asked in its own interpreter (`--phase list`: it imports the driver, starts
     nothing), only where a name needs checking. An engine not installed here cannot answer: it is skipped in
@@ -126,7 +127,8 @@ def _check_names(parser, args, engines: tuple, drivers: dict, outside: dict, pyt
         if unknown:
             parser.error(f"{option}: no engine {', '.join(map(repr, unknown))}; the built-in ones are "
                          f"{', '.join(ALL_ENGINES)}, or a name given --driver")
-    explicit = args.arch != "all" or any(archs != "all" for archs in args.engine_arch.values())
+    explicit = (args.arch != "all" or any(archs != "all" for archs in args.engine_arch.values())
+                or any(map(_named, [args.fork_arch, *args.engine_fork_arch.values()])))
     known = {}
     # a driver named on the command line (--driver, or --engine MODULE:FACTORY) is always looked up
     named = [*outside, *(e for e in engines if ":" in e)]
@@ -146,6 +148,27 @@ def _check_names(parser, args, engines: tuple, drivers: dict, outside: dict, pyt
     unknown = [a for a in args.arch.split(",") if args.arch != "all" and have and a not in have]
     if unknown:
         parser.error(f"--arch: no engine here has {', '.join(map(repr, unknown))} (they have: {', '.join(have)})")
+
+    def runs(engine: str) -> list:
+        """The architectures an engine runs; [] where unknown (all, and its driver could not be asked)."""
+        archs = args.engine_arch.get(engine, args.arch)
+        return known.get(engine, []) if archs == "all" else archs.split(",")
+
+    for engine, archs in args.engine_fork_arch.items():
+        unknown = [a for a in _named(archs) if runs(engine) and a not in runs(engine)]
+        if unknown:
+            parser.error(f"--engine-fork-arch: {engine} runs no {', '.join(map(repr, unknown))} "
+                         f"(it runs: {', '.join(runs(engine))}; or all, or none)")
+    run = sorted({a for e in engines if e not in args.engine_fork_arch for a in runs(e)})
+    unknown = [a for a in _named(args.fork_arch) if run and a not in run]
+    if unknown:
+        parser.error(f"--fork-arch: no engine here runs {', '.join(map(repr, unknown))} (they run: {', '.join(run)}; "
+                     f"or all, or none)")
+
+
+def _named(archs: str) -> list:
+    """The architectures a fork option names: none for all and none."""
+    return [] if archs in ("all", "none") else archs.split(",")
 
 
 def _list_architectures(spec: str, python: Path, env: dict, timeout: int) -> dict:
