@@ -36,10 +36,10 @@ ALL_ENGINES = ("template", "mlx", "vllm", "sglang", "transformers")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    args.engine_arch = dict(_pair(p, "--engine-arch") for p in args.engine_arch)
-    args.engine_fork_arch = dict(_pair(p, "--engine-fork-arch") for p in args.engine_fork_arch)
-    pythons = dict(_pair(p, "--python-for") for p in args.python_for)
-    outside = dict(_pair(d, "--driver") for d in args.driver)
+    args.engine_arch = dict(_pair(parser, p, "--engine-arch") for p in args.engine_arch)
+    args.engine_fork_arch = dict(_pair(parser, p, "--engine-fork-arch") for p in args.engine_fork_arch)
+    pythons = dict(_pair(parser, p, "--python-for") for p in args.python_for)
+    outside = dict(_pair(parser, d, "--driver") for d in args.driver)
     drivers = {**{e: e for e in BUILTIN}, **outside}
     engines = ALL_ENGINES + tuple(e for e in outside if e not in ALL_ENGINES) if args.engine == ["all"] \
         else tuple(args.engine)
@@ -192,10 +192,10 @@ def _python(engine: str, pythons: dict) -> Path:
     return venv if venv is not None and venv.exists() else Path(sys.executable)
 
 
-def _pair(text: str, option: str) -> tuple[str, str]:
+def _pair(parser, text: str, option: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
-        raise SystemExit(f"{option} takes ENGINE=VALUE, got {text!r}")
+        parser.error(f"{option} takes ENGINE=VALUE, got {text!r}")
     return key, value
 
 
