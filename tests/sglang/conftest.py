@@ -9,7 +9,7 @@ that share one run next to each other), and an engine a test or module starts fo
 """
 
 import os
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,8 +65,10 @@ class Engines:
         self._started.extend(engines)
 
     def close(self):
-        while self._started:
-            self._started.pop().shutdown()
+        started, self._started = self._started, []
+        with ExitStack() as stack:  # the last started first; one failing to shut down leaves none of the rest running
+            for engine in started:
+                stack.callback(engine.shutdown)
 
 
 @pytest.fixture
