@@ -36,9 +36,10 @@ ALL_ENGINES = ("template", "mlx", "vllm", "sglang", "transformers")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    args.engine_arch = dict(_pair(p, "--engine-arch") for p in args.engine_arch)
-    pythons = dict(_pair(p, "--python-for") for p in args.python_for)
-    outside = dict(_pair(d, "--driver") for d in args.driver)
+    args.engine_arch = dict(_pair(parser, p, "--engine-arch") for p in args.engine_arch)
+    args.engine_fork_arch = dict(_pair(parser, p, "--engine-fork-arch") for p in args.engine_fork_arch)
+    pythons = dict(_pair(parser, p, "--python-for") for p in args.python_for)
+    outside = dict(_pair(parser, d, "--driver") for d in args.driver)
     drivers = {**{e: e for e in BUILTIN}, **outside}
     engines = ALL_ENGINES + tuple(e for e in outside if e not in ALL_ENGINES) if args.engine == ["all"] \
         else tuple(args.engine)
@@ -95,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="architectures for one engine, overriding --arch (engine starts are slow)")
     parser.add_argument("--fork-arch", default="all",
                         help="architectures to run the fork and sleep/wake checks on (both start engines), or all")
+    parser.add_argument("--engine-fork-arch", action="append", default=[], metavar="ENGINE=ARCHS",
+                        help="architectures for one engine's fork and sleep/wake checks, overriding --fork-arch")
     parser.add_argument("--out", type=Path, default=Path("receipt.json"))
     parser.add_argument("--python-for", action="append", default=[], metavar="ENGINE=PYTHON",
                         help="the Python (of a virtualenv with the engine and thaw installed) to run ENGINE with")
@@ -112,17 +115,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_names(parser, args, engines: tuple, drivers: dict, outside: dict, pythons: dict, env: dict) -> None:
-    """Refuse, before any engine starts, a --driver whose module or factory does not exist and an architecture
-    (--arch, --engine-arch) that no engine asked has; each ran nothing, listed its checks skipped and exited 0.
+    """Refuse, before any engine starts, a --driver whose module or factory does not exist, an architecture
+    (--arch, --engine-arch) that no engine asked has, and fork architectures (--fork-arch, --engine-fork-arch) an
+    engine does not run; each ran nothing, or no fork, listed its checks skipped and exited 0.
 
     Each engine's worker is asked in its own interpreter (`--phase list`: it imports the driver, starts
     nothing), only where a name needs checking. An engine not installed here cannot answer: it is skipped in
     the run, with its reason, as before; an architecture only some engines have is skipped on the others."""
-    unknown = [e for e in args.engine_arch if e not in drivers and e not in engines]
-    if unknown:
-        parser.error(f"--engine-arch: no engine {', '.join(map(repr, unknown))}; the built-in ones are "
-                     f"{', '.join(ALL_ENGINES)}, or a name given --driver")
-    explicit = args.arch != "all" or any(archs != "all" for archs in args.engine_arch.values())
+    for option, per_engine in (("--engine-arch", args.engine_arch), ("--engine-fork-arch", args.engine_fork_arch)):
+        unknown = [e for e in per_engine if e not in drivers and e not in engines]
+        if unknown:
+            parser.error(f"{option}: no engine {', '.join(map(repr, unknown))}; the built-in ones are "
+                         f"{', '.join(ALL_ENGINES)}, or a name given --driver")
+    explicit = (args.arch != "all" or any(archs != "all" for archs in args.engine_arch.values())
+                or any(map(_named, [args.fork_arch, *args.engine_fork_arch.values()])))
     known = {}
     # a driver named on the command line (--driver, or --engine MODULE:FACTORY) is always looked up
     named = [*outside, *(e for e in engines if ":" in e)]
@@ -142,6 +148,27 @@ def _check_names(parser, args, engines: tuple, drivers: dict, outside: dict, pyt
     unknown = [a for a in args.arch.split(",") if args.arch != "all" and have and a not in have]
     if unknown:
         parser.error(f"--arch: no engine here has {', '.join(map(repr, unknown))} (they have: {', '.join(have)})")
+
+    def runs(engine: str) -> list:
+        """The architectures an engine runs; [] where unknown (all, and its driver could not be asked)."""
+        archs = args.engine_arch.get(engine, args.arch)
+        return known.get(engine, []) if archs == "all" else archs.split(",")
+
+    for engine, archs in args.engine_fork_arch.items():
+        unknown = [a for a in _named(archs) if runs(engine) and a not in runs(engine)]
+        if unknown:
+            parser.error(f"--engine-fork-arch: {engine} runs no {', '.join(map(repr, unknown))} "
+                         f"(it runs: {', '.join(runs(engine))}; or all, or none)")
+    run = sorted({a for e in engines if e not in args.engine_fork_arch for a in runs(e)})
+    unknown = [a for a in _named(args.fork_arch) if run and a not in run]
+    if unknown:
+        parser.error(f"--fork-arch: no engine here runs {', '.join(map(repr, unknown))} (they run: {', '.join(run)}; "
+                     f"or all, or none)")
+
+
+def _named(archs: str) -> list:
+    """The architectures a fork option names: none for all and none."""
+    return [] if archs in ("all", "none") else archs.split(",")
 
 
 def _list_architectures(spec: str, python: Path, env: dict, timeout: int) -> dict:
@@ -165,10 +192,10 @@ def _python(engine: str, pythons: dict) -> Path:
     return venv if venv is not None and venv.exists() else Path(sys.executable)
 
 
-def _pair(text: str, option: str) -> tuple[str, str]:
+def _pair(parser, text: str, option: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
-        raise SystemExit(f"{option} takes ENGINE=VALUE, got {text!r}")
+        parser.error(f"{option} takes ENGINE=VALUE, got {text!r}")
     return key, value
 
 
@@ -195,7 +222,7 @@ def _run_engine(engine: str, spec: str, python: Path, args, workdir: Path, env: 
     workdir.mkdir(parents=True, exist_ok=True)
     archs = args.engine_arch.get(engine, args.arch)
     command = [str(python), "-m", "thaw_conformance.worker", "--driver", spec, "--arch", archs, "--fork-arch",
-               args.fork_arch, "--workdir", str(workdir), "--out", str(out)]
+               args.engine_fork_arch.get(engine, args.fork_arch), "--workdir", str(workdir), "--out", str(out)]
     started = time.perf_counter()
     status = None
     try:

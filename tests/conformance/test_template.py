@@ -72,6 +72,10 @@ def test_pytest_plugin_runs_the_suite():
     (["--engine", "template", "--arch", "toy,nonexistent"], "--arch: no engine here has 'nonexistent'"),
     (["--engine", "template", "--engine-arch", "template=llama"], "the template driver has no 'llama'"),
     (["--engine", "template", "--engine-arch", "vlm=llama"], "--engine-arch: no engine 'vlm'"),
+    (["--engine", "template", "--engine-fork-arch", "vlm=llama"], "--engine-fork-arch: no engine 'vlm'"),
+    (["--engine", "template", "--engine-fork-arch", "template=tyo"], "--engine-fork-arch: template runs no 'tyo'"),
+    (["--engine", "template", "--arch", "toy", "--fork-arch", "toy,tyo"], "--fork-arch: no engine here runs 'tyo'"),
+    (["--engine", "template", "--engine-arch", "toy"], "--engine-arch takes ENGINE=VALUE, got 'toy'"),  # exited 1
     (["--engine", "template", "--python-for", "template=/nonexistent/python"],
      "--python-for: no interpreter at 'template=/nonexistent/python'"),
     (["--engine", "mine", "--driver", "mine=no_such_module:driver"], "--driver mine=no_such_module:driver: no module"),

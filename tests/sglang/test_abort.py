@@ -2,9 +2,9 @@
 request holds and SGLang's own pool-leak check once idle; the batch budget (ThawEngine.run_batches) across a
 request's last result: SGLang's overlap scheduler runs one more batch for a request before it processes the result
 that finishes it, and that batch's result, which gives no token, must not use up the batch allowed to the request
-after it; and finish(), after which progress() reports nothing of what it finished. On the session's `llama`
-engine, which test_kv_transport shares: each test leaves it unpaused and idle, even when it fails, so a failure is
-not passed on to the tests after it, and SGLang's pool-leak check must not fire during it (no_new_leaks)."""
+after it; and finish(), after which progress() reports nothing of what it finished. On the shared `llama` engine
+(conftest.py), which test_kv_transport shares: each test leaves it unpaused and idle, even when it fails, so a
+failure is not passed on to the tests after it, and SGLang's pool-leak check must not fire during it (no_new_leaks)."""
 
 import threading
 

@@ -1,4 +1,4 @@
-"""The KV's way between the client and SGLang's scheduler (thaw_sglang.transport), on the session's `llama` engine,
+"""The KV's way between the client and SGLang's scheduler (thaw_sglang.transport), on the shared `llama` engine,
 which test_abort shares (the captures here name PROMPT's chain, whatever else its cache holds): a capture is lent
 (the client's Snapshot views the segment the scheduler gathered into) with the same bytes as a capture written to a
 file; restoring it hands that segment back; a corrupt chunk is refused before anything changes. SGLang's pool-leak

@@ -40,15 +40,16 @@ def _held(thaw_sglang, engine):
 
 
 @pytest.fixture(scope="module")
-def run(thaw_sglang, zoo, engines, family, tmp_path_factory):
-    """The TP=2 engine and a TP=1 one (family.children[3]) after each prefilled PROMPT, their captures of its
-    pages (the TP=2 one also into a file), and the TP=2 engine's continuation of PROMPT + SUFFIX."""
+def run(thaw_sglang, zoo, module_engines, family, tmp_path_factory):
+    """The TP=2 engine (shut down with the module) and a TP=1 one (family.children[3]) after each prefilled PROMPT,
+    their captures of its pages (the TP=2 one also into a file), and the TP=2 engine's continuation of
+    PROMPT + SUFFIX."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("a TP=2 engine on CPU binds each rank to CPUs of its own: this process has one")
     before = os.environ.get("SGLANG_CPU_OMP_THREADS_BIND")
     os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = _rank_cpus()  # read by the engine's rank processes as they start
     try:
-        tp2 = engines(zoo.make_model("llama"), tp_size=2)
+        tp2 = module_engines(zoo.make_model("llama"), tp_size=2)
     finally:
         os.environ.pop("SGLANG_CPU_OMP_THREADS_BIND") if before is None else os.environ.update(
             SGLANG_CPU_OMP_THREADS_BIND=before)

@@ -1,8 +1,8 @@
 """Weights travel with a snapshot; a snapshot the engine cannot take is refused before anything changes.
 
-The family's engines are shared by the whole session: a test that loads other weights or KV into one gives it
-back as the fork left it (`given_back`), and the fork a test shuts down is its own, so these tests neither depend
-on nor change what other files' tests find."""
+The family's engines are shared by every module that uses them: a test that loads other weights or KV into one
+gives it back as the fork left it (`given_back`), and the fork a test shuts down is its own, so these tests neither
+depend on nor change what other files' tests find."""
 
 import dataclasses
 import os
