@@ -35,7 +35,7 @@ NOTES = (
     "segment the scheduler reads in place (as a lent capture's): its first restore also maps the segment into "
     "the scheduler (page faults, 4 KiB pages). Both rows sit near what the kernel allows here: the remote read "
     "is the kernel's copy (process_vm_readv): the scatter through it runs at 0.63-0.74 of a memcpy in a bare "
-    "loop on both CPUs (a read straight into the slots measured the same as one through a tile), and the first "
+    "loop on both CPUs (a read straight into the slots saved CPU only in a bare loop into huge pages; in the scheduler it cost more: HISTORY), and the first "
     "map of 256 MiB of 4 KiB shared-memory pages costs about 4,100 faults of 16 pages each, which a bulk "
     "prefault (MADV_POPULATE_READ, MAP_POPULATE) took longer to do. restore_source verifies every chunk of the "
     "source string it is given. Peak RSS rise sums the high-water marks of the client and its descendants (the "

@@ -175,9 +175,8 @@ def empty(nbytes: int) -> memoryview:
     A buffer of 2 * HUGE_PAGE or more starts on a HUGE_PAGE boundary, in an allocation HUGE_PAGE larger (the
     rest never touched: address space, not memory), so that every page of it can be huge: at malloc's offset
     its first and last 2 MiB stay in 4 KiB pages (12% of a load's 16 MiB KV tensors), which an engine's process
-    reading it (process_vm_readv, thaw_format.sdk.remote) pins one by one at about twice the CPU per byte. In
-    SGLang's restore of a plain load, aligned: 39.5-42.3 ms of the scheduler's CPU per 256 MiB against
-    43.2-52.5 (benchmarks/HISTORY.md)."""
+    reading it (process_vm_readv, thaw_format.sdk.remote) pins one by one at about twice the CPU per byte
+    (benchmarks/HISTORY.md, SGLang)."""
     import numpy
 
     if nbytes < 2 * HUGE_PAGE:
@@ -194,7 +193,8 @@ _recycled_bytes = [0]
 
 
 def recycled(nbytes: int) -> memoryview:
-    """empty(nbytes), but memory already touched where it can be: a buffer of the same size that an earlier call
+    """A buffer as numpy.empty(nbytes) gives (not aligned to a huge page as empty's: a capture's buffer stays in
+    this process), but memory already touched where it can be: a buffer of the same size that an earlier call
     handed out and that nothing references any more (kept, up to _RECYCLE_BYTES in all, when its last view
     went). Faulting fresh memory in costs about as much as writing it (the kernel zeroes every page first, in
     4 KiB or 2 MiB faults), so a capture repeated in steady state (fork rounds) would pay twice per byte

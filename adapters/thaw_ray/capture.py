@@ -14,6 +14,5 @@ def put_capture(source: str) -> ray.ObjectRef:
     bytes are the format's, not a pickled Snapshot: a reader checks them against their own checksums.
     The segment is read through lent's process-wide cache of a few mappings (lent.segment_view; the pool's close
     forgets its segment's): the parent reuses its segment round after round, and a mapping made afresh for each
-    put faulted in every page of it again, as much CPU time as the copy itself (64 MiB: 12-13 ms against 6 ms,
-    load 13)."""
+    put faulted in every page of it again, as much CPU time as the copy itself (benchmarks/HISTORY.md, fork pool)."""
     return ray.put(numpy.frombuffer(segment_view(source), numpy.uint8))  # the one copy, into the object store

@@ -112,6 +112,8 @@ class ThawScheduler(_internals.SleepsWhilePaused):
             with SnapshotFile(view) as published:
                 regions = {name: published.info(name)[2] for name in puts}
             spans = {name: (region.offset, region.end) for name, region in regions.items()}
+            # The names come from this rank's own puts, so here only the bounds and byte counts can be wrong (vLLM's
+            # ranks take theirs from the first rank, where a name can be missing too).
             check_regions(spans, len(view), tensor_sizes(snapshot.kv))
             for name, put_heads in puts.items():
                 put_heads(view[slice(*spans[name])])

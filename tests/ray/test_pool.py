@@ -380,7 +380,7 @@ def test_an_actor_ray_cannot_place_fails_its_start_within_the_timeout_naming_wha
 
 def test_an_actor_not_placed_takes_a_lowered_timeout_at_the_next_round_and_names_it(ray_cluster) -> None:
     """A round's rearm moves the placing deadline of an actor not yet placed to the pool's new start_timeout_s,
-    from its creation (past already: from the round's start), and its error names that timeout."""
+    from when it began waiting (past already: from the round's start), and its error names that timeout."""
     from thaw_format.sdk import PoolWorkerStarting
     from thaw_ray.worker import ActorWorker
 
