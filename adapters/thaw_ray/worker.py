@@ -66,16 +66,17 @@ class PlacedStamp:
 
 
 class Window(NamedTuple):
-    """A deadline (time.monotonic()) and the start_timeout_s it was set from, which an error names."""
-    ends: float
+    """A wait that began at `began` (time.monotonic()) and lasts the start_timeout_s it was set from, which an
+    error names."""
+    began: float
     timeout_s: float
 
     @classmethod
     def from_now(cls, timeout_s: float) -> "Window":
-        return cls(time.monotonic() + timeout_s, timeout_s)
+        return cls(time.monotonic(), timeout_s)
 
     def left(self) -> float:
-        return max(0.0, self.ends - time.monotonic())
+        return max(0.0, self.began + self.timeout_s - time.monotonic())
 
 
 class ActorWorker(SlotWorker):
@@ -121,7 +122,7 @@ class ActorWorker(SlotWorker):
             if self.engine is None:
                 self._stamp.note(ray.get(self._placed, timeout=self.placing.left()))
                 # its own window from its placing: one placed late is not cut short by the wait for its placing
-                self.engine = Window(self.placed.seen + self.placing.timeout_s, self.placing.timeout_s)
+                self.engine = Window(self.placed.seen, self.placing.timeout_s)
             error = ray.get(self._started, timeout=self.engine.left())
         except GetTimeoutError:
             if self.engine is None:
@@ -144,7 +145,7 @@ class ActorWorker(SlotWorker):
         still starting, it has failed."""
         if self.killed or self.engine is not None:
             return
-        self.placing = Window(self.placing.ends - self.placing.timeout_s + start_timeout_s, start_timeout_s)
+        self.placing = Window(self.placing.began, start_timeout_s)
         if self.placed is None and self.placing.left() == 0:
             self.placing = Window.from_now(start_timeout_s)
 

@@ -78,8 +78,9 @@ class RoundPool(abc.ABC):
             capturing = time.perf_counter()
             # valid until the parent's next capture_shared: every worker answers before this round ends
             source = capture_shared(parent, chains=[arguments.context[:arguments.full]])
-            self._segments[parse(source)[0]] = source
-            round_ = ForkRound([], int(source.rpartition("#")[2]), time.perf_counter() - capturing)
+            name, nbytes = parse(source)
+            self._segments[name] = source
+            round_ = ForkRound([], nbytes, time.perf_counter() - capturing)
             workers = [self._workers[slot] for slot in slots]
             replies, failures = self._run(round_, slots, source, arguments)
             if failures:  # a slot holding a new worker: its worker died, and it is being replaced
