@@ -15,7 +15,7 @@ MAX_FAILED_STARTS failed starts in a row, or MAX_DEATHS rounds in a row in which
 whose engine is still starting start_timeout_s after it was placed has failed to start (killed); one that no node
 can place yet is still starting: kept, the round failing (PoolWorkerStarting if no other worker failed), until a
 node can place it.
-`worker_info()` names each slot's actor and its node.
+`worker_info()` shows each slot's actor (its state, pid, node and Ray id: RoundPool.worker_info).
 
 The Ray cluster is the caller's: the pool needs Ray initialised (ray.init, or a cluster address) and never
 calls ray.init or ray.shutdown itself; close() closes its actors' engines and ends its own actors only (ray.kill,

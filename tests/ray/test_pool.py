@@ -72,7 +72,7 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     assert [g.token_ids for g in result.generations] == want
     assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
     replacement = pool.worker_info()[1]
-    assert replacement.ready and replacement.pid != victim.pid and _ActorProcess(replacement.pid).alive()
+    assert replacement.state == "ready" and replacement.pid != victim.pid and _ActorProcess(replacement.pid).alive()
 
 
 def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(pool, parent, fresh) -> None:
@@ -314,7 +314,7 @@ def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
         with pytest.raises(PoolWorkerDied, match=given_up + r".*0 of the pool's 2 workers are usable; a round of 2 "
                                                  "needs 2: the fork round failed before the parent was read$"):
             round_(checks.Unread())
-        assert [worker.id for worker in pool.worker_info()] == last
+        assert [(worker.id, worker.state) for worker in pool.worker_info()] == [(id, "given_up") for id in last]
 
 
 def test_a_put_that_fails_raises_rays_error(ray_cluster, parent, monkeypatch) -> None:
@@ -498,12 +498,12 @@ def test_a_round_interrupted_mid_way_kills_the_actors_yet_to_answer_and_the_next
     with pytest.raises(_Interrupted):
         pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     monkeypatch.undo()
-    assert [w.ready for w in pool.worker_info()] == [True] + [False] * (checks.WORKERS - 1)  # the others killed
+    assert [w.state for w in pool.worker_info()] == ["ready"] + ["exited"] * (checks.WORKERS - 1)  # the others killed
     _ActorProcess(before[1].pid).wait(timeout=60)
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
     after = pool.worker_info()
-    assert after[0].id == before[0].id and after[1].id != before[1].id and after[1].ready
+    assert after[0].id == before[0].id and after[1].id != before[1].id and after[1].state == "ready"
 
 
 def test_an_unavailable_actor_is_killed_and_replaced(pool, parent, fresh, monkeypatch) -> None:

@@ -18,7 +18,9 @@ not replaced after the last (an engine that dies on every round would otherwise 
 needing a slot given up say so, and why: start a new pool. A pool whose first start fails raises, with
 nothing left running. Each worker leads its own process group (thaw_format.sdk.engine_process): the processes
 its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends. `worker_info()` shows
-each worker (its name, pid, and whether its engine has started). Any contract engine with a launch spec works
+each slot's worker (RoundPool.worker_info: its pid, whether it is starting, ready, exited or given up, and the
+slot's failed starts in a row); a worker's exit shows there as soon as its process's watcher has seen it, what
+its engine started killed, between rounds too. Any contract engine with a launch spec works
 (thaw_format.sdk.contract).
 """
 
@@ -74,6 +76,11 @@ class _Worker(SlotWorker):
 
     def describe(self) -> str:
         return f"pool worker {self.name} (pid {self.pid})"
+
+    def ended(self) -> bool:
+        """Killed, or seen to exit by its process's watcher (engine_process: once what its engine started is
+        killed too), between rounds too."""
+        return self.killed or self.process.poll() is not None
 
     def send(self, message: dict) -> bool:
         """False if the worker is gone."""
