@@ -18,6 +18,7 @@ import mmap
 import os
 import random
 import signal
+import time
 
 import pytest
 
@@ -77,6 +78,21 @@ def test_the_parents_page_size_is_its_captures(parent) -> None:
     assert parent.capture(include_weights=False, chains=[trunk]).kv.page_size == parent.page_size()
 
 
+class WorkerProcess:
+    """A ForkPool worker's process, by its slot, as the pool's worker_info() shows it: its pid, and wait() until the
+    pool has seen it exit (its watcher reaps it: the pid alone would show a zombie as alive)."""
+
+    def __init__(self, pool, slot: int) -> None:
+        self.pool, self.slot = pool, slot
+        self.pid = pool.worker_info()[slot].pid
+
+    def wait(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while (info := self.pool.worker_info()[self.slot]).state != "exited":
+            assert time.monotonic() < deadline, f"{info} after {timeout} s"
+            time.sleep(0.05)
+
+
 class _KillDuringCapture:
     """The parent engine, except that its capture (the round's first step) SIGKILLs one pool worker first (the
     worker alone, as the OOM killer would; not the processes its engine started)."""
@@ -99,7 +115,7 @@ def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     parent.generate(trunk, PARAMS)
     parent.generate(trunk + suffixes[0], PARAMS)  # the parent's steady state for this prompt
     before = parent.generate(trunk + suffixes[0], PARAMS)
-    victim = pool._workers[1].process
+    victim = WorkerProcess(pool, 1)
     started = descendants(victim.pid) if HAS_PROC else set()  # its engine's own processes (unchecked off Linux)
     with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(pid {victim.pid}\) exited with status -9 "
                                              r"\(killed by SIGKILL\).*parent engine is untouched"):
@@ -109,8 +125,8 @@ def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
     assert [g.cached_tokens for g in result.generations] == [full_pages(trunk, parent)] * WORKERS
-    replaced = pool._workers[1].process.pid
-    assert replaced != victim.pid and os.path.exists(f"/proc/{replaced}")
+    replaced = pool.worker_info()[1]
+    assert replaced.state == "ready" and replaced.pid != victim.pid and os.path.exists(f"/proc/{replaced.pid}")
 
 
 class _DamageAfterCapture:

@@ -20,7 +20,7 @@ from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, wri
     test_a_damaged_segment_is_refused_before_any_worker_reads_it,
     test_a_context_without_a_full_page_is_refused_before_the_parent_is_read,
     test_a_parent_with_a_request_in_flight_hands_over_the_trunks_kv_only)
-from thaw_format.sdk import ForkPool, greedy, seeded
+from thaw_format.sdk import ForkPool, WorkerInfo, greedy, seeded
 from thaw_format.sdk.shared import capture_shared
 from thaw_transformers import TransformersEngine
 
@@ -105,7 +105,7 @@ def test_a_round_interrupted_by_ctrl_c_leaves_no_worker_answering_the_next_one(p
     (trunk, suffixes), (again, others) = checks._round_case(110, 100), checks._round_case(111, 120)
     want = [fresh(again + suffix, checks.PARAMS) for suffix in others]
     parent.generate(trunk, checks.PARAMS)
-    before = [w.process for w in pool._workers]
+    before = pool.worker_info()
     interrupting = _InterruptAfterCapture(parent)
     # Ctrl-C as a terminal gives it, whatever this process inherited: a shell runs a background job (`cmd &`, as
     # a CI may start its tests) with SIGINT ignored, and then the round ran to its end
@@ -116,7 +116,8 @@ def test_a_round_interrupted_by_ctrl_c_leaves_no_worker_answering_the_next_one(p
     finally:
         interrupting.timer.cancel()
         signal.signal(signal.SIGINT, inherited)
-    assert all(p.poll() is not None for p in before)  # killed, not left running
+    # killed (and reaped), not left running; replaced by the next round
+    assert pool.worker_info() == tuple(WorkerInfo(w.slot, "exited", w.pid) for w in before)
     parent.generate(again, checks.PARAMS)
     result = pool.fork(parent, checks.WORKERS, context=again, suffixes=others, params=checks.PARAMS)
     assert [g.token_ids for g in result.generations] == want
@@ -166,6 +167,22 @@ def _pool_workers_alive() -> list[int]:
     return alive
 
 
+class _HeldCapture:
+    """The parent engine, except that its capture (a round's first step, once the round holds the pool) waits for
+    `go`: a round in progress for as long as a test needs."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.holding, self.go = engine, threading.Event(), threading.Event()
+
+    def page_size(self) -> int:
+        return self.engine.page_size()
+
+    def capture_shared(self, *, chains=None) -> str:
+        self.holding.set()
+        self.go.wait(60)
+        return capture_shared(self.engine, chains=chains)
+
+
 def test_closing_while_a_round_waits_leaves_no_worker_running(parent):
     """close() took no lock: a round waiting for the one before it went on against the closed pipes (a write to a
     closed stdin raised ValueError, not BrokenPipeError), and its handler killed and started a new engine per
@@ -174,27 +191,29 @@ def test_closing_while_a_round_waits_leaves_no_worker_running(parent):
     trunk, (suffix, _) = checks._round_case(140, 40)
     parent.generate(trunk, checks.PARAMS)
     pool = ForkPool(parent, workers=1)
-    started = [w.process for w in pool._workers]
-    outcome = {}
+    started, held, outcome = pool.worker_info(), _HeldCapture(parent), {}
 
-    def fork():
+    def fork(key, engine):
         try:
-            outcome["round"] = pool.fork(parent, 1, context=trunk, suffixes=[suffix], params=checks.PARAMS)
+            outcome[key] = pool.fork(engine, 1, context=trunk, suffixes=[suffix], params=checks.PARAMS)
         except Exception as exc:
-            outcome["error"] = exc
+            outcome[key] = exc
 
-    pool._round.acquire()  # a round in progress
+    holding = threading.Thread(target=fork, args=("held", held))
+    holding.start()
     try:
-        waiting = threading.Thread(target=fork)
+        assert held.holding.wait(60)  # a round in progress
+        waiting = threading.Thread(target=fork, args=("waiting", parent))
         waiting.start()
-        time.sleep(0.5)  # the round waits for the lock
+        time.sleep(0.5)  # the round waits for the pool
         closing = threading.Thread(target=pool.close)
         closing.start()
         time.sleep(0.5)
     finally:
-        pool._round.release()
-    waiting.join(60)
-    closing.join(60)
-    assert "round" not in outcome and str(outcome["error"]) == "this ForkPool is closed; start a new one"
-    assert all(p.poll() is not None for p in started)
+        held.go.set()
+    for thread in (holding, waiting, closing):
+        thread.join(60)
+    assert len(outcome["held"].generations) == 1  # the round in progress ends as it would have
+    assert str(outcome["waiting"]) == "this ForkPool is closed; start a new one"
+    assert pool.worker_info() == tuple(WorkerInfo(w.slot, "exited", w.pid) for w in started)
     assert set(_pool_workers_alive()) == others
