@@ -143,7 +143,7 @@ def test_a_pools_first_start_still_starting_fails_the_pool_with_pool_worker_died
 
 def test_worker_info_is_each_slots_worker_as_it_is_now() -> None:
     pool = Pool("ready", "ready")
-    first, second = pool._workers
+    first = pool._workers[0]
     pool._workers[1] = Worker("1", outcome="starting")
     assert pool.worker_info() == (WorkerInfo(0, "ready", first.pid), WorkerInfo(1, "starting", pool._workers[1].pid))
     pool._workers[0].kill()  # by an interrupted round: no longer started, though its engine once was
