@@ -79,17 +79,29 @@ def test_the_parents_page_size_is_its_captures(parent) -> None:
 
 
 class WorkerProcess:
-    """A ForkPool worker's process, by its slot, as the pool's worker_info() shows it: its pid, and wait() until the
-    pool has seen it exit (its watcher reaps it: the pid alone would show a zombie as alive)."""
+    """A ForkPool worker's process, by its slot, as the pool's worker_info() shows it: its pid; kill() (SIGKILL, the
+    worker alone, as the OOM killer would); and wait() until the pool shows it exited: its process's watcher has
+    seen it exit and killed what its engine started. Nothing has reaped it then (worker_info() reaps nothing): the
+    pool does, in the round that finds it dead, or in close()."""
 
     def __init__(self, pool, slot: int) -> None:
         self.pool, self.slot = pool, slot
         self.pid = pool.worker_info()[slot].pid
 
+    def kill(self) -> None:
+        info = self.pool.worker_info()[self.slot]
+        assert info.state == "ready" and info.pid == self.pid, info  # not a pid the pool has let go of
+        os.kill(self.pid, signal.SIGKILL)
+
     def wait(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while (info := self.pool.worker_info()[self.slot]).state != "exited":
-            assert time.monotonic() < deadline, f"{info} after {timeout} s"
+        while True:
+            info = self.pool.worker_info()[self.slot]
+            assert info.pid == self.pid, f"slot {self.slot} holds another worker: {info}"
+            if info.state == "exited":
+                return
+            assert time.monotonic() < deadline, f"pool worker {self.slot} (pid {self.pid}) not seen to exit in " \
+                                                f"{timeout} s: {info}"
             time.sleep(0.05)
 
 
@@ -104,7 +116,7 @@ class _KillDuringCapture:
         return self.engine.page_size()
 
     def capture_shared(self, *, chains=None) -> str:
-        os.kill(self.victim.pid, signal.SIGKILL)
+        self.victim.kill()
         self.victim.wait()
         return capture_shared(self.engine, chains=chains)
 

@@ -16,9 +16,10 @@ import sys
 import threading
 import time
 import warnings
+from multiprocessing import resource_tracker
 
 import pytest
-from descendants import descendants, needs_proc, outliving
+from descendants import HAS_PROC, alive, descendants, needs_proc, outliving, zombie
 from pool_engines import queue_starts, worker_env
 
 from fork_pool_checks import Unread, WorkerProcess
@@ -103,6 +104,28 @@ def flaky(tmp_path):
     return instructions, LaunchSpec("pool_engines:flaky", {"instructions": str(instructions), **CONFIG})
 
 
+def open_pipes() -> dict[str, str]:
+    """This process's open pipes, by fd (from /proc; none read elsewhere), once its multiprocessing resource
+    tracker has started: a round's first shared-memory segment starts it, and its pipe stays open for good."""
+    resource_tracker.ensure_running()
+    opened = {}
+    for fd in os.listdir("/proc/self/fd") if HAS_PROC else ():
+        with contextlib.suppress(OSError):  # the listing's own fd, closed by now
+            if (link := os.readlink(f"/proc/self/fd/{fd}")).startswith("pipe:"):
+                opened[fd] = link
+    return opened
+
+
+def assert_pipes_back(before: dict[str, str], timeout: float = 10) -> None:
+    """This process has the pipes open that it had `before`, within `timeout` seconds (a thread that held one
+    may be finishing): a pool's workers' pipes are closed by close(), not left to the garbage collector."""
+    deadline = time.monotonic() + timeout
+    while (now := open_pipes()) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert now == before, f"{timeout} s after close(), open: {sorted(now.items() - before.items())}, closed: " \
+                          f"{sorted(before.items() - now.items())}"
+
+
 def round_(pool, parent):
     return pool.fork(parent, 2, context=TRUNK, suffixes=SUFFIXES, params=PARAMS)
 
@@ -114,7 +137,7 @@ def test_a_replacement_that_fails_to_start_is_named_and_started_again(parent, tm
     fail, spec = flaky(tmp_path)
     with ForkPool(spec, workers=2, env=worker_env()) as pool:
         queue_starts(fail, "error", "exit")  # the replacement's start, then its restart's ("exit": without a word)
-        os.kill(pool.worker_info()[1].pid, signal.SIGKILL)  # between rounds: the next round finds it dead and
+        WorkerProcess(pool, 1).kill()  # between rounds: the next round finds it dead and
         with pytest.raises(PoolWorkerDied, match=r"pool worker 1 \(pid \d+\) exited with status -9"):  # replaces it
             round_(pool, parent)
         failing = pool.worker_info()[1]
@@ -140,7 +163,7 @@ def test_a_worker_that_keeps_failing_to_start_is_given_up_after_a_bounded_number
     fail, spec = flaky(tmp_path)
     with ForkPool(spec, workers=2, env=worker_env()) as pool:
         queue_starts(fail, *["error"] * MAX_FAILED_STARTS)
-        os.kill(pool.worker_info()[0].pid, signal.SIGKILL)
+        WorkerProcess(pool, 0).kill()
         with pytest.raises(PoolWorkerDied, match="pool worker 0 .* exited with status -9"):
             round_(pool, parent)
         for attempt in range(1, MAX_FAILED_STARTS):
@@ -206,12 +229,13 @@ def test_what_a_killed_workers_engine_started_ends_with_it(parent, when):
         started = started_by_its_engine(victim.pid)  # its engine's own process, and multiprocessing's tracker
         assert len(engines_own(started)) == 1
         if when == "between rounds":
-            os.kill(victim.pid, signal.SIGKILL)
-            victim.wait()  # the pool sees it exit, no round run since, once what its engine started is killed
-            assert not outliving(started, timeout=10)
+            victim.kill()
+            assert not outliving(started, timeout=10)  # its watcher's doing: nothing asked the pool meanwhile
+            victim.wait()  # the pool sees it exit, no round run since
+            assert zombie(victim.pid)  # and has not reaped it: only its own calls do (kill() relies on that)
         else:
             with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(pid {victim.pid}\) exited with status -9"):
-                round_(pool, Capturing(parent, lambda: os.kill(victim.pid, signal.SIGKILL)))
+                round_(pool, Capturing(parent, victim.kill))
             assert not outliving(started, timeout=10)
         if when == "between rounds":
             with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(pid {victim.pid}\) exited with status -9"):
@@ -251,11 +275,14 @@ def test_close_from_another_thread_while_a_round_runs(parent, dies, pools):
 
     def close_meanwhile():
         if dies:
-            os.kill(pool.worker_info()[1].pid, signal.SIGKILL)
+            WorkerProcess(pool, 1).kill()
         closing.start()
+        deadline = time.monotonic() + 60
         while not pool.closed:  # close() has begun; it waits for this round to end
+            assert time.monotonic() < deadline, "close() did not mark the pool closed within 60 s"
             time.sleep(0.001)
 
+    pipes = open_pipes()
     pool = ForkPool(parent, workers=2)
     pools.append(pool)
     workers = pool.worker_info()
@@ -271,32 +298,36 @@ def test_close_from_another_thread_while_a_round_runs(parent, dies, pools):
         if closing.ident is not None:  # started (join raises for a thread that never was)
             closing.join(60)
     assert closing.ident is not None and not closing.is_alive()
-    # no replacement, and none running (its pipes: test_a_dead_workers_pipes_are_closed_here_...)
+    # no replacement, and none running, its pipes closed
     assert pool.worker_info() == tuple(WorkerInfo(w.slot, "exited", w.pid) for w in workers)
+    assert not alive({w.pid for w in workers})
+    assert_pipes_back(pipes)
 
 
 def test_a_dead_workers_pipes_are_closed_here_not_by_the_garbage_collector(parent, tmp_path):
     """Pipes left to the garbage collector print 'ResourceWarning: unclosed file' and, for a stdin holding bytes
     a dead worker never read, 'Exception ignored ... BrokenPipeError'. Every worker this pool ever started, dead
-    mid-round, failed to start, or stopped by close(), has both pipes closed: each is dropped (collected) as its
-    slot is given a new worker, or at the end, inside the watch for both."""
+    mid-round, failed to start, or stopped by close(), has both pipes closed: this process's open pipes are back
+    to those it had before the pool (Linux), before any collection; and the collection, inside the watch for
+    both, prints nothing."""
     fail, spec = flaky(tmp_path)
     printed, hook = [], sys.unraisablehook
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always", ResourceWarning)
         sys.unraisablehook = printed.append
         try:
+            pipes = open_pipes()
             pool = ForkPool(spec, workers=2, env=worker_env())
             try:  # not the `pools` fixture: it would hold the pool past the collection below
                 queue_starts(fail, "error")  # the replacement's start; its restart starts normally
-                victim = pool.worker_info()[1].pid
                 with pytest.raises(PoolWorkerDied):  # worker 1 dies as the round begins; its send finds no reader
-                    round_(pool, Capturing(parent, lambda: os.kill(victim, signal.SIGKILL)))
+                    round_(pool, Capturing(parent, WorkerProcess(pool, 1).kill))
                 with pytest.raises(PoolWorkerDied, match="failed to start"):
                     round_(pool, Unread(parent.page_size()))
                 assert pool.worker_info()[1].failed_starts == 1
             finally:
                 pool.close()
+            assert_pipes_back(pipes)
             del pool
             gc.collect()
         finally:
@@ -476,14 +507,15 @@ def test_ctrl_c_mid_round_kills_the_workers_yet_to_answer_and_starts_their_repla
 
         def interrupted(worker):
             answered(worker)
-            monkeypatch.undo()  # the next round's answers are noted as usual
+            monkeypatch.setattr(fork_pool, "note_answer", answered)  # the next round's answers are noted as usual
             raise KeyboardInterrupt  # after worker 0's answer: worker 1 is yet to answer
 
         monkeypatch.setattr(fork_pool, "note_answer", interrupted)
         with pytest.raises(KeyboardInterrupt):
             round_(pool, parent)
-        # worker 1 killed (and reaped: "exited"), none replaced yet
+        # worker 1 killed and reaped ("exited": its process's returncode), none replaced yet
         assert pool.worker_info() == (before[0], WorkerInfo(1, "exited", before[1].pid))
+        assert not alive({before[1].pid})
         result = round_(pool, parent)
         assert [g.token_ids for g in result.generations] == expected()
         after = pool.worker_info()

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import model_dir
+from descendants import alive
 
 import fork_pool_checks as checks
 from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, written once for every engine
@@ -116,8 +117,9 @@ def test_a_round_interrupted_by_ctrl_c_leaves_no_worker_answering_the_next_one(p
     finally:
         interrupting.timer.cancel()
         signal.signal(signal.SIGINT, inherited)
-    # killed (and reaped), not left running; replaced by the next round
+    # killed and reaped ("exited": each process's returncode), not left running; replaced by the next round
     assert pool.worker_info() == tuple(WorkerInfo(w.slot, "exited", w.pid) for w in before)
+    assert not alive({w.pid for w in before})
     parent.generate(again, checks.PARAMS)
     result = pool.fork(parent, checks.WORKERS, context=again, suffixes=others, params=checks.PARAMS)
     assert [g.token_ids for g in result.generations] == want
@@ -208,7 +210,10 @@ def test_closing_while_a_round_waits_leaves_no_worker_running(parent):
         time.sleep(0.5)  # the round waits for the pool
         closing = threading.Thread(target=pool.close)
         closing.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while not pool.closed:  # close() has begun; it waits for the round in progress
+            assert time.monotonic() < deadline, "close() did not mark the pool closed within 60 s"
+            time.sleep(0.01)
     finally:
         held.go.set()
     for thread in (holding, waiting, closing):

@@ -19,8 +19,8 @@ needing a slot given up say so, and why: start a new pool. A pool whose first st
 nothing left running. Each worker leads its own process group (thaw_format.sdk.engine_process): the processes
 its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends. `worker_info()` shows
 each slot's worker (RoundPool.worker_info: its pid, whether it is starting, ready, exited or given up, and the
-slot's failed starts in a row); a worker's exit shows there as soon as its process's watcher has seen it, what
-its engine started killed, between rounds too. Any contract engine with a launch spec works
+slot's failed starts in a row); a worker's exit shows there once its process's watcher has seen it and killed
+what its engine started, between rounds too. Any contract engine with a launch spec works
 (thaw_format.sdk.contract).
 """
 
@@ -78,9 +78,10 @@ class _Worker(SlotWorker):
         return f"pool worker {self.name} (pid {self.pid})"
 
     def ended(self) -> bool:
-        """Killed, or seen to exit by its process's watcher (engine_process: once what its engine started is
-        killed too), between rounds too."""
-        return self.killed or self.process.poll() is not None
+        """Its process has ended, as the process says (`exited`, which reaps nothing: worker_info() may be called
+        from any thread, and only the pool's own calls may reap it): reaped after the pool killed it, or seen to
+        exit by its watcher once what its engine started is killed too, between rounds too."""
+        return self.process.exited
 
     def send(self, message: dict) -> bool:
         """False if the worker is gone."""
