@@ -161,12 +161,12 @@ class RayForkPool(RoundPool):
     def _stop(self) -> None:
         """Close the engines side by side, waiting CLOSE_TIMEOUT_S for them all, then end every actor (one whose
         engine did not close in time, or never started, killed as it is)."""
-        if not ray.is_initialized():  # Ray shut down first (by its owner): its actors are gone with it
-            return
         try:
-            closing = [worker.actor.close.remote() for worker in self._workers if worker.ready and not worker.killed]
-            if closing:  # an actor dead already answers with its error: done too
-                ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
+            if ray.is_initialized():  # else Ray was shut down first (by its owner): its actors are gone with it
+                closing = [worker.actor.close.remote() for worker in self._workers
+                           if worker.ready and not worker.killed]
+                if closing:  # an actor dead already answers with its error: done too
+                    ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
         finally:
-            for worker in self._workers:
+            for worker in self._workers:  # killed, or marked so where Ray is gone: each shows exited
                 worker.kill()

@@ -36,6 +36,9 @@ class _ActorProcess:
     def __init__(self, pid: int) -> None:
         self.pid = pid
 
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+
     def alive(self) -> bool:
         try:
             os.kill(self.pid, 0)  # no signal sent: whether the process is there (any POSIX system, unlike /proc)
@@ -456,6 +459,7 @@ try:
         print("refused:", exc)
     pool.close()
     print("initialized after:", ray.is_initialized())
+    print("states after close:", [worker.state for worker in pool.worker_info()])
 finally:
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
@@ -464,7 +468,8 @@ finally:
 
 def test_a_round_after_rays_shutdown_is_refused_and_starts_no_ray(ray_cluster) -> None:
     """Ray's calls start a local Ray of their own when none is up: after the caller's ray.shutdown(), a round
-    (and close()) must not, and the round says why (in a process of its own: the session's Ray stays up)."""
+    (and close()) must not, and the round says why (in a process of its own: the session's Ray stays up). The
+    closed pool's actors show exited (they went with Ray), not ready."""
     import subprocess
     import sys
 
@@ -473,6 +478,7 @@ def test_a_round_after_rays_shutdown_is_refused_and_starts_no_ray(ray_cluster) -
     assert "refused: Ray was shut down after this RayForkPool started (ray.shutdown), and its actors with it: " \
            "close this pool" in done.stdout, done.stdout + done.stderr[-3000:]
     assert "initialized after: False" in done.stdout
+    assert "states after close: ['exited']" in done.stdout, done.stdout
 
 
 class _Interrupted(BaseException):

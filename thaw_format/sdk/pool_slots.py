@@ -37,13 +37,15 @@ class WorkerInfo:
     # starting: its engine's start not yet seen (a replacement's is seen by the next round that needs its slot; a
     #   RayForkPool actor may also be waiting for Ray to place it: then node and pid are None);
     # ready: its engine has started, and its process has not been seen to end;
-    # exited: its process has ended: killed by the pool (a round interrupted mid-way, close(): the next round
-    #   that needs the slot replaces it first), or, a ForkPool worker, seen to exit (as it happens, between rounds
-    #   too, once what its engine started has been killed too: the next round that needs it fails, naming it, and
-    #   replaces it). A RayForkPool actor that dies between rounds shows as ready until a round calls it (Ray
-    #   tells of an actor's death through a failed call): that round fails, naming it, and replaces it;
+    # exited: a ForkPool worker's process has ended, as the process says: stopped or killed by the pool (a round
+    #   interrupted mid-way, a failed start, close(): the next round that needs the slot replaces it first), or
+    #   seen to exit (as it happens, between rounds too, once what its engine started has been killed too: the
+    #   next round that needs it fails, naming it, and replaces it). A RayForkPool actor shows exited once the
+    #   pool has asked Ray to kill it (ray.kill returns before the actor's process has ended), and one that dies
+    #   between rounds shows as ready until a round calls it (Ray tells of an actor's death through a failed
+    #   call): that round fails, naming it, and replaces it;
     # given_up: the slot is no longer restarted (MAX_FAILED_STARTS failed starts in a row, or its workers died in
-    #   MAX_DEATHS rounds in a row): start a new pool.
+    #   MAX_DEATHS rounds in a row), its last worker ended as an exited one: start a new pool.
     pid: Optional[int]  # its process (on its node), once known
     node: Optional[str] = None  # a RayForkPool actor's Ray node id, once placed; None: a ForkPool worker (on the
     # pool's own machine), or an actor not placed yet
@@ -74,7 +76,7 @@ class SlotWorker:
     def info(self, slot: int) -> WorkerInfo:
         if given_up(self):
             state = "given_up"
-        elif self.start_error is not None or self.ended():  # a failed start: its worker has ended (killed)
+        elif self.start_error is not None or self.ended():  # a failed start: its worker has been ended
             state = "exited"
         else:
             state = "ready" if self.ready else "starting"

@@ -62,7 +62,9 @@ class RoundPool(abc.ABC):
     def worker_info(self) -> tuple[WorkerInfo, ...]:
         """Each slot's worker as it is now, in slot order (pool_slots.WorkerInfo: its slot, state, pid, node and id
         where they apply, and the slot's failed starts in a row), the same for every pool. A copy, read without
-        waiting for the round in progress: a replacement a later round starts shows in a later call."""
+        waiting for the round in progress: a replacement a later round starts shows in a later call, and a reading
+        taken while a round runs reads each field as it is at that moment (its state may still say starting beside
+        a pid just learnt, or a worker just replaced)."""
         return tuple(worker.info(slot) for slot, worker in enumerate(self._workers))
 
     def fork(self, parent: Engine, n: int, *, context: Sequence[int], suffixes: Sequence[Sequence[int]],
