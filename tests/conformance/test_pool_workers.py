@@ -25,7 +25,7 @@ from pool_engines import queue_starts, worker_env
 from fork_pool_checks import Unread, WorkerProcess
 from thaw_conformance.template.adapter import ToyThawEngine
 from thaw_conformance.template.engine import ToyModelConfig
-from thaw_format.sdk import ForkPool, LaunchSpec, PoolWorkerDied, WorkerInfo, fork, greedy
+from thaw_format.sdk import ForkPool, LaunchSpec, PoolWorkerDied, fork, greedy
 from thaw_format.sdk import engine_process, pool as fork_pool
 from thaw_format.sdk.engine_process import EngineProcess
 from thaw_format.sdk.pool import MAX_DEATHS, MAX_FAILED_STARTS
@@ -175,7 +175,7 @@ def test_a_worker_that_keeps_failing_to_start_is_given_up_after_a_bounded_number
                                rf"failed to start {MAX_FAILED_STARTS} times in a row and is no longer restarted: close "
                                "this pool and start a new one"):
                 round_(pool, Unread(parent.page_size()))
-            assert pool.worker_info()[0] == WorkerInfo(0, "given_up", last.pid, failed_starts=MAX_FAILED_STARTS)
+            assert pool.worker_info()[0] == dataclasses.replace(last, state="given_up", failed_starts=MAX_FAILED_STARTS)
         # a given-up slot leaves the others serving (every round used slot 0, and failed)
         result = pool.fork(parent, 1, context=TRUNK, suffixes=SUFFIXES[:1], params=PARAMS)
         assert [g.token_ids for g in result.generations] == expected()[:1]
@@ -209,7 +209,7 @@ def test_a_worker_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
                                                                given_up.format(MAX_DEATHS) for w in last) +
                            r": the fork round failed \(the parent engine is untouched\)$"):
             round_(pool, parent)
-        assert pool.worker_info() == tuple(WorkerInfo(w.slot, "given_up", w.pid) for w in last)  # no replacement
+        assert pool.worker_info() == tuple(dataclasses.replace(w, state="given_up") for w in last)  # no replacement
         with pytest.raises(PoolWorkerDied, match=given_up.format(MAX_DEATHS) + r".*0 of the pool's 2 workers are "
                                                  "usable; a round of 2 needs 2: the fork round failed before the "
                                                  "parent was read$"):
@@ -299,7 +299,7 @@ def test_close_from_another_thread_while_a_round_runs(parent, dies, pools):
             closing.join(60)
     assert closing.ident is not None and not closing.is_alive()
     # no replacement, and none running, its pipes closed
-    assert pool.worker_info() == tuple(WorkerInfo(w.slot, "exited", w.pid) for w in workers)
+    assert pool.worker_info() == tuple(dataclasses.replace(w, state="exited") for w in workers)
     assert not alive({w.pid for w in workers})
     assert_pipes_back(pipes)
 
@@ -514,7 +514,7 @@ def test_ctrl_c_mid_round_kills_the_workers_yet_to_answer_and_starts_their_repla
         with pytest.raises(KeyboardInterrupt):
             round_(pool, parent)
         # worker 1 killed and reaped ("exited": its process's returncode), none replaced yet
-        assert pool.worker_info() == (before[0], WorkerInfo(1, "exited", before[1].pid))
+        assert pool.worker_info() == (before[0], dataclasses.replace(before[1], state="exited"))
         assert not alive({before[1].pid})
         result = round_(pool, parent)
         assert [g.token_ids for g in result.generations] == expected()

@@ -145,9 +145,10 @@ def test_worker_info_is_each_slots_worker_as_it_is_now() -> None:
     pool = Pool("ready", "ready")
     first = pool._workers[0]
     pool._workers[1] = Worker("1", outcome="starting")
-    assert pool.worker_info() == (WorkerInfo(0, "ready", first.pid), WorkerInfo(1, "starting", pool._workers[1].pid))
+    assert pool.worker_info() == (WorkerInfo(slot=0, state="ready", pid=first.pid),
+                                  WorkerInfo(slot=1, state="starting", pid=pool._workers[1].pid))
     pool._workers[0].kill()  # by an interrupted round: no longer started, though its engine once was
-    assert pool.worker_info()[0] == WorkerInfo(0, "exited", first.pid)
+    assert pool.worker_info()[0] == WorkerInfo(slot=0, state="exited", pid=first.pid)
     pool._workers[1].exited = True  # its process seen to end between rounds
     assert pool.worker_info()[1].state == "exited"
 
@@ -162,7 +163,7 @@ def test_a_worker_dead_mid_round_shows_its_replacement_starting_then_ready() -> 
     assert after[0] == before[0] and after[1].state == "starting" and after[1].pid != before[1].pid
     pool.dying = set()
     round_(pool)  # its start seen here
-    assert pool.worker_info()[1] == WorkerInfo(1, "ready", after[1].pid)
+    assert pool.worker_info()[1] == WorkerInfo(slot=1, state="ready", pid=after[1].pid)
 
 
 def test_failed_starts_show_as_the_slots_count_until_it_is_given_up() -> None:
@@ -179,7 +180,7 @@ def test_failed_starts_show_as_the_slots_count_until_it_is_given_up() -> None:
     last = pool.worker_info()[1].pid
     with pytest.raises(PoolWorkerDied, match="no longer restarted"):
         round_(pool)
-    assert pool.worker_info()[1] == WorkerInfo(1, "given_up", last, failed_starts=MAX_FAILED_STARTS)
+    assert pool.worker_info()[1] == WorkerInfo(slot=1, state="given_up", pid=last, failed_starts=MAX_FAILED_STARTS)
     round_(pool, 1)  # the other slot serves
     assert states(pool) == [("ready", 0), ("given_up", MAX_FAILED_STARTS)]
 
@@ -190,4 +191,4 @@ def test_close_shows_every_worker_exited() -> None:
     assert not pool.closed
     pool.close()
     assert pool.closed
-    assert pool.worker_info() == tuple(WorkerInfo(slot, "exited", pid) for slot, pid in enumerate(pids))
+    assert pool.worker_info() == tuple(WorkerInfo(slot=slot, state="exited", pid=pid) for slot, pid in enumerate(pids))

@@ -4,6 +4,7 @@ TransformersEngine of the parent's checkpoint and page size, take only the trunk
 The parent's pages are 16 tokens, not DEFAULT_PAGE_SIZE's 32: the pool cut every trunk at 32 whatever the
 engine's pages, so a 150-token trunk handed over 128 tokens of 144 cached and a 20-token one was refused."""
 
+import dataclasses
 import os
 import signal
 import threading
@@ -21,7 +22,7 @@ from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, wri
     test_a_damaged_segment_is_refused_before_any_worker_reads_it,
     test_a_context_without_a_full_page_is_refused_before_the_parent_is_read,
     test_a_parent_with_a_request_in_flight_hands_over_the_trunks_kv_only)
-from thaw_format.sdk import ForkPool, WorkerInfo, greedy, seeded
+from thaw_format.sdk import ForkPool, greedy, seeded
 from thaw_format.sdk.shared import capture_shared
 from thaw_transformers import TransformersEngine
 
@@ -118,7 +119,7 @@ def test_a_round_interrupted_by_ctrl_c_leaves_no_worker_answering_the_next_one(p
         interrupting.timer.cancel()
         signal.signal(signal.SIGINT, inherited)
     # killed and reaped ("exited": each process's returncode), not left running; replaced by the next round
-    assert pool.worker_info() == tuple(WorkerInfo(w.slot, "exited", w.pid) for w in before)
+    assert pool.worker_info() == tuple(dataclasses.replace(w, state="exited") for w in before)
     assert not alive({w.pid for w in before})
     parent.generate(again, checks.PARAMS)
     result = pool.fork(parent, checks.WORKERS, context=again, suffixes=others, params=checks.PARAMS)
@@ -220,5 +221,5 @@ def test_closing_while_a_round_waits_leaves_no_worker_running(parent):
         thread.join(60)
     assert len(outcome["held"].generations) == 1  # the round in progress ends as it would have
     assert str(outcome["waiting"]) == "this ForkPool is closed; start a new one"
-    assert pool.worker_info() == tuple(WorkerInfo(w.slot, "exited", w.pid) for w in started)
+    assert pool.worker_info() == tuple(dataclasses.replace(w, state="exited") for w in started)
     assert set(_pool_workers_alive()) == others

@@ -27,10 +27,10 @@ MAX_FAILED_STARTS = 3  # failed starts in a row of one worker slot, after which 
 MAX_DEATHS = 3  # rounds in a row in which one slot's worker died, after which the pool stops replacing it
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class WorkerInfo:
     """One slot's worker as a pool's `worker_info()` shows it: a copy, taken when asked (the pool's records are its
-    own, and a later round may put a new worker in the slot)."""
+    own, and a later round may put a new worker in the slot). Built by name: a field added later moves none."""
 
     slot: int  # its place in the pool, 0..workers-1; errors name its worker "pool worker <slot>"
     state: Literal["starting", "ready", "exited", "given_up"]
@@ -80,7 +80,8 @@ class SlotWorker:
             state = "exited"
         else:
             state = "ready" if self.ready else "starting"
-        return WorkerInfo(slot, state, self.pid, self.node, self.id, self.failed_starts)
+        return WorkerInfo(slot=slot, state=state, pid=self.pid, node=self.node, id=self.id,
+                          failed_starts=self.failed_starts)
 
     def ended(self) -> bool:
         """Its process has ended, as far as the pool knows without asking it: killed by the pool (a worker whose
