@@ -22,14 +22,13 @@ import pytest
 from descendants import HAS_PROC, alive, descendants, needs_proc, outliving, zombie
 from pool_engines import queue_starts, worker_env
 
-from fork_pool_checks import Unread, WorkerProcess
+from fork_pool_checks import Capturing, Unread, WorkerProcess
 from thaw_conformance.template.adapter import ToyThawEngine
 from thaw_conformance.template.engine import ToyModelConfig
 from thaw_format.sdk import ForkPool, LaunchSpec, PoolWorkerDied, fork, greedy
 from thaw_format.sdk import engine_process, pool as fork_pool
 from thaw_format.sdk.engine_process import EngineProcess
 from thaw_format.sdk.pool import MAX_DEATHS, MAX_FAILED_STARTS
-from thaw_format.sdk.shared import capture_shared
 
 TRUNK = list(range(3, 40))  # 9 full pages of the toy's 4 tokens, and one token more
 SUFFIXES = [[41, 42], [43]]
@@ -58,20 +57,6 @@ def pools():
 def expected():
     """What each suffix gives on a fresh engine: the tokens a worker must give."""
     return [ToyThawEngine.start(**CONFIG).generate(TRUNK + suffix, PARAMS).token_ids for suffix in SUFFIXES]
-
-
-class Capturing:
-    """The parent engine, except that `before()` runs first in its capture (the round's first step)."""
-
-    def __init__(self, engine, before) -> None:
-        self.engine, self.before = engine, before
-
-    def page_size(self) -> int:
-        return self.engine.page_size()
-
-    def capture_shared(self, *, chains=None) -> str:
-        self.before()
-        return capture_shared(self.engine, chains=chains)
 
 
 def engines_own(pids: set[int]) -> list[int]:

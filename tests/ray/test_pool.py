@@ -31,7 +31,7 @@ def _ray():
 
 
 class _ActorProcess:
-    """An actor's process, as fork_pool_checks' _KillDuringCapture kills it: Ray's raylet, its parent, reaps it."""
+    """An actor's process, as fork_pool_checks' kill_during_capture kills it: Ray's raylet, its parent, reaps it."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -65,7 +65,7 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     parent.generate(trunk + suffixes[0], PARAMS)  # the parent's steady state for this prompt
     before = parent.generate(trunk + suffixes[0], PARAMS)
     victim = pool.worker_info()[1]
-    killing = checks._KillDuringCapture(parent, _ActorProcess(victim.pid))  # SIGKILL, as the OOM killer would
+    killing = checks.kill_during_capture(parent, _ActorProcess(victim.pid))  # SIGKILL, as the OOM killer would
     with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(Ray actor [0-9a-f]+, pid {victim.pid} {NODE}\) died: "
                                              r"\w+Error: .*parent engine is untouched, dead workers are being "
                                              r"replaced"):
@@ -96,7 +96,8 @@ def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(po
                r"CorruptSnapshotError: tensor 'kv/0/k' \(region \d+\): checksum mismatch in chunk 0, .*?its engine is "
                r"untouched")
     with pytest.raises(CorruptSnapshotError, match=r"parent engine is untouched\)$") as refused:
-        pool.fork(checks._DamageAfterCapture(parent), checks.WORKERS, context=bad, suffixes=suffixes, params=PARAMS)
+        pool.fork(checks.Capturing(parent, after=checks.flip_a_bit), checks.WORKERS, context=bad, suffixes=suffixes,
+                  params=PARAMS)
     assert len(re.findall(refusal, str(refused.value))) == checks.WORKERS, str(refused.value)
     assert [ray.get(a.generate.remote(good + s, *probe)) for a, s in zip(actors, suffixes)] == held
     want = [fresh(bad + suffix, PARAMS) for suffix in suffixes]

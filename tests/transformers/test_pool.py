@@ -84,23 +84,6 @@ def test_rounds_from_two_threads_run_one_at_a_time(pool, parent, fresh):
         assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
 
 
-class _InterruptAfterCapture:
-    """The parent engine, except that half a second after its capture this process gets SIGINT (Ctrl-C), while
-    the workers are generating."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
-
-    def page_size(self) -> int:
-        return self.engine.page_size()
-
-    def capture_shared(self, *, chains=None) -> str:
-        source = capture_shared(self.engine, chains=chains)
-        self.timer.start()
-        return source
-
-
 def test_a_round_interrupted_by_ctrl_c_leaves_no_worker_answering_the_next_one(pool, parent, fresh):
     """Ctrl-C while the workers generated left each with a reply on its way: the next round read those replies
     (the interrupted round's tokens) as its own. The workers yet to answer are killed and replaced."""
@@ -108,15 +91,17 @@ def test_a_round_interrupted_by_ctrl_c_leaves_no_worker_answering_the_next_one(p
     want = [fresh(again + suffix, checks.PARAMS) for suffix in others]
     parent.generate(trunk, checks.PARAMS)
     before = pool.worker_info()
-    interrupting = _InterruptAfterCapture(parent)
+    # half a second after its capture this process gets SIGINT (Ctrl-C), while the workers are generating
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     # Ctrl-C as a terminal gives it, whatever this process inherited: a shell runs a background job (`cmd &`, as
     # a CI may start its tests) with SIGINT ignored, and then the round ran to its end
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):  # 3000 tokens each: seconds, long after the interrupt
-            pool.fork(interrupting, checks.WORKERS, context=trunk, suffixes=suffixes, params=greedy(3000))
+            pool.fork(checks.Capturing(parent, after=lambda source: timer.start()), checks.WORKERS, context=trunk,
+                      suffixes=suffixes, params=greedy(3000))
     finally:
-        interrupting.timer.cancel()
+        timer.cancel()
         signal.signal(signal.SIGINT, inherited)
     # killed and reaped ("exited": each process's returncode), not left running; replaced by the next round
     assert pool.worker_info() == tuple(dataclasses.replace(w, state="exited") for w in before)
@@ -170,22 +155,6 @@ def _pool_workers_alive() -> list[int]:
     return alive
 
 
-class _HeldCapture:
-    """The parent engine, except that its capture (a round's first step, once the round holds the pool) waits for
-    `go`: a round in progress for as long as a test needs."""
-
-    def __init__(self, engine) -> None:
-        self.engine, self.holding, self.go = engine, threading.Event(), threading.Event()
-
-    def page_size(self) -> int:
-        return self.engine.page_size()
-
-    def capture_shared(self, *, chains=None) -> str:
-        self.holding.set()
-        self.go.wait(60)
-        return capture_shared(self.engine, chains=chains)
-
-
 def test_closing_while_a_round_waits_leaves_no_worker_running(parent):
     """close() took no lock: a round waiting for the one before it went on against the closed pipes (a write to a
     closed stdin raised ValueError, not BrokenPipeError), and its handler killed and started a new engine per
@@ -194,7 +163,9 @@ def test_closing_while_a_round_waits_leaves_no_worker_running(parent):
     trunk, (suffix, _) = checks._round_case(140, 40)
     parent.generate(trunk, checks.PARAMS)
     pool = ForkPool(parent, workers=1)
-    started, held, outcome = pool.worker_info(), _HeldCapture(parent), {}
+    started, holding_it, go, outcome = pool.worker_info(), threading.Event(), threading.Event(), {}
+    # its capture (a round's first step, once the round holds the pool) waits for `go`: a round in progress
+    held = checks.Capturing(parent, before=lambda: (holding_it.set(), go.wait(60)))
 
     def fork(key, engine):
         try:
@@ -205,7 +176,7 @@ def test_closing_while_a_round_waits_leaves_no_worker_running(parent):
     holding = threading.Thread(target=fork, args=("held", held))
     holding.start()
     try:
-        assert held.holding.wait(60)  # a round in progress
+        assert holding_it.wait(60)  # a round in progress
         waiting = threading.Thread(target=fork, args=("waiting", parent))
         waiting.start()
         time.sleep(0.5)  # the round waits for the pool
@@ -216,7 +187,7 @@ def test_closing_while_a_round_waits_leaves_no_worker_running(parent):
             assert time.monotonic() < deadline, "close() did not mark the pool closed within 60 s"
             time.sleep(0.01)
     finally:
-        held.go.set()
+        go.set()
     for thread in (holding, waiting, closing):
         thread.join(60)
     assert len(outcome["held"].generations) == 1  # the round in progress ends as it would have
