@@ -54,3 +54,11 @@ def outliving(pids: set[int], timeout: float) -> set[int]:
     while alive(pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     return alive(pids)
+
+
+def zombie(pid: int) -> bool:
+    """Whether `pid` has ended and is not yet reaped by its parent."""
+    try:
+        return _stat(str(pid))[1] == "Z"
+    except OSError:  # gone: reaped
+        return False

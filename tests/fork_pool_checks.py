@@ -18,6 +18,7 @@ import mmap
 import os
 import random
 import signal
+import time
 
 import pytest
 
@@ -77,20 +78,58 @@ def test_the_parents_page_size_is_its_captures(parent) -> None:
     assert parent.capture(include_weights=False, chains=[trunk]).kv.page_size == parent.page_size()
 
 
-class _KillDuringCapture:
-    """The parent engine, except that its capture (the round's first step) SIGKILLs one pool worker first (the
-    worker alone, as the OOM killer would; not the processes its engine started)."""
+class WorkerProcess:
+    """A ForkPool worker's process, by its slot, as the pool's worker_info() shows it: its pid; kill() (SIGKILL, the
+    worker alone, as the OOM killer would); and wait() until the pool shows it exited: its process's watcher has
+    seen it exit and killed what its engine started. Nothing has reaped it then (worker_info() reaps nothing): the
+    pool does, in the round that finds it dead, or in close()."""
 
-    def __init__(self, engine, victim) -> None:
-        self.engine, self.victim = engine, victim
+    def __init__(self, pool, slot: int) -> None:
+        self.pool, self.slot = pool, slot
+        self.pid = pool.worker_info()[slot].pid
+
+    def kill(self) -> None:
+        info = self.pool.worker_info()[self.slot]
+        assert info.state == "ready" and info.pid == self.pid, info  # not a pid the pool has let go of
+        os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.pool.worker_info()[self.slot]
+            assert info.pid == self.pid, f"slot {self.slot} holds another worker: {info}"
+            if info.state == "exited":
+                return
+            assert time.monotonic() < deadline, f"pool worker {self.slot} (pid {self.pid}) not seen to exit in " \
+                                                f"{timeout} s: {info}"
+            time.sleep(0.05)
+
+
+class Capturing:
+    """The parent engine, except that its capture (the round's first step) runs `before()` first and
+    `after(source)` once the capture is published (source: its shm:// name)."""
+
+    def __init__(self, engine, before=lambda: None, after=lambda source: None) -> None:
+        self.engine, self.before, self.after = engine, before, after
 
     def page_size(self) -> int:
         return self.engine.page_size()
 
     def capture_shared(self, *, chains=None) -> str:
-        os.kill(self.victim.pid, signal.SIGKILL)
-        self.victim.wait()
-        return capture_shared(self.engine, chains=chains)
+        self.before()
+        source = capture_shared(self.engine, chains=chains)
+        self.after(source)
+        return source
+
+
+def kill_during_capture(engine, victim) -> Capturing:
+    """The parent engine, except that its capture SIGKILLs one pool worker first (the worker alone, as the OOM
+    killer would; not the processes its engine started), and waits until it has gone: `victim.kill()`,
+    `victim.wait()`."""
+    def kill() -> None:
+        victim.kill()
+        victim.wait()
+    return Capturing(engine, before=kill)
 
 
 def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent, fresh) -> None:
@@ -99,39 +138,29 @@ def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     parent.generate(trunk, PARAMS)
     parent.generate(trunk + suffixes[0], PARAMS)  # the parent's steady state for this prompt
     before = parent.generate(trunk + suffixes[0], PARAMS)
-    victim = pool._workers[1].process
+    victim = WorkerProcess(pool, 1)
     started = descendants(victim.pid) if HAS_PROC else set()  # its engine's own processes (unchecked off Linux)
     with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(pid {victim.pid}\) exited with status -9 "
                                              r"\(killed by SIGKILL\).*parent engine is untouched"):
-        pool.fork(_KillDuringCapture(parent, victim), WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+        pool.fork(kill_during_capture(parent, victim), WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert not outliving(started, timeout=30)
     assert parent.generate(trunk + suffixes[0], PARAMS) == before  # the parent serves as before, cache and all
     result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
     assert [g.cached_tokens for g in result.generations] == [full_pages(trunk, parent)] * WORKERS
-    replaced = pool._workers[1].process.pid
-    assert replaced != victim.pid and os.path.exists(f"/proc/{replaced}")
+    replaced = pool.worker_info()[1]
+    assert replaced.state == "ready" and replaced.pid != victim.pid and os.path.exists(f"/proc/{replaced.pid}")
 
 
-class _DamageAfterCapture:
-    """The parent engine, except that one bit of layer 0's K in its published capture is flipped."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-
-    def page_size(self) -> int:
-        return self.engine.page_size()
-
-    def capture_shared(self, *, chains=None) -> str:
-        source = capture_shared(self.engine, chains=chains)
-        name, _, nbytes = source[len("shm://"):].partition("#")
-        fd = open_segment(name, os.O_RDWR)
-        try:
-            with mmap.mmap(fd, int(nbytes)) as segment:
-                segment[SnapshotFile(segment).info("kv/0/k")[2].offset + 1000] ^= 0x40
-        finally:
-            os.close(fd)
-        return source
+def flip_a_bit(source: str) -> None:
+    """Flip one bit of layer 0's K in a published capture."""
+    name, _, nbytes = source[len("shm://"):].partition("#")
+    fd = open_segment(name, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, int(nbytes)) as segment:
+            segment[SnapshotFile(segment).info("kv/0/k")[2].offset + 1000] ^= 0x40
+    finally:
+        os.close(fd)
 
 
 def test_a_damaged_segment_is_refused_before_any_worker_reads_it(pool, parent, fresh) -> None:
@@ -141,7 +170,7 @@ def test_a_damaged_segment_is_refused_before_any_worker_reads_it(pool, parent, f
     # The pool's own error, not a worker's (a worker's refusal is a RuntimeError naming the worker).
     with pytest.raises(CorruptSnapshotError, match=r"the parent's capture for this round \(shm://.*\): tensor "
                        r"'kv/0/k' \(region \d+\): checksum mismatch in chunk 0, .*no worker was sent it"):
-        pool.fork(_DamageAfterCapture(parent), WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+        pool.fork(Capturing(parent, after=flip_a_bit), WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)  # a fresh capture
     assert [g.token_ids for g in result.generations] == want
     assert [g.cached_tokens for g in result.generations] == [full_pages(trunk, parent)] * WORKERS

@@ -15,7 +15,7 @@ MAX_FAILED_STARTS failed starts in a row, or MAX_DEATHS rounds in a row in which
 whose engine is still starting start_timeout_s after it was placed has failed to start (killed); one that no node
 can place yet is still starting: kept, the round failing (PoolWorkerStarting if no other worker failed), until a
 node can place it.
-`worker_info()` names each slot's actor and its node.
+`worker_info()` shows each slot's actor (its state, pid, node and Ray id: RoundPool.worker_info).
 
 The Ray cluster is the caller's: the pool needs Ray initialised (ray.init, or a cluster address) and never
 calls ray.init or ray.shutdown itself; close() closes its actors' engines and ends its own actors only (ray.kill,
@@ -161,12 +161,12 @@ class RayForkPool(RoundPool):
     def _stop(self) -> None:
         """Close the engines side by side, waiting CLOSE_TIMEOUT_S for them all, then end every actor (one whose
         engine did not close in time, or never started, killed as it is)."""
-        if not ray.is_initialized():  # Ray shut down first (by its owner): its actors are gone with it
-            return
         try:
-            closing = [worker.actor.close.remote() for worker in self._workers if worker.ready and not worker.killed]
-            if closing:  # an actor dead already answers with its error: done too
-                ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
+            if ray.is_initialized():  # else Ray was shut down first (by its owner): its actors are gone with it
+                closing = [worker.actor.close.remote() for worker in self._workers
+                           if worker.ready and not worker.killed]
+                if closing:  # an actor dead already answers with its error: done too
+                    ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
         finally:
-            for worker in self._workers:
+            for worker in self._workers:  # killed, or marked so where Ray is gone: each shows exited
                 worker.kill()

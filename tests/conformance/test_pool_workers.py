@@ -16,19 +16,19 @@ import sys
 import threading
 import time
 import warnings
+from multiprocessing import resource_tracker
 
 import pytest
-from descendants import descendants, needs_proc, outliving
+from descendants import HAS_PROC, alive, descendants, needs_proc, outliving, zombie
 from pool_engines import queue_starts, worker_env
 
-from fork_pool_checks import Unread
+from fork_pool_checks import Capturing, Unread, WorkerProcess
 from thaw_conformance.template.adapter import ToyThawEngine
 from thaw_conformance.template.engine import ToyModelConfig
 from thaw_format.sdk import ForkPool, LaunchSpec, PoolWorkerDied, fork, greedy
-from thaw_format.sdk import engine_process
+from thaw_format.sdk import engine_process, pool as fork_pool
 from thaw_format.sdk.engine_process import EngineProcess
 from thaw_format.sdk.pool import MAX_DEATHS, MAX_FAILED_STARTS
-from thaw_format.sdk.shared import capture_shared
 
 TRUNK = list(range(3, 40))  # 9 full pages of the toy's 4 tokens, and one token more
 SUFFIXES = [[41, 42], [43]]
@@ -57,20 +57,6 @@ def pools():
 def expected():
     """What each suffix gives on a fresh engine: the tokens a worker must give."""
     return [ToyThawEngine.start(**CONFIG).generate(TRUNK + suffix, PARAMS).token_ids for suffix in SUFFIXES]
-
-
-class Capturing:
-    """The parent engine, except that `before()` runs first in its capture (the round's first step)."""
-
-    def __init__(self, engine, before) -> None:
-        self.engine, self.before = engine, before
-
-    def page_size(self) -> int:
-        return self.engine.page_size()
-
-    def capture_shared(self, *, chains=None) -> str:
-        self.before()
-        return capture_shared(self.engine, chains=chains)
 
 
 def engines_own(pids: set[int]) -> list[int]:
@@ -103,6 +89,28 @@ def flaky(tmp_path):
     return instructions, LaunchSpec("pool_engines:flaky", {"instructions": str(instructions), **CONFIG})
 
 
+def open_pipes() -> dict[str, str]:
+    """This process's open pipes, by fd (from /proc; none read elsewhere), once its multiprocessing resource
+    tracker has started: a round's first shared-memory segment starts it, and its pipe stays open for good."""
+    resource_tracker.ensure_running()
+    opened = {}
+    for fd in os.listdir("/proc/self/fd") if HAS_PROC else ():
+        with contextlib.suppress(OSError):  # the listing's own fd, closed by now
+            if (link := os.readlink(f"/proc/self/fd/{fd}")).startswith("pipe:"):
+                opened[fd] = link
+    return opened
+
+
+def assert_pipes_back(before: dict[str, str], timeout: float = 10) -> None:
+    """This process has the pipes open that it had `before`, within `timeout` seconds (a thread that held one
+    may be finishing): a pool's workers' pipes are closed by close(), not left to the garbage collector."""
+    deadline = time.monotonic() + timeout
+    while (now := open_pipes()) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert now == before, f"{timeout} s after close(), open: {sorted(now.items() - before.items())}, closed: " \
+                          f"{sorted(before.items() - now.items())}"
+
+
 def round_(pool, parent):
     return pool.fork(parent, 2, context=TRUNK, suffixes=SUFFIXES, params=PARAMS)
 
@@ -114,43 +122,45 @@ def test_a_replacement_that_fails_to_start_is_named_and_started_again(parent, tm
     fail, spec = flaky(tmp_path)
     with ForkPool(spec, workers=2, env=worker_env()) as pool:
         queue_starts(fail, "error", "exit")  # the replacement's start, then its restart's ("exit": without a word)
-        pool._workers[1].process.kill()  # between rounds: the next round finds it dead and starts a replacement
-        with pytest.raises(PoolWorkerDied, match=r"pool worker 1 \(pid \d+\) exited with status -9"):
+        WorkerProcess(pool, 1).kill()  # between rounds: the next round finds it dead and
+        with pytest.raises(PoolWorkerDied, match=r"pool worker 1 \(pid \d+\) exited with status -9"):  # replaces it
             round_(pool, parent)
-        failing = pool._workers[1].process
+        failing = pool.worker_info()[1]
+        assert failing.state == "starting" and failing.failed_starts == 0
         with pytest.raises(PoolWorkerDied, match=rf"^pool worker 1 \(pid {failing.pid}\) failed to start: starting the "
                            r"pool engine: RuntimeError: told to fail by .* \(it exited with status 1\); it is started "
                            r"again for the next round \(failed starts in a row: 1 of 3\): the fork round failed "
                            r"before the parent was read$"):
             round_(pool, Unread(parent.page_size()))
-        assert failing.stdin.closed and failing.stdout.closed
-        failing = pool._workers[1].process
+        failing = pool.worker_info()[1]
+        assert failing.state == "starting" and failing.failed_starts == 1  # its restart, its slot's count carried on
         with pytest.raises(PoolWorkerDied, match=rf"^pool worker 1 \(pid {failing.pid}\) failed to start \(it exited "
                                                  r"with status 3\); .*failed starts in a row: 2 of 3"):
             round_(pool, Unread(parent.page_size()))
         result = round_(pool, parent)  # its next restart finds no instruction left
         assert [g.token_ids for g in result.generations] == expected()
         assert [g.cached_tokens for g in result.generations] == [36, 36]
-        assert pool._workers[1].failed_starts == 0  # a start that works resets its count
+        assert pool.worker_info()[1].state == "ready"
+        assert pool.worker_info()[1].failed_starts == 0  # a start that works resets its count
 
 
 def test_a_worker_that_keeps_failing_to_start_is_given_up_after_a_bounded_number_of_tries(parent, tmp_path):
     fail, spec = flaky(tmp_path)
     with ForkPool(spec, workers=2, env=worker_env()) as pool:
         queue_starts(fail, *["error"] * MAX_FAILED_STARTS)
-        pool._workers[0].process.kill()
+        WorkerProcess(pool, 0).kill()
         with pytest.raises(PoolWorkerDied, match="pool worker 0 .* exited with status -9"):
             round_(pool, parent)
         for attempt in range(1, MAX_FAILED_STARTS):
             with pytest.raises(PoolWorkerDied, match=f"failed starts in a row: {attempt} of {MAX_FAILED_STARTS}"):
                 round_(pool, Unread(parent.page_size()))
-        last = pool._workers[0].process
+        last = pool.worker_info()[0]
         for _ in range(2):  # the last failure, then a round that finds it given up: no new process
             with pytest.raises(PoolWorkerDied, match=rf"pool worker 0 \(pid {last.pid}\) failed to start: .*; it "
                                rf"failed to start {MAX_FAILED_STARTS} times in a row and is no longer restarted: close "
                                "this pool and start a new one"):
                 round_(pool, Unread(parent.page_size()))
-            assert pool._workers[0].process is last
+            assert pool.worker_info()[0] == dataclasses.replace(last, state="given_up", failed_starts=MAX_FAILED_STARTS)
         # a given-up slot leaves the others serving (every round used slot 0, and failed)
         result = pool.fork(parent, 1, context=TRUNK, suffixes=SUFFIXES[:1], params=PARAMS)
         assert [g.token_ids for g in result.generations] == expected()[:1]
@@ -177,19 +187,19 @@ def test_a_worker_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
         for _ in range(MAX_DEATHS - 1):
             with pytest.raises(PoolWorkerDied, match="dead workers are being replaced"):
                 round_(pool, parent)
-        last = list(pool._workers)
+        last = pool.worker_info()
         given_up = r"; its slot's workers died in {} rounds in a row, and it is no longer replaced: close this pool " \
                    "and start a new one"
-        with pytest.raises(PoolWorkerDied, match="^" + "; ".join(died.format(w.name, w.process.pid) +
+        with pytest.raises(PoolWorkerDied, match="^" + "; ".join(died.format(w.slot, w.pid) +
                                                                given_up.format(MAX_DEATHS) for w in last) +
                            r": the fork round failed \(the parent engine is untouched\)$"):
             round_(pool, parent)
-        assert pool._workers == last  # no replacement
+        assert pool.worker_info() == tuple(dataclasses.replace(w, state="given_up") for w in last)  # no replacement
         with pytest.raises(PoolWorkerDied, match=given_up.format(MAX_DEATHS) + r".*0 of the pool's 2 workers are "
                                                  "usable; a round of 2 needs 2: the fork round failed before the "
                                                  "parent was read$"):
             round_(pool, Unread(parent.page_size()))
-        assert pool._workers == last
+        assert [w.state for w in pool.worker_info()] == ["given_up"] * 2
 
 
 @needs_proc
@@ -200,15 +210,17 @@ def test_what_a_killed_workers_engine_started_ends_with_it(parent, when):
     death. They now end with it, whether the pool is reading from it at the time or not."""
     spec = LaunchSpec("pool_engines:ToyWithAProcess.start", CONFIG)
     with ForkPool(spec, workers=2, env=worker_env()) as pool:
-        victim = pool._workers[1].process
+        victim = WorkerProcess(pool, 1)
         started = started_by_its_engine(victim.pid)  # its engine's own process, and multiprocessing's tracker
         assert len(engines_own(started)) == 1
         if when == "between rounds":
-            os.kill(victim.pid, signal.SIGKILL)
-            assert not outliving(started, timeout=10)  # no round has run since: no one asked the pool
+            victim.kill()
+            assert not outliving(started, timeout=10)  # its watcher's doing: nothing asked the pool meanwhile
+            victim.wait()  # the pool sees it exit, no round run since
+            assert zombie(victim.pid)  # and has not reaped it: only its own calls do (kill() relies on that)
         else:
             with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(pid {victim.pid}\) exited with status -9"):
-                round_(pool, Capturing(parent, lambda: os.kill(victim.pid, signal.SIGKILL)))
+                round_(pool, Capturing(parent, victim.kill))
             assert not outliving(started, timeout=10)
         if when == "between rounds":
             with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(pid {victim.pid}\) exited with status -9"):
@@ -248,14 +260,17 @@ def test_close_from_another_thread_while_a_round_runs(parent, dies, pools):
 
     def close_meanwhile():
         if dies:
-            os.kill(pool._workers[1].process.pid, signal.SIGKILL)
+            WorkerProcess(pool, 1).kill()
         closing.start()
-        while not pool._closed:  # close() has begun; it waits for this round to end
+        deadline = time.monotonic() + 60
+        while not pool.closed:  # close() has begun; it waits for this round to end
+            assert time.monotonic() < deadline, "close() did not mark the pool closed within 60 s"
             time.sleep(0.001)
 
+    pipes = open_pipes()
     pool = ForkPool(parent, workers=2)
     pools.append(pool)
-    workers = list(pool._workers)
+    workers = pool.worker_info()
     try:
         if dies:
             with pytest.raises(PoolWorkerDied, match=r"pool worker 1 .* exited with status -9 .*: the fork round "
@@ -268,36 +283,37 @@ def test_close_from_another_thread_while_a_round_runs(parent, dies, pools):
         if closing.ident is not None:  # started (join raises for a thread that never was)
             closing.join(60)
     assert closing.ident is not None and not closing.is_alive()
-    assert pool._workers == workers  # no replacement
-    for worker in workers:
-        assert worker.process.poll() is not None and worker.process.stdin.closed and worker.process.stdout.closed
+    # no replacement, and none running, its pipes closed
+    assert pool.worker_info() == tuple(dataclasses.replace(w, state="exited") for w in workers)
+    assert not alive({w.pid for w in workers})
+    assert_pipes_back(pipes)
 
 
 def test_a_dead_workers_pipes_are_closed_here_not_by_the_garbage_collector(parent, tmp_path):
     """Pipes left to the garbage collector print 'ResourceWarning: unclosed file' and, for a stdin holding bytes
     a dead worker never read, 'Exception ignored ... BrokenPipeError'. Every worker this pool ever started, dead
-    mid-round, failed to start, or stopped by close(), has both pipes closed."""
+    mid-round, failed to start, or stopped by close(), has both pipes closed: this process's open pipes are back
+    to those it had before the pool (Linux), before any collection; and the collection, inside the watch for
+    both, prints nothing."""
     fail, spec = flaky(tmp_path)
     printed, hook = [], sys.unraisablehook
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always", ResourceWarning)
         sys.unraisablehook = printed.append
         try:
+            pipes = open_pipes()
             pool = ForkPool(spec, workers=2, env=worker_env())
             try:  # not the `pools` fixture: it would hold the pool past the collection below
-                started = list(pool._workers)
                 queue_starts(fail, "error")  # the replacement's start; its restart starts normally
                 with pytest.raises(PoolWorkerDied):  # worker 1 dies as the round begins; its send finds no reader
-                    round_(pool, Capturing(parent, pool._workers[1].process.kill))
-                started.append(pool._workers[1])
+                    round_(pool, Capturing(parent, WorkerProcess(pool, 1).kill))
                 with pytest.raises(PoolWorkerDied, match="failed to start"):
                     round_(pool, Unread(parent.page_size()))
-                started.append(pool._workers[1])
+                assert pool.worker_info()[1].failed_starts == 1
             finally:
                 pool.close()
-            for worker in started:
-                assert worker.process.stdin.closed and worker.process.stdout.closed, worker.describe()
-            del pool, started, worker
+            assert_pipes_back(pipes)
+            del pool
             gc.collect()
         finally:
             sys.unraisablehook = hook
@@ -472,22 +488,23 @@ def test_ctrl_c_mid_round_kills_the_workers_yet_to_answer_and_starts_their_repla
     """Interrupted mid-round, the pool started the replacements at once: a close() that followed (the usual next
     step after Ctrl-C) waited for each to finish starting. They are now started by the next round."""
     with ForkPool(parent, workers=2) as pool:
-        workers = list(pool._workers)
-        receive = type(workers[0]).receive
+        before, answered = pool.worker_info(), fork_pool.note_answer
 
         def interrupted(worker):
-            monkeypatch.setattr(type(worker), "receive", receive)  # the next round's replies are read
-            raise KeyboardInterrupt
+            answered(worker)
+            monkeypatch.setattr(fork_pool, "note_answer", answered)  # the next round's answers are noted as usual
+            raise KeyboardInterrupt  # after worker 0's answer: worker 1 is yet to answer
 
-        monkeypatch.setattr(type(workers[0]), "receive", interrupted)
+        monkeypatch.setattr(fork_pool, "note_answer", interrupted)
         with pytest.raises(KeyboardInterrupt):
             round_(pool, parent)
-        assert pool._workers == workers  # none replaced yet
-        for worker in workers:
-            assert worker.process.poll() is not None and worker.process.stdout.closed
+        # worker 1 killed and reaped ("exited": its process's returncode), none replaced yet
+        assert pool.worker_info() == (before[0], dataclasses.replace(before[1], state="exited"))
+        assert not alive({before[1].pid})
         result = round_(pool, parent)
         assert [g.token_ids for g in result.generations] == expected()
-        assert not set(pool._workers) & set(workers)
+        after = pool.worker_info()
+        assert after[0] == before[0] and after[1].state == "ready" and after[1].pid != before[1].pid
 
 
 def idle_worker() -> EngineProcess:

@@ -1,13 +1,18 @@
 """The three ways a pool worker's start ends (thaw_format.sdk.pool_slots): started, failed (PoolWorkerDied: the
 worker replaced and its failed start counted), or still starting (PoolWorkerStarting: kept as it is, not
 counted), on workers of this file's own, no engine and no process; what a round and a pool's first start raise
-for each; and worker_info, the pool's read-only view."""
+for each; and worker_info, the pool's read-only view of its slots, across a worker dying mid-round, failed
+starts until its slot is given up, an interrupted round's kill, and close()."""
+
+import itertools
 
 import pytest
 
-from thaw_format.sdk import PoolWorkerDied, PoolWorkerStarting, WorkerInfo
-from thaw_format.sdk.pool_slots import SlotWorker, finish_starts
+from thaw_format.sdk import PoolWorkerDied, PoolWorkerStarting, WorkerInfo, greedy
+from thaw_format.sdk.pool_slots import MAX_FAILED_STARTS, SlotWorker, finish_starts, note_answer
 from thaw_format.sdk.round_pool import RoundPool
+
+PIDS = itertools.count(100)  # each worker's own: a replacement has a new one
 
 
 class Worker(SlotWorker):
@@ -16,7 +21,8 @@ class Worker(SlotWorker):
 
     def __init__(self, name: str, failed_starts: int = 0, deaths: int = 0, outcome: str = "ready") -> None:
         super().__init__(name, failed_starts, deaths)
-        self.outcome, self.killed, self.pid, self.waits = outcome, False, 100 + int(name), 0
+        self.outcome, self.killed, self.pid, self.waits = outcome, False, next(PIDS), 0
+        self.exited = False  # its process seen to end on its own (as ForkPool's watcher sees it)
 
     def describe(self) -> str:
         return f"worker {self.name}"
@@ -32,22 +38,52 @@ class Worker(SlotWorker):
     def kill(self) -> None:
         self.killed = True
 
+    def ended(self) -> bool:
+        return self.killed or self.exited
+
 
 class Pool(RoundPool):
-    """A RoundPool of such workers: `outcomes`, in order, for the workers it starts."""
+    """A RoundPool of such workers: `outcomes`, in order, for the workers it starts (its first len(outcomes) at
+    once); in its rounds the workers in the slots of `dying` die, the others answer (with no generation)."""
 
-    def __init__(self, *outcomes: str) -> None:
-        self.outcomes, self.stopped = list(outcomes), False
-        self._start_workers(len(outcomes))
+    def __init__(self, *outcomes: str, workers: int = 0) -> None:
+        self.outcomes, self.dying = list(outcomes), set()
+        self._start_workers(workers or len(outcomes))
 
     def _start(self, name: str, failed_starts: int = 0, deaths: int = 0) -> Worker:
         return Worker(name, failed_starts, deaths, self.outcomes.pop(0))
 
     def _run(self, round_, slots, source, arguments):
-        raise AssertionError("no round runs here")
+        failures = []
+        for slot in slots:
+            if slot in self.dying:
+                self._workers[slot].kill()
+                failures.append(self._died(slot, PoolWorkerDied(f"worker {slot} died")))
+            else:
+                note_answer(self._workers[slot])
+        return [], failures
 
     def _stop(self) -> None:
-        self.stopped = True
+        for worker in self._workers:
+            worker.kill()
+
+
+class Parent:
+    """A parent that is never read: its capture's source names a segment that no one opens."""
+
+    def page_size(self) -> int:
+        return 4
+
+    def capture_shared(self, *, chains=None) -> str:
+        return "shm://thaw-unit-never-opened#64"
+
+
+def round_(pool, n: int = 2):
+    return pool.fork(Parent(), n, context=[5] * 8, suffixes=[[6]] * n, params=greedy(1))
+
+
+def states(pool) -> list[tuple[str, int]]:
+    return [(info.state, info.failed_starts) for info in pool.worker_info()]
 
 
 def starter(started: list):
@@ -107,7 +143,52 @@ def test_a_pools_first_start_still_starting_fails_the_pool_with_pool_worker_died
 
 def test_worker_info_is_each_slots_worker_as_it_is_now() -> None:
     pool = Pool("ready", "ready")
+    first = pool._workers[0]
     pool._workers[1] = Worker("1", outcome="starting")
-    assert pool.worker_info() == (WorkerInfo("0", None, 100, True), WorkerInfo("1", None, 101, False))
+    assert pool.worker_info() == (WorkerInfo(slot=0, state="ready", pid=first.pid),
+                                  WorkerInfo(slot=1, state="starting", pid=pool._workers[1].pid))
     pool._workers[0].kill()  # by an interrupted round: no longer started, though its engine once was
-    assert pool.worker_info()[0] == WorkerInfo("0", None, 100, False)
+    assert pool.worker_info()[0] == WorkerInfo(slot=0, state="exited", pid=first.pid)
+    pool._workers[1].exited = True  # its process seen to end between rounds
+    assert pool.worker_info()[1].state == "exited"
+
+
+def test_a_worker_dead_mid_round_shows_its_replacement_starting_then_ready() -> None:
+    pool = Pool("ready", "ready", "ready", workers=2)
+    before = pool.worker_info()
+    pool.dying = {1}
+    with pytest.raises(PoolWorkerDied, match="worker 1 died"):
+        round_(pool)
+    after = pool.worker_info()
+    assert after[0] == before[0] and after[1].state == "starting" and after[1].pid != before[1].pid
+    pool.dying = set()
+    round_(pool)  # its start seen here
+    assert pool.worker_info()[1] == WorkerInfo(slot=1, state="ready", pid=after[1].pid)
+
+
+def test_failed_starts_show_as_the_slots_count_until_it_is_given_up() -> None:
+    pool = Pool("ready", "ready", *["failed"] * MAX_FAILED_STARTS, workers=2)
+    pool.dying = {1}
+    with pytest.raises(PoolWorkerDied, match="worker 1 died"):
+        round_(pool)
+    pool.dying = set()
+    assert states(pool) == [("ready", 0), ("starting", 0)]
+    for attempt in range(1, MAX_FAILED_STARTS):
+        with pytest.raises(PoolWorkerDied, match="failed to start"):
+            round_(pool)
+        assert states(pool) == [("ready", 0), ("starting", attempt)]  # started again, its slot's count carried on
+    last = pool.worker_info()[1].pid
+    with pytest.raises(PoolWorkerDied, match="no longer restarted"):
+        round_(pool)
+    assert pool.worker_info()[1] == WorkerInfo(slot=1, state="given_up", pid=last, failed_starts=MAX_FAILED_STARTS)
+    round_(pool, 1)  # the other slot serves
+    assert states(pool) == [("ready", 0), ("given_up", MAX_FAILED_STARTS)]
+
+
+def test_close_shows_every_worker_exited() -> None:
+    pool = Pool("ready", "ready")
+    pids = [info.pid for info in pool.worker_info()]
+    assert not pool.closed
+    pool.close()
+    assert pool.closed
+    assert pool.worker_info() == tuple(WorkerInfo(slot=slot, state="exited", pid=pid) for slot, pid in enumerate(pids))

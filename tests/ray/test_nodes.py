@@ -164,7 +164,7 @@ def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray
         with pytest.raises(PoolWorkerDied, match=r"died: .*dead workers are being replaced"):
             pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
         pending = pool.worker_info()  # not placed: no node or pid yet, but each actor's id, from its creation
-        assert all(worker.id and worker.node is None for worker in pending), pending
+        assert all(worker.id and worker.node is None and worker.state == "starting" for worker in pending), pending
         for _ in range(MAX_FAILED_STARTS + 1):
             began = time.monotonic()
             with pytest.raises(PoolWorkerStarting, match=rf"^pool worker 0 .*not placed within {timeout} s .*; it "

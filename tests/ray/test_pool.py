@@ -31,10 +31,13 @@ def _ray():
 
 
 class _ActorProcess:
-    """An actor's process, as fork_pool_checks' _KillDuringCapture kills it: Ray's raylet, its parent, reaps it."""
+    """An actor's process, as fork_pool_checks' kill_during_capture kills it: Ray's raylet, its parent, reaps it."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
 
     def alive(self) -> bool:
         try:
@@ -62,7 +65,7 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     parent.generate(trunk + suffixes[0], PARAMS)  # the parent's steady state for this prompt
     before = parent.generate(trunk + suffixes[0], PARAMS)
     victim = pool.worker_info()[1]
-    killing = checks._KillDuringCapture(parent, _ActorProcess(victim.pid))  # SIGKILL, as the OOM killer would
+    killing = checks.kill_during_capture(parent, _ActorProcess(victim.pid))  # SIGKILL, as the OOM killer would
     with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(Ray actor [0-9a-f]+, pid {victim.pid} {NODE}\) died: "
                                              r"\w+Error: .*parent engine is untouched, dead workers are being "
                                              r"replaced"):
@@ -72,7 +75,7 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     assert [g.token_ids for g in result.generations] == want
     assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
     replacement = pool.worker_info()[1]
-    assert replacement.ready and replacement.pid != victim.pid and _ActorProcess(replacement.pid).alive()
+    assert replacement.state == "ready" and replacement.pid != victim.pid and _ActorProcess(replacement.pid).alive()
 
 
 def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(pool, parent, fresh) -> None:
@@ -93,7 +96,8 @@ def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(po
                r"CorruptSnapshotError: tensor 'kv/0/k' \(region \d+\): checksum mismatch in chunk 0, .*?its engine is "
                r"untouched")
     with pytest.raises(CorruptSnapshotError, match=r"parent engine is untouched\)$") as refused:
-        pool.fork(checks._DamageAfterCapture(parent), checks.WORKERS, context=bad, suffixes=suffixes, params=PARAMS)
+        pool.fork(checks.Capturing(parent, after=checks.flip_a_bit), checks.WORKERS, context=bad, suffixes=suffixes,
+                  params=PARAMS)
     assert len(re.findall(refusal, str(refused.value))) == checks.WORKERS, str(refused.value)
     assert [ray.get(a.generate.remote(good + s, *probe)) for a, s in zip(actors, suffixes)] == held
     want = [fresh(bad + suffix, PARAMS) for suffix in suffixes]
@@ -314,7 +318,7 @@ def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
         with pytest.raises(PoolWorkerDied, match=given_up + r".*0 of the pool's 2 workers are usable; a round of 2 "
                                                  "needs 2: the fork round failed before the parent was read$"):
             round_(checks.Unread())
-        assert [worker.id for worker in pool.worker_info()] == last
+        assert [(worker.id, worker.state) for worker in pool.worker_info()] == [(id, "given_up") for id in last]
 
 
 def test_a_put_that_fails_raises_rays_error(ray_cluster, parent, monkeypatch) -> None:
@@ -456,6 +460,7 @@ try:
         print("refused:", exc)
     pool.close()
     print("initialized after:", ray.is_initialized())
+    print("states after close:", [worker.state for worker in pool.worker_info()])
 finally:
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
@@ -464,7 +469,8 @@ finally:
 
 def test_a_round_after_rays_shutdown_is_refused_and_starts_no_ray(ray_cluster) -> None:
     """Ray's calls start a local Ray of their own when none is up: after the caller's ray.shutdown(), a round
-    (and close()) must not, and the round says why (in a process of its own: the session's Ray stays up)."""
+    (and close()) must not, and the round says why (in a process of its own: the session's Ray stays up). The
+    closed pool's actors show exited (they went with Ray), not ready."""
     import subprocess
     import sys
 
@@ -473,6 +479,7 @@ def test_a_round_after_rays_shutdown_is_refused_and_starts_no_ray(ray_cluster) -
     assert "refused: Ray was shut down after this RayForkPool started (ray.shutdown), and its actors with it: " \
            "close this pool" in done.stdout, done.stdout + done.stderr[-3000:]
     assert "initialized after: False" in done.stdout
+    assert "states after close: ['exited']" in done.stdout, done.stdout
 
 
 class _Interrupted(BaseException):
@@ -498,12 +505,12 @@ def test_a_round_interrupted_mid_way_kills_the_actors_yet_to_answer_and_the_next
     with pytest.raises(_Interrupted):
         pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     monkeypatch.undo()
-    assert [w.ready for w in pool.worker_info()] == [True] + [False] * (checks.WORKERS - 1)  # the others killed
+    assert [w.state for w in pool.worker_info()] == ["ready"] + ["exited"] * (checks.WORKERS - 1)  # the others killed
     _ActorProcess(before[1].pid).wait(timeout=60)
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
     after = pool.worker_info()
-    assert after[0].id == before[0].id and after[1].id != before[1].id and after[1].ready
+    assert after[0].id == before[0].id and after[1].id != before[1].id and after[1].state == "ready"
 
 
 def test_an_unavailable_actor_is_killed_and_replaced(pool, parent, fresh, monkeypatch) -> None:

@@ -51,4 +51,4 @@ def test_the_pools_workers_sleep_while_idle_as_the_parent_does(parent):
 def test_the_pools_workers_engines_have_processes_of_their_own(pool):
     """What test_a_worker_killed_mid_round_is_named_and_replaced checks does end with a killed worker, here: each
     worker's SGLang engine runs its scheduler (and detokenizer) in processes of its own."""
-    assert all(descendants(worker.process.pid) for worker in pool._workers)
+    assert all(descendants(worker.pid) for worker in pool.worker_info())

@@ -4,6 +4,7 @@ TransformersEngine of the parent's checkpoint and page size, take only the trunk
 The parent's pages are 16 tokens, not DEFAULT_PAGE_SIZE's 32: the pool cut every trunk at 32 whatever the
 engine's pages, so a 150-token trunk handed over 128 tokens of 144 cached and a 20-token one was refused."""
 
+import dataclasses
 import os
 import signal
 import threading
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import model_dir
+from descendants import alive
 
 import fork_pool_checks as checks
 from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, written once for every engine
@@ -82,41 +84,28 @@ def test_rounds_from_two_threads_run_one_at_a_time(pool, parent, fresh):
         assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
 
 
-class _InterruptAfterCapture:
-    """The parent engine, except that half a second after its capture this process gets SIGINT (Ctrl-C), while
-    the workers are generating."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
-
-    def page_size(self) -> int:
-        return self.engine.page_size()
-
-    def capture_shared(self, *, chains=None) -> str:
-        source = capture_shared(self.engine, chains=chains)
-        self.timer.start()
-        return source
-
-
 def test_a_round_interrupted_by_ctrl_c_leaves_no_worker_answering_the_next_one(pool, parent, fresh):
     """Ctrl-C while the workers generated left each with a reply on its way: the next round read those replies
     (the interrupted round's tokens) as its own. The workers yet to answer are killed and replaced."""
     (trunk, suffixes), (again, others) = checks._round_case(110, 100), checks._round_case(111, 120)
     want = [fresh(again + suffix, checks.PARAMS) for suffix in others]
     parent.generate(trunk, checks.PARAMS)
-    before = [w.process for w in pool._workers]
-    interrupting = _InterruptAfterCapture(parent)
+    before = pool.worker_info()
+    # half a second after its capture this process gets SIGINT (Ctrl-C), while the workers are generating
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     # Ctrl-C as a terminal gives it, whatever this process inherited: a shell runs a background job (`cmd &`, as
     # a CI may start its tests) with SIGINT ignored, and then the round ran to its end
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):  # 3000 tokens each: seconds, long after the interrupt
-            pool.fork(interrupting, checks.WORKERS, context=trunk, suffixes=suffixes, params=greedy(3000))
+            pool.fork(checks.Capturing(parent, after=lambda source: timer.start()), checks.WORKERS, context=trunk,
+                      suffixes=suffixes, params=greedy(3000))
     finally:
-        interrupting.timer.cancel()
+        timer.cancel()
         signal.signal(signal.SIGINT, inherited)
-    assert all(p.poll() is not None for p in before)  # killed, not left running
+    # killed and reaped ("exited": each process's returncode), not left running; replaced by the next round
+    assert pool.worker_info() == tuple(dataclasses.replace(w, state="exited") for w in before)
+    assert not alive({w.pid for w in before})
     parent.generate(again, checks.PARAMS)
     result = pool.fork(parent, checks.WORKERS, context=again, suffixes=others, params=checks.PARAMS)
     assert [g.token_ids for g in result.generations] == want
@@ -174,27 +163,34 @@ def test_closing_while_a_round_waits_leaves_no_worker_running(parent):
     trunk, (suffix, _) = checks._round_case(140, 40)
     parent.generate(trunk, checks.PARAMS)
     pool = ForkPool(parent, workers=1)
-    started = [w.process for w in pool._workers]
-    outcome = {}
+    started, holding_it, go, outcome = pool.worker_info(), threading.Event(), threading.Event(), {}
+    # its capture (a round's first step, once the round holds the pool) waits for `go`: a round in progress
+    held = checks.Capturing(parent, before=lambda: (holding_it.set(), go.wait(60)))
 
-    def fork():
+    def fork(key, engine):
         try:
-            outcome["round"] = pool.fork(parent, 1, context=trunk, suffixes=[suffix], params=checks.PARAMS)
+            outcome[key] = pool.fork(engine, 1, context=trunk, suffixes=[suffix], params=checks.PARAMS)
         except Exception as exc:
-            outcome["error"] = exc
+            outcome[key] = exc
 
-    pool._round.acquire()  # a round in progress
+    holding = threading.Thread(target=fork, args=("held", held))
+    holding.start()
     try:
-        waiting = threading.Thread(target=fork)
+        assert holding_it.wait(60)  # a round in progress
+        waiting = threading.Thread(target=fork, args=("waiting", parent))
         waiting.start()
-        time.sleep(0.5)  # the round waits for the lock
+        time.sleep(0.5)  # the round waits for the pool
         closing = threading.Thread(target=pool.close)
         closing.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while not pool.closed:  # close() has begun; it waits for the round in progress
+            assert time.monotonic() < deadline, "close() did not mark the pool closed within 60 s"
+            time.sleep(0.01)
     finally:
-        pool._round.release()
-    waiting.join(60)
-    closing.join(60)
-    assert "round" not in outcome and str(outcome["error"]) == "this ForkPool is closed; start a new one"
-    assert all(p.poll() is not None for p in started)
+        go.set()
+    for thread in (holding, waiting, closing):
+        thread.join(60)
+    assert len(outcome["held"].generations) == 1  # the round in progress ends as it would have
+    assert str(outcome["waiting"]) == "this ForkPool is closed; start a new one"
+    assert pool.worker_info() == tuple(dataclasses.replace(w, state="exited") for w in started)
     assert set(_pool_workers_alive()) == others

@@ -50,7 +50,7 @@ def test_a_killed_workers_engine_core_ends_with_it(parent):
     never checks for its parent's death: a worker SIGKILLed (the OOM killer, say) left it running, holding its
     memory, with no one to stop it. It now ends with the worker, between rounds too (no round asks after it)."""
     with ForkPool(parent, workers=1, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}) as pool:
-        victim = pool._workers[0].process
+        victim = pool.worker_info()[0]
         started = descendants(victim.pid)
         assert started  # the engine core, and multiprocessing's resource tracker
         os.kill(victim.pid, signal.SIGKILL)

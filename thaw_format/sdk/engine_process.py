@@ -7,7 +7,9 @@ holding its memory, with no one left to stop it. So each engine process leads a 
 its first step: its own process group, which the engine's processes join unless they leave it), and once it
 has exited, however it came to, whatever is left of its group is killed; only then is it reaped (before that
 its pid still names the group, so the group cannot be another's). A watcher thread does this as soon as the
-process exits, between rounds too; `wait` and `poll` say the process is done only once it has.
+process exits, between rounds too; `wait` and `poll` say the process is done only once it has. `exited` says
+so too without reaping it (another thread's poll would reap it between kill()'s check and its killpg, and the
+signal could reach a stranger given the freed pid): a pool's monitoring reads that, from any thread.
 
 Multiprocessing's resource tracker is started before the new session, outside the group: killed with it, the
 shared memory and semaphores the engine's processes had left to it stayed in /dev/shm (vLLM's engine core:
@@ -93,6 +95,7 @@ class EngineProcess(subprocess.Popen):
 
     def __init__(self, module: str, config: dict, env: Optional[dict] = None) -> None:
         self._group_ended = threading.Event()
+        self._exited = threading.Event()  # seen by the watcher's waitid, which leaves it unreaped
         self._reaped_elsewhere = False  # by another's os.wait: its exit status is lost
         super().__init__([sys.executable, "-m", module, json.dumps({**config, "parent": os.getpid()})],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -112,11 +115,18 @@ class EngineProcess(subprocess.Popen):
                 os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
             except ChildProcessError:  # reaped by another's os.wait: its pid, and group id, may be another's now
                 self._reaped_elsewhere = True
-                return
-            with contextlib.suppress(ProcessLookupError, PermissionError):  # none left / one that left for root
-                os.killpg(self.pid, signal.SIGKILL)
+            else:
+                with contextlib.suppress(ProcessLookupError, PermissionError):  # none left / one that left for root
+                    os.killpg(self.pid, signal.SIGKILL)
+            self._exited.set()  # after the killpg: what its engine started is killed once it shows
         finally:  # whatever happened: wait() must not wait for ever
             self._group_ended.set()
+
+    @property
+    def exited(self) -> bool:
+        """Whether it has exited (reaped, or seen by its watcher once its group is killed), from any thread: reaps
+        nothing. Where Python has no `os.waitid` only a reaped process shows."""
+        return self.returncode is not None or self._exited.is_set()
 
     def poll(self) -> Optional[int]:
         return super().poll() if self._group_ended.is_set() else None

@@ -18,7 +18,9 @@ not replaced after the last (an engine that dies on every round would otherwise 
 needing a slot given up say so, and why: start a new pool. A pool whose first start fails raises, with
 nothing left running. Each worker leads its own process group (thaw_format.sdk.engine_process): the processes
 its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends. `worker_info()` shows
-each worker (its name, pid, and whether its engine has started). Any contract engine with a launch spec works
+each slot's worker (RoundPool.worker_info: its pid, whether it is starting, ready, exited or given up, and the
+slot's failed starts in a row); a worker's exit shows there once its process's watcher has seen it and killed
+what its engine started, between rounds too. Any contract engine with a launch spec works
 (thaw_format.sdk.contract).
 """
 
@@ -74,6 +76,12 @@ class _Worker(SlotWorker):
 
     def describe(self) -> str:
         return f"pool worker {self.name} (pid {self.pid})"
+
+    def ended(self) -> bool:
+        """Its process has ended, as the process says (`exited`, which reaps nothing: worker_info() may be called
+        from any thread, and only the pool's own calls may reap it): reaped after the pool killed it, or seen to
+        exit by its watcher once what its engine started is killed too, between rounds too."""
+        return self.process.exited
 
     def send(self, message: dict) -> bool:
         """False if the worker is gone."""

@@ -1,10 +1,10 @@
 """A pool's worker slots, their starts and their deaths, whatever a worker is (ForkPool's process, thaw_ray's Ray
 actor).
 
-A worker is a SlotWorker (its slot's counts, which decide whether the pool gives the slot up; `info()`, what a
+A worker is a SlotWorker (its slot's counts, which decide whether the pool gives the slot up; `info(slot)`, what a
 pool's `worker_info()` shows of it) with `killed` (by the pool: replaced by the next round that needs it),
-`describe()` (its name in errors) and `_start_outcome()`, from which SlotWorker's `ensure_ready()`, waiting for its
-engine, has one of three outcomes:
+`describe()` (its name in errors), `ended()` where its pool sees its process end without asking it (ForkPool's),
+and `_start_outcome()`, from which SlotWorker's `ensure_ready()`, waiting for its engine, has one of three outcomes:
 - it returns: the engine has started (`ready`);
 - PoolWorkerDied naming the worker: it failed to start (then on every later call too), with its `start_error`
   set and `failed_starts` counted: the pool starts another in its slot, MAX_FAILED_STARTS in a row at most;
@@ -18,7 +18,8 @@ A pool starts one with `start(name, failed_starts, deaths)`, carrying its slot's
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+import dataclasses
+from typing import Callable, Literal, Optional
 
 from .fork_round import PoolWorkerDied, PoolWorkerStarting
 
@@ -26,16 +27,32 @@ MAX_FAILED_STARTS = 3  # failed starts in a row of one worker slot, after which 
 MAX_DEATHS = 3  # rounds in a row in which one slot's worker died, after which the pool stops replacing it
 
 
-class WorkerInfo(NamedTuple):
-    """A pool's worker as `worker_info()` shows it: a copy, taken when asked (the pool's records are its own)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkerInfo:
+    """One slot's worker as a pool's `worker_info()` shows it: a copy, taken when asked (the pool's records are its
+    own, and a later round may put a new worker in the slot). Built by name: a field added later moves none."""
 
-    name: str  # the worker's slot, as errors name it: "0", "1", ...
-    node: Optional[str]  # a RayForkPool actor's Ray node id, once placed; None: a ForkPool worker (on the pool's
-    # own machine), or an actor not placed yet (then pid is None too)
-    pid: Optional[int]  # its process, on its node, once known
-    ready: bool  # its engine has started, and the pool has not killed it since
+    slot: int  # its place in the pool, 0..workers-1; errors name its worker "pool worker <slot>"
+    state: Literal["starting", "ready", "exited", "given_up"]
+    # starting: its engine's start not yet seen (a replacement's is seen by the next round that needs its slot; a
+    #   RayForkPool actor may also be waiting for Ray to place it: then node and pid are None);
+    # ready: its engine has started, and its process has not been seen to end;
+    # exited: a ForkPool worker's process has ended, as the process says: stopped or killed by the pool (a round
+    #   interrupted mid-way, a failed start, close(): the next round that needs the slot replaces it first), or
+    #   seen to exit (as it happens, between rounds too, once what its engine started has been killed too: the
+    #   next round that needs it fails, naming it, and replaces it). A RayForkPool actor shows exited once the
+    #   pool has asked Ray to kill it (ray.kill returns before the actor's process has ended), and one that dies
+    #   between rounds shows as ready until a round calls it (Ray tells of an actor's death through a failed
+    #   call): that round fails, naming it, and replaces it;
+    # given_up: the slot is no longer restarted (MAX_FAILED_STARTS failed starts in a row, or its workers died in
+    #   MAX_DEATHS rounds in a row), its last worker ended as an exited one: start a new pool.
+    pid: Optional[int]  # its process (on its node), once known
+    node: Optional[str] = None  # a RayForkPool actor's Ray node id, once placed; None: a ForkPool worker (on the
+    # pool's own machine), or an actor not placed yet
     id: Optional[str] = None  # the worker's own id where its carrier names one (a Ray actor id, hex, from the
-    # actor's creation: as errors and Ray's tools name it); None: a ForkPool worker
+    # actor's creation: as errors and Ray's tools name it; a new id in the slot is a new actor); None: ForkPool's
+    failed_starts: int = 0  # the slot's failed starts in a row, the current worker's included if its start failed:
+    # a worker that fails to start is started again (starting, with this count) until MAX_FAILED_STARTS
 
 
 class SlotWorker:
@@ -56,8 +73,20 @@ class SlotWorker:
         self.deaths = deaths  # rounds in a row in which its slot's worker died, this worker's included once dead
         self.death: Optional[str] = None  # how this worker died in a round, if it did
 
-    def info(self) -> WorkerInfo:
-        return WorkerInfo(self.name, self.node, self.pid, self.ready and not self.killed, self.id)
+    def info(self, slot: int) -> WorkerInfo:
+        if given_up(self):
+            state = "given_up"
+        elif self.start_error is not None or self.ended():  # a failed start: its worker has been ended
+            state = "exited"
+        else:
+            state = "ready" if self.ready else "starting"
+        return WorkerInfo(slot=slot, state=state, pid=self.pid, node=self.node, id=self.id,
+                          failed_starts=self.failed_starts)
+
+    def ended(self) -> bool:
+        """Its process has ended, as far as the pool knows without asking it: killed by the pool (a worker whose
+        pool sees its process exit says so too)."""
+        return self.killed
 
     def ensure_ready(self) -> None:
         """Wait until its engine has started (returns), or raise: PoolWorkerDied (`start_error`, on this call and

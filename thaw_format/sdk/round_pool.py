@@ -54,12 +54,18 @@ class RoundPool(abc.ABC):
     def workers(self) -> int:
         return len(self._workers)
 
+    @property
+    def closed(self) -> bool:
+        """close() has begun (it may still be waiting for the round in progress): no round starts from here on."""
+        return self._closed
+
     def worker_info(self) -> tuple[WorkerInfo, ...]:
-        """Each slot's worker as it is now, in slot order: its name, node (a RayForkPool actor's Ray node id, once
-        placed), pid, whether its engine has started (and the pool has not killed it since) and a RayForkPool actor's
-        Ray id, from its creation: pool_slots.WorkerInfo.
-        A copy: a replacement a later round starts shows in a later call."""
-        return tuple(worker.info() for worker in self._workers)
+        """Each slot's worker as it is now, in slot order (pool_slots.WorkerInfo: its slot, state, pid, node and id
+        where they apply, and the slot's failed starts in a row), the same for every pool. A copy, read without
+        waiting for the round in progress: a replacement a later round starts shows in a later call, and a reading
+        taken while a round runs reads each field as it is at that moment (its state may still say starting beside
+        a pid just learnt, or a worker just replaced)."""
+        return tuple(worker.info(slot) for slot, worker in enumerate(self._workers))
 
     def fork(self, parent: Engine, n: int, *, context: Sequence[int], suffixes: Sequence[Sequence[int]],
              params: Union[SamplingParams, Sequence[SamplingParams]]) -> ForkRound:
