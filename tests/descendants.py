@@ -54,3 +54,21 @@ def outliving(pids: set[int], timeout: float) -> set[int]:
     while alive(pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     return alive(pids)
+
+
+def shared_memory(pids: set[int]) -> set[str]:
+    """The /dev/shm files (POSIX shared memory, semaphores) that any of `pids` maps."""
+    names = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                names.update(line.split("/dev/shm/", 1)[1].split()[0] for line in maps if "/dev/shm/" in line)
+        except OSError:  # ended meanwhile
+            continue
+    return names
+
+
+def left_behind(names: set[str]) -> set[str]:
+    """Those of `names` still in /dev/shm that no living process maps: memory nobody will unlink."""
+    pids = {int(entry) for entry in os.listdir("/proc") if entry.isdigit()}
+    return {name for name in names if os.path.exists(f"/dev/shm/{name}")} - shared_memory(pids)

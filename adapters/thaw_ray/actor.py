@@ -73,3 +73,15 @@ class PoolActor:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+            _stop_resource_tracker()
+
+
+def _stop_resource_tracker() -> None:
+    """End multiprocessing's resource tracker (a child of this actor, shared by its engine's processes) once they
+    have ended, so that it unlinks the shared memory they left it (vLLM 0.32's engine core left one segment at each
+    shutdown here): Ray kills an actor's child processes when the actor ends, the tracker among them, which then
+    left that segment in /dev/shm. The tracker ends once no process holds its pipe (an engine's process still
+    ending, say), and this waits for it; a later use of multiprocessing here starts a new one."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker._resource_tracker._stop()  # no public way to end it
