@@ -71,7 +71,9 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
                                              r"replaced"):
         pool.fork(killing, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert not outliving(started, timeout=30)  # ended by the raylet, a subreaper (conftest's SYSTEM_CONFIG)
-    for name in left_behind(segments):  # vLLM's engine core's, killed with it (the README's Limits): not kept here
+    # what vLLM's engine core and worker mapped, left with them (the README's Limits): removed, so that runs do not
+    # fill /dev/shm; their semaphore (32 bytes) stays, its mapping named after the temporary file it was made as
+    for name in left_behind(segments):
         os.unlink(f"/dev/shm/{name}")
     assert parent.generate(trunk + suffixes[0], PARAMS) == before  # the parent serves as before, cache and all
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=others, params=PARAMS)
