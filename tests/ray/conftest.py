@@ -20,7 +20,7 @@ from typing import NamedTuple
 import pytest
 
 import engine_guard
-from descendants import HAS_PROC, descendants, left_behind, shared_memory
+from descendants import family_memory, unlink_left_behind
 
 # Loopback only: Ray binds its nodes to the network interface's address unless told, when it is imported, that
 # this is a single-machine cluster (then every node, the GCS included, takes 127.0.0.1).
@@ -41,7 +41,8 @@ HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold
 SYSTEM_CONFIG = {**HEALTH_CHECKS, "kill_child_processes_on_worker_exit_with_raylet_subreaper": True}
 # vLLM's tests: a vLLM engine takes tens of seconds to start on two cores, so its run keeps to the tests that start
 # no engines beyond the session's pool and one replacement: rounds, a damaged object and an actor SIGKILLed (its
-# engine core ending with it) on vLLM; the pool's own bookkeeping, nodes and timeouts on the quicker engines
+# engine core ending with it) on vLLM; the pool's own bookkeeping, nodes and timeouts on the quicker engines. All
+# in test_pool.py: a name it lacks fails the run (pytest_collection_modifyitems)
 VLLM_TESTS = {"test_rounds_with_different_trunks_match_fresh_engines",
               "test_a_context_without_a_full_page_is_refused_before_the_parent_is_read",
               "test_an_actor_killed_mid_round_is_named_and_replaced",
@@ -54,6 +55,17 @@ VLLM_KWARGS = dict(dtype="float32", block_size=32, enforce_eager=True, skip_toke
 def pytest_addoption(parser):
     parser.addoption("--engine", action="append", dest="engines", choices=ENGINES,
                      help="run the RayForkPool tests on this engine (repeatable; default: every engine)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k deselects: every test collected, whatever the run selects
+def pytest_collection_modifyitems(config, items):
+    """Refuse a vLLM run whose test_pool.py no longer has every test of VLLM_TESTS (one renamed would otherwise
+    drop out of the vLLM lane without a word)."""
+    if "vllm" not in (config.getoption("engines") or ENGINES) or not any(i.path.name == "test_pool.py" for i in items):
+        return
+    missing = VLLM_TESTS - {item.originalname for item in items}
+    if missing:
+        raise pytest.UsageError(f"VLLM_TESTS names tests that tests/ray does not have: {', '.join(sorted(missing))}")
 
 
 def pytest_generate_tests(metafunc):
@@ -229,6 +241,5 @@ def pool(ray_cluster, parent):
 
     with RayForkPool(parent, workers=WORKERS) as started:
         yield started
-        segments = shared_memory({pid for info in started.worker_info() if info.pid
-                                  for pid in {info.pid} | descendants(info.pid)}) if HAS_PROC else set()
-    assert not left_behind(segments), "the pool's close left its engines' shared memory in /dev/shm"
+        segments = family_memory({info.pid for info in started.worker_info() if info.pid})
+    assert not unlink_left_behind(segments), "the pool's close left its engines' shared memory in /dev/shm"
