@@ -24,6 +24,7 @@ import ray
 
 from thaw_format import CorruptSnapshotError, loads
 from thaw_format.sdk.child import resolve
+from thaw_format.sdk.engine_process import stop_resource_tracker
 from thaw_format.snapshot import SamplingParams
 
 
@@ -71,17 +72,11 @@ class PoolActor:
         return dataclasses.asdict(self.engine.generate(prompt, SamplingParams(**params)))
 
     def close(self) -> None:
+        """Close its engine, then end multiprocessing's resource tracker (engine_process.stop_resource_tracker):
+        the raylet kills it with the actor, and the segment vLLM's engine core leaves it at shutdown (160 MiB)
+        stayed in /dev/shm. An engine.close() that raises skips it: the engine's processes may still hold
+        the tracker's pipe, and the wait would last until the pool kills the actor anyway."""
         if self.engine is not None:
             self.engine.close()
-            _stop_resource_tracker()
-
-
-def _stop_resource_tracker() -> None:
-    """End multiprocessing's resource tracker (a child of this actor, shared by its engine's processes) once they
-    have ended, so that it unlinks the shared memory they left it (vLLM 0.32's engine core left one segment at each
-    shutdown here): Ray kills an actor's child processes when the actor ends, the tracker among them, which then
-    left that segment in /dev/shm. The tracker ends once no process holds its pipe (an engine's process still
-    ending, say), and this waits for it; a later use of multiprocessing here starts a new one."""
-    from multiprocessing import resource_tracker
-
-    resource_tracker._resource_tracker._stop()  # no public way to end it
+            self.engine = None  # closed: a second close does nothing
+            stop_resource_tracker()
