@@ -107,7 +107,7 @@ for p in tests/*/; do
 done
 # An engine's set-up is wanted where its tests are, or tests/conformance, which drives every engine.
 wanted() { local p; for p in "$@" tests/conformance; do [ -e "$p" ] && return 0; done; return 1; }
-if wanted tests/vllm tests/langgraph; then background_setup vllm; fi
+if wanted tests/vllm tests/langgraph tests/ray; then background_setup vllm; fi
 if wanted tests/sglang tests/langgraph; then background_setup sglang; fi
 setup core
 # ChatThaw (tests/langgraph) runs once per engine, each in the environment that has it; RayForkPool (tests/ray)
