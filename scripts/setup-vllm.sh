@@ -14,4 +14,4 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   step "remove torchvision, torchaudio, torchcodec (for another torch)" \
     "$PIP" uninstall -y torchvision torchaudio torchcodec
 fi
-install_thaw "$VENV" torch,cli,test,langgraph
+install_thaw "$VENV" torch,cli,test,langgraph,ray

@@ -1,6 +1,7 @@
 """The processes a process started, and theirs, from /proc (Linux): for tests that kill a process and check that
 nothing it started outlives it."""
 
+import contextlib
 import os
 import sys
 import time
@@ -62,3 +63,40 @@ def zombie(pid: int) -> bool:
         return _stat(str(pid))[1] == "Z"
     except OSError:  # gone: reaped
         return False
+
+
+def shared_memory(pids: set[int]) -> set[str]:
+    """The /dev/shm files (POSIX shared memory, semaphores) that any of `pids` maps."""
+    names = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                names.update(line.split("/dev/shm/", 1)[1].split()[0] for line in maps if "/dev/shm/" in line)
+        except OSError:  # ended meanwhile
+            continue
+    return names
+
+
+def family_memory(pids: set[int]) -> set[str]:
+    """What `pids` and every process they started map in /dev/shm (shared_memory), where /proc tells; else none."""
+    if not HAS_PROC:
+        return set()
+    return shared_memory({family for pid in pids for family in {pid} | descendants(pid)})
+
+
+def unlink_left_behind(names: set[str]) -> set[str]:
+    """Unlink those of `names` that are left behind (left_behind) and return them: a test's cleanup, whatever
+    its assertions then say."""
+    left = left_behind(names)
+    for name in left:
+        with contextlib.suppress(FileNotFoundError):  # unlinked meanwhile (by a resource tracker still ending)
+            os.unlink(f"/dev/shm/{name}")
+    return left
+
+
+def left_behind(names: set[str]) -> set[str]:
+    """Those of `names` still in /dev/shm that no living process maps: memory nobody will unlink. It assumes that
+    a segment nobody maps is garbage, which holds for the segments of the processes a test ended (an engine's):
+    shared memory kept for a later reader (a snapshot's own segment, awaiting its reader) would be counted too."""
+    pids = {int(entry) for entry in os.listdir("/proc") if entry.isdigit()}
+    return {name for name in names if os.path.exists(f"/dev/shm/{name}")} - shared_memory(pids)

@@ -1,11 +1,13 @@
 """RayForkPool's tests (thaw_ray), once per engine, on a Ray cluster of two nodes on this machine, started once
 for the session (a driver joins one cluster per process: every test shares it):
 
-    pytest tests/ray --engine template --engine mlx      # the engines this environment has
+    pytest tests/ray --engine template --engine mlx      # the engines this environment has (.venv)
+    pytest tests/ray --engine vllm -k vllm               # vLLM's (.venv-vllm): VLLM_TESTS, no engine-free test
 
 Engines: the conformance template's toy engine (numpy) and MLX over a tiny zoo model, both quick to start in an
-actor. Without --engine every engine is tried. Ray, thaw_ray or an engine that cannot be imported skips its tests
-with the reason, and fails them under THAW_REQUIRE_ENGINES=1 (CI).
+actor, and vLLM over a tiny zoo model in its default multiprocessing mode (each engine core a process of its own,
+as `vllm serve` runs it; tens of seconds per start). Without --engine every engine is tried. Ray, thaw_ray or an
+engine that cannot be imported skips its tests with the reason, and fails them under THAW_REQUIRE_ENGINES=1 (CI).
 """
 
 import dataclasses
@@ -18,12 +20,13 @@ from typing import NamedTuple
 import pytest
 
 import engine_guard
+from descendants import family_memory, unlink_left_behind
 
 # Loopback only: Ray binds its nodes to the network interface's address unless told, when it is imported, that
 # this is a single-machine cluster (then every node, the GCS included, takes 127.0.0.1).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-ENGINES = ("template", "mlx")
+ENGINES = ("template", "mlx", "vllm")
 WORKERS = 2
 OBJECT_STORE_BYTES = 128 << 20  # per node: a round's object is a few MiB at most here
 # Custom resources that place an actor on the node its test means: "other" holds the other node's actors;
@@ -33,6 +36,20 @@ OTHER = {"other": WORKERS}
 # A node lost without a word is marked dead after its health checks fail: in about 7 s here, not Ray's 17 (one
 # check a second, three missed in a row; each may take Ray's 10 s to time out, for a node slow under load).
 HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+# What the pool's README asks of a cluster whose actors' engines start processes of their own (vLLM's engine core):
+# the raylet, a subreaper, kills what an actor SIGKILLed leaves behind.
+SYSTEM_CONFIG = {**HEALTH_CHECKS, "kill_child_processes_on_worker_exit_with_raylet_subreaper": True}
+# vLLM's tests: a vLLM engine takes tens of seconds to start on two cores, so its run keeps to the tests that start
+# no engines beyond the session's pool and one replacement: rounds, a damaged object and an actor SIGKILLed (its
+# engine core ending with it) on vLLM; the pool's own bookkeeping, nodes and timeouts on the quicker engines. All
+# in test_pool.py: a name it lacks fails the run (pytest_collection_modifyitems)
+VLLM_TESTS = {"test_rounds_with_different_trunks_match_fresh_engines",
+              "test_a_context_without_a_full_page_is_refused_before_the_parent_is_read",
+              "test_an_actor_killed_mid_round_is_named_and_replaced",
+              "test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes"}
+# vLLM's engines: a small explicit KV cache (by default one takes most of the machine's memory)
+VLLM_KWARGS = dict(dtype="float32", block_size=32, enforce_eager=True, skip_tokenizer_init=True, max_model_len=1024,
+                   kv_cache_memory_bytes=32 << 20)
 
 
 def pytest_addoption(parser):
@@ -40,10 +57,22 @@ def pytest_addoption(parser):
                      help="run the RayForkPool tests on this engine (repeatable; default: every engine)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -k deselects: every test collected, whatever the run selects
+def pytest_collection_modifyitems(config, items):
+    """Refuse a vLLM run whose test_pool.py no longer has every test of VLLM_TESTS (one renamed would otherwise
+    drop out of the vLLM lane without a word)."""
+    if "vllm" not in (config.getoption("engines") or ENGINES) or not any(i.path.name == "test_pool.py" for i in items):
+        return
+    missing = VLLM_TESTS - {item.originalname for item in items}
+    if missing:
+        raise pytest.UsageError(f"VLLM_TESTS names tests that tests/ray does not have: {', '.join(sorted(missing))}")
+
+
 def pytest_generate_tests(metafunc):
     if "kind" in metafunc.fixturenames:
         names = metafunc.config.getoption("engines", default=None) or list(ENGINES)
-        metafunc.parametrize("kind", list(dict.fromkeys(names)), indirect=True, scope="session")
+        kinds = [name for name in dict.fromkeys(names) if name != "vllm" or metafunc.function.__name__ in VLLM_TESTS]
+        metafunc.parametrize("kind", kinds, indirect=True, scope="session")
 
 
 class Nodes(NamedTuple):
@@ -105,7 +134,7 @@ def ray_nodes():
     try:
         cluster = Cluster()
         head = cluster.add_node(num_cpus=2, resources=HEAD, object_store_memory=OBJECT_STORE_BYTES,
-                                include_dashboard=False, _system_config=HEALTH_CHECKS)
+                                include_dashboard=False, _system_config=SYSTEM_CONFIG)
         other = cluster.add_node(num_cpus=2, resources=OTHER, object_store_memory=OBJECT_STORE_BYTES)
         ray.init(address=cluster.address, log_to_driver=False)
         yield Nodes(cluster, head.node_id, other.node_id)
@@ -152,6 +181,8 @@ def ray_cluster(ray_nodes):
 def kind(request) -> str:
     if request.param == "mlx":
         engine_guard.require("thaw_mlx", "install it with scripts/setup-core.sh")
+    if request.param == "vllm":
+        engine_guard.require("vllm", "install it with scripts/setup-vllm.sh")
     return request.param
 
 
@@ -169,6 +200,11 @@ def parent(kind):
         from thaw_conformance.template.adapter import ToyThawEngine
 
         engine = ToyThawEngine.start(**_toy_config())
+    elif kind == "vllm":
+        from thaw_conformance import zoo
+        from thaw_vllm import VLLMEngine
+
+        engine = VLLMEngine.start(str(zoo.make_model("llama", dtype="float32")), **VLLM_KWARGS)
     else:
         from thaw_conformance import zoo
         from thaw_mlx import MLXEngine
@@ -186,6 +222,9 @@ def fresh(kind, parent):
             from thaw_conformance.template.adapter import ToyThawEngine
 
             out = ToyThawEngine.start(**_toy_config()).generate(prompt, params)
+        elif kind == "vllm":  # the parent with nothing cached (a second vLLM engine here would take its own start)
+            parent.llm.reset_prefix_cache()
+            out = parent.generate(prompt, params)
         else:
             from thaw_mlx import MLXEngine
 
@@ -202,3 +241,5 @@ def pool(ray_cluster, parent):
 
     with RayForkPool(parent, workers=WORKERS) as started:
         yield started
+        segments = family_memory({info.pid for info in started.worker_info() if info.pid})
+    assert not unlink_left_behind(segments), "the pool's close left its engines' shared memory in /dev/shm"

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from fork_pool_checks import tokens
-from thaw_format.mlx import from_mlx
 from thaw_format.sdk import greedy
 from thaw_format.sdk.lent import forget, segment_view
 from thaw_format.sdk.shared import capture_shared
@@ -22,6 +21,8 @@ TRUNK = 80  # the parent's full pages of it: under mlx-lm's growth step, so each
 
 def address(array) -> int:
     """Where the memory of an MLX array lies."""
+    from thaw_format.mlx import from_mlx  # here, not at the top: the vLLM lane collects this file without MLX
+
     return np.frombuffer(from_mlx(array).data, np.uint8).ctypes.data
 
 

@@ -42,6 +42,9 @@ import time
 from typing import Optional
 
 PARENT_CHECK_S = 0.5  # how often an engine process checks that its parent is alive
+# How long stop_resource_tracker waits for the tracker: it ends once every process of the engine that held its
+# pipe has ended (seconds after a close), and its unlinking of what they left is quick
+TRACKER_WAIT_S = 10.0
 
 
 def _in_words(code: int) -> str:
@@ -78,6 +81,28 @@ def lead_own_group(parent: int) -> None:
         os.close(devnull)
     os.setsid()
     threading.Thread(target=_end_group_once_orphaned, args=(parent,), name="thaw-parent-watch", daemon=True).start()
+
+
+def stop_resource_tracker(timeout: float = TRACKER_WAIT_S) -> bool:
+    """End this process's multiprocessing resource tracker, so that it unlinks now the shared memory its users
+    left registered (vLLM 0.32's engine core, at its shutdown: a segment of 160 MiB), for a process whose
+    tracker would otherwise be killed before it could (a Ray actor: the raylet kills an actor's children with it).
+    Call it once the engine's processes have ended or are ending: the tracker ends once no process holds its pipe.
+    Whether it ended within `timeout` seconds: past it the wait goes on in a daemon thread, holding the tracker's
+    lock, so this process must not use multiprocessing's tracker again (a later use would wait on that lock).
+
+    `ResourceTracker._stop` is private (there is no public way): checked against CPython 3.10 to 3.13, whose
+    _stop is the same (close the tracker's pipe, then waitpid it)."""
+    from multiprocessing import resource_tracker
+
+    def stop() -> None:
+        with contextlib.suppress(ChildProcessError):  # reaped already (a SIGCHLD handler, another's os.wait)
+            resource_tracker._resource_tracker._stop()
+
+    stopping = threading.Thread(target=stop, name="thaw-tracker-stop", daemon=True)
+    stopping.start()
+    stopping.join(timeout)
+    return not stopping.is_alive()
 
 
 def _end_group_once_orphaned(parent: int) -> None:
