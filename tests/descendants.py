@@ -1,5 +1,5 @@
 """The processes a process started, and theirs, from /proc (Linux): for tests that kill a process and check that
-nothing it started outlives it."""
+nothing it started outlives it, nor leaves shared memory (/dev/shm) that nobody will unlink."""
 
 import contextlib
 import os
@@ -65,7 +65,7 @@ def zombie(pid: int) -> bool:
         return False
 
 
-def shared_memory(pids: set[int]) -> set[str]:
+def mapped_segments(pids: set[int]) -> set[str]:
     """The /dev/shm files (POSIX shared memory, semaphores) that any of `pids` maps."""
     names = set()
     for pid in pids:
@@ -78,10 +78,10 @@ def shared_memory(pids: set[int]) -> set[str]:
 
 
 def family_memory(pids: set[int]) -> set[str]:
-    """What `pids` and every process they started map in /dev/shm (shared_memory), where /proc tells; else none."""
+    """What `pids` and every process they started map in /dev/shm (mapped_segments), where /proc tells; else none."""
     if not HAS_PROC:
         return set()
-    return shared_memory({family for pid in pids for family in {pid} | descendants(pid)})
+    return mapped_segments({family for pid in pids for family in {pid} | descendants(pid)})
 
 
 def unlink_left_behind(names: set[str]) -> set[str]:
@@ -98,5 +98,7 @@ def left_behind(names: set[str]) -> set[str]:
     """Those of `names` still in /dev/shm that no living process maps: memory nobody will unlink. It assumes that
     a segment nobody maps is garbage, which holds for the segments of the processes a test ended (an engine's):
     shared memory kept for a later reader (a snapshot's own segment, awaiting its reader) would be counted too."""
+    if not names or not HAS_PROC:
+        return set()
     pids = {int(entry) for entry in os.listdir("/proc") if entry.isdigit()}
-    return {name for name in names if os.path.exists(f"/dev/shm/{name}")} - shared_memory(pids)
+    return {name for name in names if os.path.exists(f"/dev/shm/{name}")} - mapped_segments(pids)

@@ -72,11 +72,14 @@ class PoolActor:
         return dataclasses.asdict(self.engine.generate(prompt, SamplingParams(**params)))
 
     def close(self) -> None:
-        """Close its engine, then end multiprocessing's resource tracker (engine_process.stop_resource_tracker):
-        the raylet kills it with the actor, and the segment vLLM's engine core leaves it at shutdown (160 MiB)
-        stayed in /dev/shm. An engine.close() that raises skips it: the engine's processes may still hold
-        the tracker's pipe, and the wait would last until the pool kills the actor anyway."""
+        """Close its engine, then, in a Ray actor's process, end multiprocessing's resource tracker
+        (engine_process.stop_resource_tracker): the raylet kills it with the actor, and the segment vLLM's engine
+        core leaves it at shutdown (160 MiB) stayed in /dev/shm. Outside an actor (a PoolActor run in the caller's
+        process, as a test does) the process goes on, and its tracker with it. An engine.close() that raises skips
+        it: the engine's processes may still hold the tracker's pipe, and the wait would last until the pool kills
+        the actor anyway."""
         if self.engine is not None:
             self.engine.close()
             self.engine = None  # closed: a second close does nothing
-            stop_resource_tracker()
+            if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+                stop_resource_tracker()

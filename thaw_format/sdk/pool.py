@@ -20,7 +20,8 @@ nothing left running. Each worker leads its own process group (thaw_format.sdk.e
 its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends. `worker_info()` shows
 each slot's worker (RoundPool.worker_info: its pid, whether it is starting, ready, exited or given up, and the
 slot's failed starts in a row); a worker's exit shows there once its process's watcher has seen it and killed
-what its engine started, between rounds too. Any contract engine with a launch spec works
+what its engine started, between rounds too where Python has os.waitid (Linux; elsewhere once the pool reaps
+it). Any contract engine with a launch spec works
 (thaw_format.sdk.contract).
 """
 
@@ -80,7 +81,8 @@ class _Worker(SlotWorker):
     def ended(self) -> bool:
         """Its process has ended, as the process says (`exited`, which reaps nothing: worker_info() may be called
         from any thread, and only the pool's own calls may reap it): reaped after the pool killed it, or seen to
-        exit by its watcher once what its engine started is killed too, between rounds too."""
+        exit by its watcher once what its engine started is killed too, between rounds too (where Python has
+        os.waitid; elsewhere once the pool reaps it)."""
         return self.process.exited
 
     def send(self, message: dict) -> bool:
