@@ -77,11 +77,11 @@ def mapped_segments(pids: set[int]) -> set[str]:
     return names
 
 
-def family_memory(pids: set[int]) -> set[str]:
-    """What `pids` and every process they started map in /dev/shm (mapped_segments), where /proc tells; else none."""
+def family(pids: set[int]) -> set[int]:
+    """`pids` and every process they started, and theirs, where /proc tells; else none."""
     if not HAS_PROC:
         return set()
-    return mapped_segments({family for pid in pids for family in {pid} | descendants(pid)})
+    return {member for pid in pids for member in {pid} | descendants(pid)}
 
 
 def unlink_left_behind(names: set[str]) -> set[str]:

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import pytest
 
 import engine_guard
-from descendants import HAS_PROC, descendants, family_memory, outliving, unlink_left_behind
+from descendants import family, mapped_segments, outliving, unlink_left_behind
 
 # Loopback only: Ray binds its nodes to the network interface's address unless told, when it is imported, that
 # this is a single-machine cluster (then every node, the GCS included, takes 127.0.0.1).
@@ -42,7 +42,7 @@ SYSTEM_CONFIG = {**HEALTH_CHECKS, "kill_child_processes_on_worker_exit_with_rayl
 # vLLM's tests: a vLLM engine takes tens of seconds to start on two cores, so its run keeps to the tests that start
 # no engines beyond the session's pool and one replacement: rounds, a damaged object and an actor SIGKILLed (its
 # engine core ending with it) on vLLM; the pool's own bookkeeping, nodes and timeouts on the quicker engines. A
-# module names its vLLM tests in VLLM_TESTS (test_pool.py's own test checks that each name is one of its tests)
+# module names its vLLM tests in VLLM_TESTS (test_pool.py's own test checks that each name is one of its tests).
 # vLLM's engines: a small explicit KV cache (by default one takes most of the machine's memory)
 VLLM_KWARGS = dict(dtype="float32", block_size=32, enforce_eager=True, skip_tokenizer_init=True, max_model_len=1024,
                    kv_cache_memory_bytes=32 << 20)
@@ -227,9 +227,8 @@ def pool(ray_cluster, parent):
 
     with RayForkPool(parent, workers=WORKERS) as started:
         yield started
-        actors = {info.pid for info in started.worker_info() if info.pid}
-        family = actors | {pid for actor in actors for pid in descendants(actor)} if HAS_PROC else set()
-        segments = family_memory(actors)
+        processes = family({info.pid for info in started.worker_info() if info.pid})  # the actors and their engines'
+        segments = mapped_segments(processes)
     # ray.kill is asynchronous: a process still ending maps its segments yet, and would hide what it leaves
-    outliving(family, timeout=30)
+    outliving(processes, timeout=30)
     assert not unlink_left_behind(segments), "the pool's close left its engines' shared memory in /dev/shm"

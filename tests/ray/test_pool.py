@@ -13,7 +13,7 @@ import time
 import pytest
 
 import fork_pool_checks as checks
-from descendants import HAS_PROC, descendants, family_memory, outliving, unlink_left_behind
+from descendants import HAS_PROC, descendants, mapped_segments, outliving, unlink_left_behind
 from fork_pool_checks import (  # noqa: F401  the pool's tests, written once for every pool and engine
     test_rounds_with_different_trunks_match_fresh_engines,
     test_a_context_without_a_full_page_is_refused_before_the_parent_is_read)
@@ -77,7 +77,7 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     before = parent.generate(trunk + suffixes[0], PARAMS)
     victim = pool.worker_info()[1]
     started = descendants(victim.pid) if HAS_PROC else set()  # its engine's own processes (vLLM's engine core)
-    segments = family_memory({victim.pid})
+    segments = mapped_segments({victim.pid} | started)  # what it and they map in /dev/shm
     killing = checks.kill_during_capture(parent, _ActorProcess(victim.pid))  # SIGKILL, as the OOM killer would
     try:
         with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(Ray actor [0-9a-f]+, pid {victim.pid} {NODE}\) "

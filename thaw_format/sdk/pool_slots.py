@@ -39,11 +39,11 @@ class WorkerInfo:
     # ready: its engine has started, and its process has not been seen to end;
     # exited: a ForkPool worker's process has ended, as the process says: stopped or killed by the pool (a round
     #   interrupted mid-way, a failed start, close(): the next round that needs the slot replaces it first), or
-    #   seen to exit (as it happens, between rounds too where Python has os.waitid, once what its engine started has been killed too: the
-    #   next round that needs it fails, naming it, and replaces it). A RayForkPool actor shows exited once the
-    #   pool has asked Ray to kill it (ray.kill returns before the actor's process has ended), and one that dies
-    #   between rounds shows as ready until a round calls it (Ray tells of an actor's death through a failed
-    #   call): that round fails, naming it, and replaces it;
+    #   seen to exit (as it happens, between rounds too where Python has os.waitid, once what its engine started
+    #   has been killed too: the next round that needs it fails, naming it, and replaces it). A RayForkPool actor
+    #   shows exited once the pool has asked Ray to kill it (ray.kill returns before the actor's process has
+    #   ended), and one that dies between rounds shows as ready until a round calls it (Ray tells of an actor's
+    #   death through a failed call): that round fails, naming it, and replaces it;
     # given_up: the slot is no longer restarted (MAX_FAILED_STARTS failed starts in a row, or its workers died in
     #   MAX_DEATHS rounds in a row), its last worker ended as an exited one: start a new pool.
     pid: Optional[int]  # its process (on its node), once known
