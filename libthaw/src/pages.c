@@ -389,14 +389,22 @@ static uint32_t move_folded(page_job *j, crc32c_fold_rows_fn fold_rows, size_t e
  * rows of whole 64-byte lines, every row in a group of 16 neighbours, in units of whole pages. */
 
 #if defined(__x86_64__) || defined(_M_X64)
+/* Whether rows order[k .. k + n) exist and start one element after another. */
+static int rows_follow(const page_job *j, size_t k, size_t n) {
+    const thaw_page_layout *l = j->layout;
+    if (k + n > l->rows) return 0;
+    for (size_t i = 1; i < n; i++)
+        if (l->row_start[j->order[k + i]] != l->row_start[j->order[k]] + (int64_t)i) return 0;
+    return 1;
+}
+
 static int summed16_fits(const page_job *j) {
     const thaw_page_layout *l = j->layout;
     if (!j->crcs || j->fd >= 0 || !j->to_pages || !j->order || l->itemsize != 4 || (l->row_elems * 4) % 64 ||
         l->rows % 16 || j->unit_elems % j->page_elems || active_tiles() != TILES_AVX512 || !crc32c_folds_512())
         return 0;
     for (size_t k = 0; k < l->rows; k += 16)
-        for (size_t i = 1; i < 16; i++)
-            if (l->row_start[j->order[k + i]] != l->row_start[j->order[k]] + (int64_t)i) return 0;
+        if (!rows_follow(j, k, 16)) return 0;
     return 1;
 }
 
@@ -416,16 +424,18 @@ static uint32_t move_summed16(page_job *j, size_t e, size_t end) {
     for (; e < end; e += j->page_elems) {
         uint8_t *block = j->blocks + j->offsets[e / j->page_elems];
         memset(page, 0, sizeof page);
-        for (size_t k = 0; k < l->rows; k += 16) {
-            uint8_t *flat[16];
-            size_t after[16];
-            for (size_t i = 0; i < 16; i++) {
+        for (size_t k = 0, g; k < l->rows; k += 16 * g) {
+            int64_t first = l->row_start[j->order[k]];
+            g = 4; /* the most groups of 16 rows whose sources follow on (a block's 64 or 32 tokens), else 1 */
+            while (g > 1 && !rows_follow(j, k, 16 * g)) g /= 2;
+            uint8_t *flat[64];
+            size_t after[64];
+            for (size_t i = 0; i < 16 * g; i++) {
                 size_t row = j->order[k + i];
                 flat[i] = j->pages + (e + row * w) * 4;
                 after[i] = l->rows - 1 - row;
             }
-            pages_gather16_crc_avx512(flat, block + l->row_start[j->order[k]] * 4, l->col_stride * 4, j->summed16,
-                                      after, page);
+            pages_gather16_crc_avx512(flat, block + first * 4, l->col_stride * 4, j->summed16, after, page, (int)g);
         }
         pages_crc16_next_page(j->summed16, unit, page);
     }

@@ -132,32 +132,50 @@ static inline __m512i fold512(__m512i x, __m512i k, __m512i y) {
                                      y, 0x96);
 }
 
-void pages_gather16_crc_avx512(uint8_t *const *flat, const uint8_t *strided, int64_t stride_bytes,
-                               const pages_crc16 *k, const size_t *after, uint8_t *page_block) {
+/* Reduce a row's 512-bit sum to its 128-bit block, moved `after` rows forward, and add it into page. */
+static inline __m128i add_row(__m128i page, __m512i sum, const pages_crc16 *k, size_t after) {
+    __m128i x = _mm_xor_si128(fold128(_mm512_extracti32x4_epi32(sum, 0), K128(k->lanes[0])),
+                              fold128(_mm512_extracti32x4_epi32(sum, 1), K128(k->lanes[1])));
+    x = _mm_xor_si128(x, fold128(_mm512_extracti32x4_epi32(sum, 2), K128(k->lanes[2])));
+    x = _mm_xor_si128(x, _mm512_extracti32x4_epi32(sum, 3));
+    return _mm_xor_si128(page, after ? fold128(x, K128(k->rows[after])) : x);
+}
+
+/* G groups of 16 rows whose sources lie 64 bytes apart: for each 16 columns the G tiles read G neighbouring
+ * lines of each source row, so a row of 16 * G elements (a block_size of 16 * G tokens) is read front to back
+ * rather than one line in G at a time (a stride the hardware prefetchers follow poorly). */
+static inline __attribute__((always_inline)) void gather_crc(uint8_t *const *flat, const uint8_t *strided,
+                                                             int64_t stride_bytes, const pages_crc16 *k,
+                                                             const size_t *after, uint8_t *page_block, int g) {
     const __m512i step = _mm512_broadcast_i32x4(K128(k->step));
-    __m512i r[16], sums[16];
+    __m512i r[16], sums[4 * 16];
     int stream = 1;
-    for (int i = 0; i < 16; i++) stream &= ((uintptr_t)flat[i] & 63) == 0;
-    for (size_t c = 0; c < k->row_bytes / 4; c += 16) {
-        load16(r, strided + (int64_t)c * stride_bytes, stride_bytes);
-        transpose16x16(r);
-        for (int i = 0; i < 16; i++) {
-            if (stream)
-                _mm512_stream_si512((void *)(flat[i] + c * 4), r[i]);
-            else
-                _mm512_storeu_si512((void *)(flat[i] + c * 4), r[i]);
-            sums[i] = c ? fold512(sums[i], step, r[i]) : r[i];
+    for (int i = 0; i < 16 * g; i++) stream &= ((uintptr_t)flat[i] & 63) == 0;
+    for (size_t c = 0; c < k->row_bytes / 4; c += 16)
+        for (int t = 0; t < g; t++) {
+            load16(r, strided + (int64_t)c * stride_bytes + 64 * t, stride_bytes);
+            transpose16x16(r);
+            for (int i = 0; i < 16; i++) {
+                uint8_t *to = flat[16 * t + i] + c * 4;
+                if (stream)
+                    _mm512_stream_si512((void *)to, r[i]);
+                else
+                    _mm512_storeu_si512((void *)to, r[i]);
+                sums[16 * t + i] = c ? fold512(sums[16 * t + i], step, r[i]) : r[i];
+            }
         }
-    }
     __m128i page = K128(page_block);
-    for (int i = 0; i < 16; i++) {
-        __m128i x = _mm_xor_si128(fold128(_mm512_extracti32x4_epi32(sums[i], 0), K128(k->lanes[0])),
-                                  fold128(_mm512_extracti32x4_epi32(sums[i], 1), K128(k->lanes[1])));
-        x = _mm_xor_si128(x, fold128(_mm512_extracti32x4_epi32(sums[i], 2), K128(k->lanes[2])));
-        x = _mm_xor_si128(x, _mm512_extracti32x4_epi32(sums[i], 3));
-        page = _mm_xor_si128(page, after[i] ? fold128(x, K128(k->rows[after[i]])) : x);
-    }
+    for (int i = 0; i < 16 * g; i++) page = add_row(page, sums[i], k, after[i]);
     _mm_storeu_si128((__m128i *)page_block, page);
+}
+
+void pages_gather16_crc_avx512(uint8_t *const *flat, const uint8_t *strided, int64_t stride_bytes,
+                               const pages_crc16 *k, const size_t *after, uint8_t *page_block, int groups) {
+    switch (groups) {
+    case 1: gather_crc(flat, strided, stride_bytes, k, after, page_block, 1); break;
+    case 2: gather_crc(flat, strided, stride_bytes, k, after, page_block, 2); break;
+    default: gather_crc(flat, strided, stride_bytes, k, after, page_block, 4); break;
+    }
 }
 
 void pages_crc16_next_page(const pages_crc16 *k, uint8_t *unit_block, const uint8_t *page_block) {

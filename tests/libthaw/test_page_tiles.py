@@ -41,7 +41,9 @@ def vllm_case(block_size, heads, head_dim, role, n_pages, seed):
 
 SHAPES = [
     (16, 3, 128),  # block 16: one tile of 16 tokens per head; 3 heads
-    (32, 5, 64),   # block 32: two tiles per head; 5 heads
+    (32, 5, 64),   # block 32: two tiles per head, summed as one pair of neighbouring lines; 5 heads
+    (64, 2, 64),   # block 64: four tiles per head, summed as four neighbouring lines
+    (48, 1, 64),   # block 48: three tiles per head, summed as a pair then one
     (32, 3, 72),   # 288-byte rows, not whole 64-byte lines: tiles that move, then the pages summed; the
                    # scatter's last 8 columns a masked 16 x 16 tile
     (24, 1, 128),  # 24 tokens: a 16-row tile and an 8-row one; the scatter's K lines 96 bytes apart (unaligned)
