@@ -88,12 +88,14 @@ static void put_k(uint64_t *k, unsigned bits) { _mm_storeu_si128((__m128i *)k, f
 static pages_crc16 *crc16_new(size_t rows, size_t row_bytes) {
     pages_crc16 *k = malloc(sizeof *k);
     uint64_t (*by_rows)[2] = malloc((rows + 1) * sizeof *by_rows);
-    if (!k || !by_rows) {
+    uint64_t (*lines)[4][2] = malloc((rows + 1) * sizeof *lines);
+    if (!k || !by_rows || !lines) {
         free(k);
         free(by_rows);
+        free(lines);
         return NULL;
     }
-    *k = (pages_crc16){.row_bytes = row_bytes, .page_rows = rows, .rows = by_rows};
+    *k = (pages_crc16){.row_bytes = row_bytes, .page_rows = rows, .rows = by_rows, .lines = lines};
     put_k(k->step, 512);
     put_k(k->lanes[0], 384);
     put_k(k->lanes[1], 256);
@@ -103,6 +105,13 @@ static pages_crc16 *crc16_new(size_t rows, size_t row_bytes) {
     put_k(k->rows[1], 8 * row_bytes);
     for (size_t m = 2; m <= rows; m++)
         for (int h = 0; h < 2; h++) k->rows[m][h] = shift((uint32_t)k->rows[m - 1][h], next);
+    /* lines[m][j] = fold_k128(m * row bits + (3 - j) * 128): lane j then the rows after it, in one fold */
+    const uint32_t lane[3] = {SHIFT_K(48), SHIFT_K(32), SHIFT_K(16)};
+    for (size_t m = 1; m <= rows; m++)
+        for (int h = 0; h < 2; h++) {
+            for (int j = 0; j < 3; j++) k->lines[m][j][h] = shift((uint32_t)k->rows[m][h], lane[j]);
+            k->lines[m][3][h] = k->rows[m][h];
+        }
     return k;
 }
 
@@ -121,6 +130,7 @@ const pages_crc16 *pages_crc16_for(size_t rows, size_t row_bytes) {
     k->next = head;
     if (__atomic_compare_exchange_n(&crc16_tables, &k->next, k, 0, __ATOMIC_RELEASE, __ATOMIC_ACQUIRE)) return k;
     free(k->rows); /* another thread added a table first (maybe this one): look again */
+    free(k->lines);
     free(k);
     return pages_crc16_for(rows, row_bytes);
 }
@@ -164,8 +174,21 @@ static inline __attribute__((always_inline)) void gather_crc(uint8_t *const *fla
                 sums[16 * t + i] = c ? fold512(sums[16 * t + i], step, r[i]) : r[i];
             }
         }
+    /* Each row's four lanes moved to the page's end by one 512-bit fold (the page's last row, which has no rows
+     * after it, by add_row), then the lanes added. */
     __m128i page = K128(page_block);
-    for (int i = 0; i < 16 * g; i++) page = add_row(page, sums[i], k, after[i]);
+    __m512i moved = _mm512_setzero_si512();
+    for (int i = 0; i < 16 * g; i++) {
+        if (!after[i]) {
+            page = add_row(page, sums[i], k, 0);
+            continue;
+        }
+        const __m512i m = _mm512_loadu_si512((const void *)k->lines[after[i]]);
+        moved = _mm512_ternarylogic_epi64(moved, _mm512_clmulepi64_epi128(sums[i], m, 0x00),
+                                          _mm512_clmulepi64_epi128(sums[i], m, 0x11), 0x96);
+    }
+    page = _mm_ternarylogic_epi64(page, _mm512_extracti32x4_epi32(moved, 0), _mm512_extracti32x4_epi32(moved, 1), 0x96);
+    page = _mm_ternarylogic_epi64(page, _mm512_extracti32x4_epi32(moved, 2), _mm512_extracti32x4_epi32(moved, 3), 0x96);
     _mm_storeu_si128((__m128i *)page_block, page);
 }
 
