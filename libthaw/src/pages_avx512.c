@@ -88,7 +88,8 @@ static void put_k(uint64_t *k, unsigned bits) { _mm_storeu_si128((__m128i *)k, f
 static pages_crc16 *crc16_new(size_t rows, size_t row_bytes) {
     pages_crc16 *k = malloc(sizeof *k);
     uint64_t (*by_rows)[2] = malloc((rows + 1) * sizeof *by_rows);
-    uint64_t (*lines)[4][2] = malloc((rows + 1) * sizeof *lines);
+    void *lines = NULL; /* one 512-bit load a row: each entry on its own 64-byte line */
+    if (posix_memalign(&lines, 64, rows * sizeof(uint64_t[4][2]))) lines = NULL;
     if (!k || !by_rows || !lines) {
         free(k);
         free(by_rows);
@@ -105,9 +106,10 @@ static pages_crc16 *crc16_new(size_t rows, size_t row_bytes) {
     put_k(k->rows[1], 8 * row_bytes);
     for (size_t m = 2; m <= rows; m++)
         for (int h = 0; h < 2; h++) k->rows[m][h] = shift((uint32_t)k->rows[m - 1][h], next);
-    /* lines[m][j] = fold_k128(m * row bits + (3 - j) * 128): lane j then the rows after it, in one fold */
+    /* lines[m][j] = fold_k128(m * row bits + (3 - j) * 128): lane j then the rows after it, in one fold (a page's
+     * last row, m = 0, is reduced on its own: lines[0] is not read) */
     const uint32_t lane[3] = {SHIFT_K(48), SHIFT_K(32), SHIFT_K(16)};
-    for (size_t m = 1; m <= rows; m++)
+    for (size_t m = 1; m < rows; m++)
         for (int h = 0; h < 2; h++) {
             for (int j = 0; j < 3; j++) k->lines[m][j][h] = shift((uint32_t)k->rows[m][h], lane[j]);
             k->lines[m][3][h] = k->rows[m][h];
@@ -182,7 +184,7 @@ static inline __attribute__((always_inline)) void gather_crc(uint8_t *const *fla
             page = add_last_row(page, sums[i], k);
             continue;
         }
-        const __m512i m = _mm512_loadu_si512((const void *)k->lines[after[i]]);
+        const __m512i m = _mm512_load_si512((const void *)k->lines[after[i]]);
         moved = _mm512_ternarylogic_epi64(moved, _mm512_clmulepi64_epi128(sums[i], m, 0x00),
                                           _mm512_clmulepi64_epi128(sums[i], m, 0x11), 0x96);
     }

@@ -28,7 +28,8 @@ typedef struct pages_crc16 {
     size_t row_bytes, page_rows;
     uint64_t step[2], lanes[3][2]; /* 64 bytes along a row; a row's last 64 bytes reduced to one block */
     uint64_t (*rows)[2];           /* rows[m]: m rows forward, 1 <= m <= page_rows (rows[page_rows]: a page) */
-    uint64_t (*lines)[4][2];       /* lines[m][j]: 128-bit lane j of a row's last 64 bytes moved m rows forward */
+    uint64_t (*lines)[4][2];       /* lines[m][j]: 128-bit lane j of a row's last 64 bytes moved past the rest of
+                                    * its row and the m rows after it, 1 <= m < page_rows (64-byte aligned) */
     struct pages_crc16 *next;      /* pages_crc16_for's next table */
 } pages_crc16;
 /* The table for that page shape, made on its first use and kept (read by every thread); NULL out of memory. */
