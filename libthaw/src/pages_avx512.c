@@ -118,9 +118,9 @@ static pages_crc16 *crc16_new(size_t rows, size_t row_bytes) {
 }
 
 /* The tables made so far, newest first, each kept for the life of the process: a process meets few page shapes
- * (one per model it serves), and a gather per layer and role that made its own table spent a malloc and
- * (rows + 8) constant computations on it. Published by compare-and-swap and never changed after, so they are read
- * without a lock (none to be left held in a fork child). */
+ * (one per model it serves), and a table is two allocations and about 8 carry-less shifts a page row (its rows and
+ * lines), which a gather per layer and role would otherwise repeat. Published by compare-and-swap and never changed
+ * after, so they are read without a lock (none to be left held in a fork child). */
 static pages_crc16 *crc16_tables;
 
 const pages_crc16 *pages_crc16_for(size_t rows, size_t row_bytes) {
@@ -142,14 +142,6 @@ const pages_crc16 *pages_crc16_for(size_t rows, size_t row_bytes) {
 static inline __m512i fold512(__m512i x, __m512i k, __m512i y) {
     return _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(x, k, 0x00), _mm512_clmulepi64_epi128(x, k, 0x11),
                                      y, 0x96);
-}
-
-/* page + the 512-bit sum of a page's last row reduced to one 128-bit block (no rows follow it to move past). */
-static inline __m128i add_last_row(__m128i page, __m512i sum, const pages_crc16 *k) {
-    __m128i x = _mm_xor_si128(fold128(_mm512_extracti32x4_epi32(sum, 0), K128(k->lanes[0])),
-                              fold128(_mm512_extracti32x4_epi32(sum, 1), K128(k->lanes[1])));
-    x = _mm_xor_si128(x, fold128(_mm512_extracti32x4_epi32(sum, 2), K128(k->lanes[2])));
-    return _mm_xor_si128(page, _mm_xor_si128(x, _mm512_extracti32x4_epi32(sum, 3)));
 }
 
 /* G groups of 16 rows whose sources lie 64 bytes apart: for each 16 columns the G tiles read G neighbouring
@@ -180,8 +172,8 @@ static inline __attribute__((always_inline)) void gather_crc(uint8_t *const *fla
     __m128i page = K128(page_block);
     __m512i moved = _mm512_setzero_si512();
     for (int i = 0; i < 16 * g; i++) {
-        if (!after[i]) {
-            page = add_last_row(page, sums[i], k);
+        if (!after[i]) { /* a page's last row: no rows to move past, its lanes reduced to one block */
+            page = _mm_xor_si128(page, reduce512(sums[i], K128(k->lanes[0]), K128(k->lanes[1]), K128(k->lanes[2])));
             continue;
         }
         const __m512i m = _mm512_load_si512((const void *)k->lines[after[i]]);
@@ -200,7 +192,8 @@ void pages_gather16_crc_avx512(uint8_t *const *flat, const uint8_t *strided, int
     switch (groups) {
     case 1: gather_crc(flat, strided, stride_bytes, k, after, page_block, 1); break;
     case 2: gather_crc(flat, strided, stride_bytes, k, after, page_block, 2); break;
-    default: gather_crc(flat, strided, stride_bytes, k, after, page_block, 4); break;
+    case 4: gather_crc(flat, strided, stride_bytes, k, after, page_block, 4); break;
+    default: abort(); /* move_summed16 plans 1, 2 or 4 groups */
     }
 }
 
