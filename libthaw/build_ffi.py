@@ -115,6 +115,7 @@ int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, si
 const char *thaw_pages_impl(void);
 const char *thaw_pages_available(void);
 int thaw_pages_select(const char *name);
+void thaw_pages_summed_groups(size_t counts[3]);
 int64_t thaw_scatter_pages_checked(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                                    const int64_t *block_offsets, size_t n, const thaw_page_layout *layout,
                                    size_t chunk_size, const uint32_t *expected, int64_t *bad_chunk);

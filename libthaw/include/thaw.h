@@ -167,6 +167,10 @@ const char *thaw_pages_impl(void);
 const char *thaw_pages_available(void);
 /* Make `name` the page functions' tile kernel (for tests and benchmarks). 0 on success, -1 if unavailable. */
 int thaw_pages_select(const char *name);
+/* For tests: the summing 16 x 16 tiles' steps per page in the latest gather or scatter of pages (other than a
+ * checked batch), by the groups of 16 rows each step read together: counts[0] of 1, [1] of 2, [2] of 4; all 0
+ * where that call did not sum in those tiles. */
+void thaw_pages_summed_groups(size_t counts[3]);
 /* The inverse: write the n contiguous pages of `pages` into their blocks. */
 int64_t thaw_scatter_pages(const void *pages, size_t pages_len, void *blocks, size_t blocks_len,
                            const int64_t *block_offsets, size_t n, const thaw_page_layout *layout);

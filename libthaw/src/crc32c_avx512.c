@@ -42,10 +42,7 @@ uint32_t crc32c_avx512_vpclmul(uint32_t state, const uint8_t *p, size_t n) {
     x3 = fold_add(x1, by1024, x3);
     x3 = fold_add(x2, by512, x3);
     for (; n >= 64; p += 64, n -= 64) x3 = fold_add(x3, by512, LOAD(p));
-    __m128i x = _mm_xor_si128(fold128(_mm512_extracti32x4_epi32(x3, 0), by384),
-                              fold128(_mm512_extracti32x4_epi32(x3, 1), by256));
-    x = _mm_xor_si128(x, fold128(_mm512_extracti32x4_epi32(x3, 2), by128));
-    x = _mm_xor_si128(x, _mm512_extracti32x4_epi32(x3, 3));
+    __m128i x = reduce512(x3, by384, by256, by128);
     for (; n >= 16; p += 16, n -= 16) x = _mm_xor_si128(fold128(x, by128), _mm_loadu_si128((const __m128i *)p));
     return crc32c_sse42(crc_of_block(x), p, n);
 }

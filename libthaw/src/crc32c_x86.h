@@ -40,4 +40,14 @@ static inline uint32_t crc_of_block(__m128i x) {
     return (uint32_t)_mm_crc32_u64(s, (uint64_t)_mm_extract_epi64(x, 1));
 }
 
+#if defined(__AVX512F__)
+/* A 512-bit accumulator's four 128-bit lanes reduced to one block: lanes 0, 1 and 2 folded forward past the lanes
+ * after them (k384, k256, k128: fold_k128 of 384, 256 and 128 bits) and added to lane 3. */
+static inline __m128i reduce512(__m512i x, __m128i k384, __m128i k256, __m128i k128) {
+    __m128i y = _mm_xor_si128(fold128(_mm512_extracti32x4_epi32(x, 0), k384),
+                              fold128(_mm512_extracti32x4_epi32(x, 1), k256));
+    y = _mm_xor_si128(y, fold128(_mm512_extracti32x4_epi32(x, 2), k128));
+    return _mm_xor_si128(y, _mm512_extracti32x4_epi32(x, 3));
+}
+#endif
 #endif

@@ -53,6 +53,8 @@ typedef struct {
     int release;             /* batch: unmap the pages once every unit has moved (release_pages) */
     size_t units_left;       /* batch with release: units not finished yet */
     const struct pages_crc16 *summed16; /* gather with CRCs in 16-row tiles summed as they move, or NULL */
+    uint8_t *groups;         /* with summed16: per 16 rows of order, the groups of 16 rows read together (1, 2 or
+                              * 4) where a step starts there, else 0 */
 } page_job;
 
 /* Copy n elements of one row between the contiguous side and the strided side. */
@@ -389,23 +391,43 @@ static uint32_t move_folded(page_job *j, crc32c_fold_rows_fn fold_rows, size_t e
  * rows of whole 64-byte lines, every row in a group of 16 neighbours, in units of whole pages. */
 
 #if defined(__x86_64__) || defined(_M_X64)
+/* Whether rows order[k .. k + n) exist and start one element after another. */
+static int rows_follow(const page_job *j, size_t k, size_t n) {
+    const thaw_page_layout *l = j->layout;
+    if (k + n > l->rows) return 0;
+    for (size_t i = 1; i < n; i++)
+        if (l->row_start[j->order[k + i]] != l->row_start[j->order[k]] + (int64_t)i) return 0;
+    return 1;
+}
+
 static int summed16_fits(const page_job *j) {
     const thaw_page_layout *l = j->layout;
     if (!j->crcs || j->fd >= 0 || !j->to_pages || !j->order || l->itemsize != 4 || (l->row_elems * 4) % 64 ||
         l->rows % 16 || j->unit_elems % j->page_elems || active_tiles() != TILES_AVX512 || !crc32c_folds_512())
         return 0;
     for (size_t k = 0; k < l->rows; k += 16)
-        for (size_t i = 1; i < 16; i++)
-            if (l->row_start[j->order[k + i]] != l->row_start[j->order[k]] + (int64_t)i) return 0;
+        if (!rows_follow(j, k, 16)) return 0;
     return 1;
 }
 
-/* Set j->summed16 where the job fits; -1 out of memory. */
+/* Set j->summed16 and j->groups where the job fits; -1 out of memory. Every page has the same rows, so each step
+ * takes the most groups of 16 rows whose sources follow on (a block's 64 or 32 tokens), else 1, planned once. */
 static int summed16_start(page_job *j) {
+    const thaw_page_layout *l = j->layout;
     j->summed16 = NULL;
+    j->groups = NULL;
     if (!summed16_fits(j)) return 0;
-    j->summed16 = pages_crc16_for(j->layout->rows, j->layout->row_elems * 4);
-    return j->summed16 ? 0 : -1;
+    j->summed16 = pages_crc16_for(l->rows, l->row_elems * 4);
+    j->groups = calloc(l->rows / 16, 1);
+    if (!j->summed16 || !j->groups) {
+        free(j->groups);
+        return -1;
+    }
+    for (size_t k = 0, g = 4; k < l->rows; k += 16 * g, g = 4) {
+        while (g > 1 && !rows_follow(j, k, 16 * g)) g /= 2;
+        j->groups[k / 16] = (uint8_t)g;
+    }
+    return 0;
 }
 
 /* Move whole pages [e, end) and return the CRC32C of their bytes. */
@@ -416,25 +438,41 @@ static uint32_t move_summed16(page_job *j, size_t e, size_t end) {
     for (; e < end; e += j->page_elems) {
         uint8_t *block = j->blocks + j->offsets[e / j->page_elems];
         memset(page, 0, sizeof page);
-        for (size_t k = 0; k < l->rows; k += 16) {
-            uint8_t *flat[16];
-            size_t after[16];
-            for (size_t i = 0; i < 16; i++) {
+        for (size_t k = 0, g; k < l->rows; k += 16 * g) {
+            int64_t first = l->row_start[j->order[k]];
+            g = j->groups[k / 16];
+            uint8_t *flat[64];
+            size_t after[64];
+            for (size_t i = 0; i < 16 * g; i++) {
                 size_t row = j->order[k + i];
                 flat[i] = j->pages + (e + row * w) * 4;
                 after[i] = l->rows - 1 - row;
             }
-            pages_gather16_crc_avx512(flat, block + l->row_start[j->order[k]] * 4, l->col_stride * 4, j->summed16,
-                                      after, page);
+            pages_gather16_crc_avx512(flat, block + first * 4, l->col_stride * 4, j->summed16, after, page, (int)g);
         }
         pages_crc16_next_page(j->summed16, unit, page);
     }
     return pages_crc16_end(unit, len);
 }
 #else
-static int summed16_start(page_job *j) { j->summed16 = NULL; return 0; }
+static int summed16_start(page_job *j) { j->summed16 = NULL, j->groups = NULL; return 0; }
 static uint32_t move_summed16(page_job *j, size_t e, size_t end) { (void)j, (void)e, (void)end; return 0; }
 #endif
+
+/* The latest run's summing-tile steps per page, by the groups of 16 rows each read together (1, 2 or 4): set once
+ * per call, read by tests (thaw_pages_summed_groups) to see which path a gather took. */
+static size_t summed_groups[3];
+
+static void note_groups(const page_job *j) {
+    size_t n[3] = {0, 0, 0};
+    for (size_t s = 0; j->groups && s < j->layout->rows / 16; s++)
+        if (j->groups[s]) n[j->groups[s] / 2]++; /* 1, 2, 4 -> 0, 1, 2 */
+    for (int i = 0; i < 3; i++) __atomic_store_n(&summed_groups[i], n[i], __ATOMIC_RELAXED);
+}
+
+void thaw_pages_summed_groups(size_t counts[3]) {
+    for (int i = 0; i < 3; i++) counts[i] = __atomic_load_n(&summed_groups[i], __ATOMIC_RELAXED);
+}
 
 /* Unit i covers elements [start, end): the first lead_elems of them, then unit_elems each. */
 static size_t unit_start(const page_job *j, size_t index) {
@@ -670,6 +708,7 @@ static int64_t run(page_job *j) {
         free(j->order);
         return THAW_PAGES_NO_MEMORY;
     }
+    note_groups(j);
     size_t units = unit_count(j);
     if (j->total_elems * j->layout->itemsize < PARALLEL_MIN) {
         for (size_t u = 0; u < units; u++) unit_task(j, u, 0);
@@ -677,6 +716,7 @@ static int64_t run(page_job *j) {
         pool_run(units, unit_task, j);
     }
     free(j->order);
+    free(j->groups);
     return j->no_memory ? THAW_PAGES_NO_MEMORY : 0;
 }
 

@@ -28,15 +28,18 @@ typedef struct pages_crc16 {
     size_t row_bytes, page_rows;
     uint64_t step[2], lanes[3][2]; /* 64 bytes along a row; a row's last 64 bytes reduced to one block */
     uint64_t (*rows)[2];           /* rows[m]: m rows forward, 1 <= m <= page_rows (rows[page_rows]: a page) */
+    uint64_t (*lines)[4][2];       /* lines[m][j]: 128-bit lane j of a row's last 64 bytes moved past the rest of
+                                    * its row and the m rows after it, 1 <= m < page_rows (64-byte aligned) */
     struct pages_crc16 *next;      /* pages_crc16_for's next table */
 } pages_crc16;
 /* The table for that page shape, made on its first use and kept (read by every thread); NULL out of memory. */
 const pages_crc16 *pages_crc16_for(size_t rows, size_t row_bytes);
-/* pages_gather16_avx512 of whole rows (row_bytes) that also adds each row's CRC contribution, moved to the end of
- * its page (after[i]: the rows that follow flat row i in its page), into the 128-bit page_block; the rows go with
- * streaming stores where all 16 are 64-byte aligned (the caller fences). Needs AVX-512F, VL and VPCLMULQDQ. */
+/* pages_gather16_avx512 of whole rows (row_bytes) for `groups` (1, 2 or 4) groups of 16 flat rows, group t's
+ * sources 64 * t bytes after the first's, that also adds each row's CRC contribution, moved to the end of its page
+ * (after[i]: the rows that follow flat row i in its page), into the 128-bit page_block; the rows go with streaming
+ * stores where all 16 * groups are 64-byte aligned (the caller fences). Needs AVX-512F, VL and VPCLMULQDQ. */
 void pages_gather16_crc_avx512(uint8_t *const *flat, const uint8_t *strided, int64_t stride_bytes,
-                               const pages_crc16 *k, const size_t *after, uint8_t *page_block);
+                               const pages_crc16 *k, const size_t *after, uint8_t *page_block, int groups);
 /* unit_block = unit_block moved a page forward + page_block: pages in order (unit_block starts as zeros). */
 void pages_crc16_next_page(const pages_crc16 *k, uint8_t *unit_block, const uint8_t *page_block);
 /* The CRC32C of the len bytes whose pages were summed into unit_block. */
