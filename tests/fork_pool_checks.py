@@ -6,7 +6,8 @@ computes for trunk + suffix, with the engine's own cached-token count equal to t
 the pool moves; pages of the parent's own page_size(), which need not be 32); a worker killed mid-round fails
 the round with PoolWorkerDied naming it and its exit status, leaves the parent serving exactly as before, and
 is replaced, so the next round succeeds, and every process its engine started (SGLang's scheduler) ends with
-it; a round whose segment is damaged is refused by the pool's own check, naming the chunk, before any worker
+it; a worker killed between rounds is replaced by the next round, which succeeds, each child's output as before;
+a round whose segment is damaged is refused by the pool's own check, naming the chunk, before any worker
 is sent it.
 
 An engine's module supplies the fixtures `parent` (a contract engine holding nothing the trunks need, module
@@ -147,6 +148,22 @@ def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     assert parent.generate(trunk + suffixes[0], PARAMS) == before  # the parent serves as before, cache and all
     result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
+    assert [g.cached_tokens for g in result.generations] == [full_pages(trunk, parent)] * WORKERS
+    replaced = pool.worker_info()[1]
+    assert replaced.state == "ready" and replaced.pid != victim.pid and os.path.exists(f"/proc/{replaced.pid}")
+
+
+def test_a_worker_killed_between_rounds_is_replaced_before_the_next_round(pool, parent) -> None:
+    """A worker that died between rounds failed the next round (PoolWorkerDied, the round to be made again): that
+    round now starts its replacement, before the parent is read, and runs on it, every child's output the same."""
+    trunk, suffixes = _round_case(85, 110)
+    parent.generate(trunk, PARAMS)
+    before = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    victim = WorkerProcess(pool, 1)
+    victim.kill()
+    victim.wait()
+    result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    assert [g.token_ids for g in result.generations] == [g.token_ids for g in before.generations]
     assert [g.cached_tokens for g in result.generations] == [full_pages(trunk, parent)] * WORKERS
     replaced = pool.worker_info()[1]
     assert replaced.state == "ready" and replaced.pid != victim.pid and os.path.exists(f"/proc/{replaced.pid}")

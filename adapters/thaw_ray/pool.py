@@ -10,8 +10,10 @@ that object, restores it and continues with its suffix (thaw_ray.actor); the par
 is ForkPool's ForkRound: `capture_s` is the capture and the put, `verify_s` 0 (each actor checks the object
 itself: its restore_s includes that check). A worker whose actor dies mid-round is named, the round fails with
 PoolWorkerDied once the others have answered, and the pool starts a new actor in its slot for the next round;
-starts that fail are retried, and slots given up, as ForkPool does it (thaw_format.sdk.pool_slots:
-MAX_FAILED_STARTS failed starts in a row, or MAX_DEATHS rounds in a row in which the slot's actor died). An actor
+one that died between rounds (Ray's answer to the where() each round first asks its actors) is replaced by the
+next round that needs it before the parent is read, and the round runs once its replacement has started. Starts
+that fail are retried, and slots given up, as ForkPool does it (thaw_format.sdk.pool_slots: MAX_FAILED_STARTS
+failed starts in a row, or MAX_DEATHS deaths in a row of the slot's actors). An actor
 whose engine is still starting start_timeout_s after it was placed has failed to start (killed); one that no node
 can place yet is still starting: kept, the round failing (PoolWorkerStarting if no other worker failed), until a
 node can place it.
@@ -116,8 +118,9 @@ class RayForkPool(RoundPool):
         return super().fork(parent, n, context=context, suffixes=suffixes, params=params)
 
     def _round_begins(self) -> None:
-        for worker in self._workers:  # one not placed yet, kept by an earlier round: waited for anew
-            worker.rearm(self._start_timeout_s)
+        for worker in self._workers:
+            worker.rearm(self._start_timeout_s)  # one not placed yet, kept by an earlier round: waited for anew
+            worker.ping()  # one dead since the last round is replaced before this round (ActorWorker.lost)
 
     def _start(self, name: str, failed_starts: int = 0, deaths: int = 0) -> ActorWorker:
         return ActorWorker(name, self._config, self._options, self._start_timeout_s, failed_starts=failed_starts,

@@ -10,18 +10,20 @@ there (`restore_source(..., verified=True)`: read in place, not checked again) a
 whose prefill starts with the trunk's last partial page (a full page, of the parent's page_size(), is what
 every engine caches). The parent is only read. A worker that dies mid-round is named with its exit status,
 the round fails with PoolWorkerDied after the other workers have answered, and the pool starts a replacement,
-so the next round runs on a full pool. A replacement finishes starting at the next round; if it fails to start
-(its engine's error, or its process ended), that round fails before the parent is read, naming the worker, its
-error and its exit status, and the worker is started again for the round after, MAX_FAILED_STARTS failed starts
-in a row at most; a slot whose workers died in MAX_DEATHS rounds in a row, none answering a round in between, is
-not replaced after the last (an engine that dies on every round would otherwise be restarted for ever). Rounds
-needing a slot given up say so, and why: start a new pool. A pool whose first start fails raises, with
-nothing left running. Each worker leads its own process group (thaw_format.sdk.engine_process): the processes
-its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends. `worker_info()` shows
-each slot's worker (RoundPool.worker_info: its pid, whether it is starting, ready, exited or given up, and the
-slot's failed starts in a row); a worker's exit shows there once its process's watcher has seen it and killed
-what its engine started, between rounds too where Python has os.waitid (Linux; elsewhere once the pool reaps
-it). Any contract engine with a launch spec works
+so the next round runs on a full pool; one seen dead between rounds is replaced by the next round that needs it,
+before the parent is read, and that round runs once the replacement has started. A replacement finishes starting
+at the next round; if it fails to start (its engine's error, or its process ended), that round fails before the
+parent is read, naming the worker, its error and its exit status (and the dead worker it replaces, and how that
+one ended), and the worker is started again for the round after, MAX_FAILED_STARTS failed starts in a row at
+most; a slot whose workers died MAX_DEATHS times in a row (in rounds or between them), none answering a round in
+between, is not replaced after the last (an engine that dies on every round would otherwise be restarted for
+ever). Rounds needing a slot given up say so, and why: start a new pool. A pool whose first start fails
+raises, with nothing left running. Each worker leads its own process group (thaw_format.sdk.engine_process):
+the processes its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends.
+`worker_info()` shows each slot's worker (RoundPool.worker_info: its pid, whether it is starting, ready, exited
+or given up, and the slot's failed starts in a row); a worker's exit shows there once its process's watcher has
+seen it and killed what its engine started, between rounds too where Python has os.waitid (Linux; elsewhere once
+the pool reaps it, at the next round that needs it). Any contract engine with a launch spec works
 (thaw_format.sdk.contract).
 """
 
@@ -84,6 +86,15 @@ class _Worker(SlotWorker):
         exit by its watcher once what its engine started is killed too, between rounds too (where Python has
         os.waitid; elsewhere once the pool reaps it)."""
         return self.process.exited
+
+    def lost(self) -> Optional[PoolWorkerDied]:
+        """SlotWorker.lost: its process seen to have ended (poll(), which reaps it: the round's own call), its
+        pipes closed here."""
+        if not self.ready or self.killed or self.process.poll() is None:
+            return None
+        status = self.process.exit_status()
+        self.kill()
+        return PoolWorkerDied(f"{self.describe()} exited with {status} between rounds")
 
     def send(self, message: dict) -> bool:
         """False if the worker is gone."""

@@ -113,7 +113,7 @@ class RoundPool(abc.ABC):
 
     def _round_begins(self) -> None:
         """A round holds the pool, before its workers' starts are finished (a pool's hook: RayForkPool's waits anew
-        for its actors still not placed)."""
+        for its actors still not placed, and asks the others where they are, for their `lost()`)."""
 
     @abc.abstractmethod
     def _stop(self) -> None:
