@@ -163,16 +163,18 @@ class ActorWorker(SlotWorker):
         return (f"not placed within {self.placing.timeout_s:g} s (start_timeout_s): Ray has no node with {asks} "
                 f"free{lost}, or is still setting up its runtime_env")
 
-    def died(self, error: BaseException, when: str = "") -> PoolWorkerDied:
+    def died(self, error: BaseException, between_rounds: bool = False) -> PoolWorkerDied:
         """The round's failure for this actor: dead, or unavailable (Ray lost touch with it; the pool kills it)."""
+        when = " between rounds" if between_rounds else ""
         if isinstance(error, ActorUnavailableError):
             return PoolWorkerDied(f"{self.describe()} became unavailable{when} (killed, not waited for): "
                                   f"{in_brief(error)}")
         return PoolWorkerDied(f"{self.describe()} died{when}: {in_brief(error)}")
 
-    def ping(self) -> None:
-        """A round begins: ask a started actor where it is, without waiting (every actor's at once)."""
-        self._ping = self.actor.where.remote() if self.ready and not self.killed else None
+    def ping(self, answers: Window) -> None:
+        """A round begins: ask a started actor where it is, without waiting (every actor's at once), its answer
+        waited for until `answers` ends (the round's pings share it)."""
+        self._ping = (self.actor.where.remote(), answers) if self.ready and not self.killed else None
 
     def lost(self) -> Optional[PoolWorkerDied]:
         """SlotWorker.lost: Ray's answer to the round's ping is the actor's death (or that it is unavailable): it
@@ -181,10 +183,10 @@ class ActorWorker(SlotWorker):
         if ping is None or self.killed:
             return None
         try:
-            ray.get(ping, timeout=PING_TIMEOUT_S)
+            ray.get(ping[0], timeout=ping[1].left())
         except RayActorError as exc:
             self.kill()
-            return self.died(exc, " between rounds")
+            return self.died(exc, between_rounds=True)
         except RayError:  # not answered in time, or a call Ray could not run: the round's own call tells
             pass
         return None

@@ -87,10 +87,14 @@ class _Worker(SlotWorker):
         os.waitid; elsewhere once the pool reaps it)."""
         return self.process.exited
 
+    def _seen_exited(self) -> bool:
+        """Its process has ended, as the round's own call sees it: its watcher's word (set before poll() returns,
+        which waits for what its engine started to be killed), or poll(), which reaps it (no os.waitid)."""
+        return self.process.exited or self.process.poll() is not None
+
     def lost(self) -> Optional[PoolWorkerDied]:
-        """SlotWorker.lost: its process seen to have ended (poll(), which reaps it: the round's own call), its
-        pipes closed here."""
-        if not self.ready or self.killed or self.process.poll() is None:
+        """SlotWorker.lost: its process seen to have ended, its pipes closed here."""
+        if not self.ready or self.killed or not self._seen_exited():
             return None
         status = self.process.exit_status()
         self.kill()
@@ -113,13 +117,15 @@ class _Worker(SlotWorker):
         return json.loads(line)
 
     def _start_outcome(self) -> Optional[str]:
-        """Its engine's start (SlotWorker.ensure_ready): failed, its error if it sent one and its exit status."""
+        """Its engine's start (SlotWorker.ensure_ready): failed, its error if it sent one and its exit status. One
+        that said ready and has exited since (a replacement killed before the round that reads its reply) failed
+        too: else the round would read the parent, then fail on it."""
         line = self.process.stdout.readline()
         reply = json.loads(line) if line else {}
-        if reply.get("ready"):
+        if reply.get("ready") and not self._seen_exited():
             return None
         self.process.end(timeout=60)  # after its error it exits: its status, not a zombie
-        error = f": {reply['error']}" if "error" in reply else ""
+        error = f": {reply['error']}" if "error" in reply else ": it said ready, then exited" if reply else ""
         return f"{error} (it exited with {self.process.exit_status()})"
 
     def kill(self) -> None:

@@ -46,8 +46,11 @@ class WorkerInfo:
     #   once the pool has asked Ray to kill it (ray.kill returns before the actor's process has ended); one that
     #   dies between rounds shows as ready until a round begins (Ray tells of an actor's death through a call:
     #   each round first asks its actors where they are). Either way the next round that needs the slot replaces
-    #   it before the parent is read, and runs once the replacement has started (a replacement that fails to start
-    #   fails that round, naming the dead worker, how it ended and the failed start);
+    #   a started worker before the parent is read, and runs once the replacement has started (a replacement that
+    #   fails to start fails that round, naming the dead worker, how it ended and the failed start). A replacement
+    #   that dies before a round has seen its start (it shows starting until then) fails the round that needs it:
+    #   ForkPool's as a failed start, before the parent is read; a RayForkPool actor's once the parent is read (Ray
+    #   keeps its start's answer), naming it; either way replaced for the next round;
     # given_up: the slot is no longer restarted (MAX_FAILED_STARTS failed starts in a row, or its workers died
     #   MAX_DEATHS times in a row), its last worker ended as an exited one: start a new pool.
     pid: Optional[int]  # its process (on its node), once known
@@ -123,7 +126,8 @@ class SlotWorker:
 def gave_up(worker) -> Optional[str]:
     """Why the pool no longer restarts the worker's slot, if it does not: MAX_FAILED_STARTS failed starts in a
     row, or MAX_DEATHS deaths in a row of the slot's workers, none answering a round in between (an engine that
-    dies in every round, or before each, would otherwise be restarted for ever)."""
+    dies in every round, or each time before it answers one, would otherwise be restarted for ever). A worker that
+    answers every round and dies between them is replaced each time, without limit: each round runs."""
     if worker.start_error is not None and worker.failed_starts >= MAX_FAILED_STARTS:
         return (f"{worker.start_error}; it failed to start {worker.failed_starts} times in a row and is no longer "
                 "restarted: close this pool and start a new one")
@@ -150,7 +154,7 @@ def finish_starts(workers: list, n: int, closed: Callable[[], bool],
     workers) the pool no longer restarts it, and rounds use the slots left (fewer than n left: each round
     needing more says so, and a new pool is the way on). `closed()`: the pool was closed meanwhile; close() stops
     what it finds, so nothing is started then."""
-    slots, failures, starting = [], [], 0
+    slots, dead = [], {}  # first every slot's worker started, so that replacements start together
     for index, worker in enumerate(workers):
         if len(slots) == n:
             break
@@ -158,14 +162,21 @@ def finish_starts(workers: list, n: int, closed: Callable[[], bool],
             continue
         died = None if worker.killed or closed() else worker.lost()
         if died is not None:  # seen dead since the last round: replaced now (close() stops what it finds)
-            replace_dead(workers, index, died, closed, start)
+            replace_dead(workers, index, died, closed, start)  # its error is a round's report: this round words
+            # its own (a slot given up: with the slots short, below; else `dead`, beside the replacement's start)
             if given_up(worker):
                 continue  # as a slot given up before: a round short of slots says why
-            worker = workers[index]
+            dead[index] = died
         elif worker.killed and not closed():  # by an interrupted round
-            worker = workers[index] = start(worker.name, 0, worker.deaths)
+            workers[index] = start(worker.name, 0, worker.deaths)
         slots.append(index)
-        replacing = f"{died}, and its replacement: " if died is not None else ""
+    if closed():  # from another thread, meanwhile: a dead or killed worker may be left in a slot, not replaced
+        raise PoolWorkerDied("the pool was closed as the round began: the fork round failed before the parent was "
+                             "read")  # what this pass started, close() stops once the round lets it
+    failures, starting = [], 0
+    for index in slots:  # then each waited for: n hung replacements cost one start's wait, not n in a row
+        worker = workers[index]
+        replacing = f"{dead[index]}, and its replacement: " if index in dead else ""
         try:
             worker.ensure_ready()
         except PoolWorkerStarting as exc:  # a Ray actor no node can place yet: kept, not a failed start
