@@ -106,6 +106,13 @@ class WorkerProcess:
             time.sleep(0.05)
 
 
+def kill_and_wait(victim):
+    """SIGKILL `victim` (a WorkerProcess, or a process like one) and wait until it has gone; `victim`."""
+    victim.kill()
+    victim.wait()
+    return victim
+
+
 class Capturing:
     """The parent engine, except that its capture (the round's first step) runs `before()` first and
     `after(source)` once the capture is published (source: its shm:// name)."""
@@ -127,10 +134,7 @@ def kill_during_capture(engine, victim) -> Capturing:
     """The parent engine, except that its capture SIGKILLs one pool worker first (the worker alone, as the OOM
     killer would; not the processes its engine started), and waits until it has gone: `victim.kill()`,
     `victim.wait()`."""
-    def kill() -> None:
-        victim.kill()
-        victim.wait()
-    return Capturing(engine, before=kill)
+    return Capturing(engine, before=lambda: kill_and_wait(victim))
 
 
 def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent, fresh) -> None:
@@ -159,9 +163,7 @@ def test_a_worker_killed_between_rounds_is_replaced_before_the_next_round(pool, 
     trunk, suffixes = _round_case(85, 110)
     parent.generate(trunk, PARAMS)
     before = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
-    victim = WorkerProcess(pool, 1)
-    victim.kill()
-    victim.wait()
+    victim = kill_and_wait(WorkerProcess(pool, 1))
     result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == [g.token_ids for g in before.generations]
     assert [g.cached_tokens for g in result.generations] == [full_pages(trunk, parent)] * WORKERS

@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 from descendants import HAS_PROC, alive, descendants, needs_proc, outliving, zombie
 from pool_engines import queue_starts, worker_env
 
-from fork_pool_checks import Capturing, Unread, WorkerProcess
+from fork_pool_checks import Capturing, Unread, WorkerProcess, kill_and_wait
 from thaw_conformance.template.adapter import ToyThawEngine
 from thaw_conformance.template.engine import ToyModelConfig
 from thaw_format.sdk import ForkPool, LaunchSpec, PoolWorkerDied, fork, greedy
@@ -115,15 +116,6 @@ def round_(pool, parent):
     return pool.fork(parent, 2, context=TRUNK, suffixes=SUFFIXES, params=PARAMS)
 
 
-def kill_between_rounds(pool, slot: int) -> WorkerProcess:
-    """SIGKILL the worker in `slot` and wait until the pool shows it exited: the next round that needs it replaces
-    it first."""
-    victim = WorkerProcess(pool, slot)
-    victim.kill()
-    victim.wait()
-    return victim
-
-
 def test_a_replacement_that_fails_to_start_is_named_and_started_again(parent, tmp_path):
     """A replacement that failed to start failed every later round at the same dead worker ('RuntimeError: pool
     worker 1 ...' for ever, or a read of its closed pipe): the round now names it, its engine's error and its exit
@@ -132,7 +124,7 @@ def test_a_replacement_that_fails_to_start_is_named_and_started_again(parent, tm
     fail, spec = flaky(tmp_path)
     with ForkPool(spec, workers=2, env=worker_env()) as pool:
         queue_starts(fail, "error", "exit")  # the replacement's start, then its restart's ("exit": without a word)
-        victim = kill_between_rounds(pool, 1)  # the next round finds it dead, and starts its replacement
+        victim = kill_and_wait(WorkerProcess(pool, 1))  # the next round finds it dead, and starts its replacement
         with pytest.raises(PoolWorkerDied, match=rf"^pool worker 1 \(pid {victim.pid}\) exited with status -9 \(killed "
                            rf"by SIGKILL\) between rounds, and its replacement: pool worker 1 \(pid (?!{victim.pid}\))"
                            r"\d+\) failed to start: starting the pool engine: RuntimeError: told to fail by .* \(it "
@@ -155,7 +147,7 @@ def test_a_worker_that_keeps_failing_to_start_is_given_up_after_a_bounded_number
     fail, spec = flaky(tmp_path)
     with ForkPool(spec, workers=2, env=worker_env()) as pool:
         queue_starts(fail, *["error"] * MAX_FAILED_STARTS)
-        kill_between_rounds(pool, 0)
+        kill_and_wait(WorkerProcess(pool, 0))
         for attempt in range(1, MAX_FAILED_STARTS):  # the first: the dead worker's replacement
             with pytest.raises(PoolWorkerDied, match=f"failed starts in a row: {attempt} of {MAX_FAILED_STARTS}"):
                 round_(pool, Unread(parent.page_size()))
@@ -205,6 +197,24 @@ def test_a_worker_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
                                                  "parent was read$"):
             round_(pool, Unread(parent.page_size()))
         assert [w.state for w in pool.worker_info()] == ["given_up"] * 2
+
+
+def test_a_replacement_killed_after_saying_ready_fails_the_next_round_before_the_parent_is_read(parent):
+    """A replacement started after a round's death says ready on its pipe, which the next round reads: one killed
+    before that round showed as exited but was not seen dead (its start not yet seen), so the round read the
+    parent, then failed on it. Its start now counts as failed: the round fails first, and it is started again."""
+    with ForkPool(parent, workers=2) as pool:
+        with pytest.raises(PoolWorkerDied, match="being replaced"):
+            round_(pool, Capturing(parent, WorkerProcess(pool, 1).kill))
+        replacement = pool._workers[1].process  # its pipe, to see it said ready
+        assert select.select([replacement.stdout], [], [], 60)[0], "the replacement did not say ready in 60 s"
+        os.kill(replacement.pid, signal.SIGKILL)
+        replacement.wait(timeout=60)  # its watcher has seen it exit
+        with pytest.raises(PoolWorkerDied, match=rf"^pool worker 1 \(pid {replacement.pid}\) failed to start: it said "
+                                                 r"ready, then exited \(it exited with status -9 \(killed by SIGKILL\)"
+                                                 r"\); it is started again for the next round"):
+            round_(pool, Unread(parent.page_size()))
+        assert [g.token_ids for g in round_(pool, parent).generations] == expected()
 
 
 @needs_proc

@@ -1,11 +1,10 @@
 """Lent slots given back from many threads at once (thaw_format.sdk.lent): a borrowed snapshot's finalizer runs on
 whichever thread drops its last view, so this process's cache of the lenders' control segments is shared by them
-all. Unlocked, threads that found a control unmapped each mapped it, and one's eviction raced another's insert."""
+all. Unlocked, threads that found a control unmapped each opened and mapped it."""
 
 from __future__ import annotations
 
 import collections
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,15 +26,6 @@ def lenders(request):
     for lender in started:
         lent._CONTROLS.pop(lender._ctl.name, None)
         lender.close()
-
-
-@pytest.fixture
-def busy_switching():
-    """Threads switched every few microseconds: the interleavings a lock must rule out come often."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    yield
-    sys.setswitchinterval(before)
 
 
 @pytest.mark.parametrize("lenders", [1], indirect=True)
@@ -68,10 +58,10 @@ def test_threads_giving_back_slots_of_one_control_at_once_map_it_once(lenders, m
 
 
 @pytest.mark.parametrize("lenders", [2 * lent._MAX_MAPPINGS], indirect=True)
-def test_snapshots_dropped_on_many_threads_give_every_slot_back(lenders, busy_switching) -> None:
-    """Borrowed snapshots of more lenders than the cache holds, dropped on THREADS threads at once (each drop
-    gives its slot back through the cache, evicting as it goes): every slot comes back free, no thread raises,
-    and the cache keeps its bound."""
+def test_snapshots_dropped_on_many_threads_give_every_slot_back(lenders) -> None:
+    """A smoke test (it passed before the lock too: the race it ran into lost no give-back): borrowed snapshots of
+    more lenders than the cache holds, dropped on THREADS threads at once, each drop giving its slot back through
+    the cache and evicting as it goes; every slot comes back free, and the cache keeps its bound."""
     per_lender = 16
     sources = [lender.publish(thaw_format.Snapshot(weights=thaw_format.Weights(
         {"t": numpy.full(256, index, numpy.uint8)}))) for index, lender in enumerate(lenders)
