@@ -171,6 +171,8 @@ def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray
                 replacing.format(w.slot, w.id, w.pid, lost.node_id, w.slot, timeout) for w in dead)):
             pool.fork(checks.Unread(), checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
         pending = pool.worker_info()  # not placed: no node or pid yet, but each actor's id, from its creation
+        created = [worker.placing.began for worker in pool._workers]  # the replacements: created together, not
+        assert max(created) - min(created) < timeout / 2, created  # each after the one before had waited it out
         assert all(worker.id and worker.node is None and worker.state == "starting" for worker in pending), pending
         for _ in range(MAX_FAILED_STARTS + 1):
             began = time.monotonic()
