@@ -6,7 +6,8 @@ computes for trunk + suffix, with the engine's own cached-token count equal to t
 the pool moves; pages of the parent's own page_size(), which need not be 32); a worker killed mid-round fails
 the round with PoolWorkerDied naming it and its exit status, leaves the parent serving exactly as before, and
 is replaced, so the next round succeeds, and every process its engine started (SGLang's scheduler) ends with
-it; a round whose segment is damaged is refused by the pool's own check, naming the chunk, before any worker
+it; a worker killed between rounds is replaced by the next round, which succeeds, each child's output as before;
+a round whose segment is damaged is refused by the pool's own check, naming the chunk, before any worker
 is sent it.
 
 An engine's module supplies the fixtures `parent` (a contract engine holding nothing the trunks need, module
@@ -105,6 +106,13 @@ class WorkerProcess:
             time.sleep(0.05)
 
 
+def kill_and_wait(victim):
+    """SIGKILL `victim` (a WorkerProcess, or a process like one) and wait until it has gone; `victim`."""
+    victim.kill()
+    victim.wait()
+    return victim
+
+
 class Capturing:
     """The parent engine, except that its capture (the round's first step) runs `before()` first and
     `after(source)` once the capture is published (source: its shm:// name)."""
@@ -126,10 +134,7 @@ def kill_during_capture(engine, victim) -> Capturing:
     """The parent engine, except that its capture SIGKILLs one pool worker first (the worker alone, as the OOM
     killer would; not the processes its engine started), and waits until it has gone: `victim.kill()`,
     `victim.wait()`."""
-    def kill() -> None:
-        victim.kill()
-        victim.wait()
-    return Capturing(engine, before=kill)
+    return Capturing(engine, before=lambda: kill_and_wait(victim))
 
 
 def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent, fresh) -> None:
@@ -147,6 +152,20 @@ def test_a_worker_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     assert parent.generate(trunk + suffixes[0], PARAMS) == before  # the parent serves as before, cache and all
     result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
+    assert [g.cached_tokens for g in result.generations] == [full_pages(trunk, parent)] * WORKERS
+    replaced = pool.worker_info()[1]
+    assert replaced.state == "ready" and replaced.pid != victim.pid and os.path.exists(f"/proc/{replaced.pid}")
+
+
+def test_a_worker_killed_between_rounds_is_replaced_before_the_next_round(pool, parent) -> None:
+    """A worker that died between rounds failed the next round (PoolWorkerDied, the round to be made again): that
+    round now starts its replacement, before the parent is read, and runs on it, every child's output the same."""
+    trunk, suffixes = _round_case(85, 110)
+    parent.generate(trunk, PARAMS)
+    before = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    victim = kill_and_wait(WorkerProcess(pool, 1))
+    result = pool.fork(parent, WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    assert [g.token_ids for g in result.generations] == [g.token_ids for g in before.generations]
     assert [g.cached_tokens for g in result.generations] == [full_pages(trunk, parent)] * WORKERS
     replaced = pool.worker_info()[1]
     assert replaced.state == "ready" and replaced.pid != victim.pid and os.path.exists(f"/proc/{replaced.pid}")

@@ -10,8 +10,12 @@ that object, restores it and continues with its suffix (thaw_ray.actor); the par
 is ForkPool's ForkRound: `capture_s` is the capture and the put, `verify_s` 0 (each actor checks the object
 itself: its restore_s includes that check). A worker whose actor dies mid-round is named, the round fails with
 PoolWorkerDied once the others have answered, and the pool starts a new actor in its slot for the next round;
-starts that fail are retried, and slots given up, as ForkPool does it (thaw_format.sdk.pool_slots:
-MAX_FAILED_STARTS failed starts in a row, or MAX_DEATHS rounds in a row in which the slot's actor died). An actor
+one that died between rounds (Ray's answer to the where() each round first asks its actors) is replaced by the
+next round that needs it before the parent is read, and the round runs once its replacement has started (a
+replacement that died before a round saw its start fails the round that reads it, once the parent is read: Ray
+keeps its start's answer, and only a started actor is asked where it is). Starts
+that fail are retried, and slots given up, as ForkPool does it (thaw_format.sdk.pool_slots: MAX_FAILED_STARTS
+failed starts in a row, or MAX_DEATHS deaths in a row of the slot's actors). An actor
 whose engine is still starting start_timeout_s after it was placed has failed to start (killed); one that no node
 can place yet is still starting: kept, the round failing (PoolWorkerStarting if no other worker failed), until a
 node can place it.
@@ -36,11 +40,11 @@ from ray.exceptions import RayActorError, RayError
 from thaw_format import CorruptSnapshotError
 from thaw_format.sdk.fork_round import ForkRound, RoundArguments, whole_workers
 from thaw_format.sdk.launch import startable_launch_spec
-from thaw_format.sdk.pool_slots import kill_unanswered, note_answer
+from thaw_format.sdk.pool_slots import given_up, kill_unanswered, note_answer
 from thaw_format.sdk.round_pool import RoundPool
 
 from .capture import put_capture
-from .worker import START_TIMEOUT_S, ActorWorker, in_brief, require_ray
+from .worker import PING_TIMEOUT_S, START_TIMEOUT_S, ActorWorker, Window, in_brief, require_ray
 
 CLOSE_TIMEOUT_S = 120  # how long close() waits for its actors' engines to close before it kills the actors
 # Options the pool owns, and why: each actor is the pool's own, started, replaced and ended by it.
@@ -115,9 +119,15 @@ class RayForkPool(RoundPool):
             require_ray()
         return super().fork(parent, n, context=context, suffixes=suffixes, params=params)
 
-    def _round_begins(self) -> None:
-        for worker in self._workers:  # one not placed yet, kept by an earlier round: waited for anew
-            worker.rearm(self._start_timeout_s)
+    def _round_begins(self, n: int) -> None:
+        for worker in self._workers:
+            worker.rearm(self._start_timeout_s)  # one not placed yet, kept by an earlier round: waited for anew
+        # one dead since the last round is replaced before this round (ActorWorker.lost): only the n slots the
+        # round asks first are pinged (an answer left unread, a dead actor's error, Ray logs as unhandled), and
+        # their answers share one wait, not PING_TIMEOUT_S each
+        answers = Window.from_now(PING_TIMEOUT_S)
+        for worker in [worker for worker in self._workers if not given_up(worker)][:n]:
+            worker.ping(answers)
 
     def _start(self, name: str, failed_starts: int = 0, deaths: int = 0) -> ActorWorker:
         return ActorWorker(name, self._config, self._options, self._start_timeout_s, failed_starts=failed_starts,

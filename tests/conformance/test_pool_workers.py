@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 from descendants import HAS_PROC, alive, descendants, needs_proc, outliving, zombie
 from pool_engines import queue_starts, worker_env
 
-from fork_pool_checks import Capturing, Unread, WorkerProcess
+from fork_pool_checks import Capturing, Unread, WorkerProcess, kill_and_wait
 from thaw_conformance.template.adapter import ToyThawEngine
 from thaw_conformance.template.engine import ToyModelConfig
 from thaw_format.sdk import ForkPool, LaunchSpec, PoolWorkerDied, fork, greedy
@@ -116,21 +117,19 @@ def round_(pool, parent):
 
 
 def test_a_replacement_that_fails_to_start_is_named_and_started_again(parent, tmp_path):
-    """A replacement (started after a worker died) that failed to start failed every later round at the same
-    dead worker ('RuntimeError: pool worker 1 ...' for ever, or a read of its closed pipe): the round now names
-    it, its engine's error and its exit status, and it is started again for the next round."""
+    """A replacement that failed to start failed every later round at the same dead worker ('RuntimeError: pool
+    worker 1 ...' for ever, or a read of its closed pipe): the round now names it, its engine's error and its exit
+    status, and the dead worker it replaces with its own, before the parent is read, and it is started again for
+    the next round."""
     fail, spec = flaky(tmp_path)
     with ForkPool(spec, workers=2, env=worker_env()) as pool:
         queue_starts(fail, "error", "exit")  # the replacement's start, then its restart's ("exit": without a word)
-        WorkerProcess(pool, 1).kill()  # between rounds: the next round finds it dead and
-        with pytest.raises(PoolWorkerDied, match=r"pool worker 1 \(pid \d+\) exited with status -9"):  # replaces it
-            round_(pool, parent)
-        failing = pool.worker_info()[1]
-        assert failing.state == "starting" and failing.failed_starts == 0
-        with pytest.raises(PoolWorkerDied, match=rf"^pool worker 1 \(pid {failing.pid}\) failed to start: starting the "
-                           r"pool engine: RuntimeError: told to fail by .* \(it exited with status 1\); it is started "
-                           r"again for the next round \(failed starts in a row: 1 of 3\): the fork round failed "
-                           r"before the parent was read$"):
+        victim = kill_and_wait(WorkerProcess(pool, 1))  # the next round finds it dead, and starts its replacement
+        with pytest.raises(PoolWorkerDied, match=rf"^pool worker 1 \(pid {victim.pid}\) exited with status -9 \(killed "
+                           rf"by SIGKILL\) between rounds, and its replacement: pool worker 1 \(pid (?!{victim.pid}\))"
+                           r"\d+\) failed to start: starting the pool engine: RuntimeError: told to fail by .* \(it "
+                           r"exited with status 1\); it is started again for the next round \(failed starts in a row: "
+                           r"1 of 3\): the fork round failed before the parent was read$"):
             round_(pool, Unread(parent.page_size()))
         failing = pool.worker_info()[1]
         assert failing.state == "starting" and failing.failed_starts == 1  # its restart, its slot's count carried on
@@ -148,10 +147,8 @@ def test_a_worker_that_keeps_failing_to_start_is_given_up_after_a_bounded_number
     fail, spec = flaky(tmp_path)
     with ForkPool(spec, workers=2, env=worker_env()) as pool:
         queue_starts(fail, *["error"] * MAX_FAILED_STARTS)
-        WorkerProcess(pool, 0).kill()
-        with pytest.raises(PoolWorkerDied, match="pool worker 0 .* exited with status -9"):
-            round_(pool, parent)
-        for attempt in range(1, MAX_FAILED_STARTS):
+        kill_and_wait(WorkerProcess(pool, 0))
+        for attempt in range(1, MAX_FAILED_STARTS):  # the first: the dead worker's replacement
             with pytest.raises(PoolWorkerDied, match=f"failed starts in a row: {attempt} of {MAX_FAILED_STARTS}"):
                 round_(pool, Unread(parent.page_size()))
         last = pool.worker_info()[0]
@@ -188,8 +185,8 @@ def test_a_worker_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
             with pytest.raises(PoolWorkerDied, match="dead workers are being replaced"):
                 round_(pool, parent)
         last = pool.worker_info()
-        given_up = r"; its slot's workers died in {} rounds in a row, and it is no longer replaced: close this pool " \
-                   "and start a new one"
+        given_up = r"; its slot's workers died {} times in a row, none answering a round in between, and it is no " \
+                   "longer replaced: close this pool and start a new one"
         with pytest.raises(PoolWorkerDied, match="^" + "; ".join(died.format(w.slot, w.pid) +
                                                                given_up.format(MAX_DEATHS) for w in last) +
                            r": the fork round failed \(the parent engine is untouched\)$"):
@@ -200,6 +197,24 @@ def test_a_worker_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
                                                  "parent was read$"):
             round_(pool, Unread(parent.page_size()))
         assert [w.state for w in pool.worker_info()] == ["given_up"] * 2
+
+
+def test_a_replacement_killed_after_saying_ready_fails_the_next_round_before_the_parent_is_read(parent):
+    """A replacement started after a round's death says ready on its pipe, which the next round reads: one killed
+    before that round showed as exited but was not seen dead (its start not yet seen), so the round read the
+    parent, then failed on it. Its start now counts as failed: the round fails first, and it is started again."""
+    with ForkPool(parent, workers=2) as pool:
+        with pytest.raises(PoolWorkerDied, match="being replaced"):
+            round_(pool, Capturing(parent, WorkerProcess(pool, 1).kill))
+        replacement = pool._workers[1].process  # its pipe, to see it said ready
+        assert select.select([replacement.stdout], [], [], 60)[0], "the replacement did not say ready in 60 s"
+        os.kill(replacement.pid, signal.SIGKILL)
+        replacement.wait(timeout=60)  # its watcher has seen it exit
+        with pytest.raises(PoolWorkerDied, match=rf"^pool worker 1 \(pid {replacement.pid}\) failed to start: it said "
+                                                 r"ready, then exited \(it exited with status -9 \(killed by SIGKILL\)"
+                                                 r"\); it is started again for the next round"):
+            round_(pool, Unread(parent.page_size()))
+        assert [g.token_ids for g in round_(pool, parent).generations] == expected()
 
 
 @needs_proc
@@ -222,10 +237,7 @@ def test_what_a_killed_workers_engine_started_ends_with_it(parent, when):
             with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(pid {victim.pid}\) exited with status -9"):
                 round_(pool, Capturing(parent, victim.kill))
             assert not outliving(started, timeout=10)
-        if when == "between rounds":
-            with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(pid {victim.pid}\) exited with status -9"):
-                round_(pool, parent)
-        result = round_(pool, parent)  # the replacement serves
+        result = round_(pool, parent)  # the replacement serves (between rounds: started by this round)
         assert [g.token_ids for g in result.generations] == expected()
 
 

@@ -1,15 +1,17 @@
 """The three ways a pool worker's start ends (thaw_format.sdk.pool_slots): started, failed (PoolWorkerDied: the
 worker replaced and its failed start counted), or still starting (PoolWorkerStarting: kept as it is, not
 counted), on workers of this file's own, no engine and no process; what a round and a pool's first start raise
-for each; and worker_info, the pool's read-only view of its slots, across a worker dying mid-round, failed
-starts until its slot is given up, an interrupted round's kill, and close()."""
+for each; workers seen dead between rounds replaced by the next round, their replacements started together,
+their deaths counted until the slot is given up, and a pool closed as the round begins; and worker_info,
+the pool's read-only view of its slots, across a worker dying mid-round, failed starts until its slot is given
+up, an interrupted round's kill, and close()."""
 
 import itertools
 
 import pytest
 
 from thaw_format.sdk import PoolWorkerDied, PoolWorkerStarting, WorkerInfo, greedy
-from thaw_format.sdk.pool_slots import MAX_FAILED_STARTS, SlotWorker, finish_starts, note_answer
+from thaw_format.sdk.pool_slots import MAX_DEATHS, MAX_FAILED_STARTS, SlotWorker, finish_starts, note_answer
 from thaw_format.sdk.round_pool import RoundPool
 
 PIDS = itertools.count(100)  # each worker's own: a replacement has a new one
@@ -40,6 +42,12 @@ class Worker(SlotWorker):
 
     def ended(self) -> bool:
         return self.killed or self.exited
+
+    def lost(self):
+        if self.ready and self.exited and not self.killed:
+            self.kill()
+            return PoolWorkerDied(f"worker {self.name} exited between rounds")
+        return None
 
 
 class Pool(RoundPool):
@@ -183,6 +191,73 @@ def test_failed_starts_show_as_the_slots_count_until_it_is_given_up() -> None:
     assert pool.worker_info()[1] == WorkerInfo(slot=1, state="given_up", pid=last, failed_starts=MAX_FAILED_STARTS)
     round_(pool, 1)  # the other slot serves
     assert states(pool) == [("ready", 0), ("given_up", MAX_FAILED_STARTS)]
+
+
+def test_a_worker_seen_dead_between_rounds_is_replaced_by_the_round_and_its_death_counted() -> None:
+    """The round replaces it before the parent is read and runs on the replacement; its death counts towards
+    MAX_DEATHS as a death in a round does (here its replacements then die in rounds: given up after the last)."""
+    pool = Pool(*["ready"] * (2 + MAX_DEATHS), workers=2)
+    dead = pool._workers[1]
+    dead.exited = True
+    round_(pool)
+    assert pool._workers[1] is not dead and pool._workers[1].deaths == 0  # its replacement answered
+    pool._workers[1].exited = True  # its death the first in a row, then its replacements' in rounds
+    pool.dying = {1}
+    for _ in range(MAX_DEATHS - 2):
+        with pytest.raises(PoolWorkerDied, match=r"^worker 1 died: .*being replaced\)$"):
+            round_(pool)
+    with pytest.raises(PoolWorkerDied, match=rf"^worker 1 died; its slot's workers died {MAX_DEATHS} times in a row, "
+                                             "none answering a round in between, and it is no longer replaced"):
+        round_(pool)
+    assert [info.state for info in pool.worker_info()] == ["ready", "given_up"]
+
+
+def test_workers_seen_dead_between_rounds_are_all_started_again_before_any_is_waited_for() -> None:
+    """Their replacements start side by side: n engines that hang starting cost one start's wait, not n."""
+    workers = [Worker(str(slot)) for slot in range(3)]
+    for worker in workers:
+        worker.ensure_ready()
+        worker.exited = True
+    started, waited_at_each_start = [], []
+
+    def start(name, failed_starts, deaths):
+        waited_at_each_start.append(sum(worker.waits for worker in started))
+        return starter(started)(name, failed_starts, deaths)
+
+    assert finish_starts(workers, 3, lambda: False, start) == [0, 1, 2]
+    assert workers == started and waited_at_each_start == [0, 0, 0]
+    assert [worker.waits for worker in started] == [1, 1, 1]
+
+
+def test_deaths_between_rounds_give_a_slot_up_and_a_spare_slot_serves() -> None:
+    """MAX_DEATHS deaths in a row, each seen as a round begins: the slot is given up, the error naming the last
+    death; with a slot to spare the round runs on it, with none it fails before the parent is read."""
+    for workers, n in ((2, 2), (3, 2)):
+        pool = Pool(*["ready"] * (workers + MAX_DEATHS), workers=workers)
+        pool._workers[1].deaths = MAX_DEATHS - 1  # its slot's earlier deaths in a row
+        pool._workers[1].exited = True
+        if workers == n:
+            with pytest.raises(PoolWorkerDied, match=rf"^worker 1 exited between rounds; its slot's workers died "
+                                                     rf"{MAX_DEATHS} times in a row, .* 1 of the pool's 2 workers are "
+                                                     r"usable; a round of 2 needs 2: the fork round failed before "
+                                                     r"the parent was read$"):
+                round_(pool, n)
+        else:
+            round_(pool, n)
+            assert pool._workers[2].deaths == 0  # the spare slot answered
+        assert [info.state for info in pool.worker_info()][:2] == ["ready", "given_up"]
+
+
+def test_a_pool_closed_as_a_round_begins_fails_it_with_nothing_started() -> None:
+    """close() from another thread: a dead worker is not replaced, so the round does not run on it."""
+    workers = [Worker("0"), Worker("1")]
+    for worker in workers:
+        worker.ensure_ready()
+    workers[1].exited, started = True, []
+    with pytest.raises(PoolWorkerDied, match=r"^the pool was closed as the round began: the fork round failed "
+                                             r"before the parent was read$"):
+        finish_starts(workers, 2, lambda: True, starter(started))
+    assert started == []
 
 
 def test_close_shows_every_worker_exited() -> None:

@@ -1,8 +1,9 @@
 """RayForkPool (thaw_ray) on real engines in Ray actors: the fork rounds of tests/fork_pool_checks.py (three
 trunks, each child's tokens a fresh engine's and its cached tokens the trunk's full pages; a context without a
-full page refused unread), an actor killed mid-round named and replaced, an object that fails its check refused
-by every actor before its engine changes, engines that hang starting given up together (and one whose window
-ran out between rounds at once), and arguments refused before the parent is read."""
+full page refused unread), an actor killed mid-round named and replaced, one killed between rounds replaced by
+the next round before it runs, an object that fails its check refused by every actor before its engine changes,
+engines that hang starting given up together (and one whose window ran out between rounds at once), and
+arguments refused before the parent is read."""
 
 import contextlib
 import os
@@ -98,6 +99,23 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     assert replacement.state == "ready" and replacement.pid != victim.pid and _ActorProcess(replacement.pid).alive()
 
 
+def test_an_actor_killed_between_rounds_is_replaced_before_the_next_round(pool, parent) -> None:
+    """An actor that died between rounds failed the next round (Ray tells of its death only through a call): each
+    round now first asks its actors where they are, and Ray's answer for a dead one has the round start its
+    replacement, before the parent is read, and run on it, every child's output the same."""
+    trunk, suffixes = checks.tokens(110, 85), [checks.tokens(5, 850 + i) for i in range(checks.WORKERS)]
+    parent.generate(trunk, PARAMS)
+    before = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    victim = pool.worker_info()[1]
+    _kill(pool, [1])
+    result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    assert [g.token_ids for g in result.generations] == [g.token_ids for g in before.generations]
+    assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
+    replacement = pool.worker_info()[1]
+    assert replacement.state == "ready" and _ActorProcess(replacement.pid).alive()
+    assert replacement.pid != victim.pid and replacement.id != victim.id
+
+
 def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(pool, parent, fresh) -> None:
     """The object store's bytes are checked in each actor (they may come over the network): one bit flipped in
     the parent's capture, put as it is, fails the round by the object's name, and each actor's engine serves
@@ -179,9 +197,10 @@ def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, pa
     _ActorProcess(worker.pid).wait(timeout=60)  # close() ended it
 
 
-def _kill_between_rounds(pool, slots) -> None:
-    """SIGKILL the actors in `slots` (as the OOM killer would) and wait until they are gone: the next round finds
-    them dead, fails, and starts their replacements."""
+def _kill(pool, slots) -> None:
+    """SIGKILL the actors in `slots` (as the OOM killer would) and wait until they are gone: between rounds, the
+    next round finds them dead and starts their replacements first; during a capture, the round fails and starts
+    them."""
     for slot in slots:
         os.kill(pool.worker_info()[slot].pid, signal.SIGKILL)
     for slot in slots:
@@ -212,12 +231,14 @@ def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_clust
     # the tests' directory on the actors' path, for pool_engines (pytest puts it on this process's only)
     with RayForkPool(spec, workers=2, actor_options={"runtime_env": {"env_vars": worker_env()}}) as pool:
         queue_starts(instructions, *["error"] * MAX_FAILED_STARTS)
-        _kill_between_rounds(pool, [0])
-        with pytest.raises(PoolWorkerDied, match=rf"pool worker 0 \(Ray actor [0-9a-f]+, pid \d+ {NODE}\) died"):
-            pool.fork(parent, 2, context=trunk, suffixes=suffixes, params=PARAMS)
-        for attempt in range(1, MAX_FAILED_STARTS):
-            with pytest.raises(PoolWorkerDied, match="^" + _failed_start(r"starting the pool engine: RuntimeError: "
-                                                                         r"told to fail by .*", attempt) +
+        victim = pool.worker_info()[0]
+        _kill(pool, [0])
+        for attempt in range(1, MAX_FAILED_STARTS):  # the first: the dead actor's replacement, named with it
+            replacing = rf"pool worker 0 \(Ray actor {victim.id}, pid {victim.pid} {NODE}\) died between rounds: " \
+                        r"\w+Error: [^;]*, and its replacement: " if attempt == 1 else ""
+            with pytest.raises(PoolWorkerDied, match="^" + replacing + _failed_start(r"starting the pool engine: "
+                                                                                     r"RuntimeError: told to fail by "
+                                                                                     r".*", attempt) +
                                                      ": the fork round failed before the parent was read$"):
                 pool.fork(checks.Unread(), 2, context=trunk, suffixes=suffixes, params=PARAMS)
         with pytest.raises(PoolWorkerDied, match=rf"failed to start {MAX_FAILED_STARTS} times in a row and is no "
@@ -230,9 +251,9 @@ def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_clust
 
 @contextlib.contextmanager
 def _hanging_replacements(tmp_path, workers: int, timeout: float):
-    """A toy pool of `workers` actors, killed between rounds: the round that finds them dead starts their
-    replacements, whose engines hang starting, each with `timeout` s (start_timeout_s). Yields the pool, the
-    toy parent, its trunk and suffixes once every replacement is placed."""
+    """A toy pool of `workers` actors, killed in a round: the round fails and starts their replacements, whose
+    engines hang starting, each with `timeout` s (start_timeout_s). Yields the pool, the toy parent, its trunk and
+    suffixes once every replacement is placed."""
     from pool_engines import queue_starts, worker_env
     from thaw_conformance.template.adapter import ToyThawEngine
     from thaw_format.sdk import LaunchSpec
@@ -249,9 +270,9 @@ def _hanging_replacements(tmp_path, workers: int, timeout: float):
     with RayForkPool(spec, workers=workers, actor_options=options, start_timeout_s=120) as pool:
         pool.start_timeout_s = timeout  # for the replacements (their starts hang): a start under load takes longer
         queue_starts(instructions, *["hang"] * workers)
-        _kill_between_rounds(pool, range(workers))
         with pytest.raises(PoolWorkerDied, match="died: .*dead workers are being replaced"):
-            pool.fork(parent, workers, context=trunk, suffixes=suffixes, params=PARAMS)
+            pool.fork(checks.Capturing(parent, before=lambda: _kill(pool, range(workers))), workers, context=trunk,
+                      suffixes=suffixes, params=PARAMS)
         waiting = time.monotonic() + 120
         while not all(worker.pid for worker in pool.worker_info()):  # the replacements placed, their engines hanging
             assert time.monotonic() < waiting, pool.worker_info()
@@ -297,7 +318,7 @@ def test_an_engine_hanging_past_its_window_between_rounds_fails_the_next_round_a
 def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of_rounds(ray_cluster,
                                                                                        tmp_path) -> None:
     """ForkPool's rule, from the bookkeeping both pools share (thaw_format.sdk.pool_slots): a slot whose actors
-    died in MAX_DEATHS rounds in a row, none answering a round in between, is no longer replaced, the round
+    died MAX_DEATHS times in a row, none answering a round in between, is no longer replaced, the round
     saying so; a round they answer starts the count again."""
     from pool_engines import worker_env
     from thaw_conformance.template.adapter import ToyThawEngine
@@ -313,8 +334,8 @@ def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
     dies = tmp_path / "dies"
     spec = LaunchSpec("pool_engines:ToyDyingInRounds.start", {"marker": str(dies), **config})
     died = r"pool worker {} \(Ray actor {}, pid \d+ " + NODE + r"\) died: \w+: [^;]*"
-    given_up = r"; its slot's workers died in {} rounds in a row, and it is no longer replaced: close this pool and " \
-               "start a new one".format(MAX_DEATHS)
+    given_up = r"; its slot's workers died {} times in a row, none answering a round in between, and it is no " \
+               "longer replaced: close this pool and start a new one".format(MAX_DEATHS)
 
     def round_(engine):
         return pool.fork(engine, 2, context=trunk, suffixes=suffixes, params=PARAMS)

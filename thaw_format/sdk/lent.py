@@ -470,7 +470,14 @@ def _at_exit() -> None:
     drop_idle_loads()
 
 
-_CONTROLS: "OrderedDict[str, mmap.mmap]" = OrderedDict()
+_CONTROLS: "OrderedDict[str, mmap.mmap]" = OrderedDict()  # control segment name -> shared mapping, least recently used
+# first. Slots are given back from any thread (a snapshot's finalizer runs where its last view is dropped): unlocked,
+# threads that found a control missing here each opened and mapped it (duplicate mappings, the last one kept), and with
+# more new controls than the cache holds inserted at once, one thread's eviction could drop an entry another had just
+# inserted (mapped again at its next give-back). Nothing was lost: each write went through a mapping its thread held.
+# Re-entrant: a collection inside the locked section may run a finalizer, which gives back a slot on the same thread. An
+# evicted mapping is only dropped, never closed: a thread still writing through it holds its own reference.
+_CONTROLS_LOCK = threading.RLock()
 # struct flock on Linux (64-bit): l_type, l_whence, l_start, l_len, l_pid; OFD locks need l_pid 0.
 _FLOCK = "hhqqi4x"
 
@@ -506,19 +513,22 @@ def _give_back(control: str, slot: int, hold: Optional[int] = None) -> None:
 
 
 def _free(control: str, slot: int) -> None:
-    mapping = _CONTROLS.get(control)
-    if mapping is None:
-        try:
-            fd = open_segment(control, os.O_RDWR)
-        except FileNotFoundError:
-            return  # the lender is gone, and its segments with it
-        try:
-            mapping = _CONTROLS[control] = mmap.mmap(fd, SLOTS)
-        finally:
-            os.close(fd)
-        while len(_CONTROLS) > _MAX_MAPPINGS:
-            _CONTROLS.popitem(last=False)
-    mapping[slot] = _FREE
+    with _CONTROLS_LOCK:
+        mapping = _CONTROLS.get(control)
+        if mapping is not None:
+            _CONTROLS.move_to_end(control)  # the lenders in use stay mapped, the idle ones are evicted
+        else:
+            try:
+                fd = open_segment(control, os.O_RDWR)
+            except FileNotFoundError:
+                return  # the lender is gone, and its segments with it
+            try:
+                mapping = _CONTROLS[control] = mmap.mmap(fd, SLOTS)
+            finally:
+                os.close(fd)
+            while len(_CONTROLS) > _MAX_MAPPINGS:
+                _CONTROLS.popitem(last=False)
+    mapping[slot] = _FREE  # this thread's reference keeps it mapped, evicted meanwhile or not
 
 
 def lent_source(snapshot: Snapshot) -> Optional[str]:

@@ -10,18 +10,20 @@ there (`restore_source(..., verified=True)`: read in place, not checked again) a
 whose prefill starts with the trunk's last partial page (a full page, of the parent's page_size(), is what
 every engine caches). The parent is only read. A worker that dies mid-round is named with its exit status,
 the round fails with PoolWorkerDied after the other workers have answered, and the pool starts a replacement,
-so the next round runs on a full pool. A replacement finishes starting at the next round; if it fails to start
-(its engine's error, or its process ended), that round fails before the parent is read, naming the worker, its
-error and its exit status, and the worker is started again for the round after, MAX_FAILED_STARTS failed starts
-in a row at most; a slot whose workers died in MAX_DEATHS rounds in a row, none answering a round in between, is
-not replaced after the last (an engine that dies on every round would otherwise be restarted for ever). Rounds
-needing a slot given up say so, and why: start a new pool. A pool whose first start fails raises, with
-nothing left running. Each worker leads its own process group (thaw_format.sdk.engine_process): the processes
-its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends. `worker_info()` shows
-each slot's worker (RoundPool.worker_info: its pid, whether it is starting, ready, exited or given up, and the
-slot's failed starts in a row); a worker's exit shows there once its process's watcher has seen it and killed
-what its engine started, between rounds too where Python has os.waitid (Linux; elsewhere once the pool reaps
-it). Any contract engine with a launch spec works
+so the next round runs on a full pool; one seen dead between rounds is replaced by the next round that needs it,
+before the parent is read, and that round runs once the replacement has started. A replacement finishes starting
+at the next round; if it fails to start (its engine's error, or its process ended), that round fails before the
+parent is read, naming the worker, its error and its exit status (and the dead worker it replaces, and how that
+one ended), and the worker is started again for the round after, MAX_FAILED_STARTS failed starts in a row at
+most; a slot whose workers died MAX_DEATHS times in a row (in rounds or between them), none answering a round in
+between, is not replaced after the last (an engine that dies on every round would otherwise be restarted for
+ever). Rounds needing a slot given up say so, and why: start a new pool. A pool whose first start fails
+raises, with nothing left running. Each worker leads its own process group (thaw_format.sdk.engine_process):
+the processes its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends.
+`worker_info()` shows each slot's worker (RoundPool.worker_info: its pid, whether it is starting, ready, exited
+or given up, and the slot's failed starts in a row); a worker's exit shows there once its process's watcher has
+seen it and killed what its engine started, between rounds too where Python has os.waitid (Linux; elsewhere once
+the pool reaps it, at the next round that needs it). Any contract engine with a launch spec works
 (thaw_format.sdk.contract).
 """
 
@@ -85,6 +87,19 @@ class _Worker(SlotWorker):
         os.waitid; elsewhere once the pool reaps it)."""
         return self.process.exited
 
+    def _seen_exited(self) -> bool:
+        """Its process has ended, as the round's own call sees it: its watcher's word (set before poll() returns,
+        which waits for what its engine started to be killed), or poll(), which reaps it (no os.waitid)."""
+        return self.process.exited or self.process.poll() is not None
+
+    def lost(self) -> Optional[PoolWorkerDied]:
+        """SlotWorker.lost: its process seen to have ended, its pipes closed here."""
+        if not self.ready or self.killed or not self._seen_exited():
+            return None
+        status = self.process.exit_status()
+        self.kill()
+        return PoolWorkerDied(f"{self.describe()} exited with {status} between rounds")
+
     def send(self, message: dict) -> bool:
         """False if the worker is gone."""
         try:
@@ -102,13 +117,15 @@ class _Worker(SlotWorker):
         return json.loads(line)
 
     def _start_outcome(self) -> Optional[str]:
-        """Its engine's start (SlotWorker.ensure_ready): failed, its error if it sent one and its exit status."""
+        """Its engine's start (SlotWorker.ensure_ready): failed, its error if it sent one and its exit status. One
+        that said ready and has exited since (a replacement killed before the round that reads its reply) failed
+        too: else the round would read the parent, then fail on it."""
         line = self.process.stdout.readline()
         reply = json.loads(line) if line else {}
-        if reply.get("ready"):
+        if reply.get("ready") and not self._seen_exited():
             return None
         self.process.end(timeout=60)  # after its error it exits: its status, not a zombie
-        error = f": {reply['error']}" if "error" in reply else ""
+        error = f": {reply['error']}" if "error" in reply else ": it said ready, then exited" if reply else ""
         return f"{error} (it exited with {self.process.exit_status()})"
 
     def kill(self) -> None:

@@ -79,7 +79,7 @@ class RoundPool(abc.ABC):
             if self._closed:  # closed while this round waited for the one before it
                 raise RuntimeError(f"this {type(self).__name__} is closed; start a new one")
             started = time.perf_counter()
-            self._round_begins()
+            self._round_begins(n)
             slots = finish_starts(self._workers, n, lambda: self._closed, self._start)
             capturing = time.perf_counter()
             # valid until the parent's next capture_shared: every worker answers before this round ends
@@ -111,9 +111,10 @@ class RoundPool(abc.ABC):
         unless the pool is closed or the slot given up (pool_slots.replace_dead)."""
         return replace_dead(self._workers, slot, error, lambda: self._closed, self._start)
 
-    def _round_begins(self) -> None:
-        """A round holds the pool, before its workers' starts are finished (a pool's hook: RayForkPool's waits anew
-        for its actors still not placed)."""
+    def _round_begins(self, n: int) -> None:
+        """A round of n workers holds the pool, before its workers' starts are finished (a pool's hook:
+        RayForkPool's waits anew for its actors still not placed, and asks the round's others where they are, for
+        their `lost()`)."""
 
     @abc.abstractmethod
     def _stop(self) -> None:
