@@ -68,6 +68,35 @@ class ToyWithAProcess(ToyThawEngine):
         super().close()
 
 
+# A process that makes a segment of shared memory, says its name, and holds it mapped: out of its resource tracker,
+# as vLLM's engine core's are in effect in a Ray actor (the raylet kills the tracker with the actor)
+HOLDING = """
+from multiprocessing import resource_tracker, shared_memory
+import time
+segment = shared_memory.SharedMemory(create=True, size=1 << 20)
+resource_tracker.unregister(segment._name, "shared_memory")
+print(segment.name, flush=True)
+time.sleep(3600)
+"""
+
+
+class ToyHoldingMemory(ToyWithAProcess):
+    """The toy engine whose process of its own holds shared memory it made, as vLLM's engine core does: its close
+    ends the process and unlinks the segment; a process killed without it leaves the segment in /dev/shm."""
+
+    @classmethod
+    def start(cls, **config) -> "ToyHoldingMemory":
+        engine = super(ToyWithAProcess, cls).start(**config)
+        engine.process = subprocess.Popen([sys.executable, "-c", HOLDING], stdout=subprocess.PIPE, text=True)
+        engine.segment = engine.process.stdout.readline().strip()
+        return engine
+
+    def close(self) -> None:
+        super().close()
+        self.process.stdout.close()
+        os.unlink(f"/dev/shm/{self.segment}")
+
+
 class ToyDyingInRounds(ToyThawEngine):
     """The toy engine, whose process ends at once (status 4, like a crash) in each round while the file `marker`
     exists."""

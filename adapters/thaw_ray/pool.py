@@ -163,10 +163,13 @@ class RayForkPool(RoundPool):
         engine did not close in time, or never started, killed as it is)."""
         try:
             if ray.is_initialized():  # else Ray was shut down first (by its owner): its actors are gone with it
-                closing = [worker.actor.close.remote() for worker in self._workers
-                           if worker.ready and not worker.killed]
+                closing = {worker: worker.actor.close.remote() for worker in self._workers
+                           if worker.ready and not worker.killed}
                 if closing:  # an actor dead already answers with its error: done too
-                    ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
+                    done, _ = ray.wait(list(closing.values()), num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
+                    for worker, call in closing.items():  # one whose engine closed is not swept (worker.kill)
+                        if call in done:
+                            worker.closed(call)
         finally:
             for worker in self._workers:  # killed, or marked so where Ray is gone: each shows exited
                 worker.kill()

@@ -13,13 +13,18 @@ from typing import NamedTuple, Optional
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from thaw_format.sdk.fork_round import PoolWorkerDied, PoolWorkerStarting
 from thaw_format.sdk.pool_slots import SlotWorker
 
+from . import leftovers
 from .actor import PoolActor
 
 RemoteActor = ray.remote(PoolActor)
+# On the node of an actor ended without its engine's close (leftovers.sweep): no CPU asked, so that it runs beside
+# the node's actors at once; not retried (what a second run would find is what the first left)
+remote_sweep = ray.remote(num_cpus=0, max_retries=0)(leftovers.sweep)
 START_TIMEOUT_S = 600  # RayForkPool's default wait for an actor's engine to start (placing it included)
 PLACEMENT = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "label_selector",
              "scheduling_strategy")  # the actor options that decide where, and whether, Ray can place an actor
@@ -94,6 +99,7 @@ class ActorWorker(SlotWorker):
         self._placed = self.actor.where.remote()  # answered once Ray has placed it (PoolActor)
         self._placed.future().add_done_callback(self._stamp)
         self._started = self.actor.start.remote(config)  # run after where(): an actor runs its calls in order
+        self.sweep_due = True  # until its engine's close answered: ended otherwise, what it made is swept
 
     @property
     def placed(self) -> Optional[Placed]:
@@ -164,6 +170,20 @@ class ActorWorker(SlotWorker):
         return PoolWorkerDied(f"{self.describe()} died: {in_brief(error)}")
 
     def kill(self) -> None:
+        """End its actor (Ray carries it out shortly after), and sweep what its engine left in /dev/shm on its node
+        unless its close answered (leftovers.sweep: it waits for the actor's processes to end)."""
+        self.killed = True
         if ray.is_initialized():  # else its actor ended with Ray, and ray.kill would start a new one
             ray.kill(self.actor, no_restart=True)
-        self.killed = True
+            if self.sweep_due and self.node is not None:  # placed: its process may have made something
+                strategy = NodeAffinitySchedulingStrategy(self.node, soft=False)
+                remote_sweep.options(scheduling_strategy=strategy).remote(self.id)  # runs without its caller
+        self.sweep_due = False
+
+    def closed(self, call: ray.ObjectRef) -> None:
+        """Its close answered `call`: unless that raised, its engine closed, leaving nothing to sweep."""
+        try:
+            ray.get(call, timeout=0)
+        except RayError:
+            return
+        self.sweep_due = False
