@@ -38,8 +38,10 @@ class PoolActor:
     def __init__(self) -> None:
         self.engine = None
         # its Ray id, None outside an actor (a PoolActor run in the caller's process, as a test does): an actor
-        # writes down what its engine holds in /dev/shm, for the pool to sweep if it ends unclosed (leftovers)
+        # writes down what its engine holds in /dev/shm, for the pool to sweep if it ends unclosed (leftovers);
+        # what is there before its engine starts is left out of every record
         self.id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+        self.recorder = leftovers.Recorder(self.id) if self.id is not None else None
 
     def where(self) -> dict:
         """{"pid": the actor's process id, "node_id": its node's Ray id (hex), "node_ip": that node's address}. A pid
@@ -50,9 +52,12 @@ class PoolActor:
     def start(self, config: str) -> Optional[str]:
         """Start its engine from a launch spec's JSON ({"factory": ..., "kwargs": ...}): None once started, or how
         it failed (the pool's to report: raised here, Ray's message would leave the engine's error out)."""
-        try:
-            if self.id is not None:  # what actors before it on this node left unswept (leftovers.sweep_ended)
+        if self.recorder is not None:  # what actors before it on this node left unswept: never its start's failure
+            try:
                 leftovers.sweep_ended()
+            except Exception as exc:
+                leftovers.warn_once(f"sweeping what ended actors left: {type(exc).__name__}: {exc}")
+        try:
             config = json.loads(config)
             self.engine = resolve(config["factory"])(**config["kwargs"])
         except Exception as exc:
@@ -62,8 +67,8 @@ class PoolActor:
         return None
 
     def _record(self) -> None:
-        if self.id is not None:
-            leftovers.record(self.id)
+        if self.recorder is not None:
+            self.recorder.record()  # best effort: never a round's failure
 
     def run_round(self, snapshot: numpy.ndarray, prompt: list[int], params: dict) -> dict:
         try:
@@ -100,6 +105,6 @@ class PoolActor:
         if self.engine is not None:
             self.engine.close()
             self.engine = None  # closed: a second close does nothing
-            if self.id is not None:
+            if self.recorder is not None:
                 stop_resource_tracker()
                 leftovers.forget(self.id)

@@ -39,6 +39,7 @@ from thaw_format.sdk.launch import startable_launch_spec
 from thaw_format.sdk.pool_slots import kill_unanswered, note_answer
 from thaw_format.sdk.round_pool import RoundPool
 
+from . import leftovers
 from .capture import put_capture
 from .worker import START_TIMEOUT_S, ActorWorker, in_brief, require_ray
 
@@ -172,4 +173,7 @@ class RayForkPool(RoundPool):
                             worker.closed(call)
         finally:
             for worker in self._workers:  # killed, or marked so where Ray is gone: each shows exited
-                worker.kill()
+                try:  # one Ray refuses to kill (the GCS gone) does not leave the others running
+                    worker.kill()
+                except Exception as exc:
+                    leftovers.log.warning("thaw_ray: killing %s: %s", worker.describe(), in_brief(exc))

@@ -176,9 +176,17 @@ class ActorWorker(SlotWorker):
         if ray.is_initialized():  # else its actor ended with Ray, and ray.kill would start a new one
             ray.kill(self.actor, no_restart=True)
             if self.sweep_due and self.node is not None:  # placed: its process may have made something
-                strategy = NodeAffinitySchedulingStrategy(self.node, soft=False)
-                remote_sweep.options(scheduling_strategy=strategy).remote(self.id)  # runs without its caller
+                self._sweep()
         self.sweep_due = False
+
+    def _sweep(self) -> None:
+        """Submit the sweep on its node (it runs without its caller); a failed submission (a node Ray no longer
+        knows, the GCS unreachable) is warned, never the kill's failure: the node's next actor sweeps it."""
+        try:
+            strategy = NodeAffinitySchedulingStrategy(self.node, soft=False)
+            remote_sweep.options(scheduling_strategy=strategy).remote(self.id)
+        except Exception as exc:
+            leftovers.log.warning("thaw_ray: sweeping what %s left on its node: %s", self.describe(), in_brief(exc))
 
     def closed(self, call: ray.ObjectRef) -> None:
         """Its close answered `call`: unless that raised, its engine closed, leaving nothing to sweep."""

@@ -62,9 +62,9 @@ def pytest_addoption(parser):
 def pytest_generate_tests(metafunc):
     if "kind" in metafunc.fixturenames:
         names = metafunc.config.getoption("engines", default=None) or list(ENGINES)
+        test = metafunc.function.__name__
         kinds = [name for name in dict.fromkeys(names)
-                 if metafunc.function.__name__ in getattr(metafunc.module, SUBSETS.get(name, ""), ())
-                 or name not in SUBSETS]
+                 if name not in SUBSETS or test in getattr(metafunc.module, SUBSETS[name], ())]
         metafunc.parametrize("kind", kinds, indirect=True, scope="session")
 
 
@@ -224,10 +224,7 @@ def fresh(kind, parent):
 
             out = ToyThawEngine.start(**_toy_config()).generate(prompt, params)
         elif kind in ("vllm", "sglang"):  # the parent with nothing cached (a second engine would take its own start)
-            if kind == "vllm":
-                parent.llm.reset_prefix_cache()
-            else:
-                assert parent.engine.flush_cache().success
+            assert parent.llm.reset_prefix_cache() if kind == "vllm" else parent.engine.flush_cache().success
             out = parent.generate(prompt, params)
         else:
             from thaw_mlx import MLXEngine
@@ -241,12 +238,14 @@ def fresh(kind, parent):
 @pytest.fixture(scope="session")
 def pool(ray_cluster, parent):
     """A RayForkPool of WORKERS actors started from the parent's launch spec."""
-    from thaw_ray import RayForkPool
+    from thaw_ray import RayForkPool, leftovers
 
     with RayForkPool(parent, workers=WORKERS) as started:
         yield started
         processes = family({info.pid for info in started.worker_info() if info.pid})  # the actors and their engines'
         segments = mapped_segments(processes)
+        manifests = [leftovers.manifest_path(info.id) for info in started.worker_info()]
     # ray.kill is asynchronous: a process still ending maps its segments yet, and would hide what it leaves
     assert not outliving(processes, timeout=30), "the pool's close left its actors' or engines' processes running"
     assert not unlink_left_behind(segments), "the pool's close left its engines' shared memory in /dev/shm"
+    assert not [path for path in manifests if os.path.exists(path)], "the pool's close left its actors' manifests"

@@ -24,10 +24,11 @@ from thaw_format.sdk.pool_slots import MAX_FAILED_STARTS
 PARAMS = checks.PARAMS
 NODE = r"on node \S+ [0-9a-f]+"  # after a worker's pid: its node's address and Ray id
 # the tests that run on vLLM and SGLang too (conftest: their engines take tens of seconds to start on two cores)
-VLLM_TESTS = SGLANG_TESTS = {"test_rounds_with_different_trunks_match_fresh_engines",
-                             "test_a_context_without_a_full_page_is_refused_before_the_parent_is_read",
-                             "test_an_actor_killed_mid_round_is_named_and_replaced",
-                             "test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes"}
+VLLM_TESTS = frozenset({"test_rounds_with_different_trunks_match_fresh_engines",
+                        "test_a_context_without_a_full_page_is_refused_before_the_parent_is_read",
+                        "test_an_actor_killed_mid_round_is_named_and_replaced",
+                        "test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes"})
+SGLANG_TESTS = frozenset(VLLM_TESTS)
 
 
 def test_the_engine_subsets_name_tests_of_this_module() -> None:
@@ -100,26 +101,37 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
 
 
 @pytest.mark.skipif(not HAS_PROC, reason="actors record what they hold from /proc (Linux)")
-def test_what_the_engine_of_a_dead_actor_held_is_swept_on_its_node_by_the_pools_close(ray_cluster) -> None:
+def test_what_the_engine_of_a_dead_actor_made_is_swept_on_its_node_by_the_pools_close(ray_cluster) -> None:
     """A toy engine whose process of its own holds shared memory, as vLLM's engine core does, leaves it with its
     actor SIGKILLed; the pool's close finds the actor dead and sweeps its node (thaw_ray.leftovers), once the
-    raylet has ended that process. No actor replaces it: nothing else sweeps there."""
+    raylet has ended that process. No actor replaces it: nothing else sweeps there. A segment that was in /dev/shm
+    before the engine started, mapped by its process too, is not the engine's: it stays."""
+    from multiprocessing import resource_tracker, shared_memory
+
     from pool_engines import worker_env
     from thaw_format.sdk import LaunchSpec
     from thaw_ray import RayForkPool
 
-    spec = LaunchSpec("pool_engines:ToyHoldingMemory.start", {"vocab_size": 1024})
-    pool = RayForkPool(spec, workers=1, actor_options={"runtime_env": {"env_vars": worker_env()}})
-    held = set()
+    before = shared_memory.SharedMemory(create=True, size=4096)
+    resource_tracker.unregister(before._name, "shared_memory")  # unlinked below
+    spec = LaunchSpec("pool_engines:ToyHoldingMemory.start", {"vocab_size": 1024, "attach": [before.name]})
+    made = set()
     try:
-        held = mapped_segments(descendants(pool.worker_info()[0].pid))  # its engine's process's segment
-        assert len(held) == 1, held
-        _kill_between_rounds(pool, [0])
-        pool.close()
-        assert not lingering(held, timeout=90), "the killed actor's engine left its shared memory in /dev/shm"
+        pool = RayForkPool(spec, workers=1, actor_options={"runtime_env": {"env_vars": worker_env()}})
+        try:
+            made = mapped_segments(descendants(pool.worker_info()[0].pid)) - {before.name}  # its engine's segment
+            assert len(made) == 1, made
+            before.close()  # mapped by the engine's process alone
+            _kill_between_rounds(pool, [0])
+            pool.close()
+            assert not lingering(made, timeout=90), "the killed actor's engine left its shared memory in /dev/shm"
+            assert os.path.exists(f"/dev/shm/{before.name}"), "the sweep removed a segment older than the engine"
+        finally:
+            pool.close()
+            unlink_left_behind(made)  # a failed run's, so that runs do not fill /dev/shm
     finally:
-        pool.close()
-        unlink_left_behind(held)  # a failed run's, so that runs do not fill /dev/shm
+        before.close()
+        unlink_left_behind({before.name})
 
 
 def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(pool, parent, fresh) -> None:
@@ -454,11 +466,11 @@ def test_an_actor_placed_after_a_lowered_timeout_has_that_timeout_for_its_engine
     from thaw_ray.worker import ActorWorker
 
     actor = ActorWorker("0", "{}", {"resources": {"nonexistent": 1}}, start_timeout_s=600)
-    waits, real, head = [], worker.ray.get, ray_cluster.get_runtime_context().get_node_id()
+    waits, real = [], worker.ray.get
 
     def get(ref, timeout=None, **options):
         if ref is actor._placed:
-            return {"pid": 1, "node_id": head, "node_ip": "127.0.0.1"}  # a node's id: its kill sweeps there
+            return {"pid": 1, "node_id": "ab", "node_ip": "127.0.0.1"}
         if ref is actor._started:
             waits.append(timeout)
             raise GetTimeoutError("its engine still starting")
