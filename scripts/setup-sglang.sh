@@ -34,4 +34,4 @@ rm -rf "$SITE/sgl_kernel"
 cp -r "$ROOT/scripts/sglang_cpu/sgl_kernel" "$SITE/sgl_kernel"
 cp "$ROOT/scripts/sglang_cpu/thaw_sglang_cpu.pth" "$SITE/thaw_sglang_cpu.pth"
 
-install_thaw "$VENV" cli,test,langgraph
+install_thaw "$VENV" cli,test,langgraph,ray

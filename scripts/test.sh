@@ -108,14 +108,14 @@ done
 # An engine's set-up is wanted where its tests are, or tests/conformance, which drives every engine.
 wanted() { local p; for p in "$@" tests/conformance; do [ -e "$p" ] && return 0; done; return 1; }
 if wanted tests/vllm tests/langgraph tests/ray; then background_setup vllm; fi
-if wanted tests/sglang tests/langgraph; then background_setup sglang; fi
+if wanted tests/sglang tests/langgraph tests/ray; then background_setup sglang; fi
 setup core
 # ChatThaw (tests/langgraph) runs once per engine, each in the environment that has it; RayForkPool (tests/ray)
-# likewise, on vLLM its engine's tests only (-k vllm: the engine-free ones ran in the core's).
+# likewise, on vLLM and SGLang their engines' tests only (-k vllm, -k sglang: the engine-free ones ran in the core's).
 run_area core "${core_paths[@]}" "tests/langgraph --engine mlx --engine transformers" \
   "tests/ray --engine template --engine mlx"
 run_area vllm tests/vllm "tests/langgraph --engine vllm" "tests/ray --engine vllm -k vllm"
-run_area sglang tests/sglang "tests/langgraph --engine sglang"
+run_area sglang tests/sglang "tests/langgraph --engine sglang" "tests/ray --engine sglang -k sglang"
 for name in "${!background[@]}"; do setup "$name"; done  # one whose area is absent, for conformance
 if [ -e tests/conformance ]; then
   echo "=== testing tests/conformance in .venv (drives every engine environment)"

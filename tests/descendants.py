@@ -66,15 +66,28 @@ def zombie(pid: int) -> bool:
 
 
 def mapped_segments(pids: set[int]) -> set[str]:
-    """The /dev/shm files (POSIX shared memory, semaphores) that any of `pids` maps."""
-    names = set()
+    """The names of the /dev/shm files (POSIX shared memory, semaphores) that any of `pids` maps, as they are named
+    there now: found by inode, since glibc maps a named semaphore under the temporary name it made it as."""
+    inodes = set()
     for pid in pids:
         try:
             with open(f"/proc/{pid}/maps") as maps:
-                names.update(line.split("/dev/shm/", 1)[1].split()[0] for line in maps if "/dev/shm/" in line)
+                for line in maps:
+                    fields = line.split(maxsplit=5)  # address, perms, offset, device, inode, path
+                    if len(fields) == 6 and fields[5].startswith("/dev/shm/"):
+                        inodes.add(int(fields[4]))
         except OSError:  # ended meanwhile
             continue
-    return names
+    with os.scandir("/dev/shm") as files:
+        return {file.name for file in files if file.inode() in inodes}
+
+
+def lingering(names: set[str], timeout: float) -> set[str]:
+    """Those of `names` still in /dev/shm after up to `timeout` seconds (empty as soon as none is)."""
+    deadline = time.monotonic() + timeout
+    while (left := {name for name in names if os.path.exists(f"/dev/shm/{name}")}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
 
 
 def family(pids: set[int]) -> set[int]:

@@ -68,6 +68,46 @@ class ToyWithAProcess(ToyThawEngine):
         super().close()
 
 
+# A process that makes a segment of shared memory, says its name, and holds it mapped: out of its resource tracker,
+# as vLLM's engine core's are in effect in a Ray actor (the raylet kills the tracker with the actor); it maps the
+# segments named in its arguments too, made by others before it
+HOLDING = """
+from multiprocessing import resource_tracker, shared_memory
+import sys, time
+segment = shared_memory.SharedMemory(create=True, size=1 << 20)
+resource_tracker.unregister(segment._name, "shared_memory")
+others = [shared_memory.SharedMemory(name=name) for name in sys.argv[1:]]
+for other in others:  # attached, not made: its maker's to unlink
+    resource_tracker.unregister(other._name, "shared_memory")
+print(segment.name, flush=True)
+time.sleep(3600)
+"""
+
+
+class ToyHoldingMemory(ToyThawEngine):
+    """The toy engine whose process of its own holds shared memory it made, as vLLM's engine core does, and maps the
+    segments `attach` names: its close ends the process and unlinks its own segment; a process killed without it
+    leaves the segment in /dev/shm."""
+
+    @classmethod
+    def start(cls, attach=(), **config) -> "ToyHoldingMemory":
+        engine = super().start(**config)
+        engine.attach = list(attach)
+        engine.process = subprocess.Popen([sys.executable, "-c", HOLDING, *attach], stdout=subprocess.PIPE, text=True)
+        engine.segment = engine.process.stdout.readline().strip()
+        return engine
+
+    def launch_spec(self) -> LaunchSpec:
+        return LaunchSpec(f"{__name__}:ToyHoldingMemory.start", {**super().launch_spec().kwargs, "attach": self.attach})
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+        os.unlink(f"/dev/shm/{self.segment}")
+        super().close()
+
+
 class ToyDyingInRounds(ToyThawEngine):
     """The toy engine, whose process ends at once (status 4, like a crash) in each round while the file `marker`
     exists."""

@@ -27,6 +27,8 @@ from thaw_format.sdk.child import resolve
 from thaw_format.sdk.engine_process import stop_resource_tracker
 from thaw_format.snapshot import SamplingParams
 
+from . import leftovers
+
 
 class PoolActor:
     """Created empty, its engine started by `start`: Ray runs __init__ once it has placed the actor on a node and
@@ -35,6 +37,11 @@ class PoolActor:
 
     def __init__(self) -> None:
         self.engine = None
+        # its Ray id, None outside an actor (a PoolActor run in the caller's process, as a test does): an actor
+        # writes down what its engine holds in /dev/shm, for the pool to sweep if it ends unclosed (leftovers);
+        # what is there before its engine starts is left out of every record
+        self.id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+        self.recorder = leftovers.Recorder(self.id) if self.id is not None else None
 
     def where(self) -> dict:
         """{"pid": the actor's process id, "node_id": its node's Ray id (hex), "node_ip": that node's address}. A pid
@@ -45,14 +52,31 @@ class PoolActor:
     def start(self, config: str) -> Optional[str]:
         """Start its engine from a launch spec's JSON ({"factory": ..., "kwargs": ...}): None once started, or how
         it failed (the pool's to report: raised here, Ray's message would leave the engine's error out)."""
+        if self.recorder is not None:  # what actors before it on this node left unswept: never its start's failure
+            try:
+                leftovers.sweep_ended()
+            except Exception as exc:
+                leftovers.warn_once(f"sweeping what ended actors left: {type(exc).__name__}: {exc}")
         try:
             config = json.loads(config)
             self.engine = resolve(config["factory"])(**config["kwargs"])
         except Exception as exc:
             return f"starting the pool engine: {type(exc).__name__}: {exc}"
+        finally:  # a failed start too: its engine may have started processes before it failed
+            self._record()
         return None
 
+    def _record(self) -> None:
+        if self.recorder is not None:
+            self.recorder.record()  # best effort: never a round's failure
+
     def run_round(self, snapshot: numpy.ndarray, prompt: list[int], params: dict) -> dict:
+        try:
+            return self._round(snapshot, prompt, params)
+        finally:  # after the round's times: what its engine made in /dev/shm meanwhile
+            self._record()
+
+    def _round(self, snapshot: numpy.ndarray, prompt: list[int], params: dict) -> dict:
         start = time.perf_counter()
         try:
             checked = loads(snapshot, copy=False, verify=True)  # every chunk, before the engine is touched
@@ -77,9 +101,10 @@ class PoolActor:
         core leaves it at shutdown (160 MiB) stayed in /dev/shm. Outside an actor (a PoolActor run in the caller's
         process, as a test does) the process goes on, and its tracker with it. An engine.close() that raises skips
         it: the engine's processes may still hold the tracker's pipe, and the wait would last until the pool kills
-        the actor anyway."""
+        the actor anyway. Its engine closed, it left nothing to sweep: its manifest goes."""
         if self.engine is not None:
             self.engine.close()
             self.engine = None  # closed: a second close does nothing
-            if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            if self.recorder is not None:
                 stop_resource_tracker()
+                leftovers.forget(self.id)

@@ -43,6 +43,7 @@ from thaw_format.sdk.launch import startable_launch_spec
 from thaw_format.sdk.pool_slots import given_up, kill_unanswered, note_answer
 from thaw_format.sdk.round_pool import RoundPool
 
+from . import leftovers
 from .capture import put_capture
 from .worker import PING_TIMEOUT_S, START_TIMEOUT_S, ActorWorker, Window, in_brief, require_ray
 
@@ -173,10 +174,16 @@ class RayForkPool(RoundPool):
         engine did not close in time, or never started, killed as it is)."""
         try:
             if ray.is_initialized():  # else Ray was shut down first (by its owner): its actors are gone with it
-                closing = [worker.actor.close.remote() for worker in self._workers
-                           if worker.ready and not worker.killed]
+                closing = {worker: worker.actor.close.remote() for worker in self._workers
+                           if worker.ready and not worker.killed}
                 if closing:  # an actor dead already answers with its error: done too
-                    ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
+                    done, _ = ray.wait(list(closing.values()), num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
+                    for worker, call in closing.items():  # one whose engine closed is not swept (worker.kill)
+                        if call in done:
+                            worker.closed(call)
         finally:
             for worker in self._workers:  # killed, or marked so where Ray is gone: each shows exited
-                worker.kill()
+                try:  # one Ray refuses to kill (the GCS gone) does not leave the others running
+                    worker.kill()
+                except Exception as exc:
+                    leftovers.log.warning("thaw_ray: killing %s: %s", worker.describe(), in_brief(exc))

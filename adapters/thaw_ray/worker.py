@@ -13,13 +13,18 @@ from typing import NamedTuple, Optional
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from thaw_format.sdk.fork_round import PoolWorkerDied, PoolWorkerStarting
 from thaw_format.sdk.pool_slots import SlotWorker
 
+from . import leftovers
 from .actor import PoolActor
 
 RemoteActor = ray.remote(PoolActor)
+# On the node of an actor ended without its engine's close (leftovers.sweep): no CPU asked, so that it runs beside
+# the node's actors at once; not retried (what a second run would find is what the first left)
+remote_sweep = ray.remote(num_cpus=0, max_retries=0)(leftovers.sweep)
 START_TIMEOUT_S = 600  # RayForkPool's default wait for an actor's engine to start (placing it included)
 # How long a round waits for its actors' answers to where(), which it asks first: a dead actor's is Ray's error.
 # Measured (Ray 2.60, one node, 2 CPUs at load 4.5): a live actor answers in 0.6 ms (median of 50, 1.9 ms at
@@ -100,6 +105,7 @@ class ActorWorker(SlotWorker):
         self._placed.future().add_done_callback(self._stamp)
         self._started = self.actor.start.remote(config)  # run after where(): an actor runs its calls in order
         self._ping = None  # a round's where(), asked as it begins (ping), answered in lost()
+        self.sweep_due = True  # until its engine's close answered: ended otherwise, what it made is swept
 
     @property
     def placed(self) -> Optional[Placed]:
@@ -192,6 +198,28 @@ class ActorWorker(SlotWorker):
         return None
 
     def kill(self) -> None:
+        """End its actor (Ray carries it out shortly after), and sweep what its engine left in /dev/shm on its node
+        unless its close answered (leftovers.sweep: it waits for the actor's processes to end)."""
+        self.killed = True
         if ray.is_initialized():  # else its actor ended with Ray, and ray.kill would start a new one
             ray.kill(self.actor, no_restart=True)
-        self.killed = True
+            if self.sweep_due and self.node is not None:  # placed: its process may have made something
+                self._sweep()
+        self.sweep_due = False
+
+    def _sweep(self) -> None:
+        """Submit the sweep on its node (it runs without its caller); a failed submission (a node Ray no longer
+        knows, the GCS unreachable) is warned, never the kill's failure: the node's next actor sweeps it."""
+        try:
+            strategy = NodeAffinitySchedulingStrategy(self.node, soft=False)
+            remote_sweep.options(scheduling_strategy=strategy).remote(self.id)
+        except Exception as exc:
+            leftovers.log.warning("thaw_ray: sweeping what %s left on its node: %s", self.describe(), in_brief(exc))
+
+    def closed(self, call: ray.ObjectRef) -> None:
+        """Its close answered `call`: unless that raised, its engine closed, leaving nothing to sweep."""
+        try:
+            ray.get(call, timeout=0)
+        except RayError:
+            return
+        self.sweep_due = False

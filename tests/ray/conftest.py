@@ -3,10 +3,12 @@ for the session (a driver joins one cluster per process: every test shares it):
 
     pytest tests/ray --engine template --engine mlx      # the engines this environment has (.venv)
     pytest tests/ray --engine vllm -k vllm               # vLLM's (.venv-vllm): test_pool.py's VLLM_TESTS
+    pytest tests/ray --engine sglang -k sglang           # SGLang's (.venv-sglang): test_pool.py's SGLANG_TESTS
 
 Engines: the conformance template's toy engine (numpy) and MLX over a tiny zoo model, both quick to start in an
-actor, and vLLM over a tiny zoo model in its default multiprocessing mode (each engine core a process of its own,
-as `vllm serve` runs it; tens of seconds per start). Without --engine every engine is tried. Ray, thaw_ray or an
+actor; vLLM over a tiny zoo model in its default multiprocessing mode (each engine core a process of its own,
+as `vllm serve` runs it) and SGLang over one (its scheduler and detokenizer processes of their own), each tens of
+seconds per start. Without --engine every engine is tried. Ray, thaw_ray or an
 engine that cannot be imported skips its tests with the reason, and fails them under THAW_REQUIRE_ENGINES=1 (CI).
 """
 
@@ -25,8 +27,10 @@ from descendants import family, mapped_segments, outliving, unlink_left_behind
 # Loopback only: Ray binds its nodes to the network interface's address unless told, when it is imported, that
 # this is a single-machine cluster (then every node, the GCS included, takes 127.0.0.1).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# SGLang on CPU, read at its import: set before the cluster's raylets start, so that its actors inherit it
+os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 
-ENGINES = ("template", "mlx", "vllm")
+ENGINES = ("template", "mlx", "vllm", "sglang")
 WORKERS = 2
 OBJECT_STORE_BYTES = 128 << 20  # per node: a round's object is a few MiB at most here
 # Custom resources that place an actor on the node its test means: "other" holds the other node's actors;
@@ -39,10 +43,12 @@ HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold
 # What the pool's README asks of a cluster whose actors' engines start processes of their own (vLLM's engine core):
 # the raylet, a subreaper, kills what an actor SIGKILLed leaves behind.
 SYSTEM_CONFIG = {**HEALTH_CHECKS, "kill_child_processes_on_worker_exit_with_raylet_subreaper": True}
-# vLLM's tests: a vLLM engine takes tens of seconds to start on two cores, so its run keeps to the tests that start
-# no engines beyond the session's pool and one replacement: rounds, a damaged object and an actor SIGKILLed (its
-# engine core ending with it) on vLLM; the pool's own bookkeeping, nodes and timeouts on the quicker engines. A
-# module names its vLLM tests in VLLM_TESTS (test_pool.py's own test checks that each name is one of its tests).
+# vLLM's and SGLang's tests: their engines take tens of seconds to start on two cores, so their runs keep to the
+# tests that start no engines beyond the session's pool and one replacement: rounds, a damaged object and an actor
+# SIGKILLed (its engine's processes ending with it); the pool's own bookkeeping, nodes and timeouts on the quicker
+# engines. A module names each one's tests in VLLM_TESTS and SGLANG_TESTS (test_pool.py's own test checks that each
+# name is one of its tests).
+SUBSETS = {"vllm": "VLLM_TESTS", "sglang": "SGLANG_TESTS"}
 # vLLM's engines: a small explicit KV cache (by default one takes most of the machine's memory)
 VLLM_KWARGS = dict(dtype="float32", block_size=32, enforce_eager=True, skip_tokenizer_init=True, max_model_len=1024,
                    kv_cache_memory_bytes=32 << 20)
@@ -56,8 +62,9 @@ def pytest_addoption(parser):
 def pytest_generate_tests(metafunc):
     if "kind" in metafunc.fixturenames:
         names = metafunc.config.getoption("engines", default=None) or list(ENGINES)
-        on_vllm = getattr(metafunc.module, "VLLM_TESTS", ())
-        kinds = [name for name in dict.fromkeys(names) if name != "vllm" or metafunc.function.__name__ in on_vllm]
+        test = metafunc.function.__name__
+        kinds = [name for name in dict.fromkeys(names)
+                 if name not in SUBSETS or test in getattr(metafunc.module, SUBSETS[name], ())]
         metafunc.parametrize("kind", kinds, indirect=True, scope="session")
 
 
@@ -169,6 +176,8 @@ def kind(request) -> str:
         engine_guard.require("thaw_mlx", "install it with scripts/setup-core.sh")
     if request.param == "vllm":
         engine_guard.require("vllm", "install it with scripts/setup-vllm.sh")
+    if request.param == "sglang":
+        engine_guard.require("thaw_sglang", "install it with scripts/setup-sglang.sh")
     return request.param
 
 
@@ -191,6 +200,12 @@ def parent(kind):
         from thaw_vllm import VLLMEngine
 
         engine = VLLMEngine.start(str(zoo.make_model("llama", dtype="float32")), **VLLM_KWARGS)
+    elif kind == "sglang":
+        from thaw_conformance import zoo
+        from thaw_conformance.drivers.sglang import ENGINE_ARGS
+        from thaw_sglang import SGLangEngine
+
+        engine = SGLangEngine.start(model_path=str(zoo.make_model("llama")), **ENGINE_ARGS)
     else:
         from thaw_conformance import zoo
         from thaw_mlx import MLXEngine
@@ -208,8 +223,8 @@ def fresh(kind, parent):
             from thaw_conformance.template.adapter import ToyThawEngine
 
             out = ToyThawEngine.start(**_toy_config()).generate(prompt, params)
-        elif kind == "vllm":  # the parent with nothing cached (a second vLLM engine here would take its own start)
-            parent.llm.reset_prefix_cache()
+        elif kind in ("vllm", "sglang"):  # the parent with nothing cached (a second engine would take its own start)
+            assert parent.llm.reset_prefix_cache() if kind == "vllm" else parent.engine.flush_cache().success
             out = parent.generate(prompt, params)
         else:
             from thaw_mlx import MLXEngine
@@ -223,12 +238,14 @@ def fresh(kind, parent):
 @pytest.fixture(scope="session")
 def pool(ray_cluster, parent):
     """A RayForkPool of WORKERS actors started from the parent's launch spec."""
-    from thaw_ray import RayForkPool
+    from thaw_ray import RayForkPool, leftovers
 
     with RayForkPool(parent, workers=WORKERS) as started:
         yield started
         processes = family({info.pid for info in started.worker_info() if info.pid})  # the actors and their engines'
         segments = mapped_segments(processes)
+        manifests = [leftovers.manifest_path(info.id) for info in started.worker_info()]
     # ray.kill is asynchronous: a process still ending maps its segments yet, and would hide what it leaves
-    outliving(processes, timeout=30)
+    assert not outliving(processes, timeout=30), "the pool's close left its actors' or engines' processes running"
     assert not unlink_left_behind(segments), "the pool's close left its engines' shared memory in /dev/shm"
+    assert not [path for path in manifests if os.path.exists(path)], "the pool's close left its actors' manifests"

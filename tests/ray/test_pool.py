@@ -14,7 +14,7 @@ import time
 import pytest
 
 import fork_pool_checks as checks
-from descendants import HAS_PROC, descendants, mapped_segments, outliving, unlink_left_behind
+from descendants import HAS_PROC, descendants, lingering, mapped_segments, outliving, unlink_left_behind
 from fork_pool_checks import (  # noqa: F401  the pool's tests, written once for every pool and engine
     test_rounds_with_different_trunks_match_fresh_engines,
     test_a_context_without_a_full_page_is_refused_before_the_parent_is_read)
@@ -24,16 +24,18 @@ from thaw_format.sdk.pool_slots import MAX_FAILED_STARTS
 
 PARAMS = checks.PARAMS
 NODE = r"on node \S+ [0-9a-f]+"  # after a worker's pid: its node's address and Ray id
-# the tests that run on vLLM too (conftest: a vLLM engine takes tens of seconds to start on two cores)
-VLLM_TESTS = {"test_rounds_with_different_trunks_match_fresh_engines",
-              "test_a_context_without_a_full_page_is_refused_before_the_parent_is_read",
-              "test_an_actor_killed_mid_round_is_named_and_replaced",
-              "test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes"}
+# the tests that run on vLLM and SGLang too (conftest: their engines take tens of seconds to start on two cores)
+VLLM_TESTS = frozenset({"test_rounds_with_different_trunks_match_fresh_engines",
+                        "test_a_context_without_a_full_page_is_refused_before_the_parent_is_read",
+                        "test_an_actor_killed_mid_round_is_named_and_replaced",
+                        "test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes"})
+SGLANG_TESTS = frozenset(VLLM_TESTS)
 
 
-def test_the_engine_subset_names_tests_of_this_module() -> None:
-    """A test renamed would otherwise drop out of the vLLM lane without a word (this test runs in the core lane)."""
-    assert VLLM_TESTS <= {name for name, value in globals().items() if callable(value)}
+def test_the_engine_subsets_name_tests_of_this_module() -> None:
+    """A test renamed would otherwise drop out of the vLLM or SGLang lane without a word (this test runs in the core
+    lane)."""
+    assert VLLM_TESTS | SGLANG_TESTS <= {name for name, value in globals().items() if callable(value)}
 
 
 def _ray():
@@ -78,7 +80,7 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     before = parent.generate(trunk + suffixes[0], PARAMS)
     victim = pool.worker_info()[1]
     started = descendants(victim.pid) if HAS_PROC else set()  # its engine's own processes (vLLM's engine core)
-    segments = mapped_segments({victim.pid} | started)  # what it and they map in /dev/shm
+    segments = mapped_segments({victim.pid} | started) if HAS_PROC else set()  # what it and they map in /dev/shm
     killing = checks.kill_during_capture(parent, _ActorProcess(victim.pid))  # SIGKILL, as the OOM killer would
     try:
         with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(Ray actor [0-9a-f]+, pid {victim.pid} {NODE}\) "
@@ -86,11 +88,11 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
                                                  r"being replaced"):
             pool.fork(killing, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
         assert not outliving(started, timeout=30)  # ended by the raylet, a subreaper (conftest's SYSTEM_CONFIG)
+        # what vLLM's engine core and worker mapped (segments, a semaphore), left by their tracker's death: swept
+        # on the actor's node by the pool (thaw_ray.leftovers), once they have ended
+        assert not lingering(segments, timeout=90), "the killed actor's engine left its shared memory in /dev/shm"
     finally:
-        # what vLLM's engine core and worker mapped, left with them (the README's Limits): removed, pass or fail,
-        # so that runs do not fill /dev/shm; their semaphore (32 bytes) stays, its mapping named after the
-        # temporary file it was made as
-        unlink_left_behind(segments)
+        unlink_left_behind(segments)  # a failed run's, so that runs do not fill /dev/shm
     assert parent.generate(trunk + suffixes[0], PARAMS) == before  # the parent serves as before, cache and all
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=others, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
@@ -114,6 +116,40 @@ def test_an_actor_killed_between_rounds_is_replaced_before_the_next_round(pool, 
     replacement = pool.worker_info()[1]
     assert replacement.state == "ready" and _ActorProcess(replacement.pid).alive()
     assert replacement.pid != victim.pid and replacement.id != victim.id
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="actors record what they hold from /proc (Linux)")
+def test_what_the_engine_of_a_dead_actor_made_is_swept_on_its_node_by_the_pools_close(ray_cluster) -> None:
+    """A toy engine whose process of its own holds shared memory, as vLLM's engine core does, leaves it with its
+    actor SIGKILLed; the pool's close finds the actor dead and sweeps its node (thaw_ray.leftovers), once the
+    raylet has ended that process. No actor replaces it: nothing else sweeps there. A segment that was in /dev/shm
+    before the engine started, mapped by its process too, is not the engine's: it stays."""
+    from multiprocessing import resource_tracker, shared_memory
+
+    from pool_engines import worker_env
+    from thaw_format.sdk import LaunchSpec
+    from thaw_ray import RayForkPool
+
+    before = shared_memory.SharedMemory(create=True, size=4096)
+    resource_tracker.unregister(before._name, "shared_memory")  # unlinked below
+    spec = LaunchSpec("pool_engines:ToyHoldingMemory.start", {"vocab_size": 1024, "attach": [before.name]})
+    made = set()
+    try:
+        pool = RayForkPool(spec, workers=1, actor_options={"runtime_env": {"env_vars": worker_env()}})
+        try:
+            made = mapped_segments(descendants(pool.worker_info()[0].pid)) - {before.name}  # its engine's segment
+            assert len(made) == 1, made
+            before.close()  # mapped by the engine's process alone
+            _kill(pool, [0])
+            pool.close()
+            assert not lingering(made, timeout=90), "the killed actor's engine left its shared memory in /dev/shm"
+            assert os.path.exists(f"/dev/shm/{before.name}"), "the sweep removed a segment older than the engine"
+        finally:
+            pool.close()
+            unlink_left_behind(made)  # a failed run's, so that runs do not fill /dev/shm
+    finally:
+        before.close()
+        unlink_left_behind({before.name})
 
 
 def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(pool, parent, fresh) -> None:
