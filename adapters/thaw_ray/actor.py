@@ -41,7 +41,7 @@ class PoolActor:
         # writes down what its engine holds in /dev/shm, for the pool to sweep if it ends unclosed (leftovers);
         # what is there before its engine starts is left out of every record
         self.id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
-        self.recorder = leftovers.Recorder(self.id) if self.id is not None else None
+        self.recorder = leftovers.Recorder.made(self.id) if self.id is not None else None
 
     def where(self) -> dict:
         """{"pid": the actor's process id, "node_id": its node's Ray id (hex), "node_ip": that node's address}. A pid
@@ -105,6 +105,6 @@ class PoolActor:
         if self.engine is not None:
             self.engine.close()
             self.engine = None  # closed: a second close does nothing
-            if self.recorder is not None:
+            if self.id is not None:
                 stop_resource_tracker()
                 leftovers.forget(self.id)

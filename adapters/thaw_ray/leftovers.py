@@ -145,9 +145,10 @@ def _write(path: str, manifest: dict) -> None:
     if not manifest["files"]:
         forget_path(path)
         return
-    with open(path + ".new", "w") as out:
+    new = f"{path}.{os.getpid()}.new"  # a sweep on the node and a new actor's may write the same manifest at once
+    with open(new, "w") as out:
         json.dump(manifest, out)
-    os.replace(path + ".new", path)
+    os.replace(new, path)
 
 
 def forget_path(path: str) -> None:
@@ -171,7 +172,16 @@ class Recorder:
     def __init__(self, actor_id: str) -> None:
         self.actor_id = actor_id
         self.before = shm_inodes() if RECORDS else set()
-        self._seen = None  # what the last record saw: the same again, it writes nothing
+        self._present = None  # the /dev/shm inodes the last record saw: the same again, it reads nothing more
+
+    @classmethod
+    def made(cls, actor_id: str) -> Optional["Recorder"]:
+        """A Recorder, or None (warned once) where /dev/shm cannot be read: never the actor's failure."""
+        try:
+            return cls(actor_id)
+        except Exception as exc:
+            warn_once(f"actor {actor_id} records nothing: {type(exc).__name__}: {exc}")
+            return None
 
     def record(self) -> None:
         """Best effort (a failure is warned once, never raised): write down this process's family and the /dev/shm
@@ -185,12 +195,13 @@ class Recorder:
                       f"{type(exc).__name__}: {exc}")
 
     def _record(self) -> None:
+        # Nothing made or removed in /dev/shm since the last record: it stands (one scandir a round, not a walk of
+        # /proc). A process started since is not written down, but a sweep never unlinks what a live one holds.
+        present = shm_inodes()
+        if present == self._present:
+            return
         processes = [[pid, _started(pid)] for pid in _family(os.getpid())]
         processes = [entry for entry in processes if entry[1]]
-        present = shm_inodes()
-        seen = (frozenset(present), frozenset(map(tuple, processes)))
-        if seen == self._seen:
-            return
         path = manifest_path(self.actor_id)
         manifest = _load(path) or {"processes": [], "files": {}}
         held = set().union(*(_held(pid) for pid, _ in processes)) - self.before
@@ -202,7 +213,7 @@ class Recorder:
         files.update({name: inode for name, inode in now.items() if inode in held})
         manifest["files"] = files
         _write(path, manifest)
-        self._seen = seen
+        self._present = present
 
 
 def _in_use() -> set[int]:

@@ -202,8 +202,8 @@ def test_threads_meeting_a_new_page_shape_at_once_share_its_fold_constants(nativ
                                                                           heads):
     """The summing tiles' fold constants are made on a page shape's first gather and kept (pages_crc16_for,
     published by compare-and-swap without a lock). Four threads, their arguments made beforehand, are released
-    by a barrier into thaw_gather_pages with K pages of a new shape of 32768 rows or more: each gets the pages of numpy and the
-    CRCs of chunk_crcs. The race is made likely, not forced: with the lost compare-and-swap counted (a print,
+    by a barrier into thaw_gather_pages with K pages of a new shape of 32768 rows or more: each gets the pages of
+    numpy and the CRCs of chunk_crcs. The race is made likely, not forced: with the lost compare-and-swap counted (a print,
     since removed), two threads made one shape's table at once in 7 of 15 shapes, and in 4 of 5 runs of 3 shapes,
     when a table took about 0.1 ms; six shapes a run. (Each thread sorts its 32768 rows first, a few ms that vary
     by more than a table takes: its per-row constants, now 8 carry-less shifts a row where they were 2, are

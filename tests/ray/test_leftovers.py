@@ -129,7 +129,17 @@ def test_a_failing_sweep_or_record_never_fails_an_engines_start(monkeypatch) -> 
     monkeypatch.setattr(leftovers, "_family", broken)
     spec = {"factory": "thaw_conformance.template.adapter:ToyThawEngine.start", "kwargs": {"vocab_size": 1024}}
     assert actor.start(json.dumps(spec)) is None
-    actor.engine.close()  # not actor.close(): it would end this process's resource tracker
+    actor.close()  # outside an actor (no Ray id): its engine's close alone, this process's resource tracker kept
+
+
+def test_an_actor_that_cannot_read_dev_shm_records_nothing_and_still_starts(monkeypatch) -> None:
+    from thaw_ray import leftovers
+
+    def broken(*args):
+        raise PermissionError("/dev/shm unreadable here")
+
+    monkeypatch.setattr(leftovers, "shm_inodes", broken)
+    assert leftovers.Recorder.made(f"test-{uuid.uuid4().hex}") is None
 
 
 def test_a_manifest_that_is_not_one_is_removed_by_the_sweep() -> None:

@@ -165,7 +165,8 @@ def test_actors_of_a_lost_node_wait_together_and_are_kept_until_a_node_joins(ray
         dead = pool.worker_info()
         # Ray's answer to the round's first call: both dead, replaced before the parent is read, the replacements
         # not placed (only still starting: retry later)
-        replacing = r"pool worker {} \(Ray actor {}, pid {} on node \S+ {}\) died between rounds: \w+Error: .*?, and " \
+        replacing = r"pool worker {} \(Ray actor {}, pid {} on node \S+ {}\) (?:died|became unavailable) between " \
+                    r"rounds(?: \(killed, not waited for\))?: \w+Error: .*?, and " \
                     r"its replacement: pool worker {} .*?not placed within {} s .*?; it is kept, still starting"
         with pytest.raises(PoolWorkerStarting, match="^" + ".*; ".join(
                 replacing.format(w.slot, w.id, w.pid, lost.node_id, w.slot, timeout) for w in dead)):

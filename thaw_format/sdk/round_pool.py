@@ -7,7 +7,7 @@ A pool subclasses it with three methods: `_start(name, failed_starts=0, deaths=0
 starting), `_run(round_, slots, source, arguments)` hands the parent's capture (the source of its capture_shared)
 to the workers in those slots and returns their replies and failures (`_died` for a worker that died in the round,
 `pool_slots.note_answer` for one that answered; its reads of the segment may go through lent's cached mappings,
-which close() forgets), and `_stop()` ends every worker; `_round_begins()` is its hook
+which close() forgets), and `_stop()` ends every worker; `_round_begins(n)` is its hook
 into a round once the round holds the pool. A round failing before the parent is read only for workers still
 starting raises PoolWorkerStarting (retry later); a pool's first start raises PoolWorkerDied, the pool closed.
 """
