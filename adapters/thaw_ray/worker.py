@@ -27,9 +27,8 @@ RemoteActor = ray.remote(PoolActor)
 remote_sweep = ray.remote(num_cpus=0, max_retries=0)(leftovers.sweep)
 START_TIMEOUT_S = 600  # RayForkPool's default wait for an actor's engine to start (placing it included)
 # How long a round waits for its actors' answers to where(), which it asks first: a dead actor's is Ray's error.
-# Measured (Ray 2.60, one node, 2 CPUs at load 4.5): a live actor answers in 0.6 ms (median of 50, 1.9 ms at
-# most); one SIGKILLed is ActorDiedError 1 ms after its process is gone. One not answered in time (hung, or dead on
-# a node not yet known lost) is left to the round's own call, which tells.
+# A live actor answers, and a SIGKILLed one's error comes, within milliseconds (benchmarks/HISTORY.md, Fork pool);
+# one not answered in time (hung, or dead on a node not yet known lost) is left to the round's own call, which tells.
 PING_TIMEOUT_S = 10
 PLACEMENT = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "label_selector",
              "scheduling_strategy")  # the actor options that decide where, and whether, Ray can place an actor

@@ -232,8 +232,8 @@ def _weights_digest(worker) -> str:
 
 def _model_info(worker) -> thaw_format.ModelInfo:
     """The engine's model identity, made on first use (the checkpoint's config.json read from disk then, and the
-    weights digest) and kept: a capture re-reading and digesting config.json spent 0.15-0.27 ms. Shared by every
-    caller: one that hands it out copies it."""
+    weights digest) and kept, not re-read and digested at every capture. Shared by every caller: one that hands it
+    out copies it."""
     if getattr(worker, "_thaw_model", None) is None:
         worker._thaw_model = identity.model_info(worker.vllm_config, _weights_digest(worker))
     return worker._thaw_model
