@@ -64,10 +64,15 @@ def _own_directory() -> bool:
     return False
 
 
+def shm_files() -> dict[str, int]:
+    """The files in /dev/shm now, by name: their inodes."""
+    with os.scandir(SHM) as entries:
+        return {entry.name: entry.inode() for entry in entries}
+
+
 def shm_inodes() -> set[int]:
     """The inodes of the files in /dev/shm now."""
-    with os.scandir(SHM) as entries:
-        return {entry.inode() for entry in entries}
+    return set(shm_files().values())
 
 
 def _stat(pid) -> Optional[list[str]]:
@@ -197,7 +202,8 @@ class Recorder:
     def _record(self) -> None:
         # Nothing made or removed in /dev/shm since the last record: it stands (one scandir a round, not a walk of
         # /proc). A process started since is not written down, but a sweep never unlinks what a live one holds.
-        present = shm_inodes()
+        now = shm_files()  # one read of /dev/shm: what changed, and what the manifest keeps
+        present = set(now.values())
         if present == self._present:
             return
         processes = [[pid, _started(pid)] for pid in _family(os.getpid())]
@@ -207,8 +213,6 @@ class Recorder:
         held = set().union(*(_held(pid) for pid, _ in processes)) - self.before
         manifest["processes"] = processes + [entry for entry in _living(manifest["processes"])
                                              if entry not in processes]
-        with os.scandir(SHM) as entries:
-            now = {entry.name: entry.inode() for entry in entries}
         files = {name: inode for name, inode in manifest["files"].items() if now.get(name) == inode}
         files.update({name: inode for name, inode in now.items() if inode in held})
         manifest["files"] = files
