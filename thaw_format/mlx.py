@@ -53,13 +53,17 @@ def dtype_name(dtype: mx.Dtype) -> str:
 def from_mlx(array: mx.array) -> Tensor:
     """The array's bytes as a read-only Tensor, sharing MLX's memory (MLX arrays are immutable)."""
     name = dtype_name(array.dtype)
-    # A transposed or sliced array exports its strides; the format wants row-major bytes.
-    array = mx.contiguous(array)
     if name == "bfloat16":
         array = array.view(mx.uint16)
-    mx.eval(array)
+    # MLX's buffer export evaluates the array if it must; an array already evaluated and row-major (a cache's
+    # keys, a weight) is exported as it is, with no evaluation (each is a round trip through MLX's stream thread,
+    # which a busy machine delays by milliseconds: thaw_mlx.save makes one per KV tensor).
+    view = memoryview(array)
+    if not view.c_contiguous:  # a transposed or sliced array exports its strides; the format wants row-major bytes
+        array = mx.contiguous(array)
+        view = memoryview(array)
     # memoryview cannot recast an empty view to bytes
-    return Tensor(name, array.shape, memoryview(array).toreadonly() if array.size else b"")
+    return Tensor(name, array.shape, view.toreadonly() if array.size else b"")
 
 
 def writable_arrays(specs) -> list[tuple[mx.array, memoryview]]:

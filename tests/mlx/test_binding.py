@@ -38,6 +38,17 @@ def test_views_are_stored_row_major():
         assert from_mlx(view).tobytes() == expected
 
 
+def test_arrays_exported_as_they_are_or_made_row_major():
+    """from_mlx exports an array's own memory where it is row-major (evaluating it first if need be), else a
+    row-major copy: a broadcast, an outer slice (row-major, inside a larger buffer), a lazy result."""
+    base = mx.arange(24, dtype=mx.float32).reshape(2, 3, 4)
+    mx.eval(base)
+    for array in (mx.broadcast_to(mx.array([1.0, 2.0]), (3, 2)), base[1:], base * 2):
+        assert from_mlx(array).tobytes() == np.ascontiguousarray(np.array(array)).tobytes()
+    address = np.frombuffer(from_mlx(base).data, np.uint8).ctypes.data
+    assert address == np.frombuffer(memoryview(base).cast("B"), np.uint8).ctypes.data  # no copy
+
+
 def test_bfloat16_bits_pass_unchanged():
     bits = mx.array([0x3F80, 0x7FC1, 0xFF80, 0x0001], dtype=mx.uint16)  # 1.0, a NaN payload, -inf, a subnormal
     tensor = from_mlx(bits.view(mx.bfloat16))
