@@ -19,7 +19,8 @@ typedef struct {
     pthread_mutex_t lock; /* guards the fields below */
     pthread_cond_t wake, done;
     unsigned long generation; /* bumped for each job */
-    int threads, running;     /* running: workers still inside the current job */
+    int threads, running;     /* running: workers that joined the current job and are still inside it */
+    int open;                 /* whether a worker that wakes now may join the current job */
     pool_task task;
     void *ctx;
     size_t n;
@@ -58,7 +59,10 @@ static void *worker_main(void *arg) {
         pthread_mutex_lock(&p->lock);
         while (p->generation == seen) pthread_cond_wait(&p->wake, &p->lock);
         seen = p->generation;
+        int join = p->open;
+        p->running += join;
         pthread_mutex_unlock(&p->lock);
+        if (!join) continue; /* woken after its caller had finished the job alone, which did not wait for it */
         work(p, a.worker);
         pthread_mutex_lock(&p->lock);
         if (--p->running == 0) pthread_cond_signal(&p->done);
@@ -139,12 +143,16 @@ static void run_job(size_t n, pool_task task, void *ctx, int shares) {
         atomic_store(&p->share_next[s], n * (size_t)s / (size_t)p->shares);
         p->share_end[s] = n * (size_t)(s + 1) / (size_t)p->shares;
     }
-    p->running = p->threads - 1;
+    p->running = 0;
+    p->open = 1;
     p->generation++;
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->lock);
     work(p, 0);
+    /* Every index is taken: wait only for the workers that joined (one may still be in its task), not for those
+     * the scheduler has not run yet, which would add their wake-up to every call on a busy machine. */
     pthread_mutex_lock(&p->lock);
+    p->open = 0;
     while (p->running) pthread_cond_wait(&p->done, &p->lock);
     pthread_mutex_unlock(&p->lock);
     pthread_mutex_unlock(&p->busy);
