@@ -1,6 +1,7 @@
 """MLX binding: mx.array <-> Tensor. Needs only mlx and numpy (never torch).
 
-bfloat16 travels as its uint16 bit pattern, since neither the buffer protocol nor numpy knows bfloat16.
+bfloat16 comes in as its bits (MLX exports it as buffer format "bfloat16") and goes back to MLX as its uint16
+bit pattern, since numpy knows no bfloat16.
 `writable_arrays` hands out new arrays together with writable views of their (uninitialised) memory, so a
 loader can write bytes straight into MLX (libthaw's scatter), each byte once, instead of building them
 elsewhere and having MLX copy them, or zeroing the arrays first; `owned_view` hands out the memory of an array
@@ -9,6 +10,7 @@ its caller holds alone, to write over again.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -51,19 +53,26 @@ def dtype_name(dtype: mx.Dtype) -> str:
 
 
 def from_mlx(array: mx.array) -> Tensor:
-    """The array's bytes as a read-only Tensor, sharing MLX's memory (MLX arrays are immutable)."""
+    """The array's bytes as a read-only Tensor: an evaluated row-major array's own memory, shared with MLX,
+    else a row-major copy. Sharing is sound because the view holds its own array object: in-place syntax
+    (`a[0:2] = b`, `a += b`) gives the caller's object a new buffer, and the exported one stays as it was."""
     name = dtype_name(array.dtype)
-    if name == "bfloat16":
-        array = array.view(mx.uint16)
-    # MLX's buffer export evaluates the array if it must; an array already evaluated and row-major (a cache's
-    # keys, a weight) is exported as it is, with no evaluation (each is a round trip through MLX's stream thread,
-    # which a busy machine delays by milliseconds: thaw_mlx.save makes one per KV tensor).
-    view = memoryview(array)
-    if not view.c_contiguous:  # a transposed or sliced array exports its strides; the format wants row-major bytes
-        array = mx.contiguous(array)
-        view = memoryview(array)
-    # memoryview cannot recast an empty view to bytes
-    return Tensor(name, array.shape, view.toreadonly() if array.size else b"")
+    if not array.size:
+        return Tensor(name, array.shape, b"")  # memoryview cannot recast an empty view to bytes
+    # copy.copy: a new array object on the same data, with no evaluation. Exported directly, the caller's object
+    # would be the view's owner, and its in-place ops could let MLX write the result into the exported buffer, or
+    # free it, under a save that is reading it. MLX's buffer export evaluates the array only if it must, so a
+    # cache's evaluated keys are exported with no round trip through MLX's stream thread (which a busy machine
+    # delays by milliseconds; thaw_mlx.save makes one per KV tensor); bfloat16 too, as format "bfloat16".
+    view = memoryview(copy.copy(array))
+    if view.c_contiguous:
+        return Tensor(name, array.shape, view.toreadonly())
+    # A strided array (a transpose, a slice, a broadcast); the format wants row-major bytes. Copied from the view
+    # already evaluated where its rows are contiguous (CPython moves whole rows; a ring cache's transposed keys);
+    # where they are not, CPython would copy item by item, many times slower than MLX, so MLX copies it.
+    if view.strides[-1] == view.itemsize:
+        return Tensor(name, array.shape, view.tobytes())
+    return Tensor(name, array.shape, memoryview(mx.contiguous(array)).toreadonly())
 
 
 def writable_arrays(specs) -> list[tuple[mx.array, memoryview]]:
@@ -175,9 +184,8 @@ def owned_view(array: mx.array) -> memoryview:
     not, shares or reads that buffer): a restore writing a new cache over the buffers of the one it replaces,
     with no allocation and no page faults. MLX arrays are immutable to every other holder, so writing into
     one that anything else can see is a bug; sole_view refuses only memory that is not the array's own."""
-    raw = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array  # the buffer protocol lacks bfloat16
-    mx.eval(raw)
-    return sole_view(raw)
+    mx.eval(array)
+    return sole_view(array)
 
 
 def to_mlx(tensor: Tensor) -> mx.array:

@@ -31,22 +31,51 @@ def test_round_trip_is_byte_identical(name):
     assert back == tensor and back.readonly
 
 
-def test_views_are_stored_row_major():
-    base = mx.arange(24, dtype=mx.float32).reshape(2, 3, 4)
-    for view in (base.transpose(2, 0, 1), base[:, 1:, ::2]):
-        expected = np.ascontiguousarray(np.array(view)).tobytes()
-        assert from_mlx(view).tobytes() == expected
+def row_major(array: mx.array) -> bytes:
+    bits = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array  # numpy knows no bfloat16
+    return np.ascontiguousarray(np.array(bits)).tobytes()
 
 
-def test_arrays_exported_as_they_are_or_made_row_major():
-    """from_mlx exports an array's own memory where it is row-major (evaluating it first if need be), else a
-    row-major copy: a broadcast, an outer slice (row-major, inside a larger buffer), a lazy result."""
-    base = mx.arange(24, dtype=mx.float32).reshape(2, 3, 4)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_strided_arrays_are_made_row_major(dtype):
+    """Rows contiguous (an outer slice or reversal) or not (a transpose, a step in the last axis, a 1-D reversal,
+    a broadcast), evaluated or lazy."""
+    base = mx.arange(24, dtype=mx.float32).reshape(2, 3, 4).astype(dtype)
     mx.eval(base)
-    for array in (mx.broadcast_to(mx.array([1.0, 2.0]), (3, 2)), base[1:], base * 2):
-        assert from_mlx(array).tobytes() == np.ascontiguousarray(np.array(array)).tobytes()
-    address = np.frombuffer(from_mlx(base).data, np.uint8).ctypes.data
-    assert address == np.frombuffer(memoryview(base).cast("B"), np.uint8).ctypes.data  # no copy
+    flat = base.reshape(-1)
+    for array in (base.transpose(2, 0, 1), base[:, 1:], base[::-1], base[:, 1:, ::2], flat[::-1], (base * 2)[:, ::-1],
+                  mx.broadcast_to(mx.array([1.0, 2.0], dtype=dtype), (3, 2)), base[1:], base * 2):
+        tensor = from_mlx(array)
+        assert tensor.readonly and tensor.shape == array.shape and tensor.tobytes() == row_major(array)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_evaluated_row_major_arrays_are_shared_not_held(dtype):
+    """Exported as they are (bfloat16 too, with no uint16 view for MLX to evaluate), through an array object of
+    from_mlx's own, not the caller's."""
+    base = mx.arange(8, dtype=mx.float32).astype(dtype)
+    mx.eval(base)
+    tensor = from_mlx(base)
+    assert np.frombuffer(tensor.data, np.uint8).ctypes.data == np.frombuffer(memoryview(base).cast("B"),
+                                                                             np.uint8).ctypes.data
+    assert tensor.data.obj is not base and tensor.data.obj.dtype == dtype
+
+
+@pytest.mark.parametrize("change", ["slice", "add"])
+def test_in_place_ops_leave_an_exported_tensor_as_it_was(change):
+    """MLX's in-place syntax gives the caller's array object a new buffer and may write it over the old one where
+    nothing else holds that: a Tensor holding the caller's own object would change under a save reading it."""
+    a = mx.arange(8.0)
+    mx.eval(a)
+    tensor = from_mlx(a)
+    before = tensor.tobytes()
+    if change == "slice":
+        a[0:2] = mx.array([9.0, 9.0])
+    else:
+        a += 1
+    mx.eval(a)
+    assert tensor.tobytes() == before
+    assert a.tolist()[:2] == ([9.0, 9.0] if change == "slice" else [1.0, 2.0])
 
 
 def test_bfloat16_bits_pass_unchanged():
