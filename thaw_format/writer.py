@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import inspect
 import io
 import math
@@ -18,6 +17,7 @@ import mmap
 import os
 import secrets
 import stat
+import weakref
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping, Optional, Union
@@ -326,19 +326,22 @@ def _write_to_file(fd: int, name: str, fill, region, progress: Progress) -> arra
     return _checked(name, crcs, region)
 
 
+# Whether a to_file function takes the progress hook, held weakly: a save of many tensors asked inspect once per
+# tensor, and a bound method is looked up by its function (one per class); a to_file made per fill (a closure) is
+# a new key each time and must not be kept alive with what it holds (a cache's arrays).
+_TAKES_PROGRESS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _takes_progress(to_file) -> bool:
-    function = getattr(to_file, "__func__", to_file)  # a method's function: one look per class, not per fill
-    return _function_takes_progress(function) if inspect.isfunction(function) else _accepts_progress(to_file)
-
-
-@functools.lru_cache(maxsize=64)
-def _function_takes_progress(function) -> bool:
-    return _accepts_progress(function)  # (a save of many tensors asked inspect once per tensor: 0.03-0.1 ms each)
-
-
-def _accepts_progress(to_file) -> bool:
-    parameters = inspect.signature(to_file).parameters
-    return "progress" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    function = getattr(to_file, "__func__", to_file)
+    remembered = inspect.isfunction(function)  # other callables (a partial, a builtin) are asked each time
+    takes = _TAKES_PROGRESS.get(function) if remembered else None
+    if takes is None:
+        parameters = inspect.signature(to_file).parameters
+        takes = "progress" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        if remembered:
+            _TAKES_PROGRESS[function] = takes
+    return takes
 
 
 def _write_out(fd: int, data: memoryview, region, durable: bool, progress: Progress) -> None:

@@ -455,3 +455,26 @@ def test_a_three_argument_to_file_still_saves_and_is_reported_when_it_returns(tm
     path, calls = tmp_path / "s.thaw", []
     EncodedSnapshot(deferred).save(path, calls.append, fill={"weights/w": _ThreeArgumentToFile(data, 0)})
     assert path.read_bytes() == tf.dumps(whole) and calls == [len(data)]
+
+
+def test_the_writer_keeps_no_to_file_alive(tmp_path):
+    """The writer remembers per function whether a to_file takes the progress hook, weakly: a to_file made per
+    fill (a closure) is not kept after its save, nor what it holds (for thaw_mlx, a cache's arrays)."""
+    import weakref
+    from types import SimpleNamespace
+
+    from thaw_format.writer import EncodedSnapshot, deferred_tensor
+
+    whole = labelled("A")
+    held = _ToFile(whole.weights.tensors["w"].data, 0)
+    deferred = tf.Snapshot(weights=tf.Weights({"w": deferred_tensor("uint8", (len(held.data),))}),
+                           lineage=whole.lineage)
+
+    def to_file(fd, offset, chunk_size, progress=None):
+        return held.to_file(fd, offset, chunk_size)
+
+    EncodedSnapshot(deferred).save(tmp_path / "s.thaw", fill={"weights/w": SimpleNamespace(to_file=to_file)})
+    assert (tmp_path / "s.thaw").read_bytes() == tf.dumps(whole)
+    gone = weakref.ref(to_file)
+    del to_file
+    assert gone() is None
