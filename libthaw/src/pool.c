@@ -19,7 +19,7 @@ typedef struct {
     pthread_mutex_t lock; /* guards the fields below */
     pthread_cond_t wake, done;
     unsigned long generation; /* bumped for each job */
-    int threads, running;     /* running: workers that joined the current job and are still inside it */
+    int threads, running;     /* running: workers that joined the current job and are still inside it (0 between) */
     int open;                 /* whether a worker that wakes now may join the current job */
     pool_task task;
     void *ctx;
@@ -60,9 +60,10 @@ static void *worker_main(void *arg) {
         while (p->generation == seen) pthread_cond_wait(&p->wake, &p->lock);
         seen = p->generation;
         int join = p->open;
-        p->running += join;
+        if (join) p->running++;
         pthread_mutex_unlock(&p->lock);
-        if (!join) continue; /* woken after its caller had finished the job alone, which did not wait for it */
+        /* joined too late: the job is closed (every index taken), and its caller does not wait for it */
+        if (!join) continue;
         work(p, a.worker);
         pthread_mutex_lock(&p->lock);
         if (--p->running == 0) pthread_cond_signal(&p->done);
@@ -143,7 +144,6 @@ static void run_job(size_t n, pool_task task, void *ctx, int shares) {
         atomic_store(&p->share_next[s], n * (size_t)s / (size_t)p->shares);
         p->share_end[s] = n * (size_t)(s + 1) / (size_t)p->shares;
     }
-    p->running = 0;
     p->open = 1;
     p->generation++;
     pthread_cond_broadcast(&p->wake);

@@ -3,11 +3,13 @@ released, so Python threads really overlap), and usable again in a child made by
 
 import multiprocessing
 import os
+import subprocess
 import sys
 import threading
 import time
 
 import crc32c as crc32c_package
+import pytest
 
 from thaw_format import mover
 
@@ -44,6 +46,37 @@ def test_concurrent_callers_get_correct_results(native):
     for t in threads:
         t.join()
     assert results == [True] * 20
+
+
+def test_back_to_back_calls_with_late_workers_get_correct_results(native):
+    """Calls just over the parallel threshold, back to back, from one thread and from four, while every CPU spins:
+    the pool's workers wake late, often after their caller took every index itself and returned; such a worker
+    must neither join the next call with a finished one's state nor be waited for. Each call checksums another
+    of eight spans, so a result taken from another call shows. Correctness only, no timing."""
+    _, lib = native
+    if lib.thaw_threads() == 1:
+        pytest.skip("a pool of one thread has no workers to be late")
+    size = (4 << 20) + 4096  # libthaw's PARALLEL_MIN (4 MiB) and a page
+    spans = [memoryview(DATA)[i * 4096 : i * 4096 + size] for i in range(8)]
+    expected = [crc32c_package.crc32c(span) for span in spans]
+
+    def calls(count: int, first: int) -> list[int]:  # the indices of the calls that got a wrong CRC
+        return [i for i in range(first, first + count) if mover.crc32c(spans[i % 8]) != expected[i % 8]]
+
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        assert calls(6000, 0) == []
+        wrong = [None] * 4
+        threads = [threading.Thread(target=lambda k=k: wrong.__setitem__(k, calls(1000, k))) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert wrong == [[]] * 4
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
 
 
 def child_crc(queue):
