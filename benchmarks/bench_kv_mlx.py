@@ -20,8 +20,9 @@ the copy; which one a call gets depends on the allocator's state, not on the loa
   save:     thaw_mlx.save (one pass: pages gathered into the file with their CRCs) and capture +
             thaw_format.save (the generic path), both atomic (temporary file and rename), like with like:
             durable (fsync of file and directory, the default) against mlx-lm's save_prompt_cache followed
-            by the same fsyncs, and durable=False (no fsync) against mlx-lm's save as shipped (no fsync),
-            the three saves of each kind called in turn, round after round (best of --repeats each);
+            by the same fsyncs, and durable=False (no fsync) against mlx-lm's save as shipped (no fsync);
+            the three saves of each kind called in turn, each round starting one further on, after a round not
+            timed, each call after an os.sync() outside its time (best of --repeats each: see alternated);
   load:     thaw_mlx.load (one pass: each chunk checked as it is scattered into new MLX arrays) and
             thaw_format.load (every chunk checked) + restore, against mlx-lm's load_prompt_cache + mx.eval of
             every array (its load is lazy: without the eval it reads nothing).
@@ -140,12 +141,19 @@ def best_of(fn, repeats: int) -> tuple[float, float, int]:
 
 
 def alternated(calls: dict, repeats: int) -> dict:
-    """best_of of each of `calls`, called in turn round after round (the order reversed every other round), so
-    that each meets the machine, and the page cache's writeback of the files saved before, as the others do."""
-    runs = {name: [] for name in calls}
-    for r in range(repeats):
-        for name in list(calls)[:: 1 if r % 2 == 0 else -1]:
-            runs[name].append(best_of(calls[name], 1))
+    """best_of of each of `calls`, called in turn round after round, each round starting one call further on than
+    the last (with three calls or more, none follows itself; they open the rounds in turn), after a round not timed;
+    before each call, outside its time, os.sync(), so that none meets the writeback of files saved before it
+    (a call after a durable save would otherwise start with no dirty pages, one after a save without fsync with
+    all of that save's)."""
+    names = list(calls)
+    runs = {name: [] for name in names}
+    for r in range(repeats + 1):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            os.sync()
+            got = best_of(calls[name], 1)
+            if r:
+                runs[name].append(got)
     return {name: (min(w for w, _, _ in got), min(c for _, c, _ in got), min(got)[2]) for name, got in runs.items()}
 
 
