@@ -13,7 +13,11 @@ import pytest
 def require(module: str, why: str = ""):
     """Return the imported module, or skip (fail under THAW_REQUIRE_ENGINES=1) naming what is missing."""
     try:
-        return importlib.import_module(module)
+        imported = importlib.import_module(module)
+        if getattr(imported, "__file__", None) is None:
+            # A namespace package: with tests/ on sys.path, `vllm` finds the tests/vllm folder where vLLM is absent.
+            raise ImportError(f"only the folder {', '.join(dict.fromkeys(imported.__path__))} has that name")
+        return imported
     except Exception as exc:  # an engine can fail at import for reasons other than absence
         reason = f"{module} is not importable here ({type(exc).__name__}: {exc})"
         if why:
