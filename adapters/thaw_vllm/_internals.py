@@ -229,6 +229,18 @@ def cached_blocks(kv_cache_manager) -> Iterator[tuple[BlockHash, int, Any]]:
             yield bytes(block_hash), group, block
 
 
+def cached_block(kv_cache_manager, block_hash: BlockHash, group: int = 0):
+    """The block the prefix-cache table holds under (block hash, KV-cache group id), or None: one lookup, where
+    cached_blocks walks the whole table."""
+    key = kv_cache_utils.make_block_hash_with_group_id(block_hash, group)
+    return kv_cache_manager.block_pool.cached_block_hash_to_block.get_one_block(key)
+
+
+def num_blocks(kv_cache_manager) -> int:
+    """The block pool's size: the most entries the prefix-cache table can hold in one group."""
+    return kv_cache_manager.block_pool.num_gpu_blocks
+
+
 def num_free_blocks(kv_cache_manager) -> int:
     return kv_cache_manager.block_pool.get_num_free_blocks()
 

@@ -8,6 +8,7 @@ call; KV bytes are read and written by the worker (`worker.py`), which may be an
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Sequence
 
 from thaw_format import CorruptSnapshotError
@@ -50,22 +51,36 @@ def _connector(core) -> ThawConnector:
 
 # --- capture ------------------------------------------------------------------------------------------------
 
-def _select(connector: ThawConnector, cached: dict, chains: Optional[Sequence[Sequence[int]]], hash_fn) -> list[bytes]:
-    """Cached block hashes to capture, parents first: every page whose whole chain is still cached, or only
-    the pages of the named token chains."""
+def _chain_pages(connector: ThawConnector, chains: Sequence[Sequence[int]], lookup, hash_fn) -> dict:
+    """The cached blocks of the named token chains' full pages by block hash, each chain up to its first page
+    not cached (`lookup` finds a hash's block, None when it is not cached)."""
     ledger, bs = connector.ledger, connector.block_size
-    if chains is None:
-        wanted = set(cached) & set(ledger)
-    else:
-        wanted = set()
-        for tokens in chains:
-            full = [tokens[i : i + bs] for i in range(0, len(tokens) - len(tokens) % bs, bs)]
-            for block_hash in _internals.chain_hashes(hash_fn, full):
-                if block_hash not in cached or block_hash not in ledger:
-                    break
-                wanted.add(block_hash)
+    found = {}
+    for tokens in chains:
+        full = [tokens[i : i + bs] for i in range(0, len(tokens) - len(tokens) % bs, bs)]
+        for block_hash in _internals.chain_hashes(hash_fn, full):
+            block = lookup(block_hash) if block_hash in ledger else None
+            if block is None:
+                break
+            found[block_hash] = block
+    return found
+
+
+def _parents_first(wanted: set, ledger: dict) -> list[bytes]:
+    """The hashes of `wanted` whose whole chain is among them, parents first."""
     depth = _depths(wanted, lambda h: ledger[h][0])
     return sorted((h for h in wanted if depth[h] >= 0), key=lambda h: (depth[h], h))
+
+
+def _cached_table(connector: ThawConnector, kcm) -> dict:
+    """Every block hash of the prefix-cache table (KV-cache group 0) and its block; the ledger forgets the
+    blocks evicted since."""
+    cached = {}
+    for block_hash, group, block in _internals.cached_blocks(kcm):
+        if group == 0:
+            cached.setdefault(block_hash, block)
+    connector.ledger = {h: e for h, e in connector.ledger.items() if h in cached}
+    return cached
 
 
 def _depths(nodes, parent_of) -> dict:
@@ -102,18 +117,22 @@ def _capture(core, include_weights: bool, chains, local: bool, shared: bool = Fa
     live = [_internals.request_fields(r) for r in _internals.unfinished_requests(core)]
     for r in live:
         connector.learn(r["block_hashes"], r["prompt_token_ids"] + r["output_token_ids"], r["num_computed_tokens"] // bs)
-    cached = {}
-    for block_hash, group, block in _internals.cached_blocks(kcm):
-        if group == 0:
-            cached.setdefault(block_hash, block)
-    connector.ledger = {h: e for h, e in connector.ledger.items() if h in cached}  # forget evicted blocks
-
-    hashes = _select(connector, cached, chains, hash_fn)
+    if chains is None:  # every page whose whole chain is still cached
+        blocks = _cached_table(connector, kcm)
+        hashes = _parents_first(blocks.keys() & connector.ledger.keys(), connector.ledger)
+    else:
+        # The named chains' blocks are looked up one by one: a walk of the whole table costs in proportion to every
+        # cached block, at every capture, however few pages it takes. Evicted blocks stay in the ledger until it
+        # outgrows twice the pool (the most the table can hold), then the walk prunes it.
+        if len(connector.ledger) > 2 * _internals.num_blocks(kcm):
+            _cached_table(connector, kcm)
+        blocks = _chain_pages(connector, chains, functools.partial(_internals.cached_block, kcm), hash_fn)
+        hashes = _parents_first(set(blocks), connector.ledger)
     page_of = {h: i for i, h in enumerate(hashes)}
     plan = {
         "parents": [page_of.get(connector.ledger[h][0], -1) for h in hashes],
         "tokens": [list(connector.ledger[h][1]) for h in hashes],
-        "block_ids": [cached[h].block_id for h in hashes],
+        "block_ids": [blocks[h].block_id for h in hashes],
         "hashes": [h.hex() for h in hashes],
         "algorithm": algorithm, "seed": _internals.hash_seed(), "block_size": bs, "requests": [],
     }

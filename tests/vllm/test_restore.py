@@ -36,6 +36,34 @@ def test_restore_writes_the_captured_bytes_into_a_used_engine(engine, greedy, tm
     assert cached == 96
 
 
+def test_a_chain_capture_looks_its_blocks_up_without_walking_the_prefix_table(engine, greedy, monkeypatch):
+    """A capture of named chains finds their blocks one lookup each (core_ops._capture): the walk over every
+    cached block, whose cost grows with the table and not the capture, runs for a capture of everything, or once
+    the ledger of evicted blocks outgrows twice the pool (then it is pruned to the cached blocks)."""
+    import thaw_vllm
+    from thaw_vllm import _internals
+
+    trunk = trunk_tokens(100, seed=3)
+    generate(engine, trunk, greedy)
+    generate(engine, trunk_tokens(70, seed=4), greedy)  # another chain in the table
+    walks = []
+    walk = _internals.cached_blocks
+    monkeypatch.setattr(_internals, "cached_blocks", lambda kcm: walks.append(kcm) or walk(kcm))
+
+    chain = thaw_vllm.capture(engine, include_weights=False, chains=[trunk])
+    assert walks == [] and chain.prefix.chain_tokens(2) == trunk[:96] and chain.prefix.num_pages == 3
+    everything = thaw_vllm.capture(engine, include_weights=False)
+    assert len(walks) == 1 and set(chain.prefix.hash.hashes) < set(everything.prefix.hash.hashes)
+
+    connector = engine.llm_engine.engine_core.engine_core.scheduler.get_kv_connector()
+    pool = _internals.num_blocks(_internals.kv_cache_manager(engine.llm_engine.engine_core.engine_core))
+    cached = dict(connector.ledger)
+    connector.ledger.update({bytes([i % 256, i // 256]) * 16: (None, (5,) * 32) for i in range(2 * pool)})
+    again = thaw_vllm.capture(engine, include_weights=False, chains=[trunk])
+    assert len(walks) == 2 and connector.ledger == cached
+    assert kv_bytes(again) == kv_bytes(chain) and again.prefix.hash.hashes == chain.prefix.hash.hashes
+
+
 def test_weights_in_a_snapshot_are_the_checkpoint_bytes(engine):
     import thaw_vllm
     from safetensors.torch import load_file
