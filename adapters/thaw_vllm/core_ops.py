@@ -8,7 +8,6 @@ call; KV bytes are read and written by the worker (`worker.py`), which may be an
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional, Sequence
 
 from thaw_format import CorruptSnapshotError
@@ -51,15 +50,20 @@ def _connector(core) -> ThawConnector:
 
 # --- capture ------------------------------------------------------------------------------------------------
 
-def _chain_pages(connector: ThawConnector, chains: Sequence[Sequence[int]], lookup, hash_fn) -> dict:
-    """The cached blocks of the named token chains' full pages by block hash, each chain up to its first page
-    not cached (`lookup` finds a hash's block, None when it is not cached)."""
+def _chain_pages(connector: ThawConnector, kcm, chains: Sequence[Sequence[int]], hash_fn, table: Optional[dict]) -> dict:
+    """The cached blocks of the named token chains' full pages by block hash, each chain up to its first page not in
+    the ledger under the same tokens (a hash collision never names another chain's tokens) or not cached. `table`:
+    the prefix-cache table's blocks by hash where a walk has just read it (_prune_ledger), else None and each page
+    is looked up in vLLM's table; pages are hashed one at a time, none past the first miss."""
     ledger, bs = connector.ledger, connector.block_size
     found = {}
     for tokens in chains:
-        full = [tokens[i : i + bs] for i in range(0, len(tokens) - len(tokens) % bs, bs)]
-        for block_hash in _internals.chain_hashes(hash_fn, full):
-            block = lookup(block_hash) if block_hash in ledger else None
+        full = [tuple(tokens[i : i + bs]) for i in range(0, len(tokens) - len(tokens) % bs, bs)]
+        for page, block_hash in zip(full, _internals.chain_hashes(hash_fn, full)):
+            entry = ledger.get(block_hash)
+            if entry is None or entry[1] != page:
+                break
+            block = table.get(block_hash) if table is not None else _internals.cached_block(kcm, block_hash)
             if block is None:
                 break
             found[block_hash] = block
@@ -72,9 +76,9 @@ def _parents_first(wanted: set, ledger: dict) -> list[bytes]:
     return sorted((h for h in wanted if depth[h] >= 0), key=lambda h: (depth[h], h))
 
 
-def _cached_table(connector: ThawConnector, kcm) -> dict:
-    """Every block hash of the prefix-cache table (KV-cache group 0) and its block; the ledger forgets the
-    blocks evicted since."""
+def _prune_ledger(connector: ThawConnector, kcm) -> dict:
+    """Walk the whole prefix-cache table (KV-cache group 0), forget the ledger's blocks evicted since, and return
+    the table's blocks by hash."""
     cached = {}
     for block_hash, group, block in _internals.cached_blocks(kcm):
         if group == 0:
@@ -118,15 +122,14 @@ def _capture(core, include_weights: bool, chains, local: bool, shared: bool = Fa
     for r in live:
         connector.learn(r["block_hashes"], r["prompt_token_ids"] + r["output_token_ids"], r["num_computed_tokens"] // bs)
     if chains is None:  # every page whose whole chain is still cached
-        blocks = _cached_table(connector, kcm)
+        blocks = _prune_ledger(connector, kcm)
         hashes = _parents_first(blocks.keys() & connector.ledger.keys(), connector.ledger)
     else:
         # The named chains' blocks are looked up one by one: a walk of the whole table costs in proportion to every
         # cached block, at every capture, however few pages it takes. Evicted blocks stay in the ledger until it
-        # outgrows twice the pool (the most the table can hold), then the walk prunes it.
-        if len(connector.ledger) > 2 * _internals.num_blocks(kcm):
-            _cached_table(connector, kcm)
-        blocks = _chain_pages(connector, chains, functools.partial(_internals.cached_block, kcm), hash_fn)
+        # outgrows twice the pool (about the most the table holds), then the walk prunes it.
+        table = _prune_ledger(connector, kcm) if len(connector.ledger) > 2 * _internals.num_blocks(kcm) else None
+        blocks = _chain_pages(connector, kcm, chains, hash_fn, table)
         hashes = _parents_first(set(blocks), connector.ledger)
     page_of = {h: i for i, h in enumerate(hashes)}
     plan = {
@@ -179,7 +182,7 @@ def _page_hashes(parents: list[int], tokens: list[list[int]], full: list[int], d
     hashes: dict[int, bytes] = {}
     for page in sorted(range(len(parents)), key=depth.__getitem__):
         parent = parents[page]
-        hashes[page] = _internals.chain_hashes(hash_fn, [tokens[page]], None if parent == -1 else hashes[parent])[0]
+        hashes[page] = next(_internals.chain_hashes(hash_fn, [tokens[page]], None if parent == -1 else hashes[parent]))
     return {page: hashes[page] for page in full}
 
 
