@@ -12,7 +12,7 @@ import contextlib
 import math
 import os
 import sys
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import vllm
@@ -229,6 +229,18 @@ def cached_blocks(kv_cache_manager) -> Iterator[tuple[BlockHash, int, Any]]:
             yield bytes(block_hash), group, block
 
 
+def cached_block(kv_cache_manager, block_hash: BlockHash, group: int = 0):
+    """The block the prefix-cache table holds under (block hash, KV-cache group id), the first of duplicates, or
+    None: one lookup (the block pool's own, as a prefix-cache hit makes it), where cached_blocks walks the table."""
+    blocks = kv_cache_manager.block_pool.get_cached_block(block_hash, [group])
+    return None if blocks is None else blocks[0]
+
+
+def num_blocks(kv_cache_manager) -> int:
+    """The pool's size, null block included: about the most full-block entries one group holds."""
+    return kv_cache_manager.block_pool.num_gpu_blocks
+
+
 def num_free_blocks(kv_cache_manager) -> int:
     return kv_cache_manager.block_pool.get_num_free_blocks()
 
@@ -291,13 +303,11 @@ def hash_seed() -> str:
     return kv_cache_utils.get_none_hash_seed()
 
 
-def chain_hashes(hash_fn: Callable[[Any], bytes], pages: Sequence[Sequence[int]], parent: BlockHash | None = None) -> list[BlockHash]:
-    """vLLM's block hashes of consecutive full pages continuing `parent` (None: a root)."""
-    out = []
+def chain_hashes(hash_fn: Callable[[Any], bytes], pages: Iterable[Sequence[int]], parent: BlockHash | None = None) -> Iterator[BlockHash]:
+    """vLLM's block hashes of consecutive full pages continuing `parent` (None: a root), each hashed when asked for."""
     for tokens in pages:
         parent = bytes(kv_cache_utils.hash_block_tokens(hash_fn, parent, tokens, None))
-        out.append(parent)
-    return out
+        yield parent
 
 
 # --- the engine core: thaw's one method on it, and how a client reaches it ----------------------------------

@@ -1,10 +1,12 @@
 """ThawConnector: thaw's hook into vLLM through its official KV connector API.
 
 Scheduler side (engine-core process), it keeps a ledger of the token ids of every block a finished request
-left in the prefix cache (the block pool keeps only hashes), and, for a resumed request, offers the tokens of
-its last partly filled page as external KV, so a restored request recomputes nothing the original had already
-computed. Worker side (worker process), it writes those tail pages into the blocks vLLM allocated, and gives
-a resumed seeded request its sampling generator's exact state, before the step's forward pass.
+left in the prefix cache (the block pool keeps only hashes); blocks evicted since stay in it until a capture
+prunes it (core_ops._capture: a capture of everything always, one of named chains once the ledger outgrows
+twice the pool). For a resumed request, it offers the tokens of its last partly filled page as external KV, so
+a restored request recomputes nothing the original had already computed. Worker side (worker process), it
+writes those tail pages into the blocks vLLM allocated, and gives a resumed seeded request its sampling
+generator's exact state, before the step's forward pass.
 Metadata between the sides is plain data (block ids, request ids).
 """
 
@@ -29,7 +31,8 @@ class ThawConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         self.block_size = vllm_config.cache_config.block_size
         # scheduler side
-        self.ledger: dict[bytes, tuple[Optional[bytes], tuple[int, ...]]] = {}  # hash -> (parent, tokens)
+        # hash -> (parent, tokens) of blocks cached when learnt, evicted ones too until a capture prunes them
+        self.ledger: dict[bytes, tuple[Optional[bytes], tuple[int, ...]]] = {}
         self.tails: dict[str, tuple[int, int]] = {}  # resume key -> (first position, token count)
         self.rng_keys: set[str] = set()  # resume keys whose generator state the worker holds
         self._rng_due: dict[str, str] = {}

@@ -50,22 +50,41 @@ def _connector(core) -> ThawConnector:
 
 # --- capture ------------------------------------------------------------------------------------------------
 
-def _select(connector: ThawConnector, cached: dict, chains: Optional[Sequence[Sequence[int]]], hash_fn) -> list[bytes]:
-    """Cached block hashes to capture, parents first: every page whose whole chain is still cached, or only
-    the pages of the named token chains."""
+def _chain_pages(connector: ThawConnector, kcm, chains: Sequence[Sequence[int]], hash_fn, table: Optional[dict]) -> dict:
+    """The cached blocks of the named token chains' full pages by block hash, each chain up to its first page not in
+    the ledger under the same tokens (a hash collision never names another chain's tokens) or not cached. `table`:
+    the prefix-cache table's blocks by hash where a walk has just read it (_prune_ledger), else None and each page
+    is looked up in vLLM's table; pages are hashed one at a time, none past the first miss."""
     ledger, bs = connector.ledger, connector.block_size
-    if chains is None:
-        wanted = set(cached) & set(ledger)
-    else:
-        wanted = set()
-        for tokens in chains:
-            full = [tokens[i : i + bs] for i in range(0, len(tokens) - len(tokens) % bs, bs)]
-            for block_hash in _internals.chain_hashes(hash_fn, full):
-                if block_hash not in cached or block_hash not in ledger:
-                    break
-                wanted.add(block_hash)
+    found = {}
+    for tokens in chains:
+        full = [tuple(tokens[i : i + bs]) for i in range(0, len(tokens) - len(tokens) % bs, bs)]
+        for page, block_hash in zip(full, _internals.chain_hashes(hash_fn, full)):
+            entry = ledger.get(block_hash)
+            if entry is None or entry[1] != page:
+                break
+            block = table.get(block_hash) if table is not None else _internals.cached_block(kcm, block_hash)
+            if block is None:
+                break
+            found[block_hash] = block
+    return found
+
+
+def _parents_first(wanted: set, ledger: dict) -> list[bytes]:
+    """The hashes of `wanted` whose whole chain is among them, parents first."""
     depth = _depths(wanted, lambda h: ledger[h][0])
     return sorted((h for h in wanted if depth[h] >= 0), key=lambda h: (depth[h], h))
+
+
+def _prune_ledger(connector: ThawConnector, kcm) -> dict:
+    """Walk the whole prefix-cache table (KV-cache group 0), forget the ledger's blocks evicted since, and return
+    the table's blocks by hash."""
+    cached = {}
+    for block_hash, group, block in _internals.cached_blocks(kcm):
+        if group == 0:
+            cached.setdefault(block_hash, block)
+    connector.ledger = {h: e for h, e in connector.ledger.items() if h in cached}
+    return cached
 
 
 def _depths(nodes, parent_of) -> dict:
@@ -102,18 +121,21 @@ def _capture(core, include_weights: bool, chains, local: bool, shared: bool = Fa
     live = [_internals.request_fields(r) for r in _internals.unfinished_requests(core)]
     for r in live:
         connector.learn(r["block_hashes"], r["prompt_token_ids"] + r["output_token_ids"], r["num_computed_tokens"] // bs)
-    cached = {}
-    for block_hash, group, block in _internals.cached_blocks(kcm):
-        if group == 0:
-            cached.setdefault(block_hash, block)
-    connector.ledger = {h: e for h, e in connector.ledger.items() if h in cached}  # forget evicted blocks
-
-    hashes = _select(connector, cached, chains, hash_fn)
+    if chains is None:  # every page whose whole chain is still cached
+        blocks = _prune_ledger(connector, kcm)
+        hashes = _parents_first(blocks.keys() & connector.ledger.keys(), connector.ledger)
+    else:
+        # The named chains' blocks are looked up one by one: a walk of the whole table costs in proportion to every
+        # cached block, at every capture, however few pages it takes. Evicted blocks stay in the ledger until it
+        # outgrows twice the pool (about the most the table holds), then the walk prunes it.
+        table = _prune_ledger(connector, kcm) if len(connector.ledger) > 2 * _internals.num_blocks(kcm) else None
+        blocks = _chain_pages(connector, kcm, chains, hash_fn, table)
+        hashes = _parents_first(set(blocks), connector.ledger)
     page_of = {h: i for i, h in enumerate(hashes)}
     plan = {
         "parents": [page_of.get(connector.ledger[h][0], -1) for h in hashes],
         "tokens": [list(connector.ledger[h][1]) for h in hashes],
-        "block_ids": [cached[h].block_id for h in hashes],
+        "block_ids": [blocks[h].block_id for h in hashes],
         "hashes": [h.hex() for h in hashes],
         "algorithm": algorithm, "seed": _internals.hash_seed(), "block_size": bs, "requests": [],
     }
@@ -160,7 +182,7 @@ def _page_hashes(parents: list[int], tokens: list[list[int]], full: list[int], d
     hashes: dict[int, bytes] = {}
     for page in sorted(range(len(parents)), key=depth.__getitem__):
         parent = parents[page]
-        hashes[page] = _internals.chain_hashes(hash_fn, [tokens[page]], None if parent == -1 else hashes[parent])[0]
+        hashes[page] = next(_internals.chain_hashes(hash_fn, [tokens[page]], None if parent == -1 else hashes[parent]))
     return {page: hashes[page] for page in full}
 
 

@@ -36,6 +36,64 @@ def test_restore_writes_the_captured_bytes_into_a_used_engine(engine, greedy, tm
     assert cached == 96
 
 
+def page_bytes(snapshot, page: int) -> list[bytes]:
+    """Page `page`'s K and V bytes in every layer (pages are the tensors' leading dimension)."""
+    out = []
+    for layer in snapshot.kv.layers:
+        for tensor in (layer.tensors["k"], layer.tensors["v"]):
+            data = bytes(tensor.data)
+            size = len(data) // tensor.shape[0]
+            out.append(data[page * size : (page + 1) * size])
+    return out
+
+
+def test_a_chain_capture_looks_its_blocks_up_without_walking_the_prefix_table(engine, greedy, monkeypatch):
+    """A capture of named chains finds their blocks one lookup each (core_ops._capture): the walk over every
+    cached block, whose cost grows with the table and not the capture, runs for a capture of everything, or once
+    the ledger of evicted blocks outgrows twice the pool (then it is pruned to the cached blocks)."""
+    import thaw_vllm
+    from thaw_vllm import _internals
+
+    core = engine.llm_engine.engine_core.engine_core
+    connector, pool = core.scheduler.get_kv_connector(), _internals.num_blocks(_internals.kv_cache_manager(core))
+    trunk = trunk_tokens(100, seed=3)
+    generate(engine, trunk, greedy)
+    generate(engine, trunk_tokens(70, seed=4), greedy)  # another chain in the table
+    everything = thaw_vllm.capture(engine, include_weights=False)  # the walk: the ledger holds cached blocks only
+    walks = []
+    walk = _internals.cached_blocks
+    monkeypatch.setattr(_internals, "cached_blocks", lambda kcm: walks.append(kcm) or walk(kcm))
+
+    chain = thaw_vllm.capture(engine, include_weights=False, chains=[trunk])
+    assert walks == [] and chain.prefix.chain_tokens(2) == trunk[:96] and chain.prefix.num_pages == 3
+    trunk_hashes = chain.prefix.hash.hashes
+    for page, block_hash in enumerate(trunk_hashes):  # the lookup finds the blocks the walk finds
+        same = everything.prefix.hash.hashes.index(block_hash)
+        assert page_bytes(chain, page) == page_bytes(everything, same)
+        assert chain.prefix.tokens[page] == everything.prefix.tokens[same]
+
+    # a ledger entry under another chain's tokens (a hash collision) ends the chain there
+    last = bytes.fromhex(trunk_hashes[2])
+    entry = connector.ledger[last]
+    connector.ledger[last] = (entry[0], tuple(reversed(entry[1])))
+    assert thaw_vllm.capture(engine, include_weights=False, chains=[trunk]).prefix.hash.hashes == trunk_hashes[:2]
+    connector.ledger[last] = entry
+
+    assert engine.reset_prefix_cache()  # every block evicted; the ledger still names them
+    assert thaw_vllm.capture(engine, include_weights=False, chains=[trunk]).prefix.num_pages == 0
+    assert walks == [] and {bytes.fromhex(h) for h in trunk_hashes} <= connector.ledger.keys()
+    generate(engine, trunk, greedy)
+    cached_again = thaw_vllm.capture(engine, include_weights=False, chains=[trunk])
+    assert walks == [] and cached_again.prefix.hash.hashes == trunk_hashes and kv_bytes(cached_again) == kv_bytes(chain)
+
+    connector.ledger.update({i.to_bytes(32, "big"): (None, (5,) * connector.block_size) for i in range(2 * pool)})
+    again = thaw_vllm.capture(engine, include_weights=False, chains=[trunk])
+    assert len(walks) == 1 and connector.ledger.keys() == {bytes.fromhex(h) for h in trunk_hashes}
+    assert kv_bytes(again) == kv_bytes(chain) and again.prefix.hash.hashes == trunk_hashes
+    thaw_vllm.capture(engine, include_weights=False)
+    assert len(walks) == 2
+
+
 def test_weights_in_a_snapshot_are_the_checkpoint_bytes(engine):
     import thaw_vllm
     from safetensors.torch import load_file
