@@ -12,8 +12,7 @@ itself: its restore_s includes that check). A worker whose actor dies mid-round 
 PoolWorkerDied once the others have answered, and the pool starts a new actor in its slot for the next round;
 one that died between rounds (Ray's answer to the where() each round first asks its actors) is replaced by the
 next round that needs it before the parent is read, and the round runs once its replacement has started (a
-replacement that died before a round saw its start fails the round that reads it, once the parent is read: Ray
-keeps its start's answer, and only a started actor is asked where it is). Starts
+replacement whose start answered is asked too, before a round has seen it start). Starts
 that fail are retried, and slots given up, as ForkPool does it (thaw_format.sdk.pool_slots: MAX_FAILED_STARTS
 failed starts in a row, or MAX_DEATHS deaths in a row of the slot's actors). An actor
 whose engine is still starting start_timeout_s after it was placed has failed to start (killed); one that no node
@@ -114,6 +113,12 @@ class RayForkPool(RoundPool):
     def start_timeout_s(self, value: float) -> None:
         self._start_timeout_s = _checked_timeout(value)
 
+    def actors(self) -> tuple:
+        """Each slot's Ray actor handle as it is now, in slot order (as worker_info(), whose `id` names each one):
+        for calls of your own outside a round (an engine's `generate(prompt, params)`, as a round's child runs it:
+        thaw_ray.actor.PoolActor), or Ray's tools. A later round may put a new actor in a slot: ask again."""
+        return tuple(worker.actor for worker in self._workers)
+
     def fork(self, parent, n: int, *, context, suffixes, params) -> ForkRound:
         """RoundPool.fork, once Ray is known to be up (before the parent is read)."""
         if not self._closed:  # a closed pool says so (RoundPool.fork)
@@ -124,8 +129,7 @@ class RayForkPool(RoundPool):
         for worker in self._workers:
             worker.rearm(self._start_timeout_s)  # one not placed yet, kept by an earlier round: waited for anew
         # one dead since the last round is replaced before this round (ActorWorker.lost): only the n slots the
-        # round asks first are pinged (an answer left unread, a dead actor's error, Ray logs as unhandled), and
-        # their answers share one wait, not PING_TIMEOUT_S each
+        # round asks first are pinged, and their answers share one wait, not PING_TIMEOUT_S each
         answers = Window.from_now(PING_TIMEOUT_S)
         for worker in [worker for worker in self._workers if not given_up(worker)][:n]:
             worker.ping(answers)
