@@ -108,6 +108,15 @@ class ToyHoldingMemory(ToyThawEngine):
         super().close()
 
 
+def holding_then_hanging(said: str, **config) -> ToyHoldingMemory:
+    """A ToyHoldingMemory whose start never ends once its process holds its segment, like an engine whose start
+    hangs after its engine core has made its shared memory; the segment's name written to the file `said`."""
+    engine = ToyHoldingMemory.start(**config)
+    Path(said).write_text(engine.segment)
+    time.sleep(3600)
+    return engine
+
+
 class ToyDyingInRounds(ToyThawEngine):
     """The toy engine, whose process ends at once (status 4, like a crash) in each round while the file `marker`
     exists."""

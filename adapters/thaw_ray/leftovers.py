@@ -8,8 +8,8 @@ with the actor, and its engine's processes with it where the raylet is a subreap
 so an actor that ends without closing its engine (SIGKILLed, or killed by the pool) leaves their files in
 /dev/shm for good. So each actor writes down, in a manifest on its node, its processes (pid and start time) and
 the /dev/shm files they map or hold open (name and inode), leaving out every file that was there before its
-engine started: once its engine has started and after each round (`Recorder`; an actor killed while its engine
-is still starting has recorded nothing). When the pool finds an actor dead, or kills one whose engine did not
+engine started: every second while its engine starts, once it has started, and after each round (`Recorder`,
+thaw_ray.actor). When the pool finds an actor dead, or kills one whose engine did not
 close, it runs `sweep` on the actor's node: once those processes have ended, each name that is still the regular
 file of this user's recorded (its inode) and that no live process maps or holds open is unlinked; one a live
 process uses is kept in the manifest, for a later sweep; each actor's start sweeps the manifests on its node whose

@@ -220,6 +220,29 @@ def test_a_sweep_that_fails_is_warned_and_leaves_ray_no_unhandled_error(ray_clus
             os.rmdir(manifest)
 
 
+@pytest.mark.skipif(not HAS_PROC, reason="actors record what they hold from /proc (Linux)")
+def test_what_an_engine_made_while_its_start_hung_is_swept_when_the_start_is_given_up(ray_cluster, tmp_path) -> None:
+    """An actor writes down what its engine holds while the engine starts, not only once it has started: an engine
+    whose start hangs after its process made shared memory, given up at start_timeout_s (its actor killed), leaves
+    nothing in /dev/shm, swept on its node."""
+    from pool_engines import worker_env
+    from thaw_format.sdk import LaunchSpec
+    from thaw_ray import RayForkPool
+
+    said = tmp_path / "segment"
+    spec = LaunchSpec("pool_engines:holding_then_hanging", {"said": str(said), "vocab_size": 1024})
+    made = set()
+    try:
+        with pytest.raises(PoolWorkerDied, match=r"its engine was still starting 20 s \(start_timeout_s\)"):
+            RayForkPool(spec, workers=1, actor_options={"runtime_env": {"env_vars": worker_env()}},
+                        start_timeout_s=20)
+        assert said.exists(), "the engine's start did not reach its segment within start_timeout_s"
+        made = {said.read_text()}
+        assert not lingering(made, timeout=90), "the given-up actor's engine left its shared memory in /dev/shm"
+    finally:
+        unlink_left_behind(made)  # a failed run's, so that runs do not fill /dev/shm
+
+
 def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(pool, parent, fresh) -> None:
     """The object store's bytes are checked in each actor (they may come over the network): one bit flipped in
     the parent's capture, put as it is, fails the round by the object's name, and each actor's engine serves
