@@ -64,8 +64,9 @@ class PoolActor:
             except Exception as exc:
                 leftovers.warn_once(f"sweeping what ended actors left: {type(exc).__name__}: {exc}")
         started = threading.Event()
-        recording = threading.Thread(target=self._record_until, args=(started,), daemon=True)
-        recording.start()
+        recording = threading.Thread(target=self._record_until, args=(started,), name="thaw-ray-record", daemon=True)
+        if self.recorder is not None:
+            recording.start()
         try:
             config = json.loads(config)
             self.engine = resolve(config["factory"])(**config["kwargs"])
@@ -73,7 +74,8 @@ class PoolActor:
             return f"starting the pool engine: {type(exc).__name__}: {exc}"
         finally:  # a failed start too: its engine may have started processes before it failed
             started.set()
-            recording.join()  # one record at a time: a Recorder is not shared between threads
+            if recording.is_alive():
+                recording.join()  # one record at a time: a Recorder is not shared between threads
             self._record()
         return None
 
