@@ -19,12 +19,16 @@ def worker_env() -> dict:
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
 
 
+SLOW_S = 8  # a "slow" start's wait (flaky): long enough for a test to act meanwhile, under load too
+
+
 def flaky(instructions: str, **config) -> ToyThawEngine:
     """A toy engine of `config`, unless an instruction is queued in the directory `instructions`: each start
     claims the lowest-numbered file there (renamed away, so no two starts take the same one) and fails as its
     text says, "error" (the engine raises), "exit" (the process ends at once, without a word) or "hang" (the
     start never ends, no process of its own left behind when it is killed: for RayForkPool only, which gives a
-    placed actor's start up; ForkPool waits for its engine however long it takes). A test queues
+    placed actor's start up; ForkPool waits for its engine however long it takes); or "slow": it starts, SLOW_S
+    later (its claimed file the sign that it has begun). A test queues
     every instruction (`queue_starts`) before the starts that take them: a start racing a rewritten file could
     read the old instruction."""
     for name in sorted(filter(str.isdigit, os.listdir(instructions)), key=int):
@@ -39,12 +43,15 @@ def flaky(instructions: str, **config) -> ToyThawEngine:
             os._exit(3)
         if how == "hang":
             time.sleep(3600)
+        if how == "slow":
+            time.sleep(SLOW_S)
+            return ToyThawEngine.start(**config)
         raise RuntimeError(f"told to fail by {claimed}")
     return ToyThawEngine.start(**config)
 
 
 def queue_starts(instructions: Path, *hows: str) -> None:
-    """Queue instructions for the next flaky starts, in order: "error", "exit" or "hang" each."""
+    """Queue instructions for the next flaky starts, in order: "error", "exit", "hang" or "slow" each."""
     for number, how in enumerate(hows, start=len(os.listdir(instructions))):
         (instructions / str(number)).write_text(how)
 
@@ -106,6 +113,15 @@ class ToyHoldingMemory(ToyThawEngine):
         self.process.stdout.close()
         os.unlink(f"/dev/shm/{self.segment}")
         super().close()
+
+
+def holding_then_hanging(said: str, **config) -> ToyHoldingMemory:
+    """A ToyHoldingMemory whose start never ends once its process holds its segment, like an engine whose start
+    hangs after its engine core has made its shared memory; the segment's name written to the file `said`."""
+    engine = ToyHoldingMemory.start(**config)
+    Path(said).write_text(engine.segment)
+    time.sleep(3600)
+    return engine
 
 
 class ToyDyingInRounds(ToyThawEngine):

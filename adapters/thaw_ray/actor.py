@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 from typing import Optional
 
@@ -28,6 +29,11 @@ from thaw_format.sdk.engine_process import stop_resource_tracker
 from thaw_format.snapshot import SamplingParams
 
 from . import leftovers
+
+# While its engine starts, an actor writes down what it holds this often (a record reads /dev/shm, and walks /proc
+# only when /dev/shm changed): killed then (its start hung and given up, SIGKILLed), it has left at most the files
+# made in the last RECORD_EVERY_S unrecorded, not the whole start's (vLLM's engine core makes its segments early)
+RECORD_EVERY_S = 1.0
 
 
 class PoolActor:
@@ -57,14 +63,26 @@ class PoolActor:
                 leftovers.sweep_ended()
             except Exception as exc:
                 leftovers.warn_once(f"sweeping what ended actors left: {type(exc).__name__}: {exc}")
+        started = threading.Event()
+        recording = threading.Thread(target=self._record_until, args=(started,), name="thaw-ray-record", daemon=True)
+        if self.recorder is not None:
+            recording.start()
         try:
             config = json.loads(config)
             self.engine = resolve(config["factory"])(**config["kwargs"])
         except Exception as exc:
             return f"starting the pool engine: {type(exc).__name__}: {exc}"
         finally:  # a failed start too: its engine may have started processes before it failed
+            started.set()
+            if recording.is_alive():
+                recording.join()  # one record at a time: a Recorder is not shared between threads
             self._record()
         return None
+
+    def _record_until(self, started: threading.Event) -> None:
+        """Beside its engine's start (a thread of its own): a record every RECORD_EVERY_S until `started` is set."""
+        while not started.wait(RECORD_EVERY_S):
+            self._record()
 
     def _record(self) -> None:
         if self.recorder is not None:

@@ -5,19 +5,19 @@ they have ended (vLLM's engine core in its multiprocessing mode: segments of hun
 semaphore); SGLang's scheduler unlinks its segments itself, at its engine's shutdown. The actor's tracker dies
 with the actor, and its engine's processes with it where the raylet is a subreaper (the cluster's
 `kill_child_processes_on_worker_exit_with_raylet_subreaper`; without it they live on, and what they hold is kept),
-so an actor that ends without closing its engine (SIGKILLed, or killed by the pool) leaves their files in
-/dev/shm for good. So each actor writes down, in a manifest on its node, its processes (pid and start time) and
-the /dev/shm files they map or hold open (name and inode), leaving out every file that was there before its
-engine started: once its engine has started and after each round (`Recorder`; an actor killed while its engine
-is still starting has recorded nothing). When the pool finds an actor dead, or kills one whose engine did not
-close, it runs `sweep` on the actor's node: once those processes have ended, each name that is still the regular
-file of this user's recorded (its inode) and that no live process maps or holds open is unlinked; one a live
-process uses is kept in the manifest, for a later sweep; each actor's start sweeps the manifests on its node whose
-processes have all ended (`sweep_ended`: those no pool swept, and those kept). Not seen: a file made after the
-last record, and the processes of other users, whose /proc entries this user cannot read (an engine's files are
-its user's own, mode 0600). The manifests are read only from one fixed directory of this user's own
-(`MANIFESTS`), which no other user can write to: the same for every process of the node, whatever its
-environment.
+so an actor that ends without closing its engine (SIGKILLed, or killed by the pool) leaves their files in /dev/shm
+for good. So each actor writes down, in a manifest on its node, its processes (pid and start time) and the /dev/shm
+files they map or hold open (name and inode), leaving out every file that was there before its engine started:
+every RECORD_EVERY_S while its engine starts (thaw_ray.actor), once it has started, and after each round
+(`Recorder`). When the pool finds an actor dead, or kills one whose engine did not close, it runs `sweep` on the
+actor's node: once those processes have ended, each name that is still the regular file of this user's recorded
+(its inode) and that no live process maps or holds open is unlinked; one a live process uses is kept in the
+manifest, for a later sweep; each actor's start sweeps the manifests on its node whose processes have all ended
+(`sweep_ended`: those no pool swept, and those kept; and a manifest's new copy whose writer was killed before
+renaming it). Not seen: a file made after the last record, and the processes of other users, whose /proc entries
+this user cannot read (an engine's files are its user's own, mode 0600). The manifests are read only from one fixed
+directory of this user's own (`MANIFESTS`), which no other user can write to: the same for every process of the
+node, whatever its environment.
 """
 
 from __future__ import annotations
@@ -156,6 +156,14 @@ def _write(path: str, manifest: dict) -> None:
     os.replace(new, path)
 
 
+def _forget_unfinished(name: str) -> None:
+    """`<manifest>.<pid>.new` (_write) whose writer has ended: it was killed (SIGKILL) before renaming it, and
+    nothing else will; one whose writer lives may yet be renamed."""
+    pid = name.rsplit(".", 2)[-2]
+    if pid.isdigit() and _stat(pid) is None:
+        forget_path(os.path.join(MANIFESTS, name))
+
+
 def forget_path(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
@@ -274,7 +282,9 @@ def sweep_ended() -> list[str]:
         return []
     in_use, removed = _in_use(), []
     for manifest in os.listdir(MANIFESTS):
-        if manifest.endswith(".json"):
+        if manifest.endswith(".new"):
+            _forget_unfinished(manifest)
+        elif manifest.endswith(".json"):
             try:
                 removed += sweep(manifest[:-5], 0, in_use)
             except Exception as exc:  # the next manifest all the same

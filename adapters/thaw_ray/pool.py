@@ -12,11 +12,10 @@ itself: its restore_s includes that check). A worker whose actor dies mid-round 
 PoolWorkerDied once the others have answered, and the pool starts a new actor in its slot for the next round;
 one that died between rounds (Ray's answer to the where() each round first asks its actors) is replaced by the
 next round that needs it before the parent is read, and the round runs once its replacement has started (a
-replacement that died before a round saw its start fails the round that reads it, once the parent is read: Ray
-keeps its start's answer, and only a started actor is asked where it is). Starts
-that fail are retried, and slots given up, as ForkPool does it (thaw_format.sdk.pool_slots: MAX_FAILED_STARTS
-failed starts in a row, or MAX_DEATHS deaths in a row of the slot's actors). An actor
-whose engine is still starting start_timeout_s after it was placed has failed to start (killed); one that no node
+replacement whose start answered is asked too, before a round has seen it start; and once a round has waited for a
+start, its actors are asked again, so one that died meanwhile is replaced before the parent is read too). Starts
+that fail are retried, and slots given up, as ForkPool does it (thaw_format.sdk.pool_slots: MAX_FAILED_STARTS failed
+starts in a row, or MAX_DEATHS deaths in a row of the slot's actors). An actor whose engine is still starting start_timeout_s after it was placed has failed to start (killed); one that no node
 can place yet is still starting: kept, the round failing (PoolWorkerStarting if no other worker failed), until a
 node can place it.
 `worker_info()` shows each slot's actor (its state, pid, node and Ray id: RoundPool.worker_info).
@@ -45,7 +44,7 @@ from thaw_format.sdk.round_pool import RoundPool
 
 from . import leftovers
 from .capture import put_capture
-from .worker import PING_TIMEOUT_S, START_TIMEOUT_S, ActorWorker, Window, in_brief, require_ray
+from .worker import PING_TIMEOUT_S, START_TIMEOUT_S, ActorWorker, Window, in_brief, require_ray, settle
 
 CLOSE_TIMEOUT_S = 120  # how long close() waits for its actors' engines to close before it kills the actors
 # Options the pool owns, and why: each actor is the pool's own, started, replaced and ended by it.
@@ -114,21 +113,37 @@ class RayForkPool(RoundPool):
     def start_timeout_s(self, value: float) -> None:
         self._start_timeout_s = _checked_timeout(value)
 
+    def actors(self) -> tuple[ray.actor.ActorHandle, ...]:
+        """Each slot's Ray actor handle as it is now, in slot order (as worker_info(), whose `id` names each one):
+        for calls of your own outside a round (an engine's `generate(prompt, params)`, as a round's child runs it:
+        thaw_ray.actor.PoolActor), or Ray's tools. A later round may put a new actor in a slot: ask again. The
+        pool's own calls (start, run_round, close) are the pool's: called on these handles, they break it."""
+        return tuple(worker.actor for worker in self._workers)
+
     def fork(self, parent, n: int, *, context, suffixes, params) -> ForkRound:
         """RoundPool.fork, once Ray is known to be up (before the parent is read)."""
         if not self._closed:  # a closed pool says so (RoundPool.fork)
             require_ray()
         return super().fork(parent, n, context=context, suffixes=suffixes, params=params)
 
-    def _round_begins(self, n: int) -> None:
-        for worker in self._workers:
-            worker.rearm(self._start_timeout_s)  # one not placed yet, kept by an earlier round: waited for anew
-        # one dead since the last round is replaced before this round (ActorWorker.lost): only the n slots the
-        # round asks first are pinged (an answer left unread, a dead actor's error, Ray logs as unhandled), and
-        # their answers share one wait, not PING_TIMEOUT_S each
-        answers = Window.from_now(PING_TIMEOUT_S)
-        for worker in [worker for worker in self._workers if not given_up(worker)][:n]:
-            worker.ping(answers)
+    def _ready_slots(self, n: int) -> list[int]:
+        """The round's slots, each actor started, none seen dead (RoundPool._ready_slots): an actor dead since the
+        last round is replaced before the parent is read (ActorWorker.lost), and the round waits for its
+        replacement's start; one that dies during that wait (a replacement whose start answered, or an actor asked
+        already) is asked again once it is over, and replaced in turn: the actors are asked until a pass waited for
+        none (each death counted: MAX_DEATHS in a row give a slot up)."""
+        while True:
+            ready = [worker for worker in self._workers if worker.ready]
+            for worker in self._workers:
+                worker.rearm(self._start_timeout_s)  # one not placed yet, kept by an earlier round: waited for anew
+            # only the n slots the round asks first are pinged, and their answers share one wait, not
+            # PING_TIMEOUT_S each
+            answers = Window.from_now(PING_TIMEOUT_S)
+            for worker in [worker for worker in self._workers if not given_up(worker)][:n]:
+                worker.ping(answers)
+            slots = super()._ready_slots(n)
+            if all(any(self._workers[slot] is worker for worker in ready) for slot in slots):
+                return slots  # none waited for: what the pings said holds as the parent is read
 
     def _start(self, name: str, failed_starts: int = 0, deaths: int = 0) -> ActorWorker:
         return ActorWorker(name, self._config, self._options, self._start_timeout_s, failed_starts=failed_starts,
@@ -139,7 +154,8 @@ class RayForkPool(RoundPool):
         snapshot = put_capture(source)  # the parent's segment is free again: its next capture may overwrite it
         round_.capture_s += time.perf_counter() - putting
         workers = [self._workers[slot] for slot in slots]
-        calls = [worker.actor.run_round.remote(snapshot, arguments.context + suffix, dataclasses.asdict(p))
+        # settled: an interrupted round leaves the calls of the actors it killed unread
+        calls = [settle(worker.actor.run_round.remote(snapshot, arguments.context + suffix, dataclasses.asdict(p)))
                  for worker, suffix, p in zip(workers, arguments.suffixes, arguments.params)]
         replies, failures, answered = [], [], 0
         try:
@@ -174,7 +190,7 @@ class RayForkPool(RoundPool):
         engine did not close in time, or never started, killed as it is)."""
         try:
             if ray.is_initialized():  # else Ray was shut down first (by its owner): its actors are gone with it
-                closing = {worker: worker.actor.close.remote() for worker in self._workers
+                closing = {worker: settle(worker.actor.close.remote()) for worker in self._workers  # read or not
                            if worker.ready and not worker.killed}
                 if closing:  # an actor dead already answers with its error: done too
                     done, _ = ray.wait(list(closing.values()), num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)

@@ -7,12 +7,13 @@ their windows side by side, so n engines that hang are given up in one start_tim
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import Future
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError, TaskUnschedulableError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from thaw_format.sdk.fork_round import PoolWorkerDied, PoolWorkerStarting
@@ -46,6 +47,21 @@ def in_brief(error: BaseException) -> str:
     """A Ray error's type and first line: its text runs on to a traceback and Ray's advice."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def settle(ref: ray.ObjectRef, failed: Optional[Callable[[BaseException], None]] = None) -> ray.ObjectRef:
+    """`ref`, its answer taken whenever it comes, whether or not the pool reads it: Ray logs an error answer
+    that nothing read as "Unhandled error" once the ref is dropped (a ping not answered in time, a sweep nobody
+    waits for, a start given up or never waited for, a round's call left by an interrupted round, a close not
+    answered in time). The ref can still be read (ray.get) as any other. `failed(error)`, on a Ray thread, for an
+    error answer."""
+    def taken(answer: Future) -> None:
+        error = answer.exception()
+        if error is not None and failed is not None:
+            failed(error)
+
+    ref.future().add_done_callback(taken)
+    return ref
 
 
 class Placed(NamedTuple):
@@ -102,7 +118,8 @@ class ActorWorker(SlotWorker):
         self.id = self.actor._actor_id.hex()  # Ray's id for it, as its errors and tools name it, from its creation
         self._placed = self.actor.where.remote()  # answered once Ray has placed it (PoolActor)
         self._placed.future().add_done_callback(self._stamp)
-        self._started = self.actor.start.remote(config)  # run after where(): an actor runs its calls in order
+        self._started = settle(self.actor.start.remote(config))  # run after where(): an actor runs its calls in
+        # order; settled: a start given up, or never waited for (the pool closed first), is an answer nobody reads
         self._ping = None  # a round's where(), asked as it begins (ping), answered in lost()
         self.sweep_due = True  # until its engine's close answered: ended otherwise, what it made is swept
 
@@ -178,8 +195,21 @@ class ActorWorker(SlotWorker):
 
     def ping(self, answers: Window) -> None:
         """A round begins: ask a started actor where it is, without waiting (every actor's at once), its answer
-        waited for until `answers` ends (the round's pings share it)."""
-        self._ping = (self.actor.where.remote(), answers) if self.ready and not self.killed else None
+        waited for until `answers` ends (the round's pings share it). Started: seen so by a round, or its start
+        answered that its engine started (a replacement no round has seen yet: dead since, it would fail the round
+        once the parent is read, Ray keeping its start's answer)."""
+        asked = not self.killed and (self.ready or self._started_well())
+        self._ping = (settle(self.actor.where.remote()), answers) if asked else None
+
+    def _started_well(self) -> bool:
+        """Its start has answered, without waiting, that its engine started (ensure_ready takes it as such)."""
+        try:
+            # where() answered before start(): stamped here too, so that a dead one is described and swept even
+            # if Ray's callback (PlacedStamp) has not run yet
+            self._stamp.note(ray.get(self._placed, timeout=0))
+            return ray.get(self._started, timeout=0) is None
+        except RayError:  # not answered yet (GetTimeoutError), or died starting: ensure_ready tells
+            return False
 
     def lost(self) -> Optional[PoolWorkerDied]:
         """SlotWorker.lost: Ray's answer to the round's ping is the actor's death (or that it is unavailable): it
@@ -208,12 +238,19 @@ class ActorWorker(SlotWorker):
 
     def _sweep(self) -> None:
         """Submit the sweep on its node (it runs without its caller); a failed submission (a node Ray no longer
-        knows, the GCS unreachable) is warned, never the kill's failure: the node's next actor sweeps it."""
+        knows, the GCS unreachable) or sweep is warned, never the kill's failure: the node's next actor sweeps it."""
+        actor = self.describe()
+
+        def failed(error: BaseException) -> None:
+            # a node Ray lost (the actor's with it): nothing can run there, and its /dev/shm went with it
+            level = logging.INFO if isinstance(error, TaskUnschedulableError) else logging.WARNING
+            leftovers.log.log(level, "thaw_ray: sweeping what %s left on its node: %s", actor, in_brief(error))
+
         try:
             strategy = NodeAffinitySchedulingStrategy(self.node, soft=False)
-            remote_sweep.options(scheduling_strategy=strategy).remote(self.id)
+            settle(remote_sweep.options(scheduling_strategy=strategy).remote(self.id), failed)  # run, not waited for
         except Exception as exc:
-            leftovers.log.warning("thaw_ray: sweeping what %s left on its node: %s", self.describe(), in_brief(exc))
+            failed(exc)
 
     def closed(self, call: ray.ObjectRef) -> None:
         """Its close answered `call`: unless that raised, its engine closed, leaving nothing to sweep."""

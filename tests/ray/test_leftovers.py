@@ -151,3 +151,25 @@ def test_a_manifest_that_is_not_one_is_removed_by_the_sweep() -> None:
         out.write('{"processes": ')  # cut short
     leftovers.sweep_ended()
     assert not os.path.exists(path)
+
+
+def test_a_manifests_new_copy_whose_writer_was_killed_is_removed_by_the_sweep() -> None:
+    """A writer SIGKILLed between writing a manifest's new copy and renaming it leaves `<manifest>.<pid>.new`: the
+    sweep removes it once that process has ended, and leaves a live writer's."""
+    from thaw_ray import leftovers
+
+    writer = subprocess.Popen([sys.executable, "-c", ""])
+    writer.wait()  # its pid now names no process
+    path = leftovers.manifest_path(f"test-{uuid.uuid4().hex}")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    killed, live = f"{path}.{writer.pid}.new", f"{path}.{os.getpid()}.new"
+    try:
+        for new in (killed, live):
+            with open(new, "w") as out:
+                out.write('{"processes": ')  # cut short, as a write killed midway leaves it
+        leftovers.sweep_ended()
+        assert not os.path.exists(killed)
+        assert os.path.exists(live)
+    finally:
+        for new in (killed, live):
+            leftovers.forget_path(new)

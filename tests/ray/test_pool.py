@@ -6,6 +6,8 @@ engines that hang starting given up together (and one whose window ran out betwe
 arguments refused before the parent is read."""
 
 import contextlib
+import gc
+import logging
 import os
 import re
 import signal
@@ -28,6 +30,7 @@ NODE = r"on node \S+ [0-9a-f]+"  # after a worker's pid: its node's address and 
 VLLM_TESTS = frozenset({"test_rounds_with_different_trunks_match_fresh_engines",
                         "test_a_context_without_a_full_page_is_refused_before_the_parent_is_read",
                         "test_an_actor_killed_mid_round_is_named_and_replaced",
+                        "test_an_actor_killed_between_rounds_is_replaced_before_the_next_round",
                         "test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes"})
 SGLANG_TESTS = frozenset(VLLM_TESTS)
 
@@ -79,20 +82,11 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
     parent.generate(trunk + suffixes[0], PARAMS)  # the parent's steady state for this prompt
     before = parent.generate(trunk + suffixes[0], PARAMS)
     victim = pool.worker_info()[1]
-    started = descendants(victim.pid) if HAS_PROC else set()  # its engine's own processes (vLLM's engine core)
-    segments = mapped_segments({victim.pid} | started) if HAS_PROC else set()  # what it and they map in /dev/shm
     killing = checks.kill_during_capture(parent, _ActorProcess(victim.pid))  # SIGKILL, as the OOM killer would
-    try:
-        with pytest.raises(PoolWorkerDied, match=rf"pool worker 1 \(Ray actor [0-9a-f]+, pid {victim.pid} {NODE}\) "
-                                                 r"died: \w+Error: .*parent engine is untouched, dead workers are "
-                                                 r"being replaced"):
-            pool.fork(killing, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
-        assert not outliving(started, timeout=30)  # ended by the raylet, a subreaper (conftest's SYSTEM_CONFIG)
-        # what vLLM's engine core and worker mapped (segments, a semaphore), left by their tracker's death: swept
-        # on the actor's node by the pool (thaw_ray.leftovers), once they have ended
-        assert not lingering(segments, timeout=90), "the killed actor's engine left its shared memory in /dev/shm"
-    finally:
-        unlink_left_behind(segments)  # a failed run's, so that runs do not fill /dev/shm
+    died = rf"pool worker 1 \(Ray actor [0-9a-f]+, pid {victim.pid} {NODE}\) died: \w+Error: .*parent engine is " \
+           r"untouched, dead workers are being replaced"
+    with _leaves_nothing(victim.pid), pytest.raises(PoolWorkerDied, match=died):  # its checks after the round's
+        pool.fork(killing, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert parent.generate(trunk + suffixes[0], PARAMS) == before  # the parent serves as before, cache and all
     result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=others, params=PARAMS)
     assert [g.token_ids for g in result.generations] == want
@@ -104,18 +98,58 @@ def test_an_actor_killed_mid_round_is_named_and_replaced(pool, parent, fresh) ->
 def test_an_actor_killed_between_rounds_is_replaced_before_the_next_round(pool, parent) -> None:
     """An actor that died between rounds failed the next round (Ray tells of its death only through a call): each
     round now first asks its actors where they are, and Ray's answer for a dead one has the round start its
-    replacement, before the parent is read, and run on it, every child's output the same."""
+    replacement, before the parent is read, and run on it, every child's output the same; what the dead actor's
+    engine held in /dev/shm (vLLM's, SGLang's) swept on this path too."""
     trunk, suffixes = checks.tokens(110, 85), [checks.tokens(5, 850 + i) for i in range(checks.WORKERS)]
     parent.generate(trunk, PARAMS)
     before = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     victim = pool.worker_info()[1]
-    _kill(pool, [1])
-    result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    with _leaves_nothing(victim.pid):
+        _kill(pool, [1])
+        result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
     assert [g.token_ids for g in result.generations] == [g.token_ids for g in before.generations]
     assert [g.cached_tokens for g in result.generations] == [checks.full_pages(trunk, parent)] * checks.WORKERS
     replacement = pool.worker_info()[1]
     assert replacement.state == "ready" and _ActorProcess(replacement.pid).alive()
     assert replacement.pid != victim.pid and replacement.id != victim.id
+
+
+def test_a_replacement_killed_before_any_round_saw_it_start_is_replaced_before_the_parent_is_read(
+        pool, parent, fresh) -> None:
+    """A replacement whose start answered, killed before a round has seen it start: the next round asks it where
+    it is as it asks every started actor (Ray keeps its start's answer, which a round would take for a started
+    engine), replaces it before the parent is read, and runs on the new one."""
+    ray = _ray()
+    trunk, suffixes = checks.tokens(70, 86), [checks.tokens(5, 860 + i) for i in range(checks.WORKERS)]
+    want = [fresh(trunk + suffix, PARAMS) for suffix in suffixes]
+    parent.generate(trunk, PARAMS)
+    victim = pool.worker_info()[1]
+    with pytest.raises(PoolWorkerDied, match="dead workers are being replaced"):
+        pool.fork(checks.kill_during_capture(parent, _ActorProcess(victim.pid)), checks.WORKERS, context=trunk,
+                  suffixes=suffixes, params=PARAMS)
+    replacement, replacement_id = pool.actors()[1], pool.worker_info()[1].id
+    ray.get(replacement.generate.remote(trunk, dict(max_tokens=1)))  # after its start (an actor's calls in order)
+    assert pool.worker_info()[1].state == "starting"  # no round has seen its start
+    _kill(pool, [1])
+    result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+    assert [g.token_ids for g in result.generations] == want
+    assert pool.worker_info()[1].id not in (victim.id, replacement_id)
+
+
+@contextlib.contextmanager
+def _leaves_nothing(pid: int):
+    """Around an actor's death: once the block is done, its engine's own processes (vLLM's engine core) have ended,
+    by the raylet, a subreaper (conftest's SYSTEM_CONFIG), and what it and they mapped in /dev/shm (vLLM's segments
+    and semaphore), left by their tracker's death, is gone: swept on the actor's node by the pool
+    (thaw_ray.leftovers) once they have ended."""
+    started = descendants(pid) if HAS_PROC else set()
+    segments = mapped_segments({pid} | started) if HAS_PROC else set()
+    try:
+        yield
+        assert not outliving(started, timeout=30)
+        assert not lingering(segments, timeout=90), "the killed actor's engine left its shared memory in /dev/shm"
+    finally:
+        unlink_left_behind(segments)  # a failed run's, so that runs do not fill /dev/shm
 
 
 @pytest.mark.skipif(not HAS_PROC, reason="actors record what they hold from /proc (Linux)")
@@ -152,6 +186,65 @@ def test_what_the_engine_of_a_dead_actor_made_is_swept_on_its_node_by_the_pools_
         unlink_left_behind({before.name})
 
 
+@pytest.mark.skipif(not HAS_PROC, reason="actors record what they hold from /proc (Linux)")
+def test_a_sweep_that_fails_is_warned_and_leaves_ray_no_unhandled_error(ray_cluster, caplog) -> None:
+    """The sweep of a dead actor's node runs without anyone waiting for it: one that fails (here its manifest's name
+    taken by a directory, which it cannot read) is thaw_ray's warning, naming the actor, and not an error answer
+    left unread, which Ray would log later as "Unhandled error" (Ray's own log, which the root logger never sees)."""
+    from thaw_conformance.template.adapter import ToyThawEngine
+    from thaw_ray import RayForkPool, leftovers
+
+    ray_log = logging.getLogger("ray")
+    ray_log.addHandler(caplog.handler)
+    unhandled = re.compile(r"Unhandled error.*IsADirectoryError", re.S)  # this sweep's, not an earlier test's
+    warned = r"thaw_ray: sweeping what pool worker 0 \(Ray actor {}, pid {} {}\) left on its node: " \
+             r"RayTaskError\(IsADirectoryError\)"
+    manifest = None
+    try:
+        with RayForkPool(ToyThawEngine.start(vocab_size=1024), workers=1) as pool:
+            victim = pool.worker_info()[0]
+            manifest = leftovers.manifest_path(victim.id)
+            os.mkdir(manifest)
+            _kill(pool, [0])
+        # its close found it dead and swept its node: the sweep's answer taken (settle), Ray has marked it read
+        # before the warning is logged, so no "Unhandled error" follows the warning
+        del pool
+        gc.collect()
+        warning = warned.format(victim.id, victim.pid, NODE)
+        deadline = time.monotonic() + 60
+        while not (re.search(warning, caplog.text) or unhandled.search(caplog.text)):
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.1)
+        assert not unhandled.search(caplog.text), caplog.text
+    finally:
+        ray_log.removeHandler(caplog.handler)
+        if manifest is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(manifest)
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="actors record what they hold from /proc (Linux)")
+def test_what_an_engine_made_while_its_start_hung_is_swept_when_the_start_is_given_up(ray_cluster, tmp_path) -> None:
+    """An actor writes down what its engine holds while the engine starts, not only once it has started: an engine
+    whose start hangs after its process made shared memory, given up at start_timeout_s (its actor killed), leaves
+    nothing in /dev/shm, swept on its node."""
+    from pool_engines import worker_env
+    from thaw_format.sdk import LaunchSpec
+    from thaw_ray import RayForkPool
+
+    said = tmp_path / "segment"
+    spec = LaunchSpec("pool_engines:holding_then_hanging", {"said": str(said), "vocab_size": 1024})
+    try:
+        with pytest.raises(PoolWorkerDied, match=r"its engine was still starting 20 s \(start_timeout_s\)"):
+            RayForkPool(spec, workers=1, actor_options={"runtime_env": {"env_vars": worker_env()}},
+                        start_timeout_s=20)
+        assert said.exists(), "the engine's start did not reach its segment within start_timeout_s"
+        assert not lingering({said.read_text()}, timeout=90), \
+            "the given-up actor's engine left its shared memory in /dev/shm"
+    finally:  # a failed run's, so that runs do not fill /dev/shm: its name read here too, said after the assert
+        unlink_left_behind({said.read_text()} if said.exists() else set())
+
+
 def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(pool, parent, fresh) -> None:
     """The object store's bytes are checked in each actor (they may come over the network): one bit flipped in
     the parent's capture, put as it is, fails the round by the object's name, and each actor's engine serves
@@ -161,7 +254,7 @@ def test_a_damaged_object_is_refused_by_every_actor_before_its_engine_changes(po
     suffixes = [checks.tokens(5, 900 + i) for i in range(checks.WORKERS)]
     parent.generate(good, PARAMS)
     pool.fork(parent, checks.WORKERS, context=good, suffixes=suffixes, params=PARAMS)
-    actors = [worker.actor for worker in pool._workers]  # to ask each engine outside a round: no public handle
+    actors = pool.actors()  # to ask each engine outside a round
     probe = [dict(temperature=0.0, max_tokens=10, ignore_eos=True)]
     held = [ray.get(a.generate.remote(good + s, *probe)) for a, s in zip(actors, suffixes)]  # steady state
     assert all(h["cached_tokens"] >= checks.full_pages(good, parent) for h in held)  # what a change would show
@@ -222,9 +315,9 @@ def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, pa
     trunk = checks.tokens(40, 7)
     parent.generate(trunk, PARAMS)
     pool = RayForkPool(parent, workers=1)
-    worker = pool.worker_info()[0]
-    pool.fork(parent, 1, context=trunk, suffixes=[[5]], params=PARAMS)
-    (name,) = pool._segments
+    worker, sources = pool.worker_info()[0], []
+    pool.fork(checks.Capturing(parent, after=sources.append), 1, context=trunk, suffixes=[[5]], params=PARAMS)
+    (name,) = {lent.parse(source)[0] for source in sources}  # the parent's segment, which the round's put read
     assert (name, False) in lent._MAPPINGS
     pool.close()
     assert (name, False) not in lent._MAPPINGS
@@ -283,6 +376,58 @@ def test_an_actor_that_keeps_failing_to_start_is_retried_then_given_up(ray_clust
         result = pool.fork(parent, 1, context=trunk, suffixes=suffixes[:1], params=PARAMS)  # the slot left
         assert [g.token_ids for g in result.generations] == \
             [ToyThawEngine.start(**config).generate(trunk + suffixes[0], PARAMS).token_ids]
+
+
+def _toy_round(seed: int):
+    """A two-child round on the toy engine: its config, the parent holding the trunk, the trunk, the suffixes, and
+    each child's tokens from a fresh engine."""
+    from thaw_conformance.template.adapter import ToyThawEngine
+
+    config = {"vocab_size": 1024}
+    parent = ToyThawEngine.start(**config)
+    trunk, suffixes = checks.tokens(40, seed), [[5], [6]]
+    parent.generate(trunk, PARAMS)
+    return config, parent, trunk, suffixes, [ToyThawEngine.start(**config).generate(trunk + suffix, PARAMS).token_ids
+                                             for suffix in suffixes]
+
+
+def test_an_actor_that_dies_while_the_round_waits_for_a_replacement_is_replaced_before_the_parent_is_read(
+        ray_cluster, tmp_path) -> None:
+    """The round asks its actors where they are as it begins, then waits for a replacement's start: an actor that
+    answered and dies during that wait is asked again once the wait is over, and replaced before the parent is read
+    (else its death would fail the round once the parent is read)."""
+    import threading
+
+    from pool_engines import SLOW_S, queue_starts, worker_env
+    from thaw_format.sdk import LaunchSpec
+    from thaw_ray import RayForkPool
+
+    config, parent, trunk, suffixes, want = _toy_round(6)
+    instructions = tmp_path / "starts"
+    instructions.mkdir()
+    spec = LaunchSpec("pool_engines:flaky", {"instructions": str(instructions), **config})
+    with RayForkPool(spec, workers=2, actor_options={"runtime_env": {"env_vars": worker_env()}}) as pool:
+        queue_starts(instructions, "slow")  # slot 0's replacement
+        answered = pool.worker_info()[1]
+        _kill(pool, [0])
+
+        def kill_while_the_round_waits() -> None:  # once the slow start has begun: the round asked slot 1 already
+            deadline = time.monotonic() + 120
+            while not (instructions / "claimed-0").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.kill(answered.pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_while_the_round_waits)
+        killer.start()
+        began = time.monotonic()
+        try:
+            result = pool.fork(parent, 2, context=trunk, suffixes=suffixes, params=PARAMS)
+        finally:
+            killer.join()
+        assert time.monotonic() - began >= SLOW_S
+        assert [g.token_ids for g in result.generations] == want
+        assert pool.worker_info()[1].id != answered.id and pool.worker_info()[1].state == "ready"
+        assert not _ActorProcess(answered.pid).alive()
 
 
 @contextlib.contextmanager
@@ -357,16 +502,11 @@ def test_an_actor_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
     died MAX_DEATHS times in a row, none answering a round in between, is no longer replaced, the round
     saying so; a round they answer starts the count again."""
     from pool_engines import worker_env
-    from thaw_conformance.template.adapter import ToyThawEngine
     from thaw_format.sdk import LaunchSpec
     from thaw_format.sdk.pool_slots import MAX_DEATHS
     from thaw_ray import RayForkPool
 
-    config = {"vocab_size": 1024}
-    parent = ToyThawEngine.start(**config)
-    trunk, suffixes = checks.tokens(40, 3), [[5], [6]]
-    parent.generate(trunk, PARAMS)
-    expected = [ToyThawEngine.start(**config).generate(trunk + suffix, PARAMS).token_ids for suffix in suffixes]
+    config, parent, trunk, suffixes, expected = _toy_round(3)
     dies = tmp_path / "dies"
     spec = LaunchSpec("pool_engines:ToyDyingInRounds.start", {"marker": str(dies), **config})
     died = r"pool worker {} \(Ray actor {}, pid \d+ " + NODE + r"\) died: \w+: [^;]*"

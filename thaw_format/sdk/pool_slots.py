@@ -48,9 +48,12 @@ class WorkerInfo:
     #   each round first asks its actors where they are). Either way the next round that needs the slot replaces
     #   a started worker before the parent is read, and runs once the replacement has started (a replacement that
     #   fails to start fails that round, naming the dead worker, how it ended and the failed start). A replacement
-    #   that dies before a round has seen its start (it shows starting until then) fails the round that needs it:
-    #   ForkPool's as a failed start, before the parent is read; a RayForkPool actor's once the parent is read (Ray
-    #   keeps its start's answer), naming it; either way replaced for the next round;
+    #   that dies before a round has seen its start (it shows starting until then) is found by the round that needs
+    #   it, before the parent is read: ForkPool's as a failed start; a RayForkPool actor's as a failed start if it
+    #   died starting, else (its start answered) as a death between rounds, replaced as a started one is. A worker
+    #   that dies while the round waits for another's start: a RayForkPool round asks its actors again once it has
+    #   waited, and replaces it before the parent is read; a ForkPool round finds it only as it runs, the parent
+    #   read, and fails naming it (replaced for the next round);
     # given_up: the slot is no longer restarted (MAX_FAILED_STARTS failed starts in a row, or its workers died
     #   MAX_DEATHS times in a row), its last worker ended as an exited one: start a new pool.
     pid: Optional[int]  # its process (on its node), once known

@@ -7,9 +7,10 @@ A pool subclasses it with three methods: `_start(name, failed_starts=0, deaths=0
 starting), `_run(round_, slots, source, arguments)` hands the parent's capture (the source of its capture_shared)
 to the workers in those slots and returns their replies and failures (`_died` for a worker that died in the round,
 `pool_slots.note_answer` for one that answered; its reads of the segment may go through lent's cached mappings,
-which close() forgets), and `_stop()` ends every worker; `_round_begins(n)` is its hook
-into a round once the round holds the pool. A round failing before the parent is read only for workers still
-starting raises PoolWorkerStarting (retry later); a pool's first start raises PoolWorkerDied, the pool closed.
+which close() forgets), and `_stop()` ends every worker; `_ready_slots(n)` is its hook into a round once the round
+holds the pool (the round's slots, each worker started: pool_slots.finish_starts). A round failing before the
+parent is read only for workers still starting raises PoolWorkerStarting (retry later); a pool's first start raises
+PoolWorkerDied, the pool closed.
 """
 
 from __future__ import annotations
@@ -79,8 +80,7 @@ class RoundPool(abc.ABC):
             if self._closed:  # closed while this round waited for the one before it
                 raise RuntimeError(f"this {type(self).__name__} is closed; start a new one")
             started = time.perf_counter()
-            self._round_begins(n)
-            slots = finish_starts(self._workers, n, lambda: self._closed, self._start)
+            slots = self._ready_slots(n)
             capturing = time.perf_counter()
             # valid until the parent's next capture_shared: every worker answers before this round ends
             source = capture_shared(parent, chains=[arguments.context[:arguments.full]])
@@ -111,10 +111,11 @@ class RoundPool(abc.ABC):
         unless the pool is closed or the slot given up (pool_slots.replace_dead)."""
         return replace_dead(self._workers, slot, error, lambda: self._closed, self._start)
 
-    def _round_begins(self, n: int) -> None:
-        """A round of n workers holds the pool, before its workers' starts are finished (a pool's hook:
-        RayForkPool's waits anew for its actors still not placed, and asks the round's others where they are, for
-        their `lost()`)."""
+    def _ready_slots(self, n: int) -> list[int]:
+        """A round of n workers holds the pool: its slots, each worker started (pool_slots.finish_starts), before
+        the parent is read (a pool's hook: RayForkPool's first waits anew for its actors still not placed, and asks
+        the round's others where they are, for their `lost()`)."""
+        return finish_starts(self._workers, n, lambda: self._closed, self._start)
 
     @abc.abstractmethod
     def _stop(self) -> None:
