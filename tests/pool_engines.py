@@ -19,16 +19,14 @@ def worker_env() -> dict:
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
 
 
-SLOW_S = 8  # a "slow" start's wait (flaky): long enough for a test to act meanwhile, under load too
-
-
 def flaky(instructions: str, **config) -> ToyThawEngine:
     """A toy engine of `config`, unless an instruction is queued in the directory `instructions`: each start
     claims the lowest-numbered file there (renamed away, so no two starts take the same one) and fails as its
     text says, "error" (the engine raises), "exit" (the process ends at once, without a word) or "hang" (the
     start never ends, no process of its own left behind when it is killed: for RayForkPool only, which gives a
-    placed actor's start up; ForkPool waits for its engine however long it takes); or "slow": it starts, SLOW_S
-    later (its claimed file the sign that it has begun). A test queues
+    placed actor's start up; ForkPool waits for its engine however long it takes); or "held": it starts once a file
+    named "release" is in the directory (its claimed file the sign that it has begun: a test acts meanwhile, for
+    as long as it needs, under load too). A test queues
     every instruction (`queue_starts`) before the starts that take them: a start racing a rewritten file could
     read the old instruction."""
     for name in sorted(filter(str.isdigit, os.listdir(instructions)), key=int):
@@ -43,15 +41,16 @@ def flaky(instructions: str, **config) -> ToyThawEngine:
             os._exit(3)
         if how == "hang":
             time.sleep(3600)
-        if how == "slow":
-            time.sleep(SLOW_S)
+        if how == "held":
+            while not os.path.exists(os.path.join(instructions, "release")):
+                time.sleep(0.05)
             return ToyThawEngine.start(**config)
         raise RuntimeError(f"told to fail by {claimed}")
     return ToyThawEngine.start(**config)
 
 
 def queue_starts(instructions: Path, *hows: str) -> None:
-    """Queue instructions for the next flaky starts, in order: "error", "exit", "hang" or "slow" each."""
+    """Queue instructions for the next flaky starts, in order: "error", "exit", "hang" or "held" each."""
     for number, how in enumerate(hows, start=len(os.listdir(instructions))):
         (instructions / str(number)).write_text(how)
 

@@ -63,9 +63,10 @@ class PoolActor:
                 leftovers.sweep_ended()
             except Exception as exc:
                 leftovers.warn_once(f"sweeping what ended actors left: {type(exc).__name__}: {exc}")
-        started = threading.Event()
-        recording = threading.Thread(target=self._record_until, args=(started,), name="thaw-ray-record", daemon=True)
+        started, recording = threading.Event(), None
         if self.recorder is not None:
+            recording = threading.Thread(target=self._record_until, args=(started,), name="thaw-ray-record",
+                                         daemon=True)
             recording.start()
         try:
             config = json.loads(config)
@@ -74,7 +75,7 @@ class PoolActor:
             return f"starting the pool engine: {type(exc).__name__}: {exc}"
         finally:  # a failed start too: its engine may have started processes before it failed
             started.set()
-            if recording.is_alive():
+            if recording is not None:
                 recording.join()  # one record at a time: a Recorder is not shared between threads
             self._record()
         return None

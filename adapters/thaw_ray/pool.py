@@ -15,9 +15,9 @@ next round that needs it before the parent is read, and the round runs once its 
 replacement whose start answered is asked too, before a round has seen it start; and once a round has waited for a
 start, its actors are asked again, so one that died meanwhile is replaced before the parent is read too). Starts
 that fail are retried, and slots given up, as ForkPool does it (thaw_format.sdk.pool_slots: MAX_FAILED_STARTS failed
-starts in a row, or MAX_DEATHS deaths in a row of the slot's actors). An actor whose engine is still starting start_timeout_s after it was placed has failed to start (killed); one that no node
-can place yet is still starting: kept, the round failing (PoolWorkerStarting if no other worker failed), until a
-node can place it.
+starts in a row, or MAX_DEATHS deaths in a row of the slot's actors). An actor whose engine is still starting
+start_timeout_s after it was placed has failed to start (killed); one that no node can place yet is still starting:
+kept, the round failing (PoolWorkerStarting if no other worker failed), until a node can place it.
 `worker_info()` shows each slot's actor (its state, pid, node and Ray id: RoundPool.worker_info).
 
 The Ray cluster is the caller's: the pool needs Ray initialised (ray.init, or a cluster address) and never
@@ -37,9 +37,9 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from thaw_format import CorruptSnapshotError
-from thaw_format.sdk.fork_round import ForkRound, RoundArguments, whole_workers
+from thaw_format.sdk.fork_round import ForkRound, PoolWorkerDied, RoundArguments, whole_workers
 from thaw_format.sdk.launch import startable_launch_spec
-from thaw_format.sdk.pool_slots import given_up, kill_unanswered, note_answer
+from thaw_format.sdk.pool_slots import MAX_DEATHS, given_up, kill_unanswered, note_answer
 from thaw_format.sdk.round_pool import RoundPool
 
 from . import leftovers
@@ -131,19 +131,25 @@ class RayForkPool(RoundPool):
         last round is replaced before the parent is read (ActorWorker.lost), and the round waits for its
         replacement's start; one that dies during that wait (a replacement whose start answered, or an actor asked
         already) is asked again once it is over, and replaced in turn: the actors are asked until a pass waited for
-        none (each death counted: MAX_DEATHS in a row give a slot up)."""
-        while True:
+        none, each of the round's actors asked in it (each death counted: MAX_DEATHS in a row give a slot up), for
+        MAX_DEATHS + 1 passes at most: then the round fails (PoolWorkerDied) before the parent is read."""
+        for passes in range(MAX_DEATHS + 1):  # a pass after the first follows a start waited for in the one before
             ready = [worker for worker in self._workers if worker.ready]
             for worker in self._workers:
                 worker.rearm(self._start_timeout_s)  # one not placed yet, kept by an earlier round: waited for anew
             # only the n slots the round asks first are pinged, and their answers share one wait, not
             # PING_TIMEOUT_S each
             answers = Window.from_now(PING_TIMEOUT_S)
-            for worker in [worker for worker in self._workers if not given_up(worker)][:n]:
-                worker.ping(answers)
+            pinged = [worker for worker in self._workers if not given_up(worker)][:n]
+            for worker in pinged:
+                worker.ping(answers, waited=passes > 0)
             slots = super()._ready_slots(n)
-            if all(any(self._workers[slot] is worker for worker in ready) for slot in slots):
-                return slots  # none waited for: what the pings said holds as the parent is read
+            # a slot given up during the pass lets in a spare never pinged: the next pass asks it
+            checked = [worker for worker in ready if any(worker is asked for asked in pinged)]
+            if all(any(self._workers[slot] is worker for worker in checked) for slot in slots):
+                return slots  # none waited for, each asked: what the pings said holds as the parent is read
+        raise PoolWorkerDied(f"actors kept dying while the round waited for their replacements ({MAX_DEATHS + 1} "
+                             f"passes): the fork round failed before the parent was read")
 
     def _start(self, name: str, failed_starts: int = 0, deaths: int = 0) -> ActorWorker:
         return ActorWorker(name, self._config, self._options, self._start_timeout_s, failed_starts=failed_starts,

@@ -185,21 +185,23 @@ class ActorWorker(SlotWorker):
         return (f"not placed within {self.placing.timeout_s:g} s (start_timeout_s): Ray has no node with {asks} "
                 f"free{lost}, or is still setting up its runtime_env")
 
-    def died(self, error: BaseException, between_rounds: bool = False) -> PoolWorkerDied:
-        """The round's failure for this actor: dead, or unavailable (Ray lost touch with it; the pool kills it)."""
-        when = " between rounds" if between_rounds else ""
+    def died(self, error: BaseException, when: str = "") -> PoolWorkerDied:
+        """The round's failure for this actor: dead, or unavailable (Ray lost touch with it; the pool kills it);
+        `when` (" between rounds", say) follows the verb."""
         if isinstance(error, ActorUnavailableError):
             return PoolWorkerDied(f"{self.describe()} became unavailable{when} (killed, not waited for): "
                                   f"{in_brief(error)}")
         return PoolWorkerDied(f"{self.describe()} died{when}: {in_brief(error)}")
 
-    def ping(self, answers: Window) -> None:
+    def ping(self, answers: Window, waited: bool = False) -> None:
         """A round begins: ask a started actor where it is, without waiting (every actor's at once), its answer
-        waited for until `answers` ends (the round's pings share it). Started: seen so by a round, or its start
-        answered that its engine started (a replacement no round has seen yet: dead since, it would fail the round
-        once the parent is read, Ray keeping its start's answer)."""
+        waited for until `answers` ends (the round's pings share it); `waited`: asked again, after the round waited
+        for a start (a death seen then is described so). Started: seen so by a round, or its start answered that
+        its engine started (a replacement no round has seen yet: dead since, it would fail the round once the parent
+        is read, Ray keeping its start's answer)."""
         asked = not self.killed and (self.ready or self._started_well())
-        self._ping = (settle(self.actor.where.remote()), answers) if asked else None
+        when = " while this round waited for a start" if waited else " between rounds"
+        self._ping = (settle(self.actor.where.remote()), answers, when) if asked else None
 
     def _started_well(self) -> bool:
         """Its start has answered, without waiting, that its engine started (ensure_ready takes it as such)."""
@@ -221,7 +223,7 @@ class ActorWorker(SlotWorker):
             ray.get(ping[0], timeout=ping[1].left())
         except RayActorError as exc:
             self.kill()
-            return self.died(exc, between_rounds=True)
+            return self.died(exc, ping[2])
         except RayError:  # not answered in time, or a call Ray could not run: the round's own call tells
             pass
         return None

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import time
 
 import pytest
@@ -215,6 +216,9 @@ def test_a_sweep_that_fails_is_warned_and_leaves_ray_no_unhandled_error(ray_clus
         while not (re.search(warning, caplog.text) or unhandled.search(caplog.text)):
             assert time.monotonic() < deadline, caplog.text
             time.sleep(0.1)
+        absent = time.monotonic() + 2  # an "Unhandled error" that would follow the warning: given time to show
+        while not unhandled.search(caplog.text) and time.monotonic() < absent:
+            time.sleep(0.1)
         assert not unhandled.search(caplog.text), caplog.text
     finally:
         ray_log.removeHandler(caplog.handler)
@@ -396,38 +400,77 @@ def test_an_actor_that_dies_while_the_round_waits_for_a_replacement_is_replaced_
     """The round asks its actors where they are as it begins, then waits for a replacement's start: an actor that
     answered and dies during that wait is asked again once the wait is over, and replaced before the parent is read
     (else its death would fail the round once the parent is read)."""
-    import threading
-
-    from pool_engines import SLOW_S, queue_starts, worker_env
+    from pool_engines import queue_starts, worker_env
     from thaw_format.sdk import LaunchSpec
     from thaw_ray import RayForkPool
 
+    exceptions = ray_cluster.exceptions
     config, parent, trunk, suffixes, want = _toy_round(6)
     instructions = tmp_path / "starts"
     instructions.mkdir()
     spec = LaunchSpec("pool_engines:flaky", {"instructions": str(instructions), **config})
     with RayForkPool(spec, workers=2, actor_options={"runtime_env": {"env_vars": worker_env()}}) as pool:
-        queue_starts(instructions, "slow")  # slot 0's replacement
-        answered = pool.worker_info()[1]
+        queue_starts(instructions, "held", "held")  # slot 0's replacement, then slot 1's
+        answered, handle = pool.worker_info()[1], pool.actors()[1]
         _kill(pool, [0])
+        done, seen = threading.Event(), {}
 
-        def kill_while_the_round_waits() -> None:  # once the slow start has begun: the round asked slot 1 already
-            deadline = time.monotonic() + 120
-            while not (instructions / "claimed-0").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            os.kill(answered.pid, signal.SIGKILL)
+        def kill_while_the_round_waits() -> None:  # once slot 0's replacement has begun: the round asked slot 1
+            try:
+                while not ((instructions / "claimed-0").exists() or done.wait(0.05)):
+                    pass
+                os.kill(answered.pid, signal.SIGKILL)
+                while not done.is_set():  # dead to Ray (as the round's next pass finds it) before the release
+                    try:
+                        ray_cluster.get(handle.where.remote(), timeout=10)
+                    except exceptions.RayActorError:
+                        break
+                    except exceptions.GetTimeoutError:
+                        continue
+                    done.wait(0.05)
+                seen["replaced early"] = (instructions / "claimed-1").exists()
+            finally:
+                (instructions / "release").write_text("")
 
         killer = threading.Thread(target=kill_while_the_round_waits)
         killer.start()
-        began = time.monotonic()
         try:
             result = pool.fork(parent, 2, context=trunk, suffixes=suffixes, params=PARAMS)
         finally:
+            done.set()
             killer.join()
-        assert time.monotonic() - began >= SLOW_S
+        # slot 1's replacement began only once slot 0's start was released: the round's second pass replaced it
+        assert seen == {"replaced early": False} and (instructions / "claimed-1").exists()
         assert [g.token_ids for g in result.generations] == want
         assert pool.worker_info()[1].id != answered.id and pool.worker_info()[1].state == "ready"
         assert not _ActorProcess(answered.pid).alive()
+
+
+def test_actors_that_keep_dying_while_the_round_waits_fail_it_before_the_parent_is_read(ray_cluster,
+                                                                                        monkeypatch) -> None:
+    """The round asks its actors again after each start it waited for, MAX_DEATHS + 1 passes at most: actors that
+    keep dying meanwhile (here each pass replaces its actor) fail it (PoolWorkerDied), not a wait without end."""
+    from thaw_conformance.template.adapter import ToyThawEngine
+    from thaw_format.sdk import round_pool
+    from thaw_format.sdk.pool_slots import MAX_DEATHS
+    from thaw_ray import RayForkPool
+
+    passes = []
+
+    def replacing(pool, n: int) -> list[int]:  # a pass whose actor died meanwhile: its replacement waited for
+        passes.append(n)
+        pool._workers[0].kill()
+        pool._workers[0] = pool._start("0")
+        pool._workers[0].ensure_ready()
+        return [0]
+
+    with RayForkPool(ToyThawEngine.start(vocab_size=1024), workers=1) as pool:
+        monkeypatch.setattr(round_pool.RoundPool, "_ready_slots", replacing)
+        with pytest.raises(PoolWorkerDied, match=rf"actors kept dying while the round waited for their replacements "
+                                                 rf"\({MAX_DEATHS + 1} passes\): the fork round failed before the "
+                                                 rf"parent was read"):
+            pool.fork(checks.Unread(), 1, context=checks.tokens(40, 7), suffixes=[[5]], params=PARAMS)
+        assert passes == [1] * (MAX_DEATHS + 1)
 
 
 @contextlib.contextmanager

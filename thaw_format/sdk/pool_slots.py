@@ -101,8 +101,9 @@ class SlotWorker:
     def lost(self) -> Optional[PoolWorkerDied]:
         """Its death since it last answered (a started worker, not killed by the pool), if its pool sees it now:
         the worker ended and its death, naming it, how it ended (ForkPool: its exit status; RayForkPool: Ray's
-        error) and that it was between rounds; None if it is not seen dead (one dying as the round asks it fails
-        the round instead). Called by the round that needs its slot, before the parent is read."""
+        error) and when (between rounds, or while the round waited for a start); None if it is not seen dead (one
+        dying as the round asks it fails the round instead). Called by the round that needs its slot, before the
+        parent is read."""
         return None
 
     def ensure_ready(self) -> None:
@@ -164,7 +165,7 @@ def finish_starts(workers: list, n: int, closed: Callable[[], bool],
         if given_up(worker):
             continue
         died = None if worker.killed or closed() else worker.lost()
-        if died is not None:  # seen dead since the last round: replaced now (close() stops what it finds)
+        if died is not None:  # seen dead since it last answered: replaced now (close() stops what it finds)
             replace_dead(workers, index, died, closed, start)  # its error is a round's report: this round words
             # its own (a slot given up: with the slots short, below; else `dead`, beside the replacement's start)
             if given_up(worker):
