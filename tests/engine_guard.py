@@ -6,6 +6,7 @@ silent skips.
 
 import importlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -14,8 +15,9 @@ def require(module: str, why: str = ""):
     """Return the imported module, or skip (fail under THAW_REQUIRE_ENGINES=1) naming what is missing."""
     try:
         imported = importlib.import_module(module)
-        if getattr(imported, "__file__", None) is None:
-            # A namespace package: with tests/ on sys.path, `vllm` finds the tests/vllm folder where vLLM is absent.
+        if getattr(imported, "__file__", None) is None and all(_in_tests(folder) for folder in imported.__path__):
+            # With tests/ on sys.path, `vllm` where vLLM is absent is the namespace package of the tests/vllm folder
+            # (an installed namespace package, such as langgraph, has folders outside tests/)
             raise ImportError(f"only the folder {', '.join(dict.fromkeys(imported.__path__))} has that name")
         return imported
     except Exception as exc:  # an engine can fail at import for reasons other than absence
@@ -25,3 +27,7 @@ def require(module: str, why: str = ""):
         if os.environ.get("THAW_REQUIRE_ENGINES") == "1":
             pytest.fail(f"THAW_REQUIRE_ENGINES=1 but {reason}", pytrace=False)
         pytest.skip(reason, allow_module_level=True)
+
+
+def _in_tests(folder: str) -> bool:
+    return Path(folder).resolve().is_relative_to(Path(__file__).resolve().parent)
