@@ -7,6 +7,8 @@ from a config are internals. A newer mlx-lm must be tested and added here before
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx_lm
 from thaw_format.sdk.pins import require_tested
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, RotatingKVCache
@@ -69,6 +71,14 @@ def arrays_state(cache: ArraysCache):
 
 def make_arrays(states: list) -> ArraysCache:
     return ArraysCache.from_state((list(states), None, None))
+
+
+def vocab_size(model) -> Optional[int]:
+    """How many token ids the model embeds, as its ModelArgs say (a multimodal wrapper's in its text_config);
+    None for a model whose args name no vocabulary."""
+    size = getattr(model.args, "vocab_size", None)
+    text = getattr(model.args, "text_config", None)
+    return text.get("vocab_size") if size is None and isinstance(text, dict) else size
 
 
 def model_classes(config: dict):

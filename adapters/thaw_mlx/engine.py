@@ -35,7 +35,7 @@ from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owne
 from thaw_format.sdk.tokens import common_prefix_length
 
 from .files import deferring, fill_of, mapped_snapshot
-from .generate import generate
+from .generate import generate, token_ids
 from .identity import check_snapshot_model, checked_info, model_info
 from .pages import moved_buffers, num_cached_tokens, paged_kind
 from .sampling import Sampler, request_sampler
@@ -168,7 +168,7 @@ class MLXEngine(SharedKV):
 
     def _request(self, prompt: Sequence[int], params: SamplingParams) -> _Request:
         """A new request over a copy of the longest prefix of its prompt a session holds (the prefix-cache hit)."""
-        prompt = [int(t) for t in prompt]
+        prompt = token_ids(self.model, prompt)
         if not prompt:
             raise ValueError("a prompt needs at least one token")
         if params.max_tokens is None:

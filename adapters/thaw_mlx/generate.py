@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
+from . import _internals
 from .pages import num_cached_tokens
 
 PREFILL_STEP = 2048  # mlx-lm generate_step's default prefill chunk: the same chunks give the same bytes
+
+
+def token_ids(model: nn.Module, tokens: Sequence[int]) -> list[int]:
+    """`tokens` as ints, each one an id the model embeds: MLX's embedding does not check its indices, so an id past
+    the vocabulary read another row or memory past the table (a segmentation fault, measured at 2**40), and -1
+    the last row, silently. A float or a string is refused too, where int() would truncate 3.7 to 3."""
+    ids = []
+    for t in tokens:
+        try:
+            ids.append(operator.index(t))
+        except TypeError:
+            raise TypeError(f"token ids must be integers, got {t!r} ({type(t).__name__})") from None
+    vocab = _internals.vocab_size(model)
+    bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the model's vocabulary of {vocab} ids [0, {vocab})"
+                         if vocab is not None else f"token id {bad} is negative")
+    return ids
 
 
 def greedy(logprobs: mx.array) -> mx.array:
@@ -33,6 +53,8 @@ def generate(
     yielded token the cache holds every token but that one, so the session can be captured at any point.
     """
     sampler = sampler or greedy
+    if not tokens:
+        raise ValueError("generate needs at least one token to continue from")
     offset = num_cached_tokens(prompt_cache)
     if offset == len(tokens):
         # mlx-lm's generate_step runs one ahead: drop the last token's KV and compute it again, identically.
@@ -46,7 +68,7 @@ def generate(
         offset -= 1
     if not 0 <= offset < len(tokens):
         raise ValueError(f"the cache holds {offset} tokens, but the session has {len(tokens)}")
-    pending = [int(t) for t in tokens[offset:]]
+    pending = token_ids(model, tokens[offset:])
     while len(pending) > 1:
         chunk = pending[: min(prefill_step, len(pending) - 1)]
         model(mx.array(chunk)[None], cache=prompt_cache)

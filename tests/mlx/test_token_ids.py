@@ -1,0 +1,53 @@
+"""Token ids the model does not embed are refused by name before MLX sees them: MLX's embedding does not check its
+indices, so -1 read the last row (the reply of another prompt), the vocabulary's size read past the table and
+2**40 ended the process with a segmentation fault. Floats and strings are refused rather than truncated."""
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+import thaw_mlx
+from thaw_format.sdk import greedy
+
+VOCAB = 256  # zoo.CONFIGS' vocab_size
+
+
+@pytest.fixture
+def engine(model_of):
+    return thaw_mlx.MLXEngine(model_of("llama-kv"))
+
+
+@pytest.mark.parametrize("bad", [-1, VOCAB, 2**40])
+def test_an_id_outside_the_vocabulary_is_refused_before_anything_is_computed(engine, bad):
+    match = rf"token id {bad} is outside the model's vocabulary of {VOCAB} ids \[0, {VOCAB}\)"
+    with pytest.raises(ValueError, match=match):
+        engine.generate([5, 6, bad], greedy(2))
+    with pytest.raises(ValueError, match=match):
+        engine.submit([5, bad, 6], greedy(2))
+    assert engine.sessions == [] and engine.running == {}
+    assert engine.generate([5, 6, VOCAB - 1], greedy(2)).token_ids  # the last id is one
+
+
+@pytest.mark.parametrize("bad", [3.7, "7", 2.0])
+def test_an_id_that_is_no_integer_is_refused_not_truncated(engine, bad):
+    with pytest.raises(TypeError, match=rf"token ids must be integers, got {bad!r}"):
+        engine.generate([5, bad], greedy(2))
+    assert engine.sessions == []
+
+
+def test_integer_types_of_numpy_and_mlx_are_token_ids(engine):
+    import numpy as np
+
+    plain = engine.generate([5, 6, 7], greedy(3)).token_ids
+    assert engine.generate([np.int64(5), mx.array(6), np.int32(7)], greedy(3)).token_ids == plain
+
+
+def test_the_functional_generate_refuses_them_with_the_cache_untouched(model_of):
+    model = model_of("llama-kv")
+    cache = make_prompt_cache(model)
+    with pytest.raises(ValueError, match=f"token id {VOCAB} is outside"):
+        list(thaw_mlx.generate(model, cache, [5, VOCAB], 3))
+    with pytest.raises(ValueError, match="at least one token"):  # was "the cache holds -1 tokens"
+        list(thaw_mlx.generate(model, cache, [], 3))
+    assert thaw_mlx.num_cached_tokens(cache) == 0
+    assert len(list(thaw_mlx.generate(model, cache, [5, 6], 3))) == 3
