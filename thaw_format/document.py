@@ -61,7 +61,7 @@ def encode(snapshot: Snapshot) -> tuple[dict, list[tuple[str, Tensor]]]:
         odd = [name for name in w.tensors if not isinstance(name, str)]
         if odd:
             raise TypeError(f"weights: tensor names must be str, got {odd[0]!r} ({type(odd[0]).__name__})")
-        tensors += [(f"weights/{name}", as_tensor(t)) for name, t in w.tensors.items()]
+        tensors += [_named(f"weights/{name}", t) for name, t in w.tensors.items()]
         doc["weights"] = {
             "checkpoint_names": dict(w.checkpoint_names),
             "ref": _members(w.ref) if w.ref is not None else None,
@@ -82,6 +82,14 @@ def encode(snapshot: Snapshot) -> tuple[dict, list[tuple[str, Tensor]]]:
     return doc, tensors
 
 
+def _named(name: str, value: Any) -> tuple[str, Tensor]:
+    """(name, the value as a Tensor); a value that cannot be one is refused naming it, one among thousands."""
+    try:
+        return name, as_tensor(value)
+    except (TypeError, ValueError) as exc:
+        raise (TypeError if isinstance(exc, TypeError) else ValueError)(f"tensor {name!r}: {exc}") from None
+
+
 def _members(section) -> dict:
     """A section's fields as a JSON object, its values the section's own: the document is only serialised
     (dataclasses.asdict deep-copies every list item, a prefix's page hashes one by one)."""
@@ -92,7 +100,7 @@ def _encode_kv(kv: KVCache, tensors: list) -> dict:
     layers = []
     for i, layer in enumerate(kv.layers):
         roles = list(layer.tensors)
-        tensors += [(f"kv/{i}/{role}", as_tensor(layer.tensors[role])) for role in roles]
+        tensors += [_named(f"kv/{i}/{role}", layer.tensors[role]) for role in roles]
         layers.append(
             {
                 "kind": layer.kind,
@@ -127,7 +135,7 @@ def _encode_scheduler(scheduler: SchedulerState, tensors: list) -> dict:
         entry["sampling"] = _members(req.sampling)
         entry["rng_state"] = req.rng_state is not None
         if req.rng_state is not None:
-            tensors.append((f"scheduler/{i}/rng_state", as_tensor(req.rng_state)))
+            tensors.append(_named(f"scheduler/{i}/rng_state", req.rng_state))
         requests.append(entry)
     return {"requests": requests}
 

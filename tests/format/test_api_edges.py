@@ -247,3 +247,20 @@ def test_write_refuses_a_path_or_a_text_stream_before_writing(tmp_path):
         tf.write(snapshot, f)
     with open(tmp_path / "s.thaw", "rb") as f, pytest.raises(TypeError, match="file object.*pass its path"):
         tf.load(f)
+
+
+def test_a_tensor_that_cannot_be_stored_is_named(tmp_path):
+    """Among many tensors, the error says which one: it said only "numpy dtype <U1 has no thaw dtype name"."""
+    tensors = {f"layer.{i}": np.zeros(2, np.float32) for i in range(100)}
+    with pytest.raises(TypeError, match=r"tensor 'weights/layer\.7': numpy dtype <U1 has no thaw dtype name"):
+        tf.save_file({**tensors, "layer.7": np.array(["x"])}, tmp_path / "s.thaw")
+    with pytest.raises(TypeError, match=r"tensor 'weights/b': cannot store a list"):
+        tf.save(tf.Snapshot(weights=tf.Weights({"a": np.zeros(2), "b": [0.0, 1.0]})), tmp_path / "s.thaw")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_meta_torch_tensor_is_refused_as_holding_no_data(tmp_path):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"tensor 'weights/w': a tensor on the meta device holds no data"):
+        tf.save_file({"w": torch.zeros(3, device="meta")}, tmp_path / "s.thaw")  # was torch's NotImplementedError
+    assert list(tmp_path.iterdir()) == []
