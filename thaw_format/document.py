@@ -77,9 +77,24 @@ def encode(snapshot: Snapshot) -> tuple[dict, list[tuple[str, Tensor]]]:
     if snapshot.lineage is not None:
         doc["lineage"] = _members(snapshot.lineage)
     if snapshot.metadata:
+        _check_keys(snapshot.metadata, "metadata")
         doc["metadata"] = dict(snapshot.metadata)
     doc["tensors"] = [{"name": n, "dtype": t.dtype, "shape": list(t.shape)} for n, t in tensors]
     return doc, tensors
+
+
+def _check_keys(value: Any, where: str) -> None:
+    """TypeError for a dict key that is not a str, anywhere in the caller's free-form `value`: JSON would write
+    1 as "1" (read back as another key), and keys of mixed types fail its sorting with a message naming none."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: key {key!r} ({type(key).__name__}) is not a str: a JSON object's keys are "
+                                "strings, so it would be read back as another key")
+            _check_keys(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_keys(item, f"{where}[{i}]")
 
 
 def _named(name: str, value: Any) -> tuple[str, Tensor]:

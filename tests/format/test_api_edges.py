@@ -205,6 +205,8 @@ def test_a_weight_name_that_is_not_a_string_is_refused_not_read_back_as_another_
     ({"x": float("nan")}, ValueError, "must be JSON.*finite"),
     ({"x": b"raw"}, TypeError, "must be JSON.*bytes"),
     ({"x": "\ud800"}, ValueError, "not valid Unicode.*\\\\ud800"),
+    ({1: "a"}, TypeError, r"metadata: key 1 \(int\) is not a str.*read back as another key"),  # was {"1": "a"}
+    ({"x": [{None: 0, "None": 1}]}, TypeError, r"metadata\['x'\]\[0\]: key None \(NoneType\) is not a str"),
 ])
 def test_metadata_the_document_cannot_hold_is_refused_saying_so(tmp_path, metadata, error, match):
     with pytest.raises(error, match=match):
