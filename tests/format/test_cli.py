@@ -68,6 +68,16 @@ def test_console_script_is_installed(tmp_path):
     assert missing.returncode == 2 and "No such file" in missing.stderr
 
 
+def test_python_m_thaw_format_is_the_command(tmp_path):
+    """`python -m thaw_format`, for an environment whose scripts folder is not on PATH (it said "No module named
+    thaw_format.__main__"): the same command and exit codes, named "thaw" in its usage."""
+    run = lambda *argv: subprocess.run([sys.executable, "-m", "thaw_format", *argv], capture_output=True, text=True)
+    missing = run("verify", str(VECTORS / "kv_prefix_tree.thaw"), str(tmp_path / "nope.thaw"))
+    assert missing.returncode == 2 and missing.stdout.startswith("OK sha256:"), missing.stderr
+    assert "thaw verify: FileNotFoundError" in missing.stderr
+    assert run("--help").stdout.startswith("usage: thaw ")
+
+
 def _save(snap, path):
     tf.save(snap, path)
     return str(path)

@@ -1,0 +1,7 @@
+"""`python -m thaw_format`: the `thaw` command, where the environment's scripts folder is not on PATH."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
