@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, ModelInfo, Request, SamplingParams, Snapshot
+from thaw_format.compat import expect_snapshot
 from thaw_format.document import validate
 from thaw_format.sdk import (DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, LocalDirectory, Progress, Resumed,
                              Unsupported, fork, pending_requests)
@@ -326,6 +327,7 @@ class MLXEngine(SharedKV):
         what it holds is checked, not its bytes again. Whatever the caller still holds of the old caches (an
         array, an array sharing its memory such as a slice, a layer object, a cache list) keeps its bytes: only
         memory nothing else holds is written over (pages.moved_buffers)."""
+        expect_snapshot(snapshot)  # a path is restore_source's
         verify_unchecked(snapshot)  # a segment borrowed or shared-loaded with verify=False (lent's trust rule)
         validate(snapshot, CorruptSnapshotError)  # a Snapshot built in memory has met none of the reader's rules
         return self._restore_over(snapshot)
