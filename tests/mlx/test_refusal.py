@@ -140,8 +140,9 @@ def test_captures_thaw_cannot_represent(model_of):
     model(mx.array([[1, 2, 3]]), cache=single)
     with pytest.raises(ValueError, match="holds 3 tokens, but 2 token ids"):
         thaw_mlx.capture(model, single, [1, 2])
-    with pytest.raises(ValueError, match="holds 0 tokens"):
-        thaw_mlx.capture(model, [KVCache() for _ in model.layers], [1])
+    for given in ([1], []):  # with [] it said "holds 0 tokens, but 0 token ids were given"
+        with pytest.raises(ValueError, match="the cache holds 0 tokens: an empty session has nothing to capture"):
+            thaw_mlx.capture(model, [KVCache() for _ in model.layers], given)
 
 
 def test_a_known_identity_is_used_as_given(model_of, llama_snapshot):
