@@ -318,6 +318,12 @@ class MLXEngine(SharedKV):
         check_snapshot_model(self.model, snapshot, info=self.info)
         check_cache_layout(self.model, snapshot)
         pending = _pending(snapshot)
+        if pending:  # the tokens it has not computed go to the model (MLX does not check ids): refused now, not then
+            request = pending[0]
+            try:
+                token_ids(self.model, request.prompt_token_ids + request.output_token_ids)
+            except (TypeError, ValueError) as exc:
+                raise IncompatibleSnapshotError(f"request {request.id!r}: {exc}") from None
         return check_sequences_kv(snapshot, engine_requests(snapshot, pending and pending[0])), pending
 
     def restore(self, snapshot: Snapshot) -> list[Resumed]:

@@ -7,6 +7,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 import thaw_mlx
+from thaw_format import IncompatibleSnapshotError
 from thaw_format.sdk import greedy
 
 VOCAB = 256  # zoo.CONFIGS' vocab_size
@@ -51,3 +52,18 @@ def test_the_functional_generate_refuses_them_with_the_cache_untouched(model_of)
         list(thaw_mlx.generate(model, cache, [], 3))
     assert thaw_mlx.num_cached_tokens(cache) == 0
     assert len(list(thaw_mlx.generate(model, cache, [5, 6], 3))) == 3
+
+
+def test_a_snapshot_whose_request_in_flight_holds_such_an_id_is_refused_before_the_engine_changes(engine, model_of):
+    """Its tokens not yet computed go to the model on its next step: the restore took it, and that step raised
+    (a segmentation fault before ids were checked) and every later step raised StopIteration."""
+    engine.submit([5, 6, 7, 8, 9], greedy(8))
+    for _ in range(3):
+        engine.step()
+    snapshot = engine.capture(include_weights=False)
+    snapshot.scheduler.requests[0].output_token_ids[-1] = 2**40  # the last output token: not in the KV
+    target = thaw_mlx.MLXEngine(model_of("llama-kv"))
+    target.generate([5, 6, 7], greedy(2))
+    with pytest.raises(IncompatibleSnapshotError, match=rf"request 'mlx-0': token id {2**40} is outside"):
+        target.restore(snapshot)
+    assert target.running == {} and [s.tokens[:3] for s in target.sessions] == [[5, 6, 7]]
