@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=verify)
     p = command("log", "lineage: the snapshot, its parent, its parent's parent ... (who, when, label)")
     p.add_argument("path")
-    p.add_argument("--search", action="append", metavar="DIR",
+    p.add_argument("--search", action="append", metavar="DIR", type=_folder,
                    help="folder whose *.thaw files may be parents (repeatable; default: the file's folder)")
     p.add_argument("--json", action="store_true", help="a JSON list, newest first")
     p.set_defaults(run=log)
@@ -305,6 +305,13 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
     return value
+
+
+def _folder(text: str) -> str:
+    """A folder to search (a missing one, a typo, would be searched as empty, and no parent found, silently)."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+    return text
 
 
 def _unavailable(name: str, why: str) -> int:

@@ -150,6 +150,10 @@ def test_log_follows_parents_in_the_folder(tmp_path, capsys):
     assert f"parent   {trunk_id} (not found among the *.thaw in {elsewhere}" in capsys.readouterr().out
     assert main(["log", str(elsewhere / "child.thaw"), "--search", str(tmp_path)]) == 0
     assert "(a root)" in capsys.readouterr().out
+    for typo in (tmp_path / "tpyo", tmp_path / "trunk.thaw"):  # searched nothing and said nothing: a usage error
+        with pytest.raises(SystemExit) as exit_:
+            main(["log", str(elsewhere / "child.thaw"), "--search", str(typo)])
+        assert exit_.value.code == 2 and f"--search: {str(typo)!r} is not a folder" in capsys.readouterr().err
 
 
 def test_log_follows_the_first_copy_of_a_parent_and_names_the_others(tmp_path, capsys):
