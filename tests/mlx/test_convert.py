@@ -209,3 +209,13 @@ def test_import_refuses_a_malformed_tokens_or_config_file_as_an_argument_error(s
     err = capsys.readouterr().err
     assert caught.value.code == 2 and f"argument {option}" in err and match in err and "Traceback" not in err
     assert not (tmp_path / "back.thaw").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "x"])
+def test_a_page_size_of_no_tokens_is_an_argument_error(tmp_path, capsys, value):
+    """It was refused once the file was read, as an IncompatibleSnapshotError (exit 1)."""
+    with pytest.raises(SystemExit) as caught:
+        main(["convert", str(tmp_path / "cache.safetensors"), str(tmp_path / "back.thaw"), "--page-size", value])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and f"argument --page-size: expected a whole number of tokens of 1 or more, got " \
+        f"{value!r}" in err
