@@ -11,11 +11,12 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from thaw_format import IncompatibleSnapshotError, ModelInfo, Snapshot, config_digest
+from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, ModelInfo, Snapshot, config_digest
+from thaw_format.document import decode
 from thaw_format.writer import temporary_beside
 
 from .identity import checkpoint_config
@@ -64,8 +65,9 @@ def import_prompt_cache(
         if TOKENS_KEY not in metadata:
             raise IncompatibleSnapshotError(f"{path} does not record its token ids (not written by thaw): give "
                                             "them (tokens=, or thaw convert --tokens FILE)")
-        tokens = json.loads(metadata[TOKENS_KEY])
-        num_prompt_tokens = int(metadata[PROMPT_KEY])
+        tokens = _recorded(path, metadata, TOKENS_KEY, "a JSON list of token ids",
+                           lambda v: isinstance(v, list) and all(type(t) is int and t >= 0 for t in v))
+        num_prompt_tokens = _recorded(path, metadata, PROMPT_KEY, "a JSON integer", lambda v: type(v) is int)
     if config is None and MODEL_KEY not in metadata:
         raise IncompatibleSnapshotError(f"{path} does not say which model it belongs to: give the model's "
                                         "config (config=, or thaw convert --model DIR)")
@@ -75,5 +77,22 @@ def import_prompt_cache(
         snapshot.model = ModelInfo(canonical["model_type"], config_digest(canonical), snapshot.kv.dtype,
                                    config=canonical)
     else:
-        snapshot.model = ModelInfo(**json.loads(metadata[MODEL_KEY]))
+        fields = _recorded(path, metadata, MODEL_KEY, "JSON", lambda v: True)
+        try:  # the reader's checks of a model section: its members and their types
+            snapshot.model = decode({"model": fields}, None, []).model
+        except CorruptSnapshotError as exc:
+            raise CorruptSnapshotError(f"{path}: its {MODEL_KEY} metadata is not a model's identity: {exc}") from None
     return snapshot
+
+
+def _recorded(path, metadata: dict, key: str, what: str, fits: Callable[[Any], bool]) -> Any:
+    """The JSON value a thaw export recorded under `key`: these metadata are strings anyone can edit, so a value
+    that is not JSON or does not fit is refused naming the key, not met later as a TypeError (or 1.5 read as 1)."""
+    try:
+        value = json.loads(metadata[key])
+        fit = fits(value)
+    except ValueError:  # not JSON
+        fit = False
+    if not fit:
+        raise CorruptSnapshotError(f"{path}: its {key} metadata is not {what}: {metadata[key]!r:.200}")
+    return value
