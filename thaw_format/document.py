@@ -36,7 +36,7 @@ from .snapshot import (
     Weights,
     WeightsRef,
 )
-from .tensor import MAX_DIM, Tensor, as_tensor
+from .tensor import MAX_DIM, MAX_DIMS, Tensor, as_tensor
 
 Fail = Callable[[str], Exception]
 
@@ -98,11 +98,16 @@ def _check_keys(value: Any, where: str) -> None:
 
 
 def _named(name: str, value: Any) -> tuple[str, Tensor]:
-    """(name, the value as a Tensor); a value that cannot be one is refused naming it, one among thousands."""
+    """(name, the value as a Tensor); a value that cannot be one, or of more dimensions than the format holds, is
+    refused naming it, one among thousands."""
     try:
-        return name, as_tensor(value)
+        tensor = as_tensor(value)
     except (TypeError, ValueError) as exc:
         raise (TypeError if isinstance(exc, TypeError) else ValueError)(f"tensor {name!r}: {exc}") from None
+    if len(tensor.shape) > MAX_DIMS:  # numpy and torch allow more; the file's reader would refuse it
+        raise ValueError(f"tensor {name!r}: {len(tensor.shape)} dimensions; a snapshot's tensors have at most "
+                         f"{MAX_DIMS} (spec section 4): reshape it")
+    return name, tensor
 
 
 def _members(section) -> dict:

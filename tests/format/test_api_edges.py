@@ -266,3 +266,12 @@ def test_a_meta_torch_tensor_is_refused_as_holding_no_data(tmp_path):
     with pytest.raises(ValueError, match=r"tensor 'weights/w': a tensor on the meta device holds no data"):
         tf.save_file({"w": torch.zeros(3, device="meta")}, tmp_path / "s.thaw")  # was torch's NotImplementedError
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tensor_of_more_dimensions_than_the_format_holds_is_refused_by_the_writer(tmp_path):
+    """Spec section 4: a shape is at most 16 integers. 17 were written, and the file's own reader refused it."""
+    with pytest.raises(ValueError, match=r"tensor 'weights/a': 17 dimensions; a snapshot's tensors have at most 16"):
+        tf.save_file({"a": np.zeros((1,) * 17)}, tmp_path / "s.thaw")
+    assert list(tmp_path.iterdir()) == []
+    tf.save_file({"a": np.arange(2.0).reshape((1,) * 15 + (2,))}, tmp_path / "s.thaw")
+    assert tf.load(tmp_path / "s.thaw").weights.tensors["a"].shape == (1,) * 15 + (2,)
