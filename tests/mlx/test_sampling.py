@@ -71,8 +71,9 @@ def test_what_the_sampler_cannot_do_is_refused(model_of):
 
 
 def test_every_seed_the_format_holds_seeds_a_sampler(model_of):
-    """The format's seeds are any 64-bit integer, signed or not (spec section 5); MLX's key takes a uint64, and a negative
-    seed (-1 is common) raised MLX's "key(): incompatible function arguments". A negative seed is its 64 bits."""
+    """The format's seeds are any 64-bit integer, signed or not (spec section 5); MLX's key takes a uint64, and a
+    negative seed (-1 is common) raised MLX's "key(): incompatible function arguments". A negative seed is its 64
+    bits."""
     assert mx.array_equal(thaw_mlx.Sampler(SamplingParams(temperature=1.0, seed=-1)).key,
                           thaw_mlx.Sampler(SamplingParams(temperature=1.0, seed=2**64 - 1)).key)
     assert not mx.array_equal(thaw_mlx.Sampler(SamplingParams(temperature=1.0, seed=-2**63)).key,
