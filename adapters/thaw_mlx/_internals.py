@@ -74,11 +74,21 @@ def make_arrays(states: list) -> ArraysCache:
 
 
 def vocab_size(model) -> Optional[int]:
-    """How many token ids the model embeds, as its ModelArgs say (a multimodal wrapper's in its text_config);
-    None for a model whose args name no vocabulary."""
-    size = getattr(model.args, "vocab_size", None)
-    text = getattr(model.args, "text_config", None)
-    return text.get("vocab_size") if size is None and isinstance(text, dict) else size
+    """How many token ids the model embeds, as its arguments say; None where they name no vocabulary.
+
+    The arguments are `model.args`, or `model.config` (plamo2, plamo3, youtu_llm); the bound is the largest of
+    `vocab_size`, `embedding_size` (olmo: its table, 50304 rows past a vocab_size of 50280, and its output layer,
+    emit ids up to it), `num_vocab` (phixtral) and a multimodal wrapper's `text_config["vocab_size"]`. Not read
+    from the embedding table itself: its attribute differs across mlx-lm's models (embed_tokens, wte,
+    tok_embeddings, ...) and models hold other tables beside it (gpt2's positions, gemma3n's per-layer ones),
+    so finding "the" table would be a guess per model; the arguments are what mlx-lm sizes it from.
+    """
+    args = getattr(model, "args", None) or getattr(model, "config", None)
+    text = getattr(args, "text_config", None)
+    sizes = [getattr(args, name, None) for name in ("vocab_size", "embedding_size", "num_vocab")]
+    sizes.append(text.get("vocab_size") if isinstance(text, dict) else None)
+    sizes = [size for size in sizes if isinstance(size, int)]
+    return max(sizes) if sizes else None
 
 
 def model_classes(config: dict):

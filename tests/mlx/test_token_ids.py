@@ -2,6 +2,8 @@
 indices, so -1 read the last row (the reply of another prompt), the vocabulary's size read past the table and
 2**40 ended the process with a segmentation fault. Floats and strings are refused rather than truncated."""
 
+import importlib
+
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
@@ -29,7 +31,7 @@ def test_an_id_outside_the_vocabulary_is_refused_before_anything_is_computed(eng
     assert engine.generate([5, 6, VOCAB - 1], greedy(2)).token_ids  # the last id is one
 
 
-@pytest.mark.parametrize("bad", [3.7, "7", 2.0])
+@pytest.mark.parametrize("bad", [3.7, "7", 2.0, True])
 def test_an_id_that_is_no_integer_is_refused_not_truncated(engine, bad):
     with pytest.raises(TypeError, match=rf"token ids must be integers, got {bad!r}"):
         engine.generate([5, bad], greedy(2))
@@ -54,6 +56,31 @@ def test_the_functional_generate_refuses_them_with_the_cache_untouched(model_of)
     assert len(list(thaw_mlx.generate(model, cache, [5, 6], 3))) == 3
 
 
+def test_a_refused_id_leaves_a_cache_holding_every_token_as_it_was(model_of):
+    """A cache holding every token drops the last one to compute it again (as mlx-lm's generate_step does): it
+    dropped it before the pending tokens were checked, so a refused id left the cache a token short."""
+    model = model_of("llama-kv")
+    cache = make_prompt_cache(model)
+    model(mx.array([[5, 6]]), cache=cache)
+    with pytest.raises(ValueError, match=f"token id {VOCAB} is outside"):
+        list(thaw_mlx.generate(model, cache, [5, VOCAB], 3))
+    assert thaw_mlx.num_cached_tokens(cache) == 2
+
+
+def test_arrays_of_token_ids_are_continued(model_of):
+    """`if not tokens` raised "The truth value of an array with more than one element is ambiguous" for a numpy
+    array of tokens, and refused np.array([0]) as empty."""
+    import numpy as np
+
+    model = model_of("llama-kv")
+
+    def continued(tokens):
+        return list(thaw_mlx.generate(model, make_prompt_cache(model), tokens, 3))
+
+    assert continued(np.array([5, 6])) == continued(mx.array([5, 6])) == continued([5, 6])
+    assert continued(np.array([0])) == continued([0])
+
+
 def test_a_snapshot_whose_request_in_flight_holds_such_an_id_is_refused_before_the_engine_changes(engine, model_of):
     """Its tokens not yet computed go to the model on its next step: the restore took it, and that step raised
     (a segmentation fault before ids were checked) and every later step raised StopIteration."""
@@ -67,3 +94,20 @@ def test_a_snapshot_whose_request_in_flight_holds_such_an_id_is_refused_before_t
     with pytest.raises(IncompatibleSnapshotError, match=rf"request 'mlx-0': token id {2**40} is outside"):
         target.restore(snapshot)
     assert target.running == {} and [s.tokens[:3] for s in target.sessions] == [[5, 6, 7]]
+
+
+@pytest.mark.parametrize("arch, args", [
+    # keeps its arguments as model.config, not model.args: every id raised AttributeError 'args'
+    ("youtu_llm", dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None,
+                       qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16)),
+    # names its vocabulary num_vocab: ids past the table were not refused
+    ("phixtral", dict(model_type="phixtral", num_vocab=VOCAB, model_dim=64, num_heads=4, num_layers=1,
+                      rotary_dim=8)),
+])
+def test_a_model_s_vocabulary_is_found_under_each_name_mlx_lm_gives_it(arch, args):
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    model = module.Model(module.ModelArgs(**args))
+    with pytest.raises(ValueError, match=rf"token id {VOCAB} is outside the model's vocabulary of {VOCAB} ids"):
+        list(thaw_mlx.generate(model, make_prompt_cache(model), [5, VOCAB], 1))
+    assert len(list(thaw_mlx.generate(model, make_prompt_cache(model), [5, VOCAB - 1], 1))) == 1
