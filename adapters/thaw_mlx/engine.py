@@ -305,6 +305,7 @@ class MLXEngine(SharedKV):
         return snapshot
 
     def check(self, snapshot: Snapshot) -> None:
+        expect_snapshot(snapshot)  # as restore: a path is refused by name, not as "'str' object has no attribute"
         validate(snapshot, CorruptSnapshotError)  # a Snapshot built in memory has met none of the reader's rules
         self._checked(snapshot)
 

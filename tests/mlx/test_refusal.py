@@ -37,9 +37,10 @@ def test_a_path_instead_of_a_snapshot_is_refused_by_name(session, tmp_path):
     model, _, _ = session("llama-kv")
     with pytest.raises(TypeError, match=r"got str .*thaw_format.load\(path\)"):
         thaw_mlx.restore(model, str(tmp_path / "trunk.thaw"))
-    engine = thaw_mlx.MLXEngine(model)  # its restore said "'str' object has no attribute 'kv'"
-    with pytest.raises(TypeError, match=r"got str .*engine.restore_source\(path\)"):
-        engine.restore(str(tmp_path / "trunk.thaw"))
+    engine = thaw_mlx.MLXEngine(model)  # its restore and check said "'str' object has no attribute 'kv'"
+    for use in (engine.restore, engine.check):
+        with pytest.raises(TypeError, match=r"got str .*engine.restore_source\(path\)"):
+            use(str(tmp_path / "trunk.thaw"))
 
 
 def test_another_architecture(model_of, llama_snapshot):
