@@ -54,6 +54,7 @@ def encode(snapshot: Snapshot) -> tuple[dict, list[tuple[str, Tensor]]]:
     doc: dict[str, Any] = {}
     tensors: list[tuple[str, Tensor]] = []
     if snapshot.model is not None:
+        _check_keys(snapshot.model.config, "model.config")
         doc["model"] = _members(snapshot.model)
     if snapshot.weights is not None:
         w = snapshot.weights
@@ -103,7 +104,7 @@ def _named(name: str, value: Any) -> tuple[str, Tensor]:
     try:
         tensor = as_tensor(value)
     except (TypeError, ValueError) as exc:
-        raise (TypeError if isinstance(exc, TypeError) else ValueError)(f"tensor {name!r}: {exc}") from None
+        raise type(exc)(f"tensor {name!r}: {exc}") from None
     if len(tensor.shape) > MAX_DIMS:  # numpy and torch allow more; the file's reader would refuse it
         raise ValueError(f"tensor {name!r}: {len(tensor.shape)} dimensions; a snapshot's tensors have at most "
                          f"{MAX_DIMS} (spec section 4): reshape it")

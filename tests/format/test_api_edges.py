@@ -216,6 +216,14 @@ def test_metadata_the_document_cannot_hold_is_refused_saying_so(tmp_path, metada
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_model_config_key_that_is_not_a_str_is_refused(tmp_path):
+    config = {"model_type": "llama", "rope_scaling": {1: "a"}}  # was written as "1", read back as another config
+    model = tf.ModelInfo("llama", tf.config_digest({"model_type": "llama"}), "float32", config=config)
+    with pytest.raises(TypeError, match=r"model.config\['rope_scaling'\]: key 1 \(int\) is not a str"):
+        tf.save(tf.Snapshot(model=model, weights=tf.Weights({"w": np.zeros(2)})), tmp_path / "s.thaw")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_closed_snapshot_file_says_it_is_closed(tmp_path):
     tf.save_file({"w": np.arange(3, dtype=np.int32)}, tmp_path / "s.thaw")
     with tf.open(tmp_path / "s.thaw") as f:
