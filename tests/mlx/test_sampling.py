@@ -79,7 +79,12 @@ def test_every_seed_the_format_holds_seeds_a_sampler(model_of):
     assert not mx.array_equal(thaw_mlx.Sampler(SamplingParams(temperature=1.0, seed=-2**63)).key,
                               thaw_mlx.Sampler(SamplingParams(temperature=1.0, seed=0)).key)
     engine = thaw_mlx.MLXEngine(model_of("llama-kv"))
-    assert len(engine.generate([5, 6, 7], SamplingParams(temperature=1.0, seed=-7, max_tokens=3)).token_ids) == 3
+
+    def sampled(seed):
+        return engine.generate([5, 6, 7], SamplingParams(temperature=1.0, seed=seed, max_tokens=3,
+                                                         ignore_eos=True)).token_ids
+
+    assert len(sampled(-7)) == 3 and sampled(-7) == sampled(2**64 - 7)
     for seed in (2**64, -2**63 - 1):
         with pytest.raises(ValueError, match=rf"seed {seed} does not fit 64 bits"):
             thaw_mlx.Sampler(SamplingParams(temperature=1.0, seed=seed))
