@@ -12,12 +12,12 @@ from pathlib import Path
 
 import thaw_format
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, SnapshotFile
-from thaw_format.cli import say
+from thaw_format.cli import say, whole_number
 from thaw_format.container import MAGIC
 from thaw_format.progress import progress_bar
 
 from .identity import checkpoint_info
-from .prompt_cache_file import export_prompt_cache, import_prompt_cache
+from .prompt_cache_file import export_prompt_cache, import_prompt_cache, is_token_list
 from .session import DEFAULT_PAGE_SIZE
 
 
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
                    "(its config.json; with *.safetensors weights, the checkpoint's identity)")
     p.add_argument("--tokens", metavar="JSON", type=_token_ids,
                    help="importing: a file holding the JSON list of the cache's token ids")
-    p.add_argument("--page-size", type=_page_size, default=DEFAULT_PAGE_SIZE,
+    p.add_argument("--page-size", type=whole_number(1, "tokens"), default=DEFAULT_PAGE_SIZE,
                    help=f"importing: tokens per KV page (default {DEFAULT_PAGE_SIZE})")
     p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
                    help="importing: fsync the snapshot and its folder (default); --no-durable skips the fsyncs "
@@ -93,21 +93,9 @@ def _model_dir(path: str) -> tuple[str, dict]:
 def _token_ids(path: str) -> list[int]:
     """--tokens FILE: a JSON list of token ids (integers >= 0)."""
     tokens = _json_file(path)
-    if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
+    if not is_token_list(tokens):
         raise argparse.ArgumentTypeError(f"{path!r} must hold a JSON list of token ids (integers >= 0)")
     return tokens
-
-
-def _page_size(text: str) -> int:
-    """--page-size N: a whole number of 1 or more, refused as the arguments are parsed (it was refused only after
-    the file was read, as an incompatible snapshot, exit 1)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of tokens of 1 or more, got {text!r}")
-    return value
 
 
 def _looks_like_safetensors(head: bytes, file_size: int) -> bool:
