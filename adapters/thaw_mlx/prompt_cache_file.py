@@ -65,24 +65,29 @@ def import_prompt_cache(
         if TOKENS_KEY not in metadata:
             raise IncompatibleSnapshotError(f"{path} does not record its token ids (not written by thaw): give "
                                             "them (tokens=, or thaw convert --tokens FILE)")
-        tokens = _recorded(path, metadata, TOKENS_KEY, "a JSON list of token ids",
-                           lambda v: isinstance(v, list) and all(type(t) is int and t >= 0 for t in v))
-        num_prompt_tokens = _recorded(path, metadata, PROMPT_KEY, "a JSON integer", lambda v: type(v) is int)
-    if config is None and MODEL_KEY not in metadata:
-        raise IncompatibleSnapshotError(f"{path} does not say which model it belongs to: give the model's "
-                                        "config (config=, or thaw convert --model DIR)")
+        tokens = _recorded(path, metadata, TOKENS_KEY, "a JSON list of token ids", is_token_list)
+        num_prompt_tokens = _recorded(path, metadata, PROMPT_KEY, f"a JSON integer from 0 to {len(tokens)}",
+                                      lambda v: type(v) is int and 0 <= v <= len(tokens))
+    if config is None:  # the recorded identity, checked before the cache is paged
+        if MODEL_KEY not in metadata:
+            raise IncompatibleSnapshotError(f"{path} does not say which model it belongs to: give the model's "
+                                            "config (config=, or thaw convert --model DIR)")
+        fields = _recorded(path, metadata, MODEL_KEY, "JSON", lambda v: True)
+        try:  # the reader's checks of a model section: its members and their types
+            model = decode({"model": fields}, None, []).model
+        except CorruptSnapshotError as exc:
+            raise CorruptSnapshotError(f"{path}: its {MODEL_KEY} metadata is not a model's identity: {exc}") from None
     snapshot = snapshot_of_cache(cache, tokens, model=None, num_prompt_tokens=num_prompt_tokens, page_size=page_size)
     if config is not None:
         canonical = checkpoint_config(config)
-        snapshot.model = ModelInfo(canonical["model_type"], config_digest(canonical), snapshot.kv.dtype,
-                                   config=canonical)
-    else:
-        fields = _recorded(path, metadata, MODEL_KEY, "JSON", lambda v: True)
-        try:  # the reader's checks of a model section: its members and their types
-            snapshot.model = decode({"model": fields}, None, []).model
-        except CorruptSnapshotError as exc:
-            raise CorruptSnapshotError(f"{path}: its {MODEL_KEY} metadata is not a model's identity: {exc}") from None
+        model = ModelInfo(canonical["model_type"], config_digest(canonical), snapshot.kv.dtype, config=canonical)
+    snapshot.model = model
     return snapshot
+
+
+def is_token_list(value: Any) -> bool:
+    """A list of token ids as JSON gives them: ints of 0 or more (a recorded list, or thaw convert --tokens')."""
+    return isinstance(value, list) and all(type(t) is int and t >= 0 for t in value)
 
 
 def _recorded(path, metadata: dict, key: str, what: str, fits: Callable[[Any], bool]) -> Any:

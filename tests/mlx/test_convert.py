@@ -226,6 +226,8 @@ def test_a_page_size_of_no_tokens_is_an_argument_error(tmp_path, capsys, value):
     ("thaw_tokens", "[1.5, 2]", "a JSON list of token ids"),  # was truncated to [1, 2]
     ("thaw_tokens", "[1,", "a JSON list of token ids"),
     ("thaw_num_prompt_tokens", "1e3", "a JSON integer"),
+    ("thaw_num_prompt_tokens", "-1", "a JSON integer from 0 to"),
+    ("thaw_num_prompt_tokens", "100000", "a JSON integer from 0 to"),  # more than the tokens recorded
     ("thaw_model", "[]", "a model's identity: document.model must be an object"),
     ("thaw_model", "{}", "a model's identity: document.model.architecture is missing"),
     ("thaw_model", '{"architecture": 5, "config_digest": "x", "dtype": "float32"}',
