@@ -14,7 +14,7 @@ import stat
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .container import MAJOR, MINOR
 from .diff import diff as diff_files
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("inspect", "sections, tensors, sizes, identity and lineage of a snapshot")
     p.add_argument("path")
     p.add_argument("--brief", action="store_true", help="sections only, no tensor table")
-    p.add_argument("--limit", type=_count, default=50, help="tensor rows to show (default 50)")
+    p.add_argument("--limit", type=whole_number(0), default=50, help="tensor rows to show (default 50)")
     p.add_argument("--verify", action="store_true", help="also check every chunk checksum (reads the whole file)")
     p.add_argument("--json", action="store_true", help="one JSON object (every tensor unless --brief)")
     p.set_defaults(run=inspect)
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=verify)
     p = command("log", "lineage: the snapshot, its parent, its parent's parent ... (who, when, label)")
     p.add_argument("path")
-    p.add_argument("--search", action="append", metavar="DIR",
+    p.add_argument("--search", action="append", metavar="DIR", type=_folder,
                    help="folder whose *.thaw files may be parents (repeatable; default: the file's folder)")
     p.add_argument("--json", action="store_true", help="a JSON list, newest first")
     p.set_defaults(run=log)
@@ -296,15 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _count(text: str) -> int:
-    """A count of 0 or more (a negative --limit would slice rows off the end and miscount the rest)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
-    return value
+def whole_number(minimum: int, of: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number of `minimum` or more (`of` names its unit), refused as the arguments are
+    parsed, exit 2 (a negative --limit would slice rows off the end; a --page-size of 0 was refused only after the
+    file was read, as an incompatible snapshot)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number{f' of {of}' if of else ''} of {minimum} or "
+                                             f"more, got {text!r}")
+        return value
+    return parse
+
+
+def _folder(text: str) -> str:
+    """A folder to search (a missing one, a typo, would be searched as empty, and no parent found, silently)."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+    return text
 
 
 def _unavailable(name: str, why: str) -> int:

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Sequence
 
 from . import mover
 from .errors import CorruptSnapshotError, UnsupportedVersionError
+from .tensor import MAX_DIMS
 
 MAGIC = b"\x89THAW\r\n\x1a"  # non-ASCII first byte and CR LF catch text-mode transfers, as in PNG
 END_MAGIC = b"THAW-END"
@@ -60,7 +61,7 @@ class Limits:
 
     max_json_bytes: int = 64 << 20
     max_regions: int = 1 << 20
-    max_dims: int = 16
+    max_dims: int = MAX_DIMS
     max_chunk_size: int = 1 << 30
     max_json_depth: int = 64
 

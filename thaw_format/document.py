@@ -36,7 +36,7 @@ from .snapshot import (
     Weights,
     WeightsRef,
 )
-from .tensor import MAX_DIM, Tensor, as_tensor
+from .tensor import MAX_DIM, MAX_DIMS, Tensor, as_tensor
 
 Fail = Callable[[str], Exception]
 
@@ -54,6 +54,7 @@ def encode(snapshot: Snapshot) -> tuple[dict, list[tuple[str, Tensor]]]:
     doc: dict[str, Any] = {}
     tensors: list[tuple[str, Tensor]] = []
     if snapshot.model is not None:
+        _check_keys(snapshot.model.config, "model.config")
         doc["model"] = _members(snapshot.model)
     if snapshot.weights is not None:
         w = snapshot.weights
@@ -61,7 +62,7 @@ def encode(snapshot: Snapshot) -> tuple[dict, list[tuple[str, Tensor]]]:
         odd = [name for name in w.tensors if not isinstance(name, str)]
         if odd:
             raise TypeError(f"weights: tensor names must be str, got {odd[0]!r} ({type(odd[0]).__name__})")
-        tensors += [(f"weights/{name}", as_tensor(t)) for name, t in w.tensors.items()]
+        tensors += [_named(f"weights/{name}", t) for name, t in w.tensors.items()]
         doc["weights"] = {
             "checkpoint_names": dict(w.checkpoint_names),
             "ref": _members(w.ref) if w.ref is not None else None,
@@ -77,9 +78,37 @@ def encode(snapshot: Snapshot) -> tuple[dict, list[tuple[str, Tensor]]]:
     if snapshot.lineage is not None:
         doc["lineage"] = _members(snapshot.lineage)
     if snapshot.metadata:
+        _check_keys(snapshot.metadata, "metadata")
         doc["metadata"] = dict(snapshot.metadata)
     doc["tensors"] = [{"name": n, "dtype": t.dtype, "shape": list(t.shape)} for n, t in tensors]
     return doc, tensors
+
+
+def _check_keys(value: Any, where: str) -> None:
+    """TypeError for a dict key that is not a str, anywhere in the caller's free-form `value`: JSON would write
+    1 as "1" (read back as another key), and keys of mixed types fail its sorting with a message naming none."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: key {key!r} ({type(key).__name__}) is not a str: a JSON object's keys are "
+                                "strings, so it would be read back as another key")
+            _check_keys(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_keys(item, f"{where}[{i}]")
+
+
+def _named(name: str, value: Any) -> tuple[str, Tensor]:
+    """(name, the value as a Tensor); a value that cannot be one, or of more dimensions than the format holds, is
+    refused naming it, one among thousands."""
+    try:
+        tensor = as_tensor(value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"tensor {name!r}: {exc}") from None
+    if len(tensor.shape) > MAX_DIMS:  # numpy and torch allow more; the file's reader would refuse it
+        raise ValueError(f"tensor {name!r}: {len(tensor.shape)} dimensions; a snapshot's tensors have at most "
+                         f"{MAX_DIMS} (spec section 4): reshape it")
+    return name, tensor
 
 
 def _members(section) -> dict:
@@ -92,7 +121,7 @@ def _encode_kv(kv: KVCache, tensors: list) -> dict:
     layers = []
     for i, layer in enumerate(kv.layers):
         roles = list(layer.tensors)
-        tensors += [(f"kv/{i}/{role}", as_tensor(layer.tensors[role])) for role in roles]
+        tensors += [_named(f"kv/{i}/{role}", layer.tensors[role]) for role in roles]
         layers.append(
             {
                 "kind": layer.kind,
@@ -127,7 +156,7 @@ def _encode_scheduler(scheduler: SchedulerState, tensors: list) -> dict:
         entry["sampling"] = _members(req.sampling)
         entry["rng_state"] = req.rng_state is not None
         if req.rng_state is not None:
-            tensors.append((f"scheduler/{i}/rng_state", as_tensor(req.rng_state)))
+            tensors.append(_named(f"scheduler/{i}/rng_state", req.rng_state))
         requests.append(entry)
     return {"requests": requests}
 

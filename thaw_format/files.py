@@ -7,7 +7,6 @@ from typing import Any, Mapping, Optional
 from .gcpause import gc_paused
 from .reader import open as open_snapshot
 from .snapshot import Snapshot, Weights
-from .tensor import as_tensor
 from .writer import save
 
 
@@ -19,7 +18,8 @@ def save_file(tensors: Mapping[str, Any], path, metadata: Optional[Mapping[str, 
     if not isinstance(tensors, Mapping):  # a Snapshot is save's
         hint = ": for a Snapshot use thaw_format.save" if isinstance(tensors, Snapshot) else ""
         raise TypeError(f"save_file takes a dict of tensors by name, got {type(tensors).__name__}{hint}")
-    weights = Weights(tensors={name: as_tensor(value) for name, value in tensors.items()})
+    # converted as they are encoded, where an error names the tensor
+    weights = Weights(tensors=dict(tensors))
     return save(Snapshot(weights=weights, metadata=dict(metadata or {})), path, durable=durable)
 
 

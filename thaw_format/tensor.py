@@ -9,6 +9,7 @@ from typing import Any, Callable
 from .dtypes import itemsize
 
 MAX_DIM = (1 << 63) - 1  # every dimension fits an int64, as frameworks index them (spec section 4)
+MAX_DIMS = 16  # dimensions of a stored tensor's shape at most (spec section 4); a writer refuses more
 
 
 class Tensor:

@@ -43,6 +43,8 @@ def from_torch(value: torch.Tensor) -> Tensor:
         raise TypeError(f"a {t.layout} tensor has no row-major bytes to store: convert it with .to_dense() first")
     if t.is_nested:  # ragged: no one shape
         raise TypeError("a nested tensor has no single shape to store: save its components by name instead")
+    if t.is_meta:  # a shape without storage (a model built before its weights are loaded)
+        raise ValueError("a tensor on the meta device holds no data to store: load or materialise it first")
     if not t.is_cpu:
         t = t.cpu()
     if not t.is_contiguous() or t.is_conj() or t.is_neg():

@@ -7,6 +7,8 @@ from a config are internals. A newer mlx-lm must be tested and added here before
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx_lm
 from thaw_format.sdk.pins import require_tested
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, RotatingKVCache
@@ -69,6 +71,24 @@ def arrays_state(cache: ArraysCache):
 
 def make_arrays(states: list) -> ArraysCache:
     return ArraysCache.from_state((list(states), None, None))
+
+
+def vocab_size(model) -> Optional[int]:
+    """How many token ids the model embeds, as its arguments say; None where they name no vocabulary.
+
+    The arguments are `model.args`, or `model.config` (plamo2, plamo3, youtu_llm); the bound is the largest of
+    `vocab_size`, `embedding_size` (olmo: its table, 50304 rows past a vocab_size of 50280, and its output layer,
+    emit ids up to it), `num_vocab` (phixtral) and a multimodal wrapper's `text_config["vocab_size"]`. Not read
+    from the embedding table itself: its attribute differs across mlx-lm's models (embed_tokens, wte,
+    tok_embeddings, ...) and models hold other tables beside it (gpt2's positions, gemma3n's per-layer ones),
+    so finding "the" table would be a guess per model; the arguments are what mlx-lm sizes it from.
+    """
+    args = getattr(model, "args", None) or getattr(model, "config", None)
+    text = getattr(args, "text_config", None)
+    sizes = [getattr(args, name, None) for name in ("vocab_size", "embedding_size", "num_vocab")]
+    sizes.append(text.get("vocab_size") if isinstance(text, dict) else None)
+    sizes = [size for size in sizes if isinstance(size, int)]
+    return max(sizes) if sizes else None
 
 
 def model_classes(config: dict):

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import thaw_format
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, SnapshotFile
-from thaw_format.cli import say
+from thaw_format.cli import say, whole_number
 from thaw_format.container import MAGIC
 from thaw_format.progress import progress_bar
 
 from .identity import checkpoint_info
-from .prompt_cache_file import export_prompt_cache, import_prompt_cache
+from .prompt_cache_file import export_prompt_cache, import_prompt_cache, is_token_list
 from .session import DEFAULT_PAGE_SIZE
 
 
@@ -30,7 +30,8 @@ def register(subparsers) -> None:
                    "(its config.json; with *.safetensors weights, the checkpoint's identity)")
     p.add_argument("--tokens", metavar="JSON", type=_token_ids,
                    help="importing: a file holding the JSON list of the cache's token ids")
-    p.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="importing: tokens per KV page")
+    p.add_argument("--page-size", type=whole_number(1, "tokens"), default=DEFAULT_PAGE_SIZE,
+                   help=f"importing: tokens per KV page (default {DEFAULT_PAGE_SIZE})")
     p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
                    help="importing: fsync the snapshot and its folder (default); --no-durable skips the fsyncs "
                    "as mlx-lm does: still atomic, but a power loss may lose the file. Exporting ignores it: the "
@@ -92,7 +93,7 @@ def _model_dir(path: str) -> tuple[str, dict]:
 def _token_ids(path: str) -> list[int]:
     """--tokens FILE: a JSON list of token ids (integers >= 0)."""
     tokens = _json_file(path)
-    if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
+    if not is_token_list(tokens):
         raise argparse.ArgumentTypeError(f"{path!r} must hold a JSON list of token ids (integers >= 0)")
     return tokens
 

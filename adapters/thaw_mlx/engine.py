@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, ModelInfo, Request, SamplingParams, Snapshot
+from thaw_format.compat import expect_snapshot
 from thaw_format.document import validate
 from thaw_format.sdk import (DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, LocalDirectory, Progress, Resumed,
                              Unsupported, fork, pending_requests)
@@ -35,7 +36,7 @@ from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owne
 from thaw_format.sdk.tokens import common_prefix_length
 
 from .files import deferring, fill_of, mapped_snapshot
-from .generate import generate
+from .generate import generate, token_ids
 from .identity import check_snapshot_model, checked_info, model_info
 from .pages import moved_buffers, num_cached_tokens, paged_kind
 from .sampling import Sampler, request_sampler
@@ -168,7 +169,7 @@ class MLXEngine(SharedKV):
 
     def _request(self, prompt: Sequence[int], params: SamplingParams) -> _Request:
         """A new request over a copy of the longest prefix of its prompt a session holds (the prefix-cache hit)."""
-        prompt = [int(t) for t in prompt]
+        prompt = token_ids(self.model, prompt)
         if not prompt:
             raise ValueError("a prompt needs at least one token")
         if params.max_tokens is None:
@@ -304,6 +305,7 @@ class MLXEngine(SharedKV):
         return snapshot
 
     def check(self, snapshot: Snapshot) -> None:
+        expect_snapshot(snapshot)  # as restore: a path is refused by name, not as "'str' object has no attribute"
         validate(snapshot, CorruptSnapshotError)  # a Snapshot built in memory has met none of the reader's rules
         self._checked(snapshot)
 
@@ -317,6 +319,12 @@ class MLXEngine(SharedKV):
         check_snapshot_model(self.model, snapshot, info=self.info)
         check_cache_layout(self.model, snapshot)
         pending = _pending(snapshot)
+        if pending:  # the tokens it has not computed go to the model (MLX does not check ids): refused now, not then
+            request = pending[0]
+            try:
+                token_ids(self.model, request.prompt_token_ids + request.output_token_ids)
+            except (TypeError, ValueError) as exc:
+                raise IncompatibleSnapshotError(f"request {request.id!r}: {exc}") from None
         return check_sequences_kv(snapshot, engine_requests(snapshot, pending and pending[0])), pending
 
     def restore(self, snapshot: Snapshot) -> list[Resumed]:
@@ -326,6 +334,7 @@ class MLXEngine(SharedKV):
         what it holds is checked, not its bytes again. Whatever the caller still holds of the old caches (an
         array, an array sharing its memory such as a slice, a layer object, a cache list) keeps its bytes: only
         memory nothing else holds is written over (pages.moved_buffers)."""
+        expect_snapshot(snapshot)  # a path is restore_source's
         verify_unchecked(snapshot)  # a segment borrowed or shared-loaded with verify=False (lent's trust rule)
         validate(snapshot, CorruptSnapshotError)  # a Snapshot built in memory has met none of the reader's rules
         return self._restore_over(snapshot)

@@ -11,11 +11,12 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from thaw_format import IncompatibleSnapshotError, ModelInfo, Snapshot, config_digest
+from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, ModelInfo, Snapshot, config_digest
+from thaw_format.document import decode
 from thaw_format.writer import temporary_beside
 
 from .identity import checkpoint_config
@@ -64,16 +65,39 @@ def import_prompt_cache(
         if TOKENS_KEY not in metadata:
             raise IncompatibleSnapshotError(f"{path} does not record its token ids (not written by thaw): give "
                                             "them (tokens=, or thaw convert --tokens FILE)")
-        tokens = json.loads(metadata[TOKENS_KEY])
-        num_prompt_tokens = int(metadata[PROMPT_KEY])
-    if config is None and MODEL_KEY not in metadata:
-        raise IncompatibleSnapshotError(f"{path} does not say which model it belongs to: give the model's "
-                                        "config (config=, or thaw convert --model DIR)")
+        tokens = _recorded(path, metadata, TOKENS_KEY, "a JSON list of token ids", is_token_list)
+        num_prompt_tokens = _recorded(path, metadata, PROMPT_KEY, f"a JSON integer from 0 to {len(tokens)}",
+                                      lambda v: type(v) is int and 0 <= v <= len(tokens))
+    if config is None:  # the recorded identity, checked before the cache is paged
+        if MODEL_KEY not in metadata:
+            raise IncompatibleSnapshotError(f"{path} does not say which model it belongs to: give the model's "
+                                            "config (config=, or thaw convert --model DIR)")
+        fields = _recorded(path, metadata, MODEL_KEY, "JSON", lambda v: True)
+        try:  # the reader's checks of a model section: its members and their types
+            model = decode({"model": fields}, None, []).model
+        except CorruptSnapshotError as exc:
+            raise CorruptSnapshotError(f"{path}: its {MODEL_KEY} metadata is not a model's identity: {exc}") from None
     snapshot = snapshot_of_cache(cache, tokens, model=None, num_prompt_tokens=num_prompt_tokens, page_size=page_size)
     if config is not None:
         canonical = checkpoint_config(config)
-        snapshot.model = ModelInfo(canonical["model_type"], config_digest(canonical), snapshot.kv.dtype,
-                                   config=canonical)
-    else:
-        snapshot.model = ModelInfo(**json.loads(metadata[MODEL_KEY]))
+        model = ModelInfo(canonical["model_type"], config_digest(canonical), snapshot.kv.dtype, config=canonical)
+    snapshot.model = model
     return snapshot
+
+
+def is_token_list(value: Any) -> bool:
+    """A list of token ids as JSON gives them: ints of 0 or more (a recorded list, or thaw convert --tokens')."""
+    return isinstance(value, list) and all(type(t) is int and t >= 0 for t in value)
+
+
+def _recorded(path, metadata: dict, key: str, what: str, fits: Callable[[Any], bool]) -> Any:
+    """The JSON value a thaw export recorded under `key`: these metadata are strings anyone can edit, so a value
+    that is not JSON or does not fit is refused naming the key, not met later as a TypeError (or 1.5 read as 1)."""
+    try:
+        value = json.loads(metadata[key])
+        fit = fits(value)
+    except ValueError:  # not JSON
+        fit = False
+    if not fit:
+        raise CorruptSnapshotError(f"{path}: its {key} metadata is not {what}: {metadata[key]!r:.200}")
+    return value

@@ -27,7 +27,7 @@ class Sampler:
         if unsupported:
             raise ValueError(f"thaw_mlx.Sampler does not apply {', '.join(unsupported)}")
         self.params = params
-        self.key = key if key is not None else mx.random.key(params.seed or 0)
+        self.key = key if key is not None else mx.random.key(_seed_bits(params.seed or 0))
 
     def __call__(self, logprobs: mx.array) -> mx.array:
         p = self.params
@@ -45,6 +45,14 @@ class Sampler:
     def state(self):
         """(SamplingParams, the key's bytes as uint8, the format's opaque RNG state): what a snapshot records."""
         return self.params, from_mlx(self.key.view(mx.uint8))
+
+
+def _seed_bits(seed: int) -> int:
+    """A seed as the uint64 MLX's key takes: the format's seeds are any 64-bit integer, signed or not (spec
+    section 5's `int`), so a negative one is its two's-complement bits (-1 is 2**64 - 1)."""
+    if not -(1 << 63) <= seed < 1 << 64:
+        raise ValueError(f"seed {seed} does not fit 64 bits: a seed is in [-2**63, 2**64 - 1]")
+    return seed % (1 << 64)
 
 
 def sampler_of(snapshot: Snapshot) -> Sampler:

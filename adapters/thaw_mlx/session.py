@@ -160,7 +160,9 @@ def _inside_request(computed: list[list[int]], chains: list[list[int]], tokens: 
 def _computed(prompt_cache: list, tokens: Sequence[int]) -> list[int]:
     """The tokens whose KV the cache holds."""
     offset = num_cached_tokens(prompt_cache)
-    if not 0 < offset <= len(tokens):
+    if offset == 0:
+        raise ValueError("the cache holds 0 tokens: an empty session has nothing to capture")
+    if offset > len(tokens):
         raise ValueError(f"the cache holds {offset} tokens, but {len(tokens)} token ids were given")
     return [int(t) for t in tokens[:offset]]
 

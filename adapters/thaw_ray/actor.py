@@ -24,8 +24,8 @@ import numpy
 import ray
 
 from thaw_format import CorruptSnapshotError, loads
-from thaw_format.sdk.child import resolve
 from thaw_format.sdk.engine_process import stop_resource_tracker
+from thaw_format.sdk.factories import resolve
 from thaw_format.snapshot import SamplingParams
 
 from . import leftovers

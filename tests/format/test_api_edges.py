@@ -205,12 +205,22 @@ def test_a_weight_name_that_is_not_a_string_is_refused_not_read_back_as_another_
     ({"x": float("nan")}, ValueError, "must be JSON.*finite"),
     ({"x": b"raw"}, TypeError, "must be JSON.*bytes"),
     ({"x": "\ud800"}, ValueError, "not valid Unicode.*\\\\ud800"),
+    ({1: "a"}, TypeError, r"metadata: key 1 \(int\) is not a str.*read back as another key"),  # was {"1": "a"}
+    ({"x": [{None: 0, "None": 1}]}, TypeError, r"metadata\['x'\]\[0\]: key None \(NoneType\) is not a str"),
 ])
 def test_metadata_the_document_cannot_hold_is_refused_saying_so(tmp_path, metadata, error, match):
     with pytest.raises(error, match=match):
         tf.save_file({"w": np.zeros(2)}, tmp_path / "s.thaw", metadata)
     with pytest.raises(ValueError, match="not valid Unicode"):  # was UnicodeEncodeError from deep in json
         tf.save_file({"w\udcff": np.zeros(2)}, tmp_path / "s.thaw")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_config_key_that_is_not_a_str_is_refused(tmp_path):
+    config = {"model_type": "llama", "rope_scaling": {1: "a"}}  # was written as "1", read back as another config
+    model = tf.ModelInfo("llama", tf.config_digest({"model_type": "llama"}), "float32", config=config)
+    with pytest.raises(TypeError, match=r"model.config\['rope_scaling'\]: key 1 \(int\) is not a str"):
+        tf.save(tf.Snapshot(model=model, weights=tf.Weights({"w": np.zeros(2)})), tmp_path / "s.thaw")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -247,3 +257,29 @@ def test_write_refuses_a_path_or_a_text_stream_before_writing(tmp_path):
         tf.write(snapshot, f)
     with open(tmp_path / "s.thaw", "rb") as f, pytest.raises(TypeError, match="file object.*pass its path"):
         tf.load(f)
+
+
+def test_a_tensor_that_cannot_be_stored_is_named(tmp_path):
+    """Among many tensors, the error says which one: it said only "numpy dtype <U1 has no thaw dtype name"."""
+    tensors = {f"layer.{i}": np.zeros(2, np.float32) for i in range(100)}
+    with pytest.raises(TypeError, match=r"tensor 'weights/layer\.7': numpy dtype <U1 has no thaw dtype name"):
+        tf.save_file({**tensors, "layer.7": np.array(["x"])}, tmp_path / "s.thaw")
+    with pytest.raises(TypeError, match=r"tensor 'weights/b': cannot store a list"):
+        tf.save(tf.Snapshot(weights=tf.Weights({"a": np.zeros(2), "b": [0.0, 1.0]})), tmp_path / "s.thaw")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_meta_torch_tensor_is_refused_as_holding_no_data(tmp_path):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"tensor 'weights/w': a tensor on the meta device holds no data"):
+        tf.save_file({"w": torch.zeros(3, device="meta")}, tmp_path / "s.thaw")  # was torch's NotImplementedError
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tensor_of_more_dimensions_than_the_format_holds_is_refused_by_the_writer(tmp_path):
+    """Spec section 4: a shape is at most 16 integers. 17 were written, and the file's own reader refused it."""
+    with pytest.raises(ValueError, match=r"tensor 'weights/a': 17 dimensions; a snapshot's tensors have at most 16"):
+        tf.save_file({"a": np.zeros((1,) * 17)}, tmp_path / "s.thaw")
+    assert list(tmp_path.iterdir()) == []
+    tf.save_file({"a": np.arange(2.0).reshape((1,) * 15 + (2,))}, tmp_path / "s.thaw")
+    assert tf.load(tmp_path / "s.thaw").weights.tensors["a"].shape == (1,) * 15 + (2,)

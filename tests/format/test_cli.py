@@ -68,6 +68,16 @@ def test_console_script_is_installed(tmp_path):
     assert missing.returncode == 2 and "No such file" in missing.stderr
 
 
+def test_python_m_thaw_format_is_the_command(tmp_path):
+    """`python -m thaw_format`, for an environment whose scripts folder is not on PATH (it said "No module named
+    thaw_format.__main__"): the same command and exit codes, named "thaw" in its usage."""
+    run = lambda *argv: subprocess.run([sys.executable, "-m", "thaw_format", *argv], capture_output=True, text=True)
+    missing = run("verify", str(VECTORS / "kv_prefix_tree.thaw"), str(tmp_path / "nope.thaw"))
+    assert missing.returncode == 2 and missing.stdout.startswith("OK sha256:"), missing.stderr
+    assert "thaw verify: FileNotFoundError" in missing.stderr
+    assert run("--help").stdout.startswith("usage: thaw ")
+
+
 def _save(snap, path):
     tf.save(snap, path)
     return str(path)
@@ -140,6 +150,10 @@ def test_log_follows_parents_in_the_folder(tmp_path, capsys):
     assert f"parent   {trunk_id} (not found among the *.thaw in {elsewhere}" in capsys.readouterr().out
     assert main(["log", str(elsewhere / "child.thaw"), "--search", str(tmp_path)]) == 0
     assert "(a root)" in capsys.readouterr().out
+    for typo in (tmp_path / "tpyo", tmp_path / "trunk.thaw"):  # searched nothing and said nothing: a usage error
+        with pytest.raises(SystemExit) as exit_:
+            main(["log", str(elsewhere / "child.thaw"), "--search", str(typo)])
+        assert exit_.value.code == 2 and f"--search: {str(typo)!r} is not a folder" in capsys.readouterr().err
 
 
 def test_log_follows_the_first_copy_of_a_parent_and_names_the_others(tmp_path, capsys):

@@ -209,3 +209,42 @@ def test_import_refuses_a_malformed_tokens_or_config_file_as_an_argument_error(s
     err = capsys.readouterr().err
     assert caught.value.code == 2 and f"argument {option}" in err and match in err and "Traceback" not in err
     assert not (tmp_path / "back.thaw").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "x"])
+def test_a_page_size_of_no_tokens_is_an_argument_error(tmp_path, capsys, value):
+    """It was refused once the file was read, as an IncompatibleSnapshotError (exit 1)."""
+    with pytest.raises(SystemExit) as caught:
+        main(["convert", str(tmp_path / "cache.safetensors"), str(tmp_path / "back.thaw"), "--page-size", value])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and f"argument --page-size: expected a whole number of tokens of 1 or more, got " \
+        f"{value!r}" in err
+
+
+@pytest.mark.parametrize("key, value, what", [
+    ("thaw_tokens", "null", "a JSON list of token ids"),
+    ("thaw_tokens", "[1.5, 2]", "a JSON list of token ids"),  # was truncated to [1, 2]
+    ("thaw_tokens", "[1,", "a JSON list of token ids"),
+    ("thaw_num_prompt_tokens", "1e3", "a JSON integer"),
+    ("thaw_num_prompt_tokens", "-1", "a JSON integer from 0 to"),
+    ("thaw_num_prompt_tokens", "100000", "a JSON integer from 0 to"),  # more than the tokens recorded
+    ("thaw_model", "[]", "a model's identity: document.model must be an object"),
+    ("thaw_model", "{}", "a model's identity: document.model.architecture is missing"),
+    ("thaw_model", '{"architecture": 5, "config_digest": "x", "dtype": "float32"}',
+     "a model's identity: document.model.architecture must be str, got 5"),  # was the writer's ValueError
+    ("thaw_model", "{", "JSON"),
+])
+def test_an_exported_file_whose_thaw_metadata_is_malformed_is_refused_without_a_traceback(session, saved, tmp_path,
+                                                                                         capsys, key, value, what):
+    """A file exported by thaw and edited since (its thaw_* metadata are strings anyone can write): a TypeError's
+    traceback for null or [] or {}, the writer's ValueError's for a member of the wrong type, and 1.5 taken as 1."""
+    model, cache, tokens = session("llama-kv")
+    exported = str(tmp_path / "cache.safetensors")
+    assert main(["convert", saved(thaw_mlx.capture(model, cache, tokens)), exported]) == 0
+    caches, metadata = load_prompt_cache(exported, return_metadata=True)
+    save_prompt_cache(exported, caches, {**metadata, key: value})
+    capsys.readouterr()
+    assert main(["convert", exported, str(tmp_path / "back.thaw")]) == 1
+    err = capsys.readouterr().err
+    assert f"CorruptSnapshotError: {exported}: its {key} metadata is not {what}" in err and "Traceback" not in err
+    assert not (tmp_path / "back.thaw").exists()

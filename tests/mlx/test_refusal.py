@@ -32,10 +32,15 @@ def refused(model, snapshot, match: str, **kw):
 
 
 def test_a_path_instead_of_a_snapshot_is_refused_by_name(session, tmp_path):
-    """thaw_mlx.restore takes a Snapshot; a file's path gets the two ways to use it, not an AttributeError."""
+    """thaw_mlx.restore and MLXEngine.restore take a Snapshot; a file's path gets the two ways to use it, not an
+    AttributeError."""
     model, _, _ = session("llama-kv")
     with pytest.raises(TypeError, match=r"got str .*thaw_format.load\(path\)"):
         thaw_mlx.restore(model, str(tmp_path / "trunk.thaw"))
+    engine = thaw_mlx.MLXEngine(model)  # its restore and check said "'str' object has no attribute 'kv'"
+    for use in (engine.restore, engine.check):
+        with pytest.raises(TypeError, match=r"got str .*engine.restore_source\(path\)"):
+            use(str(tmp_path / "trunk.thaw"))
 
 
 def test_another_architecture(model_of, llama_snapshot):
@@ -136,8 +141,9 @@ def test_captures_thaw_cannot_represent(model_of):
     model(mx.array([[1, 2, 3]]), cache=single)
     with pytest.raises(ValueError, match="holds 3 tokens, but 2 token ids"):
         thaw_mlx.capture(model, single, [1, 2])
-    with pytest.raises(ValueError, match="holds 0 tokens"):
-        thaw_mlx.capture(model, [KVCache() for _ in model.layers], [1])
+    for given in ([1], []):  # with [] it said "holds 0 tokens, but 0 token ids were given"
+        with pytest.raises(ValueError, match="the cache holds 0 tokens: an empty session has nothing to capture"):
+            thaw_mlx.capture(model, [KVCache() for _ in model.layers], given)
 
 
 def test_a_known_identity_is_used_as_given(model_of, llama_snapshot):

@@ -68,3 +68,23 @@ def test_what_the_sampler_cannot_do_is_refused(model_of):
     snapshot.scheduler.requests[0].rng_state = Tensor("uint8", (4,), bytes(4))
     with pytest.raises(IncompatibleSnapshotError, match="8 bytes"):
         thaw_mlx.sampler_of(snapshot)
+
+
+def test_every_seed_the_format_holds_seeds_a_sampler(model_of):
+    """The format's seeds are any 64-bit integer, signed or not (spec section 5); MLX's key takes a uint64, and a
+    negative seed (-1 is common) raised MLX's "key(): incompatible function arguments". A negative seed is its 64
+    bits."""
+    assert mx.array_equal(thaw_mlx.Sampler(SamplingParams(temperature=1.0, seed=-1)).key,
+                          thaw_mlx.Sampler(SamplingParams(temperature=1.0, seed=2**64 - 1)).key)
+    assert not mx.array_equal(thaw_mlx.Sampler(SamplingParams(temperature=1.0, seed=-2**63)).key,
+                              thaw_mlx.Sampler(SamplingParams(temperature=1.0, seed=0)).key)
+    engine = thaw_mlx.MLXEngine(model_of("llama-kv"))
+
+    def sampled(seed):
+        return engine.generate([5, 6, 7], SamplingParams(temperature=1.0, seed=seed, max_tokens=3,
+                                                         ignore_eos=True)).token_ids
+
+    assert len(sampled(-7)) == 3 and sampled(-7) == sampled(2**64 - 7)
+    for seed in (2**64, -2**63 - 1):
+        with pytest.raises(ValueError, match=rf"seed {seed} does not fit 64 bits"):
+            thaw_mlx.Sampler(SamplingParams(temperature=1.0, seed=seed))

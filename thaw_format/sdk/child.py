@@ -9,23 +9,14 @@ engine's own printing goes to stderr, off the protocol stream. End of input clos
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import sys
 
 from ..snapshot import SamplingParams
 from .engine_process import lead_own_group
+from .factories import resolve
 from .shared import restore_source
-
-
-def resolve(factory: str):
-    """The callable a "module:attribute.attribute" path names."""
-    module, _, attributes = factory.partition(":")
-    target = importlib.import_module(module)
-    for name in attributes.split("."):
-        target = getattr(target, name)
-    return target
 
 
 def serve(engine, lines, reply) -> None:

@@ -11,9 +11,9 @@ The factory's arguments come from the file too: which it may set is each adapter
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Union
 
-from .child import resolve
 from .launch import RefusedLaunch
 
 # The contract adapters' factories (their launch_spec() names these). Tests add the conformance template's.
@@ -23,6 +23,16 @@ REGISTERED = frozenset({
     "thaw_mlx.engine:MLXEngine.start",
     "thaw_transformers.engine:TransformersEngine.start",
 })
+
+
+def resolve(factory: str):
+    """The callable a "module:attribute.attribute" path names. Here, not in thaw_format.sdk.child, which runs as
+    `python -m` and so must not be imported by the package (runpy warns on every child's stderr otherwise)."""
+    module, _, attributes = factory.partition(":")
+    target = importlib.import_module(module)
+    for name in attributes.split("."):
+        target = getattr(target, name)
+    return target
 
 
 def registered_factory(name: str) -> Callable:

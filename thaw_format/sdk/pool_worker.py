@@ -16,8 +16,9 @@ import sys
 import time
 
 from ..snapshot import SamplingParams
-from .child import protocol_replies, resolve
+from .child import protocol_replies
 from .engine_process import lead_own_group
+from .factories import resolve
 from .shared import restore_source
 
 
