@@ -13,10 +13,11 @@ mode). Side by side in one process:
               trunk's full pages once in shared memory (capture_shared: KV out), the pool checks every chunk of
               them once, and every worker restores them from there (restore_source: KV in) and prefills +
               decodes its suffix. The best of `rounds` steady
-              rounds (after a first one). With --ray: thaw_ray.RayForkPool on a local Ray of this run's own, the
-              capture put once into Ray's object store, each actor checking every chunk of it before its restore;
-              with --nodes 2 that Ray is two nodes on this machine (loopback), the actors on the one the driver
-              is not on: each round's object crosses to that node's object store (Ray's transport) once,
+              rounds (after a first one). With --ray: thaw_ray.RayForkPool on a local Ray of this run's own, its
+              actors on the driver's node reading the parent's segment in place as ForkPool's workers do (no
+              put), each checking every chunk of it before its restore; with --nodes 2 that Ray is two nodes on
+              this machine (loopback), the actors on the one the driver is not on: the capture is put once into
+              Ray's object store, and each round's object crosses to that node's object store (Ray's transport) once,
               before the actors' calls start; that pull is timed apart (a task on that node getting an object
               of the same bytes put on the head) and added to KV movement.
   re-prefill: trunk + suffix from an empty cache, once per child (what fork avoids).
@@ -265,16 +266,17 @@ def main() -> None:
             "cold_fork_s": cold_s, "memcpy_s": memcpy_s, "memcpy_all_s": memcpy_all_s, "kv_movement_s": movement,
             "kv_movement_over_memcpy": movement / memcpy_s, "kv_movement_over_memcpy_all": movement / memcpy_all_s,
             "pull_s": pull_s if args.nodes == 2 else None, **nodes,
-            "ray_s": ray_s if args.ray else None, "load_average": os.getloadavg(),
+            "ray_s": ray_s if args.ray else None, "kv_via": steady.kv_via, "load_average": os.getloadavg(),
             "all_rounds_s": [r.total_s for r in rounds]}
     mib = steady.kv_bytes / 2**20
     gbps = steady.kv_bytes / 1e9
     pool_name = ("Ray actor pool on a second node" if args.nodes == 2 else "Ray actor pool") if args.ray else "pool"
-    out = "capture_shared of the trunk, then one ray.put" if args.ray else "capture_shared of the trunk"
-    kv_in_path = "the object's check and restore" if args.ray else "restore_source"
+    out = "capture_shared of the trunk, then one ray.put" if args.nodes == 2 else "capture_shared of the trunk"
+    kv_in_path = "the check of the parent's segment and restore_source" if args.ray else "restore_source"
     if args.nodes == 2:
         kv_in_path = "the check and restore of the node's copy of the object"
-    check = ["  (each actor checks every chunk of the object: in its KV in)", "", ""] if args.ray else \
+    check = [f"  (each actor checks every chunk of the {'object' if args.nodes == 2 else 'segment'}: in its KV in)",
+             "", ""] if args.ray else \
         ["  the pool's check of every chunk of it, once for all workers", f"{steady.verify_s:.3f}",
          f"{gbps / steady.verify_s:.2f} GB/s"]
     table = [["path", "seconds", "vs pool round"],

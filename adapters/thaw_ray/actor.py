@@ -1,14 +1,16 @@
 """A RayForkPool worker: one warm engine in a Ray actor, started once from a launch spec, that restores each
-round's snapshot from Ray's object store and continues its suffix.
+round's snapshot and continues its suffix.
 
-The object is the snapshot's own bytes (one numpy uint8 array: read in place, no copy, by an actor on the node
-that holds it), never a pickled Snapshot. Trust: Ray pickles the array's wrapper, each round's prompt and params,
-and every reply, so whoever can write to the cluster's object store (or reach its nodes) can already run code in
-these actors and in the driver: the Ray cluster must be trusted like the code it runs. What the check here
-(`loads(..., verify=True)`: every chunk, before the engine is touched) guards is integrity, not authenticity:
-bytes damaged on their way (a bit flip, a transfer cut short between nodes) are refused, with the engine as it
-was. The replies are those of thaw_format.sdk.pool_worker ({"generation": ..., "restore_s": ...,
-"generate_s": ...} or {"error": ...}), and {"corrupt": true} beside the error of an object that failed its check.
+A round hands an actor on the parent's node the parent's segment ("shm://name#nbytes"), which it reads in place
+(restore_source, as a ForkPool worker does), and one on another node the object of the round's one ray.put (the
+snapshot's own bytes as one numpy uint8 array: read in place, no copy, by an actor on the node that holds it), never
+a pickled Snapshot. Trust: Ray pickles the array's wrapper, each round's prompt and params, and every reply, so
+whoever can write to the cluster's object store (or reach its nodes) can already run code in these actors and in
+the driver: the Ray cluster must be trusted like the code it runs. What the check here (every chunk, before the
+engine is touched) guards is integrity, not authenticity: bytes damaged on their way (a bit flip, a transfer cut
+short between nodes) are refused, with the engine as it was. The replies are those of thaw_format.sdk.pool_worker
+({"generation": ..., "restore_s": ..., "generate_s": ..., "via": "segment" or "object"} or {"error": ...}), and
+{"corrupt": true} beside the error of a snapshot that failed its check.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import os
 import threading
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import numpy
 import ray
@@ -26,9 +28,12 @@ import ray
 from thaw_format import CorruptSnapshotError, loads
 from thaw_format.sdk.engine_process import stop_resource_tracker
 from thaw_format.sdk.factories import resolve
+from thaw_format.sdk.lent import parse
+from thaw_format.sdk.shared import restore_source
 from thaw_format.snapshot import SamplingParams
 
 from . import leftovers
+from .capture import OBJECT, SEGMENT
 
 # While its engine starts, an actor writes down what it holds this often (a record reads /dev/shm, and walks /proc
 # only when /dev/shm changed): killed then (its start hung and given up, SIGKILLed), it has left at most the files
@@ -89,18 +94,18 @@ class PoolActor:
         if self.recorder is not None:
             self.recorder.record()  # best effort: never a round's failure
 
-    def run_round(self, snapshot: numpy.ndarray, prompt: list[int], params: dict) -> dict:
+    def run_round(self, kv: Union[str, numpy.ndarray], prompt: list[int], params: dict) -> dict:
+        """Restore the round's KV, `kv`: the parent's segment's source (this actor on the parent's node) or the
+        round's object, then generate `prompt`."""
         try:
-            return self._round(snapshot, prompt, params)
+            return self._round(kv, prompt, params)
         finally:  # after the round's times: what its engine made in /dev/shm meanwhile
             self._record()
 
-    def _round(self, snapshot: numpy.ndarray, prompt: list[int], params: dict) -> dict:
+    def _round(self, kv: Union[str, numpy.ndarray], prompt: list[int], params: dict) -> dict:
         start = time.perf_counter()
         try:
-            checked = loads(snapshot, copy=False, verify=True)  # every chunk, before the engine is touched
-            self.engine.restore(checked)
-            del checked  # its tensors view the object: let Ray free it once the round is over
+            self._restore(kv)
             restored = time.perf_counter()
             generation = self.engine.generate(prompt, SamplingParams(**params))
         except CorruptSnapshotError as exc:  # the check's, or the engine's own before it changes anything
@@ -108,7 +113,24 @@ class PoolActor:
         except Exception as exc:  # reported to the pool, which raises it
             return {"error": f"{type(exc).__name__}: {exc}"}
         return {"generation": dataclasses.asdict(generation), "restore_s": restored - start,
-                "generate_s": time.perf_counter() - restored}
+                "generate_s": time.perf_counter() - restored, "via": SEGMENT if isinstance(kv, str) else OBJECT}
+
+    def _restore(self, kv: Union[str, numpy.ndarray]) -> None:
+        """Every chunk checked before the engine is touched, then restored."""
+        if isinstance(kv, numpy.ndarray):
+            checked = loads(kv, copy=False, verify=True)
+            self.engine.restore(checked)
+            del checked  # its tensors view the object: let Ray free it once the round is over
+            return
+        if self.recorder is not None:  # the parent's, not its engine's: never recorded, so never swept
+            self.recorder.leave_out(parse(kv)[0])
+        try:
+            restore_source(self.engine, kv)  # verified here, in place, as the segment is read
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"{exc}; this actor runs on the parent's Ray node but cannot open its segment (a /dev/shm of "
+                f"its own, as in a container?): start the pool with shared_memory=False to send every actor the "
+                f"round's KV through Ray's object store") from None
 
     def generate(self, prompt: list[int], params: dict) -> dict:
         """The engine's own generate, outside any round: what it holds shows in its cached-token count."""

@@ -196,6 +196,15 @@ class Recorder:
             warn_once(f"actor {actor_id} records nothing: {type(exc).__name__}: {exc}")
             return None
 
+    def leave_out(self, name: str) -> None:
+        """Never record the /dev/shm file `name` (as it is now: its inode), which the engine reads but another
+        process owns (the parent's segment, handed to an actor on its node): a sweep would unlink it from under its
+        owner. Best effort, as a record: a file gone is nothing to leave out."""
+        try:
+            self.before.add(os.stat(os.path.join(SHM, name)).st_ino)
+        except OSError:
+            pass
+
     def record(self) -> None:
         """Best effort (a failure is warned once, never raised): write down this process's family and the /dev/shm
         files they hold now, keeping from earlier records the files still there (a file the engine no longer maps

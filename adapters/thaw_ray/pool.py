@@ -5,11 +5,16 @@
 
 The round's arguments are ForkPool's, checked by the same code (thaw_format.sdk.fork_round) before the parent
 is read. Each round the parent captures the KV of the trunk's full pages once (`capture_shared`: KV only, no
-weights), its bytes go into Ray's object store once (one ray.put), and each of n actors verifies every chunk of
-that object, restores it and continues with its suffix (thaw_ray.actor); the parent is only read. Its result
-is ForkPool's ForkRound: `capture_s` is the capture and the put, `verify_s` 0 (each actor checks the object
-itself: its restore_s includes that check). A worker whose actor dies mid-round is named, the round fails with
-PoolWorkerDied once the others have answered, and the pool starts a new actor in its slot for the next round;
+weights, in the parent's shared-memory segment); an actor on the parent's Ray node is handed that segment's source
+and reads it in place, as a ForkPool worker does, while for the actors on other nodes its bytes go into Ray's object
+store once (one ray.put, none if every actor of the round is on the parent's node: thaw_ray.capture.hand_out); each
+of n actors verifies every chunk of what it was handed, restores it and continues with its suffix (thaw_ray.actor);
+the parent is only read. Its result is ForkPool's ForkRound: `capture_s` is the capture and the put, `verify_s` 0
+(each actor checks the KV itself: its restore_s includes that check), `kv_via` each actor's way ("segment" or
+"object"). The parent reuses its segment round after round: a round ends only once every actor handed it has
+answered, died, or been killed and seen to end (an interrupted round's, one Ray reports unavailable), so no actor
+still reads it when the next round's capture overwrites it. A worker whose actor dies mid-round is named, the round
+fails with PoolWorkerDied once the others have answered, and the pool starts a new actor in its slot for the next round;
 one that died between rounds (Ray's answer to the where() each round first asks its actors) is replaced by the
 next round that needs it before the parent is read, and the round runs once its replacement has started (a
 replacement whose start answered is asked too, before a round has seen it start; and once a round has waited for a
@@ -43,7 +48,7 @@ from thaw_format.sdk.pool_slots import MAX_DEATHS, given_up, kill_unanswered, no
 from thaw_format.sdk.round_pool import RoundPool
 
 from . import leftovers
-from .capture import put_capture
+from .capture import hand_out
 from .worker import PING_TIMEOUT_S, START_TIMEOUT_S, ActorWorker, Window, in_brief, require_ray, settle
 
 CLOSE_TIMEOUT_S = 120  # how long close() waits for its actors' engines to close before it kills the actors
@@ -57,6 +62,14 @@ POOL_OPTIONS = {
     "namespace": "its actors are unnamed (a namespace is for named actors)",
     "get_if_exists": "each of its actors is a new one, never an existing actor",
 }
+
+
+def _ended(handed) -> None:
+    """Wait until each killed actor of these (worker, what it was handed) pairs that was handed the parent's segment
+    has ended (ActorWorker.wait_ended): the parent's next capture overwrites that segment."""
+    for worker, kv in handed:
+        if isinstance(kv, str):
+            worker.wait_ended()
 
 
 def _checked_actor_options(options) -> dict:
@@ -81,7 +94,7 @@ class RayForkPool(RoundPool):
     """`workers` Ray actors, each a warm engine started once from a launch spec (or an engine's launch_spec())."""
 
     def __init__(self, spec, workers: int, *, actor_options: Optional[Mapping] = None,
-                 start_timeout_s: float = START_TIMEOUT_S) -> None:
+                 start_timeout_s: float = START_TIMEOUT_S, shared_memory: bool = True) -> None:
         """`actor_options` go to Ray's .options() for each actor (num_cpus, num_gpus, resources, runtime_env, ...);
         `start_timeout_s`: how long an actor may take to be placed, from its creation, and then to start its engine,
         from when it was placed (seen as it happens, for every actor at once: n engines that hang starting are given
@@ -89,7 +102,10 @@ class RayForkPool(RoundPool):
         actor killed and started again, as any failed start); not placed, the round fails with PoolWorkerStarting
         but the actor is kept, waited for another start_timeout_s at the next round: Ray keeps an actor whose
         resources no node has pending for ever, saying nothing, and a node that joins later places it.
-        At the pool's start, either fails the pool (PoolWorkerDied)."""
+        At the pool's start, either fails the pool (PoolWorkerDied).
+        `shared_memory`: an actor on this process's Ray node reads the parent's segment in place (one that cannot
+        open it, a /dev/shm of its own, fails the round saying so); False sends every actor the object of one
+        ray.put, as the actors on other nodes always are."""
         workers = whole_workers(workers)
         options = _checked_actor_options(actor_options)
         start_timeout_s = _checked_timeout(start_timeout_s)
@@ -100,6 +116,10 @@ class RayForkPool(RoundPool):
         self._config = json.dumps({"factory": spec.factory, "kwargs": spec.kwargs})
         self._options = options
         self._start_timeout_s = start_timeout_s
+        if not isinstance(shared_memory, bool):
+            raise TypeError(f"shared_memory is True or False, not {shared_memory!r}")
+        # the node whose /dev/shm holds the parent's segment: this process's (the parent's engine is here)
+        self._node = ray.get_runtime_context().get_node_id() if shared_memory else None
         self._start_workers(workers)  # the actors' engines start side by side
 
     @property
@@ -156,21 +176,22 @@ class RayForkPool(RoundPool):
                            deaths=deaths)
 
     def _run(self, round_: ForkRound, slots: list[int], source: str, arguments: RoundArguments):
-        putting = time.perf_counter()
-        snapshot = put_capture(source)  # the parent's segment is free again: its next capture may overwrite it
-        round_.capture_s += time.perf_counter() - putting
         workers = [self._workers[slot] for slot in slots]
+        putting = time.perf_counter()
+        kvs = hand_out(source, [worker.node for worker in workers], self._node)
+        round_.capture_s += time.perf_counter() - putting
         # settled: an interrupted round leaves the calls of the actors it killed unread
-        calls = [settle(worker.actor.run_round.remote(snapshot, arguments.context + suffix, dataclasses.asdict(p)))
-                 for worker, suffix, p in zip(workers, arguments.suffixes, arguments.params)]
+        calls = [settle(worker.actor.run_round.remote(kv, arguments.context + suffix, dataclasses.asdict(p)))
+                 for worker, kv, suffix, p in zip(workers, kvs, arguments.suffixes, arguments.params)]
         replies, failures, answered = [], [], 0
         try:
-            for slot, worker, call in zip(slots, workers, calls):  # every live actor answers before the round ends
+            for slot, worker, kv, call in zip(slots, workers, kvs, calls):  # every live actor answers first
                 try:
                     reply = ray.get(call)
                 except RayActorError as exc:  # dead, or unavailable (ActorUnavailableError): may yet come back
                     answered += 1
                     worker.kill()  # so an unavailable one does not come back beside its replacement
+                    _ended([(worker, kv)])
                     failures.append(self._died(slot, worker.died(exc)))  # its replacement is ready by the next round
                     continue
                 except RayError as exc:  # a call Ray could not run in the actor (its object lost, say)
@@ -180,14 +201,16 @@ class RayForkPool(RoundPool):
                 answered += 1
                 note_answer(worker)
                 if reply.get("corrupt"):
-                    failures.append(CorruptSnapshotError(f"{worker.describe()} refused the round's object "
-                                                         f"{snapshot.hex()}: {reply['error']}"))
+                    what = f"segment {kv}" if isinstance(kv, str) else f"object {kv.hex()}"
+                    failures.append(CorruptSnapshotError(f"{worker.describe()} refused the round's {what}: "
+                                                         f"{reply['error']}"))
                 elif "error" in reply:
                     failures.append(RuntimeError(f"{worker.describe()}: {reply['error']}"))
                 else:
                     replies.append(reply)
         except BaseException:  # Ctrl-C mid-round: an actor yet to answer would still be running this round's call
             kill_unanswered(workers[answered:])
+            _ended(zip(workers[answered:], kvs[answered:]))
             raise
         return replies, failures
 

@@ -8,6 +8,7 @@ their windows side by side, so n engines that hang are given up in one start_tim
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import Future
 from typing import Callable, NamedTuple, Optional
@@ -31,6 +32,9 @@ START_TIMEOUT_S = 600  # RayForkPool's default wait for an actor's engine to sta
 # A live actor answers, and a SIGKILLed one's error comes, within milliseconds (benchmarks/HISTORY.md, Fork pool);
 # one not answered in time (hung, or dead on a node not yet known lost) is left to the round's own call, which tells.
 PING_TIMEOUT_S = 10
+# How long a round waits for a killed actor it handed the parent's segment to end (ray.kill returns first): the
+# raylet SIGKILLs it within milliseconds; one still there after this is warned about, not waited for further
+END_WAIT_S = 30
 PLACEMENT = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "label_selector",
              "scheduling_strategy")  # the actor options that decide where, and whether, Ray can place an actor
 
@@ -62,6 +66,19 @@ def settle(ref: ray.ObjectRef, failed: Optional[Callable[[BaseException], None]]
 
     ref.future().add_done_callback(taken)
     return ref
+
+
+def _running(pid: Optional[int]) -> bool:
+    """Whether the process `pid` (on this node) is still there; None (never placed): no."""
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)  # no signal sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: the pid was reused, the actor's process is gone
+        return False
+    return True
 
 
 class Placed(NamedTuple):
@@ -237,6 +254,18 @@ class ActorWorker(SlotWorker):
             if self.sweep_due and self.node is not None:  # placed: its process may have made something
                 self._sweep()
         self.sweep_due = False
+
+    def wait_ended(self, timeout: float = END_WAIT_S) -> None:
+        """Once killed: wait until its process, on this process's node (it was handed the parent's segment), has
+        ended, so that it no longer reads the segment the parent's next capture overwrites; warned if it has not
+        within `timeout` (its answer, read or not, is never the round's)."""
+        deadline = time.monotonic() + timeout
+        while _running(self.pid):
+            if time.monotonic() > deadline:
+                leftovers.log.warning("thaw_ray: %s, killed, is still running after %g s: it may read the parent's "
+                                      "segment while the next capture overwrites it", self.describe(), timeout)
+                return
+            time.sleep(0.01)
 
     def _sweep(self) -> None:
         """Submit the sweep on its node (it runs without its caller); a failed submission (a node Ray no longer

@@ -1,4 +1,5 @@
-"""A RayForkPool actor's rounds (PoolActor.run_round: the object checked, restored, its suffix generated) write
+"""A RayForkPool actor's rounds (PoolActor.run_round: the object, or the parent's segment read in place by an actor
+on its node, checked, restored, its suffix generated) write
 each round's trunk over the arrays of the cache the restore replaces, round after round, as an engine in one
 process does (thaw_mlx.pages.moved_buffers): nothing the actor keeps between rounds (the object, its checked
 view, the last generation) holds them, so a steady round's restore allocates nothing and faults no page in. The
@@ -33,7 +34,9 @@ def addresses(sessions) -> set[int]:
     return {address(a) for session in sessions for layer in session.cache for a in paged_buffers(layer)}
 
 
-def test_each_round_of_an_actor_writes_its_trunk_over_the_arrays_of_the_last(kind, parent, monkeypatch) -> None:
+@pytest.mark.parametrize("handed", ["object", "segment"])
+def test_each_round_of_an_actor_writes_its_trunk_over_the_arrays_of_the_last(kind, parent, monkeypatch,
+                                                                             handed) -> None:
     if kind != "mlx":
         pytest.skip("an MLX engine's restore writes over the arrays it replaces; the template's keeps no arrays")
     import thaw_mlx.engine
@@ -52,10 +55,11 @@ def test_each_round_of_an_actor_writes_its_trunk_over_the_arrays_of_the_last(kin
             parent.generate(trunk, greedy(1))  # the parent holds the trunk in its cache
             source = capture_shared(parent, chains=[trunk[:TRUNK // parent.page_size() * parent.page_size()]])
             sources.add(source)
-            snapshot = np.frombuffer(segment_view(source), np.uint8)  # read-only, as Ray hands an actor its object
-            reply = actor.run_round(snapshot, trunk + tokens(5, seed * 10), dataclasses.asdict(greedy(4)))
-            del snapshot
-            assert "generation" in reply, reply
+            # read-only, as Ray hands an actor its object; or the segment's source, as an actor beside the parent
+            kv = np.frombuffer(segment_view(source), np.uint8) if handed == "object" else source
+            reply = actor.run_round(kv, trunk + tokens(5, seed * 10), dataclasses.asdict(greedy(4)))
+            del kv
+            assert reply.get("via") == handed, reply
             # where each array the restore wrote lies (None: a new one); the arrays themselves let go of at once,
             # else the next round's restore could not take them
             taken = [None if chosen is None else address(chosen[0]) for layer in moved.pop() for chosen in layer]

@@ -24,22 +24,26 @@ PARAMS = checks.PARAMS
 def test_workers_on_the_other_node_restore_objects_that_crossed_to_it(ray_nodes, parent, fresh, monkeypatch) -> None:
     import ray
 
-    import thaw_ray.pool
+    import thaw_ray.capture
     from thaw_ray import RayForkPool
 
-    put, puts = thaw_ray.pool.put_capture, []  # each round's object, held here to find its copies after the round
+    put, puts = thaw_ray.capture.put_capture, []  # each round's object, held here to find its copies after the round
 
     def kept(source):
         puts.append(put(source))
         return puts[-1]
 
-    monkeypatch.setattr(thaw_ray.pool, "put_capture", kept)
+    monkeypatch.setattr(thaw_ray.capture, "put_capture", kept)
     assert ray.get_runtime_context().get_node_id() == ray_nodes.head  # the driver, where ray.put stores the object
     with RayForkPool(parent, checks.WORKERS, actor_options={"resources": {"other": 1}},
                      start_timeout_s=120) as pool:
         assert [worker.node for worker in pool.worker_info()] == [ray_nodes.other] * checks.WORKERS
         checks.test_rounds_with_different_trunks_match_fresh_engines(pool, parent, fresh)
-    assert len(puts) == 3
+        trunk, suffixes = checks.tokens(100, 94), [checks.tokens(5, 940 + i) for i in range(checks.WORKERS)]
+        parent.generate(trunk, PARAMS)
+        result = pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
+        assert result.kv_via == ["object"] * checks.WORKERS  # off the parent's node: the object store's copy
+    assert len(puts) == 4  # one a round
     for ref in puts:  # put on the head, pulled by the other node for its actors
         assert set(ray.experimental.get_object_locations([ref])[ref]["node_ids"]) == {ray_nodes.head, ray_nodes.other}
 
@@ -50,7 +54,7 @@ def test_actors_on_another_node_check_the_copy_that_crossed_to_it(ray_nodes, par
     each actor, naming it and the object, and the next round, its object whole, runs."""
     import ray
 
-    import thaw_ray.pool
+    import thaw_ray.capture
     from thaw_ray import RayForkPool
 
     def put_damaged(source):
@@ -71,7 +75,7 @@ def test_actors_on_another_node_check_the_copy_that_crossed_to_it(ray_nodes, par
                r"0, .*?its engine is untouched")
     with RayForkPool(parent, checks.WORKERS, actor_options={"resources": {"other": 1}},
                      start_timeout_s=120) as pool:
-        monkeypatch.setattr(thaw_ray.pool, "put_capture", put_damaged)
+        monkeypatch.setattr(thaw_ray.capture, "put_capture", put_damaged)
         with pytest.raises(CorruptSnapshotError, match=r"parent engine is untouched\)$") as refused:
             pool.fork(parent, checks.WORKERS, context=trunk, suffixes=suffixes, params=PARAMS)
         assert len(re.findall(refusal, str(refused.value))) == checks.WORKERS, str(refused.value)

@@ -35,18 +35,23 @@ class ForkRound:
     generations: list[Generation]
     kv_bytes: int  # the snapshot moved: the trunk's KV pages and their description
     capture_s: float  # the parent's KV out: its capture of the trunk, published once in shared memory (RayForkPool:
-    # and its one ray.put into the object store)
+    # and its one ray.put into the object store, if any actor of the round is on another node)
     verify_s: float = 0.0  # ForkPool's one check of every chunk of that capture, before any worker reads it
-    # (RayForkPool: 0, each actor checks the object itself, in its restore_s)
+    # (RayForkPool: 0, each actor checks the segment or the object itself, in its restore_s)
     restore_s: list[float] = field(default_factory=list)  # each worker's KV in (scatter + prefix table)
     generate_s: list[float] = field(default_factory=list)  # each worker's suffix prefill + decode
     total_s: float = 0.0
+    # how each worker got the KV: "segment" (the parent's shared memory, read in place: ForkPool's workers,
+    # RayForkPool's actors on the parent's node) or "object" (RayForkPool's actors on other nodes: the round's one
+    # ray.put, put only when one of them is in the round)
+    kv_via: list[str] = field(default_factory=list)
 
     def add(self, reply: dict) -> None:
-        """A worker's answer to the round ({"generation": ..., "restore_s": ..., "generate_s": ...})."""
+        """A worker's answer to the round ({"generation": ..., "restore_s": ..., "generate_s": ..., "via": ...})."""
         self.generations.append(Generation(**reply["generation"]))
         self.restore_s.append(reply["restore_s"])
         self.generate_s.append(reply["generate_s"])
+        self.kv_via.append(reply["via"])
 
 
 class RoundArguments(NamedTuple):

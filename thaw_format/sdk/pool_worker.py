@@ -5,7 +5,7 @@ answers JSON lines on stdout (the engine's own printing goes to stderr). It stay
 request {"source": "shm://...", "verified": true, "prompt": [...], "params": {...}} restores that KV snapshot
 (`restore_source`: the engine reads it in place; `verified`: the pool has checked every chunk of it, so the
 engine does not read them twice), then generates the prompt, and is answered with {"generation": {...},
-"restore_s": ..., "generate_s": ...} or {"error": "..."}. End of input closes the engine.
+"restore_s": ..., "generate_s": ..., "via": "segment"} or {"error": "..."}. End of input closes the engine.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def run_round(engine, message: dict) -> dict:
     restored = time.perf_counter()
     generation = engine.generate(message["prompt"], SamplingParams(**message["params"]))
     return {"generation": dataclasses.asdict(generation), "restore_s": restored - start,
-            "generate_s": time.perf_counter() - restored}
+            "generate_s": time.perf_counter() - restored, "via": "segment"}
 
 
 def main(argv: list[str]) -> int:
