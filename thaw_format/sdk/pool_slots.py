@@ -52,8 +52,9 @@ class WorkerInfo:
     #   it, before the parent is read: ForkPool's as a failed start; a RayForkPool actor's as a failed start if it
     #   died starting, else (its start answered) as a death between rounds, replaced as a started one is. A worker
     #   that dies while the round waits for another's start: a RayForkPool round asks its actors again once it has
-    #   waited, and replaces it before the parent is read; a ForkPool round finds it only as it runs, the parent
-    #   read, and fails naming it (replaced for the next round);
+    #   waited, and replaces it before the parent is read; a ForkPool round finds it once it has read the parent,
+    #   before any worker is sent the round, and fails naming it (replaced for the next round), as it does one that
+    #   dies while the parent is read;
     # given_up: the slot is no longer restarted (MAX_FAILED_STARTS failed starts in a row, or its workers died
     #   MAX_DEATHS times in a row), its last worker ended as an exited one: start a new pool.
     pid: Optional[int]  # its process (on its node), once known
