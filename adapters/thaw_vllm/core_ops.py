@@ -110,6 +110,8 @@ def _capture(core, include_weights: bool, chains, local: bool, shared: bool = Fa
     for r in live:
         connector.learn(r["block_hashes"], r["prompt_token_ids"] + r["output_token_ids"], r["num_computed_tokens"] // bs)
     if chains is None:  # every page whose whole chain is still cached
+        # (recording the live requests' blocks may just have walked the table too: rare, and harmless, the second
+        # walk reads the same table)
         blocks = connector.prune()
         hashes = _parents_first(blocks.keys() & connector.ledger.keys(), connector.ledger)
     else:
