@@ -217,10 +217,10 @@ def test_a_worker_killed_while_the_parent_is_read_fails_the_round_before_any_wor
         else:
             check = fork_pool._verify
             monkeypatch.setattr(fork_pool, "_verify", lambda source: (kill_and_wait(victim), check(source)))
-        with pytest.raises(PoolWorkerDied, match=rf"^pool worker 1 \(pid {victim.pid}\) exited with status -9 \(killed "
-                                                 r"by SIGKILL\) before the round was sent to any worker: the fork round "
-                                                 r"failed \(the parent engine is untouched, dead workers are being "
-                                                 r"replaced\)$"):
+        with pytest.raises(PoolWorkerDied, match=rf"^pool worker 1 \(pid {victim.pid}\) exited with status -9 "
+                                                 r"\(killed by SIGKILL\) before the round was sent to any worker: the "
+                                                 r"fork round failed \(the parent engine is untouched, dead workers are "
+                                                 r"being replaced\)$"):
             round_(pool, read)
         assert not log.exists()  # no worker ran the round
         monkeypatch.undo()

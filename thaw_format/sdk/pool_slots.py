@@ -102,9 +102,10 @@ class SlotWorker:
     def lost(self) -> Optional[PoolWorkerDied]:
         """Its death since it last answered (a started worker, not killed by the pool), if its pool sees it now:
         the worker ended and its death, naming it, how it ended (ForkPool: its exit status; RayForkPool: Ray's
-        error) and when (between rounds, or while the round waited for a start); None if it is not seen dead (one
-        dying as the round asks it fails the round instead). Called by the round that needs its slot, before the
-        parent is read."""
+        error) and when (between rounds, or while the round waited for a start; ForkPool's `lost(when)` takes the
+        words); None if it is not seen dead (one dying as the round asks it fails the round instead). Called
+        by the round that needs its slot before the parent is read, and by ForkPool's again once the parent is read,
+        before the round is sent to any worker."""
         return None
 
     def ensure_ready(self) -> None:
