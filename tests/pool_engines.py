@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from thaw_conformance.template.adapter import ToyThawEngine
 from thaw_format.sdk import LaunchSpec
@@ -125,17 +126,20 @@ def holding_then_hanging(said: str, **config) -> ToyHoldingMemory:
 
 class ToyDyingInRounds(ToyThawEngine):
     """The toy engine, whose process ends at once (status 4, like a crash) in each round while the file `marker`
-    exists."""
+    exists, and otherwise appends its pid (a line) to the file `log`, if given, in each round it runs."""
 
     @classmethod
-    def start(cls, marker: str, **config) -> "ToyDyingInRounds":
+    def start(cls, marker: str, log: Optional[str] = None, **config) -> "ToyDyingInRounds":
         engine = super().start(**config)
-        engine.marker = marker
+        engine.marker, engine.log = marker, log
         return engine
 
     def generate(self, prompt, params):
         if os.path.exists(self.marker):
             os._exit(4)
+        if self.log is not None:
+            with open(self.log, "a") as log:
+                log.write(f"{os.getpid()}\n")
         return super().generate(prompt, params)
 
 

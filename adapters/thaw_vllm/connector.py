@@ -1,10 +1,16 @@
 """ThawConnector: thaw's hook into vLLM through its official KV connector API.
 
 Scheduler side (engine-core process), it keeps a ledger of the token ids of every block a finished request
-left in the prefix cache (the block pool keeps only hashes); blocks evicted since stay in it until a capture
-prunes it (core_ops._capture: a capture of everything always, one of named chains once the ledger outgrows
-twice the pool). For a resumed request, it offers the tokens of its last partly filled page as external KV, so
-a restored request recomputes nothing the original had already computed. Worker side (worker process), it
+left in the prefix cache (the block pool keeps only hashes). Blocks evicted since stay in it until a walk of the
+prefix-cache table prunes it: at a capture of everything, and as blocks are recorded, once the ledger passes
+twice the pool (`prune`: an engine that never captures keeps at most that many). The walk costs the table's size,
+at most the pool's, and runs inside the scheduler step that finishes a request: one step's latency, once per at
+least a pool's worth of new blocks. vLLM tells a connector of no eviction (its BlockRemoved events go to its
+KV-event publisher, only where one is configured). One gap, harmless: a block evicted and pruned, then computed
+again only by a request preempted before a capture (never finished, so never recorded), is missed by a capture of
+everything; a restored engine computes it again, as any page not captured. For a resumed request, it offers the
+tokens of its last partly filled page as external KV, so a restored request recomputes nothing the original had
+already computed. Worker side (worker process), it
 writes those tail pages into the blocks vLLM allocated, and gives a resumed seeded request its sampling
 generator's exact state, before the step's forward pass.
 Metadata between the sides is plain data (block ids, request ids).
@@ -31,8 +37,9 @@ class ThawConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         self.block_size = vllm_config.cache_config.block_size
         # scheduler side
-        # hash -> (parent, tokens) of blocks cached when learnt, evicted ones too until a capture prunes them
+        # hash -> (parent, tokens) of blocks cached when learnt, evicted ones too until `prune` forgets them
         self.ledger: dict[bytes, tuple[Optional[bytes], tuple[int, ...]]] = {}
+        self.ledger_bound: Optional[int] = None  # twice the pool, once vLLM binds its cache manager
         self.tails: dict[str, tuple[int, int]] = {}  # resume key -> (first position, token count)
         self.rng_keys: set[str] = set()  # resume keys whose generator state the worker holds
         self._rng_due: dict[str, str] = {}
@@ -41,13 +48,35 @@ class ThawConnector(KVConnectorBase_V1):
         self.staged_tails: dict[str, tuple[list, list]] = {}
         self.staged_rng: dict[str, tuple[object, object]] = {}  # resume key -> (worker, generator state)
 
+    def bind_kv_cache_manager(self, kv_cache_manager) -> None:
+        """vLLM's scheduler hands its cache manager over once built (scheduler side only): the ledger's bound is
+        twice its pool, and `prune` walks its prefix-cache table (the base class keeps it as `_kv_cache_manager`)."""
+        super().bind_kv_cache_manager(kv_cache_manager)
+        self.ledger_bound = 2 * _internals.num_blocks(kv_cache_manager)
+
     def learn(self, block_hashes, token_ids, num_blocks: int) -> None:
-        """Record the token ids of a request's first `num_blocks` full blocks."""
+        """Record the token ids of a request's first `num_blocks` full blocks (cached: vLLM caches a block once
+        its tokens are scheduled, so a prune as they are recorded keeps them). Before vLLM binds its cache manager
+        there is no table to walk, and nothing is pruned (this runs inside vLLM's request_finished: it must not
+        raise)."""
         parent, bs = None, self.block_size
         for i, block_hash in enumerate(block_hashes[:num_blocks]):
             block_hash = bytes(block_hash)
-            self.ledger.setdefault(block_hash, (parent, tuple(token_ids[i * bs : (i + 1) * bs])))
+            if block_hash not in self.ledger:
+                self.ledger[block_hash] = (parent, tuple(token_ids[i * bs : (i + 1) * bs]))
+                if self.ledger_bound is not None and len(self.ledger) > self.ledger_bound:
+                    self.prune()
             parent = block_hash
+
+    def prune(self) -> dict:
+        """Walk the whole prefix-cache table (KV-cache group 0), forget the ledger's blocks evicted since, and
+        return the table's blocks by hash."""
+        cached = {}
+        for block_hash, group, block in _internals.cached_blocks(self._kv_cache_manager):
+            if group == 0:
+                cached.setdefault(block_hash, block)
+        self.ledger = {h: e for h, e in self.ledger.items() if h in cached}
+        return cached
 
     # --- scheduler side ---
 

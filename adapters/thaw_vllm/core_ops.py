@@ -50,11 +50,10 @@ def _connector(core) -> ThawConnector:
 
 # --- capture ------------------------------------------------------------------------------------------------
 
-def _chain_pages(connector: ThawConnector, kcm, chains: Sequence[Sequence[int]], hash_fn, table: Optional[dict]) -> dict:
+def _chain_pages(connector: ThawConnector, kcm, chains: Sequence[Sequence[int]], hash_fn) -> dict:
     """The cached blocks of the named token chains' full pages by block hash, each chain up to its first page not in
-    the ledger under the same tokens (a hash collision never names another chain's tokens) or not cached. `table`:
-    the prefix-cache table's blocks by hash where a walk has just read it (_prune_ledger), else None and each page
-    is looked up in vLLM's table; pages are hashed one at a time, none past the first miss."""
+    the ledger under the same tokens (a hash collision never names another chain's tokens) or not cached: each page
+    looked up in vLLM's table, hashed one at a time, none past the first miss."""
     ledger, bs = connector.ledger, connector.block_size
     found = {}
     for tokens in chains:
@@ -63,7 +62,7 @@ def _chain_pages(connector: ThawConnector, kcm, chains: Sequence[Sequence[int]],
             entry = ledger.get(block_hash)
             if entry is None or entry[1] != page:
                 break
-            block = table.get(block_hash) if table is not None else _internals.cached_block(kcm, block_hash)
+            block = _internals.cached_block(kcm, block_hash)
             if block is None:
                 break
             found[block_hash] = block
@@ -74,17 +73,6 @@ def _parents_first(wanted: set, ledger: dict) -> list[bytes]:
     """The hashes of `wanted` whose whole chain is among them, parents first."""
     depth = _depths(wanted, lambda h: ledger[h][0])
     return sorted((h for h in wanted if depth[h] >= 0), key=lambda h: (depth[h], h))
-
-
-def _prune_ledger(connector: ThawConnector, kcm) -> dict:
-    """Walk the whole prefix-cache table (KV-cache group 0), forget the ledger's blocks evicted since, and return
-    the table's blocks by hash."""
-    cached = {}
-    for block_hash, group, block in _internals.cached_blocks(kcm):
-        if group == 0:
-            cached.setdefault(block_hash, block)
-    connector.ledger = {h: e for h, e in connector.ledger.items() if h in cached}
-    return cached
 
 
 def _depths(nodes, parent_of) -> dict:
@@ -122,14 +110,14 @@ def _capture(core, include_weights: bool, chains, local: bool, shared: bool = Fa
     for r in live:
         connector.learn(r["block_hashes"], r["prompt_token_ids"] + r["output_token_ids"], r["num_computed_tokens"] // bs)
     if chains is None:  # every page whose whole chain is still cached
-        blocks = _prune_ledger(connector, kcm)
+        # (recording the live requests' blocks may just have walked the table too: rare, and harmless, the second
+        # walk reads the same table)
+        blocks = connector.prune()
         hashes = _parents_first(blocks.keys() & connector.ledger.keys(), connector.ledger)
     else:
         # The named chains' blocks are looked up one by one: a walk of the whole table costs in proportion to every
-        # cached block, at every capture, however few pages it takes. Evicted blocks stay in the ledger until it
-        # outgrows twice the pool (about the most the table holds), then the walk prunes it.
-        table = _prune_ledger(connector, kcm) if len(connector.ledger) > 2 * _internals.num_blocks(kcm) else None
-        blocks = _chain_pages(connector, kcm, chains, hash_fn, table)
+        # cached block, at every capture, however few pages it takes (the ledger prunes itself as it grows).
+        blocks = _chain_pages(connector, kcm, chains, hash_fn)
         hashes = _parents_first(set(blocks), connector.ledger)
     page_of = {h: i for i, h in enumerate(hashes)}
     plan = {

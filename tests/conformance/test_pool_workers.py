@@ -199,6 +199,39 @@ def test_a_worker_that_dies_in_every_round_is_given_up_after_a_bounded_number_of
         assert [w.state for w in pool.worker_info()] == ["given_up"] * 2
 
 
+@pytest.mark.parametrize("reading", ["capture", "check"])
+def test_a_worker_killed_while_the_parent_is_read_fails_the_round_before_any_worker_is_sent_it(parent, tmp_path,
+                                                                                                monkeypatch, reading):
+    """A worker that died while the round read the parent (its capture, or the pool's check of it) was found only
+    as the round was sent to it: every other worker restored and generated first, for a round that then failed.
+    It is found once the read ends, named with its exit status, before any worker is sent the round; the others are
+    left as they were, and the next round runs on its replacement."""
+    log = tmp_path / "rounds"
+    spec = LaunchSpec("pool_engines:ToyDyingInRounds.start", {"marker": str(tmp_path / "never"), "log": str(log),
+                                                                **CONFIG})
+    with ForkPool(spec, workers=2, env=worker_env()) as pool:
+        healthy, victim = WorkerProcess(pool, 0), WorkerProcess(pool, 1)
+        read = parent
+        if reading == "capture":
+            read = Capturing(parent, lambda: kill_and_wait(victim))
+        else:
+            check = fork_pool._verify
+            monkeypatch.setattr(fork_pool, "_verify", lambda source: (kill_and_wait(victim), check(source)))
+        with pytest.raises(PoolWorkerDied, match=rf"^pool worker 1 \(pid {victim.pid}\) exited with status -9 "
+                                                 r"\(killed by SIGKILL\) before the round was sent to any worker: the "
+                                                 r"fork round failed \(the parent engine is untouched, dead workers are "
+                                                 r"being replaced\)$"):
+            round_(pool, read)
+        assert not log.exists()  # no worker ran the round
+        monkeypatch.undo()
+        left = pool.worker_info()[0]
+        assert (left.state, left.pid) == ("ready", healthy.pid)
+        assert [g.token_ids for g in round_(pool, parent).generations] == expected()
+        replaced = pool.worker_info()[1]
+        assert replaced.state == "ready" and replaced.pid != victim.pid
+        assert sorted(log.read_text().split()) == sorted([str(healthy.pid), str(replaced.pid)])
+
+
 def test_a_replacement_killed_after_saying_ready_fails_the_next_round_before_the_parent_is_read(parent):
     """A replacement started after a round's death says ready on its pipe, which the next round reads: one killed
     before that round showed as exited but was not seen dead (its start not yet seen), so the round read the

@@ -6,7 +6,7 @@ import pytest
 import fork_pool_checks as checks
 from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, written once for every engine
     pool, test_the_parents_page_size_is_its_captures, pool_env, test_rounds_with_different_trunks_match_fresh_engines,
-    test_a_worker_killed_mid_round_is_named_and_replaced,
+    test_a_worker_killed_while_the_parent_is_captured_is_named_and_replaced,
     test_a_worker_killed_between_rounds_is_replaced_before_the_next_round,
     test_a_damaged_segment_is_refused_before_any_worker_reads_it,
     test_a_context_without_a_full_page_is_refused_before_the_parent_is_read,

@@ -9,7 +9,7 @@ from descendants import descendants
 import fork_pool_checks as checks
 from fork_pool_checks import (  # noqa: F401  the pool's tests and fixtures, written once for every engine
     pool, test_the_parents_page_size_is_its_captures, pool_env, test_rounds_with_different_trunks_match_fresh_engines,
-    test_a_worker_killed_mid_round_is_named_and_replaced,
+    test_a_worker_killed_while_the_parent_is_captured_is_named_and_replaced,
     test_a_worker_killed_between_rounds_is_replaced_before_the_next_round,
     test_a_damaged_segment_is_refused_before_any_worker_reads_it,
     test_a_context_without_a_full_page_is_refused_before_the_parent_is_read,
@@ -50,6 +50,6 @@ def test_the_pools_workers_sleep_while_idle_as_the_parent_does(parent):
 
 
 def test_the_pools_workers_engines_have_processes_of_their_own(pool):
-    """What test_a_worker_killed_mid_round_is_named_and_replaced checks does end with a killed worker, here: each
-    worker's SGLang engine runs its scheduler (and detokenizer) in processes of its own."""
+    """What test_a_worker_killed_while_the_parent_is_captured_is_named_and_replaced checks does end with a killed
+    worker, here: each worker's SGLang engine runs its scheduler (and detokenizer) in processes of its own."""
     assert all(descendants(worker.pid) for worker in pool.worker_info())

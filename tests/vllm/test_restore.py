@@ -49,8 +49,9 @@ def page_bytes(snapshot, page: int) -> list[bytes]:
 
 def test_a_chain_capture_looks_its_blocks_up_without_walking_the_prefix_table(engine, greedy, monkeypatch):
     """A capture of named chains finds their blocks one lookup each (core_ops._capture): the walk over every
-    cached block, whose cost grows with the table and not the capture, runs for a capture of everything, or once
-    the ledger of evicted blocks outgrows twice the pool (then it is pruned to the cached blocks)."""
+    cached block, whose cost grows with the table and not the capture, runs for a capture of everything, or as
+    blocks are recorded once the ledger of evicted blocks passes twice the pool (then it is pruned to the cached
+    blocks)."""
     import thaw_vllm
     from thaw_vllm import _internals
 
@@ -86,12 +87,56 @@ def test_a_chain_capture_looks_its_blocks_up_without_walking_the_prefix_table(en
     cached_again = thaw_vllm.capture(engine, include_weights=False, chains=[trunk])
     assert walks == [] and cached_again.prefix.hash.hashes == trunk_hashes and kv_bytes(cached_again) == kv_bytes(chain)
 
-    connector.ledger.update({i.to_bytes(32, "big"): (None, (5,) * connector.block_size) for i in range(2 * pool)})
+    # blocks never cached (made-up hashes): the ledger passes twice the pool as they are recorded, and prunes itself
+    made_up = [i.to_bytes(32, "big") for i in range(2 * pool)]
+    connector.learn(made_up, [5] * (len(made_up) * connector.block_size), len(made_up))
+    assert len(walks) == 1 and {bytes.fromhex(h) for h in trunk_hashes} <= connector.ledger.keys()
+    assert len(connector.ledger) <= 2 * pool
     again = thaw_vllm.capture(engine, include_weights=False, chains=[trunk])
-    assert len(walks) == 1 and connector.ledger.keys() == {bytes.fromhex(h) for h in trunk_hashes}
-    assert kv_bytes(again) == kv_bytes(chain) and again.prefix.hash.hashes == trunk_hashes
+    assert len(walks) == 1 and kv_bytes(again) == kv_bytes(chain) and again.prefix.hash.hashes == trunk_hashes
     thaw_vllm.capture(engine, include_weights=False)
-    assert len(walks) == 2
+    assert len(walks) == 2 and connector.ledger.keys() == {bytes.fromhex(h) for h in trunk_hashes}
+
+
+def test_an_engine_that_never_captures_keeps_its_ledger_within_twice_the_pool(engine, greedy, monkeypatch):
+    """The ledger (token ids by block hash) used to grow by every block the engine ever computed until a capture
+    pruned it: an engine serving for hours, never captured, kept them all. It prunes itself as blocks are recorded
+    once it passes twice the pool, walking the prefix-cache table once per at least a pool's worth of new blocks,
+    and keeps every cached block: a capture afterwards finds the last prompts' pages as they were left, and the
+    trunk's bytes as before, with a prefix-cache hit on restore."""
+    import thaw_vllm
+    from thaw_vllm import _internals
+    from vllm.inputs import TokensPrompt
+
+    core = engine.llm_engine.engine_core.engine_core
+    connector, kcm = core.scheduler.get_kv_connector(), _internals.kv_cache_manager(core)
+    pool, bs = _internals.num_blocks(kcm), connector.block_size
+    trunk = trunk_tokens(100, seed=11)
+    generate(engine, trunk, greedy)
+    before = thaw_vllm.capture(engine, include_weights=False, chains=[trunk])
+    sizes, walks = [], []
+    learn, walk = connector.learn, _internals.cached_blocks
+    monkeypatch.setattr(connector, "learn", lambda *args: (learn(*args), sizes.append(len(connector.ledger))))
+    monkeypatch.setattr(_internals, "cached_blocks", lambda kcm: walks.append(kcm) or walk(kcm))
+    prompt_blocks = 32  # distinct prompts of 32 full blocks each, 8 at a time, until 3 pools' worth are computed
+    for batch in range(-(-3 * pool // (8 * prompt_blocks))):
+        prompts = [trunk_tokens(prompt_blocks * bs, seed=1000 + 8 * batch + i) for i in range(8)]
+        engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy, use_tqdm=False)
+    new_blocks = 8 * prompt_blocks * (batch + 1)
+    assert len(sizes) >= new_blocks // prompt_blocks and max(sizes) <= 2 * pool, (max(sizes), pool)
+    assert 1 <= len(walks) <= new_blocks // pool + 1, (len(walks), new_blocks, pool)
+    monkeypatch.undo()
+
+    assert {h for h, g, _ in _internals.cached_blocks(kcm) if g == 0} <= connector.ledger.keys()
+    last = thaw_vllm.capture(engine, include_weights=False, chains=[prompts[-1]])  # not generated again
+    assert last.prefix.num_pages == prompt_blocks and last.prefix.chain_tokens(prompt_blocks - 1) == prompts[-1]
+
+    generate(engine, trunk, greedy)  # the trunk again (its blocks may have been evicted meanwhile)
+    after = thaw_vllm.capture(engine, include_weights=False, chains=[trunk])
+    assert after.prefix.hash.hashes == before.prefix.hash.hashes and kv_bytes(after) == kv_bytes(before)
+    generate(engine, trunk_tokens(200, seed=12), greedy)
+    thaw_vllm.restore(engine, after)
+    assert generate(engine, trunk, greedy)[1] == 96
 
 
 def test_weights_in_a_snapshot_are_the_checkpoint_bytes(engine):
@@ -159,7 +204,8 @@ def test_new_process_restore_hits_the_cache_and_continues_identically(engine, gr
         j = pages[tuple(tokens)]
         for old, new in zip(snapshot.kv.layers, recaptured.kv.layers):
             for role in ("k", "v"):
-                assert to_torch(old.tensors[role])[i].view(torch.uint8).equal(to_torch(new.tensors[role])[j].view(torch.uint8))
+                before, after = to_torch(old.tensors[role])[i], to_torch(new.tensors[role])[j]
+                assert before.view(torch.uint8).equal(after.view(torch.uint8))
 
 
 @pytest.fixture(scope="module")

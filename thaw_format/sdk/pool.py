@@ -4,27 +4,28 @@
     round = pool.fork(parent, 4, context=trunk, suffixes=[s0, s1, s2, s3], params=greedy(32))
     round.generations                                     # one Generation per suffix, cached_tokens from the engine
 
-Each round the parent publishes the KV of the trunk's full pages once in shared memory (`capture_shared`: a
-KV-only snapshot, no weights), the pool checks every chunk of it once, and each of n workers restores it from
-there (`restore_source(..., verified=True)`: read in place, not checked again) and continues with its suffix,
-whose prefill starts with the trunk's last partial page (a full page, of the parent's page_size(), is what
-every engine caches). The parent is only read. A worker that dies mid-round is named with its exit status,
-the round fails with PoolWorkerDied after the other workers have answered, and the pool starts a replacement,
-so the next round runs on a full pool; one seen dead between rounds is replaced by the next round that needs it,
-before the parent is read, and that round runs once the replacement has started. A replacement finishes starting
-at the next round; if it fails to start (its engine's error, or its process ended), that round fails before the
-parent is read, naming the worker, its error and its exit status (and the dead worker it replaces, and how that
-one ended), and the worker is started again for the round after, MAX_FAILED_STARTS failed starts in a row at
-most; a slot whose workers died MAX_DEATHS times in a row (in rounds or between them), none answering a round in
-between, is not replaced after the last (an engine that dies on every round would otherwise be restarted for
-ever). Rounds needing a slot given up say so, and why: start a new pool. A pool whose first start fails
-raises, with nothing left running. Each worker leads its own process group (thaw_format.sdk.engine_process):
-the processes its engine starts (vLLM's engine core, SGLang's scheduler) end with it, however it ends.
-`worker_info()` shows each slot's worker (RoundPool.worker_info: its pid, whether it is starting, ready, exited
-or given up, and the slot's failed starts in a row); a worker's exit shows there once its process's watcher has
-seen it and killed what its engine started, between rounds too where Python has os.waitid (Linux; elsewhere once
-the pool reaps it, at the next round that needs it). Any contract engine with a launch spec works
-(thaw_format.sdk.contract).
+Each round the parent publishes the KV of the trunk's full pages once in shared memory (`capture_shared`: a KV-only
+snapshot, no weights), the pool checks every chunk of it once, and each of n workers restores it from there
+(`restore_source(..., verified=True)`: read in place, not checked again) and continues with its suffix, whose
+prefill starts with the trunk's last partial page (a full page, of the parent's page_size(), is what every engine
+caches). The parent is only read. A worker that dies while the round reads the parent (its capture, and the pool's
+check of it) is named with its exit status, and the round fails with PoolWorkerDied as soon as that read ends,
+before it is sent to any worker (none runs a round that fails); one that dies once the round is sent fails it the
+same way after the other workers have answered. Either way the pool starts a replacement, so the next round runs on
+a full pool; one seen dead between rounds is replaced by the next round that needs it, before the parent is read,
+and that round runs once the replacement has started. A replacement finishes starting at the next round; if it fails
+to start (its engine's error, or its process ended), that round fails before the parent is read, naming the worker,
+its error and its exit status (and the dead worker it replaces, and how that one ended), and the worker is started
+again for the round after, MAX_FAILED_STARTS failed starts in a row at most; a slot whose workers died MAX_DEATHS
+times in a row (in rounds or between them), none answering a round in between, is not replaced after the last (an
+engine that dies on every round would otherwise be restarted for ever). Rounds needing a slot given up say so, and
+why: start a new pool. A pool whose first start fails raises, with nothing left running. Each worker leads its own
+process group (thaw_format.sdk.engine_process): the processes its engine starts (vLLM's engine core, SGLang's
+scheduler) end with it, however it ends. `worker_info()` shows each slot's worker (RoundPool.worker_info: its pid,
+whether it is starting, ready, exited or given up, and the slot's failed starts in a row); a worker's exit shows
+there once its process's watcher has seen it and killed what its engine started, between rounds too where Python has
+os.waitid (Linux; elsewhere once the pool reaps it, at the next round that needs it). Any contract engine with a
+launch spec works (thaw_format.sdk.contract).
 """
 
 from __future__ import annotations
@@ -92,13 +93,13 @@ class _Worker(SlotWorker):
         which waits for what its engine started to be killed), or poll(), which reaps it (no os.waitid)."""
         return self.process.exited or self.process.poll() is not None
 
-    def lost(self) -> Optional[PoolWorkerDied]:
-        """SlotWorker.lost: its process seen to have ended, its pipes closed here."""
+    def lost(self, when: str = "between rounds") -> Optional[PoolWorkerDied]:
+        """SlotWorker.lost: its process seen to have ended, its pipes closed here; `when` it died, in words."""
         if not self.ready or self.killed or not self._seen_exited():
             return None
         status = self.process.exit_status()
         self.kill()
-        return PoolWorkerDied(f"{self.describe()} exited with {status} between rounds")
+        return PoolWorkerDied(f"{self.describe()} exited with {status} {when}")
 
     def send(self, message: dict) -> bool:
         """False if the worker is gone."""
@@ -170,6 +171,13 @@ class ForkPool(RoundPool):
         verifying = time.perf_counter()
         _verify(source)
         round_.verify_s = time.perf_counter() - verifying
+        # A worker that died while the parent was read fails the round here, before any worker restores and
+        # generates for a round that would fail. Its watcher has seen it exit; one it has not seen yet, dying this
+        # instant, is found as the round is sent to it or as its reply is read, the others answering first.
+        dead = [(slot, died) for slot, worker in zip(slots, workers)
+                if (died := worker.lost("before the round was sent to any worker")) is not None]
+        if dead:
+            return [], [self._died(slot, died) for slot, died in dead]
         replies, failures, answered = [], [], 0
         try:
             sent = [worker.send({"source": source, "verified": True, "prompt": arguments.context + suffix,

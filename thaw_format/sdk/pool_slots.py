@@ -52,8 +52,9 @@ class WorkerInfo:
     #   it, before the parent is read: ForkPool's as a failed start; a RayForkPool actor's as a failed start if it
     #   died starting, else (its start answered) as a death between rounds, replaced as a started one is. A worker
     #   that dies while the round waits for another's start: a RayForkPool round asks its actors again once it has
-    #   waited, and replaces it before the parent is read; a ForkPool round finds it only as it runs, the parent
-    #   read, and fails naming it (replaced for the next round);
+    #   waited, and replaces it before the parent is read; a ForkPool round finds it once it has read the parent,
+    #   before any worker is sent the round, and fails naming it (replaced for the next round), as it does one that
+    #   dies while the parent is read;
     # given_up: the slot is no longer restarted (MAX_FAILED_STARTS failed starts in a row, or its workers died
     #   MAX_DEATHS times in a row), its last worker ended as an exited one: start a new pool.
     pid: Optional[int]  # its process (on its node), once known
@@ -101,9 +102,10 @@ class SlotWorker:
     def lost(self) -> Optional[PoolWorkerDied]:
         """Its death since it last answered (a started worker, not killed by the pool), if its pool sees it now:
         the worker ended and its death, naming it, how it ended (ForkPool: its exit status; RayForkPool: Ray's
-        error) and when (between rounds, or while the round waited for a start); None if it is not seen dead (one
-        dying as the round asks it fails the round instead). Called by the round that needs its slot, before the
-        parent is read."""
+        error) and when (between rounds, or while the round waited for a start; ForkPool's `lost(when)` takes the
+        words); None if it is not seen dead (one dying as the round asks it fails the round instead). Called
+        by the round that needs its slot before the parent is read, and by ForkPool's again once the parent is read,
+        before the round is sent to any worker."""
         return None
 
     def ensure_ready(self) -> None:

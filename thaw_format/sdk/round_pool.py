@@ -4,12 +4,13 @@ round at a time, the parent's one capture per round, the round's failure, and cl
 
 A pool subclasses it with three methods: `_start(name, failed_starts=0, deaths=0)` starts a worker
 (thaw_format.sdk.pool_slots says what a worker is, and the three ways its start ends: started, failed, or still
-starting), `_run(round_, slots, source, arguments)` hands the parent's capture (the source of its capture_shared)
-to the workers in those slots and returns their replies and failures (`_died` for a worker that died in the round,
+starting), `_run(round_, slots, source, arguments)` hands the parent's capture (the source of its capture_shared) to
+the workers in those slots and returns their replies and failures (`_died` for a worker that died in the round, or
+while the parent was read: a pool may then fail the round before sending it to any worker, as ForkPool does;
 `pool_slots.note_answer` for one that answered; its reads of the segment may go through lent's cached mappings,
 which close() forgets), and `_stop()` ends every worker; `_ready_slots(n)` is its hook into a round once the round
-holds the pool (the round's slots, each worker started: pool_slots.finish_starts). A round failing before the
-parent is read only for workers still starting raises PoolWorkerStarting (retry later); a pool's first start raises
+holds the pool (the round's slots, each worker started: pool_slots.finish_starts). A round failing before the parent
+is read only for workers still starting raises PoolWorkerStarting (retry later); a pool's first start raises
 PoolWorkerDied, the pool closed.
 """
 
