@@ -24,11 +24,13 @@ from typing import Optional, Sequence
 
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, ModelInfo, Request, SamplingParams, Snapshot
+from thaw_format import (CorruptSnapshotError, IncompatibleSnapshotError, ModelInfo, Request, SamplingParams, Snapshot,
+                         weights_digest)
 from thaw_format.document import validate
 from thaw_format.sdk import (DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, LocalDirectory, Progress, Resumed,
                              Unsupported, fork, pending_requests)
 from thaw_format.sdk.contract import check_params
+from thaw_format.sdk.inplace import InPlaceWeights, check_idle
 from thaw_format.sdk.lent import open_snapshot, verify_unchecked
 from thaw_format.sdk.request_ids import RequestIds
 from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owned_segment
@@ -36,7 +38,7 @@ from thaw_format.sdk.tokens import common_prefix_length
 
 from .files import deferring, fill_of, mapped_snapshot
 from .generate import generate
-from .identity import check_snapshot_model, checked_info, model_info
+from .identity import check_snapshot_model, checked_info, model_info, model_weights, names_a_checkpoint
 from .pages import moved_buffers, num_cached_tokens, paged_kind
 from .sampling import Sampler, request_sampler
 from .session import caches_of_checked, capture, check_cache_layout, check_sequences_kv, engine_requests, restore
@@ -113,6 +115,7 @@ class MLXEngine(SharedKV):
         self.model, self.checkpoint = model, checkpoint
         # The model's identity, digested once; a caller's is checked to name the model's dtype.
         self.info = model_info(model, checkpoint=checkpoint) if info is None else checked_info(model, info)
+        self._in_place = InPlaceWeights()  # weights changed in place since (weights_changed)
         self.eos = _eos_ids(checkpoint)
         self.sessions: list[_Session] = []  # served requests: the engine's prefix cache
         self.running: dict[str, _Request] = {}  # in flight, in order of submission
@@ -135,6 +138,20 @@ class MLXEngine(SharedKV):
 
     def model_info(self) -> ModelInfo:
         return self.info
+
+    def weights_changed(self, digest: Optional[str] = None) -> None:
+        """The model's weights were changed in place (`model.load_weights(...)` or `model.update(...)`, an RL
+        step), the engine idle: its served sessions, the KV of the old weights, are dropped, and its identity names
+        the new weights. A checkpoint's identity by `digest` (thaw_format.weights_digest of the full new weights
+        under checkpoint names; None: unknown, so snapshots naming a digest and captures are refused); a model
+        built in memory, whose identity names MLX's own weights, by their digest computed again (a `digest`
+        given must be it). Captures with weights hold the live weights."""
+        check_idle(len(self.running))
+        live = None if self.checkpoint is not None or names_a_checkpoint(self.info) else \
+            (lambda: weights_digest(model_weights(self.model)))
+        self._in_place.change(digest, live)
+        self.info = self._in_place.identity(self.info)
+        self.sessions, self._progress = [], {}
 
     # --- serving ---
 
@@ -289,6 +306,7 @@ class MLXEngine(SharedKV):
         return owned_segment(self).publish(snapshot, fill_of(snapshot, fills))
 
     def _capture(self, include_weights: bool, chains, paging=None) -> Snapshot:
+        self._in_place.check_capture()
         if chains is not None and len(chains) > 1:
             raise Unsupported("an MLX capture holds one chain: capture one chain at a time")
         held, request = self._current(chains)
@@ -315,6 +333,7 @@ class MLXEngine(SharedKV):
         the tree's) are the caller's: the reader made them for a file or a segment (restore_source), check and
         restore make them for a Snapshot built in memory."""
         check_snapshot_model(self.model, snapshot, info=self.info)
+        self._in_place.check(snapshot)
         check_cache_layout(self.model, snapshot)
         pending = _pending(snapshot)
         return check_sequences_kv(snapshot, engine_requests(snapshot, pending and pending[0])), pending

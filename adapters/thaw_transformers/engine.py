@@ -15,6 +15,7 @@ needs) from the pages, computes the rest, and when it finishes its KV is paged i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional, Sequence
 
@@ -31,6 +32,7 @@ from thaw_format import (
     Weights,
     WeightsRef,
     check_model,
+    weights_digest,
 )
 from thaw_format.sdk import (
     DEFAULT_PAGE_SIZE,
@@ -46,6 +48,7 @@ from thaw_format.sdk import (
     pending_requests,
 )
 from thaw_format.sdk.contract import check_params
+from thaw_format.sdk.inplace import InPlaceWeights, check_idle
 from thaw_format.sdk.request_ids import RequestIds
 from thaw_format.sdk.shared import SharedKV, owned_segment
 
@@ -68,6 +71,7 @@ class TransformersEngine(SharedKV):
         (spec 5.1; without it the model's own, which no other engine shares); `info`: that identity if known."""
         self.model, self.checkpoint = model, None if checkpoint is None else str(checkpoint)
         self.info = info or identity.model_info(model, checkpoint)  # digested once
+        self._in_place = InPlaceWeights()  # weights changed in place since (weights_changed)
         self.layouts = identity.layouts_of(model)
         self.cache = PrefixCache(page_size)
         self.requests: dict[str, Running] = {}
@@ -99,6 +103,20 @@ class TransformersEngine(SharedKV):
 
     def model_info(self) -> ModelInfo:
         return self.info
+
+    def weights_changed(self, digest: Optional[str] = None) -> None:
+        """The model's weights were changed in place (`load_state_dict`, an optimizer step: RL), the engine idle:
+        its prefix cache, the KV of the old weights, is dropped, and its identity names the new weights. A
+        checkpoint's identity by `digest` (thaw_format.weights_digest of the full new weights under checkpoint
+        names; None: unknown, so snapshots naming a digest and captures are refused); a model built in memory,
+        whose identity names its own parameters, by their digest computed again (a `digest` given must be it).
+        Captures with weights hold the live parameters."""
+        check_idle(len(self.requests))
+        live = None if self.checkpoint is not None else \
+            (lambda: weights_digest(identity.model_weights(self.model)))
+        self._in_place.change(digest, live)
+        self.info = self._in_place.identity(self.info)
+        self.cache = PrefixCache(self.cache.page_size)
 
     # --- serving ---
 
@@ -203,6 +221,7 @@ class TransformersEngine(SharedKV):
         return owned_segment(self).publish(self._capture(False, chains, with_requests=False))
 
     def _capture(self, include_weights: bool, chains, *, with_requests: bool) -> Snapshot:
+        self._in_place.check_capture()
         table = self.cache.copy()  # in-flight requests' KV is paged into a copy: the engine itself is unchanged
         live = self.requests if with_requests else {}
         request_pages = {rid: self._page(table, run) for rid, run in live.items()}
@@ -232,6 +251,7 @@ class TransformersEngine(SharedKV):
 
     def check(self, snapshot: Snapshot) -> None:
         check_model(snapshot, self.info)
+        self._in_place.check(snapshot)
         if snapshot.kv is not None or snapshot.prefix is not None:
             pages.check_pages(snapshot, self.layouts, self.info.dtype, self.cache.page_size)
         weights = self._weights_to_load(snapshot)
@@ -283,6 +303,7 @@ class TransformersEngine(SharedKV):
             child = TransformersEngine(self.model, checkpoint=self.checkpoint, info=self.info,
                                        page_size=self.cache.page_size)
             child.cache, child.restored_from = self.cache.copy(), self.restored_from
+            child._in_place = dataclasses.replace(self._in_place)  # the model's weights, as this engine knows them
             children.append(child)
         return children
 

@@ -128,6 +128,15 @@ class VLLMEngine:
         self._previous.update({r.request_id: r.previous_output_token_ids for r in resumed})
         return resumed
 
+    def weights_changed(self, digest: Optional[str] = None) -> None:
+        """The weights were changed in place (an RL step: the trainer's worker extension calling
+        `model.load_weights` through `LLM.collective_rpc`), the engine idle: its identity names them by `digest`
+        (thaw_format.weights_digest of the full new weights under checkpoint names; None: unknown, so snapshots
+        naming a digest and captures are refused), and vLLM's prefix cache, whose KV is the old weights', is
+        dropped (reset_prefix_cache). A capture with weights is refused from then on: on CPU vLLM repacks its
+        linear weights, so thaw reads them back from the checkpoint, which is no longer what the engine holds."""
+        api.weights_changed(self.llm, digest)
+
     def capture_shared(self, *, chains=None) -> str:
         """A KV-only capture published in shared memory, its pages gathered by the worker straight into its
         reused segment: "shm://<name>#<nbytes>", valid until this engine's next capture_shared. Readers in other

@@ -14,6 +14,7 @@ import vllm
 from thaw_format import IncompatibleSnapshotError, mover
 from thaw_format.sdk import agreement, lent, lineage_now, remote
 from thaw_format.sdk.head_share import HeadShare, check_regions, put_share, take_share
+from thaw_format.sdk.inplace import InPlaceWeights, refuse_checkpoint_weights
 from thaw_format.sdk.shared import owned_segment
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import EncodedSnapshot, deferred_tensor, reseal, unwritten
@@ -87,6 +88,15 @@ class ThawWorkerExtension:
         """The digest of the weights the engine loaded (spec 5.1), computed once."""
         _internals.worker_waits_asleep_after_this_call()
         return _weights_digest(self)
+
+    @rpc.as_data
+    def thaw_weights_changed(self, digest: str | None) -> None:
+        """The weights were changed in place (VLLMEngine.weights_changed): the engine's identity names them by
+        `digest` from now on (None: unknown), and a capture with weights is refused (they are read back from the
+        checkpoint, no longer the engine's)."""
+        _internals.worker_waits_asleep_after_this_call()
+        _in_place(self).change(digest)
+        self._thaw_model = self._thaw_described = None  # made again from the new digest
 
     @rpc.as_data
     def thaw_capture(self, plan: dict, include_weights: bool, local: bool, shared: bool = False) -> dict:
@@ -224,7 +234,15 @@ def _sealing(worker, source: str) -> memoryview:
     return memoryview(worker._thaw_sealing[1]).cast("B")[: lent.parse(source)[1]]
 
 
-def _weights_digest(worker) -> str:
+def _in_place(worker) -> InPlaceWeights:
+    if getattr(worker, "_thaw_in_place", None) is None:
+        worker._thaw_in_place = InPlaceWeights()
+    return worker._thaw_in_place
+
+
+def _weights_digest(worker) -> str | None:
+    if _in_place(worker).changed:
+        return _in_place(worker).digest
     if getattr(worker, "_thaw_digest", None) is None:
         worker._thaw_digest = identity.weights_digest(worker.vllm_config)
     return worker._thaw_digest
@@ -264,7 +282,8 @@ def _unwritten(kept: list, target, chunk_size: int):
 def _describe(worker) -> dict:
     info = _model_info(worker)
     out = {"model": {"architecture": info.architecture, "config_digest": info.config_digest, "dtype": info.dtype,
-                     "weights_digest": info.weights_digest}}
+                     "weights_digest": info.weights_digest},
+           "weights_changed": _in_place(worker).changed, "weights_unknown": _in_place(worker).unknown}
     try:
         caches, layout, share = _engine_kv(worker)
     except NotImplementedError as exc:
@@ -314,7 +333,10 @@ def _build_snapshot(worker, plan: dict, include_weights: bool, gathered: bool) -
             rng_state=None if generator is None else from_torch(generator.get_state()),
         ))
     weights = None
+    _in_place(worker).check_capture()
     if include_weights:
+        if _in_place(worker).changed:
+            refuse_checkpoint_weights("vLLM on CPU")
         tensors = identity.checkpoint_weights(config)
         weights = thaw_format.Weights(tensors=tensors, checkpoint_names={n: n for n in tensors})
     bs = plan["block_size"]

@@ -17,6 +17,7 @@ against it and works on every engine.
     source = engine.capture_shared(chains=[ids])    # -> "shm://<name>#<nbytes>": KV only, for other processes
     resumed = other.restore_source(source)          # -> list[Resumed]: restore from that source (or a file)
     engine.page_size()                              # -> int: tokens per KV page, as its captures hold them
+    engine.weights_changed(digest)                  # a trainer changed the weights in place (RL): new identity
     engine.close()
 
 An adapter class is constructed around a native engine it is given (`SomeAdapterEngine(native)`) and has a
@@ -78,6 +79,15 @@ Rules the callers rely on (conformance/README.md says which check proves each, a
 - `page_size()` is the number of tokens per page of the engine's KV, as its captures' `kv.page_size` says
   (vLLM: its block size, 128 by default on CPU). Full pages are what every engine caches and restores, so a
   caller handing KV over (the fork pool) cuts a prompt at a multiple of the engine's own page size.
+- `weights_changed(digest=None)`: the caller changed the engine's weights in place (an RL step: vLLM's
+  `model.load_weights` through `collective_rpc`, SGLang's `update_weights_from_tensor`, MLX's `load_weights`,
+  torch's `load_state_dict`); the engine must be idle (a request in flight: RuntimeError, nothing changed).
+  `digest` is `thaw_format.weights_digest` over the full new weights under their checkpoint names (the trainer
+  holds them), or None where unknown. After it `model_info().weights_digest` is `digest`; `check` and `restore`
+  check snapshots against it (with None: any snapshot naming a weights digest is refused, and so is a capture:
+  thaw_format.sdk.inplace); the engine's prefix cache is dropped (its KV is the old weights'); a capture with
+  weights holds the live weights, or is refused (UnknownWeightsError) by an adapter that can read back only its
+  checkpoint's.
 - What an adapter cannot do raises `Unsupported(reason)`; its `capabilities()` says so beforehand, so callers
   choose a path instead of catching the error after the fact.
 """
@@ -105,7 +115,7 @@ CAPABILITIES = (
 
 # The methods an adapter class defines: the core ones always, and those each capability it declares needs (a
 # method of a capability it lacks may be missing, or raise Unsupported). `adapter_problems` checks a class.
-CORE_METHODS = ("model_info", "generate", "capture", "check", "restore", "close")
+CORE_METHODS = ("model_info", "generate", "capture", "check", "restore", "weights_changed", "close")
 CAPABILITY_METHODS = {
     "fork": ("fork",),
     "fork_processes": ("fork", "launch_spec", "page_size"),
@@ -288,6 +298,10 @@ class Engine(Protocol):
 
     def launch_spec(self) -> LaunchSpec:
         """How another process starts an engine equal to this one ("fork_processes")."""
+
+    def weights_changed(self, digest: Optional[str] = None) -> None:
+        """The weights were changed in place (the engine idle): name them by `digest` (thaw_format.weights_digest
+        of the full new weights under checkpoint names; None: unknown) and drop the prefix cache's stale KV."""
 
     def close(self) -> None:
         """Free the engine (and its processes)."""

@@ -34,6 +34,7 @@ from thaw_format import (
 )
 from thaw_format.numpy import from_numpy, to_numpy
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, fork, pending_requests
+from thaw_format.sdk.inplace import InPlaceWeights, check_idle
 from thaw_format.sdk.shared import SharedKV
 
 from .engine import ToyEngine, ToyRequest, page_hash
@@ -278,6 +279,15 @@ class ToyThawEngine(SharedKV):
 
     def page_size(self) -> int:
         return self.engine.page_size
+
+    def weights_changed(self, digest=None) -> None:
+        """The toy's weights were changed in place (an RL step writing engine.weights): its identity is computed
+        from its live weights (model_info), so only a `digest` given is checked against them; its prefix cache,
+        the KV of the old weights, is dropped. A real adapter whose identity is a checkpoint's names the new
+        weights by `digest` instead (thaw_format.sdk.inplace.InPlaceWeights)."""
+        check_idle(len(self.engine.running))
+        InPlaceWeights().change(digest, live=lambda: model_info(self.engine).weights_digest)
+        self.engine.reset()
 
     def close(self) -> None:
         self.engine = None

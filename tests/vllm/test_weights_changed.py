@@ -1,0 +1,35 @@
+"""weights_changed on vLLM (the tests of tests/weights_changed_checks.py): the trainer's step loads new weights
+through LLM.collective_rpc, as an RL framework's worker extension does. A capture with weights is refused: on CPU
+vLLM repacks its linear weights, so thaw can read back only the checkpoint's."""
+
+import pytest
+
+import weights_changed_checks as checks
+from conftest import make_engine, trunk_tokens
+from weights_changed_checks import (  # noqa: F401  the tests, written once for every engine
+    test_a_capture_with_weights_holds_the_live_weights_or_is_refused,
+    test_a_named_update_refuses_the_old_snapshot_and_serves_the_new_weights,
+    test_a_request_in_flight_or_a_malformed_digest_changes_nothing,
+    test_an_unnamed_update_refuses_named_snapshots_and_captures)
+
+EMBED = "model.embed_tokens.weight"
+
+
+@pytest.fixture(scope="module")
+def updated(vllm, zoo):
+    """An engine of its own (max_num_seqs sets it apart from the shared ones, whose weights must stay)."""
+    import thaw_format
+    import thaw_vllm
+    from safetensors.torch import load_file
+    from thaw_format.torch import from_torch
+
+    directory = zoo.make_model("llama", dtype="float32")
+    engine = thaw_vllm.VLLMEngine(make_engine(zoo, "llama", "float32", max_num_seqs=7))
+
+    def step() -> str:  # every row of the embedding moved
+        weights = load_file(str(directory / "model.safetensors"))
+        new = weights[EMBED] = weights[EMBED].flip(0).contiguous()
+        engine.llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights([(EMBED, new)]))
+        return thaw_format.weights_digest({name: from_torch(t) for name, t in weights.items()})
+
+    return checks.update(engine, trunk_tokens(70, seed=3) + trunk_tokens(4, seed=4), step, live=None)
