@@ -5,7 +5,7 @@ vLLM repacks its linear weights, so thaw can read back only the checkpoint's."""
 import pytest
 
 import weights_changed_checks as checks
-from conftest import make_engine, trunk_tokens
+from conftest import ENGINE_KWARGS, make_engine, run_helper, trunk_tokens
 from weights_changed_checks import (  # noqa: F401  the tests, written once for every engine
     test_a_capture_with_weights_holds_the_live_weights_or_is_refused,
     test_a_named_update_refuses_the_old_snapshot_and_serves_the_new_weights,
@@ -13,6 +13,7 @@ from weights_changed_checks import (  # noqa: F401  the tests, written once for 
     test_an_unnamed_update_refuses_named_snapshots_and_captures)
 
 EMBED = "model.embed_tokens.weight"
+PROMPT = trunk_tokens(70, seed=3) + trunk_tokens(4, seed=4)
 
 
 @pytest.fixture(scope="module")
@@ -32,4 +33,15 @@ def updated(vllm, zoo):
         engine.llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights([(EMBED, new)]))
         return thaw_format.weights_digest({name: from_torch(t) for name, t in weights.items()})
 
-    return checks.update(engine, trunk_tokens(70, seed=3) + trunk_tokens(4, seed=4), step, live=None)
+    return checks.update(engine, PROMPT, step, live=None)
+
+
+def test_the_checks_hold_in_vllms_multiprocessing_mode(vllm, zoo):
+    """The same checks where the worker runs in a process of its own (vLLM's default): every rank's identity
+    changes there, and the client's copies of it are forgotten."""
+    from weights_changed_helper import CHECKS
+
+    config = {"model": str(zoo.make_model("llama", dtype="float32")), "prompt": PROMPT,
+              "engine_kwargs": {"dtype": "float32", **ENGINE_KWARGS},
+              "env": {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}}  # the trainer's step is a function sent to the worker
+    assert run_helper("weights_changed_helper.py", config)["passed"] == list(CHECKS)
