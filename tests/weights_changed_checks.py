@@ -8,19 +8,23 @@ old weights' snapshot is refused by restore and check before the engine changes 
 as before), a capture names the new digest and restores; a capture with weights holds the live weights' bytes, or is
 refused where the adapter can read back only its checkpoint's. After `weights_changed()` (no digest) every snapshot
 naming a digest, the new weights' own too, is refused, and so is every capture, until the weights are named. A
-request in flight or a malformed digest changes nothing.
+request in flight or a malformed digest changes nothing. Sleep and fork(processes=True) are refused (an engine
+started from the launch spec would hold the checkpoint's weights), the engine left open and serving.
 """
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
 
-from thaw_format import IncompatibleSnapshotError, Snapshot
-from thaw_format.sdk import greedy
+from thaw_format import IncompatibleSnapshotError, Snapshot, UnknownWeightsError
+from thaw_format.sdk import Unsupported, greedy, sleep
 
 PARAMS = greedy(8)
 UNNAMED = r"changed in place \(weights_changed\(\) without a digest\), so it cannot show they are those"
+NOT_LAUNCHABLE = r"^the weights were changed in place \(weights_changed\): an engine started from this launch spec"
 
 
 @dataclass
@@ -80,7 +84,8 @@ def test_a_capture_with_weights_holds_the_live_weights_or_is_refused(updated):
     engine.weights_changed(updated.digest)
     want = _served(updated)
     if updated.live is None:
-        with pytest.raises(RuntimeError, match=r"include_weights=True\): .* reads the weights back from the checkpoint"):
+        refused = r"include_weights=True\): .* reads the weights back from the checkpoint"
+        with pytest.raises(UnknownWeightsError, match=refused):
             engine.capture(include_weights=True)
         return
     snapshot = engine.capture(include_weights=True)
@@ -104,7 +109,7 @@ def test_an_unnamed_update_refuses_named_snapshots_and_captures(updated):
             engine.restore(snapshot)
         _untouched(updated, want)
     for capture in (lambda: engine.capture(include_weights=False), lambda: engine.capture_shared(chains=[updated.prompt])):
-        with pytest.raises(RuntimeError, match="could not name them"):  # UnknownWeightsError
+        with pytest.raises(UnknownWeightsError, match="could not name them"):
             capture()
     engine.weights_changed(updated.digest)
     engine.restore(new)
@@ -114,6 +119,7 @@ def test_an_unnamed_update_refuses_named_snapshots_and_captures(updated):
 def test_a_request_in_flight_or_a_malformed_digest_changes_nothing(updated):
     engine = updated.engine
     engine.weights_changed(updated.digest)
+    want = _served(updated)
     with pytest.raises(ValueError, match=r"not 'sha256:abc'"):
         engine.weights_changed("sha256:abc")
     rid = engine.submit(updated.prompt, greedy(4))
@@ -121,6 +127,27 @@ def test_a_request_in_flight_or_a_malformed_digest_changes_nothing(updated):
         engine.weights_changed(None)
     assert engine.abort(rid)
     assert engine.model_info().weights_digest == updated.digest
+    _untouched(updated, want)  # the prefix cache kept: the same tokens, the same hit
+
+
+def test_sleep_and_a_process_fork_are_refused_the_engine_left_serving(updated):
+    engine = updated.engine
+    engine.weights_changed(updated.digest)
+    want = _served(updated)
+    with tempfile.TemporaryDirectory() as directory, pytest.raises(Unsupported, match=NOT_LAUNCHABLE):
+        sleep(engine, Path(directory) / "slept.thaw")
+    _untouched(updated, want)  # still open and serving
+    with pytest.raises(Unsupported, match=NOT_LAUNCHABLE):
+        engine.fork(2, context=updated.prompt[:64], processes=True)
+    _untouched(updated, want)
+
+
+# The checks above, for an engine's `updated` fixture: each engine's test file imports them by name.
+CHECKS = (test_a_named_update_refuses_the_old_snapshot_and_serves_the_new_weights,
+          test_a_capture_with_weights_holds_the_live_weights_or_is_refused,
+          test_an_unnamed_update_refuses_named_snapshots_and_captures,
+          test_a_request_in_flight_or_a_malformed_digest_changes_nothing,
+          test_sleep_and_a_process_fork_are_refused_the_engine_left_serving)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from thaw_format.sdk.tokens import common_prefix_length
 
 from .files import deferring, fill_of, mapped_snapshot
 from .generate import generate
-from .identity import check_snapshot_model, checked_info, model_info, model_weights, names_a_checkpoint
+from .identity import check_snapshot_model, checked_info, model_info, model_weights
 from .pages import moved_buffers, num_cached_tokens, paged_kind
 from .sampling import Sampler, request_sampler
 from .session import caches_of_checked, capture, check_cache_layout, check_sequences_kv, engine_requests, restore
@@ -114,8 +114,8 @@ class MLXEngine(SharedKV):
     def __init__(self, model, info: Optional[ModelInfo] = None, *, checkpoint: Optional[str] = None) -> None:
         self.model, self.checkpoint = model, checkpoint
         # The model's identity, digested once; a caller's is checked to name the model's dtype.
+        self._in_place = InPlaceWeights.loaded(checkpoint, info)  # weights changed in place since (weights_changed)
         self.info = model_info(model, checkpoint=checkpoint) if info is None else checked_info(model, info)
-        self._in_place = InPlaceWeights()  # weights changed in place since (weights_changed)
         self.eos = _eos_ids(checkpoint)
         self.sessions: list[_Session] = []  # served requests: the engine's prefix cache
         self.running: dict[str, _Request] = {}  # in flight, in order of submission
@@ -142,15 +142,11 @@ class MLXEngine(SharedKV):
     def weights_changed(self, digest: Optional[str] = None) -> None:
         """The model's weights were changed in place (`model.load_weights(...)` or `model.update(...)`, an RL
         step), the engine idle: its served sessions, the KV of the old weights, are dropped, and its identity names
-        the new weights. A checkpoint's identity by `digest` (thaw_format.weights_digest of the full new weights
-        under checkpoint names; None: unknown, so snapshots naming a digest and captures are refused); a model
-        built in memory, whose identity names MLX's own weights, by their digest computed again (a `digest`
-        given must be it). Captures with weights hold the live weights."""
-        check_idle(len(self.running))
-        live = None if self.checkpoint is not None or names_a_checkpoint(self.info) else \
-            (lambda: weights_digest(model_weights(self.model)))
-        self._in_place.change(digest, live)
-        self.info = self._in_place.identity(self.info)
+        the new weights (InPlaceWeights.renamed: a checkpoint's by `digest`, None: unknown; a model built in memory
+        by the digest of MLX's own weights, computed again). Captures with weights hold the live weights."""
+        check_idle(bool(self.running))
+        self._in_place, self.info = self._in_place.renamed(self.info, digest,
+                                                           lambda: weights_digest(model_weights(self.model)))
         self.sessions, self._progress = [], {}
 
     # --- serving ---
@@ -412,6 +408,7 @@ class MLXEngine(SharedKV):
     launch_options = {"checkpoint": LocalDirectory}  # what a snapshot file may set (thaw_format.sdk.launch)
 
     def launch_spec(self) -> LaunchSpec:
+        self._in_place.check_launch()
         if self.checkpoint is None:
             raise Unsupported("fork into processes needs a model loaded from a checkpoint (MLXEngine.start)")
         return LaunchSpec(f"{__name__}:MLXEngine.start", {"checkpoint": self.checkpoint})

@@ -137,12 +137,10 @@ def check_snapshot_model(
 
 
 def _names_a_checkpoint(snapshot: Snapshot) -> bool:
-    return snapshot.model is not None and names_a_checkpoint(snapshot.model)
-
-
-def names_a_checkpoint(info: ModelInfo) -> bool:
-    """Whether an identity is a checkpoint's (spec 5.1): its config is a config.json, not ModelArgs."""
-    return bool((info.config or {}).get("architectures")) and info.architecture == info.config["architectures"][0]
+    """Whether the snapshot's identity is a checkpoint's (spec 5.1): its config is a config.json, not ModelArgs."""
+    model = snapshot.model
+    return model is not None and bool((model.config or {}).get("architectures")) and \
+        model.architecture == model.config["architectures"][0]
 
 
 def load_model(snapshot: Snapshot) -> nn.Module:

@@ -34,7 +34,7 @@ class ThawScheduler(_internals.SleepsWhilePaused):
     # The digest of the weights it holds (weights.engine_weights_digest): computed on first use, then kept.
     thaw_weights_digest: str | None = None
     # Weights changed in place since they were loaded (thaw_weights_changed); a restore loading weights resets it.
-    # Replaced, never changed: this unchanged default is every scheduler's until then.
+    # Frozen: each change assigns this scheduler a new value.
     thaw_in_place: InPlaceWeights = InPlaceWeights()
     # Batches left before the engine pauses itself (thaw_run_batches); None: it runs until told to pause.
     thaw_batches_left: int | None = None
@@ -243,10 +243,10 @@ class ThawScheduler(_internals.SleepsWhilePaused):
         (None: unknown) and flush the radix cache, whose KV is the old weights'."""
         def work():
             check_idle(not _internals.is_idle(self))
-            self.thaw_in_place = InPlaceWeights()
-            self.thaw_in_place.change(digest)
+            new = InPlaceWeights().change(digest)  # a malformed digest refused before the cache is flushed
             if not _internals.flush(self):
-                raise RuntimeError("SGLang refused to flush its cache after weights_changed")
+                raise RuntimeError("SGLang refused to flush its cache for weights_changed: nothing changed")
+            self.thaw_in_place = new  # named only once the old weights' KV is gone
 
         self._thaw_report(result, work)
 

@@ -15,7 +15,6 @@ needs) from the pages, computes the rest, and when it finishes its KV is paged i
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Optional, Sequence
 
@@ -70,8 +69,8 @@ class TransformersEngine(SharedKV):
         """`model`: a transformers causal LM; `checkpoint`: the directory it was loaded from, which is its identity
         (spec 5.1; without it the model's own, which no other engine shares); `info`: that identity if known."""
         self.model, self.checkpoint = model, None if checkpoint is None else str(checkpoint)
+        self._in_place = InPlaceWeights.loaded(checkpoint, info)  # weights changed in place since (weights_changed)
         self.info = info or identity.model_info(model, checkpoint)  # digested once
-        self._in_place = InPlaceWeights()  # weights changed in place since (weights_changed)
         self.layouts = identity.layouts_of(model)
         self.cache = PrefixCache(page_size)
         self.requests: dict[str, Running] = {}
@@ -91,6 +90,7 @@ class TransformersEngine(SharedKV):
     launch_options = {"checkpoint": LocalDirectory, "dtype": str, "device": str, "page_size": int}
 
     def launch_spec(self) -> LaunchSpec:
+        self._in_place.check_launch()
         if self.checkpoint is None:
             raise Unsupported("transformers: an equal engine in another process needs the checkpoint directory "
                               "(TransformersEngine.start, or checkpoint= beside the model)")
@@ -106,16 +106,15 @@ class TransformersEngine(SharedKV):
 
     def weights_changed(self, digest: Optional[str] = None) -> None:
         """The model's weights were changed in place (`load_state_dict`, an optimizer step: RL), the engine idle:
-        its prefix cache, the KV of the old weights, is dropped, and its identity names the new weights. A
-        checkpoint's identity by `digest` (thaw_format.weights_digest of the full new weights under checkpoint
-        names; None: unknown, so snapshots naming a digest and captures are refused); a model built in memory,
-        whose identity names its own parameters, by their digest computed again (a `digest` given must be it).
-        Captures with weights hold the live parameters."""
-        check_idle(len(self.requests))
-        live = None if self.checkpoint is not None else \
-            (lambda: weights_digest(identity.model_weights(self.model)))
-        self._in_place.change(digest, live)
-        self.info = self._in_place.identity(self.info)
+        its prefix cache, the KV of the old weights, is dropped, and its identity names the new weights
+        (InPlaceWeights.renamed: a checkpoint's by `digest`, None: unknown; a model built in memory by the digest
+        of its own parameters, computed again). Captures with weights hold the live parameters.
+
+        In-process fork children share the model but not this call: a child forked before it keeps the old
+        identity and prefix cache (its KV now the old weights'); fork again after weights_changed."""
+        check_idle(bool(self.requests))
+        self._in_place, self.info = self._in_place.renamed(
+            self.info, digest, lambda: weights_digest(identity.model_weights(self.model)))
         self.cache = PrefixCache(self.cache.page_size)
 
     # --- serving ---
@@ -295,6 +294,8 @@ class TransformersEngine(SharedKV):
         serving and capturing on its own; in other processes, thaw_format.sdk.fork's."""
         if n < 1:
             raise ValueError(f"fork needs n >= 1, got {n}")
+        if processes:
+            self.launch_spec()  # its refusal (Unsupported) before the context's KV is computed here
         self._hold(list(context))
         if processes:
             return fork(self, n, context=context, processes=True)
@@ -303,7 +304,7 @@ class TransformersEngine(SharedKV):
             child = TransformersEngine(self.model, checkpoint=self.checkpoint, info=self.info,
                                        page_size=self.cache.page_size)
             child.cache, child.restored_from = self.cache.copy(), self.restored_from
-            child._in_place = dataclasses.replace(self._in_place)  # the model's weights, as this engine knows them
+            child._in_place = self._in_place  # the model's weights, as this engine knows them
             children.append(child)
         return children
 

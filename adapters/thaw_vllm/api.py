@@ -9,7 +9,9 @@ from typing import Optional, Sequence
 import thaw_format
 from thaw_format import IncompatibleSnapshotError
 from thaw_format.sdk import Finished, Resumed, lent, pending_requests
-from thaw_format.sdk.inplace import check_idle, check_known, check_named, checked_digest, refuse_checkpoint_weights
+from thaw_format import UnknownWeightsError
+from thaw_format.digest import checked_digest
+from thaw_format.sdk.inplace import check_idle, check_known, check_named
 from thaw_format.sdk.shared import checked_by_caller
 
 from . import _internals, rpc, transport
@@ -103,19 +105,22 @@ def _check_capturable(llm, include_weights: bool) -> None:
         raise NotImplementedError(f"this engine's KV cannot be captured: {engine['layout_error']}")
     check_named(engine["weights_unknown"])
     if include_weights and engine["weights_changed"]:
-        refuse_checkpoint_weights("vLLM on CPU")
+        raise UnknownWeightsError(
+            "capture(include_weights=True): vLLM on CPU reads the weights back from the checkpoint it loaded (its "
+            "live parameters are repacked and cannot be read), and they were changed in place since "
+            "(weights_changed()): capture with include_weights=False, which names the new weights by digest")
 
 
 def weights_changed(llm, digest: Optional[str] = None) -> None:
-    """The engine's weights were changed in place (VLLMEngine.weights_changed): every rank names them by `digest`
-    (None: unknown) and the prefix cache, whose KV is the old weights', is dropped. The engine must be idle."""
+    """The engine's weights were changed in place (VLLMEngine.weights_changed), the engine idle: its prefix cache,
+    whose KV is the old weights', is dropped (refused: nothing changed), then every rank names the weights by
+    `digest` (None: unknown), and this process's copies of the engine's description are forgotten."""
+    launch_arguments(llm)  # RuntimeError(NOT_ENABLED) for an engine made without engine_args
     digest = checked_digest(digest)
-    check_idle(llm.llm_engine.get_num_unfinished_requests())
-    _rpc(llm, "thaw_weights_changed", digest)
+    check_idle(bool(llm.llm_engine.get_num_unfinished_requests()))
+    _call(llm, "drop_prefix_cache", {})
+    _rpc(llm, "thaw_weights_changed", digest)  # thaw_vllm.LLM.collective_rpc forgets its described replies
     _DESCRIBED.pop(llm, None)
-    llm.__dict__.pop("_thaw_described", None)  # thaw_vllm.LLM's own copy of the workers' replies
-    if not llm.reset_prefix_cache():
-        raise RuntimeError("vLLM refused to drop its prefix cache (blocks still held) after weights_changed")
 
 
 def capture(llm, *, include_weights: bool = True, chains: Optional[Sequence[Sequence[int]]] = None) -> thaw_format.Snapshot:

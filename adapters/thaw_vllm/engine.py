@@ -17,6 +17,7 @@ import thaw_format
 from thaw_format import ModelInfo, SamplingParams
 from thaw_format.sdk import Finished, Generation, LaunchSpec, LocalDirectory, OneOf, Progress, Resumed, fork
 from thaw_format.sdk.contract import check_params
+from thaw_format.sdk.inplace import check_launchable
 from thaw_format.sdk.request_ids import RequestIds
 
 from . import api, sampling
@@ -169,6 +170,7 @@ class VLLMEngine:
 
     def launch_spec(self) -> LaunchSpec:
         model, kwargs, unplain = api.launch_arguments(self.llm)
+        check_launchable(api.describe(self.llm)["weights_changed"])
         return LaunchSpec(f"{__name__}:VLLMEngine.start", {"model": model, **kwargs}, unplain)
 
     def close(self) -> None:

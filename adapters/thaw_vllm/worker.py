@@ -14,7 +14,7 @@ import vllm
 from thaw_format import IncompatibleSnapshotError, mover
 from thaw_format.sdk import agreement, lent, lineage_now, remote
 from thaw_format.sdk.head_share import HeadShare, check_regions, put_share, take_share
-from thaw_format.sdk.inplace import InPlaceWeights, refuse_checkpoint_weights
+from thaw_format.sdk.inplace import InPlaceWeights
 from thaw_format.sdk.shared import owned_segment
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import EncodedSnapshot, deferred_tensor, reseal, unwritten
@@ -76,7 +76,7 @@ class ThawWorkerExtension:
     @rpc.as_data
     def thaw_describe(self) -> dict:
         """The identity and KV layout a snapshot must match; `layout_error` says why no layout is mapped.
-        Fixed for the engine's life, so computed once."""
+        Computed once, and again after the weights change in place (thaw_weights_changed)."""
         _internals.worker_waits_asleep_after_this_call()
         mover_info = start_mover(self.vllm_config)
         if getattr(self, "_thaw_described", None) is None:
@@ -84,18 +84,11 @@ class ThawWorkerExtension:
         return self._thaw_described
 
     @rpc.as_data
-    def thaw_weights_digest(self) -> str:
-        """The digest of the weights the engine loaded (spec 5.1), computed once."""
-        _internals.worker_waits_asleep_after_this_call()
-        return _weights_digest(self)
-
-    @rpc.as_data
     def thaw_weights_changed(self, digest: str | None) -> None:
-        """The weights were changed in place (VLLMEngine.weights_changed): the engine's identity names them by
-        `digest` from now on (None: unknown), and a capture with weights is refused (they are read back from the
-        checkpoint, no longer the engine's)."""
+        """The weights were changed in place (api.weights_changed, once the prefix cache is dropped): the engine's
+        identity names them by `digest` from now on (None: unknown)."""
         _internals.worker_waits_asleep_after_this_call()
-        _in_place(self).change(digest)
+        self._thaw_in_place = InPlaceWeights().change(digest)
         self._thaw_model = self._thaw_described = None  # made again from the new digest
 
     @rpc.as_data
@@ -235,9 +228,7 @@ def _sealing(worker, source: str) -> memoryview:
 
 
 def _in_place(worker) -> InPlaceWeights:
-    if getattr(worker, "_thaw_in_place", None) is None:
-        worker._thaw_in_place = InPlaceWeights()
-    return worker._thaw_in_place
+    return getattr(worker, "_thaw_in_place", None) or InPlaceWeights()  # never changed: the loaded weights
 
 
 def _weights_digest(worker) -> str | None:
@@ -333,10 +324,7 @@ def _build_snapshot(worker, plan: dict, include_weights: bool, gathered: bool) -
             rng_state=None if generator is None else from_torch(generator.get_state()),
         ))
     weights = None
-    _in_place(worker).check_capture()
-    if include_weights:
-        if _in_place(worker).changed:
-            refuse_checkpoint_weights("vLLM on CPU")
+    if include_weights:  # the client refused one after weights_changed (api._check_capturable)
         tensors = identity.checkpoint_weights(config)
         weights = thaw_format.Weights(tensors=tensors, checkpoint_names={n: n for n in tensors})
     bs = plan["block_size"]

@@ -1,12 +1,13 @@
 """weights_changed on the template's engine and through the fork pool: after an RL step changes the parent's weights
 in place, its old snapshots are refused, and a pool's workers (started from the parent's launch spec: the weights it
-was started with) refuse a round of the parent's new KV, each worker's restore naming the field."""
+was started with) refuse a round of the parent's new KV, each worker's restore naming the field; a new pool is refused
+(the parent's launch spec would start the old weights)."""
 
 import pytest
 
 from test_contract_fork import CONTEXT, PROMPT, parent  # noqa: F401  the template's engine, having served CONTEXT
 from thaw_format import IncompatibleSnapshotError
-from thaw_format.sdk import ForkPool, greedy
+from thaw_format.sdk import ForkPool, Unsupported, greedy
 
 
 def _step(parent) -> None:
@@ -29,6 +30,13 @@ def test_the_old_snapshot_is_refused_and_the_prefix_cache_dropped(parent):
         parent.restore(old)
     after = parent.generate(PROMPT, greedy(4))
     assert after.token_ids == first.token_ids and after.cached_tokens > 0
+
+
+def test_a_new_pool_is_refused_the_launch_spec_naming_the_checkpoints_weights(parent):
+    _step(parent)
+    parent.weights_changed()
+    with pytest.raises(Unsupported, match=r"^the weights were changed in place \(weights_changed\)"):
+        ForkPool(parent, workers=1)
 
 
 def test_a_pool_refuses_a_round_of_the_updated_parent(parent):

@@ -16,7 +16,8 @@ from weights_changed_checks import (  # noqa: F401  the tests, written once for 
     test_a_model_built_in_memory_is_named_by_its_live_weights_again,
     test_a_named_update_refuses_the_old_snapshot_and_serves_the_new_weights,
     test_a_request_in_flight_or_a_malformed_digest_changes_nothing,
-    test_an_unnamed_update_refuses_named_snapshots_and_captures)
+    test_an_unnamed_update_refuses_named_snapshots_and_captures,
+    test_sleep_and_a_process_fork_are_refused_the_engine_left_serving)
 
 EMBED = "model.embed_tokens.weight"
 
@@ -55,5 +56,5 @@ def test_an_in_process_child_knows_its_parents_weights_are_unnamed(updated):
     engine = updated.engine
     engine.weights_changed()
     [child] = engine.fork(1, context=PROMPT[:64])
-    with pytest.raises(RuntimeError, match="could not name them"):
+    with pytest.raises(thaw_format.UnknownWeightsError, match="could not name them"):
         child.capture(include_weights=False)

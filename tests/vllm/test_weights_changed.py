@@ -10,38 +10,27 @@ from weights_changed_checks import (  # noqa: F401  the tests, written once for 
     test_a_capture_with_weights_holds_the_live_weights_or_is_refused,
     test_a_named_update_refuses_the_old_snapshot_and_serves_the_new_weights,
     test_a_request_in_flight_or_a_malformed_digest_changes_nothing,
-    test_an_unnamed_update_refuses_named_snapshots_and_captures)
+    test_an_unnamed_update_refuses_named_snapshots_and_captures,
+    test_sleep_and_a_process_fork_are_refused_the_engine_left_serving)
+from weights_changed_helper import trainer_step
 
-EMBED = "model.embed_tokens.weight"
 PROMPT = trunk_tokens(70, seed=3) + trunk_tokens(4, seed=4)
 
 
 @pytest.fixture(scope="module")
 def updated(vllm, zoo):
     """An engine of its own (max_num_seqs sets it apart from the shared ones, whose weights must stay)."""
-    import thaw_format
     import thaw_vllm
-    from safetensors.torch import load_file
-    from thaw_format.torch import from_torch
 
     directory = zoo.make_model("llama", dtype="float32")
     engine = thaw_vllm.VLLMEngine(make_engine(zoo, "llama", "float32", max_num_seqs=7))
-
-    def step() -> str:  # every row of the embedding moved
-        weights = load_file(str(directory / "model.safetensors"))
-        new = weights[EMBED] = weights[EMBED].flip(0).contiguous()
-        engine.llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights([(EMBED, new)]))
-        return thaw_format.weights_digest({name: from_torch(t) for name, t in weights.items()})
-
-    return checks.update(engine, PROMPT, step, live=None)
+    return checks.update(engine, PROMPT, trainer_step(engine, directory), live=None)
 
 
 def test_the_checks_hold_in_vllms_multiprocessing_mode(vllm, zoo):
     """The same checks where the worker runs in a process of its own (vLLM's default): every rank's identity
     changes there, and the client's copies of it are forgotten."""
-    from weights_changed_helper import CHECKS
-
     config = {"model": str(zoo.make_model("llama", dtype="float32")), "prompt": PROMPT,
               "engine_kwargs": {"dtype": "float32", **ENGINE_KWARGS},
               "env": {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}}  # the trainer's step is a function sent to the worker
-    assert run_helper("weights_changed_helper.py", config)["passed"] == list(CHECKS)
+    assert run_helper("weights_changed_helper.py", config)["passed"] == [check.__name__ for check in checks.CHECKS]

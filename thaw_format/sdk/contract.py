@@ -81,13 +81,19 @@ Rules the callers rely on (conformance/README.md says which check proves each, a
   caller handing KV over (the fork pool) cuts a prompt at a multiple of the engine's own page size.
 - `weights_changed(digest=None)`: the caller changed the engine's weights in place (an RL step: vLLM's
   `model.load_weights` through `collective_rpc`, SGLang's `update_weights_from_tensor`, MLX's `load_weights`,
-  torch's `load_state_dict`); the engine must be idle (a request in flight: RuntimeError, nothing changed).
-  `digest` is `thaw_format.weights_digest` over the full new weights under their checkpoint names (the trainer
-  holds them), or None where unknown. After it `model_info().weights_digest` is `digest`; `check` and `restore`
-  check snapshots against it (with None: any snapshot naming a weights digest is refused, and so is a capture:
-  thaw_format.sdk.inplace); the engine's prefix cache is dropped (its KV is the old weights'); a capture with
-  weights holds the live weights, or is refused (UnknownWeightsError) by an adapter that can read back only its
-  checkpoint's.
+  torch's `load_state_dict`); the engine must be idle (a request in flight: RuntimeError, nothing changed). Call
+  it straight after the load: a request served in between uses the old weights' KV with the new weights. For an
+  engine whose identity is a checkpoint's, `digest` is `thaw_format.weights_digest` over the full new weights,
+  names and dtypes as the checkpoint stores them (the trainer holds them), or None where unknown. For one whose
+  identity names its own live weights (a model built in memory), the engine computes their digest again (a
+  `digest` given must equal it; digest=None gives the live digest). After it `model_info().weights_digest` names
+  the new weights; `check` and `restore` check snapshots against it (unknown: any snapshot naming a weights digest
+  is refused, and so is a capture, UnknownWeightsError: thaw_format.sdk.inplace); the engine's prefix cache is
+  dropped (its KV is the old weights'); a capture with weights holds the live weights, or is refused
+  (UnknownWeightsError) by an adapter that can read back only its checkpoint's; `launch_spec()` is refused
+  (Unsupported: an engine started from it would hold the checkpoint's weights), so `sleep` and
+  `fork(processes=True)` refuse before anything changes. In-process fork children share the model but not the
+  call: a child forked before it keeps the old identity and prefix cache.
 - What an adapter cannot do raises `Unsupported(reason)`; its `capabilities()` says so beforehand, so callers
   choose a path instead of catching the error after the fact.
 """
@@ -301,7 +307,8 @@ class Engine(Protocol):
 
     def weights_changed(self, digest: Optional[str] = None) -> None:
         """The weights were changed in place (the engine idle): name them by `digest` (thaw_format.weights_digest
-        of the full new weights under checkpoint names; None: unknown) and drop the prefix cache's stale KV."""
+        of the full new weights as the checkpoint stores them; None: unknown), or, where the identity names the live
+        weights (no checkpoint's), by their digest computed again; drop the prefix cache's stale KV."""
 
     def close(self) -> None:
         """Free the engine (and its processes)."""
