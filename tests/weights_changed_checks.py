@@ -58,16 +58,20 @@ def _served(updated: Updated):
     return again
 
 
+def _named(updated: Updated):
+    """The engine told of the new weights by their digest, the prompt served: its engine and that output."""
+    updated.engine.weights_changed(updated.digest)
+    return updated.engine, _served(updated)
+
+
 def _untouched(updated: Updated, want) -> None:
     got = updated.engine.generate(updated.prompt, PARAMS)
     assert (got.token_ids, got.cached_tokens) == (want.token_ids, want.cached_tokens)
 
 
 def test_a_named_update_refuses_the_old_snapshot_and_serves_the_new_weights(updated):
-    engine = updated.engine
-    engine.weights_changed(updated.digest)
+    engine, want = _named(updated)
     assert engine.model_info().weights_digest == updated.digest
-    want = _served(updated)
     assert want.token_ids != updated.before  # the update took effect
     for refused in (engine.restore, engine.check):
         with pytest.raises(IncompatibleSnapshotError, match=r"^model\.weights_digest: the snapshot has 'sha256:"):
@@ -80,9 +84,7 @@ def test_a_named_update_refuses_the_old_snapshot_and_serves_the_new_weights(upda
 
 
 def test_a_capture_with_weights_holds_the_live_weights_or_is_refused(updated):
-    engine = updated.engine
-    engine.weights_changed(updated.digest)
-    want = _served(updated)
+    engine, want = _named(updated)
     if updated.live is None:
         refused = r"include_weights=True\): .* reads the weights back from the checkpoint"
         with pytest.raises(UnknownWeightsError, match=refused):
@@ -97,9 +99,7 @@ def test_a_capture_with_weights_holds_the_live_weights_or_is_refused(updated):
 
 
 def test_an_unnamed_update_refuses_named_snapshots_and_captures(updated):
-    engine = updated.engine
-    engine.weights_changed(updated.digest)
-    _served(updated)
+    engine, _ = _named(updated)
     new = engine.capture(include_weights=False)
     engine.weights_changed()
     assert engine.model_info().weights_digest is None
@@ -117,9 +117,7 @@ def test_an_unnamed_update_refuses_named_snapshots_and_captures(updated):
 
 
 def test_a_request_in_flight_or_a_malformed_digest_changes_nothing(updated):
-    engine = updated.engine
-    engine.weights_changed(updated.digest)
-    want = _served(updated)
+    engine, want = _named(updated)
     with pytest.raises(ValueError, match=r"not 'sha256:abc'"):
         engine.weights_changed("sha256:abc")
     rid = engine.submit(updated.prompt, greedy(4))
@@ -131,9 +129,7 @@ def test_a_request_in_flight_or_a_malformed_digest_changes_nothing(updated):
 
 
 def test_sleep_and_a_process_fork_are_refused_the_engine_left_serving(updated):
-    engine = updated.engine
-    engine.weights_changed(updated.digest)
-    want = _served(updated)
+    engine, want = _named(updated)
     with tempfile.TemporaryDirectory() as directory, pytest.raises(Unsupported, match=NOT_LAUNCHABLE):
         sleep(engine, Path(directory) / "slept.thaw")
     _untouched(updated, want)  # still open and serving
@@ -142,12 +138,13 @@ def test_sleep_and_a_process_fork_are_refused_the_engine_left_serving(updated):
     _untouched(updated, want)
 
 
-# The checks above, for an engine's `updated` fixture: each engine's test file imports them by name.
+# The checks above, for an engine's `updated` fixture: each engine's test file imports them (`import *`).
 CHECKS = (test_a_named_update_refuses_the_old_snapshot_and_serves_the_new_weights,
           test_a_capture_with_weights_holds_the_live_weights_or_is_refused,
           test_an_unnamed_update_refuses_named_snapshots_and_captures,
           test_a_request_in_flight_or_a_malformed_digest_changes_nothing,
           test_sleep_and_a_process_fork_are_refused_the_engine_left_serving)
+__all__ = [check.__name__ for check in CHECKS]
 
 
 @dataclass
