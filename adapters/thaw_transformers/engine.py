@@ -16,6 +16,7 @@ needs) from the pages, computes the rest, and when it finishes its KV is paged i
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -70,6 +71,7 @@ class TransformersEngine(SharedKV):
         (spec 5.1; without it the model's own, which no other engine shares); `info`: that identity if known."""
         self.model, self.checkpoint = model, None if checkpoint is None else str(checkpoint)
         self._in_place = InPlaceWeights.loaded(checkpoint, info)  # weights changed in place since (weights_changed)
+        self._family = weakref.WeakSet([self])  # the engines sharing this model: it and its in-process fork children
         self.info = info or identity.model_info(model, checkpoint)  # digested once
         self.layouts = identity.layouts_of(model)
         self.cache = PrefixCache(page_size)
@@ -105,17 +107,17 @@ class TransformersEngine(SharedKV):
         return self.info
 
     def weights_changed(self, digest: Optional[str] = None) -> None:
-        """The model's weights were changed in place (`load_state_dict`, an optimizer step: RL), the engine idle:
-        its prefix cache, the KV of the old weights, is dropped, and its identity names the new weights
-        (InPlaceWeights.renamed: a checkpoint's by `digest`, None: unknown; a model built in memory by the digest
-        of its own parameters, computed again). Captures with weights hold the live parameters.
-
-        In-process fork children share the model but not this call: a child forked before it keeps the old
-        identity and prefix cache (its KV now the old weights'); fork again after weights_changed."""
-        check_idle(bool(self.requests))
-        self._in_place, self.info = self._in_place.renamed(
-            self.info, digest, lambda: weights_digest(identity.model_weights(self.model)))
-        self.cache = PrefixCache(self.cache.page_size)
+        """The model's weights were changed in place (`load_state_dict`, an optimizer step: RL), every engine over
+        it idle (this one and its in-process fork children, which share the model): each one's prefix cache, the KV
+        of the old weights, is dropped, and its identity names the new weights (InPlaceWeights.renamed: a
+        checkpoint's by `digest`, None: unknown; a model built in memory by the digest of its own parameters,
+        computed again). Captures with weights hold the live parameters."""
+        family = list(self._family)
+        check_idle(any(engine.requests for engine in family))
+        in_place, info = self._in_place.renamed(self.info, digest,
+                                                lambda: weights_digest(identity.model_weights(self.model)))
+        for engine in family:
+            engine._in_place, engine.info, engine.cache = in_place, info, PrefixCache(engine.cache.page_size)
 
     # --- serving ---
 
@@ -304,7 +306,8 @@ class TransformersEngine(SharedKV):
             child = TransformersEngine(self.model, checkpoint=self.checkpoint, info=self.info,
                                        page_size=self.cache.page_size)
             child.cache, child.restored_from = self.cache.copy(), self.restored_from
-            child._in_place = self._in_place  # the model's weights, as this engine knows them
+            child._in_place, child._family = self._in_place, self._family  # the model's weights, as known here
+            self._family.add(child)
             children.append(child)
         return children
 

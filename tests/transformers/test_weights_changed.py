@@ -53,3 +53,17 @@ def test_an_in_process_child_knows_its_parents_weights_are_unnamed(updated):
     [child] = engine.fork(1, context=PROMPT[:64])
     with pytest.raises(thaw_format.UnknownWeightsError, match="could not name them"):
         child.capture(include_weights=False)
+
+
+def test_in_process_children_share_the_change_and_must_be_idle_for_it(updated):
+    """They share the model: a change through any of them renames every one and drops every one's old KV."""
+    engine = updated.engine
+    child, other = engine.fork(2, context=PROMPT[:64])
+    rid = other.submit(PROMPT, checks.PARAMS)
+    with pytest.raises(RuntimeError, match="needs an idle engine"):
+        child.weights_changed(updated.digest)
+    assert other.abort(rid) and engine.model_info().weights_digest == updated.old.model.weights_digest
+    child.weights_changed(updated.digest)
+    for each in (engine, child, other):
+        assert each.model_info().weights_digest == updated.digest
+        assert each.generate(PROMPT, checks.PARAMS).cached_tokens == 0  # the old weights' KV gone everywhere

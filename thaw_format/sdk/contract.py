@@ -92,8 +92,8 @@ Rules the callers rely on (conformance/README.md says which check proves each, a
   dropped (its KV is the old weights'); a capture with weights holds the live weights, or is refused
   (UnknownWeightsError) by an adapter that can read back only its checkpoint's; `launch_spec()` is refused
   (Unsupported: an engine started from it would hold the checkpoint's weights), so `sleep` and
-  `fork(processes=True)` refuse before anything changes. In-process fork children share the model but not the
-  call: a child forked before it keeps the old identity and prefix cache.
+  `fork(processes=True)` refuse before anything changes. In-process fork children share the model, so they share
+  the call too: each must be idle, and each is renamed and loses its old KV.
 - What an adapter cannot do raises `Unsupported(reason)`; its `capabilities()` says so beforehand, so callers
   choose a path instead of catching the error after the fact.
 """
