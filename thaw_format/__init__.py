@@ -14,6 +14,7 @@ from .errors import (
     IncompatibleSnapshotError,
     MissingTensorError,
     SnapshotError,
+    UnknownWeightsError,
     UnsupportedVersionError,
 )
 from .files import load_file, save_file
@@ -43,7 +44,7 @@ FORMAT_VERSION = (MAJOR, MINOR)
 __all__ = [
     "CorruptSnapshotError", "EncodedSnapshot", "EngineInfo", "FORMAT_VERSION", "IncompatibleSnapshotError",
     "KVCache", "KVLayer", "Limits", "Lineage", "MissingTensorError", "ModelInfo", "NativeHash", "PrefixTree", "Request",
-    "SamplingParams", "SchedulerState", "Snapshot", "SnapshotError", "SnapshotFile", "Tensor",
+    "SamplingParams", "SchedulerState", "Snapshot", "SnapshotError", "SnapshotFile", "Tensor", "UnknownWeightsError",
     "UnsupportedVersionError", "Weights", "WeightsRef", "as_tensor", "backend", "check_kv_layout",
     "check_model", "checkpoint_model_info", "checkpoint_weights_digest", "config_digest", "dumps", "load",
     "load_file", "loads", "open", "save", "save_file", "verify", "weights_digest", "write",

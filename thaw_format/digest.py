@@ -6,6 +6,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -34,6 +35,18 @@ def weights_digest(tensors: Mapping[str, Any]) -> str:
         t = as_tensor(value)
         entries.append([name, t.dtype, list(t.shape), mover.crc32c(t.data)])
     return _digest(entries)
+
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def checked_digest(digest: Optional[str]) -> Optional[str]:
+    """`digest` if it has weights_digest's form ("sha256:" and 64 lowercase hex digits), or None; ValueError
+    otherwise (a digest a caller names weights by: weights_changed)."""
+    if digest is not None and not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
+        raise ValueError(f"a weights digest is thaw_format.weights_digest(tensors) ('sha256:' and 64 lowercase hex "
+                         f"digits), not {digest!r}")
+    return digest
 
 
 def _digest(entries: list) -> str:

@@ -17,6 +17,11 @@ class IncompatibleSnapshotError(SnapshotError):
     """A valid snapshot that does not fit the target: another model, dtype, or KV layout."""
 
 
+class UnknownWeightsError(SnapshotError):
+    """A capture refused: the engine's weights were changed in place without a digest (weights_changed()), so a
+    snapshot could not name them."""
+
+
 class MissingTensorError(KeyError, SnapshotError):
     """A tensor name the snapshot does not hold; the message lists the closest names it does hold."""
 

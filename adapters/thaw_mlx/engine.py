@@ -24,12 +24,14 @@ from typing import Optional, Sequence
 
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from thaw_format import CorruptSnapshotError, IncompatibleSnapshotError, ModelInfo, Request, SamplingParams, Snapshot
+from thaw_format import (CorruptSnapshotError, IncompatibleSnapshotError, ModelInfo, Request, SamplingParams, Snapshot,
+                         weights_digest)
 from thaw_format.compat import expect_snapshot
 from thaw_format.document import validate
 from thaw_format.sdk import (DEFAULT_PAGE_SIZE, Finished, Generation, LaunchSpec, LocalDirectory, Progress, Resumed,
                              Unsupported, fork, pending_requests)
 from thaw_format.sdk.contract import check_params
+from thaw_format.sdk.inplace import InPlaceWeights, check_idle
 from thaw_format.sdk.lent import open_snapshot, verify_unchecked
 from thaw_format.sdk.request_ids import RequestIds
 from thaw_format.sdk.shared import SHM_PREFIX, SharedKV, checked_by_caller, owned_segment
@@ -37,7 +39,7 @@ from thaw_format.sdk.tokens import common_prefix_length
 
 from .files import deferring, fill_of, mapped_snapshot
 from .generate import generate, token_ids
-from .identity import check_snapshot_model, checked_info, model_info
+from .identity import check_snapshot_model, checked_info, model_info, model_weights
 from .pages import moved_buffers, num_cached_tokens, paged_kind
 from .sampling import Sampler, request_sampler
 from .session import caches_of_checked, capture, check_cache_layout, check_sequences_kv, engine_requests, restore
@@ -113,6 +115,7 @@ class MLXEngine(SharedKV):
     def __init__(self, model, info: Optional[ModelInfo] = None, *, checkpoint: Optional[str] = None) -> None:
         self.model, self.checkpoint = model, checkpoint
         # The model's identity, digested once; a caller's is checked to name the model's dtype.
+        self._in_place = InPlaceWeights.loaded(checkpoint, info)  # weights changed in place since (weights_changed)
         self.info = model_info(model, checkpoint=checkpoint) if info is None else checked_info(model, info)
         self.eos = _eos_ids(checkpoint)
         self.sessions: list[_Session] = []  # served requests: the engine's prefix cache
@@ -136,6 +139,16 @@ class MLXEngine(SharedKV):
 
     def model_info(self) -> ModelInfo:
         return self.info
+
+    def weights_changed(self, digest: Optional[str] = None) -> None:
+        """The model's weights were changed in place (`model.load_weights(...)` or `model.update(...)`, an RL
+        step), the engine idle: its served sessions, the KV of the old weights, are dropped, and its identity names
+        the new weights (InPlaceWeights.renamed: a checkpoint's by `digest`, None: unknown; a model built in memory
+        by the digest of MLX's own weights, computed again). Captures with weights hold the live weights."""
+        check_idle(bool(self.running))
+        self._in_place, self.info = self._in_place.renamed(self.info, digest,
+                                                           lambda: weights_digest(model_weights(self.model)))
+        self.sessions, self._progress = [], {}
 
     # --- serving ---
 
@@ -290,6 +303,7 @@ class MLXEngine(SharedKV):
         return owned_segment(self).publish(snapshot, fill_of(snapshot, fills))
 
     def _capture(self, include_weights: bool, chains, paging=None) -> Snapshot:
+        self._in_place.check_capture()
         if chains is not None and len(chains) > 1:
             raise Unsupported("an MLX capture holds one chain: capture one chain at a time")
         held, request = self._current(chains)
@@ -317,6 +331,7 @@ class MLXEngine(SharedKV):
         the tree's) are the caller's: the reader made them for a file or a segment (restore_source), check and
         restore make them for a Snapshot built in memory."""
         check_snapshot_model(self.model, snapshot, info=self.info)
+        self._in_place.check(snapshot)
         check_cache_layout(self.model, snapshot)
         pending = _pending(snapshot)
         if pending:  # the tokens it has not computed go to the model (MLX does not check ids): refused now, not then
@@ -402,6 +417,7 @@ class MLXEngine(SharedKV):
     launch_options = {"checkpoint": LocalDirectory}  # what a snapshot file may set (thaw_format.sdk.launch)
 
     def launch_spec(self) -> LaunchSpec:
+        self._in_place.check_launch()
         if self.checkpoint is None:
             raise Unsupported("fork into processes needs a model loaded from a checkpoint (MLXEngine.start)")
         return LaunchSpec(f"{__name__}:MLXEngine.start", {"checkpoint": self.checkpoint})

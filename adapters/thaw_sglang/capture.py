@@ -29,6 +29,7 @@ def capture_state(
     `fill` holds the puts of its heads (kv.share_pages), which every rank runs once the first has published the
     snapshot (scheduler_ext); its weights, sharded between the ranks, are named by digest only.
     """
+    scheduler.thaw_in_place.check_capture()
     share = tensor_parallel.share(scheduler)
     if include_weights and not share.whole:
         raise NotImplementedError(f"thaw_sglang captures a tensor-parallel engine's KV only ({share.ranks} ranks "

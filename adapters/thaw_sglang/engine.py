@@ -26,12 +26,15 @@ from typing import Iterator, Optional, Sequence
 
 import thaw_format
 from thaw_format import ModelInfo, Request, SamplingParams, SchedulerState, Snapshot
+from thaw_format.digest import checked_digest
 from thaw_format.sdk import (Finished, Generation, LaunchSpec, LocalDirectory, OneOf, Progress, Refused, Resumed,
                               fork)
 from thaw_format.sdk.contract import check_params
+from thaw_format.sdk.inplace import check_idle, check_launchable
 from thaw_format.sdk.request_ids import RequestIds
 from thaw_format.sdk.shared import SharedKV
 
+from . import rpc
 from .requests import resume_arguments, sglang_params
 from .thaw_engine import ThawEngine, capture, capture_shared, check, restore_pending, resumed_of, snapshot_page_size
 
@@ -65,6 +68,8 @@ class SGLangEngine(SharedKV):
         self.pending: list[thaw_format.Request] = []  # the last restore's unfinished requests, for finish
         self._progress: dict[str, Progress] = {}  # requests that advanced since the last progress()
         self._ids = RequestIds("thaw")
+        # weights_changed was called: an engine started from the launch spec would hold the checkpoint's weights
+        self._weights_changed = False
 
     @classmethod
     def start(cls, **engine_kwargs) -> "SGLangEngine":
@@ -75,7 +80,17 @@ class SGLangEngine(SharedKV):
         return frozenset({"logprobs", "fork", "fork_processes", "mid_stream", "streaming", "weights"})
 
     def model_info(self) -> ModelInfo:
-        return capture(self.engine, include_weights=False, chains=[]).model  # no KV: the identity alone
+        return ModelInfo(**rpc.call(self.engine, "thaw_model_info"))
+
+    def weights_changed(self, digest: Optional[str] = None) -> None:
+        """The weights were changed in place (`update_weights_from_tensor` / `update_weights_from_disk`, an RL
+        step), the engine idle: its identity names them by `digest` (thaw_format.weights_digest of the full new
+        weights under checkpoint names; None: unknown, so snapshots naming a digest and captures are refused) and
+        its radix cache, the KV of the old weights, is flushed. Captures with weights hold the live parameters;
+        a restore that loads a snapshot's weights names them by its digest again."""
+        check_idle(self.streaming is not None or bool(self.queued or self.pending))
+        rpc.call(self.engine, "thaw_weights_changed", digest=checked_digest(digest))
+        self._weights_changed = True
 
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
         check_params(params)
@@ -240,6 +255,7 @@ class SGLangEngine(SharedKV):
     }
 
     def launch_spec(self) -> LaunchSpec:
+        check_launchable(self._weights_changed)
         return LaunchSpec(f"{__name__}:SGLangEngine.start", dict(self.engine.engine_kwargs))
 
     def close(self) -> None:

@@ -39,6 +39,7 @@ def check_restorable(scheduler, snapshot: Snapshot) -> None:
         check_weights(scheduler, snapshot.weights)
     else:
         check_model(snapshot, model_info(scheduler, engine_weights_digest(scheduler)))
+        scheduler.thaw_in_place.check(snapshot)
     if snapshot.kv is None:
         return
     check_kv(scheduler, snapshot)

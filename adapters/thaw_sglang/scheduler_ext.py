@@ -9,19 +9,23 @@ the methods here between two batches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import thaw_format
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 from thaw_format import CorruptSnapshotError, SnapshotFile
 from thaw_format.sdk import agreement, error_data, lent, pending_requests
 from thaw_format.sdk.head_share import check_regions
+from thaw_format.sdk.inplace import InPlaceWeights, check_idle
 from thaw_format.sdk.shared import SharedSnapshot, owned_segment, read_source, release
 from thaw_format.writer import reseal, unwritten
 
 from . import _internals, rpc, tensor_parallel, transport
 from .capture import capture_state
+from .identity import model_info
 from .kv import tensor_sizes
 from .restore import apply_restore, check_restorable, check_restore, restore_state
+from .weights import engine_weights_digest
 
 
 class ThawScheduler(_internals.SleepsWhilePaused):
@@ -29,6 +33,9 @@ class ThawScheduler(_internals.SleepsWhilePaused):
     thaw_restored_from: str | None = None
     # The digest of the weights it holds (weights.engine_weights_digest): computed on first use, then kept.
     thaw_weights_digest: str | None = None
+    # Weights changed in place since they were loaded (thaw_weights_changed); a restore loading weights resets it.
+    # Frozen: each change assigns this scheduler a new value.
+    thaw_in_place: InPlaceWeights = InPlaceWeights()
     # Batches left before the engine pauses itself (thaw_run_batches); None: it runs until told to pause.
     thaw_batches_left: int | None = None
     # The load-report file whose name it unlinked (_internals.unlink_load_report), for tests to check.
@@ -230,6 +237,22 @@ class ThawScheduler(_internals.SleepsWhilePaused):
                 check_restorable(self, transport.read(source, self, verify=not verified))
 
         self._thaw_report(result, work)
+
+    def thaw_weights_changed(self, result: str, digest: str | None = None) -> None:
+        """The weights were changed in place (SGLangEngine.weights_changed), the engine idle: name them by `digest`
+        (None: unknown) and flush the radix cache, whose KV is the old weights'."""
+        def work():
+            check_idle(not _internals.is_idle(self))
+            new = InPlaceWeights().change(digest)  # a malformed digest refused before the cache is flushed
+            if not _internals.flush(self):
+                raise RuntimeError("SGLang refused to flush its cache for weights_changed: nothing changed")
+            self.thaw_in_place = new  # named only once the old weights' KV is gone
+
+        self._thaw_report(result, work)
+
+    def thaw_model_info(self, result: str) -> None:
+        """The engine's identity (spec 5.1), as plain data."""
+        self._thaw_report(result, lambda: dataclasses.asdict(model_info(self, engine_weights_digest(self))))
 
     def thaw_pause(self, result: str, paused: bool) -> None:
         def work():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 from thaw_format import IncompatibleSnapshotError, Snapshot, Weights, checkpoint_weights_digest, weights_digest
+from thaw_format.sdk.inplace import InPlaceWeights
 from thaw_format.torch import from_torch, to_torch
 
 from . import _internals
@@ -29,12 +30,15 @@ def capture_weights(scheduler) -> Weights:
     return Weights(tensors=tensors, checkpoint_names={n: n for n in tensors if n in in_checkpoint})
 
 
-def engine_weights_digest(scheduler) -> str:
+def engine_weights_digest(scheduler) -> str | None:
     """The identity of the weights the engine holds (spec 5.1), the same in every engine serving them.
 
     The checkpoint's digest (SGLang fuses and renames parameters; the checkpoint files are what engines share),
-    computed on first use; after a restore that loaded a snapshot's weights, that snapshot's digest.
+    computed on first use; after a restore that loaded a snapshot's weights, that snapshot's digest; after the
+    weights changed in place (thaw_weights_changed), the digest the user named them by (None: unknown).
     """
+    if scheduler.thaw_in_place.changed:
+        return scheduler.thaw_in_place.digest
     if scheduler.thaw_weights_digest is None:
         scheduler.thaw_weights_digest = checkpoint_weights_digest(_internals.model_path(scheduler))
     return scheduler.thaw_weights_digest
@@ -64,3 +68,4 @@ def restore_weights(scheduler, snapshot: Snapshot) -> None:
     tensors = snapshot.weights.tensors
     _internals.load_weights(scheduler, [(name, to_torch(t)) for name, t in tensors.items()])
     scheduler.thaw_weights_digest = snapshot.model.weights_digest or weights_digest(tensors)
+    scheduler.thaw_in_place = InPlaceWeights()  # the snapshot's weights, named by its digest

@@ -16,6 +16,7 @@ needs) from the pages, computes the rest, and when it finishes its KV is paged i
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -31,6 +32,7 @@ from thaw_format import (
     Weights,
     WeightsRef,
     check_model,
+    weights_digest,
 )
 from thaw_format.sdk import (
     DEFAULT_PAGE_SIZE,
@@ -46,6 +48,7 @@ from thaw_format.sdk import (
     pending_requests,
 )
 from thaw_format.sdk.contract import check_params
+from thaw_format.sdk.inplace import InPlaceWeights, check_idle
 from thaw_format.sdk.request_ids import RequestIds
 from thaw_format.sdk.shared import SharedKV, owned_segment
 
@@ -67,6 +70,8 @@ class TransformersEngine(SharedKV):
         """`model`: a transformers causal LM; `checkpoint`: the directory it was loaded from, which is its identity
         (spec 5.1; without it the model's own, which no other engine shares); `info`: that identity if known."""
         self.model, self.checkpoint = model, None if checkpoint is None else str(checkpoint)
+        self._in_place = InPlaceWeights.loaded(checkpoint, info)  # weights changed in place since (weights_changed)
+        self._family = weakref.WeakSet([self])  # the engines sharing this model: it and its in-process fork children
         self.info = info or identity.model_info(model, checkpoint)  # digested once
         self.layouts = identity.layouts_of(model)
         self.cache = PrefixCache(page_size)
@@ -87,6 +92,7 @@ class TransformersEngine(SharedKV):
     launch_options = {"checkpoint": LocalDirectory, "dtype": str, "device": str, "page_size": int}
 
     def launch_spec(self) -> LaunchSpec:
+        self._in_place.check_launch()
         if self.checkpoint is None:
             raise Unsupported("transformers: an equal engine in another process needs the checkpoint directory "
                               "(TransformersEngine.start, or checkpoint= beside the model)")
@@ -99,6 +105,19 @@ class TransformersEngine(SharedKV):
 
     def model_info(self) -> ModelInfo:
         return self.info
+
+    def weights_changed(self, digest: Optional[str] = None) -> None:
+        """The model's weights were changed in place (`load_state_dict`, an optimizer step: RL), every engine over
+        it idle (this one and its in-process fork children, which share the model): each one's prefix cache, the KV
+        of the old weights, is dropped, and its identity names the new weights (InPlaceWeights.renamed: a
+        checkpoint's by `digest`, None: unknown; a model built in memory by the digest of its own parameters,
+        computed again). Captures with weights hold the live parameters."""
+        family = list(self._family)
+        check_idle(any(engine.requests for engine in family))
+        in_place, info = self._in_place.renamed(self.info, digest,
+                                                lambda: weights_digest(identity.model_weights(self.model)))
+        for engine in family:
+            engine._in_place, engine.info, engine.cache = in_place, info, PrefixCache(engine.cache.page_size)
 
     # --- serving ---
 
@@ -203,6 +222,7 @@ class TransformersEngine(SharedKV):
         return owned_segment(self).publish(self._capture(False, chains, with_requests=False))
 
     def _capture(self, include_weights: bool, chains, *, with_requests: bool) -> Snapshot:
+        self._in_place.check_capture()
         table = self.cache.copy()  # in-flight requests' KV is paged into a copy: the engine itself is unchanged
         live = self.requests if with_requests else {}
         request_pages = {rid: self._page(table, run) for rid, run in live.items()}
@@ -232,6 +252,7 @@ class TransformersEngine(SharedKV):
 
     def check(self, snapshot: Snapshot) -> None:
         check_model(snapshot, self.info)
+        self._in_place.check(snapshot)
         if snapshot.kv is not None or snapshot.prefix is not None:
             pages.check_pages(snapshot, self.layouts, self.info.dtype, self.cache.page_size)
         weights = self._weights_to_load(snapshot)
@@ -275,6 +296,8 @@ class TransformersEngine(SharedKV):
         serving and capturing on its own; in other processes, thaw_format.sdk.fork's."""
         if n < 1:
             raise ValueError(f"fork needs n >= 1, got {n}")
+        if processes:
+            self.launch_spec()  # its refusal (Unsupported) before the context's KV is computed here
         self._hold(list(context))
         if processes:
             return fork(self, n, context=context, processes=True)
@@ -283,6 +306,8 @@ class TransformersEngine(SharedKV):
             child = TransformersEngine(self.model, checkpoint=self.checkpoint, info=self.info,
                                        page_size=self.cache.page_size)
             child.cache, child.restored_from = self.cache.copy(), self.restored_from
+            child._in_place, child._family = self._in_place, self._family  # the model's weights, as known here
+            self._family.add(child)
             children.append(child)
         return children
 

@@ -10,10 +10,10 @@ require("vllm", "vllm", "thaw_vllm")  # before the modules that import it, so th
 
 from thaw_format.sdk import Finished, Resumed
 
-from .api import capture, check_compatible, describe, engine_args, finish, restore
+from .api import capture, check_compatible, describe, engine_args, finish, restore, weights_changed
 from .engine import VLLMEngine
 from .fork import Child, Completion, fork, generate_all
 from .llm import LLM
 
 __all__ = ["LLM", "Child", "Completion", "Finished", "Resumed", "VLLMEngine", "capture", "check_compatible",
-           "describe", "engine_args", "finish", "fork", "generate_all", "restore"]
+           "describe", "engine_args", "finish", "fork", "generate_all", "restore", "weights_changed"]

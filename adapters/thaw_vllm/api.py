@@ -9,6 +9,9 @@ from typing import Optional, Sequence
 import thaw_format
 from thaw_format import IncompatibleSnapshotError
 from thaw_format.sdk import Finished, Resumed, lent, pending_requests
+from thaw_format import UnknownWeightsError
+from thaw_format.digest import checked_digest
+from thaw_format.sdk.inplace import check_idle, check_known, check_named
 from thaw_format.sdk.shared import checked_by_caller
 
 from . import _internals, rpc, transport
@@ -77,8 +80,8 @@ _DESCRIBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # LLM -> 
 
 
 def describe(llm) -> dict:
-    """The engine's model identity and KV layout, as plain data. Fixed for the engine's life: asked of its
-    worker once per LLM, so a restore's check costs no call into the engine."""
+    """The engine's model identity and KV layout, as plain data, asked of its worker once per LLM (and again
+    after weights_changed), so a restore's check costs no call into the engine."""
     if llm not in _DESCRIBED:
         launch_arguments(llm)  # RuntimeError(NOT_ENABLED) for an engine made without engine_args: no thaw_describe
         _DESCRIBED[llm] = _rpc(llm, "thaw_describe")
@@ -94,17 +97,36 @@ def _chains(chains: Optional[Sequence[Sequence[int]]]) -> Optional[list[list[int
     return None if chains is None else [list(map(int, c)) for c in chains]
 
 
-def _check_capturable(llm) -> None:
-    """Refuse, before the engine is asked anything else, an engine whose KV layout thaw_vllm does not map."""
-    error = describe(llm).get("layout_error")
-    if error is not None:
-        raise NotImplementedError(f"this engine's KV cannot be captured: {error}")
+def _check_capturable(llm, include_weights: bool) -> None:
+    """Refuse, before the engine is asked anything else, an engine whose KV layout thaw_vllm does not map, or
+    whose weights, changed in place, it cannot name or read (thaw_format.sdk.inplace)."""
+    engine = describe(llm)
+    if engine.get("layout_error") is not None:
+        raise NotImplementedError(f"this engine's KV cannot be captured: {engine['layout_error']}")
+    check_named(engine["weights_unknown"])
+    if include_weights and engine["weights_changed"]:
+        raise UnknownWeightsError(
+            "capture(include_weights=True): vLLM on CPU reads the weights back from the checkpoint it loaded (its "
+            "live parameters are repacked and cannot be read), and they were changed in place since "
+            "(weights_changed()): capture with include_weights=False, which names the new weights by digest")
+
+
+def weights_changed(llm, digest: Optional[str] = None) -> None:
+    """The engine's weights were changed in place (VLLMEngine.weights_changed), the engine idle: its prefix cache,
+    whose KV is the old weights', is dropped (refused: nothing changed), then every rank names the weights by
+    `digest` (None: unknown), and this process's copies of the engine's description are forgotten."""
+    launch_arguments(llm)  # RuntimeError(NOT_ENABLED) for an engine made without engine_args
+    digest = checked_digest(digest)
+    check_idle(bool(llm.llm_engine.get_num_unfinished_requests()))
+    _call(llm, "drop_prefix_cache", {})
+    _rpc(llm, "thaw_weights_changed", digest)  # thaw_vllm.LLM.collective_rpc forgets its described replies
+    _DESCRIBED.pop(llm, None)
 
 
 def capture(llm, *, include_weights: bool = True, chains: Optional[Sequence[Sequence[int]]] = None) -> thaw_format.Snapshot:
     """Snapshot the engine: prefix-cache pages (all, or those of the named token chains) with their token ids,
     live requests (waiting or mid-generation) and, unless told otherwise, the weights."""
-    _check_capturable(llm)
+    _check_capturable(llm, include_weights)
     args = {"include_weights": include_weights, "chains": _chains(chains),
             "local": _internals.engine_in_this_process(llm)}
     return transport.read(_call(llm, "capture", args)["source"], unlink=True, keep=True)
@@ -113,7 +135,7 @@ def capture(llm, *, include_weights: bool = True, chains: Optional[Sequence[Sequ
 def capture_shared(llm, *, chains: Optional[Sequence[Sequence[int]]] = None) -> str:
     """A KV-only capture published in shared memory, its pages gathered by the worker straight into its reused
     segment: "shm://<name>#<nbytes>", valid until this engine's next capture_shared (see VLLMEngine)."""
-    _check_capturable(llm)
+    _check_capturable(llm, include_weights=False)
     args = {"include_weights": False, "chains": _chains(chains), "local": False, "shared": True}
     return _call(llm, "capture", args)["source"]
 
@@ -122,6 +144,7 @@ def check_compatible(llm, snapshot: thaw_format.Snapshot) -> None:
     """Raise IncompatibleSnapshotError, naming the field and both values, if the engine cannot hold the snapshot."""
     engine = describe(llm)
     thaw_format.check_model(snapshot, thaw_format.ModelInfo(**engine["model"]))
+    check_known(snapshot, engine["weights_unknown"])
     if snapshot.kv is None:
         return
     if "layout_error" in engine:

@@ -25,6 +25,8 @@ def thaw_call(core, op: str, args: dict) -> dict:
         return _capture(core, **args)
     if op == "restore":
         return _restore(core, **args)
+    if op == "drop_prefix_cache":
+        return _drop_prefix_cache(core)
     raise ValueError(f"unknown thaw engine-core operation {op!r}")
 
 
@@ -39,6 +41,15 @@ def _every_rank(core, method: str, *args) -> list:
     """Every rank's reply to the worker's `method`, as _worker; the first error any rank returned is raised."""
     with _internals.worker_awaited_asleep(core):
         return rpc.unwrap_each(core.collective_rpc(method, args=args))
+
+
+def _drop_prefix_cache(core) -> dict:
+    """Drop every cached page and the ledger naming them (weights_changed: their KV is the old weights')."""
+    connector, kcm = _connector(core), _internals.kv_cache_manager(core)
+    if not _internals.reset_prefix_cache(kcm):
+        raise RuntimeError("vLLM refused to reset its prefix cache (blocks still held): nothing changed")
+    connector.ledger.clear()
+    return {}
 
 
 def _connector(core) -> ThawConnector:

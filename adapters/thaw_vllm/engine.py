@@ -17,6 +17,7 @@ import thaw_format
 from thaw_format import ModelInfo, SamplingParams
 from thaw_format.sdk import Finished, Generation, LaunchSpec, LocalDirectory, OneOf, Progress, Resumed, fork
 from thaw_format.sdk.contract import check_params
+from thaw_format.sdk.inplace import check_launchable
 from thaw_format.sdk.request_ids import RequestIds
 
 from . import api, sampling
@@ -128,6 +129,15 @@ class VLLMEngine:
         self._previous.update({r.request_id: r.previous_output_token_ids for r in resumed})
         return resumed
 
+    def weights_changed(self, digest: Optional[str] = None) -> None:
+        """The weights were changed in place (an RL step: the trainer's worker extension calling
+        `model.load_weights` through `LLM.collective_rpc`), the engine idle: its identity names them by `digest`
+        (thaw_format.weights_digest of the full new weights under checkpoint names; None: unknown, so snapshots
+        naming a digest and captures are refused), and vLLM's prefix cache, whose KV is the old weights', is
+        dropped (reset_prefix_cache). A capture with weights is refused from then on: on CPU vLLM repacks its
+        linear weights, so thaw reads them back from the checkpoint, which is no longer what the engine holds."""
+        api.weights_changed(self.llm, digest)
+
     def capture_shared(self, *, chains=None) -> str:
         """A KV-only capture published in shared memory, its pages gathered by the worker straight into its
         reused segment: "shm://<name>#<nbytes>", valid until this engine's next capture_shared. Readers in other
@@ -160,6 +170,7 @@ class VLLMEngine:
 
     def launch_spec(self) -> LaunchSpec:
         model, kwargs, unplain = api.launch_arguments(self.llm)
+        check_launchable(api.describe(self.llm)["weights_changed"])
         return LaunchSpec(f"{__name__}:VLLMEngine.start", {"model": model, **kwargs}, unplain)
 
     def close(self) -> None:

@@ -14,9 +14,12 @@ class LLM(vllm.LLM):
         super().__init__(model=str(model), **api.engine_args(**kwargs))
 
     def collective_rpc(self, method, *args, **kwargs):
-        """vllm.LLM.collective_rpc; thaw_describe (the model identity and KV layout, fixed for the engine's life)
-        is asked of the worker until every rank has answered it without an error (rpc.as_data: a transient one,
-        a worker short of memory, is asked again), then kept, not asked on every restore's compatibility check."""
+        """vllm.LLM.collective_rpc; thaw_describe (the model identity and KV layout) is asked of the worker until
+        every rank has answered it without an error (rpc.as_data: a transient one, a worker short of memory, is
+        asked again), then kept, not asked on every restore's compatibility check, until thaw_weights_changed
+        (api.weights_changed) changes the identity."""
+        if method == "thaw_weights_changed":
+            self._thaw_described = None
         if method != "thaw_describe":
             return super().collective_rpc(method, *args, **kwargs)
         if getattr(self, "_thaw_described", None) is None:
@@ -38,6 +41,10 @@ class LLM(vllm.LLM):
 
     def restore(self, snapshot):
         return api.restore(self, snapshot)
+
+    def weights_changed(self, digest=None) -> None:
+        """Call after loading new weights in place (an RL step): api.weights_changed."""
+        api.weights_changed(self, digest)
 
     def fork(self, n: int, **kwargs):
         from .fork import fork

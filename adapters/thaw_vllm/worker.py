@@ -14,6 +14,7 @@ import vllm
 from thaw_format import IncompatibleSnapshotError, mover
 from thaw_format.sdk import agreement, lent, lineage_now, remote
 from thaw_format.sdk.head_share import HeadShare, check_regions, put_share, take_share
+from thaw_format.sdk.inplace import InPlaceWeights
 from thaw_format.sdk.shared import owned_segment
 from thaw_format.torch import from_torch, to_torch
 from thaw_format.writer import EncodedSnapshot, deferred_tensor, reseal, unwritten
@@ -75,7 +76,7 @@ class ThawWorkerExtension:
     @rpc.as_data
     def thaw_describe(self) -> dict:
         """The identity and KV layout a snapshot must match; `layout_error` says why no layout is mapped.
-        Fixed for the engine's life, so computed once."""
+        Computed once, and again after the weights change in place (thaw_weights_changed)."""
         _internals.worker_waits_asleep_after_this_call()
         mover_info = start_mover(self.vllm_config)
         if getattr(self, "_thaw_described", None) is None:
@@ -83,10 +84,12 @@ class ThawWorkerExtension:
         return self._thaw_described
 
     @rpc.as_data
-    def thaw_weights_digest(self) -> str:
-        """The digest of the weights the engine loaded (spec 5.1), computed once."""
+    def thaw_weights_changed(self, digest: str | None) -> None:
+        """The weights were changed in place (api.weights_changed, once the prefix cache is dropped): the engine's
+        identity names them by `digest` from now on (None: unknown)."""
         _internals.worker_waits_asleep_after_this_call()
-        return _weights_digest(self)
+        self._thaw_in_place = InPlaceWeights().change(digest)
+        self._thaw_model = self._thaw_described = None  # made again from the new digest
 
     @rpc.as_data
     def thaw_capture(self, plan: dict, include_weights: bool, local: bool, shared: bool = False) -> dict:
@@ -224,7 +227,13 @@ def _sealing(worker, source: str) -> memoryview:
     return memoryview(worker._thaw_sealing[1]).cast("B")[: lent.parse(source)[1]]
 
 
-def _weights_digest(worker) -> str:
+def _in_place(worker) -> InPlaceWeights:
+    return getattr(worker, "_thaw_in_place", None) or InPlaceWeights()  # never changed: the loaded weights
+
+
+def _weights_digest(worker) -> str | None:
+    if _in_place(worker).changed:
+        return _in_place(worker).digest
     if getattr(worker, "_thaw_digest", None) is None:
         worker._thaw_digest = identity.weights_digest(worker.vllm_config)
     return worker._thaw_digest
@@ -264,7 +273,8 @@ def _unwritten(kept: list, target, chunk_size: int):
 def _describe(worker) -> dict:
     info = _model_info(worker)
     out = {"model": {"architecture": info.architecture, "config_digest": info.config_digest, "dtype": info.dtype,
-                     "weights_digest": info.weights_digest}}
+                     "weights_digest": info.weights_digest},
+           "weights_changed": _in_place(worker).changed, "weights_unknown": _in_place(worker).unknown}
     try:
         caches, layout, share = _engine_kv(worker)
     except NotImplementedError as exc:
@@ -314,7 +324,7 @@ def _build_snapshot(worker, plan: dict, include_weights: bool, gathered: bool) -
             rng_state=None if generator is None else from_torch(generator.get_state()),
         ))
     weights = None
-    if include_weights:
+    if include_weights:  # the client refused one after weights_changed (api._check_capturable)
         tensors = identity.checkpoint_weights(config)
         weights = thaw_format.Weights(tensors=tensors, checkpoint_names={n: n for n in tensors})
     bs = plan["block_size"]

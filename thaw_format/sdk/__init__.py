@@ -22,6 +22,7 @@ from .contract import (
     require,
     seeded,
 )
+from ..errors import UnknownWeightsError
 from .fork import fork, generate_all
 from .launch import LocalDirectory, OneOf, RefusedLaunch
 from .pool import ForkPool, ForkRound, PoolWorkerDied, PoolWorkerStarting, WorkerInfo
@@ -30,7 +31,7 @@ from .sleep import Awake, SleptNotClosed, sleep, wake
 __all__ = [
     "Awake", "CAPABILITIES", "CAPABILITY_METHODS", "CORE_METHODS", "DEFAULT_PAGE_SIZE", "Engine", "Finished",
     "ForkPool", "ForkRound", "Generation", "LaunchSpec", "LocalDirectory", "OneOf", "PoolWorkerDied",
-    "PoolWorkerStarting", "Progress", "Refused", "RefusedLaunch", "Resumed", "SleptNotClosed", "Unsupported",
-    "WorkerInfo", "adapter_problems", "fork", "generate_all", "greedy", "lineage_now", "pending_requests", "require",
-    "seeded", "sleep", "wake",
+    "PoolWorkerStarting", "Progress", "Refused", "RefusedLaunch", "Resumed", "SleptNotClosed", "UnknownWeightsError",
+    "Unsupported", "WorkerInfo", "adapter_problems", "fork", "generate_all", "greedy", "lineage_now",
+    "pending_requests", "require", "seeded", "sleep", "wake",
 ]

@@ -17,6 +17,7 @@ against it and works on every engine.
     source = engine.capture_shared(chains=[ids])    # -> "shm://<name>#<nbytes>": KV only, for other processes
     resumed = other.restore_source(source)          # -> list[Resumed]: restore from that source (or a file)
     engine.page_size()                              # -> int: tokens per KV page, as its captures hold them
+    engine.weights_changed(digest)                  # a trainer changed the weights in place (RL): new identity
     engine.close()
 
 An adapter class is constructed around a native engine it is given (`SomeAdapterEngine(native)`) and has a
@@ -78,6 +79,21 @@ Rules the callers rely on (conformance/README.md says which check proves each, a
 - `page_size()` is the number of tokens per page of the engine's KV, as its captures' `kv.page_size` says
   (vLLM: its block size, 128 by default on CPU). Full pages are what every engine caches and restores, so a
   caller handing KV over (the fork pool) cuts a prompt at a multiple of the engine's own page size.
+- `weights_changed(digest=None)`: the caller changed the engine's weights in place (an RL step: vLLM's
+  `model.load_weights` through `collective_rpc`, SGLang's `update_weights_from_tensor`, MLX's `load_weights`,
+  torch's `load_state_dict`); the engine must be idle (a request in flight: RuntimeError, nothing changed). Call
+  it straight after the load: a request served in between uses the old weights' KV with the new weights. For an
+  engine whose identity is a checkpoint's, `digest` is `thaw_format.weights_digest` over the full new weights,
+  names and dtypes as the checkpoint stores them (the trainer holds them), or None where unknown. For one whose
+  identity names its own live weights (a model built in memory), the engine computes their digest again (a
+  `digest` given must equal it; digest=None gives the live digest). After it `model_info().weights_digest` names
+  the new weights; `check` and `restore` check snapshots against it (unknown: any snapshot naming a weights digest
+  is refused, and so is a capture, UnknownWeightsError: thaw_format.sdk.inplace); the engine's prefix cache is
+  dropped (its KV is the old weights'); a capture with weights holds the live weights, or is refused
+  (UnknownWeightsError) by an adapter that can read back only its checkpoint's; `launch_spec()` is refused
+  (Unsupported: an engine started from it would hold the checkpoint's weights), so `sleep` and
+  `fork(processes=True)` refuse before anything changes. In-process fork children share the model, so they share
+  the call too: each must be idle, and each is renamed and loses its old KV.
 - What an adapter cannot do raises `Unsupported(reason)`; its `capabilities()` says so beforehand, so callers
   choose a path instead of catching the error after the fact.
 """
@@ -105,7 +121,7 @@ CAPABILITIES = (
 
 # The methods an adapter class defines: the core ones always, and those each capability it declares needs (a
 # method of a capability it lacks may be missing, or raise Unsupported). `adapter_problems` checks a class.
-CORE_METHODS = ("model_info", "generate", "capture", "check", "restore", "close")
+CORE_METHODS = ("model_info", "generate", "capture", "check", "restore", "weights_changed", "close")
 CAPABILITY_METHODS = {
     "fork": ("fork",),
     "fork_processes": ("fork", "launch_spec", "page_size"),
@@ -288,6 +304,11 @@ class Engine(Protocol):
 
     def launch_spec(self) -> LaunchSpec:
         """How another process starts an engine equal to this one ("fork_processes")."""
+
+    def weights_changed(self, digest: Optional[str] = None) -> None:
+        """The weights were changed in place (the engine idle): name them by `digest` (thaw_format.weights_digest
+        of the full new weights as the checkpoint stores them; None: unknown), or, where the identity names the live
+        weights (no checkpoint's), by their digest computed again; drop the prefix cache's stale KV."""
 
     def close(self) -> None:
         """Free the engine (and its processes)."""

@@ -2,9 +2,10 @@
 
 An exception is never pickled between processes: its class may not be importable there, or not rebuilt from its
 args (mover.RemoteReadError takes five), and a pickle is no protocol. It travels as (class name, message). The
-receiver raises a snapshot's own error (a corrupt chunk, an incompatible layout) as the thaw_format error it was,
-which a caller must be able to catch by class; a builtin one as its class; any other as a RuntimeError naming its
-class, its text kept whole (lent.sending matches a remote read's refusal, mover.RemoteReadError.REFUSED, in it).
+receiver raises a snapshot's own error (a corrupt chunk, an incompatible layout, a capture refused for weights it
+cannot name: UnknownWeightsError) as the thaw_format error it was, which a caller must be able to catch by class; a
+builtin one as its class; any other as a RuntimeError naming its class, its text kept whole (lent.sending matches a
+remote read's refusal, mover.RemoteReadError.REFUSED, in it).
 """
 
 from __future__ import annotations

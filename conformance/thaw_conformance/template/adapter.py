@@ -34,6 +34,7 @@ from thaw_format import (
 )
 from thaw_format.numpy import from_numpy, to_numpy
 from thaw_format.sdk import Finished, Generation, LaunchSpec, Progress, Resumed, fork, pending_requests
+from thaw_format.sdk.inplace import check_idle, check_launchable, checked_live
 from thaw_format.sdk.shared import SharedKV
 
 from .engine import ToyEngine, ToyRequest, page_hash
@@ -202,6 +203,7 @@ class ToyThawEngine(SharedKV):
     def __init__(self, engine: ToyEngine) -> None:
         self.engine = engine
         self._progress: dict[str, Progress] = {}  # requests that advanced since the last progress()
+        self._weights_changed = False  # in place (weights_changed): no longer those its config starts with
 
     @classmethod
     def start(cls, **config) -> "ToyThawEngine":
@@ -274,10 +276,22 @@ class ToyThawEngine(SharedKV):
                       "seed": int}
 
     def launch_spec(self) -> LaunchSpec:
+        check_launchable(self._weights_changed)
         return LaunchSpec(f"{__name__}:ToyThawEngine.start", dataclasses.asdict(self.engine.config))
 
     def page_size(self) -> int:
         return self.engine.page_size
+
+    def weights_changed(self, digest=None) -> None:
+        """The toy's weights were changed in place (an RL step writing engine.weights): its identity is computed
+        from its live weights (model_info), so only a `digest` given is checked against them; its prefix cache,
+        the KV of the old weights, is dropped, and its launch spec refused (it starts the config's weights). A
+        real adapter whose identity is a checkpoint's names the new weights by `digest` instead
+        (thaw_format.sdk.inplace.InPlaceWeights)."""
+        check_idle(bool(self.engine.running))
+        checked_live(digest, lambda: model_info(self.engine).weights_digest)
+        self.engine.reset()
+        self._weights_changed = True
 
     def close(self) -> None:
         self.engine = None
