@@ -180,18 +180,20 @@ class RayForkPool(RoundPool):
         putting = time.perf_counter()
         kvs = hand_out(source, [worker.node for worker in workers], self._node)
         round_.capture_s += time.perf_counter() - putting
-        # settled: an interrupted round leaves the calls of the actors it killed unread
-        calls = [settle(worker.actor.run_round.remote(kv, arguments.context + suffix, dataclasses.asdict(p)))
-                 for worker, kv, suffix, p in zip(workers, kvs, arguments.suffixes, arguments.params)]
-        replies, failures, answered = [], [], 0
-        try:
+        calls, replies, failures, handed, answered = [], [], [], 0, 0
+        try:  # from the first call on: one interrupted while the calls are made leaves actors reading the segment
+            for worker, kv, suffix, p in zip(workers, kvs, arguments.suffixes, arguments.params):
+                handed += 1  # before the call: an interruption as it is made kills an actor that may have it
+                # settled: an interrupted round leaves the calls of the actors it killed unread
+                calls.append(settle(worker.actor.run_round.remote(kv, arguments.context + suffix,
+                                                                  dataclasses.asdict(p))))
             for slot, worker, kv, call in zip(slots, workers, kvs, calls):  # every live actor answers first
                 try:
                     reply = ray.get(call)
                 except RayActorError as exc:  # dead, or unavailable (ActorUnavailableError): may yet come back
-                    answered += 1
                     worker.kill()  # so an unavailable one does not come back beside its replacement
                     _ended([(worker, kv)])
+                    answered += 1  # once ended: interrupted before, it is killed and waited for below
                     failures.append(self._died(slot, worker.died(exc)))  # its replacement is ready by the next round
                     continue
                 except RayError as exc:  # a call Ray could not run in the actor (its object lost, say)
@@ -209,8 +211,8 @@ class RayForkPool(RoundPool):
                 else:
                     replies.append(reply)
         except BaseException:  # Ctrl-C mid-round: an actor yet to answer would still be running this round's call
-            kill_unanswered(workers[answered:])
-            _ended(zip(workers[answered:], kvs[answered:]))
+            kill_unanswered(workers[answered:handed])  # an actor never handed the round has no call to stop
+            _ended(zip(workers[answered:handed], kvs[answered:handed]))
             raise
         return replies, failures
 

@@ -116,6 +116,28 @@ def test_an_actors_start_sweeps_what_ended_actors_left_on_its_node(recorded, ray
         assert not os.path.exists(leftovers.manifest_path(actor))
 
 
+def test_a_file_left_out_is_never_recorded_though_the_recording_process_maps_it() -> None:
+    """The parent's segment, mapped by an actor on its node (thaw_ray.actor: Recorder.leave_out before its restore
+    reads it): made after the Recorder, as a parent's first capture may be, it is still not the actor's to sweep;
+    a file mapped beside it, not left out, is recorded."""
+    from thaw_ray import leftovers
+
+    recorder = leftovers.Recorder(f"test-{uuid.uuid4().hex}")
+    segments = [shared_memory.SharedMemory(create=True, size=4096) for _ in range(2)]  # mapped here, made since
+    try:
+        parents, engines = segments
+        recorder.leave_out(parents.name)
+        recorder.record()
+        with open(leftovers.manifest_path(recorder.actor_id)) as manifest:
+            files = json.load(manifest)["files"]
+        assert engines.name in files and parents.name not in files
+    finally:
+        leftovers.forget(recorder.actor_id)
+        for segment in segments:
+            segment.close()
+            segment.unlink()
+
+
 def test_a_failing_sweep_or_record_never_fails_an_engines_start(monkeypatch) -> None:
     from thaw_ray import leftovers
     from thaw_ray.actor import PoolActor

@@ -318,15 +318,19 @@ def test_a_pool_is_refused_by_name_before_any_actor_starts(ray_cluster, parent) 
 
 def test_a_closed_pool_refuses_a_round_before_the_parent_is_read(ray_cluster, parent) -> None:
     """And its close forgets this process's mapping of the parent's segment (lent's cache, which its puts read
-    through): kept, it would keep the segment's memory alive after the parent unlinks it."""
+    through): kept, it would keep the segment's memory alive after the parent unlinks it. Its actor on the other
+    node, so that the round puts: one Ray placed beside the driver would read the segment in place, and nothing
+    here would map it (test_segment.py)."""
     from thaw_format.sdk import lent
     from thaw_ray import RayForkPool
 
     trunk = checks.tokens(40, 7)
     parent.generate(trunk, PARAMS)
-    pool = RayForkPool(parent, workers=1)
+    pool = RayForkPool(parent, workers=1, actor_options={"resources": {"other": 1}}, start_timeout_s=120)
     worker, sources = pool.worker_info()[0], []
-    pool.fork(checks.Capturing(parent, after=sources.append), 1, context=trunk, suffixes=[[5]], params=PARAMS)
+    result = pool.fork(checks.Capturing(parent, after=sources.append), 1, context=trunk, suffixes=[[5]],
+                       params=PARAMS)
+    assert result.kv_via == ["object"]
     (name,) = {lent.parse(source)[0] for source in sources}  # the parent's segment, which the round's put read
     assert (name, False) in lent._MAPPINGS
     pool.close()

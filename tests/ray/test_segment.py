@@ -3,8 +3,8 @@
 actor's way to the KV shown in ForkRound.kv_via; a pool split across the nodes puts once a round, for its actor on
 the other node only; shared_memory=False puts for every actor. A damaged segment is refused by each actor, its
 engine unchanged; an actor that cannot open the segment fails the round saying why and what to do; and an actor
-killed mid-round (an interrupted round, one Ray reports unavailable) has ended before the round is over, so none
-still reads the segment when the parent's next capture overwrites it."""
+killed mid-round (a round interrupted once its calls are made, or as they are; one Ray reports unavailable) has
+ended before the round is over, so none still reads the segment when the parent's next capture overwrites it."""
 
 import os
 import re
@@ -178,6 +178,29 @@ def test_an_interrupted_round_ends_after_the_actors_it_killed_have_ended(beside,
         _round(beside, parent, 308)
     assert [w.state for w in beside.worker_info()] == ["ready", "exited"]
     assert not (HAS_PROC and alive({before[1].pid}))  # ended already, not only asked to
+
+
+def test_a_round_interrupted_as_its_calls_are_made_ends_the_actors_it_handed_the_segment(beside, parent,
+                                                                                         monkeypatch) -> None:
+    """Interrupted once the first actor's call is made, before the second's: the first may be reading the segment,
+    so it is killed and ended before the round is over; the second, never handed it, is left as it was."""
+    import thaw_ray.pool
+
+    _round(beside, parent, 313)  # each slot's actor ready (an earlier test's killed one replaced)
+    settle, before = thaw_ray.pool.settle, beside.worker_info()
+
+    def interrupt(ref, *args):
+        settle(ref, *args)
+        raise _Interrupted()
+
+    monkeypatch.setattr(thaw_ray.pool, "settle", interrupt)
+    with pytest.raises(_Interrupted):
+        _round(beside, parent, 310)
+    monkeypatch.undo()
+    assert [w.state for w in beside.worker_info()] == ["exited", "ready"]
+    assert not (HAS_PROC and alive({before[0].pid}))  # ended already, not only asked to
+    assert beside.worker_info()[1].id == before[1].id
+    _round(beside, parent, 311)  # the next round replaces the first
 
 
 def test_an_unavailable_actor_has_ended_before_the_round_fails(beside, parent, monkeypatch) -> None:
