@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import time
 from concurrent.futures import Future
 from typing import Callable, NamedTuple, Optional
@@ -68,17 +69,32 @@ def settle(ref: ray.ObjectRef, failed: Optional[Callable[[BaseException], None]]
     return ref
 
 
-def _running(pid: Optional[int]) -> bool:
-    """Whether the process `pid` (on this node) is still there; None (never placed): no."""
+def _ended_within(pid: Optional[int], timeout: float) -> bool:
+    """Whether the process `pid` (on this node; None: never placed) has ended or ends within `timeout`: woken by
+    its exit through a pidfd (Linux), else polled every 10 ms."""
     if pid is None:
-        return False
+        return True
     try:
-        os.kill(pid, 0)  # no signal sent
+        fd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's: the pid was reused, the actor's process is gone
-        return False
-    return True
+        return True
+    except (AttributeError, OSError):  # no pidfd here (not Linux, or an old kernel): poll
+        return _polled_end(pid, timeout)
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])  # readable once the process has exited
+    finally:
+        os.close(fd)
+
+
+def _polled_end(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() <= deadline:
+        try:
+            os.kill(pid, 0)  # no signal sent
+        except (ProcessLookupError, PermissionError):  # gone (another user's: the pid was reused)
+            return True
+        time.sleep(0.01)
+    return False
 
 
 class Placed(NamedTuple):
@@ -259,13 +275,9 @@ class ActorWorker(SlotWorker):
         """Once killed: wait until its process, on this process's node (it was handed the parent's segment), has
         ended, so that it no longer reads the segment the parent's next capture overwrites; warned if it has not
         within `timeout` (its answer, read or not, is never the round's)."""
-        deadline = time.monotonic() + timeout
-        while _running(self.pid):
-            if time.monotonic() > deadline:
-                leftovers.log.warning("thaw_ray: %s, killed, is still running after %g s: it may read the parent's "
-                                      "segment while the next capture overwrites it", self.describe(), timeout)
-                return
-            time.sleep(0.01)
+        if not _ended_within(self.pid, timeout):
+            leftovers.log.warning("thaw_ray: %s, killed, is still running after %g s: it may read the parent's "
+                                  "segment while the next capture overwrites it", self.describe(), timeout)
 
     def _sweep(self) -> None:
         """Submit the sweep on its node (it runs without its caller); a failed submission (a node Ray no longer
